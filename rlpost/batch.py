@@ -1,0 +1,130 @@
+"""The data contract: one batch of trajectories travels between every role.
+
+Tensors are [B, T] (B = prompts x K samples, T = padded length) or [B] per sequence.
+Layout of a row: the prompt is left-padded, the response follows it and is right-padded,
+
+    [pad pad p0 p1 p2 | r0 r1 r2 eos pad]
+     attention_mask  0 0 1 1 1   1 1 1 1   0
+     response_mask   0 0 0 0 0   1 1 1 1   0
+
+so every response starts in the same column. Per-token quantities (`old_logp`, `ref_logp`,
+`advantages`, `values`) are aligned with `input_ids`: entry [b, t] belongs to token
+input_ids[b, t] (the log-prob of that token given everything before it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+Tensor = torch.Tensor
+
+# name -> "BT" (per token) or "B" (per sequence); `rewards` may be either.
+_FIELDS = {
+    "input_ids": "BT",
+    "attention_mask": "BT",
+    "response_mask": "BT",
+    "old_logp": "BT",
+    "ref_logp": "BT",
+    "rewards": "B|BT",
+    "advantages": "BT",
+    "values": "BT",
+    "group_ids": "B",
+    "policy_version": "B",
+}
+
+
+@dataclass
+class Batch:
+    """Trajectories as tensors, with the field names of DESIGN.md.
+
+    Build one from keyword tensors: ``Batch(input_ids=..., attention_mask=..., response_mask=...)``.
+    Shapes are checked on construction; a mismatch names the field.
+
+    `meta` carries per-sequence Python values (prompt text, completion text, finish reason,
+    the gold answer); each list has length B. `global_tokens` / `global_seqs` are set when a
+    batch is split into micro-batches, so a loss normalised by them sums over micro-batches to
+    exactly the loss of the whole batch (gradient accumulation equals one large batch).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+    rewards: Tensor | None = None
+    advantages: Tensor | None = None
+    values: Tensor | None = None
+    group_ids: Tensor | None = None
+    policy_version: Tensor | None = None
+    meta: dict[str, list[Any]] = field(default_factory=dict)
+    global_tokens: float | None = None
+    global_seqs: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_ids.dim() != 2:
+            raise ValueError(f"Batch.input_ids must be [B, T], got shape {tuple(self.input_ids.shape)}")
+        B, T = self.input_ids.shape
+        for name, kind in _FIELDS.items():
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"Batch.{name} must be a torch.Tensor, got {type(t).__name__}")
+            ok = (t.shape == (B, T) and "BT" in kind) or (t.shape == (B,) and kind.startswith("B") and kind != "BT")
+            if not ok:
+                want = {"BT": f"[{B}, {T}]", "B": f"[{B}]", "B|BT": f"[{B}] or [{B}, {T}]"}[kind]
+                raise ValueError(f"Batch.{name} has shape {list(t.shape)}, expected {want}")
+        for key, values in self.meta.items():
+            if len(values) != B:
+                raise ValueError(f"Batch.meta[{key!r}] has {len(values)} entries, expected {B}")
+
+    # ------------------------------------------------------------------ basics
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum().item())
+
+    def replace(self, **changes: Any) -> "Batch":
+        """A new Batch with some fields replaced (tensors are shared, not copied)."""
+        return dataclasses.replace(self, **changes)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {n: getattr(self, n) for n in _FIELDS if getattr(self, n) is not None}
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return self.replace(**{n: t.to(device) for n, t in self.tensors().items()})
+
+    def select(self, index: Tensor | list[int] | slice) -> "Batch":
+        """Rows `index` of every tensor and every meta list."""
+        if isinstance(index, slice):
+            rows = list(range(len(self)))[index]
+        else:
+            rows = index.tolist() if isinstance(index, Tensor) else list(index)
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        tensors = {n: t.index_select(0, idx.to(t.device)) for n, t in self.tensors().items()}
+        meta = {k: [v[i] for i in rows] for k, v in self.meta.items()}
+        return Batch(**tensors, meta=meta, global_tokens=self.global_tokens, global_seqs=self.global_seqs)
+
+    def micro_batches(self, size: int | None) -> Iterator["Batch"]:
+        """Split into chunks of `size` rows that remember the whole batch's token and sequence counts."""
+        size = size or len(self)
+        tokens = float(self.global_tokens if self.global_tokens is not None else self.response_mask.sum().item())
+        seqs = float(self.global_seqs if self.global_seqs is not None else len(self))
+        for start in range(0, len(self), size):
+            mb = self.select(slice(start, start + size))
+            mb.global_tokens, mb.global_seqs = tokens, seqs
+            yield mb
+
+    @staticmethod
+    def concat(batches: list["Batch"]) -> "Batch":
+        """Stack batches with the same T (rows appended)."""
+        first = batches[0]
+        tensors = {n: torch.cat([getattr(b, n) for b in batches]) for n in first.tensors()}
+        meta = {k: [v for b in batches for v in b.meta[k]] for k in first.meta}
+        return Batch(**tensors, meta=meta)

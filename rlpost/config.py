@@ -1,0 +1,257 @@
+"""Typed run configuration: dataclasses with one help line per field, filled from a YAML recipe and
+`dotted.key=value` overrides. An unknown key or a wrongly typed value fails at load time, naming
+the key and listing the valid ones, so no run dies after minutes of work on a typo.
+
+The defaults *are* the embedded default recipe (recipes/default.yaml spells them out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its help line (shown by `rlpost train --help`)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("gpt_mini", "'gpt_mini' (embedded, trained from scratch), a checkpoint folder, or a hub id")
+    n_layer: int = opt(4, "gpt_mini: transformer blocks")
+    n_head: int = opt(4, "gpt_mini: attention heads")
+    n_embd: int = opt(128, "gpt_mini: embedding width")
+    block_size: int = opt(24, "gpt_mini: longest sequence (prompt + response) in tokens")
+    dtype: str = opt("float32", "parameter dtype: float32 | bfloat16")
+    chat_template: bool = opt(False, "wrap prompts in the tokenizer's chat template (HF models that have one)")
+
+
+@dataclass
+class TaskConfig:
+    name: str = opt("arithmetic", "'arithmetic' (procedural, embedded) or 'jsonl' (train_file / eval_file)")
+    train_file: str | None = opt(None, "jsonl task: training prompts, one {prompt, answer[, completion]} per line")
+    eval_file: str | None = opt(None, "jsonl task: held-out prompts, same format")
+    reward: str | None = opt(None, "'module:function' scoring (completion, row) -> float; default: the task's verifier")
+    reward_on_error: str = opt("raise", "when the reward function raises: 'raise' (stop, naming the sample) | 'zero'")
+    seed: int = opt(1234, "arithmetic: seed of the problem set, its split and the demonstrator")
+    max_operand: int = opt(99, "arithmetic: operands are drawn from 0..max_operand")
+    num_eval: int = opt(500, "arithmetic: held-out problems")
+    demonstrator_error: float = opt(0.35, "arithmetic: fraction of the demonstrator's answers that are wrong")
+
+
+@dataclass
+class SFTConfig:
+    steps: int = opt(1500, "supervised steps on the demonstrations before RL (0 skips SFT)")
+    batch_size: int = opt(128, "sequences per SFT step")
+    lr: float = opt(3e-3, "peak learning rate (linear warm-up, cosine decay to lr/10)")
+    warmup_steps: int = opt(50, "warm-up steps")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = opt("auto", "'auto' | 'native' (KV cache, gpt_mini) | 'hf' (transformers.generate)")
+    prompts_per_step: int = opt(32, "prompts sampled per RL step")
+    k: int = opt(8, "samples per prompt (the GRPO group size)")
+    max_new_tokens: int = opt(6, "longest response in tokens")
+    temperature: float = opt(1.0, "sampling temperature (the trainer scores tokens at the same temperature)")
+    top_k: int = opt(0, "keep the k most likely tokens (0: off)")
+    top_p: float = opt(1.0, "nucleus sampling mass (1.0: off)")
+
+
+@dataclass
+class TrainerConfig:
+    lr: float = opt(2e-4, "AdamW learning rate for RL")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    micro_batch_size: int | None = opt(None, "rows per forward/backward; gradients accumulate (None: whole batch)")
+    max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses or gradients in a row")
+
+
+@dataclass
+class RLConfig:
+    steps: int = opt(150, "RL steps (each: rollout, reward, reference, advantages, train, sync)")
+    eval_every: int = opt(50, "held-out pass@1 every this many steps (0: only at the end)")
+    weight_sync: str = opt("pointer", "colocated weight sync: 'pointer' (shared module) | 'copy' (separate copy)")
+
+
+@dataclass
+class EvalConfig:
+    samples_per_prompt: int = opt(4, "samples per held-out prompt for pass@1")
+    temperature: float = opt(1.0, "sampling temperature of the pass@1 estimate")
+    batch_prompts: int = opt(256, "held-out prompts per generation call")
+
+
+@dataclass
+class Config:
+    seed: int = opt(0, "seed of model init, sampling and data order")
+    out_dir: str = opt("runs", "parent folder of run directories")
+    run_name: str | None = opt(None, "run directory name (default: recipe name + timestamp)")
+    threads: int | None = opt(None, "torch CPU threads (None: torch's default)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: dict[str, Any] = opt(
+        {"name": "grpo", "clip_low": 0.2, "clip_high": 0.28, "beta": 0.04},
+        "algorithm name and its parameters (see `rlpost algorithms`)")
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(accepted, converted value) for a value against an annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is Any:
+        return True, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:  # an int is a fine float; so is "1e-3", which YAML 1.1 reads as a string
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is dict:
+        return isinstance(value, dict), dict(value) if isinstance(value, dict) else value
+    if origin is list:
+        return isinstance(value, list), value
+    raise TypeError(f"unsupported config annotation {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{where}'; valid keys{' under ' + path[:-1] if path else ''}: "
+                              f"{', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, where + ".")
+            continue
+        ok, converted = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"config key '{where}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (1e-4, true, [1, 2])."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value (e.g. rl.steps=20)")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "algorithm" else v
+    return out
+
+
+def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the recipe file, then the overrides; validated, algorithm parameters included."""
+    data: dict[str, Any] = to_dict(Config())
+    if recipe is not None:
+        try:
+            with open(recipe) as f:
+                loaded = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"recipe file not found: {recipe}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {recipe} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {recipe} must be a mapping of config keys, got {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    for o in overrides:
+        apply_override(data, o)
+    cfg = from_dict(Config, data)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    from rlpost.algorithms import get_algorithm
+
+    get_algorithm(**cfg.algorithm)  # unknown algorithm / parameter -> error naming it, now
+    choices = {
+        "task.name": (cfg.task.name, ("arithmetic", "jsonl")),
+        "task.reward_on_error": (cfg.task.reward_on_error, ("raise", "zero")),
+        "rollout.engine": (cfg.rollout.engine, ("auto", "native", "hf")),
+        "rl.weight_sync": (cfg.rl.weight_sync, ("pointer", "copy")),
+        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"config key '{key}' is {value!r}; valid values: {', '.join(valid)}")
+    positive = {"rollout.k": cfg.rollout.k, "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
+                "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "sft.batch_size": cfg.sft.batch_size,
+                "eval.samples_per_prompt": cfg.eval.samples_per_prompt}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if cfg.task.name == "jsonl" and not cfg.task.train_file:
+        raise ConfigError("task.name=jsonl needs task.train_file (and usually task.eval_file)")
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per config key: name, default, help. Used by `rlpost train --help`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.extend(describe(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            lines.append(f"  {prefix + f.name:<28} {getattr(default, f.name)!s:<14} {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,66 @@
+"""ENV / REWARD: score each trajectory. Never touches weights.
+
+`Reward(fn, tokenizer)` decodes every response and calls `fn(completion, row) -> float` on it, writing
+batch.rewards [B] and batch.meta["completion"]. A function that raises, or returns something that is
+not a finite number, is reported with the sample it failed on (index, prompt, completion); with
+`on_error="zero"` that sample scores 0 instead and the failure is counted in the metrics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable
+
+import torch
+
+from rlpost.batch import Batch
+
+RewardFn = Callable[[str, dict], float]
+
+
+class RewardError(RuntimeError):
+    """The reward function failed on a named sample."""
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """'package.module:function' -> the function."""
+    if ":" not in spec:
+        raise ValueError(f"task.reward must look like 'module:function', got {spec!r}")
+    module_name, fn_name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load reward function {spec!r}: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return fn
+
+
+class Reward:
+    def __init__(self, fn: RewardFn, tokenizer, on_error: str = "raise"):
+        self.fn, self.tokenizer, self.on_error = fn, tokenizer, on_error
+        self.name = getattr(fn, "__qualname__", repr(fn))
+
+    def completions(self, batch: Batch) -> list[str]:
+        ids, mask = batch.input_ids, batch.response_mask.bool()
+        return [self.tokenizer.decode(ids[i][mask[i]].tolist()) for i in range(len(batch))]
+
+    def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
+        texts = self.completions(batch)
+        rows = batch.meta["row"]
+        rewards, failures = [], 0
+        for i, (text, row) in enumerate(zip(texts, rows)):
+            try:
+                r = self.fn(text, row)
+                r = float(r)
+                if not math.isfinite(r):
+                    raise ValueError(f"returned a non-finite reward {r}")
+            except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
+                if self.on_error != "zero":
+                    raise RewardError(f"reward function {self.name} failed on sample {i} (prompt {row['prompt']!r}, "
+                                      f"completion {text!r}): {type(e).__name__}: {e}") from e
+                failures, r = failures + 1, 0.0
+            rewards.append(r)
+        meta = {**batch.meta, "completion": texts}
+        return batch.replace(rewards=torch.tensor(rewards), meta=meta), {"reward/errors": float(failures)}

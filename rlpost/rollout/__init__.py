@@ -1,0 +1,94 @@
+"""ROLLOUT: sample K completions per prompt and capture old_logp at sample time.
+
+An engine turns prompt token lists into a `Batch` (see rlpost/batch.py for the row layout):
+
+    batch = engine.generate(prompt_ids, k=8, params=SamplingParams(...), seed=step)
+    batch.old_logp        # [B, T] log-prob of each sampled token under the sampling distribution
+    batch.group_ids       # [B]   which prompt a row came from (rows of a group are adjacent)
+    batch.policy_version  # [B]   the weight version that sampled it
+    batch.meta["finish_reason"]  # "stop" (eos or a stop token) or "length" (hit max_new_tokens)
+
+`old_logp` is log softmax(logits / temperature) at the sampled token: the distribution the trainer
+recomputes. top-k / top-p truncation (off by default) is not folded into it, as in vLLM and TRL.
+The engine knows nothing about losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from rlpost.batch import Batch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0            # 0: off
+    top_p: float = 1.0        # 1.0: off
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's eos
+
+    @property
+    def logp_temperature(self) -> float:
+        """The temperature old_logp is measured at (greedy decoding reports the untempered policy)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row from logits [N, V] under temperature / top-k / top-p. Returns [N]."""
+    if p.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > p.top_p  # keep the smallest prefix with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def assemble(prompts: list[list[int]], k: int, tokens: torch.Tensor, logps: torch.Tensor, lengths: torch.Tensor,
+             stopped: torch.Tensor, pad_id: int, version: int) -> Batch:
+    """Left-padded prompts + right-padded responses -> Batch. tokens/logps: [N*k, R], lengths/stopped: [N*k]."""
+    N, P = len(prompts), max(len(p) for p in prompts)
+    prompt_ids = torch.full((N, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((N, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[i, P - len(p):] = 1
+    rows = torch.arange(N).repeat_interleave(k)
+    R = max(int(lengths.max()), 1)
+    resp_mask = (torch.arange(R)[None, :] < lengths[:, None]).long()       # (B, R)
+    resp_ids = torch.where(resp_mask.bool(), tokens[:, :R], torch.full_like(tokens[:, :R], pad_id))
+    B = N * k
+    return Batch(
+        input_ids=torch.cat([prompt_ids[rows], resp_ids], 1),
+        attention_mask=torch.cat([prompt_mask[rows], resp_mask], 1),
+        response_mask=torch.cat([torch.zeros((B, P), dtype=torch.long), resp_mask], 1),
+        old_logp=torch.cat([torch.zeros((B, P)), logps[:, :R].float() * resp_mask], 1),
+        group_ids=rows.clone(),
+        policy_version=torch.full((B,), version, dtype=torch.long),
+        meta={"finish_reason": ["stop" if s else "length" for s in stopped.tolist()]},
+    )
+
+
+def build_engine(kind: str, model, tokenizer):
+    """'native' (KV cache; gpt_mini), 'hf' (transformers.generate), or 'auto' (native when supported)."""
+    from rlpost.rollout.hf_generate import HFGenerateEngine
+    from rlpost.rollout.native import NativeEngine
+
+    if kind == "auto":
+        kind = "native" if NativeEngine.supports(model) else "hf"
+    if kind == "native":
+        if not NativeEngine.supports(model):
+            raise ValueError("rollout.engine=native supports gpt_mini models; use rollout.engine=hf for this model")
+        return NativeEngine(model, tokenizer)
+    return HFGenerateEngine(model, tokenizer)

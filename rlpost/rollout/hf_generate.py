@@ -1,0 +1,53 @@
+"""The transformers.generate rollout backend: any Hugging Face causal LM.
+
+Samples with `model.generate(num_return_sequences=K)` on left-padded prompts, and takes old_logp
+from the per-step logits it returns, so no second forward pass is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlpost.batch import Batch
+from rlpost.rollout import SamplingParams, assemble
+
+
+class HFGenerateEngine:
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.policy_version = 0
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
+        hf = getattr(self.model, "hf", self.model)
+        tok = self.tokenizer
+        was_training = hf.training
+        hf.eval()
+        device = next(hf.parameters()).device
+        N, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((N, P), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((N, P), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p)
+            mask[i, P - len(p):] = 1
+        torch.manual_seed(seed)  # generate() draws from the global generator
+        greedy = params.temperature <= 0
+        out = hf.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device),
+            do_sample=not greedy, temperature=None if greedy else params.temperature,
+            top_k=params.top_k, top_p=params.top_p,  # 0 / 1.0 switch them off (generate's own default is top_k=50)
+            max_new_tokens=params.max_new_tokens, num_return_sequences=k,
+            eos_token_id=[tok.eos_token_id, *params.stop_token_ids], pad_token_id=tok.pad_token_id,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        hf.train(was_training)
+        tokens = out.sequences[:, P:].cpu()                                      # (B, R)
+        logits = torch.stack(out.logits, 1).float().cpu() / params.logp_temperature  # (B, R, V) raw logits
+        logps = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+        stop_ids = torch.tensor([tok.eos_token_id, *params.stop_token_ids])
+        is_stop = torch.isin(tokens, stop_ids)
+        stopped = is_stop.any(1)
+        first_stop = torch.where(stopped, is_stop.float().argmax(1), torch.full_like(stopped, tokens.shape[1] - 1,
+                                                                                      dtype=torch.long))
+        lengths = first_stop + 1
+        return assemble(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id, self.policy_version)

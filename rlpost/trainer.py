@@ -1,0 +1,97 @@
+"""TRAINER: forward, backward, optimizer step. It does not know which algorithm it runs.
+
+    trainer = Trainer(model, lr=2e-4)
+    metrics = trainer.step(batch, loss_fn)   # loss_fn(logp [B, T], batch) -> (loss, metrics)
+
+The batch is cut into micro-batches whose losses are normalised by the whole batch's counts (see
+Batch.micro_batches), so accumulating their gradients equals one large batch. A loss or gradient that
+is not finite skips the update (nothing is applied), is reported, and after `max_nonfinite_steps`
+in a row stops training with NonFiniteLossError.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from rlpost.algorithms.base import masked_mean_value
+from rlpost.batch import Batch
+from rlpost.models import token_logprobs
+
+LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0,
+                 micro_batch_size: int | None = None, max_nonfinite_steps: int = 3, temperature: float = 1.0,
+                 betas: tuple[float, float] = (0.9, 0.999)):
+        self.model = model
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                           betas=betas, weight_decay=weight_decay)
+        self.grad_clip, self.micro_batch_size = grad_clip, micro_batch_size
+        self.max_nonfinite_steps, self.temperature = max_nonfinite_steps, temperature
+        self.nonfinite_in_a_row = 0
+        self.steps = 0
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, batch: Batch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step on `batch`. Returns trainer metrics plus the loss's own (token-weighted)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, finite = 0.0, True
+        sums: dict[str, float] = {}
+        weight_total = 0.0
+        mismatch_max, mismatch_sum, entropy_sum = 0.0, 0.0, 0.0
+        for mb in batch.micro_batches(self.micro_batch_size):
+            logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True)
+            loss, metrics = loss_fn(logp, mb)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            total_loss += loss.item()
+            w = float(mb.response_mask.sum().item())
+            weight_total += w
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * w
+            entropy_sum += masked_mean_value(entropy, mb.response_mask) * w
+            if mb.old_logp is not None:  # the engine's sample-time log-probs vs the trainer's, same weights
+                delta = (logp.detach() - mb.old_logp).abs() * mb.response_mask
+                mismatch_max = max(mismatch_max, float(delta.max()))
+                mismatch_sum += float(delta.sum())
+
+        grad_norm = float("nan")
+        if finite:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            finite = math.isfinite(grad_norm)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)  # skip: nothing of this batch is applied
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+                raise NonFiniteLossError(f"{self.nonfinite_in_a_row} non-finite losses/gradients in a row "
+                                         f"(trainer.max_nonfinite_steps={self.max_nonfinite_steps}); stopping")
+            return {"train/skipped_nonfinite": 1.0, "train/loss": float("nan"), "train/grad_norm": grad_norm}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row = 0
+        self.steps += 1
+        out = {k: v / max(weight_total, 1.0) for k, v in sums.items()}
+        out.update({"train/loss": total_loss, "train/grad_norm": grad_norm, "train/skipped_nonfinite": 0.0,
+                    "train/entropy": entropy_sum / max(weight_total, 1.0),
+                    "train/lr": self.optimizer.param_groups[0]["lr"]})
+        if batch.old_logp is not None:
+            out["rollout/logp_mismatch_max"] = mismatch_max
+            out["rollout/logp_mismatch_mean"] = mismatch_sum / max(weight_total, 1.0)
+        return out

@@ -1,0 +1,146 @@
+"""Bad input gets a clear error: recipes, overrides, prompt files, model folders."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from rlpost.config import Config, ConfigError, ModelConfig, load_config, to_dict
+from rlpost.models import ModelLoadError, load_model
+from rlpost.tasks import TaskDataError, jsonl_task, read_jsonl
+from rlpost.tasks.arithmetic import arithmetic_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_default_recipe_file_spells_out_the_defaults():
+    with open(os.path.join(ROOT, "recipes", "default.yaml")) as f:
+        assert yaml.safe_load(f) == to_dict(Config())
+
+
+@pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "recipes"))))
+def test_every_shipped_recipe_loads(recipe):
+    load_config(os.path.join(ROOT, "recipes", recipe))
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["rl.steps=7", "trainer.lr=1e-3", "algorithm.beta=0", "model.chat_template=true",
+                             "trainer.micro_batch_size=16"])
+    assert cfg.rl.steps == 7 and cfg.trainer.lr == 1e-3 and cfg.algorithm["beta"] == 0
+    assert cfg.model.chat_template is True and cfg.trainer.micro_batch_size == 16
+    assert cfg.algorithm["clip_high"] == 0.28  # other algorithm parameters keep their defaults
+
+
+def test_recipe_algorithm_section_replaces_the_default_parameters(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("algorithm: {name: grpo, beta: 0.0}\nrl: {steps: 3}\n")
+    cfg = load_config(str(path))
+    assert cfg.algorithm == {"name": "grpo", "beta": 0.0} and cfg.rl.steps == 3 and cfg.rl.eval_every == 50
+
+
+def test_unknown_key_is_named_with_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown config key 'rl\.stepz'; valid keys under rl: steps, eval_every"):
+        load_config(None, ["rl.stepz=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'"):
+        load_config(None, ["modle.name=x"])
+
+
+def test_wrongly_typed_value_is_named():
+    with pytest.raises(ConfigError, match=r"'rl\.steps' expects int, got str 'many'"):
+        load_config(None, ["rl.steps=many"])
+    with pytest.raises(ConfigError, match=r"'trainer\.lr' expects float, got bool"):
+        load_config(None, ["trainer.lr=true"])
+
+
+def test_bad_algorithm_name_or_parameter_fails_at_load_time():
+    with pytest.raises(ValueError, match="valid algorithms"):
+        load_config(None, ["algorithm.name=ppx"])
+    with pytest.raises(ValueError, match="'betta'.*valid parameters"):
+        load_config(None, ["algorithm.betta=0.1"])
+
+
+def test_bad_choice_and_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="valid values: auto, native, hf"):
+        load_config(None, ["rollout.engine=vllmm"])
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rl: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["rl.steps"])
+
+
+# ---------------------------------------------------------------------------- tasks
+
+def test_arithmetic_task_is_seeded_and_held_out_is_disjoint():
+    a, b = arithmetic_task(seed=5, num_eval=100), arithmetic_task(seed=5, num_eval=100)
+    assert a.train_rows == b.train_rows and a.demonstrations == b.demonstrations
+    assert {r["prompt"] for r in a.eval_rows}.isdisjoint(r["prompt"] for r in a.train_rows)
+    assert len(a.train_rows) + len(a.eval_rows) == 100 * 100
+    assert all(a.verify(r["answer"], r) == 1.0 for r in a.train_rows[:50])
+
+
+def test_demonstrator_is_wrong_at_the_configured_rate():
+    task = arithmetic_task(num_eval=2000, error_rate=0.35)
+    wrong = sum(task.verify(d["completion"], d) == 0.0 for d in task.demonstrations) / len(task.demonstrations)
+    assert abs(wrong - 0.35) < 0.02  # 8000 labels: 3 sigma is ~0.016
+    assert abs(task.demonstrator_accuracy - 0.65) < 0.04
+    assert all(len(d["completion"]) == len(d["answer"]) for d in task.demonstrations)  # slips keep the width
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_jsonl_task_reads_rows_and_builds_alphabet(tmp_path):
+    train = write(tmp_path / "t.jsonl", [json.dumps({"prompt": "2*3=", "answer": 6}),
+                                         json.dumps({"prompt": "2*4=", "answer": "8", "completion": "9"})])
+    task = jsonl_task(train, write(tmp_path / "e.jsonl", [json.dumps({"prompt": "3*3=", "answer": "9",
+                                                                      "completion": "9"})]))
+    assert task.train_rows[0]["answer"] == "6" and task.demonstrations[0]["completion"] == "6"
+    assert set("23489*=") <= set(task.alphabet) and task.demonstrator_accuracy == 1.0
+
+
+def test_malformed_prompt_rows_are_reported_by_line(tmp_path):
+    path = write(tmp_path / "bad.jsonl", [json.dumps({"prompt": "1+1=", "answer": "2"}), "{not json",
+                                          json.dumps({"answer": "3"}), json.dumps({"prompt": "", "answer": "1"}),
+                                          json.dumps(["a list"])])
+    with pytest.raises(TaskDataError) as e:
+        read_jsonl(path)
+    msg = str(e.value)
+    assert "4 malformed row(s)" in msg and "line 2: not valid JSON" in msg
+    assert "line 3: missing required key 'prompt'" in msg and "line 4: 'prompt' is empty" in msg
+    assert "line 5: expected a JSON object" in msg
+
+
+def test_empty_or_missing_prompt_file(tmp_path):
+    with pytest.raises(TaskDataError, match="has no rows"):
+        read_jsonl(write(tmp_path / "empty.jsonl", [""]))
+    with pytest.raises(TaskDataError, match="prompt file not found"):
+        read_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+# ---------------------------------------------------------------------------- models
+
+def test_missing_model_folder_is_named(tmp_path):
+    with pytest.raises(ModelLoadError, match="model folder not found: './no/such/model'"):
+        load_model(ModelConfig(name="./no/such/model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        load_model(ModelConfig(name=str(tmp_path / "empty")))
+
+
+def test_unreachable_hub_id_says_so_offline():
+    with pytest.raises(ModelLoadError, match="no such local folder.*HF_HUB_OFFLINE"):
+        load_model(ModelConfig(name="nobody-here/no-such-model"))
+
+
+def test_hf_model_loads_from_a_local_folder(tiny_llama_dir):
+    model, tok = load_model(ModelConfig(name=tiny_llama_dir))
+    ids = tok.encode_prompt("12+34=")
+    assert ids[0] == tok.tok.bos_token_id and tok.decode(tok.encode_completion("046")) == "046"
+    assert model(__import__("torch").tensor([ids])).shape[-1] == len(tok.tok)
