@@ -53,7 +53,7 @@ class TaskConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = opt(1500, "supervised steps on the demonstrations before RL (0 skips SFT)")
+    steps: int = opt(1000, "supervised steps on the demonstrations before RL (0 skips SFT)")
     batch_size: int = opt(128, "sequences per SFT step")
     lr: float = opt(3e-3, "peak learning rate (linear warm-up, cosine decay to lr/10)")
     warmup_steps: int = opt(50, "warm-up steps")
