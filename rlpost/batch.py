@@ -34,6 +34,10 @@ _FIELDS = {
     "values": "BT",
     "group_ids": "B",
     "policy_version": "B",
+    # Beyond the DESIGN.md contract: written by algorithms or the trainer, read by losses.
+    "returns": "BT",      # value targets (PPO: GAE advantage + old value)
+    "entropy": "BT",      # set by the trainer on each micro-batch: policy entropy per token, with grad
+    "new_values": "BT",   # set by the trainer on each micro-batch: current critic values, with grad
 }
 
 
@@ -60,6 +64,9 @@ class Batch:
     values: Tensor | None = None
     group_ids: Tensor | None = None
     policy_version: Tensor | None = None
+    returns: Tensor | None = None
+    entropy: Tensor | None = None
+    new_values: Tensor | None = None
     meta: dict[str, list[Any]] = field(default_factory=dict)
     global_tokens: float | None = None
     global_seqs: float | None = None
@@ -121,10 +128,27 @@ class Batch:
             mb.global_tokens, mb.global_seqs = tokens, seqs
             yield mb
 
+    @property
+    def prompt_width(self) -> int:
+        """Columns before the first response column (every response starts there)."""
+        cols = self.response_mask.any(0).nonzero()
+        return int(cols[0]) if len(cols) else self.input_ids.shape[1]
+
     @staticmethod
     def concat(batches: list["Batch"]) -> "Batch":
-        """Stack batches with the same T (rows appended)."""
-        first = batches[0]
-        tensors = {n: torch.cat([getattr(b, n) for b in batches]) for n in first.tensors()}
-        meta = {k: [v for b in batches for v in b.meta[k]] for k in first.meta}
-        return Batch(**tensors, meta=meta)
+        """Stack batches row-wise, re-aligning them: prompts are left-padded to the widest prompt and
+        responses right-padded to the longest, so responses still start in one column. Padding is
+        masked (attention_mask = response_mask = 0) and holds token id 0."""
+        P = max(b.prompt_width for b in batches)
+        R = max(b.input_ids.shape[1] - b.prompt_width for b in batches)
+        parts: dict[str, list[Tensor]] = {n: [] for n in batches[0].tensors()}
+        for b in batches:
+            left, right = P - b.prompt_width, R - (b.input_ids.shape[1] - b.prompt_width)
+            for n in parts:
+                t = getattr(b, n)
+                if t is None:
+                    raise ValueError(f"Batch.concat: field {n} is missing in one of the batches")
+                parts[n].append(torch.nn.functional.pad(t, (left, right)) if _FIELDS[n] == "BT" or
+                                (n == "rewards" and t.dim() == 2) else t)
+        meta = {k: [v for b in batches for v in b.meta[k]] for k in batches[0].meta}
+        return Batch(**{n: torch.cat(ts) for n, ts in parts.items()}, meta=meta)

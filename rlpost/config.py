@@ -68,6 +68,7 @@ class RolloutConfig:
     temperature: float = opt(1.0, "sampling temperature (the trainer scores tokens at the same temperature)")
     top_k: int = opt(0, "keep the k most likely tokens (0: off)")
     top_p: float = opt(1.0, "nucleus sampling mass (1.0: off)")
+    max_refill_rounds: int = opt(4, "extra rollout rounds to refill groups an algorithm drops (DAPO)")
 
 
 @dataclass
@@ -76,7 +77,15 @@ class TrainerConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     micro_batch_size: int | None = opt(None, "rows per forward/backward; gradients accumulate (None: whole batch)")
+    epochs: int = opt(1, "passes over each rollout batch")
+    minibatches: int = opt(1, "optimizer steps per pass (the batch is split into this many minibatches)")
     max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses or gradients in a row")
+
+
+@dataclass
+class CriticConfig:
+    type: str = opt("separate", "PPO's critic: 'separate' (a copy of the policy + value head) | 'head' (shared trunk)")
+    lr: float | None = opt(None, "critic learning rate (None: trainer.lr)")
 
 
 @dataclass
@@ -107,6 +116,7 @@ class Config:
         {"name": "grpo", "clip_low": 0.2, "clip_high": 0.28, "beta": 0.04},
         "algorithm name and its parameters (see `rlpost algorithms`)")
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -230,13 +240,15 @@ def _validate(cfg: Config) -> None:
         "rollout.engine": (cfg.rollout.engine, ("auto", "native", "hf")),
         "rl.weight_sync": (cfg.rl.weight_sync, ("pointer", "copy")),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
+        "critic.type": (cfg.critic.type, ("separate", "head")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"config key '{key}' is {value!r}; valid values: {', '.join(valid)}")
     positive = {"rollout.k": cfg.rollout.k, "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
                 "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "sft.batch_size": cfg.sft.batch_size,
-                "eval.samples_per_prompt": cfg.eval.samples_per_prompt}
+                "eval.samples_per_prompt": cfg.eval.samples_per_prompt, "trainer.epochs": cfg.trainer.epochs,
+                "trainer.minibatches": cfg.trainer.minibatches}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")

@@ -4,11 +4,15 @@
     2. rollout     sample K completions each, with old_logp           engine.generate
     3. reward      score every completion                             reward(batch)
     4. reference   ref_logp from the frozen model (if the loss uses it) reference(batch)
+                   (and values from the critic, if the algorithm has one)
     5. advantages  the algorithm's estimator                          algo.compute_advantages
-    6. train       one optimizer step on the algorithm's loss         trainer.step(batch, algo.compute_loss)
+    6. train       the optimizer step(s) on the algorithm's loss      trainer.step(batch, algo.compute_loss)
     7. sync        fresh weights to the rollout engine                weight_sync.sync()
 
 It holds no algorithm logic: it only calls the roles in order, times each one, and gathers metrics.
+One rule is generic: when compute_advantages returns fewer groups than were sampled (an algorithm
+that filters, such as DAPO's dynamic sampling), steps 1-5 repeat on new prompts until the batch has
+`prompts_per_step` groups or `max_refill_rounds` extra rounds are spent.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from rlpost.rollout import SamplingParams
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
 
-ROLES = ("rollout", "reward", "reference", "advantages", "train", "sync")
+ROLES = ("rollout", "reward", "reference", "critic", "advantages", "train", "sync")
 
 
 class PromptSampler:
@@ -49,13 +53,17 @@ class PromptSampler:
 class Controller:
     def __init__(self, *, rows: list[dict], prompt_ids: list[list[int]], engine, reward: Reward,
                  reference: Reference | None, algorithm: Algorithm, trainer: Trainer, weight_sync: WeightSync,
-                 params: SamplingParams, prompts_per_step: int, k: int, seed: int = 0):
+                 params: SamplingParams, prompts_per_step: int, k: int, seed: int = 0, critic=None,
+                 max_refill_rounds: int = 0):
         if algorithm.uses_reference and reference is None:
             raise ValueError(f"algorithm '{algorithm.name}' reads ref_logp but no reference was given")
+        if algorithm.uses_critic and critic is None:
+            raise ValueError(f"algorithm '{algorithm.name}' needs a critic but none was given")
         self.rows, self.prompt_ids = rows, prompt_ids
-        self.engine, self.reward, self.reference = engine, reward, reference
+        self.engine, self.reward, self.reference, self.critic = engine, reward, reference, critic
         self.algorithm, self.trainer, self.weight_sync = algorithm, trainer, weight_sync
         self.params, self.prompts_per_step, self.k, self.seed = params, prompts_per_step, k, seed
+        self.max_refill_rounds = max_refill_rounds
         self.sampler = PromptSampler(len(rows), seed)
         self.times: dict[str, float] = {}
 
@@ -63,54 +71,80 @@ class Controller:
     def timed(self, role: str):
         t0 = time.perf_counter()
         yield
-        self.times[role] = time.perf_counter() - t0
+        self.times[role] = self.times.get(role, 0.0) + time.perf_counter() - t0
 
-    def step(self, step: int) -> dict[str, float]:
-        self.times = {}
+    def collect(self, step: int, n_prompts: int, round_: int) -> tuple[Batch, Batch, dict[str, float]]:
+        """Steps 1-5 for `n_prompts` new prompts: (scored batch, batch with advantages, reward metrics)."""
         # 1. prompts
-        idx = self.sampler.next(self.prompts_per_step)
+        idx = self.sampler.next(n_prompts)
         # 2. rollout
         with self.timed("rollout"):
             batch = self.engine.generate([self.prompt_ids[i] for i in idx], self.k, self.params,
-                                         seed=self.seed * 1_000_003 + step)
+                                         seed=(self.seed * 1_000_003 + step) * 101 + round_)
             batch = batch.replace(meta={**batch.meta, "row": [self.rows[i] for i in idx for _ in range(self.k)]})
         # 3. reward
         with self.timed("reward"):
             batch, reward_metrics = self.reward(batch)
-        # 4. reference
+        # 4. reference (and critic values)
         with self.timed("reference"):
             if self.algorithm.uses_reference:
                 batch = self.reference(batch)
+        with self.timed("critic"):
+            if self.critic is not None:
+                with torch.no_grad():
+                    batch = batch.replace(values=self.critic(batch))
         # 5. advantages
         with self.timed("advantages"):
-            batch = self.algorithm.compute_advantages(batch)
+            trained = self.algorithm.compute_advantages(batch)
+        return batch, trained, reward_metrics
+
+    def step(self, step: int) -> dict[str, float]:
+        self.times = {}
+        sampled, kept, reward_metrics = [], [], {}
+        groups = 0
+        for round_ in range(self.max_refill_rounds + 1):
+            scored, trained, m = self.collect(step, self.prompts_per_step - groups, round_)
+            offset = round_ * self.prompts_per_step  # group ids stay unique across rounds
+            sampled.append(scored.replace(group_ids=scored.group_ids + offset))
+            if len(trained):
+                kept.append(trained.replace(group_ids=trained.group_ids + offset))
+                groups += int(torch.unique(trained.group_ids).numel())
+            reward_metrics = {k: reward_metrics.get(k, 0.0) + v for k, v in m.items()}
+            if groups >= self.prompts_per_step:
+                break
+        batch = Batch.concat(kept) if kept else None
         # 6. train
         with self.timed("train"):
-            train_metrics = self.trainer.step(batch, self.algorithm.compute_loss)
+            train_metrics = self.trainer.step(batch, self.algorithm.compute_loss) if batch is not None \
+                else {"train/skipped_empty": 1.0}
         # 7. sync
         with self.timed("sync"):
             sync_metrics = self.weight_sync.sync()
 
-        total = sum(self.times.values())
-        metrics = {**rollout_metrics(batch), **reward_metrics, **train_metrics, **sync_metrics}
-        metrics["rollout/tokens_per_s"] = batch.num_response_tokens / max(self.times["rollout"], 1e-9)
+        all_sampled = Batch.concat(sampled) if len(sampled) > 1 else sampled[0]
+        metrics = {**rollout_metrics(all_sampled), **advantage_metrics(batch), **reward_metrics, **train_metrics,
+                   **sync_metrics, "rollout/refill_rounds": float(len(sampled) - 1),
+                   "rollout/trained_groups": float(groups)}
+        total = sum(self.times.get(role, 0.0) for role in ROLES)
+        metrics["rollout/tokens_per_s"] = all_sampled.num_response_tokens / max(self.times["rollout"], 1e-9)
         for role in ROLES:
-            metrics[f"time/{role}"] = self.times[role]
-            metrics[f"time_share/{role}"] = self.times[role] / max(total, 1e-9)
+            metrics[f"time/{role}"] = self.times.get(role, 0.0)
+            metrics[f"time_share/{role}"] = self.times.get(role, 0.0) / max(total, 1e-9)
         metrics["time/step"] = total
         return metrics
 
 
 @torch.no_grad()
 def rollout_metrics(batch: Batch) -> dict[str, float]:
-    """Reward, length and group statistics of a scored batch (algorithm-independent)."""
+    """Reward, length and group statistics of everything sampled this step (algorithm-independent)."""
     r = batch.rewards.float()
+    if r.dim() == 2:
+        r = r.sum(1)
     lengths = batch.response_mask.sum(1).float()
     _, inverse = torch.unique(batch.group_ids, return_inverse=True)
     groups = int(inverse.max()) + 1
     g_max = torch.full((groups,), -float("inf")).scatter_reduce(0, inverse, r, "amax")
     g_min = torch.full((groups,), float("inf")).scatter_reduce(0, inverse, r, "amin")
-    adv = batch.advantages[batch.response_mask.bool()] if batch.advantages is not None else torch.zeros(1)
     return {
         "reward/mean": float(r.mean()),
         "reward/std": float(r.std()) if len(r) > 1 else 0.0,
@@ -118,6 +152,13 @@ def rollout_metrics(batch: Batch) -> dict[str, float]:
         "rollout/response_len_max": float(lengths.max()),
         "rollout/truncated_frac": sum(f == "length" for f in batch.meta["finish_reason"]) / len(batch),
         "rollout/degenerate_group_frac": float((g_max == g_min).float().mean()),
-        "advantage/mean": float(adv.mean()),
-        "advantage/std": float(adv.std()) if adv.numel() > 1 else 0.0,
     }
+
+
+@torch.no_grad()
+def advantage_metrics(batch: Batch | None) -> dict[str, float]:
+    if batch is None or batch.advantages is None:
+        return {}
+    adv = batch.advantages[batch.response_mask.bool()]
+    return {"advantage/mean": float(adv.mean()) if adv.numel() else 0.0,
+            "advantage/std": float(adv.std()) if adv.numel() > 1 else 0.0}

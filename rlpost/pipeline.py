@@ -24,6 +24,7 @@ from tqdm import tqdm
 from rlpost.algorithms import get_algorithm
 from rlpost.config import Config, to_dict
 from rlpost.controller import Controller
+from rlpost.critic import Critic
 from rlpost.evaluate import pass_at_1
 from rlpost.models import load_model, save_model
 from rlpost.reference import Reference
@@ -65,7 +66,7 @@ def make_run_dir(cfg: Config, recipe_name: str) -> str:
 def step_line(step: int, m: dict) -> str:
     """The short console line of one RL step."""
     return (f"step {step:4d} | reward {m['reward/mean']:.3f} | kl {m.get('loss/kl_ref', 0.0):.4f} "
-            f"| len {m['rollout/response_len_mean']:.1f} | grad {m['train/grad_norm']:.3f} "
+            f"| len {m['rollout/response_len_mean']:.1f} | grad {m.get('train/grad_norm', float('nan')):.3f} "
             f"| {m['time/step']:.2f}s (rollout {100 * m['time_share/rollout']:.0f}%)")
 
 
@@ -108,9 +109,12 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
 
         # ---- stage 2: RL
         algorithm = get_algorithm(**cfg.algorithm)
+        critic = Critic.build(model, cfg.critic.type) if algorithm.uses_critic else None
         trainer = Trainer(model, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay,
                           grad_clip=cfg.trainer.grad_clip, micro_batch_size=cfg.trainer.micro_batch_size,
-                          max_nonfinite_steps=cfg.trainer.max_nonfinite_steps, temperature=cfg.rollout.temperature)
+                          max_nonfinite_steps=cfg.trainer.max_nonfinite_steps, temperature=cfg.rollout.temperature,
+                          epochs=cfg.trainer.epochs, minibatches=cfg.trainer.minibatches, critic=critic,
+                          critic_lr=cfg.critic.lr, seed=cfg.seed)
         params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                                 top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
         controller = Controller(
@@ -118,7 +122,8 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
             engine=engine, reward=reward,
             reference=Reference(model, cfg.rollout.temperature) if algorithm.uses_reference else None,
             algorithm=algorithm, trainer=trainer, weight_sync=WeightSync(model, engine, cfg.rl.weight_sync),
-            params=params, prompts_per_step=cfg.rollout.prompts_per_step, k=cfg.rollout.k, seed=cfg.seed)
+            params=params, prompts_per_step=cfg.rollout.prompts_per_step, k=cfg.rollout.k, seed=cfg.seed,
+            critic=critic, max_refill_rounds=cfg.rollout.max_refill_rounds)
         bar = tqdm(range(1, cfg.rl.steps + 1), desc=f"rl/{algorithm.name}", unit="step", dynamic_ncols=True)
         for step in bar:
             metrics = controller.step(step)

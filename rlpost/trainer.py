@@ -3,10 +3,14 @@
     trainer = Trainer(model, lr=2e-4)
     metrics = trainer.step(batch, loss_fn)   # loss_fn(logp [B, T], batch) -> (loss, metrics)
 
-The batch is cut into micro-batches whose losses are normalised by the whole batch's counts (see
-Batch.micro_batches), so accumulating their gradients equals one large batch. A loss or gradient that
-is not finite skips the update (nothing is applied), is reported, and after `max_nonfinite_steps`
-in a row stops training with NonFiniteLossError.
+One call trains on one rollout batch: `epochs` passes, each split into `minibatches` (one optimizer
+step each; rows shuffled after the first epoch), each cut into micro-batches of `micro_batch_size`
+rows whose losses are normalised by the minibatch's counts (Batch.micro_batches), so gradient
+accumulation equals one large batch. On every micro-batch the trainer attaches the policy's entropy
+(`batch.entropy`, with grad) and, when a critic is given, its current values (`batch.new_values`).
+
+A loss or gradient that is not finite skips that optimizer step (nothing is applied), is reported,
+and after `max_nonfinite_steps` in a row stops training with NonFiniteLossError.
 """
 
 from __future__ import annotations
@@ -31,21 +35,42 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0,
                  micro_batch_size: int | None = None, max_nonfinite_steps: int = 3, temperature: float = 1.0,
-                 betas: tuple[float, float] = (0.9, 0.999)):
-        self.model = model
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                           betas=betas, weight_decay=weight_decay)
+                 betas: tuple[float, float] = (0.9, 0.999), epochs: int = 1, minibatches: int = 1,
+                 critic: nn.Module | None = None, critic_lr: float | None = None, seed: int = 0):
+        self.model, self.critic = model, critic
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+        if critic is not None:
+            groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": critic_lr or lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
         self.grad_clip, self.micro_batch_size = grad_clip, micro_batch_size
         self.max_nonfinite_steps, self.temperature = max_nonfinite_steps, temperature
+        self.epochs, self.minibatches = epochs, minibatches
+        self.generator = torch.Generator().manual_seed(seed)
         self.nonfinite_in_a_row = 0
         self.steps = 0
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.optimizer.param_groups[0]["lr"] = lr
 
     def step(self, batch: Batch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step on `batch`. Returns trainer metrics plus the loss's own (token-weighted)."""
+        """Train on one batch (epochs x minibatches optimizer steps). Returns metrics averaged over the
+        optimizer steps; the engine/trainer log-prob mismatch is measured before the first update."""
+        if len(batch) == 0:
+            return {"train/skipped_empty": 1.0}
+        totals: dict[str, float] = {}
+        n = 0
+        for epoch in range(self.epochs):
+            order = torch.arange(len(batch)) if epoch == 0 else torch.randperm(len(batch), generator=self.generator)
+            for rows in order.chunk(min(self.minibatches, len(batch))):
+                first = epoch == 0 and n == 0
+                m = self._optimizer_step(batch.select(rows), loss_fn, measure_mismatch=first)
+                for k, v in m.items():
+                    if first or not k.startswith("rollout/"):
+                        totals[k] = totals.get(k, 0.0) + v
+                n += 1
+        return {k: v if k.startswith("rollout/") else v / n for k, v in totals.items()}
+
+    def _optimizer_step(self, batch: Batch, loss_fn: LossFn, measure_mismatch: bool) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, finite = 0.0, True
@@ -54,6 +79,7 @@ class Trainer:
         mismatch_max, mismatch_sum, entropy_sum = 0.0, 0.0, 0.0
         for mb in batch.micro_batches(self.micro_batch_size):
             logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True)
+            mb = mb.replace(entropy=entropy, new_values=self.critic(mb) if self.critic is not None else None)
             loss, metrics = loss_fn(logp, mb)
             if not torch.isfinite(loss):
                 finite = False
@@ -64,15 +90,15 @@ class Trainer:
             weight_total += w
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * w
-            entropy_sum += masked_mean_value(entropy, mb.response_mask) * w
-            if mb.old_logp is not None:  # the engine's sample-time log-probs vs the trainer's, same weights
+            entropy_sum += masked_mean_value(entropy.detach(), mb.response_mask) * w
+            if measure_mismatch and mb.old_logp is not None:  # sample-time vs trainer log-probs, same weights
                 delta = (logp.detach() - mb.old_logp).abs() * mb.response_mask
                 mismatch_max = max(mismatch_max, float(delta.max()))
                 mismatch_sum += float(delta.sum())
 
         grad_norm = float("nan")
         if finite:
-            params = [p for p in self.model.parameters() if p.grad is not None]
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             finite = math.isfinite(grad_norm)
@@ -91,7 +117,7 @@ class Trainer:
         out.update({"train/loss": total_loss, "train/grad_norm": grad_norm, "train/skipped_nonfinite": 0.0,
                     "train/entropy": entropy_sum / max(weight_total, 1.0),
                     "train/lr": self.optimizer.param_groups[0]["lr"]})
-        if batch.old_logp is not None:
+        if measure_mismatch and batch.old_logp is not None:
             out["rollout/logp_mismatch_max"] = mismatch_max
             out["rollout/logp_mismatch_mean"] = mismatch_sum / max(weight_total, 1.0)
         return out

@@ -147,7 +147,7 @@ def test_registry_errors_name_the_valid_choices():
     assert "grpo" in available()
     with pytest.raises(ValueError, match="valid algorithms: .*grpo"):
         get_algorithm("grpoo")
-    with pytest.raises(ValueError, match="'clip_lo'.*valid parameters: clip_low, clip_high, beta, eps"):
+    with pytest.raises(ValueError, match="'clip_lo'.*valid parameters: clip_low, clip_high, beta, kl_estimator"):
         get_algorithm("grpo", clip_lo=0.1)
 
 

@@ -1,22 +1,42 @@
-"""What every algorithm shares: the plug-in base class and the math helpers the losses reuse.
+"""What every algorithm shares: the plug-in base class and the policy-gradient machinery.
 
-An algorithm is a class with a nested `Config` dataclass (its knobs, one help line each) and exactly
+An algorithm is a class with a nested `Config` dataclass (its knobs, one docstring each) and exactly
 two methods:
 
-    batch = algo.compute_advantages(batch)          # fills batch.advantages [B, T]
+    batch = algo.compute_advantages(batch)          # fills batch.advantages [B, T] (may drop rows)
     loss, metrics = algo.compute_loss(logp, batch)  # logp [B, T]: current policy, with grad
 
 It owns no model and no optimizer. Metrics are floats computed without grad, with namespaced keys.
+`compute_advantages` may return fewer rows than it was given (DAPO drops degenerate groups); the
+controller then refills the batch from new prompts.
+
+`PolicyGradient` implements the options every member of the REINFORCE → PPO → GRPO family shares, so
+that each algorithm file only states what makes it different (its advantage estimator and, for a
+few, its surrogate):
+
+    KL estimator   kl_estimator = k1 | k2 | k3                       (Schulman, "Approximating KL")
+    KL placement   kl_in = loss   : + beta * KL(pi || pi_ref) per token in the loss
+                   kl_in = reward : - beta * KL(pi_old || pi_ref) per token folded into the reward
+    aggregation    loss_agg = token-mean               sum over tokens / tokens in the batch
+                              seq-mean-token-mean      mean over sequences of per-sequence token means
+                              seq-mean-token-sum-norm  sum over tokens / (sequences * norm_length)
+    entropy bonus  - entropy_coef * entropy per token
+    adv. clipping  advantages clamped to [-adv_clip, adv_clip]
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from rlpost.batch import Batch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PLACEMENTS = ("loss", "reward")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 class Algorithm:
@@ -25,7 +45,7 @@ class Algorithm:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
 
-    @dataclasses.dataclass
+    @dataclass
     class Config:
         pass
 
@@ -39,7 +59,12 @@ class Algorithm:
 
     @property
     def uses_reference(self) -> bool:
-        """True when compute_loss reads batch.ref_logp (the controller then runs the reference role)."""
+        """True when the algorithm reads batch.ref_logp (the controller then runs the reference role)."""
+        return False
+
+    @property
+    def uses_critic(self) -> bool:
+        """True when the algorithm reads batch.values / batch.new_values (the controller runs a critic)."""
         return False
 
     def compute_advantages(self, batch: Batch) -> Batch:
@@ -48,6 +73,8 @@ class Algorithm:
     def compute_loss(self, logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+
+# ---------------------------------------------------------------------------- math helpers
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence").
@@ -63,7 +90,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
         return 0.5 * log_ratio**2
     if kind == "k3":
         return torch.exp(-log_ratio) + log_ratio - 1.0
-    raise ValueError(f"unknown KL estimator {kind!r}; valid: k1, k2, k3")
+    raise ValueError(f"unknown KL estimator {kind!r}; valid: {', '.join(KL_ESTIMATORS)}")
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -77,8 +104,172 @@ def token_mean(per_token: torch.Tensor, batch: Batch) -> torch.Tensor:
     return masked_sum(per_token, batch.response_mask) / max(float(denom), 1.0)
 
 
+def aggregate(per_token: torch.Tensor, batch: Batch, mode: str, norm_length: int | None = None) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss to a scalar (see the module docstring for the modes).
+
+    Denominators count the whole batch (batch.global_*), so micro-batch losses sum to the batch loss.
+    """
+    mask = batch.response_mask.bool()
+    seqs = float(batch.global_seqs if batch.global_seqs is not None else len(batch))
+    if mode == "token-mean":
+        return token_mean(per_token, batch)
+    if mode == "seq-mean-token-mean":
+        lengths = mask.sum(1).clamp(min=1)
+        per_seq = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(1) / lengths
+        return per_seq.sum() / max(seqs, 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        length = norm_length or (batch.input_ids.shape[1] - batch.prompt_width)
+        return masked_sum(per_token, mask) / (max(seqs, 1.0) * length)
+    raise ValueError(f"unknown loss aggregation {mode!r}; valid: {', '.join(LOSS_AGGS)}")
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (population std); zero off the mask."""
+    m = mask.bool()
+    n = m.sum().clamp(min=1)
+    mean = masked_sum(x, m) / n
+    var = masked_sum((x - mean) ** 2, m) / n
+    return torch.where(m, (x - mean) / (var.sqrt() + eps), torch.zeros_like(x))
+
+
 @torch.no_grad()
 def masked_mean_value(x: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of x over mask as a float (for metrics)."""
     n = mask.sum().item()
     return masked_sum(x.float(), mask).item() / n if n else 0.0
+
+
+def group_normalise(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float, divide_std: bool = True):
+    """(r - group mean) / (group std + eps) per row, std unbiased (torch.std); one-sample groups get 0. [B]."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    r = rewards.float()
+    n = counts.to(r.dtype)
+    mean = torch.zeros_like(n).index_add_(0, inverse, r) / n
+    centred = r - mean[inverse]
+    if divide_std:
+        var = torch.zeros_like(n).index_add_(0, inverse, centred**2) / (n - 1).clamp(min=1)
+        centred = centred / (var.sqrt()[inverse] + eps)
+    return torch.where(counts[inverse] > 1, centred, torch.zeros_like(centred))
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's last response token. [B]"""
+    T = mask.shape[1]
+    return (T - 1) - mask.flip(1).float().argmax(1)
+
+
+# ---------------------------------------------------------------------------- the family's base
+
+@dataclass
+class PGConfig:
+    clip_low: float = 0.2
+    """ratio lower clip: rho >= 1 - clip_low (PPO paper: 0.2)"""
+    clip_high: float = 0.2
+    """ratio upper clip: rho <= 1 + clip_high (PPO: 0.2; DAPO's clip-higher: 0.28)"""
+    beta: float = 0.0
+    """KL-to-reference weight; 0 skips the reference model"""
+    kl_estimator: str = "k3"
+    """k1 | k2 | k3"""
+    kl_in: str = "loss"
+    """where the KL goes: 'loss' (a penalty term) or 'reward' (per-token reward shaping)"""
+    loss_agg: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm"""
+    norm_length: int | None = None
+    """seq-mean-token-sum-norm's constant divisor (None: the batch's response width)"""
+    entropy_coef: float = 0.0
+    """weight of the entropy bonus (subtracted from the loss)"""
+    adv_clip: float | None = None
+    """clamp advantages to [-adv_clip, adv_clip] (None: off)"""
+    eps: float = 1e-6
+    """added to standard deviations before dividing"""
+
+
+class PolicyGradient(Algorithm):
+    """Shared policy-gradient machinery. Subclasses implement `sequence_advantages` (one advantage per
+    sequence, broadcast to its tokens) or override `compute_advantages` for token-level estimators,
+    and may override `policy_loss` (default: the PPO clipped surrogate)."""
+
+    Config = PGConfig
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        c = self.cfg
+        for key, value, valid in (("kl_estimator", c.kl_estimator, KL_ESTIMATORS), ("kl_in", c.kl_in, KL_PLACEMENTS),
+                                  ("loss_agg", c.loss_agg, LOSS_AGGS)):
+            if value not in valid:
+                raise ValueError(f"{self.name}: {key}={value!r}; valid: {', '.join(valid)}")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.cfg.beta > 0
+
+    # ---- rewards
+    def token_rewards(self, batch: Batch) -> torch.Tensor:
+        """[B, T] rewards: the outcome reward on each row's last response token (or the given token-level
+        rewards), minus beta * KL(pi_old || pi_ref) per token when kl_in = reward."""
+        mask = batch.response_mask.bool()
+        if batch.rewards.dim() == 2:
+            r = torch.where(mask, batch.rewards.float(), torch.zeros_like(batch.rewards.float()))
+        else:
+            r = torch.zeros(mask.shape, dtype=torch.float32)
+            r[torch.arange(len(batch)), last_token_index(mask)] = batch.rewards.float()
+        if self.cfg.kl_in == "reward" and self.cfg.beta > 0:
+            if batch.ref_logp is None:
+                raise ValueError(f"{self.name} with kl_in=reward needs batch.ref_logp (run the reference role)")
+            kl = kl_estimate(batch.old_logp, batch.ref_logp, self.cfg.kl_estimator)
+            r = r - self.cfg.beta * torch.where(mask, kl, torch.zeros_like(kl))
+        return r
+
+    def sequence_rewards(self, batch: Batch) -> torch.Tensor:
+        """[B]: the sum of token_rewards over each response."""
+        return self.token_rewards(batch).sum(1)
+
+    # ---- advantages
+    def sequence_advantages(self, rewards: torch.Tensor, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_advantages(self, batch: Batch) -> Batch:
+        if batch.rewards is None:
+            raise ValueError(f"{self.name}.compute_advantages needs batch.rewards")
+        adv = self.sequence_advantages(self.sequence_rewards(batch), batch)  # [B]
+        return batch.replace(advantages=self.clip_advantages(adv[:, None] * batch.response_mask))
+
+    def clip_advantages(self, adv: torch.Tensor) -> torch.Tensor:
+        return adv if self.cfg.adv_clip is None else adv.clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
+
+    # ---- loss
+    def policy_loss(self, logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """PPO's clipped surrogate per token: -min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A)."""
+        mask = batch.response_mask.bool()
+        adv = batch.advantages
+        # log rho is zeroed off the response so exp() of padding garbage cannot make inf * 0 = NaN.
+        log_ratio = torch.where(mask, logp - batch.old_logp, torch.zeros_like(logp))
+        ratio = torch.exp(log_ratio)
+        clipped = torch.clamp(ratio, 1 - self.cfg.clip_low, 1 + self.cfg.clip_high)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+        with torch.no_grad():
+            metrics = {
+                "loss/clip_frac_low": masked_mean_value(((ratio < 1 - self.cfg.clip_low) & (adv < 0)).float(), mask),
+                "loss/clip_frac_high": masked_mean_value(((ratio > 1 + self.cfg.clip_high) & (adv > 0)).float(), mask),
+                "loss/approx_kl_old": masked_mean_value((ratio - 1) - log_ratio, mask),
+                "loss/ratio_mean": masked_mean_value(ratio, mask),
+            }
+        return per_token, metrics
+
+    def compute_loss(self, logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = batch.response_mask.bool()
+        per_token, metrics = self.policy_loss(logp, batch)
+        if self.cfg.beta > 0 and self.cfg.kl_in == "loss":
+            if batch.ref_logp is None:
+                raise ValueError(f"{self.name} with beta > 0 needs batch.ref_logp (run the reference role)")
+            kl = kl_estimate(logp, torch.where(mask, batch.ref_logp, logp), self.cfg.kl_estimator)
+            per_token = per_token + self.cfg.beta * kl
+            metrics["loss/kl_ref"] = masked_mean_value(kl.detach(), mask)
+        elif batch.ref_logp is not None:
+            metrics["loss/kl_ref"] = masked_mean_value(kl_estimate(logp.detach(), batch.ref_logp, "k3"), mask)
+        if self.cfg.entropy_coef:
+            if batch.entropy is None:
+                raise ValueError(f"{self.name} with entropy_coef needs batch.entropy (set by the trainer)")
+            per_token = per_token - self.cfg.entropy_coef * batch.entropy
+        loss = aggregate(per_token, batch, self.cfg.loss_agg, self.cfg.norm_length)
+        return loss, metrics

@@ -39,6 +39,15 @@ class HFCausalLM(nn.Module):
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits
 
+    @property
+    def hidden_size(self) -> int:
+        return self.hf.config.hidden_size
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """The trunk's final (normed) hidden states (B, T, H), for value heads."""
+        return self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+
     def save_pretrained(self, folder: str) -> None:
         self.hf.save_pretrained(folder, safe_serialization=True)
 
@@ -140,7 +149,7 @@ def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, wit
 
     Logits are divided by `temperature` first, so the trainer scores tokens under the distribution
     the rollout engine sampled from. With `with_entropy`, also returns the per-token entropy [B, T]
-    of that distribution (no grad).
+    of that distribution (with grad when grad is enabled, for entropy bonuses).
     """
     logits = model(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
     logits = logits[:, :-1].float() / temperature             # (B, T-1, V): predicts tokens 1..T-1
@@ -149,6 +158,5 @@ def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, wit
     logp = F.pad(logp, (1, 0))                                # (B, T): aligned with input_ids
     if not with_entropy:
         return logp
-    with torch.no_grad():
-        entropy = F.pad(-(logp_all.exp() * logp_all).sum(-1), (1, 0))
+    entropy = F.pad(-(logp_all.exp() * logp_all).sum(-1), (1, 0))
     return logp, entropy

@@ -137,7 +137,15 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def hidden_size(self) -> int:
+        return self.config.n_embd
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))  # (B, T, V)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        """The final (layer-normed) hidden state of every position: (B, T, n_embd)."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -165,7 +173,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, mask, cache, layer)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        return self.transformer.ln_f(x)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)

@@ -1,0 +1,46 @@
+"""CRITIC (PPO only): a value function V(prefix) on top of a language model's hidden states.
+
+    critic = Critic.build(policy, "head")      # a value head on the policy's own trunk (shared weights)
+    critic = Critic.build(policy, "separate")  # a frozen-at-start copy of the trunk + head, trained apart
+    values = critic(batch)                     # [B, T]: values[b, t] = V(input_ids[b, :t]), 0 off the response
+
+values[b, t] is the expected return before token t is emitted: it is read from the hidden state at t-1,
+the same alignment as token log-probs. The head starts at zero, so first values are 0.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rlpost.batch import Batch
+from rlpost.models import position_ids_for
+
+
+class Critic(nn.Module):
+    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool):
+        super().__init__()
+        self.shared = shared
+        # A shared trunk is the policy itself: keep it out of this module's parameters so the optimizer
+        # and checkpoints see it once (through the policy).
+        self._trunk = [trunk] if shared else None
+        self.trunk = None if shared else trunk
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def build(cls, policy: nn.Module, kind: str = "separate") -> "Critic":
+        if kind not in ("head", "separate"):
+            raise ValueError(f"critic.type must be 'head' or 'separate', got {kind!r}")
+        trunk = policy if kind == "head" else copy.deepcopy(policy).requires_grad_(True)
+        return cls(trunk, policy.hidden_size, shared=kind == "head")
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        trunk = self._trunk[0] if self.shared else self.trunk
+        h = trunk.hidden_states(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
+        v = self.head(h.float()).squeeze(-1)                         # (B, T): value after reading token t
+        return F.pad(v[:, :-1], (1, 0)) * batch.response_mask        # (B, T): value before emitting token t

@@ -1,0 +1,115 @@
+"""The controller's generic rules (refilling filtered batches), the critic role, epochs x minibatches."""
+
+import json
+
+import pytest
+import torch
+
+from rlpost import get_algorithm
+from rlpost.config import load_config
+from rlpost.controller import Controller
+from rlpost.critic import Critic
+from rlpost.pipeline import train
+from rlpost.reference import Reference
+from rlpost.reward import Reward
+from rlpost.rollout import SamplingParams
+from rlpost.rollout.native import NativeEngine
+from rlpost.sft import nll_loss
+from rlpost.trainer import Trainer
+from rlpost.weight_sync import WeightSync
+
+
+class SpyTrainer(Trainer):
+    """Records every batch it is asked to train on."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen = []
+
+    def step(self, batch, loss_fn):
+        self.seen.append(batch)
+        return super().step(batch, loss_fn)
+
+
+def half_easy_reward(completion, row):
+    """Prompts starting with 1 are 'easy' (every sample right: a degenerate group); others depend on the sample."""
+    return 1.0 if row["prompt"].startswith("1") else float(len(completion) % 2)
+
+
+def test_dapo_never_trains_on_a_degenerate_group_and_refills(tiny_gpt):
+    model, tok = tiny_gpt
+    rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in range(10, 30) for b in range(3)]
+    engine = NativeEngine(model, tok)
+    trainer = SpyTrainer(model, lr=1e-3)
+    algo = get_algorithm("dapo")
+    ctl = Controller(rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], engine=engine,
+                     reward=Reward(half_easy_reward, tok), reference=None, algorithm=algo, trainer=trainer,
+                     weight_sync=WeightSync(model, engine), params=SamplingParams(max_new_tokens=5),
+                     prompts_per_step=6, k=4, seed=0, max_refill_rounds=6)
+    for step in range(1, 4):
+        metrics = ctl.step(step)
+        batch = trainer.seen[-1]
+        for g in batch.group_ids.unique():
+            r = batch.rewards[batch.group_ids == g]
+            assert r.max() > r.min(), "a degenerate group reached the trainer"
+        assert metrics["rollout/trained_groups"] == len(batch.group_ids.unique()) == 6
+        assert metrics["rollout/degenerate_group_frac"] > 0  # there was something to drop
+
+
+def test_trainer_epochs_and_minibatches_take_that_many_optimizer_steps(tiny_gpt):
+    model, tok = tiny_gpt
+    engine = NativeEngine(model, tok)
+    batch = engine.generate([tok.encode_prompt("1+2="), tok.encode_prompt("3+4=")], 4, SamplingParams(max_new_tokens=3))
+    trainer = Trainer(model, lr=1e-3, epochs=3, minibatches=2)
+    metrics = trainer.step(batch, nll_loss)
+    assert trainer.steps == 6 and metrics["rollout/logp_mismatch_max"] < 1e-5  # measured before any update
+
+
+def test_critic_values_are_aligned_and_masked(tiny_gpt):
+    model, tok = tiny_gpt
+    batch = NativeEngine(model, tok).generate([tok.encode_prompt("12+3=")], 3, SamplingParams(max_new_tokens=4))
+    critic = Critic.build(model, "separate")
+    torch.nn.init.normal_(critic.head.weight)
+    v = critic(batch)
+    assert v.shape == batch.input_ids.shape and (v[batch.response_mask == 0] == 0).all()
+    # values[b, t] reads the hidden state at t-1
+    h = critic.trunk.hidden_states(batch.input_ids, batch.attention_mask,
+                                   (batch.attention_mask.cumsum(1) - 1).clamp(min=0))
+    t = batch.prompt_width
+    assert torch.allclose(v[:, t], critic.head(h[:, t - 1]).squeeze(-1), atol=1e-6)
+
+
+def test_critic_kinds_share_or_copy_the_trunk(tiny_gpt):
+    model, _ = tiny_gpt
+    head, separate = Critic.build(model, "head"), Critic.build(model, "separate")
+    assert [n for n, _ in head.named_parameters()] == ["head.weight", "head.bias"]  # the trunk is the policy's
+    policy_ids = {id(p) for p in model.parameters()}
+    assert not policy_ids & {id(p) for p in separate.parameters()}
+    with pytest.raises(ValueError, match="'head' or 'separate'"):
+        Critic.build(model, "shared")
+
+
+@pytest.mark.parametrize("kind", ["separate", "head"])
+def test_ppo_runs_end_to_end_with_either_critic(tmp_path, kind):
+    cfg = load_config(None, ["algorithm.name=ppo", f"critic.type={kind}", "sft.steps=20", "sft.batch_size=32",
+                             "rl.steps=2", "rl.eval_every=0", "task.num_eval=20", "rollout.prompts_per_step=4",
+                             "rollout.k=4", "trainer.epochs=2", "trainer.minibatches=2", "model.n_layer=1",
+                             "model.n_embd=32", "model.n_head=2", f"out_dir={tmp_path}", "run_name=ppo"])
+    assert train(cfg)["status"] == "ok"
+    lines = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rl = [m for m in lines if m["stage"] == "rl"]
+    assert len(rl) == 2 and "value/loss" in rl[0] and "value/explained_variance" in rl[0]
+    assert rl[0]["time/critic"] > 0
+
+
+def test_reference_free_algorithms_skip_the_reference(tiny_gpt):
+    model, tok = tiny_gpt
+    engine = NativeEngine(model, tok)
+    with pytest.raises(ValueError, match="reads ref_logp"):
+        Controller(rows=[], prompt_ids=[], engine=engine, reward=None, reference=None,
+                   algorithm=get_algorithm("grpo", beta=0.1), trainer=None, weight_sync=None,
+                   params=SamplingParams(), prompts_per_step=1, k=1)
+    with pytest.raises(ValueError, match="needs a critic"):
+        Controller(rows=[], prompt_ids=[], engine=engine, reward=None, reference=Reference(model),
+                   algorithm=get_algorithm("ppo"), trainer=None, weight_sync=None,
+                   params=SamplingParams(), prompts_per_step=1, k=1)
