@@ -95,7 +95,7 @@ def test_engine_auto_picks_native_for_gpt_mini(tiny_gpt):
 
 def test_hf_engine_old_logp_equals_trainer_logprobs(tiny_llama_dir):
     model, tok = load_model(ModelConfig(name=tiny_llama_dir))
-    engine = build_engine("auto", model, tok)
+    engine = build_engine("hf", model, tok)  # "auto" picks the native engine for Llama (test_engine_hf_native.py)
     assert isinstance(engine, HFGenerateEngine)
     batch = generate(engine, tok, k=3, temperature=0.9)
     assert len(batch) == 9

@@ -30,6 +30,7 @@ class SamplingParams:
     top_k: int = 0            # 0: off
     top_p: float = 1.0        # 1.0: off
     stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's eos
+    min_new_tokens: int = 0   # eos / stop tokens cannot be drawn before this many tokens (old_logp stays unmasked)
 
     @property
     def logp_temperature(self) -> float:
@@ -81,14 +82,20 @@ def assemble(prompts: list[list[int]], k: int, tokens: torch.Tensor, logps: torc
 
 
 def build_engine(kind: str, model, tokenizer):
-    """'native' (KV cache; gpt_mini), 'hf' (transformers.generate), or 'auto' (native when supported)."""
+    """'native' (KV cache, continuous batching: gpt_mini, and HF Llama / Qwen2), 'hf' (transformers.generate,
+    any HF causal LM), or 'auto' (native when the model is supported, else hf)."""
     from rlpost.rollout.hf_generate import HFGenerateEngine
+    from rlpost.rollout.hf_native import HFNativeEngine, _unsupported_reason
     from rlpost.rollout.native import NativeEngine
 
+    native = NativeEngine if NativeEngine.supports(model) else HFNativeEngine if HFNativeEngine.supports(model) else None
     if kind == "auto":
-        kind = "native" if NativeEngine.supports(model) else "hf"
+        kind = "native" if native is not None else "hf"
     if kind == "native":
-        if not NativeEngine.supports(model):
-            raise ValueError("rollout.engine=native supports gpt_mini models; use rollout.engine=hf for this model")
-        return NativeEngine(model, tokenizer)
+        if native is None:
+            raise ValueError(f"rollout.engine=native supports gpt_mini and Hugging Face Llama / Qwen2 models, not this "
+                             f"one ({_unsupported_reason(model)}); use rollout.engine=hf for this model")
+        return native(model, tokenizer)
+    if kind != "hf":
+        raise ValueError(f"rollout.engine must be 'auto', 'native' or 'hf', got {kind!r}")
     return HFGenerateEngine(model, tokenizer)

@@ -58,7 +58,10 @@ class NativeEngine:
         stop_ids = torch.tensor([tok.eos_token_id, *params.stop_token_ids], device=device)
         live = torch.arange(B)                                    # batch row of each live cache row
         for step in range(R):
-            tok_next = sample_next(logits, params, gen)           # (L,)
+            draw_from = logits
+            if step < params.min_new_tokens:                      # no stop before min_new_tokens
+                draw_from = logits.index_fill(-1, stop_ids, float("-inf"))
+            tok_next = sample_next(draw_from, params, gen)        # (L,)
             lp = torch.log_softmax(logits.float() / params.logp_temperature, -1)
             tokens[live, step] = tok_next.cpu()
             logps[live, step] = lp.gather(-1, tok_next[:, None]).squeeze(-1).cpu()
