@@ -32,6 +32,9 @@ from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
 
 ROLES = ("rollout", "reward", "reference", "critic", "advantages", "train", "sync")
+# every role's seconds and share of the step; "other" is the step's wall-clock not inside any role
+# (prompt picking, concatenating refill rounds, gathering metrics), so the shares sum to 1
+TIMED = (*ROLES, "other")
 
 
 class PromptSampler:
@@ -99,6 +102,7 @@ class Controller:
         return batch, trained, reward_metrics
 
     def step(self, step: int) -> dict[str, float]:
+        t_step = time.perf_counter()
         self.times = {}
         sampled, kept, reward_metrics = [], [], {}
         groups = 0
@@ -125,12 +129,19 @@ class Controller:
         metrics = {**rollout_metrics(all_sampled), **advantage_metrics(batch), **reward_metrics, **train_metrics,
                    **sync_metrics, "rollout/refill_rounds": float(len(sampled) - 1),
                    "rollout/trained_groups": float(groups)}
-        total = sum(self.times.get(role, 0.0) for role in ROLES)
-        metrics["rollout/tokens_per_s"] = all_sampled.num_response_tokens / max(self.times["rollout"], 1e-9)
-        for role in ROLES:
+        wall = time.perf_counter() - t_step
+        in_roles = sum(self.times.get(role, 0.0) for role in ROLES)
+        self.times["other"] = max(wall - in_roles, 0.0)
+        total = in_roles + self.times["other"]  # = wall (up to clock rounding)
+        tokens = all_sampled.num_response_tokens
+        metrics["rollout/tokens_per_s"] = tokens / max(self.times["rollout"], 1e-9)  # generation speed
+        metrics["step/tokens_per_s"] = tokens / max(total, 1e-9)                    # end to end, all roles
+        for role in TIMED:
             metrics[f"time/{role}"] = self.times.get(role, 0.0)
             metrics[f"time_share/{role}"] = self.times.get(role, 0.0) / max(total, 1e-9)
         metrics["time/step"] = total
+        for key in ("rollout/logp_mismatch_max", "rollout/logp_mismatch_mean"):  # every line has them:
+            metrics.setdefault(key, float("nan"))  # NaN (null in metrics.jsonl) when no update measured it
         return metrics
 
 
@@ -152,6 +163,8 @@ def rollout_metrics(batch: Batch) -> dict[str, float]:
         "rollout/response_len_max": float(lengths.max()),
         "rollout/truncated_frac": sum(f == "length" for f in batch.meta["finish_reason"]) / len(batch),
         "rollout/degenerate_group_frac": float((g_max == g_min).float().mean()),
+        # a learned reward (rlpost/reward_model.py) also scores each sample with the verifier, when there is one
+        **({"reward/gold_mean": sum(batch.meta["gold_reward"]) / len(batch)} if "gold_reward" in batch.meta else {}),
     }
 
 

@@ -29,6 +29,7 @@ from rlpost.evaluate import pass_at_1
 from rlpost.models import load_model, save_model
 from rlpost.reference import Reference
 from rlpost.reward import Reward, load_reward_fn
+from rlpost.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.sft import run_sft
 from rlpost.tasks import load_task
@@ -63,11 +64,22 @@ def make_run_dir(cfg: Config, recipe_name: str) -> str:
     return run_dir
 
 
+_SHORT = {"rollout": "roll", "reward": "rew", "reference": "ref", "critic": "critic", "advantages": "adv",
+          "train": "train", "sync": "sync", "other": "other"}
+
+
 def step_line(step: int, m: dict) -> str:
-    """The short console line of one RL step."""
+    """The short console line of one RL step: learning signals, then where the step's wall-clock went
+    (share of each of the six roles; critic and untimed glue only when they reach 0.5%), throughput, and
+    the engine/trainer log-prob mismatch."""
+    shares = " ".join(f"{_SHORT[r]} {100 * m.get(f'time_share/{r}', 0.0):.0f}%" for r in _SHORT
+                      if r not in ("critic", "other") or m.get(f"time_share/{r}", 0.0) >= 0.005)
     return (f"step {step:4d} | reward {m['reward/mean']:.3f} | kl {m.get('loss/kl_ref', 0.0):.4f} "
             f"| len {m['rollout/response_len_mean']:.1f} | grad {m.get('train/grad_norm', float('nan')):.3f} "
-            f"| {m['time/step']:.2f}s (rollout {100 * m['time_share/rollout']:.0f}%)")
+            f"| {m['time/step']:.2f}s: {shares} | {m['rollout/tokens_per_s']:.0f} tok/s gen, "
+            f"{m.get('step/tokens_per_s', float('nan')):.0f} tok/s step "
+            f"| dlogp max {m.get('rollout/logp_mismatch_max', float('nan')):.1e} "
+            f"mean {m.get('rollout/logp_mismatch_mean', float('nan')):.1e}")
 
 
 def train(cfg: Config, recipe_name: str = "default") -> dict:
@@ -107,6 +119,11 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
         log({"stage": "eval", "step": 0, "eval/pass@1": summary["pass@1_sft"]})
         print(f"rlpost: held-out pass@1 before RL: {summary['pass@1_sft']:.3f}")
 
+        # ---- stage 1b (RLHF): a reward model takes the verifier's place as the RL reward
+        rl_reward = reward
+        if cfg.reward_model.train or cfg.reward_model.path:
+            rl_reward = learned_reward(cfg, model, tokenizer, task, verify, run_dir, log, summary)
+
         # ---- stage 2: RL
         algorithm = get_algorithm(**cfg.algorithm)
         critic = Critic.build(model, cfg.critic.type) if algorithm.uses_critic else None
@@ -119,7 +136,7 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
                                 top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
         controller = Controller(
             rows=task.train_rows, prompt_ids=[tokenizer.encode_prompt(r["prompt"]) for r in task.train_rows],
-            engine=engine, reward=reward,
+            engine=engine, reward=rl_reward,
             reference=Reference(model, cfg.rollout.temperature) if algorithm.uses_reference else None,
             algorithm=algorithm, trainer=trainer, weight_sync=WeightSync(model, engine, cfg.rl.weight_sync),
             params=params, prompts_per_step=cfg.rollout.prompts_per_step, k=cfg.rollout.k, seed=cfg.seed,
@@ -151,6 +168,66 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
     return summary
 
 
+def fit_task_reward_model(cfg: Config, policy, tokenizer, task, run_dir: str, log) -> tuple[RewardModel, dict]:
+    """Bradley–Terry reward model, trunk copied from `policy`, fitted on pairs built from the task's problems
+    (right answer vs a one-digit slip; `reward_model.label_noise` of them flipped) and checked on pairs from
+    the held-out problems. Saved to <run_dir>/checkpoints/reward_model."""
+    rc = cfg.reward_model
+    if task.name != "arithmetic":
+        raise ValueError(f"reward_model.train builds preference pairs from the arithmetic task; task {task.name!r} "
+                         "has no way to make a wrong answer")
+    rng = random.Random(cfg.seed)
+    train_rows = rng.sample(task.train_rows, min(rc.pairs, len(task.train_rows)))
+    train_pairs = task_pairs(train_rows, rng, rc.label_noise)
+    eval_pairs = task_pairs(task.eval_rows[:rc.eval_pairs], rng)
+    print(f"rlpost: reward model: {len(train_pairs)} training pairs ({100 * rc.label_noise:.0f}% flipped), "
+          f"{len(eval_pairs)} held-out pairs")
+    rm = RewardModel.from_policy(policy)
+    result = fit_reward_model(rm, tokenizer, train_pairs, eval_pairs, epochs=rc.epochs, batch_size=rc.batch_size,
+                              lr=rc.lr, seed=cfg.seed, log=log)
+    rm.save(os.path.join(run_dir, "checkpoints", "reward_model"), tokenizer)
+    return rm, result
+
+
+def learned_reward(cfg: Config, policy, tokenizer, task, verify, run_dir: str, log, summary: dict) -> LearnedReward:
+    """The RLHF reward role: a reward model loaded from reward_model.path or trained now; the verifier is
+    kept as the gold reward that is logged beside it."""
+    if cfg.reward_model.path:
+        rm, rm_tokenizer = RewardModel.load(cfg.reward_model.path)
+    else:
+        rm, result = fit_task_reward_model(cfg, policy, tokenizer, task, run_dir, log)
+        rm_tokenizer = tokenizer
+        summary["rm_pair_accuracy"] = result.get("rm/eval_accuracy")
+        summary["rm_margin"] = result.get("rm/eval_margin")
+    reward = LearnedReward(rm, rm_tokenizer, gold=verify)
+    reward.check_tokenizer(tokenizer, [r["prompt"] for r in task.train_rows[:16]])
+    return reward
+
+
+def train_reward_model(cfg: Config, recipe_name: str = "rm") -> dict:
+    """`rlpost rm`: fit a reward model from `model.name` (usually an SFT checkpoint) and save it; the summary
+    has the held-out pair accuracy and margin."""
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg.task)
+    policy, tokenizer = load_model(cfg.model, task.alphabet)
+    run_dir = make_run_dir(cfg, recipe_name)
+    log = RunLog(run_dir)
+    print(f"rlpost: run directory {run_dir}")
+    try:
+        _, result = fit_task_reward_model(cfg, policy, tokenizer, task, run_dir, log)
+    finally:
+        log.close()
+    summary = {"run_dir": run_dir, "reward_model": os.path.join(run_dir, "checkpoints", "reward_model"),
+               "rm_pair_accuracy": result.get("rm/eval_accuracy"), "rm_margin": result.get("rm/eval_margin"),
+               "wall_seconds": time.perf_counter() - t_start}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"rlpost: reward model saved to {summary['reward_model']}; held-out pair accuracy "
+          f"{100 * summary['rm_pair_accuracy']:.1f}%, margin {summary['rm_margin']:.3f}")
+    return summary
+
+
 def print_table(summary: dict) -> None:
     def pct(v):
         return "   n/a" if v is None else f"{100 * v:5.1f}%"
@@ -160,5 +237,7 @@ def print_table(summary: dict) -> None:
     print(f"  demonstrator        {pct(summary.get('demonstrator_accuracy'))}")
     print(f"  after SFT           {pct(summary.get('pass@1_sft'))}")
     print(f"  after RL            {pct(summary.get('pass@1_rl'))}")
+    if summary.get("rm_pair_accuracy") is not None:
+        print(f"  reward model pairs  {pct(summary['rm_pair_accuracy'])}  (held-out pair accuracy)")
     print(f"  wall-clock          {summary['wall_seconds']:6.1f}s")
     print(f"  run directory       {summary['run_dir']}\n")

@@ -113,3 +113,30 @@ def test_reference_free_algorithms_skip_the_reference(tiny_gpt):
         Controller(rows=[], prompt_ids=[], engine=engine, reward=None, reference=Reference(model),
                    algorithm=get_algorithm("ppo"), trainer=None, weight_sync=None,
                    params=SamplingParams(), prompts_per_step=1, k=1)
+
+
+def test_every_step_attributes_its_wall_clock_to_the_roles(tiny_gpt):
+    """Issue 4: seconds and share per role (shares sum to 1), tokens/s and the engine/trainer mismatch
+    are in every step's metrics and on the console line. No assertion depends on how fast anything ran."""
+    from rlpost.controller import TIMED
+    from rlpost.pipeline import step_line
+
+    model, tok = tiny_gpt
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(2)]
+    engine = NativeEngine(model, tok)
+    algo = get_algorithm("grpo", beta=0.04)
+    ctl = Controller(rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], engine=engine,
+                     reward=Reward(half_easy_reward, tok), reference=Reference(model), algorithm=algo,
+                     trainer=Trainer(model, lr=1e-3), weight_sync=WeightSync(model, engine),
+                     params=SamplingParams(max_new_tokens=4), prompts_per_step=2, k=3, seed=0)
+    m = ctl.step(1)
+    for role in ("rollout", "reward", "reference", "advantages", "train", "sync", "other"):
+        assert role in TIMED and m[f"time/{role}"] >= 0.0 and 0.0 <= m[f"time_share/{role}"] <= 1.0
+    assert sum(m[f"time_share/{r}"] for r in TIMED) == pytest.approx(1.0, abs=1e-6)
+    assert sum(m[f"time/{r}"] for r in TIMED) == pytest.approx(m["time/step"], rel=1e-6)
+    assert m["rollout/tokens_per_s"] > 0 and m["step/tokens_per_s"] > 0
+    assert 0.0 <= m["rollout/logp_mismatch_mean"] <= m["rollout/logp_mismatch_max"] < 1e-4
+    line = step_line(1, m)
+    for part in ("roll ", "rew ", "ref ", "adv ", "train ", "sync ", "tok/s gen", "tok/s step", "dlogp max"):
+        assert part in line, line
+    assert json.loads(json.dumps(m)) == m  # one JSON line in metrics.jsonl
