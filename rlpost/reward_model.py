@@ -1,0 +1,207 @@
+"""A learned REWARD: a Bradley–Terry reward model, and the reward role that scores rollouts with it.
+
+Where no verifier exists, the reward comes from human preferences (seed 003, lessons 15–16). Given a
+prompt x and two completions with y_w preferred over y_l, the Bradley–Terry model says
+
+    P(y_w > y_l | x) = sigmoid(r(x, y_w) - r(x, y_l))
+
+so the reward model r is fitted by maximising the log-likelihood of the observed preferences:
+
+    loss = -log sigmoid(r(x, y_w) - r(x, y_l))        averaged over pairs
+
+r is a language model's trunk with a scalar head read at the last real token of prompt + completion
+(+ eos, exactly as a rollout ends). Only differences of r are identified, so its offset is arbitrary.
+
+    rm = RewardModel.from_policy(policy)                   # trunk copied from the policy, head at zero
+    fit_reward_model(rm, tokenizer, train_pairs, eval_pairs, epochs=2, batch_size=64, lr=1e-4)
+    rm.save(folder, tokenizer); rm = RewardModel.load(folder)
+    reward = LearnedReward(rm, tokenizer, gold=task.verify)   # the RL loop's reward role
+
+With `LearnedReward` as the reward role, `reward/mean` is the proxy (reward-model) reward; when a
+verifier is given, every sample is also scored by it and `reward/gold_mean` is logged beside it every
+step, so over-optimisation of the reward model is visible as it happens.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from rlpost.algorithms.base import last_token_index
+from rlpost.batch import Batch
+from rlpost.models import ModelLoadError, load_model, position_ids_for, save_model
+from rlpost.sft import sft_batch
+
+HEAD_FILE = "reward_head.safetensors"
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """-log sigmoid(r_w - r_l), mean over pairs; with pair accuracy and mean margin."""
+    margin = r_chosen - r_rejected
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {"rm/loss": loss.item(), "rm/accuracy": (margin > 0).float().mean().item(),
+                  "rm/margin": margin.mean().item()}
+
+
+class RewardModel(nn.Module):
+    """A causal-LM trunk and a linear head: score(prompt + completion) -> one scalar per row."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(trunk.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module) -> "RewardModel":
+        """A reward model whose trunk starts as a copy of `policy` (e.g. the SFT checkpoint)."""
+        return cls(copy.deepcopy(policy).requires_grad_(True))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B] rewards, read from the hidden state of each row's last real token."""
+        h = self.trunk.hidden_states(input_ids, attention_mask, position_ids_for(attention_mask))
+        last = last_token_index(attention_mask)
+        return self.head(h[torch.arange(len(h)), last].float()).squeeze(-1)
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        return self(batch.input_ids, batch.attention_mask)
+
+    def save(self, folder: str, tokenizer) -> None:
+        """The trunk as an ordinary checkpoint (loads in transformers) plus the head in reward_head.safetensors."""
+        save_model(self.trunk, tokenizer, folder)
+        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()},
+                  os.path.join(folder, HEAD_FILE))
+
+    @classmethod
+    def load(cls, folder: str) -> tuple["RewardModel", object]:
+        from rlpost.config import ModelConfig
+
+        if not os.path.isfile(os.path.join(folder, HEAD_FILE)):
+            raise ModelLoadError(f"{folder!r} is not a reward model: it has no {HEAD_FILE} (train one with `rlpost rm`)")
+        trunk, tokenizer = load_model(ModelConfig(name=folder))
+        rm = cls(trunk)
+        rm.head.load_state_dict(load_file(os.path.join(folder, HEAD_FILE)))
+        return rm.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------- fitting
+
+def pair_batch(pairs: list[dict], tokenizer) -> Batch:
+    """Rows 0..n-1: prompt + chosen + eos; rows n..2n-1: prompt + rejected + eos (one forward for both)."""
+    prompts = [tokenizer.encode_prompt(p["prompt"]) for p in pairs] * 2
+    completions = ([tokenizer.encode_completion(p["chosen"]) + [tokenizer.eos_token_id] for p in pairs]
+                   + [tokenizer.encode_completion(p["rejected"]) + [tokenizer.eos_token_id] for p in pairs])
+    return sft_batch(prompts, completions, tokenizer.pad_token_id)
+
+
+def pair_rewards(rm: RewardModel, pairs: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    r = rm.score(pair_batch(pairs, tokenizer))
+    return r[:len(pairs)], r[len(pairs):]
+
+
+@torch.no_grad()
+def evaluate_pairs(rm: RewardModel, pairs: list[dict], tokenizer, batch_size: int = 256) -> dict[str, float]:
+    """Held-out pair accuracy (r_w > r_l), mean margin and Bradley–Terry loss."""
+    rm.eval()
+    margins = []
+    for i in range(0, len(pairs), batch_size):
+        rc, rr = pair_rewards(rm, pairs[i:i + batch_size], tokenizer)
+        margins.append(rc - rr)
+    m = torch.cat(margins)
+    return {"rm/eval_accuracy": (m > 0).float().mean().item(), "rm/eval_margin": m.mean().item(),
+            "rm/eval_loss": -F.logsigmoid(m).mean().item()}
+
+
+def fit_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval_pairs: list[dict], *, epochs: int,
+                     batch_size: int, lr: float, seed: int = 0, log: Callable[[dict], None] | None = None
+                     ) -> dict[str, float]:
+    """Bradley–Terry training with AdamW; held-out accuracy and margin after every epoch. Returns the last."""
+    if not train_pairs:
+        raise ValueError("no preference pairs to train the reward model on")
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    order = list(range(len(train_pairs)))
+    steps_per_epoch = max(len(order) // batch_size, 1)
+    result: dict[str, float] = {}
+    step = 0
+    for epoch in range(1, epochs + 1):
+        rm.train()
+        rng.shuffle(order)
+        bar = tqdm(range(steps_per_epoch), desc=f"rm epoch {epoch}/{epochs}", unit="step", dynamic_ncols=True)
+        for i in bar:
+            chunk = [train_pairs[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+            loss, metrics = bradley_terry_loss(*pair_rewards(rm, chunk, tokenizer))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"reward model loss is {loss.item()} at epoch {epoch}, step {i}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+            opt.step()
+            step += 1
+            bar.set_postfix(loss=f"{metrics['rm/loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
+            if log is not None and step % 20 == 0:
+                log({"stage": "rm", "step": step, **metrics})
+        result = {"epoch": epoch, **evaluate_pairs(rm, eval_pairs, tokenizer)} if eval_pairs else {"epoch": epoch}
+        if log is not None:
+            log({"stage": "rm_eval", "step": step, **result})
+        tqdm.write(f"rm epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "epoch"))
+    rm.eval()
+    return result
+
+
+# ---------------------------------------------------------------------------- the reward role
+
+class LearnedReward:
+    """Reward role backed by a reward model: rewards[b] = r(prompt + response). Never touches the policy.
+
+    With `gold` (a verifier `fn(completion, row) -> float`), it also scores every sample with it and
+    reports `reward/gold_mean` next to `reward/mean` (the proxy): the proxy rising while the gold falls is
+    reward-model over-optimisation.
+    """
+
+    def __init__(self, rm: RewardModel, tokenizer, gold: Callable[[str, dict], float] | None = None):
+        self.rm, self.tokenizer, self.gold = rm.eval().requires_grad_(False), tokenizer, gold
+
+    def check_tokenizer(self, policy_tokenizer, texts: list[str]) -> None:
+        """The reward model reads the policy's token ids directly, so both must tokenise alike."""
+        for t in texts:
+            if self.tokenizer.encode_prompt(t) != policy_tokenizer.encode_prompt(t):
+                raise ValueError(f"the reward model's tokenizer encodes {t!r} differently from the policy's; "
+                                 "train the reward model from the policy's own checkpoint")
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
+        device = next(self.rm.parameters()).device
+        rewards = self.rm(batch.input_ids.to(device), batch.attention_mask.to(device)).float().cpu()
+        mask = batch.response_mask.bool()
+        texts = [self.tokenizer.decode(batch.input_ids[i][mask[i]].tolist()) for i in range(len(batch))]
+        meta = {**batch.meta, "completion": texts}
+        if self.gold is not None:  # the controller reports it as reward/gold_mean beside reward/mean (the proxy)
+            meta["gold_reward"] = [float(self.gold(t, row)) for t, row in zip(texts, batch.meta["row"])]
+        return batch.replace(rewards=rewards, meta=meta), {"reward/errors": 0.0}
+
+
+# ---------------------------------------------------------------------------- pairs for the embedded task
+
+def task_pairs(rows: list[dict], rng: random.Random, label_noise: float = 0.0) -> list[dict]:
+    """Preference pairs from a verifiable task: chosen = the right answer, rejected = a one-digit slip
+    (the demonstrator's kind of mistake). A fraction `label_noise` of pairs is swapped, as noisy human
+    labels would be."""
+    from rlpost.tasks.arithmetic import slip
+
+    pairs = []
+    for r in rows:
+        good, bad = r["answer"], slip(r["answer"], rng)
+        if rng.random() < label_noise:
+            good, bad = bad, good
+        pairs.append({"prompt": r["prompt"], "chosen": good, "rejected": bad})
+    return pairs
