@@ -7,8 +7,10 @@ Ordering contract, one RL step:
     batch = engine.generate(...)                       # 3. the next rollout samples with them
 
 Colocated modes: "pointer" (the engine holds the trainer's own module: nothing moves, only the
-version changes) and "copy" (the engine owns a separate copy, refreshed in place with copy_). Every
-batch an engine samples carries `policy_version`, so stale samples are visible downstream.
+version changes), "copy" (the engine owns a separate copy, refreshed in place with copy_) and
+"vllm" (the engine is a running vLLM (rlpost/rollout/vllm_engine.py) with its own weights: the
+trainer's state_dict is pushed into it with vLLM's reload_weights and its prefix cache is dropped).
+Every batch an engine samples carries `policy_version`, so stale samples are visible downstream.
 """
 
 from __future__ import annotations
@@ -22,10 +24,17 @@ import torch.nn as nn
 
 class WeightSync:
     def __init__(self, trainer_model: nn.Module, engine, mode: str = "pointer"):
-        if mode not in ("pointer", "copy"):
-            raise ValueError(f"weight sync mode must be 'pointer' or 'copy', got {mode!r}")
+        if mode not in ("pointer", "copy", "vllm"):
+            raise ValueError(f"weight sync mode must be 'pointer', 'copy' or 'vllm', got {mode!r}")
+        required = getattr(engine, "weight_sync_mode", None)  # an engine that owns its weights names its mode
+        if (required or mode) != mode or (mode == "vllm" and not hasattr(engine, "update_weights")):
+            raise ValueError(f"weight sync mode {mode!r} does not fit a {type(engine).__name__}: a vLLM engine "
+                             f"needs rl.weight_sync=vllm, and 'vllm' needs a vLLM engine")
         self.trainer_model, self.engine, self.mode = trainer_model, engine, mode
-        if mode == "pointer":
+        if mode == "vllm":  # the engine may have started from older weights (e.g. before SFT): push now
+            engine.model = trainer_model
+            self._push()
+        elif mode == "pointer":
             engine.model = trainer_model
         else:
             engine.model = copy.deepcopy(trainer_model).requires_grad_(False)
@@ -38,6 +47,13 @@ class WeightSync:
             src = dict(self.trainer_model.named_parameters())
             for name, p in self.engine.model.named_parameters():
                 p.copy_(src[name])
+        elif self.mode == "vllm":
+            self._push()
         self.version += 1
         self.engine.policy_version = self.version
         return {"sync/version": float(self.version), "time/sync_copy": time.perf_counter() - t0}
+
+    def _push(self) -> None:
+        """The trainer's weights, under their Hugging Face names, into the running vLLM engine."""
+        hf = getattr(self.trainer_model, "hf", self.trainer_model)
+        self.engine.update_weights(hf.state_dict().items())

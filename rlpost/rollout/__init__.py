@@ -83,7 +83,15 @@ def assemble(prompts: list[list[int]], k: int, tokens: torch.Tensor, logps: torc
 
 def build_engine(kind: str, model, tokenizer):
     """'native' (KV cache, continuous batching: gpt_mini, and HF Llama / Qwen2), 'hf' (transformers.generate,
-    any HF causal LM), or 'auto' (native when the model is supported, else hf)."""
+    any HF causal LM), 'vllm' (vLLM, an optional extra: rlpost/rollout/vllm_engine.py), or 'auto' (native when
+    the model is supported, else hf)."""
+    if kind == "vllm":
+        from rlpost.rollout.vllm_engine import VLLMEngine, vllm_unavailable_reason
+
+        reason = vllm_unavailable_reason()
+        if reason:
+            raise ValueError(f"rollout.engine=vllm: {reason}")
+        return VLLMEngine(model, tokenizer)
     from rlpost.rollout.hf_generate import HFGenerateEngine
     from rlpost.rollout.hf_native import HFNativeEngine, _unsupported_reason
     from rlpost.rollout.native import NativeEngine
@@ -97,5 +105,5 @@ def build_engine(kind: str, model, tokenizer):
                              f"one ({_unsupported_reason(model)}); use rollout.engine=hf for this model")
         return native(model, tokenizer)
     if kind != "hf":
-        raise ValueError(f"rollout.engine must be 'auto', 'native' or 'hf', got {kind!r}")
+        raise ValueError(f"rollout.engine must be 'auto', 'native', 'hf' or 'vllm', got {kind!r}")
     return HFGenerateEngine(model, tokenizer)
