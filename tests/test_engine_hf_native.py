@@ -82,8 +82,8 @@ def test_cached_decode_logits_equal_a_full_forward(request, name):
     model, tok = get(request, name)
     engine = HFNativeEngine(model, tok)
     seen = []  # (batch rows live at this step, logits the cache produced)
-    orig = engine._logits
-    engine._logits = lambda w, x: seen.append(orig(w, x)) or seen[-1]
+    orig = engine.logits
+    engine.logits = lambda w, x: seen.append(orig(w, x)) or seen[-1]
     prompts = encode(tok, PROMPTS)
     batch = engine.generate(prompts, 1, SamplingParams(max_new_tokens=8, min_new_tokens=8), seed=5)
     with torch.no_grad():
@@ -118,8 +118,8 @@ def test_finish_reasons_and_finished_rows_leave_the_batch(request, name):
     model, tok = get(request, name)
     engine = HFNativeEngine(model, tok)
     widths = []
-    orig = engine._forward
-    engine._forward = lambda w, ids, *a: widths.append(ids.shape[0]) or orig(w, ids, *a)
+    orig = engine.forward
+    engine.forward = lambda w, ids, *a: widths.append(ids.shape[0]) or orig(w, ids, *a)
     stops = list(range(0, len(tok.tok), 3))  # a third of the vocabulary stops a response
     params = SamplingParams(max_new_tokens=12, stop_token_ids=stops, min_new_tokens=2)
     prompts = encode(tok, PROMPTS)

@@ -6,11 +6,14 @@ An engine turns prompt token lists into a `Batch` (see rlpost/batch.py for the r
     batch.old_logp        # [B, T] log-prob of each sampled token under the sampling distribution
     batch.group_ids       # [B]   which prompt a row came from (rows of a group are adjacent)
     batch.policy_version  # [B]   the weight version that sampled it
-    batch.meta["finish_reason"]  # "stop" (eos or a stop token) or "length" (hit max_new_tokens)
+    batch.meta["finish_reason"]  # per sample: "stop" (eos, a stop token or a stop string) or "length"
 
 `old_logp` is log softmax(logits / temperature) at the sampled token: the distribution the trainer
 recomputes. top-k / top-p truncation (off by default) is not folded into it, as in vLLM and TRL.
 The engine knows nothing about losses.
+
+The native engines (native.py: gpt_mini, hf_native.py: HF Llama / Qwen2) share one continuous-batching
+scheduler (scheduler.py); hf_generate.py wraps `transformers.generate` for any other causal LM.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class SamplingParams:
     top_p: float = 1.0        # 1.0: off
     stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's eos
     min_new_tokens: int = 0   # eos / stop tokens cannot be drawn before this many tokens (old_logp stays unmasked)
+    stop: list[str] = field(default_factory=list)  # stop strings: the response ends with the token completing one
+    max_num_seqs: int = 0     # native engines: at most this many sequences decode at once, the rest wait (0: all)
 
     @property
     def logp_temperature(self) -> float:
@@ -38,8 +43,14 @@ class SamplingParams:
         return self.temperature if self.temperature > 0 else 1.0
 
 
-def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row from logits [N, V] under temperature / top-k / top-p. Returns [N]."""
+def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw one token per row from logits [N, V] under temperature / top-k / top-p. Returns [N].
+
+    With `uniform` ([N], values in (0, 1]) the draw is by inverse CDF: row n takes the first token whose
+    cumulative probability reaches uniform[n], so the caller decides which random number each row uses
+    (the native engines index it by (sequence, step)). Otherwise torch.multinomial draws from `generator`.
+    """
     if p.temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / p.temperature
@@ -53,7 +64,29 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniform is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(-1)  # a token of probability 0 never strictly raises the cdf: never drawn
+    target = uniform.to(cdf)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+
+
+class StopStrings:
+    """Stop strings over a growing response. `hit(ids)` is True when the decoded text of the response's last
+    tokens contains a stop string; checked after every token, it fires on the token that completes the first
+    occurrence, and the response ends with that token (the string is kept, as the policy generated it)."""
+
+    def __init__(self, stops: list[str], decode):
+        self.stops, self.decode = [s for s in stops if s], decode
+        self.window = max(map(len, self.stops), default=0) + 4  # tokens: any occurrence ending at the last one fits
+
+    def hit(self, ids: list[int]) -> bool:
+        text = self.decode(ids[-self.window:])
+        return any(s in text for s in self.stops)
+
+    def end(self, ids: list[int], min_len: int = 1) -> int | None:
+        """Length (>= min_len) of the shortest prefix of a response that contains a stop string (None: none)."""
+        return next((n for n in range(max(min_len, 1), len(ids) + 1) if self.hit(ids[:n])), None)
 
 
 def assemble(prompts: list[list[int]], k: int, tokens: torch.Tensor, logps: torch.Tensor, lengths: torch.Tensor,

@@ -1,7 +1,9 @@
 """The transformers.generate rollout backend: any Hugging Face causal LM.
 
 Samples with `model.generate(num_return_sequences=K)` on left-padded prompts, and takes old_logp
-from the per-step logits it returns, so no second forward pass is needed.
+from the per-step logits it returns, so no second forward pass is needed. Stop strings are applied to
+the finished samples with the native engines' rule (`StopStrings`: the response ends with the token
+that completes the first stop string), so both backends truncate alike; `max_num_seqs` is ignored.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from rlpost.batch import Batch
-from rlpost.rollout import SamplingParams, assemble
+from rlpost.rollout import SamplingParams, StopStrings, assemble
 
 
 class HFGenerateEngine:
@@ -51,4 +53,10 @@ class HFGenerateEngine:
         first_stop = torch.where(stopped, is_stop.float().argmax(1), torch.full_like(stopped, tokens.shape[1] - 1,
                                                                                       dtype=torch.long))
         lengths = first_stop + 1
+        if params.stop:  # truncate at the first stop string, as the native engines stop there
+            stop_strings = StopStrings(params.stop, tok.decode)
+            for i in range(len(tokens)):
+                end = stop_strings.end(tokens[i, :lengths[i]].tolist(), min_len=params.min_new_tokens + 1)
+                if end is not None:
+                    lengths[i], stopped[i] = end, True
         return assemble(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id, self.policy_version)

@@ -3,16 +3,11 @@
 `transformers.generate` spends most of a small model's decode step in Python: mask construction,
 cache bookkeeping, logits processors, a module call per sub-layer. This engine runs the same
 weights (read from the wrapped `.hf` module at every call, so pointer weight sync just works)
-through a short functional decoder written for sampling:
-
-1. All prompts are left-padded and prefilled in one forward pass; only the last position goes
-   through the LM head.
-2. Prefix sharing: each prompt is prefilled once and its KV rows repeated for its K samples.
-3. A preallocated KV cache: every response starts in the same column (prompts are left-padded), so
-   decode step s writes column P + s of every live row; no per-step concatenation.
-4. Continuous batching: a row that emits eos or a stop token leaves the batch at once (its cache
-   rows are dropped), so no compute is spent on finished rows.
-5. old_logp = log softmax(logits / temperature) at the sampled token, recorded as it is drawn.
+through a short functional decoder written for sampling. The scheduling is scheduler.py's, shared
+with gpt_mini's engine: prefix-shared prefill (only the last position goes through the LM head), a
+cross-prompt prefix cache, a preallocated KV cache, continuous batching under `max_num_seqs` (a
+finished row leaves at once and a waiting sequence takes its place), stop tokens and stop strings,
+seeded sampling independent of the schedule, old_logp recorded as each token is drawn.
 
 The math is the Hugging Face modules' own (RMSNorm in fp32, rotate-half RoPE from the model's own
 rotary embedding, grouped-query attention, SiLU-gated MLP); tests check greedy output against
@@ -28,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.rollout import SamplingParams, assemble, sample_next
+from rlpost.rollout import SamplingParams, scheduler
+from rlpost.rollout.scheduler import write_kv
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only
@@ -93,6 +89,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class HFNativeEngine:
+    prefix_block = 16  # tokens per block of the cross-prompt prefix cache (0: off)
+
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.policy_version = 0
@@ -103,7 +101,9 @@ class HFNativeEngine:
     def supports(model) -> bool:
         return _unsupported_reason(model) is None
 
-    # ------------------------------------------------------------------ weights
+    def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
+        return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self.policy_version,
+                                  self.prefix_block)
 
     def _current_weights(self) -> _Weights:
         hf = self.model.hf
@@ -112,17 +112,28 @@ class HFNativeEngine:
             self._weights, self._weights_key = _Weights(hf), key
         return self._weights
 
-    # ------------------------------------------------------------------ the decoder
+    # ------------------------------------------------------------------ the runner (scheduler.py)
 
-    def _forward(self, w: _Weights, ids, cos, sin, kcache, vcache, start: int, mask) -> torch.Tensor:
-        """Run tokens ids [L, t] (positions start..start+t-1 of the cache) through the decoder.
+    @property
+    def device(self) -> torch.device:
+        return self.model.hf.model.embed_tokens.weight.device
 
-        cos/sin: [L, 1, t, D]; kcache/vcache: per layer [L, Hkv, S, D], written in place;
-        mask: bool [L, 1, t, start+t] (True = attend) or None. Returns the final hidden states [L, t, H].
-        """
+    def prepare(self, S: int):
+        """The weights and the RoPE table of positions :S, from the model's own rotary embedding."""
+        w = self._current_weights()
+        cos, sin = self.model.hf.model.rotary_emb(w.embed[:1], torch.arange(S, device=w.embed.device)[None])
+        return w, cos[0], sin[0]                                      # [S, D] each
+
+    def new_cache(self, rows: int, S: int) -> torch.Tensor:
+        w = self._current_weights()
+        return torch.zeros((2, len(w.layers), rows, w.n_kv, S, w.head_dim), dtype=w.embed.dtype,
+                           device=w.embed.device)
+
+    def forward(self, ctx, ids, pos, kv, cols, end, mask) -> torch.Tensor:
+        w, cos_t, sin_t = ctx
         L, t = ids.shape
         H, Hkv, D = w.n_head, w.n_kv, w.head_dim
-        end = start + t
+        cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]           # [L, 1, t, D]
         x = F.embedding(ids, w.embed)
         for i, (ln1, eps1, wqkv, bqkv, wo, bo, ln2, eps2, wgu, bgu, wd, bd, act) in enumerate(w.layers):
             h = _rms_norm(x, ln1, eps1)
@@ -131,98 +142,15 @@ class HFNativeEngine:
             k = k.view(L, t, Hkv, D).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            kc, vc = kcache[i], vcache[i]
-            kc[:, :, start:end] = k
-            vc[:, :, start:end] = v.view(L, t, Hkv, D).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask,
-                                               scale=w.scaling, enable_gqa=H != Hkv)
+            keys, values = write_kv(kv[0, i], kv[1, i], k, v.view(L, t, Hkv, D).transpose(1, 2), cols, end)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=w.scaling,
+                                               enable_gqa=H != Hkv)
             x = x + F.linear(a.transpose(1, 2).reshape(L, t, H * D), wo, bo)
             h = _rms_norm(x, ln2, eps2)
             g, u = F.linear(h, wgu, bgu).chunk(2, dim=-1)
             x = x + F.linear(act(g) * u, wd, bd)
         return x
 
-    def _logits(self, w: _Weights, x_last: torch.Tensor) -> torch.Tensor:
+    def logits(self, ctx, x_last: torch.Tensor) -> torch.Tensor:
+        w = ctx[0]
         return F.linear(_rms_norm(x_last, w.norm, w.norm_eps), w.lm_head)
-
-    # ------------------------------------------------------------------ sampling
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
-        hf, tok = self.model.hf, self.tokenizer
-        w = self._current_weights()
-        gen = torch.Generator().manual_seed(seed)
-        device, dtype = w.embed.device, w.embed.dtype
-        N, P, R = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
-        S, B = P + R, N * k
-        Hkv, D = w.n_kv, w.head_dim
-
-        ids = torch.full((N, P), tok.pad_token_id, dtype=torch.long)
-        kmask = torch.ones((N, S), dtype=torch.bool)                  # key validity: False on left padding
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            kmask[i, :P - len(p)] = False
-        ids, kmask = ids.to(device), kmask.to(device)
-        pos = (kmask[:, :P].long().cumsum(-1) - 1).clamp(min=0)       # rlpost.models.position_ids_for
-
-        # RoPE table from the model's own rotary embedding (handles its rope scaling type)
-        table_pos = torch.arange(S, device=device)[None]
-        cos_t, sin_t = hf.model.rotary_emb(w.embed[:1], table_pos)   # [1, S, D]
-        cos_t, sin_t = cos_t[0], sin_t[0]
-
-        # 1. prefill each unique prompt once
-        causal = torch.ones((P, P), dtype=torch.bool, device=device).tril()
-        pmask = causal[None] & kmask[:, None, :P]
-        pmask |= torch.eye(P, dtype=torch.bool, device=device)[None]  # pad queries see themselves (no NaN)
-        kc = [torch.empty((N, Hkv, P, D), dtype=dtype, device=device) for _ in w.layers]
-        vc = [torch.empty((N, Hkv, P, D), dtype=dtype, device=device) for _ in w.layers]
-        x = self._forward(w, ids, cos_t[pos][:, None], sin_t[pos][:, None], kc, vc, 0, pmask[:, None])
-        logits = self._logits(w, x[:, -1])                            # (N, V)
-
-        # 2. share each prompt's KV with its K samples: one copy into the preallocated cache
-        kcache = [torch.empty((B, Hkv, S, D), dtype=dtype, device=device) for _ in w.layers]
-        vcache = [torch.empty((B, Hkv, S, D), dtype=dtype, device=device) for _ in w.layers]
-        for big, small in zip(kcache + vcache, kc + vc):
-            big.view(N, k, Hkv, S, D)[:, :, :, :P] = small[:, None]
-        del kc, vc
-        rows = torch.arange(N, device=device).repeat_interleave(k)
-        logits, kmask, next_pos = logits[rows], kmask[rows], pos[rows, -1] + 1
-        all_valid = bool(kmask.all())
-
-        tokens = torch.full((B, R), tok.pad_token_id, dtype=torch.long)
-        logps = torch.zeros((B, R))
-        lengths = torch.zeros(B, dtype=torch.long)
-        stopped = torch.zeros(B, dtype=torch.bool)
-        stop_ids = torch.tensor([tok.eos_token_id, *params.stop_token_ids], device=device)
-        live = torch.arange(B)                                        # batch row of each live cache row
-        for step in range(R):
-            flogits = logits.float()
-            draw_from = flogits
-            if step < params.min_new_tokens:                          # no stop before min_new_tokens
-                draw_from = flogits.index_fill(-1, stop_ids, float("-inf"))
-            tok_next = sample_next(draw_from, params, gen)            # (L,)
-            scaled = flogits / params.logp_temperature
-            lp = scaled.gather(-1, tok_next[:, None]).squeeze(-1) - torch.logsumexp(scaled, -1)
-            tokens[live, step] = tok_next.cpu()
-            logps[live, step] = lp.cpu()
-            lengths[live] += 1
-            done = torch.isin(tok_next, stop_ids)
-            if step == R - 1:
-                stopped[live[done.cpu()]] = True
-                break
-            if bool(done.any()):                                      # finished rows leave the batch
-                stopped[live[done.cpu()]] = True
-                if bool(done.all()):
-                    break
-                keep = (~done).nonzero().squeeze(-1)
-                live = live[keep.cpu()]
-                kcache = [c.index_select(0, keep) for c in kcache]
-                vcache = [c.index_select(0, keep) for c in vcache]
-                tok_next, next_pos, kmask = tok_next[keep], next_pos[keep], kmask[keep]
-            col = P + step
-            mask = None if all_valid else kmask[:, None, None, :col + 1]
-            x = self._forward(w, tok_next[:, None], cos_t[next_pos][:, None, None], sin_t[next_pos][:, None, None],
-                              kcache, vcache, col, mask)
-            logits = self._logits(w, x[:, -1])
-            next_pos = next_pos + 1
-        return assemble(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id, self.policy_version)

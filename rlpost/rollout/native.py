@@ -1,23 +1,26 @@
-"""The native rollout engine: KV-cached sampling for gpt_mini.
+"""The native rollout engine for gpt_mini: KV-cached sampling with continuous batching.
 
-1. All prompts are left-padded and prefilled in one forward pass.
-2. Prefix sharing: each prompt is prefilled once and its KV cache repeated for its K samples.
-3. Decoding one token per step for every live row; a row that emits eos (or a stop token) leaves
-   the batch at once, so no compute is spent on finished rows.
-4. The log-prob of every sampled token is recorded as it is drawn (old_logp).
+The scheduling (prefix sharing, the cross-prompt prefix cache, continuous batching under
+`max_num_seqs`, stop tokens and stop strings, seeded sampling, old_logp) is scheduler.py's, shared with
+the HF Llama / Qwen2 engine. This file is the model runner: gpt_mini's forward (GPT.hidden_states,
+block by block, through the model's own modules, so pointer weight sync just works) over the
+scheduler's preallocated KV cache.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.models import position_ids_for
 from rlpost.models.gpt_mini import GPT
-from rlpost.rollout import SamplingParams, assemble, sample_next
+from rlpost.rollout import SamplingParams, scheduler
+from rlpost.rollout.scheduler import write_kv
 
 
 class NativeEngine:
+    prefix_block = 16  # tokens per block of the cross-prompt prefix cache (0: off)
+
     def __init__(self, model: GPT, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.policy_version = 0
@@ -26,56 +29,39 @@ class NativeEngine:
     def supports(model) -> bool:
         return isinstance(model, GPT)
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
-        model, tok = self.model, self.tokenizer
-        was_training = model.training
-        model.eval()
-        gen = torch.Generator().manual_seed(seed)
-        device = next(model.parameters()).device
-        N, P = len(prompts), max(len(p) for p in prompts)
-        if P + params.max_new_tokens > model.config.block_size:
-            raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                             f"model's block_size ({model.config.block_size})")
-        ids = torch.full((N, P), tok.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros((N, P), dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p, device=device)
-            mask[i, P - len(p):] = 1
-        pos = position_ids_for(mask)
+        return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self.policy_version,
+                                  self.prefix_block)
 
-        cache = model.new_cache()
-        logits = model(ids, mask, pos, cache)[:, -1]              # (N, V): prefill once per prompt
-        rows = torch.arange(N, device=device).repeat_interleave(k)
-        cache, logits = cache.select(rows), logits[rows]          # share the prompt's KV with its K samples
-        next_pos = pos[rows, -1] + 1                              # (B,)
+    # ------------------------------------------------------------------ the runner (scheduler.py)
 
-        B, R = N * k, params.max_new_tokens
-        tokens = torch.full((B, R), tok.pad_token_id, dtype=torch.long)
-        logps = torch.zeros((B, R))
-        lengths = torch.zeros(B, dtype=torch.long)
-        stopped = torch.zeros(B, dtype=torch.bool)
-        stop_ids = torch.tensor([tok.eos_token_id, *params.stop_token_ids], device=device)
-        live = torch.arange(B)                                    # batch row of each live cache row
-        for step in range(R):
-            draw_from = logits
-            if step < params.min_new_tokens:                      # no stop before min_new_tokens
-                draw_from = logits.index_fill(-1, stop_ids, float("-inf"))
-            tok_next = sample_next(draw_from, params, gen)        # (L,)
-            lp = torch.log_softmax(logits.float() / params.logp_temperature, -1)
-            tokens[live, step] = tok_next.cpu()
-            logps[live, step] = lp.gather(-1, tok_next[:, None]).squeeze(-1).cpu()
-            lengths[live] += 1
-            done = torch.isin(tok_next, stop_ids)
-            stopped[live[done.cpu()]] = True
-            if step == R - 1 or bool(done.all()):
-                break
-            if bool(done.any()):                                  # finished rows leave the batch
-                keep = (~done).nonzero().squeeze(-1)
-                live, cache = live[keep.cpu()], cache.select(keep)
-                tok_next, next_pos = tok_next[keep], next_pos[keep]
-            one = torch.ones((len(live), 1), dtype=torch.long, device=device)
-            logits = model(tok_next[:, None], one, next_pos[:, None], cache)[:, -1]
-            next_pos = next_pos + 1
-        model.train(was_training)
-        return assemble(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id, self.policy_version)
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def prepare(self, S: int) -> GPT:
+        if S > self.model.config.block_size:
+            raise ValueError(f"prompt + max_new_tokens ({S} tokens) exceeds the model's block_size "
+                             f"({self.model.config.block_size})")
+        return self.model
+
+    def new_cache(self, rows: int, S: int) -> torch.Tensor:
+        cfg, w = self.model.config, self.model.lm_head.weight
+        return torch.zeros((2, cfg.n_layer, rows, cfg.n_head, S, cfg.n_embd // cfg.n_head), dtype=w.dtype,
+                           device=w.device)
+
+    def forward(self, m: GPT, ids, pos, kv, cols, end, mask) -> torch.Tensor:
+        L, t = ids.shape
+        C, nh = m.config.n_embd, m.config.n_head
+        tr = m.transformer
+        x = tr.wte(ids) + tr.wpe(pos)
+        for i, block in enumerate(tr.h):
+            q, k, v = (z.view(L, t, nh, C // nh).transpose(1, 2) for z in block.attn.c_attn(block.ln_1(x)).split(C, 2))
+            keys, values = write_kv(kv[0, i], kv[1, i], k, v, cols, end)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(L, t, C))
+            x = x + block.mlp(block.ln_2(x))
+        return tr.ln_f(x)
+
+    def logits(self, m: GPT, x_last: torch.Tensor) -> torch.Tensor:
+        return m.lm_head(x_last)
