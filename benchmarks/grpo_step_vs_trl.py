@@ -1,0 +1,292 @@
+"""One whole GRPO step, rlpost vs TRL's GRPOTrainer, at equal work, measured in the same process.
+
+    .venv/bin/pip install -e '.[bench]'              # TRL (keeps torch 2.13.0+cpu and transformers 5.23)
+    .venv/bin/python benchmarks/grpo_step_vs_trl.py  # 2 warm-up + 8 measured steps each, interleaved
+
+Equal work, both sides:
+- the same tiny Llama (hidden 256, 4 layers, 4 heads, intermediate 1024, a 512-token BPE trained on
+  the spot: 4.46 M parameters), fp32, gradient checkpointing off, loaded from the same saved folder;
+- 8 prompts x 8 samples, exactly 32 completion tokens each (min_new_tokens = max = 32 on both sides,
+  checked after the run), temperature 1, no top-k / top-p;
+- GRPO with beta = 0.04 (a frozen reference model scores every batch), clip 0.2 / 0.28, token-mean
+  loss (TRL loss_type="dapo"), one AdamW step per batch, gradient clipping at 1.0, no accumulation;
+- the same reward function (a cheap function of the decoded completion text);
+- the same torch thread count (--threads; default: torch's own, 2 on this machine).
+
+rlpost runs its real controller (rlpost.controller.Controller.step: native rollout engine, Reward,
+Reference, get_algorithm("grpo"), Trainer, WeightSync), whose own per-role timing is reported.
+TRL runs GRPOTrainer.train(); its step is timed from on_step_begin to on_step_end (generation,
+reference, loss, backward and optimizer step; its logging between steps is not counted). The two
+alternate step by step (each rlpost step runs inside TRL's on_step_end callback, outside TRL's timed
+span), so load from other processes on this shared machine hits both alike. Reported: the medians and
+minima of each side, and the median of the per-step ratios (TRL time / rlpost time of the same pair).
+CPU seconds (process time) are reported next to wall-clock: they are less sensitive to other load.
+
+FLOP/s: see benchmarks/matmul_peak.py for the counting rule; the matmul peak is measured in this run
+(before and after the steps, the best of both), and each rlpost role's achieved FLOP/s is printed as
+a fraction of it, for the median step and for the fastest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import env_line, load_line, median, n_params, prompts, save_llama  # noqa: E402
+
+import torch  # noqa: E402
+
+ROLES = ("rollout", "reward", "reference", "advantages", "train", "sync", "other")
+
+
+def reward_text(text: str) -> float:
+    """A cheap deterministic reward: the fraction of digits in the completion (same on both sides)."""
+    return sum(c.isdigit() for c in text) / max(len(text), 1)
+
+
+def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int, k: int, new_tokens: int):
+    """rlpost's controller with every role, as `rlpost train` wires it for an HF model."""
+    from rlpost.algorithms import get_algorithm
+    from rlpost.config import ModelConfig
+    from rlpost.controller import Controller
+    from rlpost.models import load_model
+    from rlpost.reference import Reference
+    from rlpost.reward import Reward
+    from rlpost.rollout import SamplingParams, build_engine
+    from rlpost.trainer import Trainer
+    from rlpost.weight_sync import WeightSync
+
+    model, tok = load_model(ModelConfig(name=folder))
+    engine = build_engine("auto", model, tok)
+    rows = [{"prompt": p, "answer": ""} for p in prompt_texts]
+    ctl = Controller(
+        rows=rows, prompt_ids=[tok.encode_prompt(p) for p in prompt_texts], engine=engine,
+        reward=Reward(lambda completion, row: reward_text(completion), tok), reference=Reference(model),
+        algorithm=get_algorithm("grpo", clip_low=0.2, clip_high=0.28, beta=0.04),
+        trainer=Trainer(model, lr=lr, grad_clip=1.0), weight_sync=WeightSync(model, engine, "pointer"),
+        params=SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=1.0),
+        prompts_per_step=n_prompts, k=k, seed=0)
+    # instrumentation, outside the roles' own code: the batch shapes the FLOP count needs, and the CPU
+    # seconds (process time) of the three roles that do the FLOPs, next to the controller's wall-clock
+    ctl.cpu = {}
+    generate, train_step = engine.generate, ctl.trainer.step
+
+    def cpu_timed(role, fn):
+        def timed(*a, **kw):
+            c0 = time.process_time()
+            out = fn(*a, **kw)
+            ctl.cpu[role] = time.process_time() - c0
+            return out
+        return timed
+
+    def generate_and_record(prompt_ids, k, params, seed=0):
+        batch = generate(prompt_ids, k, params, seed=seed)
+        lens = [len(p) for p in prompt_ids]
+        engine.sizes = {"prompt_tokens": sum(lens), "prompt_min": min(lens), "P": max(lens),
+                        "T": batch.input_ids.shape[1]}
+        return batch
+
+    class CPUTimedReference:
+        def __init__(self, ref):
+            self.ref, self.call = ref, cpu_timed("reference", ref.__call__)
+
+        def __call__(self, batch):
+            return self.call(batch)
+
+    engine.generate = cpu_timed("rollout", generate_and_record)
+    ctl.trainer.step = cpu_timed("train", train_step)
+    ctl.reference = CPUTimedReference(ctl.reference)
+    return ctl, type(engine).__name__
+
+
+def build_trl(folder: str, prompt_texts: list[str], steps: int, lr: float, n_prompts: int, k: int,
+              new_tokens: int, out: str):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    def reward_fn(completions, **kw):
+        return [reward_text(c) for c in completions]
+
+    cfg = GRPOConfig(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=n_prompts * k,  # completions per step
+        gradient_accumulation_steps=1, num_generations=k, max_completion_length=new_tokens,
+        generation_kwargs={"min_new_tokens": new_tokens}, temperature=1.0, top_k=0, top_p=1.0,
+        beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", num_iterations=1, learning_rate=lr,
+        max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        seed=0, lr_scheduler_type="constant", warmup_steps=0,
+    )
+    tok = AutoTokenizer.from_pretrained(folder)
+    ds = Dataset.from_list([{"prompt": p} for p in prompt_texts])
+    return GRPOTrainer(model=folder, reward_funcs=reward_fn, args=cfg, train_dataset=ds, processing_class=tok)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=8, help="measured steps (each side)")
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured first steps (each side)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+    from transformers import PrinterCallback, TrainerCallback
+
+    from benchmarks.matmul_peak import matmul_peak
+
+    transformers.logging.set_verbosity_error()
+    total = args.steps + args.warmup
+    all_prompts = prompts(args.prompts * total)
+    load_before = load_line()
+    peak_before = matmul_peak(quick=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "model")
+        hf, _ = save_llama(folder)
+        N_all, N_emb = n_params(hf), hf.get_input_embeddings().weight.numel()
+        ctl, engine_name = build_rlpost(folder, all_prompts, args.lr, args.prompts, args.k, args.new_tokens)
+        trl_wall, trl_cpu, rl_metrics, rl_cpu = [], [], [], []
+
+        class Interleave(TrainerCallback):
+            def on_step_begin(self, a, state, control, **kw):
+                self.c0, self.t0 = time.process_time(), time.perf_counter()
+
+            def on_step_end(self, a, state, control, **kw):
+                trl_wall.append(time.perf_counter() - self.t0)
+                trl_cpu.append(time.process_time() - self.c0)
+                c0 = time.process_time()
+                m = ctl.step(len(rl_metrics) + 1)
+                rl_metrics.append({**m, **{f"cpu/{r}": v for r, v in ctl.cpu.items()}})
+                rl_cpu.append(time.process_time() - c0)
+
+        logged = []
+
+        class Lengths(TrainerCallback):
+            def on_log(self, a, state, control, logs=None, **kw):
+                if logs and "completions/mean_length" in logs:
+                    logged.append((logs["completions/min_length"], logs["completions/max_length"]))
+
+        trainer = build_trl(folder, all_prompts, total, args.lr, args.prompts, args.k, args.new_tokens,
+                            os.path.join(tmp, "trl"))
+        trainer.add_callback(Interleave())
+        # TRL's phases, timed around its own methods: generation (transformers.generate), and generation +
+        # scoring (rewards, reference log-probs, advantages); the rest of its step is the loss, backward
+        # and optimizer step
+        trl_phase = {"generate": [], "generate_and_score": []}
+        for method, key in (("_generate_single_turn", "generate"), ("_generate_and_score_completions",
+                                                                    "generate_and_score")):
+            def timed(*a, _fn=getattr(trainer, method), _key=key, **kw):
+                t0 = time.perf_counter()
+                out = _fn(*a, **kw)
+                trl_phase[_key].append(time.perf_counter() - t0)
+                return out
+            setattr(trainer, method, timed)
+        trainer.add_callback(Lengths())
+        trainer.remove_callback(PrinterCallback)  # TRL's per-step log dicts: Lengths reads what it needs
+        t_start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t_start
+    peak_after = matmul_peak(quick=True)
+    peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
+    load_after = load_line()
+
+    # equal work, checked: every completion on both sides has exactly new_tokens tokens
+    trl_ok = all(lo == hi == args.new_tokens for lo, hi in logged) and len(logged) == total
+    rl_ok = all(m["rollout/response_len_mean"] == m["rollout/response_len_max"] == args.new_tokens
+                for m in rl_metrics)
+    if not (trl_ok and rl_ok):
+        print(f"WARNING: unequal work: TRL completion lengths (min, max) per step {logged}; rlpost "
+              f"{[(m['rollout/response_len_mean'], m['rollout/response_len_max']) for m in rl_metrics]}")
+
+    w = args.warmup
+    trl_s, trl_c = trl_wall[w:], trl_cpu[w:]
+    rl_m, rl_c = rl_metrics[w:], rl_cpu[w:]
+    rl_s = [m["time/step"] for m in rl_m]
+    ratios = [a / b for a, b in zip(trl_s, rl_s)]
+    cpu_ratios = [a / b for a, b in zip(trl_c, rl_c)]
+    med = {r: median([m[f"time/{r}"] for m in rl_m]) for r in ROLES}
+    share = {r: median([m[f"time_share/{r}"] for m in rl_m]) for r in ROLES}
+
+    # FLOPs by the 2N / 6N rule, N = parameters that take part in matmuls (all but the input embedding)
+    N = N_all - N_emb
+    B = args.prompts * args.k
+    sizes = ctl.engine.sizes
+    # rollout: each prompt prefilled once, then new_tokens - 1 decode forwards of B rows (the last token
+    # drawn needs no forward)
+    flops = {"rollout": 2 * N * (sizes["prompt_tokens"] + B * (args.new_tokens - 1)),
+             "reference": 2 * N * B * sizes["T"], "train": 6 * N * B * sizes["T"]}
+    step_flops = sum(flops.values())
+
+    print(f"# {env_line()}")
+    print(f"# load average before: {load_before}; after: {load_after}")
+    print(f"# Llama 256/4/4/1024, {N_all / 1e6:.2f} M params ({N / 1e6:.2f} M in matmuls); {args.prompts} prompts x "
+          f"{args.k} samples x {args.new_tokens} tokens (prompts {sizes['prompt_min']}-{sizes['P']} tokens, rows "
+          f"{sizes['T']}); beta 0.04; fp32; {args.warmup} warm-up + {args.steps} measured steps each, "
+          f"interleaved; whole run {wall:.0f} s; rlpost rollout engine: {engine_name}")
+    print(f"# equal work checked (every completion {args.new_tokens} tokens on both sides): "
+          f"{'yes' if trl_ok and rl_ok else 'NO'}")
+    print(f"{'':<28}{'median s':>9}{'min s':>8}{'median CPU s':>14}")
+    print(f"{'TRL ' + __import__('trl').__version__ + ' GRPOTrainer step':<28}{median(trl_s):>9.3f}{min(trl_s):>8.3f}"
+          f"{median(trl_c):>14.3f}")
+    print(f"{'rlpost Controller.step':<28}{median(rl_s):>9.3f}{min(rl_s):>8.3f}{median(rl_c):>14.3f}")
+    print(f"speed-up rlpost vs TRL (TRL s / rlpost s, same pair): median {median(ratios):.2f}x, "
+          f"ratio of minima {min(trl_s) / min(rl_s):.2f}x, CPU-seconds median {median(cpu_ratios):.2f}x")
+    print(f"  per step: {', '.join(f'{x:.2f}' for x in ratios)}")
+    if len(trl_phase["generate"]) == len(trl_phase["generate_and_score"]) == total:
+        gen, gas = trl_phase["generate"][w:], trl_phase["generate_and_score"][w:]
+        trl_train = [t - g for t, g in zip(trl_s, gas)]
+        rl_score = [m["time/reward"] + m["time/reference"] + m["time/advantages"] for m in rl_m]
+        rl_train = [m["time/train"] + m["time/sync"] + m["time/other"] for m in rl_m]
+        print("phase medians, TRL vs rlpost (same steps):")
+        for phase, a, b in (("rollout (generation)", gen, [m["time/rollout"] for m in rl_m]),
+                            ("reward + reference + advantages", [x - y for x, y in zip(gas, gen)], rl_score),
+                            ("train (loss, backward, step) + rest", trl_train, rl_train)):
+            res_phase = median([x / y for x, y in zip(a, b)])
+            print(f"  {phase:<36} TRL {median(a):7.3f} s   rlpost {median(b):7.3f} s   ratio {res_phase:5.2f}x")
+    else:
+        print(f"(TRL's phases could not be timed: {len(trl_phase['generate'])} generate calls for {total} steps)")
+    print("rlpost per role (median s, median share of the step): "
+          + ", ".join(f"{r} {med[r]:.3f} ({100 * share[r]:.0f}%)" for r in ROLES))
+    print(f"rlpost rollout {median([m['rollout/tokens_per_s'] for m in rl_m]):.0f} tokens/s (median); "
+          f"engine/trainer |dlogp| max {max(m['rollout/logp_mismatch_max'] for m in rl_m):.1e}, "
+          f"mean {median([m['rollout/logp_mismatch_mean'] for m in rl_m]):.1e}")
+    print(f"fp32 matmul peak (this run, {torch.get_num_threads()} threads, best before/after): {peak:.0f} GFLOP/s "
+          f"(before {peak_before['peak_gflops']:.0f}, after {peak_after['peak_gflops']:.0f})")
+    peak_cpu = max(peak_before["peak_gflops_per_cpu_s"], peak_after["peak_gflops_per_cpu_s"])
+    print(f"  GFLOP per CPU-second (process time, a measure less disturbed by other load): peak {peak_cpu:.0f}")
+    frac, frac_cpu = {}, {}
+    for role in (*flops, "step"):
+        f = step_flops if role == "step" else flops[role]
+        walls = rl_s if role == "step" else [m[f"time/{role}"] for m in rl_m]
+        cpus = rl_c if role == "step" else [m[f"cpu/{role}"] for m in rl_m]
+        g_med, g_best, g_cpu = f / median(walls) / 1e9, f / min(walls) / 1e9, f / median(cpus) / 1e9
+        frac[role], frac_cpu[role] = g_med / peak, g_cpu / peak_cpu
+        print(f"  {role:<10} {f / 1e9:6.1f} GFLOP: median {g_med:5.1f} GFLOP/s = {100 * g_med / peak:3.0f}% of peak, "
+              f"best {g_best:5.1f} = {100 * g_best / peak:3.0f}%; per CPU-second {g_cpu:5.1f} = "
+              f"{100 * frac_cpu[role]:3.0f}% of the CPU-second peak")
+    res = {"trl_median_s": median(trl_s), "trl_min_s": min(trl_s), "rlpost_median_s": median(rl_s),
+           "rlpost_min_s": min(rl_s), "speedup_median": median(ratios), "speedup_cpu_median": median(cpu_ratios),
+           "rlpost_roles_median_s": med, "rlpost_roles_median_share": share, "peak_gflops": peak,
+           "train_frac_of_peak": frac["train"], "step_frac_of_peak": frac["step"],
+           "train_frac_of_peak_cpu": frac_cpu["train"], "peak_gflops_per_cpu_s": peak_cpu, "trl_steps_s": trl_s,
+           "rlpost_steps_s": rl_s, "equal_work": trl_ok and rl_ok, "load_before": load_before,
+           "load_after": load_after}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Rollout throughput: rlpost's native engine vs transformers.generate (and vLLM), same model, same prompts.
+
+    .venv/bin/python benchmarks/rollout.py          # native vs transformers.generate: 8 prompts x K=8, 64 tokens
+    .venv-vllm/bin/python benchmarks/rollout.py     # the same, plus the vLLM column (vLLM's CPU build)
+
+Every engine samples at temperature 1 with old_logp captured (generate returns its logits for it,
+exactly as rlpost's `hf` engine does; vLLM returns its processed log-probs), and every sample is
+exactly --max-new-tokens tokens long (min_new_tokens on the native and generate engines; vLLM's
+ignore_eos, since rlpost's vLLM engine refuses min_new_tokens), so the work is equal; the token
+counts are checked. Engine start-up (construction + the first call, which pays one-off costs) is
+reported apart from the steady state. Repetitions rotate the engines' order so that load from other
+processes on a shared machine hits all alike; the speed-ups are medians of per-repetition ratios
+against transformers.generate, measured in this run. CPU seconds are printed next to wall-clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from benchmarks.common import build_llama, env_line, load_line, median, n_params, prompts, train_tokenizer
+
+
+def vllm_engine(model, tok):
+    """rlpost's VLLMEngine, made to produce exactly max_new_tokens per sample (ignore_eos, no stop ids)."""
+    from vllm import SamplingParams as VSamplingParams
+
+    from rlpost.rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(model, tok, max_model_len=256)
+
+    def equal_work_params(params, k, seed):
+        return VSamplingParams(n=k, temperature=params.temperature, top_p=1.0, top_k=0,
+                               max_tokens=params.max_new_tokens, logprobs=0, seed=seed, detokenize=False,
+                               ignore_eos=True)
+
+    engine.sampling_params = equal_work_params
+    return engine
+
+
+def vllm_missing() -> str | None:
+    if not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                       "rlpost", "rollout", "vllm_engine.py")):
+        return "rlpost/rollout/vllm_engine.py does not exist"
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (a broken install is as good as none here)
+        return f"not installed in this environment ({type(e).__name__}: {str(e).splitlines()[0][:80]}); " \
+               f"run this script with .venv-vllm/bin/python for that column"
+    return None
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM column even when vLLM imports")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from rlpost.models import HFCausalLM, HFTokenizer
+    from rlpost.rollout import SamplingParams
+    from rlpost.rollout.hf_generate import HFGenerateEngine
+    from rlpost.rollout.hf_native import HFNativeEngine
+
+    hf_tok = train_tokenizer()
+    model = HFCausalLM(build_llama(hf_tok, args.hidden, args.layers, args.heads, args.intermediate)).eval()
+    model.requires_grad_(False)
+    tok = HFTokenizer(hf_tok)
+    ids = [tok.encode_prompt(p) for p in prompts(args.prompts)]
+    R = args.max_new_tokens
+    params = SamplingParams(max_new_tokens=R, temperature=1.0, min_new_tokens=R)
+    no_vllm = "skipped (--no-vllm)" if args.no_vllm else vllm_missing()
+    print(f"# {env_line()}")
+    print(f"# load average before: {load_line()}")
+    print(f"# Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
+          f"vocab {len(hf_tok)}: {n_params(model) / 1e6:.2f} M params; {args.prompts} prompts x K={args.k}, "
+          f"prompts {min(map(len, ids))}-{max(map(len, ids))} tokens, {R} new tokens each; {args.reps} repetitions")
+
+    builders = {"native": lambda: HFNativeEngine(model, tok), "hf_generate": lambda: HFGenerateEngine(model, tok)}
+    if no_vllm is None:
+        builders["vllm"] = lambda: vllm_engine(model, tok)
+    engines, startup = {}, {}
+    for name, build in builders.items():
+        t0 = time.perf_counter()
+        engines[name] = build()
+        engines[name].generate(ids, args.k, params, seed=0)
+        startup[name] = time.perf_counter() - t0
+
+    names = list(engines)
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    tokens = {n: set() for n in names}
+    for rep in range(args.reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
+        for name in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            batch = engines[name].generate(ids, args.k, params, seed=rep + 1)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+            tokens[name].add(int(batch.response_mask.sum()))
+    expected = args.prompts * args.k * R
+    equal = all(t == {expected} for t in tokens.values())
+
+    res = {"load_after": load_line(), "equal_work": equal}
+    print(f"{'engine':<12}{'start-up s':>11}{'median s':>9}{'min s':>8}{'CPU s':>7}{'tokens':>7}{'tokens/s':>9}"
+          f"{'vs generate':>12}")
+    for name in names:
+        ratios = [g / w for w, g in zip(wall[name], wall["hf_generate"])]
+        r = res[name] = {"startup_s": startup[name], "median_s": median(wall[name]), "min_s": min(wall[name]),
+                         "cpu_median_s": median(cpu[name]), "tokens": expected,
+                         "tokens_per_s": expected / median(wall[name]), "speedup_median": median(ratios),
+                         "ratios": ratios}
+        print(f"{name:<12}{r['startup_s']:>11.2f}{r['median_s']:>9.3f}{r['min_s']:>8.3f}{r['cpu_median_s']:>7.2f}"
+              f"{expected:>7d}{r['tokens_per_s']:>9.0f}{r['speedup_median']:>11.2f}x")
+    if no_vllm:
+        print(f"vLLM: {no_vllm}")
+    print(f"equal work checked (every sample {R} tokens, every engine): {'yes' if equal else 'NO: ' + str(tokens)}")
+    for name in names:
+        if name != "hf_generate":
+            print(f"{name} / transformers.generate tokens/s, median of per-repetition ratios: "
+                  f"{res[name]['speedup_median']:.2f}x (per repetition: "
+                  f"{', '.join(f'{x:.2f}' for x in res[name]['ratios'])}; ratio of minima "
+                  f"{min(wall['hf_generate']) / min(wall[name]):.2f}x)")
+    print(f"# load average after: {res['load_after']}")
+    if "vllm" in engines:
+        engines["vllm"].close()
+    return res
+
+
+if __name__ == "__main__":
+    main()
