@@ -2,6 +2,7 @@
 
     rlpost train                              the embedded default: SFT then GRPO on arithmetic
     rlpost train recipes/tiny_llama.yaml rl.steps=20 algorithm.beta=0.0
+    rlpost dpo --loss ipo                     SFT, then offline preference optimisation (DPO family)
     rlpost algorithms                         the registered algorithms
 """
 
@@ -12,6 +13,7 @@ import os
 import sys
 
 from rlpost.config import ConfigError, describe, load_config
+from rlpost.preference import available as preference_losses
 
 TRAIN_EPILOG = "config keys (recipe YAML sections or key=value overrides), default, meaning:\n" + "\n".join(describe())
 
@@ -27,6 +29,18 @@ def main(argv: list[str] | None = None) -> int:
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
     p_train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p_dpo = sub.add_parser(
+        "dpo", help="offline preference optimisation (DPO, IPO, KTO, ORPO, SimPO): SFT (sft.steps) then the loss",
+        description="Run a recipe with the preference stage and without RL: SFT when sft.steps > 0, then the "
+                    "preference loss on preference.train_file (JSONL or a `datasets` dataset) or, without one, on "
+                    "pairs built from the model's own samples scored by the task's verifier. Same keys as "
+                    "`rlpost train --help` (section preference.*).",
+        epilog="preference losses:\n" + "\n".join(f"  {n:<8} {d}" for n, d in preference_losses().items())
+               + "\n\ne.g. rlpost dpo --loss ipo preference.loss.beta=0.5 preference.train_file=prefs.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_dpo.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
+    p_dpo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p_dpo.add_argument("--loss", choices=sorted(preference_losses()), help="the preference loss, with its defaults")
     sub.add_parser("algorithms", help="list the registered RL algorithms")
     args = parser.parse_args(argv)
 
@@ -36,18 +50,23 @@ def main(argv: list[str] | None = None) -> int:
         for name, desc in available().items():
             print(f"  {name:<14} {desc}")
         return 0
-    if args.command == "train":
+    if args.command in ("train", "dpo"):
         recipe, overrides = args.recipe, list(args.overrides)
         if recipe is not None and "=" in recipe and not os.path.exists(recipe):  # only overrides were given
             recipe, overrides = None, [recipe, *overrides]
+        if getattr(args, "loss", None):
+            overrides = [f"preference.loss={{name: {args.loss}}}", *overrides]
         try:
             cfg = load_config(recipe, overrides)
+            if args.command == "dpo":  # the preference stage, and no RL
+                cfg.preference.enabled, cfg.rl.steps = True, 0
         except (ConfigError, ValueError) as e:
             print(f"rlpost: error: {e}", file=sys.stderr)
             return 2
         from rlpost.pipeline import train
 
         name = os.path.splitext(os.path.basename(recipe))[0] if recipe else "default"
+        name += "-dpo" if args.command == "dpo" else ""
         try:
             train(cfg, name)
         except KeyboardInterrupt:

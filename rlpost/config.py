@@ -103,6 +103,29 @@ class EvalConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    enabled: bool = opt(False, "rlpost train: run the preference stage (DPO family) between SFT and RL; "
+                               "`rlpost dpo` always runs it, and no RL")
+    loss: dict[str, Any] = opt({"name": "dpo"}, "preference loss and its parameters: dpo | ipo | kto | orpo | simpo "
+                                                "(e.g. preference.loss.beta=0.2)")
+    train_file: str | None = opt(None, "preference data: a JSONL file, a folder saved by `datasets` or a dataset id "
+                                       "(None: pairs from the model's own samples, scored by the task's verifier)")
+    eval_file: str | None = opt(None, "held-out preference data (same formats): loss, accuracy, margin after training")
+    split: str = opt("train", "split of a `datasets` dataset")
+    on_bad_row: str = opt("skip", "a row with chosen == rejected, an empty completion or too long for the context: "
+                                  "'skip' (named, counted, reported) | 'raise'")
+    max_length: int | None = opt(None, "longest prompt + completion in tokens (None: the model's context)")
+    epochs: int = opt(2, "passes over the preference data")
+    batch_size: int = opt(64, "pairs (or unpaired rows) per optimizer step")
+    micro_batch_size: int | None = opt(None, "pairs per forward/backward; gradients accumulate (None: whole batch)")
+    lr: float = opt(3e-4, "AdamW learning rate (linear warm-up, then constant; tuned for gpt_mini)")
+    warmup_steps: int = opt(10, "warm-up steps")
+    num_prompts: int = opt(2000, "self-generated pairs: training prompts sampled")
+    samples_per_prompt: int = opt(8, "self-generated pairs: samples per prompt; a prompt with a right and a wrong "
+                                     "sample gives one pair (chosen: right, rejected: wrong)")
+
+
+@dataclass
 class Config:
     seed: int = opt(0, "seed of model init, sampling and data order")
     out_dir: str = opt("runs", "parent folder of run directories")
@@ -119,6 +142,7 @@ class Config:
     critic: CriticConfig = field(default_factory=CriticConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -254,6 +278,20 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     if cfg.task.name == "jsonl" and not cfg.task.train_file:
         raise ConfigError("task.name=jsonl needs task.train_file (and usually task.eval_file)")
+    _validate_preference(cfg.preference)
+
+
+def _validate_preference(pc: PreferenceConfig) -> None:
+    from rlpost.preference import get_preference_loss
+
+    if "name" not in pc.loss:
+        raise ConfigError("config key 'preference.loss' needs a 'name' (dpo | ipo | kto | orpo | simpo)")
+    get_preference_loss(**pc.loss)  # unknown loss / parameter -> error naming it, now
+    if pc.on_bad_row not in ("skip", "raise"):
+        raise ConfigError(f"config key 'preference.on_bad_row' is {pc.on_bad_row!r}; valid values: skip, raise")
+    for key in ("epochs", "batch_size", "samples_per_prompt", "num_prompts"):
+        if getattr(pc, key) < 1:
+            raise ConfigError(f"config key 'preference.{key}' must be >= 1, got {getattr(pc, key)}")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:

@@ -119,6 +119,15 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
         log({"stage": "eval", "step": 0, "eval/pass@1": summary["pass@1_sft"]})
         print(f"rlpost: held-out pass@1 before RL: {summary['pass@1_sft']:.3f}")
 
+        # ---- optional stage: offline preference optimisation (DPO family), see rlpost/preference/
+        if cfg.preference.enabled:
+            from rlpost.preference.trainer import run_preference_stage
+
+            summary.update(run_preference_stage(cfg, model, tokenizer, task, engine, reward, run_dir, log))
+            summary["pass@1_dpo"] = evaluate()
+            log({"stage": "eval", "step": 0, "eval/pass@1": summary["pass@1_dpo"], "after": "preference"})
+            print(f"rlpost: held-out pass@1 after {summary['preference_loss']}: {summary['pass@1_dpo']:.3f}")
+
         # ---- stage 1b (RLHF): a reward model takes the verifier's place as the RL reward
         rl_reward = reward
         if cfg.reward_model.train or cfg.reward_model.path:
@@ -151,7 +160,7 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
             tqdm.write(step_line(step, metrics) + (f" | pass@1 {metrics['eval/pass@1']:.3f}"
                                                    if "eval/pass@1" in metrics else ""))
 
-        summary["pass@1_rl"] = evaluate()
+        summary["pass@1_rl"] = evaluate() if cfg.rl.steps > 0 else None  # no RL stage (`rlpost dpo`)
         log({"stage": "eval", "step": cfg.rl.steps, "eval/pass@1": summary["pass@1_rl"]})
         save_model(model, tokenizer, os.path.join(run_dir, "checkpoints", "final"))
         summary["status"] = "ok"
@@ -236,6 +245,8 @@ def print_table(summary: dict) -> None:
     print("  ---------------------------")
     print(f"  demonstrator        {pct(summary.get('demonstrator_accuracy'))}")
     print(f"  after SFT           {pct(summary.get('pass@1_sft'))}")
+    if "pass@1_dpo" in summary:
+        print(f"  after {summary['preference_loss'].upper():<14}{pct(summary['pass@1_dpo'])}")
     print(f"  after RL            {pct(summary.get('pass@1_rl'))}")
     if summary.get("rm_pair_accuracy") is not None:
         print(f"  reward model pairs  {pct(summary['rm_pair_accuracy'])}  (held-out pair accuracy)")

@@ -1,0 +1,332 @@
+"""Preference data: load, validate, tokenise into chosen / rejected sequences, cache reference log-probs.
+
+Two row formats, in a JSONL file (one object per line) or a Hugging Face `datasets` dataset:
+
+    paired    {"prompt": ..., "chosen": ..., "rejected": ...}        DPO, IPO, ORPO, SimPO (and KTO)
+    unpaired  {"prompt": ..., "completion": ..., "label": true}      KTO (label: desirable or not)
+
+`prompt` is a string or a list of chat messages ({"role", "content"}); a completion is a string or a
+list of messages whose last one is the assistant's reply. A message-list prompt always gets the
+tokenizer's chat template (the tokenizer must have one); a string prompt gets it when
+`model.chat_template=true`, exactly as rollout encodes prompts. Completions are encoded bare and end
+with eos, as SFT and rollout do.
+
+Two kinds of problem, kept apart:
+- *malformed* rows (bad JSON, a missing key, a wrong type) are errors: every one is reported with its
+  line (JSONL) or row (dataset) number, all at once, and nothing is silently dropped;
+- *bad* rows (chosen equal to rejected, an empty completion, a prompt or prompt + completion longer
+  than the context, a character outside gpt_mini's vocabulary) are named row by row and, with
+  `on_bad_row="skip"`, skipped and counted (`PreferenceData.skipped`), or with "raise" stop the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlpost.batch import Batch
+from rlpost.sft import sft_batch
+
+
+class PreferenceDataError(ValueError):
+    """Preference data that is missing, malformed or (with on_bad_row='raise') has bad rows."""
+
+
+def _report(title: str, problems: list[str]) -> str:
+    shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+    return f"{title}:\n  {shown}"
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _records(source: Any, split: str) -> tuple[str, list[tuple[str, Any]]]:
+    """(name of the source, [(where, raw record)]) from a JSONL path, a datasets folder / id, a Dataset, a list."""
+    if isinstance(source, (list, tuple)):
+        return "rows", [(f"row {i}", r) for i, r in enumerate(source, 1)]
+    if not isinstance(source, str):  # a datasets.Dataset (or anything iterable of dicts)
+        return "dataset", [(f"row {i}", r) for i, r in enumerate(source, 1)]
+    if os.path.isfile(source):
+        with open(source) as f:
+            lines = f.readlines()
+        out = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                out.append((f"line {n}", _BadJSON(e.msg)))
+        return source, out
+    try:
+        import datasets
+    except ImportError:
+        raise PreferenceDataError(f"preference data {source!r} is not a file, and the `datasets` package that "
+                                  f"would load it as a dataset is not installed (pip install datasets)") from None
+    try:
+        if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_dict.json")):
+            ds = datasets.load_from_disk(source)[split]
+        elif os.path.isdir(source) and os.path.exists(os.path.join(source, "state.json")):
+            ds = datasets.load_from_disk(source)
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # noqa: BLE001 - FileNotFoundError, DatasetNotFoundError, ConnectionError ...
+        raise PreferenceDataError(f"preference data not found or not loadable: {source!r} (a JSONL file, a folder "
+                                  f"saved by `datasets`, or a dataset id): {type(e).__name__}: {e}") from None
+    return source, [(f"row {i}", r) for i, r in enumerate(ds, 1)]
+
+
+class _BadJSON:
+    def __init__(self, msg: str):
+        self.msg = msg
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list) and len(x) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
+
+
+def _completion_text(x: Any) -> str | None:
+    """A completion as text: a string, or the content of the last (assistant) message of a list."""
+    if isinstance(x, str):
+        return x
+    if _is_messages(x) and x[-1]["role"] == "assistant":
+        return x[-1]["content"]
+    return None
+
+
+def read_preference_rows(source: Any, split: str = "train") -> list[dict]:
+    """Validated rows, each {prompt, chosen, rejected} or {prompt, completion, label}, plus `where`.
+
+    All rows of one source must share a format (the first well-formed row decides it). Malformed rows
+    raise PreferenceDataError naming every one of them."""
+    name, records = _records(source, split)
+    rows, problems, fmt = [], [], None
+    for where, r in records:
+        if isinstance(r, _BadJSON):
+            problems.append(f"{where}: not valid JSON ({r.msg})")
+            continue
+        if not isinstance(r, dict):
+            problems.append(f"{where}: expected an object, got {type(r).__name__}")
+            continue
+        row_fmt = "paired" if "chosen" in r or "rejected" in r else "unpaired" if "completion" in r else None
+        if row_fmt is None:
+            problems.append(f"{where}: needs 'chosen' and 'rejected' (paired) or 'completion' and 'label' "
+                            f"(unpaired); has {', '.join(map(repr, r)) or 'no keys'}")
+            continue
+        fmt = fmt or row_fmt
+        if row_fmt != fmt:
+            problems.append(f"{where}: a {row_fmt} row in {fmt} data (all rows must share one format)")
+            continue
+        keys = ("prompt", "chosen", "rejected") if fmt == "paired" else ("prompt", "completion", "label")
+        missing = [k for k in keys if k not in r or r[k] is None]
+        if missing:
+            problems.append(f"{where}: missing required key(s) {', '.join(map(repr, missing))}")
+            continue
+        if not (isinstance(r["prompt"], str) or _is_messages(r["prompt"])):
+            problems.append(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages, "
+                            f"got {type(r['prompt']).__name__}")
+            continue
+        row = {"prompt": r["prompt"], "where": where}
+        bad = False
+        for k in keys[1:]:
+            if k == "label":
+                if isinstance(r[k], bool) or r[k] in (0, 1):
+                    row[k] = bool(r[k])
+                else:
+                    problems.append(f"{where}: 'label' must be true or false, got {r[k]!r}")
+                    bad = True
+                continue
+            text = _completion_text(r[k])
+            if text is None:
+                problems.append(f"{where}: '{k}' must be a string or a list of messages ending with the "
+                                f"assistant's, got {type(r[k]).__name__}")
+                bad = True
+            row[k] = text
+        if not bad:
+            rows.append(row)
+    if problems:
+        raise PreferenceDataError(_report(f"{name}: {len(problems)} malformed row(s)", problems))
+    if not rows:
+        raise PreferenceDataError(f"{name}: the preference data has no rows")
+    return rows
+
+
+def write_preference_rows(rows: list[dict], path: str) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n")
+
+
+# ---------------------------------------------------------------------------- tokenising
+
+@dataclass
+class PreferenceData:
+    """Tokenised preference data as sequences (prompt ids, completion ids + eos).
+
+    Paired: example i is sequences 2i (chosen, label 1) and 2i+1 (rejected, label 0).
+    Unpaired: example i is sequence i; `kl_completion[i]` is the completion of another example,
+    giving KTO the mismatched pair (prompt i, completion of i+1) for its KL reference point.
+    `ref` / `ref_kl` hold the cached per-token reference log-probs of every sequence (filled once).
+    """
+
+    paired: bool
+    prompts: list[list[int]]          # per sequence
+    completions: list[list[int]]      # per sequence, eos included
+    labels: list[float]               # per sequence
+    pairs: list[int]                  # per sequence: the example it belongs to
+    where: list[str]                  # per example
+    skipped: list[str] = field(default_factory=list)
+    kl_completions: list[list[int]] | None = None  # unpaired only, per sequence
+    ref: list[torch.Tensor] | None = None
+    ref_kl: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        """Examples (pairs, or unpaired rows)."""
+        return len(self.where)
+
+    def sequences(self, examples: list[int]) -> list[int]:
+        return [s for e in examples for s in ((2 * e, 2 * e + 1) if self.paired else (e,))]
+
+    def unpaired(self) -> "PreferenceData":
+        """Paired data as unpaired rows (chosen: desirable, rejected: undesirable), for KTO."""
+        if not self.paired:
+            return self
+        n = len(self.completions)
+        where = [f"{self.where[self.pairs[s]]} ({'chosen' if self.labels[s] else 'rejected'})" for s in range(n)]
+        return with_kl_pairs(PreferenceData(False, self.prompts, self.completions, self.labels, list(range(n)), where,
+                                            self.skipped))
+
+    def batch(self, seqs: list[int], pad_id: int, kl: bool = False) -> Batch:
+        """Rows `seqs` as a Batch: the rollout layout (prompt left-padded, completion right-padded),
+        labels in `rewards`, example ids in `group_ids`, cached reference log-probs in `ref_logp`."""
+        comps = self.kl_completions if kl else self.completions
+        b = sft_batch([self.prompts[s] for s in seqs], [comps[s] for s in seqs], pad_id)
+        ref = self.ref_kl if kl else self.ref
+        ref_logp = None
+        if ref is not None:
+            ref_logp = torch.zeros(b.input_ids.shape)
+            P = b.prompt_width
+            for i, s in enumerate(seqs):
+                ref_logp[i, P:P + len(ref[s])] = ref[s]
+        return b.replace(rewards=torch.tensor([self.labels[s] for s in seqs]),
+                         group_ids=torch.tensor([self.pairs[s] for s in seqs]), ref_logp=ref_logp)
+
+
+def with_kl_pairs(data: PreferenceData) -> PreferenceData:
+    """Give every unpaired row a mismatched completion: row i gets row (i+1) mod N's (a fixed shift)."""
+    n = len(data.completions)
+    data.kl_completions = [data.completions[(i + 1) % n] for i in range(n)]
+    return data
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Prompt ids: a string through the tokenizer's own `encode_prompt` (chat template when configured),
+    a message list through the chat template (required)."""
+    if isinstance(prompt, str):
+        return tokenizer.encode_prompt(prompt)
+    tok = getattr(tokenizer, "tok", None)
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError("a chat-message prompt needs a tokenizer with a chat template (this one has none)")
+    return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def model_context(model) -> int | None:
+    """Longest sequence the model accepts: gpt_mini's block_size, an HF model's max_position_embeddings."""
+    cfg = getattr(getattr(model, "hf", None), "config", None) or getattr(model, "config", None)
+    for key in ("block_size", "max_position_embeddings", "n_positions"):
+        if cfg is not None and getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return None
+
+
+def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None,
+                         on_bad_row: str = "skip") -> PreferenceData:
+    """Validated rows -> PreferenceData. Bad rows are named; skipped and counted, or raised (all at once)."""
+    if on_bad_row not in ("skip", "raise"):
+        raise ValueError(f"on_bad_row must be 'skip' or 'raise', got {on_bad_row!r}")
+    paired = "chosen" in rows[0]
+    keys = ("chosen", "rejected") if paired else ("completion",)
+    data = PreferenceData(paired, [], [], [], [], [])
+    bad: list[str] = []
+    for row in rows:
+        where = row["where"]
+        problems = [f"{where}: empty {k} completion" for k in keys if not row[k].strip()]
+        if paired and row["chosen"] == row["rejected"]:
+            problems.append(f"{where}: chosen and rejected are identical ({row['chosen'][:40]!r})")
+        if problems:
+            bad.extend(problems)
+            continue
+        try:
+            p = encode_prompt(tokenizer, row["prompt"])
+            comps = [tokenizer.encode_completion(row[k]) + [tokenizer.eos_token_id] for k in keys]
+        except ValueError as e:
+            bad.append(f"{where}: {e}")
+            continue
+        if max_length is not None:
+            if len(p) >= max_length:
+                bad.append(f"{where}: the prompt is {len(p)} tokens, which leaves no room in the context of "
+                           f"{max_length} tokens")
+                continue
+            long = [f"prompt + {k} is {len(p) + len(c)} tokens" for k, c in zip(keys, comps) if len(p) + len(c) > max_length]
+            if long:
+                bad.append(f"{where}: {', '.join(long)}, longer than the context of {max_length} tokens")
+                continue
+        example = len(data.where)
+        for k, c in zip(keys, comps):
+            data.prompts.append(p)
+            data.completions.append(c)
+            data.labels.append(1.0 if (k == "chosen" or (k == "completion" and row["label"])) else 0.0)
+            data.pairs.append(example)
+        data.where.append(where)
+    if bad and on_bad_row == "raise":
+        raise PreferenceDataError(_report(f"{len(bad)} bad preference row(s) (preference.on_bad_row=raise)", bad))
+    data.skipped = bad
+    if not data.where:
+        raise PreferenceDataError(_report("no usable preference rows remain; every row was bad", bad))
+    return data if paired else with_kl_pairs(data)
+
+
+def load_preferences(source: Any, tokenizer, *, max_length: int | None, on_bad_row: str = "skip",
+                     split: str = "train") -> PreferenceData:
+    """read_preference_rows + tokenize_preferences."""
+    return tokenize_preferences(read_preference_rows(source, split), tokenizer, max_length=max_length,
+                                on_bad_row=on_bad_row)
+
+
+# ---------------------------------------------------------------------------- pairs from the model's own samples
+
+def pairs_from_samples(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, k: int, params,
+                       seed: int = 0, batch_prompts: int = 256) -> tuple[list[dict], dict[str, float]]:
+    """Sample k completions per prompt, score them with the verifier, and make one pair per prompt
+    that has both: chosen = a correct sample, rejected = a wrong one (drawn at random among each).
+    Returns (paired rows, stats)."""
+    rng = random.Random(seed)
+    out, n_samples, n_right, no_right, no_wrong = [], 0, 0.0, 0, 0
+    for start in range(0, len(rows), batch_prompts):
+        chunk = list(range(start, min(start + batch_prompts, len(rows))))
+        batch = engine.generate([prompt_ids[i] for i in chunk], k, params, seed=seed + start)
+        batch = batch.replace(meta={**batch.meta, "row": [rows[i] for i in chunk for _ in range(k)]})
+        batch, _ = reward(batch)
+        texts, scores = batch.meta["completion"], batch.rewards.tolist()
+        n_samples += len(scores)
+        n_right += sum(scores)
+        for j, i in enumerate(chunk):
+            group = list(zip(texts[j * k:(j + 1) * k], scores[j * k:(j + 1) * k]))
+            right = [t for t, s in group if s >= 1.0]
+            wrong = [t for t, s in group if s <= 0.0]
+            if not right:
+                no_right += 1
+            elif not wrong:
+                no_wrong += 1
+            else:
+                out.append({"prompt": rows[i]["prompt"], "chosen": rng.choice(right), "rejected": rng.choice(wrong),
+                            "where": f"prompt {i}"})
+    stats = {"pairs/prompts": float(len(rows)), "pairs/made": float(len(out)),
+             "pairs/sample_accuracy": n_right / max(n_samples, 1), "pairs/all_wrong": float(no_right),
+             "pairs/all_right": float(no_wrong)}
+    return out, stats

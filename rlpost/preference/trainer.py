@@ -1,0 +1,224 @@
+"""The offline preference loop: the DPO family on a fixed set of pairs (or unpaired rows).
+
+    data = load_preferences("prefs.jsonl", tokenizer, max_length=1024)
+    metrics = train_preference(model, tokenizer, data, get_preference_loss("dpo", beta=0.1), epochs=1, ...)
+
+1. REFERENCE, once: before the first update, the model's own log-probs of every completion are
+   computed without grad and cached (`data.ref`); they *are* pi_ref, so no frozen copy of the model is
+   kept and no reference forward runs during training. Losses without a reference (ORPO, SimPO) skip it.
+2. TRAIN: `epochs` passes over the examples in a seeded shuffled order, `batch_size` examples per
+   optimizer step, through the algorithm-agnostic `rlpost.trainer.Trainer` (micro-batching, gradient
+   clipping, the non-finite guard). A pair's two rows always share a micro-batch.
+3. METRICS per step: loss, implicit reward of chosen / rejected, margin, accuracy, and the chosen and
+   rejected log-probs themselves (with their change from the reference), so likelihood displacement
+   shows: the margin grows while log pi(chosen) falls.
+
+`run_preference_stage` wires it into the pipeline: data from `preference.train_file`, or pairs built from
+the model's own samples scored by the task's verifier.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+from rlpost.models import save_model, token_logprobs
+from rlpost.preference import PreferenceLoss, SeqLogps, get_preference_loss, sequence_logps
+from rlpost.preference.data import (PreferenceData, PreferenceDataError, load_preferences, model_context,
+                                    pairs_from_samples, tokenize_preferences, write_preference_rows)
+from rlpost.trainer import Trainer
+
+
+@torch.no_grad()
+def _token_logps(model, data: PreferenceData, seqs: list[int], pad_id: int, kl: bool) -> list[torch.Tensor]:
+    """Per-token log-probs of each sequence's completion (a list of 1-D tensors)."""
+    b = data.batch(seqs, pad_id, kl=kl)
+    logp = token_logprobs(model, b)
+    P = b.prompt_width
+    comps = data.kl_completions if kl else data.completions
+    return [logp[i, P:P + len(comps[s])].clone() for i, s in enumerate(seqs)]
+
+
+@torch.no_grad()
+def cache_reference(model, data: PreferenceData, pad_id: int, chunk: int = 64) -> float:
+    """Fill data.ref (and data.ref_kl for unpaired data) with the model's log-probs. Returns seconds."""
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    n = len(data.completions)
+    data.ref = data.ref_kl = None  # batches are built without reference log-probs while they are computed
+    ref, ref_kl = [], [] if data.kl_completions is not None else None
+    for start in range(0, n, chunk):
+        seqs = list(range(start, min(start + chunk, n)))
+        ref.extend(_token_logps(model, data, seqs, pad_id, kl=False))
+        if ref_kl is not None:
+            ref_kl.extend(_token_logps(model, data, seqs, pad_id, kl=True))
+    data.ref, data.ref_kl = ref, ref_kl
+    model.train(was_training)
+    return time.perf_counter() - t0
+
+
+def seq_logps(logp: torch.Tensor, batch, kl_logp: torch.Tensor | None = None) -> SeqLogps:
+    total, length = sequence_logps(logp, batch.response_mask)
+    return SeqLogps(total, length, batch.rewards.float(), batch.group_ids, kl_logp)
+
+
+def make_loss_fn(loss: PreferenceLoss, kl: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The Trainer's loss callable: per-sequence log-probs -> the preference loss. A micro-batch's loss
+    is scaled by its share of the batch's rows, so accumulated micro-batches equal the whole batch."""
+
+    def loss_fn(logp, mb):
+        pol = seq_logps(logp, mb, kl[0] if kl else None)
+        ref = seq_logps(mb.ref_logp, mb, kl[1] if kl else None) if loss.uses_reference else None
+        value, metrics = loss(pol, ref)
+        share = len(mb) / (mb.global_seqs or len(mb))
+        return value * share, metrics
+
+    return loss_fn
+
+
+def _kl_pair_logps(model, data: PreferenceData, seqs: list[int], pad_id: int):
+    """KTO: (policy, reference) summed log-probs of the mismatched completions of `seqs`, no grad."""
+    with torch.no_grad():
+        b = data.batch(seqs, pad_id, kl=True)
+        pol, _ = sequence_logps(token_logprobs(model, b), b.response_mask)
+        ref, _ = sequence_logps(b.ref_logp, b.response_mask)
+    return pol, ref
+
+
+@torch.no_grad()
+def evaluate_preference(model, data: PreferenceData, loss: PreferenceLoss, pad_id: int, chunk: int = 256):
+    """Loss and metrics on held-out preference data (no grad), averaged over chunks of examples."""
+    model.eval()
+    sums, n = {}, 0
+    for start in range(0, len(data), chunk):
+        ex = list(range(start, min(start + chunk, len(data))))
+        seqs = data.sequences(ex)
+        b = data.batch(seqs, pad_id)
+        kl = _kl_pair_logps(model, data, seqs, pad_id) if not loss.paired else None
+        value, m = make_loss_fn(loss, kl)(token_logprobs(model, b), b)
+        for key, v in {"loss": value.item(), **m}.items():
+            sums[key] = sums.get(key, 0.0) + v * len(ex)
+        n += len(ex)
+    model.train()
+    return {"eval/" + k.replace("pref/", "pref_"): v / n for k, v in sums.items()}
+
+
+def step_line(step: int, m: dict) -> str:
+    acc = m.get("pref/accuracy")
+    return (f"step {step:4d} | loss {m['train/loss']:.4f} | margin {m.get('pref/reward_margin', float('nan')):+.3f} "
+            + (f"| acc {acc:.2f} " if acc is not None else "")
+            + f"| logp chosen {m.get('pref/logp_chosen', float('nan')):.3f} "
+              f"rejected {m.get('pref/logp_rejected', float('nan')):.3f} | grad {m['train/grad_norm']:.3f}")
+
+
+def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLoss, *, epochs: int = 1,
+                     batch_size: int = 64, lr: float = 1e-4, warmup_steps: int = 0,
+                     micro_batch_size: int | None = None, weight_decay: float = 0.0, grad_clip: float = 1.0,
+                     max_nonfinite_steps: int = 3, seed: int = 0, log=None, log_every: int = 10,
+                     eval_data: PreferenceData | None = None) -> dict[str, float]:
+    """Train `model` in place on `data` with `loss`. Returns the last step's metrics (+ eval metrics)."""
+    if loss.paired and not data.paired:
+        raise PreferenceDataError(f"preference loss '{loss.name}' needs paired rows (prompt, chosen, rejected); "
+                                  f"this data is unpaired (prompt, completion, label): use the 'kto' loss")
+    if not loss.paired:
+        data = data.unpaired()
+        eval_data = eval_data.unpaired() if eval_data is not None else None
+    pad = tokenizer.pad_token_id
+    if loss.uses_reference:
+        for d, what in ((data, "train"), (eval_data, "eval")):
+            if d is not None and d.ref is None:
+                secs = cache_reference(model, d, pad)
+                if log is not None:
+                    log({"stage": "preference", "step": 0, f"time/reference_{what}": secs,
+                         "reference/sequences": len(d.completions)})
+    rows_per_example = 2 if data.paired else 1
+    trainer = Trainer(model, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
+                      micro_batch_size=micro_batch_size and micro_batch_size * rows_per_example,
+                      max_nonfinite_steps=max_nonfinite_steps, seed=seed)
+    rng = random.Random(seed)
+    per_epoch = math.ceil(len(data) / batch_size)
+    total = epochs * per_epoch
+    metrics: dict[str, float] = {}
+    bar = tqdm(range(1, total + 1), desc=f"preference/{loss.name}", unit="step", dynamic_ncols=True)
+    order: list[int] = []
+    for step in bar:
+        if (step - 1) % per_epoch == 0:
+            order = list(range(len(data)))
+            rng.shuffle(order)
+        i = (step - 1) % per_epoch
+        examples = order[i * batch_size:(i + 1) * batch_size]
+        seqs = data.sequences(examples)
+        trainer.set_lr(lr * min(1.0, step / warmup_steps) if warmup_steps else lr)
+        t0 = time.perf_counter()
+        kl = _kl_pair_logps(model, data, seqs, pad) if not loss.paired else None
+        metrics = trainer.step(data.batch(seqs, pad), make_loss_fn(loss, kl))
+        metrics["time/step"] = time.perf_counter() - t0
+        metrics["epoch"] = (step - 1) // per_epoch + 1
+        if log is not None:
+            log({"stage": "preference", "step": step, **metrics})
+        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", margin=f"{metrics.get('pref/reward_margin', 0.0):.2f}")
+        if step % log_every == 0 or step == total:
+            tqdm.write(step_line(step, metrics))
+    if eval_data is not None:
+        ev = evaluate_preference(model, eval_data, loss, pad)
+        metrics.update(ev)
+        if log is not None:
+            log({"stage": "preference_eval", "step": total, **ev})
+    return metrics
+
+
+def run_preference_stage(cfg, model, tokenizer, task, engine, reward, run_dir: str, log) -> dict:
+    """The pipeline's preference stage. Data: `preference.train_file`, or pairs from the model's own
+    samples on the task's training prompts scored by the verifier (saved to preference_pairs.jsonl).
+    Saves checkpoints/preference/ and returns summary entries."""
+    from rlpost.rollout import SamplingParams
+
+    pc = cfg.preference
+    loss = get_preference_loss(**pc.loss)
+    max_length = pc.max_length or model_context(model)
+    summary: dict = {"preference_loss": loss.name}
+    if pc.train_file:
+        data = load_preferences(pc.train_file, tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
+                                split=pc.split)
+        summary["preference_data"] = pc.train_file
+    else:
+        rng = random.Random(cfg.seed)
+        idx = rng.sample(range(len(task.train_rows)), min(pc.num_prompts, len(task.train_rows)))
+        rows = [task.train_rows[i] for i in idx]
+        params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature)
+        t0 = time.perf_counter()
+        pairs, stats = pairs_from_samples(engine, reward, rows, [tokenizer.encode_prompt(r["prompt"]) for r in rows],
+                                          k=pc.samples_per_prompt, params=params, seed=cfg.seed + 7919,
+                                          batch_prompts=cfg.eval.batch_prompts)
+        stats["time/pairs"] = time.perf_counter() - t0
+        log({"stage": "preference_data", "step": 0, **stats})
+        tqdm.write(f"rlpost: {int(stats['pairs/made'])} preference pairs from {len(rows)} prompts x "
+                   f"{pc.samples_per_prompt} samples (sample accuracy {stats['pairs/sample_accuracy']:.3f}; "
+                   f"{int(stats['pairs/all_right'])} prompts all right, {int(stats['pairs/all_wrong'])} all wrong)")
+        if not pairs:
+            raise PreferenceDataError("no preference pairs: no prompt had both a correct and a wrong sample")
+        path = os.path.join(run_dir, "preference_pairs.jsonl")
+        write_preference_rows(pairs, path)
+        data = tokenize_preferences(pairs, tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row)
+        summary["preference_data"] = path
+    if data.skipped:
+        tqdm.write(f"rlpost: skipped {len(data.skipped)} bad preference row(s):\n  " + "\n  ".join(data.skipped[:10])
+                   + (f"\n  ... and {len(data.skipped) - 10} more" if len(data.skipped) > 10 else ""))
+    eval_data = (load_preferences(pc.eval_file, tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
+                                  split=pc.split) if pc.eval_file else None)
+    summary.update({"preference_examples": len(data), "preference_skipped_rows": len(data.skipped)})
+    log({"stage": "preference_data", "step": 0, "data/examples": len(data), "data/skipped_rows": len(data.skipped)})
+    metrics = train_preference(
+        model, tokenizer, data, loss, epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
+        warmup_steps=pc.warmup_steps, micro_batch_size=pc.micro_batch_size, weight_decay=cfg.trainer.weight_decay,
+        grad_clip=cfg.trainer.grad_clip, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps, seed=cfg.seed,
+        log=log, eval_data=eval_data)
+    summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+    save_model(model, tokenizer, os.path.join(run_dir, "checkpoints", "preference"))
+    return summary
