@@ -93,6 +93,13 @@ def test_greedy_under_a_cap_equals_transformers_generate(request, name):
         assert n == want.shape[1] or (want[i // 2, n:] == tok.pad_token_id).all()  # transformers ended there too
 
 
+def test_bad_max_new_tokens_or_max_num_seqs_is_a_clear_error(tiny_gpt):
+    model, tok = tiny_gpt
+    for bad in (dict(max_new_tokens=0), dict(max_num_seqs=-1)):
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+            NativeEngine(model, tok).generate([tok.encode_prompt("1+2=")], 2, SamplingParams(**bad))
+
+
 def test_shared_prefix_lengths_are_block_aligned_and_leave_a_token():
     sys_ = [1, 5, 5, 5, 5, 5, 5, 5]
     prompts = [sys_ + [7, 8], sys_ + [9], sys_[:6], [3, 3]]

@@ -139,6 +139,9 @@ def generate(runner, tok, prompts: list[list[int]], k: int, params: SamplingPara
              version: int = 0, prefix_block: int = 16) -> Batch:
     """Sample k completions of every prompt with `runner`; see the module docstring."""
     N, R = len(prompts), params.max_new_tokens
+    if R < 1 or params.max_num_seqs < 0:
+        raise ValueError(f"max_new_tokens must be >= 1 (got {R}) and max_num_seqs >= 0, 0 meaning no cap "
+                         f"(got {params.max_num_seqs})")
     B, P = N * k, max(map(len, prompts))
     cap = min(params.max_num_seqs or B, B)
     dev, S = runner.device, P + R
