@@ -2,6 +2,7 @@
 
     rlpost train                              the embedded default: SFT then GRPO on arithmetic
     rlpost train recipes/tiny_llama.yaml rl.steps=20 algorithm.beta=0.0
+    rlpost rm model.name=runs/X/checkpoints/sft   a Bradley-Terry reward model on preference pairs
     rlpost dpo --loss ipo                     SFT, then offline preference optimisation (DPO family)
     rlpost algorithms                         the registered algorithms
 """
@@ -29,6 +30,16 @@ def main(argv: list[str] | None = None) -> int:
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
     p_train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p_rm = sub.add_parser(
+        "rm", help="train a Bradley-Terry reward model on preference pairs and save it",
+        description="Fit a reward model whose trunk starts from model.name (usually an SFT checkpoint) on "
+                    "preference pairs built from the task, report held-out pair accuracy and margin per epoch, "
+                    "and save it to <run directory>/checkpoints/reward_model (use it with "
+                    "`rlpost train reward_model.path=...`). Same keys as `rlpost train --help`.",
+        epilog="e.g. rlpost rm model.name=runs/default-X/checkpoints/sft reward_model.epochs=3",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_rm.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
+    p_rm.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p_dpo = sub.add_parser(
         "dpo", help="offline preference optimisation (DPO, IPO, KTO, ORPO, SimPO): SFT (sft.steps) then the loss",
         description="Run a recipe with the preference stage and without RL: SFT when sft.steps > 0, then the "
@@ -49,6 +60,23 @@ def main(argv: list[str] | None = None) -> int:
 
         for name, desc in available().items():
             print(f"  {name:<14} {desc}")
+        return 0
+    if args.command == "rm":
+        recipe, overrides = args.recipe, list(args.overrides)
+        if recipe is not None and "=" in recipe and not os.path.exists(recipe):
+            recipe, overrides = None, [recipe, *overrides]
+        try:
+            cfg = load_config(recipe, overrides)
+        except (ConfigError, ValueError) as e:
+            print(f"rlpost: error: {e}", file=sys.stderr)
+            return 2
+        from rlpost.pipeline import train_reward_model
+
+        try:
+            train_reward_model(cfg, os.path.splitext(os.path.basename(recipe))[0] + "-rm" if recipe else "rm")
+        except Exception as e:
+            print(f"rlpost: error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.command in ("train", "dpo"):
         recipe, overrides = args.recipe, list(args.overrides)

@@ -89,6 +89,20 @@ class CriticConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    path: str | None = opt(None, "a reward model folder (from `rlpost rm`) to use as the RL reward; the task's "
+                                 "verifier is then logged as reward/gold_mean")
+    train: bool = opt(False, "train a reward model after SFT (trunk copied from the SFT policy) and use it as the "
+                             "RL reward (RLHF)")
+    pairs: int = opt(2000, "preference pairs built from the task's training problems (right answer vs a slip)")
+    eval_pairs: int = opt(500, "held-out pairs built from the task's held-out problems")
+    label_noise: float = opt(0.0, "fraction of training pairs whose preference is flipped (noisy labellers)")
+    epochs: int = opt(2, "passes over the training pairs")
+    batch_size: int = opt(64, "pairs per step")
+    lr: float = opt(1e-4, "AdamW learning rate of the reward model")
+
+
+@dataclass
 class RLConfig:
     steps: int = opt(150, "RL steps (each: rollout, reward, reference, advantages, train, sync)")
     eval_every: int = opt(50, "held-out pass@1 every this many steps (0: only at the end)")
@@ -140,6 +154,7 @@ class Config:
         "algorithm name and its parameters (see `rlpost algorithms`)")
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
@@ -276,6 +291,14 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    for key, value in {"reward_model.epochs": cfg.reward_model.epochs, "reward_model.pairs": cfg.reward_model.pairs,
+                       "reward_model.batch_size": cfg.reward_model.batch_size}.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if not 0.0 <= cfg.reward_model.label_noise <= 0.5:
+        raise ConfigError(f"reward_model.label_noise must be in [0, 0.5], got {cfg.reward_model.label_noise}")
+    if cfg.reward_model.train and cfg.reward_model.path:
+        raise ConfigError("set either reward_model.path (use a trained reward model) or reward_model.train, not both")
     if cfg.task.name == "jsonl" and not cfg.task.train_file:
         raise ConfigError("task.name=jsonl needs task.train_file (and usually task.eval_file)")
     _validate_preference(cfg.preference)

@@ -1,0 +1,136 @@
+"""The Bradley–Terry reward model and the RLHF reward role: the loss against its formula, the score read
+at the last real token, save/load, fitting, the gold reward logged beside the proxy, and the pipeline."""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from rlpost.config import load_config
+from rlpost.models import ModelLoadError, save_model
+from rlpost.cli import main
+from rlpost.pipeline import train
+from rlpost.reward_model import (LearnedReward, RewardModel, bradley_terry_loss, evaluate_pairs, fit_reward_model,
+                                 pair_batch, task_pairs)
+from rlpost.rollout import SamplingParams, build_engine
+from rlpost.tasks.arithmetic import arithmetic_task
+
+from test_end_to_end import TINY, read_metrics
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def test_bradley_terry_loss_is_minus_log_sigmoid_of_the_margin():
+    r_w = torch.tensor([1.0, -0.5, 2.0], requires_grad=True)
+    r_l = torch.tensor([0.0, 0.5, 2.0])
+    loss, m = bradley_terry_loss(r_w, r_l)
+    # -log sigmoid(d) = log(1 + exp(-d)) for margins d = 1, -1, 0
+    want = (softplus(-1.0) + softplus(1.0) + math.log(2.0)) / 3
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert m["rm/accuracy"] == pytest.approx(1 / 3) and m["rm/margin"] == pytest.approx(0.0, abs=1e-7)
+    loss.backward()  # d/dr_w of -log sigmoid(d) / n = -sigmoid(-d) / n
+    want_grad = [-1 / (1 + math.exp(d)) / 3 for d in (1.0, -1.0, 0.0)]
+    assert r_w.grad.tolist() == pytest.approx(want_grad, abs=1e-6)
+
+
+def test_score_is_read_at_the_last_real_token_and_ignores_padding(tiny_gpt):
+    model, tok = tiny_gpt
+    rm = RewardModel.from_policy(model)
+    torch.nn.init.normal_(rm.head.weight)
+    pairs = [{"prompt": "12+3=", "chosen": "15", "rejected": "0015"}, {"prompt": "1+1=", "chosen": "2", "rejected": "3"}]
+    batch = pair_batch(pairs, tok)
+    scores = rm.score(batch)
+    for i in range(len(batch)):  # the same row alone, no padding at all
+        ids = batch.input_ids[i][batch.attention_mask[i].bool()][None]
+        h = rm.trunk.hidden_states(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+        alone = rm.head(h[0, -1]).item()
+        assert scores[i].item() == pytest.approx(alone, abs=1e-5)
+    # a reward model starting from zero scores everything 0: no preference before training
+    assert torch.all(RewardModel.from_policy(model).score(batch) == 0)
+
+
+def test_fitting_learns_a_preference_and_save_load_round_trips(tiny_gpt, tmp_path):
+    model, tok = tiny_gpt
+    rng = random.Random(0)
+    # a learnable preference: answers starting with 1 beat answers starting with 2
+    def pair():
+        p = f"{rng.randrange(50)}+{rng.randrange(50)}="
+        tail = str(rng.randrange(10))
+        return {"prompt": p, "chosen": "1" + tail, "rejected": "2" + tail}
+    train_pairs, eval_pairs = [pair() for _ in range(256)], [pair() for _ in range(64)]
+    rm = RewardModel.from_policy(model)
+    assert evaluate_pairs(rm, eval_pairs, tok)["rm/eval_accuracy"] == 0.0  # all ties: r_w > r_l never holds
+    result = fit_reward_model(rm, tok, train_pairs, eval_pairs, epochs=2, batch_size=32, lr=3e-3)
+    assert result["rm/eval_accuracy"] > 0.95 and result["rm/eval_margin"] > 0
+    rm.save(str(tmp_path / "rm"), tok)
+    loaded, loaded_tok = RewardModel.load(str(tmp_path / "rm"))
+    batch = pair_batch(eval_pairs[:8], tok)
+    assert torch.allclose(loaded.score(batch), rm.score(batch), atol=1e-6)
+    save_model(model, tok, str(tmp_path / "plain"))
+    with pytest.raises(ModelLoadError, match="reward_head"):
+        RewardModel.load(str(tmp_path / "plain"))
+
+
+def test_task_pairs_prefer_the_right_answer_and_flip_the_asked_fraction():
+    rows = arithmetic_task(num_eval=50).train_rows[:2000]
+    clean = task_pairs(rows, random.Random(0))
+    assert all(p["chosen"] == r["answer"] != p["rejected"] for p, r in zip(clean, rows))
+    noisy = task_pairs(rows, random.Random(0), label_noise=0.2)
+    flipped = sum(p["rejected"] == r["answer"] for p, r in zip(noisy, rows)) / len(rows)
+    assert 0.17 < flipped < 0.23
+
+
+def test_learned_reward_scores_rollouts_and_keeps_the_gold_reward(tiny_gpt):
+    model, tok = tiny_gpt
+    rm = RewardModel.from_policy(model)
+    torch.nn.init.normal_(rm.head.weight)
+    engine = build_engine("native", model, tok)
+    rows = [{"prompt": "12+30=", "answer": "42"}, {"prompt": "1+1=", "answer": "2"}]
+    batch = engine.generate([tok.encode_prompt(r["prompt"]) for r in rows], 3, SamplingParams(max_new_tokens=4), seed=0)
+    batch = batch.replace(meta={**batch.meta, "row": [r for r in rows for _ in range(3)]})
+    always_one = lambda completion, row: 1.0  # noqa: E731
+    scored, metrics = LearnedReward(rm, tok, gold=always_one)(batch)
+    with torch.no_grad():
+        assert torch.allclose(scored.rewards, rm.score(batch), atol=1e-6)
+    assert scored.meta["gold_reward"] == [1.0] * 6 and metrics["reward/errors"] == 0.0
+
+
+def test_rlhf_pipeline_trains_a_reward_model_and_logs_gold_beside_proxy(tmp_path):
+    cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "run_name=rlhf", "reward_model.train=true",
+                                    "reward_model.pairs=128", "reward_model.eval_pairs=32", "reward_model.epochs=1",
+                                    "reward_model.batch_size=32", "algorithm={name: ppo}"])
+    summary = train(cfg)
+    assert summary["status"] == "ok" and 0.0 <= summary["rm_pair_accuracy"] <= 1.0
+    rl = [m for m in read_metrics(tmp_path / "rlhf") if m["stage"] == "rl"]
+    assert all("reward/gold_mean" in m and "value/loss" in m for m in rl)
+    assert (tmp_path / "rlhf" / "checkpoints" / "reward_model" / "reward_head.safetensors").exists()
+    # a saved reward model is reused by path, through `rlpost rm`'s output as well
+    cfg2 = load_config(None, TINY + [f"out_dir={tmp_path}", "run_name=by_path", "sft.steps=0", "rl.steps=1",
+                                     f"model.name={tmp_path / 'rlhf' / 'checkpoints' / 'sft'}",
+                                     f"reward_model.path={tmp_path / 'rlhf' / 'checkpoints' / 'reward_model'}"])
+    assert train(cfg2)["status"] == "ok"
+
+
+def test_rm_command_reports_pair_accuracy(tiny_gpt, tmp_path):
+    model, tok = tiny_gpt
+    save_model(model, tok, str(tmp_path / "sft"))
+    args = [f"out_dir={tmp_path}", "run_name=rm", f"model.name={tmp_path / 'sft'}", "task.num_eval=40",
+            "reward_model.pairs=64", "reward_model.eval_pairs=40", "reward_model.epochs=1", "reward_model.batch_size=32"]
+    assert main(["rm", *args]) == 0
+    on_disk = json.loads((tmp_path / "rm" / "summary.json").read_text())
+    assert 0.0 <= on_disk["rm_pair_accuracy"] <= 1.0 and os.path.isdir(on_disk["reward_model"])
+    assert any(m["stage"] == "rm_eval" for m in read_metrics(tmp_path / "rm"))
+    RewardModel.load(on_disk["reward_model"])
+    assert main(["rm", "reward_model.epochs=0"]) == 2  # a bad value is named before any work
+
+
+def test_bad_reward_model_settings_are_named():
+    with pytest.raises(ValueError, match="either reward_model.path"):
+        load_config(None, ["reward_model.train=true", "reward_model.path=x"])
+    with pytest.raises(ValueError, match="label_noise"):
+        load_config(None, ["reward_model.train=true", "reward_model.label_noise=0.9"])
