@@ -69,6 +69,8 @@ class RolloutConfig:
     top_k: int = opt(0, "keep the k most likely tokens (0: off)")
     top_p: float = opt(1.0, "nucleus sampling mass (1.0: off)")
     max_refill_rounds: int = opt(4, "extra rollout rounds to refill groups an algorithm drops (DAPO)")
+    max_num_seqs: int = opt(0, "native engines: at most this many sequences decode at once, the rest wait (0: all)")
+    stop: list[str] = opt([], "stop strings: a response ends with the token that completes one (native and hf engines)")
 
 
 @dataclass
@@ -291,6 +293,10 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if cfg.rollout.max_num_seqs < 0:
+        raise ConfigError(f"config key 'rollout.max_num_seqs' must be >= 0 (0: no cap), got {cfg.rollout.max_num_seqs}")
+    if not all(isinstance(x, str) and x for x in cfg.rollout.stop):
+        raise ConfigError(f"config key 'rollout.stop' must be a list of non-empty strings, got {cfg.rollout.stop!r}")
     for key, value in {"reward_model.epochs": cfg.reward_model.epochs, "reward_model.pairs": cfg.reward_model.pairs,
                        "reward_model.batch_size": cfg.reward_model.batch_size}.items():
         if value < 1:

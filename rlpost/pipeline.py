@@ -142,7 +142,8 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
                           epochs=cfg.trainer.epochs, minibatches=cfg.trainer.minibatches, critic=critic,
                           critic_lr=cfg.critic.lr, seed=cfg.seed)
         params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
+                                top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+                                max_num_seqs=cfg.rollout.max_num_seqs, stop=list(cfg.rollout.stop))
         controller = Controller(
             rows=task.train_rows, prompt_ids=[tokenizer.encode_prompt(r["prompt"]) for r in task.train_rows],
             engine=engine, reward=rl_reward,

@@ -144,3 +144,12 @@ def test_hf_model_loads_from_a_local_folder(tiny_llama_dir):
     ids = tok.encode_prompt("12+34=")
     assert ids[0] == tok.tok.bos_token_id and tok.decode(tok.encode_completion("046")) == "046"
     assert model(__import__("torch").tensor([ids])).shape[-1] == len(tok.tok)
+
+
+def test_rollout_scheduler_keys_are_checked_and_reach_sampling():
+    cfg = load_config(None, ["rollout.max_num_seqs=16", "rollout.stop=[';']"])
+    assert cfg.rollout.max_num_seqs == 16 and cfg.rollout.stop == [";"]
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        load_config(None, ["rollout.max_num_seqs=-1"])
+    with pytest.raises(ConfigError, match="rollout.stop"):
+        load_config(None, ["rollout.stop=['']"])
