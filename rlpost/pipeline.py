@@ -29,6 +29,7 @@ from rlpost.evaluate import pass_at_1
 from rlpost.models import load_model, save_model
 from rlpost.reference import Reference
 from rlpost.reward import Reward, load_reward_fn
+from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
 from rlpost.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.sft import run_sft
@@ -178,23 +179,44 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
     return summary
 
 
-def fit_task_reward_model(cfg: Config, policy, tokenizer, task, run_dir: str, log) -> tuple[RewardModel, dict]:
-    """Bradley–Terry reward model, trunk copied from `policy`, fitted on pairs built from the task's problems
-    (right answer vs a one-digit slip; `reward_model.label_noise` of them flipped) and checked on pairs from
-    the held-out problems. Saved to <run_dir>/checkpoints/reward_model."""
-    rc = cfg.reward_model
-    if task.name != "arithmetic":
-        raise ValueError(f"reward_model.train builds preference pairs from the arithmetic task; task {task.name!r} "
-                         "has no way to make a wrong answer")
-    rng = random.Random(cfg.seed)
-    train_rows = rng.sample(task.train_rows, min(rc.pairs, len(task.train_rows)))
-    train_pairs = task_pairs(train_rows, rng, rc.label_noise)
-    eval_pairs = task_pairs(task.eval_rows[:rc.eval_pairs], rng)
-    print(f"rlpost: reward model: {len(train_pairs)} training pairs ({100 * rc.label_noise:.0f}% flipped), "
-          f"{len(eval_pairs)} held-out pairs")
+def fit_reward_model_from_config(cfg: Config, policy, tokenizer, task, run_dir: str, log) -> tuple[RewardModel, dict]:
+    """A Bradley–Terry reward model, trunk copied from `policy`, saved to <run_dir>/checkpoints/reward_model.
+
+    Pairs come from preference.train_file (JSONL or a `datasets` dataset; held out: preference.eval_file,
+    else the last 10 %), or, without one, from the arithmetic task: the right answer against a one-digit
+    slip, `reward_model.label_noise` of them flipped, held out from the task's held-out problems."""
+    rc, pc = cfg.reward_model, cfg.preference
+    max_length = pc.max_length or model_context(policy)
+    if pc.train_file:
+        if pc.eval_file:
+            train = load_preferences(pc.train_file, tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
+                                     split=pc.split)
+            held_out = load_preferences(pc.eval_file, tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
+                                        split=pc.split)
+        else:  # hold out the last 10 % of the pairs
+            rows = read_preference_rows(pc.train_file, pc.split)
+            cut = max(len(rows) - max(len(rows) // 10, 1), 1)
+            train = tokenize_preferences(rows[:cut], tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row)
+            held_out = tokenize_preferences(rows[cut:], tokenizer, max_length=max_length,
+                                            on_bad_row=pc.on_bad_row) if cut < len(rows) else None
+        source = pc.train_file
+    elif task.name == "arithmetic":
+        rng = random.Random(cfg.seed)
+        train_rows = rng.sample(task.train_rows, min(rc.pairs, len(task.train_rows)))
+        train = tokenize_preferences(task_pairs(train_rows, rng, rc.label_noise), tokenizer, max_length=max_length)
+        held_out = tokenize_preferences(task_pairs(task.eval_rows[:rc.eval_pairs], rng), tokenizer,
+                                        max_length=max_length)
+        source = f"the arithmetic task ({100 * rc.label_noise:.0f}% of training labels flipped)"
+    else:
+        raise ValueError(f"the reward model needs preference pairs: set preference.train_file (task {task.name!r} "
+                         "cannot make wrong answers by itself)")
+    if train.skipped:
+        print(f"rlpost: reward model: skipped {len(train.skipped)} bad pair(s), e.g. {train.skipped[0]}")
+    print(f"rlpost: reward model: {len(train)} training pairs from {source}, "
+          f"{len(held_out) if held_out is not None else 0} held-out pairs")
     rm = RewardModel.from_policy(policy)
-    result = fit_reward_model(rm, tokenizer, train_pairs, eval_pairs, epochs=rc.epochs, batch_size=rc.batch_size,
-                              lr=rc.lr, seed=cfg.seed, log=log)
+    result = fit_reward_model(rm, train, held_out, pad_id=tokenizer.pad_token_id, epochs=rc.epochs,
+                              batch_size=rc.batch_size, lr=rc.lr, seed=cfg.seed, log=log)
     rm.save(os.path.join(run_dir, "checkpoints", "reward_model"), tokenizer)
     return rm, result
 
@@ -205,7 +227,7 @@ def learned_reward(cfg: Config, policy, tokenizer, task, verify, run_dir: str, l
     if cfg.reward_model.path:
         rm, rm_tokenizer = RewardModel.load(cfg.reward_model.path)
     else:
-        rm, result = fit_task_reward_model(cfg, policy, tokenizer, task, run_dir, log)
+        rm, result = fit_reward_model_from_config(cfg, policy, tokenizer, task, run_dir, log)
         rm_tokenizer = tokenizer
         summary["rm_pair_accuracy"] = result.get("rm/eval_accuracy")
         summary["rm_margin"] = result.get("rm/eval_margin")
@@ -225,7 +247,7 @@ def train_reward_model(cfg: Config, recipe_name: str = "rm") -> dict:
     log = RunLog(run_dir)
     print(f"rlpost: run directory {run_dir}")
     try:
-        _, result = fit_task_reward_model(cfg, policy, tokenizer, task, run_dir, log)
+        _, result = fit_reward_model_from_config(cfg, policy, tokenizer, task, run_dir, log)
     finally:
         log.close()
     summary = {"run_dir": run_dir, "reward_model": os.path.join(run_dir, "checkpoints", "reward_model"),
@@ -233,8 +255,9 @@ def train_reward_model(cfg: Config, recipe_name: str = "rm") -> dict:
                "wall_seconds": time.perf_counter() - t_start}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"rlpost: reward model saved to {summary['reward_model']}; held-out pair accuracy "
-          f"{100 * summary['rm_pair_accuracy']:.1f}%, margin {summary['rm_margin']:.3f}")
+    print(f"rlpost: reward model saved to {summary['reward_model']}" + (
+        f"; held-out pair accuracy {100 * summary['rm_pair_accuracy']:.1f}%, margin {summary['rm_margin']:.3f}"
+        if summary["rm_pair_accuracy"] is not None else " (no held-out pairs)"))
     return summary
 
 

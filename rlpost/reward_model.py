@@ -13,7 +13,8 @@ r is a language model's trunk with a scalar head read at the last real token of 
 (+ eos, exactly as a rollout ends). Only differences of r are identified, so its offset is arbitrary.
 
     rm = RewardModel.from_policy(policy)                   # trunk copied from the policy, head at zero
-    fit_reward_model(rm, tokenizer, train_pairs, eval_pairs, epochs=2, batch_size=64, lr=1e-4)
+    fit_reward_model(rm, train, held_out, pad_id=tok.pad_token_id, epochs=2, batch_size=64, lr=1e-4)
+                                                           # train, held_out: rlpost.preference.data.PreferenceData
     rm.save(folder, tokenizer); rm = RewardModel.load(folder)
     reward = LearnedReward(rm, tokenizer, gold=task.verify)   # the RL loop's reward role
 
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.models import ModelLoadError, load_model, position_ids_for, save_model
-from rlpost.sft import sft_batch
+from rlpost.preference.data import PreferenceData
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -95,41 +96,37 @@ class RewardModel(nn.Module):
 
 # ---------------------------------------------------------------------------- fitting
 
-def pair_batch(pairs: list[dict], tokenizer) -> Batch:
-    """Rows 0..n-1: prompt + chosen + eos; rows n..2n-1: prompt + rejected + eos (one forward for both)."""
-    prompts = [tokenizer.encode_prompt(p["prompt"]) for p in pairs] * 2
-    completions = ([tokenizer.encode_completion(p["chosen"]) + [tokenizer.eos_token_id] for p in pairs]
-                   + [tokenizer.encode_completion(p["rejected"]) + [tokenizer.eos_token_id] for p in pairs])
-    return sft_batch(prompts, completions, tokenizer.pad_token_id)
-
-
-def pair_rewards(rm: RewardModel, pairs: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    r = rm.score(pair_batch(pairs, tokenizer))
-    return r[:len(pairs)], r[len(pairs):]
+def pair_rewards(rm: RewardModel, data: PreferenceData, examples: list[int], pad_id: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) of pairs `examples`, scored in one forward (rows alternate chosen, rejected)."""
+    r = rm.score(data.batch(data.sequences(examples), pad_id))
+    return r[0::2], r[1::2]
 
 
 @torch.no_grad()
-def evaluate_pairs(rm: RewardModel, pairs: list[dict], tokenizer, batch_size: int = 256) -> dict[str, float]:
+def evaluate_pairs(rm: RewardModel, data: PreferenceData, pad_id: int, batch_size: int = 256) -> dict[str, float]:
     """Held-out pair accuracy (r_w > r_l), mean margin and Bradley–Terry loss."""
     rm.eval()
     margins = []
-    for i in range(0, len(pairs), batch_size):
-        rc, rr = pair_rewards(rm, pairs[i:i + batch_size], tokenizer)
+    for i in range(0, len(data), batch_size):
+        rc, rr = pair_rewards(rm, data, list(range(i, min(i + batch_size, len(data)))), pad_id)
         margins.append(rc - rr)
     m = torch.cat(margins)
     return {"rm/eval_accuracy": (m > 0).float().mean().item(), "rm/eval_margin": m.mean().item(),
             "rm/eval_loss": -F.logsigmoid(m).mean().item()}
 
 
-def fit_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval_pairs: list[dict], *, epochs: int,
-                     batch_size: int, lr: float, seed: int = 0, log: Callable[[dict], None] | None = None
-                     ) -> dict[str, float]:
-    """Bradley–Terry training with AdamW; held-out accuracy and margin after every epoch. Returns the last."""
-    if not train_pairs:
-        raise ValueError("no preference pairs to train the reward model on")
+def fit_reward_model(rm: RewardModel, train: PreferenceData, held_out: PreferenceData | None, *, pad_id: int,
+                     epochs: int, batch_size: int, lr: float, seed: int = 0,
+                     log: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """Bradley–Terry training with AdamW on paired data (rlpost.preference.data); held-out accuracy and margin
+    after every epoch. Returns the last epoch's."""
+    if not train.paired or len(train) == 0:
+        raise ValueError("the reward model trains on pairs {prompt, chosen, rejected}; got "
+                         + ("unpaired rows" if not train.paired else "no pairs"))
     opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
-    order = list(range(len(train_pairs)))
+    order = list(range(len(train)))
     steps_per_epoch = max(len(order) // batch_size, 1)
     result: dict[str, float] = {}
     step = 0
@@ -138,8 +135,8 @@ def fit_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval_p
         rng.shuffle(order)
         bar = tqdm(range(steps_per_epoch), desc=f"rm epoch {epoch}/{epochs}", unit="step", dynamic_ncols=True)
         for i in bar:
-            chunk = [train_pairs[j] for j in order[i * batch_size:(i + 1) * batch_size]]
-            loss, metrics = bradley_terry_loss(*pair_rewards(rm, chunk, tokenizer))
+            loss, metrics = bradley_terry_loss(*pair_rewards(rm, train, order[i * batch_size:(i + 1) * batch_size],
+                                                             pad_id))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"reward model loss is {loss.item()} at epoch {epoch}, step {i}")
             opt.zero_grad(set_to_none=True)
@@ -150,7 +147,7 @@ def fit_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval_p
             bar.set_postfix(loss=f"{metrics['rm/loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
             if log is not None and step % 20 == 0:
                 log({"stage": "rm", "step": step, **metrics})
-        result = {"epoch": epoch, **evaluate_pairs(rm, eval_pairs, tokenizer)} if eval_pairs else {"epoch": epoch}
+        result = {"epoch": epoch, **(evaluate_pairs(rm, held_out, pad_id) if held_out is not None else {})}
         if log is not None:
             log({"stage": "rm_eval", "step": step, **result})
         tqdm.write(f"rm epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "epoch"))
@@ -199,9 +196,9 @@ def task_pairs(rows: list[dict], rng: random.Random, label_noise: float = 0.0) -
     from rlpost.tasks.arithmetic import slip
 
     pairs = []
-    for r in rows:
+    for i, r in enumerate(rows):
         good, bad = r["answer"], slip(r["answer"], rng)
         if rng.random() < label_noise:
             good, bad = bad, good
-        pairs.append({"prompt": r["prompt"], "chosen": good, "rejected": bad})
+        pairs.append({"prompt": r["prompt"], "chosen": good, "rejected": bad, "where": f"task pair {i}"})
     return pairs

@@ -13,8 +13,9 @@ from rlpost.config import load_config
 from rlpost.models import ModelLoadError, save_model
 from rlpost.cli import main
 from rlpost.pipeline import train
+from rlpost.preference.data import tokenize_preferences
 from rlpost.reward_model import (LearnedReward, RewardModel, bradley_terry_loss, evaluate_pairs, fit_reward_model,
-                                 pair_batch, task_pairs)
+                                 pair_rewards, task_pairs)
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.tasks.arithmetic import arithmetic_task
 
@@ -42,9 +43,13 @@ def test_score_is_read_at_the_last_real_token_and_ignores_padding(tiny_gpt):
     model, tok = tiny_gpt
     rm = RewardModel.from_policy(model)
     torch.nn.init.normal_(rm.head.weight)
-    pairs = [{"prompt": "12+3=", "chosen": "15", "rejected": "0015"}, {"prompt": "1+1=", "chosen": "2", "rejected": "3"}]
-    batch = pair_batch(pairs, tok)
+    pairs = [{"prompt": "12+3=", "chosen": "15", "rejected": "0015", "where": "line 1"},
+             {"prompt": "1+1=", "chosen": "2", "rejected": "3", "where": "line 2"}]
+    data = tokenize_preferences(pairs, tok, max_length=24)
+    batch = data.batch(data.sequences([0, 1]), tok.pad_token_id)
     scores = rm.score(batch)
+    r_w, r_l = pair_rewards(rm, data, [0, 1], tok.pad_token_id)
+    assert torch.equal(r_w, scores[0::2]) and torch.equal(r_l, scores[1::2])
     for i in range(len(batch)):  # the same row alone, no padding at all
         ids = batch.input_ids[i][batch.attention_mask[i].bool()][None]
         h = rm.trunk.hidden_states(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
@@ -58,18 +63,20 @@ def test_fitting_learns_a_preference_and_save_load_round_trips(tiny_gpt, tmp_pat
     model, tok = tiny_gpt
     rng = random.Random(0)
     # a learnable preference: answers starting with 1 beat answers starting with 2
-    def pair():
+    def pair(i):
         p = f"{rng.randrange(50)}+{rng.randrange(50)}="
         tail = str(rng.randrange(10))
-        return {"prompt": p, "chosen": "1" + tail, "rejected": "2" + tail}
-    train_pairs, eval_pairs = [pair() for _ in range(256)], [pair() for _ in range(64)]
+        return {"prompt": p, "chosen": "1" + tail, "rejected": "2" + tail, "where": f"line {i}"}
+    train = tokenize_preferences([pair(i) for i in range(256)], tok, max_length=24)
+    held_out = tokenize_preferences([pair(i) for i in range(64)], tok, max_length=24)
     rm = RewardModel.from_policy(model)
-    assert evaluate_pairs(rm, eval_pairs, tok)["rm/eval_accuracy"] == 0.0  # all ties: r_w > r_l never holds
-    result = fit_reward_model(rm, tok, train_pairs, eval_pairs, epochs=2, batch_size=32, lr=3e-3)
+    pad = tok.pad_token_id
+    assert evaluate_pairs(rm, held_out, pad)["rm/eval_accuracy"] == 0.0  # all ties: r_w > r_l never holds
+    result = fit_reward_model(rm, train, held_out, pad_id=pad, epochs=2, batch_size=32, lr=3e-3)
     assert result["rm/eval_accuracy"] > 0.95 and result["rm/eval_margin"] > 0
     rm.save(str(tmp_path / "rm"), tok)
     loaded, loaded_tok = RewardModel.load(str(tmp_path / "rm"))
-    batch = pair_batch(eval_pairs[:8], tok)
+    batch = held_out.batch(held_out.sequences(list(range(8))), pad)
     assert torch.allclose(loaded.score(batch), rm.score(batch), atol=1e-6)
     save_model(model, tok, str(tmp_path / "plain"))
     with pytest.raises(ModelLoadError, match="reward_head"):
@@ -127,6 +134,23 @@ def test_rm_command_reports_pair_accuracy(tiny_gpt, tmp_path):
     assert any(m["stage"] == "rm_eval" for m in read_metrics(tmp_path / "rm"))
     RewardModel.load(on_disk["reward_model"])
     assert main(["rm", "reward_model.epochs=0"]) == 2  # a bad value is named before any work
+
+
+def test_rm_command_trains_on_a_pair_file_and_names_bad_rows(tiny_gpt, tmp_path, capsys):
+    model, tok = tiny_gpt
+    save_model(model, tok, str(tmp_path / "sft"))
+    rows = [{"prompt": f"{i}+1=", "chosen": "1" + str(i % 10), "rejected": "2" + str(i % 10)} for i in range(60)]
+    rows[3]["rejected"] = rows[3]["chosen"]  # a bad pair: named and skipped
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = [f"out_dir={tmp_path}", "run_name=rm_file", f"model.name={tmp_path / 'sft'}", "task.num_eval=40",
+            f"preference.train_file={tmp_path / 'pairs.jsonl'}", "reward_model.epochs=1", "reward_model.batch_size=16"]
+    assert main(["rm", *args]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 bad pair" in out and "line 4" in out and "53 training pairs" in out and "6 held-out" in out
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "1+1=", "chosen": "2"}\nnot json\n')
+    assert main(["rm", *args[:-3], "run_name=rm_broken", f"preference.train_file={tmp_path / 'broken.jsonl'}"]) == 1
+    err = capsys.readouterr().err
+    assert "line 1" in err and "line 2" in err
 
 
 def test_bad_reward_model_settings_are_named():
