@@ -61,7 +61,8 @@ class SFTConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = opt("auto", "'auto' | 'native' (KV cache, gpt_mini) | 'hf' (transformers.generate)")
+    engine: str = opt("auto", "'auto' | 'native' (KV cache: gpt_mini, Llama, Qwen2) | 'hf' (transformers.generate) | "
+                              "'vllm' (needs vLLM and rl.weight_sync=vllm)")
     prompts_per_step: int = opt(32, "prompts sampled per RL step")
     k: int = opt(8, "samples per prompt (the GRPO group size)")
     max_new_tokens: int = opt(6, "longest response in tokens")
@@ -108,7 +109,8 @@ class RewardModelConfig:
 class RLConfig:
     steps: int = opt(150, "RL steps (each: rollout, reward, reference, advantages, train, sync)")
     eval_every: int = opt(50, "held-out pass@1 every this many steps (0: only at the end)")
-    weight_sync: str = opt("pointer", "colocated weight sync: 'pointer' (shared module) | 'copy' (separate copy)")
+    weight_sync: str = opt("pointer", "colocated weight sync: 'pointer' (shared module) | 'copy' (separate copy) | "
+                                      "'vllm' (into the running vLLM engine)")
 
 
 @dataclass
@@ -278,8 +280,8 @@ def _validate(cfg: Config) -> None:
     choices = {
         "task.name": (cfg.task.name, ("arithmetic", "jsonl")),
         "task.reward_on_error": (cfg.task.reward_on_error, ("raise", "zero")),
-        "rollout.engine": (cfg.rollout.engine, ("auto", "native", "hf")),
-        "rl.weight_sync": (cfg.rl.weight_sync, ("pointer", "copy")),
+        "rollout.engine": (cfg.rollout.engine, ("auto", "native", "hf", "vllm")),
+        "rl.weight_sync": (cfg.rl.weight_sync, ("pointer", "copy", "vllm")),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
         "critic.type": (cfg.critic.type, ("separate", "head")),
     }
@@ -293,6 +295,9 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if (cfg.rollout.engine == "vllm") != (cfg.rl.weight_sync == "vllm"):
+        raise ConfigError("rollout.engine=vllm and rl.weight_sync=vllm go together (vLLM holds its own copy of the "
+                          f"weights); got rollout.engine={cfg.rollout.engine}, rl.weight_sync={cfg.rl.weight_sync}")
     if cfg.rollout.max_num_seqs < 0:
         raise ConfigError(f"config key 'rollout.max_num_seqs' must be >= 0 (0: no cap), got {cfg.rollout.max_num_seqs}")
     if not all(isinstance(x, str) and x for x in cfg.rollout.stop):

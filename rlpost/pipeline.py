@@ -35,7 +35,7 @@ from rlpost.rollout import SamplingParams, build_engine
 from rlpost.sft import run_sft
 from rlpost.tasks import load_task
 from rlpost.trainer import Trainer
-from rlpost.weight_sync import WeightSync
+from rlpost.weight_sync import WeightSync, push_to_vllm
 
 
 class RunLog:
@@ -105,6 +105,8 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
     eval_prompt_ids = [tokenizer.encode_prompt(r["prompt"]) for r in task.eval_rows]
 
     def evaluate() -> float:
+        if cfg.rl.weight_sync == "vllm":  # vLLM samples from its own copy of the weights: bring it up to date
+            push_to_vllm(model, engine)
         return pass_at_1(engine, reward, task.eval_rows, eval_prompt_ids, samples=cfg.eval.samples_per_prompt,
                          temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                          batch_prompts=cfg.eval.batch_prompts, seed=cfg.seed)

@@ -54,6 +54,11 @@ class WeightSync:
         return {"sync/version": float(self.version), "time/sync_copy": time.perf_counter() - t0}
 
     def _push(self) -> None:
-        """The trainer's weights, under their Hugging Face names, into the running vLLM engine."""
-        hf = getattr(self.trainer_model, "hf", self.trainer_model)
-        self.engine.update_weights(hf.state_dict().items())
+        push_to_vllm(self.trainer_model, self.engine)
+
+
+def push_to_vllm(model: nn.Module, engine) -> None:
+    """The trainer's weights, under their Hugging Face names, into a running vLLM engine (no version bump:
+    for sampling from the current weights outside the RL loop, e.g. a held-out evaluation)."""
+    hf = getattr(model, "hf", model)
+    engine.update_weights(hf.state_dict().items())

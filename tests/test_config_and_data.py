@@ -153,3 +153,11 @@ def test_rollout_scheduler_keys_are_checked_and_reach_sampling():
         load_config(None, ["rollout.max_num_seqs=-1"])
     with pytest.raises(ConfigError, match="rollout.stop"):
         load_config(None, ["rollout.stop=['']"])
+
+
+def test_vllm_engine_and_vllm_weight_sync_go_together():
+    load_config(None, ["rollout.engine=vllm", "rl.weight_sync=vllm"])  # valid (vLLM itself is needed only to run)
+    with pytest.raises(ConfigError, match="go together"):
+        load_config(None, ["rollout.engine=vllm"])
+    with pytest.raises(ConfigError, match="go together"):
+        load_config(None, ["rl.weight_sync=vllm"])

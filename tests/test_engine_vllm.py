@@ -201,3 +201,23 @@ def test_weight_sync_mode_must_fit_the_engine(llama):
     assert eng.pushed == len(model.hf.state_dict())
     sync.sync()
     assert eng.pushed == 2 * len(model.hf.state_dict()) and eng.policy_version == 1
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_the_pipeline_runs_on_vllm_from_a_recipe(tiny_llama_dir, tmp_path):
+    """rollout.engine=vllm + rl.weight_sync=vllm through `train`: SFT, held-out evaluation (weights pushed
+    first), GRPO steps with a weight push after each; engine and trainer log-probs agree."""
+    import json
+
+    from rlpost.config import load_config
+    from rlpost.pipeline import train
+
+    cfg = load_config(None, ["sft.steps=3", "sft.batch_size=16", "rl.steps=2", "rl.eval_every=0", "task.num_eval=20",
+                             "rollout.prompts_per_step=4", "rollout.k=4", "rollout.max_new_tokens=4",
+                             "eval.samples_per_prompt=1", f"model.name={tiny_llama_dir}", "rollout.engine=vllm",
+                             "rl.weight_sync=vllm", f"out_dir={tmp_path}", "run_name=vllm"])
+    assert train(cfg)["status"] == "ok"
+    rl = [json.loads(line) for line in open(tmp_path / "vllm" / "metrics.jsonl")]
+    rl = [m for m in rl if m["stage"] == "rl"]
+    assert len(rl) == 2 and rl[-1]["sync/version"] >= 2 and rl[0]["rollout/logp_mismatch_max"] < 1e-4

@@ -62,6 +62,9 @@ def _records(source: Any, split: str) -> tuple[str, list[tuple[str, Any]]]:
             except json.JSONDecodeError as e:
                 out.append((f"line {n}", _BadJSON(e.msg)))
         return source, out
+    if source.endswith((".jsonl", ".json")) or (os.sep in source and not os.path.isdir(source)
+                                                 and source.count("/") != 1):
+        raise PreferenceDataError(f"preference data file not found: {source!r}")
     try:
         import datasets
     except ImportError:
