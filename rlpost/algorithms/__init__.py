@@ -9,33 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 from rlpost.algorithms.base import Algorithm
+from rlpost.registry import Registry
 
-_REGISTRY: dict[str, type[Algorithm]] = {}
-
-
-def register(name: str):
-    """Class decorator: make an Algorithm subclass available as `get_algorithm(name)`."""
-
-    def wrap(cls: type[Algorithm]) -> type[Algorithm]:
-        if name in _REGISTRY:
-            raise ValueError(f"algorithm {name!r} is already registered by {_REGISTRY[name].__module__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+_ALGORITHMS = Registry("algorithm", "algorithms")
+register = _ALGORITHMS.register  # class decorator: @register("name")
 
 
 def available() -> dict[str, str]:
     """Registered algorithm names -> one-line descriptions."""
-    return {name: cls.description for name, cls in sorted(_REGISTRY.items())}
+    return _ALGORITHMS.available()
 
 
 def get_algorithm(name: str, **params: Any) -> Algorithm:
     """Build a registered algorithm; an unknown name or parameter fails with the valid choices."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown algorithm {name!r}; valid algorithms: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**params)
+    return _ALGORITHMS.build(name, **params)
 
 
 # Importing a module registers its algorithm.

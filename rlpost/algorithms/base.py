@@ -26,13 +26,13 @@ few, its surrogate):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from rlpost.batch import Batch
+from rlpost.registry import make_config
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACEMENTS = ("loss", "reward")
@@ -50,12 +50,7 @@ class Algorithm:
         pass
 
     def __init__(self, **params: Any):
-        valid = [f.name for f in dataclasses.fields(self.Config)]
-        unknown = [k for k in params if k not in valid]
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for algorithm "
-                             f"'{self.name}'; valid parameters: {', '.join(valid) or '(none)'}")
-        self.cfg = self.Config(**params)
+        self.cfg = make_config(self.Config, params, f"algorithm '{self.name}'")
 
     @property
     def uses_reference(self) -> bool:

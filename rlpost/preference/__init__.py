@@ -16,33 +16,20 @@ from __future__ import annotations
 from typing import Any
 
 from rlpost.preference.base import PreferenceLoss, SeqLogps, sequence_logps
+from rlpost.registry import Registry
 
-_REGISTRY: dict[str, type[PreferenceLoss]] = {}
-
-
-def register(name: str):
-    """Class decorator: make a PreferenceLoss subclass available as `get_preference_loss(name)`."""
-
-    def wrap(cls: type[PreferenceLoss]) -> type[PreferenceLoss]:
-        if name in _REGISTRY:
-            raise ValueError(f"preference loss {name!r} is already registered by {_REGISTRY[name].__module__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+_LOSSES = Registry("preference loss", "preference losses")
+register = _LOSSES.register  # class decorator: @register("name")
 
 
 def available() -> dict[str, str]:
     """Registered preference loss names -> one-line descriptions."""
-    return {name: cls.description for name, cls in sorted(_REGISTRY.items())}
+    return _LOSSES.available()
 
 
 def get_preference_loss(name: str, **params: Any) -> PreferenceLoss:
     """Build a registered preference loss; an unknown name or parameter fails with the valid choices."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown preference loss {name!r}; valid preference losses: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**params)
+    return _LOSSES.build(name, **params)
 
 
 __all__ = ["PreferenceLoss", "SeqLogps", "available", "get_preference_loss", "register", "sequence_logps"]

@@ -15,11 +15,12 @@ length-averaged log-prob divides by `length` itself and says so in its docstring
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+
+from rlpost.registry import make_config
 
 
 @dataclass
@@ -71,12 +72,7 @@ class PreferenceLoss:
         pass
 
     def __init__(self, **params: Any):
-        valid = [f.name for f in dataclasses.fields(self.Config)]
-        unknown = [k for k in params if k not in valid]
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for preference loss "
-                             f"'{self.name}'; valid parameters: {', '.join(valid) or '(none)'}")
-        self.cfg = self.Config(**params)
+        self.cfg = make_config(self.Config, params, f"preference loss '{self.name}'")
 
     def __call__(self, policy: SeqLogps, reference: SeqLogps | None) -> tuple[torch.Tensor, dict[str, float]]:
         if self.uses_reference and reference is None:

@@ -1,0 +1,57 @@
+"""Named plug-ins with typed parameters: the one mechanism behind `get_algorithm` and `get_preference_loss`.
+
+    ALGORITHMS = Registry("algorithm", "algorithms")
+
+    @ALGORITHMS.register("grpo")
+    class GRPO(Algorithm): ...
+
+    ALGORITHMS.build("grpo", beta=0.04)    # an unknown name or parameter fails with the valid choices
+
+A plug-in class declares its knobs as a nested `Config` dataclass; `make_config` fills it from keyword
+parameters, naming any unknown one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def make_config(config_cls: type, params: dict[str, Any], owner: str) -> Any:
+    """`config_cls(**params)`, or a ValueError naming the unknown parameters of `owner` and the valid ones."""
+    valid = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = [k for k in params if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {owner}; "
+                         f"valid parameters: {', '.join(valid) or '(none)'}")
+    return config_cls(**params)
+
+
+class Registry:
+    """name -> plug-in class; `kind` / `plural` name them in error messages ("algorithm", "algorithms")."""
+
+    def __init__(self, kind: str, plural: str):
+        self.kind, self.plural = kind, plural
+        self.classes: dict[str, type] = {}
+
+    def register(self, name: str):
+        """Class decorator: make a class available as `build(name)`; sets its `name`."""
+
+        def wrap(cls: type) -> type:
+            if name in self.classes:
+                raise ValueError(f"{self.kind} {name!r} is already registered by {self.classes[name].__module__}")
+            cls.name = name
+            self.classes[name] = cls
+            return cls
+
+        return wrap
+
+    def available(self) -> dict[str, str]:
+        """Registered names -> one-line descriptions."""
+        return {name: cls.description for name, cls in sorted(self.classes.items())}
+
+    def build(self, name: str, **params: Any):
+        """An instance of the class registered as `name`; an unknown name fails with the valid ones."""
+        if name not in self.classes:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(sorted(self.classes))}")
+        return self.classes[name](**params)
