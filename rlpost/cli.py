@@ -61,24 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, desc in available().items():
             print(f"  {name:<14} {desc}")
         return 0
-    if args.command == "rm":
-        recipe, overrides = args.recipe, list(args.overrides)
-        if recipe is not None and "=" in recipe and not os.path.exists(recipe):
-            recipe, overrides = None, [recipe, *overrides]
-        try:
-            cfg = load_config(recipe, overrides)
-        except (ConfigError, ValueError) as e:
-            print(f"rlpost: error: {e}", file=sys.stderr)
-            return 2
-        from rlpost.pipeline import train_reward_model
-
-        try:
-            train_reward_model(cfg, os.path.splitext(os.path.basename(recipe))[0] + "-rm" if recipe else "rm")
-        except Exception as e:
-            print(f"rlpost: error: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-        return 0
-    if args.command in ("train", "dpo"):
+    if args.command in ("train", "dpo", "rm"):
         recipe, overrides = args.recipe, list(args.overrides)
         if recipe is not None and "=" in recipe and not os.path.exists(recipe):  # only overrides were given
             recipe, overrides = None, [recipe, *overrides]
@@ -91,14 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, ValueError) as e:
             print(f"rlpost: error: {e}", file=sys.stderr)
             return 2
-        from rlpost.pipeline import train
+        from rlpost.pipeline import train, train_reward_model
 
-        name = os.path.splitext(os.path.basename(recipe))[0] if recipe else "default"
-        name += "-dpo" if args.command == "dpo" else ""
+        base = os.path.splitext(os.path.basename(recipe))[0] if recipe else "default"
+        name = {"train": base, "dpo": f"{base}-dpo", "rm": f"{base}-rm" if recipe else "rm"}[args.command]
         try:
-            train(cfg, name)
+            (train_reward_model if args.command == "rm" else train)(cfg, name)
         except KeyboardInterrupt:
-            print("rlpost: interrupted; the weights so far are in the run directory's checkpoints/last", file=sys.stderr)
+            where = "" if args.command == "rm" else "; the weights so far are in the run directory's checkpoints/last"
+            print(f"rlpost: interrupted{where}", file=sys.stderr)
             return 130
         except Exception as e:  # a clear one-line reason; the run directory keeps the weights and the metrics
             print(f"rlpost: error: {type(e).__name__}: {e}", file=sys.stderr)
