@@ -30,6 +30,24 @@ def train_tiny_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def encode(tok, texts):
+    return [tok.encode_prompt(t) for t in texts]
+
+
+def hf_greedy(model, tok, prompts, new_tokens, min_new_tokens=0):
+    """transformers.generate, greedy, left-padded; rows are padded with pad_token_id after eos. The
+    reference the rollout engines' greedy output is checked against."""
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), tok.pad_token_id)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+    out = model.hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                            min_new_tokens=min_new_tokens or None, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id)
+    return out[:, P:]
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A saved 2-layer Llama (head_dim 32) with its tokenizer: a local folder, as a user's model would be."""

@@ -5,7 +5,7 @@ log-probs, seeds reproduce, finish reasons, finished rows leave the batch, fresh
 import pytest
 import torch
 
-from conftest import train_tiny_tokenizer
+from conftest import encode, hf_greedy, train_tiny_tokenizer
 from rlpost.config import ModelConfig
 from rlpost.models import HFCausalLM, HFTokenizer, load_model, position_ids_for, token_logprobs
 from rlpost.rollout import SamplingParams, build_engine
@@ -50,21 +50,6 @@ def get(request, name):
     return request.getfixturevalue(name)
 
 
-def encode(tok, texts):
-    return [tok.encode_prompt(t) for t in texts]
-
-
-def hf_greedy(model, tok, prompts, new_tokens):
-    P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), tok.pad_token_id)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
-    out = model.hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return out[:, P:]
-
-
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("texts", [PROMPTS, SAME_LENGTH], ids=["left-padded", "no-padding"])
 def test_greedy_equals_transformers_generate(request, name, texts):
@@ -73,7 +58,7 @@ def test_greedy_equals_transformers_generate(request, name, texts):
     params = SamplingParams(max_new_tokens=12, min_new_tokens=12, temperature=0.0)
     batch = HFNativeEngine(model, tok).generate(prompts, 2, params)
     P = max(map(len, prompts))
-    want = hf_greedy(model, tok, prompts, 12)
+    want = hf_greedy(model, tok, prompts, 12, min_new_tokens=12)
     assert torch.equal(batch.input_ids[0::2, P:], want) and torch.equal(batch.input_ids[1::2, P:], want)
 
 
@@ -150,7 +135,8 @@ def test_fresh_weights_are_used_after_an_in_place_update(llama):
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.5)
         P = max(map(len, prompts))
-        assert torch.equal(engine.generate(prompts, 1, params).input_ids[:, P:], hf_greedy(model, tok, prompts, 6))
+        want = hf_greedy(model, tok, prompts, 6, min_new_tokens=6)
+        assert torch.equal(engine.generate(prompts, 1, params).input_ids[:, P:], want)
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from conftest import encode, hf_greedy
 from rlpost.config import ModelConfig
 from rlpost.models import load_model, token_logprobs
 from rlpost.rollout import SamplingParams, build_engine
@@ -40,22 +41,6 @@ def engine(llama):
     print(f"\n[vllm] engine start-up {eng.startup_seconds:.1f} s; torch threads after start: {torch.get_num_threads()}")
     yield eng
     eng.close()
-
-
-def encode(tok, texts):
-    return [tok.encode_prompt(t) for t in texts]
-
-
-def hf_greedy(model, tok, prompts, new_tokens):
-    """transformers.generate, greedy, left-padded; rows are padded with pad_token_id after eos."""
-    P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), tok.pad_token_id)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
-    out = model.hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return out[:, P:]
 
 
 def responses(batch, P):
