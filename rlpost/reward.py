@@ -37,14 +37,19 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
+def decode_responses(batch: Batch, tokenizer) -> list[str]:
+    """Each row's response tokens (response_mask) as text."""
+    ids, mask = batch.input_ids, batch.response_mask.bool()
+    return [tokenizer.decode(ids[i][mask[i]].tolist()) for i in range(len(batch))]
+
+
 class Reward:
     def __init__(self, fn: RewardFn, tokenizer, on_error: str = "raise"):
         self.fn, self.tokenizer, self.on_error = fn, tokenizer, on_error
         self.name = getattr(fn, "__qualname__", repr(fn))
 
     def completions(self, batch: Batch) -> list[str]:
-        ids, mask = batch.input_ids, batch.response_mask.bool()
-        return [self.tokenizer.decode(ids[i][mask[i]].tolist()) for i in range(len(batch))]
+        return decode_responses(batch, self.tokenizer)
 
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
         texts = self.completions(batch)

@@ -40,6 +40,7 @@ from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.models import ModelLoadError, load_model, position_ids_for, save_model
 from rlpost.preference.data import PreferenceData
+from rlpost.reward import decode_responses
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -179,8 +180,7 @@ class LearnedReward:
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
         device = next(self.rm.parameters()).device
         rewards = self.rm(batch.input_ids.to(device), batch.attention_mask.to(device)).float().cpu()
-        mask = batch.response_mask.bool()
-        texts = [self.tokenizer.decode(batch.input_ids[i][mask[i]].tolist()) for i in range(len(batch))]
+        texts = decode_responses(batch, self.tokenizer)
         meta = {**batch.meta, "completion": texts}
         if self.gold is not None:  # the controller reports it as reward/gold_mean beside reward/mean (the proxy)
             meta["gold_reward"] = [float(self.gold(t, row)) for t, row in zip(texts, batch.meta["row"])]
