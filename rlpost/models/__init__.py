@@ -39,6 +39,25 @@ class HFCausalLM(nn.Module):
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits
 
+    def forward_shared_prompt(self, input_ids, attention_mask, position_ids, P: int, first, owner):
+        """Logits of rows whose first P columns repeat: see `token_logprobs`. The prompts of rows `first`
+        go through the model once, their KV cache is gathered to every row (`owner`: the prompt of each
+        row), and the responses (columns P:) attend to it. Returns (prompt logits [N, P, V],
+        response logits [B, T-P, V])."""
+        prompt = self.hf(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                         position_ids=position_ids[first, :P], use_cache=True)
+        cache = prompt.past_key_values
+        cache.reorder_cache(owner)          # index_select over rows: differentiable, repeats allowed
+        response = self.hf(input_ids=input_ids[:, P:], attention_mask=attention_mask,
+                           position_ids=position_ids[:, P:], past_key_values=cache, use_cache=True)
+        return prompt.logits, response.logits
+
+    @property
+    def can_share_prompt(self) -> bool:
+        """False under gradient checkpointing, which turns the KV cache off in training."""
+        on = getattr(self.hf, "is_activation_checkpointing", None)  # transformers >= 5.20; older: the old name
+        return not (on if on is not None else getattr(self.hf, "is_gradient_checkpointing", False))
+
     @property
     def hidden_size(self) -> int:
         return self.hf.config.hidden_size
@@ -144,19 +163,65 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False):
+def shared_prompt(batch: Batch) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """How the rows of `batch` share prompts: (P, first, owner), or None when no two rows do.
+
+    P is the first response column (the same for every row, by the Batch layout); rows whose columns :P
+    (ids and attention mask) are equal share one prompt. `first` [N] is the first row of each distinct
+    prompt, `owner` [B] the prompt of each row (an index into `first`). Found from the tokens
+    themselves, so it holds for any batch: K samples of a prompt, a preference pair, shuffled rows.
+    """
+    has_response = batch.response_mask.bool().any(0)
+    if not bool(has_response.any()):
+        return None
+    P = int(has_response.int().argmax())
+    if P == 0:
+        return None
+    B = batch.input_ids.shape[0]
+    prompts = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P].to(batch.input_ids.dtype)], 1)
+    unique, owner = torch.unique(prompts, dim=0, return_inverse=True)
+    if len(unique) == B:
+        return None
+    rows = torch.arange(B, device=owner.device)
+    first = torch.full((len(unique),), B, device=owner.device).scatter_reduce(0, owner, rows, "amin")
+    return P, first, owner
+
+
+def _score(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """log-probs of `targets` [..., n] under logits [..., n, V] / temperature, and the entropies (or None)."""
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    return logp, (-(logp_all.exp() * logp_all).sum(-1) if with_entropy else None)
+
+
+def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,
+                   share_prompt: bool = True):
     """log pi(input_ids[:, t] | input_ids[:, :t]) for every t >= 1, as [B, T] (column 0 is 0).
 
     Logits are divided by `temperature` first, so the trainer scores tokens under the distribution
     the rollout engine sampled from. With `with_entropy`, also returns the per-token entropy [B, T]
     of that distribution (with grad when grad is enabled, for entropy bonuses).
+
+    Shared prompts (`share_prompt`, on by default): when rows repeat a prompt (the K samples of a GRPO
+    group; see `shared_prompt`) and the model offers `forward_shared_prompt`, each distinct prompt goes
+    through the model once and its KV cache serves all its rows, with gradients flowing back through
+    it. That is the same function of the weights (the prompt's positions never see the response), so
+    log-probs, entropies and gradients equal the plain forward's up to float rounding, for
+    (B - N) * P fewer token positions of forward and backward (N distinct prompts of P columns).
     """
-    logits = model(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
-    logits = logits[:, :-1].float() / temperature             # (B, T-1, V): predicts tokens 1..T-1
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    ids, mask = batch.input_ids, batch.attention_mask
+    pos = position_ids_for(mask)
+    split = shared_prompt(batch) if share_prompt and getattr(model, "can_share_prompt", False) else None
+    if split is None:
+        logp, entropy = _score(model(ids, mask, pos)[:, :-1], ids[:, 1:], temperature, with_entropy)
+    else:
+        P, first, owner = split
+        prompt_logits, response_logits = model.forward_shared_prompt(ids, mask, pos, P, first, owner)
+        lp_prompt, ent_prompt = _score(prompt_logits[:, :-1], ids[first, 1:P], temperature, with_entropy)
+        # the response's first token is predicted by the prompt's last position
+        logits = torch.cat([prompt_logits[owner, -1:], response_logits[:, :-1]], 1)
+        lp_resp, ent_resp = _score(logits, ids[:, P:], temperature, with_entropy)
+        logp = torch.cat([lp_prompt[owner], lp_resp], 1)
+        entropy = torch.cat([ent_prompt[owner], ent_resp], 1) if with_entropy else None
     logp = F.pad(logp, (1, 0))                                # (B, T): aligned with input_ids
-    if not with_entropy:
-        return logp
-    entropy = F.pad(-(logp_all.exp() * logp_all).sum(-1), (1, 0))
-    return logp, entropy
+    return (logp, F.pad(entropy, (1, 0))) if with_entropy else logp

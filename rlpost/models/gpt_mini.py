@@ -178,6 +178,17 @@ class GPT(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)
 
+    can_share_prompt = True
+
+    def forward_shared_prompt(self, input_ids, attention_mask, position_ids, P: int, first, owner):
+        """Logits of rows whose first P columns repeat (rlpost.models.token_logprobs): the prompts of rows
+        `first` once, their cache gathered to every row (`owner`), then the responses (columns P:).
+        Returns (prompt logits [N, P, V], response logits [B, T-P, V])."""
+        cache = self.new_cache()
+        prompt = self(input_ids[first, :P], attention_mask[first, :P], position_ids[first, :P], cache)
+        response = self(input_ids[:, P:], attention_mask[:, P:], position_ids[:, P:], cache.select(owner))
+        return prompt, response
+
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, folder: str) -> None:
         """model.safetensors + config.json (tied lm_head stored once, as wte)."""
