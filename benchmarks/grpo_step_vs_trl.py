@@ -22,9 +22,11 @@ span), so load from other processes on this shared machine hits both alike. Repo
 minima of each side, and the median of the per-step ratios (TRL time / rlpost time of the same pair).
 CPU seconds (process time) are reported next to wall-clock: they are less sensitive to other load.
 
-FLOP/s: see benchmarks/matmul_peak.py for the counting rule; the matmul peak is measured in this run
-(before and after the steps, the best of both), and each rlpost role's achieved FLOP/s is printed as
-a fraction of it, for the median step and for the fastest.
+FLOP/s: see benchmarks/matmul_peak.py for the counting rule, applied to the token positions each role
+computes (the reference and the trainer score each distinct prompt once); the matmul peak is measured in
+this run (before and after the steps, the best of both), and each rlpost role's achieved FLOP/s is
+printed as a fraction of it, for the median step and for the fastest. The last line is the bound this
+sets: the fraction of the peak the whole step would have to sustain to be 3x faster than TRL's median.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     from rlpost.algorithms import get_algorithm
     from rlpost.config import ModelConfig
     from rlpost.controller import Controller
-    from rlpost.models import load_model
+    from rlpost.models import load_model, shared_prompt
     from rlpost.reference import Reference
     from rlpost.reward import Reward
     from rlpost.rollout import SamplingParams, build_engine
@@ -88,8 +90,13 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     def generate_and_record(prompt_ids, k, params, seed=0):
         batch = generate(prompt_ids, k, params, seed=seed)
         lens = [len(p) for p in prompt_ids]
-        engine.sizes = {"prompt_tokens": sum(lens), "prompt_min": min(lens), "P": max(lens),
-                        "T": batch.input_ids.shape[1]}
+        # positions the reference and the trainer compute: each distinct prompt once, then every response
+        # (rlpost.models.token_logprobs' shared-prompt path; all B x T when nothing is shared)
+        split = shared_prompt(batch)
+        B, T = batch.input_ids.shape
+        scored = B * T if split is None else len(split[1]) * split[0] + B * (T - split[0])
+        engine.sizes = {"prompt_tokens": sum(lens), "prompt_min": min(lens), "P": max(lens), "T": T,
+                        "scored": scored}
         return batch
 
     class CPUTimedReference:
@@ -225,14 +232,15 @@ def main(argv=None) -> dict:
     # rollout: each prompt prefilled once, then new_tokens - 1 decode forwards of B rows (the last token
     # drawn needs no forward)
     flops = {"rollout": 2 * N * (sizes["prompt_tokens"] + B * (args.new_tokens - 1)),
-             "reference": 2 * N * B * sizes["T"], "train": 6 * N * B * sizes["T"]}
+             "reference": 2 * N * sizes["scored"], "train": 6 * N * sizes["scored"]}
     step_flops = sum(flops.values())
 
     print(f"# {env_line()}")
     print(f"# load average before: {load_before}; after: {load_after}")
     print(f"# Llama 256/4/4/1024, {N_all / 1e6:.2f} M params ({N / 1e6:.2f} M in matmuls); {args.prompts} prompts x "
           f"{args.k} samples x {args.new_tokens} tokens (prompts {sizes['prompt_min']}-{sizes['P']} tokens, rows "
-          f"{sizes['T']}); beta 0.04; fp32; {args.warmup} warm-up + {args.steps} measured steps each, "
+          f"{sizes['T']}; reference and train compute {sizes['scored']} of the {B * sizes['T']} positions, each prompt "
+          f"once); beta 0.04; fp32; {args.warmup} warm-up + {args.steps} measured steps each, "
           f"interleaved; whole run {wall:.0f} s; rlpost rollout engine: {engine_name}")
     print(f"# equal work checked (every completion {args.new_tokens} tokens on both sides): "
           f"{'yes' if trl_ok and rl_ok else 'NO'}")
@@ -275,10 +283,14 @@ def main(argv=None) -> dict:
         print(f"  {role:<10} {f / 1e9:6.1f} GFLOP: median {g_med:5.1f} GFLOP/s = {100 * g_med / peak:3.0f}% of peak, "
               f"best {g_best:5.1f} = {100 * g_best / peak:3.0f}%; per CPU-second {g_cpu:5.1f} = "
               f"{100 * frac_cpu[role]:3.0f}% of the CPU-second peak")
+    need = step_flops / (median(trl_s) / 3) / 1e9
+    print(f"bound: {step_flops / 1e9:.1f} GFLOP per step at the {peak:.0f} GFLOP/s peak take {step_flops / peak / 1e9:.3f} s; "
+          f"3x TRL's median ({median(trl_s) / 3:.3f} s) needs {need:.0f} GFLOP/s = {100 * need / peak:.0f}% of the peak, "
+          f"sustained over the whole step")
     res = {"trl_median_s": median(trl_s), "trl_min_s": min(trl_s), "rlpost_median_s": median(rl_s),
            "rlpost_min_s": min(rl_s), "speedup_median": median(ratios), "speedup_cpu_median": median(cpu_ratios),
            "rlpost_roles_median_s": med, "rlpost_roles_median_share": share, "peak_gflops": peak,
-           "train_frac_of_peak": frac["train"], "step_frac_of_peak": frac["step"],
+           "train_frac_of_peak": frac["train"], "step_frac_of_peak": frac["step"], "frac_of_peak_for_3x": need / peak,
            "train_frac_of_peak_cpu": frac_cpu["train"], "peak_gflops_per_cpu_s": peak_cpu, "trl_steps_s": trl_s,
            "rlpost_steps_s": rl_s, "equal_work": trl_ok and rl_ok, "load_before": load_before,
            "load_after": load_after}

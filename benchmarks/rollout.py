@@ -27,6 +27,43 @@ import torch
 from benchmarks.common import build_llama, env_line, load_line, median, n_params, prompts, train_tokenizer
 
 
+def matmul_floor(cfg, prompt_lens: list[int], k: int, new_tokens: int, reps: int = 3) -> float:
+    """Seconds that the matrix products of one rollout call take alone, as plain torch calls: the prefill
+    of each prompt once, then new_tokens - 1 decode steps of all rows, each with every layer's projections
+    (q/k/v, o, gate/up, down) and its two attention products over the cache as long as it is at that step,
+    then the LM head. Every engine does at least these products, so generate's time over this floor bounds
+    what any engine written with torch's kernels can gain over it. Best of `reps`."""
+    C, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = C // H
+    B, P = len(prompt_lens) * k, max(prompt_lens)
+    weights = [torch.randn(n_in, n_out) for n_in, n_out in ((C, (H + 2 * Hkv) * D), (H * D, C), (C, 2 * I), (I, C))]
+    head = torch.randn(C, V)
+    cache = torch.randn(2, B, Hkv, P + new_tokens, D)
+    rows_max = max(B, sum(prompt_lens))
+    inputs = {n: torch.randn(rows_max, n) for n in {w.shape[0] for w in weights} | {C}}  # made outside the timing
+    q = torch.randn(B, Hkv, H // Hkv, D)
+
+    def projections(rows: int):
+        for w in weights:
+            torch.mm(inputs[w.shape[0]][:rows], w)
+
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _layer in range(cfg.num_hidden_layers):
+            projections(sum(prompt_lens))                                   # prefill, each prompt once
+        for step in range(1, new_tokens):
+            end = P + step
+            for _layer in range(cfg.num_hidden_layers):
+                projections(B)
+                scores = torch.matmul(q, cache[0, :, :, :end].transpose(-1, -2))
+                torch.matmul(scores, cache[1, :, :, :end])
+            torch.mm(inputs[C][:B], head)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def vllm_engine(model, tok):
     """rlpost's VLLMEngine, made to produce exactly max_new_tokens per sample (ignore_eos, no stop ids)."""
     from vllm import SamplingParams as VSamplingParams
@@ -136,6 +173,10 @@ def main(argv=None) -> dict:
                   f"{res[name]['speedup_median']:.2f}x (per repetition: "
                   f"{', '.join(f'{x:.2f}' for x in res[name]['ratios'])}; ratio of minima "
                   f"{min(wall['hf_generate']) / min(wall[name]):.2f}x)")
+    floor = res["matmul_floor_s"] = matmul_floor(model.hf.config, [len(p) for p in ids], args.k, R)
+    print(f"matmul floor (the call's matrix products alone, best of 3): {floor:.3f} s; transformers.generate's "
+          f"median over it: {res['hf_generate']['median_s'] / floor:.2f}x = the most any engine built on these "
+          f"kernels can gain; native's time over it: {res['native']['median_s'] / floor:.2f}x")
     print(f"# load average after: {res['load_after']}")
     if "vllm" in engines:
         engines["vllm"].close()
