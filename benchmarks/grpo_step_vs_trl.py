@@ -52,12 +52,13 @@ def reward_text(text: str) -> float:
     return sum(c.isdigit() for c in text) / max(len(text), 1)
 
 
-def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int, k: int, new_tokens: int):
+def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int, k: int, new_tokens: int,
+                 compile: bool = False):
     """rlpost's controller with every role, as `rlpost train` wires it for an HF model."""
     from rlpost.algorithms import get_algorithm
     from rlpost.config import ModelConfig
     from rlpost.controller import Controller
-    from rlpost.models import load_model, shared_prompt
+    from rlpost.models import compile_model, load_model, shared_prompt
     from rlpost.reference import Reference
     from rlpost.reward import Reward
     from rlpost.rollout import SamplingParams, build_engine
@@ -67,9 +68,13 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     model, tok = load_model(ModelConfig(name=folder))
     engine = build_engine("auto", model, tok)
     rows = [{"prompt": p, "answer": ""} for p in prompt_texts]
+    reference = Reference(model)
+    if compile:  # as `rlpost train trainer.compile=true` does it
+        compile_model(model)
+        compile_model(reference.model)
     ctl = Controller(
         rows=rows, prompt_ids=[tok.encode_prompt(p) for p in prompt_texts], engine=engine,
-        reward=Reward(lambda completion, row: reward_text(completion), tok), reference=Reference(model),
+        reward=Reward(lambda completion, row: reward_text(completion), tok), reference=reference,
         algorithm=get_algorithm("grpo", clip_low=0.2, clip_high=0.28, beta=0.04),
         trainer=Trainer(model, lr=lr, grad_clip=1.0), weight_sync=WeightSync(model, engine, "pointer"),
         params=SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=1.0),
@@ -113,7 +118,7 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
 
 
 def build_trl(folder: str, prompt_texts: list[str], steps: int, lr: float, n_prompts: int, k: int,
-              new_tokens: int, out: str):
+              new_tokens: int, out: str, compile: bool = False):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -128,7 +133,7 @@ def build_trl(folder: str, prompt_texts: list[str], steps: int, lr: float, n_pro
         beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", num_iterations=1, learning_rate=lr,
         max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-        seed=0, lr_scheduler_type="constant", warmup_steps=0,
+        seed=0, lr_scheduler_type="constant", warmup_steps=0, torch_compile=compile,
     )
     tok = AutoTokenizer.from_pretrained(folder)
     ds = Dataset.from_list([{"prompt": p} for p in prompt_texts])
@@ -145,6 +150,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile both sides: rlpost's trainer.compile, TRL's torch_compile (compiling "
+                         "happens in the warm-up steps; raise --warmup if shapes keep recompiling)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +170,8 @@ def main(argv=None) -> dict:
         folder = os.path.join(tmp, "model")
         hf, _ = save_llama(folder)
         N_all, N_emb = n_params(hf), hf.get_input_embeddings().weight.numel()
-        ctl, engine_name = build_rlpost(folder, all_prompts, args.lr, args.prompts, args.k, args.new_tokens)
+        ctl, engine_name = build_rlpost(folder, all_prompts, args.lr, args.prompts, args.k, args.new_tokens,
+                                        args.compile)
         trl_wall, trl_cpu, rl_metrics, rl_cpu = [], [], [], []
 
         class Interleave(TrainerCallback):
@@ -185,7 +194,7 @@ def main(argv=None) -> dict:
                     logged.append((logs["completions/min_length"], logs["completions/max_length"]))
 
         trainer = build_trl(folder, all_prompts, total, args.lr, args.prompts, args.k, args.new_tokens,
-                            os.path.join(tmp, "trl"))
+                            os.path.join(tmp, "trl"), args.compile)
         trainer.add_callback(Interleave())
         # TRL's phases, timed around its own methods: generation (transformers.generate), and generation +
         # scoring (rewards, reference log-probs, advantages); the rest of its step is the loss, backward
@@ -241,7 +250,8 @@ def main(argv=None) -> dict:
           f"{args.k} samples x {args.new_tokens} tokens (prompts {sizes['prompt_min']}-{sizes['P']} tokens, rows "
           f"{sizes['T']}; reference and train compute {sizes['scored']} of the {B * sizes['T']} positions, each prompt "
           f"once); beta 0.04; fp32; {args.warmup} warm-up + {args.steps} measured steps each, "
-          f"interleaved; whole run {wall:.0f} s; rlpost rollout engine: {engine_name}")
+          f"interleaved; whole run {wall:.0f} s; rlpost rollout engine: {engine_name}; "
+          f"torch.compile: {'both sides' if args.compile else 'off'}")
     print(f"# equal work checked (every completion {args.new_tokens} tokens on both sides): "
           f"{'yes' if trl_ok and rl_ok else 'NO'}")
     print(f"{'':<28}{'median s':>9}{'min s':>8}{'median CPU s':>14}")

@@ -26,7 +26,7 @@ from rlpost.config import Config, to_dict
 from rlpost.controller import Controller
 from rlpost.critic import Critic
 from rlpost.evaluate import pass_at_1
-from rlpost.models import load_model, save_model
+from rlpost.models import compile_model, load_model, save_model
 from rlpost.reference import Reference
 from rlpost.reward import Reward, load_reward_fn
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
@@ -147,10 +147,14 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
         params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                                 top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                                 max_num_seqs=cfg.rollout.max_num_seqs, stop=list(cfg.rollout.stop))
+        reference = Reference(model, cfg.rollout.temperature) if algorithm.uses_reference else None
+        if cfg.trainer.compile:  # after the reference (and a separate critic) copied the eager policy
+            compile_model(model)
+            if reference is not None:
+                compile_model(reference.model)
         controller = Controller(
             rows=task.train_rows, prompt_ids=[tokenizer.encode_prompt(r["prompt"]) for r in task.train_rows],
-            engine=engine, reward=rl_reward,
-            reference=Reference(model, cfg.rollout.temperature) if algorithm.uses_reference else None,
+            engine=engine, reward=rl_reward, reference=reference,
             algorithm=algorithm, trainer=trainer, weight_sync=WeightSync(model, engine, cfg.rl.weight_sync),
             params=params, prompts_per_step=cfg.rollout.prompts_per_step, k=cfg.rollout.k, seed=cfg.seed,
             critic=critic, max_refill_rounds=cfg.rollout.max_refill_rounds)

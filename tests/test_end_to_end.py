@@ -113,3 +113,16 @@ def test_default_recipe_beats_the_demonstrator(tmp_path):
     summary = train(load_config(None, [f"out_dir={tmp_path}", "run_name=default"]))
     assert summary["pass@1_rl"] >= summary["demonstrator_accuracy"] + 0.10
     assert summary["pass@1_rl"] >= summary["pass@1_sft"] + 0.15
+
+
+@pytest.mark.slow
+def test_trainer_compile_runs_grpo_on_an_hf_model(tiny_llama_dir, tmp_path):
+    cfg = load_config(None, TINY + [f"model.name={tiny_llama_dir}", "sft.steps=0", "rl.steps=2", "rl.eval_every=0",
+                                    "trainer.compile=true", f"out_dir={tmp_path}", "run_name=compiled",
+                                    "rollout.max_new_tokens=4"])
+    summary = train(cfg)
+    assert summary["status"] == "ok"
+    rl = [m for m in read_metrics(tmp_path / "compiled") if m["stage"] == "rl"]
+    assert len(rl) == 2 and all(m["rollout/logp_mismatch_max"] < 1e-4 for m in rl)
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "compiled" / "checkpoints" / "final")

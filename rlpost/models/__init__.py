@@ -156,6 +156,22 @@ def save_model(model: nn.Module, tokenizer, folder: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile the model's transformer blocks in place, with dynamic shapes (batch and length vary
+    from step to step). The module tree, parameter names and checkpoints are unchanged. An HF model's
+    trunk (`.hf.model`) is compiled; gpt_mini's blocks one by one. The first forward and backward of each
+    new kind of call (plain, shared-prompt, with or without grad) compile, which takes tens of seconds;
+    later calls reuse the kernels."""
+    if isinstance(model, HFCausalLM):
+        model.hf.model.compile(dynamic=True)
+    elif isinstance(model, GPT):
+        for block in model.transformer.h:
+            block.compile(dynamic=True)
+    else:
+        raise TypeError(f"compile_model supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+    return model
+
+
 # ---------------------------------------------------------------------------- scoring tokens
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
