@@ -69,11 +69,17 @@ def save_llama(folder: str, **kw):
     return model, tok
 
 
-def prompts(n: int, seed: int = 1) -> list[str]:
+def prompts(n: int, seed: int = 1, words: int = 0) -> list[str]:
+    """n arithmetic questions; with `words`, each starts with that many random words of its own (long prompts
+    that share no prefix, so the cross-prompt prefix cache does not shorten them)."""
     import random
 
     rng = random.Random(seed)
-    return [f"Question: what is {rng.randint(0, 999)}+{rng.randint(0, 999)}? Answer:" for _ in range(n)]
+    out = []
+    for _ in range(n):
+        lead = " ".join(rng.choice(WORDS) for _ in range(words))
+        out.append(f"{lead + ' ' if lead else ''}Question: what is {rng.randint(0, 999)}+{rng.randint(0, 999)}? Answer:")
+    return out
 
 
 def n_params(model, embeddings: bool = True) -> int:

@@ -147,6 +147,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-words", type=int, default=0,
+                    help="start each prompt with this many random words of its own (long prompts)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -163,7 +165,7 @@ def main(argv=None) -> dict:
 
     transformers.logging.set_verbosity_error()
     total = args.steps + args.warmup
-    all_prompts = prompts(args.prompts * total)
+    all_prompts = prompts(args.prompts * total, words=args.prompt_words)
     load_before = load_line()
     peak_before = matmul_peak(quick=True)
     with tempfile.TemporaryDirectory() as tmp:

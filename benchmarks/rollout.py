@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/rollout.py          # native vs transformers.generate: 8 prompts x K=8, 64 tokens
     .venv-vllm/bin/python benchmarks/rollout.py     # the same, plus the vLLM column (vLLM's CPU build)
+    .venv/bin/python benchmarks/rollout.py --prompt-words 100   # long prompts (~120 tokens), no shared prefix
 
 Every engine samples at temperature 1 with old_logp captured (generate returns its logits for it,
 exactly as rlpost's `hf` engine does; vLLM returns its processed log-probs), and every sample is
@@ -31,8 +32,10 @@ def matmul_floor(cfg, prompt_lens: list[int], k: int, new_tokens: int, reps: int
     """Seconds that the matrix products of one rollout call take alone, as plain torch calls: the prefill
     of each prompt once, then new_tokens - 1 decode steps of all rows, each with every layer's projections
     (q/k/v, o, gate/up, down) and its two attention products over the cache as long as it is at that step,
-    then the LM head. Every engine does at least these products, so generate's time over this floor bounds
-    what any engine written with torch's kernels can gain over it. Best of `reps`."""
+    then the LM head. Every engine that reads each row's whole sequence in attention does at least these
+    products, so generate's time over this floor bounds what such an engine written with torch's kernels can
+    gain over it (shared-prompt attention reads a long prompt once per prompt, and can go below it). Best
+    of `reps`."""
     C, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = C // H
@@ -99,6 +102,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--prompt-words", type=int, default=0,
+                    help="start each prompt with this many random words of its own (long prompts)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -118,7 +123,7 @@ def main(argv=None) -> dict:
     model = HFCausalLM(build_llama(hf_tok, args.hidden, args.layers, args.heads, args.intermediate)).eval()
     model.requires_grad_(False)
     tok = HFTokenizer(hf_tok)
-    ids = [tok.encode_prompt(p) for p in prompts(args.prompts)]
+    ids = [tok.encode_prompt(p) for p in prompts(args.prompts, words=args.prompt_words)]
     R = args.max_new_tokens
     params = SamplingParams(max_new_tokens=R, temperature=1.0, min_new_tokens=R)
     no_vllm = "skipped (--no-vllm)" if args.no_vllm else vllm_missing()

@@ -67,9 +67,39 @@ def test_capped_run_draws_the_same_samples_and_old_logp_as_uncapped(request, nam
         assert any(ragged for _, ragged in calls)  # sequences joined mid-flight, at their own columns
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_greedy_under_a_cap_equals_transformers_generate(request, name):
+@pytest.mark.parametrize("name", ["gpt", "llama", "qwen2"])
+@pytest.mark.parametrize("cap", [0, 3])
+def test_shared_prompt_attention_draws_what_per_row_prompts_draw(request, name, cap):
+    """Reading each prompt once from the prompt table (scheduler.attend) is the same attention as reading
+    every row's own copy: same samples, finish reasons and old_logp; on left-padded prompts, with GQA
+    (qwen2), under a cap (rows join late, at their own columns) and with rows ending early."""
     engine, model, tok, V, prompts = setup(request, name)
+    stops = [0, 7] if name == "gpt" else list(range(0, V, 8))
+    params = SamplingParams(max_new_tokens=10, min_new_tokens=1, stop_token_ids=stops, max_num_seqs=cap)
+    engine.shared_attention_min = 10 ** 9                     # every row holds its prompt
+    per_row = engine.generate(prompts, 3, params, seed=5)
+    engine.shared_attention_min = 0                           # the prompts stay in one table
+    decodes, forward = [], engine.forward
+    engine.forward = lambda ctx, ids, pos, kv, cols, end, mask, shared=None: (
+        (ids.shape[1] == 1 and decodes.append((shared is not None, isinstance(cols, torch.Tensor)))) or
+        forward(ctx, ids, pos, kv, cols, end, mask, shared))
+    batch = engine.generate(prompts, 3, params, seed=5)
+
+    assert decodes and all(used for used, _ in decodes)
+    assert any(ragged for _, ragged in decodes) == (cap > 0)
+    assert torch.equal(batch.input_ids, per_row.input_ids) and torch.equal(batch.response_mask, per_row.response_mask)
+    assert batch.meta["finish_reason"] == per_row.meta["finish_reason"]
+    assert len(set(batch.response_mask.sum(1).tolist())) > 1  # rows of different lengths
+    assert (batch.old_logp - per_row.old_logp).abs().max() <= 1e-5
+    logp = token_logprobs(model, batch) * batch.response_mask
+    assert (logp - batch.old_logp).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("shared_attention_min", [64, 0])
+def test_greedy_under_a_cap_equals_transformers_generate(request, name, shared_attention_min):
+    engine, model, tok, V, prompts = setup(request, name)
+    engine.shared_attention_min = shared_attention_min  # 0: decode reads the prompts from the shared table
     P = max(map(len, prompts))
     ids = torch.full((len(prompts), P), tok.pad_token_id)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from rlpost.batch import Batch
 from rlpost.rollout import SamplingParams, scheduler
-from rlpost.rollout.scheduler import write_kv
+from rlpost.rollout.scheduler import attend, write_kv
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only
@@ -90,6 +90,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class HFNativeEngine:
     prefix_block = 16  # tokens per block of the cross-prompt prefix cache (0: off)
+    shared_attention_min = 64  # prompts this long (or longer) are read once per prompt in decode (scheduler.attend)
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -103,7 +104,7 @@ class HFNativeEngine:
 
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
         return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self.policy_version,
-                                  self.prefix_block)
+                                  self.prefix_block, self.shared_attention_min)
 
     def _current_weights(self) -> _Weights:
         hf = self.model.hf
@@ -129,7 +130,7 @@ class HFNativeEngine:
         return torch.zeros((2, len(w.layers), rows, w.n_kv, S, w.head_dim), dtype=w.embed.dtype,
                            device=w.embed.device)
 
-    def forward(self, ctx, ids, pos, kv, cols, end, mask) -> torch.Tensor:
+    def forward(self, ctx, ids, pos, kv, cols, end, mask, shared=None) -> torch.Tensor:
         w, cos_t, sin_t = ctx
         L, t = ids.shape
         H, Hkv, D = w.n_head, w.n_kv, w.head_dim
@@ -143,8 +144,7 @@ class HFNativeEngine:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = write_kv(kv[0, i], kv[1, i], k, v.view(L, t, Hkv, D).transpose(1, 2), cols, end)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=w.scaling,
-                                               enable_gqa=H != Hkv)
+            a = attend(q, keys, values, mask, w.scaling, shared, i)
             x = x + F.linear(a.transpose(1, 2).reshape(L, t, H * D), wo, bo)
             h = _rms_norm(x, ln2, eps2)
             g, u = F.linear(h, wgu, bgu).chunk(2, dim=-1)

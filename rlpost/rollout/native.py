@@ -10,16 +10,16 @@ scheduler's preallocated KV cache.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from rlpost.batch import Batch
 from rlpost.models.gpt_mini import GPT
 from rlpost.rollout import SamplingParams, scheduler
-from rlpost.rollout.scheduler import write_kv
+from rlpost.rollout.scheduler import attend, write_kv
 
 
 class NativeEngine:
     prefix_block = 16  # tokens per block of the cross-prompt prefix cache (0: off)
+    shared_attention_min = 64  # prompts this long (or longer) are read once per prompt in decode (scheduler.attend)
 
     def __init__(self, model: GPT, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -31,7 +31,7 @@ class NativeEngine:
 
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
         return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self.policy_version,
-                                  self.prefix_block)
+                                  self.prefix_block, self.shared_attention_min)
 
     # ------------------------------------------------------------------ the runner (scheduler.py)
 
@@ -50,7 +50,7 @@ class NativeEngine:
         return torch.zeros((2, cfg.n_layer, rows, cfg.n_head, S, cfg.n_embd // cfg.n_head), dtype=w.dtype,
                            device=w.device)
 
-    def forward(self, m: GPT, ids, pos, kv, cols, end, mask) -> torch.Tensor:
+    def forward(self, m: GPT, ids, pos, kv, cols, end, mask, shared=None) -> torch.Tensor:
         L, t = ids.shape
         C, nh = m.config.n_embd, m.config.n_head
         tr = m.transformer
@@ -58,7 +58,7 @@ class NativeEngine:
         for i, block in enumerate(tr.h):
             q, k, v = (z.view(L, t, nh, C // nh).transpose(1, 2) for z in block.attn.c_attn(block.ln_1(x)).split(C, 2))
             keys, values = write_kv(kv[0, i], kv[1, i], k, v, cols, end)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            y = attend(q, keys, values, mask, None, shared, i)
             x = x + block.attn.c_proj(y.transpose(1, 2).reshape(L, t, C))
             x = x + block.mlp(block.ln_2(x))
         return tr.ln_f(x)

@@ -5,12 +5,13 @@ A runner knows its model and nothing about scheduling:
 
     ctx = runner.prepare(S)                                  # per-call state (weights, RoPE table), S columns
     kv = runner.new_cache(rows, S)                           # zeros [2, n_layer, rows, H_kv, S, head_dim]
-    x = runner.forward(ctx, ids, pos, kv, cols, end, mask)   # final hidden states [L, t, C]
-    logits = runner.logits(ctx, x[:, -1])                    # [L, V]
+    x = runner.forward(ctx, ids, pos, kv, cols, end, mask, shared)   # final hidden states [L, t, C]
+    logits = runner.logits(ctx, x[:, -1])                            # [L, V]
 
 `forward` runs tokens ids [L, t] at positions pos [L, t], writes their keys/values into kv (`write_kv`:
 at columns cols .. cols+t-1 when cols is an int, at column cols[r] of row r when it is a tensor) and
-attends to columns :end under mask (bool [L, 1, t, end], True = attend; None = every column).
+attends to columns :end under mask (bool [L, 1, t, end], True = attend; None = every column), and to
+each row's prompt in the shared prompt table when `shared` is given (`attend`, decode steps only).
 
 The scheduler (`generate`) owns everything else:
 
@@ -19,7 +20,11 @@ The scheduler (`generate`) owns everything else:
    as [left-padded prompt | response]: the prompt ends at column P (the longest prompt), response token t
    sits at column P + t.
 2. Prefix sharing. A prompt is prefilled when its first sample is admitted; its KV and last logits are
-   kept until its last sample is admitted, so its K samples share one prefill.
+   kept until its last sample is admitted, so its K samples share one prefill. Prompts of at least
+   `shared_attention_min` columns go further: their KV stays in one table [2, n_layer, N, H, P, D] for
+   the whole call, each row's cache holds only its response, and a decode step reads each prompt once
+   for all its samples (`attend`). That cuts the prompt's memory and its per-step reads K-fold, which
+   is what long prompts need; short ones are faster copied into their rows (one SDPA call per layer).
 3. Prefix cache. A block-aligned (`prefix_block` tokens) leading prefix that two or more prompts of the
    call share (a system prompt) is prefilled once; the prompts that start with it copy its KV and
    prefill only the rest.
@@ -38,8 +43,10 @@ The scheduler (`generate`) owns everything else:
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from rlpost.batch import Batch
 from rlpost.rollout import SamplingParams, StopStrings, assemble, sample_next
@@ -55,6 +62,66 @@ def write_kv(kc, vc, k, v, cols, end: int):
         kc[rows, :, cols] = k[:, :, 0]
         vc[rows, :, cols] = v[:, :, 0]
     return kc[:, :, :end], vc[:, :, :end]
+
+
+@dataclass
+class SharedPrompts:
+    """What a decode step needs to read each row's prompt from the call's prompt table instead of the row:
+    row r's prompt KV is table[:, layer, group[r]], and it is sample slot[r] < k of that prompt."""
+
+    table: torch.Tensor          # [2, n_layer, G, H_kv, P, D]: the prompts, left-padded to P columns
+    group: torch.Tensor          # [L]
+    slot: torch.Tensor           # [L]
+    k: int
+    mask: torch.Tensor | None    # [G, 1, 1, P] bool, True on real prompt columns (None: no left padding)
+
+
+def attend(q, keys, values, mask, scale: float | None, shared: SharedPrompts | None = None, layer: int = 0):
+    """Softmax attention of q [L, H, t, D] over keys / values [L, H_kv, S, D] under mask ([L, 1, t, S] bool,
+    True = attend; None = all), H a multiple of H_kv; scale None means D ** -0.5.
+
+    With `shared` (decode steps only, t = 1) each row also attends to its prompt in the shared table,
+    and keys / values hold only the responses. The prompt is read once per prompt, not once per sample:
+    the queries of a prompt's k samples are stacked into one matmul against its keys, and the two parts
+    meet in one softmax over [prompt | response] columns, so the result is the attention over the row's
+    whole sequence. That is the K-fold cut in memory traffic that long prompts need.
+    """
+    L, H, t, D = q.shape
+    Hkv = keys.shape[1]
+    if shared is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+    g, k, scale = H // Hkv, shared.k, D ** -0.5 if scale is None else scale
+    pk, pv = shared.table[0, layer], shared.table[1, layer]                     # [G, H_kv, P, D]
+    G, P = pk.shape[0], pk.shape[2]
+    rows = (shared.group, shared.slot)
+
+    def to_prompts(x):   # [L, H_kv, g, n] -> [G, H_kv, k * g, n]: each prompt's samples stacked, zeros for gaps
+        out = x.new_zeros(G, k, Hkv, g, x.shape[-1])
+        out[rows] = x
+        return out.permute(0, 2, 1, 3, 4).reshape(G, Hkv, k * g, x.shape[-1])
+
+    def to_rows(x):      # the inverse
+        return x.view(G, Hkv, k, g, x.shape[-1]).permute(0, 2, 1, 3, 4)[rows]
+
+    qr = q.reshape(L, Hkv, g, D) * scale
+    prompt = to_rows(torch.matmul(to_prompts(qr), pk.transpose(-1, -2)))          # [L, H_kv, g, P]
+    if shared.mask is not None:
+        prompt = prompt.masked_fill(~shared.mask[shared.group], float("-inf"))
+    response = torch.matmul(qr, keys.transpose(-1, -2))                            # [L, H_kv, g, S]
+    if mask is not None:
+        response = response.masked_fill(~mask, float("-inf"))
+    p_prompt, p_response = torch.cat([prompt, response], -1).softmax(-1).split([P, response.shape[-1]], -1)
+    out = torch.matmul(p_response, values) + to_rows(torch.matmul(to_prompts(p_prompt), pv))
+    return out.reshape(L, H, 1, D)
+
+
+def shared_prompts(table, mask, live: torch.Tensor, k: int) -> SharedPrompts:
+    """The SharedPrompts of rows running sequences `live` (sequence s is sample s % k of prompt s // k).
+    The step reads the table's prompts from the lowest to the highest that has a running sample: a view,
+    no copy (sequences are admitted in order, so that span is short under max_num_seqs)."""
+    owner = live // k
+    lo, hi = int(owner.min()), int(owner.max()) + 1
+    return SharedPrompts(table[:, :, lo:hi], owner - lo, live % k, k, None if mask is None else mask[lo:hi])
 
 
 def shared_prefix_lengths(prompts: list[list[int]], block: int) -> list[int]:
@@ -96,23 +163,27 @@ def prefill(runner, ctx, seqs: list[list[int]], width: int, prefixes=None, want_
 
 class PromptCache:
     """The prefilled prompts of one call: a prompt's KV [2, n_layer, H, P, D] and last logits [V] are kept
-    from its first sample's admission to its last one's; and the KV of prefixes shared across prompts."""
+    from its first sample's admission to its last one's; and the KV of prefixes shared across prompts.
 
-    def __init__(self, runner, ctx, prompts: list[list[int]], k: int, block: int):
-        self.runner, self.ctx, self.prompts, self.k = runner, ctx, prompts, k
+    With `table` ([2, n_layer, N, H, P, D], shared-prompt attention) prompt i's KV goes to table[:, :, i]
+    instead, where the decode steps of all its samples read it, and `take` returns no KV."""
+
+    def __init__(self, runner, ctx, prompts: list[list[int]], k: int, block: int, table=None):
+        self.runner, self.ctx, self.prompts, self.k, self.table = runner, ctx, prompts, k, table
         self.P = max(map(len, prompts))
         self.shared = shared_prefix_lengths(prompts, block)
         self.prefix_kv: dict[tuple, torch.Tensor] = {}
-        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kept: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
-    def take(self, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """KV [2, n_layer, n, H, P, D] and first-token logits [n, V] of sequences `seqs` (taken in order)."""
+    def take(self, seqs: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """KV [2, n_layer, n, H, P, D] (None with a table) and first-token logits [n, V] of sequences `seqs`
+        (taken in order)."""
         owners = [s // self.k for s in seqs]
         new = sorted(set(owners) - self.kept.keys())
         for group in ([i for i in new if not self.shared[i]], [i for i in new if self.shared[i]]):
             if group:  # prompts with and without a shared prefix start at different columns: two passes
                 self._prefill(group)
-        kv = torch.stack([self.kept[i][0] for i in owners], 2)
+        kv = None if self.table is not None else torch.stack([self.kept[i][0] for i in owners], 2)
         logits = torch.stack([self.kept[i][1] for i in owners])
         for s in seqs:
             if s % self.k == self.k - 1:  # the prompt's last sample: nobody needs its KV any more
@@ -131,13 +202,16 @@ class PromptCache:
         prefixes = [self.prefix_kv[h] if h else None for h in heads]
         kv, logits = prefill(self.runner, self.ctx, seqs, self.P, prefixes)
         for j, i in enumerate(group):
-            self.kept[i] = (kv[:, :, j], logits[j])
+            if self.table is not None:
+                self.table[:, :, i] = kv[:, :, j]
+            self.kept[i] = (None if self.table is not None else kv[:, :, j], logits[j])
 
 
 @torch.no_grad()
 def generate(runner, tok, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0,
-             version: int = 0, prefix_block: int = 16) -> Batch:
-    """Sample k completions of every prompt with `runner`; see the module docstring."""
+             version: int = 0, prefix_block: int = 16, shared_attention_min: int = 64) -> Batch:
+    """Sample k completions of every prompt with `runner`; see the module docstring. Prompts of at least
+    `shared_attention_min` columns (and k > 1) use shared-prompt attention (`attend`)."""
     N, R = len(prompts), params.max_new_tokens
     if R < 1 or params.max_num_seqs < 0:
         raise ValueError(f"max_new_tokens must be >= 1 (got {R}) and max_num_seqs >= 0, 0 meaning no cap "
@@ -146,10 +220,19 @@ def generate(runner, tok, prompts: list[list[int]], k: int, params: SamplingPara
     cap = min(params.max_num_seqs or B, B)
     dev, S = runner.device, P + R
     ctx = runner.prepare(S)
-    cache = PromptCache(runner, ctx, prompts, k, prefix_block)
-    kv = runner.new_cache(cap, S)                                           # cache row r runs sequence live[r]
-    U = 1 - torch.rand((B, R), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # (0, 1]
     plen = torch.tensor([len(p) for p in prompts]).repeat_interleave(k)     # prompt length of each sequence
+    # shared-prompt attention: the prompts stay in one table [2, n_layer, N, H, P, D] and each row's cache
+    # holds its response only (column t = response token t); otherwise a row holds [prompt | response]
+    shared = k > 1 and P >= shared_attention_min
+    base = 0 if shared else P                                               # the cache column of token 0
+    table = runner.new_cache(N, P) if shared else None
+    prompt_mask = None
+    if shared and int(plen.min()) < P:
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        prompt_mask = (torch.arange(P, device=dev) >= P - lens[:, None])[:, None, None]   # [N, 1, 1, P]
+    cache = PromptCache(runner, ctx, prompts, k, prefix_block, table)
+    kv = runner.new_cache(cap, R if shared else S)                          # cache row r runs sequence live[r]
+    U = 1 - torch.rand((B, R), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # (0, 1]
     stop_ids = torch.tensor([tok.eos_token_id, *params.stop_token_ids], device=dev)
     stop_strings = StopStrings(params.stop, tok.decode) if params.stop else None
     col = torch.arange(S, device=dev)
@@ -167,7 +250,8 @@ def generate(runner, tok, prompts: list[list[int]], k: int, params: SamplingPara
         if n:
             seqs = list(range(admitted, admitted + n))
             pkv, plogits = cache.take(seqs)
-            kv[:, :, len(live):len(live) + n, :, :P] = pkv
+            if not shared:
+                kv[:, :, len(live):len(live) + n, :, :P] = pkv
             live = torch.cat([live, torch.tensor(seqs)])
             logits = plogits if logits is None else torch.cat([logits, plogits])
             admitted += n
@@ -212,14 +296,18 @@ def generate(runner, tok, prompts: list[list[int]], k: int, params: SamplingPara
             continue
 
         # 4. decode: feed each running row its last token
-        L, step = len(live), lengths[live] - 1                              # token `step` sits at column P + step
+        L, step = len(live), lengths[live] - 1                              # token `step` sits at column base + step
         feed = tokens[live, step].to(dev)
-        cols, pos = (P + step).to(dev), (plen[live] + step).to(dev)
+        cols, pos = (base + step).to(dev), (plen[live] + step).to(dev)
         lockstep = bool((step == step[0]).all())                            # no sequence joined late
-        at, end = (P + int(step[0]), P + int(step[0]) + 1) if lockstep else (cols, int(cols.max()) + 1)
-        mask = None
-        if not (lockstep and bool((plen[live] == P).all())):                # left padding, or ragged rows
+        at, end = (base + int(step[0]), base + int(step[0]) + 1) if lockstep else (cols, int(cols.max()) + 1)
+        mask = prompts_of_rows = None
+        if shared:
+            if not lockstep:                                                # ragged rows: each sees its own tokens
+                mask = (col[:end] <= cols[:, None])[:, None, None]
+            prompts_of_rows = shared_prompts(table, prompt_mask, live.to(dev), k)
+        elif not (lockstep and bool((plen[live] == P).all())):              # left padding, or ragged rows
             mask = ((col[:end] >= (P - plen[live]).to(dev)[:, None]) & (col[:end] <= cols[:, None]))[:, None, None]
-        x = runner.forward(ctx, feed[:, None], pos[:, None], kv[:, :, :L], at, end, mask)
+        x = runner.forward(ctx, feed[:, None], pos[:, None], kv[:, :, :L], at, end, mask, prompts_of_rows)
         logits, first = runner.logits(ctx, x[:, -1]), 0
     return assemble(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id, version)
