@@ -104,6 +104,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--prompt-words", type=int, default=0,
                     help="start each prompt with this many random words of its own (long prompts)")
+    ap.add_argument("--shared-attention-min", type=int, default=None,
+                    help="the native engine's shared_attention_min (prompt columns from which decode reads each "
+                         "prompt once; a huge value turns shared-prompt attention off; default: the engine's)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -133,7 +136,13 @@ def main(argv=None) -> dict:
           f"vocab {len(hf_tok)}: {n_params(model) / 1e6:.2f} M params; {args.prompts} prompts x K={args.k}, "
           f"prompts {min(map(len, ids))}-{max(map(len, ids))} tokens, {R} new tokens each; {args.reps} repetitions")
 
-    builders = {"native": lambda: HFNativeEngine(model, tok), "hf_generate": lambda: HFGenerateEngine(model, tok)}
+    def native():
+        engine = HFNativeEngine(model, tok)
+        if args.shared_attention_min is not None:
+            engine.shared_attention_min = args.shared_attention_min
+        return engine
+
+    builders = {"native": native, "hf_generate": lambda: HFGenerateEngine(model, tok)}
     if no_vllm is None:
         builders["vllm"] = lambda: vllm_engine(model, tok)
     engines, startup = {}, {}
