@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.models import position_ids_for
+from rlpost.models import trunk_hidden_states
 
 
 class Critic(nn.Module):
@@ -41,6 +41,6 @@ class Critic(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         trunk = self._trunk[0] if self.shared else self.trunk
-        h = trunk.hidden_states(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
+        h = trunk_hidden_states(trunk, batch)                       # each distinct prompt computed once
         v = self.head(h.float()).squeeze(-1)                         # (B, T): value after reading token t
         return F.pad(v[:, :-1], (1, 0)) * batch.response_mask        # (B, T): value before emitting token t

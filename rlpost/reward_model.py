@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
-from rlpost.models import ModelLoadError, load_model, position_ids_for, save_model
+from rlpost.models import ModelLoadError, load_model, position_ids_for, save_model, trunk_hidden_states
 from rlpost.preference.data import PreferenceData
 from rlpost.reward import decode_responses
 
@@ -70,12 +70,16 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B] rewards, read from the hidden state of each row's last real token."""
-        h = self.trunk.hidden_states(input_ids, attention_mask, position_ids_for(attention_mask))
-        last = last_token_index(attention_mask)
-        return self.head(h[torch.arange(len(h)), last].float()).squeeze(-1)
+        return self._read(self.trunk.hidden_states(input_ids, attention_mask, position_ids_for(attention_mask)),
+                          attention_mask)
 
     def score(self, batch: Batch) -> torch.Tensor:
-        return self(batch.input_ids, batch.attention_mask)
+        """[B] rewards of a batch, as `forward`; rows that share a prompt (a pair, K samples) compute it once."""
+        return self._read(trunk_hidden_states(self.trunk, batch), batch.attention_mask)
+
+    def _read(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        last = last_token_index(attention_mask)
+        return self.head(h[torch.arange(len(h)), last].float()).squeeze(-1)
 
     def save(self, folder: str, tokenizer) -> None:
         """The trunk as an ordinary checkpoint (loads in transformers) plus the head in reward_head.safetensors."""
@@ -179,7 +183,7 @@ class LearnedReward:
     @torch.no_grad()
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
         device = next(self.rm.parameters()).device
-        rewards = self.rm(batch.input_ids.to(device), batch.attention_mask.to(device)).float().cpu()
+        rewards = self.rm.score(batch.to(device)).float().cpu()
         texts = decode_responses(batch, self.tokenizer)
         meta = {**batch.meta, "completion": texts}
         if self.gold is not None:  # the controller reports it as reward/gold_mean beside reward/mean (the proxy)

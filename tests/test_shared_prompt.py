@@ -88,6 +88,44 @@ def test_shared_prompt_scoring_equals_the_plain_forward(kind, tiny_llama_dir, mo
         torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("kind", ["gpt_mini", "hf_llama"])
+def test_value_heads_and_reward_models_read_shared_prompts_alike(kind, tiny_llama_dir):
+    """trunk_hidden_states (the critic's and the reward model's trunk pass) equals the plain pass: the
+    hidden states, the critic's values and their gradients, and the reward model's scores."""
+    from rlpost.critic import Critic
+    from rlpost.models import position_ids_for, trunk_hidden_states
+    from rlpost.reward_model import RewardModel
+
+    model = _gpt_mini() if kind == "gpt_mini" else _hf_llama(tiny_llama_dir)
+    batch = layout_batch(16)
+    plain = model.hidden_states(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
+    torch.testing.assert_close(trunk_hidden_states(model, batch), plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(trunk_hidden_states(model, batch, share_prompt=False), plain, rtol=0, atol=0)
+
+    critic = Critic.build(model, "separate")
+    torch.nn.init.normal_(critic.head.weight)             # a head that reads the hidden state
+    grads = []
+    for share in (False, True):
+        critic.zero_grad(set_to_none=True)
+        if share:
+            values = critic(batch)
+        else:
+            h = trunk_hidden_states(critic.trunk, batch, share_prompt=False)
+            values = torch.nn.functional.pad(critic.head(h.float()).squeeze(-1)[:, :-1], (1, 0)) * batch.response_mask
+        values.sum().backward()
+        grads.append((values.detach(), {n: p.grad.clone() for n, p in critic.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=1e-4)
+    assert grads[1][1].keys() == grads[0][1].keys()
+    for name, g in grads[0][1].items():   # a head of std 1 makes large gradients: compare at their scale
+        torch.testing.assert_close(grads[1][1][name], g, rtol=0, atol=1e-6 * float(g.abs().max()),
+                                   msg=f"gradient of {name}")
+
+    rm = RewardModel.from_policy(model)
+    torch.nn.init.normal_(rm.head.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(rm.score(batch), rm(batch.input_ids, batch.attention_mask), rtol=0, atol=1e-5)
+
+
 def test_gradient_checkpointing_scores_without_sharing(tiny_llama_dir, monkeypatch):
     model = _hf_llama(tiny_llama_dir)
     batch = layout_batch(16)

@@ -39,17 +39,21 @@ class HFCausalLM(nn.Module):
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits
 
-    def forward_shared_prompt(self, input_ids, attention_mask, position_ids, P: int, first, owner):
+    def forward_shared_prompt(self, input_ids, attention_mask, position_ids, P: int, first, owner,
+                              hidden: bool = False):
         """Logits of rows whose first P columns repeat: see `token_logprobs`. The prompts of rows `first`
         go through the model once, their KV cache is gathered to every row (`owner`: the prompt of each
         row), and the responses (columns P:) attend to it. Returns (prompt logits [N, P, V],
-        response logits [B, T-P, V])."""
-        prompt = self.hf(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
-                         position_ids=position_ids[first, :P], use_cache=True)
+        response logits [B, T-P, V]), or the trunk's final hidden states with `hidden`."""
+        model = self.hf.base_model if hidden else self.hf
+        prompt = model(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                       position_ids=position_ids[first, :P], use_cache=True)
         cache = prompt.past_key_values
         cache.reorder_cache(owner)          # index_select over rows: differentiable, repeats allowed
-        response = self.hf(input_ids=input_ids[:, P:], attention_mask=attention_mask,
-                           position_ids=position_ids[:, P:], past_key_values=cache, use_cache=True)
+        response = model(input_ids=input_ids[:, P:], attention_mask=attention_mask,
+                         position_ids=position_ids[:, P:], past_key_values=cache, use_cache=True)
+        if hidden:
+            return prompt.last_hidden_state, response.last_hidden_state
         return prompt.logits, response.logits
 
     @property
@@ -203,6 +207,24 @@ def shared_prompt(batch: Batch) -> tuple[int, torch.Tensor, torch.Tensor] | None
     return P, first, owner
 
 
+def _prompt_split(model: nn.Module, batch: Batch, share_prompt: bool):
+    """shared_prompt(batch) when `model` can use it (see token_logprobs), else None."""
+    return shared_prompt(batch) if share_prompt and getattr(model, "can_share_prompt", False) else None
+
+
+def trunk_hidden_states(model: nn.Module, batch: Batch, share_prompt: bool = True) -> torch.Tensor:
+    """The trunk's final hidden state at every position of `batch` [B, T, C] (for value heads and reward
+    models), with each distinct prompt computed once as in `token_logprobs`."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    pos = position_ids_for(mask)
+    split = _prompt_split(model, batch, share_prompt)
+    if split is None:
+        return model.hidden_states(ids, mask, pos)
+    P, first, owner = split
+    prompt, response = model.forward_shared_prompt(ids, mask, pos, P, first, owner, hidden=True)
+    return torch.cat([prompt[owner], response], 1)
+
+
 def _score(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
     """log-probs of `targets` [..., n] under logits [..., n, V] / temperature, and the entropies (or None)."""
     logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
@@ -227,7 +249,7 @@ def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, wit
     """
     ids, mask = batch.input_ids, batch.attention_mask
     pos = position_ids_for(mask)
-    split = shared_prompt(batch) if share_prompt and getattr(model, "can_share_prompt", False) else None
+    split = _prompt_split(model, batch, share_prompt)
     if split is None:
         logp, entropy = _score(model(ids, mask, pos)[:, :-1], ids[:, 1:], temperature, with_entropy)
     else:

@@ -180,13 +180,15 @@ class GPT(nn.Module):
 
     can_share_prompt = True
 
-    def forward_shared_prompt(self, input_ids, attention_mask, position_ids, P: int, first, owner):
+    def forward_shared_prompt(self, input_ids, attention_mask, position_ids, P: int, first, owner,
+                              hidden: bool = False):
         """Logits of rows whose first P columns repeat (rlpost.models.token_logprobs): the prompts of rows
         `first` once, their cache gathered to every row (`owner`), then the responses (columns P:).
-        Returns (prompt logits [N, P, V], response logits [B, T-P, V])."""
+        Returns (prompt logits [N, P, V], response logits [B, T-P, V]), or hidden states with `hidden`."""
+        run = self.hidden_states if hidden else self
         cache = self.new_cache()
-        prompt = self(input_ids[first, :P], attention_mask[first, :P], position_ids[first, :P], cache)
-        response = self(input_ids[:, P:], attention_mask[:, P:], position_ids[:, P:], cache.select(owner))
+        prompt = run(input_ids[first, :P], attention_mask[first, :P], position_ids[first, :P], cache)
+        response = run(input_ids[:, P:], attention_mask[:, P:], position_ids[:, P:], cache.select(owner))
         return prompt, response
 
     # ------------------------------------------------------------------ checkpoints
