@@ -4,8 +4,8 @@
 cache bookkeeping, logits processors, a module call per sub-layer. This engine runs the same
 weights (read from the wrapped `.hf` module at every call, so pointer weight sync just works)
 through a short functional decoder written for sampling. The scheduling is scheduler.py's, shared
-with gpt_mini's engine: prefix-shared prefill (only the last position goes through the LM head), a
-cross-prompt prefix cache, a preallocated KV cache, continuous batching under `max_num_seqs` (a
+with gpt_mini's engine: prefix-shared prefill (only the last position goes through the LM head),
+shared-prompt attention for long prompts, a cross-prompt prefix cache, a preallocated KV cache, continuous batching under `max_num_seqs` (a
 finished row leaves at once and a waiting sequence takes its place), stop tokens and stop strings,
 seeded sampling independent of the schedule, old_logp recorded as each token is drawn.
 
