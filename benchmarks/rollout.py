@@ -104,6 +104,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--prompt-words", type=int, default=0,
                     help="start each prompt with this many random words of its own (long prompts)")
+    ap.add_argument("--max-num-seqs", type=int, default=0,
+                    help="native engine: at most this many sequences decode at once (0: all; generate ignores it)")
     ap.add_argument("--shared-attention-min", type=int, default=None,
                     help="the native engine's shared_attention_min (prompt columns from which decode reads each "
                          "prompt once; a huge value turns shared-prompt attention off; default: the engine's)")
@@ -128,7 +130,7 @@ def main(argv=None) -> dict:
     tok = HFTokenizer(hf_tok)
     ids = [tok.encode_prompt(p) for p in prompts(args.prompts, words=args.prompt_words)]
     R = args.max_new_tokens
-    params = SamplingParams(max_new_tokens=R, temperature=1.0, min_new_tokens=R)
+    params = SamplingParams(max_new_tokens=R, temperature=1.0, min_new_tokens=R, max_num_seqs=args.max_num_seqs)
     no_vllm = "skipped (--no-vllm)" if args.no_vllm else vllm_missing()
     print(f"# {env_line()}")
     print(f"# load average before: {load_line()}")
