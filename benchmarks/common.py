@@ -78,7 +78,8 @@ def prompts(n: int, seed: int = 1, words: int = 0) -> list[str]:
     out = []
     for _ in range(n):
         lead = " ".join(rng.choice(WORDS) for _ in range(words))
-        out.append(f"{lead + ' ' if lead else ''}Question: what is {rng.randint(0, 999)}+{rng.randint(0, 999)}? Answer:")
+        question = f"Question: what is {rng.randint(0, 999)}+{rng.randint(0, 999)}? Answer:"
+        out.append(f"{lead} {question}" if lead else question)
     return out
 
 

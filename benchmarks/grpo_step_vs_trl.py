@@ -250,8 +250,8 @@ def main(argv=None) -> dict:
     print(f"# load average before: {load_before}; after: {load_after}")
     print(f"# Llama 256/4/4/1024, {N_all / 1e6:.2f} M params ({N / 1e6:.2f} M in matmuls); {args.prompts} prompts x "
           f"{args.k} samples x {args.new_tokens} tokens (prompts {sizes['prompt_min']}-{sizes['P']} tokens, rows "
-          f"{sizes['T']}; reference and train compute {sizes['scored']} of the {B * sizes['T']} positions, each prompt "
-          f"once); beta 0.04; fp32; {args.warmup} warm-up + {args.steps} measured steps each, "
+          f"{sizes['T']}; reference and train compute {sizes['scored']} of the {B * sizes['T']} positions, "
+          f"each prompt once); beta 0.04; fp32; {args.warmup} warm-up + {args.steps} measured steps each, "
           f"interleaved; whole run {wall:.0f} s; rlpost rollout engine: {engine_name}; "
           f"torch.compile: {'both sides' if args.compile else 'off'}")
     print(f"# equal work checked (every completion {args.new_tokens} tokens on both sides): "
@@ -296,9 +296,9 @@ def main(argv=None) -> dict:
               f"best {g_best:5.1f} = {100 * g_best / peak:3.0f}%; per CPU-second {g_cpu:5.1f} = "
               f"{100 * frac_cpu[role]:3.0f}% of the CPU-second peak")
     need = step_flops / (median(trl_s) / 3) / 1e9
-    print(f"bound: {step_flops / 1e9:.1f} GFLOP per step at the {peak:.0f} GFLOP/s peak take {step_flops / peak / 1e9:.3f} s; "
-          f"3x TRL's median ({median(trl_s) / 3:.3f} s) needs {need:.0f} GFLOP/s = {100 * need / peak:.0f}% of the peak, "
-          f"sustained over the whole step")
+    print(f"bound: {step_flops / 1e9:.1f} GFLOP per step at the {peak:.0f} GFLOP/s peak take "
+          f"{step_flops / peak / 1e9:.3f} s; 3x TRL's median ({median(trl_s) / 3:.3f} s) needs {need:.0f} GFLOP/s = "
+          f"{100 * need / peak:.0f}% of the peak, sustained over the whole step")
     res = {"trl_median_s": median(trl_s), "trl_min_s": min(trl_s), "rlpost_median_s": median(rl_s),
            "rlpost_min_s": min(rl_s), "speedup_median": median(ratios), "speedup_cpu_median": median(cpu_ratios),
            "rlpost_roles_median_s": med, "rlpost_roles_median_share": share, "peak_gflops": peak,

@@ -113,7 +113,8 @@ def test_value_heads_and_reward_models_read_shared_prompts_alike(kind, tiny_llam
             h = trunk_hidden_states(critic.trunk, batch, share_prompt=False)
             values = torch.nn.functional.pad(critic.head(h.float()).squeeze(-1)[:, :-1], (1, 0)) * batch.response_mask
         values.sum().backward()
-        grads.append((values.detach(), {n: p.grad.clone() for n, p in critic.named_parameters() if p.grad is not None}))
+        grads.append((values.detach(),
+                      {n: p.grad.clone() for n, p in critic.named_parameters() if p.grad is not None}))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=1e-4)
     assert grads[1][1].keys() == grads[0][1].keys()
     for name, g in grads[0][1].items():   # a head of std 1 makes large gradients: compare at their scale

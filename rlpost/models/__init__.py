@@ -241,7 +241,7 @@ def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, wit
     of that distribution (with grad when grad is enabled, for entropy bonuses).
 
     Shared prompts (`share_prompt`, on by default): when rows repeat a prompt (the K samples of a GRPO
-    group; see `shared_prompt`) and the model offers `forward_shared_prompt`, each distinct prompt goes
+    group; see `shared_prompt`) and the model can (`can_share_prompt`), each distinct prompt goes
     through the model once and its KV cache serves all its rows, with gradients flowing back through
     it. That is the same function of the weights (the prompt's positions never see the response), so
     log-probs, entropies and gradients equal the plain forward's up to float rounding, for

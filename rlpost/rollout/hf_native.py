@@ -5,9 +5,10 @@ cache bookkeeping, logits processors, a module call per sub-layer. This engine r
 weights (read from the wrapped `.hf` module at every call, so pointer weight sync just works)
 through a short functional decoder written for sampling. The scheduling is scheduler.py's, shared
 with gpt_mini's engine: prefix-shared prefill (only the last position goes through the LM head),
-shared-prompt attention for long prompts, a cross-prompt prefix cache, a preallocated KV cache, continuous batching under `max_num_seqs` (a
-finished row leaves at once and a waiting sequence takes its place), stop tokens and stop strings,
-seeded sampling independent of the schedule, old_logp recorded as each token is drawn.
+shared-prompt attention for long prompts, a cross-prompt prefix cache, a preallocated KV cache,
+continuous batching under `max_num_seqs` (a finished row leaves at once and a waiting sequence takes
+its place), stop tokens and stop strings, seeded sampling independent of the schedule, old_logp
+recorded as each token is drawn.
 
 The math is the Hugging Face modules' own (RMSNorm in fp32, rotate-half RoPE from the model's own
 rotary embedding, grouped-query attention, SiLU-gated MLP); tests check greedy output against

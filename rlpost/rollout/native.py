@@ -2,9 +2,9 @@
 
 The scheduling (prefix sharing, shared-prompt attention for long prompts, the cross-prompt prefix
 cache, continuous batching under `max_num_seqs`, stop tokens and stop strings, seeded sampling,
-old_logp) is scheduler.py's, shared with the HF Llama / Qwen2 engine. This file is the model runner: gpt_mini's forward (GPT.hidden_states,
-block by block, through the model's own modules, so pointer weight sync just works) over the
-scheduler's preallocated KV cache.
+old_logp) is scheduler.py's, shared with the HF Llama / Qwen2 engine. This file is the model runner:
+gpt_mini's forward (GPT.hidden_states, block by block, through the model's own modules, so pointer
+weight sync just works) over the scheduler's preallocated KV cache.
 """
 
 from __future__ import annotations

@@ -220,16 +220,16 @@ def generate(runner, tok, prompts: list[list[int]], k: int, params: SamplingPara
     cap = min(params.max_num_seqs or B, B)
     dev, S = runner.device, P + R
     ctx = runner.prepare(S)
-    plen = torch.tensor([len(p) for p in prompts]).repeat_interleave(k)     # prompt length of each sequence
+    lens = torch.tensor([len(p) for p in prompts])                         # prompt lengths
+    plen = lens.repeat_interleave(k)                                        # prompt length of each sequence
     # shared-prompt attention: the prompts stay in one table [2, n_layer, N, H, P, D] and each row's cache
     # holds its response only (column t = response token t); otherwise a row holds [prompt | response]
     shared = k > 1 and P >= shared_attention_min
     base = 0 if shared else P                                               # the cache column of token 0
     table = runner.new_cache(N, P) if shared else None
     prompt_mask = None
-    if shared and int(plen.min()) < P:
-        lens = torch.tensor([len(p) for p in prompts], device=dev)
-        prompt_mask = (torch.arange(P, device=dev) >= P - lens[:, None])[:, None, None]   # [N, 1, 1, P]
+    if shared and int(lens.min()) < P:
+        prompt_mask = (torch.arange(P, device=dev) >= P - lens.to(dev)[:, None])[:, None, None]   # [N, 1, 1, P]
     cache = PromptCache(runner, ctx, prompts, k, prefix_block, table)
     kv = runner.new_cache(cap, R if shared else S)                          # cache row r runs sequence live[r]
     U = 1 - torch.rand((B, R), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # (0, 1]
