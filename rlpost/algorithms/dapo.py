@@ -59,7 +59,7 @@ class DAPO(PolicyGradient):
         r = self.sequence_rewards(batch)
         _, inverse = torch.unique(batch.group_ids, return_inverse=True)
         groups = int(inverse.max()) + 1
-        g_max = torch.full((groups,), -float("inf")).scatter_reduce(0, inverse, r, "amax")
-        g_min = torch.full((groups,), float("inf")).scatter_reduce(0, inverse, r, "amin")
+        g_max = torch.full((groups,), -float("inf"), device=r.device).scatter_reduce(0, inverse, r, "amax")
+        g_min = torch.full((groups,), float("inf"), device=r.device).scatter_reduce(0, inverse, r, "amin")
         keep = (g_max > g_min)[inverse]
         return batch.select(keep.nonzero().squeeze(-1))
