@@ -8,6 +8,7 @@ The defaults *are* the embedded default recipe (recipes/default.yaml spells them
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,7 +35,10 @@ class ModelConfig:
     n_head: int = opt(4, "gpt_mini: attention heads")
     n_embd: int = opt(128, "gpt_mini: embedding width")
     block_size: int = opt(24, "gpt_mini: longest sequence (prompt + response) in tokens")
-    dtype: str = opt("float32", "parameter dtype: float32 | bfloat16")
+    dtype: str = opt("float32", "parameter dtype: float32 | bfloat16 (every parameter, gradient and AdamW state in "
+                                "bf16: pure bf16, unlike trainer.precision=bf16)")
+    device: str = opt("auto", "where the model and every role run: auto (CUDA when present, else CPU) | cpu | cuda | "
+                              "cuda:N")
     chat_template: bool = opt(False, "wrap prompts in the tokenizer's chat template (HF models that have one)")
 
 
@@ -85,6 +89,14 @@ class TrainerConfig:
     max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses or gradients in a row")
     compile: bool = opt(False, "torch.compile the policy's and the reference's transformer blocks "
                               "(a one-off compile of tens of seconds, then faster scoring and training)")
+    precision: str = opt("fp32", "fp32 | bf16: bf16 autocast around the forward of the trainer (RL, SFT, preference), "
+                                 "the reference and the critic; fp32 weights, optimizer state, log-softmax and loss")
+    gradient_checkpointing: bool = opt(False, "recompute each block's activations in the backward (less memory, "
+                                              "about one more forward; turns shared-prompt scoring off in training)")
+    lr_schedule: str = opt("constant", "RL learning-rate schedule after warm-up: constant | linear | cosine (decay to "
+                                       "lr * min_lr_ratio at the last optimizer step)")
+    warmup_steps: int = opt(0, "RL: linear warm-up over this many optimizer steps")
+    min_lr_ratio: float = opt(0.0, "RL: linear / cosine decay ends at lr * min_lr_ratio")
 
 
 @dataclass
@@ -285,6 +297,8 @@ def _validate(cfg: Config) -> None:
         "rollout.engine": (cfg.rollout.engine, ("auto", "native", "hf", "vllm")),
         "rl.weight_sync": (cfg.rl.weight_sync, ("pointer", "copy", "vllm")),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
+        "trainer.precision": (cfg.trainer.precision, ("fp32", "bf16")),
+        "trainer.lr_schedule": (cfg.trainer.lr_schedule, ("constant", "linear", "cosine")),
         "critic.type": (cfg.critic.type, ("separate", "head")),
     }
     for key, (value, valid) in choices.items():
@@ -300,6 +314,12 @@ def _validate(cfg: Config) -> None:
     if (cfg.rollout.engine == "vllm") != (cfg.rl.weight_sync == "vllm"):
         raise ConfigError("rollout.engine=vllm and rl.weight_sync=vllm go together (vLLM holds its own copy of the "
                           f"weights); got rollout.engine={cfg.rollout.engine}, rl.weight_sync={cfg.rl.weight_sync}")
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.model.device):
+        raise ConfigError(f"config key 'model.device' is {cfg.model.device!r}; valid values: auto, cpu, cuda, cuda:N")
+    if cfg.trainer.warmup_steps < 0:
+        raise ConfigError(f"config key 'trainer.warmup_steps' must be >= 0, got {cfg.trainer.warmup_steps}")
+    if not 0.0 <= cfg.trainer.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config key 'trainer.min_lr_ratio' must be in [0, 1], got {cfg.trainer.min_lr_ratio}")
     if cfg.rollout.max_num_seqs < 0:
         raise ConfigError(f"config key 'rollout.max_num_seqs' must be >= 0 (0: no cap), got {cfg.rollout.max_num_seqs}")
     if not all(isinstance(x, str) and x for x in cfg.rollout.stop):

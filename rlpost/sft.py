@@ -6,7 +6,6 @@ the batch has the same layout as a rollout's (prompt left-padded, completion + e
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -15,6 +14,7 @@ from tqdm import tqdm
 from rlpost.algorithms.base import token_mean
 from rlpost.batch import Batch
 from rlpost.rollout import assemble
+from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
 
 
@@ -36,19 +36,19 @@ def sft_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
 
 
 def run_sft(model, tokenizer, demos: list[dict], *, steps: int, batch_size: int, lr: float, warmup_steps: int,
-            seed: int, log=None) -> dict[str, float]:
-    """Train on `demos` (rows with prompt + completion). Returns the last step's metrics."""
+            seed: int, log=None, precision: str = "fp32", gradient_checkpointing: bool = False) -> dict[str, float]:
+    """Train on `demos` (rows with prompt + completion), linear warm-up then cosine decay to lr / 10.
+    Batches are built on the CPU; the Trainer moves them to the model's device. Returns the last step's
+    metrics."""
     prompts = [tokenizer.encode_prompt(r["prompt"]) for r in demos]
     completions = [tokenizer.encode_completion(r["completion"]) + [tokenizer.eos_token_id] for r in demos]
-    trainer = Trainer(model, lr=lr, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95))
+    trainer = Trainer(model, lr=lr, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), precision=precision,
+                      gradient_checkpointing=gradient_checkpointing,
+                      schedule=LRSchedule("cosine", warmup_steps, total_steps=max(steps, 1), min_lr_ratio=0.1))
     rng = random.Random(seed)
     metrics: dict[str, float] = {}
     bar = tqdm(range(steps), desc="sft", unit="step", dynamic_ncols=True)
     for step in bar:
-        # linear warm-up, then cosine decay to lr / 10
-        frac = (step - warmup_steps) / max(steps - warmup_steps, 1)
-        scale = (step + 1) / warmup_steps if step < warmup_steps else 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
-        trainer.set_lr(lr * scale)
         idx = [rng.randrange(len(demos)) for _ in range(batch_size)]
         batch = sft_batch([prompts[i] for i in idx], [completions[i] for i in idx], tokenizer.pad_token_id)
         metrics = trainer.step(batch, nll_loss)
