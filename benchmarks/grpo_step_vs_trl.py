@@ -53,7 +53,7 @@ def reward_text(text: str) -> float:
 
 
 def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int, k: int, new_tokens: int,
-                 compile: bool = False):
+                 compile: bool = False, precision: str = "fp32"):
     """rlpost's controller with every role, as `rlpost train` wires it for an HF model."""
     from rlpost.algorithms import get_algorithm
     from rlpost.config import ModelConfig
@@ -68,7 +68,7 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     model, tok = load_model(ModelConfig(name=folder))
     engine = build_engine("auto", model, tok)
     rows = [{"prompt": p, "answer": ""} for p in prompt_texts]
-    reference = Reference(model)
+    reference = Reference(model, precision=precision)
     if compile:  # as `rlpost train trainer.compile=true` does it
         compile_model(model)
         compile_model(reference.model)
@@ -76,7 +76,8 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
         rows=rows, prompt_ids=[tok.encode_prompt(p) for p in prompt_texts], engine=engine,
         reward=Reward(lambda completion, row: reward_text(completion), tok), reference=reference,
         algorithm=get_algorithm("grpo", clip_low=0.2, clip_high=0.28, beta=0.04),
-        trainer=Trainer(model, lr=lr, grad_clip=1.0), weight_sync=WeightSync(model, engine, "pointer"),
+        trainer=Trainer(model, lr=lr, grad_clip=1.0, precision=precision),
+        weight_sync=WeightSync(model, engine, "pointer"),
         params=SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=1.0),
         prompts_per_step=n_prompts, k=k, seed=0)
     # instrumentation, outside the roles' own code: the batch shapes the FLOP count needs, and the CPU
@@ -118,7 +119,7 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
 
 
 def build_trl(folder: str, prompt_texts: list[str], steps: int, lr: float, n_prompts: int, k: int,
-              new_tokens: int, out: str, compile: bool = False):
+              new_tokens: int, out: str, compile: bool = False, bf16: bool = False):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -131,13 +132,153 @@ def build_trl(folder: str, prompt_texts: list[str], steps: int, lr: float, n_pro
         gradient_accumulation_steps=1, num_generations=k, max_completion_length=new_tokens,
         generation_kwargs={"min_new_tokens": new_tokens}, temperature=1.0, top_k=0, top_p=1.0,
         beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", num_iterations=1, learning_rate=lr,
-        max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+        max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False, bf16=bf16, fp16=False, use_cpu=True,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
         seed=0, lr_scheduler_type="constant", warmup_steps=0, torch_compile=compile,
     )
     tok = AutoTokenizer.from_pretrained(folder)
     ds = Dataset.from_list([{"prompt": p} for p in prompt_texts])
     return GRPOTrainer(model=folder, reward_funcs=reward_fn, args=cfg, train_dataset=ds, processing_class=tok)
+
+
+def llama_size(args) -> dict:
+    return {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "intermediate": args.intermediate}
+
+
+def size_name(args) -> str:
+    return f"{args.hidden}/{args.layers}/{args.heads}/{args.intermediate}"
+
+
+def compare_precisions(args) -> dict:
+    """--precision bf16: rlpost's step under trainer.precision=bf16 against its own fp32 step, and both
+    against TRL's GRPOTrainer with bf16=True and in fp32, in one run.
+
+    Two rlpost controllers (fp32 and bf16, each its own copy of the model) and two TRL trainers (bf16=False,
+    then bf16=True) run at equal work as in the fp32 comparison. TRL's trainers run one after the other (each
+    owns its training loop); inside every TRL step's on_step_end callback both rlpost controllers take one
+    step, in alternating order, so each TRL step has an fp32 and a bf16 rlpost step beside it, under the
+    same load. Ratios are medians of per-step ratios within those triples. rlpost's bf16 covers the
+    reference and the trainer (rlpost.models.autocast); the rollout engine samples from the fp32
+    weights in both controllers. The bf16 / fp32 matmul throughput of this CPU at the step's MLP shapes
+    is printed too: it decides what bf16 can gain here.
+    """
+    import transformers
+    from transformers import PrinterCallback, TrainerCallback
+
+    from benchmarks.matmul_peak import _gflops
+
+    transformers.logging.set_verbosity_error()
+    total, w = args.steps + args.warmup, args.warmup
+    all_prompts = prompts(args.prompts * total, words=args.prompt_words)
+    load_before = load_line()
+    # the MLP's two matmul shapes (up, then down) on 512 token rows: what bf16 autocast speeds up, or not
+    rows = 512
+    shapes = ((rows, args.intermediate, args.hidden), (rows, args.hidden, args.intermediate))
+    mm = {dt: [_gflops(m, n, k, 3, dt)[0] for m, n, k in shapes] for dt in (torch.float32, torch.bfloat16)}
+    rl = {"fp32": [], "bf16": []}           # rlpost metrics per step, in step order
+    paired = {"fp32": [], "bf16": []}       # per TRL phase: (TRL s, rlpost fp32 s, rlpost bf16 s) per step
+    lengths = {"fp32": [], "bf16": []}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "model")
+        hf, _ = save_llama(folder, **llama_size(args))
+        N_all = n_params(hf)
+        ctls = {p: build_rlpost(folder, all_prompts, args.lr, args.prompts, args.k, args.new_tokens, precision=p)[0]
+                for p in ("fp32", "bf16")}
+        for trl_precision in ("fp32", "bf16"):
+            class Interleave(TrainerCallback):
+                phase = trl_precision
+
+                def on_step_begin(self, a, state, control, **kw):
+                    self.t0 = time.perf_counter()
+
+                def on_step_end(self, a, state, control, **kw):
+                    trl_s = time.perf_counter() - self.t0
+                    step = len(rl["fp32"]) + 1
+                    order = ("fp32", "bf16") if step % 2 else ("bf16", "fp32")
+                    for p in order:
+                        rl[p].append(ctls[p].step(step))
+                    paired[self.phase].append((trl_s, rl["fp32"][-1]["time/step"], rl["bf16"][-1]["time/step"]))
+
+            class Lengths(TrainerCallback):
+                phase = trl_precision
+
+                def on_log(self, a, state, control, logs=None, **kw):
+                    if logs and "completions/mean_length" in logs:
+                        lengths[self.phase].append((logs["completions/min_length"], logs["completions/max_length"]))
+
+            trainer = build_trl(folder, all_prompts, total, args.lr, args.prompts, args.k, args.new_tokens,
+                                os.path.join(tmp, f"trl-{trl_precision}"), bf16=trl_precision == "bf16")
+            trainer.add_callback(Interleave())
+            trainer.add_callback(Lengths())
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+    wall = time.perf_counter() - t_start
+    load_after = load_line()
+
+    trl_ok = all(lo == hi == args.new_tokens for p in lengths for lo, hi in lengths[p]) and \
+        all(len(lengths[p]) == total for p in lengths)
+    rl_ok = all(m["rollout/response_len_mean"] == m["rollout/response_len_max"] == args.new_tokens
+                for p in rl for m in rl[p])
+    measured = {p: paired[p][w:] for p in paired}            # TRL warm-up steps dropped in each phase
+    kept = [i for phase in range(2) for i in range(phase * total + w, (phase + 1) * total)]
+    rl_m = {p: [rl[p][i] for i in kept] for p in rl}
+    both = [x for p in measured for x in measured[p]]
+
+    def ratio(pairs):
+        return median([a / b for a, b in pairs])
+
+    res = {
+        "trl_fp32_median_s": median([t for t, _, _ in measured["fp32"]]),
+        "trl_bf16_median_s": median([t for t, _, _ in measured["bf16"]]),
+        "rlpost_fp32_median_s": median([f for _, f, _ in both]),
+        "rlpost_bf16_median_s": median([b for _, _, b in both]),
+        "bf16_speedup_vs_rlpost_fp32": ratio([(f, b) for _, f, b in both]),
+        "bf16_speedup_vs_trl_bf16": ratio([(t, b) for t, _, b in measured["bf16"]]),
+        "bf16_speedup_vs_trl_fp32": ratio([(t, b) for t, _, b in measured["fp32"]]),
+        "fp32_speedup_vs_trl_fp32": ratio([(t, f) for t, f, _ in measured["fp32"]]),
+        "roles_median_s": {p: {r: median([m[f"time/{r}"] for m in rl_m[p]]) for r in ROLES} for p in rl_m},
+        "matmul_gflops": {str(dt).replace("torch.", ""): g for dt, g in mm.items()},
+        "equal_work": trl_ok and rl_ok, "load_before": load_before, "load_after": load_after,
+        "steps_s": {p: [{"trl": t, "rlpost_fp32": f, "rlpost_bf16": b} for t, f, b in paired[p]] for p in paired},
+        "roles_s": {p: [{r: m[f"time/{r}"] for r in ROLES} for m in rl[p]] for p in rl},
+    }
+    print(f"# {env_line()}")
+    print(f"# load average before: {load_before}; after: {load_after}")
+    print(f"# Llama {size_name(args)}, {N_all / 1e6:.2f} M params; {args.prompts} prompts x {args.k} samples x "
+          f"{args.new_tokens} tokens; beta 0.04; {args.warmup} warm-up + {args.steps} measured steps per TRL "
+          f"precision, each paired with one rlpost fp32 and one rlpost bf16 step; whole run {wall:.0f} s")
+    print(f"# equal work checked (every completion {args.new_tokens} tokens, all four): "
+          f"{'yes' if trl_ok and rl_ok else 'NO'}")
+    print(f"{'':<36}{'median s':>9}{'min s':>8}")
+    trl = f"TRL {__import__('trl').__version__} GRPOTrainer"
+    for name, xs in ((f"{trl}, fp32", [t for t, _, _ in measured["fp32"]]),
+                     (f"{trl}, bf16=True", [t for t, _, _ in measured["bf16"]]),
+                     ("rlpost Controller.step, fp32", [f for _, f, _ in both]),
+                     ("rlpost Controller.step, bf16", [b for _, _, b in both])):
+        print(f"{name:<36}{median(xs):>9.3f}{min(xs):>8.3f}")
+    target = res["bf16_speedup_vs_rlpost_fp32"]
+    print(f"rlpost bf16 vs rlpost fp32 (fp32 s / bf16 s, same TRL step): {target:.2f}x   "
+          f"target >= 2x: {'met' if target >= 2 else 'missed'}")
+    print(f"rlpost bf16 vs TRL bf16=True: {res['bf16_speedup_vs_trl_bf16']:.2f}x;  rlpost bf16 vs TRL fp32: "
+          f"{res['bf16_speedup_vs_trl_fp32']:.2f}x;  "
+          f"rlpost fp32 vs TRL fp32: {res['fp32_speedup_vs_trl_fp32']:.2f}x;  "
+          f"TRL bf16 vs TRL fp32: {res['trl_fp32_median_s'] / res['trl_bf16_median_s']:.2f}x (ratio of medians)")
+    for p in ("fp32", "bf16"):
+        print(f"  per step beside TRL {p} (TRL / rlpost fp32 / rlpost bf16 s): "
+              + ", ".join(f"{t:.2f}/{f:.2f}/{b:.2f}" for t, f, b in paired[p]))
+    roles = res["roles_median_s"]
+    print("rlpost per role, median s fp32 -> bf16: " + ", ".join(
+        f"{r} {roles['fp32'][r]:.3f} -> {roles['bf16'][r]:.3f}" for r in ROLES if roles["fp32"][r] >= 0.001))
+    print(f"matmul GFLOP/s on this CPU ({torch.get_num_threads()} threads), {rows}x{args.hidden} @ "
+          f"{args.hidden}x{args.intermediate} and {rows}x{args.intermediate} @ {args.intermediate}x{args.hidden}: "
+          f"fp32 {mm[torch.float32][0]:.1f} / {mm[torch.float32][1]:.1f}, "
+          f"bf16 {mm[torch.bfloat16][0]:.1f} / {mm[torch.bfloat16][1]:.1f}; "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
 
 
 def main(argv=None) -> dict:
@@ -155,9 +296,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile both sides: rlpost's trainer.compile, TRL's torch_compile (compiling "
                          "happens in the warm-up steps; raise --warmup if shapes keep recompiling)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: rlpost's trainer.precision=bf16 against its fp32 step and against TRL in "
+                         "bf16=True and in fp32, all in one run (see compare_precisions)")
+    ap.add_argument("--hidden", type=int, default=256, help="the Llama's hidden size")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4 x hidden)")
     args = ap.parse_args(argv)
+    args.intermediate = args.intermediate or 4 * args.hidden
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.precision == "bf16":
+        return compare_precisions(args)
     import transformers
     from transformers import PrinterCallback, TrainerCallback
 
@@ -170,7 +321,7 @@ def main(argv=None) -> dict:
     peak_before = matmul_peak(quick=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "model")
-        hf, _ = save_llama(folder)
+        hf, _ = save_llama(folder, **llama_size(args))
         N_all, N_emb = n_params(hf), hf.get_input_embeddings().weight.numel()
         ctl, engine_name = build_rlpost(folder, all_prompts, args.lr, args.prompts, args.k, args.new_tokens,
                                         args.compile)
@@ -248,7 +399,8 @@ def main(argv=None) -> dict:
 
     print(f"# {env_line()}")
     print(f"# load average before: {load_before}; after: {load_after}")
-    print(f"# Llama 256/4/4/1024, {N_all / 1e6:.2f} M params ({N / 1e6:.2f} M in matmuls); {args.prompts} prompts x "
+    print(f"# Llama {size_name(args)}, {N_all / 1e6:.2f} M params ({N / 1e6:.2f} M in matmuls); "
+          f"{args.prompts} prompts x "
           f"{args.k} samples x {args.new_tokens} tokens (prompts {sizes['prompt_min']}-{sizes['P']} tokens, rows "
           f"{sizes['T']}; reference and train compute {sizes['scored']} of the {B * sizes['T']} positions, "
           f"each prompt once); beta 0.04; fp32; {args.warmup} warm-up + {args.steps} measured steps each, "

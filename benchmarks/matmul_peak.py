@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 
-def _gflops(m: int, n: int, k: int, reps: int) -> tuple[float, float]:
-    """(best GFLOP/s of wall-clock, best GFLOP per CPU-second) of one fp32 matmul shape."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def _gflops(m: int, n: int, k: int, reps: int, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(best GFLOP/s of wall-clock, best GFLOP per CPU-second) of one matmul shape (fp32 unless `dtype`)."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(2):
         a @ b
     best, best_cpu = float("inf"), float("inf")
