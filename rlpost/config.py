@@ -57,6 +57,8 @@ class SFTConfig:
     batch_size: int = opt(128, "sequences per SFT step")
     lr: float = opt(3e-3, "peak learning rate (linear warm-up, cosine decay to lr/10)")
     warmup_steps: int = opt(50, "warm-up steps")
+    save_every: int = opt(250, "write a resumable checkpoint every this many steps (0: only at the end); "
+                               "removed once checkpoints/sft is written")
 
 
 @dataclass
@@ -111,6 +113,9 @@ class RewardModelConfig:
 class RLConfig:
     steps: int = opt(150, "RL steps (each: rollout, reward, reference, advantages, train, sync)")
     eval_every: int = opt(50, "held-out pass@1 every this many steps (0: only at the end)")
+    save_every: int = opt(50, "write a resumable checkpoint checkpoints/step_<n> every this many steps (0: only "
+                              "checkpoints/final at the end)")
+    keep_checkpoints: int = opt(2, "keep the newest this many step checkpoints (0: all)")
     weight_sync: str = opt("pointer", "colocated weight sync: 'pointer' (shared module) | 'copy' (separate copy) | "
                                       "'vllm' (into the running vLLM engine)")
 
@@ -294,6 +299,10 @@ def _validate(cfg: Config) -> None:
                 "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "sft.batch_size": cfg.sft.batch_size,
                 "eval.samples_per_prompt": cfg.eval.samples_per_prompt, "trainer.epochs": cfg.trainer.epochs,
                 "trainer.minibatches": cfg.trainer.minibatches}
+    for key, value in {"sft.save_every": cfg.sft.save_every, "rl.save_every": cfg.rl.save_every,
+                       "rl.keep_checkpoints": cfg.rl.keep_checkpoints}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")

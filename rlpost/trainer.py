@@ -49,6 +49,15 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.steps = 0
 
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.nonfinite_in_a_row, self.steps = state["nonfinite_in_a_row"], state["steps"]
+
     def set_lr(self, lr: float) -> None:
         self.optimizer.param_groups[0]["lr"] = lr
 

@@ -53,6 +53,24 @@ class WeightSync:
         self.engine.policy_version = self.version
         return {"sync/version": float(self.version), "time/sync_copy": time.perf_counter() - t0}
 
+    @torch.no_grad()
+    def push(self) -> None:
+        """The trainer's current weights into the engine, without a new version (e.g. before an evaluation)."""
+        if self.mode == "copy":
+            src = dict(self.trainer_model.named_parameters())
+            for name, p in self.engine.model.named_parameters():
+                p.copy_(src[name])
+        elif self.mode == "vllm":
+            self._push()
+
+    def state_dict(self) -> dict:
+        return {"version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.push()
+        self.version = state["version"]
+        self.engine.policy_version = self.version
+
     def _push(self) -> None:
         push_to_vllm(self.trainer_model, self.engine)
 

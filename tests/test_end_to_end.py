@@ -8,7 +8,7 @@ import torch
 
 from rlpost.cli import main
 from rlpost.config import load_config
-from rlpost.pipeline import train
+from rlpost.run import train
 from rlpost.reward import RewardError
 
 TINY = ["sft.steps=30", "sft.batch_size=32", "rl.steps=3", "rl.eval_every=2", "task.num_eval=40",

@@ -196,7 +196,7 @@ def test_the_pipeline_runs_on_vllm_from_a_recipe(tiny_llama_dir, tmp_path):
     import json
 
     from rlpost.config import load_config
-    from rlpost.pipeline import train
+    from rlpost.run import train
 
     cfg = load_config(None, ["sft.steps=3", "sft.batch_size=16", "rl.steps=2", "rl.eval_every=0", "task.num_eval=20",
                              "rollout.prompts_per_step=4", "rollout.k=4", "rollout.max_new_tokens=4",

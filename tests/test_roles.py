@@ -11,7 +11,7 @@ from rlpost.reference import Reference
 from rlpost.reward import Reward, RewardError, load_reward_fn
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.native import NativeEngine
-from rlpost.sft import nll_loss
+from rlpost.stages.sft import nll_loss
 from rlpost.tasks.arithmetic import arithmetic_task
 from rlpost.trainer import NonFiniteLossError, Trainer
 from rlpost.weight_sync import WeightSync

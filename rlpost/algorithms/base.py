@@ -65,6 +65,13 @@ class Algorithm:
     def compute_advantages(self, batch: Batch) -> Batch:
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the algorithm carries from step to step (e.g. a moving-average baseline); {} for most."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def compute_loss(self, logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 

@@ -160,6 +160,30 @@ def save_model(model: nn.Module, tokenizer, folder: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def load_weights(model: nn.Module, folder: str) -> None:
+    """Load the weights saved in `folder` (by `save_model`) into `model` in place, exactly: the optimizer
+    and every other holder of the model's parameters keep pointing at the same tensors."""
+    if not os.path.isdir(folder):
+        raise ModelLoadError(f"no saved model at {folder}")
+    if isinstance(model, GPT):
+        state = GPT.from_pretrained(folder).state_dict()
+        target = model
+    elif isinstance(model, HFCausalLM):
+        from transformers import AutoModelForCausalLM
+
+        state = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype).state_dict()
+        target = model.hf
+    else:
+        raise TypeError(f"load_weights supports gpt_mini and HFCausalLM, not {type(model).__name__}")
+    with torch.no_grad():
+        own = target.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model, e.g. {missing[:3]}")
+        for k, t in own.items():
+            t.copy_(state[k])
+
+
 def compile_model(model: nn.Module) -> nn.Module:
     """torch.compile the model's transformer blocks in place, with dynamic shapes (batch and length vary
     from step to step). The module tree, parameter names and checkpoints are unchanged. An HF model's

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from rlpost.batch import Batch
-from rlpost.sft import sft_batch
+from rlpost.rollout.episodes import episodes_in_chunks
+from rlpost.stages.sft import sft_batch
 
 
 class PreferenceDataError(ValueError):
@@ -310,11 +311,7 @@ def pairs_from_samples(engine, reward, rows: list[dict], prompt_ids: list[list[i
     Returns (paired rows, stats)."""
     rng = random.Random(seed)
     out, n_samples, n_right, no_right, no_wrong = [], 0, 0.0, 0, 0
-    for start in range(0, len(rows), batch_prompts):
-        chunk = list(range(start, min(start + batch_prompts, len(rows))))
-        batch = engine.generate([prompt_ids[i] for i in chunk], k, params, seed=seed + start)
-        batch = batch.replace(meta={**batch.meta, "row": [rows[i] for i in chunk for _ in range(k)]})
-        batch, _ = reward(batch)
+    for chunk, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, k, params, seed, batch_prompts):
         texts, scores = batch.meta["completion"], batch.rewards.tolist()
         n_samples += len(scores)
         n_right += sum(scores)
