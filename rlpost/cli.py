@@ -1,7 +1,7 @@
 """rlpost command line.
 
     rlpost train                              the embedded default: SFT then GRPO on arithmetic
-    rlpost train recipes/tiny_llama.yaml rl.steps=20 algorithm.beta=0.0
+    rlpost train recipes/hf_chat_model.yaml rl.steps=20 algorithm.beta=0.0
     rlpost train --resume runs/default-X       continue a stopped run from its newest checkpoint
     rlpost rm model.name=runs/X/checkpoints/sft   a Bradley-Terry reward model on preference pairs
     rlpost dpo --loss ipo                     SFT, then offline preference optimisation (DPO family)
