@@ -134,17 +134,31 @@ def masked_mean_value(x: torch.Tensor, mask: torch.Tensor) -> float:
     return masked_sum(x.float(), mask).item() / n if n else 0.0
 
 
+def varied_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """[B] bool: does the row's group hold two different rewards (max > min)? Equal rewards carry no
+    signal; comparing them exactly, rather than testing a std for 0, is immune to rounding."""
+    groups, inverse = torch.unique(group_ids, return_inverse=True)
+    inf = torch.full((len(groups),), float("inf"), dtype=rewards.dtype, device=rewards.device)
+    g_max = (-inf).scatter_reduce(0, inverse, rewards, "amax")
+    g_min = inf.scatter_reduce(0, inverse, rewards, "amin")
+    return (g_max > g_min)[inverse]
+
+
 def group_normalise(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float, divide_std: bool = True):
-    """(r - group mean) / (group std + eps) per row, std unbiased (torch.std); one-sample groups get 0. [B]."""
+    """(r - group mean) / (group std + eps) per row, std unbiased (torch.std). [B], float32.
+
+    A group of one sample, or of equal rewards, gets exactly 0: 16 float32 copies of 0.98 average to
+    0.98 + ~1e-8, and that residue over a ~1e-8 std would be |A| ~ 0.2 of pure rounding. The statistics
+    are computed in float64 so that nearly equal rewards are still told apart precisely."""
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    r = rewards.float()
+    r = rewards.double()
     n = counts.to(r.dtype)
     mean = torch.zeros_like(n).index_add_(0, inverse, r) / n
     centred = r - mean[inverse]
     if divide_std:
         var = torch.zeros_like(n).index_add_(0, inverse, centred**2) / (n - 1).clamp(min=1)
         centred = centred / (var.sqrt()[inverse] + eps)
-    return torch.where(counts[inverse] > 1, centred, torch.zeros_like(centred))
+    return torch.where(varied_groups(r, group_ids), centred, torch.zeros_like(centred)).float()
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

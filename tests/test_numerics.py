@@ -1,0 +1,55 @@
+"""Numerical edge cases of the algorithm family, each against hand-computed values: rewards that are equal
+but not representable in binary, micro-batches without a response token, non-finite rewards."""
+
+import math
+
+import pytest
+import torch
+
+from rlpost import Batch, get_algorithm
+from rlpost.algorithms import available
+
+ALL = sorted(available())
+GROUP_NORMALISED = {"grpo": {}, "gspo": {}, "dapo": {"dynamic_sampling": False}, "dr_grpo": {}, "rloo": {}}
+
+
+def one_token_batch(rewards, groups, **fields):
+    """One prompt column and one response token per row."""
+    B = len(rewards)
+    return Batch(input_ids=torch.zeros(B, 2, dtype=torch.long), attention_mask=torch.ones(B, 2, dtype=torch.long),
+                 response_mask=torch.tensor([[0, 1]] * B), rewards=torch.tensor(rewards, dtype=torch.float),
+                 group_ids=torch.tensor(groups), **fields)
+
+
+# ---------------------------------------------------------------------------- groups of equal rewards
+
+@pytest.mark.parametrize("name", sorted(GROUP_NORMALISED))
+@pytest.mark.parametrize("value", [0.98, 0.1, 0.7, 1 / 3, -2.2, 1e6 + 0.1])
+@pytest.mark.parametrize("k", [16, 3, 7])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage(name, value, k):
+    # 16 float32 copies of 0.98 do not average to exactly 0.98: without care the ~1e-8 residue is divided
+    # by a ~1e-8 std and becomes |A| ~ 0.2, a signal made of rounding.
+    b = one_token_batch([value] * k, [0] * k)
+    adv = get_algorithm(name, **GROUP_NORMALISED[name]).compute_advantages(b).advantages
+    assert len(adv) == k and (adv == 0).all(), adv[:, 1].tolist()
+
+
+@pytest.mark.parametrize("name", ["grpo", "gspo", "dapo"])
+def test_group_standardisation_hand_computed_next_to_a_constant_group(name):
+    # group 0: [1, 0, 0, 1] -> mean 1/2, unbiased std sqrt(1/3) -> A = +-sqrt(3)/2
+    # group 1: 15 x 0.98 and one 0.99 -> deviations -0.01/16 and 0.15/16, unbiased std 0.01/4 -> A = -1/4, 15/4
+    # group 2: 16 x 0.98 -> 0
+    rewards = [1.0, 0, 0, 1] + [0.98] * 15 + [0.99] + [0.98] * 16
+    groups = [0] * 4 + [1] * 16 + [2] * 16
+    params = {**GROUP_NORMALISED[name], "eps": 0.0}
+    adv = get_algorithm(name, **params).compute_advantages(one_token_batch(rewards, groups)).advantages[:, 1]
+    h = math.sqrt(3) / 2
+    expected = [h, -h, -h, h] + [-0.25] * 15 + [3.75] + [0.0] * 16
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-5), adv.tolist()
+    assert (adv[20:] == 0).all()
+
+
+def test_dapo_drops_exactly_the_groups_grpo_zeroes():
+    rewards = [0.98] * 16 + [0.98] * 15 + [0.99]
+    b = one_token_batch(rewards, [0] * 16 + [1] * 16)
+    assert get_algorithm("dapo").compute_advantages(b).group_ids.tolist() == [1] * 16
