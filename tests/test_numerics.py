@@ -53,3 +53,58 @@ def test_dapo_drops_exactly_the_groups_grpo_zeroes():
     rewards = [0.98] * 16 + [0.98] * 15 + [0.99]
     b = one_token_batch(rewards, [0] * 16 + [1] * 16)
     assert get_algorithm("dapo").compute_advantages(b).group_ids.tolist() == [1] * 16
+
+
+# ---------------------------------------------------------------------------- micro-batches without a response
+
+def empty_tail_batch():
+    """Two prompt columns, two response columns; rows 2 and 3 have empty responses. Group 0 has rewards
+    [1, 0] -> Dr.GRPO advantages +-1/2; group 1 is constant -> 0. old_logp = logp (ratio 1)."""
+    mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    logp = torch.tensor([[0.0, 0, -0.5, -1.0], [0, 0, -0.7, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    b = Batch(input_ids=torch.zeros(4, 4, dtype=torch.long), attention_mask=torch.ones(4, 4, dtype=torch.long),
+              response_mask=mask, old_logp=logp, rewards=torch.tensor([1.0, 0, 0, 0]),
+              group_ids=torch.tensor([0, 0, 1, 1]))
+    return b, logp
+
+
+def test_dr_grpo_loss_and_gradient_through_micro_batches_with_only_empty_responses():
+    b, logp = empty_tail_batch()
+    algo = get_algorithm("dr_grpo")
+    b = algo.compute_advantages(b)
+    # per token -A; sum over tokens / (4 sequences * response width 2) = -(1/2 * 2 - 1/2 * 1) / 8
+    expected_grad = torch.tensor([[0.0, 0, -1 / 16, -1 / 16], [0, 0, 1 / 16, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    losses, grad = [], torch.zeros(4, 4)
+    for start, mb in zip((0, 2), b.micro_batches(2)):
+        part = logp[start:start + 2].clone().requires_grad_(True)
+        loss, _ = algo.compute_loss(part, mb)
+        loss.backward()
+        losses.append(loss.item())
+        grad[start:start + 2] = part.grad
+    assert losses[0] == pytest.approx(-1 / 16) and losses[1] == 0.0  # the empty micro-batch contributes 0
+    assert torch.equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.1])
+def test_dr_grpo_on_a_batch_of_only_empty_responses_gives_zero_loss_and_gradient(entropy_coef):
+    b, logp = empty_tail_batch()
+    b = b.select([2, 3]).replace(entropy=torch.ones(2, 4))
+    algo = get_algorithm("dr_grpo", entropy_coef=entropy_coef)
+    part = logp[2:].clone().requires_grad_(True)
+    loss, _ = algo.compute_loss(part, algo.compute_advantages(b))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(part.grad, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("name", ALL)
+def test_every_algorithm_gives_zero_on_a_micro_batch_of_empty_responses(name, loss_agg):
+    b, logp = empty_tail_batch()
+    zeros = torch.zeros(4, 4)
+    b = b.replace(rewards=torch.tensor([1.0, 0, 1, 0]), ref_logp=zeros, values=zeros, entropy=zeros, new_values=zeros)
+    algo = get_algorithm(name, loss_agg=loss_agg, beta=0.05, entropy_coef=0.01)
+    _, empty = algo.compute_advantages(b).micro_batches(2)
+    part = logp[2:].clone().requires_grad_(True)
+    loss, _ = algo.compute_loss(part, empty)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(part.grad, torch.zeros(2, 4))

@@ -113,7 +113,9 @@ def aggregate(per_token: torch.Tensor, batch: Batch, mode: str, norm_length: int
         per_seq = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(1) / lengths
         return per_seq.sum() / max(seqs, 1.0)
     if mode == "seq-mean-token-sum-norm":
-        length = norm_length or (batch.input_ids.shape[1] - batch.prompt_width)
+        # A (micro-)batch whose responses are all empty has width 0 but also a sum of 0: any positive
+        # divisor gives its true contribution, 0, where 0 / 0 would make the whole step NaN.
+        length = norm_length or max(batch.input_ids.shape[1] - batch.prompt_width, 1)
         return masked_sum(per_token, mask) / (max(seqs, 1.0) * length)
     raise ValueError(f"unknown loss aggregation {mode!r}; valid: {', '.join(LOSS_AGGS)}")
 
