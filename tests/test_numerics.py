@@ -108,3 +108,40 @@ def test_every_algorithm_gives_zero_on_a_micro_batch_of_empty_responses(name, lo
     loss, _ = algo.compute_loss(part, empty)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(part.grad, torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------------------- non-finite rewards
+
+def four_rows(rewards, **fields):
+    mask = torch.tensor([[0, 1, 1]] * 4)
+    return Batch(input_ids=torch.zeros(4, 3, dtype=torch.long), attention_mask=torch.ones(4, 3, dtype=torch.long),
+                 response_mask=mask, old_logp=torch.zeros(4, 3), ref_logp=torch.zeros(4, 3), values=torch.zeros(4, 3),
+                 rewards=rewards, group_ids=torch.tensor([0, 0, 1, 1]), **fields)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", ALL)
+def test_a_non_finite_reward_is_named_by_row_and_prompt(name, bad):
+    rows = [{"prompt": f"p{i}", "answer": "4"} for i in range(4)]
+    b = four_rows(torch.tensor([1.0, 0, bad, 0]), meta={"row": rows})
+    with pytest.raises(ValueError, match=rf"{name}: reward {bad} of row 2 \(prompt 'p2'\) is not finite"):
+        get_algorithm(name).compute_advantages(b)
+    with pytest.raises(ValueError, match=rf"{name}: reward {bad} of row 2 is not finite"):  # no meta: the index
+        get_algorithm(name).compute_advantages(b.replace(meta={}))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_token_rewards_are_checked_on_response_tokens_only(name):
+    r = torch.zeros(4, 3)
+    r[0, 2], r[1, 1] = 1.0, 0.5
+    r[3, 0] = math.nan  # a prompt column: never read
+    assert torch.isfinite(get_algorithm(name).compute_advantages(four_rows(r)).advantages).all()
+    r[3, 2] = math.inf
+    with pytest.raises(ValueError, match="reward inf of row 3 is not finite"):
+        get_algorithm(name).compute_advantages(four_rows(r))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_missing_rewards_are_named(name):
+    with pytest.raises(ValueError, match=rf"{name}.compute_advantages needs batch.rewards"):
+        get_algorithm(name).compute_advantages(four_rows(None))

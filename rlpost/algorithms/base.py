@@ -197,8 +197,9 @@ class PGConfig:
 
 class PolicyGradient(Algorithm):
     """Shared policy-gradient machinery. Subclasses implement `sequence_advantages` (one advantage per
-    sequence, broadcast to its tokens) or override `compute_advantages` for token-level estimators,
-    and may override `policy_loss` (default: the PPO clipped surrogate)."""
+    sequence, broadcast to its tokens) or override `compute_advantages` for token-level estimators
+    (reading rewards through `token_rewards`, which checks them), and may override `policy_loss`
+    (default: the PPO clipped surrogate)."""
 
     Config = PGConfig
 
@@ -215,9 +216,28 @@ class PolicyGradient(Algorithm):
         return self.cfg.beta > 0
 
     # ---- rewards
+    def check_rewards(self, batch: Batch) -> None:
+        """Raise on a NaN or infinite reward, naming its row and prompt: it would otherwise silently make
+        its group's (or, when whitened, the whole batch's) advantages and loss NaN."""
+        if batch.rewards is None:
+            raise ValueError(f"{self.name}.compute_advantages needs batch.rewards")
+        r = batch.rewards.float()
+        finite = torch.isfinite(r)
+        if r.dim() == 2:  # token rewards: those off the response are never read
+            finite = finite | ~batch.response_mask.bool()
+        if not finite.all():
+            i, *t = (~finite).nonzero()[0].tolist()
+            row = batch.meta.get("row", [None] * len(batch))[i]
+            prompt = f" (prompt {row['prompt']!r})" if isinstance(row, dict) and "prompt" in row else ""
+            n_bad = int((~finite).reshape(len(batch), -1).any(1).sum())
+            raise ValueError(f"{self.name}: reward {float(r[(i, *t)])} of row {i}{prompt} is not finite "
+                             f"({n_bad} of {len(batch)} rows have one)")
+
     def token_rewards(self, batch: Batch) -> torch.Tensor:
         """[B, T] rewards: the outcome reward on each row's last response token (or the given token-level
-        rewards), minus beta * KL(pi_old || pi_ref) per token when kl_in = reward."""
+        rewards), minus beta * KL(pi_old || pi_ref) per token when kl_in = reward. Every estimator reads the
+        rewards through here, so every algorithm checks them (check_rewards)."""
+        self.check_rewards(batch)
         mask = batch.response_mask.bool()
         if batch.rewards.dim() == 2:
             r = torch.where(mask, batch.rewards.float(), torch.zeros_like(batch.rewards.float()))
@@ -240,8 +260,6 @@ class PolicyGradient(Algorithm):
         raise NotImplementedError
 
     def compute_advantages(self, batch: Batch) -> Batch:
-        if batch.rewards is None:
-            raise ValueError(f"{self.name}.compute_advantages needs batch.rewards")
         adv = self.sequence_advantages(self.sequence_rewards(batch), batch)  # [B]
         return batch.replace(advantages=self.clip_advantages(adv[:, None] * batch.response_mask))
 
