@@ -15,7 +15,8 @@ Deviations from the paper:
    paper's symmetric clip;
 2. the loss is a token mean over the whole batch (the seed's and DAPO's choice), not the paper's
    mean over sequences of per-sequence token means (loss_agg=seq-mean-token-mean restores it);
-3. a group of one sample, or a group whose rewards are all equal, gets advantage 0 (no NaN).
+3. a group of one sample, or a group whose rewards are all equal, gets advantage exactly 0 (no NaN,
+   and no rounding noise blown up by a near-zero std).
 """
 
 from __future__ import annotations
