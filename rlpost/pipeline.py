@@ -35,7 +35,7 @@ from rlpost.rollout import SamplingParams, build_engine
 from rlpost.sft import run_sft
 from rlpost.tasks import load_task
 from rlpost.trainer import Trainer
-from rlpost.weight_sync import WeightSync, push_to_vllm
+from rlpost.weight_sync import WeightSync
 
 
 class RunLog:
@@ -100,13 +100,13 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
     print(f"rlpost: model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
           f"task {task.name} ({len(task.train_rows)} train / {len(task.eval_rows)} held-out prompts)")
 
-    engine = build_engine(cfg.rollout.engine, model, tokenizer)
+    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer")
+    weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)
     reward = Reward(verify, tokenizer, on_error=cfg.task.reward_on_error)
     eval_prompt_ids = [tokenizer.encode_prompt(r["prompt"]) for r in task.eval_rows]
 
     def evaluate() -> float:
-        if cfg.rl.weight_sync == "vllm":  # vLLM samples from its own copy of the weights: bring it up to date
-            push_to_vllm(model, engine)
+        weight_sync.push()  # an engine with its own copy of the weights (copy, vllm) is brought up to date
         return pass_at_1(engine, reward, task.eval_rows, eval_prompt_ids, samples=cfg.eval.samples_per_prompt,
                          temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                          batch_prompts=cfg.eval.batch_prompts, seed=cfg.seed)
@@ -155,7 +155,7 @@ def train(cfg: Config, recipe_name: str = "default") -> dict:
         controller = Controller(
             rows=task.train_rows, prompt_ids=[tokenizer.encode_prompt(r["prompt"]) for r in task.train_rows],
             engine=engine, reward=rl_reward, reference=reference,
-            algorithm=algorithm, trainer=trainer, weight_sync=WeightSync(model, engine, cfg.rl.weight_sync),
+            algorithm=algorithm, trainer=trainer, weight_sync=weight_sync,
             params=params, prompts_per_step=cfg.rollout.prompts_per_step, k=cfg.rollout.k, seed=cfg.seed,
             critic=critic, max_refill_rounds=cfg.rollout.max_refill_rounds)
         bar = tqdm(range(1, cfg.rl.steps + 1), desc=f"rl/{algorithm.name}", unit="step", dynamic_ncols=True)
