@@ -30,7 +30,7 @@ from rlpost.algorithms.base import Algorithm
 from rlpost.batch import Batch
 from rlpost.reference import Reference
 from rlpost.reward import Reward
-from rlpost.rollout import SamplingParams
+from rlpost.rollout import Engine, SamplingParams
 from rlpost.rollout.episodes import run_episodes
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
@@ -65,7 +65,7 @@ class PromptSampler:
 
 
 class Controller:
-    def __init__(self, *, rows: list[dict], prompt_ids: list[list[int]], engine, reward: Reward,
+    def __init__(self, *, rows: list[dict], prompt_ids: list[list[int]], engine: Engine, reward: Reward,
                  reference: Reference | None, algorithm: Algorithm, trainer: Trainer, weight_sync: WeightSync,
                  params: SamplingParams, prompts_per_step: int, k: int, seed: int = 0, critic=None,
                  max_refill_rounds: int = 0):

@@ -258,7 +258,7 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     task = load_task(cfg.task)
     model, tokenizer = load_model(cfg.model, task.alphabet)
     verify = load_reward_fn(cfg.task.reward) if cfg.task.reward else task.verify
-    engine = build_engine(cfg.rollout.engine, model, tokenizer)
+    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer")
     weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)
     verifier = Reward(verify, tokenizer, on_error=cfg.task.reward_on_error)
     summary = {"run_dir": run_dir, "demonstrator_accuracy": task.demonstrator_accuracy, "status": "running"}
@@ -380,7 +380,7 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(ctx.summary, f, indent=2)
         log.close()
-        getattr(ctx.engine, "close", lambda: None)()  # TODO engine protocol
+        ctx.engine.close()
     print_table(ctx.summary)
     return ctx.summary
 

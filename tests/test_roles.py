@@ -139,18 +139,21 @@ def test_non_finite_loss_skips_the_update_then_stops(tiny_gpt):
 @pytest.mark.parametrize("mode", ["pointer", "copy"])
 def test_weight_sync_delivers_fresh_weights_and_versions(tiny_gpt, mode):
     model, tok = tiny_gpt
-    engine = NativeEngine(model, tok)
+    engine = NativeEngine(model, tok, share_weights=mode == "pointer")
     sync = WeightSync(model, engine, mode)
-    assert (engine.model is model) == (mode == "pointer")
-    batch = engine.generate([tok.encode_prompt("1+1=")], 2, SamplingParams(max_new_tokens=3))
-    assert batch.policy_version.tolist() == [0, 0]
+    prompt, params = [tok.encode_prompt("1+1=")], SamplingParams(max_new_tokens=3, temperature=0.0)
+    before = engine.generate(prompt, 2, params)
+    assert before.policy_version.tolist() == [0, 0] and engine.version == 0
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.01)
+            p.add_(torch.randn_like(p))
+    fresh = NativeEngine(model, tok).generate(prompt, 2, params)  # what the new weights sample
+    assert not torch.equal(fresh.old_logp, before.old_logp)
     if mode == "copy":  # before the sync the engine still has the old weights
-        assert not torch.equal(engine.model.transformer.wte.weight, model.transformer.wte.weight)
-    assert sync.sync()["sync/version"] == 1.0
-    for a, b in zip(engine.model.parameters(), model.parameters()):
-        assert torch.equal(a, b)
-    batch = engine.generate([tok.encode_prompt("1+1=")], 2, SamplingParams(max_new_tokens=3))
+        assert torch.equal(engine.generate(prompt, 2, params).old_logp, before.old_logp)
+    metrics = sync.sync()
+    assert metrics["sync/version"] == 1.0 and engine.version == 1
+    assert (metrics["sync/bytes"] > 0) == (mode == "copy")
+    batch = engine.generate(prompt, 2, params)
+    assert torch.equal(batch.input_ids, fresh.input_ids) and torch.allclose(batch.old_logp, fresh.old_logp)
     assert batch.policy_version.tolist() == [1, 1]
