@@ -12,7 +12,7 @@ from rlpost.config import ModelConfig
 from rlpost.models import load_model, token_logprobs
 from rlpost.rollout import Engine, SamplingParams, build_engine
 from rlpost.rollout.engine import named_weights
-from rlpost.sft import nll_loss
+from rlpost.stages.sft import nll_loss
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
 
@@ -156,7 +156,7 @@ def test_the_pipeline_runs_with_a_copy_engine(tmp_path):
     import json
 
     from rlpost.config import load_config
-    from rlpost.pipeline import train
+    from rlpost.run import train
 
     cfg = load_config(None, ["sft.steps=20", "sft.batch_size=32", "rl.steps=2", "rl.eval_every=1", "task.num_eval=20",
                              "rollout.prompts_per_step=4", "rollout.k=4", "eval.samples_per_prompt=1",
