@@ -283,14 +283,20 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
 def _validate(cfg: Config) -> None:
     from rlpost.algorithms import get_algorithm
 
+    from rlpost.critic import CRITIC_TYPES
+    from rlpost.models import DTYPES
+    from rlpost.rollout import ENGINES
+    from rlpost.tasks import TASKS
+    from rlpost.weight_sync import MODES
+
     get_algorithm(**cfg.algorithm)  # unknown algorithm / parameter -> error naming it, now
-    choices = {
-        "task.name": (cfg.task.name, ("arithmetic", "jsonl")),
+    choices = {  # each family's valid names live with the family
+        "task.name": (cfg.task.name, TASKS),
         "task.reward_on_error": (cfg.task.reward_on_error, ("raise", "zero")),
-        "rollout.engine": (cfg.rollout.engine, ("auto", "native", "hf", "vllm")),
-        "rl.weight_sync": (cfg.rl.weight_sync, ("pointer", "copy", "vllm")),
-        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
-        "critic.type": (cfg.critic.type, ("separate", "head")),
+        "rollout.engine": (cfg.rollout.engine, ENGINES),
+        "rl.weight_sync": (cfg.rl.weight_sync, MODES),
+        "model.dtype": (cfg.model.dtype, DTYPES),
+        "critic.type": (cfg.critic.type, CRITIC_TYPES),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from rlpost.rollout.engine import Engine, named_weights
 
-MODES = ("pointer", "copy", "vllm")
+MODES = ("pointer", "copy", "vllm")  # the valid rl.weight_sync names
 
 
 class WeightSync:
@@ -34,7 +34,7 @@ class WeightSync:
         have = engine.weight_sync_mode
         mode = have if mode is None else mode
         if mode not in MODES:
-            raise ValueError(f"weight sync mode must be 'pointer', 'copy' or 'vllm', got {mode!r}")
+            raise ValueError(f"weight sync mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode != have:
             hint = ("a vLLM engine needs rl.weight_sync=vllm" if have == "vllm" else
                     "'vllm' needs a vLLM engine" if mode == "vllm" else

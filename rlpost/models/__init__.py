@@ -19,6 +19,7 @@ from rlpost.batch import Batch
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = tuple(_DTYPES)  # the valid model.dtype names
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

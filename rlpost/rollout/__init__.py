@@ -99,6 +99,9 @@ def assemble(prompts: list[list[int]], k: int, tokens: torch.Tensor, logps: torc
     )
 
 
+ENGINES = ("auto", "native", "hf", "vllm")  # the valid rollout.engine names (build_engine)
+
+
 def build_engine(kind: str, model, tokenizer, share_weights: bool = True) -> Engine:
     """'native' (KV cache, continuous batching: gpt_mini, and HF Llama / Qwen2), 'hf' (transformers.generate,
     any HF causal LM), 'vllm' (vLLM, an optional extra: rlpost/rollout/vllm_engine.py), or 'auto' (native when
@@ -126,5 +129,5 @@ def build_engine(kind: str, model, tokenizer, share_weights: bool = True) -> Eng
                              f"one ({_unsupported_reason(model)}); use rollout.engine=hf for this model")
         return native(model, tokenizer, share_weights)
     if kind != "hf":
-        raise ValueError(f"rollout.engine must be 'auto', 'native', 'hf' or 'vllm', got {kind!r}")
+        raise ValueError(f"rollout.engine must be one of {', '.join(ENGINES)}, got {kind!r}")
     return HFGenerateEngine(model, tokenizer, share_weights)
