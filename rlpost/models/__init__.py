@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
+from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -127,8 +127,8 @@ def load_model(cfg, alphabet: str | None = None) -> tuple[nn.Module, object]:
         if not os.path.isfile(config_path):
             raise ModelLoadError(f"model folder {name!r} has no config.json; is it a saved model?")
         with open(config_path) as f:
-            model_type = json.load(f).get("model_type")
-        if model_type == "gpt_mini":
+            config = json.load(f)
+        if is_gpt_mini_checkpoint(config):  # a GPT-2 checkpoint to transformers, gpt_mini to rlpost
             model, tok = GPT.from_pretrained(name), CharTokenizer.from_pretrained(name)
         else:
             model, tok = _load_hf(name, cfg)
