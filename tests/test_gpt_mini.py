@@ -33,7 +33,7 @@ def test_left_padding_does_not_change_a_row(tiny_gpt):
 
 def test_too_long_sequence_is_a_clear_error(tiny_gpt):
     model, _ = tiny_gpt
-    with pytest.raises(ValueError, match="block_size=24"):
+    with pytest.raises(ValueError, match="block_size=24: raise model.block_size"):
         model(torch.zeros(1, 30, dtype=torch.long))
 
 

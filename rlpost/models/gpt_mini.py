@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 @dataclass
 class GPTConfig:
     vocab_size: int = 32
-    block_size: int = 32   # longest sequence (prompt + response) the model accepts
+    block_size: int = 32   # longest sequence (prompt + response) the model accepts: its position table
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -157,7 +157,8 @@ class GPT(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         if int(position_ids.max()) >= self.config.block_size:
             raise ValueError(f"sequence of {int(position_ids.max()) + 1} tokens exceeds gpt_mini's "
-                             f"block_size={self.config.block_size}")
+                             f"block_size={self.config.block_size}: raise model.block_size (unset, a fresh "
+                             f"gpt_mini is sized from the data)")
         # Key mask over all S = past + T positions: real tokens only.
         key_mask = attention_mask.bool()
         if cache is not None:
