@@ -33,7 +33,8 @@ class ModelConfig:
     n_layer: int = opt(4, "gpt_mini: transformer blocks")
     n_head: int = opt(4, "gpt_mini: attention heads")
     n_embd: int = opt(128, "gpt_mini: embedding width")
-    block_size: int = opt(24, "gpt_mini: longest sequence (prompt + response) in tokens")
+    block_size: int | None = opt(None, "gpt_mini: longest sequence (prompt + response) in tokens (None: the longest "
+                                       "prompt + rollout.max_new_tokens, or SFT demonstration + eos, of the data)")
     dtype: str = opt("float32", "parameter dtype: float32 | bfloat16")
     chat_template: bool = opt(False, "wrap prompts in the tokenizer's chat template (HF models that have one)")
 
@@ -315,6 +316,9 @@ def _validate(cfg: Config) -> None:
     if (cfg.rollout.engine == "vllm") != (cfg.rl.weight_sync == "vllm"):
         raise ConfigError("rollout.engine=vllm and rl.weight_sync=vllm go together (vLLM holds its own copy of the "
                           f"weights); got rollout.engine={cfg.rollout.engine}, rl.weight_sync={cfg.rl.weight_sync}")
+    if cfg.model.block_size is not None and cfg.model.block_size < 1:
+        raise ConfigError(f"config key 'model.block_size' must be >= 1 or null (sized from the data), "
+                          f"got {cfg.model.block_size}")
     if cfg.rollout.max_num_seqs < 0:
         raise ConfigError(f"config key 'rollout.max_num_seqs' must be >= 0 (0: no cap), got {cfg.rollout.max_num_seqs}")
     if not all(isinstance(x, str) and x for x in cfg.rollout.stop):

@@ -245,6 +245,7 @@ def build_stages(cfg: Config) -> list[Stage]:
 
 def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0."""
+    from rlpost.limits import check_lengths
     from rlpost.models import load_model
     from rlpost.reward import Reward, load_reward_fn
     from rlpost.rollout import build_engine
@@ -256,7 +257,10 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     task = load_task(cfg.task)
-    model, tokenizer = load_model(cfg.model, task.alphabet)
+    rows, demos = task.train_rows + task.eval_rows, task.demonstrations if cfg.sft.steps > 0 else []
+    model, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  demonstrations=demos)
+    check_lengths(model, tokenizer, rows, cfg.rollout.max_new_tokens, demos)  # before any stage, not after SFT
     verify = load_reward_fn(cfg.task.reward) if cfg.task.reward else task.verify
     engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer")
     weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)

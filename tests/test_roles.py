@@ -2,6 +2,7 @@
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -69,6 +70,16 @@ def test_reward_spec_loading():
         load_reward_fn("nocolon")
     with pytest.raises(ValueError, match="cannot load"):
         load_reward_fn("rlpost.tasks:nope")
+
+
+def test_reward_module_is_found_in_the_working_directory(tmp_path, monkeypatch):
+    """As `python -m` would: the console script does not put the working directory on sys.path."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])  # as under the console script
+    (tmp_path / "cwd_reward_module.py").write_text("def score(completion, row):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_reward_fn("cwd_reward_module:score")("x", {}) == 0.5
+    with pytest.raises(ValueError, match=f"working directory {tmp_path}"):
+        load_reward_fn("no_such_reward_module:score")
 
 
 # ---------------------------------------------------------------------------- reference

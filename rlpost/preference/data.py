@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from rlpost.batch import Batch
+from rlpost.limits import model_context  # noqa: F401 - re-exported: the preference stage's default max_length
 from rlpost.rollout.episodes import episodes_in_chunks
 from rlpost.stages.sft import sft_batch
 
@@ -237,15 +238,6 @@ def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     if tok is None or not getattr(tok, "chat_template", None):
         raise ValueError("a chat-message prompt needs a tokenizer with a chat template (this one has none)")
     return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
-
-
-def model_context(model) -> int | None:
-    """Longest sequence the model accepts: gpt_mini's block_size, an HF model's max_position_embeddings."""
-    cfg = getattr(getattr(model, "hf", None), "config", None) or getattr(model, "config", None)
-    for key in ("block_size", "max_position_embeddings", "n_positions"):
-        if cfg is not None and getattr(cfg, key, None):
-            return int(getattr(cfg, key))
-    return None
 
 
 def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None,

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from rlpost.limits import check_lengths
 from rlpost.models import load_model
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
 from rlpost.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
@@ -98,7 +99,9 @@ def train_reward_model(cfg, recipe_name: str = "rm") -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)
-    policy, tokenizer = load_model(cfg.model, task.alphabet)
+    rows = task.train_rows + task.eval_rows
+    policy, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=cfg.rollout.max_new_tokens)
+    check_lengths(policy, tokenizer, rows, cfg.rollout.max_new_tokens)
     run_dir = make_run_dir(cfg, recipe_name, kind="rm")
     log = RunLog(run_dir)
     print(f"rlpost: run directory {run_dir}")
