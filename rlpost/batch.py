@@ -113,7 +113,7 @@ class Batch:
             rows = list(range(len(self)))[index]
         else:
             rows = index.tolist() if isinstance(index, Tensor) else list(index)
-        idx = torch.as_tensor(rows, dtype=torch.long)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
         tensors = {n: t.index_select(0, idx.to(t.device)) for n, t in self.tensors().items()}
         meta = {k: [v[i] for i in rows] for k, v in self.meta.items()}
         return Batch(**tensors, meta=meta, global_tokens=self.global_tokens, global_seqs=self.global_seqs)

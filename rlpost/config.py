@@ -8,6 +8,7 @@ The defaults *are* the embedded default recipe (recipes/default.yaml spells them
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +36,10 @@ class ModelConfig:
     n_embd: int = opt(128, "gpt_mini: embedding width")
     block_size: int | None = opt(None, "gpt_mini: longest sequence (prompt + response) in tokens (None: the longest "
                                        "prompt + rollout.max_new_tokens, or SFT demonstration + eos, of the data)")
-    dtype: str = opt("float32", "parameter dtype: float32 | bfloat16")
+    dtype: str = opt("float32", "parameter dtype: float32 | bfloat16 (every parameter, gradient and AdamW state in "
+                                "bf16: pure bf16, unlike trainer.precision=bf16)")
+    device: str = opt("auto", "where the model and every role run: auto (CUDA when present, else CPU) | cpu | cuda | "
+                              "cuda:N")
     chat_template: bool = opt(False, "wrap prompts in the tokenizer's chat template (HF models that have one)")
 
 
@@ -88,6 +92,14 @@ class TrainerConfig:
     max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses or gradients in a row")
     compile: bool = opt(False, "torch.compile the policy's and the reference's transformer blocks "
                               "(a one-off compile of tens of seconds, then faster scoring and training)")
+    precision: str = opt("fp32", "fp32 | bf16: bf16 autocast around the forward of the trainer (RL, SFT, preference), "
+                                 "the reference and the critic; fp32 weights, optimizer state, log-softmax and loss")
+    gradient_checkpointing: bool = opt(False, "recompute each block's activations in the backward (less memory, "
+                                              "about one more forward; turns shared-prompt scoring off in training)")
+    lr_schedule: str = opt("constant", "RL learning-rate schedule after warm-up: constant | linear | cosine (decay to "
+                                       "lr * min_lr_ratio at the last optimizer step)")
+    warmup_steps: int = opt(0, "RL: linear warm-up over this many optimizer steps")
+    min_lr_ratio: float = opt(0.0, "RL: linear / cosine decay ends at lr * min_lr_ratio")
 
 
 @dataclass
@@ -285,7 +297,8 @@ def _validate(cfg: Config) -> None:
     from rlpost.algorithms import get_algorithm
 
     from rlpost.critic import CRITIC_TYPES
-    from rlpost.models import DTYPES
+    from rlpost.models import DTYPES, PRECISIONS
+    from rlpost.schedule import SCHEDULES
     from rlpost.rollout import ENGINES
     from rlpost.tasks import TASKS
     from rlpost.weight_sync import MODES
@@ -297,6 +310,8 @@ def _validate(cfg: Config) -> None:
         "rollout.engine": (cfg.rollout.engine, ENGINES),
         "rl.weight_sync": (cfg.rl.weight_sync, MODES),
         "model.dtype": (cfg.model.dtype, DTYPES),
+        "trainer.precision": (cfg.trainer.precision, PRECISIONS),
+        "trainer.lr_schedule": (cfg.trainer.lr_schedule, SCHEDULES),
         "critic.type": (cfg.critic.type, CRITIC_TYPES),
     }
     for key, (value, valid) in choices.items():
@@ -319,6 +334,12 @@ def _validate(cfg: Config) -> None:
     if cfg.model.block_size is not None and cfg.model.block_size < 1:
         raise ConfigError(f"config key 'model.block_size' must be >= 1 or null (sized from the data), "
                           f"got {cfg.model.block_size}")
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.model.device):
+        raise ConfigError(f"config key 'model.device' is {cfg.model.device!r}; valid values: auto, cpu, cuda, cuda:N")
+    if cfg.trainer.warmup_steps < 0:
+        raise ConfigError(f"config key 'trainer.warmup_steps' must be >= 0, got {cfg.trainer.warmup_steps}")
+    if not 0.0 <= cfg.trainer.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config key 'trainer.min_lr_ratio' must be in [0, 1], got {cfg.trainer.min_lr_ratio}")
     if cfg.rollout.max_num_seqs < 0:
         raise ConfigError(f"config key 'rollout.max_num_seqs' must be >= 0 (0: no cap), got {cfg.rollout.max_num_seqs}")
     if not all(isinstance(x, str) and x for x in cfg.rollout.stop):

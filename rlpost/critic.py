@@ -6,6 +6,10 @@
 
 values[b, t] is the expected return before token t is emitted: it is read from the hidden state at t-1,
 the same alignment as token log-probs. The head starts at zero, so first values are 0.
+
+It computes on its parameters' device and returns values on the batch's device. With precision="bf16"
+the trunk runs under bf16 autocast and the head in fp32. Its weights are an nn.Module's state_dict: the
+head, plus the trunk for a separate critic (a shared trunk is the policy's, saved with the policy).
 """
 
 from __future__ import annotations
@@ -17,33 +21,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.models import trunk_hidden_states
+from rlpost.models import autocast, model_device, trunk_hidden_states
 
 
 CRITIC_TYPES = ("separate", "head")  # the valid critic.type names
 
 
 class Critic(nn.Module):
-    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool):
+    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, precision: str = "fp32"):
         super().__init__()
-        self.shared = shared
+        autocast("cpu", precision)  # an unknown precision fails now
+        self.shared, self.precision = shared, precision
         # A shared trunk is the policy itself: keep it out of this module's parameters so the optimizer
         # and checkpoints see it once (through the policy).
         self._trunk = [trunk] if shared else None
         self.trunk = None if shared else trunk
-        self.head = nn.Linear(hidden_size, 1)
+        self.head = nn.Linear(hidden_size, 1, device=model_device(trunk))
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def build(cls, policy: nn.Module, kind: str = "separate") -> "Critic":
+    def build(cls, policy: nn.Module, kind: str = "separate", precision: str = "fp32") -> "Critic":
         if kind not in CRITIC_TYPES:
             raise ValueError(f"critic.type must be one of {', '.join(CRITIC_TYPES)}, got {kind!r}")
         trunk = policy if kind == "head" else copy.deepcopy(policy).requires_grad_(True)
-        return cls(trunk, policy.hidden_size, shared=kind == "head")
+        return cls(trunk, policy.hidden_size, shared=kind == "head", precision=precision)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         trunk = self._trunk[0] if self.shared else self.trunk
-        h = trunk_hidden_states(trunk, batch)                       # each distinct prompt computed once
-        v = self.head(h.float()).squeeze(-1)                         # (B, T): value after reading token t
-        return F.pad(v[:, :-1], (1, 0)) * batch.response_mask        # (B, T): value before emitting token t
+        device, out = self.head.weight.device, batch.input_ids.device
+        batch = batch.to(device)
+        with autocast(device, self.precision):
+            h = trunk_hidden_states(trunk, batch)                    # each distinct prompt computed once
+        v = self.head(h.float()).squeeze(-1)                         # (B, T): value after reading token t, fp32
+        return (F.pad(v[:, :-1], (1, 0)) * batch.response_mask).to(out)  # (B, T): value before emitting token t

@@ -2,6 +2,10 @@
 
     ref = Reference(policy)          # a frozen copy of the policy as it is now (the SFT checkpoint)
     batch = ref(batch)               # fills batch.ref_logp [B, T]
+
+The copy lives on the policy's device; a batch from any device is scored there and its ref_logp comes
+back on the batch's device. With precision="bf16" it scores under bf16 autocast, as the trainer does, so
+that the KL term compares log-probs computed alike.
 """
 
 from __future__ import annotations
@@ -12,16 +16,20 @@ import torch
 import torch.nn as nn
 
 from rlpost.batch import Batch
-from rlpost.models import token_logprobs
+from rlpost.models import autocast, model_device, set_gradient_checkpointing, token_logprobs
 
 
 class Reference:
-    def __init__(self, policy: nn.Module, temperature: float = 1.0):
+    def __init__(self, policy: nn.Module, temperature: float = 1.0, precision: str = "fp32"):
+        autocast("cpu", precision)  # an unknown precision fails now
         self.model = copy.deepcopy(policy).eval()
         self.model.requires_grad_(False)
-        self.temperature = temperature
+        set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
+        self.temperature, self.precision = temperature, precision
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:
-        ref_logp = token_logprobs(self.model, batch, self.temperature)
-        return batch.replace(ref_logp=ref_logp * batch.response_mask)
+        device = model_device(self.model)
+        with autocast(device, self.precision):
+            ref_logp = token_logprobs(self.model, batch.to(device), self.temperature)
+        return batch.replace(ref_logp=ref_logp.to(batch.input_ids.device) * batch.response_mask)

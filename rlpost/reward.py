@@ -52,7 +52,7 @@ def load_reward_fn(spec: str) -> RewardFn:
 
 def decode_responses(batch: Batch, tokenizer) -> list[str]:
     """Each row's response tokens (response_mask) as text."""
-    ids, mask = batch.input_ids, batch.response_mask.bool()
+    ids, mask = batch.input_ids.cpu(), batch.response_mask.bool().cpu()  # one transfer, not one per row
     return [tokenizer.decode(ids[i][mask[i]].tolist()) for i in range(len(batch))]
 
 
@@ -81,4 +81,5 @@ class Reward:
                 failures, r = failures + 1, 0.0
             rewards.append(r)
         meta = {**batch.meta, "completion": texts}
-        return batch.replace(rewards=torch.tensor(rewards), meta=meta), {"reward/errors": float(failures)}
+        rewards = torch.tensor(rewards, device=batch.input_ids.device)
+        return batch.replace(rewards=rewards, meta=meta), {"reward/errors": float(failures)}

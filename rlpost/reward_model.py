@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
-from rlpost.models import ModelLoadError, load_model, position_ids_for, save_model, trunk_hidden_states
+from rlpost.models import (ModelLoadError, load_model, model_device, position_ids_for, save_model,
+                           trunk_hidden_states)
 from rlpost.preference.data import PreferenceData
 from rlpost.reward import decode_responses
 
@@ -59,7 +60,7 @@ class RewardModel(nn.Module):
     def __init__(self, trunk: nn.Module):
         super().__init__()
         self.trunk = trunk
-        self.head = nn.Linear(trunk.hidden_size, 1)
+        self.head = nn.Linear(trunk.hidden_size, 1, device=model_device(trunk))
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -74,12 +75,14 @@ class RewardModel(nn.Module):
                           attention_mask)
 
     def score(self, batch: Batch) -> torch.Tensor:
-        """[B] rewards of a batch, as `forward`; rows that share a prompt (a pair, K samples) compute it once."""
+        """[B] rewards of a batch, as `forward`, on the model's device (a batch from elsewhere is moved there);
+        rows that share a prompt (a pair, K samples) compute it once."""
+        batch = batch.to(self.head.weight.device)
         return self._read(trunk_hidden_states(self.trunk, batch), batch.attention_mask)
 
     def _read(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         last = last_token_index(attention_mask)
-        return self.head(h[torch.arange(len(h)), last].float()).squeeze(-1)
+        return self.head(h[torch.arange(len(h), device=h.device), last].float()).squeeze(-1)
 
     def save(self, folder: str, tokenizer) -> None:
         """The trunk as an ordinary checkpoint (loads in transformers) plus the head in reward_head.safetensors."""
@@ -182,8 +185,7 @@ class LearnedReward:
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
-        device = next(self.rm.parameters()).device
-        rewards = self.rm.score(batch.to(device)).float().cpu()
+        rewards = self.rm.score(batch).float().to(batch.input_ids.device)
         texts = decode_responses(batch, self.tokenizer)
         meta = {**batch.meta, "completion": texts}
         if self.gold is not None:  # the controller reports it as reward/gold_mean beside reward/mean (the proxy)

@@ -11,6 +11,13 @@ accumulation equals one large batch. On every micro-batch the trainer attaches t
 
 A loss or gradient that is not finite skips that optimizer step (nothing is applied), is reported,
 and after `max_nonfinite_steps` in a row stops training with NonFiniteLossError.
+
+Device and precision: batches may arrive on any device; the trainer moves each one to the model's device.
+`precision="bf16"` runs the forward under bf16 autocast while the parameters, gradients and AdamW state
+stay fp32 and the log-softmax and the loss are computed in fp32 (rlpost.models.autocast).
+`gradient_checkpointing=True` recomputes block activations in the backward (rlpost.models.
+set_gradient_checkpointing). `schedule` (rlpost.schedule.LRSchedule) scales every param group's learning
+rate at each optimizer step. `state_dict()` holds what a resumed run needs besides the weights.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import torch.nn as nn
 
 from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
-from rlpost.models import token_logprobs
+from rlpost.models import autocast, model_device, set_gradient_checkpointing, token_logprobs
+from rlpost.schedule import LRSchedule
 
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, float]]]
 
@@ -36,40 +44,76 @@ class Trainer:
     def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0,
                  micro_batch_size: int | None = None, max_nonfinite_steps: int = 3, temperature: float = 1.0,
                  betas: tuple[float, float] = (0.9, 0.999), epochs: int = 1, minibatches: int = 1,
-                 critic: nn.Module | None = None, critic_lr: float | None = None, seed: int = 0):
-        self.model, self.critic = model, critic
+                 critic: nn.Module | None = None, critic_lr: float | None = None, seed: int = 0,
+                 precision: str = "fp32", gradient_checkpointing: bool = False, schedule: LRSchedule | None = None):
+        autocast("cpu", precision)  # an unknown precision fails here, naming the valid ones
+        self.model, self.critic, self.precision = model, critic, precision
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
         if critic is not None:
             groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": critic_lr or lr})
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.base_lrs = [g["lr"] for g in groups]  # the schedule scales these
+        self.schedule = schedule or LRSchedule()
+        if gradient_checkpointing:  # the policy, and a separate critic's own trunk (a shared one is the policy)
+            for m in (model, getattr(critic, "trunk", None)):
+                if m is not None:
+                    set_gradient_checkpointing(m, True)
         self.grad_clip, self.micro_batch_size = grad_clip, micro_batch_size
         self.max_nonfinite_steps, self.temperature = max_nonfinite_steps, temperature
         self.epochs, self.minibatches = epochs, minibatches
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU whatever the model's device
         self.nonfinite_in_a_row = 0
         self.steps = 0
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.nonfinite_in_a_row, self.steps = state["nonfinite_in_a_row"], state["steps"]
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
 
     def set_lr(self, lr: float) -> None:
-        self.optimizer.param_groups[0]["lr"] = lr
+        """Set the policy's base learning rate (the schedule still scales it)."""
+        self.base_lrs[0] = lr
+        self._apply_schedule()
+
+    def _apply_schedule(self) -> None:
+        factor = self.schedule.factor(self.steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    # ---------------------------------------------------------------- resuming
+    def state_dict(self) -> dict:
+        """Everything a rebuilt Trainer on the same weights needs to continue bit-identically: AdamW's state,
+        the base learning rates and the schedule, the step counters and the shuffling generator. Not the
+        weights: the run saves the model (and a separate critic, an nn.Module) on its own. Tensors are
+        shared with the optimizer, so save it (torch.save) before training on."""
+        return {"optimizer": self.optimizer.state_dict(), "base_lrs": list(self.base_lrs),
+                "schedule": self.schedule.state_dict(), "steps": self.steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"optimizer", "base_lrs", "schedule", "steps", "nonfinite_in_a_row", "generator"} - set(state)
+        if missing:
+            raise ValueError(f"trainer state lacks {', '.join(sorted(missing))}; was it saved by Trainer.state_dict?")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])  # moves AdamW's state to the parameters' device
+        except ValueError as e:
+            raise ValueError(f"the saved trainer state does not fit this model and critic: {e}") from None
+        self.base_lrs = list(state["base_lrs"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.steps, self.nonfinite_in_a_row = state["steps"], state["nonfinite_in_a_row"]
+        self.generator.set_state(state["generator"])
 
     def step(self, batch: Batch, loss_fn: LossFn) -> dict[str, float]:
         """Train on one batch (epochs x minibatches optimizer steps). Returns metrics averaged over the
         optimizer steps; the engine/trainer log-prob mismatch is measured before the first update."""
         if len(batch) == 0:
             return {"train/skipped_empty": 1.0}
+        batch = batch.to(self.device)
         totals: dict[str, float] = {}
         n = 0
         for epoch in range(self.epochs):
-            order = torch.arange(len(batch)) if epoch == 0 else torch.randperm(len(batch), generator=self.generator)
+            # row indices live on the CPU with the generator; Batch.select moves them to the batch's device
+            order = torch.arange(len(batch), device="cpu") if epoch == 0 else \
+                torch.randperm(len(batch), generator=self.generator, device="cpu")
             for rows in order.chunk(min(self.minibatches, len(batch))):
                 first = epoch == 0 and n == 0
                 m = self._optimizer_step(batch.select(rows), loss_fn, measure_mismatch=first)
@@ -81,13 +125,15 @@ class Trainer:
 
     def _optimizer_step(self, batch: Batch, loss_fn: LossFn, measure_mismatch: bool) -> dict[str, float]:
         self.model.train()
+        self._apply_schedule()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, finite = 0.0, True
         sums: dict[str, float] = {}
         weight_total = 0.0
         mismatch_max, mismatch_sum, entropy_sum = 0.0, 0.0, 0.0
         for mb in batch.micro_batches(self.micro_batch_size):
-            logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True)
+            with autocast(self.device, self.precision):  # the forward only: the loss below runs in fp32
+                logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True)
             mb = mb.replace(entropy=entropy, new_values=self.critic(mb) if self.critic is not None else None)
             loss, metrics = loss_fn(logp, mb)
             if not torch.isfinite(loss):

@@ -14,6 +14,16 @@ import torch
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run only where torch sees a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def train_tiny_tokenizer(texts: list[str]):
     """A byte-level BPE trained on `texts`, wrapped as a transformers fast tokenizer with bos/eos/pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -85,7 +85,7 @@ def test_critic_kinds_share_or_copy_the_trunk(tiny_gpt):
     assert [n for n, _ in head.named_parameters()] == ["head.weight", "head.bias"]  # the trunk is the policy's
     policy_ids = {id(p) for p in model.parameters()}
     assert not policy_ids & {id(p) for p in separate.parameters()}
-    with pytest.raises(ValueError, match="'head' or 'separate'"):
+    with pytest.raises(ValueError, match="must be one of separate, head"):
         Critic.build(model, "shared")
 
 

@@ -107,8 +107,8 @@ def test_sigterm_writes_a_checkpoint_and_the_resume_finishes_the_same_run(refere
     assert p.returncode == 143, out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"].startswith("interrupted (SIGTERM)")
-    newest = list_checkpoints(run)[-1]
-    assert newest.meta["stage_name"] in ("sft", "rl") and newest.meta["metrics_lines"] == len(comparable(run))
+    newest = list_checkpoints(run)[-1]  # SFT and RL checkpoint where they stop; an evaluation is redone on resume
+    assert newest.meta["stage_name"] in ("sft", "rl") and newest.meta["metrics_lines"] <= len(comparable(run))
     run_to_end(["--resume", str(run)], tmp_path)
     assert_same_run(reference_run, run)
 

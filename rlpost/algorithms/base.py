@@ -249,8 +249,8 @@ class PolicyGradient(Algorithm):
         if batch.rewards.dim() == 2:
             r = torch.where(mask, batch.rewards.float(), torch.zeros_like(batch.rewards.float()))
         else:
-            r = torch.zeros(mask.shape, dtype=torch.float32)
-            r[torch.arange(len(batch)), last_token_index(mask)] = batch.rewards.float()
+            r = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            r[torch.arange(len(batch), device=mask.device), last_token_index(mask)] = batch.rewards.float()
         if self.cfg.kl_in == "reward" and self.cfg.beta > 0:
             if batch.ref_logp is None:
                 raise ValueError(f"{self.name} with kl_in=reward needs batch.ref_logp (run the reference role)")

@@ -41,7 +41,8 @@ class GSPO(PolicyGradient):
         log_ratio = torch.where(mask, logp - batch.old_logp, torch.zeros_like(logp))
         seq_log_ratio = log_ratio.sum(1) / mask.sum(1).clamp(min=1)          # [B]
         s = torch.exp(seq_log_ratio)
-        adv = batch.advantages[torch.arange(len(batch)), mask.float().argmax(1)]  # A_i (same on every token)
+        first = mask.float().argmax(1)                                        # each row's first response token
+        adv = batch.advantages[torch.arange(len(batch), device=mask.device), first]  # A_i (same on every token)
         clipped = torch.clamp(s, 1 - self.cfg.clip_low, 1 + self.cfg.clip_high)
         per_seq = -torch.min(s * adv, clipped * adv)                          # [B]
         with torch.no_grad():

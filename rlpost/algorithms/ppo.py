@@ -31,8 +31,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     m = mask.float()
     values = values * m
     adv = torch.zeros_like(rewards)
-    next_adv = torch.zeros(rewards.shape[0])
-    next_value = torch.zeros(rewards.shape[0])
+    next_adv = torch.zeros(rewards.shape[0], device=rewards.device)
+    next_value = torch.zeros(rewards.shape[0], device=rewards.device)
     for t in reversed(range(rewards.shape[1])):
         live = m[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]

@@ -7,6 +7,7 @@ Every policy is an `nn.Module` called as `model(input_ids, attention_mask, posit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,10 +23,73 @@ from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig, is_gpt_mini_ch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPES = tuple(_DTYPES)  # the valid model.dtype names
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ModelLoadError(RuntimeError):
     """The model named by the recipe could not be found or loaded."""
+
+
+# ---------------------------------------------------------------------------- device and precision
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """The torch.device that `model.device` names: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or
+    'cuda:N'. Asking for CUDA where there is none is an error now, not a silent CPU run."""
+    spec = str(spec)
+    if not DEVICE_SPEC.match(spec):
+        raise ValueError(f"model.device is {spec!r}; valid values: auto, cpu, cuda, cuda:N")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"model.device={spec} but CUDA is not available (torch {torch.__version__}, "
+                               f"CUDA build: {torch.version.cuda or 'none'}); use model.device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"model.device={spec} but this machine has {torch.cuda.device_count()} CUDA "
+                               f"device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a module's parameters: every role computes there and moves its batches there."""
+    return next(model.parameters()).device
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a role runs its model's forward in. 'fp32': nothing. 'bf16': torch.autocast to bfloat16,
+    so matmuls and attention run in bf16 while the parameters (the master weights), their gradients and the
+    optimizer state stay fp32; log-softmax and every loss run in fp32 (`_score` turns autocast off)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"trainer.precision is {precision!r}; valid values: {', '.join(PRECISIONS)}")
+
+
+def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them
+    (`trainer.gradient_checkpointing`): memory for one block's activations instead of all, for about one
+    more forward. HF models through their own switch; gpt_mini with torch.utils.checkpoint per block.
+    Either way it applies only in training mode with grad, and it turns shared-prompt scoring off then."""
+    if isinstance(model, HFCausalLM):
+        hf = model.hf
+        if on and not getattr(hf, "supports_gradient_checkpointing", False):
+            raise ValueError(f"trainer.gradient_checkpointing: {type(hf).__name__} does not support it")
+        # transformers >= 5.20 names it activation checkpointing; older versions only have the old name
+        if on:
+            enable = getattr(hf, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            (getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable)()
+    elif isinstance(model, GPT):
+        model.gradient_checkpointing = on
+    elif on:
+        raise TypeError(f"gradient checkpointing supports HFCausalLM and gpt_mini, not {type(model).__name__}")
 
 
 # ---------------------------------------------------------------------------- Hugging Face adapters
@@ -132,7 +196,8 @@ def build_gpt_mini(cfg, alphabet: str, rows: list[dict] | None = None, max_new_t
 
 def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = None,
                max_new_tokens: int | None = None, demonstrations: list[dict] = ()) -> tuple[nn.Module, object]:
-    """(model, tokenizer) for `cfg.name`: 'gpt_mini' (new), a checkpoint folder, or a hub id.
+    """(model, tokenizer) for `cfg.name`: 'gpt_mini' (new), a checkpoint folder, or a hub id; its parameters
+    in `cfg.dtype` on `cfg.device` (see resolve_device). Every role follows the model's device.
 
     `rows` (train + held-out), `max_new_tokens` and `demonstrations` size a fresh gpt_mini when
     `cfg.block_size` is None (see build_gpt_mini); they are not used otherwise. Check that the data fits
@@ -157,7 +222,7 @@ def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = No
                              f"or a hub id such as 'Qwen/Qwen2.5-0.5B')")
     else:
         model, tok = _load_hf(name, cfg)
-    return model.to(_DTYPES[cfg.dtype]), tok
+    return model.to(device=resolve_device(getattr(cfg, "device", "auto")), dtype=_DTYPES[cfg.dtype]), tok
 
 
 def _load_hf(name: str, cfg) -> tuple[HFCausalLM, HFTokenizer]:
@@ -270,10 +335,13 @@ def trunk_hidden_states(model: nn.Module, batch: Batch, share_prompt: bool = Tru
 
 
 def _score(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
-    """log-probs of `targets` [..., n] under logits [..., n, V] / temperature, and the entropies (or None)."""
-    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    return logp, (-(logp_all.exp() * logp_all).sum(-1) if with_entropy else None)
+    """log-probs of `targets` [..., n] under logits [..., n, V] / temperature, and the entropies (or None),
+    in fp32 whatever the logits' dtype and whether autocast is on (bf16 log-softmax loses the small
+    probabilities that ratios and KL terms are made of)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+        logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+        return logp, (-(logp_all.exp() * logp_all).sum(-1) if with_entropy else None)
 
 
 def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -123,6 +124,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        self.gradient_checkpointing = False  # rlpost.models.set_gradient_checkpointing
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
@@ -175,14 +177,25 @@ class GPT(nn.Module):
         mask = mask[:, None]                                           # (B, 1, T, S) broadcast over heads
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)
+        recompute = self._checkpointing and cache is None
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, layer)
+            if recompute:  # gradient checkpointing: the block keeps only its input; the backward reruns it
+                x = checkpoint(block, x, mask, None, layer, use_reentrant=False)
+            else:
+                x = block(x, mask, cache, layer)
         return self.transformer.ln_f(x)
+
+    @property
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)
 
-    can_share_prompt = True
+    @property
+    def can_share_prompt(self) -> bool:
+        """False while gradient checkpointing applies: a recomputed block would append to the KV cache twice."""
+        return not self._checkpointing
 
     def forward_shared_prompt(self, input_ids, attention_mask, position_ids, P: int, first, owner,
                               hidden: bool = False):

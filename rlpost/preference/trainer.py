@@ -26,25 +26,35 @@ import time
 import torch
 from tqdm import tqdm
 
-from rlpost.models import token_logprobs
+from rlpost.models import autocast, model_device, token_logprobs
 from rlpost.preference import PreferenceLoss, SeqLogps, sequence_logps
 from rlpost.preference.data import PreferenceData, PreferenceDataError
+from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
 
 
+def _logprobs(model, batch, precision: str) -> torch.Tensor:
+    """token_logprobs of a batch built on the CPU, on the model's device under the trainer's precision."""
+    device = model_device(model)
+    with autocast(device, precision):
+        return token_logprobs(model, batch.to(device))
+
+
 @torch.no_grad()
-def _token_logps(model, data: PreferenceData, seqs: list[int], pad_id: int, kl: bool) -> list[torch.Tensor]:
-    """Per-token log-probs of each sequence's completion (a list of 1-D tensors)."""
+def _token_logps(model, data: PreferenceData, seqs: list[int], pad_id: int, kl: bool,
+                 precision: str = "fp32") -> list[torch.Tensor]:
+    """Per-token log-probs of each sequence's completion (a list of 1-D CPU tensors, where data.batch reads them)."""
     b = data.batch(seqs, pad_id, kl=kl)
-    logp = token_logprobs(model, b)
+    logp = _logprobs(model, b, precision).cpu()
     P = b.prompt_width
     comps = data.kl_completions if kl else data.completions
     return [logp[i, P:P + len(comps[s])].clone() for i, s in enumerate(seqs)]
 
 
 @torch.no_grad()
-def cache_reference(model, data: PreferenceData, pad_id: int, chunk: int = 64) -> float:
-    """Fill data.ref (and data.ref_kl for unpaired data) with the model's log-probs. Returns seconds."""
+def cache_reference(model, data: PreferenceData, pad_id: int, chunk: int = 64, precision: str = "fp32") -> float:
+    """Fill data.ref (and data.ref_kl for unpaired data) with the model's log-probs, computed under the
+    precision the training will use, so that the policy starts exactly at its reference. Returns seconds."""
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -53,9 +63,9 @@ def cache_reference(model, data: PreferenceData, pad_id: int, chunk: int = 64) -
     ref, ref_kl = [], [] if data.kl_completions is not None else None
     for start in range(0, n, chunk):
         seqs = list(range(start, min(start + chunk, n)))
-        ref.extend(_token_logps(model, data, seqs, pad_id, kl=False))
+        ref.extend(_token_logps(model, data, seqs, pad_id, kl=False, precision=precision))
         if ref_kl is not None:
-            ref_kl.extend(_token_logps(model, data, seqs, pad_id, kl=True))
+            ref_kl.extend(_token_logps(model, data, seqs, pad_id, kl=True, precision=precision))
     data.ref, data.ref_kl = ref, ref_kl
     model.train(was_training)
     return time.perf_counter() - t0
@@ -80,26 +90,28 @@ def make_loss_fn(loss: PreferenceLoss, kl: tuple[torch.Tensor, torch.Tensor] | N
     return loss_fn
 
 
-def _kl_pair_logps(model, data: PreferenceData, seqs: list[int], pad_id: int):
-    """KTO: (policy, reference) summed log-probs of the mismatched completions of `seqs`, no grad."""
+def _kl_pair_logps(model, data: PreferenceData, seqs: list[int], pad_id: int, precision: str = "fp32"):
+    """KTO: (policy, reference) summed log-probs of the mismatched completions of `seqs`, no grad, on the
+    model's device (where the Trainer computes the loss)."""
     with torch.no_grad():
-        b = data.batch(seqs, pad_id, kl=True)
-        pol, _ = sequence_logps(token_logprobs(model, b), b.response_mask)
+        b = data.batch(seqs, pad_id, kl=True).to(model_device(model))
+        pol, _ = sequence_logps(_logprobs(model, b, precision), b.response_mask)
         ref, _ = sequence_logps(b.ref_logp, b.response_mask)
     return pol, ref
 
 
 @torch.no_grad()
-def evaluate_preference(model, data: PreferenceData, loss: PreferenceLoss, pad_id: int, chunk: int = 256):
+def evaluate_preference(model, data: PreferenceData, loss: PreferenceLoss, pad_id: int, chunk: int = 256,
+                        precision: str = "fp32"):
     """Loss and metrics on held-out preference data (no grad), averaged over chunks of examples."""
     model.eval()
     sums, n = {}, 0
     for start in range(0, len(data), chunk):
         ex = list(range(start, min(start + chunk, len(data))))
         seqs = data.sequences(ex)
-        b = data.batch(seqs, pad_id)
-        kl = _kl_pair_logps(model, data, seqs, pad_id) if not loss.paired else None
-        value, m = make_loss_fn(loss, kl)(token_logprobs(model, b), b)
+        b = data.batch(seqs, pad_id).to(model_device(model))
+        kl = _kl_pair_logps(model, data, seqs, pad_id, precision) if not loss.paired else None
+        value, m = make_loss_fn(loss, kl)(_logprobs(model, b, precision), b)
         for key, v in {"loss": value.item(), **m}.items():
             sums[key] = sums.get(key, 0.0) + v * len(ex)
         n += len(ex)
@@ -119,8 +131,10 @@ def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLos
                      batch_size: int = 64, lr: float = 1e-4, warmup_steps: int = 0,
                      micro_batch_size: int | None = None, weight_decay: float = 0.0, grad_clip: float = 1.0,
                      max_nonfinite_steps: int = 3, seed: int = 0, log=None, log_every: int = 10,
-                     eval_data: PreferenceData | None = None, stop=None) -> dict[str, float]:
-    """Train `model` in place on `data` with `loss`. Returns the last step's metrics (+ eval metrics).
+                     eval_data: PreferenceData | None = None, precision: str = "fp32",
+                     gradient_checkpointing: bool = False, stop=None) -> dict[str, float]:
+    """Train `model` in place on `data` with `loss`, linear warm-up then constant lr, on the model's device
+    under `precision` (the reference log-probs too). Returns the last step's metrics (+ eval metrics).
     `stop()`, checked after every step, ends training early by raising what it raises."""
     if loss.paired and not data.paired:
         raise PreferenceDataError(f"preference loss '{loss.name}' needs paired rows (prompt, chosen, rejected); "
@@ -132,14 +146,15 @@ def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLos
     if loss.uses_reference:
         for d, what in ((data, "train"), (eval_data, "eval")):
             if d is not None and d.ref is None:
-                secs = cache_reference(model, d, pad)
+                secs = cache_reference(model, d, pad, precision=precision)
                 if log is not None:
                     log({"stage": "preference", "step": 0, f"time/reference_{what}": secs,
                          "reference/sequences": len(d.completions)})
     rows_per_example = 2 if data.paired else 1
     trainer = Trainer(model, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
                       micro_batch_size=micro_batch_size and micro_batch_size * rows_per_example,
-                      max_nonfinite_steps=max_nonfinite_steps, seed=seed)
+                      max_nonfinite_steps=max_nonfinite_steps, seed=seed, precision=precision,
+                      gradient_checkpointing=gradient_checkpointing, schedule=LRSchedule("constant", warmup_steps))
     rng = random.Random(seed)
     per_epoch = math.ceil(len(data) / batch_size)
     total = epochs * per_epoch
@@ -153,9 +168,8 @@ def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLos
         i = (step - 1) % per_epoch
         examples = order[i * batch_size:(i + 1) * batch_size]
         seqs = data.sequences(examples)
-        trainer.set_lr(lr * min(1.0, step / warmup_steps) if warmup_steps else lr)
         t0 = time.perf_counter()
-        kl = _kl_pair_logps(model, data, seqs, pad) if not loss.paired else None
+        kl = _kl_pair_logps(model, data, seqs, pad, precision) if not loss.paired else None
         metrics = trainer.step(data.batch(seqs, pad), make_loss_fn(loss, kl))
         metrics["time/step"] = time.perf_counter() - t0
         metrics["epoch"] = (step - 1) // per_epoch + 1
@@ -167,7 +181,7 @@ def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLos
         if stop is not None:
             stop()
     if eval_data is not None:
-        ev = evaluate_preference(model, eval_data, loss, pad)
+        ev = evaluate_preference(model, eval_data, loss, pad, precision=precision)
         metrics.update(ev)
         if log is not None:
             log({"stage": "preference_eval", "step": total, **ev})

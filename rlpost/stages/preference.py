@@ -78,5 +78,6 @@ class PreferenceStage(Stage):
             ctx.model, ctx.tokenizer, data, loss, epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
             warmup_steps=pc.warmup_steps, micro_batch_size=pc.micro_batch_size, weight_decay=tc.weight_decay,
             grad_clip=tc.grad_clip, max_nonfinite_steps=tc.max_nonfinite_steps, seed=ctx.seed, log=ctx.log,
-            eval_data=eval_data, stop=ctx.check_stop)
+            eval_data=eval_data, precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
+            stop=ctx.check_stop)
         ctx.summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})

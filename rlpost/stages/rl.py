@@ -23,6 +23,7 @@ from rlpost.models import compile_model, load_weights, save_model
 from rlpost.reference import Reference
 from rlpost.rollout import SamplingParams
 from rlpost.run import RunContext, Stage
+from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
 
 _SHORT = {"rollout": "roll", "reward": "rew", "reference": "ref", "critic": "critic", "advantages": "adv",
@@ -59,12 +60,17 @@ class RLStage(Stage):
     def setup(self, ctx: RunContext) -> None:
         rc, tc, model = self.rollout_cfg, self.trainer_cfg, ctx.model
         self.algorithm = get_algorithm(**self.algorithm_cfg)
-        self.critic = Critic.build(model, self.critic_cfg.type) if self.algorithm.uses_critic else None
+        self.critic = (Critic.build(model, self.critic_cfg.type, precision=tc.precision)
+                       if self.algorithm.uses_critic else None)
+        schedule = LRSchedule(tc.lr_schedule, tc.warmup_steps, total_steps=self.cfg.steps * tc.epochs * tc.minibatches,
+                              min_lr_ratio=tc.min_lr_ratio)
         self.trainer = Trainer(model, lr=tc.lr, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
                                micro_batch_size=tc.micro_batch_size, max_nonfinite_steps=tc.max_nonfinite_steps,
                                temperature=rc.temperature, epochs=tc.epochs, minibatches=tc.minibatches,
-                               critic=self.critic, critic_lr=self.critic_cfg.lr, seed=ctx.seed)
-        self.reference = Reference(model, rc.temperature) if self.algorithm.uses_reference else None
+                               critic=self.critic, critic_lr=self.critic_cfg.lr, seed=ctx.seed,
+                               precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
+                               schedule=schedule)
+        self.reference = Reference(model, rc.temperature, tc.precision) if self.algorithm.uses_reference else None
         if tc.compile:  # after the reference (and a separate critic) copied the eager policy
             compile_model(model)
             if self.reference is not None:

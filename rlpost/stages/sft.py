@@ -9,7 +9,6 @@ are removed once the stage's own checkpoints/sft/ is written, which supersedes t
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -19,6 +18,7 @@ from rlpost.algorithms.base import token_mean
 from rlpost.batch import Batch
 from rlpost.rollout import assemble
 from rlpost.run import RunContext, Stage
+from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
 
 
@@ -39,16 +39,9 @@ def sft_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     return batch.replace(old_logp=None, policy_version=None, meta={})
 
 
-def sft_lr(step: int, steps: int, warmup_steps: int) -> float:
-    """The learning-rate multiplier of SFT step `step` (0-based): linear warm-up, cosine decay to 1/10."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    frac = (step - warmup_steps) / max(steps - warmup_steps, 1)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
-
-
 class SFTStage(Stage):
-    """`sft.*`: `steps` optimizer steps of `batch_size` demonstrations drawn with replacement."""
+    """`sft.*`: `steps` optimizer steps of `batch_size` demonstrations drawn with replacement; precision and
+    gradient checkpointing from `trainer.*`."""
 
     name = "sft"
     changes_weights = True
@@ -61,7 +54,11 @@ class SFTStage(Stage):
         tok, demos = ctx.tokenizer, ctx.task.demonstrations
         self.prompts = [tok.encode_prompt(r["prompt"]) for r in demos]
         self.completions = [tok.encode_completion(r["completion"]) + [tok.eos_token_id] for r in demos]
-        self.trainer = Trainer(ctx.model, lr=self.cfg.lr, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95))
+        tc = self.trainer_cfg
+        self.trainer = Trainer(ctx.model, lr=self.cfg.lr, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95),
+                               precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
+                               schedule=LRSchedule("cosine", self.cfg.warmup_steps, total_steps=max(self.cfg.steps, 1),
+                                                   min_lr_ratio=0.1))
         self.rng = random.Random(ctx.seed)
 
     def state_dict(self) -> dict:
@@ -80,7 +77,6 @@ class SFTStage(Stage):
         bar = tqdm(range(self.step, c.steps), initial=self.step, total=c.steps, desc="sft", unit="step",
                    dynamic_ncols=True)
         for step in bar:
-            self.trainer.set_lr(c.lr * sft_lr(step, c.steps, c.warmup_steps))
             idx = [self.rng.randrange(len(self.prompts)) for _ in range(c.batch_size)]
             batch = sft_batch([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad)
             metrics = self.trainer.step(batch, nll_loss)

@@ -1,0 +1,166 @@
+"""The learning-rate schedule, and resuming a Trainer from its state_dict bit-identically."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from test_devices import scored_batch
+
+from rlpost import get_algorithm
+from rlpost.critic import Critic
+from rlpost.reference import Reference
+from rlpost.schedule import LRSchedule
+from rlpost.stages.sft import nll_loss
+from rlpost.trainer import Trainer
+
+# ---------------------------------------------------------------------------- LRSchedule
+
+
+def test_schedules_hand_computed():
+    constant = LRSchedule("constant", warmup_steps=4)
+    assert [constant.factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    linear = LRSchedule("linear", warmup_steps=2, total_steps=6)
+    assert [linear.factor(s) for s in range(8)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    linear_floor = LRSchedule("linear", warmup_steps=0, total_steps=4, min_lr_ratio=0.2)
+    assert [linear_floor.factor(s) for s in range(5)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    cosine = LRSchedule("cosine", warmup_steps=0, total_steps=4, min_lr_ratio=0.1)
+    c = math.cos(math.pi / 4)  # 1 + cos(pi * frac) at frac 0, 1/4, 1/2, 3/4, 1: 2, 1 + c, 1, 1 - c, 0
+    assert [cosine.factor(s) for s in range(6)] == pytest.approx(
+        [1.0, 0.1 + 0.45 * (1 + c), 0.55, 0.1 + 0.45 * (1 - c), 0.1, 0.1])
+
+
+def test_sft_schedule_is_the_one_sft_always_had():
+    """The SFT stage's LRSchedule('cosine', 50, 1000, 0.1) equals the inline formula it replaced, exactly."""
+    steps, warmup = 1000, 50
+    schedule = LRSchedule("cosine", warmup, total_steps=steps, min_lr_ratio=0.1)
+    for step in range(steps):
+        frac = (step - warmup) / max(steps - warmup, 1)
+        old = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
+        assert schedule.factor(step) == old, step
+
+
+def test_schedule_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"trainer.lr_schedule is 'step'; valid values: constant, linear, cosine"):
+        LRSchedule("step")
+    with pytest.raises(ValueError, match=r"lr_schedule=cosine decays over the run: it needs total_steps"):
+        LRSchedule("cosine", warmup_steps=3)
+    with pytest.raises(ValueError, match=r"trainer.warmup_steps must be >= 0"):
+        LRSchedule("constant", warmup_steps=-1)
+    with pytest.raises(ValueError, match=r"trainer.min_lr_ratio must be in \[0, 1\]"):
+        LRSchedule("linear", total_steps=3, min_lr_ratio=1.5)
+
+
+def test_trainer_applies_the_schedule_to_every_param_group_at_each_optimizer_step(tiny_gpt):
+    model, tok = tiny_gpt
+    critic = Critic.build(model, "head")
+    schedule = LRSchedule("linear", warmup_steps=1, total_steps=5)
+    trainer = Trainer(model, lr=1e-2, critic=critic, critic_lr=1e-1, schedule=schedule, minibatches=2)
+    algo = get_algorithm("ppo")
+    batch = Reference(model)(scored_batch(model, tok))
+    with torch.no_grad():
+        batch = algo.compute_advantages(batch.replace(values=critic(batch)))
+    lrs, critic_lrs = [], []
+    for _ in range(3):  # 2 optimizer steps each
+        trainer.step(batch, lambda logp, b: (lrs.append(trainer.optimizer.param_groups[0]["lr"]),
+                                             critic_lrs.append(trainer.optimizer.param_groups[1]["lr"]),
+                                             algo.compute_loss(logp, b))[-1])
+    factors = [schedule.factor(s) for s in range(6)]  # 1.0 (warm-up), 1, 0.75, 0.5, 0.25, 0
+    assert lrs == pytest.approx([1e-2 * f for f in factors]) and trainer.steps == 6
+    assert critic_lrs == pytest.approx([1e-1 * f for f in factors])
+
+
+def test_set_lr_sets_the_base_that_the_schedule_scales(tiny_gpt):
+    model, tok = tiny_gpt
+    trainer = Trainer(model, lr=1.0, schedule=LRSchedule("constant", warmup_steps=4))
+    trainer.set_lr(0.4)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # 0.4 x warm-up 1/4
+    assert trainer.step(scored_batch(model, tok), nll_loss)["train/lr"] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------- resuming
+
+
+def batches(model, tok, algo, n=3):
+    """n scored batches made before any training (so both runs train on the same data)."""
+    out = []
+    reference = Reference(model)
+    critic = Critic.build(model, "separate") if algo.uses_critic else None
+    for seed in range(n):
+        b = reference(scored_batch(model, tok, seed=seed))
+        if critic is not None:
+            with torch.no_grad():
+                b = b.replace(values=critic(b))
+        out.append(algo.compute_advantages(b))
+    return out
+
+
+def build(model, algo, critic_from=None):
+    critic = Critic.build(model, "separate") if algo.uses_critic else None
+    if critic is not None and critic_from is not None:
+        critic.load_state_dict(critic_from)
+    trainer = Trainer(model, lr=1e-2, critic=critic, epochs=2, minibatches=2, seed=3,
+                      schedule=LRSchedule("cosine", warmup_steps=2, total_steps=12, min_lr_ratio=0.1))
+    return trainer, critic
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_a_rebuilt_trainer_continues_bit_identically(tiny_gpt, name):
+    """3 steps in one go == 1 step, save (trainer state through torch.save, weights apart), a new model and
+    Trainer loaded from them, 2 more steps: every parameter and every metric equal, bit for bit. Epochs x
+    minibatches shuffle with the generator; the cosine schedule and AdamW's moments carry over; PPO's
+    separate critic is the optimizer's second param group."""
+    model, tok = tiny_gpt
+    algo = get_algorithm(name)
+    data = batches(model, tok, algo)
+    start = copy.deepcopy(model.state_dict())
+
+    trainer, critic = build(model, algo)
+    straight = [trainer.step(b, algo.compute_loss) for b in data]
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    final_critic = copy.deepcopy(critic.state_dict()) if critic is not None else None
+
+    model.load_state_dict(start)
+    trainer, critic = build(model, algo)
+    resumed = [trainer.step(data[0], algo.compute_loss)]
+    saved = io.BytesIO()
+    torch.save(trainer.state_dict(), saved)
+    weights = copy.deepcopy(model.state_dict())
+    critic_weights = copy.deepcopy(critic.state_dict()) if critic is not None else None
+    trainer.step(data[1], algo.compute_loss)  # the old trainer goes on: nothing it does may leak into the new one
+
+    from rlpost.models.gpt_mini import GPT
+
+    torch.manual_seed(123)  # a differently initialised model, then the saved weights
+    new_model = GPT(model.config)
+    new_model.load_state_dict(weights)
+    new_trainer, _ = build(new_model, algo, critic_from=critic_weights)
+    saved.seek(0)
+    new_trainer.load_state_dict(torch.load(saved, weights_only=True))
+    assert new_trainer.steps == 4 and new_trainer.nonfinite_in_a_row == 0  # epochs x minibatches per trainer.step
+    resumed += [new_trainer.step(b, algo.compute_loss) for b in data[1:]]
+
+    for n, p in new_model.named_parameters():
+        assert torch.equal(p, final[n]), n
+    if critic is not None:
+        for n, v in new_trainer.critic.state_dict().items():
+            assert torch.equal(v, final_critic[n]), n
+    assert resumed == straight
+
+
+def test_critic_state_dict_holds_its_own_weights_only(tiny_gpt):
+    model, _ = tiny_gpt
+    assert list(Critic.build(model, "head").state_dict()) == ["head.weight", "head.bias"]  # the trunk is the policy's
+    separate = Critic.build(model, "separate").state_dict()
+    assert {"head.weight", "head.bias"} < set(separate) and any(k.startswith("trunk.") for k in separate)
+
+
+def test_a_state_that_does_not_fit_is_named(tiny_gpt):
+    model, _ = tiny_gpt
+    with_critic = Trainer(model, lr=1e-3, critic=Critic.build(model, "separate")).state_dict()
+    with pytest.raises(ValueError, match="does not fit this model and critic"):
+        Trainer(model, lr=1e-3).load_state_dict(with_critic)
+    with pytest.raises(ValueError, match="trainer state lacks generator, steps"):
+        Trainer(model, lr=1e-3).load_state_dict({k: v for k, v in with_critic.items()
+                                                 if k not in ("steps", "generator")})
