@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: run test test-slow test-vllm
+.PHONY: run test test-slow test-gpu test-vllm
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,8 +21,11 @@ run: $(STAMP)        ## the main job: SFT then GRPO on the embedded default
 test: $(STAMP)       ## the fast default suite (what CI runs)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)  ## opt-in end-to-end runs (minutes)
+test-slow: $(STAMP)  ## opt-in end-to-end runs (minutes), the 20-kill resume test among them
 	$(PY) -m pytest -q -m slow
+
+test-gpu: $(STAMP)   ## every CUDA check (tests marked `cuda`; they skip where torch sees no GPU)
+	$(PY) -m pytest -q -m cuda -rs
 
 # vLLM's CPU build pins transformers<5.20, so it gets its own venv. Its torchvision / torchaudio /
 # torchcodec break the import next to the CPU torch (and triton is 1 GB that the CPU build does not use).

@@ -29,7 +29,7 @@ import sys
 
 from rlpost.algorithms import available
 from rlpost.config import load_config
-from rlpost.pipeline import train
+from rlpost.run import train
 
 # per-algorithm settings beyond the algorithm's own defaults (same rollout budget for all)
 EXTRA = {"ppo": ["trainer.minibatches=2"]}

@@ -34,7 +34,7 @@ _FIELDS = {
     "values": "BT",
     "group_ids": "B",
     "policy_version": "B",
-    # Beyond the DESIGN.md contract: written by algorithms or the trainer, read by losses.
+    # Beyond the data contract (README, 'Architecture'): written by algorithms or the trainer, read by losses.
     "returns": "BT",      # value targets (PPO: GAE advantage + old value)
     "entropy": "BT",      # set by the trainer on each micro-batch: policy entropy per token, with grad
     "new_values": "BT",   # set by the trainer on each micro-batch: current critic values, with grad
@@ -43,7 +43,7 @@ _FIELDS = {
 
 @dataclass
 class Batch:
-    """Trajectories as tensors, with the field names of DESIGN.md.
+    """Trajectories as tensors, with the field names of the data contract (README, 'Architecture').
 
     Build one from keyword tensors: ``Batch(input_ids=..., attention_mask=..., response_mask=...)``.
     Shapes are checked on construction; a mismatch names the field.

@@ -1,7 +1,8 @@
 """rlpost command line.
 
     rlpost train                              the embedded default: SFT then GRPO on arithmetic
-    rlpost train recipes/tiny_llama.yaml rl.steps=20 algorithm.beta=0.0
+    rlpost train recipes/hf_chat_model.yaml rl.steps=20 algorithm.beta=0.0
+    rlpost train --resume runs/default-X       continue a stopped run from its newest checkpoint
     rlpost rm model.name=runs/X/checkpoints/sft   a Bradley-Terry reward model on preference pairs
     rlpost dpo --loss ipo                     SFT, then offline preference optimisation (DPO family)
     rlpost algorithms                         the registered algorithms
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
     p_train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p_train.add_argument("--resume", metavar="RUN_DIR",
+                         help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved "
+                              "config (a recipe or overrides given too must not change it)")
     p_rm = sub.add_parser(
         "rm", help="train a Bradley-Terry reward model on preference pairs and save it",
         description="Fit a reward model whose trunk starts from model.name (usually an SFT checkpoint) on "
@@ -67,22 +71,32 @@ def main(argv: list[str] | None = None) -> int:
             recipe, overrides = None, [recipe, *overrides]
         if getattr(args, "loss", None):
             overrides = [f"preference.loss={{name: {args.loss}}}", *overrides]
+        resume = getattr(args, "resume", None)
         try:
             cfg = load_config(recipe, overrides)
             if args.command == "dpo":  # the preference stage, and no RL
                 cfg.preference.enabled, cfg.rl.steps = True, 0
+            if resume:
+                cfg = resumable_config(resume, cfg if recipe or overrides else None)
         except (ConfigError, ValueError) as e:
             print(f"rlpost: error: {e}", file=sys.stderr)
             return 2
-        from rlpost.pipeline import train, train_reward_model
+        from rlpost.run import RunInterrupted, train
+        from rlpost.stages.reward_model import train_reward_model
 
         base = os.path.splitext(os.path.basename(recipe))[0] if recipe else "default"
         name = {"train": base, "dpo": f"{base}-dpo", "rm": f"{base}-rm" if recipe else "rm"}[args.command]
         try:
-            (train_reward_model if args.command == "rm" else train)(cfg, name)
+            if args.command == "rm":
+                train_reward_model(cfg, name)
+            else:
+                train(cfg, name, resume=resume)
+        except RunInterrupted as e:
+            print(f"rlpost: stopped by {e} after writing a checkpoint; continue with `rlpost train --resume "
+                  f"<run directory>`", file=sys.stderr)
+            return 143 if str(e) == "SIGTERM" else 130
         except KeyboardInterrupt:
-            where = "" if args.command == "rm" else "; the weights so far are in the run directory's checkpoints/last"
-            print(f"rlpost: interrupted{where}", file=sys.stderr)
+            print("rlpost: interrupted", file=sys.stderr)
             return 130
         except Exception as e:  # a clear one-line reason; the run directory keeps the weights and the metrics
             print(f"rlpost: error: {type(e).__name__}: {e}", file=sys.stderr)
@@ -90,6 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser.print_help()
     return 0
+
+
+def resumable_config(run_dir: str, given=None):
+    """The config saved in `run_dir`; a config `given` on the command line too must not differ from it."""
+    from rlpost.run import config_differences, saved_config
+
+    saved = saved_config(run_dir)
+    if given is not None:
+        diff = config_differences(saved, given)
+        if diff:
+            raise ConfigError(f"--resume {run_dir}: the given config differs from the run's saved config.yaml; "
+                              "nothing was changed:\n  " + "\n  ".join(diff))
+    return saved
 
 
 if __name__ == "__main__":

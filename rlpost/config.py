@@ -34,7 +34,8 @@ class ModelConfig:
     n_layer: int = opt(4, "gpt_mini: transformer blocks")
     n_head: int = opt(4, "gpt_mini: attention heads")
     n_embd: int = opt(128, "gpt_mini: embedding width")
-    block_size: int = opt(24, "gpt_mini: longest sequence (prompt + response) in tokens")
+    block_size: int | None = opt(None, "gpt_mini: longest sequence (prompt + response) in tokens (None: the longest "
+                                       "prompt + rollout.max_new_tokens, or SFT demonstration + eos, of the data)")
     dtype: str = opt("float32", "parameter dtype: float32 | bfloat16 (every parameter, gradient and AdamW state in "
                                 "bf16: pure bf16, unlike trainer.precision=bf16)")
     device: str = opt("auto", "where the model and every role run: auto (CUDA when present, else CPU) | cpu | cuda | "
@@ -61,6 +62,8 @@ class SFTConfig:
     batch_size: int = opt(128, "sequences per SFT step")
     lr: float = opt(3e-3, "peak learning rate (linear warm-up, cosine decay to lr/10)")
     warmup_steps: int = opt(50, "warm-up steps")
+    save_every: int = opt(250, "write a resumable checkpoint every this many steps (0: only at the end); "
+                               "removed once checkpoints/sft is written")
 
 
 @dataclass
@@ -123,6 +126,9 @@ class RewardModelConfig:
 class RLConfig:
     steps: int = opt(150, "RL steps (each: rollout, reward, reference, advantages, train, sync)")
     eval_every: int = opt(50, "held-out pass@1 every this many steps (0: only at the end)")
+    save_every: int = opt(50, "write a resumable checkpoint checkpoints/step_<n> every this many steps (0: only "
+                              "checkpoints/final at the end)")
+    keep_checkpoints: int = opt(2, "keep the newest this many step checkpoints (0: all)")
     weight_sync: str = opt("pointer", "colocated weight sync: 'pointer' (shared module) | 'copy' (separate copy) | "
                                       "'vllm' (into the running vLLM engine)")
 
@@ -290,16 +296,23 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
 def _validate(cfg: Config) -> None:
     from rlpost.algorithms import get_algorithm
 
+    from rlpost.critic import CRITIC_TYPES
+    from rlpost.models import DTYPES, PRECISIONS
+    from rlpost.schedule import SCHEDULES
+    from rlpost.rollout import ENGINES
+    from rlpost.tasks import TASKS
+    from rlpost.weight_sync import MODES
+
     get_algorithm(**cfg.algorithm)  # unknown algorithm / parameter -> error naming it, now
-    choices = {
-        "task.name": (cfg.task.name, ("arithmetic", "jsonl")),
+    choices = {  # each family's valid names live with the family
+        "task.name": (cfg.task.name, TASKS),
         "task.reward_on_error": (cfg.task.reward_on_error, ("raise", "zero")),
-        "rollout.engine": (cfg.rollout.engine, ("auto", "native", "hf", "vllm")),
-        "rl.weight_sync": (cfg.rl.weight_sync, ("pointer", "copy", "vllm")),
-        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
-        "trainer.precision": (cfg.trainer.precision, ("fp32", "bf16")),
-        "trainer.lr_schedule": (cfg.trainer.lr_schedule, ("constant", "linear", "cosine")),
-        "critic.type": (cfg.critic.type, ("separate", "head")),
+        "rollout.engine": (cfg.rollout.engine, ENGINES),
+        "rl.weight_sync": (cfg.rl.weight_sync, MODES),
+        "model.dtype": (cfg.model.dtype, DTYPES),
+        "trainer.precision": (cfg.trainer.precision, PRECISIONS),
+        "trainer.lr_schedule": (cfg.trainer.lr_schedule, SCHEDULES),
+        "critic.type": (cfg.critic.type, CRITIC_TYPES),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -308,12 +321,19 @@ def _validate(cfg: Config) -> None:
                 "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "sft.batch_size": cfg.sft.batch_size,
                 "eval.samples_per_prompt": cfg.eval.samples_per_prompt, "trainer.epochs": cfg.trainer.epochs,
                 "trainer.minibatches": cfg.trainer.minibatches}
+    for key, value in {"sft.save_every": cfg.sft.save_every, "rl.save_every": cfg.rl.save_every,
+                       "rl.keep_checkpoints": cfg.rl.keep_checkpoints}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     if (cfg.rollout.engine == "vllm") != (cfg.rl.weight_sync == "vllm"):
         raise ConfigError("rollout.engine=vllm and rl.weight_sync=vllm go together (vLLM holds its own copy of the "
                           f"weights); got rollout.engine={cfg.rollout.engine}, rl.weight_sync={cfg.rl.weight_sync}")
+    if cfg.model.block_size is not None and cfg.model.block_size < 1:
+        raise ConfigError(f"config key 'model.block_size' must be >= 1 or null (sized from the data), "
+                          f"got {cfg.model.block_size}")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.model.device):
         raise ConfigError(f"config key 'model.device' is {cfg.model.device!r}; valid values: auto, cpu, cuda, cuda:N")
     if cfg.trainer.warmup_steps < 0:

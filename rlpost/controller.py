@@ -1,8 +1,8 @@
 """CONTROLLER: the seven-step loop, colocated (every role in this process, taking turns).
 
-    1. prompts     pick the next prompts
-    2. rollout     sample K completions each, with old_logp           engine.generate
-    3. reward      score every completion                             reward(batch)
+    1. prompts     pick the next prompts                              sampler.next
+    2. rollout     sample K completions each, with old_logp           run_episodes: engine.generate
+    3. reward      score every completion                             run_episodes: reward(batch)
     4. reference   ref_logp from the frozen model (if the loss uses it) reference(batch)
                    (and values from the critic, if the algorithm has one)
     5. advantages  the algorithm's estimator                          algo.compute_advantages
@@ -13,6 +13,9 @@ It holds no algorithm logic: it only calls the roles in order, times each one, a
 One rule is generic: when compute_advantages returns fewer groups than were sampled (an algorithm
 that filters, such as DAPO's dynamic sampling), steps 1-5 repeat on new prompts until the batch has
 `prompts_per_step` groups or `max_refill_rounds` extra rounds are spent.
+
+Its state (`state_dict`) is the prompt sampler's position and the algorithm's own state; the engine's
+seed of each step is a function of (seed, step, round), so a resumed run samples what it would have.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from rlpost.algorithms.base import Algorithm
 from rlpost.batch import Batch
 from rlpost.reference import Reference
 from rlpost.reward import Reward
-from rlpost.rollout import SamplingParams
+from rlpost.rollout import Engine, SamplingParams
+from rlpost.rollout.episodes import run_episodes
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
 
@@ -43,6 +47,13 @@ class PromptSampler:
     def __init__(self, n: int, seed: int):
         self.n, self.rng, self.order = n, random.Random(seed), []
 
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.order = list(state["order"])
+
     def next(self, count: int) -> list[int]:
         out = []
         while len(out) < count:
@@ -54,7 +65,7 @@ class PromptSampler:
 
 
 class Controller:
-    def __init__(self, *, rows: list[dict], prompt_ids: list[list[int]], engine, reward: Reward,
+    def __init__(self, *, rows: list[dict], prompt_ids: list[list[int]], engine: Engine, reward: Reward,
                  reference: Reference | None, algorithm: Algorithm, trainer: Trainer, weight_sync: WeightSync,
                  params: SamplingParams, prompts_per_step: int, k: int, seed: int = 0, critic=None,
                  max_refill_rounds: int = 0):
@@ -70,6 +81,13 @@ class Controller:
         self.sampler = PromptSampler(len(rows), seed)
         self.times: dict[str, float] = {}
 
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "algorithm": self.algorithm.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.algorithm.load_state_dict(state["algorithm"])
+
     @contextmanager
     def timed(self, role: str):
         t0 = time.perf_counter()
@@ -80,14 +98,12 @@ class Controller:
         """Steps 1-5 for `n_prompts` new prompts: (scored batch, batch with advantages, reward metrics)."""
         # 1. prompts
         idx = self.sampler.next(n_prompts)
-        # 2. rollout
-        with self.timed("rollout"):
-            batch = self.engine.generate([self.prompt_ids[i] for i in idx], self.k, self.params,
-                                         seed=(self.seed * 1_000_003 + step) * 101 + round_)
-            batch = batch.replace(meta={**batch.meta, "row": [self.rows[i] for i in idx for _ in range(self.k)]})
-        # 3. reward
-        with self.timed("reward"):
-            batch, reward_metrics = self.reward(batch)
+        # 2. rollout and 3. reward
+        batch, reward_metrics = run_episodes(self.engine, self.reward, [self.rows[i] for i in idx],
+                                             [self.prompt_ids[i] for i in idx], self.k, self.params,
+                                             seed=(self.seed * 1_000_003 + step) * 101 + round_)
+        for role in ("rollout", "reward"):
+            self.times[role] = self.times.get(role, 0.0) + reward_metrics.pop(f"time/{role}")
         # 4. reference (and critic values)
         with self.timed("reference"):
             if self.algorithm.uses_reference:

@@ -24,6 +24,9 @@ from rlpost.batch import Batch
 from rlpost.models import autocast, model_device, trunk_hidden_states
 
 
+CRITIC_TYPES = ("separate", "head")  # the valid critic.type names
+
+
 class Critic(nn.Module):
     def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, precision: str = "fp32"):
         super().__init__()
@@ -39,8 +42,8 @@ class Critic(nn.Module):
 
     @classmethod
     def build(cls, policy: nn.Module, kind: str = "separate", precision: str = "fp32") -> "Critic":
-        if kind not in ("head", "separate"):
-            raise ValueError(f"critic.type must be 'head' or 'separate', got {kind!r}")
+        if kind not in CRITIC_TYPES:
+            raise ValueError(f"critic.type must be one of {', '.join(CRITIC_TYPES)}, got {kind!r}")
         trunk = policy if kind == "head" else copy.deepcopy(policy).requires_grad_(True)
         return cls(trunk, policy.hidden_size, shared=kind == "head", precision=precision)
 

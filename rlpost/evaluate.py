@@ -1,13 +1,15 @@
 """Held-out evaluation: pass@1 is the probability that one sampled completion is right.
 
 It is estimated as the mean verifier score over `samples` completions per held-out prompt, drawn at
-`temperature` (1.0 by default: the policy itself, not its mode). Rollout + reward, nothing else.
+`temperature` (1.0 by default: the policy itself, not its mode). Rollout + reward through the same
+episode function as training (rlpost/rollout/episodes.py), nothing else.
 """
 
 from __future__ import annotations
 
 from rlpost.reward import Reward
 from rlpost.rollout import SamplingParams
+from rlpost.rollout.episodes import episodes_in_chunks
 
 
 def pass_at_1(engine, reward: Reward, rows: list[dict], prompt_ids: list[list[int]], *, samples: int,
@@ -16,11 +18,7 @@ def pass_at_1(engine, reward: Reward, rows: list[dict], prompt_ids: list[list[in
         return float("nan")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_prompts):
-        chunk = range(start, min(start + batch_prompts, len(rows)))
-        batch = engine.generate([prompt_ids[i] for i in chunk], samples, params, seed=seed + start)
-        batch = batch.replace(meta={**batch.meta, "row": [rows[i] for i in chunk for _ in range(samples)]})
-        batch, _ = reward(batch)
+    for _, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, samples, params, seed, batch_prompts):
         total += float(batch.rewards.sum())
         count += len(batch)
     return total / count

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from typing import Callable
 
 import torch
@@ -24,14 +26,25 @@ class RewardError(RuntimeError):
 
 
 def load_reward_fn(spec: str) -> RewardFn:
-    """'package.module:function' -> the function."""
+    """'package.module:function' -> the function.
+
+    The module is looked for in the current working directory, as `python -m` would, and then on the
+    rest of sys.path (the installed packages). The `rlpost` console script puts only its own bin folder
+    on sys.path, so without this a `my_rewards.py` next to the user's data is not found. The folder stays
+    on sys.path, so the reward module's own imports (at load or at call time) resolve the same way.
+    """
     if ":" not in spec:
         raise ValueError(f"task.reward must look like 'module:function', got {spec!r}")
     module_name, fn_name = spec.split(":", 1)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
     try:
         fn = getattr(importlib.import_module(module_name), fn_name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load reward function {spec!r}: {e}") from e
+        raise ValueError(f"cannot load reward function {spec!r} (modules are looked for in the working "
+                         f"directory {cwd}, then on sys.path): {e}") from e
     if not callable(fn):
         raise ValueError(f"reward {spec!r} is not callable")
     return fn

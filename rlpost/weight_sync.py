@@ -6,59 +6,74 @@ Ordering contract, one RL step:
     sync.sync()                                        # 2. push: engine gets the new weights, version += 1
     batch = engine.generate(...)                       # 3. the next rollout samples with them
 
-Colocated modes: "pointer" (the engine holds the trainer's own module: nothing moves, only the
-version changes), "copy" (the engine owns a separate copy, refreshed in place with copy_) and
-"vllm" (the engine is a running vLLM (rlpost/rollout/vllm_engine.py) with its own weights: the
-trainer's state_dict is pushed into it with vLLM's reload_weights and its prefix cache is dropped).
+WeightSync only ever calls `engine.update_weights(named_weights(trainer_model), version)` (the Engine
+protocol, rlpost/rollout/engine.py): the trainer's tensors under their checkpoint names (an HF model's
+own names, gpt_mini's module names). How they land is the engine's, fixed when it was built: "pointer"
+(it shares the trainer's module: nothing moves, only the version changes), "copy" (its own copy,
+refreshed in place with copy_) or "vllm" (a running vLLM, which reloads them and drops its prefix
+cache). `mode` must name the engine's, so a config that says one thing cannot silently run another.
 Every batch an engine samples carries `policy_version`, so stale samples are visible downstream.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 import torch.nn as nn
 
+from rlpost.rollout.engine import Engine, named_weights
+
+MODES = ("pointer", "copy", "vllm")  # the valid rl.weight_sync names
+
 
 class WeightSync:
-    def __init__(self, trainer_model: nn.Module, engine, mode: str = "pointer"):
-        if mode not in ("pointer", "copy", "vllm"):
-            raise ValueError(f"weight sync mode must be 'pointer', 'copy' or 'vllm', got {mode!r}")
-        required = getattr(engine, "weight_sync_mode", None)  # an engine that owns its weights names its mode
-        if (required or mode) != mode or (mode == "vllm" and not hasattr(engine, "update_weights")):
-            raise ValueError(f"weight sync mode {mode!r} does not fit a {type(engine).__name__}: a vLLM engine "
-                             f"needs rl.weight_sync=vllm, and 'vllm' needs a vLLM engine")
+    def __init__(self, trainer_model: nn.Module, engine: Engine, mode: str | None = None):
+        """mode: 'pointer', 'copy' or 'vllm' (None: the engine's). Pushes the trainer's weights at once,
+        stamped with the engine's version: the engine may have been built from older ones (before SFT)."""
+        have = engine.weight_sync_mode
+        mode = have if mode is None else mode
+        if mode not in MODES:
+            raise ValueError(f"weight sync mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode != have:
+            hint = ("a vLLM engine needs rl.weight_sync=vllm" if have == "vllm" else
+                    "'vllm' needs a vLLM engine" if mode == "vllm" else
+                    f"build the engine with share_weights={mode == 'pointer'}")
+            raise ValueError(f"weight sync mode {mode!r} does not fit a {type(engine).__name__} built for {have!r}: "
+                             f"{hint}")
         self.trainer_model, self.engine, self.mode = trainer_model, engine, mode
-        if mode == "vllm":  # the engine may have started from older weights (e.g. before SFT): push now
-            engine.model = trainer_model
-            self._push()
-        elif mode == "pointer":
-            engine.model = trainer_model
-        else:
-            engine.model = copy.deepcopy(trainer_model).requires_grad_(False)
-        self.version = engine.policy_version
+        self.version = engine.version
+        self.push()
+
+    def sync(self) -> dict[str, float]:
+        """After an optimizer step: the new weights to the engine, version += 1."""
+        return self._push(self.version + 1)
+
+    def push(self) -> dict[str, float]:
+        """The trainer's current weights to the engine, stamped with the current version (no bump): for
+        sampling outside the RL loop, e.g. a held-out evaluation, and after a restore."""
+        return self._push(self.version)
 
     @torch.no_grad()
-    def sync(self) -> dict[str, float]:
+    def _push(self, version: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        if self.mode == "copy":
-            src = dict(self.trainer_model.named_parameters())
-            for name, p in self.engine.model.named_parameters():
-                p.copy_(src[name])
-        elif self.mode == "vllm":
-            self._push()
-        self.version += 1
-        self.engine.policy_version = self.version
-        return {"sync/version": float(self.version), "time/sync_copy": time.perf_counter() - t0}
+        weights = named_weights(self.trainer_model)
+        self.engine.update_weights(weights, version)
+        self.version = version  # only once the engine has it
+        moved = 0 if self.mode == "pointer" else sum(t.numel() * t.element_size() for t in _unique(weights))
+        return {"sync/version": float(version), "sync/bytes": float(moved), "time/sync_copy": time.perf_counter() - t0}
 
-    def _push(self) -> None:
-        push_to_vllm(self.trainer_model, self.engine)
+    def state_dict(self) -> dict[str, int]:
+        return {"version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume: the restored version, and the trainer's (restored) weights pushed to the engine with it."""
+        self._push(int(state["version"]))
 
 
-def push_to_vllm(model: nn.Module, engine) -> None:
-    """The trainer's weights, under their Hugging Face names, into a running vLLM engine (no version bump:
-    for sampling from the current weights outside the RL loop, e.g. a held-out evaluation)."""
-    hf = getattr(model, "hf", model)
-    engine.update_weights(hf.state_dict().items())
+def _unique(named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """The tensors, each storage once (a tied weight comes under two names)."""
+    seen: dict[tuple, torch.Tensor] = {}
+    for _, t in named:
+        seen.setdefault((t.device, t.data_ptr()), t)
+    return list(seen.values())

@@ -9,12 +9,12 @@ from rlpost import get_algorithm
 from rlpost.config import load_config
 from rlpost.controller import Controller
 from rlpost.critic import Critic
-from rlpost.pipeline import train
+from rlpost.run import train
 from rlpost.reference import Reference
 from rlpost.reward import Reward
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.native import NativeEngine
-from rlpost.sft import nll_loss
+from rlpost.stages.sft import nll_loss
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
 
@@ -85,7 +85,7 @@ def test_critic_kinds_share_or_copy_the_trunk(tiny_gpt):
     assert [n for n, _ in head.named_parameters()] == ["head.weight", "head.bias"]  # the trunk is the policy's
     policy_ids = {id(p) for p in model.parameters()}
     assert not policy_ids & {id(p) for p in separate.parameters()}
-    with pytest.raises(ValueError, match="'head' or 'separate'"):
+    with pytest.raises(ValueError, match="must be one of separate, head"):
         Critic.build(model, "shared")
 
 
@@ -119,7 +119,7 @@ def test_every_step_attributes_its_wall_clock_to_the_roles(tiny_gpt):
     """Issue 4: seconds and share per role (shares sum to 1), tokens/s and the engine/trainer mismatch
     are in every step's metrics and on the console line. No assertion depends on how fast anything ran."""
     from rlpost.controller import TIMED
-    from rlpost.pipeline import step_line
+    from rlpost.stages.rl import step_line
 
     model, tok = tiny_gpt
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(2)]

@@ -21,7 +21,7 @@ from rlpost.reference import Reference
 from rlpost.reward import Reward
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.native import NativeEngine
-from rlpost.sft import nll_loss, sft_batch
+from rlpost.stages.sft import nll_loss, sft_batch
 from rlpost.trainer import Trainer
 
 ALGORITHMS = sorted(available())
@@ -205,13 +205,15 @@ def test_cuda_every_role_and_algorithm(tiny_llama_dir, kind):
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["gpt_mini", "hf_llama"])
 def test_cuda_sft_checkpointing_and_resume(tiny_llama_dir, kind):
-    from rlpost.sft import run_sft
+    from rlpost.stages.sft import sft_batch
 
     model, tok = cuda_models(tiny_llama_dir)[kind]
-    demos = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(10) for b in range(10)]
-    for precision in ("fp32", "bf16"):
-        m = run_sft(model, tok, demos, steps=3, batch_size=8, lr=1e-3, warmup_steps=1, seed=0, precision=precision,
-                    gradient_checkpointing=True)
+    demos = [(tok.encode_prompt(f"{a}+{b}="), tok.encode_completion(str(a + b)) + [tok.eos_token_id])
+             for a in range(3) for b in range(3)]
+    for precision in ("fp32", "bf16"):  # SFT batches are built on the CPU; the trainer moves them
+        sft = Trainer(model, lr=1e-3, precision=precision, gradient_checkpointing=True)
+        for _ in range(3):
+            m = sft.step(sft_batch([p for p, _ in demos], [c for _, c in demos], tok.pad_token_id), nll_loss)
         assert m["train/skipped_nonfinite"] == 0.0 and m["sft/nll"] > 0
     trainer = Trainer(model, lr=1e-3)
     batch = scored_batch(model, tok)

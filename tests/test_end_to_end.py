@@ -2,13 +2,15 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from rlpost.cli import main
 from rlpost.config import load_config
-from rlpost.pipeline import train
+from rlpost.run import train
 from rlpost.reward import RewardError
 
 TINY = ["sft.steps=30", "sft.batch_size=32", "rl.steps=3", "rl.eval_every=2", "task.num_eval=40",
@@ -105,6 +107,29 @@ def test_cli_runs_a_recipe_with_overrides(tmp_path, capsys):
     assert "held-out pass@1" in out and "after RL" in out
     runs = [d for d in os.listdir(tmp_path) if d.startswith("r-")]
     assert len(runs) == 1 and len([m for m in read_metrics(tmp_path / runs[0]) if m["stage"] == "rl"]) == 2
+
+
+def test_cli_imports_the_reward_module_from_the_working_directory(tmp_path):
+    """The `rlpost` console script is a file in the venv's bin folder: Python puts that folder on sys.path,
+    not the working directory. A script in another folder calling cli.main is the same situation (a
+    `python -c` would put the working directory on sys.path and hide the problem)."""
+    work, bin_dir = tmp_path / "work", tmp_path / "bin"
+    work.mkdir()
+    bin_dir.mkdir()
+    (work / "my_module.py").write_text("import pathlib\n\n"
+                                       "def score(completion, row):\n"
+                                       "    pathlib.Path('scored').touch()\n"
+                                       "    return 1.0\n")
+    (bin_dir / "rlpost_script.py").write_text("import sys\nfrom rlpost.cli import main\nsys.exit(main())\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["train", "task.reward=my_module:score", "sft.steps=0", "rl.steps=1", "rl.eval_every=0",
+            "task.num_eval=2", "eval.samples_per_prompt=1", "rollout.prompts_per_step=2", "rollout.k=2",
+            "model.n_layer=1", "model.n_embd=16", "model.n_head=2", f"out_dir={tmp_path / 'runs'}"]
+    done = subprocess.run([sys.executable, str(bin_dir / "rlpost_script.py"), *args], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (work / "scored").exists()  # the user's function scored the samples
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def test_old_logp_equals_trainer_logprobs(engine, llama, temperature):
           f"max |old_logp - trainer logp| = {mismatch:.2e}")
     assert batch.response_mask.sum() > 0 and batch.input_ids.shape[0] == 16
     assert batch.group_ids.tolist() == [g for g in range(4) for _ in range(4)]
-    assert (batch.policy_version == engine.policy_version).all()
+    assert (batch.policy_version == engine.version).all()
     assert mismatch <= 1e-4
 
 
@@ -142,7 +142,7 @@ def test_weight_sync_pushes_new_weights_into_the_running_engine(engine, llama):
         t0 = time.perf_counter()
         metrics = sync.sync()
         print(f"\n[vllm] weight sync into the running engine: {time.perf_counter() - t0:.3f} s")
-        assert metrics["sync/version"] == 1.0 and engine.policy_version == 1
+        assert metrics["sync/version"] == 1.0 and engine.version == 1
         after = assert_greedy_equals_transformers(engine, model, tok, prompts)  # the new weights' greedy output
         assert not torch.equal(after.input_ids, before.input_ids)
         assert (after.policy_version == 1).all()
@@ -164,28 +164,26 @@ def test_build_engine_vllm_without_vllm_says_how_to_install(llama):
 
 
 def test_weight_sync_mode_must_fit_the_engine(llama):
-    model, _ = llama
+    model, tok = llama
 
     class OwnsWeights:  # stands in for a VLLMEngine
-        weight_sync_mode, policy_version, pushed = "vllm", 0, 0
+        weight_sync_mode, version, pushed = "vllm", 0, 0
 
-        def update_weights(self, named_tensors):
+        def update_weights(self, named_tensors, version):
             self.pushed += len(list(named_tensors))
+            self.version = version
 
     eng = OwnsWeights()
     for mode in ("pointer", "copy"):
         with pytest.raises(ValueError, match="needs rl.weight_sync=vllm"):
             WeightSync(model, eng, mode)
 
-    class Plain:
-        policy_version = 0
-
     with pytest.raises(ValueError, match="'vllm' needs a vLLM engine"):
-        WeightSync(model, Plain(), "vllm")
+        WeightSync(model, build_engine("native", model, tok), "vllm")
     sync = WeightSync(model, eng, "vllm")  # pushes at once (the engine may predate SFT), then on every sync
     assert eng.pushed == len(model.hf.state_dict())
     sync.sync()
-    assert eng.pushed == 2 * len(model.hf.state_dict()) and eng.policy_version == 1
+    assert eng.pushed == 2 * len(model.hf.state_dict()) and eng.version == 1
 
 
 @pytest.mark.slow
@@ -196,7 +194,7 @@ def test_the_pipeline_runs_on_vllm_from_a_recipe(tiny_llama_dir, tmp_path):
     import json
 
     from rlpost.config import load_config
-    from rlpost.pipeline import train
+    from rlpost.run import train
 
     cfg = load_config(None, ["sft.steps=3", "sft.batch_size=16", "rl.steps=2", "rl.eval_every=0", "task.num_eval=20",
                              "rollout.prompts_per_step=4", "rollout.k=4", "rollout.max_new_tokens=4",

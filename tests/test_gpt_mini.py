@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
 
-from rlpost.models import position_ids_for
+from rlpost.config import ModelConfig
+from rlpost.models import load_model, position_ids_for, save_model
 from rlpost.models.gpt_mini import GPT, CharTokenizer
 
 
@@ -30,7 +33,7 @@ def test_left_padding_does_not_change_a_row(tiny_gpt):
 
 def test_too_long_sequence_is_a_clear_error(tiny_gpt):
     model, _ = tiny_gpt
-    with pytest.raises(ValueError, match="block_size=24"):
+    with pytest.raises(ValueError, match="block_size=24: raise model.block_size"):
         model(torch.zeros(1, 30, dtype=torch.long))
 
 
@@ -45,19 +48,57 @@ def test_checkpoint_roundtrip_is_safetensors(tiny_gpt, tmp_path):
     assert again.lm_head.weight.data_ptr() == again.transformer.wte.weight.data_ptr()  # still tied
 
 
-def test_weights_load_into_transformers_gpt2(tiny_gpt):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_checkpoint_loads_in_transformers_as_gpt2(tiny_gpt, tmp_path):
+    """What save_pretrained writes is a GPT-2 checkpoint: the model through both transformers entry points,
+    the tokenizer through AutoTokenizer, computing and encoding exactly what gpt_mini does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-    model, _ = tiny_gpt
+    model, tok = tiny_gpt
     model.eval()
-    c = model.config
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                                    n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
-                                    resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
-    missing, unexpected = hf.load_state_dict(model.to_hf_state_dict(), strict=False)
-    assert not unexpected and all(".attn.bias" in k or "masked_bias" in k for k in missing)
-    ids = torch.randint(3, 15, (2, 9))
-    assert torch.allclose(hf(ids).logits, model(ids), atol=1e-4)
+    save_model(model, tok, str(tmp_path))
+    ids = torch.tensor([tok.encode_prompt("07+85=092"), tok.encode_prompt("12+34=046")])
+    mask = torch.ones_like(ids)
+    for entry in (AutoModelForCausalLM, GPT2LMHeadModel):
+        hf, info = entry.from_pretrained(tmp_path, output_loading_info=True)
+        assert type(hf).__name__ == "GPT2LMHeadModel" and not info["missing_keys"] and not info["unexpected_keys"]
+        assert hf.config.n_positions == model.config.block_size and hf.config.eos_token_id == tok.eos_token_id
+        torch.testing.assert_close(hf.eval()(input_ids=ids, attention_mask=mask).logits, model(ids, mask),
+                                   atol=1e-5, rtol=0)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf_tok("07+85=", add_special_tokens=False)["input_ids"] == tok.encode("07+85=")
+    assert hf_tok("07+85=")["input_ids"] == tok.encode_prompt("07+85=")  # <bos> first, as encode_prompt
+    assert (hf_tok.pad_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.pad_token_id, tok.bos_token_id,
+                                                                              tok.eos_token_id)
+    assert hf_tok.decode(ids[0].tolist() + [tok.eos_token_id], skip_special_tokens=True) == "07+85=092"
+    with pytest.raises(Exception):
+        hf_tok("07x85=")  # an unknown character is an error there too, not a silent <unk>
+
+
+def test_load_model_reads_its_checkpoint_back_exactly(tiny_gpt, tmp_path):
+    model, tok = tiny_gpt
+    save_model(model, tok, str(tmp_path))
+    again, tok2 = load_model(ModelConfig(name=str(tmp_path)))
+    assert isinstance(again, GPT) and isinstance(tok2, CharTokenizer) and tok2.chars == tok.chars
+    assert again.config == model.config
+    params = dict(again.named_parameters())
+    assert params.keys() == dict(model.named_parameters()).keys()
+    assert all(torch.equal(params[n], p) for n, p in model.named_parameters())
+
+
+def test_checkpoint_of_the_older_format_still_loads(tiny_gpt, tmp_path):
+    """Before the GPT-2 layout: config.json with model_type gpt_mini, nn.Linear weights, a char tokenizer.json."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    model, tok = tiny_gpt
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_mini", **asdict(model.config)}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"type": "char", "chars": tok.chars}))
+    again, tok2 = load_model(ModelConfig(name=str(tmp_path)))
+    assert isinstance(again, GPT) and tok2.chars == tok.chars
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
 
 
 def test_char_tokenizer_roundtrip_and_unknown_character():

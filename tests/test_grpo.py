@@ -1,4 +1,5 @@
-"""GRPO against the seed's reference step (shared/seeds/002_e8bd019fa090e190.txt) and hand-computed values."""
+"""GRPO against the lessons' reference GRPO + RLVR step (`seed_grpo_loss` below, copied line for line) and
+hand-computed values."""
 
 import math
 

@@ -13,7 +13,7 @@ from rlpost.config import ModelConfig
 from rlpost.critic import Critic
 from rlpost.models import autocast, load_model, set_gradient_checkpointing, token_logprobs
 from rlpost.reference import Reference
-from rlpost.sft import nll_loss
+from rlpost.stages.sft import nll_loss
 from rlpost.trainer import Trainer
 
 # Tolerance of bf16 autocast against fp32, absolute, on log-probs. bf16 keeps 8 significant bits: each

@@ -12,7 +12,7 @@ import torch
 from rlpost.config import load_config
 from rlpost.models import ModelLoadError, save_model
 from rlpost.cli import main
-from rlpost.pipeline import train
+from rlpost.run import train
 from rlpost.preference.data import tokenize_preferences
 from rlpost.reward_model import (LearnedReward, RewardModel, bradley_terry_loss, evaluate_pairs, fit_reward_model,
                                  pair_rewards, task_pairs)

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from rlpost.reference import Reference
 from rlpost.reward import Reward, RewardError, load_reward_fn
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.native import NativeEngine
-from rlpost.sft import nll_loss
+from rlpost.stages.sft import nll_loss
 from rlpost.tasks.arithmetic import arithmetic_task
 from rlpost.trainer import NonFiniteLossError, Trainer
 from rlpost.weight_sync import WeightSync
@@ -69,6 +70,16 @@ def test_reward_spec_loading():
         load_reward_fn("nocolon")
     with pytest.raises(ValueError, match="cannot load"):
         load_reward_fn("rlpost.tasks:nope")
+
+
+def test_reward_module_is_found_in_the_working_directory(tmp_path, monkeypatch):
+    """As `python -m` would: the console script does not put the working directory on sys.path."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])  # as under the console script
+    (tmp_path / "cwd_reward_module.py").write_text("def score(completion, row):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_reward_fn("cwd_reward_module:score")("x", {}) == 0.5
+    with pytest.raises(ValueError, match=f"working directory {tmp_path}"):
+        load_reward_fn("no_such_reward_module:score")
 
 
 # ---------------------------------------------------------------------------- reference
@@ -139,18 +150,21 @@ def test_non_finite_loss_skips_the_update_then_stops(tiny_gpt):
 @pytest.mark.parametrize("mode", ["pointer", "copy"])
 def test_weight_sync_delivers_fresh_weights_and_versions(tiny_gpt, mode):
     model, tok = tiny_gpt
-    engine = NativeEngine(model, tok)
+    engine = NativeEngine(model, tok, share_weights=mode == "pointer")
     sync = WeightSync(model, engine, mode)
-    assert (engine.model is model) == (mode == "pointer")
-    batch = engine.generate([tok.encode_prompt("1+1=")], 2, SamplingParams(max_new_tokens=3))
-    assert batch.policy_version.tolist() == [0, 0]
+    prompt, params = [tok.encode_prompt("1+1=")], SamplingParams(max_new_tokens=3, temperature=0.0)
+    before = engine.generate(prompt, 2, params)
+    assert before.policy_version.tolist() == [0, 0] and engine.version == 0
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.01)
+            p.add_(torch.randn_like(p))
+    fresh = NativeEngine(model, tok).generate(prompt, 2, params)  # what the new weights sample
+    assert not torch.equal(fresh.old_logp, before.old_logp)
     if mode == "copy":  # before the sync the engine still has the old weights
-        assert not torch.equal(engine.model.transformer.wte.weight, model.transformer.wte.weight)
-    assert sync.sync()["sync/version"] == 1.0
-    for a, b in zip(engine.model.parameters(), model.parameters()):
-        assert torch.equal(a, b)
-    batch = engine.generate([tok.encode_prompt("1+1=")], 2, SamplingParams(max_new_tokens=3))
+        assert torch.equal(engine.generate(prompt, 2, params).old_logp, before.old_logp)
+    metrics = sync.sync()
+    assert metrics["sync/version"] == 1.0 and engine.version == 1
+    assert (metrics["sync/bytes"] > 0) == (mode == "copy")
+    batch = engine.generate(prompt, 2, params)
+    assert torch.equal(batch.input_ids, fresh.input_ids) and torch.allclose(batch.old_logp, fresh.old_logp)
     assert batch.policy_version.tolist() == [1, 1]

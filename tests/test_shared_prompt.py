@@ -84,8 +84,9 @@ def test_shared_prompt_scoring_equals_the_plain_forward(kind, tiny_llama_dir, mo
     assert torch.all(logp0[:, 0] == 0) and torch.all(logp1[:, 0] == 0)
     torch.testing.assert_close(logp1, logp0, rtol=0, atol=1e-5)
     torch.testing.assert_close(ent1, ent0, rtol=0, atol=1e-5)
-    for name, g in grads0.items():
-        torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+    for name, g in grads0.items():  # float sums in another order: error ~1e-7 of the tensor's largest entry
+        torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-6 * max(1.0, float(g.abs().max())),
+                                   msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("kind", ["gpt_mini", "hf_llama"])

@@ -12,7 +12,7 @@ from rlpost import get_algorithm
 from rlpost.critic import Critic
 from rlpost.reference import Reference
 from rlpost.schedule import LRSchedule
-from rlpost.sft import nll_loss
+from rlpost.stages.sft import nll_loss
 from rlpost.trainer import Trainer
 
 # ---------------------------------------------------------------------------- LRSchedule
@@ -32,7 +32,7 @@ def test_schedules_hand_computed():
 
 
 def test_sft_schedule_is_the_one_sft_always_had():
-    """run_sft's LRSchedule('cosine', 50, 1000, 0.1) equals the inline formula it replaced, exactly."""
+    """The SFT stage's LRSchedule('cosine', 50, 1000, 0.1) equals the inline formula it replaced, exactly."""
     steps, warmup = 1000, 50
     schedule = LRSchedule("cosine", warmup, total_steps=steps, min_lr_ratio=0.1)
     for step in range(steps):

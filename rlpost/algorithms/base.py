@@ -65,6 +65,13 @@ class Algorithm:
     def compute_advantages(self, batch: Batch) -> Batch:
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the algorithm carries from step to step (e.g. a moving-average baseline); {} for most."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def compute_loss(self, logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
@@ -113,7 +120,9 @@ def aggregate(per_token: torch.Tensor, batch: Batch, mode: str, norm_length: int
         per_seq = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(1) / lengths
         return per_seq.sum() / max(seqs, 1.0)
     if mode == "seq-mean-token-sum-norm":
-        length = norm_length or (batch.input_ids.shape[1] - batch.prompt_width)
+        # A (micro-)batch whose responses are all empty has width 0 but also a sum of 0: any positive
+        # divisor gives its true contribution, 0, where 0 / 0 would make the whole step NaN.
+        length = norm_length or max(batch.input_ids.shape[1] - batch.prompt_width, 1)
         return masked_sum(per_token, mask) / (max(seqs, 1.0) * length)
     raise ValueError(f"unknown loss aggregation {mode!r}; valid: {', '.join(LOSS_AGGS)}")
 
@@ -134,17 +143,31 @@ def masked_mean_value(x: torch.Tensor, mask: torch.Tensor) -> float:
     return masked_sum(x.float(), mask).item() / n if n else 0.0
 
 
+def varied_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """[B] bool: does the row's group hold two different rewards (max > min)? Equal rewards carry no
+    signal; comparing them exactly, rather than testing a std for 0, is immune to rounding."""
+    groups, inverse = torch.unique(group_ids, return_inverse=True)
+    inf = torch.full((len(groups),), float("inf"), dtype=rewards.dtype, device=rewards.device)
+    g_max = (-inf).scatter_reduce(0, inverse, rewards, "amax")
+    g_min = inf.scatter_reduce(0, inverse, rewards, "amin")
+    return (g_max > g_min)[inverse]
+
+
 def group_normalise(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float, divide_std: bool = True):
-    """(r - group mean) / (group std + eps) per row, std unbiased (torch.std); one-sample groups get 0. [B]."""
+    """(r - group mean) / (group std + eps) per row, std unbiased (torch.std). [B], float32.
+
+    A group of one sample, or of equal rewards, gets exactly 0: 16 float32 copies of 0.98 average to
+    0.98 + ~1e-8, and that residue over a ~1e-8 std would be |A| ~ 0.2 of pure rounding. The statistics
+    are computed in float64 so that nearly equal rewards are still told apart precisely."""
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    r = rewards.float()
+    r = rewards.double()
     n = counts.to(r.dtype)
     mean = torch.zeros_like(n).index_add_(0, inverse, r) / n
     centred = r - mean[inverse]
     if divide_std:
         var = torch.zeros_like(n).index_add_(0, inverse, centred**2) / (n - 1).clamp(min=1)
         centred = centred / (var.sqrt()[inverse] + eps)
-    return torch.where(counts[inverse] > 1, centred, torch.zeros_like(centred))
+    return torch.where(varied_groups(r, group_ids), centred, torch.zeros_like(centred)).float()
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -181,8 +204,9 @@ class PGConfig:
 
 class PolicyGradient(Algorithm):
     """Shared policy-gradient machinery. Subclasses implement `sequence_advantages` (one advantage per
-    sequence, broadcast to its tokens) or override `compute_advantages` for token-level estimators,
-    and may override `policy_loss` (default: the PPO clipped surrogate)."""
+    sequence, broadcast to its tokens) or override `compute_advantages` for token-level estimators
+    (reading rewards through `token_rewards`, which checks them), and may override `policy_loss`
+    (default: the PPO clipped surrogate)."""
 
     Config = PGConfig
 
@@ -199,9 +223,28 @@ class PolicyGradient(Algorithm):
         return self.cfg.beta > 0
 
     # ---- rewards
+    def check_rewards(self, batch: Batch) -> None:
+        """Raise on a NaN or infinite reward, naming its row and prompt: it would otherwise silently make
+        its group's (or, when whitened, the whole batch's) advantages and loss NaN."""
+        if batch.rewards is None:
+            raise ValueError(f"{self.name}.compute_advantages needs batch.rewards")
+        r = batch.rewards.float()
+        finite = torch.isfinite(r)
+        if r.dim() == 2:  # token rewards: those off the response are never read
+            finite = finite | ~batch.response_mask.bool()
+        if not finite.all():
+            i, *t = (~finite).nonzero()[0].tolist()
+            row = batch.meta.get("row", [None] * len(batch))[i]
+            prompt = f" (prompt {row['prompt']!r})" if isinstance(row, dict) and "prompt" in row else ""
+            n_bad = int((~finite).reshape(len(batch), -1).any(1).sum())
+            raise ValueError(f"{self.name}: reward {float(r[(i, *t)])} of row {i}{prompt} is not finite "
+                             f"({n_bad} of {len(batch)} rows have one)")
+
     def token_rewards(self, batch: Batch) -> torch.Tensor:
         """[B, T] rewards: the outcome reward on each row's last response token (or the given token-level
-        rewards), minus beta * KL(pi_old || pi_ref) per token when kl_in = reward."""
+        rewards), minus beta * KL(pi_old || pi_ref) per token when kl_in = reward. Every estimator reads the
+        rewards through here, so every algorithm checks them (check_rewards)."""
+        self.check_rewards(batch)
         mask = batch.response_mask.bool()
         if batch.rewards.dim() == 2:
             r = torch.where(mask, batch.rewards.float(), torch.zeros_like(batch.rewards.float()))
@@ -224,8 +267,6 @@ class PolicyGradient(Algorithm):
         raise NotImplementedError
 
     def compute_advantages(self, batch: Batch) -> Batch:
-        if batch.rewards is None:
-            raise ValueError(f"{self.name}.compute_advantages needs batch.rewards")
         adv = self.sequence_advantages(self.sequence_rewards(batch), batch)  # [B]
         return batch.replace(advantages=self.clip_advantages(adv[:, None] * batch.response_mask))
 

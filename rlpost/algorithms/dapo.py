@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from rlpost.algorithms import register
-from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise
+from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise, varied_groups
 from rlpost.batch import Batch
 
 
@@ -56,10 +56,5 @@ class DAPO(PolicyGradient):
         batch = super().compute_advantages(batch)
         if not self.cfg.dynamic_sampling:
             return batch
-        r = self.sequence_rewards(batch)
-        _, inverse = torch.unique(batch.group_ids, return_inverse=True)
-        groups = int(inverse.max()) + 1
-        g_max = torch.full((groups,), -float("inf"), device=r.device).scatter_reduce(0, inverse, r, "amax")
-        g_min = torch.full((groups,), float("inf"), device=r.device).scatter_reduce(0, inverse, r, "amin")
-        keep = (g_max > g_min)[inverse]
+        keep = varied_groups(self.sequence_rewards(batch), batch.group_ids)
         return batch.select(keep.nonzero().squeeze(-1))

@@ -46,6 +46,12 @@ class REINFORCE(PolicyGradient):
             raise ValueError(f"reinforce: baseline={self.cfg.baseline!r}; valid: {', '.join(BASELINES)}")
         self.running: float | None = None
 
+    def state_dict(self) -> dict:
+        return {"running": self.running}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.running = state["running"]
+
     def sequence_advantages(self, rewards, batch):
         if self.cfg.baseline == "none":
             return rewards.float()

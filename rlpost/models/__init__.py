@@ -17,9 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
+from rlpost.limits import block_size_for
+from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = tuple(_DTYPES)  # the valid model.dtype names
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PRECISIONS = ("fp32", "bf16")
@@ -171,29 +173,47 @@ class HFTokenizer:
 
 # ---------------------------------------------------------------------------- loading
 
-def build_gpt_mini(cfg, alphabet: str) -> tuple[GPT, CharTokenizer]:
-    """A freshly initialised gpt_mini whose vocabulary is the task's alphabet."""
+UNSIZED_BLOCK_SIZE = 24  # a fresh gpt_mini's block_size when model.block_size is None and no data is passed
+
+
+def build_gpt_mini(cfg, alphabet: str, rows: list[dict] | None = None, max_new_tokens: int | None = None,
+                   demonstrations: list[dict] = ()) -> tuple[GPT, CharTokenizer]:
+    """A freshly initialised gpt_mini whose vocabulary is the task's alphabet.
+
+    Its block_size is `cfg.block_size`; when that is None, the smallest that holds the data
+    (`rlpost.limits.block_size_for`: every prompt of `rows` + `max_new_tokens`, every demonstration +
+    eos). A caller that passes no data gets UNSIZED_BLOCK_SIZE, the fixed default before sizing."""
     tok = CharTokenizer(alphabet)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd))
+    block_size = cfg.block_size
+    if block_size is None and (rows or demonstrations):
+        if max_new_tokens is None:
+            raise TypeError("sizing gpt_mini from the data needs max_new_tokens (rollout.max_new_tokens)")
+        block_size = block_size_for(tok, rows or [], max_new_tokens, demonstrations)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or UNSIZED_BLOCK_SIZE,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
     return model, tok
 
 
-def load_model(cfg, alphabet: str | None = None) -> tuple[nn.Module, object]:
+def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = None,
+               max_new_tokens: int | None = None, demonstrations: list[dict] = ()) -> tuple[nn.Module, object]:
     """(model, tokenizer) for `cfg.name`: 'gpt_mini' (new), a checkpoint folder, or a hub id; its parameters
-    in `cfg.dtype` on `cfg.device` (see resolve_device). Every role follows the model's device."""
+    in `cfg.dtype` on `cfg.device` (see resolve_device). Every role follows the model's device.
+
+    `rows` (train + held-out), `max_new_tokens` and `demonstrations` size a fresh gpt_mini when
+    `cfg.block_size` is None (see build_gpt_mini); they are not used otherwise. Check that the data fits
+    any model with `rlpost.limits.check_lengths` after loading it."""
     name = cfg.name
     if name == "gpt_mini":
         if alphabet is None:
             raise ModelLoadError("a fresh gpt_mini needs the task's alphabet to build its vocabulary")
-        model, tok = build_gpt_mini(cfg, alphabet)
+        model, tok = build_gpt_mini(cfg, alphabet, rows, max_new_tokens, demonstrations)
     elif os.path.isdir(name):
         config_path = os.path.join(name, "config.json")
         if not os.path.isfile(config_path):
             raise ModelLoadError(f"model folder {name!r} has no config.json; is it a saved model?")
         with open(config_path) as f:
-            model_type = json.load(f).get("model_type")
-        if model_type == "gpt_mini":
+            config = json.load(f)
+        if is_gpt_mini_checkpoint(config):  # a GPT-2 checkpoint to transformers, gpt_mini to rlpost
             model, tok = GPT.from_pretrained(name), CharTokenizer.from_pretrained(name)
         else:
             model, tok = _load_hf(name, cfg)
@@ -223,6 +243,30 @@ def save_model(model: nn.Module, tokenizer, folder: str) -> None:
     """safetensors weights + config + tokenizer in `folder`, loadable by `load_model`."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def load_weights(model: nn.Module, folder: str) -> None:
+    """Load the weights saved in `folder` (by `save_model`) into `model` in place, exactly: the optimizer
+    and every other holder of the model's parameters keep pointing at the same tensors."""
+    if not os.path.isdir(folder):
+        raise ModelLoadError(f"no saved model at {folder}")
+    if isinstance(model, GPT):
+        state = GPT.from_pretrained(folder).state_dict()
+        target = model
+    elif isinstance(model, HFCausalLM):
+        from transformers import AutoModelForCausalLM
+
+        state = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype).state_dict()
+        target = model.hf
+    else:
+        raise TypeError(f"load_weights supports gpt_mini and HFCausalLM, not {type(model).__name__}")
+    with torch.no_grad():
+        own = target.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model, e.g. {missing[:3]}")
+        for k, t in own.items():
+            t.copy_(state[k])
 
 
 def compile_model(model: nn.Module) -> nn.Module:

@@ -1,8 +1,11 @@
 """gpt_mini: the embedded tiny GPT, small enough to train from scratch on a laptop CPU in minutes.
 
 The architecture is GPT-2's (pre-LayerNorm blocks, GELU MLP, learned positions, tied embeddings),
-with GPT-2's parameter names, so a checkpoint maps one-to-one onto `transformers.GPT2LMHeadModel`
-(see `to_hf_state_dict`). Two additions over nanoGPT's model.py:
+with GPT-2's parameter names. A checkpoint *is* a GPT-2 checkpoint: `save_pretrained` writes GPT-2's
+config.json and weight layout (`to_hf_state_dict`) and a `tokenizers` tokenizer.json, so
+`transformers.AutoModelForCausalLM` / `GPT2LMHeadModel` / `AutoTokenizer` load it as they are; a marker
+key in config.json (`"rlpost_model": "gpt_mini"`) tells rlpost to load it back as this class. Two
+additions over nanoGPT's model.py:
 
 1. left-padded batches: `attention_mask` masks pad keys and `position_ids` gives each row its own
    positions, so a padded row computes exactly what it would alone;
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -28,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 @dataclass
 class GPTConfig:
     vocab_size: int = 32
-    block_size: int = 32   # longest sequence (prompt + response) the model accepts
+    block_size: int = 32   # longest sequence (prompt + response) the model accepts: its position table
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -156,7 +159,8 @@ class GPT(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         if int(position_ids.max()) >= self.config.block_size:
             raise ValueError(f"sequence of {int(position_ids.max()) + 1} tokens exceeds gpt_mini's "
-                             f"block_size={self.config.block_size}")
+                             f"block_size={self.config.block_size}: raise model.block_size (unset, a fresh "
+                             f"gpt_mini is sized from the data)")
         # Key mask over all S = past + T positions: real tokens only.
         key_mask = attention_mask.bool()
         if cache is not None:
@@ -206,45 +210,83 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, folder: str) -> None:
-        """model.safetensors + config.json (tied lm_head stored once, as wte)."""
+        """A GPT-2 checkpoint: config.json (GPT-2's keys plus the gpt_mini marker) and model.safetensors in
+        GPT2LMHeadModel's layout, the tied lm_head stored once, as wte (as transformers saves it)."""
         os.makedirs(folder, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.state_dict().items() if k != "lm_head.weight"}
+        state = {k: v for k, v in self.to_hf_state_dict().items() if k != "lm_head.weight"}
         save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({"model_type": "gpt_mini", **asdict(self.config)}, f, indent=2)
+            json.dump(self.hf_config(), f, indent=2)
+
+    def hf_config(self) -> dict:
+        """transformers.GPT2Config's keys for this model. gpt_mini's only dropout is on attention weights
+        (GPT-2's attn_pdrop); it has none on embeddings or residuals."""
+        c = self.config
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], MARKER: "gpt_mini",
+                "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+                "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                "attn_pdrop": c.dropout, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+                "tie_word_embeddings": True, "bos_token_id": CharTokenizer.BOS, "eos_token_id": CharTokenizer.EOS,
+                "pad_token_id": CharTokenizer.PAD, "dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "GPT":
+        """A checkpoint written by `save_pretrained` (GPT-2 layout), or by rlpost before it saved GPT-2's
+        layout (config.json with model_type "gpt_mini" and the dataclass's fields)."""
         with open(os.path.join(folder, "config.json")) as f:
             raw = json.load(f)
-        raw.pop("model_type", None)
-        model = cls(GPTConfig(**raw))
         state = load_file(os.path.join(folder, "model.safetensors"))
+        if raw.get("model_type") == "gpt_mini":   # the older format: GPTConfig's fields, nn.Linear layout
+            raw.pop("model_type")
+            model = cls(GPTConfig(**raw))
+        else:
+            model = cls(GPTConfig(vocab_size=raw["vocab_size"], block_size=raw["n_positions"], n_layer=raw["n_layer"],
+                                  n_head=raw["n_head"], n_embd=raw["n_embd"], dropout=raw.get("attn_pdrop", 0.0)))
+            state = from_hf_state_dict(state)
         state["lm_head.weight"] = state["transformer.wte.weight"]
         model.load_state_dict(state)
         return model
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The same weights under transformers.GPT2LMHeadModel's names (its Conv1D stores W transposed)."""
-        out = {}
-        for k, v in self.state_dict().items():
-            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                v = v.t()
-            out[k] = v.contiguous()
-        return out
+        return {k: (v.t() if k.endswith(CONV1D) else v).contiguous() for k, v in self.state_dict().items()}
+
+
+CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D weights: [in, out], nn.Linear's transposed
+MARKER = "rlpost_model"  # config.json key that makes rlpost load a GPT-2 checkpoint as gpt_mini
+
+
+def is_gpt_mini_checkpoint(config: dict) -> bool:
+    """True for a gpt_mini config.json, in the GPT-2 format (marker key) or the older one."""
+    return config.get(MARKER) == "gpt_mini" or config.get("model_type") == "gpt_mini"
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's weights under gpt_mini's layout: Conv1D weights transposed back, GPT-2's attention
+    mask buffers (saved by older transformers) and the tied lm_head dropped."""
+    drop = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+    return {k: (v.t() if k.endswith(CONV1D) else v).contiguous() for k, v in state.items() if not k.endswith(drop)}
 
 
 class CharTokenizer:
-    """Character-level tokenizer: ids 0..2 are <pad>, <bos>, <eos>; then one id per character."""
+    """Character-level tokenizer: ids 0..2 are <pad>, <bos>, <eos>; then one id per character.
+
+    Saved as a `tokenizers` tokenizer.json (a WordLevel vocabulary over single characters, with the same
+    ids) plus tokenizer_config.json, so `transformers.AutoTokenizer` loads it and encodes text to the same
+    ids: `tok(text)` gives `encode_prompt(text)` (<bos> first), `tok(text, add_special_tokens=False)`
+    gives `encode(text)`.
+    """
 
     SPECIALS = ("<pad>", "<bos>", "<eos>")
+    PAD, BOS, EOS = 0, 1, 2
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
             raise ValueError("CharTokenizer characters must be distinct")
         self.chars = chars
         self.stoi = {c: i + len(self.SPECIALS) for i, c in enumerate(chars)}
-        self.pad_token_id, self.bos_token_id, self.eos_token_id = 0, 1, 2
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = self.PAD, self.BOS, self.EOS
 
     @property
     def vocab_size(self) -> int:
@@ -267,11 +309,32 @@ class CharTokenizer:
         return "".join(self.chars[i - n] for i in ids if i >= n)
 
     def save_pretrained(self, folder: str) -> None:
+        """tokenizer.json (the `tokenizers` format) and tokenizer_config.json, as transformers reads them."""
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "tokenizer.json"), "w") as f:
-            json.dump({"type": "char", "chars": self.chars}, f)
+        vocab = {**{t: i for i, t in enumerate(self.SPECIALS)}, **self.stoi}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=None))  # an unknown character is an error, as in encode
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+        tok.decoder = decoders.Fuse()                                                     # joined without spaces
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", self.BOS)])
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.SPECIALS])
+        tok.save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "bos_token": "<bos>",
+                       "eos_token": "<eos>", "clean_up_tokenization_spaces": False}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "CharTokenizer":
+        """From `save_pretrained`'s tokenizer.json, or the older {"type": "char", "chars": ...} one."""
         with open(os.path.join(folder, "tokenizer.json")) as f:
-            return cls(json.load(f)["chars"])
+            raw = json.load(f)
+        if raw.get("type") == "char":
+            return cls(raw["chars"])
+        ids = sorted((i, t) for t, i in raw["model"]["vocab"].items())
+        n = len(cls.SPECIALS)
+        if ([t for _, t in ids[:n]] != list(cls.SPECIALS) or [i for i, _ in ids] != list(range(len(ids)))
+                or any(len(t) != 1 for _, t in ids[n:])):
+            raise ValueError(f"{folder}/tokenizer.json is not a gpt_mini vocabulary (ids 0..2 must be "
+                             f"{', '.join(cls.SPECIALS)}, then one id per character)")
+        return cls("".join(t for _, t in ids[n:]))

@@ -30,7 +30,9 @@ from typing import Any
 import torch
 
 from rlpost.batch import Batch
-from rlpost.sft import sft_batch
+from rlpost.limits import model_context  # noqa: F401 - re-exported: the preference stage's default max_length
+from rlpost.rollout.episodes import episodes_in_chunks
+from rlpost.stages.sft import sft_batch
 
 
 class PreferenceDataError(ValueError):
@@ -238,15 +240,6 @@ def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
-def model_context(model) -> int | None:
-    """Longest sequence the model accepts: gpt_mini's block_size, an HF model's max_position_embeddings."""
-    cfg = getattr(getattr(model, "hf", None), "config", None) or getattr(model, "config", None)
-    for key in ("block_size", "max_position_embeddings", "n_positions"):
-        if cfg is not None and getattr(cfg, key, None):
-            return int(getattr(cfg, key))
-    return None
-
-
 def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None,
                          on_bad_row: str = "skip") -> PreferenceData:
     """Validated rows -> PreferenceData. Bad rows are named; skipped and counted, or raised (all at once)."""
@@ -310,11 +303,7 @@ def pairs_from_samples(engine, reward, rows: list[dict], prompt_ids: list[list[i
     Returns (paired rows, stats)."""
     rng = random.Random(seed)
     out, n_samples, n_right, no_right, no_wrong = [], 0, 0.0, 0, 0
-    for start in range(0, len(rows), batch_prompts):
-        chunk = list(range(start, min(start + batch_prompts, len(rows))))
-        batch = engine.generate([prompt_ids[i] for i in chunk], k, params, seed=seed + start)
-        batch = batch.replace(meta={**batch.meta, "row": [rows[i] for i in chunk for _ in range(k)]})
-        batch, _ = reward(batch)
+    for chunk, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, k, params, seed, batch_prompts):
         texts, scores = batch.meta["completion"], batch.rewards.tolist()
         n_samples += len(scores)
         n_right += sum(scores)

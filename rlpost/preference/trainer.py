@@ -13,24 +13,22 @@
    rejected log-probs themselves (with their change from the reference), so likelihood displacement
    shows: the margin grows while log pi(chosen) falls.
 
-`run_preference_stage` wires it into the pipeline: data from `preference.train_file`, or pairs built from
+rlpost/stages/preference.py wires it into a run: data from `preference.train_file`, or pairs built from
 the model's own samples scored by the task's verifier.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 
 import torch
 from tqdm import tqdm
 
-from rlpost.models import autocast, model_device, save_model, token_logprobs
-from rlpost.preference import PreferenceLoss, SeqLogps, get_preference_loss, sequence_logps
-from rlpost.preference.data import (PreferenceData, PreferenceDataError, load_preferences, model_context,
-                                    pairs_from_samples, tokenize_preferences, write_preference_rows)
+from rlpost.models import autocast, model_device, token_logprobs
+from rlpost.preference import PreferenceLoss, SeqLogps, sequence_logps
+from rlpost.preference.data import PreferenceData, PreferenceDataError
 from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
 
@@ -134,9 +132,10 @@ def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLos
                      micro_batch_size: int | None = None, weight_decay: float = 0.0, grad_clip: float = 1.0,
                      max_nonfinite_steps: int = 3, seed: int = 0, log=None, log_every: int = 10,
                      eval_data: PreferenceData | None = None, precision: str = "fp32",
-                     gradient_checkpointing: bool = False) -> dict[str, float]:
+                     gradient_checkpointing: bool = False, stop=None) -> dict[str, float]:
     """Train `model` in place on `data` with `loss`, linear warm-up then constant lr, on the model's device
-    under `precision` (the reference log-probs too). Returns the last step's metrics (+ eval metrics)."""
+    under `precision` (the reference log-probs too). Returns the last step's metrics (+ eval metrics).
+    `stop()`, checked after every step, ends training early by raising what it raises."""
     if loss.paired and not data.paired:
         raise PreferenceDataError(f"preference loss '{loss.name}' needs paired rows (prompt, chosen, rejected); "
                                   f"this data is unpaired (prompt, completion, label): use the 'kto' loss")
@@ -179,61 +178,11 @@ def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLos
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", margin=f"{metrics.get('pref/reward_margin', 0.0):.2f}")
         if step % log_every == 0 or step == total:
             tqdm.write(step_line(step, metrics))
+        if stop is not None:
+            stop()
     if eval_data is not None:
         ev = evaluate_preference(model, eval_data, loss, pad, precision=precision)
         metrics.update(ev)
         if log is not None:
             log({"stage": "preference_eval", "step": total, **ev})
     return metrics
-
-
-def run_preference_stage(cfg, model, tokenizer, task, engine, reward, run_dir: str, log) -> dict:
-    """The pipeline's preference stage. Data: `preference.train_file`, or pairs from the model's own
-    samples on the task's training prompts scored by the verifier (saved to preference_pairs.jsonl).
-    Saves checkpoints/preference/ and returns summary entries."""
-    from rlpost.rollout import SamplingParams
-
-    pc = cfg.preference
-    loss = get_preference_loss(**pc.loss)
-    max_length = pc.max_length or model_context(model)
-    summary: dict = {"preference_loss": loss.name}
-    if pc.train_file:
-        data = load_preferences(pc.train_file, tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
-                                split=pc.split)
-        summary["preference_data"] = pc.train_file
-    else:
-        rng = random.Random(cfg.seed)
-        idx = rng.sample(range(len(task.train_rows)), min(pc.num_prompts, len(task.train_rows)))
-        rows = [task.train_rows[i] for i in idx]
-        params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature)
-        t0 = time.perf_counter()
-        pairs, stats = pairs_from_samples(engine, reward, rows, [tokenizer.encode_prompt(r["prompt"]) for r in rows],
-                                          k=pc.samples_per_prompt, params=params, seed=cfg.seed + 7919,
-                                          batch_prompts=cfg.eval.batch_prompts)
-        stats["time/pairs"] = time.perf_counter() - t0
-        log({"stage": "preference_data", "step": 0, **stats})
-        tqdm.write(f"rlpost: {int(stats['pairs/made'])} preference pairs from {len(rows)} prompts x "
-                   f"{pc.samples_per_prompt} samples (sample accuracy {stats['pairs/sample_accuracy']:.3f}; "
-                   f"{int(stats['pairs/all_right'])} prompts all right, {int(stats['pairs/all_wrong'])} all wrong)")
-        if not pairs:
-            raise PreferenceDataError("no preference pairs: no prompt had both a correct and a wrong sample")
-        path = os.path.join(run_dir, "preference_pairs.jsonl")
-        write_preference_rows(pairs, path)
-        data = tokenize_preferences(pairs, tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row)
-        summary["preference_data"] = path
-    if data.skipped:
-        tqdm.write(f"rlpost: skipped {len(data.skipped)} bad preference row(s):\n  " + "\n  ".join(data.skipped[:10])
-                   + (f"\n  ... and {len(data.skipped) - 10} more" if len(data.skipped) > 10 else ""))
-    eval_data = (load_preferences(pc.eval_file, tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
-                                  split=pc.split) if pc.eval_file else None)
-    summary.update({"preference_examples": len(data), "preference_skipped_rows": len(data.skipped)})
-    log({"stage": "preference_data", "step": 0, "data/examples": len(data), "data/skipped_rows": len(data.skipped)})
-    metrics = train_preference(
-        model, tokenizer, data, loss, epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
-        warmup_steps=pc.warmup_steps, micro_batch_size=pc.micro_batch_size, weight_decay=cfg.trainer.weight_decay,
-        grad_clip=cfg.trainer.grad_clip, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps, seed=cfg.seed,
-        log=log, eval_data=eval_data, precision=cfg.trainer.precision,
-        gradient_checkpointing=cfg.trainer.gradient_checkpointing)
-    summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
-    save_model(model, tokenizer, os.path.join(run_dir, "checkpoints", "preference"))
-    return summary

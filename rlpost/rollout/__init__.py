@@ -12,35 +12,20 @@ An engine turns prompt token lists into a `Batch` (see rlpost/batch.py for the r
 recomputes. top-k / top-p truncation (off by default) is not folded into it, as in vLLM and TRL.
 The engine knows nothing about losses.
 
-The native engines (native.py: gpt_mini, hf_native.py: HF Llama / Qwen2) share one continuous-batching
-scheduler (scheduler.py); hf_generate.py wraps `transformers.generate` for any other causal LM.
+Every engine implements the `Engine` protocol (engine.py: generate, update_weights, close, version):
+weights reach an engine through update_weights only. The native engines (native.py: gpt_mini,
+hf_native.py: HF Llama / Qwen2) share one continuous-batching scheduler (scheduler.py); hf_generate.py
+wraps `transformers.generate` for any other causal LM; vllm_engine.py runs vLLM.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-import torch.nn.functional as F
 
 from rlpost.batch import Batch
+from rlpost.rollout.engine import Engine, SamplingParams
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0            # 0: off
-    top_p: float = 1.0        # 1.0: off
-    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's eos
-    min_new_tokens: int = 0   # eos / stop tokens cannot be drawn before this many tokens (old_logp stays unmasked)
-    stop: list[str] = field(default_factory=list)  # stop strings: the response ends with the token completing one
-    max_num_seqs: int = 0     # native engines: at most this many sequences decode at once, the rest wait (0: all)
-
-    @property
-    def logp_temperature(self) -> float:
-        """The temperature old_logp is measured at (greedy decoding reports the untempered policy)."""
-        return self.temperature if self.temperature > 0 else 1.0
+__all__ = ["Engine", "SamplingParams", "StopStrings", "assemble", "build_engine", "sample_next"]
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
@@ -114,10 +99,16 @@ def assemble(prompts: list[list[int]], k: int, tokens: torch.Tensor, logps: torc
     )
 
 
-def build_engine(kind: str, model, tokenizer):
+ENGINES = ("auto", "native", "hf", "vllm")  # the valid rollout.engine names (build_engine)
+
+
+def build_engine(kind: str, model, tokenizer, share_weights: bool = True) -> Engine:
     """'native' (KV cache, continuous batching: gpt_mini, and HF Llama / Qwen2), 'hf' (transformers.generate,
     any HF causal LM), 'vllm' (vLLM, an optional extra: rlpost/rollout/vllm_engine.py), or 'auto' (native when
-    the model is supported, else hf)."""
+    the model is supported, else hf).
+
+    share_weights: the engine runs the trainer's own module (weight sync "pointer": zero copy), or, False,
+    a private copy refreshed by update_weights ("copy"). vLLM always holds its own weights ("vllm")."""
     if kind == "vllm":
         from rlpost.rollout.vllm_engine import VLLMEngine, vllm_unavailable_reason
 
@@ -136,7 +127,7 @@ def build_engine(kind: str, model, tokenizer):
         if native is None:
             raise ValueError(f"rollout.engine=native supports gpt_mini and Hugging Face Llama / Qwen2 models, not this "
                              f"one ({_unsupported_reason(model)}); use rollout.engine=hf for this model")
-        return native(model, tokenizer)
+        return native(model, tokenizer, share_weights)
     if kind != "hf":
-        raise ValueError(f"rollout.engine must be 'auto', 'native', 'hf' or 'vllm', got {kind!r}")
-    return HFGenerateEngine(model, tokenizer)
+        raise ValueError(f"rollout.engine must be one of {', '.join(ENGINES)}, got {kind!r}")
+    return HFGenerateEngine(model, tokenizer, share_weights)

@@ -12,16 +12,13 @@ import torch
 
 from rlpost.batch import Batch
 from rlpost.rollout import SamplingParams, StopStrings, assemble
+from rlpost.rollout.engine import ModuleEngine, weights_module
 
 
-class HFGenerateEngine:
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.policy_version = 0
-
+class HFGenerateEngine(ModuleEngine):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
-        hf = getattr(self.model, "hf", self.model)
+        hf = weights_module(self._open())
         tok = self.tokenizer
         was_training = hf.training
         hf.eval()
@@ -59,4 +56,4 @@ class HFGenerateEngine:
                 end = stop_strings.end(tokens[i, :lengths[i]].tolist(), min_len=params.min_new_tokens + 1)
                 if end is not None:
                     lengths[i], stopped[i] = end, True
-        return assemble(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id, self.policy_version)
+        return assemble(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id, self._policy_version)

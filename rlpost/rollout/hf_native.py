@@ -2,7 +2,8 @@
 
 `transformers.generate` spends most of a small model's decode step in Python: mask construction,
 cache bookkeeping, logits processors, a module call per sub-layer. This engine runs the same
-weights (read from the wrapped `.hf` module at every call, so pointer weight sync just works)
+weights (read from the wrapped `.hf` module at every call: the trainer's own under pointer weight
+sync, the engine's copy, refreshed in place by update_weights, otherwise)
 through a short functional decoder written for sampling. The scheduling is scheduler.py's, shared
 with gpt_mini's engine: prefix-shared prefill (only the last position goes through the LM head),
 shared-prompt attention for long prompts, a cross-prompt prefix cache, a preallocated KV cache,
@@ -14,8 +15,8 @@ The math is the Hugging Face modules' own (RMSNorm in fp32, rotate-half RoPE fro
 rotary embedding, grouped-query attention, SiLU-gated MLP); tests check greedy output against
 `transformers` greedy `generate`, cached logits against a full forward, and old_logp against the
 trainer's `token_logprobs`. q/k/v and gate/up weights are concatenated into one matmul each; the
-concatenation is cached and rebuilt only when a parameter changed (an optimizer step bumps its
-version counter).
+concatenation is cached and rebuilt only when a parameter changed (an optimizer step or
+update_weights' in-place copy_ bumps its version counter).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from rlpost.batch import Batch
 from rlpost.rollout import SamplingParams, scheduler
+from rlpost.rollout.engine import ModuleEngine
 from rlpost.rollout.scheduler import attend, write_kv
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -89,13 +91,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-class HFNativeEngine:
+class HFNativeEngine(ModuleEngine):
     prefix_block = 16  # tokens per block of the cross-prompt prefix cache (0: off)
     shared_attention_min = 64  # prompts this long (or longer) are read once per prompt in decode (scheduler.attend)
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.policy_version = 0
+    def __init__(self, model, tokenizer, share_weights: bool = True):
+        super().__init__(model, tokenizer, share_weights)
         self._weights: _Weights | None = None
         self._weights_key: tuple | None = None
 
@@ -104,26 +105,31 @@ class HFNativeEngine:
         return _unsupported_reason(model) is None
 
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
-        return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self.policy_version,
+        self._open()
+        return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
                                   self.prefix_block, self.shared_attention_min)
 
     def _current_weights(self) -> _Weights:
-        hf = self.model.hf
+        hf = self._model.hf
         key = tuple((id(p), p._version) for p in hf.parameters())  # an in-place update bumps _version
         if self._weights is None or key != self._weights_key:
             self._weights, self._weights_key = _Weights(hf), key
         return self._weights
 
+    def close(self) -> None:
+        super().close()
+        self._weights = self._weights_key = None
+
     # ------------------------------------------------------------------ the runner (scheduler.py)
 
     @property
     def device(self) -> torch.device:
-        return self.model.hf.model.embed_tokens.weight.device
+        return self._model.hf.model.embed_tokens.weight.device
 
     def prepare(self, S: int):
         """The weights and the RoPE table of positions :S, from the model's own rotary embedding."""
         w = self._current_weights()
-        cos, sin = self.model.hf.model.rotary_emb(w.embed[:1], torch.arange(S, device=w.embed.device)[None])
+        cos, sin = self._model.hf.model.rotary_emb(w.embed[:1], torch.arange(S, device=w.embed.device)[None])
         return w, cos[0], sin[0]                                      # [S, D] each
 
     def new_cache(self, rows: int, S: int) -> torch.Tensor:

@@ -3,8 +3,9 @@
 The scheduling (prefix sharing, shared-prompt attention for long prompts, the cross-prompt prefix
 cache, continuous batching under `max_num_seqs`, stop tokens and stop strings, seeded sampling,
 old_logp) is scheduler.py's, shared with the HF Llama / Qwen2 engine. This file is the model runner:
-gpt_mini's forward (GPT.hidden_states, block by block, through the model's own modules, so pointer
-weight sync just works) over the scheduler's preallocated KV cache.
+gpt_mini's forward (GPT.hidden_states, block by block, through the model's own modules, so a pointer
+engine samples with the trainer's weights as they are) over the scheduler's preallocated KV cache.
+Weights and version are engine.ModuleEngine's (the Engine protocol).
 """
 
 from __future__ import annotations
@@ -14,39 +15,37 @@ import torch
 from rlpost.batch import Batch
 from rlpost.models.gpt_mini import GPT
 from rlpost.rollout import SamplingParams, scheduler
+from rlpost.rollout.engine import ModuleEngine
 from rlpost.rollout.scheduler import attend, write_kv
 
 
-class NativeEngine:
+class NativeEngine(ModuleEngine):
     prefix_block = 16  # tokens per block of the cross-prompt prefix cache (0: off)
     shared_attention_min = 64  # prompts this long (or longer) are read once per prompt in decode (scheduler.attend)
-
-    def __init__(self, model: GPT, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.policy_version = 0
 
     @staticmethod
     def supports(model) -> bool:
         return isinstance(model, GPT)
 
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
-        return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self.policy_version,
+        self._open()
+        return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
                                   self.prefix_block, self.shared_attention_min)
 
     # ------------------------------------------------------------------ the runner (scheduler.py)
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self._model.lm_head.weight.device
 
     def prepare(self, S: int) -> GPT:
-        if S > self.model.config.block_size:
+        if S > self._model.config.block_size:
             raise ValueError(f"prompt + max_new_tokens ({S} tokens) exceeds the model's block_size "
-                             f"({self.model.config.block_size})")
-        return self.model
+                             f"({self._model.config.block_size})")
+        return self._model
 
     def new_cache(self, rows: int, S: int) -> torch.Tensor:
-        cfg, w = self.model.config, self.model.lm_head.weight
+        cfg, w = self._model.config, self._model.lm_head.weight
         return torch.zeros((2, cfg.n_layer, rows, cfg.n_head, S, cfg.n_embd // cfg.n_head), dtype=w.dtype,
                            device=w.device)
 

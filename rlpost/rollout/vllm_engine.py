@@ -6,7 +6,11 @@ the trainer's tensors to the engine without serialising them.
 
     engine = VLLMEngine(model, tokenizer)        # saves the model to a temporary folder, starts vLLM on it
     batch = engine.generate(prompt_ids, k=8, params=SamplingParams(...), seed=step)
-    engine.update_weights(model.hf.state_dict().items())   # WeightSync(mode="vllm") calls this
+    engine.update_weights(named_weights(model), version=1)   # WeightSync(mode="vllm") calls this
+    engine.close()
+
+It implements the Engine protocol (rlpost/rollout/engine.py); weights arrive under their Hugging Face
+names, and the trainer's module is not kept (vLLM holds its own copy).
 
 old_logp follows the contract in rlpost/rollout/__init__.py: log softmax(logits / temperature) at the
 sampled token, untempered for greedy decoding. vLLM is started with logprobs_mode="processed_logprobs"
@@ -52,8 +56,7 @@ class VLLMEngine:
         if reason:
             raise ImportError(reason)
         self.tokenizer = tokenizer
-        self.model = model            # the trainer's module (WeightSync may re-point it); vLLM holds its own copy
-        self.policy_version = 0
+        self._policy_version = 0
         hf = getattr(model, "hf", None)
         if hf is None:
             raise ValueError(f"rollout.engine=vllm needs a Hugging Face causal LM; {type(model).__name__} is not "
@@ -91,6 +94,7 @@ class VLLMEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
+        self._open()
         # sampling: one request per prompt with n=k; greedy (vLLM wants n=1 there): k requests per prompt.
         # One seed per prompt, spaced by k so that no two samples of a call share a seed.
         per_request = 1 if params.temperature <= 0 else k
@@ -108,17 +112,23 @@ class VLLMEngine:
             tokens[row, :n] = torch.tensor(c.token_ids, dtype=torch.long)
             logps[row, :n] = torch.tensor([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
             lengths[row], stopped[row] = n, c.finish_reason == "stop"
-        return assemble(prompts, k, tokens, logps, lengths, stopped, self.tokenizer.pad_token_id, self.policy_version)
+        return assemble(prompts, k, tokens, logps, lengths, stopped, self.tokenizer.pad_token_id,
+                        self._policy_version)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights (Hugging Face names, e.g. `model.hf.state_dict().items()`) into the running engine
-        and drop the prefix cache, whose KV was computed with the old weights.
+    @property
+    def version(self) -> int:
+        return self._policy_version
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load new weights (Hugging Face names, e.g. `named_weights(model)`) into the running engine, drop
+        the prefix cache, whose KV was computed with the old weights, and stamp `version` from now on.
 
         In process (the default) vLLM's reload_weights takes the tensors themselves. With the engine core in its
         own process (VLLM_ENABLE_V1_MULTIPROCESSING=1) tensors cannot travel through collective_rpc, so the
         weights go through the engine's model folder: saved as safetensors, then reloaded from that path."""
         from vllm import envs
 
+        self._open()
         if envs.VLLM_ENABLE_V1_MULTIPROCESSING:
             from safetensors.torch import save_file
 
@@ -138,9 +148,14 @@ class VLLMEngine:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": ((n, t.detach()) for n, t in
                                                                                    named_tensors)})
         self.llm.reset_prefix_cache()
+        self._policy_version = version
+
+    def _open(self) -> None:
+        if self.llm is None:
+            raise RuntimeError("this VLLMEngine is closed")
 
     def close(self) -> None:
-        """Shut the engine down and remove its temporary model folder."""
+        """Shut the engine down and remove its temporary model folder (again: nothing to do)."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 REQUIRED = ("prompt", "answer")
+TASKS = ("arithmetic", "jsonl")  # the valid task.name values (load_task)
 
 
 class TaskDataError(ValueError):

@@ -1,0 +1,228 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped, written atomically.
+
+A checkpoint is a folder under `<run_dir>/checkpoints/`:
+
+    model.safetensors, config.json, tokenizer files   the policy (loads in `transformers`), when it
+                                                      changed since the previous checkpoint
+    rlpost_state.pt     every other part's state_dict: optimizer and LR schedule, trainer counters,
+                        critic, algorithm, prompt sampler, weight-sync version, the random streams
+    rlpost_checkpoint.json   where the run stood: stage index and name, step, whether the stage had
+                        finished, metrics.jsonl lines written so far, the summary so far, the folder
+                        holding the policy weights, and a sha256 of every file above
+
+It is written into `checkpoints/.tmp-<name>/` and renamed into place only when complete, so a kill
+in mid-write leaves a `.tmp-` folder that is never read (and is removed on resume). The newest
+complete checkpoint is the one with the highest (stage, finished, step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+STATE_FILE = "rlpost_state.pt"
+META_FILE = "rlpost_checkpoint.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not match its recorded checksums."""
+
+
+# ---------------------------------------------------------------------------- random streams
+
+def rng_state() -> dict[str, Any]:
+    """The process-wide random streams: Python's `random`, torch's CPU (and CUDA) generator, NumPy's."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def load_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+# ---------------------------------------------------------------------------- writing
+
+@dataclass
+class Checkpoint:
+    """One complete checkpoint as found on disk (`state` is loaded lazily by `load_state`)."""
+
+    path: str
+    meta: dict[str, Any]
+    state: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        return self.meta["stage"], int(self.meta["finished"]), self.meta["step"]
+
+    def weights_dir(self, run_dir: str) -> str | None:
+        """The folder holding the policy weights of this checkpoint (None: the run's initial model)."""
+        w = self.meta.get("weights")
+        return None if w is None else os.path.join(run_dir, "checkpoints", w)
+
+    def load_state(self) -> dict[str, Any]:
+        if self.state is None:
+            self.state = torch.load(os.path.join(self.path, STATE_FILE), weights_only=False)
+        return self.state
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(run_dir: str, name: str, meta: dict[str, Any], state: dict[str, Any],
+                     save_weights=None) -> str:
+    """Write checkpoint `name` atomically. `save_weights(folder)` writes the policy into the folder (None:
+    the weights are those of an earlier checkpoint, named by meta["weights"]). Returns its path."""
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if save_weights is not None:
+        save_weights(tmp)
+        meta = {**meta, "weights": name}
+    torch.save(state, os.path.join(tmp, STATE_FILE))
+    files = sorted(f for f in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, f)))
+    meta = {**meta, "name": name, "sha256": {f: _sha256(os.path.join(tmp, f)) for f in files}}
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    for f in os.listdir(tmp):
+        with open(os.path.join(tmp, f), "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # an older checkpoint of the same name (a stage redone after resume)
+        old = os.path.join(root, f".old-{name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+# ---------------------------------------------------------------------------- reading
+
+def clean_partial(run_dir: str) -> list[str]:
+    """Remove half-written `.tmp-` folders; put back an `.old-` folder whose replacement never landed.
+    Returns what was removed or restored."""
+    root = os.path.join(run_dir, "checkpoints")
+    done = []
+    if not os.path.isdir(root):
+        return done
+    for entry in sorted(os.listdir(root)):
+        path = os.path.join(root, entry)
+        if entry.startswith(".old-"):
+            target = os.path.join(root, entry[len(".old-"):])
+            if os.path.exists(target):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, target)
+            done.append(entry)
+        elif entry.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(entry)
+    return done
+
+
+def list_checkpoints(run_dir: str) -> list[Checkpoint]:
+    """Every checkpoint folder with a metadata file, oldest first."""
+    root = os.path.join(run_dir, "checkpoints")
+    out = []
+    if not os.path.isdir(root):
+        return out
+    for entry in os.listdir(root):
+        meta_path = os.path.join(root, entry, META_FILE)
+        if entry.startswith(".") or not os.path.isfile(meta_path):
+            continue
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"checkpoint {os.path.join(root, entry)} has an unreadable {META_FILE}: {e}")
+        out.append(Checkpoint(os.path.join(root, entry), meta))
+    return sorted(out, key=lambda c: c.order)
+
+
+def verify(ckpt: Checkpoint, run_dir: str) -> None:
+    """Check every file against its recorded sha256, and that the weights it names exist."""
+    for f, digest in ckpt.meta["sha256"].items():
+        path = os.path.join(ckpt.path, f)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {ckpt.path} is missing {f}; it cannot be resumed from")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"checkpoint {ckpt.path}: {f} does not match its recorded sha256 (corrupt); "
+                                  "it cannot be resumed from")
+    weights = ckpt.weights_dir(run_dir)
+    if weights is not None and not os.path.isdir(weights):
+        raise CheckpointError(f"checkpoint {ckpt.path} takes its weights from {weights}, which is missing")
+
+
+def prune(run_dir: str, keep: int, prefix: str) -> None:
+    """Keep the newest `keep` mid-stage checkpoints whose names start with `prefix` (0: keep all);
+    a checkpoint whose weights a kept one still uses is kept too."""
+    if keep <= 0:
+        return
+    ckpts = list_checkpoints(run_dir)
+    mid = [c for c in ckpts if c.name.startswith(prefix) and not c.meta["finished"]]
+    needed = {c.meta.get("weights") for c in ckpts if c not in mid[:-keep]}
+    for c in mid[:-keep]:
+        if c.name not in needed:
+            shutil.rmtree(c.path, ignore_errors=True)
+
+
+def remove_step_checkpoints(run_dir: str, stage: int) -> None:
+    """Remove the mid-stage checkpoints of stage `stage` (its end-of-stage checkpoint supersedes them)."""
+    for c in list_checkpoints(run_dir):
+        if c.meta["stage"] == stage and not c.meta["finished"]:
+            shutil.rmtree(c.path, ignore_errors=True)
+
+
+def write_model_folder(run_dir: str, name: str, save) -> str:
+    """`save(folder)` into checkpoints/<name>/ atomically (a plain model folder, not a resumable checkpoint)."""
+    root = os.path.join(run_dir, "checkpoints")
+    tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return final

@@ -1,0 +1,416 @@
+"""A run: a list of stages over one policy, with checkpoints, resume and a clean stop.
+
+    summary = train(cfg)                          # rlpost train
+    summary = train(saved_config(run_dir), resume=run_dir)   # rlpost train --resume RUN_DIR
+
+The stages (rlpost/stages/) come from the config, in this order, each only when it is switched on:
+
+    sft          supervised steps on the task's demonstrations        checkpoints/sft/
+    eval         held-out pass@1 of the policy so far
+    preference   the DPO family on pairs (+ eval)                     checkpoints/preference/
+    reward_model a Bradley-Terry reward model becomes the RL reward   checkpoints/reward_model/
+    rl           the seven-step loop (rlpost/controller.py)           checkpoints/step_<n>/, checkpoints/final/
+    eval         held-out pass@1 after RL
+
+The run directory:
+
+    run.json           what made it (`train`), so a resume cannot pick up another kind of run
+    config.yaml        the resolved config; a resume with a different one is refused, naming the keys
+    metrics.jsonl      one JSON line per logged step (a resume drops lines written after its checkpoint)
+    checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one
+    summary.json       the held-out numbers, wall_seconds, status
+
+Resume is exact on CPU: every stateful part (the policy, the optimizer and LR schedule, trainer
+counters, critic, algorithm, prompt sampler, weight-sync version, every random stream) is in the
+checkpoint, so a run killed at any point and resumed writes the same metrics and the same final
+weights as one never interrupted. SIGTERM and Ctrl-C ask the current stage to stop at its next step
+boundary: SFT and RL write a checkpoint there first; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+
+from rlpost.checkpoint import (Checkpoint, CheckpointError, clean_partial, list_checkpoints, load_rng_state,
+                               prune, remove_step_checkpoints, rng_state, verify, write_checkpoint)
+from rlpost.config import Config, ConfigError, from_dict, to_dict
+
+RUN_FILE = "run.json"
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or Ctrl-C stopped the run at a step boundary; the checkpoint written there resumes it."""
+
+
+class ResumeError(ValueError):
+    """A run directory that cannot be resumed: missing, of another kind, with another config, no checkpoint."""
+
+
+# ---------------------------------------------------------------------------- metrics.jsonl
+
+class RunLog:
+    """metrics.jsonl writer (one line per call) that never holds data back: each line is flushed.
+    `lines` counts what the file holds, so a checkpoint can record it and a resume cut back to it."""
+
+    def __init__(self, run_dir: str, keep_lines: int | None = None):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        lines = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.readlines()
+            if keep_lines is not None and keep_lines < len(lines):
+                lines = lines[:keep_lines]
+                with open(self.path, "w") as f:  # drop what was written after the checkpoint
+                    f.writelines(lines)
+        self.lines = len(lines)
+        self.file = open(self.path, "a")
+
+    def __call__(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        self.lines += 1
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# ---------------------------------------------------------------------------- the context stages share
+
+@dataclass
+class RunContext:
+    """What the stages share: the policy and its tokenizer, the task, the rollout engine with its weight
+    sync, the rewards, the log, the summary. Stages read their own config section, given at construction."""
+
+    run_dir: str
+    seed: int
+    model: Any
+    tokenizer: Any
+    task: Any
+    engine: Any
+    weight_sync: Any
+    verifier: Any                 # the task's reward role: Reward(verify fn)
+    log: RunLog
+    summary: dict
+    rl_reward: Any = None         # the RL stage's reward: the verifier, or a learned reward (reward_model stage)
+    stage_index: int = 0
+    stage_name: str = ""
+    weights_from: str | None = None   # the checkpoint folder holding the policy's current weights (None: initial)
+    stop_requested: str | None = None
+    checkpoint_names: list[str] = field(default_factory=list)
+
+    def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
+        return [self.tokenizer.encode_prompt(r["prompt"]) for r in rows]
+
+    def save(self, name: str, *, step: int, finished: bool, state: dict, weights: bool) -> str:
+        """Write checkpoint `name` of the current stage: `state` is the stage's own state_dict; the random
+        streams, metrics position and summary are added here. `weights`: the policy changed since the
+        last checkpoint that holds it, so save it (else the new checkpoint points at that one)."""
+        from rlpost.models import save_model
+
+        meta = {"stage": self.stage_index, "stage_name": self.stage_name,
+                "step": step, "finished": finished, "metrics_lines": self.log.lines,
+                "summary": self.summary, "weights": self.weights_from}
+        full = {"stage": state, "rng": rng_state()}
+        saver = (lambda folder: save_model(self.model, self.tokenizer, folder)) if weights else None
+        path = write_checkpoint(self.run_dir, name, meta, full, saver)
+        if weights:
+            self.weights_from = name
+        return path
+
+    def check_stop(self, save=None) -> None:
+        """At a step boundary: when a stop was requested, call `save()` (write a checkpoint) and stop."""
+        if self.stop_requested:
+            if save is not None:
+                save()
+            raise RunInterrupted(self.stop_requested)
+
+
+class Stage:
+    """One part of a run. `setup` builds what the stage needs (after any earlier stage ran or was
+    restored); `load_state_dict` puts back a checkpoint's state when a run resumes inside the stage;
+    `run` does the work, writing mid-stage checkpoints through `ctx.save` when it can; `restore`
+    re-creates a finished stage's effect on the context (e.g. the RL reward) on resume."""
+
+    name = "stage"
+    changes_weights = False   # a finished stage that changed the policy saves it (checkpoints/<checkpoint>)
+    checkpoint = ""           # the folder name of its end-of-stage checkpoint ("" : the stage's name)
+    keep_step_checkpoints = False  # False: its mid-stage checkpoints go once the end-of-stage one is written
+
+    def setup(self, ctx: RunContext) -> None:
+        pass
+
+    def load_state_dict(self, ctx: RunContext, state: dict) -> None:
+        pass
+
+    def run(self, ctx: RunContext) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def restore(self, ctx: RunContext) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------- run directory
+
+def run_dir_of(cfg: Config, recipe_name: str) -> str:
+    name = cfg.run_name or f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return os.path.join(cfg.out_dir, name)
+
+
+def make_run_dir(cfg: Config, recipe_name: str, kind: str = "train") -> str:
+    run_dir = run_dir_of(cfg, recipe_name)
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        raise FileExistsError(f"run directory {run_dir} already holds a run; choose another run_name, or continue "
+                              f"it with `rlpost train --resume {run_dir}`")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    with open(os.path.join(run_dir, RUN_FILE), "w") as f:
+        json.dump({"kind": kind, "recipe": recipe_name}, f)
+    return run_dir
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "algorithm" and not k.endswith("loss"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def saved_config(run_dir: str, kind: str = "train") -> Config:
+    """The config a run directory was started with; refuses a folder that is not a run of `kind`."""
+    if not os.path.isdir(run_dir):
+        raise ResumeError(f"--resume: {run_dir} is not a directory")
+    info_path, cfg_path = os.path.join(run_dir, RUN_FILE), os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(info_path) or not os.path.isfile(cfg_path):
+        raise ResumeError(f"--resume: {run_dir} is not an rlpost run directory (no {RUN_FILE} / config.yaml)")
+    with open(info_path) as f:
+        info = json.load(f)
+    if info.get("kind") != kind:
+        raise ResumeError(f"--resume: {run_dir} is a `rlpost {info.get('kind')}` run, not a `rlpost {kind}` run")
+    with open(cfg_path) as f:
+        return from_dict(Config, yaml.safe_load(f))
+
+
+def config_differences(saved: Config, new: Config) -> list[str]:
+    """`key: saved -> new` for every config key that differs (out_dir/run_name/threads excepted)."""
+    a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
+    ignore = {"out_dir", "run_name", "threads"}
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in ignore and a.get(k) != b.get(k)]
+
+
+# ---------------------------------------------------------------------------- building the run
+
+def build_stages(cfg: Config) -> list[Stage]:
+    """The run's stages from the config, each given only its own sections."""
+    from rlpost.stages.evaluate import EvalStage
+    from rlpost.stages.preference import PreferenceStage
+    from rlpost.stages.reward_model import RewardModelStage
+    from rlpost.stages.rl import RLStage
+    from rlpost.stages.sft import SFTStage
+
+    def evaluation(label: str) -> EvalStage:
+        return EvalStage(cfg.eval, cfg.rollout, label)
+
+    stages: list[Stage] = []
+    if cfg.sft.steps > 0:
+        stages.append(SFTStage(cfg.sft, cfg.trainer))
+    stages.append(evaluation("sft" if cfg.sft.steps > 0 else "start"))
+    if cfg.preference.enabled:
+        stages += [PreferenceStage(cfg.preference, cfg.rollout, cfg.trainer, cfg.eval), evaluation("dpo")]
+    if cfg.reward_model.train or cfg.reward_model.path:
+        stages.append(RewardModelStage(cfg.reward_model, cfg.preference))
+    if cfg.rl.steps > 0:
+        stages += [RLStage(cfg.rl, cfg.rollout, cfg.algorithm, cfg.trainer, cfg.critic, evaluation("rl")),
+                   evaluation("rl")]
+    return stages
+
+
+def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
+    """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0."""
+    from rlpost.limits import check_lengths
+    from rlpost.models import load_model
+    from rlpost.reward import Reward, load_reward_fn
+    from rlpost.rollout import build_engine
+    from rlpost.tasks import load_task
+    from rlpost.weight_sync import WeightSync
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    task = load_task(cfg.task)
+    rows, demos = task.train_rows + task.eval_rows, task.demonstrations if cfg.sft.steps > 0 else []
+    model, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  demonstrations=demos)
+    check_lengths(model, tokenizer, rows, cfg.rollout.max_new_tokens, demos)  # before any stage, not after SFT
+    verify = load_reward_fn(cfg.task.reward) if cfg.task.reward else task.verify
+    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer")
+    weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)
+    verifier = Reward(verify, tokenizer, on_error=cfg.task.reward_on_error)
+    summary = {"run_dir": run_dir, "demonstrator_accuracy": task.demonstrator_accuracy, "status": "running"}
+    return RunContext(run_dir=run_dir, seed=cfg.seed, model=model, tokenizer=tokenizer, task=task, engine=engine,
+                      weight_sync=weight_sync, verifier=verifier, log=log, summary=summary, rl_reward=verifier)
+
+
+def _load_policy(ctx: RunContext, folder: str) -> None:
+    from rlpost.models import load_weights
+
+    load_weights(ctx.model, folder)
+
+
+# ---------------------------------------------------------------------------- signals
+
+class _StopOnSignal:
+    """SIGTERM / SIGINT: the first asks the run to stop at the next step boundary (after a checkpoint), the
+    second stops at once (KeyboardInterrupt). Handlers are put back on exit."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx, self.previous = ctx, {}
+
+    def _handle(self, signum, frame):
+        if self.ctx.stop_requested:
+            raise KeyboardInterrupt
+        self.ctx.stop_requested = signal.Signals(signum).name
+        print(f"\nrlpost: {self.ctx.stop_requested}: stopping at the next step boundary (again to stop now)",
+              flush=True)
+
+    def __enter__(self):
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.previous[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: signals stay with their owner
+            self.previous = {}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------- the run
+
+def _resume_point(run_dir: str, stages: list[Stage]) -> Checkpoint | None:
+    removed = clean_partial(run_dir)
+    if removed:
+        print(f"rlpost: resume: removed incomplete checkpoint folder(s) {', '.join(removed)}")
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return None
+    ckpt = ckpts[-1]
+    verify(ckpt, run_dir)
+    i = ckpt.meta["stage"]
+    if i >= len(stages) or stages[i].name != ckpt.meta["stage_name"]:
+        raise ResumeError(f"checkpoint {ckpt.path} belongs to stage {ckpt.meta['stage_name']!r}, which this config "
+                          "does not run at that place")
+    return ckpt
+
+
+def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) -> dict:
+    """Run the stages, or continue the run in directory `resume` (whose saved config `cfg` must be: see
+    `saved_config`); returns the summary (also written to summary.json)."""
+    t_start = time.perf_counter()
+    stages = build_stages(cfg)
+    if resume:
+        run_dir = resume
+        ckpt = _resume_point(run_dir, stages)
+        keep = ckpt.meta["metrics_lines"] if ckpt else 0
+        log = RunLog(run_dir, keep_lines=keep)
+    else:
+        run_dir, ckpt = make_run_dir(cfg, recipe_name), None
+        log = RunLog(run_dir)
+    ctx = build_context(cfg, run_dir, log)
+    print(f"rlpost: run directory {run_dir}" + (f" (resuming from {ckpt.path})" if ckpt else
+                                                " (resuming from the start)" if resume else ""))
+    print(f"rlpost: model {cfg.model.name} ({sum(p.numel() for p in ctx.model.parameters()) / 1e6:.2f}M params), "
+          f"task {ctx.task.name} ({len(ctx.task.train_rows)} train / {len(ctx.task.eval_rows)} held-out prompts); "
+          f"stages: {' -> '.join(s.name for s in stages)}")
+    first = 0
+    if ckpt is not None:
+        ctx.summary.update({k: v for k, v in ckpt.meta["summary"].items() if k not in ("status", "wall_seconds")})
+        ctx.weights_from = ckpt.meta["weights"]
+        if ctx.weights_from is not None:
+            _load_policy(ctx, ckpt.weights_dir(run_dir))
+            ctx.weight_sync.push()
+        first = ckpt.meta["stage"] + int(ckpt.meta["finished"])
+    try:
+        with _StopOnSignal(ctx):
+            for i, stage in enumerate(stages):
+                ctx.stage_index, ctx.stage_name = i, stage.name
+                if i < first:
+                    stage.restore(ctx)
+                    continue
+                stage.setup(ctx)
+                if ckpt is not None and i == ckpt.meta["stage"] and not ckpt.meta["finished"]:
+                    stage.load_state_dict(ctx, ckpt.load_state()["stage"])
+                if ckpt is not None and i == first:  # the random streams exactly as they were at the checkpoint
+                    load_rng_state(ckpt.load_state()["rng"])
+                stage.run(ctx)
+                if stage.changes_weights or stage.checkpoint:
+                    ctx.save(stage.checkpoint or stage.name, step=0, finished=True, state={},
+                             weights=stage.changes_weights)
+                    if not stage.keep_step_checkpoints:
+                        remove_step_checkpoints(run_dir, i)
+                ctx.check_stop()
+        ctx.summary["status"] = "ok"
+    except RunInterrupted as e:
+        ctx.summary["status"] = f"interrupted ({e}); continue with `rlpost train --resume {run_dir}`"
+        raise
+    except BaseException as e:  # lose nothing: keep the weights and say why the run stopped
+        from rlpost.models import save_model
+
+        save_model(ctx.model, ctx.tokenizer, os.path.join(run_dir, "checkpoints", "last"))
+        ctx.summary["status"] = f"failed: {type(e).__name__}: {e}"
+        raise
+    finally:
+        ctx.summary["wall_seconds"] = time.perf_counter() - t_start
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(ctx.summary, f, indent=2)
+        log.close()
+        ctx.engine.close()
+    print_table(ctx.summary)
+    return ctx.summary
+
+
+def print_table(summary: dict) -> None:
+    """The held-out numbers, one line per stage that ran."""
+
+    def pct(v):
+        return "   n/a" if v is None else f"{100 * v:5.1f}%"
+
+    print("\n  held-out pass@1")
+    print("  ---------------------------")
+    print(f"  demonstrator        {pct(summary.get('demonstrator_accuracy'))}")
+    if "pass@1_start" in summary:
+        print(f"  initial model       {pct(summary['pass@1_start'])}")
+    if "pass@1_sft" in summary:
+        print(f"  after SFT           {pct(summary['pass@1_sft'])}")
+    if "pass@1_dpo" in summary:
+        print(f"  after {summary['preference_loss'].upper():<14}{pct(summary['pass@1_dpo'])}")
+    if "pass@1_rl" in summary:
+        print(f"  after RL            {pct(summary['pass@1_rl'])}")
+    if summary.get("rm_pair_accuracy") is not None:
+        print(f"  reward model pairs  {pct(summary['rm_pair_accuracy'])}  (held-out pair accuracy)")
+    print(f"  wall-clock          {summary['wall_seconds']:6.1f}s")
+    print(f"  run directory       {summary['run_dir']}\n")
+
+
+__all__ = ["train", "RunContext", "Stage", "RunLog", "RunInterrupted", "ResumeError", "ConfigError",
+           "CheckpointError", "saved_config", "config_differences", "make_run_dir", "print_table", "prune"]

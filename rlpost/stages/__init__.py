@@ -1,0 +1,10 @@
+"""The stages a run is made of (rlpost/run.py composes them): one file each.
+
+    sft.py           supervised fine-tuning on demonstrations
+    evaluate.py      held-out pass@1
+    preference.py    offline preference optimisation (the DPO family)
+    reward_model.py  a Bradley-Terry reward model as the RL reward (RLHF)
+    rl.py            the RL loop (rlpost/controller.py) with checkpoints and periodic evaluation
+
+Each stage is built from its own config sections only, and implements `rlpost.run.Stage`.
+"""

@@ -1,0 +1,33 @@
+"""Evaluation stage: held-out pass@1 of the policy as it is now (rlpost/evaluate.py), into the summary
+as `pass@1_<label>` (start, sft, dpo, rl) and into metrics.jsonl as an `eval` line."""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from rlpost.evaluate import pass_at_1
+from rlpost.run import RunContext, Stage
+
+
+class EvalStage(Stage):
+    """`eval.*` (samples, temperature, batch size) and `rollout.max_new_tokens`."""
+
+    name = "eval"
+
+    def __init__(self, cfg, rollout_cfg, label: str):
+        self.cfg, self.max_new_tokens, self.label = cfg, rollout_cfg.max_new_tokens, label
+
+    def evaluate(self, ctx: RunContext) -> float:
+        """pass@1 on the task's held-out rows, sampled by the rollout engine with the policy's current weights."""
+        ctx.weight_sync.push()  # an engine with its own copy of the weights samples from the current policy
+        rows = ctx.task.eval_rows
+        return pass_at_1(ctx.engine, ctx.verifier, rows, ctx.prompt_ids(rows), samples=self.cfg.samples_per_prompt,
+                         temperature=self.cfg.temperature, max_new_tokens=self.max_new_tokens,
+                         batch_prompts=self.cfg.batch_prompts, seed=ctx.seed)
+
+    def run(self, ctx: RunContext) -> None:
+        value = self.evaluate(ctx)
+        ctx.summary[f"pass@1_{self.label}"] = value
+        ctx.log({"stage": "eval", "step": 0, "eval/pass@1": value, "after": self.label})
+        tqdm.write(f"rlpost: held-out pass@1 ({'before training' if self.label == 'start' else 'after ' + self.label})"
+                   f": {value:.3f}")

@@ -1,0 +1,83 @@
+"""Preference stage: the DPO family (rlpost/preference/) on the policy, offline.
+
+Data: `preference.train_file` (JSONL or a `datasets` dataset), or pairs made from the policy's own
+samples of the task's training prompts scored by the verifier (through the episode function; saved to
+<run_dir>/preference_pairs.jsonl). Ends with checkpoints/preference/. A stop request ends it at the
+next step without a checkpoint: a resume runs the stage again from its start.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+from tqdm import tqdm
+
+from rlpost.preference import get_preference_loss
+from rlpost.preference.data import (PreferenceDataError, load_preferences, model_context, pairs_from_samples,
+                                    tokenize_preferences, write_preference_rows)
+from rlpost.preference.trainer import train_preference
+from rlpost.rollout import SamplingParams
+from rlpost.run import RunContext, Stage
+
+
+class PreferenceStage(Stage):
+    """`preference.*`; sampling from `rollout.*` for self-made pairs; clipping and the non-finite guard from
+    `trainer.*`; generation batch size from `eval.batch_prompts`."""
+
+    name = "preference"
+    changes_weights = True
+
+    def __init__(self, cfg, rollout_cfg, trainer_cfg, eval_cfg):
+        self.cfg, self.rollout_cfg, self.trainer_cfg, self.eval_cfg = cfg, rollout_cfg, trainer_cfg, eval_cfg
+
+    def data(self, ctx: RunContext, max_length: int | None):
+        pc = self.cfg
+        if pc.train_file:
+            data = load_preferences(pc.train_file, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
+                                    split=pc.split)
+            return data, pc.train_file
+        rng = random.Random(ctx.seed)
+        rows = ctx.task.train_rows
+        rows = [rows[i] for i in rng.sample(range(len(rows)), min(pc.num_prompts, len(rows)))]
+        params = SamplingParams(max_new_tokens=self.rollout_cfg.max_new_tokens,
+                                temperature=self.rollout_cfg.temperature)
+        t0 = time.perf_counter()
+        ctx.weight_sync.push()
+        pairs, stats = pairs_from_samples(ctx.engine, ctx.verifier, rows, ctx.prompt_ids(rows),
+                                          k=pc.samples_per_prompt, params=params, seed=ctx.seed + 7919,
+                                          batch_prompts=self.eval_cfg.batch_prompts)
+        stats["time/pairs"] = time.perf_counter() - t0
+        ctx.log({"stage": "preference_data", "step": 0, **stats})
+        tqdm.write(f"rlpost: {int(stats['pairs/made'])} preference pairs from {len(rows)} prompts x "
+                   f"{pc.samples_per_prompt} samples (sample accuracy {stats['pairs/sample_accuracy']:.3f}; "
+                   f"{int(stats['pairs/all_right'])} prompts all right, {int(stats['pairs/all_wrong'])} all wrong)")
+        if not pairs:
+            raise PreferenceDataError("no preference pairs: no prompt had both a correct and a wrong sample")
+        path = os.path.join(ctx.run_dir, "preference_pairs.jsonl")
+        write_preference_rows(pairs, path)
+        return tokenize_preferences(pairs, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row), path
+
+    def run(self, ctx: RunContext) -> None:
+        pc, tc = self.cfg, self.trainer_cfg
+        loss = get_preference_loss(**pc.loss)
+        max_length = pc.max_length or model_context(ctx.model)
+        data, source = self.data(ctx, max_length)
+        if data.skipped:
+            tqdm.write(f"rlpost: skipped {len(data.skipped)} bad preference row(s):\n  "
+                       + "\n  ".join(data.skipped[:10])
+                       + (f"\n  ... and {len(data.skipped) - 10} more" if len(data.skipped) > 10 else ""))
+        eval_data = (load_preferences(pc.eval_file, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
+                                      split=pc.split) if pc.eval_file else None)
+        ctx.summary.update({"preference_loss": loss.name, "preference_data": source,
+                            "preference_examples": len(data), "preference_skipped_rows": len(data.skipped)})
+        ctx.log({"stage": "preference_data", "step": 0, "data/examples": len(data),
+                 "data/skipped_rows": len(data.skipped)})
+        metrics = train_preference(
+            ctx.model, ctx.tokenizer, data, loss, epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
+            warmup_steps=pc.warmup_steps, micro_batch_size=pc.micro_batch_size, weight_decay=tc.weight_decay,
+            grad_clip=tc.grad_clip, max_nonfinite_steps=tc.max_nonfinite_steps, seed=ctx.seed, log=ctx.log,
+            eval_data=eval_data, precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
+            stop=ctx.check_stop)
+        ctx.summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})

@@ -1,0 +1,121 @@
+"""Reward-model stage (RLHF): a Bradley-Terry reward model (rlpost/reward_model.py) becomes the RL reward.
+
+It is loaded from `reward_model.path`, or trained now with its trunk copied from the policy, on pairs
+from `preference.train_file` or, without one, from the arithmetic task (the right answer against a
+one-digit slip). The task's verifier stays as the gold reward, logged beside the proxy. Its end-of-stage
+checkpoint records only that it ran: a resume loads the model from checkpoints/reward_model/.
+`rlpost rm` runs the training part alone (`train_reward_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import torch
+
+from rlpost.limits import check_lengths
+from rlpost.models import load_model
+from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
+from rlpost.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
+from rlpost.run import RunContext, RunLog, Stage, make_run_dir
+from rlpost.tasks import load_task
+
+
+def fit_reward_model_from_config(rc, pc, seed: int, policy, tokenizer, task, run_dir: str, log):
+    """A Bradley-Terry reward model, trunk copied from `policy`, saved to <run_dir>/checkpoints/reward_model.
+
+    Pairs come from preference.train_file (JSONL or a `datasets` dataset; held out: preference.eval_file,
+    else the last 10 %), or, without one, from the arithmetic task: the right answer against a one-digit
+    slip, `reward_model.label_noise` of them flipped, held out from the task's held-out problems."""
+    max_length = pc.max_length or model_context(policy)
+    if pc.train_file:
+        if pc.eval_file:
+            train = load_preferences(pc.train_file, tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
+                                     split=pc.split)
+            held_out = load_preferences(pc.eval_file, tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
+                                        split=pc.split)
+        else:  # hold out the last 10 % of the pairs
+            rows = read_preference_rows(pc.train_file, pc.split)
+            cut = max(len(rows) - max(len(rows) // 10, 1), 1)
+            train = tokenize_preferences(rows[:cut], tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row)
+            held_out = tokenize_preferences(rows[cut:], tokenizer, max_length=max_length,
+                                            on_bad_row=pc.on_bad_row) if cut < len(rows) else None
+        source = pc.train_file
+    elif task.name == "arithmetic":
+        rng = random.Random(seed)
+        train_rows = rng.sample(task.train_rows, min(rc.pairs, len(task.train_rows)))
+        train = tokenize_preferences(task_pairs(train_rows, rng, rc.label_noise), tokenizer, max_length=max_length)
+        held_out = tokenize_preferences(task_pairs(task.eval_rows[:rc.eval_pairs], rng), tokenizer,
+                                        max_length=max_length)
+        source = f"the arithmetic task ({100 * rc.label_noise:.0f}% of training labels flipped)"
+    else:
+        raise ValueError(f"the reward model needs preference pairs: set preference.train_file (task {task.name!r} "
+                         "cannot make wrong answers by itself)")
+    if train.skipped:
+        print(f"rlpost: reward model: skipped {len(train.skipped)} bad pair(s), e.g. {train.skipped[0]}")
+    print(f"rlpost: reward model: {len(train)} training pairs from {source}, "
+          f"{len(held_out) if held_out is not None else 0} held-out pairs")
+    rm = RewardModel.from_policy(policy)
+    result = fit_reward_model(rm, train, held_out, pad_id=tokenizer.pad_token_id, epochs=rc.epochs,
+                              batch_size=rc.batch_size, lr=rc.lr, seed=seed, log=log)
+    rm.save(os.path.join(run_dir, "checkpoints", "reward_model"), tokenizer)
+    return rm, result
+
+
+class RewardModelStage(Stage):
+    """`reward_model.*` (and `preference.*` for the pair data)."""
+
+    name = "reward_model"
+    checkpoint = "after_reward_model"
+
+    def __init__(self, cfg, preference_cfg):
+        self.cfg, self.preference_cfg = cfg, preference_cfg
+
+    def use(self, ctx: RunContext, rm: RewardModel, rm_tokenizer) -> None:
+        reward = LearnedReward(rm, rm_tokenizer, gold=ctx.verifier.fn)
+        reward.check_tokenizer(ctx.tokenizer, [r["prompt"] for r in ctx.task.train_rows[:16]])
+        ctx.rl_reward = reward
+
+    def run(self, ctx: RunContext) -> None:
+        if self.cfg.path:
+            self.use(ctx, *RewardModel.load(self.cfg.path))
+            return
+        rm, result = fit_reward_model_from_config(self.cfg, self.preference_cfg, ctx.seed, ctx.model, ctx.tokenizer,
+                                                  ctx.task, ctx.run_dir, ctx.log)
+        ctx.summary["rm_pair_accuracy"] = result.get("rm/eval_accuracy")
+        ctx.summary["rm_margin"] = result.get("rm/eval_margin")
+        self.use(ctx, rm, ctx.tokenizer)
+
+    def restore(self, ctx: RunContext) -> None:
+        self.use(ctx, *RewardModel.load(self.cfg.path or os.path.join(ctx.run_dir, "checkpoints", "reward_model")))
+
+
+def train_reward_model(cfg, recipe_name: str = "rm") -> dict:
+    """`rlpost rm`: fit a reward model from `model.name` (usually an SFT checkpoint) and save it; the summary
+    has the held-out pair accuracy and margin."""
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg.task)
+    rows = task.train_rows + task.eval_rows
+    policy, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=cfg.rollout.max_new_tokens)
+    check_lengths(policy, tokenizer, rows, cfg.rollout.max_new_tokens)
+    run_dir = make_run_dir(cfg, recipe_name, kind="rm")
+    log = RunLog(run_dir)
+    print(f"rlpost: run directory {run_dir}")
+    try:
+        _, result = fit_reward_model_from_config(cfg.reward_model, cfg.preference, cfg.seed, policy, tokenizer, task,
+                                                 run_dir, log)
+    finally:
+        log.close()
+    summary = {"run_dir": run_dir, "reward_model": os.path.join(run_dir, "checkpoints", "reward_model"),
+               "rm_pair_accuracy": result.get("rm/eval_accuracy"), "rm_margin": result.get("rm/eval_margin"),
+               "wall_seconds": time.perf_counter() - t_start}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"rlpost: reward model saved to {summary['reward_model']}" + (
+        f"; held-out pair accuracy {100 * summary['rm_pair_accuracy']:.1f}%, margin {summary['rm_margin']:.3f}"
+        if summary["rm_pair_accuracy"] is not None else " (no held-out pairs)"))
+    return summary

@@ -1,0 +1,90 @@
+"""Supervised fine-tuning on demonstrations: the stage before RL.
+
+It reuses the algorithm-agnostic Trainer with a negative log-likelihood loss on completion tokens;
+the batch has the same layout as a rollout's (prompt left-padded, completion + eos right-padded).
+The learning rate warms up linearly for `warmup_steps`, then decays on a cosine to lr / 10.
+`save_every` writes a resumable checkpoint (checkpoints/sft_step_<n>/) every that many steps; they
+are removed once the stage's own checkpoints/sft/ is written, which supersedes them.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from tqdm import tqdm
+
+from rlpost.algorithms.base import token_mean
+from rlpost.batch import Batch
+from rlpost.rollout import assemble
+from rlpost.run import RunContext, Stage
+from rlpost.schedule import LRSchedule
+from rlpost.trainer import Trainer
+
+
+def nll_loss(logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean negative log-likelihood of the response tokens."""
+    loss = -token_mean(logp, batch)
+    return loss, {"sft/nll": loss.item() * (batch.global_tokens or 1) / max(batch.num_response_tokens, 1)}
+
+
+def sft_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+    R = max(len(c) for c in completions)
+    tokens = torch.full((len(prompts), R), pad_id, dtype=torch.long)
+    for i, c in enumerate(completions):
+        tokens[i, :len(c)] = torch.tensor(c)
+    lengths = torch.tensor([len(c) for c in completions])
+    batch = assemble(prompts, 1, tokens, torch.zeros(tokens.shape), lengths, torch.ones(len(prompts), dtype=torch.bool),
+                     pad_id, version=0)
+    return batch.replace(old_logp=None, policy_version=None, meta={})
+
+
+class SFTStage(Stage):
+    """`sft.*`: `steps` optimizer steps of `batch_size` demonstrations drawn with replacement; precision and
+    gradient checkpointing from `trainer.*`."""
+
+    name = "sft"
+    changes_weights = True
+
+    def __init__(self, cfg, trainer_cfg):
+        self.cfg, self.trainer_cfg = cfg, trainer_cfg
+        self.step = 0
+
+    def setup(self, ctx: RunContext) -> None:
+        tok, demos = ctx.tokenizer, ctx.task.demonstrations
+        self.prompts = [tok.encode_prompt(r["prompt"]) for r in demos]
+        self.completions = [tok.encode_completion(r["completion"]) + [tok.eos_token_id] for r in demos]
+        tc = self.trainer_cfg
+        self.trainer = Trainer(ctx.model, lr=self.cfg.lr, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95),
+                               precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
+                               schedule=LRSchedule("cosine", self.cfg.warmup_steps, total_steps=max(self.cfg.steps, 1),
+                                                   min_lr_ratio=0.1))
+        self.rng = random.Random(ctx.seed)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "rng": self.rng.getstate(), "trainer": self.trainer.state_dict()}
+
+    def load_state_dict(self, ctx: RunContext, state: dict) -> None:
+        self.step = state["step"]
+        self.rng.setstate(state["rng"])
+        self.trainer.load_state_dict(state["trainer"])
+
+    def save(self, ctx: RunContext) -> None:
+        ctx.save(f"sft_step_{self.step}", step=self.step, finished=False, state=self.state_dict(), weights=True)
+
+    def run(self, ctx: RunContext) -> None:
+        c, pad = self.cfg, ctx.tokenizer.pad_token_id
+        bar = tqdm(range(self.step, c.steps), initial=self.step, total=c.steps, desc="sft", unit="step",
+                   dynamic_ncols=True)
+        for step in bar:
+            idx = [self.rng.randrange(len(self.prompts)) for _ in range(c.batch_size)]
+            batch = sft_batch([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad)
+            metrics = self.trainer.step(batch, nll_loss)
+            bar.set_postfix(nll=f"{metrics['sft/nll']:.3f}")
+            if step % 50 == 0 or step == c.steps - 1:
+                ctx.log({"stage": "sft", "step": step, **metrics})
+            self.step = step + 1
+            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                self.save(ctx)
+            ctx.check_stop(save=lambda: self.save(ctx))
+        bar.close()

@@ -1,0 +1,189 @@
+"""Checkpoints and resume: a run killed with SIGKILL (or stopped by SIGTERM) and resumed writes the same
+metrics.jsonl (timings aside) and the same final weights as a run never interrupted; bad resumes are refused.
+
+Every run here is a real `rlpost train` process (`python -m rlpost.cli`), killed for real."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlpost.checkpoint import CheckpointError, list_checkpoints
+from rlpost.cli import main
+from rlpost.run import ResumeError, saved_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["sft.steps=24", "sft.batch_size=32", "sft.save_every=8", "rl.steps=8", "rl.eval_every=3",
+        "rl.save_every=2", "rl.keep_checkpoints=2", "task.num_eval=30", "rollout.prompts_per_step=4",
+        "rollout.k=4", "eval.samples_per_prompt=2", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+        "threads=1"]
+
+
+def command(*args):
+    return [sys.executable, "-m", "rlpost.cli", "train", *args]
+
+
+def start(args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(command(*args), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def run_to_end(args, tmp_path) -> subprocess.CompletedProcess:
+    p = start(args, tmp_path)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return out
+
+
+def comparable(run_dir) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [{k: v for k, v in m.items() if not (k.startswith(("time/", "time_share/")) or k.endswith("tokens_per_s"))}
+            for m in lines]
+
+
+def final_weights(run_dir):
+    return load_file(os.path.join(run_dir, "checkpoints", "final", "model.safetensors"))
+
+
+def assert_same_run(a, b):
+    ma, mb = comparable(a), comparable(b)
+    assert len(ma) == len(mb), (len(ma), len(mb))
+    for x, y in zip(ma, mb):
+        assert x == y
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (a, b))
+    for key in ("pass@1_sft", "pass@1_rl", "status"):
+        assert sa[key] == sb[key]
+
+
+def wait_for(predicate, proc, timeout=300):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The same run, never interrupted."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run_to_end(TINY + [f"out_dir={tmp}", "run_name=ref"], tmp)
+    return tmp / "ref"
+
+
+def test_sigkill_mid_rl_then_resume_is_bit_identical(reference_run, tmp_path):
+    run = tmp_path / "killed"
+    p = start(TINY + [f"out_dir={tmp_path}", "run_name=killed"], tmp_path)
+    wait_for(lambda: (run / "checkpoints" / "step_4").is_dir(), p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (run / "checkpoints" / "final").exists()
+    out = run_to_end(["--resume", str(run)], tmp_path)
+    assert "resuming from" in out and "step_4" in out, out
+    assert_same_run(reference_run, run)
+    steps = sorted(c.name for c in list_checkpoints(run) if c.name.startswith("step_"))
+    assert steps == ["step_4", "step_6"]  # rl.keep_checkpoints=2; final supersedes nothing else
+    assert not any(c.name.startswith("sft_step_") for c in list_checkpoints(run))
+
+
+def test_sigterm_writes_a_checkpoint_and_the_resume_finishes_the_same_run(reference_run, tmp_path):
+    run = tmp_path / "termed"
+    p = start(TINY + [f"out_dir={tmp_path}", "run_name=termed"], tmp_path)
+    wait_for(lambda: (run / "checkpoints" / "sft").is_dir(), p)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 143, out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"].startswith("interrupted (SIGTERM)")
+    newest = list_checkpoints(run)[-1]  # SFT and RL checkpoint where they stop; an evaluation is redone on resume
+    assert newest.meta["stage_name"] in ("sft", "rl") and newest.meta["metrics_lines"] <= len(comparable(run))
+    run_to_end(["--resume", str(run)], tmp_path)
+    assert_same_run(reference_run, run)
+
+
+def test_a_half_written_checkpoint_is_never_loaded(reference_run, tmp_path):
+    """A kill in mid-write leaves a .tmp- folder: the resume ignores it and starts from the one before."""
+    run = tmp_path / "partial"
+    p = start(TINY + [f"out_dir={tmp_path}", "run_name=partial"], tmp_path)
+    wait_for(lambda: (run / "checkpoints" / "step_2").is_dir(), p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    newest = list_checkpoints(run)[-1]
+    fake = run / "checkpoints" / ".tmp-step_99"
+    fake.mkdir()
+    (fake / "model.safetensors").write_bytes(b"half")
+    out = run_to_end(["--resume", str(run)], tmp_path)
+    assert f"resuming from {newest.path}" in out and not fake.exists()
+    assert_same_run(reference_run, run)
+
+
+def test_bad_resumes_are_refused_and_change_nothing(tmp_path, capsys):
+    args = TINY[:-1] + ["sft.steps=8", "rl.steps=2", "rl.eval_every=0", f"out_dir={tmp_path}", "run_name=done"]
+    assert main(["train", *args]) == 0
+    run = tmp_path / "done"
+    before = (run / "metrics.jsonl").read_text()
+    # a changed config: refused, naming the key
+    assert main(["train", "--resume", str(run), *args, "trainer.lr=0.1"]) == 2
+    assert "trainer.lr: 0.0002 -> 0.1" in capsys.readouterr().err
+    # not a run directory / another kind of run
+    with pytest.raises(ResumeError, match="not an rlpost run directory"):
+        saved_config(str(tmp_path))
+    (run / "run.json").write_text(json.dumps({"kind": "rm"}))
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "is a `rlpost rm` run" in capsys.readouterr().err
+    (run / "run.json").write_text(json.dumps({"kind": "train"}))
+    # a corrupt checkpoint: refused, naming the file
+    ckpt = list_checkpoints(run)[-1]
+    with open(os.path.join(ckpt.path, "rlpost_state.pt"), "ab") as f:
+        f.write(b"garbage")
+    from rlpost.run import train
+    with pytest.raises(CheckpointError, match="rlpost_state.pt does not match its recorded sha256"):
+        train(saved_config(str(run)), resume=str(run))
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_at_random_points_resume_bit_identical(tmp_path):
+    """Kill runs at 20+ random moments (start-up, SFT, evaluation, RL steps, checkpoint writes), resuming
+    each time; every finished run must equal the uninterrupted one. A run that finishes before the 20th
+    kill is compared, and the kills go on in a fresh run, so the outcome never depends on timing."""
+    longer = TINY + ["sft.steps=120", "sft.save_every=20", "rl.steps=40", "rl.eval_every=10", "rl.save_every=3"]
+    t0 = time.time()
+    run_to_end(longer + [f"out_dir={tmp_path}", "run_name=ref"], tmp_path)
+    duration = time.time() - t0
+    rng = random.Random(0)
+    kills, finished, resumes = 0, 0, 0
+    while kills < 20:
+        run = tmp_path / f"chaos{finished}"
+        started = (run / "run.json").exists()
+        p = start(["--resume", str(run)] if started else longer + [f"out_dir={tmp_path}", f"run_name={run.name}"],
+                  tmp_path)
+        resumes += started
+        try:
+            p.wait(timeout=rng.uniform(0.5, 0.3 * duration))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            continue
+        assert p.returncode == 0, p.communicate()[0]
+        assert_same_run(tmp_path / "ref", run)
+        finished += 1
+    run = tmp_path / f"chaos{finished}"
+    if (run / "run.json").exists():  # the last one killed: let it finish
+        run_to_end(["--resume", str(run)], tmp_path)
+        assert_same_run(tmp_path / "ref", run)
+        finished += 1
+    print(f"\n{kills} SIGKILLs, {resumes} resumes, {finished} finished run(s), all identical to the reference")
