@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.models import autocast, model_device, trunk_hidden_states
+from rlpost.models import autocast, check_precision, model_device, trunk_hidden_states
 
 
 CRITIC_TYPES = ("separate", "head")  # the valid critic.type names
@@ -30,7 +30,7 @@ CRITIC_TYPES = ("separate", "head")  # the valid critic.type names
 class Critic(nn.Module):
     def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, precision: str = "fp32"):
         super().__init__()
-        autocast("cpu", precision)  # an unknown precision fails now
+        check_precision(precision, model_device(trunk))
         self.shared, self.precision = shared, precision
         # A shared trunk is the policy itself: keep it out of this module's parameters so the optimizer
         # and checkpoints see it once (through the policy).

@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 
 from rlpost.batch import Batch
-from rlpost.models import autocast, model_device, set_gradient_checkpointing, token_logprobs
+from rlpost.models import autocast, check_precision, model_device, set_gradient_checkpointing, token_logprobs
 
 
 class Reference:
     def __init__(self, policy: nn.Module, temperature: float = 1.0, precision: str = "fp32"):
-        autocast("cpu", precision)  # an unknown precision fails now
+        check_precision(precision, model_device(policy))
         self.model = copy.deepcopy(policy).eval()
         self.model.requires_grad_(False)
         set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
-from rlpost.models import autocast, model_device, set_gradient_checkpointing, token_logprobs
+from rlpost.models import autocast, check_precision, model_device, set_gradient_checkpointing, token_logprobs
 from rlpost.schedule import LRSchedule
 
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -46,7 +46,7 @@ class Trainer:
                  betas: tuple[float, float] = (0.9, 0.999), epochs: int = 1, minibatches: int = 1,
                  critic: nn.Module | None = None, critic_lr: float | None = None, seed: int = 0,
                  precision: str = "fp32", gradient_checkpointing: bool = False, schedule: LRSchedule | None = None):
-        autocast("cpu", precision)  # an unknown precision fails here, naming the valid ones
+        check_precision(precision, model_device(model))
         self.model, self.critic, self.precision = model, critic, precision
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
         if critic is not None:

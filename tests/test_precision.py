@@ -23,6 +23,9 @@ from rlpost.trainer import Trainer
 # a log-softmax taken in bf16 instead of fp32 alone is off by 1.7e-2 on the same logits, and fails them.
 BF16_MAX, BF16_MEAN = 1e-2, 2e-3
 
+# On a CPU without native bf16 matmul every bf16 role warns that it will be slow (tested below, once)
+pytestmark = pytest.mark.filterwarnings("ignore:trainer.precision=bf16 on a CPU without native bf16")
+
 
 def models(tiny_llama_dir):
     from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
@@ -157,3 +160,21 @@ def test_trainer_turns_checkpointing_on_for_policy_and_critic_not_reference(tiny
     batch = scored_batch(model, tok)
     metrics = Trainer(model, lr=1e-3, gradient_checkpointing=True).step(batch, nll_loss)
     assert metrics["train/skipped_nonfinite"] == 0.0
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once_per_role(tiny_gpt, monkeypatch):
+    import warnings
+
+    import rlpost.models
+
+    model, _ = tiny_gpt
+    monkeypatch.setattr(rlpost.models, "cpu_has_fast_bf16", lambda: False)
+    for make in (lambda: Trainer(model, lr=1e-3, precision="bf16"), lambda: Reference(model, precision="bf16"),
+                 lambda: Critic.build(model, "head", precision="bf16")):
+        with pytest.warns(UserWarning, match=r"trainer.precision=bf16 on a CPU without native bf16 matmul.*fp32"):
+            make()
+    monkeypatch.setattr(rlpost.models, "cpu_has_fast_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(model, lr=1e-3, precision="bf16")
+        Trainer(model, lr=1e-3, precision="fp32")

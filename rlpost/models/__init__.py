@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,27 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 def model_device(model: nn.Module) -> torch.device:
     """The device of a module's parameters: every role computes there and moves its batches there."""
     return next(model.parameters()).device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (oneDNN's bf16 kernels: AVX512 / AVX512-BF16 / AMX).
+    Without them torch runs bf16 GEMMs on a scalar fallback, which on an AVX2 machine measured 15-100x
+    slower than fp32 (benchmarks/grpo_step_vs_trl.py --precision bf16 prints both)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: fall back on the vector extension torch reports
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Fail on an unknown precision now, naming the valid ones; warn when bf16 will be slow on `device`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision is {precision!r}; valid values: {', '.join(PRECISIONS)}")
+    if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_fast_bf16():
+        warnings.warn(f"trainer.precision=bf16 on a CPU without native bf16 matmul (torch's CPU capability: "
+                      f"{torch.backends.cpu.get_cpu_capability()}; no AVX512-BF16 or AMX): bf16 matmuls take a "
+                      "slow fallback path and run many times slower than fp32 here; use trainer.precision=fp32 "
+                      "on this machine", stacklevel=3)
 
 
 def autocast(device: torch.device, precision: str):
