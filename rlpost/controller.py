@@ -170,8 +170,8 @@ def rollout_metrics(batch: Batch) -> dict[str, float]:
     lengths = batch.response_mask.sum(1).float()
     _, inverse = torch.unique(batch.group_ids, return_inverse=True)
     groups = int(inverse.max()) + 1
-    g_max = torch.full((groups,), -float("inf")).scatter_reduce(0, inverse, r, "amax")
-    g_min = torch.full((groups,), float("inf")).scatter_reduce(0, inverse, r, "amin")
+    g_max = torch.full((groups,), -float("inf"), device=r.device).scatter_reduce(0, inverse, r, "amax")
+    g_min = torch.full((groups,), float("inf"), device=r.device).scatter_reduce(0, inverse, r, "amin")
     return {
         "reward/mean": float(r.mean()),
         "reward/std": float(r.std()) if len(r) > 1 else 0.0,
