@@ -41,9 +41,9 @@ from typing import Any
 import torch
 import yaml
 
-from rlpost.checkpoint import (Checkpoint, CheckpointError, clean_partial, list_checkpoints, load_rng_state,
-                               prune, remove_step_checkpoints, rng_state, verify, write_checkpoint)
-from rlpost.config import Config, ConfigError, from_dict, to_dict
+from rlpost.checkpoint import (Checkpoint, clean_partial, list_checkpoints, load_rng_state, remove_step_checkpoints,
+                               rng_state, verify, write_checkpoint)
+from rlpost.config import Config, from_dict, to_dict
 
 RUN_FILE = "run.json"
 
@@ -411,6 +411,3 @@ def print_table(summary: dict) -> None:
     print(f"  wall-clock          {summary['wall_seconds']:6.1f}s")
     print(f"  run directory       {summary['run_dir']}\n")
 
-
-__all__ = ["train", "RunContext", "Stage", "RunLog", "RunInterrupted", "ResumeError", "ConfigError",
-           "CheckpointError", "saved_config", "config_differences", "make_run_dir", "print_table", "prune"]

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-from rlpost import Batch
 from rlpost.reference import Reference
 from rlpost.reward import Reward, RewardError, load_reward_fn
 from rlpost.rollout import SamplingParams

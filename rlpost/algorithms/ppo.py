@@ -8,8 +8,9 @@
 
 with V_clip = V_old + clip(V - V_old, -vf_clip, vf_clip). values[b, t] is the critic's estimate before
 token t is emitted (it reads the hidden state at t-1), aligned with input_ids like log-probs. The critic
-(a value head on the policy, or a separate copy: `critic.type`) is built by the RL stage (rlpost/stages/rl.py); several epochs
-and minibatches per rollout batch are the trainer's `epochs` / `minibatches`.
+(a value head on the policy, or a separate copy: `critic.type`) is built by the RL stage
+(rlpost/stages/rl.py); several epochs and minibatches per rollout batch are the trainer's `epochs` /
+`minibatches`.
 """
 
 from __future__ import annotations
