@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 train(cfg, name, resume=resume)
         except RunInterrupted as e:
-            print(f"rlpost: stopped by {e} after writing a checkpoint; continue with `rlpost train --resume "
-                  f"<run directory>`", file=sys.stderr)
+            print(f"rlpost: stopped by {e}; continue from the newest checkpoint with `rlpost train --resume "
+                  f"{getattr(e, 'run_dir', '<run directory>')}`", file=sys.stderr)
             return 143 if str(e) == "SIGTERM" else 130
         except KeyboardInterrupt:
             print("rlpost: interrupted", file=sys.stderr)

@@ -372,6 +372,7 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
         ctx.summary["status"] = "ok"
     except RunInterrupted as e:
         ctx.summary["status"] = f"interrupted ({e}); continue with `rlpost train --resume {run_dir}`"
+        e.run_dir = run_dir
         raise
     except BaseException as e:  # lose nothing: keep the weights and say why the run stopped
         from rlpost.models import save_model
