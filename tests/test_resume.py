@@ -75,6 +75,15 @@ def wait_for(predicate, proc, timeout=300):
         time.sleep(0.05)
 
 
+def signal_when(tmp_path, name: str, checkpoint: str, sig):
+    """Start run `name`; once checkpoints/<checkpoint> exists, send it `sig`. Returns (run dir, process)."""
+    run = tmp_path / name
+    p = start(TINY + [f"out_dir={tmp_path}", f"run_name={name}"], tmp_path)
+    wait_for(lambda: (run / "checkpoints" / checkpoint).is_dir(), p)
+    p.send_signal(sig)
+    return run, p
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """The same run, never interrupted."""
@@ -84,10 +93,7 @@ def reference_run(tmp_path_factory):
 
 
 def test_sigkill_mid_rl_then_resume_is_bit_identical(reference_run, tmp_path):
-    run = tmp_path / "killed"
-    p = start(TINY + [f"out_dir={tmp_path}", "run_name=killed"], tmp_path)
-    wait_for(lambda: (run / "checkpoints" / "step_4").is_dir(), p)
-    p.send_signal(signal.SIGKILL)
+    run, p = signal_when(tmp_path, "killed", "step_4", signal.SIGKILL)
     p.wait()
     assert not (run / "checkpoints" / "final").exists()
     out = run_to_end(["--resume", str(run)], tmp_path)
@@ -99,10 +105,7 @@ def test_sigkill_mid_rl_then_resume_is_bit_identical(reference_run, tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_and_the_resume_finishes_the_same_run(reference_run, tmp_path):
-    run = tmp_path / "termed"
-    p = start(TINY + [f"out_dir={tmp_path}", "run_name=termed"], tmp_path)
-    wait_for(lambda: (run / "checkpoints" / "sft").is_dir(), p)
-    p.send_signal(signal.SIGTERM)
+    run, p = signal_when(tmp_path, "termed", "sft", signal.SIGTERM)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 143, out
     summary = json.loads((run / "summary.json").read_text())
@@ -115,10 +118,7 @@ def test_sigterm_writes_a_checkpoint_and_the_resume_finishes_the_same_run(refere
 
 def test_a_half_written_checkpoint_is_never_loaded(reference_run, tmp_path):
     """A kill in mid-write leaves a .tmp- folder: the resume ignores it and starts from the one before."""
-    run = tmp_path / "partial"
-    p = start(TINY + [f"out_dir={tmp_path}", "run_name=partial"], tmp_path)
-    wait_for(lambda: (run / "checkpoints" / "step_2").is_dir(), p)
-    p.send_signal(signal.SIGKILL)
+    run, p = signal_when(tmp_path, "partial", "step_2", signal.SIGKILL)
     p.wait()
     newest = list_checkpoints(run)[-1]
     fake = run / "checkpoints" / ".tmp-step_99"
