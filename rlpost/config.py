@@ -50,6 +50,19 @@ class TaskConfig:
     eval_file: str | None = opt(None, "jsonl task: held-out prompts, same format")
     reward: str | None = opt(None, "'module:function' scoring (completion, row) -> float; default: the task's verifier")
     reward_on_error: str = opt("raise", "when the reward function raises: 'raise' (stop, naming the sample) | 'zero'")
+    reward_options: dict[str, Any] = opt({}, "keyword options of task.reward (e.g. math: {extract: boxed})")
+    rewards: list[dict] | None = opt(None, "a weighted sum of rewards, each logged: [{name, weight, ...options}] "
+                                           "(replaces task.reward)")
+    reward_workers: int = opt(1, "score this many samples at once (threads): for slow rewards (code, judge)")
+    env: str | None = opt(None, "a multi-turn environment: a shipped name (`rlpost envs`) or 'module:Class'; "
+                                "None: one turn scored by the reward")
+    env_options: dict[str, Any] = opt({}, "keyword options of task.env's constructor")
+    max_turns: int = opt(1, "env: assistant turns per episode at most")
+    max_episode_tokens: int | None = opt(None, "env: tokens after the prompt (policy + environment) at most "
+                                               "(None: max_turns * rollout.max_new_tokens)")
+    env_timeout_s: float = opt(30.0, "env: seconds one reset or step may take before it counts as hung")
+    env_on_error: str = opt("raise", "env: when reset/step raises or hangs: 'raise' (stop, naming the episode) | "
+                                     "'zero' (end that episode with reward 0, counted in env/errors)")
     seed: int = opt(1234, "arithmetic: seed of the problem set, its split and the demonstrator")
     max_operand: int = opt(99, "arithmetic: operands are drawn from 0..max_operand")
     num_eval: int = opt(500, "arithmetic: held-out problems")

@@ -106,3 +106,8 @@ def load_task(cfg) -> Task:
         return arithmetic_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
                                error_rate=cfg.demonstrator_error)
     return jsonl_task(cfg.train_file, cfg.eval_file)
+
+
+def answer_match_reward(completion: str, row: dict) -> float:
+    """The `exact` reward: `answer_match` against row["answer"]."""
+    return answer_match(completion, row["answer"])

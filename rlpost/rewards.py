@@ -1,0 +1,113 @@
+"""The verifiers shipped with rlpost, by name, and their weighted sums.
+
+    from rlpost.rewards import get_reward
+    score = get_reward("math", extract="boxed")       # a callable (completion, row) -> float
+    score("... so the answer is \\boxed{1/2}", {"answer": "0.5"})   # 1.0
+
+Names (`rlpost rewards` lists them): `exact` (the first line equals row["answer"], numerically when both
+are numbers: the embedded task's verifier), `math` (answer extraction + math-verify equivalence),
+`code` (the completion's program against row["tests"] in the sandbox), `judge` (an LLM grades the
+completion against a rubric). Anything else of the form 'module:function' is the user's own: a function
+`(completion, row) -> float`, or a class whose instances are, built with the options.
+
+In a config, `task.reward: math` with `task.reward_options: {...}` picks one, and
+
+    task:
+      rewards:
+        - {name: math, weight: 1.0}
+        - {name: my_rewards:brevity, weight: 0.1, max_chars: 200}
+
+sums several; each component's mean is logged as reward/<name>.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable
+
+from rlpost.reward import RewardFn, load_reward_fn
+
+REWARDS = {  # name -> "module:object"; the modules are imported on first use
+    "exact": "rlpost.tasks:answer_match_reward",
+    "math": "rlpost.env.math:MathReward",
+    "code": "rlpost.env.code:CodeReward",
+    "judge": "rlpost.env.judge:JudgeReward",
+}
+
+
+def _build(obj: Any, name: str, options: dict) -> RewardFn:
+    if inspect.isclass(obj):
+        try:
+            return obj(**options)
+        except TypeError as e:
+            raise ValueError(f"reward {name!r}: bad options {sorted(options)}: {e}") from e
+    if options:
+        params = inspect.signature(obj).parameters
+        unknown = [k for k in options if k not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
+        if unknown:
+            raise ValueError(f"reward {name!r} takes no option(s) {unknown}; its parameters: {list(params)}")
+        fn = obj
+        return lambda completion, row: fn(completion, row, **options)
+    return obj
+
+
+def get_reward(name: str, **options: Any) -> RewardFn:
+    """A reward callable `(completion, row) -> float` by shipped name or 'module:function', built with `options`."""
+    if name in REWARDS:
+        module, attr = REWARDS[name].split(":")
+        obj = getattr(importlib.import_module(module), attr)
+    elif ":" in name:
+        obj = load_reward_fn(name)
+    else:
+        raise ValueError(f"unknown reward {name!r}; shipped: {', '.join(REWARDS)}, or a user's 'module:function'")
+    fn = _build(obj, name, options)
+    if not callable(fn):
+        raise ValueError(f"reward {name!r} is not callable")
+    return fn
+
+
+class WeightedRewards:
+    """sum_i weight_i * reward_i(completion, row); `components` gives each term (unweighted) for logging."""
+
+    def __init__(self, specs: list[dict]):
+        if not specs:
+            raise ValueError("task.rewards is empty: give at least one {name, weight}")
+        self.terms: list[tuple[str, float, RewardFn]] = []
+        seen: dict[str, int] = {}
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, dict) or "name" not in spec:
+                raise ValueError(f"task.rewards[{i}] must be a mapping with a 'name', got {spec!r}")
+            options = {k: v for k, v in spec.items() if k not in ("name", "weight", "label")}
+            weight = spec.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ValueError(f"task.rewards[{i}].weight must be a number, got {weight!r}")
+            label = str(spec.get("label") or spec["name"].split(":")[-1])
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] > 1:
+                label = f"{label}_{seen[label]}"
+            self.terms.append((label, float(weight), get_reward(spec["name"], **options)))
+        self.__qualname__ = "+".join(f"{w:g}*{label}" for label, w, _ in self.terms)
+
+    def components(self, completion: str, row: dict) -> dict[str, float]:
+        return {label: float(fn(completion, row)) for label, _, fn in self.terms}
+
+    def combine(self, parts: dict[str, float]) -> float:
+        return sum(w * parts[label] for label, w, _ in self.terms)
+
+    def __call__(self, completion: str, row: dict) -> float:
+        return self.combine(self.components(completion, row))
+
+    def close(self) -> None:
+        for _, _, fn in self.terms:
+            getattr(fn, "close", lambda: None)()
+
+
+def reward_from_config(task_cfg, default: Callable[[str, dict], float]) -> RewardFn:
+    """The reward a run's config asks for: task.rewards (a weighted sum), task.reward (one, by name or
+    'module:function', with task.reward_options), else `default` (the task's own verifier)."""
+    if task_cfg.rewards:
+        return WeightedRewards(task_cfg.rewards)
+    if task_cfg.reward:
+        return get_reward(task_cfg.reward, **task_cfg.reward_options)
+    return default
