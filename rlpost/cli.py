@@ -6,6 +6,7 @@
     rlpost rm model.name=runs/X/checkpoints/sft   a Bradley-Terry reward model on preference pairs
     rlpost dpo --loss ipo                     SFT, then offline preference optimisation (DPO family)
     rlpost algorithms                         the registered algorithms
+    rlpost rewards / rlpost envs              the shipped rewards and environments
 """
 
 from __future__ import annotations
@@ -57,7 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     p_dpo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p_dpo.add_argument("--loss", choices=sorted(preference_losses()), help="the preference loss, with its defaults")
     sub.add_parser("algorithms", help="list the registered RL algorithms")
+    sub.add_parser("rewards", help="list the shipped rewards (task.reward / task.rewards names)")
+    sub.add_parser("envs", help="list the shipped environments (task.env names)")
     args = parser.parse_args(argv)
+
+    if args.command == "rewards":
+        from rlpost.rewards import REWARDS
+
+        for name, target in REWARDS.items():
+            print(f"  {name:<8} {target}")
+        print("  or any 'module:function' of your own: (completion, row) -> float")
+        return 0
+    if args.command == "envs":
+        from rlpost.env import ENVS
+
+        for name, (target, desc) in ENVS.items():
+            print(f"  {name:<11} {desc}")
+        print("  or any 'module:Class' of your own: an rlpost.env.Env subclass")
+        return 0
 
     if args.command == "algorithms":
         from rlpost.algorithms import available

@@ -365,9 +365,36 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"reward_model.label_noise must be in [0, 0.5], got {cfg.reward_model.label_noise}")
     if cfg.reward_model.train and cfg.reward_model.path:
         raise ConfigError("set either reward_model.path (use a trained reward model) or reward_model.train, not both")
+    _validate_task(cfg)
     if cfg.task.name == "jsonl" and not cfg.task.train_file:
         raise ConfigError("task.name=jsonl needs task.train_file (and usually task.eval_file)")
     _validate_preference(cfg.preference)
+
+
+def _validate_task(cfg: Config) -> None:
+    t = cfg.task
+    for key, value in (("task.env_on_error", t.env_on_error),):
+        if value not in ("raise", "zero"):
+            raise ConfigError(f"config key '{key}' is {value!r}; valid values: raise, zero")
+    for key, value in (("task.max_turns", t.max_turns), ("task.reward_workers", t.reward_workers)):
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if t.max_episode_tokens is not None and t.max_episode_tokens < 1:
+        raise ConfigError(f"config key 'task.max_episode_tokens' must be >= 1 or null, got {t.max_episode_tokens}")
+    if t.env_timeout_s <= 0:
+        raise ConfigError(f"config key 'task.env_timeout_s' must be > 0, got {t.env_timeout_s}")
+    if t.rewards is not None and t.reward:
+        raise ConfigError("set either task.reward (one reward) or task.rewards (a weighted sum), not both")
+    if t.reward_options and not t.reward:
+        raise ConfigError("task.reward_options are the options of task.reward, which is not set")
+    if t.env_options and not t.env:
+        raise ConfigError("task.env_options are the options of task.env, which is not set")
+    if t.env and (cfg.reward_model.train or cfg.reward_model.path):
+        raise ConfigError("task.env and a learned reward model do not go together: the environment scores its "
+                          "episodes itself")
+    if t.env and cfg.preference.enabled and not cfg.preference.train_file:
+        raise ConfigError("preference pairs from the model's own samples are single-turn; with task.env give "
+                          "preference.train_file")
 
 
 def _validate_preference(pc: PreferenceConfig) -> None:

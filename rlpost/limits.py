@@ -125,7 +125,9 @@ class _PromptLengths:
 def _completion_length(tokenizer, row: dict, i: int) -> int:
     """Tokens of a demonstration's completion, plus its eos."""
     try:
-        return len(tokenizer.encode_completion(row["completion"])) + 1
+        from rlpost.tasks import encode_demonstration
+
+        return len(encode_demonstration(tokenizer, row["completion"])[0])
     except ValueError as e:
         raise ValueError(f"{_where('demonstration', i, row)}: cannot encode the completion "
                          f"{_quote(row['completion'])}: {e}") from None

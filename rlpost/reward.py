@@ -57,29 +57,49 @@ def decode_responses(batch: Batch, tokenizer) -> list[str]:
 
 
 class Reward:
-    def __init__(self, fn: RewardFn, tokenizer, on_error: str = "raise"):
-        self.fn, self.tokenizer, self.on_error = fn, tokenizer, on_error
+    """The one-turn reward role: `fn(completion, row)` on every sample. `workers` > 1 scores that many
+    samples at once (threads: for rewards that wait on a sandbox, a process pool or an HTTP judge). A
+    weighted sum (`rlpost.rewards.WeightedRewards`) logs each component's mean as reward/<name>; a
+    reward with `metrics()` (the judge's call and failure counts) has them logged under reward/."""
+
+    def __init__(self, fn: RewardFn, tokenizer, on_error: str = "raise", workers: int = 1):
+        self.fn, self.tokenizer, self.on_error, self.workers = fn, tokenizer, on_error, workers
         self.name = getattr(fn, "__qualname__", repr(fn))
 
     def completions(self, batch: Batch) -> list[str]:
         return decode_responses(batch, self.tokenizer)
 
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
+        from rlpost.env.calls import call_all
+
         texts = self.completions(batch)
         rows = batch.meta["row"]
-        rewards, failures = [], 0
-        for i, (text, row) in enumerate(zip(texts, rows)):
+        score = getattr(self.fn, "components", None) or self.fn
+        results = call_all([lambda t=t, r=r: score(t, r) for t, r in zip(texts, rows)], None, self.workers)
+        rewards, failures, parts = [], 0, {}
+        for i, (text, row, res) in enumerate(zip(texts, rows, results)):
             try:
-                r = self.fn(text, row)
-                r = float(r)
+                if res.error is not None:
+                    raise res.error
+                value = res.value
+                if isinstance(value, dict):  # components of a weighted sum
+                    for label, v in value.items():
+                        parts.setdefault(label, []).append(float(v))
+                    value = self.fn.combine(value)
+                r = float(value)
                 if not math.isfinite(r):
                     raise ValueError(f"returned a non-finite reward {r}")
             except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
                 if self.on_error != "zero":
-                    raise RewardError(f"reward function {self.name} failed on sample {i} (prompt {row['prompt']!r}, "
+                    prompt = row.get("prompt", row.get("messages"))
+                    raise RewardError(f"reward function {self.name} failed on sample {i} (prompt {prompt!r}, "
                                       f"completion {text!r}): {type(e).__name__}: {e}") from e
                 failures, r = failures + 1, 0.0
             rewards.append(r)
         meta = {**batch.meta, "completion": texts}
         rewards = torch.tensor(rewards, device=batch.input_ids.device)
-        return batch.replace(rewards=rewards, meta=meta), {"reward/errors": float(failures)}
+        metrics = {"reward/errors": float(failures)}
+        metrics.update({f"reward/{label}": sum(v) / len(v) for label, v in parts.items()})
+        if hasattr(self.fn, "metrics"):
+            metrics.update({f"reward/{k}": float(v) for k, v in self.fn.metrics().items()})
+        return batch.replace(rewards=rewards, meta=meta), metrics

@@ -1,0 +1,81 @@
+"""Environments: multi-turn episodes (base.py), the shipped ones by name, and the env role that the
+episode function (rlpost/rollout/episodes.py) runs.
+
+    task:
+      env: calculator          # or 'my_envs:MyEnv'
+      env_options: {...}       # the constructor's keyword options
+      max_turns: 4
+      max_episode_tokens: 64   # policy + environment tokens after the prompt
+
+`rlpost envs` lists the shipped environments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from rlpost.env.base import Env, Step, VerifierEnv
+
+__all__ = ["ENVS", "Env", "EnvRole", "Step", "VerifierEnv", "load_env"]
+
+ENVS = {  # name -> ("module:Class", one line for `rlpost envs`)
+    "calculator": ("rlpost.env.tools:CalculatorEnv",
+                   "the model writes <calc>expression</calc>, the environment answers <result>value</result>; "
+                   "the final turn is scored by task.reward"),
+    "python": ("rlpost.env.tools:PythonToolEnv",
+               "the model writes <python>code</python>, the sandbox runs it and returns its output; the final "
+               "turn is scored by task.reward"),
+}
+
+
+def load_env(spec: str) -> type:
+    """A shipped environment's name or 'module:Class' -> the class."""
+    if spec in ENVS:
+        module, attr = ENVS[spec][0].split(":")
+    elif ":" in spec:
+        from rlpost.reward import load_reward_fn  # same lookup rules: the working directory, then sys.path
+
+        cls = load_reward_fn(spec)
+        if not inspect.isclass(cls):
+            raise ValueError(f"task.env {spec!r} must name a class (an Env subclass), got {type(cls).__name__}")
+        return cls
+    else:
+        raise ValueError(f"unknown environment {spec!r}; shipped: {', '.join(ENVS)}, or a user's 'module:Class'")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass
+class EnvRole:
+    """How episodes with an environment run: `make()` builds one fresh Env per episode.
+
+    max_turns: assistant turns per episode at most; max_tokens: tokens after the prompt (policy and
+    environment) at most; timeout_s: a reset or step that takes longer counts as hung; on_error:
+    'raise' stops the run naming the episode, 'zero' ends that episode with reward 0 (counted);
+    workers: environment calls run at once (threads)."""
+
+    make: Callable[[], Env]
+    tokenizer: Any
+    max_turns: int = 1
+    max_tokens: int = 16
+    timeout_s: float | None = 30.0
+    on_error: str = "raise"
+    workers: int = 8
+    name: str = "env"
+
+    @classmethod
+    def from_config(cls, task_cfg, tokenizer, reward_fn, max_new_tokens: int) -> "EnvRole":
+        env_cls = load_env(task_cfg.env)
+        options = dict(task_cfg.env_options)
+        if "reward" in inspect.signature(env_cls).parameters and "reward" not in options:
+            options["reward"] = reward_fn  # the env scores its final turn with the configured reward
+        try:
+            env_cls(**options)
+        except TypeError as e:
+            raise ValueError(f"task.env {task_cfg.env!r}: bad task.env_options {sorted(options)}: {e}") from e
+        budget = task_cfg.max_episode_tokens or task_cfg.max_turns * max_new_tokens
+        return cls(make=lambda: env_cls(**options), tokenizer=tokenizer, max_turns=task_cfg.max_turns,
+                   max_tokens=budget, timeout_s=task_cfg.env_timeout_s, on_error=task_cfg.env_on_error,
+                   workers=max(task_cfg.reward_workers, 8), name=task_cfg.env)

@@ -15,14 +15,30 @@ environment that answers over several turns adds its turns here, not in a second
 
 `metrics` holds the reward's own metrics plus `time/rollout` and `time/reward` (seconds), so the
 caller can report where the time went.
+
+With an environment (`reward` is an `rlpost.env.EnvRole`) an episode runs turns: generate -> env.step
+-> append the observation -> generate ... until the env says done, `max_turns`, or the token budget.
+The row layout stays the batch's (prompt left-padded, then the response region), but the response
+region now interleaves the policy's turns (response_mask = 1, `old_logp` as sampled) with the
+environment's tokens (response_mask = 0, old_logp = 0): the trainer recomputes log-probs over the
+whole sequence and every loss reads only the masked positions, so env tokens never get a gradient.
+Each turn is generated from the exact token ids of everything before it (the policy's sampled ids
+verbatim, the env's ids as appended); nothing is decoded and re-encoded. The first turn samples the
+k episodes of a row together (`generate(prompts, k)`), as the single-turn path does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
 
 from rlpost.batch import Batch
+from rlpost.env import EnvRole, Step
+from rlpost.env.calls import call_all
 from rlpost.rollout import SamplingParams
 
 
@@ -31,6 +47,8 @@ def run_episodes(engine, reward, rows: list[dict], prompt_ids: list[list[int]], 
     """Sample `k` completions for each of `rows` (prompt tokens `prompt_ids`) and score them."""
     if len(rows) != len(prompt_ids):
         raise ValueError(f"run_episodes: {len(rows)} rows but {len(prompt_ids)} prompts")
+    if isinstance(reward, EnvRole):
+        return run_env_episodes(engine, reward, rows, k, params, seed)
     t0 = time.perf_counter()
     batch = engine.generate(prompt_ids, k, params, seed=seed)
     batch = batch.replace(meta={**batch.meta, "row": [row for row in rows for _ in range(k)]})
@@ -48,3 +66,204 @@ def episodes_in_chunks(engine, reward, rows: list[dict], prompt_ids: list[list[i
         batch, _ = run_episodes(engine, reward, [rows[i] for i in idx], [prompt_ids[i] for i in idx], k, params,
                                 seed + start)
         yield idx, batch
+
+
+# ---------------------------------------------------------------------------- episodes with an environment
+
+class EnvError(RuntimeError):
+    """An environment's reset or step raised or hung, named with its episode."""
+
+
+@dataclass
+class _Episode:
+    env: object
+    row: dict
+    group: int
+    prompt: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)    # the response region: policy and env tokens
+    policy: list[int] = field(default_factory=list)    # 1 where the policy sampled the token
+    logp: list[float] = field(default_factory=list)
+    turn_rewards: list[tuple[int, float]] = field(default_factory=list)  # (index in tokens of the turn's last token, r)
+    transcript: list[dict] = field(default_factory=list)
+    turns: int = 0
+    version: int = 0
+    finish: str = ""
+    error: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+def encode_first_prompt(tokenizer, prompt) -> list[int]:
+    """The env's first prompt as ids: a string through tokenizer.encode_prompt, chat messages through the chat template."""
+    from rlpost.preference.data import encode_prompt
+
+    return encode_prompt(tokenizer, prompt)
+
+
+def encode_observation(tokenizer, obs) -> list[int]:
+    """An observation's ids. A string is encoded bare (no special tokens). Chat messages become the chat
+    template's rendering of just those messages after an assistant turn, with the generation prompt for
+    the next assistant turn: render(base + obs) minus render(base), so the earlier turns' ids stay as
+    they were sampled (the exact-prefix rule)."""
+    if isinstance(obs, str):
+        return tokenizer.encode_completion(obs)
+    tok = getattr(tokenizer, "tok", None)
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError("an observation given as chat messages needs a tokenizer with a chat template")
+    base = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    before = tok.apply_chat_template(base, tokenize=False)
+    after = tok.apply_chat_template(base + list(obs), tokenize=False, add_generation_prompt=True)
+    if not after.startswith(before):
+        raise ValueError("the chat template renders earlier messages differently once more follow; observations "
+                         "cannot be appended without re-tokenising earlier turns (give them as text instead)")
+    return tok(after[len(before):], add_special_tokens=False)["input_ids"]
+
+
+def _describe(ep: _Episode, index: int, what: str) -> str:
+    prompt = ep.row.get("prompt", ep.row.get("messages"))
+    said = " | ".join(f"{t['role']}: {t['text']!r}" for t in ep.transcript)[-300:]
+    return f"episode {index} (prompt {prompt!r}, turn {ep.turns}{', transcript ...' + said if said else ''}): {what}"
+
+
+def _failure(result) -> str:
+    return "timed out" if result.timed_out else f"{type(result.error).__name__}: {result.error}"
+
+
+def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: SamplingParams,
+                     seed: int) -> tuple[Batch, dict[str, float]]:
+    """k episodes of each row against fresh environments (see the module docstring). Returns the scored
+    batch and metrics: env/turns, env/errors, env/timeouts, env/env_tokens (mean per episode), time/*."""
+    tok = role.tokenizer
+    t0 = time.perf_counter()
+    t_env = 0.0
+    episodes = [_Episode(env=role.make(), row=row, group=g) for g, row in enumerate(rows) for _ in range(k)]
+    errors = timeouts = 0
+
+    def fail(i: int, ep: _Episode, result) -> None:
+        nonlocal errors, timeouts
+        message = _describe(ep, i, f"environment {role.name} failed: {_failure(result)}")
+        if role.on_error != "zero":
+            raise EnvError(message) from result.error
+        errors += 1
+        timeouts += int(result.timed_out)
+        ep.error, ep.finish, ep.turn_rewards = message, "error", []
+
+    # reset: every episode's first prompt
+    t = time.perf_counter()
+    results = call_all([lambda ep=ep: ep.env.reset(ep.row) for ep in episodes], role.timeout_s, role.workers)
+    t_env += time.perf_counter() - t
+    for i, (ep, r) in enumerate(zip(episodes, results)):
+        if r.ok:
+            ep.prompt = encode_first_prompt(tok, r.value)
+            ep.transcript.append({"role": "prompt", "text": tok.decode(ep.prompt)})
+        else:
+            fail(i, ep, r)
+            ep.prompt = encode_first_prompt(tok, ep.row.get("prompt", ""))  # a row to show it, masked out below
+    # turn 1 samples each row's k episodes together when their prompts agree (the single-turn path's draws)
+    firsts = [episodes[g * k].prompt for g in range(len(rows))]
+    grouped = all(episodes[g * k + j].prompt == firsts[g] for g in range(len(rows)) for j in range(k))
+    active = [i for i, ep in enumerate(episodes) if ep.error is None]
+    turn = 0
+    while active:
+        # each episode may sample up to its remaining budget: episodes with the same cap are sampled together
+        cap = {i: min(params.max_new_tokens, role.max_tokens - len(episodes[i].tokens)) for i in active}
+        for c in sorted(set(cap.values())):
+            members = [i for i in active if cap[i] == c]
+            turn_params = dataclasses.replace(params, max_new_tokens=c)
+            if turn == 0 and grouped and len(members) == len(episodes):
+                batch = engine.generate(firsts, k, turn_params, seed=seed)
+            else:
+                batch = engine.generate([episodes[i].prompt + episodes[i].tokens for i in members], 1, turn_params,
+                                        seed=seed + 7919 * turn + c)
+            mask = batch.response_mask.bool()
+            for j, i in enumerate(members):
+                ep = episodes[i]
+                new = batch.input_ids[j][mask[j]].tolist()
+                ep.tokens += new
+                ep.policy += [1] * len(new)
+                ep.logp += batch.old_logp[j][mask[j]].tolist()
+                ep.turns += 1
+                ep.version = int(batch.policy_version[j]) if turn == 0 else ep.version
+                ep.finish = batch.meta["finish_reason"][j]
+                ep.transcript.append({"role": "assistant", "text": tok.decode(new)})
+        t = time.perf_counter()
+        results = call_all([lambda ep=episodes[i]: ep.env.step(ep.transcript[-1]["text"]) for i in active],
+                           role.timeout_s, role.workers)
+        t_env += time.perf_counter() - t
+        still = []
+        for i, r in zip(active, results):
+            ep = episodes[i]
+            if r.ok and not isinstance(r.value, Step):
+                r.error = TypeError(f"step() must return an rlpost.env.Step, got {type(r.value).__name__}")
+            if not r.ok:
+                fail(i, ep, r)
+                continue
+            step: Step = r.value
+            try:
+                reward = float(step.reward)
+                if reward != reward or reward in (float("inf"), float("-inf")):
+                    raise ValueError(f"non-finite reward {reward}")
+            except (TypeError, ValueError) as e:
+                r.error = e
+                fail(i, ep, r)
+                continue
+            ep.turn_rewards.append((len(ep.tokens) - 1, reward))
+            ep.info = step.info
+            if step.done or ep.turns >= role.max_turns:
+                ep.finish = ep.finish if not step.done else "done"
+                continue
+            obs = encode_observation(tok, step.observation) if step.observation else []
+            if len(ep.tokens) + len(obs) >= role.max_tokens:  # no room left for another policy token
+                ep.finish = "budget"
+                continue
+            ep.tokens += obs
+            ep.policy += [0] * len(obs)
+            ep.logp += [0.0] * len(obs)
+            if obs:
+                ep.transcript.append({"role": "env", "text": tok.decode(obs)})
+            still.append(i)
+        active, turn = still, turn + 1
+    for ep in episodes:
+        getattr(ep.env, "close", lambda: None)()
+    batch = _assemble(episodes, tok.pad_token_id, per_turn=any(getattr(ep.env, "per_turn_rewards", False)
+                                                               for ep in episodes))
+    env_tokens = [len(ep.tokens) - sum(ep.policy) for ep in episodes]
+    metrics = {"env/turns": sum(ep.turns for ep in episodes) / len(episodes), "env/errors": float(errors),
+               "env/timeouts": float(timeouts), "env/env_tokens": sum(env_tokens) / len(episodes),
+               "time/env": t_env, "time/rollout": time.perf_counter() - t0 - t_env, "time/reward": t_env}
+    return batch, metrics
+
+
+def _assemble(episodes: list[_Episode], pad_id: int, per_turn: bool) -> Batch:
+    """Episodes -> Batch: prompts left-padded, response regions (policy + env tokens) right-padded."""
+    B = len(episodes)
+    P = max(len(ep.prompt) for ep in episodes)
+    R = max(max(len(ep.tokens) for ep in episodes), 1)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    resp = torch.zeros((B, P + R), dtype=torch.long)
+    logp = torch.zeros((B, P + R))
+    token_rewards = torch.zeros((B, P + R))
+    for b, ep in enumerate(episodes):
+        n = len(ep.tokens)
+        ids[b, P - len(ep.prompt):P] = torch.tensor(ep.prompt, dtype=torch.long)
+        attn[b, P - len(ep.prompt):P + n] = 1
+        if n:
+            ids[b, P:P + n] = torch.tensor(ep.tokens, dtype=torch.long)
+            if ep.error is None:  # a failed episode stays in the batch (groups keep their size) but trains nothing
+                resp[b, P:P + n] = torch.tensor(ep.policy, dtype=torch.long)
+            logp[b, P:P + n] = torch.tensor(ep.logp)
+        for pos, r in ep.turn_rewards:
+            token_rewards[b, P + pos] += r
+    rewards = token_rewards if per_turn else token_rewards.sum(1)
+    meta = {
+        "row": [ep.row for ep in episodes],
+        "completion": ["".join(t["text"] for t in ep.transcript[1:]) for ep in episodes],  # after the prompt
+        "transcript": [ep.transcript for ep in episodes],
+        "turns": [ep.turns for ep in episodes],
+        "finish_reason": [ep.finish for ep in episodes],
+        "env_error": [ep.error for ep in episodes],
+        "env_info": [ep.info for ep in episodes],
+    }
+    return Batch(input_ids=ids, attention_mask=attn, response_mask=resp, old_logp=logp * resp, rewards=rewards,
+                 group_ids=torch.tensor([ep.group for ep in episodes]),
+                 policy_version=torch.tensor([ep.version for ep in episodes]), meta=meta)

@@ -19,6 +19,7 @@ from rlpost.batch import Batch
 from rlpost.rollout import assemble
 from rlpost.run import RunContext, Stage
 from rlpost.schedule import LRSchedule
+from rlpost.tasks import encode_demonstration
 from rlpost.trainer import Trainer
 
 
@@ -28,7 +29,10 @@ def nll_loss(logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, 
     return loss, {"sft/nll": loss.item() * (batch.global_tokens or 1) / max(batch.num_response_tokens, 1)}
 
 
-def sft_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+def sft_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+              trained: list[list[int]] | None = None) -> Batch:
+    """Prompt + completion rows; the loss reads response_mask, which is `trained` where given (a multi-turn
+    demonstration's environment tokens are in the sequence but not imitated), else every completion token."""
     R = max(len(c) for c in completions)
     tokens = torch.full((len(prompts), R), pad_id, dtype=torch.long)
     for i, c in enumerate(completions):
@@ -36,7 +40,14 @@ def sft_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     lengths = torch.tensor([len(c) for c in completions])
     batch = assemble(prompts, 1, tokens, torch.zeros(tokens.shape), lengths, torch.ones(len(prompts), dtype=torch.bool),
                      pad_id, version=0)
-    return batch.replace(old_logp=None, policy_version=None, meta={})
+    batch = batch.replace(old_logp=None, policy_version=None, meta={})
+    if trained is not None:
+        mask = torch.zeros_like(batch.response_mask)
+        P = batch.prompt_width
+        for i, t in enumerate(trained):
+            mask[i, P:P + len(t)] = torch.tensor(t)
+        batch = batch.replace(response_mask=mask)
+    return batch
 
 
 class SFTStage(Stage):
@@ -53,7 +64,10 @@ class SFTStage(Stage):
     def setup(self, ctx: RunContext) -> None:
         tok, demos = ctx.tokenizer, ctx.task.demonstrations
         self.prompts = [tok.encode_prompt(r["prompt"]) for r in demos]
-        self.completions = [tok.encode_completion(r["completion"]) + [tok.eos_token_id] for r in demos]
+        encoded = [encode_demonstration(tok, r["completion"]) for r in demos]
+        self.completions = [ids for ids, _ in encoded]
+        # multi-turn demonstrations: environment tokens sit in the sequence but are not imitated
+        self.trained = [t for _, t in encoded] if any(not isinstance(r["completion"], str) for r in demos) else None
         tc = self.trainer_cfg
         self.trainer = Trainer(ctx.model, lr=self.cfg.lr, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95),
                                precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
@@ -78,7 +92,8 @@ class SFTStage(Stage):
                    dynamic_ncols=True)
         for step in bar:
             idx = [self.rng.randrange(len(self.prompts)) for _ in range(c.batch_size)]
-            batch = sft_batch([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad)
+            batch = sft_batch([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad,
+                              None if self.trained is None else [self.trained[i] for i in idx])
             metrics = self.trainer.step(batch, nll_loss)
             bar.set_postfix(nll=f"{metrics['sft/nll']:.3f}")
             if step % 50 == 0 or step == c.steps - 1:

@@ -1,0 +1,142 @@
+"""Tool-use environments: the model calls a tool, the environment runs it and answers, the last turn is scored.
+
+    task: {env: calculator, max_turns: 3, reward: exact}
+
+A turn that holds a call (`call_open` expression `call_close`) gets the tool's answer appended as an
+observation, `result_open` value `result_close`, and the episode goes on; a turn without a call (or
+past `max_calls`) is the final answer, scored by `reward(turn, row)` (task.reward: the final turn
+alone is the completion it reads). The syntax is configurable (env_options), so a tiny character
+model can use short markers: `{call_open: "?", call_close: "", result_open: "=", result_close: ";"}`
+reads a whole turn "?123*456" as a call and answers "=56088;".
+
+- CalculatorEnv evaluates arithmetic with a whitelist over Python's syntax tree (numbers, + - * / // %
+  **, parentheses; no names, no calls), with bounds on exponents and result size: nothing runs.
+- PythonToolEnv runs the call's code in the sandbox (rlpost.sandbox.run) and answers its stdout (or
+  the reason it failed), cut to `max_result_chars`.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from fractions import Fraction
+from typing import Callable
+
+from rlpost.env.base import Env, Step
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+MAX_DIGITS = 60  # results longer than this are refused (a policy must not make the environment compute 9**9**9)
+
+
+class CalculatorError(ValueError):
+    """An expression the calculator refuses (not arithmetic, too large, division by zero)."""
+
+
+def calculate(expression: str) -> str:
+    """Evaluate an arithmetic expression exactly (fractions) and format the result: an integer when whole,
+    else a decimal with up to 10 digits. Raises CalculatorError on anything that is not plain arithmetic."""
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        raise CalculatorError(f"not an expression: {expression!r}") from None
+
+    def ev(node) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return Fraction(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow):
+                if b.denominator != 1 or abs(b) > 64:
+                    raise CalculatorError("exponents must be whole numbers of at most 64")
+            if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0:
+                raise CalculatorError("division by zero")
+            out = _BINARY[type(node.op)](a, b)
+            out = Fraction(out)
+            if len(str(abs(out.numerator))) > MAX_DIGITS or len(str(out.denominator)) > MAX_DIGITS:
+                raise CalculatorError("result too large")
+            return out
+        raise CalculatorError(f"only numbers and + - * / // % ** are allowed, got {type(node).__name__}")
+
+    value = ev(tree)
+    if value.denominator == 1:
+        return str(value.numerator)
+    return f"{float(value):.10g}"
+
+
+class ToolEnv(Env):
+    """Shared loop of the tool environments; subclasses implement `run_tool(call) -> str`."""
+
+    def __init__(self, reward: Callable[[str, dict], float] | None = None, *, call_open: str = "<calc>",
+                 call_close: str = "</calc>", result_open: str = "<result>", result_close: str = "</result>",
+                 max_calls: int = 4, max_result_chars: int = 200):
+        if reward is None:
+            from rlpost.tasks import answer_match_reward
+
+            reward = answer_match_reward
+        if not call_open:
+            raise ValueError("call_open must be a non-empty marker")
+        self.reward, self.max_calls, self.max_result_chars = reward, max_calls, max_result_chars
+        self.call_open, self.call_close = call_open, call_close
+        self.result_open, self.result_close = result_open, result_close
+        self.calls = 0
+
+    def reset(self, row: dict) -> str | list[dict]:
+        self.row, self.calls = row, 0
+        return row["messages"] if "messages" in row and "prompt" not in row else row["prompt"]
+
+    def find_call(self, turn: str) -> str | None:
+        """The text of the turn's last call, or None when the turn makes none."""
+        start = turn.rfind(self.call_open)
+        if start < 0:
+            return None
+        body = turn[start + len(self.call_open):]
+        if self.call_close:
+            end = body.find(self.call_close)
+            if end < 0:
+                return None
+            body = body[:end]
+        return body
+
+    def run_tool(self, call: str) -> str:
+        raise NotImplementedError
+
+    def step(self, turn: str) -> Step:
+        call = self.find_call(turn)
+        if call is None or self.calls >= self.max_calls:
+            return Step(reward=float(self.reward(turn, self.row)), done=True, info={"calls": self.calls})
+        self.calls += 1
+        result = self.run_tool(call)[: self.max_result_chars]
+        return Step(observation=f"{self.result_open}{result}{self.result_close}", info={"calls": self.calls})
+
+
+class CalculatorEnv(ToolEnv):
+    """Arithmetic by `calculate` (exact, nothing executed); a refused expression answers 'error'."""
+
+    def run_tool(self, call: str) -> str:
+        try:
+            return calculate(call)
+        except CalculatorError:
+            return "error"
+
+
+class PythonToolEnv(ToolEnv):
+    """The call's code runs in the sandbox; the answer is its stdout, or 'error: <reason>'."""
+
+    def __init__(self, reward=None, *, call_open: str = "<python>", call_close: str = "</python>",
+                 result_open: str = "<output>", result_close: str = "</output>", timeout_s: float = 5.0,
+                 memory_mb: int = 256, **kwargs):
+        super().__init__(reward, call_open=call_open, call_close=call_close, result_open=result_open,
+                         result_close=result_close, **kwargs)
+        self.timeout_s, self.memory_mb = timeout_s, memory_mb
+
+    def run_tool(self, call: str) -> str:
+        from rlpost import sandbox
+
+        result = sandbox.run(call, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+        return result.stdout.strip() if result.ok else f"error: {result.reason}"

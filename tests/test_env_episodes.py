@@ -1,0 +1,262 @@
+"""Multi-turn episodes: env tokens masked, sampled ids verbatim, log-probs that the trainer reproduces,
+zero gradient on env tokens in every algorithm, env failures named or counted, the one-turn case
+equal to the verifier path, tool environments and multi-turn demonstrations."""
+
+import time
+
+import pytest
+import torch
+
+from rlpost.algorithms import available, get_algorithm
+from rlpost.env import EnvRole, Step, VerifierEnv
+from rlpost.env.base import Env
+from rlpost.env.calls import call_all
+from rlpost.env.tools import CalculatorEnv, calculate, CalculatorError
+from rlpost.models import token_logprobs
+from rlpost.reward import Reward
+from rlpost.rollout import SamplingParams, build_engine
+from rlpost.rollout.episodes import EnvError, encode_observation, run_episodes
+from rlpost.stages.sft import sft_batch
+from rlpost.tasks import answer_match_reward, encode_demonstration
+
+ROWS = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "7+8=", "answer": "15"}]
+
+
+class Scripted(Env):
+    """Answers every turn with the observation '+1=' until `turns` turns; reward = number of turns taken,
+    per turn 0.25 (so the per-turn placement can be checked)."""
+
+    per_turn_rewards = False
+
+    def __init__(self, turns=3, obs="+1=", per_turn=False):
+        self.turns, self.obs, self.n = turns, obs, 0
+        self.per_turn_rewards = per_turn
+
+    def reset(self, row):
+        self.row = row
+        return row["prompt"]
+
+    def step(self, turn):
+        self.n += 1
+        return Step(observation=self.obs, reward=0.25, done=self.n >= self.turns)
+
+
+def role(tok, make, **kw):
+    kw.setdefault("max_turns", 3)
+    kw.setdefault("max_tokens", 15)
+    return EnvRole(make=make, tokenizer=tok, **kw)
+
+
+def episodes(tiny_gpt, make=Scripted, k=2, max_new=4, seed=0, **kw):
+    model, tok = tiny_gpt
+    engine = build_engine("native", model, tok)
+    params = SamplingParams(max_new_tokens=max_new, temperature=1.0)
+    prompt_ids = [tok.encode_prompt(r["prompt"]) for r in ROWS]
+    return run_episodes(engine, role(tok, make, **kw), ROWS, prompt_ids, k, params, seed)
+
+
+def env_positions(batch, b):
+    """Columns of row b that hold environment tokens (after the prompt, attended, not the policy's)."""
+    P = batch.prompt_width
+    cols = torch.arange(batch.input_ids.shape[1])
+    return ((cols >= P) & batch.attention_mask[b].bool() & ~batch.response_mask[b].bool()).nonzero().flatten()
+
+
+def test_env_tokens_are_masked_and_the_row_decodes_to_the_transcript(tiny_gpt):
+    batch, metrics = episodes(tiny_gpt)
+    _, tok = tiny_gpt
+    obs = tok.encode_completion("+1=")
+    for b in range(len(batch)):
+        transcript = batch.meta["transcript"][b]
+        env_turns = [t for t in transcript if t["role"] == "env"]
+        assert len(env_turns) == batch.meta["turns"][b] - 1 or batch.meta["finish_reason"][b] == "budget"
+        cols = env_positions(batch, b)
+        ids = batch.input_ids[b, cols].tolist()
+        assert ids == obs * (len(ids) // len(obs)) and len(ids) == len(obs) * len(env_turns)
+        assert (batch.old_logp[b, cols] == 0).all()
+        # the whole attended row is the prompt and the transcript, in order
+        attended = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
+        assert tok.decode(attended) == "".join(t["text"] for t in transcript)
+        assert batch.meta["completion"][b] == "".join(t["text"] for t in transcript[1:])
+    assert metrics["env/turns"] > 1 and metrics["env/env_tokens"] > 0
+
+
+def test_trainer_recomputes_the_engines_old_logp_on_every_policy_token_across_turns(tiny_gpt):
+    model, _ = tiny_gpt
+    batch, _ = episodes(tiny_gpt, k=3, seed=5)
+    assert max(batch.meta["turns"]) == 3
+    with torch.no_grad():
+        logp = token_logprobs(model, batch, temperature=1.0)
+    m = batch.response_mask.bool()
+    assert m.sum() > 0
+    assert (logp[m] - batch.old_logp[m]).abs().max().item() <= 1e-4
+
+
+def test_rewards_sum_over_turns_or_stay_on_each_turns_last_token(tiny_gpt):
+    batch, _ = episodes(tiny_gpt)
+    assert batch.rewards.dim() == 1
+    assert torch.allclose(batch.rewards, 0.25 * torch.tensor(batch.meta["turns"], dtype=torch.float))
+    batch, _ = episodes(tiny_gpt, make=lambda: Scripted(per_turn=True))
+    assert batch.rewards.shape == batch.input_ids.shape
+    for b in range(len(batch)):
+        cols = batch.rewards[b].nonzero().flatten()
+        assert len(cols) == batch.meta["turns"][b]
+        assert batch.response_mask[b, cols].all()                   # on policy tokens
+        nxt = cols + 1                                              # each followed by env tokens or the end
+        assert all(c >= batch.input_ids.shape[1] or not batch.response_mask[b, c] for c in nxt.tolist())
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+def test_env_tokens_get_zero_gradient_in_every_algorithm(tiny_gpt, name):
+    model, _ = tiny_gpt
+    batch, _ = episodes(tiny_gpt, k=4, seed=3, make=lambda: Scripted(turns=2))
+    g = torch.Generator().manual_seed(0)
+    batch = batch.replace(rewards=torch.rand(len(batch), generator=g),  # varied, so every group has signal
+                          ref_logp=batch.old_logp.clone(), values=torch.zeros_like(batch.old_logp))
+    algo = get_algorithm(name, beta=0.05, entropy_coef=0.01)
+    batch = algo.compute_advantages(batch)
+    with torch.no_grad():
+        base = token_logprobs(model, batch)
+    logp = (base + 0.05 * torch.randn(base.shape, generator=g)).requires_grad_(True)  # ratios != 1 as well
+    trainer_fields = dict(entropy=torch.ones_like(base).requires_grad_(True), new_values=torch.zeros_like(base),
+                          returns=batch.returns if batch.returns is not None else torch.zeros_like(base))
+    loss, _ = algo.compute_loss(logp, batch.replace(**trainer_fields))
+    loss.backward()
+    for b in range(len(batch)):
+        cols = env_positions(batch, b)
+        assert len(cols) > 0
+        assert (logp.grad[b, cols] == 0).all() and (trainer_fields["entropy"].grad[b, cols] == 0).all()
+    assert logp.grad[batch.response_mask.bool()].abs().sum() > 0
+
+
+def test_one_turn_verifier_env_is_the_verifier_path(tiny_gpt):
+    model, tok = tiny_gpt
+    params = SamplingParams(max_new_tokens=4)
+    prompt_ids = [tok.encode_prompt(r["prompt"]) for r in ROWS]
+    a, _ = run_episodes(build_engine("native", model, tok), Reward(answer_match_reward, tok), ROWS, prompt_ids, 4,
+                        params, 11)
+    env = role(tok, lambda: VerifierEnv(answer_match_reward), max_turns=1, max_tokens=4)
+    b, _ = run_episodes(build_engine("native", model, tok), env, ROWS, prompt_ids, 4, params, 11)
+    for field in ("input_ids", "attention_mask", "response_mask", "old_logp", "rewards", "group_ids"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert a.meta["completion"] == b.meta["completion"]
+
+
+def test_token_budget_caps_the_response_region(tiny_gpt):
+    batch, _ = episodes(tiny_gpt, make=lambda: Scripted(turns=99), max_tokens=9, max_turns=99)
+    widths = batch.attention_mask.sum(1) - torch.tensor([len(p) for p in [[1] * 7, [1] * 5] for _ in range(2)])
+    assert (widths <= 9).all()
+    assert set(batch.meta["finish_reason"]) <= {"budget", "length", "stop"}
+
+
+class Raises(Scripted):
+    def step(self, turn):
+        if self.row["prompt"].startswith("7"):
+            raise RuntimeError("tool crashed")
+        return super().step(turn)
+
+
+class Hangs(Scripted):
+    def step(self, turn):
+        if self.row["prompt"].startswith("7"):
+            time.sleep(30)
+        return super().step(turn)
+
+
+def test_an_env_that_raises_is_named_with_its_episode(tiny_gpt):
+    with pytest.raises(EnvError, match=r"episode 2 \(prompt '7\+8=', turn 1.*RuntimeError: tool crashed"):
+        episodes(tiny_gpt, make=Raises)
+
+
+def test_an_env_that_raises_or_hangs_scores_zero_and_is_counted_with_on_error_zero(tiny_gpt):
+    batch, metrics = episodes(tiny_gpt, make=Raises, on_error="zero")
+    assert metrics["env/errors"] == 2 and metrics["env/timeouts"] == 0
+    assert batch.rewards[2:].eq(0).all() and batch.response_mask[2:].eq(0).all()
+    assert "tool crashed" in batch.meta["env_error"][2] and batch.meta["env_error"][0] is None
+    t = time.monotonic()
+    batch, metrics = episodes(tiny_gpt, make=Hangs, on_error="zero", timeout_s=0.5)
+    assert time.monotonic() - t < 20  # the hung steps were abandoned, not waited for (30 s each)
+    assert metrics["env/timeouts"] == 2 and "timed out" in batch.meta["env_error"][3]
+    with pytest.raises(EnvError, match="timed out"):
+        episodes(tiny_gpt, make=Hangs, timeout_s=0.5)
+
+
+def test_call_all_keeps_order_and_replaces_hung_workers():
+    def slow(i):
+        return lambda: (time.sleep(5) if i == 0 else None, i)[1]
+
+    out = call_all([slow(i) for i in range(6)], timeout_s=0.5, workers=1)  # one worker: the hung one is replaced
+    assert out[0].timed_out and [r.value for r in out[1:]] == [1, 2, 3, 4, 5]
+    out = call_all([lambda: 1 / 0, lambda: 2], timeout_s=None, workers=1)
+    assert isinstance(out[0].error, ZeroDivisionError) and out[1].value == 2
+
+
+def test_chat_message_observations_append_only_the_templates_glue(tiny_llama_dir):
+    from rlpost.config import ModelConfig
+    from rlpost.models import load_model
+
+    model, tok = load_model(ModelConfig(name=tiny_llama_dir))
+    tok.tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+                             "{% if add_generation_prompt %}assistant: {% endif %}")
+    glue = encode_observation(tok, [{"role": "tool", "content": "42"}])
+    assert tok.tok.decode(glue) == "tool: 42</s>\nassistant: "
+
+    class ToolTalk(Scripted):
+        def reset(self, row):
+            return [{"role": "user", "content": row["prompt"]}]
+
+        def step(self, turn):
+            self.n += 1
+            return Step(observation=[{"role": "tool", "content": "42"}], done=self.n >= 2)
+
+    engine = build_engine("native", model, tok)
+    batch, _ = run_episodes(engine, EnvRole(make=ToolTalk, tokenizer=tok, max_turns=2, max_tokens=40), ROWS,
+                            [[0]] * 2, 2, SamplingParams(max_new_tokens=4), 0)
+    first = tok.tok.apply_chat_template([{"role": "user", "content": ROWS[0]["prompt"]}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    row = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+    assert row[:len(first)] == list(first)
+    assert batch.meta["turns"][0] == 2  # the first turn ran out of budget or ended on eos: either way a second one
+    assert batch.input_ids[0, env_positions(batch, 0)].tolist() == glue
+    with torch.no_grad():
+        logp = token_logprobs(model, batch)
+    m = batch.response_mask.bool()
+    assert (logp[m] - batch.old_logp[m]).abs().max().item() <= 1e-4
+
+
+def test_calculator_is_exact_and_refuses_anything_but_arithmetic():
+    assert calculate("123*456") == "56088" and calculate("(2+3)**3 - 1") == "124" and calculate("1/4") == "0.25"
+    assert calculate("7//2") == "3" and calculate("-7 % 3") == "2" and calculate("2/3") == "0.6666666667"
+    for bad in ("__import__('os')", "x + 1", "9**9**9", "1/0", "10**61", "[1]", "open('f')"):
+        with pytest.raises(CalculatorError):
+            calculate(bad)
+
+
+def test_calculator_env_answers_calls_and_scores_the_final_turn():
+    env = CalculatorEnv(call_open="?", call_close="", result_open="=", result_close=";", max_calls=1)
+    assert env.reset({"prompt": "12*34=", "answer": "408"}) == "12*34="
+    s = env.step("?12*34")
+    assert (s.observation, s.reward, s.done) == ("=408;", 0.0, False)
+    s = env.step("?1+1")  # past max_calls: this turn is the answer, and it is wrong
+    assert s.done and s.reward == 0.0
+    env.reset({"prompt": "12*34=", "answer": "408"})
+    assert env.step("408").reward == 1.0
+    xml = CalculatorEnv()
+    xml.reset({"prompt": "p", "answer": "6"})
+    assert xml.step("let me see <calc>2*3</calc>").observation == "<result>6</result>"
+    assert xml.step("<calc>oops</calc>").observation == "<result>error</result>"
+
+
+def test_multi_turn_demonstrations_train_only_the_assistant_turns(tiny_gpt):
+    _, tok = tiny_gpt
+    ids, trained = encode_demonstration(tok, [{"role": "assistant", "content": "12"}, {"role": "tool", "content": "=3"},
+                                              {"role": "assistant", "content": "3"}])
+    E = tok.eos_token_id
+    assert ids == tok.encode("12") + [E] + tok.encode("=3") + tok.encode("3") + [E]
+    assert trained == [1, 1, 1, 0, 0, 1, 1]
+    assert encode_demonstration(tok, "46") == (tok.encode("46") + [E], [1, 1, 1])
+    batch = sft_batch([tok.encode_prompt("1+2=")], [ids], tok.pad_token_id, [trained])
+    P = batch.prompt_width
+    assert batch.response_mask[0, P:].tolist() == trained and batch.attention_mask[0, P:].sum() == len(ids)
+    with pytest.raises(ValueError, match="segment 0"):
+        encode_demonstration(tok, [{"content": "x"}])
