@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 from fractions import Fraction
 from typing import Callable
 
@@ -36,8 +37,9 @@ class CalculatorError(ValueError):
 def calculate(expression: str) -> str:
     """Evaluate an arithmetic expression exactly (fractions) and format the result: an integer when whole,
     else a decimal with up to 10 digits. Raises CalculatorError on anything that is not plain arithmetic."""
+    expression = re.sub(r"(?<![\d.])0+(?=\d)", "", expression.strip())  # "045" is 45 (Python rejects it)
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        tree = ast.parse(expression, mode="eval")
     except SyntaxError:
         raise CalculatorError(f"not an expression: {expression!r}") from None
 
@@ -74,7 +76,7 @@ class ToolEnv(Env):
 
     def __init__(self, reward: Callable[[str, dict], float] | None = None, *, call_open: str = "<calc>",
                  call_close: str = "</calc>", result_open: str = "<result>", result_close: str = "</result>",
-                 max_calls: int = 4, max_result_chars: int = 200):
+                 max_calls: int = 4, max_result_chars: int = 200, error_text: str = "error"):
         if reward is None:
             from rlpost.tasks import answer_match_reward
 
@@ -84,7 +86,7 @@ class ToolEnv(Env):
         self.reward, self.max_calls, self.max_result_chars = reward, max_calls, max_result_chars
         self.call_open, self.call_close = call_open, call_close
         self.result_open, self.result_close = result_open, result_close
-        self.calls = 0
+        self.error_text, self.calls = error_text, 0
 
     def reset(self, row: dict) -> str | list[dict]:
         self.row, self.calls = row, 0
@@ -116,13 +118,13 @@ class ToolEnv(Env):
 
 
 class CalculatorEnv(ToolEnv):
-    """Arithmetic by `calculate` (exact, nothing executed); a refused expression answers 'error'."""
+    """Arithmetic by `calculate` (exact, nothing executed); a refused expression answers `error_text`."""
 
     def run_tool(self, call: str) -> str:
         try:
             return calculate(call)
         except CalculatorError:
-            return "error"
+            return self.error_text
 
 
 class PythonToolEnv(ToolEnv):

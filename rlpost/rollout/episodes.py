@@ -211,7 +211,10 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
             if step.done or ep.turns >= role.max_turns:
                 ep.finish = ep.finish if not step.done else "done"
                 continue
-            obs = encode_observation(tok, step.observation) if step.observation else []
+            try:
+                obs = encode_observation(tok, step.observation) if step.observation else []
+            except ValueError as e:  # the env speaks outside the tokenizer's vocabulary: a setup error, stop
+                raise EnvError(_describe(ep, i, f"its observation {step.observation!r} cannot be encoded: {e}")) from e
             if len(ep.tokens) + len(obs) >= role.max_tokens:  # no room left for another policy token
                 ep.finish = "budget"
                 continue

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 REQUIRED = ("prompt", "answer")
-TASKS = ("arithmetic", "jsonl")  # the valid task.name values (load_task)
+TASKS = ("arithmetic", "multiply", "multistep", "jsonl")  # the valid task.name values (load_task)
 
 
 class TaskDataError(ValueError):
@@ -105,6 +105,16 @@ def load_task(cfg) -> Task:
 
         return arithmetic_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
                                error_rate=cfg.demonstrator_error)
+    if cfg.name == "multiply":
+        from rlpost.tasks.multiply import multiply_task
+
+        return multiply_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
+                             error_rate=cfg.demonstrator_error)
+    if cfg.name == "multistep":
+        from rlpost.tasks.multistep import multistep_task
+
+        return multistep_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
+                              error_rate=cfg.demonstrator_error)
     return jsonl_task(cfg.train_file, cfg.eval_file)
 
 
