@@ -101,5 +101,5 @@ class Reward:
         metrics = {"reward/errors": float(failures)}
         metrics.update({f"reward/{label}": sum(v) / len(v) for label, v in parts.items()})
         if hasattr(self.fn, "metrics"):
-            metrics.update({f"reward/{k}": float(v) for k, v in self.fn.metrics().items()})
+            metrics.update({(k if "/" in k else f"reward/{k}"): float(v) for k, v in self.fn.metrics().items()})
         return batch.replace(rewards=rewards, meta=meta), metrics

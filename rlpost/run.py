@@ -395,6 +395,8 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
             json.dump(ctx.summary, f, indent=2)
         log.close()
         ctx.engine.close()
+        for role in {id(r): r for r in (ctx.verifier, ctx.rl_reward)}.values():  # process pools, a judge's engine
+            getattr(getattr(role, "fn", None), "close", lambda: None)()
     print_table(ctx.summary)
     return ctx.summary
 
