@@ -64,6 +64,7 @@ class EnvRole:
     on_error: str = "raise"
     workers: int = 8
     name: str = "env"
+    fn: Any = None  # the run's reward, when the environment scores with it (closed at the end of the run)
 
     @classmethod
     def from_config(cls, task_cfg, tokenizer, reward_fn, max_new_tokens: int) -> "EnvRole":
@@ -78,4 +79,4 @@ class EnvRole:
         budget = task_cfg.max_episode_tokens or task_cfg.max_turns * max_new_tokens
         return cls(make=lambda: env_cls(**options), tokenizer=tokenizer, max_turns=task_cfg.max_turns,
                    max_tokens=budget, timeout_s=task_cfg.env_timeout_s, on_error=task_cfg.env_on_error,
-                   workers=max(task_cfg.reward_workers, 8), name=task_cfg.env)
+                   workers=max(task_cfg.reward_workers, 8), name=task_cfg.env, fn=options.get("reward"))
