@@ -15,8 +15,8 @@ How it isolates, layer by layer (each closes what the others leave open):
 2. A private root. init mounts a tmpfs, binds into it read-only /usr, /bin, /sbin, /lib*, /etc and the
    interpreter's prefix (and venv), /dev/{null,zero,random,urandom}, a /proc of the new PID namespace,
    and a size-limited tmpfs at /sandbox holding main.py and `files`, then chroots there. /sandbox is the
-   cwd, HOME and the only writable place; the rest of the host (homes, /tmp, /work, ...) is not there.
-3. Another identity. As root, the program runs as a random uid/gid from a range no account uses, without
+   cwd, HOME and the only writable place; the rest of the host (homes, /tmp, /var, ...) is not there.
+3. Another identity. As root, the program runs as a random uid/gid far above any account's, without
    supplementary groups: it cannot touch what that uid may not, and RLIMIT_NPROC (counted per uid)
    counts this run's processes only. Without root, it is root of its own user namespace with every
    capability dropped (empty bounding set, SECBIT_NOROOT), so it cannot undo the mounts. Both set
