@@ -1,0 +1,412 @@
+"""Run untrusted Python in a throwaway sandbox: `run(code, ...) -> SandboxResult`.
+
+    from rlpost.sandbox import run
+    r = run("print(input()[::-1])", stdin="abc", timeout_s=2)
+    r.ok, r.reason, r.stdout          # True, 'ok', 'cba\\n'
+
+How it isolates, layer by layer (each closes what the others leave open):
+
+1. Namespaces. A launcher (this file, run as a script by the host's Python) unshares new mount, PID,
+   network, IPC and UTS namespaces, plus a user namespace when it is not root, and forks the new PID
+   namespace's init (pid 1). The new network namespace has only a loopback that is down: nothing can be
+   reached, not even the host's 127.0.0.1. The program sees and can signal only its own namespace's
+   processes; when pid 1 exits the kernel kills every process left in the namespace, so a daemon that
+   double-forks and setsid()s dies with the run, and run() returns only once all of them are gone.
+2. A private root. init mounts a tmpfs, binds into it read-only /usr, /bin, /sbin, /lib*, /etc and the
+   interpreter's prefix (and venv), /dev/{null,zero,random,urandom}, a /proc of the new PID namespace,
+   and a size-limited tmpfs at /sandbox holding main.py and `files`, then chroots there. /sandbox is the
+   cwd, HOME and the only writable place; the rest of the host (homes, /tmp, /var, ...) is not there.
+3. Another identity. As root, the program runs as a random uid/gid far above any account's, without
+   supplementary groups: it cannot touch what that uid may not, and RLIMIT_NPROC (counted per uid)
+   counts this run's processes only. Without root, it is root of its own user namespace with every
+   capability dropped (empty bounding set, SECBIT_NOROOT), so it cannot undo the mounts. Both set
+   no_new_privs.
+4. Limits: RLIMIT_CPU, RLIMIT_AS (memory_mb), RLIMIT_NPROC, RLIMIT_FSIZE and RLIMIT_CORE=0 in the
+   program's process; the /sandbox tmpfs bounds its disk; the parent enforces the wall clock and reads
+   at most max_output_bytes of stdout and of stderr, stopping the run on overflow.
+5. An empty environment: PATH, HOME, TMPDIR, LANG and thread-count variables only; nothing of the host's
+   environment reaches the launcher, init or the program.
+
+Where namespaces cannot be made (no root and no user namespaces, or a seccomp filter forbids unshare)
+run() raises SandboxUnavailable. It runs without layers 1-2 only when asked: allow_unsandboxed=True or
+RLPOST_SANDBOX_UNSAFE=1 (then: temp cwd, limits, empty env, another uid if root, process-group kill).
+
+`reason` is one of REASONS: ok (exit 0), exit_nonzero, timeout (wall clock), cpu_limit (SIGXCPU),
+memory_limit (ended by MemoryError), file_limit (SIGXFSZ or 'File too large'), output_limit,
+killed_by_signal, sandbox_error (the sandbox could not be set up for this run; stderr says why).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+REASONS = ("ok", "exit_nonzero", "timeout", "cpu_limit", "memory_limit", "file_limit", "output_limit",
+           "killed_by_signal", "sandbox_error")
+UID_RANGE = (1_500_000_000, 1_500_000_000 + 2**24)  # the program's uid/gid when the host runs as root
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc")
+DEVICES = ("null", "zero", "random", "urandom")
+# unshare(2), mount(2) and prctl(2) constants (linux/sched.h, linux/mount.h, linux/prctl.h)
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 24, 28, 38, 47
+SECBITS_NOROOT_LOCKED = 0b11000011  # NOROOT, NOROOT_LOCKED, NO_CAP_AMBIENT_RAISE(+_LOCKED)
+
+
+class SandboxUnavailable(RuntimeError):
+    """This host cannot make the namespaces the sandbox needs."""
+
+
+@dataclass
+class SandboxResult:
+    ok: bool  # exited 0 within every limit
+    returncode: int | None  # exit code, -signal if killed by one, None if the parent stopped it
+    stdout: str
+    stderr: str
+    reason: str  # one of REASONS
+    wall_s: float
+
+
+def run(code: str, *, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 512,
+        files: dict[str, str | bytes] | None = None, cpu_s: float | None = None, max_output_bytes: int = 65536,
+        max_processes: int = 32, max_file_mb: int = 16, disk_mb: int = 64, python: str | None = None,
+        allow_unsandboxed: bool | None = None) -> SandboxResult:
+    """Run the Python program `code` as /sandbox/main.py in a new sandbox (see the module docstring), with
+    `stdin` as its standard input and `files` ({relative path: content}) next to it. CPU time defaults to
+    the wall-clock limit + 1 s; `disk_mb` bounds all it writes; `python` is the interpreter (default: this
+    one). Raises SandboxUnavailable where namespaces cannot be made, unless `allow_unsandboxed` (default:
+    env RLPOST_SANDBOX_UNSAFE=1)."""
+    for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("max_output_bytes", max_output_bytes),
+                        ("max_processes", max_processes), ("max_file_mb", max_file_mb), ("disk_mb", disk_mb)):
+        if not value > 0:
+            raise ValueError(f"sandbox.run: {name} must be > 0, got {value!r}")
+    exe = shutil.which(python or sys.executable)
+    if exe is None:
+        raise ValueError(f"sandbox.run: python interpreter {python!r} not found")
+    files = dict(files or {})
+    for path in files:
+        parts = path.split("/")
+        if path == "main.py" or path.startswith("/") or not path or ".." in parts or "" in parts:
+            raise ValueError(f"sandbox.run: files key {path!r} must be a relative path without '..', not main.py")
+    if allow_unsandboxed is None:
+        allow_unsandboxed = os.environ.get("RLPOST_SANDBOX_UNSAFE") == "1"
+    isolate = _NAMESPACES_OK is not False or not allow_unsandboxed
+    cfg = {"python": os.path.abspath(exe), "timeout_s": timeout_s, "memory_mb": memory_mb, "disk_mb": disk_mb,
+           "max_processes": max_processes, "max_file_mb": max_file_mb, "cpu_s": math.ceil(cpu_s or timeout_s + 1)}
+    while True:
+        result = _run_once(code, stdin, files, cfg, isolate, max_output_bytes)
+        if isinstance(result, SandboxResult):
+            return result
+        if not allow_unsandboxed:
+            raise SandboxUnavailable(f"cannot make the sandbox's namespaces here ({result}); run as root or "
+                                     "where user namespaces are allowed, or opt out with allow_unsandboxed=True "
+                                     "/ RLPOST_SANDBOX_UNSAFE=1 (no namespaces: far weaker isolation)")
+        isolate = False
+
+
+_NAMESPACES_OK: bool | None = None  # learnt on the first run
+
+
+def _run_once(code, stdin, files, cfg, isolate, cap) -> SandboxResult | str:
+    global _NAMESPACES_OK
+    t0 = time.monotonic()
+    base = tempfile.mkdtemp(prefix="rlpost-sandbox-")  # 0700: host users cannot look in
+    stage, root = os.path.join(base, "stage"), os.path.join(base, "root")
+    os.mkdir(root)
+    for path, content in {**files, "main.py": code}.items():
+        os.makedirs(os.path.dirname(os.path.join(stage, path)), exist_ok=True)
+        with open(os.path.join(stage, path), "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+    status_r, status_w = os.pipe()
+    uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
+    cfg = dict(cfg, stage=stage, root=root, isolate=isolate, status_fd=status_w, uid=uid,
+               as_root=os.geteuid() == 0 and _uid_mapped(uid), euid=os.geteuid(), egid=os.getegid())
+    proc = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(cfg)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(status_w,), env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                                start_new_session=True)
+        os.close(status_w)
+        out, err, stopped = _communicate(proc, stdin.encode(), t0 + cfg["timeout_s"], cap)
+        if stopped or not isolate:  # the launcher kills init (so the whole PID namespace) on SIGTERM
+            _stop(proc, isolate)
+        proc.wait()
+        os.set_blocking(status_r, False)
+        try:
+            status = json.loads(os.read(status_r, 65536).decode().splitlines()[-1])
+        except (BlockingIOError, IndexError, ValueError):
+            status = {"error": f"no status from the sandbox (launcher returncode {proc.returncode})"}
+    finally:
+        if proc is not None and proc.poll() is None:
+            _stop(proc, isolate)
+        os.close(status_r)
+        shutil.rmtree(base, ignore_errors=True)
+    if "unavailable" in status:
+        _NAMESPACES_OK = False
+        return status["unavailable"]
+    _NAMESPACES_OK = _NAMESPACES_OK or isolate
+    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    wall = time.monotonic() - t0
+    if stopped:
+        return SandboxResult(False, None, stdout, stderr, stopped, wall)
+    if "error" in status:
+        return SandboxResult(False, None, stdout, stderr + status["error"], "sandbox_error", wall)
+    rc = os.waitstatus_to_exitcode(status["status"])
+    last = stderr.rstrip().rsplit("\n", 1)[-1]
+    reason = ("ok" if rc == 0 else "cpu_limit" if rc == -signal.SIGXCPU
+              else "file_limit" if rc == -signal.SIGXFSZ or "File too large" in last
+              else "killed_by_signal" if rc < 0 else "memory_limit" if last.startswith("MemoryError")
+              else "exit_nonzero")
+    return SandboxResult(rc == 0, rc, stdout, stderr, reason, wall)
+
+
+def _uid_mapped(uid: int) -> bool:
+    """Whether this user namespace maps `uid` (a root inside a container's user namespace may not)."""
+    with open("/proc/self/uid_map") as f:
+        return any(int(a) <= uid < int(a) + int(n) for a, _, n in (line.split() for line in f))
+
+
+def _communicate(proc, data: bytes, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
+    """Feed stdin and read stdout/stderr until both close (every process of the run has exited), the
+    deadline passes ("timeout") or a stream passes `cap` bytes ("output_limit")."""
+    bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    sel = selectors.DefaultSelector()
+    for f in bufs:
+        sel.register(f, selectors.EVENT_READ)
+    if data:
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin, selectors.EVENT_WRITE)
+    else:
+        proc.stdin.close()
+    open_reads = 2
+    try:
+        while open_reads:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), "timeout"
+            for key, _ in sel.select(left):
+                if key.fileobj is proc.stdin:
+                    try:
+                        data = data[os.write(proc.stdin.fileno(), data[:65536]):]
+                    except BrokenPipeError:
+                        data = b""
+                    if not data:
+                        sel.unregister(proc.stdin)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(key.fileobj.fileno(), 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    open_reads -= 1
+                buf = bufs[key.fileobj]
+                buf += chunk[:cap + 1 - len(buf)]
+                if len(buf) > cap:
+                    del buf[cap:]
+                    return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), "output_limit"
+        return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), None
+    finally:
+        sel.close()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
+
+
+def _stop(proc, isolate: bool) -> None:
+    """Isolated: SIGTERM makes the launcher SIGKILL the namespace's init and wait until the kernel has
+    killed and reaped everything in it. Unsandboxed (or a stuck launcher): SIGKILL the process group."""
+    if isolate:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+# ---- what runs in the launcher process (`python -I -S sandbox.py CONFIG`) and the namespace's init ----
+
+def _libc_call(name: str, *args) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    args = [a.encode() if isinstance(a, str) else ctypes.c_ulong(a) if isinstance(a, int) else a for a in args]
+    if getattr(libc, name)(*args) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{name}{tuple(args[:2])}: {os.strerror(e)}")
+
+
+def _launcher(cfg: dict) -> None:
+    """Unshare the namespaces, fork init, relay a stop request (SIGTERM) to it as SIGKILL, wait for it."""
+    status = cfg["status_fd"]
+    os.set_inheritable(status, False)
+    child, stop = 0, False
+
+    def on_term(*_):
+        nonlocal stop
+        stop = True
+        if child:
+            os.kill(child, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if cfg["isolate"]:
+        try:
+            flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+            _libc_call("unshare", flags | (0 if cfg["as_root"] else CLONE_NEWUSER))
+            if not cfg["as_root"]:  # map only ourselves, as root of the new user namespace
+                for name, text in (("setgroups", "deny"), ("uid_map", f"0 {cfg['euid']} 1"),
+                                   ("gid_map", f"0 {cfg['egid']} 1")):
+                    with open(f"/proc/self/{name}", "w") as f:
+                        f.write(text)
+        except OSError as e:
+            os.write(status, json.dumps({"unavailable": str(e)}).encode() + b"\n")
+            os._exit(1)
+    child = os.fork()
+    if child == 0:
+        _init(cfg, status)
+    if stop:
+        os.kill(child, signal.SIGKILL)
+    # Returns once init, and with it everything in the namespace, has exited. WNOWAIT keeps init a zombie
+    # (its pid not reusable) until SIGTERM is blocked, so on_term never kills a stranger with that pid.
+    os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    os.waitpid(child, 0)
+
+
+def _init(cfg: dict, status: int) -> None:
+    """pid 1 of the new PID namespace: build the root, start the program, report how it ended, exit."""
+    def report(**msg):
+        os.write(status, json.dumps(msg).encode() + b"\n")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, lambda *_: report(error="init's own deadline passed"))
+    signal.alarm(int(cfg["timeout_s"]) + 10)  # backstop should the parent die
+    uid = cfg["uid"] if cfg["as_root"] else 0
+    try:
+        _libc_call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if cfg["isolate"]:
+            _build_root(cfg, uid)
+        else:
+            os.chdir(cfg["stage"])
+            if cfg["as_root"]:
+                _chown_tree(".", uid)
+    except OSError as e:
+        report(error=f"sandbox setup failed: {e}")
+    err_r, err_w = os.pipe()  # close-on-exec: empty at EOF when exec worked
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _exec_program(cfg, status, uid)
+        except (OSError, ValueError) as e:
+            os.write(err_w, f"cannot start {cfg['python']}: {e}".encode())
+        os._exit(127)
+    os.close(err_w)
+    if (msg := os.read(err_r, 4096)):
+        report(error=msg.decode(errors="replace"))
+    while True:  # reap orphans too: pid 1 adopts them
+        p, st = os.wait()
+        if p == pid:
+            report(status=st)
+
+
+def _build_root(cfg: dict, uid: int) -> None:
+    root = cfg["root"]
+    _libc_call("mount", None, "/", None, MS_REC | MS_PRIVATE, None)  # nothing we mount reaches the host
+    _libc_call("mount", "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    exe = cfg["python"]
+    prefixes = {os.path.dirname(os.path.dirname(p)) for p in (exe, os.path.realpath(exe))}
+    bound: list[str] = []
+    for src in [*SYSTEM_DIRS, *sorted(prefixes - {"/"})]:
+        if not os.path.lexists(src) or any(src.startswith(b + "/") for b in bound):
+            continue
+        if os.path.islink(src):
+            os.makedirs(os.path.dirname(root + src), exist_ok=True)
+            os.symlink(os.readlink(src), root + src)
+            continue
+        os.makedirs(root + src, exist_ok=True)
+        _libc_call("mount", src, root + src, None, MS_BIND, None)
+        _libc_call("mount", None, root + src, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        bound.append(src)
+    os.makedirs(root + "/dev")
+    for dev in DEVICES:
+        open(f"{root}/dev/{dev}", "w").close()
+        _libc_call("mount", f"/dev/{dev}", f"{root}/dev/{dev}", None, MS_BIND, None)
+    for i, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{i}", f"{root}/dev/{name}")
+    os.symlink("/proc/self/fd", f"{root}/dev/fd")
+    os.makedirs(root + "/proc")
+    try:  # a /proc of the new PID namespace; some container runtimes forbid it, and no /proc is safe too
+        _libc_call("mount", "proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    except OSError:
+        pass
+    box = root + "/sandbox"
+    os.makedirs(box)
+    _libc_call("mount", "tmpfs", box, "tmpfs", MS_NOSUID | MS_NODEV,
+               f"size={cfg['disk_mb']}m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}")
+    shutil.copytree(cfg["stage"], box, dirs_exist_ok=True)
+    _chown_tree(box, uid)
+    _libc_call("mount", None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    os.chdir(root)
+    os.chroot(".")
+    os.chdir("/sandbox")
+
+
+def _chown_tree(top: str, uid: int) -> None:
+    for d, _, names in os.walk(top):
+        for p in [d] + [os.path.join(d, n) for n in names]:
+            os.chown(p, uid, uid)
+
+
+def _exec_program(cfg: dict, status: int, uid: int) -> None:
+    """In the program's process: drop identity and privileges, set the limits, exec the interpreter."""
+    import resource
+
+    os.close(status)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    if cfg["as_root"]:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    elif os.geteuid() == 0:  # root of a user namespace that maps only us: keep the uid, lose every capability
+        _libc_call("prctl", PR_SET_SECUREBITS, SECBITS_NOROOT_LOCKED, 0, 0, 0)
+        _libc_call("prctl", PR_CAP_AMBIENT, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
+        for cap in range(64):
+            try:
+                _libc_call("prctl", PR_CAPBSET_DROP, cap, 0, 0, 0)
+            except OSError:  # EINVAL past the kernel's last capability
+                break
+    _libc_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    mb = 1 << 20
+    for limit, value in ((resource.RLIMIT_AS, cfg["memory_mb"] * mb), (resource.RLIMIT_FSIZE, cfg["max_file_mb"] * mb),
+                         (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(limit, (value, value))
+    if cfg["as_root"] or cfg["isolate"]:  # else the uid is the caller's: NPROC would count all its processes
+        n = cfg["max_processes"] + (0 if cfg["as_root"] else 1)  # + init, which shares our uid in a user namespace
+        resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+    resource.setrlimit(resource.RLIMIT_CPU, (cfg["cpu_s"], cfg["cpu_s"] + 1))  # SIGXCPU, then SIGKILL
+    home = "/sandbox" if cfg["isolate"] else cfg["stage"]
+    env = {"PATH": f"{os.path.dirname(cfg['python'])}:/usr/local/bin:/usr/bin:/bin", "HOME": home,
+           "TMPDIR": home, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    os.execve(cfg["python"], [cfg["python"], "-E", "-s", "-B", "-X", "utf8", "main.py"], env)
+
+
+if __name__ == "__main__":
+    _launcher(json.loads(sys.argv[1]))

@@ -1,0 +1,407 @@
+"""The sandbox (rlpost/sandbox.py) against hostile programs, and on ordinary ones.
+
+Each hostile case runs a real program in a real sandbox and checks that the run ends within its limit
+(an upper bound with generous slack only), is not ok and says why, scores 0 with the `code` reward, and
+leaves the host as it was: the test's files and environment, a victim process, a TCP server on
+127.0.0.1 that no one reached, and no process of the run left.
+
+`python tests/test_sandbox.py` prints the table "case -> outcome (reason), seconds".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from rlpost import sandbox
+from rlpost.env.code import CodeReward
+
+SLACK_S = 15.0  # upper bounds only: a loaded machine may be slow, a PASS never depends on being fast
+
+
+@dataclass
+class Case:
+    name: str
+    code: str
+    reasons: tuple[str, ...]  # acceptable outcomes
+    options: dict = field(default_factory=dict)
+    limit_s: float = 5.0  # the run's wall-clock limit (timeout_s, also for the reward)
+    check: str = ""  # a name from CHECKS, run on the result too
+
+
+class Host:
+    """What the hostile programs aim at: a secret file and a victim file outside the sandbox (one not
+    visible there at all, one in a read-only directory the sandbox shows), a secret environment
+    variable, a victim process, and a TCP server on 127.0.0.1 that counts its connections."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.secret = secrets.token_hex(16)
+        self.secret_path = tmp / "secret.txt"
+        self.victim_path = tmp / "victim.txt"
+        self.new_path = tmp / "created_by_sandbox.txt"
+        # a python prefix the sandbox binds read-only: its files are visible inside, so the uid and the
+        # read-only mount must keep them safe (the interpreter is a link to the real one)
+        self.prefix = tmp / "prefix"
+        (self.prefix / "bin").mkdir(parents=True)
+        self.python = self.prefix / "bin" / "python"
+        self.python.symlink_to(os.path.realpath(sys.executable))
+        self.visible_secret = self.prefix / "secret.txt"
+        self.visible_victim = self.prefix / "victim.txt"
+        for path in (self.secret_path, self.visible_secret):
+            path.write_text(self.secret)
+            path.chmod(0o600)
+        for path in (self.victim_path, self.visible_victim):
+            path.write_text("intact")
+        self.files_before = self.snapshot()
+        self.env_before = dict(os.environ)
+        os.environ["RLPOST_SANDBOX_SECRET"] = self.secret
+        self.victim = subprocess.Popen(["sleep", "600"])
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as c:  # the server does answer
+            assert c.recv(4) == b"pong"
+        self.connections = 0
+        self.procs_before = sandbox_processes()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.sendall(b"pong")
+            conn.close()
+
+    def snapshot(self) -> dict[str, bytes]:
+        return {str(p): p.read_bytes() for p in sorted(self.tmp.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+    def fmt(self, code: str) -> str:
+        return textwrap.dedent(code).format(
+            port=self.port, test_pid=os.getpid(), victim_pid=self.victim.pid, secret_path=self.secret_path,
+            visible_secret=self.visible_secret, victim_path=self.victim_path, visible_victim=self.visible_victim,
+            new_path=self.new_path, prefix=self.prefix)
+
+    def assert_unchanged(self):
+        assert self.snapshot() == self.files_before
+        assert not self.new_path.exists() and not os.path.exists("/etc/rlpost_sandbox_probe")
+        assert os.environ.get("RLPOST_SANDBOX_SECRET") == self.secret
+        assert self.victim.poll() is None, "the victim process was killed"
+        assert self.connections == 0, "the sandbox reached the host's 127.0.0.1 server"
+        assert wait_for_no_leftovers(self.procs_before) == set()
+
+    def close(self):
+        self.server.close()
+        self.victim.kill()
+        self.victim.wait()
+        os.environ.clear()
+        os.environ.update(self.env_before)
+
+
+def sandbox_processes() -> set[tuple[int, bytes]]:
+    """Processes that look like a sandbox's: in another PID namespace, with a sandbox uid, or the launcher."""
+    mine, launcher = os.readlink("/proc/self/ns/pid"), sandbox.__file__.encode()
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/pid")
+            with open(f"/proc/{pid}/status") as f:
+                uid = int(next(line for line in f if line.startswith("Uid:")).split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, StopIteration):
+            continue
+        if ns != mine or sandbox.UID_RANGE[0] <= uid < sandbox.UID_RANGE[1] or launcher in cmd:
+            found.add((int(pid), cmd))
+    return found
+
+
+def wait_for_no_leftovers(before, wait_s=0.0) -> set:
+    """The run's processes still alive (none are expected: run() returns after they are gone)."""
+    left = sandbox_processes() - before
+    deadline = time.monotonic() + wait_s
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = sandbox_processes() - before
+    return left
+
+
+ORDINARY = [
+    Case("hello world", 'print("hello")', ("ok",), check="hello"),
+    Case("stdin echo", "import sys; print(sys.stdin.read().upper(), end='')", ("ok",),
+         {"stdin": "abc\ndef\n"}, check="echo"),
+    Case("1 MB stdin", "import sys; print(len(sys.stdin.read()))", ("ok",), {"stdin": "x" * 10**6}, check="big_stdin"),
+    Case("files passed in", """
+        import helper
+        print(helper.VALUE + 1, open("data/in.txt").read(), open("blob.bin", "rb").read().hex())
+        open("out.txt", "w").write("mine")  # the sandbox's own directory is writable
+        print(open("out.txt").read(), __import__("os").getcwd() == __import__("os").environ["HOME"])
+        """, ("ok",), {"files": {"helper.py": "VALUE = 41\n", "data/in.txt": "hi", "blob.bin": b"\x00\xff"}},
+         check="files"),
+    Case("nonzero exit", "raise SystemExit(3)", ("exit_nonzero",), check="rc3"),
+    Case("syntax error", "def f(:\n    pass", ("exit_nonzero",), check="syntax"),
+]
+
+HOSTILE = [
+    Case("fork bomb", """
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+        """, ("timeout",), {"max_processes": 16}, limit_s=1.0),
+    Case("memory hog (one block)", "x = bytearray(8 * 1024**3)\nprint('pwned')", ("memory_limit",),
+         {"memory_mb": 256}),
+    Case("memory hog (growing)", "chunks = []\nwhile True:\n    chunks.append(bytearray(16 * 1024**2))",
+         ("memory_limit",), {"memory_mb": 256}),
+    Case("infinite loop", "while True:\n    pass", ("timeout",), limit_s=1.0),
+    Case("cpu limit", "while True:\n    pass", ("cpu_limit",), {"cpu_s": 1}, limit_s=30.0),
+    Case("sleep forever", "import time\ntime.sleep(10**6)", ("timeout",), limit_s=1.0),
+    Case("network to host 127.0.0.1", """
+        import socket
+        s = socket.create_connection(("127.0.0.1", {port}), timeout=1)
+        print(s.recv(4).decode())
+        """, ("exit_nonzero",), check="no_network"),
+    Case("read host env", """
+        import glob, os
+        found = dict(os.environ)
+        for path in ["/proc/1/environ", "/proc/{test_pid}/environ", *glob.glob("/proc/*/environ")]:
+            try:
+                found[path] = open(path, "rb").read().decode(errors="replace")
+            except OSError as e:
+                found[path] = repr(e)
+        print(found)
+        print(os.environ["RLPOST_SANDBOX_SECRET"])
+        """, ("exit_nonzero",), check="no_secret"),
+    Case("read host files", """
+        for path in ["{secret_path}", "{visible_secret}", "/proc/{test_pid}/root{secret_path}",
+                     "/proc/1/root{secret_path}", "/proc/{test_pid}/cwd/secret.txt"]:
+            try:
+                print(open(path).read())
+            except OSError as e:
+                print(path, repr(e))
+        print(open("{visible_secret}").read())
+        """, ("exit_nonzero",), check="no_secret"),
+    Case("write host files", """
+        for path in ["{victim_path}", "{visible_victim}", "/etc/rlpost_sandbox_probe", "{new_path}"]:
+            try:
+                open(path, "w").write("pwned")
+            except OSError as e:
+                print(path, repr(e))
+        open("{visible_victim}", "a").write("pwned")
+        """, ("exit_nonzero",)),
+    Case("delete host files", """
+        import os, shutil
+        for path in ["{victim_path}", "{visible_victim}"]:
+            try:
+                os.remove(path)
+            except OSError as e:
+                print(path, repr(e))
+        shutil.rmtree("{prefix}", ignore_errors=True)
+        os.remove("{visible_victim}")
+        """, ("exit_nonzero",)),
+    Case("stdout flood", "while True:\n    print('x' * 1000)", ("output_limit",), {"max_output_bytes": 10_000},
+         check="capped"),
+    Case("stderr flood", "import sys\nwhile True:\n    sys.stderr.write('y' * 1000)", ("output_limit",),
+         {"max_output_bytes": 10_000}, check="capped"),
+    Case("file too big", "open('big', 'wb').write(b'x' * 8 * 1024**2)", ("file_limit",), {"max_file_mb": 1}),
+    Case("disk fill", "for i in range(100):\n    open(f'f{{i}}', 'wb').write(b'x' * 1024**2)",
+         ("exit_nonzero",), {"disk_mb": 8, "max_file_mb": 4}, check="no_space"),
+    Case("signal parent and host", """
+        import os, signal
+        for pid in ({test_pid}, {victim_pid}, -1):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError as e:
+                print(pid, repr(e))
+        os.kill(os.getppid(), signal.SIGKILL)
+        print("pwned")
+        """, ("exit_nonzero", "killed_by_signal")),
+    Case("daemon outlives main (main exits 0)", """
+        import os, signal, time
+        r, w = os.pipe()
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                print("daemon started", flush=True)
+                os.write(w, b"1")
+                time.sleep(60)
+                print("pwned", flush=True)
+            os._exit(0)
+        os.read(r, 1)
+        """, ("ok",), limit_s=2.0, check="daemon"),
+    Case("daemon outlives main (main sleeps)", """
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(60)
+                print("pwned", flush=True)
+            os._exit(0)
+        time.sleep(60)
+        """, ("timeout",), limit_s=1.0),
+]
+
+CHECKS = {
+    "hello": lambda r, h: r.stdout == "hello\n" and r.returncode == 0 and r.stderr == "",
+    "echo": lambda r, h: r.stdout == "ABC\nDEF\n",
+    "big_stdin": lambda r, h: r.stdout == "1000000\n",
+    "files": lambda r, h: r.stdout == "42 hi 00ff\nmine True\n",
+    "rc3": lambda r, h: r.returncode == 3,
+    "syntax": lambda r, h: r.returncode == 1 and "SyntaxError" in r.stderr,
+    "no_network": lambda r, h: "unreachable" in r.stderr and "pong" not in r.stdout,
+    "no_secret": lambda r, h: h.secret not in r.stdout + r.stderr,
+    "capped": lambda r, h: len(r.stdout) <= 10_000 and len(r.stderr) <= 10_000,
+    "no_space": lambda r, h: "No space left on device" in r.stderr,
+    "daemon": lambda r, h: r.stdout == "daemon started\n",
+}
+
+
+def run_case(case: Case, host: Host) -> sandbox.SandboxResult:
+    options = {"python": str(host.python), **case.options}
+    return sandbox.run(host.fmt(case.code), timeout_s=case.limit_s, **options)
+
+
+@pytest.fixture
+def host(tmp_path):
+    h = Host(tmp_path)
+    yield h
+    h.close()
+
+
+@pytest.mark.parametrize("case", ORDINARY, ids=[c.name for c in ORDINARY])
+def test_ordinary_programs(case, host):
+    result = run_case(case, host)
+    assert result.reason in case.reasons, result
+    assert result.ok == (result.reason == "ok")
+    assert CHECKS[case.check](result, host), result
+    host.assert_unchanged()
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[c.name for c in HOSTILE])
+def test_hostile_programs(case, host):
+    result = run_case(case, host)
+    assert result.reason in case.reasons, result
+    assert result.wall_s < case.limit_s + SLACK_S
+    if case.reasons != ("ok",):
+        assert not result.ok and result.reason != "ok"
+    if case.check:
+        assert CHECKS[case.check](result, host), result
+    host.assert_unchanged()
+    score = CodeReward(timeout_s=min(case.limit_s, 2.0), memory_mb=case.options.get("memory_mb", 512))
+    assert score(f"```python\n{host.fmt(case.code)}\n```", {"tests": [{"input": "", "output": "pwned"}]}) == 0.0
+    host.assert_unchanged()
+
+
+def test_the_run_directory_is_removed():
+    tmp = tempfile.gettempdir()
+    before = {d for d in os.listdir(tmp) if d.startswith("rlpost-sandbox-")}
+    assert sandbox.run("open('x', 'w').write('y' * 1000)").ok
+    assert {d for d in os.listdir(tmp) if d.startswith("rlpost-sandbox-")} == before
+
+
+def test_bad_options_are_refused():
+    for kwargs, word in (({"timeout_s": 0}, "timeout_s"), ({"files": {"../x": ""}}, "../x"),
+                         ({"files": {"main.py": ""}}, "main.py"), ({"python": "/no/such/python"}, "python")):
+        with pytest.raises(ValueError, match=word):
+            sandbox.run("pass", **kwargs)
+
+
+# The two tests below run the sandbox in a child process under other conditions; they load
+# rlpost/sandbox.py by path, so the child does not need rlpost's dependencies.
+LOAD = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('sb', {path!r}); "
+        "sb = importlib.util.module_from_spec(spec); sys.modules['sb'] = sb; spec.loader.exec_module(sb)\n")
+
+
+def test_refuses_to_run_where_namespaces_cannot_be_made():
+    """In a user namespace that may create no further user namespaces (and maps no uid to drop to), run()
+    raises SandboxUnavailable; only allow_unsandboxed=True runs the program, without namespaces."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    script = LOAD.format(path=sandbox.__file__) + textwrap.dedent("""
+        try:
+            sb.run("print('ran')")
+            print("RAN-UNSANDBOXED")
+        except sb.SandboxUnavailable as e:
+            print("REFUSED", e)
+        r = sb.run("import os; print('ran', os.path.exists('/proc/1/environ'))", allow_unsandboxed=True)
+        print("OPTED-IN", r.reason, r.stdout.strip())
+        """)
+    inner = f"echo 0 > /proc/sys/user/max_user_namespaces && exec {sys.executable} -c \"$0\""
+    out = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", inner, script],
+                         check=False, capture_output=True, text=True, timeout=60)
+    if "Operation not permitted" in out.stderr or "cannot" in out.stderr[:200]:
+        pytest.skip(f"cannot make a user namespace here: {out.stderr[:200]}")
+    assert "REFUSED" in out.stdout and "allow_unsandboxed" in out.stdout, out
+    assert "RAN-UNSANDBOXED" not in out.stdout
+    assert "OPTED-IN ok ran" in out.stdout, out
+
+
+def test_unprivileged_host_user_gets_a_user_namespace():
+    """As a non-root user (uid 1000), the program is root of its own user namespace without capabilities:
+    it cannot remount its root writable, write system files, reach the network or exceed its processes."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs root (to become uid 1000), setpriv and /usr/bin/python3")
+    script = LOAD.format(path=sandbox.__file__) + textwrap.dedent("""
+        out = {}
+        for name, code, kw in [
+            ("hello", "print('hello')", {}),
+            ("caps", "print(open('/proc/self/status').read())", {}),
+            ("remount", "import os; print(os.system('mount -o remount,rw /usr 2>&1'))", {}),
+            ("write", "open('/usr/rlpost_sandbox_probe', 'w')", {}),
+            ("network", "import socket; socket.create_connection(('127.0.0.1', 22), timeout=1)", {}),
+            ("fork", "import os\\nfor _ in range(8):\\n    os.fork()\\n", {"max_processes": 4}),
+        ]:
+            r = sb.run(code, timeout_s=5, **kw)
+            out[name] = [r.reason, r.stdout, r.stderr[-300:]]
+        print(json.dumps(out))
+        """)
+    proc = subprocess.run(["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups", "/usr/bin/python3",
+                           "-c", script], check=False, capture_output=True, text=True, timeout=60, cwd="/")
+    if "Operation not permitted" in proc.stderr and "unshare" in proc.stderr:
+        pytest.skip(f"user namespaces are not allowed for uid 1000 here: {proc.stderr[-300:]}")
+    out = json.loads(proc.stdout)
+    assert out["hello"][:2] == ["ok", "hello\n"]
+    assert "CapEff:\t0000000000000000" in out["caps"][1] and "CapBnd:\t0000000000000000" in out["caps"][1]
+    assert out["remount"][0] == "ok" and out["remount"][1].strip()[-1] != "0" and "denied" in out["remount"][1]
+    assert out["write"][0] == "exit_nonzero" and "Read-only file system" in out["write"][2]
+    assert out["network"][0] == "exit_nonzero" and "unreachable" in out["network"][2]
+    assert out["fork"][0] == "exit_nonzero" and "Resource temporarily unavailable" in out["fork"][2]
+    assert not os.path.exists("/usr/rlpost_sandbox_probe")
+
+
+if __name__ == "__main__":  # the table for the notes: case -> outcome (reason), seconds
+    tmp = Path(tempfile.mkdtemp())
+    h = Host(tmp)
+    try:
+        print(f"{'case':<40} {'outcome (reason)':<30} {'seconds':>8}  limit")
+        for case in ORDINARY + HOSTILE:
+            r = run_case(case, h)
+            h.assert_unchanged()
+            outcome = f"{'ok' if r.ok else 'not ok'} ({r.reason})"
+            print(f"{case.name:<40} {outcome:<30} {r.wall_s:8.2f}  {case.limit_s:g}s")
+    finally:
+        h.close()
+        shutil.rmtree(tmp)
