@@ -125,6 +125,20 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+def render_rubric(rubric: str | None, completion: str, row: dict, score_min: float = 0, score_max: float = 10) -> str:
+    """A rubric (None: the default one, with the reference when the row has one) with {prompt}, {completion}
+    (quoted), {reference}, {score_min} and {score_max} filled in one pass: what the judge is asked."""
+    reference = next((row[k] for k in ("reference", "answer") if row.get(k) not in (None, "")), None)
+    rubric = rubric or (DEFAULT_RUBRIC if reference is None else DEFAULT_RUBRIC_WITH_REFERENCE)
+    if reference is None and "{reference}" in rubric:
+        raise ValueError(f"judge: the rubric uses {{reference}} but the row has no 'reference' or 'answer' "
+                         f"(prompt {str(row.get('prompt'))[:80]!r})")
+    values = {"completion": lambda: quote_completion(completion), "prompt": lambda: _prompt_text(row),
+              "reference": lambda: str(reference), "score_min": lambda: f"{score_min:g}",
+              "score_max": lambda: f"{score_max:g}"}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)](), rubric)
+
+
 class JudgeReward:
     """Reward `(completion, row) -> float` in [0, 1] (or `on_failure`) given by an LLM judge.
 
@@ -245,15 +259,7 @@ class JudgeReward:
 
     def render(self, completion: str, row: dict) -> str:
         """The judge prompt for one sample: the rubric with its placeholders filled in one pass."""
-        reference = next((row[k] for k in ("reference", "answer") if row.get(k) not in (None, "")), None)
-        rubric = self.rubric or (DEFAULT_RUBRIC if reference is None else DEFAULT_RUBRIC_WITH_REFERENCE)
-        if reference is None and "{reference}" in rubric:
-            raise ValueError(f"judge: the rubric uses {{reference}} but the row has no 'reference' or 'answer' "
-                             f"(prompt {str(row.get('prompt'))[:80]!r})")
-        values = {"completion": lambda: quote_completion(completion), "prompt": lambda: _prompt_text(row),
-                  "reference": lambda: str(reference), "score_min": lambda: f"{self.score_min:g}",
-                  "score_max": lambda: f"{self.score_max:g}"}
-        return _PLACEHOLDER.sub(lambda m: values[m.group(1)](), rubric)
+        return render_rubric(self.rubric, completion, row, self.score_min, self.score_max)
 
     def __call__(self, completion: str, row: dict) -> float:
         text = self.render(completion, row)

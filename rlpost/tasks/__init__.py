@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 REQUIRED = ("prompt", "answer")
-TASKS = ("arithmetic", "multiply", "multistep", "jsonl")  # the valid task.name values (load_task)
+TASKS = ("arithmetic", "multiply", "multistep", "functions", "grading", "jsonl")  # the valid task.name values (load_task)
 
 
 class TaskDataError(ValueError):
@@ -115,6 +115,14 @@ def load_task(cfg) -> Task:
 
         return multistep_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
                               error_rate=cfg.demonstrator_error)
+    if cfg.name == "functions":
+        from rlpost.tasks.programs import functions_task
+
+        return functions_task(seed=cfg.seed, num_eval=min(cfg.num_eval, 200), error_rate=cfg.demonstrator_error)
+    if cfg.name == "grading":
+        from rlpost.tasks.grading import grading_task
+
+        return grading_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval)
     return jsonl_task(cfg.train_file, cfg.eval_file)
 
 

@@ -1,0 +1,106 @@
+"""The reward registry (get_reward by name or module:function, with options), weighted sums with each
+component logged, threaded scoring, and the config keys that pick them."""
+
+import textwrap
+import threading
+
+import pytest
+import torch
+
+from rlpost.config import ConfigError, load_config
+from rlpost.reward import Reward, RewardError
+from rlpost.rewards import REWARDS, WeightedRewards, get_reward, reward_from_config
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def brevity(completion, row, max_chars=4):
+            return 1.0 if len(completion) <= max_chars else 0.0
+
+        class Contains:
+            def __init__(self, needle="7"):
+                self.needle = needle
+            def __call__(self, completion, row):
+                return float(self.needle in completion)
+    """))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_shipped_names_resolve_and_unknown_names_list_them():
+    assert set(REWARDS) == {"exact", "math", "code", "judge"}
+    assert get_reward("exact")("46\nmore", {"answer": "46"}) == 1.0
+    assert get_reward("exact")("046", {"answer": "46"}) == 1.0  # by value
+    with pytest.raises(ValueError, match="shipped: exact, math, code, judge"):
+        get_reward("nope")
+
+
+def test_user_functions_and_classes_take_options(user_module):
+    assert get_reward("my_rewards:brevity")("12345", {}) == 0.0
+    assert get_reward("my_rewards:brevity", max_chars=9)("12345", {}) == 1.0
+    assert get_reward("my_rewards:Contains", needle="3")("123", {}) == 1.0
+    with pytest.raises(ValueError, match="takes no option"):
+        get_reward("my_rewards:brevity", width=3)
+    with pytest.raises(ValueError, match="bad options"):
+        get_reward("my_rewards:Contains", colour="red")
+
+
+def test_weighted_sum_is_hand_computed_and_labels_repeat_safely(user_module):
+    w = WeightedRewards([{"name": "exact", "weight": 2.0}, {"name": "my_rewards:brevity", "weight": -0.5},
+                         {"name": "my_rewards:brevity", "weight": 1.0, "max_chars": 1}])
+    row = {"answer": "46"}
+    assert w.components("46", row) == {"exact": 1.0, "brevity": 1.0, "brevity_2": 0.0}
+    assert w("46", row) == pytest.approx(2.0 - 0.5 + 0.0)
+    assert w("4", row) == pytest.approx(0.0 - 0.5 + 1.0)
+    for bad, match in (([], "empty"), ([{"weight": 1}], "name"), ([{"name": "exact", "weight": "x"}], "number")):
+        with pytest.raises(ValueError, match=match):
+            WeightedRewards(bad)
+
+
+def batch_of(tok, texts):
+    from rlpost.batch import Batch
+
+    ids = [tok.encode_completion(t) for t in texts]
+    T = max(map(len, ids))
+    x = torch.zeros((len(ids), T), dtype=torch.long)
+    m = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, s in enumerate(ids):
+        x[i, :len(s)], m[i, :len(s)] = torch.tensor(s), 1
+    return Batch(input_ids=x, attention_mask=m, response_mask=m, meta={"row": [{"prompt": "p", "answer": "46"}] * len(ids)})
+
+
+def test_reward_role_logs_each_component_and_scores_in_threads(tiny_gpt, user_module):
+    _, tok = tiny_gpt
+    w = WeightedRewards([{"name": "exact", "weight": 1.0}, {"name": "my_rewards:brevity", "weight": 0.5,
+                                                               "max_chars": 2}])
+    batch, metrics = Reward(w, tok, workers=3)(batch_of(tok, ["46", "460", "47", "46"]))
+    assert batch.rewards.tolist() == [1.5, 0.0, 0.5, 1.5]
+    assert metrics["reward/exact"] == 0.5 and metrics["reward/brevity"] == 0.75
+
+    seen = set()
+
+    def where(completion, row):
+        seen.add(threading.current_thread().name)
+        return 1.0
+
+    Reward(where, tok, workers=4)(batch_of(tok, ["1"] * 8))
+    assert len(seen) > 1  # really ran on several threads
+    with pytest.raises(RewardError, match="failed on sample 1"):
+        Reward(lambda c, r: 1 / len(c) if c != "0" else 1 / 0, tok, workers=2)(batch_of(tok, ["1", "0"]))
+
+
+def test_config_picks_one_reward_or_a_weighted_sum(user_module):
+    cfg = load_config(None, ["task.reward=my_rewards:brevity", "task.reward_options={max_chars: 9}"])
+    assert reward_from_config(cfg.task, None)("123456789", {}) == 1.0
+    cfg = load_config(None, ["task.rewards=[{name: exact, weight: 1}, {name: my_rewards:brevity, weight: 0.1}]"])
+    assert isinstance(reward_from_config(cfg.task, None), WeightedRewards)
+    assert reward_from_config(load_config(None, []).task, "default") == "default"
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, ["task.reward=exact", "task.rewards=[{name: exact}]"])
+    with pytest.raises(ConfigError, match="reward_options"):
+        load_config(None, ["task.reward_options={a: 1}"])
+    with pytest.raises(ConfigError, match="env_on_error"):
+        load_config(None, ["task.env_on_error=skip"])
+    with pytest.raises(ConfigError, match="learned reward model"):
+        load_config(None, ["task.env=calculator", "reward_model.train=true"])
