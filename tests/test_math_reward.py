@@ -1,9 +1,13 @@
 """The math reward: answer extraction, equivalence through math-verify in worker processes, timeouts, threads."""
 
+import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -218,14 +222,43 @@ def test_timeout_scores_zero_counts_and_the_pool_recovers():
         r.close()
 
 
-def test_pickle_and_close(reward):
-    r = MathReward(extract=["hash", "boxed"], workers=1, timeout_s=3)
-    assert r(r"\boxed{\sqrt{4}}", {"answer": "2"}) == 1.0
-    procs = list(r._pool._executor._processes.values())
-    copy = pickle.loads(pickle.dumps(r))                                 # with its pool running
-    assert copy.methods == ("hash", "boxed") and copy.timeout_s == 3 and copy._pool._executor is None
-    assert copy("\\boxed{3}\n#### 2", {"answer": "2"}) == 1.0                 # its methods, in its order
+def test_pickle(reward):
+    assert reward(r"\boxed{\sqrt{4}}", {"answer": "2"}) == 1.0              # its pool is running
+    copy = pickle.loads(pickle.dumps(reward))
+    assert copy._pool._executor is None and repr(copy) == repr(reward)       # options travel, processes do not
+    assert copy(r"\boxed{0.5}", {"answer": "1/2"}) == 1.0
+    r = MathReward(extract=["hash", "boxed"], timeout_s=3, workers=1, answer_key="y", max_answer_chars=5,
+                   fast_path=False)
+    r = pickle.loads(pickle.dumps(r))
+    assert (r.methods, r.timeout_s, r._pool.workers, r.answer_key, r.max_answer_chars, r.fast_path) == \
+        (("hash", "boxed"), 3.0, 1, "y", 5, False)
+
+
+EXIT_SCRIPT = """
+import sys, threading, time
+from rlpost.env.math import MathReward
+
+if __name__ == "__main__":
+    r = MathReward(workers=1, timeout_s=120)
+    assert r(r"\\boxed{\\sqrt{4}}", {"answer": "2"}) == 1.0
+    first = [p for p in r._pool._executor._processes.values()]
     r.close()
-    assert r._pool._executor is None and not any(p.is_alive() for p in procs)
-    assert r(r"\boxed{\sqrt{4}}", {"answer": "3"}) == 0.0               # a call after close starts a new pool
-    r.close()
+    assert r._pool._executor is None and not any(p.is_alive() for p in first), "close() left workers running"
+    assert r(r"\\boxed{\\sqrt{4}}", {"answer": "3"}) == 0.0            # a call after close starts a new pool
+    print(" ".join(str(p.pid) for p in r._pool._executor._processes.values()), flush=True)
+    # exit while a call that would take minutes runs: the exit hook kills the workers, no 120 s wait
+    threading.Thread(target=r, args=(r"\\boxed{%s}", {"answer": "3"}), daemon=True).start()
+    time.sleep(0.5)
+"""
+
+
+def test_close_and_interpreter_exit(tmp_path):
+    script = tmp_path / "exit_while_busy.py"
+    script.write_text(EXIT_SCRIPT % SLOW)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 60
+    for pid in map(int, done.stdout.split()):
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

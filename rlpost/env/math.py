@@ -291,12 +291,19 @@ def _verify(pairs: list[tuple[str, str]]) -> bool:
 
 
 _POOLS: weakref.WeakSet[VerifierPool] = weakref.WeakSet()
+_EXITING = False
 
 
-@atexit.register
 def _close_pools() -> None:
+    global _EXITING
+    _EXITING = True
     for pool in list(_POOLS):
         pool.close()
+
+
+# Registered like concurrent.futures' own exit hook, and after it, so this one runs first: that hook waits for
+# running calls to finish, which for a stuck call is its whole timeout
+getattr(threading, "_register_atexit", atexit.register)(_close_pools)
 
 
 class VerifierPool:
@@ -323,6 +330,8 @@ class VerifierPool:
     def _get(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._executor is None:
+                if _EXITING:
+                    raise RuntimeError("math reward: called while the interpreter exits")
                 ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_init_worker)
                 # one task per worker starts them all (3.11 spawns a process per submit while none is idle),
@@ -360,6 +369,8 @@ class VerifierPool:
                 except BrokenProcessPool:
                     # another call's timeout killed this pool under us (or a worker died): once more on a fresh one
                     self._drop(ex)
+                    if _EXITING:  # killed by the exit hook: no new pool
+                        return False
             with self._lock:
                 self.crashes += 1
             return False
