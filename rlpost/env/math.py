@@ -207,7 +207,7 @@ def _as_number(s: str) -> tuple[list[Fraction], bool] | None:
     pct = bool(_PERCENT.search(s))
     if pct:
         s = _PERCENT.sub("", s)
-    m = _NUM.fullmatch(s)
+    m = _NUM.fullmatch(s) if len(s) < 4000 else None  # Python refuses int("...") past 4300 digits
     if not m:
         return None
     g = m.groupdict()
