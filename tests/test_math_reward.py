@@ -1,0 +1,264 @@
+"""The math reward: answer extraction, equivalence through math-verify in worker processes, timeouts, threads."""
+
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from rlpost.env.math import MathReward, _verify, extract_answer, fast_equivalent, is_equivalent, resolve_methods
+from rlpost.rewards import get_reward
+
+SLOW = r"9^{9^{9}}"  # sympy evaluates the 370-million-digit power: minutes, far past any timeout here
+
+
+@pytest.fixture(scope="module")
+def reward():
+    r = MathReward(workers=2, timeout_s=10)
+    yield r
+    r.close()
+
+
+# ------------------------------------------------------------------------------------------------ extraction
+
+@pytest.mark.parametrize("method,text,expected", [
+    ("boxed", r"so \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+    ("boxed", r"\boxed{\frac{\sqrt{2}}{2}} is it", r"\frac{\sqrt{2}}{2}"),          # nested braces
+    ("boxed", r"first \boxed{3}, no wait: \boxed{4}", "4"),                          # several: the last
+    ("boxed", r"\boxed{\{1, 2\}}", r"\{1, 2\}"),                                     # escaped braces are not grouping
+    ("boxed", r"\fbox{7}", "7"),
+    ("boxed", r"\boxed {$12$}", "12"),
+    ("boxed", r"\boxed{3} then \boxed{4", None),                                     # the last is cut off: nothing
+    ("boxed", "no box here", None),
+    ("hash", "6 * 7 = 42\n#### 42\n", "42"),
+    ("hash", "#### 1\n#### 1,000.", "1,000"),
+    ("hash", "####", None),
+    ("answer_is", "So the answer is 42.", "42"),
+    ("answer_is", "The final answer is: $\\frac{3}{4}$.", r"\frac{3}{4}"),
+    ("answer_is", "**Answer:** 17", "17"),
+    ("answer_is", "ANSWER: 5\nanswer is 6", "6"),
+    ("answer_is", "Answer: 5. No wait, the answer is 6.", "6"),                     # the last anchor on a line
+    ("answer_is", "Final Answer: The final answer is $5$. I hope it is correct.", "5"),
+    ("answer_is", "To answer this, add them.", None),                                # "answer" alone is no anchor
+    ("last_line", "3 + 4\n\n= 7\n  \n", "= 7"),
+    ("last_line", "   \n", None),
+    ("last_number", "3 apples and 4 pears, 7 in all.", "7"),
+    ("last_number", "it costs -1,234.5 or x-3", "3"),                                # "x-3": a minus, not a sign
+    ("last_number", "then -2 is it", "-2"),
+    ("last_number", "3/4 of them", "3/4"),
+    ("last_number", "no digits", None),
+])
+def test_each_extraction_method(method, text, expected):
+    assert extract_answer(text, method) == expected
+
+
+def test_auto_tries_boxed_hash_answer_is_last_line_in_order():
+    assert extract_answer("#### 5\nthe answer is 6\n\\boxed{7}") == "7"
+    assert extract_answer("the answer is 6\n#### 5") == "5"
+    assert extract_answer("the answer is 6\nthanks") == "6"
+    assert extract_answer("blah\n 8 ") == "8"
+    assert extract_answer("") is None
+    assert extract_answer("the answer is 6", ["last_number", "answer_is"]) == "6"
+
+
+def test_bad_extract_option_is_named():
+    with pytest.raises(ValueError, match="unknown: \\['boxd'\\]"):
+        resolve_methods(["boxed", "boxd"])
+    with pytest.raises(ValueError, match="non-empty"):
+        MathReward(extract=[])
+    with pytest.raises(ValueError, match="workers"):
+        MathReward(workers=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        MathReward(timeout_s=0)
+
+
+# ----------------------------------------------------------------------------------------------- equivalence
+
+EQUAL = [
+    ("42 dollars", "42"), (r"5\text{ cm}", "5"),
+    ("0.5", "1/2"), ("1/2", r"\frac{1}{2}"), (r"\dfrac{1}{2}", "0.5"), (r"\frac12", "0.50"), ("-0.25", r"-\frac{1}{4}"),
+    ("0.333333", r"\frac{1}{3}"), ("1,000", "1000"), ("$42$", "42"), (r"\$5", "5"), ("3", "3.0"),
+    ("50%", "0.5"), (r"50\%", "50"), ("12.5%", "0.125"), ("12.5%", "12.5"),
+    (r"2\sqrt{2}", r"\sqrt{8}"), (r"\frac{\pi}{2}", r"\pi/2"), ("(x+1)^2", "x^2+2x+1"), (r"\tfrac{1}{2}x", "x/2"),
+    (r"\{2, 1\}", r"\{1,2\}"), ("1,2", r"\{1,2\}"), ("[0, 1)", "[0,1)"), (r"(-\infty, 0]", r"(-\infty,0]"),
+    ("x=3", "3"), ("3", "x=3"),
+    ("Paris", "paris"), (r"\text{New York}", "new  york"), ("even.", "Even"),
+]
+NOT_EQUAL = [
+    ("3 or 4", "3"), ("42 dollars", "41"),
+    ("0.5", "1/3"), ("0.33", r"\frac{1}{3}"), ("1,000", "1"), ("2", "-2"), ("3", "3.01"),
+    ("50%", "5"), ("50%", "0.05"),
+    (r"\sqrt{8}", "3"), ("(x+1)^2", "x^2+1"), ("x", "y"),
+    (r"\{1,2\}", r"\{1,2,3\}"), ("[0,1]", "[0,1)"), ("(0,1)", "[0,1)"),
+    ("Pairs", "Paris"),  # math-verify alone reads both as the product p*a*i*r*s
+    ("Paris or London", "Paris"), ("odd", "even"),
+]
+
+
+@pytest.mark.parametrize("pred,gold", EQUAL)
+def test_equal_answers(reward, pred, gold):
+    assert reward.equivalent(pred, gold)
+
+
+@pytest.mark.parametrize("pred,gold", NOT_EQUAL)
+def test_unequal_answers(reward, pred, gold):
+    assert not reward.equivalent(pred, gold)
+
+
+def test_fast_path_decides_numbers_words_and_exact_strings_only():
+    assert fast_equivalent("0.5", r"\frac{1}{2}") is True
+    assert fast_equivalent("7", "8") is False
+    assert fast_equivalent(r"\frac{a}{b}", r"\dfrac{a}{b}") is True   # same string after normalisation
+    assert fast_equivalent("Pairs", "Paris") is False
+    assert fast_equivalent(r"\sqrt{8}", r"2\sqrt{2}") is None         # left to math-verify
+    assert fast_equivalent(r"\{1,2\}", r"\{2,1\}") is None
+
+
+def test_without_fast_path_math_verify_agrees_on_numbers(reward):
+    r = pickle.loads(pickle.dumps(reward))  # the same options in a copy, whose fast path can be turned off
+    r.fast_path = False
+    r._pool = reward._pool                  # and the same (started) worker processes
+    try:
+        for pred, gold, want in [("0.5", "1/2", True), (r"\frac{1}{3}", "0.333333", True), ("1,000", "1000", True),
+                                 ("50%", "0.5", True), ("12.5%", "12.5", True), ("0.5", "1/3", False), ("7", "8", False),
+                                 ("Paris", "paris", True)]:
+            assert r.equivalent(pred, gold) is want, (pred, gold)
+    finally:
+        r._pool = None
+
+
+def test_module_is_equivalent():
+    assert is_equivalent(r"\{3, 4\}", r"\{4,3\}")
+    assert not is_equivalent("[0,1]", "[0,1)")
+
+
+# ------------------------------------------------------------------------------------------- the reward itself
+
+def test_scores_and_gold_forms(reward):
+    assert reward(r"... hence \boxed{\frac{1}{2}}.", {"answer": "0.5"}) == 1.0
+    assert reward(r"... hence \boxed{2}.", {"answer": "0.5"}) == 0.0
+    assert reward("no digits, no anchors\n", {"answer": "0.5"}) == 0.0
+    assert reward("", {"answer": "0.5"}) == 0.0
+    assert reward(r"\boxed{5}", {"answer": 5}) == 1.0                                         # a number, not a string
+    assert reward(r"\boxed{4}", {"answer": r"so 2+2 = \boxed{4}"}) == 1.0                     # a solution's box
+    assert reward("#### 72", {"answer": "48 + 24 = 72\n#### 72"}) == 1.0                       # a GSM8K solution
+    assert MathReward(answer_key="target")(r"\boxed{3}", {"target": "3"}) == 1.0
+    with pytest.raises(KeyError, match="no 'answer'"):
+        reward(r"\boxed{3}", {"target": "3"})
+
+
+def test_hedging_does_not_pay(reward):
+    row = {"answer": "3"}
+    assert reward(r"\boxed{3} or maybe \boxed{4}", row) == 0.0         # only the last box counts
+    assert reward(r"\boxed{3, 4}", row) == 0.0                          # a list is a set, not a member of it
+    assert reward(r"\boxed{\{3,4\}}", row) == 0.0
+    assert reward(r"\boxed{[2,4]}", row) == 0.0                         # an interval containing the answer
+    assert reward(r"\boxed{2 < x < 4}", row) == 0.0
+    assert reward(r"\boxed{\pm 3}", row) == 0.0
+    assert reward(r"\boxed{\mathbb{R}}", row) == 0.0
+    assert reward(r"\boxed{3 \text{ or } 4}", row) == 0.0
+    assert reward(r"\boxed{x = 3}", row) == 1.0                         # an assignment is its value
+    short = MathReward(max_answer_chars=10)
+    assert short(r"\boxed{3}", row) == 1.0
+    assert short(r"\boxed{3 + 0 + 0 + 0 + 0}", row) == 0.0             # longer than max_answer_chars: no answer
+
+
+def test_get_reward_by_name():
+    fn = get_reward("math", extract="hash", workers=1)
+    assert fn("6 * 7\n#### 42", {"answer": "42"}) == 1.0
+    assert fn(r"\boxed{42}", {"answer": "42"}) == 0.0                    # hash only: the box is not looked at
+    with pytest.raises(ValueError, match="boxd"):
+        get_reward("math", extract="boxd")
+
+
+def test_from_worker_threads(reward):
+    cases = [(r"\boxed{\{1,2\}}", r"\{2,1\}", 1.0), (r"\boxed{\sqrt{8}}", r"2\sqrt{2}", 1.0),
+             (r"\boxed{[0,1]}", "[0,1)", 0.0), (r"\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
+             (r"\boxed{x^2}", "x^3", 0.0), ("#### 12", "12", 1.0)] * 3
+    with ThreadPoolExecutor(6) as ex:
+        got = list(ex.map(lambda c: reward(c[0], {"answer": c[1]}), cases))
+    assert got == [want for _, _, want in cases]
+    out = []
+    t = threading.Thread(target=lambda: out.append(reward(r"\boxed{\frac{\pi}{4}}", {"answer": r"\pi/4"})))
+    t.start()
+    t.join()
+    assert out == [1.0]
+
+
+def paced_verify(pairs):
+    """The real verifier 0.3 s late, so that some call is surely running when another one's timeout kills the pool."""
+    time.sleep(0.3)
+    return _verify(pairs)
+
+
+def test_timeout_scores_zero_counts_and_the_pool_recovers():
+    r = MathReward(workers=2, timeout_s=2.0)
+    r._pool.verify_fn = paced_verify
+    timed = []
+
+    def score(case):
+        started = time.monotonic()
+        got = r(case[0], {"answer": "4"})
+        timed.append((case[0], time.monotonic() - started))
+        return got
+
+    try:
+        assert r(r"\boxed{\sqrt{16}}", {"answer": "4"}) == 1.0          # starts the pool
+        # one worker stuck on SLOW, the other busy with 0.3 s calls when the timeout kills both: those calls
+        # are retried on the fresh pool, not scored 0
+        cases = [(rf"\boxed{{{SLOW}}}", 0.0)] + [(r"\boxed{\sqrt{16}}", 1.0), (r"\boxed{\sqrt{15}}", 0.0)] * 5
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(score, cases))
+        assert got == [want for _, want in cases]
+        assert r.timeouts == 1 and r._pool.crashes == 0
+        assert dict(timed)[cases[0][0]] < 60                              # not the minutes SLOW takes to finish
+        assert r(r"\boxed{\sqrt{9}}", {"answer": "3"}) == 1.0           # and the fresh pool carries on
+    finally:
+        r.close()
+
+
+def test_pickle(reward):
+    assert reward(r"\boxed{\sqrt{4}}", {"answer": "2"}) == 1.0              # its pool is running
+    copy = pickle.loads(pickle.dumps(reward))
+    assert copy._pool._executor is None and repr(copy) == repr(reward)       # options travel, processes do not
+    assert copy(r"\boxed{0.5}", {"answer": "1/2"}) == 1.0
+    r = MathReward(extract=["hash", "boxed"], timeout_s=3, workers=1, answer_key="y", max_answer_chars=5,
+                   fast_path=False)
+    r = pickle.loads(pickle.dumps(r))
+    assert (r.methods, r.timeout_s, r._pool.workers, r.answer_key, r.max_answer_chars, r.fast_path) == \
+        (("hash", "boxed"), 3.0, 1, "y", 5, False)
+
+
+EXIT_SCRIPT = """
+import sys, threading, time
+from rlpost.env.math import MathReward
+
+if __name__ == "__main__":
+    r = MathReward(workers=1, timeout_s=120)
+    assert r(r"\\boxed{\\sqrt{4}}", {"answer": "2"}) == 1.0
+    first = [p for p in r._pool._executor._processes.values()]
+    r.close()
+    assert r._pool._executor is None and not any(p.is_alive() for p in first), "close() left workers running"
+    assert r(r"\\boxed{\\sqrt{4}}", {"answer": "3"}) == 0.0            # a call after close starts a new pool
+    print(" ".join(str(p.pid) for p in r._pool._executor._processes.values()), flush=True)
+    # exit while a call that would take minutes runs: the exit hook kills the workers, no 120 s wait
+    threading.Thread(target=r, args=(r"\\boxed{%s}", {"answer": "3"}), daemon=True).start()
+    time.sleep(0.5)
+"""
+
+
+def test_close_and_interpreter_exit(tmp_path):
+    script = tmp_path / "exit_while_busy.py"
+    script.write_text(EXIT_SCRIPT % SLOW)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 60
+    for pid in map(int, done.stdout.split()):
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
