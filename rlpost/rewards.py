@@ -98,6 +98,13 @@ class WeightedRewards:
     def __call__(self, completion: str, row: dict) -> float:
         return self.combine(self.components(completion, row))
 
+    def metrics(self) -> dict[str, float]:
+        """The components' own counters (a judge's failures, math-verify timeouts), merged."""
+        out: dict[str, float] = {}
+        for _, _, fn in self.terms:
+            out.update(getattr(fn, "metrics", dict)())
+        return out
+
     def close(self) -> None:
         for _, _, fn in self.terms:
             getattr(fn, "close", lambda: None)()

@@ -451,6 +451,10 @@ class MathReward:
         """math-verify calls that ran out of time (each scored 0.0)."""
         return self._pool.timeouts
 
+    def metrics(self) -> dict[str, float]:
+        """Logged by the Reward role each step: math-verify calls that timed out so far."""
+        return {"math/timeouts": float(self.timeouts)}
+
     def __call__(self, completion: str, row: dict) -> float:
         if self.answer_key not in row:
             raise KeyError(f"math reward: the row has no {self.answer_key!r} (answer_key); its keys: {sorted(row)}")
