@@ -110,7 +110,11 @@ class RunContext:
     checkpoint_names: list[str] = field(default_factory=list)
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
-        return [self.tokenizer.encode_prompt(r["prompt"]) for r in rows]
+        """Each row's prompt as token ids: a string or chat messages, with the task's system prompt."""
+        from rlpost.models import encode_prompt
+
+        system = getattr(self.task, "system_prompt", None)
+        return [encode_prompt(self.tokenizer, r["prompt"], system) for r in rows]
 
     def save(self, name: str, *, step: int, finished: bool, state: dict, weights: bool) -> str:
         """Write checkpoint `name` of the current stage: `state` is the stage's own state_dict; the random
@@ -260,7 +264,8 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     rows, demos = task.train_rows + task.eval_rows, task.demonstrations if cfg.sft.steps > 0 else []
     model, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=cfg.rollout.max_new_tokens,
                                   demonstrations=demos)
-    check_lengths(model, tokenizer, rows, cfg.rollout.max_new_tokens, demos)  # before any stage, not after SFT
+    check_lengths(model, tokenizer, rows, cfg.rollout.max_new_tokens, demos,  # before any stage, not after SFT
+                  system_prompt=task.system_prompt)
     verify = load_reward_fn(cfg.task.reward) if cfg.task.reward else task.verify
     engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer")
     weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)

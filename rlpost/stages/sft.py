@@ -52,7 +52,10 @@ class SFTStage(Stage):
 
     def setup(self, ctx: RunContext) -> None:
         tok, demos = ctx.tokenizer, ctx.task.demonstrations
-        self.prompts = [tok.encode_prompt(r["prompt"]) for r in demos]
+        if not demos:
+            raise ValueError("sft.steps > 0 but the task has no demonstrations (rows with a completion, or a string "
+                             "answer to imitate); set sft.steps=0 or give the rows a completion column")
+        self.prompts = ctx.prompt_ids(demos)  # as rollout encodes them: chat template and system prompt included
         self.completions = [tok.encode_completion(r["completion"]) + [tok.eos_token_id] for r in demos]
         tc = self.trainer_cfg
         self.trainer = Trainer(ctx.model, lr=self.cfg.lr, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95),
