@@ -47,8 +47,8 @@ class ModelConfig:
 class TaskConfig:
     name: str = opt("arithmetic", "'arithmetic' (procedural, embedded) or 'file' (train_file / eval_file; 'jsonl' "
                                   "is an alias)")
-    train_file: str | None = opt(None, "file task: training prompts {prompt, answer[, completion]}: a .jsonl, .json or "
-                                       ".parquet file, or a folder saved by `datasets`")
+    train_file: str | None = opt(None, "file task: training prompts {prompt, answer[, completion]}: a .jsonl, .json "
+                                       "or .parquet file, or a folder saved by `datasets`")
     eval_file: str | None = opt(None, "file task: held-out prompts, same formats (None: train_file's eval_split when "
                                       "it is a DatasetDict folder that has one)")
     train_split: str = opt("train", "file task: the split of a DatasetDict folder that train_file reads")

@@ -125,7 +125,8 @@ class _PromptLengths:
             try:
                 self.seen[key] = len(encode_prompt(self.tokenizer, prompt, self.system_prompt))
             except ValueError as e:
-                raise ValueError(f"{_where(where, None, row)}: cannot encode the prompt {_quote(prompt)}: {e}") from None
+                raise ValueError(f"{_where(where, None, row)}: cannot encode the prompt {_quote(prompt)}: "
+                                 f"{e}") from None
         return self.seen[key]
 
 

@@ -260,7 +260,10 @@ def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_an
         if not isinstance(completion, str):
             problems.append(f"{where}: '{cols.completion}' must be a string, got {type(completion).__name__}")
         row["completion"] = completion
-    return (None, problems) if problems else (row, [])
+    if problems:
+        return None, problems
+    internal = {k: row[k] for k in ("prompt", "answer", "completion") if k in row}
+    return {**internal, **row}, []
 
 
 def _report(title: str, problems: list[str]) -> str:
