@@ -45,9 +45,21 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = opt("arithmetic", "'arithmetic' (procedural, embedded) or 'jsonl' (train_file / eval_file)")
-    train_file: str | None = opt(None, "jsonl task: training prompts, one {prompt, answer[, completion]} per line")
-    eval_file: str | None = opt(None, "jsonl task: held-out prompts, same format")
+    name: str = opt("arithmetic", "'arithmetic' (procedural, embedded) or 'file' (train_file / eval_file; 'jsonl' "
+                                  "is an alias)")
+    train_file: str | None = opt(None, "file task: training prompts {prompt, answer[, completion]}: a .jsonl, .json "
+                                       "or .parquet file, or a folder saved by `datasets`")
+    eval_file: str | None = opt(None, "file task: held-out prompts, same formats (None: train_file's eval_split when "
+                                      "it is a DatasetDict folder that has one)")
+    train_split: str = opt("train", "file task: the split of a DatasetDict folder that train_file reads")
+    eval_split: str = opt("test", "file task: the split of a DatasetDict folder that eval_file reads")
+    prompt_key: str = opt("prompt", "file task: the column of each row's prompt (a string, or chat messages)")
+    answer_key: str = opt("answer", "file task: the column of the gold answer (the reward reads row['answer'])")
+    completion_key: str = opt("completion", "file task: the column of an SFT demonstration (reasoning + answer)")
+    messages_key: str = opt("messages", "file task: chat messages [{role, content}], the prompt of rows without "
+                                        "one; a last assistant message becomes the completion")
+    system_prompt: str | None = opt(None, "a system message before every prompt that goes through the chat "
+                                          "template (message prompts, or model.chat_template=true)")
     reward: str | None = opt(None, "'module:function' scoring (completion, row) -> float; default: the task's verifier")
     reward_on_error: str = opt("raise", "when the reward function raises: 'raise' (stop, naming the sample) | 'zero'")
     reward_options: dict[str, Any] = opt({}, "keyword options of task.reward (e.g. math: {extract: boxed})")
@@ -366,8 +378,11 @@ def _validate(cfg: Config) -> None:
     if cfg.reward_model.train and cfg.reward_model.path:
         raise ConfigError("set either reward_model.path (use a trained reward model) or reward_model.train, not both")
     _validate_task(cfg)
-    if cfg.task.name == "jsonl" and not cfg.task.train_file:
-        raise ConfigError("task.name=jsonl needs task.train_file (and usually task.eval_file)")
+    if cfg.task.name in ("file", "jsonl") and not cfg.task.train_file:
+        raise ConfigError(f"task.name={cfg.task.name} needs task.train_file (and usually task.eval_file)")
+    for key in ("prompt_key", "answer_key", "completion_key", "messages_key", "train_split", "eval_split"):
+        if not getattr(cfg.task, key):
+            raise ConfigError(f"config key 'task.{key}' must be a non-empty string")
     _validate_preference(cfg.preference)
 
 

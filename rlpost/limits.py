@@ -15,6 +15,8 @@ SHOWN of them, the rest counted), the numbers, and what to change: the config ke
 
 from __future__ import annotations
 
+import json
+
 SHOWN = 5        # offending rows listed in an error; the rest are counted
 PREFIX = 40      # characters of a row's text quoted in an error
 
@@ -56,18 +58,20 @@ def block_size_for(tokenizer_or_alphabet, rows: list[dict], max_new_tokens: int,
     return max(need)
 
 
-def check_lengths(model, tokenizer, rows: list[dict], max_new_tokens: int, demonstrations: list[dict] = ()) -> None:
+def check_lengths(model, tokenizer, rows: list[dict], max_new_tokens: int, demonstrations: list[dict] = (),
+                  system_prompt: str | None = None) -> None:
     """Raise ContextLengthError unless every prompt of `rows` + `max_new_tokens` and every demonstration
     (prompt + completion + eos) fits `model`'s context. Call it once the model is loaded, with the task's
-    train and held-out rows, rollout.max_new_tokens and the SFT demonstrations (when SFT runs). A model
-    that states no context is not checked."""
+    train and held-out rows, rollout.max_new_tokens, the SFT demonstrations (when SFT runs) and the task's
+    system prompt. A prompt that cannot be encoded (a character gpt_mini lacks, chat messages without a
+    chat template) is a ValueError naming its row. A model that states no context is not checked."""
     from rlpost.models.gpt_mini import GPT
 
     found = _context(model)
     if found is None:
         return
     key, limit = found
-    lengths = _PromptLengths(tokenizer)
+    lengths = _PromptLengths(tokenizer, system_prompt)
     long_prompts, long_demos = [], []
     for i, row in enumerate(rows):
         p = lengths(row, f"row {i}")
@@ -109,17 +113,21 @@ def check_lengths(model, tokenizer, rows: list[dict], max_new_tokens: int, demon
 class _PromptLengths:
     """Encoded prompt lengths, each distinct prompt encoded once (demonstrations repeat the rows' prompts)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.seen = tokenizer, {}
+    def __init__(self, tokenizer, system_prompt: str | None = None):
+        self.tokenizer, self.system_prompt, self.seen = tokenizer, system_prompt, {}
 
     def __call__(self, row: dict, where: str) -> int:
-        text = row["prompt"]
-        if text not in self.seen:
+        from rlpost.models import encode_prompt
+
+        prompt = row["prompt"]
+        key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)  # messages: a list
+        if key not in self.seen:
             try:
-                self.seen[text] = len(self.tokenizer.encode_prompt(text))
+                self.seen[key] = len(encode_prompt(self.tokenizer, prompt, self.system_prompt))
             except ValueError as e:
-                raise ValueError(f"{_where(where, None, row)}: cannot encode the prompt {_quote(text)}: {e}") from None
-        return self.seen[text]
+                raise ValueError(f"{_where(where, None, row)}: cannot encode the prompt {_quote(prompt)}: "
+                                 f"{e}") from None
+        return self.seen[key]
 
 
 def _completion_length(tokenizer, row: dict, i: int) -> int:
@@ -134,10 +142,16 @@ def _completion_length(tokenizer, row: dict, i: int) -> int:
 
 
 def _where(kind: str, i: int | None, row: dict) -> str:
-    """'row 3 (line 4)': the index in the list passed, and the line of its file when it came from one."""
+    """'row 3 (line 4)': the index in the list passed, and the line (JSON Lines) or row (other formats) of its
+    file when it came from one."""
     name = kind if i is None else f"{kind} {i}"
-    return f"{name} (line {row['line']})" if "line" in row else name
+    if "line" in row:
+        return f"{name} (line {row['line']})"
+    return f"{name} (row {row['row']} of its file)" if "row" in row else name
 
 
-def _quote(text: str) -> str:
+def _quote(text) -> str:
+    """A prefix of a prompt or completion; chat messages as 'role: content' lines."""
+    if not isinstance(text, str):
+        text = " | ".join(f"{m.get('role')}: {m.get('content')}" for m in text)
     return repr(text if len(text) <= PREFIX else text[:PREFIX] + "...")

@@ -176,10 +176,13 @@ class LearnedReward:
     def __init__(self, rm: RewardModel, tokenizer, gold: Callable[[str, dict], float] | None = None):
         self.rm, self.tokenizer, self.gold = rm.eval().requires_grad_(False), tokenizer, gold
 
-    def check_tokenizer(self, policy_tokenizer, texts: list[str]) -> None:
-        """The reward model reads the policy's token ids directly, so both must tokenise alike."""
+    def check_tokenizer(self, policy_tokenizer, texts: list) -> None:
+        """The reward model reads the policy's token ids directly, so both must tokenise alike (`texts`:
+        prompts, strings or chat messages)."""
+        from rlpost.models import encode_prompt
+
         for t in texts:
-            if self.tokenizer.encode_prompt(t) != policy_tokenizer.encode_prompt(t):
+            if encode_prompt(self.tokenizer, t) != encode_prompt(policy_tokenizer, t):
                 raise ValueError(f"the reward model's tokenizer encodes {t!r} differently from the policy's; "
                                  "train the reward model from the policy's own checkpoint")
 

@@ -110,7 +110,11 @@ class RunContext:
     checkpoint_names: list[str] = field(default_factory=list)
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
-        return [self.tokenizer.encode_prompt(r["prompt"]) for r in rows]
+        """Each row's prompt as token ids: a string or chat messages, with the task's system prompt."""
+        from rlpost.models import encode_prompt
+
+        system = getattr(self.task, "system_prompt", None)
+        return [encode_prompt(self.tokenizer, r["prompt"], system) for r in rows]
 
     def save(self, name: str, *, step: int, finished: bool, state: dict, weights: bool) -> str:
         """Write checkpoint `name` of the current stage: `state` is the stage's own state_dict; the random
@@ -266,7 +270,8 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
         response_tokens = cfg.task.max_episode_tokens or cfg.task.max_turns * cfg.rollout.max_new_tokens
     model, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=response_tokens,
                                   demonstrations=demos)
-    check_lengths(model, tokenizer, rows, response_tokens, demos)  # before any stage, not after SFT
+    check_lengths(model, tokenizer, rows, response_tokens, demos,  # before any stage, not after SFT
+                  system_prompt=task.system_prompt)
     verify = reward_from_config(cfg.task, task.verify)
     engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer")
     weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)

@@ -65,6 +65,7 @@ class EnvRole:
     workers: int = 8
     name: str = "env"
     fn: Any = None  # the run's reward, when the environment scores with it (closed at the end of the run)
+    system_prompt: str | None = None  # task.system_prompt, put before the first prompt (chat template)
 
     @classmethod
     def from_config(cls, task_cfg, tokenizer, reward_fn, max_new_tokens: int) -> "EnvRole":
@@ -79,4 +80,5 @@ class EnvRole:
         budget = task_cfg.max_episode_tokens or task_cfg.max_turns * max_new_tokens
         return cls(make=lambda: env_cls(**options), tokenizer=tokenizer, max_turns=task_cfg.max_turns,
                    max_tokens=budget, timeout_s=task_cfg.env_timeout_s, on_error=task_cfg.env_on_error,
-                   workers=max(task_cfg.reward_workers, 8), name=task_cfg.env, fn=options.get("reward"))
+                   workers=max(task_cfg.reward_workers, 8), name=task_cfg.env, fn=options.get("reward"),
+                   system_prompt=task_cfg.system_prompt)

@@ -6,9 +6,10 @@ Two row formats, in a JSONL file (one object per line) or a Hugging Face `datase
     unpaired  {"prompt": ..., "completion": ..., "label": true}      KTO (label: desirable or not)
 
 `prompt` is a string or a list of chat messages ({"role", "content"}); a completion is a string or a
-list of messages whose last one is the assistant's reply. A message-list prompt always gets the
-tokenizer's chat template (the tokenizer must have one); a string prompt gets it when
-`model.chat_template=true`, exactly as rollout encodes prompts. Completions are encoded bare and end
+list of messages whose last one is the assistant's reply. Prompts are encoded exactly as rollout
+encodes them (`rlpost.models.encode_prompt`): a message list always through the tokenizer's chat
+template (the tokenizer must have one), a string when `model.chat_template=true`, with the task's
+system prompt (task.system_prompt) in front when set. Completions are encoded bare and end
 with eos, as SFT and rollout do.
 
 Two kinds of problem, kept apart:
@@ -31,6 +32,7 @@ import torch
 
 from rlpost.batch import Batch
 from rlpost.limits import model_context  # noqa: F401 - re-exported: the preference stage's default max_length
+from rlpost.models import encode_prompt  # noqa: F401 - the one prompt encoder; re-exported from here too
 from rlpost.rollout.episodes import episodes_in_chunks
 from rlpost.stages.sft import sft_batch
 
@@ -229,20 +231,10 @@ def with_kl_pairs(data: PreferenceData) -> PreferenceData:
     return data
 
 
-def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """Prompt ids: a string through the tokenizer's own `encode_prompt` (chat template when configured),
-    a message list through the chat template (required)."""
-    if isinstance(prompt, str):
-        return tokenizer.encode_prompt(prompt)
-    tok = getattr(tokenizer, "tok", None)
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise ValueError("a chat-message prompt needs a tokenizer with a chat template (this one has none)")
-    return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
-
-
-def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None,
-                         on_bad_row: str = "skip") -> PreferenceData:
-    """Validated rows -> PreferenceData. Bad rows are named; skipped and counted, or raised (all at once)."""
+def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None, on_bad_row: str = "skip",
+                         system_prompt: str | None = None) -> PreferenceData:
+    """Validated rows -> PreferenceData. Bad rows are named; skipped and counted, or raised (all at once).
+    Prompts are encoded as rollout encodes them (`rlpost.models.encode_prompt`, with `system_prompt`)."""
     if on_bad_row not in ("skip", "raise"):
         raise ValueError(f"on_bad_row must be 'skip' or 'raise', got {on_bad_row!r}")
     paired = "chosen" in rows[0]
@@ -258,7 +250,7 @@ def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None,
             bad.extend(problems)
             continue
         try:
-            p = encode_prompt(tokenizer, row["prompt"])
+            p = encode_prompt(tokenizer, row["prompt"], system_prompt)
             comps = [tokenizer.encode_completion(row[k]) + [tokenizer.eos_token_id] for k in keys]
         except ValueError as e:
             bad.append(f"{where}: {e}")
@@ -288,10 +280,10 @@ def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None,
 
 
 def load_preferences(source: Any, tokenizer, *, max_length: int | None, on_bad_row: str = "skip",
-                     split: str = "train") -> PreferenceData:
+                     split: str = "train", system_prompt: str | None = None) -> PreferenceData:
     """read_preference_rows + tokenize_preferences."""
     return tokenize_preferences(read_preference_rows(source, split), tokenizer, max_length=max_length,
-                                on_bad_row=on_bad_row)
+                                on_bad_row=on_bad_row, system_prompt=system_prompt)
 
 
 # ---------------------------------------------------------------------------- pairs from the model's own samples

@@ -92,11 +92,11 @@ class _Episode:
     info: dict = field(default_factory=dict)
 
 
-def encode_first_prompt(tokenizer, prompt) -> list[int]:
-    """The env's first prompt as ids: a string through tokenizer.encode_prompt, chat messages through the chat template."""
-    from rlpost.preference.data import encode_prompt
+def encode_first_prompt(tokenizer, prompt, system_prompt: str | None = None) -> list[int]:
+    """The env's first prompt as ids, as every role encodes a row's prompt (`rlpost.models.encode_prompt`)."""
+    from rlpost.models import encode_prompt
 
-    return encode_prompt(tokenizer, prompt)
+    return encode_prompt(tokenizer, prompt, system_prompt)
 
 
 def encode_observation(tokenizer, obs) -> list[int]:
@@ -153,11 +153,11 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
     t_env += time.perf_counter() - t
     for i, (ep, r) in enumerate(zip(episodes, results)):
         if r.ok:
-            ep.prompt = encode_first_prompt(tok, r.value)
+            ep.prompt = encode_first_prompt(tok, r.value, role.system_prompt)
             ep.transcript.append({"role": "prompt", "text": tok.decode(ep.prompt)})
         else:
             fail(i, ep, r)
-            ep.prompt = encode_first_prompt(tok, ep.row.get("prompt", ""))  # a row to show it, masked out below
+            ep.prompt = encode_first_prompt(tok, ep.row.get("prompt", ""), role.system_prompt)  # masked out below
     # turn 1 samples each row's k episodes together when their prompts agree (the single-turn path's draws)
     firsts = [episodes[g * k].prompt for g in range(len(rows))]
     grouped = all(episodes[g * k + j].prompt == firsts[g] for g in range(len(rows)) for j in range(k))

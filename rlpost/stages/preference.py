@@ -22,6 +22,11 @@ from rlpost.rollout import SamplingParams
 from rlpost.run import RunContext, Stage
 
 
+def system_prompt(ctx: RunContext) -> str | None:
+    """The task's system prompt: preference prompts are encoded as rollout encodes them."""
+    return getattr(ctx.task, "system_prompt", None)
+
+
 class PreferenceStage(Stage):
     """`preference.*`; sampling from `rollout.*` for self-made pairs; clipping and the non-finite guard from
     `trainer.*`; generation batch size from `eval.batch_prompts`."""
@@ -36,7 +41,7 @@ class PreferenceStage(Stage):
         pc = self.cfg
         if pc.train_file:
             data = load_preferences(pc.train_file, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
-                                    split=pc.split)
+                                    split=pc.split, system_prompt=system_prompt(ctx))
             return data, pc.train_file
         rng = random.Random(ctx.seed)
         rows = ctx.task.train_rows
@@ -57,7 +62,8 @@ class PreferenceStage(Stage):
             raise PreferenceDataError("no preference pairs: no prompt had both a correct and a wrong sample")
         path = os.path.join(ctx.run_dir, "preference_pairs.jsonl")
         write_preference_rows(pairs, path)
-        return tokenize_preferences(pairs, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row), path
+        return tokenize_preferences(pairs, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
+                                    system_prompt=system_prompt(ctx)), path
 
     def run(self, ctx: RunContext) -> None:
         pc, tc = self.cfg, self.trainer_cfg
@@ -69,7 +75,7 @@ class PreferenceStage(Stage):
                        + "\n  ".join(data.skipped[:10])
                        + (f"\n  ... and {len(data.skipped) - 10} more" if len(data.skipped) > 10 else ""))
         eval_data = (load_preferences(pc.eval_file, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
-                                      split=pc.split) if pc.eval_file else None)
+                                      split=pc.split, system_prompt=system_prompt(ctx)) if pc.eval_file else None)
         ctx.summary.update({"preference_loss": loss.name, "preference_data": source,
                             "preference_examples": len(data), "preference_skipped_rows": len(data.skipped)})
         ctx.log({"stage": "preference_data", "step": 0, "data/examples": len(data),

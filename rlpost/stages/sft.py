@@ -63,7 +63,10 @@ class SFTStage(Stage):
 
     def setup(self, ctx: RunContext) -> None:
         tok, demos = ctx.tokenizer, ctx.task.demonstrations
-        self.prompts = [tok.encode_prompt(r["prompt"]) for r in demos]
+        if not demos:
+            raise ValueError("sft.steps > 0 but the task has no demonstrations (rows with a completion, or a string "
+                             "answer to imitate); set sft.steps=0 or give the rows a completion column")
+        self.prompts = ctx.prompt_ids(demos)  # as rollout encodes them: chat template and system prompt included
         encoded = [encode_demonstration(tok, r["completion"]) for r in demos]
         self.completions = [ids for ids, _ in encoded]
         # multi-turn demonstrations: environment tokens sit in the sequence but are not imitated

@@ -1,27 +1,30 @@
 """Tasks: prompts with gold answers, a verifier, and demonstrations for SFT.
 
-A row is a dict with `prompt` (str) and `answer` (str), plus `completion` (str) when the row carries a
-demonstration. A task offers:
+A row is a dict with `prompt` (a string, or chat messages [{role, content}]), usually `answer` (str),
+plus `completion` (str) when the row carries a demonstration (reasoning before the answer is fine:
+SFT imitates the whole completion), plus any other columns of its file. A task offers:
 
     task.train_rows, task.eval_rows       # lists of rows (eval rows are held out from training)
     task.demonstrations                   # rows with a `completion` to imitate in SFT
     task.verify(completion, row) -> float # the verifier: 1.0 right, 0.0 wrong
     task.alphabet                         # characters gpt_mini needs to spell every prompt and answer
-    task.demonstrator_accuracy            # fraction of demonstrations that are right (None: unknown)
+    task.demonstrator_accuracy            # mean score of the held-out rows' completions (None: unknown)
+    task.system_prompt                    # task.system_prompt: put before every chat-template prompt
+
+Task names (task.name): `arithmetic` (procedural, embedded) and `file` (task.train_file / eval_file in
+any format rlpost/tasks/files.py reads; `jsonl` is the same task under its older name).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
-REQUIRED = ("prompt", "answer")
-TASKS = ("arithmetic", "multiply", "multistep", "functions", "grading", "jsonl")  # the valid task.name values (load_task)
+from rlpost.tasks.files import Columns, TaskDataError, prompt_text, read_rows  # noqa: F401 - the task data API
 
-
-class TaskDataError(ValueError):
-    """A prompt file that is missing, empty or has malformed rows (each named by line number)."""
+EMBEDDED = ("arithmetic", "multiply", "multistep", "functions", "grading")  # procedural tasks, one file each
+FILE_TASKS = ("file", "jsonl")
+TASKS = EMBEDDED + FILE_TASKS  # the valid task.name values (load_task); jsonl: an alias of file
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Task:
     demonstrations: list[dict]
     alphabet: str
     demonstrator_accuracy: float | None
+    system_prompt: str | None = None
 
     def verify(self, completion: str, row: dict) -> float:
         return answer_match(completion, row["answer"])
@@ -51,55 +55,105 @@ def answer_match(completion: str, answer: str) -> float:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSONL prompt file; every malformed row is reported with its line number."""
-    try:
-        with open(path) as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        raise TaskDataError(f"prompt file not found: {path}") from None
-    rows, problems = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {n}: not valid JSON ({e.msg})")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"line {n}: expected a JSON object, got {type(row).__name__}")
-            continue
-        for key in REQUIRED:
-            if key not in row:
-                problems.append(f"line {n}: missing required key '{key}'")
-            elif not isinstance(row[key], (str, int, float)) or isinstance(row[key], bool):
-                problems.append(f"line {n}: '{key}' must be a string, got {type(row[key]).__name__}")
-            elif not str(row[key]).strip():
-                problems.append(f"line {n}: '{key}' is empty")
-        if "completion" in row and not isinstance(row["completion"], str):
-            problems.append(f"line {n}: 'completion' must be a string")
-        row = {k: (str(v) if k in REQUIRED else v) for k, v in row.items()}
-        row["line"] = n
-        rows.append(row)
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise TaskDataError(f"{path}: {len(problems)} malformed row(s):\n  {shown}")
-    if not rows:
-        raise TaskDataError(f"{path}: the file has no rows")
-    return rows
+    """Rows of a JSON Lines prompt file (any file name); every malformed row is reported with its line number."""
+    return read_rows(path, fmt="json")
 
 
-def jsonl_task(train_file: str, eval_file: str | None) -> Task:
-    train = read_jsonl(train_file)
-    evals = read_jsonl(eval_file) if eval_file else []
-    demos = [r if "completion" in r else {**r, "completion": r["answer"]} for r in train]
-    chars = {c for r in train + evals for k in ("prompt", "answer", "completion") for c in str(r.get(k, ""))}
+def _text(value) -> str:
+    """A field's characters: a multi-turn completion's are its turns' contents."""
+    return "".join(t["content"] for t in value) if isinstance(value, list) else str(value)
+
+
+def _alphabet(rows: list[dict]) -> str:
+    chars = {c for r in rows for k in ("prompt", "answer", "completion") if k in r
+             for c in (prompt_text(r[k]) if k == "prompt" else _text(r[k]))}
+    return "".join(sorted(chars))
+
+
+def file_task(train_file: str, eval_file: str | None, cols: Columns = Columns(), *, train_split: str = "train",
+              eval_split: str = "test", require_answer: bool = True, verify=None,
+              system_prompt: str | None = None, name: str = "file") -> Task:
+    """The task of a training file and an optional held-out file (see rlpost/tasks/files.py for formats).
+
+    A DatasetDict folder as `train_file` gives `train_split`; without `eval_file`, its `eval_split` (when it
+    has one) is the held-out set. Demonstrations are the training rows with a completion, or else a string
+    answer to imitate. `demonstrator_accuracy` is the mean score, under `verify` (the run's reward; default:
+    the exact first-line match), of the held-out rows that carry a completion."""
+    from rlpost.tasks.files import dataset_splits
+
+    train = read_rows(train_file, cols, split=train_split, require_answer=require_answer)
+    if eval_file:
+        evals = read_rows(eval_file, cols, split=eval_split, split_key="task.eval_split",
+                          require_answer=require_answer)
+    elif eval_split in (dataset_splits(train_file) or []) and eval_split != train_split:
+        evals = read_rows(train_file, cols, split=eval_split, split_key="task.eval_split",
+                          require_answer=require_answer)
+    else:
+        evals = []
+    demos = [r if "completion" in r else {**r, "completion": r["answer"]} for r in train
+             if "completion" in r or isinstance(r.get("answer"), str)]
     graded = [r for r in evals if "completion" in r]
-    acc = sum(answer_match(r["completion"], r["answer"]) for r in graded) / len(graded) if graded else None
-    return Task("jsonl", train, evals, demos, "".join(sorted(chars)), acc)
+    acc = None
+    if graded:
+        score, total = verify or answer_match_reward, 0.0
+        for r in graded:
+            try:
+                total += float(score(r["completion"], r))
+            except Exception as e:  # noqa: BLE001 - a reward's failure, named with its row
+                where = f"line {r['line']}" if "line" in r else f"row {r.get('row')}"
+                raise ValueError(f"{eval_file or train_file} {where}: the reward failed on the held-out row's "
+                                 f"completion (scored for the demonstrator accuracy): {type(e).__name__}: {e}") from e
+        acc = total / len(graded)
+    return Task(name, train, evals, demos, _alphabet(train + evals + demos), acc, system_prompt)
+
+
+def jsonl_task(train_file: str, eval_file: str | None, **options) -> Task:
+    """`file_task` under its older name."""
+    return file_task(train_file, eval_file, **options)
+
+
+def uses_own_verifier(cfg) -> bool:
+    """Whether the run scores with the task's verifier (no task.reward, task.rewards or task.env)."""
+    return not (cfg.reward or getattr(cfg, "rewards", None) or getattr(cfg, "env", None))
 
 
 def load_task(cfg) -> Task:
+    """The task that TaskConfig `cfg` names."""
+    system_prompt = getattr(cfg, "system_prompt", None)
+    task = _embedded_task(cfg)
+    if task is not None:
+        task.system_prompt = system_prompt
+        return task
+    if cfg.name not in FILE_TASKS:
+        raise ValueError(f"task.name is {cfg.name!r}; valid values: {', '.join(TASKS)}")
+    own = uses_own_verifier(cfg)
+    verify = None
+    if not own and (cfg.reward or getattr(cfg, "rewards", None)):  # demonstrator accuracy under the run's reward
+        from rlpost.rewards import reward_from_config
+
+        verify = _LazyReward(lambda: reward_from_config(cfg, answer_match_reward))
+    task = file_task(cfg.train_file, cfg.eval_file, Columns.from_config(cfg),
+                     train_split=getattr(cfg, "train_split", "train"), eval_split=getattr(cfg, "eval_split", "test"),
+                     require_answer=own, verify=verify, system_prompt=system_prompt, name=cfg.name)
+    if not own and verify is None:  # an environment scores episodes, not completions: no accuracy to report
+        task.demonstrator_accuracy = None
+    return task
+
+
+class _LazyReward:
+    """Builds the reward on first call: only a held-out set with completions needs it at load time."""
+
+    def __init__(self, build):
+        self.build, self.fn = build, None
+
+    def __call__(self, completion: str, row: dict) -> float:
+        if self.fn is None:
+            self.fn = self.build()
+        return self.fn(completion, row)
+
+
+def _embedded_task(cfg) -> Task | None:
+    """The procedural task `cfg.name` names (None for a file task), built from its task.* keys."""
     if cfg.name == "arithmetic":
         from rlpost.tasks.arithmetic import arithmetic_task
 
@@ -123,7 +177,7 @@ def load_task(cfg) -> Task:
         from rlpost.tasks.grading import grading_task
 
         return grading_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval)
-    return jsonl_task(cfg.train_file, cfg.eval_file)
+    return None
 
 
 def answer_match_reward(completion: str, row: dict) -> float:

@@ -2,14 +2,16 @@
 
     rlpost train recipes/cot_math.yaml
 
-Prompt "57+32-18=". A demonstration writes the intermediate result, then the final one, then the
-answer in GSM8K's form: "57+32=89;89-18=71;#### 71". The verifier is `math` with `extract: hash`: it
+Prompt "57+32+18=". A demonstration writes the intermediate sum, then the final one, then the answer
+in GSM8K's form: "57+32=089;089+18=107;#### 107". Numbers are written at fixed width (operands 2
+digits, sums 3), so each digit sits at a fixed offset from the digits it depends on, as in the
+default task: that is what lets a tiny model learn to carry in minutes. The verifier is `math` with `extract: hash`: it
 reads only what follows "####" and compares it to the gold answer by value (math-verify), so the
 reasoning is free text and only the final answer counts.
 
 The demonstrator slips on a fraction `error_rate` of the problems: one digit of an intermediate result
 is wrong and the rest of its reasoning carries the mistake through (as a careless solver's would), or
-the slip is in the last step. SFT imitates reasoning and slips alike; RL against the verifier removes
+the slip is in the last sum. SFT imitates reasoning and slips alike; RL against the verifier removes
 the slips.
 """
 
@@ -20,25 +22,19 @@ import random
 from rlpost.tasks import Task
 from rlpost.tasks.arithmetic import slip
 
-ALPHABET = "0123456789+-=;# "
+ALPHABET = "0123456789+=;# "
 
 
-def _apply(x: int, op: str, y: int) -> int:
-    return x + y if op == "+" else x - y
-
-
-def solve(a: int, op1: str, b: int, op2: str, c: int, error_rate: float, rng: random.Random) -> str:
+def solve(a: int, b: int, c: int, w: int, error_rate: float, rng: random.Random) -> str:
     """The demonstrator's worked solution (with a slip on `error_rate` of the problems)."""
-    s = _apply(a, op1, b)
-    wrong = rng.random() < error_rate
-    where = rng.randrange(2) if wrong else -1
-    if where == 0:  # slip in the first step; the second step uses the wrong value
-        s = int(slip(str(abs(s)), rng)) * (1 if s >= 0 else -1)
-    t = _apply(s, op2, c)
-    shown_t = t
+    s = f"{a + b:0{w + 1}d}"
+    where = rng.randrange(2) if rng.random() < error_rate else -1
+    if where == 0:  # a slip in the first sum; the second step carries the wrong value on
+        s = slip(s, rng)
+    t = f"{int(s) + c:0{w + 1}d}"
     if where == 1:
-        shown_t = int(slip(str(abs(t)), rng)) * (1 if t >= 0 else -1)
-    return f"{a}{op1}{b}={s};{s}{op2}{c}={shown_t};#### {shown_t}"
+        t = slip(t, rng)
+    return f"{a:0{w}d}+{b:0{w}d}={s};{s}+{c:0{w}d}={t};#### {t}"
 
 
 def multistep_task(seed: int = 1234, max_operand: int = 99, num_eval: int = 500, error_rate: float = 0.35,
@@ -46,10 +42,13 @@ def multistep_task(seed: int = 1234, max_operand: int = 99, num_eval: int = 500,
     if not 0.0 <= error_rate <= 1.0:
         raise ValueError(f"task.demonstrator_error must be in [0, 1], got {error_rate}")
     rng = random.Random(seed)
+    w = len(str(max_operand))
+    if 3 * max_operand >= 10 ** (w + 1):
+        raise ValueError(f"task.max_operand={max_operand}: three operands must sum to at most {w + 1} digits")
     seen, problems = set(), []
-    while len(problems) < num_train + num_eval:
-        p = (rng.randint(0, max_operand), rng.choice("+-"), rng.randint(0, max_operand), rng.choice("+-"),
-             rng.randint(0, max_operand))
+    total = (max_operand + 1) ** 3
+    while len(problems) < min(num_train + num_eval, total):
+        p = (rng.randint(0, max_operand), rng.randint(0, max_operand), rng.randint(0, max_operand))
         if p not in seen:
             seen.add(p)
             problems.append(p)
@@ -57,11 +56,11 @@ def multistep_task(seed: int = 1234, max_operand: int = 99, num_eval: int = 500,
         raise ValueError(f"task.num_eval must be between 1 and {len(problems) - 1}, got {num_eval}")
 
     def row(p):
-        a, o1, b, o2, c = p
-        return {"prompt": f"{a}{o1}{b}{o2}{c}=", "answer": str(_apply(_apply(a, o1, b), o2, c))}
+        a, b, c = p
+        return {"prompt": f"{a:0{w}d}+{b:0{w}d}+{c:0{w}d}=", "answer": str(a + b + c)}
 
     eval_p, train_p = problems[:num_eval], problems[num_eval:]
-    demos = [{**row(p), "completion": solve(*p, error_rate, rng)} for p in train_p]
-    right = [solve(*p, error_rate, rng).rsplit("#### ", 1)[1] == row(p)["answer"] for p in eval_p]
+    demos = [{**row(p), "completion": solve(*p, w, error_rate, rng)} for p in train_p]
+    right = [int(solve(*p, w, error_rate, rng).rsplit("#### ", 1)[1]) == sum(p) for p in eval_p]
     return Task("multistep", [row(p) for p in train_p], [row(p) for p in eval_p], demos, ALPHABET,
                 sum(right) / len(right))

@@ -1,0 +1,348 @@
+"""Prompt files: JSON Lines, JSON, parquet and folders saved by `datasets`, read into task rows.
+
+    rows = read_rows("train.jsonl")
+    rows = read_rows("gsm8k.parquet", Columns(prompt="question", answer="final"))
+    rows = read_rows("data/my_dataset", split="test")      # a DatasetDict folder: one of its splits
+
+The format comes from the path: `.jsonl` (one JSON object a line), `.json` (JSON Lines, or one JSON array
+of objects), `.parquet`, or a folder written by `datasets` (`Dataset.save_to_disk`: state.json + Arrow
+files; `DatasetDict.save_to_disk`: dataset_dict.json + a folder per split). A folder is read with
+`datasets.load_from_disk` when the `datasets` package is installed, else its Arrow files are read with
+pyarrow in the order its state.json lists them (the same rows either way).
+
+Every row is normalised to the internal keys:
+
+    prompt      a string, or chat messages [{"role": ..., "content": ...}, ...]   (task.prompt_key, or
+                the messages column task.messages_key for rows without a prompt)
+    answer      a string (numbers become strings)                                  (task.answer_key)
+    completion  a string: an SFT demonstration, reasoning included                 (task.completion_key)
+                (or a multi-turn one: [{role, content}, ...], see rlpost.tasks.encode_demonstration)
+
+Every other column is kept as it is (`tests` for code, `reference` for a judge, ...); a null value is
+an absent one (a table fills the keys a row lacks with nulls). A messages list
+whose last message is the assistant's, in a row without a completion, splits into the prompt (the
+messages before it) and the completion (its content): the usual chat SFT format. Each row also gets
+its position, `line` (JSON Lines) or `row` (1-based, other formats), for error messages.
+
+Every malformed row is reported at once, by file, line or row number and what is wrong; a missing
+file names the path; a column that no row has names the columns there are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+ROLES = ("system", "user", "assistant", "tool")
+POSITION_KEYS = ("line", "row")  # added by the readers; not data
+SHOWN = 20  # malformed rows listed in an error; the rest are counted
+
+
+class TaskDataError(ValueError):
+    """A prompt file that is missing, empty or has malformed rows (each named by line or row number)."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which column holds each internal key (the task.*_key config keys)."""
+
+    prompt: str = "prompt"
+    answer: str = "answer"
+    completion: str = "completion"
+    messages: str = "messages"
+
+    @classmethod
+    def from_config(cls, cfg) -> "Columns":
+        return cls(getattr(cfg, "prompt_key", "prompt"), getattr(cfg, "answer_key", "answer"),
+                   getattr(cfg, "completion_key", "completion"), getattr(cfg, "messages_key", "messages"))
+
+
+# ---------------------------------------------------------------------------- text of a prompt
+
+def is_messages(x: Any) -> bool:
+    """A non-empty list of dicts, each with a string role and string content."""
+    return isinstance(x, list) and len(x) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A prompt as plain text: the string, or its messages' contents joined by newlines (for dedup, quoting)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(m.get("content", "")) for m in prompt)
+
+
+# ---------------------------------------------------------------------------- records from each format
+
+def _where_line(n: int) -> str:
+    return f"line {n}"
+
+
+class _BadJSON:
+    def __init__(self, msg: str):
+        self.msg = msg
+
+
+def _json_records(path: str) -> tuple[list[tuple[str, dict, Any]], list[str] | None]:
+    """[(where, position, raw record)], columns (None: from the rows) of a .jsonl or .json file."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        return [(f"row {i}", {"row": i}, r) for i, r in enumerate(data, 1)], None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {n}", {"line": n}, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((f"line {n}", {"line": n}, _BadJSON(e.msg)))
+    return out, None
+
+
+def _table_records(table) -> tuple[list[tuple[str, dict, Any]], list[str]]:
+    return [(f"row {i}", {"row": i}, r) for i, r in enumerate(table.to_pylist(), 1)], list(table.column_names)
+
+
+def _parquet_records(path: str):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - ArrowInvalid and friends: say which file
+        raise TaskDataError(f"{path}: not a readable parquet file: {type(e).__name__}: {e}") from None
+    return _table_records(table)
+
+
+def dataset_splits(folder: str) -> list[str] | None:
+    """The splits of a DatasetDict folder, or None for a single-Dataset folder."""
+    path = os.path.join(folder, "dataset_dict.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return list(json.load(f).get("splits", []))
+
+
+def _dataset_folder(path: str, split: str, split_key: str) -> tuple[str, str]:
+    """(the single-Dataset folder to read, a name for messages) of a `datasets` folder and a split."""
+    splits = dataset_splits(path)
+    if splits is None:
+        if not os.path.isfile(os.path.join(path, "state.json")):
+            raise TaskDataError(f"{path}: a folder, but not one saved by `datasets` (no state.json or "
+                                "dataset_dict.json); prompt data is a .jsonl, .json or .parquet file or such a folder")
+        return path, path
+    if split not in splits:
+        raise TaskDataError(f"{path}: no split {split!r} ({split_key}); its splits: {', '.join(splits)}")
+    return os.path.join(path, split), f"{path} [split {split}]"
+
+
+def _arrow_records(folder: str):
+    """A single-Dataset folder's rows read with pyarrow alone: the Arrow stream files state.json lists."""
+    import pyarrow as pa
+
+    with open(os.path.join(folder, "state.json")) as f:
+        files = [d["filename"] for d in json.load(f)["_data_files"]]
+    tables = []
+    for name in files:
+        with pa.memory_map(os.path.join(folder, name)) as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    return _table_records(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
+
+
+def _datasets_records(folder: str):
+    try:
+        import datasets
+    except ImportError:
+        return _arrow_records(folder)
+    ds = datasets.load_from_disk(folder)
+    return [(f"row {i}", {"row": i}, r) for i, r in enumerate(ds.to_list(), 1)], list(ds.column_names)
+
+
+def _records(path: str, split: str, split_key: str, fmt: str | None = None):
+    """(name for messages, records, columns: None for JSON) of any supported path."""
+    if os.path.isdir(path):
+        folder, name = _dataset_folder(path, split, split_key)
+        return (name, *_datasets_records(folder))
+    if not os.path.exists(path):
+        raise TaskDataError(f"prompt file not found: {path}")
+    if fmt == "json" or path.endswith((".jsonl", ".json")):
+        return (path, *_json_records(path))
+    if path.endswith(".parquet"):
+        return (path, *_parquet_records(path))
+    raise TaskDataError(f"{path}: unknown prompt file format; expected a .jsonl, .json or .parquet file, or a folder "
+                        "saved by `datasets` (save_to_disk)")
+
+
+# ---------------------------------------------------------------------------- one row
+
+def _clean_messages(messages: list) -> list[dict]:
+    """Messages without the None fields a columnar format fills in (a struct column has every key)."""
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+def _check_messages(value: Any, key: str) -> str | None:
+    """What is wrong with a chat-messages value (None: nothing)."""
+    if not isinstance(value, list) or not value:
+        return f"'{key}' must be a non-empty list of {{role, content}} messages, got {type(value).__name__}"
+    for i, m in enumerate(value, 1):
+        if not isinstance(m, dict):
+            return f"'{key}' message {i} must be an object with 'role' and 'content', got {type(m).__name__}"
+        if m.get("role") not in ROLES:
+            return f"'{key}' message {i} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return f"'{key}' message {i} ({m['role']}) needs a string 'content', got {type(m.get('content')).__name__}"
+    return None
+
+
+def _text_value(value: Any) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_answer: bool = True
+                  ) -> tuple[dict | None, list[str]]:
+    """(the row with internal keys, []) or (None, [problems, each starting with `where`])."""
+    if isinstance(record, _BadJSON):
+        return None, [f"{where}: not valid JSON ({record.msg})"]
+    if not isinstance(record, dict):
+        return None, [f"{where}: expected a JSON object, got {type(record).__name__}"]
+    problems: list[str] = []
+    mapped = {cols.prompt, cols.answer, cols.completion}
+    row = {k: v for k, v in record.items() if k not in mapped and v is not None}  # null: absent, as in a table
+    prompt, completion = record.get(cols.prompt), record.get(cols.completion)
+    if prompt is None and record.get(cols.messages) is not None:  # the prompt given as chat messages
+        messages = record[cols.messages]
+        bad = _check_messages(messages, cols.messages)
+        if bad:
+            problems.append(f"{where}: {bad}")
+        else:
+            row.pop(cols.messages)
+            messages = _clean_messages(messages)
+            if messages[-1]["role"] == "assistant" and completion is None:  # chat SFT data: the reply to imitate
+                messages, completion = messages[:-1], messages[-1]["content"]
+                if not messages:
+                    problems.append(f"{where}: '{cols.messages}' holds only an assistant message; the prompt needs "
+                                    "a message before it")
+            row["prompt"] = messages
+    elif prompt is None:
+        also = f" (or chat messages in '{cols.messages}')"
+        problems.append(f"{where}: missing required key '{cols.prompt}'{also}")
+    elif isinstance(prompt, list):
+        bad = _check_messages(prompt, cols.prompt)
+        if bad:
+            problems.append(f"{where}: {bad}")
+        else:
+            row["prompt"] = _clean_messages(prompt)
+    elif not _text_value(prompt):
+        problems.append(f"{where}: '{cols.prompt}' must be a string or a list of {{role, content}} messages, got "
+                        f"{type(prompt).__name__}")
+    elif not str(prompt).strip():
+        problems.append(f"{where}: '{cols.prompt}' is empty")
+    else:
+        row["prompt"] = str(prompt)
+    answer = record.get(cols.answer)
+    if answer is None:
+        if require_answer:
+            problems.append(f"{where}: missing required key '{cols.answer}'")
+    elif _text_value(answer):
+        if not str(answer).strip():
+            problems.append(f"{where}: '{cols.answer}' is empty")
+        row["answer"] = str(answer)
+    elif require_answer:  # the built-in verifier compares text; a custom reward may take any value
+        problems.append(f"{where}: '{cols.answer}' must be a string, got {type(answer).__name__}")
+    else:
+        row["answer"] = answer
+    if completion is not None:
+        turns = isinstance(completion, list) and all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+            for t in completion)
+        if not isinstance(completion, str) and not (turns and completion):
+            problems.append(f"{where}: '{cols.completion}' must be a string, or a multi-turn demonstration "
+                            f"[{{role, content}}, ...], got {type(completion).__name__}")
+        row["completion"] = completion
+    if problems:
+        return None, problems
+    internal = {k: row[k] for k in ("prompt", "answer", "completion") if k in row}
+    return {**internal, **row}, []
+
+
+def _report(title: str, problems: list[str]) -> str:
+    shown = "\n  ".join(problems[:SHOWN])
+    more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+    return f"{title}:\n  {shown}{more}"
+
+
+def _check_columns(name: str, columns: list[str], cols: Columns, require_answer: bool) -> None:
+    """A mapped column that no row has is one error naming the columns there are, not one per row."""
+    missing = []
+    if cols.prompt not in columns and cols.messages not in columns:
+        missing.append(f"'{cols.prompt}' (task.prompt_key) or '{cols.messages}' (task.messages_key)")
+    if require_answer and cols.answer not in columns:
+        missing.append(f"'{cols.answer}' (task.answer_key)")
+    if cols.completion != Columns.completion and cols.completion not in columns:  # asked for by name: must exist
+        missing.append(f"'{cols.completion}' (task.completion_key)")
+    if missing:
+        raise TaskDataError(f"{name}: no column {' and no column '.join(missing)}; its columns: "
+                            f"{', '.join(columns) or 'none'}")
+
+
+def read_rows(path: str, cols: Columns = Columns(), *, split: str = "train", split_key: str = "task.train_split",
+              require_answer: bool = True, fmt: str | None = None) -> list[dict]:
+    """The normalised rows of a prompt file or `datasets` folder (for a DatasetDict folder, `split`).
+
+    `require_answer`: every row needs an answer (the built-in verifier compares against it); a custom
+    reward may do without one. `fmt="json"` reads any file name as JSON Lines (else: from the path).
+    Raises TaskDataError naming every malformed row."""
+    name, records, columns = _records(path, split, split_key, fmt)
+    if not records:
+        raise TaskDataError(f"{name}: the file has no rows")
+    if columns is None and all(isinstance(r, dict) for _, _, r in records):  # JSON: the keys any row has
+        columns = list({k: None for _, _, r in records for k in r})
+    if columns is not None:  # (JSON with unreadable lines: those lines are reported one by one instead)
+        _check_columns(name, columns, cols, require_answer)
+    rows, problems = [], []
+    for where, position, record in records:
+        row, bad = normalise_row(record, where, cols, require_answer)
+        if bad:
+            problems.extend(bad)
+        else:
+            rows.append({**row, **position})
+    if problems:
+        raise TaskDataError(_report(f"{name}: {len(problems)} malformed row(s)", problems))
+    return rows
+
+
+def iter_rows_without_position(rows: list[dict]) -> Iterator[dict]:
+    """Rows as data: without the `line` / `row` positions the readers add."""
+    for r in rows:
+        yield {k: v for k, v in r.items() if k not in POSITION_KEYS}
+
+
+def write_rows(rows: list[dict], path: str) -> None:
+    """Write rows where `read_rows` (default columns) reads them back: JSON Lines (.jsonl, .json) or parquet
+    (.parquet). A chat-messages prompt goes to the `messages` column, so that every `prompt` is a string
+    (a parquet column holds one type); reading puts it back as the prompt."""
+    out = []
+    for r in iter_rows_without_position(rows):
+        if isinstance(r.get("prompt"), list) and "messages" not in r:
+            r["messages"] = r.pop("prompt")
+        out.append(r)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        keys = list({k: None for r in out for k in r})  # from_pylist takes the columns of the first row alone
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in out]), path)
+    elif path.endswith((".jsonl", ".json")):
+        with open(path, "w", encoding="utf-8") as f:
+            for r in out:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    else:
+        raise ValueError(f"cannot write {path}: the extension must be .jsonl, .json or .parquet")

@@ -1,0 +1,214 @@
+"""`rlpost curate`: exact and near duplicates, decontamination, the pass-rate band and its histogram, on
+hand-made rows with known answers; then the command end to end on a tiny gpt_mini checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rlpost.cli import main
+from rlpost.config import ModelConfig, TaskConfig
+from rlpost.curate import (contamination, curate, exact_duplicates, histogram, jaccard, near_duplicates, normalise,
+                           shingles)
+from rlpost.tasks import load_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flat(text):
+    """Each line with its runs of spaces as one."""
+    return [" ".join(line.split()) for line in text.splitlines()]
+
+
+# ---------------------------------------------------------------------------- duplicates
+
+def test_exact_duplicates_after_normalising_case_and_whitespace():
+    texts = [normalise(t) for t in ["What is  2+2?", "what is 2+2?", "What is 2+3?", " WHAT IS 2+2? "]]
+    assert texts[0] == "what is 2+2?"
+    assert exact_duplicates(texts) == [None, 0, None, 0]
+
+
+def test_near_duplicates_by_character_shingle_jaccard():
+    france = normalise("What is the capital of France?")   # 30 characters: 26 distinct 5-grams
+    shout = normalise("What is the capital of France?!")   # the same 26 and "nce?!"
+    spain = normalise("What is the capital of Spain?")     # 25 5-grams; 19 lie inside "what is the capital of "
+    assert len(shingles(france)) == 26 and len(shingles(spain)) == 25
+    assert jaccard(shingles(france), shingles(shout)) == 26 / 27
+    assert jaccard(shingles(france), shingles(spain)) == 19 / (26 + 25 - 19)
+    assert near_duplicates([france, shout, spain], 0.9) == [None, (0, 26 / 27), None]
+    assert near_duplicates([france, shout, spain], 0.5) == [None, (0, 26 / 27), (0, 19 / 32)]
+    assert near_duplicates([france, shout, spain], 0.97) == [None, None, None]  # 26/27 = 0.963
+    # a later text is compared with the kept ones only: a chain of small edits keeps every other link
+    chain = ["abcdefghijklmnopqrst", "abcdefghijklmnopqrsX", "abcdefghijklmnopqrXY"]
+    # 16 5-grams each; neighbours share 15 (J = 15/17), the ends 14 (J = 14/18)
+    found = near_duplicates(chain, 0.8)
+    assert found == [None, (0, 15 / 17), None]
+
+
+def test_near_duplicates_agree_with_the_quadratic_scan():
+    """MinHash + LSH only proposes candidates (each confirmed exactly): on this set it finds what comparing
+    every pair finds, at three thresholds."""
+    import random
+
+    rng = random.Random(0)
+    base = ["".join(rng.choice("abcde ") for _ in range(rng.randrange(8, 40))) for _ in range(60)]
+    texts = base + [t[:-1] + "z" for t in base[:30]] + [t + "q" for t in base[:20]]
+    for t in (0.6, 0.8, 0.9):
+        found = near_duplicates(texts, t)
+        kept: list[int] = []
+        for i, x in enumerate(texts):  # the same greedy rule, by brute force over every kept text
+            sims = [(j, jaccard(shingles(x), shingles(texts[j]))) for j in kept]
+            first = next(((j, s) for j, s in sims if s >= t), None)
+            assert (found[i] is None) == (first is None), (t, i)
+            if first is None:
+                kept.append(i)
+
+
+# ---------------------------------------------------------------------------- contamination
+
+def test_a_shared_13_gram_contaminates_and_12_shared_words_do_not():
+    letters = "a b c d e f g h i j k l m n o"  # 15 words
+    train = ["x y a b c d e f g h i j k l m z",   # a..m: 13 shared words in a row
+             "x a b c d e f g h i j k l y z",     # a..l: 12
+             "Compute 12+34= now",                # the whole short eval prompt "12+34=" inside it
+             "12+3=",                             # short, and not inside any eval prompt
+             "b c d",                             # short, and inside the long eval prompt
+             "12 + 34 ="]                         # the short eval prompt, spaced differently: the same words
+    assert contamination(train, [letters, "12+34="], n=13) == [0, None, 1, None, 0, 1]
+    assert contamination(train, [letters, "12+34="], n=12) == [0, 0, 1, None, 0, 1]
+
+
+# ---------------------------------------------------------------------------- band and histogram
+
+def test_the_band_keeps_prompts_the_model_sometimes_solves():
+    rows = [{"prompt": f"problem {i}", "answer": "1", "line": i + 1} for i in range(6)]
+    rates = [0.0, 0.125, 0.5, 0.875, 1.0, 0.9]
+    result = curate(rows, pass_rates=lambda rs: [rates[int(r["prompt"].split()[1])] for r in rs], band=(0.1, 0.9))
+    assert [r["prompt"] for r in result.kept] == ["problem 1", "problem 2", "problem 3", "problem 5"]
+    assert [r["pass_rate"] for r in result.kept] == [0.125, 0.5, 0.875, 0.9]
+    assert [(r["prompt"], p) for r, p in result.out_of_band] == [("problem 0", 0.0), ("problem 4", 1.0)]
+    narrow = curate(rows, pass_rates=lambda rs: [rates[int(r["prompt"].split()[1])] for r in rs], band=(0.5, 0.5))
+    assert [r["prompt"] for r in narrow.kept] == ["problem 2"]
+    with pytest.raises(ValueError, match="--band must satisfy 0 <= lo <= hi <= 1"):
+        curate(rows, band=(0.9, 0.1))
+
+
+def test_the_histogram_counts_buckets_and_their_mean_signal():
+    text = histogram([0.0, 0.0, 0.125, 0.5, 0.5, 1.0], (0.1, 0.9), width=10)
+    lines = flat(text)
+    assert "p = 0 2 33.3% 0.000 ##########" in lines
+    assert "0 < p < 0.1 0 0.0% -" in lines
+    assert "0.1 <= p < 0.2 1 16.7% 0.109 #####" in lines        # 0.125 * 0.875 = 0.109375
+    assert "0.5 <= p < 0.6 2 33.3% 0.250 ##########" in lines
+    assert "p = 1 1 16.7% 0.000 #####" in lines
+    assert len(lines) == 1 + 12 + 1
+    # (0.109375 + 0.25 + 0.25) / 6 = 0.1016; over the 3 in the band: 0.6094 / 3 = 0.2031
+    assert lines[-1] == ("signal density (mean p(1-p), at most 0.25): 0.102 over all 6 prompts, 0.203 over the 3 "
+                         "in the band [0.1, 0.9]")
+
+
+def test_filters_run_in_order_and_count_each_row_once():
+    rows = [{"prompt": p, "line": i + 1} for i, p in enumerate(
+        ["add 3 and 4", "ADD 3 and 4", "please add the numbers 12 and 30 and write the sum",
+         "please add the numbers 12 and 30 and write the sum!", "add 9 and 1", "add 2 and 2"])]
+    result = curate(rows, [{"prompt": "add 9 and 1", "row": 1}], near_dup=0.9, ngram=13)
+    assert result.counts() == {"read": 6, "exact_duplicates": 1, "near_duplicates": 1, "contaminated": 1,
+                               "too_long": 0, "out_of_band": 0, "kept": 3}
+    assert [(a["line"], b["line"]) for a, b in result.exact] == [(2, 1)]
+    assert [(a["line"], b["line"]) for a, b, _ in result.near] == [(4, 3)]
+    assert [(a["line"], b["row"]) for a, b in result.contaminated] == [(5, 1)]
+    assert [r["line"] for r in result.kept] == [1, 3, 6]
+    assert curate(rows, near_dup=0).counts()["kept"] == 5  # 0: the near-duplicate filter is off
+
+
+# ---------------------------------------------------------------------------- the command
+
+REWARD = '''import collections
+
+calls = collections.Counter()
+
+
+def score(completion, row):
+    """1 for easy rows, 0 for hard ones, and every other sample of a mixed one, whatever the completion."""
+    if row["kind"] == "easy":
+        return 1.0
+    if row["kind"] == "hard":
+        return 0.0
+    calls[row["prompt"]] += 1
+    return float(calls[row["prompt"]] % 2)
+'''
+
+LONG = "please add the numbers 12 and 30 and write the sum, then add 1 more to it"
+TRAIN = [("add 3 and 4", "mixed"), ("add 3 and 4", "mixed"), ("add 5 and 6", "easy"), ("add 7 and 8", "hard"),
+         ("please add the numbers 12 and 30 and write the sum", "mixed"),
+         ("please add the numbers 12 and 30 and write the sum!", "mixed"), ("add 9 and 1", "mixed"),
+         ("add 2 and 2", "mixed"), (LONG, "mixed")]
+
+
+def write_data(tmp_path):
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for prompt, kind in TRAIN:
+            f.write(json.dumps({"prompt": prompt, "answer": "0", "kind": kind}) + "\n")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "add 9 and 1", "answer": "10"}) + "\n")
+    (tmp_path / "mixed_reward.py").write_text(REWARD)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """An untrained gpt_mini saved to a folder; block_size 64 leaves room for 60-character prompts + 3 tokens."""
+    from rlpost.models import build_gpt_mini, save_model
+
+    alphabet = "".join(sorted({c for p, _ in TRAIN for c in p} | set("0123456789")))
+    model, tok = build_gpt_mini(ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=64), alphabet)
+    save_model(model, tok, str(tmp_path / "ckpt"))
+    return str(tmp_path / "ckpt")
+
+
+def test_rlpost_curate_end_to_end_on_a_gpt_mini_checkpoint(tmp_path, checkpoint):
+    write_data(tmp_path)
+    assert len(LONG) + 1 + 3 > 64  # bos + prompt + max_new_tokens: too long for the checkpoint
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "rlpost.cli", "curate", "--model", checkpoint, "--train", "train.jsonl",
+           "--eval", "eval.jsonl", "--out", "out/curated.jsonl", "-k", "4", "--reward", "mixed_reward:score",
+           "--max-new-tokens", "3", "--device", "cpu", "--report", "report.json", "rollout.temperature=1.0"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = flat(proc.stdout)
+    for expected in ["read 9", "exact duplicates -1 e.g. line 2 = line 1",
+                     "near duplicates -1 e.g. line 6 ~ line 5 (0.98) (Jaccard >= 0.9 of character 5-grams)",
+                     "contaminated -1 e.g. line 7 ~ eval line 1 (13-gram overlap with eval.jsonl)",
+                     "too long -1 e.g. line 9 (74 tokens)", "kept 3"]:
+        assert any(line.startswith(expected) for line in lines), (expected, proc.stdout)
+    assert any(line.startswith("out of band -2 e.g. line 3 (p=1.00); line 4 (p=0.00)") for line in lines)
+    assert "0.5 <= p < 0.6 3 60.0% 0.250 ##############################" in lines
+    assert "p = 0 1 20.0% 0.000 ##########" in lines and "p = 1 1 20.0% 0.000 ##########" in lines
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["counts"] == {"read": 9, "exact_duplicates": 1, "near_duplicates": 1, "contaminated": 1,
+                                "too_long": 1, "out_of_band": 2, "kept": 3}
+    # the train loader reads the output back
+    task = load_task(TaskConfig(name="file", train_file=str(tmp_path / "out" / "curated.jsonl")))
+    assert [r["prompt"] for r in task.train_rows] == ["add 3 and 4",
+                                                     "please add the numbers 12 and 30 and write the sum",
+                                                     "add 2 and 2"]
+    assert all(r["pass_rate"] == 0.5 and r["kind"] == "mixed" and r["answer"] == "0" for r in task.train_rows)
+
+
+def test_rlpost_curate_without_a_model_writes_parquet(tmp_path, capsys, monkeypatch):
+    write_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["curate", "--no-model", "--train", "train.jsonl", "--eval", "eval.jsonl",
+                 "--out", "curated.parquet"]) == 0
+    out = capsys.readouterr().out
+    assert "out of band - (--no-model)" in flat(out)
+    task = load_task(TaskConfig(name="file", train_file=str(tmp_path / "curated.parquet")))
+    assert [r["prompt"] for r in task.train_rows] == ["add 3 and 4", "add 5 and 6", "add 7 and 8",
+                                                     "please add the numbers 12 and 30 and write the sum",
+                                                     "add 2 and 2", LONG]
+    assert "pass_rate" not in task.train_rows[0]
+    # needs --model or --no-model; a missing file is named
+    assert main(["curate", "--train", "train.jsonl", "--out", "x.jsonl"]) == 1
+    assert "give --model" in capsys.readouterr().err
+    assert main(["curate", "--no-model", "--train", "nope.jsonl", "--out", "x.jsonl"]) == 1
+    assert "prompt file not found: nope.jsonl" in capsys.readouterr().err
