@@ -19,3 +19,26 @@ def run(tmp_path, recipe, *overrides):
 def test_tool_recipe_rl_gains_twenty_points_over_sft(tmp_path):
     s = run(tmp_path, "recipes/tool_calculator.yaml")
     assert s["pass@1_rl"] >= s["pass@1_sft"] + 0.20
+
+
+def test_code_recipe_rl_improves_over_sft(tmp_path):
+    s = run(tmp_path, "recipes/code_functions.yaml")
+    assert s["pass@1_rl"] >= s["pass@1_sft"] + 0.10
+
+
+def test_cot_recipe_rl_improves_over_sft(tmp_path):
+    s = run(tmp_path, "recipes/cot_math.yaml")
+    assert s["pass@1_rl"] >= s["pass@1_sft"] + 0.10
+
+
+def test_judge_recipes_train_a_judge_and_rl_runs_on_its_scores(tmp_path):
+    import json
+
+    grader = run(tmp_path / "grader", "recipes/judge_grader.yaml")
+    assert grader["pass@1_sft"] >= 0.75  # the judge's held-out grading accuracy
+    judge = tmp_path / "grader" / "r" / "checkpoints" / "sft"
+    s = run(tmp_path, "recipes/judge_arithmetic.yaml", f"task.reward_options.model={judge}")
+    assert s["status"] == "ok" and s["pass@1_rl"] >= s["pass@1_sft"]
+    lines = [json.loads(x) for x in open(tmp_path / "r" / "metrics.jsonl")]
+    rl = [m for m in lines if m.get("stage") == "rl" and "judge/calls" in m]
+    assert rl and rl[-1]["judge/calls"] > 0 and rl[-1]["judge/failures"] <= 0.05 * rl[-1]["judge/calls"]

@@ -3,12 +3,12 @@
     rlpost train recipes/judge_grader.yaml        # SFT only: runs/judge_grader/checkpoints/sft is the judge
     rlpost train recipes/judge_arithmetic.yaml    # the default task, rewarded by that judge (task.reward: judge)
 
-A grading row shows the judge an addition and a candidate answer through the judge's rubric
-(`RUBRIC`, the same text as `task.reward_options.rubric` in recipes/judge_arithmetic.yaml), and the
-target is "Score: 1" (right) or "Score: 0" (wrong). Candidates are right half of the time and
-otherwise one digit off, as the policy's own mistakes are. The rubric does not show the reference
-answer: the judge has to do the sum itself, so it is an imperfect grader, as real judges are, and its
-held-out accuracy is the run's pass@1.
+A grading row shows the judge an addition, its reference answer and a candidate answer through the
+judge's rubric (`RUBRIC`, the same text as `task.reward_options.rubric` in
+recipes/judge_arithmetic.yaml), and the target is "Score: 1" (right) or "Score: 0" (wrong).
+Candidates are right half of the time and otherwise one digit off, as the policy's own mistakes are.
+The judge's held-out grading accuracy is the grader run's pass@1. (Without the reference in the
+rubric the judge has to do the sum itself: 1,500 SFT steps gave a 69 % grader, too weak to reward by.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rlpost.env.judge import render_rubric
 from rlpost.tasks import Task
 from rlpost.tasks.arithmetic import arithmetic_task, slip
 
-RUBRIC = "{prompt}{completion}"  # recipes/judge_arithmetic.yaml gives the judge this rubric
+RUBRIC = "{prompt}{reference}|{completion}"  # recipes/judge_arithmetic.yaml gives the judge this rubric
 
 
 def grade_row(row: dict, rng: random.Random) -> dict:

@@ -4,7 +4,7 @@
 
 Prompt "x*3+2;" (an expression in x). The program to write is "def f(x):return x*3+2"; the row's
 tests are asserts on a few inputs ("assert f(5)==17"), run after the program by the `code` reward in
-the sandbox (rlpost/sandbox.py), which scores the fraction... here one case: all asserts pass or not.
+the sandbox (rlpost/sandbox.py): one case, scored 1 when every assert passes.
 
 The demonstrator writes programs the way a hurried programmer does: on a fraction `error_rate` of
 the problems one constant is off by a digit, an operator is wrong, or the colon is missing (a syntax
@@ -23,9 +23,8 @@ OPS = "+-*"
 
 
 def _value(expr: str, x: int) -> int:
-    a_op, a, b_op, b = expr[1], int(expr[2]), expr[3], int(expr[4])
-    v = x + a if a_op == "+" else x - a if a_op == "-" else x * a
-    return v + b if b_op == "+" else v - b if b_op == "-" else v * b
+    """What `expr` gives at x under Python's own precedence (x-3*2 is x-6): the expressions are ours."""
+    return eval(expr, {"__builtins__": {}}, {"x": x})  # noqa: S307 - built from digits, x and + - * only
 
 
 def write_program(expr: str, error_rate: float, rng: random.Random) -> str:
