@@ -163,6 +163,9 @@ class EvalConfig:
     samples_per_prompt: int = opt(4, "samples per held-out prompt for pass@1")
     temperature: float = opt(1.0, "sampling temperature of the pass@1 estimate")
     batch_prompts: int = opt(256, "held-out prompts per generation call")
+    reward: str | None = opt(None, "score pass@1 with this reward instead of the run's (e.g. exact while RL is "
+                                   "rewarded by a judge): a shipped name or 'module:function'")
+    reward_options: dict[str, Any] = opt({}, "keyword options of eval.reward")
 
 
 @dataclass
@@ -404,6 +407,10 @@ def _validate_task(cfg: Config) -> None:
         raise ConfigError("task.reward_options are the options of task.reward, which is not set")
     if t.env_options and not t.env:
         raise ConfigError("task.env_options are the options of task.env, which is not set")
+    if cfg.eval.reward and t.env:
+        raise ConfigError("eval.reward scores single completions; with task.env the environment scores the episodes")
+    if cfg.eval.reward_options and not cfg.eval.reward:
+        raise ConfigError("eval.reward_options are the options of eval.reward, which is not set")
     if t.env and (cfg.reward_model.train or cfg.reward_model.path):
         raise ConfigError("task.env and a learned reward model do not go together: the environment scores its "
                           "episodes itself")

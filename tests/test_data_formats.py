@@ -177,7 +177,8 @@ def test_bad_json_lines_and_wrong_types_are_named(tmp_path):
     msg = str(e.value)
     assert "4 malformed row(s)" in msg and "line 2: not valid JSON" in msg and "line 3: expected a JSON object" in msg
     assert "line 4: 'prompt' must be a string or a list of {role, content} messages, got dict" in msg
-    assert "line 5: 'completion' must be a string, or a multi-turn demonstration [{role, content}, ...], got int" in msg
+    assert ("line 5: 'completion' must be a string, or a multi-turn demonstration [{role, content}, ...], "
+            "got int") in msg
 
 
 def test_missing_files_folders_splits_and_formats_name_the_path(tmp_path):

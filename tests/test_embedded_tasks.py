@@ -76,11 +76,11 @@ def test_grading_rows_are_what_the_judge_recipe_asks_its_judge():
     task = grading_task(num_eval=50)
     row = task.train_rows[0]
     arithmetic = {"prompt": row["prompt"].split("=")[0] + "=", "answer": None}
-    assert row["completion"] in ("Score: 1", "Score: 0")
+    assert row["completion"][-2:] in (" 1", " 0") and len(row["completion"]) == 10  # "11 93 55 0"
     candidate = row["prompt"].split("<completion>\n")[1].split("\n")[0]
     arithmetic["answer"] = row["prompt"].split("=")[1].split("|")[0]
     assert render_rubric(RUBRIC, candidate, arithmetic, 0, 1) == row["prompt"]
-    assert (row["completion"] == "Score: 1") == (answer_match_reward(candidate, arithmetic) == 1.0)
+    assert (row["completion"][-1] == "1") == (answer_match_reward(candidate, arithmetic) == 1.0)
 
 
 @pytest.mark.parametrize("name", ["multiply", "multistep", "functions"])

@@ -249,8 +249,9 @@ def test_calculator_env_answers_calls_and_scores_the_final_turn():
 
 def test_multi_turn_demonstrations_train_only_the_assistant_turns(tiny_gpt):
     _, tok = tiny_gpt
-    ids, trained = encode_demonstration(tok, [{"role": "assistant", "content": "12"}, {"role": "tool", "content": "=3"},
-                                              {"role": "assistant", "content": "3"}])
+    turns = [{"role": "assistant", "content": "12"}, {"role": "tool", "content": "=3"},
+             {"role": "assistant", "content": "3"}]
+    ids, trained = encode_demonstration(tok, turns)
     E = tok.eos_token_id
     assert ids == tok.encode("12") + [E] + tok.encode("=3") + tok.encode("3") + [E]
     assert trained == [1, 1, 1, 0, 0, 1, 1]

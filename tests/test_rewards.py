@@ -67,7 +67,8 @@ def batch_of(tok, texts):
     m = torch.zeros((len(ids), T), dtype=torch.long)
     for i, s in enumerate(ids):
         x[i, :len(s)], m[i, :len(s)] = torch.tensor(s), 1
-    return Batch(input_ids=x, attention_mask=m, response_mask=m, meta={"row": [{"prompt": "p", "answer": "46"}] * len(ids)})
+    rows = [{"prompt": "p", "answer": "46"}] * len(ids)
+    return Batch(input_ids=x, attention_mask=m, response_mask=m, meta={"row": rows})
 
 
 def test_reward_role_logs_each_component_and_scores_in_threads(tiny_gpt, user_module):
@@ -104,3 +105,22 @@ def test_config_picks_one_reward_or_a_weighted_sum(user_module):
         load_config(None, ["task.env_on_error=skip"])
     with pytest.raises(ConfigError, match="learned reward model"):
         load_config(None, ["task.env=calculator", "reward_model.train=true"])
+
+
+def test_eval_reward_scores_pass_at_1_by_another_reward_than_the_runs(tiny_gpt, user_module):
+    from types import SimpleNamespace
+
+    from rlpost.stages.evaluate import EvalStage
+
+    _, tok = tiny_gpt
+    run_reward = Reward(lambda c, r: 0.0, tok)
+    ctx = SimpleNamespace(verifier=run_reward, tokenizer=tok)
+    cfg = load_config(None, ["eval.reward=my_rewards:brevity", "eval.reward_options={max_chars: 1}"])
+    stage = EvalStage(cfg.eval, cfg.rollout, "rl")
+    scorer = stage.scorer(ctx)
+    assert scorer is not run_reward and scorer is stage.scorer(ctx)  # built once
+    batch, _ = scorer(batch_of(tok, ["4", "46"]))
+    assert batch.rewards.tolist() == [1.0, 0.0]
+    assert EvalStage(load_config(None, []).eval, cfg.rollout, "rl").scorer(ctx) is run_reward
+    with pytest.raises(ConfigError, match="eval.reward_options"):
+        load_config(None, ["eval.reward_options={a: 1}"])

@@ -46,7 +46,8 @@ def calculate(expression: str) -> str:
     def ev(node) -> Fraction:
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        number = isinstance(node, ast.Constant) and type(node.value) in (int, float)  # bool is not a number here
+        if number:
             return Fraction(node.value)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = ev(node.operand)

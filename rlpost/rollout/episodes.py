@@ -83,7 +83,7 @@ class _Episode:
     tokens: list[int] = field(default_factory=list)    # the response region: policy and env tokens
     policy: list[int] = field(default_factory=list)    # 1 where the policy sampled the token
     logp: list[float] = field(default_factory=list)
-    turn_rewards: list[tuple[int, float]] = field(default_factory=list)  # (index in tokens of the turn's last token, r)
+    turn_rewards: list[tuple[int, float]] = field(default_factory=list)  # (index of the turn's last token, reward)
     transcript: list[dict] = field(default_factory=list)
     turns: int = 0
     version: int = 0

@@ -10,18 +10,30 @@ from rlpost.run import RunContext, Stage
 
 
 class EvalStage(Stage):
-    """`eval.*` (samples, temperature, batch size) and `rollout.max_new_tokens`."""
+    """`eval.*` (samples, temperature, batch size, the reward it scores by) and `rollout.max_new_tokens`."""
 
     name = "eval"
 
     def __init__(self, cfg, rollout_cfg, label: str):
         self.cfg, self.max_new_tokens, self.label = cfg, rollout_cfg.max_new_tokens, label
+        self.reward = None
+
+    def scorer(self, ctx: RunContext):
+        """eval.reward when set (built once), else the run's own reward."""
+        if not self.cfg.reward:
+            return ctx.verifier
+        if self.reward is None:
+            from rlpost.reward import Reward
+            from rlpost.rewards import get_reward
+
+            self.reward = Reward(get_reward(self.cfg.reward, **self.cfg.reward_options), ctx.tokenizer)
+        return self.reward
 
     def evaluate(self, ctx: RunContext) -> float:
         """pass@1 on the task's held-out rows, sampled by the rollout engine with the policy's current weights."""
         ctx.weight_sync.push()  # an engine with its own copy of the weights samples from the current policy
         rows = ctx.task.eval_rows
-        return pass_at_1(ctx.engine, ctx.verifier, rows, ctx.prompt_ids(rows), samples=self.cfg.samples_per_prompt,
+        return pass_at_1(ctx.engine, self.scorer(ctx), rows, ctx.prompt_ids(rows), samples=self.cfg.samples_per_prompt,
                          temperature=self.cfg.temperature, max_new_tokens=self.max_new_tokens,
                          batch_prompts=self.cfg.batch_prompts, seed=ctx.seed)
 

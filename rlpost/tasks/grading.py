@@ -5,10 +5,14 @@
 
 A grading row shows the judge an addition, its reference answer and a candidate answer through the
 judge's rubric (`RUBRIC`, the same text as `task.reward_options.rubric` in
-recipes/judge_arithmetic.yaml), and the target is "Score: 1" (right) or "Score: 0" (wrong).
-Candidates are right half of the time and otherwise one digit off, as the policy's own mistakes are.
-The judge's held-out grading accuracy is the grader run's pass@1. (Without the reference in the
-rubric the judge has to do the sum itself: 1,500 SFT steps gave a 69 % grader, too weak to reward by.)
+recipes/judge_arithmetic.yaml). The judge reasons before it scores, as judges are asked to: it pairs
+each digit of the candidate with the reference's ("19" "33" "55" for 135 against 195), then gives the
+score, 1 (right) or 0 (wrong), as its last number, which is what the judge parser reads. Candidates
+are right half of the time and otherwise one digit off, as the policy's own mistakes are. The judge's
+held-out grading accuracy (its last number against the label) is the grader run's pass@1.
+
+Trained to answer the score alone (without the pairing), the same model reached 70 % grading accuracy
+in 800 steps, with or without the reference in the rubric: too weak to reward by.
 """
 
 from __future__ import annotations
@@ -26,8 +30,15 @@ def grade_row(row: dict, rng: random.Random) -> dict:
     right = rng.random() < 0.5
     candidate = row["answer"] if right else slip(row["answer"], rng)
     prompt = render_rubric(RUBRIC, candidate, row, 0, 1)
-    answer = f"Score: {int(right)}"
+    answer = " ".join(c + r for c, r in zip(candidate, row["answer"])) + f" {int(right)}"
     return {"prompt": prompt, "answer": answer, "completion": answer}
+
+
+class GradingTask(Task):
+    def verify(self, completion: str, row: dict) -> float:
+        """A grading is right when its score (the last word) is the label, whatever the pairing said."""
+        words = completion.split()
+        return float(bool(words) and words[-1] == row["answer"].split()[-1])
 
 
 def grading_task(seed: int = 1234, max_operand: int = 99, num_eval: int = 500) -> Task:
@@ -36,4 +47,4 @@ def grading_task(seed: int = 1234, max_operand: int = 99, num_eval: int = 500) -
     train = [grade_row(r, rng) for r in base.train_rows]
     evals = [grade_row(r, rng) for r in base.eval_rows]
     chars = sorted({c for r in train + evals for c in r["prompt"] + r["completion"]})
-    return Task("grading", train, evals, train, "".join(chars), 1.0)
+    return GradingTask("grading", train, evals, train, "".join(chars), 1.0)
