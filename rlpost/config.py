@@ -45,8 +45,9 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = opt("arithmetic", "'arithmetic' (procedural, embedded) or 'file' (train_file / eval_file; 'jsonl' "
-                                  "is an alias)")
+    name: str = opt("arithmetic", "an embedded task: arithmetic (the default), multiply (tool), multistep (chain of "
+                                  "thought), functions (code), grading (a judge); or 'file' (train_file / eval_file; "
+                                  "'jsonl' is an alias)")
     train_file: str | None = opt(None, "file task: training prompts {prompt, answer[, completion]}: a .jsonl, .json "
                                        "or .parquet file, or a folder saved by `datasets`")
     eval_file: str | None = opt(None, "file task: held-out prompts, same formats (None: train_file's eval_split when "
@@ -60,7 +61,8 @@ class TaskConfig:
                                         "one; a last assistant message becomes the completion")
     system_prompt: str | None = opt(None, "a system message before every prompt that goes through the chat "
                                           "template (message prompts, or model.chat_template=true)")
-    reward: str | None = opt(None, "'module:function' scoring (completion, row) -> float; default: the task's verifier")
+    reward: str | None = opt(None, "a shipped reward (exact | math | code | judge: `rlpost rewards`) or "
+                                   "'module:function' scoring (completion, row) -> float; default: the task's verifier")
     reward_on_error: str = opt("raise", "when the reward function raises: 'raise' (stop, naming the sample) | 'zero'")
     reward_options: dict[str, Any] = opt({}, "keyword options of task.reward (e.g. math: {extract: boxed})")
     rewards: list[dict] | None = opt(None, "a weighted sum of rewards, each logged: [{name, weight, ...options}] "
@@ -75,10 +77,10 @@ class TaskConfig:
     env_timeout_s: float = opt(30.0, "env: seconds one reset or step may take before it counts as hung")
     env_on_error: str = opt("raise", "env: when reset/step raises or hangs: 'raise' (stop, naming the episode) | "
                                      "'zero' (end that episode with reward 0, counted in env/errors)")
-    seed: int = opt(1234, "arithmetic: seed of the problem set, its split and the demonstrator")
-    max_operand: int = opt(99, "arithmetic: operands are drawn from 0..max_operand")
-    num_eval: int = opt(500, "arithmetic: held-out problems")
-    demonstrator_error: float = opt(0.35, "arithmetic: fraction of the demonstrator's answers that are wrong")
+    seed: int = opt(1234, "embedded tasks: seed of the problem set, its split and the demonstrator")
+    max_operand: int = opt(99, "embedded tasks: operands are drawn from 0..max_operand")
+    num_eval: int = opt(500, "embedded tasks: held-out problems")
+    demonstrator_error: float = opt(0.35, "embedded tasks: fraction of the demonstrator's answers that are wrong")
 
 
 @dataclass
