@@ -27,8 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-Prompt = "str | list[dict]"
-
 
 @dataclass
 class Step:
