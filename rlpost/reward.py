@@ -60,7 +60,9 @@ class Reward:
     """The one-turn reward role: `fn(completion, row)` on every sample. `workers` > 1 scores that many
     samples at once (threads: for rewards that wait on a sandbox, a process pool or an HTTP judge). A
     weighted sum (`rlpost.rewards.WeightedRewards`) logs each component's mean as reward/<name>; a
-    reward with `metrics()` (the judge's call and failure counts) has them logged under reward/."""
+    reward with `metrics()` (the judge's call and failure counts) has them logged. A reward with
+    `batched = True` is given the whole batch at once (`score_batch(completions, rows)`): a local judge
+    answers every sample in one generation."""
 
     def __init__(self, fn: RewardFn, tokenizer, on_error: str = "raise", workers: int = 1):
         self.fn, self.tokenizer, self.on_error, self.workers = fn, tokenizer, on_error, workers
@@ -70,12 +72,16 @@ class Reward:
         return decode_responses(batch, self.tokenizer)
 
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
-        from rlpost.env.calls import call_all
+        from rlpost.env.calls import CallResult, call_all
 
         texts = self.completions(batch)
         rows = batch.meta["row"]
         score = getattr(self.fn, "components", None) or self.fn
-        results = call_all([lambda t=t, r=r: score(t, r) for t, r in zip(texts, rows)], None, self.workers)
+        if getattr(self.fn, "batched", False):  # one call for the whole batch (a local judge: one generation)
+            results = call_all([lambda: self.fn.score_batch(texts, rows)], None, 1)
+            results = ([CallResult(value=v) for v in results[0].value] if results[0].ok else results * len(texts))
+        else:
+            results = call_all([lambda t=t, r=r: score(t, r) for t, r in zip(texts, rows)], None, self.workers)
         rewards, failures, parts = [], 0, {}
         for i, (text, row, res) in enumerate(zip(texts, rows, results)):
             try:

@@ -402,3 +402,34 @@ def test_untrained_local_judge_counts_add_up(judge_folders, temperature, retries
         assert judge.retries_used == 0   # a greedy answer would repeat itself: not retried
     judge.close()
 
+
+
+def test_a_local_judge_scores_a_whole_batch_in_one_generation(judge_folders):
+    from rlpost.reward import Reward
+
+    judge = JudgeReward(model=judge_folders["seven"], device="cpu")
+    assert judge.batched
+    seen = _spy(judge)
+    completions = ["5", "4", "The answer is 5.", "5 " * 400]  # the last is too long for the judge's context
+    with pytest.warns(UserWarning, match="1 sample"):
+        scores = judge.score_batch(completions, [ROW] * 4)
+    assert scores == [pytest.approx(0.7)] * 3 + [0.0]
+    assert len(seen) == 1 and len(seen[0][0]) == 3  # one engine call, the three prompts that fit
+    assert [judge.tokenizer.decode(p) for p in seen[0][0]] == [judge.render(c, ROW) for c in completions[:3]]
+    assert judge.metrics() == {"judge/calls": 4.0, "judge/failures": 1.0, "judge/retries_used": 0.0}
+
+    class Tok:  # the Reward role decodes responses; hand it the completions as ids of a char tokenizer
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    import torch
+
+    from rlpost.batch import Batch
+
+    ids = torch.tensor([[ord(c) for c in "5"], [ord(c) for c in "4"]])
+    batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=torch.ones_like(ids),
+                  meta={"row": [ROW, ROW]})
+    out, metrics = Reward(judge, Tok())(batch)
+    assert out.rewards.tolist() == pytest.approx([0.7, 0.7]) and len(seen) == 2
+    assert metrics["judge/calls"] == 6.0
+    judge.close()

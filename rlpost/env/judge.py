@@ -255,7 +255,80 @@ class JudgeReward:
             batch = self.engine.generate([ids], k=1, params=self._params, seed=self._seed)
         return decode_responses(batch, self.tokenizer)[0]
 
+    def _ask_local_many(self, texts: list[str]) -> list[str | _Failed]:
+        """One engine call for many judge prompts: each answer, or a _Failed for a prompt too long to ask."""
+        from rlpost.reward import decode_responses
+
+        out: list[str | _Failed] = []
+        asked, ids = [], []
+        for n, text in enumerate(texts):
+            p = self.tokenizer.encode_prompt(text)
+            if self._context is not None and len(p) + self.max_new_tokens > self._context:
+                out.append(_Failed(f"the judge prompt ({len(p)} tokens) + max_new_tokens={self.max_new_tokens} "
+                                   f"exceeds the judge model's context of {self._context} tokens", retry=False))
+            else:
+                out.append("")
+                asked.append(n)
+                ids.append(p)
+        if ids:
+            with self._engine_lock:
+                if self.engine is None:
+                    raise RuntimeError("judge: this JudgeReward is closed")
+                self._seed += 1
+                batch = self.engine.generate(ids, k=1, params=self._params, seed=self._seed)
+            for n, answer in zip(asked, decode_responses(batch, self.tokenizer)):
+                out[n] = answer
+        return out
+
     # ------------------------------------------------------------------ scoring
+
+    @property
+    def batched(self) -> bool:
+        """A local judge scores a whole batch in one engine call per attempt (`score_batch`); an HTTP judge is
+        called per sample, from the Reward role's threads (task.reward_workers)."""
+        return self.url is None
+
+    def score_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
+        """Rewards of many samples with the same rules as calling the judge on each: retries (of the failed
+        ones only, together), counts, on_failure. A local judge answers each attempt in one engine call."""
+        if not self.batched:
+            return [self(c, r) for c, r in zip(completions, rows)]
+        texts = [self.render(c, r) for c, r in zip(completions, rows)]
+        with self._counts:
+            self.calls += len(texts)
+        scores: list[float | None] = [None] * len(texts)
+        errors: list[_Failed | None] = [None] * len(texts)
+        pending = list(range(len(texts)))
+        for attempt in range(self.retries + 1):
+            if attempt:
+                with self._counts:
+                    self.retries_used += len(pending)
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            retry = []
+            for n, answer in zip(pending, self._ask_local_many([texts[n] for n in pending])):
+                if not isinstance(answer, _Failed):
+                    score = parse_score(answer, self.score_min, self.score_max)
+                    if score is not None:
+                        scores[n] = (score - self.score_min) / (self.score_max - self.score_min)
+                        continue
+                    answer = _Failed(f"no score in [{self.score_min:g}, {self.score_max:g}] in the answer "
+                                     f"{answer[:200]!r}", retry=self.temperature > 0)  # greedy: same again
+                errors[n] = answer
+                if answer.retry:
+                    retry.append(n)
+            pending = retry
+            if not pending:
+                break
+        failed = [n for n, s in enumerate(scores) if s is None]
+        if failed:
+            with self._counts:
+                first = self.failures == 0
+                self.failures += len(failed)
+                self.last_error = str(errors[failed[-1]])
+            if first:
+                warnings.warn(f"judge: {len(failed)} sample(s) scored on_failure={self.on_failure:g}, e.g.: "
+                              f"{errors[failed[0]]} (further failures are only counted: metrics())", stacklevel=2)
+        return [self.on_failure if s is None else s for s in scores]
 
     def render(self, completion: str, row: dict) -> str:
         """The judge prompt for one sample: the rubric with its placeholders filled in one pass."""
