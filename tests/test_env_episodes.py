@@ -261,3 +261,18 @@ def test_multi_turn_demonstrations_train_only_the_assistant_turns(tiny_gpt):
     assert batch.response_mask[0, P:].tolist() == trained and batch.attention_mask[0, P:].sum() == len(ids)
     with pytest.raises(ValueError, match="segment 0"):
         encode_demonstration(tok, [{"content": "x"}])
+
+
+def test_env_names_resolve_and_bad_ones_are_named(tmp_path, monkeypatch):
+    from rlpost.env import load_env
+    from rlpost.env.tools import PythonToolEnv
+
+    assert load_env("calculator") is CalculatorEnv and load_env("python") is PythonToolEnv
+    with pytest.raises(ValueError, match="shipped: calculator, python"):
+        load_env("chess")
+    (tmp_path / "my_envs.py").write_text("def not_a_class(): pass\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="must name a class"):
+        load_env("my_envs:not_a_class")
+    with pytest.raises(ValueError, match="task.env 'my_envs:Missing'"):
+        load_env("my_envs:Missing")

@@ -38,7 +38,10 @@ def load_env(spec: str) -> type:
     elif ":" in spec:
         from rlpost.reward import load_reward_fn  # same lookup rules: the working directory, then sys.path
 
-        cls = load_reward_fn(spec)
+        try:
+            cls = load_reward_fn(spec)
+        except ValueError as e:
+            raise ValueError(f"task.env {spec!r}: {e}") from None
         if not inspect.isclass(cls):
             raise ValueError(f"task.env {spec!r} must name a class (an Env subclass), got {type(cls).__name__}")
         return cls
