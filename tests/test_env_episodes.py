@@ -276,3 +276,15 @@ def test_env_names_resolve_and_bad_ones_are_named(tmp_path, monkeypatch):
         load_env("my_envs:not_a_class")
     with pytest.raises(ValueError, match="task.env 'my_envs:Missing'"):
         load_env("my_envs:Missing")
+
+
+def test_python_tool_env_runs_calls_in_the_sandbox():
+    from rlpost.env.tools import PythonToolEnv
+
+    env = PythonToolEnv(timeout_s=5)
+    env.reset({"prompt": "p", "answer": "42"})
+    assert env.step("let me compute <python>print(6*7)</python>").observation == "<output>42</output>"
+    assert env.step("<python>print(1/0)</python>").observation == "<output>error: " \
+        "exit_nonzero</output>"
+    s = env.step("42")
+    assert s.done and s.reward == 1.0
