@@ -42,3 +42,8 @@ def test_judge_recipes_train_a_judge_and_rl_runs_on_its_scores(tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "r" / "metrics.jsonl")]
     rl = [m for m in lines if m.get("stage") == "rl" and "judge/calls" in m]
     assert rl and rl[-1]["judge/calls"] > 0 and rl[-1]["judge/failures"] <= 0.05 * rl[-1]["judge/calls"]
+
+
+def test_cot_pipeline_sft_dpo_rlvr_gains_at_each_stage(tmp_path):
+    s = run(tmp_path, "recipes/cot_dpo_rlvr.yaml")
+    assert s["pass@1_dpo"] >= s["pass@1_sft"] and s["pass@1_rl"] >= s["pass@1_sft"] + 0.10
