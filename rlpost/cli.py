@@ -8,6 +8,7 @@
     rlpost curate --model M --train F --eval E --out O   dedup, decontaminate, keep prompts in a pass-rate band
     rlpost algorithms                         the registered algorithms
     rlpost rewards / rlpost envs              the shipped rewards and environments
+    rlpost eval runs/X --k 1 8                pass@k, maj@k, mean reward and length on the held-out rows
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     p_dpo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p_dpo.add_argument("--loss", choices=sorted(preference_losses()), help="the preference loss, with its defaults")
     add_curate_parser(sub)
+    p_eval = sub.add_parser(
+        "eval", help="evaluate a checkpoint: pass@k, maj@k, mean reward and length on the task's held-out rows",
+        description="Sample the task's held-out prompts from CHECKPOINT (a run directory: its newest checkpoint's "
+                    "weights and its config; or a model folder) and score them with the run's reward, as the "
+                    "pipeline's evaluation does. A sample passes when its reward is >= eval.success_threshold "
+                    "(or its environment says success). Writes eval.json.")
+    p_eval.add_argument("checkpoint", help="a run directory or a model folder")
+    p_eval.add_argument("recipe", nargs="?", help="recipe YAML for the task (default: the run's config.yaml)")
+    p_eval.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (task.*, eval.*)")
+    p_eval.add_argument("--k", type=int, nargs="+", default=[1], help="the k of pass@k and maj@k (default 1)")
+    p_eval.add_argument("--samples", type=int, help="samples per prompt (default: the largest k)")
+    p_eval.add_argument("--out", help="where eval.json goes (default: in the run directory, else here)")
     sub.add_parser("algorithms", help="list the registered RL algorithms")
     sub.add_parser("rewards", help="list the shipped rewards (task.reward / task.rewards names)")
     sub.add_parser("envs", help="list the shipped environments (task.env names)")
@@ -81,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "curate":
         return run_curate(args)
+    if args.command == "eval":
+        return run_eval_command(args)
     if args.command == "algorithms":
         from rlpost.algorithms import available
 
@@ -187,6 +202,27 @@ def run_curate(args) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"rlpost: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+
+
+def run_eval_command(args) -> int:
+    """`rlpost eval`: print and write the metrics of `rlpost.evaluate.run_eval`."""
+    from rlpost.evaluate import run_eval
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not os.path.exists(recipe):  # only overrides were given
+        recipe, overrides = None, [recipe, *overrides]
+    try:
+        result = run_eval(args.checkpoint, recipe, overrides, ks=args.k, samples=args.samples, out=args.out)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"rlpost: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    print(f"rlpost eval: {result['checkpoint']} on {result['prompts']} held-out prompts of task {result['task']}, "
+          f"{result['samples']} samples each at temperature {result['temperature']:g}")
+    for key, value in result.items():
+        if key.startswith(("pass@", "maj@")) or key in ("mean_reward", "mean_length"):
+            print(f"  {key:<12} {value:.4f}")
+    print(f"  (a pass: reward >= {result['success_threshold']:g}); written to {result['written_to']}")
+    return 0
 
 
 def resumable_config(run_dir: str, given=None):

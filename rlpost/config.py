@@ -168,6 +168,9 @@ class EvalConfig:
     reward: str | None = opt(None, "score pass@1 with this reward instead of the run's (e.g. exact while RL is "
                                    "rewarded by a judge): a shipped name or 'module:function'")
     reward_options: dict[str, Any] = opt({}, "keyword options of eval.reward")
+    success_threshold: float = opt(1.0, "a sample passes (pass@k) when its reward is >= this, or when its "
+                                        "environment's last step says info['success']; the mean reward is logged "
+                                        "beside pass@1")
 
 
 @dataclass

@@ -1,24 +1,165 @@
-"""Held-out evaluation: pass@1 is the probability that one sampled completion is right.
+"""Held-out evaluation: pass@k, maj@k, the mean reward and the response length, from sampled completions.
 
-It is estimated as the mean verifier score over `samples` completions per held-out prompt, drawn at
-`temperature` (1.0 by default: the policy itself, not its mode). Rollout + reward through the same
+A sample *succeeds* when the environment's last step says so (`info["success"]`) or, otherwise, when its
+reward is >= `success_threshold` (1.0 by default: right, for 0/1 verifiers). pass@k counts successes,
+never the mean of a partial-credit reward: a code reward of 0.5 (half the tests) is not half a pass.
+The mean reward is reported beside it under its own name.
+
+- pass@k: the unbiased estimator of Chen et al. (2021), 1 - C(n - c, k) / C(n, k) for c successes
+  among n samples of a prompt, averaged over prompts; pass@1 is the mean success rate.
+- maj@k: the answer most of a prompt's first k samples give (the reward's `extract(completion)` when it
+  has one, e.g. math's final answer; else the completion's first line), right if its samples succeed.
+
+Samples are drawn at `temperature` (1.0 by default: the policy itself, not its mode), through the same
 episode function as training (rlpost/rollout/episodes.py), nothing else.
 """
 
 from __future__ import annotations
 
-from rlpost.reward import Reward
+from collections import Counter
+
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.episodes import episodes_in_chunks
 
 
-def pass_at_1(engine, reward: Reward, rows: list[dict], prompt_ids: list[list[int]], *, samples: int,
-              temperature: float, max_new_tokens: int, batch_prompts: int = 256, seed: int = 0) -> float:
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c successes: 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prob_all_fail = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_fail *= 1.0 - k / i
+    return 1.0 - prob_all_fail
+
+
+def majority_success(keys: list, successes: list[bool]) -> bool:
+    """Does the most common answer among `keys` succeed? Ties go to the answer seen first; no answer (None)
+    never wins a vote while some sample has one."""
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return False
+    best = max(counts.values())
+    winner = next(k for k in keys if k is not None and counts[k] == best)
+    return any(s for k, s in zip(keys, successes) if k == winner)
+
+
+def vote_key(reward_fn, completion: str):
+    """What maj@k votes on: the reward's own answer extraction when it has one, else the first line."""
+    extract = getattr(reward_fn, "extract", None)
+    if extract is not None:
+        return extract(completion)
+    line = completion.strip().split("\n")[0].strip()
+    return line or None
+
+
+def evaluate(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, samples: int, temperature: float,
+             max_new_tokens: int, ks: tuple[int, ...] = (1,), success_threshold: float = 1.0,
+             batch_prompts: int = 256, seed: int = 0) -> dict:
+    """pass@k and maj@k for each k in `ks` (k <= samples), mean_reward, mean_length (response tokens),
+    prompts, samples: over `rows`, `samples` completions each."""
     if not rows:
-        return float("nan")
+        raise ValueError("evaluation needs held-out rows; the task has none")
+    bad = [k for k in ks if not 1 <= k <= samples]
+    if bad:
+        raise ValueError(f"k={bad} must be between 1 and the samples per prompt ({samples})")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-    total, count = 0.0, 0
-    for _, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, samples, params, seed, batch_prompts):
-        total += float(batch.rewards.sum())
-        count += len(batch)
-    return total / count
+    fn = getattr(reward, "fn", None)
+    passes = {k: 0.0 for k in ks}
+    majority = {k: 0.0 for k in ks}
+    reward_sum = length_sum = 0.0
+    for idx, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, samples, params, seed, batch_prompts):
+        rewards = batch.rewards.float()
+        rewards = rewards.sum(1) if rewards.dim() == 2 else rewards
+        lengths = batch.response_mask.sum(1)
+        infos = batch.meta.get("env_info", [{}] * len(batch))
+        completions = batch.meta.get("completion", [""] * len(batch))
+        for j in range(len(idx)):
+            group = range(j * samples, (j + 1) * samples)
+            ok = [bool(infos[i].get("success")) if "success" in (infos[i] or {}) else
+                  float(rewards[i]) >= success_threshold for i in group]
+            keys = [vote_key(fn, completions[i]) for i in group]
+            for k in ks:
+                passes[k] += pass_at_k(samples, sum(ok), k)
+                majority[k] += float(majority_success(keys[:k], ok[:k]))
+        reward_sum += float(rewards.sum())
+        length_sum += float(lengths.sum())
+    n = len(rows)
+    out = {f"pass@{k}": passes[k] / n for k in ks}
+    out.update({f"maj@{k}": majority[k] / n for k in ks})
+    out.update({"mean_reward": reward_sum / (n * samples), "mean_length": length_sum / (n * samples),
+                "prompts": n, "samples": samples, "success_threshold": success_threshold})
+    return out
+
+
+def pass_at_1(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, samples: int, temperature: float,
+              max_new_tokens: int, batch_prompts: int = 256, seed: int = 0, success_threshold: float = 1.0) -> dict:
+    """The pipeline's evaluation: {"pass@1", "mean_reward", ...} (see `evaluate`)."""
+    return evaluate(engine, reward, rows, prompt_ids, samples=samples, temperature=temperature,
+                    max_new_tokens=max_new_tokens, ks=(1,), success_threshold=success_threshold,
+                    batch_prompts=batch_prompts, seed=seed)
+
+
+# ---------------------------------------------------------------------------- the command
+
+def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: list[int], samples: int | None,
+             out: str | None) -> dict:
+    """`rlpost eval CHECKPOINT`: the task's held-out rows sampled from CHECKPOINT's weights and scored by the
+    run's reward (or eval.reward), as the pipeline's evaluation does; writes eval.json and returns it.
+
+    CHECKPOINT is a run directory (its newest checkpoint's weights, its config.yaml for the task unless a
+    recipe is given) or a model folder. eval.json goes to `out`, else into the run directory, else the
+    working directory."""
+    import json
+    import os
+
+    import torch
+
+    from rlpost.config import load_config
+    from rlpost.curate import resolve_model
+    from rlpost.env import EnvRole
+    from rlpost.models import encode_prompt, load_model
+    from rlpost.reward import Reward
+    from rlpost.rewards import get_reward, reward_from_config
+    from rlpost.rollout import build_engine
+    from rlpost.tasks import load_task
+
+    run_dir = checkpoint if os.path.isfile(os.path.join(checkpoint, "config.yaml")) else None
+    if recipe is None and run_dir is not None:
+        recipe = os.path.join(run_dir, "config.yaml")
+    cfg = load_config(recipe, overrides)
+    if not os.path.isdir(checkpoint):
+        raise ValueError(f"rlpost eval: {checkpoint} is not a run directory or a model folder")
+    cfg.model.name = resolve_model(checkpoint)
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg.task)
+    model, tokenizer = load_model(cfg.model, task.alphabet)
+    model.eval()
+    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True)
+    fn = reward_from_config(cfg.task, task.verify)
+    if cfg.eval.reward:
+        reward = Reward(get_reward(cfg.eval.reward, **cfg.eval.reward_options), tokenizer)
+    elif cfg.task.env:
+        reward = EnvRole.from_config(cfg.task, tokenizer, fn, cfg.rollout.max_new_tokens)
+    else:
+        reward = Reward(fn, tokenizer, on_error=cfg.task.reward_on_error, workers=cfg.task.reward_workers)
+    samples = samples or max(ks)
+    rows = task.eval_rows
+    try:
+        with torch.no_grad():
+            result = evaluate(engine, reward, rows, [encode_prompt(tokenizer, r["prompt"], task.system_prompt)
+                                                     for r in rows],
+                              samples=samples, temperature=cfg.eval.temperature,
+                              max_new_tokens=cfg.rollout.max_new_tokens, ks=tuple(sorted(set(ks))),
+                              success_threshold=cfg.eval.success_threshold, batch_prompts=cfg.eval.batch_prompts,
+                              seed=cfg.seed)
+    finally:
+        engine.close()
+        getattr(getattr(reward, "fn", None), "close", lambda: None)()
+    result = {"checkpoint": cfg.model.name, "task": task.name, "temperature": cfg.eval.temperature, **result}
+    path = out or os.path.join(run_dir or ".", "eval.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    result["written_to"] = path
+    return result

@@ -451,6 +451,10 @@ class MathReward:
         """math-verify calls that ran out of time (each scored 0.0)."""
         return self._pool.timeouts
 
+    def extract(self, completion: str) -> str | None:
+        """The final answer this reward would read from `completion` (what maj@k votes on)."""
+        return extract_answer(completion, self.methods)
+
     def metrics(self) -> dict[str, float]:
         """Logged by the Reward role each step: math-verify calls that timed out so far."""
         return {"math/timeouts": float(self.timeouts)}

@@ -29,17 +29,22 @@ class EvalStage(Stage):
             self.reward = Reward(get_reward(self.cfg.reward, **self.cfg.reward_options), ctx.tokenizer)
         return self.reward
 
-    def evaluate(self, ctx: RunContext) -> float:
-        """pass@1 on the task's held-out rows, sampled by the rollout engine with the policy's current weights."""
+    def evaluate(self, ctx: RunContext) -> dict:
+        """pass@1 (successes) and the mean reward on the task's held-out rows, sampled by the rollout engine
+        with the policy's current weights."""
         ctx.weight_sync.push()  # an engine with its own copy of the weights samples from the current policy
         rows = ctx.task.eval_rows
         return pass_at_1(ctx.engine, self.scorer(ctx), rows, ctx.prompt_ids(rows), samples=self.cfg.samples_per_prompt,
                          temperature=self.cfg.temperature, max_new_tokens=self.max_new_tokens,
-                         batch_prompts=self.cfg.batch_prompts, seed=ctx.seed)
+                         batch_prompts=self.cfg.batch_prompts, seed=ctx.seed,
+                         success_threshold=self.cfg.success_threshold)
 
     def run(self, ctx: RunContext) -> None:
-        value = self.evaluate(ctx)
+        result = self.evaluate(ctx)
+        value = result["pass@1"]
         ctx.summary[f"pass@1_{self.label}"] = value
-        ctx.log({"stage": "eval", "step": 0, "eval/pass@1": value, "after": self.label})
+        ctx.summary[f"mean_reward_{self.label}"] = result["mean_reward"]
+        ctx.log({"stage": "eval", "step": 0, "eval/pass@1": value, "eval/mean_reward": result["mean_reward"],
+                 "after": self.label})
         tqdm.write(f"rlpost: held-out pass@1 ({'before training' if self.label == 'start' else 'after ' + self.label})"
                    f": {value:.3f}")

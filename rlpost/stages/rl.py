@@ -112,7 +112,8 @@ class RLStage(Stage):
         for step in bar:
             metrics = self.controller.step(step)
             if c.eval_every and step % c.eval_every == 0 and step != c.steps:
-                metrics["eval/pass@1"] = self.evaluation.evaluate(ctx)
+                result = self.evaluation.evaluate(ctx)
+                metrics["eval/pass@1"], metrics["eval/mean_reward"] = result["pass@1"], result["mean_reward"]
             ctx.log({"stage": "rl", "step": step, **metrics})
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
             tqdm.write(step_line(step, metrics) + (f" | pass@1 {metrics['eval/pass@1']:.3f}"

@@ -1,0 +1,90 @@
+"""Evaluation: the unbiased pass@k and maj@k against hand-computed values, successes rather than mean
+partial credit, and `rlpost eval` end to end on a saved checkpoint."""
+
+import json
+import math
+import textwrap
+
+import pytest
+
+from rlpost.evaluate import majority_success, pass_at_k
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))  # 0.7
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)           # pass@1 is the success rate
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    assert pass_at_k(8, 6, 3) == 1.0                           # fewer than k failures: some draw passes
+    assert pass_at_k(8, 1, 4) == pytest.approx(0.5)            # 1 - C(7,4)/C(8,4) = 1 - 35/70
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_majority_vote():
+    assert majority_success(["7", "8", "7"], [True, False, True])
+    assert not majority_success(["8", "7", "8"], [False, True, False])
+    assert majority_success(["7", "8"], [True, False])            # a tie goes to the answer seen first
+    assert not majority_success([None, None], [False, False])
+    assert majority_success([None, None, "7"], [False, False, True])  # no answer never wins a vote
+
+
+@pytest.fixture
+def checkpoint(tmp_path, monkeypatch):
+    from rlpost.config import ModelConfig
+    from rlpost.models import build_gpt_mini, save_model
+    from rlpost.tasks.arithmetic import ALPHABET
+
+    model, tok = build_gpt_mini(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16), ALPHABET)
+    save_model(model, tok, str(tmp_path / "ckpt"))
+    # rewards that do not depend on the (untrained) model: by prompt, and a constant partial credit
+    (tmp_path / "by_prompt.py").write_text(textwrap.dedent("""
+        def even_first_digit(completion, row):
+            return 1.0 if int(row["prompt"][0]) % 2 == 0 else 0.0
+        def half(completion, row):
+            return 0.5
+    """))
+    monkeypatch.chdir(tmp_path)
+    return str(tmp_path / "ckpt")
+
+
+def test_rlpost_eval_counts_successes_and_writes_eval_json(checkpoint, tmp_path, capsys):
+    from rlpost.cli import main
+    from rlpost.tasks.arithmetic import arithmetic_task
+
+    keys = ["task.num_eval=40", "rollout.max_new_tokens=4"]
+    assert main(["eval", checkpoint, *keys, "task.reward=by_prompt:even_first_digit", "--k", "1", "4",
+                 "--out", "e.json"]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    rows = arithmetic_task(num_eval=40).eval_rows
+    even = sum(int(r["prompt"][0]) % 2 == 0 for r in rows) / len(rows)  # every sample of such a prompt passes
+    assert result["pass@1"] == pytest.approx(even) and result["pass@4"] == pytest.approx(even)
+    assert result["maj@4"] == pytest.approx(even) and result["mean_reward"] == pytest.approx(even)
+    assert result["prompts"] == 40 and result["samples"] == 4 and 1 <= result["mean_length"] <= 4
+    assert "pass@4" in capsys.readouterr().out
+
+    # partial credit is not a pass: pass@1 counts successes, the mean reward is reported beside it
+    assert main(["eval", checkpoint, *keys, "task.reward=by_prompt:half", "--out", "h.json"]) == 0
+    half = json.loads((tmp_path / "h.json").read_text())
+    assert half["pass@1"] == 0.0 and half["mean_reward"] == pytest.approx(0.5)
+    assert main(["eval", checkpoint, *keys, "task.reward=by_prompt:half", "eval.success_threshold=0.5",
+                 "--out", "h2.json"]) == 0
+    assert json.loads((tmp_path / "h2.json").read_text())["pass@1"] == 1.0
+    # k above the samples is named
+    assert main(["eval", checkpoint, *keys, "--k", "8", "--samples", "4"]) == 1
+    assert "between 1 and the samples" in capsys.readouterr().err
+
+
+def test_rlpost_eval_on_a_run_directory_uses_its_config_and_newest_weights(tmp_path, monkeypatch):
+    from rlpost.cli import main
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    monkeypatch.chdir(tmp_path)
+    s = train(load_config(None, ["out_dir=runs", "run_name=r", "task.num_eval=30", "sft.steps=2", "rl.steps=1",
+                                 "rl.eval_every=0", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
+                                 "rollout.prompts_per_step=4", "rollout.k=2", "eval.samples_per_prompt=2"]))
+    assert main(["eval", "runs/r", "--k", "1", "2"]) == 0
+    result = json.loads((tmp_path / "runs" / "r" / "eval.json").read_text())
+    assert result["checkpoint"].endswith("checkpoints/final") and result["prompts"] == 30
+    assert result["pass@1"] == pytest.approx(s["pass@1_rl"])  # the pipeline's evaluation, same samples
