@@ -69,7 +69,8 @@ def evaluate(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, s
     passes = {k: 0.0 for k in ks}
     majority = {k: 0.0 for k in ks}
     reward_sum = length_sum = 0.0
-    for idx, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, samples, params, seed, batch_prompts):
+    for idx, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, samples, params, seed, batch_prompts,
+                                         desc="eval"):
         rewards = batch.rewards.float()
         rewards = rewards.sum(1) if rewards.dim() == 2 else rewards
         lengths = batch.response_mask.sum(1)

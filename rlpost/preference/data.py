@@ -295,7 +295,8 @@ def pairs_from_samples(engine, reward, rows: list[dict], prompt_ids: list[list[i
     Returns (paired rows, stats)."""
     rng = random.Random(seed)
     out, n_samples, n_right, no_right, no_wrong = [], 0, 0.0, 0, 0
-    for chunk, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, k, params, seed, batch_prompts):
+    for chunk, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, k, params, seed, batch_prompts,
+                                           desc="preference pairs"):
         texts, scores = batch.meta["completion"], batch.rewards.tolist()
         n_samples += len(scores)
         n_right += sum(scores)

@@ -58,14 +58,21 @@ def run_episodes(engine, reward, rows: list[dict], prompt_ids: list[list[int]], 
 
 
 def episodes_in_chunks(engine, reward, rows: list[dict], prompt_ids: list[list[int]], k: int,
-                       params: SamplingParams, seed: int, chunk: int) -> Iterator[tuple[list[int], Batch]]:
+                       params: SamplingParams, seed: int, chunk: int,
+                       desc: str | None = None) -> Iterator[tuple[list[int], Batch]]:
     """`run_episodes` over `chunk` rows at a time (seed + first row index per chunk), for passes over a
-    whole prompt set (evaluation, preference pairs). Yields (row indices, scored batch)."""
+    whole prompt set (evaluation, preference pairs). Yields (row indices, scored batch). With `desc`, a
+    progress bar (prompts done, ETA) that disappears when the pass ends."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(rows), desc=desc, unit="prompt", leave=False, dynamic_ncols=True, disable=desc is None)
     for start in range(0, len(rows), chunk):
         idx = list(range(start, min(start + chunk, len(rows))))
         batch, _ = run_episodes(engine, reward, [rows[i] for i in idx], [prompt_ids[i] for i in idx], k, params,
                                 seed + start)
+        bar.update(len(idx))
         yield idx, batch
+    bar.close()
 
 
 # ---------------------------------------------------------------------------- episodes with an environment
