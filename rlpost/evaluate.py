@@ -7,8 +7,8 @@ The mean reward is reported beside it under its own name.
 
 - pass@k: the unbiased estimator of Chen et al. (2021), 1 - C(n - c, k) / C(n, k) for c successes
   among n samples of a prompt, averaged over prompts; pass@1 is the mean success rate.
-- maj@k: the answer most of a prompt's first k samples give (the reward's `extract(completion)` when it
-  has one, e.g. math's final answer; else the completion's first line), right if its samples succeed.
+- maj@k: the answer most of a prompt's first k samples give (the reward's `final_answer(completion)`
+  when it has one, e.g. math's; else the completion's first line), right if its samples succeed.
 
 Samples are drawn at `temperature` (1.0 by default: the policy itself, not its mode), through the same
 episode function as training (rlpost/rollout/episodes.py), nothing else.
@@ -47,9 +47,9 @@ def majority_success(keys: list, successes: list[bool]) -> bool:
 
 def vote_key(reward_fn, completion: str):
     """What maj@k votes on: the reward's own answer extraction when it has one, else the first line."""
-    extract = getattr(reward_fn, "extract", None)
-    if extract is not None:
-        return extract(completion)
+    final_answer = getattr(reward_fn, "final_answer", None)
+    if callable(final_answer):
+        return final_answer(completion)
     line = completion.strip().split("\n")[0].strip()
     return line or None
 

@@ -88,3 +88,15 @@ def test_rlpost_eval_on_a_run_directory_uses_its_config_and_newest_weights(tmp_p
     result = json.loads((tmp_path / "runs" / "r" / "eval.json").read_text())
     assert result["checkpoint"].endswith("checkpoints/final") and result["prompts"] == 30
     assert result["pass@1"] == pytest.approx(s["pass@1_rl"])  # the pipeline's evaluation, same samples
+
+
+def test_maj_at_k_votes_on_the_rewards_final_answer_or_the_first_line():
+    from rlpost.evaluate import vote_key
+    from rlpost.rewards import get_reward
+
+    math = get_reward("math", extract="hash")
+    assert vote_key(math, "12+30=042;042+05=047;#### 047") == "047"
+    code = get_reward("code", extract="whole")  # its `extract` option is a string, not an answer extractor
+    assert vote_key(code, "def f(x):return x\nmore") == "def f(x):return x"
+    assert vote_key(None, "  \n") is None
+    math.close()

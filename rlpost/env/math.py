@@ -451,7 +451,7 @@ class MathReward:
         """math-verify calls that ran out of time (each scored 0.0)."""
         return self._pool.timeouts
 
-    def extract(self, completion: str) -> str | None:
+    def final_answer(self, completion: str) -> str | None:
         """The final answer this reward would read from `completion` (what maj@k votes on)."""
         return extract_answer(completion, self.methods)
 
