@@ -76,8 +76,10 @@ class Reward:
 
         texts = self.completions(batch)
         rows = batch.meta["row"]
-        score = getattr(self.fn, "components", None) or self.fn
-        if getattr(self.fn, "batched", False):  # one call for the whole batch (a local judge: one generation)
+        components = getattr(self.fn, "components", None)
+        score = components if callable(components) else self.fn
+        batched = getattr(self.fn, "batched", False) is True and callable(getattr(self.fn, "score_batch", None))
+        if batched:  # one call for the whole batch (a local judge: one generation)
             results = call_all([lambda: self.fn.score_batch(texts, rows)], None, 1)
             results = ([CallResult(value=v) for v in results[0].value] if results[0].ok else results * len(texts))
         else:
@@ -88,7 +90,7 @@ class Reward:
                 if res.error is not None:
                     raise res.error
                 value = res.value
-                if isinstance(value, dict):  # components of a weighted sum
+                if score is components and isinstance(value, dict):  # components of a weighted sum
                     for label, v in value.items():
                         parts.setdefault(label, []).append(float(v))
                     value = self.fn.combine(value)
@@ -106,6 +108,6 @@ class Reward:
         rewards = torch.tensor(rewards, device=batch.input_ids.device)
         metrics = {"reward/errors": float(failures)}
         metrics.update({f"reward/{label}": sum(v) / len(v) for label, v in parts.items()})
-        if hasattr(self.fn, "metrics"):
+        if callable(getattr(self.fn, "metrics", None)):
             metrics.update({(k if "/" in k else f"reward/{k}"): float(v) for k, v in self.fn.metrics().items()})
         return batch.replace(rewards=rewards, meta=meta), metrics
