@@ -193,7 +193,6 @@ class JudgeReward:
         # a judge on this machine is reached directly, whatever proxy the environment names for the outside
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(url) else []
         self._opener = urllib.request.build_opener(*handlers)
-        self._ask = self._ask_http
 
     def _init_local(self, model: str, device: str, dtype: str, chat_template: bool | None) -> None:
         from rlpost.config import ModelConfig
@@ -215,7 +214,6 @@ class JudgeReward:
         self.engine = build_engine("auto", self._model, tok)
         self._params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
         self._seed = 0   # a new seed per generation: a sampling judge (temperature > 0) answers a retry afresh
-        self._ask = self._ask_local
 
     def _ask_http(self, text: str) -> str:
         body = json.dumps({"model": self.api_model, "messages": [{"role": "user", "content": text}],
@@ -240,20 +238,6 @@ class JudgeReward:
         if not isinstance(content, str):
             raise _Failed(f"choices[0].message.content is {content!r}, not text")
         return content
-
-    def _ask_local(self, text: str) -> str:
-        from rlpost.reward import decode_responses
-
-        ids = self.tokenizer.encode_prompt(text)
-        if self._context is not None and len(ids) + self.max_new_tokens > self._context:
-            raise _Failed(f"the judge prompt ({len(ids)} tokens) + max_new_tokens={self.max_new_tokens} exceeds the "
-                          f"judge model's context of {self._context} tokens", retry=False)
-        with self._engine_lock:
-            if self.engine is None:
-                raise RuntimeError("judge: this JudgeReward is closed")
-            self._seed += 1
-            batch = self.engine.generate([ids], k=1, params=self._params, seed=self._seed)
-        return decode_responses(batch, self.tokenizer)[0]
 
     def _ask_local_many(self, texts: list[str]) -> list[str | _Failed]:
         """One engine call for many judge prompts: each answer, or a _Failed for a prompt too long to ask."""
@@ -335,6 +319,8 @@ class JudgeReward:
         return render_rubric(self.rubric, completion, row, self.score_min, self.score_max)
 
     def __call__(self, completion: str, row: dict) -> float:
+        if self.batched:  # a local judge: one sample is a batch of one
+            return self.score_batch([completion], [row])[0]
         text = self.render(completion, row)
         with self._counts:
             self.calls += 1
@@ -345,15 +331,14 @@ class JudgeReward:
                     self.retries_used += 1
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                answer = self._ask(text)
+                answer = self._ask_http(text)
             except _Failed as e:
                 error = e
             else:
                 score = parse_score(answer, self.score_min, self.score_max)
                 if score is not None:
                     return (score - self.score_min) / (self.score_max - self.score_min)
-                error = _Failed(f"no score in [{self.score_min:g}, {self.score_max:g}] in the answer {answer[:200]!r}",
-                                retry=self.url is not None or self.temperature > 0)  # greedy local: same again
+                error = _Failed(f"no score in [{self.score_min:g}, {self.score_max:g}] in the answer {answer[:200]!r}")
             if not error.retry:
                 break
         with self._counts:
