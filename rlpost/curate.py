@@ -435,8 +435,7 @@ def _model_filters(cfg, args):
 
     from rlpost.limits import model_context
     from rlpost.models import encode_prompt, load_model
-    from rlpost.reward import Reward
-    from rlpost.rewards import reward_from_config
+    from rlpost.rewards import reward_role
     from rlpost.rollout import SamplingParams, build_engine
     from rlpost.tasks import answer_match_reward
 
@@ -449,8 +448,8 @@ def _model_filters(cfg, args):
     model, tokenizer = load_model(cfg.model)
     model.eval()
     engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True)
-    reward = Reward(reward_from_config(cfg.task, answer_match_reward), tokenizer, on_error=cfg.task.reward_on_error)
     rc = cfg.rollout
+    reward = reward_role(cfg.task, answer_match_reward, tokenizer, rc.max_new_tokens)
     params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                             top_p=rc.top_p, stop=list(rc.stop), max_num_seqs=rc.max_num_seqs)
     context = model_context(model)

@@ -119,10 +119,8 @@ def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: l
 
     from rlpost.config import load_config
     from rlpost.curate import resolve_model
-    from rlpost.env import EnvRole
     from rlpost.models import encode_prompt, load_model
-    from rlpost.reward import Reward
-    from rlpost.rewards import get_reward, reward_from_config
+    from rlpost.rewards import eval_reward_role, reward_role
     from rlpost.rollout import build_engine
     from rlpost.tasks import load_task
 
@@ -138,13 +136,8 @@ def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: l
     model, tokenizer = load_model(cfg.model, task.alphabet)
     model.eval()
     engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True)
-    fn = reward_from_config(cfg.task, task.verify)
-    if cfg.eval.reward:
-        reward = Reward(get_reward(cfg.eval.reward, **cfg.eval.reward_options), tokenizer)
-    elif cfg.task.env:
-        reward = EnvRole.from_config(cfg.task, tokenizer, fn, cfg.rollout.max_new_tokens)
-    else:
-        reward = Reward(fn, tokenizer, on_error=cfg.task.reward_on_error, workers=cfg.task.reward_workers)
+    reward = (eval_reward_role(cfg.eval, tokenizer)
+              or reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens))
     samples = samples or max(ks)
     rows = task.eval_rows
     try:

@@ -110,6 +110,27 @@ class WeightedRewards:
             getattr(fn, "close", lambda: None)()
 
 
+def reward_role(task_cfg, default: Callable[[str, dict], float], tokenizer, max_new_tokens: int):
+    """The run's reward role: an environment's (task.env, scoring with the configured reward) or the one-turn
+    `Reward` over `reward_from_config(task_cfg, default)`. What the pipeline and `rlpost eval` sample with."""
+    from rlpost.env import EnvRole
+    from rlpost.reward import Reward
+
+    fn = reward_from_config(task_cfg, default)
+    if task_cfg.env:
+        return EnvRole.from_config(task_cfg, tokenizer, fn, max_new_tokens)
+    return Reward(fn, tokenizer, on_error=task_cfg.reward_on_error, workers=task_cfg.reward_workers)
+
+
+def eval_reward_role(eval_cfg, tokenizer):
+    """The `Reward` of eval.reward (with eval.reward_options), or None when evaluation uses the run's reward."""
+    from rlpost.reward import Reward
+
+    if not eval_cfg.reward:
+        return None
+    return Reward(get_reward(eval_cfg.reward, **eval_cfg.reward_options), tokenizer)
+
+
 def reward_from_config(task_cfg, default: Callable[[str, dict], float]) -> RewardFn:
     """The reward a run's config asks for: task.rewards (a weighted sum), task.reward (one, by name or
     'module:function', with task.reward_options), else `default` (the task's own verifier)."""

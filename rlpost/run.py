@@ -251,9 +251,8 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0."""
     from rlpost.limits import check_lengths
     from rlpost.models import load_model
-    from rlpost.env import EnvRole
-    from rlpost.reward import Reward
-    from rlpost.rewards import reward_from_config
+    from rlpost.env import response_budget
+    from rlpost.rewards import reward_role
     from rlpost.rollout import build_engine
     from rlpost.tasks import load_task
     from rlpost.weight_sync import WeightSync
@@ -265,20 +264,14 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     task = load_task(cfg.task)
     rows, demos = task.train_rows + task.eval_rows, task.demonstrations if cfg.sft.steps > 0 else []
     # with an environment, an episode's tokens after the prompt (policy + environment) are its budget
-    response_tokens = cfg.rollout.max_new_tokens
-    if cfg.task.env:
-        response_tokens = cfg.task.max_episode_tokens or cfg.task.max_turns * cfg.rollout.max_new_tokens
+    response_tokens = response_budget(cfg.task, cfg.rollout.max_new_tokens)
     model, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=response_tokens,
                                   demonstrations=demos)
     check_lengths(model, tokenizer, rows, response_tokens, demos,  # before any stage, not after SFT
                   system_prompt=task.system_prompt)
-    verify = reward_from_config(cfg.task, task.verify)
     engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer")
     weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)
-    if cfg.task.env:
-        verifier = EnvRole.from_config(cfg.task, tokenizer, verify, cfg.rollout.max_new_tokens)
-    else:
-        verifier = Reward(verify, tokenizer, on_error=cfg.task.reward_on_error, workers=cfg.task.reward_workers)
+    verifier = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
     summary = {"run_dir": run_dir, "demonstrator_accuracy": task.demonstrator_accuracy, "status": "running"}
     return RunContext(run_dir=run_dir, seed=cfg.seed, model=model, tokenizer=tokenizer, task=task, engine=engine,
                       weight_sync=weight_sync, verifier=verifier, log=log, summary=summary, rl_reward=verifier)

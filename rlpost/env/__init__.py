@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from rlpost.env.base import Env, Step, VerifierEnv
 
-__all__ = ["ENVS", "Env", "EnvRole", "Step", "VerifierEnv", "load_env"]
+__all__ = ["ENVS", "Env", "EnvRole", "Step", "VerifierEnv", "load_env", "response_budget"]
 
 ENVS = {  # name -> ("module:Class", one line for `rlpost envs`)
     "calculator": ("rlpost.env.tools:CalculatorEnv",
@@ -48,6 +48,14 @@ def load_env(spec: str) -> type:
     else:
         raise ValueError(f"unknown environment {spec!r}; shipped: {', '.join(ENVS)}, or a user's 'module:Class'")
     return getattr(importlib.import_module(module), attr)
+
+
+def response_budget(task_cfg, max_new_tokens: int) -> int:
+    """Tokens after the prompt that one sample may take: rollout.max_new_tokens for one turn; with an
+    environment, task.max_episode_tokens (default max_turns * max_new_tokens), policy and env tokens together."""
+    if not task_cfg.env:
+        return max_new_tokens
+    return task_cfg.max_episode_tokens or task_cfg.max_turns * max_new_tokens
 
 
 @dataclass
@@ -80,8 +88,7 @@ class EnvRole:
             env_cls(**options)
         except TypeError as e:
             raise ValueError(f"task.env {task_cfg.env!r}: bad task.env_options {sorted(options)}: {e}") from e
-        budget = task_cfg.max_episode_tokens or task_cfg.max_turns * max_new_tokens
         return cls(make=lambda: env_cls(**options), tokenizer=tokenizer, max_turns=task_cfg.max_turns,
-                   max_tokens=budget, timeout_s=task_cfg.env_timeout_s, on_error=task_cfg.env_on_error,
+                   max_tokens=response_budget(task_cfg, max_new_tokens), timeout_s=task_cfg.env_timeout_s, on_error=task_cfg.env_on_error,
                    workers=max(task_cfg.reward_workers, 8), name=task_cfg.env, fn=options.get("reward"),
                    system_prompt=task_cfg.system_prompt)

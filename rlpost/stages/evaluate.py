@@ -23,10 +23,9 @@ class EvalStage(Stage):
         if not self.cfg.reward:
             return ctx.verifier
         if self.reward is None:
-            from rlpost.reward import Reward
-            from rlpost.rewards import get_reward
+            from rlpost.rewards import eval_reward_role
 
-            self.reward = Reward(get_reward(self.cfg.reward, **self.cfg.reward_options), ctx.tokenizer)
+            self.reward = eval_reward_role(self.cfg, ctx.tokenizer)
         return self.reward
 
     def evaluate(self, ctx: RunContext) -> dict:
