@@ -99,13 +99,6 @@ class _Episode:
     info: dict = field(default_factory=dict)
 
 
-def encode_first_prompt(tokenizer, prompt, system_prompt: str | None = None) -> list[int]:
-    """The env's first prompt as ids, as every role encodes a row's prompt (`rlpost.models.encode_prompt`)."""
-    from rlpost.models import encode_prompt
-
-    return encode_prompt(tokenizer, prompt, system_prompt)
-
-
 def encode_observation(tokenizer, obs) -> list[int]:
     """An observation's ids. A string is encoded bare (no special tokens). Chat messages become the chat
     template's rendering of just those messages after an assistant turn, with the generation prompt for
@@ -139,6 +132,8 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
                      seed: int) -> tuple[Batch, dict[str, float]]:
     """k episodes of each row against fresh environments (see the module docstring). Returns the scored
     batch and metrics: env/turns, env/errors, env/timeouts, env/env_tokens (mean per episode), time/*."""
+    from rlpost.models import encode_prompt
+
     tok = role.tokenizer
     t0 = time.perf_counter()
     t_env = 0.0
@@ -160,11 +155,11 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
     t_env += time.perf_counter() - t
     for i, (ep, r) in enumerate(zip(episodes, results)):
         if r.ok:
-            ep.prompt = encode_first_prompt(tok, r.value, role.system_prompt)
+            ep.prompt = encode_prompt(tok, r.value, role.system_prompt)  # as every role encodes a prompt
             ep.transcript.append({"role": "prompt", "text": tok.decode(ep.prompt)})
         else:
             fail(i, ep, r)
-            ep.prompt = encode_first_prompt(tok, ep.row.get("prompt", ""), role.system_prompt)  # masked out below
+            ep.prompt = encode_prompt(tok, ep.row.get("prompt", ""), role.system_prompt)  # masked out below
     # turn 1 samples each row's k episodes together when their prompts agree (the single-turn path's draws)
     firsts = [episodes[g * k].prompt for g in range(len(rows))]
     grouped = all(episodes[g * k + j].prompt == firsts[g] for g in range(len(rows)) for j in range(k))
