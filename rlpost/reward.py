@@ -80,8 +80,10 @@ class Reward:
         score = components if callable(components) else self.fn
         batched = getattr(self.fn, "batched", False) is True and callable(getattr(self.fn, "score_batch", None))
         if batched:  # one call for the whole batch (a local judge: one generation)
-            results = call_all([lambda: self.fn.score_batch(texts, rows)], None, 1)
-            results = ([CallResult(value=v) for v in results[0].value] if results[0].ok else results * len(texts))
+            try:
+                results = [CallResult(value=v) for v in self.fn.score_batch(texts, rows)]
+            except Exception as e:  # noqa: BLE001 - reported below, on the first sample, as any reward failure
+                results = [CallResult(error=e)] * len(texts)
         else:
             results = call_all([lambda t=t, r=r: score(t, r) for t, r in zip(texts, rows)], None, self.workers)
         rewards, failures, parts = [], 0, {}
