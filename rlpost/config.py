@@ -156,8 +156,16 @@ class RLConfig:
     save_every: int = opt(50, "write a resumable checkpoint checkpoints/step_<n> every this many steps (0: only "
                               "checkpoints/final at the end)")
     keep_checkpoints: int = opt(2, "keep the newest this many step checkpoints (0: all)")
-    weight_sync: str = opt("pointer", "colocated weight sync: 'pointer' (shared module) | 'copy' (separate copy) | "
-                                      "'vllm' (into the running vLLM engine)")
+    weight_sync: str = opt("auto", "how weights reach the rollout engine: 'auto' (colocated: the engine's own way, "
+                                   "pointer or vllm; disaggregated/async: ray) | colocated: 'pointer' (shared module) "
+                                   "| 'copy' (separate copy) | 'vllm' (into the running vLLM engine) | disaggregated/"
+                                   "async: 'ray' (Ray object store) | 'collective' (torch.distributed broadcast)")
+    topology: str = opt("colocated", "where the roles run: 'colocated' (one process, taking turns) | 'disaggregated' "
+                                     "(rollout in rl.rollout_workers Ray actors) | 'async' (as disaggregated, rollout "
+                                     "runs up to rl.max_staleness steps ahead of training)")
+    rollout_workers: int = opt(1, "disaggregated/async: Ray actors that generate (each its own engine and weights)")
+    max_staleness: int = opt(1, "async: rollouts run this many policy versions ahead at most (0: synchronous)")
+    max_worker_restarts: int = opt(3, "disaggregated/async: restarts of dead rollout workers before the run stops")
 
 
 @dataclass
@@ -334,7 +342,7 @@ def _validate(cfg: Config) -> None:
     from rlpost.schedule import SCHEDULES
     from rlpost.rollout import ENGINES
     from rlpost.tasks import TASKS
-    from rlpost.weight_sync import MODES
+    from rlpost.weight_sync import MODES, TOPOLOGIES
 
     get_algorithm(**cfg.algorithm)  # unknown algorithm / parameter -> error naming it, now
     choices = {  # each family's valid names live with the family
@@ -361,9 +369,26 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
-    if (cfg.rollout.engine == "vllm") != (cfg.rl.weight_sync == "vllm"):
-        raise ConfigError("rollout.engine=vllm and rl.weight_sync=vllm go together (vLLM holds its own copy of the "
-                          f"weights); got rollout.engine={cfg.rollout.engine}, rl.weight_sync={cfg.rl.weight_sync}")
+    if cfg.rl.topology not in TOPOLOGIES:
+        raise ConfigError(f"config key 'rl.topology' is {cfg.rl.topology!r}; valid values: {', '.join(TOPOLOGIES)}")
+    ray_modes = ("auto", "ray", "collective")
+    if cfg.rl.topology == "colocated":
+        if cfg.rl.weight_sync in ray_modes[1:]:
+            raise ConfigError(f"rl.weight_sync={cfg.rl.weight_sync} moves weights to Ray rollout workers; it needs "
+                              "rl.topology=disaggregated or async")
+        if cfg.rl.weight_sync != "auto" and (cfg.rollout.engine == "vllm") != (cfg.rl.weight_sync == "vllm"):
+            raise ConfigError("rollout.engine=vllm and rl.weight_sync=vllm go together (vLLM holds its own copy of the "
+                              f"weights); got rollout.engine={cfg.rollout.engine}, rl.weight_sync={cfg.rl.weight_sync}")
+    elif cfg.rl.weight_sync not in ray_modes:
+        raise ConfigError(f"rl.topology={cfg.rl.topology} sends weights to its rollout workers with rl.weight_sync = "
+                          f"{' | '.join(ray_modes)}, not {cfg.rl.weight_sync!r}")
+    for key, value in {"rl.rollout_workers": cfg.rl.rollout_workers}.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    for key, value in {"rl.max_staleness": cfg.rl.max_staleness,
+                       "rl.max_worker_restarts": cfg.rl.max_worker_restarts}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
     if cfg.model.block_size is not None and cfg.model.block_size < 1:
         raise ConfigError(f"config key 'model.block_size' must be >= 1 or null (sized from the data), "
                           f"got {cfg.model.block_size}")

@@ -16,6 +16,16 @@ that filters, such as DAPO's dynamic sampling), steps 1-5 repeat on new prompts 
 
 Its state (`state_dict`) is the prompt sampler's position and the algorithm's own state; the engine's
 seed of each step is a function of (seed, step, round), so a resumed run samples what it would have.
+
+Topologies (`rl.topology`) change where steps 2-3 run, never the order of the seven steps:
+
+    colocated      the engine is in this process (it may share the trainer's module)
+    disaggregated  the engine is Ray actors (rlpost/rollout/ray_engine.py); same loop, same order
+    async          steps 2-3 run in a background thread (rlpost/rollout/pipeline.py), `max_staleness`
+                   steps ahead: step t's prompts are submitted at the start of step t - S, before the
+                   weights of step t - S are pushed, so step t samples with version t - S - 1 exactly.
+                   S = 0 is the synchronous loop; a batch's staleness (trainer version - its
+                   policy_version) is logged and never exceeds S.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from rlpost.reference import Reference
 from rlpost.reward import Reward
 from rlpost.rollout import Engine, SamplingParams
 from rlpost.rollout.episodes import run_episodes
+from rlpost.rollout.pipeline import RolloutPipeline
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
 
@@ -68,7 +79,9 @@ class Controller:
     def __init__(self, *, rows: list[dict], prompt_ids: list[list[int]], engine: Engine, reward: Reward,
                  reference: Reference | None, algorithm: Algorithm, trainer: Trainer, weight_sync: WeightSync,
                  params: SamplingParams, prompts_per_step: int, k: int, seed: int = 0, critic=None,
-                 max_refill_rounds: int = 0):
+                 max_refill_rounds: int = 0, pipeline: RolloutPipeline | None = None, max_staleness: int = 0,
+                 steps: int | None = None):
+        """`pipeline`: run rollouts ahead (async) by up to `max_staleness` steps, never past step `steps`."""
         if algorithm.uses_reference and reference is None:
             raise ValueError(f"algorithm '{algorithm.name}' reads ref_logp but no reference was given")
         if algorithm.uses_critic and critic is None:
@@ -80,13 +93,25 @@ class Controller:
         self.max_refill_rounds = max_refill_rounds
         self.sampler = PromptSampler(len(rows), seed)
         self.times: dict[str, float] = {}
+        if pipeline is not None and steps is None:
+            raise ValueError("an async Controller needs `steps` (it never samples past the last step)")
+        self.pipeline, self.max_staleness, self.steps = pipeline, max_staleness, steps
+        self.submitted = 0  # async: the last step whose rollouts were submitted
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "algorithm": self.algorithm.state_dict()}
+        """The sampler, the algorithm, and (async) the rollouts already made for coming steps: they were
+        sampled with older weights than a resumed run could reproduce, so they are saved as data."""
+        state = {"sampler": self.sampler.state_dict(), "algorithm": self.algorithm.state_dict()}
+        if self.pipeline is not None:
+            state["ahead"] = {"submitted": self.submitted, "results": self.pipeline.drain()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.algorithm.load_state_dict(state["algorithm"])
+        if self.pipeline is not None and "ahead" in state:
+            self.submitted = state["ahead"]["submitted"]
+            self.pipeline.restore(state["ahead"]["results"])
 
     @contextmanager
     def timed(self, role: str):
@@ -96,14 +121,28 @@ class Controller:
 
     def collect(self, step: int, n_prompts: int, round_: int) -> tuple[Batch, Batch, dict[str, float]]:
         """Steps 1-5 for `n_prompts` new prompts: (scored batch, batch with advantages, reward metrics)."""
-        # 1. prompts
-        idx = self.sampler.next(n_prompts)
-        # 2. rollout and 3. reward
-        batch, reward_metrics = run_episodes(self.engine, self.reward, [self.rows[i] for i in idx],
-                                             [self.prompt_ids[i] for i in idx], self.k, self.params,
-                                             seed=(self.seed * 1_000_003 + step) * 101 + round_)
-        for role in ("rollout", "reward"):
+        # 1. prompts, 2. rollout and 3. reward
+        if self.pipeline is None:
+            t0 = time.perf_counter()
+            idx = self.sampler.next(n_prompts)
+            batch, reward_metrics = run_episodes(self.engine, self.reward, [self.rows[i] for i in idx],
+                                                 [self.prompt_ids[i] for i in idx], self.k, self.params,
+                                                 seed=self.episode_seed(step, round_))
+            reward_metrics["time/rollout_wait"] = time.perf_counter() - t0
+        else:
+            if round_ == 0:  # keep `max_staleness` steps submitted ahead of this one
+                while self.submitted < min(step + self.max_staleness, self.steps):
+                    self.submit(self.submitted + 1, 0, self.prompts_per_step)
+            else:            # a refill round: after what is already queued, with the newest weights pushed
+                self.submit((step, round_), round_, n_prompts)
+            batch, reward_metrics = self.pipeline.result(step if round_ == 0 else (step, round_))
+        for role in ("rollout", "reward", "rollout_wait"):
             self.times[role] = self.times.get(role, 0.0) + reward_metrics.pop(f"time/{role}")
+        stale = (self.weight_sync.version - batch.policy_version).float()
+        self.staleness.append(stale)
+        if self.pipeline is not None and float(stale.max()) > self.max_staleness:
+            raise RuntimeError(f"a batch is {int(stale.max())} versions stale, more than rl.max_staleness="
+                               f"{self.max_staleness}: the rollout pipeline lost its order")
         # 4. reference (and critic values)
         with self.timed("reference"):
             if self.algorithm.uses_reference:
@@ -117,9 +156,21 @@ class Controller:
             trained = self.algorithm.compute_advantages(batch)
         return batch, trained, reward_metrics
 
+    def episode_seed(self, step: int, round_: int) -> int:
+        return (self.seed * 1_000_003 + step) * 101 + round_
+
+    def submit(self, key, round_: int, n_prompts: int) -> None:
+        """Async: draw the prompts of `key` (a step, or (step, round)) now and queue their rollouts."""
+        step = key if round_ == 0 else key[0]
+        idx = self.sampler.next(n_prompts)
+        self.pipeline.submit(key, [self.rows[i] for i in idx], [self.prompt_ids[i] for i in idx],
+                             self.episode_seed(step, round_))
+        if round_ == 0:
+            self.submitted = key
+
     def step(self, step: int) -> dict[str, float]:
         t_step = time.perf_counter()
-        self.times = {}
+        self.times, self.staleness = {}, []
         sampled, kept, reward_metrics = [], [], {}
         groups = 0
         for round_ in range(self.max_refill_rounds + 1):
@@ -145,16 +196,23 @@ class Controller:
         metrics = {**rollout_metrics(all_sampled), **advantage_metrics(batch), **reward_metrics, **train_metrics,
                    **sync_metrics, "rollout/refill_rounds": float(len(sampled) - 1),
                    "rollout/trained_groups": float(groups)}
+        stale = torch.cat(self.staleness)
+        metrics["rollout/staleness_mean"], metrics["rollout/staleness_max"] = float(stale.mean()), float(stale.max())
+        # this thread's seconds: every role but rollout and reward, which it waited for (colocated: ran itself);
+        # async, rollout and reward ran in the rollout thread, overlapping the rest, so shares may sum past 1
         wall = time.perf_counter() - t_step
-        in_roles = sum(self.times.get(role, 0.0) for role in ROLES)
-        self.times["other"] = max(wall - in_roles, 0.0)
-        total = in_roles + self.times["other"]  # = wall (up to clock rounding)
+        waited = self.times.get("rollout_wait", 0.0)
+        here = sum(self.times.get(role, 0.0) for role in ROLES if self.pipeline is None or role not in
+                   ("rollout", "reward")) + (waited if self.pipeline is not None else 0.0)
+        self.times["other"] = max(wall - here, 0.0)
+        total = here + self.times["other"]  # = wall (up to clock rounding)
         tokens = all_sampled.num_response_tokens
         metrics["rollout/tokens_per_s"] = tokens / max(self.times["rollout"], 1e-9)  # generation speed
         metrics["step/tokens_per_s"] = tokens / max(total, 1e-9)                    # end to end, all roles
         for role in TIMED:
             metrics[f"time/{role}"] = self.times.get(role, 0.0)
             metrics[f"time_share/{role}"] = self.times.get(role, 0.0) / max(total, 1e-9)
+        metrics["time/rollout_wait"] = waited
         metrics["time/step"] = total
         for key in ("rollout/logp_mismatch_max", "rollout/logp_mismatch_mean"):  # every line has them:
             metrics.setdefault(key, float("nan"))  # NaN (null in metrics.jsonl) when no update measured it

@@ -166,6 +166,10 @@ class Stage:
     def restore(self, ctx: RunContext) -> None:
         pass
 
+    def close(self) -> None:
+        """Release what `setup` started (worker processes, a cluster); called once the run ends, however it
+        ends. Idempotent."""
+
 
 # ---------------------------------------------------------------------------- run directory
 
@@ -269,8 +273,13 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
                                   demonstrations=demos)
     check_lengths(model, tokenizer, rows, response_tokens, demos,  # before any stage, not after SFT
                   system_prompt=task.system_prompt)
-    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer")
-    weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)
+    if cfg.rl.topology == "colocated":
+        engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync in ("auto", "pointer"))
+        weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)
+    else:  # RL rolls out in Ray workers (the RL stage starts them); evaluation samples here, sharing the module
+        kind = "auto" if cfg.rollout.engine == "vllm" else cfg.rollout.engine
+        engine = build_engine(kind, model, tokenizer, share_weights=True)
+        weight_sync = WeightSync(model, engine)
     verifier = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
     summary = {"run_dir": run_dir, "demonstrator_accuracy": task.demonstrator_accuracy, "status": "running"}
     return RunContext(run_dir=run_dir, seed=cfg.seed, model=model, tokenizer=tokenizer, task=task, engine=engine,
@@ -392,6 +401,8 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(ctx.summary, f, indent=2)
         log.close()
+        for stage in stages:
+            stage.close()
         ctx.engine.close()
         for role in {id(r): r for r in (ctx.verifier, ctx.rl_reward)}.values():  # process pools, a judge's engine
             getattr(getattr(role, "fn", None), "close", lambda: None)()

@@ -10,8 +10,9 @@ WeightSync only ever calls `engine.update_weights(named_weights(trainer_model), 
 protocol, rlpost/rollout/engine.py): the trainer's tensors under their checkpoint names (an HF model's
 own names, gpt_mini's module names). How they land is the engine's, fixed when it was built: "pointer"
 (it shares the trainer's module: nothing moves, only the version changes), "copy" (its own copy,
-refreshed in place with copy_) or "vllm" (a running vLLM, which reloads them and drops its prefix
-cache). `mode` must name the engine's, so a config that says one thing cannot silently run another.
+refreshed in place with copy_), "vllm" (a running vLLM, which reloads them and drops its prefix
+cache), "ray" or "collective" (Ray rollout workers: rlpost/rollout/ray_engine.py). `mode` must name
+the engine's, so a config that says one thing cannot silently run another.
 Every batch an engine samples carries `policy_version`, so stale samples are visible downstream.
 """
 
@@ -24,21 +25,23 @@ import torch.nn as nn
 
 from rlpost.rollout.engine import Engine, named_weights
 
-MODES = ("pointer", "copy", "vllm")  # the valid rl.weight_sync names
+MODES = ("auto", "pointer", "copy", "vllm", "ray", "collective")  # the valid rl.weight_sync names ("auto": the engine's)
+TOPOLOGIES = ("colocated", "disaggregated", "async")                # the valid rl.topology names
 
 
 class WeightSync:
     def __init__(self, trainer_model: nn.Module, engine: Engine, mode: str | None = None):
-        """mode: 'pointer', 'copy' or 'vllm' (None: the engine's). Pushes the trainer's weights at once,
-        stamped with the engine's version: the engine may have been built from older ones (before SFT)."""
+        """mode: one of MODES (None or 'auto': the engine's). Pushes the trainer's weights at once, stamped
+        with the engine's version: the engine may have been built from older ones (before SFT)."""
         have = engine.weight_sync_mode
-        mode = have if mode is None else mode
+        mode = have if mode in (None, "auto") else mode
         if mode not in MODES:
             raise ValueError(f"weight sync mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode != have:
             hint = ("a vLLM engine needs rl.weight_sync=vllm" if have == "vllm" else
                     "'vllm' needs a vLLM engine" if mode == "vllm" else
-                    f"build the engine with share_weights={mode == 'pointer'}")
+                    "'ray' and 'collective' need Ray rollout workers (rl.topology)" if mode in ("ray", "collective")
+                    else f"build the engine with share_weights={mode == 'pointer'}")
             raise ValueError(f"weight sync mode {mode!r} does not fit a {type(engine).__name__} built for {have!r}: "
                              f"{hint}")
         self.trainer_model, self.engine, self.mode = trainer_model, engine, mode

@@ -157,7 +157,22 @@ def test_rollout_scheduler_keys_are_checked_and_reach_sampling():
 
 def test_vllm_engine_and_vllm_weight_sync_go_together():
     load_config(None, ["rollout.engine=vllm", "rl.weight_sync=vllm"])  # valid (vLLM itself is needed only to run)
+    load_config(None, ["rollout.engine=vllm"])  # rl.weight_sync=auto takes the engine's way
     with pytest.raises(ConfigError, match="go together"):
-        load_config(None, ["rollout.engine=vllm"])
+        load_config(None, ["rollout.engine=vllm", "rl.weight_sync=pointer"])
     with pytest.raises(ConfigError, match="go together"):
         load_config(None, ["rl.weight_sync=vllm"])
+
+
+def test_topology_keys_are_checked():
+    load_config(None, ["rl.topology=async", "rl.weight_sync=collective", "rl.rollout_workers=2"])
+    with pytest.raises(ConfigError, match="'rl.topology' is 'ray'; valid values: colocated, disaggregated, async"):
+        load_config(None, ["rl.topology=ray"])
+    with pytest.raises(ConfigError, match="rl.weight_sync=ray moves weights to Ray rollout workers"):
+        load_config(None, ["rl.weight_sync=ray"])
+    with pytest.raises(ConfigError, match="rl.topology=async sends weights .* not 'pointer'"):
+        load_config(None, ["rl.topology=async", "rl.weight_sync=pointer"])
+    with pytest.raises(ConfigError, match="'rl.rollout_workers' must be >= 1"):
+        load_config(None, ["rl.rollout_workers=0"])
+    with pytest.raises(ConfigError, match="'rl.max_staleness' must be >= 0"):
+        load_config(None, ["rl.max_staleness=-1"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from tqdm import tqdm
 
 from rlpost.algorithms import get_algorithm
@@ -25,6 +26,7 @@ from rlpost.rollout import SamplingParams
 from rlpost.run import RunContext, Stage
 from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
+from rlpost.weight_sync import WeightSync
 
 _SHORT = {"rollout": "roll", "reward": "rew", "reference": "ref", "critic": "critic", "advantages": "adv",
           "train": "train", "sync": "sync", "other": "other"}
@@ -77,12 +79,44 @@ class RLStage(Stage):
                 compile_model(self.reference.model)
         params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                 top_p=rc.top_p, max_num_seqs=rc.max_num_seqs, stop=list(rc.stop))
+        engine, self.weight_sync, pipeline = self.place_rollout(ctx, params)
         rows = ctx.task.train_rows
         self.controller = Controller(
-            rows=rows, prompt_ids=ctx.prompt_ids(rows), engine=ctx.engine, reward=ctx.rl_reward,
-            reference=self.reference, algorithm=self.algorithm, trainer=self.trainer, weight_sync=ctx.weight_sync,
+            rows=rows, prompt_ids=ctx.prompt_ids(rows), engine=engine, reward=ctx.rl_reward,
+            reference=self.reference, algorithm=self.algorithm, trainer=self.trainer, weight_sync=self.weight_sync,
             params=params, prompts_per_step=rc.prompts_per_step, k=rc.k, seed=ctx.seed, critic=self.critic,
-            max_refill_rounds=rc.max_refill_rounds)
+            max_refill_rounds=rc.max_refill_rounds, pipeline=pipeline, max_staleness=self.cfg.max_staleness,
+            steps=self.cfg.steps)
+
+    def place_rollout(self, ctx: RunContext, params: SamplingParams):
+        """rl.topology: (engine, weight sync, async pipeline or None). Colocated uses the run's engine;
+        disaggregated and async start Ray (or join RAY_ADDRESS) and `rl.rollout_workers` actors."""
+        c = self.cfg
+        if c.topology == "colocated":
+            return ctx.engine, ctx.weight_sync, None
+        from rlpost.cluster import RayCluster
+        from rlpost.rollout.pipeline import RolloutPipeline
+        from rlpost.rollout.ray_engine import RayEngine
+
+        self.cluster = RayCluster(min_cpus=c.rollout_workers).__enter__()
+        mode = "ray" if c.weight_sync == "auto" else c.weight_sync
+        # the workers use this process's thread count, so one worker samples exactly what colocated would
+        self.engine = RayEngine(ctx.model, ctx.tokenizer, kind=self.rollout_cfg.engine, workers=c.rollout_workers,
+                                threads=torch.get_num_threads(), mode=mode, max_restarts=c.max_worker_restarts)
+        print(f"rlpost: rl.topology={c.topology}: {c.rollout_workers} rollout worker(s) in Ray "
+              f"({'local, 127.0.0.1' if self.cluster.address == 'local' else self.cluster.address or 'given'}), "
+              f"weight sync {mode}" + (f", at most {c.max_staleness} step(s) stale" if c.topology == "async" else ""))
+        if c.topology == "async":
+            self.pipeline = RolloutPipeline(self.engine, ctx.rl_reward, self.rollout_cfg.k, params)
+            return self.engine, WeightSync(ctx.model, self.pipeline, mode), self.pipeline
+        return self.engine, WeightSync(ctx.model, self.engine, mode), None
+
+    def close(self) -> None:
+        """Stop the rollout thread, the Ray workers and what Ray this stage started; idempotent."""
+        for name in ("pipeline", "engine", "cluster"):
+            part = self.__dict__.pop(name, None)
+            if part is not None:
+                part.close()
 
     def state_dict(self) -> dict:
         return {"step": self.step, "controller": self.controller.state_dict(), "trainer": self.trainer.state_dict(),
@@ -96,10 +130,10 @@ class RLStage(Stage):
             self.critic.load_state_dict(state["critic"])
         if self.reference is not None:  # the policy as the stage started, saved then
             load_weights(self.reference.model, os.path.join(ctx.run_dir, "checkpoints", "reference"))
-        ctx.weight_sync.load_state_dict(state["weight_sync"])
+        self.weight_sync.load_state_dict(state["weight_sync"])
 
     def save(self, ctx: RunContext) -> None:
-        state = {**self.state_dict(), "weight_sync": ctx.weight_sync.state_dict()}
+        state = {**self.state_dict(), "weight_sync": self.weight_sync.state_dict()}
         ctx.save(f"step_{self.step}", step=self.step, finished=False, state=state, weights=True)
         prune(ctx.run_dir, self.cfg.keep_checkpoints, "step_")
 

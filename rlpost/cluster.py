@@ -1,0 +1,70 @@
+"""Ray for the topologies that need it: start a local instance, or join the cluster in RAY_ADDRESS.
+
+    with RayCluster(num_cpus=2) as cluster:   # rl.topology = disaggregated | async
+        ...                                   # Ray actors (rlpost/rollout/ray_engine.py)
+    # what this process started is shut down here, on errors and Ctrl-C too
+
+A local instance listens on 127.0.0.1 only, has no dashboard and no authentication token (a single
+user's machine); `RAY_ADDRESS` (e.g. `ray://head:10001` or `head:6379`) joins a running cluster
+instead, which is left running. Only one RayCluster is active per process: when Ray is already
+initialised (a test's session fixture, a user's own `ray.init`), it is used as it is and left alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Ray binds its processes to 127.0.0.1 only with this set (setting the node address alone did not)
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def ray_unavailable_reason() -> str | None:
+    """Why `import ray` fails here (None: it works)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        return f"Ray is not installed ({e}); `pip install 'rlpost[ray]'`"
+    return None
+
+
+class RayCluster:
+    """Start (or join) Ray on entry, shut down what was started on exit. `num_cpus`: the local
+    instance's CPU count (None: the machine's); actors of rlpost ask for 1 CPU each, so a local
+    instance gets at least `min_cpus` so that they can all be placed."""
+
+    def __init__(self, num_cpus: int | None = None, min_cpus: int = 1):
+        self.num_cpus, self.min_cpus = num_cpus, min_cpus
+        self.started = False   # True: this object started the instance (and stops it)
+        self.address: str | None = None
+
+    def __enter__(self) -> "RayCluster":
+        reason = ray_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"rl.topology needs Ray: {reason}")
+        import ray
+
+        if ray.is_initialized():
+            return self
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+            self.started, self.address = True, address  # connected: disconnect on exit (the cluster stays)
+            return self
+        for k, v in LOOPBACK_ENV.items():
+            os.environ.setdefault(k, v)
+        cpus = max(self.num_cpus or os.cpu_count() or 1, self.min_cpus)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, configure_logging=False,
+                 _node_ip_address="127.0.0.1")
+        self.started, self.address = True, "local"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Shut down (or disconnect from) what __enter__ started; idempotent."""
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
