@@ -1,0 +1,182 @@
+"""rl.topology: rollout in Ray actors (disaggregated) and ahead of training (async), on a real local Ray.
+
+The contract tested here: the topology changes where rollout runs, never what the run computes —
+one worker with staleness 0 reproduces the colocated run exactly; async staleness is exactly
+min(step - 1, S); an async run resumed from a checkpoint is the run never interrupted; a killed
+worker is restarted and samples what it would have; collective weight sync delivers the same weights.
+"""
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlpost.config import load_config
+from rlpost.models import load_model
+from rlpost.rollout import SamplingParams, build_engine
+from rlpost.rollout.engine import named_weights
+from rlpost.rollout.ray_engine import RayEngine, RolloutWorkerError, _split
+from rlpost.run import saved_config, train
+
+# a policy that learns something in a few steps (rewards vary, so the weights do move)
+TINY = ["sft.steps=120", "sft.batch_size=64", "rl.steps=6", "rl.eval_every=3", "rl.save_every=0",
+        "task.num_eval=30", "task.max_operand=9", "rollout.prompts_per_step=4", "rollout.k=4",
+        "eval.samples_per_prompt=2", "model.n_layer=2", "model.n_embd=64", "model.n_head=2", "threads=1"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session: 127.0.0.1 only, no dashboard, 2 CPUs."""
+    from rlpost.cluster import RayCluster
+
+    with RayCluster(num_cpus=2) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run(tmp_path, name, *overrides):
+    cfg = load_config(None, [*TINY, f"out_dir={tmp_path}", f"run_name={name}", *overrides])
+    train(cfg)
+    return os.path.join(tmp_path, name)
+
+
+def metrics(run_dir, drop=("sync/bytes",)) -> list[dict]:
+    """metrics.jsonl without wall-clock fields (and the bytes moved, which differ by design)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [{k: v for k, v in m.items() if not (k.startswith(("time/", "time_share/")) or k.endswith("tokens_per_s")
+                                                or k in drop)} for m in lines]
+
+
+def rl_lines(run_dir):
+    return [m for m in metrics(run_dir) if m.get("stage") == "rl"]
+
+
+def weights(run_dir):
+    return load_file(os.path.join(run_dir, "checkpoints", "final", "model.safetensors"))
+
+
+def assert_same(a, b):
+    assert metrics(a) == metrics(b)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def colocated(ray_local, tmp_path_factory):
+    before = torch.get_num_threads()
+    path = run(tmp_path_factory.mktemp("colocated"), "colocated")
+    torch.set_num_threads(before)
+    return path
+
+
+def test_disaggregated_and_async_at_staleness_0_reproduce_the_colocated_run(colocated, tmp_path, one_thread):
+    lines = rl_lines(colocated)
+    assert len({m["reward/mean"] for m in lines}) > 1  # a run that learns: the comparison means something
+    for name, overrides in (("disaggregated", ["rl.topology=disaggregated"]),
+                            ("async0", ["rl.topology=async", "rl.max_staleness=0"])):
+        path = run(tmp_path, name, *overrides)
+        assert_same(colocated, path)
+        sent = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+        assert all(m["sync/bytes"] > 0 for m in sent if m.get("stage") == "rl")  # weights really crossed over
+
+
+def test_async_staleness_is_exactly_min_of_step_and_the_bound(colocated, tmp_path, one_thread):
+    path = run(tmp_path, "async2", "rl.topology=async", "rl.max_staleness=2")
+    lines = rl_lines(path)
+    assert [m["rollout/staleness_max"] for m in lines] == [0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert [m["rollout/staleness_mean"] for m in lines] == [0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert all(m["rollout/staleness_max"] == 0.0 for m in rl_lines(colocated))
+    # the first step samples what the colocated run sampled (same weights, same prompts, same seed)
+    assert lines[0]["reward/mean"] == rl_lines(colocated)[0]["reward/mean"]
+
+
+def test_an_async_run_resumed_from_a_checkpoint_is_the_run_never_interrupted(ray_local, tmp_path, one_thread):
+    full = run(tmp_path, "full", "rl.topology=async", "rl.max_staleness=2", "rl.save_every=2",
+               "rl.keep_checkpoints=0")
+    # a run that stopped right after step 2's checkpoint: its later checkpoints never happened
+    cut = os.path.join(tmp_path, "cut")
+    shutil.copytree(full, cut)
+    for name in [n for n in os.listdir(os.path.join(cut, "checkpoints")) if n not in ("sft", "step_2", "reference")]:
+        shutil.rmtree(os.path.join(cut, "checkpoints", name))
+    state = torch.load(os.path.join(cut, "checkpoints", "step_2", "rlpost_state.pt"), weights_only=False)
+    ahead = state["stage"]["controller"]["ahead"]
+    assert ahead["submitted"] == 4 and sorted(ahead["results"]) == [3, 4]  # sampled with old weights: saved
+    train(saved_config(cut), resume=cut)
+    assert_same(full, cut)
+
+
+def test_ray_engine_splits_prompts_and_seeds_like_local_engines(ray_local):
+    assert _split(5, 2) == [(0, 3), (3, 5)] and _split(2, 3) == [(0, 1), (1, 2), (2, 2)]
+    model, tok = load_model(load_config(None, TINY).model, "0123456789+=")
+    prompts = [tok.encode_prompt(p) for p in ("1+2=", "3+4=", "5+6=")]
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    local = build_engine("auto", model, tok, share_weights=True)
+    engine = RayEngine(model, tok, workers=2)
+    try:
+        batch = engine.generate(prompts, 2, params, seed=7)
+        first, second = local.generate(prompts[:2], 2, params, seed=7), local.generate(prompts[2:], 2, params,
+                                                                                          seed=7 + 1_000_033)
+        assert batch.group_ids.tolist() == [0, 0, 1, 1, 2, 2]
+        resp = batch.input_ids[:, batch.prompt_width:]
+        for rows, part in ((slice(0, 4), first), (slice(4, 6), second)):
+            n = part.input_ids.shape[1] - part.prompt_width
+            assert torch.equal(resp[rows, :n], part.input_ids[:, part.prompt_width:])
+            # (log-probs to rounding: the worker runs 1 thread, this process 2)
+            assert torch.allclose(batch.old_logp[rows, batch.prompt_width:][:, :n], part.old_logp[:, part.prompt_width:],
+                                  atol=1e-6)
+    finally:
+        engine.close()
+
+
+def test_a_killed_worker_is_restarted_and_samples_what_it_would_have(ray_local):
+    model, tok = load_model(load_config(None, TINY).model, "0123456789+=")
+    prompts = [tok.encode_prompt(p) for p in ("1+2=", "3+4=")]
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    engine = RayEngine(model, tok, workers=1, max_restarts=1)
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        engine.update_weights(named_weights(model), 3)   # the restarted worker must get these back
+        before = engine.generate(prompts, 4, params, seed=11)
+        os.kill(engine.worker_pids()[0], signal.SIGKILL)
+        after = engine.generate(prompts, 4, params, seed=11)
+        assert engine.restarts == 1
+        assert torch.equal(before.input_ids, after.input_ids) and torch.equal(before.old_logp, after.old_logp)
+        assert after.policy_version.tolist() == [3] * 8
+        os.kill(engine.worker_pids()[0], signal.SIGKILL)
+        with pytest.raises(RolloutWorkerError, match="rl.max_worker_restarts=1"):
+            engine.generate(prompts, 4, params, seed=11)
+    finally:
+        engine.close()
+
+
+def test_collective_weight_sync_delivers_the_trainers_weights(ray_local):
+    model, tok = load_model(load_config(None, TINY).model, "0123456789+=")
+    prompts = [tok.encode_prompt(p) for p in ("1+2=", "3+4=")]
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    engine = RayEngine(model, tok, workers=2, mode="collective")
+    try:
+        assert engine.weight_sync_mode == "collective"
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        engine.update_weights(named_weights(model), 1)
+        local = build_engine("auto", model, tok, share_weights=True)
+        batch, expect = engine.generate(prompts, 1, greedy, seed=0), local.generate(prompts, 1, greedy, seed=0)
+        assert torch.equal(batch.input_ids, expect.input_ids)
+        assert torch.allclose(batch.old_logp, expect.old_logp, atol=1e-6)
+        assert batch.policy_version.tolist() == [1, 1]
+    finally:
+        engine.close()
