@@ -79,6 +79,7 @@ def masked_mean_value(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def hist_label(lo: float, hi: float) -> str:
+    """The metric key of the histogram bin [lo, hi), e.g. correction/weight_hist/0.8-0.95."""
     return f"correction/weight_hist/{lo:g}-{hi:g}"
 
 
@@ -95,7 +96,7 @@ def correction_metrics(batch: Batch, mode: str, cap: float, level: str) -> dict[
     The trainer averages metrics over micro-batches weighted by their token counts, so means, fractions and
     the histogram are exact over the batch; weight_max is then the mean of the micro-batches' maxima."""
     mask = batch.response_mask.bool()
-    raw = raw_weights(batch, level).float()
+    raw = raw_weights(batch, level)
     w = apply_mode(raw, mode, cap)
     out = {"correction/weight_mean": masked_mean_value(w, mask),
            "correction/weight_max": float(raw[mask].max()) if mask.any() else 1.0}
