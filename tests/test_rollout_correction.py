@@ -2,6 +2,7 @@
 statistics, the corrected loss against its formula, Trainer.logprobs against the training forward, the
 controller's wiring, and a statistical test on a bandit whose policy gradient is known in closed form."""
 
+import json
 import math
 
 import pytest
@@ -10,11 +11,13 @@ import torch
 from rlpost import Batch, get_algorithm
 from rlpost.algorithms import available
 from rlpost.algorithms.correction import HIST_EDGES, correction_metrics, correction_weights
+from rlpost.config import load_config
 from rlpost.controller import Controller
 from rlpost.models import token_logprobs
 from rlpost.reward import Reward
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.native import NativeEngine
+from rlpost.run import train
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
 
@@ -321,3 +324,21 @@ def test_a_sequence_reward_needs_the_sequence_level_weight():
     res = check("grpo", token, true=true, seed=10, length=2, rollout_correction="tis", rollout_correction_cap=5.0)
     show("grpo, tis token cap 5", res, token - true)
     assert res["z_target"] < 4 and res["z_true"] > 8
+
+
+def test_the_recipe_keys_reach_the_loss_end_to_end(tmp_path):
+    """`algorithm.rollout_correction*` from the command line, through PPO's epochs x minibatches: the
+    correction's metrics are in metrics.jsonl and the weights stay near 1 (colocated: no staleness)."""
+    cfg = load_config(None, ["algorithm.name=ppo", "algorithm.rollout_correction=mis",
+                             "algorithm.rollout_correction_cap=3", "algorithm.rollout_correction_level=sequence",
+                             "sft.steps=1", "rl.steps=2", "rl.eval_every=0", "task.num_eval=4",
+                             "rollout.prompts_per_step=2", "rollout.k=4", "trainer.epochs=2", "trainer.minibatches=2",
+                             "model.n_layer=1", "model.n_embd=32", "model.n_head=2", f"out_dir={tmp_path}",
+                             "run_name=corr"])
+    assert train(cfg)["status"] == "ok"
+    lines = [json.loads(x) for x in (tmp_path / "corr" / "metrics.jsonl").read_text().splitlines()]
+    rl = [m for m in lines if m["stage"] == "rl"]
+    assert len(rl) == 2
+    for m in rl:
+        assert m["correction/masked_frac"] == 0.0 and m["correction/weight_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert sum(m[k] for k in hist_keys()) == pytest.approx(1.0)
