@@ -36,6 +36,9 @@ _FIELDS = {
     "policy_version": "B",
     # Beyond the data contract (README, 'Architecture'): written by algorithms or the trainer, read by losses.
     "returns": "BT",      # value targets (PPO: GAE advantage + old value)
+    # the behaviour log-probs exactly as the engine sampled them; set only under an importance-sampling
+    # correction (algorithms/correction.py), which then makes old_logp the proximal policy's (the trainer's)
+    "rollout_logp": "BT",
     "entropy": "BT",      # set by the trainer on each micro-batch: policy entropy per token, with grad
     "new_values": "BT",   # set by the trainer on each micro-batch: current critic values, with grad
 }
@@ -65,6 +68,7 @@ class Batch:
     group_ids: Tensor | None = None
     policy_version: Tensor | None = None
     returns: Tensor | None = None
+    rollout_logp: Tensor | None = None
     entropy: Tensor | None = None
     new_values: Tensor | None = None
     meta: dict[str, list[Any]] = field(default_factory=dict)

@@ -4,7 +4,8 @@
     2. rollout     sample K completions each, with old_logp           run_episodes: engine.generate
     3. reward      score every completion                             run_episodes: reward(batch)
     4. reference   ref_logp from the frozen model (if the loss uses it) reference(batch)
-                   (and values from the critic, if the algorithm has one)
+                   (and values from the critic, if the algorithm has one;
+                   and, under a rollout correction, the proximal old_logp) trainer.logprobs(batch)
     5. advantages  the algorithm's estimator                          algo.compute_advantages
     6. train       the optimizer step(s) on the algorithm's loss      trainer.step(batch, algo.compute_loss)
     7. sync        fresh weights to the rollout engine                weight_sync.sync()
@@ -151,6 +152,9 @@ class Controller:
             if self.critic is not None:
                 with torch.no_grad():
                     batch = batch.replace(values=self.critic(batch))
+        with self.timed("reference"):  # importance-sampling correction: old_logp becomes the proximal policy's
+            if self.algorithm.needs_proximal_logp:
+                batch = batch.replace(rollout_logp=batch.old_logp, old_logp=self.trainer.logprobs(batch))
         # 5. advantages
         with self.timed("advantages"):
             trained = self.algorithm.compute_advantages(batch)

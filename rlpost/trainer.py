@@ -102,6 +102,25 @@ class Trainer:
         self.steps, self.nonfinite_in_a_row = state["steps"], state["nonfinite_in_a_row"]
         self.generator.set_state(state["generator"])
 
+    @torch.no_grad()
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        """log pi(token) of every response token under the current weights, [B, T] on the batch's device (0 off
+        the response): the proximal log-probs of an importance-sampling correction. Scored as the training
+        forward is (micro-batches of micro_batch_size rows, the trainer's precision and temperature), in eval
+        mode (no dropout: the policy itself, not a noisy sample of it); the model's mode is restored after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            parts = []
+            for mb in batch.micro_batches(self.micro_batch_size):
+                mb = mb.to(self.device)
+                with autocast(self.device, self.precision):
+                    logp = token_logprobs(self.model, mb, self.temperature)
+                parts.append((logp * mb.response_mask).to(batch.input_ids.device))
+        finally:
+            self.model.train(was_training)
+        return torch.cat(parts) if parts else torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
+
     def step(self, batch: Batch, loss_fn: LossFn) -> dict[str, float]:
         """Train on one batch (epochs x minibatches optimizer steps). Returns metrics averaged over the
         optimizer steps; the engine/trainer log-prob mismatch is measured before the first update."""
@@ -146,8 +165,11 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * w
             entropy_sum += masked_mean_value(entropy.detach(), mb.response_mask) * w
-            if measure_mismatch and mb.old_logp is not None:  # sample-time vs trainer log-probs, same weights
-                delta = (logp.detach() - mb.old_logp).abs() * mb.response_mask
+            # sample-time vs trainer log-probs, same weights; under a rollout correction old_logp is the trainer's
+            # own (proximal) log-probs and the engine's are in rollout_logp
+            sampled = mb.rollout_logp if mb.rollout_logp is not None else mb.old_logp
+            if measure_mismatch and sampled is not None:
+                delta = (logp.detach() - sampled).abs() * mb.response_mask
                 mismatch_max = max(mismatch_max, float(delta.max()))
                 mismatch_sum += float(delta.sum())
 

@@ -22,6 +22,9 @@ few, its surrogate):
                               seq-mean-token-sum-norm  sum over tokens / (sequences * norm_length)
     entropy bonus  - entropy_coef * entropy per token
     adv. clipping  advantages clamped to [-adv_clip, adv_clip]
+    rollout IS     rollout_correction = none | tis | mis: the per-token policy loss times a detached weight
+                   pi_prox / mu, truncated or masked at rollout_correction_cap, per token or per sequence
+                   (correction.py); old_logp is then the proximal policy's and rollout_logp the engine's
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from rlpost.algorithms.correction import LEVELS, MODES, correction_metrics, correction_weights
 from rlpost.batch import Batch
 from rlpost.registry import make_config
 
@@ -60,6 +64,12 @@ class Algorithm:
     @property
     def uses_critic(self) -> bool:
         """True when the algorithm reads batch.values / batch.new_values (the controller runs a critic)."""
+        return False
+
+    @property
+    def needs_proximal_logp(self) -> bool:
+        """True when the loss corrects for the behaviour policy: the controller then moves the engine's
+        old_logp to batch.rollout_logp and sets old_logp to the trainer's own log-probs (Trainer.logprobs)."""
         return False
 
     def compute_advantages(self, batch: Batch) -> Batch:
@@ -200,6 +210,12 @@ class PGConfig:
     """clamp advantages to [-adv_clip, adv_clip] (None: off)"""
     eps: float = 1e-6
     """added to standard deviations before dividing"""
+    rollout_correction: str = "none"
+    """importance weight pi_prox / mu on the policy loss for stale or mismatched rollouts: none | tis | mis"""
+    rollout_correction_cap: float = 2.0
+    """tis: weights truncated at cap; mis: weights outside [1/cap, cap] zeroed (>= 1)"""
+    rollout_correction_level: str = "token"
+    """token: a weight per token; sequence: one per response, exp(sum of its log-ratios)"""
 
 
 class PolicyGradient(Algorithm):
@@ -214,13 +230,21 @@ class PolicyGradient(Algorithm):
         super().__init__(**params)
         c = self.cfg
         for key, value, valid in (("kl_estimator", c.kl_estimator, KL_ESTIMATORS), ("kl_in", c.kl_in, KL_PLACEMENTS),
-                                  ("loss_agg", c.loss_agg, LOSS_AGGS)):
+                                  ("loss_agg", c.loss_agg, LOSS_AGGS),
+                                  ("rollout_correction", c.rollout_correction, MODES),
+                                  ("rollout_correction_level", c.rollout_correction_level, LEVELS)):
             if value not in valid:
                 raise ValueError(f"{self.name}: {key}={value!r}; valid: {', '.join(valid)}")
+        if not c.rollout_correction_cap >= 1.0:
+            raise ValueError(f"{self.name}: rollout_correction_cap={c.rollout_correction_cap!r}; it must be >= 1")
 
     @property
     def uses_reference(self) -> bool:
         return self.cfg.beta > 0
+
+    @property
+    def needs_proximal_logp(self) -> bool:
+        return self.cfg.rollout_correction != "none"
 
     # ---- rewards
     def check_rewards(self, batch: Batch) -> None:
@@ -295,6 +319,15 @@ class PolicyGradient(Algorithm):
     def compute_loss(self, logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         mask = batch.response_mask.bool()
         per_token, metrics = self.policy_loss(logp, batch)
+        if self.needs_proximal_logp:  # every policy_loss is weighted here, whichever algorithm defines it
+            if batch.rollout_logp is None:
+                raise ValueError(f"{self.name} with rollout_correction={self.cfg.rollout_correction} needs "
+                                 "batch.rollout_logp (the engine's log-probs; the controller sets it)")
+            c = self.cfg
+            per_token = per_token * correction_weights(batch, c.rollout_correction, c.rollout_correction_cap,
+                                                       c.rollout_correction_level)
+            metrics.update(correction_metrics(batch, c.rollout_correction, c.rollout_correction_cap,
+                                              c.rollout_correction_level))
         if self.cfg.beta > 0 and self.cfg.kl_in == "loss":
             if batch.ref_logp is None:
                 raise ValueError(f"{self.name} with beta > 0 needs batch.ref_logp (run the reference role)")
