@@ -180,3 +180,50 @@ def test_collective_weight_sync_delivers_the_trainers_weights(ray_local):
         assert batch.policy_version.tolist() == [1, 1]
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------------- a worker killed mid-run
+
+CALLS = {"n": 0}
+
+
+def reward_that_kills_the_worker(completion: str, row: dict) -> float:
+    """The task's own reward, which also SIGKILLs the rollout worker once, at RL step 3's first sample
+    (calls 1-60 are the held-out evaluation after SFT, then 16 per step): the run's next generate
+    finds it dead. Deterministic, unlike a kill from outside timed against the run."""
+    from rlpost.tasks import answer_match
+
+    CALLS["n"] += 1
+    if CALLS["n"] == 60 + 2 * 16 + 1:
+        import subprocess
+
+        pids = subprocess.run(["pgrep", "-f", "ray::RolloutWorker"], capture_output=True, text=True).stdout.split()
+        assert len(pids) == 1, pids
+        os.kill(int(pids[0]), signal.SIGKILL)
+    return answer_match(completion, row["answer"])
+
+
+def ray_processes() -> int:
+    import subprocess
+
+    return len(subprocess.run(["pgrep", "-f", "gcs_server"], capture_output=True, text=True).stdout.split())
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_restarted_and_the_run_is_unchanged(colocated, tmp_path):
+    """A real `rlpost train` process (its own Ray, started and stopped by rlpost) whose rollout worker is
+    killed at step 3: it is restarted, the run finishes, and its metrics and weights are the colocated run's."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = ray_processes()
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.path.join(root, 'tests')}", "TQDM_DISABLE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-m", "rlpost.cli", "train", *TINY, "rl.topology=disaggregated",
+                          "task.reward=test_topologies:reward_that_kills_the_worker", f"out_dir={tmp_path}",
+                          "run_name=killed"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "rollout worker 0 died" in out.stdout and "restarting it (1/3)" in out.stdout
+    assert_same(colocated, os.path.join(tmp_path, "killed"))
+    assert ray_processes() == before  # the Ray it started is gone
