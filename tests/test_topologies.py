@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import pytest
 import torch
@@ -227,3 +228,42 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_run_is_unchanged(colocated
     assert "rollout worker 0 died" in out.stdout and "restarting it (1/3)" in out.stdout
     assert_same(colocated, os.path.join(tmp_path, "killed"))
     assert ray_processes() == before  # the Ray it started is gone
+
+
+@pytest.mark.slow
+def test_a_run_joins_the_cluster_in_RAY_ADDRESS_and_leaves_it_running(tmp_path):
+    """`ray start --head` (on 127.0.0.1) is a user's cluster: rlpost runs its workers there and leaves it up."""
+    import socket
+    import subprocess
+    import sys
+
+    from rlpost.cluster import LOOPBACK_ENV
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": root, "TQDM_DISABLE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    # `ray start --block` in a session of its own: stopping that session stops this cluster and nothing else
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        for _ in range(120):  # the head is up once `ray status` answers
+            if subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        out = subprocess.run([sys.executable, "-m", "rlpost.cli", "train", *TINY, "rl.steps=2", "sft.steps=4",
+                              "rl.topology=async", f"out_dir={tmp_path}", "run_name=joined"],
+                             env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"rollout worker(s) in Ray ({address})" in out.stdout
+        alive = subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert alive.returncode == 0, alive.stdout + alive.stderr  # the user's cluster is still up
+    finally:  # `ray stop` would stop every Ray on the machine; this stops the head's session only
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=120)

@@ -12,6 +12,9 @@ of step t, so step t samples with version t-S-1 (S = rl.max_staleness) and S = 0
 loop. The pipeline also implements the weight half of the Engine protocol (`update_weights`,
 `version`, `weight_sync_mode`), so WeightSync pushes through it unchanged.
 
+Each result's metrics carry `time/sync_apply`: the seconds the engine spent loading the weight updates
+applied since the previous result (in this thread, so they overlap training).
+
 `drain()` waits until everything submitted is done and returns the results nobody collected yet
 (a checkpoint saves them); `restore(results)` puts them back on resume. An error in the thread is
 raised again by the next `result`. `close()` stops the thread and closes the engine.
@@ -108,6 +111,7 @@ class RolloutPipeline:
                 from self._error
 
     def _work(self) -> None:
+        applying = 0.0  # seconds spent loading weights into the engine since the last episodes
         while True:
             item = self._todo.get()
             if item is None:
@@ -115,11 +119,15 @@ class RolloutPipeline:
             try:
                 if item[0] == "weights":
                     _, named, version = item
+                    t0 = time.perf_counter()
                     self.engine.update_weights(named, version)
+                    applying += time.perf_counter() - t0
                     out = None
                 else:
                     _, key, rows, prompt_ids, seed = item
-                    out = run_episodes(self.engine, self.reward, rows, prompt_ids, self.k, self.params, seed)
+                    batch, metrics = run_episodes(self.engine, self.reward, rows, prompt_ids, self.k, self.params,
+                                                  seed)
+                    out, applying = (batch, {**metrics, "time/sync_apply": applying}), 0.0
             except BaseException as e:  # handed to the main thread by the next call
                 with self._cond:
                     self._error = e
