@@ -4,8 +4,9 @@
         ...                                   # Ray actors (rlpost/rollout/ray_engine.py)
     # what this process started is shut down here, on errors and Ctrl-C too
 
-A local instance listens on 127.0.0.1 only, has no dashboard and no authentication token (a single
-user's machine); `RAY_ADDRESS` (e.g. `ray://head:10001` or `head:6379`) joins a running cluster
+A local instance is always a new one (even when `ray start` left a cluster on this machine: join
+that one with RAY_ADDRESS), listens on 127.0.0.1 only, and has no dashboard and no authentication
+token (a single user's machine); `RAY_ADDRESS` (e.g. `ray://head:10001` or `head:6379`) joins a running cluster
 instead, which is left running. Only one RayCluster is active per process: when Ray is already
 initialised (a test's session fixture, a user's own `ray.init`), it is used as it is and left alone.
 """
@@ -53,7 +54,7 @@ class RayCluster:
         for k, v in LOOPBACK_ENV.items():
             os.environ.setdefault(k, v)
         cpus = max(self.num_cpus or os.cpu_count() or 1, self.min_cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, configure_logging=False,
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, configure_logging=False,
                  _node_ip_address="127.0.0.1")
         self.started, self.address = True, "local"
         return self

@@ -196,11 +196,12 @@ def reward_that_kills_the_worker(completion: str, row: dict) -> float:
 
     CALLS["n"] += 1
     if CALLS["n"] == 60 + 2 * 16 + 1:
-        import subprocess
+        import psutil  # Ray's own dependency
 
-        pids = subprocess.run(["pgrep", "-f", "ray::RolloutWorker"], capture_output=True, text=True).stdout.split()
-        assert len(pids) == 1, pids
-        os.kill(int(pids[0]), signal.SIGKILL)
+        # this run's worker: a descendant of this process (its Ray was started here), not another run's
+        workers = [p for p in psutil.Process().children(recursive=True) if "ray::RolloutWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 1, workers
+        workers[0].kill()
     return answer_match(completion, row["answer"])
 
 
