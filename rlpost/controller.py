@@ -16,6 +16,11 @@ that filters, such as DAPO's dynamic sampling), steps 1-5 repeat on new prompts 
 
 Its state (`state_dict`) is the prompt sampler's position and the algorithm's own state; the engine's
 seed of each step is a function of (seed, step, round), so a resumed run samples what it would have.
+
+Sharded (`shard=(rank, world)`, trainer.strategy=fsdp2): every rank's sampler walks the same order, and
+rank r takes every world-th of the step's prompts from r (its own engine seed); its groups never straddle
+ranks. The refill rule counts the groups of all ranks, and the step's metrics are combined over ranks
+(rlpost.distributed.reduce_metrics), so every rank logs the same line. Both are no-ops in one process.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
+from rlpost import distributed as dist
 from rlpost.algorithms.base import Algorithm
 from rlpost.batch import Batch
 from rlpost.reference import Reference
@@ -68,7 +74,7 @@ class Controller:
     def __init__(self, *, rows: list[dict], prompt_ids: list[list[int]], engine: Engine, reward: Reward,
                  reference: Reference | None, algorithm: Algorithm, trainer: Trainer, weight_sync: WeightSync,
                  params: SamplingParams, prompts_per_step: int, k: int, seed: int = 0, critic=None,
-                 max_refill_rounds: int = 0):
+                 max_refill_rounds: int = 0, shard: tuple[int, int] = (0, 1)):
         if algorithm.uses_reference and reference is None:
             raise ValueError(f"algorithm '{algorithm.name}' reads ref_logp but no reference was given")
         if algorithm.uses_critic and critic is None:
@@ -77,7 +83,7 @@ class Controller:
         self.engine, self.reward, self.reference, self.critic = engine, reward, reference, critic
         self.algorithm, self.trainer, self.weight_sync = algorithm, trainer, weight_sync
         self.params, self.prompts_per_step, self.k, self.seed = params, prompts_per_step, k, seed
-        self.max_refill_rounds = max_refill_rounds
+        self.max_refill_rounds, self.shard = max_refill_rounds, shard
         self.sampler = PromptSampler(len(rows), seed)
         self.times: dict[str, float] = {}
 
@@ -97,11 +103,12 @@ class Controller:
     def collect(self, step: int, n_prompts: int, round_: int) -> tuple[Batch, Batch, dict[str, float]]:
         """Steps 1-5 for `n_prompts` new prompts: (scored batch, batch with advantages, reward metrics)."""
         # 1. prompts
-        idx = self.sampler.next(n_prompts)
+        rank, world = self.shard
+        idx = self.sampler.next(n_prompts)[rank::world]  # this rank's share (all of them in one process)
         # 2. rollout and 3. reward
         batch, reward_metrics = run_episodes(self.engine, self.reward, [self.rows[i] for i in idx],
                                              [self.prompt_ids[i] for i in idx], self.k, self.params,
-                                             seed=(self.seed * 1_000_003 + step) * 101 + round_)
+                                             seed=((self.seed * 1_000_003 + step) * 101 + round_) * world + rank)
         for role in ("rollout", "reward"):
             self.times[role] = self.times.get(role, 0.0) + reward_metrics.pop(f"time/{role}")
         # 4. reference (and critic values)
@@ -123,20 +130,22 @@ class Controller:
         sampled, kept, reward_metrics = [], [], {}
         groups = 0
         for round_ in range(self.max_refill_rounds + 1):
+            before = groups
             scored, trained, m = self.collect(step, self.prompts_per_step - groups, round_)
             offset = round_ * self.prompts_per_step  # group ids stay unique across rounds
             sampled.append(scored.replace(group_ids=scored.group_ids + offset))
             if len(trained):
                 kept.append(trained.replace(group_ids=trained.group_ids + offset))
                 groups += int(torch.unique(trained.group_ids).numel())
+            if self.shard[1] > 1:  # every rank's groups: all ranks agree on the refill, samplers stay in step
+                groups = int(dist.reduce_sum(groups - before)) + before
             reward_metrics = {k: reward_metrics.get(k, 0.0) + v for k, v in m.items()}
             if groups >= self.prompts_per_step:
                 break
         batch = Batch.concat(kept) if kept else None
         # 6. train
         with self.timed("train"):
-            train_metrics = self.trainer.step(batch, self.algorithm.compute_loss) if batch is not None \
-                else {"train/skipped_empty": 1.0}
+            train_metrics = self.trainer.step(batch, self.algorithm.compute_loss)  # None: skipped_empty
         # 7. sync
         with self.timed("sync"):
             sync_metrics = self.weight_sync.sync()
@@ -158,7 +167,7 @@ class Controller:
         metrics["time/step"] = total
         for key in ("rollout/logp_mismatch_max", "rollout/logp_mismatch_mean"):  # every line has them:
             metrics.setdefault(key, float("nan"))  # NaN (null in metrics.jsonl) when no update measured it
-        return metrics
+        return dist.reduce_metrics(metrics) if self.shard[1] > 1 else metrics
 
 
 @torch.no_grad()
