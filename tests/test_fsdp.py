@@ -9,12 +9,14 @@ each rank checks what it can and rank 0 writes its numbers to OUT (JSON), which 
 - checkpoint (the same job): the 2-rank policy saved as a model folder loads in transformers with the
   gathered weights, and the full optimizer state is written; one more 2-rank step is the reference for
 - resume1: one process (a 1-rank group) loading that checkpoint takes the same next step;
-- end to end: `rlpost train` under torchrun, 2 processes, SFT then 3 RL steps.
+- end to end: `rlpost train` under torchrun, 2 processes, SFT then 3 RL steps; its step-2 checkpoint resumes
+  in one process.
 """
 
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -232,9 +234,9 @@ def test_two_rank_checkpoint_loads_in_transformers_and_resumes_on_one_rank(equiv
     assert one["vs_2ranks"] < TOL
 
 
-@pytest.mark.slow
 def test_rlpost_train_under_torchrun(tmp_path):
-    """`rlpost train` on 2 ranks: SFT, then 3 sharded RL steps; rank 0 alone writes metrics.jsonl."""
+    """`rlpost train` on 2 ranks: SFT, then 3 sharded RL steps; rank 0 alone writes metrics.jsonl and the
+    checkpoints; `--resume` in one process continues from the 2-rank step checkpoint."""
     out = tmp_path / "runs"
     args = ["train", "trainer.strategy=fsdp2", "rl.weight_sync=copy", f"out_dir={out}", "run_name=fsdp",
             "sft.steps=20", "sft.batch_size=16", "rl.steps=3", "rl.eval_every=2", "rl.save_every=2",
@@ -255,6 +257,16 @@ def test_rlpost_train_under_torchrun(tmp_path):
     assert summary["status"] == "ok" and "pass@1_rl" in summary
     assert (run / "checkpoints" / "final" / "model.safetensors").exists()
     assert (run / "checkpoints" / "step_2" / "rlpost_state.pt").exists()
+
+    # the 2-rank checkpoint at step 2 resumes in one process (a 1-rank group): step 3 again, then the end
+    shutil.rmtree(run / "checkpoints" / "final")
+    again = subprocess.run([sys.executable, "-m", "rlpost.cli", "train", "--resume", str(run)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-6000:]
+    assert "resuming from" in again.stdout and "step_2" in again.stdout
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["stage"] == "rl"] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["status"] == "ok"
 
 
 if __name__ == "__main__":
