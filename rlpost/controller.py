@@ -104,7 +104,8 @@ class Controller:
         """Steps 1-5 for `n_prompts` new prompts: (scored batch, batch with advantages, reward metrics)."""
         # 1. prompts
         rank, world = self.shard
-        idx = self.sampler.next(n_prompts)[rank::world]  # this rank's share (all of them in one process)
+        # this rank's share (all of them in one process); at least one prompt per rank
+        idx = self.sampler.next(max(n_prompts, world))[rank::world]
         # 2. rollout and 3. reward
         batch, reward_metrics = run_episodes(self.engine, self.reward, [self.rows[i] for i in idx],
                                              [self.prompt_ids[i] for i in idx], self.k, self.params,

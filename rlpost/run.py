@@ -287,9 +287,6 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     rows, demos = task.train_rows + task.eval_rows, task.demonstrations if cfg.sft.steps > 0 else []
     # with an environment, an episode's tokens after the prompt (policy + environment) are its budget
     response_tokens = response_budget(cfg.task, cfg.rollout.max_new_tokens)
-    if cfg.trainer.strategy == "fsdp2" and cfg.rl.steps > 0 and cfg.rl.weight_sync != "copy":
-        raise ValueError(f"trainer.strategy=fsdp2 needs rl.weight_sync=copy (each rank's engine keeps a full copy, "
-                         f"refreshed from the gathered weights), not {cfg.rl.weight_sync!r}")
     model, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=response_tokens,
                                   demonstrations=demos)
     check_lengths(model, tokenizer, rows, response_tokens, demos,  # before any stage, not after SFT
@@ -361,6 +358,9 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
     t_start = time.perf_counter()
     stages = build_stages(cfg)
     if cfg.trainer.strategy == "fsdp2":
+        if cfg.rl.steps > 0 and cfg.rl.weight_sync != "copy":
+            raise ValueError(f"trainer.strategy=fsdp2 needs rl.weight_sync=copy (each rank's engine keeps a full "
+                             f"copy, refreshed from the gathered weights), not {cfg.rl.weight_sync!r}")
         dist.init()
     elif dist.launched_by_torchrun() > 1:
         raise ValueError(f"launched on {dist.launched_by_torchrun()} ranks (torchrun) with trainer.strategy="
