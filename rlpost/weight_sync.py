@@ -96,4 +96,8 @@ def gathered_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     `named_weights`, i.e. without the `hf.` prefix of a wrapped Hugging Face model."""
     state = dist.full_state_dict(model)
     prefix = "hf." if weights_module(model) is not model else ""
-    return [(k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix)]
+    first: dict[int, str] = {}  # a tied weight (gpt_mini's lm_head is its wte) goes under its first name only
+    for k, t in model.state_dict(keep_vars=True).items():
+        first.setdefault(id(t), k)
+    keep = set(first.values())
+    return [(k[len(prefix):], v) for k, v in state.items() if k in keep and k.startswith(prefix)]

@@ -164,10 +164,32 @@ def job_equivalence(out: str, llama_dir: str, ckpt_dir: str) -> None:
                 if dist.is_main():
                     torch.save({k.removeprefix("hf."): v for k, v in after.items()},
                                os.path.join(ckpt_dir, "next_step_2ranks.pt"))
+    result["guards"] = guards(dist.rank())
     if dist.is_main():
         with open(out, "w") as f:
             json.dump(result, f)
     dist.destroy()
+
+
+def guards(rank: int) -> dict:
+    """A non-finite loss on one rank skips the step on every rank; a rank without rows makes every rank skip.
+    Neither hangs (the collectives still pair up) and neither changes the weights."""
+    from rlpost.algorithms import get_algorithm
+
+    algo = get_algorithm("grpo")
+    model = make_model("gpt_mini", "")
+    batch = global_batch(model, 16)
+    trainer = trainer_for(model, "fsdp2", 2)
+    before = full_weights(model)
+
+    def nan_on_rank_1(logp, b):
+        loss, metrics = algo.compute_loss(logp, b)
+        return (loss * float("nan") if rank == 1 else loss), metrics
+
+    nonfinite = trainer.step(batch.select(RANK_ROWS[rank]), nan_on_rank_1)
+    empty = trainer.step(batch.select(RANK_ROWS[0] if rank == 0 else []), algo.compute_loss)
+    return {"skipped_nonfinite": nonfinite["train/skipped_nonfinite"], "skipped_empty": empty["train/skipped_empty"],
+            "unchanged": max_diff(full_weights(model), before) == 0.0, "steps": trainer.steps}
 
 
 def _tokenizer(folder: str):
@@ -223,6 +245,10 @@ def test_two_ranks_train_like_one_process(equivalence, case):
     assert c["weights"] < TOL
     assert c["ranks_agree"]
     assert len(set(c["single_loss"])) == STEPS  # the steps changed the weights
+
+
+def test_one_rank_skipping_skips_on_every_rank(equivalence):
+    assert equivalence["guards"] == {"skipped_nonfinite": 1.0, "skipped_empty": 1.0, "unchanged": True, "steps": 0}
 
 
 def test_two_rank_checkpoint_loads_in_transformers_and_resumes_on_one_rank(equivalence, tmp_path):
