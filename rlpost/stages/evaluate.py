@@ -38,8 +38,8 @@ class EvalStage(Stage):
             return dist.broadcast_object(None)
         rows = ctx.task.eval_rows
         result = pass_at_1(ctx.engine, self.scorer(ctx), rows, ctx.prompt_ids(rows),
-                           samples=self.cfg.samples_per_prompt, temperature=self.cfg.temperature, max_new_tokens=self.max_new_tokens,
-                           batch_prompts=self.cfg.batch_prompts, seed=ctx.seed,
+                           samples=self.cfg.samples_per_prompt, temperature=self.cfg.temperature,
+                           max_new_tokens=self.max_new_tokens, batch_prompts=self.cfg.batch_prompts, seed=ctx.seed,
                            success_threshold=self.cfg.success_threshold)
         return dist.broadcast_object(result)
 
