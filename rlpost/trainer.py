@@ -36,7 +36,7 @@ Each rank trains on ITS rows of the step, and the result equals one process trai
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -172,12 +172,12 @@ class Trainer:
                 n += 1
         return {k: v if k.startswith("rollout/") else v / n for k, v in totals.items()}
 
-    def _micro_batches(self, batch: Batch) -> list[tuple[Batch, bool]]:
+    def _micro_batches(self, batch: Batch) -> Iterable[tuple[Batch, bool]]:
         """(micro-batch, counts) pairs. Sharded: the loss denominators become the counts over all ranks, and
         a rank with fewer micro-batches than another repeats its first with counts=False (zero weight), so
         that every rank runs the same forward/backward passes and FSDP2's collectives pair up."""
         if not self.sharded:
-            return [(mb, True) for mb in batch.micro_batches(self.micro_batch_size)]
+            return ((mb, True) for mb in batch.micro_batches(self.micro_batch_size))
         counts = dist.reduce_dict({"tokens": batch.num_response_tokens, "seqs": len(batch)})
         batch = batch.replace(global_tokens=counts["tokens"], global_seqs=counts["seqs"])
         mbs = [(mb, True) for mb in batch.micro_batches(self.micro_batch_size)]

@@ -221,6 +221,19 @@ def job_resume1(out: str, ckpt_dir: str) -> None:
 
 # ---------------------------------------------------------------------------- the tests
 
+def test_a_sharded_run_is_refused_when_it_cannot_work(tmp_path, monkeypatch):
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "trainer.strategy=fsdp2"])  # rl.weight_sync=pointer
+    with pytest.raises(ValueError, match="rl.weight_sync=copy"):
+        train(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's ranks, each about to run a whole single-process run
+    with pytest.raises(ValueError, match="set trainer.strategy=fsdp2"):
+        train(load_config(None, [f"out_dir={tmp_path}"]))
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+
+
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory, tiny_llama_dir):
     tmp = tmp_path_factory.mktemp("fsdp")
