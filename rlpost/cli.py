@@ -3,6 +3,7 @@
     rlpost train                              the embedded default: SFT then GRPO on arithmetic
     rlpost train recipes/hf_chat_model.yaml rl.steps=20 algorithm.beta=0.0
     rlpost train --resume runs/default-X       continue a stopped run from its newest checkpoint
+    rlpost train --nproc 2                    sharded (FSDP2) over 2 processes on this machine, via torchrun
     rlpost rm model.name=runs/X/checkpoints/sft   a Bradley-Terry reward model on preference pairs
     rlpost dpo --loss ipo                     SFT, then offline preference optimisation (DPO family)
     rlpost curate --model M --train F --eval E --out O   dedup, decontaminate, keep prompts in a pass-rate band
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--resume", metavar="RUN_DIR",
                          help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved "
                               "config (a recipe or overrides given too must not change it)")
+    p_train.add_argument("--nproc", type=int, metavar="N",
+                         help="launch N processes on this machine with torchrun (127.0.0.1) and train sharded: adds "
+                              "trainer.strategy=fsdp2 (with --resume: the saved config's); "
+                              "several machines: run torchrun yourself")
     p_rm = sub.add_parser(
         "rm", help="train a Bradley-Terry reward model on preference pairs and save it",
         description="Fit a reward model whose trunk starts from model.name (usually an SFT checkpoint) on "
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "loss", None):
             overrides = [f"preference.loss={{name: {args.loss}}}", *overrides]
         resume = getattr(args, "resume", None)
+        if getattr(args, "nproc", None) and "WORLD_SIZE" not in os.environ:
+            return launch_torchrun(args.nproc, recipe, overrides, resume)
         try:
             cfg = load_config(recipe, overrides)
             if args.command == "dpo":  # the preference stage, and no RL
@@ -223,6 +230,22 @@ def run_eval_command(args) -> int:
             print(f"  {key:<12} {value:.4f}")
     print(f"  (a pass: reward >= {result['success_threshold']:g}); written to {result['written_to']}")
     return 0
+
+
+def launch_torchrun(nproc: int, recipe: str | None, overrides: list[str], resume: str | None) -> int:
+    """`rlpost train` again under torchrun, `nproc` ranks on this machine; its exit code. A resumed run keeps
+    its saved config (which must say trainer.strategy=fsdp2)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a free port on the loopback for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "rlpost.cli", "train", *([recipe] if recipe else []),
+           *overrides, *(["--resume", resume] if resume else ["trainer.strategy=fsdp2"])]
+    print("rlpost: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd)
 
 
 def resumable_config(run_dir: str, given=None):

@@ -127,6 +127,8 @@ class TrainerConfig:
                                        "lr * min_lr_ratio at the last optimizer step)")
     warmup_steps: int = opt(0, "RL: linear warm-up over this many optimizer steps")
     min_lr_ratio: float = opt(0.0, "RL: linear / cosine decay ends at lr * min_lr_ratio")
+    strategy: str = opt("single", "RL training: 'single' (one process) | 'fsdp2' (sharded over torchrun's ranks; "
+                                  "needs rl.weight_sync=copy)")
 
 
 @dataclass

@@ -27,6 +27,11 @@ Topologies (`rl.topology`) change where steps 2-3 run, never the order of the se
                    weights of step t - S are pushed, so step t samples with version t - S - 1 exactly.
                    S = 0 is the synchronous loop; a batch's staleness (trainer version - its
                    policy_version) is logged and never exceeds S.
+
+Sharded (`shard=(rank, world)`, trainer.strategy=fsdp2): every rank's sampler walks the same order, and
+rank r takes every world-th of the step's prompts from r (its own engine seed); its groups never straddle
+ranks. The refill rule counts the groups of all ranks, and the step's metrics are combined over ranks
+(rlpost.distributed.reduce_metrics), so every rank logs the same line. Both are no-ops in one process.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from contextlib import contextmanager
 
 import torch
 
+from rlpost import distributed as dist
 from rlpost.algorithms.base import Algorithm
 from rlpost.batch import Batch
 from rlpost.reference import Reference
@@ -81,7 +87,7 @@ class Controller:
                  reference: Reference | None, algorithm: Algorithm, trainer: Trainer, weight_sync: WeightSync,
                  params: SamplingParams, prompts_per_step: int, k: int, seed: int = 0, critic=None,
                  max_refill_rounds: int = 0, pipeline: RolloutPipeline | None = None, max_staleness: int = 0,
-                 steps: int | None = None):
+                 steps: int | None = None, shard: tuple[int, int] = (0, 1)):
         """`pipeline`: run rollouts ahead (async) by up to `max_staleness` steps, never past step `steps`."""
         if algorithm.uses_reference and reference is None:
             raise ValueError(f"algorithm '{algorithm.name}' reads ref_logp but no reference was given")
@@ -91,7 +97,7 @@ class Controller:
         self.engine, self.reward, self.reference, self.critic = engine, reward, reference, critic
         self.algorithm, self.trainer, self.weight_sync = algorithm, trainer, weight_sync
         self.params, self.prompts_per_step, self.k, self.seed = params, prompts_per_step, k, seed
-        self.max_refill_rounds = max_refill_rounds
+        self.max_refill_rounds, self.shard = max_refill_rounds, shard
         self.sampler = PromptSampler(len(rows), seed)
         self.times: dict[str, float] = {}
         if pipeline is not None and steps is None:
@@ -125,7 +131,9 @@ class Controller:
         # 1. prompts, 2. rollout and 3. reward
         if self.pipeline is None:
             t0 = time.perf_counter()
-            idx = self.sampler.next(n_prompts)
+            rank, world = self.shard
+            # this rank's share (all of them in one process); at least one prompt per rank
+            idx = self.sampler.next(max(n_prompts, world))[rank::world]
             batch, reward_metrics = run_episodes(self.engine, self.reward, [self.rows[i] for i in idx],
                                                  [self.prompt_ids[i] for i in idx], self.k, self.params,
                                                  seed=self.episode_seed(step, round_))
@@ -161,7 +169,9 @@ class Controller:
         return batch, trained, reward_metrics
 
     def episode_seed(self, step: int, round_: int) -> int:
-        return (self.seed * 1_000_003 + step) * 101 + round_
+        """The engine seed of a step's round (a sharded rank's own: each rank samples other tokens)."""
+        rank, world = self.shard
+        return ((self.seed * 1_000_003 + step) * 101 + round_) * world + rank
 
     def submit(self, key, round_: int, n_prompts: int) -> None:
         """Async: draw the prompts of `key` (a step, or (step, round)) now and queue their rollouts."""
@@ -178,20 +188,22 @@ class Controller:
         sampled, kept, reward_metrics = [], [], {}
         groups = 0
         for round_ in range(self.max_refill_rounds + 1):
+            before = groups
             scored, trained, m = self.collect(step, self.prompts_per_step - groups, round_)
             offset = round_ * self.prompts_per_step  # group ids stay unique across rounds
             sampled.append(scored.replace(group_ids=scored.group_ids + offset))
             if len(trained):
                 kept.append(trained.replace(group_ids=trained.group_ids + offset))
                 groups += int(torch.unique(trained.group_ids).numel())
+            if self.shard[1] > 1:  # every rank's groups: all ranks agree on the refill, samplers stay in step
+                groups = int(dist.reduce_sum(groups - before)) + before
             reward_metrics = {k: reward_metrics.get(k, 0.0) + v for k, v in m.items()}
             if groups >= self.prompts_per_step:
                 break
         batch = Batch.concat(kept) if kept else None
         # 6. train
         with self.timed("train"):
-            train_metrics = self.trainer.step(batch, self.algorithm.compute_loss) if batch is not None \
-                else {"train/skipped_empty": 1.0}
+            train_metrics = self.trainer.step(batch, self.algorithm.compute_loss)  # None: skipped_empty
         # 7. sync
         with self.timed("sync"):
             sync_metrics = self.weight_sync.sync()
@@ -220,7 +232,7 @@ class Controller:
         metrics["time/step"] = total
         for key in ("rollout/logp_mismatch_max", "rollout/logp_mismatch_mean"):  # every line has them:
             metrics.setdefault(key, float("nan"))  # NaN (null in metrics.jsonl) when no update measured it
-        return metrics
+        return dist.reduce_metrics(metrics) if self.shard[1] > 1 else metrics
 
 
 @torch.no_grad()

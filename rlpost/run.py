@@ -25,6 +25,13 @@ counters, critic, algorithm, prompt sampler, weight-sync version, every random s
 checkpoint, so a run killed at any point and resumed writes the same metrics and the same final
 weights as one never interrupted. SIGTERM and Ctrl-C ask the current stage to stop at its next step
 boundary: SFT and RL write a checkpoint there first; a second signal stops at once.
+
+Under torchrun (`trainer.strategy=fsdp2`, rlpost/distributed.py) every rank runs the same stages; only rank 0
+writes the run directory, metrics.jsonl, summary.json, the console lines and the checkpoints (the sharded
+policy gathered into one full model folder), and every rank resumes from the same checkpoint. Stages
+before RL (SFT, preference, reward model) run whole on every rank, alike (same seed, same data); the RL
+stage shards the policy and splits each step's prompts between the ranks; held-out evaluation samples
+on rank 0 alone and hands its numbers to the others.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any
 import torch
 import yaml
 
+from rlpost import distributed as dist
 from rlpost.checkpoint import (Checkpoint, clean_partial, list_checkpoints, load_rng_state, remove_step_checkpoints,
                                rng_state, verify, write_checkpoint)
 from rlpost.config import Config, from_dict, to_dict
@@ -60,11 +68,16 @@ class ResumeError(ValueError):
 
 class RunLog:
     """metrics.jsonl writer (one line per call) that never holds data back: each line is flushed.
-    `lines` counts what the file holds, so a checkpoint can record it and a resume cut back to it."""
+    `lines` counts what the file holds, so a checkpoint can record it and a resume cut back to it.
+    With write=False (ranks other than 0 of a sharded run) it only counts."""
 
-    def __init__(self, run_dir: str, keep_lines: int | None = None):
+    def __init__(self, run_dir: str, keep_lines: int | None = None, write: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.write = write
         lines = []
+        if not write:  # rank 0 holds the file; this rank counts as it does (a resume cuts it to keep_lines)
+            self.lines, self.file = keep_lines or 0, None
+            return
         if os.path.exists(self.path):
             with open(self.path) as f:
                 lines = f.readlines()
@@ -77,12 +90,15 @@ class RunLog:
 
     def __call__(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.lines += 1
+        if not self.write:
+            return
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
-        self.lines += 1
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 # ---------------------------------------------------------------------------- the context stages share
@@ -119,21 +135,27 @@ class RunContext:
     def save(self, name: str, *, step: int, finished: bool, state: dict, weights: bool) -> str:
         """Write checkpoint `name` of the current stage: `state` is the stage's own state_dict; the random
         streams, metrics position and summary are added here. `weights`: the policy changed since the
-        last checkpoint that holds it, so save it (else the new checkpoint points at that one)."""
+        last checkpoint that holds it, so save it (else the new checkpoint points at that one).
+        Every rank calls it (a sharded policy is gathered); rank 0 writes."""
         from rlpost.models import save_model
 
+        model = dist.unsharded(self.model) if weights else None  # a collective when the policy is sharded
         meta = {"stage": self.stage_index, "stage_name": self.stage_name,
                 "step": step, "finished": finished, "metrics_lines": self.log.lines,
                 "summary": self.summary, "weights": self.weights_from}
         full = {"stage": state, "rng": rng_state()}
-        saver = (lambda folder: save_model(self.model, self.tokenizer, folder)) if weights else None
-        path = write_checkpoint(self.run_dir, name, meta, full, saver)
+        saver = (lambda folder: save_model(model, self.tokenizer, folder)) if weights else None
+        path = write_checkpoint(self.run_dir, name, meta, full, saver) if dist.is_main() else None
+        dist.barrier()  # no rank reads or moves on before the checkpoint is complete
         if weights:
             self.weights_from = name
         return path
 
     def check_stop(self, save=None) -> None:
-        """At a step boundary: when a stop was requested, call `save()` (write a checkpoint) and stop."""
+        """At a step boundary: when a stop was requested, call `save()` (write a checkpoint) and stop.
+        Sharded, a signal seen by any rank stops every rank at the same boundary."""
+        if dist.world_size() > 1 and dist.reduce_max(float(self.stop_requested is not None)) > 0:
+            self.stop_requested = self.stop_requested or "SIGTERM (another rank)"
         if self.stop_requested:
             if save is not None:
                 save()
@@ -274,7 +296,8 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     check_lengths(model, tokenizer, rows, response_tokens, demos,  # before any stage, not after SFT
                   system_prompt=task.system_prompt)
     if cfg.rl.topology == "colocated":
-        engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync in ("auto", "pointer"))
+        engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer"
+                              or (cfg.rl.weight_sync == "auto" and cfg.trainer.strategy != "fsdp2"))
         weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)
     else:  # RL rolls out in Ray workers (the RL stage starts them); evaluation samples here, sharing the module
         kind = "auto" if cfg.rollout.engine == "vllm" else cfg.rollout.engine
@@ -344,20 +367,42 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
     `saved_config`); returns the summary (also written to summary.json)."""
     t_start = time.perf_counter()
     stages = build_stages(cfg)
-    if resume:
+    if cfg.trainer.strategy == "fsdp2":
+        if cfg.rl.steps > 0 and cfg.rl.weight_sync not in ("auto", "copy"):
+            raise ValueError(f"trainer.strategy=fsdp2 needs rl.weight_sync=copy or auto (each rank's engine keeps a "
+                             f"full copy, refreshed from the gathered weights), not {cfg.rl.weight_sync!r}")
+        if cfg.rl.steps > 0 and cfg.rl.topology != "colocated":
+            raise ValueError(f"trainer.strategy=fsdp2 rolls out on every rank (rl.topology=colocated); "
+                             f"rl.topology={cfg.rl.topology} with sharded training is not supported yet")
+        dist.init()
+    elif dist.launched_by_torchrun() > 1:
+        raise ValueError(f"launched on {dist.launched_by_torchrun()} ranks (torchrun) with trainer.strategy="
+                         f"{cfg.trainer.strategy}: each rank would run the whole run into the same directory; "
+                         "set trainer.strategy=fsdp2")
+    main = dist.is_main()
+    if resume:  # rank 0 finds the checkpoint (and tidies half-written ones); every rank resumes from it
         run_dir = resume
-        ckpt = _resume_point(run_dir, stages)
+        ckpt = dist.broadcast_object(_resume_point(run_dir, stages) if main else None)
         keep = ckpt.meta["metrics_lines"] if ckpt else 0
-        log = RunLog(run_dir, keep_lines=keep)
     else:
-        run_dir, ckpt = make_run_dir(cfg, recipe_name), None
-        log = RunLog(run_dir)
+        run_dir, ckpt, keep = dist.broadcast_object(make_run_dir(cfg, recipe_name) if main else None), None, None
+    log = RunLog(run_dir, keep_lines=keep, write=main)
+    try:
+        return _train(cfg, stages, run_dir, ckpt, log, resume, t_start)
+    finally:
+        dist.destroy()
+
+
+def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | None, log: RunLog, resume: str | None,
+           t_start: float) -> dict:
+    main = dist.is_main()
     ctx = build_context(cfg, run_dir, log)
-    print(f"rlpost: run directory {run_dir}" + (f" (resuming from {ckpt.path})" if ckpt else
-                                                " (resuming from the start)" if resume else ""))
-    print(f"rlpost: model {cfg.model.name} ({sum(p.numel() for p in ctx.model.parameters()) / 1e6:.2f}M params), "
-          f"task {ctx.task.name} ({len(ctx.task.train_rows)} train / {len(ctx.task.eval_rows)} held-out prompts); "
-          f"stages: {' -> '.join(s.name for s in stages)}")
+    say = print if main else (lambda *a, **k: None)
+    say(f"rlpost: run directory {run_dir}" + (f" (resuming from {ckpt.path})" if ckpt else
+                                              " (resuming from the start)" if resume else ""))
+    say(f"rlpost: model {cfg.model.name} ({sum(p.numel() for p in ctx.model.parameters()) / 1e6:.2f}M params), "
+        f"task {ctx.task.name} ({len(ctx.task.train_rows)} train / {len(ctx.task.eval_rows)} held-out prompts); "
+        f"stages: {' -> '.join(s.name for s in stages)}")
     first = 0
     if ckpt is not None:
         ctx.summary.update({k: v for k, v in ckpt.meta["summary"].items() if k not in ("status", "wall_seconds")})
@@ -393,20 +438,24 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
     except BaseException as e:  # lose nothing: keep the weights and say why the run stopped
         from rlpost.models import save_model
 
-        save_model(ctx.model, ctx.tokenizer, os.path.join(run_dir, "checkpoints", "last"))
+        # a sharded policy is gathered only in one process: with other ranks, they may not be there to join
+        if main and (not dist.is_sharded(ctx.model) or dist.world_size() == 1):
+            save_model(dist.unsharded(ctx.model), ctx.tokenizer, os.path.join(run_dir, "checkpoints", "last"))
         ctx.summary["status"] = f"failed: {type(e).__name__}: {e}"
         raise
     finally:
         ctx.summary["wall_seconds"] = time.perf_counter() - t_start
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(ctx.summary, f, indent=2)
+        if main:
+            with open(os.path.join(run_dir, "summary.json"), "w") as f:
+                json.dump(ctx.summary, f, indent=2)
         log.close()
         for stage in stages:
             stage.close()
         ctx.engine.close()
         for role in {id(r): r for r in (ctx.verifier, ctx.rl_reward)}.values():  # process pools, a judge's engine
             getattr(getattr(role, "fn", None), "close", lambda: None)()
-    print_table(ctx.summary)
+    if main:
+        print_table(ctx.summary)
     return ctx.summary
 
 

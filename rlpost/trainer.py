@@ -18,21 +18,36 @@ stay fp32 and the log-softmax and the loss are computed in fp32 (rlpost.models.a
 `gradient_checkpointing=True` recomputes block activations in the backward (rlpost.models.
 set_gradient_checkpointing). `schedule` (rlpost.schedule.LRSchedule) scales every param group's learning
 rate at each optimizer step. `state_dict()` holds what a resumed run needs besides the weights.
+
+Sharded training, `strategy="fsdp2"` (rlpost.distributed; launched with torchrun): every rank holds a
+shard of each parameter (FSDP2 over each transformer block and the root) and AdamW updates its shard.
+Each rank trains on ITS rows of the step, and the result equals one process training on all of them:
+
+- the loss denominators (Batch.global_tokens / global_seqs) are the counts summed over ranks, so each
+  rank's loss is its share of the global loss, and FSDP2 sums the gradients (divide factor 1);
+- the gradient norm (clipping), the non-finite check and the metrics are global (all-reduced);
+- every rank runs the same number of forward/backward passes (collectives must pair up): a rank with
+  fewer micro-batches runs extra ones with zero weight; when any rank has no rows, all skip the step;
+- shared-prompt scoring is off (it calls the model outside its forward, where FSDP2 does not gather);
+- `state_dict()` holds the FULL optimizer state (gathered onto rank 0's CPU, keyed by parameter name),
+  so a checkpoint resumes under any number of ranks. A critic (PPO) is not supported under fsdp2.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
+from rlpost import distributed as dist
 from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
 from rlpost.models import autocast, check_precision, model_device, set_gradient_checkpointing, token_logprobs
 from rlpost.schedule import LRSchedule
 
+STRATEGIES = ("single", "fsdp2")  # the valid trainer.strategy names
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -45,8 +60,16 @@ class Trainer:
                  micro_batch_size: int | None = None, max_nonfinite_steps: int = 3, temperature: float = 1.0,
                  betas: tuple[float, float] = (0.9, 0.999), epochs: int = 1, minibatches: int = 1,
                  critic: nn.Module | None = None, critic_lr: float | None = None, seed: int = 0,
-                 precision: str = "fp32", gradient_checkpointing: bool = False, schedule: LRSchedule | None = None):
+                 precision: str = "fp32", gradient_checkpointing: bool = False, schedule: LRSchedule | None = None,
+                 strategy: str = "single"):
         check_precision(precision, model_device(model))
+        if strategy not in STRATEGIES:
+            raise ValueError(f"trainer.strategy is {strategy!r}; valid values: {', '.join(STRATEGIES)}")
+        self.sharded = strategy == "fsdp2"
+        if self.sharded:
+            if critic is not None:
+                raise ValueError("trainer.strategy=fsdp2 does not support a critic (PPO) yet; use strategy=single")
+            dist.shard_model(model)  # in place: the parameters become DTensor shards, before AdamW sees them
         self.model, self.critic, self.precision = model, critic, precision
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
         if critic is not None:
@@ -84,19 +107,21 @@ class Trainer:
         """Everything a rebuilt Trainer on the same weights needs to continue bit-identically: AdamW's state,
         the base learning rates and the schedule, the step counters and the shuffling generator. Not the
         weights: the run saves the model (and a separate critic, an nn.Module) on its own. Tensors are
-        shared with the optimizer, so save it (torch.save) before training on."""
-        return {"optimizer": self.optimizer.state_dict(), "base_lrs": list(self.base_lrs),
+        shared with the optimizer, so save it (torch.save) before training on. Sharded: a collective (every
+        rank calls it); the full optimizer state is on rank 0 (the rank that saves), empty elsewhere."""
+        return {"optimizer": self._optimizer_state(), "base_lrs": list(self.base_lrs),
                 "schedule": self.schedule.state_dict(), "steps": self.steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Put back a `state_dict()`; sharded, every rank passes the same full state and keeps its shard."""
         missing = {"optimizer", "base_lrs", "schedule", "steps", "nonfinite_in_a_row", "generator"} - set(state)
         if missing:
             raise ValueError(f"trainer state lacks {', '.join(sorted(missing))}; was it saved by Trainer.state_dict?")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])  # moves AdamW's state to the parameters' device
-        except ValueError as e:
-            raise ValueError(f"the saved trainer state does not fit this model and critic: {e}") from None
+            self._load_optimizer_state(state["optimizer"])  # moves AdamW's state to the parameters' device
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"the saved trainer state does not fit this model and critic: {e!r}") from None
         self.base_lrs = list(state["base_lrs"])
         self.schedule.load_state_dict(state["schedule"])
         self.steps, self.nonfinite_in_a_row = state["steps"], state["nonfinite_in_a_row"]
@@ -121,19 +146,43 @@ class Trainer:
             self.model.train(was_training)
         return torch.cat(parts) if parts else torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
 
+    def _optimizer_state(self) -> dict:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if not self.sharded:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not all(isinstance(k, str) for k in state["state"]):
+            raise ValueError("this optimizer state was saved by trainer.strategy=single (keyed by parameter "
+                             "number); a fsdp2 run resumes from fsdp2 checkpoints (keyed by parameter name)")
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
     def step(self, batch: Batch, loss_fn: LossFn) -> dict[str, float]:
         """Train on one batch (epochs x minibatches optimizer steps). Returns metrics averaged over the
-        optimizer steps; the engine/trainer log-prob mismatch is measured before the first update."""
-        if len(batch) == 0:
+        optimizer steps; the engine/trainer log-prob mismatch is measured before the first update.
+        Sharded: `batch` is this rank's rows; the metrics are global and the same on every rank."""
+        rows = len(batch) if batch is not None else 0
+        if (dist.reduce_min(rows) if self.sharded else rows) == 0:
             return {"train/skipped_empty": 1.0}
         batch = batch.to(self.device)
+        # every rank must take the same number of optimizer steps: the fewest rows bound the minibatches
+        minibatches = min(self.minibatches, int(dist.reduce_min(rows)) if self.sharded else rows)
         totals: dict[str, float] = {}
         n = 0
         for epoch in range(self.epochs):
             # row indices live on the CPU with the generator; Batch.select moves them to the batch's device
             order = torch.arange(len(batch), device="cpu") if epoch == 0 else \
                 torch.randperm(len(batch), generator=self.generator, device="cpu")
-            for rows in order.chunk(min(self.minibatches, len(batch))):
+            parts = order.tensor_split(minibatches) if self.sharded else order.chunk(minibatches)
+            for rows in parts:
                 first = epoch == 0 and n == 0
                 m = self._optimizer_step(batch.select(rows), loss_fn, measure_mismatch=first)
                 for k, v in m.items():
@@ -142,42 +191,64 @@ class Trainer:
                 n += 1
         return {k: v if k.startswith("rollout/") else v / n for k, v in totals.items()}
 
+    def _micro_batches(self, batch: Batch) -> Iterable[tuple[Batch, bool]]:
+        """(micro-batch, counts) pairs. Sharded: the loss denominators become the counts over all ranks, and
+        a rank with fewer micro-batches than another repeats its first with counts=False (zero weight), so
+        that every rank runs the same forward/backward passes and FSDP2's collectives pair up."""
+        if not self.sharded:
+            return ((mb, True) for mb in batch.micro_batches(self.micro_batch_size))
+        counts = dist.reduce_dict({"tokens": batch.num_response_tokens, "seqs": len(batch)})
+        batch = batch.replace(global_tokens=counts["tokens"], global_seqs=counts["seqs"])
+        mbs = [(mb, True) for mb in batch.micro_batches(self.micro_batch_size)]
+        return mbs + [(mbs[0][0], False)] * (int(dist.reduce_max(len(mbs))) - len(mbs))
+
     def _optimizer_step(self, batch: Batch, loss_fn: LossFn, measure_mismatch: bool) -> dict[str, float]:
         self.model.train()
         self._apply_schedule()
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, finite = 0.0, True
+        finite = True
         sums: dict[str, float] = {}
-        weight_total = 0.0
-        mismatch_max, mismatch_sum, entropy_sum = 0.0, 0.0, 0.0
-        for mb in batch.micro_batches(self.micro_batch_size):
+        totals = {"loss": 0.0, "weight": 0.0, "entropy": 0.0, "mismatch_sum": 0.0}
+        mismatch_max = 0.0
+        for mb, counts in self._micro_batches(batch):
             with autocast(self.device, self.precision):  # the forward only: the loss below runs in fp32
-                logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True)
+                logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True,
+                                               share_prompt=not self.sharded)
             mb = mb.replace(entropy=entropy, new_values=self.critic(mb) if self.critic is not None else None)
             loss, metrics = loss_fn(logp, mb)
+            if not counts:  # a sharded rank's padding pass: same collectives, no contribution
+                (loss * 0.0).backward()
+                continue
             if not torch.isfinite(loss):
                 finite = False
-                break
+                if not self.sharded:
+                    break
+                loss = torch.nan_to_num(loss) * 0.0  # other ranks wait in this backward's collectives
             loss.backward()
-            total_loss += loss.item()
             w = float(mb.response_mask.sum().item())
-            weight_total += w
+            totals["loss"] += loss.item()
+            totals["weight"] += w
+            totals["entropy"] += masked_mean_value(entropy.detach(), mb.response_mask) * w
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * w
-            entropy_sum += masked_mean_value(entropy.detach(), mb.response_mask) * w
             # sample-time vs trainer log-probs, same weights; under a rollout correction old_logp is the trainer's
             # own (proximal) log-probs and the engine's are in rollout_logp
             sampled = mb.rollout_logp if mb.rollout_logp is not None else mb.old_logp
             if measure_mismatch and sampled is not None:
                 delta = (logp.detach() - sampled).abs() * mb.response_mask
                 mismatch_max = max(mismatch_max, float(delta.max()))
-                mismatch_sum += float(delta.sum())
+                totals["mismatch_sum"] += float(delta.sum())
+        if self.sharded:  # everything global: one rank's non-finite loss skips the step on all
+            finite = dist.reduce_min(float(finite)) > 0
+            totals, sums = dist.reduce_dict(totals), dist.reduce_dict(sums)
+            mismatch_max = dist.reduce_max(mismatch_max)
 
         grad_norm = float("nan")
         if finite:
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # over DTensor shards: the global norm
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             finite = math.isfinite(grad_norm)
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)  # skip: nothing of this batch is applied
@@ -190,11 +261,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_in_a_row = 0
         self.steps += 1
-        out = {k: v / max(weight_total, 1.0) for k, v in sums.items()}
-        out.update({"train/loss": total_loss, "train/grad_norm": grad_norm, "train/skipped_nonfinite": 0.0,
-                    "train/entropy": entropy_sum / max(weight_total, 1.0),
-                    "train/lr": self.optimizer.param_groups[0]["lr"]})
+        weight = max(totals["weight"], 1.0)
+        out = {k: v / weight for k, v in sums.items()}
+        out.update({"train/loss": totals["loss"], "train/grad_norm": grad_norm, "train/skipped_nonfinite": 0.0,
+                    "train/entropy": totals["entropy"] / weight, "train/lr": self.optimizer.param_groups[0]["lr"]})
         if measure_mismatch and batch.old_logp is not None:
             out["rollout/logp_mismatch_max"] = mismatch_max
-            out["rollout/logp_mismatch_mean"] = mismatch_sum / max(weight_total, 1.0)
+            out["rollout/logp_mismatch_mean"] = totals["mismatch_sum"] / weight
         return out

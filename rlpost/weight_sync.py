@@ -14,6 +14,11 @@ refreshed in place with copy_), "vllm" (a running vLLM, which reloads them and d
 cache), "ray" or "collective" (Ray rollout workers: rlpost/rollout/ray_engine.py). `mode` must name
 the engine's, so a config that says one thing cannot silently run another.
 Every batch an engine samples carries `policy_version`, so stale samples are visible downstream.
+
+A sharded policy (trainer.strategy=fsdp2) holds only a shard of each parameter on each rank, which no
+generation engine can run: every rank's engine is then a "copy" engine, refreshed from the full weights
+gathered over torch.distributed (all-gather to every rank, `rlpost.distributed.full_state_dict`). Every
+rank calls sync/push at the same point; `time/sync_gather` is the gathering's share of the seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import time
 import torch
 import torch.nn as nn
 
-from rlpost.rollout.engine import Engine, named_weights
+from rlpost import distributed as dist
+from rlpost.rollout.engine import Engine, named_weights, weights_module
 
 MODES = ("auto", "pointer", "copy", "vllm", "ray", "collective")  # the valid rl.weight_sync names ("auto": the engine's)
 TOPOLOGIES = ("colocated", "disaggregated", "async")                # the valid rl.topology names
@@ -37,6 +43,9 @@ class WeightSync:
         mode = have if mode in (None, "auto") else mode
         if mode not in MODES:
             raise ValueError(f"weight sync mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if dist.is_sharded(trainer_model) and mode != "copy":
+            raise ValueError(f"a sharded policy (trainer.strategy=fsdp2) needs rl.weight_sync=copy, not {mode!r}: "
+                             "no engine can sample from parameter shards")
         if mode != have:
             hint = ("a vLLM engine needs rl.weight_sync=vllm" if have == "vllm" else
                     "'vllm' needs a vLLM engine" if mode == "vllm" else
@@ -60,11 +69,14 @@ class WeightSync:
     @torch.no_grad()
     def _push(self, version: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        weights = named_weights(self.trainer_model)
+        weights = gathered_weights(self.trainer_model) if dist.is_sharded(self.trainer_model) else \
+            named_weights(self.trainer_model)
+        t_gathered = time.perf_counter()
         self.engine.update_weights(weights, version)
         self.version = version  # only once the engine has it
         moved = 0 if self.mode == "pointer" else sum(t.numel() * t.element_size() for t in _unique(weights))
-        return {"sync/version": float(version), "sync/bytes": float(moved), "time/sync_copy": time.perf_counter() - t0}
+        return {"sync/version": float(version), "sync/bytes": float(moved), "time/sync_copy": time.perf_counter() - t0,
+                "time/sync_gather": t_gathered - t0}
 
     def state_dict(self) -> dict[str, int]:
         return {"version": self.version}
@@ -80,3 +92,15 @@ def _unique(named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
     for _, t in named:
         seen.setdefault((t.device, t.data_ptr()), t)
     return list(seen.values())
+
+
+def gathered_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A sharded model's full weights on every rank (a collective), under the protocol's names: as
+    `named_weights`, i.e. without the `hf.` prefix of a wrapped Hugging Face model."""
+    state = dist.full_state_dict(model)
+    prefix = "hf." if weights_module(model) is not model else ""
+    first: dict[int, str] = {}  # a tied weight (gpt_mini's lm_head is its wte) goes under its first name only
+    for k, t in model.state_dict(keep_vars=True).items():
+        first.setdefault(id(t), k)
+    keep = set(first.values())
+    return [(k[len(prefix):], v) for k, v in state.items() if k in keep and k.startswith(prefix)]

@@ -345,6 +345,34 @@ def compile_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a policy, the unit FSDP2 shards (rlpost.distributed.shard_model): gpt_mini's
+    `transformer.h`, an HF decoder's layers (`.hf.base_model.layers`: Llama, Qwen2, Mistral, ...)."""
+    if isinstance(model, GPT):
+        return list(model.transformer.h)
+    if isinstance(model, HFCausalLM):
+        layers = getattr(model.hf.base_model, "layers", None)
+        if layers is None:
+            raise TypeError(f"{type(model.hf).__name__} has no `.layers` on its base model to shard")
+        return list(layers)
+    raise TypeError(f"transformer_blocks supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+
+
+def rebuild(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A new, plain (unsharded) module of `model`'s architecture holding `state` (its state_dict names),
+    on the CPU: what a sharded policy saves its checkpoint folder from."""
+    if isinstance(model, GPT):
+        new = GPT(model.config)
+    elif isinstance(model, HFCausalLM):
+        from transformers import AutoModelForCausalLM
+
+        new = HFCausalLM(AutoModelForCausalLM.from_config(model.hf.config))
+    else:
+        raise TypeError(f"rebuild supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+    new.load_state_dict(state)
+    return new.to(next(iter(state.values())).dtype)
+
+
 # ---------------------------------------------------------------------------- scoring tokens
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:

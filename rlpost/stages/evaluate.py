@@ -1,10 +1,12 @@
 """Evaluation stage: held-out pass@1 of the policy as it is now (rlpost/evaluate.py), into the summary
-as `pass@1_<label>` (start, sft, dpo, rl) and into metrics.jsonl as an `eval` line."""
+as `pass@1_<label>` (start, sft, dpo, rl) and into metrics.jsonl as an `eval` line. Under torchrun every rank
+refreshes its engine (a collective for a sharded policy) and rank 0 alone samples; it hands the result on."""
 
 from __future__ import annotations
 
 from tqdm import tqdm
 
+from rlpost import distributed as dist
 from rlpost.evaluate import pass_at_1
 from rlpost.run import RunContext, Stage
 
@@ -30,13 +32,16 @@ class EvalStage(Stage):
 
     def evaluate(self, ctx: RunContext) -> dict:
         """pass@1 (successes) and the mean reward on the task's held-out rows, sampled by the rollout engine
-        with the policy's current weights."""
+        with the policy's current weights. Every rank calls it; rank 0 samples, the others get its numbers."""
         ctx.weight_sync.push()  # an engine with its own copy of the weights samples from the current policy
+        if not dist.is_main():
+            return dist.broadcast_object(None)
         rows = ctx.task.eval_rows
-        return pass_at_1(ctx.engine, self.scorer(ctx), rows, ctx.prompt_ids(rows), samples=self.cfg.samples_per_prompt,
-                         temperature=self.cfg.temperature, max_new_tokens=self.max_new_tokens,
-                         batch_prompts=self.cfg.batch_prompts, seed=ctx.seed,
-                         success_threshold=self.cfg.success_threshold)
+        result = pass_at_1(ctx.engine, self.scorer(ctx), rows, ctx.prompt_ids(rows),
+                           samples=self.cfg.samples_per_prompt, temperature=self.cfg.temperature,
+                           max_new_tokens=self.max_new_tokens, batch_prompts=self.cfg.batch_prompts, seed=ctx.seed,
+                           success_threshold=self.cfg.success_threshold)
+        return dist.broadcast_object(result)
 
     def run(self, ctx: RunContext) -> None:
         result = self.evaluate(ctx)
@@ -45,5 +50,6 @@ class EvalStage(Stage):
         ctx.summary[f"mean_reward_{self.label}"] = result["mean_reward"]
         ctx.log({"stage": "eval", "step": 0, "eval/pass@1": value, "eval/mean_reward": result["mean_reward"],
                  "after": self.label})
-        tqdm.write(f"rlpost: held-out pass@1 ({'before training' if self.label == 'start' else 'after ' + self.label})"
-                   f": {value:.3f}")
+        if dist.is_main():
+            after = "before training" if self.label == "start" else "after " + self.label
+            tqdm.write(f"rlpost: held-out pass@1 ({after}): {value:.3f}")

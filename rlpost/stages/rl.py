@@ -7,6 +7,10 @@ run's RL reward (the verifier, or a learned reward model) and the engine and wei
 
 Every `rl.eval_every` steps it measures held-out pass@1; every `rl.save_every` steps it writes
 checkpoints/step_<n>/ (the newest `rl.keep_checkpoints` are kept); it ends with checkpoints/final/.
+
+With `trainer.strategy=fsdp2` the trainer shards the policy over the ranks (the reference is copied first,
+whole, on every rank) and each rank rolls out, scores and trains on its share of each step's prompts;
+rank 0 writes the console line and the checkpoints (rlpost/run.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import torch
 from tqdm import tqdm
 
+from rlpost import distributed as dist
 from rlpost.algorithms import get_algorithm
 from rlpost.checkpoint import prune, write_model_folder
 from rlpost.controller import Controller
@@ -64,6 +69,8 @@ class RLStage(Stage):
         self.algorithm = get_algorithm(**self.algorithm_cfg)
         self.critic = (Critic.build(model, self.critic_cfg.type, precision=tc.precision)
                        if self.algorithm.uses_critic else None)
+        # the reference first: a whole frozen copy of the policy, taken before the trainer may shard it
+        self.reference = Reference(model, rc.temperature, tc.precision) if self.algorithm.uses_reference else None
         schedule = LRSchedule(tc.lr_schedule, tc.warmup_steps, total_steps=self.cfg.steps * tc.epochs * tc.minibatches,
                               min_lr_ratio=tc.min_lr_ratio)
         self.trainer = Trainer(model, lr=tc.lr, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
@@ -71,8 +78,7 @@ class RLStage(Stage):
                                temperature=rc.temperature, epochs=tc.epochs, minibatches=tc.minibatches,
                                critic=self.critic, critic_lr=self.critic_cfg.lr, seed=ctx.seed,
                                precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
-                               schedule=schedule)
-        self.reference = Reference(model, rc.temperature, tc.precision) if self.algorithm.uses_reference else None
+                               schedule=schedule, strategy=tc.strategy)
         if tc.compile:  # after the reference (and a separate critic) copied the eager policy
             compile_model(model)
             if self.reference is not None:
@@ -86,7 +92,7 @@ class RLStage(Stage):
             reference=self.reference, algorithm=self.algorithm, trainer=self.trainer, weight_sync=self.weight_sync,
             params=params, prompts_per_step=rc.prompts_per_step, k=rc.k, seed=ctx.seed, critic=self.critic,
             max_refill_rounds=rc.max_refill_rounds, pipeline=pipeline, max_staleness=self.cfg.max_staleness,
-            steps=self.cfg.steps)
+            steps=self.cfg.steps, shard=(dist.rank(), dist.world_size()) if tc.strategy == "fsdp2" else (0, 1))
 
     def place_rollout(self, ctx: RunContext, params: SamplingParams):
         """rl.topology: (engine, weight sync, async pipeline or None). Colocated uses the run's engine;
@@ -139,10 +145,10 @@ class RLStage(Stage):
 
     def run(self, ctx: RunContext) -> None:
         c = self.cfg
-        if self.step == 0 and self.reference is not None:
+        if self.step == 0 and self.reference is not None and dist.is_main():
             write_model_folder(ctx.run_dir, "reference", lambda f: save_model(self.reference.model, ctx.tokenizer, f))
         bar = tqdm(range(self.step + 1, c.steps + 1), initial=self.step, total=c.steps,
-                   desc=f"rl/{self.algorithm.name}", unit="step", dynamic_ncols=True)
+                   desc=f"rl/{self.algorithm.name}", unit="step", dynamic_ncols=True, disable=not dist.is_main())
         for step in bar:
             metrics = self.controller.step(step)
             if c.eval_every and step % c.eval_every == 0 and step != c.steps:
@@ -150,8 +156,9 @@ class RLStage(Stage):
                 metrics["eval/pass@1"], metrics["eval/mean_reward"] = result["pass@1"], result["mean_reward"]
             ctx.log({"stage": "rl", "step": step, **metrics})
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
-            tqdm.write(step_line(step, metrics) + (f" | pass@1 {metrics['eval/pass@1']:.3f}"
-                                                   if "eval/pass@1" in metrics else ""))
+            if dist.is_main():
+                tqdm.write(step_line(step, metrics) + (f" | pass@1 {metrics['eval/pass@1']:.3f}"
+                                                       if "eval/pass@1" in metrics else ""))
             self.step = step
             if c.save_every and step % c.save_every == 0 and step < c.steps:
                 self.save(ctx)

@@ -5,6 +5,9 @@ the batch has the same layout as a rollout's (prompt left-padded, completion + e
 The learning rate warms up linearly for `warmup_steps`, then decays on a cosine to lr / 10.
 `save_every` writes a resumable checkpoint (checkpoints/sft_step_<n>/) every that many steps; they
 are removed once the stage's own checkpoints/sft/ is written, which supersedes them.
+
+Under torchrun (trainer.strategy=fsdp2) every rank runs the same SFT, unsharded (same seed, same data, so the
+same weights; the RL stage broadcasts rank 0's before it shards them).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import random
 import torch
 from tqdm import tqdm
 
+from rlpost import distributed as dist
 from rlpost.algorithms.base import token_mean
 from rlpost.batch import Batch
 from rlpost.rollout import assemble
@@ -92,7 +96,7 @@ class SFTStage(Stage):
     def run(self, ctx: RunContext) -> None:
         c, pad = self.cfg, ctx.tokenizer.pad_token_id
         bar = tqdm(range(self.step, c.steps), initial=self.step, total=c.steps, desc="sft", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not dist.is_main())
         for step in bar:
             idx = [self.rng.randrange(len(self.prompts)) for _ in range(c.batch_size)]
             batch = sft_batch([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad,

@@ -1,0 +1,200 @@
+"""The process group of a sharded run (`trainer.strategy=fsdp2`), and the few collectives rlpost uses.
+
+    torchrun --nproc_per_node 2 -m rlpost.cli train trainer.strategy=fsdp2 rl.weight_sync=copy
+
+`init()` joins the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT): backend gloo on the CPU, nccl when CUDA is present (each rank then uses GPU
+LOCAL_RANK). Without torchrun (WORLD_SIZE unset) it makes a 1-rank group in this process, so a sharded
+run also works, as one shard, in a plain `python` process. Only the CPU/gloo path is tested here; the
+CUDA/nccl path follows torch's documented recipe and is untested.
+
+Every helper works without a process group too (one process: rank 0 of 1, reductions are the identity),
+so the roles call them unconditionally.
+
+    rank(), world_size(), is_main()              who am I
+    barrier()                                    wait for every rank
+    reduce_sum(x) / reduce_mean(x) / reduce_max(x)   a float over ranks
+    reduce_dict(d, op)                           a dict of floats (same keys on every rank), one all-reduce
+    reduce_metrics(d)                            a step's metrics dicts combined over ranks (keys may differ)
+    broadcast_object(obj)                        rank 0's picklable object on every rank
+    shard_model(model)                           FSDP2 over each transformer block and the root
+    full_state_dict(model)                       the gathered, unsharded weights of a (sharded) model
+    destroy()                                    leave the process group
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init() -> None:
+    """Join torchrun's process group (or make a 1-rank one without torchrun). Idempotent."""
+    if initialized():
+        return
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if cuda:  # untested here: each rank on its own GPU, so `model.device=cuda` resolves to it
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)  # env:// from RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def destroy() -> None:
+    """Leave the process group (at the end of a run), if there is one."""
+    if initialized():
+        dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> int:
+    """WORLD_SIZE from the environment (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes the run directory, the metrics, the console and the checkpoints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _device() -> torch.device:
+    """Where collective tensors live: the current GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def reduce_dict(values: dict[str, float], op: str = "sum") -> dict[str, float]:
+    """Each value reduced over ranks (`op`: sum | max | min) in one all-reduce. Every rank must pass
+    the same keys."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=_OPS[op])
+    return dict(zip(keys, t.tolist()))
+
+
+def reduce_sum(x: float) -> float:
+    return reduce_dict({"x": x}, "sum")["x"]
+
+
+def reduce_max(x: float) -> float:
+    return reduce_dict({"x": x}, "max")["x"]
+
+
+def reduce_min(x: float) -> float:
+    return reduce_dict({"x": x}, "min")["x"]
+
+
+def reduce_mean(x: float) -> float:
+    return reduce_sum(x) / world_size()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (picklable) on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """One RL step's metrics combined over ranks, each key over the ranks that logged it: the maximum for
+    `time/*` and keys with `max` in their name (the slowest rank sets the step's pace), the sum for
+    throughputs (`*tokens_per_s`), the mean for everything else (each rank holds an equal share of the
+    prompts, so the mean of the ranks' means is the step's mean). Keys may differ between ranks."""
+    if world_size() == 1:
+        return metrics
+    gathered: list[dict] = [None] * world_size()
+    dist.all_gather_object(gathered, metrics)
+    out = {}
+    for key in dict.fromkeys(k for m in gathered for k in m):
+        values = [float(m[key]) for m in gathered if key in m and m[key] is not None]
+        if not values:
+            continue
+        if key.startswith("time/") or "max" in key:
+            out[key] = max(values)
+        elif key.endswith("tokens_per_s"):
+            out[key] = sum(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+# ---------------------------------------------------------------------------- FSDP2
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2 in place: `fully_shard` each transformer block, then the root (embeddings, final norm, head).
+    Rank 0's weights are broadcast first, so every rank shards the same model. Gradients are SUMMED over
+    ranks, not averaged (divide factor 1): rlpost's losses are already normalised by the global token and
+    sequence counts (Batch.global_tokens / global_seqs), so each rank's loss is its share of the global one."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from rlpost.models import transformer_blocks
+
+    init()
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if world_size() > 1:
+                dist.broadcast(t, src=0)
+    for block in transformer_blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+def full_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state_dict under its own module names, on every rank (an all-gather), or
+    only on rank 0 with `rank0_only` (others get {}), offloaded to the CPU. A collective when the model is
+    sharded: every rank must call it. An unsharded model's own state_dict otherwise."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
+
+
+def unsharded(model: nn.Module) -> nn.Module | None:
+    """A plain module with the model's full weights, for saving: the model itself when it is not sharded;
+    when it is, a CPU copy rebuilt on rank 0 from the gathered weights (None on the other ranks). A
+    collective when sharded: every rank must call it."""
+    if not is_sharded(model):
+        return model
+    from rlpost.models import rebuild
+
+    state = full_state_dict(model, rank0_only=True)
+    return rebuild(model, state) if is_main() else None
