@@ -128,7 +128,9 @@ class TrainerConfig:
     warmup_steps: int = opt(0, "RL: linear warm-up over this many optimizer steps")
     min_lr_ratio: float = opt(0.0, "RL: linear / cosine decay ends at lr * min_lr_ratio")
     strategy: str = opt("single", "RL training: 'single' (one process) | 'fsdp2' (sharded over torchrun's ranks; "
-                                  "needs rl.weight_sync=copy)")
+                                  "rl.weight_sync auto or copy)")
+    profile_steps: list[int] = opt([], "RL steps to trace with torch.profiler (Chrome trace format, in the run "
+                                       "directory's profile/ folder)")
 
 
 @dataclass
@@ -184,6 +186,15 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = opt(False, "also write every metric to TensorBoard event files (run directory's tensorboard/)")
+    wandb: bool = opt(False, "also log every metric to Weights & Biases (offline mode when no API key is configured)")
+    wandb_project: str = opt("rlpost", "the W&B project")
+    rollouts_every: int = opt(0, "keep sampled completions (prompt, completion, reward, log-prob statistics) every "
+                                 "this many RL steps in the run directory's rollouts.jsonl (0: never)")
+
+
+@dataclass
 class PreferenceConfig:
     enabled: bool = opt(False, "rlpost train: run the preference stage (DPO family) between SFT and RL; "
                                "`rlpost dpo` always runs it, and no RL")
@@ -225,6 +236,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # ---------------------------------------------------------------------------- loading
