@@ -1,0 +1,84 @@
+"""`rlpost plan throughput`: the five-term equation, checked against hand arithmetic on a run directory
+whose timings are known, and run on a real run."""
+
+import json
+import os
+
+import pytest
+
+from rlpost.plan.throughput import diagnose, fit, predict, report
+
+
+def fake_run(tmp_path, steps, topology="colocated", workers=1, model_bytes=0):
+    """A run directory whose RL steps all took the given seconds per role."""
+    os.makedirs(tmp_path / "checkpoints" / "final")
+    if model_bytes:
+        (tmp_path / "checkpoints" / "final" / "model.safetensors").write_bytes(b"\0" * model_bytes)
+    (tmp_path / "config.yaml").write_text(f"rl:\n  topology: {topology}\n  rollout_workers: {workers}\n")
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"stage": "sft", "step": 1, "time/step": 99.0}) + "\n")
+        for i, s in enumerate(steps, 1):
+            f.write(json.dumps({"stage": "rl", "step": i, **{k if "/" in k else f"time/{k}": v for k, v in s.items()}})
+                    + "\n")
+    return str(tmp_path)
+
+
+STEP = {"rollout": 0.6, "reward": 0.1, "reference": 0.08, "critic": 0.02, "advantages": 0.01, "train": 0.29,
+        "sync": 0.0, "other": 0.0, "step": 1.1}
+
+
+def test_the_terms_are_the_medians_after_warm_up(tmp_path):
+    slow_first = [{**STEP, "rollout": 5.0}] * 3 + [STEP] * 4 + [{**STEP, "rollout": 0.8}]
+    t = fit(fake_run(tmp_path, slow_first), warmup=3)
+    assert t.steps == 5 and t.rollout == pytest.approx(0.6)        # median of 0.6 x4, 0.8
+    assert (t.verifier, t.reference, t.train) == pytest.approx((0.1, 0.1, 0.3))  # ref + critic, adv + train
+    assert t.measured_step == pytest.approx(1.1)
+
+
+def test_topologies_compose_the_terms_by_sum_and_max(tmp_path):
+    # 2 MB of weights at 0.01 GB/s: a copying engine's sync costs 0.2 s where the colocated run moved nothing
+    t = fit(fake_run(tmp_path, [STEP] * 5, model_bytes=2_000_000), warmup=0)
+    by = lambda top, n=1: predict(t, top, n, sync_gbps=0.01)["step_s"]  # noqa: E731
+    assert by("colocated") == pytest.approx(0.6 + 0.1 + 0.1 + 0.3)                  # 1.1: the sum
+    assert by("disaggregated") == pytest.approx(0.6 + 0.1 + 0.1 + 0.3 + 0.2)         # 1.3: + the sync
+    assert by("disaggregated", 2) == pytest.approx(0.3 + 0.1 + 0.1 + 0.3 + 0.2)      # 1.0: rollout halved
+    assert by("async") == pytest.approx(max(0.6 + 0.1, 0.1 + 0.3 + 0.2))             # 0.7: rollout-bound
+    assert by("async", 2) == pytest.approx(max(0.3 + 0.1, 0.1 + 0.3 + 0.2))          # 0.6: train-bound
+    d = diagnose(t)
+    assert d["bottleneck"] == "rollout" and any("rl.topology=async predicts 0.7" in a for a in d["advice"])
+
+
+def test_an_async_run_is_scaled_back_to_one_worker(tmp_path):
+    # 2 workers took 0.3 s of rollout: one would take 0.6 s, colocated pays it in full and no sync
+    run = [{**STEP, "rollout": 0.3, "sync": 0.05, "sync/bytes": 1e6}] * 4  # it moved weights: its sync is measured
+    t = fit(fake_run(tmp_path, run, "async", 2), warmup=0)
+    assert predict(t, "colocated")["step_s"] == pytest.approx(0.6 + 0.1 + 0.1 + 0.3)
+    assert predict(t, "async", 4)["step_s"] == pytest.approx(max(0.15 + 0.1, 0.1 + 0.3 + 0.05))
+    assert diagnose(t)["bottleneck"] == "train"
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        fit(str(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"stage": "sft", "step": 1}) + "\n")
+    with pytest.raises(ValueError, match="no RL steps"):
+        fit(str(tmp_path))
+    t = fit(fake_run(tmp_path / "ok", [STEP]), warmup=0)
+    with pytest.raises(ValueError, match="topology must be one of"):
+        predict(t, "ray")
+
+
+def test_a_real_run_is_fitted_and_reported(tmp_path):
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    train(load_config(None, ["sft.steps=4", "rl.steps=4", "rl.eval_every=0", "task.num_eval=8",
+                             "rollout.prompts_per_step=4", "rollout.k=2", "model.n_layer=1", "model.n_embd=32",
+                             "model.n_head=2", f"out_dir={tmp_path}", "run_name=r"]))
+    r = report(str(tmp_path / "r"), warmup=1)
+    t = r["terms"]
+    assert t["steps"] == 3 and t["rollout"] > 0 and t["train"] > 0 and t["model_bytes"] > 0
+    colocated = r["predictions"][0]
+    assert colocated["topology"] == "colocated"
+    # the sum of the fitted terms is the measured step (the controller attributes every second to a role)
+    assert colocated["step_s"] == pytest.approx(t["measured_step"], rel=0.05)
