@@ -418,7 +418,8 @@ def suggestions(shape: ModelShape, est: Estimate) -> list[dict]:
     if out and not any(d["fits"] for d in out):
         current, steps = est, []
         for _ in range(8):
-            tried = [(estimate(shape, changed, suggest=False), what) for what, changed in _changes(shape, current.setup)]
+            tried = [(estimate(shape, changed, suggest=False), what)
+                     for what, changed in _changes(shape, current.setup)]
             best, what = min(tried, key=lambda t: t[0].peak, default=(None, None))
             if best is None or best.peak >= current.peak:
                 break
@@ -433,9 +434,10 @@ def suggestions(shape: ModelShape, est: Estimate) -> list[dict]:
 def format_report(est: Estimate) -> str:
     """The readable table: each term per GPU and in total, the side tables, the verdict and suggestions."""
     s, bd = est.setup, est.breakdown
-    where = ("colocated on {} GPUs".format(s.gpus) if s.topology == "colocated" else
+    where = (f"colocated on {s.gpus} GPUs" if s.topology == "colocated" else
              f"{s.topology}: {est.trainer_gpus} trainer GPUs + {est.rollout_gpus} rollout GPUs")
-    lines = [f"{est.model}: {est.params:,} parameters ({est.params / 1e9:.2f} B); {where}, {s.gpu_memory_gb:g} GB each",
+    lines = [f"{est.model}: {est.params:,} parameters ({est.params / 1e9:.2f} B); {where}, "
+             f"{s.gpu_memory_gb:g} GB each",
              f"precision {s.precision}, seq_len {s.seq_len}, rollout batch {s.batch}, micro-batch {s.micro_batch}, "
              f"{'ZeRO-3 sharded' if s.shard else 'unsharded'}", "",
              f"  {'term':<24} {'on':<8} {'per GPU GB':>10} {'total GB':>10}  detail"]
@@ -447,9 +449,9 @@ def format_report(est: Estimate) -> str:
     state = " + ".join(f"{b} {n}" for n, b in bd["state_bytes_per_param"].items())
     lines += ["", f"  training state per param: {state} = {sum(bd['state_bytes_per_param'].values())} B; "
                   f"inference weights {bd['weight_bytes_per_param']} B/param",
-              "  KV cache per sequence of {} tokens: ".format(s.seq_len)
+              f"  KV cache per sequence of {s.seq_len} tokens: "
               + ", ".join(f"{k} {v / GB:.3f} GB" for k, v in bd["kv_per_sequence"].items()),
-              f"  activations per micro-batch (all layers + logits): "
+              "  activations per micro-batch (all layers + logits): "
               + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in bd["activations"].items()), ""]
     verdict = "FITS" if est.fits else "DOES NOT FIT"
     lines.append(f"{verdict}: {est.peak / GB:.2f} GB on the fullest GPU, {est.usable / GB:.2f} GB usable "
