@@ -276,3 +276,20 @@ def test_activation_estimate_vs_saved_tensors(tmp_path, s, b, h, heads):
     print(f"activations per layer s={s} b={b} h={h} a={heads}: measured {measured:,} B, predicted "
           f"{predicted:,.0f} B, measured/predicted {measured / predicted:.3f}")
     assert 1.0 <= measured / predicted <= 1.5
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt_mini"])
+def test_lora_params_equal_peft_adapters(which):
+    """r*(in+out) per adapted matrix, against the adapters peft injects on every linear layer of each block."""
+    peft = pytest.importorskip("peft")
+    if which == "llama":
+        model = hf_model("llama", False)
+        shape = shape_from_config(model.config.to_dict())
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    else:
+        model = GPT(GPTConfig(vocab_size=40, block_size=48, n_layer=3, n_head=4, n_embd=64))
+        shape = shape_from_config(model.hf_config())
+        targets = ["c_attn", "c_proj", "c_fc"]
+    peft.inject_adapter_in_model(peft.LoraConfig(r=8, target_modules=targets), model)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert shape.lora_params(8) == adapters
