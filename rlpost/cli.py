@@ -10,6 +10,7 @@
     rlpost algorithms                         the registered algorithms
     rlpost rewards / rlpost envs              the shipped rewards and environments
     rlpost eval runs/X --k 1 8                pass@k, maj@k, mean reward and length on the held-out rows
+    rlpost plan memory 7b --gpus 8            what each GPU of an RL job holds, and whether it fits
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--k", type=int, nargs="+", default=[1], help="the k of pass@k and maj@k (default 1)")
     p_eval.add_argument("--samples", type=int, help="samples per prompt (default: the largest k)")
     p_eval.add_argument("--out", help="where eval.json goes (default: in the run directory, else here)")
+    add_plan_parser(sub)
     sub.add_parser("algorithms", help="list the registered RL algorithms")
     sub.add_parser("rewards", help="list the shipped rewards (task.reward / task.rewards names)")
     sub.add_parser("envs", help="list the shipped environments (task.env names)")
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "curate":
         return run_curate(args)
+    if args.command == "plan":
+        return run_plan(args, parser)
     if args.command == "eval":
         return run_eval_command(args)
     if args.command == "algorithms":
@@ -194,6 +198,71 @@ def add_curate_parser(sub) -> None:
     types = {"--max-new-tokens": int, "--temperature": float, "--seed": int}
     for flag, key in flags.items():
         p.add_argument(flag, dest="key:" + key, metavar="VALUE", type=types.get(flag, str), help=f"sets {key}")
+
+
+def add_plan_parser(sub) -> None:
+    """`rlpost plan SUBCOMMAND`: estimates made before a run (memory; each estimate is one subcommand)."""
+    p = sub.add_parser("plan", help="estimate a job before running it: `plan memory MODEL`",
+                       description="Estimates made before a run, from the model's shape and the job's settings.")
+    plan_sub = p.add_subparsers(dest="plan_command", metavar="ESTIMATE")
+    m = plan_sub.add_parser(
+        "memory", help="GPU memory of an RL job: each copy of the model per GPU, and whether it fits",
+        description="Training state, frozen copies, rollout weights and KV cache, and activations on each GPU "
+                    "of an RL job (formulas: `python -c 'import rlpost.plan.memory as m; help(m)'`), the verdict "
+                    "and, when it does not fit, what each change would save.",
+        epilog="MODEL: a size (0.5b 1.5b 3b 7b 14b 32b 72b: Qwen2.5; 8b 70b: Llama 3.1), a name "
+               "(qwen2.5-7b, llama3.1-8b, llama2-7b, ...) or a local model folder with a config.json\n"
+               "e.g. rlpost plan memory 7b --gpus 8 --gpu-memory-gb 80 --critic --reward-model",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("model", help="a size, a named model or a model folder")
+    m.add_argument("--seq-len", type=int, default=4096, help="prompt + response tokens per sequence (default 4096)")
+    m.add_argument("--batch", type=int, default=64, help="rollout sequences in flight over all engines (default 64)")
+    m.add_argument("--micro-batch", type=int, default=1, help="sequences per training forward/backward (default 1)")
+    m.add_argument("--gpus", type=int, default=1, help="GPUs of the job, trainer and rollout (default 1)")
+    m.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
+    m.add_argument("--topology", choices=["colocated", "disaggregated", "async"], default="colocated",
+                   help="colocated: every copy on every GPU; disaggregated / async: rollout engines on "
+                        "--rollout-gpus of the GPUs, the rest train (default colocated)")
+    m.add_argument("--rollout-gpus", type=int, help="disaggregated / async: GPUs of the rollout engines "
+                                                    "(default half of --gpus)")
+    m.add_argument("--rollout-tp", type=int, default=1, help="tensor-parallel size of one rollout engine (default 1)")
+    m.add_argument("--critic", action="store_true", help="a critic (PPO-style algorithms): a second trained copy")
+    m.add_argument("--reward-model", action="store_true", help="a learned reward model (a verifier needs none)")
+    m.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full; default 0)")
+    m.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
+    m.add_argument("--precision", choices=["mixed", "fp32", "bf16"], default="mixed",
+                   help="mixed: bf16 compute with fp32 master weights and AdamW (18 B/param); fp32 (16); "
+                        "bf16: pure bf16 (8) (default mixed)")
+    m.add_argument("--no-shard", action="store_true", help="do not shard the training state (no ZeRO-3 / FSDP)")
+    m.add_argument("--no-flash-attention", action="store_true",
+                   help="activations of attention that stores its s x s scores")
+    m.add_argument("--headroom", type=float, default=0.10,
+                   help="fraction of each GPU kept free for the CUDA context and fragmentation (default 0.10)")
+    m.add_argument("--json", action="store_true", help="print a JSON dict instead of the table")
+
+
+def run_plan(args, parser) -> int:
+    """`rlpost plan memory`: the table (or JSON) of rlpost.plan.memory.estimate (exit 0 whether or not it fits)."""
+    import json
+
+    from rlpost.plan.memory import Setup, estimate, format_report, shape_for
+
+    if args.plan_command != "memory":
+        parser.parse_args(["plan", "--help"])
+        return 0
+    try:
+        shape = shape_for(args.model)
+        setup = Setup(seq_len=args.seq_len, batch=args.batch, micro_batch=args.micro_batch, gpus=args.gpus,
+                      gpu_memory_gb=args.gpu_memory_gb, topology=args.topology, rollout_gpus=args.rollout_gpus,
+                      rollout_tp=args.rollout_tp, critic=args.critic, reward_model=args.reward_model,
+                      lora_rank=args.lora_rank, checkpointing=args.checkpointing, precision=args.precision,
+                      shard=not args.no_shard, flash_attention=not args.no_flash_attention, headroom=args.headroom)
+        est = estimate(shape, setup)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"rlpost: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(est.to_dict(), indent=2) if args.json else format_report(est))
+    return 0
 
 
 def run_curate(args) -> int:

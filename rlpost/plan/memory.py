@@ -1,0 +1,464 @@
+"""How much GPU memory an RL job needs: `rlpost plan memory MODEL`.
+
+Every figure is bytes; the report prints GB = 1e9 bytes. N is the parameter count, G the GPU count.
+
+Parameters, from the model's shape (hidden h, layers n, heads a, KV heads k, head_dim d, MLP width I,
+vocabulary V), exactly as Llama / Qwen2 / GPT-2 (gpt_mini) lay them out:
+
+    embedding      V*h                           (+ positions P*h for GPT-2's learned position table)
+    attention      h*a*d (q) + 2*h*k*d (k, v) + a*d*h (o)        (+ biases: Qwen2 q/k/v, GPT-2 all)
+    MLP            SwiGLU: 3*h*I (gate, up, down); GPT-2: 2*h*I (+ I + h biases)
+    norms          RMSNorm: h each (2 per layer + the final one); LayerNorm: 2*h each (weight, bias)
+    lm head        V*h unless tied to the embedding
+
+Training state per parameter (AdamW; ZeRO-3 / FSDP shards all of it: divide by G):
+
+    mixed (bf16)   2 bf16 weights + 2 bf16 grads + 4 fp32 master weights + 4 Adam m + 4 Adam v = 16
+                   (the ZeRO paper's count) + 2 buffers (an allowance for fp32 gradient buckets and
+                   communication buffers, not one tensor) = 18 bytes/param: 7e9 params -> 126 GB
+    fp32           4 weights + 4 grads + 4 Adam m + 4 Adam v = 16 bytes/param. This is also what rlpost
+                   holds under trainer.precision=bf16 (autocast over fp32 parameters)
+    bf16 (pure)    2 + 2 + 2 + 2 = 8 bytes/param (rlpost's model.dtype=bfloat16)
+    LoRA rank r    the frozen base at its weight bytes (2 or 4 per param, no grads or optimizer state) + the
+                   adapters r*(in+out) per adapted matrix (q, k, v, o, gate, up, down) at the full state bytes
+
+Inference weights (a frozen reference, a reward model, a rollout engine): 2 bytes/param in bf16 (4 in fp32):
+7e9 params -> 14 GB per copy.
+
+KV cache, for `batch` sequences of `seq_len` tokens (prompt + response), K and V of every layer:
+
+    2 * n * kv_heads * d * seq_len * batch * bytes        kv_heads = a (MHA), k (GQA), 1 (MQA)
+
+    Llama-2-7B (n=32, a=k=32, d=128) at 4096 tokens, bf16: 2*32*32*128*4096*2 = 2 GiB per sequence.
+
+Activations of one training micro-batch of b sequences of s tokens (Korthikanti et al., "Reducing
+Activation Recomputation in Large Transformer Models", 16-bit, no tensor or sequence parallelism):
+
+    per layer      s*b*h*(34 + 5*a*s/h)   without flash attention (5*a*s^2*b: the attention scores,
+                                          softmax and dropout mask); s*b*h*34 with flash attention, which
+                                          keeps no s x s matrix
+    all layers     n * per layer;  with full activation checkpointing each layer keeps only its input,
+                   2*s*b*h, and the backward recomputes one layer at a time: n*2*s*b*h + one layer's
+    logits         4*s*b*V: the fp32 logits the log-softmax of the RL loss reads (one copy)
+
+The formula is for a GPT block (MLP 4h, dropout); for a SwiGLU MLP it is an estimate of the same order.
+In fp32 every activation is twice as large (the figure is doubled). What autograd saves in one eager gpt_mini
+block on the CPU (fp32, whose attention keeps no s x s matrix) is 1.33-1.42x the flash-attention figure:
+eager PyTorch keeps contiguous copies of q, k, v and the attention output that the formula does not count.
+
+The four copies of an RL job, and where they live:
+
+    policy         training state + activations              on the trainer GPUs
+    reference      inference weights (none under LoRA: the base with the adapters off is the reference)
+    critic         training state (PPO-style algorithms only: --critic); its activations are not live at
+                   the same time as the policy's, so they are not added
+    reward model   inference weights (--reward-model; a verifier needs none)
+    rollout        inference weights per engine (divided by its tensor-parallel size) + the KV cache of the
+                   sequences it runs (the batch spread over the engines)
+
+    colocated      every copy on the same G GPUs, all resident at once (an upper bound: engines that free
+                   their KV cache while training runs peak lower)
+    disaggregated  rollout engines on their own R GPUs (--rollout-gpus, of the G), the rest on the other G-R
+    async          the same placement as disaggregated
+
+Verdict: a GPU fits when its total is at most (1 - headroom) of its memory; the default headroom, 10 %,
+stands for the CUDA context, the allocator's fragmentation and temporary buffers. When it does not fit,
+each change below is tried alone and the bytes it saves on the fullest GPU are reported, largest first:
+shard over more GPUs, LoRA, activation checkpointing, a smaller micro-batch, shorter sequences, no critic
+(GRPO), no reward model (a verifier), the reference offloaded to the CPU, disaggregated rollout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+GB = 1e9
+
+
+@dataclass
+class ModelShape:
+    """The shape of a decoder-only transformer; enough to count its parameters and size its caches."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int = 4096
+    head_dim: int | None = None      # default hidden_size // num_heads
+    mlp: str = "swiglu"              # "swiglu" (Llama, Qwen2) or "gelu" (GPT-2, gpt_mini)
+    norm: str = "rms"                # "rms" (weight only) or "layer" (weight and bias)
+    qkv_bias: bool = False           # Qwen2: q, k, v projections have a bias
+    attention_bias: bool = False     # Llama's attention_bias / GPT-2: q, k, v and o all have one
+    mlp_bias: bool = False
+    learned_positions: bool = False  # GPT-2: a max_position_embeddings x hidden position table
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of every weight matrix of one layer: what LoRA adapts."""
+        h, q, kv, i = self.hidden_size, self.num_heads * self.dim, self.num_kv_heads * self.dim, self.intermediate_size
+        attn = [(h, q + 2 * kv), (q, h)] if self.mlp == "gelu" else [(h, q), (h, kv), (h, kv), (q, h)]
+        mlp = [(h, i), (i, h)] if self.mlp == "gelu" else [(h, i), (h, i), (i, h)]
+        return attn + mlp
+
+    def num_params(self) -> int:
+        """Every parameter, a tied embedding / lm head counted once."""
+        h, n, V = self.hidden_size, self.num_layers, self.vocab_size
+        q, kv = self.num_heads * self.dim, self.num_kv_heads * self.dim
+        layer = sum(a * b for a, b in self.linear_shapes())
+        if self.qkv_bias or self.attention_bias:
+            layer += q + 2 * kv
+        if self.attention_bias:
+            layer += h                                    # o's bias
+        if self.mlp_bias:
+            layer += self.intermediate_size * (1 if self.mlp == "gelu" else 2) + h
+        norm = h * (2 if self.norm == "layer" else 1)
+        layer += 2 * norm
+        total = n * layer + V * h + norm                  # layers, embedding, final norm
+        if self.learned_positions:
+            total += self.max_position_embeddings * h
+        if not self.tie_word_embeddings:
+            total += V * h
+        return total
+
+    def lora_params(self, rank: int) -> int:
+        """Adapter parameters of rank `rank` on every weight matrix of every layer: r*(in+out) each."""
+        return self.num_layers * sum(rank * (a + b) for a, b in self.linear_shapes())
+
+
+def _qwen(name, h, n, a, k, i, v, tied):
+    return ModelShape(name, h, n, a, k, i, v, tied, 32768, qkv_bias=True)
+
+
+def _llama(name, h, n, a, k, i, v, pos):
+    return ModelShape(name, h, n, a, k, i, v, False, pos)
+
+
+# Published configs (config.json of each model on the Hugging Face hub: Qwen/Qwen2.5-*, meta-llama/*).
+# name: hidden, layers, heads, kv heads, intermediate, vocab, tied.
+NAMED: dict[str, ModelShape] = {
+    "qwen2.5-0.5b": _qwen("Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936, True),
+    "qwen2.5-1.5b": _qwen("Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936, True),
+    "qwen2.5-3b": _qwen("Qwen2.5-3B", 2048, 36, 16, 2, 11008, 151936, True),
+    "qwen2.5-7b": _qwen("Qwen2.5-7B", 3584, 28, 28, 4, 18944, 152064, False),
+    "qwen2.5-14b": _qwen("Qwen2.5-14B", 5120, 48, 40, 8, 13824, 152064, False),
+    "qwen2.5-32b": _qwen("Qwen2.5-32B", 5120, 64, 40, 8, 27648, 152064, False),
+    "qwen2.5-72b": _qwen("Qwen2.5-72B", 8192, 80, 64, 8, 29568, 152064, False),
+    "llama3.1-8b": _llama("Llama-3.1-8B", 4096, 32, 32, 8, 14336, 128256, 131072),
+    "llama3.1-70b": _llama("Llama-3.1-70B", 8192, 80, 64, 8, 28672, 128256, 131072),
+    "llama2-7b": _llama("Llama-2-7B", 4096, 32, 32, 32, 11008, 32000, 4096),
+}
+SIZES = {"0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b", "3b": "qwen2.5-3b", "7b": "qwen2.5-7b",
+         "8b": "llama3.1-8b", "14b": "qwen2.5-14b", "32b": "qwen2.5-32b", "70b": "llama3.1-70b",
+         "72b": "qwen2.5-72b"}
+
+
+def shape_from_config(config: dict, name: str = "model") -> ModelShape:
+    """A ModelShape from a config.json dict: Hugging Face Llama / Qwen2-style keys, or GPT-2's (which is
+    what a gpt_mini checkpoint saves)."""
+    if "n_embd" in config:  # GPT-2 / gpt_mini
+        h = config["n_embd"]
+        return ModelShape(name, h, config["n_layer"], config["n_head"], config["n_head"],
+                          config.get("n_inner") or 4 * h, config["vocab_size"],
+                          config.get("tie_word_embeddings", True), config["n_positions"], mlp="gelu", norm="layer",
+                          attention_bias=True, mlp_bias=True, learned_positions=True)
+    kind = config.get("model_type", "")
+    return ModelShape(name, config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
+                      config.get("num_key_value_heads") or config["num_attention_heads"], config["intermediate_size"],
+                      config["vocab_size"], bool(config.get("tie_word_embeddings", False)),
+                      config.get("max_position_embeddings", 4096), config.get("head_dim"),
+                      qkv_bias=kind == "qwen2", attention_bias=bool(config.get("attention_bias", False)),
+                      mlp_bias=bool(config.get("mlp_bias", False)))
+
+
+def shape_for(model: str) -> ModelShape:
+    """A named size ('7b'), a named model ('llama3.1-8b'), or a local folder with a config.json."""
+    key = model.lower()
+    if key in SIZES or key in NAMED:
+        return NAMED[SIZES.get(key, key)]
+    path = os.path.join(model, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return shape_from_config(json.load(f), os.path.basename(os.path.normpath(model)))
+    raise ValueError(f"unknown model {model!r}: a size ({', '.join(SIZES)}), a name ({', '.join(NAMED)}), "
+                     f"or a folder with a config.json")
+
+
+# ---------------------------------------------------------------------------------------------- formulas
+
+STATE_BYTES = {  # per parameter: (term, bytes)
+    "mixed": [("bf16 weights", 2), ("bf16 grads", 2), ("fp32 master weights", 4), ("Adam m (fp32)", 4),
+              ("Adam v (fp32)", 4), ("buffers (fp32 grad buckets, comms)", 2)],
+    "fp32": [("fp32 weights", 4), ("fp32 grads", 4), ("Adam m (fp32)", 4), ("Adam v (fp32)", 4)],
+    "bf16": [("bf16 weights", 2), ("bf16 grads", 2), ("Adam m (bf16)", 2), ("Adam v (bf16)", 2)],
+}
+WEIGHT_BYTES = {"mixed": 2, "fp32": 4, "bf16": 2}  # inference / frozen weights
+
+
+def training_state_bytes(n_params: int, precision: str = "mixed", shards: int = 1) -> dict[str, float]:
+    """Each term of the training state of `n_params` parameters, and 'total', divided over `shards` GPUs."""
+    terms = {name: n_params * b / shards for name, b in STATE_BYTES[precision]}
+    return {**terms, "total": sum(terms.values())}
+
+
+def kv_cache_bytes(shape: ModelShape, seq_len: int, batch: int, bytes_per: int = 2,
+                   kv_heads: int | None = None) -> int:
+    """2 (K and V) * layers * kv_heads * head_dim * seq_len * batch * bytes."""
+    heads = shape.num_kv_heads if kv_heads is None else kv_heads
+    return 2 * shape.num_layers * heads * shape.dim * seq_len * batch * bytes_per
+
+
+def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, checkpointing: bool = False,
+                     flash_attention: bool = True, bytes_per: int = 2) -> dict[str, float]:
+    """Per-layer and total activation bytes of one micro-batch (Korthikanti et al.; see the module docstring)."""
+    s, b, h, a, n = seq_len, micro_batch, shape.hidden_size, shape.num_heads, shape.num_layers
+    scale = bytes_per / 2
+    per_layer = s * b * h * (34 + (0 if flash_attention else 5 * a * s / h)) * scale
+    layers = n * 2 * s * b * h * scale + per_layer if checkpointing else n * per_layer
+    logits = 4 * s * b * shape.vocab_size
+    return {"per_layer": per_layer, "layers": layers, "logits": logits, "total": layers + logits}
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+@dataclass
+class Setup:
+    """What the job runs: see `rlpost plan memory --help` for each field."""
+
+    seq_len: int = 4096           # prompt + response tokens
+    batch: int = 64               # rollout sequences in flight, over all engines
+    micro_batch: int = 1          # sequences per training forward/backward
+    gpus: int = 1
+    gpu_memory_gb: float = 80.0
+    topology: str = "colocated"   # colocated | disaggregated | async
+    rollout_gpus: int | None = None   # disaggregated: GPUs of the rollout engines (default: half)
+    rollout_tp: int = 1           # tensor-parallel size of one rollout engine
+    critic: bool = False
+    reward_model: bool = False
+    lora_rank: int = 0
+    checkpointing: bool = False
+    precision: str = "mixed"      # mixed | fp32 | bf16
+    shard: bool = True            # ZeRO-3 / FSDP over the trainer GPUs
+    flash_attention: bool = True
+    offload_reference: bool = False
+    headroom: float = 0.10
+
+    def placement(self) -> tuple[int, int]:
+        """(trainer GPUs, rollout GPUs); colocated: the same G GPUs for both."""
+        if self.topology == "colocated":
+            return self.gpus, self.gpus
+        if self.topology not in ("disaggregated", "async"):
+            raise ValueError(f"topology must be colocated, disaggregated or async, not {self.topology!r}")
+        rollout = self.rollout_gpus if self.rollout_gpus is not None else self.gpus // 2
+        if not 1 <= rollout < self.gpus:
+            raise ValueError(f"{self.topology} needs 1 <= rollout GPUs < GPUs (got {rollout} of {self.gpus})")
+        return self.gpus - rollout, rollout
+
+
+@dataclass
+class Term:
+    name: str
+    where: str          # "trainer" or "rollout"
+    total: float        # bytes over the whole job
+    per_gpu: float      # bytes on each GPU that holds it
+    detail: str = ""
+
+
+@dataclass
+class Estimate:
+    model: str
+    params: int
+    setup: Setup
+    terms: list[Term]
+    trainer_gpus: int
+    rollout_gpus: int
+    per_gpu: dict[str, float]   # "trainer" / "rollout" (colocated: one "gpu") -> bytes
+    usable: float
+    fits: bool
+    breakdown: dict = field(default_factory=dict)
+    suggestions: list[dict] = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return max(self.per_gpu.values())
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (bytes, plus GB for the totals)."""
+        d = asdict(self)
+        d["peak_per_gpu_gb"] = self.peak / GB
+        d["usable_per_gpu_gb"] = self.usable / GB
+        d["per_gpu_gb"] = {k: v / GB for k, v in self.per_gpu.items()}
+        return d
+
+
+def estimate(shape: ModelShape, setup: Setup, suggest: bool = True) -> Estimate:
+    """Every term of the job on each GPU, the verdict and (when it does not fit) the computed suggestions."""
+    s = setup
+    n_train, n_roll = s.placement()
+    shards = n_train if s.shard else 1
+    N = shape.num_params()
+    wbytes = WEIGHT_BYTES[s.precision]
+    state_per_param = sum(b for _, b in STATE_BYTES[s.precision])
+    act_bytes = 4 if s.precision == "fp32" else 2
+
+    def training(label: str) -> Term:
+        if s.lora_rank:
+            lora = shape.lora_params(s.lora_rank)
+            total = N * wbytes + lora * state_per_param
+            return Term(label, "trainer", total, total / shards,
+                        f"LoRA r={s.lora_rank}: {N:,} frozen x {wbytes} B + {lora:,} adapters x {state_per_param} B")
+        return Term(label, "trainer", N * state_per_param, N * state_per_param / shards,
+                    f"{N:,} params x {state_per_param} B" + (f" / {shards} GPUs (ZeRO-3)" if shards > 1 else ""))
+
+    def frozen(label: str, detail: str) -> Term:
+        return Term(label, "trainer", N * wbytes, N * wbytes / shards, f"{N:,} x {wbytes} B {detail}".rstrip())
+
+    terms = [training("policy: training state")]
+    act = activation_bytes(shape, s.seq_len, s.micro_batch, s.checkpointing, s.flash_attention, act_bytes)
+    terms.append(Term("policy: activations", "trainer", act["total"] * n_train, act["total"],
+                      f"micro-batch {s.micro_batch} x {s.seq_len} tokens, "
+                      f"{'checkpointed' if s.checkpointing else 'no checkpointing'} (+ {act['logits'] / GB:.2f} GB "
+                      f"fp32 logits)"))
+    if s.lora_rank:
+        terms.append(Term("reference", "trainer", 0, 0, "the LoRA base with adapters off: no copy"))
+    elif s.offload_reference:
+        terms.append(Term("reference", "trainer", 0, 0, "offloaded to CPU memory"))
+    else:
+        terms.append(frozen("reference", "(frozen)"))
+    if s.critic:
+        terms.append(training("critic: training state"))
+    if s.reward_model:
+        terms.append(frozen("reward model", "(frozen)"))
+    engines = max(n_roll // s.rollout_tp, 1)
+    seqs = math.ceil(s.batch / engines)
+    kv = kv_cache_bytes(shape, s.seq_len, seqs, wbytes)
+    terms.append(Term("rollout: weights", "rollout", N * wbytes * engines, N * wbytes / s.rollout_tp,
+                      f"{engines} engine(s) x {N * wbytes / GB:.2f} GB" + (f" / TP {s.rollout_tp}" if s.rollout_tp > 1
+                                                                           else "")))
+    terms.append(Term("rollout: KV cache", "rollout", kv * engines, kv / s.rollout_tp,
+                      f"{seqs} seq(s) x {s.seq_len} tokens per engine, {shape.num_kv_heads} KV heads"))
+
+    if s.topology == "colocated":
+        per_gpu = {"gpu": sum(t.per_gpu for t in terms)}
+    else:
+        per_gpu = {w: sum(t.per_gpu for t in terms if t.where == w) for w in ("trainer", "rollout")}
+    usable = s.gpu_memory_gb * GB * (1 - s.headroom)
+    out = Estimate(shape.name, N, s, terms, n_train, n_roll, per_gpu, usable, max(per_gpu.values()) <= usable)
+    out.breakdown = breakdown(shape, s)
+    if suggest and not out.fits:
+        out.suggestions = suggestions(shape, out)
+    return out
+
+
+def breakdown(shape: ModelShape, s: Setup) -> dict:
+    """The side tables: bytes/param of training, KV per sequence for MHA / GQA / MQA, activations."""
+    wbytes = WEIGHT_BYTES[s.precision]
+    act_bytes = 4 if s.precision == "fp32" else 2
+    return {
+        "state_bytes_per_param": dict(STATE_BYTES[s.precision]),
+        "weight_bytes_per_param": wbytes,
+        "kv_per_sequence": {f"{kind} ({heads} KV heads)": kv_cache_bytes(shape, s.seq_len, 1, wbytes, heads)
+                            for kind, heads in (("MHA", shape.num_heads), ("GQA", shape.num_kv_heads), ("MQA", 1))},
+        "activations": {f"{'checkpointed' if ckpt else 'full'}, {'flash' if flash else 'no flash'}":
+                        activation_bytes(shape, s.seq_len, s.micro_batch, ckpt, flash, act_bytes)["total"]
+                        for ckpt in (False, True) for flash in (True, False)},
+    }
+
+
+def _changes(shape: ModelShape, s: Setup) -> list[tuple[str, Setup]]:
+    """The changes worth trying on setup `s`, each as (what, the changed setup)."""
+    n_train, n_roll = s.placement()
+    changes = []
+    if s.shard:
+        changes.append((f"shard over {2 * s.gpus} GPUs", replace(s, gpus=2 * s.gpus, rollout_gpus=(
+            None if s.rollout_gpus is None else 2 * s.rollout_gpus))))
+    else:
+        changes.append((f"shard the training state over the {n_train} trainer GPUs (ZeRO-3 / FSDP)",
+                        replace(s, shard=True)))
+    if not s.lora_rank:
+        changes.append(("LoRA rank 16 (and no reference copy)", replace(s, lora_rank=16)))
+    if not s.checkpointing:
+        changes.append(("activation checkpointing", replace(s, checkpointing=True)))
+    if s.micro_batch > 1:
+        changes.append((f"micro-batch {s.micro_batch // 2}", replace(s, micro_batch=s.micro_batch // 2)))
+    if s.seq_len > 256:
+        changes.append((f"sequences of {s.seq_len // 2} tokens", replace(s, seq_len=s.seq_len // 2)))
+    if s.critic:
+        changes.append(("no critic (GRPO)", replace(s, critic=False)))
+    if s.reward_model:
+        changes.append(("no reward model (a verifier)", replace(s, reward_model=False)))
+    if not s.offload_reference and not s.lora_rank:
+        changes.append(("reference offloaded to CPU", replace(s, offload_reference=True)))
+    if 2 * s.rollout_tp <= n_roll:
+        changes.append((f"rollout engines of tensor-parallel size {2 * s.rollout_tp}",
+                        replace(s, rollout_tp=2 * s.rollout_tp)))
+    if s.topology == "colocated" and s.gpus >= 2:
+        changes.append((f"disaggregate: rollout on {s.gpus // 2} of the {s.gpus} GPUs",
+                        replace(s, topology="disaggregated", rollout_gpus=s.gpus // 2)))
+    return changes
+
+
+def suggestions(shape: ModelShape, est: Estimate) -> list[dict]:
+    """Each change tried alone: the bytes it saves on the fullest GPU and whether it then fits, largest first.
+    Then, when no change alone is enough, the changes applied greedily (the largest saving first) until it fits."""
+    out = []
+    for what, changed in _changes(shape, est.setup):
+        after = estimate(shape, changed, suggest=False)
+        if est.peak - after.peak > 0:
+            out.append({"change": what, "saves_gb": (est.peak - after.peak) / GB, "peak_gb": after.peak / GB,
+                        "fits": after.fits})
+    out.sort(key=lambda d: -d["saves_gb"])
+    if out and not any(d["fits"] for d in out):
+        current, steps = est, []
+        for _ in range(8):
+            tried = [(estimate(shape, changed, suggest=False), what)
+                     for what, changed in _changes(shape, current.setup)]
+            best, what = min(tried, key=lambda t: t[0].peak, default=(None, None))
+            if best is None or best.peak >= current.peak:
+                break
+            current, steps = best, steps + [what]
+            if current.fits:
+                break
+        out.append({"change": "together: " + ", then ".join(steps), "saves_gb": (est.peak - current.peak) / GB,
+                    "peak_gb": current.peak / GB, "fits": current.fits})
+    return out
+
+
+def format_report(est: Estimate) -> str:
+    """The readable table: each term per GPU and in total, the side tables, the verdict and suggestions."""
+    s, bd = est.setup, est.breakdown
+    where = (f"colocated on {s.gpus} GPUs" if s.topology == "colocated" else
+             f"{s.topology}: {est.trainer_gpus} trainer GPUs + {est.rollout_gpus} rollout GPUs")
+    lines = [f"{est.model}: {est.params:,} parameters ({est.params / 1e9:.2f} B); {where}, "
+             f"{s.gpu_memory_gb:g} GB each",
+             f"precision {s.precision}, seq_len {s.seq_len}, rollout batch {s.batch}, micro-batch {s.micro_batch}, "
+             f"{'ZeRO-3 sharded' if s.shard else 'unsharded'}", "",
+             f"  {'term':<24} {'on':<8} {'per GPU GB':>10} {'total GB':>10}  detail"]
+    for t in est.terms:
+        lines.append(f"  {t.name:<24} {t.where:<8} {t.per_gpu / GB:>10.2f} {t.total / GB:>10.2f}  {t.detail}")
+    for k, v in est.per_gpu.items():
+        label = "= per GPU" if k == "gpu" else f"= per {k} GPU"
+        lines.append(f"  {label:<33} {v / GB:>10.2f}")
+    state = " + ".join(f"{b} {n}" for n, b in bd["state_bytes_per_param"].items())
+    lines += ["", f"  training state per param: {state} = {sum(bd['state_bytes_per_param'].values())} B; "
+                  f"inference weights {bd['weight_bytes_per_param']} B/param",
+              f"  KV cache per sequence of {s.seq_len} tokens: "
+              + ", ".join(f"{k} {v / GB:.3f} GB" for k, v in bd["kv_per_sequence"].items()),
+              "  activations per micro-batch (all layers + logits): "
+              + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in bd["activations"].items()), ""]
+    verdict = "FITS" if est.fits else "DOES NOT FIT"
+    lines.append(f"{verdict}: {est.peak / GB:.2f} GB on the fullest GPU, {est.usable / GB:.2f} GB usable "
+                 f"({s.gpu_memory_gb:g} GB less {s.headroom:.0%} headroom)")
+    for sug in est.suggestions:
+        lines.append(f"  - {sug['change']}: saves {sug['saves_gb']:.2f} GB -> {sug['peak_gb']:.2f} GB"
+                     f"{' (fits)' if sug['fits'] else ''}")
+    return "\n".join(lines)
