@@ -11,6 +11,7 @@
     rlpost rewards / rlpost envs              the shipped rewards and environments
     rlpost eval runs/X --k 1 8                pass@k, maj@k, mean reward and length on the held-out rows
     rlpost plan memory 7b --gpus 8            what each GPU of an RL job holds, and whether it fits
+    rlpost plan throughput RUN_DIR            where a run's step time goes, predicted for other topologies
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def add_curate_parser(sub) -> None:
 
 def add_plan_parser(sub) -> None:
     """`rlpost plan SUBCOMMAND`: estimates made before a run (memory; each estimate is one subcommand)."""
-    p = sub.add_parser("plan", help="estimate a job before running it: `plan memory MODEL`",
+    p = sub.add_parser("plan", help="estimate a job: `plan memory MODEL`, `plan throughput RUN_DIR`",
                        description="Estimates made before a run, from the model's shape and the job's settings.")
     plan_sub = p.add_subparsers(dest="plan_command", metavar="ESTIMATE")
     m = plan_sub.add_parser(
@@ -239,14 +240,38 @@ def add_plan_parser(sub) -> None:
     m.add_argument("--headroom", type=float, default=0.10,
                    help="fraction of each GPU kept free for the CUDA context and fragmentation (default 0.10)")
     m.add_argument("--json", action="store_true", help="print a JSON dict instead of the table")
+    t = plan_sub.add_parser(
+        "throughput", help="a run's step time per role, predicted for other topologies and worker counts",
+        description="Fits the step equation's terms (rollout, verifier, reference, train, sync) to RUN_DIR's own "
+                    "per-role timings, composes them by topology (sum colocated, max async), predicts the step "
+                    "time for other topologies and rollout worker counts, and names the bottleneck with what to "
+                    "change (formulas: `python -c 'import rlpost.plan.throughput as m; help(m)'`).")
+    t.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with RL steps in its metrics.jsonl")
+    t.add_argument("--warmup", type=int, default=3, help="first RL steps left out of the medians (default 3)")
+    t.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="rollout worker counts to predict")
+    t.add_argument("--sync-gbps", type=float, default=1.0,
+                   help="GB/s of a weight transfer to a worker's own copy, when the run itself moved nothing "
+                        "(default 1.0)")
+    t.add_argument("--json", action="store_true", help="print a JSON dict instead of the table")
 
 
 def run_plan(args, parser) -> int:
-    """`rlpost plan memory`: the table (or JSON) of rlpost.plan.memory.estimate (exit 0 whether or not it fits)."""
+    """`rlpost plan memory`: the table (or JSON) of rlpost.plan.memory.estimate (exit 0 whether or not it fits);
+    `rlpost plan throughput`: rlpost.plan.throughput.report of a run directory."""
     import json
 
     from rlpost.plan.memory import Setup, estimate, format_report, shape_for
 
+    if args.plan_command == "throughput":
+        from rlpost.plan import throughput
+
+        try:
+            r = throughput.report(args.run_dir, args.warmup, args.sync_gbps, args.workers)
+        except (ValueError, OSError) as e:
+            print(f"rlpost: error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(r, indent=2) if args.json else throughput.format_report(r))
+        return 0
     if args.plan_command != "memory":
         parser.parse_args(["plan", "--help"])
         return 0

@@ -82,3 +82,16 @@ def test_a_real_run_is_fitted_and_reported(tmp_path):
     assert colocated["topology"] == "colocated"
     # the sum of the fitted terms is the measured step (the controller attributes every second to a role)
     assert colocated["step_s"] == pytest.approx(t["measured_step"], rel=0.05)
+
+
+def test_the_command_prints_a_table_or_json(tmp_path, capsys):
+    from rlpost.cli import main
+
+    run = fake_run(tmp_path, [STEP] * 4)
+    assert main(["plan", "throughput", run, "--warmup", "0", "--workers", "1", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [(p["topology"], p["workers"]) for p in r["predictions"]] == [
+        ("colocated", 1), ("disaggregated", 1), ("disaggregated", 3), ("async", 1), ("async", 3)]
+    assert main(["plan", "throughput", run, "--warmup", "0"]) == 0
+    assert "bottleneck: rollout" in capsys.readouterr().out
+    assert main(["plan", "throughput", str(tmp_path / "missing")]) == 2

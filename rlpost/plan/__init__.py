@@ -1,4 +1,5 @@
-"""Planning an RL job before running it: `rlpost plan memory` (memory.py) estimates what each GPU holds."""
+"""Planning an RL job: `rlpost plan memory` (memory.py) estimates what each GPU holds; `rlpost plan throughput`
+(throughput.py) fits a run's step time per role and predicts it for other topologies."""
 
 from rlpost.plan.memory import ModelShape, Setup, estimate, format_report, shape_from_config, shape_for
 
