@@ -5,12 +5,13 @@ pairs), each with its total so tqdm shows the rate and the time left.
         ...
         tqdm.write(line)        # console lines go through tqdm.write, above the bar, never through it
 
-Bars go to stderr; TQDM_DISABLE=1 (tqdm's own variable) turns them all off. Under torchrun only rank 0
-shows them.
+Bars go to stderr; TQDM_DISABLE=1 (tqdm's own variable, read here when a bar starts, not once when tqdm
+is imported) turns them all off. Under torchrun only rank 0 shows them.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tqdm import tqdm
@@ -21,6 +22,10 @@ from rlpost import distributed as dist
 def progress(iterable=None, *, total: int, desc: str, initial: int = 0, unit: str = "step",
              leave: bool = True) -> tqdm:
     """A tqdm bar on stderr over `iterable` (or updated by hand), `total` known so it shows an ETA."""
-    kwargs = {} if dist.is_main() else {"disable": True}  # on rank 0, TQDM_DISABLE decides (tqdm reads it)
     return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
-                file=sys.stderr, **kwargs)
+                file=sys.stderr, disable=disabled())
+
+
+def disabled() -> bool:
+    """No bars: a rank other than 0, or TQDM_DISABLE set (to anything but 0 / false / no)."""
+    return not dist.is_main() or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")

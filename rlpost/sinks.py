@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import netrc
 import os
+import uuid
 from typing import Any
 from urllib.parse import urlparse
 
@@ -106,7 +107,7 @@ class WandbSink:
             with open(id_file) as f:
                 run_id = f.read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]
             with open(id_file, "w") as f:
                 f.write(run_id)
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_api_key_configured() else "offline")

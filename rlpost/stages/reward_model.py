@@ -96,6 +96,9 @@ class RewardModelStage(Stage):
 def train_reward_model(cfg, recipe_name: str = "rm") -> dict:
     """`rlpost rm`: fit a reward model from `model.name` (usually an SFT checkpoint) and save it; the summary
     has the held-out pair accuracy and margin."""
+    from rlpost.sinks import check_available
+
+    check_available(cfg.log)  # before any work
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)
