@@ -19,6 +19,9 @@ The run directory:
     metrics.jsonl      one JSON line per logged step (a resume drops lines written after its checkpoint)
     checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one
     summary.json       the held-out numbers, wall_seconds, status
+    tensorboard/       log.tensorboard: the metrics as TensorBoard event files, one folder per stage (rlpost/sinks.py)
+    wandb/             log.wandb: the W&B run (offline without an API key) and its id, which a resume continues
+    profile/           trainer.profile_steps: a torch.profiler Chrome trace per profiled RL step
 
 Resume is exact on CPU: every stateful part (the policy, the optimizer and LR schedule, trainer
 counters, critic, algorithm, prompt sampler, weight-sync version, every random stream) is in the

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 
 import pytest
 
@@ -62,11 +63,11 @@ def test_tensorboard_holds_the_metrics_of_every_stage_under_its_own_step(tmp_pat
     assert tensorboard_scalars(run_dir, "eval_rl")["eval/pass@1"] == [(0, pytest.approx(final["eval/pass@1"]))]
 
 
-def test_a_resume_purges_the_tensorboard_points_logged_after_the_checkpoint(tmp_path):
+def test_a_resume_purges_the_tensorboard_points_logged_after_the_checkpoint(tmp_path, no_wandb_key):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    args = TINY + [f"out_dir={tmp_path}", "run_name=res", "log.tensorboard=true", "rl.steps=6", "rl.save_every=2",
-                   "rl.keep_checkpoints=5"]
+    args = TINY + [f"out_dir={tmp_path}", "run_name=res", "log.tensorboard=true", "log.wandb=true", "rl.steps=6",
+                   "rl.save_every=2", "rl.keep_checkpoints=5"]
     assert train(load_config(None, args))["status"] == "ok"
     run_dir = tmp_path / "res"
     # as if killed after step 6 was logged and before checkpoints/final: the newest checkpoint is step_4
@@ -87,6 +88,9 @@ def test_a_resume_purges_the_tensorboard_points_logged_after_the_checkpoint(tmp_
         return [e.step for e in events if e.HasField("session_log") and e.session_log.status == 1]
 
     assert purges("rl") == [5] and purges("eval_rl") == [0] and purges("sft") == []
+    # W&B continues the same run: one offline folder per start, both of the run id kept in the run directory
+    run_id = (run_dir / "wandb" / "run_id").read_text()
+    assert [p.rsplit("-", 1)[1] for p in glob.glob(str(run_dir / "wandb" / "offline-run-*"))] == [run_id, run_id]
 
 
 def wandb_records(path):
@@ -115,13 +119,18 @@ def wandb_records(path):
     return out
 
 
-def test_wandb_runs_offline_without_a_key_and_its_history_holds_the_metrics(tmp_path, monkeypatch):
+@pytest.fixture
+def no_wandb_key(tmp_path, monkeypatch):
+    """No API key anywhere (environment, netrc), and W&B's own folders in tmp_path."""
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     assert not wandb_api_key_configured()
+
+
+def test_wandb_runs_offline_without_a_key_and_its_history_holds_the_metrics(tmp_path, no_wandb_key):
     cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "run_name=wb", "log.wandb=true",
                                     "log.wandb_project=sinks-test"])
     assert train(cfg)["status"] == "ok"
@@ -179,3 +188,11 @@ def test_profile_steps_write_a_chrome_trace_with_the_roles(tmp_path, capsys):
     names = {e.get("name") for e in trace["traceEvents"]}
     assert {"rollout", "reward", "reference", "advantages", "train", "sync"} <= names
     assert f"profile: {path}" in capsys.readouterr().out
+
+
+def test_a_sink_without_its_package_is_refused_before_any_work_naming_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: `import tensorboard` fails
+    cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "run_name=nope", "log.tensorboard=true"])
+    with pytest.raises(ImportError, match=r"log.tensorboard=true needs the `tensorboard` package: pip install"):
+        train(cfg)
+    assert not (tmp_path / "nope").exists()
