@@ -48,15 +48,14 @@ def scalars(record: dict) -> dict[str, float]:
 
 def check_available(log_cfg) -> None:
     """Fail before any work when a switched-on sink's package is missing, naming the pip command."""
-    for on, module, package in ((log_cfg.tensorboard, "tensorboard", "tensorboard"), (log_cfg.wandb, "wandb", "wandb")):
-        if not on:
+    for package in ("tensorboard", "wandb"):
+        if not getattr(log_cfg, package):
             continue
         try:
-            __import__(module)
+            __import__(package)
         except ImportError as e:
-            key = "log.tensorboard" if module == "tensorboard" else "log.wandb"
-            raise ImportError(f"{key}=true needs the `{package}` package: {INSTALL} (or pip install {package}); "
-                              f"or set {key}=false") from e
+            raise ImportError(f"log.{package}=true needs the `{package}` package: {INSTALL} (or pip install "
+                              f"{package}); or set log.{package}=false") from e
 
 
 class TensorBoardSink:
@@ -71,7 +70,9 @@ class TensorBoardSink:
 
         w = self.writers.get(name)
         if w is None:
-            w = self.writers[name] = SummaryWriter(os.path.join(self.root, name), purge_step=self.purge.pop(name, None))
+            # purge_step: TensorBoard hides this series' points from that step on (logged before a resume)
+            w = SummaryWriter(os.path.join(self.root, name), purge_step=self.purge.pop(name, None))
+            self.writers[name] = w
         for key, v in values.items():
             w.add_scalar(key, v, step)
         w.flush()  # as metrics.jsonl: a killed run loses nothing it logged
