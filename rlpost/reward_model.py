@@ -36,11 +36,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from rlpost import distributed as dist
+
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.models import (ModelLoadError, load_model, model_device, position_ids_for, save_model,
                            trunk_hidden_states)
 from rlpost.preference.data import PreferenceData
+from rlpost.progress import progress
 from rlpost.reward import decode_responses
 
 HEAD_FILE = "reward_head.safetensors"
@@ -138,11 +141,11 @@ def fit_reward_model(rm: RewardModel, train: PreferenceData, held_out: Preferenc
     steps_per_epoch = max(len(order) // batch_size, 1)
     result: dict[str, float] = {}
     step = 0
+    bar = progress(total=epochs * steps_per_epoch, desc="reward_model")
     for epoch in range(1, epochs + 1):
         rm.train()
         rng.shuffle(order)
-        bar = tqdm(range(steps_per_epoch), desc=f"rm epoch {epoch}/{epochs}", unit="step", dynamic_ncols=True)
-        for i in bar:
+        for i in range(steps_per_epoch):
             loss, metrics = bradley_terry_loss(*pair_rewards(rm, train, order[i * batch_size:(i + 1) * batch_size],
                                                              pad_id))
             if not torch.isfinite(loss):
@@ -152,13 +155,16 @@ def fit_reward_model(rm: RewardModel, train: PreferenceData, held_out: Preferenc
             torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
             opt.step()
             step += 1
-            bar.set_postfix(loss=f"{metrics['rm/loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
+            bar.update()
+            bar.set_postfix(epoch=epoch, loss=f"{metrics['rm/loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
             if log is not None and step % 20 == 0:
                 log({"stage": "rm", "step": step, **metrics})
         result = {"epoch": epoch, **(evaluate_pairs(rm, held_out, pad_id) if held_out is not None else {})}
         if log is not None:
             log({"stage": "rm_eval", "step": step, **result})
-        tqdm.write(f"rm epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "epoch"))
+        if dist.is_main():
+            tqdm.write(f"rm epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "epoch"))
+    bar.close()
     rm.eval()
     return result
 

@@ -19,6 +19,9 @@ The run directory:
     metrics.jsonl      one JSON line per logged step (a resume drops lines written after its checkpoint)
     checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one
     summary.json       the held-out numbers, wall_seconds, status
+    tensorboard/       log.tensorboard: the metrics as TensorBoard event files, one folder per stage (rlpost/sinks.py)
+    wandb/             log.wandb: the W&B run (offline without an API key) and its id, which a resume continues
+    profile/           trainer.profile_steps: a torch.profiler Chrome trace per profiled RL step
 
 Resume is exact on CPU: every stateful part (the policy, the optimizer and LR schedule, trainer
 counters, critic, algorithm, prompt sampler, weight-sync version, every random stream) is in the
@@ -68,12 +71,15 @@ class ResumeError(ValueError):
 
 class RunLog:
     """metrics.jsonl writer (one line per call) that never holds data back: each line is flushed.
-    `lines` counts what the file holds, so a checkpoint can record it and a resume cut back to it.
-    With write=False (ranks other than 0 of a sharded run) it only counts."""
+    `lines` counts what the file holds, so a checkpoint can record it and a resume cut back to it;
+    `dropped` holds the records a resume cut (after the checkpoint). With write=False (ranks other than 0
+    of a sharded run) it only counts. Every record also goes to `sinks` (rlpost/sinks.py), once attached."""
 
     def __init__(self, run_dir: str, keep_lines: int | None = None, write: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.write = write
+        self.sinks = None
+        self.dropped: list[dict] = []
         lines = []
         if not write:  # rank 0 holds the file; this rank counts as it does (a resume cuts it to keep_lines)
             self.lines, self.file = keep_lines or 0, None
@@ -82,7 +88,8 @@ class RunLog:
             with open(self.path) as f:
                 lines = f.readlines()
             if keep_lines is not None and keep_lines < len(lines):
-                lines = lines[:keep_lines]
+                lines, cut = lines[:keep_lines], lines[keep_lines:]
+                self.dropped = [json.loads(line) for line in cut if line.strip().endswith("}")]
                 with open(self.path, "w") as f:  # drop what was written after the checkpoint
                     f.writelines(lines)
         self.lines = len(lines)
@@ -95,10 +102,31 @@ class RunLog:
             return
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
+        if self.sinks:
+            self.sinks(clean)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Close the file and the sinks (idempotent); `exit_code` non-zero: the run failed or was stopped."""
         if self.file is not None:
             self.file.close()
+            self.file = None
+        if self.sinks is not None:
+            self.sinks.close(exit_code)
+
+
+def open_log(cfg: Config, run_dir: str, keep_lines: int | None = None, resume: bool = False) -> RunLog:
+    """metrics.jsonl of `run_dir` (cut back to `keep_lines` on resume) with the sinks `cfg.log` switches on
+    (TensorBoard, W&B); ranks other than 0 of a sharded run only count lines."""
+    from rlpost.sinks import open_sinks
+
+    log = RunLog(run_dir, keep_lines=keep_lines, write=dist.is_main())
+    if dist.is_main():
+        try:
+            log.sinks = open_sinks(cfg.log, run_dir, to_dict(cfg), resume=resume, dropped=log.dropped)
+        except BaseException:
+            log.close()
+            raise
+    return log
 
 
 # ---------------------------------------------------------------------------- the context stages share
@@ -379,6 +407,9 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
         raise ValueError(f"launched on {dist.launched_by_torchrun()} ranks (torchrun) with trainer.strategy="
                          f"{cfg.trainer.strategy}: each rank would run the whole run into the same directory; "
                          "set trainer.strategy=fsdp2")
+    from rlpost.sinks import check_available
+
+    check_available(cfg.log)  # a sink switched on without its package fails before any work
     main = dist.is_main()
     if resume:  # rank 0 finds the checkpoint (and tidies half-written ones); every rank resumes from it
         run_dir = resume
@@ -386,10 +417,11 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
         keep = ckpt.meta["metrics_lines"] if ckpt else 0
     else:
         run_dir, ckpt, keep = dist.broadcast_object(make_run_dir(cfg, recipe_name) if main else None), None, None
-    log = RunLog(run_dir, keep_lines=keep, write=main)
+    log = open_log(cfg, run_dir, keep_lines=keep, resume=bool(resume))
     try:
         return _train(cfg, stages, run_dir, ckpt, log, resume, t_start)
     finally:
+        log.close(exit_code=1)  # closed already when _train got going (then with the run's own exit code)
         dist.destroy()
 
 
@@ -448,7 +480,7 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
         if main:
             with open(os.path.join(run_dir, "summary.json"), "w") as f:
                 json.dump(ctx.summary, f, indent=2)
-        log.close()
+        log.close(exit_code=0 if ctx.summary["status"] == "ok" else 1)
         for stage in stages:
             stage.close()
         ctx.engine.close()

@@ -26,9 +26,11 @@ import time
 import torch
 from tqdm import tqdm
 
+from rlpost import distributed as dist
 from rlpost.models import autocast, model_device, token_logprobs
 from rlpost.preference import PreferenceLoss, SeqLogps, sequence_logps
 from rlpost.preference.data import PreferenceData, PreferenceDataError
+from rlpost.progress import progress
 from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
 
@@ -159,7 +161,7 @@ def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLos
     per_epoch = math.ceil(len(data) / batch_size)
     total = epochs * per_epoch
     metrics: dict[str, float] = {}
-    bar = tqdm(range(1, total + 1), desc=f"preference/{loss.name}", unit="step", dynamic_ncols=True)
+    bar = progress(range(1, total + 1), total=total, desc=f"preference/{loss.name}")
     order: list[int] = []
     for step in bar:
         if (step - 1) % per_epoch == 0:
@@ -176,10 +178,11 @@ def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLos
         if log is not None:
             log({"stage": "preference", "step": step, **metrics})
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", margin=f"{metrics.get('pref/reward_margin', 0.0):.2f}")
-        if step % log_every == 0 or step == total:
+        if (step % log_every == 0 or step == total) and dist.is_main():
             tqdm.write(step_line(step, metrics))
         if stop is not None:
             stop()
+    bar.close()
     if eval_data is not None:
         ev = evaluate_preference(model, eval_data, loss, pad, precision=precision)
         metrics.update(ev)

@@ -47,13 +47,16 @@ def run_episodes(engine, reward, rows: list[dict], prompt_ids: list[list[int]], 
     """Sample `k` completions for each of `rows` (prompt tokens `prompt_ids`) and score them."""
     if len(rows) != len(prompt_ids):
         raise ValueError(f"run_episodes: {len(rows)} rows but {len(prompt_ids)} prompts")
-    if isinstance(reward, EnvRole):
-        return run_env_episodes(engine, reward, rows, k, params, seed)
+    if isinstance(reward, EnvRole):  # turns of sampling and environment steps: one range in a trace
+        with torch.profiler.record_function("rollout"):
+            return run_env_episodes(engine, reward, rows, k, params, seed)
     t0 = time.perf_counter()
-    batch = engine.generate(prompt_ids, k, params, seed=seed)
+    with torch.profiler.record_function("rollout"):  # named ranges in a torch.profiler trace (trainer.profile_steps)
+        batch = engine.generate(prompt_ids, k, params, seed=seed)
     batch = batch.replace(meta={**batch.meta, "row": [row for row in rows for _ in range(k)]})
     t1 = time.perf_counter()
-    batch, metrics = reward(batch)
+    with torch.profiler.record_function("reward"):
+        batch, metrics = reward(batch)
     return batch, {**metrics, "time/rollout": t1 - t0, "time/reward": time.perf_counter() - t1}
 
 
@@ -63,16 +66,18 @@ def episodes_in_chunks(engine, reward, rows: list[dict], prompt_ids: list[list[i
     """`run_episodes` over `chunk` rows at a time (seed + first row index per chunk), for passes over a
     whole prompt set (evaluation, preference pairs). Yields (row indices, scored batch). With `desc`, a
     progress bar (prompts done, ETA) that disappears when the pass ends."""
-    from tqdm import tqdm
+    from rlpost.progress import progress
 
-    bar = tqdm(total=len(rows), desc=desc, unit="prompt", leave=False, dynamic_ncols=True, disable=desc is None)
+    bar = progress(total=len(rows), desc=desc, unit="prompt", leave=False) if desc is not None else None
     for start in range(0, len(rows), chunk):
         idx = list(range(start, min(start + chunk, len(rows))))
         batch, _ = run_episodes(engine, reward, [rows[i] for i in idx], [prompt_ids[i] for i in idx], k, params,
                                 seed + start)
-        bar.update(len(idx))
+        if bar is not None:
+            bar.update(len(idx))
         yield idx, batch
-    bar.close()
+    if bar is not None:
+        bar.close()
 
 
 # ---------------------------------------------------------------------------- episodes with an environment

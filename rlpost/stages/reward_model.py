@@ -20,7 +20,7 @@ from rlpost.limits import check_lengths
 from rlpost.models import load_model
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
 from rlpost.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
-from rlpost.run import RunContext, RunLog, Stage, make_run_dir
+from rlpost.run import RunContext, Stage, make_run_dir, open_log
 from rlpost.tasks import load_task
 
 
@@ -96,6 +96,9 @@ class RewardModelStage(Stage):
 def train_reward_model(cfg, recipe_name: str = "rm") -> dict:
     """`rlpost rm`: fit a reward model from `model.name` (usually an SFT checkpoint) and save it; the summary
     has the held-out pair accuracy and margin."""
+    from rlpost.sinks import check_available
+
+    check_available(cfg.log)  # before any work
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)
@@ -103,11 +106,14 @@ def train_reward_model(cfg, recipe_name: str = "rm") -> dict:
     policy, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=cfg.rollout.max_new_tokens)
     check_lengths(policy, tokenizer, rows, cfg.rollout.max_new_tokens)
     run_dir = make_run_dir(cfg, recipe_name, kind="rm")
-    log = RunLog(run_dir)
+    log = open_log(cfg, run_dir)
     print(f"rlpost: run directory {run_dir}")
     try:
         _, result = fit_reward_model_from_config(cfg.reward_model, cfg.preference, cfg.seed, policy, tokenizer, task,
                                                  run_dir, log)
+    except BaseException:
+        log.close(exit_code=1)
+        raise
     finally:
         log.close()
     summary = {"run_dir": run_dir, "reward_model": os.path.join(run_dir, "checkpoints", "reward_model"),

@@ -16,6 +16,7 @@ rank 0 writes the console line and the checkpoints (rlpost/run.py).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
@@ -26,6 +27,7 @@ from rlpost.checkpoint import prune, write_model_folder
 from rlpost.controller import Controller
 from rlpost.critic import Critic
 from rlpost.models import compile_model, load_weights, save_model
+from rlpost.progress import progress
 from rlpost.reference import Reference
 from rlpost.rollout import SamplingParams
 from rlpost.run import RunContext, Stage
@@ -49,6 +51,24 @@ def step_line(step: int, m: dict) -> str:
             f"{m.get('step/tokens_per_s', float('nan')):.0f} tok/s step "
             f"| dlogp max {m.get('rollout/logp_mismatch_max', float('nan')):.1e} "
             f"mean {m.get('rollout/logp_mismatch_mean', float('nan')):.1e}")
+
+
+@contextmanager
+def profiled(path: str | None):
+    """Run the block under torch.profiler (CPU, and CUDA when present; shapes recorded, no Python stacks, to
+    keep the file small) and write a Chrome trace to `path` (chrome://tracing, ui.perfetto.dev). The
+    controller's roles are named ranges in it (rollout, reward, reference, critic, advantages, train, sync).
+    Nothing when `path` is None."""
+    if path is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, record_shapes=True, with_stack=False) as prof:
+        yield
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    prof.export_chrome_trace(path)
 
 
 class RLStage(Stage):
@@ -143,14 +163,22 @@ class RLStage(Stage):
         ctx.save(f"step_{self.step}", step=self.step, finished=False, state=state, weights=True)
         prune(ctx.run_dir, self.cfg.keep_checkpoints, "step_")
 
+    def profile_path(self, ctx: RunContext, step: int) -> str | None:
+        """RUN_DIR/profile/rl_step_<step>.json when trainer.profile_steps asks for this step (rank 0 only)."""
+        if step not in self.trainer_cfg.profile_steps or not dist.is_main():
+            return None
+        return os.path.join(ctx.run_dir, "profile", f"rl_step_{step}.json")
+
     def run(self, ctx: RunContext) -> None:
         c = self.cfg
         if self.step == 0 and self.reference is not None and dist.is_main():
             write_model_folder(ctx.run_dir, "reference", lambda f: save_model(self.reference.model, ctx.tokenizer, f))
-        bar = tqdm(range(self.step + 1, c.steps + 1), initial=self.step, total=c.steps,
-                   desc=f"rl/{self.algorithm.name}", unit="step", dynamic_ncols=True, disable=not dist.is_main())
+        bar = progress(range(self.step + 1, c.steps + 1), initial=self.step, total=c.steps,
+                       desc=f"rl/{self.algorithm.name}")
         for step in bar:
-            metrics = self.controller.step(step)
+            trace = self.profile_path(ctx, step)
+            with profiled(trace):
+                metrics = self.controller.step(step)
             if c.eval_every and step % c.eval_every == 0 and step != c.steps:
                 result = self.evaluation.evaluate(ctx)
                 metrics["eval/pass@1"], metrics["eval/mean_reward"] = result["pass@1"], result["mean_reward"]
@@ -158,7 +186,8 @@ class RLStage(Stage):
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
             if dist.is_main():
                 tqdm.write(step_line(step, metrics) + (f" | pass@1 {metrics['eval/pass@1']:.3f}"
-                                                       if "eval/pass@1" in metrics else ""))
+                                                       if "eval/pass@1" in metrics else "")
+                           + (f" | profile: {trace}" if trace else ""))
             self.step = step
             if c.save_every and step % c.save_every == 0 and step < c.steps:
                 self.save(ctx)

@@ -15,11 +15,10 @@ from __future__ import annotations
 import random
 
 import torch
-from tqdm import tqdm
 
-from rlpost import distributed as dist
 from rlpost.algorithms.base import token_mean
 from rlpost.batch import Batch
+from rlpost.progress import progress
 from rlpost.rollout import assemble
 from rlpost.run import RunContext, Stage
 from rlpost.schedule import LRSchedule
@@ -95,8 +94,7 @@ class SFTStage(Stage):
 
     def run(self, ctx: RunContext) -> None:
         c, pad = self.cfg, ctx.tokenizer.pad_token_id
-        bar = tqdm(range(self.step, c.steps), initial=self.step, total=c.steps, desc="sft", unit="step",
-                   dynamic_ncols=True, disable=not dist.is_main())
+        bar = progress(range(self.step, c.steps), initial=self.step, total=c.steps, desc="sft")
         for step in bar:
             idx = [self.rng.randrange(len(self.prompts)) for _ in range(c.batch_size)]
             batch = sft_batch([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad,
