@@ -350,6 +350,8 @@ def samples_table(data: RunData) -> tuple[str, str]:
     """(note, HTML table) of the best and worst completions of each kept step in rollouts.jsonl."""
     if not data.rollouts:
         every = data.setting("log.rollouts_every", 0)
+        if not data.rl:
+            return f"No sampled completions: {_no_rl_reason(data)}.", ""
         if not every:
             return ("No rollouts.jsonl: the run did not keep samples (log.rollouts_every=0). Set "
                     "log.rollouts_every=N to keep every N-th RL step's completions.", "")
