@@ -138,6 +138,16 @@ def test_a_resume_drops_the_rollouts_written_after_its_checkpoint(run, tmp_path)
     assert [m["step"] for m in lines(os.path.join(copy, "metrics.jsonl")) if m["stage"] == "rl"] == list(range(1, 9))
 
 
+def test_trim_rollouts_keeps_whole_lines_up_to_the_step(tmp_path):
+    from rlpost.stages.rl import trim_rollouts
+
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}')  # the last one lost only its newline
+    assert trim_rollouts(str(tmp_path), 3) == 0 and path.read_text().endswith('{"step": 3}\n')
+    path.write_text(path.read_text() + '{"step": 4, "prom')
+    assert trim_rollouts(str(tmp_path), 1) == 3 and path.read_text() == '{"step": 1}\n'
+
+
 # ---------------------------------------------------------------------------- the report
 
 def test_report_is_one_self_contained_page_with_every_section(run, tmp_path):

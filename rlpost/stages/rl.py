@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from rlpost import distributed as dist
 from rlpost.algorithms import get_algorithm
+from rlpost.batch import Batch
 from rlpost.checkpoint import prune, write_model_folder
 from rlpost.controller import Controller
 from rlpost.critic import Critic
-from rlpost.batch import Batch
 from rlpost.models import compile_model, load_weights, save_model
 from rlpost.reference import Reference
 from rlpost.reward import decode_responses
@@ -118,7 +118,7 @@ def trim_rollouts(run_dir: str, last_step: int) -> int:
                 kept.append(line if line.endswith("\n") else line + "\n")
         except (ValueError, KeyError, TypeError):  # a line cut short by a kill
             continue
-    if len(kept) != len(lines):
+    if kept != lines:  # (a whole last line that lost only its newline gets it back)
         with open(path, "w") as f:
             f.writelines(kept)
     return len(lines) - len(kept)
