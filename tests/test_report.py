@@ -358,28 +358,31 @@ def chromium(tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is absent: apt-get install -y chromium (Debian's package) to run the browser test")
     profile = tmp_path / "chromium-profile"
-    proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                             "--no-first-run",
-                             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-                             f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    port_file = profile / "DevToolsActivePort"
-    t0 = time.time()
-    while not (port_file.exists() and len(port_file.read_text().splitlines()) >= 2):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() - t0 < 60, "Chromium did not open its DevTools port"
-        time.sleep(0.1)
-    port, path = port_file.read_text().splitlines()[:2]
-    browser = DevTools(f"ws://127.0.0.1:{port}{path}")
-    yield browser
-    browser.sock.close()
-    proc.terminate()
+    with open(tmp_path / "chromium.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                 "--no-first-run",
+                                 "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+                                 f"--user-data-dir={profile}", "about:blank"],
+                                stdout=subprocess.DEVNULL, stderr=log)
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        port_file = profile / "DevToolsActivePort"
+        t0 = time.time()
+        while not (port_file.exists() and len(port_file.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, (tmp_path / "chromium.log").read_text(errors="replace")[-2000:]
+            assert time.time() - t0 < 60, "Chromium did not open its DevTools port"
+            time.sleep(0.1)
+        port, path = port_file.read_text().splitlines()[:2]
+        browser = DevTools(f"ws://127.0.0.1:{port}{path}")
+        yield browser
+        browser.sock.close()
+    finally:  # this test's own browser process, by its id
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow
