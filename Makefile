@@ -22,6 +22,8 @@ test: $(STAMP)       ## the fast default suite (what CI runs)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)  ## opt-in end-to-end runs (minutes), the 20-kill resume test among them
+	@test -x /usr/bin/chromium || echo "note: the report's browser test (tests/test_report.py) skips without" \
+	    "Chromium: apt-get install -y chromium"
 	$(PY) -m pytest -q -m slow
 
 test-gpu: $(STAMP)   ## every CUDA check (tests marked `cuda`; they skip where torch sees no GPU)

@@ -12,6 +12,7 @@
     rlpost eval runs/X --k 1 8                pass@k, maj@k, mean reward and length on the held-out rows
     rlpost plan memory 7b --gpus 8            what each GPU of an RL job holds, and whether it fits
     rlpost plan throughput RUN_DIR            where a run's step time goes, predicted for other topologies
+    rlpost report runs/X                      one self-contained HTML page of what the run did (runs/X/report/)
 """
 
 from __future__ import annotations
@@ -80,6 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--samples", type=int, help="samples per prompt (default: the largest k)")
     p_eval.add_argument("--out", help="where eval.json goes (default: in the run directory, else here)")
     add_plan_parser(sub)
+    p_report = sub.add_parser(
+        "report", help="write one self-contained HTML page (and PNGs) showing what a run did",
+        description="Read RUN_DIR (metrics.jsonl, summary.json, config.yaml, rollouts.jsonl, profile/) and write "
+                    "an HTML page with every figure embedded (no network needed to view it): reward and held-out "
+                    "pass@1, KL / entropy / length / clipping, time per role, importance weights and log-prob "
+                    "mismatch, gold vs proxy reward, sampled completions, the config. Needs matplotlib "
+                    "(pip install 'rlpost[report]'). Works on finished, running and killed runs.")
+    p_report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (rlpost train)")
+    p_report.add_argument("--out", help="the HTML file (default RUN_DIR/report/index.html; the PNGs go beside it)")
     sub.add_parser("algorithms", help="list the registered RL algorithms")
     sub.add_parser("rewards", help="list the shipped rewards (task.reward / task.rewards names)")
     sub.add_parser("envs", help="list the shipped environments (task.env names)")
@@ -104,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         return run_curate(args)
     if args.command == "plan":
         return run_plan(args, parser)
+    if args.command == "report":
+        from rlpost.report import build_report
+
+        try:
+            path = build_report(args.run_dir, args.out)
+        except (ImportError, OSError) as e:
+            print(f"rlpost: error: {e}", file=sys.stderr)
+            return 1
+        print(f"rlpost report: {path}")
+        return 0
     if args.command == "eval":
         return run_eval_command(args)
     if args.command == "algorithms":

@@ -212,6 +212,7 @@ class Controller:
             sync_metrics = self.weight_sync.sync()
 
         all_sampled = Batch.concat(sampled) if len(sampled) > 1 else sampled[0]
+        self.sampled = all_sampled  # every sample of this step, scored (the RL stage keeps some in rollouts.jsonl)
         metrics = {**rollout_metrics(all_sampled), **advantage_metrics(batch), **reward_metrics, **train_metrics,
                    **sync_metrics, "rollout/refill_rounds": float(len(sampled) - 1),
                    "rollout/trained_groups": float(groups)}

@@ -17,6 +17,7 @@ The run directory:
     run.json           what made it (`train`), so a resume cannot pick up another kind of run
     config.yaml        the resolved config; a resume with a different one is refused, naming the keys
     metrics.jsonl      one JSON line per logged step (a resume drops lines written after its checkpoint)
+    rollouts.jsonl     sampled completions every `log.rollouts_every` RL steps (likewise cut back on resume)
     checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one
     summary.json       the held-out numbers, wall_seconds, status
     tensorboard/       log.tensorboard: the metrics as TensorBoard event files, one folder per stage (rlpost/sinks.py)
@@ -296,8 +297,8 @@ def build_stages(cfg: Config) -> list[Stage]:
     if cfg.reward_model.train or cfg.reward_model.path:
         stages.append(RewardModelStage(cfg.reward_model, cfg.preference))
     if cfg.rl.steps > 0:
-        stages += [RLStage(cfg.rl, cfg.rollout, cfg.algorithm, cfg.trainer, cfg.critic, evaluation("rl")),
-                   evaluation("rl")]
+        stages += [RLStage(cfg.rl, cfg.rollout, cfg.algorithm, cfg.trainer, cfg.critic, evaluation("rl"),
+                           log_cfg=cfg.log), evaluation("rl")]
     return stages
 
 

@@ -7,6 +7,9 @@ run's RL reward (the verifier, or a learned reward model) and the engine and wei
 
 Every `rl.eval_every` steps it measures held-out pass@1; every `rl.save_every` steps it writes
 checkpoints/step_<n>/ (the newest `rl.keep_checkpoints` are kept); it ends with checkpoints/final/.
+Every `log.rollouts_every` steps it appends the step's samples to rollouts.jsonl, one line each (prompt,
+completion, reward, finish reason, policy version, the sampling log-probs, length); a resume drops the
+lines of steps after its checkpoint, as run.py drops metrics.jsonl's.
 
 With `trainer.strategy=fsdp2` the trainer shards the policy over the ranks (the reference is copied first,
 whole, on every rank) and each rank rolls out, scores and trains on its share of each step's prompts;
@@ -15,6 +18,7 @@ rank 0 writes the console line and the checkpoints (rlpost/run.py).
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 
@@ -23,12 +27,14 @@ from tqdm import tqdm
 
 from rlpost import distributed as dist
 from rlpost.algorithms import get_algorithm
+from rlpost.batch import Batch
 from rlpost.checkpoint import prune, write_model_folder
 from rlpost.controller import Controller
 from rlpost.critic import Critic
 from rlpost.models import compile_model, load_weights, save_model
 from rlpost.progress import progress
 from rlpost.reference import Reference
+from rlpost.reward import decode_responses
 from rlpost.rollout import SamplingParams
 from rlpost.run import RunContext, Stage
 from rlpost.schedule import LRSchedule
@@ -71,17 +77,86 @@ def profiled(path: str | None):
     prof.export_chrome_trace(path)
 
 
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+def prompt_text(row: dict) -> str:
+    """A row's prompt as text: the string itself, or chat messages as `role: content` lines."""
+    prompt = row.get("prompt", row.get("messages", ""))
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt)
+
+
+def sample_records(step: int, batch: Batch, tokenizer) -> list[dict]:
+    """One rollouts.jsonl record per sample of a step's scored batch. The log-probs are those the engine
+    sampled with (`rollout_logp` under a rollout correction, else `old_logp`), over the policy's tokens."""
+    logp = batch.rollout_logp if batch.rollout_logp is not None else batch.old_logp
+    mask = batch.response_mask.bool().cpu()
+    logp = logp.detach().float().cpu() if logp is not None else None
+    rewards = batch.rewards.detach().float().cpu()
+    if rewards.dim() == 2:  # per-token rewards (environments): the sample's return
+        rewards = rewards.sum(1)
+    texts = batch.meta.get("completion") or decode_responses(batch, tokenizer)
+    rows = batch.meta.get("row", [{}] * len(batch))
+    records = []
+    for i in range(len(batch)):
+        lp = logp[i][mask[i]] if logp is not None else torch.empty(0)
+        record = {"step": step, "group": int(batch.group_ids[i]) if batch.group_ids is not None else None,
+                  "prompt": prompt_text(rows[i]), "completion": texts[i], "reward": float(rewards[i]),
+                  "finish_reason": batch.meta.get("finish_reason", [None] * len(batch))[i],
+                  "policy_version": int(batch.policy_version[i]) if batch.policy_version is not None else None,
+                  "old_logp_mean": float(lp.mean()) if lp.numel() else None,
+                  "old_logp_min": float(lp.min()) if lp.numel() else None,
+                  "response_len": int(mask[i].sum())}
+        if isinstance(rows[i].get("answer"), (str, int, float)):
+            record["answer"] = str(rows[i]["answer"])
+        if "gold_reward" in batch.meta:  # a learned reward: the verifier's score of the same sample
+            record["gold_reward"] = float(batch.meta["gold_reward"][i])
+        records.append(record)
+    return records
+
+
+def append_rollouts(run_dir: str, records: list[dict]) -> None:
+    """Append records to rollouts.jsonl, flushed (a kill loses at most a half line, which readers skip)."""
+    with open(os.path.join(run_dir, ROLLOUTS_FILE), "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def trim_rollouts(run_dir: str, last_step: int) -> int:
+    """Drop the rollouts.jsonl lines of steps after `last_step` (the step a resume starts from) and any
+    half-written line; returns how many lines were dropped."""
+    path = os.path.join(run_dir, ROLLOUTS_FILE)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+    if kept != lines:  # (a whole last line that lost only its newline gets it back)
+        with open(path, "w") as f:
+            f.writelines(kept)
+    return len(lines) - len(kept)
+
+
 class RLStage(Stage):
-    """`rl.*`, `rollout.*`, `algorithm`, `trainer.*`, `critic.*`; `evaluation` measures pass@1 mid-stage."""
+    """`rl.*`, `rollout.*`, `algorithm`, `trainer.*`, `critic.*`, `log.rollouts_every`; `evaluation` measures
+    pass@1 mid-stage."""
 
     name = "rl"
     changes_weights = True
     checkpoint = "final"
     keep_step_checkpoints = True
 
-    def __init__(self, cfg, rollout_cfg, algorithm_cfg: dict, trainer_cfg, critic_cfg, evaluation):
+    def __init__(self, cfg, rollout_cfg, algorithm_cfg: dict, trainer_cfg, critic_cfg, evaluation, log_cfg=None):
         self.cfg, self.rollout_cfg, self.algorithm_cfg = cfg, rollout_cfg, algorithm_cfg
         self.trainer_cfg, self.critic_cfg, self.evaluation = trainer_cfg, critic_cfg, evaluation
+        self.rollouts_every = log_cfg.rollouts_every if log_cfg is not None else 0
         self.step = 0
 
     def setup(self, ctx: RunContext) -> None:
@@ -173,6 +248,8 @@ class RLStage(Stage):
         c = self.cfg
         if self.step == 0 and self.reference is not None and dist.is_main():
             write_model_folder(ctx.run_dir, "reference", lambda f: save_model(self.reference.model, ctx.tokenizer, f))
+        if dist.is_main():  # a resume: the samples of steps after the checkpoint are sampled again
+            trim_rollouts(ctx.run_dir, self.step)
         bar = progress(range(self.step + 1, c.steps + 1), initial=self.step, total=c.steps,
                        desc=f"rl/{self.algorithm.name}")
         for step in bar:
@@ -182,6 +259,9 @@ class RLStage(Stage):
             if c.eval_every and step % c.eval_every == 0 and step != c.steps:
                 result = self.evaluation.evaluate(ctx)
                 metrics["eval/pass@1"], metrics["eval/mean_reward"] = result["pass@1"], result["mean_reward"]
+            if self.rollouts_every and step % self.rollouts_every == 0 and dist.is_main():
+                # sharded: rank 0's share of the step's prompts
+                append_rollouts(ctx.run_dir, sample_records(step, self.controller.sampled, ctx.tokenizer))
             ctx.log({"stage": "rl", "step": step, **metrics})
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
             if dist.is_main():

@@ -1,0 +1,560 @@
+"""REPORT: one self-contained HTML page that shows what a run did.
+
+    rlpost report runs/default-X                 # runs/default-X/report/index.html, one PNG per figure beside it
+    path = build_report("runs/default-X", out="report.html")
+
+It reads only the run directory (metrics.jsonl, summary.json, config.yaml, rollouts.jsonl, profile/*.json),
+draws matplotlib figures (Agg: no display needed), saves each as a PNG and embeds the same bytes in the
+page as a data: URI. The page loads nothing from anywhere: no network, no external CSS or JavaScript,
+so it can be mailed, attached or opened offline. Sections:
+
+    reward        training reward per RL step (raw and smoothed); held-out pass@1 during and between stages
+    dynamics      KL to the reference, entropy, response length, clip fraction
+    time          where each step's wall-clock went (stacked per role) and tokens per second
+    correction    the importance-weight histogram per step (algorithm.rollout_correction) and the engine vs
+                  trainer log-prob mismatch
+    gold          gold (verifier) vs proxy (reward model) reward, when a reward model was the RL reward
+    samples       best and worst sampled completions of each step kept in rollouts.jsonl (log.rollouts_every)
+    config        config.yaml and summary.json
+    profile       links to torch.profiler traces in profile/ (trainer.profile_steps)
+
+A partial run (killed mid-RL, no RL stage at all, metrics with nulls) still gets every section: one
+whose data is missing says what is missing and why, instead of a figure.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import html
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+ROLES = ("rollout", "reward", "reference", "critic", "advantages", "train", "sync", "other")  # controller.TIMED
+HIST_PREFIX = "correction/weight_hist/"
+SAMPLES_PER_END = 3      # best and worst completions shown per kept step
+MAX_SAMPLE_STEPS = 12    # kept steps shown in the table (evenly spread, first and last included)
+MAX_TEXT = 2000          # characters of a prompt or completion shown in the table
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a clear error naming the install command."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("rlpost report draws its figures with matplotlib, which is not installed: "
+                          "pip install 'rlpost[report]'  (or: pip install matplotlib)") from e
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------------- reading the run directory
+
+def read_jsonl(path: str) -> list[dict]:
+    """Every JSON object line of a file; a line cut short by a kill (or otherwise unreadable) is skipped."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out
+
+
+def _number(v) -> float:
+    """A metric value as a float; None, strings and non-finite values become NaN."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return math.nan
+    return float(v) if math.isfinite(v) else math.nan
+
+
+@dataclass
+class RunData:
+    """What a run directory holds, read once. `rl` has one metrics line per RL step (the last line of a
+    step wins, should a step appear twice), ordered by step."""
+
+    run_dir: str
+    rl: list[dict] = field(default_factory=list)
+    sft: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    config_text: str = ""
+    config: dict = field(default_factory=dict)
+    rollouts: list[dict] = field(default_factory=list)
+    traces: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, run_dir: str) -> "RunData":
+        if not os.path.isdir(run_dir):
+            raise FileNotFoundError(f"{run_dir} is not a directory")
+        metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+        if not metrics and not os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise FileNotFoundError(f"{run_dir} is not an rlpost run directory (no metrics.jsonl or config.yaml)")
+        by_step = {}
+        for m in metrics:
+            if m.get("stage") == "rl" and isinstance(m.get("step"), int):
+                by_step[m["step"]] = m
+        data = cls(run_dir=run_dir, rl=[by_step[s] for s in sorted(by_step)],
+                   sft=[m for m in metrics if m.get("stage") == "sft"],
+                   evals=[m for m in metrics if m.get("stage") == "eval"],
+                   rollouts=read_jsonl(os.path.join(run_dir, "rollouts.jsonl")),
+                   traces=sorted(glob.glob(os.path.join(run_dir, "profile", "*.json"))))
+        path = os.path.join(run_dir, "summary.json")
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    data.summary = json.load(f)
+            except ValueError:
+                data.summary = {"status": "summary.json is unreadable (the run may have been killed while writing it)"}
+        path = os.path.join(run_dir, "config.yaml")
+        if os.path.exists(path):
+            import yaml
+
+            with open(path) as f:
+                data.config_text = f.read()
+            try:
+                data.config = yaml.safe_load(data.config_text) or {}
+            except yaml.YAMLError:
+                data.config = {}
+        return data
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(RL steps, values of `key`) over the RL lines that have the key; nulls are NaN."""
+        pairs = [(m["step"], _number(m[key])) for m in self.rl if key in m]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+    def has(self, key: str) -> bool:
+        """Some RL line has a finite value of `key`."""
+        return any(math.isfinite(v) for v in self.series(key)[1])
+
+    def setting(self, dotted: str, default=None):
+        """A value of the resolved config, e.g. setting('rl.steps')."""
+        node = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over the finite values of the last `window` points (NaN when there are none)."""
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1):i + 1] if math.isfinite(v)]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return out
+
+
+# ---------------------------------------------------------------------------- figures
+
+@dataclass
+class Section:
+    """One part of the page: a title, a note (what the figure shows, or why it is empty), and a figure
+    (a PNG file name under the report folder) or HTML of its own."""
+
+    key: str
+    title: str
+    note: str = ""
+    png: str | None = None
+    body: str = ""
+
+
+def _no_rl_reason(data: RunData) -> str:
+    planned = data.setting("rl.steps")
+    if planned == 0:
+        return "the run had no RL stage (rl.steps=0)"
+    status = data.summary.get("status", "no summary.json")
+    return f"no RL step was logged (rl.steps={planned}; status: {status})"
+
+
+def _lines(ax, data: RunData, keys: dict[str, str], *, log: bool = False) -> bool:
+    """Plot each key's series on `ax` with its label; True when anything finite was drawn."""
+    drawn = False
+    for key, label in keys.items():
+        steps, values = data.series(key)
+        if log:
+            values = [v if v > 0 else math.nan for v in values]
+        if any(math.isfinite(v) for v in values):
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+            drawn = True
+    if log and drawn:
+        ax.set_yscale("log")
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xlabel("RL step")
+    ax.grid(alpha=0.3)
+    return drawn
+
+
+def fig_reward(plt, data: RunData):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4))
+    steps, reward = data.series("reward/mean")
+    if any(math.isfinite(v) for v in reward):
+        window = max(1, len(steps) // 10)
+        left.plot(steps, reward, color="tab:blue", alpha=0.35, lw=1, label="reward/mean (raw)")
+        left.plot(steps, smooth(reward, window), color="tab:blue", lw=2, label=f"smoothed ({window} steps)")
+        left.legend(fontsize=8)
+    else:
+        left.text(0.5, 0.5, "no reward logged", ha="center", va="center", transform=left.transAxes, color="grey")
+    left.set(title="training reward (this step's samples)", xlabel="RL step")
+    left.grid(alpha=0.3)
+
+    last = steps[-1] if steps else 0
+    e_steps, e_vals = data.series("eval/pass@1")
+    drawn = False
+    if any(math.isfinite(v) for v in e_vals):
+        right.plot(e_steps, e_vals, "o-", color="tab:green", label="eval/pass@1 during RL")
+        drawn = True
+    stage_x = {"start": 0, "sft": 0, "dpo": 0, "rl": data.setting("rl.steps") or last}
+    for label, marker in (("start", "s"), ("sft", "D"), ("dpo", "^"), ("rl", "*")):
+        v = _number(data.summary.get(f"pass@1_{label}"))
+        if math.isfinite(v):
+            right.plot([stage_x[label]], [v], marker, ms=10 if marker == "*" else 7, label=f"pass@1_{label}")
+            drawn = True
+    demo = _number(data.summary.get("demonstrator_accuracy"))
+    if math.isfinite(demo):
+        right.axhline(demo, color="grey", ls="--", lw=1, label="demonstrator")
+        drawn = True
+    if drawn:
+        right.legend(fontsize=8)
+    else:
+        right.text(0.5, 0.5, "no held-out evaluation", ha="center", va="center", transform=right.transAxes,
+                   color="grey")
+    right.set(title="held-out pass@1", xlabel="RL step (stages before RL at 0)", ylim=(-0.02, 1.02))
+    right.grid(alpha=0.3)
+    return fig
+
+
+def fig_dynamics(plt, data: RunData):
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    panels = [("KL(π‖π_ref) per token", {"loss/kl_ref": "loss/kl_ref"}, False),
+              ("entropy on response tokens", {"train/entropy": "train/entropy"}, False),
+              ("response length (tokens)", {"rollout/response_len_mean": "mean", "rollout/response_len_max": "max"},
+               False),
+              ("clipped tokens", {"loss/clip_frac_low": "clip_frac_low", "loss/clip_frac_high": "clip_frac_high"},
+               False)]
+    for ax, (title, keys, log) in zip(axes, panels):
+        _lines(ax, data, keys, log=log)
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def fig_time(plt, data: RunData):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [3, 2]})
+    steps = [m["step"] for m in data.rl]
+    rows = [[_number(m.get(f"time/{role}", 0.0)) for m in data.rl] for role in ROLES]
+    rows = [[0.0 if not math.isfinite(v) else v for v in row] for row in rows]
+    if steps and any(any(row) for row in rows):
+        left.stackplot(steps, rows, labels=ROLES, alpha=0.85)
+        left.legend(fontsize=7, ncol=4, loc="upper left")
+        left.set_ylim(0, max(sum(col) for col in zip(*rows)) * 1.35)
+    else:
+        left.text(0.5, 0.5, "no timings logged", ha="center", va="center", transform=left.transAxes, color="grey")
+    left.set(title="seconds per step, by role", xlabel="RL step", ylabel="s")
+    left.grid(alpha=0.3)
+    _lines(right, data, {"rollout/tokens_per_s": "generation (rollout/tokens_per_s)",
+                         "step/tokens_per_s": "whole step (step/tokens_per_s)"})
+    right.set_title("generated tokens per second")
+    return fig
+
+
+def hist_bins(data: RunData) -> list[tuple[float, str]]:
+    """The importance-weight histogram's bins logged by the run, as (lower edge, key), lowest first."""
+    keys = {k for m in data.rl for k in m if k.startswith(HIST_PREFIX)}
+    bins = []
+    for key in keys:
+        try:
+            bins.append((float(key[len(HIST_PREFIX):].split("-")[0]), key))
+        except ValueError:
+            continue
+    return sorted(bins)
+
+
+def fig_correction(plt, data: RunData):
+    bins = hist_bins(data)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    if bins:
+        import numpy as np
+
+        steps = [m["step"] for m in data.rl]
+        grid = np.array([[_number(m.get(key)) for m in data.rl] for _, key in bins], dtype=float)
+        grid = np.ma.masked_invalid(grid)
+        edges = [s - 0.5 for s in steps] + [steps[-1] + 0.5] if steps else [0, 1]
+        mesh = left.pcolormesh(edges, np.arange(len(bins) + 1), grid, cmap="Blues", vmin=0, vmax=1,
+                               shading="flat")
+        left.set_yticks(np.arange(len(bins)) + 0.5)
+        left.set_yticklabels([key[len(HIST_PREFIX):] for _, key in bins], fontsize=7)
+        fig.colorbar(mesh, ax=left, label="fraction of response tokens")
+        left.set(title="importance weight π_prox/μ per step", xlabel="RL step", ylabel="weight bin")
+    else:
+        left.text(0.5, 0.5, "no importance-weight histogram\n(algorithm.rollout_correction was off)", ha="center",
+                  va="center", transform=left.transAxes, color="grey")
+        left.set_axis_off()
+    _lines(right, data, {"rollout/logp_mismatch_max": "max", "rollout/logp_mismatch_mean": "mean"}, log=True)
+    right.set_title("|engine log-prob − trainer log-prob| (log scale)")
+    return fig
+
+
+def fig_gold(plt, data: RunData):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4))
+    _lines(left, data, {"reward/mean": "proxy: reward model (reward/mean)", "reward/gold_mean": "gold: verifier "
+                                                                                                  "(reward/gold_mean)"})
+    left.set_title("proxy vs gold reward of the same samples")
+    steps, proxy = data.series("reward/mean")
+    gold = dict(zip(*data.series("reward/gold_mean")))
+    gap = [p - gold.get(s, math.nan) for s, p in zip(steps, proxy)]
+    right.plot(steps, gap, color="tab:red", label="proxy − gold")
+    right.axhline(0, color="grey", lw=1)
+    right.set(title="the gap: rising while gold falls is reward hacking", xlabel="RL step")
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    return fig
+
+
+def png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- the page
+
+def _esc(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _clip(text: str) -> str:
+    text = str(text)
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + f" … ({len(text) - MAX_TEXT} more characters)"
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def samples_table(data: RunData) -> tuple[str, str]:
+    """(note, HTML table) of the best and worst completions of each kept step in rollouts.jsonl."""
+    if not data.rollouts:
+        every = data.setting("log.rollouts_every", 0)
+        if not data.rl:
+            return f"No sampled completions: {_no_rl_reason(data)}.", ""
+        if not every:
+            return ("No rollouts.jsonl: the run did not keep samples (log.rollouts_every=0). Set "
+                    "log.rollouts_every=N to keep every N-th RL step's completions.", "")
+        return (f"No rollouts.jsonl lines: log.rollouts_every={every}, but no RL step that is a multiple of it "
+                f"finished ({len(data.rl)} RL step(s) logged).", "")
+    by_step: dict[int, list[dict]] = {}
+    for r in data.rollouts:
+        by_step.setdefault(r.get("step"), []).append(r)
+    steps = sorted(s for s in by_step if isinstance(s, int))
+    shown = steps
+    if len(steps) > MAX_SAMPLE_STEPS:
+        picks = {round(i * (len(steps) - 1) / (MAX_SAMPLE_STEPS - 1)) for i in range(MAX_SAMPLE_STEPS)}
+        shown = [steps[i] for i in sorted(picks)]
+    head = ("<tr><th>step</th><th>rank</th><th>reward</th><th>prompt</th><th>completion</th><th>answer</th>"
+            "<th>finish</th><th>tokens</th><th>log-prob mean / min</th><th>version</th></tr>")
+    rows = []
+    for step in shown:
+        ranked = sorted(by_step[step], key=lambda r: -_number(r.get("reward")) if math.isfinite(
+            _number(r.get("reward"))) else math.inf)
+        n = len(ranked)
+        if n <= 2 * SAMPLES_PER_END:
+            picked = [(f"{i + 1}/{n}", r) for i, r in enumerate(ranked)]
+        else:
+            picked = ([(f"best {i + 1}", r) for i, r in enumerate(ranked[:SAMPLES_PER_END])]
+                      + [(f"worst {SAMPLES_PER_END - i}", r) for i, r in enumerate(ranked[-SAMPLES_PER_END:])])
+        for j, (rank, r) in enumerate(picked):
+            cls = "best" if rank.startswith("best") else "worst" if rank.startswith("worst") else ""
+            step_cell = f"<td rowspan='{len(picked)}' class='step'>{_esc(step)}<br><small>{n} samples</small></td>"
+            rows.append(
+                f"<tr class='{cls}'>{step_cell if j == 0 else ''}<td>{_esc(rank)}</td>"
+                f"<td>{_esc(_fmt(_number(r.get('reward'))))}</td>"
+                f"<td class='text'>{_esc(_clip(r.get('prompt', '')))}</td>"
+                f"<td class='text'>{_esc(_clip(r.get('completion', '')))}</td>"
+                f"<td class='text'>{_esc(_clip(r.get('answer', '')))}</td>"
+                f"<td>{_esc(r.get('finish_reason', ''))}</td><td>{_esc(r.get('response_len', ''))}</td>"
+                f"<td>{_esc(_fmt(r.get('old_logp_mean'), '.2f'))} / {_esc(_fmt(r.get('old_logp_min'), '.2f'))}</td>"
+                f"<td>{_esc(r.get('policy_version', ''))}</td></tr>")
+    note = (f"{len(data.rollouts)} samples from {len(steps)} RL step(s) in rollouts.jsonl; the "
+            f"{SAMPLES_PER_END} best and {SAMPLES_PER_END} worst by reward of "
+            + (f"{len(shown)} of those steps, evenly spread." if len(shown) < len(steps) else "each step.")
+            + " Log-probs are the sampling policy's over the response tokens: a very low minimum marks an "
+              "unlikely token the engine drew.")
+    return note, f"<table class='samples'>{head}{''.join(rows)}</table>"
+
+
+def _sections(plt, data: RunData, folder: str) -> list[tuple[Section, object]]:
+    """Every section with its figure (None when it has none); links are relative to `folder`, the page's."""
+    no_rl = "" if data.rl else _no_rl_reason(data)
+    out = []
+
+    s = Section("reward", "Reward and held-out pass@1")
+    if no_rl:
+        s.note = f"No training reward: {no_rl}. "
+    s.note += ("Left: the mean reward of each step's samples, raw and smoothed; flat means the policy gets no "
+               "learning signal (check rollout/degenerate_group_frac). Right: held-out pass@1 measured during RL "
+               "(every rl.eval_every steps) and after each stage (summary.json).")
+    out.append((s, fig_reward(plt, data) if data.rl or any(k.startswith("pass@1_") for k in data.summary) else None))
+    if not out[-1][1]:
+        s.note = f"Nothing to plot: {no_rl or 'no evaluation ran'}."
+
+    s = Section("dynamics", "KL, entropy, length, clipping")
+    if no_rl:
+        s.note = f"Nothing to plot: {no_rl}."
+        out.append((s, None))
+    else:
+        s.note = ("KL to the reference growing without bound means the policy is leaving the reference fast (raise "
+                  "algorithm.beta or lower trainer.lr); entropy falling towards 0 is a collapse onto a few answers; "
+                  "response length racing to rollout.max_new_tokens is a length explosion (see "
+                  "rollout/truncated_frac); a clipped fraction that stays high means updates are too large for "
+                  "the trust region.")
+        out.append((s, fig_dynamics(plt, data)))
+
+    s = Section("time", "Where the time goes")
+    if no_rl:
+        s.note = f"Nothing to plot: {no_rl}."
+        out.append((s, None))
+    else:
+        s.note = ("Seconds of each step per role (time/<role>; 'other' is the step outside any role), and the "
+                  "generated tokens per second of the rollout alone and of the whole step.")
+        out.append((s, fig_time(plt, data)))
+
+    s = Section("correction", "Importance weights and log-prob mismatch")
+    if no_rl:
+        s.note = f"Nothing to plot: {no_rl}."
+        out.append((s, None))
+    else:
+        mode = (data.setting("algorithm") or {}).get("rollout_correction", "none") if isinstance(
+            data.setting("algorithm"), dict) else "none"
+        if hist_bins(data):
+            s.note = (f"Left: the share of response tokens per bin of the raw importance weight π_prox/μ "
+                      f"(algorithm.rollout_correction={mode}); mass away from the 0.95-1.05 bin means the engine "
+                      "sampled from a policy other than the one being trained (stale weights, or engine numerics). ")
+        else:
+            s.note = (f"No importance-weight histogram: the run had no rollout correction "
+                      f"(algorithm.rollout_correction={mode}), so no weights were computed; set it to tis or mis "
+                      "to log them. ")
+        s.note += ("Right: the largest and mean absolute difference between the engine's sampling log-probs and "
+                   "the trainer's on the same weights; a jump there is an engine/trainer mismatch that biases "
+                   "every update.")
+        zeros = sum(1 for v in data.series("rollout/logp_mismatch_max")[1] if v == 0)
+        if zeros:
+            s.note += f" {zeros} step(s) had a mismatch of exactly 0, not drawn on the log scale."
+        if not data.has("rollout/logp_mismatch_max"):
+            s.note += " No mismatch was measured (null on every step: no update ran on the sampled tokens)."
+        out.append((s, fig_correction(plt, data)))
+
+    s = Section("gold", "Gold vs proxy reward (over-optimisation)")
+    if data.has("reward/gold_mean"):
+        s.note = ("The RL reward was a learned reward model (the proxy); the task's verifier scored the same "
+                  "samples (gold). Proxy rising while gold stalls or falls is the policy exploiting the reward "
+                  "model: reward hacking. Stop or raise algorithm.beta before the gap opens.")
+        out.append((s, fig_gold(plt, data)))
+    else:
+        s.note = (f"Nothing to plot: {no_rl}." if no_rl else
+                  "No reward/gold_mean: the RL reward was the verifier itself, not a learned reward model, so "
+                  "there is no proxy to over-optimise.")
+        out.append((s, None))
+
+    s = Section("samples", "Sampled completions")
+    s.note, s.body = samples_table(data)
+    out.append((s, None))
+
+    s = Section("config", "Config and summary")
+    summary = json.dumps(data.summary, indent=2) if data.summary else "no summary.json"
+    s.body = (f"<h3>summary.json</h3><pre>{_esc(summary)}</pre>"
+              f"<h3>config.yaml</h3><pre>{_esc(data.config_text or 'no config.yaml')}</pre>")
+    out.append((s, None))
+
+    s = Section("profile", "Profiler traces")
+    if data.traces:
+        s.note = ("torch.profiler traces of the steps in trainer.profile_steps (Chrome trace format): open one in "
+                  "chrome://tracing or the Perfetto UI.")
+        s.body = "<ul>" + "".join(f"<li><a href='{_esc(os.path.relpath(os.path.abspath(t), folder))}'>"
+                                  f"{_esc(os.path.basename(t))}</a> "
+                                  f"({os.path.getsize(t) / 1e6:.1f} MB)</li>" for t in data.traces) + "</ul>"
+    else:
+        s.note = "No profile/*.json: the run traced no step (trainer.profile_steps is empty)."
+    out.append((s, None))
+    return out
+
+
+CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 0 auto; max-width: 1280px;
+       padding: 0 24px 48px; color: #222; }
+h1 { margin-bottom: 4px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }
+.meta { color: #555; } .meta td { padding: 1px 12px 1px 0; }
+nav a { margin-right: 14px; }
+.note { color: #444; max-width: 1100px; }
+img { max-width: 100%; display: block; }
+pre { background: #f6f6f6; padding: 10px; overflow-x: auto; font-size: 12px; }
+table.samples { border-collapse: collapse; font-size: 12px; }
+table.samples td, table.samples th { border: 1px solid #ddd; padding: 3px 6px; vertical-align: top; }
+table.samples td.text { white-space: pre-wrap; font-family: ui-monospace, monospace; max-width: 380px;
+                        word-break: break-word; }
+table.samples tr.best td { background: #f0f8f0; } table.samples tr.worst td { background: #fbf0f0; }
+table.samples td.step { background: #fff !important; font-weight: bold; }
+"""
+
+
+def _header(data: RunData) -> str:
+    s, planned = data.summary, data.setting("rl.steps")
+    done = data.rl[-1]["step"] if data.rl else 0
+    wall = _number(s.get("wall_seconds"))
+    facts = [("run directory", os.path.abspath(data.run_dir)),
+             ("status", s.get("status", "no summary.json (the run is running, or was killed)")),
+             ("model / task", f"{data.setting('model.name', '?')} / {data.setting('task.name', '?')}"),
+             ("algorithm", (data.setting("algorithm") or {}).get("name", "?") if isinstance(
+                 data.setting("algorithm"), dict) else "?"),
+             ("RL steps logged", f"{done} of {planned}" if planned is not None else str(done)),
+             ("wall-clock", f"{wall:.1f} s" if math.isfinite(wall) else "–")]
+    rows = "".join(f"<tr><td>{_esc(k)}</td><td><b>{_esc(v)}</b></td></tr>" for k, v in facts)
+    return f"<table class='meta'>{rows}</table>"
+
+
+def build_report(run_dir: str, out: str | None = None) -> str:
+    """Write the report of `run_dir` to `out` (default RUN_DIR/report/index.html) and one PNG per figure in
+    the same folder; returns the HTML file's path. Raises ImportError (naming the pip command) without
+    matplotlib, FileNotFoundError when `run_dir` is not a run directory."""
+    plt = _pyplot()
+    data = RunData.load(run_dir)
+    out = out or os.path.join(run_dir, "report", "index.html")
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    parts = []
+    for section, fig in _sections(plt, data, folder):
+        img = ""
+        if fig is not None:
+            png = png_bytes(fig)
+            plt.close(fig)
+            section.png = f"{section.key}.png"
+            with open(os.path.join(folder, section.png), "wb") as f:
+                f.write(png)
+            img = (f"<img id='fig-{section.key}' alt='{_esc(section.title)}' "
+                   f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        parts.append(f"<section id='{section.key}'><h2>{_esc(section.title)}</h2>"
+                     f"<p class='note'>{_esc(section.note)}</p>{img}{section.body}</section>")
+    nav = " ".join(f"<a href='#{k}'>{_esc(t)}</a>" for k, t in
+                   [("reward", "reward"), ("dynamics", "dynamics"), ("time", "time"), ("correction", "correction"),
+                    ("gold", "gold vs proxy"), ("samples", "samples"), ("config", "config"), ("profile", "profile")])
+    title = f"rlpost report: {os.path.basename(os.path.abspath(data.run_dir))}"
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>{_header(data)}<nav>{nav}</nav>"
+            f"{''.join(parts)}</body></html>\n")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(page)
+    return out
