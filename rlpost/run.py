@@ -17,7 +17,9 @@ The run directory:
     run.json           what made it (`train`), so a resume cannot pick up another kind of run
     config.yaml        the resolved config; a resume with a different one is refused, naming the keys
     metrics.jsonl      one JSON line per logged step (a resume drops lines written after its checkpoint)
-    checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one
+    checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one (with
+                       LoRA, model.lora: its adapters are folded into the base first, and that checkpoint
+                       is the plain merged model; mid-stage ones hold the base and the adapters apart)
     summary.json       the held-out numbers, wall_seconds, status
 
 Resume is exact on CPU: every stateful part (the policy, the optimizer and LR schedule, trainer
@@ -44,6 +46,7 @@ import yaml
 from rlpost.checkpoint import (Checkpoint, clean_partial, list_checkpoints, load_rng_state, remove_step_checkpoints,
                                rng_state, verify, write_checkpoint)
 from rlpost.config import Config, from_dict, to_dict
+from rlpost.models.lora import fold_adapters, is_lora
 
 RUN_FILE = "run.json"
 
@@ -126,7 +129,9 @@ class RunContext:
                 "step": step, "finished": finished, "metrics_lines": self.log.lines,
                 "summary": self.summary, "weights": self.weights_from}
         full = {"stage": state, "rng": rng_state()}
-        saver = (lambda folder: save_model(self.model, self.tokenizer, folder)) if weights else None
+        # a finished stage's checkpoint is a plain model folder (a LoRA model's adapters merged in); a
+        # mid-stage one keeps a LoRA model's base and adapters apart, so that a resume continues exactly
+        saver = (lambda folder: save_model(self.model, self.tokenizer, folder, merged=finished)) if weights else None
         path = write_checkpoint(self.run_dir, name, meta, full, saver)
         if weights:
             self.weights_from = name
@@ -370,6 +375,9 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
                 if ckpt is not None and i == first:  # the random streams exactly as they were at the checkpoint
                     load_rng_state(ckpt.load_state()["rng"])
                 stage.run(ctx)
+                if stage.changes_weights and is_lora(ctx.model):  # the next stage's reference: the policy now
+                    fold_adapters(ctx.model)
+                    ctx.weight_sync.push()
                 if stage.changes_weights or stage.checkpoint:
                     ctx.save(stage.checkpoint or stage.name, step=0, finished=True, state={},
                              weights=stage.changes_weights)
@@ -384,7 +392,7 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
     except BaseException as e:  # lose nothing: keep the weights and say why the run stopped
         from rlpost.models import save_model
 
-        save_model(ctx.model, ctx.tokenizer, os.path.join(run_dir, "checkpoints", "last"))
+        save_model(ctx.model, ctx.tokenizer, os.path.join(run_dir, "checkpoints", "last"), merged=True)
         ctx.summary["status"] = f"failed: {type(e).__name__}: {e}"
         raise
     finally:

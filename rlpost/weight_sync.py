@@ -13,6 +13,9 @@ own names, gpt_mini's module names). How they land is the engine's, fixed when i
 refreshed in place with copy_) or "vllm" (a running vLLM, which reloads them and drops its prefix
 cache). `mode` must name the engine's, so a config that says one thing cannot silently run another.
 Every batch an engine samples carries `policy_version`, so stale samples are visible downstream.
+With LoRA (model.lora), `sync` sends the adapter tensors only (an optimizer step changes nothing else), so
+"sync/bytes" is the adapters' size; `push` always sends every weight (the base changes on a load or at a stage's
+end, when the adapters are folded into it).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 import torch
 import torch.nn as nn
 
+from rlpost.models.lora import is_lora
 from rlpost.rollout.engine import Engine, named_weights
 
 MODES = ("pointer", "copy", "vllm")  # the valid rl.weight_sync names
@@ -46,18 +50,18 @@ class WeightSync:
         self.push()
 
     def sync(self) -> dict[str, float]:
-        """After an optimizer step: the new weights to the engine, version += 1."""
-        return self._push(self.version + 1)
+        """After an optimizer step: the new weights (a LoRA model's adapters only) to the engine, version += 1."""
+        return self._push(self.version + 1, adapters_only=is_lora(self.trainer_model))
 
     def push(self) -> dict[str, float]:
-        """The trainer's current weights to the engine, stamped with the current version (no bump): for
-        sampling outside the RL loop, e.g. a held-out evaluation, and after a restore."""
+        """All the trainer's current weights to the engine, stamped with the current version (no bump): for
+        sampling outside the RL loop, e.g. a held-out evaluation, and after a restore or a change of the base."""
         return self._push(self.version)
 
     @torch.no_grad()
-    def _push(self, version: int) -> dict[str, float]:
+    def _push(self, version: int, adapters_only: bool = False) -> dict[str, float]:
         t0 = time.perf_counter()
-        weights = named_weights(self.trainer_model)
+        weights = named_weights(self.trainer_model, adapters_only)
         self.engine.update_weights(weights, version)
         self.version = version  # only once the engine has it
         moved = 0 if self.mode == "pointer" else sum(t.numel() * t.element_size() for t in _unique(weights))

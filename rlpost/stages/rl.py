@@ -2,7 +2,7 @@
 
 It builds the roles from their own sections: the algorithm (`algorithm.*`), the critic (`critic.*`,
 PPO), the reference (a frozen copy of the policy as the stage starts, saved once to
-checkpoints/reference/), the trainer (`trainer.*`), the sampling (`rollout.*`); the reward is the
+checkpoints/reference/; with LoRA the policy's own adapter-free base, saved in every checkpoint), the trainer (`trainer.*`), the sampling (`rollout.*`); the reward is the
 run's RL reward (the verifier, or a learned reward model) and the engine and weight sync are the run's.
 
 Every `rl.eval_every` steps it measures held-out pass@1; every `rl.save_every` steps it writes
@@ -73,7 +73,7 @@ class RLStage(Stage):
         self.reference = Reference(model, rc.temperature, tc.precision) if self.algorithm.uses_reference else None
         if tc.compile:  # after the reference (and a separate critic) copied the eager policy
             compile_model(model)
-            if self.reference is not None:
+            if self.reference is not None and not self.reference.shares_policy:
                 compile_model(self.reference.model)
         params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                 top_p=rc.top_p, max_num_seqs=rc.max_num_seqs, stop=list(rc.stop))
@@ -94,7 +94,7 @@ class RLStage(Stage):
         self.trainer.load_state_dict(state["trainer"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
-        if self.reference is not None:  # the policy as the stage started, saved then
+        if self.reference is not None and not self.reference.shares_policy:  # the policy as the stage started
             load_weights(self.reference.model, os.path.join(ctx.run_dir, "checkpoints", "reference"))
         ctx.weight_sync.load_state_dict(state["weight_sync"])
 
@@ -105,7 +105,7 @@ class RLStage(Stage):
 
     def run(self, ctx: RunContext) -> None:
         c = self.cfg
-        if self.step == 0 and self.reference is not None:
+        if self.step == 0 and self.reference is not None and not self.reference.shares_policy:
             write_model_folder(ctx.run_dir, "reference", lambda f: save_model(self.reference.model, ctx.tokenizer, f))
         bar = tqdm(range(self.step + 1, c.steps + 1), initial=self.step, total=c.steps,
                    desc=f"rl/{self.algorithm.name}", unit="step", dynamic_ncols=True)
