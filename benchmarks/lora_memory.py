@@ -79,7 +79,8 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": ROOT}).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp32; reference scores 8 x 48 tokens")
+    print(f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp32; "
+          "the reference scores 8 x 48 tokens")
     print(f"{'mode':<6}{'params':>12}{'trainable':>12}{'ref. copy MB':>14}{'RSS policy MB':>15}"
           f"{'RSS +ref MB':>13}{'peak RSS MB':>13}")
     for r in rows:

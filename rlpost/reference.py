@@ -6,7 +6,9 @@
 With LoRA (model.lora) there is no copy: the reference is the policy's own module with its adapters off
 (peft's enable_adapters(False), `rlpost.models.lora.adapters_disabled`), i.e. its frozen base, which every
 stage's end folds the adapters into, so it is the policy as the stage started. That saves one whole set of
-base weights (`shares_policy` says which). The copy lives on the policy's device; a batch from any device is scored there and its ref_logp comes
+base weights (`shares_policy` says which).
+
+The copy lives on the policy's device; a batch from any device is scored there and its ref_logp comes
 back on the batch's device. With precision="bf16" it scores under bf16 autocast, as the trainer does, so
 that the KL term compares log-probs computed alike.
 """

@@ -63,7 +63,7 @@ def test_lora_config_keys_are_checked_and_named():
     assert load_config(None, []).model.lora.r == 0  # off by default: full fine-tuning
     cfg = load_config(None, ["model.lora.r=8", "model.lora.target_modules=[c_attn]"])
     assert cfg.model.lora.r == 8 and cfg.model.lora.target_modules == ["c_attn"]
-    with pytest.raises(ConfigError, match=r"unknown config key 'model\.lora\.rank'; valid keys under model\.lora: r, "):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.lora\.rank'; valid keys under model\.lora: r,"):
         load_config(None, ["model.lora.rank=8"])
     with pytest.raises(ConfigError, match=r"'model\.lora\.r' must be >= 0"):
         load_config(None, ["model.lora.r=-1"])
@@ -261,8 +261,8 @@ def test_dpo_with_lora_runs_and_its_reference_is_the_base(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"{a:02d}+{b:02d}=", "chosen": f"{a + b:03d}",
                                          "rejected": f"{a + b + 1:03d}"}) + "\n" for a in range(4) for b in range(4)))
-    summary = train(tiny_cfg(tmp_path, "dpo", "preference.enabled=true", "rl.steps=0", f"preference.train_file={pairs}",
-                             "preference.epochs=1", "preference.batch_size=8"))
+    summary = train(tiny_cfg(tmp_path, "dpo", "preference.enabled=true", "rl.steps=0",
+                             f"preference.train_file={pairs}", "preference.epochs=1", "preference.batch_size=8"))
     assert summary["status"] == "ok" and "pass@1_dpo" in summary
     assert not any("lora" in f for f in os.listdir(os.path.join(summary["run_dir"], "checkpoints", "preference")))
     model, tok = gpt_mini(seed=4)
