@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 from rlpost.checkpoint import list_checkpoints
 from rlpost.cli import main
 from rlpost.config import ConfigError, ModelConfig, load_config
-from rlpost.models import load_model, save_model, token_logprobs
+from rlpost.models import ModelLoadError, load_model, load_weights, save_model, token_logprobs
 from rlpost.models.lora import (ADAPTER_FILE, adapter_state, adapters_disabled, base_state_dict, is_lora,
                                 merged_state_dict)
 from rlpost.preference.data import load_preferences
@@ -223,6 +223,9 @@ def test_export_is_a_merged_plain_folder_that_transformers_loads(tiny_llama_dir,
     with torch.no_grad():
         want = model.eval()(ids)
         assert is_lora(again) and torch.equal(again.eval()(ids), want)
+    plain, _ = load_model(ModelConfig(name=tiny_llama_dir))
+    with pytest.raises(ModelLoadError, match="holds LoRA adapters and this model has none"):
+        load_weights(plain, ckpt)  # never its base alone, silently
     assert main(["export", ckpt, "--out", out]) == 0
     assert not any("lora" in f for f in os.listdir(out)) and os.path.isfile(os.path.join(out, "tokenizer.json"))
     hf = AutoModelForCausalLM.from_pretrained(out).eval()

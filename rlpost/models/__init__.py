@@ -330,6 +330,9 @@ def load_weights(model: nn.Module, folder: str) -> None:
     folder's weights as its base, and its adapters (reset to their initial values when the folder has none)."""
     if not os.path.isdir(folder):
         raise ModelLoadError(f"no saved model at {folder}")
+    if saved_lora_config(folder) is not None and not is_lora(model):
+        raise ModelLoadError(f"{folder} holds LoRA adapters and this model has none: load it with load_model, or "
+                             f"export a merged folder (rlpost export {folder} --out FOLDER)")
     if isinstance(model, GPT):
         state = GPT.from_pretrained(folder).state_dict()
     elif isinstance(model, HFCausalLM):
