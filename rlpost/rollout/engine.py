@@ -16,7 +16,8 @@ a list of (name, tensor) pairs, a Batch) and nothing is a callback or a shared m
 Weight names are the checkpoint's: the state_dict names of the module that `save_model` writes, i.e.
 the wrapped Hugging Face model's own names (`model.hf`, as vLLM and `save_pretrained` use them) for an HF
 model, and gpt_mini's own module names for gpt_mini (`named_weights` gives them). Tied weights may come
-under both names or under one.
+under both names or under one. A LoRA model's names are those of its peft layers: `<name>.base_layer.weight`
+for a frozen base weight, `<name>.lora_A.default.weight` and `<name>.lora_B.default.weight` for its adapters.
 
 Ordering contract (the caller, e.g. WeightSync, keeps it; a remote engine serves calls in order):
 
