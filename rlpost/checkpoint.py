@@ -226,3 +226,27 @@ def write_model_folder(run_dir: str, name: str, save) -> str:
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     return final
+
+
+# ---------------------------------------------------------------------------- export
+
+def export_model(source: str, out: str) -> str:
+    """Write a plain model folder (weights, config, tokenizer) to `out` from `source`: a run directory (the
+    weights of its newest checkpoint that holds the policy) or a checkpoint / model folder. A LoRA checkpoint's
+    adapters are merged into its base, so `transformers.AutoModelForCausalLM.from_pretrained(out)` (an HF model)
+    or rlpost's `load_model` (gpt_mini) loads it without peft. Returns the folder the weights came from."""
+    from rlpost.config import ModelConfig
+    from rlpost.curate import resolve_model
+    from rlpost.models import load_model, save_model
+
+    if not os.path.isdir(source):
+        raise ValueError(f"rlpost export: {source} is not a run directory or a checkpoint folder")
+    folder = resolve_model(source)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    dtype = "bfloat16" if "bfloat16" in (config.get("dtype"), config.get("torch_dtype")) else "float32"
+    model, tokenizer = load_model(ModelConfig(name=folder, device="cpu", dtype=dtype))
+    if os.path.abspath(out) == os.path.abspath(folder):
+        raise ValueError(f"rlpost export: --out {out} is the source folder itself")
+    save_model(model, tokenizer, out, merged=True)
+    return folder

@@ -13,6 +13,7 @@
     rlpost plan memory 7b --gpus 8            what each GPU of an RL job holds, and whether it fits
     rlpost plan throughput RUN_DIR            where a run's step time goes, predicted for other topologies
     rlpost report runs/X                      one self-contained HTML page of what the run did (runs/X/report/)
+    rlpost export runs/X --out model/         a plain model folder (LoRA adapters merged) + tokenizer
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
                     "(pip install 'rlpost[report]'). Works on finished, running and killed runs.")
     p_report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (rlpost train)")
     p_report.add_argument("--out", help="the HTML file (default RUN_DIR/report/index.html; the PNGs go beside it)")
+    p_export = sub.add_parser(
+        "export", help="write a plain model folder (LoRA adapters merged in) + tokenizer from a run or checkpoint",
+        description="Write SOURCE's policy as a plain model folder with its tokenizer: safetensors weights and "
+                    "config.json that transformers.AutoModelForCausalLM.from_pretrained loads (gpt_mini: as GPT-2; "
+                    "rlpost's load_model loads it as gpt_mini), with no peft needed. SOURCE is a run directory "
+                    "(the weights of its newest checkpoint) or a checkpoint folder. A LoRA checkpoint "
+                    "(model.lora: base weights + lora_adapter.safetensors) is merged: each weight becomes base + "
+                    "B @ A * alpha / r. A folder without adapters is copied as it is.",
+        epilog="e.g. rlpost export runs/lora-X --out exported/\n     rlpost export runs/lora-X/checkpoints/step_50 "
+               "--out step50/", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_export.add_argument("source", metavar="SOURCE", help="a run directory or a checkpoint folder")
+    p_export.add_argument("--out", required=True, metavar="FOLDER", help="where the model folder is written")
     sub.add_parser("algorithms", help="list the registered RL algorithms")
     sub.add_parser("rewards", help="list the shipped rewards (task.reward / task.rewards names)")
     sub.add_parser("envs", help="list the shipped environments (task.env names)")
@@ -126,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "eval":
         return run_eval_command(args)
+    if args.command == "export":
+        from rlpost.checkpoint import export_model
+
+        try:
+            folder = export_model(args.source, args.out)
+        except (ValueError, OSError) as e:
+            print(f"rlpost: error: {e}", file=sys.stderr)
+            return 1
+        print(f"rlpost export: {folder} -> {args.out}")
+        return 0
     if args.command == "algorithms":
         from rlpost.algorithms import available
 

@@ -28,6 +28,19 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # Llama / Qwen2
+                "c_attn", "c_proj", "c_fc"]                                                    # gpt_mini
+
+
+@dataclass
+class LoRAConfig:
+    r: int = opt(0, "LoRA rank (0: off, full fine-tuning; > 0: only low-rank adapters train, through peft)")
+    alpha: float = opt(16.0, "LoRA scaling numerator: the adapter's output is scaled by alpha / r")
+    dropout: float = opt(0.0, "dropout on the adapters' input in training (never in rollout or the reference)")
+    target_modules: list[str] = opt(LORA_TARGETS, "names of the linear layers that get adapters (the ones this model "
+                                                  "has: attention and MLP projections of Llama / Qwen2 and gpt_mini)")
+
+
 @dataclass
 class ModelConfig:
     name: str = opt("gpt_mini", "'gpt_mini' (embedded, trained from scratch), a checkpoint folder, or a hub id")
@@ -41,6 +54,7 @@ class ModelConfig:
     device: str = opt("auto", "where the model and every role run: auto (CUDA when present, else CPU) | cpu | cuda | "
                               "cuda:N")
     chat_template: bool = opt(False, "wrap prompts in the tokenizer's chat template (HF models that have one)")
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -281,7 +295,8 @@ def _type_name(tp: Any) -> str:
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, checking every key and type."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{'config key ' + repr(path[:-1]) if path else 'recipe'}: expected a mapping, got "
+                          f"{type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -424,6 +439,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"reward_model.label_noise must be in [0, 0.5], got {cfg.reward_model.label_noise}")
     if cfg.reward_model.train and cfg.reward_model.path:
         raise ConfigError("set either reward_model.path (use a trained reward model) or reward_model.train, not both")
+    _validate_lora(cfg)
     _validate_task(cfg)
     if cfg.task.name in ("file", "jsonl") and not cfg.task.train_file:
         raise ConfigError(f"task.name={cfg.task.name} needs task.train_file (and usually task.eval_file)")
@@ -431,6 +447,24 @@ def _validate(cfg: Config) -> None:
         if not getattr(cfg.task, key):
             raise ConfigError(f"config key 'task.{key}' must be a non-empty string")
     _validate_preference(cfg.preference)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.model.lora
+    if lo.r < 0:
+        raise ConfigError(f"config key 'model.lora.r' must be >= 0 (0: LoRA off), got {lo.r}")
+    if lo.r == 0:
+        return
+    if lo.alpha <= 0:
+        raise ConfigError(f"config key 'model.lora.alpha' must be > 0, got {lo.alpha}")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"config key 'model.lora.dropout' must be in [0, 1), got {lo.dropout}")
+    if not lo.target_modules or not all(isinstance(t, str) and t for t in lo.target_modules):
+        raise ConfigError(f"config key 'model.lora.target_modules' must be a non-empty list of module names, got "
+                          f"{lo.target_modules!r}")
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError("model.lora with rollout.engine=vllm is not supported: vLLM would need the merged weights "
+                          "at every sync; use rollout.engine=auto (native) or hf")
 
 
 def _validate_task(cfg: Config) -> None:

@@ -18,7 +18,9 @@ The run directory:
     config.yaml        the resolved config; a resume with a different one is refused, naming the keys
     metrics.jsonl      one JSON line per logged step (a resume drops lines written after its checkpoint)
     rollouts.jsonl     sampled completions every `log.rollouts_every` RL steps (likewise cut back on resume)
-    checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one
+    checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one (with
+                       LoRA, model.lora: its adapters are folded into the base first, and that checkpoint
+                       is the plain merged model; mid-stage ones hold the base and the adapters apart)
     summary.json       the held-out numbers, wall_seconds, status
     tensorboard/       log.tensorboard: the metrics as TensorBoard event files, one folder per stage (rlpost/sinks.py)
     wandb/             log.wandb: the W&B run (offline without an API key) and its id, which a resume continues
@@ -56,6 +58,7 @@ from rlpost import distributed as dist
 from rlpost.checkpoint import (Checkpoint, clean_partial, list_checkpoints, load_rng_state, remove_step_checkpoints,
                                rng_state, verify, write_checkpoint)
 from rlpost.config import Config, from_dict, to_dict
+from rlpost.models.lora import fold_adapters, is_lora
 
 RUN_FILE = "run.json"
 
@@ -173,7 +176,9 @@ class RunContext:
                 "step": step, "finished": finished, "metrics_lines": self.log.lines,
                 "summary": self.summary, "weights": self.weights_from}
         full = {"stage": state, "rng": rng_state()}
-        saver = (lambda folder: save_model(model, self.tokenizer, folder)) if weights else None
+        # a finished stage's checkpoint is a plain model folder (a LoRA model's adapters merged in); a
+        # mid-stage one keeps a LoRA model's base and adapters apart, so that a resume continues exactly
+        saver = (lambda folder: save_model(model, self.tokenizer, folder, merged=finished)) if weights else None
         path = write_checkpoint(self.run_dir, name, meta, full, saver) if dist.is_main() else None
         dist.barrier()  # no rank reads or moves on before the checkpoint is complete
         if weights:
@@ -457,6 +462,9 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
                 if ckpt is not None and i == first:  # the random streams exactly as they were at the checkpoint
                     load_rng_state(ckpt.load_state()["rng"])
                 stage.run(ctx)
+                if stage.changes_weights and is_lora(ctx.model):  # the next stage's reference: the policy now
+                    fold_adapters(ctx.model)
+                    ctx.weight_sync.push()
                 if stage.changes_weights or stage.checkpoint:
                     ctx.save(stage.checkpoint or stage.name, step=0, finished=True, state={},
                              weights=stage.changes_weights)
@@ -473,7 +481,8 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
 
         # a sharded policy is gathered only in one process: with other ranks, they may not be there to join
         if main and (not dist.is_sharded(ctx.model) or dist.world_size() == 1):
-            save_model(dist.unsharded(ctx.model), ctx.tokenizer, os.path.join(run_dir, "checkpoints", "last"))
+            save_model(dist.unsharded(ctx.model), ctx.tokenizer, os.path.join(run_dir, "checkpoints", "last"),
+                       merged=True)
         ctx.summary["status"] = f"failed: {type(e).__name__}: {e}"
         raise
     finally:

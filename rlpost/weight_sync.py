@@ -19,6 +19,10 @@ A sharded policy (trainer.strategy=fsdp2) holds only a shard of each parameter o
 generation engine can run: every rank's engine is then a "copy" engine, refreshed from the full weights
 gathered over torch.distributed (all-gather to every rank, `rlpost.distributed.full_state_dict`). Every
 rank calls sync/push at the same point; `time/sync_gather` is the gathering's share of the seconds.
+
+With LoRA (model.lora), `sync` sends the adapter tensors only (an optimizer step changes nothing else), so
+"sync/bytes" is the adapters' size; `push` always sends every weight (the base changes on a load or at a stage's
+end, when the adapters are folded into it).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from rlpost import distributed as dist
+from rlpost.models.lora import is_lora
 from rlpost.rollout.engine import Engine, named_weights, weights_module
 
 MODES = ("auto", "pointer", "copy", "vllm", "ray", "collective")  # the valid rl.weight_sync names ("auto": the engine's)
@@ -58,19 +63,19 @@ class WeightSync:
         self.push()
 
     def sync(self) -> dict[str, float]:
-        """After an optimizer step: the new weights to the engine, version += 1."""
-        return self._push(self.version + 1)
+        """After an optimizer step: the new weights (a LoRA model's adapters only) to the engine, version += 1."""
+        return self._push(self.version + 1, adapters_only=is_lora(self.trainer_model))
 
     def push(self) -> dict[str, float]:
-        """The trainer's current weights to the engine, stamped with the current version (no bump): for
-        sampling outside the RL loop, e.g. a held-out evaluation, and after a restore."""
+        """All the trainer's current weights to the engine, stamped with the current version (no bump): for
+        sampling outside the RL loop, e.g. a held-out evaluation, and after a restore or a change of the base."""
         return self._push(self.version)
 
     @torch.no_grad()
-    def _push(self, version: int) -> dict[str, float]:
+    def _push(self, version: int, adapters_only: bool = False) -> dict[str, float]:
         t0 = time.perf_counter()
         weights = gathered_weights(self.trainer_model) if dist.is_sharded(self.trainer_model) else \
-            named_weights(self.trainer_model)
+            named_weights(self.trainer_model, adapters_only)
         t_gathered = time.perf_counter()
         self.engine.update_weights(weights, version)
         self.version = version  # only once the engine has it

@@ -4,6 +4,8 @@ Each threshold sits well below what the recipe measured (README, 'Environments a
 archetype recipes'), so a pass does not depend on a lucky seed, and well above what a broken piece
 (masking, the verifier, the environment) would leave."""
 
+import os
+
 import pytest
 
 from rlpost.config import load_config
@@ -47,3 +49,12 @@ def test_judge_recipes_train_a_judge_and_rl_runs_on_its_scores(tmp_path):
 def test_cot_pipeline_sft_dpo_rlvr_gains_at_each_stage(tmp_path):
     s = run(tmp_path, "recipes/cot_dpo_rlvr.yaml")
     assert s["pass@1_dpo"] >= s["pass@1_sft"] and s["pass@1_rl"] >= s["pass@1_sft"] + 0.10
+
+
+def test_lora_recipe_rl_gains_over_its_sft_start(tmp_path):
+    base = run(tmp_path / "base", None, "rl.steps=0")
+    sft = os.path.join(base["run_dir"], "checkpoints", "sft")
+    s = run(tmp_path, "recipes/lora.yaml", f"model.name={sft}")
+    assert s["pass@1_rl"] >= s["pass@1_start"] + 0.15
+    final = os.path.join(s["run_dir"], "checkpoints", "final")
+    assert not any("lora" in f for f in os.listdir(final))  # merged: a plain model folder

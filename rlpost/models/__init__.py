@@ -10,6 +10,7 @@ prompt, system_prompt)`, the one place that decides between plain text and the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from rlpost.batch import Batch
 from rlpost.limits import block_size_for
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
+from rlpost.models.lora import (apply_lora, base_state_dict, is_lora, load_adapters, merged_state_dict, save_adapters,
+                                saved_lora_config)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPES = tuple(_DTYPES)  # the valid model.dtype names
@@ -161,8 +164,9 @@ class HFCausalLM(nn.Module):
         return self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state
 
-    def save_pretrained(self, folder: str) -> None:
-        self.hf.save_pretrained(folder, safe_serialization=True)
+    def save_pretrained(self, folder: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The HF model's save_pretrained folder; `state_dict`: other weights under its names to write instead."""
+        self.hf.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
 
 
 class HFTokenizer:
@@ -282,7 +286,15 @@ def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = No
                              f"or a hub id such as 'Qwen/Qwen2.5-0.5B')")
     else:
         model, tok = _load_hf(name, cfg)
-    return model.to(device=resolve_device(getattr(cfg, "device", "auto")), dtype=_DTYPES[cfg.dtype]), tok
+    model = model.to(device=resolve_device(getattr(cfg, "device", "auto")), dtype=_DTYPES[cfg.dtype])
+    lora = getattr(cfg, "lora", None)
+    lora = dataclasses.asdict(lora) if lora is not None and lora.r > 0 else None
+    saved = saved_lora_config(name) if os.path.isdir(name) else None
+    if lora or saved:  # LoRA asked for, or a LoRA checkpoint (base + adapters): see rlpost/models/lora.py
+        apply_lora(model, **(lora or saved))
+        if saved:
+            load_adapters(model, name)
+    return model, tok
 
 
 def _load_hf(name: str, cfg) -> tuple[HFCausalLM, HFTokenizer]:
@@ -299,34 +311,46 @@ def _load_hf(name: str, cfg) -> tuple[HFCausalLM, HFTokenizer]:
     return HFCausalLM(hf), HFTokenizer(tok, chat_template=cfg.chat_template)
 
 
-def save_model(model: nn.Module, tokenizer, folder: str) -> None:
-    """safetensors weights + config + tokenizer in `folder`, loadable by `load_model`."""
-    model.save_pretrained(folder)
+def save_model(model: nn.Module, tokenizer, folder: str, merged: bool = False) -> None:
+    """safetensors weights + config + tokenizer in `folder`, loadable by `load_model`. A LoRA model is saved as
+    its base weights plus its adapters (exact: a resume continues from them), or, `merged`, as the plain model
+    whose weights are base + adapter delta (no adapter files: `transformers` loads it without peft)."""
+    if is_lora(model):
+        model.save_pretrained(folder, state_dict=merged_state_dict(model) if merged else base_state_dict(model))
+        if not merged:
+            save_adapters(model, folder)
+    else:
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
 def load_weights(model: nn.Module, folder: str) -> None:
     """Load the weights saved in `folder` (by `save_model`) into `model` in place, exactly: the optimizer
-    and every other holder of the model's parameters keep pointing at the same tensors."""
+    and every other holder of the model's parameters keep pointing at the same tensors. A LoRA model takes the
+    folder's weights as its base, and its adapters (reset to their initial values when the folder has none)."""
     if not os.path.isdir(folder):
         raise ModelLoadError(f"no saved model at {folder}")
+    if saved_lora_config(folder) is not None and not is_lora(model):
+        raise ModelLoadError(f"{folder} holds LoRA adapters and this model has none: load it with load_model, or "
+                             f"export a merged folder (rlpost export {folder} --out FOLDER)")
     if isinstance(model, GPT):
         state = GPT.from_pretrained(folder).state_dict()
-        target = model
     elif isinstance(model, HFCausalLM):
         from transformers import AutoModelForCausalLM
 
-        state = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype).state_dict()
-        target = model.hf
+        dtype = next(p for n, p in model.named_parameters() if "lora_" not in n).dtype
+        state = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).state_dict()
     else:
         raise TypeError(f"load_weights supports gpt_mini and HFCausalLM, not {type(model).__name__}")
     with torch.no_grad():
-        own = target.state_dict()
+        own = base_state_dict(model)  # a plain model's state_dict; a LoRA model's base under the plain names
         missing = [k for k in own if k not in state]
         if missing:
             raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model, e.g. {missing[:3]}")
         for k, t in own.items():
             t.copy_(state[k])
+    if is_lora(model):
+        load_adapters(model, folder)
 
 
 def compile_model(model: nn.Module) -> nn.Module:

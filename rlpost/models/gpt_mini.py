@@ -209,11 +209,12 @@ class GPT(nn.Module):
         return prompt, response
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, folder: str) -> None:
+    def save_pretrained(self, folder: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """A GPT-2 checkpoint: config.json (GPT-2's keys plus the gpt_mini marker) and model.safetensors in
-        GPT2LMHeadModel's layout, the tied lm_head stored once, as wte (as transformers saves it)."""
+        GPT2LMHeadModel's layout, the tied lm_head stored once, as wte (as transformers saves it). `state_dict`:
+        other weights under this model's names to write instead of its own (a LoRA model's merged weights)."""
         os.makedirs(folder, exist_ok=True)
-        state = {k: v for k, v in self.to_hf_state_dict().items() if k != "lm_head.weight"}
+        state = {k: v for k, v in self.to_hf_state_dict(state_dict).items() if k != "lm_head.weight"}
         save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(self.hf_config(), f, indent=2)
@@ -248,9 +249,11 @@ class GPT(nn.Module):
         model.load_state_dict(state)
         return model
 
-    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The same weights under transformers.GPT2LMHeadModel's names (its Conv1D stores W transposed)."""
-        return {k: (v.t() if k.endswith(CONV1D) else v).contiguous() for k, v in self.state_dict().items()}
+    def to_hf_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The same weights (or `state_dict`) under transformers.GPT2LMHeadModel's names (its Conv1D stores W
+        transposed)."""
+        state = self.state_dict() if state_dict is None else state_dict
+        return {k: (v.t() if k.endswith(CONV1D) else v).contiguous() for k, v in state.items()}
 
 
 CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D weights: [in, out], nn.Linear's transposed

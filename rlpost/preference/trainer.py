@@ -6,6 +6,7 @@
 1. REFERENCE, once: before the first update, the model's own log-probs of every completion are
    computed without grad and cached (`data.ref`); they *are* pi_ref, so no frozen copy of the model is
    kept and no reference forward runs during training. Losses without a reference (ORPO, SimPO) skip it.
+   With LoRA (model.lora) they are computed with the adapters off: the reference is the base model.
 2. TRAIN: `epochs` passes over the examples in a seeded shuffled order, `batch_size` examples per
    optimizer step, through the algorithm-agnostic `rlpost.trainer.Trainer` (micro-batching, gradient
    clipping, the non-finite guard). A pair's two rows always share a micro-batch.
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from rlpost import distributed as dist
 from rlpost.models import autocast, model_device, token_logprobs
+from rlpost.models.lora import adapters_disabled
 from rlpost.preference import PreferenceLoss, SeqLogps, sequence_logps
 from rlpost.preference.data import PreferenceData, PreferenceDataError
 from rlpost.progress import progress
@@ -56,10 +58,18 @@ def _token_logps(model, data: PreferenceData, seqs: list[int], pad_id: int, kl: 
 @torch.no_grad()
 def cache_reference(model, data: PreferenceData, pad_id: int, chunk: int = 64, precision: str = "fp32") -> float:
     """Fill data.ref (and data.ref_kl for unpaired data) with the model's log-probs, computed under the
-    precision the training will use, so that the policy starts exactly at its reference. Returns seconds."""
+    precision the training will use, so that the policy starts exactly at its reference. A LoRA model is
+    scored with its adapters off (its base). Returns seconds."""
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
+    with adapters_disabled(model):
+        _cache_reference(model, data, pad_id, chunk, precision)
+    model.train(was_training)
+    return time.perf_counter() - t0
+
+
+def _cache_reference(model, data: PreferenceData, pad_id: int, chunk: int, precision: str) -> None:
     n = len(data.completions)
     data.ref = data.ref_kl = None  # batches are built without reference log-probs while they are computed
     ref, ref_kl = [], [] if data.kl_completions is not None else None
@@ -69,8 +79,6 @@ def cache_reference(model, data: PreferenceData, pad_id: int, chunk: int = 64, p
         if ref_kl is not None:
             ref_kl.extend(_token_logps(model, data, seqs, pad_id, kl=True, precision=precision))
     data.ref, data.ref_kl = ref, ref_kl
-    model.train(was_training)
-    return time.perf_counter() - t0
 
 
 def seq_logps(logp: torch.Tensor, batch, kl_logp: torch.Tensor | None = None) -> SeqLogps:

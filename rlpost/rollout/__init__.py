@@ -110,7 +110,12 @@ def build_engine(kind: str, model, tokenizer, share_weights: bool = True) -> Eng
     share_weights: the engine runs the trainer's own module (weight sync "pointer": zero copy), or, False,
     a private copy refreshed by update_weights ("copy"). vLLM always holds its own weights ("vllm")."""
     if kind == "vllm":
+        from rlpost.models.lora import is_lora
         from rlpost.rollout.vllm_engine import VLLMEngine, vllm_unavailable_reason
+
+        if is_lora(model):
+            raise ValueError("rollout.engine=vllm does not take a LoRA model (model.lora); use rollout.engine=auto "
+                             "or hf")
 
         reason = vllm_unavailable_reason()
         if reason:

@@ -16,7 +16,8 @@ a list of (name, tensor) pairs, a Batch) and nothing is a callback or a shared m
 Weight names are the checkpoint's: the state_dict names of the module that `save_model` writes, i.e.
 the wrapped Hugging Face model's own names (`model.hf`, as vLLM and `save_pretrained` use them) for an HF
 model, and gpt_mini's own module names for gpt_mini (`named_weights` gives them). Tied weights may come
-under both names or under one.
+under both names or under one. A LoRA model's names are those of its peft layers: `<name>.base_layer.weight`
+for a frozen base weight, `<name>.lora_A.default.weight` and `<name>.lora_B.default.weight` for its adapters.
 
 Ordering contract (the caller, e.g. WeightSync, keeps it; a remote engine serves calls in order):
 
@@ -34,7 +35,9 @@ How weights reach the engine is fixed when it is built (`build_engine(..., share
 "pointer" shares the trainer's module (zero copy: update_weights finds the given tensors ARE its own
 and only stamps the version), "copy" owns a deep copy refreshed in place with copy_ (names and shapes
 checked: a missing, unexpected or mis-shaped name is an error that names it), "vllm" is vLLM's own
-copy (reload_weights, then its prefix cache is dropped).
+copy (reload_weights, then its prefix cache is dropped). A LoRA model (rlpost/models/lora.py) trains only
+its adapters, so after an optimizer step WeightSync sends those alone; a copy engine accepts exactly the
+full set or every adapter tensor.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from rlpost.batch import Batch
+from rlpost.models.lora import is_adapter_name
 
 
 @dataclass
@@ -99,10 +103,12 @@ def weights_module(model: nn.Module) -> nn.Module:
     return getattr(model, "hf", model)
 
 
-def named_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def named_weights(model: nn.Module, adapters_only: bool = False) -> list[tuple[str, torch.Tensor]]:
     """A model's weights under the protocol's names, as update_weights takes them: a list (picklable,
-    unlike a generator) of detached tensors that share the model's storage (nothing is copied here)."""
-    return list(weights_module(model).state_dict().items())
+    unlike a generator) of detached tensors that share the model's storage (nothing is copied here).
+    `adapters_only`: a LoRA model's adapter tensors alone (what an optimizer step changes)."""
+    items = weights_module(model).state_dict().items()
+    return [(n, t) for n, t in items if is_adapter_name(n)] if adapters_only else list(items)
 
 
 class ModuleEngine:
@@ -132,14 +138,17 @@ class ModuleEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Copy each tensor in place into the engine's tensor of that name, unless it already is that
         tensor's storage (a pointer engine given the trainer's own weights: nothing moves). In place, so
-        the parameters keep their identity and any cache keyed on (id, _version) sees the change."""
+        the parameters keep their identity and any cache keyed on (id, _version) sees the change.
+        A LoRA model may be given its adapter tensors alone (all of them: only they train)."""
         own = weights_module(self._open()).state_dict(keep_vars=True)
         given = dict(named_tensors)
+        adapters = {n for n in own if is_adapter_name(n)}
+        required = adapters if adapters and given.keys() <= adapters else own.keys()  # adapter-only, or everything
         unexpected = sorted(given.keys() - own.keys())
         mismatched = [f"{n} {tuple(t.shape)} (engine: {tuple(own[n].shape)})" for n, t in given.items()
                       if n in own and t.shape != own[n].shape]
         covered = {id(own[n]) for n in given if n in own}   # a tied weight is covered by either name
-        missing = sorted(n for n, t in own.items() if id(t) not in covered)
+        missing = sorted(n for n in required if id(own[n]) not in covered)
         if unexpected or missing or mismatched:
             problems = [f"{what}: {', '.join(names)}" for what, names in
                         (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if names]

@@ -16,7 +16,8 @@ rotary embedding, grouped-query attention, SiLU-gated MLP); tests check greedy o
 `transformers` greedy `generate`, cached logits against a full forward, and old_logp against the
 trainer's `token_logprobs`. q/k/v and gate/up weights are concatenated into one matmul each; the
 concatenation is cached and rebuilt only when a parameter changed (an optimizer step or
-update_weights' in-place copy_ bumps its version counter).
+update_weights' in-place copy_ bumps its version counter). A LoRA layer (peft, model.lora) is read as its
+merged weight, base + adapter delta (`rlpost.models.lora.effective_weight`), rebuilt when the adapters change.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
+from rlpost.models.lora import effective_weight
 from rlpost.rollout import SamplingParams, scheduler
 from rlpost.rollout.engine import ModuleEngine
 from rlpost.rollout.scheduler import attend, write_kv
@@ -51,9 +53,10 @@ def _unsupported_reason(model) -> str | None:
 
 
 class _Weights:
-    """The decoder's weights as plain tensors, with q/k/v and gate/up concatenated."""
+    """The decoder's weights as plain tensors, with q/k/v and gate/up concatenated (LoRA layers merged)."""
 
     def __init__(self, hf):
+        W = effective_weight
         m, cfg = hf.model, hf.config
         self.embed = m.embed_tokens.weight
         self.norm, self.norm_eps = m.norm.weight, m.norm.variance_epsilon
@@ -64,13 +67,13 @@ class _Weights:
             cat_bias = (lambda *ls: None if ls[0].bias is None else torch.cat([l.bias for l in ls]))
             self.layers.append((
                 layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                torch.cat([W(a.q_proj), W(a.k_proj), W(a.v_proj)]),
                 cat_bias(a.q_proj, a.k_proj, a.v_proj),
-                a.o_proj.weight, a.o_proj.bias,
+                W(a.o_proj), a.o_proj.bias,
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]),
                 cat_bias(mlp.gate_proj, mlp.up_proj),
-                mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn,
+                W(mlp.down_proj), mlp.down_proj.bias, mlp.act_fn,
             ))
         self.n_head = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads

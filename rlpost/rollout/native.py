@@ -4,7 +4,8 @@ The scheduling (prefix sharing, shared-prompt attention for long prompts, the cr
 cache, continuous batching under `max_num_seqs`, stop tokens and stop strings, seeded sampling,
 old_logp) is scheduler.py's, shared with the HF Llama / Qwen2 engine. This file is the model runner:
 gpt_mini's forward (GPT.hidden_states, block by block, through the model's own modules, so a pointer
-engine samples with the trainer's weights as they are) over the scheduler's preallocated KV cache.
+engine samples with the trainer's weights as they are, LoRA adapters included: peft's layers are modules
+too) over the scheduler's preallocated KV cache.
 Weights and version are engine.ModuleEngine's (the Engine protocol).
 """
 
@@ -28,9 +29,14 @@ class NativeEngine(ModuleEngine):
         return isinstance(model, GPT)
 
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
-        self._open()
-        return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
-                                  self.prefix_block, self.shared_attention_min)
+        model = self._open()
+        was_training = model.training
+        model.eval()  # the modules run as they are: no dropout (e.g. LoRA's) while sampling
+        try:
+            return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
+                                      self.prefix_block, self.shared_attention_min)
+        finally:
+            model.train(was_training)
 
     # ------------------------------------------------------------------ the runner (scheduler.py)
 

@@ -2,8 +2,9 @@
 
 It builds the roles from their own sections: the algorithm (`algorithm.*`), the critic (`critic.*`,
 PPO), the reference (a frozen copy of the policy as the stage starts, saved once to
-checkpoints/reference/), the trainer (`trainer.*`), the sampling (`rollout.*`); the reward is the
-run's RL reward (the verifier, or a learned reward model) and the engine and weight sync are the run's.
+checkpoints/reference/; with LoRA the policy's own adapter-free base, saved in every checkpoint),
+the trainer (`trainer.*`), the sampling (`rollout.*`); the reward is the run's RL reward (the verifier,
+or a learned reward model) and the engine and weight sync are the run's.
 
 Every `rl.eval_every` steps it measures held-out pass@1; every `rl.save_every` steps it writes
 checkpoints/step_<n>/ (the newest `rl.keep_checkpoints` are kept); it ends with checkpoints/final/.
@@ -176,7 +177,7 @@ class RLStage(Stage):
                                schedule=schedule, strategy=tc.strategy)
         if tc.compile:  # after the reference (and a separate critic) copied the eager policy
             compile_model(model)
-            if self.reference is not None:
+            if self.reference is not None and not self.reference.shares_policy:
                 compile_model(self.reference.model)
         params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                 top_p=rc.top_p, max_num_seqs=rc.max_num_seqs, stop=list(rc.stop))
@@ -229,7 +230,7 @@ class RLStage(Stage):
         self.trainer.load_state_dict(state["trainer"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
-        if self.reference is not None:  # the policy as the stage started, saved then
+        if self.reference is not None and not self.reference.shares_policy:  # the policy as the stage started
             load_weights(self.reference.model, os.path.join(ctx.run_dir, "checkpoints", "reference"))
         self.weight_sync.load_state_dict(state["weight_sync"])
 
@@ -246,7 +247,7 @@ class RLStage(Stage):
 
     def run(self, ctx: RunContext) -> None:
         c = self.cfg
-        if self.step == 0 and self.reference is not None and dist.is_main():
+        if self.step == 0 and self.reference is not None and not self.reference.shares_policy and dist.is_main():
             write_model_folder(ctx.run_dir, "reference", lambda f: save_model(self.reference.model, ctx.tokenizer, f))
         if dist.is_main():  # a resume: the samples of steps after the checkpoint are sampled again
             trim_rollouts(ctx.run_dir, self.step)

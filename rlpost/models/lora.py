@@ -1,0 +1,208 @@
+"""LoRA through peft: low-rank adapters on the policy's linear layers; the base weights stay frozen.
+
+    model, tok = load_model(cfg)              # cfg.lora.r > 0: adapters injected here (apply_lora)
+    with adapters_disabled(model): ...        # the base model: the reference, with no second copy
+    merged_state_dict(model)                  # plain names, adapters folded in: a final checkpoint
+    fold_adapters(model)                      # in place: base += adapter delta, adapters reset (a stage's end)
+
+peft injects the adapters in place (`inject_adapter_in_model`): the model keeps its class (gpt_mini's GPT, or
+HFCausalLM around the HF model), its forward and its other modules. Each targeted nn.Linear becomes a
+peft LoraLinear: its frozen weight is `<name>.base_layer.weight` and its adapters `<name>.lora_A.default.weight`
+[r, in] and `<name>.lora_B.default.weight` [out, r]; it computes base(x) + B(A(dropout(x))) * alpha / r. B starts
+at zero, so a fresh adapter changes nothing. Only the adapters require grad.
+
+On disk, a LoRA checkpoint is a plain model folder of the *base* weights (under the plain names, so it loads in
+`transformers` or as gpt_mini) plus ADAPTER_FILE and CONFIG_FILE; `load_model` finds them and re-applies the
+adapters. A merged folder (`save_model(..., merged=True)`, `rlpost export`) has no adapter files: it is the
+plain model whose weights are base + delta.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+ADAPTER_FILE = "lora_adapter.safetensors"   # not peft's adapter_model.safetensors: transformers would load that
+CONFIG_FILE = "lora_config.json"
+
+
+def _weights_module(model: nn.Module) -> nn.Module:
+    return getattr(model, "hf", model)
+
+
+def is_adapter_name(name: str) -> bool:
+    """True for the state-dict name of a LoRA adapter tensor."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def plain_name(name: str) -> str:
+    """A base weight's name as the model without adapters has it: `x.base_layer.weight` -> `x.weight`."""
+    return name.replace(".base_layer.", ".")
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    """A peft LoRA layer (told by its attributes, so that a model without LoRA never imports peft)."""
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's peft LoRA layers (empty: not a LoRA model)."""
+    return [m for m in _weights_module(model).modules() if _is_lora_layer(m)]
+
+
+def is_lora(model: nn.Module) -> bool:
+    """Whether the model carries LoRA adapters."""
+    return any(is_adapter_name(n) for n, _ in _weights_module(model).named_parameters())
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
+    """Inject LoRA adapters in place into every linear layer of `model` named in `target_modules` (names of the
+    model's own modules, matched on the last part of their path; names it lacks are skipped, none matching is an
+    error). Every base parameter is frozen; the adapters train. The adapters' initial values are kept, so that
+    `reset_adapters` can start fresh ones. Returns `model`."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ImportError("model.lora needs peft: pip install 'rlpost[lora]'") from e
+    target = _weights_module(model)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in target.named_modules() if isinstance(m, nn.Linear)})
+    present = [t for t in target_modules if t in linear]
+    if not present:
+        raise ValueError(f"model.lora.target_modules {target_modules} names none of this model's linear layers: "
+                         f"{', '.join(linear)}")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=present, bias="none")
+    inject_adapter_in_model(config, target)
+    for name, p in target.named_parameters():
+        p.requires_grad_(is_adapter_name(name))
+    target._rlpost_lora = {"config": {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": present},
+                           "init": {n: t.detach().clone() for n, t in adapter_state(model).items()}}
+    return model
+
+
+def lora_config(model: nn.Module) -> dict:
+    """{r, alpha, dropout, target_modules} of a model made by apply_lora."""
+    return dict(_weights_module(model)._rlpost_lora["config"])
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under their state-dict names (sharing the model's storage)."""
+    return {n: t for n, t in _weights_module(model).state_dict().items() if is_adapter_name(n)}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base weights under the plain model's names (adapters left out, nothing merged)."""
+    return {plain_name(n): t for n, t in _weights_module(model).state_dict().items() if not is_adapter_name(n)}
+
+
+def _delta(layer: nn.Module) -> torch.Tensor | None:
+    """The weight change of a LoRA layer's active adapters (B @ A * alpha / r), or None when they are off."""
+    if layer.disable_adapters or layer.merged:
+        return None
+    deltas = [layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A]
+    return sum(deltas) if deltas else None
+
+
+@torch.no_grad()
+def effective_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight a linear layer applies: its own, or for a LoRA layer base + delta, as one tensor (for code
+    that reads weight matrices instead of calling the module, such as the HF native rollout engine)."""
+    if not _is_lora_layer(linear):
+        return linear.weight
+    w = linear.get_base_layer().weight
+    delta = _delta(linear)
+    return w if delta is None else w + delta.to(w.dtype)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of the plain model that computes what the LoRA model computes: each base weight + its
+    adapters' delta, under the plain names. The model is not changed."""
+    state = base_state_dict(model)
+    for name, layer in _weights_module(model).named_modules():
+        if _is_lora_layer(layer):
+            state[f"{name}.weight"] = effective_weight(layer).clone()
+    return state
+
+
+@torch.no_grad()
+def reset_adapters(model: nn.Module) -> None:
+    """Put every adapter back to its initial value (B = 0: the model is its base again), in place."""
+    init = _weights_module(model)._rlpost_lora["init"]
+    for n, t in adapter_state(model).items():
+        t.copy_(init[n].to(t))
+
+
+@torch.no_grad()
+def fold_adapters(model: nn.Module) -> None:
+    """Merge the adapters into the base weights and reset them, in place: the model computes the same function
+    (up to float rounding) and its adapter-disabled base is now the model itself. Done at the end of every stage
+    that trained the policy, so that the next stage's reference (the base) is the policy as that stage starts."""
+    for layer in lora_layers(model):
+        delta = _delta(layer)
+        if delta is not None:
+            base = layer.get_base_layer().weight
+            base.copy_(base + delta.to(base.dtype))
+    reset_adapters(model)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block, the model computes its base: every adapter is off (peft's enable_adapters(False)).
+    The adapters' requires_grad flags are put back on exit."""
+    layers = lora_layers(model)
+    flags = {id(p): p.requires_grad for layer in layers for p in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+            for p in layer.parameters():
+                p.requires_grad_(flags[id(p)])
+
+
+def save_adapters(model: nn.Module, folder: str) -> None:
+    """ADAPTER_FILE (the adapter tensors) and CONFIG_FILE (their LoRA config) in `folder`."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    save_file({n: t.detach().contiguous() for n, t in adapter_state(model).items()},
+              os.path.join(folder, ADAPTER_FILE), metadata={"format": "pt"})
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        json.dump(lora_config(model), f, indent=2)
+
+
+def saved_lora_config(folder: str) -> dict | None:
+    """The LoRA config saved with a checkpoint folder's adapters, or None when it holds none."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, ADAPTER_FILE))):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+@torch.no_grad()
+def load_adapters(model: nn.Module, folder: str) -> None:
+    """The adapters saved in `folder` into the model, in place; a folder without them (a plain or merged model)
+    resets the adapters, so the model is exactly the folder's weights."""
+    from safetensors.torch import load_file
+
+    if saved_lora_config(folder) is None:
+        reset_adapters(model)
+        return
+    state = load_file(os.path.join(folder, ADAPTER_FILE))
+    own = adapter_state(model)
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{n} {tuple(state[n].shape)} (model: {tuple(t.shape)})" for n, t in own.items()
+              if n in state and state[n].shape != t.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"the LoRA adapters in {folder} do not fit this model (model.lora differs from theirs?): "
+                         + "; ".join(f"{what}: {', '.join(v[:4])}" for what, v in
+                                     (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if v))
+    for n, t in own.items():
+        t.copy_(state[n])
