@@ -289,7 +289,27 @@ def add_plan_parser(sub) -> None:
                     "per-role timings, composes them by topology (sum colocated, max async), predicts the step "
                     "time for other topologies and rollout worker counts, and names the bottleneck with what to "
                     "change (formulas: `python -c 'import rlpost.plan.throughput as m; help(m)'`).")
-    t.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with RL steps in its metrics.jsonl")
+    t.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="a run directory with RL steps in its metrics.jsonl")
+    r = t.add_argument_group("before any run: a roofline of MODEL on GPUs (instead of RUN_DIR)")
+    r.add_argument("--model", help="a size (7b), a named model or a model folder, as `plan memory` takes")
+    r.add_argument("--gpus", type=int, default=8, help="GPUs of the job (default 8)")
+    r.add_argument("--rollout-gpus", type=int, help="disaggregated / async: GPUs of the engines (default half)")
+    r.add_argument("--prompts", type=int, default=128, help="prompts per step (default 128)")
+    r.add_argument("--k", type=int, default=8, help="samples per prompt (default 8)")
+    r.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default 512)")
+    r.add_argument("--response-len", type=int, default=1024, help="mean response tokens (default 1024)")
+    r.add_argument("--length-sigma", type=float, default=0.0,
+                   help="response lengths log-normal with this sigma: the long tail (default 0: all equal)")
+    r.add_argument("--max-response-len", type=int, help="the length cap (default 4 x the mean)")
+    r.add_argument("--verifier-s", type=float, default=0.0, help="seconds of scoring per step (default 0)")
+    r.add_argument("--no-reference", action="store_true", help="no KL term: no reference forward")
+    r.add_argument("--tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s of one GPU (default H100 989)")
+    r.add_argument("--hbm-tbs", type=float, default=3.35, help="HBM TB/s of one GPU (default H100 3.35)")
+    r.add_argument("--mfu", type=float, default=0.4, help="fraction of peak FLOP/s reached (default 0.4)")
+    r.add_argument("--decode-efficiency", type=float, default=0.6,
+                   help="fraction of HBM bandwidth a decode step reaches (default 0.6)")
+    r.add_argument("--network-gbs", type=float, default=50.0,
+                   help="GB/s of the weight broadcast to engines on other GPUs (default 50)")
     t.add_argument("--warmup", type=int, default=3, help="first RL steps left out of the medians (default 3)")
     t.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="rollout worker counts to predict")
     t.add_argument("--sync-gbps", type=float, default=1.0,
@@ -309,6 +329,21 @@ def run_plan(args, parser) -> int:
         from rlpost.plan import throughput
 
         try:
+            if args.model:
+                from rlpost.plan.memory import shape_for
+
+                work = throughput.Workload(
+                    prompts=args.prompts, k=args.k, prompt_len=args.prompt_len, response_len=args.response_len,
+                    length_sigma=args.length_sigma, max_response_len=args.max_response_len,
+                    verifier_s=args.verifier_s, reference=not args.no_reference, rollout_gpus=args.rollout_gpus)
+                hw = throughput.Hardware(tflops=args.tflops, hbm_tbs=args.hbm_tbs, mfu=args.mfu,
+                                         decode_efficiency=args.decode_efficiency, network_gbs=args.network_gbs)
+                rs = [throughput.roofline(shape_for(args.model), args.gpus, top, work, hw)
+                      for top in throughput.TOPOLOGIES]
+                print(json.dumps(rs, indent=2) if args.json else throughput.format_roofline(rs))
+                return 0
+            if not args.run_dir:
+                raise ValueError("plan throughput needs RUN_DIR (a run's timings) or --model (a roofline)")
             r = throughput.report(args.run_dir, args.warmup, args.sync_gbps, args.workers)
         except (ValueError, OSError) as e:
             print(f"rlpost: error: {e}", file=sys.stderr)

@@ -196,3 +196,113 @@ def format_report(r: dict) -> str:
     d = r["diagnosis"]
     lines += ["", f"  bottleneck: {d['bottleneck']}"] + [f"  - {a}" for a in d["advice"]]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- before any run: a roofline
+
+@dataclass
+class Hardware:
+    """One GPU and its links. Defaults: an H100 SXM 80 GB (dense bf16 989 TFLOP/s, HBM3 3.35 TB/s)."""
+
+    tflops: float = 989.0        # peak dense bf16 TFLOP/s
+    hbm_tbs: float = 3.35        # HBM bandwidth, TB/s
+    mfu: float = 0.4             # the fraction of peak FLOP/s that training, scoring and prefill reach
+    decode_efficiency: float = 0.6  # the fraction of HBM bandwidth a decode step reaches
+    nvlink_gbs: float = 450.0    # GB/s between the GPUs of a node (colocated weight resharding)
+    network_gbs: float = 50.0    # GB/s to engines on other GPUs (disaggregated / async weight broadcast)
+
+
+@dataclass
+class Workload:
+    """One RL step: `prompts` x `k` sequences of `prompt_len` + `response_len` tokens."""
+
+    prompts: int = 128
+    k: int = 8
+    prompt_len: int = 512
+    response_len: int = 1024     # the mean response length
+    length_sigma: float = 0.0    # response lengths log-normal with this sigma (0: all equal; ~0.5-1 is typical)
+    max_response_len: int | None = None  # the length cap (default 4 x the mean)
+    verifier_s: float = 0.0      # seconds of scoring per step (CPU work the roofline cannot know: measure it)
+    reference: bool = True       # a KL term needs the reference's forward pass
+    rollout_gpus: int | None = None  # disaggregated / async: GPUs of the engines (default half)
+
+
+def roofline(shape, gpus: int, topology: str = "colocated", work: Workload | None = None,
+             hw: Hardware | None = None) -> dict:
+    """The five terms of one step of `shape` (rlpost.plan.memory.ModelShape) on `gpus` GPUs, from FLOPs and
+    bytes (bf16 weights, one engine replica per GPU, data parallel):
+
+        rollout    prefill 2 N P per sequence at mfu, then each of R decode steps costs
+                   max((2N + KV bytes of the replica's sequences) / (HBM * decode_efficiency),
+                       2 N * sequences / (peak * mfu))                       (memory- or compute-bound)
+        reference  2 N (P + R) per sequence at mfu over the training GPUs    (a forward)
+        train      6 N (P + R) per sequence at mfu over the training GPUs    (forward + backward)
+        sync       2N bytes: over NVLink when the engines share the GPUs, over the network otherwise
+        verifier   as given (Workload.verifier_s)
+
+    With `length_sigma` > 0 the responses' lengths are the quantiles of a log-normal of that sigma and
+    the given mean, capped at `max_response_len`: decode runs until the longest ends while the batch
+    thins out, which is the long tail (the straggler tax) that makes rollout dominate real runs. With
+    sigma 0 every response has the mean length: a lower bound on rollout."""
+    work, hw = work or Workload(), hw or Hardware()
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
+    n, weight_bytes = shape.num_params(), 2 * shape.num_params()
+    if topology == "colocated":
+        roll_gpus = train_gpus = gpus
+    else:
+        roll_gpus = work.rollout_gpus or max(gpus // 2, 1)
+        train_gpus = gpus - roll_gpus
+        if train_gpus < 1:
+            raise ValueError(f"{topology}: {roll_gpus} rollout GPUs leave none of {gpus} to train")
+    flops = hw.tflops * 1e12 * hw.mfu
+    seqs = work.prompts * work.k
+    per_replica = math.ceil(seqs / roll_gpus)
+    lengths = response_lengths(work, per_replica)   # one replica's sequences, longest last
+    kv_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.dim * 2
+    rollout = 2 * n * work.prompt_len * per_replica / flops
+    active, done = per_replica, 0
+    for t in range(lengths[-1]):
+        while lengths[done] <= t:    # the sequences that ended before step t leave the batch
+            done += 1
+        active = per_replica - done
+        kv = kv_per_token * active * (work.prompt_len + t)
+        rollout += max((weight_bytes + kv) / (hw.hbm_tbs * 1e12 * hw.decode_efficiency), 2 * n * active / flops)
+    tokens = seqs * work.prompt_len + sum(lengths) * seqs / per_replica
+    reference = 2 * n * tokens / (flops * train_gpus) if work.reference else 0.0
+    train = 6 * n * tokens / (flops * train_gpus)
+    sync = weight_bytes / ((hw.nvlink_gbs if topology == "colocated" else hw.network_gbs) * 1e9)
+    terms = {"rollout": rollout, "verifier": work.verifier_s, "reference": reference, "train": train, "sync": sync}
+    rollout_side, train_side = rollout + work.verifier_s, reference + train + sync
+    step = max(rollout_side, train_side) if topology == "async" else rollout_side + train_side
+    total = sum(terms.values())
+    return {"model": shape.name, "params": n, "gpus": gpus, "topology": topology, "rollout_gpus": roll_gpus,
+            "train_gpus": train_gpus, "terms_s": terms, "shares": {k: v / total for k, v in terms.items()},
+            "step_s": step, "workload": asdict(work), "hardware": asdict(hw)}
+
+
+def response_lengths(work: Workload, count: int) -> list[int]:
+    """`count` response lengths, sorted: all `response_len`, or the log-normal quantiles (i + 0.5) / count with
+    mean `response_len` and `length_sigma`, capped at `max_response_len` (default 4 x the mean)."""
+    if work.length_sigma <= 0:
+        return [work.response_len] * count
+    cap = work.max_response_len or 4 * work.response_len
+    mu = math.log(work.response_len) - work.length_sigma ** 2 / 2   # E[L] = exp(mu + sigma^2 / 2)
+    normal = statistics.NormalDist()
+    return sorted(min(cap, max(1, round(math.exp(mu + work.length_sigma * normal.inv_cdf((i + 0.5) / count)))))
+                  for i in range(count))
+
+
+def format_roofline(results: list[dict]) -> str:
+    w, first = results[0]["workload"], results[0]
+    tail = (f"lengths log-normal, sigma {w['length_sigma']}, cap {w['max_response_len'] or 4 * w['response_len']}"
+            if w["length_sigma"] > 0 else "every response that long")
+    lines = [f"{first['model']} ({first['params'] / 1e9:.2f}B params) on {first['gpus']} GPUs: {w['prompts']} prompts "
+             f"x {w['k']} samples, {w['prompt_len']} + {w['response_len']} tokens on average ({tail})", "",
+             f"  {'':30}" + "".join(f"{k:>11}" for k in first["terms_s"]) + f"{'step':>11}"]
+    for r in results:
+        name = r["topology"] + ("" if r["topology"] == "colocated" else f" {r['rollout_gpus']}+{r['train_gpus']} GPUs")
+        lines.append(f"  {name + ' (s)':<30}" + "".join(f"{v:11.2f}" for v in r["terms_s"].values())
+                     + f"{r['step_s']:11.2f}")
+        lines.append(f"  {'  share of the terms':<30}" + "".join(f"{100 * v:10.0f}%" for v in r["shares"].values()))
+    return "\n".join(lines)
