@@ -173,16 +173,6 @@ def test_trainer_logprobs_equal_the_training_forward(tiny_gpt):
     assert torch.allclose(prox, batch.old_logp, atol=1e-4)  # the engine sampled with the same weights
 
 
-class SpyTrainer(Trainer):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.seen = []
-
-    def step(self, batch, loss_fn):
-        self.seen.append(batch)
-        return super().step(batch, loss_fn)
-
-
 def test_a_controller_step_with_tis_hands_the_loss_both_log_probs(tiny_gpt):
     model, tok = tiny_gpt
     rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in range(10, 14) for b in range(2)]
