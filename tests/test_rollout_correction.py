@@ -20,6 +20,7 @@ from rlpost.rollout.native import NativeEngine
 from rlpost.run import train
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
+from test_controller import SpyTrainer
 
 D = torch.float64
 
