@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: run test test-slow test-gpu test-vllm
+.PHONY: run test test-slow test-gpu test-vllm docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,3 +42,10 @@ $(VLLM_VENV)/.rlpost-installed: pyproject.toml
 
 test-vllm: $(VLLM_VENV)/.rlpost-installed  ## the vLLM engine for real on vLLM's CPU build (creates .venv-vllm)
 	$(VLLM_VENV)/bin/python -m pytest -q -m slow tests/test_engine_vllm.py
+
+# The documentation site (mkdocs.yml, docs/): --strict fails on a broken link, a missing anchor or a page
+# missing from the nav. Needs the docs extra: $(PY) -m pip install -e '.[docs]'
+docs: $(STAMP)       ## build the documentation site into site/
+	@$(PY) -c 'import mkdocs, mkdocstrings' 2>/dev/null || { echo "make docs needs the docs extra:" \
+	    "$(PY) -m pip install -e '.[docs]'"; exit 1; }
+	$(PY) -m mkdocs build --strict --site-dir site

@@ -34,7 +34,7 @@ _FIELDS = {
     "values": "BT",
     "group_ids": "B",
     "policy_version": "B",
-    # Beyond the data contract (README, 'Architecture'): written by algorithms or the trainer, read by losses.
+    # Beyond the data contract (docs/architecture.md): written by algorithms or the trainer, read by losses.
     "returns": "BT",      # value targets (PPO: GAE advantage + old value)
     # the behaviour log-probs exactly as the engine sampled them; set only under an importance-sampling
     # correction (algorithms/correction.py), which then makes old_logp the proximal policy's (the trainer's)
@@ -46,7 +46,7 @@ _FIELDS = {
 
 @dataclass
 class Batch:
-    """Trajectories as tensors, with the field names of the data contract (README, 'Architecture').
+    """Trajectories as tensors, with the field names of the data contract (docs/architecture.md).
 
     Build one from keyword tensors: ``Batch(input_ids=..., attention_mask=..., response_mask=...)``.
     Shapes are checked on construction; a mismatch names the field.

