@@ -1,6 +1,6 @@
 """A learned REWARD: a Bradley–Terry reward model, and the reward role that scores rollouts with it.
 
-Where no verifier exists, the reward comes from human preferences (seed 003, lessons 15–16). Given a
+Where no verifier exists, the reward comes from human preferences. Given a
 prompt x and two completions with y_w preferred over y_l, the Bradley–Terry model says
 
     P(y_w > y_l | x) = sigmoid(r(x, y_w) - r(x, y_l))

@@ -116,7 +116,7 @@ def test_reference_free_algorithms_skip_the_reference(tiny_gpt):
 
 
 def test_every_step_attributes_its_wall_clock_to_the_roles(tiny_gpt):
-    """Issue 4: seconds and share per role (shares sum to 1), tokens/s and the engine/trainer mismatch
+    """Seconds and share per role (shares sum to 1), tokens/s and the engine/trainer mismatch
     are in every step's metrics and on the console line. No assertion depends on how fast anything ran."""
     from rlpost.controller import TIMED
     from rlpost.stages.rl import step_line

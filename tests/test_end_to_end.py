@@ -134,7 +134,7 @@ def test_cli_imports_the_reward_module_from_the_working_directory(tmp_path):
 
 @pytest.mark.slow
 def test_default_recipe_beats_the_demonstrator(tmp_path):
-    """The seed's central claim on the embedded default: RL exceeds its imperfect demonstrations."""
+    """The central claim on the embedded default: RL exceeds its imperfect demonstrations."""
     summary = train(load_config(None, [f"out_dir={tmp_path}", "run_name=default"]))
     assert summary["pass@1_rl"] >= summary["demonstrator_accuracy"] + 0.10
     assert summary["pass@1_rl"] >= summary["pass@1_sft"] + 0.15

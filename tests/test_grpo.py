@@ -1,4 +1,4 @@
-"""GRPO against the lessons' reference GRPO + RLVR step (`seed_grpo_loss` below, copied line for line) and
+"""GRPO against a reference GRPO + RLVR step (`seed_grpo_loss` below, copied line for line) and
 hand-computed values."""
 
 import math
@@ -11,7 +11,7 @@ from rlpost.algorithms import available
 
 
 def seed_grpo_loss(logp, old_logp, ref_logp, rewards, mask, G, beta=0.04, eps_lo=0.2, eps_hi=0.28):
-    """The seed lesson's grpo_step, line for line, with the two forward passes replaced by their outputs."""
+    """The reference grpo_step, line for line, with the two forward passes replaced by their outputs."""
     r = rewards.view(-1, G)
     adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
     adv = adv.reshape(-1, 1)

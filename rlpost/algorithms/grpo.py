@@ -7,13 +7,13 @@ within the group, broadcast to all its tokens:
     loss = token-mean over response tokens of
            -( min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A) - beta * k3(pi, pi_ref) )
 
-with rho = pi_theta / pi_old per token. This is the reference GRPO + RLVR step of the lessons rlpost
+with rho = pi_theta / pi_old per token. This is the reference GRPO + RLVR step rlpost
 follows (re-implemented line for line in tests/test_grpo.py) and is tested against it to 1e-6.
 Deviations from the paper:
 
 1. asymmetric clipping ("clip-higher", from DAPO, arXiv:2503.14476); clip_high = clip_low gives the
    paper's symmetric clip;
-2. the loss is a token mean over the whole batch (the seed's and DAPO's choice), not the paper's
+2. the loss is a token mean over the whole batch (the reference step's and DAPO's choice), not the paper's
    mean over sequences of per-sequence token means (loss_agg=seq-mean-token-mean restores it);
 3. a group of one sample, or a group whose rewards are all equal, gets advantage exactly 0 (no NaN,
    and no rounding noise blown up by a near-zero std).

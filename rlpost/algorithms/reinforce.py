@@ -4,7 +4,7 @@
 
 with a baseline b that does not depend on the sample:
     none           b = 0
-    batch_mean     b = mean reward of this batch (the seed lessons' version)
+    batch_mean     b = mean reward of this batch (the textbook version)
     moving_average b = exponential moving average of past batch means (momentum `ema`); it is read
                    *before* this batch updates it; the first batch starts it at its own mean.
 No ratio and no clipping: this is the estimator every other algorithm here patches.
