@@ -31,7 +31,9 @@ def command(*args):
 
 
 def start(args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    # tests/ too: a resumed run imports the reward function its saved config names (test_resume:...)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
+           "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(command(*args), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -92,10 +94,27 @@ def reference_run(tmp_path_factory):
     return tmp / "ref"
 
 
+def reward_that_kills_its_run(completion: str, row: dict) -> float:
+    """The task's own reward, which SIGKILLs its own process at the first sample it scores once the folder
+    in RLPOST_TEST_KILL_AFTER exists: a kill at a fixed point of the run (step 5's rollout, right after
+    step 4's checkpoint), whatever the speed of the machine. Without the variable it only scores."""
+    from rlpost.tasks import answer_match
+
+    folder = os.environ.get("RLPOST_TEST_KILL_AFTER")
+    if folder and os.path.isdir(folder):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return answer_match(completion, row["answer"])
+
+
 def test_sigkill_mid_rl_then_resume_is_bit_identical(reference_run, tmp_path):
-    run, p = signal_when(tmp_path, "killed", "step_4", signal.SIGKILL)
-    p.wait()
-    assert not (run / "checkpoints" / "final").exists()
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
+           "HF_HUB_OFFLINE": "1", "RLPOST_TEST_KILL_AFTER": str(run / "checkpoints" / "step_4")}
+    p = subprocess.run(command(*TINY, f"out_dir={tmp_path}", "run_name=killed",
+                               "task.reward=test_resume:reward_that_kills_its_run"),
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert not (run / "checkpoints" / "final").exists() and not (run / "checkpoints" / "step_6").exists()
     out = run_to_end(["--resume", str(run)], tmp_path)
     assert "resuming from" in out and "step_4" in out, out
     assert_same_run(reference_run, run)
