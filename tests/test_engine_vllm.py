@@ -204,3 +204,39 @@ def test_the_pipeline_runs_on_vllm_from_a_recipe(tiny_llama_dir, tmp_path):
     rl = [json.loads(line) for line in open(tmp_path / "vllm" / "metrics.jsonl")]
     rl = [m for m in rl if m["stage"] == "rl"]
     assert len(rl) == 2 and rl[-1]["sync/version"] >= 2 and rl[0]["rollout/logp_mismatch_max"] < 1e-4
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_a_ray_rollout_worker_runs_vllm_and_reloads_weights_by_its_own_path(llama):
+    """rl.topology=disaggregated with rollout.engine=vllm: the worker builds vLLM in its actor; weights reach
+    it through the object store (`ray`) and through a torch.distributed broadcast (`collective`), then vLLM's
+    reload path. Greedy output equals transformers' before and after the update."""
+    pytest.importorskip("ray")
+    from rlpost.cluster import RayCluster
+    from rlpost.rollout.engine import named_weights
+    from rlpost.rollout.ray_engine import RayEngine
+
+    model, tok = llama
+    prompts = encode(tok, PROMPTS)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with RayCluster(num_cpus=2):
+        for mode in ("ray", "collective"):
+            engine = RayEngine(model, tok, kind="vllm", workers=1, mode=mode)
+            try:
+                engine.update_weights(named_weights(model), 0)
+                before = assert_greedy_equals_transformers(engine, model, tok, prompts)
+                with torch.no_grad():
+                    torch.manual_seed(7)
+                    for p in model.parameters():
+                        p.add_(torch.randn_like(p) * 0.5)
+                t0 = time.perf_counter()
+                engine.update_weights(named_weights(model), 1)
+                print(f"\n[vllm in Ray, {mode}] weight update {time.perf_counter() - t0:.3f} s")
+                after = assert_greedy_equals_transformers(engine, model, tok, prompts)
+                assert not torch.equal(after.input_ids, before.input_ids) and (after.policy_version == 1).all()
+            finally:
+                engine.close()
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        p.copy_(saved[n])
