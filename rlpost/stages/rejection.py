@@ -32,6 +32,7 @@ from rlpost.stages.rl import prompt_text
 from rlpost.stages.sft import SupervisedStage
 
 SAMPLES_FILE = "rejection_samples.jsonl"
+PROMPT_SEED, SAMPLE_SEED, BATCH_SEED = 1, 104729, 2  # offsets from the run's seed: which prompts, samples, batches
 
 
 def select_verified(rewards: list[float], responses: list[tuple], k: int, threshold: float,
@@ -69,13 +70,17 @@ class RejectionStage(SupervisedStage):
         super().__init__(cfg, trainer_cfg)
         self.rollout_cfg, self.eval_cfg = rollout_cfg, eval_cfg
 
+    def prompt_rows(self, ctx: RunContext) -> list[dict]:
+        """`rejection.num_prompts` training rows, drawn without replacement from the run's seed."""
+        rows = ctx.task.train_rows
+        rng = random.Random(ctx.seed + PROMPT_SEED)
+        return [rows[i] for i in rng.sample(range(len(rows)), min(self.cfg.num_prompts, len(rows)))]
+
     def sample(self, ctx: RunContext) -> tuple[list[dict], dict[str, float]]:
         """Steps 1-3 of the module docstring: the kept samples as records (prompt, completion, reward and the
         token ids to train on) and the metrics of the pass."""
         c = self.cfg
-        rng = random.Random(ctx.seed + 1)
-        rows = ctx.task.train_rows
-        rows = [rows[i] for i in rng.sample(range(len(rows)), min(c.num_prompts, len(rows)))]
+        rows = self.prompt_rows(ctx)
         prompt_ids = ctx.prompt_ids(rows)
         params = SamplingParams(max_new_tokens=self.rollout_cfg.max_new_tokens,
                                 temperature=self.rollout_cfg.temperature)
@@ -84,7 +89,7 @@ class RejectionStage(SupervisedStage):
         kept, drawn, verified, prompts_kept = [], 0, 0, 0
         k = c.samples_per_prompt
         for idx, batch in episodes_in_chunks(ctx.engine, ctx.verifier, rows, prompt_ids, k, params,
-                                             seed=ctx.seed + 104729, chunk=self.eval_cfg.batch_prompts,
+                                             seed=ctx.seed + SAMPLE_SEED, chunk=self.eval_cfg.batch_prompts,
                                              desc="rejection sampling"):
             rewards = batch.rewards.float()
             rewards = (rewards.sum(1) if rewards.dim() == 2 else rewards).tolist()
@@ -122,5 +127,5 @@ class RejectionStage(SupervisedStage):
         trained = [r["trained"] for r in kept]
         self.set_examples([r["prompt_ids"] for r in kept], [r["completion_ids"] for r in kept],
                           None if all(all(t) for t in trained) else trained)
-        self.build_trainer(ctx, seed=ctx.seed + 2)
+        self.build_trainer(ctx, seed=ctx.seed + BATCH_SEED)
         self.train(ctx)
