@@ -176,6 +176,16 @@ def test_distill_token_rewards_are_minus_coef_times_the_log_ratio():
     assert torch.equal(r, torch.tensor([[0.0, 0.5, -2.0, 0.0], [0.0, -2.0, 2.0, 0.0]]))
 
 
+def test_reinforce_pp_discounts_token_rewards_by_gamma():
+    """gamma = 1: the paper's returns-to-go; gamma = 0 (the distill recipe's): each token's own reward."""
+    from rlpost.algorithms.reinforce_pp import discounted_returns
+
+    r = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.0, -4.0, 0.0, 2.0]])
+    assert torch.equal(discounted_returns(r, 1.0), torch.tensor([[6.0, 5.0, 3.0, 0.0], [-2.0, -2.0, 2.0, 2.0]]))
+    assert torch.equal(discounted_returns(r, 0.5), torch.tensor([[2.75, 3.5, 3.0, 0.0], [-1.75, -3.5, 1.0, 2.0]]))
+    assert torch.equal(discounted_returns(r, 0.0), r)
+
+
 def test_teacher_reward_on_a_hand_built_batch(tmp_path):
     cfg, ctx = context(SMALL + ["sft.steps=0"], tmp_path)
     try:
@@ -230,7 +240,8 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path):
 
 def test_distilling_a_trained_teacher_lowers_the_reverse_kl(teacher, tmp_path):
     run_to_end(SMALL + ["sft.steps=0", "rl.steps=60", "rl.eval_every=0", "rl.save_every=0",
-                        "rollout.prompts_per_step=16", "rollout.k=4", "algorithm={name: reinforce_pp, beta: 0.0}",
+                        "rollout.prompts_per_step=16", "rollout.k=4",
+                        "algorithm={name: reinforce_pp, beta: 0.0, gamma: 0.0}",
                         "trainer.lr=0.003", f"distill.teacher={teacher}", f"out_dir={tmp_path}", "run_name=d"],
                tmp_path)
     steps = [m for m in read_jsonl(tmp_path / "d" / "metrics.jsonl") if m["stage"] == "rl"]
