@@ -544,8 +544,8 @@ def _validate_rejection_and_distill(cfg: Config) -> None:
     if rc.warmup_steps < 0:
         raise ConfigError(f"config key 'rejection.warmup_steps' must be >= 0, got {rc.warmup_steps}")
     if rc.enabled and cfg.trainer.strategy == "fsdp2":
-        raise ConfigError("rejection.enabled with trainer.strategy=fsdp2 is not supported yet: the stage runs after RL "
-                          "has sharded the policy; run it as a run of its own: model.name=<the RL checkpoint> "
+        raise ConfigError("rejection.enabled with trainer.strategy=fsdp2 is not supported yet: the stage runs after "
+                          "RL has sharded the policy; run it as a run of its own: model.name=<the RL checkpoint> "
                           "rl.steps=0 trainer.strategy=single")
     if cfg.distill.teacher is None:
         return

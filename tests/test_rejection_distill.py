@@ -187,7 +187,7 @@ def test_reinforce_pp_discounts_token_rewards_by_gamma():
 
 
 def test_teacher_reward_on_a_hand_built_batch(tmp_path):
-    cfg, ctx = context(SMALL + ["sft.steps=0"], tmp_path)
+    _, ctx = context(SMALL + ["sft.steps=0"], tmp_path)
     try:
         rows = ctx.task.train_rows[:3]
         batch = ctx.engine.generate(ctx.prompt_ids(rows), 2, SamplingParams(max_new_tokens=4), seed=0)
@@ -212,7 +212,7 @@ def test_teacher_reward_on_a_hand_built_batch(tmp_path):
 
 
 def test_a_teacher_that_is_the_student_gives_zero_rewards(tmp_path):
-    cfg, ctx = context(SMALL + ["sft.steps=0"], tmp_path)
+    _, ctx = context(SMALL + ["sft.steps=0"], tmp_path)
     try:
         rows = ctx.task.train_rows[:8]
         batch = ctx.engine.generate(ctx.prompt_ids(rows), 4, SamplingParams(max_new_tokens=6), seed=3)
@@ -228,7 +228,7 @@ def test_a_teacher_that_is_the_student_gives_zero_rewards(tmp_path):
 def test_a_teacher_with_another_vocabulary_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another vocabulary"):
         check_same_tokenizer(CharTokenizer("0123456789+="), CharTokenizer("0123456789+=-"), ["1+2="])
-    cfg, ctx = context(SMALL + ["sft.steps=0"], tmp_path)
+    _, ctx = context(SMALL + ["sft.steps=0"], tmp_path)
     ctx.log.close()
     ctx.engine.close()
     other = CharTokenizer("9876543210+=")  # the same characters, other ids

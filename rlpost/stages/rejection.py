@@ -118,9 +118,10 @@ class RejectionStage(SupervisedStage):
         ctx.log({"stage": "rejection_data", "step": 0, **metrics})
         ctx.summary["rejection_kept"] = len(kept)
         ctx.summary["rejection_pass_rate"] = metrics["rejection/pass_rate"]
-        tqdm.write(f"rlpost: rejection sampling kept {len(kept)} of {int(metrics['rejection/samples'])} samples "
-                   f"(pass rate {metrics['rejection/pass_rate']:.3f}; {100 * metrics['rejection/prompts_kept_frac']:.1f}%"
-                   f" of {int(metrics['rejection/prompts'])} prompts gave one)")
+        m = metrics
+        tqdm.write(f"rlpost: rejection sampling kept {len(kept)} of {int(m['rejection/samples'])} samples (pass rate "
+                   f"{m['rejection/pass_rate']:.3f}; {100 * m['rejection/prompts_kept_frac']:.1f}% of "
+                   f"{int(m['rejection/prompts'])} prompts gave one)")
         if not kept:
             tqdm.write("rlpost: no sample was verified: the policy is left as it is")
             return
