@@ -18,10 +18,12 @@ them through `PolicyGradient.token_rewards`).
   `reward/gold_mean` (and in rollouts.jsonl as `gold_reward`), so a run shows whether the student gets right
   what the teacher gets right. `reward/mean` is the mean of each response's summed token rewards.
 - Metrics: `distill/reverse_kl`, the mean of log pi_student - log pi_teacher per response token of the batch.
-- Algorithms: REINFORCE++ (`reinforce_pp`, returns-to-go with gamma = 1, whitened over the batch) gives each
-  token the reverse KL of what follows it, the gradient of the sequence-level reverse KL; GRPO, REINFORCE and
-  RLOO sum a response's token rewards into one outcome, which is also valid, with more variance per token.
-  recipes/distill.yaml uses reinforce_pp with beta = 0 (the teacher is the anchor; no reference copy).
+- Algorithms: every policy-gradient algorithm here reads [B, T] rewards. GRPO, REINFORCE and RLOO sum a
+  response's token rewards into one outcome; REINFORCE++ (`reinforce_pp`) takes returns-to-go discounted by its
+  `gamma`, whitened over the batch. recipes/distill.yaml uses reinforce_pp with gamma = 0, each token credited
+  with its own reverse KL: with a summed one (gamma = 1), a fresh student distilling a sharp teacher learned to
+  end its answers after one token (one large penalty instead of several), and beta = 0 (the teacher is the
+  anchor; no reference copy).
 
 The teacher must share the student's tokenizer (token ids are scored as they are): `load_teacher_reward`
 checks the vocabularies and the encoding of a few prompts and refuses, naming the difference, when they differ.
