@@ -231,6 +231,29 @@ class PreferenceConfig:
                                      "sample gives one pair (chosen: right, rejected: wrong)")
 
 
+
+@dataclass
+class RejectionConfig:
+    enabled: bool = opt(False, "rlpost train: after RL (and its evaluation), sample the policy on training prompts, "
+                               "keep the verified samples and fine-tune on them (rejection-sampling SFT)")
+    samples_per_prompt: int = opt(8, "samples drawn per training prompt (rollout.temperature, rollout.max_new_tokens)")
+    num_prompts: int = opt(2000, "training prompts sampled")
+    max_per_prompt: int = opt(1, "verified samples kept per prompt at most, distinct (the first ones drawn)")
+    success_threshold: float = opt(1.0, "a sample is verified when the task's reward is >= this")
+    steps: int = opt(200, "fine-tuning steps on the kept samples")
+    batch_size: int = opt(128, "kept samples per fine-tuning step (drawn with replacement)")
+    lr: float = opt(3e-4, "peak fine-tuning learning rate (linear warm-up, cosine decay to lr/10)")
+    warmup_steps: int = opt(20, "fine-tuning warm-up steps")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = opt(None, "on-policy distillation: a teacher model folder (e.g. a run's checkpoints/final) "
+                                    "with the policy's tokenizer; the RL reward becomes per token "
+                                    "-coef * (log pi_student - log pi_teacher) of each sampled token (None: off)")
+    coef: float = opt(1.0, "weight of the per-token reverse-KL reward")
+
+
 @dataclass
 class Config:
     seed: int = opt(0, "seed of model init, sampling and data order")
@@ -250,6 +273,8 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -447,6 +472,7 @@ def _validate(cfg: Config) -> None:
         if not getattr(cfg.task, key):
             raise ConfigError(f"config key 'task.{key}' must be a non-empty string")
     _validate_preference(cfg.preference)
+    _validate_rejection_and_distill(cfg)
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -508,6 +534,27 @@ def _validate_preference(pc: PreferenceConfig) -> None:
     for key in ("epochs", "batch_size", "samples_per_prompt", "num_prompts"):
         if getattr(pc, key) < 1:
             raise ConfigError(f"config key 'preference.{key}' must be >= 1, got {getattr(pc, key)}")
+
+
+def _validate_rejection_and_distill(cfg: Config) -> None:
+    rc = cfg.rejection
+    for key in ("samples_per_prompt", "num_prompts", "max_per_prompt", "steps", "batch_size"):
+        if getattr(rc, key) < 1:
+            raise ConfigError(f"config key 'rejection.{key}' must be >= 1, got {getattr(rc, key)}")
+    if rc.warmup_steps < 0:
+        raise ConfigError(f"config key 'rejection.warmup_steps' must be >= 0, got {rc.warmup_steps}")
+    if rc.enabled and cfg.trainer.strategy == "fsdp2":
+        raise ConfigError("rejection.enabled with trainer.strategy=fsdp2 is not supported yet: the stage runs after "
+                          "RL has sharded the policy; run it as a run of its own: model.name=<the RL checkpoint> "
+                          "rl.steps=0 trainer.strategy=single")
+    if cfg.distill.teacher is None:
+        return
+    if cfg.task.env:
+        raise ConfigError("distill.teacher scores single-turn samples; with task.env the environment is the reward")
+    if cfg.reward_model.train or cfg.reward_model.path:
+        raise ConfigError("distill.teacher replaces the RL reward, and so does a reward model: choose one")
+    if cfg.rl.steps < 1:
+        raise ConfigError("distill.teacher is the RL stage's reward; it needs rl.steps >= 1")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:

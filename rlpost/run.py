@@ -11,6 +11,10 @@ The stages (rlpost/stages/) come from the config, in this order, each only when 
     reward_model a Bradley-Terry reward model becomes the RL reward   checkpoints/reward_model/
     rl           the seven-step loop (rlpost/controller.py)           checkpoints/step_<n>/, checkpoints/final/
     eval         held-out pass@1 after RL
+    rejection    fine-tuning on the policy's own verified samples      checkpoints/rejection/
+    eval         held-out pass@1 after rejection-sampling SFT
+
+With `distill.teacher` the RL stage's reward is the teacher's per-token reverse KL (rlpost/distill.py).
 
 The run directory:
 
@@ -286,6 +290,7 @@ def build_stages(cfg: Config) -> list[Stage]:
     """The run's stages from the config, each given only its own sections."""
     from rlpost.stages.evaluate import EvalStage
     from rlpost.stages.preference import PreferenceStage
+    from rlpost.stages.rejection import RejectionStage
     from rlpost.stages.reward_model import RewardModelStage
     from rlpost.stages.rl import RLStage
     from rlpost.stages.sft import SFTStage
@@ -304,6 +309,8 @@ def build_stages(cfg: Config) -> list[Stage]:
     if cfg.rl.steps > 0:
         stages += [RLStage(cfg.rl, cfg.rollout, cfg.algorithm, cfg.trainer, cfg.critic, evaluation("rl"),
                            log_cfg=cfg.log), evaluation("rl")]
+    if cfg.rejection.enabled:  # the policy as it ends (after RL, when there is RL) distils its verified samples
+        stages += [RejectionStage(cfg.rejection, cfg.rollout, cfg.trainer, cfg.eval), evaluation("rejection")]
     return stages
 
 
@@ -338,9 +345,15 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
         engine = build_engine(kind, model, tokenizer, share_weights=True)
         weight_sync = WeightSync(model, engine)
     verifier = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
+    rl_reward = verifier
+    if cfg.distill.teacher:  # on-policy distillation: the teacher's per-token reverse KL is the RL reward
+        from rlpost.distill import load_teacher_reward
+
+        rl_reward = load_teacher_reward(cfg.distill, cfg.model, tokenizer, cfg.rollout.temperature, verifier,
+                                        [r["prompt"] for r in task.train_rows[:16]], system=task.system_prompt)
     summary = {"run_dir": run_dir, "demonstrator_accuracy": task.demonstrator_accuracy, "status": "running"}
     return RunContext(run_dir=run_dir, seed=cfg.seed, model=model, tokenizer=tokenizer, task=task, engine=engine,
-                      weight_sync=weight_sync, verifier=verifier, log=log, summary=summary, rl_reward=verifier)
+                      weight_sync=weight_sync, verifier=verifier, log=log, summary=summary, rl_reward=rl_reward)
 
 
 def _load_policy(ctx: RunContext, folder: str) -> None:
@@ -518,6 +531,8 @@ def print_table(summary: dict) -> None:
         print(f"  after {summary['preference_loss'].upper():<14}{pct(summary['pass@1_dpo'])}")
     if "pass@1_rl" in summary:
         print(f"  after RL            {pct(summary['pass@1_rl'])}")
+    if "pass@1_rejection" in summary:
+        print(f"  after rejection SFT {pct(summary['pass@1_rejection'])}")
     if summary.get("rm_pair_accuracy") is not None:
         print(f"  reward model pairs  {pct(summary['rm_pair_accuracy'])}  (held-out pair accuracy)")
     print(f"  wall-clock          {summary['wall_seconds']:6.1f}s")

@@ -6,15 +6,33 @@ summed with gamma = 1, and the advantages are whitened over *all response tokens
 
     r_t = -beta * KL_t (+ outcome reward on the last token),  G_t = sum_{t' >= t} r_t',
     A   = (G - mean_batch(G)) / std_batch(G),   loss = PPO clipped surrogate, token mean
+
+`gamma` < 1 discounts the returns-to-go, G_t = sum_{t' >= t} gamma^(t' - t) r_t'; gamma = 0 gives each token
+its own reward alone (what on-policy distillation's per-token reverse KL is usually trained with: rlpost/distill.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from rlpost.algorithms import register
 from rlpost.algorithms.base import PGConfig, PolicyGradient, masked_whiten
 from rlpost.batch import Batch
+
+
+def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """[B, T] returns-to-go G_t = sum_{t' >= t} gamma^(t' - t) r_t' (off-response rewards are 0)."""
+    if gamma == 1.0:
+        return rewards.flip(1).cumsum(1).flip(1)
+    if gamma == 0.0:
+        return rewards.clone()
+    returns, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns
 
 
 @register("reinforce_pp")
@@ -29,9 +47,16 @@ class REINFORCEPlusPlus(PolicyGradient):
         """the paper folds the KL into the token rewards"""
         kl_estimator: str = "k1"
         """the paper's estimator"""
+        gamma: float = 1.0
+        """discount of the returns-to-go (the paper: 1; 0: each token's own reward)"""
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        if not 0.0 <= self.cfg.gamma <= 1.0:
+            raise ValueError(f"reinforce_pp: gamma={self.cfg.gamma!r}; it must be in [0, 1]")
 
     def compute_advantages(self, batch: Batch) -> Batch:
         r = self.token_rewards(batch)                          # [B, T]
-        returns = r.flip(1).cumsum(1).flip(1)                  # G_t = sum_{t' >= t} r_t'
+        returns = discounted_returns(r, self.cfg.gamma)        # G_t = sum_{t' >= t} gamma^(t' - t) r_t'
         adv = masked_whiten(returns, batch.response_mask, self.cfg.eps)
         return batch.replace(advantages=self.clip_advantages(adv))

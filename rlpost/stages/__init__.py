@@ -5,6 +5,7 @@
     preference.py    offline preference optimisation (the DPO family)
     reward_model.py  a Bradley-Terry reward model as the RL reward (RLHF)
     rl.py            the RL loop (rlpost/controller.py) with checkpoints and periodic evaluation
+    rejection.py     rejection-sampling SFT: fine-tuning on the policy's own verified samples (after RL)
 
 Each stage is built from its own config sections only, and implements `rlpost.run.Stage`.
 """

@@ -53,33 +53,37 @@ def sft_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     return batch
 
 
-class SFTStage(Stage):
-    """`sft.*`: `steps` optimizer steps of `batch_size` demonstrations drawn with replacement; precision and
-    gradient checkpointing from `trainer.*`."""
+class SupervisedStage(Stage):
+    """Fine-tuning on (prompt, completion) token ids with the negative log-likelihood loss: the loop that SFT on
+    demonstrations and rejection-sampling SFT on the policy's own verified samples share. `cfg` has `steps`,
+    `batch_size`, `lr`, `warmup_steps` and, for resumable mid-stage checkpoints, `save_every`. A subclass sets
+    the examples with `set_examples` and calls `train`."""
 
-    name = "sft"
     changes_weights = True
+    resumable = True  # a stop request writes a mid-stage checkpoint (False: the stage starts over on resume)
 
     def __init__(self, cfg, trainer_cfg):
         self.cfg, self.trainer_cfg = cfg, trainer_cfg
         self.step = 0
 
-    def setup(self, ctx: RunContext) -> None:
-        tok, demos = ctx.tokenizer, ctx.task.demonstrations
-        if not demos:
-            raise ValueError("sft.steps > 0 but the task has no demonstrations (rows with a completion, or a string "
-                             "answer to imitate); set sft.steps=0 or give the rows a completion column")
-        self.prompts = ctx.prompt_ids(demos)  # as rollout encodes them: chat template and system prompt included
-        encoded = [encode_demonstration(tok, r["completion"]) for r in demos]
-        self.completions = [ids for ids, _ in encoded]
-        # multi-turn demonstrations: environment tokens sit in the sequence but are not imitated
-        self.trained = [t for _, t in encoded] if any(not isinstance(r["completion"], str) for r in demos) else None
+    def build_trainer(self, ctx: RunContext, seed: int) -> None:
+        """AdamW on the policy, linear warm-up then cosine decay to lr / 10; `seed` draws the batches."""
         tc = self.trainer_cfg
         self.trainer = Trainer(ctx.model, lr=self.cfg.lr, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95),
                                precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
                                schedule=LRSchedule("cosine", self.cfg.warmup_steps, total_steps=max(self.cfg.steps, 1),
                                                    min_lr_ratio=0.1))
-        self.rng = random.Random(ctx.seed)
+        self.rng = random.Random(seed)
+
+    def set_examples(self, prompts: list[list[int]], completions: list[list[int]],
+                     trained: list[list[int]] | None = None) -> None:
+        """The examples to imitate; `trained` (0/1 per completion token) marks the tokens the loss reads (None:
+        all of them; a multi-turn completion's environment tokens are 0)."""
+        self.prompts, self.completions, self.trained = prompts, completions, trained
+
+    @property
+    def save_every(self) -> int:
+        return getattr(self.cfg, "save_every", 0)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "rng": self.rng.getstate(), "trainer": self.trainer.state_dict()}
@@ -90,11 +94,15 @@ class SFTStage(Stage):
         self.trainer.load_state_dict(state["trainer"])
 
     def save(self, ctx: RunContext) -> None:
-        ctx.save(f"sft_step_{self.step}", step=self.step, finished=False, state=self.state_dict(), weights=True)
+        ctx.save(f"{self.name}_step_{self.step}", step=self.step, finished=False, state=self.state_dict(),
+                 weights=True)
 
-    def run(self, ctx: RunContext) -> None:
-        c, pad = self.cfg, ctx.tokenizer.pad_token_id
-        bar = progress(range(self.step, c.steps), initial=self.step, total=c.steps, desc="sft")
+    def train(self, ctx: RunContext) -> None:
+        """`steps` optimizer steps of `batch_size` examples drawn with replacement, from `self.step` on. With
+        `save_every`, a checkpoint every that many steps. A stop request stops at the step boundary, after a
+        checkpoint when the stage is `resumable` (else a resume runs the stage again from its start)."""
+        c, pad, resumable = self.cfg, ctx.tokenizer.pad_token_id, self.resumable
+        bar = progress(range(self.step, c.steps), initial=self.step, total=c.steps, desc=self.name)
         for step in bar:
             idx = [self.rng.randrange(len(self.prompts)) for _ in range(c.batch_size)]
             batch = sft_batch([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad,
@@ -102,9 +110,31 @@ class SFTStage(Stage):
             metrics = self.trainer.step(batch, nll_loss)
             bar.set_postfix(nll=f"{metrics['sft/nll']:.3f}")
             if step % 50 == 0 or step == c.steps - 1:
-                ctx.log({"stage": "sft", "step": step, **metrics})
+                ctx.log({"stage": self.name, "step": step, **metrics})
             self.step = step + 1
-            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+            if resumable and self.save_every and self.step % self.save_every == 0 and self.step < c.steps:
                 self.save(ctx)
-            ctx.check_stop(save=lambda: self.save(ctx))
+            ctx.check_stop(save=(lambda: self.save(ctx)) if resumable else None)
         bar.close()
+
+
+class SFTStage(SupervisedStage):
+    """`sft.*`: `steps` optimizer steps of `batch_size` demonstrations drawn with replacement; precision and
+    gradient checkpointing from `trainer.*`."""
+
+    name = "sft"
+
+    def setup(self, ctx: RunContext) -> None:
+        tok, demos = ctx.tokenizer, ctx.task.demonstrations
+        if not demos:
+            raise ValueError("sft.steps > 0 but the task has no demonstrations (rows with a completion, or a string "
+                             "answer to imitate); set sft.steps=0 or give the rows a completion column")
+        # prompts as rollout encodes them: chat template and system prompt included
+        encoded = [encode_demonstration(tok, r["completion"]) for r in demos]
+        # multi-turn demonstrations: environment tokens sit in the sequence but are not imitated
+        trained = [t for _, t in encoded] if any(not isinstance(r["completion"], str) for r in demos) else None
+        self.set_examples(ctx.prompt_ids(demos), [ids for ids, _ in encoded], trained)
+        self.build_trainer(ctx, seed=ctx.seed)
+
+    def run(self, ctx: RunContext) -> None:
+        self.train(ctx)

@@ -1,0 +1,118 @@
+"""On-policy distillation: the student samples, a teacher grades every sampled token.
+
+"On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes" (Agarwal et al., GKD) trains
+the student on its own samples against the teacher's distribution; with the reverse KL as the divergence this is
+RL whose reward is, per response token y_t of the student's own sample,
+
+    r_t = -coef * (log pi_student(y_t | y_<t) - log pi_teacher(y_t | y_<t))
+
+Its sum over a response is -coef times a one-sample estimate of KL(pi_student || pi_teacher) of that response:
+maximising it makes the student put its mass where the teacher does (mode-seeking), on the prefixes the student
+itself reaches. `TeacherReward` is a reward role (as rlpost/reward_model.py's `LearnedReward`): it scores a batch
+and returns it with token rewards [B, T], so the controller and the algorithms are unchanged (an algorithm reads
+them through `PolicyGradient.token_rewards`).
+
+- The student's log-probs are the ones the rollout engine sampled with (`batch.old_logp`, at
+  `rollout.temperature`); the teacher scores the same tokens at the same temperature.
+- The task's verifier does not add to the reward: distillation alone. It still scores every sample, reported as
+  `reward/gold_mean` (and in rollouts.jsonl as `gold_reward`), so a run shows whether the student gets right
+  what the teacher gets right. `reward/mean` is the mean of each response's summed token rewards.
+- Metrics: `distill/reverse_kl`, the mean of log pi_student - log pi_teacher per response token of the batch.
+- Algorithms: every policy-gradient algorithm here reads [B, T] rewards. GRPO, REINFORCE and RLOO sum a
+  response's token rewards into one outcome; REINFORCE++ (`reinforce_pp`) takes returns-to-go discounted by its
+  `gamma`, whitened over the batch. recipes/distill.yaml uses reinforce_pp with gamma = 0, each token credited
+  with its own reverse KL: with a summed one (gamma = 1), a fresh student distilling a sharp teacher learned to
+  end its answers after one token (one large penalty instead of several), and beta = 0 (the teacher is the
+  anchor; no reference copy).
+
+The teacher must share the student's tokenizer (token ids are scored as they are): `load_teacher_reward`
+checks the vocabularies and the encoding of a few prompts and refuses, naming the difference, when they differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from rlpost.algorithms.base import masked_mean_value
+from rlpost.batch import Batch
+from rlpost.models import encode_prompt, load_model, model_device, token_logprobs
+from rlpost.reward import decode_responses
+
+
+def distill_token_rewards(student_logp: torch.Tensor, teacher_logp: torch.Tensor, response_mask: torch.Tensor,
+                          coef: float) -> torch.Tensor:
+    """[B, T]: -coef * (student_logp - teacher_logp) on response tokens, 0 elsewhere."""
+    mask = response_mask.bool()
+    r = -coef * (student_logp.float() - teacher_logp.float())
+    return torch.where(mask, r, torch.zeros_like(r))
+
+
+class TeacherReward:
+    """Reward role of on-policy distillation (see the module docstring): `reward(batch) -> (batch with token
+    rewards [B, T], metrics)`. `gold`, a verifier `fn(completion, row) -> float`, is reported beside it."""
+
+    def __init__(self, teacher: torch.nn.Module, tokenizer, coef: float = 1.0, temperature: float = 1.0,
+                 gold=None):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.tokenizer, self.coef, self.temperature, self.gold = tokenizer, coef, temperature, gold
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
+        if batch.old_logp is None:
+            raise ValueError("on-policy distillation needs the sampling log-probs (batch.old_logp) of the student")
+        device = batch.input_ids.device
+        teacher_logp = token_logprobs(self.teacher, batch.to(model_device(self.teacher)), self.temperature)
+        teacher_logp = teacher_logp.float().to(device)
+        mask = batch.response_mask.bool()
+        rewards = distill_token_rewards(batch.old_logp, teacher_logp, mask, self.coef)
+        reverse_kl = masked_mean_value(batch.old_logp.float() - teacher_logp, mask)
+        texts = decode_responses(batch, self.tokenizer)
+        meta = {**batch.meta, "completion": texts}
+        if self.gold is not None:  # the controller reports it as reward/gold_mean
+            meta["gold_reward"] = [float(self.gold(t, row)) for t, row in zip(texts, batch.meta["row"])]
+        return batch.replace(rewards=rewards, meta=meta), {"distill/reverse_kl": reverse_kl, "reward/errors": 0.0}
+
+
+def vocabulary(tokenizer) -> dict[str, int]:
+    """token -> id of an rlpost tokenizer (gpt_mini's CharTokenizer or a transformers tokenizer)."""
+    if hasattr(tokenizer, "stoi"):  # CharTokenizer: the special tokens, then one id per character
+        return {**{t: i for i, t in enumerate(tokenizer.SPECIALS)}, **tokenizer.stoi}
+    return dict(tokenizer.tok.get_vocab())
+
+
+def check_same_tokenizer(student_tok, teacher_tok, prompts: list, system: str | None = None,
+                         where: str = "the teacher") -> None:
+    """Raise a ValueError naming the difference when the two tokenizers do not give the same ids."""
+    a, b = vocabulary(student_tok), vocabulary(teacher_tok)
+    if a != b:
+        only_s = sorted(set(a) - set(b))[:5]
+        only_t = sorted(set(b) - set(a))[:5]
+        moved = sorted(t for t in set(a) & set(b) if a[t] != b[t])[:5]
+        raise ValueError(f"{where} has another vocabulary than the student ({len(b)} tokens against {len(a)}; "
+                         f"only the student's: {only_s}, only the teacher's: {only_t}, other ids: {moved}): "
+                         "distillation scores the student's token ids with the teacher, so both must share a "
+                         "tokenizer (distil from a model of the same family, or from a checkpoint of this task)")
+    if student_tok.eos_token_id != teacher_tok.eos_token_id:
+        raise ValueError(f"{where} ends responses with token {teacher_tok.eos_token_id}, the student with "
+                         f"{student_tok.eos_token_id}: both must share a tokenizer")
+    for p in prompts:
+        if encode_prompt(student_tok, p, system) != encode_prompt(teacher_tok, p, system):
+            raise ValueError(f"{where}'s tokenizer encodes the prompt {p!r} differently from the student's: both "
+                             "must share a tokenizer")
+
+
+def load_teacher_reward(cfg, model_cfg, tokenizer, temperature: float, verifier, prompts: list,
+                        system: str | None = None) -> TeacherReward:
+    """`distill.*`: the teacher folder loaded as the student's model config says (dtype, device; no LoRA),
+    checked against the student's tokenizer, as a reward role; the verifier's function is its gold."""
+    if not os.path.isdir(cfg.teacher):
+        raise ValueError(f"distill.teacher: no model folder at {cfg.teacher!r} (a saved model, e.g. a run's "
+                         "checkpoints/final)")
+    teacher_cfg = dataclasses.replace(model_cfg, name=cfg.teacher, lora=dataclasses.replace(model_cfg.lora, r=0))
+    teacher, teacher_tok = load_model(teacher_cfg)
+    check_same_tokenizer(tokenizer, teacher_tok, prompts, system, where=f"distill.teacher {cfg.teacher}")
+    return TeacherReward(teacher, tokenizer, coef=cfg.coef, temperature=temperature,
+                         gold=getattr(verifier, "fn", None))
