@@ -211,6 +211,18 @@ def test_sapo_extreme_ratio_stays_finite():
 # ---------------------------------------------------------------------------- shared options on top of both
 
 @pytest.mark.parametrize("name", ["cispo", "sapo"])
+def test_advantage_is_grpos_group_standardisation_hand_computed(name):
+    # group 0: [1, 0, 0, 1] -> mean 1/2, unbiased std sqrt(1/3) -> A = +-sqrt(3)/2; group 1: all equal -> 0
+    b = Batch(input_ids=torch.zeros(7, 2, dtype=torch.long), attention_mask=torch.ones(7, 2, dtype=torch.long),
+              response_mask=torch.tensor([[0, 1]] * 7), rewards=torch.tensor([1.0, 0, 0, 1, 0.98, 0.98, 0.98]),
+              group_ids=torch.tensor([0, 0, 0, 0, 1, 1, 1]))
+    adv = get_algorithm(name, eps=0.0).compute_advantages(b).advantages
+    h = math.sqrt(3) / 2
+    assert torch.allclose(adv[:, 1], torch.tensor([h, -h, -h, h, 0, 0, 0]), atol=1e-6)
+    assert (adv[:, 0] == 0).all() and (adv[4:] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["cispo", "sapo"])
 def test_on_policy_gradient_equals_reinforce(name):
     """At rho = 1 the CISPO weight is 1 and the SAPO gate weight is 1: both give the REINFORCE gradient."""
     b, _, _ = hand_batch([0.0] * 5, [0.9, -0.4])
