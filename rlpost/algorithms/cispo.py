@@ -13,16 +13,16 @@ in the direction of its advantage (the rare "fork" tokens the paper is about); h
 its weight capped. The normalisation is the paper's: a token mean over the whole batch (loss_agg=token-mean).
 
 Defaults: the paper "did not impose a lower bound on the IS weight by setting eps_low to a large value" and
-tuned only eps_high; clip_low = 1 makes the lower bound 0, which a ratio never goes below. The paper does not
-publish its tuned eps_high, so clip_high keeps the clip-higher value of the grpo and dapo entries (0.28):
-a choice of rlpost, not the paper's number. The paper's objective has no KL term (beta = 0).
+tuned only eps_high; clip_low = 1 makes the lower bound 0, which a ratio never goes below. No value of the
+tuned eps_high is taken from the paper, so clip_high keeps the clip-higher value of the grpo and dapo entries
+(0.28): a choice of rlpost, not the paper's number. The paper's objective has no KL term (beta = 0).
 
 Deviations from the paper:
 
 1. clip_high = 0.28 is not sourced from the paper (see above);
 2. the paper's unified form with a token mask M (which recovers PPO's trust region) is not implemented;
-3. the DAPO techniques the report also uses (dynamic sampling, overlong penalty) are not part of this
-   algorithm (they are the dapo entry's); a group of one sample, or of equal rewards, gets advantage 0;
+3. only the objective and its group-normalised advantage are implemented, none of the report's other
+   training-recipe choices; a group of one sample, or of equal rewards, gets advantage 0;
 4. the family's KL, entropy and rollout-correction options remain available (off by default).
 """
 
@@ -46,7 +46,7 @@ class CISPO(PolicyGradient):
         clip_low: float = 1.0
         """IS-weight lower clip: w >= 1 - clip_low (paper: eps_low 'large', no lower bound; 1.0 gives bound 0)"""
         clip_high: float = 0.28
-        """IS-weight upper clip: w <= 1 + clip_high (paper: tuned, value not published; rlpost's clip-higher)"""
+        """IS-weight upper clip: w <= 1 + clip_high (paper: tuned, no value sourced; rlpost's clip-higher)"""
         beta: float = 0.0
         """KL-to-reference weight (the paper's objective has none); 0 skips the reference model"""
 
