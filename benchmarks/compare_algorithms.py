@@ -159,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = run([*common, f"model.name={ckpt}", "sft.steps=0", f"run_name={name}", f"rl.steps={args.steps}",
                        f"rl.eval_every={args.eval_every}", "rollout.max_refill_rounds=0",
                        f"algorithm={{name: {name}}}", *EXTRA.get(name, [])], quiet=not args.verbose)
-        results[name] = {"pass@1_start": summary["pass@1_sft"], "pass@1_end": summary["pass@1_rl"],
+        # sft.steps=0: the held-out evaluation of the starting (SFT) weights is labelled "start", not "sft"
+        start = summary["pass@1_start"] if "pass@1_start" in summary else summary["pass@1_sft"]
+        results[name] = {"pass@1_start": start, "pass@1_end": summary["pass@1_rl"],
                          "wall_seconds": summary["wall_seconds"], "curves": read_curves(summary["run_dir"])}
-        print(f"compare: {name}: pass@1 {100 * summary['pass@1_sft']:.1f}% -> {100 * summary['pass@1_rl']:.1f}% "
+        print(f"compare: {name}: pass@1 {100 * start:.1f}% -> {100 * summary['pass@1_rl']:.1f}% "
               f"({summary['wall_seconds']:.0f} s)", flush=True)
 
     sft_pass = next(iter(results.values()))["pass@1_start"] if results else float("nan")

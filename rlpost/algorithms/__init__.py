@@ -26,4 +26,4 @@ def get_algorithm(name: str, **params: Any) -> Algorithm:
 
 
 # Importing a module registers its algorithm.
-from rlpost.algorithms import dapo, dr_grpo, grpo, gspo, ppo, reinforce, reinforce_pp, rloo  # noqa: E402,F401
+from rlpost.algorithms import cispo, dapo, dr_grpo, grpo, gspo, ppo, reinforce, reinforce_pp, rloo, sapo  # noqa: F401
