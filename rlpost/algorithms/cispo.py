@@ -33,27 +33,23 @@ from dataclasses import dataclass
 import torch
 
 from rlpost.algorithms import register
-from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise, masked_mean_value
+from rlpost.algorithms.base import masked_mean_value
+from rlpost.algorithms.grpo import GRPO
 from rlpost.batch import Batch
 
 
 @register("cispo")
-class CISPO(PolicyGradient):
+class CISPO(GRPO):  # GRPO's group-normalised advantage; its own policy loss
     description = "clipped, detached importance weight on log pi: no token loses its gradient (MiniMax-M1)"
 
     @dataclass
-    class Config(PGConfig):
+    class Config(GRPO.Config):
         clip_low: float = 1.0
         """IS-weight lower clip: w >= 1 - clip_low (paper: eps_low 'large', no lower bound; 1.0 gives bound 0)"""
         clip_high: float = 0.28
         """IS-weight upper clip: w <= 1 + clip_high (paper: tuned, no value sourced; rlpost's clip-higher)"""
         beta: float = 0.0
         """KL-to-reference weight (the paper's objective has none); 0 skips the reference model"""
-
-    def sequence_advantages(self, rewards, batch):
-        if batch.group_ids is None:
-            raise ValueError(f"{self.name} needs batch.group_ids [B]")
-        return group_normalise(rewards, batch.group_ids, self.cfg.eps)
 
     def policy_loss(self, logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Per token: -sg(clip(rho, 1 - clip_low, 1 + clip_high)) * A * log pi_theta."""

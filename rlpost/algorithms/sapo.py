@@ -36,18 +36,19 @@ from dataclasses import dataclass
 import torch
 
 from rlpost.algorithms import register
-from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise, masked_mean_value
+from rlpost.algorithms.base import masked_mean_value
+from rlpost.algorithms.grpo import GRPO
 from rlpost.batch import Batch
 
 LOG_RATIO_LIMIT = 20.0
 
 
 @register("sapo")
-class SAPO(PolicyGradient):
+class SAPO(GRPO):  # GRPO's group-normalised advantage; its own policy loss
     description = "smooth sigmoid gate on the ratio instead of PPO's clip, a temperature per advantage sign"
 
     @dataclass
-    class Config(PGConfig):
+    class Config(GRPO.Config):
         tau_pos: float = 1.0
         """gate temperature for tokens with a positive advantage (paper: 1.0)"""
         tau_neg: float = 1.05
@@ -62,11 +63,6 @@ class SAPO(PolicyGradient):
         for key in ("tau_pos", "tau_neg"):
             if not getattr(self.cfg, key) > 0:
                 raise ValueError(f"{self.name}: {key}={getattr(self.cfg, key)!r}; it must be > 0")
-
-    def sequence_advantages(self, rewards, batch):
-        if batch.group_ids is None:
-            raise ValueError(f"{self.name} needs batch.group_ids [B]")
-        return group_normalise(rewards, batch.group_ids, self.cfg.eps)
 
     def policy_loss(self, logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Per token: -(4 / tau) * sigmoid(tau * (rho - 1)) * A, tau chosen by the sign of A."""
