@@ -149,14 +149,11 @@ class RayEngine:
 
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
         self._check_open()
-        shares = _split(len(prompts), len(self.actors))
-        calls = [(i, "generate", (prompts[a:b], k, params, seed + i * SEED_STRIDE))
-                 for i, (a, b) in enumerate(shares) if b > a]
-        batches = self._call_all(calls)
-        offset, parts = 0, []
-        for (a, b), batch in zip([s for s in shares if s[1] > s[0]], batches):
-            parts.append(batch.replace(group_ids=batch.group_ids + offset))
-            offset += b - a
+        shares = [(i, a, b) for i, (a, b) in enumerate(_split(len(prompts), len(self.actors))) if b > a]
+        batches = self._call_all([(i, "generate", (prompts[a:b], k, params, seed + i * SEED_STRIDE))
+                                  for i, a, b in shares])
+        # group ids become the prompt's position in `prompts`: its share's offset + its place in the share
+        parts = [batch.replace(group_ids=batch.group_ids + a) for (_, a, _), batch in zip(shares, batches)]
         return parts[0] if len(parts) == 1 else Batch.concat(parts)
 
     @torch.no_grad()
@@ -205,14 +202,16 @@ class RayEngine:
         return actor_cls.remote(self._model_ref, self._tokenizer_ref, self.kind, self.threads,
                                 "cuda" if gpus else "cpu")
 
-    def _restart(self, i: int, error: Exception) -> None:
+    def _restart(self, i: int | None, error: Exception) -> None:
+        """Replace dead actor i (None: one of the weight group's, unknown which) or raise RolloutWorkerError."""
         import ray
 
-        self.restarts += 1
+        who = "a rollout worker" if i is None else f"rollout worker {i}"
         if self.mode == "collective":
-            raise RolloutWorkerError(f"rollout worker {i} died ({type(error).__name__}); with rl.weight_sync="
-                                     "collective it cannot rejoin the weight group: resume the run from its last "
-                                     "checkpoint (`rlpost train --resume RUN_DIR`)") from error
+            raise RolloutWorkerError(f"{who} died ({type(error).__name__}); with rl.weight_sync=collective it "
+                                     "cannot rejoin the weight group: resume the run from its last checkpoint "
+                                     "(`rlpost train --resume RUN_DIR`)") from error
+        self.restarts += 1
         if self.restarts > self.max_restarts:
             raise RolloutWorkerError(f"rollout worker {i} died; {self.restarts - 1} restart(s) were already used "
                                      f"(rl.max_worker_restarts={self.max_restarts}): stopping. The last checkpoint "
@@ -244,13 +243,14 @@ class RayEngine:
         return out
 
     def _get(self, refs: list) -> list:
+        """ray.get of the weight group's calls (collective mode): a dead actor stops the run (see _restart)."""
         import ray
         from ray.exceptions import RayActorError
 
         try:
             return ray.get(refs)
         except RayActorError as e:
-            self._restart(0, e)  # raises: collective groups cannot be re-formed
+            self._restart(None, e)
             raise
 
     def _form_group(self) -> None:
