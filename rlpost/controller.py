@@ -222,8 +222,10 @@ class Controller:
         # async, rollout and reward ran in the rollout thread, overlapping the rest, so shares may sum past 1
         wall = time.perf_counter() - t_step
         waited = self.times.get("rollout_wait", 0.0)
-        here = sum(self.times.get(role, 0.0) for role in ROLES if self.pipeline is None or role not in
-                   ("rollout", "reward")) + (waited if self.pipeline is not None else 0.0)
+        if self.pipeline is None:
+            here = sum(self.times.get(role, 0.0) for role in ROLES)
+        else:
+            here = waited + sum(self.times.get(role, 0.0) for role in ROLES if role not in ("rollout", "reward"))
         self.times["other"] = max(wall - here, 0.0)
         total = here + self.times["other"]  # = wall (up to clock rounding)
         tokens = all_sampled.num_response_tokens
