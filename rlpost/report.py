@@ -397,6 +397,29 @@ def samples_table(data: RunData) -> tuple[str, str]:
     return note, f"<table class='samples'>{head}{''.join(rows)}</table>"
 
 
+def _correction_note(data: RunData) -> str:
+    """What the importance-weight and log-prob mismatch figure shows for this run."""
+    mode = (data.setting("algorithm") or {}).get("rollout_correction", "none") if isinstance(
+        data.setting("algorithm"), dict) else "none"
+    if hist_bins(data):
+        note = (f"Left: the share of response tokens per bin of the raw importance weight π_prox/μ "
+                f"(algorithm.rollout_correction={mode}); mass away from the 0.95-1.05 bin means the engine "
+                "sampled from a policy other than the one being trained (stale weights, or engine numerics). ")
+    else:
+        note = (f"No importance-weight histogram: the run had no rollout correction "
+                f"(algorithm.rollout_correction={mode}), so no weights were computed; set it to tis or mis "
+                "to log them. ")
+    note += ("Right: the largest and mean absolute difference between the engine's sampling log-probs and "
+             "the trainer's on the same weights; a jump there is an engine/trainer mismatch that biases "
+             "every update.")
+    zeros = sum(1 for v in data.series("rollout/logp_mismatch_max")[1] if v == 0)
+    if zeros:
+        note += f" {zeros} step(s) had a mismatch of exactly 0, not drawn on the log scale."
+    if not data.has("rollout/logp_mismatch_max"):
+        note += " No mismatch was measured (null on every step: no update ran on the sampled tokens)."
+    return note
+
+
 def _sections(plt, data: RunData, folder: str) -> list[tuple[Section, object]]:
     """Every section with its figure (None when it has none); links are relative to `folder`, the page's."""
     no_rl = "" if data.rl else _no_rl_reason(data)
@@ -412,51 +435,27 @@ def _sections(plt, data: RunData, folder: str) -> list[tuple[Section, object]]:
     if not out[-1][1]:
         s.note = f"Nothing to plot: {no_rl or 'no evaluation ran'}."
 
-    s = Section("dynamics", "KL, entropy, length, clipping")
-    if no_rl:
-        s.note = f"Nothing to plot: {no_rl}."
-        out.append((s, None))
-    else:
-        s.note = ("KL to the reference growing without bound means the policy is leaving the reference fast (raise "
-                  "algorithm.beta or lower trainer.lr); entropy falling towards 0 is a collapse onto a few answers; "
-                  "response length racing to rollout.max_new_tokens is a length explosion (see "
-                  "rollout/truncated_frac); a clipped fraction that stays high means updates are too large for "
-                  "the trust region.")
-        out.append((s, fig_dynamics(plt, data)))
-
-    s = Section("time", "Where the time goes")
-    if no_rl:
-        s.note = f"Nothing to plot: {no_rl}."
-        out.append((s, None))
-    else:
-        s.note = ("Seconds of each step per role (time/<role>; 'other' is the step outside any role), and the "
-                  "generated tokens per second of the rollout alone and of the whole step.")
-        out.append((s, fig_time(plt, data)))
-
-    s = Section("correction", "Importance weights and log-prob mismatch")
-    if no_rl:
-        s.note = f"Nothing to plot: {no_rl}."
-        out.append((s, None))
-    else:
-        mode = (data.setting("algorithm") or {}).get("rollout_correction", "none") if isinstance(
-            data.setting("algorithm"), dict) else "none"
-        if hist_bins(data):
-            s.note = (f"Left: the share of response tokens per bin of the raw importance weight π_prox/μ "
-                      f"(algorithm.rollout_correction={mode}); mass away from the 0.95-1.05 bin means the engine "
-                      "sampled from a policy other than the one being trained (stale weights, or engine numerics). ")
+    def rl_section(key: str, title: str, note, draw) -> None:
+        """A section drawn from the RL steps: `note()` and `draw()`, or why there is nothing to plot."""
+        s = Section(key, title)
+        if no_rl:
+            s.note = f"Nothing to plot: {no_rl}."
+            out.append((s, None))
         else:
-            s.note = (f"No importance-weight histogram: the run had no rollout correction "
-                      f"(algorithm.rollout_correction={mode}), so no weights were computed; set it to tis or mis "
-                      "to log them. ")
-        s.note += ("Right: the largest and mean absolute difference between the engine's sampling log-probs and "
-                   "the trainer's on the same weights; a jump there is an engine/trainer mismatch that biases "
-                   "every update.")
-        zeros = sum(1 for v in data.series("rollout/logp_mismatch_max")[1] if v == 0)
-        if zeros:
-            s.note += f" {zeros} step(s) had a mismatch of exactly 0, not drawn on the log scale."
-        if not data.has("rollout/logp_mismatch_max"):
-            s.note += " No mismatch was measured (null on every step: no update ran on the sampled tokens)."
-        out.append((s, fig_correction(plt, data)))
+            s.note = note()
+            out.append((s, draw()))
+
+    rl_section("dynamics", "KL, entropy, length, clipping", lambda: (
+        "KL to the reference growing without bound means the policy is leaving the reference fast (raise "
+        "algorithm.beta or lower trainer.lr); entropy falling towards 0 is a collapse onto a few answers; "
+        "response length racing to rollout.max_new_tokens is a length explosion (see "
+        "rollout/truncated_frac); a clipped fraction that stays high means updates are too large for "
+        "the trust region."), lambda: fig_dynamics(plt, data))
+    rl_section("time", "Where the time goes", lambda: (
+        "Seconds of each step per role (time/<role>; 'other' is the step outside any role), and the "
+        "generated tokens per second of the rollout alone and of the whole step."), lambda: fig_time(plt, data))
+    rl_section("correction", "Importance weights and log-prob mismatch", lambda: _correction_note(data),
+               lambda: fig_correction(plt, data))
 
     s = Section("gold", "Gold vs proxy reward (over-optimisation)")
     if data.has("reward/gold_mean"):
