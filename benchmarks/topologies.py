@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 
@@ -31,19 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import env_line, load_line  # noqa: E402
 
 from rlpost.config import load_config  # noqa: E402
+from rlpost.plan.throughput import fit  # noqa: E402
 from rlpost.run import train  # noqa: E402
 
-ROLLOUT_SIDE = ("rollout", "reward")
-TRAIN_SIDE = ("reference", "critic", "advantages", "train", "sync", "other")
 
-
-def rl_metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [m for m in map(json.loads, f) if m.get("stage") == "rl"]
-
-
-def med(lines: list[dict], key: str) -> float:
-    return statistics.median(m.get(key) or 0.0 for m in lines)
+def sides(t) -> tuple[float, float]:
+    """(rollout side, train side) of fitted terms: what overlaps under async, and what does not."""
+    return t.rollout + t.verifier, t.reference + t.train + t.sync + t.other
 
 
 def main() -> int:
@@ -70,31 +63,29 @@ def main() -> int:
                         ("async", ["rl.topology=async", f"rl.max_staleness={args.staleness}", "rl.rollout_workers=1"])):
         cfg = load_config(None, [*common, *extra, f"run_name={name}"])
         train(cfg)
-        runs[name] = rl_metrics(os.path.join(out, name))[args.warmup:]
+        runs[name] = fit(os.path.join(out, name), args.warmup)  # per-term medians after the warm-up
     print(load_line())
 
     co, asy = runs["colocated"], runs["async"]
-    roles = {r: med(co, f"time/{r}") for r in (*ROLLOUT_SIDE, *TRAIN_SIDE)}
-    rollout_side = sum(roles[r] for r in ROLLOUT_SIDE)
-    train_side = sum(roles[r] for r in TRAIN_SIDE)
+    rollout_side, train_side = sides(co)
     eq_sum, eq_max = rollout_side + train_side, max(rollout_side, train_side)
-    measured_co, measured_async = med(co, "time/step"), med(asy, "time/step")
-    print(f"\n{len(co)} steps each after {args.warmup} warm-up; {args.prompts} prompts x {args.k} samples, "
+    print(f"\n{co.steps} steps each after {args.warmup} warm-up; {args.prompts} prompts x {args.k} samples, "
           f"<= {args.max_new_tokens} tokens; {args.threads} thread(s) per side; async staleness {args.staleness}")
-    print("colocated per-role medians (s): " + "  ".join(f"{r} {v:.4f}" for r, v in roles.items()))
-    print(f"  rollout side (rollout + reward)            {rollout_side:.4f} s")
+    print("colocated per-term medians (s): " + "  ".join(
+        f"{k} {getattr(co, k):.4f}" for k in ("rollout", "verifier", "reference", "train", "sync", "other")))
+    print(f"  rollout side (rollout + verifier)          {rollout_side:.4f} s")
     print(f"  train side (reference ... sync + other)    {train_side:.4f} s")
     print(f"\n{'':28}{'equation':>10}{'measured':>10}")
-    print(f"{'colocated step (sum)':28}{eq_sum:10.4f}{measured_co:10.4f}")
-    print(f"{'async step (max)':28}{eq_max:10.4f}{measured_async:10.4f}")
-    print(f"{'speed-up async/colocated':28}{eq_sum / eq_max:9.2f}x{measured_co / measured_async:9.2f}x")
-    a_roll = sum(med(asy, f"time/{r}") for r in ROLLOUT_SIDE)
-    a_train = sum(med(asy, f"time/{r}") for r in TRAIN_SIDE)
-    print(f"async run's own role medians: rollout side {a_roll:.4f} s, train side {a_train:.4f} s "
+    print(f"{'colocated step (sum)':28}{eq_sum:10.4f}{co.measured_step:10.4f}")
+    print(f"{'async step (max)':28}{eq_max:10.4f}{asy.measured_step:10.4f}")
+    print(f"{'speed-up async/colocated':28}{eq_sum / eq_max:9.2f}x{co.measured_step / asy.measured_step:9.2f}x")
+    a_roll, a_train = sides(asy)
+    print(f"async run's own term medians: rollout side {a_roll:.4f} s, train side {a_train:.4f} s "
           f"(max {max(a_roll, a_train):.4f} s: the equation on the async run's timings)")
-    print(f"\nasync run: rollout busy {med(asy, 'time/rollout') + med(asy, 'time/reward'):.4f} s/step, "
-          f"trainer waited {med(asy, 'time/rollout_wait'):.4f} s/step for rollouts; staleness max "
-          f"{max(m['rollout/staleness_max'] for m in asy):.0f}; run directories in {out}")
+    with open(os.path.join(out, "async", "metrics.jsonl")) as f:
+        staleness = max(m["rollout/staleness_max"] for m in map(json.loads, f) if m.get("stage") == "rl")
+    print(f"\nasync run: rollout busy {a_roll:.4f} s/step, trainer waited {asy.rollout_wait:.4f} s/step for "
+          f"rollouts; staleness max {staleness:.0f}; run directories in {out}")
     return 0
 
 
