@@ -56,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p_rm.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
     p_rm.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p_prm = sub.add_parser(
+        "prm", help="train a process reward model on Monte-Carlo step labels (and an outcome model) and save both",
+        description="Sample solutions of the task's problems from model.name (usually an SFT checkpoint), label "
+                    "every reasoning step by the fraction of prm.rollouts continuations from its end that reach a "
+                    "verified answer, fit a PRM (trunk copied from the policy) on those labels, and report its "
+                    "held-out step-label accuracy. With prm.orm (default), a Bradley-Terry outcome reward model is "
+                    "fitted on pairs of the same solutions. Writes <run directory>/checkpoints/prm and /orm "
+                    "(rlpost search --prm/--orm reads them). Same keys as `rlpost train --help` (section prm.*).",
+        epilog="e.g. rlpost prm recipes/prm.yaml model.name=runs/cot_math-X/checkpoints/sft prm.problems=500",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_prm.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
+    p_prm.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p_dpo = sub.add_parser(
         "dpo", help="offline preference optimisation (DPO, IPO, KTO, ORPO, SimPO): SFT (sft.steps) then the loss",
         description="Run a recipe with the preference stage and without RL: SFT when sft.steps > 0, then the "
@@ -82,6 +94,26 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--samples", type=int, help="samples per prompt (default: the largest k)")
     p_eval.add_argument("--out", help="where eval.json goes (default: in the run directory, else here)")
     add_plan_parser(sub)
+    p_search = sub.add_parser(
+        "search", help="test-time search at a budget of N samples: greedy, majority, best-of-N (ORM, PRM), beam, MCTS",
+        description="Answer the task's held-out problems from POLICY (a run directory or a model folder) with each "
+                    "search method at each budget N, and print held-out accuracy and generated tokens per problem: "
+                    "greedy, majority vote, best-of-N reranked by the outcome model (--orm) or by the PRM (--prm; "
+                    "min, last and product of its step scores), PRM-guided beam search and MCTS over steps. Methods "
+                    "whose model is not given are left out. Writes search.json (every cell and the table).",
+        epilog="e.g. rlpost search runs/cot_math-X --prm runs/prm-Y/checkpoints/prm --orm runs/prm-Y/checkpoints/orm "
+               "--n 1 4 16 64", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_search.add_argument("policy", metavar="POLICY", help="a run directory or a model folder")
+    p_search.add_argument("recipe", nargs="?", help="recipe YAML for the task (default: the run's config.yaml)")
+    p_search.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (task.*, rollout.*)")
+    p_search.add_argument("--prm", help="a process reward model folder (rlpost prm: checkpoints/prm)")
+    p_search.add_argument("--orm", help="an outcome reward model folder (rlpost prm: checkpoints/orm, or rlpost rm)")
+    p_search.add_argument("--n", type=int, nargs="+", default=[1, 4, 16, 64], help="budgets N (default 1 4 16 64)")
+    p_search.add_argument("--methods", nargs="+", help="a subset of: " + ", ".join(search_methods()))
+    p_search.add_argument("--problems", type=int, help="the first this many held-out problems (default all)")
+    p_search.add_argument("--width", type=int, default=4, help="beam search: ways each beam is extended; MCTS: "
+                                                               "children per node (default 4)")
+    p_search.add_argument("--out", help="where search.json goes (default: in the run directory, else here)")
     p_report = sub.add_parser(
         "report", help="write one self-contained HTML page (and PNGs) showing what a run did",
         description="Read RUN_DIR (metrics.jsonl, summary.json, config.yaml, rollouts.jsonl, profile/) and write "
@@ -139,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "eval":
         return run_eval_command(args)
+    if args.command == "search":
+        return run_search_command(args)
     if args.command == "export":
         from rlpost.checkpoint import export_model
 
@@ -155,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, desc in available().items():
             print(f"  {name:<14} {desc}")
         return 0
-    if args.command in ("train", "dpo", "rm"):
+    if args.command in ("train", "dpo", "rm", "prm"):
         recipe, overrides = args.recipe, list(args.overrides)
         if recipe is not None and "=" in recipe and not os.path.exists(recipe):  # only overrides were given
             recipe, overrides = None, [recipe, *overrides]
@@ -174,13 +208,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rlpost: error: {e}", file=sys.stderr)
             return 2
         from rlpost.run import RunInterrupted, train
+        from rlpost.stages.prm import train_prm
         from rlpost.stages.reward_model import train_reward_model
 
         base = os.path.splitext(os.path.basename(recipe))[0] if recipe else "default"
-        name = {"train": base, "dpo": f"{base}-dpo", "rm": f"{base}-rm" if recipe else "rm"}[args.command]
+        name = {"train": base, "dpo": f"{base}-dpo", "rm": f"{base}-rm" if recipe else "rm",
+                "prm": f"{base}-prm" if recipe else "prm"}[args.command]
         try:
             if args.command == "rm":
                 train_reward_model(cfg, name)
+            elif args.command == "prm":
+                train_prm(cfg, name)
             else:
                 train(cfg, name, resume=resume)
         except RunInterrupted as e:
@@ -381,6 +419,29 @@ def run_curate(args) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"rlpost: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+
+
+def search_methods() -> tuple[str, ...]:
+    from rlpost.search import METHODS
+
+    return METHODS
+
+
+def run_search_command(args) -> int:
+    from rlpost.search import search_command
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not os.path.exists(recipe):
+        recipe, overrides = None, [recipe, *overrides]
+    try:
+        result = search_command(args.policy, recipe, overrides, prm=args.prm, orm=args.orm, ns=args.n,
+                                methods=args.methods, problems=args.problems, width=args.width, out=args.out)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"rlpost: error: {e}", file=sys.stderr)
+        return 1
+    print(result["table"])
+    print(f"rlpost search: {result['wall_seconds']:.0f} s; written to {result['written_to']}")
+    return 0
 
 
 def run_eval_command(args) -> int:

@@ -255,6 +255,21 @@ class DistillConfig:
 
 
 @dataclass
+class PRMConfig:
+    problems: int = opt(1000, "`rlpost prm`: training problems whose sampled solutions are step-labelled")
+    eval_problems: int = opt(200, "`rlpost prm`: held-out problems labelled the same way (step-label accuracy)")
+    solutions: int = opt(4, "solutions sampled per problem (rollout.temperature, rollout.max_new_tokens)")
+    rollouts: int = opt(8, "Monte-Carlo continuations from the end of each step; a step's label is the fraction "
+                           "that reach a verified answer")
+    separator: str = opt(";", "a token holding this text ends a reasoning step (the last token ends the last step)")
+    epochs: int = opt(3, "passes over the labelled solutions")
+    batch_size: int = opt(64, "solutions per step")
+    lr: float = opt(1e-4, "AdamW learning rate of the PRM")
+    orm: bool = opt(True, "also fit the Bradley-Terry outcome reward model on the same samples (a right against a "
+                          "wrong solution of one problem; reward_model.epochs / batch_size / lr)")
+
+
+@dataclass
 class Config:
     seed: int = opt(0, "seed of model init, sampling and data order")
     out_dir: str = opt("runs", "parent folder of run directories")
@@ -275,6 +290,7 @@ class Config:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -390,11 +406,10 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
 
 def _validate(cfg: Config) -> None:
     from rlpost.algorithms import get_algorithm
-
     from rlpost.critic import CRITIC_TYPES
     from rlpost.models import DTYPES, PRECISIONS
-    from rlpost.schedule import SCHEDULES
     from rlpost.rollout import ENGINES
+    from rlpost.schedule import SCHEDULES
     from rlpost.tasks import TASKS
     from rlpost.weight_sync import MODES, TOPOLOGIES
 
@@ -473,6 +488,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'task.{key}' must be a non-empty string")
     _validate_preference(cfg.preference)
     _validate_rejection_and_distill(cfg)
+    _validate_prm(cfg.prm)
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -555,6 +571,14 @@ def _validate_rejection_and_distill(cfg: Config) -> None:
         raise ConfigError("distill.teacher replaces the RL reward, and so does a reward model: choose one")
     if cfg.rl.steps < 1:
         raise ConfigError("distill.teacher is the RL stage's reward; it needs rl.steps >= 1")
+
+
+def _validate_prm(pc: PRMConfig) -> None:
+    for key in ("problems", "eval_problems", "solutions", "rollouts", "epochs", "batch_size"):
+        if getattr(pc, key) < 1:
+            raise ConfigError(f"config key 'prm.{key}' must be >= 1, got {getattr(pc, key)}")
+    if not pc.separator:
+        raise ConfigError("config key 'prm.separator' must be a non-empty string (the text that ends a step)")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:

@@ -28,20 +28,18 @@ from __future__ import annotations
 import copy
 import os
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
 from rlpost import distributed as dist
-
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
-from rlpost.models import (ModelLoadError, load_model, model_device, position_ids_for, save_model,
-                           trunk_hidden_states)
+from rlpost.models import ModelLoadError, load_model, model_device, position_ids_for, save_model, trunk_hidden_states
 from rlpost.preference.data import PreferenceData
 from rlpost.progress import progress
 from rlpost.reward import decode_responses
@@ -60,6 +58,9 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tupl
 class RewardModel(nn.Module):
     """A causal-LM trunk and a linear head: score(prompt + completion) -> one scalar per row."""
 
+    head_file = HEAD_FILE  # where `save` writes the head beside the trunk (a subclass's head has its own name)
+    kind, command = "reward model", "rm"  # for the error that a folder is not one
+
     def __init__(self, trunk: nn.Module):
         super().__init__()
         self.trunk = trunk
@@ -68,7 +69,7 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_policy(cls, policy: nn.Module) -> "RewardModel":
+    def from_policy(cls, policy: nn.Module) -> RewardModel:
         """A reward model whose trunk starts as a copy of `policy` (e.g. the SFT checkpoint)."""
         return cls(copy.deepcopy(policy).requires_grad_(True))
 
@@ -91,17 +92,18 @@ class RewardModel(nn.Module):
         """The trunk as an ordinary checkpoint (loads in transformers) plus the head in reward_head.safetensors."""
         save_model(self.trunk, tokenizer, folder)
         save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()},
-                  os.path.join(folder, HEAD_FILE))
+                  os.path.join(folder, self.head_file))
 
     @classmethod
-    def load(cls, folder: str) -> tuple["RewardModel", object]:
+    def load(cls, folder: str) -> tuple[RewardModel, object]:
         from rlpost.config import ModelConfig
 
-        if not os.path.isfile(os.path.join(folder, HEAD_FILE)):
-            raise ModelLoadError(f"{folder!r} is not a reward model: it has no {HEAD_FILE} (train one with `rlpost rm`)")
+        if not os.path.isfile(os.path.join(folder, cls.head_file)):
+            raise ModelLoadError(f"{folder!r} is not a {cls.kind}: it has no {cls.head_file} "
+                                 f"(train one with `rlpost {cls.command}`)")
         trunk, tokenizer = load_model(ModelConfig(name=folder))
         rm = cls(trunk)
-        rm.head.load_state_dict(load_file(os.path.join(folder, HEAD_FILE)))
+        rm.head.load_state_dict(load_file(os.path.join(folder, cls.head_file)))
         return rm.eval(), tokenizer
 
 

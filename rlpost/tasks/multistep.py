@@ -64,3 +64,27 @@ def multistep_task(seed: int = 1234, max_operand: int = 99, num_eval: int = 500,
     right = [int(solve(*p, w, error_rate, rng).rsplit("#### ", 1)[1]) == sum(p) for p in eval_p]
     return Task("multistep", [row(p) for p in train_p], [row(p) for p in eval_p], demos, ALPHABET,
                 sum(right) / len(right))
+
+
+def step_truth(completion: str, row: dict, sep: str = ";") -> list[int]:
+    """Which steps of a completion are right, by the task's own arithmetic (what Monte-Carlo step labels
+    estimate without it): step 1 must write a+b, step 2 a+b+c, the answer step "#### a+b+c". A step that
+    cannot be read (wrong shape, no number) counts as wrong; steps past the third are wrong.
+
+    >>> step_truth("57+32=089;089+18=107;#### 107", {"prompt": "57+32+18=", "answer": "107"})
+    [1, 1, 1]
+    """
+    a, b, c = (int(x) for x in row["prompt"].rstrip("=").split("+"))
+    want = [a + b, a + b + c, a + b + c]
+    steps = completion.split(sep)
+    if steps and steps[-1].strip() == "" and len(steps) > 1:  # a completion ending in the separator
+        steps = steps[:-1]
+    truth = []
+    for i, s in enumerate(steps):
+        value = s.rsplit("####", 1)[1] if i == 2 and "####" in s else s.rsplit("=", 1)[-1] if i < 2 else None
+        try:
+            ok = value is not None and int(value.strip()) == want[i] and (i == 2) == ("####" in s)
+        except ValueError:
+            ok = False
+        truth.append(int(ok))
+    return truth
