@@ -39,7 +39,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from rlpost import distributed as dist
 from rlpost.models import position_ids_for
 from rlpost.progress import progress
 from rlpost.reward_model import RewardModel
@@ -216,6 +218,8 @@ def fit_prm(prm: ProcessRewardModel, train: list[StepExample], held_out: list[St
         result = {"epoch": epoch, **(evaluate_prm(prm, held_out, pad_id) if held_out else {})}
         if log is not None:
             log({"stage": "prm_eval", "step": step, **result})
+        if dist.is_main():
+            tqdm.write(f"prm epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "epoch"))
     bar.close()
     prm.eval()
     return result

@@ -328,6 +328,8 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     if unknown:
         raise ValueError(f"rlpost search: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     cfg.model.name = resolve_model(policy)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)
     model, tokenizer = load_model(cfg.model, task.alphabet)

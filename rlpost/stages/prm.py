@@ -87,6 +87,8 @@ def train_prm(cfg, recipe_name: str = "prm") -> dict:
     check_available(cfg.log)
     pc = cfg.prm
     t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)
     rows = task.train_rows + task.eval_rows
