@@ -50,10 +50,24 @@ from rlpost.rollout import SamplingParams
 PRM_HEAD_FILE = "prm_head.safetensors"
 
 
+_SEPARATOR_TOKENS: dict[tuple[int, str], tuple[object, dict[int, bool]]] = {}  # (tokenizer, sep) -> id -> holds sep
+
+
+def holds_separator(token: int, tokenizer, sep: str) -> bool:
+    """Does this token's text hold the separator? (decoded once per token id and tokenizer)"""
+    key = (id(tokenizer), sep)
+    if key not in _SEPARATOR_TOKENS or _SEPARATOR_TOKENS[key][0] is not tokenizer:
+        _SEPARATOR_TOKENS[key] = (tokenizer, {})
+    known = _SEPARATOR_TOKENS[key][1]
+    if token not in known:
+        known[token] = sep in tokenizer.decode([token])
+    return known[token]
+
+
 def step_ends(response: list[int], tokenizer, sep: str = ";") -> list[int]:
     """Indices into `response` of the tokens that end a step: every token whose text holds `sep`, and the last
     token (the eos of a finished response), which ends the final step."""
-    ends = [i for i, t in enumerate(response) if sep in tokenizer.decode([t])]
+    ends = [i for i, t in enumerate(response) if holds_separator(t, tokenizer, sep)]
     if response and (not ends or ends[-1] != len(response) - 1):
         ends.append(len(response) - 1)
     return ends

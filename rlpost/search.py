@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlpost.prm import ProcessRewardModel, responses, step_ends
+from rlpost.prm import ProcessRewardModel, holds_separator, responses, step_ends
 from rlpost.progress import progress
 from rlpost.reward_model import RewardModel
 from rlpost.rollout import SamplingParams
@@ -74,12 +74,14 @@ class Searcher:
         self.seed, self.answer_key = seed, answer_key or (lambda text: text.strip() or None)
         self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
         self._calls = 0
+        self._answers: dict[str, object] = {}  # completion text -> its final answer (majority vote)
 
     # -- generation ---------------------------------------------------------------------------------------
 
     def finished(self, response: list[int]) -> bool:
+        """Is this (partial) solution over: ended by eos, by the token budget, or by anything but a separator?"""
         return bool(response) and (response[-1] == self.eos or len(response) >= self.max_new_tokens
-                                   or self.sep not in self.tokenizer.decode(response[-1:]))
+                                   or not holds_separator(response[-1], self.tokenizer, self.sep))
 
     def extend(self, prompts: list[list[int]], partials: list[list[int]], k: int, one_step: bool,
                temperature: float | None = None) -> list[list[list[int]]]:
@@ -134,8 +136,11 @@ class Searcher:
         cands = [s[:n] for s in samples]
         flat_p = [p for p, c in zip(prompts, cands) for _ in c]
         flat_r = [r for c in cands for r in c]
-        if method == "majority":
-            keys = [self.answer_key(self.tokenizer.decode(r)) for r in flat_r]
+        if method == "majority":  # answers extracted once per distinct text (every N reuses the same samples)
+            texts = [self.tokenizer.decode(r) for r in flat_r]
+            for t in set(texts) - self._answers.keys():
+                self._answers[t] = self.answer_key(t)
+            keys = [self._answers[t] for t in texts]
         elif method == "bon_orm":
             keys = self.orm_scores(flat_p, flat_r)
         else:
