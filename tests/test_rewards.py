@@ -29,10 +29,10 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_shipped_names_resolve_and_unknown_names_list_them():
-    assert set(REWARDS) == {"exact", "math", "code", "judge"}
+    assert set(REWARDS) == {"exact", "math", "code", "judge", "format"}
     assert get_reward("exact")("46\nmore", {"answer": "46"}) == 1.0
     assert get_reward("exact")("046", {"answer": "46"}) == 1.0  # by value
-    with pytest.raises(ValueError, match="shipped: exact, math, code, judge"):
+    with pytest.raises(ValueError, match="shipped: exact, math, code, judge, format"):
         get_reward("nope")
 
 
