@@ -95,6 +95,9 @@ class TaskConfig:
     max_operand: int = opt(99, "embedded tasks: operands are drawn from 0..max_operand")
     num_eval: int = opt(500, "embedded tasks: held-out problems")
     demonstrator_error: float = opt(0.35, "embedded tasks: fraction of the demonstrator's answers that are wrong")
+    answer_format_rate: float = opt(1.0, "multistep: fraction of the demonstrations that end with '#### <answer>' (the "
+                                         "rest stop after the last sum: a base model that only sometimes writes the "
+                                         "answer format)")
 
 
 @dataclass
@@ -531,6 +534,10 @@ def _validate_task(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     if t.max_episode_tokens is not None and t.max_episode_tokens < 1:
         raise ConfigError(f"config key 'task.max_episode_tokens' must be >= 1 or null, got {t.max_episode_tokens}")
+    if not 0.0 <= t.answer_format_rate <= 1.0:
+        raise ConfigError(f"config key 'task.answer_format_rate' must be in [0, 1], got {t.answer_format_rate}")
+    if t.answer_format_rate < 1.0 and t.name != "multistep":
+        raise ConfigError(f"task.answer_format_rate is an option of the multistep task, not of {t.name!r}")
     if t.env_timeout_s <= 0:
         raise ConfigError(f"config key 'task.env_timeout_s' must be > 0, got {t.env_timeout_s}")
     if t.rewards is not None and t.reward:
