@@ -10,11 +10,11 @@ import subprocess
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_resume import ROOT, TINY, command, comparable, run_to_end
 
 from rlpost.checkpoint import list_checkpoints
 from rlpost.config import ConfigError, load_config, stage_names
 from rlpost.run import build_stages, train
-from test_resume import ROOT, TINY, command, comparable, run_to_end
 
 R1_SHAPE = "stages=[sft, eval, rl, eval, rejection, eval, rl, eval]"
 REJECTION = ["rejection.num_prompts=16", "rejection.samples_per_prompt=4", "rejection.steps=3",
@@ -54,8 +54,8 @@ def test_a_list_names_the_stages_in_order_with_repeats_labelled():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["stages=[sft, grpo]"], "unknown stage 'grpo'; valid stages: sft, preference, reward_model, rl, rejection, "
-                             "eval, dpo"),
+    (["stages=[sft, grpo]"], ("unknown stage 'grpo'; valid stages: sft, preference, reward_model, rl, rejection, "
+                              "eval, dpo")),
     (["stages=[]"], "empty list"),
     (["stages=[sft, rl]", "rl.steps=0"], "rl stage, which needs rl.steps >= 1"),
     (["stages=[sft, rl]", "sft.steps=0"], "sft stage, which needs sft.steps >= 1"),
@@ -84,10 +84,10 @@ def test_a_repeated_rl_stage_runs_twice_writing_its_own_checkpoints_labels_and_s
     # the second RL stage trained the policy on: its weights are not the first stage's
     first, second = (load_file(run / "checkpoints" / d / "model.safetensors") for d in ("final", "rl_2"))
     assert any(not torch.equal(first[k], second[k]) for k in first)
-    lines = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if m["stage"] == "rl"] == list(range(1, 17))  # 8 + 8, one line each
     assert [m["after"] for m in lines if m["stage"] == "eval"] == ["sft", "rl", "rejection", "rl_2"]
-    rollouts = [json.loads(x) for x in open(run / "rollouts.jsonl")]
+    rollouts = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in rollouts}) == list(range(1, 17))
     pytest.importorskip("matplotlib")
     from rlpost.report import build_report
@@ -104,7 +104,7 @@ def test_a_run_killed_inside_the_repeated_rl_stage_resumes_to_the_same_run(tmp_p
            "HF_HUB_OFFLINE": "1", "RLPOST_TEST_KILL_AFTER": str(run / "checkpoints" / "rl_2_step_4")}
     p = subprocess.run(command(*args, f"out_dir={tmp_path}", "run_name=killed",
                                "task.reward=test_resume:reward_that_kills_its_run"),
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
     assert (run / "checkpoints" / "final").is_dir() and not (run / "checkpoints" / "rl_2").exists()
     out = run_to_end(["--resume", str(run)], tmp_path)
@@ -116,3 +116,10 @@ def test_a_run_killed_inside_the_repeated_rl_stage_resumes_to_the_same_run(tmp_p
         assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
     assert sa["pass@1_rl"] == sb["pass@1_rl"] and sa["pass@1_rl_2"] == sb["pass@1_rl_2"] and sb["status"] == "ok"
+
+
+def test_rlpost_dpo_refuses_a_stage_list(capsys):
+    from rlpost.cli import main
+
+    assert main(["dpo", "stages=[sft, dpo, eval]"]) == 2
+    assert "runs with `rlpost train`" in capsys.readouterr().err
