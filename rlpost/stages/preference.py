@@ -37,6 +37,12 @@ class PreferenceStage(Stage):
     def __init__(self, cfg, rollout_cfg, trainer_cfg, eval_cfg):
         self.cfg, self.rollout_cfg, self.trainer_cfg, self.eval_cfg = cfg, rollout_cfg, trainer_cfg, eval_cfg
 
+    def log(self, ctx: RunContext, record: dict) -> None:
+        """ctx.log; a repeated stage's lines carry its label (preference_2, preference_2_data, ...)."""
+        if self.repeat > 1:
+            record = {**record, "stage": record["stage"].replace("preference", self.label, 1)}
+        ctx.log(record)
+
     def data(self, ctx: RunContext, max_length: int | None):
         pc = self.cfg
         if pc.train_file:
@@ -54,7 +60,7 @@ class PreferenceStage(Stage):
                                           k=pc.samples_per_prompt, params=params, seed=self.seed(ctx) + 7919,
                                           batch_prompts=self.eval_cfg.batch_prompts)
         stats["time/pairs"] = time.perf_counter() - t0
-        ctx.log({"stage": "preference_data", "step": 0, **stats})
+        self.log(ctx, {"stage": "preference_data", "step": 0, **stats})
         tqdm.write(f"rlpost: {int(stats['pairs/made'])} preference pairs from {len(rows)} prompts x "
                    f"{pc.samples_per_prompt} samples (sample accuracy {stats['pairs/sample_accuracy']:.3f}; "
                    f"{int(stats['pairs/all_right'])} prompts all right, {int(stats['pairs/all_wrong'])} all wrong)")
@@ -79,14 +85,13 @@ class PreferenceStage(Stage):
         key = self.label  # preference_loss, ...; a repeated stage's: preference_2_loss, ...
         ctx.summary.update({f"{key}_loss": loss.name, f"{key}_data": source,
                             f"{key}_examples": len(data), f"{key}_skipped_rows": len(data.skipped)})
-        ctx.log({"stage": "preference_data", "step": 0, "data/examples": len(data),
-                 "data/skipped_rows": len(data.skipped)})
-        log = ctx.log if self.repeat == 1 else (  # a repeated stage's lines: stage preference_2, ...
-            lambda r: ctx.log({**r, "stage": r["stage"].replace("preference", self.label, 1)}))
+        self.log(ctx, {"stage": "preference_data", "step": 0, "data/examples": len(data),
+                       "data/skipped_rows": len(data.skipped)})
         metrics = train_preference(
             ctx.model, ctx.tokenizer, data, loss, epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
             warmup_steps=pc.warmup_steps, micro_batch_size=pc.micro_batch_size, weight_decay=tc.weight_decay,
-            grad_clip=tc.grad_clip, max_nonfinite_steps=tc.max_nonfinite_steps, seed=self.seed(ctx), log=log,
+            grad_clip=tc.grad_clip, max_nonfinite_steps=tc.max_nonfinite_steps, seed=self.seed(ctx),
+            log=lambda record: self.log(ctx, record),
             eval_data=eval_data, precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
             stop=ctx.check_stop)
         ctx.summary.update({k if self.repeat == 1 else f"{key}/{k}": v for k, v in metrics.items()
