@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load_config(recipe, overrides)
             if args.command == "dpo":  # the preference stage, and no RL
+                if cfg.stages is not None:
+                    raise ConfigError("`rlpost dpo` runs SFT then the preference stage; a recipe with a `stages` "
+                                      "list runs with `rlpost train`")
                 cfg.preference.enabled, cfg.rl.steps = True, 0
             if resume:
                 cfg = resumable_config(resume, cfg if recipe or overrides else None)

@@ -75,7 +75,7 @@ class TaskConfig:
                                         "one; a last assistant message becomes the completion")
     system_prompt: str | None = opt(None, "a system message before every prompt that goes through the chat "
                                           "template (message prompts, or model.chat_template=true)")
-    reward: str | None = opt(None, "a shipped reward (exact | math | code | judge: `rlpost rewards`) or "
+    reward: str | None = opt(None, "a shipped reward (exact | math | code | judge | format: `rlpost rewards`) or "
                                    "'module:function' scoring (completion, row) -> float; default: the task's verifier")
     reward_on_error: str = opt("raise", "when the reward function raises: 'raise' (stop, naming the sample) | 'zero'")
     reward_options: dict[str, Any] = opt({}, "keyword options of task.reward (e.g. math: {extract: boxed})")
@@ -95,6 +95,9 @@ class TaskConfig:
     max_operand: int = opt(99, "embedded tasks: operands are drawn from 0..max_operand")
     num_eval: int = opt(500, "embedded tasks: held-out problems")
     demonstrator_error: float = opt(0.35, "embedded tasks: fraction of the demonstrator's answers that are wrong")
+    answer_format_rate: float = opt(1.0, "multistep: fraction of the demonstrations that end with '#### <answer>' (the "
+                                         "rest stop after the last sum: a base model that only sometimes writes the "
+                                         "answer format)")
 
 
 @dataclass
@@ -275,6 +278,9 @@ class Config:
     out_dir: str = opt("runs", "parent folder of run directories")
     run_name: str | None = opt(None, "run directory name (default: recipe name + timestamp)")
     threads: int | None = opt(None, "torch CPU threads (None: torch's default)")
+    stages: list[str] | None = opt(None, "the run's stages in order, names may repeat: sft | preference (alias dpo) | "
+                                         "reward_model | rl | rejection | eval (None: sft, eval, preference, eval, "
+                                         "reward_model, rl, eval, rejection, eval, each when its section is on)")
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -292,6 +298,30 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------- the stage list
+
+STAGES = ("sft", "preference", "reward_model", "rl", "rejection", "eval")
+STAGE_ALIASES = {"dpo": "preference"}
+
+
+def stage_names(cfg: Config) -> list[str]:
+    """The run's stages in order, aliases resolved: `stages` when given, else the fixed order, each stage
+    when its section switches it on (sft.steps, preference.enabled, reward_model.train/path, rl.steps,
+    rejection.enabled)."""
+    if cfg.stages is not None:
+        return [STAGE_ALIASES.get(s, s) for s in cfg.stages]
+    names = (["sft"] if cfg.sft.steps > 0 else []) + ["eval"]
+    if cfg.preference.enabled:
+        names += ["preference", "eval"]
+    if cfg.reward_model.train or cfg.reward_model.path:
+        names.append("reward_model")
+    if cfg.rl.steps > 0:
+        names += ["rl", "eval"]
+    if cfg.rejection.enabled:
+        names += ["rejection", "eval"]
+    return names
 
 
 # ---------------------------------------------------------------------------- loading
@@ -489,6 +519,7 @@ def _validate(cfg: Config) -> None:
     _validate_preference(cfg.preference)
     _validate_rejection_and_distill(cfg)
     _validate_prm(cfg.prm)
+    _validate_stages(cfg)
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -519,6 +550,10 @@ def _validate_task(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     if t.max_episode_tokens is not None and t.max_episode_tokens < 1:
         raise ConfigError(f"config key 'task.max_episode_tokens' must be >= 1 or null, got {t.max_episode_tokens}")
+    if not 0.0 <= t.answer_format_rate <= 1.0:
+        raise ConfigError(f"config key 'task.answer_format_rate' must be in [0, 1], got {t.answer_format_rate}")
+    if t.answer_format_rate < 1.0 and t.name != "multistep":
+        raise ConfigError(f"task.answer_format_rate is an option of the multistep task, not of {t.name!r}")
     if t.env_timeout_s <= 0:
         raise ConfigError(f"config key 'task.env_timeout_s' must be > 0, got {t.env_timeout_s}")
     if t.rewards is not None and t.reward:
@@ -531,10 +566,10 @@ def _validate_task(cfg: Config) -> None:
         raise ConfigError("eval.reward scores single completions; with task.env the environment scores the episodes")
     if cfg.eval.reward_options and not cfg.eval.reward:
         raise ConfigError("eval.reward_options are the options of eval.reward, which is not set")
-    if t.env and (cfg.reward_model.train or cfg.reward_model.path):
+    if t.env and "reward_model" in stage_names(cfg):
         raise ConfigError("task.env and a learned reward model do not go together: the environment scores its "
                           "episodes itself")
-    if t.env and cfg.preference.enabled and not cfg.preference.train_file:
+    if t.env and "preference" in stage_names(cfg) and not cfg.preference.train_file:
         raise ConfigError("preference pairs from the model's own samples are single-turn; with task.env give "
                           "preference.train_file")
 
@@ -559,18 +594,54 @@ def _validate_rejection_and_distill(cfg: Config) -> None:
             raise ConfigError(f"config key 'rejection.{key}' must be >= 1, got {getattr(rc, key)}")
     if rc.warmup_steps < 0:
         raise ConfigError(f"config key 'rejection.warmup_steps' must be >= 0, got {rc.warmup_steps}")
-    if rc.enabled and cfg.trainer.strategy == "fsdp2":
-        raise ConfigError("rejection.enabled with trainer.strategy=fsdp2 is not supported yet: the stage runs after "
+    if "rejection" in stage_names(cfg) and cfg.trainer.strategy == "fsdp2":
+        raise ConfigError("the rejection stage with trainer.strategy=fsdp2 is not supported yet: the stage runs after "
                           "RL has sharded the policy; run it as a run of its own: model.name=<the RL checkpoint> "
                           "rl.steps=0 trainer.strategy=single")
     if cfg.distill.teacher is None:
         return
     if cfg.task.env:
         raise ConfigError("distill.teacher scores single-turn samples; with task.env the environment is the reward")
-    if cfg.reward_model.train or cfg.reward_model.path:
+    if "reward_model" in stage_names(cfg):
         raise ConfigError("distill.teacher replaces the RL reward, and so does a reward model: choose one")
-    if cfg.rl.steps < 1:
-        raise ConfigError("distill.teacher is the RL stage's reward; it needs rl.steps >= 1")
+    if "rl" not in stage_names(cfg):
+        raise ConfigError("distill.teacher is the RL stage's reward; it needs an RL stage (rl.steps >= 1)")
+
+
+def _validate_stages(cfg: Config) -> None:
+    """`stages`: known names, each stage's section configured; with a list, the list alone decides what runs,
+    so a switch that names a stage the list leaves out is a contradiction."""
+    if cfg.stages is None:
+        return
+    valid = ", ".join(STAGES + tuple(STAGE_ALIASES))
+    if not cfg.stages:
+        raise ConfigError(f"config key 'stages' is an empty list; give the stages in order ({valid}), or null "
+                          "for the default order")
+    for s in cfg.stages:
+        if s not in STAGES and s not in STAGE_ALIASES:
+            raise ConfigError(f"config key 'stages' names an unknown stage {s!r}; valid stages: {valid}")
+    names = stage_names(cfg)
+    needs = {"sft": (cfg.sft.steps < 1, f"sft.steps >= 1 (it is {cfg.sft.steps})"),
+             "rl": (cfg.rl.steps < 1, f"rl.steps >= 1 (it is {cfg.rl.steps})")}
+    for name, (missing, what) in needs.items():
+        if name in names and missing:
+            raise ConfigError(f"config key 'stages' has a {name} stage, which needs {what}")
+    if names.count("reward_model") > 1:
+        raise ConfigError("config key 'stages' has reward_model more than once: a run trains (or loads) one reward "
+                          "model, the RL reward of every rl stage after it")
+    if ("reward_model" in names and not cfg.reward_model.path and not cfg.preference.train_file
+            and cfg.task.name != "arithmetic"):
+        raise ConfigError(f"config key 'stages' has a reward_model stage, which needs preference pairs: set "
+                          f"preference.train_file or reward_model.path (task {cfg.task.name!r} cannot make wrong "
+                          "answers by itself)")
+    switches = {"preference.enabled": (cfg.preference.enabled, "preference"),
+                "reward_model.train": (cfg.reward_model.train, "reward_model"),
+                "reward_model.path": (bool(cfg.reward_model.path), "reward_model"),
+                "rejection.enabled": (cfg.rejection.enabled, "rejection")}
+    for key, (on, name) in switches.items():
+        if on and name not in names:
+            raise ConfigError(f"{key} is set but config key 'stages' has no {name} stage: with 'stages' the list "
+                              "alone decides which stages run; add it to the list, or unset the key")
 
 
 def _validate_prm(pc: PRMConfig) -> None:

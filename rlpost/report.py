@@ -92,6 +92,7 @@ class RunData:
     config: dict = field(default_factory=dict)
     rollouts: list[dict] = field(default_factory=list)
     traces: list[str] = field(default_factory=list)
+    eval_x: dict = field(default_factory=dict)  # each evaluation between stages: the RL step it came after
 
     @classmethod
     def load(cls, run_dir: str) -> "RunData":
@@ -100,15 +101,17 @@ class RunData:
         metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
         if not metrics and not os.path.exists(os.path.join(run_dir, "config.yaml")):
             raise FileNotFoundError(f"{run_dir} is not an rlpost run directory (no metrics.jsonl or config.yaml)")
-        by_step = {}
+        by_step, eval_x, last = {}, {}, 0
         for m in metrics:
             if m.get("stage") == "rl" and isinstance(m.get("step"), int):
-                by_step[m["step"]] = m
+                by_step[m["step"]], last = m, m["step"]
+            elif m.get("stage") == "eval" and "after" in m:
+                eval_x[m["after"]] = last
         data = cls(run_dir=run_dir, rl=[by_step[s] for s in sorted(by_step)],
                    sft=[m for m in metrics if m.get("stage") == "sft"],
                    evals=[m for m in metrics if m.get("stage") == "eval"],
                    rollouts=read_jsonl(os.path.join(run_dir, "rollouts.jsonl")),
-                   traces=sorted(glob.glob(os.path.join(run_dir, "profile", "*.json"))))
+                   traces=sorted(glob.glob(os.path.join(run_dir, "profile", "*.json"))), eval_x=eval_x)
         path = os.path.join(run_dir, "summary.json")
         if os.path.exists(path):
             try:
@@ -146,6 +149,11 @@ class RunData:
             node = node[part]
         return node
 
+    def planned_rl_steps(self):
+        """rl.steps times the RL stages of the `stages` list (without a list: rl.steps); None when unknown."""
+        steps, stages = self.setting("rl.steps"), self.setting("stages")
+        return steps * stages.count("rl") if isinstance(steps, int) and isinstance(stages, list) else steps
+
 
 def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average over the finite values of the last `window` points (NaN when there are none)."""
@@ -171,9 +179,9 @@ class Section:
 
 
 def _no_rl_reason(data: RunData) -> str:
-    planned = data.setting("rl.steps")
+    planned = data.planned_rl_steps()
     if planned == 0:
-        return "the run had no RL stage (rl.steps=0)"
+        return "the run had no RL stage" + ("" if data.setting("stages") else " (rl.steps=0)")
     status = data.summary.get("status", "no summary.json")
     return f"no RL step was logged (rl.steps={planned}; status: {status})"
 
@@ -223,6 +231,11 @@ def fig_reward(plt, data: RunData):
         v = _number(data.summary.get(f"pass@1_{label}"))
         if math.isfinite(v):
             right.plot([stage_x[label]], [v], marker, ms=10 if marker == "*" else 7, label=f"pass@1_{label}")
+            drawn = True
+    for label, x in data.eval_x.items():  # the evaluations of a `stages` list: after rejection, rl_2, ...
+        v = _number(data.summary.get(f"pass@1_{label}"))
+        if label not in stage_x and math.isfinite(v):
+            right.plot([x], [v], "o", ms=7, label=f"pass@1_{label}")
             drawn = True
     demo = _number(data.summary.get("demonstrator_accuracy"))
     if math.isfinite(demo):
@@ -511,7 +524,7 @@ table.samples td.step { background: #fff !important; font-weight: bold; }
 
 
 def _header(data: RunData) -> str:
-    s, planned = data.summary, data.setting("rl.steps")
+    s, planned = data.summary, data.planned_rl_steps()
     done = data.rl[-1]["step"] if data.rl else 0
     wall = _number(s.get("wall_seconds"))
     facts = [("run directory", os.path.abspath(data.run_dir)),

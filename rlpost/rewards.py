@@ -7,7 +7,8 @@
 Names (`rlpost rewards` lists them): `exact` (the first line equals row["answer"], numerically when both
 are numbers: the embedded task's verifier), `math` (answer extraction + math-verify equivalence),
 `code` (the completion's program against row["tests"] in the sandbox), `judge` (an LLM grades the
-completion against a rubric). Anything else of the form 'module:function' is the user's own: a function
+completion against a rubric), `format` (the whole completion matches a regular expression: the form, not
+the answer; by default reasoning, then "#### <number>"). Anything else of the form 'module:function' is the user's own: a function
 `(completion, row) -> float`, or a class whose instances are, built with the options.
 
 In a config, `task.reward: math` with `task.reward_options: {...}` picks one, and
@@ -33,6 +34,7 @@ REWARDS = {  # name -> "module:object"; the modules are imported on first use
     "math": "rlpost.env.math:MathReward",
     "code": "rlpost.env.code:CodeReward",
     "judge": "rlpost.env.judge:JudgeReward",
+    "format": "rlpost.env.format:FormatReward",
 }
 
 

@@ -3,7 +3,8 @@
     summary = train(cfg)                          # rlpost train
     summary = train(saved_config(run_dir), resume=run_dir)   # rlpost train --resume RUN_DIR
 
-The stages (rlpost/stages/) come from the config, in this order, each only when it is switched on:
+The stages (rlpost/stages/) come from the config: the `stages` list when it is given (names may repeat:
+R1's rl, rejection, rl), else this order, each only when it is switched on:
 
     sft          supervised steps on the task's demonstrations        checkpoints/sft/
     eval         held-out pass@1 of the policy so far
@@ -13,6 +14,12 @@ The stages (rlpost/stages/) come from the config, in this order, each only when 
     eval         held-out pass@1 after RL
     rejection    fine-tuning on the policy's own verified samples      checkpoints/rejection/
     eval         held-out pass@1 after rejection-sampling SFT
+
+A stage that comes again in the list is its name's second (third, ...) occurrence: its label is `rl_2`,
+and its checkpoints (checkpoints/rl_2/, rl_2_step_<n>/), files and summary keys carry it; an RL stage logs
+its steps after those of the RL stages before it, so metrics.jsonl has one line per RL step of the run.
+An eval is labelled by the stage before it (pass@1_sft, pass@1_dpo after preference, pass@1_rl_2; the first
+one before any training: pass@1_start).
 
 With `distill.teacher` the RL stage's reward is the teacher's per-token reverse KL (rlpost/distill.py).
 
@@ -61,7 +68,7 @@ import yaml
 from rlpost import distributed as dist
 from rlpost.checkpoint import (Checkpoint, clean_partial, list_checkpoints, load_rng_state, remove_step_checkpoints,
                                rng_state, verify, write_checkpoint)
-from rlpost.config import Config, from_dict, to_dict
+from rlpost.config import Config, from_dict, stage_names, to_dict
 from rlpost.models.lora import fold_adapters, is_lora
 
 RUN_FILE = "run.json"
@@ -210,6 +217,22 @@ class Stage:
     changes_weights = False   # a finished stage that changed the policy saves it (checkpoints/<checkpoint>)
     checkpoint = ""           # the folder name of its end-of-stage checkpoint ("" : the stage's name)
     keep_step_checkpoints = False  # False: its mid-stage checkpoints go once the end-of-stage one is written
+    repeat = 1                # the n-th stage of its name in the run (build_stages counts them)
+
+    @property
+    def label(self) -> str:
+        """The name, with `_<n>` for the n-th stage of that name (rl, rl_2): what its checkpoints, files and
+        summary keys are called, so that a repeated stage overwrites nothing of an earlier one."""
+        return self.name if self.repeat == 1 else f"{self.name}_{self.repeat}"
+
+    @property
+    def end_checkpoint(self) -> str:
+        """The folder name of its end-of-stage checkpoint."""
+        return (self.checkpoint or self.name) if self.repeat == 1 else self.label
+
+    def seed(self, ctx: RunContext) -> int:
+        """The run's seed; a repeated stage's is shifted, so that it draws other prompts and samples."""
+        return ctx.seed + 1_000_003 * (self.repeat - 1)
 
     def setup(self, ctx: RunContext) -> None:
         pass
@@ -286,8 +309,28 @@ def config_differences(saved: Config, new: Config) -> list[str]:
 
 # ---------------------------------------------------------------------------- building the run
 
+def eval_labels(names: list[str]) -> list[str | None]:
+    """Each eval's label: the label of the stage before it (`dpo` for preference, `start` for none; `_again`
+    added when an earlier eval has it); None for the other stages."""
+    seen: dict[str, int] = {}
+    used, labels, before = set(), [], "start"
+    for name in names:
+        if name != "eval":
+            seen[name] = seen.get(name, 0) + 1
+            base = "dpo" if name == "preference" else name
+            before = base if seen[name] == 1 else f"{base}_{seen[name]}"
+            labels.append(None)
+            continue
+        label = before
+        while label in used:  # an eval right after another one
+            label += "_again"
+        used.add(label)
+        labels.append(label)
+    return labels
+
+
 def build_stages(cfg: Config) -> list[Stage]:
-    """The run's stages from the config, each given only its own sections."""
+    """The run's stages from the config (`stage_names`), each given only its own sections."""
     from rlpost.stages.evaluate import EvalStage
     from rlpost.stages.preference import PreferenceStage
     from rlpost.stages.rejection import RejectionStage
@@ -298,19 +341,25 @@ def build_stages(cfg: Config) -> list[Stage]:
     def evaluation(label: str) -> EvalStage:
         return EvalStage(cfg.eval, cfg.rollout, label)
 
+    make = {"sft": lambda: SFTStage(cfg.sft, cfg.trainer),
+            "preference": lambda: PreferenceStage(cfg.preference, cfg.rollout, cfg.trainer, cfg.eval),
+            "reward_model": lambda: RewardModelStage(cfg.reward_model, cfg.preference),
+            "rl": lambda: RLStage(cfg.rl, cfg.rollout, cfg.algorithm, cfg.trainer, cfg.critic, evaluation("rl"),
+                                  log_cfg=cfg.log),
+            "rejection": lambda: RejectionStage(cfg.rejection, cfg.rollout, cfg.trainer, cfg.eval)}
+    names = stage_names(cfg)
     stages: list[Stage] = []
-    if cfg.sft.steps > 0:
-        stages.append(SFTStage(cfg.sft, cfg.trainer))
-    stages.append(evaluation("sft" if cfg.sft.steps > 0 else "start"))
-    if cfg.preference.enabled:
-        stages += [PreferenceStage(cfg.preference, cfg.rollout, cfg.trainer, cfg.eval), evaluation("dpo")]
-    if cfg.reward_model.train or cfg.reward_model.path:
-        stages.append(RewardModelStage(cfg.reward_model, cfg.preference))
-    if cfg.rl.steps > 0:
-        stages += [RLStage(cfg.rl, cfg.rollout, cfg.algorithm, cfg.trainer, cfg.critic, evaluation("rl"),
-                           log_cfg=cfg.log), evaluation("rl")]
-    if cfg.rejection.enabled:  # the policy as it ends (after RL, when there is RL) distils its verified samples
-        stages += [RejectionStage(cfg.rejection, cfg.rollout, cfg.trainer, cfg.eval), evaluation("rejection")]
+    count: dict[str, int] = {}
+    rl_steps = 0  # RL steps of the RL stages so far: a later RL stage logs its steps after them
+    for name, label in zip(names, eval_labels(names)):
+        if name == "eval":
+            stages.append(evaluation(label))
+            continue
+        stage = make[name]()
+        count[name] = stage.repeat = count.get(name, 0) + 1
+        if name == "rl":
+            stage.step_offset, rl_steps = rl_steps, rl_steps + cfg.rl.steps
+        stages.append(stage)
     return stages
 
 
@@ -329,7 +378,7 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     task = load_task(cfg.task)
-    rows, demos = task.train_rows + task.eval_rows, task.demonstrations if cfg.sft.steps > 0 else []
+    rows, demos = task.train_rows + task.eval_rows, task.demonstrations if "sft" in stage_names(cfg) else []
     # with an environment, an episode's tokens after the prompt (policy + environment) are its budget
     response_tokens = response_budget(cfg.task, cfg.rollout.max_new_tokens)
     model, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=response_tokens,
@@ -403,7 +452,7 @@ def _resume_point(run_dir: str, stages: list[Stage]) -> Checkpoint | None:
     ckpt = ckpts[-1]
     verify(ckpt, run_dir)
     i = ckpt.meta["stage"]
-    if i >= len(stages) or stages[i].name != ckpt.meta["stage_name"]:
+    if i >= len(stages) or stages[i].label != ckpt.meta["stage_name"]:
         raise ResumeError(f"checkpoint {ckpt.path} belongs to stage {ckpt.meta['stage_name']!r}, which this config "
                           "does not run at that place")
     return ckpt
@@ -414,11 +463,12 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
     `saved_config`); returns the summary (also written to summary.json)."""
     t_start = time.perf_counter()
     stages = build_stages(cfg)
+    has_rl = any(s.name == "rl" for s in stages)
     if cfg.trainer.strategy == "fsdp2":
-        if cfg.rl.steps > 0 and cfg.rl.weight_sync not in ("auto", "copy"):
+        if has_rl and cfg.rl.weight_sync not in ("auto", "copy"):
             raise ValueError(f"trainer.strategy=fsdp2 needs rl.weight_sync=copy or auto (each rank's engine keeps a "
                              f"full copy, refreshed from the gathered weights), not {cfg.rl.weight_sync!r}")
-        if cfg.rl.steps > 0 and cfg.rl.topology != "colocated":
+        if has_rl and cfg.rl.topology != "colocated":
             raise ValueError(f"trainer.strategy=fsdp2 rolls out on every rank (rl.topology=colocated); "
                              f"rl.topology={cfg.rl.topology} with sharded training is not supported yet")
         dist.init()
@@ -453,7 +503,7 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
                                               " (resuming from the start)" if resume else ""))
     say(f"rlpost: model {cfg.model.name} ({sum(p.numel() for p in ctx.model.parameters()) / 1e6:.2f}M params), "
         f"task {ctx.task.name} ({len(ctx.task.train_rows)} train / {len(ctx.task.eval_rows)} held-out prompts); "
-        f"stages: {' -> '.join(s.name for s in stages)}")
+        f"stages: {' -> '.join(s.label for s in stages)}")
     first = 0
     if ckpt is not None:
         ctx.summary.update({k: v for k, v in ckpt.meta["summary"].items() if k not in ("status", "wall_seconds")})
@@ -465,7 +515,7 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
     try:
         with _StopOnSignal(ctx):
             for i, stage in enumerate(stages):
-                ctx.stage_index, ctx.stage_name = i, stage.name
+                ctx.stage_index, ctx.stage_name = i, stage.label
                 if i < first:
                     stage.restore(ctx)
                     continue
@@ -479,7 +529,7 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
                     fold_adapters(ctx.model)
                     ctx.weight_sync.push()
                 if stage.changes_weights or stage.checkpoint:
-                    ctx.save(stage.checkpoint or stage.name, step=0, finished=True, state={},
+                    ctx.save(stage.end_checkpoint, step=0, finished=True, state={},
                              weights=stage.changes_weights)
                     if not stage.keep_step_checkpoints:
                         remove_step_checkpoints(run_dir, i)
@@ -515,26 +565,23 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
 
 
 def print_table(summary: dict) -> None:
-    """The held-out numbers, one line per stage that ran."""
+    """The held-out numbers, one line per evaluation that ran, in the order they ran."""
 
     def pct(v):
         return "   n/a" if v is None else f"{100 * v:5.1f}%"
 
+    names = {"start": "initial model", "sft": "after SFT", "rl": "after RL", "rejection": "after rejection SFT",
+             "dpo": f"after {str(summary.get('preference_loss', 'dpo')).upper()}", "reward_model": "after RM"}
     print("\n  held-out pass@1")
     print("  ---------------------------")
     print(f"  demonstrator        {pct(summary.get('demonstrator_accuracy'))}")
-    if "pass@1_start" in summary:
-        print(f"  initial model       {pct(summary['pass@1_start'])}")
-    if "pass@1_sft" in summary:
-        print(f"  after SFT           {pct(summary['pass@1_sft'])}")
-    if "pass@1_dpo" in summary:
-        print(f"  after {summary['preference_loss'].upper():<14}{pct(summary['pass@1_dpo'])}")
-    if "pass@1_rl" in summary:
-        print(f"  after RL            {pct(summary['pass@1_rl'])}")
-    if "pass@1_rejection" in summary:
-        print(f"  after rejection SFT {pct(summary['pass@1_rejection'])}")
+    for key, value in summary.items():
+        if key.startswith("pass@1_"):
+            label = key[len("pass@1_"):]
+            base, _, n = label.rpartition("_")
+            name = f"{names[base]} ({n})" if n.isdigit() and base in names else names.get(label, f"after {label}")
+            print(f"  {name:<20}{pct(value)}")
     if summary.get("rm_pair_accuracy") is not None:
         print(f"  reward model pairs  {pct(summary['rm_pair_accuracy'])}  (held-out pair accuracy)")
     print(f"  wall-clock          {summary['wall_seconds']:6.1f}s")
     print(f"  run directory       {summary['run_dir']}\n")
-

@@ -29,10 +29,10 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_shipped_names_resolve_and_unknown_names_list_them():
-    assert set(REWARDS) == {"exact", "math", "code", "judge"}
+    assert set(REWARDS) == {"exact", "math", "code", "judge", "format"}
     assert get_reward("exact")("46\nmore", {"answer": "46"}) == 1.0
     assert get_reward("exact")("046", {"answer": "46"}) == 1.0  # by value
-    with pytest.raises(ValueError, match="shipped: exact, math, code, judge"):
+    with pytest.raises(ValueError, match="shipped: exact, math, code, judge, format"):
         get_reward("nope")
 
 
@@ -124,3 +124,22 @@ def test_eval_reward_scores_pass_at_1_by_another_reward_than_the_runs(tiny_gpt, 
     assert EvalStage(load_config(None, []).eval, cfg.rollout, "rl").scorer(ctx) is run_reward
     with pytest.raises(ConfigError, match="eval.reward_options"):
         load_config(None, ["eval.reward_options={a: 1}"])
+
+
+def test_format_reward_checks_the_shape_of_the_whole_completion_not_the_answer():
+    fmt = get_reward("format")  # reasoning, then "#### <number>" and nothing after
+    for right in ("57+32=089;089+18=107;#### 107", "57+32=089;089+18=107;#### 999", "so it is\n#### -3.5",
+                  "  a;#### 7\n"):
+        assert fmt(right, {"answer": "107"}) == 1.0, right
+    for wrong in ("57+32=089;089+18=107", "#### 107", "57+32=089;#### 107;", "x #### 107 apples", "x ####",
+                  "x #### 1#### 2x", ""):
+        assert fmt(wrong, {"answer": "107"}) == 0.0, wrong
+    tags = get_reward("format", pattern=r"<think>.+</think>\s*<answer>.+</answer>")
+    assert tags("<think>7+8=15</think> <answer>15</answer>", {}) == 1.0
+    assert tags("<think>7+8=15</think>15", {}) == 0.0
+    with pytest.raises(ValueError, match="not a regular expression"):
+        get_reward("format", pattern="(")
+    w = WeightedRewards([{"name": "math", "weight": 1.0, "extract": "hash"}, {"name": "format", "weight": 0.5}])
+    assert w.components("57+32=089;089+18=107;#### 107", {"answer": "107"}) == {"math": 1.0, "format": 1.0}
+    assert w("57+32=089;089+18=107;#### 106", {"answer": "107"}) == 0.5
+    assert w("57+32=089;089+18=107", {"answer": "107"}) == 0.0

@@ -1,6 +1,7 @@
 """Evaluation stage: held-out pass@1 of the policy as it is now (rlpost/evaluate.py), into the summary
-as `pass@1_<label>` (start, sft, dpo, rl) and into metrics.jsonl as an `eval` line. Under torchrun every rank
-refreshes its engine (a collective for a sharded policy) and rank 0 alone samples; it hands the result on."""
+as `pass@1_<label>` (the stage before it: start, sft, dpo, rl, rejection, rl_2) and into metrics.jsonl as an
+`eval` line with `after: <label>`. Under torchrun every rank refreshes its engine (a collective for a sharded
+policy) and rank 0 alone samples; it hands the result on."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class EvalStage(Stage):
     name = "eval"
 
     def __init__(self, cfg, rollout_cfg, label: str):
-        self.cfg, self.max_new_tokens, self.label = cfg, rollout_cfg.max_new_tokens, label
+        self.cfg, self.max_new_tokens, self.after = cfg, rollout_cfg.max_new_tokens, label
         self.reward = None
 
     def scorer(self, ctx: RunContext):
@@ -46,10 +47,10 @@ class EvalStage(Stage):
     def run(self, ctx: RunContext) -> None:
         result = self.evaluate(ctx)
         value = result["pass@1"]
-        ctx.summary[f"pass@1_{self.label}"] = value
-        ctx.summary[f"mean_reward_{self.label}"] = result["mean_reward"]
+        ctx.summary[f"pass@1_{self.after}"] = value
+        ctx.summary[f"mean_reward_{self.after}"] = result["mean_reward"]
         ctx.log({"stage": "eval", "step": 0, "eval/pass@1": value, "eval/mean_reward": result["mean_reward"],
-                 "after": self.label})
+                 "after": self.after})
         if dist.is_main():
-            after = "before training" if self.label == "start" else "after " + self.label
+            after = "before training" if self.after == "start" else "after " + self.after
             tqdm.write(f"rlpost: held-out pass@1 ({after}): {value:.3f}")

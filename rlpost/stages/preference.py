@@ -37,13 +37,19 @@ class PreferenceStage(Stage):
     def __init__(self, cfg, rollout_cfg, trainer_cfg, eval_cfg):
         self.cfg, self.rollout_cfg, self.trainer_cfg, self.eval_cfg = cfg, rollout_cfg, trainer_cfg, eval_cfg
 
+    def log(self, ctx: RunContext, record: dict) -> None:
+        """ctx.log; a repeated stage's lines carry its label (preference_2, preference_2_data, ...)."""
+        if self.repeat > 1:
+            record = {**record, "stage": record["stage"].replace("preference", self.label, 1)}
+        ctx.log(record)
+
     def data(self, ctx: RunContext, max_length: int | None):
         pc = self.cfg
         if pc.train_file:
             data = load_preferences(pc.train_file, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
                                     split=pc.split, system_prompt=system_prompt(ctx))
             return data, pc.train_file
-        rng = random.Random(ctx.seed)
+        rng = random.Random(self.seed(ctx))
         rows = ctx.task.train_rows
         rows = [rows[i] for i in rng.sample(range(len(rows)), min(pc.num_prompts, len(rows)))]
         params = SamplingParams(max_new_tokens=self.rollout_cfg.max_new_tokens,
@@ -51,16 +57,16 @@ class PreferenceStage(Stage):
         t0 = time.perf_counter()
         ctx.weight_sync.push()
         pairs, stats = pairs_from_samples(ctx.engine, ctx.verifier, rows, ctx.prompt_ids(rows),
-                                          k=pc.samples_per_prompt, params=params, seed=ctx.seed + 7919,
+                                          k=pc.samples_per_prompt, params=params, seed=self.seed(ctx) + 7919,
                                           batch_prompts=self.eval_cfg.batch_prompts)
         stats["time/pairs"] = time.perf_counter() - t0
-        ctx.log({"stage": "preference_data", "step": 0, **stats})
+        self.log(ctx, {"stage": "preference_data", "step": 0, **stats})
         tqdm.write(f"rlpost: {int(stats['pairs/made'])} preference pairs from {len(rows)} prompts x "
                    f"{pc.samples_per_prompt} samples (sample accuracy {stats['pairs/sample_accuracy']:.3f}; "
                    f"{int(stats['pairs/all_right'])} prompts all right, {int(stats['pairs/all_wrong'])} all wrong)")
         if not pairs:
             raise PreferenceDataError("no preference pairs: no prompt had both a correct and a wrong sample")
-        path = os.path.join(ctx.run_dir, "preference_pairs.jsonl")
+        path = os.path.join(ctx.run_dir, f"{self.label}_pairs.jsonl")  # preference_pairs.jsonl, preference_2_...
         write_preference_rows(pairs, path)
         return tokenize_preferences(pairs, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
                                     system_prompt=system_prompt(ctx)), path
@@ -76,14 +82,17 @@ class PreferenceStage(Stage):
                        + (f"\n  ... and {len(data.skipped) - 10} more" if len(data.skipped) > 10 else ""))
         eval_data = (load_preferences(pc.eval_file, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
                                       split=pc.split, system_prompt=system_prompt(ctx)) if pc.eval_file else None)
-        ctx.summary.update({"preference_loss": loss.name, "preference_data": source,
-                            "preference_examples": len(data), "preference_skipped_rows": len(data.skipped)})
-        ctx.log({"stage": "preference_data", "step": 0, "data/examples": len(data),
-                 "data/skipped_rows": len(data.skipped)})
+        key = self.label  # preference_loss, ...; a repeated stage's: preference_2_loss, ...
+        ctx.summary.update({f"{key}_loss": loss.name, f"{key}_data": source,
+                            f"{key}_examples": len(data), f"{key}_skipped_rows": len(data.skipped)})
+        self.log(ctx, {"stage": "preference_data", "step": 0, "data/examples": len(data),
+                       "data/skipped_rows": len(data.skipped)})
         metrics = train_preference(
             ctx.model, ctx.tokenizer, data, loss, epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
             warmup_steps=pc.warmup_steps, micro_batch_size=pc.micro_batch_size, weight_decay=tc.weight_decay,
-            grad_clip=tc.grad_clip, max_nonfinite_steps=tc.max_nonfinite_steps, seed=ctx.seed, log=ctx.log,
+            grad_clip=tc.grad_clip, max_nonfinite_steps=tc.max_nonfinite_steps, seed=self.seed(ctx),
+            log=lambda record: self.log(ctx, record),
             eval_data=eval_data, precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
             stop=ctx.check_stop)
-        ctx.summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+        ctx.summary.update({k if self.repeat == 1 else f"{key}/{k}": v for k, v in metrics.items()
+                            if k.startswith("eval/")})

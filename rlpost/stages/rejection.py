@@ -32,6 +32,11 @@ from rlpost.stages.rl import prompt_text
 from rlpost.stages.sft import SupervisedStage
 
 SAMPLES_FILE = "rejection_samples.jsonl"
+
+
+def samples_file(label: str) -> str:
+    """rejection_samples.jsonl; a repeated stage's: rejection_2_samples.jsonl."""
+    return SAMPLES_FILE if label == "rejection" else f"{label}_samples.jsonl"
 PROMPT_SEED, SAMPLE_SEED, BATCH_SEED = 1, 104729, 2  # offsets from the run's seed: which prompts, samples, batches
 
 
@@ -73,7 +78,7 @@ class RejectionStage(SupervisedStage):
     def prompt_rows(self, ctx: RunContext) -> list[dict]:
         """`rejection.num_prompts` training rows, drawn without replacement from the run's seed."""
         rows = ctx.task.train_rows
-        rng = random.Random(ctx.seed + PROMPT_SEED)
+        rng = random.Random(self.seed(ctx) + PROMPT_SEED)
         return [rows[i] for i in rng.sample(range(len(rows)), min(self.cfg.num_prompts, len(rows)))]
 
     def sample(self, ctx: RunContext) -> tuple[list[dict], dict[str, float]]:
@@ -89,7 +94,7 @@ class RejectionStage(SupervisedStage):
         kept, drawn, verified, prompts_kept = [], 0, 0, 0
         k = c.samples_per_prompt
         for idx, batch in episodes_in_chunks(ctx.engine, ctx.verifier, rows, prompt_ids, k, params,
-                                             seed=ctx.seed + SAMPLE_SEED, chunk=self.eval_cfg.batch_prompts,
+                                             seed=self.seed(ctx) + SAMPLE_SEED, chunk=self.eval_cfg.batch_prompts,
                                              desc="rejection sampling"):
             rewards = batch.rewards.float()
             rewards = (rewards.sum(1) if rewards.dim() == 2 else rewards).tolist()
@@ -113,11 +118,11 @@ class RejectionStage(SupervisedStage):
 
     def run(self, ctx: RunContext) -> None:
         kept, metrics = self.sample(ctx)
-        with open(os.path.join(ctx.run_dir, SAMPLES_FILE), "w") as f:
+        with open(os.path.join(ctx.run_dir, samples_file(self.label)), "w") as f:
             f.writelines(json.dumps({key: r[key] for key in ("prompt", "completion", "reward")}) + "\n" for r in kept)
-        ctx.log({"stage": "rejection_data", "step": 0, **metrics})
-        ctx.summary["rejection_kept"] = len(kept)
-        ctx.summary["rejection_pass_rate"] = metrics["rejection/pass_rate"]
+        ctx.log({"stage": f"{self.label}_data", "step": 0, **metrics})
+        ctx.summary[f"{self.label}_kept"] = len(kept)
+        ctx.summary[f"{self.label}_pass_rate"] = metrics["rejection/pass_rate"]
         m = metrics
         tqdm.write(f"rlpost: rejection sampling kept {len(kept)} of {int(m['rejection/samples'])} samples (pass rate "
                    f"{m['rejection/pass_rate']:.3f}; {100 * m['rejection/prompts_kept_frac']:.1f}% of "
@@ -128,5 +133,5 @@ class RejectionStage(SupervisedStage):
         trained = [r["trained"] for r in kept]
         self.set_examples([r["prompt_ids"] for r in kept], [r["completion_ids"] for r in kept],
                           None if all(all(t) for t in trained) else trained)
-        self.build_trainer(ctx, seed=ctx.seed + BATCH_SEED)
+        self.build_trainer(ctx, seed=self.seed(ctx) + BATCH_SEED)
         self.train(ctx)

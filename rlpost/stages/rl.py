@@ -8,6 +8,8 @@ or a learned reward model) and the engine and weight sync are the run's.
 
 Every `rl.eval_every` steps it measures held-out pass@1; every `rl.save_every` steps it writes
 checkpoints/step_<n>/ (the newest `rl.keep_checkpoints` are kept); it ends with checkpoints/final/.
+A second RL stage of the run (`stages: [..., rl, ..., rl]`) is `rl_2`: checkpoints/rl_2_step_<n>/, rl_2/ and
+rl_2_reference/, its own seed, and its steps logged after the first stage's (metrics.jsonl, rollouts.jsonl).
 Every `log.rollouts_every` steps it appends the step's samples to rollouts.jsonl, one line each (prompt,
 completion, reward, finish reason, policy version, the sampling log-probs, length); a resume drops the
 lines of steps after its checkpoint, as run.py drops metrics.jsonl's.
@@ -153,6 +155,7 @@ class RLStage(Stage):
     changes_weights = True
     checkpoint = "final"
     keep_step_checkpoints = True
+    step_offset = 0  # RL steps of the run's RL stages before this one: its step n is logged as step_offset + n
 
     def __init__(self, cfg, rollout_cfg, algorithm_cfg: dict, trainer_cfg, critic_cfg, evaluation, log_cfg=None):
         self.cfg, self.rollout_cfg, self.algorithm_cfg = cfg, rollout_cfg, algorithm_cfg
@@ -172,7 +175,7 @@ class RLStage(Stage):
         self.trainer = Trainer(model, lr=tc.lr, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
                                micro_batch_size=tc.micro_batch_size, max_nonfinite_steps=tc.max_nonfinite_steps,
                                temperature=rc.temperature, epochs=tc.epochs, minibatches=tc.minibatches,
-                               critic=self.critic, critic_lr=self.critic_cfg.lr, seed=ctx.seed,
+                               critic=self.critic, critic_lr=self.critic_cfg.lr, seed=self.seed(ctx),
                                precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
                                schedule=schedule, strategy=tc.strategy)
         if tc.compile:  # after the reference (and a separate critic) copied the eager policy
@@ -186,7 +189,7 @@ class RLStage(Stage):
         self.controller = Controller(
             rows=rows, prompt_ids=ctx.prompt_ids(rows), engine=engine, reward=ctx.rl_reward,
             reference=self.reference, algorithm=self.algorithm, trainer=self.trainer, weight_sync=self.weight_sync,
-            params=params, prompts_per_step=rc.prompts_per_step, k=rc.k, seed=ctx.seed, critic=self.critic,
+            params=params, prompts_per_step=rc.prompts_per_step, k=rc.k, seed=self.seed(ctx), critic=self.critic,
             max_refill_rounds=rc.max_refill_rounds, pipeline=pipeline, max_staleness=self.cfg.max_staleness,
             steps=self.cfg.steps, shard=(dist.rank(), dist.world_size()) if tc.strategy == "fsdp2" else (0, 1))
 
@@ -231,13 +234,21 @@ class RLStage(Stage):
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
         if self.reference is not None and not self.reference.shares_policy:  # the policy as the stage started
-            load_weights(self.reference.model, os.path.join(ctx.run_dir, "checkpoints", "reference"))
+            load_weights(self.reference.model, os.path.join(ctx.run_dir, "checkpoints", self.reference_folder))
         self.weight_sync.load_state_dict(state["weight_sync"])
 
     def save(self, ctx: RunContext) -> None:
         state = {**self.state_dict(), "weight_sync": self.weight_sync.state_dict()}
-        ctx.save(f"step_{self.step}", step=self.step, finished=False, state=state, weights=True)
-        prune(ctx.run_dir, self.cfg.keep_checkpoints, "step_")
+        ctx.save(f"{self.step_prefix}{self.step}", step=self.step, finished=False, state=state, weights=True)
+        prune(ctx.run_dir, self.cfg.keep_checkpoints, self.step_prefix)
+
+    @property
+    def step_prefix(self) -> str:
+        return "step_" if self.repeat == 1 else f"{self.label}_step_"
+
+    @property
+    def reference_folder(self) -> str:
+        return "reference" if self.repeat == 1 else f"{self.label}_reference"
 
     def profile_path(self, ctx: RunContext, step: int) -> str | None:
         """RUN_DIR/profile/rl_step_<step>.json when trainer.profile_steps asks for this step (rank 0 only)."""
@@ -248,13 +259,14 @@ class RLStage(Stage):
     def run(self, ctx: RunContext) -> None:
         c = self.cfg
         if self.step == 0 and self.reference is not None and not self.reference.shares_policy and dist.is_main():
-            write_model_folder(ctx.run_dir, "reference", lambda f: save_model(self.reference.model, ctx.tokenizer, f))
+            write_model_folder(ctx.run_dir, self.reference_folder, lambda f: save_model(self.reference.model, ctx.tokenizer, f))
         if dist.is_main():  # a resume: the samples of steps after the checkpoint are sampled again
-            trim_rollouts(ctx.run_dir, self.step)
+            trim_rollouts(ctx.run_dir, self.step_offset + self.step)
         bar = progress(range(self.step + 1, c.steps + 1), initial=self.step, total=c.steps,
                        desc=f"rl/{self.algorithm.name}")
         for step in bar:
-            trace = self.profile_path(ctx, step)
+            n = self.step_offset + step  # the run's RL step: what metrics.jsonl, rollouts.jsonl and the console show
+            trace = self.profile_path(ctx, n)
             with profiled(trace):
                 metrics = self.controller.step(step)
             if c.eval_every and step % c.eval_every == 0 and step != c.steps:
@@ -262,11 +274,11 @@ class RLStage(Stage):
                 metrics["eval/pass@1"], metrics["eval/mean_reward"] = result["pass@1"], result["mean_reward"]
             if self.rollouts_every and step % self.rollouts_every == 0 and dist.is_main():
                 # sharded: rank 0's share of the step's prompts
-                append_rollouts(ctx.run_dir, sample_records(step, self.controller.sampled, ctx.tokenizer))
-            ctx.log({"stage": "rl", "step": step, **metrics})
+                append_rollouts(ctx.run_dir, sample_records(n, self.controller.sampled, ctx.tokenizer))
+            ctx.log({"stage": "rl", "step": n, **metrics})
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
             if dist.is_main():
-                tqdm.write(step_line(step, metrics) + (f" | pass@1 {metrics['eval/pass@1']:.3f}"
+                tqdm.write(step_line(n, metrics) + (f" | pass@1 {metrics['eval/pass@1']:.3f}"
                                                        if "eval/pass@1" in metrics else "")
                            + (f" | profile: {trace}" if trace else ""))
             self.step = step

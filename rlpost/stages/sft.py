@@ -94,7 +94,7 @@ class SupervisedStage(Stage):
         self.trainer.load_state_dict(state["trainer"])
 
     def save(self, ctx: RunContext) -> None:
-        ctx.save(f"{self.name}_step_{self.step}", step=self.step, finished=False, state=self.state_dict(),
+        ctx.save(f"{self.label}_step_{self.step}", step=self.step, finished=False, state=self.state_dict(),
                  weights=True)
 
     def train(self, ctx: RunContext) -> None:
@@ -102,7 +102,7 @@ class SupervisedStage(Stage):
         `save_every`, a checkpoint every that many steps. A stop request stops at the step boundary, after a
         checkpoint when the stage is `resumable` (else a resume runs the stage again from its start)."""
         c, pad, resumable = self.cfg, ctx.tokenizer.pad_token_id, self.resumable
-        bar = progress(range(self.step, c.steps), initial=self.step, total=c.steps, desc=self.name)
+        bar = progress(range(self.step, c.steps), initial=self.step, total=c.steps, desc=self.label)
         for step in bar:
             idx = [self.rng.randrange(len(self.prompts)) for _ in range(c.batch_size)]
             batch = sft_batch([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad,
@@ -110,7 +110,7 @@ class SupervisedStage(Stage):
             metrics = self.trainer.step(batch, nll_loss)
             bar.set_postfix(nll=f"{metrics['sft/nll']:.3f}")
             if step % 50 == 0 or step == c.steps - 1:
-                ctx.log({"stage": self.name, "step": step, **metrics})
+                ctx.log({"stage": self.label, "step": step, **metrics})
             self.step = step + 1
             if resumable and self.save_every and self.step % self.save_every == 0 and self.step < c.steps:
                 self.save(ctx)
@@ -134,7 +134,7 @@ class SFTStage(SupervisedStage):
         # multi-turn demonstrations: environment tokens sit in the sequence but are not imitated
         trained = [t for _, t in encoded] if any(not isinstance(r["completion"], str) for r in demos) else None
         self.set_examples(ctx.prompt_ids(demos), [ids for ids, _ in encoded], trained)
-        self.build_trainer(ctx, seed=ctx.seed)
+        self.build_trainer(ctx, seed=self.seed(ctx))
 
     def run(self, ctx: RunContext) -> None:
         self.train(ctx)

@@ -168,7 +168,7 @@ def _embedded_task(cfg) -> Task | None:
         from rlpost.tasks.multistep import multistep_task
 
         return multistep_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
-                              error_rate=cfg.demonstrator_error)
+                              error_rate=cfg.demonstrator_error, format_rate=cfg.answer_format_rate)
     if cfg.name == "functions":
         from rlpost.tasks.programs import functions_task
 

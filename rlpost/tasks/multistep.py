@@ -13,6 +13,10 @@ The demonstrator slips on a fraction `error_rate` of the problems: one digit of 
 is wrong and the rest of its reasoning carries the mistake through (as a careless solver's would), or
 the slip is in the last sum. SFT imitates reasoning and slips alike; RL against the verifier removes
 the slips.
+
+With `format_rate` < 1 (task.answer_format_rate) only that fraction of the demonstrations ends with
+";#### <answer>"; the others stop after the last sum ("57+32=089;089+18=107"), which the verifier cannot
+read: recipes/r1_zero.yaml's base model, which RL with a format reward teaches to write the answer format.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def solve(a: int, b: int, c: int, w: int, error_rate: float, rng: random.Random)
 
 
 def multistep_task(seed: int = 1234, max_operand: int = 99, num_eval: int = 500, error_rate: float = 0.35,
-                   num_train: int = 20000) -> Task:
+                   num_train: int = 20000, format_rate: float = 1.0) -> Task:
     if not 0.0 <= error_rate <= 1.0:
         raise ValueError(f"task.demonstrator_error must be in [0, 1], got {error_rate}")
     rng = random.Random(seed)
@@ -61,6 +65,10 @@ def multistep_task(seed: int = 1234, max_operand: int = 99, num_eval: int = 500,
 
     eval_p, train_p = problems[:num_eval], problems[num_eval:]
     demos = [{**row(p), "completion": solve(*p, w, error_rate, rng)} for p in train_p]
+    if format_rate < 1.0:  # only some demonstrations end in the answer format; the rest stop after the last sum
+        keep = random.Random(seed + 1)
+        demos = [d if keep.random() < format_rate else {**d, "completion": d["completion"].rsplit(";####", 1)[0]}
+                 for d in demos]
     right = [int(solve(*p, w, error_rate, rng).rsplit("#### ", 1)[1]) == sum(p) for p in eval_p]
     return Task("multistep", [row(p) for p in train_p], [row(p) for p in eval_p], demos, ALPHABET,
                 sum(right) / len(right))

@@ -1,0 +1,125 @@
+"""The `stages` list: None keeps the fixed order of every recipe; a list runs its stages in order, a repeated
+stage (R1's second RL) with its own checkpoints, eval label, RL step numbers and summary keys, resumable in
+the middle of the repeat; names and unconfigured sections fail at load time."""
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_resume import ROOT, TINY, command, comparable, run_to_end
+
+from rlpost.checkpoint import list_checkpoints
+from rlpost.config import ConfigError, load_config, stage_names
+from rlpost.run import build_stages, train
+
+R1_SHAPE = "stages=[sft, eval, rl, eval, rejection, eval, rl, eval]"
+REJECTION = ["rejection.num_prompts=16", "rejection.samples_per_prompt=4", "rejection.steps=3",
+             "rejection.batch_size=8", "rejection.success_threshold=0.0"]  # keeps every sample: the tiny model is bad
+
+
+def described(cfg):
+    """Each stage as the run prints it, evals with their label."""
+    return [f"eval:{s.after}" if s.name == "eval" else s.label for s in build_stages(cfg)]
+
+
+@pytest.mark.parametrize("recipe, expected", [
+    (None, ["sft", "eval:sft", "rl", "eval:rl"]),
+    ("recipes/tulu3.yaml", ["sft", "eval:sft", "preference", "eval:dpo", "rl", "eval:rl"]),
+    ("recipes/instructgpt.yaml", ["sft", "eval:sft", "reward_model", "rl", "eval:rl"]),
+    ("recipes/rejection_sft.yaml", ["sft", "eval:sft", "rl", "eval:rl", "rejection", "eval:rejection"]),
+    ("recipes/lora.yaml", ["eval:start", "rl", "eval:rl"]),
+])
+def test_without_a_list_the_order_is_the_fixed_one(recipe, expected):
+    cfg = load_config(recipe)
+    assert cfg.stages is None and described(cfg) == expected
+    checkpoints = [s.end_checkpoint for s in build_stages(cfg) if s.changes_weights or s.checkpoint]
+    assert checkpoints == [{"rl": "final", "reward_model": "after_reward_model"}.get(n, n) for n in expected
+                           if not n.startswith("eval")]
+
+
+def test_a_list_names_the_stages_in_order_with_repeats_labelled():
+    cfg = load_config(None, [R1_SHAPE])
+    assert described(cfg) == ["sft", "eval:sft", "rl", "eval:rl", "rejection", "eval:rejection", "rl_2", "eval:rl_2"]
+    rl, rl_2 = [s for s in build_stages(cfg) if s.name == "rl"]
+    assert (rl.end_checkpoint, rl.step_prefix, rl.reference_folder, rl.step_offset) == ("final", "step_", "reference", 0)
+    assert (rl_2.end_checkpoint, rl_2.step_prefix, rl_2.reference_folder, rl_2.step_offset) == (
+        "rl_2", "rl_2_step_", "rl_2_reference", cfg.rl.steps)
+    cfg = load_config(None, ["stages=[eval, dpo, eval, eval, sft, sft]", "preference.num_prompts=8"])
+    assert stage_names(cfg) == ["eval", "preference", "eval", "eval", "sft", "sft"]
+    assert described(cfg) == ["eval:start", "preference", "eval:dpo", "eval:dpo_again", "sft", "sft_2"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["stages=[sft, grpo]"], ("unknown stage 'grpo'; valid stages: sft, preference, reward_model, rl, rejection, "
+                              "eval, dpo")),
+    (["stages=[]"], "empty list"),
+    (["stages=[sft, rl]", "rl.steps=0"], "rl stage, which needs rl.steps >= 1"),
+    (["stages=[sft, rl]", "sft.steps=0"], "sft stage, which needs sft.steps >= 1"),
+    (["stages=[sft, reward_model, rl, reward_model, rl]"], "reward_model more than once"),
+    (["stages=[sft, reward_model, rl]", "task.name=multistep"], "reward_model stage, which needs preference pairs"),
+    (["stages=[sft, preference, rl]", "task.name=multiply", "task.env=calculator"], "preference.train_file"),
+    (["stages=[sft, eval, rl, eval]", "rejection.enabled=true"], "rejection.enabled is set but .* no rejection"),
+    (["stages=[sft, rl]", "reward_model.train=true"], "reward_model.train is set but .* no reward_model"),
+    (["stages=sft"], "expects list"),
+])
+def test_bad_lists_fail_at_load_time_naming_the_problem(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_a_repeated_rl_stage_runs_twice_writing_its_own_checkpoints_labels_and_steps(tmp_path):
+    s = train(load_config(None, [*TINY, R1_SHAPE, *REJECTION, "log.rollouts_every=1", f"out_dir={tmp_path}",
+                                 "run_name=r1"]))
+    run = tmp_path / "r1"
+    assert s["status"] == "ok"
+    assert [k for k in s if k.startswith("pass@1_")] == ["pass@1_sft", "pass@1_rl", "pass@1_rejection",
+                                                         "pass@1_rl_2"]
+    names = {c.name for c in list_checkpoints(run)}
+    assert {"sft", "final", "rejection", "rl_2", "step_4", "step_6", "rl_2_step_4", "rl_2_step_6"} <= names
+    assert (run / "checkpoints" / "reference").is_dir() and (run / "checkpoints" / "rl_2_reference").is_dir()
+    # the second RL stage trained the policy on: its weights are not the first stage's
+    first, second = (load_file(run / "checkpoints" / d / "model.safetensors") for d in ("final", "rl_2"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["stage"] == "rl"] == list(range(1, 17))  # 8 + 8, one line each
+    assert [m["after"] for m in lines if m["stage"] == "eval"] == ["sft", "rl", "rejection", "rl_2"]
+    rollouts = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rollouts}) == list(range(1, 17))
+    pytest.importorskip("matplotlib")
+    from rlpost.report import build_report
+
+    with open(build_report(str(run))) as f:
+        assert "<b>16 of 16</b>" in f.read()  # the header counts the RL steps of both stages
+
+
+def test_a_run_killed_inside_the_repeated_rl_stage_resumes_to_the_same_run(tmp_path):
+    args = [*TINY, "stages=[sft, eval, rl, eval, rl, eval]"]
+    run_to_end([*args, f"out_dir={tmp_path}", "run_name=ref"], tmp_path)
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
+           "HF_HUB_OFFLINE": "1", "RLPOST_TEST_KILL_AFTER": str(run / "checkpoints" / "rl_2_step_4")}
+    p = subprocess.run(command(*args, f"out_dir={tmp_path}", "run_name=killed",
+                               "task.reward=test_resume:reward_that_kills_its_run"),
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert (run / "checkpoints" / "final").is_dir() and not (run / "checkpoints" / "rl_2").exists()
+    out = run_to_end(["--resume", str(run)], tmp_path)
+    assert "resuming from" in out and "rl_2_step_4" in out, out
+    ref = tmp_path / "ref"
+    assert comparable(ref) == comparable(run)
+    for folder in ("final", "rl_2"):
+        a, b = (load_file(d / "checkpoints" / folder / "model.safetensors") for d in (ref, run))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
+    assert sa["pass@1_rl"] == sb["pass@1_rl"] and sa["pass@1_rl_2"] == sb["pass@1_rl_2"] and sb["status"] == "ok"
+
+
+def test_rlpost_dpo_refuses_a_stage_list(capsys):
+    from rlpost.cli import main
+
+    assert main(["dpo", "stages=[sft, dpo, eval]"]) == 2
+    assert "runs with `rlpost train`" in capsys.readouterr().err
