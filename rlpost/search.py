@@ -75,6 +75,7 @@ class Searcher:
         self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
         self._calls = 0
         self._answers: dict[str, object] = {}  # completion text -> its final answer (majority vote)
+        self._scores: dict[str, dict[tuple, object]] = {}  # "orm"/"prm" -> (prompt, response) -> its score(s)
 
     # -- generation ---------------------------------------------------------------------------------------
 
@@ -141,11 +142,17 @@ class Searcher:
             for t in set(texts) - self._answers.keys():
                 self._answers[t] = self.answer_key(t)
             keys = [self._answers[t] for t in texts]
-        elif method == "bon_orm":
-            keys = self.orm_scores(flat_p, flat_r)
-        else:
-            agg = AGGREGATES[method.rsplit("_", 1)[1]]
-            keys = [agg(s) for s in self.prm_scores(flat_p, flat_r)]
+        else:  # each sample is scored once, whatever the N and the aggregate
+            model = "orm" if method == "bon_orm" else "prm"
+            score = self.orm_scores if model == "orm" else self.prm_scores
+            cache = self._scores.setdefault(model, {})
+            new = list({(tuple(p), tuple(r)): (p, r) for p, r in zip(flat_p, flat_r)
+                        if (tuple(p), tuple(r)) not in cache}.items())
+            for (key, _), value in zip(new, score([p for _, (p, _) in new], [r for _, (_, r) in new])):
+                cache[key] = value
+            keys = [cache[(tuple(p), tuple(r))] for p, r in zip(flat_p, flat_r)]
+            if model == "prm":
+                keys = [AGGREGATES[method.rsplit("_", 1)[1]](s) for s in keys]
         picks, at = [], 0
         for c in cands:
             ks = keys[at:at + len(c)]
