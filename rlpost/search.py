@@ -256,6 +256,25 @@ class Searcher:
         return best[1] if best is not None else node.response
 
 
+class StepCheckPRM:
+    """The chain-of-thought task's own step check as a PRM (`rlpost search --prm step-check`): a step scores 1
+    when it and every step before it write the right partial sums, else 0. No learned PRM can do better, so
+    it separates what a search method gains from what its PRM gets wrong."""
+
+    def __init__(self, tokenizer, sep: str = ";"):
+        self.tokenizer, self.sep = tokenizer, sep
+
+    def step_scores(self, prompts: list[list[int]], responses: list[list[int]], ends: list[list[int]],
+                    pad_id: int) -> list[list[float]]:
+        from rlpost.tasks.multistep import step_truth
+
+        out = []
+        for p, r, e in zip(prompts, responses, ends):
+            truth = step_truth(self.tokenizer.decode(r), {"prompt": self.tokenizer.decode(p)}, self.sep)
+            out.append([float(all(truth[:j + 1])) for j in range(len(e))])
+        return out
+
+
 # ---------------------------------------------------------------------------- the table
 
 def run_search(searcher: Searcher, rows: list[dict], prompts: list[list[int]], verify: Callable[[str, dict], float],
@@ -332,6 +351,9 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     cfg = load_config(recipe, overrides)
     if not os.path.isdir(policy):
         raise ValueError(f"rlpost search: {policy} is not a run directory or a model folder")
+    for name, folder in (("--prm", prm), ("--orm", orm)):
+        if folder and folder != "step-check" and not os.path.isdir(folder):
+            raise ValueError(f"rlpost search: {name} {folder}: no such model folder")
     if not ns or min(ns) < 1:
         raise ValueError(f"rlpost search: --n takes budgets >= 1, got {ns}")
     methods = methods or [m for m in METHODS if (orm or m != "bon_orm")
@@ -346,7 +368,10 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     task = load_task(cfg.task)
     model, tokenizer = load_model(cfg.model, task.alphabet)
     model.eval()
-    prm_model = ProcessRewardModel.load(prm)[0] if prm else None
+    if prm == "step-check" and task.name != "multistep":
+        raise ValueError(f"--prm step-check is the chain-of-thought task's own step check; task {task.name!r} has none")
+    prm_model = (StepCheckPRM(tokenizer, cfg.prm.separator) if prm == "step-check"
+                 else ProcessRewardModel.load(prm)[0] if prm else None)
     orm_model = RewardModel.load(orm)[0] if orm else None
     verify = reward_from_config(cfg.task, task.verify)
     rows = task.eval_rows[:problems] if problems else task.eval_rows

@@ -20,7 +20,7 @@ from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
 from rlpost.prm import ProcessRewardModel, StepExample, evaluate_prm, fit_prm, mc_step_labels, step_ends
 from rlpost.reward_model import RewardModel
 from rlpost.rollout import assemble
-from rlpost.search import AGGREGATES, Searcher, markdown_table, run_search
+from rlpost.search import AGGREGATES, Searcher, StepCheckPRM, markdown_table, run_search
 from rlpost.stages.prm import outcome_pairs
 from rlpost.tasks.multistep import ALPHABET, multistep_task, step_truth
 
@@ -89,18 +89,6 @@ class StepSolver:
 
     def close(self):
         pass
-
-
-class TruthSearcher(Searcher):
-    """A searcher whose PRM is the task's own step check: a step scores 1 when it and every step before it are
-    right (the best any PRM could do)."""
-
-    def prm_scores(self, prompts, responses):
-        out = []
-        for p, r in zip(prompts, responses):
-            truth = step_truth(self.tokenizer.decode(r), {"prompt": self.tokenizer.decode(p)})
-            out.append([float(all(truth[:j + 1])) for j in range(len(step_ends(r, self.tokenizer)))])
-        return out
 
 
 def problems(n=60, seed=0):
@@ -214,9 +202,10 @@ def test_outcome_pairs_put_each_verified_solution_against_a_wrong_one_of_the_sam
 
 # ---------------------------------------------------------------------------- search
 
-def searcher(cls=TruthSearcher, p=0.5, width=4):
+def searcher(p=0.5, width=4):
+    """The scripted solver searched with the task's own step check as its PRM (the best any PRM could do)."""
     tok = tokenizer()
-    return cls(StepSolver(tok, p), tok, max_new_tokens=32, width=width, seed=1,
+    return Searcher(StepSolver(tok, p), tok, max_new_tokens=32, prm=StepCheckPRM(tok), width=width, seed=1,
                answer_key=lambda text: text.rsplit("####", 1)[-1].strip() if "####" in text else None)
 
 
@@ -328,3 +317,8 @@ def test_prm_and_search_commands_end_to_end(tmp_path, capsys):
     assert main(["search", str(tmp_path / "sft"), "--methods", "bon_orm", "--n", "1", "--problems", "2",
                  "--out", str(out)]) == 1
     assert "needs an outcome reward model (--orm)" in capsys.readouterr().err
+    assert main(["search", str(tmp_path / "sft"), "--prm", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert "--prm" in capsys.readouterr().err
+    assert main(["search", str(tmp_path / "sft"), "--prm", "step-check", "--methods", "beam", "--n", "4",
+                 "--problems", "4", "--out", str(out)]) == 0
+    assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["beam"]
