@@ -270,6 +270,14 @@ class PRMConfig:
     lr: float = opt(1e-4, "AdamW learning rate of the PRM")
     orm: bool = opt(True, "also fit the Bradley-Terry outcome reward model on the same samples (a right against a "
                           "wrong solution of one problem; reward_model.epochs / batch_size / lr)")
+    path: str | None = opt(None, "process rewards in RL: a PRM folder (a `rlpost prm` run's checkpoints/prm) with the "
+                                 "policy's tokenizer; the RL reward becomes the verifier's outcome on the last "
+                                 "token plus coef x the PRM's reward of each step on the step's last token "
+                                 "(None: off)")
+    coef: float = opt(1.0, "weight of the PRM's step rewards against the outcome (1 on a right answer)")
+    reward: str = opt("delta", "a step's reward: 'delta', its PRM score minus the previous step's (a response's "
+                               "steps sum to coef x the final score, whatever their number), or 'score', the "
+                               "score itself (pays every step, so longer solutions collect more)")
 
 
 @dataclass
@@ -520,6 +528,7 @@ def _validate(cfg: Config) -> None:
     _validate_rejection_and_distill(cfg)
     _validate_prm(cfg.prm)
     _validate_stages(cfg)
+    _validate_process_reward(cfg)
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -650,6 +659,23 @@ def _validate_prm(pc: PRMConfig) -> None:
             raise ConfigError(f"config key 'prm.{key}' must be >= 1, got {getattr(pc, key)}")
     if not pc.separator:
         raise ConfigError("config key 'prm.separator' must be a non-empty string (the text that ends a step)")
+    if pc.reward not in ("score", "delta"):
+        raise ConfigError(f"config key 'prm.reward' is {pc.reward!r}; valid values: score, delta")
+
+
+def _validate_process_reward(cfg: Config) -> None:
+    if cfg.prm.path is None:
+        return
+    if cfg.task.env:
+        raise ConfigError("prm.path scores single-turn solutions step by step; with task.env the environment is "
+                          "the reward")
+    if cfg.distill.teacher:
+        raise ConfigError("prm.path and distill.teacher both replace the RL reward: choose one")
+    if cfg.reward_model.train or cfg.reward_model.path:
+        raise ConfigError("prm.path adds process rewards to the verifier's outcome, and a reward model replaces "
+                          "the verifier: choose one")
+    if cfg.rl.steps < 1:
+        raise ConfigError("prm.path is the RL stage's reward; it needs rl.steps >= 1")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:

@@ -84,8 +84,10 @@ def vocabulary(tokenizer) -> dict[str, int]:
 
 
 def check_same_tokenizer(student_tok, teacher_tok, prompts: list, system: str | None = None,
-                         where: str = "the teacher") -> None:
-    """Raise a ValueError naming the difference when the two tokenizers do not give the same ids."""
+                         where: str = "the teacher",
+                         why: str = "distillation scores the student's token ids with the teacher") -> None:
+    """Raise a ValueError naming the difference when the two tokenizers do not give the same ids (`why`: what
+    needs them to)."""
     a, b = vocabulary(student_tok), vocabulary(teacher_tok)
     if a != b:
         only_s = sorted(set(a) - set(b))[:5]
@@ -93,8 +95,8 @@ def check_same_tokenizer(student_tok, teacher_tok, prompts: list, system: str | 
         moved = sorted(t for t in set(a) & set(b) if a[t] != b[t])[:5]
         raise ValueError(f"{where} has another vocabulary than the student ({len(b)} tokens against {len(a)}; "
                          f"only the student's: {only_s}, only the teacher's: {only_t}, other ids: {moved}): "
-                         "distillation scores the student's token ids with the teacher, so both must share a "
-                         "tokenizer (distil from a model of the same family, or from a checkpoint of this task)")
+                         f"{why}, so both must share a tokenizer (use a model of the same family, or one made "
+                         "from a checkpoint of this task)")
     if student_tok.eos_token_id != teacher_tok.eos_token_id:
         raise ValueError(f"{where} ends responses with token {teacher_tok.eos_token_id}, the student with "
                          f"{student_tok.eos_token_id}: both must share a tokenizer")

@@ -21,7 +21,8 @@ its steps after those of the RL stages before it, so metrics.jsonl has one line 
 An eval is labelled by the stage before it (pass@1_sft, pass@1_dpo after preference, pass@1_rl_2; the first
 one before any training: pass@1_start).
 
-With `distill.teacher` the RL stage's reward is the teacher's per-token reverse KL (rlpost/distill.py).
+With `distill.teacher` the RL stage's reward is the teacher's per-token reverse KL (rlpost/distill.py); with
+`prm.path` it is the verifier's outcome plus a process reward model's step rewards (rlpost/process_reward.py).
 
 The run directory:
 
@@ -400,6 +401,11 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
 
         rl_reward = load_teacher_reward(cfg.distill, cfg.model, tokenizer, cfg.rollout.temperature, verifier,
                                         [r["prompt"] for r in task.train_rows[:16]], system=task.system_prompt)
+    if cfg.prm.path:  # process rewards: the PRM's step rewards at the step ends, plus the verifier's outcome
+        from rlpost.process_reward import load_process_reward
+
+        rl_reward = load_process_reward(cfg.prm, tokenizer, verifier, [r["prompt"] for r in task.train_rows[:16]],
+                                        system=task.system_prompt)
     summary = {"run_dir": run_dir, "demonstrator_accuracy": task.demonstrator_accuracy, "status": "running"}
     return RunContext(run_dir=run_dir, seed=cfg.seed, model=model, tokenizer=tokenizer, task=task, engine=engine,
                       weight_sync=weight_sync, verifier=verifier, log=log, summary=summary, rl_reward=rl_reward)
