@@ -104,6 +104,25 @@ def pass_at_1(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, 
 
 # ---------------------------------------------------------------------------- the command
 
+def checkpoint_config(checkpoint: str, recipe: str | None, overrides: list[str], command: str):
+    """(config, run directory or None) of a command that reads a checkpoint: the recipe given, else the run
+    directory's config.yaml, with the overrides; model.name set to the checkpoint's weights (a run directory's
+    newest, or the model folder itself)."""
+    import os
+
+    from rlpost.config import load_config
+    from rlpost.curate import resolve_model
+
+    run_dir = checkpoint if os.path.isfile(os.path.join(checkpoint, "config.yaml")) else None
+    if recipe is None and run_dir is not None:
+        recipe = os.path.join(run_dir, "config.yaml")
+    cfg = load_config(recipe, overrides)
+    if not os.path.isdir(checkpoint):
+        raise ValueError(f"{command}: {checkpoint} is not a run directory or a model folder")
+    cfg.model.name = resolve_model(checkpoint)
+    return cfg, run_dir
+
+
 def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: list[int], samples: int | None,
              out: str | None) -> dict:
     """`rlpost eval CHECKPOINT`: the task's held-out rows sampled from CHECKPOINT's weights and scored by the
@@ -117,20 +136,12 @@ def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: l
 
     import torch
 
-    from rlpost.config import load_config
-    from rlpost.curate import resolve_model
     from rlpost.models import encode_prompt, load_model
     from rlpost.rewards import eval_reward_role, reward_role
     from rlpost.rollout import build_engine
     from rlpost.tasks import load_task
 
-    run_dir = checkpoint if os.path.isfile(os.path.join(checkpoint, "config.yaml")) else None
-    if recipe is None and run_dir is not None:
-        recipe = os.path.join(run_dir, "config.yaml")
-    cfg = load_config(recipe, overrides)
-    if not os.path.isdir(checkpoint):
-        raise ValueError(f"rlpost eval: {checkpoint} is not a run directory or a model folder")
-    cfg.model.name = resolve_model(checkpoint)
+    cfg, run_dir = checkpoint_config(checkpoint, recipe, overrides, "rlpost eval")
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)
     model, tokenizer = load_model(cfg.model, task.alphabet)

@@ -33,18 +33,15 @@ have seen the same data.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from rlpost import distributed as dist
 from rlpost.models import position_ids_for
 from rlpost.progress import progress
-from rlpost.reward_model import RewardModel
+from rlpost.reward_model import RewardModel, fit_epochs
 from rlpost.rollout import SamplingParams
 
 PRM_HEAD_FILE = "prm_head.safetensors"
@@ -171,12 +168,13 @@ def mc_step_labels(engine, verify: Callable[[str, dict], float], tokenizer, rows
 
 # ---------------------------------------------------------------------------- fitting
 
-def prm_loss(prm: ProcessRewardModel, examples: list[StepExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(BCE against the soft labels, mean over labelled steps; the logits) of a list of examples."""
+def prm_loss(prm: ProcessRewardModel, examples: list[StepExample], pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """BCE of the step logits against the soft labels, mean over the labelled steps of `examples`."""
     logits = torch.cat(prm.step_logits([e.prompt for e in examples], [e.response for e in examples],
                                        [e.ends for e in examples], pad_id))
     target = torch.tensor([q for e in examples for q in e.labels], device=logits.device)
-    return F.binary_cross_entropy_with_logits(logits, target), logits
+    loss = F.binary_cross_entropy_with_logits(logits, target)
+    return loss, {"prm/loss": loss.item()}
 
 
 @torch.no_grad()
@@ -202,38 +200,10 @@ def evaluate_prm(prm: ProcessRewardModel, examples: list[StepExample], pad_id: i
 def fit_prm(prm: ProcessRewardModel, train: list[StepExample], held_out: list[StepExample] | None, *, pad_id: int,
             epochs: int, batch_size: int, lr: float, seed: int = 0,
             log: Callable[[dict], None] | None = None) -> dict[str, float]:
-    """BCE training of the step head (and trunk) with AdamW; held-out metrics after every epoch. Returns the
-    last epoch's."""
+    """BCE training of the step head (and trunk) with AdamW (the reward model's loop,
+    `rlpost.reward_model.fit_epochs`); held-out metrics after every epoch. Returns the last epoch's."""
     if not train:
         raise ValueError("the PRM has no labelled solutions to train on")
-    opt = torch.optim.AdamW([p for p in prm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    order = list(range(len(train)))
-    steps_per_epoch = max(len(order) // batch_size, 1)
-    bar = progress(total=epochs * steps_per_epoch, desc="prm")
-    result: dict[str, float] = {}
-    step = 0
-    for epoch in range(1, epochs + 1):
-        prm.train()
-        rng.shuffle(order)
-        for i in range(steps_per_epoch):
-            loss, _ = prm_loss(prm, [train[j] for j in order[i * batch_size:(i + 1) * batch_size]], pad_id)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"PRM loss is {loss.item()} at epoch {epoch}, step {i}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(prm.parameters(), 1.0)
-            opt.step()
-            step += 1
-            bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-            if log is not None and step % 20 == 0:
-                log({"stage": "prm", "step": step, "prm/loss": loss.item()})
-        result = {"epoch": epoch, **(evaluate_prm(prm, held_out, pad_id) if held_out else {})}
-        if log is not None:
-            log({"stage": "prm_eval", "step": step, **result})
-        if dist.is_main():
-            tqdm.write(f"prm epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "epoch"))
-    bar.close()
-    prm.eval()
-    return result
+    return fit_epochs(prm, len(train), lambda idx: prm_loss(prm, [train[i] for i in idx], pad_id),
+                      (lambda: evaluate_prm(prm, held_out, pad_id)) if held_out else None,
+                      name="prm", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=log)

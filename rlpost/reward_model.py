@@ -129,6 +129,46 @@ def evaluate_pairs(rm: RewardModel, data: PreferenceData, pad_id: int, batch_siz
             "rm/eval_loss": -F.logsigmoid(m).mean().item()}
 
 
+def fit_epochs(model: nn.Module, n: int, loss_of: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]],
+               evaluate_fn: Callable[[], dict[str, float]] | None, *, name: str, epochs: int, batch_size: int,
+               lr: float, seed: int = 0, log: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """The loop a reward model (outcome or process) is fitted by: AdamW, `epochs` passes over `n` examples in
+    shuffled batches (`loss_of(indices) -> (loss, metrics)`, the metrics named `<name>/...`), gradients clipped
+    to norm 1, a non-finite loss an error; `evaluate_fn()` after every epoch, logged as `<name>_eval`.
+    Returns the last epoch's evaluation."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    order = list(range(n))
+    steps_per_epoch = max(n // batch_size, 1)
+    result: dict[str, float] = {}
+    step = 0
+    bar = progress(total=epochs * steps_per_epoch, desc=name)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        rng.shuffle(order)
+        for i in range(steps_per_epoch):
+            loss, metrics = loss_of(order[i * batch_size:(i + 1) * batch_size])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{name} loss is {loss.item()} at epoch {epoch}, step {i}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            bar.update()
+            bar.set_postfix(epoch=epoch, **{k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()})
+            if log is not None and step % 20 == 0:
+                log({"stage": name, "step": step, **metrics})
+        result = {"epoch": epoch, **(evaluate_fn() if evaluate_fn is not None else {})}
+        if log is not None:
+            log({"stage": f"{name}_eval", "step": step, **result})
+        if dist.is_main():
+            tqdm.write(f"{name} epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "epoch"))
+    bar.close()
+    model.eval()
+    return result
+
+
 def fit_reward_model(rm: RewardModel, train: PreferenceData, held_out: PreferenceData | None, *, pad_id: int,
                      epochs: int, batch_size: int, lr: float, seed: int = 0,
                      log: Callable[[dict], None] | None = None) -> dict[str, float]:
@@ -137,38 +177,9 @@ def fit_reward_model(rm: RewardModel, train: PreferenceData, held_out: Preferenc
     if not train.paired or len(train) == 0:
         raise ValueError("the reward model trains on pairs {prompt, chosen, rejected}; got "
                          + ("unpaired rows" if not train.paired else "no pairs"))
-    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    order = list(range(len(train)))
-    steps_per_epoch = max(len(order) // batch_size, 1)
-    result: dict[str, float] = {}
-    step = 0
-    bar = progress(total=epochs * steps_per_epoch, desc="reward_model")
-    for epoch in range(1, epochs + 1):
-        rm.train()
-        rng.shuffle(order)
-        for i in range(steps_per_epoch):
-            loss, metrics = bradley_terry_loss(*pair_rewards(rm, train, order[i * batch_size:(i + 1) * batch_size],
-                                                             pad_id))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"reward model loss is {loss.item()} at epoch {epoch}, step {i}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-            opt.step()
-            step += 1
-            bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{metrics['rm/loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
-            if log is not None and step % 20 == 0:
-                log({"stage": "rm", "step": step, **metrics})
-        result = {"epoch": epoch, **(evaluate_pairs(rm, held_out, pad_id) if held_out is not None else {})}
-        if log is not None:
-            log({"stage": "rm_eval", "step": step, **result})
-        if dist.is_main():
-            tqdm.write(f"rm epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "epoch"))
-    bar.close()
-    rm.eval()
-    return result
+    return fit_epochs(rm, len(train), lambda idx: bradley_terry_loss(*pair_rewards(rm, train, idx, pad_id)),
+                      (lambda: evaluate_pairs(rm, held_out, pad_id)) if held_out is not None else None,
+                      name="rm", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=log)
 
 
 # ---------------------------------------------------------------------------- the reward role

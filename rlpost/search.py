@@ -336,21 +336,14 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     import os
     import time
 
-    from rlpost.config import load_config
-    from rlpost.curate import resolve_model
-    from rlpost.evaluate import vote_key
+    from rlpost.evaluate import checkpoint_config, vote_key
     from rlpost.models import encode_prompt, load_model
     from rlpost.rewards import reward_from_config
     from rlpost.rollout import build_engine
     from rlpost.tasks import load_task
 
     t0 = time.perf_counter()
-    run_dir = policy if os.path.isfile(os.path.join(policy, "config.yaml")) else None
-    if recipe is None and run_dir is not None:
-        recipe = os.path.join(run_dir, "config.yaml")
-    cfg = load_config(recipe, overrides)
-    if not os.path.isdir(policy):
-        raise ValueError(f"rlpost search: {policy} is not a run directory or a model folder")
+    cfg, run_dir = checkpoint_config(policy, recipe, overrides, "rlpost search")
     for name, folder in (("--prm", prm), ("--orm", orm)):
         if folder and folder != "step-check" and not os.path.isdir(folder):
             raise ValueError(f"rlpost search: {name} {folder}: no such model folder")
@@ -361,7 +354,6 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"rlpost search: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    cfg.model.name = resolve_model(policy)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
