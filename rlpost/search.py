@@ -349,6 +349,8 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
             raise ValueError(f"rlpost search: {name} {folder}: no such model folder")
     if not ns or min(ns) < 1:
         raise ValueError(f"rlpost search: --n takes budgets >= 1, got {ns}")
+    if width < 1 or (problems is not None and problems < 1):
+        raise ValueError(f"rlpost search: --width and --problems must be >= 1, got {width} and {problems}")
     methods = methods or [m for m in METHODS if (orm or m != "bon_orm")
                           and (prm or not (m.startswith("bon_prm") or m in ("beam", "mcts")))]
     unknown = [m for m in methods if m not in METHODS]
@@ -366,7 +368,7 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
                  else ProcessRewardModel.load(prm)[0] if prm else None)
     orm_model = RewardModel.load(orm)[0] if orm else None
     verify = reward_from_config(cfg.task, task.verify)
-    rows = task.eval_rows[:problems] if problems else task.eval_rows
+    rows = task.eval_rows[:problems] if problems is not None else task.eval_rows
     prompts = [encode_prompt(tokenizer, r["prompt"], task.system_prompt) for r in rows]
     engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True)
     searcher = Searcher(engine, tokenizer, max_new_tokens=cfg.rollout.max_new_tokens, prm=prm_model, orm=orm_model,

@@ -319,6 +319,8 @@ def test_prm_and_search_commands_end_to_end(tmp_path, capsys):
     assert "needs an outcome reward model (--orm)" in capsys.readouterr().err
     assert main(["search", str(tmp_path / "sft"), "--prm", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
     assert "--prm" in capsys.readouterr().err
+    assert main(["search", str(tmp_path / "sft"), "--width", "0", "--out", str(out)]) == 1
+    assert "--width and --problems must be >= 1" in capsys.readouterr().err
     assert main(["search", str(tmp_path / "sft"), "--prm", "step-check", "--methods", "beam", "--n", "4",
                  "--problems", "4", "--out", str(out)]) == 0
     assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["beam"]
