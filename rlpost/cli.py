@@ -28,6 +28,12 @@ from rlpost.preference import available as preference_losses
 TRAIN_EPILOG = "config keys (recipe YAML sections or key=value overrides), default, meaning:\n" + "\n".join(describe())
 
 
+def recipe_arguments(parser) -> None:
+    """The positional arguments of every command that runs a recipe: the file, then key=value overrides."""
+    parser.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="rlpost", description="RL post-training of language models.")
@@ -37,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a recipe (default: the embedded gpt_mini arithmetic pipeline). Settings come from the "
                     "defaults, then the recipe file, then key=value overrides (dotted, e.g. rl.steps=20).",
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_train.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
-    p_train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    recipe_arguments(p_train)
     p_train.add_argument("--resume", metavar="RUN_DIR",
                          help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved "
                               "config (a recipe or overrides given too must not change it)")
@@ -54,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                     "`rlpost train reward_model.path=...`). Same keys as `rlpost train --help`.",
         epilog="e.g. rlpost rm model.name=runs/default-X/checkpoints/sft reward_model.epochs=3",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_rm.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
-    p_rm.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    recipe_arguments(p_rm)
     p_prm = sub.add_parser(
         "prm", help="train a process reward model on Monte-Carlo step labels (and an outcome model) and save both",
         description="Sample solutions of the task's problems from model.name (usually an SFT checkpoint), label "
@@ -66,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(rlpost search --prm/--orm reads them). Same keys as `rlpost train --help` (section prm.*).",
         epilog="e.g. rlpost prm recipes/prm.yaml model.name=runs/cot_math-X/checkpoints/sft prm.problems=500",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_prm.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
-    p_prm.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    recipe_arguments(p_prm)
     p_dpo = sub.add_parser(
         "dpo", help="offline preference optimisation (DPO, IPO, KTO, ORPO, SimPO): SFT (sft.steps) then the loss",
         description="Run a recipe with the preference stage and without RL: SFT when sft.steps > 0, then the "
@@ -77,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="preference losses:\n" + "\n".join(f"  {n:<8} {d}" for n, d in preference_losses().items())
                + "\n\ne.g. rlpost dpo --loss ipo preference.loss.beta=0.5 preference.train_file=prefs.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_dpo.add_argument("recipe", nargs="?", help="recipe YAML file (optional)")
-    p_dpo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    recipe_arguments(p_dpo)
     p_dpo.add_argument("--loss", choices=sorted(preference_losses()), help="the preference loss, with its defaults")
     add_curate_parser(sub)
     p_eval = sub.add_parser(
