@@ -26,8 +26,8 @@ at the end.
 Reward hacking needs a reward model: `recipes/rlhf.yaml` is that run (docs/preference.md). On the default
 task neither a 5x learning rate, nor an entropy penalty, nor a reward paid per character moved entropy or
 length within 40 steps; on cot_math a 5x or 10x learning rate blows the KL up (entropy rises) instead of
-collapsing it, and a milder penalty (-0.05, -0.2) or rollouts at temperature 0.5 did not collapse it
-(docs/watching.md has the numbers).
+collapsing it, and a milder penalty (-0.05, -0.2), rollouts at temperature 0.5 or symmetric clipping
+(clip_high=0.2 with trainer.minibatches=4) did not collapse it (docs/watching.md has the numbers).
 """
 
 from __future__ import annotations
