@@ -131,18 +131,19 @@ def evaluate_pairs(rm: RewardModel, data: PreferenceData, pad_id: int, batch_siz
 
 def fit_epochs(model: nn.Module, n: int, loss_of: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]],
                evaluate_fn: Callable[[], dict[str, float]] | None, *, name: str, epochs: int, batch_size: int,
-               lr: float, seed: int = 0, log: Callable[[dict], None] | None = None) -> dict[str, float]:
+               lr: float, seed: int = 0, log: Callable[[dict], None] | None = None,
+               desc: str | None = None) -> dict[str, float]:
     """The loop a reward model (outcome or process) is fitted by: AdamW, `epochs` passes over `n` examples in
     shuffled batches (`loss_of(indices) -> (loss, metrics)`, the metrics named `<name>/...`), gradients clipped
-    to norm 1, a non-finite loss an error; `evaluate_fn()` after every epoch, logged as `<name>_eval`.
-    Returns the last epoch's evaluation."""
+    to norm 1, a non-finite loss an error; `evaluate_fn()` after every epoch, logged as `<name>_eval`; the
+    progress bar says `desc` (default: name). Returns the last epoch's evaluation."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     order = list(range(n))
     steps_per_epoch = max(n // batch_size, 1)
     result: dict[str, float] = {}
     step = 0
-    bar = progress(total=epochs * steps_per_epoch, desc=name)
+    bar = progress(total=epochs * steps_per_epoch, desc=desc or name)
     for epoch in range(1, epochs + 1):
         model.train()
         rng.shuffle(order)
@@ -179,7 +180,7 @@ def fit_reward_model(rm: RewardModel, train: PreferenceData, held_out: Preferenc
                          + ("unpaired rows" if not train.paired else "no pairs"))
     return fit_epochs(rm, len(train), lambda idx: bradley_terry_loss(*pair_rewards(rm, train, idx, pad_id)),
                       (lambda: evaluate_pairs(rm, held_out, pad_id)) if held_out is not None else None,
-                      name="rm", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=log)
+                      name="rm", desc="reward_model", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=log)
 
 
 # ---------------------------------------------------------------------------- the reward role
