@@ -257,6 +257,9 @@ class DistillConfig:
     coef: float = opt(1.0, "weight of the per-token reverse-KL reward")
 
 
+PRM_REWARDS = ("score", "delta")  # prm.reward: how a step's PRM score becomes its reward (rlpost/process_reward.py)
+
+
 @dataclass
 class PRMConfig:
     problems: int = opt(1000, "`rlpost prm`: training problems whose sampled solutions are step-labelled")
@@ -659,8 +662,8 @@ def _validate_prm(pc: PRMConfig) -> None:
             raise ConfigError(f"config key 'prm.{key}' must be >= 1, got {getattr(pc, key)}")
     if not pc.separator:
         raise ConfigError("config key 'prm.separator' must be a non-empty string (the text that ends a step)")
-    if pc.reward not in ("score", "delta"):
-        raise ConfigError(f"config key 'prm.reward' is {pc.reward!r}; valid values: score, delta")
+    if pc.reward not in PRM_REWARDS:
+        raise ConfigError(f"config key 'prm.reward' is {pc.reward!r}; valid values: {', '.join(PRM_REWARDS)}")
 
 
 def _validate_process_reward(cfg: Config) -> None:

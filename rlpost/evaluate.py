@@ -34,15 +34,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob_all_fail
 
 
-def majority_success(keys: list, successes: list[bool]) -> bool:
-    """Does the most common answer among `keys` succeed? Ties go to the answer seen first; no answer (None)
-    never wins a vote while some sample has one."""
+def majority_answer(keys: list):
+    """The most common answer among `keys`: ties go to the answer seen first; no answer (None) never wins a
+    vote while some sample has one (None when none has)."""
     counts = Counter(k for k in keys if k is not None)
     if not counts:
-        return False
+        return None
     best = max(counts.values())
-    winner = next(k for k in keys if k is not None and counts[k] == best)
-    return any(s for k, s in zip(keys, successes) if k == winner)
+    return next(k for k in keys if k is not None and counts[k] == best)
+
+
+def majority_success(keys: list, successes: list[bool]) -> bool:
+    """Does the most common answer among `keys` (`majority_answer`) succeed?"""
+    winner = majority_answer(keys)
+    return winner is not None and any(s for k, s in zip(keys, successes) if k == winner)
 
 
 def vote_key(reward_fn, completion: str):

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rlpost.models import position_ids_for
+from rlpost.models import trunk_hidden_states
 from rlpost.progress import progress
 from rlpost.reward_model import RewardModel, fit_epochs
 from rlpost.rollout import SamplingParams
@@ -100,8 +100,7 @@ class ProcessRewardModel(RewardModel):
         from rlpost.stages.sft import sft_batch
 
         batch = sft_batch(prompts, responses, pad_id).to(self.head.weight.device)
-        h = self.trunk.hidden_states(batch.input_ids, batch.attention_mask,
-                                     position_ids_for(batch.attention_mask))
+        h = trunk_hidden_states(self.trunk, batch)
         P = batch.prompt_width
         rows = torch.cat([torch.full((len(e),), i) for i, e in enumerate(ends)]).to(h.device)
         cols = torch.tensor([P + j for e in ends for j in e], device=h.device)

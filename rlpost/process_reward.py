@@ -33,9 +33,8 @@ import torch
 
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
+from rlpost.config import PRM_REWARDS as MODES
 from rlpost.prm import ProcessRewardModel, responses, step_ends
-
-MODES = ("score", "delta")
 
 
 def process_token_rewards(outcome: torch.Tensor, ends: list[list[int]], scores: list[list[float]],

@@ -31,12 +31,12 @@ estimate for small N has the same samples as for large N). Beam search and MCTS 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from rlpost.evaluate import majority_answer
 from rlpost.prm import ProcessRewardModel, holds_separator, responses, step_ends
 from rlpost.progress import progress
 from rlpost.reward_model import RewardModel
@@ -156,9 +156,9 @@ class Searcher:
         picks, at = [], 0
         for c in cands:
             ks = keys[at:at + len(c)]
-            if method == "majority":
-                counts = Counter(k for k in ks if k is not None)
-                best = max(range(len(c)), key=lambda i: (counts[ks[i]] if ks[i] is not None else -1, -i))
+            if method == "majority":  # the first sample that gives the winning answer (the first if none has one)
+                winner = majority_answer(ks)
+                best = ks.index(winner) if winner is not None else 0
             else:
                 best = max(range(len(c)), key=lambda i: (ks[i], -i))
             picks.append((c[best], sum(len(r) for r in c)))
@@ -176,9 +176,10 @@ class Searcher:
             todo = [(i, b) for i, bs in enumerate(beams) for b in bs]
             conts = self.extend([prompts[i] for i, _ in todo], [b for _, b in todo], k, one_step=True)
             k = n // keep
-            cands = [(i, b + c) for (i, b), cs in zip(todo, conts) for c in cs]
+            cands = []
             for (i, b), cs in zip(todo, conts):
                 tokens[i] += sum(len(c) for c in cs)
+                cands += [(i, b + c) for c in cs]
             scores = self.prm_scores([prompts[i] for i, _ in cands], [r for _, r in cands])
             ranked: list[list[tuple[float, list[int]]]] = [[] for _ in prompts]
             for (i, r), s in zip(cands, scores):
@@ -216,15 +217,15 @@ class Searcher:
                 child.terminal = self.finished(child.response)
                 leaves[i].children.append(child)
                 children.append(child)
-            need = [(i, c) for i, c in zip(grow, children) if not c.terminal]
-            rolls = self.extend([prompts[i] for i, _ in need], [c.response for _, c in need], 1, one_step=False)
-            solutions = {id(c): c.response for _, c in zip(grow, children)}
-            for (i, c), r in zip(need, rolls):
-                tokens[i] += len(r[0])
-                solutions[id(c)] = c.response + r[0]
-            scores = self.prm_scores([prompts[i] for i in grow], [solutions[id(c)] for c in children])
-            for c, s in zip(children, scores):
-                c.solutions.append((s[-1], solutions[id(c)]))
+            finals = [c.response for c in children]  # each child's finished solution: itself, or its rollout
+            need = [j for j, c in enumerate(children) if not c.terminal]
+            rolls = self.extend([prompts[grow[j]] for j in need], [finals[j] for j in need], 1, one_step=False)
+            for j, r in zip(need, rolls):
+                tokens[grow[j]] += len(r[0])
+                finals[j] = finals[j] + r[0]
+            scores = self.prm_scores([prompts[i] for i in grow], finals)
+            for c, final, s in zip(children, finals, scores):
+                c.solutions.append((s[-1], final))
                 self._backup(c, s[-1])
         return [(self._answer(r), t) for r, t in zip(roots, tokens)]
 
