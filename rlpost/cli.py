@@ -34,6 +34,15 @@ def recipe_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
+def recipe_and_overrides(args) -> tuple[str | None, list[str]]:
+    """The parsed recipe and overrides; a 'recipe' that is a key=value and no file is the first override (only
+    overrides were given)."""
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not os.path.exists(recipe):
+        recipe, overrides = None, [recipe, *overrides]
+    return recipe, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="rlpost", description="RL post-training of language models.")
@@ -193,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<14} {desc}")
         return 0
     if args.command in ("train", "dpo", "rm", "prm"):
-        recipe, overrides = args.recipe, list(args.overrides)
-        if recipe is not None and "=" in recipe and not os.path.exists(recipe):  # only overrides were given
-            recipe, overrides = None, [recipe, *overrides]
+        recipe, overrides = recipe_and_overrides(args)
         if getattr(args, "loss", None):
             overrides = [f"preference.loss={{name: {args.loss}}}", *overrides]
         resume = getattr(args, "resume", None)
@@ -436,9 +443,7 @@ def search_methods() -> tuple[str, ...]:
 def run_search_command(args) -> int:
     from rlpost.search import search_command
 
-    recipe, overrides = args.recipe, list(args.overrides)
-    if recipe is not None and "=" in recipe and not os.path.exists(recipe):
-        recipe, overrides = None, [recipe, *overrides]
+    recipe, overrides = recipe_and_overrides(args)
     try:
         result = search_command(args.policy, recipe, overrides, prm=args.prm, orm=args.orm, ns=args.n,
                                 methods=args.methods, problems=args.problems, width=args.width, out=args.out)
@@ -454,9 +459,7 @@ def run_eval_command(args) -> int:
     """`rlpost eval`: print and write the metrics of `rlpost.evaluate.run_eval`."""
     from rlpost.evaluate import run_eval
 
-    recipe, overrides = args.recipe, list(args.overrides)
-    if recipe is not None and "=" in recipe and not os.path.exists(recipe):  # only overrides were given
-        recipe, overrides = None, [recipe, *overrides]
+    recipe, overrides = recipe_and_overrides(args)
     try:
         result = run_eval(args.checkpoint, recipe, overrides, ks=args.k, samples=args.samples, out=args.out)
     except (ConfigError, ValueError, OSError) as e:

@@ -17,13 +17,10 @@ import os
 import random
 import time
 
-import torch
-
-from rlpost.models import encode_prompt, load_model
+from rlpost.models import encode_prompt
 from rlpost.preference.data import model_context, tokenize_preferences
 from rlpost.prm import ProcessRewardModel, StepExample, fit_prm, mc_step_labels
 from rlpost.reward_model import RewardModel, fit_reward_model
-from rlpost.run import make_run_dir, open_log
 
 
 def outcome_pairs(examples: list[StepExample], tokenizer, rng: random.Random) -> list[dict]:
@@ -77,27 +74,15 @@ def fit_orm(cfg, policy, tokenizer, train: list[StepExample], held_out: list[Ste
 
 def train_prm(cfg, recipe_name: str = "prm") -> dict:
     """Label, fit and save the PRM (and the ORM); returns the summary (held-out step accuracy and more)."""
-    from rlpost.limits import check_lengths
     from rlpost.rewards import reward_from_config
     from rlpost.rollout import build_engine
-    from rlpost.sinks import check_available
-    from rlpost.tasks import load_task
+    from rlpost.stages.reward_model import start_model_run
     from rlpost.tasks.multistep import step_truth
 
-    check_available(cfg.log)
     pc = cfg.prm
     t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    task = load_task(cfg.task)
-    rows = task.train_rows + task.eval_rows
-    policy, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=cfg.rollout.max_new_tokens)
-    check_lengths(policy, tokenizer, rows, cfg.rollout.max_new_tokens)
+    task, policy, tokenizer, run_dir, log = start_model_run(cfg, recipe_name, "prm")
     policy.eval()
-    run_dir = make_run_dir(cfg, recipe_name, kind="prm")
-    log = open_log(cfg, run_dir)
-    print(f"rlpost: run directory {run_dir}")
     engine = build_engine(cfg.rollout.engine, policy, tokenizer, share_weights=True)
     verify = reward_from_config(cfg.task, task.verify)
     rng = random.Random(cfg.seed)

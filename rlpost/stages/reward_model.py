@@ -93,21 +93,31 @@ class RewardModelStage(Stage):
         self.use(ctx, *RewardModel.load(self.cfg.path or os.path.join(ctx.run_dir, "checkpoints", "reward_model")))
 
 
-def train_reward_model(cfg, recipe_name: str = "rm") -> dict:
-    """`rlpost rm`: fit a reward model from `model.name` (usually an SFT checkpoint) and save it; the summary
-    has the held-out pair accuracy and margin."""
+def start_model_run(cfg, recipe_name: str, kind: str):
+    """The start of a command that fits a model on `model.name`'s task (`rlpost rm`, `rlpost prm`): the log
+    sinks checked before any work, the seed, the task, the policy and tokenizer (lengths checked), a new run
+    directory and its log. Returns (task, policy, tokenizer, run_dir, log)."""
     from rlpost.sinks import check_available
 
     check_available(cfg.log)  # before any work
-    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)
     rows = task.train_rows + task.eval_rows
     policy, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=cfg.rollout.max_new_tokens)
     check_lengths(policy, tokenizer, rows, cfg.rollout.max_new_tokens)
-    run_dir = make_run_dir(cfg, recipe_name, kind="rm")
+    run_dir = make_run_dir(cfg, recipe_name, kind=kind)
     log = open_log(cfg, run_dir)
     print(f"rlpost: run directory {run_dir}")
+    return task, policy, tokenizer, run_dir, log
+
+
+def train_reward_model(cfg, recipe_name: str = "rm") -> dict:
+    """`rlpost rm`: fit a reward model from `model.name` (usually an SFT checkpoint) and save it; the summary
+    has the held-out pair accuracy and margin."""
+    t_start = time.perf_counter()
+    task, policy, tokenizer, run_dir, log = start_model_run(cfg, recipe_name, "rm")
     try:
         _, result = fit_reward_model_from_config(cfg.reward_model, cfg.preference, cfg.seed, policy, tokenizer, task,
                                                  run_dir, log)
