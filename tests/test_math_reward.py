@@ -235,15 +235,18 @@ def test_pickle(reward):
 
 
 EXIT_SCRIPT = """
-import sys, threading, time
+import os, sys, threading, time
 from rlpost.env.math import MathReward
 
 if __name__ == "__main__":
     r = MathReward(workers=1, timeout_s=120)
     assert r(r"\\boxed{\\sqrt{4}}", {"answer": "2"}) == 1.0
-    first = [p for p in r._pool._executor._processes.values()]
+    first = [p.pid for p in r._pool._executor._processes.values()]
     r.close()
-    assert r._pool._executor is None and not any(p.is_alive() for p in first), "close() left workers running"
+    # dead by pid, not by Process.is_alive(): the executor's own thread reaps the killed workers too, and the
+    # thread whose waitpid loses that race reads a dead process as alive until the other records its exit code
+    dead = lambda pid: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+    assert r._pool._executor is None and all(map(dead, first)), "close() left workers running"
     assert r(r"\\boxed{\\sqrt{4}}", {"answer": "3"}) == 0.0            # a call after close starts a new pool
     print(" ".join(str(p.pid) for p in r._pool._executor._processes.values()), flush=True)
     # exit while a call that would take minutes runs: the exit hook kills the workers, no 120 s wait
