@@ -218,7 +218,7 @@ def test_timeout_is_respected(server):
     with pytest.warns(UserWarning, match="timed out"):
         assert judge("5", ROW) == 0.0
     elapsed = time.monotonic() - start
-    assert 0.6 <= elapsed < 1.5       # two attempts of 0.3 s each, not the server's 3 s
+    assert 0.6 <= elapsed < 2.5       # two attempts of 0.3 s each, not the server's 3 s (slack for a loaded CI box)
     assert len(server.requests) == 2 and judge.failures == 1
 
 
