@@ -289,9 +289,11 @@ class Config:
     out_dir: str = opt("runs", "parent folder of run directories")
     run_name: str | None = opt(None, "run directory name (default: recipe name + timestamp)")
     threads: int | None = opt(None, "torch CPU threads (None: torch's default)")
-    stages: list[str] | None = opt(None, "the run's stages in order, names may repeat: sft | preference (alias dpo) | "
-                                         "reward_model | rl | rejection | eval (None: sft, eval, preference, eval, "
-                                         "reward_model, rl, eval, rejection, eval, each when its section is on)")
+    stages: list[str | dict[str, Any]] | None = opt(
+        None, "the run's stages in order, names may repeat: sft | preference (alias dpo) | reward_model | rl | "
+              "rejection | eval, each either a name or {name: {key: value}} with the settings that stage alone runs "
+              "with (e.g. {rl: {trainer.lr: 1.0e-4}}) (None: sft, eval, preference, eval, reward_model, rl, eval, "
+              "rejection, eval, each when its section is on)")
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -317,12 +319,25 @@ STAGES = ("sft", "preference", "reward_model", "rl", "rejection", "eval")
 STAGE_ALIASES = {"dpo": "preference"}
 
 
+# The sections a stage reads itself, which a stage-list entry may set for that stage alone. What the run builds
+# once before its first stage (model, task, rewards, rollout engine, weight sync, sharding) is the run's: RUN_KEYS.
+STAGE_SECTIONS = {"sft": ("sft", "trainer"), "preference": ("preference", "rollout", "trainer", "eval"),
+                  "reward_model": ("reward_model",), "rl": ("rl", "rollout", "algorithm", "trainer", "critic", "eval"),
+                  "rejection": ("rejection", "rollout", "trainer", "eval"), "eval": ("eval",)}
+RUN_KEYS = ("rollout.engine", "rollout.max_new_tokens", "rl.topology", "rl.weight_sync", "trainer.strategy")
+
+
+def _entry_name(entry: str | dict[str, Any]) -> str:
+    name = next(iter(entry)) if isinstance(entry, dict) else entry
+    return STAGE_ALIASES.get(name, name)
+
+
 def stage_names(cfg: Config) -> list[str]:
     """The run's stages in order, aliases resolved: `stages` when given, else the fixed order, each stage
     when its section switches it on (sft.steps, preference.enabled, reward_model.train/path, rl.steps,
     rejection.enabled)."""
     if cfg.stages is not None:
-        return [STAGE_ALIASES.get(s, s) for s in cfg.stages]
+        return [_entry_name(s) for s in cfg.stages]
     names = (["sft"] if cfg.sft.steps > 0 else []) + ["eval"]
     if cfg.preference.enabled:
         names += ["preference", "eval"]
@@ -333,6 +348,47 @@ def stage_names(cfg: Config) -> list[str]:
     if cfg.rejection.enabled:
         names += ["rejection", "eval"]
     return names
+
+
+def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """Each stage's name and the config it runs with: `cfg` itself, or for a `{name: {key: value}}` entry of the
+    stage list a validated copy with those keys set (dotted keys set one value, a section name merges a mapping
+    into that section, `algorithm` is replaced whole as in a recipe)."""
+    if cfg.stages is None:
+        return [(name, cfg) for name in stage_names(cfg)]
+    out = []
+    for i, entry in enumerate(cfg.stages):
+        name = _entry_name(entry)
+        settings = next(iter(entry.values())) if isinstance(entry, dict) else None
+        out.append((name, _stage_config(cfg, name, settings, f"stages[{i}] ({name})") if settings else cfg))
+    return out
+
+
+def _stage_config(cfg: Config, name: str, settings: dict[str, Any], where: str) -> Config:
+    data = to_dict(cfg)
+    data["stages"] = stage_names(cfg)  # the copy validates as one run of the same stages, without recursing
+    for key, value in settings.items():
+        section = key.split(".")[0]
+        if section not in STAGE_SECTIONS[name]:
+            raise ConfigError(f"config key '{where}' sets {key!r}, which a {name} stage does not read; it may set "
+                              f"keys of {', '.join(STAGE_SECTIONS[name])}")
+        if key in RUN_KEYS or (section == key and isinstance(value, dict)
+                               and any(f"{key}.{k}" in RUN_KEYS for k in value)):
+            raise ConfigError(f"config key '{where}' sets {key!r}: {', '.join(RUN_KEYS)} are built once for "
+                              "the whole run; set them at the top of the recipe")
+        if "." in key:
+            _set(data, key, value, f"{where}: {key}")
+        else:
+            data = _merge(data, {key: value})
+    try:
+        stage_cfg = from_dict(Config, data)
+        _validate(stage_cfg)
+    except ValueError as e:  # a ConfigError, or an algorithm's own refusal
+        raise ConfigError(f"{where}: {e}") from None
+    if cfg.distill.teacher and stage_cfg.rollout.temperature != cfg.rollout.temperature:
+        raise ConfigError(f"config key '{where}' sets rollout.temperature: the distillation teacher scores at the "
+                          "run's rollout.temperature; set it at the top of the recipe")
+    return stage_cfg
 
 
 # ---------------------------------------------------------------------------- loading
@@ -407,13 +463,16 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. rl.steps=20)")
     key, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    parts = key.strip().split(".")
+    _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "", f"override {override!r}")
+
+
+def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
     node = data
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: '{p}' is not a section")
+            raise ConfigError(f"{where}: '{p}' is not a section")
     node[parts[-1]] = value
 
 
@@ -455,6 +514,10 @@ def _validate(cfg: Config) -> None:
     from rlpost.weight_sync import MODES, TOPOLOGIES
 
     get_algorithm(**cfg.algorithm)  # unknown algorithm / parameter -> error naming it, now
+    for section in ("sft", "trainer", "critic", "reward_model", "preference", "rejection", "prm"):
+        lr = getattr(cfg, section).lr
+        if lr is not None and not 0 < lr < float("inf"):  # AdamW would refuse it only when its stage starts
+            raise ConfigError(f"config key '{section}.lr' must be a positive learning rate, got {lr}")
     choices = {  # each family's valid names live with the family
         "task.name": (cfg.task.name, TASKS),
         "task.reward_on_error": (cfg.task.reward_on_error, ("raise", "zero")),
@@ -629,14 +692,19 @@ def _validate_stages(cfg: Config) -> None:
     if not cfg.stages:
         raise ConfigError(f"config key 'stages' is an empty list; give the stages in order ({valid}), or null "
                           "for the default order")
-    for s in cfg.stages:
-        if s not in STAGES and s not in STAGE_ALIASES:
-            raise ConfigError(f"config key 'stages' names an unknown stage {s!r}; valid stages: {valid}")
+    for i, s in enumerate(cfg.stages):
+        if isinstance(s, dict) and (len(s) != 1 or not isinstance(next(iter(s.values())), (dict, type(None)))):
+            raise ConfigError(f"config key 'stages[{i}]' must be a stage name or {{name: {{key: value, ...}}}} "
+                              f"(one stage and its own settings), got {s!r}")
+        name = next(iter(s)) if isinstance(s, dict) else s
+        if name not in STAGES and name not in STAGE_ALIASES:
+            raise ConfigError(f"config key 'stages' names an unknown stage {name!r}; valid stages: {valid}")
     names = stage_names(cfg)
-    needs = {"sft": (cfg.sft.steps < 1, f"sft.steps >= 1 (it is {cfg.sft.steps})"),
-             "rl": (cfg.rl.steps < 1, f"rl.steps >= 1 (it is {cfg.rl.steps})")}
-    for name, (missing, what) in needs.items():
-        if name in names and missing:
+    for name, sc in stage_configs(cfg):  # each stage checked with the settings it runs with
+        needs = {"sft": (sc.sft.steps < 1, f"sft.steps >= 1 (it is {sc.sft.steps})"),
+                 "rl": (sc.rl.steps < 1, f"rl.steps >= 1 (it is {sc.rl.steps})")}
+        missing, what = needs.get(name, (False, ""))
+        if missing:
             raise ConfigError(f"config key 'stages' has a {name} stage, which needs {what}")
     if names.count("reward_model") > 1:
         raise ConfigError("config key 'stages' has reward_model more than once: a run trains (or loads) one reward "

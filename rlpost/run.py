@@ -69,7 +69,7 @@ import yaml
 from rlpost import distributed as dist
 from rlpost.checkpoint import (Checkpoint, clean_partial, list_checkpoints, load_rng_state, remove_step_checkpoints,
                                rng_state, verify, write_checkpoint)
-from rlpost.config import Config, from_dict, stage_names, to_dict
+from rlpost.config import Config, from_dict, stage_configs, stage_names, to_dict
 from rlpost.models.lora import fold_adapters, is_lora
 
 RUN_FILE = "run.json"
@@ -331,7 +331,8 @@ def eval_labels(names: list[str]) -> list[str | None]:
 
 
 def build_stages(cfg: Config) -> list[Stage]:
-    """The run's stages from the config (`stage_names`), each given only its own sections."""
+    """The run's stages from the config (`stage_configs`), each given only its own sections, from the settings
+    of its own entry in the stage list when it has them."""
     from rlpost.stages.evaluate import EvalStage
     from rlpost.stages.preference import PreferenceStage
     from rlpost.stages.rejection import RejectionStage
@@ -339,27 +340,27 @@ def build_stages(cfg: Config) -> list[Stage]:
     from rlpost.stages.rl import RLStage
     from rlpost.stages.sft import SFTStage
 
-    def evaluation(label: str) -> EvalStage:
-        return EvalStage(cfg.eval, cfg.rollout, label)
+    def evaluation(c: Config, label: str) -> EvalStage:
+        return EvalStage(c.eval, c.rollout, label)
 
-    make = {"sft": lambda: SFTStage(cfg.sft, cfg.trainer),
-            "preference": lambda: PreferenceStage(cfg.preference, cfg.rollout, cfg.trainer, cfg.eval),
-            "reward_model": lambda: RewardModelStage(cfg.reward_model, cfg.preference),
-            "rl": lambda: RLStage(cfg.rl, cfg.rollout, cfg.algorithm, cfg.trainer, cfg.critic, evaluation("rl"),
-                                  log_cfg=cfg.log),
-            "rejection": lambda: RejectionStage(cfg.rejection, cfg.rollout, cfg.trainer, cfg.eval)}
-    names = stage_names(cfg)
+    make = {"sft": lambda c: SFTStage(c.sft, c.trainer),
+            "preference": lambda c: PreferenceStage(c.preference, c.rollout, c.trainer, c.eval),
+            "reward_model": lambda c: RewardModelStage(c.reward_model, c.preference),
+            "rl": lambda c: RLStage(c.rl, c.rollout, c.algorithm, c.trainer, c.critic, evaluation(c, "rl"),
+                                    log_cfg=c.log),
+            "rejection": lambda c: RejectionStage(c.rejection, c.rollout, c.trainer, c.eval)}
+    plan = stage_configs(cfg)
     stages: list[Stage] = []
     count: dict[str, int] = {}
     rl_steps = 0  # RL steps of the RL stages so far: a later RL stage logs its steps after them
-    for name, label in zip(names, eval_labels(names)):
+    for (name, stage_cfg), label in zip(plan, eval_labels([name for name, _ in plan])):
         if name == "eval":
-            stages.append(evaluation(label))
+            stages.append(evaluation(stage_cfg, label))
             continue
-        stage = make[name]()
+        stage = make[name](stage_cfg)
         count[name] = stage.repeat = count.get(name, 0) + 1
         if name == "rl":
-            stage.step_offset, rl_steps = rl_steps, rl_steps + cfg.rl.steps
+            stage.step_offset, rl_steps = rl_steps, rl_steps + stage_cfg.rl.steps
         stages.append(stage)
     return stages
 

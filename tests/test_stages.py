@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from test_resume import ROOT, TINY, command, comparable, run_to_end
 
 from rlpost.checkpoint import list_checkpoints
-from rlpost.config import ConfigError, load_config, stage_names
+from rlpost.config import ConfigError, load_config, stage_configs, stage_names
 from rlpost.run import build_stages, train
 
 R1_SHAPE = "stages=[sft, eval, rl, eval, rejection, eval, rl, eval]"
@@ -65,10 +65,59 @@ def test_a_list_names_the_stages_in_order_with_repeats_labelled():
     (["stages=[sft, eval, rl, eval]", "rejection.enabled=true"], "rejection.enabled is set but .* no rejection"),
     (["stages=[sft, rl]", "reward_model.train=true"], "reward_model.train is set but .* no reward_model"),
     (["stages=sft"], "expects list"),
+    # a stage's own settings: only the sections it reads, not what the run builds once, valid values
+    (["stages=[sft, {rl: {model.n_layer: 4}}]"], (r"'stages\[1\] \(rl\)' sets 'model.n_layer', which a rl stage "
+                                                   "does not read; it may set keys of rl, rollout, algorithm")),
+    (["stages=[{sft: {rollout.k: 4}}, rl]"], "sets 'rollout.k', which a sft stage does not read"),
+    (["stages=[sft, {rl: {rollout.engine: hf}}]"], "'rollout.engine': .* built once for the whole run"),
+    (["stages=[sft, {rl: {rl: {topology: disaggregated}}}]"], "sets 'rl': .* built once for the whole run"),
+    (["stages=[sft, {rl: {trainer.lr: -1}}]"], r"stages\[1\] \(rl\): .*'trainer.lr' must be a positive"),
+    (["stages=[sft, {rl: {trainer.lrr: 1}}]"], r"stages\[1\] \(rl\): unknown config key 'trainer.lrr'"),
+    (["stages=[sft, {rl: {algorithm: {name: nope}}}]"], r"stages\[1\] \(rl\): .*nope"),
+    (["stages=[sft, {rl: {rl.steps: 0}}]"], r"stages\[1\] \(rl\): .*needs rl.steps >= 1 \(it is 0\)"),
+    (["stages=[sft, {rl: 3}]"], r"'stages\[1\]' must be a stage name or \{name: \{key: value"),
+    (["stages=[sft, {rl: {}, eval: {}}]"], r"'stages\[1\]' must be a stage name"),
+    (["stages=[sft, {grpo: {rl.steps: 3}}]"], "unknown stage 'grpo'"),
 ])
 def test_bad_lists_fail_at_load_time_naming_the_problem(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+RECIPE_WITH_STAGE_SETTINGS = """
+trainer: {lr: 2.0e-4, warmup_steps: 10}
+rl: {steps: 40}
+stages:
+  - sft
+  - eval
+  - rl
+  - rl:
+      trainer.lr: 1.0e-4               # a dotted key sets one value
+      rl: {steps: 20, eval_every: 5}   # a section merges into that section
+      algorithm: {name: rloo}          # the algorithm is replaced whole, as in a recipe
+  - eval: {eval.samples_per_prompt: 8}
+"""
+
+
+def test_a_stage_list_entry_carries_settings_for_that_stage_alone(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE_WITH_STAGE_SETTINGS)
+    cfg = load_config(str(recipe))
+    assert stage_names(cfg) == ["sft", "eval", "rl", "rl", "eval"]
+    plan = stage_configs(cfg)
+    assert [c is cfg for _, c in plan] == [True, True, True, False, False]
+    rl_2 = plan[3][1]
+    assert (rl_2.trainer.lr, rl_2.trainer.warmup_steps, rl_2.rl.steps, rl_2.rl.eval_every) == (1e-4, 10, 20, 5)
+    assert rl_2.algorithm == {"name": "rloo"} and cfg.algorithm["name"] == "grpo"
+    assert (cfg.trainer.lr, cfg.rl.steps, cfg.eval.samples_per_prompt) == (2e-4, 40, 4)  # the run's own: untouched
+    assert plan[4][1].eval.samples_per_prompt == 8 and plan[4][1].trainer.lr == 2e-4
+    stages = build_stages(cfg)
+    rl, second, last = stages[2], stages[3], stages[4]
+    assert (rl.trainer_cfg.lr, rl.cfg.steps, rl.algorithm_cfg["name"]) == (2e-4, 40, "grpo")
+    assert (second.label, second.trainer_cfg.lr, second.cfg.steps, second.algorithm_cfg) == ("rl_2", 1e-4, 20,
+                                                                                              {"name": "rloo"})
+    assert second.step_offset == 40 and second.evaluation.cfg.samples_per_prompt == 4
+    assert (last.after, last.cfg.samples_per_prompt) == ("rl_2", 8)
 
 
 def test_a_repeated_rl_stage_runs_twice_writing_its_own_checkpoints_labels_and_steps(tmp_path):
@@ -97,7 +146,8 @@ def test_a_repeated_rl_stage_runs_twice_writing_its_own_checkpoints_labels_and_s
 
 
 def test_a_run_killed_inside_the_repeated_rl_stage_resumes_to_the_same_run(tmp_path):
-    args = [*TINY, "stages=[sft, eval, rl, eval, rl, eval]"]
+    # the repeat runs with settings of its own (6 steps, another learning rate), which the resumed run keeps
+    args = [*TINY, "stages=[sft, eval, rl, eval, {rl: {rl.steps: 6, trainer.lr: 1.0e-3}}, eval]"]
     run_to_end([*args, f"out_dir={tmp_path}", "run_name=ref"], tmp_path)
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
@@ -114,6 +164,9 @@ def test_a_run_killed_inside_the_repeated_rl_stage_resumes_to_the_same_run(tmp_p
     for folder in ("final", "rl_2"):
         a, b = (load_file(d / "checkpoints" / folder / "model.safetensors") for d in (ref, run))
         assert all(torch.equal(a[k], b[k]) for k in a)
+    rl_lines = [m for m in comparable(run) if m["stage"] == "rl"]
+    assert [m["step"] for m in rl_lines] == list(range(1, 15))  # 8 steps, then the repeat's 6
+    assert {m["train/lr"] for m in rl_lines[:8]} == {2e-4} and {m["train/lr"] for m in rl_lines[8:]} == {1e-3}
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
     assert sa["pass@1_rl"] == sb["pass@1_rl"] and sa["pass@1_rl_2"] == sb["pass@1_rl_2"] and sb["status"] == "ok"
 
