@@ -150,9 +150,17 @@ class RunData:
         return node
 
     def planned_rl_steps(self):
-        """rl.steps times the RL stages of the `stages` list (without a list: rl.steps); None when unknown."""
+        """The RL steps of the `stages` list's RL stages, each with its own settings (without a list: rl.steps);
+        None when unknown."""
+        from rlpost.config import Config, from_dict, stage_configs
+
         steps, stages = self.setting("rl.steps"), self.setting("stages")
-        return steps * stages.count("rl") if isinstance(steps, int) and isinstance(stages, list) else steps
+        if not isinstance(steps, int) or not isinstance(stages, list):
+            return steps
+        try:
+            return sum(c.rl.steps for name, c in stage_configs(from_dict(Config, self.config)) if name == "rl")
+        except (ValueError, TypeError):  # a config this version cannot read
+            return None
 
 
 def smooth(values: list[float], window: int) -> list[float]:

@@ -221,6 +221,19 @@ def test_a_run_without_rl_says_so_in_every_rl_section(tmp_path):
     assert_self_contained(page)
 
 
+@pytest.mark.parametrize("overrides, planned", [
+    (["rl.steps=30"], 30),
+    (["rl.steps=30", "stages=[sft, eval, rl, eval, rl, eval]"], 60),
+    (["rl.steps=30", "stages=[sft, rl, {rl: {rl.steps: 5}}, {eval: {eval.samples_per_prompt: 2}}]"], 35),
+])
+def test_the_planned_rl_steps_count_each_rl_stage_with_its_own_settings(overrides, planned):
+    from rlpost.config import load_config, to_dict
+    from rlpost.report import RunData
+
+    assert RunData("run", config=to_dict(load_config(None, overrides))).planned_rl_steps() == planned
+    assert RunData("run", config={"rl": {"steps": 30}, "stages": ["rl", {"rl": {"nope": 1}}]}).planned_rl_steps() is None
+
+
 def test_gold_vs_proxy_is_drawn_when_a_reward_model_is_the_rl_reward(tmp_path):
     run_dir = train(tmp_path, "rm", "rl.steps=4", "rl.eval_every=0", "reward_model.train=true",
                     "reward_model.pairs=64", "reward_model.eval_pairs=32", "reward_model.epochs=1",
