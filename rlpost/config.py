@@ -329,7 +329,7 @@ RUN_KEYS = ("rollout.engine", "rollout.max_new_tokens", "rl.topology", "rl.weigh
 
 def _entry_name(entry: str | dict[str, Any]) -> str:
     name = next(iter(entry)) if isinstance(entry, dict) else entry
-    return STAGE_ALIASES.get(name, name)
+    return STAGE_ALIASES.get(name, name) if isinstance(name, str) else name  # not a name: _validate_stages says so
 
 
 def stage_names(cfg: Config) -> list[str]:
@@ -697,7 +697,7 @@ def _validate_stages(cfg: Config) -> None:
             raise ConfigError(f"config key 'stages[{i}]' must be a stage name or {{name: {{key: value, ...}}}} "
                               f"(one stage and its own settings), got {s!r}")
         name = next(iter(s)) if isinstance(s, dict) else s
-        if name not in STAGES and name not in STAGE_ALIASES:
+        if not isinstance(name, str) or (name not in STAGES and name not in STAGE_ALIASES):
             raise ConfigError(f"config key 'stages' names an unknown stage {name!r}; valid stages: {valid}")
     names = stage_names(cfg)
     for name, sc in stage_configs(cfg):  # each stage checked with the settings it runs with

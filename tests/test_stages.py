@@ -78,6 +78,7 @@ def test_a_list_names_the_stages_in_order_with_repeats_labelled():
     (["stages=[sft, {rl: 3}]"], r"'stages\[1\]' must be a stage name or \{name: \{key: value"),
     (["stages=[sft, {rl: {}, eval: {}}]"], r"'stages\[1\]' must be a stage name"),
     (["stages=[sft, {grpo: {rl.steps: 3}}]"], "unknown stage 'grpo'"),
+    (["stages=[sft, [rl]]"], r"unknown stage \['rl'\]"),
 ])
 def test_bad_lists_fail_at_load_time_naming_the_problem(overrides, match):
     with pytest.raises(ConfigError, match=match):
