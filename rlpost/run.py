@@ -365,6 +365,14 @@ def build_stages(cfg: Config) -> list[Stage]:
     return stages
 
 
+def stage_line(cfg: Config, stages: list[Stage]) -> list[str]:
+    """Each stage's label as the run prints it, with the settings of its own stage-list entry after it."""
+    entries = cfg.stages if cfg.stages is not None else [None] * len(stages)
+    return [s.label + (" (" + ", ".join(f"{k}={v}" for k, v in next(iter(e.values())).items()) + ")"
+                       if isinstance(e, dict) and next(iter(e.values())) else "")
+            for s, e in zip(stages, entries)]
+
+
 def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0."""
     from rlpost.limits import check_lengths
@@ -510,7 +518,7 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
                                               " (resuming from the start)" if resume else ""))
     say(f"rlpost: model {cfg.model.name} ({sum(p.numel() for p in ctx.model.parameters()) / 1e6:.2f}M params), "
         f"task {ctx.task.name} ({len(ctx.task.train_rows)} train / {len(ctx.task.eval_rows)} held-out prompts); "
-        f"stages: {' -> '.join(s.label for s in stages)}")
+        f"stages: {' -> '.join(stage_line(cfg, stages))}")
     first = 0
     if ckpt is not None:
         ctx.summary.update({k: v for k, v in ckpt.meta["summary"].items() if k not in ("status", "wall_seconds")})

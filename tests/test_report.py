@@ -231,7 +231,8 @@ def test_the_planned_rl_steps_count_each_rl_stage_with_its_own_settings(override
     from rlpost.report import RunData
 
     assert RunData("run", config=to_dict(load_config(None, overrides))).planned_rl_steps() == planned
-    assert RunData("run", config={"rl": {"steps": 30}, "stages": ["rl", {"rl": {"nope": 1}}]}).planned_rl_steps() is None
+    unreadable = {"rl": {"steps": 30}, "stages": ["rl", {"rl": {"nope": 1}}]}
+    assert RunData("run", config=unreadable).planned_rl_steps() is None
 
 
 def test_gold_vs_proxy_is_drawn_when_a_reward_model_is_the_rl_reward(tmp_path):

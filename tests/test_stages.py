@@ -14,7 +14,7 @@ from test_resume import ROOT, TINY, command, comparable, run_to_end
 
 from rlpost.checkpoint import list_checkpoints
 from rlpost.config import ConfigError, load_config, stage_configs, stage_names
-from rlpost.run import build_stages, train
+from rlpost.run import build_stages, stage_line, train
 
 R1_SHAPE = "stages=[sft, eval, rl, eval, rejection, eval, rl, eval]"
 REJECTION = ["rejection.num_prompts=16", "rejection.samples_per_prompt=4", "rejection.steps=3",
@@ -119,6 +119,9 @@ def test_a_stage_list_entry_carries_settings_for_that_stage_alone(tmp_path):
                                                                                               {"name": "rloo"})
     assert second.step_offset == 40 and second.evaluation.cfg.samples_per_prompt == 4
     assert (last.after, last.cfg.samples_per_prompt) == ("rl_2", 8)
+    assert stage_line(cfg, stages) == [
+        "sft", "eval", "rl", "rl_2 (trainer.lr=0.0001, rl={'steps': 20, 'eval_every': 5}, algorithm={'name': 'rloo'})",
+        "eval (eval.samples_per_prompt=8)"]
 
 
 def test_a_repeated_rl_stage_runs_twice_writing_its_own_checkpoints_labels_and_steps(tmp_path):
