@@ -95,9 +95,9 @@ class TaskConfig:
     max_operand: int = opt(99, "embedded tasks: operands are drawn from 0..max_operand")
     num_eval: int = opt(500, "embedded tasks: held-out problems")
     demonstrator_error: float = opt(0.35, "embedded tasks: fraction of the demonstrator's answers that are wrong")
-    answer_format_rate: float = opt(1.0, "multistep: fraction of the demonstrations that end with '#### <answer>' (the "
-                                         "rest stop after the last sum: a base model that only sometimes writes the "
-                                         "answer format)")
+    answer_format_rate: float = opt(1.0, "multistep: fraction of the demonstrations that end with '#### <answer>' "
+                                         "(the rest stop after the last sum: a base model that only sometimes writes "
+                                         "the answer format)")
 
 
 @dataclass
@@ -504,6 +504,18 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def _at_least(low: int, values: dict[str, int]) -> None:
+    """Each dotted config key's value must be >= low."""
+    for key, value in values.items():
+        if value < low:
+            raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
+
+
+def _section(name: str, section: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """{'<name>.<key>': value} of a section's keys."""
+    return {f"{name}.{k}": getattr(section, k) for k in keys}
+
+
 def _validate(cfg: Config) -> None:
     from rlpost.algorithms import get_algorithm
     from rlpost.critic import CRITIC_TYPES
@@ -535,13 +547,9 @@ def _validate(cfg: Config) -> None:
                 "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "sft.batch_size": cfg.sft.batch_size,
                 "eval.samples_per_prompt": cfg.eval.samples_per_prompt, "trainer.epochs": cfg.trainer.epochs,
                 "trainer.minibatches": cfg.trainer.minibatches}
-    for key, value in {"sft.save_every": cfg.sft.save_every, "rl.save_every": cfg.rl.save_every,
-                       "rl.keep_checkpoints": cfg.rl.keep_checkpoints}.items():
-        if value < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    _at_least(0, {"sft.save_every": cfg.sft.save_every, "rl.save_every": cfg.rl.save_every,
+                  "rl.keep_checkpoints": cfg.rl.keep_checkpoints})
+    _at_least(1, positive)
     if cfg.rl.topology not in TOPOLOGIES:
         raise ConfigError(f"config key 'rl.topology' is {cfg.rl.topology!r}; valid values: {', '.join(TOPOLOGIES)}")
     ray_modes = ("auto", "ray", "collective")
@@ -555,30 +563,22 @@ def _validate(cfg: Config) -> None:
     elif cfg.rl.weight_sync not in ray_modes:
         raise ConfigError(f"rl.topology={cfg.rl.topology} sends weights to its rollout workers with rl.weight_sync = "
                           f"{' | '.join(ray_modes)}, not {cfg.rl.weight_sync!r}")
-    for key, value in {"rl.rollout_workers": cfg.rl.rollout_workers}.items():
-        if value < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
-    for key, value in {"rl.max_staleness": cfg.rl.max_staleness,
-                       "rl.max_worker_restarts": cfg.rl.max_worker_restarts}.items():
-        if value < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    _at_least(1, {"rl.rollout_workers": cfg.rl.rollout_workers})
+    _at_least(0, {"rl.max_staleness": cfg.rl.max_staleness, "rl.max_worker_restarts": cfg.rl.max_worker_restarts})
     if cfg.model.block_size is not None and cfg.model.block_size < 1:
         raise ConfigError(f"config key 'model.block_size' must be >= 1 or null (sized from the data), "
                           f"got {cfg.model.block_size}")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.model.device):
         raise ConfigError(f"config key 'model.device' is {cfg.model.device!r}; valid values: auto, cpu, cuda, cuda:N")
-    if cfg.trainer.warmup_steps < 0:
-        raise ConfigError(f"config key 'trainer.warmup_steps' must be >= 0, got {cfg.trainer.warmup_steps}")
+    _at_least(0, {"trainer.warmup_steps": cfg.trainer.warmup_steps})
     if not 0.0 <= cfg.trainer.min_lr_ratio <= 1.0:
         raise ConfigError(f"config key 'trainer.min_lr_ratio' must be in [0, 1], got {cfg.trainer.min_lr_ratio}")
     if cfg.rollout.max_num_seqs < 0:
         raise ConfigError(f"config key 'rollout.max_num_seqs' must be >= 0 (0: no cap), got {cfg.rollout.max_num_seqs}")
     if not all(isinstance(x, str) and x for x in cfg.rollout.stop):
         raise ConfigError(f"config key 'rollout.stop' must be a list of non-empty strings, got {cfg.rollout.stop!r}")
-    for key, value in {"reward_model.epochs": cfg.reward_model.epochs, "reward_model.pairs": cfg.reward_model.pairs,
-                       "reward_model.batch_size": cfg.reward_model.batch_size}.items():
-        if value < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    _at_least(1, {"reward_model.epochs": cfg.reward_model.epochs, "reward_model.pairs": cfg.reward_model.pairs,
+                  "reward_model.batch_size": cfg.reward_model.batch_size})
     if not 0.0 <= cfg.reward_model.label_noise <= 0.5:
         raise ConfigError(f"reward_model.label_noise must be in [0, 0.5], got {cfg.reward_model.label_noise}")
     if cfg.reward_model.train and cfg.reward_model.path:
@@ -620,9 +620,7 @@ def _validate_task(cfg: Config) -> None:
     for key, value in (("task.env_on_error", t.env_on_error),):
         if value not in ("raise", "zero"):
             raise ConfigError(f"config key '{key}' is {value!r}; valid values: raise, zero")
-    for key, value in (("task.max_turns", t.max_turns), ("task.reward_workers", t.reward_workers)):
-        if value < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    _at_least(1, {"task.max_turns": t.max_turns, "task.reward_workers": t.reward_workers})
     if t.max_episode_tokens is not None and t.max_episode_tokens < 1:
         raise ConfigError(f"config key 'task.max_episode_tokens' must be >= 1 or null, got {t.max_episode_tokens}")
     if not 0.0 <= t.answer_format_rate <= 1.0:
@@ -657,18 +655,14 @@ def _validate_preference(pc: PreferenceConfig) -> None:
     get_preference_loss(**pc.loss)  # unknown loss / parameter -> error naming it, now
     if pc.on_bad_row not in ("skip", "raise"):
         raise ConfigError(f"config key 'preference.on_bad_row' is {pc.on_bad_row!r}; valid values: skip, raise")
-    for key in ("epochs", "batch_size", "samples_per_prompt", "num_prompts"):
-        if getattr(pc, key) < 1:
-            raise ConfigError(f"config key 'preference.{key}' must be >= 1, got {getattr(pc, key)}")
+    _at_least(1, _section("preference", pc, ("epochs", "batch_size", "samples_per_prompt", "num_prompts")))
 
 
 def _validate_rejection_and_distill(cfg: Config) -> None:
     rc = cfg.rejection
-    for key in ("samples_per_prompt", "num_prompts", "max_per_prompt", "steps", "batch_size"):
-        if getattr(rc, key) < 1:
-            raise ConfigError(f"config key 'rejection.{key}' must be >= 1, got {getattr(rc, key)}")
-    if rc.warmup_steps < 0:
-        raise ConfigError(f"config key 'rejection.warmup_steps' must be >= 0, got {rc.warmup_steps}")
+    _at_least(1, _section("rejection", rc, ("samples_per_prompt", "num_prompts", "max_per_prompt", "steps",
+                                            "batch_size")))
+    _at_least(0, {"rejection.warmup_steps": rc.warmup_steps})
     if "rejection" in stage_names(cfg) and cfg.trainer.strategy == "fsdp2":
         raise ConfigError("the rejection stage with trainer.strategy=fsdp2 is not supported yet: the stage runs after "
                           "RL has sharded the policy; run it as a run of its own: model.name=<the RL checkpoint> "
@@ -725,9 +719,7 @@ def _validate_stages(cfg: Config) -> None:
 
 
 def _validate_prm(pc: PRMConfig) -> None:
-    for key in ("problems", "eval_problems", "solutions", "rollouts", "epochs", "batch_size"):
-        if getattr(pc, key) < 1:
-            raise ConfigError(f"config key 'prm.{key}' must be >= 1, got {getattr(pc, key)}")
+    _at_least(1, _section("prm", pc, ("problems", "eval_problems", "solutions", "rollouts", "epochs", "batch_size")))
     if not pc.separator:
         raise ConfigError("config key 'prm.separator' must be a non-empty string (the text that ends a step)")
     if pc.reward not in PRM_REWARDS:
