@@ -31,12 +31,6 @@ from rlpost.run import RunContext
 from rlpost.stages.rl import prompt_text
 from rlpost.stages.sft import SupervisedStage
 
-SAMPLES_FILE = "rejection_samples.jsonl"
-
-
-def samples_file(label: str) -> str:
-    """rejection_samples.jsonl; a repeated stage's: rejection_2_samples.jsonl."""
-    return SAMPLES_FILE if label == "rejection" else f"{label}_samples.jsonl"
 PROMPT_SEED, SAMPLE_SEED, BATCH_SEED = 1, 104729, 2  # offsets from the run's seed: which prompts, samples, batches
 
 
@@ -118,7 +112,7 @@ class RejectionStage(SupervisedStage):
 
     def run(self, ctx: RunContext) -> None:
         kept, metrics = self.sample(ctx)
-        with open(os.path.join(ctx.run_dir, samples_file(self.label)), "w") as f:
+        with open(os.path.join(ctx.run_dir, f"{self.label}_samples.jsonl"), "w") as f:  # rejection_2_samples...
             f.writelines(json.dumps({key: r[key] for key in ("prompt", "completion", "reward")}) + "\n" for r in kept)
         ctx.log({"stage": f"{self.label}_data", "step": 0, **metrics})
         ctx.summary[f"{self.label}_kept"] = len(kept)
