@@ -7,9 +7,8 @@
 Every row starts from its recipe's SFT checkpoint (made once and reused by every row of that recipe) and
 runs `--steps` GRPO steps of that recipe with one change. Four rows use the default recipe (4-token answers);
 the entropy and length rows and their healthy run use `recipes/cot_math.yaml` (chain of thought, ~30-token
-responses), with
-rollout.max_new_tokens=64 and an SFT of 400 steps (made with the same max_new_tokens, which sizes the
-model's context). The script prints, for each run, the metric of `rlpost report` that shows the symptom:
+responses), with rollout.max_new_tokens=64 and an SFT of 400 steps (made with the same max_new_tokens, which
+sizes the model's context). The script prints, for each run, the metric of `rlpost report` that shows the symptom:
 its mean over the first and the last fifth of the steps, next to the healthy run's, and the held-out pass@1
 at the end.
 

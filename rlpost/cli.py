@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                "--n 1 4 16 64", formatter_class=argparse.RawDescriptionHelpFormatter)
     p_search.add_argument("policy", metavar="POLICY", help="a run directory or a model folder")
     p_search.add_argument("recipe", nargs="?", help="recipe YAML for the task (default: the run's config.yaml)")
-    p_search.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (task.*, rollout.*)")
-    p_search.add_argument("--prm", help="a process reward model folder (rlpost prm: checkpoints/prm), or 'step-check': "
-                                         "the chain-of-thought task's own step check, a perfect PRM")
+    p_search.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="dotted config overrides (task.*, rollout.*)")
+    p_search.add_argument("--prm", help="a process reward model folder (rlpost prm: checkpoints/prm), or "
+                                        "'step-check': the chain-of-thought task's own step check, a perfect PRM")
     p_search.add_argument("--orm", help="an outcome reward model folder (rlpost prm: checkpoints/orm, or rlpost rm)")
     p_search.add_argument("--n", type=int, nargs="+", default=[1, 4, 16, 64], help="budgets N (default 1 4 16 64)")
     p_search.add_argument("--methods", nargs="+", help="a subset of: " + ", ".join(search_methods()))

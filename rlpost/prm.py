@@ -167,7 +167,8 @@ def mc_step_labels(engine, verify: Callable[[str, dict], float], tokenizer, rows
 
 # ---------------------------------------------------------------------------- fitting
 
-def prm_loss(prm: ProcessRewardModel, examples: list[StepExample], pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+def prm_loss(prm: ProcessRewardModel, examples: list[StepExample],
+             pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE of the step logits against the soft labels, mean over the labelled steps of `examples`."""
     logits = torch.cat(prm.step_logits([e.prompt for e in examples], [e.response for e in examples],
                                        [e.ends for e in examples], pad_id))

@@ -164,7 +164,8 @@ def fit_epochs(model: nn.Module, n: int, loss_of: Callable[[list[int]], tuple[to
         if log is not None:
             log({"stage": f"{name}_eval", "step": step, **result})
         if dist.is_main():
-            tqdm.write(f"{name} epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "epoch"))
+            tqdm.write(f"{name} epoch {epoch}: "
+                       + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "epoch"))
     bar.close()
     model.eval()
     return result

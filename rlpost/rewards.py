@@ -8,8 +8,8 @@ Names (`rlpost rewards` lists them): `exact` (the first line equals row["answer"
 are numbers: the embedded task's verifier), `math` (answer extraction + math-verify equivalence),
 `code` (the completion's program against row["tests"] in the sandbox), `judge` (an LLM grades the
 completion against a rubric), `format` (the whole completion matches a regular expression: the form, not
-the answer; by default reasoning, then "#### <number>"). Anything else of the form 'module:function' is the user's own: a function
-`(completion, row) -> float`, or a class whose instances are, built with the options.
+the answer; by default reasoning, then "#### <number>"). Anything else of the form 'module:function' is the
+user's own: a function `(completion, row) -> float`, or a class whose instances are, built with the options.
 
 In a config, `task.reward: math` with `task.reward_options: {...}` picks one, and
 

@@ -364,7 +364,8 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     model, tokenizer = load_model(cfg.model, task.alphabet)
     model.eval()
     if prm == "step-check" and task.name != "multistep":
-        raise ValueError(f"--prm step-check is the chain-of-thought task's own step check; task {task.name!r} has none")
+        raise ValueError(f"--prm step-check is the chain-of-thought task's own step check; task {task.name!r} "
+                         "has none")
     prm_model = (StepCheckPRM(tokenizer, cfg.prm.separator) if prm == "step-check"
                  else ProcessRewardModel.load(prm)[0] if prm else None)
     orm_model = RewardModel.load(orm)[0] if orm else None

@@ -2,9 +2,10 @@
 
 Step boundaries and the task's own step check against hand-written solutions; Monte-Carlo labels and the
 search methods against a policy whose step accuracy is known exactly (`StepSolver`: an engine that solves
-the chain-of-thought task one step at a time, each sum right with probability p, else its last digit one off), so every expected number
-is computed by hand: with p = 1/2 a sample is right with probability 1/4, and a step's label is 1/2 after a
-right first sum and 0 after a wrong one. The PRM's training on a real trunk, and both commands end to end.
+the chain-of-thought task one step at a time, each sum right with probability p, else its last digit one
+off), so every expected number is computed by hand: with p = 1/2 a sample is right with probability 1/4,
+and a step's label is 1/2 after a right first sum and 0 after a wrong one. The PRM's training on a real
+trunk, and both commands end to end.
 """
 
 import json

@@ -45,7 +45,8 @@ def test_a_list_names_the_stages_in_order_with_repeats_labelled():
     cfg = load_config(None, [R1_SHAPE])
     assert described(cfg) == ["sft", "eval:sft", "rl", "eval:rl", "rejection", "eval:rejection", "rl_2", "eval:rl_2"]
     rl, rl_2 = [s for s in build_stages(cfg) if s.name == "rl"]
-    assert (rl.end_checkpoint, rl.step_prefix, rl.reference_folder, rl.step_offset) == ("final", "step_", "reference", 0)
+    assert (rl.end_checkpoint, rl.step_prefix, rl.reference_folder, rl.step_offset) == ("final", "step_", "reference",
+                                                                                         0)
     assert (rl_2.end_checkpoint, rl_2.step_prefix, rl_2.reference_folder, rl_2.step_offset) == (
         "rl_2", "rl_2_step_", "rl_2_reference", cfg.rl.steps)
     cfg = load_config(None, ["stages=[eval, dpo, eval, eval, sft, sft]", "preference.num_prompts=8"])

@@ -259,7 +259,8 @@ class RLStage(Stage):
     def run(self, ctx: RunContext) -> None:
         c = self.cfg
         if self.step == 0 and self.reference is not None and not self.reference.shares_policy and dist.is_main():
-            write_model_folder(ctx.run_dir, self.reference_folder, lambda f: save_model(self.reference.model, ctx.tokenizer, f))
+            write_model_folder(ctx.run_dir, self.reference_folder,
+                               lambda f: save_model(self.reference.model, ctx.tokenizer, f))
         if dist.is_main():  # a resume: the samples of steps after the checkpoint are sampled again
             trim_rollouts(ctx.run_dir, self.step_offset + self.step)
         bar = progress(range(self.step + 1, c.steps + 1), initial=self.step, total=c.steps,
