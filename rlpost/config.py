@@ -146,6 +146,10 @@ class TrainerConfig:
     min_lr_ratio: float = opt(0.0, "RL: linear / cosine decay ends at lr * min_lr_ratio")
     strategy: str = opt("single", "RL training: 'single' (one process) | 'fsdp2' (sharded over torchrun's ranks; "
                                   "rl.weight_sync auto or copy)")
+    logprob_chunk: int | None = opt(None, "tokens per chunk of the log-prob head (trainer, reference, SFT): log-probs "
+                                          "and entropies come from the hidden states this many tokens at a time, "
+                                          "forward and backward, never as a whole [tokens, vocabulary] tensor (None: "
+                                          "sized from the vocabulary, 32 M logits per chunk)")
     profile_steps: list[int] = opt([], "RL steps to trace with torch.profiler (Chrome trace format, in the run "
                                        "directory's profile/ folder)")
 
@@ -568,6 +572,9 @@ def _validate(cfg: Config) -> None:
     if cfg.model.block_size is not None and cfg.model.block_size < 1:
         raise ConfigError(f"config key 'model.block_size' must be >= 1 or null (sized from the data), "
                           f"got {cfg.model.block_size}")
+    if cfg.trainer.logprob_chunk is not None and cfg.trainer.logprob_chunk < 1:
+        raise ConfigError(f"config key 'trainer.logprob_chunk' must be >= 1 token or null (sized from the "
+                          f"vocabulary), got {cfg.trainer.logprob_chunk}")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.model.device):
         raise ConfigError(f"config key 'model.device' is {cfg.model.device!r}; valid values: auto, cpu, cuda, cuda:N")
     _at_least(0, {"trainer.warmup_steps": cfg.trainer.warmup_steps})

@@ -27,7 +27,8 @@ from rlpost.models.lora import adapters_disabled, is_lora
 
 
 class Reference:
-    def __init__(self, policy: nn.Module, temperature: float = 1.0, precision: str = "fp32"):
+    def __init__(self, policy: nn.Module, temperature: float = 1.0, precision: str = "fp32",
+                 logprob_chunk: int | None = None):
         check_precision(precision, model_device(policy))
         self.shares_policy = is_lora(policy)
         if self.shares_policy:
@@ -36,13 +37,13 @@ class Reference:
             self.model = copy.deepcopy(policy).eval()
             self.model.requires_grad_(False)
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
-        self.temperature, self.precision = temperature, precision
+        self.temperature, self.precision, self.logprob_chunk = temperature, precision, logprob_chunk
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:
         device = model_device(self.model)
         with autocast(device, self.precision), base_model(self.model) if self.shares_policy else nullcontext():
-            ref_logp = token_logprobs(self.model, batch.to(device), self.temperature)
+            ref_logp = token_logprobs(self.model, batch.to(device), self.temperature, chunk=self.logprob_chunk)
         return batch.replace(ref_logp=ref_logp.to(batch.input_ids.device) * batch.response_mask)
 
 

@@ -61,7 +61,7 @@ class Trainer:
                  betas: tuple[float, float] = (0.9, 0.999), epochs: int = 1, minibatches: int = 1,
                  critic: nn.Module | None = None, critic_lr: float | None = None, seed: int = 0,
                  precision: str = "fp32", gradient_checkpointing: bool = False, schedule: LRSchedule | None = None,
-                 strategy: str = "single"):
+                 strategy: str = "single", logprob_chunk: int | None = None):
         check_precision(precision, model_device(model))
         if strategy not in STRATEGIES:
             raise ValueError(f"trainer.strategy is {strategy!r}; valid values: {', '.join(STRATEGIES)}")
@@ -83,6 +83,7 @@ class Trainer:
                     set_gradient_checkpointing(m, True)
         self.grad_clip, self.micro_batch_size = grad_clip, micro_batch_size
         self.max_nonfinite_steps, self.temperature = max_nonfinite_steps, temperature
+        self.logprob_chunk = logprob_chunk  # tokens per chunk of the log-prob head (None: sized from the vocabulary)
         self.epochs, self.minibatches = epochs, minibatches
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU whatever the model's device
         self.nonfinite_in_a_row = 0
@@ -140,7 +141,7 @@ class Trainer:
             for mb in batch.micro_batches(self.micro_batch_size):
                 mb = mb.to(self.device)
                 with autocast(self.device, self.precision):
-                    logp = token_logprobs(self.model, mb, self.temperature)
+                    logp = token_logprobs(self.model, mb, self.temperature, chunk=self.logprob_chunk)
                 parts.append((logp * mb.response_mask).to(batch.input_ids.device))
         finally:
             self.model.train(was_training)
@@ -213,7 +214,7 @@ class Trainer:
         for mb, counts in self._micro_batches(batch):
             with autocast(self.device, self.precision):  # the forward only: the loss below runs in fp32
                 logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True,
-                                               share_prompt=not self.sharded)
+                                               share_prompt=not self.sharded, chunk=self.logprob_chunk)
             mb = mb.replace(entropy=entropy, new_values=self.critic(mb) if self.critic is not None else None)
             loss, metrics = loss_fn(logp, mb)
             if not counts:  # a sharded rank's padding pass: same collectives, no contribution

@@ -67,7 +67,7 @@ def test_shared_prompt_scoring_equals_the_plain_forward(kind, tiny_llama_dir, mo
     batch = layout_batch(16)
     calls = []
     shared_forward = model.forward_shared_prompt
-    monkeypatch.setattr(model, "forward_shared_prompt", lambda *a: calls.append(1) or shared_forward(*a))
+    monkeypatch.setattr(model, "forward_shared_prompt", lambda *a, **kw: calls.append(1) or shared_forward(*a, **kw))
     torch.manual_seed(1)
     w_logp, w_ent = torch.randn(5, 8), torch.randn(5, 8)   # every column, prompt ones included
 

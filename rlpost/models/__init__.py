@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from rlpost.batch import Batch
 from rlpost.limits import block_size_for
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
+from rlpost.models.logprobs import LogprobHead, chunked_logprobs
 from rlpost.models.lora import (apply_lora, base_state_dict, is_lora, load_adapters, merged_state_dict, save_adapters,
                                 saved_lora_config)
 
@@ -121,6 +122,12 @@ def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
 
 # ---------------------------------------------------------------------------- Hugging Face adapters
 
+# model types whose logits are lm_head(final hidden state), soft-capped for Gemma 2/3 (final_logit_softcapping):
+# scored in chunks from the hidden states (rlpost.models.logprobs). Others (e.g. a head that rescales its logits)
+# are scored from the full logits.
+CHUNKED_HEADS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2")
+
+
 class HFCausalLM(nn.Module):
     """A `transformers` causal LM with gpt_mini's calling convention; `.hf` is the wrapped model."""
 
@@ -128,9 +135,23 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.hf = hf_model
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits
+    def forward(self, input_ids, attention_mask=None, position_ids=None, head=None):
+        """Logits (B, T, V); with `head` (a rlpost.models.logprobs.LogprobHead), what it computes from the trunk's
+        final hidden states and the LM head instead (see `output_head`), without the (B, T, V) tensor."""
+        if head is None:
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).logits
+        lm_head, softcap = self.output_head()
+        return head(self.hidden_states(input_ids, attention_mask, position_ids), lm_head, softcap)
+
+    def output_head(self) -> tuple[nn.Module, float | None] | None:
+        """(LM head, soft-cap) when the model's logits are exactly `softcap * tanh(lm_head(h) / softcap)` (or
+        lm_head(h) without a soft-cap) of the trunk's final hidden states h: the families in CHUNKED_HEADS, with
+        a plain nn.Linear head (not a LoRA-wrapped one). None otherwise: such a model is scored from its logits."""
+        head = self.hf.get_output_embeddings()
+        if self.hf.config.model_type not in CHUNKED_HEADS or type(head) is not nn.Linear:
+            return None
+        return head, getattr(self.hf.config, "final_logit_softcapping", None)
 
     def forward_shared_prompt(self, input_ids, attention_mask, position_ids, P: int, first, owner,
                               hidden: bool = False):
@@ -449,20 +470,32 @@ def trunk_hidden_states(model: nn.Module, batch: Batch, share_prompt: bool = Tru
 def _score(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
     """log-probs of `targets` [..., n] under logits [..., n, V] / temperature, and the entropies (or None),
     in fp32 whatever the logits' dtype and whether autocast is on (bf16 log-softmax loses the small
-    probabilities that ratios and KL terms are made of)."""
+    probabilities that ratios and KL terms are made of). The full-logits path: for models without a
+    chunkable head (`output_head` None) only."""
     with torch.autocast(logits.device.type, enabled=False):
         logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
         logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
         return logp, (-(logp_all.exp() * logp_all).sum(-1) if with_entropy else None)
 
 
+def chunked_head(model: nn.Module) -> tuple[nn.Module, float | None] | None:
+    """(LM head, soft-cap) of a model whose log-probs can be computed in chunks from its hidden states, else
+    None (see HFCausalLM.output_head)."""
+    output_head = getattr(model, "output_head", None)
+    return output_head() if output_head is not None else None
+
+
 def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,
-                   share_prompt: bool = True):
+                   share_prompt: bool = True, chunk: int | None = None):
     """log pi(input_ids[:, t] | input_ids[:, :t]) for every t >= 1, as [B, T] (column 0 is 0).
 
     Logits are divided by `temperature` first, so the trainer scores tokens under the distribution
     the rollout engine sampled from. With `with_entropy`, also returns the per-token entropy [B, T]
     of that distribution (with grad when grad is enabled, for entropy bonuses).
+
+    Chunked head: for gpt_mini and the HF families of CHUNKED_HEADS the log-probs and entropies come from
+    the final hidden states `chunk` tokens at a time (rlpost.models.logprobs; None: sized from the
+    vocabulary), forward and backward, so no [B, T, V] tensor of logits or log-softmax is ever held.
 
     Shared prompts (`share_prompt`, on by default): when rows repeat a prompt (the K samples of a GRPO
     group; see `shared_prompt`) and the model can (`can_share_prompt`), each distinct prompt goes
@@ -474,15 +507,29 @@ def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, wit
     ids, mask = batch.input_ids, batch.attention_mask
     pos = position_ids_for(mask)
     split = _prompt_split(model, batch, share_prompt)
+    head = chunked_head(model)
     if split is None:
-        logp, entropy = _score(model(ids, mask, pos)[:, :-1], ids[:, 1:], temperature, with_entropy)
+        if head is not None:  # through the model's forward, so that a sharded head is gathered for it
+            logp, entropy = model(ids, mask, pos, head=LogprobHead(ids[:, 1:], temperature, with_entropy, chunk))
+        else:
+            logp, entropy = _score(model(ids, mask, pos)[:, :-1], ids[:, 1:], temperature, with_entropy)
     else:
         P, first, owner = split
-        prompt_logits, response_logits = model.forward_shared_prompt(ids, mask, pos, P, first, owner)
-        lp_prompt, ent_prompt = _score(prompt_logits[:, :-1], ids[first, 1:P], temperature, with_entropy)
-        # the response's first token is predicted by the prompt's last position
-        logits = torch.cat([prompt_logits[owner, -1:], response_logits[:, :-1]], 1)
-        lp_resp, ent_resp = _score(logits, ids[:, P:], temperature, with_entropy)
+        if head is not None:
+            lm_head, softcap = head
+            prompt_h, response_h = model.forward_shared_prompt(ids, mask, pos, P, first, owner, hidden=True)
+
+            def score(h, targets):
+                return chunked_logprobs(h, lm_head.weight, targets, temperature=temperature, with_entropy=with_entropy,
+                                        bias=lm_head.bias, softcap=softcap, chunk=chunk)
+            lp_prompt, ent_prompt = score(prompt_h[:, :-1], ids[first, 1:P])
+            # the response's first token is predicted by the prompt's last position
+            lp_resp, ent_resp = score(torch.cat([prompt_h[owner, -1:], response_h[:, :-1]], 1), ids[:, P:])
+        else:
+            prompt_logits, response_logits = model.forward_shared_prompt(ids, mask, pos, P, first, owner)
+            lp_prompt, ent_prompt = _score(prompt_logits[:, :-1], ids[first, 1:P], temperature, with_entropy)
+            logits = torch.cat([prompt_logits[owner, -1:], response_logits[:, :-1]], 1)
+            lp_resp, ent_resp = _score(logits, ids[:, P:], temperature, with_entropy)
         logp = torch.cat([lp_prompt[owner], lp_resp], 1)
         entropy = torch.cat([ent_prompt[owner], ent_resp], 1) if with_entropy else None
     logp = F.pad(logp, (1, 0))                                # (B, T): aligned with input_ids

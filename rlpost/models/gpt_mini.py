@@ -146,8 +146,15 @@ class GPT(nn.Module):
     def hidden_size(self) -> int:
         return self.config.n_embd
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))  # (B, T, V)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None, head=None):
+        """Logits (B, T, V); with `head` (a rlpost.models.logprobs.LogprobHead), what it computes from the final
+        hidden states and the LM head instead: per-token log-probs without the (B, T, V) tensor."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        return head(hidden, self.lm_head) if head is not None else self.lm_head(hidden)
+
+    def output_head(self) -> tuple[nn.Module, None]:
+        """(the LM head, its soft-cap): what `head=` reads; the logits are lm_head(hidden)."""
+        return self.lm_head, None
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """The final (layer-normed) hidden state of every position: (B, T, n_embd)."""
@@ -202,10 +209,10 @@ class GPT(nn.Module):
         """Logits of rows whose first P columns repeat (rlpost.models.token_logprobs): the prompts of rows
         `first` once, their cache gathered to every row (`owner`), then the responses (columns P:).
         Returns (prompt logits [N, P, V], response logits [B, T-P, V]), or hidden states with `hidden`."""
-        run = self.hidden_states if hidden else self
+        head = _hidden_only if hidden else None  # through forward either way: its hooks see every pass
         cache = self.new_cache()
-        prompt = run(input_ids[first, :P], attention_mask[first, :P], position_ids[first, :P], cache)
-        response = run(input_ids[:, P:], attention_mask[:, P:], position_ids[:, P:], cache.select(owner))
+        prompt = self(input_ids[first, :P], attention_mask[first, :P], position_ids[first, :P], cache, head=head)
+        response = self(input_ids[:, P:], attention_mask[:, P:], position_ids[:, P:], cache.select(owner), head=head)
         return prompt, response
 
     # ------------------------------------------------------------------ checkpoints
@@ -254,6 +261,11 @@ class GPT(nn.Module):
         transposed)."""
         state = self.state_dict() if state_dict is None else state_dict
         return {k: (v.t() if k.endswith(CONV1D) else v).contiguous() for k, v in state.items()}
+
+
+def _hidden_only(hidden, lm_head):
+    """A `head=` for GPT.forward that returns the final hidden states themselves."""
+    return hidden
 
 
 CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D weights: [in, out], nn.Linear's transposed

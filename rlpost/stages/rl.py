@@ -169,7 +169,8 @@ class RLStage(Stage):
         self.critic = (Critic.build(model, self.critic_cfg.type, precision=tc.precision)
                        if self.algorithm.uses_critic else None)
         # the reference first: a whole frozen copy of the policy, taken before the trainer may shard it
-        self.reference = Reference(model, rc.temperature, tc.precision) if self.algorithm.uses_reference else None
+        self.reference = (Reference(model, rc.temperature, tc.precision, logprob_chunk=tc.logprob_chunk)
+                          if self.algorithm.uses_reference else None)
         schedule = LRSchedule(tc.lr_schedule, tc.warmup_steps, total_steps=self.cfg.steps * tc.epochs * tc.minibatches,
                               min_lr_ratio=tc.min_lr_ratio)
         self.trainer = Trainer(model, lr=tc.lr, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
@@ -177,7 +178,7 @@ class RLStage(Stage):
                                temperature=rc.temperature, epochs=tc.epochs, minibatches=tc.minibatches,
                                critic=self.critic, critic_lr=self.critic_cfg.lr, seed=self.seed(ctx),
                                precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
-                               schedule=schedule, strategy=tc.strategy)
+                               schedule=schedule, strategy=tc.strategy, logprob_chunk=tc.logprob_chunk)
         if tc.compile:  # after the reference (and a separate critic) copied the eager policy
             compile_model(model)
             if self.reference is not None and not self.reference.shares_policy:
