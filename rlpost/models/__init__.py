@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -122,6 +123,19 @@ def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
 
 # ---------------------------------------------------------------------------- Hugging Face adapters
 
+def _cache_kwarg(model: nn.Module, cache) -> dict:
+    """The KV cache as the model's forward takes it: `cache=` (transformers >= 5.25, where `past_key_values=` is
+    deprecated) or `past_key_values=` (earlier releases, e.g. the one vLLM's CPU build pins)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def _output_cache(output):
+    """The KV cache a forward returned: `output.cache` (transformers >= 5.25) or `output.past_key_values`."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 # model types whose logits are lm_head(final hidden state), soft-capped for Gemma 2/3 (final_logit_softcapping):
 # scored in chunks from the hidden states (rlpost.models.logprobs). Others (e.g. a head that rescales its logits)
 # are scored from the full logits.
@@ -162,10 +176,10 @@ class HFCausalLM(nn.Module):
         model = self.hf.base_model if hidden else self.hf
         prompt = model(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
                        position_ids=position_ids[first, :P], use_cache=True)
-        cache = prompt.past_key_values
+        cache = _output_cache(prompt)
         cache.reorder_cache(owner)          # index_select over rows: differentiable, repeats allowed
         response = model(input_ids=input_ids[:, P:], attention_mask=attention_mask,
-                         position_ids=position_ids[:, P:], past_key_values=cache, use_cache=True)
+                         position_ids=position_ids[:, P:], use_cache=True, **_cache_kwarg(model, cache))
         if hidden:
             return prompt.last_hidden_state, response.last_hidden_state
         return prompt.logits, response.logits
