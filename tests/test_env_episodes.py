@@ -198,8 +198,11 @@ def test_chat_message_observations_append_only_the_templates_glue(tiny_llama_dir
     model, tok = load_model(ModelConfig(name=tiny_llama_dir))
     tok.tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
                              "{% if add_generation_prompt %}assistant: {% endif %}")
-    glue = encode_observation(tok, [{"role": "tool", "content": "42"}])
-    assert tok.tok.decode(glue) == "tool: 42</s>\nassistant: "
+    obs = [{"role": "tool", "content": "42"}]
+    glue = encode_observation(tok, obs, after_eos=True)  # the turn's sampled </s> closed it: the glue starts after
+    assert tok.tok.decode(glue) == "\ntool: 42</s>\nassistant: "
+    closing = encode_observation(tok, obs)  # a turn cut before its </s> gets the template's close as well
+    assert tok.tok.decode(closing) == "</s>\ntool: 42</s>\nassistant: "
 
     class ToolTalk(Scripted):
         def reset(self, row):
@@ -217,7 +220,9 @@ def test_chat_message_observations_append_only_the_templates_glue(tiny_llama_dir
     row = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
     assert row[:len(first)] == list(first)
     assert batch.meta["turns"][0] == 2  # the first turn ran out of budget or ended on eos: either way a second one
-    assert batch.input_ids[0, env_positions(batch, 0)].tolist() == glue
+    cols = env_positions(batch, 0)
+    ended = batch.input_ids[0, cols[0] - 1].item() == tok.eos_token_id
+    assert batch.input_ids[0, cols].tolist() == (glue if ended else closing)
     with torch.no_grad():
         logp = token_logprobs(model, batch)
     m = batch.response_mask.bool()

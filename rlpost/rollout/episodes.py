@@ -104,23 +104,34 @@ class _Episode:
     info: dict = field(default_factory=dict)
 
 
-def encode_observation(tokenizer, obs) -> list[int]:
+def encode_observation(tokenizer, obs, after_eos: bool = False) -> list[int]:
     """An observation's ids. A string is encoded bare (no special tokens). Chat messages become the chat
-    template's rendering of just those messages after an assistant turn, with the generation prompt for
-    the next assistant turn: render(base + obs) minus render(base), so the earlier turns' ids stay as
-    they were sampled (the exact-prefix rule)."""
+    template's rendering of the text between an assistant turn's content and the next assistant turn's
+    content: the template's close of the assistant message (ChatML's "<|im_end|>\\n"), the new messages,
+    and the generation prompt. The earlier turns' ids stay as they were sampled (the exact-prefix rule).
+
+    `after_eos`: the turn ended on the tokenizer's eos. When the template closes an assistant message with
+    that token, the sampled eos is the close's first token and the glue is what the template writes after
+    it (ChatML's "\\n"), so the row reads as the template renders the conversation. A turn cut before its
+    eos gets the whole close from the environment (masked like every environment token)."""
     if isinstance(obs, str):
         return tokenizer.encode_completion(obs)
     tok = getattr(tokenizer, "tok", None)
     if tok is None or not getattr(tok, "chat_template", None):
         raise ValueError("an observation given as chat messages needs a tokenizer with a chat template")
+    # where the assistant's content "a" ends in the rendering of [user, assistant, *obs]: everything after it
+    # is the glue. Rendered with the generation prompt after [user], the conversation must start the same way.
+    head = tok.apply_chat_template([{"role": "user", "content": "u"}], tokenize=False, add_generation_prompt=True)
     base = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-    before = tok.apply_chat_template(base, tokenize=False)
     after = tok.apply_chat_template(base + list(obs), tokenize=False, add_generation_prompt=True)
-    if not after.startswith(before):
+    if not after.startswith(head + "a"):
         raise ValueError("the chat template renders earlier messages differently once more follow; observations "
                          "cannot be appended without re-tokenising earlier turns (give them as text instead)")
-    return tok(after[len(before):], add_special_tokens=False)["input_ids"]
+    glue = after[len(head) + 1:]
+    eos = tok.decode([tokenizer.eos_token_id])
+    if after_eos and eos and glue.startswith(eos):  # the sampled eos already wrote the template's end of turn
+        glue = glue[len(eos):]
+    return tok(glue, add_special_tokens=False)["input_ids"]
 
 
 def _describe(ep: _Episode, index: int, what: str) -> str:
@@ -219,7 +230,8 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
                 ep.finish = ep.finish if not step.done else "done"
                 continue
             try:
-                obs = encode_observation(tok, step.observation) if step.observation else []
+                ended = bool(ep.tokens) and ep.tokens[-1] == tok.eos_token_id
+                obs = encode_observation(tok, step.observation, ended) if step.observation else []
             except ValueError as e:  # the env speaks outside the tokenizer's vocabulary: a setup error, stop
                 raise EnvError(_describe(ep, i, f"its observation {step.observation!r} cannot be encoded: {e}")) from e
             if len(ep.tokens) + len(obs) >= role.max_tokens:  # no room left for another policy token
