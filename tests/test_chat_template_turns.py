@@ -7,13 +7,13 @@ written out from their tokenizer_config.json; each is attached to a byte-level B
 with the template's special tokens added. eos is the token the model ends its turns with."""
 
 import pytest
-import torch
 
 from conftest import train_tiny_tokenizer
+from test_env_episodes import ScriptedEngine
 from rlpost.env import EnvRole, Step
 from rlpost.env.base import Env
 from rlpost.models import HFTokenizer
-from rlpost.rollout import SamplingParams, assemble
+from rlpost.rollout import SamplingParams
 from rlpost.rollout.episodes import encode_observation, run_episodes
 
 QWEN25 = (
@@ -114,25 +114,6 @@ def family_tokenizer(base, name) -> HFTokenizer:
     tok.bos_token, tok.eos_token, tok.pad_token = bos, eos, pad
     tok.chat_template = template
     return HFTokenizer(tok, chat_template=True)
-
-
-class ScriptedEngine:
-    """Answers turn n of every episode with turns[n] (canonical token ids), followed by eos unless `cut`
-    says that turn ran out of tokens: the rows the episode function builds can then be compared with the
-    template's rendering of the same text."""
-
-    version = 0
-
-    def __init__(self, tok: HFTokenizer, turns: list[str], cut: tuple[int, ...] = ()):
-        self.tok, self.turns, self.cut, self.calls = tok, turns, cut, 0
-
-    def generate(self, prompts, k, params, seed=0):
-        n, self.calls = self.calls, self.calls + 1
-        ids = self.tok.encode_completion(self.turns[n]) + ([] if n in self.cut else [self.tok.eos_token_id])
-        rows = [ids for _ in prompts for _ in range(k)]
-        tokens = torch.tensor(rows)
-        return assemble(prompts, k, tokens, torch.zeros(tokens.shape), torch.tensor([len(ids)] * len(rows)),
-                        torch.tensor([n not in self.cut] * len(rows)), self.tok.pad_token_id, self.version)
 
 
 class ToolTalk(Env):

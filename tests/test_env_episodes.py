@@ -14,7 +14,7 @@ from rlpost.env.calls import call_all
 from rlpost.env.tools import CalculatorEnv, calculate, CalculatorError
 from rlpost.models import token_logprobs
 from rlpost.reward import Reward
-from rlpost.rollout import SamplingParams, build_engine
+from rlpost.rollout import SamplingParams, assemble, build_engine
 from rlpost.rollout.episodes import EnvError, encode_observation, run_episodes
 from rlpost.stages.sft import sft_batch
 from rlpost.tasks import answer_match_reward, encode_demonstration
@@ -39,6 +39,26 @@ class Scripted(Env):
     def step(self, turn):
         self.n += 1
         return Step(observation=self.obs, reward=0.25, done=self.n >= self.turns)
+
+
+class ScriptedEngine:
+    """Answers turn n of every episode with turns[n] (canonical token ids) and eos, cut to the turn's
+    max_new_tokens or, for the turns in `cut`, without its eos: rows the episode function builds from it
+    can be compared with what they must be, token for token."""
+
+    version = 0
+
+    def __init__(self, tok, turns: list[str], cut: tuple[int, ...] = ()):
+        self.tok, self.turns, self.cut, self.calls = tok, turns, cut, 0
+
+    def generate(self, prompts, k, params, seed=0):
+        n, self.calls = self.calls, self.calls + 1
+        ids = self.tok.encode_completion(self.turns[n]) + ([] if n in self.cut else [self.tok.eos_token_id])
+        stopped = n not in self.cut and len(ids) <= params.max_new_tokens
+        ids = ids[:params.max_new_tokens]
+        tokens = torch.tensor([ids for _ in prompts for _ in range(k)])
+        return assemble(prompts, k, tokens, torch.zeros(tokens.shape), torch.tensor([len(ids)] * len(tokens)),
+                        torch.tensor([stopped] * len(tokens)), self.tok.pad_token_id, self.version)
 
 
 def role(tok, make, **kw):
@@ -293,3 +313,64 @@ def test_python_tool_env_runs_calls_in_the_sandbox():
         "exit_nonzero</output>"
     s = env.step("42")
     assert s.done and s.reward == 1.0
+
+
+# ---------------------------------------------------------------------------- the episode token budget
+
+CALCULATOR = {"call_open": "?", "call_close": "", "result_open": "=", "result_close": ";", "max_calls": 1,
+              "error_text": ""}  # recipes/tool_calculator.yaml's
+
+
+def calculator_episodes(budget, k=4, runs=1):
+    """k episodes of '123*456=' against the recipe's calculator: the policy calls '?123*456' (9 tokens with
+    eos), the tool answers '=56088;' (7), the policy answers '56088' (6); rollout.max_new_tokens is 10."""
+    from rlpost.models.gpt_mini import CharTokenizer
+
+    tok = CharTokenizer("0123456789*?=;")
+    env = EnvRole(make=lambda: CalculatorEnv(answer_match_reward, **CALCULATOR), tokenizer=tok, max_turns=2,
+                  max_tokens=budget, name="calculator")
+    rows = [{"prompt": "123*456=", "answer": "56088"}]
+    out = []
+    for _ in range(runs):
+        out.append(run_episodes(ScriptedEngine(tok, ["?123*456", "56088"]), env, rows,
+                                [tok.encode_prompt(rows[0]["prompt"])], k, SamplingParams(max_new_tokens=10), 0))
+    return out
+
+
+def test_the_default_episode_budget_leaves_room_for_the_environments_observations():
+    from rlpost.config import TaskConfig
+    from rlpost.env import response_budget
+
+    task = TaskConfig(env="calculator", env_options=CALCULATOR, max_turns=2)
+    # two turns of 10 and the calculator's longest answer between them: '=' + 60 digits and a sign + ';'
+    assert response_budget(task, 10) == 2 * 10 + 63
+    [(batch, metrics)] = calculator_episodes(response_budget(task, 10))
+    assert batch.meta["turns"] == [2] * 4 and batch.rewards.tolist() == [1.0] * 4
+    assert metrics["env/budget_frac"] == 0.0
+    scripted = TaskConfig(env="tests.test_env_episodes:Scripted", max_turns=3)  # declares nothing: max_new_tokens
+    assert response_budget(scripted, 10) == 3 * 10 + 2 * 10
+    assert response_budget(TaskConfig(env="calculator", max_turns=2, max_episode_tokens=26), 10) == 26
+
+
+def test_episodes_stopped_by_the_budget_are_counted_and_warned_about_once(capsys):
+    from rlpost.controller import rollout_metrics
+
+    # the old default, max_turns * max_new_tokens = 20: the answer turn gets 4 tokens of the 6 it needs
+    (batch, metrics), (_, again) = calculator_episodes(20, runs=2)
+    assert batch.meta["finish_reason"] == ["budget"] * 4 and batch.rewards.tolist() == [0.0] * 4
+    assert metrics["env/budget_frac"] == 1.0 and again["env/budget_frac"] == 1.0
+    assert rollout_metrics(batch)["rollout/truncated_frac"] == 1.0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1  # once per run, not once per step
+    assert "4 of 4 episodes" in err and "task.max_episode_tokens=26" in err
+    [(batch, metrics)] = calculator_episodes(26)  # the value it names is enough
+    assert batch.rewards.tolist() == [1.0] * 4 and metrics["env/budget_frac"] == 0.0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_an_observation_that_leaves_no_room_stops_the_episode_by_budget(capsys):
+    (batch, metrics), = calculator_episodes(16)  # 9 + 7: no token left for the answer
+    assert batch.meta["finish_reason"] == ["budget"] * 4 and batch.meta["turns"] == [1] * 4
+    assert metrics["env/budget_frac"] == 1.0
+    assert "task.max_episode_tokens=26" in capsys.readouterr().err
+

@@ -5,7 +5,7 @@ episode function (rlpost/rollout/episodes.py) runs.
       env: calculator          # or 'my_envs:MyEnv'
       env_options: {...}       # the constructor's keyword options
       max_turns: 4
-      max_episode_tokens: 64   # policy + environment tokens after the prompt
+      max_episode_tokens: 64   # policy + environment tokens after the prompt (default: room for every turn)
 
 `rlpost envs` lists the shipped environments.
 """
@@ -52,10 +52,36 @@ def load_env(spec: str) -> type:
 
 def response_budget(task_cfg, max_new_tokens: int) -> int:
     """Tokens after the prompt that one sample may take: rollout.max_new_tokens for one turn; with an
-    environment, task.max_episode_tokens (default max_turns * max_new_tokens), policy and env tokens together."""
+    environment, task.max_episode_tokens, policy and env tokens together. Its default leaves room for every
+    turn at full length and an observation between turns: max_turns * max_new_tokens + (max_turns - 1) *
+    the env's `observation_tokens` (max_new_tokens when it declares none)."""
     if not task_cfg.env:
         return max_new_tokens
-    return task_cfg.max_episode_tokens or task_cfg.max_turns * max_new_tokens
+    if task_cfg.max_episode_tokens:
+        return task_cfg.max_episode_tokens
+    _, _, env = _env_class(task_cfg)
+    per_observation = getattr(env, "observation_tokens", None) or max_new_tokens
+    getattr(env, "close", lambda: None)()
+    return task_cfg.max_turns * max_new_tokens + (task_cfg.max_turns - 1) * per_observation
+
+
+def _unscored(completion: str, row: dict) -> float:
+    """The reward an environment is built with when it is only inspected (its declared sizes), not run."""
+    return 0.0
+
+
+def _env_class(task_cfg, reward_fn=_unscored) -> tuple[type, dict, Env]:
+    """task.env's class, its constructor options (the run's reward added when it takes one) and an instance
+    built from them (a bad option is named here, before anything runs)."""
+    env_cls = load_env(task_cfg.env)
+    options = dict(task_cfg.env_options)
+    if "reward" in inspect.signature(env_cls).parameters and "reward" not in options:
+        options["reward"] = reward_fn  # the env scores its final turn with the configured reward
+    try:
+        env = env_cls(**options)
+    except TypeError as e:
+        raise ValueError(f"task.env {task_cfg.env!r}: bad task.env_options {sorted(options)}: {e}") from e
+    return env_cls, options, env
 
 
 @dataclass
@@ -77,18 +103,12 @@ class EnvRole:
     name: str = "env"
     fn: Any = None  # the run's reward, when the environment scores with it (closed at the end of the run)
     system_prompt: str | None = None  # task.system_prompt, put before the first prompt (chat template)
+    budget_warned: bool = False  # the too-small-budget warning was given (once per role, i.e. per run)
 
     @classmethod
     def from_config(cls, task_cfg, tokenizer, reward_fn, max_new_tokens: int) -> "EnvRole":
-        env_cls = load_env(task_cfg.env)
-        options = dict(task_cfg.env_options)
-        if "reward" in inspect.signature(env_cls).parameters and "reward" not in options:
-            options["reward"] = reward_fn  # the env scores its final turn with the configured reward
-        try:
-            env_cls(**options)
-        except TypeError as e:
-            raise ValueError(f"task.env {task_cfg.env!r}: bad task.env_options {sorted(options)}: {e}") from e
+        env_cls, options, _ = _env_class(task_cfg, reward_fn)
         return cls(make=lambda: env_cls(**options), tokenizer=tokenizer, max_turns=task_cfg.max_turns,
-                   max_tokens=response_budget(task_cfg, max_new_tokens), timeout_s=task_cfg.env_timeout_s, on_error=task_cfg.env_on_error,
-                   workers=max(task_cfg.reward_workers, 8), name=task_cfg.env, fn=options.get("reward"),
-                   system_prompt=task_cfg.system_prompt)
+                   max_tokens=response_budget(task_cfg, max_new_tokens), timeout_s=task_cfg.env_timeout_s,
+                   on_error=task_cfg.env_on_error, workers=max(task_cfg.reward_workers, 8), name=task_cfg.env,
+                   fn=options.get("reward"), system_prompt=task_cfg.system_prompt)

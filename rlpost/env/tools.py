@@ -88,6 +88,7 @@ class ToolEnv(Env):
         self.call_open, self.call_close = call_open, call_close
         self.result_open, self.result_close = result_open, result_close
         self.error_text, self.calls = error_text, 0
+        self.observation_tokens = len(result_open) + self.max_result_chars + len(result_close)
 
     def reset(self, row: dict) -> str | list[dict]:
         self.row, self.calls = row, 0
@@ -120,6 +121,12 @@ class ToolEnv(Env):
 
 class CalculatorEnv(ToolEnv):
     """Arithmetic by `calculate` (exact, nothing executed); a refused expression answers `error_text`."""
+
+    def __init__(self, reward=None, **kwargs):
+        super().__init__(reward, **kwargs)
+        # a result is at most MAX_DIGITS digits and a sign (a fraction's 10 significant digits are shorter)
+        longest = min(self.max_result_chars, max(MAX_DIGITS + 1, len(self.error_text)))
+        self.observation_tokens = len(self.result_open) + longest + len(self.result_close)
 
     def run_tool(self, call: str) -> str:
         try:
