@@ -374,3 +374,46 @@ def test_an_observation_that_leaves_no_room_stops_the_episode_by_budget(capsys):
     assert metrics["env/budget_frac"] == 1.0
     assert "task.max_episode_tokens=26" in capsys.readouterr().err
 
+
+# ---------------------------------------------------------------------------- what gpt_mini can spell
+
+def build(tmp_path, overrides):
+    from rlpost.config import load_config
+    from rlpost.run import RunLog, build_context, make_run_dir
+
+    cfg = load_config(None, ["task.name=multiply", "task.num_eval=20", "task.max_turns=2", "model.n_layer=1",
+                             "model.n_embd=32", "model.n_head=1", f"out_dir={tmp_path}", "run_name=vocab"]
+                      + overrides)
+    run_dir = make_run_dir(cfg, "test")
+    return build_context(cfg, run_dir, RunLog(run_dir, write=False))
+
+
+def test_a_fresh_gpt_mini_spells_what_the_environment_may_answer_before_training(tmp_path):
+    # the calculator's default markers are not in the multiply task's alphabet ("0123456789*?=;")
+    ctx = build(tmp_path, ["task.env=calculator"])
+    assert ctx.tokenizer.decode(ctx.tokenizer.encode("<result>-1.5e+61</result>")) == "<result>-1.5e+61</result>"
+    from rlpost.config import TaskConfig
+    from rlpost.env import PRINTABLE, observation_alphabet
+
+    assert observation_alphabet(TaskConfig(env="calculator", env_options=CALCULATOR)) == "0123456789-.e+=;"
+    assert observation_alphabet(TaskConfig(env="tests.test_env_episodes:Scripted")) == PRINTABLE  # declares none
+    assert observation_alphabet(TaskConfig()) == ""
+
+
+def test_a_saved_gpt_mini_that_cannot_spell_the_environments_answers_fails_before_training(tmp_path):
+    from rlpost.config import ModelConfig
+    from rlpost.models import build_gpt_mini, save_model
+
+    model, tok = build_gpt_mini(ModelConfig(n_layer=1, n_embd=32, n_head=1, block_size=128), "0123456789*?=;")
+    save_model(model, tok, str(tmp_path / "saved"))
+    lacks = r"task.env 'calculator' may answer with the character '-' .*'.e\+<rsult>/o'.*lacks"
+    with pytest.raises(ValueError, match=lacks):
+        build(tmp_path, ["task.env=calculator", f"model.name={tmp_path / 'saved'}", "stages=[rl]"])
+    recipe = ("task.env_options={call_open: '?', call_close: '', result_open: '=', result_close: ';', "
+              "error_text: '', max_calls: 1}")  # recipes/tool_calculator.yaml's markers: only a result's '-.e+' lack
+    with pytest.raises(ValueError, match=r"the character '-' \(and 3 more: '.e\+'\)"):
+        build(tmp_path, ["task.env=calculator", f"model.name={tmp_path / 'saved'}", "stages=[rl]", recipe])
+    model, tok = build_gpt_mini(ModelConfig(n_layer=1, n_embd=32, n_head=1, block_size=128), "0123456789*?=;-.e+")
+    save_model(model, tok, str(tmp_path / "spells"))
+    ctx = build(tmp_path, ["task.env=calculator", f"model.name={tmp_path / 'spells'}", "stages=[rl]", recipe])
+    assert ctx.tokenizer.chars == "0123456789*?=;-.e+"

@@ -19,7 +19,10 @@ from typing import Any, Callable
 
 from rlpost.env.base import Env, Step, VerifierEnv
 
-__all__ = ["ENVS", "Env", "EnvRole", "Step", "VerifierEnv", "load_env", "response_budget"]
+__all__ = ["ENVS", "PRINTABLE", "Env", "EnvRole", "Step", "VerifierEnv", "check_vocabulary", "load_env",
+           "observation_alphabet", "response_budget"]
+
+PRINTABLE = "".join(map(chr, range(32, 127))) + "\n"  # an env's alphabet when it declares none
 
 ENVS = {  # name -> ("module:Class", one line for `rlpost envs`)
     "calculator": ("rlpost.env.tools:CalculatorEnv",
@@ -63,6 +66,34 @@ def response_budget(task_cfg, max_new_tokens: int) -> int:
     per_observation = getattr(env, "observation_tokens", None) or max_new_tokens
     getattr(env, "close", lambda: None)()
     return task_cfg.max_turns * max_new_tokens + (task_cfg.max_turns - 1) * per_observation
+
+
+def observation_alphabet(task_cfg) -> str:
+    """The characters task.env's text observations may contain ("" without an environment): the env's
+    declared `alphabet`, or PRINTABLE when it declares none."""
+    if not task_cfg.env:
+        return ""
+    _, _, env = _env_class(task_cfg)
+    alphabet = getattr(env, "alphabet", None)
+    getattr(env, "close", lambda: None)()
+    return PRINTABLE if alphabet is None else "".join(dict.fromkeys(alphabet))
+
+
+def check_vocabulary(task_cfg, tokenizer) -> None:
+    """Before any training: a character tokenizer (gpt_mini's) must spell every character task.env may
+    answer with. A fresh gpt_mini gets them (`observation_alphabet`, added to the task's alphabet); a saved
+    one's vocabulary is fixed, so a missing character is a ValueError naming the env and the character.
+    Other tokenizers pass (a byte-level BPE spells anything)."""
+    chars = getattr(tokenizer, "chars", None)
+    if chars is None or not task_cfg.env:
+        return
+    missing = [c for c in observation_alphabet(task_cfg) if c not in chars]
+    if missing:
+        more = f" (and {len(missing) - 1} more: {''.join(missing[1:])!r})" if len(missing) > 1 else ""
+        raise ValueError(f"task.env {task_cfg.env!r} may answer with the character {missing[0]!r}{more}, which this "
+                         f"gpt_mini's vocabulary {chars!r} lacks, so its observations could not be encoded: train "
+                         "from a fresh gpt_mini (model.name: gpt_mini adds them), or declare the env's `alphabet` "
+                         "(the characters its observations use) if it writes fewer")
 
 
 def _unscored(completion: str, row: dict) -> float:

@@ -127,6 +127,9 @@ class CalculatorEnv(ToolEnv):
         # a result is at most MAX_DIGITS digits and a sign (a fraction's 10 significant digits are shorter)
         longest = min(self.max_result_chars, max(MAX_DIGITS + 1, len(self.error_text)))
         self.observation_tokens = len(self.result_open) + longest + len(self.result_close)
+        # what `calculate` writes: digits, a sign, a decimal point and an exponent ("1.5e+61")
+        self.alphabet = "".join(dict.fromkeys("0123456789-.e+" + self.result_open + self.result_close
+                                              + self.error_text))
 
     def run_tool(self, call: str) -> str:
         try:
