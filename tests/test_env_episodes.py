@@ -417,3 +417,7 @@ def test_a_saved_gpt_mini_that_cannot_spell_the_environments_answers_fails_befor
     save_model(model, tok, str(tmp_path / "spells"))
     ctx = build(tmp_path, ["task.env=calculator", f"model.name={tmp_path / 'spells'}", "stages=[rl]", recipe])
     assert ctx.tokenizer.chars == "0123456789*?=;-.e+"
+    # an env that answers with fewer characters says so (this policy cannot write a '-', '.' or 'e')
+    ctx = build(tmp_path, ["task.env=calculator", f"model.name={tmp_path / 'saved'}", "stages=[rl]",
+                           recipe[:-1] + ", alphabet: '0123456789=;'}"])
+    assert ctx.tokenizer.chars == "0123456789*?=;"

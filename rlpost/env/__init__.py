@@ -92,8 +92,9 @@ def check_vocabulary(task_cfg, tokenizer) -> None:
         more = f" (and {len(missing) - 1} more: {''.join(missing[1:])!r})" if len(missing) > 1 else ""
         raise ValueError(f"task.env {task_cfg.env!r} may answer with the character {missing[0]!r}{more}, which this "
                          f"gpt_mini's vocabulary {chars!r} lacks, so its observations could not be encoded: train "
-                         "from a fresh gpt_mini (model.name: gpt_mini adds them), or declare the env's `alphabet` "
-                         "(the characters its observations use) if it writes fewer")
+                         "from a fresh gpt_mini (model.name: gpt_mini adds them), or, if the env writes fewer "
+                         "characters, declare them as its `alphabet` (the shipped tool environments take "
+                         "task.env_options.alphabet)")
 
 
 def _unscored(completion: str, row: dict) -> float:
