@@ -87,7 +87,10 @@ class TaskConfig:
     env_options: dict[str, Any] = opt({}, "keyword options of task.env's constructor")
     max_turns: int = opt(1, "env: assistant turns per episode at most")
     max_episode_tokens: int | None = opt(None, "env: tokens after the prompt (policy + environment) at most "
-                                               "(None: max_turns * rollout.max_new_tokens)")
+                                               "(None: room for every turn and the observations between them, "
+                                               "max_turns * rollout.max_new_tokens + (max_turns - 1) * the env's "
+                                               "observation_tokens, or rollout.max_new_tokens when it declares "
+                                               "none)")
     env_timeout_s: float = opt(30.0, "env: seconds one reset or step may take before it counts as hung")
     env_on_error: str = opt("raise", "env: when reset/step raises or hangs: 'raise' (stop, naming the episode) | "
                                      "'zero' (end that episode with reward 0, counted in env/errors)")

@@ -377,7 +377,7 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0."""
     from rlpost.limits import check_lengths
     from rlpost.models import load_model
-    from rlpost.env import response_budget
+    from rlpost.env import check_vocabulary, observation_alphabet, response_budget
     from rlpost.rewards import reward_role
     from rlpost.rollout import build_engine
     from rlpost.tasks import load_task
@@ -391,8 +391,11 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     rows, demos = task.train_rows + task.eval_rows, task.demonstrations if "sft" in stage_names(cfg) else []
     # with an environment, an episode's tokens after the prompt (policy + environment) are its budget
     response_tokens = response_budget(cfg.task, cfg.rollout.max_new_tokens)
-    model, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=response_tokens,
+    # a fresh gpt_mini also spells what the environment may answer; a saved one is checked for it
+    alphabet = task.alphabet + "".join(c for c in observation_alphabet(cfg.task) if c not in task.alphabet)
+    model, tokenizer = load_model(cfg.model, alphabet, rows=rows, max_new_tokens=response_tokens,
                                   demonstrations=demos)
+    check_vocabulary(cfg.task, tokenizer)
     check_lengths(model, tokenizer, rows, response_tokens, demos,  # before any stage, not after SFT
                   system_prompt=task.system_prompt)
     if cfg.rl.topology == "colocated":

@@ -14,7 +14,7 @@ from rlpost.env.calls import call_all
 from rlpost.env.tools import CalculatorEnv, calculate, CalculatorError
 from rlpost.models import token_logprobs
 from rlpost.reward import Reward
-from rlpost.rollout import SamplingParams, build_engine
+from rlpost.rollout import SamplingParams, assemble, build_engine
 from rlpost.rollout.episodes import EnvError, encode_observation, run_episodes
 from rlpost.stages.sft import sft_batch
 from rlpost.tasks import answer_match_reward, encode_demonstration
@@ -39,6 +39,26 @@ class Scripted(Env):
     def step(self, turn):
         self.n += 1
         return Step(observation=self.obs, reward=0.25, done=self.n >= self.turns)
+
+
+class ScriptedEngine:
+    """Answers turn n of every episode with turns[n] (canonical token ids) and eos, cut to the turn's
+    max_new_tokens or, for the turns in `cut`, without its eos: rows the episode function builds from it
+    can be compared with what they must be, token for token."""
+
+    version = 0
+
+    def __init__(self, tok, turns: list[str], cut: tuple[int, ...] = ()):
+        self.tok, self.turns, self.cut, self.calls = tok, turns, cut, 0
+
+    def generate(self, prompts, k, params, seed=0):
+        n, self.calls = self.calls, self.calls + 1
+        ids = self.tok.encode_completion(self.turns[n]) + ([] if n in self.cut else [self.tok.eos_token_id])
+        stopped = n not in self.cut and len(ids) <= params.max_new_tokens
+        ids = ids[:params.max_new_tokens]
+        tokens = torch.tensor([ids for _ in prompts for _ in range(k)])
+        return assemble(prompts, k, tokens, torch.zeros(tokens.shape), torch.tensor([len(ids)] * len(tokens)),
+                        torch.tensor([stopped] * len(tokens)), self.tok.pad_token_id, self.version)
 
 
 def role(tok, make, **kw):
@@ -198,8 +218,11 @@ def test_chat_message_observations_append_only_the_templates_glue(tiny_llama_dir
     model, tok = load_model(ModelConfig(name=tiny_llama_dir))
     tok.tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
                              "{% if add_generation_prompt %}assistant: {% endif %}")
-    glue = encode_observation(tok, [{"role": "tool", "content": "42"}])
-    assert tok.tok.decode(glue) == "tool: 42</s>\nassistant: "
+    obs = [{"role": "tool", "content": "42"}]
+    glue = encode_observation(tok, obs, after_eos=True)  # the turn's sampled </s> closed it: the glue starts after
+    assert tok.tok.decode(glue) == "\ntool: 42</s>\nassistant: "
+    closing = encode_observation(tok, obs)  # a turn cut before its </s> gets the template's close as well
+    assert tok.tok.decode(closing) == "</s>\ntool: 42</s>\nassistant: "
 
     class ToolTalk(Scripted):
         def reset(self, row):
@@ -217,7 +240,9 @@ def test_chat_message_observations_append_only_the_templates_glue(tiny_llama_dir
     row = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
     assert row[:len(first)] == list(first)
     assert batch.meta["turns"][0] == 2  # the first turn ran out of budget or ended on eos: either way a second one
-    assert batch.input_ids[0, env_positions(batch, 0)].tolist() == glue
+    cols = env_positions(batch, 0)
+    ended = batch.input_ids[0, cols[0] - 1].item() == tok.eos_token_id
+    assert batch.input_ids[0, cols].tolist() == (glue if ended else closing)
     with torch.no_grad():
         logp = token_logprobs(model, batch)
     m = batch.response_mask.bool()
@@ -288,3 +313,111 @@ def test_python_tool_env_runs_calls_in_the_sandbox():
         "exit_nonzero</output>"
     s = env.step("42")
     assert s.done and s.reward == 1.0
+
+
+# ---------------------------------------------------------------------------- the episode token budget
+
+CALCULATOR = {"call_open": "?", "call_close": "", "result_open": "=", "result_close": ";", "max_calls": 1,
+              "error_text": ""}  # recipes/tool_calculator.yaml's
+
+
+def calculator_episodes(budget, k=4, runs=1):
+    """k episodes of '123*456=' against the recipe's calculator: the policy calls '?123*456' (9 tokens with
+    eos), the tool answers '=56088;' (7), the policy answers '56088' (6); rollout.max_new_tokens is 10."""
+    from rlpost.models.gpt_mini import CharTokenizer
+
+    tok = CharTokenizer("0123456789*?=;")
+    env = EnvRole(make=lambda: CalculatorEnv(answer_match_reward, **CALCULATOR), tokenizer=tok, max_turns=2,
+                  max_tokens=budget, name="calculator")
+    rows = [{"prompt": "123*456=", "answer": "56088"}]
+    out = []
+    for _ in range(runs):
+        out.append(run_episodes(ScriptedEngine(tok, ["?123*456", "56088"]), env, rows,
+                                [tok.encode_prompt(rows[0]["prompt"])], k, SamplingParams(max_new_tokens=10), 0))
+    return out
+
+
+def test_the_default_episode_budget_leaves_room_for_the_environments_observations():
+    from rlpost.config import TaskConfig
+    from rlpost.env import response_budget
+
+    task = TaskConfig(env="calculator", env_options=CALCULATOR, max_turns=2)
+    # two turns of 10 and the calculator's longest answer between them: '=' + 60 digits and a sign + ';'
+    assert response_budget(task, 10) == 2 * 10 + 63
+    [(batch, metrics)] = calculator_episodes(response_budget(task, 10))
+    assert batch.meta["turns"] == [2] * 4 and batch.rewards.tolist() == [1.0] * 4
+    assert metrics["env/budget_frac"] == 0.0
+    scripted = TaskConfig(env="tests.test_env_episodes:Scripted", max_turns=3)  # declares nothing: max_new_tokens
+    assert response_budget(scripted, 10) == 3 * 10 + 2 * 10
+    assert response_budget(TaskConfig(env="calculator", max_turns=2, max_episode_tokens=26), 10) == 26
+
+
+def test_episodes_stopped_by_the_budget_are_counted_and_warned_about_once(capsys):
+    from rlpost.controller import rollout_metrics
+
+    # the old default, max_turns * max_new_tokens = 20: the answer turn gets 4 tokens of the 6 it needs
+    (batch, metrics), (_, again) = calculator_episodes(20, runs=2)
+    assert batch.meta["finish_reason"] == ["budget"] * 4 and batch.rewards.tolist() == [0.0] * 4
+    assert metrics["env/budget_frac"] == 1.0 and again["env/budget_frac"] == 1.0
+    assert rollout_metrics(batch)["rollout/truncated_frac"] == 1.0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1  # once per run, not once per step
+    assert "4 of 4 episodes" in err and "task.max_episode_tokens=26" in err
+    [(batch, metrics)] = calculator_episodes(26)  # the value it names is enough
+    assert batch.rewards.tolist() == [1.0] * 4 and metrics["env/budget_frac"] == 0.0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_an_observation_that_leaves_no_room_stops_the_episode_by_budget(capsys):
+    (batch, metrics), = calculator_episodes(16)  # 9 + 7: no token left for the answer
+    assert batch.meta["finish_reason"] == ["budget"] * 4 and batch.meta["turns"] == [1] * 4
+    assert metrics["env/budget_frac"] == 1.0
+    assert "task.max_episode_tokens=26" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- what gpt_mini can spell
+
+def build(tmp_path, overrides):
+    from rlpost.config import load_config
+    from rlpost.run import RunLog, build_context, make_run_dir
+
+    cfg = load_config(None, ["task.name=multiply", "task.num_eval=20", "task.max_turns=2", "model.n_layer=1",
+                             "model.n_embd=32", "model.n_head=1", f"out_dir={tmp_path}", "run_name=vocab"]
+                      + overrides)
+    run_dir = make_run_dir(cfg, "test")
+    return build_context(cfg, run_dir, RunLog(run_dir, write=False))
+
+
+def test_a_fresh_gpt_mini_spells_what_the_environment_may_answer_before_training(tmp_path):
+    # the calculator's default markers are not in the multiply task's alphabet ("0123456789*?=;")
+    ctx = build(tmp_path, ["task.env=calculator"])
+    assert ctx.tokenizer.decode(ctx.tokenizer.encode("<result>-1.5e+61</result>")) == "<result>-1.5e+61</result>"
+    from rlpost.config import TaskConfig
+    from rlpost.env import PRINTABLE, observation_alphabet
+
+    assert observation_alphabet(TaskConfig(env="calculator", env_options=CALCULATOR)) == "0123456789-.e+=;"
+    assert observation_alphabet(TaskConfig(env="tests.test_env_episodes:Scripted")) == PRINTABLE  # declares none
+    assert observation_alphabet(TaskConfig()) == ""
+
+
+def test_a_saved_gpt_mini_that_cannot_spell_the_environments_answers_fails_before_training(tmp_path):
+    from rlpost.config import ModelConfig
+    from rlpost.models import build_gpt_mini, save_model
+
+    model, tok = build_gpt_mini(ModelConfig(n_layer=1, n_embd=32, n_head=1, block_size=128), "0123456789*?=;")
+    save_model(model, tok, str(tmp_path / "saved"))
+    lacks = r"task.env 'calculator' may answer with the character '-' .*'.e\+<rsult>/o'.*lacks"
+    with pytest.raises(ValueError, match=lacks):
+        build(tmp_path, ["task.env=calculator", f"model.name={tmp_path / 'saved'}", "stages=[rl]"])
+    recipe = ("task.env_options={call_open: '?', call_close: '', result_open: '=', result_close: ';', "
+              "error_text: '', max_calls: 1}")  # recipes/tool_calculator.yaml's markers: only a result's '-.e+' lack
+    with pytest.raises(ValueError, match=r"the character '-' \(and 3 more: '.e\+'\)"):
+        build(tmp_path, ["task.env=calculator", f"model.name={tmp_path / 'saved'}", "stages=[rl]", recipe])
+    model, tok = build_gpt_mini(ModelConfig(n_layer=1, n_embd=32, n_head=1, block_size=128), "0123456789*?=;-.e+")
+    save_model(model, tok, str(tmp_path / "spells"))
+    ctx = build(tmp_path, ["task.env=calculator", f"model.name={tmp_path / 'spells'}", "stages=[rl]", recipe])
+    assert ctx.tokenizer.chars == "0123456789*?=;-.e+"
+    # an env that answers with fewer characters says so (this policy cannot write a '-', '.' or 'e')
+    ctx = build(tmp_path, ["task.env=calculator", f"model.name={tmp_path / 'saved'}", "stages=[rl]",
+                           recipe[:-1] + ", alphabet: '0123456789=;'}"])
+    assert ctx.tokenizer.chars == "0123456789*?=;"

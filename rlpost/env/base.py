@@ -10,9 +10,10 @@
 One instance serves one episode: the episode function builds a fresh one per sample (`cls(**options)`)
 and calls `reset` once, then `step` after every assistant turn until `done`, `task.max_turns` or the
 token budget. An observation is appended after the turn: a string is tokenised bare (it must carry
-its own separators), a list of chat messages through the tokenizer's chat template (only the new
-messages' glue, so earlier turns are never re-tokenised). Tokens the environment adds get
-response_mask = 0: the policy is never trained on them.
+its own separators; for gpt_mini, its characters must be in `alphabet`), a list of chat messages
+through the tokenizer's chat template (only the glue between the turns, so earlier turns are never
+re-tokenised). Tokens the environment adds get response_mask = 0: the policy is never trained on them.
+`observation_tokens` sizes the default token budget (task.max_episode_tokens).
 
 A reward returned by a step is that turn's; the episode's reward is their sum. With
 `per_turn_rewards = True` each turn's reward stays on that turn's last token (batch.rewards [B, T]),
@@ -46,6 +47,15 @@ class Env:
     """Base class of environments (see the module docstring). Subclasses implement `reset` and `step`."""
 
     per_turn_rewards: bool = False
+    observation_tokens: int | None = None
+    """tokens one observation takes at most (an allowance; characters bound it for gpt_mini, and for a
+    byte-level tokenizer on ASCII text): the default task.max_episode_tokens leaves this much room after
+    every turn but the last. None: rollout.max_new_tokens. Set it on the class or, when it depends on
+    the constructor's options, on the instance."""
+    alphabet: str | None = None
+    """every character a text observation may contain. A fresh gpt_mini (a character vocabulary) adds
+    them to its vocabulary, and a saved one must have them, checked before training starts. None:
+    printable ASCII and newline (rlpost.env.PRINTABLE). Class or instance, as observation_tokens."""
 
     def reset(self, row: dict) -> str | list[dict]:
         raise NotImplementedError

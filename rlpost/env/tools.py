@@ -77,7 +77,8 @@ class ToolEnv(Env):
 
     def __init__(self, reward: Callable[[str, dict], float] | None = None, *, call_open: str = "<calc>",
                  call_close: str = "</calc>", result_open: str = "<result>", result_close: str = "</result>",
-                 max_calls: int = 4, max_result_chars: int = 200, error_text: str = "error"):
+                 max_calls: int = 4, max_result_chars: int = 200, error_text: str = "error",
+                 alphabet: str | None = None):
         if reward is None:
             from rlpost.tasks import answer_match_reward
 
@@ -88,6 +89,8 @@ class ToolEnv(Env):
         self.call_open, self.call_close = call_open, call_close
         self.result_open, self.result_close = result_open, result_close
         self.error_text, self.calls = error_text, 0
+        self.observation_tokens = len(result_open) + self.max_result_chars + len(result_close)
+        self.alphabet = alphabet  # the characters an answer may hold (rlpost.env.base.Env.alphabet); None: any
 
     def reset(self, row: dict) -> str | list[dict]:
         self.row, self.calls = row, 0
@@ -120,6 +123,15 @@ class ToolEnv(Env):
 
 class CalculatorEnv(ToolEnv):
     """Arithmetic by `calculate` (exact, nothing executed); a refused expression answers `error_text`."""
+
+    def __init__(self, reward=None, **kwargs):
+        super().__init__(reward, **kwargs)
+        # a result is at most MAX_DIGITS digits and a sign (a fraction's 10 significant digits are shorter)
+        longest = min(self.max_result_chars, max(MAX_DIGITS + 1, len(self.error_text)))
+        self.observation_tokens = len(self.result_open) + longest + len(self.result_close)
+        if self.alphabet is None:  # what `calculate` writes: digits, a sign, a decimal point, an exponent ("1.5e+61")
+            self.alphabet = "".join(dict.fromkeys("0123456789-.e+" + self.result_open + self.result_close
+                                                  + self.error_text))
 
     def run_tool(self, call: str) -> str:
         try:

@@ -30,6 +30,7 @@ k episodes of a row together (`generate(prompts, k)`), as the single-turn path d
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -102,25 +103,38 @@ class _Episode:
     finish: str = ""
     error: str | None = None
     info: dict = field(default_factory=dict)
+    budget_start: int = -1  # stopped by the token budget: tokens before the turn it left no room for
+    budget_done: int = 0    # ... and the turns completed before that one
 
 
-def encode_observation(tokenizer, obs) -> list[int]:
+def encode_observation(tokenizer, obs, after_eos: bool = False) -> list[int]:
     """An observation's ids. A string is encoded bare (no special tokens). Chat messages become the chat
-    template's rendering of just those messages after an assistant turn, with the generation prompt for
-    the next assistant turn: render(base + obs) minus render(base), so the earlier turns' ids stay as
-    they were sampled (the exact-prefix rule)."""
+    template's rendering of the text between an assistant turn's content and the next assistant turn's
+    content: the template's close of the assistant message (ChatML's "<|im_end|>\\n"), the new messages,
+    and the generation prompt. The earlier turns' ids stay as they were sampled (the exact-prefix rule).
+
+    `after_eos`: the turn ended on the tokenizer's eos. When the template closes an assistant message with
+    that token, the sampled eos is the close's first token and the glue is what the template writes after
+    it (ChatML's "\\n"), so the row reads as the template renders the conversation. A turn cut before its
+    eos gets the whole close from the environment (masked like every environment token)."""
     if isinstance(obs, str):
         return tokenizer.encode_completion(obs)
     tok = getattr(tokenizer, "tok", None)
     if tok is None or not getattr(tok, "chat_template", None):
         raise ValueError("an observation given as chat messages needs a tokenizer with a chat template")
+    # where the assistant's content "a" ends in the rendering of [user, assistant, *obs]: everything after it
+    # is the glue. Rendered with the generation prompt after [user], the conversation must start the same way.
+    head = tok.apply_chat_template([{"role": "user", "content": "u"}], tokenize=False, add_generation_prompt=True)
     base = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-    before = tok.apply_chat_template(base, tokenize=False)
     after = tok.apply_chat_template(base + list(obs), tokenize=False, add_generation_prompt=True)
-    if not after.startswith(before):
+    if not after.startswith(head + "a"):
         raise ValueError("the chat template renders earlier messages differently once more follow; observations "
                          "cannot be appended without re-tokenising earlier turns (give them as text instead)")
-    return tok(after[len(before):], add_special_tokens=False)["input_ids"]
+    glue = after[len(head) + 1:]
+    eos = tok.decode([tokenizer.eos_token_id])
+    if after_eos and eos and glue.startswith(eos):  # the sampled eos already wrote the template's end of turn
+        glue = glue[len(eos):]
+    return tok(glue, add_special_tokens=False)["input_ids"]
 
 
 def _describe(ep: _Episode, index: int, what: str) -> str:
@@ -185,12 +199,15 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
             for j, i in enumerate(members):
                 ep = episodes[i]
                 new = batch.input_ids[j][mask[j]].tolist()
+                cut = c < params.max_new_tokens and batch.meta["finish_reason"][j] == "length"  # by the budget
+                if cut:
+                    ep.budget_start, ep.budget_done = len(ep.tokens), ep.turns
                 ep.tokens += new
                 ep.policy += [1] * len(new)
                 ep.logp += batch.old_logp[j][mask[j]].tolist()
                 ep.turns += 1
                 ep.version = int(batch.policy_version[j]) if turn == 0 else ep.version
-                ep.finish = batch.meta["finish_reason"][j]
+                ep.finish = "budget" if cut else batch.meta["finish_reason"][j]
                 ep.transcript.append({"role": "assistant", "text": tok.decode(new)})
         t = time.perf_counter()
         results = call_all([lambda ep=episodes[i]: ep.env.step(ep.transcript[-1]["text"]) for i in active],
@@ -215,15 +232,16 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
                 continue
             ep.turn_rewards.append((len(ep.tokens) - 1, reward))
             ep.info = step.info
-            if step.done or ep.turns >= role.max_turns:
-                ep.finish = ep.finish if not step.done else "done"
+            if step.done or ep.turns >= role.max_turns or ep.finish == "budget":
+                ep.finish = "done" if step.done and ep.finish != "budget" else ep.finish
                 continue
             try:
-                obs = encode_observation(tok, step.observation) if step.observation else []
+                ended = bool(ep.tokens) and ep.tokens[-1] == tok.eos_token_id
+                obs = encode_observation(tok, step.observation, ended) if step.observation else []
             except ValueError as e:  # the env speaks outside the tokenizer's vocabulary: a setup error, stop
                 raise EnvError(_describe(ep, i, f"its observation {step.observation!r} cannot be encoded: {e}")) from e
             if len(ep.tokens) + len(obs) >= role.max_tokens:  # no room left for another policy token
-                ep.finish = "budget"
+                ep.finish, ep.budget_start, ep.budget_done = "budget", len(ep.tokens) + len(obs), ep.turns
                 continue
             ep.tokens += obs
             ep.policy += [0] * len(obs)
@@ -237,10 +255,35 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
     batch = _assemble(episodes, tok.pad_token_id, per_turn=any(getattr(ep.env, "per_turn_rewards", False)
                                                                for ep in episodes))
     env_tokens = [len(ep.tokens) - sum(ep.policy) for ep in episodes]
+    budget = [ep for ep in episodes if ep.finish == "budget"]
+    _warn_budget(role, episodes, params.max_new_tokens)
     metrics = {"env/turns": sum(ep.turns for ep in episodes) / len(episodes), "env/errors": float(errors),
                "env/timeouts": float(timeouts), "env/env_tokens": sum(env_tokens) / len(episodes),
+               "env/budget_frac": len(budget) / len(episodes),
                "time/env": t_env, "time/rollout": time.perf_counter() - t0 - t_env, "time/reward": t_env}
     return batch, metrics
+
+
+def _warn_budget(role: EnvRole, episodes: list[_Episode], max_new_tokens: int) -> None:
+    """Once per role (per run): when more than half of the episodes were stopped by the token budget after
+    their first turn, say so on stderr with the task.max_episode_tokens that gives the longest of them
+    room to finish: its turns left at max_new_tokens each, with observations as long as the longest seen."""
+    late = [ep for ep in episodes if ep.finish == "budget" and ep.budget_done >= 1]
+    if role.budget_warned or 2 * len(late) <= len(episodes):
+        return
+    role.budget_warned = True
+    longest = 0
+    for ep in episodes:  # the environment's runs of tokens: its observations
+        run = 0
+        for p in ep.policy + [1]:
+            run = run + 1 if p == 0 else 0
+            longest = max(longest, run)
+    need = max(ep.budget_start + (role.max_turns - ep.budget_done) * max_new_tokens
+               + (role.max_turns - ep.budget_done - 1) * longest for ep in late)
+    print(f"rlpost: warning: {len(late)} of {len(episodes)} episodes of environment {role.name} stopped at the "
+          f"token budget after their first turn (task.max_episode_tokens={role.max_tokens}, policy and environment "
+          f"tokens after the prompt): their later turns were cut or never ran. Set task.max_episode_tokens={need} "
+          f"(or more) to give every turn room.", file=sys.stderr, flush=True)
 
 
 def _assemble(episodes: list[_Episode], pad_id: int, per_turn: bool) -> Batch:
