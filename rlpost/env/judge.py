@@ -272,6 +272,14 @@ class JudgeReward:
         called per sample, from the Reward role's threads (task.reward_workers)."""
         return self.url is None
 
+    @property
+    def call_limit_s(self) -> float | None:
+        """The longest one call of an HTTP judge can take: every attempt running its whole `timeout_s`, plus
+        the backoffs between them (None for a local judge: it scores whole batches, bounded by its engine)."""
+        if self.batched:
+            return None
+        return (self.retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.retries - 1)
+
     def score_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
         """Rewards of many samples with the same rules as calling the judge on each: retries (of the failed
         ones only, together), counts, on_failure. A local judge answers each attempt in one engine call."""
