@@ -5,6 +5,7 @@ stops naming the reward, the row and the prompt; zero: 0, counted in reward/time
 The hanging rewards wait on an Event that is never set (sleeping forever), so each test leaves daemon
 threads behind; one test checks that such a thread does not keep the interpreter from exiting."""
 
+import json
 import os
 import subprocess
 import sys
@@ -162,11 +163,53 @@ def test_the_interpreter_exits_with_an_abandoned_call_still_sleeping(tmp_path):
 def test_a_limit_below_what_an_http_judge_may_take_warns(tiny_gpt):
     _, tok = tiny_gpt
     judge = {"name": "judge", "url": "http://127.0.0.1:9/v1", "timeout_s": 10, "retries": 2, "backoff_s": 1}
-    assert reward_role(load_config(None, ["task.reward=judge", "task.reward_options={url: 'http://127.0.0.1:9/v1'}"]
-                                   ).task, None, tok, 4).fn.call_limit_s == 3 * 30 + 0.5 * 3  # the defaults
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the judge's defaults fit in the default limit
+        default = load_config(None, ["task.reward=judge", "task.reward_options={url: 'http://127.0.0.1:9/v1'}"])
+        assert reward_role(default.task, None, tok, 4).fn.call_limit_s == 3 * 15 + 0.5 * 3 < 60
     cfg = load_config(None, [f"task.rewards=[{judge}, {{name: exact}}]", "task.reward_timeout_s=30"])
     with pytest.warns(UserWarning, match=r"task.reward_timeout_s=30 is below the 33 s a call of the reward may take"):
         reward_role(cfg.task, None, tok, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reward_role(load_config(None, [f"task.rewards=[{judge}]", "task.reward_timeout_s=40"]).task, None, tok, 4)
+
+
+HANGING_REWARD = """
+import threading
+
+def score(completion, row):
+    threading.Event().wait()   # sleeps forever
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_error, workers", [("zero", 1), ("zero", 4), ("raise", 1), ("raise", 4)])
+def test_a_train_run_with_a_reward_that_sleeps_forever_ends(tmp_path, on_error, workers):
+    """A real `rlpost train` (no SFT, one RL step of 4 samples, 2 held-out prompts evaluated before and after)
+    with a user reward file that never returns and task.reward_timeout_s=1: zero finishes, every sample
+    scored 0 and counted; raise stops with the error at the first evaluation. Either way the process exits
+    with the hung threads still asleep."""
+    (tmp_path / "hang.py").write_text(HANGING_REWARD)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["train", "task.reward=hang:score", "task.reward_timeout_s=1", f"task.reward_on_error={on_error}",
+            f"task.reward_workers={workers}", "sft.steps=0", "rl.steps=1", "rl.eval_every=0", "task.num_eval=2",
+            "eval.samples_per_prompt=1", "rollout.prompts_per_step=2", "rollout.k=2", "model.n_layer=1",
+            "model.n_embd=16", "model.n_head=2", f"out_dir={tmp_path / 'runs'}", "run_name=hang"]
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "rlpost", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    wall = time.monotonic() - t0
+    print(f"{on_error}, {workers} worker(s): {wall:.1f} s")
+    summary = json.loads((tmp_path / "runs" / "hang" / "summary.json").read_text())
+    if on_error == "zero":
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert summary["status"] == "ok" and summary["pass@1_rl"] == 0.0
+        rl = [json.loads(line) for line in open(tmp_path / "runs" / "hang" / "metrics.jsonl")]
+        rl = [m for m in rl if m["stage"] == "rl"]
+        assert rl[0]["reward/timeouts"] == 4.0 and rl[0]["reward/mean"] == 0.0
+    else:
+        assert done.returncode != 0
+        assert "reward function score timed out after 1 s (task.reward_timeout_s) on sample 0" in done.stderr
+        assert summary["status"].startswith("failed: RewardError")
