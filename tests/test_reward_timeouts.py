@@ -213,3 +213,26 @@ def test_a_train_run_with_a_reward_that_sleeps_forever_ends(tmp_path, on_error, 
         assert done.returncode != 0
         assert "reward function score timed out after 1 s (task.reward_timeout_s) on sample 0" in done.stderr
         assert summary["status"].startswith("failed: RewardError")
+
+
+def test_scoring_the_demonstrator_at_load_time_is_bounded_too(tmp_path, monkeypatch):
+    """A file task whose held-out rows carry completions scores them under the run's reward when it loads."""
+    from rlpost.config import TaskConfig
+    from rlpost.tasks import load_task
+
+    rows = ['{"prompt": "1+1=", "answer": "2", "completion": "2"}', '{"prompt": "2+2=", "answer": "4", '
+            '"completion": "0"}']
+    (tmp_path / "train.jsonl").write_text(rows[0] + "\n")
+    (tmp_path / "held.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "hang_on_zero.py").write_text(HANGING_REWARD.replace("def score(completion, row):\n",
+                                                                     "def score(completion, row):\n"
+                                                                     "    if completion != '0':\n"
+                                                                     "        return 1.0\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = TaskConfig(name="file", train_file=str(tmp_path / "train.jsonl"), eval_file=str(tmp_path / "held.jsonl"),
+                     reward="hang_on_zero:score", reward_timeout_s=0.3)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"held.jsonl line 2: the reward failed on the held-out row's completion.*"
+                                         r"TimeoutError: it ran past task.reward_timeout_s=0.3 s"):
+        load_task(cfg)
+    assert time.monotonic() - start < 0.3 + SLACK_S
