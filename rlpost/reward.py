@@ -23,6 +23,7 @@ import torch
 from rlpost.batch import Batch
 
 RewardFn = Callable[[str, dict], float]
+MAX_HUNG_CALLS = 1000   # abandoned reward calls still running, past which a run stops rather than run out of threads
 
 
 class RewardError(RuntimeError):
@@ -95,7 +96,7 @@ class Reward:
         return decode_responses(batch, self.tokenizer)
 
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
-        from rlpost.env.calls import CallResult, call_all
+        from rlpost.env.calls import CallResult, call_all, hung_calls
 
         texts = self.completions(batch)
         rows = batch.meta["row"]
@@ -111,6 +112,11 @@ class Reward:
             # raise: the first failure ends the batch, so a hung reward stops the run one timeout after it
             results = call_all([lambda t=t, r=r: score(t, r) for t, r in zip(texts, rows)], self.timeout_s,
                                self.workers, stop_on_failure=self.on_error != "zero")
+            if hung_calls() > MAX_HUNG_CALLS:  # on_error=zero and a reward that hangs, batch after batch
+                raise RewardError(f"{hung_calls()} calls of the reward ran past task.reward_timeout_s and are still "
+                                  f"running in abandoned threads, which Python cannot stop; reward function "
+                                  f"{self.name} keeps hanging (more than {MAX_HUNG_CALLS} at once): fix it, or bound "
+                                  f"its work itself (a subprocess with a timeout, the sandbox)")
         rewards, failures, timeouts, parts = [], 0, 0, {}
         for i, (text, row, res) in enumerate(zip(texts, rows, results)):
             if res.cancelled:  # another sample failed first; the loop raises on it

@@ -240,3 +240,33 @@ def test_scoring_the_demonstrator_at_load_time_is_bounded_too(tmp_path, monkeypa
                                          r"TimeoutError: it ran past task.reward_timeout_s=0.3 s"):
         load_task(cfg)
     assert time.monotonic() - start < 0.3 + SLACK_S
+
+
+def test_a_reward_that_keeps_hanging_stops_the_run_before_threads_run_out(tiny_gpt, monkeypatch):
+    """on_error=zero scores each hung call 0, but each keeps a thread for good: past a bound the run stops
+    with an error saying so, instead of failing later to start a thread at all."""
+    import rlpost.reward
+    from rlpost.env.calls import hung_calls
+
+    _, tok = tiny_gpt
+    release = threading.Event()
+
+    def hangs_until_released(completion, row):
+        release.wait()
+        return 1.0
+
+    before = hung_calls()
+    monkeypatch.setattr(rlpost.reward, "MAX_HUNG_CALLS", before + 3)
+    reward = Reward(hangs_until_released, tok, on_error="zero", workers=4, timeout_s=0.2)
+    try:
+        _, metrics = reward(batch_of(tok, ["1", "1"]))  # 2 hung: under the bound
+        assert metrics["reward/timeouts"] == 2.0 and hung_calls() >= before + 1  # (another test's may return)
+        with pytest.raises(RewardError, match=r"calls of the reward ran past task.reward_timeout_s and are still "
+                                              r"running in abandoned threads.*hangs_until_released keeps hanging"):
+            reward(batch_of(tok, ["1"] * 4))  # 6 hung: over it
+    finally:
+        release.set()
+    deadline = time.monotonic() + SLACK_S
+    while hung_calls() > before and time.monotonic() < deadline:  # released, the threads return and end
+        time.sleep(0.01)
+    assert hung_calls() <= before

@@ -28,6 +28,22 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 
+_hung = 0                        # abandoned calls whose threads are still running, in this process
+_hung_lock = threading.Lock()
+
+
+def hung_calls() -> int:
+    """How many abandoned calls (timed out, or cancelled while running) have not returned yet: each holds a
+    thread that nothing can stop, so a caller that keeps abandoning calls can watch this grow."""
+    return _hung
+
+
+def _count_hung(n: int) -> None:
+    global _hung
+    with _hung_lock:
+        _hung += n
+
+
 @dataclass
 class CallResult:
     value: Any = None
@@ -79,6 +95,7 @@ def call_all(calls: list[Callable[[], Any]], timeout_s: float | None, workers: i
                 r = CallResult(error=e)
             with lock:
                 if me.abandoned:  # given up on: the late result goes nowhere, and this thread ends
+                    _count_hung(-1)
                     return
                 results[i] = r
                 stopped = stopped or (stop_on_failure and not r.ok)
@@ -104,12 +121,15 @@ def call_all(calls: list[Callable[[], Any]], timeout_s: float | None, workers: i
             for w in [w for w in live if w.index is not None and timeout_s is not None
                       and now - w.started >= timeout_s]:
                 results[w.index], w.abandoned = CallResult(timed_out=True), True
+                _count_hung(1)
                 live.remove(w)
                 stopped = stopped or stop_on_failure
                 if todo and not stopped:
                     live.append(start())
             if stopped:  # nothing more starts; what is running is given up on
                 for w in live:
+                    if w.index is not None and not w.abandoned:
+                        _count_hung(1)
                     w.abandoned = True
                 for i, r in enumerate(results):
                     results[i] = r or CallResult(cancelled=True)
