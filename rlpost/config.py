@@ -77,7 +77,11 @@ class TaskConfig:
                                           "template (message prompts, or model.chat_template=true)")
     reward: str | None = opt(None, "a shipped reward (exact | math | code | judge | format: `rlpost rewards`) or "
                                    "'module:function' scoring (completion, row) -> float; default: the task's verifier")
-    reward_on_error: str = opt("raise", "when the reward function raises: 'raise' (stop, naming the sample) | 'zero'")
+    reward_on_error: str = opt("raise", "when the reward function raises, returns a non-finite number or runs past "
+                                        "task.reward_timeout_s: 'raise' (stop, naming the sample) | 'zero' (score "
+                                        "0, counted in reward/errors; reward/timeouts)")
+    reward_timeout_s: float | None = opt(60.0, "seconds one reward function call may take (it runs in a thread "
+                                               "that is abandoned when it hangs); null: no limit")
     reward_options: dict[str, Any] = opt({}, "keyword options of task.reward (e.g. math: {extract: boxed})")
     rewards: list[dict] | None = opt(None, "a weighted sum of rewards, each logged: [{name, weight, ...options}] "
                                            "(replaces task.reward)")
@@ -639,6 +643,9 @@ def _validate_task(cfg: Config) -> None:
         raise ConfigError(f"task.answer_format_rate is an option of the multistep task, not of {t.name!r}")
     if t.env_timeout_s <= 0:
         raise ConfigError(f"config key 'task.env_timeout_s' must be > 0, got {t.env_timeout_s}")
+    if t.reward_timeout_s is not None and not t.reward_timeout_s > 0:
+        raise ConfigError(f"config key 'task.reward_timeout_s' must be > 0 seconds (or null: no limit), got "
+                          f"{t.reward_timeout_s}")
     if t.rewards is not None and t.reward:
         raise ConfigError("set either task.reward (one reward) or task.rewards (a weighted sum), not both")
     if t.reward_options and not t.reward:

@@ -1,9 +1,13 @@
 """ENV / REWARD: score each trajectory. Never touches weights.
 
 `Reward(fn, tokenizer)` decodes every response and calls `fn(completion, row) -> float` on it, writing
-batch.rewards [B] and batch.meta["completion"]. A function that raises, or returns something that is
-not a finite number, is reported with the sample it failed on (index, prompt, completion); with
-`on_error="zero"` that sample scores 0 instead and the failure is counted in the metrics.
+batch.rewards [B] and batch.meta["completion"]. A function that raises, returns something that is not a
+finite number, or runs past `timeout_s`, is reported with the sample it failed on (index, row of its
+file, prompt, completion); with `on_error="zero"` that sample scores 0 instead and the failure is counted
+in the metrics (reward/errors; reward/timeouts for those that ran out of time).
+
+The calls run in daemon threads (rlpost/env/calls.py), so a call that hangs is abandoned when its time is
+up and a fresh thread scores the next sample; what it returns later is dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from rlpost.batch import Batch
 
 RewardFn = Callable[[str, dict], float]
+MAX_HUNG_CALLS = 1000   # abandoned reward calls still running, past which a run stops rather than run out of threads
 
 
 class RewardError(RuntimeError):
@@ -56,23 +61,42 @@ def decode_responses(batch: Batch, tokenizer) -> list[str]:
     return [tokenizer.decode(ids[i][mask[i]].tolist()) for i in range(len(batch))]
 
 
+def _sample(i: int, row: dict, completion: str, limit: int = 300) -> str:
+    """'sample 3 (line 12 of its file; prompt '...', completion '...')': where a reward failed, clipped."""
+    def clip(x) -> str:
+        text = repr(x)
+        return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+    where = ""
+    if "line" in row or "row" in row:  # added by the file readers: where the user can find the row
+        where = f"line {row['line']} of its file; " if "line" in row else f"row {row['row']} of its file; "
+    return f"sample {i} ({where}prompt {clip(row.get('prompt', row.get('messages')))}, completion {clip(completion)})"
+
+
 class Reward:
     """The one-turn reward role: `fn(completion, row)` on every sample. `workers` > 1 scores that many
     samples at once (threads: for rewards that wait on a sandbox, a process pool or an HTTP judge). A
     weighted sum (`rlpost.rewards.WeightedRewards`) logs each component's mean as reward/<name>; a
     reward with `metrics()` (the judge's call and failure counts) has them logged. A reward with
     `batched = True` is given the whole batch at once (`score_batch(completions, rows)`): a local judge
-    answers every sample in one generation."""
+    answers every sample in one generation, and is not timed: its own engine bounds it.
 
-    def __init__(self, fn: RewardFn, tokenizer, on_error: str = "raise", workers: int = 1):
+    `timeout_s` (task.reward_timeout_s) bounds each call. None: no limit, and with one worker the calls run
+    in the calling thread (for a reward that needs the main thread, e.g. one that uses signal.alarm)."""
+
+    def __init__(self, fn: RewardFn, tokenizer, on_error: str = "raise", workers: int = 1,
+                 timeout_s: float | None = 60.0):
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"reward timeout_s must be > 0 seconds or None (no limit), got {timeout_s!r}")
         self.fn, self.tokenizer, self.on_error, self.workers = fn, tokenizer, on_error, workers
+        self.timeout_s = timeout_s
         self.name = getattr(fn, "__qualname__", repr(fn))
 
     def completions(self, batch: Batch) -> list[str]:
         return decode_responses(batch, self.tokenizer)
 
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
-        from rlpost.env.calls import CallResult, call_all
+        from rlpost.env.calls import CallResult, call_all, hung_calls
 
         texts = self.completions(batch)
         rows = batch.meta["row"]
@@ -85,9 +109,28 @@ class Reward:
             except Exception as e:  # noqa: BLE001 - reported below, on the first sample, as any reward failure
                 results = [CallResult(error=e)] * len(texts)
         else:
-            results = call_all([lambda t=t, r=r: score(t, r) for t, r in zip(texts, rows)], None, self.workers)
-        rewards, failures, parts = [], 0, {}
+            # raise: the first failure ends the batch, so a hung reward stops the run one timeout after it
+            results = call_all([lambda t=t, r=r: score(t, r) for t, r in zip(texts, rows)], self.timeout_s,
+                               self.workers, stop_on_failure=self.on_error != "zero")
+            if hung_calls() > MAX_HUNG_CALLS:  # on_error=zero and a reward that hangs, batch after batch
+                raise RewardError(f"{hung_calls()} calls of the reward ran past task.reward_timeout_s and are still "
+                                  f"running in abandoned threads, which Python cannot stop; reward function "
+                                  f"{self.name} keeps hanging (more than {MAX_HUNG_CALLS} at once): fix it, or bound "
+                                  f"its work itself (a subprocess with a timeout, the sandbox)")
+        rewards, failures, timeouts, parts = [], 0, 0, {}
         for i, (text, row, res) in enumerate(zip(texts, rows, results)):
+            if res.cancelled:  # another sample failed first; the loop raises on it
+                rewards.append(0.0)
+                continue
+            if res.timed_out:
+                if self.on_error != "zero":
+                    raise RewardError(f"reward function {self.name} timed out after {self.timeout_s:g} s "
+                                      f"(task.reward_timeout_s) on {_sample(i, row, text)}: make it return sooner, "
+                                      f"raise task.reward_timeout_s, or set task.reward_on_error=zero to score such "
+                                      f"samples 0")
+                failures, timeouts = failures + 1, timeouts + 1
+                rewards.append(0.0)
+                continue
             try:
                 if res.error is not None:
                     raise res.error
@@ -101,14 +144,13 @@ class Reward:
                     raise ValueError(f"returned a non-finite reward {r}")
             except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
                 if self.on_error != "zero":
-                    prompt = row.get("prompt", row.get("messages"))
-                    raise RewardError(f"reward function {self.name} failed on sample {i} (prompt {prompt!r}, "
-                                      f"completion {text!r}): {type(e).__name__}: {e}") from e
+                    raise RewardError(f"reward function {self.name} failed on {_sample(i, row, text)}: "
+                                      f"{type(e).__name__}: {e}") from e
                 failures, r = failures + 1, 0.0
             rewards.append(r)
         meta = {**batch.meta, "completion": texts}
         rewards = torch.tensor(rewards, device=batch.input_ids.device)
-        metrics = {"reward/errors": float(failures)}
+        metrics = {"reward/errors": float(failures), "reward/timeouts": float(timeouts)}
         metrics.update({f"reward/{label}": sum(v) / len(v) for label, v in parts.items()})
         if callable(getattr(self.fn, "metrics", None)):
             metrics.update({(k if "/" in k else f"reward/{k}"): float(v) for k, v in self.fn.metrics().items()})

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from typing import Any, Callable
 
 from rlpost.reward import RewardFn, load_reward_fn
@@ -121,7 +122,22 @@ def reward_role(task_cfg, default: Callable[[str, dict], float], tokenizer, max_
     fn = reward_from_config(task_cfg, default)
     if task_cfg.env:
         return EnvRole.from_config(task_cfg, tokenizer, fn, max_new_tokens)
-    return Reward(fn, tokenizer, on_error=task_cfg.reward_on_error, workers=task_cfg.reward_workers)
+    _warn_if_cut_short(fn, task_cfg.reward_timeout_s)
+    return Reward(fn, tokenizer, on_error=task_cfg.reward_on_error, workers=task_cfg.reward_workers,
+                  timeout_s=task_cfg.reward_timeout_s)
+
+
+def _warn_if_cut_short(fn: RewardFn, timeout_s: float | None) -> None:
+    """Warn when task.reward_timeout_s is below what the reward may legitimately take per call: its
+    `call_limit_s` (an HTTP judge: every attempt timing out, plus the backoffs), summed over a weighted
+    sum's terms, which one call runs one after another."""
+    terms = [f for _, _, f in fn.terms] if isinstance(fn, WeightedRewards) else [fn]
+    need = sum(getattr(f, "call_limit_s", None) or 0.0 for f in terms)
+    if timeout_s is not None and need > timeout_s:
+        warnings.warn(f"task.reward_timeout_s={timeout_s:g} is below the {need:g} s a call of the reward may take "
+                      f"(a judge's (retries + 1) * timeout_s plus its backoffs): a slow call would count as hung "
+                      f"(task.reward_on_error) before the reward gives up by itself; raise task.reward_timeout_s "
+                      f"or lower the reward's retries / timeout_s", stacklevel=3)
 
 
 def eval_reward_role(eval_cfg, tokenizer):

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+import socketserver
 import threading
 import time
 import warnings
@@ -112,6 +113,12 @@ def http_judge(server, **kw):
     ("Score: 12, but really 5", None),      # the Score: line decides, even when out of range
     ("I cannot grade this.", None),
     ("", None),
+    ("Score: 1e999", None),                 # one number, infinite: not a 1
+    ("Overall 1e999", None),
+    ("Score: 7e-1", 0.7),                   # a finite number in range, however written
+    ("Score: nan", None),
+    ("Score: inf, but 5", None),            # the Score: line decides: not a finite score
+    ("score = -Infinity", None),
 ])
 def test_parse_score(answer, expected):
     assert parse_score(answer, 0, 10) == expected
@@ -220,6 +227,111 @@ def test_timeout_is_respected(server):
     elapsed = time.monotonic() - start
     assert 0.6 <= elapsed < 2.5       # two attempts of 0.3 s each, not the server's 3 s (slack for a loaded CI box)
     assert len(server.requests) == 2 and judge.failures == 1
+
+
+# ---------------------------------------------------------------------------- servers that misbehave on the wire
+
+class RawServer:
+    """A TCP server on 127.0.0.1 whose handler writes what `respond(write)` writes, after reading the request
+    head; each handler ends by itself (after what it sends, or when the client has gone)."""
+
+    def __init__(self, respond):
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.settimeout(10)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                try:
+                    respond(self.request.sendall)
+                except OSError:  # the client shut the connection: done
+                    pass
+
+        self.httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _reply(content: str) -> bytes:
+    return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def trickle(data: bytes, every_s: float = 1.0):
+    """Send `data` one byte per `every_s` seconds."""
+    def respond(write):
+        for i in range(len(data)):
+            write(data[i:i + 1])
+            time.sleep(every_s)
+    return respond
+
+
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_server_sending_a_byte_a_second_cannot_hold_a_call_past_timeout_s(part):
+    """Every read gets a byte within the 1.5 s socket timeout, so only a bound on the whole attempt ends it
+    (the trickle would last about a minute)."""
+    body = _reply("Score: 7")
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+
+    def respond(write):
+        if part == "headers":
+            trickle(head + body)(write)
+        else:
+            write(head)
+            trickle(body)(write)
+
+    raw = RawServer(respond)
+    try:
+        judge = JudgeReward(url=raw.url, retries=0, timeout_s=1.5)
+        start = time.monotonic()
+        with pytest.warns(UserWarning, match="timed out: no whole answer within timeout_s=1.5 s"):
+            assert judge("5", ROW) == 0.0
+        assert time.monotonic() - start < 1.5 + 3.0   # slack for a loaded machine; the trickle needs ~60 s
+        assert judge.failures == 1
+    finally:
+        raw.close()
+
+
+def test_an_oversized_reply_is_refused_without_reading_it_whole(server):
+    hold = threading.Event()   # the servers below never finish their replies until the test ends
+
+    def announced(write):  # a Content-Length over the cap, then a trickle of the body that never ends
+        write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n{")
+        hold.wait(10)
+
+    def unannounced(write):  # no Content-Length: the body runs until the connection closes
+        write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + b" " * 300_000)
+        hold.wait(10)
+
+    try:
+        for respond, reason in ((announced, "50000000 bytes (Content-Length), over max_reply_bytes=100000; not read"),
+                                (unannounced, "longer than max_reply_bytes=100000; the rest was not read")):
+            raw = RawServer(respond)
+            try:
+                judge = JudgeReward(url=raw.url, retries=0, timeout_s=5.0, max_reply_bytes=100_000)
+                start = time.monotonic()
+                with pytest.warns(UserWarning, match=re.escape(reason)):
+                    assert judge("5", ROW) == 0.0
+                assert time.monotonic() - start < 3.0   # refused at once, not read until the timeout
+            finally:
+                raw.close()
+    finally:
+        hold.set()
+    # a whole reply over the cap is refused too; under the default cap (1 MB) the same reply scores
+    server.answer = lambda content: "x" * 200_000 + "\nScore: 7"
+    with pytest.warns(UserWarning, match="over max_reply_bytes=100000"):
+        assert http_judge(server, retries=0, max_reply_bytes=100_000)("5", ROW) == 0.0
+    assert http_judge(server, retries=0)("5", ROW) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="max_reply_bytes must be a whole number >= 1"):
+        http_judge(server, max_reply_bytes=0)
 
 
 def test_wrong_url_raises_instead_of_scoring_zero(server):

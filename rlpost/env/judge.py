@@ -15,12 +15,15 @@ answer alone is parsed: its last "Score: N", else its last number that is not a 
 "8 out of 10" -> 8). A score outside [score_min, score_max] or no number is a failed answer; a score s
 is normalised to (s - score_min) / (score_max - score_min) in [0, 1].
 
-A failed attempt (an HTTP error, a timeout, a malformed or unparseable answer) is retried up to `retries`
-times, after backoff_s, 2 * backoff_s, ...; when every attempt failed the reward is `on_failure` and the
-failure is counted (`calls`, `failures`, `retries_used`, `metrics()`). HTTP 401 / 403 / 404 mean a wrong
-key or URL and raise at once, naming the URL. A local model answering greedily (temperature 0) would give
-the same answer again, so its unparseable answers are not retried; a judge prompt longer than the local
-model's context is a failure without a retry.
+An HTTP attempt gets `timeout_s` in all (connect, headers, body: a server trickling a byte a second cannot
+hold it longer) and a reply of at most `max_reply_bytes` (a longer one is refused unread). A non-finite
+score ("Score: 1e999") is an unparseable answer. A failed attempt (an HTTP error, a timeout, an oversized,
+malformed or unparseable answer) is retried up to `retries` times, after backoff_s, 2 * backoff_s, ...;
+when every attempt failed the reward is `on_failure` and the failure is counted (`calls`, `failures`,
+`retries_used`, `metrics()`). HTTP 401 / 403 / 404 mean a wrong key or URL and raise at once, naming the
+URL. A local model answering greedily (temperature 0) would give the same answer again, so its unparseable
+answers are not retried; a judge prompt longer than the local model's context is a failure without a
+retry.
 
 Thread-safe: the Reward role may score several samples at once (task.reward_workers). HTTP requests run
 in parallel; the local engine is called by one thread at a time.
@@ -31,8 +34,10 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import json
+import math
 import os
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -69,10 +74,103 @@ from {score_min} (wrong or useless) to {score_max} (fully correct)."""
 
 _PLACEHOLDER = re.compile(r"\{(prompt|completion|reference|score_min|score_max)\}")
 _TAG = re.compile(r"<\s*(/?)\s*completion\s*>", re.IGNORECASE)   # a delimiter written inside a completion
-_SCORE = re.compile(r"score\s*(?:\*\*)?\s*[:=]\s*(?:\*\*)?\s*([-+]?\d+(?:\.\d+)?)", re.IGNORECASE)
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?")
+# a number with its exponent ("1e999" is one number, not a 1), or a word float() reads as inf / nan
+_NUM = r"[-+]?(?:\d+(?:\.\d+)?(?:e[-+]?\d+)?|inf(?:inity)?\b|nan\b)"
+_SCORE = re.compile(r"score\s*(?:\*\*)?\s*[:=]\s*(?:\*\*)?\s*(" + _NUM + ")", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", re.IGNORECASE)
 _DENOMINATOR = re.compile(r"(?:/|\bout\s+of)\s*$", re.IGNORECASE)   # what precedes the 10 of "8/10", "8 out of 10"
 _FATAL_HTTP = (401, 403, 404)   # a wrong key or URL: no retry helps
+
+
+class _Deadline:
+    """Shuts an attempt's connections down when `seconds` have passed since it began. urllib's timeout bounds
+    each socket operation only, so a server that sends a byte a second could hold an attempt for ever; a
+    shut-down socket makes the read that waits on it return at once. The connections of the attempt running
+    in this thread register themselves (`_attempt.deadline`), redirects and proxy tunnels included. A host
+    name lookup cannot be interrupted; it is the one step left to the system's resolver."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._connections: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        _attempt.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+        _attempt.deadline = None
+
+    def add(self, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._connections.append(connection)
+
+    def check(self, connection: http.client.HTTPConnection) -> None:
+        """Shut `connection` down if the time is up (its socket may have appeared after the timer fired)."""
+        with self._lock:
+            if self.expired:
+                _shut(connection)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for connection in self._connections:
+                _shut(connection)
+
+
+def _shut(connection: http.client.HTTPConnection) -> None:
+    # urllib drops connection.sock once the headers are in (the response reads through its own file on the
+    # socket), so the socket is also kept from connect()
+    sock = connection.sock or getattr(connection, "_socket", None)
+    if sock is not None:
+        try:  # the plain socket's shutdown, also under TLS: it acts on the descriptor, from any thread
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+
+
+_attempt = threading.local()   # .deadline: the _Deadline of the attempt running in this thread, if any
+
+
+class _Tracked:
+    """A connection that registers with its thread's attempt deadline and is shut down if it connects late."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._deadline = getattr(_attempt, "deadline", None)
+        if self._deadline is not None:
+            self._deadline.add(self)
+
+    def connect(self):
+        super().connect()
+        self._socket = self.sock
+        if self._deadline is not None:
+            self._deadline.check(self)
+
+
+class _HTTPConnection(_Tracked, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Tracked, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        options = {"context": self._context}
+        if getattr(self, "_check_hostname", None) is not None:  # Python < 3.12 only
+            options["check_hostname"] = self._check_hostname
+        return self.do_open(_HTTPSConnection, req, **options)
 
 
 class JudgeError(RuntimeError):
@@ -89,7 +187,8 @@ class _Failed(Exception):
 
 def parse_score(answer: str, score_min: float, score_max: float) -> float | None:
     """The judge's score in `answer`: the last "Score: N", else the last number that is not a denominator;
-    None when there is none or it lies outside [score_min, score_max]."""
+    None when there is none, or it is not finite ("Score: 1e999", "Score: nan"), or it lies outside
+    [score_min, score_max]."""
     found = _SCORE.findall(answer)
     if found:
         value = float(found[-1])
@@ -98,7 +197,7 @@ def parse_score(answer: str, score_min: float, score_max: float) -> float | None
         if not numbers:
             return None
         value = float(numbers[-1])
-    return value if score_min <= value <= score_max else None
+    return value if math.isfinite(value) and score_min <= value <= score_max else None
 
 
 def quote_completion(completion: str) -> str:
@@ -150,8 +249,9 @@ class JudgeReward:
     def __init__(self, *, model: str | None = None, url: str | None = None, rubric: str | None = None,
                  api_model: str = "judge", api_key_env: str | None = None, score_min: float = 0,
                  score_max: float = 10, max_new_tokens: int = 64, temperature: float = 0.0, retries: int = 2,
-                 timeout_s: float = 30.0, on_failure: float = 0.0, backoff_s: float = 0.5,
-                 device: str = "auto", dtype: str = "float32", chat_template: bool | None = None):
+                 timeout_s: float = 15.0, on_failure: float = 0.0, backoff_s: float = 0.5,
+                 max_reply_bytes: int = 1_000_000, device: str = "auto", dtype: str = "float32",
+                 chat_template: bool | None = None):
         if (model is None) == (url is None):
             raise ValueError("judge: give exactly one of `model` (a local model folder) or `url` (an OpenAI-compatible"
                              f" endpoint such as http://127.0.0.1:8000/v1); got model={model!r}, url={url!r}")
@@ -165,6 +265,9 @@ class JudgeReward:
         if max_new_tokens < 1 or temperature < 0 or timeout_s <= 0 or backoff_s < 0:
             raise ValueError(f"judge: need max_new_tokens >= 1, temperature >= 0, timeout_s > 0, backoff_s >= 0; got "
                              f"{max_new_tokens}, {temperature}, {timeout_s}, {backoff_s}")
+        if isinstance(max_reply_bytes, bool) or not isinstance(max_reply_bytes, int) or max_reply_bytes < 1:
+            raise ValueError(f"judge: max_reply_bytes must be a whole number >= 1, got {max_reply_bytes!r}")
+        self.max_reply_bytes = max_reply_bytes
         self.rubric, self.score_min, self.score_max = rubric, float(score_min), float(score_max)
         self.max_new_tokens, self.temperature, self.retries = max_new_tokens, float(temperature), retries
         self.timeout_s, self.on_failure, self.backoff_s = float(timeout_s), float(on_failure), float(backoff_s)
@@ -192,7 +295,7 @@ class JudgeReward:
             self._headers["Authorization"] = f"Bearer {key}"
         # a judge on this machine is reached directly, whatever proxy the environment names for the outside
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(url) else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._opener = urllib.request.build_opener(*handlers, _HTTPHandler(), _HTTPSHandler())
 
     def _init_local(self, model: str, device: str, dtype: str, chat_template: bool | None) -> None:
         from rlpost.config import ModelConfig
@@ -220,17 +323,24 @@ class JudgeReward:
                            "max_tokens": self.max_new_tokens, "temperature": self.temperature}).encode()
         request = urllib.request.Request(self.url + "/chat/completions", data=body, headers=self._headers,
                                          method="POST")
-        try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
-                payload = json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read()[:200].decode("utf-8", "replace")
-            if e.code in _FATAL_HTTP:
-                raise JudgeError(f"judge: {self.url}/chat/completions answered HTTP {e.code} ({detail!r}); check the "
-                                 f"url and the API key (api_key_env)") from e
-            raise _Failed(f"HTTP {e.code}: {detail!r}") from e
-        except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-            raise _Failed(f"{type(e).__name__}: {e} (timeout_s={self.timeout_s})") from e
+        with _Deadline(self.timeout_s) as deadline:   # the whole attempt: connect, headers, body
+            try:
+                with self._opener.open(request, timeout=self.timeout_s) as response:
+                    payload = json.loads(self._read_reply(response))
+            except urllib.error.HTTPError as e:
+                try:
+                    detail = e.read(200).decode("utf-8", "replace")
+                except (OSError, http.client.HTTPException):
+                    detail = ""
+                if e.code in _FATAL_HTTP:
+                    raise JudgeError(f"judge: {self.url}/chat/completions answered HTTP {e.code} ({detail!r}); check "
+                                     f"the url and the API key (api_key_env)") from e
+                raise _Failed(f"HTTP {e.code}: {detail!r}") from e
+            except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+                if deadline.expired:
+                    raise _Failed(f"timed out: no whole answer within timeout_s={self.timeout_s:g} s (connect, "
+                                  f"headers and body together)") from e
+                raise _Failed(f"{type(e).__name__}: {e} (timeout_s={self.timeout_s:g})") from e
         try:
             content = payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as e:
@@ -238,6 +348,18 @@ class JudgeReward:
         if not isinstance(content, str):
             raise _Failed(f"choices[0].message.content is {content!r}, not text")
         return content
+
+    def _read_reply(self, response) -> bytes:
+        """The reply's body, refused (a failed attempt) past max_reply_bytes: by its Content-Length before
+        reading any of it, else once that many bytes have come, without reading the rest."""
+        length = response.headers.get("Content-Length", "")
+        if length.strip().isdigit() and int(length) > self.max_reply_bytes:
+            raise _Failed(f"the reply is {int(length)} bytes (Content-Length), over max_reply_bytes="
+                          f"{self.max_reply_bytes}; not read")
+        body = response.read(self.max_reply_bytes + 1)
+        if len(body) > self.max_reply_bytes:
+            raise _Failed(f"the reply is longer than max_reply_bytes={self.max_reply_bytes}; the rest was not read")
+        return body
 
     def _ask_local_many(self, texts: list[str]) -> list[str | _Failed]:
         """One engine call for many judge prompts: each answer, or a _Failed for a prompt too long to ask."""
@@ -271,6 +393,14 @@ class JudgeReward:
         """A local judge scores a whole batch in one engine call per attempt (`score_batch`); an HTTP judge is
         called per sample, from the Reward role's threads (task.reward_workers)."""
         return self.url is None
+
+    @property
+    def call_limit_s(self) -> float | None:
+        """The longest one call of an HTTP judge can take: every attempt running its whole `timeout_s`, plus
+        the backoffs between them (None for a local judge: it scores whole batches, bounded by its engine)."""
+        if self.batched:
+            return None
+        return (self.retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.retries - 1)
 
     def score_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
         """Rewards of many samples with the same rules as calling the judge on each: retries (of the failed

@@ -131,7 +131,8 @@ def load_task(cfg) -> Task:
     if not own and (cfg.reward or getattr(cfg, "rewards", None)):  # demonstrator accuracy under the run's reward
         from rlpost.rewards import reward_from_config
 
-        verify = _LazyReward(lambda: reward_from_config(cfg, answer_match_reward))
+        verify = _LazyReward(lambda: reward_from_config(cfg, answer_match_reward),
+                             getattr(cfg, "reward_timeout_s", None))
     task = file_task(cfg.train_file, cfg.eval_file, Columns.from_config(cfg),
                      train_split=getattr(cfg, "train_split", "train"), eval_split=getattr(cfg, "eval_split", "test"),
                      require_answer=own, verify=verify, system_prompt=system_prompt, name=cfg.name)
@@ -141,15 +142,23 @@ def load_task(cfg) -> Task:
 
 
 class _LazyReward:
-    """Builds the reward on first call: only a held-out set with completions needs it at load time."""
+    """Builds the reward on first call: only a held-out set with completions needs it at load time. Each
+    call gets task.reward_timeout_s, as in the run (rlpost/env/calls.py), so a hung reward fails the row."""
 
-    def __init__(self, build):
-        self.build, self.fn = build, None
+    def __init__(self, build, timeout_s: float | None = None):
+        self.build, self.fn, self.timeout_s = build, None, timeout_s
 
     def __call__(self, completion: str, row: dict) -> float:
+        from rlpost.env.calls import call_all
+
         if self.fn is None:
             self.fn = self.build()
-        return self.fn(completion, row)
+        (result,) = call_all([lambda: self.fn(completion, row)], self.timeout_s, workers=1)
+        if result.timed_out:
+            raise TimeoutError(f"it ran past task.reward_timeout_s={self.timeout_s:g} s")
+        if result.error is not None:
+            raise result.error
+        return result.value
 
 
 def _embedded_task(cfg) -> Task | None:
