@@ -59,6 +59,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,59 +84,167 @@ class ResumeError(ValueError):
     """A run directory that cannot be resumed: missing, of another kind, with another config, no checkpoint."""
 
 
-# ---------------------------------------------------------------------------- metrics.jsonl
+# ---------------------------------------------------------------------------- metrics.jsonl, rollouts.jsonl
+
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+def write_error(e: OSError, path: str, what: str) -> OSError:
+    """`e` (disk full, read-only, ...) again, naming the file it could not write and what to do; the type and
+    errno stay (an OSError(28, ...) is still one), so callers can catch it as before."""
+    return type(e)(e.errno, f"cannot write {what} {path}: {e.strerror or e}; nothing written before it is lost: "
+                            "free space or make it writable, then continue with `rlpost train --resume RUN_DIR`",
+                   path)
+
+
+def replace_file(path: str, lines: list[str]) -> None:
+    """Write `lines` to `path` through a temporary file renamed over it: a failed write (disk full) leaves the
+    old file whole."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise write_error(e, path, "the cut-back file") from e
+
+
+def cut_jsonl(path: str, keep: int, checkpoint: str) -> list[dict]:
+    """For a resume from `checkpoint`, which counted `keep` lines of the JSONL file `path`: refuse (ResumeError,
+    naming the file and the line) unless its first `keep` lines are each a complete JSON object, then drop the
+    lines after them. Those are written after the checkpoint and are taken leniently: the ones that parse are
+    returned, a broken one (the half line a kill leaves) is simply dropped."""
+    lines = []
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.readlines()
+    elif keep:
+        raise ResumeError(f"--resume: {path} is missing; checkpoint {checkpoint} counts {keep} line(s) in it. "
+                          "Put the file back (or resume from an older checkpoint by removing the newer ones)")
+    hint = ("the file was damaged after the checkpoint was written: put back a whole copy, or resume from an "
+            "older checkpoint by removing the newer ones")
+    if len(lines) < keep:
+        raise ResumeError(f"--resume: {path} holds {len(lines)} line(s) but checkpoint {checkpoint} counts {keep}: "
+                          f"line(s) {len(lines) + 1}-{keep} are missing; {hint}")
+    for n, line in enumerate(lines[:keep], 1):
+        problem = None if line.endswith("\n") else "is cut short (no end of line)"
+        if problem is None:
+            try:
+                if not isinstance(json.loads(line), dict):
+                    problem = "is not a JSON object"
+            except ValueError as e:
+                problem = f"is not a complete JSON line ({e})"
+        if problem:
+            raise ResumeError(f"--resume: {path} line {n} {problem}, one of the {keep} line(s) checkpoint "
+                              f"{checkpoint} counts; {hint}")
+    dropped = []
+    for line in lines[keep:]:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(record, dict):
+            dropped.append(record)
+    if len(lines) > keep:
+        replace_file(path, lines[:keep])
+    return dropped
+
 
 class RunLog:
-    """metrics.jsonl writer (one line per call) that never holds data back: each line is flushed.
-    `lines` counts what the file holds, so a checkpoint can record it and a resume cut back to it;
-    `dropped` holds the records a resume cut (after the checkpoint). With write=False (ranks other than 0
-    of a sharded run) it only counts. Every record also goes to `sinks` (rlpost/sinks.py), once attached."""
+    """metrics.jsonl writer (one line per call) that never holds data back: each line is flushed; and
+    rollouts.jsonl's (`rollouts(records)`). `lines` and `rollout_lines` count what the files hold, so a
+    checkpoint can record them and a resume cut back to them (`keep_lines`, `keep_rollouts`, refusing files
+    that lost counted lines: see `cut_jsonl`); `dropped` holds the metrics records a resume cut (after the
+    checkpoint). With write=False (ranks other than 0 of a sharded run) it only counts. Every metrics record
+    also goes to `sinks` (rlpost/sinks.py), once attached. A failed write names the file (`write_error`)."""
 
-    def __init__(self, run_dir: str, keep_lines: int | None = None, write: bool = True):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+    def __init__(self, run_dir: str, keep_lines: int | None = None, write: bool = True,
+                 keep_rollouts: int | None = None, checkpoint: str = "the start"):
+        self.path, self.rollouts_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, ROLLOUTS_FILE)
         self.write = write
         self.sinks = None
         self.dropped: list[dict] = []
-        lines = []
-        if not write:  # rank 0 holds the file; this rank counts as it does (a resume cuts it to keep_lines)
-            self.lines, self.file = keep_lines or 0, None
+        self.file = self.rollouts_file = None
+        # None: not known (a resume from a checkpoint older than the count): the RL stage cuts by step then
+        self.rollout_lines = keep_rollouts
+        if not write:  # rank 0 holds the files; this rank counts as it does (a resume cuts them to keep_lines)
+            self.lines = keep_lines or 0
             return
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                lines = f.readlines()
-            if keep_lines is not None and keep_lines < len(lines):
-                lines, cut = lines[:keep_lines], lines[keep_lines:]
-                self.dropped = [json.loads(line) for line in cut if line.strip().endswith("}")]
-                with open(self.path, "w") as f:  # drop what was written after the checkpoint
-                    f.writelines(lines)
-        self.lines = len(lines)
-        self.file = open(self.path, "a")
+        if keep_lines is not None:  # a resume: drop what was written after the checkpoint
+            self.dropped = cut_jsonl(self.path, keep_lines, checkpoint)
+        if keep_rollouts is not None:
+            cut_jsonl(self.rollouts_path, keep_rollouts, checkpoint)
+        elif keep_lines is None:  # a new run
+            self.rollout_lines = count_lines(self.rollouts_path)
+        self.lines = count_lines(self.path)
+        try:
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise write_error(e, self.path, "the metrics file") from e
 
     def __call__(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.lines += 1
-        if not self.write:
-            return
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
-        if self.sinks:
+        if self.write:
+            self._append(self.file, self.path, "the metrics file", [json.dumps(clean) + "\n"])
+        self.lines += 1  # only once the line is in the file: a checkpoint never counts a line that is not
+        if self.write and self.sinks:
             self.sinks(clean)
 
+    def rollouts(self, records: list[dict]) -> None:
+        """Append records to rollouts.jsonl, one line each, flushed (a kill loses at most a half line after
+        the counted ones, which a resume drops)."""
+        if self.rollouts_file is None:
+            try:
+                self.rollouts_file = open(self.rollouts_path, "a")
+            except OSError as e:
+                raise write_error(e, self.rollouts_path, "the rollouts file") from e
+        self._append(self.rollouts_file, self.rollouts_path, "the rollouts file",
+                     [json.dumps(r) + "\n" for r in records])
+        self.rollout_lines = (self.rollout_lines or 0) + len(records)
+
+    @staticmethod
+    def _append(file, path: str, what: str, lines: list[str]) -> None:
+        try:
+            file.writelines(lines)
+            file.flush()
+        except OSError as e:
+            raise write_error(e, path, what) from e
+
     def close(self, exit_code: int = 0) -> None:
-        """Close the file and the sinks (idempotent); `exit_code` non-zero: the run failed or was stopped."""
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        """Close the files and the sinks (idempotent); `exit_code` non-zero: the run failed or was stopped."""
+        for name in ("file", "rollouts_file"):
+            f, path = getattr(self, name), self.path if name == "file" else self.rollouts_path
+            setattr(self, name, None)
+            if f is not None:
+                try:
+                    f.close()
+                except OSError as e:  # the close flushes: what was already flushed is in the file
+                    print(f"rlpost: warning: {write_error(e, path, 'a run file')}", file=sys.stderr)
         if self.sinks is not None:
             self.sinks.close(exit_code)
 
 
-def open_log(cfg: Config, run_dir: str, keep_lines: int | None = None, resume: bool = False) -> RunLog:
-    """metrics.jsonl of `run_dir` (cut back to `keep_lines` on resume) with the sinks `cfg.log` switches on
-    (TensorBoard, W&B); ranks other than 0 of a sharded run only count lines."""
+def count_lines(path: str) -> int:
+    """The number of lines of `path` (0 when it does not exist)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def open_log(cfg: Config, run_dir: str, keep_lines: int | None = None, resume: bool = False,
+             keep_rollouts: int | None = None, checkpoint: str = "the start") -> RunLog:
+    """metrics.jsonl and rollouts.jsonl of `run_dir` (cut back to `keep_lines`, `keep_rollouts` on a resume from
+    `checkpoint`) with the sinks `cfg.log` switches on (TensorBoard, W&B); ranks other than 0 of a sharded run
+    only count lines."""
     from rlpost.sinks import open_sinks
 
-    log = RunLog(run_dir, keep_lines=keep_lines, write=dist.is_main())
+    log = RunLog(run_dir, keep_lines=keep_lines, write=dist.is_main(), keep_rollouts=keep_rollouts,
+                 checkpoint=checkpoint)
     if dist.is_main():
         try:
             log.sinks = open_sinks(cfg.log, run_dir, to_dict(cfg), resume=resume, dropped=log.dropped)
@@ -186,6 +295,7 @@ class RunContext:
         model = dist.unsharded(self.model) if weights else None  # a collective when the policy is sharded
         meta = {"stage": self.stage_index, "stage_name": self.stage_name,
                 "step": step, "finished": finished, "metrics_lines": self.log.lines,
+                "rollouts_lines": self.log.rollout_lines,
                 "summary": self.summary, "weights": self.weights_from}
         full = {"stage": state, "rng": rng_state()}
         # a finished stage's checkpoint is a plain model folder (a LoRA model's adapters merged in); a
@@ -499,9 +609,13 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
         run_dir = resume
         ckpt = dist.broadcast_object(_resume_point(run_dir, stages) if main else None)
         keep = ckpt.meta["metrics_lines"] if ckpt else 0
+        # a checkpoint written before rollouts.jsonl was counted has no count: the RL stage cuts by step
+        keep_rollouts = ckpt.meta.get("rollouts_lines") if ckpt else 0
     else:
         run_dir, ckpt, keep = dist.broadcast_object(make_run_dir(cfg, recipe_name) if main else None), None, None
-    log = open_log(cfg, run_dir, keep_lines=keep, resume=bool(resume))
+        keep_rollouts = None
+    log = open_log(cfg, run_dir, keep_lines=keep, resume=bool(resume), keep_rollouts=keep_rollouts,
+                   checkpoint=ckpt.path if ckpt else "the start")
     try:
         return _train(cfg, stages, run_dir, ckpt, log, resume, t_start)
     finally:

@@ -206,3 +206,69 @@ def test_twenty_sigkills_at_random_points_resume_bit_identical(tmp_path):
         assert_same_run(tmp_path / "ref", run)
         finished += 1
     print(f"\n{kills} SIGKILLs, {resumes} resumes, {finished} finished run(s), all identical to the reference")
+
+
+# ---------------------------------------------------------------------------- damaged metrics / rollouts files
+
+SHORT = TINY[:-1] + ["sft.steps=8", "rl.steps=4", "rl.eval_every=0", "log.rollouts_every=1"]
+
+
+@pytest.fixture(scope="module")
+def finished_short_run(tmp_path_factory):
+    """A short run to the end (checkpoints step_2 and final), and its files as they are then."""
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    tmp = tmp_path_factory.mktemp("short")
+    assert train(load_config(None, SHORT + [f"out_dir={tmp}", "run_name=done"]))["status"] == "ok"
+    run = tmp / "done"
+    return run, {name: (run / name).read_text() for name in ("metrics.jsonl", "rollouts.jsonl")}
+
+
+def killed_after_step_2(finished_short_run, tmp_path):
+    """A copy of the finished run as a kill after step 2's checkpoint leaves it: step_2 is the newest."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_short_run[0], run)
+    shutil.rmtree(run / "checkpoints" / "final")
+    ckpt = list_checkpoints(run)[-1]
+    assert ckpt.name == "step_2"
+    return run, ckpt
+
+
+@pytest.mark.parametrize("name, count", [("metrics.jsonl", "metrics_lines"), ("rollouts.jsonl", "rollouts_lines")])
+def test_a_resume_refuses_a_file_that_lost_counted_lines_and_changes_nothing(finished_short_run, tmp_path, name,
+                                                                              count):
+    from rlpost.run import train
+
+    run, ckpt = killed_after_step_2(finished_short_run, tmp_path)
+    counted = ckpt.meta[count]
+    assert counted >= 3
+    lines = (run / name).read_text().splitlines(keepends=True)
+    cases = [(lines[:counted - 2], f"holds {counted - 2} line(s) but checkpoint {ckpt.path} counts {counted}: "
+                                   f"line(s) {counted - 1}-{counted} are missing"),
+             (lines[:counted - 1] + [lines[counted - 1][:9]], f"line {counted} is cut short"),
+             (lines[:1] + ['{"step": 1, "broken\n'] + lines[2:], "line 2 is not a complete JSON line")]
+    for damaged, message in cases:
+        (run / name).write_text("".join(damaged))
+        with pytest.raises(ResumeError, match=f"{os.path.join(str(run), name)}.*" + message.replace("(", r"\(")
+                           .replace(")", r"\)")):
+            train(saved_config(str(run)), resume=str(run))
+        assert (run / name).read_text() == "".join(damaged)  # refused before anything was cut or appended
+    (run / name).unlink()
+    with pytest.raises(ResumeError, match=f"{os.path.join(str(run), name)} is missing; checkpoint .* counts"):
+        train(saved_config(str(run)), resume=str(run))
+
+
+def test_a_broken_line_after_the_counted_ones_is_dropped_and_the_resume_is_exact(finished_short_run, tmp_path):
+    from rlpost.run import train
+
+    run, _ = killed_after_step_2(finished_short_run, tmp_path)
+    for name in ("metrics.jsonl", "rollouts.jsonl"):  # a kill in mid-write of the line after the checkpoint
+        with open(run / name, "a") as f:
+            f.write('{"stage": "rl", "step": 9, "cut sh')
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    done, files = finished_short_run
+    assert comparable(run) == comparable(done)
+    assert (run / "rollouts.jsonl").read_text() == files["rollouts.jsonl"]

@@ -39,7 +39,7 @@ from rlpost.progress import progress
 from rlpost.reference import Reference
 from rlpost.reward import decode_responses
 from rlpost.rollout import SamplingParams
-from rlpost.run import RunContext, Stage
+from rlpost.run import ROLLOUTS_FILE, RunContext, Stage, count_lines
 from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
@@ -80,9 +80,6 @@ def profiled(path: str | None):
     prof.export_chrome_trace(path)
 
 
-ROLLOUTS_FILE = "rollouts.jsonl"
-
-
 def prompt_text(row: dict) -> str:
     """A row's prompt as text: the string itself, or chat messages as `role: content` lines."""
     prompt = row.get("prompt", row.get("messages", ""))
@@ -120,15 +117,10 @@ def sample_records(step: int, batch: Batch, tokenizer) -> list[dict]:
     return records
 
 
-def append_rollouts(run_dir: str, records: list[dict]) -> None:
-    """Append records to rollouts.jsonl, flushed (a kill loses at most a half line, which readers skip)."""
-    with open(os.path.join(run_dir, ROLLOUTS_FILE), "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
 def trim_rollouts(run_dir: str, last_step: int) -> int:
     """Drop the rollouts.jsonl lines of steps after `last_step` (the step a resume starts from) and any
-    half-written line; returns how many lines were dropped."""
+    half-written line; returns how many lines were dropped. Only for a resume from a checkpoint that does not
+    count the file's lines (written by an older rlpost); a newer one's count cuts it exactly (rlpost/run.py)."""
     path = os.path.join(run_dir, ROLLOUTS_FILE)
     if not os.path.exists(path):
         return 0
@@ -261,8 +253,9 @@ class RLStage(Stage):
         if self.step == 0 and self.reference is not None and not self.reference.shares_policy and dist.is_main():
             write_model_folder(ctx.run_dir, self.reference_folder,
                                lambda f: save_model(self.reference.model, ctx.tokenizer, f))
-        if dist.is_main():  # a resume: the samples of steps after the checkpoint are sampled again
-            trim_rollouts(ctx.run_dir, self.step_offset + self.step)
+        if dist.is_main() and ctx.log.rollout_lines is None:  # a resume from a checkpoint without the count:
+            trim_rollouts(ctx.run_dir, self.step_offset + self.step)  # the samples after it are sampled again
+            ctx.log.rollout_lines = count_lines(os.path.join(ctx.run_dir, ROLLOUTS_FILE))
         bar = progress(range(self.step + 1, c.steps + 1), initial=self.step, total=c.steps,
                        desc=f"rl/{self.algorithm.name}")
         for step in bar:
@@ -275,7 +268,7 @@ class RLStage(Stage):
                 metrics["eval/pass@1"], metrics["eval/mean_reward"] = result["pass@1"], result["mean_reward"]
             if self.rollouts_every and step % self.rollouts_every == 0 and dist.is_main():
                 # sharded: rank 0's share of the step's prompts
-                append_rollouts(ctx.run_dir, sample_records(n, self.controller.sampled, ctx.tokenizer))
+                ctx.log.rollouts(sample_records(n, self.controller.sampled, ctx.tokenizer))
             ctx.log({"stage": "rl", "step": n, **metrics})
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
             if dist.is_main():
