@@ -11,12 +11,14 @@ R1's rl, rejection, rl), else this order, each only when it is switched on:
     preference   the DPO family on pairs (+ eval)                     checkpoints/preference/
     reward_model a Bradley-Terry reward model becomes the RL reward   checkpoints/reward_model/
     rl           the seven-step loop (rlpost/controller.py)           checkpoints/step_<n>/, checkpoints/final/
+                 (an RL stage that another one follows ends in checkpoints/<label>/: rl/, rl_2/, ...)
     eval         held-out pass@1 after RL
     rejection    fine-tuning on the policy's own verified samples      checkpoints/rejection/
     eval         held-out pass@1 after rejection-sampling SFT
 
 A stage that comes again in the list is its name's second (third, ...) occurrence: its label is `rl_2`,
-and its checkpoints (checkpoints/rl_2/, rl_2_step_<n>/), files and summary keys carry it; an RL stage logs
+and its checkpoints (rl_2_step_<n>/; the last RL stage ends in checkpoints/final/, the ones before it in
+checkpoints/rl/, rl_2/, ...), files and summary keys carry it; an RL stage logs
 its steps after those of the RL stages before it, so metrics.jsonl has one line per RL step of the run.
 An eval is labelled by the stage before it (pass@1_sft, pass@1_dpo after preference, pass@1_rl_2; the first
 one before any training: pass@1_start).
@@ -40,9 +42,12 @@ The run directory:
 
 Resume is exact on CPU: every stateful part (the policy, the optimizer and LR schedule, trainer
 counters, critic, algorithm, prompt sampler, weight-sync version, every random stream) is in the
-checkpoint, so a run killed at any point and resumed writes the same metrics and the same final
-weights as one never interrupted. SIGTERM and Ctrl-C ask the current stage to stop at its next step
-boundary: SFT and RL write a checkpoint there first; a second signal stops at once.
+checkpoint (an end-of-stage one carries the run's part: the random streams and the weight-sync version),
+so a run killed at any point and resumed writes the same metrics, checkpoints and final weights as one
+never interrupted. A resume refuses a metrics.jsonl or rollouts.jsonl that lost lines its checkpoint
+counts (naming the file and the line), and drops what was written after them. SIGTERM and Ctrl-C ask
+the current stage to stop at its next step boundary: SFT and RL write a checkpoint there first; a second
+signal stops at once.
 
 Under torchrun (`trainer.strategy=fsdp2`, rlpost/distributed.py) every rank runs the same stages; only rank 0
 writes the run directory, metrics.jsonl, summary.json, the console lines and the checkpoints (the sharded
@@ -297,7 +302,9 @@ class RunContext:
                 "step": step, "finished": finished, "metrics_lines": self.log.lines,
                 "rollouts_lines": self.log.rollout_lines,
                 "summary": self.summary, "weights": self.weights_from}
-        full = {"stage": state, "rng": rng_state()}
+        # the run's own state too, so that an end-of-stage checkpoint (state={}) resumes the next stage exactly:
+        # the weight-sync version the next RL stage counts on from
+        full = {"stage": state, "rng": rng_state(), "run": {"weight_sync": self.weight_sync.state_dict()}}
         # a finished stage's checkpoint is a plain model folder (a LoRA model's adapters merged in); a
         # mid-stage one keeps a LoRA model's base and adapters apart, so that a resume continues exactly
         saver = (lambda folder: save_model(model, self.tokenizer, folder, merged=finished)) if weights else None
@@ -472,6 +479,8 @@ def build_stages(cfg: Config) -> list[Stage]:
         if name == "rl":
             stage.step_offset, rl_steps = rl_steps, rl_steps + stage_cfg.rl.steps
         stages.append(stage)
+    for stage in [s for s in stages if s.name == "rl"][:-1]:  # checkpoints/final is the last RL stage's only
+        stage.last = False
     return stages
 
 
@@ -497,6 +506,12 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    try:  # NumPy's stream too: checkpoints carry it, so it must be the seed's, not the process's
+        import numpy as np
+
+        np.random.seed(cfg.seed % 2**32)
+    except ImportError:
+        pass
     task = load_task(cfg.task)
     rows, demos = task.train_rows + task.eval_rows, task.demonstrations if "sft" in stage_names(cfg) else []
     # with an environment, an episode's tokens after the prompt (policy + environment) are its budget
@@ -639,6 +654,10 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
         ctx.weights_from = ckpt.meta["weights"]
         if ctx.weights_from is not None:
             _load_policy(ctx, ckpt.weights_dir(run_dir))
+        run_state = ckpt.load_state().get("run")
+        if run_state is not None:  # the version the run had reached, pushed with the restored weights
+            ctx.weight_sync.load_state_dict(run_state["weight_sync"])
+        elif ctx.weights_from is not None:  # a checkpoint of an older rlpost: the weights alone
             ctx.weight_sync.push()
         first = ckpt.meta["stage"] + int(ckpt.meta["finished"])
     try:

@@ -57,16 +57,55 @@ def final_weights(run_dir):
     return load_file(os.path.join(run_dir, "checkpoints", "final", "model.safetensors"))
 
 
+def same(x, y) -> bool:
+    """Equal, tensors and arrays element by element (bit for bit), through dicts, lists and tuples."""
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+    if type(x).__module__ == "numpy" or type(y).__module__ == "numpy":
+        import numpy as np
+
+        return bool(np.array_equal(x, y))
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return type(x) is type(y) and len(x) == len(y) and all(same(p, q) for p, q in zip(x, y))
+    return x == y
+
+
+def assert_same_checkpoints(a, b) -> list[str]:
+    """Every checkpoint both runs hold is the same: its weights, its state (optimizer, counters, random streams,
+    the run's part) and its metadata (the summary without its run directory and timings). Returns their names."""
+    both = {c.name: c for c in list_checkpoints(a)}
+    pairs = [(both[c.name], c) for c in list_checkpoints(b) if c.name in both]
+    assert pairs
+
+    def strip(meta):  # the state file is compared loaded (its pickle need not be byte-equal)
+        return {**meta, "sha256": {k: v for k, v in meta["sha256"].items() if k != "rlpost_state.pt"},
+                "summary": {k: v for k, v in meta["summary"].items()
+                            if k not in ("run_dir", "wall_seconds", "status")}}
+
+    for x, y in pairs:
+        assert strip(x.meta) == strip(y.meta), x.name
+        assert same(x.load_state(), y.load_state()), x.name
+        if os.path.isfile(os.path.join(x.path, "model.safetensors")):
+            wa, wb = (load_file(os.path.join(c.path, "model.safetensors")) for c in (x, y))
+            assert same(wa, wb), x.name
+    return [x.name for x, _ in pairs]
+
+
 def assert_same_run(a, b):
+    """Runs `a` and `b` wrote the same metrics.jsonl (line by line, timings aside), the same checkpoints where
+    both hold one, and the same final weights and held-out numbers."""
     ma, mb = comparable(a), comparable(b)
     assert len(ma) == len(mb), (len(ma), len(mb))
-    for x, y in zip(ma, mb):
-        assert x == y
+    for n, (x, y) in enumerate(zip(ma, mb), 1):
+        assert x == y, f"metrics.jsonl line {n}"
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_checkpoints(a, b)
     sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (a, b))
     for key in ("pass@1_sft", "pass@1_rl", "status"):
-        assert sa[key] == sb[key]
+        assert sa.get(key) == sb.get(key)
 
 
 def wait_for(predicate, proc, timeout=300):
@@ -272,3 +311,58 @@ def test_a_broken_line_after_the_counted_ones_is_dropped_and_the_resume_is_exact
     done, files = finished_short_run
     assert comparable(run) == comparable(done)
     assert (run / "rollouts.jsonl").read_text() == files["rollouts.jsonl"]
+
+
+# ---------------------------------------------------------------------------- a stage list, resumed between stages
+
+TWO_RL = TINY[:-1] + ["stages=[rl, eval, {rl: {trainer.lr: 1.0e-3}}, eval]", "rl.steps=4", "rl.eval_every=0",
+                      "log.rollouts_every=1"]
+
+
+def test_two_rl_stages_resumed_between_them_are_bit_identical(tmp_path):
+    """A kill right after the first RL stage's end checkpoint (checkpoints/rl: `final` is the last RL stage's):
+    the second stage carries on the weight-sync version (sync/version 5-8, not 1-4) and the random streams,
+    so metrics.jsonl, rollouts.jsonl and every checkpoint equal the run's never stopped."""
+    import shutil
+
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    assert train(load_config(None, TWO_RL + [f"out_dir={tmp_path}", "run_name=ref"]))["status"] == "ok"
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    rl_lines = [m for m in comparable(ref) if m["stage"] == "rl"]
+    assert [m["sync/version"] for m in rl_lines] == list(range(1, 9))
+    shutil.copytree(ref, run)
+    first = next(c for c in list_checkpoints(run) if c.name == "rl")
+    assert first.meta["finished"] and first.meta["stage_name"] == "rl"
+    for c in list_checkpoints(run):  # as the kill leaves it: nothing after checkpoints/rl
+        if c.order > first.order:
+            shutil.rmtree(c.path)
+    assert list_checkpoints(run)[-1].name == "rl"
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    assert_same_run(ref, run)
+    assert {"rl", "rl_2_step_2", "final"} <= set(assert_same_checkpoints(ref, run))
+    assert (run / "rollouts.jsonl").read_text() == (ref / "rollouts.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_stage_list_recipe_killed_between_stages_resumes_bit_identical(tmp_path):
+    """recipes/r1.yaml (sft, rl, rejection, rl at its own lr, evals between), tiny: SIGKILL at the first sample
+    the rejection stage scores, after the first RL stage's end checkpoint; the resume continues from that one."""
+    r1 = [os.path.join(ROOT, "recipes", "r1.yaml"), *TINY, "task.num_eval=20",
+          "rejection.num_prompts=16", "rejection.samples_per_prompt=2", "rejection.steps=3", "rejection.batch_size=8",
+          "rl.steps=4", "task.rewards=null", "task.reward=test_resume:reward_that_kills_its_run"]
+    run_to_end([*r1, f"out_dir={tmp_path}", "run_name=ref"], tmp_path)
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
+           "HF_HUB_OFFLINE": "1", "RLPOST_TEST_KILL_AFTER": str(run / "checkpoints" / "rl")}
+    p = subprocess.run(command(*r1, f"out_dir={tmp_path}", "run_name=killed"), cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert list_checkpoints(run)[-1].name == "rl"
+    out = run_to_end(["--resume", str(run)], tmp_path)
+    assert f"resuming from {run / 'checkpoints' / 'rl'}" in out, out
+    ref = tmp_path / "ref"
+    assert_same_run(ref, run)
+    assert {"sft", "rl", "rejection", "final"} <= set(assert_same_checkpoints(ref, run))
+    assert [m["sync/version"] for m in comparable(run) if m["stage"] == "rl"] == list(range(1, 9))

@@ -8,8 +8,10 @@ or a learned reward model) and the engine and weight sync are the run's.
 
 Every `rl.eval_every` steps it measures held-out pass@1; every `rl.save_every` steps it writes
 checkpoints/step_<n>/ (the newest `rl.keep_checkpoints` are kept); it ends with checkpoints/final/.
-A second RL stage of the run (`stages: [..., rl, ..., rl]`) is `rl_2`: checkpoints/rl_2_step_<n>/, rl_2/ and
+A second RL stage of the run (`stages: [..., rl, ..., rl]`) is `rl_2`: checkpoints/rl_2_step_<n>/ and
 rl_2_reference/, its own seed, and its steps logged after the first stage's (metrics.jsonl, rollouts.jsonl).
+Only the run's last RL stage ends with checkpoints/final/; one that another RL stage follows ends with
+checkpoints/<label>/ (rl/, rl_2/, ...), so that `final` is never a model the run trained on from.
 Every `log.rollouts_every` steps it appends the step's samples to rollouts.jsonl, one line each (prompt,
 completion, reward, finish reason, policy version, the sampling log-probs, length); a resume drops the
 lines of steps after its checkpoint, as run.py drops metrics.jsonl's.
@@ -148,6 +150,12 @@ class RLStage(Stage):
     checkpoint = "final"
     keep_step_checkpoints = True
     step_offset = 0  # RL steps of the run's RL stages before this one: its step n is logged as step_offset + n
+    last = True      # the run's last RL stage (build_stages says which): it alone ends in checkpoints/final/
+
+    @property
+    def end_checkpoint(self) -> str:
+        """`final` for the run's last RL stage, else the stage's label (rl, rl_2, ...)."""
+        return self.checkpoint if self.last else self.label
 
     def __init__(self, cfg, rollout_cfg, algorithm_cfg: dict, trainer_cfg, critic_cfg, evaluation, log_cfg=None):
         self.cfg, self.rollout_cfg, self.algorithm_cfg = cfg, rollout_cfg, algorithm_cfg
