@@ -12,7 +12,8 @@ A checkpoint is a folder under `<run_dir>/checkpoints/`:
 
 It is written into `checkpoints/.tmp-<name>/` and renamed into place only when complete, so a kill
 in mid-write leaves a `.tmp-` folder that is never read (and is removed on resume). The newest
-complete checkpoint is the one with the highest (stage, finished, step).
+complete checkpoint is the one with the highest (stage, finished, step); a folder whose metadata cannot be
+read is left out (a resume warns, naming it), so one damaged old checkpoint never blocks a newer one.
 """
 
 from __future__ import annotations
@@ -164,27 +165,44 @@ def clean_partial(run_dir: str) -> list[str]:
     return done
 
 
-def list_checkpoints(run_dir: str) -> list[Checkpoint]:
-    """Every checkpoint folder with a metadata file, oldest first."""
+def read_meta(path: str) -> dict[str, Any]:
+    """The metadata of checkpoint folder `path`; CheckpointError naming the file when it cannot be read, is not
+    JSON, or lacks what a resume needs."""
+    meta_path = os.path.join(path, META_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {META_FILE}: {e}") from e
+    need = {"stage": int, "step": int, "finished": bool, "sha256": dict, "metrics_lines": int, "summary": dict}
+    wrong = [k for k, t in need.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), t)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: {META_FILE} lacks {', '.join(wrong)} (damaged)")
+    return meta
+
+
+def list_checkpoints(run_dir: str, warn=None) -> list[Checkpoint]:
+    """Every checkpoint folder with a readable metadata file, oldest first. One whose metadata cannot be read
+    (damaged, or not readable) is left out, and `warn(message)` is told which, when given."""
     root = os.path.join(run_dir, "checkpoints")
     out = []
     if not os.path.isdir(root):
         return out
     for entry in os.listdir(root):
-        meta_path = os.path.join(root, entry, META_FILE)
-        if entry.startswith(".") or not os.path.isfile(meta_path):
+        path = os.path.join(root, entry)
+        if entry.startswith(".") or not os.path.lexists(os.path.join(path, META_FILE)):
             continue
         try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"checkpoint {os.path.join(root, entry)} has an unreadable {META_FILE}: {e}")
-        out.append(Checkpoint(os.path.join(root, entry), meta))
+            out.append(Checkpoint(path, read_meta(path)))
+        except CheckpointError as e:
+            if warn is not None:
+                warn(f"{e}; it is left out")
     return sorted(out, key=lambda c: c.order)
 
 
 def verify(ckpt: Checkpoint, run_dir: str) -> None:
-    """Check every file against its recorded sha256, and that the weights it names exist."""
+    """Check every file against its recorded sha256, and the weights it names: those of another checkpoint
+    (a stage that left the policy as it was) against that one's."""
     for f, digest in ckpt.meta["sha256"].items():
         path = os.path.join(ckpt.path, f)
         if not os.path.isfile(path):
@@ -193,8 +211,19 @@ def verify(ckpt: Checkpoint, run_dir: str) -> None:
             raise CheckpointError(f"checkpoint {ckpt.path}: {f} does not match its recorded sha256 (corrupt); "
                                   "it cannot be resumed from")
     weights = ckpt.weights_dir(run_dir)
-    if weights is not None and not os.path.isdir(weights):
+    if weights is None or os.path.abspath(weights) == os.path.abspath(ckpt.path):
+        return
+    if not os.path.isdir(weights):
         raise CheckpointError(f"checkpoint {ckpt.path} takes its weights from {weights}, which is missing")
+    try:
+        source = read_meta(weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {ckpt.path} takes its weights from {weights}, which is damaged: {e}")
+    for f, digest in source["sha256"].items():
+        if f != STATE_FILE and (not os.path.isfile(os.path.join(weights, f))
+                                or _sha256(os.path.join(weights, f)) != digest):
+            raise CheckpointError(f"checkpoint {ckpt.path} takes its weights from {weights}, whose {f} is missing "
+                                  "or does not match its recorded sha256 (corrupt)")
 
 
 def prune(run_dir: str, keep: int, prefix: str) -> None:

@@ -586,7 +586,8 @@ def _resume_point(run_dir: str, stages: list[Stage]) -> Checkpoint | None:
     removed = clean_partial(run_dir)
     if removed:
         print(f"rlpost: resume: removed incomplete checkpoint folder(s) {', '.join(removed)}")
-    ckpts = list_checkpoints(run_dir)
+    ckpts = list_checkpoints(run_dir, warn=lambda message: print(f"rlpost: warning: resume: {message}",
+                                                                 file=sys.stderr, flush=True))
     if not ckpts:
         return None
     ckpt = ckpts[-1]

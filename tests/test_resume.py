@@ -366,3 +366,42 @@ def test_a_stage_list_recipe_killed_between_stages_resumes_bit_identical(tmp_pat
     assert_same_run(ref, run)
     assert {"sft", "rl", "rejection", "final"} <= set(assert_same_checkpoints(ref, run))
     assert [m["sync/version"] for m in comparable(run) if m["stage"] == "rl"] == list(range(1, 9))
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints
+
+@pytest.mark.parametrize("damage", ['{"stage": 0, "step": 0, "finis', "[]", None])
+def test_a_damaged_old_checkpoint_is_named_and_skipped_for_a_newer_complete_one(finished_short_run, tmp_path, capsys,
+                                                                               damage):
+    from rlpost.run import train
+
+    run, newest = killed_after_step_2(finished_short_run, tmp_path)
+    meta = run / "checkpoints" / "sft" / "rlpost_checkpoint.json"
+    if damage is None:  # unreadable: a folder where the file should be
+        meta.unlink()
+        meta.mkdir()
+    else:
+        meta.write_text(damage)
+    assert [c.name for c in list_checkpoints(run)] == ["step_2"]
+    capsys.readouterr()
+    summary = train(saved_config(str(run)), resume=str(run))
+    err = capsys.readouterr().err
+    assert f"warning: resume: checkpoint {run / 'checkpoints' / 'sft'}" in err and "left out" in err, err
+    assert summary["status"] == "ok" and summary["pass@1_rl"] == json.loads(
+        (finished_short_run[0] / "summary.json").read_text())["pass@1_rl"]
+    assert comparable(run) == comparable(finished_short_run[0])
+
+
+def test_weights_taken_from_a_damaged_checkpoint_are_refused_naming_it(finished_short_run, tmp_path):
+    from rlpost.checkpoint import verify
+
+    run, newest = killed_after_step_2(finished_short_run, tmp_path)
+    newest.meta["weights"] = "sft"  # as a stage that left the policy as it was records it
+    with open(run / "checkpoints" / "sft" / "model.safetensors", "ab") as f:
+        f.write(b"garbage")
+    with pytest.raises(CheckpointError, match=f"takes its weights from {run / 'checkpoints' / 'sft'}, whose "
+                                              "model.safetensors is missing or does not match"):
+        verify(newest, str(run))
+    (run / "checkpoints" / "sft" / "rlpost_checkpoint.json").write_text("{")
+    with pytest.raises(CheckpointError, match="which is damaged: .* has an unreadable rlpost_checkpoint.json"):
+        verify(newest, str(run))
