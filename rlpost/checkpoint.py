@@ -65,6 +65,19 @@ def load_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- writing
 
+def write_error(e: Exception, path: str, what: str) -> OSError:
+    """`e`, raised while writing `what` at `path` (disk full, read-only, ...), as an OSError naming the path and
+    what to do. An OSError keeps its type and errno (disk full stays errno 28); another error (torch.save
+    reports a failed write as a RuntimeError) becomes a plain OSError with its message."""
+    where = f"{what} {path}" if what else path
+    message = (f"cannot write {where}: {e.strerror or e if isinstance(e, OSError) else f'{type(e).__name__}: {e}'}"
+               "; what was written before it is whole: free space or make it writable, then continue with "
+               "`rlpost train --resume RUN_DIR`")
+    if isinstance(e, OSError) and e.errno is not None:
+        return type(e)(e.errno, message, path)
+    return OSError(message)
+
+
 @dataclass
 class Checkpoint:
     """One complete checkpoint as found on disk (`state` is loaded lazily by `load_state`)."""
@@ -113,31 +126,38 @@ def write_checkpoint(run_dir: str, name: str, meta: dict[str, Any], state: dict[
     """Write checkpoint `name` atomically. `save_weights(folder)` writes the policy into the folder (None:
     the weights are those of an earlier checkpoint, named by meta["weights"]). Returns its path."""
     root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
     tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if save_weights is not None:
-        save_weights(tmp)
-        meta = {**meta, "weights": name}
-    torch.save(state, os.path.join(tmp, STATE_FILE))
-    files = sorted(f for f in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, f)))
-    meta = {**meta, "name": name, "sha256": {f: _sha256(os.path.join(tmp, f)) for f in files}}
-    with open(os.path.join(tmp, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-    for f in os.listdir(tmp):
-        with open(os.path.join(tmp, f), "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if os.path.exists(final):  # an older checkpoint of the same name (a stage redone after resume)
-        old = os.path.join(root, f".old-{name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        if save_weights is not None:
+            save_weights(tmp)
+            meta = {**meta, "weights": name}
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        files = sorted(f for f in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, f)))
+        meta = {**meta, "name": name, "sha256": {f: _sha256(os.path.join(tmp, f)) for f in files}}
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        for f in os.listdir(tmp):
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+    except Exception as e:  # disk full, read-only: the half-written folder goes (freeing its space); the
+        shutil.rmtree(tmp, ignore_errors=True)  # checkpoints before it, one of this name included, stay whole
+        raise write_error(e, final, "checkpoint") from e
+    try:
+        if os.path.exists(final):  # an older checkpoint of the same name (a stage redone after resume)
+            old = os.path.join(root, f".old-{name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)  # a failure from here on: a resume puts .old- back (clean_partial)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        raise write_error(e, final, "checkpoint") from e
     return final
 
 
@@ -251,7 +271,11 @@ def write_model_folder(run_dir: str, name: str, save) -> str:
     root = os.path.join(run_dir, "checkpoints")
     tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
     shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
+    try:
+        save(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, final, "model folder") from e
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     return final

@@ -74,7 +74,7 @@ import yaml
 
 from rlpost import distributed as dist
 from rlpost.checkpoint import (Checkpoint, clean_partial, list_checkpoints, load_rng_state, remove_step_checkpoints,
-                               rng_state, verify, write_checkpoint)
+                               rng_state, verify, write_checkpoint, write_error)
 from rlpost.config import Config, from_dict, stage_configs, stage_names, to_dict
 from rlpost.models.lora import fold_adapters, is_lora
 
@@ -94,14 +94,6 @@ class ResumeError(ValueError):
 ROLLOUTS_FILE = "rollouts.jsonl"
 
 
-def write_error(e: OSError, path: str, what: str) -> OSError:
-    """`e` (disk full, read-only, ...) again, naming the file it could not write and what to do; the type and
-    errno stay (an OSError(28, ...) is still one), so callers can catch it as before."""
-    return type(e)(e.errno, f"cannot write {what} {path}: {e.strerror or e}; nothing written before it is lost: "
-                            "free space or make it writable, then continue with `rlpost train --resume RUN_DIR`",
-                   path)
-
-
 def replace_file(path: str, lines: list[str]) -> None:
     """Write `lines` to `path` through a temporary file renamed over it: a failed write (disk full) leaves the
     old file whole."""
@@ -115,7 +107,7 @@ def replace_file(path: str, lines: list[str]) -> None:
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise write_error(e, path, "the cut-back file") from e
+        raise write_error(e, path, "") from e
 
 
 def cut_jsonl(path: str, keep: int, checkpoint: str) -> list[dict]:
@@ -228,7 +220,7 @@ class RunLog:
                 try:
                     f.close()
                 except OSError as e:  # the close flushes: what was already flushed is in the file
-                    print(f"rlpost: warning: {write_error(e, path, 'a run file')}", file=sys.stderr)
+                    print(f"rlpost: warning: {write_error(e, path, '')}", file=sys.stderr)
         if self.sinks is not None:
             self.sinks.close(exit_code)
 
@@ -693,15 +685,23 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
 
         # a sharded policy is gathered only in one process: with other ranks, they may not be there to join
         if main and (not dist.is_sharded(ctx.model) or dist.world_size() == 1):
-            save_model(dist.unsharded(ctx.model), ctx.tokenizer, os.path.join(run_dir, "checkpoints", "last"),
-                       merged=True)
+            last = os.path.join(run_dir, "checkpoints", "last")
+            try:
+                save_model(dist.unsharded(ctx.model), ctx.tokenizer, last, merged=True)
+            except Exception as save_error:  # (disk full) the run's own error is the one to report
+                warning = write_error(save_error, last, "the policy's weights to")
+                print(f"rlpost: warning: {warning}", file=sys.stderr, flush=True)
         ctx.summary["status"] = f"failed: {type(e).__name__}: {e}"
         raise
     finally:
         ctx.summary["wall_seconds"] = time.perf_counter() - t_start
         if main:
-            with open(os.path.join(run_dir, "summary.json"), "w") as f:
-                json.dump(ctx.summary, f, indent=2)
+            try:  # through a temporary file: a failed write leaves the one before whole
+                replace_file(os.path.join(run_dir, "summary.json"), [json.dumps(ctx.summary, indent=2)])
+            except OSError as e:
+                if ctx.summary["status"] == "ok":
+                    raise
+                print(f"rlpost: warning: {e}", file=sys.stderr, flush=True)  # the run's own error goes on up
         log.close(exit_code=0 if ctx.summary["status"] == "ok" else 1)
         for stage in stages:
             stage.close()

@@ -405,3 +405,102 @@ def test_weights_taken_from_a_damaged_checkpoint_are_refused_naming_it(finished_
     (run / "checkpoints" / "sft" / "rlpost_checkpoint.json").write_text("{")
     with pytest.raises(CheckpointError, match="which is damaged: .* has an unreadable rlpost_checkpoint.json"):
         verify(newest, str(run))
+
+
+# ---------------------------------------------------------------------------- failed writes
+
+def no_space_for(folder_part: str):
+    """A torch.save that fails as a full disk does, half-way through a file whose path contains `folder_part`."""
+    import errno
+
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if folder_part in str(f):
+            with open(f, "wb") as fh:
+                fh.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    return save
+
+
+def test_a_full_disk_at_a_checkpoint_names_it_and_loses_nothing_written_before(finished_short_run, tmp_path,
+                                                                              monkeypatch):
+    import errno
+
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    monkeypatch.setattr(torch, "save", no_space_for(".tmp-step_2"))
+    with pytest.raises(OSError, match=f"cannot write checkpoint {tmp_path / 'full' / 'checkpoints' / 'step_2'}: "
+                                      "No space left on device; what was written before it is whole") as e:
+        train(load_config(None, SHORT + [f"out_dir={tmp_path}", "run_name=full"]))
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    run = tmp_path / "full"
+    assert "cannot write checkpoint" in json.loads((run / "summary.json").read_text())["status"]
+    assert sorted(os.listdir(run / "checkpoints")) == ["last", "reference", "sft"]  # no half-written folder
+    assert [m["step"] for m in comparable(run) if m["stage"] == "rl"] == [1, 2]  # every line logged is whole
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    assert comparable(run) == comparable(finished_short_run[0])
+
+
+def test_a_failed_rewrite_of_a_checkpoint_keeps_the_one_of_that_name(tmp_path, monkeypatch):
+    from rlpost.checkpoint import verify, write_checkpoint
+
+    meta = {"stage": 0, "step": 1, "finished": False, "metrics_lines": 0, "summary": {}, "weights": None}
+    write_checkpoint(str(tmp_path), "step_1", meta, {"x": torch.arange(3)})
+    monkeypatch.setattr(torch, "save", no_space_for(".tmp-step_1"))
+    with pytest.raises(OSError, match="cannot write checkpoint .*step_1: No space left on device"):
+        write_checkpoint(str(tmp_path), "step_1", {**meta, "step": 2}, {"x": torch.arange(5)})
+    monkeypatch.undo()
+    (ckpt,) = list_checkpoints(tmp_path)
+    verify(ckpt, str(tmp_path))
+    assert ckpt.meta["step"] == 1 and torch.equal(ckpt.load_state()["x"], torch.arange(3))
+    assert os.listdir(tmp_path / "checkpoints") == ["step_1"]
+
+
+class FullDisk:
+    """A file whose disk fills up: each write puts half its text in, then fails as a full disk does."""
+
+    def __init__(self, path):
+        self.f = open(path, "a")
+
+    def writelines(self, lines):
+        import errno
+
+        text = "".join(lines)
+        self.f.write(text[:len(text) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def test_a_full_disk_while_logging_names_the_file_and_keeps_the_lines_before(tmp_path):
+    import errno
+
+    from rlpost.run import RunLog, cut_jsonl
+
+    log = RunLog(str(tmp_path))
+    log({"step": 1})
+    log.rollouts([{"step": 1}])
+    log.file.close()
+    log.file = FullDisk(tmp_path / "metrics.jsonl")
+    with pytest.raises(OSError, match=f"cannot write the metrics file {tmp_path / 'metrics.jsonl'}: No space") as e:
+        log({"step": 2})
+    assert e.value.errno == errno.ENOSPC and log.lines == 1  # a checkpoint never counts the failed line
+    log.rollouts_file.close()
+    log.rollouts_file = FullDisk(tmp_path / "rollouts.jsonl")
+    with pytest.raises(OSError, match=f"cannot write the rollouts file {tmp_path / 'rollouts.jsonl'}: No space"):
+        log.rollouts([{"step": 2}])
+    assert log.rollout_lines == 1
+    log.close()
+    for name in ("metrics.jsonl", "rollouts.jsonl"):  # the line before is whole; the half one after it is dropped
+        assert (tmp_path / name).read_text().startswith('{"step": 1}\n{"st')
+        assert cut_jsonl(str(tmp_path / name), 1, "step_1") == [] and (tmp_path / name).read_text() == '{"step": 1}\n'
