@@ -99,7 +99,7 @@ def replace_file(path: str, lines: list[str]) -> None:
     old file whole."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", errors="surrogateescape") as f:
             f.writelines(lines)
             f.flush()
             os.fsync(f.fileno())
@@ -117,7 +117,7 @@ def cut_jsonl(path: str, keep: int, checkpoint: str) -> list[dict]:
     returned, a broken one (the half line a kill leaves) is simply dropped."""
     lines = []
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, errors="surrogateescape") as f:  # bytes that are not UTF-8 are kept as they are
             lines = f.readlines()
     elif keep:
         raise ResumeError(f"--resume: {path} is missing; checkpoint {checkpoint} counts {keep} line(s) in it. "
