@@ -5,10 +5,11 @@ A checkpoint is a folder under `<run_dir>/checkpoints/`:
     model.safetensors, config.json, tokenizer files   the policy (loads in `transformers`), when it
                                                       changed since the previous checkpoint
     rlpost_state.pt     every other part's state_dict: optimizer and LR schedule, trainer counters,
-                        critic, algorithm, prompt sampler, weight-sync version, the random streams
+                        critic, algorithm, prompt sampler (the stage's), and the run's: the weight-sync
+                        version and the random streams (an end-of-stage checkpoint holds those alone)
     rlpost_checkpoint.json   where the run stood: stage index and name, step, whether the stage had
-                        finished, metrics.jsonl lines written so far, the summary so far, the folder
-                        holding the policy weights, and a sha256 of every file above
+                        finished, metrics.jsonl and rollouts.jsonl lines written so far, the summary so
+                        far, the folder holding the policy weights, and a sha256 of every file above
 
 It is written into `checkpoints/.tmp-<name>/` and renamed into place only when complete, so a kill
 in mid-write leaves a `.tmp-` folder that is never read (and is removed on resume). The newest
