@@ -5,14 +5,16 @@ A checkpoint is a folder under `<run_dir>/checkpoints/`:
     model.safetensors, config.json, tokenizer files   the policy (loads in `transformers`), when it
                                                       changed since the previous checkpoint
     rlpost_state.pt     every other part's state_dict: optimizer and LR schedule, trainer counters,
-                        critic, algorithm, prompt sampler, weight-sync version, the random streams
+                        critic, algorithm, prompt sampler (the stage's), and the run's: the weight-sync
+                        version and the random streams (an end-of-stage checkpoint holds those alone)
     rlpost_checkpoint.json   where the run stood: stage index and name, step, whether the stage had
-                        finished, metrics.jsonl lines written so far, the summary so far, the folder
-                        holding the policy weights, and a sha256 of every file above
+                        finished, metrics.jsonl and rollouts.jsonl lines written so far, the summary so
+                        far, the folder holding the policy weights, and a sha256 of every file above
 
 It is written into `checkpoints/.tmp-<name>/` and renamed into place only when complete, so a kill
 in mid-write leaves a `.tmp-` folder that is never read (and is removed on resume). The newest
-complete checkpoint is the one with the highest (stage, finished, step).
+complete checkpoint is the one with the highest (stage, finished, step); a folder whose metadata cannot be
+read is left out (a resume warns, naming it), so one damaged old checkpoint never blocks a newer one.
 """
 
 from __future__ import annotations
@@ -64,6 +66,19 @@ def load_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- writing
 
+def write_error(e: Exception, path: str, what: str) -> OSError:
+    """`e`, raised while writing `what` at `path` (disk full, read-only, ...), as an OSError naming the path and
+    what to do. An OSError keeps its type and errno (disk full stays errno 28); another error (torch.save
+    reports a failed write as a RuntimeError) becomes a plain OSError with its message."""
+    where = f"{what} {path}" if what else path
+    message = (f"cannot write {where}: {e.strerror or e if isinstance(e, OSError) else f'{type(e).__name__}: {e}'}"
+               "; what was written before it is whole: free space or make it writable, then continue with "
+               "`rlpost train --resume RUN_DIR`")
+    if isinstance(e, OSError) and e.errno is not None:
+        return type(e)(e.errno, message, path)
+    return OSError(message)
+
+
 @dataclass
 class Checkpoint:
     """One complete checkpoint as found on disk (`state` is loaded lazily by `load_state`)."""
@@ -112,31 +127,38 @@ def write_checkpoint(run_dir: str, name: str, meta: dict[str, Any], state: dict[
     """Write checkpoint `name` atomically. `save_weights(folder)` writes the policy into the folder (None:
     the weights are those of an earlier checkpoint, named by meta["weights"]). Returns its path."""
     root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
     tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if save_weights is not None:
-        save_weights(tmp)
-        meta = {**meta, "weights": name}
-    torch.save(state, os.path.join(tmp, STATE_FILE))
-    files = sorted(f for f in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, f)))
-    meta = {**meta, "name": name, "sha256": {f: _sha256(os.path.join(tmp, f)) for f in files}}
-    with open(os.path.join(tmp, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-    for f in os.listdir(tmp):
-        with open(os.path.join(tmp, f), "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if os.path.exists(final):  # an older checkpoint of the same name (a stage redone after resume)
-        old = os.path.join(root, f".old-{name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        if save_weights is not None:
+            save_weights(tmp)
+            meta = {**meta, "weights": name}
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        files = sorted(f for f in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, f)))
+        meta = {**meta, "name": name, "sha256": {f: _sha256(os.path.join(tmp, f)) for f in files}}
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        for f in os.listdir(tmp):
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+    except Exception as e:  # disk full, read-only: the half-written folder goes (freeing its space); the
+        shutil.rmtree(tmp, ignore_errors=True)  # checkpoints before it, one of this name included, stay whole
+        raise write_error(e, final, "checkpoint") from e
+    try:
+        if os.path.exists(final):  # an older checkpoint of the same name (a stage redone after resume)
+            old = os.path.join(root, f".old-{name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)  # a failure from here on: a resume puts .old- back (clean_partial)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        raise write_error(e, final, "checkpoint") from e
     return final
 
 
@@ -164,27 +186,44 @@ def clean_partial(run_dir: str) -> list[str]:
     return done
 
 
-def list_checkpoints(run_dir: str) -> list[Checkpoint]:
-    """Every checkpoint folder with a metadata file, oldest first."""
+def read_meta(path: str) -> dict[str, Any]:
+    """The metadata of checkpoint folder `path`; CheckpointError naming the file when it cannot be read, is not
+    JSON, or lacks what a resume needs."""
+    meta_path = os.path.join(path, META_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {META_FILE}: {e}") from e
+    need = {"stage": int, "step": int, "finished": bool, "sha256": dict, "metrics_lines": int, "summary": dict}
+    wrong = [k for k, t in need.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), t)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: {META_FILE} lacks {', '.join(wrong)} (damaged)")
+    return meta
+
+
+def list_checkpoints(run_dir: str, warn=None) -> list[Checkpoint]:
+    """Every checkpoint folder with a readable metadata file, oldest first. One whose metadata cannot be read
+    (damaged, or not readable) is left out, and `warn(message)` is told which, when given."""
     root = os.path.join(run_dir, "checkpoints")
     out = []
     if not os.path.isdir(root):
         return out
     for entry in os.listdir(root):
-        meta_path = os.path.join(root, entry, META_FILE)
-        if entry.startswith(".") or not os.path.isfile(meta_path):
+        path = os.path.join(root, entry)
+        if entry.startswith(".") or not os.path.lexists(os.path.join(path, META_FILE)):
             continue
         try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"checkpoint {os.path.join(root, entry)} has an unreadable {META_FILE}: {e}")
-        out.append(Checkpoint(os.path.join(root, entry), meta))
+            out.append(Checkpoint(path, read_meta(path)))
+        except CheckpointError as e:
+            if warn is not None:
+                warn(f"{e}; it is left out")
     return sorted(out, key=lambda c: c.order)
 
 
 def verify(ckpt: Checkpoint, run_dir: str) -> None:
-    """Check every file against its recorded sha256, and that the weights it names exist."""
+    """Check every file against its recorded sha256, and the weights it names: those of another checkpoint
+    (a stage that left the policy as it was) against that one's."""
     for f, digest in ckpt.meta["sha256"].items():
         path = os.path.join(ckpt.path, f)
         if not os.path.isfile(path):
@@ -193,8 +232,19 @@ def verify(ckpt: Checkpoint, run_dir: str) -> None:
             raise CheckpointError(f"checkpoint {ckpt.path}: {f} does not match its recorded sha256 (corrupt); "
                                   "it cannot be resumed from")
     weights = ckpt.weights_dir(run_dir)
-    if weights is not None and not os.path.isdir(weights):
+    if weights is None or os.path.abspath(weights) == os.path.abspath(ckpt.path):
+        return
+    if not os.path.isdir(weights):
         raise CheckpointError(f"checkpoint {ckpt.path} takes its weights from {weights}, which is missing")
+    try:
+        source = read_meta(weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {ckpt.path} takes its weights from {weights}, which is damaged: {e}")
+    for f, digest in source["sha256"].items():
+        if f != STATE_FILE and (not os.path.isfile(os.path.join(weights, f))
+                                or _sha256(os.path.join(weights, f)) != digest):
+            raise CheckpointError(f"checkpoint {ckpt.path} takes its weights from {weights}, whose {f} is missing "
+                                  "or does not match its recorded sha256 (corrupt)")
 
 
 def prune(run_dir: str, keep: int, prefix: str) -> None:
@@ -222,7 +272,11 @@ def write_model_folder(run_dir: str, name: str, save) -> str:
     root = os.path.join(run_dir, "checkpoints")
     tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
     shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
+    try:
+        save(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, final, "model folder") from e
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     return final

@@ -11,12 +11,14 @@ R1's rl, rejection, rl), else this order, each only when it is switched on:
     preference   the DPO family on pairs (+ eval)                     checkpoints/preference/
     reward_model a Bradley-Terry reward model becomes the RL reward   checkpoints/reward_model/
     rl           the seven-step loop (rlpost/controller.py)           checkpoints/step_<n>/, checkpoints/final/
+                 (an RL stage that another one follows ends in checkpoints/<label>/: rl/, rl_2/, ...)
     eval         held-out pass@1 after RL
     rejection    fine-tuning on the policy's own verified samples      checkpoints/rejection/
     eval         held-out pass@1 after rejection-sampling SFT
 
 A stage that comes again in the list is its name's second (third, ...) occurrence: its label is `rl_2`,
-and its checkpoints (checkpoints/rl_2/, rl_2_step_<n>/), files and summary keys carry it; an RL stage logs
+and its checkpoints (rl_2_step_<n>/; the last RL stage ends in checkpoints/final/, the ones before it in
+checkpoints/rl/, rl_2/, ...), files and summary keys carry it; an RL stage logs
 its steps after those of the RL stages before it, so metrics.jsonl has one line per RL step of the run.
 An eval is labelled by the stage before it (pass@1_sft, pass@1_dpo after preference, pass@1_rl_2; the first
 one before any training: pass@1_start).
@@ -40,9 +42,12 @@ The run directory:
 
 Resume is exact on CPU: every stateful part (the policy, the optimizer and LR schedule, trainer
 counters, critic, algorithm, prompt sampler, weight-sync version, every random stream) is in the
-checkpoint, so a run killed at any point and resumed writes the same metrics and the same final
-weights as one never interrupted. SIGTERM and Ctrl-C ask the current stage to stop at its next step
-boundary: SFT and RL write a checkpoint there first; a second signal stops at once.
+checkpoint (an end-of-stage one carries the run's part: the random streams and the weight-sync version),
+so a run killed at any point and resumed writes the same metrics, checkpoints and final weights as one
+never interrupted. A resume refuses a metrics.jsonl or rollouts.jsonl that lost lines its checkpoint
+counts (naming the file and the line), and drops what was written after them. SIGTERM and Ctrl-C ask
+the current stage to stop at its next step boundary: SFT and RL write a checkpoint there first; a second
+signal stops at once.
 
 Under torchrun (`trainer.strategy=fsdp2`, rlpost/distributed.py) every rank runs the same stages; only rank 0
 writes the run directory, metrics.jsonl, summary.json, the console lines and the checkpoints (the sharded
@@ -59,6 +64,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,7 +74,7 @@ import yaml
 
 from rlpost import distributed as dist
 from rlpost.checkpoint import (Checkpoint, clean_partial, list_checkpoints, load_rng_state, remove_step_checkpoints,
-                               rng_state, verify, write_checkpoint)
+                               rng_state, verify, write_checkpoint, write_error)
 from rlpost.config import Config, from_dict, stage_configs, stage_names, to_dict
 from rlpost.models.lora import fold_adapters, is_lora
 
@@ -83,59 +89,159 @@ class ResumeError(ValueError):
     """A run directory that cannot be resumed: missing, of another kind, with another config, no checkpoint."""
 
 
-# ---------------------------------------------------------------------------- metrics.jsonl
+# ---------------------------------------------------------------------------- metrics.jsonl, rollouts.jsonl
+
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+def replace_file(path: str, lines: list[str]) -> None:
+    """Write `lines` to `path` through a temporary file renamed over it: a failed write (disk full) leaves the
+    old file whole."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", errors="surrogateescape") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise write_error(e, path, "") from e
+
+
+def cut_jsonl(path: str, keep: int, checkpoint: str) -> list[dict]:
+    """For a resume from `checkpoint`, which counted `keep` lines of the JSONL file `path`: refuse (ResumeError,
+    naming the file and the line) unless its first `keep` lines are each a complete JSON object, then drop the
+    lines after them. Those are written after the checkpoint and are taken leniently: the ones that parse are
+    returned, a broken one (the half line a kill leaves) is simply dropped."""
+    lines = []
+    if os.path.exists(path):
+        with open(path, errors="surrogateescape") as f:  # bytes that are not UTF-8 are kept as they are
+            lines = f.readlines()
+    elif keep:
+        raise ResumeError(f"--resume: {path} is missing; checkpoint {checkpoint} counts {keep} line(s) in it. "
+                          "Put the file back (or resume from an older checkpoint by removing the newer ones)")
+    hint = ("the file was damaged after the checkpoint was written: put back a whole copy, or resume from an "
+            "older checkpoint by removing the newer ones")
+    if len(lines) < keep:
+        raise ResumeError(f"--resume: {path} holds {len(lines)} line(s) but checkpoint {checkpoint} counts {keep}: "
+                          f"line(s) {len(lines) + 1}-{keep} are missing; {hint}")
+    for n, line in enumerate(lines[:keep], 1):
+        problem = None if line.endswith("\n") else "is cut short (no end of line)"
+        if problem is None:
+            try:
+                if not isinstance(json.loads(line), dict):
+                    problem = "is not a JSON object"
+            except ValueError as e:
+                problem = f"is not a complete JSON line ({e})"
+        if problem:
+            raise ResumeError(f"--resume: {path} line {n} {problem}, one of the {keep} line(s) checkpoint "
+                              f"{checkpoint} counts; {hint}")
+    dropped = []
+    for line in lines[keep:]:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(record, dict):
+            dropped.append(record)
+    if len(lines) > keep:
+        replace_file(path, lines[:keep])
+    return dropped
+
 
 class RunLog:
-    """metrics.jsonl writer (one line per call) that never holds data back: each line is flushed.
-    `lines` counts what the file holds, so a checkpoint can record it and a resume cut back to it;
-    `dropped` holds the records a resume cut (after the checkpoint). With write=False (ranks other than 0
-    of a sharded run) it only counts. Every record also goes to `sinks` (rlpost/sinks.py), once attached."""
+    """metrics.jsonl writer (one line per call) that never holds data back: each line is flushed; and
+    rollouts.jsonl's (`rollouts(records)`). `lines` and `rollout_lines` count what the files hold, so a
+    checkpoint can record them and a resume cut back to them (`keep_lines`, `keep_rollouts`, refusing files
+    that lost counted lines: see `cut_jsonl`); `dropped` holds the metrics records a resume cut (after the
+    checkpoint). With write=False (ranks other than 0 of a sharded run) it only counts. Every metrics record
+    also goes to `sinks` (rlpost/sinks.py), once attached. A failed write names the file (`write_error`)."""
 
-    def __init__(self, run_dir: str, keep_lines: int | None = None, write: bool = True):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+    def __init__(self, run_dir: str, keep_lines: int | None = None, write: bool = True,
+                 keep_rollouts: int | None = None, checkpoint: str = "the start"):
+        self.path, self.rollouts_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, ROLLOUTS_FILE)
         self.write = write
         self.sinks = None
         self.dropped: list[dict] = []
-        lines = []
-        if not write:  # rank 0 holds the file; this rank counts as it does (a resume cuts it to keep_lines)
-            self.lines, self.file = keep_lines or 0, None
+        self.file = self.rollouts_file = None
+        # None: not known (a resume from a checkpoint older than the count): the RL stage cuts by step then
+        self.rollout_lines = keep_rollouts
+        if not write:  # rank 0 holds the files; this rank counts as it does (a resume cuts them to keep_lines)
+            self.lines = keep_lines or 0
             return
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                lines = f.readlines()
-            if keep_lines is not None and keep_lines < len(lines):
-                lines, cut = lines[:keep_lines], lines[keep_lines:]
-                self.dropped = [json.loads(line) for line in cut if line.strip().endswith("}")]
-                with open(self.path, "w") as f:  # drop what was written after the checkpoint
-                    f.writelines(lines)
-        self.lines = len(lines)
-        self.file = open(self.path, "a")
+        if keep_lines is not None:  # a resume: drop what was written after the checkpoint
+            self.dropped = cut_jsonl(self.path, keep_lines, checkpoint)
+        if keep_rollouts is not None:
+            cut_jsonl(self.rollouts_path, keep_rollouts, checkpoint)
+        elif keep_lines is None:  # a new run
+            self.rollout_lines = count_lines(self.rollouts_path)
+        self.lines = count_lines(self.path)
+        try:
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise write_error(e, self.path, "the metrics file") from e
 
     def __call__(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.lines += 1
-        if not self.write:
-            return
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
-        if self.sinks:
+        if self.write:
+            self._append(self.file, self.path, "the metrics file", [json.dumps(clean) + "\n"])
+        self.lines += 1  # only once the line is in the file: a checkpoint never counts a line that is not
+        if self.write and self.sinks:
             self.sinks(clean)
 
+    def rollouts(self, records: list[dict]) -> None:
+        """Append records to rollouts.jsonl, one line each, flushed (a kill loses at most a half line after
+        the counted ones, which a resume drops)."""
+        if self.rollouts_file is None:
+            try:
+                self.rollouts_file = open(self.rollouts_path, "a")
+            except OSError as e:
+                raise write_error(e, self.rollouts_path, "the rollouts file") from e
+        self._append(self.rollouts_file, self.rollouts_path, "the rollouts file",
+                     [json.dumps(r) + "\n" for r in records])
+        self.rollout_lines = (self.rollout_lines or 0) + len(records)
+
+    @staticmethod
+    def _append(file, path: str, what: str, lines: list[str]) -> None:
+        try:
+            file.writelines(lines)
+            file.flush()
+        except OSError as e:
+            raise write_error(e, path, what) from e
+
     def close(self, exit_code: int = 0) -> None:
-        """Close the file and the sinks (idempotent); `exit_code` non-zero: the run failed or was stopped."""
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        """Close the files and the sinks (idempotent); `exit_code` non-zero: the run failed or was stopped."""
+        for name in ("file", "rollouts_file"):
+            f, path = getattr(self, name), self.path if name == "file" else self.rollouts_path
+            setattr(self, name, None)
+            if f is not None:
+                try:
+                    f.close()
+                except OSError as e:  # the close flushes: what was already flushed is in the file
+                    print(f"rlpost: warning: {write_error(e, path, '')}", file=sys.stderr)
         if self.sinks is not None:
             self.sinks.close(exit_code)
 
 
-def open_log(cfg: Config, run_dir: str, keep_lines: int | None = None, resume: bool = False) -> RunLog:
-    """metrics.jsonl of `run_dir` (cut back to `keep_lines` on resume) with the sinks `cfg.log` switches on
-    (TensorBoard, W&B); ranks other than 0 of a sharded run only count lines."""
+def count_lines(path: str) -> int:
+    """The number of lines of `path` (0 when it does not exist)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def open_log(cfg: Config, run_dir: str, keep_lines: int | None = None, resume: bool = False,
+             keep_rollouts: int | None = None, checkpoint: str = "the start") -> RunLog:
+    """metrics.jsonl and rollouts.jsonl of `run_dir` (cut back to `keep_lines`, `keep_rollouts` on a resume from
+    `checkpoint`) with the sinks `cfg.log` switches on (TensorBoard, W&B); ranks other than 0 of a sharded run
+    only count lines."""
     from rlpost.sinks import open_sinks
 
-    log = RunLog(run_dir, keep_lines=keep_lines, write=dist.is_main())
+    log = RunLog(run_dir, keep_lines=keep_lines, write=dist.is_main(), keep_rollouts=keep_rollouts,
+                 checkpoint=checkpoint)
     if dist.is_main():
         try:
             log.sinks = open_sinks(cfg.log, run_dir, to_dict(cfg), resume=resume, dropped=log.dropped)
@@ -186,8 +292,11 @@ class RunContext:
         model = dist.unsharded(self.model) if weights else None  # a collective when the policy is sharded
         meta = {"stage": self.stage_index, "stage_name": self.stage_name,
                 "step": step, "finished": finished, "metrics_lines": self.log.lines,
+                "rollouts_lines": self.log.rollout_lines,
                 "summary": self.summary, "weights": self.weights_from}
-        full = {"stage": state, "rng": rng_state()}
+        # the run's own state too, so that an end-of-stage checkpoint (state={}) resumes the next stage exactly:
+        # the weight-sync version the next RL stage counts on from
+        full = {"stage": state, "rng": rng_state(), "run": {"weight_sync": self.weight_sync.state_dict()}}
         # a finished stage's checkpoint is a plain model folder (a LoRA model's adapters merged in); a
         # mid-stage one keeps a LoRA model's base and adapters apart, so that a resume continues exactly
         saver = (lambda folder: save_model(model, self.tokenizer, folder, merged=finished)) if weights else None
@@ -362,6 +471,8 @@ def build_stages(cfg: Config) -> list[Stage]:
         if name == "rl":
             stage.step_offset, rl_steps = rl_steps, rl_steps + stage_cfg.rl.steps
         stages.append(stage)
+    for stage in [s for s in stages if s.name == "rl"][:-1]:  # checkpoints/final is the last RL stage's only
+        stage.last = False
     return stages
 
 
@@ -387,6 +498,12 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    try:  # NumPy's stream too: checkpoints carry it, so it must be the seed's, not the process's
+        import numpy as np
+
+        np.random.seed(cfg.seed % 2**32)
+    except ImportError:
+        pass
     task = load_task(cfg.task)
     rows, demos = task.train_rows + task.eval_rows, task.demonstrations if "sft" in stage_names(cfg) else []
     # with an environment, an episode's tokens after the prompt (policy + environment) are its budget
@@ -464,7 +581,8 @@ def _resume_point(run_dir: str, stages: list[Stage]) -> Checkpoint | None:
     removed = clean_partial(run_dir)
     if removed:
         print(f"rlpost: resume: removed incomplete checkpoint folder(s) {', '.join(removed)}")
-    ckpts = list_checkpoints(run_dir)
+    ckpts = list_checkpoints(run_dir, warn=lambda message: print(f"rlpost: warning: resume: {message}",
+                                                                 file=sys.stderr, flush=True))
     if not ckpts:
         return None
     ckpt = ckpts[-1]
@@ -502,9 +620,13 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
         run_dir = resume
         ckpt = dist.broadcast_object(_resume_point(run_dir, stages) if main else None)
         keep = ckpt.meta["metrics_lines"] if ckpt else 0
+        # a checkpoint written before rollouts.jsonl was counted has no count: the RL stage cuts by step
+        keep_rollouts = ckpt.meta.get("rollouts_lines") if ckpt else 0
     else:
         run_dir, ckpt, keep = dist.broadcast_object(make_run_dir(cfg, recipe_name) if main else None), None, None
-    log = open_log(cfg, run_dir, keep_lines=keep, resume=bool(resume))
+        keep_rollouts = None
+    log = open_log(cfg, run_dir, keep_lines=keep, resume=bool(resume), keep_rollouts=keep_rollouts,
+                   checkpoint=ckpt.path if ckpt else "the start")
     try:
         return _train(cfg, stages, run_dir, ckpt, log, resume, t_start)
     finally:
@@ -528,6 +650,10 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
         ctx.weights_from = ckpt.meta["weights"]
         if ctx.weights_from is not None:
             _load_policy(ctx, ckpt.weights_dir(run_dir))
+        run_state = ckpt.load_state().get("run")
+        if run_state is not None:  # the version the run had reached, pushed with the restored weights
+            ctx.weight_sync.load_state_dict(run_state["weight_sync"])
+        elif ctx.weights_from is not None:  # a checkpoint of an older rlpost: the weights alone
             ctx.weight_sync.push()
         first = ckpt.meta["stage"] + int(ckpt.meta["finished"])
     try:
@@ -562,15 +688,23 @@ def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | No
 
         # a sharded policy is gathered only in one process: with other ranks, they may not be there to join
         if main and (not dist.is_sharded(ctx.model) or dist.world_size() == 1):
-            save_model(dist.unsharded(ctx.model), ctx.tokenizer, os.path.join(run_dir, "checkpoints", "last"),
-                       merged=True)
+            last = os.path.join(run_dir, "checkpoints", "last")
+            try:
+                save_model(dist.unsharded(ctx.model), ctx.tokenizer, last, merged=True)
+            except Exception as save_error:  # (disk full) the run's own error is the one to report
+                warning = write_error(save_error, last, "the policy's weights to")
+                print(f"rlpost: warning: {warning}", file=sys.stderr, flush=True)
         ctx.summary["status"] = f"failed: {type(e).__name__}: {e}"
         raise
     finally:
         ctx.summary["wall_seconds"] = time.perf_counter() - t_start
         if main:
-            with open(os.path.join(run_dir, "summary.json"), "w") as f:
-                json.dump(ctx.summary, f, indent=2)
+            try:  # through a temporary file: a failed write leaves the one before whole
+                replace_file(os.path.join(run_dir, "summary.json"), [json.dumps(ctx.summary, indent=2)])
+            except OSError as e:
+                if ctx.summary["status"] == "ok":
+                    raise
+                print(f"rlpost: warning: {e}", file=sys.stderr, flush=True)  # the run's own error goes on up
         log.close(exit_code=0 if ctx.summary["status"] == "ok" else 1)
         for stage in stages:
             stage.close()

@@ -93,4 +93,5 @@ def test_r1_recipe_runs_its_four_stages_and_ends_well_above_its_cold_start(tmp_p
     assert s["pass@1_rl_2"] >= s["pass@1_sft"] + 0.15
     assert s["pass@1_rl_2"] >= s["pass@1_rejection"] - 0.02  # its own lower lr: +1.4 to +4.0 points over 3 seeds
     assert [m["step"] for m in rl_lines(s)] == list(range(1, 81))  # two stages of 40 steps, one line each
-    assert os.path.isdir(os.path.join(s["run_dir"], "checkpoints", "rl_2"))
+    # the first RL stage ends in checkpoints/rl; checkpoints/final is the second's, the run's final model
+    assert all(os.path.isdir(os.path.join(s["run_dir"], "checkpoints", d)) for d in ("rl", "final"))

@@ -57,16 +57,55 @@ def final_weights(run_dir):
     return load_file(os.path.join(run_dir, "checkpoints", "final", "model.safetensors"))
 
 
+def same(x, y) -> bool:
+    """Equal, tensors and arrays element by element (bit for bit), through dicts, lists and tuples."""
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+    if type(x).__module__ == "numpy" or type(y).__module__ == "numpy":
+        import numpy as np
+
+        return bool(np.array_equal(x, y))
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return type(x) is type(y) and len(x) == len(y) and all(same(p, q) for p, q in zip(x, y))
+    return x == y
+
+
+def assert_same_checkpoints(a, b) -> list[str]:
+    """Every checkpoint both runs hold is the same: its weights, its state (optimizer, counters, random streams,
+    the run's part) and its metadata (the summary without its run directory and timings). Returns their names."""
+    both = {c.name: c for c in list_checkpoints(a)}
+    pairs = [(both[c.name], c) for c in list_checkpoints(b) if c.name in both]
+    assert pairs
+
+    def strip(meta):  # the state file is compared loaded (its pickle need not be byte-equal)
+        return {**meta, "sha256": {k: v for k, v in meta["sha256"].items() if k != "rlpost_state.pt"},
+                "summary": {k: v for k, v in meta["summary"].items()
+                            if k not in ("run_dir", "wall_seconds", "status")}}
+
+    for x, y in pairs:
+        assert strip(x.meta) == strip(y.meta), x.name
+        assert same(x.load_state(), y.load_state()), x.name
+        if os.path.isfile(os.path.join(x.path, "model.safetensors")):
+            wa, wb = (load_file(os.path.join(c.path, "model.safetensors")) for c in (x, y))
+            assert same(wa, wb), x.name
+    return [x.name for x, _ in pairs]
+
+
 def assert_same_run(a, b):
+    """Runs `a` and `b` wrote the same metrics.jsonl (line by line, timings aside), the same checkpoints where
+    both hold one, and the same final weights and held-out numbers."""
     ma, mb = comparable(a), comparable(b)
     assert len(ma) == len(mb), (len(ma), len(mb))
-    for x, y in zip(ma, mb):
-        assert x == y
+    for n, (x, y) in enumerate(zip(ma, mb), 1):
+        assert x == y, f"metrics.jsonl line {n}"
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_checkpoints(a, b)
     sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (a, b))
     for key in ("pass@1_sft", "pass@1_rl", "status"):
-        assert sa[key] == sb[key]
+        assert sa.get(key) == sb.get(key)
 
 
 def wait_for(predicate, proc, timeout=300):
@@ -206,3 +245,262 @@ def test_twenty_sigkills_at_random_points_resume_bit_identical(tmp_path):
         assert_same_run(tmp_path / "ref", run)
         finished += 1
     print(f"\n{kills} SIGKILLs, {resumes} resumes, {finished} finished run(s), all identical to the reference")
+
+
+# ---------------------------------------------------------------------------- damaged metrics / rollouts files
+
+SHORT = TINY[:-1] + ["sft.steps=8", "rl.steps=4", "rl.eval_every=0", "log.rollouts_every=1"]
+
+
+@pytest.fixture(scope="module")
+def finished_short_run(tmp_path_factory):
+    """A short run to the end (checkpoints step_2 and final), and its files as they are then."""
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    tmp = tmp_path_factory.mktemp("short")
+    assert train(load_config(None, SHORT + [f"out_dir={tmp}", "run_name=done"]))["status"] == "ok"
+    run = tmp / "done"
+    return run, {name: (run / name).read_text() for name in ("metrics.jsonl", "rollouts.jsonl")}
+
+
+def killed_after_step_2(finished_short_run, tmp_path):
+    """A copy of the finished run as a kill after step 2's checkpoint leaves it: step_2 is the newest."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_short_run[0], run)
+    shutil.rmtree(run / "checkpoints" / "final")
+    ckpt = list_checkpoints(run)[-1]
+    assert ckpt.name == "step_2"
+    return run, ckpt
+
+
+@pytest.mark.parametrize("name, count", [("metrics.jsonl", "metrics_lines"), ("rollouts.jsonl", "rollouts_lines")])
+def test_a_resume_refuses_a_file_that_lost_counted_lines_and_changes_nothing(finished_short_run, tmp_path, name,
+                                                                              count):
+    from rlpost.run import train
+
+    run, ckpt = killed_after_step_2(finished_short_run, tmp_path)
+    counted = ckpt.meta[count]
+    assert counted >= 3
+    lines = (run / name).read_text().splitlines(keepends=True)
+    cases = [(lines[:counted - 2], f"holds {counted - 2} line(s) but checkpoint {ckpt.path} counts {counted}: "
+                                   f"line(s) {counted - 1}-{counted} are missing"),
+             (lines[:counted - 1] + [lines[counted - 1][:9]], f"line {counted} is cut short"),
+             (lines[:1] + ['{"step": 1, "broken\n'] + lines[2:], "line 2 is not a complete JSON line")]
+    for damaged, message in cases:
+        (run / name).write_text("".join(damaged))
+        with pytest.raises(ResumeError, match=f"{os.path.join(str(run), name)}.*" + message.replace("(", r"\(")
+                           .replace(")", r"\)")):
+            train(saved_config(str(run)), resume=str(run))
+        assert (run / name).read_text() == "".join(damaged)  # refused before anything was cut or appended
+    (run / name).unlink()
+    with pytest.raises(ResumeError, match=f"{os.path.join(str(run), name)} is missing; checkpoint .* counts"):
+        train(saved_config(str(run)), resume=str(run))
+
+
+def test_a_broken_line_after_the_counted_ones_is_dropped_and_the_resume_is_exact(finished_short_run, tmp_path):
+    from rlpost.run import train
+
+    run, _ = killed_after_step_2(finished_short_run, tmp_path)
+    for name in ("metrics.jsonl", "rollouts.jsonl"):  # a kill in mid-write of the line after the checkpoint
+        with open(run / name, "a") as f:
+            f.write('{"stage": "rl", "step": 9, "cut sh')
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    done, files = finished_short_run
+    assert comparable(run) == comparable(done)
+    assert (run / "rollouts.jsonl").read_text() == files["rollouts.jsonl"]
+
+
+# ---------------------------------------------------------------------------- a stage list, resumed between stages
+
+TWO_RL = TINY[:-1] + ["stages=[rl, eval, {rl: {trainer.lr: 1.0e-3}}, eval]", "rl.steps=4", "rl.eval_every=0",
+                      "log.rollouts_every=1"]
+
+
+def test_two_rl_stages_resumed_between_them_are_bit_identical(tmp_path):
+    """A kill right after the first RL stage's end checkpoint (checkpoints/rl: `final` is the last RL stage's):
+    the second stage carries on the weight-sync version (sync/version 5-8, not 1-4) and the random streams,
+    so metrics.jsonl, rollouts.jsonl and every checkpoint equal the run's never stopped."""
+    import shutil
+
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    assert train(load_config(None, TWO_RL + [f"out_dir={tmp_path}", "run_name=ref"]))["status"] == "ok"
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    rl_lines = [m for m in comparable(ref) if m["stage"] == "rl"]
+    assert [m["sync/version"] for m in rl_lines] == list(range(1, 9))
+    shutil.copytree(ref, run)
+    first = next(c for c in list_checkpoints(run) if c.name == "rl")
+    assert first.meta["finished"] and first.meta["stage_name"] == "rl"
+    for c in list_checkpoints(run):  # as the kill leaves it: nothing after checkpoints/rl
+        if c.order > first.order:
+            shutil.rmtree(c.path)
+    assert list_checkpoints(run)[-1].name == "rl"
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    assert_same_run(ref, run)
+    assert {"rl", "rl_2_step_2", "final"} <= set(assert_same_checkpoints(ref, run))
+    assert (run / "rollouts.jsonl").read_text() == (ref / "rollouts.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_stage_list_recipe_killed_between_stages_resumes_bit_identical(tmp_path):
+    """recipes/r1.yaml (sft, rl, rejection, rl at its own lr, evals between), tiny: SIGKILL at the first sample
+    the rejection stage scores, after the first RL stage's end checkpoint; the resume continues from that one."""
+    r1 = [os.path.join(ROOT, "recipes", "r1.yaml"), *TINY, "task.num_eval=20",
+          "rejection.num_prompts=16", "rejection.samples_per_prompt=2", "rejection.steps=3", "rejection.batch_size=8",
+          "rl.steps=4", "task.rewards=null", "task.reward=test_resume:reward_that_kills_its_run"]
+    run_to_end([*r1, f"out_dir={tmp_path}", "run_name=ref"], tmp_path)
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
+           "HF_HUB_OFFLINE": "1", "RLPOST_TEST_KILL_AFTER": str(run / "checkpoints" / "rl")}
+    p = subprocess.run(command(*r1, f"out_dir={tmp_path}", "run_name=killed"), cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert list_checkpoints(run)[-1].name == "rl"
+    out = run_to_end(["--resume", str(run)], tmp_path)
+    assert f"resuming from {run / 'checkpoints' / 'rl'}" in out, out
+    ref = tmp_path / "ref"
+    assert_same_run(ref, run)
+    assert {"sft", "rl", "rejection", "final"} <= set(assert_same_checkpoints(ref, run))
+    assert [m["sync/version"] for m in comparable(run) if m["stage"] == "rl"] == list(range(1, 9))
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints
+
+@pytest.mark.parametrize("damage", ['{"stage": 0, "step": 0, "finis', "[]", None])
+def test_a_damaged_old_checkpoint_is_named_and_skipped_for_a_newer_complete_one(finished_short_run, tmp_path, capsys,
+                                                                               damage):
+    from rlpost.run import train
+
+    run, newest = killed_after_step_2(finished_short_run, tmp_path)
+    meta = run / "checkpoints" / "sft" / "rlpost_checkpoint.json"
+    if damage is None:  # unreadable: a folder where the file should be
+        meta.unlink()
+        meta.mkdir()
+    else:
+        meta.write_text(damage)
+    assert [c.name for c in list_checkpoints(run)] == ["step_2"]
+    capsys.readouterr()
+    summary = train(saved_config(str(run)), resume=str(run))
+    err = capsys.readouterr().err
+    assert f"warning: resume: checkpoint {run / 'checkpoints' / 'sft'}" in err and "left out" in err, err
+    assert summary["status"] == "ok" and summary["pass@1_rl"] == json.loads(
+        (finished_short_run[0] / "summary.json").read_text())["pass@1_rl"]
+    assert comparable(run) == comparable(finished_short_run[0])
+
+
+def test_weights_taken_from_a_damaged_checkpoint_are_refused_naming_it(finished_short_run, tmp_path):
+    from rlpost.checkpoint import verify
+
+    run, newest = killed_after_step_2(finished_short_run, tmp_path)
+    newest.meta["weights"] = "sft"  # as a stage that left the policy as it was records it
+    with open(run / "checkpoints" / "sft" / "model.safetensors", "ab") as f:
+        f.write(b"garbage")
+    with pytest.raises(CheckpointError, match=f"takes its weights from {run / 'checkpoints' / 'sft'}, whose "
+                                              "model.safetensors is missing or does not match"):
+        verify(newest, str(run))
+    (run / "checkpoints" / "sft" / "rlpost_checkpoint.json").write_text("{")
+    with pytest.raises(CheckpointError, match="which is damaged: .* has an unreadable rlpost_checkpoint.json"):
+        verify(newest, str(run))
+
+
+# ---------------------------------------------------------------------------- failed writes
+
+def no_space_for(folder_part: str):
+    """A torch.save that fails as a full disk does, half-way through a file whose path contains `folder_part`."""
+    import errno
+
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if folder_part in str(f):
+            with open(f, "wb") as fh:
+                fh.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    return save
+
+
+def test_a_full_disk_at_a_checkpoint_names_it_and_loses_nothing_written_before(finished_short_run, tmp_path,
+                                                                              monkeypatch):
+    import errno
+
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    monkeypatch.setattr(torch, "save", no_space_for(".tmp-step_2"))
+    with pytest.raises(OSError, match=f"cannot write checkpoint {tmp_path / 'full' / 'checkpoints' / 'step_2'}: "
+                                      "No space left on device; what was written before it is whole") as e:
+        train(load_config(None, SHORT + [f"out_dir={tmp_path}", "run_name=full"]))
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    run = tmp_path / "full"
+    assert "cannot write checkpoint" in json.loads((run / "summary.json").read_text())["status"]
+    assert sorted(os.listdir(run / "checkpoints")) == ["last", "reference", "sft"]  # no half-written folder
+    assert [m["step"] for m in comparable(run) if m["stage"] == "rl"] == [1, 2]  # every line logged is whole
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    assert comparable(run) == comparable(finished_short_run[0])
+
+
+def test_a_failed_rewrite_of_a_checkpoint_keeps_the_one_of_that_name(tmp_path, monkeypatch):
+    from rlpost.checkpoint import verify, write_checkpoint
+
+    meta = {"stage": 0, "step": 1, "finished": False, "metrics_lines": 0, "summary": {}, "weights": None}
+    write_checkpoint(str(tmp_path), "step_1", meta, {"x": torch.arange(3)})
+    monkeypatch.setattr(torch, "save", no_space_for(".tmp-step_1"))
+    with pytest.raises(OSError, match="cannot write checkpoint .*step_1: No space left on device"):
+        write_checkpoint(str(tmp_path), "step_1", {**meta, "step": 2}, {"x": torch.arange(5)})
+    monkeypatch.undo()
+    (ckpt,) = list_checkpoints(tmp_path)
+    verify(ckpt, str(tmp_path))
+    assert ckpt.meta["step"] == 1 and torch.equal(ckpt.load_state()["x"], torch.arange(3))
+    assert os.listdir(tmp_path / "checkpoints") == ["step_1"]
+
+
+class FullDisk:
+    """A file whose disk fills up: each write puts half its text in, then fails as a full disk does."""
+
+    def __init__(self, path):
+        self.f = open(path, "a")
+
+    def writelines(self, lines):
+        import errno
+
+        text = "".join(lines)
+        self.f.write(text[:len(text) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def test_a_full_disk_while_logging_names_the_file_and_keeps_the_lines_before(tmp_path):
+    import errno
+
+    from rlpost.run import RunLog, cut_jsonl
+
+    log = RunLog(str(tmp_path))
+    log({"step": 1})
+    log.rollouts([{"step": 1}])
+    log.file.close()
+    log.file = FullDisk(tmp_path / "metrics.jsonl")
+    with pytest.raises(OSError, match=f"cannot write the metrics file {tmp_path / 'metrics.jsonl'}: No space") as e:
+        log({"step": 2})
+    assert e.value.errno == errno.ENOSPC and log.lines == 1  # a checkpoint never counts the failed line
+    log.rollouts_file.close()
+    log.rollouts_file = FullDisk(tmp_path / "rollouts.jsonl")
+    with pytest.raises(OSError, match=f"cannot write the rollouts file {tmp_path / 'rollouts.jsonl'}: No space"):
+        log.rollouts([{"step": 2}])
+    assert log.rollout_lines == 1
+    log.close()
+    for name in ("metrics.jsonl", "rollouts.jsonl"):  # the line before is whole; the half one after it is dropped
+        assert (tmp_path / name).read_text().startswith('{"step": 1}\n{"st')
+        assert cut_jsonl(str(tmp_path / name), 1, "step_1") == [] and (tmp_path / name).read_text() == '{"step": 1}\n'

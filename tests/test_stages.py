@@ -45,10 +45,10 @@ def test_a_list_names_the_stages_in_order_with_repeats_labelled():
     cfg = load_config(None, [R1_SHAPE])
     assert described(cfg) == ["sft", "eval:sft", "rl", "eval:rl", "rejection", "eval:rejection", "rl_2", "eval:rl_2"]
     rl, rl_2 = [s for s in build_stages(cfg) if s.name == "rl"]
-    assert (rl.end_checkpoint, rl.step_prefix, rl.reference_folder, rl.step_offset) == ("final", "step_", "reference",
-                                                                                         0)
+    # checkpoints/final is the last RL stage's: the first one's end is not the run's final model
+    assert (rl.end_checkpoint, rl.step_prefix, rl.reference_folder, rl.step_offset) == ("rl", "step_", "reference", 0)
     assert (rl_2.end_checkpoint, rl_2.step_prefix, rl_2.reference_folder, rl_2.step_offset) == (
-        "rl_2", "rl_2_step_", "rl_2_reference", cfg.rl.steps)
+        "final", "rl_2_step_", "rl_2_reference", cfg.rl.steps)
     cfg = load_config(None, ["stages=[eval, dpo, eval, eval, sft, sft]", "preference.num_prompts=8"])
     assert stage_names(cfg) == ["eval", "preference", "eval", "eval", "sft", "sft"]
     assert described(cfg) == ["eval:start", "preference", "eval:dpo", "eval:dpo_again", "sft", "sft_2"]
@@ -133,10 +133,10 @@ def test_a_repeated_rl_stage_runs_twice_writing_its_own_checkpoints_labels_and_s
     assert [k for k in s if k.startswith("pass@1_")] == ["pass@1_sft", "pass@1_rl", "pass@1_rejection",
                                                          "pass@1_rl_2"]
     names = {c.name for c in list_checkpoints(run)}
-    assert {"sft", "final", "rejection", "rl_2", "step_4", "step_6", "rl_2_step_4", "rl_2_step_6"} <= names
+    assert {"sft", "rl", "rejection", "final", "step_4", "step_6", "rl_2_step_4", "rl_2_step_6"} <= names
     assert (run / "checkpoints" / "reference").is_dir() and (run / "checkpoints" / "rl_2_reference").is_dir()
     # the second RL stage trained the policy on: its weights are not the first stage's
-    first, second = (load_file(run / "checkpoints" / d / "model.safetensors") for d in ("final", "rl_2"))
+    first, second = (load_file(run / "checkpoints" / d / "model.safetensors") for d in ("rl", "final"))
     assert any(not torch.equal(first[k], second[k]) for k in first)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if m["stage"] == "rl"] == list(range(1, 17))  # 8 + 8, one line each
@@ -161,12 +161,12 @@ def test_a_run_killed_inside_the_repeated_rl_stage_resumes_to_the_same_run(tmp_p
                                "task.reward=test_resume:reward_that_kills_its_run"),
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
-    assert (run / "checkpoints" / "final").is_dir() and not (run / "checkpoints" / "rl_2").exists()
+    assert (run / "checkpoints" / "rl").is_dir() and not (run / "checkpoints" / "final").exists()
     out = run_to_end(["--resume", str(run)], tmp_path)
     assert "resuming from" in out and "rl_2_step_4" in out, out
     ref = tmp_path / "ref"
     assert comparable(ref) == comparable(run)
-    for folder in ("final", "rl_2"):
+    for folder in ("rl", "final"):
         a, b = (load_file(d / "checkpoints" / folder / "model.safetensors") for d in (ref, run))
         assert all(torch.equal(a[k], b[k]) for k in a)
     rl_lines = [m for m in comparable(run) if m["stage"] == "rl"]

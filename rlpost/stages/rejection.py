@@ -12,8 +12,9 @@ its two RL runs; "expert iteration" in older work).
        `rejection.steps` steps; the run writes checkpoints/rejection/ when the stage ends.
 
 The stage has no mid-stage checkpoints: a run stopped or killed inside it resumes from the checkpoint
-before it (checkpoints/final/, the RL stage's end) and runs the evaluation after RL and this stage again from
-their start, with the same random streams, so the resumed run is the same run.
+before it (the RL stage's end: checkpoints/final/, or checkpoints/rl/ when another RL stage follows) and runs
+the evaluation after RL and this stage again from their start, with the same random streams and weight-sync
+version, so the resumed run is the same run.
 """
 
 from __future__ import annotations

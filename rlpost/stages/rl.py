@@ -8,8 +8,10 @@ or a learned reward model) and the engine and weight sync are the run's.
 
 Every `rl.eval_every` steps it measures held-out pass@1; every `rl.save_every` steps it writes
 checkpoints/step_<n>/ (the newest `rl.keep_checkpoints` are kept); it ends with checkpoints/final/.
-A second RL stage of the run (`stages: [..., rl, ..., rl]`) is `rl_2`: checkpoints/rl_2_step_<n>/, rl_2/ and
+A second RL stage of the run (`stages: [..., rl, ..., rl]`) is `rl_2`: checkpoints/rl_2_step_<n>/ and
 rl_2_reference/, its own seed, and its steps logged after the first stage's (metrics.jsonl, rollouts.jsonl).
+Only the run's last RL stage ends with checkpoints/final/; one that another RL stage follows ends with
+checkpoints/<label>/ (rl/, rl_2/, ...), so that `final` is never a model the run trained on from.
 Every `log.rollouts_every` steps it appends the step's samples to rollouts.jsonl, one line each (prompt,
 completion, reward, finish reason, policy version, the sampling log-probs, length); a resume drops the
 lines of steps after its checkpoint, as run.py drops metrics.jsonl's.
@@ -39,7 +41,7 @@ from rlpost.progress import progress
 from rlpost.reference import Reference
 from rlpost.reward import decode_responses
 from rlpost.rollout import SamplingParams
-from rlpost.run import RunContext, Stage
+from rlpost.run import ROLLOUTS_FILE, RunContext, Stage, count_lines
 from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
@@ -80,9 +82,6 @@ def profiled(path: str | None):
     prof.export_chrome_trace(path)
 
 
-ROLLOUTS_FILE = "rollouts.jsonl"
-
-
 def prompt_text(row: dict) -> str:
     """A row's prompt as text: the string itself, or chat messages as `role: content` lines."""
     prompt = row.get("prompt", row.get("messages", ""))
@@ -120,15 +119,10 @@ def sample_records(step: int, batch: Batch, tokenizer) -> list[dict]:
     return records
 
 
-def append_rollouts(run_dir: str, records: list[dict]) -> None:
-    """Append records to rollouts.jsonl, flushed (a kill loses at most a half line, which readers skip)."""
-    with open(os.path.join(run_dir, ROLLOUTS_FILE), "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
 def trim_rollouts(run_dir: str, last_step: int) -> int:
     """Drop the rollouts.jsonl lines of steps after `last_step` (the step a resume starts from) and any
-    half-written line; returns how many lines were dropped."""
+    half-written line; returns how many lines were dropped. Only for a resume from a checkpoint that does not
+    count the file's lines (written by an older rlpost); a newer one's count cuts it exactly (rlpost/run.py)."""
     path = os.path.join(run_dir, ROLLOUTS_FILE)
     if not os.path.exists(path):
         return 0
@@ -156,6 +150,12 @@ class RLStage(Stage):
     checkpoint = "final"
     keep_step_checkpoints = True
     step_offset = 0  # RL steps of the run's RL stages before this one: its step n is logged as step_offset + n
+    last = True      # the run's last RL stage (build_stages says which): it alone ends in checkpoints/final/
+
+    @property
+    def end_checkpoint(self) -> str:
+        """`final` for the run's last RL stage, else the stage's label (rl, rl_2, ...)."""
+        return self.checkpoint if self.last else self.label
 
     def __init__(self, cfg, rollout_cfg, algorithm_cfg: dict, trainer_cfg, critic_cfg, evaluation, log_cfg=None):
         self.cfg, self.rollout_cfg, self.algorithm_cfg = cfg, rollout_cfg, algorithm_cfg
@@ -262,8 +262,9 @@ class RLStage(Stage):
         if self.step == 0 and self.reference is not None and not self.reference.shares_policy and dist.is_main():
             write_model_folder(ctx.run_dir, self.reference_folder,
                                lambda f: save_model(self.reference.model, ctx.tokenizer, f))
-        if dist.is_main():  # a resume: the samples of steps after the checkpoint are sampled again
-            trim_rollouts(ctx.run_dir, self.step_offset + self.step)
+        if dist.is_main() and ctx.log.rollout_lines is None:  # a resume from a checkpoint without the count:
+            trim_rollouts(ctx.run_dir, self.step_offset + self.step)  # the samples after it are sampled again
+            ctx.log.rollout_lines = count_lines(os.path.join(ctx.run_dir, ROLLOUTS_FILE))
         bar = progress(range(self.step + 1, c.steps + 1), initial=self.step, total=c.steps,
                        desc=f"rl/{self.algorithm.name}")
         for step in bar:
@@ -276,7 +277,7 @@ class RLStage(Stage):
                 metrics["eval/pass@1"], metrics["eval/mean_reward"] = result["pass@1"], result["mean_reward"]
             if self.rollouts_every and step % self.rollouts_every == 0 and dist.is_main():
                 # sharded: rank 0's share of the step's prompts
-                append_rollouts(ctx.run_dir, sample_records(n, self.controller.sampled, ctx.tokenizer))
+                ctx.log.rollouts(sample_records(n, self.controller.sampled, ctx.tokenizer))
             ctx.log({"stage": "rl", "step": n, **metrics})
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
             if dist.is_main():
