@@ -138,7 +138,8 @@ class Host:
         assert os.environ.get("RLPOST_SANDBOX_SECRET") == self.secret
         assert self.victim.poll() is None, "the victim process was killed"
         assert self.connections == 0, "the sandbox reached the host's 127.0.0.1 server or unix sockets"
-        assert wait_for_no_leftovers(self.procs_before) == set()
+        left = wait_for_no_leftovers(self.procs_before)
+        assert left == set(), f"processes of the run are left: {left}"
 
     def close(self):
         for server in (self.server, self.unix_server, self.unix_dgram):
@@ -154,11 +155,12 @@ class Host:
 
 
 def sandbox_processes() -> set[tuple[int, bytes]]:
-    """Processes that look like a sandbox's of this checkout: in another PID namespace whose init (a fork of
-    the launcher) runs this file, with a sandbox uid, or the launcher. Other checkouts' runs on the same
-    host are not counted; a namespace whose init is gone is being torn down by the kernel."""
+    """Processes that look like a sandbox's of this checkout: the launcher, a process in another PID
+    namespace whose init (a fork of the launcher) runs this file, or one with a sandbox uid (unsandboxed)
+    below such a launcher or below none. Other checkouts' runs on the same host are not counted; a
+    namespace whose init is gone is being torn down by the kernel."""
     mine, launcher = os.readlink("/proc/self/ns/pid"), sandbox.__file__.encode()
-    procs, inits = [], {}
+    procs, inits, parents, cmds = [], {}, {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             ns = os.readlink(f"/proc/{pid}/ns/pid")
@@ -168,13 +170,21 @@ def sandbox_processes() -> set[tuple[int, bytes]]:
                 cmd = f.read()
         except OSError:
             continue
-        uid = int(status["Uid"].split()[0])
+        uid, parents[int(pid)], cmds[int(pid)] = int(status["Uid"].split()[0]), int(status["PPid"]), cmd
         procs.append((int(pid), ns, uid, cmd))
         if ns != mine and status.get("NSpid", "").split()[-1:] == ["1"]:
             inits[ns] = cmd
+
+    def launched_here(pid: int) -> bool:  # the nearest launcher (or init) above runs this file, or there is none
+        for _ in range(64):
+            pid = parents.get(pid, 0)
+            if b"sandbox.py" in cmds.get(pid, b""):
+                return launcher in cmds[pid]
+        return True
+
     return {(pid, cmd) for pid, ns, uid, cmd in procs
             if launcher in cmd or (ns != mine and launcher in inits.get(ns, b""))
-            or (ns == mine and sandbox.UID_RANGE[0] <= uid < sandbox.UID_RANGE[1])}
+            or (ns == mine and sandbox.UID_RANGE[0] <= uid < sandbox.UID_RANGE[1] and launched_here(pid))}
 
 
 def wait_for_no_leftovers(before, wait_s=0.0) -> set:
@@ -407,11 +417,17 @@ def test_hostile_programs(case, host):
     host.assert_unchanged()
 
 
-def test_the_run_directory_is_removed():
-    before = run_folders()
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    """An empty temp dir for this test's runs (the host's is shared with other runs)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_the_run_directory_is_removed(private_tmp):
     assert sandbox.run("open('x', 'w').write('y' * 1000)").ok
     assert sandbox.run("pass", files={"big": b"x" * 2 * 1024**2}, disk_mb=1).reason == "sandbox_error"
-    assert run_folders() == before
+    assert list(private_tmp.iterdir()) == []
 
 
 def test_an_unknown_machine_is_refused(monkeypatch):
@@ -421,13 +437,7 @@ def test_an_unknown_machine_is_refused(monkeypatch):
         sandbox._arch()
 
 
-def run_folders() -> set[str]:
-    tmp = tempfile.gettempdir()
-    return {d for d in os.listdir(tmp) if d.startswith("rlpost-sandbox-")}
-
-
-def test_bad_options_are_refused():
-    before = run_folders()
+def test_bad_options_are_refused(private_tmp):
     for kwargs, words in (({"timeout_s": 0}, "timeout_s"), ({"files": {"../x": ""}}, "'../x'"),
                           ({"files": {"main.py": ""}}, "'main.py'"), ({"python": "/no/such/python"}, "python"),
                           ({"files": {".": ""}}, "'.'"), ({"files": {"a/./b": ""}}, "'a/./b'"),
@@ -439,7 +449,7 @@ def test_bad_options_are_refused():
                           ({"files": {"x": 3}}, "str or bytes, not int")):
         with pytest.raises(ValueError, match=re.escape(words)):
             sandbox.run("pass", **kwargs)
-    assert run_folders() == before
+    assert list(private_tmp.iterdir()) == []
 
 
 # The two tests below run the sandbox in a child process under other conditions; they load
