@@ -471,6 +471,8 @@ def test_refuses_to_run_where_namespaces_cannot_be_made():
             print("REFUSED", e)
         r = sb.run("import os; print('ran', os.path.exists('/proc/1/environ'))", allow_unsandboxed=True)
         print("OPTED-IN", r.reason, r.stdout.strip())
+        r = sb.run("import socket; socket.socket(socket.AF_UNIX)", allow_unsandboxed=True)
+        print("UNIX", r.reason, r.stderr.strip().splitlines()[-1])
         """)
     inner = f"echo 0 > /proc/sys/user/max_user_namespaces && exec {sys.executable} -c \"$0\""
     out = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", inner, script],
@@ -480,6 +482,7 @@ def test_refuses_to_run_where_namespaces_cannot_be_made():
     assert "REFUSED" in out.stdout and "allow_unsandboxed" in out.stdout, out
     assert "RAN-UNSANDBOXED" not in out.stdout
     assert "OPTED-IN ok ran" in out.stdout, out
+    assert "UNIX exit_nonzero PermissionError: [Errno 13] Permission denied" in out.stdout, out  # the filter too
 
 
 KEYS_PROGRAM = """
