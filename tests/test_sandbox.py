@@ -262,9 +262,10 @@ HOSTILE = [
         """, ("exit_nonzero",), check="no_unix"),
     Case("socket families no namespace confines, io_uring", """
         import ctypes, socket
-        for name in ("AF_VSOCK", "AF_PACKET", "AF_NETLINK", "AF_ALG", "AF_UNIX"):
+        for name, kind in (("AF_VSOCK", "SOCK_STREAM"), ("AF_PACKET", "SOCK_DGRAM"), ("AF_NETLINK", "SOCK_RAW"),
+                           ("AF_ALG", "SOCK_SEQPACKET"), ("AF_UNIX", "SOCK_STREAM")):
             try:
-                socket.socket(getattr(socket, name), socket.SOCK_DGRAM if name == "AF_NETLINK" else 0).close()
+                socket.socket(getattr(socket, name), getattr(socket, kind)).close()
                 print(name, "pwned")
             except OSError as e:
                 print(name, e.errno)
