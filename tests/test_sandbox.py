@@ -201,7 +201,8 @@ ORDINARY = [
     Case("hello world", 'print("hello")', ("ok",), check="hello"),
     Case("stdin echo", "import sys; print(sys.stdin.read().upper(), end='')", ("ok",),
          {"stdin": "abc\ndef\n"}, check="echo"),
-    Case("1 MB stdin", "import sys; print(len(sys.stdin.read()))", ("ok",), {"stdin": "x" * 10**6}, check="big_stdin"),
+    Case("1 MB stdin", "import sys; print(len(sys.stdin.read()))", ("ok",),  # after 100 kB of files on the same pipe
+         {"stdin": "x" * 10**6, "files": {"pad.bin": b"\0" * 10**5}}, check="big_stdin"),
     Case("files passed in", """
         import helper
         print(helper.VALUE + 1, open("data/in.txt").read(), open("blob.bin", "rb").read().hex())
@@ -587,9 +588,12 @@ def test_a_killed_caller_leaves_no_folder_and_no_process(isolated):
             assert time.monotonic() < deadline and caller.poll() is None, "the program did not start"
             time.sleep(0.05)
             run = descendants(caller.pid)
+        during = list(tmp.iterdir())
     finally:
         caller.kill()
         caller.wait()
+    if isolated:
+        assert during == [], "a sandboxed run wrote in the host's temp dir"
     deadline = time.monotonic() + SLACK_S
     while still_running(run) and time.monotonic() < deadline:
         time.sleep(0.05)
