@@ -573,34 +573,35 @@ def test_a_killed_caller_leaves_no_folder_and_no_process(isolated):
     python = sys.executable if isolated or os.geteuid() != 0 else "/usr/bin/python3"
     if not os.path.exists(python):
         pytest.skip(f"no {python}")
-    tmp = Path(tempfile.mkdtemp(prefix="rlpost-test-tmpdir-"))
-    tmp.chmod(0o755)
     script = LOAD.format(path=sandbox.__file__) + textwrap.dedent(f"""
         sb._NAMESPACES_OK = {None if isolated else False}  # False: as if namespaces could not be made
         r = sb.run("import time\\ntime.sleep(60)", files={{"data/in.txt": "x" * 100_000}}, timeout_s=60,
                    allow_unsandboxed=True, python={python!r})
         print(r)
         """)
-    caller = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(tmp)})
+    tmp = Path(tempfile.mkdtemp(prefix="rlpost-test-tmpdir-"))  # not tmp_path: the program's uid must reach it
     try:
-        deadline, run = time.monotonic() + SLACK_S, {}
-        while not any(b"main.py" in cmd for cmd in run.values()):  # the program is running
-            assert time.monotonic() < deadline and caller.poll() is None, "the program did not start"
+        tmp.chmod(0o755)
+        caller = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(tmp)})
+        try:
+            deadline, run = time.monotonic() + SLACK_S, {}
+            while not any(b"main.py" in cmd for cmd in run.values()):  # the program is running
+                assert time.monotonic() < deadline and caller.poll() is None, "the program did not start"
+                time.sleep(0.05)
+                run = descendants(caller.pid)
+            during = list(tmp.iterdir())
+        finally:
+            caller.kill()
+            caller.wait()
+        if isolated:
+            assert during == [], "a sandboxed run wrote in the host's temp dir"
+        deadline = time.monotonic() + SLACK_S
+        while still_running(run) and time.monotonic() < deadline:
             time.sleep(0.05)
-            run = descendants(caller.pid)
-        during = list(tmp.iterdir())
+        assert still_running(run) == {}, "the run outlived its caller"
+        assert list(tmp.iterdir()) == []
     finally:
-        caller.kill()
-        caller.wait()
-    if isolated:
-        assert during == [], "a sandboxed run wrote in the host's temp dir"
-    deadline = time.monotonic() + SLACK_S
-    while still_running(run) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    left = list(tmp.iterdir())
-    shutil.rmtree(tmp, ignore_errors=True)
-    assert still_running(run) == {}, "the run outlived its caller"
-    assert left == []
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # what uid 1000 runs, after loading its copy of the sandbox
