@@ -99,7 +99,7 @@ def test_assert_style_tests(score):
 ])
 def test_ending_early_does_not_skip_the_asserts(score, escape):
     """A program that exits 0 before the appended asserts run (they would fail) scores 0."""
-    program = f"def add(a, b):\n    return 0\n{escape}"
+    program = f"def add(a, b):\n    return 7\n{escape}"
     assert score(fenced(program), {"tests": ADD_TESTS}) == 0.0
 
 
