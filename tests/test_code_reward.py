@@ -285,3 +285,19 @@ def test_sandbox_start_talks_to_a_running_program():
     assert sandbox.start("while True:\n    pass", timeout_s=1).close().reason == "timeout"
     assert sandbox.start("import time\ntime.sleep(30)", timeout_s=20).close(stop=True).reason == "stopped"
     assert sandbox.start("import os\nos.kill(os.getpid(), 9)").close().reason == "killed_by_signal"
+
+
+def test_a_program_cannot_end_the_loop_of_the_tests_with_stop_iteration(score):
+    program = "def is_prime(n):\n    raise StopIteration"  # all() of an emptied map() would be True
+    assert score(fenced(program), {"tests": "assert all(map(is_prime, [2, 3, 5]))"}) == 0.0
+
+
+def test_signalling_its_init_scores_zero_instead_of_raising(score, monkeypatch):
+    """Where the program is root of its own user namespace (a non-root caller), it may signal the init of its
+    sandbox, which then reports a sandbox_error; in assert mode that must not stop the caller's run."""
+    from rlpost import sandbox
+
+    monkeypatch.setattr(sandbox, "_uid_mapped", lambda uid: False)  # user-namespace mode even as root
+    program = ("import os, signal, time\ndef add(a, b):\n    return a + b\ntry:\n    os.kill(1, signal.SIGALRM)\n"
+               "except OSError:\n    pass\ntime.sleep(0.5)")
+    assert score(fenced(program), {"tests": ADD_TESTS}) == 0.0

@@ -189,7 +189,9 @@ def main():
             kind = reply.get("raised") if type(reply) is dict else None
             message = str(reply.get("message", ""))[:1000] if type(reply) is dict else ""
             cls = getattr(builtins, kind, None) if type(kind) is str else None
-            if isinstance(cls, type) and issubclass(cls, Exception):
+            # StopIteration would end the caller's loop quietly (all(map(f, xs)) is True): never re-raised
+            if isinstance(cls, type) and issubclass(cls, Exception) and cls not in (StopIteration,
+                                                                                     StopAsyncIteration):
                 try:
                     raise cls(message)
                 except TypeError:  # a built-in exception that takes other arguments
@@ -223,7 +225,7 @@ def main():
                 ns[name] = decode(reply["value"])
             except (ValueError, TypeError, RecursionError):
                 pass
-        elif type(reply.get("module")) is str and reply["module"].split(".")[0] in sys.stdlib_module_names:
+        elif reply.get("module") == name and name in sys.stdlib_module_names:  # `math` the tests did not import
             try:
                 ns[name] = importlib.import_module(reply["module"])
             except BaseException:
@@ -303,7 +305,9 @@ class CodeReward:
         with sandbox.start(_PROGRAM_SERVER, **opts) as served, sandbox.start(_CHECKER, **opts) as checker:
             outcomes, finished = _relay(checker, served, program, tests)
             _raise_on_sandbox_error(checker.close(stop=not finished))
-            _raise_on_sandbox_error(served.close(stop=True))
+            # The program sandbox's own end is not looked at: the program can make even a sandbox_error
+            # (by signalling its init), and a broken host shows in the checker's sandbox, set up the same way.
+            served.close(stop=True)
         ran, broken = [], False  # a set-up statement that did not run fails every statement after it
         for i, stmt in enumerate(body):
             ran.append(not broken and outcomes.get(i) is True)
