@@ -227,6 +227,9 @@ def test_each_assert_is_a_case():
     ("def f(x):\n    if x < 0:\n        raise ValueError(x)\n    return x",
      "try:\n    f(-1)\n    raised = False\nexcept ValueError:\n    raised = True\nassert raised\n"
      "assert f(2) == 2", 1.0),
+    ("def f(x):\n    return x + 1",
+     "try:\n    f('a')\n    raised = None\nexcept TypeError:\n    raised = 'TypeError'\n"
+     "assert raised == 'TypeError'", 1.0),
     # not plain data, or no answer: that call fails, the others still count
     ("def f(x):\n    return (i for i in range(x)) if x else 0", "assert list(f(3)) == [0, 1, 2]\nassert f(0) == 0",
      0.5),

@@ -193,9 +193,11 @@ def main():
             if isinstance(cls, type) and issubclass(cls, Exception) and cls not in (StopIteration,
                                                                                      StopAsyncIteration):
                 try:
-                    raise cls(message)
-                except TypeError:  # a built-in exception that takes other arguments
-                    pass
+                    error = cls(message)
+                except Exception:  # a built-in exception that takes other arguments
+                    error = None
+                if error is not None:
+                    raise error
             raise RemoteError((kind or "no answer") + ": " + message)
 
     tree = ast.parse(recv(rd)["tests"], "tests.py")
