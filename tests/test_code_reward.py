@@ -220,6 +220,8 @@ def test_each_assert_is_a_case():
      "assert f(1) == (1, [1], {1: {1}}, b'a', frozenset({1}))\nassert f(1) != [1, [1], {1: {1}}, b'a', {1}]\n"
      "assert type(f(1)[2]) is dict", 1.0),
     ("def f():\n    return float('inf'), -0.0", "import math\nassert f() == (math.inf, 0.0)", 1.0),
+    ("import math\ndef f(n):\n    return -math.factorial(n)", "import math\nassert f(3000) == -math.factorial(3000)",
+     1.0),  # past json's 4300 digits
     ("def f():\n    return float('nan')", "assert f() != f()\nassert f() == f()", 0.5),  # NaN is never equal
     ("N = 5\ndef f(x):\n    return x * N", "assert N == 5\nassert f(N) == 25", 1.0),  # values by name
     ("def f(*a, k=0):\n    return sum(a) + k", "assert f(1, 2, k=3) == 6", 1.0),

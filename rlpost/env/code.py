@@ -77,6 +77,8 @@ def encode(v, depth=0):
     t = type(v)
     if depth > 200:
         raise ValueError("nested too deep")
+    if t is int and v.bit_length() > 10000:  # json writes ints in decimal, refused past 4300 digits
+        return {"int": hex(v)}
     if v is None or t is bool or t is int or t is float or t is str:
         return v
     if t is list:
@@ -105,6 +107,8 @@ def decode(v):
             return {decode(k): decode(x) for k, x in body}
         if tag == "bytes" and type(body) is str:
             return bytes.fromhex(body)
+        if tag == "int" and type(body) is str:
+            return int(body, 16)
     raise ValueError("not plain data")
 
 def private_channel():
