@@ -98,7 +98,8 @@ def test_assert_style_tests(score):
     "import __main__; print(getattr(__main__, '_nonce', 'no nonce'))",
 ])
 def test_ending_early_does_not_skip_the_asserts(score, escape):
-    """A program that exits 0 before the appended asserts run (they would fail) scores 0."""
+    """A program that ends its process or closes its stdout at its top level, before any assert could
+    reach it, scores 0: every case fails."""
     program = f"def add(a, b):\n    return 7\n{escape}"
     assert score(fenced(program), {"tests": ADD_TESTS}) == 0.0
 
@@ -126,7 +127,8 @@ def test_registered_as_code():
 
 # ---- assert tests cannot be gamed: the tests and the verdict never enter the program's process ----
 
-# Finds the old harness's nonce in the frames above the program, if there is one.
+# Finds, in the frames above the program, the nonce that an in-process harness would print after the
+# last assert (the design these tricks beat): None where there is none.
 FIND_NONCE = """\
 import os, sys
 def find_nonce():
@@ -267,6 +269,8 @@ def test_a_hung_call_fails_the_rest_within_timeout_s():
 def test_tests_that_do_not_parse_are_named(score):
     with pytest.raises(ValueError, match=r"row\['tests'\] is not valid Python \(line 2"):
         score(fenced("def add(a, b):\n    return a + b"), {"tests": "assert add(1, 2) == 3\nassert add(("})
+    with pytest.raises(ValueError, match="not valid Python"):
+        CodeReward(extract="fenced")("no program here", {"tests": "assert ("})
 
 
 def test_sandbox_start_talks_to_a_running_program():

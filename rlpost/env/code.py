@@ -417,6 +417,7 @@ def _check_tests(row: dict):
     if isinstance(tests, str):
         if not tests.strip():
             raise ValueError("code reward: row['tests'] is an empty string of assert code")
+        _parse_tests(tests)  # a row's broken tests raise whatever the completion, even one with no program
         return tests
     if not isinstance(tests, list) or not tests:
         raise ValueError(f"code reward: row['tests'] must be a non-empty list of {{'input', 'output'}} cases or a "
