@@ -249,6 +249,7 @@ def test_each_assert_is_a_case():
     ("import math\ndef f():\n    return 2.0", "assert math.isclose(f(), 2.0)", 1.0),  # its stdlib imports
     ("import sys\nprint('junk ' * 1000)\nsys.stdout.write('\\x00\\x00\\x00\\x05{}')\ndef f():\n    return 1",
      "assert f() == 1", 1.0),
+    ("import sys\nsys.stdout.close()\ndef f():\n    return 1", "assert f() == 1", 1.0),  # not the channel
     ("def f():\n    return 1\nwhile True:\n    pass", "assert f() == 1", 0.0),  # its top level never ends
     ("def f():\n    return 1\nraise SystemExit(0)", "assert f() == 1", 0.0),  # it must run to its end
 ])

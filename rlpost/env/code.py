@@ -149,7 +149,6 @@ def main():
     rd, wr = private_channel()
     ns = {"__name__": "__main__", "__builtins__": __builtins__}
     exec(compile(recv(rd)["program"], "solution.py", "exec"), ns)
-    sys.stdout.flush()
     while True:
         try:
             req = recv(rd)
