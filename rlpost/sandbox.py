@@ -56,6 +56,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -127,6 +128,127 @@ def run(code: str, *, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 
                                      "where user namespaces are allowed, or opt out with allow_unsandboxed=True "
                                      "/ RLPOST_SANDBOX_UNSAFE=1 (no namespaces: far weaker isolation)")
         isolate = False
+
+
+class SandboxProcess:
+    """A program that `start()` left running in its sandbox, to talk to while it runs. `stdin` and `stdout`
+    are its standard input and output (unbuffered binary pipes; the caller reads and writes them, within
+    `deadline`, a time.monotonic() value); its stderr is kept up to `max_output_bytes`, the rest read and
+    dropped. `close()` ends it; use it as a context manager so the run and its staging folder never outlive
+    the caller's use. Its result's reason is one of REASONS, or "stopped" when the caller ended it early."""
+
+    def __init__(self, proc, base: str, status_r: int, isolate: bool, t0: float, deadline: float, cap: int):
+        self._proc, self._base, self._status_r, self._isolate, self._t0 = proc, base, status_r, isolate, t0
+        self.stdin, self.stdout, self.deadline = proc.stdin, proc.stdout, deadline
+        self._err, self._cap, self._result = bytearray(), cap, None
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
+
+    def _read_stderr(self) -> None:  # never lets a chatty program block on a full stderr pipe
+        while chunk := os.read(self._proc.stderr.fileno(), 65536):
+            self._err += chunk[:max(0, self._cap - len(self._err))]
+
+    def close(self, stop: bool = False) -> SandboxResult:
+        """Close its stdin and wait for every process of the run to exit, at most until `deadline` (then it
+        is stopped: reason "timeout"); `stop=True` stops it at once (reason "stopped"). Returns how it ended
+        (stdout empty: the caller read it) and removes the staging folder; later calls return the same."""
+        if self._result is not None:
+            return self._result
+        proc, stopped = self._proc, None
+        try:
+            proc.stdin.close()
+        except OSError:  # a write the program never read: nothing to flush
+            pass
+        try:
+            if not stop:
+                proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            stopped = "timeout"
+        if stop and proc.poll() is None:
+            stopped = "stopped"
+        if stopped or not self._isolate:
+            _stop(proc, self._isolate)
+        proc.wait()
+        self._drain.join()
+        proc.stdout.close()
+        proc.stderr.close()
+        os.set_blocking(self._status_r, False)
+        try:
+            status = json.loads(os.read(self._status_r, 65536).decode().splitlines()[-1])
+        except (BlockingIOError, IndexError, ValueError):
+            status = {} if stopped else {"error": "no status from the sandbox (launcher returncode "
+                                                  f"{proc.returncode})"}
+        os.close(self._status_r)
+        shutil.rmtree(self._base, ignore_errors=True)
+        stderr, wall = self._err.decode(errors="replace"), time.monotonic() - self._t0
+        if "unavailable" in status:
+            raise SandboxUnavailable(f"cannot make the sandbox's namespaces here ({status['unavailable']})")
+        if "error" in status:  # set-up failed: the host's fault, whether or not the caller stopped it since
+            self._result = SandboxResult(False, None, "", stderr + status["error"], "sandbox_error", wall)
+        elif stopped:
+            self._result = SandboxResult(False, None, "", stderr, stopped, wall)
+        else:
+            rc = os.waitstatus_to_exitcode(status["status"])
+            self._result = SandboxResult(rc == 0, rc, "", stderr, "ok" if rc == 0 else
+                                         "killed_by_signal" if rc < 0 else "exit_nonzero", wall)
+        return self._result
+
+    def __enter__(self) -> SandboxProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(stop=True)
+
+
+def start(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, cpu_s: float | None = None,
+          max_output_bytes: int = 65536, max_processes: int = 32, max_file_mb: int = 16, disk_mb: int = 64,
+          python: str | None = None, allow_unsandboxed: bool | None = None) -> SandboxProcess:
+    """Start the Python program `code` as /sandbox/main.py in a new sandbox, isolated and limited as by
+    `run()`, and return at once with pipes to its stdin and stdout (a SandboxProcess) instead of waiting
+    for it to end. Its wall clock starts now; the caller honours `deadline` and calls close().
+    Raises SandboxUnavailable where namespaces cannot be made, unless `allow_unsandboxed`."""
+    for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("max_output_bytes", max_output_bytes),
+                        ("max_processes", max_processes), ("max_file_mb", max_file_mb), ("disk_mb", disk_mb)):
+        if not value > 0:
+            raise ValueError(f"sandbox.start: {name} must be > 0, got {value!r}")
+    exe = shutil.which(python or sys.executable)
+    if exe is None:
+        raise ValueError(f"sandbox.start: python interpreter {python!r} not found")
+    if allow_unsandboxed is None:
+        allow_unsandboxed = os.environ.get("RLPOST_SANDBOX_UNSAFE") == "1"
+    if _NAMESPACES_OK is None:  # learn it from a throwaway run: a started program cannot be retried unsandboxed
+        run("pass", timeout_s=10, python=exe, allow_unsandboxed=allow_unsandboxed)
+    if _NAMESPACES_OK is False and not allow_unsandboxed:
+        raise SandboxUnavailable("cannot make the sandbox's namespaces here; opt out with allow_unsandboxed=True "
+                                 "/ RLPOST_SANDBOX_UNSAFE=1 (no namespaces: far weaker isolation)")
+    isolate = _NAMESPACES_OK is not False
+    t0 = time.monotonic()
+    base = tempfile.mkdtemp(prefix="rlpost-sandbox-")
+    status_r = status_w = None
+    try:
+        stage, root = os.path.join(base, "stage"), os.path.join(base, "root")
+        os.mkdir(root)
+        os.mkdir(stage)
+        with open(os.path.join(stage, "main.py"), "w") as f:
+            f.write(code)
+        status_r, status_w = os.pipe()
+        uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
+        cfg = {"python": os.path.abspath(exe), "timeout_s": timeout_s, "memory_mb": memory_mb, "disk_mb": disk_mb,
+               "max_processes": max_processes, "max_file_mb": max_file_mb, "cpu_s": math.ceil(cpu_s or timeout_s + 1),
+               "stage": stage, "root": root, "isolate": isolate, "status_fd": status_w, "uid": uid,
+               "as_root": os.geteuid() == 0 and _uid_mapped(uid), "euid": os.geteuid(), "egid": os.getegid()}
+        proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(cfg)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                                pass_fds=(status_w,), env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                                start_new_session=True)
+    except BaseException:
+        for fd in (status_r, status_w):
+            if fd is not None:
+                os.close(fd)
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    os.close(status_w)
+    return SandboxProcess(proc, base, status_r, isolate, t0, t0 + timeout_s, max_output_bytes)
 
 
 _NAMESPACES_OK: bool | None = None  # learnt on the first run
