@@ -4,6 +4,10 @@
     r = run("print(input()[::-1])", stdin="abc", timeout_s=2)
     r.ok, r.reason, r.stdout          # True, 'ok', 'cba\\n'
 
+`start(code, ...) -> SandboxProcess` launches the same sandbox but returns at once, with pipes to the
+program's stdin and stdout, for a caller that talks to the program while it runs. Both launch through
+SandboxProcess; run() then feeds the program its stdin and reads its output to the end.
+
 How it isolates, layer by layer (each closes what the others leave open):
 
 1. Namespaces. A launcher (this file, run as a script by the host's Python) unshares new mount, PID,
@@ -105,22 +109,10 @@ def run(code: str, *, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 
     the wall-clock limit + 1 s; `disk_mb` bounds all it writes; `python` is the interpreter (default: this
     one). Raises SandboxUnavailable where namespaces cannot be made, unless `allow_unsandboxed` (default:
     env RLPOST_SANDBOX_UNSAFE=1)."""
-    for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("max_output_bytes", max_output_bytes),
-                        ("max_processes", max_processes), ("max_file_mb", max_file_mb), ("disk_mb", disk_mb)):
-        if not value > 0:
-            raise ValueError(f"sandbox.run: {name} must be > 0, got {value!r}")
-    exe = shutil.which(python or sys.executable)
-    if exe is None:
-        raise ValueError(f"sandbox.run: python interpreter {python!r} not found")
-    files = dict(files or {})
-    _check_files(files)
-    if allow_unsandboxed is None:
-        allow_unsandboxed = os.environ.get("RLPOST_SANDBOX_UNSAFE") == "1"
+    cfg, files, allow_unsandboxed = _settings("run", locals())
     isolate = _NAMESPACES_OK is not False or not allow_unsandboxed
-    cfg = {"python": os.path.abspath(exe), "timeout_s": timeout_s, "memory_mb": memory_mb, "disk_mb": disk_mb,
-           "max_processes": max_processes, "max_file_mb": max_file_mb, "cpu_s": math.ceil(cpu_s or timeout_s + 1)}
     while True:
-        result = _run_once(code, stdin, files, cfg, isolate, max_output_bytes)
+        result = _run_once(code, stdin, files, cfg, isolate)
         if isinstance(result, SandboxResult):
             return result
         if not allow_unsandboxed:
@@ -130,28 +122,82 @@ def run(code: str, *, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 
         isolate = False
 
 
+def start(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, files: dict[str, str | bytes] | None = None,
+          cpu_s: float | None = None, max_output_bytes: int = 65536, max_processes: int = 32, max_file_mb: int = 16,
+          disk_mb: int = 64, python: str | None = None, allow_unsandboxed: bool | None = None) -> SandboxProcess:
+    """Start the Python program `code` as /sandbox/main.py in a new sandbox, set up, isolated and limited
+    exactly as by `run()` (the same launch), and return at once with pipes to its stdin and stdout (a
+    SandboxProcess) instead of waiting for it to end. Its wall clock starts now; the caller honours
+    `deadline` and calls close(). Raises SandboxUnavailable where namespaces cannot be made, unless
+    `allow_unsandboxed`."""
+    cfg, files, allow_unsandboxed = _settings("start", locals())
+    if _NAMESPACES_OK is None:  # learn it from a throwaway run: a started program cannot be retried unsandboxed
+        run("pass", timeout_s=10, python=cfg["python"], allow_unsandboxed=allow_unsandboxed)
+    if _NAMESPACES_OK is False and not allow_unsandboxed:
+        raise SandboxUnavailable("cannot make the sandbox's namespaces here; opt out with allow_unsandboxed=True "
+                                 "/ RLPOST_SANDBOX_UNSAFE=1 (no namespaces: far weaker isolation)")
+    proc = SandboxProcess(code, files, cfg, _NAMESPACES_OK is not False)
+    try:
+        # init reads the program and its files first; a launcher that cannot take them shows in close()
+        _write_before(proc.stdin, proc._packed, proc.deadline)
+        proc._drain_stderr()
+    except BaseException:
+        proc._end("stopped", b"", b"")
+        raise
+    return proc
+
+
 class SandboxProcess:
-    """A program that `start()` left running in its sandbox, to talk to while it runs. `stdin` and `stdout`
-    are its standard input and output (unbuffered binary pipes; the caller reads and writes them, within
-    `deadline`, a time.monotonic() value); its stderr is kept up to `max_output_bytes`, the rest read and
-    dropped. `close()` ends it; use it as a context manager so the run and its staging folder never outlive
-    the caller's use. Its result's reason is one of REASONS, or "stopped" when the caller ended it early."""
+    """A program running in its sandbox, made by `start()` (and by `run()`, which feeds and reads it to its
+    end). `stdin` and `stdout` are the program's standard input and output (unbuffered binary pipes; the
+    caller reads and writes them, within `deadline`, a time.monotonic() value); its stderr is kept up to
+    `max_output_bytes`, the rest read and dropped. `close()` ends it; use it as a context manager so the
+    run never outlives the caller's use. Its result's reason is one of REASONS, or "stopped" when the
+    caller ended it early."""
 
-    def __init__(self, proc, base: str, status_r: int, isolate: bool, t0: float, deadline: float, cap: int):
-        self._proc, self._base, self._status_r, self._isolate, self._t0 = proc, base, status_r, isolate, t0
-        self.stdin, self.stdout, self.deadline = proc.stdin, proc.stdout, deadline
-        self._err, self._cap, self._result = bytearray(), cap, None
-        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+    def __init__(self, code: str, files: dict, cfg: dict, isolate: bool):
+        """Launch the sandbox (launcher, init, program); main.py and `files` wait in `_packed` for whoever
+        writes the launcher's stdin first."""
+        self._t0 = time.monotonic()
+        self.deadline, self._cap, self._isolate = self._t0 + cfg["timeout_s"], cfg["max_output_bytes"], isolate
+        self._packed = _pack_files({**files, "main.py": code})
+        self._err, self._drain, self._result = bytearray(), None, None
+        # An isolated run writes nothing on the host's disk (init writes main.py and `files` into the
+        # sandbox's own tmpfs), so nothing of it can be left there, whatever happens to the caller.
+        # Unsandboxed, the program needs a real folder (0700: host users cannot look in): removed in _end(),
+        # or by the launcher if the caller dies.
+        self._workdir = None if isolate else tempfile.mkdtemp(prefix="rlpost-sandbox-")
+        self._status_r, status_w = os.pipe()
+        uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
+        cfg = dict(cfg, workdir=self._workdir, isolate=isolate, status_fd=status_w, uid=uid, caller=os.getpid(),
+                   as_root=os.geteuid() == 0 and _uid_mapped(uid), euid=os.geteuid(), egid=os.getegid())
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(cfg)], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, pass_fds=(status_w,),
+                env={"PATH": "/usr/bin:/bin"}, cwd="/", start_new_session=True)
+        except BaseException:
+            os.close(self._status_r)
+            if self._workdir:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+            raise
+        finally:
+            os.close(status_w)
+        self.stdin, self.stdout = self._proc.stdin, self._proc.stdout
+
+    def _drain_stderr(self) -> None:
+        """Read stderr in a thread, so that a chatty program never blocks on a full pipe."""
+        def drain():
+            while chunk := os.read(self._proc.stderr.fileno(), 65536):
+                self._err += chunk[:max(0, self._cap - len(self._err))]
+
+        self._drain = threading.Thread(target=drain, daemon=True)
         self._drain.start()
-
-    def _read_stderr(self) -> None:  # never lets a chatty program block on a full stderr pipe
-        while chunk := os.read(self._proc.stderr.fileno(), 65536):
-            self._err += chunk[:max(0, self._cap - len(self._err))]
 
     def close(self, stop: bool = False) -> SandboxResult:
         """Close its stdin and wait for every process of the run to exit, at most until `deadline` (then it
         is stopped: reason "timeout"); `stop=True` stops it at once (reason "stopped"). Returns how it ended
-        (stdout empty: the caller read it) and removes the staging folder; later calls return the same."""
+        (stdout empty: the caller read it); later calls return the same."""
         if self._result is not None:
             return self._result
         proc, stopped = self._proc, None
@@ -166,32 +212,10 @@ class SandboxProcess:
             stopped = "timeout"
         if stop and proc.poll() is None:
             stopped = "stopped"
-        if stopped or not self._isolate:
-            _stop(proc, self._isolate)
-        proc.wait()
-        self._drain.join()
-        proc.stdout.close()
-        proc.stderr.close()
-        os.set_blocking(self._status_r, False)
-        try:
-            status = json.loads(os.read(self._status_r, 65536).decode().splitlines()[-1])
-        except (BlockingIOError, IndexError, ValueError):
-            status = {} if stopped else {"error": "no status from the sandbox (launcher returncode "
-                                                  f"{proc.returncode})"}
-        os.close(self._status_r)
-        shutil.rmtree(self._base, ignore_errors=True)
-        stderr, wall = self._err.decode(errors="replace"), time.monotonic() - self._t0
-        if "unavailable" in status:
-            raise SandboxUnavailable(f"cannot make the sandbox's namespaces here ({status['unavailable']})")
-        if "error" in status:  # set-up failed: the host's fault, whether or not the caller stopped it since
-            self._result = SandboxResult(False, None, "", stderr + status["error"], "sandbox_error", wall)
-        elif stopped:
-            self._result = SandboxResult(False, None, "", stderr, stopped, wall)
-        else:
-            rc = os.waitstatus_to_exitcode(status["status"])
-            self._result = SandboxResult(rc == 0, rc, "", stderr, "ok" if rc == 0 else
-                                         "killed_by_signal" if rc < 0 else "exit_nonzero", wall)
-        return self._result
+        result = self._end(stopped, b"", b"")
+        if isinstance(result, str):
+            raise SandboxUnavailable(f"cannot make the sandbox's namespaces here ({result})")
+        return result
 
     def __enter__(self) -> SandboxProcess:
         return self
@@ -199,66 +223,81 @@ class SandboxProcess:
     def __exit__(self, *exc) -> None:
         self.close(stop=True)
 
-
-def start(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, cpu_s: float | None = None,
-          max_output_bytes: int = 65536, max_processes: int = 32, max_file_mb: int = 16, disk_mb: int = 64,
-          python: str | None = None, allow_unsandboxed: bool | None = None) -> SandboxProcess:
-    """Start the Python program `code` as /sandbox/main.py in a new sandbox, isolated and limited as by
-    `run()`, and return at once with pipes to its stdin and stdout (a SandboxProcess) instead of waiting
-    for it to end. Its wall clock starts now; the caller honours `deadline` and calls close().
-    Raises SandboxUnavailable where namespaces cannot be made, unless `allow_unsandboxed`."""
-    for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("max_output_bytes", max_output_bytes),
-                        ("max_processes", max_processes), ("max_file_mb", max_file_mb), ("disk_mb", disk_mb)):
-        if not value > 0:
-            raise ValueError(f"sandbox.start: {name} must be > 0, got {value!r}")
-    exe = shutil.which(python or sys.executable)
-    if exe is None:
-        raise ValueError(f"sandbox.start: python interpreter {python!r} not found")
-    if allow_unsandboxed is None:
-        allow_unsandboxed = os.environ.get("RLPOST_SANDBOX_UNSAFE") == "1"
-    if _NAMESPACES_OK is None:  # learn it from a throwaway run: a started program cannot be retried unsandboxed
-        run("pass", timeout_s=10, python=exe, allow_unsandboxed=allow_unsandboxed)
-    if _NAMESPACES_OK is False and not allow_unsandboxed:
-        raise SandboxUnavailable("cannot make the sandbox's namespaces here; opt out with allow_unsandboxed=True "
-                                 "/ RLPOST_SANDBOX_UNSAFE=1 (no namespaces: far weaker isolation)")
-    isolate = _NAMESPACES_OK is not False
-    t0 = time.monotonic()
-    base = tempfile.mkdtemp(prefix="rlpost-sandbox-")
-    status_r = status_w = None
-    try:
-        stage, root = os.path.join(base, "stage"), os.path.join(base, "root")
-        os.mkdir(root)
-        os.mkdir(stage)
-        with open(os.path.join(stage, "main.py"), "w") as f:
-            f.write(code)
-        status_r, status_w = os.pipe()
-        uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
-        cfg = {"python": os.path.abspath(exe), "timeout_s": timeout_s, "memory_mb": memory_mb, "disk_mb": disk_mb,
-               "max_processes": max_processes, "max_file_mb": max_file_mb, "cpu_s": math.ceil(cpu_s or timeout_s + 1),
-               "stage": stage, "root": root, "isolate": isolate, "status_fd": status_w, "uid": uid,
-               "as_root": os.geteuid() == 0 and _uid_mapped(uid), "euid": os.geteuid(), "egid": os.getegid()}
-        proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(cfg)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                                pass_fds=(status_w,), env={"PATH": "/usr/bin:/bin"}, cwd="/",
-                                start_new_session=True)
-    except BaseException:
-        for fd in (status_r, status_w):
-            if fd is not None:
-                os.close(fd)
-        shutil.rmtree(base, ignore_errors=True)
-        raise
-    os.close(status_w)
-    return SandboxProcess(proc, base, status_r, isolate, t0, t0 + timeout_s, max_output_bytes)
+    def _end(self, stopped: str | None, stdout: bytes, stderr: bytes) -> SandboxResult | str:
+        """Stop the run if `stopped` (the reason) or unsandboxed, wait for the launcher, clean up and say how
+        it ended; the reason namespaces could not be made (a str) when they could not."""
+        global _NAMESPACES_OK
+        proc = self._proc
+        try:
+            if stopped or not self._isolate:  # the launcher kills init (so the whole PID namespace) on SIGTERM
+                _stop(proc, self._isolate)
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                _stop(proc, self._isolate)
+            if self._drain is not None:
+                self._drain.join(timeout=10)  # at once, but for an unsandboxed daemon holding stderr open
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                f.close()
+            os.set_blocking(self._status_r, False)
+            try:
+                status = json.loads(os.read(self._status_r, 65536).decode().splitlines()[-1])
+            except (BlockingIOError, IndexError, ValueError):
+                status = {} if stopped else {"error": "no status from the sandbox (launcher returncode "
+                                                      f"{proc.returncode})"}
+            os.close(self._status_r)
+            if self._workdir:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+        if "unavailable" in status:
+            _NAMESPACES_OK = False
+            return status["unavailable"]
+        _NAMESPACES_OK = _NAMESPACES_OK or self._isolate
+        stdout = stdout.decode(errors="replace")
+        stderr = (stderr or bytes(self._err)).decode(errors="replace")
+        wall = time.monotonic() - self._t0
+        if "error" in status:  # set-up failed: the host's fault, whether or not the caller stopped it since
+            result = SandboxResult(False, None, stdout, stderr + status["error"], "sandbox_error", wall)
+        elif stopped:
+            result = SandboxResult(False, None, stdout, stderr, stopped, wall)
+        else:
+            rc = os.waitstatus_to_exitcode(status["status"])
+            last = stderr.rstrip().rsplit("\n", 1)[-1]
+            reason = ("ok" if rc == 0 else "cpu_limit" if rc == -signal.SIGXCPU
+                      else "file_limit" if rc == -signal.SIGXFSZ or "File too large" in last
+                      else "killed_by_signal" if rc < 0 else "memory_limit" if last.startswith("MemoryError")
+                      else "exit_nonzero")
+            result = SandboxResult(rc == 0, rc, stdout, stderr, reason, wall)
+        self._result = result
+        return result
 
 
 _NAMESPACES_OK: bool | None = None  # learnt on the first run
 
 
-def _check_files(files: dict) -> None:
+def _settings(caller: str, args: dict) -> tuple[dict, dict, bool]:
+    """run()'s and start()'s arguments checked: (the launcher's config, files, allow_unsandboxed)."""
+    for name in ("timeout_s", "memory_mb", "max_output_bytes", "max_processes", "max_file_mb", "disk_mb"):
+        if not args[name] > 0:
+            raise ValueError(f"sandbox.{caller}: {name} must be > 0, got {args[name]!r}")
+    exe = shutil.which(args["python"] or sys.executable)
+    if exe is None:
+        raise ValueError(f"sandbox.{caller}: python interpreter {args['python']!r} not found")
+    files = dict(args["files"] or {})
+    _check_files(caller, files)
+    allow_unsandboxed = args["allow_unsandboxed"]
+    if allow_unsandboxed is None:
+        allow_unsandboxed = os.environ.get("RLPOST_SANDBOX_UNSAFE") == "1"
+    cfg = {"python": os.path.abspath(exe), "cpu_s": math.ceil(args["cpu_s"] or args["timeout_s"] + 1),
+           **{k: args[k] for k in ("timeout_s", "memory_mb", "disk_mb", "max_processes", "max_file_mb",
+                                   "max_output_bytes")}}
+    return cfg, files, allow_unsandboxed
+
+
+def _check_files(caller: str, files: dict) -> None:
     """Refuse `files` keys that are not plain relative paths of regular files below /sandbox (each raises a
     ValueError naming the key), before anything is started or written."""
     def bad(path, why):
-        raise ValueError(f"sandbox.run: files key {path!r} {why}")
+        raise ValueError(f"sandbox.{caller}: files key {path!r} {why}")
 
     for path, content in files.items():
         if not isinstance(path, str):
@@ -281,61 +320,16 @@ def _check_files(files: dict) -> None:
                 bad(path, f"collides with the file {folder!r}: {folder!r} cannot be a file and a folder")
 
 
-def _run_once(code, stdin, files, cfg, isolate, cap) -> SandboxResult | str:
-    global _NAMESPACES_OK
-    t0 = time.monotonic()
-    # The program and `files` reach init through the launcher's stdin, ahead of the program's stdin, and
-    # init writes them into the sandbox's own tmpfs: an isolated run writes nothing on the host's disk, so
-    # nothing of it can be left there, whatever happens to the caller. Unsandboxed, the program needs a real
-    # folder (0700: host users cannot look in): removed below, or by the launcher if the caller dies.
-    workdir = None if isolate else tempfile.mkdtemp(prefix="rlpost-sandbox-")
-    status_r, status_w = os.pipe()
-    uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
-    cfg = dict(cfg, workdir=workdir, isolate=isolate, status_fd=status_w, uid=uid, caller=os.getpid(),
-               as_root=os.geteuid() == 0 and _uid_mapped(uid), euid=os.geteuid(), egid=os.getegid())
-    proc = None
+def _run_once(code, stdin, files, cfg, isolate) -> SandboxResult | str:
+    """run() in one mode: launch, feed main.py, `files` and `stdin`, read to the end, clean up."""
+    proc = SandboxProcess(code, files, cfg, isolate)
     try:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(cfg)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(status_w,), env={"PATH": "/usr/bin:/bin"}, cwd="/",
-                                start_new_session=True)
-        os.close(status_w)
-        status_w = None
-        data = _pack_files({**files, "main.py": code}) + stdin.encode()
-        out, err, stopped = _communicate(proc, data, t0 + cfg["timeout_s"], cap)
-        if stopped or not isolate:  # the launcher kills init (so the whole PID namespace) on SIGTERM
-            _stop(proc, isolate)
-        proc.wait()
-        os.set_blocking(status_r, False)
-        try:
-            status = json.loads(os.read(status_r, 65536).decode().splitlines()[-1])
-        except (BlockingIOError, IndexError, ValueError):
-            status = {"error": f"no status from the sandbox (launcher returncode {proc.returncode})"}
-    finally:
-        if proc is not None and proc.poll() is None:
-            _stop(proc, isolate)
-        for fd in (status_r, status_w):
-            if fd is not None:
-                os.close(fd)
-        if workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if "unavailable" in status:
-        _NAMESPACES_OK = False
-        return status["unavailable"]
-    _NAMESPACES_OK = _NAMESPACES_OK or isolate
-    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
-    wall = time.monotonic() - t0
-    if stopped:
-        return SandboxResult(False, None, stdout, stderr, stopped, wall)
-    if "error" in status:
-        return SandboxResult(False, None, stdout, stderr + status["error"], "sandbox_error", wall)
-    rc = os.waitstatus_to_exitcode(status["status"])
-    last = stderr.rstrip().rsplit("\n", 1)[-1]
-    reason = ("ok" if rc == 0 else "cpu_limit" if rc == -signal.SIGXCPU
-              else "file_limit" if rc == -signal.SIGXFSZ or "File too large" in last
-              else "killed_by_signal" if rc < 0 else "memory_limit" if last.startswith("MemoryError")
-              else "exit_nonzero")
-    return SandboxResult(rc == 0, rc, stdout, stderr, reason, wall)
+        out, err, stopped = _communicate(proc._proc, proc._packed + stdin.encode(), proc.deadline,
+                                         cfg["max_output_bytes"])
+    except BaseException:
+        proc._end("stopped", b"", b"")
+        raise
+    return proc._end(stopped, out, err)
 
 
 def _pack_files(files: dict[str, str | bytes]) -> bytes:
@@ -394,6 +388,30 @@ def _communicate(proc, data: bytes, deadline: float, cap: int) -> tuple[bytes, b
         sel.close()
         for f in (proc.stdin, proc.stdout, proc.stderr):
             f.close()
+
+
+def _write_before(pipe, data: bytes, deadline: float) -> bool:
+    """Write all of `data` to `pipe` before `deadline`; False if the reader is gone or too slow. The pipe
+    stays in the blocking mode it had."""
+    fd, blocking = pipe.fileno(), os.get_blocking(pipe.fileno())
+    os.set_blocking(fd, False)
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_WRITE)
+    try:
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                return False
+            try:
+                data = data[os.write(fd, data[:65536]):]
+            except BlockingIOError:
+                continue
+            except OSError:  # BrokenPipeError: it exited
+                return False
+        return True
+    finally:
+        sel.close()
+        os.set_blocking(fd, blocking)
 
 
 def _stop(proc, isolate: bool) -> None:

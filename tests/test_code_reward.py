@@ -274,27 +274,32 @@ def test_tests_that_do_not_parse_are_named(score):
         CodeReward(extract="fenced")("no program here", {"tests": "assert ("})
 
 
-def test_sandbox_start_talks_to_a_running_program():
-    """sandbox.start(), which the assert mode is built on: live pipes, the wall clock, stop, cleanup."""
-    import os
+def test_sandbox_start_talks_to_a_running_program(tmp_path, monkeypatch):
+    """sandbox.start(), which the assert mode is built on: live pipes, files, the wall clock, stop, and
+    nothing written in the host's temp dir (main.py and files reach the sandbox through its stdin)."""
+    import tempfile
 
     from rlpost import sandbox
 
-    echo = ("import sys\nfor line in sys.stdin:\n    print(line.upper(), end='', flush=True)\n"
-            "print('bye', file=sys.stderr)")
-    with sandbox.start(echo, timeout_s=5) as proc:
-        staging = proc._base
-        assert os.path.isdir(staging)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    echo = ("import sys\nprint(open('data/prefix.txt').read(), end='', flush=True)\n"
+            "for line in sys.stdin:\n    print(line.upper(), end='', flush=True)\nprint('bye', file=sys.stderr)")
+    with sandbox.start(echo, timeout_s=5, files={"data/prefix.txt": "ready\n"}) as proc:
+        assert proc.stdout.readline() == b"ready\n"
+        assert list(tmp_path.iterdir()) == []
         proc.stdin.write(b"hello\n")
         assert proc.stdout.readline() == b"HELLO\n"  # answered while it still runs
         proc.stdin.write(b"again\n")
         assert proc.stdout.readline() == b"AGAIN\n"
         result = proc.close()  # stdin closed: it ends by itself
     assert (result.ok, result.reason, result.stderr) == (True, "ok", "bye\n")
-    assert not os.path.exists(staging)
+    assert list(tmp_path.iterdir()) == []
     assert sandbox.start("while True:\n    pass", timeout_s=1).close().reason == "timeout"
     assert sandbox.start("import time\ntime.sleep(30)", timeout_s=20).close(stop=True).reason == "stopped"
     assert sandbox.start("import os\nos.kill(os.getpid(), 9)").close().reason == "killed_by_signal"
+    assert sandbox.start("x = bytearray(1 << 30)", memory_mb=256).close().reason == "memory_limit"
+    with pytest.raises(ValueError, match=r"sandbox.start: files key '\.\./x'"):
+        sandbox.start("pass", files={"../x": ""})
 
 
 def test_a_program_cannot_end_the_loop_of_the_tests_with_stop_iteration(score):

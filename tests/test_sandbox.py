@@ -10,6 +10,7 @@ leaves the host as it was: the test's files and environment, a victim process, a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -451,6 +452,22 @@ def test_bad_options_are_refused(private_tmp):
                           ({"files": {"x": 3}}, "str or bytes, not int")):
         with pytest.raises(ValueError, match=re.escape(words)):
             sandbox.run("pass", **kwargs)
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_start_runs_in_the_same_sandbox_as_run(private_tmp):
+    """start() launches exactly as run() does: the same root, PID namespace and seccomp filter, files through
+    the launcher's stdin, nothing in the host's temp dir."""
+    probe = ("import os, socket\ntry:\n    socket.socket(socket.AF_UNIX)\nexcept OSError as e:\n"
+             "    print('unix', e.errno)\nprint(os.getpid(), sorted(os.listdir('/')), open('in/x.txt').read())")
+    files = {"in/x.txt": "x" * 100_000}
+    with sandbox.start(probe, timeout_s=10, files=files) as proc:
+        out = proc.stdout.read().decode()
+        assert list(private_tmp.iterdir()) == []
+        result = proc.close()
+    assert result.reason == "ok", result
+    assert out.startswith(f"unix {errno.EACCES}\n2 [") and out.endswith("x" * 100_000 + "\n")
+    assert out == sandbox.run(probe, timeout_s=10, files=files, max_output_bytes=1 << 20).stdout
     assert list(private_tmp.iterdir()) == []
 
 

@@ -16,10 +16,11 @@ row["tests"] is either
   builtin, not bound by the tests) bound to the program's plain value of that name, or to a proxy
   whose calls become requests: {"call": name, "args": [...], "kwargs": {...}} out, a value or an
   exception back. Both ways carry plain data only (None, bool, int, float, str, list, and tagged tuple,
-  dict, set, frozenset, bytes), as length-prefixed JSON on the harnesses' own pipes, relayed and
-  size-capped by this process. A result that is not plain data, a request the program does not answer
-  (it exited, crashed, hung past the row's timeout_s, sent junk) fails that call. So the program decides
-  only its own answers, never a verdict, and it never sees an expected value.
+  dict, set, frozenset, bytes), as length-prefixed JSON on the harnesses' stdin and stdout (pipes from
+  this process, which relays and size-caps the frames; no socket, so the sandbox's seccomp filter, which
+  refuses AF_UNIX sockets, is no obstacle). A result that is not plain data, a request the program does
+  not answer (it exited, crashed, hung past the row's timeout_s, sent junk) fails that call. So the
+  program decides only its own answers, never a verdict, and it never sees an expected value.
 
 The reward is the fraction of cases passed (mode="fraction") or 1.0 only if all pass (mode="all").
 extract: "auto" (the last ```python block, else the last ``` block, else the whole text), "fenced" (the
