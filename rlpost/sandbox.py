@@ -15,7 +15,9 @@ How it isolates, layer by layer (each closes what the others leave open):
    namespace's init (pid 1). The new network namespace has only a loopback that is down: nothing can be
    reached, not even the host's 127.0.0.1. The program sees and can signal only its own namespace's
    processes; when pid 1 exits the kernel kills every process left in the namespace, so a daemon that
-   double-forks and setsid()s dies with the run, and run() returns only once all of them are gone.
+   double-forks and setsid()s dies with the run, and run() returns only once all of them are gone. init
+   handles no signal once the program runs, so the kernel drops any the program sends it (without root
+   the program has init's uid and could otherwise end it, making the run a sandbox_error).
 2. A private root. init mounts a tmpfs (over /tmp, in its own mount namespace only), binds into it
    read-only /usr, /bin, /sbin, /lib*, /etc and the interpreter's prefix (and venv),
    /dev/{null,zero,random,urandom}, a /proc of the new PID namespace, and a size-limited tmpfs at /sandbox
@@ -496,9 +498,12 @@ def _init(cfg: dict, status: int) -> None:
         os.write(status, json.dumps(msg).encode() + b"\n")
         os._exit(0)
 
+    # Its own deadline, a backstop should the caller never stop the run. Until the program starts, no one
+    # but the launcher can signal init, so an alarm will do.
+    deadline = time.monotonic() + int(cfg["timeout_s"]) + 10
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGALRM, lambda *_: report(error="init's own deadline passed"))
-    signal.alarm(int(cfg["timeout_s"]) + 10)  # backstop should the parent die
+    signal.alarm(int(cfg["timeout_s"]) + 10)
     uid = cfg["uid"] if cfg["as_root"] else 0
     try:
         _libc_call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -511,6 +516,15 @@ def _init(cfg: dict, status: int) -> None:
                 _chown_tree(".", uid)
     except (OSError, ValueError) as e:
         report(error=f"sandbox setup failed: {e}")
+    # From here on the program may signal init: in user-namespace mode it has init's uid. The kernel drops a
+    # signal sent to a PID namespace's init from inside it unless init handles it, so init handles none
+    # (SIGINT's KeyboardInterrupt, which Python installed, and the alarm go) and waits for SIGCHLD blocked,
+    # with sigtimedwait: a SIGCHLD the program sends only makes it look for exited children once more.
+    signal.alarm(0)
+    for sig in signal.valid_signals():
+        if callable(signal.getsignal(sig)):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     err_r, err_w = os.pipe()  # close-on-exec: empty at EOF when exec worked
     pid = os.fork()
     if pid == 0:
@@ -523,9 +537,12 @@ def _init(cfg: dict, status: int) -> None:
     if (msg := os.read(err_r, 4096)):
         report(error=msg.decode(errors="replace"))
     while True:  # reap orphans too: pid 1 adopts them
-        p, st = os.wait()
-        if p == pid:
-            report(status=st)
+        while (exited := os.waitpid(-1, os.WNOHANG))[0]:
+            if exited[0] == pid:
+                report(status=exited[1])
+        if (left := deadline - time.monotonic()) <= 0:
+            report(error="init's own deadline passed")
+        signal.sigtimedwait({signal.SIGCHLD}, left)
 
 
 def _build_root(cfg: dict, uid: int) -> None:
@@ -605,7 +622,7 @@ def _exec_program(cfg: dict, status: int, uid: int) -> None:
     import resource
 
     os.close(status)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())  # init's blocked SIGCHLD would outlive exec
     if cfg["as_root"]:
         os.setgroups([])
         os.setresgid(uid, uid, uid)

@@ -307,12 +307,14 @@ def test_a_program_cannot_end_the_loop_of_the_tests_with_stop_iteration(score):
     assert score(fenced(program), {"tests": "assert all(map(is_prime, [2, 3, 5]))"}) == 0.0
 
 
-def test_signalling_its_init_scores_zero_instead_of_raising(score, monkeypatch):
-    """Where the program is root of its own user namespace (a non-root caller), it may signal the init of its
-    sandbox, which then reports a sandbox_error; in assert mode that must not stop the caller's run."""
+@pytest.mark.parametrize("sig", ["SIGALRM", "SIGINT"])
+def test_signalling_its_init_changes_nothing(score, monkeypatch, sig):
+    """Where the program is root of its own user namespace (a non-root caller), it may send signals to the init
+    of its sandbox; init handles none of them, so the run goes on and neither mode raises a sandbox_error
+    (SIGALRM and SIGINT once ended init, with a sandbox_error that stopped the caller's run)."""
     from rlpost import sandbox
 
     monkeypatch.setattr(sandbox, "_uid_mapped", lambda uid: False)  # user-namespace mode even as root
-    program = ("import os, signal, time\ndef add(a, b):\n    return a + b\ntry:\n    os.kill(1, signal.SIGALRM)\n"
-               "except OSError:\n    pass\ntime.sleep(0.5)")
-    assert score(fenced(program), {"tests": ADD_TESTS}) == 0.0
+    kill = f"import os, signal, time\nos.kill(1, signal.{sig})\ntime.sleep(0.5)\n"
+    assert score(fenced(kill + "def add(a, b):\n    return a + b"), {"tests": ADD_TESTS}) == 1.0
+    assert score(fenced(kill + "print(2 * int(input()))"), {"tests": DOUBLE_TESTS}) == 1.0

@@ -471,6 +471,57 @@ def test_start_runs_in_the_same_sandbox_as_run(private_tmp):
     assert list(private_tmp.iterdir()) == []
 
 
+SIGNALS_TO_INIT = ("SIGALRM", "SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGCHLD", "SIGSTOP", "SIGKILL")
+SIGNAL_INIT = textwrap.dedent(f"""\
+    import os, signal, time
+    for name in {SIGNALS_TO_INIT!r}:
+        try:
+            os.kill(1, getattr(signal, name))
+            print(name, "sent")
+        except OSError as e:
+            print(name, e.errno)
+    time.sleep(0.5)
+    print("alive")
+    """)
+
+
+def force_mode(mode: str, monkeypatch) -> None:
+    """Run as root (the program gets a random uid) or in user-namespace mode (the program is root of its own
+    user namespace, as for a non-root caller; forced as root by refusing the uid map)."""
+    if mode == "root":
+        if os.geteuid() != 0 or not sandbox._uid_mapped(sandbox.UID_RANGE[0]):
+            pytest.skip("needs root, with the program's uids mapped")
+    else:
+        monkeypatch.setattr(sandbox, "_uid_mapped", lambda uid: False)
+
+
+@pytest.mark.parametrize("mode", ["root", "user namespace"])
+def test_the_program_cannot_end_its_init_with_signals(mode, monkeypatch, private_tmp):
+    """As root the program (a random uid) may not signal its init at all. In user-namespace mode it has
+    init's uid and may send it signals, but init handles none (not SIGALRM, not Python's SIGINT), so the
+    kernel drops them: the run ends when the program does, never as a sandbox_error."""
+    force_mode(mode, monkeypatch)
+    result = sandbox.run(SIGNAL_INIT, timeout_s=10)
+    assert result.reason == "ok", result
+    sent = f" {errno.EPERM}" if mode == "root" else " sent"
+    assert result.stdout.split("\n") == [name + sent for name in SIGNALS_TO_INIT] + ["alive", ""]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["root", "user namespace"])
+def test_init_ends_a_run_its_caller_never_stops(mode, monkeypatch, private_tmp):
+    """A started run that its caller never closes ends at init's own deadline (timeout_s + 10 s), even while
+    the program sends init SIGCHLD after SIGCHLD."""
+    force_mode(mode, monkeypatch)
+    proc = sandbox.start("import os, signal, time\nwhile True:\n    try:\n        os.kill(1, signal.SIGCHLD)\n"
+                         "    except OSError:\n        pass\n    time.sleep(0.01)", timeout_s=1)
+    try:
+        proc._proc.wait(timeout=10 + SLACK_S * 2)
+    finally:
+        result = proc.close()
+    assert result.reason == "sandbox_error" and "init's own deadline passed" in result.stderr, result
+
+
 # The two tests below run the sandbox in a child process under other conditions; they load
 # rlpost/sandbox.py by path, so the child does not need rlpost's dependencies.
 LOAD = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('sb', {path!r}); "
@@ -631,6 +682,8 @@ USERNS_SCRIPT = textwrap.dedent("""
             ("write", "open('/usr/rlpost_sandbox_probe', 'w')", {}),
             ("network", "import socket; socket.create_connection(('127.0.0.1', 22), timeout=1)", {}),
             ("unix", "import socket; socket.socket(socket.AF_UNIX)", {}),
+            ("signal init", "import os, signal, time\\nfor s in (signal.SIGALRM, signal.SIGINT):\\n"
+             "    os.kill(1, s)\\ntime.sleep(0.5)\\nprint('alive')", {}),
             ("fork", "import os\\nfor _ in range(8):\\n    os.fork()\\n", {"max_processes": 4}),
         ]:
             r = sb.run(code, timeout_s=5, **kw)
@@ -669,6 +722,7 @@ def test_unprivileged_host_user_gets_a_user_namespace():
     assert out["write"][0] == "exit_nonzero" and "Read-only file system" in out["write"][2]
     assert out["network"][0] == "exit_nonzero" and "unreachable" in out["network"][2]
     assert out["unix"][0] == "exit_nonzero" and "Permission denied" in out["unix"][2]
+    assert out["signal init"][:2] == ["ok", "alive\n"], out["signal init"]  # init handles no signal
     assert out["fork"][0] == "exit_nonzero" and "Resource temporarily unavailable" in out["fork"][2]
     assert not os.path.exists("/usr/rlpost_sandbox_probe")
 

@@ -311,8 +311,8 @@ class CodeReward:
         with sandbox.start(_PROGRAM_SERVER, **opts) as served, sandbox.start(_CHECKER, **opts) as checker:
             outcomes, finished = _relay(checker, served, program, tests)
             _raise_on_sandbox_error(checker.close(stop=not finished))
-            # The program sandbox's own end is not looked at: the program can make even a sandbox_error
-            # (by signalling its init), and a broken host shows in the checker's sandbox, set up the same way.
+            # The program sandbox's own end is not looked at: it is stopped here, whatever the program did,
+            # and a broken host shows in the checker's sandbox, set up the same way.
             served.close(stop=True)
         ran, broken = [], False  # a set-up statement that did not run fails every statement after it
         for i, stmt in enumerate(body):
