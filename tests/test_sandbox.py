@@ -633,19 +633,22 @@ def still_running(procs: dict[int, bytes]) -> dict[int, bytes]:
     return alive
 
 
-@pytest.mark.parametrize("isolated", [True, False], ids=["sandboxed", "unsandboxed"])
-def test_a_killed_caller_leaves_no_folder_and_no_process(isolated):
-    """SIGKILL a Python process while it is inside sandbox.run: the run stops at once (not at its 60 s
-    limit), and its temp dir (TMPDIR) is left empty, in both modes."""
+@pytest.mark.parametrize("isolated, api", [(True, "run"), (False, "run"), (True, "start")],
+                         ids=["sandboxed", "unsandboxed", "started"])
+def test_a_killed_caller_leaves_no_folder_and_no_process(isolated, api):
+    """SIGKILL a Python process while it is inside sandbox.run, or while it holds a program it started: the
+    run stops at once (not at its 60 s limit), and its temp dir (TMPDIR) is left empty, in both modes."""
     # unsandboxed as root, the program's random uid must be able to reach the interpreter and its folder
     python = sys.executable if isolated or os.geteuid() != 0 else "/usr/bin/python3"
     if not os.path.exists(python):
         pytest.skip(f"no {python}")
     script = LOAD.format(path=sandbox.__file__) + textwrap.dedent(f"""
         sb._NAMESPACES_OK = {None if isolated else False}  # False: as if namespaces could not be made
-        r = sb.run("import time\\ntime.sleep(60)", files={{"data/in.txt": "x" * 100_000}}, timeout_s=60,
+        r = sb.{api}("import time\\ntime.sleep(60)", files={{"data/in.txt": "x" * 100_000}}, timeout_s=60,
                    allow_unsandboxed=True, python={python!r})
         print(r)
+        import time
+        time.sleep(60)  # holding the started program (run() returns only after 60 s)
         """)
     tmp = Path(tempfile.mkdtemp(prefix="rlpost-test-tmpdir-"))  # not tmp_path: the program's uid must reach it
     try:
