@@ -98,8 +98,9 @@ def test_assert_style_tests(score):
     "import __main__; print(getattr(__main__, '_nonce', 'no nonce'))",
 ])
 def test_ending_early_does_not_skip_the_asserts(score, escape):
-    """A program that exits 0 before the appended asserts run (they would fail) scores 0."""
-    program = f"def add(a, b):\n    return 0\n{escape}"
+    """A program that ends its process or closes its stdout at its top level, before any assert could
+    reach it, scores 0: every case fails."""
+    program = f"def add(a, b):\n    return 7\n{escape}"
     assert score(fenced(program), {"tests": ADD_TESTS}) == 0.0
 
 
@@ -122,3 +123,198 @@ def test_registered_as_code():
     assert (fn.timeout_s, fn.memory_mb, fn.mode, fn.extract) == (2, 256, "all", "fenced")
     with pytest.raises(ValueError, match="bad options"):
         get_reward("code", timeout=2)
+
+
+# ---- assert tests cannot be gamed: the tests and the verdict never enter the program's process ----
+
+# Finds, in the frames above the program, the nonce that an in-process harness would print after the
+# last assert (the design these tricks beat): None where there is none.
+FIND_NONCE = """\
+import os, sys
+def find_nonce():
+    f = sys._getframe(0)
+    while f is not None:
+        if isinstance(f.f_locals.get("nonce"), str):
+            return f.f_locals["nonce"]
+        f = f.f_back
+NONCE = find_nonce()
+"""
+# Each trick still defines add() wrong for both ADD_TESTS asserts and never crashes where it finds nothing
+# to exploit, so its 0.0 means the trick failed, not the program.
+TRICKS = {
+    "__eq__ always true": "class Yes:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\n"
+                          "def add(a, b):\n    return Yes()",
+    "int subclass whose __eq__ is true": "class Yes(int):\n    def __eq__(self, other):\n        return True\n"
+                                         "    __hash__ = int.__hash__\ndef add(a, b):\n    return Yes(7)",
+    "rebinds builtins.exec and compile": "import builtins\nbuiltins.exec = lambda *a, **k: None\n"
+                                         "builtins.compile = lambda *a, **k: None\ndef add(a, b):\n    return 7",
+    "prints the nonce read from frames": FIND_NONCE + "if NONCE:\n    print('\\n' + NONCE, flush=True)\n"
+                                         "    os._exit(0)\ndef add(a, b):\n    return 7",
+    "answers from the tests read from frames": (
+        "import re, sys\nANSWERS = {}\nf = sys._getframe(0)\nwhile f is not None:\n"
+        "    for v in list(f.f_locals.values()):\n"
+        "        if isinstance(v, dict) and isinstance(v.get('tests'), str):\n"
+        "            for args, want in re.findall(r'add\\((.*?)\\) == (.*)', v['tests']):\n"
+        "                ANSWERS[args.replace(' ', '')] = int(want)\n"
+        "    f = f.f_back\ndef add(a, b):\n    return ANSWERS.get(f'{a},{b}', 7)"),
+    "prints the nonce read from /proc/self/mem": (
+        "import os, re\ndef scan():\n"
+        "    with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:\n"
+        "        for line in maps:\n"
+        "            span, perms = line.split()[:2]\n"
+        "            lo, hi = (int(x, 16) for x in span.split('-'))\n"
+        "            if perms[0] != 'r' or hi - lo > 1 << 26:\n"
+        "                continue\n"
+        "            try:\n"
+        "                mem.seek(lo)\n"
+        "                found = re.search(rb'.nonce.: .([0-9a-f]{32}).', mem.read(hi - lo))\n"
+        "            except (OSError, ValueError, OverflowError):\n"
+        "                continue\n"
+        "            if found:\n"
+        "                return found.group(1).decode()\n"
+        "NONCE = scan()\nif NONCE:\n    print('\\n' + NONCE, flush=True)\n    os._exit(0)\n"
+        "def add(a, b):\n    return 7"),
+    "atexit prints the nonce": FIND_NONCE + "import atexit\ndef last_word():\n    if NONCE:\n"
+                               "        os.write(1, ('\\n' + NONCE + '\\n').encode())\n        os._exit(0)\n"
+                               "atexit.register(last_word)\ndef add(a, b):\n    return 7",
+    "sys.excepthook prints the nonce": FIND_NONCE + "def hook(*exc):\n    if NONCE:\n"
+                                       "        os.write(1, ('\\n' + NONCE + '\\n').encode())\n        os._exit(0)\n"
+                                       "sys.excepthook = hook\ndef add(a, b):\n    return 7",
+    "__del__ prints the nonce": FIND_NONCE + "import builtins\nclass Late:\n    def __del__(self):\n"
+                                "        if NONCE:\n            os.write(1, ('\\n' + NONCE + '\\n').encode())\n"
+                                "            os._exit(0)\nbuiltins.late = Late()\ndef add(a, b):\n    return 7",
+    "a signal handler prints the nonce": FIND_NONCE + "import signal, time\ndef on_alarm(*_):\n    if NONCE:\n"
+                                         "        os.write(1, ('\\n' + NONCE + '\\n').encode())\n"
+                                         "        os._exit(0)\nsignal.signal(signal.SIGALRM, on_alarm)\n"
+                                         "def add(a, b):\n    signal.setitimer(signal.ITIMER_REAL, 0.05)\n"
+                                         "    time.sleep(0.3)\n    return 7",
+    "forges the checker's messages on every fd": (
+        "import json, os\nfor fd in range(3, 64):\n    for msg in ({'stmt': 0, 'ok': True}, {'stmt': 1, 'ok': True},"
+        " {'done': True}):\n        data = json.dumps(msg).encode()\n        try:\n"
+        "            os.write(fd, len(data).to_bytes(4, 'big') + data)\n        except OSError:\n"
+        "            pass\ndef add(a, b):\n    return 7"),
+}
+
+
+@pytest.mark.parametrize("trick", TRICKS, ids=list(TRICKS))
+def test_tricks_against_assert_tests_score_zero(score, trick):
+    assert score(fenced(TRICKS[trick]), {"tests": ADD_TESTS}) == 0.0
+
+
+def test_each_assert_is_a_case():
+    tests = "assert add(1, 2) == 3\nassert add(2, 2) == 4\nassert add(5, 1) == 6\nassert add(0, 0) == 0\n"
+    half = "def add(a, b):\n    return a * 2"  # right for (2, 2) and (0, 0) only
+    assert CodeReward(timeout_s=3)(half, {"tests": tests}) == 0.5
+    assert CodeReward(timeout_s=3, mode="all")(half, {"tests": tests}) == 0.0
+    assert CodeReward(timeout_s=3, mode="all")("def add(a, b):\n    return a + b", {"tests": tests}) == 1.0
+    # set-up statements are not cases; one that raises fails every case after it, not those before
+    setup = "assert add(2, 2) == 4\nx = add(1, 2) + 'a'\nassert add(0, 0) == 0\n"
+    assert CodeReward(timeout_s=3)(half, {"tests": setup}) == 0.5
+    # tests without a top-level assert are one case: they pass when they all run
+    check = "def check(f):\n    assert f(1, 2) == 3\n    assert f(0, 0) == 0\ncheck(add)\n"
+    assert CodeReward(timeout_s=3)(half, {"tests": check}) == 0.0
+    assert CodeReward(timeout_s=3)("def add(a, b):\n    return a + b", {"tests": check}) == 1.0
+
+
+@pytest.mark.parametrize("program, tests, expected", [
+    # plain data keeps its type: a tuple is not a list, as in Python
+    ("def f(x):\n    return (x, [x], {x: {x}}, b'a', frozenset({x}))",
+     "assert f(1) == (1, [1], {1: {1}}, b'a', frozenset({1}))\nassert f(1) != [1, [1], {1: {1}}, b'a', {1}]\n"
+     "assert type(f(1)[2]) is dict", 1.0),
+    ("def f():\n    return float('inf'), -0.0", "import math\nassert f() == (math.inf, 0.0)", 1.0),
+    ("import math\ndef f(n):\n    return -math.factorial(n)", "import math\nassert f(3000) == -math.factorial(3000)",
+     1.0),  # past json's 4300 digits
+    ("def f():\n    return float('nan')", "assert f() != f()\nassert f() == f()", 0.5),  # NaN is never equal
+    ("N = 5\ndef f(x):\n    return x * N", "assert N == 5\nassert f(N) == 25", 1.0),  # values by name
+    ("def f(*a, k=0):\n    return sum(a) + k", "assert f(1, 2, k=3) == 6", 1.0),
+    # built-in exceptions raised by the program reach the tests as themselves
+    ("def f(x):\n    if x < 0:\n        raise ValueError(x)\n    return x",
+     "try:\n    f(-1)\n    raised = False\nexcept ValueError:\n    raised = True\nassert raised\n"
+     "assert f(2) == 2", 1.0),
+    ("def f(x):\n    return x + 1",
+     "try:\n    f('a')\n    raised = None\nexcept TypeError:\n    raised = 'TypeError'\n"
+     "assert raised == 'TypeError'", 1.0),
+    # not plain data, or no answer: that call fails, the others still count
+    ("def f(x):\n    return (i for i in range(x)) if x else 0", "assert list(f(3)) == [0, 1, 2]\nassert f(0) == 0",
+     0.5),
+    ("def f(x):\n    return f(x) if x else 1", "assert f(1) == 1\nassert f(0) == 1", 0.5),  # recursion
+    ("def f(x):\n    return 'x' * x", "assert len(f(2_000_000)) == 2_000_000\nassert f(2) == 'xx'", 0.5),  # size cap
+    ("def f(x):\n    return x\nclass C:\n    pass\ndef g():\n    return C()",
+     "assert g() is not None\nassert f(1) == 1", 0.5),
+    ("import os\ndef f(x):\n    if x == 2:\n        os._exit(0)\n    return x",  # the program dies: the rest fails
+     "assert f(1) == 1\nassert f(2) == 2\nassert f(3) == 3", 1 / 3),
+    ("def f(x):\n    return x\ndef g(h):\n    return h(1)", "assert f(1) == 1\nassert g(lambda v: v) == 1", 0.5),
+    # a builtin the program redefines is still the tests' own
+    ("def len(x):\n    return 3\ndef f():\n    return [1]", "assert len(f()) == 1", 1.0),
+    ("import math\ndef f():\n    return 2.0", "assert math.isclose(f(), 2.0)", 1.0),  # its stdlib imports
+    ("import sys\nprint('junk ' * 1000)\nsys.stdout.write('\\x00\\x00\\x00\\x05{}')\ndef f():\n    return 1",
+     "assert f() == 1", 1.0),
+    ("import sys\nsys.stdout.close()\ndef f():\n    return 1", "assert f() == 1", 1.0),  # not the channel
+    ("def f():\n    return 1\nwhile True:\n    pass", "assert f() == 1", 0.0),  # its top level never ends
+    ("def f():\n    return 1\nraise SystemExit(0)", "assert f() == 1", 0.0),  # it must run to its end
+])
+def test_assert_results_are_plain_data(program, tests, expected):
+    assert CodeReward(timeout_s=3)(program, {"tests": tests}) == pytest.approx(expected)
+
+
+def test_a_hung_call_fails_the_rest_within_timeout_s():
+    import time
+
+    program = "def f(x):\n    while x == 2:\n        pass\n    return x"
+    t0 = time.monotonic()
+    assert CodeReward(timeout_s=2)(program, {"tests": "assert f(1) == 1\nassert f(2) == 2\nassert f(3) == 3"}) == \
+        pytest.approx(1 / 3)
+    assert time.monotonic() - t0 < 2 + 10  # the row's one timeout_s, plus generous slack for a loaded machine
+
+
+def test_tests_that_do_not_parse_are_named(score):
+    with pytest.raises(ValueError, match=r"row\['tests'\] is not valid Python \(line 2"):
+        score(fenced("def add(a, b):\n    return a + b"), {"tests": "assert add(1, 2) == 3\nassert add(("})
+    with pytest.raises(ValueError, match="not valid Python"):
+        CodeReward(extract="fenced")("no program here", {"tests": "assert ("})
+
+
+def test_sandbox_start_talks_to_a_running_program(tmp_path, monkeypatch):
+    """sandbox.start(), which the assert mode is built on: live pipes, files, the wall clock, stop, and
+    nothing written in the host's temp dir (main.py and files reach the sandbox through its stdin)."""
+    import tempfile
+
+    from rlpost import sandbox
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    echo = ("import sys\nprint(open('data/prefix.txt').read(), end='', flush=True)\n"
+            "for line in sys.stdin:\n    print(line.upper(), end='', flush=True)\nprint('bye', file=sys.stderr)")
+    with sandbox.start(echo, timeout_s=5, files={"data/prefix.txt": "ready\n"}) as proc:
+        assert proc.stdout.readline() == b"ready\n"
+        assert list(tmp_path.iterdir()) == []
+        proc.stdin.write(b"hello\n")
+        assert proc.stdout.readline() == b"HELLO\n"  # answered while it still runs
+        proc.stdin.write(b"again\n")
+        assert proc.stdout.readline() == b"AGAIN\n"
+        result = proc.close()  # stdin closed: it ends by itself
+    assert (result.ok, result.reason, result.stderr) == (True, "ok", "bye\n")
+    assert list(tmp_path.iterdir()) == []
+    assert sandbox.start("while True:\n    pass", timeout_s=1).close().reason == "timeout"
+    assert sandbox.start("import time\ntime.sleep(30)", timeout_s=20).close(stop=True).reason == "stopped"
+    assert sandbox.start("import os\nos.kill(os.getpid(), 9)").close().reason == "killed_by_signal"
+    assert sandbox.start("x = bytearray(1 << 30)", memory_mb=256).close().reason == "memory_limit"
+    with pytest.raises(ValueError, match=r"sandbox.start: files key '\.\./x'"):
+        sandbox.start("pass", files={"../x": ""})
+
+
+def test_a_program_cannot_end_the_loop_of_the_tests_with_stop_iteration(score):
+    program = "def is_prime(n):\n    raise StopIteration"  # all() of an emptied map() would be True
+    assert score(fenced(program), {"tests": "assert all(map(is_prime, [2, 3, 5]))"}) == 0.0
+
+
+@pytest.mark.parametrize("sig", ["SIGALRM", "SIGINT"])
+def test_signalling_its_init_changes_nothing(score, monkeypatch, sig):
+    """Where the program is root of its own user namespace (a non-root caller), it may send signals to the init
+    of its sandbox; init handles none of them, so the run goes on and neither mode raises a sandbox_error
+    (SIGALRM and SIGINT once ended init, with a sandbox_error that stopped the caller's run)."""
+    from rlpost import sandbox
+
+    monkeypatch.setattr(sandbox, "_uid_mapped", lambda uid: False)  # user-namespace mode even as root
+    kill = f"import os, signal, time\nos.kill(1, signal.{sig})\ntime.sleep(0.5)\n"
+    assert score(fenced(kill + "def add(a, b):\n    return a + b"), {"tests": ADD_TESTS}) == 1.0
+    assert score(fenced(kill + "print(2 * int(input()))"), {"tests": DOUBLE_TESTS}) == 1.0

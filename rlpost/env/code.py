@@ -7,12 +7,20 @@
 row["tests"] is either
 - a list of stdin/stdout cases [{"input": str, "output": str}, ...]: one sandboxed run per case; a case
   passes when the program exits 0 and its stdout equals "output" up to surrounding whitespace and
-  trailing spaces on each line; or
-- a string of Python (asserts) run after the program in the same namespace, as one case: it passes when
-  the program and the asserts run to the end. The harness reads a random nonce from stdin before the
-  program runs and prints it after the last assert; the case passes only if the last line of stdout is
-  that nonce, so a program that ends the process early (sys.exit(0), os._exit(0)) before the asserts ran
-  does not pass.
+  trailing spaces on each line (the comparison happens here, on the host); or
+- a string of Python with assert statements. Each top-level `assert` is one case; the other top-level
+  statements are set-up (one that raises fails every case after it); tests without a top-level assert are
+  one case that passes when they all run. The tests never enter the program's process. Two sandboxes run
+  per row: the *program* sandbox runs the program once, then answers requests for the names it defines;
+  the *checker* sandbox never sees the program, runs the tests with every free name they use (not a
+  builtin, not bound by the tests) bound to the program's plain value of that name, or to a proxy
+  whose calls become requests: {"call": name, "args": [...], "kwargs": {...}} out, a value or an
+  exception back. Both ways carry plain data only (None, bool, int, float, str, list, and tagged tuple,
+  dict, set, frozenset, bytes), as length-prefixed JSON on the harnesses' stdin and stdout (pipes from
+  this process, which relays and size-caps the frames; no socket, so the sandbox's seccomp filter, which
+  refuses AF_UNIX sockets, is no obstacle). A result that is not plain data, a request the program does
+  not answer (it exited, crashed, hung past the row's timeout_s, sent junk) fails that call. So the
+  program decides only its own answers, never a verdict, and it never sees an expected value.
 
 The reward is the fraction of cases passed (mode="fraction") or 1.0 only if all pass (mode="all").
 extract: "auto" (the last ```python block, else the last ``` block, else the whole text), "fenced" (the
@@ -21,28 +29,225 @@ last fenced block; none scores 0), "whole" (the whole completion is the program)
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import re
-import secrets
+import select
+import time
 
 from rlpost import sandbox
 
 _FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3")
+MAX_ANSWER_BYTES = 1 << 20  # one answer of the program, as JSON; a bigger one fails that call
+MAX_FRAME_BYTES = 64 << 20  # anything else on the wire: the tests, the checker's requests
 
-# Runs as main.py; its input is one JSON line {"nonce", "program", "tests"}, so neither the tests nor the
-# nonce is in a file, on the command line or in a module global the program could read.
-_HARNESS = """\
+# Both harnesses start with this: framing (4-byte big-endian length, then JSON) on the channel fds, and
+# the plain-data codec. Type checks are exact (`type(v) is int`), so subclasses with their own __eq__ are
+# refused, and decoding builds only built-in types whatever the bytes say.
+_WIRE = """\
 import json, os, sys
-def _main():
-    job = json.loads(sys.stdin.readline())
-    nonce = job.pop("nonce")
+ANSWER_MAX, FRAME_MAX = %d, %d
+
+def send(fd, obj, cap=FRAME_MAX):
+    data = json.dumps(obj).encode()
+    if len(data) > cap:
+        data = json.dumps({"raised": "RemoteError", "message": "over %%d bytes" %% cap}).encode()
+    data = len(data).to_bytes(4, "big") + data
+    while data:
+        data = data[os.write(fd, data):]
+
+def recv(fd):
+    head = _exactly(fd, 4)
+    n = int.from_bytes(head, "big")
+    if n > FRAME_MAX:
+        raise EOFError("frame too big")
+    return json.loads(_exactly(fd, n))
+
+def _exactly(fd, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+def encode(v, depth=0):
+    t = type(v)
+    if depth > 200:
+        raise ValueError("nested too deep")
+    if t is int and v.bit_length() > 10000:  # json writes ints in decimal, refused past 4300 digits
+        return {"int": hex(v)}
+    if v is None or t is bool or t is int or t is float or t is str:
+        return v
+    if t is list:
+        return [encode(x, depth + 1) for x in v]
+    if t is tuple or t is set or t is frozenset:
+        return {t.__name__: [encode(x, depth + 1) for x in v]}
+    if t is dict:
+        return {"dict": [[encode(k, depth + 1), encode(x, depth + 1)] for k, x in v.items()]}
+    if t is bytes:
+        return {"bytes": v.hex()}
+    raise TypeError("not plain data: " + t.__name__)
+
+_TAGS = {"tuple": tuple, "set": set, "frozenset": frozenset}
+
+def decode(v):
+    t = type(v)
+    if v is None or t is bool or t is int or t is float or t is str:
+        return v
+    if t is list:
+        return [decode(x) for x in v]
+    if t is dict and len(v) == 1:
+        (tag, body), = v.items()
+        if tag in _TAGS and type(body) is list:
+            return _TAGS[tag](decode(x) for x in body)
+        if tag == "dict" and type(body) is list and all(type(p) is list and len(p) == 2 for p in body):
+            return {decode(k): decode(x) for k, x in body}
+        if tag == "bytes" and type(body) is str:
+            return bytes.fromhex(body)
+        if tag == "int" and type(body) is str:
+            return int(body, 16)
+    raise ValueError("not plain data")
+
+def private_channel():
+    # The harness keeps the pipes to the host; the code it runs gets /dev/null as stdin and stderr as
+    # stdout, so nothing it prints or reads touches the channel.
+    rd, wr = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(2, 1)
+    os.close(null)
+    return rd, wr
+""" % (MAX_ANSWER_BYTES, MAX_FRAME_BYTES)
+
+# The program sandbox: run the program once, then answer {"get": name} and {"call": name, "args", "kwargs"}
+# until the host closes the pipe. A program that raises at its top level (sys.exit included) ends the run.
+_PROGRAM_SERVER = _WIRE + """
+import types
+
+def answer(ns, req):
+    try:
+        if "get" in req:
+            if req["get"] not in ns:
+                return {"missing": True}
+            value = ns[req["get"]]
+            if isinstance(value, types.ModuleType):
+                return {"module": value.__name__}
+            return {"callable": True} if callable(value) else {"value": encode(value)}
+        args = [decode(a) for a in req["args"]]
+        kwargs = {k: decode(v) for k, v in req["kwargs"].items()}
+        return {"value": encode(ns[req["call"]](*args, **kwargs))}
+    except BaseException as e:
+        try:
+            return {"raised": type(e).__name__, "message": str(e)[:1000]}
+        except BaseException:
+            return {"raised": "RemoteError", "message": "an exception that cannot be shown"}
+
+def main():
+    rd, wr = private_channel()
     ns = {"__name__": "__main__", "__builtins__": __builtins__}
-    exec(compile(job.pop("program"), "solution.py", "exec"), ns)
-    exec(compile(job.pop("tests"), "tests.py", "exec"), ns)
-    sys.stdout.flush()
-    os.write(1, ("\\n" + nonce + "\\n").encode())
-_main()
+    exec(compile(recv(rd)["program"], "solution.py", "exec"), ns)
+    while True:
+        try:
+            req = recv(rd)
+        except EOFError:
+            return
+        try:
+            send(wr, answer(ns, req), ANSWER_MAX)
+        except (TypeError, ValueError, RecursionError, OverflowError) as e:
+            send(wr, {"raised": "RemoteError", "message": "answer is not JSON: " + type(e).__name__})
+
+main()
+"""
+
+# The checker sandbox: never imports the program. It runs the tests statement by statement and reports
+# {"stmt": i, "ok": bool} for each; its requests for the program go out on the same channel.
+_CHECKER = _WIRE + """
+import ast, builtins, importlib
+
+class RemoteError(Exception):
+    \"\"\"The program's function raised an exception that is not a built-in one, or gave no answer.\"\"\"
+
+def main():
+    rd, wr = private_channel()
+
+    def ask(request):
+        send(wr, request)
+        return recv(rd)
+
+    class Remote:  # what the tests see of a callable the program defines
+        def __init__(self, name):
+            self.__name__ = self.__qualname__ = name
+
+        def __repr__(self):
+            return "<the program's " + self.__name__ + ">"
+
+        def __call__(self, *args, **kwargs):
+            reply = ask({"call": self.__name__, "args": [encode(a) for a in args],
+                         "kwargs": {k: encode(v) for k, v in kwargs.items()}})
+            if type(reply) is dict and "value" in reply:
+                return decode(reply["value"])
+            kind = reply.get("raised") if type(reply) is dict else None
+            message = str(reply.get("message", ""))[:1000] if type(reply) is dict else ""
+            cls = getattr(builtins, kind, None) if type(kind) is str else None
+            # StopIteration would end the caller's loop quietly (all(map(f, xs)) is True): never re-raised
+            if isinstance(cls, type) and issubclass(cls, Exception) and cls not in (StopIteration,
+                                                                                     StopAsyncIteration):
+                try:
+                    error = cls(message)
+                except Exception:  # a built-in exception that takes other arguments
+                    error = None
+                if error is not None:
+                    raise error
+            raise RemoteError((kind or "no answer") + ": " + message)
+
+    tree = ast.parse(recv(rd)["tests"], "tests.py")
+    ns = {"__name__": "__main__", "__builtins__": builtins}
+    loaded, bound = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            bound.add(node.name)
+    for name in sorted(loaded - bound - set(dir(builtins)) - set(ns)):
+        reply = ask({"get": name})
+        if type(reply) is not dict:
+            continue
+        if reply.get("callable") is True:
+            ns[name] = Remote(name)
+        elif "value" in reply:
+            try:
+                ns[name] = decode(reply["value"])
+            except (ValueError, TypeError, RecursionError):
+                pass
+        elif reply.get("module") == name and name in sys.stdlib_module_names:  # `math` the tests did not import
+            try:
+                ns[name] = importlib.import_module(reply["module"])
+            except BaseException:
+                pass
+    for i, stmt in enumerate(tree.body):
+        try:
+            exec(compile(ast.Module(body=[stmt], type_ignores=[]), "tests.py", "exec"), ns)
+            ok = True
+        except BaseException:
+            ok = False
+        send(wr, {"stmt": i, "ok": ok})
+        if not ok and not isinstance(stmt, ast.Assert):
+            break
+    send(wr, {"done": True})
+
+main()
 """
 
 
@@ -75,8 +280,7 @@ class CodeReward:
 
     def _run(self, code: str, stdin: str) -> sandbox.SandboxResult:
         result = sandbox.run(code, stdin=stdin, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
-        if result.reason == "sandbox_error":  # the host's fault, not the program's: say so, do not score 0
-            raise RuntimeError(f"code reward: the sandbox failed: {result.stderr[-2000:]}")
+        _raise_on_sandbox_error(result)
         return result
 
     def __call__(self, completion: str, row: dict) -> float:
@@ -85,19 +289,123 @@ class CodeReward:
         if program is None:
             return 0.0
         if isinstance(tests, str):
-            nonce = secrets.token_hex(16)
-            job = json.dumps({"nonce": nonce, "program": program, "tests": tests}) + "\n"
-            result = self._run(_HARNESS, job)
-            lines = result.stdout.rstrip("\n").rsplit("\n", 1)
-            return float(result.ok and lines[-1] == nonce)
-        passed = 0
-        for case in tests:
-            result = self._run(program, case["input"])
-            ok = result.ok and normalize_output(result.stdout) == normalize_output(case["output"])
-            passed += ok
-            if not ok and self.mode == "all":
-                return 0.0
-        return passed / len(tests) if self.mode == "fraction" else 1.0
+            passed = self.assert_cases(program, tests)
+        else:
+            passed = []
+            for case in tests:
+                result = self._run(program, case["input"])
+                passed.append(result.ok and normalize_output(result.stdout) == normalize_output(case["output"]))
+                if not passed[-1] and self.mode == "all":
+                    break
+        if self.mode == "all":
+            return float(all(passed))
+        return sum(passed) / len(passed)
+
+    def assert_cases(self, program: str, tests: str) -> list[bool]:
+        """Which cases of the assert-style `tests` the `program` passes: one bool per top-level assert (or
+        one for tests without any), decided in the checker sandbox from the program sandbox's plain-data
+        answers (see the module docstring). The whole exchange shares `timeout_s`."""
+        body = _parse_tests(tests).body
+        asserts = [i for i, stmt in enumerate(body) if isinstance(stmt, ast.Assert)]
+        opts = {"timeout_s": self.timeout_s, "memory_mb": self.memory_mb}
+        with sandbox.start(_PROGRAM_SERVER, **opts) as served, sandbox.start(_CHECKER, **opts) as checker:
+            outcomes, finished = _relay(checker, served, program, tests)
+            _raise_on_sandbox_error(checker.close(stop=not finished))
+            # The program sandbox's own end is not looked at: it is stopped here, whatever the program did,
+            # and a broken host shows in the checker's sandbox, set up the same way.
+            served.close(stop=True)
+        ran, broken = [], False  # a set-up statement that did not run fails every statement after it
+        for i, stmt in enumerate(body):
+            ran.append(not broken and outcomes.get(i) is True)
+            broken = broken or not (ran[-1] or isinstance(stmt, ast.Assert))
+        return [ran[i] for i in asserts] if asserts else [all(ran)]
+
+
+def _raise_on_sandbox_error(result: sandbox.SandboxResult) -> None:
+    if result.reason == "sandbox_error":  # the host's fault, not the program's: say so, do not score 0
+        raise RuntimeError(f"code reward: the sandbox failed: {result.stderr[-2000:]}")
+
+
+def _parse_tests(tests: str) -> ast.Module:
+    try:
+        return ast.parse(tests, "tests.py")
+    except SyntaxError as e:
+        raise ValueError(f"code reward: row['tests'] is not valid Python (line {e.lineno}: {e.msg}); assert-style "
+                         "tests must parse on their own") from None
+
+
+def _relay(checker: sandbox.SandboxProcess, served: sandbox.SandboxProcess, program: str,
+           tests: str) -> tuple[dict[int, bool], bool]:
+    """Pass the checker's requests to the program sandbox and its answers back, as opaque frames, until the
+    checker is done or the row's time is up. Returns ({statement index: ran without error}, done)."""
+    deadline = min(checker.deadline, served.deadline)
+    outcomes: dict[int, bool] = {}
+    alive = _send(served.stdin, {"program": program}, deadline)
+    if not _send(checker.stdin, {"tests": tests}, deadline):
+        return outcomes, False
+    while (frame := _recv(checker.stdout, deadline, MAX_FRAME_BYTES)) is not None:
+        try:
+            msg = json.loads(frame)
+        except ValueError:
+            return outcomes, False
+        if not isinstance(msg, dict):
+            return outcomes, False
+        if "done" in msg:
+            return outcomes, True
+        if "stmt" in msg:
+            outcomes[msg["stmt"]] = msg["ok"] is True
+            continue
+        alive = alive and _send(served.stdin, frame, deadline)
+        answer = _recv(served.stdout, deadline, MAX_ANSWER_BYTES) if alive else None
+        alive = answer is not None  # once it failed to answer, the rest of its answers fail at once
+        if not _send(checker.stdin, answer if alive else {"raised": "RemoteError", "message": "no answer"},
+                     deadline):
+            break
+    return outcomes, False
+
+
+def _send(pipe, message, deadline: float) -> bool:
+    """Write one frame (a dict, or the bytes of one already encoded) before `deadline`; False if the reader
+    is gone or too slow."""
+    data = message if isinstance(message, bytes) else json.dumps(message).encode()
+    data = len(data).to_bytes(4, "big") + data
+    fd = pipe.fileno()
+    os.set_blocking(fd, False)
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    while data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poll.poll(left * 1000):
+            return False
+        try:
+            data = data[os.write(fd, data[:65536]):]
+        except BlockingIOError:
+            continue
+        except OSError:  # BrokenPipeError: it exited
+            return False
+    return True
+
+
+def _recv(pipe, deadline: float, cap: int) -> bytes | None:
+    """Read one frame before `deadline`; None on end of file, timeout, or a length over `cap`."""
+    head = _read_exactly(pipe.fileno(), 4, deadline)
+    if head is None or int.from_bytes(head, "big") > cap:
+        return None
+    return _read_exactly(pipe.fileno(), int.from_bytes(head, "big"), deadline)
+
+
+def _read_exactly(fd: int, n: int, deadline: float) -> bytes | None:
+    buf, poll = bytearray(), select.poll()
+    poll.register(fd, select.POLLIN)
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poll.poll(left * 1000):
+            return None
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
 
 
 def _check_tests(row: dict):
@@ -109,6 +417,7 @@ def _check_tests(row: dict):
     if isinstance(tests, str):
         if not tests.strip():
             raise ValueError("code reward: row['tests'] is an empty string of assert code")
+        _parse_tests(tests)  # a row's broken tests raise whatever the completion, even one with no program
         return tests
     if not isinstance(tests, list) or not tests:
         raise ValueError(f"code reward: row['tests'] must be a non-empty list of {{'input', 'output'}} cases or a "

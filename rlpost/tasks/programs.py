@@ -3,8 +3,8 @@
     rlpost train recipes/code_functions.yaml
 
 Prompt "x*3+2;" (an expression in x). The program to write is "def f(x):return x*3+2"; the row's
-tests are asserts on a few inputs ("assert f(5)==17"), run after the program by the `code` reward in
-the sandbox (rlpost/sandbox.py): one case, scored 1 when every assert passes.
+tests are asserts on a few inputs ("assert f(5)==17"), checked against the program by the `code` reward in
+the sandbox (rlpost/sandbox.py): each assert is a case; the recipe's `mode: all` scores 1 when every one passes.
 
 The demonstrator writes programs the way a hurried programmer does: on a fraction `error_rate` of
 the problems one constant is off by a digit, an operator is wrong, or the colon is missing (a syntax
