@@ -285,3 +285,31 @@ def test_start_and_a_verify_error_reach_the_caller_and_keep_the_worker():
         assert r._pool.pids() == first and r.timeouts == 0 and r._pool.crashes == 0  # the same two workers
     finally:
         r.close()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_call_interrupted_in_the_caller_does_not_leave_its_reply_for_the_next_call():
+    import signal
+
+    r = MathReward(workers=1, fast_path=False, timeout_s=30)
+    r._pool.verify_fn = paced_verify
+
+    def interrupt(*_):
+        raise Interrupted
+
+    before = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        assert r(r"\boxed{\sqrt{16}}", {"answer": "4"}) == 1.0
+        first = r._pool.pids()
+        signal.setitimer(signal.ITIMER_REAL, 0.1)  # as Ctrl-C would, while the worker still works on the call
+        with pytest.raises(Interrupted):
+            r(r"\boxed{\sqrt{16}}", {"answer": "4"})
+        assert r(r"\boxed{\sqrt{16}}", {"answer": "5"}) == 0.0  # not the interrupted call's True
+        assert r._pool.pids() != first
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        r.close()

@@ -419,12 +419,10 @@ class _Worker:
         if self._receive(timeout_s) != "ready":
             raise _WorkerDied(f"verifier worker {self.proc.pid} sent something other than 'ready'")
 
-    def call(self, fn, args: tuple, timeout_s: float):
+    def call(self, fn, args: tuple, timeout_s: float) -> tuple[bool, object]:
+        """(True, fn(*args)) or (False, the exception it raised), from the worker."""
         self._send((fn, args))
-        ok, value = self._receive(timeout_s)
-        if not ok:
-            raise value
-        return value
+        return self._receive(timeout_s)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -549,7 +547,7 @@ class VerifierPool:
             for _attempt in range(2):
                 worker = self._take()
                 try:
-                    result = bool(worker.call(self.verify_fn, (pairs,), timeout_s))
+                    ok, value = worker.call(self.verify_fn, (pairs,), timeout_s)
                 except FutureTimeout:
                     # the worker may be stuck in C code for minutes: kill it, a fresh one starts for a later call
                     self._drop(worker)
@@ -562,11 +560,13 @@ class VerifierPool:
                     if _EXITING:  # killed by the exit hook: no new worker
                         return False
                     continue
-                except BaseException:
-                    self._give_back(worker)  # verify_fn raised in the worker, which is fine
+                except BaseException:  # interrupted (Ctrl-C) while the worker may still be busy with the call
+                    self._drop(worker)
                     raise
                 self._give_back(worker)
-                return result
+                if not ok:  # verify_fn raised in the worker (which is fine for more calls)
+                    raise value
+                return bool(value)
             with self._lock:
                 self.crashes += 1
             return False
