@@ -1,5 +1,6 @@
 """A killed run leaves nothing running: SIGKILL `rlpost train` mid-RL (as the OOM killer and preemption do) and
-no process it started (the math reward's verifier workers) is alive 10 s later.
+no process it started (the math reward's verifier workers, a local Ray's head processes, agents and workers)
+is alive 10 s later.
 
 The run's processes are listed just before the kill: the driver's descendants (parent links in /proc) and
 whatever else is in its session (the driver gets a session of its own here, so that nothing of the test's
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 REPO = str(Path(__file__).resolve().parents[1])
 GRACE_S = 10.0
@@ -36,8 +39,9 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def run_processes(root: int) -> dict[tuple[int, int], str]:
-    """{(pid, start time): command line} of `root`, its descendants and the rest of its session."""
+def run_processes(root: int, session: bool = True) -> dict[tuple[int, int], str]:
+    """{(pid, start time): command line} of `root`, its descendants and (`session`) the rest of its session,
+    which must then be one of its own."""
     table = {}
     for name in os.listdir("/proc"):
         if name.isdigit() and (st := _stat(int(name))) is not None:
@@ -52,7 +56,9 @@ def run_processes(root: int) -> dict[tuple[int, int], str]:
             if st[1] == parent and pid not in found:
                 found.add(pid)
                 todo.append(pid)
-    found |= {pid for pid, st in table.items() if st[2] == sid}
+    if session:
+        assert sid == root, f"process {root} does not lead its session: its session is not the run's alone"
+        found |= {pid for pid, st in table.items() if st[2] == sid}
     return {(pid, table[pid][3]): _cmdline(pid) for pid in found}
 
 
@@ -69,13 +75,16 @@ def rl_steps(run_dir: Path) -> int:
     return sum(1 for line in lines if line.strip() and json.loads(line).get("stage") == "rl")
 
 
-def kill_mid_rl(tmp_path: Path, overrides: list[str], expect: tuple[str, ...] = (), timeout_s: float = 240):
-    """Start `rlpost train` with `overrides`, SIGKILL it once it has logged an RL step, has started a process
-    and every command-line fragment in `expect` is among its processes; {(pid, start): command} of those
-    processes still alive after GRACE_S seconds, and the list taken before the kill."""
+def kill_mid_rl(tmp_path: Path, overrides: list[str], expect: tuple[str, ...] = (), timeout_s: float = 240,
+                env: dict | None = None, min_processes: int = 2):
+    """Start `rlpost train` with `overrides`, SIGKILL it once it has logged an RL step, has `min_processes`
+    processes (itself included) and every command-line fragment in `expect` is among them; {(pid, start):
+    command} of those processes still alive after GRACE_S seconds, and the list taken before the kill.
+    `env`: the run's environment (default: this one without RAY_ADDRESS)."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**env, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "rlpost.cli", "train", *overrides, f"out_dir={tmp_path}",
                                "run_name=run"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -88,7 +97,7 @@ def kill_mid_rl(tmp_path: Path, overrides: list[str], expect: tuple[str, ...] = 
                                                  f"{(tmp_path / 'driver.log').read_text()[-3000:]}")
             if rl_steps(run_dir) >= 1:
                 before = run_processes(driver.pid)
-                if len(before) >= 2 and all(any(e in cmd for cmd in before.values()) for e in expect):
+                if len(before) >= min_processes and all(any(e in cmd for cmd in before.values()) for e in expect):
                     break
             time.sleep(0.2)
         driver.kill()
@@ -125,6 +134,77 @@ ASYNC_RUN = ["rl.topology=async", "sft.steps=0", "rl.steps=100000", "rl.eval_eve
 def test_a_killed_run_leaves_no_math_verifier_running(tmp_path):
     left, before = kill_mid_rl(tmp_path, MATH_RUN)  # once a verifier worker runs beside the driver
     assert not left, f"alive {GRACE_S:.0f} s after the run was killed: {sorted(left.values())}"
+
+
+@pytest.mark.slow
+def test_a_killed_async_run_leaves_no_ray_process_running(tmp_path):
+    left, before = kill_mid_rl(tmp_path, ASYNC_RUN, ("raylet", "gcs_server", "ray::RolloutWorker"))
+    assert not left, f"alive {GRACE_S:.0f} s after the run was killed: {sorted(left.values())}"
+
+
+@pytest.mark.slow
+def test_an_async_run_that_ends_leaves_nothing_running(tmp_path):
+    """The normal end: Ray shut down by the run itself, the reaper stopped without killing anything."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=REPO, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    overrides = [a.replace("rl.steps=100000", "rl.steps=3") for a in ASYNC_RUN]
+    driver = subprocess.Popen([sys.executable, "-m", "rlpost.cli", "train", *overrides, f"out_dir={tmp_path}",
+                               "run_name=run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    seen: dict = {}
+    try:
+        while driver.poll() is None:
+            seen.update(run_processes(driver.pid))
+            time.sleep(0.2)
+        assert driver.returncode == 0
+        assert any("reaper" in cmd for cmd in seen.values()) and any("raylet" in cmd for cmd in seen.values())
+        deadline = time.monotonic() + GRACE_S
+        while any(alive(*key) for key in seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(*key) for key in seen), sorted(cmd for key, cmd in seen.items() if alive(*key))
+    finally:
+        driver.kill()
+        driver.wait()
+        for pid, start in seen:
+            if alive(pid, start):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_the_cluster_in_RAY_ADDRESS_running(tmp_path):
+    """A cluster the run joined is the user's: killing the run must not take it down (nor start a reaper)."""
+    import socket
+
+    from rlpost.cluster import LOOPBACK_ENV
+
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(LOOPBACK_ENV, PYTHONPATH=REPO)
+    address = f"127.0.0.1:{port}"
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(120):  # the head is up once `ray status` answers
+            if subprocess.run([ray_cli, "status", f"--address={address}"], env=env,
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        cluster = run_processes(head.pid)  # `ray start` leads a session of its own
+        # the run's rollout worker is the cluster's process, not the driver's: the driver may be alone
+        left, before = kill_mid_rl(tmp_path, ASYNC_RUN, env={**env, "RAY_ADDRESS": address}, min_processes=1)
+        assert not any("reaper" in cmd for cmd in before.values())
+        assert not left, f"alive {GRACE_S:.0f} s after the run was killed: {sorted(left.values())}"
+        assert all(alive(*key) for key, cmd in cluster.items() if "gcs_server" in cmd or "raylet" in cmd)
+        up = subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True, text=True,
+                            timeout=120)
+        assert up.returncode == 0, up.stdout + up.stderr  # the user's cluster is still up
+    finally:  # `ray stop` would stop every Ray on the machine; this stops the head's session only
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=120)
 
 
 def _env() -> dict:
@@ -194,6 +274,61 @@ def test_a_worker_outlives_the_thread_that_started_it_and_dies_with_its_process(
         for w in workers:
             if alive(*w):
                 os.kill(w[0], signal.SIGKILL)
+
+
+# the reaper on its own: a caller that starts a process in a session of its own, which starts another
+REAPED = """
+import subprocess, sys, time
+from rlpost.reaper import Reaper
+
+reaper = Reaper.start()
+child = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300; wait"], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+time.sleep(1.5)  # the reaper has seen them
+{end}
+"""
+
+
+def _pids_below(pid: int) -> dict[tuple[int, int], str]:
+    return {key: cmd for key, cmd in run_processes(pid, session=False).items() if key[0] != pid}
+
+
+def test_the_reaper_kills_what_a_killed_caller_started(tmp_path):
+    script = tmp_path / "caller.py"
+    script.write_text(REAPED.format(end="print('ready', flush=True)\ntime.sleep(300)"))
+    caller = subprocess.Popen([sys.executable, str(script)], env=_env(), stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    below = {}
+    try:
+        assert caller.stdout.readline() == "ready\n"
+        below = _pids_below(caller.pid)
+        assert sum("sleep 300" in cmd for cmd in below.values()) >= 2 and any("reaper" in c for c in below.values())
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + GRACE_S
+        while any(alive(*key) for key in below) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(*key) for key in below), {k: c for k, c in below.items() if alive(*k)}
+    finally:
+        caller.kill()
+        caller.wait()
+        for pid, start in below:
+            if alive(pid, start):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stopped_reaper_kills_nothing(tmp_path):
+    script = tmp_path / "caller.py"
+    script.write_text(REAPED.format(end="reaper.stop()\nprint(child.pid, reaper.proc.returncode, flush=True)"))
+    done = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pid, code = map(int, done.stdout.split())
+    start = _stat(pid)[3]
+    try:
+        time.sleep(1.5)  # the caller is gone: a reaper still watching would kill now
+        assert code == 0 and alive(pid, start)
+    finally:
+        os.killpg(pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":  # measure by hand: python tests/test_no_leaks.py math|async
