@@ -60,7 +60,7 @@ class RayCluster:
             os.environ.setdefault(k, v)
         cpus = max(self.num_cpus or os.cpu_count() or 1, self.min_cpus)
         # started first, so that it sees every Ray process from its start: when this process is SIGKILLed, Ray's
-        # head processes die with it, but its dashboard and runtime-env agents would live on for a minute or more
+        # head processes die with it, but its dashboard and runtime-env agents would live on for about a minute
         self._reaper = Reaper.start()
         try:
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,

@@ -5,14 +5,14 @@
     reaper.stop()               # a normal end: nothing is killed
 
 A SIGKILLed process runs no cleanup, and not every process it started goes down with it: a local Ray's
-dashboard and runtime-env agents outlive their driver for a minute or more (they try to report the raylet's
-death to a GCS that is gone). The reaper is a separate process (this file run as a script, standard library
-only, in a session of its own so that Ctrl-C and a process-group kill do not reach it). Every
-`POLL_S` seconds it lists the caller's descendants from /proc and remembers them with their start times
-(pids are reused); when the caller dies without `stop()` (its parent pid changes, or its end of the reaper's
-stdin closes without a "stop" on it) it SIGKILLs every remembered process still alive and exits. `stop()`
-says "stop", and the reaper exits without killing anything. Linux only (/proc): elsewhere `start()` returns
-None.
+dashboard and runtime-env agents outlive their driver by about a minute (their code retries reporting the
+raylet's death to the GCS, which is gone too). The reaper is a separate process (this file run as a script,
+standard library only, in a session of its own so that Ctrl-C and a process-group kill do not reach it).
+Every `POLL_S` seconds it lists the caller's descendants from /proc and remembers them with their start
+times (pids are reused); when the caller dies without `stop()` (its parent pid changes, or its end of the
+reaper's stdin closes without a "stop" on it) it SIGKILLs every remembered process still alive and exits.
+`stop()` says "stop", and the reaper exits without killing anything. Linux only (/proc): elsewhere
+`start()` returns None.
 """
 
 from __future__ import annotations

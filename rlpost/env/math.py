@@ -39,7 +39,7 @@ outside a main thread, counts whole seconds per parse and per comparison, turns 
 and (like any signal) cannot stop a long call into C. So parse+verify runs in a pool of up to `workers`
 processes with math-verify's timeouts off, and the caller waits at most `timeout_s` seconds per call (timed
 from when a worker takes it: at most `workers` calls are in flight). A call that runs out scores 0.0, adds
-one to `reward.timeouts`, and its worker is killed; a call that finds no idle worker starts one (about 2 s:
+one to `reward.timeouts`, and its worker is killed; a call that finds no idle worker starts one (seconds:
 it imports sympy, math-verify and the `rlpost` package, outside the call's time). `close()` stops them, and
 so does interpreter exit. A worker is a fresh `python -c` that imports `rlpost` (no multiprocessing), so it
 never re-imports the script that started it (no `if __name__ == "__main__":` guard needed, `python -`
