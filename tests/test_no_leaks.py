@@ -207,6 +207,14 @@ def test_a_killed_run_leaves_the_cluster_in_RAY_ADDRESS_running(tmp_path):
         head.wait(timeout=120)
 
 
+@pytest.mark.slow
+def test_a_killed_torchrun_launch_leaves_no_rank_running(tmp_path):
+    """`rlpost train --nproc 2` runs torchrun, which runs the ranks: none may train on after the kill."""
+    overrides = ["--nproc", "2", *ASYNC_RUN[1:]]  # the async run's sizes, colocated (fsdp2 refuses Ray)
+    left, before = kill_mid_rl(tmp_path, overrides, ("torch.distributed.run",), min_processes=4)
+    assert not left, f"alive {GRACE_S:.0f} s after the run was killed: {sorted(left.values())}"
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
 
