@@ -313,3 +313,24 @@ def test_a_call_interrupted_in_the_caller_does_not_leave_its_reply_for_the_next_
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, before)
         r.close()
+
+
+def test_close_from_another_thread_under_a_call_retries_it_on_a_fresh_worker(monkeypatch):
+    import rlpost.env.math as m
+
+    r = MathReward(workers=1, fast_path=False)
+    send = m._Worker._send
+    closed = []
+
+    def send_then_close(worker, obj):  # close() lands between sending the call and waiting for its reply
+        send(worker, obj)
+        if isinstance(obj, tuple) and not closed:
+            closed.append(worker.proc.pid)
+            r.close()
+
+    monkeypatch.setattr(m._Worker, "_send", send_then_close)
+    try:
+        assert r(r"\boxed{\sqrt{16}}", {"answer": "4"}) == 1.0
+        assert closed and r._pool.pids() != closed and r._pool.crashes == 0
+    finally:
+        r.close()

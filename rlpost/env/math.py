@@ -406,13 +406,14 @@ class _Worker:
             raise _WorkerDied(f"verifier worker {self.proc.pid} is gone ({e})") from None
 
     def _receive(self, timeout_s: float):
-        ready, _, _ = select.select([self._replies], [], [], timeout_s)
-        if not ready:
-            raise FutureTimeout
-        try:
-            return pickle.load(self._replies)
+        try:  # a ValueError here: close() in another thread closed the pipe under this call
+            ready, _, _ = select.select([self._replies], [], [], timeout_s)
+            reply = pickle.load(self._replies) if ready else None
         except (EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
             raise _WorkerDied(f"verifier worker {self.proc.pid} died (exit code {self.proc.poll()}): {e!r}") from None
+        if not ready:  # (outside the try: TimeoutError is an OSError)
+            raise FutureTimeout
+        return reply
 
     def ready(self, timeout_s: float) -> None:
         """Wait until the worker has imported math-verify (raises FutureTimeout, _WorkerDied)."""
