@@ -59,7 +59,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     reward = MathReward(workers=args.workers)
     started = time.perf_counter()
-    reward._pool._get()
+    reward._pool.start()
     print(f"pool start-up ({args.workers} workers): {time.perf_counter() - started:.2f} s")
     for name, pairs in workloads(args.n).items():
         for fast in (True, False):

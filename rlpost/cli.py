@@ -481,6 +481,8 @@ def launch_torchrun(nproc: int, recipe: str | None, overrides: list[str], resume
     import socket
     import subprocess
 
+    from rlpost.reaper import Reaper
+
     with socket.socket() as s:  # a free port on the loopback for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -488,7 +490,12 @@ def launch_torchrun(nproc: int, recipe: str | None, overrides: list[str], resume
            "127.0.0.1", "--master_port", str(port), "-m", "rlpost.cli", "train", *([recipe] if recipe else []),
            *overrides, *(["--resume", resume] if resume else ["trainer.strategy=fsdp2"])]
     print("rlpost: " + " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd)
+    reaper = Reaper.start()  # torchrun and its ranks would train on for good after a SIGKILL of this process
+    try:
+        return subprocess.call(cmd)
+    finally:
+        if reaper is not None:
+            reaper.stop()
 
 
 def resumable_config(run_dir: str, given=None):

@@ -191,7 +191,7 @@ def test_from_worker_threads(reward):
 
 
 def paced_verify(pairs):
-    """The real verifier 0.3 s late, so that some call is surely running when another one's timeout kills the pool."""
+    """The real verifier 0.3 s late, so that some call is surely running when another one's timeout kills a worker."""
     time.sleep(0.3)
     return _verify(pairs)
 
@@ -209,15 +209,15 @@ def test_timeout_scores_zero_counts_and_the_pool_recovers():
 
     try:
         assert r(r"\boxed{\sqrt{16}}", {"answer": "4"}) == 1.0          # starts the pool
-        # one worker stuck on SLOW, the other busy with 0.3 s calls when the timeout kills both: those calls
-        # are retried on the fresh pool, not scored 0
+        # one worker stuck on SLOW, the other busy with 0.3 s calls when the timeout kills the first: those
+        # calls go on undisturbed, not scored 0
         cases = [(rf"\boxed{{{SLOW}}}", 0.0)] + [(r"\boxed{\sqrt{16}}", 1.0), (r"\boxed{\sqrt{15}}", 0.0)] * 5
         with ThreadPoolExecutor(4) as ex:
             got = list(ex.map(score, cases))
         assert got == [want for _, want in cases]
         assert r.timeouts == 1 and r._pool.crashes == 0
         assert dict(timed)[cases[0][0]] < 60                              # not the minutes SLOW takes to finish
-        assert r(r"\boxed{\sqrt{9}}", {"answer": "3"}) == 1.0           # and the fresh pool carries on
+        assert r(r"\boxed{\sqrt{9}}", {"answer": "3"}) == 1.0           # and the pool carries on
     finally:
         r.close()
 
@@ -225,7 +225,7 @@ def test_timeout_scores_zero_counts_and_the_pool_recovers():
 def test_pickle(reward):
     assert reward(r"\boxed{\sqrt{4}}", {"answer": "2"}) == 1.0              # its pool is running
     copy = pickle.loads(pickle.dumps(reward))
-    assert copy._pool._executor is None and repr(copy) == repr(reward)       # options travel, processes do not
+    assert copy._pool.pids() == [] and repr(copy) == repr(reward)       # options travel, processes do not
     assert copy(r"\boxed{0.5}", {"answer": "1/2"}) == 1.0
     r = MathReward(extract=["hash", "boxed"], timeout_s=3, workers=1, answer_key="y", max_answer_chars=5,
                    fast_path=False)
@@ -241,14 +241,14 @@ from rlpost.env.math import MathReward
 if __name__ == "__main__":
     r = MathReward(workers=1, timeout_s=120)
     assert r(r"\\boxed{\\sqrt{4}}", {"answer": "2"}) == 1.0
-    first = [p.pid for p in r._pool._executor._processes.values()]
+    first = r._pool.pids()
     r.close()
     # dead by pid, not by Process.is_alive(): the executor's own thread reaps the killed workers too, and the
     # thread whose waitpid loses that race reads a dead process as alive until the other records its exit code
     dead = lambda pid: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
-    assert r._pool._executor is None and all(map(dead, first)), "close() left workers running"
+    assert first and r._pool.pids() == [] and all(map(dead, first)), "close() left workers running"
     assert r(r"\\boxed{\\sqrt{4}}", {"answer": "3"}) == 0.0            # a call after close starts a new pool
-    print(" ".join(str(p.pid) for p in r._pool._executor._processes.values()), flush=True)
+    print(" ".join(map(str, r._pool.pids())), flush=True)
     # exit while a call that would take minutes runs: the exit hook kills the workers, no 120 s wait
     threading.Thread(target=r, args=(r"\\boxed{%s}", {"answer": "3"}), daemon=True).start()
     time.sleep(0.5)
@@ -265,3 +265,72 @@ def test_close_and_interpreter_exit(tmp_path):
     assert time.monotonic() - started < 60
     for pid in map(int, done.stdout.split()):
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def raising_verify(pairs):
+    raise ValueError(f"no verdict on {pairs[0][0]}")
+
+
+def test_start_and_a_verify_error_reach_the_caller_and_keep_the_worker():
+    r = MathReward(workers=2, fast_path=False)
+    try:
+        r._pool.start()
+        first = r._pool.pids()
+        assert len(first) == 2
+        r._pool.verify_fn = raising_verify
+        with pytest.raises(ValueError, match=r"no verdict on \$\\sqrt\{4\}\$"):
+            r(r"\boxed{\sqrt{4}}", {"answer": "2"})
+        r._pool.verify_fn = _verify
+        assert r(r"\boxed{\sqrt{4}}", {"answer": "2"}) == 1.0
+        assert r._pool.pids() == first and r.timeouts == 0 and r._pool.crashes == 0  # the same two workers
+    finally:
+        r.close()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_call_interrupted_in_the_caller_does_not_leave_its_reply_for_the_next_call():
+    import signal
+
+    r = MathReward(workers=1, fast_path=False, timeout_s=30)
+    r._pool.verify_fn = paced_verify
+
+    def interrupt(*_):
+        raise Interrupted
+
+    before = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        assert r(r"\boxed{\sqrt{16}}", {"answer": "4"}) == 1.0
+        first = r._pool.pids()
+        signal.setitimer(signal.ITIMER_REAL, 0.1)  # as Ctrl-C would, while the worker still works on the call
+        with pytest.raises(Interrupted):
+            r(r"\boxed{\sqrt{16}}", {"answer": "4"})
+        assert r(r"\boxed{\sqrt{16}}", {"answer": "5"}) == 0.0  # not the interrupted call's True
+        assert r._pool.pids() != first
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        r.close()
+
+
+def test_close_from_another_thread_under_a_call_retries_it_on_a_fresh_worker(monkeypatch):
+    import rlpost.env.math as m
+
+    r = MathReward(workers=1, fast_path=False)
+    send = m._Worker._send
+    closed = []
+
+    def send_then_close(worker, obj):  # close() lands between sending the call and waiting for its reply
+        send(worker, obj)
+        if isinstance(obj, tuple) and not closed:
+            closed.append(worker.proc.pid)
+            r.close()
+
+    monkeypatch.setattr(m._Worker, "_send", send_then_close)
+    try:
+        assert r(r"\boxed{\sqrt{16}}", {"answer": "4"}) == 1.0
+        assert closed and r._pool.pids() != closed and r._pool.crashes == 0
+    finally:
+        r.close()

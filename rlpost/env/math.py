@@ -36,26 +36,33 @@ A percentage matches both readings: 50% == 0.5 and 50% == 50 (and 12.5% == 12.5)
 
 Timeouts: sympy can take minutes (\\boxed{9^{9^{9}}}). math-verify's own timeouts use signal.alarm, which fails
 outside a main thread, counts whole seconds per parse and per comparison, turns a timeout into a silent False,
-and (like any signal) cannot stop a long call into C. So parse+verify runs in a pool of `workers` spawned
+and (like any signal) cannot stop a long call into C. So parse+verify runs in a pool of up to `workers`
 processes with math-verify's timeouts off, and the caller waits at most `timeout_s` seconds per call (timed
 from when a worker takes it: at most `workers` calls are in flight). A call that runs out scores 0.0, adds
-one to `reward.timeouts`, and the pool's processes are killed; calls that were running beside it are retried
-on the fresh pool. The pool starts on first use (about 3 s: each worker imports sympy, math-verify and the
-`rlpost` package); `close()` stops it, and so does interpreter exit. Like any spawned process, a worker
-re-imports the script that started it, so a script must keep its work under `if __name__ == "__main__":`.
+one to `reward.timeouts`, and its worker is killed; a call that finds no idle worker starts one (seconds:
+it imports sympy, math-verify and the `rlpost` package, outside the call's time). `close()` stops them, and
+so does interpreter exit. A worker is a fresh `python -c` that imports `rlpost` (no multiprocessing), so it
+never re-imports the script that started it (no `if __name__ == "__main__":` guard needed, `python -`
+works), and it dies with the process that started it even when that is SIGKILLed (see _die_with_parent).
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
-import multiprocessing
+import os
+import pickle
+import queue
 import re
+import select
+import signal
+import subprocess
+import sys
 import threading
+import time
 import weakref
-from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 
 METHODS = ("boxed", "hash", "answer_is", "last_line", "last_number")
@@ -274,10 +281,6 @@ def _init_worker() -> None:
     _verify([("$\\frac{1}{2}$", "$0.5$")])  # import sympy and load the LaTeX grammar now, not in a call's timeout
 
 
-def _ready() -> bool:
-    return True
-
-
 def _verify(pairs: list[tuple[str, str]]) -> bool:
     """In a worker: does any (pred, gold) pair verify? math-verify's signal timeouts are off (see module doc)."""
     from math_verify import parse, verify
@@ -288,6 +291,148 @@ def _verify(pairs: list[tuple[str, str]]) -> bool:
         if g and p and verify(g, p, timeout_seconds=None):
             return True
     return False
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a worker: end when the process that started it ends, even by SIGKILL, even inside a long C call."""
+    try:  # the kernel's parent-death signal needs no GIL, so it also stops a worker stuck in sympy's C code
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the watchdog below alone
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(0)
+
+    def watchdog() -> None:  # where prctl is missing (and a second line where it is not)
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watchdog, daemon=True, name="rlpost-math-watchdog").start()
+
+
+def _serve(parent: int, calls, replies) -> None:
+    """A worker's loop: (fn, args) in from the parent, (ok, result or exception) back, until the pipe closes."""
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal reaches the whole group: the parent decides
+    _init_worker()
+    pickle.dump("ready", replies)
+    replies.flush()
+    while True:
+        try:
+            fn, args = pickle.load(calls)
+        except EOFError:  # the parent closed the pool
+            return
+        try:
+            reply = (True, fn(*args))
+        except Exception as e:  # noqa: BLE001 - raised again in the caller
+            reply = (False, e)
+        try:
+            data = pickle.dumps(reply)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle goes back as text
+            data = pickle.dumps((False, RuntimeError(repr(reply[1]))))
+        replies.write(data)
+        replies.flush()
+
+
+# A worker is `python -c` with this code, not a multiprocessing child: it never re-imports the script that
+# started it, so a script without an `if __name__ == "__main__":` guard works, and so does `python -`
+_BOOT = ("import os, pickle, sys; calls = os.fdopen({calls}, 'rb'); sys.path[:] = pickle.load(calls); "
+         "from rlpost.env.math import _serve; _serve({parent}, calls, os.fdopen({replies}, 'wb'))")
+
+
+class _Spawner:
+    """Starts processes from one thread that lives as long as this process. A worker's parent-death signal
+    fires when the *thread* that started it ends, and rewards are called from short-lived threads too."""
+
+    def __init__(self):
+        self._requests: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)  # a forked child has no copy of the thread
+
+    def _forget(self) -> None:
+        self._requests, self._thread, self._lock = queue.Queue(), None, threading.Lock()
+
+    def _serve(self) -> None:
+        while True:
+            args, kwargs, out, done = self._requests.get()
+            try:
+                out.append(subprocess.Popen(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller
+                out.append(e)
+            done.set()
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, daemon=True, name="rlpost-math-spawner")
+                self._thread.start()
+        out, done = [], threading.Event()
+        self._requests.put((args, kwargs, out, done))
+        done.wait()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+
+
+_SPAWNER = _Spawner()
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+class _Worker:
+    """One verifier process and its two pipes; `call` sends a function and its arguments, waits for the reply."""
+
+    def __init__(self):
+        calls_r, calls_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        code = _BOOT.format(calls=calls_r, replies=replies_w, parent=os.getpid())
+        try:
+            self.proc = _SPAWNER.popen([sys.executable, "-c", code], pass_fds=(calls_r, replies_w))
+        finally:
+            os.close(calls_r)
+            os.close(replies_w)
+        self._calls, self._replies = os.fdopen(calls_w, "wb"), os.fdopen(replies_r, "rb")
+        self._send(list(sys.path))  # what this process imports from, the verify function's module included
+
+    def _send(self, obj) -> None:
+        try:
+            pickle.dump(obj, self._calls)
+            self._calls.flush()
+        except (BrokenPipeError, OSError, ValueError) as e:
+            raise _WorkerDied(f"verifier worker {self.proc.pid} is gone ({e})") from None
+
+    def _receive(self, timeout_s: float):
+        try:  # a ValueError here: close() in another thread closed the pipe under this call
+            ready, _, _ = select.select([self._replies], [], [], timeout_s)
+            reply = pickle.load(self._replies) if ready else None
+        except (EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+            raise _WorkerDied(f"verifier worker {self.proc.pid} died (exit code {self.proc.poll()}): {e!r}") from None
+        if not ready:  # (outside the try: TimeoutError is an OSError)
+            raise FutureTimeout
+        return reply
+
+    def ready(self, timeout_s: float) -> None:
+        """Wait until the worker has imported math-verify (raises FutureTimeout, _WorkerDied)."""
+        if self._receive(timeout_s) != "ready":
+            raise _WorkerDied(f"verifier worker {self.proc.pid} sent something other than 'ready'")
+
+    def call(self, fn, args: tuple, timeout_s: float) -> tuple[bool, object]:
+        """(True, fn(*args)) or (False, the exception it raised), from the worker."""
+        self._send((fn, args))
+        return self._receive(timeout_s)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        for f in (self._calls, self._replies):
+            try:
+                f.close()
+            except OSError:  # a write buffer that cannot be flushed any more
+                pass
+        self.proc.wait()
 
 
 _POOLS: weakref.WeakSet[VerifierPool] = weakref.WeakSet()
@@ -301,16 +446,18 @@ def _close_pools() -> None:
         pool.close()
 
 
-# Registered like concurrent.futures' own exit hook, and after it, so this one runs first: that hook waits for
-# running calls to finish, which for a stuck call is its whole timeout
+# Registered with threading, so that it runs before the interpreter waits for non-daemon threads: one stuck in
+# a call gets its answer (False) when its worker is killed here, instead of after the call's whole timeout
 getattr(threading, "_register_atexit", atexit.register)(_close_pools)
 
 
 class VerifierPool:
-    """Runs `verify_fn(pairs)` in `workers` spawned processes; a call gets at most `timeout_s` seconds.
+    """Runs `verify_fn(pairs)` in up to `workers` processes; a call gets at most `timeout_s` seconds.
 
     `verify_fn` is `_verify`; it is an attribute so that a test can give the workers a slower module-level
-    function and watch the timeout path. Thread-safe: the reward may be called from several threads.
+    function and watch the timeout path. Thread-safe: the reward may be called from several threads. A worker
+    starts when a call finds none idle (its imports do not count against the call's time) and ends with this
+    process, however that ends.
     """
 
     def __init__(self, workers: int = 2):
@@ -324,53 +471,103 @@ class VerifierPool:
         """calls whose worker died twice in a row (scored 0.0)"""
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(workers)  # in flight <= workers: timeouts time work, not queueing
-        self._executor: ProcessPoolExecutor | None = None
+        self._idle: list[_Worker] = []
+        self._all: set[_Worker] = set()  # idle and busy: what close() kills
         _POOLS.add(self)
 
-    def _get(self) -> ProcessPoolExecutor:
+    def pids(self) -> list[int]:
+        """The worker processes' pids, idle and busy."""
         with self._lock:
-            if self._executor is None:
-                if _EXITING:
-                    raise RuntimeError("math reward: called while the interpreter exits")
-                ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker)
-                # one task per worker starts them all (3.11 spawns a process per submit while none is idle),
-                # so their imports happen here and not inside a call's timeout
-                done, pending = wait([ex.submit(_ready) for _ in range(self.workers)], timeout=STARTUP_TIMEOUT_S)
-                if pending:
-                    _kill(ex)
-                    raise RuntimeError(f"math reward: {self.workers} verifier worker process(es) did not start "
-                                       f"within {STARTUP_TIMEOUT_S:.0f} s")
-                for f in done:
-                    f.result()
-                self._executor = ex
-            return self._executor
+            return sorted(w.proc.pid for w in self._all)
 
-    def _drop(self, ex: ProcessPoolExecutor) -> None:
+    def start(self) -> None:
+        """Start the missing workers now, side by side (otherwise each starts when a call first needs it)."""
+        for _ in range(self.workers):  # all slots: no call runs meanwhile, so there are never too many workers
+            self._slots.acquire()
+        try:
+            with self._lock:
+                if _EXITING:
+                    raise RuntimeError("math reward: started while the interpreter exits")
+                missing = self.workers - len(self._all)
+            started = [self._spawn() for _ in range(missing)]
+            for i, worker in enumerate(started):
+                try:
+                    self._ready(worker)
+                except RuntimeError:
+                    for other in started[i + 1:]:
+                        self._drop(other)
+                    raise
+                self._give_back(worker)
+        finally:
+            for _ in range(self.workers):
+                self._slots.release()
+
+    def _spawn(self) -> _Worker:
+        worker = _Worker()
         with self._lock:
-            if self._executor is ex:
-                self._executor = None
-        _kill(ex)
+            self._all.add(worker)
+        return worker
+
+    def _take(self) -> _Worker:
+        with self._lock:
+            if _EXITING:
+                raise RuntimeError("math reward: called while the interpreter exits")
+            if self._idle:
+                return self._idle.pop()
+        worker = self._spawn()  # every live worker is busy with another slot's call: at most `workers` of them
+        self._ready(worker)
+        return worker
+
+    def _ready(self, worker: _Worker) -> None:
+        try:
+            worker.ready(STARTUP_TIMEOUT_S)
+        except FutureTimeout:
+            self._drop(worker)
+            raise RuntimeError(f"math reward: a verifier worker process did not start within "
+                               f"{STARTUP_TIMEOUT_S:.0f} s") from None
+        except _WorkerDied as e:
+            self._drop(worker)
+            raise RuntimeError(f"math reward: a verifier worker process failed to start: {e}; its error "
+                               f"is printed above") from None
+
+    def _give_back(self, worker: _Worker) -> None:
+        with self._lock:
+            if worker in self._all:  # not closed while it worked
+                self._idle.append(worker)
+                return
+        worker.kill()
+
+    def _drop(self, worker: _Worker) -> None:
+        with self._lock:
+            self._all.discard(worker)
+        worker.kill()
 
     def run(self, pairs: list[tuple[str, str]], timeout_s: float) -> bool:
         """Whether any pair verifies; False when the call times out (counted) or its worker keeps dying."""
         with self._slots:
             for _attempt in range(2):
-                ex = self._get()
+                worker = self._take()
                 try:
-                    future = ex.submit(self.verify_fn, pairs)
-                    return bool(future.result(timeout=timeout_s))
+                    ok, value = worker.call(self.verify_fn, (pairs,), timeout_s)
                 except FutureTimeout:
-                    # the worker may be stuck in C code for minutes: kill the whole pool, a fresh one starts next call
-                    self._drop(ex)
+                    # the worker may be stuck in C code for minutes: kill it, a fresh one starts for a later call
+                    self._drop(worker)
                     with self._lock:
                         self.timeouts += 1
                     return False
-                except BrokenProcessPool:
-                    # another call's timeout killed this pool under us (or a worker died): once more on a fresh one
-                    self._drop(ex)
-                    if _EXITING:  # killed by the exit hook: no new pool
+                except _WorkerDied:
+                    # close() killed it under us (or it crashed): once more on a fresh one
+                    self._drop(worker)
+                    if _EXITING:  # killed by the exit hook: no new worker
                         return False
+                    continue
+                except BaseException:  # interrupted (Ctrl-C) while the worker may still be busy with the call
+                    self._drop(worker)
+                    raise
+                self._give_back(worker)
+                if not ok:  # verify_fn raised in the worker (which is fine for more calls)
+                    raise value
+                return bool(value)
             with self._lock:
                 self.crashes += 1
             return False
@@ -378,20 +575,9 @@ class VerifierPool:
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones)."""
         with self._lock:
-            ex, self._executor = self._executor, None
-        if ex is not None:
-            _kill(ex)
-
-
-def _kill(ex: ProcessPoolExecutor) -> None:
-    # ProcessPoolExecutor cannot stop a running task (terminate_workers() comes in Python 3.14); its process
-    # table is the only handle on the workers
-    procs = list((getattr(ex, "_processes", None) or {}).values())
-    for p in procs:
-        p.kill()
-    ex.shutdown(wait=False, cancel_futures=True)
-    for p in procs:
-        p.join(timeout=5)
+            workers, self._all, self._idle = list(self._all), set(), []
+        for w in workers:
+            w.kill()
 
 
 _default_pool: VerifierPool | None = None
