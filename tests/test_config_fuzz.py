@@ -11,6 +11,7 @@ docs/cli.md. Nothing here builds a model; the CLI tests check that a refusal com
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -222,3 +223,50 @@ def test_main_returns_2_and_leaves_no_run_directory(args, tmp_path, capsys):
     assert "config key" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
+
+# ---------------------------------------------------------------------------- accepted values mean something
+
+TINY = ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "threads=1", "task.num_eval=8", "sft.steps=0",
+        "rollout.prompts_per_step=2", "rollout.k=2", "eval.samples_per_prompt=1", "rl.steps=2"]
+
+
+def test_greedy_rollouts_train_on_finite_log_probs(tmp_path):
+    """rollout.temperature=0: the engine reports old_logp at temperature 1, and the trainer and the reference
+    score there too (logits / 0 made every one of their log-probs NaN, and every step was skipped). Zeros of
+    other keys ride along: each one's documented meaning runs."""
+    from rlpost.run import train
+
+    summary = train(load_config(None, [*TINY, "rollout.temperature=0", "eval.temperature=0", "rl.eval_every=0",
+                                       "rl.save_every=0", "rl.keep_checkpoints=0", "rollout.top_k=0",
+                                       "rollout.max_refill_rounds=0", "trainer.grad_clip=0",
+                                       "trainer.weight_decay=0", "log.rollouts_every=0", "algorithm.beta=0.1",
+                                       "algorithm.entropy_coef=0.01", f"out_dir={tmp_path}", "run_name=greedy"]))
+    assert summary["status"] == "ok"
+    lines = [json.loads(x) for x in (tmp_path / "greedy" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if m["stage"] == "rl"]
+    assert len(steps) == 2
+    for m in steps:
+        assert m["train/skipped_nonfinite"] == 0
+        assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/grad_norm"]) and m["train/grad_norm"] > 0
+        assert m["rollout/logp_mismatch_max"] < 1e-4  # the trainer scores what the engine reported
+        assert math.isfinite(m["loss/kl_ref"])
+    assert [m["after"] for m in lines if m["stage"] == "eval"] == ["start", "rl"]  # eval_every=0: at the end only
+    assert not (tmp_path / "greedy" / "rollouts.jsonl").exists()  # rollouts_every=0: never
+
+
+def test_scorers_refuse_a_temperature_they_cannot_divide_by():
+    import torch
+
+    from rlpost.distill import TeacherReward
+    from rlpost.reference import Reference
+    from rlpost.rollout.engine import SamplingParams, logp_temperature
+    from rlpost.trainer import Trainer
+
+    model = torch.nn.Linear(2, 2)
+    for make in (lambda t: Trainer(model, lr=1e-3, temperature=t), lambda t: Reference(model, temperature=t),
+                 lambda t: TeacherReward(model, tokenizer=None, temperature=t)):
+        for t in (0.0, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="logp_temperature"):
+                make(t)
+    assert SamplingParams(temperature=0).logp_temperature == logp_temperature(0) == 1.0
+    assert logp_temperature(0.7) == 0.7
