@@ -117,6 +117,59 @@ def test_malformed_prompt_rows_are_reported_by_line(tmp_path):
     assert "line 5: expected a JSON object" in msg
 
 
+def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt": "1+1=", "answer": "2"}).encode() + b"\n"
+                     + b'{"prompt": "caf\xe9=", "answer": "3"}\n' + b"{not json\n")
+    with pytest.raises(TaskDataError) as e:
+        read_jsonl(str(path))
+    msg = str(e.value)  # reported with the file's other malformed lines, all at once
+    assert f"{path}: 2 malformed row(s)" in msg
+    assert "line 2: not valid UTF-8 (byte 0xe9 at column 16: invalid continuation byte)" in msg
+    assert "line 3: not valid JSON" in msg
+    array = tmp_path / "latin1.json"
+    array.write_bytes(b'[{"prompt": "1+1=", "answer": "2"},\n {"prompt": "caf\xe9=", "answer": "3"}]')
+    with pytest.raises(TaskDataError, match=r"latin1.json: line 2: not valid UTF-8 \(byte 0xe9 at column 17"):
+        read_jsonl(str(array))
+
+
+def test_bytes_that_are_not_utf8_in_a_parquet_or_arrow_table_are_named_by_row(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rlpost.tasks import read_rows
+
+    # a string column whose second value holds a latin-1 byte, as a writer that skips validation leaves it
+    prompts = pa.array([b"1+1=", b"caf\xe9="], type=pa.binary()).view(pa.string())
+    table = pa.table({"prompt": prompts, "answer": pa.array(["2", "3"])})
+    pq.write_table(table, str(tmp_path / "t.parquet"))
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "folder"))
+    for path in (str(tmp_path / "t.parquet"), str(tmp_path / "folder")):
+        with pytest.raises(TaskDataError) as e:
+            read_rows(path)
+        assert f"{path}: text that is not valid UTF-8:\n  row 2: column 'prompt' is not valid UTF-8 (byte 0xe9 " \
+               "at offset 3 of the value" in str(e.value)
+
+
+def test_a_json_string_holding_a_line_separator_character_stays_one_line(tmp_path):
+    path = tmp_path / "sep.jsonl"  # json.dumps(ensure_ascii=False), as write_rows writes, keeps U+2028 raw
+    path.write_text(json.dumps({"prompt": "a\u2028b=", "answer": "1"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [r["prompt"] for r in read_jsonl(str(path))] == ["a\u2028b="]
+
+
+def test_a_completion_column_named_in_the_config_is_not_required_in_the_held_out_file(tmp_path):
+    from rlpost.tasks import Columns, file_task
+
+    train = write(tmp_path / "t.jsonl", [json.dumps({"prompt": "2*3=", "answer": "6", "solution": "6"})])
+    held_out = write(tmp_path / "e.jsonl", [json.dumps({"prompt": "3*3=", "answer": "9"})])
+    task = file_task(train, held_out, Columns(completion="solution"))
+    assert task.demonstrations[0]["completion"] == "6" and task.eval_rows[0]["prompt"] == "3*3="
+    assert task.demonstrator_accuracy is None  # no held-out completion to grade
+    with pytest.raises(TaskDataError, match=r"no column 'solution' \(task.completion_key\)"):  # the training file
+        file_task(held_out, None, Columns(completion="solution"))  # must have it: SFT imitates it
+
+
 def test_empty_or_missing_prompt_file(tmp_path):
     with pytest.raises(TaskDataError, match="has no rows"):
         read_jsonl(write(tmp_path / "empty.jsonl", [""]))
@@ -176,3 +229,4 @@ def test_topology_keys_are_checked():
         load_config(None, ["rl.rollout_workers=0"])
     with pytest.raises(ConfigError, match="'rl.max_staleness' must be >= 0"):
         load_config(None, ["rl.max_staleness=-1"])
+
