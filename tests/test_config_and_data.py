@@ -230,3 +230,40 @@ def test_topology_keys_are_checked():
     with pytest.raises(ConfigError, match="'rl.max_staleness' must be >= 0"):
         load_config(None, ["rl.max_staleness=-1"])
 
+
+# ---------------------------------------------------------------------------- a run refused before it begins
+
+def test_a_run_refused_for_its_data_leaves_no_run_directory_and_runs_once_fixed(tmp_path, capsys):
+    from rlpost.cli import main
+
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": "caf\xe9=", "answer": "3"}\n')
+    held_out = write(tmp_path / "test.jsonl", [json.dumps({"prompt": "2+2=", "answer": "4"})])
+    args = ["train", "task.name=file", f"task.train_file={train}", f"task.eval_file={held_out}", "sft.steps=0",
+            "rl.steps=0", "eval.samples_per_prompt=1", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
+            "threads=1", f"out_dir={tmp_path / 'runs'}", "run_name=r"]
+    for _ in range(2):  # the same command again meets the same error, not a run directory in its way
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "train.jsonl: 1 malformed row(s)" in err and "line 2: not valid UTF-8" in err
+        assert not (tmp_path / "runs" / "r").exists()
+    train.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "3+0=", "answer": "3"}\n')
+    assert main([*args, "model.block_size=3"]) == 1  # the length check refuses a run before it begins too
+    assert "model.block_size" in capsys.readouterr().err and not (tmp_path / "runs" / "r").exists()
+    assert main(args) == 0  # the data fixed, the same command runs
+    assert (tmp_path / "runs" / "r" / "summary.json").exists()
+
+
+def test_discarding_a_run_directory_keeps_what_was_there_before(tmp_path):
+    from rlpost.run import discard_run_dir, make_run_dir, open_log
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "run_name=mine"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    run_dir = make_run_dir(cfg, "test")
+    open_log(cfg, run_dir).close()
+    discard_run_dir(run_dir)
+    assert os.listdir(run_dir) == ["notes.txt"]
+    fresh = make_run_dir(load_config(None, [f"out_dir={tmp_path}", "run_name=new"]), "test")
+    discard_run_dir(fresh)
+    assert not os.path.exists(fresh)
