@@ -226,7 +226,7 @@ class PGConfig:
         "clip_high": above(0),
         "beta": at_least(0, "0: no KL term, no reference model"),
         "norm_length": at_least(1),
-        "entropy_coef": at_least(0, "0: no entropy bonus"),
+        "entropy_coef": Range(note="0: no entropy term; below 0: an entropy penalty"),
         "adv_clip": above(0),
         "eps": at_least(0, "0: divide by the standard deviation alone"),
         "rollout_correction_cap": at_least(1),
