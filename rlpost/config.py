@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -742,13 +741,16 @@ def _validate_process_reward(cfg: Config) -> None:
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:
-    """One line per config key: name, default, help. Used by `rlpost train --help`."""
+    """One line per config key: name, default, help, and a number's allowed range. Used by `rlpost train --help`."""
     lines = []
-    hints = typing.get_type_hints(cls)
+    types_of = hints(cls)
     default = cls()
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines.extend(describe(hints[f.name], f"{prefix}{f.name}."))
+        if dataclasses.is_dataclass(types_of[f.name]):
+            lines.extend(describe(types_of[f.name], f"{prefix}{f.name}."))
         else:
-            lines.append(f"  {prefix + f.name:<28} {getattr(default, f.name)!s:<14} {f.metadata.get('help', '')}")
+            rng = f.metadata.get("range")
+            allowed = f" [{rng.bounds()}]" if rng is not None else ""
+            lines.append(f"  {prefix + f.name:<28} {getattr(default, f.name)!s:<14} {f.metadata.get('help', '')}"
+                         f"{allowed}")
     return lines

@@ -270,3 +270,11 @@ def test_scorers_refuse_a_temperature_they_cannot_divide_by():
                 make(t)
     assert SamplingParams(temperature=0).logp_temperature == logp_temperature(0) == 1.0
     assert logp_temperature(0.7) == 0.7
+
+
+def test_train_help_shows_each_numeric_keys_range(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert lines["rollout.temperature"].endswith("[>= 0]") and lines["trainer.min_lr_ratio"].endswith("[in [0, 1]]")
+    assert "[" not in lines["model.name"].split("'")[-1]  # a string key has no range
