@@ -558,6 +558,8 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
 def _plugin(build, params: dict[str, Any], key: str) -> None:
     """Build a plug-in (an algorithm, a preference loss) from config key `key`'s mapping, now: an unknown name
     or parameter is its own error; a number outside the range the plug-in declares is named as a config key."""
+    if "name" not in params:  # a recipe's mapping replaces the default one whole, name included
+        raise ConfigError(f"config key '{key}' needs a 'name' besides its parameters, got {params!r}")
     try:
         build(**params)
     except RangeError as e:

@@ -167,6 +167,12 @@ def test_the_values_the_requirement_names_are_refused_at_load_time(overrides, ma
         load_config(None, overrides)
 
 
+def test_an_algorithm_mapping_without_a_name_is_named():
+    with pytest.raises(ConfigError, match=r"config key 'algorithm' needs a 'name' besides its parameters, got "
+                                          r"\{'beta': 0.1\}"):
+        load_config(None, ["algorithm={beta: 0.1}"])  # was a TypeError from get_algorithm
+
+
 def test_a_run_name_inside_out_dir_is_accepted():
     assert load_config(None, ["run_name=sweep/lr3e-4"]).run_name == "sweep/lr3e-4"
     assert load_config(None, ["run_name=a/../b"]).run_name == "a/../b"  # still inside out_dir
