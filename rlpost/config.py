@@ -1,6 +1,9 @@
 """Typed run configuration: dataclasses with one help line per field, filled from a YAML recipe and
 `dotted.key=value` overrides. An unknown key or a wrongly typed value fails at load time, naming
-the key and listing the valid ones, so no run dies after minutes of work on a typo.
+the key and listing the valid ones, so no run dies after minutes of work on a typo. So does a number
+outside its key's range (NaN and +-inf are outside every range): each numeric field declares its range
+next to itself (`opt(default, help, range)`, rlpost/schema.py), and each section checks its own keys
+(`Section.validate`) before the checks that span sections (`_validate`).
 
 The defaults *are* the embedded default recipe (recipes/default.yaml spells them out).
 """
@@ -8,24 +11,53 @@ The defaults *are* the embedded default recipe (recipes/default.yaml spells them
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from rlpost.schema import (FINITE, Range, RangeError, above, at_least, between, check_ranges, hints, type_name,
+                           type_ok)
 
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
 
 
-def opt(default: Any, help: str) -> Any:
-    """A config field with its help line (shown by `rlpost train --help`)."""
+def opt(default: Any, help: str, range: Range | None = None) -> Any:
+    """A config field with its help line (shown by `rlpost train --help`) and, for a number, the range of
+    values it means something for (checked at load time; every numeric key declares one)."""
+    metadata = {"help": help} if range is None else {"help": help, "range": range}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+LEARNING_RATE = above(0, what="a positive learning rate")
+
+
+class Section:
+    """A config section (and the whole Config): it checks its own keys. `validate` refuses a number outside
+    the range its field declares, in this section and the sections nested in it, then applies `check`, the
+    section's own rules that ranges cannot say (keys of the section that go together)."""
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise ConfigError naming the first bad key of this section (`prefix`: its dotted path, e.g. 'model.')."""
+        try:
+            check_ranges(self, lambda key, value, allowed: f"config key '{prefix}{key}' must be {allowed}, "
+                                                           f"got {value!r}")
+        except RangeError as e:
+            raise ConfigError(str(e)) from None
+        self.check(prefix)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Section):
+                value.validate(f"{prefix}{f.name}.")
+
+    def check(self, prefix: str) -> None:
+        """The section's own rules beyond the ranges of its numbers (none by default)."""
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # Llama / Qwen2
@@ -33,22 +65,30 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @dataclass
-class LoRAConfig:
-    r: int = opt(0, "LoRA rank (0: off, full fine-tuning; > 0: only low-rank adapters train, through peft)")
-    alpha: float = opt(16.0, "LoRA scaling numerator: the adapter's output is scaled by alpha / r")
-    dropout: float = opt(0.0, "dropout on the adapters' input in training (never in rollout or the reference)")
+class LoRAConfig(Section):
+    r: int = opt(0, "LoRA rank (0: off, full fine-tuning; > 0: only low-rank adapters train, through peft)",
+                 at_least(0, "0: LoRA off"))
+    alpha: float = opt(16.0, "LoRA scaling numerator: the adapter's output is scaled by alpha / r", above(0))
+    dropout: float = opt(0.0, "dropout on the adapters' input in training (never in rollout or the reference)",
+                         between(0, 1, "0: no dropout", high_open=True))
     target_modules: list[str] = opt(LORA_TARGETS, "names of the linear layers that get adapters (the ones this model "
                                                   "has: attention and MLP projections of Llama / Qwen2 and gpt_mini)")
 
+    def check(self, prefix: str) -> None:
+        if self.r > 0 and (not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules)):
+            raise ConfigError(f"config key '{prefix}target_modules' must be a non-empty list of module names, got "
+                              f"{self.target_modules!r}")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = opt("gpt_mini", "'gpt_mini' (embedded, trained from scratch), a checkpoint folder, or a hub id")
-    n_layer: int = opt(4, "gpt_mini: transformer blocks")
-    n_head: int = opt(4, "gpt_mini: attention heads")
-    n_embd: int = opt(128, "gpt_mini: embedding width")
+    n_layer: int = opt(4, "gpt_mini: transformer blocks", at_least(1))
+    n_head: int = opt(4, "gpt_mini: attention heads", at_least(1))
+    n_embd: int = opt(128, "gpt_mini: embedding width", at_least(1))
     block_size: int | None = opt(None, "gpt_mini: longest sequence (prompt + response) in tokens (None: the longest "
-                                       "prompt + rollout.max_new_tokens, or SFT demonstration + eos, of the data)")
+                                       "prompt + rollout.max_new_tokens, or SFT demonstration + eos, of the data)",
+                                 at_least(1))
     dtype: str = opt("float32", "parameter dtype: float32 | bfloat16 (every parameter, gradient and AdamW state in "
                                 "bf16: pure bf16, unlike trainer.precision=bf16)")
     device: str = opt("auto", "where the model and every role run: auto (CUDA when present, else CPU) | cpu | cuda | "
@@ -56,9 +96,19 @@ class ModelConfig:
     chat_template: bool = opt(False, "wrap prompts in the tokenizer's chat template (HF models that have one)")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
+    def check(self, prefix: str) -> None:
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device):
+            raise ConfigError(f"config key '{prefix}device' is {self.device!r}; valid values: auto, cpu, cuda, cuda:N")
+        if self.name == "gpt_mini" and self.n_embd % self.n_head:  # each head gets n_embd / n_head dimensions
+            fits = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0]
+            raise ConfigError(f"config key '{prefix}n_head' is {self.n_head}, which does not divide {prefix}n_embd="
+                              f"{self.n_embd}: gpt_mini splits the embedding evenly over its heads; with this "
+                              f"n_embd choose n_head among {', '.join(map(str, fits[:12]))}"
+                              f"{' ...' if len(fits) > 12 else ''}, or change n_embd")
+
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Section):
     name: str = opt("arithmetic", "an embedded task: arithmetic (the default), multiply (tool), multistep (chain of "
                                   "thought), functions (code), grading (a judge); or 'file' (train_file / eval_file; "
                                   "'jsonl' is an alias)")
@@ -81,66 +131,80 @@ class TaskConfig:
                                         "task.reward_timeout_s: 'raise' (stop, naming the sample) | 'zero' (score "
                                         "0, counted in reward/errors; reward/timeouts)")
     reward_timeout_s: float | None = opt(60.0, "seconds one reward function call may take (it runs in a thread "
-                                               "that is abandoned when it hangs); null: no limit")
+                                               "that is abandoned when it hangs); null: no limit", above(0))
     reward_options: dict[str, Any] = opt({}, "keyword options of task.reward (e.g. math: {extract: boxed})")
     rewards: list[dict] | None = opt(None, "a weighted sum of rewards, each logged: [{name, weight, ...options}] "
                                            "(replaces task.reward)")
-    reward_workers: int = opt(1, "score this many samples at once (threads): for slow rewards (code, judge)")
+    reward_workers: int = opt(1, "score this many samples at once (threads): for slow rewards (code, judge)",
+                              at_least(1))
     env: str | None = opt(None, "a multi-turn environment: a shipped name (`rlpost envs`) or 'module:Class'; "
                                 "None: one turn scored by the reward")
     env_options: dict[str, Any] = opt({}, "keyword options of task.env's constructor")
-    max_turns: int = opt(1, "env: assistant turns per episode at most")
+    max_turns: int = opt(1, "env: assistant turns per episode at most", at_least(1))
     max_episode_tokens: int | None = opt(None, "env: tokens after the prompt (policy + environment) at most "
                                                "(None: room for every turn and the observations between them, "
                                                "max_turns * rollout.max_new_tokens + (max_turns - 1) * the env's "
                                                "observation_tokens, or rollout.max_new_tokens when it declares "
-                                               "none)")
-    env_timeout_s: float = opt(30.0, "env: seconds one reset or step may take before it counts as hung")
+                                               "none)", at_least(1))
+    env_timeout_s: float = opt(30.0, "env: seconds one reset or step may take before it counts as hung", above(0))
     env_on_error: str = opt("raise", "env: when reset/step raises or hangs: 'raise' (stop, naming the episode) | "
                                      "'zero' (end that episode with reward 0, counted in env/errors)")
-    seed: int = opt(1234, "embedded tasks: seed of the problem set, its split and the demonstrator")
-    max_operand: int = opt(99, "embedded tasks: operands are drawn from 0..max_operand")
-    num_eval: int = opt(500, "embedded tasks: held-out problems")
-    demonstrator_error: float = opt(0.35, "embedded tasks: fraction of the demonstrator's answers that are wrong")
+    seed: int = opt(1234, "embedded tasks: seed of the problem set, its split and the demonstrator",
+                    at_least(0, "0: a seed like any other"))
+    max_operand: int = opt(99, "embedded tasks: operands are drawn from 0..max_operand", at_least(1))
+    num_eval: int = opt(500, "embedded tasks: held-out problems", at_least(1))
+    demonstrator_error: float = opt(0.35, "embedded tasks: fraction of the demonstrator's answers that are wrong",
+                                    between(0, 1, "0: every demonstration is right"))
     answer_format_rate: float = opt(1.0, "multistep: fraction of the demonstrations that end with '#### <answer>' "
                                          "(the rest stop after the last sum: a base model that only sometimes writes "
-                                         "the answer format)")
+                                         "the answer format)",
+                                    between(0, 1, "0: no demonstration ends with the answer format"))
 
 
 @dataclass
-class SFTConfig:
-    steps: int = opt(1000, "supervised steps on the demonstrations before RL (0 skips SFT)")
-    batch_size: int = opt(128, "sequences per SFT step")
-    lr: float = opt(3e-3, "peak learning rate (linear warm-up, cosine decay to lr/10)")
-    warmup_steps: int = opt(50, "warm-up steps")
+class SFTConfig(Section):
+    steps: int = opt(1000, "supervised steps on the demonstrations before RL (0 skips SFT)",
+                     at_least(0, "0: no SFT stage"))
+    batch_size: int = opt(128, "sequences per SFT step", at_least(1))
+    lr: float = opt(3e-3, "peak learning rate (linear warm-up, cosine decay to lr/10)", LEARNING_RATE)
+    warmup_steps: int = opt(50, "warm-up steps", at_least(0, "0: no warm-up"))
     save_every: int = opt(250, "write a resumable checkpoint every this many steps (0: only at the end); "
-                               "removed once checkpoints/sft is written")
+                               "removed once checkpoints/sft is written", at_least(0, "0: only at the end"))
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(Section):
     engine: str = opt("auto", "'auto' | 'native' (KV cache: gpt_mini, Llama, Qwen2) | 'hf' (transformers.generate) | "
                               "'vllm' (needs vLLM and rl.weight_sync=vllm)")
-    prompts_per_step: int = opt(32, "prompts sampled per RL step")
-    k: int = opt(8, "samples per prompt (the GRPO group size)")
-    max_new_tokens: int = opt(6, "longest response in tokens")
-    temperature: float = opt(1.0, "sampling temperature (the trainer scores tokens at the same temperature)")
-    top_k: int = opt(0, "keep the k most likely tokens (0: off)")
-    top_p: float = opt(1.0, "nucleus sampling mass (1.0: off)")
-    max_refill_rounds: int = opt(4, "extra rollout rounds to refill groups an algorithm drops (DAPO)")
-    max_num_seqs: int = opt(0, "native engines: at most this many sequences decode at once, the rest wait (0: all)")
+    prompts_per_step: int = opt(32, "prompts sampled per RL step", at_least(1))
+    k: int = opt(8, "samples per prompt (the GRPO group size)", at_least(1))
+    max_new_tokens: int = opt(6, "longest response in tokens", at_least(1))
+    temperature: float = opt(1.0, "sampling temperature; the trainer and the reference score tokens at the same one "
+                                  "(0: greedy, whose tokens they score at temperature 1)",
+                             at_least(0, "0: greedy, scored at temperature 1"))
+    top_k: int = opt(0, "keep the k most likely tokens (0: off)", at_least(0, "0: off"))
+    top_p: float = opt(1.0, "nucleus sampling mass (1.0: off)", between(0, 1, "1: off", low_open=True))
+    max_refill_rounds: int = opt(4, "extra rollout rounds to refill groups an algorithm drops (DAPO)",
+                                 at_least(0, "0: no refill"))
+    max_num_seqs: int = opt(0, "native engines: at most this many sequences decode at once, the rest wait (0: all)",
+                            at_least(0, "0: no cap"))
     stop: list[str] = opt([], "stop strings: a response ends with the token that completes one (native and hf engines)")
+
+    def check(self, prefix: str) -> None:
+        if not all(isinstance(x, str) and x for x in self.stop):
+            raise ConfigError(f"config key '{prefix}stop' must be a list of non-empty strings, got {self.stop!r}")
 
 
 @dataclass
-class TrainerConfig:
-    lr: float = opt(2e-4, "AdamW learning rate for RL")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
-    micro_batch_size: int | None = opt(None, "rows per forward/backward; gradients accumulate (None: whole batch)")
-    epochs: int = opt(1, "passes over each rollout batch")
-    minibatches: int = opt(1, "optimizer steps per pass (the batch is split into this many minibatches)")
-    max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses or gradients in a row")
+class TrainerConfig(Section):
+    lr: float = opt(2e-4, "AdamW learning rate for RL", LEARNING_RATE)
+    weight_decay: float = opt(0.0, "AdamW weight decay", at_least(0, "0: none"))
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)", at_least(0, "0: off"))
+    micro_batch_size: int | None = opt(None, "rows per forward/backward; gradients accumulate (None: whole batch)",
+                                       at_least(1))
+    epochs: int = opt(1, "passes over each rollout batch", at_least(1))
+    minibatches: int = opt(1, "optimizer steps per pass (the batch is split into this many minibatches)", at_least(1))
+    max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses or gradients in a row", at_least(1))
     compile: bool = opt(False, "torch.compile the policy's and the reference's transformer blocks "
                               "(a one-off compile of tens of seconds, then faster scoring and training)")
     precision: str = opt("fp32", "fp32 | bf16: bf16 autocast around the forward of the trainer (RL, SFT, preference), "
@@ -149,45 +213,50 @@ class TrainerConfig:
                                               "about one more forward; turns shared-prompt scoring off in training)")
     lr_schedule: str = opt("constant", "RL learning-rate schedule after warm-up: constant | linear | cosine (decay to "
                                        "lr * min_lr_ratio at the last optimizer step)")
-    warmup_steps: int = opt(0, "RL: linear warm-up over this many optimizer steps")
-    min_lr_ratio: float = opt(0.0, "RL: linear / cosine decay ends at lr * min_lr_ratio")
+    warmup_steps: int = opt(0, "RL: linear warm-up over this many optimizer steps", at_least(0, "0: no warm-up"))
+    min_lr_ratio: float = opt(0.0, "RL: linear / cosine decay ends at lr * min_lr_ratio",
+                              between(0, 1, "0: decay to 0; 1: no decay"))
     strategy: str = opt("single", "RL training: 'single' (one process) | 'fsdp2' (sharded over torchrun's ranks; "
                                   "rl.weight_sync auto or copy)")
     logprob_chunk: int | None = opt(None, "tokens per chunk of the log-prob head (trainer, reference, SFT): log-probs "
                                           "and entropies come from the hidden states this many tokens at a time, "
                                           "forward and backward, never as a whole [tokens, vocabulary] tensor (None: "
-                                          "sized from the vocabulary, 32 M logits per chunk)")
+                                          "sized from the vocabulary, 32 M logits per chunk)", at_least(1))
     profile_steps: list[int] = opt([], "RL steps to trace with torch.profiler (Chrome trace format, in the run "
                                        "directory's profile/ folder)")
 
 
 @dataclass
-class CriticConfig:
+class CriticConfig(Section):
     type: str = opt("separate", "PPO's critic: 'separate' (a copy of the policy + value head) | 'head' (shared trunk)")
-    lr: float | None = opt(None, "critic learning rate (None: trainer.lr)")
+    lr: float | None = opt(None, "critic learning rate (None: trainer.lr)", LEARNING_RATE)
 
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(Section):
     path: str | None = opt(None, "a reward model folder (from `rlpost rm`) to use as the RL reward; the task's "
                                  "verifier is then logged as reward/gold_mean")
     train: bool = opt(False, "train a reward model after SFT (trunk copied from the SFT policy) and use it as the "
                              "RL reward (RLHF)")
-    pairs: int = opt(2000, "preference pairs built from the task's training problems (right answer vs a slip)")
-    eval_pairs: int = opt(500, "held-out pairs built from the task's held-out problems")
-    label_noise: float = opt(0.0, "fraction of training pairs whose preference is flipped (noisy labellers)")
-    epochs: int = opt(2, "passes over the training pairs")
-    batch_size: int = opt(64, "pairs per step")
-    lr: float = opt(1e-4, "AdamW learning rate of the reward model")
+    pairs: int = opt(2000, "preference pairs built from the task's training problems (right answer vs a slip)",
+                     at_least(1))
+    eval_pairs: int = opt(500, "held-out pairs built from the task's held-out problems", at_least(1))
+    label_noise: float = opt(0.0, "fraction of training pairs whose preference is flipped (noisy labellers)",
+                             between(0, 0.5, "0: clean labels"))
+    epochs: int = opt(2, "passes over the training pairs", at_least(1))
+    batch_size: int = opt(64, "pairs per step", at_least(1))
+    lr: float = opt(1e-4, "AdamW learning rate of the reward model", LEARNING_RATE)
 
 
 @dataclass
-class RLConfig:
-    steps: int = opt(150, "RL steps (each: rollout, reward, reference, advantages, train, sync)")
-    eval_every: int = opt(50, "held-out pass@1 every this many steps (0: only at the end)")
+class RLConfig(Section):
+    steps: int = opt(150, "RL steps (each: rollout, reward, reference, advantages, train, sync)",
+                     at_least(0, "0: no RL stage"))
+    eval_every: int = opt(50, "held-out pass@1 every this many steps (0: only at the end)",
+                          at_least(0, "0: only at the end"))
     save_every: int = opt(50, "write a resumable checkpoint checkpoints/step_<n> every this many steps (0: only "
-                              "checkpoints/final at the end)")
-    keep_checkpoints: int = opt(2, "keep the newest this many step checkpoints (0: all)")
+                              "checkpoints/final at the end)", at_least(0, "0: only checkpoints/final"))
+    keep_checkpoints: int = opt(2, "keep the newest this many step checkpoints (0: all)", at_least(0, "0: keep all"))
     weight_sync: str = opt("auto", "how weights reach the rollout engine: 'auto' (colocated: the engine's own way, "
                                    "pointer or vllm; disaggregated/async: ray) | colocated: 'pointer' (shared module) "
                                    "| 'copy' (separate copy) | 'vllm' (into the running vLLM engine) | disaggregated/"
@@ -195,35 +264,39 @@ class RLConfig:
     topology: str = opt("colocated", "where the roles run: 'colocated' (one process, taking turns) | 'disaggregated' "
                                      "(rollout in rl.rollout_workers Ray actors) | 'async' (as disaggregated, rollout "
                                      "runs up to rl.max_staleness steps ahead of training)")
-    rollout_workers: int = opt(1, "disaggregated/async: Ray actors that generate (each its own engine and weights)")
-    max_staleness: int = opt(1, "async: rollouts run this many policy versions ahead at most (0: synchronous)")
-    max_worker_restarts: int = opt(3, "disaggregated/async: restarts of dead rollout workers before the run stops")
+    rollout_workers: int = opt(1, "disaggregated/async: Ray actors that generate (each its own engine and weights)",
+                               at_least(1))
+    max_staleness: int = opt(1, "async: rollouts run this many policy versions ahead at most (0: synchronous)",
+                             at_least(0, "0: synchronous"))
+    max_worker_restarts: int = opt(3, "disaggregated/async: restarts of dead rollout workers before the run stops",
+                                   at_least(0, "0: a dead worker stops the run"))
 
 
 @dataclass
-class EvalConfig:
-    samples_per_prompt: int = opt(4, "samples per held-out prompt for pass@1")
-    temperature: float = opt(1.0, "sampling temperature of the pass@1 estimate")
-    batch_prompts: int = opt(256, "held-out prompts per generation call")
+class EvalConfig(Section):
+    samples_per_prompt: int = opt(4, "samples per held-out prompt for pass@1", at_least(1))
+    temperature: float = opt(1.0, "sampling temperature of the pass@1 estimate", at_least(0, "0: greedy"))
+    batch_prompts: int = opt(256, "held-out prompts per generation call", at_least(1))
     reward: str | None = opt(None, "score pass@1 with this reward instead of the run's (e.g. exact while RL is "
                                    "rewarded by a judge): a shipped name or 'module:function'")
     reward_options: dict[str, Any] = opt({}, "keyword options of eval.reward")
     success_threshold: float = opt(1.0, "a sample passes (pass@k) when its reward is >= this, or when its "
                                         "environment's last step says info['success']; the mean reward is logged "
-                                        "beside pass@1")
+                                        "beside pass@1", FINITE)
 
 
 @dataclass
-class LogConfig:
+class LogConfig(Section):
     tensorboard: bool = opt(False, "also write every metric to TensorBoard event files (run directory's tensorboard/)")
     wandb: bool = opt(False, "also log every metric to Weights & Biases (offline mode when no API key is configured)")
     wandb_project: str = opt("rlpost", "the W&B project")
     rollouts_every: int = opt(0, "keep sampled completions (prompt, completion, reward, log-prob statistics) every "
-                                 "this many RL steps in the run directory's rollouts.jsonl (0: never)")
+                                 "this many RL steps in the run directory's rollouts.jsonl (0: never)",
+                              at_least(0, "0: never"))
 
 
 @dataclass
-class PreferenceConfig:
+class PreferenceConfig(Section):
     enabled: bool = opt(False, "rlpost train: run the preference stage (DPO family) between SFT and RL; "
                                "`rlpost dpo` always runs it, and no RL")
     loss: dict[str, Any] = opt({"name": "dpo"}, "preference loss and its parameters: dpo | ipo | kto | orpo | simpo "
@@ -234,72 +307,77 @@ class PreferenceConfig:
     split: str = opt("train", "split of a `datasets` dataset")
     on_bad_row: str = opt("skip", "a row with chosen == rejected, an empty completion or too long for the context: "
                                   "'skip' (named, counted, reported) | 'raise'")
-    max_length: int | None = opt(None, "longest prompt + completion in tokens (None: the model's context)")
-    epochs: int = opt(2, "passes over the preference data")
-    batch_size: int = opt(64, "pairs (or unpaired rows) per optimizer step")
-    micro_batch_size: int | None = opt(None, "pairs per forward/backward; gradients accumulate (None: whole batch)")
-    lr: float = opt(3e-4, "AdamW learning rate (linear warm-up, then constant; tuned for gpt_mini)")
-    warmup_steps: int = opt(10, "warm-up steps")
-    num_prompts: int = opt(2000, "self-generated pairs: training prompts sampled")
+    max_length: int | None = opt(None, "longest prompt + completion in tokens (None: the model's context)",
+                                 at_least(2))
+    epochs: int = opt(2, "passes over the preference data", at_least(1))
+    batch_size: int = opt(64, "pairs (or unpaired rows) per optimizer step", at_least(1))
+    micro_batch_size: int | None = opt(None, "pairs per forward/backward; gradients accumulate (None: whole batch)",
+                                       at_least(1))
+    lr: float = opt(3e-4, "AdamW learning rate (linear warm-up, then constant; tuned for gpt_mini)", LEARNING_RATE)
+    warmup_steps: int = opt(10, "warm-up steps", at_least(0, "0: no warm-up"))
+    num_prompts: int = opt(2000, "self-generated pairs: training prompts sampled", at_least(1))
     samples_per_prompt: int = opt(8, "self-generated pairs: samples per prompt; a prompt with a right and a wrong "
-                                     "sample gives one pair (chosen: right, rejected: wrong)")
+                                     "sample gives one pair (chosen: right, rejected: wrong)", at_least(1))
 
 
 
 @dataclass
-class RejectionConfig:
+class RejectionConfig(Section):
     enabled: bool = opt(False, "rlpost train: after RL (and its evaluation), sample the policy on training prompts, "
                                "keep the verified samples and fine-tune on them (rejection-sampling SFT)")
-    samples_per_prompt: int = opt(8, "samples drawn per training prompt (rollout.temperature, rollout.max_new_tokens)")
-    num_prompts: int = opt(2000, "training prompts sampled")
-    max_per_prompt: int = opt(1, "verified samples kept per prompt at most, distinct (the first ones drawn)")
-    success_threshold: float = opt(1.0, "a sample is verified when the task's reward is >= this")
-    steps: int = opt(200, "fine-tuning steps on the kept samples")
-    batch_size: int = opt(128, "kept samples per fine-tuning step (drawn with replacement)")
-    lr: float = opt(3e-4, "peak fine-tuning learning rate (linear warm-up, cosine decay to lr/10)")
-    warmup_steps: int = opt(20, "fine-tuning warm-up steps")
+    samples_per_prompt: int = opt(8, "samples drawn per training prompt (rollout.temperature, rollout.max_new_tokens)",
+                                  at_least(1))
+    num_prompts: int = opt(2000, "training prompts sampled", at_least(1))
+    max_per_prompt: int = opt(1, "verified samples kept per prompt at most, distinct (the first ones drawn)",
+                              at_least(1))
+    success_threshold: float = opt(1.0, "a sample is verified when the task's reward is >= this", FINITE)
+    steps: int = opt(200, "fine-tuning steps on the kept samples", at_least(1))
+    batch_size: int = opt(128, "kept samples per fine-tuning step (drawn with replacement)", at_least(1))
+    lr: float = opt(3e-4, "peak fine-tuning learning rate (linear warm-up, cosine decay to lr/10)", LEARNING_RATE)
+    warmup_steps: int = opt(20, "fine-tuning warm-up steps", at_least(0, "0: no warm-up"))
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Section):
     teacher: str | None = opt(None, "on-policy distillation: a teacher model folder (e.g. a run's checkpoints/final) "
                                     "with the policy's tokenizer; the RL reward becomes per token "
                                     "-coef * (log pi_student - log pi_teacher) of each sampled token (None: off)")
-    coef: float = opt(1.0, "weight of the per-token reverse-KL reward")
+    coef: float = opt(1.0, "weight of the per-token reverse-KL reward", above(0))
 
 
 PRM_REWARDS = ("score", "delta")  # prm.reward: how a step's PRM score becomes its reward (rlpost/process_reward.py)
 
 
 @dataclass
-class PRMConfig:
-    problems: int = opt(1000, "`rlpost prm`: training problems whose sampled solutions are step-labelled")
-    eval_problems: int = opt(200, "`rlpost prm`: held-out problems labelled the same way (step-label accuracy)")
-    solutions: int = opt(4, "solutions sampled per problem (rollout.temperature, rollout.max_new_tokens)")
+class PRMConfig(Section):
+    problems: int = opt(1000, "`rlpost prm`: training problems whose sampled solutions are step-labelled", at_least(1))
+    eval_problems: int = opt(200, "`rlpost prm`: held-out problems labelled the same way (step-label accuracy)",
+                             at_least(1))
+    solutions: int = opt(4, "solutions sampled per problem (rollout.temperature, rollout.max_new_tokens)", at_least(1))
     rollouts: int = opt(8, "Monte-Carlo continuations from the end of each step; a step's label is the fraction "
-                           "that reach a verified answer")
+                           "that reach a verified answer", at_least(1))
     separator: str = opt(";", "a token holding this text ends a reasoning step (the last token ends the last step)")
-    epochs: int = opt(3, "passes over the labelled solutions")
-    batch_size: int = opt(64, "solutions per step")
-    lr: float = opt(1e-4, "AdamW learning rate of the PRM")
+    epochs: int = opt(3, "passes over the labelled solutions", at_least(1))
+    batch_size: int = opt(64, "solutions per step", at_least(1))
+    lr: float = opt(1e-4, "AdamW learning rate of the PRM", LEARNING_RATE)
     orm: bool = opt(True, "also fit the Bradley-Terry outcome reward model on the same samples (a right against a "
                           "wrong solution of one problem; reward_model.epochs / batch_size / lr)")
     path: str | None = opt(None, "process rewards in RL: a PRM folder (a `rlpost prm` run's checkpoints/prm) with the "
                                  "policy's tokenizer; the RL reward becomes the verifier's outcome on the last "
                                  "token plus coef x the PRM's reward of each step on the step's last token "
                                  "(None: off)")
-    coef: float = opt(1.0, "weight of the PRM's step rewards against the outcome (1 on a right answer)")
+    coef: float = opt(1.0, "weight of the PRM's step rewards against the outcome (1 on a right answer)", above(0))
     reward: str = opt("delta", "a step's reward: 'delta', its PRM score minus the previous step's (a response's "
                                "steps sum to coef x the final score, whatever their number), or 'score', the "
                                "score itself (pays every step, so longer solutions collect more)")
 
 
 @dataclass
-class Config:
-    seed: int = opt(0, "seed of model init, sampling and data order")
+class Config(Section):
+    seed: int = opt(0, "seed of model init, sampling and data order", at_least(0, "0: a seed like any other"))
     out_dir: str = opt("runs", "parent folder of run directories")
-    run_name: str | None = opt(None, "run directory name (default: recipe name + timestamp)")
-    threads: int | None = opt(None, "torch CPU threads (None: torch's default)")
+    run_name: str | None = opt(None, "run directory name, a folder inside out_dir (default: recipe name + timestamp)")
+    threads: int | None = opt(None, "torch CPU threads (None: torch's default)", at_least(1))
     stages: list[str | dict[str, Any]] | None = opt(
         None, "the run's stages in order, names may repeat: sft | preference (alias dpo) | reward_model | rl | "
               "rejection | eval, each either a name or {name: {key: value}} with the settings that stage alone runs "
@@ -322,6 +400,16 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def check(self, prefix: str) -> None:
+        # the run directory is out_dir/run_name: a name that leaves out_dir (or is out_dir itself) would write,
+        # and on a failed start remove, files outside the folder the user gave for runs
+        name = self.run_name
+        if name and (not name.strip() or os.path.isabs(name)
+                     or os.path.normpath(name).split(os.sep)[0] in (".", "..")):
+            raise ConfigError(f"config key 'run_name' is {name!r}: it names a folder inside out_dir "
+                              f"({self.out_dir!r}); give a relative name such as 'exp1' or 'sweep/lr3e-4', without "
+                              "'..' or a leading '/'")
 
 
 # ---------------------------------------------------------------------------- the stage list
@@ -404,49 +492,12 @@ def _stage_config(cfg: Config, name: str, settings: dict[str, Any], where: str) 
 
 # ---------------------------------------------------------------------------- loading
 
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(accepted, converted value) for a value against an annotation."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if tp is Any:
-        return True, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:  # an int is a fine float; so is "1e-3", which YAML 1.1 reads as a string
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return isinstance(value, (int, float)) and not isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin is dict:
-        return isinstance(value, dict), dict(value) if isinstance(value, dict) else value
-    if origin is list:
-        return isinstance(value, list), value
-    raise TypeError(f"unsupported config annotation {tp}")
-
-
-def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, checking every key and type."""
     if not isinstance(data, dict):
         raise ConfigError(f"{'config key ' + repr(path[:-1]) if path else 'recipe'}: expected a mapping, got "
                           f"{type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    types_of = hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -454,13 +505,13 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         if key not in fields:
             raise ConfigError(f"unknown config key '{where}'; valid keys{' under ' + path[:-1] if path else ''}: "
                               f"{', '.join(fields)}")
-        tp = hints[key]
+        tp = types_of[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value, where + ".")
             continue
-        ok, converted = _type_ok(value, tp)
+        ok, converted = type_ok(value, tp)
         if not ok:
-            raise ConfigError(f"config key '{where}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"config key '{where}' expects {type_name(tp)}, got {type(value).__name__} {value!r}")
         kwargs[key] = converted
     return cls(**kwargs)
 
@@ -515,16 +566,18 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-def _at_least(low: int, values: dict[str, int]) -> None:
-    """Each dotted config key's value must be >= low."""
-    for key, value in values.items():
-        if value < low:
-            raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
-
-
-def _section(name: str, section: Any, keys: tuple[str, ...]) -> dict[str, Any]:
-    """{'<name>.<key>': value} of a section's keys."""
-    return {f"{name}.{k}": getattr(section, k) for k in keys}
+def _plugin(build, params: dict[str, Any], key: str) -> None:
+    """Build a plug-in (an algorithm, a preference loss) from config key `key`'s mapping, now: an unknown name
+    or parameter is its own error; a number outside the range the plug-in declares is named as a config key."""
+    if "name" not in params:  # a recipe's mapping replaces the default one whole, name included
+        raise ConfigError(f"config key '{key}' needs a 'name' besides its parameters, got {params!r}")
+    try:
+        build(**params)
+    except RangeError as e:
+        raise ConfigError(f"config key '{key}.{e.key}' must be {e.range.describe(e.optional)}, got {e.value!r} "
+                          f"({key}.name={params.get('name')})") from None
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def _validate(cfg: Config) -> None:
@@ -536,11 +589,8 @@ def _validate(cfg: Config) -> None:
     from rlpost.tasks import TASKS
     from rlpost.weight_sync import MODES, TOPOLOGIES
 
-    get_algorithm(**cfg.algorithm)  # unknown algorithm / parameter -> error naming it, now
-    for section in ("sft", "trainer", "critic", "reward_model", "preference", "rejection", "prm"):
-        lr = getattr(cfg, section).lr
-        if lr is not None and not 0 < lr < float("inf"):  # AdamW would refuse it only when its stage starts
-            raise ConfigError(f"config key '{section}.lr' must be a positive learning rate, got {lr}")
+    cfg.validate()  # each section's own keys: the ranges of its numbers, its own rules
+    _plugin(get_algorithm, cfg.algorithm, "algorithm")  # unknown algorithm / parameter / bad number: now
     choices = {  # each family's valid names live with the family
         "task.name": (cfg.task.name, TASKS),
         "task.reward_on_error": (cfg.task.reward_on_error, ("raise", "zero")),
@@ -554,13 +604,6 @@ def _validate(cfg: Config) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"config key '{key}' is {value!r}; valid values: {', '.join(valid)}")
-    positive = {"rollout.k": cfg.rollout.k, "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
-                "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "sft.batch_size": cfg.sft.batch_size,
-                "eval.samples_per_prompt": cfg.eval.samples_per_prompt, "trainer.epochs": cfg.trainer.epochs,
-                "trainer.minibatches": cfg.trainer.minibatches}
-    _at_least(0, {"sft.save_every": cfg.sft.save_every, "rl.save_every": cfg.rl.save_every,
-                  "rl.keep_checkpoints": cfg.rl.keep_checkpoints})
-    _at_least(1, positive)
     if cfg.rl.topology not in TOPOLOGIES:
         raise ConfigError(f"config key 'rl.topology' is {cfg.rl.topology!r}; valid values: {', '.join(TOPOLOGIES)}")
     ray_modes = ("auto", "ray", "collective")
@@ -574,27 +617,6 @@ def _validate(cfg: Config) -> None:
     elif cfg.rl.weight_sync not in ray_modes:
         raise ConfigError(f"rl.topology={cfg.rl.topology} sends weights to its rollout workers with rl.weight_sync = "
                           f"{' | '.join(ray_modes)}, not {cfg.rl.weight_sync!r}")
-    _at_least(1, {"rl.rollout_workers": cfg.rl.rollout_workers})
-    _at_least(0, {"rl.max_staleness": cfg.rl.max_staleness, "rl.max_worker_restarts": cfg.rl.max_worker_restarts})
-    if cfg.model.block_size is not None and cfg.model.block_size < 1:
-        raise ConfigError(f"config key 'model.block_size' must be >= 1 or null (sized from the data), "
-                          f"got {cfg.model.block_size}")
-    if cfg.trainer.logprob_chunk is not None and cfg.trainer.logprob_chunk < 1:
-        raise ConfigError(f"config key 'trainer.logprob_chunk' must be >= 1 token or null (sized from the "
-                          f"vocabulary), got {cfg.trainer.logprob_chunk}")
-    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.model.device):
-        raise ConfigError(f"config key 'model.device' is {cfg.model.device!r}; valid values: auto, cpu, cuda, cuda:N")
-    _at_least(0, {"trainer.warmup_steps": cfg.trainer.warmup_steps})
-    if not 0.0 <= cfg.trainer.min_lr_ratio <= 1.0:
-        raise ConfigError(f"config key 'trainer.min_lr_ratio' must be in [0, 1], got {cfg.trainer.min_lr_ratio}")
-    if cfg.rollout.max_num_seqs < 0:
-        raise ConfigError(f"config key 'rollout.max_num_seqs' must be >= 0 (0: no cap), got {cfg.rollout.max_num_seqs}")
-    if not all(isinstance(x, str) and x for x in cfg.rollout.stop):
-        raise ConfigError(f"config key 'rollout.stop' must be a list of non-empty strings, got {cfg.rollout.stop!r}")
-    _at_least(1, {"reward_model.epochs": cfg.reward_model.epochs, "reward_model.pairs": cfg.reward_model.pairs,
-                  "reward_model.batch_size": cfg.reward_model.batch_size})
-    if not 0.0 <= cfg.reward_model.label_noise <= 0.5:
-        raise ConfigError(f"reward_model.label_noise must be in [0, 0.5], got {cfg.reward_model.label_noise}")
     if cfg.reward_model.train and cfg.reward_model.path:
         raise ConfigError("set either reward_model.path (use a trained reward model) or reward_model.train, not both")
     _validate_lora(cfg)
@@ -612,19 +634,7 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_lora(cfg: Config) -> None:
-    lo = cfg.model.lora
-    if lo.r < 0:
-        raise ConfigError(f"config key 'model.lora.r' must be >= 0 (0: LoRA off), got {lo.r}")
-    if lo.r == 0:
-        return
-    if lo.alpha <= 0:
-        raise ConfigError(f"config key 'model.lora.alpha' must be > 0, got {lo.alpha}")
-    if not 0.0 <= lo.dropout < 1.0:
-        raise ConfigError(f"config key 'model.lora.dropout' must be in [0, 1), got {lo.dropout}")
-    if not lo.target_modules or not all(isinstance(t, str) and t for t in lo.target_modules):
-        raise ConfigError(f"config key 'model.lora.target_modules' must be a non-empty list of module names, got "
-                          f"{lo.target_modules!r}")
-    if cfg.rollout.engine == "vllm":
+    if cfg.model.lora.r > 0 and cfg.rollout.engine == "vllm":
         raise ConfigError("model.lora with rollout.engine=vllm is not supported: vLLM would need the merged weights "
                           "at every sync; use rollout.engine=auto (native) or hf")
 
@@ -634,18 +644,9 @@ def _validate_task(cfg: Config) -> None:
     for key, value in (("task.env_on_error", t.env_on_error),):
         if value not in ("raise", "zero"):
             raise ConfigError(f"config key '{key}' is {value!r}; valid values: raise, zero")
-    _at_least(1, {"task.max_turns": t.max_turns, "task.reward_workers": t.reward_workers})
-    if t.max_episode_tokens is not None and t.max_episode_tokens < 1:
-        raise ConfigError(f"config key 'task.max_episode_tokens' must be >= 1 or null, got {t.max_episode_tokens}")
-    if not 0.0 <= t.answer_format_rate <= 1.0:
-        raise ConfigError(f"config key 'task.answer_format_rate' must be in [0, 1], got {t.answer_format_rate}")
     if t.answer_format_rate < 1.0 and t.name != "multistep":
-        raise ConfigError(f"task.answer_format_rate is an option of the multistep task, not of {t.name!r}")
-    if t.env_timeout_s <= 0:
-        raise ConfigError(f"config key 'task.env_timeout_s' must be > 0, got {t.env_timeout_s}")
-    if t.reward_timeout_s is not None and not t.reward_timeout_s > 0:
-        raise ConfigError(f"config key 'task.reward_timeout_s' must be > 0 seconds (or null: no limit), got "
-                          f"{t.reward_timeout_s}")
+        raise ConfigError(f"config key 'task.answer_format_rate' is an option of the multistep task, not of "
+                          f"{t.name!r} (got {t.answer_format_rate!r}); leave it at 1.0 or set task.name=multistep")
     if t.rewards is not None and t.reward:
         raise ConfigError("set either task.reward (one reward) or task.rewards (a weighted sum), not both")
     if t.reward_options and not t.reward:
@@ -669,17 +670,12 @@ def _validate_preference(pc: PreferenceConfig) -> None:
 
     if "name" not in pc.loss:
         raise ConfigError("config key 'preference.loss' needs a 'name' (dpo | ipo | kto | orpo | simpo)")
-    get_preference_loss(**pc.loss)  # unknown loss / parameter -> error naming it, now
+    _plugin(get_preference_loss, pc.loss, "preference.loss")  # unknown loss / parameter / bad number: now
     if pc.on_bad_row not in ("skip", "raise"):
         raise ConfigError(f"config key 'preference.on_bad_row' is {pc.on_bad_row!r}; valid values: skip, raise")
-    _at_least(1, _section("preference", pc, ("epochs", "batch_size", "samples_per_prompt", "num_prompts")))
 
 
 def _validate_rejection_and_distill(cfg: Config) -> None:
-    rc = cfg.rejection
-    _at_least(1, _section("rejection", rc, ("samples_per_prompt", "num_prompts", "max_per_prompt", "steps",
-                                            "batch_size")))
-    _at_least(0, {"rejection.warmup_steps": rc.warmup_steps})
     if "rejection" in stage_names(cfg) and cfg.trainer.strategy == "fsdp2":
         raise ConfigError("the rejection stage with trainer.strategy=fsdp2 is not supported yet: the stage runs after "
                           "RL has sharded the policy; run it as a run of its own: model.name=<the RL checkpoint> "
@@ -736,7 +732,6 @@ def _validate_stages(cfg: Config) -> None:
 
 
 def _validate_prm(pc: PRMConfig) -> None:
-    _at_least(1, _section("prm", pc, ("problems", "eval_problems", "solutions", "rollouts", "epochs", "batch_size")))
     if not pc.separator:
         raise ConfigError("config key 'prm.separator' must be a non-empty string (the text that ends a step)")
     if pc.reward not in PRM_REWARDS:
@@ -759,13 +754,16 @@ def _validate_process_reward(cfg: Config) -> None:
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:
-    """One line per config key: name, default, help. Used by `rlpost train --help`."""
+    """One line per config key: name, default, help, and a number's allowed range. Used by `rlpost train --help`."""
     lines = []
-    hints = typing.get_type_hints(cls)
+    types_of = hints(cls)
     default = cls()
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines.extend(describe(hints[f.name], f"{prefix}{f.name}."))
+        if dataclasses.is_dataclass(types_of[f.name]):
+            lines.extend(describe(types_of[f.name], f"{prefix}{f.name}."))
         else:
-            lines.append(f"  {prefix + f.name:<28} {getattr(default, f.name)!s:<14} {f.metadata.get('help', '')}")
+            rng = f.metadata.get("range")
+            allowed = f" [{rng.bounds()}]" if rng is not None else ""
+            lines.append(f"  {prefix + f.name:<28} {getattr(default, f.name)!s:<14} {f.metadata.get('help', '')}"
+                         f"{allowed}")
     return lines

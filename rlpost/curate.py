@@ -404,8 +404,8 @@ def run(args) -> int:
     cols = Columns.from_config(task)
     use_model = not args.no_model
     rows = read_rows(args.train, cols, split=task.train_split, require_answer=use_model and uses_own_verifier(task))
-    eval_rows = (read_rows(args.eval, cols, split=task.eval_split, split_key="task.eval_split", require_answer=False)
-                 if args.eval else [])
+    eval_rows = (read_rows(args.eval, cols, split=task.eval_split, split_key="task.eval_split", require_answer=False,
+                           held_out=True) if args.eval else [])
     band = (args.band[0], args.band[1])
     pass_rates = too_long = None
     close = lambda: None  # noqa: E731

@@ -13,7 +13,7 @@ and returns it with token rewards [B, T], so the controller and the algorithms a
 them through `PolicyGradient.token_rewards`).
 
 - The student's log-probs are the ones the rollout engine sampled with (`batch.old_logp`, at
-  `rollout.temperature`); the teacher scores the same tokens at the same temperature.
+  `rollout.temperature`); the teacher scores the same tokens at the same temperature (1 when greedy).
 - The task's verifier does not add to the reward: distillation alone. It still scores every sample, reported as
   `reward/gold_mean` (and in rollouts.jsonl as `gold_reward`), so a run shows whether the student gets right
   what the teacher gets right. `reward/mean` is the mean of each response's summed token rewards.
@@ -40,6 +40,8 @@ from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
 from rlpost.models import encode_prompt, load_model, model_device, token_logprobs
 from rlpost.reward import decode_responses
+from rlpost.rollout.engine import logp_temperature
+from rlpost.trainer import check_scoring_temperature
 
 
 def distill_token_rewards(student_logp: torch.Tensor, teacher_logp: torch.Tensor, response_mask: torch.Tensor,
@@ -56,6 +58,7 @@ class TeacherReward:
 
     def __init__(self, teacher: torch.nn.Module, tokenizer, coef: float = 1.0, temperature: float = 1.0,
                  gold=None):
+        check_scoring_temperature(temperature)
         self.teacher = teacher.eval().requires_grad_(False)
         self.tokenizer, self.coef, self.temperature, self.gold = tokenizer, coef, temperature, gold
 
@@ -116,5 +119,6 @@ def load_teacher_reward(cfg, model_cfg, tokenizer, temperature: float, verifier,
     teacher_cfg = dataclasses.replace(model_cfg, name=cfg.teacher, lora=dataclasses.replace(model_cfg.lora, r=0))
     teacher, teacher_tok = load_model(teacher_cfg)
     check_same_tokenizer(tokenizer, teacher_tok, prompts, system, where=f"distill.teacher {cfg.teacher}")
-    return TeacherReward(teacher, tokenizer, coef=cfg.coef, temperature=temperature,
+    # the teacher scores at the temperature the student's old_logp are reported at (1 for greedy rollouts)
+    return TeacherReward(teacher, tokenizer, coef=cfg.coef, temperature=logp_temperature(temperature),
                          gold=getattr(verifier, "fn", None))

@@ -24,11 +24,15 @@ import torch.nn as nn
 from rlpost.batch import Batch
 from rlpost.models import autocast, check_precision, model_device, set_gradient_checkpointing, token_logprobs
 from rlpost.models.lora import adapters_disabled, is_lora
+from rlpost.trainer import check_scoring_temperature
 
 
 class Reference:
     def __init__(self, policy: nn.Module, temperature: float = 1.0, precision: str = "fp32",
                  logprob_chunk: int | None = None):
+        """`temperature`: the one the rollout engine reports old_logp at (SamplingParams.logp_temperature);
+        `logprob_chunk`: tokens per chunk of the log-prob head (None: sized from the vocabulary)."""
+        check_scoring_temperature(temperature)
         check_precision(precision, model_device(policy))
         self.shares_policy = is_lora(policy)
         if self.shares_policy:

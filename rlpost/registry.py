@@ -8,7 +8,8 @@
     ALGORITHMS.build("grpo", beta=0.04)    # an unknown name or parameter fails with the valid choices
 
 A plug-in class declares its knobs as a nested `Config` dataclass; `make_config` fills it from keyword
-parameters, naming any unknown one.
+parameters, naming any unknown one, any of the wrong type and any number outside the range the `Config`
+declares for it (rlpost/schema.py: a `ranges` table on the class).
 """
 
 from __future__ import annotations
@@ -16,15 +17,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rlpost.schema import check_ranges, hints, type_name, type_ok
+
 
 def make_config(config_cls: type, params: dict[str, Any], owner: str) -> Any:
-    """`config_cls(**params)`, or a ValueError naming the unknown parameters of `owner` and the valid ones."""
+    """`config_cls(**params)`, or a ValueError naming the unknown parameters of `owner` and the valid ones, a
+    parameter of the wrong type, or (a RangeError) a number outside its declared range."""
     valid = [f.name for f in dataclasses.fields(config_cls)]
     unknown = [k for k in params if k not in valid]
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {owner}; "
                          f"valid parameters: {', '.join(valid) or '(none)'}")
-    return config_cls(**params)
+    types_of = hints(config_cls)
+    converted = {}
+    for key, value in params.items():
+        ok, converted[key] = type_ok(value, types_of[key])  # "nan" from a command line becomes a float, then refused
+        if not ok:
+            raise ValueError(f"{owner}: {key} expects {type_name(types_of[key])}, got {type(value).__name__} "
+                             f"{value!r}")
+    cfg = config_cls(**converted)
+    check_ranges(cfg, lambda key, value, allowed: f"{owner}: {key}={value!r}; it must be {allowed}")
+    return cfg
 
 
 class Registry:

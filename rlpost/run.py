@@ -63,6 +63,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -372,6 +373,7 @@ def run_dir_of(cfg: Config, recipe_name: str) -> str:
 
 
 def make_run_dir(cfg: Config, recipe_name: str, kind: str = "train") -> str:
+    """out_dir/run_name (or a timestamped name) with config.yaml and RUN_FILE; refuses one that holds a run."""
     run_dir = run_dir_of(cfg, recipe_name)
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         raise FileExistsError(f"run directory {run_dir} already holds a run; choose another run_name, or continue "
@@ -382,6 +384,25 @@ def make_run_dir(cfg: Config, recipe_name: str, kind: str = "train") -> str:
     with open(os.path.join(run_dir, RUN_FILE), "w") as f:
         json.dump({"kind": kind, "recipe": recipe_name}, f)
     return run_dir
+
+
+RUN_START_FILES = ("config.yaml", RUN_FILE, "metrics.jsonl", "tensorboard", "wandb")  # make_run_dir, open_log
+
+
+def discard_run_dir(run_dir: str) -> None:
+    """Undo make_run_dir and open_log for a run that never began (its data, model or rewards were refused):
+    remove what they wrote, and the folder itself when nothing else is in it, so that the same command can
+    run again once the input is fixed. Anything else in the folder is left alone."""
+    for name in RUN_START_FILES:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+    try:
+        os.rmdir(run_dir)
+    except OSError:  # not empty: the folder held something before this run
+        pass
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -625,19 +646,29 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
     else:
         run_dir, ckpt, keep = dist.broadcast_object(make_run_dir(cfg, recipe_name) if main else None), None, None
         keep_rollouts = None
-    log = open_log(cfg, run_dir, keep_lines=keep, resume=bool(resume), keep_rollouts=keep_rollouts,
-                   checkpoint=ckpt.path if ckpt else "the start")
+    log = None
     try:
-        return _train(cfg, stages, run_dir, ckpt, log, resume, t_start)
+        log = open_log(cfg, run_dir, keep_lines=keep, resume=bool(resume), keep_rollouts=keep_rollouts,
+                       checkpoint=ckpt.path if ckpt else "the start")
+        ctx = build_context(cfg, run_dir, log)  # the data, model and rewards, checked before any stage starts
+    except BaseException:
+        if log is not None:
+            log.close(exit_code=1)
+        if main and not resume:  # refused before any work: leave nothing that blocks the same command again
+            discard_run_dir(run_dir)
+        dist.destroy()
+        raise
+    try:
+        return _train(cfg, stages, ctx, ckpt, log, resume, t_start)
     finally:
         log.close(exit_code=1)  # closed already when _train got going (then with the run's own exit code)
         dist.destroy()
 
 
-def _train(cfg: Config, stages: list[Stage], run_dir: str, ckpt: Checkpoint | None, log: RunLog, resume: str | None,
-           t_start: float) -> dict:
+def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint | None, log: RunLog,
+           resume: str | None, t_start: float) -> dict:
     main = dist.is_main()
-    ctx = build_context(cfg, run_dir, log)
+    run_dir = ctx.run_dir
     say = print if main else (lambda *a, **k: None)
     say(f"rlpost: run directory {run_dir}" + (f" (resuming from {ckpt.path})" if ckpt else
                                               " (resuming from the start)" if resume else ""))

@@ -55,6 +55,15 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
 
 
+def check_scoring_temperature(temperature: float) -> None:
+    """Log-probs are log softmax(logits / temperature): at 0 (greedy) or below they are NaN or reversed. A
+    greedy engine reports its old_logp at temperature 1, and the scorers must use that one too."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"scoring temperature {temperature!r}: it must be a finite number > 0; for greedy "
+                         "rollouts (rollout.temperature=0) score at the temperature the engine reports its "
+                         "log-probs at, SamplingParams.logp_temperature (1)")
+
+
 class Trainer:
     def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0,
                  micro_batch_size: int | None = None, max_nonfinite_steps: int = 3, temperature: float = 1.0,
@@ -63,6 +72,7 @@ class Trainer:
                  precision: str = "fp32", gradient_checkpointing: bool = False, schedule: LRSchedule | None = None,
                  strategy: str = "single", logprob_chunk: int | None = None):
         check_precision(precision, model_device(model))
+        check_scoring_temperature(temperature)
         if strategy not in STRATEGIES:
             raise ValueError(f"trainer.strategy is {strategy!r}; valid values: {', '.join(STRATEGIES)}")
         self.sharded = strategy == "fsdp2"

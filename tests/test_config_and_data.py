@@ -117,6 +117,59 @@ def test_malformed_prompt_rows_are_reported_by_line(tmp_path):
     assert "line 5: expected a JSON object" in msg
 
 
+def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt": "1+1=", "answer": "2"}).encode() + b"\n"
+                     + b'{"prompt": "caf\xe9=", "answer": "3"}\n' + b"{not json\n")
+    with pytest.raises(TaskDataError) as e:
+        read_jsonl(str(path))
+    msg = str(e.value)  # reported with the file's other malformed lines, all at once
+    assert f"{path}: 2 malformed row(s)" in msg
+    assert "line 2: not valid UTF-8 (byte 0xe9 at column 16: invalid continuation byte)" in msg
+    assert "line 3: not valid JSON" in msg
+    array = tmp_path / "latin1.json"
+    array.write_bytes(b'[{"prompt": "1+1=", "answer": "2"},\n {"prompt": "caf\xe9=", "answer": "3"}]')
+    with pytest.raises(TaskDataError, match=r"latin1.json: line 2: not valid UTF-8 \(byte 0xe9 at column 17"):
+        read_jsonl(str(array))
+
+
+def test_bytes_that_are_not_utf8_in_a_parquet_or_arrow_table_are_named_by_row(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rlpost.tasks import read_rows
+
+    # a string column whose second value holds a latin-1 byte, as a writer that skips validation leaves it
+    prompts = pa.array([b"1+1=", b"caf\xe9="], type=pa.binary()).view(pa.string())
+    table = pa.table({"prompt": prompts, "answer": pa.array(["2", "3"])})
+    pq.write_table(table, str(tmp_path / "t.parquet"))
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "folder"))
+    for path in (str(tmp_path / "t.parquet"), str(tmp_path / "folder")):
+        with pytest.raises(TaskDataError) as e:
+            read_rows(path)
+        assert f"{path}: text that is not valid UTF-8:\n  row 2: column 'prompt' is not valid UTF-8 (byte 0xe9 " \
+               "at offset 3 of the value" in str(e.value)
+
+
+def test_a_json_string_holding_a_line_separator_character_stays_one_line(tmp_path):
+    path = tmp_path / "sep.jsonl"  # json.dumps(ensure_ascii=False), as write_rows writes, keeps U+2028 raw
+    path.write_text(json.dumps({"prompt": "a\u2028b=", "answer": "1"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [r["prompt"] for r in read_jsonl(str(path))] == ["a\u2028b="]
+
+
+def test_a_completion_column_named_in_the_config_is_not_required_in_the_held_out_file(tmp_path):
+    from rlpost.tasks import Columns, file_task
+
+    train = write(tmp_path / "t.jsonl", [json.dumps({"prompt": "2*3=", "answer": "6", "solution": "6"})])
+    held_out = write(tmp_path / "e.jsonl", [json.dumps({"prompt": "3*3=", "answer": "9"})])
+    task = file_task(train, held_out, Columns(completion="solution"))
+    assert task.demonstrations[0]["completion"] == "6" and task.eval_rows[0]["prompt"] == "3*3="
+    assert task.demonstrator_accuracy is None  # no held-out completion to grade
+    with pytest.raises(TaskDataError, match=r"no column 'solution' \(task.completion_key\)"):  # the training file
+        file_task(held_out, None, Columns(completion="solution"))  # must have it: SFT imitates it
+
+
 def test_empty_or_missing_prompt_file(tmp_path):
     with pytest.raises(TaskDataError, match="has no rows"):
         read_jsonl(write(tmp_path / "empty.jsonl", [""]))
@@ -176,3 +229,41 @@ def test_topology_keys_are_checked():
         load_config(None, ["rl.rollout_workers=0"])
     with pytest.raises(ConfigError, match="'rl.max_staleness' must be >= 0"):
         load_config(None, ["rl.max_staleness=-1"])
+
+
+# ---------------------------------------------------------------------------- a run refused before it begins
+
+def test_a_run_refused_for_its_data_leaves_no_run_directory_and_runs_once_fixed(tmp_path, capsys):
+    from rlpost.cli import main
+
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": "caf\xe9=", "answer": "3"}\n')
+    held_out = write(tmp_path / "test.jsonl", [json.dumps({"prompt": "2+2=", "answer": "4"})])
+    args = ["train", "task.name=file", f"task.train_file={train}", f"task.eval_file={held_out}", "sft.steps=0",
+            "rl.steps=0", "eval.samples_per_prompt=1", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
+            "threads=1", f"out_dir={tmp_path / 'runs'}", "run_name=r"]
+    for _ in range(2):  # the same command again meets the same error, not a run directory in its way
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "train.jsonl: 1 malformed row(s)" in err and "line 2: not valid UTF-8" in err
+        assert not (tmp_path / "runs" / "r").exists()
+    train.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "3+0=", "answer": "3"}\n')
+    assert main([*args, "model.block_size=3"]) == 1  # the length check refuses a run before it begins too
+    assert "model.block_size" in capsys.readouterr().err and not (tmp_path / "runs" / "r").exists()
+    assert main(args) == 0  # the data fixed, the same command runs
+    assert (tmp_path / "runs" / "r" / "summary.json").exists()
+
+
+def test_discarding_a_run_directory_keeps_what_was_there_before(tmp_path):
+    from rlpost.run import discard_run_dir, make_run_dir, open_log
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "run_name=mine"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    run_dir = make_run_dir(cfg, "test")
+    open_log(cfg, run_dir).close()
+    discard_run_dir(run_dir)
+    assert os.listdir(run_dir) == ["notes.txt"]
+    fresh = make_run_dir(load_config(None, [f"out_dir={tmp_path}", "run_name=new"]), "test")
+    discard_run_dir(fresh)
+    assert not os.path.exists(fresh)

@@ -85,8 +85,10 @@ def test_grading_rows_are_what_the_judge_recipe_asks_its_judge():
 
 @pytest.mark.parametrize("name", ["multiply", "multistep", "functions"])
 def test_error_rate_is_checked(name):
+    from rlpost.config import ConfigError, TaskConfig
     from rlpost.tasks import load_task
 
-    cfg = load_config(None, [f"task.name={name}", "task.demonstrator_error=1.5"]).task
-    with pytest.raises(ValueError, match="demonstrator_error"):
-        load_task(cfg)
+    with pytest.raises(ConfigError, match=r"'task.demonstrator_error' must be in \[0, 1\].*got 1.5"):
+        load_config(None, [f"task.name={name}", "task.demonstrator_error=1.5"])  # refused when the config loads
+    with pytest.raises(ValueError, match="demonstrator_error"):  # and by the task itself, built without a config
+        load_task(TaskConfig(name=name, demonstrator_error=1.5))

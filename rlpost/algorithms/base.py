@@ -37,6 +37,7 @@ import torch
 from rlpost.algorithms.correction import LEVELS, MODES, correction_metrics, correction_weights
 from rlpost.batch import Batch
 from rlpost.registry import make_config
+from rlpost.schema import Range, above, at_least, between
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACEMENTS = ("loss", "reward")
@@ -138,12 +139,14 @@ def aggregate(per_token: torch.Tensor, batch: Batch, mode: str, norm_length: int
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (population std); zero off the mask."""
+    """(x - mean) / (std + eps) over the masked entries (population std); zero off the mask, and zero
+    everywhere when the masked entries are all equal (with eps = 0 that would be 0 / 0)."""
     m = mask.bool()
     n = m.sum().clamp(min=1)
     mean = masked_sum(x, m) / n
     var = masked_sum((x - mean) ** 2, m) / n
-    return torch.where(m, (x - mean) / (var.sqrt() + eps), torch.zeros_like(x))
+    scale = var.sqrt() + eps
+    return torch.where(m & (scale > 0), (x - mean) / scale, torch.zeros_like(x))
 
 
 @torch.no_grad()
@@ -217,6 +220,18 @@ class PGConfig:
     rollout_correction_level: str = "token"
     """token: a weight per token; sequence: one per response, exp(sum of its log-ratios)"""
 
+    # What each number may be, checked when the config loads (rlpost/schema.py); subclasses add their own.
+    ranges: ClassVar[dict[str, Range]] = {
+        "clip_low": between(0, 1, "1: no lower clip", low_open=True),
+        "clip_high": above(0),
+        "beta": at_least(0, "0: no KL term, no reference model"),
+        "norm_length": at_least(1),
+        "entropy_coef": Range(note="0: no entropy term; below 0: an entropy penalty"),
+        "adv_clip": above(0),
+        "eps": at_least(0, "0: divide by the standard deviation alone"),
+        "rollout_correction_cap": at_least(1),
+    }
+
 
 class PolicyGradient(Algorithm):
     """Shared policy-gradient machinery. Subclasses implement `sequence_advantages` (one advantage per
@@ -235,8 +250,6 @@ class PolicyGradient(Algorithm):
                                   ("rollout_correction_level", c.rollout_correction_level, LEVELS)):
             if value not in valid:
                 raise ValueError(f"{self.name}: {key}={value!r}; valid: {', '.join(valid)}")
-        if not c.rollout_correction_cap >= 1.0:
-            raise ValueError(f"{self.name}: rollout_correction_cap={c.rollout_correction_cap!r}; it must be >= 1")
 
     @property
     def uses_reference(self) -> bool:

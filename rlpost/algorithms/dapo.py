@@ -14,12 +14,14 @@ No KL term (beta = 0), as in the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from rlpost.algorithms import register
 from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise, varied_groups
 from rlpost.batch import Batch
+from rlpost.schema import Range, at_least
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
@@ -42,6 +44,8 @@ class DAPO(PolicyGradient):
         """overlong penalty: the soft zone C before L"""
         dynamic_sampling: bool = True
         """drop groups whose rewards are all equal"""
+
+        ranges: ClassVar[dict[str, Range]] = {"max_response_len": at_least(1), "overlong_buffer": at_least(1)}
 
     def sequence_rewards(self, batch: Batch) -> torch.Tensor:
         r = super().sequence_rewards(batch)

@@ -16,12 +16,14 @@ token t is emitted (it reads the hidden state at t-1), aligned with input_ids li
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from rlpost.algorithms import register
 from rlpost.algorithms.base import PGConfig, PolicyGradient, aggregate, masked_mean_value, masked_whiten
 from rlpost.batch import Batch
+from rlpost.schema import Range, above, at_least, between
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -67,6 +69,11 @@ class PPO(PolicyGradient):
         """value clipping range around the rollout-time value"""
         whiten_advantages: bool = True
         """standardise advantages over the batch's response tokens"""
+
+        ranges: ClassVar[dict[str, Range]] = {
+            "gamma": between(0, 1, "0: each token's own reward; 1: no discount"),
+            "lam": between(0, 1, "0: one-step TD; 1: Monte-Carlo returns"),
+            "vf_coef": at_least(0, "0: no value loss, the critic stays as it is"), "vf_clip": above(0)}
 
     @property
     def uses_critic(self) -> bool:

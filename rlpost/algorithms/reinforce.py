@@ -13,12 +13,14 @@ No ratio and no clipping: this is the estimator every other algorithm here patch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from rlpost.algorithms import register
 from rlpost.algorithms.base import PGConfig, PolicyGradient
 from rlpost.batch import Batch
+from rlpost.schema import Range, between
 
 BASELINES = ("none", "batch_mean", "moving_average")
 
@@ -39,6 +41,9 @@ class REINFORCE(PolicyGradient):
         """none | batch_mean | moving_average"""
         ema: float = 0.9
         """moving_average: weight of the past in the baseline"""
+
+        # 1 would freeze the baseline at the first batch's mean forever
+        ranges: ClassVar[dict[str, Range]] = {"ema": between(0, 1, "0: the previous batch's mean", high_open=True)}
 
     def __init__(self, **params):
         super().__init__(**params)

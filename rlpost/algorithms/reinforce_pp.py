@@ -14,12 +14,14 @@ its own reward alone (what on-policy distillation's per-token reverse KL is usua
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from rlpost.algorithms import register
 from rlpost.algorithms.base import PGConfig, PolicyGradient, masked_whiten
 from rlpost.batch import Batch
+from rlpost.schema import Range, between
 
 
 def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -50,10 +52,7 @@ class REINFORCEPlusPlus(PolicyGradient):
         gamma: float = 1.0
         """discount of the returns-to-go (the paper: 1; 0: each token's own reward)"""
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        if not 0.0 <= self.cfg.gamma <= 1.0:
-            raise ValueError(f"reinforce_pp: gamma={self.cfg.gamma!r}; it must be in [0, 1]")
+        ranges: ClassVar[dict[str, Range]] = {"gamma": between(0, 1, "0: each token's own reward; 1: no discount")}
 
     def compute_advantages(self, batch: Batch) -> Batch:
         r = self.token_rewards(batch)                          # [B, T]

@@ -32,6 +32,7 @@ Deviations from the paper:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -39,6 +40,7 @@ from rlpost.algorithms import register
 from rlpost.algorithms.base import masked_mean_value
 from rlpost.algorithms.grpo import GRPO
 from rlpost.batch import Batch
+from rlpost.schema import Range, above
 
 LOG_RATIO_LIMIT = 20.0
 
@@ -58,11 +60,7 @@ class SAPO(GRPO):  # GRPO's group-normalised advantage; its own policy loss
         loss_agg: str = "seq-mean-token-mean"
         """the paper's normalisation: mean over sequences of per-sequence token means"""
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        for key in ("tau_pos", "tau_neg"):
-            if not getattr(self.cfg, key) > 0:
-                raise ValueError(f"{self.name}: {key}={getattr(self.cfg, key)!r}; it must be > 0")
+        ranges: ClassVar[dict[str, Range]] = {"tau_pos": above(0), "tau_neg": above(0)}
 
     def policy_loss(self, logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Per token: -(4 / tau) * sigmoid(tau * (rho - 1)) * A, tau chosen by the sign of A."""

@@ -65,7 +65,9 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0
+        if cfg.n_head < 1 or cfg.n_embd % cfg.n_head:  # each head attends over n_embd / n_head dimensions
+            raise ValueError(f"gpt_mini: n_embd={cfg.n_embd} must be a multiple of n_head={cfg.n_head} (config keys "
+                             "model.n_embd, model.n_head)")
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.n_head, self.dropout = cfg.n_head, cfg.dropout

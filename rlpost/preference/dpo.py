@@ -12,11 +12,13 @@ No deviation from the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn.functional as F
 
 from rlpost.preference import register
 from rlpost.preference.base import PreferenceLoss, SeqLogps, pair_metrics
+from rlpost.schema import Range, above, between
 
 
 @register("dpo")
@@ -27,6 +29,9 @@ class DPO(PreferenceLoss):
     class Config:
         beta: float = 0.1             # strength of the implicit KL anchor to the reference
         label_smoothing: float = 0.0  # conservative DPO: assumed fraction of flipped labels
+
+        ranges: ClassVar[dict[str, Range]] = {"beta": above(0),
+                                              "label_smoothing": between(0, 0.5, "0: plain DPO", high_open=True)}
 
     def compute(self, policy: SeqLogps, reference: SeqLogps):
         beta, eps = self.cfg.beta, self.cfg.label_smoothing

@@ -17,9 +17,11 @@ log pi_ref) under the same convention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rlpost.preference import register
 from rlpost.preference.base import PreferenceLoss, SeqLogps, pair_metrics
+from rlpost.schema import Range, above
 
 
 @register("ipo")
@@ -30,6 +32,8 @@ class IPO(PreferenceLoss):
     class Config:
         beta: float = 0.1              # tau in the paper: the target margin is 1 / (2 beta)
         average_logprobs: bool = True  # length-averaged log-probs (True) or sums over tokens (False)
+
+        ranges: ClassVar[dict[str, Range]] = {"beta": above(0)}  # the target margin is 1 / (2 beta)
 
     def compute(self, policy: SeqLogps, reference: SeqLogps):
         norm_p = policy.length if self.cfg.average_logprobs else 1.0

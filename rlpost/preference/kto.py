@@ -17,11 +17,13 @@ unpaired), `pref/reward_margin` is mean desirable reward - mean undesirable rewa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from rlpost.preference import register
 from rlpost.preference.base import PreferenceLoss, SeqLogps
+from rlpost.schema import Range, above
 
 
 @register("kto")
@@ -34,6 +36,9 @@ class KTO(PreferenceLoss):
         beta: float = 0.1
         desirable_weight: float = 1.0    # lambda_D
         undesirable_weight: float = 1.0  # lambda_U
+
+        ranges: ClassVar[dict[str, Range]] = {"beta": above(0), "desirable_weight": above(0),
+                                              "undesirable_weight": above(0)}
 
     @staticmethod
     def reference_point(policy: SeqLogps, reference: SeqLogps) -> torch.Tensor:

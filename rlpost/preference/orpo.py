@@ -14,12 +14,14 @@ odds instead of inf (the only deviation). The implicit reward reported is beta *
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from rlpost.preference import register
 from rlpost.preference.base import PreferenceLoss, SeqLogps, pair_metrics
+from rlpost.schema import Range, at_least
 
 
 def log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
@@ -36,6 +38,8 @@ class ORPO(PreferenceLoss):
     @dataclass
     class Config:
         beta: float = 0.1  # lambda in the paper: weight of the odds-ratio term
+
+        ranges: ClassVar[dict[str, Range]] = {"beta": at_least(0, "0: SFT on the chosen completions alone")}
 
     def compute(self, policy: SeqLogps, reference: SeqLogps | None = None):
         avg = policy.logp / policy.length

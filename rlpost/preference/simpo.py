@@ -11,11 +11,13 @@ No deviation from the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn.functional as F
 
 from rlpost.preference import register
 from rlpost.preference.base import PreferenceLoss, SeqLogps, pair_metrics
+from rlpost.schema import Range, above, at_least
 
 
 @register("simpo")
@@ -27,6 +29,8 @@ class SimPO(PreferenceLoss):
     class Config:
         beta: float = 2.0   # scale of the length-normalised reward
         gamma: float = 1.0  # target reward margin
+
+        ranges: ClassVar[dict[str, Range]] = {"beta": above(0), "gamma": at_least(0, "0: no target margin")}
 
     def compute(self, policy: SeqLogps, reference: SeqLogps | None = None):
         reward = self.cfg.beta * policy.logp / policy.length

@@ -68,7 +68,14 @@ class SamplingParams:
     @property
     def logp_temperature(self) -> float:
         """The temperature old_logp is measured at (greedy decoding reports the untempered policy)."""
-        return self.temperature if self.temperature > 0 else 1.0
+        return logp_temperature(self.temperature)
+
+
+def logp_temperature(temperature: float) -> float:
+    """The temperature an engine sampling at `temperature` reports old_logp at, and so the one the trainer,
+    the reference and a distillation teacher score at: the same, except greedy decoding (0), whose tokens have
+    no tempered distribution (logits / 0), which reports the untempered policy's (1)."""
+    return temperature if temperature > 0 else 1.0
 
 
 @runtime_checkable

@@ -168,14 +168,19 @@ class RLStage(Stage):
         self.algorithm = get_algorithm(**self.algorithm_cfg)
         self.critic = (Critic.build(model, self.critic_cfg.type, precision=tc.precision)
                        if self.algorithm.uses_critic else None)
+        params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
+                                top_p=rc.top_p, max_num_seqs=rc.max_num_seqs, stop=list(rc.stop))
+        # the reference and the trainer score at the temperature the engine reports old_logp at: the sampling
+        # temperature, or 1 for greedy rollouts (temperature 0), whose logits / 0 would make every log-prob NaN
+        scoring = params.logp_temperature
         # the reference first: a whole frozen copy of the policy, taken before the trainer may shard it
-        self.reference = (Reference(model, rc.temperature, tc.precision, logprob_chunk=tc.logprob_chunk)
+        self.reference = (Reference(model, scoring, tc.precision, logprob_chunk=tc.logprob_chunk)
                           if self.algorithm.uses_reference else None)
         schedule = LRSchedule(tc.lr_schedule, tc.warmup_steps, total_steps=self.cfg.steps * tc.epochs * tc.minibatches,
                               min_lr_ratio=tc.min_lr_ratio)
         self.trainer = Trainer(model, lr=tc.lr, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
                                micro_batch_size=tc.micro_batch_size, max_nonfinite_steps=tc.max_nonfinite_steps,
-                               temperature=rc.temperature, epochs=tc.epochs, minibatches=tc.minibatches,
+                               temperature=scoring, epochs=tc.epochs, minibatches=tc.minibatches,
                                critic=self.critic, critic_lr=self.critic_cfg.lr, seed=self.seed(ctx),
                                precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
                                schedule=schedule, strategy=tc.strategy, logprob_chunk=tc.logprob_chunk)
@@ -183,8 +188,6 @@ class RLStage(Stage):
             compile_model(model)
             if self.reference is not None and not self.reference.shares_policy:
                 compile_model(self.reference.model)
-        params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
-                                top_p=rc.top_p, max_num_seqs=rc.max_num_seqs, stop=list(rc.stop))
         engine, self.weight_sync, pipeline = self.place_rollout(ctx, params)
         rows = ctx.task.train_rows
         self.controller = Controller(

@@ -84,10 +84,10 @@ def file_task(train_file: str, eval_file: str | None, cols: Columns = Columns(),
     train = read_rows(train_file, cols, split=train_split, require_answer=require_answer)
     if eval_file:
         evals = read_rows(eval_file, cols, split=eval_split, split_key="task.eval_split",
-                          require_answer=require_answer)
+                          require_answer=require_answer, held_out=True)
     elif eval_split in (dataset_splits(train_file) or []) and eval_split != train_split:
         evals = read_rows(train_file, cols, split=eval_split, split_key="task.eval_split",
-                          require_answer=require_answer)
+                          require_answer=require_answer, held_out=True)
     else:
         evals = []
     demos = [r if "completion" in r else {**r, "completion": r["answer"]} for r in train

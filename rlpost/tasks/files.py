@@ -24,8 +24,8 @@ whose last message is the assistant's, in a row without a completion, splits int
 messages before it) and the completion (its content): the usual chat SFT format. Each row also gets
 its position, `line` (JSON Lines) or `row` (1-based, other formats), for error messages.
 
-Every malformed row is reported at once, by file, line or row number and what is wrong; a missing
-file names the path; a column that no row has names the columns there are.
+Every malformed row is reported at once, by file, line or row number and what is wrong (text that is not
+valid UTF-8 included); a missing file names the path; a column that no row has names the columns there are.
 """
 
 from __future__ import annotations
@@ -81,22 +81,44 @@ def _where_line(n: int) -> str:
 
 
 class _BadJSON:
-    def __init__(self, msg: str):
-        self.msg = msg
+    """A line that could not be read: not valid JSON, or (is_json=False) not valid UTF-8."""
+
+    def __init__(self, msg: str, is_json: bool = True):
+        self.msg = f"not valid JSON ({msg})" if is_json else msg
+
+
+def _not_utf8(e: UnicodeDecodeError, column: int | None = None) -> str:
+    """What a decoding error says: the bad byte, and where: the line's `column`, else its offset in the value."""
+    at = f"column {column}" if column is not None else f"offset {e.start} of the value"
+    return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at {at}: {e.reason}); save the file as UTF-8"
 
 
 def _json_records(path: str) -> tuple[list[tuple[str, dict, Any]], list[str] | None]:
     """[(where, position, raw record)], columns (None: from the rows) of a .jsonl or .json file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith(".json") and text.lstrip().startswith("["):
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
+        data = data[3:]
+    if path.endswith(".json") and data.lstrip().startswith(b"["):
         try:
-            data = json.loads(text)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:  # name the line, as for any other malformed row
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            raise TaskDataError(f"{path}: line {line}: {_not_utf8(e, column)}") from None
+        try:
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise TaskDataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        return [(f"row {i}", {"row": i}, r) for i, r in enumerate(data, 1)], None
+        return [(f"row {i}", {"row": i}, r) for i, r in enumerate(rows, 1)], None
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # bytes.splitlines splits at \n, \r\n and \r only; str.splitlines would also split a JSON string at U+2028
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.append((f"line {n}", {"line": n}, _BadJSON(_not_utf8(e, e.start + 1), is_json=False)))
+            continue
         if not line.strip():
             continue
         try:
@@ -106,8 +128,24 @@ def _json_records(path: str) -> tuple[list[tuple[str, dict, Any]], list[str] | N
     return out, None
 
 
-def _table_records(table) -> tuple[list[tuple[str, dict, Any]], list[str]]:
-    return [(f"row {i}", {"row": i}, r) for i, r in enumerate(table.to_pylist(), 1)], list(table.column_names)
+def _table_records(table, name: str) -> tuple[list[tuple[str, dict, Any]], list[str]]:
+    try:
+        rows = table.to_pylist()
+    except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8: find the rows, name them
+        raise TaskDataError(_report(f"{name}: text that is not valid UTF-8", _utf8_problems(table))) from None
+    return [(f"row {i}", {"row": i}, r) for i, r in enumerate(rows, 1)], list(table.column_names)
+
+
+def _utf8_problems(table) -> list[str]:
+    """'row N: column C is not valid UTF-8 (...)' for each bad cell; row by row, only once the table failed."""
+    problems = []
+    for i in range(table.num_rows):
+        for column in table.column_names:
+            try:
+                table.column(column).slice(i, 1).to_pylist()
+            except UnicodeDecodeError as e:
+                problems.append(f"row {i + 1}: column '{column}' is {_not_utf8(e)}")
+    return problems
 
 
 def _parquet_records(path: str):
@@ -117,7 +155,7 @@ def _parquet_records(path: str):
         table = pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - ArrowInvalid and friends: say which file
         raise TaskDataError(f"{path}: not a readable parquet file: {type(e).__name__}: {e}") from None
-    return _table_records(table)
+    return _table_records(table, path)
 
 
 def dataset_splits(folder: str) -> list[str] | None:
@@ -142,33 +180,37 @@ def _dataset_folder(path: str, split: str, split_key: str) -> tuple[str, str]:
     return os.path.join(path, split), f"{path} [split {split}]"
 
 
-def _arrow_records(folder: str):
+def _arrow_records(folder: str, name: str):
     """A single-Dataset folder's rows read with pyarrow alone: the Arrow stream files state.json lists."""
     import pyarrow as pa
 
     with open(os.path.join(folder, "state.json")) as f:
         files = [d["filename"] for d in json.load(f)["_data_files"]]
     tables = []
-    for name in files:
-        with pa.memory_map(os.path.join(folder, name)) as source:
+    for file in files:
+        with pa.memory_map(os.path.join(folder, file)) as source:
             tables.append(pa.ipc.open_stream(source).read_all())
-    return _table_records(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
+    return _table_records(pa.concat_tables(tables) if len(tables) > 1 else tables[0], name)
 
 
-def _datasets_records(folder: str):
+def _datasets_records(folder: str, name: str):
     try:
         import datasets
     except ImportError:
-        return _arrow_records(folder)
+        return _arrow_records(folder, name)
     ds = datasets.load_from_disk(folder)
-    return [(f"row {i}", {"row": i}, r) for i, r in enumerate(ds.to_list(), 1)], list(ds.column_names)
+    try:
+        rows = ds.to_list()
+    except UnicodeDecodeError:  # the same Arrow files read with pyarrow, which names the rows
+        return _arrow_records(folder, name)
+    return [(f"row {i}", {"row": i}, r) for i, r in enumerate(rows, 1)], list(ds.column_names)
 
 
 def _records(path: str, split: str, split_key: str, fmt: str | None = None):
     """(name for messages, records, columns: None for JSON) of any supported path."""
     if os.path.isdir(path):
         folder, name = _dataset_folder(path, split, split_key)
-        return (name, *_datasets_records(folder))
+        return (name, *_datasets_records(folder, name))
     if not os.path.exists(path):
         raise TaskDataError(f"prompt file not found: {path}")
     if fmt == "json" or path.endswith((".jsonl", ".json")):
@@ -208,7 +250,7 @@ def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_an
                   ) -> tuple[dict | None, list[str]]:
     """(the row with internal keys, []) or (None, [problems, each starting with `where`])."""
     if isinstance(record, _BadJSON):
-        return None, [f"{where}: not valid JSON ({record.msg})"]
+        return None, [f"{where}: {record.msg}"]
     if not isinstance(record, dict):
         return None, [f"{where}: expected a JSON object, got {type(record).__name__}"]
     problems: list[str] = []
@@ -277,14 +319,15 @@ def _report(title: str, problems: list[str]) -> str:
     return f"{title}:\n  {shown}{more}"
 
 
-def _check_columns(name: str, columns: list[str], cols: Columns, require_answer: bool) -> None:
-    """A mapped column that no row has is one error naming the columns there are, not one per row."""
+def _check_columns(name: str, columns: list[str], cols: Columns, require_answer: bool, held_out: bool) -> None:
+    """A mapped column that no row has is one error naming the columns there are, not one per row. A held-out
+    file needs no demonstrations: its completion column may be missing even when task.completion_key names one."""
     missing = []
     if cols.prompt not in columns and cols.messages not in columns:
         missing.append(f"'{cols.prompt}' (task.prompt_key) or '{cols.messages}' (task.messages_key)")
     if require_answer and cols.answer not in columns:
         missing.append(f"'{cols.answer}' (task.answer_key)")
-    if cols.completion != Columns.completion and cols.completion not in columns:  # asked for by name: must exist
+    if not held_out and cols.completion != Columns.completion and cols.completion not in columns:  # named: must exist
         missing.append(f"'{cols.completion}' (task.completion_key)")
     if missing:
         raise TaskDataError(f"{name}: no column {' and no column '.join(missing)}; its columns: "
@@ -292,11 +335,12 @@ def _check_columns(name: str, columns: list[str], cols: Columns, require_answer:
 
 
 def read_rows(path: str, cols: Columns = Columns(), *, split: str = "train", split_key: str = "task.train_split",
-              require_answer: bool = True, fmt: str | None = None) -> list[dict]:
+              require_answer: bool = True, fmt: str | None = None, held_out: bool = False) -> list[dict]:
     """The normalised rows of a prompt file or `datasets` folder (for a DatasetDict folder, `split`).
 
     `require_answer`: every row needs an answer (the built-in verifier compares against it); a custom
     reward may do without one. `fmt="json"` reads any file name as JSON Lines (else: from the path).
+    `held_out`: a held-out file, whose rows need no demonstration column (task.completion_key).
     Raises TaskDataError naming every malformed row."""
     name, records, columns = _records(path, split, split_key, fmt)
     if not records:
@@ -304,7 +348,7 @@ def read_rows(path: str, cols: Columns = Columns(), *, split: str = "train", spl
     if columns is None and all(isinstance(r, dict) for _, _, r in records):  # JSON: the keys any row has
         columns = list({k: None for _, _, r in records for k in r})
     if columns is not None:  # (JSON with unreadable lines: those lines are reported one by one instead)
-        _check_columns(name, columns, cols, require_answer)
+        _check_columns(name, columns, cols, require_answer, held_out)
     rows, problems = [], []
     for where, position, record in records:
         row, bad = normalise_row(record, where, cols, require_answer)

@@ -1,0 +1,192 @@
+"""What a config value may be: its type, and for a number the range it means something in. Shared by the
+run config (rlpost/config.py) and the plug-ins' own configs (algorithms, preference losses), so that a bad
+value is refused when the config loads, naming the key, the value and what is allowed.
+
+A numeric field declares its range next to itself: in its field metadata (`opt(default, help, Range(...))`
+in rlpost/config.py), or, for a plug-in `Config` whose fields carry docstrings, in the class's `ranges`
+table (a subclass adds to, or overrides, its bases' tables). NaN and +-inf lie outside every range,
+declared or not: a number that is not finite never reaches a run.
+
+    at_least(1)                         >= 1
+    at_least(0, "0: off")               >= 0 (0: off)       the note says what a boundary value means
+    above(0)                            > 0
+    between(0, 1)                       in [0, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key means something for: from `low` to `high` (None: unbounded), each bound
+    included unless `low_open` / `high_open`; always finite. `note` says what a boundary value means
+    ("0: off"); `what` names the range ("a positive learning rate")."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+    what: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def bounds(self) -> str:
+        """The range in symbols: '>= 0', '> 0', 'in [0, 1)', 'finite'."""
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.low_open else '['}{lo:g}, {hi:g}{')' if self.high_open else ']'}"
+        if lo is not None:
+            return f"{'>' if self.low_open else '>='} {lo:g}"
+        if hi is not None:
+            return f"{'<' if self.high_open else '<='} {hi:g}"
+        return "finite"
+
+    def describe(self, optional: bool = False) -> str:
+        """The range as an error message says it: '>= 1 or null (0: off)', 'a positive learning rate (> 0)'."""
+        text = f"{self.what} ({self.bounds()})" if self.what else self.bounds()
+        text += " or null" if optional else ""
+        return f"{text} ({self.note})" if self.note else text
+
+
+def at_least(low: float, note: str = "") -> Range:
+    """>= low."""
+    return Range(low, note=note)
+
+
+def above(low: float, note: str = "", what: str = "") -> Range:
+    """> low."""
+    return Range(low, low_open=True, note=note, what=what)
+
+
+def between(low: float, high: float, note: str = "", *, low_open: bool = False, high_open: bool = False) -> Range:
+    """From low to high, both included unless said otherwise."""
+    return Range(low, high, low_open=low_open, high_open=high_open, note=note)
+
+
+FINITE = Range()  # any finite number: what a numeric field without a declared range may be
+
+
+class RangeError(ValueError):
+    """A numeric value outside its key's range; `key`, `value` and `range` say which, for callers that name
+    the key their own way (the run config says 'config key algorithm.beta' for an algorithm's 'beta')."""
+
+    def __init__(self, message: str, key: str, value: float, range: Range, optional: bool):
+        super().__init__(message)
+        self.key, self.value, self.range, self.optional = key, value, range, optional
+
+
+# ---------------------------------------------------------------------------- types
+
+def type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(accepted, converted value) for a value against an annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is Any:
+        return True, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:  # an int is a fine float; so is "1e-3" or "nan", which YAML 1.1 reads as strings
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is dict:
+        return isinstance(value, dict), dict(value) if isinstance(value, dict) else value
+    if origin is list:
+        return isinstance(value, list), value
+    raise TypeError(f"unsupported config annotation {tp}")
+
+
+def type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+@functools.cache
+def hints(cls: type) -> dict[str, Any]:
+    """typing.get_type_hints(cls), once per class (a config loads many times in a sweep or a test)."""
+    return typing.get_type_hints(cls)
+
+
+def numeric_type(tp: Any) -> tuple[type, bool] | None:
+    """(int or float, whether None is allowed) for a numeric annotation (`int`, `float | None`, ...); None
+    for any other (bool is not a number here)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    optional = type(None) in args
+    rest = [a for a in args if a is not type(None)]
+    if len(rest) == 1 and rest[0] in (int, float):
+        return rest[0], optional
+    return None
+
+
+# ---------------------------------------------------------------------------- ranges
+
+def declared_range(cls: type, name: str) -> Range | None:
+    """The range dataclass `cls` declares for its field `name`: the field's metadata, else the nearest
+    `ranges` table along the class's bases; None when it declares none."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and "range" in f.metadata:
+            return f.metadata["range"]
+    for c in cls.__mro__:
+        table = vars(c).get("ranges")
+        if isinstance(table, dict) and name in table:
+            return table[name]
+    return None
+
+
+@functools.cache
+def numeric_fields(cls: type) -> dict[str, tuple[type, bool, Range | None]]:
+    """{name: (int or float, None allowed, declared range or None)} of the numeric fields of dataclass `cls`
+    (its own, not those of nested dataclasses)."""
+    types_of = hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        kind = numeric_type(types_of[f.name])
+        if kind is not None:
+            out[f.name] = (*kind, declared_range(cls, f.name))
+    return out
+
+
+def out_of_range(obj: Any) -> Iterator[tuple[str, float, Range, bool]]:
+    """(field, value, range, None allowed) of each numeric field of dataclass instance `obj` whose value lies
+    outside its range (FINITE when it declares none). None passes where the annotation allows it."""
+    for name, (_, optional, rng) in numeric_fields(type(obj)).items():
+        value = getattr(obj, name)
+        if value is None and optional:
+            continue
+        rng = rng or FINITE
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in rng:
+            yield name, value, rng, optional
+
+
+def check_ranges(obj: Any, message: typing.Callable[[str, float, str], str]) -> None:
+    """Raise RangeError for the first numeric field of `obj` outside its range, with the text
+    `message(field, value, what is allowed)`."""
+    for key, value, rng, optional in out_of_range(obj):
+        raise RangeError(message(key, value, rng.describe(optional)), key, value, rng, optional)

@@ -1,0 +1,286 @@
+"""Bad numbers are refused before any work: every numeric key of the schema, fuzzed.
+
+The keys are enumerated from the dataclasses themselves (the config sections, every algorithm's and every
+preference loss's own `Config`), so a key added later is fuzzed without touching this file. Each gets NaN,
++-inf, -1 and 0, spelled as on a command line ("nan") and as YAML floats (".nan", ".inf"). The config loader must
+either refuse the value, naming the key, the value and what is allowed, or accept a finite value inside the
+key's declared range, whose boundary values carry a meaning in the range's note, and that note is written in
+docs/cli.md. Nothing here builds a model; the CLI tests check that a refusal comes before the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rlpost.algorithms import available as algorithms
+from rlpost.algorithms import get_algorithm
+from rlpost.cli import main
+from rlpost.config import Config, ConfigError, load_config
+from rlpost.preference import available as preference_losses
+from rlpost.preference import get_preference_loss
+from rlpost.schema import Range, hints, numeric_fields
+
+ROOT = Path(__file__).resolve().parent.parent
+VALUES = ["nan", "inf", "-inf", ".nan", ".inf", "-1", "0"]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One numeric key: its dotted name, int or float, whether null is allowed, its declared range, the
+    overrides that set it (the plug-in keys first pick their algorithm or loss), and who declares it."""
+
+    name: str
+    kind: type
+    optional: bool
+    range: Range | None
+    select: tuple[str, ...] = ()
+    owner: str = ""
+
+    def overrides(self, value: str) -> list[str]:
+        return [*self.select, f"{self.name}={value}"]
+
+
+def section_keys(cls: type = Config, prefix: str = "") -> list[Key]:
+    keys = [Key(prefix + name, kind, optional, rng)
+            for name, (kind, optional, rng) in numeric_fields(cls).items()]
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints(cls)[f.name]):
+            keys += section_keys(hints(cls)[f.name], f"{prefix}{f.name}.")
+    return keys
+
+
+def plugin_keys() -> list[Key]:
+    keys = []
+    for section, names, build in (("algorithm", algorithms(), get_algorithm),
+                                  ("preference.loss", preference_losses(), get_preference_loss)):
+        for name in names:
+            for param, (kind, optional, rng) in numeric_fields(type(build(name)).Config).items():
+                keys.append(Key(f"{section}.{param}", kind, optional, rng, (f"{section}={{name: {name}}}",),
+                                f"{section}.name={name}"))
+    return keys
+
+
+KEYS = section_keys() + plugin_keys()
+
+
+def key_id(key: Key) -> str:
+    return f"{key.name}[{key.owner.split('=')[1]}]" if key.owner else key.name
+
+
+def test_the_enumeration_finds_the_keys_the_requirement_names():
+    names = {k.name for k in KEYS}
+    assert {"rollout.temperature", "rl.steps", "threads", "model.n_head", "eval.temperature", "algorithm.beta",
+            "algorithm.clip_low", "algorithm.clip_high", "algorithm.gamma", "preference.loss.beta"} <= names
+    assert len(section_keys()) >= 80 and len(plugin_keys()) >= 90
+
+
+@pytest.mark.parametrize("key", KEYS, ids=key_id)
+def test_every_numeric_key_declares_its_range(key):
+    assert key.range is not None, (
+        f"numeric key {key.name} ({key.owner or 'config'}) declares no range: give it one next to the field "
+        "(opt(default, help, at_least(...) / above(...) / between(...)) in rlpost/config.py, or the `ranges` "
+        "table of a plug-in's Config), with a note saying what a boundary value means, and add its row to "
+        "the table in docs/cli.md")
+
+
+def boundary(rng: Range, value: float) -> bool:
+    return (value == rng.low and not rng.low_open) or (value == rng.high and not rng.high_open)
+
+
+@pytest.mark.parametrize("key", KEYS, ids=key_id)
+def test_every_numeric_key_refuses_or_means_each_fuzzed_value(key):
+    rng = key.range or Range()
+    for raw in VALUES:
+        number = float(raw.replace(".nan", "nan").replace(".inf", "inf"))
+        try:
+            load_config(None, key.overrides(raw))
+        except ConfigError as e:  # a clear refusal: the key, the value and what is allowed
+            msg = str(e)
+            param = key.name.rsplit(".", 1)[1] if key.owner else key.name
+            assert f"'{key.name}'" in msg or (f"'{key.name.rsplit('.', 1)[0]}'" in msg and param in msg), msg
+            assert re.search(rf"got .*{re.escape(raw.lstrip('.').replace('-.', '-'))}", msg), msg
+            if "must be" in msg:  # a range refusal (a wrongly typed value says which type it needs instead)
+                assert rng.describe(key.optional) in msg, msg
+            continue
+        # accepted: a finite number the key means something for
+        assert math.isfinite(number), f"{key.name}={raw} was accepted: a run would train on it"
+        assert number in rng, f"{key.name}={raw} was accepted outside its declared range {rng.bounds()}"
+        if boundary(rng, number):
+            assert re.search(rf"(^|; ){number:g}:", rng.note), (
+                f"{key.name}={raw} is accepted at the edge of its range: its range's note must say what "
+                f"{number:g} means (e.g. '{number:g}: off'), got note {rng.note!r}")
+
+
+def range_table() -> list[str]:
+    """docs/cli.md's table of numeric keys: the config sections' keys, then the plug-ins' parameters (one row
+    per parameter and range, naming the algorithms or losses when not all of them have it)."""
+    rows = [f"| `{k.name}` | {(k.range or Range()).describe(k.optional)} |" for k in section_keys()]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for k in plugin_keys():
+        groups.setdefault((k.name, (k.range or Range()).describe(k.optional)), []).append(k.owner.split("=")[1])
+    every = {"algorithm": sorted(algorithms()), "preference.loss": sorted(preference_losses())}
+    for (name, allowed), owners in groups.items():
+        section = name.rsplit(".", 1)[0]
+        which = "" if sorted(owners) == every[section] else f" ({', '.join(owners)})"
+        rows.append(f"| `{name}`{which} | {allowed} |")
+    return rows
+
+
+def test_docs_cli_lists_every_numeric_key_with_its_range():
+    text = (ROOT / "docs" / "cli.md").read_text()
+    missing = [row for row in range_table() if row not in text]
+    assert not missing, ("docs/cli.md's table of numeric keys is out of date; its rows should be:\n"
+                         + "\n".join(range_table()))
+
+
+# ---------------------------------------------------------------------------- the ones the requirement names
+
+@pytest.mark.parametrize("overrides, match", [
+    (["rollout.temperature=nan"], r"'rollout.temperature' must be >= 0 .*got nan"),
+    (["rollout.temperature=-1"], r"'rollout.temperature' must be >= 0 \(0: greedy.*got -1"),
+    (["algorithm.beta=-1"], r"'algorithm.beta' must be >= 0 .*got -1 \(algorithm.name=grpo\)"),
+    (["algorithm.clip_low=-0.5"], r"'algorithm.clip_low' must be in \(0, 1\] .*got -0.5"),
+    (["algorithm.clip_high=nan"], r"'algorithm.clip_high' must be > 0, got nan"),
+    (["rl.steps=-1"], r"'rl.steps' must be >= 0 \(0: no RL stage\), got -1"),
+    (["threads=0"], r"'threads' must be >= 1 or null, got 0"),
+    (["model.n_head=3", "model.n_embd=16"], r"'model.n_head' is 3, which does not divide model.n_embd=16.*"
+                                            r"among 1, 2, 4, 8, 16"),
+    (["run_name=../x"], r"'run_name' is '\.\./x': it names a folder inside out_dir"),
+    (["run_name=/tmp/x"], r"'run_name' is '/tmp/x'"),
+    (["run_name=a/../../x"], r"'run_name' is 'a/\.\./\.\./x'"),
+    (["run_name=."], r"'run_name' is '\.'"),
+    (["stages=[sft, {rl: {rollout.temperature: .nan}}]", "rl.steps=1"],
+     r"stages\[1\] \(rl\): config key 'rollout.temperature' must be >= 0"),
+])
+def test_the_values_the_requirement_names_are_refused_at_load_time(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_an_algorithm_mapping_without_a_name_is_named():
+    with pytest.raises(ConfigError, match=r"config key 'algorithm' needs a 'name' besides its parameters, got "
+                                          r"\{'beta': 0.1\}"):
+        load_config(None, ["algorithm={beta: 0.1}"])  # was a TypeError from get_algorithm
+
+
+def test_a_run_name_inside_out_dir_is_accepted():
+    assert load_config(None, ["run_name=sweep/lr3e-4"]).run_name == "sweep/lr3e-4"
+    assert load_config(None, ["run_name=a/../b"]).run_name == "a/../b"  # still inside out_dir
+
+
+def test_the_gpt_mini_head_split_is_checked_by_the_model_itself():
+    from rlpost.models.gpt_mini import GPT, GPTConfig
+
+    with pytest.raises(ValueError, match=r"n_embd=16 must be a multiple of n_head=3 \(config keys model.n_embd"):
+        GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=3, n_embd=16))
+
+
+def test_an_hf_model_is_not_refused_for_gpt_mini_sizes():
+    # n_head / n_embd shape only the embedded model; a checkpoint brings its own
+    load_config(None, ["model.name=some/checkpoint", "model.n_head=3", "model.n_embd=16"])
+
+
+# ---------------------------------------------------------------------------- through the CLI
+
+def cli(args: list[str], tmp_path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "rlpost", "train", *args, f"out_dir={tmp_path / 'runs'}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_cli_refuses_nan_before_the_run_directory_exists(tmp_path):
+    out, err = (p := cli(["rollout.temperature=nan", "run_name=x"], tmp_path)).communicate(timeout=300)
+    assert p.returncode == 2, (out, err)
+    assert "config key 'rollout.temperature' must be >= 0 (0: greedy, scored at temperature 1), got nan" in err
+    assert "rlpost: model" not in out and not (tmp_path / "runs").exists()  # no model built, no run directory
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_each_named_value_before_the_run_directory_exists(tmp_path):
+    cases = {"clip": (["algorithm.clip_high=nan"], "config key 'algorithm.clip_high' must be > 0, got nan "
+                                                   "(algorithm.name=grpo)"),
+             "beta": (["algorithm.beta=-1"], "config key 'algorithm.beta' must be >= 0"),
+             "steps": (["rl.steps=-1"], "config key 'rl.steps' must be >= 0 (0: no RL stage), got -1"),
+             "threads": (["threads=0"], "config key 'threads' must be >= 1 or null, got 0"),
+             "heads": (["model.n_head=3", "model.n_embd=16"], "config key 'model.n_head' is 3, which does not divide"),
+             "escape": (["run_name=../escaped"], "config key 'run_name' is '../escaped'")}
+    procs = {name: cli(args, tmp_path) for name, (args, _) in cases.items()}  # at once: each pays for torch's import
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 2 and cases[name][1] in err, (name, out, err)
+        assert "rlpost: model" not in out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+
+
+@pytest.mark.parametrize("args", [["rl.steps=-1"], ["threads=0"], ["algorithm.beta=-1"], ["algorithm.clip_low=-0.5"],
+                                  ["model.n_head=3", "model.n_embd=16"], ["eval.temperature=-1"]])
+def test_main_returns_2_and_leaves_no_run_directory(args, tmp_path, capsys):
+    assert main(["train", *args, f"out_dir={tmp_path / 'runs'}"]) == 2
+    assert "config key" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------- accepted values mean something
+
+TINY = ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "threads=1", "task.num_eval=8", "sft.steps=0",
+        "rollout.prompts_per_step=2", "rollout.k=2", "eval.samples_per_prompt=1", "rl.steps=2"]
+
+
+def test_greedy_rollouts_train_on_finite_log_probs(tmp_path):
+    """rollout.temperature=0: the engine reports old_logp at temperature 1, and the trainer and the reference
+    score there too (logits / 0 made every one of their log-probs NaN, and every step was skipped). Zeros of
+    other keys ride along: each one's documented meaning runs."""
+    from rlpost.run import train
+
+    summary = train(load_config(None, [*TINY, "rollout.temperature=0", "eval.temperature=0", "rl.eval_every=0",
+                                       "rl.save_every=0", "rl.keep_checkpoints=0", "rollout.top_k=0",
+                                       "rollout.max_refill_rounds=0", "trainer.grad_clip=0",
+                                       "trainer.weight_decay=0", "log.rollouts_every=0", "algorithm.beta=0.1",
+                                       "algorithm.entropy_coef=0.01", f"out_dir={tmp_path}", "run_name=greedy"]))
+    assert summary["status"] == "ok"
+    lines = [json.loads(x) for x in (tmp_path / "greedy" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if m["stage"] == "rl"]
+    assert len(steps) == 2
+    for m in steps:
+        assert m["train/skipped_nonfinite"] == 0
+        assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/grad_norm"]) and m["train/grad_norm"] > 0
+        assert m["rollout/logp_mismatch_max"] < 1e-4  # the trainer scores what the engine reported
+        assert math.isfinite(m["loss/kl_ref"])
+    assert [m["after"] for m in lines if m["stage"] == "eval"] == ["start", "rl"]  # eval_every=0: at the end only
+    assert not (tmp_path / "greedy" / "rollouts.jsonl").exists()  # rollouts_every=0: never
+
+
+def test_scorers_refuse_a_temperature_they_cannot_divide_by():
+    import torch
+
+    from rlpost.distill import TeacherReward
+    from rlpost.reference import Reference
+    from rlpost.rollout.engine import SamplingParams, logp_temperature
+    from rlpost.trainer import Trainer
+
+    model = torch.nn.Linear(2, 2)
+    for make in (lambda t: Trainer(model, lr=1e-3, temperature=t), lambda t: Reference(model, temperature=t),
+                 lambda t: TeacherReward(model, tokenizer=None, temperature=t)):
+        for t in (0.0, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="logp_temperature"):
+                make(t)
+    assert SamplingParams(temperature=0).logp_temperature == logp_temperature(0) == 1.0
+    assert logp_temperature(0.7) == 0.7
+
+
+def test_train_help_shows_each_numeric_keys_range(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert lines["rollout.temperature"].endswith("[>= 0]") and lines["trainer.min_lr_ratio"].endswith("[in [0, 1]]")
+    assert "[" not in lines["model.name"].split("'")[-1]  # a string key has no range
