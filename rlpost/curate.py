@@ -27,8 +27,9 @@ The filters, in this order (each reports how many rows it dropped, with examples
    by the run's reward (task.reward / task.rewards, else the exact-answer verifier); a sample passes when
    its reward >= --pass-threshold; prompts with pass rate p outside [lo, hi] (--band) are dropped.
 
-The kept rows are written (JSON Lines, or parquet by extension) with the internal keys and, with a
-model, their `pass_rate`; `rlpost train task.name=file task.train_file=OUT` reads them.
+The kept rows are written (JSON Lines, or parquet by extension) under the columns they were read from
+(task.prompt_key, task.answer_key, ...) and, with a model, their `pass_rate`; `rlpost train` with the
+same task keys and task.train_file=OUT reads them.
 """
 
 from __future__ import annotations
@@ -420,12 +421,13 @@ def run(args) -> int:
                  ngram=args.ngram, band=band, k=args.k if use_model else None, threshold=args.pass_threshold))
     if not result.kept:
         raise TaskDataError("no rows were kept; nothing written")
-    write_rows(result.kept, args.out)
+    write_rows(result.kept, args.out, cols)  # the input's column names: the same recipe reads the output
     if args.report:
         with open(args.report, "w") as f:
             json.dump({"counts": result.counts(), "pass_rates": result.rates, "band": list(band)}, f, indent=2)
+    how = f"{args.recipe} " if args.recipe else "task.name=file "
     print(f"rlpost curate: wrote {len(result.kept)} rows to {args.out}; train on them with `rlpost train "
-          f"task.name=file task.train_file={args.out}`")
+          f"{how}task.train_file={args.out}`")
     return 0
 
 

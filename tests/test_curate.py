@@ -212,3 +212,23 @@ def test_rlpost_curate_without_a_model_writes_parquet(tmp_path, capsys, monkeypa
     assert "give --model" in capsys.readouterr().err
     assert main(["curate", "--no-model", "--train", "nope.jsonl", "--out", "x.jsonl"]) == 1
     assert "prompt file not found: nope.jsonl" in capsys.readouterr().err
+
+
+def test_curate_writes_the_kept_rows_under_the_columns_they_came_from(tmp_path, capsys, monkeypatch):
+    """GSM8K's `question` stays `question`, so the recipe that names it (task.prompt_key) reads the output."""
+    monkeypatch.chdir(tmp_path)
+    with open("train.jsonl", "w") as f:
+        for q in ["Tom has 3 apples and buys 4 more. How many now?", "Tom has 3 apples and buys 4 more. How many now?",
+                  "A box holds 6 eggs. How many eggs are in 5 boxes?"]:
+            f.write(json.dumps({"question": q, "solution": "3 + 4 = 7\n#### 7", "source": "hand"}) + "\n")
+    assert main(["curate", "--no-model", "--train", "train.jsonl", "--out", "out.parquet",
+                 "--prompt-key", "question", "--answer-key", "solution"]) == 0
+    assert "train on them with `rlpost train task.name=file task.train_file=out.parquet`" in capsys.readouterr().out
+    import pyarrow.parquet as pq
+
+    assert pq.read_table("out.parquet").column_names == ["question", "solution", "source"]
+    rows = load_task(TaskConfig(name="file", train_file="out.parquet", prompt_key="question",
+                                answer_key="solution")).train_rows
+    assert [r["prompt"] for r in rows] == ["Tom has 3 apples and buys 4 more. How many now?",
+                                          "A box holds 6 eggs. How many eggs are in 5 boxes?"]
+    assert rows[0]["answer"] == "3 + 4 = 7\n#### 7" and rows[0]["source"] == "hand"

@@ -367,15 +367,18 @@ def iter_rows_without_position(rows: list[dict]) -> Iterator[dict]:
         yield {k: v for k, v in r.items() if k not in POSITION_KEYS}
 
 
-def write_rows(rows: list[dict], path: str) -> None:
-    """Write rows where `read_rows` (default columns) reads them back: JSON Lines (.jsonl, .json) or parquet
-    (.parquet). A chat-messages prompt goes to the `messages` column, so that every `prompt` is a string
-    (a parquet column holds one type); reading puts it back as the prompt."""
+def write_rows(rows: list[dict], path: str, cols: Columns = Columns()) -> None:
+    """Write rows where `read_rows(path, cols)` reads them back: JSON Lines (.jsonl, .json) or parquet
+    (.parquet). Each internal key goes back to its column of `cols` (GSM8K's `question` stays `question`),
+    so the file reads with the same task.*_key settings as the file it came from. A chat-messages prompt
+    goes to the messages column, so that every prompt is a string (a parquet column holds one type);
+    reading puts it back as the prompt."""
     out = []
     for r in iter_rows_without_position(rows):
-        if isinstance(r.get("prompt"), list) and "messages" not in r:
-            r["messages"] = r.pop("prompt")
-        out.append(r)
+        if isinstance(r.get("prompt"), list) and cols.messages not in r:
+            r[cols.messages] = r.pop("prompt")
+        names = {"prompt": cols.prompt, "answer": cols.answer, "completion": cols.completion}
+        out.append({names.get(k, k): v for k, v in r.items()})
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     if path.endswith(".parquet"):
