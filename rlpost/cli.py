@@ -390,8 +390,9 @@ def run_plan(args, parser) -> int:
                     verifier_s=args.verifier_s, reference=not args.no_reference, rollout_gpus=args.rollout_gpus)
                 hw = throughput.Hardware(tflops=args.tflops, hbm_tbs=args.hbm_tbs, mfu=args.mfu,
                                          decode_efficiency=args.decode_efficiency, network_gbs=args.network_gbs)
-                rs = [throughput.roofline(shape_for(args.model), args.gpus, top, work, hw)
-                      for top in throughput.TOPOLOGIES]
+                # one GPU cannot be split into rollout and training GPUs: only colocated applies
+                tops = throughput.TOPOLOGIES if args.gpus > 1 else ("colocated",)
+                rs = [throughput.roofline(shape_for(args.model), args.gpus, top, work, hw) for top in tops]
                 print(json.dumps(rs, indent=2) if args.json else throughput.format_roofline(rs))
                 return 0
             if not args.run_dir:

@@ -134,3 +134,13 @@ def test_a_long_tail_of_lengths_makes_rollout_longer_at_the_same_mean():
     flat, tail = (roofline(shape_for("7b"), 8, "colocated", Workload(length_sigma=s)) for s in (0.0, 0.8))
     assert tail["terms_s"]["rollout"] > 2 * flat["terms_s"]["rollout"]
     assert tail["terms_s"]["train"] == pytest.approx(flat["terms_s"]["train"], rel=0.03)  # the same tokens trained
+
+
+def test_the_roofline_of_one_gpu_is_colocated_only(capsys):
+    """A single GPU cannot be split into rollout and training GPUs; the command still answers for it."""
+    from rlpost.cli import main
+
+    assert main(["plan", "throughput", "--model", "qwen2.5-0.5b", "--gpus", "1", "--json"]) == 0
+    assert [r["topology"] for r in json.loads(capsys.readouterr().out)] == ["colocated"]
+    assert main(["plan", "throughput", "--model", "qwen2.5-0.5b", "--gpus", "2", "--json"]) == 0
+    assert [r["topology"] for r in json.loads(capsys.readouterr().out)] == ["colocated", "disaggregated", "async"]
