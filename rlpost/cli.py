@@ -1,7 +1,7 @@
 """rlpost command line.
 
     rlpost train                              the embedded default: SFT then GRPO on arithmetic
-    rlpost train recipes/hf_chat_model.yaml rl.steps=20 algorithm.beta=0.0
+    rlpost train recipes/gsm8k.yaml model.name=M task.train_file=F   GRPO on GSM8K with an HF chat model
     rlpost train --resume runs/default-X       continue a stopped run from its newest checkpoint
     rlpost train --nproc 2                    sharded (FSDP2) over 2 processes on this machine, via torchrun
     rlpost rm model.name=runs/X/checkpoints/sft   a Bradley-Terry reward model on preference pairs

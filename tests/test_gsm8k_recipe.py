@@ -1,0 +1,176 @@
+"""recipes/gsm8k.yaml on data shaped like GSM8K (`question`, `answer` = worked solution + "#### N") and a tiny
+random Qwen2 folder with a ChatML tokenizer: the gold answer, the rendered prompt, then `rlpost curate` and a
+2-step `rlpost train` through the recipe (shape and plumbing: a random model learns nothing here).
+
+The tokenizer is trained with Qwen2's own normaliser (NFC) and pre-tokeniser (the Split regex, then ByteLevel
+without its own regex): a folder whose config says qwen2 is reloaded by AutoTokenizer as a Qwen2Tokenizer,
+which installs those, so a tokenizer trained otherwise would encode differently once reloaded."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlpost.config import ModelConfig, load_config
+from rlpost.env.math import MathReward, gold_answer
+from rlpost.models import encode_prompt, load_model
+from rlpost.tasks import load_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "recipes", "gsm8k.yaml")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
+          "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+          "{%- endif %}")
+
+NAMES = ["Natalia", "Weng", "Betty", "Julie", "James", "Albert", "Ken", "Alexis", "Tina", "Randy", "Joy", "Mark",
+         "Mrs. Snyder", "Jasmine", "Tobias", "Carla", "Abel", "Gary", "Rose", "Mike"]
+ITEMS = ["clips", "apples", "stickers", "marbles", "pencils", "cookies", "books", "shells", "cards", "stamps",
+         "balloons", "candles", "buttons", "crayons", "tickets"]
+
+
+def train_problem(template: int, name: str, item: str, rng: random.Random) -> tuple[str, str]:
+    """(question, worked solution ending in '#### N') of one of the training templates."""
+    a, b = rng.randrange(10, 90, 2), rng.randrange(2, 9)
+    if template == 0:
+        return (f"{name} sold {item} to {a} of her friends in April, and then she sold half as many {item} in "
+                f"May. How many {item} did {name} sell altogether in April and May?",
+                f"{name} sold {a}/2 = <<{a}/2={a // 2}>>{a // 2} {item} in May.\n"
+                f"{name} sold {a}+{a // 2} = <<{a}+{a // 2}={a + a // 2}>>{a + a // 2} {item} altogether.\n"
+                f"#### {a + a // 2}")
+    if template == 1:
+        return (f"{name} buys {b} boxes of {item}. Each box holds {a} {item}. How many {item} does {name} have?",
+                f"{name} has {b} * {a} = <<{b}*{a}={a * b}>>{a * b} {item}.\n#### {a * b}")
+    return (f"{name} had {a + b} {item} and gave away {b} of them to a neighbour on Sunday. How many {item} "
+            f"are left for {name}?", f"{name} has {a + b} - {b} = <<{a + b}-{b}={a}>>{a} {item} left.\n#### {a}")
+
+
+def held_out_problem(name: str, item: str, rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randrange(2, 20), rng.randrange(2, 20)
+    return (f"Each week {name} reads {a} {item} more; after {b} weeks, what total did {name} reach?",
+            f"{name} reached {a} * {b} = <<{a}*{b}={a * b}>>{a * b}.\n#### {a * b}")
+
+
+@pytest.fixture(scope="module")
+def gsm8k(tmp_path_factory):
+    """train.parquet (300 distinct questions, 2 exact repeats, 2 copies of test questions) and test.parquet
+    (30 questions of another template), both with GSM8K's columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(0)
+    combos = [(t, n, i) for t in range(3) for n in NAMES for i in ITEMS]
+    rng.shuffle(combos)
+    train = [train_problem(*c, rng) for c in combos[:300]]
+    test = [held_out_problem(n, i, rng) for n, i in zip(NAMES, ITEMS + ITEMS)] + \
+        [held_out_problem(n, i, rng) for n, i in zip(NAMES[:10], reversed(ITEMS))]
+    train = train + [train[3], train[7], test[0], test[1]]
+    folder = tmp_path_factory.mktemp("gsm8k")
+    for name, rows in (("train", train), ("test", test)):
+        table = pa.table({"question": [q for q, _ in rows], "answer": [a for _, a in rows]})
+        pq.write_table(table, folder / f"{name}.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory, gsm8k):
+    """A saved random 2-layer Qwen2 with a ChatML tokenizer (eos <|im_end|>, pad <|endoftext|>, no bos)."""
+    import pyarrow.parquet as pq
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    table = pq.read_table(gsm8k / "train.parquet").to_pydict()
+    texts = table["question"] + table["answer"] + ["Please reason step by step, and put your final answer within "
+                                                   "\\boxed{}. So the answer is \\boxed{72}."]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf_tok.chat_template = CHATML
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(hf_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512, bos_token_id=None,
+                      eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny_qwen2")
+    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return str(folder)
+
+
+def recipe_task(gsm8k):
+    cfg = load_config(RECIPE, [f"task.train_file={gsm8k / 'train.parquet'}",
+                               f"task.eval_file={gsm8k / 'test.parquet'}"])
+    return cfg, load_task(cfg.task)
+
+
+def test_the_gold_is_the_number_after_the_hashes_and_only_a_boxed_reply_scores(gsm8k):
+    cfg, task = recipe_task(gsm8k)
+    assert len(task.train_rows) == 304 and len(task.eval_rows) == 30
+    row = task.train_rows[0]
+    assert row["prompt"].endswith("?") and "<<" in row["answer"]  # GSM8K's columns, read as prompt and answer
+    gold = row["answer"].rsplit("####", 1)[1].strip()
+    assert gold_answer(row["answer"]) == gold
+    reward = MathReward(**cfg.task.reward_options)
+    try:
+        assert reward(f"Step by step... so the total is \\boxed{{{gold}}}.", row) == 1.0
+        assert reward(f"\\boxed{{{int(gold) + 1}}}", row) == 0.0
+        assert reward(row["answer"], row) == 0.0  # the right number, not boxed: the format the prompt asks for
+        # every test row's gold is its own "#### N"
+        assert all(reward(f"\\boxed{{{r['answer'].split('#### ')[1]}}}", r) == 1.0 for r in task.eval_rows)
+    finally:
+        reward.close()
+
+
+def test_the_prompt_is_the_system_prompt_and_the_question_in_chatml(gsm8k, qwen2_dir):
+    cfg, task = recipe_task(gsm8k)
+    _, tok = load_model(ModelConfig(name=qwen2_dir, chat_template=cfg.model.chat_template, device="cpu"))
+    question = task.train_rows[0]["prompt"]
+    ids = encode_prompt(tok, question, cfg.task.system_prompt)
+    assert tok.tok.decode(ids) == ("<|im_start|>system\nPlease reason step by step, and put your final answer within "
+                                   f"\\boxed{{}}.<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+                                   "<|im_start|>assistant\n")
+    assert tok.eos_token_id == tok.tok.convert_tokens_to_ids("<|im_end|>")  # a reply ends at ChatML's end of turn
+
+
+@pytest.mark.slow
+def test_curate_then_train_two_steps_through_the_recipe(gsm8k, qwen2_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    tiny = ["rollout.max_new_tokens=8", "model.device=cpu"]
+    curate = [sys.executable, "-m", "rlpost.cli", "curate", "--recipe", RECIPE, "--model", qwen2_dir, "-k", "2",
+              "--train", str(gsm8k / "train.parquet"), "--eval", str(gsm8k / "test.parquet"),
+              "--out", "curated.parquet", "--report", "report.json",
+              "--band", "0", "1", *tiny]  # a random model solves nothing: the full band keeps every row
+    proc = subprocess.run(curate, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    counts = json.loads((tmp_path / "report.json").read_text())["counts"]
+    assert counts["read"] == 304 and counts["exact_duplicates"] == 2 and counts["contaminated"] == 2
+    assert counts["kept"] == 304 - sum(v for k, v in counts.items() if k not in ("read", "kept"))
+    assert counts["kept"] >= 250
+    import pyarrow.parquet as pq
+
+    curated = pq.read_table(tmp_path / "curated.parquet")
+    assert set(curated.column_names) == {"question", "answer", "pass_rate"}
+
+    run_dir = tmp_path / "runs"
+    train = [sys.executable, "-m", "rlpost.cli", "train", RECIPE, f"model.name={qwen2_dir}",
+             "task.train_file=curated.parquet", f"task.eval_file={gsm8k / 'test.parquet'}", f"out_dir={run_dir}",
+             "run_name=r", "rl.steps=2", "rl.eval_every=0", "rl.save_every=0", "rollout.prompts_per_step=4",
+             "rollout.k=2", "trainer.micro_batch_size=4", "eval.batch_prompts=32", *tiny]
+    proc = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(run_dir / "r" / "metrics.jsonl") as f:
+        rl = [m for m in map(json.loads, f) if m.get("stage") == "rl" and "step" in m]
+    assert [m["step"] for m in rl] == [1, 2]
+    summary = json.loads((run_dir / "r" / "summary.json").read_text())
+    assert summary["status"] == "ok" and 0.0 <= summary["pass@1_rl"] <= 1.0
