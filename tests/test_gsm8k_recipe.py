@@ -174,3 +174,15 @@ def test_curate_then_train_two_steps_through_the_recipe(gsm8k, qwen2_dir, tmp_pa
     assert [m["step"] for m in rl] == [1, 2]
     summary = json.loads((run_dir / "r" / "summary.json").read_text())
     assert summary["status"] == "ok" and 0.0 <= summary["pass@1_rl"] <= 1.0
+
+
+def test_a_datasets_folder_gives_the_train_and_test_splits(gsm8k, tmp_path):
+    """GSM8K saved by `datasets` (a DatasetDict folder): train_file is the folder; eval_file=null: its test split."""
+    datasets = pytest.importorskip("datasets")
+
+    splits = {name: datasets.Dataset.from_parquet(str(gsm8k / f"{name}.parquet")) for name in ("train", "test")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "gsm8k_ds"))
+    cfg = load_config(RECIPE, [f"task.train_file={tmp_path / 'gsm8k_ds'}", "task.eval_file=null"])
+    task = load_task(cfg.task)
+    assert len(task.train_rows) == 304 and len(task.eval_rows) == 30
+    assert task.eval_rows[0]["prompt"].startswith("Each week") and "#### " in task.eval_rows[0]["answer"]
