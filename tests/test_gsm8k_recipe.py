@@ -153,6 +153,7 @@ def test_curate_then_train_two_steps_through_the_recipe(gsm8k, qwen2_dir, tmp_pa
               "--band", "0", "1", *tiny]  # a random model solves nothing: the full band keeps every row
     proc = subprocess.run(curate, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"train on them with `rlpost train {RECIPE} task.train_file=curated.parquet`" in proc.stdout
     counts = json.loads((tmp_path / "report.json").read_text())["counts"]
     assert counts["read"] == 304 and counts["exact_duplicates"] == 2 and counts["contaminated"] == 2
     assert counts["kept"] == 304 - sum(v for k, v in counts.items() if k not in ("read", "kept"))
