@@ -150,6 +150,12 @@ class TrainerConfig:
                                           "and entropies come from the hidden states this many tokens at a time, "
                                           "forward and backward, never as a whole [tokens, vocabulary] tensor (None: "
                                           "sized from the vocabulary, 32 M logits per chunk)")
+    packing: bool = opt(False, "RL: the trainer, the reference and the critic run each micro-batch's sequences packed "
+                               "end to end without padding (block-diagonal attention, position ids restarting per "
+                               "sequence); same loss and gradients as padded rows, fewer positions computed")
+    micro_batch_tokens: int | None = opt(None, "RL: at most this many token positions per micro-batch of the trainer, "
+                                               "the reference and the critic (packed: real tokens; padded: rows x "
+                                               "padded length); None: micro_batch_size alone decides")
     profile_steps: list[int] = opt([], "RL steps to trace with torch.profiler (Chrome trace format, in the run "
                                        "directory's profile/ folder)")
 
@@ -575,6 +581,9 @@ def _validate(cfg: Config) -> None:
     if cfg.trainer.logprob_chunk is not None and cfg.trainer.logprob_chunk < 1:
         raise ConfigError(f"config key 'trainer.logprob_chunk' must be >= 1 token or null (sized from the "
                           f"vocabulary), got {cfg.trainer.logprob_chunk}")
+    if cfg.trainer.micro_batch_tokens is not None and cfg.trainer.micro_batch_tokens < 1:
+        raise ConfigError(f"config key 'trainer.micro_batch_tokens' must be >= 1 token or null (micro_batch_size "
+                          f"alone), got {cfg.trainer.micro_batch_tokens}")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.model.device):
         raise ConfigError(f"config key 'model.device' is {cfg.model.device!r}; valid values: auto, cpu, cuda, cuda:N")
     _at_least(0, {"trainer.warmup_steps": cfg.trainer.warmup_steps})
