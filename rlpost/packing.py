@@ -12,6 +12,8 @@ computes padded.
 Rows of width W rather than one row of all tokens: the attention kernels available everywhere (SDPA
 with a mask, eager) compute a dense [W, W] block per row, so one long row of L tokens would cost L^2
 where the padded batch costs B * T^2. Rows of the longest sequence's width cost what the positions cost.
+The rows of a micro-batch run as a few `segments`, each trimmed to its fullest row, so that the part-filled
+last rows do not compute a whole row of padding each (a row joins a segment while it is >= 95 % full).
 
 Each `Packed` knows where its tokens came from, and `unpack` scatters a per-token quantity computed on
 the packed rows ([R, W]: log-probs, entropies, values) back into the padded layout of its rows ([n, T],
@@ -38,6 +40,8 @@ class Packed:
     - `src` [R * W]: for each packed position, its index in the flattened [n, T] padded layout of `rows`
       (row i of the micro-batch is batch row rows[i]); -1 on the unused tail.
     - `first` [R, W]: True at the first token of each sequence, whose "previous token" is another sequence's.
+    - `segments`: (first row, end row, width) of the forwards that run the rows (rows in decreasing fill);
+      a forward computes columns :width of its rows, the rest is padding it skips.
     """
 
     rows: torch.Tensor
@@ -47,11 +51,23 @@ class Packed:
     src: torch.Tensor
     first: torch.Tensor
     width: int  # T of the padded layout that `unpack` writes
+    segments: list[tuple[int, int, int]]
 
     @property
     def positions(self) -> int:
-        """Token positions a forward of this micro-batch computes (R * W)."""
-        return self.input_ids.numel()
+        """Token positions the forwards of this micro-batch compute (its segments' rows x widths)."""
+        return sum((end - start) * w for start, end, w in self.segments)
+
+    def run(self, fn, *inputs: torch.Tensor) -> torch.Tensor:
+        """fn(*inputs restricted to each segment's rows and columns) -> [r, w, ...], reassembled as [R, W, ...]
+        (zero beyond each segment's width). `inputs` are [R, W] tensors such as input_ids and position_ids."""
+        W = self.input_ids.shape[1]
+        parts = []
+        for start, end, w in self.segments:
+            out = fn(*(x[start:end, :w] if x is not None else None for x in inputs))
+            pad = [0, 0] * (out.dim() - 2) + [0, W - w]
+            parts.append(torch.nn.functional.pad(out, pad))
+        return torch.cat(parts)
 
     @property
     def real_tokens(self) -> int:
@@ -92,7 +108,7 @@ def pack(batch: Batch, max_tokens: int | None = None) -> list[Packed]:
     W = max(lens)
     order = sorted(range(len(lens)), key=lambda i: -lens[i])  # stable: equal lengths keep batch order
     bins: list[list[int]] = []
-    fill: list[int] = []
+    fill: list[int] = []  # tokens in each bin
     for i in order:  # first fit, decreasing
         for b, used in enumerate(fill):
             if used + lens[i] <= W:
@@ -109,11 +125,27 @@ def pack(batch: Batch, max_tokens: int | None = None) -> list[Packed]:
             groups[-1].append(b)
         else:
             groups.append([b])
-    return [_build(batch, mask, lens, [bins[b] for b in g], max(fill[b] for b in g)) for g in groups]
+    out = []
+    for g in groups:
+        g = sorted(g, key=lambda b: -fill[b])  # stable: fullest rows first, so that segments are few
+        out.append(_build(batch, mask, lens, [bins[b] for b in g], [fill[b] for b in g]))
+    return out
 
 
-def _build(batch: Batch, mask: torch.Tensor, lens: list[int], bins: list[list[int]], W: int) -> Packed:
-    device = batch.input_ids.device
+def _segments(fills: list[int], full: float = 0.95) -> list[tuple[int, int, int]]:
+    """(start, end, width) runs of rows (fills in decreasing order): a row joins the current run while it is
+    at least `full` of the run's width, else it starts a run of its own width."""
+    runs: list[tuple[int, int, int]] = []
+    for r, f in enumerate(fills):
+        if runs and f >= full * runs[-1][2]:
+            runs[-1] = (runs[-1][0], r + 1, runs[-1][2])
+        else:
+            runs.append((r, r + 1, f))
+    return runs
+
+
+def _build(batch: Batch, mask: torch.Tensor, lens: list[int], bins: list[list[int]], fills: list[int]) -> Packed:
+    device, W = batch.input_ids.device, max(fills)
     T = batch.input_ids.shape[1]
     rows = [i for b in bins for i in b]
     local = {r: n for n, r in enumerate(rows)}
@@ -135,7 +167,7 @@ def _build(batch: Batch, mask: torch.Tensor, lens: list[int], bins: list[list[in
             at += n
         pos[r, at:] = torch.arange(W - at, device=device)  # the tail: a sequence of its own, never read
     return Packed(rows=torch.tensor(rows, dtype=torch.long, device=device), input_ids=ids, position_ids=pos,
-                  seq_ids=seq, src=src.view(-1), first=first, width=T)
+                  seq_ids=seq, src=src.view(-1), first=first, width=T, segments=_segments(fills))
 
 
 def padded_micro_batches(batch: Batch, size: int | None, max_tokens: int | None) -> list[list[int]]:

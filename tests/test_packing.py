@@ -86,11 +86,15 @@ def test_pack_keeps_every_real_token_once_with_restarting_positions_and_a_token_
             mb = batch.select(p.rows)
             # unpacking the packed token ids gives back the padded rows' real tokens, in place
             assert torch.equal(p.unpack(p.input_ids, shifted=False), mb.input_ids * mb.attention_mask)
+            # the forwards (segments) cover every row once and skip only unused tails
+            assert [r for a, e, _ in p.segments for r in range(a, e)] == list(range(p.input_ids.shape[0]))
+            for a, e, w in p.segments:
+                assert (p.src.view(p.input_ids.shape)[a:e, w:] == -1).all() and w <= p.input_ids.shape[1]
             for r in range(p.input_ids.shape[0]):  # positions restart at 0 at each sequence's first token
                 starts = p.first[r].nonzero().squeeze(1).tolist()
                 assert p.position_ids[r, starts].eq(0).all()
                 assert sorted(p.seq_ids[r].unique().tolist())[-1] == len(starts)
-    assert len(pack(batch, None)) == 1
+    assert len(pack(batch, None)) == 1 and len(pack(batch, None)[0].segments) > 1  # part-filled rows run apart
     # sequences share rows: fewer positions than the padded [B, T]
     assert pack(batch, None)[0].positions <= 0.7 * batch.input_ids.numel()
 

@@ -503,7 +503,7 @@ def trunk_hidden_states(model: nn.Module, batch: Batch, share_prompt: bool = Tru
     `batch`'s rows, rlpost.packing.pack), the hidden states of the packed rows [R, W, C] instead: the caller
     computes its per-token values on them and puts them back with `packed.unpack`."""
     if packed is not None:
-        return model.hidden_states(*_packed_inputs(model, batch, packed))
+        return packed.run(model.hidden_states, *_packed_inputs(model, batch, packed))
     ids, mask = batch.input_ids, batch.attention_mask
     pos = position_ids_for(mask)
     split = _prompt_split(model, batch, share_prompt)
@@ -590,10 +590,13 @@ def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, wit
 
 
 def _packed_logprobs(model, batch, packed, temperature, with_entropy, chunk):
-    ids, mask, pos = _packed_inputs(model, batch, packed)
-    if chunked_head(model) is not None:
-        logp, entropy = model(ids, mask, pos, head=LogprobHead(ids[:, 1:], temperature, with_entropy, chunk))
-    else:
-        logp, entropy = _score(model(ids, mask, pos)[:, :-1], ids[:, 1:], temperature, with_entropy)
-    logp = packed.unpack(F.pad(logp, (1, 0)))
-    return (logp, packed.unpack(F.pad(entropy, (1, 0)))) if with_entropy else logp
+    def segment(ids, mask, pos):  # [r, w, 2]: log-prob and entropy (or 0) of each token, column 0 is 0
+        if chunked_head(model) is not None:
+            logp, entropy = model(ids, mask, pos, head=LogprobHead(ids[:, 1:], temperature, with_entropy, chunk))
+        else:
+            logp, entropy = _score(model(ids, mask, pos)[:, :-1], ids[:, 1:], temperature, with_entropy)
+        return F.pad(torch.stack([logp, entropy if with_entropy else torch.zeros_like(logp)], -1), (0, 0, 1, 0))
+
+    out = packed.run(segment, *_packed_inputs(model, batch, packed))
+    logp = packed.unpack(out[..., 0])
+    return (logp, packed.unpack(out[..., 1])) if with_entropy else logp
