@@ -41,11 +41,12 @@ def lognormal_lengths(n: int, mean: float, sigma: float, cap: int, seed: int) ->
     return [int(min(max(round(math.exp(mu + sigma * float(x))), 1), cap)) for x in z]
 
 
-def build_batch(tok, prompts: int, k: int, lengths: list[int], seed: int):
+def build_batch(tok, prompts: int, k: int, lengths: list[int], seed: int, prompt_tokens: int = 0):
     from rlpost.batch import Batch
 
     g = torch.Generator().manual_seed(seed)
-    enc = [tok(text)["input_ids"] for text in corpus(prompts, seed=seed)]
+    enc = [torch.randint(3, len(tok), (prompt_tokens,), generator=g).tolist() + tok(text)["input_ids"]
+           for text in corpus(prompts, seed=seed)]
     P, R = max(map(len, enc)), max(lengths)
     B = prompts * k
     ids = torch.zeros(B, P + R, dtype=torch.long)
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="random tokens before each prompt")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -98,7 +100,7 @@ def main() -> None:
     model = HFCausalLM(build_llama(tok))
     B = args.prompts * args.k
     lengths = lognormal_lengths(B, args.mean, args.sigma, args.max_len, args.seed)
-    batch = build_batch(tok, args.prompts, args.k, lengths, args.seed)
+    batch = build_batch(tok, args.prompts, args.k, lengths, args.seed, args.prompt_tokens)
     algo = get_algorithm("grpo", beta=0.04)
     batch = algo.compute_advantages(batch)
     trainers = {"padded": Trainer(model, lr=1e-4, micro_batch_size=args.rows_per_micro_batch),
@@ -108,12 +110,14 @@ def main() -> None:
 
     real = int(batch.attention_mask.sum())
     B, T = batch.input_ids.shape
+    prompt_tokens = int((batch.attention_mask * (1 - batch.response_mask)).sum())
+    once = real - prompt_tokens + prompt_tokens // args.k  # the real tokens with each group's prompt counted once
     print(f"batch: {args.prompts} prompts x K={args.k} = {B} rows, padded width T={T}; response lengths: mean "
           f"{statistics.mean(lengths):.0f}, median {statistics.median(lengths):.0f}, max {max(lengths)} "
           f"(log-normal sigma {args.sigma}, mean {args.mean:.0f}, cap {args.max_len}); "
           f"{args.rows_per_micro_batch} rows per padded micro-batch")
     print(f"load average before: {os.getloadavg()}; torch threads: {torch.get_num_threads()}")
-    print(f"\n  positions computed per step (real tokens: {real:,})")
+    print(f"\n  positions computed per step (real tokens: {real:,}; with each prompt once: {once:,})")
     print(f"  padded, every row's prompt  {B * T:>9,}  {B * T / real:5.2f}x real")
     for name, t in trainers.items():
         n = positions(t, batch)

@@ -199,3 +199,22 @@ def test_reference_scores_packed_micro_batches_as_the_whole_padded_batch(model):
         finally:
             hook.remove()
         assert max(r * t for r, t in seen) <= most, (kw, seen)  # no forward held more than one micro-batch
+
+
+def test_the_distillation_teacher_scores_in_micro_batches_as_the_whole_batch():
+    from rlpost.distill import TeacherReward
+    from rlpost.models.gpt_mini import CharTokenizer
+
+    teacher, tok = _gpt_mini(), CharTokenizer("abcdefghijklm")  # 16 ids, as _gpt_mini's vocabulary
+    batch = grouped_batch(16)
+    B, T = batch.input_ids.shape
+    whole = TeacherReward(teacher, tok)(batch)[0].rewards
+    for kw, most in ((dict(micro_batch_size=4), 4 * T), (dict(packing=True, micro_batch_tokens=30), 30)):
+        seen = []
+        hook = teacher.transformer.h[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
+        try:
+            rewards = TeacherReward(teacher, tok, **kw)(batch)[0].rewards
+        finally:
+            hook.remove()
+        torch.testing.assert_close(rewards, whole, rtol=0, atol=1e-5, msg=str(kw))
+        assert max(r * t for r, t in seen) <= most, (kw, seen)
