@@ -213,7 +213,7 @@ def micro_batches(batch: Batch, size: int | None = None, max_tokens: int | None 
     if packing:
         plans = [(p.rows, p) for p in pack(batch, token_budget(batch, size, max_tokens))]
     else:
-        plans = [(torch.tensor(rows, dtype=torch.long), None)
+        plans = [(torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device), None)
                  for rows in padded_micro_batches(batch, size, max_tokens)]
     out = []
     for rows, p in plans:

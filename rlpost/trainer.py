@@ -73,6 +73,10 @@ class Trainer:
         if strategy not in STRATEGIES:
             raise ValueError(f"trainer.strategy is {strategy!r}; valid values: {', '.join(STRATEGIES)}")
         self.sharded = strategy == "fsdp2"
+        if packing:  # fail at load time on a model that cannot keep packed sequences apart (before sharding it)
+            for m in (model, getattr(critic, "trunk", None)):
+                if m is not None:
+                    check_packing(m)
         if self.sharded:
             if critic is not None:
                 raise ValueError("trainer.strategy=fsdp2 does not support a critic (PPO) yet; use strategy=single")
@@ -92,10 +96,6 @@ class Trainer:
         self.max_nonfinite_steps, self.temperature = max_nonfinite_steps, temperature
         self.logprob_chunk = logprob_chunk  # tokens per chunk of the log-prob head (None: sized from the vocabulary)
         self.packing, self.micro_batch_tokens = packing, micro_batch_tokens
-        if packing:  # fail at load time on a model that cannot keep packed sequences apart
-            for m in (model, getattr(critic, "trunk", None)):
-                if m is not None:
-                    check_packing(m)
         self.epochs, self.minibatches = epochs, minibatches
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU whatever the model's device
         self.nonfinite_in_a_row = 0

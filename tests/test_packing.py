@@ -147,6 +147,23 @@ def test_a_model_that_mixes_packed_sequences_is_refused_naming_the_key(model, mo
         Trainer(model, lr=1e-3, packing=True)
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])  # flex_attention: no backward on CPU in torch 2.13
+def test_hf_attention_implementations_read_packed_position_ids(impl):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = HFCausalLM(LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                                                    attn_implementation=impl)))
+    check_packing(model)
+    batch = grouped_batch(40)
+    logp0 = token_logprobs(model, batch, share_prompt=False)
+    p = pack(batch, None)[0]
+    logp1 = torch.zeros_like(logp0)
+    logp1[p.rows] = token_logprobs(model, batch.select(p.rows), packed=p)
+    torch.testing.assert_close(logp1 * batch.response_mask, logp0 * batch.response_mask, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- roles
 
 def _step(model, algo, batch, **trainer_kw):
@@ -185,6 +202,24 @@ def test_every_algorithm_packed_loss_and_gradients_equal_the_padded_path(name, m
         torch.testing.assert_close(b1.old_logp, b0.old_logp, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_packed_roles_name_the_device_of_what_they_create(name):
+    model = _gpt_mini()
+    algo = get_algorithm(name, beta=0.05)
+    kw = dict(packing=True, micro_batch_tokens=30)
+    reference, critic = Reference(model, **kw), Critic.build(model, "separate", **kw) if algo.uses_critic else None
+    trainer = Trainer(model, lr=1e-3, critic=critic, epochs=2, minibatches=2, **kw)
+    batch = grouped_batch(16)
+    with torch.device("meta"):  # any tensor made without device= lands on "meta" and fails against the CPU
+        batch = reference(batch)
+        if critic is not None:
+            with torch.no_grad():
+                batch = batch.replace(values=critic(batch))
+        batch = batch.replace(old_logp=trainer.logprobs(batch))
+        metrics = trainer.step(algo.compute_advantages(batch), algo.compute_loss)
+    assert all(type(v) is float and v == v for v in metrics.values())
+
+
 def test_reference_scores_packed_micro_batches_as_the_whole_padded_batch(model):
     batch = grouped_batch(_vocab(model))
     B, T = batch.input_ids.shape
@@ -218,3 +253,33 @@ def test_the_distillation_teacher_scores_in_micro_batches_as_the_whole_batch():
             hook.remove()
         torch.testing.assert_close(rewards, whole, rtol=0, atol=1e-5, msg=str(kw))
         assert max(r * t for r, t in seen) <= most, (kw, seen)
+
+
+# ---------------------------------------------------------------------------- configuration and a run
+
+def test_config_keys_and_their_range_check():
+    from rlpost.config import ConfigError, load_config
+
+    cfg = load_config(None, ["trainer.packing=true", "trainer.micro_batch_tokens=512"])
+    assert cfg.trainer.packing is True and cfg.trainer.micro_batch_tokens == 512
+    defaults = load_config(None, [])
+    assert defaults.trainer.packing is False and defaults.trainer.micro_batch_tokens is None
+    with pytest.raises(ConfigError, match="'trainer.micro_batch_tokens' must be >= 1 token or null"):
+        load_config(None, ["trainer.micro_batch_tokens=0"])
+
+
+@pytest.mark.slow
+def test_a_packed_ppo_run_trains_with_reference_and_critic_in_token_budgeted_micro_batches(tmp_path):
+    import json
+
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    tiny = ["sft.steps=30", "sft.batch_size=32", "rl.steps=2", "rl.eval_every=0", "task.num_eval=20",
+            "rollout.prompts_per_step=4", "rollout.k=4", "eval.samples_per_prompt=1", "model.n_layer=2",
+            "model.n_embd=32", "model.n_head=2", "algorithm.name=ppo", "algorithm.beta=0.04",
+            "trainer.packing=true", "trainer.micro_batch_tokens=40", f"out_dir={tmp_path}", "run_name=packed"]
+    assert train(load_config(None, tiny))["status"] == "ok"
+    rl = [m for m in map(json.loads, open(tmp_path / "packed" / "metrics.jsonl")) if m.get("stage") == "rl"]
+    assert len(rl) == 2 and all(torch.isfinite(torch.tensor(m["train/loss"])) for m in rl)
+    assert all(m["rollout/logp_mismatch_max"] < 1e-4 for m in rl)  # packed scoring = what the engine sampled

@@ -476,7 +476,8 @@ def check_packing(model: nn.Module) -> None:
         raise ValueError(f"trainer.packing supports gpt_mini and Hugging Face causal LMs, not {type(model).__name__}; "
                          "set trainer.packing=false")
     device, vocab = model_device(model), model.hf.config.vocab_size
-    ids = torch.randint(3, max(vocab, 4), (1, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(3, max(vocab, 4), (1, 7), generator=torch.Generator().manual_seed(0), device="cpu")
+    ids = ids.to(device)
     pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
     was_training = model.training
     model.eval()
