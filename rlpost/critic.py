@@ -7,7 +7,10 @@
 values[b, t] is the expected return before token t is emitted: it is read from the hidden state at t-1,
 the same alignment as token log-probs. The head starts at zero, so first values are 0.
 
-It computes on its parameters' device and returns values on the batch's device. With precision="bf16"
+It computes on its parameters' device and returns values on the batch's device. Called on a whole batch (the
+value pass before the advantages) it runs in the trainer's micro-batches, packed or not (`micro_batch_size`,
+`micro_batch_tokens`, `packing`, set by Critic.build), so that pass never holds more than one micro-batch's
+activations; the trainer passes each of its own micro-batches with their packing. With precision="bf16"
 the trunk runs under bf16 autocast and the head in fp32. Its weights are an nn.Module's state_dict: the
 head, plus the trunk for a separate critic (a shared trunk is the policy's, saved with the policy).
 """
@@ -21,17 +24,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.models import autocast, check_precision, model_device, trunk_hidden_states
+from rlpost.models import autocast, check_packing, check_precision, model_device, trunk_hidden_states
+from rlpost.packing import Packed, micro_batches, scatter_rows
 
 
 CRITIC_TYPES = ("separate", "head")  # the valid critic.type names
 
 
 class Critic(nn.Module):
-    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, precision: str = "fp32"):
+    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, precision: str = "fp32",
+                 micro_batch_size: int | None = None, micro_batch_tokens: int | None = None, packing: bool = False):
         super().__init__()
         check_precision(precision, model_device(trunk))
+        if packing:
+            check_packing(trunk)
         self.shared, self.precision = shared, precision
+        self.micro_batch_size, self.micro_batch_tokens, self.packing = micro_batch_size, micro_batch_tokens, packing
         # A shared trunk is the policy itself: keep it out of this module's parameters so the optimizer
         # and checkpoints see it once (through the policy).
         self._trunk = [trunk] if shared else None
@@ -41,17 +49,28 @@ class Critic(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def build(cls, policy: nn.Module, kind: str = "separate", precision: str = "fp32") -> "Critic":
+    def build(cls, policy: nn.Module, kind: str = "separate", precision: str = "fp32", **micro_batching) -> "Critic":
+        """A critic of `kind` for `policy`; `micro_batching`: micro_batch_size, micro_batch_tokens, packing."""
         if kind not in CRITIC_TYPES:
             raise ValueError(f"critic.type must be one of {', '.join(CRITIC_TYPES)}, got {kind!r}")
         trunk = policy if kind == "head" else copy.deepcopy(policy).requires_grad_(True)
-        return cls(trunk, policy.hidden_size, shared=kind == "head", precision=precision)
+        return cls(trunk, policy.hidden_size, shared=kind == "head", precision=precision, **micro_batching)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
+        """values [B, T] of `batch`; `packed`: the packing of its rows (the trainer's micro-batch), else the batch
+        runs in this critic's micro-batches."""
+        out = batch.input_ids.device
+        batch = batch.to(self.head.weight.device)
+        if packed is None and (self.packing or self.micro_batch_size or self.micro_batch_tokens):
+            parts = [(rows, self._values(mb, p)) for rows, mb, p in
+                     micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing)]
+            return scatter_rows(parts, len(batch)).to(out)
+        return self._values(batch, packed).to(out)
+
+    def _values(self, batch: Batch, packed: Packed | None) -> torch.Tensor:
         trunk = self._trunk[0] if self.shared else self.trunk
-        device, out = self.head.weight.device, batch.input_ids.device
-        batch = batch.to(device)
-        with autocast(device, self.precision):
-            h = trunk_hidden_states(trunk, batch)                    # each distinct prompt computed once
-        v = self.head(h.float()).squeeze(-1)                         # (B, T): value after reading token t, fp32
-        return (F.pad(v[:, :-1], (1, 0)) * batch.response_mask).to(out)  # (B, T): value before emitting token t
+        with autocast(batch.input_ids.device, self.precision):
+            h = trunk_hidden_states(trunk, batch, packed=packed)    # each distinct prompt computed once (padded)
+        v = self.head(h.float()).squeeze(-1)                         # value after reading token t, fp32
+        v = F.pad(v[:, :-1], (1, 0))                                 # value before emitting token t
+        return (packed.unpack(v) if packed is not None else v) * batch.response_mask

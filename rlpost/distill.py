@@ -38,7 +38,8 @@ import torch
 
 from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
-from rlpost.models import encode_prompt, load_model, model_device, token_logprobs
+from rlpost.models import check_packing, encode_prompt, load_model, model_device, token_logprobs
+from rlpost.packing import micro_batches, scatter_rows
 from rlpost.reward import decode_responses
 from rlpost.rollout.engine import logp_temperature
 from rlpost.trainer import check_scoring_temperature
@@ -57,18 +58,25 @@ class TeacherReward:
     rewards [B, T], metrics)`. `gold`, a verifier `fn(completion, row) -> float`, is reported beside it."""
 
     def __init__(self, teacher: torch.nn.Module, tokenizer, coef: float = 1.0, temperature: float = 1.0,
-                 gold=None):
+                 gold=None, micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
+                 packing: bool = False):
         check_scoring_temperature(temperature)
         self.teacher = teacher.eval().requires_grad_(False)
+        if packing:
+            check_packing(self.teacher)
         self.tokenizer, self.coef, self.temperature, self.gold = tokenizer, coef, temperature, gold
+        # scored in micro-batches like the trainer's (rlpost.packing.micro_batches): one micro-batch's activations
+        self.micro_batch_size, self.micro_batch_tokens, self.packing = micro_batch_size, micro_batch_tokens, packing
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
         if batch.old_logp is None:
             raise ValueError("on-policy distillation needs the sampling log-probs (batch.old_logp) of the student")
         device = batch.input_ids.device
-        teacher_logp = token_logprobs(self.teacher, batch.to(model_device(self.teacher)), self.temperature)
-        teacher_logp = teacher_logp.float().to(device)
+        parts = [(rows, token_logprobs(self.teacher, mb, self.temperature, packed=packed))
+                 for rows, mb, packed in micro_batches(batch.to(model_device(self.teacher)), self.micro_batch_size,
+                                                       self.micro_batch_tokens, self.packing)]
+        teacher_logp = scatter_rows(parts, len(batch)).float().to(device)
         mask = batch.response_mask.bool()
         rewards = distill_token_rewards(batch.old_logp, teacher_logp, mask, self.coef)
         reverse_kl = masked_mean_value(batch.old_logp.float() - teacher_logp, mask)
@@ -110,9 +118,10 @@ def check_same_tokenizer(student_tok, teacher_tok, prompts: list, system: str | 
 
 
 def load_teacher_reward(cfg, model_cfg, tokenizer, temperature: float, verifier, prompts: list,
-                        system: str | None = None) -> TeacherReward:
+                        system: str | None = None, trainer_cfg=None) -> TeacherReward:
     """`distill.*`: the teacher folder loaded as the student's model config says (dtype, device; no LoRA),
-    checked against the student's tokenizer, as a reward role; the verifier's function is its gold."""
+    checked against the student's tokenizer, as a reward role; the verifier's function is its gold. It scores
+    in the micro-batches `trainer_cfg` (the run's `trainer.*`) sets: micro_batch_size, micro_batch_tokens, packing."""
     if not os.path.isdir(cfg.teacher):
         raise ValueError(f"distill.teacher: no model folder at {cfg.teacher!r} (a saved model, e.g. a run's "
                          "checkpoints/final)")
@@ -120,5 +129,8 @@ def load_teacher_reward(cfg, model_cfg, tokenizer, temperature: float, verifier,
     teacher, teacher_tok = load_model(teacher_cfg)
     check_same_tokenizer(tokenizer, teacher_tok, prompts, system, where=f"distill.teacher {cfg.teacher}")
     # the teacher scores at the temperature the student's old_logp are reported at (1 for greedy rollouts)
+    micro = {} if trainer_cfg is None else dict(micro_batch_size=trainer_cfg.micro_batch_size,
+                                                micro_batch_tokens=trainer_cfg.micro_batch_tokens,
+                                                packing=trainer_cfg.packing)
     return TeacherReward(teacher, tokenizer, coef=cfg.coef, temperature=logp_temperature(temperature),
-                         gold=getattr(verifier, "fn", None))
+                         gold=getattr(verifier, "fn", None), **micro)

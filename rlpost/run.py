@@ -550,7 +550,8 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
         from rlpost.distill import load_teacher_reward
 
         rl_reward = load_teacher_reward(cfg.distill, cfg.model, tokenizer, cfg.rollout.temperature, verifier,
-                                        [r["prompt"] for r in task.train_rows[:16]], system=task.system_prompt)
+                                        [r["prompt"] for r in task.train_rows[:16]], system=task.system_prompt,
+                                        trainer_cfg=cfg.trainer)
     if cfg.prm.path:  # process rewards: the PRM's step rewards at the step ends, plus the verifier's outcome
         from rlpost.process_reward import load_process_reward
 

@@ -5,9 +5,13 @@
 
 One call trains on one rollout batch: `epochs` passes, each split into `minibatches` (one optimizer
 step each; rows shuffled after the first epoch), each cut into micro-batches of `micro_batch_size`
-rows whose losses are normalised by the minibatch's counts (Batch.micro_batches), so gradient
-accumulation equals one large batch. On every micro-batch the trainer attaches the policy's entropy
-(`batch.entropy`, with grad) and, when a critic is given, its current values (`batch.new_values`).
+rows, and of at most `micro_batch_tokens` token positions, whose losses are normalised by the
+minibatch's counts (rlpost.packing.micro_batches), so gradient accumulation equals one large batch.
+With `packing`, each micro-batch runs its sequences packed end to end without padding (rlpost.packing:
+`micro_batch_tokens` positions each, else as many as `micro_batch_size` padded rows hold), and the
+log-probs, entropies and values come back in the [B, T] layout the loss reads. On every micro-batch the
+trainer attaches the policy's entropy (`batch.entropy`, with grad) and, when a critic is given, its current
+values (`batch.new_values`).
 
 A loss or gradient that is not finite skips that optimizer step (nothing is applied), is reported,
 and after `max_nonfinite_steps` in a row stops training with NonFiniteLossError.
@@ -44,7 +48,9 @@ import torch.nn as nn
 from rlpost import distributed as dist
 from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
-from rlpost.models import autocast, check_precision, model_device, set_gradient_checkpointing, token_logprobs
+from rlpost.models import (autocast, check_packing, check_precision, model_device, set_gradient_checkpointing,
+                           token_logprobs)
+from rlpost.packing import Packed, micro_batches, scatter_rows
 from rlpost.schedule import LRSchedule
 
 STRATEGIES = ("single", "fsdp2")  # the valid trainer.strategy names
@@ -70,12 +76,17 @@ class Trainer:
                  betas: tuple[float, float] = (0.9, 0.999), epochs: int = 1, minibatches: int = 1,
                  critic: nn.Module | None = None, critic_lr: float | None = None, seed: int = 0,
                  precision: str = "fp32", gradient_checkpointing: bool = False, schedule: LRSchedule | None = None,
-                 strategy: str = "single", logprob_chunk: int | None = None):
+                 strategy: str = "single", logprob_chunk: int | None = None, packing: bool = False,
+                 micro_batch_tokens: int | None = None):
         check_precision(precision, model_device(model))
         check_scoring_temperature(temperature)
         if strategy not in STRATEGIES:
             raise ValueError(f"trainer.strategy is {strategy!r}; valid values: {', '.join(STRATEGIES)}")
         self.sharded = strategy == "fsdp2"
+        if packing:  # fail at load time on a model that cannot keep packed sequences apart (before sharding it)
+            for m in (model, getattr(critic, "trunk", None)):
+                if m is not None:
+                    check_packing(m)
         if self.sharded:
             if critic is not None:
                 raise ValueError("trainer.strategy=fsdp2 does not support a critic (PPO) yet; use strategy=single")
@@ -94,6 +105,7 @@ class Trainer:
         self.grad_clip, self.micro_batch_size = grad_clip, micro_batch_size
         self.max_nonfinite_steps, self.temperature = max_nonfinite_steps, temperature
         self.logprob_chunk = logprob_chunk  # tokens per chunk of the log-prob head (None: sized from the vocabulary)
+        self.packing, self.micro_batch_tokens = packing, micro_batch_tokens
         self.epochs, self.minibatches = epochs, minibatches
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU whatever the model's device
         self.nonfinite_in_a_row = 0
@@ -142,20 +154,26 @@ class Trainer:
     def logprobs(self, batch: Batch) -> torch.Tensor:
         """log pi(token) of every response token under the current weights, [B, T] on the batch's device (0 off
         the response): the proximal log-probs of an importance-sampling correction. Scored as the training
-        forward is (micro-batches of micro_batch_size rows, the trainer's precision and temperature), in eval
+        forward is (the trainer's micro-batches, packed or not, its precision and temperature), in eval
         mode (no dropout: the policy itself, not a noisy sample of it); the model's mode is restored after."""
         was_training = self.model.training
         self.model.eval()
         try:
             parts = []
-            for mb in batch.micro_batches(self.micro_batch_size):
+            for rows, mb, packed in self._plan(batch):
                 mb = mb.to(self.device)
                 with autocast(self.device, self.precision):
-                    logp = token_logprobs(self.model, mb, self.temperature, chunk=self.logprob_chunk)
-                parts.append((logp * mb.response_mask).to(batch.input_ids.device))
+                    logp = token_logprobs(self.model, mb, self.temperature, chunk=self.logprob_chunk, packed=packed)
+                parts.append((rows, (logp * mb.response_mask).to(batch.input_ids.device)))
         finally:
             self.model.train(was_training)
-        return torch.cat(parts) if parts else torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
+        if not parts:
+            return torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
+        return scatter_rows(parts, len(batch))
+
+    def _plan(self, batch: Batch):
+        """(batch rows, micro-batch, its packing or None) of each of the trainer's micro-batches of `batch`."""
+        return micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing)
 
     def _optimizer_state(self) -> dict:
         if not self.sharded:
@@ -202,16 +220,16 @@ class Trainer:
                 n += 1
         return {k: v if k.startswith("rollout/") else v / n for k, v in totals.items()}
 
-    def _micro_batches(self, batch: Batch) -> Iterable[tuple[Batch, bool]]:
-        """(micro-batch, counts) pairs. Sharded: the loss denominators become the counts over all ranks, and
-        a rank with fewer micro-batches than another repeats its first with counts=False (zero weight), so
-        that every rank runs the same forward/backward passes and FSDP2's collectives pair up."""
+    def _micro_batches(self, batch: Batch) -> Iterable[tuple[Batch, Packed | None, bool]]:
+        """(micro-batch, its packing or None, counts) triples. Sharded: the loss denominators become the counts
+        over all ranks, and a rank with fewer micro-batches than another repeats its first with counts=False
+        (zero weight), so that every rank runs the same forward/backward passes and FSDP2's collectives pair up."""
         if not self.sharded:
-            return ((mb, True) for mb in batch.micro_batches(self.micro_batch_size))
+            return ((mb, p, True) for _, mb, p in self._plan(batch))
         counts = dist.reduce_dict({"tokens": batch.num_response_tokens, "seqs": len(batch)})
         batch = batch.replace(global_tokens=counts["tokens"], global_seqs=counts["seqs"])
-        mbs = [(mb, True) for mb in batch.micro_batches(self.micro_batch_size)]
-        return mbs + [(mbs[0][0], False)] * (int(dist.reduce_max(len(mbs))) - len(mbs))
+        mbs = [(mb, p, True) for _, mb, p in self._plan(batch)]
+        return mbs + [(*mbs[0][:2], False)] * (int(dist.reduce_max(len(mbs))) - len(mbs))
 
     def _optimizer_step(self, batch: Batch, loss_fn: LossFn, measure_mismatch: bool) -> dict[str, float]:
         self.model.train()
@@ -221,11 +239,12 @@ class Trainer:
         sums: dict[str, float] = {}
         totals = {"loss": 0.0, "weight": 0.0, "entropy": 0.0, "mismatch_sum": 0.0}
         mismatch_max = 0.0
-        for mb, counts in self._micro_batches(batch):
+        for mb, packed, counts in self._micro_batches(batch):
             with autocast(self.device, self.precision):  # the forward only: the loss below runs in fp32
                 logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True,
-                                               share_prompt=not self.sharded, chunk=self.logprob_chunk)
-            mb = mb.replace(entropy=entropy, new_values=self.critic(mb) if self.critic is not None else None)
+                                               share_prompt=not self.sharded, chunk=self.logprob_chunk, packed=packed)
+            values = self.critic(mb, packed=packed) if self.critic is not None else None
+            mb = mb.replace(entropy=entropy, new_values=values)
             loss, metrics = loss_fn(logp, mb)
             if not counts:  # a sharded rank's padding pass: same collectives, no contribution
                 (loss * 0.0).backward()

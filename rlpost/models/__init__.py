@@ -27,6 +27,7 @@ from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig, is_gpt_mini_ch
 from rlpost.models.logprobs import LogprobHead, chunked_logprobs
 from rlpost.models.lora import (apply_lora, base_state_dict, is_lora, load_adapters, merged_state_dict, save_adapters,
                                 saved_lora_config)
+from rlpost.packing import Packed
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPES = tuple(_DTYPES)  # the valid model.dtype names
@@ -468,9 +469,56 @@ def _prompt_split(model: nn.Module, batch: Batch, share_prompt: bool):
     return shared_prompt(batch) if share_prompt and getattr(model, "can_share_prompt", False) else None
 
 
-def trunk_hidden_states(model: nn.Module, batch: Batch, share_prompt: bool = True) -> torch.Tensor:
+def _packed_inputs(model: nn.Module, batch: Batch, packed: Packed):
+    """(input_ids, attention_mask, position_ids) of a packed forward. gpt_mini reads the packing from its attention
+    mask (each token's sequence number); an HF model from position ids that restart at 0 with no attention mask
+    (transformers' packed-sequence convention: block-diagonal masks for sdpa / eager / flex, varlen for flash)."""
+    if len(packed.rows) != len(batch) or packed.width != batch.input_ids.shape[1]:
+        raise ValueError(f"this packing describes {len(packed.rows)} rows of {packed.width} columns, the batch has "
+                         f"{len(batch)} of {batch.input_ids.shape[1]}: pass batch.select(packed.rows)")
+    mask = None if isinstance(model, HFCausalLM) else packed.seq_ids
+    return packed.input_ids, mask, packed.position_ids
+
+
+def check_packing(model: nn.Module) -> None:
+    """Fail now, naming `trainer.packing`, when `model` cannot run packed rows: two sequences packed in one row
+    must compute what each computes alone. gpt_mini can; an HF model can when its attention honours restarting
+    position ids without a mask (checked on two short sequences, once, in eval mode without grad)."""
+    if isinstance(model, GPT):
+        return
+    if not isinstance(model, HFCausalLM):
+        raise ValueError(f"trainer.packing supports gpt_mini and Hugging Face causal LMs, not {type(model).__name__}; "
+                         "set trainer.packing=false")
+    device, vocab = model_device(model), model.hf.config.vocab_size
+    ids = torch.randint(3, max(vocab, 4), (1, 7), generator=torch.Generator().manual_seed(0), device="cpu")
+    ids = ids.to(device)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model.hidden_states(ids, None, pos).float()
+            alone = torch.cat([model.hidden_states(ids[:, :3]), model.hidden_states(ids[:, 3:])], 1).float()
+    finally:
+        model.train(was_training)
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    err = float((packed - alone).abs().max() / alone.abs().max().clamp(min=1e-6))
+    if not err <= tol:
+        impl = getattr(model.hf.config, "_attn_implementation", "?")
+        raise ValueError(f"trainer.packing: {type(model.hf).__name__} with attn_implementation={impl!r} does not keep "
+                         f"packed sequences apart (relative difference {err:.2g} from scoring them alone); "
+                         "set trainer.packing=false, or load it with an attention implementation that reads "
+                         "packed position ids (sdpa, eager, flex_attention, flash_attention_2)")
+
+
+def trunk_hidden_states(model: nn.Module, batch: Batch, share_prompt: bool = True,
+                        packed: Packed | None = None) -> torch.Tensor:
     """The trunk's final hidden state at every position of `batch` [B, T, C] (for value heads and reward
-    models), with each distinct prompt computed once as in `token_logprobs`."""
+    models), with each distinct prompt computed once as in `token_logprobs`. With `packed` (the packing of
+    `batch`'s rows, rlpost.packing.pack), the hidden states of the packed rows [R, W, C] instead: the caller
+    computes its per-token values on them and puts them back with `packed.unpack`."""
+    if packed is not None:
+        return packed.run(model.hidden_states, *_packed_inputs(model, batch, packed))
     ids, mask = batch.input_ids, batch.attention_mask
     pos = position_ids_for(mask)
     split = _prompt_split(model, batch, share_prompt)
@@ -500,7 +548,7 @@ def chunked_head(model: nn.Module) -> tuple[nn.Module, float | None] | None:
 
 
 def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,
-                   share_prompt: bool = True, chunk: int | None = None):
+                   share_prompt: bool = True, chunk: int | None = None, packed: Packed | None = None):
     """log pi(input_ids[:, t] | input_ids[:, :t]) for every t >= 1, as [B, T] (column 0 is 0).
 
     Logits are divided by `temperature` first, so the trainer scores tokens under the distribution
@@ -517,7 +565,13 @@ def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, wit
     it. That is the same function of the weights (the prompt's positions never see the response), so
     log-probs, entropies and gradients equal the plain forward's up to float rounding, for
     (B - N) * P fewer token positions of forward and backward (N distinct prompts of P columns).
+
+    Packed (`packed`: the packing of `batch`'s rows, rlpost.packing.pack): the model runs the packed rows, each
+    sequence attending only to itself, and the results come back in `batch`'s [B, T] layout, 0 off the real
+    tokens and at each sequence's first token. Prompts are not shared then (each row carries its own).
     """
+    if packed is not None:
+        return _packed_logprobs(model, batch, packed, temperature, with_entropy, chunk)
     ids, mask = batch.input_ids, batch.attention_mask
     pos = position_ids_for(mask)
     split = _prompt_split(model, batch, share_prompt)
@@ -548,3 +602,16 @@ def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, wit
         entropy = torch.cat([ent_prompt[owner], ent_resp], 1) if with_entropy else None
     logp = F.pad(logp, (1, 0))                                # (B, T): aligned with input_ids
     return (logp, F.pad(entropy, (1, 0))) if with_entropy else logp
+
+
+def _packed_logprobs(model, batch, packed, temperature, with_entropy, chunk):
+    def segment(ids, mask, pos):  # [r, w, 2]: log-prob and entropy (or 0) of each token, column 0 is 0
+        if chunked_head(model) is not None:
+            logp, entropy = model(ids, mask, pos, head=LogprobHead(ids[:, 1:], temperature, with_entropy, chunk))
+        else:
+            logp, entropy = _score(model(ids, mask, pos)[:, :-1], ids[:, 1:], temperature, with_entropy)
+        return F.pad(torch.stack([logp, entropy if with_entropy else torch.zeros_like(logp)], -1), (0, 0, 1, 0))
+
+    out = packed.run(segment, *_packed_inputs(model, batch, packed))
+    logp = packed.unpack(out[..., 0])
+    return (logp, packed.unpack(out[..., 1])) if with_entropy else logp

@@ -8,7 +8,9 @@ key in config.json (`"rlpost_model": "gpt_mini"`) tells rlpost to load it back a
 additions over nanoGPT's model.py:
 
 1. left-padded batches: `attention_mask` masks pad keys and `position_ids` gives each row its own
-   positions, so a padded row computes exactly what it would alone;
+   positions, so a padded row computes exactly what it would alone; packed rows (rlpost.packing): the
+   attention mask holds each token's sequence number (1, 2, ...; 0 on padding) and a token attends only
+   to its own sequence (block-diagonal causal attention);
 2. a KV cache (`KVCache`) for incremental decoding by the rollout engine.
 
 Its tokenizer (`CharTokenizer`) is a character vocabulary plus <pad>, <bos> and <eos>.
@@ -183,6 +185,9 @@ class GPT(nn.Module):
         k_pos = torch.arange(S, device=input_ids.device)[None, :]
         causal = k_pos <= q_pos                                        # (T, S)
         mask = (causal & key_mask[:, None, :]) | (k_pos == q_pos)      # (B, T, S)
+        if cache is None:  # packed rows (rlpost.packing): a real query sees only real keys of its own sequence
+            q, k = attention_mask[:, :, None], attention_mask[:, None, :]  # (0/1 masks: every real pair is equal)
+            mask = mask & ~((q != k) & (q > 0) & (k > 0))
         mask = mask[:, None]                                           # (B, 1, T, S) broadcast over heads
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)

@@ -166,7 +166,9 @@ class RLStage(Stage):
     def setup(self, ctx: RunContext) -> None:
         rc, tc, model = self.rollout_cfg, self.trainer_cfg, ctx.model
         self.algorithm = get_algorithm(**self.algorithm_cfg)
-        self.critic = (Critic.build(model, self.critic_cfg.type, precision=tc.precision)
+        micro = dict(micro_batch_size=tc.micro_batch_size, micro_batch_tokens=tc.micro_batch_tokens,
+                     packing=tc.packing)
+        self.critic = (Critic.build(model, self.critic_cfg.type, precision=tc.precision, **micro)
                        if self.algorithm.uses_critic else None)
         params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                 top_p=rc.top_p, max_num_seqs=rc.max_num_seqs, stop=list(rc.stop))
@@ -174,7 +176,7 @@ class RLStage(Stage):
         # temperature, or 1 for greedy rollouts (temperature 0), whose logits / 0 would make every log-prob NaN
         scoring = params.logp_temperature
         # the reference first: a whole frozen copy of the policy, taken before the trainer may shard it
-        self.reference = (Reference(model, scoring, tc.precision, logprob_chunk=tc.logprob_chunk)
+        self.reference = (Reference(model, scoring, tc.precision, logprob_chunk=tc.logprob_chunk, **micro)
                           if self.algorithm.uses_reference else None)
         schedule = LRSchedule(tc.lr_schedule, tc.warmup_steps, total_steps=self.cfg.steps * tc.epochs * tc.minibatches,
                               min_lr_ratio=tc.min_lr_ratio)
@@ -183,7 +185,8 @@ class RLStage(Stage):
                                temperature=scoring, epochs=tc.epochs, minibatches=tc.minibatches,
                                critic=self.critic, critic_lr=self.critic_cfg.lr, seed=self.seed(ctx),
                                precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
-                               schedule=schedule, strategy=tc.strategy, logprob_chunk=tc.logprob_chunk)
+                               schedule=schedule, strategy=tc.strategy, logprob_chunk=tc.logprob_chunk,
+                               packing=tc.packing, micro_batch_tokens=tc.micro_batch_tokens)
         if tc.compile:  # after the reference (and a separate critic) copied the eager policy
             compile_model(model)
             if self.reference is not None and not self.reference.shares_policy:

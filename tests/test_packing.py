@@ -1,0 +1,285 @@
+"""Sequence packing: the packed forward computes what the padded one does, for every algorithm and role."""
+
+import pytest
+import torch
+
+from rlpost import Batch, get_algorithm
+from rlpost.algorithms import available
+from rlpost.critic import Critic
+from rlpost.config import ModelConfig
+from rlpost.models import HFCausalLM, check_packing, load_model, token_logprobs, transformer_blocks
+from rlpost.packing import micro_batches, pack
+from rlpost.reference import Reference
+from rlpost.trainer import Trainer
+
+ALL = sorted(available())
+RESPONSE_LENGTHS = [9, 1, 3, 7, 2, 5, 8, 1, 4, 6, 2, 9]  # long-tailed enough that rows share packed rows
+
+
+def grouped_batch(vocab: int, prompts: int = 3, k: int = 4, prompt_width: int = 4, seed: int = 0) -> Batch:
+    """`prompts` prompts of 2..prompt_width tokens (left-padded), k responses each of RESPONSE_LENGTHS
+    (right-padded), with old/ref log-probs, values and 0/1 rewards that vary within each group."""
+    g = torch.Generator().manual_seed(seed)
+    B, R = prompts * k, max(RESPONSE_LENGTHS)
+    T = prompt_width + R
+    ids = torch.zeros(B, T, dtype=torch.long)
+    attn, resp = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    for p in range(prompts):
+        plen = 2 + p % (prompt_width - 1)
+        prompt = torch.randint(3, vocab, (plen,), generator=g)
+        for j in range(k):
+            b, n = p * k + j, RESPONSE_LENGTHS[(p * k + j) % len(RESPONSE_LENGTHS)]
+            ids[b, prompt_width - plen:prompt_width] = prompt
+            ids[b, prompt_width:prompt_width + n] = torch.randint(3, vocab, (n,), generator=g)
+            attn[b, prompt_width - plen:prompt_width + n] = 1
+            resp[b, prompt_width:prompt_width + n] = 1
+    logp = -torch.rand(B, T, generator=g) * 2
+    return Batch(input_ids=ids, attention_mask=attn, response_mask=resp,
+                 old_logp=(logp + 0.1 * torch.randn(B, T, generator=g)) * resp,
+                 ref_logp=(logp + 0.1 * torch.randn(B, T, generator=g)) * resp,
+                 values=torch.randn(B, T, generator=g) * resp,
+                 rewards=torch.tensor([float((b // 2) % 2) for b in range(B)]),
+                 group_ids=torch.arange(prompts).repeat_interleave(k))
+
+
+def _gpt_mini():
+    from rlpost.models.gpt_mini import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=16, block_size=16, n_layer=2, n_head=2, n_embd=32))
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return HFCausalLM(Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                                   max_position_embeddings=64)))
+
+
+@pytest.fixture(params=["gpt_mini", "hf_llama", "hf_qwen2"])
+def model(request, tiny_llama_dir):
+    if request.param == "gpt_mini":
+        return _gpt_mini()
+    if request.param == "hf_llama":
+        return load_model(ModelConfig(name=tiny_llama_dir))[0]
+    return _qwen2()
+
+
+def _vocab(model) -> int:
+    return model.config.vocab_size if hasattr(model, "config") else model.hf.config.vocab_size
+
+
+# ---------------------------------------------------------------------------- the packing itself
+
+def test_pack_keeps_every_real_token_once_with_restarting_positions_and_a_token_budget():
+    batch = grouped_batch(vocab=16)
+    real = int(batch.attention_mask.sum())
+    for budget in (None, 1, 20, 40):
+        packs = pack(batch, budget)
+        rows = torch.cat([p.rows for p in packs])
+        assert sorted(rows.tolist()) == list(range(len(batch)))          # every row in exactly one micro-batch
+        assert sum(p.real_tokens for p in packs) == real
+        for p in packs:
+            assert budget is None or p.positions <= budget or p.input_ids.shape[0] == 1  # a wide row goes alone
+            mb = batch.select(p.rows)
+            # unpacking the packed token ids gives back the padded rows' real tokens, in place
+            assert torch.equal(p.unpack(p.input_ids, shifted=False), mb.input_ids * mb.attention_mask)
+            # the forwards (segments) cover every row once and skip only unused tails
+            assert [r for a, e, _ in p.segments for r in range(a, e)] == list(range(p.input_ids.shape[0]))
+            for a, e, w in p.segments:
+                assert (p.src.view(p.input_ids.shape)[a:e, w:] == -1).all() and w <= p.input_ids.shape[1]
+            for r in range(p.input_ids.shape[0]):  # positions restart at 0 at each sequence's first token
+                starts = p.first[r].nonzero().squeeze(1).tolist()
+                assert p.position_ids[r, starts].eq(0).all()
+                assert sorted(p.seq_ids[r].unique().tolist())[-1] == len(starts)
+    assert len(pack(batch, None)) == 1 and len(pack(batch, None)[0].segments) > 1  # part-filled rows run apart
+    # sequences share rows: fewer positions than the padded [B, T]
+    assert pack(batch, None)[0].positions <= 0.7 * batch.input_ids.numel()
+
+
+def test_pack_rejects_an_empty_row_and_a_bad_budget():
+    batch = grouped_batch(vocab=16)
+    mask = batch.attention_mask.clone()
+    mask[5] = 0
+    with pytest.raises(ValueError, match="row 5 has no real token"):
+        pack(batch.replace(attention_mask=mask))
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        pack(batch, 0)
+
+
+def test_padded_micro_batches_by_token_budget():
+    batch = grouped_batch(vocab=16)
+    T = batch.input_ids.shape[1]
+    sizes = [len(mb) for _, mb, _ in micro_batches(batch, None, 3 * T + 1)]
+    assert sizes == [3, 3, 3, 3]
+    sizes = [len(mb) for _, mb, _ in micro_batches(batch, 2, 3 * T)]
+    assert sizes == [2] * 6
+    assert all(mb.global_tokens == batch.num_response_tokens for _, mb, _ in micro_batches(batch, None, 1))
+
+
+# ---------------------------------------------------------------------------- models
+
+def test_packed_logprobs_and_entropies_equal_the_padded_forward(model):
+    batch = grouped_batch(_vocab(model))
+    logp0, ent0 = token_logprobs(model, batch, temperature=0.7, with_entropy=True, share_prompt=False)
+    mask = batch.attention_mask.bool() & (torch.arange(batch.input_ids.shape[1]) > 0)
+    mask[:, 1:] &= batch.attention_mask[:, :-1].bool()   # every real token but each sequence's first
+    for budget in (None, 25):
+        logp1, ent1 = torch.zeros_like(logp0), torch.zeros_like(ent0)
+        for p in pack(batch, budget):
+            lp, ent = token_logprobs(model, batch.select(p.rows), temperature=0.7, with_entropy=True, packed=p)
+            logp1[p.rows], ent1[p.rows] = lp.detach(), ent.detach()
+        torch.testing.assert_close(logp1 * mask, logp0.detach() * mask, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ent1 * mask, ent0.detach() * mask, rtol=0, atol=1e-5)
+
+
+def test_a_model_that_mixes_packed_sequences_is_refused_naming_the_key(model, monkeypatch):
+    check_packing(model)  # the three real models keep packed sequences apart
+    if not isinstance(model, HFCausalLM):
+        return
+    plain = model.hidden_states  # an attention that ignores restarting position ids: one causal block
+    monkeypatch.setattr(model, "hidden_states", lambda ids, mask=None, pos=None: plain(ids, torch.ones_like(ids)))
+    with pytest.raises(ValueError, match="trainer.packing"):
+        check_packing(model)
+    with pytest.raises(ValueError, match="trainer.packing"):
+        Trainer(model, lr=1e-3, packing=True)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])  # flex_attention: no backward on CPU in torch 2.13
+def test_hf_attention_implementations_read_packed_position_ids(impl):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = HFCausalLM(LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                                                    attn_implementation=impl)))
+    check_packing(model)
+    batch = grouped_batch(40)
+    logp0 = token_logprobs(model, batch, share_prompt=False)
+    p = pack(batch, None)[0]
+    logp1 = torch.zeros_like(logp0)
+    logp1[p.rows] = token_logprobs(model, batch.select(p.rows), packed=p)
+    torch.testing.assert_close(logp1 * batch.response_mask, logp0 * batch.response_mask, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- roles
+
+def _step(model, algo, batch, **trainer_kw):
+    """One trainer step's summed loss and its gradients (captured instead of applied), and the batch's values."""
+    critic = Critic.build(model, "head", **trainer_kw) if algo.uses_critic else None
+    if critic is not None:
+        torch.nn.init.normal_(critic.head.weight, std=0.1, generator=torch.Generator().manual_seed(3))
+    trainer = Trainer(model, lr=1e-3, grad_clip=0.0, critic=critic, temperature=0.9, **trainer_kw)
+    grads = {}
+    trainer.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters()
+                                                   if p.grad is not None})
+    if critic is not None:
+        with torch.no_grad():
+            batch = batch.replace(values=critic(batch))
+    if algo.needs_proximal_logp:
+        batch = batch.replace(rollout_logp=batch.old_logp, old_logp=trainer.logprobs(batch))
+    batch = algo.compute_advantages(batch)
+    metrics = trainer.step(batch, algo.compute_loss)
+    return metrics["train/loss"], grads, batch
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_algorithm_packed_loss_and_gradients_equal_the_padded_path(name, model):
+    algo = get_algorithm(name, beta=0.05, entropy_coef=0.01)
+    batch = grouped_batch(_vocab(model))
+    loss0, grads0, b0 = _step(model, algo, batch, micro_batch_size=5)
+    loss1, grads1, b1 = _step(model, algo, batch, micro_batch_size=5, packing=True, micro_batch_tokens=30)
+    assert abs(loss1 - loss0) <= 1e-5 * max(1.0, abs(loss0)), (loss0, loss1)
+    assert grads0.keys() == grads1.keys() and grads0
+    for n, g in grads0.items():
+        torch.testing.assert_close(grads1[n], g, rtol=0, atol=1e-5 * max(1.0, float(g.abs().max())),
+                                   msg=f"{name}: gradient of {n}")
+    if algo.uses_critic:
+        torch.testing.assert_close(b1.values, b0.values, rtol=0, atol=1e-5)
+    if algo.needs_proximal_logp:
+        torch.testing.assert_close(b1.old_logp, b0.old_logp, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_packed_roles_name_the_device_of_what_they_create(name):
+    model = _gpt_mini()
+    algo = get_algorithm(name, beta=0.05)
+    kw = dict(packing=True, micro_batch_tokens=30)
+    reference, critic = Reference(model, **kw), Critic.build(model, "separate", **kw) if algo.uses_critic else None
+    trainer = Trainer(model, lr=1e-3, critic=critic, epochs=2, minibatches=2, **kw)
+    batch = grouped_batch(16)
+    with torch.device("meta"):  # any tensor made without device= lands on "meta" and fails against the CPU
+        batch = reference(batch)
+        if critic is not None:
+            with torch.no_grad():
+                batch = batch.replace(values=critic(batch))
+        batch = batch.replace(old_logp=trainer.logprobs(batch))
+        metrics = trainer.step(algo.compute_advantages(batch), algo.compute_loss)
+    assert all(type(v) is float and v == v for v in metrics.values())
+
+
+def test_reference_scores_packed_micro_batches_as_the_whole_padded_batch(model):
+    batch = grouped_batch(_vocab(model))
+    B, T = batch.input_ids.shape
+    whole = Reference(model, temperature=0.8)(batch).ref_logp
+    for kw, most in ((dict(micro_batch_size=5), 5 * T), (dict(micro_batch_tokens=40), 40),
+                     (dict(packing=True, micro_batch_tokens=30), 30), (dict(packing=True, micro_batch_size=4), 4 * T)):
+        ref = Reference(model, temperature=0.8, **kw)
+        seen = []
+        hook = transformer_blocks(ref.model)[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
+        try:
+            torch.testing.assert_close(ref(batch).ref_logp, whole, rtol=0, atol=1e-5, msg=str(kw))
+        finally:
+            hook.remove()
+        assert max(r * t for r, t in seen) <= most, (kw, seen)  # no forward held more than one micro-batch
+
+
+def test_the_distillation_teacher_scores_in_micro_batches_as_the_whole_batch():
+    from rlpost.distill import TeacherReward
+    from rlpost.models.gpt_mini import CharTokenizer
+
+    teacher, tok = _gpt_mini(), CharTokenizer("abcdefghijklm")  # 16 ids, as _gpt_mini's vocabulary
+    batch = grouped_batch(16)
+    B, T = batch.input_ids.shape
+    whole = TeacherReward(teacher, tok)(batch)[0].rewards
+    for kw, most in ((dict(micro_batch_size=4), 4 * T), (dict(packing=True, micro_batch_tokens=30), 30)):
+        seen = []
+        hook = teacher.transformer.h[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
+        try:
+            rewards = TeacherReward(teacher, tok, **kw)(batch)[0].rewards
+        finally:
+            hook.remove()
+        torch.testing.assert_close(rewards, whole, rtol=0, atol=1e-5, msg=str(kw))
+        assert max(r * t for r, t in seen) <= most, (kw, seen)
+
+
+# ---------------------------------------------------------------------------- configuration and a run
+
+def test_config_keys_and_their_range_check():
+    from rlpost.config import ConfigError, load_config
+
+    cfg = load_config(None, ["trainer.packing=true", "trainer.micro_batch_tokens=512"])
+    assert cfg.trainer.packing is True and cfg.trainer.micro_batch_tokens == 512
+    defaults = load_config(None, [])
+    assert defaults.trainer.packing is False and defaults.trainer.micro_batch_tokens is None
+    with pytest.raises(ConfigError, match="'trainer.micro_batch_tokens' must be >= 1 or null, got 0"):
+        load_config(None, ["trainer.micro_batch_tokens=0"])
+
+
+@pytest.mark.slow
+def test_a_packed_ppo_run_trains_with_reference_and_critic_in_token_budgeted_micro_batches(tmp_path):
+    import json
+
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    tiny = ["sft.steps=30", "sft.batch_size=32", "rl.steps=2", "rl.eval_every=0", "task.num_eval=20",
+            "rollout.prompts_per_step=4", "rollout.k=4", "eval.samples_per_prompt=1", "model.n_layer=2",
+            "model.n_embd=32", "model.n_head=2", "algorithm.name=ppo", "algorithm.beta=0.04",
+            "trainer.packing=true", "trainer.micro_batch_tokens=40", f"out_dir={tmp_path}", "run_name=packed"]
+    assert train(load_config(None, tiny))["status"] == "ok"
+    rl = [m for m in map(json.loads, open(tmp_path / "packed" / "metrics.jsonl")) if m.get("stage") == "rl"]
+    assert len(rl) == 2 and all(torch.isfinite(torch.tensor(m["train/loss"])) for m in rl)
+    assert all(m["rollout/logp_mismatch_max"] < 1e-4 for m in rl)  # packed scoring = what the engine sampled
