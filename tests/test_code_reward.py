@@ -379,6 +379,24 @@ def test_a_case_that_ran_no_assertion_fails():
     assert CodeReward(timeout_s=3)(ADD, {"tests": tests}) == 0.5
 
 
+def test_a_checker_that_never_asked_the_program_passes_nothing():
+    # it ran out of time before its end, so its refusal of such tests never came: no case of it passes
+    hang = "while True:\n    pass\n"
+    assert CodeReward(timeout_s=1)(ADD, {"tests": "assert 1 + 1 == 2\n" + hang}) == 0.0
+    assert CodeReward(timeout_s=1)(ADD, {"tests": "assert add(1, 2) == 3\n" + hang}) == 1.0  # decided: it counts
+
+
+def test_an_answer_the_checker_cannot_decode_is_no_exception_of_the_tests():
+    # a frame written straight on the program's channel is its answer; one that does not decode (here, a
+    # Fraction with denominator 0 would raise ZeroDivisionError) is a failed call, not an exception to expect
+    forge = ("import json, os\ndef f():\n    d = json.dumps({'value': %r}).encode()\n    for fd in range(3, 10):\n"
+             "        try:\n            os.write(fd, len(d).to_bytes(4, 'big') + d)\n        except OSError:\n"
+             "            pass\n    return 0\n")
+    for value, error in (({"nonsense": 1}, "ValueError"), ({"fraction": [1, 0]}, "ZeroDivisionError")):
+        tests = f"try:\n    f()\n    raised = False\nexcept {error}:\n    raised = True\nassert raised\n"
+        assert CodeReward(timeout_s=3)(forge % (value,), {"tests": tests}) == 0.0
+
+
 def test_entry_point_must_be_a_name(score):
     with pytest.raises(ValueError, match=r"row\['entry_point'\] must be the name"):
         score(fenced(ADD), {"tests": "def check(c):\n    assert c(1, 2) == 3\n", "entry_point": "add(1)"})

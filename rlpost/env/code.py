@@ -231,7 +231,8 @@ main()
 """
 
 # The checker sandbox: never imports the program. It runs the tests statement by statement and reports
-# {"stmt": i, "ok": bool} for each, then runs the conventional calls the host found ({"conv": j, "ok": bool}),
+# {"stmt": i, "ok": bool, "asked": requests so far} for each, then runs the conventional calls the host found
+# ({"conv": j, "ok": bool, "asked": n}),
 # then {"done": True, "asserts": how many assert statements and unittest assertions ran, "asked": how many
 # requests went to the program}. Its requests for the program go out on the same channel.
 _CHECKER = _WIRE + """
@@ -282,7 +283,10 @@ def main():
             reply = ask({"call": self.__name__, "args": [encode(a) for a in args],
                          "kwargs": {k: encode(v) for k, v in kwargs.items()}})
             if type(reply) is dict and "value" in reply:
-                return decode(reply["value"])
+                try:
+                    return decode(reply["value"])
+                except Exception:  # junk, or a number that cannot be built (Fraction(1, 0)): not an answer
+                    raise RemoteError("an answer that is not plain data") from None
             kind = reply.get("raised") if type(reply) is dict else None
             message = str(reply.get("message", ""))[:1000] if type(reply) is dict else ""
             cls = getattr(builtins, kind, None) if type(kind) is str else None
@@ -305,7 +309,7 @@ def main():
             if "value" in reply:
                 try:
                     return decode(reply["value"])
-                except (ValueError, TypeError, RecursionError):
+                except Exception:
                     pass
             elif reply.get("module") == name and name in sys.stdlib_module_names:  # `math` not imported
                 try:
@@ -346,7 +350,7 @@ def main():
             ok = True
         except BaseException:
             ok = False
-        send(wr, {"stmt": i, "ok": ok})
+        send(wr, {"stmt": i, "ok": ok, "asked": COUNT["asked"]})
         if not ok and not isinstance(stmt, ast.Assert):
             broken = True
             break
@@ -366,7 +370,8 @@ def main():
             passed = True
         except BaseException:
             passed = False
-        send(wr, {"conv": j, "ok": passed and COUNT["asserts"] > before})  # it must have checked something
+        # a case passes only if it checked something
+        send(wr, {"conv": j, "ok": passed and COUNT["asserts"] > before, "asked": COUNT["asked"]})
     send(wr, {"done": True, "asserts": COUNT["asserts"], "asked": COUNT["asked"]})
 
 main()
@@ -529,25 +534,28 @@ def _relay(checker: sandbox.SandboxProcess, served: sandbox.SandboxProcess, prog
            request: dict) -> tuple[dict[tuple[str, int], bool], dict | None]:
     """Pass the checker's requests to the program sandbox and its answers back, as opaque frames, until the
     checker is done or the row's time is up. Returns ({("stmt" or "conv", index): passed}, the checker's
-    {"asserts": n, "asked": n} when it got to its end, else None)."""
+    {"asserts": n, "asked": n} when it got to its end, else None). A checker that did not get to its end
+    before asking the program anything decided nothing about the program: no verdict of it passes."""
     deadline = min(checker.deadline, served.deadline)
     outcomes: dict[tuple[str, int], bool] = {}
+    asked = 0  # the checker's requests to the program, as its last verdict counted them
     alive = _send(served.stdin, {"program": program}, deadline)
     if not _send(checker.stdin, request, deadline):
-        return outcomes, None
+        return {}, None
     while (frame := _recv(checker.stdout, deadline, MAX_FRAME_BYTES)) is not None:
         try:
             msg = json.loads(frame)
         except ValueError:
-            return outcomes, None
+            return (outcomes if asked else {}), None
         if not isinstance(msg, dict):
-            return outcomes, None
+            return (outcomes if asked else {}), None
         if "done" in msg:
             counts = {key: msg.get(key) for key in ("asserts", "asked")}
             return outcomes, counts if all(type(n) is int for n in counts.values()) else None
         if "stmt" in msg or "conv" in msg:
             kind = "stmt" if "stmt" in msg else "conv"
-            outcomes[(kind, msg[kind])] = msg["ok"] is True
+            outcomes[(kind, msg[kind])] = msg.get("ok") is True
+            asked = max(asked, msg["asked"]) if type(msg.get("asked")) is int else asked
             continue
         alive = alive and _send(served.stdin, frame, deadline)
         answer = _recv(served.stdout, deadline, MAX_ANSWER_BYTES) if alive else None
@@ -555,7 +563,7 @@ def _relay(checker: sandbox.SandboxProcess, served: sandbox.SandboxProcess, prog
         if not _send(checker.stdin, answer if alive else {"raised": "RemoteError", "message": "no answer"},
                      deadline):
             break
-    return outcomes, None
+    return (outcomes if asked else {}), None
 
 
 def _send(pipe, message, deadline: float) -> bool:
