@@ -400,6 +400,8 @@ def test_an_answer_the_checker_cannot_decode_is_no_exception_of_the_tests():
 def test_entry_point_must_be_a_name(score):
     with pytest.raises(ValueError, match=r"row\['entry_point'\] must be the name"):
         score(fenced(ADD), {"tests": "def check(c):\n    assert c(1, 2) == 3\n", "entry_point": "add(1)"})
+    # tests that do not use it leave it alone (a LeetCode-style row may have another kind of entry point)
+    assert score(fenced(ADD), {"tests": ADD_TESTS, "entry_point": "Solution().add"}) == 1.0
 
 
 # ---- names follow Python's scopes; values cross as their built-in type ----

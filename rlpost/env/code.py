@@ -435,7 +435,7 @@ class CodeReward:
         (see the module docstring). The whole exchange shares `timeout_s`. Tests that could pass without
         checking the program raise a ValueError."""
         tree = _parse_tests(tests)
-        calls = _conventional_calls(tree, _entry_point(entry_point))
+        calls = _conventional_calls(tree, entry_point)
         _check_assertions(tests, tree, calls)
         body = tree.body
         asserts = [i for i, stmt in enumerate(body) if isinstance(stmt, ast.Assert)]
@@ -493,7 +493,7 @@ def _conventional_calls(tree: ast.Module, entry_point: str | None) -> list[list[
             if stmt.name.startswith("test") and required == 0:
                 call = ["function", stmt.name]
             elif stmt.name == "check" and entry_point is not None and positional >= 1 and required <= 1:
-                call = ["check", entry_point]
+                call = ["check", _entry_point(entry_point)]
             else:
                 continue
         else:
@@ -621,7 +621,7 @@ def _check_tests(row: dict):
             raise ValueError("code reward: row['tests'] is an empty string of assert code")
         # a row's broken or vacuous tests raise whatever the completion, even one with no program
         tree = _parse_tests(tests)
-        _check_assertions(tests, tree, _conventional_calls(tree, _entry_point(row.get("entry_point"))))
+        _check_assertions(tests, tree, _conventional_calls(tree, row.get("entry_point")))
         return tests
     if not isinstance(tests, list) or not tests:
         raise ValueError(f"code reward: row['tests'] must be a non-empty list of {{'input', 'output'}} cases or a "
