@@ -234,9 +234,11 @@ def test_each_assert_is_a_case():
     ("def f(x):\n    return x + 1",
      "try:\n    f('a')\n    raised = None\nexcept TypeError:\n    raised = 'TypeError'\n"
      "assert raised == 'TypeError'", 1.0),
+    # an iterator's items are taken in the program's process and arrive as an iterator over them
+    ("def f(x):\n    return (i for i in range(x)) if x else 0",
+     "assert list(f(3)) == [0, 1, 2]\nassert f(0) == 0\nassert next(f(2)) == 0\nassert f(3) != [0, 1, 2]", 1.0),
+    ("def f():\n    while True:\n        yield 1", "assert next(f()) == 1", 0.0),  # endless: no answer
     # not plain data, or no answer: that call fails, the others still count
-    ("def f(x):\n    return (i for i in range(x)) if x else 0", "assert list(f(3)) == [0, 1, 2]\nassert f(0) == 0",
-     0.5),
     ("def f(x):\n    return f(x) if x else 1", "assert f(1) == 1\nassert f(0) == 1", 0.5),  # recursion
     ("def f(x):\n    return 'x' * x", "assert len(f(2_000_000)) == 2_000_000\nassert f(2) == 'xx'", 0.5),  # size cap
     ("def f(x):\n    return x\nclass C:\n    pass\ndef g():\n    return C()",
@@ -318,3 +320,129 @@ def test_signalling_its_init_changes_nothing(score, monkeypatch, sig):
     kill = f"import os, signal, time\nos.kill(1, signal.{sig})\ntime.sleep(0.5)\n"
     assert score(fenced(kill + "def add(a, b):\n    return a + b"), {"tests": ADD_TESTS}) == 1.0
     assert score(fenced(kill + "print(2 * int(input()))"), {"tests": DOUBLE_TESTS}) == 1.0
+
+
+# ---- tests that check nothing never pay; test runners' conventions run by themselves ----
+
+ADD = "def add(a, b):\n    return a + b"
+ZERO = "def add(a, b):\n    return 0"
+
+
+@pytest.mark.parametrize("tests", [
+    "def check(candidate):\n    assert candidate(1, 2) == 3\n",  # HumanEval's check, never called, no entry_point
+    "def test_add(fixture):\n    assert add(1, 2) == 3\n",        # a pytest test that needs a fixture: not run
+    "def helper():\n    assert add(1, 2) == 3\n",                 # asserts in a function nobody calls
+    "assert 1 + 1 == 2\n",                                        # asserts that never look at the program
+    "import unittest\nclass T(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(1 + 2, 3)\n",
+])
+@pytest.mark.parametrize("program", [ADD, ZERO, "", "this is prose, not Python"])
+def test_tests_that_never_use_the_program_raise_naming_the_row(score, tests, program):
+    with pytest.raises(ValueError, match=r"row\['tests'\] passed without using anything the program defines"):
+        score(fenced(program), {"tests": tests})
+
+
+@pytest.mark.parametrize("tests", ["x = add(1, 2)\n", "def check(candidate):\n    candidate(1, 2)\ncheck(add)\n"])
+def test_tests_without_any_assertion_raise_for_any_completion(tests):
+    for completion in (fenced(ADD), "no program at all"):
+        with pytest.raises(ValueError, match=r"row\['tests'\] has no assert statement"):
+            CodeReward(timeout_s=3, extract="fenced")(completion, {"tests": tests})
+
+
+@pytest.mark.parametrize("tests, entry_point, right, wrong", [
+    # pytest: top-level test* functions without arguments, one case each
+    ("def test_add():\n    assert add(1, 2) == 3\ndef test_zero():\n    assert add(0, 0) == 0\n", None, 1.0, 0.5),
+    # HumanEval: check(candidate) called with the row's entry point
+    ("METADATA = {}\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 4\n",
+     "add", 1.0, 0.0),
+    # unittest: each TestCase class is a case, with or without unittest.main()
+    ("import unittest\nclass T(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(add(1, 2), 3)\n"
+     "class U(T):\n    def test_zero(self):\n        self.assertEqual(add(0, 0), 0)\n", None, 1.0, 0.0),
+    ("import unittest\nclass T(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(add(1, 2), 3)\n"
+     "if __name__ == '__main__':\n    unittest.main()\n", None, 1.0, 0.0),
+    # a top-level assert and a test function are two cases; a function the tests call is not run again
+    ("assert add(0, 0) == 0\ndef test_add():\n    assert add(1, 2) == 3\n", None, 1.0, 0.5),
+    ("def test_add(a=1):\n    assert add(a, 2) == 3\ntest_add()\n", None, 1.0, 0.0),
+])
+def test_test_runner_conventions(tests, entry_point, right, wrong):
+    row = {"tests": tests, "entry_point": entry_point} if entry_point else {"tests": tests}
+    assert CodeReward(timeout_s=3)(ADD, row) == right
+    assert CodeReward(timeout_s=3)(ZERO, row) == wrong
+
+
+def test_a_case_that_ran_no_assertion_fails():
+    # the program decides how many asserts run: one that makes them all be skipped has checked nothing
+    tests = "for x in pos(3):\n    assert x > 0\n"
+    assert CodeReward(timeout_s=3)("def pos(n):\n    return list(range(1, n + 1))", {"tests": tests}) == 1.0
+    assert CodeReward(timeout_s=3)("def pos(n):\n    return []", {"tests": tests}) == 0.0
+    # a test function that asserts nothing is a case that fails; the other one still counts
+    tests = "def test_nothing():\n    add(1, 2)\ndef test_add():\n    assert add(1, 2) == 3\n"
+    assert CodeReward(timeout_s=3)(ADD, {"tests": tests}) == 0.5
+
+
+def test_a_checker_that_never_asked_the_program_passes_nothing():
+    # it ran out of time before its end, so its refusal of such tests never came: no case of it passes
+    hang = "while True:\n    pass\n"
+    assert CodeReward(timeout_s=1)(ADD, {"tests": "assert 1 + 1 == 2\n" + hang}) == 0.0
+    assert CodeReward(timeout_s=1)(ADD, {"tests": "assert add(1, 2) == 3\n" + hang}) == 1.0  # decided: it counts
+
+
+def test_an_answer_the_checker_cannot_decode_is_no_exception_of_the_tests():
+    # a frame written straight on the program's channel is its answer; one that does not decode (here, a
+    # Fraction with denominator 0 would raise ZeroDivisionError) is a failed call, not an exception to expect
+    forge = ("import json, os\ndef f():\n    d = json.dumps({'value': %r}).encode()\n    for fd in range(3, 10):\n"
+             "        try:\n            os.write(fd, len(d).to_bytes(4, 'big') + d)\n        except OSError:\n"
+             "            pass\n    return 0\n")
+    for value, error in (({"nonsense": 1}, "ValueError"), ({"fraction": [1, 0]}, "ZeroDivisionError")):
+        tests = f"try:\n    f()\n    raised = False\nexcept {error}:\n    raised = True\nassert raised\n"
+        assert CodeReward(timeout_s=3)(forge % (value,), {"tests": tests}) == 0.0
+
+
+def test_entry_point_must_be_a_name(score):
+    with pytest.raises(ValueError, match=r"row\['entry_point'\] must be the name"):
+        score(fenced(ADD), {"tests": "def check(c):\n    assert c(1, 2) == 3\n", "entry_point": "add(1)"})
+    # tests that do not use it leave it alone (a LeetCode-style row may have another kind of entry point)
+    assert score(fenced(ADD), {"tests": ADD_TESTS, "entry_point": "Solution().add"}) == 1.0
+
+
+# ---- names follow Python's scopes; values cross as their built-in type ----
+
+@pytest.mark.parametrize("tests", [
+    "def check(add):\n    assert add(1, 2) == 3\ncheck(add)\n",           # a parameter named like the function
+    "assert add(1, 2) == 3\nxs = [add for add in range(3)]\n",  # a comprehension variable elsewhere
+    "assert add(1, 2) == 3\nadd = None\n",                                  # rebound after use
+    "from solution import add\nassert add(1, 2) == 3\n",                    # the program as module `solution`
+    "import solution\nassert solution.add(1, 2) == 3\n",
+    "class T:\n    x = add(1, 2)\nassert T.x == 3\n",
+])
+def test_names_the_tests_take_from_the_program_follow_scopes(tests):
+    assert CodeReward(timeout_s=3)(ADD, {"tests": tests}) == 1.0
+    assert CodeReward(timeout_s=3)(ZERO, {"tests": tests}) == 0.0
+
+
+@pytest.mark.parametrize("program, tests", [
+    ("from collections import Counter\ndef f(s):\n    return Counter(s)",
+     "assert f('aab') == {'a': 2, 'b': 1}\nassert type(f('a')) is dict"),
+    ("from collections import defaultdict\ndef f(s):\n    d = defaultdict(int)\n    for c in s:\n        d[c] += 1\n"
+     "    return d", "assert f('aab') == {'a': 2, 'b': 1}"),
+    ("from collections import OrderedDict\ndef f():\n    return OrderedDict(a=1)", "assert f() == {'a': 1}"),
+    ("from collections import namedtuple\nP = namedtuple('P', 'x y')\ndef f():\n    return P(1, 2)",
+     "assert f() == (1, 2)\nassert type(f()) is tuple"),
+    ("import enum\nclass C(enum.IntEnum):\n    A = 3\ndef f():\n    return C.A",
+     "assert f() == 3\nassert type(f()) is int"),
+    ("class S(str):\n    pass\ndef f():\n    return [S('a'), {S('b'): b'x'}]", "assert f() == ['a', {'b': b'x'}]"),
+    ("def f(n):\n    return range(n)", "assert list(f(3)) == [0, 1, 2]\nassert f(3) == range(3)"),
+    ("def f(xs):\n    return map(str, xs)", "assert list(f([1])) == ['1']"),
+    ("from fractions import Fraction\ndef f():\n    return Fraction(1, 3)",
+     "from fractions import Fraction\nassert f() == Fraction(1, 3)\nassert f() != 0.3333333333333333"),
+    ("from decimal import Decimal\ndef f():\n    return Decimal('1.50')",
+     "assert f() == 1.5\nassert str(f()) == '1.50'"),
+    ("def f(z):\n    return z * 1j", "assert f(2 + 1j) == -1 + 2j"),
+    ("import numpy as np\ndef f():\n    return np.int64(3), np.float64(0.5), np.bool_(True)",
+     "assert f() == (3, 0.5, True)\nassert [type(x) for x in f()] == [int, float, bool]"),
+])
+def test_values_of_built_in_subclasses_and_numbers_pass(program, tests):
+    """A correct program that returns a Counter, a namedtuple, an IntEnum, an iterator or a Fraction passes as it
+    would run directly; the tests receive the base built-in type's value (or a number the checker builds)."""
+    if "numpy" in program:
+        pytest.importorskip("numpy")
+    assert CodeReward(timeout_s=3)(program, {"tests": tests}) == 1.0
