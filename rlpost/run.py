@@ -28,7 +28,8 @@ With `distill.teacher` the RL stage's reward is the teacher's per-token reverse 
 
 The run directory:
 
-    run.json           what made it (`train`), so a resume cannot pick up another kind of run
+    run.json           what made it (`train`), so a resume cannot pick up another kind of run, and the
+                       run's id, which its checkpoints carry (a resume refuses another run's)
     config.yaml        the resolved config; a resume with a different one is refused, naming the keys
     metrics.jsonl      one JSON line per logged step (a resume drops lines written after its checkpoint)
     rollouts.jsonl     sampled completions every `log.rollouts_every` RL steps (likewise cut back on resume)
@@ -44,8 +45,8 @@ Resume is exact on CPU: every stateful part (the policy, the optimizer and LR sc
 counters, critic, algorithm, prompt sampler, weight-sync version, every random stream) is in the
 checkpoint (an end-of-stage one carries the run's part: the random streams and the weight-sync version),
 so a run killed at any point and resumed writes the same metrics, checkpoints and final weights as one
-never interrupted. A resume refuses a metrics.jsonl or rollouts.jsonl that lost lines its checkpoint
-counts (naming the file and the line), and drops what was written after them. SIGTERM and Ctrl-C ask
+never interrupted. A resume refuses a metrics.jsonl or rollouts.jsonl that lost or changed lines its
+checkpoint counts (naming the file and the line), and drops what was written after them. SIGTERM and Ctrl-C ask
 the current stage to stop at its next step boundary: SFT and RL write a checkpoint there first; a second
 signal stops at once.
 
