@@ -8,13 +8,17 @@ A checkpoint is a folder under `<run_dir>/checkpoints/`:
                         critic, algorithm, prompt sampler (the stage's), and the run's: the weight-sync
                         version and the random streams (an end-of-stage checkpoint holds those alone)
     rlpost_checkpoint.json   where the run stood: stage index and name, step, whether the stage had
-                        finished, metrics.jsonl and rollouts.jsonl lines written so far, the summary so
-                        far, the folder holding the policy weights, and a sha256 of every file above
+                        finished, metrics.jsonl and rollouts.jsonl lines written so far (and a sha256 of
+                        them), the summary so far, the folder holding the policy weights and the sha256 of
+                        each of its files, the run's id and config digest, the folder's own name, and a
+                        sha256 of every file above
 
 It is written into `checkpoints/.tmp-<name>/` and renamed into place only when complete, so a kill
 in mid-write leaves a `.tmp-` folder that is never read (and is removed on resume). The newest
 complete checkpoint is the one with the highest (stage, finished, step); a folder whose metadata cannot be
 read is left out (a resume warns, naming it), so one damaged old checkpoint never blocks a newer one.
+`verify` refuses a checkpoint in a folder of another name (folders renamed or swapped) and weights that
+are not the very files the checkpoint was written with (another run's checkpoint copied in).
 """
 
 from __future__ import annotations
@@ -66,10 +70,19 @@ def load_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- writing
 
+def is_write_failure(e: BaseException) -> bool:
+    """Whether `e` says that writing to the disk failed: an OSError (disk full, read-only, permissions), or the
+    RuntimeError torch.save raises when its file write fails. Anything else (a TypeError from serialising a
+    value, say) is a bug or bad data, and is reported as itself, never blamed on the disk."""
+    if isinstance(e, OSError):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e) for w in ("failed writing", "file write failed"))
+
+
 def write_error(e: Exception, path: str, what: str) -> OSError:
     """`e`, raised while writing `what` at `path` (disk full, read-only, ...), as an OSError naming the path and
-    what to do. An OSError keeps its type and errno (disk full stays errno 28); another error (torch.save
-    reports a failed write as a RuntimeError) becomes a plain OSError with its message."""
+    what to do. An OSError keeps its type and errno (disk full stays errno 28); torch.save's failed write (a
+    RuntimeError) becomes a plain OSError with its message. Only for write failures (`is_write_failure`)."""
     where = f"{what} {path}" if what else path
     message = (f"cannot write {where}: {e.strerror or e if isinstance(e, OSError) else f'{type(e).__name__}: {e}'}"
                "; what was written before it is whole: free space or make it writable, then continue with "
@@ -122,6 +135,18 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _weights_digests(root: str, tmp: str, weights: str | None, name: str) -> dict[str, str] | None:
+    """The sha256 of each policy file of the checkpoint named `weights` (None: the initial model): the ones
+    just written into `tmp` when it is this checkpoint `name`, else those the earlier checkpoint recorded."""
+    if weights is None:
+        return None
+    if weights == name:
+        return {f: _sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))
+                if os.path.isfile(os.path.join(tmp, f)) and f not in (STATE_FILE, META_FILE)}
+    source = read_meta(os.path.join(root, weights))
+    return {f: d for f, d in source["sha256"].items() if f != STATE_FILE}
+
+
 def write_checkpoint(run_dir: str, name: str, meta: dict[str, Any], state: dict[str, Any],
                      save_weights=None) -> str:
     """Write checkpoint `name` atomically. `save_weights(folder)` writes the policy into the folder (None:
@@ -135,9 +160,12 @@ def write_checkpoint(run_dir: str, name: str, meta: dict[str, Any], state: dict[
         if save_weights is not None:
             save_weights(tmp)
             meta = {**meta, "weights": name}
+        weights = _weights_digests(root, tmp, meta.get("weights"), name)
         torch.save(state, os.path.join(tmp, STATE_FILE))
         files = sorted(f for f in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, f)))
         meta = {**meta, "name": name, "sha256": {f: _sha256(os.path.join(tmp, f)) for f in files}}
+        if weights is not None:  # the very weights this checkpoint goes with, checked on resume (`verify`)
+            meta["weights_sha256"] = weights
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         for f in os.listdir(tmp):
@@ -146,6 +174,8 @@ def write_checkpoint(run_dir: str, name: str, meta: dict[str, Any], state: dict[
         _fsync_dir(tmp)
     except Exception as e:  # disk full, read-only: the half-written folder goes (freeing its space); the
         shutil.rmtree(tmp, ignore_errors=True)  # checkpoints before it, one of this name included, stay whole
+        if not is_write_failure(e):  # a value that cannot be serialised: a bug or bad data, not the disk
+            raise
         raise write_error(e, final, "checkpoint") from e
     try:
         if os.path.exists(final):  # an older checkpoint of the same name (a stage redone after resume)
@@ -221,9 +251,24 @@ def list_checkpoints(run_dir: str, warn=None) -> list[Checkpoint]:
     return sorted(out, key=lambda c: c.order)
 
 
-def verify(ckpt: Checkpoint, run_dir: str) -> None:
-    """Check every file against its recorded sha256, and the weights it names: those of another checkpoint
-    (a stage that left the policy as it was) against that one's."""
+def verify(ckpt: Checkpoint, run_dir: str, run_id: str | None = None, config_digest: str | None = None) -> None:
+    """Check that the checkpoint is the one its folder is named for, every file against its recorded sha256,
+    and the weights it names (its own, or another checkpoint's when a stage left the policy as it was)
+    against the sha256 it recorded for them. With `run_id` / `config_digest` (the run directory's), also
+    that it was written by that run under that config. CheckpointError naming the checkpoint otherwise."""
+    recorded = ckpt.meta.get("name")
+    if recorded is not None and recorded != ckpt.name:
+        raise CheckpointError(f"checkpoint {ckpt.path} was written as {recorded!r}, not {ckpt.name!r} (folders "
+                              f"renamed or swapped?); give it back its name {recorded!r}, or remove it to resume "
+                              "from an older checkpoint")
+    if run_id is not None and ckpt.meta.get("run_id") != run_id:
+        raise CheckpointError(f"checkpoint {ckpt.path} belongs to another run (run id {ckpt.meta.get('run_id')}, "
+                              f"this run directory's is {run_id}): it was copied in from elsewhere; remove it to "
+                              "resume from an older checkpoint of this run")
+    if config_digest is not None and ckpt.meta.get("config_sha256", config_digest) != config_digest:
+        raise CheckpointError(f"checkpoint {ckpt.path} was written under another config than the run directory's "
+                              "config.yaml (edited since?); put config.yaml back as it was, or remove the "
+                              "checkpoint to resume from an older one")
     for f, digest in ckpt.meta["sha256"].items():
         path = os.path.join(ckpt.path, f)
         if not os.path.isfile(path):
@@ -232,7 +277,12 @@ def verify(ckpt: Checkpoint, run_dir: str) -> None:
             raise CheckpointError(f"checkpoint {ckpt.path}: {f} does not match its recorded sha256 (corrupt); "
                                   "it cannot be resumed from")
     weights = ckpt.weights_dir(run_dir)
-    if weights is None or os.path.abspath(weights) == os.path.abspath(ckpt.path):
+    if weights is None:
+        return
+    expected = ckpt.meta.get("weights_sha256")
+    if os.path.abspath(weights) == os.path.abspath(ckpt.path):
+        if expected is not None and any(ckpt.meta["sha256"].get(f) != d for f, d in expected.items()):
+            raise CheckpointError(f"checkpoint {ckpt.path}: its weights do not match the ones it was written with")
         return
     if not os.path.isdir(weights):
         raise CheckpointError(f"checkpoint {ckpt.path} takes its weights from {weights}, which is missing")
@@ -240,11 +290,12 @@ def verify(ckpt: Checkpoint, run_dir: str) -> None:
         source = read_meta(weights)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {ckpt.path} takes its weights from {weights}, which is damaged: {e}")
-    for f, digest in source["sha256"].items():
-        if f != STATE_FILE and (not os.path.isfile(os.path.join(weights, f))
-                                or _sha256(os.path.join(weights, f)) != digest):
+    if expected is None:  # a checkpoint of an older rlpost: the weights folder against its own record
+        expected = {f: d for f, d in source["sha256"].items() if f != STATE_FILE}
+    for f, digest in expected.items():
+        if not os.path.isfile(os.path.join(weights, f)) or _sha256(os.path.join(weights, f)) != digest:
             raise CheckpointError(f"checkpoint {ckpt.path} takes its weights from {weights}, whose {f} is missing "
-                                  "or does not match its recorded sha256 (corrupt)")
+                                  "or does not match the sha256 recorded for it (corrupt, or another checkpoint's)")
 
 
 def prune(run_dir: str, keep: int, prefix: str) -> None:
@@ -276,6 +327,8 @@ def write_model_folder(run_dir: str, name: str, save) -> str:
         save(tmp)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not is_write_failure(e):
+            raise
         raise write_error(e, final, "model folder") from e
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)

@@ -28,7 +28,8 @@ With `distill.teacher` the RL stage's reward is the teacher's per-token reverse 
 
 The run directory:
 
-    run.json           what made it (`train`), so a resume cannot pick up another kind of run
+    run.json           what made it (`train`), so a resume cannot pick up another kind of run, and the
+                       run's id, which its checkpoints carry (a resume refuses another run's)
     config.yaml        the resolved config; a resume with a different one is refused, naming the keys
     metrics.jsonl      one JSON line per logged step (a resume drops lines written after its checkpoint)
     rollouts.jsonl     sampled completions every `log.rollouts_every` RL steps (likewise cut back on resume)
@@ -44,8 +45,8 @@ Resume is exact on CPU: every stateful part (the policy, the optimizer and LR sc
 counters, critic, algorithm, prompt sampler, weight-sync version, every random stream) is in the
 checkpoint (an end-of-stage one carries the run's part: the random streams and the weight-sync version),
 so a run killed at any point and resumed writes the same metrics, checkpoints and final weights as one
-never interrupted. A resume refuses a metrics.jsonl or rollouts.jsonl that lost lines its checkpoint
-counts (naming the file and the line), and drops what was written after them. SIGTERM and Ctrl-C ask
+never interrupted. A resume refuses a metrics.jsonl or rollouts.jsonl that lost or changed lines its
+checkpoint counts (naming the file and the line), and drops what was written after them. SIGTERM and Ctrl-C ask
 the current stage to stop at its next step boundary: SFT and RL write a checkpoint there first; a second
 signal stops at once.
 
@@ -59,6 +60,7 @@ on rank 0 alone and hands its numbers to the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -67,6 +69,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,8 +77,8 @@ import torch
 import yaml
 
 from rlpost import distributed as dist
-from rlpost.checkpoint import (Checkpoint, clean_partial, list_checkpoints, load_rng_state, remove_step_checkpoints,
-                               rng_state, verify, write_checkpoint, write_error)
+from rlpost.checkpoint import (Checkpoint, clean_partial, is_write_failure, list_checkpoints, load_rng_state,
+                               remove_step_checkpoints, rng_state, verify, write_checkpoint, write_error)
 from rlpost.config import Config, from_dict, stage_configs, stage_names, to_dict
 from rlpost.models.lora import fold_adapters, is_lora
 
@@ -111,9 +114,18 @@ def replace_file(path: str, lines: list[str]) -> None:
         raise write_error(e, path, "") from e
 
 
-def cut_jsonl(path: str, keep: int, checkpoint: str) -> list[dict]:
-    """For a resume from `checkpoint`, which counted `keep` lines of the JSONL file `path`: refuse (ResumeError,
-    naming the file and the line) unless its first `keep` lines are each a complete JSON object, then drop the
+def lines_digest(lines) -> "hashlib._Hash":
+    """A running sha256 over JSONL lines as the file holds them (`update` it with each line written)."""
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape"))
+    return h
+
+
+def cut_jsonl(path: str, keep: int, checkpoint: str, digest: str | None = None) -> list[dict]:
+    """For a resume from `checkpoint`, which counted `keep` lines of the JSONL file `path` (and recorded their
+    sha256, `digest`, when given): refuse (ResumeError, naming the file and the line) unless its first `keep`
+    lines are each a complete JSON object and, together, the very lines the checkpoint counted, then drop the
     lines after them. Those are written after the checkpoint and are taken leniently: the ones that parse are
     returned, a broken one (the half line a kill leaves) is simply dropped."""
     lines = []
@@ -139,6 +151,9 @@ def cut_jsonl(path: str, keep: int, checkpoint: str) -> list[dict]:
         if problem:
             raise ResumeError(f"--resume: {path} line {n} {problem}, one of the {keep} line(s) checkpoint "
                               f"{checkpoint} counts; {hint}")
+    if digest is not None and lines_digest(lines[:keep]).hexdigest() != digest:
+        raise ResumeError(f"--resume: {path} lines 1-{keep}, the ones checkpoint {checkpoint} counts, are not the "
+                          f"lines it was written after (a line was changed, duplicated, replaced or removed); {hint}")
     dropped = []
     for line in lines[keep:]:
         try:
@@ -161,21 +176,24 @@ class RunLog:
     also goes to `sinks` (rlpost/sinks.py), once attached. A failed write names the file (`write_error`)."""
 
     def __init__(self, run_dir: str, keep_lines: int | None = None, write: bool = True,
-                 keep_rollouts: int | None = None, checkpoint: str = "the start"):
+                 keep_rollouts: int | None = None, checkpoint: str = "the start",
+                 digests: dict[str, str | None] | None = None):
         self.path, self.rollouts_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, ROLLOUTS_FILE)
         self.write = write
         self.sinks = None
         self.dropped: list[dict] = []
         self.file = self.rollouts_file = None
+        self._hashes: dict[str, Any] = {}  # running sha256 of each file's lines (`digests`); absent: not known yet
         # None: not known (a resume from a checkpoint older than the count): the RL stage cuts by step then
         self.rollout_lines = keep_rollouts
         if not write:  # rank 0 holds the files; this rank counts as it does (a resume cuts them to keep_lines)
             self.lines = keep_lines or 0
             return
+        digests = digests or {}
         if keep_lines is not None:  # a resume: drop what was written after the checkpoint
-            self.dropped = cut_jsonl(self.path, keep_lines, checkpoint)
+            self.dropped = cut_jsonl(self.path, keep_lines, checkpoint, digests.get("metrics_sha256"))
         if keep_rollouts is not None:
-            cut_jsonl(self.rollouts_path, keep_rollouts, checkpoint)
+            cut_jsonl(self.rollouts_path, keep_rollouts, checkpoint, digests.get("rollouts_sha256"))
         elif keep_lines is None:  # a new run
             self.rollout_lines = count_lines(self.rollouts_path)
         self.lines = count_lines(self.path)
@@ -204,13 +222,36 @@ class RunLog:
                      [json.dumps(r) + "\n" for r in records])
         self.rollout_lines = (self.rollout_lines or 0) + len(records)
 
-    @staticmethod
-    def _append(file, path: str, what: str, lines: list[str]) -> None:
+    def _append(self, file, path: str, what: str, lines: list[str]) -> None:
+        h = self._hash(path)
         try:
             file.writelines(lines)
             file.flush()
         except OSError as e:
+            self._hashes.pop(path, None)  # a half line may be in the file: read it again when a digest is asked
             raise write_error(e, path, what) from e
+        for line in lines:
+            h.update(line.encode("utf-8", "surrogateescape"))
+
+    def _hash(self, path: str):
+        """The running sha256 of `path`'s lines, read from the file the first time (what a resume kept, or
+        rewrote), then updated with each line appended."""
+        if path not in self._hashes:
+            lines = []
+            if os.path.exists(path):
+                with open(path, errors="surrogateescape") as f:
+                    lines = f.readlines()
+            self._hashes[path] = lines_digest(lines)
+        return self._hashes[path]
+
+    def digests(self) -> dict[str, str | None]:
+        """sha256 of the lines metrics.jsonl and rollouts.jsonl hold so far (what a checkpoint counts), so that
+        a resume can tell the very lines from changed, duplicated or replaced ones. None on ranks that do not
+        write the files."""
+        if not self.write:
+            return {"metrics_sha256": None, "rollouts_sha256": None}
+        return {"metrics_sha256": self._hash(self.path).hexdigest(),
+                "rollouts_sha256": self._hash(self.rollouts_path).hexdigest()}
 
     def close(self, exit_code: int = 0) -> None:
         """Close the files and the sinks (idempotent); `exit_code` non-zero: the run failed or was stopped."""
@@ -235,14 +276,15 @@ def count_lines(path: str) -> int:
 
 
 def open_log(cfg: Config, run_dir: str, keep_lines: int | None = None, resume: bool = False,
-             keep_rollouts: int | None = None, checkpoint: str = "the start") -> RunLog:
+             keep_rollouts: int | None = None, checkpoint: str = "the start",
+             digests: dict[str, str | None] | None = None) -> RunLog:
     """metrics.jsonl and rollouts.jsonl of `run_dir` (cut back to `keep_lines`, `keep_rollouts` on a resume from
-    `checkpoint`) with the sinks `cfg.log` switches on (TensorBoard, W&B); ranks other than 0 of a sharded run
-    only count lines."""
+    `checkpoint`, whose `digests` of their lines they must match) with the sinks `cfg.log` switches on
+    (TensorBoard, W&B); ranks other than 0 of a sharded run only count lines."""
     from rlpost.sinks import open_sinks
 
     log = RunLog(run_dir, keep_lines=keep_lines, write=dist.is_main(), keep_rollouts=keep_rollouts,
-                 checkpoint=checkpoint)
+                 checkpoint=checkpoint, digests=digests)
     if dist.is_main():
         try:
             log.sinks = open_sinks(cfg.log, run_dir, to_dict(cfg), resume=resume, dropped=log.dropped)
@@ -275,6 +317,8 @@ class RunContext:
     weights_from: str | None = None   # the checkpoint folder holding the policy's current weights (None: initial)
     stop_requested: str | None = None
     checkpoint_names: list[str] = field(default_factory=list)
+    run_id: str | None = None         # run.json's id and the config's digest: a resume takes only checkpoints
+    config_sha256: str | None = None  # written by this run under this config (checkpoint.verify)
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         """Each row's prompt as token ids: a string or chat messages, with the task's system prompt."""
@@ -294,7 +338,11 @@ class RunContext:
         meta = {"stage": self.stage_index, "stage_name": self.stage_name,
                 "step": step, "finished": finished, "metrics_lines": self.log.lines,
                 "rollouts_lines": self.log.rollout_lines,
-                "summary": self.summary, "weights": self.weights_from}
+                "summary": self.summary, "weights": self.weights_from, **self.log.digests()}
+        if self.run_id is not None:
+            meta["run_id"] = self.run_id
+        if self.config_sha256 is not None:
+            meta["config_sha256"] = self.config_sha256
         # the run's own state too, so that an end-of-stage checkpoint (state={}) resumes the next stage exactly:
         # the weight-sync version the next RL stage counts on from
         full = {"stage": state, "rng": rng_state(), "run": {"weight_sync": self.weight_sync.state_dict()}}
@@ -373,36 +421,58 @@ def run_dir_of(cfg: Config, recipe_name: str) -> str:
 
 
 def make_run_dir(cfg: Config, recipe_name: str, kind: str = "train") -> str:
-    """out_dir/run_name (or a timestamped name) with config.yaml and RUN_FILE; refuses one that holds a run."""
+    """out_dir/run_name (or a timestamped name) with config.yaml and RUN_FILE (what made it, and a fresh run id
+    its checkpoints carry). Refuses a folder that already holds any of RUN_START_FILES, whoever wrote them (a
+    run, or a user's own config.yaml): a run never overwrites, nor on refusal removes, a file it did not write."""
     run_dir = run_dir_of(cfg, recipe_name)
-    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+    if os.path.lexists(os.path.join(run_dir, "metrics.jsonl")):
         raise FileExistsError(f"run directory {run_dir} already holds a run; choose another run_name, or continue "
                               f"it with `rlpost train --resume {run_dir}`")
+    there = [n for n in RUN_START_FILES if os.path.lexists(os.path.join(run_dir, n))]
+    if there:
+        raise FileExistsError(f"run directory {run_dir} already holds {', '.join(there)}, which a run writes; "
+                              "choose another run_name, or move them out of the folder")
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+    # "x": created here or not at all, so that a run started at the same moment in the same folder fails here
+    with open(os.path.join(run_dir, "config.yaml"), "x") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    with open(os.path.join(run_dir, RUN_FILE), "w") as f:
-        json.dump({"kind": kind, "recipe": recipe_name}, f)
+    with open(os.path.join(run_dir, RUN_FILE), "x") as f:
+        json.dump({"kind": kind, "recipe": recipe_name, "run_id": uuid.uuid4().hex}, f)
     return run_dir
 
 
 RUN_START_FILES = ("config.yaml", RUN_FILE, "metrics.jsonl", "tensorboard", "wandb")  # make_run_dir, open_log
 
 
-def discard_run_dir(run_dir: str) -> None:
+def run_id_of(run_dir: str) -> str | None:
+    """The id RUN_FILE gives the run (None: a run directory of an older rlpost, or no readable RUN_FILE)."""
+    try:
+        with open(os.path.join(run_dir, RUN_FILE)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info.get("run_id") if isinstance(info, dict) and isinstance(info.get("run_id"), str) else None
+
+
+def discard_run_dir(run_dir: str, run_id: str | None = None) -> None:
     """Undo make_run_dir and open_log for a run that never began (its data, model or rewards were refused):
     remove what they wrote, and the folder itself when nothing else is in it, so that the same command can
-    run again once the input is fixed. Anything else in the folder is left alone."""
+    run again once the input is fixed. make_run_dir refused a folder holding any of RUN_START_FILES, so the
+    ones there now are this run's; with `run_id`, nothing is removed unless RUN_FILE is that run's. Anything
+    else in the folder is left alone, and a link is removed as a link, never followed."""
+    if run_id is not None and run_id_of(run_dir) != run_id:
+        return
     for name in RUN_START_FILES:
         path = os.path.join(run_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
+        if os.path.islink(path) or os.path.isfile(path):
             os.remove(path)
-    try:
-        os.rmdir(run_dir)
-    except OSError:  # not empty: the folder held something before this run
-        pass
+        elif os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+    if not os.path.islink(run_dir):
+        try:
+            os.rmdir(run_dir)
+        except OSError:  # not empty: the folder held something before this run
+            pass
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -563,9 +633,16 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
 
 
 def _load_policy(ctx: RunContext, folder: str) -> None:
+    """The policy's weights from checkpoint folder `folder`; ResumeError naming the folder when they do not fit
+    the model the run's config builds (another model's checkpoint)."""
     from rlpost.models import load_weights
 
-    load_weights(ctx.model, folder)
+    try:
+        load_weights(ctx.model, folder)
+    except Exception as e:
+        raise ResumeError(f"--resume: the policy's weights in {folder} do not load into the model of this run's "
+                          f"config.yaml ({type(e).__name__}: {e}); remove that checkpoint to resume from an older "
+                          "one") from e
 
 
 # ---------------------------------------------------------------------------- signals
@@ -599,7 +676,17 @@ class _StopOnSignal:
 
 # ---------------------------------------------------------------------------- the run
 
-def _resume_point(run_dir: str, stages: list[Stage]) -> Checkpoint | None:
+def config_digest(cfg: Config) -> str:
+    """sha256 of the config's settings (out_dir/run_name/threads aside, as config_differences): a checkpoint
+    records it, and a resume takes only checkpoints written under the run directory's config."""
+    ignore = {"out_dir", "run_name", "threads"}
+    flat = {k: v for k, v in _flatten(to_dict(cfg)).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resume_point(run_dir: str, stages: list[Stage], cfg: Config) -> Checkpoint | None:
+    """The newest complete checkpoint of `run_dir`, verified (checkpoint.verify: its name, files, weights, and
+    that this run wrote it under `cfg`); None when there is none."""
     removed = clean_partial(run_dir)
     if removed:
         print(f"rlpost: resume: removed incomplete checkpoint folder(s) {', '.join(removed)}")
@@ -608,7 +695,7 @@ def _resume_point(run_dir: str, stages: list[Stage]) -> Checkpoint | None:
     if not ckpts:
         return None
     ckpt = ckpts[-1]
-    verify(ckpt, run_dir)
+    verify(ckpt, run_dir, run_id=run_id_of(run_dir), config_digest=config_digest(cfg))
     i = ckpt.meta["stage"]
     if i >= len(stages) or stages[i].label != ckpt.meta["stage_name"]:
         raise ResumeError(f"checkpoint {ckpt.path} belongs to stage {ckpt.meta['stage_name']!r}, which this config "
@@ -640,25 +727,27 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
     main = dist.is_main()
     if resume:  # rank 0 finds the checkpoint (and tidies half-written ones); every rank resumes from it
         run_dir = resume
-        ckpt = dist.broadcast_object(_resume_point(run_dir, stages) if main else None)
+        ckpt = dist.broadcast_object(_resume_point(run_dir, stages, cfg) if main else None)
         keep = ckpt.meta["metrics_lines"] if ckpt else 0
         # a checkpoint written before rollouts.jsonl was counted has no count: the RL stage cuts by step
         keep_rollouts = ckpt.meta.get("rollouts_lines") if ckpt else 0
     else:
         run_dir, ckpt, keep = dist.broadcast_object(make_run_dir(cfg, recipe_name) if main else None), None, None
         keep_rollouts = None
+    run_id = dist.broadcast_object(run_id_of(run_dir) if main else None)  # what its checkpoints carry
     log = None
     try:
         log = open_log(cfg, run_dir, keep_lines=keep, resume=bool(resume), keep_rollouts=keep_rollouts,
-                       checkpoint=ckpt.path if ckpt else "the start")
+                       checkpoint=ckpt.path if ckpt else "the start", digests=ckpt.meta if ckpt else None)
         ctx = build_context(cfg, run_dir, log)  # the data, model and rewards, checked before any stage starts
     except BaseException:
         if log is not None:
             log.close(exit_code=1)
         if main and not resume:  # refused before any work: leave nothing that blocks the same command again
-            discard_run_dir(run_dir)
+            discard_run_dir(run_dir, run_id)
         dist.destroy()
         raise
+    ctx.run_id, ctx.config_sha256 = run_id, config_digest(cfg)
     try:
         return _train(cfg, stages, ctx, ckpt, log, resume, t_start)
     finally:
@@ -724,7 +813,9 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
             try:
                 save_model(dist.unsharded(ctx.model), ctx.tokenizer, last, merged=True)
             except Exception as save_error:  # (disk full) the run's own error is the one to report
-                warning = write_error(save_error, last, "the policy's weights to")
+                warning = (write_error(save_error, last, "the policy's weights to") if is_write_failure(save_error)
+                           else f"cannot save the policy's weights to {last}: {type(save_error).__name__}: "
+                                f"{save_error}")
                 print(f"rlpost: warning: {warning}", file=sys.stderr, flush=True)
         ctx.summary["status"] = f"failed: {type(e).__name__}: {e}"
         raise

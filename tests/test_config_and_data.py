@@ -267,3 +267,52 @@ def test_discarding_a_run_directory_keeps_what_was_there_before(tmp_path):
     fresh = make_run_dir(load_config(None, [f"out_dir={tmp_path}", "run_name=new"]), "test")
     discard_run_dir(fresh)
     assert not os.path.exists(fresh)
+
+
+def test_a_run_never_overwrites_nor_removes_files_it_did_not_write(tmp_path, capsys):
+    """A user's recipe kept in the folder the run is named after, and a run_name that is a link to a user's
+    folder holding a config.yaml and TensorBoard logs: the run is refused before it writes anything, and a run
+    refused later (its data file missing) removes what it wrote only, never following a link."""
+    from rlpost.cli import main
+
+    recipe = tmp_path / "runs" / "exp1" / "config.yaml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text("# my experiment: keep this comment\nrl:\n  steps: 2\n")
+    small = ["task.name=file", f"task.train_file={tmp_path / 'missing.jsonl'}", "model.n_layer=1",
+             "model.n_embd=16", "model.n_head=1", "threads=1"]
+    assert main(["train", str(recipe), f"out_dir={tmp_path / 'runs'}", "run_name=exp1", *small]) != 0
+    assert "already holds config.yaml" in capsys.readouterr().err
+    assert recipe.read_text().startswith("# my experiment") and os.listdir(recipe.parent) == ["config.yaml"]
+
+    target = tmp_path / "target"
+    (target / "tensorboard").mkdir(parents=True)
+    (target / "config.yaml").write_text("my notes")
+    (target / "tensorboard" / "events.out.tfevents.1").write_text("event data")
+    os.symlink(target, tmp_path / "runs" / "link")
+    assert main(["train", f"out_dir={tmp_path / 'runs'}", "run_name=link", *small]) != 0
+    assert "already holds config.yaml, tensorboard" in capsys.readouterr().err
+    assert sorted(os.listdir(target)) == ["config.yaml", "tensorboard"]
+    assert (target / "tensorboard" / "events.out.tfevents.1").read_text() == "event data"
+
+    # an empty folder behind the link: the run writes into it, and once refused removes its own files only
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    os.symlink(mine, tmp_path / "runs" / "link2")
+    assert main(["train", f"out_dir={tmp_path / 'runs'}", "run_name=link2", *small]) != 0
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert os.listdir(mine) == ["notes.txt"] and os.path.islink(tmp_path / "runs" / "link2")
+
+
+def test_discarding_removes_a_link_as_a_link_and_only_the_runs_own_files(tmp_path):
+    from rlpost.run import discard_run_dir, make_run_dir, run_id_of
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "events").write_text("someone else's")
+    run_dir = make_run_dir(load_config(None, [f"out_dir={tmp_path}", "run_name=r"]), "test")
+    os.symlink(elsewhere, os.path.join(run_dir, "tensorboard"))  # as a sink could have linked it
+    discard_run_dir(run_dir, "not this run's id")  # another run's: nothing is touched
+    assert sorted(os.listdir(run_dir)) == ["config.yaml", "run.json", "tensorboard"]
+    discard_run_dir(run_dir, run_id_of(run_dir))
+    assert not os.path.exists(run_dir) and (elsewhere / "events").read_text() == "someone else's"

@@ -381,8 +381,10 @@ def build(tmp_path, overrides):
     from rlpost.config import load_config
     from rlpost.run import RunLog, build_context, make_run_dir
 
+    runs = tmp_path / "runs"  # a new run directory each time: a run never writes into another one's
+    n = len(list(runs.iterdir())) if runs.is_dir() else 0
     cfg = load_config(None, ["task.name=multiply", "task.num_eval=20", "task.max_turns=2", "model.n_layer=1",
-                             "model.n_embd=32", "model.n_head=1", f"out_dir={tmp_path}", "run_name=vocab"]
+                             "model.n_embd=32", "model.n_head=1", f"out_dir={runs}", f"run_name=vocab{n}"]
                       + overrides)
     run_dir = make_run_dir(cfg, "test")
     return build_context(cfg, run_dir, RunLog(run_dir, write=False))

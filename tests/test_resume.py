@@ -79,7 +79,9 @@ def assert_same_checkpoints(a, b) -> list[str]:
     pairs = [(both[c.name], c) for c in list_checkpoints(b) if c.name in both]
     assert pairs
 
-    def strip(meta):  # the state file is compared loaded (its pickle need not be byte-equal)
+    def strip(meta):  # the state file is compared loaded (its pickle need not be byte-equal); the run's id and
+        # config digest name the run, and metrics.jsonl's digest covers its timings (compared line by line apart)
+        meta = {k: v for k, v in meta.items() if k not in ("run_id", "config_sha256", "metrics_sha256")}
         return {**meta, "sha256": {k: v for k, v in meta["sha256"].items() if k != "rlpost_state.pt"},
                 "summary": {k: v for k, v in meta["summary"].items()
                             if k not in ("run_dir", "wall_seconds", "status")}}
@@ -504,3 +506,114 @@ def test_a_full_disk_while_logging_names_the_file_and_keeps_the_lines_before(tmp
     for name in ("metrics.jsonl", "rollouts.jsonl"):  # the line before is whole; the half one after it is dropped
         assert (tmp_path / name).read_text().startswith('{"step": 1}\n{"st')
         assert cut_jsonl(str(tmp_path / name), 1, "step_1") == [] and (tmp_path / name).read_text() == '{"step": 1}\n'
+
+
+# ---------------------------------------------------------------------------- the wrong checkpoint or lines
+
+def test_swapped_checkpoint_folders_are_refused_naming_them(finished_short_run, tmp_path):
+    """Two checkpoint folders that traded names: the newest by its metadata sits in the folder of an older one,
+    so the resume would load weights and state of another step. Refused, naming the folder and its real name."""
+    from rlpost.run import train
+
+    run, _ = killed_after_step_2(finished_short_run, tmp_path)
+    root = run / "checkpoints"
+    (root / "step_2").rename(root / "swap")
+    (root / "sft").rename(root / "step_2")
+    (root / "swap").rename(root / "sft")
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match=f"checkpoint {root / 'sft'} was written as 'step_2', not 'sft'"):
+        train(saved_config(str(run)), resume=str(run))
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_a_checkpoint_of_another_run_or_config_is_refused(finished_short_run, tmp_path):
+    """A checkpoint copied in from another run (seen as run.json's id differing from the checkpoint's), or one
+    written before config.yaml was edited: refused, naming the checkpoint, before anything is loaded or cut."""
+    from rlpost.run import train
+
+    run, newest = killed_after_step_2(finished_short_run, tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    assert info["run_id"] == newest.meta["run_id"]
+    (run / "run.json").write_text(json.dumps({**info, "run_id": "0" * 32}))
+    with pytest.raises(CheckpointError, match=f"checkpoint {newest.path} belongs to another run"):
+        train(saved_config(str(run)), resume=str(run))
+    (run / "run.json").write_text(json.dumps(info))
+    config = (run / "config.yaml").read_text()
+    assert "lr: 0.0002\n" in config
+    (run / "config.yaml").write_text(config.replace("lr: 0.0002\n", "lr: 0.001\n"))
+    with pytest.raises(CheckpointError, match=f"checkpoint {newest.path} was written under another config"):
+        train(saved_config(str(run)), resume=str(run))
+    assert (run / "metrics.jsonl").read_text().count("\n") > newest.meta["metrics_lines"]  # nothing was cut
+
+
+def test_weights_replaced_by_another_whole_checkpoint_are_refused(tmp_path):
+    """A checkpoint that takes its weights from an earlier one records the sha256 of those very files: the earlier
+    folder replaced by another complete, self-consistent checkpoint of the same name is refused, not loaded."""
+    from rlpost.checkpoint import verify, write_checkpoint
+
+    def weights(value):
+        return lambda folder: (tmp_path / folder / "model.safetensors").write_bytes(value)
+
+    meta = {"stage": 0, "step": 0, "finished": True, "metrics_lines": 0, "summary": {}, "weights": None}
+    write_checkpoint(str(tmp_path), "sft", meta, {}, weights(b"mine"))
+    write_checkpoint(str(tmp_path), "eval", {**meta, "stage": 1, "weights": "sft"}, {})
+    (sft, evaluated) = list_checkpoints(tmp_path)
+    assert evaluated.meta["weights_sha256"] == {"model.safetensors": sft.meta["sha256"]["model.safetensors"]}
+    verify(evaluated, str(tmp_path))
+    write_checkpoint(str(tmp_path), "sft", meta, {}, weights(b"another run's"))
+    verify(list_checkpoints(tmp_path)[0], str(tmp_path))  # whole in itself
+    with pytest.raises(CheckpointError, match=f"takes its weights from {tmp_path / 'checkpoints' / 'sft'}, whose "
+                                              "model.safetensors is missing or does not match the sha256 recorded"):
+        verify(evaluated, str(tmp_path))
+
+
+def test_weights_that_do_not_fit_the_model_are_refused_naming_the_folder(finished_short_run):
+    from types import SimpleNamespace
+
+    from rlpost.models.gpt_mini import GPT, GPTConfig
+    from rlpost.run import _load_policy
+
+    folder = str(finished_short_run[0] / "checkpoints" / "step_2")
+    other = SimpleNamespace(model=GPT(GPTConfig(vocab_size=15, block_size=14, n_layer=2, n_head=2, n_embd=16)))
+    with pytest.raises(ResumeError, match=f"the policy's weights in {folder} do not load into the model"):
+        _load_policy(other, folder)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "rollouts.jsonl"])
+@pytest.mark.parametrize("damage", ["duplicated", "replaced", "swapped"])
+def test_changed_counted_lines_are_refused_and_change_nothing(finished_short_run, tmp_path, name, damage):
+    """The counted lines are each whole JSON, and as many, yet not the ones the checkpoint was written after:
+    a line duplicated (the run's last line pushed out of the count), replaced by another object, or two lines
+    swapped. Refused, naming the file; nothing cut or appended."""
+    from rlpost.run import train
+
+    run, ckpt = killed_after_step_2(finished_short_run, tmp_path)
+    lines = (run / name).read_text().splitlines(keepends=True)
+    assert ckpt.meta[name.replace(".jsonl", "_lines")] >= 3
+    damaged = {"duplicated": lines[:2] + lines[1:],
+               "replaced": lines[:1] + ["{}\n"] + lines[2:],
+               "swapped": [lines[1], lines[0]] + lines[2:]}[damage]
+    (run / name).write_text("".join(damaged))
+    with pytest.raises(ResumeError, match=f"{os.path.join(str(run), name)} lines 1-[0-9]+, the ones checkpoint "
+                                          f"{ckpt.path} counts, are not the lines it was written after"):
+        train(saved_config(str(run)), resume=str(run))
+    assert (run / name).read_text() == "".join(damaged)
+
+
+# ---------------------------------------------------------------------------- errors that are not the disk's
+
+def test_a_value_that_cannot_be_serialised_is_reported_as_itself_not_as_the_disk(tmp_path):
+    from rlpost.checkpoint import write_checkpoint, write_model_folder
+
+    meta = {"stage": 0, "step": 1, "finished": False, "metrics_lines": 0, "summary": {}, "weights": None}
+
+    def bad_tokenizer(folder):
+        raise TypeError("'utf-8' codec can't encode character '\\ud800': surrogates not allowed")
+
+    for write in (lambda: write_checkpoint(str(tmp_path), "step_1", meta, {}, bad_tokenizer),
+                  lambda: write_checkpoint(str(tmp_path), "step_1", {**meta, "summary": {"x": {1, 2}}}, {}),
+                  lambda: write_model_folder(str(tmp_path), "reference", bad_tokenizer)):
+        with pytest.raises(TypeError) as e:
+            write()
+        assert not isinstance(e.value, OSError) and "free space" not in str(e.value)
+        assert os.listdir(tmp_path / "checkpoints") == []  # the half-written folder went all the same
