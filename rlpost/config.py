@@ -129,7 +129,8 @@ class TaskConfig(Section):
                                    "'module:function' scoring (completion, row) -> float; default: the task's verifier")
     reward_on_error: str = opt("raise", "when the reward function raises, returns a non-finite number or runs past "
                                         "task.reward_timeout_s: 'raise' (stop, naming the sample) | 'zero' (score "
-                                        "0, counted in reward/errors; reward/timeouts)")
+                                        "0, or the reward's lowest value when it can be negative; counted in "
+                                        "reward/errors; reward/timeouts)")
     reward_timeout_s: float | None = opt(60.0, "seconds one reward function call may take (it runs in a thread "
                                                "that is abandoned when it hangs); null: no limit", above(0))
     reward_options: dict[str, Any] = opt({}, "keyword options of task.reward (e.g. math: {extract: boxed})")

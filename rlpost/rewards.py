@@ -28,7 +28,7 @@ import inspect
 import warnings
 from typing import Any, Callable
 
-from rlpost.reward import RewardFn, load_reward_fn
+from rlpost.reward import RewardFn, load_reward_fn, reward_range
 
 REWARDS = {  # name -> "module:object"; the modules are imported on first use
     "exact": "rlpost.tasks:answer_match_reward",
@@ -37,6 +37,8 @@ REWARDS = {  # name -> "module:object"; the modules are imported on first use
     "judge": "rlpost.env.judge:JudgeReward",
     "format": "rlpost.env.format:FormatReward",
 }
+# The (lowest, highest) each shipped verifier returns; the judge declares its own (its on_failure may be lower).
+RANGES = {"exact": (0.0, 1.0), "math": (0.0, 1.0), "code": (0.0, 1.0), "format": (0.0, 1.0)}
 
 
 def _build(obj: Any, name: str, options: dict) -> RewardFn:
@@ -67,6 +69,11 @@ def get_reward(name: str, **options: Any) -> RewardFn:
     fn = _build(obj, name, options)
     if not callable(fn):
         raise ValueError(f"reward {name!r} is not callable")
+    if name in RANGES and getattr(fn, "reward_range", None) is None:
+        try:
+            fn.reward_range = RANGES[name]
+        except AttributeError:  # an object that takes no attributes: its failures score the batch's lowest
+            pass
     return fn
 
 
@@ -91,6 +98,16 @@ class WeightedRewards:
                 label = f"{label}_{seen[label]}"
             self.terms.append((label, float(weight), get_reward(spec["name"], **options)))
         self.__qualname__ = "+".join(f"{w:g}*{label}" for label, w, _ in self.terms)
+
+    @property
+    def reward_range(self) -> tuple[float, float] | None:
+        """The sum's (lowest, highest) when every term declares its range, else None."""
+        ranges = [reward_range(fn) for _, _, fn in self.terms]
+        if any(r is None for r in ranges):
+            return None
+        lows = [min(w * lo, w * hi) for (_, w, _), (lo, hi) in zip(self.terms, ranges)]
+        highs = [max(w * lo, w * hi) for (_, w, _), (lo, hi) in zip(self.terms, ranges)]
+        return sum(lows), sum(highs)
 
     def components(self, completion: str, row: dict) -> dict[str, float]:
         return {label: float(fn(completion, row)) for label, _, fn in self.terms}
