@@ -267,3 +267,43 @@ def test_discarding_a_run_directory_keeps_what_was_there_before(tmp_path):
     fresh = make_run_dir(load_config(None, [f"out_dir={tmp_path}", "run_name=new"]), "test")
     discard_run_dir(fresh)
     assert not os.path.exists(fresh)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.rewards=[{name: nosuch_reward}]"], r"'task.rewards': task.rewards\[0\] \(nosuch_reward\): unknown reward"),
+    (["task.rewards=[{weight: 1}]"], r"task.rewards\[0\] must be a mapping with a 'name'"),
+    (["task.rewards=[{name: format, weight: .nan}]"], r"task.rewards\[0\].weight must be a finite number, got nan"),
+    (["task.rewards=[{name: math}, {name: format, weight: .inf}]"],
+     r"task.rewards\[1\].weight must be a finite number, got inf"),
+    (["task.rewards=[{name: code, timeout_s: -5}]"], r"task.rewards\[0\] \(code\): code reward: timeout_s must be"),
+    (["task.rewards=[{name: code, timeout_s: .inf}]"], r"timeout_s must be a finite number of seconds > 0"),
+    (["task.rewards=[{name: code, memory_mb: -1}]"], r"memory_mb must be a whole number >= 1"),
+    (["task.rewards=[{name: code, mode: any}]"], r"mode must be 'fraction' or 'all'"),
+    (["task.reward=math", "task.reward_options={extract: nosuch}"], r"'task.reward': math reward: extract='nosuch'"),
+    (["task.reward=math", "task.reward_options={nosuch: 1}"], r"'task.reward': reward 'math': bad options"),
+    (["task.reward=judge"], r"'task.reward': judge: give exactly one of `model`"),
+    (["task.reward=judge", "task.reward_options={url: 'http://127.0.0.1:9/v1', on_failure: 1}"],
+     r"on_failure must be a finite number <= 0"),
+    (["task.reward=format", "task.reward_options={pattern: '('}"], r"not a regular expression"),
+    (["eval.reward=nosuch"], r"'eval.reward': unknown reward 'nosuch'"),
+    (["task.reward=no_such_module_here:score"], r"'task.reward': cannot load reward function"),
+])
+def test_reward_settings_are_checked_when_the_config_loads(overrides, message):
+    """Each of these used to load and fail at the first reward call, after the model had loaded (or, under
+    task.reward_on_error=zero, score every sample 0 or nan)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_good_reward_settings_load_without_starting_anything(tmp_path, monkeypatch):
+    (tmp_path / "my_terms.py").write_text("class Big:\n"
+                                          "    def __init__(self, size=1):\n"
+                                          "        raise RuntimeError('built at load time')\n"
+                                          "    def __call__(self, c, r):\n"
+                                          "        return 0.0\n")
+    monkeypatch.chdir(tmp_path)
+    load_config(None, ["task.rewards=[{name: math, extract: hash}, {name: format, weight: -0.5}, "
+                       "{name: 'my_terms:Big', size: 3}]"])
+    load_config(None, ["task.reward=judge", "task.reward_options={model: /nonexistent/judge, device: cpu}"])
+    with pytest.raises(ConfigError, match=r"task.rewards\[0\] \(my_terms:Big\): reward 'my_terms:Big': bad options"):
+        load_config(None, ["task.rewards=[{name: 'my_terms:Big', colour: red}]"])

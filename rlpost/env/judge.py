@@ -276,7 +276,7 @@ class JudgeReward:
                  score_max: float = 10, max_new_tokens: int = 64, temperature: float = 0.0, retries: int = 2,
                  timeout_s: float = 15.0, on_failure: float = 0.0, backoff_s: float = 0.5,
                  max_reply_bytes: int = 1_000_000, device: str = "auto", dtype: str = "float32",
-                 chat_template: bool | None = None):
+                 chat_template: bool | None = None, _backend: bool = True):
         if (model is None) == (url is None):
             raise ValueError("judge: give exactly one of `model` (a local model folder) or `url` (an OpenAI-compatible"
                              f" endpoint such as http://127.0.0.1:8000/v1); got model={model!r}, url={url!r}")
@@ -297,6 +297,8 @@ class JudgeReward:
             raise ValueError(f"judge: on_failure must be a finite number <= 0 (the lowest a graded answer scores), "
                              f"got {on_failure!r}: a failure scoring more than a wrong answer teaches the policy to "
                              f"make the judge fail")
+        if not _backend:  # check_options: the settings only, no connection, no model loaded
+            return
         self.max_reply_bytes = max_reply_bytes
         self.rubric, self.score_min, self.score_max = rubric, float(score_min), float(score_max)
         self.max_new_tokens, self.temperature, self.retries = max_new_tokens, float(temperature), retries
@@ -474,6 +476,17 @@ class JudgeReward:
                 warnings.warn(f"judge: {len(failed)} sample(s) scored on_failure={self.on_failure:g}, e.g.: "
                               f"{errors[failed[0]]} (further failures are only counted: metrics())", stacklevel=2)
         return [self.on_failure if s is None else s for s in scores]
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """Raise ValueError for options the judge would refuse, without connecting or loading a model: what a
+        config is checked with when it loads."""
+        if any(k.startswith("_") for k in options):
+            raise ValueError(f"judge: unknown option(s) {sorted(k for k in options if k.startswith('_'))}")
+        try:
+            cls(**options, _backend=False)
+        except TypeError as e:
+            raise ValueError(f"judge: bad options {sorted(options)}: {e}") from None
 
     @property
     def reward_range(self) -> tuple[float, float]:
