@@ -307,3 +307,33 @@ def test_good_reward_settings_load_without_starting_anything(tmp_path, monkeypat
     load_config(None, ["task.reward=judge", "task.reward_options={model: /nonexistent/judge, device: cpu}"])
     with pytest.raises(ConfigError, match=r"task.rewards\[0\] \(my_terms:Big\): reward 'my_terms:Big': bad options"):
         load_config(None, ["task.rewards=[{name: 'my_terms:Big', colour: red}]"])
+
+
+def test_json_values_no_utf8_file_or_number_can_hold_are_named_by_line_and_key(tmp_path):
+    """NaN / Infinity / 1e400 used to become the answers "nan" / "inf"; a repeated key kept its last value
+    silently; an escaped lone surrogate passed and failed the run at its first checkpoint. Every one is named."""
+    good = json.dumps({"prompt": "1+1=", "answer": "2"})
+    lines = [good, '{"prompt": "x", "answer": NaN}', '{"prompt": "x", "answer": -Infinity}',
+             '{"prompt": "x", "answer": 1e400}', '{"prompt": "a", "answer": "2", "answer": "3"}',
+             '{"prompt": "7+1=\\ud800", "answer": "8"}',
+             '{"messages": [{"role": "user", "content": "hi \\udfff"}], "answer": "8"}',
+             '{"prompt": "x", "answer": "1", "meta": {"k": 1, "k": 2}}', '{"prompt": "x", "answer": 2.5e3}']
+    path = write(tmp_path / "strict.jsonl", lines)
+    with pytest.raises(TaskDataError) as e:
+        read_jsonl(path)
+    msg = str(e.value)
+    assert "7 malformed row(s)" in msg
+    assert "line 2: 'answer' is NaN (not a number JSON allows)" in msg
+    assert "line 3: 'answer' is -Infinity (not a number JSON allows)" in msg
+    assert "line 4: 'answer' is 1e400 (beyond a float: it reads as inf)" in msg
+    assert "line 5: the row repeats the key(s) 'answer'; keep one" in msg
+    assert "line 6: 'prompt' holds '\\ud800' at character 4, a lone surrogate" in msg
+    assert "line 7: 'messages[0].content' holds '\\udfff' at character 3" in msg
+    assert "line 8: 'meta' repeats the key(s) 'k'" in msg
+    assert "line 9" not in msg   # an ordinary float still reads
+    rows = read_jsonl(write(tmp_path / "ok.jsonl", [good, '{"prompt": "\\ud83d\\ude00", "answer": 2.5e3}']))
+    assert rows[1]["prompt"] == "\U0001F600" and rows[1]["answer"] == "2500.0"   # a surrogate pair is one character
+    array = tmp_path / "strict.json"
+    array.write_text('[{"prompt": "1+1=", "answer": "2"}, {"prompt": "x", "answer": NaN}]')
+    with pytest.raises(TaskDataError, match=r"row 2: 'answer' is NaN"):
+        read_jsonl(str(array))
