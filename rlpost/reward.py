@@ -47,13 +47,12 @@ def reward_range(fn) -> tuple[float, float] | None:
 
 
 def failure_score(fn, scored: list[float]) -> float:
-    """What a failed sample scores under on_error=zero: 0, or lower when the reward can be negative (the lowest
-    value it declares in `reward_range`; without one, the lowest reward scored in the same batch). A failure
-    (a crash, a hang) must never pay more than an honest wrong answer, or a policy learns to fail on purpose."""
+    """What a failed sample scores under on_error=zero: 0, or lower when the reward can be negative: the lowest
+    value it declares in `reward_range`, and never more than the lowest reward scored in the same batch (so an
+    undeclared or wrongly declared range still cannot pay). A failure (a crash, a hang) must never pay more
+    than an honest wrong answer, or a policy learns to fail on purpose."""
     declared = reward_range(fn)
-    if declared is not None:
-        return min(0.0, declared[0])
-    return min([0.0, *scored])
+    return min([0.0, *scored, *(declared[:1] if declared else ())])
 
 
 def load_reward_fn(spec: str) -> RewardFn:

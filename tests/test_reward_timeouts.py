@@ -327,3 +327,15 @@ def crashes_on_zero_or_one(completion, row):
     if completion == "0":
         raise ValueError("cannot parse")
     return 1.0
+
+
+def test_a_wrongly_declared_range_still_cannot_make_a_failure_pay(tiny_gpt):
+    _, tok = tiny_gpt
+
+    def claims_nonnegative(completion, row):
+        if completion == "0":
+            raise ValueError("cannot parse")
+        return -2.0
+    claims_nonnegative.reward_range = (0.0, 1.0)
+    batch, _ = Reward(claims_nonnegative, tok, on_error="zero")(batch_of(tok, ["1", "0"]))
+    assert batch.rewards.tolist() == [-2.0, -2.0]
