@@ -129,7 +129,8 @@ class TaskConfig(Section):
                                    "'module:function' scoring (completion, row) -> float; default: the task's verifier")
     reward_on_error: str = opt("raise", "when the reward function raises, returns a non-finite number or runs past "
                                         "task.reward_timeout_s: 'raise' (stop, naming the sample) | 'zero' (score "
-                                        "0, counted in reward/errors; reward/timeouts)")
+                                        "0, or the reward's lowest value when it can be negative; counted in "
+                                        "reward/errors; reward/timeouts)")
     reward_timeout_s: float | None = opt(60.0, "seconds one reward function call may take (it runs in a thread "
                                                "that is abandoned when it hangs); null: no limit", above(0))
     reward_options: dict[str, Any] = opt({}, "keyword options of task.reward (e.g. math: {extract: boxed})")
@@ -663,12 +664,31 @@ def _validate_task(cfg: Config) -> None:
         raise ConfigError("eval.reward scores single completions; with task.env the environment scores the episodes")
     if cfg.eval.reward_options and not cfg.eval.reward:
         raise ConfigError("eval.reward_options are the options of eval.reward, which is not set")
+    _check_rewards(cfg)
     if t.env and "reward_model" in stage_names(cfg):
         raise ConfigError("task.env and a learned reward model do not go together: the environment scores its "
                           "episodes itself")
     if t.env and "preference" in stage_names(cfg) and not cfg.preference.train_file:
         raise ConfigError("preference pairs from the model's own samples are single-turn; with task.env give "
                           "preference.train_file")
+
+
+def _check_rewards(cfg: Config) -> None:
+    """The configured rewards checked now, as _plugin checks an algorithm: an unknown name, an entry without
+    one, a weight that is not a finite number, an option the reward refuses (a code timeout_s of -5, a math
+    extract method that does not exist) is a ConfigError naming the key, not a failure at the first reward
+    call after the model has loaded (or, under reward_on_error=zero, every sample silently scoring 0)."""
+    from rlpost.rewards import check_reward, check_weighted
+
+    t = cfg.task
+    for key, check in (("task.rewards", lambda: t.rewards is not None and check_weighted(t.rewards)),
+                       ("task.reward", lambda: t.reward and check_reward(t.reward, t.reward_options)),
+                       ("eval.reward", lambda: cfg.eval.reward and check_reward(cfg.eval.reward,
+                                                                                cfg.eval.reward_options))):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def _validate_preference(pc: PreferenceConfig) -> None:

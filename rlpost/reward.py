@@ -3,11 +3,14 @@
 `Reward(fn, tokenizer)` decodes every response and calls `fn(completion, row) -> float` on it, writing
 batch.rewards [B] and batch.meta["completion"]. A function that raises, returns something that is not a
 finite number, or runs past `timeout_s`, is reported with the sample it failed on (index, row of its
-file, prompt, completion); with `on_error="zero"` that sample scores 0 instead and the failure is counted
-in the metrics (reward/errors; reward/timeouts for those that ran out of time).
+file, prompt, completion); with `on_error="zero"` that sample scores `failure_score` instead (0, or lower
+when the reward can be negative) and the failure is counted in the metrics (reward/errors;
+reward/timeouts for those that ran out of time).
 
 The calls run in daemon threads (rlpost/env/calls.py), so a call that hangs is abandoned when its time is
-up and a fresh thread scores the next sample; what it returns later is dropped.
+up and a fresh thread scores the next sample; what it returns later is dropped. A call stuck inside C code
+that holds the GIL (a catastrophic regular expression, say) cannot be abandoned: it stalls the whole process
+until it returns, so such work must be bounded by the reward itself (a cap on the input, a subprocess).
 """
 
 from __future__ import annotations
@@ -28,6 +31,28 @@ MAX_HUNG_CALLS = 1000   # abandoned reward calls still running, past which a run
 
 class RewardError(RuntimeError):
     """The reward function failed on a named sample."""
+
+
+def reward_range(fn) -> tuple[float, float] | None:
+    """The (lowest, highest) value `fn` can return, as it declares in a `reward_range` attribute (the shipped
+    verifiers and their weighted sums do), or None when it does not say."""
+    declared = getattr(fn, "reward_range", None)
+    if declared is None:
+        return None
+    lo, hi = (float(v) for v in declared)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ValueError(f"reward {getattr(fn, '__qualname__', fn)!r}: reward_range must be two finite numbers "
+                         f"(lowest, highest), got {declared!r}")
+    return lo, hi
+
+
+def failure_score(fn, scored: list[float]) -> float:
+    """What a failed sample scores under on_error=zero: 0, or lower when the reward can be negative: the lowest
+    value it declares in `reward_range`, and never more than the lowest reward scored in the same batch (so an
+    undeclared or wrongly declared range still cannot pay). A failure (a crash, a hang) must never pay more
+    than an honest wrong answer, or a policy learns to fail on purpose."""
+    declared = reward_range(fn)
+    return min([0.0, *scored, *(declared[:1] if declared else ())])
 
 
 def load_reward_fn(spec: str) -> RewardFn:
@@ -117,7 +142,7 @@ class Reward:
                                   f"running in abandoned threads, which Python cannot stop; reward function "
                                   f"{self.name} keeps hanging (more than {MAX_HUNG_CALLS} at once): fix it, or bound "
                                   f"its work itself (a subprocess with a timeout, the sandbox)")
-        rewards, failures, timeouts, parts = [], 0, 0, {}
+        rewards, failures, timeouts, parts, failed = [], 0, 0, {}, []
         for i, (text, row, res) in enumerate(zip(texts, rows, results)):
             if res.cancelled:  # another sample failed first; the loop raises on it
                 rewards.append(0.0)
@@ -129,6 +154,7 @@ class Reward:
                                       f"raise task.reward_timeout_s, or set task.reward_on_error=zero to score such "
                                       f"samples 0")
                 failures, timeouts = failures + 1, timeouts + 1
+                failed.append(i)
                 rewards.append(0.0)
                 continue
             try:
@@ -147,7 +173,13 @@ class Reward:
                     raise RewardError(f"reward function {self.name} failed on {_sample(i, row, text)}: "
                                       f"{type(e).__name__}: {e}") from e
                 failures, r = failures + 1, 0.0
+                failed.append(i)
             rewards.append(r)
+        if failed:  # scored once the batch's honest rewards are known: never above the lowest of them
+            failed_set = set(failed)
+            floor = failure_score(self.fn, [r for j, r in enumerate(rewards) if j not in failed_set])
+            for j in failed:
+                rewards[j] = floor
         meta = {**batch.meta, "completion": texts}
         rewards = torch.tensor(rewards, device=batch.input_ids.device)
         metrics = {"reward/errors": float(failures), "reward/timeouts": float(timeouts)}

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import warnings
 from typing import Any, Callable
 
-from rlpost.reward import RewardFn, load_reward_fn
+from rlpost.reward import RewardFn, load_reward_fn, reward_range
 
 REWARDS = {  # name -> "module:object"; the modules are imported on first use
     "exact": "rlpost.tasks:answer_match_reward",
@@ -37,6 +38,8 @@ REWARDS = {  # name -> "module:object"; the modules are imported on first use
     "judge": "rlpost.env.judge:JudgeReward",
     "format": "rlpost.env.format:FormatReward",
 }
+# The (lowest, highest) each shipped verifier returns; the judge declares its own (its on_failure may be lower).
+RANGES = {"exact": (0.0, 1.0), "math": (0.0, 1.0), "code": (0.0, 1.0), "format": (0.0, 1.0)}
 
 
 def _build(obj: Any, name: str, options: dict) -> RewardFn:
@@ -55,42 +58,96 @@ def _build(obj: Any, name: str, options: dict) -> RewardFn:
     return obj
 
 
-def get_reward(name: str, **options: Any) -> RewardFn:
-    """A reward callable `(completion, row) -> float` by shipped name or 'module:function', built with `options`."""
+def _resolve(name: Any) -> Any:
+    """The function or class a reward name stands for (a user's module is imported)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a reward name must be a string, got {name!r}")
     if name in REWARDS:
         module, attr = REWARDS[name].split(":")
-        obj = getattr(importlib.import_module(module), attr)
-    elif ":" in name:
-        obj = load_reward_fn(name)
+        return getattr(importlib.import_module(module), attr)
+    if ":" in name:
+        return load_reward_fn(name)
+    raise ValueError(f"unknown reward {name!r}; shipped: {', '.join(REWARDS)}, or a user's 'module:function'")
+
+
+def check_reward(name: str, options: dict) -> None:
+    """Raise ValueError for a reward that `get_reward(name, **options)` would refuse, without starting anything
+    heavy: what a config is checked with when it loads, before any model is. A shipped class is built (and
+    closed) or asked with its `check_options`; a user's class only has its options matched to its signature
+    (building it may be costly); a user's function too."""
+    obj = _resolve(name)
+    if inspect.isclass(obj) and callable(getattr(obj, "check_options", None)):
+        obj.check_options(**options)
+    elif inspect.isclass(obj) and name not in REWARDS:
+        try:
+            inspect.signature(obj).bind(**options)
+        except TypeError as e:
+            raise ValueError(f"reward {name!r}: bad options {sorted(options)}: {e}") from None
     else:
-        raise ValueError(f"unknown reward {name!r}; shipped: {', '.join(REWARDS)}, or a user's 'module:function'")
+        fn = _build(obj, name, options)
+        getattr(fn, "close", lambda: None)()
+
+
+def get_reward(name: str, **options: Any) -> RewardFn:
+    """A reward callable `(completion, row) -> float` by shipped name or 'module:function', built with `options`."""
+    obj = _resolve(name)
     fn = _build(obj, name, options)
     if not callable(fn):
         raise ValueError(f"reward {name!r} is not callable")
+    if name in RANGES and getattr(fn, "reward_range", None) is None:
+        try:
+            fn.reward_range = RANGES[name]
+        except AttributeError:  # an object that takes no attributes: its failures score the batch's lowest
+            pass
     return fn
+
+
+def parse_weighted(specs: Any) -> list[tuple[str, float, str, dict]]:
+    """task.rewards -> (label, weight, name, options) per term; ValueError naming the entry that is wrong."""
+    if not isinstance(specs, list) or not specs:
+        raise ValueError(f"task.rewards must be a non-empty list of {{name, weight}}, got {specs!r}")
+    terms, seen = [], {}
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise ValueError(f"task.rewards[{i}] must be a mapping with a 'name', got {spec!r}")
+        options = {k: v for k, v in spec.items() if k not in ("name", "weight", "label")}
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"task.rewards[{i}].weight must be a finite number, got {weight!r}")
+        label = str(spec.get("label") or spec["name"].split(":")[-1])
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            label = f"{label}_{seen[label]}"
+        terms.append((label, float(weight), spec["name"], options))
+    return terms
+
+
+def check_weighted(specs: Any) -> None:
+    """Raise ValueError for task.rewards that WeightedRewards would refuse, naming the entry (see check_reward)."""
+    for i, (_, _, name, options) in enumerate(parse_weighted(specs)):
+        try:
+            check_reward(name, options)
+        except ValueError as e:
+            raise ValueError(f"task.rewards[{i}] ({name}): {e}") from None
 
 
 class WeightedRewards:
     """sum_i weight_i * reward_i(completion, row); `components` gives each term (unweighted) for logging."""
 
     def __init__(self, specs: list[dict]):
-        if not specs:
-            raise ValueError("task.rewards is empty: give at least one {name, weight}")
-        self.terms: list[tuple[str, float, RewardFn]] = []
-        seen: dict[str, int] = {}
-        for i, spec in enumerate(specs):
-            if not isinstance(spec, dict) or "name" not in spec:
-                raise ValueError(f"task.rewards[{i}] must be a mapping with a 'name', got {spec!r}")
-            options = {k: v for k, v in spec.items() if k not in ("name", "weight", "label")}
-            weight = spec.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise ValueError(f"task.rewards[{i}].weight must be a number, got {weight!r}")
-            label = str(spec.get("label") or spec["name"].split(":")[-1])
-            seen[label] = seen.get(label, 0) + 1
-            if seen[label] > 1:
-                label = f"{label}_{seen[label]}"
-            self.terms.append((label, float(weight), get_reward(spec["name"], **options)))
+        self.terms: list[tuple[str, float, RewardFn]] = [
+            (label, weight, get_reward(name, **options)) for label, weight, name, options in parse_weighted(specs)]
         self.__qualname__ = "+".join(f"{w:g}*{label}" for label, w, _ in self.terms)
+
+    @property
+    def reward_range(self) -> tuple[float, float] | None:
+        """The sum's (lowest, highest) when every term declares its range, else None."""
+        ranges = [reward_range(fn) for _, _, fn in self.terms]
+        if any(r is None for r in ranges):
+            return None
+        lows = [min(w * lo, w * hi) for (_, w, _), (lo, hi) in zip(self.terms, ranges)]
+        highs = [max(w * lo, w * hi) for (_, w, _), (lo, hi) in zip(self.terms, ranges)]
+        return sum(lows), sum(highs)
 
     def components(self, completion: str, row: dict) -> dict[str, float]:
         return {label: float(fn(completion, row)) for label, _, fn in self.terms}

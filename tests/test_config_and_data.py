@@ -316,3 +316,73 @@ def test_discarding_removes_a_link_as_a_link_and_only_the_runs_own_files(tmp_pat
     assert sorted(os.listdir(run_dir)) == ["config.yaml", "run.json", "tensorboard"]
     discard_run_dir(run_dir, run_id_of(run_dir))
     assert not os.path.exists(run_dir) and (elsewhere / "events").read_text() == "someone else's"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.rewards=[{name: nosuch_reward}]"], r"'task.rewards': task.rewards\[0\] \(nosuch_reward\): unknown reward"),
+    (["task.rewards=[{weight: 1}]"], r"task.rewards\[0\] must be a mapping with a 'name'"),
+    (["task.rewards=[{name: format, weight: .nan}]"], r"task.rewards\[0\].weight must be a finite number, got nan"),
+    (["task.rewards=[{name: math}, {name: format, weight: .inf}]"],
+     r"task.rewards\[1\].weight must be a finite number, got inf"),
+    (["task.rewards=[{name: code, timeout_s: -5}]"], r"task.rewards\[0\] \(code\): code reward: timeout_s must be"),
+    (["task.rewards=[{name: code, timeout_s: .inf}]"], r"timeout_s must be a finite number of seconds > 0"),
+    (["task.rewards=[{name: code, memory_mb: -1}]"], r"memory_mb must be a whole number >= 1"),
+    (["task.rewards=[{name: code, mode: any}]"], r"mode must be 'fraction' or 'all'"),
+    (["task.reward=math", "task.reward_options={extract: nosuch}"], r"'task.reward': math reward: extract='nosuch'"),
+    (["task.reward=math", "task.reward_options={nosuch: 1}"], r"'task.reward': reward 'math': bad options"),
+    (["task.reward=judge"], r"'task.reward': judge: give exactly one of `model`"),
+    (["task.reward=judge", "task.reward_options={url: 'http://127.0.0.1:9/v1', on_failure: 1}"],
+     r"on_failure must be a finite number <= 0"),
+    (["task.reward=format", "task.reward_options={pattern: '('}"], r"not a regular expression"),
+    (["eval.reward=nosuch"], r"'eval.reward': unknown reward 'nosuch'"),
+    (["task.reward=no_such_module_here:score"], r"'task.reward': cannot load reward function"),
+])
+def test_reward_settings_are_checked_when_the_config_loads(overrides, message):
+    """Each of these used to load and fail at the first reward call, after the model had loaded (or, under
+    task.reward_on_error=zero, score every sample 0 or nan)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_good_reward_settings_load_without_starting_anything(tmp_path, monkeypatch):
+    (tmp_path / "my_terms.py").write_text("class Big:\n"
+                                          "    def __init__(self, size=1):\n"
+                                          "        raise RuntimeError('built at load time')\n"
+                                          "    def __call__(self, c, r):\n"
+                                          "        return 0.0\n")
+    monkeypatch.chdir(tmp_path)
+    load_config(None, ["task.rewards=[{name: math, extract: hash}, {name: format, weight: -0.5}, "
+                       "{name: 'my_terms:Big', size: 3}]"])
+    load_config(None, ["task.reward=judge", "task.reward_options={model: /nonexistent/judge, device: cpu}"])
+    with pytest.raises(ConfigError, match=r"task.rewards\[0\] \(my_terms:Big\): reward 'my_terms:Big': bad options"):
+        load_config(None, ["task.rewards=[{name: 'my_terms:Big', colour: red}]"])
+
+
+def test_json_values_no_utf8_file_or_number_can_hold_are_named_by_line_and_key(tmp_path):
+    """NaN / Infinity / 1e400 used to become the answers "nan" / "inf"; a repeated key kept its last value
+    silently; an escaped lone surrogate passed and failed the run at its first checkpoint. Every one is named."""
+    good = json.dumps({"prompt": "1+1=", "answer": "2"})
+    lines = [good, '{"prompt": "x", "answer": NaN}', '{"prompt": "x", "answer": -Infinity}',
+             '{"prompt": "x", "answer": 1e400}', '{"prompt": "a", "answer": "2", "answer": "3"}',
+             '{"prompt": "7+1=\\ud800", "answer": "8"}',
+             '{"messages": [{"role": "user", "content": "hi \\udfff"}], "answer": "8"}',
+             '{"prompt": "x", "answer": "1", "meta": {"k": 1, "k": 2}}', '{"prompt": "x", "answer": 2.5e3}']
+    path = write(tmp_path / "strict.jsonl", lines)
+    with pytest.raises(TaskDataError) as e:
+        read_jsonl(path)
+    msg = str(e.value)
+    assert "7 malformed row(s)" in msg
+    assert "line 2: 'answer' is NaN (not a number JSON allows)" in msg
+    assert "line 3: 'answer' is -Infinity (not a number JSON allows)" in msg
+    assert "line 4: 'answer' is 1e400 (beyond a float: it reads as inf)" in msg
+    assert "line 5: the row repeats the key(s) 'answer'; keep one" in msg
+    assert "line 6: 'prompt' holds '\\ud800' at character 4, a lone surrogate" in msg
+    assert "line 7: 'messages[0].content' holds '\\udfff' at character 3" in msg
+    assert "line 8: 'meta' repeats the key(s) 'k'" in msg
+    assert "line 9" not in msg   # an ordinary float still reads
+    rows = read_jsonl(write(tmp_path / "ok.jsonl", [good, '{"prompt": "\\ud83d\\ude00", "answer": 2.5e3}']))
+    assert rows[1]["prompt"] == "\U0001F600" and rows[1]["answer"] == "2500.0"   # a surrogate pair is one character
+    array = tmp_path / "strict.json"
+    array.write_text('[{"prompt": "1+1=", "answer": "2"}, {"prompt": "x", "answer": NaN}]')
+    with pytest.raises(TaskDataError, match=r"row 2: 'answer' is NaN"):
+        read_jsonl(str(array))

@@ -270,3 +270,72 @@ def test_a_reward_that_keeps_hanging_stops_the_run_before_threads_run_out(tiny_g
     while hung_calls() > before and time.monotonic() < deadline:  # released, the threads return and end
         time.sleep(0.01)
     assert hung_calls() <= before
+
+
+def hangs_or_penalises(completion, row):
+    """A reward that can be negative: -1 for an honest (wrong) answer, and a completion "0" hangs."""
+    if completion == "0":
+        FOREVER.wait()
+    return -1.0
+
+
+def crashes_or_penalises(completion, row):
+    if completion == "0":
+        raise ValueError("cannot parse")
+    return -1.0
+
+
+@pytest.mark.parametrize("fn", [hangs_or_penalises, crashes_or_penalises])
+def test_a_failure_never_scores_above_an_honest_wrong_answer(tiny_gpt, fn):
+    """on_error=zero and a reward that can be negative: a sample that hangs or crashes the reward scores the
+    batch's lowest reward, not 0, or a policy would learn to hang instead of answering."""
+    _, tok = tiny_gpt
+    batch, metrics = Reward(fn, tok, on_error="zero", workers=2, timeout_s=0.3)(batch_of(tok, ["1", "0", "1"]))
+    assert batch.rewards.tolist() == [-1.0, -1.0, -1.0] and metrics["reward/errors"] == 1.0
+
+
+def test_a_failure_scores_the_lowest_the_reward_declares(tiny_gpt):
+    """A weighted sum of declared ranges (here code in [0, 1] weighted 1, and a user term in [-1, 0] weighted
+    0.5) can go down to -0.5: a failed sample scores that, even in a batch whose honest rewards are all higher."""
+    from rlpost.rewards import WeightedRewards
+
+    _, tok = tiny_gpt
+
+    def in_range(completion, row):
+        if completion == "0":
+            raise ValueError("cannot parse")
+        return 0.0
+    in_range.reward_range = (-1.0, 0.0)
+    sys.modules["penalty_terms"] = type(sys)("penalty_terms")
+    sys.modules["penalty_terms"].in_range = in_range
+    try:
+        fn = WeightedRewards([{"name": "exact", "weight": 1.0}, {"name": "penalty_terms:in_range", "weight": 0.5}])
+        assert fn.reward_range == (-0.5, 1.0)
+        batch, _ = Reward(fn, tok, on_error="zero")(batch_of(tok, ["1", "0"]))
+    finally:
+        del sys.modules["penalty_terms"]
+    assert batch.rewards.tolist()[1] == -0.5
+
+
+def test_failures_of_a_nonnegative_reward_still_score_zero(tiny_gpt):
+    _, tok = tiny_gpt
+    batch, _ = Reward(crashes_on_zero_or_one, tok, on_error="zero")(batch_of(tok, ["1", "0", "1"]))
+    assert batch.rewards.tolist() == [1.0, 0.0, 1.0]
+
+
+def crashes_on_zero_or_one(completion, row):
+    if completion == "0":
+        raise ValueError("cannot parse")
+    return 1.0
+
+
+def test_a_wrongly_declared_range_still_cannot_make_a_failure_pay(tiny_gpt):
+    _, tok = tiny_gpt
+
+    def claims_nonnegative(completion, row):
+        if completion == "0":
+            raise ValueError("cannot parse")
+        return -2.0
+    claims_nonnegative.reward_range = (0.0, 1.0)
+    batch, _ = Reward(claims_nonnegative, tok, on_error="zero")(batch_of(tok, ["1", "0"]))
+    assert batch.rewards.tolist() == [-2.0, -2.0]

@@ -143,3 +143,43 @@ def test_format_reward_checks_the_shape_of_the_whole_completion_not_the_answer()
     assert w.components("57+32=089;089+18=107;#### 107", {"answer": "107"}) == {"math": 1.0, "format": 1.0}
     assert w("57+32=089;089+18=107;#### 106", {"answer": "107"}) == 0.5
     assert w("57+32=089;089+18=107", {"answer": "107"}) == 0.0
+
+
+def test_default_format_check_agrees_with_its_regular_expression():
+    """The linear check gives what re.fullmatch(REASONING_THEN_ANSWER, ..., re.DOTALL) gives, on strings built
+    from the characters that matter (so that near misses are common)."""
+    import random
+    import re
+
+    from rlpost.env.format import REASONING_THEN_ANSWER, reasoning_then_answer
+
+    slow = re.compile(REASONING_THEN_ANSWER, re.DOTALL)
+    rng = random.Random(0)
+    alphabet = ["#", "####", " ", "-", "1", "23", ".", "x", "\n"]
+    matched = 0
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        expected = slow.fullmatch(text) is not None
+        matched += expected
+        assert reasoning_then_answer(text) == expected, repr(text)
+    assert matched > 100   # the sample holds matches as well as misses
+
+
+def test_format_reward_cannot_stall_the_process():
+    """The default shape on a completion that made the old pattern backtrack for seconds (re holds the GIL, so
+    a thread timeout could not stop it), and a user's catastrophic pattern, bounded by its timeout_s."""
+    import time
+
+    fmt = get_reward("format")
+    text = "#### 1." * (32_000 // 7)   # the old pattern: ~30 s here (quadratic; 2 s at 8,000 characters)
+    start = time.monotonic()
+    assert fmt(text, {}) == 0.0 and fmt(text + "#### 3", {}) == 1.0
+    assert time.monotonic() - start < 1.0   # linear: milliseconds
+    nested = get_reward("format", pattern=r"(a|aa)+b", timeout_s=0.2)   # exponential backtracking
+    start = time.monotonic()
+    assert nested("a" * 40, {}) == 0.0
+    assert time.monotonic() - start < 0.2 + 5.0   # generous slack for a loaded machine; unbounded it runs for days
+    assert nested.metrics() == {"format/timeouts": 1.0}
+    assert nested("aaab", {}) == 1.0
+    with pytest.raises(ValueError, match="timeout_s must be a number of seconds > 0"):
+        get_reward("format", pattern="a", timeout_s=0)

@@ -403,6 +403,10 @@ class CodeReward:
             raise ValueError(f"code reward: mode must be 'fraction' or 'all', got {mode!r}")
         if extract not in ("auto", "fenced", "whole"):
             raise ValueError(f"code reward: extract must be 'auto', 'fenced' or 'whole', got {extract!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+            raise ValueError(f"code reward: timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
+        if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 1:
+            raise ValueError(f"code reward: memory_mb must be a whole number >= 1, got {memory_mb!r}")
         self.timeout_s, self.memory_mb, self.mode, self.extract = timeout_s, memory_mb, mode, extract
 
     def _run(self, code: str, stdin: str) -> sandbox.SandboxResult:

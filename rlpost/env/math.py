@@ -25,7 +25,9 @@ Equivalence (`is_equivalent(pred, gold)`), in order:
   2. a gold made of letters only ("Paris", "even", "New York", not a single letter: that is a variable) is
      compared as text, ignoring case and \\text{}: math-verify would read "Pairs" as p*a*i*r*s == "Paris"
   3. two plain numbers are equal as fractions (0.5 == 1/2 == \\frac{1}{2}); when one is written as a decimal,
-     agreeing to 6 decimal places is enough (0.333333 == 1/3). Plain means: an integer, a decimal, 1,000-style
+     it may be a rounded value: agreeing to 6 decimal places and to 4 significant digits (a relative difference
+     of at most 1e-4) is enough (0.333333 == 1/3, 0.003333 == 1/300), but a tiny number is not rounded to
+     another, nor to 0 (0 != 0.0000001, 0.000001 != 0.0000014). Plain means: an integer, a decimal, 1,000-style
      commas, a/b, \\frac{a}{b}, a leading \\$, a trailing %, trailing unit words ("42 dollars", "5 \\text{cm}").
      Steps 1-3 run in this process, in microseconds.
   4. anything else goes to math-verify (parse + verify, gold first) in a worker process: LaTeX
@@ -233,9 +235,15 @@ def _as_number(s: str) -> tuple[list[Fraction], bool] | None:
     return ([value / 100, value] if pct else [value]), decimal
 
 
+REL_TOL = Fraction(1, 10_000)   # a rounded decimal keeps 4 significant digits at least
+
+
 def _numbers_equal(a: tuple[list[Fraction], bool], b: tuple[list[Fraction], bool]) -> bool:
-    rounded = a[1] or b[1]  # a decimal may be a rounded fraction: compare at 6 places, as math-verify does
-    return any(x == y or rounded and round(x, 6) == round(y, 6) for x in a[0] for y in b[0])
+    """Equal as fractions, or (a decimal may be a rounded fraction) at 6 places, as math-verify compares, and
+    within REL_TOL of each other: 6 places alone would take 0 for 0.0000001 (an absolute tolerance)."""
+    rounded = a[1] or b[1]
+    return any(x == y or rounded and round(x, 6) == round(y, 6) and abs(x - y) <= REL_TOL * max(abs(x), abs(y))
+               for x in a[0] for y in b[0])
 
 
 def _looks_like_prose(s: str) -> bool:

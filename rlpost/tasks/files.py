@@ -26,6 +26,10 @@ its position, `line` (JSON Lines) or `row` (1-based, other formats), for error m
 
 Every malformed row is reported at once, by file, line or row number and what is wrong (text that is not
 valid UTF-8 included); a missing file names the path; a column that no row has names the columns there are.
+JSON is read strictly, naming the row and the key: NaN, Infinity and numbers too large for a float (1e400,
+which would read as inf) are refused, as is an object that repeats a key (which value was meant?) and a
+string holding an escaped lone surrogate ("\ud800" without its pair), which no UTF-8 file can hold: the
+run would fail writing its first checkpoint.
 """
 
 from __future__ import annotations
@@ -93,6 +97,67 @@ def _not_utf8(e: UnicodeDecodeError, column: int | None = None) -> str:
     return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at {at}: {e.reason}); save the file as UTF-8"
 
 
+class _Invalid:
+    """A JSON value that the strict reader refuses (NaN, Infinity, 1e400); normalise_row names its row and key."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+class _Duplicates(dict):
+    """A JSON object that repeats a key: the last value is kept, as json does, and `repeated` names the keys."""
+
+    repeated: list[str]
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    obj = _Duplicates(pairs)
+    if len(obj) == len(pairs):
+        return dict(pairs)
+    seen: set[str] = set()
+    obj.repeated = list(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _float(text: str) -> float | _Invalid:
+    value = float(text)
+    return value if value not in (float("inf"), float("-inf")) else _Invalid(f"{text} (beyond a float: it reads "
+                                                                              f"as {value})")
+
+
+def _loads(text: str) -> Any:
+    """json.loads, strict: what it would read as nan / inf or a repeated key is marked, for normalise_row."""
+    return json.loads(text, parse_constant=lambda c: _Invalid(f"{c} (not a number JSON allows)"),
+                      parse_float=_float, object_pairs_hook=_pairs)
+
+
+def _value_problems(record: Any, where: str) -> list[str]:
+    """What the strict JSON reader marked in a record, and strings that cannot be written as UTF-8, each named by
+    its key path ('prompt', 'messages[2].content'). Iterative: a deeply nested value cannot overflow the stack."""
+    problems, stack = [], [(record, "")]
+    while stack and len(problems) < SHOWN:
+        value, path = stack.pop()
+        at = f"'{path}'" if path else "the row"
+        if isinstance(value, _Invalid):
+            problems.append(f"{where}: {at} is {value.why}; write the number as a string or fix it")
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                problems.append(f"{where}: {at} holds {value[e.start]!r} at character {e.start}, a lone surrogate "
+                                f"(an escaped \\u{ord(value[e.start]):04x} without its pair) that UTF-8 cannot "
+                                f"hold; fix the escape")
+        elif isinstance(value, dict):
+            if isinstance(value, _Duplicates):
+                problems.append(f"{where}: {at} repeats the key(s) {', '.join(map(repr, value.repeated))}; keep one")
+            for k, v in value.items():
+                stack.append((k, f"{path} (a key)" if path else "a key"))
+                stack.append((v, f"{path}.{k}" if path else str(k)))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+    return problems
+
+
 def _json_records(path: str) -> tuple[list[tuple[str, dict, Any]], list[str] | None]:
     """[(where, position, raw record)], columns (None: from the rows) of a .jsonl or .json file."""
     with open(path, "rb") as f:
@@ -107,9 +172,11 @@ def _json_records(path: str) -> tuple[list[tuple[str, dict, Any]], list[str] | N
             column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
             raise TaskDataError(f"{path}: line {line}: {_not_utf8(e, column)}") from None
         try:
-            rows = json.loads(text)
+            rows = _loads(text)
         except json.JSONDecodeError as e:
             raise TaskDataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        except RecursionError:
+            raise TaskDataError(f"{path}: not valid JSON (nested too deep to read)") from None
         return [(f"row {i}", {"row": i}, r) for i, r in enumerate(rows, 1)], None
     out = []
     # bytes.splitlines splits at \n, \r\n and \r only; str.splitlines would also split a JSON string at U+2028
@@ -122,9 +189,11 @@ def _json_records(path: str) -> tuple[list[tuple[str, dict, Any]], list[str] | N
         if not line.strip():
             continue
         try:
-            out.append((f"line {n}", {"line": n}, json.loads(line)))
+            out.append((f"line {n}", {"line": n}, _loads(line)))
         except json.JSONDecodeError as e:
             out.append((f"line {n}", {"line": n}, _BadJSON(e.msg)))
+        except RecursionError:
+            out.append((f"line {n}", {"line": n}, _BadJSON("nested too deep to read")))
     return out, None
 
 
@@ -253,7 +322,9 @@ def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_an
         return None, [f"{where}: {record.msg}"]
     if not isinstance(record, dict):
         return None, [f"{where}: expected a JSON object, got {type(record).__name__}"]
-    problems: list[str] = []
+    problems = _value_problems(record, where)
+    if problems:
+        return None, problems
     mapped = {cols.prompt, cols.answer, cols.completion}
     row = {k: v for k, v in record.items() if k not in mapped and v is not None}  # null: absent, as in a table
     prompt, completion = record.get(cols.prompt), record.get(cols.completion)
