@@ -321,6 +321,9 @@ def fig_memory(plt, data: RunData):
         peaks = [max((v for v in data.series(k)[1] if math.isfinite(v)), default=0.0) for k in keys]
         if peaks:
             right.barh(list(keys.values()), peaks, color="tab:purple")
+            for y, v in enumerate(peaks):
+                right.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+            right.set_xlim(0, max(peaks) * 1.25 or 1)
             right.invert_yaxis()
         right.set(title="largest peak of the run, per role", xlabel="MiB")
         right.grid(alpha=0.3, axis="x")
