@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, in one call on one GPU (about 5 minutes on one H100; each part has its own time limit):
+# The GPU check, in one call on one GPU (sized for under 8 minutes on one H100, not yet timed on one; each part
+# has its own time limit):
 #
 #   1. every test marked `cuda` (what `make test-gpu` runs)
 #   2. one GRPO step of a Qwen2.5-0.5B-shaped random model in bf16: rlpost with its native engine, then
