@@ -31,8 +31,10 @@ TINY_RUN=(sft.steps=20 sft.batch_size=16 rl.steps=3 rl.eval_every=0 rollout.prom
 START=$(date +%s)
 FAILED=()
 
+# the parts' limits sum to 8 minutes on a GPU; on the CPU (toy sizes, a loaded machine) they are 3x as long
+SCALE=1
 part() {  # part NAME SECONDS COMMAND...: run it with a time limit, its output to the console and DIR/NAME.log
-    local name=$1 limit=$2 t0=$(date +%s) rc
+    local name=$1 limit=$(( $2 * SCALE )) t0=$(date +%s) rc
     shift 2
     echo "=== $name (limit ${limit} s)"
     timeout "$limit" "$@" 2>&1 | tee "$DIR/$name.log"
@@ -50,6 +52,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 if [ "$DEVICE" = cpu ]; then
     echo "gpu_check: GPU_CHECK_DEVICE=cpu: the commands at toy size on the CPU, to check this script; no GPU numbers"
     STEP_ARGS=(--device cpu --tiny --steps 1)
+    SCALE=3
 elif ! "$PY" -c "import torch, sys; ok = torch.cuda.is_available(); print('torch', torch.__version__, 'CUDA',
 torch.version.cuda, torch.cuda.get_device_name() if ok else 'no GPU visible'); sys.exit(0 if ok else 2)"; then
     echo "gpu_check: torch ($PY) sees no GPU: nothing to check here (benchmarks/gpu_step.py --device cpu --tiny" \
@@ -59,19 +62,19 @@ else
     STEP_ARGS=()
 fi
 
-part cuda_tests 240 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider
+part cuda_tests 105 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider
 
-part grpo_step 360 "$PY" benchmarks/gpu_step.py "${STEP_ARGS[@]}" --json "$DIR/gpu_step.json"
+part grpo_step 270 "$PY" benchmarks/gpu_step.py ${STEP_ARGS[@]+"${STEP_ARGS[@]}"} --json "$DIR/gpu_step.json"
 
 if "$PY" -c "import dataclasses, sys; from rlpost.config import TrainerConfig
 sys.exit(0 if 'packing' in {f.name for f in dataclasses.fields(TrainerConfig)} else 1)" 2>/dev/null; then
-    part packing 180 "$PY" -m rlpost.cli train "${TINY_RUN[@]}" trainer.packing=true run_name=packing
+    part packing 45 "$PY" -m rlpost.cli train "${TINY_RUN[@]}" trainer.packing=true run_name=packing
 else
     echo "=== packing: skipped: this rlpost has no trainer.packing key (rlpost/config.py TrainerConfig)"
 fi
 
 # NCCL_DEBUG=INFO: the log then shows that NCCL, not gloo, carried the collectives
-NCCL_DEBUG=INFO part fsdp2_nccl 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
+NCCL_DEBUG=INFO part fsdp2_nccl 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
     -m rlpost.cli train "${TINY_RUN[@]}" trainer.strategy=fsdp2 rl.weight_sync=copy run_name=fsdp2
 if [ "$DEVICE" != cpu ] && [ -f "$DIR/fsdp2_nccl.log" ]; then
     if grep -q "NCCL INFO" "$DIR/fsdp2_nccl.log"; then
