@@ -11,6 +11,9 @@
     7. sync        fresh weights to the rollout engine                weight_sync.sync()
 
 It holds no algorithm logic: it only calls the roles in order, times each one, and gathers metrics.
+Each role also gets its memory peak (`mem/peak_<role>`, MiB: CUDA's max_memory_allocated on a GPU, the
+process's peak RSS on the CPU, reset as the role starts), `gpu/util` on CUDA, and an NVTX range named
+after it (rlpost/devices.py). Async, rollout and reward run in another thread and get no memory peak.
 One rule is generic: when compute_advantages returns fewer groups than were sampled (an algorithm
 that filters, such as DAPO's dynamic sampling), steps 1-5 repeat on new prompts until the batch has
 `prompts_per_step` groups or `max_refill_rounds` extra rounds are spent.
@@ -45,6 +48,7 @@ import torch
 from rlpost import distributed as dist
 from rlpost.algorithms.base import Algorithm
 from rlpost.batch import Batch
+from rlpost.devices import RoleProbe
 from rlpost.reference import Reference
 from rlpost.reward import Reward
 from rlpost.rollout import Engine, SamplingParams
@@ -100,6 +104,11 @@ class Controller:
         self.max_refill_rounds, self.shard = max_refill_rounds, shard
         self.sampler = PromptSampler(len(rows), seed)
         self.times: dict[str, float] = {}
+        try:  # the trainer's device is where the roles' tensors live (a test's stand-in trainer may have none)
+            device = trainer.device
+        except AttributeError:
+            device = torch.device("cpu")
+        self.probe = RoleProbe(device)
         if pipeline is not None and steps is None:
             raise ValueError("an async Controller needs `steps` (it never samples past the last step)")
         self.pipeline, self.max_staleness, self.steps = pipeline, max_staleness, steps
@@ -125,7 +134,7 @@ class Controller:
         """Add the block's seconds to `role`'s time; under torch.profiler the block is a range named `role`
         (record_function costs microseconds when no profiler runs)."""
         t0 = time.perf_counter()
-        with torch.profiler.record_function(role):
+        with torch.profiler.record_function(role), self.probe.role(role):
             yield
         self.times[role] = self.times.get(role, 0.0) + time.perf_counter() - t0
 
@@ -139,7 +148,7 @@ class Controller:
             idx = self.sampler.next(max(n_prompts, world))[rank::world]
             batch, reward_metrics = run_episodes(self.engine, self.reward, [self.rows[i] for i in idx],
                                                  [self.prompt_ids[i] for i in idx], self.k, self.params,
-                                                 seed=self.episode_seed(step, round_))
+                                                 seed=self.episode_seed(step, round_), probe=self.probe)
             reward_metrics["time/rollout_wait"] = time.perf_counter() - t0
         else:
             if round_ == 0:  # keep `max_staleness` steps submitted ahead of this one
@@ -155,16 +164,15 @@ class Controller:
         if self.pipeline is not None and float(stale.max()) > self.max_staleness:
             raise RuntimeError(f"a batch is {int(stale.max())} versions stale, more than rl.max_staleness="
                                f"{self.max_staleness}: the rollout pipeline lost its order")
-        # 4. reference (and critic values)
-        with self.timed("reference"):
-            if self.algorithm.uses_reference:
+        # 4. reference (and critic values); a role that does not run gets no memory peak (and 0 seconds)
+        if self.algorithm.uses_reference:
+            with self.timed("reference"):
                 batch = self.reference(batch)
-        with self.timed("critic"):
-            if self.critic is not None:
-                with torch.no_grad():
-                    batch = batch.replace(values=self.critic(batch))
-        with self.timed("reference"):  # importance-sampling correction: old_logp becomes the proximal policy's
-            if self.algorithm.needs_proximal_logp:
+        if self.critic is not None:
+            with self.timed("critic"), torch.no_grad():
+                batch = batch.replace(values=self.critic(batch))
+        if self.algorithm.needs_proximal_logp:  # importance-sampling correction: old_logp becomes the proximal's
+            with self.timed("reference"):
                 batch = batch.replace(rollout_logp=batch.old_logp, old_logp=self.trainer.logprobs(batch))
         # 5. advantages
         with self.timed("advantages"):
@@ -188,6 +196,7 @@ class Controller:
     def step(self, step: int) -> dict[str, float]:
         t_step = time.perf_counter()
         self.times, self.staleness = {}, []
+        self.probe.clear()
         sampled, kept, reward_metrics = [], [], {}
         groups = 0
         for round_ in range(self.max_refill_rounds + 1):
@@ -236,6 +245,7 @@ class Controller:
             metrics[f"time_share/{role}"] = self.times.get(role, 0.0) / max(total, 1e-9)
         metrics["time/rollout_wait"] = waited
         metrics["time/step"] = total
+        metrics.update(self.probe.metrics())
         for key in ("rollout/logp_mismatch_max", "rollout/logp_mismatch_mean"):  # every line has them:
             metrics.setdefault(key, float("nan"))  # NaN (null in metrics.jsonl) when no update measured it
         return dist.reduce_metrics(metrics) if self.shard[1] > 1 else metrics

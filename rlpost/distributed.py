@@ -124,7 +124,8 @@ def broadcast_object(obj):
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """One RL step's metrics combined over ranks, each key over the ranks that logged it: the maximum for
-    `time/*` and keys with `max` in their name (the slowest rank sets the step's pace), the sum for
+    `time/*` and keys with `max` in their name (the slowest rank sets the step's pace), and for the memory
+    peaks `mem/*` (the fullest rank is the one that runs out of memory first), the sum for
     throughputs (`*tokens_per_s`), the mean for everything else (each rank holds an equal share of the
     prompts, so the mean of the ranks' means is the step's mean). Keys may differ between ranks."""
     if world_size() == 1:
@@ -136,7 +137,7 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
         values = [float(m[key]) for m in gathered if key in m and m[key] is not None]
         if not values:
             continue
-        if key.startswith("time/") or "max" in key:
+        if key.startswith(("time/", "mem/")) or "max" in key:
             out[key] = max(values)
         elif key.endswith("tokens_per_s"):
             out[key] = sum(values)

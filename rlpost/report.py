@@ -11,6 +11,7 @@ so it can be mailed, attached or opened offline. Sections:
     reward        training reward per RL step (raw and smoothed); held-out pass@1 during and between stages
     dynamics      KL to the reference, entropy, response length, clip fraction
     time          where each step's wall-clock went (stacked per role) and tokens per second
+    memory        each role's memory peak per step (mem/peak_<role>), a table of the largest, and gpu/util
     correction    the importance-weight histogram per step (algorithm.rollout_correction) and the engine vs
                   trainer log-prob mismatch
     gold          gold (verifier) vs proxy (reward model) reward, when a reward model was the RL reward
@@ -292,6 +293,79 @@ def fig_time(plt, data: RunData):
     return fig
 
 
+MEM_PREFIXES = ("mem/peak_", "mem/peak_so_far_")  # rlpost.devices.RoleProbe: reset per role, or not resettable
+
+
+def memory_keys(data: RunData) -> dict[str, str]:
+    """{metric key: role} of the memory peaks the run logged, in the controller's role order."""
+    keys = {k for m in data.rl for k in m if k.startswith("mem/")}
+    out = {}
+    for role in ROLES:  # the so-far name only where the per-role one is absent (a CPU without clear_refs)
+        for prefix in MEM_PREFIXES:
+            if prefix + role in keys:
+                out[prefix + role] = role
+                break
+    return out
+
+
+def fig_memory(plt, data: RunData):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [3, 2]})
+    keys = memory_keys(data)
+    _lines(left, data, {k: role for k, role in keys.items()})
+    so_far = any(k.startswith("mem/peak_so_far_") for k in keys)
+    left.set(title="peak memory per role" + (" (process peak so far)" if so_far else ""), ylabel="MiB")
+    if data.has("gpu/util"):
+        _lines(right, data, {"gpu/util": "gpu/util (NVML)"})
+        right.set(title="GPU utilisation", ylabel="%", ylim=(-2, 102))
+    else:
+        peaks = [max((v for v in data.series(k)[1] if math.isfinite(v)), default=0.0) for k in keys]
+        if peaks:
+            right.barh(list(keys.values()), peaks, color="tab:purple")
+            for y, v in enumerate(peaks):
+                right.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+            right.set_xlim(0, max(peaks) * 1.25 or 1)
+            right.invert_yaxis()
+        right.set(title="largest peak of the run, per role", xlabel="MiB")
+        right.grid(alpha=0.3, axis="x")
+    return fig
+
+
+def memory_table(data: RunData) -> str:
+    """HTML: per role, the largest peak of the run (and its step), the last step's and the median."""
+    rows = []
+    for key, role in memory_keys(data).items():
+        pairs = [(s, v) for s, v in zip(*data.series(key)) if math.isfinite(v)]
+        if not pairs:
+            continue
+        step, top = max(pairs, key=lambda p: p[1])
+        values = sorted(v for _, v in pairs)
+        rows.append(f"<tr><td>{_esc(role)}</td><td>{_esc(key)}</td><td><b>{top:,.0f}</b></td><td>{_esc(step)}</td>"
+                    f"<td>{pairs[-1][1]:,.0f}</td><td>{values[len(values) // 2]:,.0f}</td></tr>")
+    if not rows:
+        return ""
+    head = ("<tr><th>role</th><th>metric</th><th>largest peak (MiB)</th><th>at step</th><th>last step (MiB)</th>"
+            "<th>median (MiB)</th></tr>")
+    return f"<table class='samples' id='memory-table'>{head}{''.join(rows)}</table>"
+
+
+def _memory_note(data: RunData) -> str:
+    keys = memory_keys(data)
+    if not keys:
+        return ("No mem/peak_<role> metrics: the run was made by an rlpost version that did not log them, "
+                "or every step was cut before its metrics were written.")
+    note = ("The most memory each role held during the step, in MiB: on a GPU, CUDA's max_memory_allocated "
+            "(tensors only, not the allocator's free cache), reset as each role starts; on the CPU, the "
+            "process's peak resident set size, reset the same way. After an out-of-memory, the role whose "
+            "peak rose is the one to shrink (rollout: rollout.k or max_new_tokens; train / reference: "
+            "trainer.micro_batch_size or trainer.logprob_chunk).")
+    if any(k.startswith("mem/peak_so_far_") for k in keys):
+        note += (" This machine could not reset the peak resident set (no writable /proc/self/clear_refs), so "
+                 "each value is the process's peak so far (mem/peak_so_far_<role>): it only ever rises.")
+    if data.has("gpu/util"):
+        note += " Right: gpu/util, NVML's share of time a kernel ran, averaged over the step's roles."
+    return note
+
+
 def hist_bins(data: RunData) -> list[tuple[float, str]]:
     """The importance-weight histogram's bins logged by the run, as (lower edge, key), lowest first."""
     keys = {k for m in data.rl for k in m if k.startswith(HIST_PREFIX)}
@@ -475,6 +549,10 @@ def _sections(plt, data: RunData, folder: str) -> list[tuple[Section, object]]:
     rl_section("time", "Where the time goes", lambda: (
         "Seconds of each step per role (time/<role>; 'other' is the step outside any role), and the "
         "generated tokens per second of the rollout alone and of the whole step."), lambda: fig_time(plt, data))
+    rl_section("memory", "Memory per role", lambda: _memory_note(data),
+               lambda: fig_memory(plt, data) if memory_keys(data) else None)
+    if not no_rl:
+        out[-1][0].body = memory_table(data)
     rl_section("correction", "Importance weights and log-prob mismatch", lambda: _correction_note(data),
                lambda: fig_correction(plt, data))
 
@@ -569,7 +647,8 @@ def build_report(run_dir: str, out: str | None = None) -> str:
         parts.append(f"<section id='{section.key}'><h2>{_esc(section.title)}</h2>"
                      f"<p class='note'>{_esc(section.note)}</p>{img}{section.body}</section>")
     nav = " ".join(f"<a href='#{k}'>{_esc(t)}</a>" for k, t in
-                   [("reward", "reward"), ("dynamics", "dynamics"), ("time", "time"), ("correction", "correction"),
+                   [("reward", "reward"), ("dynamics", "dynamics"), ("time", "time"), ("memory", "memory"),
+                    ("correction", "correction"),
                     ("gold", "gold vs proxy"), ("samples", "samples"), ("config", "config"), ("profile", "profile")])
     title = f"rlpost report: {os.path.basename(os.path.abspath(data.run_dir))}"
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"

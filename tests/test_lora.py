@@ -320,6 +320,7 @@ def test_resume_from_a_lora_step_checkpoint_is_exact(tmp_path):
         b = load_file(os.path.join(run, "checkpoints", "final", "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stop
         with open(os.path.join(whole, "metrics.jsonl")) as f, open(os.path.join(run, "metrics.jsonl")) as g:
-            strip = (lambda m: {k: v for k, v in m.items() if not (k.startswith(("time", "step/"))
-                                                                  or k.endswith("tokens_per_s"))})
+            def strip(m):
+                return {k: v for k, v in m.items()
+                        if not (k.startswith(("time", "step/", "mem/", "gpu/")) or k.endswith("tokens_per_s"))}
             assert [strip(json.loads(x)) for x in f] == [strip(json.loads(x)) for x in g]

@@ -26,8 +26,8 @@ TINY = ["sft.steps=24", "sft.batch_size=32", "sft.save_every=0", "rl.steps=8", "
         "rl.save_every=2", "rl.keep_checkpoints=0", "task.num_eval=30", "rollout.prompts_per_step=4",
         "rollout.k=4", "eval.samples_per_prompt=2", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
         "threads=1", "log.rollouts_every=2", "algorithm.rollout_correction=tis"]
-SECTIONS = ("reward", "dynamics", "time", "correction", "gold", "samples", "config", "profile")
-FIGURES = ("reward", "dynamics", "time", "correction")   # the gold figure needs a reward-model run
+SECTIONS = ("reward", "dynamics", "time", "memory", "correction", "gold", "samples", "config", "profile")
+FIGURES = ("reward", "dynamics", "time", "memory", "correction")   # the gold figure needs a reward-model run
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -173,6 +173,50 @@ def test_report_is_one_self_contained_page_with_every_section(run, tmp_path):
     other = tmp_path / "elsewhere" / "r.html"
     assert main(["report", run, "--out", str(other)]) == 0
     assert other.exists() and all((other.parent / f"{k}.png").exists() for k in FIGURES)
+
+
+def test_every_rl_step_logs_each_roles_memory_peak_and_the_report_shows_them(run):
+    """The tiny CPU run (GRPO with a reference and the TIS correction): mem/peak_<role> (peak RSS, reset per
+    role) for every role that ran, plausible for this process (more than the interpreter alone, less than
+    the machine), and the report's memory section draws them and tabulates the largest per role."""
+    from rlpost.report import RunData, memory_keys
+
+    metrics = rl_metrics(run)
+    assert sorted(metrics) == list(range(1, 9))
+    for m in metrics.values():
+        for role in ("rollout", "reward", "reference", "advantages", "train", "sync"):
+            assert 20 < m[f"mem/peak_{role}"] < 64 * 1024, (role, m[f"mem/peak_{role}"])
+        assert "mem/peak_critic" not in m  # GRPO has no critic: a role that did not run has no peak
+        assert "gpu/util" not in m         # CPU run
+    # (that each role's peak is its own, reset as it starts, is tests/test_memory_metrics.py's: this tiny
+    # model's roles all peak within a few MiB of the libraries' resident pages)
+    data = RunData.load(run)
+    assert list(memory_keys(data).values()) == ["rollout", "reward", "reference", "advantages", "train", "sync"]
+    text, page = read_page(build_report(run))
+    assert page.sections["memory"]["imgs"] == 1 and "id='memory-table'" in text
+    table = text.split("id='memory-table'")[1].split("</table>")[0]
+    for role in ("rollout", "reward", "reference", "advantages", "train", "sync"):
+        top = max(m[f"mem/peak_{role}"] for m in metrics.values())
+        assert f"<td>{role}</td><td>mem/peak_{role}</td><td><b>{top:,.0f}</b></td>" in table
+
+
+def test_the_memory_section_names_a_peak_so_far_and_gpu_util(run, tmp_path):
+    """A CPU that cannot reset its peak logs mem/peak_so_far_<role>; a GPU run adds gpu/util: both are drawn
+    and explained."""
+    copy = str(tmp_path / "sofar")
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "report"))
+    out = []
+    for m in lines(os.path.join(copy, "metrics.jsonl")):
+        if m["stage"] == "rl":
+            m = {k.replace("mem/peak_", "mem/peak_so_far_"): v for k, v in m.items()}
+            m["gpu/util"] = 40.0 + m["step"]
+        out.append(json.dumps(m) + "\n")
+    with open(os.path.join(copy, "metrics.jsonl"), "w") as f:
+        f.writelines(out)
+    text, page = read_page(build_report(copy))
+    assert page.sections["memory"]["imgs"] == 1
+    assert "mem/peak_so_far_train" in text and "peak so far" in text and "gpu/util, NVML" in text
+    assert_png_has_content(open(os.path.join(copy, "report", "memory.png"), "rb").read())
 
 
 def test_completions_are_html_escaped_and_profile_traces_linked(run, tmp_path):

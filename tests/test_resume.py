@@ -46,10 +46,11 @@ def run_to_end(args, tmp_path) -> subprocess.CompletedProcess:
 
 
 def comparable(run_dir) -> list[dict]:
-    """metrics.jsonl without its wall-clock fields."""
+    """metrics.jsonl without its wall-clock fields and memory / GPU measurements."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
-    return [{k: v for k, v in m.items() if not (k.startswith(("time/", "time_share/")) or k.endswith("tokens_per_s"))}
+    return [{k: v for k, v in m.items()
+             if not (k.startswith(("time/", "time_share/", "mem/", "gpu/")) or k.endswith("tokens_per_s"))}
             for m in lines]
 
 

@@ -52,11 +52,13 @@ def run(tmp_path, name, *overrides):
 
 
 def metrics(run_dir, drop=("sync/bytes",)) -> list[dict]:
-    """metrics.jsonl without wall-clock fields (and the bytes moved, which differ by design)."""
+    """metrics.jsonl without wall-clock fields and memory / GPU measurements (and the bytes moved, which differ
+    by design)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
-    return [{k: v for k, v in m.items() if not (k.startswith(("time/", "time_share/")) or k.endswith("tokens_per_s")
-                                                or k in drop)} for m in lines]
+    measured = ("time/", "time_share/", "mem/", "gpu/")
+    return [{k: v for k, v in m.items() if not (k.startswith(measured) or k.endswith("tokens_per_s") or k in drop)}
+            for m in lines]
 
 
 def rl_lines(run_dir):

@@ -14,7 +14,9 @@ verbatim (never decoded and re-encoded). A single-turn verifier is the one-turn 
 environment that answers over several turns adds its turns here, not in a second path.
 
 `metrics` holds the reward's own metrics plus `time/rollout` and `time/reward` (seconds), so the
-caller can report where the time went.
+caller can report where the time went. Given a `probe` (rlpost.devices.RoleProbe), the two roles' memory
+peaks are measured too (the caller reads them from the probe); an environment's turns interleave sampling
+and env steps, so there the whole episode is the rollout's.
 
 With an environment (`reward` is an `rlpost.env.EnvRole`) an episode runs turns: generate -> env.step
 -> append the observation -> generate ... until the env says done, `max_turns`, or the token budget.
@@ -29,6 +31,7 @@ k episodes of a row together (`generate(prompts, k)`), as the single-turn path d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -44,19 +47,24 @@ from rlpost.rollout import SamplingParams
 
 
 def run_episodes(engine, reward, rows: list[dict], prompt_ids: list[list[int]], k: int, params: SamplingParams,
-                 seed: int) -> tuple[Batch, dict[str, float]]:
-    """Sample `k` completions for each of `rows` (prompt tokens `prompt_ids`) and score them."""
+                 seed: int, probe=None) -> tuple[Batch, dict[str, float]]:
+    """Sample `k` completions for each of `rows` (prompt tokens `prompt_ids`) and score them; `probe` (a
+    rlpost.devices.RoleProbe) measures the memory peak of the rollout and the reward."""
     if len(rows) != len(prompt_ids):
         raise ValueError(f"run_episodes: {len(rows)} rows but {len(prompt_ids)} prompts")
+
+    def role(name: str):
+        return probe.role(name) if probe is not None else contextlib.nullcontext()
+
     if isinstance(reward, EnvRole):  # turns of sampling and environment steps: one range in a trace
-        with torch.profiler.record_function("rollout"):
+        with torch.profiler.record_function("rollout"), role("rollout"):
             return run_env_episodes(engine, reward, rows, k, params, seed)
     t0 = time.perf_counter()
-    with torch.profiler.record_function("rollout"):  # named ranges in a torch.profiler trace (trainer.profile_steps)
+    with torch.profiler.record_function("rollout"), role("rollout"):  # named ranges in a torch.profiler trace
         batch = engine.generate(prompt_ids, k, params, seed=seed)
     batch = batch.replace(meta={**batch.meta, "row": [row for row in rows for _ in range(k)]})
     t1 = time.perf_counter()
-    with torch.profiler.record_function("reward"):
+    with torch.profiler.record_function("reward"), role("reward"):
         batch, metrics = reward(batch)
     return batch, {**metrics, "time/rollout": t1 - t0, "time/reward": time.perf_counter() - t1}
 

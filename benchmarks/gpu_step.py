@@ -1,0 +1,355 @@
+"""One GRPO step of a Qwen2.5-0.5B-shaped random model on one GPU: rlpost (native engine, then vLLM) and TRL.
+
+    python benchmarks/gpu_step.py                          # CUDA, bf16, the Qwen2.5-0.5B shape (gpu_check.sh runs it)
+    python benchmarks/gpu_step.py --device cpu --tiny      # the same code path on a tiny Qwen2 in seconds (a test)
+
+The model is Qwen2.5-0.5B's architecture written out literally (QWEN25_05B: hidden 896, 24 layers, 14 heads,
+2 KV heads, MLP 4864, vocabulary 151,936, tied embeddings, rope_theta 1e6) with random weights; nothing is
+downloaded. Its tokenizer is a byte-level BPE trained here on the spot with Qwen2's own normaliser (NFC) and
+pre-tokeniser (its split regex, then byte-level), saved as a Qwen2Tokenizer: AutoTokenizer loads exactly what
+was trained (a Qwen2Tokenizer installs those two itself, so a BPE trained with other ones would tokenize
+differently after a reload). The config's vocabulary is padded to 151,936 rows as the real checkpoint's is
+(151,665 tokens in its tokenizer): ids past the tokenizer decode to nothing.
+
+Each side runs --warmup unmeasured steps then --steps measured ones on the same prompts, with the same work:
+--prompts prompts x --k samples x --new-tokens tokens, GRPO (beta 0.04, a frozen reference; clip 0.2 / 0.28,
+token-mean loss), one AdamW step, gradient clipping 1.0, bf16 parameters (rlpost model.dtype=bfloat16;
+TRL bf16=True). Printed per side: the step's median seconds; generated tokens per second (rollout alone and
+the whole step); MFU = 6 * N * tokens / seconds / peak, with N the parameters and tokens the trained positions
+(every row's prompt + response), against --peak-tflops (H100 SXM bf16 dense: 989 TFLOP/s; the value used is
+printed); rlpost's memory peak per role (mem/peak_<role>, CUDA max_memory_allocated reset per role) next to
+`rlpost plan memory`'s per-GPU figure for the same model and batch (rlpost.plan.memory.estimate); and
+TRL GRPOTrainer's median step over rlpost's (same GPU, same work). vLLM needs min_new_tokens = 0 (rlpost's
+vLLM engine refuses the min-tokens mask), so its step samples up to --new-tokens and the tokens it made are
+counted. A part whose package is missing (vllm, trl) prints why and is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+# Qwen2.5-0.5B's config.json, written out (no hub access)
+QWEN25_05B = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=896, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                  tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                  hidden_act="silu", use_sliding_window=False, attention_dropout=0.0)
+# the same architecture at toy size, for --tiny (the test runs it on the CPU)
+TINY = {**QWEN25_05B, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1024, "max_position_embeddings": 512}
+H100_BF16_DENSE_TFLOPS = 989.0
+ROLES = ("rollout", "reward", "reference", "advantages", "train", "sync")
+MiB = 2 ** 20
+
+
+def build_tokenizer(vocab_size: int, texts: int = 4000):
+    """A byte-level BPE trained with Qwen2's normaliser and pre-tokeniser, as a Qwen2Tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    from benchmarks.common import corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                          "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(texts), trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    qwen = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
+    probe = "Question: what is 12+34? Answer: 46."
+    if qwen.encode(probe) != tok.encode(probe).ids:  # the trap this function exists for
+        raise RuntimeError("the Qwen2Tokenizer does not tokenize as the trained BPE does")
+    return qwen
+
+
+def save_model(folder: str, shape: dict, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> int:
+    """Save a random Qwen2 of `shape` (initialised on `device`: seconds on a GPU) and its tokenizer to `folder`;
+    returns the parameter count."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    small = shape["vocab_size"] <= 2000
+    tok = build_tokenizer(shape["vocab_size"] // 2 if small else 2000, texts=500 if small else 4000)
+    if len(tok) > shape["vocab_size"]:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the config's {shape['vocab_size']}")
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = Qwen2Config(**{k: v for k, v in shape.items() if k not in ("model_type", "architectures")},
+                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = Qwen2ForCausalLM(cfg).to(dtype)
+    n = sum(p.numel() for p in hf.parameters())
+    hf.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    del hf
+    return n
+
+
+def reward_text(text: str) -> float:
+    """A cheap deterministic reward of the completion text (the same function on both sides)."""
+    return (sum(map(ord, text)) % 11) / 10
+
+
+def sync_device(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def rlpost_side(folder: str, prompt_texts: list[str], args, engine_kind: str) -> dict:
+    """rlpost's Controller.step with `engine_kind` ('native' or 'vllm'), as `rlpost train` wires it."""
+    from rlpost.algorithms import get_algorithm
+    from rlpost.config import ModelConfig
+    from rlpost.controller import Controller
+    from rlpost.models import load_model
+    from rlpost.reference import Reference
+    from rlpost.reward import Reward
+    from rlpost.rollout import SamplingParams, build_engine
+    from rlpost.rollout.vllm_engine import VLLMEngine
+    from rlpost.trainer import Trainer
+    from rlpost.weight_sync import WeightSync
+
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    model, tok = load_model(ModelConfig(name=folder, dtype="bfloat16", device=args.device))
+    if engine_kind == "vllm":  # vLLM beside the trainer on the same GPU: it gets a share of the memory
+        engine = VLLMEngine(model, tok, gpu_memory_utilization=args.vllm_memory, max_model_len=args.max_len)
+        params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
+    else:
+        engine = build_engine("native", model, tok)
+        params = SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, temperature=1.0)
+    rows = [{"prompt": p, "answer": ""} for p in prompt_texts]
+    ctl = Controller(rows=rows, prompt_ids=[tok.encode_prompt(p) for p in prompt_texts], engine=engine,
+                     reward=Reward(lambda completion, row: reward_text(completion), tok),
+                     reference=Reference(model), algorithm=get_algorithm("grpo", clip_low=0.2, clip_high=0.28,
+                                                                         beta=0.04),
+                     trainer=Trainer(model, lr=1e-6, grad_clip=1.0, micro_batch_size=args.micro_batch),
+                     weight_sync=WeightSync(model, engine), params=params, prompts_per_step=args.prompts,
+                     k=args.k, seed=0)
+    steps, trained_tokens = [], []
+    for i in range(args.warmup + args.steps):
+        sync_device(args.device)
+        m = ctl.step(i + 1)
+        sync_device(args.device)
+        steps.append(m)
+        trained_tokens.append(ctl.sampled.input_ids.numel())  # every row's prompt + response positions
+    measured, tokens = steps[args.warmup:], trained_tokens[args.warmup:]
+    out = {
+        "engine": type(engine).__name__,
+        "step_s": statistics.median(m["time/step"] for m in measured),
+        "train_s": statistics.median(m["time/train"] for m in measured),
+        "rollout_tokens_per_s": statistics.median(m["rollout/tokens_per_s"] for m in measured),
+        "step_tokens_per_s": statistics.median(m["step/tokens_per_s"] for m in measured),
+        "response_len_mean": statistics.mean(m["rollout/response_len_mean"] for m in measured),
+        "trained_tokens": statistics.median(tokens),
+        "row_len": ctl.sampled.input_ids.shape[1],
+        "roles_s": {r: statistics.median(m[f"time/{r}"] for m in measured) for r in ROLES},
+        "mem_peak_mib": {r: max(m.get(f"mem/peak_{r}", m.get(f"mem/peak_so_far_{r}", float("nan")))
+                                for m in measured) for r in ROLES},
+        "gpu_util": statistics.mean(m["gpu/util"] for m in measured) if "gpu/util" in measured[0] else None,
+    }
+    if args.device.startswith("cuda"):
+        out["max_allocated_mib"] = torch.cuda.max_memory_allocated() / MiB
+    if hasattr(engine, "close"):
+        engine.close()
+    del ctl, engine, model
+    free(args.device)
+    return out
+
+
+def trl_side(folder: str, prompt_texts: list[str], args) -> dict:
+    """TRL's GRPOTrainer at the same work, each step timed from on_step_begin to on_step_end."""
+    import transformers
+    from datasets import Dataset
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    transformers.logging.set_verbosity_error()
+    total = args.warmup + args.steps
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            sync_device(args.device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            sync_device(args.device)
+            times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GRPOConfig(
+            output_dir=out, max_steps=total, per_device_train_batch_size=args.prompts * args.k,
+            gradient_accumulation_steps=1, num_generations=args.k, max_completion_length=args.new_tokens,
+            generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=1.0, top_k=0, top_p=1.0, beta=0.04,
+            epsilon=0.2, epsilon_high=0.28, loss_type="dapo", num_iterations=1, learning_rate=1e-6,
+            max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False, bf16=True, fp16=False,
+            use_cpu=not args.device.startswith("cuda"), report_to="none", save_strategy="no", logging_steps=1,
+            disable_tqdm=True, dataloader_num_workers=0, seed=0, lr_scheduler_type="constant", warmup_steps=0,
+            model_init_kwargs={"dtype": "bfloat16"})
+
+        def reward_fn(completions, **kw):
+            return [reward_text(c) for c in completions]
+
+        trainer = GRPOTrainer(model=folder, reward_funcs=reward_fn, args=cfg,
+                              train_dataset=Dataset.from_list([{"prompt": p} for p in prompt_texts]),
+                              processing_class=AutoTokenizer.from_pretrained(folder))
+        trainer.add_callback(Timer())
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        del trainer
+    free(args.device)
+    if len(times) != total:
+        raise RuntimeError(f"TRL ran {len(times)} steps, not {total}")
+    return {"step_s": statistics.median(times[args.warmup:]), "version": __import__("trl").__version__}
+
+
+def plan_figure(folder: str, args, row_len: int) -> dict:
+    """`rlpost plan memory`'s estimate for this model and batch (pure bf16, one GPU, colocated), in MiB."""
+    from rlpost.plan.memory import Setup, estimate, shape_for
+
+    total = torch.cuda.get_device_properties(0).total_memory if args.device.startswith("cuda") else 80e9
+    est = estimate(shape_for(folder), Setup(seq_len=row_len, batch=args.prompts * args.k,
+                                            micro_batch=args.micro_batch or args.prompts * args.k, gpus=1,
+                                            gpu_memory_gb=total / 1e9, precision="bf16"), suggest=False)
+    return {"per_gpu_mib": est.peak / MiB, "terms_mib": {t.name: t.per_gpu / MiB for t in est.terms},
+            "params": est.params}
+
+
+def mfu(n_params: int, tokens: float, seconds: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: 6 * N * tokens / seconds / peak."""
+    return 6 * n_params * tokens / seconds / (peak_tflops * 1e12)
+
+
+def skip_reason(part: str, args) -> str | None:
+    """Why a part cannot run here (None: it can)."""
+    if part == "vllm":
+        from rlpost.rollout.vllm_engine import vllm_unavailable_reason
+
+        if not args.device.startswith("cuda"):
+            return "vLLM runs here on CUDA only (its CPU build has its own venv: make test-vllm)"
+        return vllm_unavailable_reason()
+    if part == "trl":
+        try:
+            import datasets  # noqa: F401
+            import trl  # noqa: F401
+        except ImportError as e:
+            return f"TRL is not installed ({e}): pip install -e '.[bench]'"
+    return None
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    ap.add_argument("--tiny", action="store_true", help="a toy Qwen2 (hidden 64, 2 layers) instead of the 0.5B shape")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default 8; --tiny 2)")
+    ap.add_argument("--k", type=int, default=None, help="samples per prompt (default 8; --tiny 2)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="completion tokens (default 256; --tiny 8)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="rlpost trainer rows per backward (default 16)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                    help="the device's dense bf16 peak for MFU (default: H100 SXM, 989)")
+    ap.add_argument("--vllm-memory", type=float, default=0.35, help="vLLM's gpu_memory_utilization beside the trainer")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["native", "vllm", "trl"], help="parts not to run")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    small = {"prompts": 2, "k": 2, "new_tokens": 8, "micro_batch": 2} if args.tiny else \
+        {"prompts": 8, "k": 8, "new_tokens": 256, "micro_batch": 16}
+    for key, value in small.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no GPU; use --device cpu --tiny for the CPU check")
+    from benchmarks.common import prompts
+
+    shape = TINY if args.tiny else QWEN25_05B
+    prompt_texts = prompts(args.prompts * (args.warmup + args.steps))
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"# device: {device_name}; torch {torch.__version__}; model: {'tiny Qwen2' if args.tiny else 'Qwen2.5-0.5B'}"
+          f"-shaped, random weights, bf16; {args.prompts} prompts x {args.k} samples x {args.new_tokens} tokens; "
+          f"{args.warmup} warm-up + {args.steps} measured steps per side", flush=True)
+    res = {"device": device_name, "peak_tflops": args.peak_tflops, "sides": {}, "skipped": {}, "failed": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "qwen2")
+        t0 = time.perf_counter()
+        n = save_model(folder, shape, torch.bfloat16, args.device)
+        res["params"] = n
+        args.max_len = max(len(p) for p in prompt_texts) * 2 + args.new_tokens + 64  # a generous token bound
+        print(f"# model built and saved in {time.perf_counter() - t0:.1f} s: {n / 1e6:.1f} M parameters; "
+              f"MFU peak used: {args.peak_tflops:.0f} TFLOP/s (bf16 dense)", flush=True)
+        for part in ("native", "vllm", "trl"):
+            reason = "--skip" if part in args.skip else skip_reason(part, args)
+            if reason:
+                res["skipped"][part] = reason
+                print(f"{part}: skipped: {reason}", flush=True)
+                continue
+            t0 = time.perf_counter()
+            try:  # one part failing must not cost the others their numbers (a GPU run is one call)
+                side = trl_side(folder, prompt_texts, args) if part == "trl" else \
+                    rlpost_side(folder, prompt_texts, args, part)
+            except Exception as e:
+                res["failed"][part] = f"{type(e).__name__}: {e}"
+                print(f"{part}: FAILED after {time.perf_counter() - t0:.0f} s:\n{traceback.format_exc()[-3000:]}",
+                      flush=True)
+                free(args.device)
+                continue
+            side["wall_s"] = time.perf_counter() - t0
+            res["sides"][part] = side
+            if part != "trl":
+                side["mfu_step"] = mfu(n, side["trained_tokens"], side["step_s"], args.peak_tflops)
+                side["mfu_train"] = mfu(n, side["trained_tokens"], side["train_s"], args.peak_tflops)
+                side["plan"] = plan_figure(folder, args, side["row_len"])
+                print_side(part, side)
+            else:
+                print(f"TRL {side['version']} GRPOTrainer: median step {side['step_s']:.3f} s "
+                      f"({side['wall_s']:.0f} s with loading)", flush=True)
+    if "trl" in res["sides"] and "native" in res["sides"]:
+        res["trl_over_rlpost"] = res["sides"]["trl"]["step_s"] / res["sides"]["native"]["step_s"]
+        print(f"TRL step / rlpost native step (same GPU, same work): {res['trl_over_rlpost']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def print_side(part: str, side: dict) -> None:
+    name = f"rlpost, {'native engine' if part == 'native' else 'vLLM'} ({side['engine']})"
+    print(f"{name}: median step {side['step_s']:.3f} s, train {side['train_s']:.3f} s; tokens/s rollout "
+          f"{side['rollout_tokens_per_s']:.0f}, whole step {side['step_tokens_per_s']:.0f} (mean response "
+          f"{side['response_len_mean']:.1f} tokens); MFU {100 * side['mfu_step']:.2f}% over the step, "
+          f"{100 * side['mfu_train']:.2f}% in train ({side['trained_tokens']:.0f} trained positions)"
+          + (f"; gpu/util {side['gpu_util']:.0f}%" if side["gpu_util"] is not None else ""), flush=True)
+    plan = side["plan"]
+    print(f"  memory, MiB: measured peak per role (mem/peak_<role>) vs `rlpost plan memory` per GPU "
+          f"{plan['per_gpu_mib']:,.0f}")
+    for role, peak in side["mem_peak_mib"].items():
+        print(f"    {role:<11}{peak:>10,.0f}")
+    if "max_allocated_mib" in side:
+        print(f"    {'whole run':<11}{side['max_allocated_mib']:>10,.0f}  (max_memory_allocated since loading)")
+    print("  plan terms, MiB per GPU: " + ", ".join(f"{k} {v:,.0f}" for k, v in plan["terms_mib"].items()))
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["failed"] else 0)
