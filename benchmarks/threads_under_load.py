@@ -56,7 +56,6 @@ def main() -> None:
     ap.add_argument("--settings", default=",".join(SETTINGS))
     a = ap.parse_args()
     print(f"load average before: {os.getloadavg()}")
-    rows = []
     with tempfile.TemporaryDirectory() as out_dir:
         for name in a.settings.split(","):
             env_extra, args = SETTINGS[name]
@@ -71,7 +70,6 @@ def main() -> None:
                     hog.kill()
                     hog.wait()
             q, ld = statistics.median(quiet), statistics.median(loaded)
-            rows.append((name, q, ld))
             print(f"{name:14s} quiet {q:6.1f} s   one busy competitor {ld:6.1f} s   ratio {ld / q:4.2f}x", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
