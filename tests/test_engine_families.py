@@ -133,7 +133,7 @@ def test_a_few_grpo_steps_learn(name, tok):
     m.train()
     engine = build_engine("native", m, htok)  # pointer: it samples with the trainer's weights as they step
     algo = get_algorithm("grpo", beta=0.0)
-    trainer = Trainer(m, lr=3e-3)
+    trainer = Trainer(m, lr=1e-2)
     prompts, params = encode(htok, PROMPTS), SamplingParams(max_new_tokens=6, min_new_tokens=6)
 
     def reward(batch):

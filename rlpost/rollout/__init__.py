@@ -14,8 +14,8 @@ The engine knows nothing about losses.
 
 Every engine implements the `Engine` protocol (engine.py: generate, update_weights, close, version):
 weights reach an engine through update_weights only. The native engines (native.py: gpt_mini,
-hf_native.py: HF Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3) share one continuous-batching scheduler (scheduler.py); hf_generate.py
-wraps `transformers.generate` for any other causal LM; vllm_engine.py runs vLLM.
+hf_native.py: HF Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3) share one continuous-batching scheduler
+(scheduler.py); hf_generate.py wraps `transformers.generate` for any other causal LM; vllm_engine.py runs vLLM.
 """
 
 from __future__ import annotations
