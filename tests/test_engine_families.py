@@ -83,8 +83,7 @@ def test_greedy_equals_transformers_generate(model, texts):
     assert torch.equal(batch.input_ids[0::2, P:], want) and torch.equal(batch.input_ids[1::2, P:], want)
 
 
-@pytest.mark.parametrize("mode", ["per-row", "shared-prompt", "max_num_seqs=3"])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("mode,temperature", [("per-row", 1.0), ("shared-prompt", 0.7), ("max_num_seqs=3", 1.0)])
 def test_sampled_old_logp_equals_a_fresh_forward(model, mode, temperature):
     name, m, tok = model
     engine = HFNativeEngine(m, tok)
@@ -146,4 +145,5 @@ def test_a_few_grpo_steps_learn(name, tok):
         batch = algo.compute_advantages(batch.replace(rewards=reward(batch)))
         trainer.step(batch, algo.compute_loss)
     after = reward(engine.generate(prompts, 16, params, seed=1000)).mean()
-    assert after > before + 0.15, (float(before), float(after))
+    print(f"{name}: share of even tokens {float(before):.3f} -> {float(after):.3f}")
+    assert after > before + 0.1, (float(before), float(after))  # ~4 sigma of the 384 tokens scored
