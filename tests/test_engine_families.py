@@ -3,7 +3,7 @@ from `transformers` with its differences made to matter: q/k norms (Qwen3, Gemma
 than the sequence (Mistral, Qwen3's upper layer, Gemma's local layers, Phi-3), soft-capped scores and logits
 (Gemma 2 and 3), (1 + weight) norms and an embedding scale (Gemma), fused projections and partial rotary
 (Phi-3), rope_type llama3 (Llama 3). Per family: greedy output equals `transformers.generate`; sampled
-old_logp equals a fresh forward within 1e-5 in fp32 (per-row and shared-prompt attention, capped and
+old_logp equals a fresh forward within 1e-5 in fp32 (per-row and shared-prompt attention, a shared prefix, capped and
 uncapped batches); rollout.engine=auto picks it and says so; a few GRPO steps raise a simple reward."""
 
 import pytest
@@ -14,6 +14,7 @@ from rlpost import get_algorithm
 from rlpost.models import HFCausalLM, HFTokenizer, token_logprobs
 from rlpost.rollout import SamplingParams, build_engine, engine_choice
 from rlpost.rollout.hf_native import HFNativeEngine
+from rlpost.rollout.scheduler import shared_prefix_lengths
 
 PROMPTS = ["1+2=", "47+85=", "9+99=", "The answer is"]
 WINDOW = 5  # tokens: prompts of 3-6 tokens + 12 generated, so every windowed layer drops columns
@@ -83,15 +84,21 @@ def test_greedy_equals_transformers_generate(model, texts):
     assert torch.equal(batch.input_ids[0::2, P:], want) and torch.equal(batch.input_ids[1::2, P:], want)
 
 
-@pytest.mark.parametrize("mode,temperature", [("per-row", 1.0), ("shared-prompt", 0.7), ("max_num_seqs=3", 1.0)])
+@pytest.mark.parametrize("mode,temperature", [("per-row", 1.0), ("shared-prompt", 0.7), ("max_num_seqs=3", 1.0),
+                                              ("prefix-cache", 1.0)])
 def test_sampled_old_logp_equals_a_fresh_forward(model, mode, temperature):
     name, m, tok = model
     engine = HFNativeEngine(m, tok)
+    prompts = encode(tok, PROMPTS)
     if mode == "shared-prompt":
         engine.shared_attention_min = 1  # every prompt read from the shared table (windows mask it too)
+    if mode == "prefix-cache":  # a shared leading block is prefilled once, in a pass of its own width
+        engine.prefix_block = 4
+        prompts = encode(tok, ["1+1=2 2+2=4 3+3=6 " + t for t in PROMPTS])
+        assert min(shared_prefix_lengths(prompts, 4)) > WINDOW
     params = SamplingParams(max_new_tokens=12, temperature=temperature, max_num_seqs=3 if mode == "max_num_seqs=3"
                             else 0)
-    batch = engine.generate(encode(tok, PROMPTS), 4, params, seed=7)
+    batch = engine.generate(prompts, 4, params, seed=7)
     assert batch.response_mask.sum(1).max() > WINDOW  # the windows drop columns
     logp = token_logprobs(m, batch, temperature) * batch.response_mask
     assert (logp - batch.old_logp).abs().max() <= 1e-5
