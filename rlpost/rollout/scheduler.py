@@ -95,11 +95,15 @@ def attend(q, keys, values, mask, scale: float | None, shared: SharedPrompts | N
     if shared is None:
         if softcap is None:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
-        g = H // Hkv  # query head h reads KV head h // g, as repeat_kv
-        scores = cap(torch.matmul(q, keys.repeat_interleave(g, 1).transpose(-1, -2)) * (scale or D ** -0.5))
+        # query head h reads KV head h // g (as repeat_kv): a KV head's g query heads go in one matmul,
+        # so the cache is read once and never copied g-fold
+        g, S = H // Hkv, keys.shape[2]
+        scores = cap(torch.matmul(q.reshape(L, Hkv, g * t, D), keys.transpose(-1, -2)) * (scale or D ** -0.5))
+        scores = scores.view(L, Hkv, g, t, S)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), values.repeat_interleave(g, 1))
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        p = scores.softmax(-1, dtype=torch.float32).to(q.dtype).view(L, Hkv, g * t, S)
+        return torch.matmul(p, values).view(L, H, t, D)
     g, k, scale = H // Hkv, shared.k, D ** -0.5 if scale is None else scale
     pk, pv = shared.table[0, layer], shared.table[1, layer]                     # [G, H_kv, P, D]
     G, P = pk.shape[0], pk.shape[2]
