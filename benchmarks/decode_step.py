@@ -46,7 +46,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from rlpost.models import HFCausalLM, HFTokenizer
-    from rlpost.rollout.hf_native import HFNativeEngine, _rms_norm, _rotate_half
+    from rlpost.rollout.families import rms_norm as _rms_norm
+    from rlpost.rollout.hf_native import HFNativeEngine, _rotate_half
     from rlpost.rollout.scheduler import write_kv
 
     hf_tok = train_tokenizer()
@@ -54,7 +55,7 @@ def main(argv=None) -> dict:
     engine = HFNativeEngine(model, HFTokenizer(hf_tok))
     L, end = args.rows, args.end
     ctx = engine.prepare(end + 1)
-    w, cos_t, sin_t = ctx
+    w, (cos_t, sin_t) = ctx[0], ctx[1][None]
     H, D = w.n_head, w.head_dim
     if w.n_kv != H:
         raise SystemExit("this benchmark's compiled regions assume no grouped-query attention")
@@ -65,13 +66,13 @@ def main(argv=None) -> dict:
     def eager():
         return engine.forward(ctx, ids, pos, kv, end - 1, end, None)
 
-    C, I = w.embed.shape[1], w.layers[0][10].shape[1]
-    h_c, h_i = torch.randn(L, C), torch.randn(L, I)
+    C, inner = w.embed.shape[1], w.layers[0].wd.shape[1]
+    h_c, h_i = torch.randn(L, C), torch.randn(L, inner)
     q = torch.randn(L, H, 1, D)
 
     def matmuls_only():
         for layer in w.layers:
-            for weight, x in ((layer[2], h_c), (layer[4], h_c), (layer[8], h_c), (layer[10], h_i)):
+            for weight, x in ((layer.wqkv, h_c), (layer.wo, h_c), (layer.wgu, h_c), (layer.wd, h_i)):
                 torch.mm(x, weight.t())
             scores = torch.matmul(q, kv[0, 0, :, :, :end].transpose(-1, -2))
             torch.matmul(scores, kv[1, 0, :, :, :end])
@@ -91,14 +92,16 @@ def main(argv=None) -> dict:
     def regions(pre_fn, post_fn):
         cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
         x = F.embedding(ids, w.embed)
-        for i, (ln1, eps1, wqkv, _, wo, _, ln2, eps2, wgu, _, wd, _, act) in enumerate(w.layers):
+        for i, layer in enumerate(w.layers):
+            (ln1, eps1), (ln2, eps2) = layer.ln_attn, layer.ln_mlp
+            wqkv, wo, wgu, wd, act = layer.wqkv, layer.wo, layer.wgu, layer.wd, layer.act
             q_, k_, v_ = pre_fn(x, ln1, eps1, wqkv, cos, sin)
             keys, values = write_kv(kv[0, i], kv[1, i], k_, v_, end - 1, end)
             a = F.scaled_dot_product_attention(q_, keys, values, scale=w.scaling)
             x = post_fn(x, a, wo, ln2, eps2, wgu, wd, act)
         return x
 
-    if any(layer[3] is not None or layer[5] is not None or layer[9] is not None for layer in w.layers):
+    if any(layer.bqkv is not None or layer.bo is not None or layer.bgu is not None for layer in w.layers):
         raise SystemExit("this benchmark's compiled regions assume projections without bias (Llama)")
     reference = eager()
     rows, compile_s = {}, {}

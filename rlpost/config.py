@@ -175,7 +175,8 @@ class SFTConfig(Section):
 
 @dataclass
 class RolloutConfig(Section):
-    engine: str = opt("auto", "'auto' | 'native' (KV cache: gpt_mini, Llama, Qwen2) | 'hf' (transformers.generate) | "
+    engine: str = opt("auto", "'auto' (says which it picks and why) | 'native' (KV cache: gpt_mini, Llama, Mistral, "
+                              "Qwen2/3, Gemma 2/3, Phi-3) | 'hf' (transformers.generate) | "
                               "'vllm' (needs vLLM and rl.weight_sync=vllm)")
     prompts_per_step: int = opt(32, "prompts sampled per RL step", at_least(1))
     k: int = opt(8, "samples per prompt (the GRPO group size)", at_least(1))

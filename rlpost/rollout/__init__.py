@@ -14,8 +14,8 @@ The engine knows nothing about losses.
 
 Every engine implements the `Engine` protocol (engine.py: generate, update_weights, close, version):
 weights reach an engine through update_weights only. The native engines (native.py: gpt_mini,
-hf_native.py: HF Llama / Qwen2) share one continuous-batching scheduler (scheduler.py); hf_generate.py
-wraps `transformers.generate` for any other causal LM; vllm_engine.py runs vLLM.
+hf_native.py: HF Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3) share one continuous-batching scheduler
+(scheduler.py); hf_generate.py wraps `transformers.generate` for any other causal LM; vllm_engine.py runs vLLM.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from rlpost.batch import Batch
 from rlpost.rollout.engine import Engine, SamplingParams
 
-__all__ = ["Engine", "SamplingParams", "StopStrings", "assemble", "build_engine", "sample_next"]
+__all__ = ["Engine", "SamplingParams", "StopStrings", "assemble", "build_engine", "engine_choice", "sample_next"]
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
@@ -102,10 +102,25 @@ def assemble(prompts: list[list[int]], k: int, tokens: torch.Tensor, logps: torc
 ENGINES = ("auto", "native", "hf", "vllm")  # the valid rollout.engine names (build_engine)
 
 
+def engine_choice(model) -> tuple[str, str]:
+    """What rollout.engine=auto runs for `model`, and why: ("native", "native (qwen3)") or
+    ("hf", "hf: model_type 'gpt2' has no native implementation (native: ...)")."""
+    from rlpost.rollout.hf_native import _unsupported_reason
+    from rlpost.rollout.native import NativeEngine
+
+    if NativeEngine.supports(model):
+        return "native", "native (gpt_mini)"
+    reason = _unsupported_reason(model)
+    if reason is None:
+        return "native", f"native ({model.hf.config.model_type})"
+    return "hf", f"hf: {reason}"
+
+
 def build_engine(kind: str, model, tokenizer, share_weights: bool = True) -> Engine:
-    """'native' (KV cache, continuous batching: gpt_mini, and HF Llama / Qwen2), 'hf' (transformers.generate,
-    any HF causal LM), 'vllm' (vLLM, an optional extra: rlpost/rollout/vllm_engine.py), or 'auto' (native when
-    the model is supported, else hf).
+    """'native' (KV cache, continuous batching: gpt_mini, and the HF families of rlpost/rollout/families/:
+    Llama, Mistral, Qwen2, Qwen3, Gemma 2 / 3, Phi-3), 'hf' (transformers.generate, any HF causal LM), 'vllm'
+    (vLLM, an optional extra: rlpost/rollout/vllm_engine.py), or 'auto' (native when the model is supported,
+    else hf; it prints which it chose and why, e.g. "rollout.engine=auto: native (qwen3)").
 
     share_weights: the engine runs the trainer's own module (weight sync "pointer": zero copy), or, False,
     a private copy refreshed by update_weights ("copy"). vLLM always holds its own weights ("vllm")."""
@@ -125,14 +140,17 @@ def build_engine(kind: str, model, tokenizer, share_weights: bool = True) -> Eng
     from rlpost.rollout.hf_native import HFNativeEngine, _unsupported_reason
     from rlpost.rollout.native import NativeEngine
 
-    native = NativeEngine if NativeEngine.supports(model) else HFNativeEngine if HFNativeEngine.supports(model) else None
     if kind == "auto":
-        kind = "native" if native is not None else "hf"
+        kind, why = engine_choice(model)
+        print(f"rlpost: rollout.engine=auto: {why}", flush=True)
     if kind == "native":
-        if native is None:
-            raise ValueError(f"rollout.engine=native supports gpt_mini and Hugging Face Llama / Qwen2 models, not this "
-                             f"one ({_unsupported_reason(model)}); use rollout.engine=hf for this model")
-        return native(model, tokenizer, share_weights)
+        if NativeEngine.supports(model):
+            return NativeEngine(model, tokenizer, share_weights)
+        reason = _unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"rollout.engine=native supports gpt_mini and the Hugging Face families listed in "
+                             f"docs/models.md, not this model ({reason}); use rollout.engine=hf for this model")
+        return HFNativeEngine(model, tokenizer, share_weights)
     if kind != "hf":
         raise ValueError(f"rollout.engine must be one of {', '.join(ENGINES)}, got {kind!r}")
     return HFGenerateEngine(model, tokenizer, share_weights)

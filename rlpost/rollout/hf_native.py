@@ -1,4 +1,5 @@
-"""The native rollout engine for Hugging Face Llama / Qwen2 models (`rlpost.models.HFCausalLM`).
+"""The native rollout engine for Hugging Face decoder models (`rlpost.models.HFCausalLM`): Llama 2 / 3,
+Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3 (rlpost/rollout/families/ says what differs).
 
 `transformers.generate` spends most of a small model's decode step in Python: mask construction,
 cache bookkeeping, logits processors, a module call per sub-layer. This engine runs the same
@@ -11,13 +12,19 @@ continuous batching under `max_num_seqs` (a finished row leaves at once and a wa
 its place), stop tokens and stop strings, seeded sampling independent of the schedule, old_logp
 recorded as each token is drawn.
 
-The math is the Hugging Face modules' own (RMSNorm in fp32, rotate-half RoPE from the model's own
-rotary embedding, grouped-query attention, SiLU-gated MLP); tests check greedy output against
-`transformers` greedy `generate`, cached logits against a full forward, and old_logp against the
-trainer's `token_logprobs`. q/k/v and gate/up weights are concatenated into one matmul each; the
-concatenation is cached and rebuilt only when a parameter changed (an optimizer step or
-update_weights' in-place copy_ bumps its version counter). A LoRA layer (peft, model.lora) is read as its
-merged weight, base + adapter delta (`rlpost.models.lora.effective_weight`), rebuilt when the adapters change.
+The math is the Hugging Face modules' own (the family's RMSNorm in fp32, rotate-half RoPE from the model's
+own rotary embedding, grouped-query attention, gated MLP, the family's extra norms, soft-caps and sliding
+windows); tests check greedy output against `transformers` greedy `generate`, cached logits against a full
+forward, and old_logp against the trainer's `token_logprobs`, per family. q/k/v and gate/up weights are
+concatenated into one matmul each; the concatenation is cached and rebuilt only when a parameter changed
+(an optimizer step or update_weights' in-place copy_ bumps its version counter). A LoRA layer (peft,
+model.lora) is read as its merged weight, base + adapter delta (`rlpost.models.lora.effective_weight`),
+rebuilt when the adapters change.
+
+Sliding windows: a layer with window W lets a query attend to the keys fewer than W positions back
+(HF's `kv_idx > q_idx - W`). In a row's cache a token's position is its column minus the row's left
+padding, so the window is a column distance, and under shared-prompt attention the prompt table's
+columns are masked the same way (`attend`'s prompt_mask).
 """
 
 from __future__ import annotations
@@ -26,72 +33,59 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.models.lora import effective_weight
 from rlpost.rollout import SamplingParams, scheduler
 from rlpost.rollout.engine import ModuleEngine
+from rlpost.rollout.families import Weights, family, supported_model_types
 from rlpost.rollout.scheduler import attend, write_kv
-
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-_STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only
 
 
 def _unsupported_reason(model) -> str | None:
+    """Why the native engine cannot run `model` (None: it can)."""
     hf = getattr(model, "hf", None)
     cfg = getattr(hf, "config", None)
     if cfg is None:
         return "not a Hugging Face model wrapped as rlpost.models.HFCausalLM"
-    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model_type {cfg.model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope not in _STATIC_ROPE:
-        return f"rope_type {rope!r}"
-    if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
-        return "pretraining_tp > 1"
-    if getattr(cfg, "use_sliding_window", False) and "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
-        return "sliding-window attention"
-    return None
-
-
-class _Weights:
-    """The decoder's weights as plain tensors, with q/k/v and gate/up concatenated (LoRA layers merged)."""
-
-    def __init__(self, hf):
-        W = effective_weight
-        m, cfg = hf.model, hf.config
-        self.embed = m.embed_tokens.weight
-        self.norm, self.norm_eps = m.norm.weight, m.norm.variance_epsilon
-        self.lm_head = hf.lm_head.weight
-        self.layers = []
-        for layer in m.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            cat_bias = (lambda *ls: None if ls[0].bias is None else torch.cat([l.bias for l in ls]))
-            self.layers.append((
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                torch.cat([W(a.q_proj), W(a.k_proj), W(a.v_proj)]),
-                cat_bias(a.q_proj, a.k_proj, a.v_proj),
-                W(a.o_proj), a.o_proj.bias,
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]),
-                cat_bias(mlp.gate_proj, mlp.up_proj),
-                W(mlp.down_proj), mlp.down_proj.bias, mlp.act_fn,
-            ))
-        self.n_head = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scaling = self.head_dim ** -0.5
-
-
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm / Qwen2RMSNorm, op for op."""
-    dt = x.dtype
-    xf = x.to(torch.float32)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(dt)
+    fam = family(cfg.model_type)
+    if fam is None:
+        return (f"model_type {cfg.model_type!r} has no native implementation (native: "
+                f"{', '.join(supported_model_types())})")
+    reason = fam.unsupported(cfg)
+    return None if reason is None else f"model_type {cfg.model_type!r}: {reason}"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first cos.shape[-1] features of each head (all of them but for Phi-3's
+    partial rotary), the rest passed through."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
+
+
+def _window_masks(window: int, cols, t: int, end: int, mask, shared, device):
+    """The masks of a sliding-window layer: (mask over cache columns :end [., 1, t, end], mask over the
+    shared prompt table's P columns [., 1, 1, P] or None). Query column qc sees key column c when
+    c > qc - window; in the prompt table (decode, response column qc) prompt column c sits P - qc columns
+    further back, so it is seen when c > qc + P - window."""
+    col = torch.arange(end, device=device)
+    if isinstance(cols, int):
+        qc = (cols + torch.arange(t, device=device))[None, None, :, None]          # [1, 1, t, 1]
+    else:
+        qc = cols.to(device)[:, None, None, None]                                  # [L, 1, 1, 1]
+    m = col > qc - window
+    if mask is not None:
+        m = m & mask
+    pm = None
+    if shared is not None:
+        P = shared.table.shape[4]
+        pm = torch.arange(P, device=device) > qc + P - window
+    return m, pm
 
 
 class HFNativeEngine(ModuleEngine):
@@ -100,7 +94,7 @@ class HFNativeEngine(ModuleEngine):
 
     def __init__(self, model, tokenizer, share_weights: bool = True):
         super().__init__(model, tokenizer, share_weights)
-        self._weights: _Weights | None = None
+        self._weights: Weights | None = None
         self._weights_key: tuple | None = None
 
     @staticmethod
@@ -112,11 +106,11 @@ class HFNativeEngine(ModuleEngine):
         return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
                                   self.prefix_block, self.shared_attention_min)
 
-    def _current_weights(self) -> _Weights:
+    def _current_weights(self) -> Weights:
         hf = self._model.hf
         key = tuple((id(p), p._version) for p in hf.parameters())  # an in-place update bumps _version
         if self._weights is None or key != self._weights_key:
-            self._weights, self._weights_key = _Weights(hf), key
+            self._weights, self._weights_key = family(hf.config.model_type).read(hf), key
         return self._weights
 
     def close(self) -> None:
@@ -130,10 +124,10 @@ class HFNativeEngine(ModuleEngine):
         return self._model.hf.model.embed_tokens.weight.device
 
     def prepare(self, S: int):
-        """The weights and the RoPE table of positions :S, from the model's own rotary embedding."""
-        w = self._current_weights()
-        cos, sin = self._model.hf.model.rotary_emb(w.embed[:1], torch.arange(S, device=w.embed.device)[None])
-        return w, cos[0], sin[0]                                      # [S, D] each
+        """The weights and the RoPE tables of positions :S ({layer kind: (cos, sin) [S, rotary_dim]}),
+        from the model's own rotary embedding."""
+        w, hf = self._current_weights(), self._model.hf
+        return w, family(hf.config.model_type).rope(hf, w.embed[:1], torch.arange(S, device=w.embed.device))
 
     def new_cache(self, rows: int, S: int) -> torch.Tensor:
         w = self._current_weights()
@@ -141,26 +135,39 @@ class HFNativeEngine(ModuleEngine):
                            device=w.embed.device)
 
     def forward(self, ctx, ids, pos, kv, cols, end, mask, shared=None) -> torch.Tensor:
-        w, cos_t, sin_t = ctx
+        w, tables = ctx
         L, t = ids.shape
-        H, Hkv, D = w.n_head, w.n_kv, w.head_dim
-        cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]           # [L, 1, t, D]
+        H, Hkv, D, rms = w.n_head, w.n_kv, w.head_dim, w.rms
+        rot = {kind: (cos[pos][:, None], sin[pos][:, None]) for kind, (cos, sin) in tables.items()}  # [L, 1, t, .]
+        windowed = {}                                                  # window -> its masks, built once per call
         x = F.embedding(ids, w.embed)
-        for i, (ln1, eps1, wqkv, bqkv, wo, bo, ln2, eps2, wgu, bgu, wd, bd, act) in enumerate(w.layers):
-            h = _rms_norm(x, ln1, eps1)
-            q, k, v = F.linear(h, wqkv, bqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q = q.view(L, t, H, D).transpose(1, 2)
-            k = k.view(L, t, Hkv, D).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+        if w.embed_scale is not None:
+            x = x * w.embed_scale
+        for i, layer in enumerate(w.layers):
+            h = rms(x, *layer.ln_attn)
+            q, k, v = F.linear(h, layer.wqkv, layer.bqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k = q.view(L, t, H, D), k.view(L, t, Hkv, D)
+            if layer.q_norm is not None:
+                q, k = rms(q, *layer.q_norm), rms(k, *layer.k_norm)
+            cos, sin = rot[layer.rope]
+            q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
             keys, values = write_kv(kv[0, i], kv[1, i], k, v.view(L, t, Hkv, D).transpose(1, 2), cols, end)
-            a = attend(q, keys, values, mask, w.scaling, shared, i)
-            x = x + F.linear(a.transpose(1, 2).reshape(L, t, H * D), wo, bo)
-            h = _rms_norm(x, ln2, eps2)
-            g, u = F.linear(h, wgu, bgu).chunk(2, dim=-1)
-            x = x + F.linear(act(g) * u, wd, bd)
+            layer_mask, prompt_mask = mask, None
+            if layer.window is not None:
+                if layer.window not in windowed:
+                    windowed[layer.window] = _window_masks(layer.window, cols, t, end, mask, shared, x.device)
+                layer_mask, prompt_mask = windowed[layer.window]
+            a = attend(q, keys, values, layer_mask, w.scaling, shared, i, w.attn_softcap, prompt_mask)
+            a = F.linear(a.transpose(1, 2).reshape(L, t, H * D), layer.wo, layer.bo)
+            x = x + (a if layer.post_attn is None else rms(a, *layer.post_attn))
+            g, u = F.linear(rms(x, *layer.ln_mlp), layer.wgu, layer.bgu).chunk(2, dim=-1)
+            m = F.linear(layer.act(g) * u, layer.wd, layer.bd)
+            x = x + (m if layer.post_mlp is None else rms(m, *layer.post_mlp))
         return x
 
     def logits(self, ctx, x_last: torch.Tensor) -> torch.Tensor:
         w = ctx[0]
-        return F.linear(_rms_norm(x_last, w.norm, w.norm_eps), w.lm_head)
+        out = F.linear(w.rms(x_last, *w.norm), w.lm_head)
+        if w.final_softcap is not None:
+            out = torch.tanh(out / w.final_softcap) * w.final_softcap
+        return out

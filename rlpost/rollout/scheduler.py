@@ -76,20 +76,34 @@ class SharedPrompts:
     mask: torch.Tensor | None    # [G, 1, 1, P] bool, True on real prompt columns (None: no left padding)
 
 
-def attend(q, keys, values, mask, scale: float | None, shared: SharedPrompts | None = None, layer: int = 0):
+def attend(q, keys, values, mask, scale: float | None, shared: SharedPrompts | None = None, layer: int = 0,
+           softcap: float | None = None, prompt_mask: torch.Tensor | None = None):
     """Softmax attention of q [L, H, t, D] over keys / values [L, H_kv, S, D] under mask ([L, 1, t, S] bool,
-    True = attend; None = all), H a multiple of H_kv; scale None means D ** -0.5.
+    True = attend; None = all), H a multiple of H_kv; scale None means D ** -0.5. With `softcap` the scaled
+    scores become softcap * tanh(scores / softcap) before the mask (Gemma 2), as HF's eager attention does.
 
     With `shared` (decode steps only, t = 1) each row also attends to its prompt in the shared table,
     and keys / values hold only the responses. The prompt is read once per prompt, not once per sample:
     the queries of a prompt's k samples are stacked into one matmul against its keys, and the two parts
     meet in one softmax over [prompt | response] columns, so the result is the attention over the row's
-    whole sequence. That is the K-fold cut in memory traffic that long prompts need.
+    whole sequence. That is the K-fold cut in memory traffic that long prompts need. `prompt_mask`
+    ([L, 1, 1, P] bool) further limits which prompt columns each row sees (a sliding window).
     """
     L, H, t, D = q.shape
     Hkv = keys.shape[1]
+    cap = (lambda s: s) if softcap is None else (lambda s: torch.tanh(s / softcap) * softcap)
     if shared is None:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+        if softcap is None:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+        # query head h reads KV head h // g (as repeat_kv): a KV head's g query heads go in one matmul,
+        # so the cache is read once and never copied g-fold
+        g, S = H // Hkv, keys.shape[2]
+        scores = cap(torch.matmul(q.reshape(L, Hkv, g * t, D), keys.transpose(-1, -2)) * (scale or D ** -0.5))
+        scores = scores.view(L, Hkv, g, t, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        p = scores.softmax(-1, dtype=torch.float32).to(q.dtype).view(L, Hkv, g * t, S)
+        return torch.matmul(p, values).view(L, H, t, D)
     g, k, scale = H // Hkv, shared.k, D ** -0.5 if scale is None else scale
     pk, pv = shared.table[0, layer], shared.table[1, layer]                     # [G, H_kv, P, D]
     G, P = pk.shape[0], pk.shape[2]
@@ -104,10 +118,12 @@ def attend(q, keys, values, mask, scale: float | None, shared: SharedPrompts | N
         return x.view(G, Hkv, k, g, x.shape[-1]).permute(0, 2, 1, 3, 4)[rows]
 
     qr = q.reshape(L, Hkv, g, D) * scale
-    prompt = to_rows(torch.matmul(to_prompts(qr), pk.transpose(-1, -2)))          # [L, H_kv, g, P]
+    prompt = cap(to_rows(torch.matmul(to_prompts(qr), pk.transpose(-1, -2))))     # [L, H_kv, g, P]
     if shared.mask is not None:
         prompt = prompt.masked_fill(~shared.mask[shared.group], float("-inf"))
-    response = torch.matmul(qr, keys.transpose(-1, -2))                            # [L, H_kv, g, S]
+    if prompt_mask is not None:
+        prompt = prompt.masked_fill(~prompt_mask, float("-inf"))
+    response = cap(torch.matmul(qr, keys.transpose(-1, -2)))                       # [L, H_kv, g, S]
     if mask is not None:
         response = response.masked_fill(~mask, float("-inf"))
     p_prompt, p_response = torch.cat([prompt, response], -1).softmax(-1).split([P, response.shape[-1]], -1)

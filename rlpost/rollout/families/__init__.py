@@ -1,0 +1,132 @@
+"""What the native HF engine (rlpost/rollout/hf_native.py) needs to know about each model family.
+
+The engine runs one decoder: embed (times a scale) -> per layer [norm, q/k/v (one matmul), optional q/k
+norms, RoPE on the first `rotary_dim` of each head, attention (optional sliding window, optional soft-cap
+of the scores), output projection, optional post-attention norm, residual, norm, gated MLP (one matmul for
+gate and up), optional post-MLP norm, residual] -> final norm -> LM head (optional soft-cap). A family is
+a small module that reads a Hugging Face model into that shape (`Weights`) and makes its RoPE tables;
+its differences are data (which norms exist, which layers slide, which caps apply), not code paths:
+
+    llama.py  llama (Llama 2 / 3, rope_type llama3 included), mistral, qwen2, qwen3 (q/k norms)
+    gemma.py  gemma2, gemma3_text: (1 + weight) RMSNorm, embedding scale, pre/post feedforward norms,
+              soft-capping, alternating local (sliding) / global layers, per-layer-type RoPE (Gemma 3)
+    phi3.py   phi3: fused qkv and gate_up projections, partial rotary
+
+A family module defines MODEL_TYPES, `read(hf) -> Weights`, `rope(hf, positions) -> {key: (cos, sin)}` and
+`unsupported(config) -> str | None` (a configuration this family's file does not cover, e.g. a rope type whose
+tables depend on the sequence length). Every weight is read from the wrapped module at call time (a LoRA
+layer as its merged weight), so the engine samples with the trainer's weights as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from rlpost.models.lora import effective_weight
+
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm (and Mistral's, Qwen2/3's, Phi-3's), op for op: normalised in fp32, cast, times w."""
+    dt = x.dtype
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(dt)
+
+
+def gemma_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma2RMSNorm / Gemma3RMSNorm: the weight is stored as an offset from 1 and applied in fp32."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + w.float())).type_as(x)
+
+
+def norm_of(module) -> tuple[torch.Tensor, float]:
+    """(weight, eps) of an HF RMSNorm module (Llama-style `variance_epsilon` or Gemma-style `eps`)."""
+    eps = getattr(module, "variance_epsilon", None)
+    return module.weight, getattr(module, "eps", 1e-6) if eps is None else eps
+
+
+def cat_weights(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (LoRA merged) and biases of linear layers that read the same input, as one matmul."""
+    w = torch.cat([effective_weight(m) for m in linears]) if len(linears) > 1 else effective_weight(linears[0])
+    b = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return w, b
+
+
+@dataclass
+class Layer:
+    """One decoder layer. Norms are (weight, eps) pairs; None: the family has no such norm."""
+
+    ln_attn: tuple                # before attention
+    wqkv: torch.Tensor            # q, k, v projections concatenated
+    bqkv: torch.Tensor | None
+    q_norm: tuple | None          # on each head's query / key, before RoPE (Qwen3, Gemma 3)
+    k_norm: tuple | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    post_attn: tuple | None       # on the attention output, before the residual (Gemma)
+    ln_mlp: tuple                 # before the MLP
+    wgu: torch.Tensor             # gate, up projections concatenated
+    bgu: torch.Tensor | None
+    wd: torch.Tensor
+    bd: torch.Tensor | None
+    act: object
+    post_mlp: tuple | None        # on the MLP output, before the residual (Gemma)
+    window: int | None = None     # sliding window: a query attends to the last `window` positions, itself included
+    rope: str | None = None       # which RoPE table (Gemma 3: local and global layers have their own)
+
+
+@dataclass
+class Weights:
+    """The decoder's weights as plain tensors, and the family's constants."""
+
+    family: str
+    embed: torch.Tensor
+    embed_scale: torch.Tensor | None   # Gemma: sqrt(hidden_size), in the embedding's dtype
+    norm: tuple
+    lm_head: torch.Tensor
+    layers: list[Layer]
+    n_head: int
+    n_kv: int
+    head_dim: int
+    scaling: float
+    rms: object = rms_norm             # the family's RMSNorm (rms_norm or gemma_rms_norm)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    final_softcap: float | None = None  # the same on the logits (Gemma 2 and 3)
+
+
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def rope_types(cfg) -> list[str]:
+    """The rope_type of every RoPE table the config describes (Gemma 3 has one per layer type)."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return [v.get("rope_type", "default") for v in params.values()]
+    return [params.get("rope_type", "default")]
+
+
+def check_rope(cfg) -> str | None:
+    bad = [r for r in rope_types(cfg) if r not in STATIC_ROPE]
+    return f"rope_type {bad[0]!r} (the native engine supports {', '.join(STATIC_ROPE)})" if bad else None
+
+
+def _families() -> dict[str, ModuleType]:
+    from rlpost.rollout.families import gemma, llama, phi3
+
+    return {t: f for f in (llama, gemma, phi3) for t in f.MODEL_TYPES}
+
+
+def family(model_type: str) -> ModuleType | None:
+    """The family module that covers `model_type`, or None."""
+    return _families().get(model_type)
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(_families())

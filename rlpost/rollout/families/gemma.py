@@ -1,0 +1,55 @@
+"""Gemma 2 and Gemma 3 (text): RMSNorm with a (1 + weight) scale in fp32, embeddings times sqrt(hidden_size),
+norms before and after both attention and MLP, query scale query_pre_attn_scalar ** -0.5, soft-capped
+attention scores (Gemma 2) and logits, local (sliding window) and global layers as `layer_types` says.
+Gemma 3 adds RMSNorm on each head's query and key, and a RoPE table per layer type (local layers use
+their own base frequency)."""
+
+from __future__ import annotations
+
+from rlpost.rollout.families import Layer, Weights, cat_weights, check_rope, gemma_rms_norm, head_dim, norm_of
+from rlpost.models.lora import effective_weight
+
+MODEL_TYPES = ("gemma2", "gemma3_text")
+
+
+def unsupported(cfg) -> str | None:
+    return check_rope(cfg)
+
+
+def read(hf) -> Weights:
+    m, cfg = hf.model, hf.config
+    per_type_rope = cfg.model_type == "gemma3_text"
+    layers = []
+    for layer, kind in zip(m.layers, cfg.layer_types):
+        a, mlp = layer.self_attn, layer.mlp
+        wqkv, bqkv = cat_weights(a.q_proj, a.k_proj, a.v_proj)
+        wgu, bgu = cat_weights(mlp.gate_proj, mlp.up_proj)
+        qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        layers.append(Layer(
+            ln_attn=norm_of(layer.input_layernorm), wqkv=wqkv, bqkv=bqkv,
+            q_norm=None if qn is None else norm_of(qn), k_norm=None if kn is None else norm_of(kn),
+            wo=effective_weight(a.o_proj), bo=a.o_proj.bias, post_attn=norm_of(layer.post_attention_layernorm),
+            ln_mlp=norm_of(layer.pre_feedforward_layernorm), wgu=wgu, bgu=bgu,
+            wd=effective_weight(mlp.down_proj), bd=mlp.down_proj.bias, act=mlp.act_fn,
+            post_mlp=norm_of(layer.post_feedforward_layernorm),
+            window=cfg.sliding_window if kind == "sliding_attention" else None,
+            rope=kind if per_type_rope else None))
+    embed = m.embed_tokens
+    return Weights(family=cfg.model_type, embed=embed.weight, embed_scale=embed.embed_scale.to(embed.weight.dtype),
+                   norm=norm_of(m.norm), lm_head=hf.lm_head.weight, layers=layers,
+                   n_head=cfg.num_attention_heads, n_kv=cfg.num_key_value_heads, head_dim=head_dim(cfg),
+                   scaling=cfg.query_pre_attn_scalar ** -0.5, rms=gemma_rms_norm,
+                   attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
+                   final_softcap=getattr(cfg, "final_logit_softcapping", None))
+
+
+def rope(hf, x, positions) -> dict:
+    """Gemma 2: one table. Gemma 3: one per layer type (the rotary embedding takes the type)."""
+    if hf.config.model_type != "gemma3_text":
+        cos, sin = hf.model.rotary_emb(x, positions[None])
+        return {None: (cos[0], sin[0])}
+    tables = {}
+    for kind in set(hf.config.layer_types):
+        cos, sin = hf.model.rotary_emb(x, positions[None], kind)
+        tables[kind] = (cos[0], sin[0])
+    return tables
