@@ -267,6 +267,15 @@ class RawServer:
                     if not chunk:
                         return
                     head += chunk
+                # read the request body too: closing with unread bytes makes the kernel reset the connection,
+                # which the client may see before it has read the reply
+                head, _, body = head.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+                while length and len(body) < int(length.group(1)):
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    body += chunk
                 try:
                     respond(self.request.sendall)
                 except OSError:  # the client shut the connection: done
