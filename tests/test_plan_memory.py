@@ -302,7 +302,7 @@ def test_rlpost_layout_suggests_only_settings_that_exist():
     p = rlpost_plan("7b", "trainer.strategy=fsdp2", "rl.weight_sync=copy", "rollout.max_new_tokens=8192", ranks=8)
     assert not p.fits and p.suggestions
     for s in p.suggestions:
-        for change in s["change"].removeprefix("together: ").split():
+        for change in s["change"].removeprefix("smallest change that fits: ").split():
             if "=" in change:
                 load_config(None, [change])  # raises ConfigError for a key rlpost does not have
             elif change.startswith("--"):
@@ -387,3 +387,44 @@ def test_lora_params_equal_peft_adapters(which):
     peft.inject_adapter_in_model(peft.LoraConfig(r=8, target_modules=targets), model)
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert shape.lora_params(8) == adapters
+
+
+# ---------------------------------------------------------------------------------------------- against a real job
+
+MEASURED_JOB = ["rl.steps=1", "rollout.prompts_per_step=2", "rollout.k=2", "rollout.max_new_tokens=32",
+                "trainer.micro_batch_size=2", "sft.steps=0", "stages=[rl]", "rl.eval_every=0", "rl.save_every=0",
+                "task.num_eval=4", "eval.samples_per_prompt=1", "model.device=cpu", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def qwen_42m(tmp_path_factory):
+    """The 42.7 M-parameter random Qwen2 with V = 151,936 (hidden 256, 4 layers), and its longest prompt in tokens."""
+    from transformers import AutoTokenizer
+
+    from rlpost.models import HFTokenizer
+    from rlpost.plan.measure import qwen_folder
+    from rlpost.tasks.arithmetic import arithmetic_task
+
+    folder = qwen_folder(str(tmp_path_factory.mktemp("qwen42m")))
+    tok = HFTokenizer(AutoTokenizer.from_pretrained(folder))
+    prompt_tokens = max(len(tok.encode_prompt(r["prompt"])) for r in arithmetic_task(num_eval=4).train_rows)
+    return folder, prompt_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_plan_matches_the_measured_peak_of_a_real_job(qwen_42m, tmp_path, ranks):
+    """`rlpost train` on the CPU (1 process; 2 gloo ranks under torchrun with fsdp2): the plan's per-rank peak is
+    within 15 % of the measured peak RSS above the process's baseline (the largest over the ranks)."""
+    from rlpost.plan.measure import measure
+
+    folder, prompt_tokens = qwen_42m
+    job = [f"model.name={folder}", f"out_dir={tmp_path}", *MEASURED_JOB]
+    if ranks > 1:
+        job += ["trainer.strategy=fsdp2", "rl.weight_sync=copy"]
+    p = rlpost_plan(*job, ranks=ranks, prompt_tokens=prompt_tokens)
+    assert 20e6 <= p.params <= 100e6 and shape_for(folder).vocab_size == 151936
+    measured = measure(job, ranks=ranks)["peak_above_baseline"]
+    print(f"\n{ranks} rank(s): plan {p.peak / 1e9:.3f} GB ({p.peak_phase}), measured {measured / 1e9:.3f} GB, "
+          f"plan / measured {p.peak / measured:.3f}")
+    assert abs(p.peak / measured - 1) <= 0.15, (p.peak, measured)

@@ -750,8 +750,11 @@ def _job_changes(shape: ModelShape, j: Job) -> list[tuple[str, Job]]:
     if j.reference:
         out.append(("algorithm.beta=0 (no KL term: no reference)", replace(j, reference=False)))
     live = min(j.max_num_seqs or j.rank_rows, j.rank_rows)
-    if live > 1:
-        out.append((f"rollout.max_num_seqs={max(live // 4, 1)}", replace(j, max_num_seqs=max(live // 4, 1))))
+    if live > 1:  # the largest cap that fits, halving from the rows (a quarter of them when none fits)
+        caps = [c for c in (live >> i for i in range(1, live.bit_length())) if c >= 1]
+        cap = next((c for c in caps if plan(shape, replace(j, max_num_seqs=c), suggest=False).fits),
+                   max(live // 4, 1))
+        out.append((f"rollout.max_num_seqs={cap}", replace(j, max_num_seqs=cap)))
     if j.strategy == "fsdp2":
         out.append((f"--ranks {2 * j.ranks} (fsdp2 over more GPUs)", replace(j, ranks=2 * j.ranks)))
     if j.prompts_per_step > 1:
@@ -760,9 +763,26 @@ def _job_changes(shape: ModelShape, j: Job) -> list[tuple[str, Job]]:
     return out
 
 
+# How much a change alters the job, lowest first: scheduling only (the same training), numerics, hardware, then
+# what is trained (the algorithm, the adapters, the batch).
+CHANGE_COST = {"rollout.max_num_seqs": 0, "trainer.gradient_checkpointing": 0, "trainer.micro_batch_size": 0,
+               "trainer.micro_batch_tokens": 0, "model.dtype": 1, "--ranks": 2, "model.lora.r": 3,
+               "algorithm.beta": 3, "rollout.prompts_per_step": 3}
+
+
+def _setting(change: str) -> str:
+    return change.split("=")[0].split(" ")[0]
+
+
+def _cost(changes: tuple[str, ...]) -> int:
+    return sum(CHANGE_COST.get(_setting(c), 3) for c in changes)
+
+
 def plan_suggestions(shape: ModelShape, p: Plan) -> list[dict]:
     """Each existing setting tried alone (what it saves on the fullest rank, whether it then fits), largest saving
-    first; when none fits alone, the largest savings applied one after another until it fits."""
+    first. When none fits alone: the smallest change that fits, the fewest settings together (up to three); of
+    those, the one that alters the job least (CHANGE_COST), then the one that leaves its memory closest to what
+    was asked."""
     out = []
     for what, job in _job_changes(shape, p.job):
         after = plan(shape, job, suggest=False)
@@ -771,17 +791,24 @@ def plan_suggestions(shape: ModelShape, p: Plan) -> list[dict]:
                         "fits": after.fits})
     out.sort(key=lambda d: -d["saves_gb"])
     if out and not any(d["fits"] for d in out):
-        current, steps = p, []
-        for _ in range(6):
-            tried = [(plan(shape, job, suggest=False), what) for what, job in _job_changes(shape, current.job)]
-            best, what = min(tried, key=lambda t: t[0].peak, default=(None, None))
-            if best is None or best.peak >= current.peak:
+        level = [((), p.job)]
+        for _ in range(3):
+            nxt, fitting = {}, []
+            for steps, job in level:
+                for what, changed in _job_changes(shape, job):
+                    key = tuple(sorted(steps + (what,)))
+                    if _setting(what) in map(_setting, steps) or key in nxt:
+                        continue
+                    nxt[key] = changed
+                    after = plan(shape, changed, suggest=False)
+                    if after.fits:
+                        fitting.append((-_cost(key), after.peak, key))
+            if fitting:
+                _, peak, key = max(fitting)
+                out.append({"change": "smallest change that fits: " + " + ".join(key),
+                            "saves_gb": (p.peak - peak) / GB, "peak_gb": peak / GB, "fits": True})
                 break
-            current, steps = best, steps + [what]
-            if current.fits:
-                break
-        out.append({"change": "together: " + " ".join(s.split(" (")[0] for s in steps),
-                    "saves_gb": (p.peak - current.peak) / GB, "peak_gb": current.peak / GB, "fits": current.fits})
+            level = list(nxt.items())
     return out
 
 
