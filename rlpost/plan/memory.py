@@ -1,4 +1,9 @@
-"""How much GPU memory an RL job needs: `rlpost plan memory MODEL`.
+"""How much GPU memory an RL job needs: `rlpost plan memory [RECIPE] [MODEL] [key=value ...]`.
+
+Two layouts. The default, rlpost's own (`plan`, `format_plan`; formulas in the comments above LAYOUTS below), is
+what each rank of `rlpost train` holds for a config: the keys `rlpost train` reads, checked against the measured
+peak of real jobs (`rlpost.plan.measure`, tests/test_plan_memory.py). `--layout zero3` (`estimate`,
+`format_report`) is the generic ZeRO-3 / FSDP view described next, which shards every copy; rlpost does not.
 
 Every figure is bytes; the report prints GB = 1e9 bytes. N is the parameter count, G the GPU count.
 
@@ -472,8 +477,6 @@ def format_report(est: Estimate) -> str:
 #
 # Held for the whole stage:
 #   policy weights, grads, AdamW m and v   N*B / R each (LoRA: the base N*B / R, and the adapters' A*B / R x 4)
-#   fsdp2 gathers                          the root module (embedding, final norm, head) and one block, unsharded,
-#                                          weights and gradients: 2 * (root + block) * B
 #   reference                              a FULL frozen copy of the policy on EVERY rank: N*B (taken before the
 #                                          trainer shards the policy; none under LoRA: the base with adapters off;
 #                                          none without a KL term, algorithm.beta=0)
@@ -489,7 +492,8 @@ def format_report(est: Estimate) -> str:
 #               is micro-batched): a layer's buffers tokens*(3h + q + 2kv + 3I)*A + the head's chunk 3*c*V*4
 #   train       one micro-batch's saved activations, per layer tokens*(4h + 3q + 3kv + 4I)*A (checkpointing:
 #               tokens*h*A per layer + one layer's), + the log-prob head's backward: 3*c*V*4 (chunk buffers)
-#               + V*h*4 (its fp32 weight gradient)
+#               + V*h*4 (its fp32 weight gradient); fsdp2: the root module (embedding, final norm, head) and one
+#               block gathered, weights and gradients, 2 * (root + block) * B
 #   sync        fsdp2: the gathered full weights on every rank, N*B, while they are copied into the engine
 #   checkpoint  fsdp2: rank 0 gathers the full weights N*B and rebuilds a plain model N*B to save (in host
 #               memory on a GPU run, so counted only under model.device=cpu)
@@ -652,12 +656,6 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         held("policy weights", N * B / div, f"N x {B} B{shard} = {N:,} x {B}{shard}")
         held("policy grads", N * B / div, f"N x {B} B{shard}")
         held("policy AdamW m, v", 2 * N * B / div, f"2 x N x {B} B{shard}")
-    if sharded:
-        root = V * h * (1 if shape.tie_word_embeddings else 2) + h * (2 if shape.norm == "layer" else 1) + (
-            shape.max_position_embeddings * h if shape.learned_positions else 0)
-        layer = (N - root) // n
-        held("fsdp2 gathers", 2 * (root + layer) * B,
-             f"2 (weights, grads) x (root {root:,} + one block {layer:,}) x {B} B, unsharded")
     if j.reference and not j.lora_rank:
         held("reference (full, every rank)", N * B, f"N x {B} B: a whole frozen copy of the policy")
     elif j.reference:
@@ -711,11 +709,24 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         act_f = (f"tokens x n x (4h + 3q + 3kv + {mlp_k}I) x {A} B = {mb_tokens:,} ({mb_what}) x {n} x "
                  f"{per_layer:,} x {A}")
     train_chunk = min(chunk, mb_tokens)
+    # the backward starts at the head, while zero_grad(set_to_none) has freed the held gradients: the head's fp32
+    # weight gradient (unsharded under fsdp2: counted in its gathers below) and chunk buffers stand in their place
+    trained = 3 * shape.lora_params(j.lora_rank) * B / div if j.lora_rank else N * B / div
+    grads = trained / 3 if j.lora_rank else trained
+    head_w = 0 if sharded else V * h * 4
     phases["train"] = [PlanTerm("activations (one micro-batch)", "train", act, act_f),
-                       PlanTerm("log-prob head backward", "train", 3 * train_chunk * V * 4 + V * h * 4,
-                                f"3 x chunk x V x 4 B + V x h x 4 B = 3 x {train_chunk} x {V:,} x 4 + {V:,} x {h} "
-                                f"x 4")]
-    if sharded:
+                       PlanTerm("log-prob head backward", "train", 3 * train_chunk * V * 4 + head_w,
+                                f"3 x chunk x V x 4 B{'' if sharded else ' + V x h x 4 B'} = 3 x {train_chunk} x "
+                                f"{V:,} x 4" + ("" if sharded else f" + {V:,} x {h} x 4")),
+                       PlanTerm("policy grads, freed until the backward", "train", -grads,
+                                "- the held policy grads (zero_grad sets them to None before the forward)")]
+    if sharded:  # FSDP2 keeps the root (embedding, final norm, head) unsharded from its forward to the backward's end
+        root = V * h * (1 if shape.tie_word_embeddings else 2) + h * (2 if shape.norm == "layer" else 1) + (
+            shape.max_position_embeddings * h if shape.learned_positions else 0)
+        layer = (N - root) // n
+        phases["train"].append(PlanTerm("fsdp2 gathers", "train", 2 * (root + layer) * B,
+                                        f"2 (weights, grads) x (root {root:,} + one block {layer:,}) x {B} B, "
+                                        "unsharded"))
         phases["sync"] = [PlanTerm("gathered weights", "sync", N * B, f"N x {B} B, all-gathered for the engine")]
         if j.cpu:  # on a GPU run rank 0 gathers and rebuilds in host memory (cpu_offload), not on its GPU
             phases["checkpoint"] = [PlanTerm("gathered + rebuilt model (rank 0)", "checkpoint", 2 * N * B,
