@@ -10,7 +10,7 @@
     rlpost algorithms                         the registered algorithms
     rlpost rewards / rlpost envs              the shipped rewards and environments
     rlpost eval runs/X --k 1 8                pass@k, maj@k, mean reward and length on the held-out rows
-    rlpost plan memory 7b --gpus 8            what each GPU of an RL job holds, and whether it fits
+    rlpost plan memory recipe.yaml 7b k=v     what each rank of that rlpost job holds, and whether it fits
     rlpost plan throughput RUN_DIR            where a run's step time goes, predicted for other topologies
     rlpost report runs/X                      one self-contained HTML page of what the run did (runs/X/report/)
     rlpost export runs/X --out model/         a plain model folder (LoRA adapters merged) + tokenizer

@@ -709,17 +709,21 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         act_f = (f"tokens x n x (4h + 3q + 3kv + {mlp_k}I) x {A} B = {mb_tokens:,} ({mb_what}) x {n} x "
                  f"{per_layer:,} x {A}")
     train_chunk = min(chunk, mb_tokens)
-    # the backward starts at the head, while zero_grad(set_to_none) has freed the held gradients: the head's fp32
-    # weight gradient (unsharded under fsdp2: counted in its gathers below) and chunk buffers stand in their place
-    trained = 3 * shape.lora_params(j.lora_rank) * B / div if j.lora_rank else N * B / div
-    grads = trained / 3 if j.lora_rank else trained
+    # the backward starts at the head. With one micro-batch per optimizer step zero_grad(set_to_none) has freed the
+    # held gradients by then; with more, the later micro-batches accumulate into them. The head's fp32 weight
+    # gradient (under fsdp2: the unsharded root's, counted in its gathers below) and chunk buffers come on top.
+    trained = shape.lora_params(j.lora_rank) * B / div if j.lora_rank else N * B / div
+    mb_rows = j.micro_batch_size or rows
+    one_micro_batch = not (j.packing and j.micro_batch_tokens) and mb_rows >= rows
     head_w = 0 if sharded else V * h * 4
     phases["train"] = [PlanTerm("activations (one micro-batch)", "train", act, act_f),
                        PlanTerm("log-prob head backward", "train", 3 * train_chunk * V * 4 + head_w,
                                 f"3 x chunk x V x 4 B{'' if sharded else ' + V x h x 4 B'} = 3 x {train_chunk} x "
-                                f"{V:,} x 4" + ("" if sharded else f" + {V:,} x {h} x 4")),
-                       PlanTerm("policy grads, freed until the backward", "train", -grads,
-                                "- the held policy grads (zero_grad sets them to None before the forward)")]
+                                f"{V:,} x 4" + ("" if sharded else f" + {V:,} x {h} x 4"))]
+    if one_micro_batch:
+        phases["train"].append(PlanTerm("policy grads, freed until the backward", "train", -trained,
+                                        "- the held policy grads: one micro-batch per optimizer step, and zero_grad "
+                                        "sets them to None before it"))
     if sharded:  # FSDP2 keeps the root (embedding, final norm, head) unsharded from its forward to the backward's end
         root = V * h * (1 if shape.tie_word_embeddings else 2) + h * (2 if shape.norm == "layer" else 1) + (
             shape.max_position_embeddings * h if shape.learned_positions else 0)
