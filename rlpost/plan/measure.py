@@ -7,8 +7,8 @@
 
 Each job is `rlpost train` in a fresh subprocess (`ranks` > 1: under torchrun with gloo on 127.0.0.1, one process
 per rank, as tests/test_fsdp.py launches them). Each process imports torch, transformers and rlpost's roles first,
-reads its peak RSS there (the baseline: the interpreter and the libraries, no model), runs the job, and reads its
-peak RSS again at the end. The difference is what the job itself held at its fullest moment, which is what
+reads its RSS there (the baseline: the interpreter and the libraries, no model), runs the job, and reads its peak
+RSS at the end. The difference is what the job itself held at its fullest moment, which is what
 `rlpost plan memory` predicts per GPU. On the CPU an rlpost rank is one process, so RSS stands for GPU memory.
 
 `qwen_folder` writes a random Qwen2 of any size with a small byte-level BPE tokenizer (the model's vocabulary is
@@ -34,6 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (/proc/self/statm: pages)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def qwen_folder(folder: str, vocab: int = 151936, hidden: int = 256, layers: int = 4, heads: int = 4,
@@ -110,7 +116,8 @@ def _main(argv: list[str]) -> int:
     from rlpost import cli
     from rlpost.stages import rl  # noqa: F401
 
-    baseline = peak_rss_bytes()
+    # the baseline is the RSS now, not the peak so far: a transient while importing is not held by the job
+    baseline = rss_bytes()
     code = cli.main(args)
     peak = peak_rss_bytes()
     rank = int(os.environ.get("RANK", "0"))

@@ -494,6 +494,9 @@ def format_report(est: Estimate) -> str:
 #               tokens*h*A per layer + one layer's), + the log-prob head's backward: 3*c*V*4 (chunk buffers)
 #               + V*h*4 (its fp32 weight gradient); fsdp2: the root module (embedding, final norm, head) and one
 #               block gathered, weights and gradients, 2 * (root + block) * B
+#   train end   the embedding's dense gradient V*h*B (tied to the head: 3 of them, the head's gradient waiting in
+#               autograd's input buffer, the embedding's and their sum); fsdp2: + the gathered root and its
+#               gradient's copy for the reduce-scatter, 2 * root * B
 #   sync        fsdp2: the gathered full weights on every rank, N*B, while they are copied into the engine
 #   checkpoint  fsdp2: rank 0 gathers the full weights N*B and rebuilds a plain model N*B to save (in host
 #               memory on a GPU run, so counted only under model.device=cpu)
@@ -724,13 +727,28 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         phases["train"].append(PlanTerm("policy grads, freed until the backward", "train", -trained,
                                         "- the held policy grads: one micro-batch per optimizer step, and zero_grad "
                                         "sets them to None before it"))
-    if sharded:  # FSDP2 keeps the root (embedding, final norm, head) unsharded from its forward to the backward's end
-        root = V * h * (1 if shape.tie_word_embeddings else 2) + h * (2 if shape.norm == "layer" else 1) + (
-            shape.max_position_embeddings * h if shape.learned_positions else 0)
+    # FSDP2's root module: the embedding, the final norm and the head
+    root = V * h * (1 if shape.tie_word_embeddings else 2) + h * (2 if shape.norm == "layer" else 1) + (
+        shape.max_position_embeddings * h if shape.learned_positions else 0)
+    if sharded:  # FSDP2 keeps the root unsharded from its forward to the backward's end
         layer = (N - root) // n
         phases["train"].append(PlanTerm("fsdp2 gathers", "train", 2 * (root + layer) * B,
                                         f"2 (weights, grads) x (root {root:,} + one block {layer:,}) x {B} B, "
                                         "unsharded"))
+    # the backward's end: the embedding's dense gradient V*h*B arrives; a tied embedding's autograd input buffer
+    # still holds the head's gradient and adds the two into a third tensor before accumulating them
+    tied = shape.tie_word_embeddings
+    emb_k = 3 if tied else 1
+    end = [PlanTerm("embedding gradient" + (" (tied: + head's + sum)" if tied else ""), "train end",
+                    emb_k * V * h * B, f"{emb_k} x V x h x {B} B = {emb_k} x {V:,} x {h} x {B}")]
+    if sharded:  # the root stays gathered, and its unsharded gradient is copied into the reduce-scatter's input
+        end += [PlanTerm("fsdp2 root, gathered + reduce-scatter input", "train end", 2 * root * B,
+                         f"2 x root x {B} B = 2 x {root:,} x {B}")]
+    if one_micro_batch:
+        end.append(PlanTerm("policy grads, freed until the backward", "train end", -trained,
+                            "- the held policy grads (one micro-batch per optimizer step)"))
+    phases["train end"] = end
+    if sharded:
         phases["sync"] = [PlanTerm("gathered weights", "sync", N * B, f"N x {B} B, all-gathered for the engine")]
         if j.cpu:  # on a GPU run rank 0 gathers and rebuilds in host memory (cpu_offload), not on its GPU
             phases["checkpoint"] = [PlanTerm("gathered + rebuilt model (rank 0)", "checkpoint", 2 * N * B,
