@@ -742,7 +742,7 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
     end = [PlanTerm("embedding gradient" + (" (tied: + head's + sum)" if tied else ""), "train end",
                     emb_k * V * h * B, f"{emb_k} x V x h x {B} B = {emb_k} x {V:,} x {h} x {B}")]
     if sharded:  # the root stays gathered, and its unsharded gradient is copied into the reduce-scatter's input
-        end += [PlanTerm("fsdp2 root, gathered + reduce-scatter input", "train end", 2 * root * B,
+        end += [PlanTerm("fsdp2 root + reduce-scatter copy", "train end", 2 * root * B,
                          f"2 x root x {B} B = 2 x {root:,} x {B}")]
     if one_micro_batch:
         end.append(PlanTerm("policy grads, freed until the backward", "train end", -trained,
@@ -855,9 +855,9 @@ def format_plan(p: Plan) -> str:
              f"({j.prompt_tokens} prompt + {j.max_new_tokens} response) tokens per step, {j.rank_rows} rows per rank"
              + (", gradient checkpointing" if j.checkpointing else "")
              + (f", LoRA r={j.lora_rank}" if j.lora_rank else ""), "",
-             f"  {'term':<38} {'phase':<10} {'per rank':>10}  formula"]
+             f"  {'term':<42} {'phase':<10} {'per rank':>10}  formula"]
     for t in p.terms:
-        lines.append(f"  {t.name:<38} {t.phase:<10} {_gb(t.bytes):>10}  {t.formula}")
+        lines.append(f"  {t.name:<42} {t.phase:<10} {_gb(t.bytes):>10}  {t.formula}")
     held = sum(t.bytes for t in p.terms if t.phase == "held")
     phase = sum(t.bytes for t in p.terms if t.phase == p.peak_phase)
     lines += [f"  = held {_gb(held)} + the largest phase, {p.peak_phase}, {_gb(phase)}", ""]
