@@ -518,6 +518,7 @@ class Job:
     lora_rank: int = 0
     checkpointing: bool = False
     micro_batch_size: int | None = None
+    minibatches: int = 1               # trainer.minibatches: optimizer steps per pass over the batch
     packing: bool = False              # trainer.packing (when this rlpost has it)
     micro_batch_tokens: int | None = None  # trainer.micro_batch_tokens (when this rlpost has it)
     logprob_chunk: int | None = None
@@ -584,8 +585,9 @@ def job_from_config(cfg, ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb
     algo = get_algorithm(**cfg.algorithm)
     job = Job(ranks=ranks, strategy=tc.strategy, param_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
               autocast=tc.precision == "bf16", lora_rank=cfg.model.lora.r, checkpointing=tc.gradient_checkpointing,
-              micro_batch_size=tc.micro_batch_size, packing=bool(getattr(tc, "packing", False)),
-              micro_batch_tokens=getattr(tc, "micro_batch_tokens", None), logprob_chunk=tc.logprob_chunk,
+              micro_batch_size=tc.micro_batch_size, minibatches=tc.minibatches,
+              packing=bool(getattr(tc, "packing", False)), micro_batch_tokens=getattr(tc, "micro_batch_tokens", None),
+              logprob_chunk=tc.logprob_chunk,
               prompts_per_step=rc.prompts_per_step, k=rc.k, prompt_tokens=prompt_tokens,
               max_new_tokens=rc.max_new_tokens, max_num_seqs=rc.max_num_seqs, reference=algo.uses_reference,
               critic=cfg.critic.type if algo.uses_critic else None,
@@ -717,7 +719,7 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
     # gradient (under fsdp2: the unsharded root's, counted in its gathers below) and chunk buffers come on top.
     trained = shape.lora_params(j.lora_rank) * B / div if j.lora_rank else N * B / div
     mb_rows = j.micro_batch_size or rows
-    one_micro_batch = not (j.packing and j.micro_batch_tokens) and mb_rows >= rows
+    one_micro_batch = not (j.packing and j.micro_batch_tokens) and mb_rows >= math.ceil(rows / j.minibatches)
     head_w = 0 if sharded else V * h * 4
     phases["train"] = [PlanTerm("activations (one micro-batch)", "train", act, act_f),
                        PlanTerm("log-prob head backward", "train", 3 * train_chunk * V * 4 + head_w,
