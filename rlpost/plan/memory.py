@@ -487,7 +487,8 @@ def format_report(est: Estimate) -> str:
 #   critic (PPO)                           separate: weights, grads, m, v of a copy: 4*N*B; head: 4*h*B
 # One phase at a time on top (the roles take turns), the largest counts:
 #   rollout     KV cache 2*n*kv*d*S*rows*B (rows = the rank's prompts_per_step*k / R, capped by rollout.max_num_seqs)
-#               + one decode step's logits and sampling buffers rows*V*16 (fp32 logits, probs, fp64 cdf)
+#               + one decode step's logits and sampling buffers rows*V*28 (fp32 logits, the sampler's scaled logits
+#               and probabilities, 4 B each; their fp64 copy and its cumulative sum, 8 B each)
 #   reference   one no-grad forward over the rank's WHOLE batch (trainer.micro_batch_tokens when the reference
 #               is micro-batched): a layer's buffers tokens*(3h + q + 2kv + 3I)*A + the head's chunk 3*c*V*4
 #   train       one micro-batch's saved activations, per layer tokens*(4h + 3q + 3kv + 4I)*A (checkpointing:
@@ -687,7 +688,7 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         phases["rollout"] = [
             PlanTerm("KV cache", "rollout", kvb, f"2 x n x kv_heads x d x S x rows x {B} B = 2 x {n} x "
                                                  f"{shape.num_kv_heads} x {shape.dim} x {S} x {live} x {B}"),
-            PlanTerm("decode logits + sampling", "rollout", live * V * 16, f"rows x V x 16 B = {live} x {V:,} x 16")]
+            PlanTerm("decode logits + sampling", "rollout", live * V * 28, f"rows x V x 28 B = {live} x {V:,} x 28")]
     if j.reference:
         ref_tokens = j.micro_batch_tokens if (j.packing and j.micro_batch_tokens) else rows * S
         per = 3 * h + q + 2 * kv + 3 * inter
