@@ -10,7 +10,7 @@
     rlpost algorithms                         the registered algorithms
     rlpost rewards / rlpost envs              the shipped rewards and environments
     rlpost eval runs/X --k 1 8                pass@k, maj@k, mean reward and length on the held-out rows
-    rlpost plan memory 7b --gpus 8            what each GPU of an RL job holds, and whether it fits
+    rlpost plan memory recipe.yaml 7b k=v     what each rank of that rlpost job holds, and whether it fits
     rlpost plan throughput RUN_DIR            where a run's step time goes, predicted for other topologies
     rlpost report runs/X                      one self-contained HTML page of what the run did (runs/X/report/)
     rlpost export runs/X --out model/         a plain model folder (LoRA adapters merged) + tokenizer
@@ -151,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("algorithms", help="list the registered RL algorithms")
     sub.add_parser("rewards", help="list the shipped rewards (task.reward / task.rewards names)")
     sub.add_parser("envs", help="list the shipped environments (task.env names)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `plan memory` takes its INPUTs (key=value overrides, MODEL, RECIPE) before and after its flags
+    if extra and args.command == "plan" and getattr(args, "plan_command", None) == "memory" \
+            and not any(x.startswith("-") for x in extra):
+        args.inputs = list(args.inputs) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "rewards":
         from rlpost.rewards import REWARDS
@@ -298,39 +304,56 @@ def add_curate_parser(sub) -> None:
 
 def add_plan_parser(sub) -> None:
     """`rlpost plan SUBCOMMAND`: estimates made before a run (memory; each estimate is one subcommand)."""
+    from rlpost.plan.memory import LAYOUTS
+
     p = sub.add_parser("plan", help="estimate a job: `plan memory MODEL`, `plan throughput RUN_DIR`",
                        description="Estimates made before a run, from the model's shape and the job's settings.")
     plan_sub = p.add_subparsers(dest="plan_command", metavar="ESTIMATE")
     m = plan_sub.add_parser(
-        "memory", help="GPU memory of an RL job: each copy of the model per GPU, and whether it fits",
-        description="Training state, frozen copies, rollout weights and KV cache, and activations on each GPU "
-                    "of an RL job (formulas: `python -c 'import rlpost.plan.memory as m; help(m)'`), the verdict "
-                    "and, when it does not fit, what each change would save.",
-        epilog="MODEL: a size (0.5b 1.5b 3b 7b 14b 32b 72b: Qwen2.5; 8b 70b: Llama 3.1), a name "
-               "(qwen2.5-7b, llama3.1-8b, llama2-7b, ...) or a local model folder with a config.json\n"
-               "e.g. rlpost plan memory 7b --gpus 8 --gpu-memory-gb 80 --critic --reward-model",
+        "memory", help="GPU memory of an RL job: what each rlpost rank holds, term by term, and whether it fits",
+        description="What each rank (one process, one GPU) of `rlpost train` holds for a config, with each term's "
+                    "formula: the policy's weights, gradients and AdamW state (sharded under trainer.strategy="
+                    "fsdp2), the full reference and engine copies every rank keeps, the native engine's fused "
+                    "matrices, and the largest phase on top (rollout: KV cache; reference: its forward over the "
+                    "rank's batch; train: one micro-batch's activations and the log-prob head's chunk). "
+                    "`--layout zero3` prints the generic ZeRO-3 / FSDP estimate (18 B/param, sharded frozen copies) "
+                    "instead, which rlpost itself does not implement.",
+        epilog="INPUT: a recipe (.yaml), key=value overrides as `rlpost train` takes them, and MODEL: a size "
+               "(0.5b 1.5b 3b 7b 14b 32b 72b: Qwen2.5; 8b 70b: Llama 3.1), a name (qwen2.5-7b, llama3.1-8b, ...) "
+               "or a local folder with a config.json (default: the config's model.name)\n"
+               "e.g. rlpost plan memory 7b trainer.strategy=fsdp2 rl.weight_sync=copy --ranks 8\n"
+               "     rlpost plan memory 7b --layout zero3 --gpus 8 --critic --reward-model",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("model", help="a size, a named model or a model folder")
-    m.add_argument("--seq-len", type=int, default=4096, help="prompt + response tokens per sequence (default 4096)")
-    m.add_argument("--batch", type=int, default=64, help="rollout sequences in flight over all engines (default 64)")
-    m.add_argument("--micro-batch", type=int, default=1, help="sequences per training forward/backward (default 1)")
-    m.add_argument("--gpus", type=int, default=1, help="GPUs of the job, trainer and rollout (default 1)")
-    m.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
-    m.add_argument("--topology", choices=["colocated", "disaggregated", "async"], default="colocated",
+    m.add_argument("inputs", nargs="*", metavar="INPUT", help="MODEL, RECIPE.yaml and key=value overrides")
+    m.add_argument("--layout", choices=list(LAYOUTS), default="rlpost",
+                   help="rlpost: what rlpost's own roles hold (default); zero3: the generic ZeRO-3 estimate, "
+                        "whose own settings are listed below")
+    m.add_argument("--ranks", type=int, default=1, help="rlpost: torchrun ranks of trainer.strategy=fsdp2 "
+                                                        "(default 1)")
+    m.add_argument("--prompt-tokens", type=int, default=128,
+                   help="rlpost: tokens of the longest prompt (default 128)")
+    z = m.add_argument_group("--layout zero3: the generic estimate's settings")
+    z.add_argument("--seq-len", type=int, default=4096, help="prompt + response tokens per sequence (default 4096)")
+    z.add_argument("--batch", type=int, default=64, help="rollout sequences in flight over all engines (default 64)")
+    z.add_argument("--micro-batch", type=int, default=1, help="sequences per training forward/backward (default 1)")
+    z.add_argument("--gpus", type=int, default=1, help="GPUs of the job, trainer and rollout (default 1)")
+    m.add_argument("--gpu-memory-gb", "--gpu-gb", type=float, default=80.0,
+                   help="memory of one GPU in GB (default 80)")
+    z.add_argument("--topology", choices=["colocated", "disaggregated", "async"], default="colocated",
                    help="colocated: every copy on every GPU; disaggregated / async: rollout engines on "
                         "--rollout-gpus of the GPUs, the rest train (default colocated)")
-    m.add_argument("--rollout-gpus", type=int, help="disaggregated / async: GPUs of the rollout engines "
+    z.add_argument("--rollout-gpus", type=int, help="disaggregated / async: GPUs of the rollout engines "
                                                     "(default half of --gpus)")
-    m.add_argument("--rollout-tp", type=int, default=1, help="tensor-parallel size of one rollout engine (default 1)")
-    m.add_argument("--critic", action="store_true", help="a critic (PPO-style algorithms): a second trained copy")
-    m.add_argument("--reward-model", action="store_true", help="a learned reward model (a verifier needs none)")
-    m.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full; default 0)")
-    m.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
-    m.add_argument("--precision", choices=["mixed", "fp32", "bf16"], default="mixed",
+    z.add_argument("--rollout-tp", type=int, default=1, help="tensor-parallel size of one rollout engine (default 1)")
+    z.add_argument("--critic", action="store_true", help="a critic (PPO-style algorithms): a second trained copy")
+    z.add_argument("--reward-model", action="store_true", help="a learned reward model (a verifier needs none)")
+    z.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full; default 0)")
+    z.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
+    z.add_argument("--precision", choices=["mixed", "fp32", "bf16"], default="mixed",
                    help="mixed: bf16 compute with fp32 master weights and AdamW (18 B/param); fp32 (16); "
                         "bf16: pure bf16 (8) (default mixed)")
-    m.add_argument("--no-shard", action="store_true", help="do not shard the training state (no ZeRO-3 / FSDP)")
-    m.add_argument("--no-flash-attention", action="store_true",
+    z.add_argument("--no-shard", action="store_true", help="do not shard the training state (no ZeRO-3 / FSDP)")
+    z.add_argument("--no-flash-attention", action="store_true",
                    help="activations of attention that stores its s x s scores")
     m.add_argument("--headroom", type=float, default=0.10,
                    help="fraction of each GPU kept free for the CUDA context and fragmentation (default 0.10)")
@@ -407,7 +430,15 @@ def run_plan(args, parser) -> int:
         parser.parse_args(["plan", "--help"])
         return 0
     try:
-        shape = shape_for(args.model)
+        if args.layout == "rlpost":
+            from rlpost.plan.memory import format_plan, plan, plan_inputs
+
+            p = plan(*plan_inputs(args.inputs, args.ranks, args.prompt_tokens, args.gpu_memory_gb, args.headroom))
+            print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
+            return 0
+        if len(args.inputs) != 1 or "=" in args.inputs[0]:
+            raise ValueError(f"--layout zero3 takes one MODEL (a size, a name or a folder), got {args.inputs}")
+        shape = shape_for(args.inputs[0])
         setup = Setup(seq_len=args.seq_len, batch=args.batch, micro_batch=args.micro_batch, gpus=args.gpus,
                       gpu_memory_gb=args.gpu_memory_gb, topology=args.topology, rollout_gpus=args.rollout_gpus,
                       rollout_tp=args.rollout_tp, critic=args.critic, reward_model=args.reward_model,

@@ -227,15 +227,109 @@ def test_kv_cache_matches_native_engine_llama_gqa(tmp_path):
 # ---------------------------------------------------------------------------------------------- the command
 
 def test_cli_table_and_json(capsys, tmp_path):
-    assert main(["plan", "memory", "7b", "--gpus", "8", "--gpu-memory-gb", "80"]) == 0
+    """The generic ZeRO-3 estimate, now behind --layout zero3."""
+    assert main(["plan", "memory", "7b", "--layout", "zero3", "--gpus", "8", "--gpu-memory-gb", "80"]) == 0
     out = capsys.readouterr().out
     assert "policy: training state" in out and "KV cache" in out and "FITS" in out
-    assert main(["plan", "memory", "70b", "--gpus", "8", "--critic", "--reward-model", "--json"]) == 0
+    assert main(["plan", "memory", "70b", "--layout", "zero3", "--gpus", "8", "--critic", "--reward-model",
+                 "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["fits"] is False and d["params"] == shape_for("70b").num_params() and d["suggestions"]
     assert {t["name"] for t in d["terms"]} >= {"critic: training state", "reward model", "rollout: KV cache"}
-    assert main(["plan", "memory", "no-such-model"]) == 2
-    assert main(["plan", "memory", "7b", "--topology", "disaggregated", "--gpus", "1"]) == 2
+    assert main(["plan", "memory", "no-such-model", "--layout", "zero3"]) == 2
+    assert main(["plan", "memory", "7b", "--layout", "zero3", "--topology", "disaggregated", "--gpus", "1"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- rlpost's layout
+
+def rlpost_plan(*inputs, ranks=1, prompt_tokens=128, gpu_gb=80.0):
+    from rlpost.plan.memory import plan, plan_inputs
+
+    return plan(*plan_inputs(list(inputs), ranks, prompt_tokens, gpu_gb))
+
+
+def term(p, name: str) -> float:
+    return next(t.bytes for t in p.terms if t.name.startswith(name))
+
+
+def test_rlpost_layout_keeps_full_reference_and_engine_copies_on_every_fsdp2_rank():
+    """What rlpost does under fsdp2: the policy's state is sharded, the reference and the engine's copy are not."""
+    N = 7_615_616_512
+    p = rlpost_plan("7b", "trainer.strategy=fsdp2", "rl.weight_sync=copy", ranks=8)
+    assert term(p, "policy weights") == N * 4 / 8 and term(p, "policy AdamW") == 2 * N * 4 / 8
+    assert term(p, "reference (full, every rank)") == N * 4
+    assert term(p, "engine copy (full, every rank)") == N * 4
+    half = rlpost_plan("7b", "trainer.strategy=fsdp2", "rl.weight_sync=copy", "model.dtype=bfloat16", ranks=8)
+    assert term(half, "reference (full") == N * 2 and term(half, "policy grads") == N * 2 / 8
+    # one process, the default pointer sync: the engine reads the trainer's module, no copy; beta=0: no reference
+    one = rlpost_plan("1.5b", "algorithm.beta=0")
+    assert not any(t.name.startswith(("engine copy", "reference")) for t in one.terms)
+    # LoRA: the reference is the base with adapters off; only the adapters have grads and AdamW state
+    lora = rlpost_plan("1.5b", "model.lora.r=8")
+    assert term(lora, "reference") == 0
+    a = shape_for("1.5b").lora_params(8)
+    assert term(lora, "policy grads + AdamW") == 3 * a * 4
+
+
+def test_rlpost_layout_phases_and_formulas():
+    """The peak is what is held plus the largest phase; the KV cache and activations follow the config's keys."""
+    s = shape_for("1.5b")
+    p = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "rollout.max_new_tokens=100",
+                    prompt_tokens=28)
+    assert term(p, "KV cache") == 2 * s.num_layers * s.num_kv_heads * s.dim * 128 * 8 * 4
+    held = sum(t.bytes for t in p.terms if t.phase == "held")
+    phases = {}
+    for t in p.terms:
+        if t.phase != "held":
+            phases[t.phase] = phases.get(t.phase, 0) + t.bytes
+    assert p.peak == held + max(phases.values()) and p.peak_phase == max(phases, key=phases.get)
+    capped = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "rollout.max_new_tokens=100",
+                         "rollout.max_num_seqs=2", prompt_tokens=28)
+    assert term(capped, "KV cache") == term(p, "KV cache") / 4
+    mb = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.micro_batch_size=2")
+    whole = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2")
+    assert term(whole, "activations") == 4 * term(mb, "activations")
+    ckpt = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.gradient_checkpointing=true")
+    assert term(ckpt, "activations") < term(whole, "activations") / 4
+    for t in p.terms:
+        assert t.formula, t.name
+
+
+def test_rlpost_layout_suggests_only_settings_that_exist():
+    """Each suggestion is an override `rlpost train` accepts (or more ranks), and the one that fits does fit."""
+    from rlpost.config import load_config
+
+    p = rlpost_plan("7b", "trainer.strategy=fsdp2", "rl.weight_sync=copy", "rollout.max_new_tokens=8192", ranks=8)
+    assert not p.fits and p.suggestions
+    for s in p.suggestions:
+        for change in s["change"].removeprefix("smallest change that fits: ").split():
+            if "=" in change:
+                load_config(None, [change])  # raises ConfigError for a key rlpost does not have
+            elif change.startswith("--"):
+                assert change == "--ranks", s
+    assert not any("offload" in s["change"] for s in p.suggestions)
+
+
+def test_rlpost_layout_plans_packing_keys_ahead_and_refuses_bad_ranks(capsys):
+    whole = rlpost_plan("1.5b", "rollout.max_new_tokens=1024")
+    packed = rlpost_plan("1.5b", "rollout.max_new_tokens=1024", "trainer.packing=true",
+                         "trainer.micro_batch_tokens=2048")
+    assert term(packed, "activations") < term(whole, "activations")
+    assert "2,048 (trainer.micro_batch_tokens)" in next(t.formula for t in packed.terms
+                                                         if t.name.startswith("reference forward"))
+    assert main(["plan", "memory", "1.5b", "--ranks", "2"]) == 2
+    assert "trainer.strategy=fsdp2" in capsys.readouterr().err
+    assert main(["plan", "memory", "1.5b", "trainer.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+
+
+def test_rlpost_layout_is_the_default_and_reads_recipes(capsys):
+    assert main(["plan", "memory", "7b", "trainer.strategy=fsdp2", "--ranks", "8", "rl.weight_sync=copy"]) == 0
+    out = capsys.readouterr().out
+    assert "reference (full, every rank)" in out and "formula" in out and "DOES NOT FIT" in out
+    assert main(["plan", "memory", "recipes/default.yaml", "--json"]) == 0  # gpt_mini, its vocabulary from the task
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"] == "gpt_mini" and d["fits"] is True
 
 
 def test_shape_from_config_dict_keys():
@@ -293,3 +387,46 @@ def test_lora_params_equal_peft_adapters(which):
     peft.inject_adapter_in_model(peft.LoraConfig(r=8, target_modules=targets), model)
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert shape.lora_params(8) == adapters
+
+
+# ---------------------------------------------------------------------------------------------- against a real job
+
+# two steps: AdamW's state exists from the first optimizer step on, so the second step trains beside it, as every
+# later step of a run does (the plan counts it as held)
+MEASURED_JOB = ["rl.steps=2", "rollout.prompts_per_step=2", "rollout.k=2", "rollout.max_new_tokens=32",
+                "trainer.micro_batch_size=2", "sft.steps=0", "stages=[rl]", "rl.eval_every=0", "rl.save_every=0",
+                "task.num_eval=4", "eval.samples_per_prompt=1", "model.device=cpu", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def qwen_42m(tmp_path_factory):
+    """The 42.7 M-parameter random Qwen2 with V = 151,936 (hidden 256, 4 layers), and its longest prompt in tokens."""
+    from transformers import AutoTokenizer
+
+    from rlpost.models import HFTokenizer
+    from rlpost.plan.measure import qwen_folder
+    from rlpost.tasks.arithmetic import arithmetic_task
+
+    folder = qwen_folder(str(tmp_path_factory.mktemp("qwen42m")))
+    tok = HFTokenizer(AutoTokenizer.from_pretrained(folder))
+    prompt_tokens = max(len(tok.encode_prompt(r["prompt"])) for r in arithmetic_task(num_eval=4).train_rows)
+    return folder, prompt_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_plan_matches_the_measured_peak_of_a_real_job(qwen_42m, tmp_path, ranks):
+    """`rlpost train` on the CPU (1 process; 2 gloo ranks under torchrun with fsdp2): the plan's per-rank peak is
+    within 15 % of the measured peak RSS above the process's baseline (the largest over the ranks)."""
+    from rlpost.plan.measure import measure
+
+    folder, prompt_tokens = qwen_42m
+    job = [f"model.name={folder}", f"out_dir={tmp_path}", *MEASURED_JOB]
+    if ranks > 1:
+        job += ["trainer.strategy=fsdp2", "rl.weight_sync=copy"]
+    p = rlpost_plan(*job, ranks=ranks, prompt_tokens=prompt_tokens)
+    assert 20e6 <= p.params <= 100e6 and shape_for(folder).vocab_size == 151936
+    measured = measure(job, ranks=ranks)["peak_above_baseline"]
+    print(f"\n{ranks} rank(s): plan {p.peak / 1e9:.3f} GB ({p.peak_phase}), measured {measured / 1e9:.3f} GB, "
+          f"plan / measured {p.peak / measured:.3f}")
+    assert abs(p.peak / measured - 1) <= 0.15, (p.peak, measured)

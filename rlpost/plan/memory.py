@@ -1,4 +1,9 @@
-"""How much GPU memory an RL job needs: `rlpost plan memory MODEL`.
+"""How much GPU memory an RL job needs: `rlpost plan memory [RECIPE] [MODEL] [key=value ...]`.
+
+Two layouts. The default, rlpost's own (`plan`, `format_plan`; formulas in the comments above LAYOUTS below), is
+what each rank of `rlpost train` holds for a config: the keys `rlpost train` reads, checked against the measured
+peak of real jobs (`rlpost.plan.measure`, tests/test_plan_memory.py). `--layout zero3` (`estimate`,
+`format_report`) is the generic ZeRO-3 / FSDP view described next, which shards every copy; rlpost does not.
 
 Every figure is bytes; the report prints GB = 1e9 bytes. N is the parameter count, G the GPU count.
 
@@ -462,3 +467,453 @@ def format_report(est: Estimate) -> str:
         lines.append(f"  - {sug['change']}: saves {sug['saves_gb']:.2f} GB -> {sug['peak_gb']:.2f} GB"
                      f"{' (fits)' if sug['fits'] else ''}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- rlpost's layout
+#
+# What one rlpost rank (one process, one GPU) holds for a config, term by term, with the formulas the report
+# prints. N parameters of B bytes (model.dtype: 4 float32, 2 bfloat16; trainer.precision=bf16 is autocast over
+# these parameters, so it does not change B), R ranks (trainer.strategy=fsdp2 under torchrun; single: 1).
+#
+# Held for the whole stage:
+#   policy weights, grads, AdamW m and v   N*B / R each (LoRA: the base N*B / R, and the adapters' A*B / R x 4)
+#   reference                              a FULL frozen copy of the policy on EVERY rank: N*B (taken before the
+#                                          trainer shards the policy; none under LoRA: the base with adapters off;
+#                                          none without a KL term, algorithm.beta=0)
+#   engine copy                            a FULL copy on every rank under fsdp2 or rl.weight_sync=copy: N*B (the
+#                                          colocated single-process default, pointer, shares the trainer's module)
+#   native engine's fused matrices         Llama / Qwen2: q|k|v and gate|up concatenated per layer, cached:
+#                                          n * h * (q + 2*kv + 2*I) * B
+#   critic (PPO)                           separate: weights, grads, m, v of a copy: 4*N*B; head: 4*h*B
+# One phase at a time on top (the roles take turns), the largest counts:
+#   rollout     KV cache 2*n*kv*d*S*rows*B (rows = the rank's prompts_per_step*k / R, capped by rollout.max_num_seqs)
+#               + one decode step's logits and sampling buffers rows*V*28 (fp32 logits, the sampler's scaled logits
+#               and probabilities, 4 B each; their fp64 copy and its cumulative sum, 8 B each)
+#   reference   one no-grad forward over the rank's WHOLE batch (trainer.micro_batch_tokens when the reference
+#               is micro-batched): a layer's buffers tokens*(3h + q + 2kv + 3I)*A + the head's chunk 3*c*V*4
+#   train       one micro-batch's saved activations, per layer tokens*(4h + 3q + 3kv + 4I)*A (checkpointing:
+#               tokens*h*A per layer + one layer's), + the log-prob head's backward: 3*c*V*4 (chunk buffers)
+#               + V*h*4 (its fp32 weight gradient); fsdp2: the root module (embedding, final norm, head) and one
+#               block gathered, weights and gradients, 2 * (root + block) * B
+#   train end   the embedding's dense gradient V*h*B (tied to the head: 3 of them, the head's gradient waiting in
+#               autograd's input buffer, the embedding's and their sum); fsdp2: + the gathered root and its
+#               gradient's copy for the reduce-scatter, 2 * root * B
+#   sync        fsdp2: the gathered full weights on every rank, N*B, while they are copied into the engine
+#   checkpoint  fsdp2: rank 0 gathers the full weights N*B and rebuilds a plain model N*B to save (in host
+#               memory on a GPU run, so counted only under model.device=cpu)
+# A = activation bytes (2 under bf16 autocast or bfloat16 parameters, else 4); c = trainer.logprob_chunk tokens
+# (None: 2**25 / V); tokens = rows * (prompt + response) (trainer.micro_batch_size rows; the rank's whole batch
+# when None; trainer.micro_batch_tokens with trainer.packing).
+
+LAYOUTS = ("rlpost", "zero3")
+
+
+@dataclass
+class Job:
+    """The settings of an rlpost RL job that set its memory, read from a Config (`job_from_config`)."""
+
+    ranks: int = 1                     # trainer.strategy=fsdp2: torchrun's ranks; single: 1
+    strategy: str = "single"
+    param_bytes: int = 4               # model.dtype: float32 4, bfloat16 2
+    autocast: bool = False             # trainer.precision=bf16
+    lora_rank: int = 0
+    checkpointing: bool = False
+    micro_batch_size: int | None = None
+    minibatches: int = 1               # trainer.minibatches: optimizer steps per pass over the batch
+    packing: bool = False              # trainer.packing (when this rlpost has it)
+    micro_batch_tokens: int | None = None  # trainer.micro_batch_tokens (when this rlpost has it)
+    logprob_chunk: int | None = None
+    prompts_per_step: int = 32
+    k: int = 8
+    prompt_tokens: int = 128           # the longest prompt (a plan-only figure: --prompt-tokens)
+    max_new_tokens: int = 6
+    max_num_seqs: int = 0
+    reference: bool = True             # the algorithm reads ref_logp (GRPO: beta > 0)
+    critic: str | None = None          # "separate" | "head" | None
+    engine_copy: bool = False          # fsdp2, or rl.weight_sync=copy
+    native_engine: bool = True         # rlpost's native engine (Llama / Qwen2 fuse q|k|v and gate|up)
+    topology: str = "colocated"
+    cpu: bool = False                  # model.device=cpu: the run's memory is this process's RSS
+    gpu_memory_gb: float = 80.0
+    headroom: float = 0.10
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def seq_tokens(self) -> int:
+        return self.prompt_tokens + self.max_new_tokens
+
+    @property
+    def rank_rows(self) -> int:
+        """Sequences of one step on one rank (each rank rolls out its share of the prompts)."""
+        return math.ceil(self.prompts_per_step / self.ranks) * self.k
+
+
+def shape_for_config(cfg) -> ModelShape:
+    """The shape of `model.name`: a named size or model, a folder with a config.json, a hub id whose last part
+    is a named model (Qwen/Qwen2.5-7B), or gpt_mini (its character vocabulary from the task's alphabet)."""
+    name = cfg.model.name
+    if name == "gpt_mini":
+        from rlpost.models import CharTokenizer
+        from rlpost.tasks import load_task
+
+        vocab = CharTokenizer(load_task(cfg.task).alphabet).vocab_size
+        h = cfg.model.n_embd
+        blocks = cfg.model.block_size or 2048
+        return ModelShape("gpt_mini", h, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_head, 4 * h, vocab, True,
+                          blocks, mlp="gelu", norm="layer", attention_bias=True, mlp_bias=True,
+                          learned_positions=True)
+    try:
+        return shape_for(name)
+    except ValueError:
+        base = name.rstrip("/").split("/")[-1].lower()
+        if base in NAMED:
+            return NAMED[base]
+        raise ValueError(f"model.name={name!r}: no config.json there and not a named model; give a size or name "
+                         f"as MODEL ({', '.join(SIZES)}; {', '.join(NAMED)}) or a local folder") from None
+
+
+def job_from_config(cfg, ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb: float = 80.0,
+                    headroom: float = 0.10) -> Job:
+    """A Job from a loaded Config (`rlpost.config.load_config`): the same keys `rlpost train` reads."""
+    from rlpost.algorithms import get_algorithm
+
+    tc, rc = cfg.trainer, cfg.rollout
+    if ranks < 1:
+        raise ValueError(f"--ranks must be >= 1, got {ranks}")
+    if ranks > 1 and tc.strategy != "fsdp2":
+        raise ValueError(f"--ranks {ranks} needs trainer.strategy=fsdp2 (trainer.strategy={tc.strategy} runs one "
+                         "process); add trainer.strategy=fsdp2 rl.weight_sync=copy")
+    algo = get_algorithm(**cfg.algorithm)
+    job = Job(ranks=ranks, strategy=tc.strategy, param_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
+              autocast=tc.precision == "bf16", lora_rank=cfg.model.lora.r, checkpointing=tc.gradient_checkpointing,
+              micro_batch_size=tc.micro_batch_size, minibatches=tc.minibatches,
+              packing=bool(getattr(tc, "packing", False)), micro_batch_tokens=getattr(tc, "micro_batch_tokens", None),
+              logprob_chunk=tc.logprob_chunk,
+              prompts_per_step=rc.prompts_per_step, k=rc.k, prompt_tokens=prompt_tokens,
+              max_new_tokens=rc.max_new_tokens, max_num_seqs=rc.max_num_seqs, reference=algo.uses_reference,
+              critic=cfg.critic.type if algo.uses_critic else None,
+              engine_copy=tc.strategy == "fsdp2" or cfg.rl.weight_sync == "copy",
+              native_engine=rc.engine in ("auto", "native"), topology=cfg.rl.topology,
+              cpu=cfg.model.device == "cpu", gpu_memory_gb=gpu_memory_gb,
+              headroom=headroom)
+    if job.critic and tc.strategy == "fsdp2":
+        job.notes.append("trainer.strategy=fsdp2 refuses a critic (PPO): rlpost train stops at the start")
+    if rc.engine == "vllm":
+        job.notes.append("rollout.engine=vllm: the engine's memory is vLLM's (gpu_memory_utilization), not counted")
+    if cfg.rl.topology != "colocated":
+        job.notes.append(f"rl.topology={cfg.rl.topology}: the engines run in Ray workers, each with its own "
+                         "weights and KV cache (the rollout rows below)")
+    return job
+
+
+@dataclass
+class PlanTerm:
+    name: str
+    phase: str          # "held" (the whole stage) or the phase it peaks in: rollout | reference | train | ...
+    bytes: float
+    formula: str
+
+
+@dataclass
+class Plan:
+    """rlpost's own layout of one job: the terms on the fullest rank, the peak and the verdict."""
+
+    model: str
+    params: int
+    job: Job
+    terms: list[PlanTerm]
+    peak_phase: str
+    peak: float
+    usable: float
+    fits: bool
+    suggestions: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["peak_gb"], d["usable_gb"] = self.peak / GB, self.usable / GB
+        return d
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.3g} GB" if x >= 1e8 else f"{x / 1e6:.3g} MB"
+
+
+def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
+    """Every term one rlpost rank holds for `job`, the phase that peaks, and the verdict (see the comments above
+    LAYOUTS for the formulas)."""
+    j = job
+    N, B, R, V, h, n = shape.num_params(), j.param_bytes, j.ranks, shape.vocab_size, shape.hidden_size, \
+        shape.num_layers
+    q, kv, inter = shape.num_heads * shape.dim, shape.num_kv_heads * shape.dim, shape.intermediate_size
+    A = 2 if (j.autocast or B == 2) else 4
+    sharded = j.strategy == "fsdp2"
+    shard = f" / {R} ranks" if sharded and R > 1 else ""
+    div = R if sharded else 1
+    terms: list[PlanTerm] = []
+
+    def held(name, value, formula):
+        terms.append(PlanTerm(name, "held", value, formula))
+
+    if j.lora_rank:
+        a = shape.lora_params(j.lora_rank)
+        held("policy weights", (N + a) * B / div, f"(N + adapters) x {B} B{shard} = ({N:,} + {a:,}) x {B}{shard}")
+        held("policy grads + AdamW m, v", 3 * a * B / div, f"3 x adapters x {B} B{shard} = 3 x {a:,} x {B}{shard}")
+    else:
+        held("policy weights", N * B / div, f"N x {B} B{shard} = {N:,} x {B}{shard}")
+        held("policy grads", N * B / div, f"N x {B} B{shard}")
+        held("policy AdamW m, v", 2 * N * B / div, f"2 x N x {B} B{shard}")
+    if j.reference and not j.lora_rank:
+        held("reference (full, every rank)", N * B, f"N x {B} B: a whole frozen copy of the policy")
+    elif j.reference:
+        held("reference", 0, "the LoRA base with adapters off: no copy")
+    colocated = j.topology == "colocated"
+    if colocated and j.engine_copy:
+        held("engine copy (full, every rank)", N * B, f"N x {B} B (" + ("fsdp2: no engine samples from shards"
+                                                                      if sharded else "rl.weight_sync=copy") + ")")
+    if colocated and j.native_engine and shape.mlp == "swiglu":
+        held("native engine fused q|k|v, gate|up", n * h * (q + 2 * kv + 2 * inter) * B,
+             f"n x h x (q + 2 kv + 2 I) x {B} B = {n} x {h} x ({q} + {2 * kv} + {2 * inter}) x {B}")
+    if j.critic == "separate":
+        held("critic (separate copy)", 4 * N * B / div, f"4 (weights, grads, m, v) x N x {B} B")
+    elif j.critic == "head":
+        held("critic (value head)", 4 * h * B, f"4 x h x {B} B")
+
+    chunk = j.logprob_chunk or (1 << 25) // max(V, 1)
+    chunk = max(16, chunk) if not j.logprob_chunk else chunk
+    S, rows = j.seq_tokens, j.rank_rows
+    phases: dict[str, list[PlanTerm]] = {}
+    if colocated:
+        live = min(j.max_num_seqs or rows, rows)
+        kvb = 2 * n * shape.num_kv_heads * shape.dim * S * live * B
+        phases["rollout"] = [
+            PlanTerm("KV cache", "rollout", kvb, f"2 x n x kv_heads x d x S x rows x {B} B = 2 x {n} x "
+                                                 f"{shape.num_kv_heads} x {shape.dim} x {S} x {live} x {B}"),
+            PlanTerm("decode logits + sampling", "rollout", live * V * 28, f"rows x V x 28 B = {live} x {V:,} x 28")]
+    if j.reference:
+        ref_tokens = j.micro_batch_tokens if (j.packing and j.micro_batch_tokens) else rows * S
+        per = 3 * h + q + 2 * kv + 3 * inter
+        what = "trainer.micro_batch_tokens" if (j.packing and j.micro_batch_tokens) else \
+            f"the rank's whole batch, {rows} x {S}"
+        phases["reference"] = [
+            PlanTerm("reference forward (no grad)", "reference", ref_tokens * per * A,
+                     f"tokens x (3h + q + 2kv + 3I) x {A} B = {ref_tokens:,} ({what}) x {per:,} x {A}"),
+            PlanTerm("log-prob head chunk", "reference", 3 * min(chunk, ref_tokens) * V * 4,
+                     f"3 x chunk x V x 4 B = 3 x {min(chunk, ref_tokens)} x {V:,} x 4")]
+    if j.packing and j.micro_batch_tokens:
+        mb_tokens, mb_what = j.micro_batch_tokens, "trainer.micro_batch_tokens"
+    else:
+        mb_rows = min(j.micro_batch_size or rows, rows)
+        mb_tokens, mb_what = mb_rows * S, f"{mb_rows} rows x {S}"
+    mlp_k = 4 if shape.mlp == "swiglu" else 2  # swiglu: gate, up, silu(gate), product; gelu: fc out, gelu out
+    per_layer = 4 * h + 3 * q + 3 * kv + mlp_k * inter
+    if j.checkpointing:
+        act = mb_tokens * (n * h + per_layer) * A
+        act_f = (f"tokens x (n x h + 4h + 3q + 3kv + {mlp_k}I) x {A} B = {mb_tokens:,} ({mb_what}) x "
+                 f"{n * h + per_layer:,} x {A} (checkpointed)")
+    else:
+        act = mb_tokens * n * per_layer * A
+        act_f = (f"tokens x n x (4h + 3q + 3kv + {mlp_k}I) x {A} B = {mb_tokens:,} ({mb_what}) x {n} x "
+                 f"{per_layer:,} x {A}")
+    train_chunk = min(chunk, mb_tokens)
+    # the backward starts at the head. With one micro-batch per optimizer step zero_grad(set_to_none) has freed the
+    # held gradients by then; with more, the later micro-batches accumulate into them. The head's fp32 weight
+    # gradient (under fsdp2: the unsharded root's, counted in its gathers below) and chunk buffers come on top.
+    trained = shape.lora_params(j.lora_rank) * B / div if j.lora_rank else N * B / div
+    mb_rows = j.micro_batch_size or rows
+    one_micro_batch = not (j.packing and j.micro_batch_tokens) and mb_rows >= math.ceil(rows / j.minibatches)
+    head_w = 0 if sharded else V * h * 4
+    phases["train"] = [PlanTerm("activations (one micro-batch)", "train", act, act_f),
+                       PlanTerm("log-prob head backward", "train", 3 * train_chunk * V * 4 + head_w,
+                                f"3 x chunk x V x 4 B{'' if sharded else ' + V x h x 4 B'} = 3 x {train_chunk} x "
+                                f"{V:,} x 4" + ("" if sharded else f" + {V:,} x {h} x 4"))]
+    if one_micro_batch:
+        phases["train"].append(PlanTerm("policy grads, freed until the backward", "train", -trained,
+                                        "- the held policy grads: one micro-batch per optimizer step, and zero_grad "
+                                        "sets them to None before it"))
+    # FSDP2's root module: the embedding, the final norm and the head
+    root = V * h * (1 if shape.tie_word_embeddings else 2) + h * (2 if shape.norm == "layer" else 1) + (
+        shape.max_position_embeddings * h if shape.learned_positions else 0)
+    if sharded:  # FSDP2 keeps the root unsharded from its forward to the backward's end
+        layer = (N - root) // n
+        phases["train"].append(PlanTerm("fsdp2 gathers", "train", 2 * (root + layer) * B,
+                                        f"2 (weights, grads) x (root {root:,} + one block {layer:,}) x {B} B, "
+                                        "unsharded"))
+    # the backward's end: the embedding's dense gradient V*h*B arrives; a tied embedding's autograd input buffer
+    # still holds the head's gradient and adds the two into a third tensor before accumulating them
+    tied = shape.tie_word_embeddings
+    emb_k = 3 if tied else 1
+    end = [PlanTerm("embedding gradient" + (" (tied: + head's + sum)" if tied else ""), "train end",
+                    emb_k * V * h * B, f"{emb_k} x V x h x {B} B = {emb_k} x {V:,} x {h} x {B}")]
+    if sharded:  # the root stays gathered, and its unsharded gradient is copied into the reduce-scatter's input
+        end += [PlanTerm("fsdp2 root + reduce-scatter copy", "train end", 2 * root * B,
+                         f"2 x root x {B} B = 2 x {root:,} x {B}")]
+    if one_micro_batch:
+        end.append(PlanTerm("policy grads, freed until the backward", "train end", -trained,
+                            "- the held policy grads (one micro-batch per optimizer step)"))
+    phases["train end"] = end
+    if sharded:
+        phases["sync"] = [PlanTerm("gathered weights", "sync", N * B, f"N x {B} B, all-gathered for the engine")]
+        if j.cpu:  # on a GPU run rank 0 gathers and rebuilds in host memory (cpu_offload), not on its GPU
+            phases["checkpoint"] = [PlanTerm("gathered + rebuilt model (rank 0)", "checkpoint", 2 * N * B,
+                                             f"2 x N x {B} B, to save a checkpoint")]
+    peak_phase, extra = max(((p, sum(t.bytes for t in ts)) for p, ts in phases.items()), key=lambda t: t[1])
+    for p, ts in phases.items():
+        terms.extend(ts)
+    base = sum(t.bytes for t in terms if t.phase == "held")
+    peak = base + extra
+    usable = j.gpu_memory_gb * GB * (1 - j.headroom)
+    out = Plan(shape.name, N, j, terms, peak_phase, peak, usable, peak <= usable)
+    if suggest and not out.fits:
+        out.suggestions = plan_suggestions(shape, out)
+    return out
+
+
+def _job_changes(shape: ModelShape, j: Job) -> list[tuple[str, Job]]:
+    """Settings rlpost has, each as (the override, the changed job)."""
+    out = []
+    if j.param_bytes == 4:
+        out.append(("model.dtype=bfloat16", replace(j, param_bytes=2)))
+    if not j.lora_rank:
+        out.append(("model.lora.r=16", replace(j, lora_rank=16)))
+    if not j.checkpointing:
+        out.append(("trainer.gradient_checkpointing=true", replace(j, checkpointing=True)))
+    mb = j.micro_batch_size or j.rank_rows
+    if mb > 1 and not (j.packing and j.micro_batch_tokens):
+        out.append((f"trainer.micro_batch_size={max(mb // 4, 1)}", replace(j, micro_batch_size=max(mb // 4, 1))))
+    if j.packing and j.micro_batch_tokens and j.micro_batch_tokens > 1024:
+        out.append((f"trainer.micro_batch_tokens={j.micro_batch_tokens // 2}",
+                    replace(j, micro_batch_tokens=j.micro_batch_tokens // 2)))
+    if j.reference:
+        out.append(("algorithm.beta=0 (no KL term: no reference)", replace(j, reference=False)))
+    live = min(j.max_num_seqs or j.rank_rows, j.rank_rows)
+    if live > 1:  # the largest cap that fits, halving from the rows (a quarter of them when none fits)
+        caps = [c for c in (live >> i for i in range(1, live.bit_length())) if c >= 1]
+        cap = next((c for c in caps if plan(shape, replace(j, max_num_seqs=c), suggest=False).fits),
+                   max(live // 4, 1))
+        out.append((f"rollout.max_num_seqs={cap}", replace(j, max_num_seqs=cap)))
+    if j.strategy == "fsdp2":
+        out.append((f"--ranks {2 * j.ranks} (fsdp2 over more GPUs)", replace(j, ranks=2 * j.ranks)))
+    if j.prompts_per_step > 1:
+        out.append((f"rollout.prompts_per_step={max(j.prompts_per_step // 2, 1)}",
+                    replace(j, prompts_per_step=max(j.prompts_per_step // 2, 1))))
+    return out
+
+
+# How much a change alters the job, lowest first: scheduling only (the same training), numerics, hardware, then
+# what is trained (the algorithm, the adapters, the batch).
+CHANGE_COST = {"rollout.max_num_seqs": 0, "trainer.gradient_checkpointing": 0, "trainer.micro_batch_size": 0,
+               "trainer.micro_batch_tokens": 0, "model.dtype": 1, "--ranks": 2, "model.lora.r": 3,
+               "algorithm.beta": 3, "rollout.prompts_per_step": 3}
+
+
+def _setting(change: str) -> str:
+    return change.split("=")[0].split(" ")[0]
+
+
+def _cost(changes: tuple[str, ...]) -> int:
+    return sum(CHANGE_COST.get(_setting(c), 3) for c in changes)
+
+
+def plan_suggestions(shape: ModelShape, p: Plan) -> list[dict]:
+    """Each existing setting tried alone (what it saves on the fullest rank, whether it then fits), largest saving
+    first. When none fits alone: the smallest change that fits, the fewest settings together (up to three); of
+    those, the one that alters the job least (CHANGE_COST), then the one that leaves its memory closest to what
+    was asked."""
+    out = []
+    for what, job in _job_changes(shape, p.job):
+        after = plan(shape, job, suggest=False)
+        if after.peak < p.peak:
+            out.append({"change": what, "saves_gb": (p.peak - after.peak) / GB, "peak_gb": after.peak / GB,
+                        "fits": after.fits})
+    out.sort(key=lambda d: -d["saves_gb"])
+    if out and not any(d["fits"] for d in out):
+        level = [((), p.job)]
+        for _ in range(3):
+            nxt, fitting = {}, []
+            for steps, job in level:
+                for what, changed in _job_changes(shape, job):
+                    key = tuple(sorted(steps + (what,)))
+                    if _setting(what) in map(_setting, steps) or key in nxt:
+                        continue
+                    nxt[key] = changed
+                    after = plan(shape, changed, suggest=False)
+                    if after.fits:
+                        fitting.append((-_cost(key), after.peak, key))
+            if fitting:
+                _, peak, key = max(fitting)
+                out.append({"change": "smallest change that fits: " + " + ".join(key),
+                            "saves_gb": (p.peak - peak) / GB, "peak_gb": peak / GB, "fits": True})
+                break
+            level = list(nxt.items())
+    return out
+
+
+def format_plan(p: Plan) -> str:
+    """The readable table of `plan`: each term with its bytes and formula, the peak phase and the verdict."""
+    j = p.job
+    lines = [f"{p.model}: {p.params:,} parameters ({p.params / 1e9:.3g} B); rlpost's layout per rank: "
+             f"trainer.strategy={j.strategy}, {j.ranks} rank(s) of {j.gpu_memory_gb:g} GB",
+             f"parameters {'bfloat16' if j.param_bytes == 2 else 'float32'}"
+             f"{', bf16 autocast' if j.autocast else ''}; {j.prompts_per_step} prompts x {j.k} samples x "
+             f"({j.prompt_tokens} prompt + {j.max_new_tokens} response) tokens per step, {j.rank_rows} rows per rank"
+             + (", gradient checkpointing" if j.checkpointing else "")
+             + (f", LoRA r={j.lora_rank}" if j.lora_rank else ""), "",
+             f"  {'term':<42} {'phase':<10} {'per rank':>10}  formula"]
+    for t in p.terms:
+        lines.append(f"  {t.name:<42} {t.phase:<10} {_gb(t.bytes):>10}  {t.formula}")
+    held = sum(t.bytes for t in p.terms if t.phase == "held")
+    phase = sum(t.bytes for t in p.terms if t.phase == p.peak_phase)
+    lines += [f"  = held {_gb(held)} + the largest phase, {p.peak_phase}, {_gb(phase)}", ""]
+    lines += [f"  note: {x}" for x in j.notes]
+    verdict = "FITS" if p.fits else "DOES NOT FIT"
+    lines.append(f"{verdict}: {p.peak / GB:.2f} GB at the peak on each rank, {p.usable / GB:.2f} GB usable "
+                 f"({j.gpu_memory_gb:g} GB less {j.headroom:.0%} headroom)")
+    for s in p.suggestions:
+        lines.append(f"  - {s['change']}: saves {s['saves_gb']:.2f} GB -> {s['peak_gb']:.2f} GB"
+                     f"{' (fits)' if s['fits'] else ''}")
+    return "\n".join(lines)
+
+
+PLAN_AHEAD_KEYS = ("trainer.packing", "trainer.micro_batch_tokens")  # planned even where this rlpost lacks them
+
+
+def plan_inputs(inputs: list[str], ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb: float = 80.0,
+                headroom: float = 0.10) -> tuple[ModelShape, Job]:
+    """(shape, job) from `rlpost plan memory`'s positional inputs: a recipe (.yaml / .yml), key=value overrides as
+    `rlpost train` takes them (rlpost.config.load_config), and at most one MODEL (a size, a name or a folder; default:
+    the config's model.name). Keys of PLAN_AHEAD_KEYS that this rlpost's config does not have yet are applied to the
+    plan alone, with a note saying so."""
+    import dataclasses
+
+    import yaml
+
+    from rlpost.config import TrainerConfig, load_config
+
+    recipe, overrides, models, ahead = None, [], [], {}
+    have = {f"trainer.{f.name}" for f in dataclasses.fields(TrainerConfig)}
+    for item in inputs:
+        if "=" in item:
+            key, raw = item.split("=", 1)
+            if key.strip() in PLAN_AHEAD_KEYS and key.strip() not in have:
+                ahead[key.strip()] = yaml.safe_load(raw)
+            else:
+                overrides.append(item)
+        elif item.endswith((".yaml", ".yml")):
+            if recipe is not None:
+                raise ValueError(f"two recipes given ({recipe}, {item}); give one and key=value overrides")
+            recipe = item
+        else:
+            models.append(item)
+    if len(models) > 1:
+        raise ValueError(f"more than one MODEL given ({', '.join(models)}): give one, or set model.name")
+    cfg = load_config(recipe, overrides)
+    shape = shape_for(models[0]) if models else shape_for_config(cfg)
+    job = job_from_config(cfg, ranks, prompt_tokens, gpu_memory_gb, headroom)
+    if "trainer.packing" in ahead:
+        job.packing = bool(ahead["trainer.packing"])
+    if "trainer.micro_batch_tokens" in ahead:
+        job.micro_batch_tokens = int(ahead["trainer.micro_batch_tokens"])
+    if ahead:
+        job.notes.append(f"{', '.join(ahead)}: not config keys of this rlpost yet; planned as given, "
+                         "`rlpost train` refuses them")
+    return shape, job
