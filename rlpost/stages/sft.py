@@ -71,7 +71,8 @@ class SupervisedStage(Stage):
         tc = self.trainer_cfg
         self.trainer = Trainer(ctx.model, lr=self.cfg.lr, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95),
                                precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
-                               logprob_chunk=tc.logprob_chunk, schedule=LRSchedule("cosine", self.cfg.warmup_steps, total_steps=max(self.cfg.steps, 1),
+                               logprob_chunk=tc.logprob_chunk,
+                               schedule=LRSchedule("cosine", self.cfg.warmup_steps, total_steps=max(self.cfg.steps, 1),
                                                    min_lr_ratio=0.1))
         self.rng = random.Random(seed)
 
