@@ -574,22 +574,7 @@ def _send(pipe, message, deadline: float) -> bool:
     """Write one frame (a dict, or the bytes of one already encoded) before `deadline`; False if the reader
     is gone or too slow."""
     data = message if isinstance(message, bytes) else json.dumps(message).encode()
-    data = len(data).to_bytes(4, "big") + data
-    fd = pipe.fileno()
-    os.set_blocking(fd, False)
-    poll = select.poll()
-    poll.register(fd, select.POLLOUT)
-    while data:
-        left = deadline - time.monotonic()
-        if left <= 0 or not poll.poll(left * 1000):
-            return False
-        try:
-            data = data[os.write(fd, data[:65536]):]
-        except BlockingIOError:
-            continue
-        except OSError:  # BrokenPipeError: it exited
-            return False
-    return True
+    return sandbox._write_before(pipe, len(data).to_bytes(4, "big") + data, deadline)
 
 
 def _recv(pipe, deadline: float, cap: int) -> bytes | None:
