@@ -102,13 +102,16 @@ def assemble(prompts: list[list[int]], k: int, tokens: torch.Tensor, logps: torc
 ENGINES = ("auto", "native", "hf", "vllm")  # the valid rollout.engine names (build_engine)
 
 
-def build_engine(kind: str, model, tokenizer, share_weights: bool = True) -> Engine:
+def build_engine(kind: str, model, tokenizer, share_weights: bool = True, dtype: str = "fp32") -> Engine:
     """'native' (KV cache, continuous batching: gpt_mini, and HF Llama / Qwen2), 'hf' (transformers.generate,
     any HF causal LM), 'vllm' (vLLM, an optional extra: rlpost/rollout/vllm_engine.py), or 'auto' (native when
     the model is supported, else hf).
 
     share_weights: the engine runs the trainer's own module (weight sync "pointer": zero copy), or, False,
-    a private copy refreshed by update_weights ("copy"). vLLM always holds its own weights ("vllm")."""
+    a private copy refreshed by update_weights ("copy"). vLLM always holds its own weights ("vllm").
+
+    dtype: 'fp32' or 'bf16', what an in-process engine samples in (rollout.dtype; engine.ModuleEngine says how).
+    vLLM samples in its own dtype, the model's (model.dtype)."""
     if kind == "vllm":
         from rlpost.models.lora import is_lora
         from rlpost.rollout.vllm_engine import VLLMEngine, vllm_unavailable_reason
@@ -132,7 +135,7 @@ def build_engine(kind: str, model, tokenizer, share_weights: bool = True) -> Eng
         if native is None:
             raise ValueError(f"rollout.engine=native supports gpt_mini and Hugging Face Llama / Qwen2 models, not this "
                              f"one ({_unsupported_reason(model)}); use rollout.engine=hf for this model")
-        return native(model, tokenizer, share_weights)
+        return native(model, tokenizer, share_weights, dtype)
     if kind != "hf":
         raise ValueError(f"rollout.engine must be one of {', '.join(ENGINES)}, got {kind!r}")
-    return HFGenerateEngine(model, tokenizer, share_weights)
+    return HFGenerateEngine(model, tokenizer, share_weights, dtype)

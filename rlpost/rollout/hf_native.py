@@ -55,25 +55,34 @@ def _unsupported_reason(model) -> str | None:
 class _Weights:
     """The decoder's weights as plain tensors, with q/k/v and gate/up concatenated (LoRA layers merged)."""
 
-    def __init__(self, hf):
-        W = effective_weight
+    def __init__(self, hf, dtype: torch.dtype | None = None):
+        """dtype: the matmul weights (q/k/v, o, gate/up, down, LM head) cast to it once here (bf16 sampling);
+        embedding and norms stay as they are, as under autocast."""
+        def cast(t):
+            return t if t is None or dtype is None else t.to(dtype)
+
+        def W(linear):
+            return cast(effective_weight(linear))
+
+        def cat_bias(*linears):
+            return None if linears[0].bias is None else cast(torch.cat([x.bias for x in linears]))
+
         m, cfg = hf.model, hf.config
         self.embed = m.embed_tokens.weight
         self.norm, self.norm_eps = m.norm.weight, m.norm.variance_epsilon
-        self.lm_head = hf.lm_head.weight
+        self.lm_head = cast(hf.lm_head.weight)
         self.layers = []
         for layer in m.layers:
             a, mlp = layer.self_attn, layer.mlp
-            cat_bias = (lambda *ls: None if ls[0].bias is None else torch.cat([l.bias for l in ls]))
             self.layers.append((
                 layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
                 torch.cat([W(a.q_proj), W(a.k_proj), W(a.v_proj)]),
                 cat_bias(a.q_proj, a.k_proj, a.v_proj),
-                W(a.o_proj), a.o_proj.bias,
+                W(a.o_proj), cast(a.o_proj.bias),
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
                 torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]),
                 cat_bias(mlp.gate_proj, mlp.up_proj),
-                W(mlp.down_proj), mlp.down_proj.bias, mlp.act_fn,
+                W(mlp.down_proj), cast(mlp.down_proj.bias), mlp.act_fn,
             ))
         self.n_head = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
@@ -98,8 +107,8 @@ class HFNativeEngine(ModuleEngine):
     prefix_block = 16  # tokens per block of the cross-prompt prefix cache (0: off)
     shared_attention_min = 64  # prompts this long (or longer) are read once per prompt in decode (scheduler.attend)
 
-    def __init__(self, model, tokenizer, share_weights: bool = True):
-        super().__init__(model, tokenizer, share_weights)
+    def __init__(self, model, tokenizer, share_weights: bool = True, dtype: str = "fp32"):
+        super().__init__(model, tokenizer, share_weights, dtype)
         self._weights: _Weights | None = None
         self._weights_key: tuple | None = None
 
@@ -109,14 +118,15 @@ class HFNativeEngine(ModuleEngine):
 
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
         self._open()
-        return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
-                                  self.prefix_block, self.shared_attention_min)
+        with self._autocast(self.device):  # the weights are pre-cast (_Weights): autocast casts activations only
+            return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
+                                      self.prefix_block, self.shared_attention_min)
 
     def _current_weights(self) -> _Weights:
         hf = self._model.hf
         key = tuple((id(p), p._version) for p in hf.parameters())  # an in-place update bumps _version
         if self._weights is None or key != self._weights_key:
-            self._weights, self._weights_key = _Weights(hf), key
+            self._weights, self._weights_key = _Weights(hf, self.cache_dtype), key
         return self._weights
 
     def close(self) -> None:
@@ -137,7 +147,8 @@ class HFNativeEngine(ModuleEngine):
 
     def new_cache(self, rows: int, S: int) -> torch.Tensor:
         w = self._current_weights()
-        return torch.zeros((2, len(w.layers), rows, w.n_kv, S, w.head_dim), dtype=w.embed.dtype,
+        return torch.zeros((2, len(w.layers), rows, w.n_kv, S, w.head_dim),
+                           dtype=self.cache_dtype or w.embed.dtype,
                            device=w.embed.device)
 
     def forward(self, ctx, ids, pos, kv, cols, end, mask, shared=None) -> torch.Tensor:
