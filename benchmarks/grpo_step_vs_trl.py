@@ -53,8 +53,9 @@ def reward_text(text: str) -> float:
 
 
 def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int, k: int, new_tokens: int,
-                 compile: bool = False, precision: str = "fp32"):
-    """rlpost's controller with every role, as `rlpost train` wires it for an HF model."""
+                 compile: bool = False, precision: str = "fp32", rollout_dtype: str = "auto"):
+    """rlpost's controller with every role, as `rlpost train` wires it for an HF model (rollout_dtype: the
+    engine's rollout.dtype, 'auto' being the trainer's precision)."""
     from rlpost.algorithms import get_algorithm
     from rlpost.config import ModelConfig
     from rlpost.controller import Controller
@@ -66,7 +67,7 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     from rlpost.weight_sync import WeightSync
 
     model, tok = load_model(ModelConfig(name=folder))
-    engine = build_engine("auto", model, tok)
+    engine = build_engine("auto", model, tok, dtype=precision if rollout_dtype == "auto" else rollout_dtype)
     rows = [{"prompt": p, "answer": ""} for p in prompt_texts]
     reference = Reference(model, precision=precision)
     if compile:  # as `rlpost train trainer.compile=true` does it
@@ -158,8 +159,9 @@ def compare_precisions(args) -> dict:
     owns its training loop); inside every TRL step's on_step_end callback both rlpost controllers take one
     step, in alternating order, so each TRL step has an fp32 and a bf16 rlpost step beside it, under the
     same load. Ratios are medians of per-step ratios within those triples. rlpost's bf16 covers the
-    reference and the trainer (rlpost.models.autocast); the rollout engine samples from the fp32
-    weights in both controllers. The bf16 / fp32 matmul throughput of this CPU at the step's MLP shapes
+    reference and the trainer (rlpost.models.autocast) and, as rollout.dtype=auto does, the rollout
+    engine (bf16 autocast over the shared fp32 weights, bf16 KV cache); `--rollout-dtype fp32` keeps the
+    bf16 controller's engine in fp32. The bf16 / fp32 matmul throughput of this CPU at the step's MLP shapes
     is printed too: it decides what bf16 can gain here.
     """
     import transformers
@@ -183,8 +185,8 @@ def compare_precisions(args) -> dict:
         folder = os.path.join(tmp, "model")
         hf, _ = save_llama(folder, **llama_size(args))
         N_all = n_params(hf)
-        ctls = {p: build_rlpost(folder, all_prompts, args.lr, args.prompts, args.k, args.new_tokens, precision=p)[0]
-                for p in ("fp32", "bf16")}
+        ctls = {p: build_rlpost(folder, all_prompts, args.lr, args.prompts, args.k, args.new_tokens, precision=p,
+                                rollout_dtype=args.rollout_dtype)[0] for p in ("fp32", "bf16")}
         for trl_precision in ("fp32", "bf16"):
             class Interleave(TrainerCallback):
                 phase = trl_precision
@@ -247,7 +249,8 @@ def compare_precisions(args) -> dict:
     print(f"# load average before: {load_before}; after: {load_after}")
     print(f"# Llama {size_name(args)}, {N_all / 1e6:.2f} M params; {args.prompts} prompts x {args.k} samples x "
           f"{args.new_tokens} tokens; beta 0.04; {args.warmup} warm-up + {args.steps} measured steps per TRL "
-          f"precision, each paired with one rlpost fp32 and one rlpost bf16 step; whole run {wall:.0f} s")
+          f"precision, each paired with one rlpost fp32 and one rlpost bf16 step; whole run {wall:.0f} s; "
+          f"rlpost bf16 rollout.dtype={args.rollout_dtype}")
     print(f"# equal work checked (every completion {args.new_tokens} tokens, all four): "
           f"{'yes' if trl_ok and rl_ok else 'NO'}")
     print(f"{'':<36}{'median s':>9}{'min s':>8}")
@@ -299,6 +302,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="bf16: rlpost's trainer.precision=bf16 against its fp32 step and against TRL in "
                          "bf16=True and in fp32, all in one run (see compare_precisions)")
+    ap.add_argument("--rollout-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="--precision bf16: what rlpost's bf16 controller samples in (rollout.dtype; auto: bf16)")
     ap.add_argument("--hidden", type=int, default=256, help="the Llama's hidden size")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)

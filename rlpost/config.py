@@ -191,6 +191,8 @@ class RolloutConfig(Section):
     max_num_seqs: int = opt(0, "native engines: at most this many sequences decode at once, the rest wait (0: all)",
                             at_least(0, "0: no cap"))
     stop: list[str] = opt([], "stop strings: a response ends with the token that completes one (native and hf engines)")
+    dtype: str = opt("auto", "what the rollout engine samples in: auto (the trainer's precision) | fp32 | bf16 (bf16 "
+                             "autocast over the fp32 weights, bf16 KV cache; not vllm, which uses model.dtype)")
 
     def check(self, prefix: str) -> None:
         if not all(isinstance(x, str) and x for x in self.stop):
@@ -209,8 +211,10 @@ class TrainerConfig(Section):
     max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses or gradients in a row", at_least(1))
     compile: bool = opt(False, "torch.compile the policy's and the reference's transformer blocks "
                               "(a one-off compile of tens of seconds, then faster scoring and training)")
-    precision: str = opt("fp32", "fp32 | bf16: bf16 autocast around the forward of the trainer (RL, SFT, preference), "
-                                 "the reference and the critic; fp32 weights, optimizer state, log-softmax and loss")
+    precision: str = opt("fp32", "fp32 | bf16 | auto: bf16 autocast around the forward of the trainer (RL, SFT, "
+                                 "preference), the reference and the critic; fp32 weights, optimizer state, "
+                                 "log-softmax and loss. auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, "
+                                 "else fp32 (the run prints which)")
     gradient_checkpointing: bool = opt(False, "recompute each block's activations in the backward (less memory, "
                                               "about one more forward; turns shared-prompt scoring off in training)")
     lr_schedule: str = opt("constant", "RL learning-rate schedule after warm-up: constant | linear | cosine (decay to "
@@ -431,7 +435,8 @@ STAGE_ALIASES = {"dpo": "preference"}
 STAGE_SECTIONS = {"sft": ("sft", "trainer"), "preference": ("preference", "rollout", "trainer", "eval"),
                   "reward_model": ("reward_model",), "rl": ("rl", "rollout", "algorithm", "trainer", "critic", "eval"),
                   "rejection": ("rejection", "rollout", "trainer", "eval"), "eval": ("eval",)}
-RUN_KEYS = ("rollout.engine", "rollout.max_new_tokens", "rl.topology", "rl.weight_sync", "trainer.strategy")
+RUN_KEYS = ("rollout.engine", "rollout.max_new_tokens", "rollout.dtype", "rl.topology", "rl.weight_sync",
+            "trainer.strategy")
 
 
 def _entry_name(entry: str | dict[str, Any]) -> str:
@@ -591,7 +596,7 @@ def _plugin(build, params: dict[str, Any], key: str) -> None:
 def _validate(cfg: Config) -> None:
     from rlpost.algorithms import get_algorithm
     from rlpost.critic import CRITIC_TYPES
-    from rlpost.models import DTYPES, PRECISIONS
+    from rlpost.models import DTYPES, PRECISION_CHOICES, ROLLOUT_DTYPES
     from rlpost.rollout import ENGINES
     from rlpost.schedule import SCHEDULES
     from rlpost.tasks import TASKS
@@ -603,9 +608,10 @@ def _validate(cfg: Config) -> None:
         "task.name": (cfg.task.name, TASKS),
         "task.reward_on_error": (cfg.task.reward_on_error, ("raise", "zero")),
         "rollout.engine": (cfg.rollout.engine, ENGINES),
+        "rollout.dtype": (cfg.rollout.dtype, ROLLOUT_DTYPES),
         "rl.weight_sync": (cfg.rl.weight_sync, MODES),
         "model.dtype": (cfg.model.dtype, DTYPES),
-        "trainer.precision": (cfg.trainer.precision, PRECISIONS),
+        "trainer.precision": (cfg.trainer.precision, PRECISION_CHOICES),
         "trainer.lr_schedule": (cfg.trainer.lr_schedule, SCHEDULES),
         "critic.type": (cfg.critic.type, CRITIC_TYPES),
     }

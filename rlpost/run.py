@@ -608,11 +608,12 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
                   system_prompt=task.system_prompt)
     if cfg.rl.topology == "colocated":
         engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer"
-                              or (cfg.rl.weight_sync == "auto" and cfg.trainer.strategy != "fsdp2"))
+                              or (cfg.rl.weight_sync == "auto" and cfg.trainer.strategy != "fsdp2"),
+                              dtype=cfg.rollout.dtype)
         weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)
     else:  # RL rolls out in Ray workers (the RL stage starts them); evaluation samples here, sharing the module
         kind = "auto" if cfg.rollout.engine == "vllm" else cfg.rollout.engine
-        engine = build_engine(kind, model, tokenizer, share_weights=True)
+        engine = build_engine(kind, model, tokenizer, share_weights=True, dtype=cfg.rollout.dtype)
         weight_sync = WeightSync(model, engine)
     verifier = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
     rl_reward = verifier
@@ -703,10 +704,32 @@ def _resume_point(run_dir: str, stages: list[Stage], cfg: Config) -> Checkpoint 
     return ckpt
 
 
+def resolve_precisions(cfg: Config) -> str:
+    """trainer.precision=auto and rollout.dtype=auto made concrete, in `cfg` itself (so the run directory's
+    saved config, and a resume from it, keep what this machine picked), for the run and for each stage-list
+    entry that sets its own trainer.precision. Returns the line the run prints at its start."""
+    from rlpost.models import resolve_device, resolve_precision, resolve_rollout_dtype
+
+    device = resolve_device(cfg.model.device)
+    asked = cfg.trainer.precision
+    cfg.trainer.precision, why = resolve_precision(asked, device)
+    cfg.rollout.dtype = resolve_rollout_dtype(cfg.rollout.dtype, cfg.trainer.precision)
+    for entry in cfg.stages or []:  # {name: {"trainer.precision": ...}} or {name: {"trainer": {"precision": ...}}}
+        settings = next(iter(entry.values())) if isinstance(entry, dict) else None
+        for where in (settings, settings.get("trainer") if isinstance(settings, dict) else None):
+            key = "precision" if where is not settings else "trainer.precision"
+            if isinstance(where, dict) and where.get(key) == "auto":
+                where[key] = resolve_precision("auto", device)[0]
+    picked = f"trainer.precision={asked} -> {cfg.trainer.precision} ({why})" if asked == "auto" else \
+        f"trainer.precision={cfg.trainer.precision}"
+    return f"rlpost: {picked}; the rollout samples in {cfg.rollout.dtype} (rollout.dtype) on {device}"
+
+
 def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) -> dict:
     """Run the stages, or continue the run in directory `resume` (whose saved config `cfg` must be: see
     `saved_config`); returns the summary (also written to summary.json)."""
     t_start = time.perf_counter()
+    print(resolve_precisions(cfg), flush=True)
     stages = build_stages(cfg)
     has_rl = any(s.name == "rl" for s in stages)
     if cfg.trainer.strategy == "fsdp2":

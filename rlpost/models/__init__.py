@@ -34,6 +34,8 @@ DTYPES = tuple(_DTYPES)  # the valid model.dtype names
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PRECISIONS = ("fp32", "bf16")
+PRECISION_CHOICES = ("auto",) + PRECISIONS  # trainer.precision: 'auto' resolves to one of PRECISIONS at start
+ROLLOUT_DTYPES = ("auto",) + PRECISIONS     # rollout.dtype: 'auto' is the trainer's (resolved) precision
 
 
 class ModelLoadError(RuntimeError):
@@ -67,13 +69,43 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (oneDNN's bf16 kernels: AVX512 / AVX512-BF16 / AMX).
-    Without them torch runs bf16 GEMMs on a scalar fallback, which on an AVX2 machine measured 15-100x
-    slower than fp32 (benchmarks/grpo_step_vs_trl.py --precision bf16 prints both)."""
+    """Whether this CPU multiplies bf16 matrices natively: AMX tiles or AVX512-BF16 instructions, which
+    oneDNN's bf16 kernels use. Without them torch converts bf16 on the fly or takes a scalar fallback, which
+    on an AVX2 machine measured 15-100x slower than fp32 (benchmarks/grpo_step_vs_trl.py --precision bf16
+    prints both)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private probe: fall back on the vector extension torch reports
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):  # private probes: fall back on oneDNN's own bf16 check
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """trainer.precision -> (the precision the run uses, why). 'auto' is bf16 on CUDA and on a CPU with native
+    bf16 matmul (`cpu_has_fast_bf16`: AMX or AVX512-BF16), fp32 elsewhere (an AVX2-only CPU runs bf16 many
+    times slower than fp32). 'fp32' and 'bf16' are taken as given."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"trainer.precision is {precision!r}; valid values: {', '.join(PRECISION_CHOICES)}")
+    if precision != "auto":
+        return precision, "as configured"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16", "CUDA device"
+    if device.type == "cpu":
+        cap = torch.backends.cpu.get_cpu_capability()
+        if cpu_has_fast_bf16():
+            return "bf16", f"CPU with native bf16 matmul (torch's CPU capability: {cap})"
+        return "fp32", f"CPU without native bf16 matmul (torch's CPU capability: {cap}; no AMX or AVX512-BF16)"
+    return "fp32", f"device type {device.type}"
+
+
+def resolve_rollout_dtype(dtype: str, precision: str) -> str:
+    """rollout.dtype -> the dtype the rollout engine samples in: 'auto' is the trainer's resolved precision."""
+    if dtype not in ROLLOUT_DTYPES:
+        raise ValueError(f"rollout.dtype is {dtype!r}; valid values: {', '.join(ROLLOUT_DTYPES)}")
+    return precision if dtype == "auto" else dtype
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -116,14 +116,17 @@ def engine_choice(model) -> tuple[str, str]:
     return "hf", f"hf: {reason}"
 
 
-def build_engine(kind: str, model, tokenizer, share_weights: bool = True) -> Engine:
+def build_engine(kind: str, model, tokenizer, share_weights: bool = True, dtype: str = "fp32") -> Engine:
     """'native' (KV cache, continuous batching: gpt_mini, and the HF families of rlpost/rollout/families/:
     Llama, Mistral, Qwen2, Qwen3, Gemma 2 / 3, Phi-3), 'hf' (transformers.generate, any HF causal LM), 'vllm'
     (vLLM, an optional extra: rlpost/rollout/vllm_engine.py), or 'auto' (native when the model is supported,
     else hf; it prints which it chose and why, e.g. "rollout.engine=auto: native (qwen3)").
 
     share_weights: the engine runs the trainer's own module (weight sync "pointer": zero copy), or, False,
-    a private copy refreshed by update_weights ("copy"). vLLM always holds its own weights ("vllm")."""
+    a private copy refreshed by update_weights ("copy"). vLLM always holds its own weights ("vllm").
+
+    dtype: 'fp32' or 'bf16', what an in-process engine samples in (rollout.dtype; engine.ModuleEngine says how).
+    vLLM samples in its own dtype, the model's (model.dtype)."""
     if kind == "vllm":
         from rlpost.models.lora import is_lora
         from rlpost.rollout.vllm_engine import VLLMEngine, vllm_unavailable_reason
@@ -145,12 +148,12 @@ def build_engine(kind: str, model, tokenizer, share_weights: bool = True) -> Eng
         print(f"rlpost: rollout.engine=auto: {why}", flush=True)
     if kind == "native":
         if NativeEngine.supports(model):
-            return NativeEngine(model, tokenizer, share_weights)
+            return NativeEngine(model, tokenizer, share_weights, dtype)
         reason = _unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"rollout.engine=native supports gpt_mini and the Hugging Face families listed in "
                              f"docs/models.md, not this model ({reason}); use rollout.engine=hf for this model")
-        return HFNativeEngine(model, tokenizer, share_weights)
+        return HFNativeEngine(model, tokenizer, share_weights, dtype)
     if kind != "hf":
         raise ValueError(f"rollout.engine must be one of {', '.join(ENGINES)}, got {kind!r}")
-    return HFGenerateEngine(model, tokenizer, share_weights)
+    return HFGenerateEngine(model, tokenizer, share_weights, dtype)

@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from rlpost.batch import Batch
+from rlpost.models import PRECISIONS, autocast
 from rlpost.models.lora import is_adapter_name
 
 
@@ -120,13 +121,32 @@ def named_weights(model: nn.Module, adapters_only: bool = False) -> list[tuple[s
 
 class ModuleEngine:
     """Weight handling of the engines that run a torch module in this process (native, hf_native,
-    hf_generate): shared with the trainer ("pointer") or a private deep copy ("copy")."""
+    hf_generate): shared with the trainer ("pointer") or a private deep copy ("copy").
 
-    def __init__(self, model: nn.Module, tokenizer, share_weights: bool = True):
+    dtype: what the engine samples in. 'fp32': the weights as they are. 'bf16': the forward runs under bf16
+    autocast (`rlpost.models.autocast`, the trainer's trainer.precision=bf16 numerics: matmuls and attention
+    in bf16, norms, residual stream and sampling in fp32) and the KV cache is bf16. The weights themselves stay
+    the trainer's fp32 ones (pointer sync stays zero-copy); their bf16 casts are made once per generate call
+    (autocast's cache, for parameters that require grad, i.e. the trainer's own) or once per weight update
+    (the HF native engine's concatenated weights), never kept between syncs."""
+
+    def __init__(self, model: nn.Module, tokenizer, share_weights: bool = True, dtype: str = "fp32"):
+        if dtype not in PRECISIONS:
+            raise ValueError(f"rollout.dtype is {dtype!r}; an engine samples in one of {', '.join(PRECISIONS)}")
         self._model = model if share_weights else copy.deepcopy(model).requires_grad_(False)
         self.tokenizer = tokenizer
         self._shares = share_weights
         self._policy_version = 0
+        self.dtype = dtype
+
+    def _autocast(self, device: torch.device):
+        """The context the engine's forward runs in: bf16 autocast for dtype 'bf16', nothing for 'fp32'."""
+        return autocast(device, self.dtype)
+
+    @property
+    def cache_dtype(self) -> torch.dtype | None:
+        """The KV cache's dtype: bf16 when sampling in bf16, else None (the weights')."""
+        return torch.bfloat16 if self.dtype == "bf16" else None
 
     @property
     def version(self) -> int:

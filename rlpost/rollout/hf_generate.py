@@ -31,15 +31,16 @@ class HFGenerateEngine(ModuleEngine):
             mask[i, P - len(p):] = 1
         torch.manual_seed(seed)  # generate() draws from the global generator
         greedy = params.temperature <= 0
-        out = hf.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device),
-            do_sample=not greedy, temperature=None if greedy else params.temperature,
-            top_k=params.top_k, top_p=params.top_p,  # 0 / 1.0 switch them off (generate's own default is top_k=50)
-            max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-            num_return_sequences=k,
-            eos_token_id=[tok.eos_token_id, *params.stop_token_ids], pad_token_id=tok.pad_token_id,
-            output_logits=True, return_dict_in_generate=True,
-        )
+        with self._autocast(device):
+            out = hf.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                do_sample=not greedy, temperature=None if greedy else params.temperature,
+                top_k=params.top_k, top_p=params.top_p,  # 0 / 1.0 switch them off (generate's own default is top_k=50)
+                max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
+                num_return_sequences=k,
+                eos_token_id=[tok.eos_token_id, *params.stop_token_ids], pad_token_id=tok.pad_token_id,
+                output_logits=True, return_dict_in_generate=True,
+            )
         hf.train(was_training)
         tokens = out.sequences[:, P:].cpu()                                      # (B, R)
         logits = torch.stack(out.logits, 1).float().cpu() / params.logp_temperature  # (B, R, V) raw logits

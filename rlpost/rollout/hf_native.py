@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from rlpost.batch import Batch
 from rlpost.rollout import SamplingParams, scheduler
 from rlpost.rollout.engine import ModuleEngine
-from rlpost.rollout.families import Weights, family, supported_model_types
+from rlpost.rollout.families import Weights, cast_matmuls, family, supported_model_types
 from rlpost.rollout.scheduler import attend, write_kv
 
 
@@ -92,8 +92,8 @@ class HFNativeEngine(ModuleEngine):
     prefix_block = 16  # tokens per block of the cross-prompt prefix cache (0: off)
     shared_attention_min = 64  # prompts this long (or longer) are read once per prompt in decode (scheduler.attend)
 
-    def __init__(self, model, tokenizer, share_weights: bool = True):
-        super().__init__(model, tokenizer, share_weights)
+    def __init__(self, model, tokenizer, share_weights: bool = True, dtype: str = "fp32"):
+        super().__init__(model, tokenizer, share_weights, dtype)
         self._weights: Weights | None = None
         self._weights_key: tuple | None = None
 
@@ -103,14 +103,17 @@ class HFNativeEngine(ModuleEngine):
 
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
         self._open()
-        return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
-                                  self.prefix_block, self.shared_attention_min)
+        with self._autocast(self.device):  # the matmul weights are pre-cast (cast_matmuls): autocast casts activations only
+            return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
+                                      self.prefix_block, self.shared_attention_min)
 
     def _current_weights(self) -> Weights:
         hf = self._model.hf
         key = tuple((id(p), p._version) for p in hf.parameters())  # an in-place update bumps _version
         if self._weights is None or key != self._weights_key:
-            self._weights, self._weights_key = family(hf.config.model_type).read(hf), key
+            # the matmul weights cast once per update when sampling in bf16 (rollout.dtype)
+            self._weights = cast_matmuls(family(hf.config.model_type).read(hf), self.cache_dtype)
+            self._weights_key = key
         return self._weights
 
     def close(self) -> None:
@@ -131,7 +134,8 @@ class HFNativeEngine(ModuleEngine):
 
     def new_cache(self, rows: int, S: int) -> torch.Tensor:
         w = self._current_weights()
-        return torch.zeros((2, len(w.layers), rows, w.n_kv, S, w.head_dim), dtype=w.embed.dtype,
+        return torch.zeros((2, len(w.layers), rows, w.n_kv, S, w.head_dim),
+                           dtype=self.cache_dtype or w.embed.dtype,
                            device=w.embed.device)
 
     def forward(self, ctx, ids, pos, kv, cols, end, mask, shared=None) -> torch.Tensor:

@@ -33,8 +33,9 @@ class NativeEngine(ModuleEngine):
         was_training = model.training
         model.eval()  # the modules run as they are: no dropout (e.g. LoRA's) while sampling
         try:
-            return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
-                                      self.prefix_block, self.shared_attention_min)
+            with self._autocast(self.device):  # one context for the whole call: autocast casts each weight once
+                return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
+                                          self.prefix_block, self.shared_attention_min)
         finally:
             model.train(was_training)
 
@@ -52,7 +53,8 @@ class NativeEngine(ModuleEngine):
 
     def new_cache(self, rows: int, S: int) -> torch.Tensor:
         cfg, w = self._model.config, self._model.lm_head.weight
-        return torch.zeros((2, cfg.n_layer, rows, cfg.n_head, S, cfg.n_embd // cfg.n_head), dtype=w.dtype,
+        return torch.zeros((2, cfg.n_layer, rows, cfg.n_head, S, cfg.n_embd // cfg.n_head),
+                           dtype=self.cache_dtype or w.dtype,
                            device=w.device)
 
     def forward(self, m: GPT, ids, pos, kv, cols, end, mask, shared=None) -> torch.Tensor:

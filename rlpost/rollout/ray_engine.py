@@ -52,11 +52,11 @@ class RolloutWorkerError(RuntimeError):
 class RolloutWorker:
     """The body of one rollout actor: an engine over its own copy of the policy."""
 
-    def __init__(self, model: nn.Module, tokenizer, kind: str, threads: int, device: str = "cpu"):
+    def __init__(self, model: nn.Module, tokenizer, kind: str, threads: int, device: str = "cpu", dtype: str = "fp32"):
         from rlpost.rollout import build_engine
 
         torch.set_num_threads(max(threads, 1))
-        self.engine = build_engine(kind, model.to(device), tokenizer, share_weights=True)
+        self.engine = build_engine(kind, model.to(device), tokenizer, share_weights=True, dtype=dtype)
         self.device, self.group = device, None
 
     def ready(self) -> int:
@@ -116,14 +116,15 @@ class RayEngine:
     """`workers` rollout actors behind the Engine protocol. Needs Ray initialised (rlpost.cluster.RayCluster)."""
 
     def __init__(self, model: nn.Module, tokenizer, kind: str = "auto", workers: int = 1, threads: int = 1,
-                 mode: str = "ray", max_restarts: int = 3):
+                 mode: str = "ray", max_restarts: int = 3, dtype: str = "fp32"):
+        """dtype: what each worker's engine samples in (rollout.dtype resolved: 'fp32' or 'bf16')."""
         import ray
 
         if workers < 1:
             raise ValueError(f"rl.rollout_workers must be >= 1, got {workers}")
         if mode not in SYNC_MODES:
             raise ValueError(f"Ray weight sync must be one of {', '.join(SYNC_MODES)}, got {mode!r}")
-        self.kind, self.threads, self.mode, self.max_restarts = kind, threads, mode, max_restarts
+        self.kind, self.threads, self.mode, self.max_restarts, self.dtype = kind, threads, mode, max_restarts, dtype
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         cpu_model = copy.deepcopy(model).to("cpu").requires_grad_(False)
@@ -200,7 +201,7 @@ class RayEngine:
         gpus = 1 if self.device.type == "cuda" else 0
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(RolloutWorker)
         return actor_cls.remote(self._model_ref, self._tokenizer_ref, self.kind, self.threads,
-                                "cuda" if gpus else "cpu")
+                                "cuda" if gpus else "cpu", self.dtype)
 
     def _restart(self, i: int | None, error: Exception) -> None:
         """Replace dead actor i (None: one of the weight group's, unknown which) or raise RolloutWorkerError."""

@@ -214,7 +214,8 @@ class RLStage(Stage):
         mode = "ray" if c.weight_sync == "auto" else c.weight_sync
         # the workers use this process's thread count, so one worker samples exactly what colocated would
         self.engine = RayEngine(ctx.model, ctx.tokenizer, kind=self.rollout_cfg.engine, workers=c.rollout_workers,
-                                threads=torch.get_num_threads(), mode=mode, max_restarts=c.max_worker_restarts)
+                                threads=torch.get_num_threads(), mode=mode, max_restarts=c.max_worker_restarts,
+                                 dtype=self.rollout_cfg.dtype)
         print(f"rlpost: rl.topology={c.topology}: {c.rollout_workers} rollout worker(s) in Ray "
               f"({'local, 127.0.0.1' if self.cluster.address == 'local' else self.cluster.address or 'given'}), "
               f"weight sync {mode}" + (f", at most {c.max_staleness} step(s) stale" if c.topology == "async" else ""))

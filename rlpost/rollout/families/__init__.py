@@ -20,6 +20,7 @@ layer as its merged weight), so the engine samples with the trainer's weights as
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -98,6 +99,20 @@ class Weights:
     rms: object = rms_norm             # the family's RMSNorm (rms_norm or gemma_rms_norm)
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
     final_softcap: float | None = None  # the same on the logits (Gemma 2 and 3)
+
+
+def cast_matmuls(w: Weights, dtype: torch.dtype | None) -> Weights:
+    """`w` with its matmul weights (q/k/v, o, gate/up, down, LM head, and their biases) cast to `dtype` once, for
+    sampling in bf16 (rollout.dtype); embedding and norms stay as they are, as under autocast. None: `w` itself."""
+    if dtype is None:
+        return w
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    layers = [dataclasses.replace(x, wqkv=cast(x.wqkv), bqkv=cast(x.bqkv), wo=cast(x.wo), bo=cast(x.bo),
+                                  wgu=cast(x.wgu), bgu=cast(x.bgu), wd=cast(x.wd), bd=cast(x.bd)) for x in w.layers]
+    return dataclasses.replace(w, lm_head=cast(w.lm_head), layers=layers)
 
 
 def head_dim(cfg) -> int:
