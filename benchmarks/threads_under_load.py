@@ -34,6 +34,8 @@ import time
 SETTINGS = {
     "rlpost-default": ({}, []),
     "spin": ({"GOMP_SPINCOUNT": "300000"}, ["threads=2"]),
+    "spin10k": ({"GOMP_SPINCOUNT": "10000"}, ["threads=2"]),
+    "spin30k": ({"GOMP_SPINCOUNT": "30000"}, ["threads=2"]),
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["threads=2"]),
     "threads=1": ({}, ["threads=1"]),
 }
