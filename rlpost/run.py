@@ -585,6 +585,8 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     from rlpost.tasks import load_task
     from rlpost.weight_sync import WeightSync
 
+    if "auto" in (cfg.trainer.precision, cfg.rollout.dtype):  # train() resolved them already; a caller may not have
+        resolve_precisions(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

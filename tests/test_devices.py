@@ -82,7 +82,7 @@ def test_config_keys_for_device_and_precision_are_validated():
     assert load_config().model.device == "auto" and load_config().trainer.precision == "fp32"
     for override, message in (
             ("model.device=gpu", r"'model.device' is 'gpu'; valid values: auto, cpu, cuda, cuda:N"),
-            ("trainer.precision=fp16", r"'trainer.precision' is 'fp16'; valid values: fp32, bf16"),
+            ("trainer.precision=fp16", r"'trainer.precision' is 'fp16'; valid values: auto, fp32, bf16"),
             ("trainer.lr_schedule=step", r"'trainer.lr_schedule' is 'step'; valid values: constant, linear, cosine"),
             ("trainer.warmup_steps=-1", r"'trainer.warmup_steps' must be >= 0"),
             ("trainer.min_lr_ratio=2", r"'trainer.min_lr_ratio' must be in \[0, 1\]"),
