@@ -284,3 +284,18 @@ def test_the_chunked_head_peak_stays_small_and_does_not_grow_with_tokens():
     # what grows with the tokens is [tokens, hidden]-sized (activations), not [tokens, V]: 4x the tokens adds far
     # less than one more [1,024, V] fp32 tensor (0.58 GB)
     assert four - one < 0.3, f"1 x 1,024: {one:.2f} GB, 4 x 1,024: {four:.2f} GB"
+
+
+def test_an_entropy_the_loss_does_not_use_changes_no_gradient():
+    """The trainer computes entropies for its metrics; a loss without an entropy term must get the log-probs'
+    gradient alone (the unused output's gradient is not materialised as zeros, nor mistaken for one)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(11, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(13, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (11,), generator=g)
+    lp, _ = formula(h, W, t, 0.9)
+    expected = torch.autograd.grad(lp.sum(), (h, W))
+    lp2, ent2 = chunked_logprobs(h, W, t, temperature=0.9, with_entropy=True, chunk=3)
+    got = torch.autograd.grad(lp2.sum() + 0 * ent2.detach().sum(), (h, W))
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)

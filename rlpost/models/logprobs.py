@@ -78,6 +78,7 @@ class _ChunkedHead(torch.autograd.Function):
                     p = (z - lse[s:e, None]).exp_()
                     entropy[s:e] = lse[s:e] - (p.mul_(z)).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.set_materialize_grads(False)  # an output the loss does not use (entropy for a metric) costs no pass
         ctx.cdt, ctx.temperature, ctx.softcap, ctx.chunk = cdt, temperature, softcap, chunk
         return logp, (entropy if with_entropy else torch.empty(0, device=hidden.device))
 
