@@ -59,6 +59,18 @@ def cat_weights(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, b
 
 
+def split_projections(layer) -> dict:
+    """The Layer fields of a decoder layer with separate q/k/v and gate/up projections (Llama, Mistral, Qwen2/3,
+    Gemma 2/3): q/k/v and gate/up concatenated into one matmul each, the optional q/k norms, o and down."""
+    a, mlp = layer.self_attn, layer.mlp
+    wqkv, bqkv = cat_weights(a.q_proj, a.k_proj, a.v_proj)
+    wgu, bgu = cat_weights(mlp.gate_proj, mlp.up_proj)
+    qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+    return dict(wqkv=wqkv, bqkv=bqkv, q_norm=None if qn is None else norm_of(qn),
+                k_norm=None if kn is None else norm_of(kn), wo=effective_weight(a.o_proj), bo=a.o_proj.bias,
+                wgu=wgu, bgu=bgu, wd=effective_weight(mlp.down_proj), bd=mlp.down_proj.bias, act=mlp.act_fn)
+
+
 @dataclass
 class Layer:
     """One decoder layer. Norms are (weight, eps) pairs; None: the family has no such norm."""

@@ -6,8 +6,7 @@ their own base frequency)."""
 
 from __future__ import annotations
 
-from rlpost.rollout.families import Layer, Weights, cat_weights, check_rope, gemma_rms_norm, head_dim, norm_of
-from rlpost.models.lora import effective_weight
+from rlpost.rollout.families import Layer, Weights, check_rope, gemma_rms_norm, head_dim, norm_of, split_projections
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
 
@@ -21,19 +20,11 @@ def read(hf) -> Weights:
     per_type_rope = cfg.model_type == "gemma3_text"
     layers = []
     for layer, kind in zip(m.layers, cfg.layer_types):
-        a, mlp = layer.self_attn, layer.mlp
-        wqkv, bqkv = cat_weights(a.q_proj, a.k_proj, a.v_proj)
-        wgu, bgu = cat_weights(mlp.gate_proj, mlp.up_proj)
-        qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
         layers.append(Layer(
-            ln_attn=norm_of(layer.input_layernorm), wqkv=wqkv, bqkv=bqkv,
-            q_norm=None if qn is None else norm_of(qn), k_norm=None if kn is None else norm_of(kn),
-            wo=effective_weight(a.o_proj), bo=a.o_proj.bias, post_attn=norm_of(layer.post_attention_layernorm),
-            ln_mlp=norm_of(layer.pre_feedforward_layernorm), wgu=wgu, bgu=bgu,
-            wd=effective_weight(mlp.down_proj), bd=mlp.down_proj.bias, act=mlp.act_fn,
-            post_mlp=norm_of(layer.post_feedforward_layernorm),
+            ln_attn=norm_of(layer.input_layernorm), post_attn=norm_of(layer.post_attention_layernorm),
+            ln_mlp=norm_of(layer.pre_feedforward_layernorm), post_mlp=norm_of(layer.post_feedforward_layernorm),
             window=cfg.sliding_window if kind == "sliding_attention" else None,
-            rope=kind if per_type_rope else None))
+            rope=kind if per_type_rope else None, **split_projections(layer)))
     embed = m.embed_tokens
     return Weights(family=cfg.model_type, embed=embed.weight, embed_scale=embed.embed_scale.to(embed.weight.dtype),
                    norm=norm_of(m.norm), lm_head=hf.lm_head.weight, layers=layers,

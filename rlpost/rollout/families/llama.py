@@ -4,8 +4,7 @@ each head's query and key before RoPE). Separate q/k/v and gate/up projections, 
 
 from __future__ import annotations
 
-from rlpost.rollout.families import Layer, Weights, cat_weights, check_rope, head_dim, norm_of
-from rlpost.models.lora import effective_weight
+from rlpost.rollout.families import Layer, Weights, check_rope, head_dim, norm_of, split_projections
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -31,17 +30,9 @@ def read(hf) -> Weights:
     m, cfg = hf.model, hf.config
     layers = []
     for layer, window in zip(m.layers, windows(cfg)):
-        a, mlp = layer.self_attn, layer.mlp
-        wqkv, bqkv = cat_weights(a.q_proj, a.k_proj, a.v_proj)
-        wgu, bgu = cat_weights(mlp.gate_proj, mlp.up_proj)
-        qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
-        layers.append(Layer(
-            ln_attn=norm_of(layer.input_layernorm), wqkv=wqkv, bqkv=bqkv,
-            q_norm=None if qn is None else norm_of(qn), k_norm=None if kn is None else norm_of(kn),
-            wo=effective_weight(a.o_proj), bo=a.o_proj.bias, post_attn=None,
-            ln_mlp=norm_of(layer.post_attention_layernorm), wgu=wgu, bgu=bgu,
-            wd=effective_weight(mlp.down_proj), bd=mlp.down_proj.bias, act=mlp.act_fn, post_mlp=None,
-            window=window))
+        layers.append(Layer(ln_attn=norm_of(layer.input_layernorm), post_attn=None,
+                            ln_mlp=norm_of(layer.post_attention_layernorm), post_mlp=None, window=window,
+                            **split_projections(layer)))
     D = head_dim(cfg)
     return Weights(family=cfg.model_type, embed=m.embed_tokens.weight, embed_scale=None, norm=norm_of(m.norm),
                    lm_head=hf.lm_head.weight, layers=layers, n_head=cfg.num_attention_heads,
