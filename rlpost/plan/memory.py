@@ -460,13 +460,18 @@ def format_report(est: Estimate) -> str:
               + ", ".join(f"{k} {v / GB:.3f} GB" for k, v in bd["kv_per_sequence"].items()),
               "  activations per micro-batch (all layers + logits): "
               + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in bd["activations"].items()), ""]
-    verdict = "FITS" if est.fits else "DOES NOT FIT"
-    lines.append(f"{verdict}: {est.peak / GB:.2f} GB on the fullest GPU, {est.usable / GB:.2f} GB usable "
-                 f"({s.gpu_memory_gb:g} GB less {s.headroom:.0%} headroom)")
-    for sug in est.suggestions:
+    lines += _verdict(est, "on the fullest GPU", s.gpu_memory_gb, s.headroom)
+    return "\n".join(lines)
+
+
+def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[str]:
+    """The closing lines of a printed plan: fits or not, and each suggestion with what it saves."""
+    lines = [f"{'FITS' if plan.fits else 'DOES NOT FIT'}: {plan.peak / GB:.2f} GB {where}, {plan.usable / GB:.2f} GB "
+             f"usable ({gpu_memory_gb:g} GB less {headroom:.0%} headroom)"]
+    for sug in plan.suggestions:
         lines.append(f"  - {sug['change']}: saves {sug['saves_gb']:.2f} GB -> {sug['peak_gb']:.2f} GB"
                      f"{' (fits)' if sug['fits'] else ''}")
-    return "\n".join(lines)
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- rlpost's layout
@@ -865,12 +870,7 @@ def format_plan(p: Plan) -> str:
     phase = sum(t.bytes for t in p.terms if t.phase == p.peak_phase)
     lines += [f"  = held {_gb(held)} + the largest phase, {p.peak_phase}, {_gb(phase)}", ""]
     lines += [f"  note: {x}" for x in j.notes]
-    verdict = "FITS" if p.fits else "DOES NOT FIT"
-    lines.append(f"{verdict}: {p.peak / GB:.2f} GB at the peak on each rank, {p.usable / GB:.2f} GB usable "
-                 f"({j.gpu_memory_gb:g} GB less {j.headroom:.0%} headroom)")
-    for s in p.suggestions:
-        lines.append(f"  - {s['change']}: saves {s['saves_gb']:.2f} GB -> {s['peak_gb']:.2f} GB"
-                     f"{' (fits)' if s['fits'] else ''}")
+    lines += _verdict(p, "at the peak on each rank", j.gpu_memory_gb, j.headroom)
     return "\n".join(lines)
 
 
