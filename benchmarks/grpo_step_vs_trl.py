@@ -57,8 +57,8 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     """rlpost's controller with every role, as `rlpost train` wires it for an HF model (rollout_dtype: the
     engine's rollout.dtype, 'auto' being the trainer's precision)."""
     from rlpost.algorithms import get_algorithm
-    from rlpost.config import ModelConfig
-    from rlpost.controller import Controller
+    from rlpost.config import ModelConfig, RLConfig, RolloutConfig
+    from rlpost.controller import Controller, Roles
     from rlpost.models import compile_model, load_model, shared_prompt
     from rlpost.reference import Reference
     from rlpost.reward import Reward
@@ -73,18 +73,18 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     if compile:  # as `rlpost train trainer.compile=true` does it
         compile_model(model)
         compile_model(reference.model)
-    ctl = Controller(
-        rows=rows, prompt_ids=[tok.encode_prompt(p) for p in prompt_texts], engine=engine,
-        reward=Reward(lambda completion, row: reward_text(completion), tok), reference=reference,
-        algorithm=get_algorithm("grpo", clip_low=0.2, clip_high=0.28, beta=0.04),
-        trainer=Trainer(model, lr=lr, grad_clip=1.0, precision=precision),
-        weight_sync=WeightSync(model, engine, "pointer"),
-        params=SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=1.0),
-        prompts_per_step=n_prompts, k=k, seed=0)
+    roles = Roles(engine=engine, reward=Reward(lambda completion, row: reward_text(completion), tok),
+                  algorithm=get_algorithm("grpo", clip_low=0.2, clip_high=0.28, beta=0.04),
+                  trainer=Trainer(model, lr=lr, grad_clip=1.0, precision=precision),
+                  weight_sync=WeightSync(model, engine), reference=reference)
+    ctl = Controller(roles, RLConfig(),
+                     SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=1.0),
+                     RolloutConfig(prompts_per_step=n_prompts, k=k), rows=rows,
+                     prompt_ids=[tok.encode_prompt(p) for p in prompt_texts], seed=0)
     # instrumentation, outside the roles' own code: the batch shapes the FLOP count needs, and the CPU
     # seconds (process time) of the three roles that do the FLOPs, next to the controller's wall-clock
     ctl.cpu = {}
-    generate, train_step = engine.generate, ctl.trainer.step
+    generate, train_step = engine.generate, ctl.roles.trainer.step
 
     def cpu_timed(role, fn):
         def timed(*a, **kw):
@@ -114,8 +114,8 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
             return self.call(batch)
 
     engine.generate = cpu_timed("rollout", generate_and_record)
-    ctl.trainer.step = cpu_timed("train", train_step)
-    ctl.reference = CPUTimedReference(ctl.reference)
+    ctl.roles.trainer.step = cpu_timed("train", train_step)
+    ctl.roles.reference = CPUTimedReference(ctl.roles.reference)
     return ctl, type(engine).__name__
 
 
@@ -395,7 +395,7 @@ def main(argv=None) -> dict:
     # FLOPs by the 2N / 6N rule, N = parameters that take part in matmuls (all but the input embedding)
     N = N_all - N_emb
     B = args.prompts * args.k
-    sizes = ctl.engine.sizes
+    sizes = ctl.roles.engine.sizes
     # rollout: each prompt prefilled once, then new_tokens - 1 decode forwards of B rows (the last token
     # drawn needs no forward)
     flops = {"rollout": 2 * N * (sizes["prompt_tokens"] + B * (args.new_tokens - 1)),

@@ -269,10 +269,10 @@ class RLConfig(Section):
     save_every: int = opt(50, "write a resumable checkpoint checkpoints/step_<n> every this many steps (0: only "
                               "checkpoints/final at the end)", at_least(0, "0: only checkpoints/final"))
     keep_checkpoints: int = opt(2, "keep the newest this many step checkpoints (0: all)", at_least(0, "0: keep all"))
-    weight_sync: str = opt("auto", "how weights reach the rollout engine: 'auto' (colocated: the engine's own way, "
-                                   "pointer or vllm; disaggregated/async: ray) | colocated: 'pointer' (shared module) "
-                                   "| 'copy' (separate copy) | 'vllm' (into the running vLLM engine) | disaggregated/"
-                                   "async: 'ray' (Ray object store) | 'collective' (torch.distributed broadcast)")
+    weight_sync: str = opt("auto", "the transport of weights to Ray rollout workers (disaggregated/async): 'auto' "
+                                   "(ray) | 'ray' (Ray object store) | 'collective' (torch.distributed broadcast); "
+                                   "colocated, how they land is the engine's ('auto'), with the aliases 'pointer' "
+                                   "(shared module) | 'vllm' (rollout.engine=vllm) | 'copy' (the engine keeps its own)")
     topology: str = opt("colocated", "where the roles run: 'colocated' (one process, taking turns) | 'disaggregated' "
                                      "(rollout in rl.rollout_workers Ray actors) | 'async' (as disaggregated, rollout "
                                      "runs up to rl.max_staleness steps ahead of training)")
@@ -600,7 +600,7 @@ def _validate(cfg: Config) -> None:
     from rlpost.rollout import ENGINES
     from rlpost.schedule import SCHEDULES
     from rlpost.tasks import TASKS
-    from rlpost.weight_sync import MODES, TOPOLOGIES
+    from rlpost.loops import check_config as check_topology
 
     cfg.validate()  # each section's own keys: the ranges of its numbers, its own rules
     _plugin(get_algorithm, cfg.algorithm, "algorithm")  # unknown algorithm / parameter / bad number: now
@@ -609,7 +609,6 @@ def _validate(cfg: Config) -> None:
         "task.reward_on_error": (cfg.task.reward_on_error, ("raise", "zero")),
         "rollout.engine": (cfg.rollout.engine, ENGINES),
         "rollout.dtype": (cfg.rollout.dtype, ROLLOUT_DTYPES),
-        "rl.weight_sync": (cfg.rl.weight_sync, MODES),
         "model.dtype": (cfg.model.dtype, DTYPES),
         "trainer.precision": (cfg.trainer.precision, PRECISION_CHOICES),
         "trainer.lr_schedule": (cfg.trainer.lr_schedule, SCHEDULES),
@@ -618,19 +617,6 @@ def _validate(cfg: Config) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"config key '{key}' is {value!r}; valid values: {', '.join(valid)}")
-    if cfg.rl.topology not in TOPOLOGIES:
-        raise ConfigError(f"config key 'rl.topology' is {cfg.rl.topology!r}; valid values: {', '.join(TOPOLOGIES)}")
-    ray_modes = ("auto", "ray", "collective")
-    if cfg.rl.topology == "colocated":
-        if cfg.rl.weight_sync in ray_modes[1:]:
-            raise ConfigError(f"rl.weight_sync={cfg.rl.weight_sync} moves weights to Ray rollout workers; it needs "
-                              "rl.topology=disaggregated or async")
-        if cfg.rl.weight_sync != "auto" and (cfg.rollout.engine == "vllm") != (cfg.rl.weight_sync == "vllm"):
-            raise ConfigError("rollout.engine=vllm and rl.weight_sync=vllm go together (vLLM holds its own copy of the "
-                              f"weights); got rollout.engine={cfg.rollout.engine}, rl.weight_sync={cfg.rl.weight_sync}")
-    elif cfg.rl.weight_sync not in ray_modes:
-        raise ConfigError(f"rl.topology={cfg.rl.topology} sends weights to its rollout workers with rl.weight_sync = "
-                          f"{' | '.join(ray_modes)}, not {cfg.rl.weight_sync!r}")
     if cfg.reward_model.train and cfg.reward_model.path:
         raise ConfigError("set either reward_model.path (use a trained reward model) or reward_model.train, not both")
     _validate_lora(cfg)
@@ -644,6 +630,10 @@ def _validate(cfg: Config) -> None:
     _validate_rejection_and_distill(cfg)
     _validate_prm(cfg.prm)
     _validate_stages(cfg)
+    try:  # the topology's own settings (rl.topology, rl.weight_sync, ...): its loop checks them (stages known)
+        check_topology(cfg, "rl" in stage_names(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _validate_process_reward(cfg)
 
 

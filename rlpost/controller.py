@@ -21,15 +21,9 @@ that filters, such as DAPO's dynamic sampling), steps 1-5 repeat on new prompts 
 Its state (`state_dict`) is the prompt sampler's position and the algorithm's own state; the engine's
 seed of each step is a function of (seed, step, round), so a resumed run samples what it would have.
 
-Topologies (`rl.topology`) change where steps 2-3 run, never the order of the seven steps:
-
-    colocated      the engine is in this process (it may share the trainer's module)
-    disaggregated  the engine is Ray actors (rlpost/rollout/ray_engine.py); same loop, same order
-    async          steps 2-3 run in a background thread (rlpost/rollout/pipeline.py), `max_staleness`
-                   steps ahead: step t's prompts are submitted at the start of step t - S, before the
-                   weights of step t - S are pushed, so step t samples with version t - S - 1 exactly.
-                   S = 0 is the synchronous loop; a batch's staleness (trainer version - its
-                   policy_version) is logged and never exceeds S.
+Topologies (`rl.topology`) are loops (rlpost/loops/): the loop says where steps 1-3 run and collects a
+round's scored batch (colocated: here; disaggregated: in Ray actors; async: in a background thread, steps
+ahead); the controller runs the seven steps in the same order whatever the loop.
 
 Sharded (`shard=(rank, world)`, trainer.strategy=fsdp2): every rank's sampler walks the same order, and
 rank r takes every world-th of the step's prompts from r (its own engine seed); its groups never straddle
@@ -42,18 +36,20 @@ from __future__ import annotations
 import random
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from rlpost import distributed as dist
 from rlpost.algorithms.base import Algorithm
 from rlpost.batch import Batch
+from rlpost.config import RLConfig, RolloutConfig
+from rlpost.critic import Critic
 from rlpost.devices import RoleProbe
+from rlpost.loops import Loop, loop_class
 from rlpost.reference import Reference
 from rlpost.reward import Reward
 from rlpost.rollout import Engine, SamplingParams
-from rlpost.rollout.episodes import run_episodes
-from rlpost.rollout.pipeline import RolloutPipeline
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
 
@@ -86,48 +82,52 @@ class PromptSampler:
         return out
 
 
+@dataclass
+class Roles:
+    """The roles one RL step calls. `reference` only when the algorithm reads ref_logp, `critic` only when it
+    has one (PPO); `weight_sync` pushes to the engine (or to what the loop put in front of it)."""
+
+    engine: Engine
+    reward: Reward
+    algorithm: Algorithm
+    trainer: Trainer
+    weight_sync: WeightSync
+    reference: Reference | None = None
+    critic: Critic | None = None
+
+
 class Controller:
-    def __init__(self, *, rows: list[dict], prompt_ids: list[list[int]], engine: Engine, reward: Reward,
-                 reference: Reference | None, algorithm: Algorithm, trainer: Trainer, weight_sync: WeightSync,
-                 params: SamplingParams, prompts_per_step: int, k: int, seed: int = 0, critic=None,
-                 max_refill_rounds: int = 0, pipeline: RolloutPipeline | None = None, max_staleness: int = 0,
-                 steps: int | None = None, shard: tuple[int, int] = (0, 1)):
-        """`pipeline`: run rollouts ahead (async) by up to `max_staleness` steps, never past step `steps`."""
-        if algorithm.uses_reference and reference is None:
+    def __init__(self, roles: Roles, cfg: RLConfig, params: SamplingParams, rollout: RolloutConfig, *,
+                 rows: list[dict], prompt_ids: list[list[int]], seed: int = 0, loop: Loop | None = None,
+                 shard: tuple[int, int] = (0, 1)):
+        """`rollout`: prompts_per_step, k, max_refill_rounds; `loop`: the topology's loop, placed (None: the one
+        `cfg.topology` names, for a loop that needs no placement); `shard`: (rank, world) under fsdp2."""
+        algorithm = roles.algorithm
+        if algorithm.uses_reference and roles.reference is None:
             raise ValueError(f"algorithm '{algorithm.name}' reads ref_logp but no reference was given")
-        if algorithm.uses_critic and critic is None:
+        if algorithm.uses_critic and roles.critic is None:
             raise ValueError(f"algorithm '{algorithm.name}' needs a critic but none was given")
-        self.rows, self.prompt_ids = rows, prompt_ids
-        self.engine, self.reward, self.reference, self.critic = engine, reward, reference, critic
-        self.algorithm, self.trainer, self.weight_sync = algorithm, trainer, weight_sync
-        self.params, self.prompts_per_step, self.k, self.seed = params, prompts_per_step, k, seed
-        self.max_refill_rounds, self.shard = max_refill_rounds, shard
+        self.roles, self.cfg, self.params, self.rollout = roles, cfg, params, rollout
+        self.rows, self.prompt_ids, self.seed, self.shard = rows, prompt_ids, seed, shard
+        self.loop = loop if loop is not None else loop_class(cfg.topology)(cfg, rollout)
         self.sampler = PromptSampler(len(rows), seed)
         self.times: dict[str, float] = {}
         try:  # the trainer's device is where the roles' tensors live (a test's stand-in trainer may have none)
-            device = trainer.device
+            device = roles.trainer.device
         except AttributeError:
             device = torch.device("cpu")
         self.probe = RoleProbe(device)
-        if pipeline is not None and steps is None:
-            raise ValueError("an async Controller needs `steps` (it never samples past the last step)")
-        self.pipeline, self.max_staleness, self.steps = pipeline, max_staleness, steps
-        self.submitted = 0  # async: the last step whose rollouts were submitted
 
     def state_dict(self) -> dict:
-        """The sampler, the algorithm, and (async) the rollouts already made for coming steps: they were
-        sampled with older weights than a resumed run could reproduce, so they are saved as data."""
-        state = {"sampler": self.sampler.state_dict(), "algorithm": self.algorithm.state_dict()}
-        if self.pipeline is not None:
-            state["ahead"] = {"submitted": self.submitted, "results": self.pipeline.drain()}
-        return state
+        """The sampler, the algorithm, and what the loop keeps (async: the rollouts already made for coming
+        steps, saved as data)."""
+        return {"sampler": self.sampler.state_dict(), "algorithm": self.roles.algorithm.state_dict(),
+                **self.loop.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        self.algorithm.load_state_dict(state["algorithm"])
-        if self.pipeline is not None and "ahead" in state:
-            self.submitted = state["ahead"]["submitted"]
-            self.pipeline.restore(state["ahead"]["results"])
+        self.roles.algorithm.load_state_dict(state["algorithm"])
+        self.loop.load_state_dict(state)
 
     @contextmanager
     def timed(self, role: str):
@@ -140,43 +140,25 @@ class Controller:
 
     def collect(self, step: int, n_prompts: int, round_: int) -> tuple[Batch, Batch, dict[str, float]]:
         """Steps 1-5 for `n_prompts` new prompts: (scored batch, batch with advantages, reward metrics)."""
-        # 1. prompts, 2. rollout and 3. reward
-        if self.pipeline is None:
-            t0 = time.perf_counter()
-            rank, world = self.shard
-            # this rank's share (all of them in one process); at least one prompt per rank
-            idx = self.sampler.next(max(n_prompts, world))[rank::world]
-            batch, reward_metrics = run_episodes(self.engine, self.reward, [self.rows[i] for i in idx],
-                                                 [self.prompt_ids[i] for i in idx], self.k, self.params,
-                                                 seed=self.episode_seed(step, round_), probe=self.probe)
-            reward_metrics["time/rollout_wait"] = time.perf_counter() - t0
-        else:
-            if round_ == 0:  # keep `max_staleness` steps submitted ahead of this one
-                while self.submitted < min(step + self.max_staleness, self.steps):
-                    self.submit(self.submitted + 1, 0, self.prompts_per_step)
-            else:            # a refill round: after what is already queued, with the newest weights pushed
-                self.submit((step, round_), round_, n_prompts)
-            batch, reward_metrics = self.pipeline.result(step if round_ == 0 else (step, round_))
+        r = self.roles
+        # 1. prompts, 2. rollout and 3. reward: where the loop runs them
+        batch, reward_metrics = self.loop.collect(self, step, n_prompts, round_)
         for role in ("rollout", "reward", "rollout_wait"):
             self.times[role] = self.times.get(role, 0.0) + reward_metrics.pop(f"time/{role}")
-        stale = (self.weight_sync.version - batch.policy_version).float()
-        self.staleness.append(stale)
-        if self.pipeline is not None and float(stale.max()) > self.max_staleness:
-            raise RuntimeError(f"a batch is {int(stale.max())} versions stale, more than rl.max_staleness="
-                               f"{self.max_staleness}: the rollout pipeline lost its order")
+        self.staleness.append((r.weight_sync.version - batch.policy_version).float())
         # 4. reference (and critic values); a role that does not run gets no memory peak (and 0 seconds)
-        if self.algorithm.uses_reference:
+        if r.algorithm.uses_reference:
             with self.timed("reference"):
-                batch = self.reference(batch)
-        if self.critic is not None:
+                batch = r.reference(batch)
+        if r.critic is not None:
             with self.timed("critic"), torch.no_grad():
-                batch = batch.replace(values=self.critic(batch))
-        if self.algorithm.needs_proximal_logp:  # importance-sampling correction: old_logp becomes the proximal's
+                batch = batch.replace(values=r.critic(batch))
+        if r.algorithm.needs_proximal_logp:  # importance-sampling correction: old_logp becomes the proximal's
             with self.timed("reference"):
-                batch = batch.replace(rollout_logp=batch.old_logp, old_logp=self.trainer.logprobs(batch))
+                batch = batch.replace(rollout_logp=batch.old_logp, old_logp=r.trainer.logprobs(batch))
         # 5. advantages
         with self.timed("advantages"):
-            trained = self.algorithm.compute_advantages(batch)
+            trained = r.algorithm.compute_advantages(batch)
         return batch, trained, reward_metrics
 
     def episode_seed(self, step: int, round_: int) -> int:
@@ -184,25 +166,16 @@ class Controller:
         rank, world = self.shard
         return ((self.seed * 1_000_003 + step) * 101 + round_) * world + rank
 
-    def submit(self, key, round_: int, n_prompts: int) -> None:
-        """Async: draw the prompts of `key` (a step, or (step, round)) now and queue their rollouts."""
-        step = key if round_ == 0 else key[0]
-        idx = self.sampler.next(n_prompts)
-        self.pipeline.submit(key, [self.rows[i] for i in idx], [self.prompt_ids[i] for i in idx],
-                             self.episode_seed(step, round_))
-        if round_ == 0:
-            self.submitted = key
-
     def step(self, step: int) -> dict[str, float]:
         t_step = time.perf_counter()
         self.times, self.staleness = {}, []
         self.probe.clear()
         sampled, kept, reward_metrics = [], [], {}
-        groups = 0
-        for round_ in range(self.max_refill_rounds + 1):
+        groups, wanted = 0, self.rollout.prompts_per_step
+        for round_ in range(self.rollout.max_refill_rounds + 1):
             before = groups
-            scored, trained, m = self.collect(step, self.prompts_per_step - groups, round_)
-            offset = round_ * self.prompts_per_step  # group ids stay unique across rounds
+            scored, trained, m = self.collect(step, wanted - groups, round_)
+            offset = round_ * wanted  # group ids stay unique across rounds
             sampled.append(scored.replace(group_ids=scored.group_ids + offset))
             if len(trained):
                 kept.append(trained.replace(group_ids=trained.group_ids + offset))
@@ -210,15 +183,15 @@ class Controller:
             if self.shard[1] > 1:  # every rank's groups: all ranks agree on the refill, samplers stay in step
                 groups = int(dist.reduce_sum(groups - before)) + before
             reward_metrics = {k: reward_metrics.get(k, 0.0) + v for k, v in m.items()}
-            if groups >= self.prompts_per_step:
+            if groups >= wanted:
                 break
         batch = Batch.concat(kept) if kept else None
         # 6. train
         with self.timed("train"):
-            train_metrics = self.trainer.step(batch, self.algorithm.compute_loss)  # None: skipped_empty
+            train_metrics = self.roles.trainer.step(batch, self.roles.algorithm.compute_loss)  # None: skipped_empty
         # 7. sync
         with self.timed("sync"):
-            sync_metrics = self.weight_sync.sync()
+            sync_metrics = self.roles.weight_sync.sync()
 
         all_sampled = Batch.concat(sampled) if len(sampled) > 1 else sampled[0]
         self.sampled = all_sampled  # every sample of this step, scored (the RL stage keeps some in rollouts.jsonl)
@@ -227,14 +200,13 @@ class Controller:
                    "rollout/trained_groups": float(groups)}
         stale = torch.cat(self.staleness)
         metrics["rollout/staleness_mean"], metrics["rollout/staleness_max"] = float(stale.mean()), float(stale.max())
-        # this thread's seconds: every role but rollout and reward, which it waited for (colocated: ran itself);
-        # async, rollout and reward ran in the rollout thread, overlapping the rest, so shares may sum past 1
+        # this thread's seconds: every role it ran, and the wait for those the loop ran elsewhere (async: rollout
+        # and reward ran in the rollout thread, overlapping the rest, so shares may sum past 1)
         wall = time.perf_counter() - t_step
         waited = self.times.get("rollout_wait", 0.0)
-        if self.pipeline is None:
-            here = sum(self.times.get(role, 0.0) for role in ROLES)
-        else:
-            here = waited + sum(self.times.get(role, 0.0) for role in ROLES if role not in ("rollout", "reward"))
+        here = sum(self.times.get(role, 0.0) for role in ROLES if role not in self.loop.elsewhere)
+        if self.loop.elsewhere:
+            here = waited + here
         self.times["other"] = max(wall - here, 0.0)
         total = here + self.times["other"]  # = wall (up to clock rounding)
         tokens = all_sampled.num_response_tokens

@@ -80,6 +80,7 @@ from rlpost import distributed as dist
 from rlpost.checkpoint import (Checkpoint, clean_partial, is_write_failure, list_checkpoints, load_rng_state,
                                remove_step_checkpoints, rng_state, verify, write_checkpoint, write_error)
 from rlpost.config import Config, from_dict, stage_configs, stage_names, to_dict
+from rlpost.loops import loop_class
 from rlpost.models.lora import fold_adapters, is_lora
 
 RUN_FILE = "run.json"
@@ -581,7 +582,6 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     from rlpost.models import load_model
     from rlpost.env import check_vocabulary, observation_alphabet, response_budget
     from rlpost.rewards import reward_role
-    from rlpost.rollout import build_engine
     from rlpost.tasks import load_task
     from rlpost.weight_sync import WeightSync
 
@@ -608,15 +608,8 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     check_vocabulary(cfg.task, tokenizer)
     check_lengths(model, tokenizer, rows, response_tokens, demos,  # before any stage, not after SFT
                   system_prompt=task.system_prompt)
-    if cfg.rl.topology == "colocated":
-        engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=cfg.rl.weight_sync == "pointer"
-                              or (cfg.rl.weight_sync == "auto" and cfg.trainer.strategy != "fsdp2"),
-                              dtype=cfg.rollout.dtype)
-        weight_sync = WeightSync(model, engine, cfg.rl.weight_sync)
-    else:  # RL rolls out in Ray workers (the RL stage starts them); evaluation samples here, sharing the module
-        kind = "auto" if cfg.rollout.engine == "vllm" else cfg.rollout.engine
-        engine = build_engine(kind, model, tokenizer, share_weights=True, dtype=cfg.rollout.dtype)
-        weight_sync = WeightSync(model, engine)
+    engine = loop_class(cfg.rl.topology).run_engine(cfg, model, tokenizer)  # the topology's (rlpost/loops/)
+    weight_sync = WeightSync(model, engine)
     verifier = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
     rl_reward = verifier
     if cfg.distill.teacher:  # on-policy distillation: the teacher's per-token reverse KL is the RL reward
@@ -734,13 +727,8 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
     print(resolve_precisions(cfg), flush=True)
     stages = build_stages(cfg)
     has_rl = any(s.name == "rl" for s in stages)
+    loop_class(cfg.rl.topology).check(cfg, has_rl)  # (load_config checked it too; a config built in code may not be)
     if cfg.trainer.strategy == "fsdp2":
-        if has_rl and cfg.rl.weight_sync not in ("auto", "copy"):
-            raise ValueError(f"trainer.strategy=fsdp2 needs rl.weight_sync=copy or auto (each rank's engine keeps a "
-                             f"full copy, refreshed from the gathered weights), not {cfg.rl.weight_sync!r}")
-        if has_rl and cfg.rl.topology != "colocated":
-            raise ValueError(f"trainer.strategy=fsdp2 rolls out on every rank (rl.topology=colocated); "
-                             f"rl.topology={cfg.rl.topology} with sharded training is not supported yet")
         dist.init()
     elif dist.launched_by_torchrun() > 1:
         raise ValueError(f"launched on {dist.launched_by_torchrun()} ranks (torchrun) with trainer.strategy="

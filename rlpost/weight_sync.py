@@ -8,11 +8,12 @@ Ordering contract, one RL step:
 
 WeightSync only ever calls `engine.update_weights(named_weights(trainer_model), version)` (the Engine
 protocol, rlpost/rollout/engine.py): the trainer's tensors under their checkpoint names (an HF model's
-own names, gpt_mini's module names). How they land is the engine's, fixed when it was built: "pointer"
-(it shares the trainer's module: nothing moves, only the version changes), "copy" (its own copy,
-refreshed in place with copy_), "vllm" (a running vLLM, which reloads them and drops its prefix
-cache), "ray" or "collective" (Ray rollout workers: rlpost/rollout/ray_engine.py). `mode` must name
-the engine's, so a config that says one thing cannot silently run another.
+own names, gpt_mini's module names). How they land is the engine's, fixed when it was built, and the sync's
+`mode` is read from it (`engine.weight_sync_mode`): "pointer" (it shares the trainer's module: nothing moves,
+only the version changes), "copy" (its own copy, refreshed in place with copy_), "vllm" (a running vLLM,
+which reloads them and drops its prefix cache), "ray" or "collective" (Ray rollout workers:
+rlpost/rollout/ray_engine.py, whose transport rl.weight_sync chooses). Which settings go together is
+the topology's to check, at config load (rlpost/loops/).
 Every batch an engine samples carries `policy_version`, so stale samples are visible downstream.
 
 A sharded policy (trainer.strategy=fsdp2) holds only a shard of each parameter on each rank, which no
@@ -36,28 +37,15 @@ from rlpost import distributed as dist
 from rlpost.models.lora import is_lora
 from rlpost.rollout.engine import Engine, named_weights, weights_module
 
-MODES = ("auto", "pointer", "copy", "vllm", "ray", "collective")  # the valid rl.weight_sync names ("auto": the engine's)
-TOPOLOGIES = ("colocated", "disaggregated", "async")                # the valid rl.topology names
-
-
 class WeightSync:
-    def __init__(self, trainer_model: nn.Module, engine: Engine, mode: str | None = None):
-        """mode: one of MODES (None or 'auto': the engine's). Pushes the trainer's weights at once, stamped
-        with the engine's version: the engine may have been built from older ones (before SFT)."""
-        have = engine.weight_sync_mode
-        mode = have if mode in (None, "auto") else mode
-        if mode not in MODES:
-            raise ValueError(f"weight sync mode must be one of {', '.join(MODES)}, got {mode!r}")
+    def __init__(self, trainer_model: nn.Module, engine: Engine):
+        """Pushes the trainer's weights at once, stamped with the engine's version: the engine may have been
+        built from older ones (before SFT). `mode` is the engine's `weight_sync_mode`."""
+        mode = engine.weight_sync_mode
         if dist.is_sharded(trainer_model) and mode != "copy":
-            raise ValueError(f"a sharded policy (trainer.strategy=fsdp2) needs rl.weight_sync=copy, not {mode!r}: "
-                             "no engine can sample from parameter shards")
-        if mode != have:
-            hint = ("a vLLM engine needs rl.weight_sync=vllm" if have == "vllm" else
-                    "'vllm' needs a vLLM engine" if mode == "vllm" else
-                    "'ray' and 'collective' need Ray rollout workers (rl.topology)" if mode in ("ray", "collective")
-                    else f"build the engine with share_weights={mode == 'pointer'}")
-            raise ValueError(f"weight sync mode {mode!r} does not fit a {type(engine).__name__} built for {have!r}: "
-                             f"{hint}")
+            raise ValueError(f"a sharded policy (trainer.strategy=fsdp2) needs an engine with its own copy of the "
+                             f"weights (rl.weight_sync=copy or auto), not a {type(engine).__name__} built for "
+                             f"{mode!r}: no engine can sample from parameter shards")
         self.trainer_model, self.engine, self.mode = trainer_model, engine, mode
         self.version = engine.version
         self.push()

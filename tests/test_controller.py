@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rlpost import get_algorithm
-from rlpost.config import load_config
-from rlpost.controller import Controller
+from rlpost.config import RLConfig, RolloutConfig, load_config
+from rlpost.controller import Controller, Roles
 from rlpost.critic import Critic
 from rlpost.run import train
 from rlpost.reference import Reference
@@ -42,10 +42,11 @@ def test_dapo_never_trains_on_a_degenerate_group_and_refills(tiny_gpt):
     engine = NativeEngine(model, tok)
     trainer = SpyTrainer(model, lr=1e-3)
     algo = get_algorithm("dapo")
-    ctl = Controller(rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], engine=engine,
-                     reward=Reward(half_easy_reward, tok), reference=None, algorithm=algo, trainer=trainer,
-                     weight_sync=WeightSync(model, engine), params=SamplingParams(max_new_tokens=5),
-                     prompts_per_step=6, k=4, seed=0, max_refill_rounds=6)
+    roles = Roles(engine=engine, reward=Reward(half_easy_reward, tok), algorithm=algo, trainer=trainer,
+                  weight_sync=WeightSync(model, engine))
+    ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=5),
+                     RolloutConfig(prompts_per_step=6, k=4, max_refill_rounds=6),
+                     rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], seed=0)
     for step in range(1, 4):
         metrics = ctl.step(step)
         batch = trainer.seen[-1]
@@ -106,13 +107,12 @@ def test_reference_free_algorithms_skip_the_reference(tiny_gpt):
     model, tok = tiny_gpt
     engine = NativeEngine(model, tok)
     with pytest.raises(ValueError, match="reads ref_logp"):
-        Controller(rows=[], prompt_ids=[], engine=engine, reward=None, reference=None,
-                   algorithm=get_algorithm("grpo", beta=0.1), trainer=None, weight_sync=None,
-                   params=SamplingParams(), prompts_per_step=1, k=1)
+        Controller(Roles(engine=engine, reward=None, algorithm=get_algorithm("grpo", beta=0.1), trainer=None,
+                         weight_sync=None), RLConfig(), SamplingParams(), RolloutConfig(), rows=[], prompt_ids=[])
     with pytest.raises(ValueError, match="needs a critic"):
-        Controller(rows=[], prompt_ids=[], engine=engine, reward=None, reference=Reference(model),
-                   algorithm=get_algorithm("ppo"), trainer=None, weight_sync=None,
-                   params=SamplingParams(), prompts_per_step=1, k=1)
+        Controller(Roles(engine=engine, reward=None, algorithm=get_algorithm("ppo"), trainer=None, weight_sync=None,
+                         reference=Reference(model)), RLConfig(), SamplingParams(), RolloutConfig(), rows=[],
+                   prompt_ids=[])
 
 
 def test_every_step_attributes_its_wall_clock_to_the_roles(tiny_gpt):
@@ -125,10 +125,10 @@ def test_every_step_attributes_its_wall_clock_to_the_roles(tiny_gpt):
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 14) for b in range(2)]
     engine = NativeEngine(model, tok)
     algo = get_algorithm("grpo", beta=0.04)
-    ctl = Controller(rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], engine=engine,
-                     reward=Reward(half_easy_reward, tok), reference=Reference(model), algorithm=algo,
-                     trainer=Trainer(model, lr=1e-3), weight_sync=WeightSync(model, engine),
-                     params=SamplingParams(max_new_tokens=4), prompts_per_step=2, k=3, seed=0)
+    roles = Roles(engine=engine, reward=Reward(half_easy_reward, tok), algorithm=algo,
+                  trainer=Trainer(model, lr=1e-3), weight_sync=WeightSync(model, engine), reference=Reference(model))
+    ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=4), RolloutConfig(prompts_per_step=2, k=3),
+                     rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], seed=0)
     m = ctl.step(1)
     for role in ("rollout", "reward", "reference", "advantages", "train", "sync", "other"):
         assert role in TIMED and m[f"time/{role}"] >= 0.0 and 0.0 <= m[f"time_share/{role}"] <= 1.0

@@ -228,7 +228,8 @@ def test_cuda_sft_checkpointing_and_resume(tiny_llama_dir, kind):
 @pytest.mark.cuda
 def test_cuda_controller_step_with_the_native_engine(tiny_gpt):
     """The whole loop on CUDA: the native engine samples from the CUDA model, every role follows."""
-    from rlpost.controller import Controller
+    from rlpost.config import RLConfig, RolloutConfig
+    from rlpost.controller import Controller, Roles
     from rlpost.weight_sync import WeightSync
 
     model, tok = tiny_gpt
@@ -238,11 +239,11 @@ def test_cuda_controller_step_with_the_native_engine(tiny_gpt):
     for name in ALGORITHMS:
         algo = algorithm(name)
         critic = Critic.build(model, "separate") if algo.uses_critic else None
-        ctl = Controller(rows=rows, prompt_ids=[tok.encode_prompt(p) for p in PROMPTS], engine=engine,
-                         reward=Reward(lambda c, row: float(len(c) % 2), tok),
-                         reference=Reference(model) if algo.uses_reference else None, algorithm=algo,
-                         trainer=Trainer(model, lr=1e-4, critic=critic), weight_sync=WeightSync(model, engine),
-                         params=SamplingParams(max_new_tokens=4), prompts_per_step=3, k=4, seed=0, critic=critic,
-                         max_refill_rounds=1)
+        roles = Roles(engine=engine, reward=Reward(lambda c, row: float(len(c) % 2), tok), algorithm=algo,
+                      trainer=Trainer(model, lr=1e-4, critic=critic), weight_sync=WeightSync(model, engine),
+                      reference=Reference(model) if algo.uses_reference else None, critic=critic)
+        ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=4),
+                         RolloutConfig(prompts_per_step=3, k=4, max_refill_rounds=1),
+                         rows=rows, prompt_ids=[tok.encode_prompt(p) for p in PROMPTS], seed=0)
         metrics = ctl.step(1)
         assert all(type(v) is float for v in metrics.values()), name

@@ -106,16 +106,15 @@ def test_close_is_idempotent(make, kind):
         sample(engine, tok)
 
 
-def test_weight_sync_mode_must_match_how_the_engine_was_built(make):
-    engine, model, _ = make("native-gpt", share_weights=False)
-    with pytest.raises(ValueError, match="share_weights=True"):
-        WeightSync(model, engine, "pointer")
-    assert WeightSync(model, engine).mode == "copy"               # None: the engine's own
+@pytest.mark.parametrize("share", [True, False])
+def test_weight_sync_mode_follows_how_the_engine_was_built(make, share):
+    engine, model, _ = make("native-gpt", share_weights=share)
+    assert WeightSync(model, engine).mode == engine.weight_sync_mode == ("pointer" if share else "copy")
 
 
 def test_weight_sync_state_round_trip_restores_version_and_weights(make):
     engine, model, tok = make("native-llama", share_weights=False)
-    sync = WeightSync(model, engine, "copy")
+    sync = WeightSync(model, engine)
     for step in range(3):
         train_one_step(model, sample(engine, tok, seed=step))
         metrics = sync.sync()
@@ -127,7 +126,7 @@ def test_weight_sync_state_round_trip_restores_version_and_weights(make):
     # resume in a new process: the model loads its checkpoint, the engine starts from the base weights
     engine2, model2, _ = make("native-llama", share_weights=False)
     model2.hf.load_state_dict(saved)
-    sync2 = WeightSync(model2, engine2, "copy")
+    sync2 = WeightSync(model2, engine2)
     sync2.load_state_dict(pickle.loads(pickle.dumps(state)))
     assert sync2.version == engine2.version == 3
     again = sample(engine2, tok, seed=9)

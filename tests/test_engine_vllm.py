@@ -129,7 +129,7 @@ def test_options_outside_the_old_logp_contract_are_refused(engine, llama):
 def test_weight_sync_pushes_new_weights_into_the_running_engine(engine, llama):
     model, tok = llama
     prompts = encode(tok, PROMPTS)
-    sync = WeightSync(model, engine, "vllm")
+    sync = WeightSync(model, engine)
     before = assert_greedy_equals_transformers(engine, model, tok, prompts)
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
@@ -163,8 +163,9 @@ def test_build_engine_vllm_without_vllm_says_how_to_install(llama):
         build_engine("vllm", model, tok)
 
 
-def test_weight_sync_mode_must_fit_the_engine(llama):
-    model, tok = llama
+def test_weight_sync_takes_its_mode_from_an_engine_that_owns_its_weights(llama):
+    """The sync's mode is the engine's; which settings go together is the config's check (rlpost/loops/)."""
+    model, _ = llama
 
     class OwnsWeights:  # stands in for a VLLMEngine
         weight_sync_mode, version, pushed = "vllm", 0, 0
@@ -174,14 +175,8 @@ def test_weight_sync_mode_must_fit_the_engine(llama):
             self.version = version
 
     eng = OwnsWeights()
-    for mode in ("pointer", "copy"):
-        with pytest.raises(ValueError, match="needs rl.weight_sync=vllm"):
-            WeightSync(model, eng, mode)
-
-    with pytest.raises(ValueError, match="'vllm' needs a vLLM engine"):
-        WeightSync(model, build_engine("native", model, tok), "vllm")
-    sync = WeightSync(model, eng, "vllm")  # pushes at once (the engine may predate SFT), then on every sync
-    assert eng.pushed == len(model.hf.state_dict())
+    sync = WeightSync(model, eng)  # pushes at once (the engine may predate SFT), then on every sync
+    assert sync.mode == "vllm" and eng.pushed == len(model.hf.state_dict())
     sync.sync()
     assert eng.pushed == 2 * len(model.hf.state_dict()) and eng.version == 1
 

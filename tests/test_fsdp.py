@@ -225,11 +225,18 @@ def test_a_sharded_run_is_refused_when_it_cannot_work(tmp_path, monkeypatch):
     from rlpost.config import load_config
     from rlpost.run import train
 
-    cfg = load_config(None, [f"out_dir={tmp_path}", "trainer.strategy=fsdp2", "rl.weight_sync=pointer"])
+    # refused at config load, before any model loads (the topology's loop checks its settings)
+    with pytest.raises(ValueError, match="rl.weight_sync=copy or auto"):
+        load_config(None, [f"out_dir={tmp_path}", "trainer.strategy=fsdp2", "rl.weight_sync=pointer"])
+    with pytest.raises(ValueError, match="rl.topology=async with sharded training is not supported"):
+        load_config(None, [f"out_dir={tmp_path}", "trainer.strategy=fsdp2", "rl.topology=async"])
+    # and by train() too, for a config made in code
+    cfg = load_config(None, [f"out_dir={tmp_path}", "trainer.strategy=fsdp2"])
+    cfg.rl.weight_sync = "pointer"
     with pytest.raises(ValueError, match="rl.weight_sync=copy or auto"):
         train(cfg)
-    with pytest.raises(ValueError, match="rl.topology=async with sharded training is not supported"):
-        train(load_config(None, [f"out_dir={tmp_path}", "trainer.strategy=fsdp2", "rl.topology=async"]))
+    # an SFT-only run never rolls out for RL: its rl.* settings do not matter
+    load_config(None, [f"out_dir={tmp_path}", "trainer.strategy=fsdp2", "rl.weight_sync=pointer", "rl.steps=0"])
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's ranks, each about to run a whole single-process run
     with pytest.raises(ValueError, match="set trainer.strategy=fsdp2"):
         train(load_config(None, [f"out_dir={tmp_path}"]))

@@ -188,7 +188,7 @@ def test_hf_native_engine_uses_merged_lora_weights(tiny_llama_dir):
 def test_sync_sends_only_the_adapters_and_a_copy_engine_takes_them():
     model, tok = gpt_mini()
     engine = build_engine("auto", model, tok, share_weights=False)
-    sync = WeightSync(model, engine, "copy")
+    sync = WeightSync(model, engine)
     adapters = adapter_state(model)
     Trainer(model, lr=1e-2).step(rollout(model, tok), nll_loss)
     metrics = sync.sync()

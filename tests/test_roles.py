@@ -150,7 +150,8 @@ def test_non_finite_loss_skips_the_update_then_stops(tiny_gpt):
 def test_weight_sync_delivers_fresh_weights_and_versions(tiny_gpt, mode):
     model, tok = tiny_gpt
     engine = NativeEngine(model, tok, share_weights=mode == "pointer")
-    sync = WeightSync(model, engine, mode)
+    sync = WeightSync(model, engine)
+    assert sync.mode == mode  # the engine's own way
     prompt, params = [tok.encode_prompt("1+1=")], SamplingParams(max_new_tokens=3, temperature=0.0)
     before = engine.generate(prompt, 2, params)
     assert before.policy_version.tolist() == [0, 0] and engine.version == 0

@@ -11,8 +11,8 @@ import torch
 from rlpost import Batch, get_algorithm
 from rlpost.algorithms import available
 from rlpost.algorithms.correction import HIST_EDGES, correction_metrics, correction_weights
-from rlpost.config import load_config
-from rlpost.controller import Controller
+from rlpost.config import RLConfig, RolloutConfig, load_config
+from rlpost.controller import Controller, Roles
 from rlpost.models import token_logprobs
 from rlpost.reward import Reward
 from rlpost.rollout import SamplingParams
@@ -180,10 +180,10 @@ def test_a_controller_step_with_tis_hands_the_loss_both_log_probs(tiny_gpt):
     engine = NativeEngine(model, tok)
     trainer = SpyTrainer(model, lr=1e-3, micro_batch_size=5)
     algo = get_algorithm("grpo", beta=0.0, rollout_correction="tis", rollout_correction_cap=2.0)
-    ctl = Controller(rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], engine=engine,
-                     reward=Reward(lambda completion, row: float(len(completion) % 2), tok), reference=None,
-                     algorithm=algo, trainer=trainer, weight_sync=WeightSync(model, engine),
-                     params=SamplingParams(max_new_tokens=4), prompts_per_step=3, k=4, seed=0)
+    roles = Roles(engine=engine, reward=Reward(lambda completion, row: float(len(completion) % 2), tok),
+                  algorithm=algo, trainer=trainer, weight_sync=WeightSync(model, engine))
+    ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=4), RolloutConfig(prompts_per_step=3, k=4),
+                     rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], seed=0)
     for step in (1, 2):
         metrics = ctl.step(step)
         batch = trainer.seen[-1]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import socket
 from collections.abc import Iterable
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from rlpost.batch import Batch
+from rlpost.rollout import build_engine
 from rlpost.rollout.engine import SamplingParams
 
 SEED_STRIDE = 1_000_033
@@ -53,16 +55,12 @@ class RolloutWorker:
     """The body of one rollout actor: an engine over its own copy of the policy."""
 
     def __init__(self, model: nn.Module, tokenizer, kind: str, threads: int, device: str = "cpu", dtype: str = "fp32"):
-        from rlpost.rollout import build_engine
-
         torch.set_num_threads(max(threads, 1))
         self.engine = build_engine(kind, model.to(device), tokenizer, share_weights=True, dtype=dtype)
         self.device, self.group = device, None
 
     def ready(self) -> int:
         """The actor's process id, once it is built."""
-        import os
-
         return os.getpid()
 
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int) -> Batch:

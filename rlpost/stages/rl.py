@@ -34,8 +34,9 @@ from rlpost import distributed as dist
 from rlpost.algorithms import get_algorithm
 from rlpost.batch import Batch
 from rlpost.checkpoint import prune, write_model_folder
-from rlpost.controller import Controller
+from rlpost.controller import Controller, Roles
 from rlpost.critic import Critic
+from rlpost.loops import LOOPS
 from rlpost.models import compile_model, load_weights, save_model
 from rlpost.progress import progress
 from rlpost.reference import Reference
@@ -44,7 +45,6 @@ from rlpost.rollout import SamplingParams
 from rlpost.run import ROLLOUTS_FILE, RunContext, Stage, count_lines
 from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
-from rlpost.weight_sync import WeightSync
 
 _SHORT = {"rollout": "roll", "reward": "rew", "reference": "ref", "critic": "critic", "advantages": "adv",
           "train": "train", "sync": "sync", "other": "other"}
@@ -191,45 +191,21 @@ class RLStage(Stage):
             compile_model(model)
             if self.reference is not None and not self.reference.shares_policy:
                 compile_model(self.reference.model)
-        engine, self.weight_sync, pipeline = self.place_rollout(ctx, params)
+        # the topology's loop places the rollout: the run's engine, Ray workers, or a pipeline ahead of training
+        self.loop = LOOPS.build(self.cfg.topology, cfg=self.cfg, rollout=rc)
+        engine, self.weight_sync = self.loop.place(ctx, params)
+        roles = Roles(engine=engine, reward=ctx.rl_reward, algorithm=self.algorithm, trainer=self.trainer,
+                      weight_sync=self.weight_sync, reference=self.reference, critic=self.critic)
         rows = ctx.task.train_rows
-        self.controller = Controller(
-            rows=rows, prompt_ids=ctx.prompt_ids(rows), engine=engine, reward=ctx.rl_reward,
-            reference=self.reference, algorithm=self.algorithm, trainer=self.trainer, weight_sync=self.weight_sync,
-            params=params, prompts_per_step=rc.prompts_per_step, k=rc.k, seed=self.seed(ctx), critic=self.critic,
-            max_refill_rounds=rc.max_refill_rounds, pipeline=pipeline, max_staleness=self.cfg.max_staleness,
-            steps=self.cfg.steps, shard=(dist.rank(), dist.world_size()) if tc.strategy == "fsdp2" else (0, 1))
-
-    def place_rollout(self, ctx: RunContext, params: SamplingParams):
-        """rl.topology: (engine, weight sync, async pipeline or None). Colocated uses the run's engine;
-        disaggregated and async start Ray (or join RAY_ADDRESS) and `rl.rollout_workers` actors."""
-        c = self.cfg
-        if c.topology == "colocated":
-            return ctx.engine, ctx.weight_sync, None
-        from rlpost.cluster import RayCluster
-        from rlpost.rollout.pipeline import RolloutPipeline
-        from rlpost.rollout.ray_engine import RayEngine
-
-        self.cluster = RayCluster(min_cpus=c.rollout_workers).__enter__()
-        mode = "ray" if c.weight_sync == "auto" else c.weight_sync
-        # the workers use this process's thread count, so one worker samples exactly what colocated would
-        self.engine = RayEngine(ctx.model, ctx.tokenizer, kind=self.rollout_cfg.engine, workers=c.rollout_workers,
-                                threads=torch.get_num_threads(), mode=mode, max_restarts=c.max_worker_restarts,
-                                 dtype=self.rollout_cfg.dtype)
-        print(f"rlpost: rl.topology={c.topology}: {c.rollout_workers} rollout worker(s) in Ray "
-              f"({'local, 127.0.0.1' if self.cluster.address == 'local' else self.cluster.address or 'given'}), "
-              f"weight sync {mode}" + (f", at most {c.max_staleness} step(s) stale" if c.topology == "async" else ""))
-        if c.topology == "async":
-            self.pipeline = RolloutPipeline(self.engine, ctx.rl_reward, self.rollout_cfg.k, params)
-            return self.engine, WeightSync(ctx.model, self.pipeline, mode), self.pipeline
-        return self.engine, WeightSync(ctx.model, self.engine, mode), None
+        self.controller = Controller(roles, self.cfg, params, rc, rows=rows, prompt_ids=ctx.prompt_ids(rows),
+                                     seed=self.seed(ctx), loop=self.loop,
+                                     shard=(dist.rank(), dist.world_size()) if tc.strategy == "fsdp2" else (0, 1))
 
     def close(self) -> None:
-        """Stop the rollout thread, the Ray workers and what Ray this stage started; idempotent."""
-        for name in ("pipeline", "engine", "cluster"):
-            part = self.__dict__.pop(name, None)
-            if part is not None:
-                part.close()
+        """Stop what the loop started (the rollout thread, the Ray workers, Ray itself); idempotent."""
+        loop = self.__dict__.pop("loop", None)
+        if loop is not None:
+            loop.close()
 
     def state_dict(self) -> dict:
         return {"step": self.step, "controller": self.controller.state_dict(), "trainer": self.trainer.state_dict(),
