@@ -2,12 +2,13 @@
 
 A loop decides where steps 2-3 of the controller's seven (rollout and reward) run and how a step's
 scored batch is collected; the controller (rlpost/controller.py) runs the seven steps in the same order
-whatever the loop. A loop class has three duties:
+whatever the loop. A loop class:
 
-    check(cfg)                       at config load: its own rl.* settings (rl.weight_sync, ...)
+    check(cfg, has_rl)               at config load: the settings it cannot run (rl.weight_sync, trainer.strategy)
     run_engine(cfg, model, tok)      the engine the run builds before its stages (evaluation samples with it)
     place(ctx, params)               the RL stage's rollout: (engine, weight sync), e.g. Ray workers
     collect(ctl, step, n, round_)    steps 1-3 of one round: (scored batch, reward metrics)
+    state_dict(), close()            what a checkpoint keeps of it; stop what `place` started
 
 A new topology is one module under rlpost/loops/ with `@LOOPS.register("name")` on its Loop subclass, and
 its import in rlpost/loops/__init__.py.
