@@ -11,7 +11,7 @@ import torch
 from rlpost import controller, get_algorithm
 from rlpost.config import ConfigError, RLConfig, RolloutConfig, load_config
 from rlpost.controller import Controller, Roles
-from rlpost.loops import LOOPS, check_config, loop_class
+from rlpost.loops import LOOPS, TOPOLOGIES, WEIGHT_SYNCS, check_config, loop_class
 from rlpost.loops.async_ import AsyncLoop
 from rlpost.loops.colocated import ColocatedLoop
 from rlpost.reward import Reward
@@ -36,7 +36,9 @@ def roles_for(model, tok, target):
 
 
 def test_every_topology_is_a_registered_loop():
-    assert list(LOOPS.classes) == ["colocated", "disaggregated", "async"]
+    assert list(LOOPS.classes) == list(TOPOLOGIES) == ["colocated", "disaggregated", "async"]
+    # the transports to Ray workers, and the colocated aliases that name how the engine holds the weights
+    assert WEIGHT_SYNCS == ("auto", "pointer", "copy", "vllm", "ray", "collective")
     assert all(loop_class(name).name == name and loop_class(name).description for name in LOOPS.classes)
     with pytest.raises(ValueError, match="'rl.topology' is 'ray'; valid values: colocated, disaggregated, async"):
         loop_class("ray")
