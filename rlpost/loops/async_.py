@@ -16,6 +16,9 @@ from rlpost.rollout.pipeline import RolloutPipeline
 
 @LOOPS.register("async")
 class AsyncLoop(DisaggregatedLoop):
+    """The Ray workers behind a RolloutPipeline, fed `rl.max_staleness` steps ahead; `submitted` is the last
+    step whose rollouts are queued."""
+
     description = "as disaggregated, rollout runs up to rl.max_staleness steps ahead of training"
     elsewhere = ("rollout", "reward")  # in the pipeline's thread
 

@@ -20,6 +20,8 @@ RAY_TRANSPORTS = ("ray", "collective")
 
 @LOOPS.register("colocated")
 class ColocatedLoop(Loop):
+    """The run's own engine, here; steps 1-3 run in this thread, in turn with the other roles."""
+
     description = "one process, the roles taking turns"
     weight_syncs = ("auto", "pointer", "copy", "vllm")
 

@@ -19,6 +19,8 @@ from rlpost.weight_sync import WeightSync
 
 @LOOPS.register("disaggregated")
 class DisaggregatedLoop(ColocatedLoop):
+    """The colocated loop over a RayEngine: the same steps in the same order, generation in the workers."""
+
     description = "rollout in rl.rollout_workers Ray actors"
     weight_syncs = ("auto", "ray", "collective")
 
