@@ -4,7 +4,8 @@ It builds the roles from their own sections: the algorithm (`algorithm.*`), the 
 PPO), the reference (a frozen copy of the policy as the stage starts, saved once to
 checkpoints/reference/; with LoRA the policy's own adapter-free base, saved in every checkpoint),
 the trainer (`trainer.*`), the sampling (`rollout.*`); the reward is the run's RL reward (the verifier,
-or a learned reward model) and the engine and weight sync are the run's.
+or a learned reward model); the engine and weight sync are placed by the topology's loop (`rl.topology`,
+rlpost/loops/): the run's own, or Ray rollout workers, or those behind an async pipeline.
 
 Every `rl.eval_every` steps it measures held-out pass@1; every `rl.save_every` steps it writes
 checkpoints/step_<n>/ (the newest `rl.keep_checkpoints` are kept); it ends with checkpoints/final/.
