@@ -272,7 +272,7 @@ class RLConfig(Section):
     weight_sync: str = opt("auto", "the transport of weights to Ray rollout workers (disaggregated/async): 'auto' "
                                    "(ray) | 'ray' (Ray object store) | 'collective' (torch.distributed broadcast); "
                                    "colocated, how they land is the engine's ('auto'), with the aliases 'pointer' "
-                                   "(shared module) | 'vllm' (rollout.engine=vllm) | 'copy' (the engine keeps its own)")
+                                   "(shared module) | 'vllm' (rollout.engine=vllm) | 'copy' (the engine's own copy)")
     topology: str = opt("colocated", "where the roles run: 'colocated' (one process, taking turns) | 'disaggregated' "
                                      "(rollout in rl.rollout_workers Ray actors) | 'async' (as disaggregated, rollout "
                                      "runs up to rl.max_staleness steps ahead of training)")
