@@ -26,7 +26,7 @@ sigmoid > 0.5 agrees; where the task can check steps itself (the chain-of-though
     fit_prm(prm, train_examples, held_out_examples, pad_id=tokenizer.pad_token_id, epochs=3, batch_size=64, lr=1e-4)
     prm.step_scores(prompts, responses, ends)      # [[p_step1, p_step2, ...], ...]
 
-`rlpost prm` runs all of it (rlpost/stages/prm.py) and trains the Bradley–Terry outcome model on the
+`rlpost prm` runs all of it (rlpost/commands/prm.py) and trains the Bradley–Terry outcome model on the
 same samples (a right against a wrong solution of one problem), so both rerankers of `rlpost search`
 have seen the same data.
 """

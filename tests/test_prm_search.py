@@ -22,7 +22,7 @@ from rlpost.prm import ProcessRewardModel, StepExample, evaluate_prm, fit_prm, m
 from rlpost.reward_model import RewardModel
 from rlpost.rollout import assemble
 from rlpost.search import AGGREGATES, Searcher, StepCheckPRM, markdown_table, run_search
-from rlpost.stages.prm import outcome_pairs
+from rlpost.commands.prm import outcome_pairs
 from rlpost.tasks.multistep import ALPHABET, multistep_task, step_truth
 
 

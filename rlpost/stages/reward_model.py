@@ -4,24 +4,17 @@ It is loaded from `reward_model.path`, or trained now with its trunk copied from
 from `preference.train_file` or, without one, from the arithmetic task (the right answer against a
 one-digit slip). The task's verifier stays as the gold reward, logged beside the proxy. Its end-of-stage
 checkpoint records only that it ran: a resume loads the model from checkpoints/reward_model/.
-`rlpost rm` runs the training part alone (`train_reward_model`).
+`rlpost rm` (rlpost/commands/rm.py) runs the training part alone.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import time
 
-import torch
-
-from rlpost.limits import check_lengths
-from rlpost.models import load_model
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
 from rlpost.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
-from rlpost.run import RunContext, Stage, make_run_dir, open_log
-from rlpost.tasks import load_task
+from rlpost.run import RunContext, Stage
 
 
 def fit_reward_model_from_config(rc, pc, seed: int, policy, tokenizer, task, run_dir: str, log):
@@ -91,47 +84,3 @@ class RewardModelStage(Stage):
 
     def restore(self, ctx: RunContext) -> None:
         self.use(ctx, *RewardModel.load(self.cfg.path or os.path.join(ctx.run_dir, "checkpoints", "reward_model")))
-
-
-def start_model_run(cfg, recipe_name: str, kind: str):
-    """The start of a command that fits a model on `model.name`'s task (`rlpost rm`, `rlpost prm`): the log
-    sinks checked before any work, the seed, the task, the policy and tokenizer (lengths checked), a new run
-    directory and its log. Returns (task, policy, tokenizer, run_dir, log)."""
-    from rlpost.sinks import check_available
-
-    check_available(cfg.log)  # before any work
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    task = load_task(cfg.task)
-    rows = task.train_rows + task.eval_rows
-    policy, tokenizer = load_model(cfg.model, task.alphabet, rows=rows, max_new_tokens=cfg.rollout.max_new_tokens)
-    check_lengths(policy, tokenizer, rows, cfg.rollout.max_new_tokens)
-    run_dir = make_run_dir(cfg, recipe_name, kind=kind)
-    log = open_log(cfg, run_dir)
-    print(f"rlpost: run directory {run_dir}")
-    return task, policy, tokenizer, run_dir, log
-
-
-def train_reward_model(cfg, recipe_name: str = "rm") -> dict:
-    """`rlpost rm`: fit a reward model from `model.name` (usually an SFT checkpoint) and save it; the summary
-    has the held-out pair accuracy and margin."""
-    t_start = time.perf_counter()
-    task, policy, tokenizer, run_dir, log = start_model_run(cfg, recipe_name, "rm")
-    try:
-        _, result = fit_reward_model_from_config(cfg.reward_model, cfg.preference, cfg.seed, policy, tokenizer, task,
-                                                 run_dir, log)
-    except BaseException:
-        log.close(exit_code=1)
-        raise
-    finally:
-        log.close()
-    summary = {"run_dir": run_dir, "reward_model": os.path.join(run_dir, "checkpoints", "reward_model"),
-               "rm_pair_accuracy": result.get("rm/eval_accuracy"), "rm_margin": result.get("rm/eval_margin"),
-               "wall_seconds": time.perf_counter() - t_start}
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"rlpost: reward model saved to {summary['reward_model']}" + (
-        f"; held-out pair accuracy {100 * summary['rm_pair_accuracy']:.1f}%, margin {summary['rm_margin']:.3f}"
-        if summary["rm_pair_accuracy"] is not None else " (no held-out pairs)"))
-    return summary

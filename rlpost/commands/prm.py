@@ -12,15 +12,45 @@ checkpoints/prm, checkpoints/orm, prm_labels.jsonl (every labelled solution) and
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import time
 
+from rlpost.commands.common import error, recipe_and_overrides, recipe_arguments, recipe_base, run_job
+from rlpost.commands.rm import start_model_run
+from rlpost.config import ConfigError, load_config
 from rlpost.models import encode_prompt
 from rlpost.preference.data import model_context, tokenize_preferences
 from rlpost.prm import ProcessRewardModel, StepExample, fit_prm, mc_step_labels
 from rlpost.reward_model import RewardModel, fit_reward_model
+from rlpost.rewards import reward_from_config
+from rlpost.rollout import build_engine
+from rlpost.tasks.multistep import step_truth
+
+
+def add_prm(sub) -> None:
+    p = sub.add_parser(
+        "prm", help="train a process reward model on Monte-Carlo step labels (and an outcome model) and save both",
+        description="Sample solutions of the task's problems from model.name (usually an SFT checkpoint), label "
+                    "every reasoning step by the fraction of prm.rollouts continuations from its end that reach a "
+                    "verified answer, fit a PRM (trunk copied from the policy) on those labels, and report its "
+                    "held-out step-label accuracy. With prm.orm (default), a Bradley-Terry outcome reward model is "
+                    "fitted on pairs of the same solutions. Writes <run directory>/checkpoints/prm and /orm "
+                    "(rlpost search --prm/--orm reads them). Same keys as `rlpost train --help` (section prm.*).",
+        epilog="e.g. rlpost prm recipes/prm.yaml model.name=runs/cot_math-X/checkpoints/sft prm.problems=500",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipe_arguments(p)
+
+
+def cmd_prm(args) -> int:
+    recipe, overrides = recipe_and_overrides(args)
+    try:
+        cfg = load_config(recipe, overrides)
+    except (ConfigError, ValueError) as e:
+        return error(e, 2)
+    return run_job(lambda: train_prm(cfg, f"{recipe_base(recipe)}-prm" if recipe else "prm"))
 
 
 def outcome_pairs(examples: list[StepExample], tokenizer, rng: random.Random) -> list[dict]:
@@ -74,11 +104,6 @@ def fit_orm(cfg, policy, tokenizer, train: list[StepExample], held_out: list[Ste
 
 def train_prm(cfg, recipe_name: str = "prm") -> dict:
     """Label, fit and save the PRM (and the ORM); returns the summary (held-out step accuracy and more)."""
-    from rlpost.rewards import reward_from_config
-    from rlpost.rollout import build_engine
-    from rlpost.stages.reward_model import start_model_run
-    from rlpost.tasks.multistep import step_truth
-
     pc = cfg.prm
     t_start = time.perf_counter()
     task, policy, tokenizer, run_dir, log = start_model_run(cfg, recipe_name, "prm")

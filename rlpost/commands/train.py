@@ -1,0 +1,74 @@
+"""`rlpost train`: run a recipe's stages; `--nproc N` relaunches it under torchrun, `--resume` continues a run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+
+from rlpost.commands.common import error, recipe_and_overrides, recipe_arguments, recipe_base, run_job
+from rlpost.config import ConfigError, describe, load_config
+from rlpost.reaper import Reaper
+from rlpost.run import config_differences, saved_config, train
+
+TRAIN_EPILOG = "config keys (recipe YAML sections or key=value overrides), default, meaning:\n" + "\n".join(describe())
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="run a recipe: SFT on demonstrations, then RL against a reward",
+        description="Run a recipe (default: the embedded gpt_mini arithmetic pipeline). Settings come from the "
+                    "defaults, then the recipe file, then key=value overrides (dotted, e.g. rl.steps=20).",
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipe_arguments(p)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved "
+                        "config (a recipe or overrides given too must not change it)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="launch N processes on this machine with torchrun (127.0.0.1) and train sharded: adds "
+                        "trainer.strategy=fsdp2 (with --resume: the saved config's); "
+                        "several machines: run torchrun yourself")
+
+
+def cmd_train(args) -> int:
+    recipe, overrides = recipe_and_overrides(args)
+    if args.nproc and "WORLD_SIZE" not in os.environ:
+        return launch_torchrun(args.nproc, recipe, overrides, args.resume)
+    try:
+        cfg = load_config(recipe, overrides)
+        if args.resume:
+            cfg = resumable_config(args.resume, cfg if recipe or overrides else None)
+    except (ConfigError, ValueError) as e:
+        return error(e, 2)
+    return run_job(lambda: train(cfg, recipe_base(recipe), resume=args.resume))
+
+
+def launch_torchrun(nproc: int, recipe: str | None, overrides: list[str], resume: str | None) -> int:
+    """`rlpost train` again under torchrun, `nproc` ranks on this machine; its exit code. A resumed run keeps
+    its saved config (which must say trainer.strategy=fsdp2)."""
+    with socket.socket() as s:  # a free port on the loopback for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "rlpost.cli", "train", *([recipe] if recipe else []),
+           *overrides, *(["--resume", resume] if resume else ["trainer.strategy=fsdp2"])]
+    print("rlpost: " + " ".join(cmd[1:]), flush=True)
+    reaper = Reaper.start()  # torchrun and its ranks would train on for good after a SIGKILL of this process
+    try:
+        return subprocess.call(cmd)
+    finally:
+        if reaper is not None:
+            reaper.stop()
+
+
+def resumable_config(run_dir: str, given=None):
+    """The config saved in `run_dir`; a config `given` on the command line too must not differ from it."""
+    saved = saved_config(run_dir)
+    if given is not None:
+        diff = config_differences(saved, given)
+        if diff:
+            raise ConfigError(f"--resume {run_dir}: the given config differs from the run's saved config.yaml; "
+                              "nothing was changed:\n  " + "\n  ".join(diff))
+    return saved
