@@ -60,6 +60,7 @@ def test_cuda_peaks_per_role_gpu_util_and_a_controller_step(tiny_gpt):
     """On CUDA: a 256 MiB tensor shows in its role's peak only; gpu/util is logged when pynvml is installed;
     the NVTX ranges open and close; a whole controller step on the GPU logs mem/peak_<role> per role."""
     from rlpost import get_algorithm
+    from rlpost.config import TrainerConfig
     from rlpost.controller import Controller
     from rlpost.reference import Reference
     from rlpost.reward import Reward
@@ -90,7 +91,7 @@ def test_cuda_peaks_per_role_gpu_util_and_a_controller_step(tiny_gpt):
     ctl = Controller(rows=[{"prompt": p, "answer": "0"} for p in prompts],
                      prompt_ids=[tok.encode_prompt(p) for p in prompts], engine=engine,
                      reward=Reward(lambda c, row: float(len(c) % 2), tok), reference=Reference(model),
-                     algorithm=get_algorithm("grpo", beta=0.04), trainer=Trainer(model, lr=1e-4),
+                     algorithm=get_algorithm("grpo", beta=0.04), trainer=Trainer(model, TrainerConfig(lr=1e-4)),
                      weight_sync=WeightSync(model, engine), params=SamplingParams(max_new_tokens=4),
                      prompts_per_step=3, k=4, seed=0)
     metrics = ctl.step(1)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from rlpost.config import TrainerConfig
 from rlpost.reference import Reference
 from rlpost.reward import Reward, RewardError, load_reward_fn
 from rlpost.rollout import SamplingParams
@@ -89,7 +90,7 @@ def test_reference_is_frozen_while_the_policy_trains(tiny_gpt):
     assert all(not p.requires_grad for p in ref.model.parameters())
     batch = rollout(model, tok)
     before = ref(batch).ref_logp
-    trainer = Trainer(model, lr=1e-2)
+    trainer = Trainer(model, TrainerConfig(lr=1e-2))
     for _ in range(3):
         trainer.step(batch, nll_loss)
     after = ref(batch).ref_logp
@@ -102,14 +103,15 @@ def test_reference_is_frozen_while_the_policy_trains(tiny_gpt):
 def test_trainer_takes_any_loss_callable_and_changes_weights(tiny_gpt):
     model, tok = tiny_gpt
     before = [p.detach().clone() for p in model.parameters()]
-    metrics = Trainer(model, lr=1e-2).step(rollout(model, tok), lambda logp, b: (-logp.sum(), {"x": 2.0}))
+    trainer = Trainer(model, TrainerConfig(lr=1e-2))
+    metrics = trainer.step(rollout(model, tok), lambda logp, b: (-logp.sum(), {"x": 2.0}))
     assert metrics["x"] == 2.0 and metrics["train/skipped_nonfinite"] == 0.0
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_trainer_reports_engine_trainer_mismatch_near_zero(tiny_gpt):
     model, tok = tiny_gpt
-    metrics = Trainer(model, lr=0.0).step(rollout(model, tok), nll_loss)
+    metrics = Trainer(model, TrainerConfig(lr=0.0)).step(rollout(model, tok), nll_loss)
     assert metrics["rollout/logp_mismatch_max"] < 1e-5
 
 
@@ -122,7 +124,7 @@ def test_micro_batching_equals_one_large_batch(tiny_gpt):
         grads = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
         for n, p in m.named_parameters():
             p.register_hook(lambda g, n=n: grads[n].add_(g))
-        Trainer(m, lr=0.0, grad_clip=0.0, micro_batch_size=micro_batch_size).step(batch, nll_loss)
+        Trainer(m, TrainerConfig(lr=0.0, grad_clip=0.0, micro_batch_size=micro_batch_size)).step(batch, nll_loss)
         return torch.cat([g.flatten() for g in grads.values()])
 
     full, accumulated = gradient(None), gradient(2)
@@ -132,7 +134,7 @@ def test_micro_batching_equals_one_large_batch(tiny_gpt):
 def test_non_finite_loss_skips_the_update_then_stops(tiny_gpt):
     model, tok = tiny_gpt
     batch = rollout(model, tok)
-    trainer = Trainer(model, lr=1e-2, max_nonfinite_steps=2)
+    trainer = Trainer(model, TrainerConfig(lr=1e-2, max_nonfinite_steps=2))
     before = [p.detach().clone() for p in model.parameters()]
     nan_loss = lambda logp, b: ((logp * b.response_mask).sum() * float("nan"), {})  # noqa: E731
     metrics = trainer.step(batch, nan_loss)

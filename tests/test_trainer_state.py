@@ -9,6 +9,7 @@ import torch
 from test_devices import scored_batch
 
 from rlpost import get_algorithm
+from rlpost.config import TrainerConfig
 from rlpost.critic import Critic
 from rlpost.reference import Reference
 from rlpost.schedule import LRSchedule
@@ -56,7 +57,8 @@ def test_trainer_applies_the_schedule_to_every_param_group_at_each_optimizer_ste
     model, tok = tiny_gpt
     critic = Critic.build(model, "head")
     schedule = LRSchedule("linear", warmup_steps=1, total_steps=5)
-    trainer = Trainer(model, lr=1e-2, critic=critic, critic_lr=1e-1, schedule=schedule, minibatches=2)
+    trainer = Trainer(model, TrainerConfig(lr=1e-2, lr_schedule="linear", warmup_steps=1, minibatches=2),
+                      critic=critic, critic_lr=1e-1, total_steps=5)
     algo = get_algorithm("ppo")
     batch = Reference(model)(scored_batch(model, tok))
     with torch.no_grad():
@@ -73,7 +75,7 @@ def test_trainer_applies_the_schedule_to_every_param_group_at_each_optimizer_ste
 
 def test_set_lr_sets_the_base_that_the_schedule_scales(tiny_gpt):
     model, tok = tiny_gpt
-    trainer = Trainer(model, lr=1.0, schedule=LRSchedule("constant", warmup_steps=4))
+    trainer = Trainer(model, TrainerConfig(lr=1.0, warmup_steps=4))
     trainer.set_lr(0.4)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # 0.4 x warm-up 1/4
     assert trainer.step(scored_batch(model, tok), nll_loss)["train/lr"] == pytest.approx(0.1)
@@ -100,8 +102,8 @@ def build(model, algo, critic_from=None):
     critic = Critic.build(model, "separate") if algo.uses_critic else None
     if critic is not None and critic_from is not None:
         critic.load_state_dict(critic_from)
-    trainer = Trainer(model, lr=1e-2, critic=critic, epochs=2, minibatches=2, seed=3,
-                      schedule=LRSchedule("cosine", warmup_steps=2, total_steps=12, min_lr_ratio=0.1))
+    cfg = TrainerConfig(lr=1e-2, epochs=2, minibatches=2, lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    trainer = Trainer(model, cfg, critic=critic, seed=3, total_steps=12)
     return trainer, critic
 
 
@@ -158,9 +160,9 @@ def test_critic_state_dict_holds_its_own_weights_only(tiny_gpt):
 
 def test_a_state_that_does_not_fit_is_named(tiny_gpt):
     model, _ = tiny_gpt
-    with_critic = Trainer(model, lr=1e-3, critic=Critic.build(model, "separate")).state_dict()
+    with_critic = Trainer(model, TrainerConfig(lr=1e-3), critic=Critic.build(model, "separate")).state_dict()
     with pytest.raises(ValueError, match="does not fit this model and critic"):
-        Trainer(model, lr=1e-3).load_state_dict(with_critic)
+        Trainer(model, TrainerConfig(lr=1e-3)).load_state_dict(with_critic)
     with pytest.raises(ValueError, match="trainer state lacks generator, steps"):
-        Trainer(model, lr=1e-3).load_state_dict({k: v for k, v in with_critic.items()
+        Trainer(model, TrainerConfig(lr=1e-3)).load_state_dict({k: v for k, v in with_critic.items()
                                                  if k not in ("steps", "generator")})
