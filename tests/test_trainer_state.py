@@ -166,3 +166,43 @@ def test_a_state_that_does_not_fit_is_named(tiny_gpt):
     with pytest.raises(ValueError, match="trainer state lacks generator, steps"):
         Trainer(model, TrainerConfig(lr=1e-3)).load_state_dict({k: v for k, v in with_critic.items()
                                                  if k not in ("steps", "generator")})
+
+
+# ---------------------------------------------------------------------------- SFT's optimizer
+
+
+def supervised_stage(section: str, overrides: list[str]):
+    from rlpost.config import load_config
+    from rlpost.stages.rejection import RejectionStage
+    from rlpost.stages.sft import SFTStage
+
+    cfg = load_config(None, overrides)
+    if section == "sft":
+        return SFTStage(cfg.sft, cfg.trainer)
+    return RejectionStage(cfg.rejection, cfg.rollout, cfg.trainer, cfg.eval)
+
+
+@pytest.mark.parametrize("section", ["sft", "rejection"])
+def test_supervised_stages_take_their_optimizer_from_their_own_section(tiny_gpt, section):
+    """SFT's AdamW and schedule were literals in SupervisedStage.build_trainer; they are `sft.*` (and, for
+    rejection-sampling SFT, `rejection.*`) keys whose defaults are those literals, and RL's `trainer.*`
+    optimizer keys do not leak into them."""
+    from types import SimpleNamespace
+
+    model, _ = tiny_gpt
+    ctx = SimpleNamespace(model=model)
+    stage = supervised_stage(section, [f"{section}.steps=40", "trainer.weight_decay=0.3", "trainer.grad_clip=7"])
+    stage.build_trainer(ctx, seed=0)
+    group, trainer = stage.trainer.optimizer.param_groups[0], stage.trainer
+    assert (group["betas"], group["weight_decay"], trainer.grad_clip) == ((0.9, 0.95), 0.1, 1.0)
+    assert trainer.schedule.state_dict() == {"kind": "cosine", "warmup_steps": stage.cfg.warmup_steps,
+                                             "total_steps": 40, "min_lr_ratio": 0.1}
+    stage = supervised_stage(section, [f"{section}.steps=40", f"{section}.lr=0.01", f"{section}.weight_decay=0.05",
+                                       f"{section}.adam_beta1=0.8", f"{section}.adam_beta2=0.99",
+                                       f"{section}.grad_clip=0.5", f"{section}.min_lr_ratio=0.2",
+                                       f"{section}.warmup_steps=0"])
+    stage.build_trainer(ctx, seed=0)
+    group, trainer = stage.trainer.optimizer.param_groups[0], stage.trainer
+    assert (group["betas"], group["weight_decay"], trainer.grad_clip, trainer.base_lrs) == ((0.8, 0.99), 0.05, 0.5,
+                                                                                            [0.01])
+    assert trainer.schedule.min_lr_ratio == 0.2 and trainer.schedule.factor(40) == pytest.approx(0.2)  # the floor
