@@ -1,7 +1,9 @@
 """REFERENCE: the frozen policy that anchors the KL term. It never receives a gradient.
 
-    ref = Reference(policy, cfg, params)   # a frozen copy of the policy as it is now (the SFT checkpoint)
-    batch = ref(batch)               # fills batch.ref_logp [B, T]
+    ref = Reference(policy, cfg, params)  # a frozen copy of the policy as it is now (the SFT checkpoint)
+    batch = ref(batch)                    # fills batch.ref_logp [B, T]
+
+`cfg` is the `trainer.*` section (rlpost.config.TrainerConfig), `params` the rollout's SamplingParams.
 
 With LoRA (model.lora) there is no copy: the reference is the policy's own module with its adapters off
 (peft's enable_adapters(False), `rlpost.models.lora.adapters_disabled`), i.e. its frozen base, which every
