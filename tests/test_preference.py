@@ -462,3 +462,24 @@ def test_default_sft_dpo_rl_recipe_dpo_beats_sft(tmp_path):
     summary = train(cfg, "sft_dpo_rl")
     assert summary["pass@1_dpo"] > summary["pass@1_sft"] + 0.05
     assert summary["pass@1_rl"] > summary["pass@1_sft"] + 0.15
+
+
+def test_the_preference_loop_trains_with_its_section_and_the_trainer_sections_optimizer():
+    """train_preference's Trainer: lr, constant schedule after warm-up and micro-batches (of examples: a pair is
+    two rows) from `preference.*`; AdamW's other settings, the non-finite guard, precision and gradient
+    checkpointing from `trainer.*`; RL's epochs, minibatches, packing, log-prob chunk and strategy not at all."""
+    from rlpost.config import TrainerConfig
+    from rlpost.preference.fit import trainer_config
+
+    pc = PreferenceConfig(lr=1e-3, warmup_steps=5, micro_batch_size=4)
+    tc = TrainerConfig(lr=9.0, weight_decay=0.2, grad_clip=0.3, adam_beta1=0.8, adam_beta2=0.98, max_nonfinite_steps=5,
+                       precision="bf16", gradient_checkpointing=True, micro_batch_size=99, epochs=3, minibatches=2,
+                       packing=True, logprob_chunk=7, strategy="fsdp2", lr_schedule="cosine", min_lr_ratio=0.5)
+    got = trainer_config(pc, tc, rows_per_example=2)
+    assert (got.lr, got.warmup_steps, got.lr_schedule, got.micro_batch_size) == (1e-3, 5, "constant", 8)
+    assert trainer_config(pc, tc, rows_per_example=1).micro_batch_size == 4  # unpaired rows (KTO)
+    shared = ("weight_decay", "grad_clip", "adam_beta1", "adam_beta2", "max_nonfinite_steps", "precision",
+              "gradient_checkpointing")
+    assert all(getattr(got, k) == getattr(tc, k) for k in shared)
+    rl_only = ("epochs", "minibatches", "packing", "logprob_chunk", "strategy", "micro_batch_tokens")
+    assert all(getattr(got, k) == getattr(TrainerConfig(), k) for k in rl_only)
