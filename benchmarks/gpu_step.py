@@ -120,7 +120,7 @@ def free(device: str) -> None:
 def rlpost_side(folder: str, prompt_texts: list[str], args, engine_kind: str) -> dict:
     """rlpost's Controller.step with `engine_kind` ('native' or 'vllm'), as `rlpost train` wires it."""
     from rlpost.algorithms import get_algorithm
-    from rlpost.config import ModelConfig, RLConfig, RolloutConfig
+    from rlpost.config import ModelConfig, RLConfig, RolloutConfig, TrainerConfig
     from rlpost.controller import Controller, Roles
     from rlpost.models import load_model
     from rlpost.reference import Reference
@@ -142,7 +142,7 @@ def rlpost_side(folder: str, prompt_texts: list[str], args, engine_kind: str) ->
     rows = [{"prompt": p, "answer": ""} for p in prompt_texts]
     roles = Roles(engine=engine, reward=Reward(lambda completion, row: reward_text(completion), tok),
                   algorithm=get_algorithm("grpo", clip_low=0.2, clip_high=0.28, beta=0.04),
-                  trainer=Trainer(model, lr=1e-6, grad_clip=1.0, micro_batch_size=args.micro_batch),
+                  trainer=Trainer(model, TrainerConfig(lr=1e-6, grad_clip=1.0, micro_batch_size=args.micro_batch)),
                   weight_sync=WeightSync(model, engine), reference=Reference(model))
     ctl = Controller(roles, RLConfig(), params, RolloutConfig(prompts_per_step=args.prompts, k=args.k), rows=rows,
                      prompt_ids=[tok.encode_prompt(p) for p in prompt_texts], seed=0)

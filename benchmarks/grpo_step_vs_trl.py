@@ -57,7 +57,7 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     """rlpost's controller with every role, as `rlpost train` wires it for an HF model (rollout_dtype: the
     engine's rollout.dtype, 'auto' being the trainer's precision)."""
     from rlpost.algorithms import get_algorithm
-    from rlpost.config import ModelConfig, RLConfig, RolloutConfig
+    from rlpost.config import ModelConfig, RLConfig, RolloutConfig, TrainerConfig
     from rlpost.controller import Controller, Roles
     from rlpost.models import compile_model, load_model, shared_prompt
     from rlpost.reference import Reference
@@ -69,13 +69,13 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     model, tok = load_model(ModelConfig(name=folder))
     engine = build_engine("auto", model, tok, dtype=precision if rollout_dtype == "auto" else rollout_dtype)
     rows = [{"prompt": p, "answer": ""} for p in prompt_texts]
-    reference = Reference(model, precision=precision)
+    reference = Reference(model, TrainerConfig(precision=precision))
     if compile:  # as `rlpost train trainer.compile=true` does it
         compile_model(model)
         compile_model(reference.model)
     roles = Roles(engine=engine, reward=Reward(lambda completion, row: reward_text(completion), tok),
                   algorithm=get_algorithm("grpo", clip_low=0.2, clip_high=0.28, beta=0.04),
-                  trainer=Trainer(model, lr=lr, grad_clip=1.0, precision=precision),
+                  trainer=Trainer(model, TrainerConfig(lr=lr, grad_clip=1.0, precision=precision)),
                   weight_sync=WeightSync(model, engine), reference=reference)
     ctl = Controller(roles, RLConfig(),
                      SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=1.0),

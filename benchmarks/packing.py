@@ -19,6 +19,7 @@ with the load average before and after (the machine is shared).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import resource
@@ -93,6 +94,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from rlpost.algorithms import get_algorithm
+    from rlpost.config import TrainerConfig
     from rlpost.models import HFCausalLM
     from rlpost.trainer import Trainer
 
@@ -103,8 +105,8 @@ def main() -> None:
     batch = build_batch(tok, args.prompts, args.k, lengths, args.seed, args.prompt_tokens)
     algo = get_algorithm("grpo", beta=0.04)
     batch = algo.compute_advantages(batch)
-    trainers = {"padded": Trainer(model, lr=1e-4, micro_batch_size=args.rows_per_micro_batch),
-                "packed": Trainer(model, lr=1e-4, micro_batch_size=args.rows_per_micro_batch, packing=True)}
+    cfg = TrainerConfig(lr=1e-4, micro_batch_size=args.rows_per_micro_batch)
+    trainers = {"padded": Trainer(model, cfg), "packed": Trainer(model, dataclasses.replace(cfg, packing=True))}
     for t in trainers.values():
         t.optimizer.step = lambda: None  # every step trains the same weights: the two paths see equal work
 

@@ -28,13 +28,12 @@ import time
 import torch
 
 from rlpost.algorithms import get_algorithm
-from rlpost.config import ModelConfig
+from rlpost.config import ModelConfig, TrainerConfig
 from rlpost.evaluate import pass_at_1
 from rlpost.models import build_gpt_mini, encode_prompt
 from rlpost.reference import Reference
 from rlpost.reward import Reward
 from rlpost.rollout import SamplingParams, build_engine
-from rlpost.schedule import LRSchedule
 from rlpost.stages.sft import nll_loss, sft_batch
 from rlpost.tasks import encode_demonstration
 from rlpost.tasks.arithmetic import arithmetic_task
@@ -89,8 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sft_steps:
         demo_prompts = [encode_prompt(tok, r["prompt"]) for r in task.demonstrations]
         demo_ids = [encode_demonstration(tok, r["completion"])[0] for r in task.demonstrations]
-        sft = Trainer(model, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95),
-                      schedule=LRSchedule("cosine", min(50, args.sft_steps // 5), args.sft_steps, min_lr_ratio=0.1))
+        sft = Trainer(model, TrainerConfig(lr=3e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+                                           lr_schedule="cosine", warmup_steps=min(50, args.sft_steps // 5),
+                                           min_lr_ratio=0.1), total_steps=args.sft_steps)
         for step in range(args.sft_steps):
             idx = [rng.randrange(len(demo_ids)) for _ in range(args.sft_batch)]
             m = sft.step(sft_batch([demo_prompts[i] for i in idx], [demo_ids[i] for i in idx], tok.pad_token_id),
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the policy as RL starts (the SFT model); the trainer is a fresh AdamW on the policy.
     algorithm = get_algorithm("grpo", clip_low=0.2, clip_high=0.28, beta=args.beta)
     reference = Reference(model)
-    trainer = Trainer(model, lr=args.lr)
+    trainer = Trainer(model, TrainerConfig(lr=args.lr))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0)
     rewards = []
     for step in range(1, args.steps + 1):

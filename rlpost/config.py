@@ -36,6 +36,7 @@ def opt(default: Any, help: str, range: Range | None = None) -> Any:
 
 
 LEARNING_RATE = above(0, what="a positive learning rate")
+ADAM_BETA = between(0, 1, "0: no averaging", high_open=True)
 
 
 class Section:
@@ -167,8 +168,14 @@ class SFTConfig(Section):
     steps: int = opt(1000, "supervised steps on the demonstrations before RL (0 skips SFT)",
                      at_least(0, "0: no SFT stage"))
     batch_size: int = opt(128, "sequences per SFT step", at_least(1))
-    lr: float = opt(3e-3, "peak learning rate (linear warm-up, cosine decay to lr/10)", LEARNING_RATE)
+    lr: float = opt(3e-3, "peak learning rate (linear warm-up, cosine decay to lr * min_lr_ratio)", LEARNING_RATE)
     warmup_steps: int = opt(50, "warm-up steps", at_least(0, "0: no warm-up"))
+    min_lr_ratio: float = opt(0.1, "the cosine decay ends at lr * min_lr_ratio",
+                              between(0, 1, "0: decay to 0; 1: no decay"))
+    weight_decay: float = opt(0.1, "AdamW weight decay", at_least(0, "0: none"))
+    adam_beta1: float = opt(0.9, "AdamW beta1 (decay of the gradient's running mean)", ADAM_BETA)
+    adam_beta2: float = opt(0.95, "AdamW beta2 (decay of the squared gradient's running mean)", ADAM_BETA)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)", at_least(0, "0: off"))
     save_every: int = opt(250, "write a resumable checkpoint every this many steps (0: only at the end); "
                                "removed once checkpoints/sft is written", at_least(0, "0: only at the end"))
 
@@ -204,6 +211,8 @@ class TrainerConfig(Section):
     lr: float = opt(2e-4, "AdamW learning rate for RL", LEARNING_RATE)
     weight_decay: float = opt(0.0, "AdamW weight decay", at_least(0, "0: none"))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)", at_least(0, "0: off"))
+    adam_beta1: float = opt(0.9, "AdamW beta1 (decay of the gradient's running mean)", ADAM_BETA)
+    adam_beta2: float = opt(0.999, "AdamW beta2 (decay of the squared gradient's running mean)", ADAM_BETA)
     micro_batch_size: int | None = opt(None, "rows per forward/backward; gradients accumulate (None: whole batch)",
                                        at_least(1))
     epochs: int = opt(1, "passes over each rollout batch", at_least(1))
@@ -345,8 +354,15 @@ class RejectionConfig(Section):
     success_threshold: float = opt(1.0, "a sample is verified when the task's reward is >= this", FINITE)
     steps: int = opt(200, "fine-tuning steps on the kept samples", at_least(1))
     batch_size: int = opt(128, "kept samples per fine-tuning step (drawn with replacement)", at_least(1))
-    lr: float = opt(3e-4, "peak fine-tuning learning rate (linear warm-up, cosine decay to lr/10)", LEARNING_RATE)
+    lr: float = opt(3e-4, "peak fine-tuning learning rate (linear warm-up, cosine decay to lr * min_lr_ratio)",
+                    LEARNING_RATE)
     warmup_steps: int = opt(20, "fine-tuning warm-up steps", at_least(0, "0: no warm-up"))
+    min_lr_ratio: float = opt(0.1, "the cosine decay ends at lr * min_lr_ratio",
+                              between(0, 1, "0: decay to 0; 1: no decay"))
+    weight_decay: float = opt(0.1, "AdamW weight decay of the fine-tuning", at_least(0, "0: none"))
+    adam_beta1: float = opt(0.9, "AdamW beta1 of the fine-tuning", ADAM_BETA)
+    adam_beta2: float = opt(0.95, "AdamW beta2 of the fine-tuning", ADAM_BETA)
+    grad_clip: float = opt(1.0, "fine-tuning: clip the global gradient norm to this (0: off)", at_least(0, "0: off"))
 
 
 @dataclass

@@ -1,18 +1,20 @@
 """CRITIC (PPO only): a value function V(prefix) on top of a language model's hidden states.
 
-    critic = Critic.build(policy, "head")      # a value head on the policy's own trunk (shared weights)
-    critic = Critic.build(policy, "separate")  # a frozen-at-start copy of the trunk + head, trained apart
-    values = critic(batch)                     # [B, T]: values[b, t] = V(input_ids[b, :t]), 0 off the response
+    critic = Critic.build(policy, "head", cfg)      # a value head on the policy's own trunk (shared weights)
+    critic = Critic.build(policy, "separate", cfg)  # a frozen-at-start copy of the trunk + head, trained apart
+    values = critic(batch)                          # [B, T]: values[b, t] = V(input_ids[b, :t]), 0 off the response
+
+`cfg` is the `trainer.*` section (rlpost.config.TrainerConfig; None: its defaults).
 
 values[b, t] is the expected return before token t is emitted: it is read from the hidden state at t-1,
 the same alignment as token log-probs. The head starts at zero, so first values are 0.
 
 It computes on its parameters' device and returns values on the batch's device. Called on a whole batch (the
 value pass before the advantages) it runs in the trainer's micro-batches, packed or not (`micro_batch_size`,
-`micro_batch_tokens`, `packing`, set by Critic.build), so that pass never holds more than one micro-batch's
-activations; the trainer passes each of its own micro-batches with their packing. With precision="bf16"
-the trunk runs under bf16 autocast and the head in fp32. Its weights are an nn.Module's state_dict: the
-head, plus the trunk for a separate critic (a shared trunk is the policy's, saved with the policy).
+`micro_batch_tokens`, `packing` of the `trainer.*` section it is built with), so that pass never holds more
+than one micro-batch's activations; the trainer passes each of its own micro-batches with their packing. With
+precision="bf16" the trunk runs under bf16 autocast and the head in fp32. Its weights are an nn.Module's
+state_dict: the head, plus the trunk for a separate critic (a shared trunk is the policy's, saved with the policy).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
+from rlpost.config import TrainerConfig
 from rlpost.models import autocast, check_packing, check_precision, model_device, trunk_hidden_states
 from rlpost.packing import Packed, micro_batches, scatter_rows
 
@@ -32,14 +35,17 @@ CRITIC_TYPES = ("separate", "head")  # the valid critic.type names
 
 
 class Critic(nn.Module):
-    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, precision: str = "fp32",
-                 micro_batch_size: int | None = None, micro_batch_tokens: int | None = None, packing: bool = False):
+    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, cfg: TrainerConfig | None = None):
+        """`cfg`: the `trainer.*` section, whose precision and micro-batching (micro_batch_size,
+        micro_batch_tokens, packing) a whole-batch value pass runs with (None: the defaults)."""
         super().__init__()
-        check_precision(precision, model_device(trunk))
-        if packing:
+        cfg = cfg or TrainerConfig()
+        check_precision(cfg.precision, model_device(trunk))
+        if cfg.packing:
             check_packing(trunk)
-        self.shared, self.precision = shared, precision
-        self.micro_batch_size, self.micro_batch_tokens, self.packing = micro_batch_size, micro_batch_tokens, packing
+        self.shared, self.precision = shared, cfg.precision
+        self.micro_batch_size, self.micro_batch_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
+        self.packing = cfg.packing
         # A shared trunk is the policy itself: keep it out of this module's parameters so the optimizer
         # and checkpoints see it once (through the policy).
         self._trunk = [trunk] if shared else None
@@ -49,12 +55,12 @@ class Critic(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def build(cls, policy: nn.Module, kind: str = "separate", precision: str = "fp32", **micro_batching) -> "Critic":
-        """A critic of `kind` for `policy`; `micro_batching`: micro_batch_size, micro_batch_tokens, packing."""
+    def build(cls, policy: nn.Module, kind: str = "separate", cfg: TrainerConfig | None = None) -> "Critic":
+        """A critic of `kind` for `policy`, computing as `cfg` (the `trainer.*` section) says."""
         if kind not in CRITIC_TYPES:
             raise ValueError(f"critic.type must be one of {', '.join(CRITIC_TYPES)}, got {kind!r}")
         trunk = policy if kind == "head" else copy.deepcopy(policy).requires_grad_(True)
-        return cls(trunk, policy.hidden_size, shared=kind == "head", precision=precision, **micro_batching)
+        return cls(trunk, policy.hidden_size, shared=kind == "head", cfg=cfg)
 
     def forward(self, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
         """values [B, T] of `batch`; `packed`: the packing of its rows (the trainer's micro-batch), else the batch

@@ -41,8 +41,7 @@ from rlpost.batch import Batch
 from rlpost.models import check_packing, encode_prompt, load_model, model_device, token_logprobs
 from rlpost.packing import micro_batches, scatter_rows
 from rlpost.reward import decode_responses
-from rlpost.rollout.engine import logp_temperature
-from rlpost.trainer import check_scoring_temperature
+from rlpost.rollout.engine import SamplingParams
 
 
 def distill_token_rewards(student_logp: torch.Tensor, teacher_logp: torch.Tensor, response_mask: torch.Tensor,
@@ -57,10 +56,10 @@ class TeacherReward:
     """Reward role of on-policy distillation (see the module docstring): `reward(batch) -> (batch with token
     rewards [B, T], metrics)`. `gold`, a verifier `fn(completion, row) -> float`, is reported beside it."""
 
-    def __init__(self, teacher: torch.nn.Module, tokenizer, coef: float = 1.0, temperature: float = 1.0,
+    def __init__(self, teacher: torch.nn.Module, tokenizer, coef: float = 1.0, params: SamplingParams | None = None,
                  gold=None, micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
                  packing: bool = False):
-        check_scoring_temperature(temperature)
+        temperature = (params or SamplingParams()).logp_temperature  # the student's old_logp's (1 when greedy)
         self.teacher = teacher.eval().requires_grad_(False)
         if packing:
             check_packing(self.teacher)
@@ -132,5 +131,5 @@ def load_teacher_reward(cfg, model_cfg, tokenizer, temperature: float, verifier,
     micro = {} if trainer_cfg is None else dict(micro_batch_size=trainer_cfg.micro_batch_size,
                                                 micro_batch_tokens=trainer_cfg.micro_batch_tokens,
                                                 packing=trainer_cfg.packing)
-    return TeacherReward(teacher, tokenizer, coef=cfg.coef, temperature=logp_temperature(temperature),
+    return TeacherReward(teacher, tokenizer, coef=cfg.coef, params=SamplingParams(temperature=temperature),
                          gold=getattr(verifier, "fn", None), **micro)

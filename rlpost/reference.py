@@ -1,7 +1,9 @@
 """REFERENCE: the frozen policy that anchors the KL term. It never receives a gradient.
 
-    ref = Reference(policy)          # a frozen copy of the policy as it is now (the SFT checkpoint)
-    batch = ref(batch)               # fills batch.ref_logp [B, T]
+    ref = Reference(policy, cfg, params)  # a frozen copy of the policy as it is now (the SFT checkpoint)
+    batch = ref(batch)                    # fills batch.ref_logp [B, T]
+
+`cfg` is the `trainer.*` section (rlpost.config.TrainerConfig), `params` the rollout's SamplingParams.
 
 With LoRA (model.lora) there is no copy: the reference is the policy's own module with its adapters off
 (peft's enable_adapters(False), `rlpost.models.lora.adapters_disabled`), i.e. its frozen base, which every
@@ -9,10 +11,12 @@ stage's end folds the adapters into, so it is the policy as the stage started. T
 base weights (`shares_policy` says which).
 
 The copy lives on the policy's device; a batch from any device is scored there and its ref_logp comes
-back on the batch's device. With precision="bf16" it scores under bf16 autocast, as the trainer does, so
-that the KL term compares log-probs computed alike. It scores in the trainer's micro-batches (rows
-`micro_batch_size` at a time, at most `micro_batch_tokens` positions each, packed with `packing`: see
-rlpost.packing), so no forward holds more than one micro-batch's activations.
+back on the batch's device. It scores as the trainer does, from the same `trainer.*` section (`cfg`) and
+the same sampling parameters (`params`): with precision="bf16" under bf16 autocast, at the temperature the
+engine reports old_logp at (`params.logp_temperature`), so that the KL term compares log-probs computed
+alike; and in the trainer's micro-batches (rows `micro_batch_size` at a time, at most `micro_batch_tokens`
+positions each, packed with `packing`: see rlpost.packing), so no forward holds more than one micro-batch's
+activations.
 """
 
 from __future__ import annotations
@@ -24,23 +28,24 @@ import torch
 import torch.nn as nn
 
 from rlpost.batch import Batch
+from rlpost.config import TrainerConfig
 from rlpost.models import (autocast, check_packing, check_precision, model_device, set_gradient_checkpointing,
                            token_logprobs)
 from rlpost.models.lora import adapters_disabled, is_lora
 from rlpost.packing import micro_batches, scatter_rows
-from rlpost.trainer import check_scoring_temperature
+from rlpost.rollout.engine import SamplingParams
 
 
 class Reference:
-    def __init__(self, policy: nn.Module, temperature: float = 1.0, precision: str = "fp32",
-                 logprob_chunk: int | None = None, micro_batch_size: int | None = None,
-                 micro_batch_tokens: int | None = None, packing: bool = False):
-        """`temperature`: the one the rollout engine reports old_logp at (SamplingParams.logp_temperature);
-        `logprob_chunk`: tokens per chunk of the log-prob head (None: sized from the vocabulary); the batch is
-        scored in the trainer's micro-batches (rlpost.packing.micro_batches), packed with `packing`."""
-        check_scoring_temperature(temperature)
-        check_precision(precision, model_device(policy))
-        if packing:
+    def __init__(self, policy: nn.Module, cfg: TrainerConfig | None = None, params: SamplingParams | None = None):
+        """`cfg`: the `trainer.*` section, whose precision, log-prob chunk and micro-batching (micro_batch_size,
+        micro_batch_tokens, packing: rlpost.packing.micro_batches) the reference scores with (None: the
+        defaults); `params`: the rollout's sampling parameters, scored at their log-prob temperature, the one
+        the engine reports old_logp at (None: temperature 1)."""
+        cfg = cfg or TrainerConfig()
+        temperature = (params or SamplingParams()).logp_temperature
+        check_precision(cfg.precision, model_device(policy))
+        if cfg.packing:
             check_packing(policy)
         self.shares_policy = is_lora(policy)
         if self.shares_policy:
@@ -49,8 +54,9 @@ class Reference:
             self.model = copy.deepcopy(policy).eval()
             self.model.requires_grad_(False)
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
-        self.temperature, self.precision, self.logprob_chunk = temperature, precision, logprob_chunk
-        self.micro_batch_size, self.micro_batch_tokens, self.packing = micro_batch_size, micro_batch_tokens, packing
+        self.temperature, self.precision, self.logprob_chunk = temperature, cfg.precision, cfg.logprob_chunk
+        self.micro_batch_size, self.micro_batch_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
+        self.packing = cfg.packing
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:

@@ -1,6 +1,6 @@
 """TRAINER: forward, backward, optimizer step. It does not know which algorithm it runs.
 
-    trainer = Trainer(model, lr=2e-4)
+    trainer = Trainer(model, TrainerConfig(lr=2e-4), params)   # cfg: the `trainer.*` section
     metrics = trainer.step(batch, loss_fn)   # loss_fn(logp [B, T], batch) -> (loss, metrics)
 
 One call trains on one rollout batch: `epochs` passes, each split into `minibatches` (one optimizer
@@ -16,12 +16,17 @@ values (`batch.new_values`).
 A loss or gradient that is not finite skips that optimizer step (nothing is applied), is reported,
 and after `max_nonfinite_steps` in a row stops training with NonFiniteLossError.
 
+Every setting comes from `cfg`, the `trainer.*` section (rlpost.config.TrainerConfig); log-probs are scored
+at the temperature the rollout engine reports its old_logp at, `params.logp_temperature` (the sampling
+temperature; 1 for greedy rollouts), so the loss compares like with like.
+
 Device and precision: batches may arrive on any device; the trainer moves each one to the model's device.
 `precision="bf16"` runs the forward under bf16 autocast while the parameters, gradients and AdamW state
 stay fp32 and the log-softmax and the loss are computed in fp32 (rlpost.models.autocast).
 `gradient_checkpointing=True` recomputes block activations in the backward (rlpost.models.
-set_gradient_checkpointing). `schedule` (rlpost.schedule.LRSchedule) scales every param group's learning
-rate at each optimizer step. `state_dict()` holds what a resumed run needs besides the weights.
+set_gradient_checkpointing). The schedule (cfg.lr_schedule, warmup_steps, min_lr_ratio over `total_steps`:
+rlpost.schedule.LRSchedule) scales every param group's learning rate at each optimizer step. `state_dict()`
+holds what a resumed run needs besides the weights.
 
 Sharded training, `strategy="fsdp2"` (rlpost.distributed; launched with torchrun): every rank holds a
 shard of each parameter (FSDP2 over each transformer block and the root) and AdamW updates its shard.
@@ -48,9 +53,11 @@ import torch.nn as nn
 from rlpost import distributed as dist
 from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
+from rlpost.config import TrainerConfig
 from rlpost.models import (autocast, check_packing, check_precision, model_device, set_gradient_checkpointing,
                            token_logprobs)
 from rlpost.packing import Packed, micro_batches, scatter_rows
+from rlpost.rollout.engine import SamplingParams
 from rlpost.schedule import LRSchedule
 
 STRATEGIES = ("single", "fsdp2")  # the valid trainer.strategy names
@@ -61,29 +68,21 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
 
 
-def check_scoring_temperature(temperature: float) -> None:
-    """Log-probs are log softmax(logits / temperature): at 0 (greedy) or below they are NaN or reversed. A
-    greedy engine reports its old_logp at temperature 1, and the scorers must use that one too."""
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"scoring temperature {temperature!r}: it must be a finite number > 0; for greedy "
-                         "rollouts (rollout.temperature=0) score at the temperature the engine reports its "
-                         "log-probs at, SamplingParams.logp_temperature (1)")
-
-
 class Trainer:
-    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0,
-                 micro_batch_size: int | None = None, max_nonfinite_steps: int = 3, temperature: float = 1.0,
-                 betas: tuple[float, float] = (0.9, 0.999), epochs: int = 1, minibatches: int = 1,
+    def __init__(self, model: nn.Module, cfg: TrainerConfig, params: SamplingParams | None = None, *,
                  critic: nn.Module | None = None, critic_lr: float | None = None, seed: int = 0,
-                 precision: str = "fp32", gradient_checkpointing: bool = False, schedule: LRSchedule | None = None,
-                 strategy: str = "single", logprob_chunk: int | None = None, packing: bool = False,
-                 micro_batch_tokens: int | None = None):
-        check_precision(precision, model_device(model))
-        check_scoring_temperature(temperature)
-        if strategy not in STRATEGIES:
-            raise ValueError(f"trainer.strategy is {strategy!r}; valid values: {', '.join(STRATEGIES)}")
-        self.sharded = strategy == "fsdp2"
-        if packing:  # fail at load time on a model that cannot keep packed sequences apart (before sharding it)
+                 total_steps: int | None = None):
+        """`cfg`: the `trainer.*` section (optimizer, micro-batching, precision, schedule, strategy); a stage
+        that trains with other settings (SFT, preference) passes a TrainerConfig of its own. `params`: the
+        rollout's sampling parameters, whose log-prob temperature (`SamplingParams.logp_temperature`: the
+        sampling temperature, 1 for greedy) the log-probs are scored at (None: temperature 1). `total_steps`:
+        the optimizer steps the schedule decays over (a `linear` / `cosine` cfg.lr_schedule needs it)."""
+        check_precision(cfg.precision, model_device(model))
+        temperature = (params or SamplingParams()).logp_temperature
+        if cfg.strategy not in STRATEGIES:
+            raise ValueError(f"trainer.strategy is {cfg.strategy!r}; valid values: {', '.join(STRATEGIES)}")
+        self.sharded = cfg.strategy == "fsdp2"
+        if cfg.packing:  # fail at load time on a model that cannot keep packed sequences apart (before sharding it)
             for m in (model, getattr(critic, "trunk", None)):
                 if m is not None:
                     check_packing(m)
@@ -91,22 +90,24 @@ class Trainer:
             if critic is not None:
                 raise ValueError("trainer.strategy=fsdp2 does not support a critic (PPO) yet; use strategy=single")
             dist.shard_model(model)  # in place: the parameters become DTensor shards, before AdamW sees them
-        self.model, self.critic, self.precision = model, critic, precision
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+        self.model, self.critic, self.precision = model, critic, cfg.precision
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
         if critic is not None:
-            groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": critic_lr or lr})
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+            groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": critic_lr or cfg.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
         self.base_lrs = [g["lr"] for g in groups]  # the schedule scales these
-        self.schedule = schedule or LRSchedule()
-        if gradient_checkpointing:  # the policy, and a separate critic's own trunk (a shared one is the policy)
+        self.schedule = LRSchedule(cfg.lr_schedule, cfg.warmup_steps, total_steps=total_steps,
+                                   min_lr_ratio=cfg.min_lr_ratio)
+        if cfg.gradient_checkpointing:  # the policy, and a separate critic's own trunk (a shared one is the policy)
             for m in (model, getattr(critic, "trunk", None)):
                 if m is not None:
                     set_gradient_checkpointing(m, True)
-        self.grad_clip, self.micro_batch_size = grad_clip, micro_batch_size
-        self.max_nonfinite_steps, self.temperature = max_nonfinite_steps, temperature
-        self.logprob_chunk = logprob_chunk  # tokens per chunk of the log-prob head (None: sized from the vocabulary)
-        self.packing, self.micro_batch_tokens = packing, micro_batch_tokens
-        self.epochs, self.minibatches = epochs, minibatches
+        self.grad_clip, self.micro_batch_size = cfg.grad_clip, cfg.micro_batch_size
+        self.max_nonfinite_steps, self.temperature = cfg.max_nonfinite_steps, temperature
+        self.logprob_chunk = cfg.logprob_chunk  # tokens per chunk of the log-prob head (None: sized from vocabulary)
+        self.packing, self.micro_batch_tokens = cfg.packing, cfg.micro_batch_tokens
+        self.epochs, self.minibatches = cfg.epochs, cfg.minibatches
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU whatever the model's device
         self.nonfinite_in_a_row = 0
         self.steps = 0

@@ -260,20 +260,29 @@ def test_greedy_rollouts_train_on_finite_log_probs(tmp_path):
     assert not (tmp_path / "greedy" / "rollouts.jsonl").exists()  # rollouts_every=0: never
 
 
-def test_scorers_refuse_a_temperature_they_cannot_divide_by():
+def test_every_scorer_scores_at_the_sampling_params_log_prob_temperature():
+    """The trainer, the reference and a distillation teacher take the rollout's SamplingParams and score at its
+    log-prob temperature: the sampling temperature, 1 for greedy; one that has no tempered distribution
+    (negative, NaN, infinite) is refused, naming what scores there."""
     import torch
 
+    from rlpost.config import TrainerConfig
     from rlpost.distill import TeacherReward
     from rlpost.reference import Reference
     from rlpost.rollout.engine import SamplingParams, logp_temperature
     from rlpost.trainer import Trainer
 
     model = torch.nn.Linear(2, 2)
-    for make in (lambda t: Trainer(model, lr=1e-3, temperature=t), lambda t: Reference(model, temperature=t),
-                 lambda t: TeacherReward(model, tokenizer=None, temperature=t)):
-        for t in (0.0, -1.0, float("nan")):
+    scorers = {"trainer": lambda p: Trainer(model, TrainerConfig(lr=1e-3), p),
+               "reference": lambda p: Reference(model, None, p),
+               "teacher": lambda p: TeacherReward(model, tokenizer=None, params=p)}
+    for name, make in scorers.items():
+        assert make(SamplingParams(temperature=0)).temperature == 1.0, name  # greedy: the untempered policy
+        assert make(SamplingParams(temperature=0.7)).temperature == 0.7, name
+        assert make(None).temperature == 1.0, name
+        for t in (-1.0, float("nan"), float("inf")):
             with pytest.raises(ValueError, match="logp_temperature"):
-                make(t)
+                make(SamplingParams(temperature=t))
     assert SamplingParams(temperature=0).logp_temperature == logp_temperature(0) == 1.0
     assert logp_temperature(0.7) == 0.7
 

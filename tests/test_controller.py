@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlpost import get_algorithm
-from rlpost.config import RLConfig, RolloutConfig, load_config
+from rlpost.config import RLConfig, RolloutConfig, TrainerConfig, load_config
 from rlpost.controller import Controller, Roles
 from rlpost.critic import Critic
 from rlpost.run import train
@@ -40,7 +40,7 @@ def test_dapo_never_trains_on_a_degenerate_group_and_refills(tiny_gpt):
     model, tok = tiny_gpt
     rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in range(10, 30) for b in range(3)]
     engine = NativeEngine(model, tok)
-    trainer = SpyTrainer(model, lr=1e-3)
+    trainer = SpyTrainer(model, TrainerConfig(lr=1e-3))
     algo = get_algorithm("dapo")
     roles = Roles(engine=engine, reward=Reward(half_easy_reward, tok), algorithm=algo, trainer=trainer,
                   weight_sync=WeightSync(model, engine))
@@ -60,8 +60,9 @@ def test_dapo_never_trains_on_a_degenerate_group_and_refills(tiny_gpt):
 def test_trainer_epochs_and_minibatches_take_that_many_optimizer_steps(tiny_gpt):
     model, tok = tiny_gpt
     engine = NativeEngine(model, tok)
-    batch = engine.generate([tok.encode_prompt("1+2="), tok.encode_prompt("3+4=")], 4, SamplingParams(max_new_tokens=3))
-    trainer = Trainer(model, lr=1e-3, epochs=3, minibatches=2)
+    batch = engine.generate([tok.encode_prompt("1+2="), tok.encode_prompt("3+4=")], 4,
+                            SamplingParams(max_new_tokens=3))
+    trainer = Trainer(model, TrainerConfig(lr=1e-3, epochs=3, minibatches=2))
     metrics = trainer.step(batch, nll_loss)
     assert trainer.steps == 6 and metrics["rollout/logp_mismatch_max"] < 1e-5  # measured before any update
 
@@ -126,7 +127,8 @@ def test_every_step_attributes_its_wall_clock_to_the_roles(tiny_gpt):
     engine = NativeEngine(model, tok)
     algo = get_algorithm("grpo", beta=0.04)
     roles = Roles(engine=engine, reward=Reward(half_easy_reward, tok), algorithm=algo,
-                  trainer=Trainer(model, lr=1e-3), weight_sync=WeightSync(model, engine), reference=Reference(model))
+                  trainer=Trainer(model, TrainerConfig(lr=1e-3)), weight_sync=WeightSync(model, engine),
+                  reference=Reference(model))
     ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=4), RolloutConfig(prompts_per_step=2, k=3),
                      rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], seed=0)
     m = ctl.step(1)

@@ -14,7 +14,7 @@ import torch
 
 from rlpost import get_algorithm
 from rlpost.algorithms import available
-from rlpost.config import ConfigError, ModelConfig, load_config
+from rlpost.config import ConfigError, ModelConfig, TrainerConfig, load_config
 from rlpost.critic import Critic
 from rlpost.models import load_model, model_device, resolve_device, token_logprobs
 from rlpost.reference import Reference
@@ -98,7 +98,7 @@ def test_a_cpu_batch_is_accepted_by_a_cpu_model(tiny_gpt):
     algo = algorithm("grpo")
     batch = algo.compute_advantages(Reference(model)(batch))
     assert batch.ref_logp.device == batch.advantages.device == torch.device("cpu")
-    metrics = Trainer(model, lr=1e-3).step(batch, algo.compute_loss)
+    metrics = Trainer(model, TrainerConfig(lr=1e-3)).step(batch, algo.compute_loss)
     assert all(type(v) is float for v in metrics.values())
 
 
@@ -109,7 +109,7 @@ def run_roles(model, tok, name: str, batch):
     algo = algorithm(name)
     reference = Reference(model) if algo.uses_reference else None
     critic = Critic.build(model, "separate") if algo.uses_critic else None
-    trainer = Trainer(model, lr=1e-3, critic=critic, epochs=2, minibatches=2)  # the shuffle runs too
+    trainer = Trainer(model, TrainerConfig(lr=1e-3, epochs=2, minibatches=2), critic=critic)  # the shuffle runs too
     with torch.device("meta"):  # any tensor made without device= lands on "meta" and fails against the CPU
         if reference is not None:
             batch = reference(batch)
@@ -139,7 +139,7 @@ def test_every_role_names_the_device_of_what_it_creates_hf_llama(tiny_llama_dir,
 def test_sft_preference_and_reward_model_name_their_devices(tiny_gpt):
     from rlpost.preference import get_preference_loss
     from rlpost.preference.data import tokenize_preferences
-    from rlpost.preference.trainer import cache_reference, make_loss_fn
+    from rlpost.preference.fit import cache_reference, make_loss_fn
     from rlpost.reward_model import RewardModel
 
     model, tok = tiny_gpt
@@ -151,7 +151,7 @@ def test_sft_preference_and_reward_model_name_their_devices(tiny_gpt):
                                 max_length=24)
     cache_reference(model, data, tok.pad_token_id)
     pairs = data.batch(data.sequences([0, 1]), tok.pad_token_id)
-    trainer, rm = Trainer(model, lr=1e-3), RewardModel.from_policy(model)
+    trainer, rm = Trainer(model, TrainerConfig(lr=1e-3)), RewardModel.from_policy(model)
     with torch.device("meta"):
         trainer.step(sft, nll_loss)
         trainer.step(pairs, make_loss_fn(get_preference_loss("dpo")))
@@ -182,10 +182,11 @@ def test_cuda_every_role_and_algorithm(tiny_llama_dir, kind):
         for name in ALGORITHMS:
             for precision in ("fp32", "bf16"):
                 algo = algorithm(name)
-                b = Reference(model, precision=precision)(batch) if algo.uses_reference else batch
+                b = Reference(model, TrainerConfig(precision=precision))(batch) if algo.uses_reference else batch
                 critic = None
                 if algo.uses_critic:
-                    critic = Critic.build(model, "separate" if precision == "fp32" else "head", precision=precision)
+                    critic = Critic.build(model, "separate" if precision == "fp32" else "head",
+                                          TrainerConfig(precision=precision))
                     with torch.no_grad():
                         b = b.replace(values=critic(b))
                     assert b.values.device.type == batch_device and b.values.dtype == torch.float32
@@ -193,7 +194,8 @@ def test_cuda_every_role_and_algorithm(tiny_llama_dir, kind):
                     assert b.ref_logp.device.type == batch_device and b.ref_logp.dtype == torch.float32
                 b = algo.compute_advantages(b)
                 assert b.advantages.device.type == batch_device
-                trainer = Trainer(model, lr=1e-4, critic=critic, precision=precision, epochs=2, minibatches=2)
+                trainer = Trainer(model, TrainerConfig(lr=1e-4, precision=precision, epochs=2, minibatches=2),
+                                  critic=critic)
                 metrics = trainer.step(b, algo.compute_loss)
                 assert metrics["train/skipped_nonfinite"] == 0.0, (name, precision)
                 assert all(type(v) is float for v in metrics.values())
@@ -211,15 +213,15 @@ def test_cuda_sft_checkpointing_and_resume(tiny_llama_dir, kind):
     demos = [(tok.encode_prompt(f"{a}+{b}="), tok.encode_completion(str(a + b)) + [tok.eos_token_id])
              for a in range(3) for b in range(3)]
     for precision in ("fp32", "bf16"):  # SFT batches are built on the CPU; the trainer moves them
-        sft = Trainer(model, lr=1e-3, precision=precision, gradient_checkpointing=True)
+        sft = Trainer(model, TrainerConfig(lr=1e-3, precision=precision, gradient_checkpointing=True))
         for _ in range(3):
             m = sft.step(sft_batch([p for p, _ in demos], [c for _, c in demos], tok.pad_token_id), nll_loss)
         assert m["train/skipped_nonfinite"] == 0.0 and m["sft/nll"] > 0
-    trainer = Trainer(model, lr=1e-3)
+    trainer = Trainer(model, TrainerConfig(lr=1e-3))
     batch = scored_batch(model, tok)
     trainer.step(batch, nll_loss)
     state = copy.deepcopy(trainer.state_dict())
-    again = Trainer(model, lr=1e-3)
+    again = Trainer(model, TrainerConfig(lr=1e-3))
     again.load_state_dict(state)
     assert all(s["exp_avg"].device.type == "cuda" for s in again.optimizer.state.values())
     again.step(batch, nll_loss)
@@ -228,7 +230,7 @@ def test_cuda_sft_checkpointing_and_resume(tiny_llama_dir, kind):
 @pytest.mark.cuda
 def test_cuda_controller_step_with_the_native_engine(tiny_gpt):
     """The whole loop on CUDA: the native engine samples from the CUDA model, every role follows."""
-    from rlpost.config import RLConfig, RolloutConfig
+    from rlpost.config import RLConfig, RolloutConfig, TrainerConfig
     from rlpost.controller import Controller, Roles
     from rlpost.weight_sync import WeightSync
 
@@ -240,7 +242,8 @@ def test_cuda_controller_step_with_the_native_engine(tiny_gpt):
         algo = algorithm(name)
         critic = Critic.build(model, "separate") if algo.uses_critic else None
         roles = Roles(engine=engine, reward=Reward(lambda c, row: float(len(c) % 2), tok), algorithm=algo,
-                      trainer=Trainer(model, lr=1e-4, critic=critic), weight_sync=WeightSync(model, engine),
+                      trainer=Trainer(model, TrainerConfig(lr=1e-4), critic=critic),
+                      weight_sync=WeightSync(model, engine),
                       reference=Reference(model) if algo.uses_reference else None, critic=critic)
         ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=4),
                          RolloutConfig(prompts_per_step=3, k=4, max_refill_rounds=1),

@@ -133,13 +133,14 @@ def test_auto_falls_back_to_hf_and_says_why(tok, capsys):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_few_grpo_steps_learn(name, tok):
     """GRPO on the native engine's samples raises the share of even token ids in the responses."""
+    from rlpost.config import TrainerConfig
     from rlpost.trainer import Trainer
 
     m, htok = build(name, tok, seed=1)
     m.train()
     engine = build_engine("native", m, htok)  # pointer: it samples with the trainer's weights as they step
     algo = get_algorithm("grpo", beta=0.0)
-    trainer = Trainer(m, lr=1e-2)
+    trainer = Trainer(m, TrainerConfig(lr=1e-2))
     prompts, params = encode(htok, PROMPTS), SamplingParams(max_new_tokens=6, min_new_tokens=6)
 
     def reward(batch):

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from rlpost.config import ModelConfig
+from rlpost.config import ModelConfig, TrainerConfig
 from rlpost.models import load_model, token_logprobs
 from rlpost.rollout import Engine, SamplingParams, build_engine
 from rlpost.rollout.engine import named_weights
@@ -38,7 +38,7 @@ def sample(engine, tok, k=2, seed=0, **kw):
 
 
 def train_one_step(model, batch):
-    Trainer(model, lr=5e-2).step(batch, nll_loss)
+    Trainer(model, TrainerConfig(lr=5e-2)).step(batch, nll_loss)
 
 
 @pytest.mark.parametrize("share_weights", [True, False])

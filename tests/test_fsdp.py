@@ -92,9 +92,11 @@ def global_batch(model, vocab: int):
 
 
 def trainer_for(model, strategy: str, micro: int):
+    from rlpost.config import TrainerConfig
     from rlpost.trainer import Trainer
 
-    return Trainer(model, lr=1e-3, weight_decay=0.01, grad_clip=0.5, micro_batch_size=micro, strategy=strategy)
+    return Trainer(model, TrainerConfig(lr=1e-3, weight_decay=0.01, grad_clip=0.5, micro_batch_size=micro,
+                                        strategy=strategy))
 
 
 def full_weights(model) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from rlpost.models.gpt_mini import GPT, GPTConfig
 from rlpost.models.logprobs import chunked_logprobs, default_chunk
 from rlpost.preference import available as preference_losses
 from rlpost.preference import get_preference_loss
-from rlpost.preference.trainer import make_loss_fn
+from rlpost.preference.fit import make_loss_fn
 
 
 def formula(h, W, t, T, b=None, softcap=None):
@@ -172,20 +172,23 @@ def _forbid_full_logits(monkeypatch, model):
 
 
 def test_trainer_reference_and_sft_never_build_whole_logits(monkeypatch):
+    from rlpost.config import TrainerConfig
     from rlpost.reference import Reference
+    from rlpost.rollout import SamplingParams
     from rlpost.stages.sft import nll_loss
     from rlpost.trainer import Trainer
 
     model = _gpt()
-    reference = Reference(model, temperature=0.9)
+    reference = Reference(model, None, SamplingParams(temperature=0.9))
     hook = _forbid_full_logits(monkeypatch, model)
     hook_ref = reference.model.output_head()[0].register_forward_hook(lambda *a: pytest.fail("reference logits"))
     batch = reference(_batch())
     algo = get_algorithm("grpo")
-    trainer = Trainer(model, lr=1e-3, temperature=0.9, micro_batch_size=2, logprob_chunk=5)
+    trainer = Trainer(model, TrainerConfig(lr=1e-3, micro_batch_size=2, logprob_chunk=5),
+                      SamplingParams(temperature=0.9))
     m = trainer.step(algo.compute_advantages(batch), algo.compute_loss)
     assert m["train/skipped_nonfinite"] == 0.0
-    m = Trainer(model, lr=1e-3).step(_batch(), nll_loss)
+    m = Trainer(model, TrainerConfig(lr=1e-3)).step(_batch(), nll_loss)
     assert m["train/skipped_nonfinite"] == 0.0
     hook.remove()
     hook_ref.remove()

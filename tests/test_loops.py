@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlpost import controller, get_algorithm
-from rlpost.config import ConfigError, RLConfig, RolloutConfig, load_config
+from rlpost.config import ConfigError, RLConfig, RolloutConfig, TrainerConfig, load_config
 from rlpost.controller import Controller, Roles
 from rlpost.loops import LOOPS, TOPOLOGIES, WEIGHT_SYNCS, check_config, loop_class
 from rlpost.loops.async_ import AsyncLoop
@@ -32,7 +32,7 @@ def roles_for(model, tok, target):
     """The roles of a reference-free GRPO step; the weight sync pushes to `target` (the engine or a pipeline)."""
     engine = target.engine if isinstance(target, RolloutPipeline) else target
     return Roles(engine=engine, reward=Reward(parity, tok), algorithm=get_algorithm("grpo", beta=0.0),
-                 trainer=Trainer(model, lr=1e-3), weight_sync=WeightSync(model, target))
+                 trainer=Trainer(model, TrainerConfig(lr=1e-3)), weight_sync=WeightSync(model, target))
 
 
 def test_every_topology_is_a_registered_loop():

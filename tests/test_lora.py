@@ -14,12 +14,12 @@ pytest.importorskip("peft")
 
 from rlpost.checkpoint import list_checkpoints
 from rlpost.cli import main
-from rlpost.config import ConfigError, ModelConfig, load_config
+from rlpost.config import ConfigError, ModelConfig, TrainerConfig, load_config
 from rlpost.models import ModelLoadError, load_model, load_weights, save_model, token_logprobs
 from rlpost.models.lora import (ADAPTER_FILE, adapter_state, adapters_disabled, base_state_dict, is_lora,
                                 merged_state_dict)
 from rlpost.preference.data import load_preferences
-from rlpost.preference.trainer import cache_reference
+from rlpost.preference.fit import cache_reference
 from rlpost.reference import Reference
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.run import saved_config, train
@@ -86,7 +86,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical():
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     base = {k: v.clone() for k, v in base_state_dict(model).items()}
     adapters = {k: v.clone() for k, v in adapter_state(model).items()}
-    trainer = Trainer(model, lr=1e-2)
+    trainer = Trainer(model, TrainerConfig(lr=1e-2))
     batch = rollout(model, tok)
     for _ in range(3):  # SFT-style steps, then a policy-gradient-style one
         trainer.step(batch, nll_loss)
@@ -127,7 +127,7 @@ def test_reference_is_the_adapter_free_base_with_no_copy():
     assert ref.shares_policy and ref.model is model
     assert {id(p) for p in ref.model.parameters()} == {id(p) for p in model.parameters()}  # no parameter copy
     randomize_adapters(model)
-    Trainer(model, lr=1e-2).step(rollout(model, tok), nll_loss)
+    Trainer(model, TrainerConfig(lr=1e-2)).step(rollout(model, tok), nll_loss)
     batch = rollout(model, tok)
     model.train()
     ref_logp = ref(batch).ref_logp
@@ -190,7 +190,7 @@ def test_sync_sends_only_the_adapters_and_a_copy_engine_takes_them():
     engine = build_engine("auto", model, tok, share_weights=False)
     sync = WeightSync(model, engine)
     adapters = adapter_state(model)
-    Trainer(model, lr=1e-2).step(rollout(model, tok), nll_loss)
+    Trainer(model, TrainerConfig(lr=1e-2)).step(rollout(model, tok), nll_loss)
     metrics = sync.sync()
     assert metrics["sync/bytes"] == nbytes(adapters.values())
     assert metrics["sync/bytes"] < nbytes(model.state_dict().values()) / 5

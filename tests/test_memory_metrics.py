@@ -60,7 +60,7 @@ def test_cuda_peaks_per_role_gpu_util_and_a_controller_step(tiny_gpt):
     """On CUDA: a 256 MiB tensor shows in its role's peak only; gpu/util is logged when pynvml is installed;
     the NVTX ranges open and close; a whole controller step on the GPU logs mem/peak_<role> per role."""
     from rlpost import get_algorithm
-    from rlpost.config import RLConfig, RolloutConfig
+    from rlpost.config import RLConfig, RolloutConfig, TrainerConfig
     from rlpost.controller import Controller, Roles
     from rlpost.reference import Reference
     from rlpost.reward import Reward
@@ -89,7 +89,7 @@ def test_cuda_peaks_per_role_gpu_util_and_a_controller_step(tiny_gpt):
     engine = NativeEngine(model, tok)
     prompts = ("12+34=", "50+50=", "7+8=")
     roles = Roles(engine=engine, reward=Reward(lambda c, row: float(len(c) % 2), tok),
-                  algorithm=get_algorithm("grpo", beta=0.04), trainer=Trainer(model, lr=1e-4),
+                  algorithm=get_algorithm("grpo", beta=0.04), trainer=Trainer(model, TrainerConfig(lr=1e-4)),
                   weight_sync=WeightSync(model, engine), reference=Reference(model))
     ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=4), RolloutConfig(prompts_per_step=3, k=4),
                      rows=[{"prompt": p, "answer": "0"} for p in prompts],

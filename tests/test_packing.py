@@ -6,10 +6,11 @@ import torch
 from rlpost import Batch, get_algorithm
 from rlpost.algorithms import available
 from rlpost.critic import Critic
-from rlpost.config import ModelConfig
+from rlpost.config import ModelConfig, TrainerConfig
 from rlpost.models import HFCausalLM, check_packing, load_model, token_logprobs, transformer_blocks
 from rlpost.packing import micro_batches, pack
 from rlpost.reference import Reference
+from rlpost.rollout import SamplingParams
 from rlpost.trainer import Trainer
 
 ALL = sorted(available())
@@ -144,7 +145,7 @@ def test_a_model_that_mixes_packed_sequences_is_refused_naming_the_key(model, mo
     with pytest.raises(ValueError, match="trainer.packing"):
         check_packing(model)
     with pytest.raises(ValueError, match="trainer.packing"):
-        Trainer(model, lr=1e-3, packing=True)
+        Trainer(model, TrainerConfig(lr=1e-3, packing=True))
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])  # flex_attention: no backward on CPU in torch 2.13
@@ -168,10 +169,11 @@ def test_hf_attention_implementations_read_packed_position_ids(impl):
 
 def _step(model, algo, batch, **trainer_kw):
     """One trainer step's summed loss and its gradients (captured instead of applied), and the batch's values."""
-    critic = Critic.build(model, "head", **trainer_kw) if algo.uses_critic else None
+    critic = Critic.build(model, "head", TrainerConfig(**trainer_kw)) if algo.uses_critic else None
     if critic is not None:
         torch.nn.init.normal_(critic.head.weight, std=0.1, generator=torch.Generator().manual_seed(3))
-    trainer = Trainer(model, lr=1e-3, grad_clip=0.0, critic=critic, temperature=0.9, **trainer_kw)
+    trainer = Trainer(model, TrainerConfig(lr=1e-3, grad_clip=0.0, **trainer_kw), SamplingParams(temperature=0.9),
+                      critic=critic)
     grads = {}
     trainer.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters()
                                                    if p.grad is not None})
@@ -206,9 +208,9 @@ def test_every_algorithm_packed_loss_and_gradients_equal_the_padded_path(name, m
 def test_packed_roles_name_the_device_of_what_they_create(name):
     model = _gpt_mini()
     algo = get_algorithm(name, beta=0.05)
-    kw = dict(packing=True, micro_batch_tokens=30)
-    reference, critic = Reference(model, **kw), Critic.build(model, "separate", **kw) if algo.uses_critic else None
-    trainer = Trainer(model, lr=1e-3, critic=critic, epochs=2, minibatches=2, **kw)
+    cfg = TrainerConfig(lr=1e-3, epochs=2, minibatches=2, packing=True, micro_batch_tokens=30)
+    reference, critic = Reference(model, cfg), Critic.build(model, "separate", cfg) if algo.uses_critic else None
+    trainer = Trainer(model, cfg, critic=critic)
     batch = grouped_batch(16)
     with torch.device("meta"):  # any tensor made without device= lands on "meta" and fails against the CPU
         batch = reference(batch)
@@ -223,10 +225,10 @@ def test_packed_roles_name_the_device_of_what_they_create(name):
 def test_reference_scores_packed_micro_batches_as_the_whole_padded_batch(model):
     batch = grouped_batch(_vocab(model))
     B, T = batch.input_ids.shape
-    whole = Reference(model, temperature=0.8)(batch).ref_logp
+    whole = Reference(model, None, SamplingParams(temperature=0.8))(batch).ref_logp
     for kw, most in ((dict(micro_batch_size=5), 5 * T), (dict(micro_batch_tokens=40), 40),
                      (dict(packing=True, micro_batch_tokens=30), 30), (dict(packing=True, micro_batch_size=4), 4 * T)):
-        ref = Reference(model, temperature=0.8, **kw)
+        ref = Reference(model, TrainerConfig(**kw), SamplingParams(temperature=0.8))
         seen = []
         hook = transformer_blocks(ref.model)[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
         try:

@@ -9,7 +9,7 @@ from test_devices import scored_batch
 from test_shared_prompt import layout_batch
 
 from rlpost import get_algorithm
-from rlpost.config import ModelConfig
+from rlpost.config import ModelConfig, TrainerConfig
 from rlpost.critic import Critic
 from rlpost.models import autocast, load_model, set_gradient_checkpointing, token_logprobs
 from rlpost.reference import Reference
@@ -46,7 +46,7 @@ def test_bf16_logprobs_are_fp32_and_close_to_fp32(tiny_llama_dir, kind):
         with autocast("cpu", "bf16"):
             bf16 = token_logprobs(model, batch)
             assert model(batch.input_ids).dtype == torch.bfloat16  # autocast is really on for the forward
-        ref = Reference(model, precision="bf16")(batch).ref_logp
+        ref = Reference(model, TrainerConfig(precision="bf16"))(batch).ref_logp
     assert bf16.dtype == ref.dtype == torch.float32
     diff = (bf16 - fp32)[mask].abs()
     assert 0 < diff.max() < BF16_MAX and diff.mean() < BF16_MEAN, (diff.max(), diff.mean())
@@ -57,7 +57,7 @@ def test_bf16_logprobs_are_fp32_and_close_to_fp32(tiny_llama_dir, kind):
 def test_bf16_trainer_step_keeps_fp32_weights_and_loss(tiny_llama_dir, kind):
     model, tok = models(tiny_llama_dir)[kind]
     algo = get_algorithm("grpo", beta=0.04)
-    batch = algo.compute_advantages(Reference(model, precision="bf16")(scored_batch(model, tok)))
+    batch = algo.compute_advantages(Reference(model, TrainerConfig(precision="bf16"))(scored_batch(model, tok)))
     seen = {}
 
     def loss_fn(logp, mb):
@@ -69,7 +69,7 @@ def test_bf16_trainer_step_keeps_fp32_weights_and_loss(tiny_llama_dir, kind):
     linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
     linear.register_forward_hook(lambda m, i, o: matmul.setdefault("dtype", o.dtype) and None)
     before = copy.deepcopy(model.state_dict())
-    trainer = Trainer(model, lr=1e-3, precision="bf16")
+    trainer = Trainer(model, TrainerConfig(lr=1e-3, precision="bf16"))
     metrics = trainer.step(batch, loss_fn)
     assert matmul["dtype"] == torch.bfloat16                                  # the forward ran in bf16
     assert seen == {"logp": torch.float32, "loss": torch.float32, "entropy": torch.float32}
@@ -86,7 +86,8 @@ def test_bf16_critic_values_are_fp32_and_close(tiny_gpt, kind):
     batch = scored_batch(model, tok)
     critic = Critic.build(model, kind)
     torch.nn.init.normal_(critic.head.weight)
-    bf16 = Critic(critic._trunk[0] if critic.shared else critic.trunk, model.hidden_size, critic.shared, "bf16")
+    bf16 = Critic(critic._trunk[0] if critic.shared else critic.trunk, model.hidden_size, critic.shared,
+                  TrainerConfig(precision="bf16"))
     bf16.head.load_state_dict(critic.head.state_dict())
     with torch.no_grad():
         v32, v16 = critic(batch), bf16(batch)
@@ -102,15 +103,16 @@ def test_pure_bf16_parameters_still_take_a_trainer_step():
     algo = get_algorithm("grpo", beta=0.04)
     batch = algo.compute_advantages(Reference(model)(scored_batch(model, tok)))
     assert batch.ref_logp.dtype == torch.float32
-    metrics = Trainer(model, lr=1e-2).step(batch, algo.compute_loss)
+    metrics = Trainer(model, TrainerConfig(lr=1e-2)).step(batch, algo.compute_loss)
     assert metrics["train/skipped_nonfinite"] == 0.0 and metrics["train/grad_norm"] > 0
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_unknown_precision_is_named(tiny_gpt):
     model, _ = tiny_gpt
-    for make in (lambda: Trainer(model, lr=1e-3, precision="fp16"), lambda: Reference(model, precision="fp16"),
-                 lambda: Critic.build(model, "head", precision="fp16")):
+    for make in (lambda: Trainer(model, TrainerConfig(lr=1e-3, precision="fp16")),
+                 lambda: Reference(model, TrainerConfig(precision="fp16")),
+                 lambda: Critic.build(model, "head", TrainerConfig(precision="fp16"))):
         with pytest.raises(ValueError, match=r"trainer.precision is 'fp16'; valid values: fp32, bf16"):
             make()
 
@@ -149,7 +151,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir, kind):
 def test_trainer_turns_checkpointing_on_for_policy_and_critic_not_reference(tiny_gpt):
     model, tok = tiny_gpt
     critic = Critic.build(model, "separate")
-    Trainer(model, lr=1e-3, critic=critic, gradient_checkpointing=True)
+    Trainer(model, TrainerConfig(lr=1e-3, gradient_checkpointing=True), critic=critic)
     assert model.gradient_checkpointing and critic.trunk.gradient_checkpointing
     model.train()
     assert not model.can_share_prompt                                  # it would append to its cache twice
@@ -158,7 +160,7 @@ def test_trainer_turns_checkpointing_on_for_policy_and_critic_not_reference(tiny
     ref = Reference(model)
     assert not ref.model.gradient_checkpointing and ref.model.can_share_prompt
     batch = scored_batch(model, tok)
-    metrics = Trainer(model, lr=1e-3, gradient_checkpointing=True).step(batch, nll_loss)
+    metrics = Trainer(model, TrainerConfig(lr=1e-3, gradient_checkpointing=True)).step(batch, nll_loss)
     assert metrics["train/skipped_nonfinite"] == 0.0
 
 
@@ -169,12 +171,13 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_per_role(tiny_gpt, monkeyp
 
     model, _ = tiny_gpt
     monkeypatch.setattr(rlpost.models, "cpu_has_fast_bf16", lambda: False)
-    for make in (lambda: Trainer(model, lr=1e-3, precision="bf16"), lambda: Reference(model, precision="bf16"),
-                 lambda: Critic.build(model, "head", precision="bf16")):
+    for make in (lambda: Trainer(model, TrainerConfig(lr=1e-3, precision="bf16")),
+                 lambda: Reference(model, TrainerConfig(precision="bf16")),
+                 lambda: Critic.build(model, "head", TrainerConfig(precision="bf16"))):
         with pytest.warns(UserWarning, match=r"trainer.precision=bf16 on a CPU without native bf16 matmul.*fp32"):
             make()
     monkeypatch.setattr(rlpost.models, "cpu_has_fast_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Trainer(model, lr=1e-3, precision="bf16")
-        Trainer(model, lr=1e-3, precision="fp32")
+        Trainer(model, TrainerConfig(lr=1e-3, precision="bf16"))
+        Trainer(model, TrainerConfig(lr=1e-3, precision="fp32"))

@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 
+from rlpost.config import PreferenceConfig
 from rlpost.preference import SeqLogps, available, get_preference_loss, sequence_logps
 from rlpost.preference.data import (PreferenceDataError, load_preferences, pairs_from_samples,
                                     read_preference_rows, tokenize_preferences)
-from rlpost.preference.trainer import cache_reference, make_loss_fn, train_preference
+from rlpost.preference.fit import cache_reference, make_loss_fn, train_preference
 
 
 def softplus(x):  # -log sigma(x) = log(1 + e^-x)
@@ -319,7 +320,8 @@ def test_reference_logps_are_computed_once_and_cached(tiny_gpt):
     initial = copy.deepcopy(model)
     calls = {"n": 0}
     hook = model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-    train_preference(model, tok, data, get_preference_loss("dpo"), epochs=2, batch_size=10, lr=1e-3, log_every=100)
+    train_preference(model, tok, data, get_preference_loss("dpo"), PreferenceConfig(epochs=2, batch_size=10, lr=1e-3,
+                                                                                    warmup_steps=0), log_every=100)
     hook.remove()
     # one reference pass over the 40 sequences (one chunk of 64), then one pass per step (2 x 2 epochs);
     # each pass is two forwards, since a pair's two rows share their prompt (token_logprobs' shared path)
@@ -331,7 +333,8 @@ def test_reference_logps_are_computed_once_and_cached(tiny_gpt):
     # a second run on the same data reuses the cache: no reference pass
     calls["n"] = 0
     hook = model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-    train_preference(model, tok, data, get_preference_loss("dpo"), epochs=1, batch_size=20, lr=1e-3)
+    train_preference(model, tok, data, get_preference_loss("dpo"),
+                     PreferenceConfig(epochs=1, batch_size=20, lr=1e-3, warmup_steps=0))
     hook.remove()
     assert calls["n"] == 2  # the one training pass (two forwards)
 
@@ -357,9 +360,10 @@ def test_every_loss_trains_toward_the_chosen_completions(tiny_gpt, name):
     model, tok = tiny_gpt
     data = tokenize_preferences(read_preference_rows(arithmetic_pairs(16)), tok, max_length=24)
     logged = []
-    m = train_preference(model, tok, data, get_preference_loss(name), epochs=6, batch_size=16, lr=3e-3,
-                         log=logged.append, eval_data=tokenize_preferences(read_preference_rows(arithmetic_pairs(8)),
-                                                                           tok, max_length=24))
+    eval_data = tokenize_preferences(read_preference_rows(arithmetic_pairs(8)), tok, max_length=24)
+    m = train_preference(model, tok, data, get_preference_loss(name),
+                         PreferenceConfig(epochs=6, batch_size=16, lr=3e-3, warmup_steps=0), log=logged.append,
+                         eval_data=eval_data)
     steps = [r for r in logged if r["stage"] == "preference" and "train/loss" in r]
     assert len(steps) == (12 if name == "kto" else 6)  # KTO: 32 unpaired rows (each pair gives two)
     for key in ("train/loss", "pref/reward_margin", "pref/logp_chosen", "pref/logp_rejected", "train/grad_norm"):
@@ -377,7 +381,7 @@ def test_paired_losses_refuse_unpaired_data(tiny_gpt):
     data = tokenize_preferences(read_preference_rows([{"prompt": "1+2=", "completion": "3", "label": True}]), tok,
                                 max_length=24)
     with pytest.raises(PreferenceDataError, match="needs paired rows.*use the 'kto' loss"):
-        train_preference(model, tok, data, get_preference_loss("dpo"))
+        train_preference(model, tok, data, get_preference_loss("dpo"), PreferenceConfig())
 
 
 def test_pairs_from_samples_put_a_right_sample_over_a_wrong_one(tiny_gpt):
@@ -458,3 +462,24 @@ def test_default_sft_dpo_rl_recipe_dpo_beats_sft(tmp_path):
     summary = train(cfg, "sft_dpo_rl")
     assert summary["pass@1_dpo"] > summary["pass@1_sft"] + 0.05
     assert summary["pass@1_rl"] > summary["pass@1_sft"] + 0.15
+
+
+def test_the_preference_loop_trains_with_its_section_and_the_trainer_sections_optimizer():
+    """train_preference's Trainer: lr, constant schedule after warm-up and micro-batches (of examples: a pair is
+    two rows) from `preference.*`; AdamW's other settings, the non-finite guard, precision and gradient
+    checkpointing from `trainer.*`; RL's epochs, minibatches, packing, log-prob chunk and strategy not at all."""
+    from rlpost.config import TrainerConfig
+    from rlpost.preference.fit import trainer_config
+
+    pc = PreferenceConfig(lr=1e-3, warmup_steps=5, micro_batch_size=4)
+    tc = TrainerConfig(lr=9.0, weight_decay=0.2, grad_clip=0.3, adam_beta1=0.8, adam_beta2=0.98, max_nonfinite_steps=5,
+                       precision="bf16", gradient_checkpointing=True, micro_batch_size=99, epochs=3, minibatches=2,
+                       packing=True, logprob_chunk=7, strategy="fsdp2", lr_schedule="cosine", min_lr_ratio=0.5)
+    got = trainer_config(pc, tc, rows_per_example=2)
+    assert (got.lr, got.warmup_steps, got.lr_schedule, got.micro_batch_size) == (1e-3, 5, "constant", 8)
+    assert trainer_config(pc, tc, rows_per_example=1).micro_batch_size == 4  # unpaired rows (KTO)
+    shared = ("weight_decay", "grad_clip", "adam_beta1", "adam_beta2", "max_nonfinite_steps", "precision",
+              "gradient_checkpointing")
+    assert all(getattr(got, k) == getattr(tc, k) for k in shared)
+    rl_only = ("epochs", "minibatches", "packing", "logprob_chunk", "strategy", "micro_batch_tokens")
+    assert all(getattr(got, k) == getattr(TrainerConfig(), k) for k in rl_only)

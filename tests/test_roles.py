@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from rlpost.config import TrainerConfig
 from rlpost.reference import Reference
 from rlpost.reward import Reward, RewardError, load_reward_fn
 from rlpost.rollout import SamplingParams
@@ -89,7 +90,7 @@ def test_reference_is_frozen_while_the_policy_trains(tiny_gpt):
     assert all(not p.requires_grad for p in ref.model.parameters())
     batch = rollout(model, tok)
     before = ref(batch).ref_logp
-    trainer = Trainer(model, lr=1e-2)
+    trainer = Trainer(model, TrainerConfig(lr=1e-2))
     for _ in range(3):
         trainer.step(batch, nll_loss)
     after = ref(batch).ref_logp
@@ -102,14 +103,15 @@ def test_reference_is_frozen_while_the_policy_trains(tiny_gpt):
 def test_trainer_takes_any_loss_callable_and_changes_weights(tiny_gpt):
     model, tok = tiny_gpt
     before = [p.detach().clone() for p in model.parameters()]
-    metrics = Trainer(model, lr=1e-2).step(rollout(model, tok), lambda logp, b: (-logp.sum(), {"x": 2.0}))
+    trainer = Trainer(model, TrainerConfig(lr=1e-2))
+    metrics = trainer.step(rollout(model, tok), lambda logp, b: (-logp.sum(), {"x": 2.0}))
     assert metrics["x"] == 2.0 and metrics["train/skipped_nonfinite"] == 0.0
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_trainer_reports_engine_trainer_mismatch_near_zero(tiny_gpt):
     model, tok = tiny_gpt
-    metrics = Trainer(model, lr=0.0).step(rollout(model, tok), nll_loss)
+    metrics = Trainer(model, TrainerConfig(lr=0.0)).step(rollout(model, tok), nll_loss)
     assert metrics["rollout/logp_mismatch_max"] < 1e-5
 
 
@@ -122,7 +124,7 @@ def test_micro_batching_equals_one_large_batch(tiny_gpt):
         grads = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
         for n, p in m.named_parameters():
             p.register_hook(lambda g, n=n: grads[n].add_(g))
-        Trainer(m, lr=0.0, grad_clip=0.0, micro_batch_size=micro_batch_size).step(batch, nll_loss)
+        Trainer(m, TrainerConfig(lr=0.0, grad_clip=0.0, micro_batch_size=micro_batch_size)).step(batch, nll_loss)
         return torch.cat([g.flatten() for g in grads.values()])
 
     full, accumulated = gradient(None), gradient(2)
@@ -132,7 +134,7 @@ def test_micro_batching_equals_one_large_batch(tiny_gpt):
 def test_non_finite_loss_skips_the_update_then_stops(tiny_gpt):
     model, tok = tiny_gpt
     batch = rollout(model, tok)
-    trainer = Trainer(model, lr=1e-2, max_nonfinite_steps=2)
+    trainer = Trainer(model, TrainerConfig(lr=1e-2, max_nonfinite_steps=2))
     before = [p.detach().clone() for p in model.parameters()]
     nan_loss = lambda logp, b: ((logp * b.response_mask).sum() * float("nan"), {})  # noqa: E731
     metrics = trainer.step(batch, nan_loss)
@@ -168,3 +170,47 @@ def test_weight_sync_delivers_fresh_weights_and_versions(tiny_gpt, mode):
     batch = engine.generate(prompt, 2, params)
     assert torch.equal(batch.input_ids, fresh.input_ids) and torch.allclose(batch.old_logp, fresh.old_logp)
     assert batch.policy_version.tolist() == [1, 1]
+
+
+# ---------------------------------------------------------------------------- greedy rollouts
+
+@pytest.mark.parametrize("name, options", [("grpo", {"beta": 0.1}), ("ppo", {"beta": 0.1}),
+                                           ("grpo", {"rollout_correction": "tis"})])
+def test_greedy_rollouts_score_finite_through_every_scorer(tiny_gpt, name, options):
+    """rollout.temperature=0: the engine reports old_logp under the untempered policy, and every scorer handed
+    the same SamplingParams (the reference, the trainer's loss and its proximal log-probs, a distillation
+    teacher) scores at that temperature: finite log-probs, KL and loss, and the trainer sees what the engine
+    reported. Scoring at the sampling temperature itself (logits / 0) made every one of them NaN."""
+    from rlpost import get_algorithm
+    from rlpost.critic import Critic
+    from rlpost.distill import TeacherReward
+
+    model, tok = tiny_gpt
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    prompts = ["12+34=", "50+50=", "7+8="]
+    batch = NativeEngine(model, tok).generate([tok.encode_prompt(p) for p in prompts], 2, params, seed=0)
+    assert torch.equal(batch.input_ids[0], batch.input_ids[1])  # greedy: a prompt's samples are the same
+    batch = batch.replace(rewards=torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]))
+    cfg, algo = TrainerConfig(lr=1e-2), get_algorithm(name, **options)
+    critic = Critic.build(model, "separate", cfg) if algo.uses_critic else None
+    reference = Reference(model, cfg, params) if algo.uses_reference else None
+    trainer = Trainer(model, cfg, params, critic=critic)
+    teacher = TeacherReward(copy.deepcopy(model), tok, params=params)
+    _, distill = teacher(batch.replace(meta={**batch.meta, "row": [{}] * len(batch)}))
+    assert distill["distill/reverse_kl"] == pytest.approx(0.0, abs=1e-5)  # the same policy, scored alike
+    if reference is not None:
+        batch = reference(batch)
+        assert torch.isfinite(batch.ref_logp).all()
+    if critic is not None:
+        with torch.no_grad():
+            batch = batch.replace(values=critic(batch))
+    if algo.needs_proximal_logp:
+        batch = batch.replace(rollout_logp=batch.old_logp, old_logp=trainer.logprobs(batch))
+        assert torch.isfinite(batch.old_logp).all()
+        assert (batch.old_logp - batch.rollout_logp).abs().max() < 1e-4
+    metrics = trainer.step(algo.compute_advantages(batch), algo.compute_loss)
+    assert metrics["train/skipped_nonfinite"] == 0.0
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["train/grad_norm"] > 0 and metrics["rollout/logp_mismatch_max"] < 1e-4
+    if reference is not None:
+        assert metrics["loss/kl_ref"] == pytest.approx(0.0, abs=1e-5)  # the first step: policy == reference

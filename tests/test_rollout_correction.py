@@ -11,7 +11,7 @@ import torch
 from rlpost import Batch, get_algorithm
 from rlpost.algorithms import available
 from rlpost.algorithms.correction import HIST_EDGES, correction_metrics, correction_weights
-from rlpost.config import RLConfig, RolloutConfig, load_config
+from rlpost.config import RLConfig, RolloutConfig, TrainerConfig, load_config
 from rlpost.controller import Controller, Roles
 from rlpost.models import token_logprobs
 from rlpost.reward import Reward
@@ -156,7 +156,7 @@ def test_trainer_logprobs_equal_the_training_forward(tiny_gpt):
     model, tok = tiny_gpt
     batch = NativeEngine(model, tok).generate([tok.encode_prompt(p) for p in ("12+3=", "4+56=", "7+8=")], 3,
                                               SamplingParams(max_new_tokens=5), seed=1)
-    trainer = Trainer(model, lr=0.0, micro_batch_size=4)  # 9 rows: micro-batches of 4, 4, 1
+    trainer = Trainer(model, TrainerConfig(lr=0.0, micro_batch_size=4))  # 9 rows: micro-batches of 4, 4, 1
     model.train()
     prox = trainer.logprobs(batch)
     assert model.training and not prox.requires_grad and prox.shape == batch.input_ids.shape
@@ -178,7 +178,7 @@ def test_a_controller_step_with_tis_hands_the_loss_both_log_probs(tiny_gpt):
     model, tok = tiny_gpt
     rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in range(10, 14) for b in range(2)]
     engine = NativeEngine(model, tok)
-    trainer = SpyTrainer(model, lr=1e-3, micro_batch_size=5)
+    trainer = SpyTrainer(model, TrainerConfig(lr=1e-3, micro_batch_size=5))
     algo = get_algorithm("grpo", beta=0.0, rollout_correction="tis", rollout_correction_cap=2.0)
     roles = Roles(engine=engine, reward=Reward(lambda completion, row: float(len(completion) % 2), tok),
                   algorithm=algo, trainer=trainer, weight_sync=WeightSync(model, engine))

@@ -9,6 +9,7 @@ import torch
 from test_devices import scored_batch
 
 from rlpost import get_algorithm
+from rlpost.config import TrainerConfig
 from rlpost.critic import Critic
 from rlpost.reference import Reference
 from rlpost.schedule import LRSchedule
@@ -56,7 +57,8 @@ def test_trainer_applies_the_schedule_to_every_param_group_at_each_optimizer_ste
     model, tok = tiny_gpt
     critic = Critic.build(model, "head")
     schedule = LRSchedule("linear", warmup_steps=1, total_steps=5)
-    trainer = Trainer(model, lr=1e-2, critic=critic, critic_lr=1e-1, schedule=schedule, minibatches=2)
+    trainer = Trainer(model, TrainerConfig(lr=1e-2, lr_schedule="linear", warmup_steps=1, minibatches=2),
+                      critic=critic, critic_lr=1e-1, total_steps=5)
     algo = get_algorithm("ppo")
     batch = Reference(model)(scored_batch(model, tok))
     with torch.no_grad():
@@ -73,7 +75,7 @@ def test_trainer_applies_the_schedule_to_every_param_group_at_each_optimizer_ste
 
 def test_set_lr_sets_the_base_that_the_schedule_scales(tiny_gpt):
     model, tok = tiny_gpt
-    trainer = Trainer(model, lr=1.0, schedule=LRSchedule("constant", warmup_steps=4))
+    trainer = Trainer(model, TrainerConfig(lr=1.0, warmup_steps=4))
     trainer.set_lr(0.4)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # 0.4 x warm-up 1/4
     assert trainer.step(scored_batch(model, tok), nll_loss)["train/lr"] == pytest.approx(0.1)
@@ -100,8 +102,8 @@ def build(model, algo, critic_from=None):
     critic = Critic.build(model, "separate") if algo.uses_critic else None
     if critic is not None and critic_from is not None:
         critic.load_state_dict(critic_from)
-    trainer = Trainer(model, lr=1e-2, critic=critic, epochs=2, minibatches=2, seed=3,
-                      schedule=LRSchedule("cosine", warmup_steps=2, total_steps=12, min_lr_ratio=0.1))
+    cfg = TrainerConfig(lr=1e-2, epochs=2, minibatches=2, lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    trainer = Trainer(model, cfg, critic=critic, seed=3, total_steps=12)
     return trainer, critic
 
 
@@ -158,9 +160,49 @@ def test_critic_state_dict_holds_its_own_weights_only(tiny_gpt):
 
 def test_a_state_that_does_not_fit_is_named(tiny_gpt):
     model, _ = tiny_gpt
-    with_critic = Trainer(model, lr=1e-3, critic=Critic.build(model, "separate")).state_dict()
+    with_critic = Trainer(model, TrainerConfig(lr=1e-3), critic=Critic.build(model, "separate")).state_dict()
     with pytest.raises(ValueError, match="does not fit this model and critic"):
-        Trainer(model, lr=1e-3).load_state_dict(with_critic)
+        Trainer(model, TrainerConfig(lr=1e-3)).load_state_dict(with_critic)
     with pytest.raises(ValueError, match="trainer state lacks generator, steps"):
-        Trainer(model, lr=1e-3).load_state_dict({k: v for k, v in with_critic.items()
+        Trainer(model, TrainerConfig(lr=1e-3)).load_state_dict({k: v for k, v in with_critic.items()
                                                  if k not in ("steps", "generator")})
+
+
+# ---------------------------------------------------------------------------- SFT's optimizer
+
+
+def supervised_stage(section: str, overrides: list[str]):
+    from rlpost.config import load_config
+    from rlpost.stages.rejection import RejectionStage
+    from rlpost.stages.sft import SFTStage
+
+    cfg = load_config(None, overrides)
+    if section == "sft":
+        return SFTStage(cfg.sft, cfg.trainer)
+    return RejectionStage(cfg.rejection, cfg.rollout, cfg.trainer, cfg.eval)
+
+
+@pytest.mark.parametrize("section", ["sft", "rejection"])
+def test_supervised_stages_take_their_optimizer_from_their_own_section(tiny_gpt, section):
+    """SFT's AdamW and schedule were literals in SupervisedStage.build_trainer; they are `sft.*` (and, for
+    rejection-sampling SFT, `rejection.*`) keys whose defaults are those literals, and RL's `trainer.*`
+    optimizer keys do not leak into them."""
+    from types import SimpleNamespace
+
+    model, _ = tiny_gpt
+    ctx = SimpleNamespace(model=model)
+    stage = supervised_stage(section, [f"{section}.steps=40", "trainer.weight_decay=0.3", "trainer.grad_clip=7"])
+    stage.build_trainer(ctx, seed=0)
+    group, trainer = stage.trainer.optimizer.param_groups[0], stage.trainer
+    assert (group["betas"], group["weight_decay"], trainer.grad_clip) == ((0.9, 0.95), 0.1, 1.0)
+    assert trainer.schedule.state_dict() == {"kind": "cosine", "warmup_steps": stage.cfg.warmup_steps,
+                                             "total_steps": 40, "min_lr_ratio": 0.1}
+    stage = supervised_stage(section, [f"{section}.steps=40", f"{section}.lr=0.01", f"{section}.weight_decay=0.05",
+                                       f"{section}.adam_beta1=0.8", f"{section}.adam_beta2=0.99",
+                                       f"{section}.grad_clip=0.5", f"{section}.min_lr_ratio=0.2",
+                                       f"{section}.warmup_steps=0"])
+    stage.build_trainer(ctx, seed=0)
+    group, trainer = stage.trainer.optimizer.param_groups[0], stage.trainer
+    assert (group["betas"], group["weight_decay"], trainer.grad_clip, trainer.base_lrs) == ((0.8, 0.99), 0.05, 0.5,
+                                                                                            [0.01])
+    assert trainer.schedule.min_lr_ratio == 0.2 and trainer.schedule.factor(40) == pytest.approx(0.2)  # the floor

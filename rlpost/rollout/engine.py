@@ -43,6 +43,7 @@ full set or every adapter tensor.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -73,10 +74,16 @@ class SamplingParams:
 
 
 def logp_temperature(temperature: float) -> float:
-    """The temperature an engine sampling at `temperature` reports old_logp at, and so the one the trainer,
-    the reference and a distillation teacher score at: the same, except greedy decoding (0), whose tokens have
-    no tempered distribution (logits / 0), which reports the untempered policy's (1)."""
-    return temperature if temperature > 0 else 1.0
+    """The temperature an engine sampling at `temperature` reports old_logp at, and so the one every scorer
+    (the trainer, the reference, a distillation teacher) scores at: the same, except greedy decoding (0), whose
+    tokens have no tempered distribution (logits / 0), which reports the untempered policy's (1). A negative or
+    non-finite temperature has no such distribution either: a ValueError."""
+    if temperature == 0:
+        return 1.0
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"sampling temperature {temperature!r}: log-probs are scored at SamplingParams."
+                         "logp_temperature, which needs a finite temperature > 0 (or 0: greedy, scored at 1)")
+    return temperature
 
 
 @runtime_checkable

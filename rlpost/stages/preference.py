@@ -17,7 +17,7 @@ from tqdm import tqdm
 from rlpost.preference import get_preference_loss
 from rlpost.preference.data import (PreferenceDataError, load_preferences, model_context, pairs_from_samples,
                                     tokenize_preferences, write_preference_rows)
-from rlpost.preference.trainer import train_preference
+from rlpost.preference.fit import train_preference
 from rlpost.rollout import SamplingParams
 from rlpost.run import RunContext, Stage
 
@@ -28,8 +28,9 @@ def system_prompt(ctx: RunContext) -> str | None:
 
 
 class PreferenceStage(Stage):
-    """`preference.*`; sampling from `rollout.*` for self-made pairs; clipping and the non-finite guard from
-    `trainer.*`; generation batch size from `eval.batch_prompts`."""
+    """`preference.*`; sampling from `rollout.*` for self-made pairs; AdamW's weight decay and betas, clipping,
+    the non-finite guard, precision and gradient checkpointing from `trainer.*` (rlpost.preference.fit.
+    trainer_config); generation batch size from `eval.batch_prompts`."""
 
     name = "preference"
     changes_weights = True
@@ -72,7 +73,7 @@ class PreferenceStage(Stage):
                                     system_prompt=system_prompt(ctx)), path
 
     def run(self, ctx: RunContext) -> None:
-        pc, tc = self.cfg, self.trainer_cfg
+        pc = self.cfg
         loss = get_preference_loss(**pc.loss)
         max_length = pc.max_length or model_context(ctx.model)
         data, source = self.data(ctx, max_length)
@@ -87,12 +88,8 @@ class PreferenceStage(Stage):
                             f"{key}_examples": len(data), f"{key}_skipped_rows": len(data.skipped)})
         self.log(ctx, {"stage": "preference_data", "step": 0, "data/examples": len(data),
                        "data/skipped_rows": len(data.skipped)})
-        metrics = train_preference(
-            ctx.model, ctx.tokenizer, data, loss, epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
-            warmup_steps=pc.warmup_steps, micro_batch_size=pc.micro_batch_size, weight_decay=tc.weight_decay,
-            grad_clip=tc.grad_clip, max_nonfinite_steps=tc.max_nonfinite_steps, seed=self.seed(ctx),
-            log=lambda record: self.log(ctx, record),
-            eval_data=eval_data, precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
-            stop=ctx.check_stop)
+        metrics = train_preference(ctx.model, ctx.tokenizer, data, loss, pc, self.trainer_cfg, seed=self.seed(ctx),
+                                   log=lambda record: self.log(ctx, record), eval_data=eval_data,
+                                   stop=ctx.check_stop)
         ctx.summary.update({k if self.repeat == 1 else f"{key}/{k}": v for k, v in metrics.items()
                             if k.startswith("eval/")})

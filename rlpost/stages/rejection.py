@@ -61,7 +61,8 @@ def response_region(batch, i: int) -> tuple[list[int], list[int]]:
 
 class RejectionStage(SupervisedStage):
     """`rejection.*`; sampling from `rollout.*` (temperature, max_new_tokens); generation batch size from
-    `eval.batch_prompts`; precision and gradient checkpointing from `trainer.*`."""
+    `eval.batch_prompts`; the fine-tuning's optimizer from `rejection.*` (lr, warmup_steps, min_lr_ratio,
+    weight_decay, adam_beta1, adam_beta2, grad_clip); precision and gradient checkpointing from `trainer.*`."""
 
     name = "rejection"
     resumable = False  # no mid-stage checkpoints: a resume runs the stage again from its start

@@ -44,7 +44,6 @@ from rlpost.reference import Reference
 from rlpost.reward import decode_responses
 from rlpost.rollout import SamplingParams
 from rlpost.run import ROLLOUTS_FILE, RunContext, Stage, count_lines
-from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
 
 _SHORT = {"rollout": "roll", "reward": "rew", "reference": "ref", "critic": "critic", "advantages": "adv",
@@ -167,27 +166,15 @@ class RLStage(Stage):
     def setup(self, ctx: RunContext) -> None:
         rc, tc, model = self.rollout_cfg, self.trainer_cfg, ctx.model
         self.algorithm = get_algorithm(**self.algorithm_cfg)
-        micro = dict(micro_batch_size=tc.micro_batch_size, micro_batch_tokens=tc.micro_batch_tokens,
-                     packing=tc.packing)
-        self.critic = (Critic.build(model, self.critic_cfg.type, precision=tc.precision, **micro)
-                       if self.algorithm.uses_critic else None)
+        self.critic = Critic.build(model, self.critic_cfg.type, tc) if self.algorithm.uses_critic else None
         params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                 top_p=rc.top_p, max_num_seqs=rc.max_num_seqs, stop=list(rc.stop))
-        # the reference and the trainer score at the temperature the engine reports old_logp at: the sampling
-        # temperature, or 1 for greedy rollouts (temperature 0), whose logits / 0 would make every log-prob NaN
-        scoring = params.logp_temperature
-        # the reference first: a whole frozen copy of the policy, taken before the trainer may shard it
-        self.reference = (Reference(model, scoring, tc.precision, logprob_chunk=tc.logprob_chunk, **micro)
-                          if self.algorithm.uses_reference else None)
-        schedule = LRSchedule(tc.lr_schedule, tc.warmup_steps, total_steps=self.cfg.steps * tc.epochs * tc.minibatches,
-                              min_lr_ratio=tc.min_lr_ratio)
-        self.trainer = Trainer(model, lr=tc.lr, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
-                               micro_batch_size=tc.micro_batch_size, max_nonfinite_steps=tc.max_nonfinite_steps,
-                               temperature=scoring, epochs=tc.epochs, minibatches=tc.minibatches,
-                               critic=self.critic, critic_lr=self.critic_cfg.lr, seed=self.seed(ctx),
-                               precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
-                               schedule=schedule, strategy=tc.strategy, logprob_chunk=tc.logprob_chunk,
-                               packing=tc.packing, micro_batch_tokens=tc.micro_batch_tokens)
+        # the reference and the trainer score at params.logp_temperature, the temperature the engine reports
+        # old_logp at (1 for greedy rollouts); the reference first: a whole frozen copy of the policy, taken
+        # before the trainer may shard it
+        self.reference = Reference(model, tc, params) if self.algorithm.uses_reference else None
+        self.trainer = Trainer(model, tc, params, critic=self.critic, critic_lr=self.critic_cfg.lr,
+                               seed=self.seed(ctx), total_steps=self.cfg.steps * tc.epochs * tc.minibatches)
         if tc.compile:  # after the reference (and a separate critic) copied the eager policy
             compile_model(model)
             if self.reference is not None and not self.reference.shares_policy:

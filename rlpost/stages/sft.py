@@ -2,7 +2,8 @@
 
 It reuses the algorithm-agnostic Trainer with a negative log-likelihood loss on completion tokens;
 the batch has the same layout as a rollout's (prompt left-padded, completion + eos right-padded).
-The learning rate warms up linearly for `warmup_steps`, then decays on a cosine to lr / 10.
+The learning rate warms up linearly for `warmup_steps`, then decays on a cosine to lr * `min_lr_ratio` (0.1);
+AdamW's betas, weight decay and gradient clip are the section's too (`sft.*`, `rejection.*`).
 `save_every` writes a resumable checkpoint (checkpoints/sft_step_<n>/) every that many steps; they
 are removed once the stage's own checkpoints/sft/ is written, which supersedes them.
 
@@ -18,10 +19,10 @@ import torch
 
 from rlpost.algorithms.base import token_mean
 from rlpost.batch import Batch
+from rlpost.config import TrainerConfig
 from rlpost.progress import progress
 from rlpost.rollout import assemble
 from rlpost.run import RunContext, Stage
-from rlpost.schedule import LRSchedule
 from rlpost.tasks import encode_demonstration
 from rlpost.trainer import Trainer
 
@@ -56,7 +57,8 @@ def sft_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
 class SupervisedStage(Stage):
     """Fine-tuning on (prompt, completion) token ids with the negative log-likelihood loss: the loop that SFT on
     demonstrations and rejection-sampling SFT on the policy's own verified samples share. `cfg` has `steps`,
-    `batch_size`, `lr`, `warmup_steps` and, for resumable mid-stage checkpoints, `save_every`. A subclass sets
+    `batch_size`, the optimizer's `lr`, `warmup_steps`, `min_lr_ratio`, `weight_decay`, `adam_beta1`, `adam_beta2`
+    and `grad_clip` and, for resumable mid-stage checkpoints, `save_every`. A subclass sets
     the examples with `set_examples` and calls `train`."""
 
     changes_weights = True
@@ -66,14 +68,20 @@ class SupervisedStage(Stage):
         self.cfg, self.trainer_cfg = cfg, trainer_cfg
         self.step = 0
 
+    def optimizer_config(self) -> TrainerConfig:
+        """The trainer's settings: AdamW (lr, betas, weight decay, gradient clip) and the schedule, linear warm-up
+        then cosine decay to lr * min_lr_ratio, from the stage's own section; precision, gradient checkpointing
+        and the log-prob head's chunk from `trainer.*`. The rest are the Trainer's plain defaults: whole-batch
+        steps, unpacked, unsharded (every rank runs the same SFT)."""
+        c, tc = self.cfg, self.trainer_cfg
+        return TrainerConfig(lr=c.lr, weight_decay=c.weight_decay, grad_clip=c.grad_clip, adam_beta1=c.adam_beta1,
+                             adam_beta2=c.adam_beta2, lr_schedule="cosine", warmup_steps=c.warmup_steps,
+                             min_lr_ratio=c.min_lr_ratio, precision=tc.precision,
+                             gradient_checkpointing=tc.gradient_checkpointing, logprob_chunk=tc.logprob_chunk)
+
     def build_trainer(self, ctx: RunContext, seed: int) -> None:
-        """AdamW on the policy, linear warm-up then cosine decay to lr / 10; `seed` draws the batches."""
-        tc = self.trainer_cfg
-        self.trainer = Trainer(ctx.model, lr=self.cfg.lr, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95),
-                               precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
-                               logprob_chunk=tc.logprob_chunk,
-                               schedule=LRSchedule("cosine", self.cfg.warmup_steps, total_steps=max(self.cfg.steps, 1),
-                                                   min_lr_ratio=0.1))
+        """AdamW on the policy as `optimizer_config` says; `seed` draws the batches."""
+        self.trainer = Trainer(ctx.model, self.optimizer_config(), total_steps=max(self.cfg.steps, 1))
         self.rng = random.Random(seed)
 
     def set_examples(self, prompts: list[list[int]], completions: list[list[int]],
@@ -120,8 +128,8 @@ class SupervisedStage(Stage):
 
 
 class SFTStage(SupervisedStage):
-    """`sft.*`: `steps` optimizer steps of `batch_size` demonstrations drawn with replacement; precision and
-    gradient checkpointing from `trainer.*`."""
+    """`sft.*`: `steps` optimizer steps of `batch_size` demonstrations drawn with replacement, the optimizer's
+    settings; precision, gradient checkpointing and the log-prob chunk from `trainer.*`."""
 
     name = "sft"
 

@@ -1,7 +1,8 @@
 """The offline preference loop: the DPO family on a fixed set of pairs (or unpaired rows).
 
     data = load_preferences("prefs.jsonl", tokenizer, max_length=1024)
-    metrics = train_preference(model, tokenizer, data, get_preference_loss("dpo", beta=0.1), epochs=1, ...)
+    metrics = train_preference(model, tokenizer, data, get_preference_loss("dpo", beta=0.1),
+                               PreferenceConfig(epochs=1, lr=1e-4), TrainerConfig(grad_clip=1.0), seed=0)
 
 1. REFERENCE, once: before the first update, the model's own log-probs of every completion are
    computed without grad and cached (`data.ref`); they *are* pi_ref, so no frozen copy of the model is
@@ -9,7 +10,10 @@
    With LoRA (model.lora) they are computed with the adapters off: the reference is the base model.
 2. TRAIN: `epochs` passes over the examples in a seeded shuffled order, `batch_size` examples per
    optimizer step, through the algorithm-agnostic `rlpost.trainer.Trainer` (micro-batching, gradient
-   clipping, the non-finite guard). A pair's two rows always share a micro-batch.
+   clipping, the non-finite guard). A pair's two rows always share a micro-batch. The settings are the
+   `preference.*` section's (epochs, batch_size, micro_batch_size, lr, warmup_steps) and, for what the
+   section does not set (weight decay, gradient clip, AdamW betas, the non-finite guard, precision,
+   gradient checkpointing), the `trainer.*` section's.
 3. METRICS per step: loss, implicit reward of chosen / rejected, margin, accuracy, and the chosen and
    rejected log-probs themselves (with their change from the reference), so likelihood displacement
    shows: the margin grows while log pi(chosen) falls.
@@ -28,12 +32,12 @@ import torch
 from tqdm import tqdm
 
 from rlpost import distributed as dist
+from rlpost.config import PreferenceConfig, TrainerConfig
 from rlpost.models import autocast, model_device, token_logprobs
 from rlpost.models.lora import adapters_disabled
 from rlpost.preference import PreferenceLoss, SeqLogps, sequence_logps
 from rlpost.preference.data import PreferenceData, PreferenceDataError
 from rlpost.progress import progress
-from rlpost.schedule import LRSchedule
 from rlpost.trainer import Trainer
 
 
@@ -137,15 +141,29 @@ def step_line(step: int, m: dict) -> str:
               f"rejected {m.get('pref/logp_rejected', float('nan')):.3f} | grad {m['train/grad_norm']:.3f}")
 
 
-def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLoss, *, epochs: int = 1,
-                     batch_size: int = 64, lr: float = 1e-4, warmup_steps: int = 0,
-                     micro_batch_size: int | None = None, weight_decay: float = 0.0, grad_clip: float = 1.0,
-                     max_nonfinite_steps: int = 3, seed: int = 0, log=None, log_every: int = 10,
-                     eval_data: PreferenceData | None = None, precision: str = "fp32",
-                     gradient_checkpointing: bool = False, stop=None) -> dict[str, float]:
-    """Train `model` in place on `data` with `loss`, linear warm-up then constant lr, on the model's device
-    under `precision` (the reference log-probs too). Returns the last step's metrics (+ eval metrics).
-    `stop()`, checked after every step, ends training early by raising what it raises."""
+def trainer_config(cfg: PreferenceConfig, trainer_cfg: TrainerConfig, rows_per_example: int) -> TrainerConfig:
+    """The Trainer's settings for the preference loop: lr and linear warm-up then constant from `cfg`, micro-batches
+    of `cfg.micro_batch_size` examples (`rows_per_example` rows each); AdamW's weight decay and betas, gradient
+    clip, the non-finite guard, precision and gradient checkpointing from `trainer_cfg`. The rest (RL's epochs,
+    minibatches, packing, log-prob chunk, strategy) stay at the Trainer's defaults."""
+    tc = trainer_cfg
+    return TrainerConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                         micro_batch_size=cfg.micro_batch_size and cfg.micro_batch_size * rows_per_example,
+                         weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, adam_beta1=tc.adam_beta1,
+                         adam_beta2=tc.adam_beta2, max_nonfinite_steps=tc.max_nonfinite_steps,
+                         precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing)
+
+
+def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLoss, cfg: PreferenceConfig,
+                     trainer_cfg: TrainerConfig | None = None, *, seed: int = 0, log=None, log_every: int = 10,
+                     eval_data: PreferenceData | None = None, stop=None) -> dict[str, float]:
+    """Train `model` in place on `data` with `loss` as `cfg` (the `preference.*` section: epochs, batch_size,
+    micro_batch_size, lr, warmup_steps) and `trainer_cfg` (the `trainer.*` section, None: its defaults) say
+    (`trainer_config`), on the model's device under the trainer's precision (the reference log-probs too).
+    Returns the last step's metrics (+ eval metrics). `stop()`, checked after every step, ends training early
+    by raising what it raises."""
+    trainer_cfg = trainer_cfg or TrainerConfig()
+    epochs, batch_size, precision = cfg.epochs, cfg.batch_size, trainer_cfg.precision
     if loss.paired and not data.paired:
         raise PreferenceDataError(f"preference loss '{loss.name}' needs paired rows (prompt, chosen, rejected); "
                                   f"this data is unpaired (prompt, completion, label): use the 'kto' loss")
@@ -161,10 +179,7 @@ def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLos
                     log({"stage": "preference", "step": 0, f"time/reference_{what}": secs,
                          "reference/sequences": len(d.completions)})
     rows_per_example = 2 if data.paired else 1
-    trainer = Trainer(model, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
-                      micro_batch_size=micro_batch_size and micro_batch_size * rows_per_example,
-                      max_nonfinite_steps=max_nonfinite_steps, seed=seed, precision=precision,
-                      gradient_checkpointing=gradient_checkpointing, schedule=LRSchedule("constant", warmup_steps))
+    trainer = Trainer(model, trainer_config(cfg, trainer_cfg, rows_per_example), seed=seed)
     rng = random.Random(seed)
     per_epoch = math.ceil(len(data) / batch_size)
     total = epochs * per_epoch
