@@ -117,7 +117,7 @@ class _PromptLengths:
         self.tokenizer, self.system_prompt, self.seen = tokenizer, system_prompt, {}
 
     def __call__(self, row: dict, where: str) -> int:
-        from rlpost.models import encode_prompt
+        from rlpost.models.prompt import encode_prompt
 
         prompt = row["prompt"]
         key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)  # messages: a list

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import WordLevel
 from torch.utils.checkpoint import checkpoint
 
 
@@ -332,11 +334,9 @@ class CharTokenizer:
 
     def save_pretrained(self, folder: str) -> None:
         """tokenizer.json (the `tokenizers` format) and tokenizer_config.json, as transformers reads them."""
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
         os.makedirs(folder, exist_ok=True)
         vocab = {**{t: i for i, t in enumerate(self.SPECIALS)}, **self.stoi}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token=None))  # an unknown character is an error, as in encode
+        tok = Tokenizer(WordLevel(vocab, unk_token=None))  # an unknown character is an error, as in encode
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
         tok.decoder = decoders.Fuse()                                                     # joined without spaces
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", self.BOS)])
