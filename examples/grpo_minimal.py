@@ -29,7 +29,7 @@ import torch
 
 from rlpost.algorithms import get_algorithm
 from rlpost.config import ModelConfig
-from rlpost.evaluate import pass_at_1
+from rlpost.heldout import pass_at_1
 from rlpost.models import build_gpt_mini, encode_prompt
 from rlpost.reference import Reference
 from rlpost.reward import Reward

@@ -489,8 +489,8 @@ def run_search_command(args) -> int:
 
 
 def run_eval_command(args) -> int:
-    """`rlpost eval`: print and write the metrics of `rlpost.evaluate.run_eval`."""
-    from rlpost.evaluate import run_eval
+    """`rlpost eval`: print and write the metrics of `rlpost.heldout.run_eval`."""
+    from rlpost.heldout import run_eval
 
     recipe, overrides = recipe_and_overrides(args)
     try:

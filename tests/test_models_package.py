@@ -1,0 +1,36 @@
+"""The layout of rlpost.models: the package's __init__ only re-exports its modules' API, and the modules of the
+package (and rlpost/heldout.py) import rlpost modules at their top, never inside a function."""
+
+import ast
+import inspect
+import pathlib
+
+import rlpost.models
+
+ROOT = pathlib.Path(rlpost.__file__).parent
+
+
+def test_the_package_init_only_re_exports():
+    tree = ast.parse((ROOT / "models" / "__init__.py").read_text())
+    body = tree.body[1:] if isinstance(tree.body[0], ast.Expr) else tree.body  # the docstring
+    defined = [node for node in body if not isinstance(node, ast.ImportFrom)
+               and not (isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["__all__"])]
+    assert not defined, f"rlpost/models/__init__.py defines code at lines {[n.lineno for n in defined]}"
+    for name in rlpost.models.__all__:
+        value = getattr(rlpost.models, name)
+        if inspect.isfunction(value) or inspect.isclass(value):
+            assert value.__module__.startswith("rlpost.models."), (name, value.__module__)
+
+
+def test_models_and_heldout_import_rlpost_at_the_top():
+    files = sorted((ROOT / "models").glob("*.py")) + [ROOT / "heldout.py"]
+    local = []
+    for path in files:
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rlpost") or \
+                        isinstance(node, ast.Import) and any(a.name.startswith("rlpost") for a in node.names):
+                    local.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
+    assert not local, f"function-local rlpost imports: {local}"
