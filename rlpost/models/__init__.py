@@ -10,7 +10,8 @@ This package's API, from its modules:
 
     gpt_mini.py   the native model and its character tokenizer
     hf.py         HFCausalLM and HFTokenizer, the adapters over `transformers`
-    prompt.py     encode_prompt
+    encoding.py   encode_prompt, encode_demonstration: a row's text as token ids
+    limits.py     a model's context against the data: check_lengths, block_size_for, model_context
     loading.py    load_model, build_gpt_mini, save_model, load_weights, rebuild
     precision.py  model.device, model.dtype, trainer.precision, rollout.dtype, autocast
     blocks.py     gradient checkpointing, torch.compile and the sharding unit of a policy's blocks
@@ -19,21 +20,23 @@ This package's API, from its modules:
 """
 
 from rlpost.models.blocks import compile_model, set_gradient_checkpointing, transformer_blocks
+from rlpost.models.encoding import encode_demonstration, encode_prompt
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
 from rlpost.models.hf import CHUNKED_HEADS, HFCausalLM, HFTokenizer, ModelLoadError
+from rlpost.models.limits import ContextLengthError, block_size_for, check_lengths, model_context
 from rlpost.models.loading import UNSIZED_BLOCK_SIZE, build_gpt_mini, load_model, load_weights, rebuild, save_model
 from rlpost.models.logprobs import (LogprobHead, check_packing, chunked_head, chunked_logprobs, position_ids_for,
                                     shared_prompt, token_logprobs, trunk_hidden_states)
 from rlpost.models.precision import (DEVICE_SPEC, DTYPES, PRECISION_CHOICES, PRECISIONS, ROLLOUT_DTYPES, autocast,
                                      check_precision, cpu_has_fast_bf16, model_device, resolve_device,
                                      resolve_precision, resolve_rollout_dtype)
-from rlpost.models.prompt import encode_prompt
 
 __all__ = [
     "CHUNKED_HEADS", "DEVICE_SPEC", "DTYPES", "GPT", "PRECISIONS", "PRECISION_CHOICES", "ROLLOUT_DTYPES",
-    "UNSIZED_BLOCK_SIZE", "CharTokenizer", "GPTConfig", "HFCausalLM", "HFTokenizer", "LogprobHead", "ModelLoadError",
-    "autocast", "build_gpt_mini", "check_packing", "check_precision", "chunked_head", "chunked_logprobs",
-    "compile_model", "cpu_has_fast_bf16", "encode_prompt", "load_model", "load_weights", "model_device",
+    "UNSIZED_BLOCK_SIZE", "CharTokenizer", "ContextLengthError", "GPTConfig", "HFCausalLM", "HFTokenizer",
+    "LogprobHead", "ModelLoadError", "autocast", "block_size_for", "build_gpt_mini", "check_lengths", "check_packing",
+    "check_precision", "chunked_head", "chunked_logprobs", "compile_model", "cpu_has_fast_bf16",
+    "encode_demonstration", "encode_prompt", "load_model", "load_weights", "model_context", "model_device",
     "position_ids_for", "rebuild", "resolve_device", "resolve_precision", "resolve_rollout_dtype", "save_model",
     "set_gradient_checkpointing", "shared_prompt", "token_logprobs", "transformer_blocks", "trunk_hidden_states",
 ]

@@ -14,9 +14,9 @@ import re
 import torch
 import torch.nn as nn
 
-from rlpost.limits import block_size_for
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
 from rlpost.models.hf import HFCausalLM, HFTokenizer, ModelLoadError
+from rlpost.models.limits import block_size_for
 from rlpost.models.lora import (apply_lora, base_state_dict, is_lora, load_adapters, merged_state_dict, save_adapters,
                                 saved_lora_config)
 from rlpost.models.precision import _DTYPES, resolve_device
@@ -32,7 +32,7 @@ def build_gpt_mini(cfg, alphabet: str, rows: list[dict] | None = None, max_new_t
     """A freshly initialised gpt_mini whose vocabulary is the task's alphabet.
 
     Its block_size is `cfg.block_size`; when that is None, the smallest that holds the data
-    (`rlpost.limits.block_size_for`: every prompt of `rows` + `max_new_tokens`, every demonstration +
+    (`rlpost.models.limits.block_size_for`: every prompt of `rows` + `max_new_tokens`, every demonstration +
     eos). A caller that passes no data gets UNSIZED_BLOCK_SIZE, the fixed default before sizing."""
     tok = CharTokenizer(alphabet)
     block_size = cfg.block_size
@@ -52,7 +52,7 @@ def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = No
 
     `rows` (train + held-out), `max_new_tokens` and `demonstrations` size a fresh gpt_mini when
     `cfg.block_size` is None (see build_gpt_mini); they are not used otherwise. Check that the data fits
-    any model with `rlpost.limits.check_lengths` after loading it."""
+    any model with `rlpost.models.limits.check_lengths` after loading it."""
     name = cfg.name
     if name == "gpt_mini":
         if alphabet is None:

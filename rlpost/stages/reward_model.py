@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from rlpost.limits import check_lengths
-from rlpost.models import load_model
+from rlpost.models import check_lengths, load_model
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
 from rlpost.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
 from rlpost.run import RunContext, Stage, make_run_dir, open_log

@@ -18,11 +18,11 @@ import torch
 
 from rlpost.algorithms.base import token_mean
 from rlpost.batch import Batch
+from rlpost.models import encode_demonstration
 from rlpost.progress import progress
 from rlpost.rollout import assemble
 from rlpost.run import RunContext, Stage
 from rlpost.schedule import LRSchedule
-from rlpost.tasks import encode_demonstration
 from rlpost.trainer import Trainer
 
 

@@ -16,7 +16,7 @@ Every row is normalised to the internal keys:
                 the messages column task.messages_key for rows without a prompt)
     answer      a string (numbers become strings)                                  (task.answer_key)
     completion  a string: an SFT demonstration, reasoning included                 (task.completion_key)
-                (or a multi-turn one: [{role, content}, ...], see rlpost.tasks.encode_demonstration)
+                (or a multi-turn one: [{role, content}, ...], see rlpost.models.encode_demonstration)
 
 Every other column is kept as it is (`tests` for code, `reference` for a judge, ...); a null value is
 an absent one (a table fills the keys a row lacks with nulls). A messages list

@@ -1,5 +1,6 @@
-"""The one place that turns a row's prompt (a string or chat messages, with the task's system prompt) into token
-ids, deciding between the tokenizer's plain encoding and its chat template."""
+"""How a row's text becomes token ids, the same for every role: a prompt (a string or chat messages, with the
+task's system prompt) through `encode_prompt`, which decides between the tokenizer's plain encoding and its chat
+template; a demonstration's completion through `encode_demonstration`, which also says which tokens SFT trains."""
 
 from __future__ import annotations
 
@@ -31,3 +32,26 @@ def encode_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
                          f"{type(tokenizer).__name__} (gpt_mini's) has none: give string prompts, or use an HF "
                          "model whose tokenizer has a chat template")
     return encode(messages)
+
+
+def encode_demonstration(tokenizer, completion: str | list[dict]) -> tuple[list[int], list[int]]:
+    """A demonstration's completion -> (token ids, trained): what SFT imitates.
+
+    A string is one assistant turn: its ids + eos, all trained. A multi-turn demonstration is a list of
+    segments {"role", "content"}: an "assistant" segment is the policy's turn (ids + eos, trained), any
+    other role (tool output, a user turn) is what an environment appends (ids encoded bare, as the
+    episode function appends a text observation; not trained)."""
+    if isinstance(completion, str):
+        ids = tokenizer.encode_completion(completion) + [tokenizer.eos_token_id]
+        return ids, [1] * len(ids)
+    ids, trained = [], []
+    for n, seg in enumerate(completion):
+        if not isinstance(seg, dict) or not isinstance(seg.get("content"), str) or "role" not in seg:
+            raise ValueError(f"completion segment {n} must be {{'role': ..., 'content': str}}, got {seg!r}")
+        if seg["role"] == "assistant":
+            part = tokenizer.encode_completion(seg["content"]) + [tokenizer.eos_token_id]
+        else:
+            part = tokenizer.encode_completion(seg["content"])
+        ids += part
+        trained += [int(seg["role"] == "assistant")] * len(part)
+    return ids, trained
