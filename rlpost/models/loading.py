@@ -19,7 +19,7 @@ from rlpost.models.hf import HFCausalLM, HFTokenizer, ModelLoadError
 from rlpost.models.limits import block_size_for
 from rlpost.models.lora import (apply_lora, base_state_dict, is_lora, load_adapters, merged_state_dict, save_adapters,
                                 saved_lora_config)
-from rlpost.models.precision import _DTYPES, resolve_device
+from rlpost.models.precision import TORCH_DTYPES, resolve_device
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -73,7 +73,7 @@ def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = No
                              f"or a hub id such as 'Qwen/Qwen2.5-0.5B')")
     else:
         model, tok = _load_hf(name, cfg)
-    model = model.to(device=resolve_device(getattr(cfg, "device", "auto")), dtype=_DTYPES[cfg.dtype])
+    model = model.to(device=resolve_device(getattr(cfg, "device", "auto")), dtype=TORCH_DTYPES[cfg.dtype])
     lora = getattr(cfg, "lora", None)
     lora = dataclasses.asdict(lora) if lora is not None and lora.r > 0 else None
     saved = saved_lora_config(name) if os.path.isdir(name) else None
@@ -89,7 +89,7 @@ def _load_hf(name: str, cfg) -> tuple[HFCausalLM, HFTokenizer]:
 
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=_DTYPES[cfg.dtype])
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[cfg.dtype])
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only local folders and the local cache are searched)" if offline else ""

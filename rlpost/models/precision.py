@@ -10,8 +10,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DTYPES = tuple(_DTYPES)  # the valid model.dtype names
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # model.dtype -> its torch dtype
+DTYPES = tuple(TORCH_DTYPES)  # the valid model.dtype names
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = ("auto",) + PRECISIONS  # trainer.precision: 'auto' resolves to one of PRECISIONS at start
