@@ -6,8 +6,8 @@ it must implement:
     batch = algo.compute_advantages(batch)          # fills batch.advantages [B, T] (may drop rows)
     loss, metrics = algo.compute_loss(logp, batch)  # logp [B, T]: current policy, with grad
 
-What it may override has a default on `Algorithm`: `uses_reference`, `uses_critic` and `needs_proximal_logp`
-(False: tell the controller to run the reference, a critic, or the trainer's proximal log-probs) and
+The rest has a default on `Algorithm`: `uses_reference`, `uses_critic` and `needs_proximal_logp` (False by
+default; True has the controller run the reference, a critic, or the trainer's proximal log-probs), and
 `state_dict` / `load_state_dict` (state carried from step to step, e.g. a baseline; none by default).
 
 It owns no model and no optimizer. Metrics are floats computed without grad, with namespaced keys.

@@ -47,7 +47,7 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer for a batch of rows: k[layer] is [B, nh, S, hs], grown by each forward
     that is given the cache (`model(ids, cache=cache)`). `forward_shared_prompt` runs the distinct prompts into
-    one and gathers it to every row (`select`); the rollout engine keeps its own preallocated cache instead
+    a fresh one and gathers it to every row (`select`); the rollout engine keeps its own preallocated cache instead
     (rlpost/rollout/scheduler.py).
 
     `key_mask` [B, S] is 1 where a cached position is a real token (0 on left padding).
