@@ -29,13 +29,12 @@ import torch
 
 from rlpost.algorithms import get_algorithm
 from rlpost.config import ModelConfig, TrainerConfig
-from rlpost.evaluate import pass_at_1
-from rlpost.models import build_gpt_mini, encode_prompt
+from rlpost.heldout import pass_at_1
+from rlpost.models import build_gpt_mini, encode_demonstration, encode_prompt
 from rlpost.reference import Reference
 from rlpost.reward import Reward
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.stages.sft import nll_loss, sft_batch
-from rlpost.tasks import encode_demonstration
 from rlpost.tasks.arithmetic import arithmetic_task
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync

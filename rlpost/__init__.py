@@ -1,7 +1,9 @@
 """rlpost: RL post-training of language models.
 
-The six roles, each one module:  rollout/  reward.py  reference.py  algorithms/  trainer.py
-weight_sync.py, and the controller.py that runs the seven-step loop. The data between them is a Batch.
+The seven roles the controller calls, each its own module: the rollout engine (rollout/), the reward (reward.py),
+the reference (reference.py), the critic (critic.py; only for algorithms that read values), the algorithm
+(algorithms/), the trainer (trainer.py) and weight sync (weight_sync.py); controller.py runs them in the
+seven-step loop. The data between them is a Batch.
 """
 
 import os

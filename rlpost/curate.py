@@ -435,8 +435,7 @@ def _model_filters(cfg, args):
     """(pass_rates, too_long, close) for the model of --model, with the run's reward and sampling settings."""
     import torch
 
-    from rlpost.limits import model_context
-    from rlpost.models import encode_prompt, load_model
+    from rlpost.models import encode_prompt, load_model, model_context
     from rlpost.rewards import reward_role
     from rlpost.rollout import SamplingParams, build_engine
     from rlpost.tasks import answer_match_reward

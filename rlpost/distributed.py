@@ -13,7 +13,7 @@ so the roles call them unconditionally.
 
     rank(), world_size(), is_main()              who am I
     barrier()                                    wait for every rank
-    reduce_sum(x) / reduce_mean(x) / reduce_max(x)   a float over ranks
+    reduce_sum(x) / reduce_min(x) / reduce_max(x)    a float over ranks
     reduce_dict(d, op)                           a dict of floats (same keys on every rank), one all-reduce
     reduce_metrics(d)                            a step's metrics dicts combined over ranks (keys may differ)
     broadcast_object(obj)                        rank 0's picklable object on every rank
@@ -107,10 +107,6 @@ def reduce_max(x: float) -> float:
 
 def reduce_min(x: float) -> float:
     return reduce_dict({"x": x}, "min")["x"]
-
-
-def reduce_mean(x: float) -> float:
-    return reduce_sum(x) / world_size()
 
 
 def broadcast_object(obj):

@@ -578,8 +578,7 @@ def stage_line(cfg: Config, stages: list[Stage]) -> list[str]:
 
 def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0."""
-    from rlpost.limits import check_lengths
-    from rlpost.models import load_model
+    from rlpost.models import check_lengths, load_model
     from rlpost.env import check_vocabulary, observation_alphabet, response_budget
     from rlpost.rewards import reward_role
     from rlpost.tasks import load_task

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlpost.evaluate import majority_answer
+from rlpost.heldout import majority_answer
 from rlpost.prm import ProcessRewardModel, holds_separator, responses, step_ends
 from rlpost.progress import progress
 from rlpost.reward_model import RewardModel
@@ -337,7 +337,7 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     import os
     import time
 
-    from rlpost.evaluate import checkpoint_config, vote_key
+    from rlpost.heldout import checkpoint_config, vote_key
     from rlpost.models import encode_prompt, load_model
     from rlpost.rewards import reward_from_config
     from rlpost.rollout import build_engine

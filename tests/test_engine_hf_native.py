@@ -26,7 +26,8 @@ def qwen2():
     """A tiny Qwen2 with grouped-query attention (4 query heads, 2 KV heads) and q/k/v biases.
 
     The tokenizer is used directly, never reloaded through AutoTokenizer: with model_type qwen2 that would
-    build a Qwen2Tokenizer with its own normaliser and pre-tokeniser (PLATFORM.md, trap 1)."""
+    build a Qwen2Tokenizer with its own normaliser (NFC) and pre-tokeniser (a Split regex, then ByteLevel
+    without its own regex), which encodes text differently from this tokenizer's plain ByteLevel BPE."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = train_tiny_tokenizer([f"{a}+{b}={a + b}" for a in range(60) for b in range(60)] + ["The answer is 42."])

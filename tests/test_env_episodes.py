@@ -12,12 +12,12 @@ from rlpost.env import EnvRole, Step, VerifierEnv
 from rlpost.env.base import Env
 from rlpost.env.calls import call_all
 from rlpost.env.tools import CalculatorEnv, calculate, CalculatorError
-from rlpost.models import token_logprobs
+from rlpost.models import encode_demonstration, token_logprobs
 from rlpost.reward import Reward
 from rlpost.rollout import SamplingParams, assemble, build_engine
 from rlpost.rollout.episodes import EnvError, encode_observation, run_episodes
 from rlpost.stages.sft import sft_batch
-from rlpost.tasks import answer_match_reward, encode_demonstration
+from rlpost.tasks import answer_match_reward
 
 ROWS = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "7+8=", "answer": "15"}]
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from rlpost.evaluate import majority_success, pass_at_k
+from rlpost.heldout import majority_success, pass_at_k
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -91,7 +91,7 @@ def test_rlpost_eval_on_a_run_directory_uses_its_config_and_newest_weights(tmp_p
 
 
 def test_maj_at_k_votes_on_the_rewards_final_answer_or_the_first_line():
-    from rlpost.evaluate import vote_key
+    from rlpost.heldout import vote_key
     from rlpost.rewards import get_reward
 
     math = get_reward("math", extract="hash")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlpost.config import ConfigError, ModelConfig, load_config
-from rlpost.limits import ContextLengthError, block_size_for, check_lengths
+from rlpost.models.limits import ContextLengthError, block_size_for, check_lengths
 from rlpost.models import load_model, token_logprobs
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.native import NativeEngine

@@ -164,9 +164,9 @@ def test_every_preference_loss_gradient_equals_the_full_logits_path(name):
 def _forbid_full_logits(monkeypatch, model):
     """Fail the test on any pass that builds whole logits: the LM head run as a module, or the full-logits
     scorer."""
-    import rlpost.models as models
+    import rlpost.models.logprobs as logprobs
 
-    monkeypatch.setattr(models, "_score", lambda *a, **k: pytest.fail("scored from full logits"))
+    monkeypatch.setattr(logprobs, "_score", lambda *a, **k: pytest.fail("scored from full logits"))
     head = model.output_head()[0]
     return head.register_forward_hook(lambda *a: pytest.fail("the LM head built whole logits"))
 

@@ -167,16 +167,16 @@ def test_trainer_turns_checkpointing_on_for_policy_and_critic_not_reference(tiny
 def test_bf16_on_a_cpu_without_native_bf16_warns_once_per_role(tiny_gpt, monkeypatch):
     import warnings
 
-    import rlpost.models
+    import rlpost.models.precision
 
     model, _ = tiny_gpt
-    monkeypatch.setattr(rlpost.models, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(rlpost.models.precision, "cpu_has_fast_bf16", lambda: False)
     for make in (lambda: Trainer(model, TrainerConfig(lr=1e-3, precision="bf16")),
                  lambda: Reference(model, TrainerConfig(precision="bf16")),
                  lambda: Critic.build(model, "head", TrainerConfig(precision="bf16"))):
         with pytest.warns(UserWarning, match=r"trainer.precision=bf16 on a CPU without native bf16 matmul.*fp32"):
             make()
-    monkeypatch.setattr(rlpost.models, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(rlpost.models.precision, "cpu_has_fast_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trainer(model, TrainerConfig(lr=1e-3, precision="bf16"))

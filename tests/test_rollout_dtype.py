@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_devices import PROMPTS
 
-import rlpost.models
+import rlpost.models.precision
 from rlpost.config import ConfigError, ModelConfig, load_config
 from rlpost.models import autocast, load_model, resolve_precision, resolve_rollout_dtype, token_logprobs
 from rlpost.rollout import SamplingParams, build_engine
@@ -99,10 +99,10 @@ def test_engine_dtype_is_checked(gpt):
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(rlpost.models, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(rlpost.models.precision, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", torch.device("cpu"))[0] == "bf16"
     assert resolve_precision("auto", torch.device("cuda"))[0] == "bf16"
-    monkeypatch.setattr(rlpost.models, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(rlpost.models.precision, "cpu_has_fast_bf16", lambda: False)
     precision, why = resolve_precision("auto", torch.device("cpu"))
     assert precision == "fp32" and "no AMX or AVX512-BF16" in why
     assert resolve_precision("auto", torch.device("cuda"))[0] == "bf16"
@@ -116,7 +116,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_run_resolves_auto_in_its_config_and_says_which(monkeypatch, fast):
-    monkeypatch.setattr(rlpost.models, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(rlpost.models.precision, "cpu_has_fast_bf16", lambda: fast)
     cfg = load_config(None, ["trainer.precision=auto", "model.device=cpu",
                              "stages=[sft, {rl: {trainer.precision: auto}}, {rl: {trainer: {precision: auto}}}]",
                              "sft.steps=1", "rl.steps=1"])

@@ -1,10 +1,14 @@
 """What every algorithm shares: the plug-in base class and the policy-gradient machinery.
 
-An algorithm is a class with a nested `Config` dataclass (its knobs, one docstring each) and exactly
-two methods:
+An algorithm is a class with a nested `Config` dataclass (its knobs, one docstring each) and two methods
+it must implement:
 
     batch = algo.compute_advantages(batch)          # fills batch.advantages [B, T] (may drop rows)
     loss, metrics = algo.compute_loss(logp, batch)  # logp [B, T]: current policy, with grad
+
+The rest has a default on `Algorithm`: `uses_reference`, `uses_critic` and `needs_proximal_logp` (False by
+default; True has the controller run the reference, a critic, or the trainer's proximal log-probs), and
+`state_dict` / `load_state_dict` (state carried from step to step, e.g. a baseline; none by default).
 
 It owns no model and no optimizer. Metrics are floats computed without grad, with namespaced keys.
 `compute_advantages` may return fewer rows than it was given (DAPO drops degenerate groups); the

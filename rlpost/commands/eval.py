@@ -1,11 +1,11 @@
 """`rlpost eval`: pass@k, maj@k, mean reward and length of a checkpoint on the task's held-out rows
-(rlpost/evaluate.py's `run_eval`)."""
+(rlpost/heldout.py's `run_eval`)."""
 
 from __future__ import annotations
 
 from rlpost.commands.common import error, recipe_and_overrides
 from rlpost.config import ConfigError
-from rlpost.evaluate import run_eval
+from rlpost.heldout import run_eval
 
 
 def add_eval(sub) -> None:

@@ -331,8 +331,7 @@ class JudgeReward:
 
     def _init_local(self, model: str, device: str, dtype: str, chat_template: bool | None) -> None:
         from rlpost.config import ModelConfig
-        from rlpost.limits import model_context
-        from rlpost.models import HFTokenizer, load_model
+        from rlpost.models import HFTokenizer, load_model, model_context
         from rlpost.rollout import SamplingParams, build_engine
 
         if model == "gpt_mini":

@@ -11,7 +11,9 @@ additions over nanoGPT's model.py:
    positions, so a padded row computes exactly what it would alone; packed rows (rlpost.packing): the
    attention mask holds each token's sequence number (1, 2, ...; 0 on padding) and a token attends only
    to its own sequence (block-diagonal causal attention);
-2. a KV cache (`KVCache`) for incremental decoding by the rollout engine.
+2. a KV cache (`KVCache`) through which a prompt computed once serves several rows: the shared-prompt
+   forward that scoring uses (`forward_shared_prompt`, rlpost.models.logprobs.token_logprobs). The rollout
+   engine does not use it: rlpost/rollout/native.py runs the blocks over the scheduler's preallocated cache.
 
 Its tokenizer (`CharTokenizer`) is a character vocabulary plus <pad>, <bos> and <eos>.
 """
@@ -27,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import WordLevel
 from torch.utils.checkpoint import checkpoint
 
 
@@ -41,7 +45,10 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of rows: k[layer] is [B, nh, S, hs].
+    """Keys and values of every layer for a batch of rows: k[layer] is [B, nh, S, hs], grown by each forward
+    that is given the cache (`model(ids, cache=cache)`). `forward_shared_prompt` runs the distinct prompts into
+    a fresh one and gathers it to every row (`select`); the rollout engine keeps its own preallocated cache instead
+    (rlpost/rollout/scheduler.py).
 
     `key_mask` [B, S] is 1 where a cached position is a real token (0 on left padding).
     """
@@ -332,11 +339,9 @@ class CharTokenizer:
 
     def save_pretrained(self, folder: str) -> None:
         """tokenizer.json (the `tokenizers` format) and tokenizer_config.json, as transformers reads them."""
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
         os.makedirs(folder, exist_ok=True)
         vocab = {**{t: i for i, t in enumerate(self.SPECIALS)}, **self.stoi}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token=None))  # an unknown character is an error, as in encode
+        tok = Tokenizer(WordLevel(vocab, unk_token=None))  # an unknown character is an error, as in encode
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
         tok.decoder = decoders.Fuse()                                                     # joined without spaces
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", self.BOS)])

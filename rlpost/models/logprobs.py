@@ -1,4 +1,10 @@
-"""Per-token log-probs and entropies from final hidden states, without the `[tokens, V]` tensor.
+"""Scoring tokens: `token_logprobs`, the one function every role uses for per-token log-probs and entropies
+(the trainer, the reference, preference training, distillation), and `trunk_hidden_states` for value heads
+and reward models. A batch is scored with each distinct prompt computed once (`shared_prompt`), or packed
+(rlpost.packing), and the log-probs come from the final hidden states in chunks (the chunked head below),
+without the `[tokens, V]` tensor of logits.
+
+The chunked head:
 
     head = LogprobHead(targets, temperature=1.0, with_entropy=True)
     logp, entropy = head(hidden, lm_head)        # hidden [B, T, H]; lm_head: the model's output nn.Linear
@@ -26,6 +32,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from rlpost.batch import Batch
+from rlpost.models.gpt_mini import GPT
+from rlpost.models.hf import HFCausalLM
+from rlpost.models.precision import model_device
+from rlpost.packing import Packed
+
 
 # fp32 elements of one chunk's [chunk, V] logits: 32 M (128 MB); the backward holds a few such buffers
 CHUNK_ELEMENTS = 1 << 25
@@ -157,3 +171,188 @@ class LogprobHead:
         return chunked_logprobs(h, lm_head.weight, self.targets, temperature=self.temperature,
                                 with_entropy=self.with_entropy, bias=getattr(lm_head, "bias", None),
                                 softcap=softcap, chunk=self.chunk)
+
+
+# ---------------------------------------------------------------------------- scoring a batch's tokens
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: each row's first real token is position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def shared_prompt(batch: Batch) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """How the rows of `batch` share prompts: (P, first, owner), or None when no two rows do.
+
+    P is the first response column (the same for every row, by the Batch layout); rows whose columns :P
+    (ids and attention mask) are equal share one prompt. `first` [N] is the first row of each distinct
+    prompt, `owner` [B] the prompt of each row (an index into `first`). Found from the tokens
+    themselves, so it holds for any batch: K samples of a prompt, a preference pair, shuffled rows.
+    """
+    has_response = batch.response_mask.bool().any(0)
+    if not bool(has_response.any()):
+        return None
+    P = int(has_response.int().argmax())
+    if P == 0:
+        return None
+    B = batch.input_ids.shape[0]
+    prompts = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P].to(batch.input_ids.dtype)], 1)
+    unique, owner = torch.unique(prompts, dim=0, return_inverse=True)
+    if len(unique) == B:
+        return None
+    rows = torch.arange(B, device=owner.device)
+    first = torch.full((len(unique),), B, device=owner.device).scatter_reduce(0, owner, rows, "amin")
+    return P, first, owner
+
+
+def _prompt_split(model: nn.Module, batch: Batch, share_prompt: bool):
+    """shared_prompt(batch) when `model` can use it (see token_logprobs), else None."""
+    return shared_prompt(batch) if share_prompt and getattr(model, "can_share_prompt", False) else None
+
+
+def _packed_inputs(model: nn.Module, batch: Batch, packed: Packed):
+    """(input_ids, attention_mask, position_ids) of a packed forward. gpt_mini reads the packing from its attention
+    mask (each token's sequence number); an HF model from position ids that restart at 0 with no attention mask
+    (transformers' packed-sequence convention: block-diagonal masks for sdpa / eager / flex, varlen for flash)."""
+    if len(packed.rows) != len(batch) or packed.width != batch.input_ids.shape[1]:
+        raise ValueError(f"this packing describes {len(packed.rows)} rows of {packed.width} columns, the batch has "
+                         f"{len(batch)} of {batch.input_ids.shape[1]}: pass batch.select(packed.rows)")
+    mask = None if isinstance(model, HFCausalLM) else packed.seq_ids
+    return packed.input_ids, mask, packed.position_ids
+
+
+def check_packing(model: nn.Module) -> None:
+    """Fail now, naming `trainer.packing`, when `model` cannot run packed rows: two sequences packed in one row
+    must compute what each computes alone. gpt_mini can; an HF model can when its attention honours restarting
+    position ids without a mask (checked on two short sequences, once, in eval mode without grad)."""
+    if isinstance(model, GPT):
+        return
+    if not isinstance(model, HFCausalLM):
+        raise ValueError(f"trainer.packing supports gpt_mini and Hugging Face causal LMs, not {type(model).__name__}; "
+                         "set trainer.packing=false")
+    device, vocab = model_device(model), model.hf.config.vocab_size
+    ids = torch.randint(3, max(vocab, 4), (1, 7), generator=torch.Generator().manual_seed(0), device="cpu")
+    ids = ids.to(device)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model.hidden_states(ids, None, pos).float()
+            alone = torch.cat([model.hidden_states(ids[:, :3]), model.hidden_states(ids[:, 3:])], 1).float()
+    finally:
+        model.train(was_training)
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    err = float((packed - alone).abs().max() / alone.abs().max().clamp(min=1e-6))
+    if not err <= tol:
+        impl = getattr(model.hf.config, "_attn_implementation", "?")
+        raise ValueError(f"trainer.packing: {type(model.hf).__name__} with attn_implementation={impl!r} does not keep "
+                         f"packed sequences apart (relative difference {err:.2g} from scoring them alone); "
+                         "set trainer.packing=false, or load it with an attention implementation that reads "
+                         "packed position ids (sdpa, eager, flex_attention, flash_attention_2)")
+
+
+def trunk_hidden_states(model: nn.Module, batch: Batch, share_prompt: bool = True,
+                        packed: Packed | None = None) -> torch.Tensor:
+    """The trunk's final hidden state at every position of `batch` [B, T, C] (for value heads and reward
+    models), with each distinct prompt computed once as in `token_logprobs`. With `packed` (the packing of
+    `batch`'s rows, rlpost.packing.pack), the hidden states of the packed rows [R, W, C] instead: the caller
+    computes its per-token values on them and puts them back with `packed.unpack`."""
+    if packed is not None:
+        return packed.run(model.hidden_states, *_packed_inputs(model, batch, packed))
+    ids, mask = batch.input_ids, batch.attention_mask
+    pos = position_ids_for(mask)
+    split = _prompt_split(model, batch, share_prompt)
+    if split is None:
+        return model.hidden_states(ids, mask, pos)
+    P, first, owner = split
+    prompt, response = model.forward_shared_prompt(ids, mask, pos, P, first, owner, hidden=True)
+    return torch.cat([prompt[owner], response], 1)
+
+
+def _score(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """log-probs of `targets` [..., n] under logits [..., n, V] / temperature, and the entropies (or None),
+    in fp32 whatever the logits' dtype and whether autocast is on (bf16 log-softmax loses the small
+    probabilities that ratios and KL terms are made of). The full-logits path: for models without a
+    chunkable head (`output_head` None) only."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+        logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+        return logp, (-(logp_all.exp() * logp_all).sum(-1) if with_entropy else None)
+
+
+def chunked_head(model: nn.Module) -> tuple[nn.Module, float | None] | None:
+    """(LM head, soft-cap) of a model whose log-probs can be computed in chunks from its hidden states, else
+    None (see HFCausalLM.output_head)."""
+    output_head = getattr(model, "output_head", None)
+    return output_head() if output_head is not None else None
+
+
+def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,
+                   share_prompt: bool = True, chunk: int | None = None, packed: Packed | None = None):
+    """log pi(input_ids[:, t] | input_ids[:, :t]) for every t >= 1, as [B, T] (column 0 is 0).
+
+    Logits are divided by `temperature` first, so the trainer scores tokens under the distribution
+    the rollout engine sampled from. With `with_entropy`, also returns the per-token entropy [B, T]
+    of that distribution (with grad when grad is enabled, for entropy bonuses).
+
+    Chunked head: for gpt_mini and the HF families of CHUNKED_HEADS the log-probs and entropies come from
+    the final hidden states `chunk` tokens at a time (rlpost.models.logprobs; None: sized from the
+    vocabulary), forward and backward, so no [B, T, V] tensor of logits or log-softmax is ever held.
+
+    Shared prompts (`share_prompt`, on by default): when rows repeat a prompt (the K samples of a GRPO
+    group; see `shared_prompt`) and the model can (`can_share_prompt`), each distinct prompt goes
+    through the model once and its KV cache serves all its rows, with gradients flowing back through
+    it. That is the same function of the weights (the prompt's positions never see the response), so
+    log-probs, entropies and gradients equal the plain forward's up to float rounding, for
+    (B - N) * P fewer token positions of forward and backward (N distinct prompts of P columns).
+
+    Packed (`packed`: the packing of `batch`'s rows, rlpost.packing.pack): the model runs the packed rows, each
+    sequence attending only to itself, and the results come back in `batch`'s [B, T] layout, 0 off the real
+    tokens and at each sequence's first token. Prompts are not shared then (each row carries its own).
+    """
+    if packed is not None:
+        return _packed_logprobs(model, batch, packed, temperature, with_entropy, chunk)
+    ids, mask = batch.input_ids, batch.attention_mask
+    pos = position_ids_for(mask)
+    split = _prompt_split(model, batch, share_prompt)
+    head = chunked_head(model)
+    if split is None:
+        if head is not None:  # through the model's forward, so that a sharded head is gathered for it
+            logp, entropy = model(ids, mask, pos, head=LogprobHead(ids[:, 1:], temperature, with_entropy, chunk))
+        else:
+            logp, entropy = _score(model(ids, mask, pos)[:, :-1], ids[:, 1:], temperature, with_entropy)
+    else:
+        P, first, owner = split
+        if head is not None:
+            lm_head, softcap = head
+            prompt_h, response_h = model.forward_shared_prompt(ids, mask, pos, P, first, owner, hidden=True)
+
+            def score(h, targets):
+                return chunked_logprobs(h, lm_head.weight, targets, temperature=temperature, with_entropy=with_entropy,
+                                        bias=lm_head.bias, softcap=softcap, chunk=chunk)
+            lp_prompt, ent_prompt = score(prompt_h[:, :-1], ids[first, 1:P])
+            # the response's first token is predicted by the prompt's last position
+            lp_resp, ent_resp = score(torch.cat([prompt_h[owner, -1:], response_h[:, :-1]], 1), ids[:, P:])
+        else:
+            prompt_logits, response_logits = model.forward_shared_prompt(ids, mask, pos, P, first, owner)
+            lp_prompt, ent_prompt = _score(prompt_logits[:, :-1], ids[first, 1:P], temperature, with_entropy)
+            logits = torch.cat([prompt_logits[owner, -1:], response_logits[:, :-1]], 1)
+            lp_resp, ent_resp = _score(logits, ids[:, P:], temperature, with_entropy)
+        logp = torch.cat([lp_prompt[owner], lp_resp], 1)
+        entropy = torch.cat([ent_prompt[owner], ent_resp], 1) if with_entropy else None
+    logp = F.pad(logp, (1, 0))                                # (B, T): aligned with input_ids
+    return (logp, F.pad(entropy, (1, 0))) if with_entropy else logp
+
+
+def _packed_logprobs(model, batch, packed, temperature, with_entropy, chunk):
+    def segment(ids, mask, pos):  # [r, w, 2]: log-prob and entropy (or 0) of each token, column 0 is 0
+        if chunked_head(model) is not None:
+            logp, entropy = model(ids, mask, pos, head=LogprobHead(ids[:, 1:], temperature, with_entropy, chunk))
+        else:
+            logp, entropy = _score(model(ids, mask, pos)[:, :-1], ids[:, 1:], temperature, with_entropy)
+        return F.pad(torch.stack([logp, entropy if with_entropy else torch.zeros_like(logp)], -1), (0, 0, 1, 0))
+
+    out = packed.run(segment, *_packed_inputs(model, batch, packed))
+    logp = packed.unpack(out[..., 0])
+    return (logp, packed.unpack(out[..., 1])) if with_entropy else logp

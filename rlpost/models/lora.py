@@ -25,6 +25,7 @@ import os
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 ADAPTER_FILE = "lora_adapter.safetensors"   # not peft's adapter_model.safetensors: transformers would load that
 CONFIG_FILE = "lora_config.json"
@@ -168,8 +169,6 @@ def adapters_disabled(model: nn.Module):
 
 def save_adapters(model: nn.Module, folder: str) -> None:
     """ADAPTER_FILE (the adapter tensors) and CONFIG_FILE (their LoRA config) in `folder`."""
-    from safetensors.torch import save_file
-
     os.makedirs(folder, exist_ok=True)
     save_file({n: t.detach().contiguous() for n, t in adapter_state(model).items()},
               os.path.join(folder, ADAPTER_FILE), metadata={"format": "pt"})
@@ -190,8 +189,6 @@ def saved_lora_config(folder: str) -> dict | None:
 def load_adapters(model: nn.Module, folder: str) -> None:
     """The adapters saved in `folder` into the model, in place; a folder without them (a plain or merged model)
     resets the adapters, so the model is exactly the folder's weights."""
-    from safetensors.torch import load_file
-
     if saved_lora_config(folder) is None:
         reset_adapters(model)
         return

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from rlpost.batch import Batch
-from rlpost.limits import model_context  # noqa: F401 - re-exported: the preference stage's default max_length
+from rlpost.models import model_context  # noqa: F401 - re-exported: the preference stage's default max_length
 from rlpost.models import encode_prompt  # noqa: F401 - the one prompt encoder; re-exported from here too
 from rlpost.rollout.episodes import episodes_in_chunks
 from rlpost.stages.sft import sft_batch

@@ -1,4 +1,4 @@
-"""Evaluation stage: held-out pass@1 of the policy as it is now (rlpost/evaluate.py), into the summary
+"""Evaluation stage: held-out pass@1 of the policy as it is now (rlpost/heldout.py), into the summary
 as `pass@1_<label>` (the stage before it: start, sft, dpo, rl, rejection, rl_2) and into metrics.jsonl as an
 `eval` line with `after: <label>`. Under torchrun every rank refreshes its engine (a collective for a sharded
 policy) and rank 0 alone samples; it hands the result on."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from rlpost import distributed as dist
-from rlpost.evaluate import pass_at_1
+from rlpost.heldout import pass_at_1
 from rlpost.run import RunContext, Stage
 
 

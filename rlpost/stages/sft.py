@@ -23,7 +23,7 @@ from rlpost.config import TrainerConfig
 from rlpost.progress import progress
 from rlpost.rollout import assemble
 from rlpost.run import RunContext, Stage
-from rlpost.tasks import encode_demonstration
+from rlpost.models import encode_demonstration
 from rlpost.trainer import Trainer
 
 

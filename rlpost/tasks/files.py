@@ -16,7 +16,7 @@ Every row is normalised to the internal keys:
                 the messages column task.messages_key for rows without a prompt)
     answer      a string (numbers become strings)                                  (task.answer_key)
     completion  a string: an SFT demonstration, reasoning included                 (task.completion_key)
-                (or a multi-turn one: [{role, content}, ...], see rlpost.tasks.encode_demonstration)
+                (or a multi-turn one: [{role, content}, ...], see rlpost.models.encode_demonstration)
 
 Every other column is kept as it is (`tests` for code, `reference` for a judge, ...); a null value is
 an absent one (a table fills the keys a row lacks with nulls). A messages list
@@ -65,12 +65,6 @@ class Columns:
 
 # ---------------------------------------------------------------------------- text of a prompt
 
-def is_messages(x: Any) -> bool:
-    """A non-empty list of dicts, each with a string role and string content."""
-    return isinstance(x, list) and len(x) > 0 and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
-
-
 def prompt_text(prompt: str | list[dict]) -> str:
     """A prompt as plain text: the string, or its messages' contents joined by newlines (for dedup, quoting)."""
     if isinstance(prompt, str):
@@ -79,10 +73,6 @@ def prompt_text(prompt: str | list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------- records from each format
-
-def _where_line(n: int) -> str:
-    return f"line {n}"
-
 
 class _BadJSON:
     """A line that could not be read: not valid JSON, or (is_json=False) not valid UTF-8."""

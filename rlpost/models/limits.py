@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 
+from rlpost.models.encoding import encode_demonstration, encode_prompt
+from rlpost.models.gpt_mini import GPT, CharTokenizer
+
 SHOWN = 5        # offending rows listed in an error; the rest are counted
 PREFIX = 40      # characters of a row's text quoted in an error
 
@@ -43,11 +46,9 @@ def _context(model) -> tuple[str, int] | None:
 def block_size_for(tokenizer_or_alphabet, rows: list[dict], max_new_tokens: int,
                    demonstrations: list[dict] = ()) -> int:
     """The smallest block_size that holds every prompt of `rows` plus `max_new_tokens` + 1 (rollout and
-    evaluation, and self-made preference pairs, whose completions end with an eos) and every demonstration's prompt + completion + eos (SFT). Pass the task's train and
-    held-out rows and its demonstrations. `tokenizer_or_alphabet` is gpt_mini's tokenizer or the
-    alphabet it will be built from."""
-    from rlpost.models.gpt_mini import CharTokenizer
-
+    evaluation, and self-made preference pairs, whose completions end with an eos) and every demonstration's
+    prompt + completion + eos (SFT). Pass the task's train and held-out rows and its demonstrations.
+    `tokenizer_or_alphabet` is gpt_mini's tokenizer or the alphabet it will be built from."""
     tok = CharTokenizer(tokenizer_or_alphabet) if isinstance(tokenizer_or_alphabet, str) else tokenizer_or_alphabet
     if not rows and not demonstrations:
         raise ValueError("block_size_for needs prompt rows or demonstrations to size the model from")
@@ -65,8 +66,6 @@ def check_lengths(model, tokenizer, rows: list[dict], max_new_tokens: int, demon
     train and held-out rows, rollout.max_new_tokens, the SFT demonstrations (when SFT runs) and the task's
     system prompt. A prompt that cannot be encoded (a character gpt_mini lacks, chat messages without a
     chat template) is a ValueError naming its row. A model that states no context is not checked."""
-    from rlpost.models.gpt_mini import GPT
-
     found = _context(model)
     if found is None:
         return
@@ -117,8 +116,6 @@ class _PromptLengths:
         self.tokenizer, self.system_prompt, self.seen = tokenizer, system_prompt, {}
 
     def __call__(self, row: dict, where: str) -> int:
-        from rlpost.models import encode_prompt
-
         prompt = row["prompt"]
         key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)  # messages: a list
         if key not in self.seen:
@@ -133,8 +130,6 @@ class _PromptLengths:
 def _completion_length(tokenizer, row: dict, i: int) -> int:
     """Tokens of a demonstration's completion, plus its eos."""
     try:
-        from rlpost.tasks import encode_demonstration
-
         return len(encode_demonstration(tokenizer, row["completion"])[0])
     except ValueError as e:
         raise ValueError(f"{_where('demonstration', i, row)}: cannot encode the completion "

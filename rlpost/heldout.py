@@ -16,10 +16,19 @@ episode function as training (rlpost/rollout/episodes.py), nothing else.
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 
-from rlpost.rollout import SamplingParams
+import torch
+
+from rlpost.config import load_config
+from rlpost.curate import resolve_model
+from rlpost.models import encode_prompt, load_model
+from rlpost.rewards import eval_reward_role, reward_role
+from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks
+from rlpost.tasks import load_task
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -113,11 +122,6 @@ def checkpoint_config(checkpoint: str, recipe: str | None, overrides: list[str],
     """(config, run directory or None) of a command that reads a checkpoint: the recipe given, else the run
     directory's config.yaml, with the overrides; model.name set to the checkpoint's weights (a run directory's
     newest, or the model folder itself)."""
-    import os
-
-    from rlpost.config import load_config
-    from rlpost.curate import resolve_model
-
     run_dir = checkpoint if os.path.isfile(os.path.join(checkpoint, "config.yaml")) else None
     if recipe is None and run_dir is not None:
         recipe = os.path.join(run_dir, "config.yaml")
@@ -136,16 +140,6 @@ def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: l
     CHECKPOINT is a run directory (its newest checkpoint's weights, its config.yaml for the task unless a
     recipe is given) or a model folder. eval.json goes to `out`, else into the run directory, else the
     working directory."""
-    import json
-    import os
-
-    import torch
-
-    from rlpost.models import encode_prompt, load_model
-    from rlpost.rewards import eval_reward_role, reward_role
-    from rlpost.rollout import build_engine
-    from rlpost.tasks import load_task
-
     cfg, run_dir = checkpoint_config(checkpoint, recipe, overrides, "rlpost eval")
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)

@@ -1,0 +1,155 @@
+"""Loading and saving models: `load_model` (a fresh gpt_mini, a checkpoint folder or a hub id, with its
+tokenizer), `save_model`, `load_weights` (a saved folder into a live model, in place), and `rebuild`.
+
+`transformers` is imported where an HF model is loaded, not at the top: a gpt_mini run never needs it, and
+importing it costs more than half a second."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import torch
+import torch.nn as nn
+
+from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
+from rlpost.models.hf import HFCausalLM, HFTokenizer, ModelLoadError
+from rlpost.models.limits import block_size_for
+from rlpost.models.lora import (apply_lora, base_state_dict, is_lora, load_adapters, merged_state_dict, save_adapters,
+                                saved_lora_config)
+from rlpost.models.precision import TORCH_DTYPES, resolve_device
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+UNSIZED_BLOCK_SIZE = 24  # a fresh gpt_mini's block_size when model.block_size is None and no data is passed
+
+
+def build_gpt_mini(cfg, alphabet: str, rows: list[dict] | None = None, max_new_tokens: int | None = None,
+                   demonstrations: list[dict] = ()) -> tuple[GPT, CharTokenizer]:
+    """A freshly initialised gpt_mini whose vocabulary is the task's alphabet.
+
+    Its block_size is `cfg.block_size`; when that is None, the smallest that holds the data
+    (`rlpost.models.limits.block_size_for`: every prompt of `rows` + `max_new_tokens`, every demonstration +
+    eos). A caller that passes no data gets UNSIZED_BLOCK_SIZE, the fixed default before sizing."""
+    tok = CharTokenizer(alphabet)
+    block_size = cfg.block_size
+    if block_size is None and (rows or demonstrations):
+        if max_new_tokens is None:
+            raise TypeError("sizing gpt_mini from the data needs max_new_tokens (rollout.max_new_tokens)")
+        block_size = block_size_for(tok, rows or [], max_new_tokens, demonstrations)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or UNSIZED_BLOCK_SIZE,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    return model, tok
+
+
+def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = None,
+               max_new_tokens: int | None = None, demonstrations: list[dict] = ()) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for `cfg.name`: 'gpt_mini' (new), a checkpoint folder, or a hub id; its parameters
+    in `cfg.dtype` on `cfg.device` (see resolve_device). Every role follows the model's device.
+
+    `rows` (train + held-out), `max_new_tokens` and `demonstrations` size a fresh gpt_mini when
+    `cfg.block_size` is None (see build_gpt_mini); they are not used otherwise. Check that the data fits
+    any model with `rlpost.models.limits.check_lengths` after loading it."""
+    name = cfg.name
+    if name == "gpt_mini":
+        if alphabet is None:
+            raise ModelLoadError("a fresh gpt_mini needs the task's alphabet to build its vocabulary")
+        model, tok = build_gpt_mini(cfg, alphabet, rows, max_new_tokens, demonstrations)
+    elif os.path.isdir(name):
+        config_path = os.path.join(name, "config.json")
+        if not os.path.isfile(config_path):
+            raise ModelLoadError(f"model folder {name!r} has no config.json; is it a saved model?")
+        with open(config_path) as f:
+            config = json.load(f)
+        if is_gpt_mini_checkpoint(config):  # a GPT-2 checkpoint to transformers, gpt_mini to rlpost
+            model, tok = GPT.from_pretrained(name), CharTokenizer.from_pretrained(name)
+        else:
+            model, tok = _load_hf(name, cfg)
+    elif not _HUB_ID.match(name):  # "org/name" is a hub id; any other path must exist locally
+        raise ModelLoadError(f"model folder not found: {name!r} (model.name takes 'gpt_mini', a local folder, "
+                             f"or a hub id such as 'Qwen/Qwen2.5-0.5B')")
+    else:
+        model, tok = _load_hf(name, cfg)
+    model = model.to(device=resolve_device(getattr(cfg, "device", "auto")), dtype=TORCH_DTYPES[cfg.dtype])
+    lora = getattr(cfg, "lora", None)
+    lora = dataclasses.asdict(lora) if lora is not None and lora.r > 0 else None
+    saved = saved_lora_config(name) if os.path.isdir(name) else None
+    if lora or saved:  # LoRA asked for, or a LoRA checkpoint (base + adapters): see rlpost/models/lora.py
+        apply_lora(model, **(lora or saved))
+        if saved:
+            load_adapters(model, name)
+    return model, tok
+
+
+def _load_hf(name: str, cfg) -> tuple[HFCausalLM, HFTokenizer]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[cfg.dtype])
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: only local folders and the local cache are searched)" if offline else ""
+        raise ModelLoadError(f"could not load model {name!r}: no such local folder, and loading it as a hub id "
+                             f"failed{hint}: {e}") from e
+    return HFCausalLM(hf), HFTokenizer(tok, chat_template=cfg.chat_template)
+
+
+def save_model(model: nn.Module, tokenizer, folder: str, merged: bool = False) -> None:
+    """safetensors weights + config + tokenizer in `folder`, loadable by `load_model`. A LoRA model is saved as
+    its base weights plus its adapters (exact: a resume continues from them), or, `merged`, as the plain model
+    whose weights are base + adapter delta (no adapter files: `transformers` loads it without peft)."""
+    if is_lora(model):
+        model.save_pretrained(folder, state_dict=merged_state_dict(model) if merged else base_state_dict(model))
+        if not merged:
+            save_adapters(model, folder)
+    else:
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def load_weights(model: nn.Module, folder: str) -> None:
+    """Load the weights saved in `folder` (by `save_model`) into `model` in place, exactly: the optimizer
+    and every other holder of the model's parameters keep pointing at the same tensors. A LoRA model takes the
+    folder's weights as its base, and its adapters (reset to their initial values when the folder has none)."""
+    if not os.path.isdir(folder):
+        raise ModelLoadError(f"no saved model at {folder}")
+    if saved_lora_config(folder) is not None and not is_lora(model):
+        raise ModelLoadError(f"{folder} holds LoRA adapters and this model has none: load it with load_model, or "
+                             f"export a merged folder (rlpost export {folder} --out FOLDER)")
+    if isinstance(model, GPT):
+        state = GPT.from_pretrained(folder).state_dict()
+    elif isinstance(model, HFCausalLM):
+        from transformers import AutoModelForCausalLM
+
+        dtype = next(p for n, p in model.named_parameters() if "lora_" not in n).dtype
+        state = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).state_dict()
+    else:
+        raise TypeError(f"load_weights supports gpt_mini and HFCausalLM, not {type(model).__name__}")
+    with torch.no_grad():
+        own = base_state_dict(model)  # a plain model's state_dict; a LoRA model's base under the plain names
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model, e.g. {missing[:3]}")
+        for k, t in own.items():
+            t.copy_(state[k])
+    if is_lora(model):
+        load_adapters(model, folder)
+
+
+def rebuild(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A new, plain (unsharded) module of `model`'s architecture holding `state` (its state_dict names),
+    on the CPU: what a sharded policy saves its checkpoint folder from."""
+    if isinstance(model, GPT):
+        new = GPT(model.config)
+    elif isinstance(model, HFCausalLM):
+        from transformers import AutoModelForCausalLM
+
+        new = HFCausalLM(AutoModelForCausalLM.from_config(model.hf.config))
+    else:
+        raise TypeError(f"rebuild supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+    new.load_state_dict(state)
+    return new.to(next(iter(state.values())).dtype)
