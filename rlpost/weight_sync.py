@@ -35,9 +35,8 @@ import torch.nn as nn
 from rlpost import distributed as dist
 from rlpost.models.lora import is_lora
 from rlpost.rollout.engine import Engine, named_weights, weights_module
-
-MODES = ("auto", "pointer", "copy", "vllm", "ray", "collective")  # the valid rl.weight_sync names ("auto": the engine's)
-TOPOLOGIES = ("colocated", "disaggregated", "async")                # the valid rl.topology names
+from rlpost.settings.rl import TOPOLOGIES  # noqa: F401 - the valid rl.topology names, declared with the key
+from rlpost.settings.rl import WEIGHT_SYNC_MODES as MODES  # the valid rl.weight_sync names ("auto": the engine's)
 
 
 class WeightSync:

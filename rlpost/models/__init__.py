@@ -28,14 +28,13 @@ from rlpost.models.logprobs import LogprobHead, chunked_logprobs
 from rlpost.models.lora import (apply_lora, base_state_dict, is_lora, load_adapters, merged_state_dict, save_adapters,
                                 saved_lora_config)
 from rlpost.packing import Packed
+from rlpost.settings.model import DTYPES  # the valid model.dtype names, declared with the key
+from rlpost.settings.rollout import ROLLOUT_DTYPES  # rollout.dtype: 'auto' is the trainer's (resolved) precision
+from rlpost.settings.trainer import PRECISION_CHOICES, PRECISIONS  # trainer.precision: 'auto' resolves at start
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DTYPES = tuple(_DTYPES)  # the valid model.dtype names
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # float32, bfloat16
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-PRECISIONS = ("fp32", "bf16")
-PRECISION_CHOICES = ("auto",) + PRECISIONS  # trainer.precision: 'auto' resolves to one of PRECISIONS at start
-ROLLOUT_DTYPES = ("auto",) + PRECISIONS     # rollout.dtype: 'auto' is the trainer's (resolved) precision
 
 
 class ModelLoadError(RuntimeError):
