@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from rlpost.schema import ConfigError, Section, at_least, hints, lookup, opt, type_name, type_ok
+from rlpost.schema import ConfigError, Section, at_least, from_dict, hints, lookup, opt
 from rlpost.settings.critic import CriticConfig
 from rlpost.settings.distill import DistillConfig
 from rlpost.settings.eval import EvalConfig
@@ -167,30 +167,6 @@ def _stage_config(cfg: Config, name: str, settings: dict[str, Any], where: str) 
 
 
 # ---------------------------------------------------------------------------- loading
-
-def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, checking every key and type."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{'config key ' + repr(path[:-1]) if path else 'recipe'}: expected a mapping, got "
-                          f"{type(data).__name__}")
-    types_of = hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{path}{key}"
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{where}'; valid keys{' under ' + path[:-1] if path else ''}: "
-                              f"{', '.join(fields)}")
-        tp = types_of[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, where + ".")
-            continue
-        ok, converted = type_ok(value, tp)
-        if not ok:
-            raise ConfigError(f"config key '{where}' expects {type_name(tp)}, got {type(value).__name__} {value!r}")
-        kwargs[key] = converted
-    return cls(**kwargs)
-
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)

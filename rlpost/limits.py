@@ -133,7 +133,7 @@ class _PromptLengths:
 def _completion_length(tokenizer, row: dict, i: int) -> int:
     """Tokens of a demonstration's completion, plus its eos."""
     try:
-        from rlpost.tasks import encode_demonstration
+        from rlpost.tasks.base import encode_demonstration
 
         return len(encode_demonstration(tokenizer, row["completion"])[0])
     except ValueError as e:

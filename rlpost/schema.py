@@ -204,6 +204,30 @@ class ConfigError(ValueError):
 LEARNING_RATE = above(0, what="a positive learning rate")
 
 
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{'config key ' + repr(path[:-1]) if path else 'recipe'}: expected a mapping, got "
+                          f"{type(data).__name__}")
+    types_of = hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{where}'; valid keys{' under ' + path[:-1] if path else ''}: "
+                              f"{', '.join(fields)}")
+        tp = types_of[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, where + ".")
+            continue
+        ok, converted = type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"config key '{where}' expects {type_name(tp)}, got {type(value).__name__} {value!r}")
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
 def opt(default: Any, help: str, range: Range | None = None, *, choices: Iterable[str] | str | None = None,
         plugin: str | None = None) -> Any:
     """A config field with its help line (shown by `rlpost train --help`) and, for a number, the range of

@@ -93,7 +93,8 @@ def test_the_enumeration_finds_the_keys_the_requirement_names():
 def test_every_numeric_key_declares_its_range(key):
     assert key.range is not None, (
         f"numeric key {key.name} ({key.owner or 'config'}) declares no range: give it one next to the field "
-        "(opt(default, help, at_least(...) / above(...) / between(...)) in rlpost/config.py, or the `ranges` "
+        "(opt(default, help, at_least(...) / above(...) / between(...)) in its rlpost/settings/ module, or the "
+        "`ranges` "
         "table of a plug-in's Config), with a note saying what a boundary value means, and add its row to "
         "the table in docs/cli.md")
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from rlpost.schema import ConfigError, Section, at_least, above, between, opt
 
-
 DTYPES = ("float32", "bfloat16")  # the valid model.dtype names (rlpost/models/ maps them to torch dtypes)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # Llama / Qwen2

@@ -7,7 +7,6 @@ from typing import Any
 
 from rlpost.schema import LEARNING_RATE, Section, at_least, opt
 
-
 ON_BAD_ROW = ("skip", "raise")  # preference.on_bad_row
 
 

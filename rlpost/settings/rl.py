@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from rlpost.schema import Section, at_least, opt
 
-
 # the valid rl.weight_sync names ("auto": the engine's) and rl.topology names (rlpost/weight_sync.py)
 WEIGHT_SYNC_MODES = ("auto", "pointer", "copy", "vllm", "ray", "collective")
 TOPOLOGIES = ("colocated", "disaggregated", "async")

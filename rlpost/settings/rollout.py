@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from rlpost.schema import ConfigError, Section, at_least, between, opt
 from rlpost.settings.trainer import PRECISIONS
 
-
 ENGINES = ("auto", "native", "hf", "vllm")  # the valid rollout.engine names (rlpost/rollout/: build_engine)
 ROLLOUT_DTYPES = ("auto",) + PRECISIONS     # rollout.dtype: 'auto' is the trainer's (resolved) precision
 

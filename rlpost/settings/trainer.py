@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from rlpost.schema import LEARNING_RATE, Section, at_least, between, opt
 
-
 PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = ("auto",) + PRECISIONS  # trainer.precision: 'auto' resolves to one of PRECISIONS at start
 SCHEDULES = ("constant", "linear", "cosine")  # trainer.lr_schedule (rlpost/schedule.py)

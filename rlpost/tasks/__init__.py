@@ -22,7 +22,8 @@ from __future__ import annotations
 from rlpost.env.calls import call_all
 from rlpost.rewards import reward_from_config
 from rlpost.settings.task import TaskConfig
-from rlpost.tasks.base import TASKS, Task, TaskSource, answer_match
+from rlpost.tasks.base import (TASKS, Task, TaskSource, answer_match,  # noqa: F401 - the task API
+                               answer_match_reward, encode_demonstration)
 from rlpost.tasks.files import (Columns, TaskDataError, dataset_splits, prompt_text,  # noqa: F401 - the data API
                                 read_rows)
 
@@ -135,31 +136,3 @@ class FileTask(TaskSource):
 @TASKS.register("jsonl")
 class JsonlTask(FileTask):
     description = "the file task under its older name"
-
-
-def answer_match_reward(completion: str, row: dict) -> float:
-    """The `exact` reward: `answer_match` against row["answer"]."""
-    return answer_match(completion, row["answer"])
-
-
-def encode_demonstration(tokenizer, completion: str | list[dict]) -> tuple[list[int], list[int]]:
-    """A demonstration's completion -> (token ids, trained): what SFT imitates.
-
-    A string is one assistant turn: its ids + eos, all trained. A multi-turn demonstration is a list of
-    segments {"role", "content"}: an "assistant" segment is the policy's turn (ids + eos, trained), any
-    other role (tool output, a user turn) is what an environment appends (ids encoded bare, as the
-    episode function appends a text observation; not trained)."""
-    if isinstance(completion, str):
-        ids = tokenizer.encode_completion(completion) + [tokenizer.eos_token_id]
-        return ids, [1] * len(ids)
-    ids, trained = [], []
-    for n, seg in enumerate(completion):
-        if not isinstance(seg, dict) or not isinstance(seg.get("content"), str) or "role" not in seg:
-            raise ValueError(f"completion segment {n} must be {{'role': ..., 'content': str}}, got {seg!r}")
-        if seg["role"] == "assistant":
-            part = tokenizer.encode_completion(seg["content"]) + [tokenizer.eos_token_id]
-        else:
-            part = tokenizer.encode_completion(seg["content"])
-        ids += part
-        trained += [int(seg["role"] == "assistant")] * len(part)
-    return ids, trained

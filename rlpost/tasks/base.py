@@ -1,4 +1,5 @@
-"""What a task is (`Task`), how one registers (`TASKS`, `TaskSource`), and the exact-answer check they share.
+"""What a task is (`Task`), how one registers (`TASKS`, `TaskSource`), and the helpers every task and its
+readers share: the exact-answer check and a demonstration's encoding.
 
 A task module registers its task by name, with the task's own options as a nested `Config` (like an
 algorithm's: rlpost/registry.py), set in a recipe as task.options and checked when the config loads:
@@ -74,3 +75,31 @@ def answer_match(completion: str, answer: str) -> float:
     except ValueError:
         return 0.0
     return 1.0 if math.isfinite(a) and a == b else 0.0
+
+
+def answer_match_reward(completion: str, row: dict) -> float:
+    """The `exact` reward: `answer_match` against row["answer"]."""
+    return answer_match(completion, row["answer"])
+
+
+def encode_demonstration(tokenizer, completion: str | list[dict]) -> tuple[list[int], list[int]]:
+    """A demonstration's completion -> (token ids, trained): what SFT imitates.
+
+    A string is one assistant turn: its ids + eos, all trained. A multi-turn demonstration is a list of
+    segments {"role", "content"}: an "assistant" segment is the policy's turn (ids + eos, trained), any
+    other role (tool output, a user turn) is what an environment appends (ids encoded bare, as the
+    episode function appends a text observation; not trained)."""
+    if isinstance(completion, str):
+        ids = tokenizer.encode_completion(completion) + [tokenizer.eos_token_id]
+        return ids, [1] * len(ids)
+    ids, trained = [], []
+    for n, seg in enumerate(completion):
+        if not isinstance(seg, dict) or not isinstance(seg.get("content"), str) or "role" not in seg:
+            raise ValueError(f"completion segment {n} must be {{'role': ..., 'content': str}}, got {seg!r}")
+        if seg["role"] == "assistant":
+            part = tokenizer.encode_completion(seg["content"]) + [tokenizer.eos_token_id]
+        else:
+            part = tokenizer.encode_completion(seg["content"])
+        ids += part
+        trained += [int(seg["role"] == "assistant")] * len(part)
+    return ids, trained
