@@ -87,9 +87,9 @@ def jsonl_task(train_file: str, eval_file: str | None, **options) -> Task:
     return file_task(train_file, eval_file, **options)
 
 
-def uses_own_verifier(cfg) -> bool:
+def uses_own_verifier(cfg: TaskConfig) -> bool:
     """Whether the run scores with the task's verifier (no task.reward, task.rewards or task.env)."""
-    return not (cfg.reward or getattr(cfg, "rewards", None) or getattr(cfg, "env", None))
+    return not (cfg.reward or cfg.rewards or cfg.env)
 
 
 def load_task(cfg: TaskConfig) -> Task:
@@ -121,7 +121,7 @@ class _LazyReward:
 class FileTask(TaskSource):
     description = "prompts from task.train_file / task.eval_file (.jsonl, .json, .parquet, a `datasets` folder)"
 
-    def load(self, cfg) -> Task:
+    def load(self, cfg: TaskConfig) -> Task:
         own = uses_own_verifier(cfg)
         verify = None
         if not own and (cfg.reward or cfg.rewards):  # demonstrator accuracy under the run's reward
