@@ -128,7 +128,7 @@ def stage_names(cfg: Config) -> list[str]:
 def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
     """Each stage's name and the config it runs with: `cfg` itself, or for a `{name: {key: value}}` entry of the
     stage list a validated copy with those keys set (dotted keys set one value, a section name merges a mapping
-    into that section, `algorithm` is replaced whole as in a recipe)."""
+    into that section, a plug-in mapping that names its plug-in replaces the run's, as in a recipe: `_merge`)."""
     if cfg.stages is None:
         return [(name, cfg) for name in stage_names(cfg)]
     out = []
