@@ -165,6 +165,10 @@ def echo_task():
             word: str = "hi"
             """the word to repeat"""
 
+        def check(self, cfg) -> None:
+            if cfg.train_file:
+                raise ValueError("task.name=echo makes its own prompts; unset task.train_file")
+
         def load(self, cfg) -> Task:
             rows = [{"prompt": f"{self.options.word}=", "answer": self.options.word}]
             return Task(self.name, rows, rows, [{**rows[0], "completion": self.options.word}], "hi=", 1.0)
@@ -180,6 +184,8 @@ def test_a_new_task_is_one_registered_class(echo_task):
     with pytest.raises(ConfigError, match=r"config key 'task.options': unknown parameter\(s\) 'colour' for task "
                                           r"'echo'; valid parameters: word"):
         load_config(None, ["task.name=echo", "task.options.colour=red"])
+    with pytest.raises(ConfigError, match=r"task.name=echo makes its own prompts; unset task.train_file"):
+        load_config(None, ["task.name=echo", "task.train_file=x.jsonl"])  # the task's own rule, at load time
 
 
 def demos_in_format(cfg: TaskConfig) -> int:

@@ -83,8 +83,6 @@ class TaskConfig(Section):
         for key, owner in (("reward_options", "reward"), ("env_options", "env")):
             if getattr(self, key) and not getattr(self, owner):
                 raise ConfigError(f"{prefix}{key} are the options of {prefix}{owner}, which is not set")
-        if self.name in ("file", "jsonl") and not self.train_file:
-            raise ConfigError(f"{prefix}name={self.name} needs {prefix}train_file (and usually {prefix}eval_file)")
         for key in ("prompt_key", "answer_key", "completion_key", "messages_key", "train_split", "eval_split"):
             if not getattr(self, key):
                 raise ConfigError(f"config key '{prefix}{key}' must be a non-empty string")
@@ -96,7 +94,11 @@ class TaskConfig(Section):
                 raise ConfigError(f"config key '{prefix}{key}' is an option of the {' / '.join(owners)} task, not of "
                                   f"{self.name!r} (got {options[key]!r}); leave it at {_default(key)!r} or set "
                                   f"{prefix}name={owners[0]}")
-        build_plugin(tasks.build, options, prefix + "options", name=self.name)
+        source = build_plugin(tasks.build, options, prefix + "options", name=self.name)
+        try:
+            source.check(self)  # the task's own rules about the shared keys (the file task needs a train_file)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def task_options(self, prefix: str = "task.") -> dict[str, Any]:
         """The task's own options: task.options, with each flat alias (task.answer_format_rate) that differs from

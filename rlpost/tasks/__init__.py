@@ -121,6 +121,10 @@ class _LazyReward:
 class FileTask(TaskSource):
     description = "prompts from task.train_file / task.eval_file (.jsonl, .json, .parquet, a `datasets` folder)"
 
+    def check(self, cfg: TaskConfig) -> None:
+        if not cfg.train_file:
+            raise ValueError(f"task.name={self.name} needs task.train_file (and usually task.eval_file)")
+
     def load(self, cfg: TaskConfig) -> Task:
         own = uses_own_verifier(cfg)
         verify = None

@@ -59,6 +59,10 @@ class TaskSource:
     def __init__(self, **options: Any):
         self.options = make_config(self.Config, options, f"task {self.name!r}")
 
+    def check(self, cfg) -> None:
+        """Refuse (ValueError naming the key) a TaskConfig this task cannot load; called when the config loads,
+        before any work. Nothing to refuse by default."""
+
     def load(self, cfg) -> Task:
         """The Task of TaskConfig `cfg` (its shared keys: seed, files, columns...) and this task's options."""
         raise NotImplementedError(f"task {self.name!r} does not define load()")
