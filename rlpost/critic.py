@@ -29,9 +29,7 @@ from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
 from rlpost.models import autocast, check_packing, check_precision, model_device, trunk_hidden_states
 from rlpost.packing import Packed, micro_batches, scatter_rows
-
-
-CRITIC_TYPES = ("separate", "head")  # the valid critic.type names
+from rlpost.settings.critic import CRITIC_TYPES  # the valid critic.type names, declared with the key
 
 
 class Critic(nn.Module):

@@ -1,4 +1,5 @@
-"""Named plug-ins with typed parameters: the one mechanism behind `get_algorithm` and `get_preference_loss`.
+"""Named plug-ins with typed parameters: the one mechanism behind `get_algorithm`, `get_preference_loss`
+and the tasks (`rlpost.tasks.TASKS`).
 
     ALGORITHMS = Registry("algorithm", "algorithms")
 
@@ -7,9 +8,9 @@
 
     ALGORITHMS.build("grpo", beta=0.04)    # an unknown name or parameter fails with the valid choices
 
-A plug-in class declares its knobs as a nested `Config` dataclass; `make_config` fills it from keyword
-parameters, naming any unknown one, any of the wrong type and any number outside the range the `Config`
-declares for it (rlpost/schema.py: a `ranges` table on the class).
+A plug-in class declares its knobs as a nested `Config` dataclass (every registered class has one);
+`make_config` fills it from keyword parameters, naming any unknown one, any of the wrong type and any number
+outside the range the `Config` declares for it (rlpost/schema.py: a `ranges` table on the class).
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ class Registry:
             return cls
 
         return wrap
+
+    def __iter__(self):
+        """The registered names, in the order they registered (a config lists them so)."""
+        return iter(self.classes)
+
+    def parameters(self, name: str) -> tuple[str, ...]:
+        """The parameters (its `Config`'s fields) of the plug-in registered as `name`."""
+        return tuple(f.name for f in dataclasses.fields(self.classes[name].Config))
+
+    def having(self, parameter: str) -> list[str]:
+        """The registered names whose plug-in has `parameter`."""
+        return [name for name in self.classes if parameter in self.parameters(name)]
 
     def available(self) -> dict[str, str]:
         """Registered names -> one-line descriptions."""

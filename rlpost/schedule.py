@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("constant", "linear", "cosine")
+from rlpost.settings.trainer import SCHEDULES  # the valid trainer.lr_schedule names, declared with the key
 
 
 class LRSchedule:

@@ -1,9 +1,11 @@
-"""What a config value may be: its type, and for a number the range it means something in. Shared by the
-run config (rlpost/config.py) and the plug-ins' own configs (algorithms, preference losses), so that a bad
-value is refused when the config loads, naming the key, the value and what is allowed.
+"""What a config value may be: its type, for a number the range it means something in, for a name the
+names it may be. Shared by the run config's sections (rlpost/settings/, assembled in rlpost/config.py) and the
+plug-ins' own configs (algorithms, preference losses, tasks), so that a bad value is refused when the config
+loads, naming the key, the value and what is allowed. This module is a leaf: it imports no rlpost module, so a
+section (and anything else) can import it without pulling in torch or a role.
 
 A numeric field declares its range next to itself: in its field metadata (`opt(default, help, Range(...))`
-in rlpost/config.py), or, for a plug-in `Config` whose fields carry docstrings, in the class's `ranges`
+in a section module), or, for a plug-in `Config` whose fields carry docstrings, in the class's `ranges`
 table (a subclass adds to, or overrides, its bases' tables). NaN and +-inf lie outside every range,
 declared or not: a number that is not finite never reaches a run.
 
@@ -17,11 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 import types
 import typing
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
 
 @dataclass(frozen=True)
@@ -190,3 +193,121 @@ def check_ranges(obj: Any, message: typing.Callable[[str, float, str], str]) -> 
     `message(field, value, what is allowed)`."""
     for key, value, rng, optional in out_of_range(obj):
         raise RangeError(message(key, value, rng.describe(optional)), key, value, rng, optional)
+
+
+# ---------------------------------------------------------------------------- sections
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+LEARNING_RATE = above(0, what="a positive learning rate")
+ADAM_BETA = between(0, 1, "0: no averaging", high_open=True)
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{'config key ' + repr(path[:-1]) if path else 'recipe'}: expected a mapping, got "
+                          f"{type(data).__name__}")
+    types_of = hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{where}'; valid keys{' under ' + path[:-1] if path else ''}: "
+                              f"{', '.join(fields)}")
+        tp = types_of[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, where + ".")
+            continue
+        ok, converted = type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"config key '{where}' expects {type_name(tp)}, got {type(value).__name__} {value!r}")
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def opt(default: Any, help: str, range: Range | None = None, *, choices: Iterable[str] | str | None = None,
+        plugin: str | None = None) -> Any:
+    """A config field with its help line (shown by `rlpost train --help`) and, for a number, the range of
+    values it means something for (checked at load time; every numeric key declares one).
+
+    `choices`: the names a string field may take: a tuple (defined in a leaf module that the role reading the
+    key imports too), or a 'module:attribute' reference to a collection filled by the role's package (a
+    registry), looked up only when the config is validated (`lookup`). `plugin`: the field is a plug-in's
+    mapping {name, ...parameters}; 'module:function' builds it from that mapping (`build_plugin`)."""
+    metadata: dict[str, Any] = {"help": help}
+    for key, value in (("range", range), ("choices", choices), ("plugin", plugin)):
+        if value is not None:
+            metadata[key] = value
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def lookup(ref: str) -> Any:
+    """The object a 'module:attribute' reference names, its module imported now. The hook through which a
+    section reads what a role's package defines (its registered names, its plug-in builder) without importing
+    the role itself: the import happens when a config is validated, not when the section is."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def valid_names(choices: Iterable[str] | str) -> tuple[str, ...]:
+    """The names a `choices` declaration allows, in their own order (a reference is looked up first)."""
+    return tuple(lookup(choices) if isinstance(choices, str) else choices)
+
+
+def check_choice(key: str, value: Any, choices: Iterable[str] | str) -> None:
+    """Raise ConfigError when `value` is not one of `choices`, listing the valid names."""
+    valid = valid_names(choices)
+    if value not in valid:
+        raise ConfigError(f"config key '{key}' is {value!r}; valid values: {', '.join(valid)}")
+
+
+def build_plugin(build: Any, params: dict[str, Any], key: str, *, name: str | None = None) -> Any:
+    """Build a plug-in (an algorithm, a preference loss, a task's options) from config key `key`'s parameters,
+    now: an unknown name or parameter is its own error; a number outside the range the plug-in declares is
+    named as a config key. `build` is the builder or its 'module:function' reference; `name`: the plug-in's
+    name when it is not the mapping's 'name' (then `key` names the parameters' mapping)."""
+    if name is None and "name" not in params:  # a recipe's mapping replaces the one before whole, name included
+        raise ConfigError(f"config key '{key}' needs a 'name' besides its parameters, got {params!r}")
+    build = lookup(build) if isinstance(build, str) else build
+    try:
+        return build(**params) if name is None else build(name, **params)
+    except RangeError as e:
+        which = f"{key.rsplit('.', 1)[0]}.name={name}" if name is not None else f"{key}.name={params.get('name')}"
+        raise ConfigError(f"config key '{key}.{e.key}' must be {e.range.describe(e.optional)}, got {e.value!r} "
+                          f"({which})") from None
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
+
+
+class Section:
+    """A config section (and the whole Config): it checks its own keys. `validate` refuses a number outside
+    the range its field declares, a name outside its field's `choices` and a plug-in mapping its plug-in
+    refuses, in this section and the sections nested in it, then applies `check`, the section's own rules that
+    declarations cannot say (keys of the section that go together)."""
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise ConfigError naming the first bad key of this section (`prefix`: its dotted path, e.g. 'model.')."""
+        try:
+            check_ranges(self, lambda key, value, allowed: f"config key '{prefix}{key}' must be {allowed}, "
+                                                           f"got {value!r}")
+        except RangeError as e:
+            raise ConfigError(str(e)) from None
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                check_choice(prefix + f.name, getattr(self, f.name), f.metadata["choices"])
+            if "plugin" in f.metadata:
+                build_plugin(f.metadata["plugin"], getattr(self, f.name), prefix + f.name)
+        self.check(prefix)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Section):
+                value.validate(f"{prefix}{f.name}.")
+
+    def check(self, prefix: str) -> None:
+        """The section's own rules beyond the declarations of its fields (none by default)."""

@@ -6,6 +6,7 @@ import os
 import pytest
 import yaml
 
+from rlpost.algorithms import get_algorithm
 from rlpost.config import Config, ConfigError, ModelConfig, load_config, to_dict
 from rlpost.models import ModelLoadError, load_model
 from rlpost.tasks import TaskDataError, jsonl_task, read_jsonl
@@ -29,7 +30,8 @@ def test_dotted_overrides_are_typed():
                              "trainer.micro_batch_size=16"])
     assert cfg.rl.steps == 7 and cfg.trainer.lr == 1e-3 and cfg.algorithm["beta"] == 0
     assert cfg.model.chat_template is True and cfg.trainer.micro_batch_size == 16
-    assert cfg.algorithm["clip_high"] == 0.28  # other algorithm parameters keep their defaults
+    assert cfg.algorithm == {"name": "grpo", "beta": 0}  # GRPO's other parameters: its own defaults, written once
+    assert get_algorithm(**cfg.algorithm).cfg.clip_high == 0.28
 
 
 def test_recipe_algorithm_section_replaces_the_default_parameters(tmp_path):

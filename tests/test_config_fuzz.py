@@ -1,11 +1,12 @@
 """Bad numbers are refused before any work: every numeric key of the schema, fuzzed.
 
-The keys are enumerated from the dataclasses themselves (the config sections, every algorithm's and every
-preference loss's own `Config`), so a key added later is fuzzed without touching this file. Each gets NaN,
-+-inf, -1 and 0, spelled as on a command line ("nan") and as YAML floats (".nan", ".inf"). The config loader must
-either refuse the value, naming the key, the value and what is allowed, or accept a finite value inside the
-key's declared range, whose boundary values carry a meaning in the range's note, and that note is written in
-docs/cli.md. Nothing here builds a model; the CLI tests check that a refusal comes before the run directory.
+The keys are enumerated from the dataclasses themselves (the config sections, every algorithm's, every
+preference loss's and every task's own `Config`), so a key added later is fuzzed without touching this file.
+Each gets NaN, +-inf, -1 and 0, spelled as on a command line ("nan") and as YAML floats (".nan", ".inf"). The
+config loader must either refuse the value, naming the key, the value and what is allowed, or accept a finite
+value inside the key's declared range, whose boundary values carry a meaning in the range's note, and that note
+is written in docs/cli.md. Nothing here builds a model; the CLI tests check that a refusal comes before the run
+directory.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rlpost.config import Config, ConfigError, load_config
 from rlpost.preference import available as preference_losses
 from rlpost.preference import get_preference_loss
 from rlpost.schema import Range, hints, numeric_fields
+from rlpost.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUES = ["nan", "inf", "-inf", ".nan", ".inf", "-1", "0"]
@@ -67,6 +69,9 @@ def plugin_keys() -> list[Key]:
             for param, (kind, optional, rng) in numeric_fields(type(build(name)).Config).items():
                 keys.append(Key(f"{section}.{param}", kind, optional, rng, (f"{section}={{name: {name}}}",),
                                 f"{section}.name={name}"))
+    for name in TASKS:  # a task's options: task.options.<param>, the task chosen by task.name
+        for param, (kind, optional, rng) in numeric_fields(TASKS.classes[name].Config).items():
+            keys.append(Key(f"task.options.{param}", kind, optional, rng, (f"task.name={name}",), f"task.name={name}"))
     return keys
 
 
@@ -88,7 +93,8 @@ def test_the_enumeration_finds_the_keys_the_requirement_names():
 def test_every_numeric_key_declares_its_range(key):
     assert key.range is not None, (
         f"numeric key {key.name} ({key.owner or 'config'}) declares no range: give it one next to the field "
-        "(opt(default, help, at_least(...) / above(...) / between(...)) in rlpost/config.py, or the `ranges` "
+        "(opt(default, help, at_least(...) / above(...) / between(...)) in its rlpost/settings/ module, or the "
+        "`ranges` "
         "table of a plug-in's Config), with a note saying what a boundary value means, and add its row to "
         "the table in docs/cli.md")
 
@@ -128,7 +134,8 @@ def range_table() -> list[str]:
     groups: dict[tuple[str, str], list[str]] = {}
     for k in plugin_keys():
         groups.setdefault((k.name, (k.range or Range()).describe(k.optional)), []).append(k.owner.split("=")[1])
-    every = {"algorithm": sorted(algorithms()), "preference.loss": sorted(preference_losses())}
+    every = {"algorithm": sorted(algorithms()), "preference.loss": sorted(preference_losses()),
+             "task.options": sorted(TASKS)}
     for (name, allowed), owners in groups.items():
         section = name.rsplit(".", 1)[0]
         which = "" if sorted(owners) == every[section] else f" ({', '.join(owners)})"

@@ -10,12 +10,12 @@ import warnings
 import torch
 import torch.nn as nn
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # model.dtype -> its torch dtype
-DTYPES = tuple(TORCH_DTYPES)  # the valid model.dtype names
+from rlpost.settings.model import DTYPES  # the valid model.dtype names, declared with the key
+from rlpost.settings.rollout import ROLLOUT_DTYPES  # rollout.dtype: 'auto' is the trainer's (resolved) precision
+from rlpost.settings.trainer import PRECISION_CHOICES, PRECISIONS  # trainer.precision: 'auto' resolves at start
+
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # model.dtype -> its torch dtype
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-PRECISIONS = ("fp32", "bf16")
-PRECISION_CHOICES = ("auto",) + PRECISIONS  # trainer.precision: 'auto' resolves to one of PRECISIONS at start
-ROLLOUT_DTYPES = ("auto",) + PRECISIONS     # rollout.dtype: 'auto' is the trainer's (resolved) precision
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:

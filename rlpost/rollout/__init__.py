@@ -24,6 +24,7 @@ import torch
 
 from rlpost.batch import Batch
 from rlpost.rollout.engine import Engine, SamplingParams
+from rlpost.settings.rollout import ENGINES  # the valid rollout.engine names (build_engine), declared with the key
 
 __all__ = ["Engine", "SamplingParams", "StopStrings", "assemble", "build_engine", "engine_choice", "sample_next"]
 
@@ -97,9 +98,6 @@ def assemble(prompts: list[list[int]], k: int, tokens: torch.Tensor, logps: torc
         policy_version=torch.full((B,), version, dtype=torch.long),
         meta={"finish_reason": ["stop" if s else "length" for s in stopped.tolist()]},
     )
-
-
-ENGINES = ("auto", "native", "hf", "vllm")  # the valid rollout.engine names (build_engine)
 
 
 def engine_choice(model) -> tuple[str, str]:

@@ -11,47 +11,24 @@ SFT imitates the whole completion), plus any other columns of its file. A task o
     task.demonstrator_accuracy            # mean score of the held-out rows' completions (None: unknown)
     task.system_prompt                    # task.system_prompt: put before every chat-template prompt
 
-Task names (task.name): `arithmetic` (procedural, embedded) and `file` (task.train_file / eval_file in
-any format rlpost/tasks/files.py reads; `jsonl` is the same task under its older name).
+Task names (task.name) are a registry, `TASKS` (rlpost/tasks/base.py): each embedded task's module registers
+it (arithmetic, multiply, multistep, functions, grading: one file each), and this module registers `file`
+(task.train_file / eval_file in any format rlpost/tasks/files.py reads; `jsonl` is the same task under its
+older name). A task's own options (task.options) are its registered class's `Config`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from rlpost.env.calls import call_all
+from rlpost.rewards import reward_from_config
+from rlpost.settings.task import TaskConfig
+from rlpost.tasks.base import (TASKS, Task, TaskSource, answer_match,  # noqa: F401 - the task API
+                               answer_match_reward)
+from rlpost.tasks.files import (Columns, TaskDataError, dataset_splits, prompt_text,  # noqa: F401 - the data API
+                                read_rows)
 
-from rlpost.tasks.files import Columns, TaskDataError, prompt_text, read_rows  # noqa: F401 - the task data API
-
-EMBEDDED = ("arithmetic", "multiply", "multistep", "functions", "grading")  # procedural tasks, one file each
-FILE_TASKS = ("file", "jsonl")
-TASKS = EMBEDDED + FILE_TASKS  # the valid task.name values (load_task); jsonl: an alias of file
-
-
-@dataclass
-class Task:
-    name: str
-    train_rows: list[dict]
-    eval_rows: list[dict]
-    demonstrations: list[dict]
-    alphabet: str
-    demonstrator_accuracy: float | None
-    system_prompt: str | None = None
-
-    def verify(self, completion: str, row: dict) -> float:
-        return answer_match(completion, row["answer"])
-
-
-def answer_match(completion: str, answer: str) -> float:
-    """1.0 when the completion's first line equals the answer (numerically when both are numbers)."""
-    got = completion.strip().split("\n")[0].strip()
-    want = str(answer).strip()
-    if got == want:
-        return 1.0
-    try:
-        a, b = float(got), float(want)
-    except ValueError:
-        return 0.0
-    return 1.0 if math.isfinite(a) and a == b else 0.0
+# each embedded task registers itself as its module is imported, in the order task.name lists them
+from rlpost.tasks import arithmetic, multiply, multistep, programs, grading  # noqa: E402,F401
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -79,8 +56,6 @@ def file_task(train_file: str, eval_file: str | None, cols: Columns = Columns(),
     has one) is the held-out set. Demonstrations are the training rows with a completion, or else a string
     answer to imitate. `demonstrator_accuracy` is the mean score, under `verify` (the run's reward; default:
     the exact first-line match), of the held-out rows that carry a completion."""
-    from rlpost.tasks.files import dataset_splits
-
     train = read_rows(train_file, cols, split=train_split, require_answer=require_answer)
     if eval_file:
         evals = read_rows(eval_file, cols, split=eval_split, split_key="task.eval_split",
@@ -112,32 +87,15 @@ def jsonl_task(train_file: str, eval_file: str | None, **options) -> Task:
     return file_task(train_file, eval_file, **options)
 
 
-def uses_own_verifier(cfg) -> bool:
+def uses_own_verifier(cfg: TaskConfig) -> bool:
     """Whether the run scores with the task's verifier (no task.reward, task.rewards or task.env)."""
-    return not (cfg.reward or getattr(cfg, "rewards", None) or getattr(cfg, "env", None))
+    return not (cfg.reward or cfg.rewards or cfg.env)
 
 
-def load_task(cfg) -> Task:
-    """The task that TaskConfig `cfg` names."""
-    system_prompt = getattr(cfg, "system_prompt", None)
-    task = _embedded_task(cfg)
-    if task is not None:
-        task.system_prompt = system_prompt
-        return task
-    if cfg.name not in FILE_TASKS:
-        raise ValueError(f"task.name is {cfg.name!r}; valid values: {', '.join(TASKS)}")
-    own = uses_own_verifier(cfg)
-    verify = None
-    if not own and (cfg.reward or getattr(cfg, "rewards", None)):  # demonstrator accuracy under the run's reward
-        from rlpost.rewards import reward_from_config
-
-        verify = _LazyReward(lambda: reward_from_config(cfg, answer_match_reward),
-                             getattr(cfg, "reward_timeout_s", None))
-    task = file_task(cfg.train_file, cfg.eval_file, Columns.from_config(cfg),
-                     train_split=getattr(cfg, "train_split", "train"), eval_split=getattr(cfg, "eval_split", "test"),
-                     require_answer=own, verify=verify, system_prompt=system_prompt, name=cfg.name)
-    if not own and verify is None:  # an environment scores episodes, not completions: no accuracy to report
-        task.demonstrator_accuracy = None
+def load_task(cfg: TaskConfig) -> Task:
+    """The task that TaskConfig `cfg` names, with its own options (task.options and their flat aliases)."""
+    task = TASKS.build(cfg.name, **cfg.task_options()).load(cfg)
+    task.system_prompt = cfg.system_prompt
     return task
 
 
@@ -149,8 +107,6 @@ class _LazyReward:
         self.build, self.fn, self.timeout_s = build, None, timeout_s
 
     def __call__(self, completion: str, row: dict) -> float:
-        from rlpost.env.calls import call_all
-
         if self.fn is None:
             self.fn = self.build()
         (result,) = call_all([lambda: self.fn(completion, row)], self.timeout_s, workers=1)
@@ -161,34 +117,26 @@ class _LazyReward:
         return result.value
 
 
-def _embedded_task(cfg) -> Task | None:
-    """The procedural task `cfg.name` names (None for a file task), built from its task.* keys."""
-    if cfg.name == "arithmetic":
-        from rlpost.tasks.arithmetic import arithmetic_task
+@TASKS.register("file")
+class FileTask(TaskSource):
+    description = "prompts from task.train_file / task.eval_file (.jsonl, .json, .parquet, a `datasets` folder)"
 
-        return arithmetic_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
-                               error_rate=cfg.demonstrator_error)
-    if cfg.name == "multiply":
-        from rlpost.tasks.multiply import multiply_task
+    def check(self, cfg: TaskConfig) -> None:
+        if not cfg.train_file:
+            raise ValueError(f"task.name={self.name} needs task.train_file (and usually task.eval_file)")
 
-        return multiply_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
-                             error_rate=cfg.demonstrator_error)
-    if cfg.name == "multistep":
-        from rlpost.tasks.multistep import multistep_task
-
-        return multistep_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
-                              error_rate=cfg.demonstrator_error, format_rate=cfg.answer_format_rate)
-    if cfg.name == "functions":
-        from rlpost.tasks.programs import functions_task
-
-        return functions_task(seed=cfg.seed, num_eval=min(cfg.num_eval, 200), error_rate=cfg.demonstrator_error)
-    if cfg.name == "grading":
-        from rlpost.tasks.grading import grading_task
-
-        return grading_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval)
-    return None
+    def load(self, cfg: TaskConfig) -> Task:
+        own = uses_own_verifier(cfg)
+        verify = None
+        if not own and (cfg.reward or cfg.rewards):  # demonstrator accuracy under the run's reward
+            verify = _LazyReward(lambda: reward_from_config(cfg, answer_match_reward), cfg.reward_timeout_s)
+        task = file_task(cfg.train_file, cfg.eval_file, Columns.from_config(cfg), train_split=cfg.train_split,
+                         eval_split=cfg.eval_split, require_answer=own, verify=verify, name=self.name)
+        if not own and verify is None:  # an environment scores episodes, not completions: no accuracy to report
+            task.demonstrator_accuracy = None
+        return task
 
 
-def answer_match_reward(completion: str, row: dict) -> float:
-    """The `exact` reward: `answer_match` against row["answer"]."""
-    return answer_match(completion, row["answer"])
+@TASKS.register("jsonl")
+class JsonlTask(FileTask):
+    description = "the file task under its older name"

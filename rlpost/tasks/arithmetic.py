@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from rlpost.tasks import Task, answer_match
+from rlpost.tasks.base import TASKS, Task, TaskSource, answer_match
 
 ALPHABET = "0123456789+="
 
@@ -45,3 +45,12 @@ def arithmetic_task(seed: int = 1234, max_operand: int = 99, num_eval: int = 500
     # The demonstrator's accuracy on the held-out problems (a fresh draw, as it would label them).
     held_out = [answer_match(demonstrate(r, error_rate, rng), r["answer"]) for r in eval_rows]
     return Task("arithmetic", train_rows, eval_rows, demos, ALPHABET, sum(held_out) / len(held_out))
+
+
+@TASKS.register("arithmetic")
+class Arithmetic(TaskSource):
+    description = "two-operand addition (the default)"
+
+    def load(self, cfg) -> Task:
+        return arithmetic_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
+                               error_rate=cfg.demonstrator_error)

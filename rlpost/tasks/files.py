@@ -39,6 +39,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from rlpost.settings.task import TaskConfig
+
 ROLES = ("system", "user", "assistant", "tool")
 POSITION_KEYS = ("line", "row")  # added by the readers; not data
 SHOWN = 20  # malformed rows listed in an error; the rest are counted
@@ -58,9 +60,9 @@ class Columns:
     messages: str = "messages"
 
     @classmethod
-    def from_config(cls, cfg) -> "Columns":
-        return cls(getattr(cfg, "prompt_key", "prompt"), getattr(cfg, "answer_key", "answer"),
-                   getattr(cfg, "completion_key", "completion"), getattr(cfg, "messages_key", "messages"))
+    def from_config(cls, cfg: TaskConfig) -> "Columns":
+        """The columns task.prompt_key, answer_key, completion_key and messages_key name."""
+        return cls(cfg.prompt_key, cfg.answer_key, cfg.completion_key, cfg.messages_key)
 
 
 # ---------------------------------------------------------------------------- text of a prompt

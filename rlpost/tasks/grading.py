@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 
 from rlpost.env.judge import render_rubric
-from rlpost.tasks import Task
+from rlpost.tasks.base import TASKS, Task, TaskSource
 from rlpost.tasks.arithmetic import arithmetic_task, slip
 
 RUBRIC = "{prompt}{reference}|{completion}"  # recipes/judge_arithmetic.yaml gives the judge this rubric
@@ -48,3 +48,11 @@ def grading_task(seed: int = 1234, max_operand: int = 99, num_eval: int = 500) -
     evals = [grade_row(r, rng) for r in base.eval_rows]
     chars = sorted({c for r in train + evals for c in r["prompt"] + r["completion"]})
     return GradingTask("grading", train, evals, train, "".join(chars), 1.0)
+
+
+@TASKS.register("grading")
+class Grading(TaskSource):
+    description = "grade additions: a judge model to reward by"
+
+    def load(self, cfg) -> Task:
+        return grading_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from rlpost.tasks import Task, answer_match
+from rlpost.tasks.base import TASKS, Task, TaskSource, answer_match
 from rlpost.tasks.arithmetic import slip
 
 ALPHABET = "0123456789*?=;"
@@ -57,3 +57,12 @@ def multiply_task(seed: int = 1234, max_operand: int = 999, num_eval: int = 500,
                 for r, a, b in eval_rows]
     return Task("multiply", [r for r, _, _ in train_rows], [r for r, _, _ in eval_rows], demos, ALPHABET,
                 sum(held_out) / len(held_out))
+
+
+@TASKS.register("multiply")
+class Multiply(TaskSource):
+    description = "multiplication with a calculator tool"
+
+    def load(self, cfg) -> Task:
+        return multiply_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
+                             error_rate=cfg.demonstrator_error)

@@ -14,16 +14,20 @@ is wrong and the rest of its reasoning carries the mistake through (as a careles
 the slip is in the last sum. SFT imitates reasoning and slips alike; RL against the verifier removes
 the slips.
 
-With `format_rate` < 1 (task.answer_format_rate) only that fraction of the demonstrations ends with
-";#### <answer>"; the others stop after the last sum ("57+32=089;089+18=107"), which the verifier cannot
-read: recipes/r1_zero.yaml's base model, which RL with a format reward teaches to write the answer format.
+With `format_rate` < 1 (task.options.answer_format_rate; task.answer_format_rate is its flat alias) only that
+fraction of the demonstrations ends with ";#### <answer>"; the others stop after the last sum
+("57+32=089;089+18=107"), which the verifier cannot read: recipes/r1_zero.yaml's base model, which RL with a
+format reward teaches to write the answer format.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from typing import ClassVar
 
-from rlpost.tasks import Task
+from rlpost.schema import Range, between
+from rlpost.tasks.base import TASKS, Task, TaskSource
 from rlpost.tasks.arithmetic import slip
 
 ALPHABET = "0123456789+=;# "
@@ -96,3 +100,21 @@ def step_truth(completion: str, row: dict, sep: str = ";") -> list[int]:
             ok = False
         truth.append(int(ok))
     return truth
+
+
+@TASKS.register("multistep")
+class Multistep(TaskSource):
+    description = "three-operand addition, solved step by step (chain of thought)"
+
+    @dataclass
+    class Config:
+        answer_format_rate: float = 1.0
+        """fraction of the demonstrations that end with '#### <answer>' (the rest stop after the last sum: a base
+        model that only sometimes writes the answer format)"""
+
+        ranges: ClassVar[dict[str, Range]] = {
+            "answer_format_rate": between(0, 1, "0: no demonstration ends with the answer format")}
+
+    def load(self, cfg) -> Task:
+        return multistep_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval,
+                              error_rate=cfg.demonstrator_error, format_rate=self.options.answer_format_rate)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from rlpost.tasks import Task
+from rlpost.tasks.base import TASKS, Task, TaskSource
 from rlpost.tasks.arithmetic import slip
 
 ALPHABET = "0123456789+-*x;def(): rtun"
@@ -63,3 +63,11 @@ def functions_task(seed: int = 1234, num_eval: int = 200, error_rate: float = 0.
     demos = [{**r, "completion": write_program(r["prompt"][:-1], error_rate, rng)} for r in train_rows]
     right = [write_program(r["prompt"][:-1], error_rate, rng) == r["answer"] for r in eval_rows]
     return Task("functions", train_rows, eval_rows, demos, ALPHABET, sum(right) / len(right))
+
+
+@TASKS.register("functions")
+class Functions(TaskSource):
+    description = "write a one-line Python function (code, run against tests)"
+
+    def load(self, cfg) -> Task:
+        return functions_task(seed=cfg.seed, num_eval=min(cfg.num_eval, 200), error_rate=cfg.demonstrator_error)

@@ -1,0 +1,33 @@
+"""rl.*: the RL stage's steps, checkpoints, and where its roles run (topology, weight sync)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlpost.schema import Section, at_least, opt
+
+
+@dataclass
+class RLConfig(Section):
+    steps: int = opt(150, "RL steps (each: rollout, reward, reference, advantages, train, sync)",
+                     at_least(0, "0: no RL stage"))
+    eval_every: int = opt(50, "held-out pass@1 every this many steps (0: only at the end)",
+                          at_least(0, "0: only at the end"))
+    save_every: int = opt(50, "write a resumable checkpoint checkpoints/step_<n> every this many steps (0: only "
+                              "checkpoints/final at the end)", at_least(0, "0: only checkpoints/final"))
+    keep_checkpoints: int = opt(2, "keep the newest this many step checkpoints (0: all)", at_least(0, "0: keep all"))
+    weight_sync: str = opt("auto", "the transport of weights to Ray rollout workers (disaggregated/async): 'auto' "
+                                   "(ray) | 'ray' (Ray object store) | 'collective' (torch.distributed broadcast); "
+                                   "colocated, how they land is the engine's ('auto'), with the aliases 'pointer' "
+                                   "(shared module) | 'vllm' (rollout.engine=vllm) | 'copy' (the engine's own copy)",
+                           choices="rlpost.loops:WEIGHT_SYNCS")
+    topology: str = opt("colocated", "where the roles run: 'colocated' (one process, taking turns) | 'disaggregated' "
+                                     "(rollout in rl.rollout_workers Ray actors) | 'async' (as disaggregated, rollout "
+                                     "runs up to rl.max_staleness steps ahead of training)",
+                         choices="rlpost.loops:TOPOLOGIES")
+    rollout_workers: int = opt(1, "disaggregated/async: Ray actors that generate (each its own engine and weights)",
+                               at_least(1))
+    max_staleness: int = opt(1, "async: rollouts run this many policy versions ahead at most (0: synchronous)",
+                             at_least(0, "0: synchronous"))
+    max_worker_restarts: int = opt(3, "disaggregated/async: restarts of dead rollout workers before the run stops",
+                                   at_least(0, "0: a dead worker stops the run"))
