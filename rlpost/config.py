@@ -357,7 +357,7 @@ class DistillConfig(Section):
     coef: float = opt(1.0, "weight of the per-token reverse-KL reward", above(0))
 
 
-PRM_REWARDS = ("score", "delta")  # prm.reward: how a step's PRM score becomes its reward (rlpost/process_reward.py)
+PRM_REWARDS = ("score", "delta")  # prm.reward: how a step's PRM score becomes its reward (rlpost/env/process_reward.py)
 
 
 @dataclass

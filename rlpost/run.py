@@ -23,8 +23,8 @@ its steps after those of the RL stages before it, so metrics.jsonl has one line 
 An eval is labelled by the stage before it (pass@1_sft, pass@1_dpo after preference, pass@1_rl_2; the first
 one before any training: pass@1_start).
 
-With `distill.teacher` the RL stage's reward is the teacher's per-token reverse KL (rlpost/distill.py); with
-`prm.path` it is the verifier's outcome plus a process reward model's step rewards (rlpost/process_reward.py).
+With `distill.teacher` the RL stage's reward is the teacher's per-token reverse KL (rlpost/env/teacher.py); with
+`prm.path` it is the verifier's outcome plus a process reward model's step rewards (rlpost/env/process_reward.py).
 
 The run directory:
 
@@ -620,13 +620,13 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     verifier = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
     rl_reward = verifier
     if cfg.distill.teacher:  # on-policy distillation: the teacher's per-token reverse KL is the RL reward
-        from rlpost.distill import load_teacher_reward
+        from rlpost.env.teacher import load_teacher_reward
 
         rl_reward = load_teacher_reward(cfg.distill, cfg.model, tokenizer, cfg.rollout.temperature, verifier,
                                         [r["prompt"] for r in task.train_rows[:16]], system=task.system_prompt,
                                         trainer_cfg=cfg.trainer)
     if cfg.prm.path:  # process rewards: the PRM's step rewards at the step ends, plus the verifier's outcome
-        from rlpost.process_reward import load_process_reward
+        from rlpost.env.process_reward import load_process_reward
 
         rl_reward = load_process_reward(cfg.prm, tokenizer, verifier, [r["prompt"] for r in task.train_rows[:16]],
                                         system=task.system_prompt)

@@ -263,7 +263,7 @@ def test_greedy_rollouts_train_on_finite_log_probs(tmp_path):
 def test_scorers_refuse_a_temperature_they_cannot_divide_by():
     import torch
 
-    from rlpost.distill import TeacherReward
+    from rlpost.env.teacher import TeacherReward
     from rlpost.reference import Reference
     from rlpost.rollout.engine import SamplingParams, logp_temperature
     from rlpost.trainer import Trainer

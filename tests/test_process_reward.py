@@ -1,4 +1,4 @@
-"""Process rewards in RL (rlpost/process_reward.py): the PRM's step rewards placed at the step ends against
+"""Process rewards in RL (rlpost/env/process_reward.py): the PRM's step rewards placed at the step ends against
 hand-computed tensors, the config combinations that are refused, and a short real RL run with `prm.path`."""
 
 import json
@@ -12,8 +12,8 @@ from rlpost.cli import main
 from rlpost.config import ConfigError, load_config
 from rlpost.models import encode_prompt
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
-from rlpost.prm import ProcessRewardModel
-from rlpost.process_reward import ProcessReward, process_token_rewards
+from rlpost.env.process_reward_model import ProcessRewardModel
+from rlpost.env.process_reward import ProcessReward, process_token_rewards
 from rlpost.reward import Reward
 from rlpost.stages.sft import sft_batch
 from rlpost.tasks.multistep import ALPHABET

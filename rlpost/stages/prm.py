@@ -1,4 +1,4 @@
-"""`rlpost prm`: a process reward model (rlpost/prm.py) and an outcome reward model from one policy's samples.
+"""`rlpost prm`: a process reward model (rlpost/env/process_reward_model.py) and an outcome reward model from one policy's samples.
 
     rlpost prm recipes/prm.yaml model.name=runs/<sft run>/checkpoints/sft
 
@@ -19,8 +19,8 @@ import time
 
 from rlpost.models import encode_prompt
 from rlpost.preference.data import model_context, tokenize_preferences
-from rlpost.prm import ProcessRewardModel, StepExample, fit_prm, mc_step_labels
-from rlpost.reward_model import RewardModel, fit_reward_model
+from rlpost.env.process_reward_model import ProcessRewardModel, StepExample, fit_prm, mc_step_labels
+from rlpost.env.reward_model import RewardModel, fit_reward_model
 
 
 def outcome_pairs(examples: list[StepExample], tokenizer, rng: random.Random) -> list[dict]:

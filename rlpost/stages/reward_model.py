@@ -1,4 +1,4 @@
-"""Reward-model stage (RLHF): a Bradley-Terry reward model (rlpost/reward_model.py) becomes the RL reward.
+"""Reward-model stage (RLHF): a Bradley-Terry reward model (rlpost/env/reward_model.py) becomes the RL reward.
 
 It is loaded from `reward_model.path`, or trained now with its trunk copied from the policy, on pairs
 from `preference.train_file` or, without one, from the arithmetic task (the right answer against a
@@ -19,7 +19,7 @@ import torch
 from rlpost.limits import check_lengths
 from rlpost.models import load_model
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
-from rlpost.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
+from rlpost.env.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
 from rlpost.run import RunContext, Stage, make_run_dir, open_log
 from rlpost.tasks import load_task
 

@@ -1,6 +1,6 @@
 """A PROCESS reward model: a score for every reasoning step, learned from Monte-Carlo step labels.
 
-An outcome reward model (rlpost/reward_model.py) scores a whole solution. A process reward model
+An outcome reward model (rlpost/env/reward_model.py) scores a whole solution. A process reward model
 (PRM) scores each step: the probability that a solution which has reached the end of this step will
 end with a right answer. Nobody labels steps by hand here; the labels are made the way Math-Shepherd
 (Wang et al. 2024, arXiv:2312.08935) makes them:
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from rlpost.models import trunk_hidden_states
 from rlpost.progress import progress
-from rlpost.reward_model import RewardModel, fit_epochs
+from rlpost.env.reward_model import RewardModel, fit_epochs
 from rlpost.rollout import SamplingParams
 
 PRM_HEAD_FILE = "prm_head.safetensors"
@@ -201,7 +201,7 @@ def fit_prm(prm: ProcessRewardModel, train: list[StepExample], held_out: list[St
             epochs: int, batch_size: int, lr: float, seed: int = 0,
             log: Callable[[dict], None] | None = None) -> dict[str, float]:
     """BCE training of the step head (and trunk) with AdamW (the reward model's loop,
-    `rlpost.reward_model.fit_epochs`); held-out metrics after every epoch. Returns the last epoch's."""
+    `rlpost.env.reward_model.fit_epochs`); held-out metrics after every epoch. Returns the last epoch's."""
     if not train:
         raise ValueError("the PRM has no labelled solutions to train on")
     return fit_epochs(prm, len(train), lambda idx: prm_loss(prm, [train[i] for i in idx], pad_id),

@@ -8,7 +8,7 @@ RL whose reward is, per response token y_t of the student's own sample,
 
 Its sum over a response is -coef times a one-sample estimate of KL(pi_student || pi_teacher) of that response:
 maximising it makes the student put its mass where the teacher does (mode-seeking), on the prefixes the student
-itself reaches. `TeacherReward` is a reward role (as rlpost/reward_model.py's `LearnedReward`): it scores a batch
+itself reaches. `TeacherReward` is a reward role (as rlpost/env/reward_model.py's `LearnedReward`): it scores a batch
 and returns it with token rewards [B, T], so the controller and the algorithms are unchanged (an algorithm reads
 them through `PolicyGradient.token_rewards`).
 

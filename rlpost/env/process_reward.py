@@ -2,8 +2,8 @@
 
 Math-Shepherd (Wang et al. 2024, arXiv:2312.08935) trains its policy by step-by-step PPO: the PRM scores every
 reasoning step, and each step's score is the reward of the step's last token. `ProcessReward` is that reward
-role (as rlpost/distill.py's `TeacherReward`): for a response with steps ending at tokens e_1 < ... < e_n (each
-token that writes `prm.separator`, and the last token; `rlpost.prm.step_ends`) and PRM scores s_1 ... s_n,
+role (as rlpost/env/teacher.py's `TeacherReward`): for a response with steps ending at tokens e_1 < ... < e_n (each
+token that writes `prm.separator`, and the last token; `rlpost.env.process_reward_model.step_ends`) and PRM scores s_1 ... s_n,
 
     r[e_j]  += coef * s_j                        (prm.reward = score)
     r[e_j]  += coef * (s_j - s_{j-1}), s_0 = 0   (prm.reward = delta: the sum telescopes to coef * s_n)
@@ -34,7 +34,7 @@ import torch
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.config import PRM_REWARDS as MODES
-from rlpost.prm import ProcessRewardModel, responses, step_ends
+from rlpost.env.process_reward_model import ProcessRewardModel, responses, step_ends
 
 
 def process_token_rewards(outcome: torch.Tensor, ends: list[list[int]], scores: list[list[float]],
@@ -96,7 +96,7 @@ class ProcessReward:
 def load_process_reward(cfg, tokenizer, outcome, prompts: list, system: str | None = None) -> ProcessReward:
     """`prm.path` loaded, its tokenizer checked against the policy's, as a reward role
     around the run's verifier `outcome`."""
-    from rlpost.distill import check_same_tokenizer
+    from rlpost.env.teacher import check_same_tokenizer
 
     if not os.path.isdir(cfg.path):
         raise ValueError(f"prm.path: no folder at {cfg.path!r} (a process reward model: a `rlpost prm` run's "
