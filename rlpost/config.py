@@ -282,6 +282,10 @@ class RLConfig(Section):
                              at_least(0, "0: synchronous"))
     max_worker_restarts: int = opt(3, "disaggregated/async: restarts of dead rollout workers before the run stops",
                                    at_least(0, "0: a dead worker stops the run"))
+    reward: dict[str, Any] = opt({"name": "verifier"}, "the RL reward's source and its options: verifier | "
+                                                       "reward_model | teacher | prm (e.g. {name: teacher, teacher: "
+                                                       "runs/x/checkpoints/final}; distill.teacher, prm.path and a "
+                                                       "reward_model stage are aliases)")
 
 
 @dataclass
@@ -355,9 +359,6 @@ class DistillConfig(Section):
                                     "with the policy's tokenizer; the RL reward becomes per token "
                                     "-coef * (log pi_student - log pi_teacher) of each sampled token (None: off)")
     coef: float = opt(1.0, "weight of the per-token reverse-KL reward", above(0))
-
-
-PRM_REWARDS = ("score", "delta")  # prm.reward: how a step's PRM score becomes its reward (rlpost/env/process_reward.py)
 
 
 @dataclass
@@ -436,7 +437,7 @@ STAGE_SECTIONS = {"sft": ("sft", "trainer"), "preference": ("preference", "rollo
                   "reward_model": ("reward_model",), "rl": ("rl", "rollout", "algorithm", "trainer", "critic", "eval"),
                   "rejection": ("rejection", "rollout", "trainer", "eval"), "eval": ("eval",)}
 RUN_KEYS = ("rollout.engine", "rollout.max_new_tokens", "rollout.dtype", "rl.topology", "rl.weight_sync",
-            "trainer.strategy")
+            "rl.reward", "trainer.strategy")
 
 
 def _entry_name(entry: str | dict[str, Any]) -> str:
@@ -497,10 +498,17 @@ def _stage_config(cfg: Config, name: str, settings: dict[str, Any], where: str) 
         _validate(stage_cfg)
     except ValueError as e:  # a ConfigError, or an algorithm's own refusal
         raise ConfigError(f"{where}: {e}") from None
-    if cfg.distill.teacher and stage_cfg.rollout.temperature != cfg.rollout.temperature:
+    if _rl_reward_name(cfg) == "teacher" and stage_cfg.rollout.temperature != cfg.rollout.temperature:
         raise ConfigError(f"config key '{where}' sets rollout.temperature: the distillation teacher scores at the "
                           "run's rollout.temperature; set it at the top of the recipe")
     return stage_cfg
+
+
+def _rl_reward_name(cfg: Config) -> str:
+    """The run's RL reward source (rl.reward.name, or the old key that aliases it)."""
+    from rlpost.env.sources import rl_reward_spec
+
+    return rl_reward_spec(cfg, stage_names(cfg))[0]
 
 
 # ---------------------------------------------------------------------------- loading
@@ -641,10 +649,10 @@ def _validate(cfg: Config) -> None:
         if not getattr(cfg.task, key):
             raise ConfigError(f"config key 'task.{key}' must be a non-empty string")
     _validate_preference(cfg.preference)
-    _validate_rejection_and_distill(cfg)
+    _validate_rejection(cfg)
     _validate_prm(cfg.prm)
     _validate_stages(cfg)
-    _validate_process_reward(cfg)
+    _validate_rl_reward(cfg)
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -672,9 +680,6 @@ def _validate_task(cfg: Config) -> None:
     if cfg.eval.reward_options and not cfg.eval.reward:
         raise ConfigError("eval.reward_options are the options of eval.reward, which is not set")
     _check_rewards(cfg)
-    if t.env and "reward_model" in stage_names(cfg):
-        raise ConfigError("task.env and a learned reward model do not go together: the environment scores its "
-                          "episodes itself")
     if t.env and "preference" in stage_names(cfg) and not cfg.preference.train_file:
         raise ConfigError("preference pairs from the model's own samples are single-turn; with task.env give "
                           "preference.train_file")
@@ -708,19 +713,24 @@ def _validate_preference(pc: PreferenceConfig) -> None:
         raise ConfigError(f"config key 'preference.on_bad_row' is {pc.on_bad_row!r}; valid values: skip, raise")
 
 
-def _validate_rejection_and_distill(cfg: Config) -> None:
+def _validate_rejection(cfg: Config) -> None:
     if "rejection" in stage_names(cfg) and cfg.trainer.strategy == "fsdp2":
         raise ConfigError("the rejection stage with trainer.strategy=fsdp2 is not supported yet: the stage runs after "
                           "RL has sharded the policy; run it as a run of its own: model.name=<the RL checkpoint> "
                           "rl.steps=0 trainer.strategy=single")
-    if cfg.distill.teacher is None:
-        return
-    if cfg.task.env:
-        raise ConfigError("distill.teacher scores single-turn samples; with task.env the environment is the reward")
-    if "reward_model" in stage_names(cfg):
-        raise ConfigError("distill.teacher replaces the RL reward, and so does a reward model: choose one")
-    if "rl" not in stage_names(cfg):
-        raise ConfigError("distill.teacher is the RL stage's reward; it needs an RL stage (rl.steps >= 1)")
+
+
+def _validate_rl_reward(cfg: Config) -> None:
+    """rl.reward (and the old keys that alias it) checked by the source registry (rlpost/env/sources.py)."""
+    from rlpost.env.sources import check_rl_reward
+
+    try:
+        check_rl_reward(cfg, stage_names(cfg))
+    except RangeError as e:
+        raise ConfigError(f"config key 'rl.reward.{e.key}' must be {e.range.describe(e.optional)}, got "
+                          f"{e.value!r}") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_stages(cfg: Config) -> None:
@@ -765,25 +775,12 @@ def _validate_stages(cfg: Config) -> None:
 
 
 def _validate_prm(pc: PRMConfig) -> None:
+    from rlpost.env.process_reward import MODES as PRM_REWARDS  # how a step's PRM score becomes its reward
+
     if not pc.separator:
         raise ConfigError("config key 'prm.separator' must be a non-empty string (the text that ends a step)")
     if pc.reward not in PRM_REWARDS:
         raise ConfigError(f"config key 'prm.reward' is {pc.reward!r}; valid values: {', '.join(PRM_REWARDS)}")
-
-
-def _validate_process_reward(cfg: Config) -> None:
-    if cfg.prm.path is None:
-        return
-    if cfg.task.env:
-        raise ConfigError("prm.path scores single-turn solutions step by step; with task.env the environment is "
-                          "the reward")
-    if cfg.distill.teacher:
-        raise ConfigError("prm.path and distill.teacher both replace the RL reward: choose one")
-    if cfg.reward_model.train or cfg.reward_model.path:
-        raise ConfigError("prm.path adds process rewards to the verifier's outcome, and a reward model replaces "
-                          "the verifier: choose one")
-    if cfg.rl.steps < 1:
-        raise ConfigError("prm.path is the RL stage's reward; it needs rl.steps >= 1")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:

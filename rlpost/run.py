@@ -23,8 +23,9 @@ its steps after those of the RL stages before it, so metrics.jsonl has one line 
 An eval is labelled by the stage before it (pass@1_sft, pass@1_dpo after preference, pass@1_rl_2; the first
 one before any training: pass@1_start).
 
-With `distill.teacher` the RL stage's reward is the teacher's per-token reverse KL (rlpost/env/teacher.py); with
-`prm.path` it is the verifier's outcome plus a process reward model's step rewards (rlpost/env/process_reward.py).
+The RL stage's reward is `rl.reward`'s source (rlpost/env/sources.py): the verifier, the reward_model stage's
+model, a teacher's per-token reverse KL (`distill.teacher`), or the verifier's outcome plus a process reward
+model's step rewards (`prm.path`).
 
 The run directory:
 
@@ -580,6 +581,7 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     from rlpost.limits import check_lengths
     from rlpost.models import load_model
     from rlpost.env import check_vocabulary, observation_alphabet, response_budget
+    from rlpost.env.sources import SourceInputs, build_rl_reward, rl_reward_spec
     from rlpost.rewards import reward_role
     from rlpost.rollout import build_engine
     from rlpost.tasks import load_task
@@ -618,18 +620,11 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
         engine = build_engine(kind, model, tokenizer, share_weights=True, dtype=cfg.rollout.dtype)
         weight_sync = WeightSync(model, engine)
     verifier = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
-    rl_reward = verifier
-    if cfg.distill.teacher:  # on-policy distillation: the teacher's per-token reverse KL is the RL reward
-        from rlpost.env.teacher import load_teacher_reward
-
-        rl_reward = load_teacher_reward(cfg.distill, cfg.model, tokenizer, cfg.rollout.temperature, verifier,
-                                        [r["prompt"] for r in task.train_rows[:16]], system=task.system_prompt,
-                                        trainer_cfg=cfg.trainer)
-    if cfg.prm.path:  # process rewards: the PRM's step rewards at the step ends, plus the verifier's outcome
-        from rlpost.env.process_reward import load_process_reward
-
-        rl_reward = load_process_reward(cfg.prm, tokenizer, verifier, [r["prompt"] for r in task.train_rows[:16]],
-                                        system=task.system_prompt)
+    # the RL reward: rl.reward's source (the verifier, a teacher, a PRM; a reward_model stage's model later)
+    name, options, where = rl_reward_spec(cfg, stage_names(cfg))
+    rl_reward = build_rl_reward(name, options, SourceInputs(cfg, tokenizer, verifier,
+                                                            [r["prompt"] for r in task.train_rows[:16]],
+                                                            system=task.system_prompt), where)
     summary = {"run_dir": run_dir, "demonstrator_accuracy": task.demonstrator_accuracy, "status": "running"}
     return RunContext(run_dir=run_dir, seed=cfg.seed, model=model, tokenizer=tokenizer, task=task, engine=engine,
                       weight_sync=weight_sync, verifier=verifier, log=log, summary=summary, rl_reward=rl_reward)

@@ -94,11 +94,13 @@ def test_score_and_delta_with_scores_that_differ_per_step():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["prm.path=x", "distill.teacher=y"], "prm.path and distill.teacher"),
-    (["prm.path=x", "reward_model.path=y"], "a reward model replaces"),
-    (["prm.path=x", "reward_model.train=true"], "a reward model replaces"),
-    (["prm.path=x", "task.env=calculator"], "with task.env"),
-    (["prm.path=x", "rl.steps=0"], "needs rl.steps >= 1"),
+    (["prm.path=x", "distill.teacher=y"], "prm.path='x' and distill.teacher='y' both choose the RL reward"),
+    (["prm.path=x", "reward_model.path=y"], "prm.path='x' and a reward_model stage both choose the RL reward"),
+    (["prm.path=x", "reward_model.train=true"], "prm.path='x' and a reward_model stage both choose the RL reward"),
+    (["prm.path=x", "rl.reward={name: teacher, teacher: y}"], "rl.reward.name=teacher and prm.path='x'"),
+    (["prm.path=x", "rl.reward={name: prm, path: z}"], "rl.reward.path='z' and prm.path='x' set the same option"),
+    (["rl.reward={name: prm}"], "needs rl.reward.path"),
+    (["prm.path=x", "rl.steps=0"], r"needs an RL stage \(rl.steps >= 1\)"),
     (["prm.reward=sum"], "'prm.reward' is 'sum'; valid values: score, delta"),
 ])
 def test_config_combinations_that_are_refused(overrides, message):

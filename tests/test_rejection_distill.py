@@ -1,5 +1,5 @@
-"""Rejection-sampling SFT (rlpost/stages/rejection.py) and on-policy distillation (rlpost/env/teacher.py): which samples
-are kept, that fine-tuning on them raises their likelihood, the stage in a real run (checkpoint, summary,
+"""Rejection-sampling SFT (rlpost/stages/rejection.py) and on-policy distillation (rlpost/env/teacher.py): which
+samples are kept, that fine-tuning on them raises their likelihood, the stage in a real run (checkpoint, summary,
 resume); the distillation reward against hand-computed values, a teacher that is the student, a teacher with
 another vocabulary, and a real run whose reverse KL to a trained teacher falls.
 

@@ -1,4 +1,5 @@
-"""`rlpost prm`: a process reward model (rlpost/env/process_reward_model.py) and an outcome reward model from one policy's samples.
+"""`rlpost prm`: a process reward model (rlpost/env/process_reward_model.py) and an outcome reward model from one
+policy's samples.
 
     rlpost prm recipes/prm.yaml model.name=runs/<sft run>/checkpoints/sft
 
