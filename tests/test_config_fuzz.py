@@ -26,6 +26,7 @@ from rlpost.algorithms import available as algorithms
 from rlpost.algorithms import get_algorithm
 from rlpost.cli import main
 from rlpost.config import Config, ConfigError, load_config
+from rlpost.env.sources import SOURCES
 from rlpost.preference import available as preference_losses
 from rlpost.preference import get_preference_loss
 from rlpost.schema import Range, hints, numeric_fields
@@ -67,6 +68,11 @@ def plugin_keys() -> list[Key]:
             for param, (kind, optional, rng) in numeric_fields(type(build(name)).Config).items():
                 keys.append(Key(f"{section}.{param}", kind, optional, rng, (f"{section}={{name: {name}}}",),
                                 f"{section}.name={name}"))
+    for name, cls in sorted(SOURCES.classes.items()):  # rl.reward's sources, with the folder each one needs
+        needs = {"teacher": ", teacher: t", "prm": ", path: p"}.get(name, "")
+        for param, (kind, optional, rng) in numeric_fields(cls.Config).items():
+            keys.append(Key(f"rl.reward.{param}", kind, optional, rng, (f"rl.reward={{name: {name}{needs}}}",),
+                            f"rl.reward.name={name}"))
     return keys
 
 
@@ -128,7 +134,8 @@ def range_table() -> list[str]:
     groups: dict[tuple[str, str], list[str]] = {}
     for k in plugin_keys():
         groups.setdefault((k.name, (k.range or Range()).describe(k.optional)), []).append(k.owner.split("=")[1])
-    every = {"algorithm": sorted(algorithms()), "preference.loss": sorted(preference_losses())}
+    every = {"algorithm": sorted(algorithms()), "preference.loss": sorted(preference_losses()),
+             "rl.reward": sorted(SOURCES.classes)}
     for (name, allowed), owners in groups.items():
         section = name.rsplit(".", 1)[0]
         which = "" if sorted(owners) == every[section] else f" ({', '.join(owners)})"

@@ -43,6 +43,7 @@ from rlpost.models import trunk_hidden_states
 from rlpost.progress import progress
 from rlpost.env.reward_model import RewardModel, fit_epochs
 from rlpost.rollout import SamplingParams
+from rlpost.stages.sft import sft_batch
 
 PRM_HEAD_FILE = "prm_head.safetensors"
 
@@ -97,8 +98,6 @@ class ProcessRewardModel(RewardModel):
     def step_logits(self, prompts: list[list[int]], responses: list[list[int]], ends: list[list[int]],
                     pad_id: int) -> list[torch.Tensor]:
         """Per solution, the head's logit at each step end (a [n_steps] tensor, with grad)."""
-        from rlpost.stages.sft import sft_batch
-
         batch = sft_batch(prompts, responses, pad_id).to(self.head.weight.device)
         h = trunk_hidden_states(self.trunk, batch)
         P = batch.prompt_width

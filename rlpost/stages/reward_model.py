@@ -23,6 +23,7 @@ from rlpost.preference.data import load_preferences, model_context, read_prefere
 from rlpost.env.reward_model import RewardModel, fit_reward_model, task_pairs
 from rlpost.env.sources import SourceInputs, build_rl_reward
 from rlpost.run import RunContext, Stage, make_run_dir, open_log
+from rlpost.sinks import check_available
 from rlpost.tasks import load_task
 
 
@@ -100,8 +101,6 @@ def start_model_run(cfg, recipe_name: str, kind: str):
     """The start of a command that fits a model on `model.name`'s task (`rlpost rm`, `rlpost prm`): the log
     sinks checked before any work, the seed, the task, the policy and tokenizer (lengths checked), a new run
     directory and its log. Returns (task, policy, tokenizer, run_dir, log)."""
-    from rlpost.sinks import check_available
-
     check_available(cfg.log)  # before any work
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
