@@ -680,9 +680,6 @@ def _validate_task(cfg: Config) -> None:
     if cfg.eval.reward_options and not cfg.eval.reward:
         raise ConfigError("eval.reward_options are the options of eval.reward, which is not set")
     _check_rewards(cfg)
-    if t.env and "preference" in stage_names(cfg) and not cfg.preference.train_file:
-        raise ConfigError("preference pairs from the model's own samples are single-turn; with task.env give "
-                          "preference.train_file")
 
 
 def _check_rewards(cfg: Config) -> None:

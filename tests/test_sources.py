@@ -1,7 +1,10 @@
 """The RL reward as one key with a registry (rlpost/env/sources.py): the names and options of `rl.reward`, the
 old keys as aliases, one reward per run; and the learned sources over task.env's episodes: a reward model
 scores the whole episode, a teacher grades the policy's tokens only, a PRM ends steps on the policy's tokens
-only, and the environment's own reward is kept as the gold."""
+only, and the environment's own reward is kept as the gold; self-made preference pairs from an environment's
+episodes, ranked by its reward, that train only the policy's tokens."""
+
+import json
 
 import pytest
 import torch
@@ -17,10 +20,11 @@ from rlpost.env.sources import SourceInputs, available, build_rl_reward, rl_rewa
 from rlpost.env.teacher import TeacherReward
 from rlpost.models import save_model, token_logprobs
 from rlpost.models.gpt_mini import GPT, GPTConfig
+from rlpost.preference.data import pairs_from_samples, tokenize_preferences
 from rlpost.reward import Reward
 from rlpost.rollout import SamplingParams, build_engine
-from rlpost.rollout.episodes import run_episodes
-from rlpost.run import RunLog, build_context, make_run_dir
+from rlpost.rollout.episodes import episodes_in_chunks, run_episodes
+from rlpost.run import RunLog, build_context, make_run_dir, train
 
 ROWS = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "7+8=", "answer": "15"}]
 
@@ -219,3 +223,80 @@ def test_build_context_makes_the_teacher_the_rl_reward_of_an_environments_episod
         assert isinstance(ctx.rl_reward, EnvRole) and isinstance(ctx.rl_reward.rescore.scorer, TeacherReward)
         assert ctx.rl_reward.rescore.scorer.coef == (0.5 if "coef" in reward[0] else 1.0)
         assert ctx.verifier.rescore is None  # evaluation still scores with the environment
+
+
+# ---------------------------------------------------------------------------- self-made preference pairs
+
+class Parity(TwoTurns):
+    """As TwoTurns, but the episode's reward is its last turn's: 1 when it starts with an even digit."""
+
+    def step(self, turn):
+        step = super().step(turn)
+        return Step(observation=step.observation, reward=float(step.done and turn[:1] in "02468"), done=step.done)
+
+
+def test_self_made_preference_pairs_rank_an_environments_episodes_and_train_only_the_policys_tokens(tiny_gpt):
+    model, tok = tiny_gpt
+    verifier = EnvRole(make=Parity, tokenizer=tok, max_turns=2, max_tokens=14)
+    engine = build_engine("native", model, tok)
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(3) for b in range(4)]
+    prompt_ids = [tok.encode_prompt(r["prompt"]) for r in rows]
+    pairs, stats = pairs_from_samples(engine, verifier, rows, prompt_ids, k=4, params=params, seed=5,
+                                      batch_prompts=6, episodes=True)
+    sampled = {}  # the same episodes, as the episode function gives them: ids -> (reward, policy mask)
+    for _, batch in episodes_in_chunks(engine, verifier, rows, prompt_ids, 4, params, 5, 6):
+        P = batch.prompt_width
+        for b in range(len(batch)):
+            n = int(batch.attention_mask[b, P:].sum())
+            sampled[tuple(batch.input_ids[b, P:P + n].tolist())] = (float(batch.rewards[b]),
+                                                                     batch.response_mask[b, P:P + n].tolist())
+    assert pairs and stats["pairs/made"] == len(pairs) < len(rows)  # some prompts' episodes all score alike
+    assert stats["pairs/all_right"] + stats["pairs/all_wrong"] + len(pairs) == len(rows)
+    for pair in pairs:
+        chosen, rejected = sampled[tuple(pair["chosen_tokens"])], sampled[tuple(pair["rejected_tokens"])]
+        assert chosen[0] > rejected[0]  # ranked by the environment's reward
+        assert pair["chosen_policy"] == chosen[1] and pair["rejected_policy"] == rejected[1]
+        assert 0 in pair["chosen_policy"] and tok.decode(pair["chosen_tokens"]) == pair["chosen"]
+    data = tokenize_preferences(pairs, tok, max_length=None)
+    assert data.completions == [t for p in pairs for t in (p["chosen_tokens"], p["rejected_tokens"])]
+    batch = data.batch(list(range(len(data.completions))), tok.pad_token_id)
+    P = batch.prompt_width
+    for s, completion in enumerate(data.completions):
+        assert batch.response_mask[s, P:P + len(completion)].tolist() == data.trained[s]  # observations: 0
+        assert batch.attention_mask[s, P:P + len(completion)].all()  # ... but read as context
+    kto = data.unpaired()  # KTO's mismatched completions keep their own masks
+    kl = kto.batch([0, 1], tok.pad_token_id, kl=True)
+    assert kl.response_mask[0, P:P + len(kto.kl_completions[0])].tolist() == kto.kl_trained[0] == data.trained[1]
+
+
+def test_self_made_preference_pairs_with_task_env_are_accepted():
+    cfg = load_config(None, ["task.name=multiply", "task.env=calculator", "stages=[sft, preference, rl]"])
+    assert "preference" in stage_names(cfg) and cfg.preference.train_file is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["teacher", "prm", "reward_model"])
+def test_rl_runs_on_an_environments_episodes_rewarded_by_each_learned_source(tmp_path, source):
+    common = ["task.name=multiply", "task.num_eval=8", "task.env=calculator", "task.max_turns=2", "model.n_layer=1",
+              "model.n_embd=32", "model.n_head=1", f"out_dir={tmp_path}", "sft.steps=0", "rl.steps=2",
+              "rl.eval_every=0", "rl.save_every=0", "rollout.prompts_per_step=2", "rollout.k=2",
+              "eval.samples_per_prompt=1", "threads=1"]
+    cfg = load_config(None, common + ["run_name=student", "rl.steps=0"])
+    ctx = build_context(cfg, make_run_dir(cfg, "test"), RunLog(str(tmp_path / "student"), write=False))
+    folder = str(tmp_path / source)
+    if source == "teacher":
+        save_model(ctx.model, ctx.tokenizer, folder)
+        extra = [f"rl.reward={{name: teacher, teacher: {folder}}}", "algorithm={name: reinforce_pp, beta: 0}"]
+    elif source == "prm":
+        ProcessRewardModel.from_policy(ctx.model).save(folder, ctx.tokenizer)
+        extra = [f"prm.path={folder}", "prm.separator='*'"]
+    else:
+        RewardModel.from_policy(ctx.model).save(folder, ctx.tokenizer)
+        extra = [f"reward_model.path={folder}"]
+    summary = train(load_config(None, common + ["run_name=rl"] + extra))
+    assert summary["status"] == "ok"
+    steps = [json.loads(line) for line in open(tmp_path / "rl" / "metrics.jsonl") if '"stage": "rl"' in line]
+    assert len(steps) == 2 and all("reward/gold_mean" in m and "env/turns" in m for m in steps)
+    assert all(("distill/reverse_kl" in m) == (source == "teacher") and ("prm/step_score_mean" in m)
+               == (source == "prm") for m in steps)
