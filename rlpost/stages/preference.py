@@ -2,8 +2,9 @@
 
 Data: `preference.train_file` (JSONL or a `datasets` dataset), or pairs made from the policy's own
 samples of the task's training prompts scored by the verifier (through the episode function; saved to
-<run_dir>/preference_pairs.jsonl), or with task.env its episodes ranked by the environment's reward. Ends with checkpoints/preference/. A stop request ends it at the
-next step without a checkpoint: a resume runs the stage again from its start.
+<run_dir>/preference_pairs.jsonl), or with task.env its episodes ranked by the environment's reward. Ends
+with checkpoints/preference/. A stop request ends it at the next step without a checkpoint: a resume runs
+the stage again from its start.
 """
 
 from __future__ import annotations
