@@ -852,8 +852,9 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
         for stage in stages:
             stage.close()
         ctx.engine.close()
-        for role in {id(r): r for r in (ctx.verifier, ctx.rl_reward)}.values():  # process pools, a judge's engine
-            getattr(getattr(role, "fn", None), "close", lambda: None)()
+        # process pools, a judge's engine: once each (a learned reward over task.env's episodes shares the env's)
+        for fn in {id(f): f for f in (getattr(r, "fn", None) for r in (ctx.verifier, ctx.rl_reward))}.values():
+            getattr(fn, "close", lambda: None)()
     if main:
         print_table(ctx.summary)
     return ctx.summary

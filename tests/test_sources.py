@@ -275,6 +275,21 @@ def test_self_made_preference_pairs_with_task_env_are_accepted():
     assert "preference" in stage_names(cfg) and cfg.preference.train_file is None
 
 
+class ClosedOnce:
+    """A task.reward that writes a line to `log` when closed: the run must close it once, though two roles
+    (the environment's and the learned reward's) hold it."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, completion, row):
+        return float(completion.strip() == row["answer"])
+
+    def close(self):
+        with open(self.log, "a") as f:
+            f.write("closed\n")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["teacher", "prm", "reward_model"])
 def test_rl_runs_on_an_environments_episodes_rewarded_by_each_learned_source(tmp_path, source):
@@ -294,8 +309,10 @@ def test_rl_runs_on_an_environments_episodes_rewarded_by_each_learned_source(tmp
     else:
         RewardModel.from_policy(ctx.model).save(folder, ctx.tokenizer)
         extra = [f"reward_model.path={folder}"]
-    summary = train(load_config(None, common + ["run_name=rl"] + extra))
-    assert summary["status"] == "ok"
+    closes = tmp_path / "closes.txt"
+    summary = train(load_config(None, common + ["run_name=rl", "task.reward=tests.test_sources:ClosedOnce",
+                                                f"task.reward_options={{log: {closes}}}"] + extra))
+    assert summary["status"] == "ok" and closes.read_text() == "closed\n"
     steps = [json.loads(line) for line in open(tmp_path / "rl" / "metrics.jsonl") if '"stage": "rl"' in line]
     assert len(steps) == 2 and all("reward/gold_mean" in m and "env/turns" in m for m in steps)
     assert all(("distill/reverse_kl" in m) == (source == "teacher") and ("prm/step_score_mean" in m)
