@@ -111,6 +111,8 @@ def test_the_old_keys_are_aliases_of_rl_reward(alias, explicit, name, options):
     (["rl.reward={name: teacher, teacher: t}", "rl.steps=0"],
      r"rl.reward.teacher is the RL stage's reward; it needs an RL stage"),
     (["distill.teacher=t", "stages=[sft, {rl: {rl.reward: {name: verifier}}}]"], "built once for the whole run"),
+    (["rl.reward={name: teacher, teacher: t}", "stages=[sft, {rl: {rollout.temperature: 0.5}}]"],
+     "the distillation teacher scores at the run's rollout.temperature"),
 ])
 def test_rl_reward_conflicts_and_bad_options_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
