@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from rlpost.schema import ConfigError, Section, at_least, from_dict, hints, lookup, opt
+from rlpost.schema import ConfigError, RangeError, Section, at_least, from_dict, hints, lookup, opt
 from rlpost.settings.critic import CriticConfig
 from rlpost.settings.distill import DistillConfig
 from rlpost.settings.eval import EvalConfig
@@ -99,7 +99,7 @@ STAGE_SECTIONS = {"sft": ("sft", "trainer"), "preference": ("preference", "rollo
                   "reward_model": ("reward_model",), "rl": ("rl", "rollout", "algorithm", "trainer", "critic", "eval"),
                   "rejection": ("rejection", "rollout", "trainer", "eval"), "eval": ("eval",)}
 RUN_KEYS = ("rollout.engine", "rollout.max_new_tokens", "rollout.dtype", "rl.topology", "rl.weight_sync",
-            "trainer.strategy")
+            "rl.reward", "trainer.strategy")
 
 
 def _entry_name(entry: str | dict[str, Any]) -> str:
@@ -160,7 +160,7 @@ def _stage_config(cfg: Config, name: str, settings: dict[str, Any], where: str) 
         _validate(stage_cfg)
     except ValueError as e:  # a ConfigError, or an algorithm's own refusal
         raise ConfigError(f"{where}: {e}") from None
-    if cfg.distill.teacher and stage_cfg.rollout.temperature != cfg.rollout.temperature:
+    if _rl_reward_name(cfg) == "teacher" and stage_cfg.rollout.temperature != cfg.rollout.temperature:
         raise ConfigError(f"config key '{where}' sets rollout.temperature: the distillation teacher scores at the "
                           "run's rollout.temperature; set it at the top of the recipe")
     return stage_cfg
@@ -239,13 +239,13 @@ def _validate(cfg: Config) -> None:
     cfg.validate()  # each section's own keys: ranges, valid names, plug-ins (algorithm, preference.loss), own rules
     _validate_lora(cfg)
     _validate_task(cfg)
-    _validate_rejection_and_distill(cfg)
+    _validate_rejection(cfg)
     _validate_stages(cfg)
     try:  # the topology's own settings (rl.topology, rl.weight_sync, ...): its loop checks them (stages known)
         lookup("rlpost.loops:check_config")(cfg, "rl" in stage_names(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _validate_process_reward(cfg)
+    _validate_rl_reward(cfg)
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -259,12 +259,6 @@ def _validate_task(cfg: Config) -> None:
     if cfg.eval.reward and t.env:
         raise ConfigError("eval.reward scores single completions; with task.env the environment scores the episodes")
     _check_rewards(cfg)
-    if t.env and "reward_model" in stage_names(cfg):
-        raise ConfigError("task.env and a learned reward model do not go together: the environment scores its "
-                          "episodes itself")
-    if t.env and "preference" in stage_names(cfg) and not cfg.preference.train_file:
-        raise ConfigError("preference pairs from the model's own samples are single-turn; with task.env give "
-                          "preference.train_file")
 
 
 def _check_rewards(cfg: Config) -> None:
@@ -284,19 +278,11 @@ def _check_rewards(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': {e}") from None
 
 
-def _validate_rejection_and_distill(cfg: Config) -> None:
+def _validate_rejection(cfg: Config) -> None:
     if "rejection" in stage_names(cfg) and cfg.trainer.strategy == "fsdp2":
         raise ConfigError("the rejection stage with trainer.strategy=fsdp2 is not supported yet: the stage runs after "
                           "RL has sharded the policy; run it as a run of its own: model.name=<the RL checkpoint> "
                           "rl.steps=0 trainer.strategy=single")
-    if cfg.distill.teacher is None:
-        return
-    if cfg.task.env:
-        raise ConfigError("distill.teacher scores single-turn samples; with task.env the environment is the reward")
-    if "reward_model" in stage_names(cfg):
-        raise ConfigError("distill.teacher replaces the RL reward, and so does a reward model: choose one")
-    if "rl" not in stage_names(cfg):
-        raise ConfigError("distill.teacher is the RL stage's reward; it needs an RL stage (rl.steps >= 1)")
 
 
 def _validate_stages(cfg: Config) -> None:
@@ -340,19 +326,20 @@ def _validate_stages(cfg: Config) -> None:
                               "alone decides which stages run; add it to the list, or unset the key")
 
 
-def _validate_process_reward(cfg: Config) -> None:
-    if cfg.prm.path is None:
-        return
-    if cfg.task.env:
-        raise ConfigError("prm.path scores single-turn solutions step by step; with task.env the environment is "
-                          "the reward")
-    if cfg.distill.teacher:
-        raise ConfigError("prm.path and distill.teacher both replace the RL reward: choose one")
-    if cfg.reward_model.train or cfg.reward_model.path:
-        raise ConfigError("prm.path adds process rewards to the verifier's outcome, and a reward model replaces "
-                          "the verifier: choose one")
-    if cfg.rl.steps < 1:
-        raise ConfigError("prm.path is the RL stage's reward; it needs rl.steps >= 1")
+def _rl_reward_name(cfg: Config) -> str:
+    """The run's RL reward source (rl.reward.name, or the old key that aliases it)."""
+    return lookup("rlpost.env.sources:rl_reward_spec")(cfg, stage_names(cfg))[0]
+
+
+def _validate_rl_reward(cfg: Config) -> None:
+    """rl.reward (and the old keys that alias it) checked by the source registry (rlpost/env/sources.py)."""
+    try:
+        lookup("rlpost.env.sources:check_rl_reward")(cfg, stage_names(cfg))
+    except RangeError as e:
+        raise ConfigError(f"config key 'rl.reward.{e.key}' must be {e.range.describe(e.optional)}, got "
+                          f"{e.value!r}") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:

@@ -242,7 +242,7 @@ def rollout_metrics(batch: Batch) -> dict[str, float]:
         # cut by max_new_tokens, or (an environment's episode) by the token budget
         "rollout/truncated_frac": sum(f in ("length", "budget") for f in batch.meta["finish_reason"]) / len(batch),
         "rollout/degenerate_group_frac": float((g_max == g_min).float().mean()),
-        # a learned reward (rlpost/reward_model.py) also scores each sample with the verifier, when there is one
+        # a learned reward (rlpost/env/reward_model.py) also scores each sample with the verifier, when there is one
         **({"reward/gold_mean": sum(batch.meta["gold_reward"]) / len(batch)} if "gold_reward" in batch.meta else {}),
     }
 

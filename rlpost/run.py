@@ -23,8 +23,9 @@ its steps after those of the RL stages before it, so metrics.jsonl has one line 
 An eval is labelled by the stage before it (pass@1_sft, pass@1_dpo after preference, pass@1_rl_2; the first
 one before any training: pass@1_start).
 
-With `distill.teacher` the RL stage's reward is the teacher's per-token reverse KL (rlpost/distill.py); with
-`prm.path` it is the verifier's outcome plus a process reward model's step rewards (rlpost/process_reward.py).
+The RL stage's reward is `rl.reward`'s source (rlpost/env/sources.py): the verifier, the reward_model stage's
+model, a teacher's per-token reverse KL (`distill.teacher`), or the verifier's outcome plus a process reward
+model's step rewards (`prm.path`).
 
 The run directory:
 
@@ -580,6 +581,7 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0."""
     from rlpost.models import check_lengths, load_model
     from rlpost.env import check_vocabulary, observation_alphabet, response_budget
+    from rlpost.env.sources import SourceInputs, build_rl_reward, rl_reward_spec
     from rlpost.rewards import reward_role
     from rlpost.tasks import load_task
     from rlpost.weight_sync import WeightSync
@@ -610,18 +612,11 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     engine = loop_class(cfg.rl.topology).run_engine(cfg, model, tokenizer)  # the topology's (rlpost/loops/)
     weight_sync = WeightSync(model, engine)
     verifier = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
-    rl_reward = verifier
-    if cfg.distill.teacher:  # on-policy distillation: the teacher's per-token reverse KL is the RL reward
-        from rlpost.distill import load_teacher_reward
-
-        rl_reward = load_teacher_reward(cfg.distill, cfg.model, tokenizer, cfg.rollout.temperature, verifier,
-                                        [r["prompt"] for r in task.train_rows[:16]], system=task.system_prompt,
-                                        trainer_cfg=cfg.trainer)
-    if cfg.prm.path:  # process rewards: the PRM's step rewards at the step ends, plus the verifier's outcome
-        from rlpost.process_reward import load_process_reward
-
-        rl_reward = load_process_reward(cfg.prm, tokenizer, verifier, [r["prompt"] for r in task.train_rows[:16]],
-                                        system=task.system_prompt)
+    # the RL reward: rl.reward's source (the verifier, a teacher, a PRM; a reward_model stage's model later)
+    name, options, where = rl_reward_spec(cfg, stage_names(cfg))
+    rl_reward = build_rl_reward(name, options, SourceInputs(cfg, tokenizer, verifier,
+                                                            [r["prompt"] for r in task.train_rows[:16]],
+                                                            system=task.system_prompt), where)
     summary = {"run_dir": run_dir, "demonstrator_accuracy": task.demonstrator_accuracy, "status": "running"}
     return RunContext(run_dir=run_dir, seed=cfg.seed, model=model, tokenizer=tokenizer, task=task, engine=engine,
                       weight_sync=weight_sync, verifier=verifier, log=log, summary=summary, rl_reward=rl_reward)
@@ -844,8 +839,9 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
         for stage in stages:
             stage.close()
         ctx.engine.close()
-        for role in {id(r): r for r in (ctx.verifier, ctx.rl_reward)}.values():  # process pools, a judge's engine
-            getattr(getattr(role, "fn", None), "close", lambda: None)()
+        # process pools, a judge's engine: once each (a learned reward over task.env's episodes shares the env's)
+        for fn in {id(f): f for f in (getattr(r, "fn", None) for r in (ctx.verifier, ctx.rl_reward))}.values():
+            getattr(fn, "close", lambda: None)()
     if main:
         print_table(ctx.summary)
     return ctx.summary

@@ -22,7 +22,7 @@ Methods (each picks one final solution per problem; accuracy is the verifier's o
 Compute is counted in generated tokens (the policy's forward passes; the reward models' scoring is not
 counted), and reported beside every accuracy: best-of-N methods generate N solutions, beam search about
 N solutions' worth (each kept beam continues W ways), MCTS exactly its token budget. A step ends at the
-separator (`prm.separator`) or at the end of the solution, as in rlpost/prm.py.
+separator (`prm.separator`) or at the end of the solution, as in rlpost/env/process_reward_model.py.
 
 Best-of-N for every N reuses the first N of one set of `max(N)` samples per problem, as is usual (the
 estimate for small N has the same samples as for large N). Beam search and MCTS run once per N.
@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 import torch
 
 from rlpost.heldout import majority_answer
-from rlpost.prm import ProcessRewardModel, holds_separator, responses, step_ends
+from rlpost.env.process_reward_model import ProcessRewardModel, holds_separator, responses, step_ends
 from rlpost.progress import progress
-from rlpost.reward_model import RewardModel
+from rlpost.env.reward_model import RewardModel
 from rlpost.rollout import SamplingParams
 
 METHODS = ("greedy", "majority", "bon_orm", "bon_prm_min", "bon_prm_last", "bon_prm_product", "beam", "mcts")

@@ -27,6 +27,7 @@ from rlpost.algorithms import available as algorithms
 from rlpost.algorithms import get_algorithm
 from rlpost.cli import main
 from rlpost.config import Config, ConfigError, load_config
+from rlpost.env.sources import SOURCES
 from rlpost.preference import available as preference_losses
 from rlpost.preference import get_preference_loss
 from rlpost.schema import Range, hints, numeric_fields
@@ -72,6 +73,11 @@ def plugin_keys() -> list[Key]:
     for name in TASKS:  # a task's options: task.options.<param>, the task chosen by task.name
         for param, (kind, optional, rng) in numeric_fields(TASKS.classes[name].Config).items():
             keys.append(Key(f"task.options.{param}", kind, optional, rng, (f"task.name={name}",), f"task.name={name}"))
+    for name, cls in sorted(SOURCES.classes.items()):  # rl.reward's sources, with the folder each one needs
+        needs = {"teacher": ", teacher: t", "prm": ", path: p"}.get(name, "")
+        for param, (kind, optional, rng) in numeric_fields(cls.Config).items():
+            keys.append(Key(f"rl.reward.{param}", kind, optional, rng, (f"rl.reward={{name: {name}{needs}}}",),
+                            f"rl.reward.name={name}"))
     return keys
 
 
@@ -135,7 +141,8 @@ def range_table() -> list[str]:
     for k in plugin_keys():
         groups.setdefault((k.name, (k.range or Range()).describe(k.optional)), []).append(k.owner.split("=")[1])
     every = {"algorithm": sorted(algorithms()), "preference.loss": sorted(preference_losses()),
-             "task.options": sorted(TASKS)}
+             "task.options": sorted(TASKS),
+             "rl.reward": sorted(SOURCES.classes)}
     for (name, allowed), owners in groups.items():
         section = name.rsplit(".", 1)[0]
         which = "" if sorted(owners) == every[section] else f" ({', '.join(owners)})"
@@ -274,7 +281,7 @@ def test_every_scorer_scores_at_the_sampling_params_log_prob_temperature():
     import torch
 
     from rlpost.config import TrainerConfig
-    from rlpost.distill import TeacherReward
+    from rlpost.env.teacher import TeacherReward
     from rlpost.reference import Reference
     from rlpost.rollout.engine import SamplingParams, logp_temperature
     from rlpost.trainer import Trainer

@@ -139,8 +139,8 @@ def test_every_role_names_the_device_of_what_it_creates_hf_llama(tiny_llama_dir,
 def test_sft_preference_and_reward_model_name_their_devices(tiny_gpt):
     from rlpost.preference import get_preference_loss
     from rlpost.preference.data import tokenize_preferences
+    from rlpost.env.reward_model import RewardModel
     from rlpost.preference.fit import cache_reference, make_loss_fn
-    from rlpost.reward_model import RewardModel
 
     model, tok = tiny_gpt
     eos = [tok.eos_token_id]

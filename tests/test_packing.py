@@ -239,7 +239,7 @@ def test_reference_scores_packed_micro_batches_as_the_whole_padded_batch(model):
 
 
 def test_the_distillation_teacher_scores_in_micro_batches_as_the_whole_batch():
-    from rlpost.distill import TeacherReward
+    from rlpost.env.teacher import TeacherReward
     from rlpost.models.gpt_mini import CharTokenizer
 
     teacher, tok = _gpt_mini(), CharTokenizer("abcdefghijklm")  # 16 ids, as _gpt_mini's vocabulary

@@ -1,4 +1,5 @@
-"""Process reward models (rlpost/prm.py, `rlpost prm`) and test-time search (rlpost/search.py, `rlpost search`).
+"""Process reward models (rlpost/env/process_reward_model.py, `rlpost prm`) and test-time search (rlpost/search.py,
+`rlpost search`).
 
 Step boundaries and the task's own step check against hand-written solutions; Monte-Carlo labels and the
 search methods against a policy whose step accuracy is known exactly (`StepSolver`: an engine that solves
@@ -18,8 +19,9 @@ import torch
 from rlpost.cli import main
 from rlpost.models import encode_prompt
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
-from rlpost.prm import ProcessRewardModel, StepExample, evaluate_prm, fit_prm, mc_step_labels, step_ends
-from rlpost.reward_model import RewardModel
+from rlpost.env.process_reward_model import (ProcessRewardModel, StepExample, evaluate_prm, fit_prm, mc_step_labels,
+                                             step_ends)
+from rlpost.env.reward_model import RewardModel
 from rlpost.rollout import assemble
 from rlpost.search import AGGREGATES, Searcher, StepCheckPRM, markdown_table, run_search
 from rlpost.commands.prm import outcome_pairs

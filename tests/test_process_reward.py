@@ -1,4 +1,4 @@
-"""Process rewards in RL (rlpost/process_reward.py): the PRM's step rewards placed at the step ends against
+"""Process rewards in RL (rlpost/env/process_reward.py): the PRM's step rewards placed at the step ends against
 hand-computed tensors, the config combinations that are refused, and a short real RL run with `prm.path`."""
 
 import json
@@ -12,8 +12,8 @@ from rlpost.cli import main
 from rlpost.config import ConfigError, load_config
 from rlpost.models import encode_prompt
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
-from rlpost.prm import ProcessRewardModel
-from rlpost.process_reward import ProcessReward, process_token_rewards
+from rlpost.env.process_reward_model import ProcessRewardModel
+from rlpost.env.process_reward import ProcessReward, process_token_rewards
 from rlpost.reward import Reward
 from rlpost.stages.sft import sft_batch
 from rlpost.tasks.multistep import ALPHABET
@@ -94,11 +94,13 @@ def test_score_and_delta_with_scores_that_differ_per_step():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["prm.path=x", "distill.teacher=y"], "prm.path and distill.teacher"),
-    (["prm.path=x", "reward_model.path=y"], "a reward model replaces"),
-    (["prm.path=x", "reward_model.train=true"], "a reward model replaces"),
-    (["prm.path=x", "task.env=calculator"], "with task.env"),
-    (["prm.path=x", "rl.steps=0"], "needs rl.steps >= 1"),
+    (["prm.path=x", "distill.teacher=y"], "prm.path='x' and distill.teacher='y' both choose the RL reward"),
+    (["prm.path=x", "reward_model.path=y"], "prm.path='x' and a reward_model stage both choose the RL reward"),
+    (["prm.path=x", "reward_model.train=true"], "prm.path='x' and a reward_model stage both choose the RL reward"),
+    (["prm.path=x", "rl.reward={name: teacher, teacher: y}"], "rl.reward.name=teacher and prm.path='x'"),
+    (["prm.path=x", "rl.reward={name: prm, path: z}"], "rl.reward.path='z' and prm.path='x' set the same option"),
+    (["rl.reward={name: prm}"], "needs rl.reward.path"),
+    (["prm.path=x", "rl.steps=0"], r"needs an RL stage \(rl.steps >= 1\)"),
     (["prm.reward=sum"], "'prm.reward' is 'sum'; valid values: score, delta"),
 ])
 def test_config_combinations_that_are_refused(overrides, message):

@@ -1,5 +1,5 @@
-"""Rejection-sampling SFT (rlpost/stages/rejection.py) and on-policy distillation (rlpost/distill.py): which samples
-are kept, that fine-tuning on them raises their likelihood, the stage in a real run (checkpoint, summary,
+"""Rejection-sampling SFT (rlpost/stages/rejection.py) and on-policy distillation (rlpost/env/teacher.py): which
+samples are kept, that fine-tuning on them raises their likelihood, the stage in a real run (checkpoint, summary,
 resume); the distillation reward against hand-computed values, a teacher that is the student, a teacher with
 another vocabulary, and a real run whose reverse KL to a trained teacher falls.
 
@@ -17,7 +17,7 @@ from test_resume import comparable, run_to_end, start, wait_for
 
 from rlpost.checkpoint import list_checkpoints
 from rlpost.config import load_config
-from rlpost.distill import TeacherReward, check_same_tokenizer, distill_token_rewards
+from rlpost.env.teacher import TeacherReward, check_same_tokenizer, distill_token_rewards
 from rlpost.models import save_model, token_logprobs
 from rlpost.models.gpt_mini import CharTokenizer
 from rlpost.rollout import SamplingParams

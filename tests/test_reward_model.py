@@ -14,8 +14,8 @@ from rlpost.models import ModelLoadError, save_model
 from rlpost.cli import main
 from rlpost.run import train
 from rlpost.preference.data import tokenize_preferences
-from rlpost.reward_model import (LearnedReward, RewardModel, bradley_terry_loss, evaluate_pairs, fit_reward_model,
-                                 pair_rewards, task_pairs)
+from rlpost.env.reward_model import (LearnedReward, RewardModel, bradley_terry_loss, evaluate_pairs,
+                                     fit_reward_model, pair_rewards, task_pairs)
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.tasks.arithmetic import arithmetic_task
 

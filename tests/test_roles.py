@@ -183,7 +183,7 @@ def test_greedy_rollouts_score_finite_through_every_scorer(tiny_gpt, name, optio
     reported. Scoring at the sampling temperature itself (logits / 0) made every one of them NaN."""
     from rlpost import get_algorithm
     from rlpost.critic import Critic
-    from rlpost.distill import TeacherReward
+    from rlpost.env.teacher import TeacherReward
 
     model, tok = tiny_gpt
     params = SamplingParams(max_new_tokens=4, temperature=0.0)

@@ -95,7 +95,7 @@ def test_value_heads_and_reward_models_read_shared_prompts_alike(kind, tiny_llam
     hidden states, the critic's values and their gradients, and the reward model's scores."""
     from rlpost.critic import Critic
     from rlpost.models import position_ids_for, trunk_hidden_states
-    from rlpost.reward_model import RewardModel
+    from rlpost.env.reward_model import RewardModel
 
     model = _gpt_mini() if kind == "gpt_mini" else _hf_llama(tiny_llama_dir)
     batch = layout_batch(16)

@@ -62,7 +62,6 @@ def test_a_list_names_the_stages_in_order_with_repeats_labelled():
     (["stages=[sft, rl]", "sft.steps=0"], "sft stage, which needs sft.steps >= 1"),
     (["stages=[sft, reward_model, rl, reward_model, rl]"], "reward_model more than once"),
     (["stages=[sft, reward_model, rl]", "task.name=multistep"], "reward_model stage, which needs preference pairs"),
-    (["stages=[sft, preference, rl]", "task.name=multiply", "task.env=calculator"], "preference.train_file"),
     (["stages=[sft, eval, rl, eval]", "rejection.enabled=true"], "rejection.enabled is set but .* no rejection"),
     (["stages=[sft, rl]", "reward_model.train=true"], "reward_model.train is set but .* no reward_model"),
     (["stages=sft"], "expects list"),

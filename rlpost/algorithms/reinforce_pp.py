@@ -8,7 +8,8 @@ summed with gamma = 1, and the advantages are whitened over *all response tokens
     A   = (G - mean_batch(G)) / std_batch(G),   loss = PPO clipped surrogate, token mean
 
 `gamma` < 1 discounts the returns-to-go, G_t = sum_{t' >= t} gamma^(t' - t) r_t'; gamma = 0 gives each token
-its own reward alone (what on-policy distillation's per-token reverse KL is usually trained with: rlpost/distill.py).
+its own reward alone (what on-policy distillation's per-token reverse KL is usually trained with:
+rlpost/env/teacher.py).
 """
 
 from __future__ import annotations

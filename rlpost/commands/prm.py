@@ -1,4 +1,5 @@
-"""`rlpost prm`: a process reward model (rlpost/prm.py) and an outcome reward model from one policy's samples.
+"""`rlpost prm`: a process reward model (rlpost/env/process_reward_model.py) and an outcome reward model from one
+policy's samples.
 
     rlpost prm recipes/prm.yaml model.name=runs/<sft run>/checkpoints/sft
 
@@ -23,8 +24,8 @@ from rlpost.commands.rm import start_model_run
 from rlpost.config import ConfigError, load_config
 from rlpost.models import encode_prompt
 from rlpost.preference.data import model_context, tokenize_preferences
-from rlpost.prm import ProcessRewardModel, StepExample, fit_prm, mc_step_labels
-from rlpost.reward_model import RewardModel, fit_reward_model
+from rlpost.env.process_reward_model import ProcessRewardModel, StepExample, fit_prm, mc_step_labels
+from rlpost.env.reward_model import RewardModel, fit_reward_model
 from rlpost.rewards import reward_from_config
 from rlpost.rollout import build_engine
 from rlpost.tasks.multistep import step_truth

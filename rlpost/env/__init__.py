@@ -136,6 +136,7 @@ class EnvRole:
     fn: Any = None  # the run's reward, when the environment scores with it (closed at the end of the run)
     system_prompt: str | None = None  # task.system_prompt, put before the first prompt (chat template)
     budget_warned: bool = False  # the too-small-budget warning was given (once per role, i.e. per run)
+    rescore: Callable[[Any], tuple[Any, dict]] | None = None  # a learned RL reward over the episodes (env/source.py)
 
     @classmethod
     def from_config(cls, task_cfg, tokenizer, reward_fn, max_new_tokens: int) -> "EnvRole":

@@ -191,6 +191,10 @@ class PreferenceData:
     kl_completions: list[list[int]] | None = None  # unpaired only, per sequence
     ref: list[torch.Tensor] | None = None
     ref_kl: list[torch.Tensor] | None = None
+    # per sequence, 1 on the completion tokens the policy wrote (an environment's episode: its observations are
+    # in the sequence but 0, so the loss never reads them); None: every completion token is the policy's
+    trained: list[list[int]] | None = None
+    kl_trained: list[list[int]] | None = None
 
     def __len__(self) -> int:
         """Examples (pairs, or unpaired rows)."""
@@ -206,13 +210,15 @@ class PreferenceData:
         n = len(self.completions)
         where = [f"{self.where[self.pairs[s]]} ({'chosen' if self.labels[s] else 'rejected'})" for s in range(n)]
         return with_kl_pairs(PreferenceData(False, self.prompts, self.completions, self.labels, list(range(n)), where,
-                                            self.skipped))
+                                            self.skipped, trained=self.trained))
 
     def batch(self, seqs: list[int], pad_id: int, kl: bool = False) -> Batch:
         """Rows `seqs` as a Batch: the rollout layout (prompt left-padded, completion right-padded),
         labels in `rewards`, example ids in `group_ids`, cached reference log-probs in `ref_logp`."""
         comps = self.kl_completions if kl else self.completions
-        b = sft_batch([self.prompts[s] for s in seqs], [comps[s] for s in seqs], pad_id)
+        trained = self.kl_trained if kl else self.trained
+        b = sft_batch([self.prompts[s] for s in seqs], [comps[s] for s in seqs], pad_id,
+                      trained=[trained[s] for s in seqs] if trained is not None else None)
         ref = self.ref_kl if kl else self.ref
         ref_logp = None
         if ref is not None:
@@ -228,18 +234,23 @@ def with_kl_pairs(data: PreferenceData) -> PreferenceData:
     """Give every unpaired row a mismatched completion: row i gets row (i+1) mod N's (a fixed shift)."""
     n = len(data.completions)
     data.kl_completions = [data.completions[(i + 1) % n] for i in range(n)]
+    if data.trained is not None:
+        data.kl_trained = [data.trained[(i + 1) % n] for i in range(n)]
     return data
 
 
 def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None, on_bad_row: str = "skip",
                          system_prompt: str | None = None) -> PreferenceData:
     """Validated rows -> PreferenceData. Bad rows are named; skipped and counted, or raised (all at once).
-    Prompts are encoded as rollout encodes them (`rlpost.models.encode_prompt`, with `system_prompt`)."""
+    Prompts are encoded as rollout encodes them (`rlpost.models.encode_prompt`, with `system_prompt`). Rows made
+    from an environment's episodes (`pairs_from_samples`) carry their token ids as sampled (`prompt_tokens`,
+    `<key>_tokens`, `<key>_policy`): they are used as they are, never re-encoded, and only the policy's tokens
+    are trained."""
     if on_bad_row not in ("skip", "raise"):
         raise ValueError(f"on_bad_row must be 'skip' or 'raise', got {on_bad_row!r}")
-    paired = "chosen" in rows[0]
+    paired, episodes = "chosen" in rows[0], "prompt_tokens" in rows[0]
     keys = ("chosen", "rejected") if paired else ("completion",)
-    data = PreferenceData(paired, [], [], [], [], [])
+    data = PreferenceData(paired, [], [], [], [], [], trained=[] if episodes else None)
     bad: list[str] = []
     for row in rows:
         where = row["where"]
@@ -249,12 +260,18 @@ def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None,
         if problems:
             bad.extend(problems)
             continue
-        try:
-            p = encode_prompt(tokenizer, row["prompt"], system_prompt)
-            comps = [tokenizer.encode_completion(row[k]) + [tokenizer.eos_token_id] for k in keys]
-        except ValueError as e:
-            bad.append(f"{where}: {e}")
-            continue
+        if episodes:  # an episode's ids and policy mask, as sampled
+            p, comps = row["prompt_tokens"], [row[f"{k}_tokens"] for k in keys]
+            if paired and comps[0] == comps[1]:
+                bad.append(f"{where}: chosen and rejected are the same episode")
+                continue
+        else:
+            try:
+                p = encode_prompt(tokenizer, row["prompt"], system_prompt)
+                comps = [tokenizer.encode_completion(row[k]) + [tokenizer.eos_token_id] for k in keys]
+            except ValueError as e:
+                bad.append(f"{where}: {e}")
+                continue
         if max_length is not None:
             if len(p) >= max_length:
                 bad.append(f"{where}: the prompt is {len(p)} tokens, which leaves no room in the context of "
@@ -266,6 +283,8 @@ def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None,
                 continue
         example = len(data.where)
         for k, c in zip(keys, comps):
+            if data.trained is not None:
+                data.trained.append(row[f"{k}_policy"])
             data.prompts.append(p)
             data.completions.append(c)
             data.labels.append(1.0 if (k == "chosen" or (k == "completion" and row["label"])) else 0.0)
@@ -288,19 +307,70 @@ def load_preferences(source: Any, tokenizer, *, max_length: int | None, on_bad_r
 
 # ---------------------------------------------------------------------------- pairs from the model's own samples
 
+def _episode_tokens(batch: Batch) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Each row's prompt ids, response region ids (policy and environment tokens, up to its last one) and
+    policy mask (1 on the tokens the policy sampled), as the episode function laid them out."""
+    P = batch.prompt_width
+    attn = batch.attention_mask.bool().cpu()
+    ids, policy = batch.input_ids.cpu(), batch.response_mask.cpu()
+    lengths = attn[:, P:].sum(1).tolist()
+    return ([ids[b, :P][attn[b, :P]].tolist() for b in range(len(batch))],
+            [ids[b, P:P + n].tolist() for b, n in enumerate(lengths)],
+            [policy[b, P:P + n].tolist() for b, n in enumerate(lengths)])
+
+
+def _episode_pair(members: list[int], scores: list[float], prompts: list[list[int]], failed: list,
+                  rng: random.Random) -> tuple[int, int] | None:
+    """(chosen, rejected) among one row's episodes: one of the highest reward, one of the lowest reward below it
+    with the same prompt (an environment may open episodes differently); episodes that failed are left out.
+    None when no two differ."""
+    ok = [m for m in members if failed[m] is None]
+    if not ok:
+        return None
+    best = max(scores[m] for m in ok)
+    chosen = rng.choice([m for m in ok if scores[m] == best])
+    below = [m for m in ok if prompts[m] == prompts[chosen] and scores[m] < best]
+    if not below:
+        return None
+    worst = min(scores[m] for m in below)
+    return chosen, rng.choice([m for m in below if scores[m] == worst])
+
+
 def pairs_from_samples(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, k: int, params,
-                       seed: int = 0, batch_prompts: int = 256) -> tuple[list[dict], dict[str, float]]:
+                       seed: int = 0, batch_prompts: int = 256,
+                       episodes: bool = False) -> tuple[list[dict], dict[str, float]]:
     """Sample k completions per prompt, score them with the verifier, and make one pair per prompt
     that has both: chosen = a correct sample, rejected = a wrong one (drawn at random among each).
-    Returns (paired rows, stats)."""
+    Returns (paired rows, stats).
+
+    `episodes`: `reward` runs task.env's episodes. The k episodes of a prompt are ranked by the environment's
+    reward (an episode's sum): chosen = one of the best, rejected = one of the worst below it; a prompt whose
+    episodes all score alike makes no pair (counted in pairs/all_wrong when that reward is <= 0, else in
+    pairs/all_right), and pairs/sample_accuracy is the mean reward. Each pair keeps its episodes' token ids
+    and policy masks (`tokenize_preferences` trains only the policy's tokens, never the observations)."""
     rng = random.Random(seed)
     out, n_samples, n_right, no_right, no_wrong = [], 0, 0.0, 0, 0
     for chunk, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, k, params, seed, batch_prompts,
                                            desc="preference pairs"):
-        texts, scores = batch.meta["completion"], batch.rewards.tolist()
+        rewards = batch.rewards.float()
+        texts, scores = batch.meta["completion"], (rewards.sum(1) if rewards.dim() == 2 else rewards).tolist()
         n_samples += len(scores)
         n_right += sum(scores)
+        if episodes:
+            prompts, regions, policy = _episode_tokens(batch)
+            failed = batch.meta.get("env_error", [None] * len(batch))
         for j, i in enumerate(chunk):
+            if episodes:
+                pair = _episode_pair(list(range(j * k, (j + 1) * k)), scores, prompts, failed, rng)
+                if pair is None:
+                    tie = max((scores[m] for m in range(j * k, (j + 1) * k)), default=0.0)
+                    no_right, no_wrong = (no_right + 1, no_wrong) if tie <= 0 else (no_right, no_wrong + 1)
+                    continue
+                c, r = pair
+                out.append({"prompt": rows[i]["prompt"], "chosen": texts[c], "rejected": texts[r],
+                            "where": f"prompt {i}", "prompt_tokens": prompts[c], "chosen_tokens": regions[c],
+                            "chosen_policy": policy[c], "rejected_tokens": regions[r], "rejected_policy": policy[r]})
+                continue
             group = list(zip(texts[j * k:(j + 1) * k], scores[j * k:(j + 1) * k]))
             right = [t for t, s in group if s >= 1.0]
             wrong = [t for t, s in group if s <= 0.0]

@@ -58,7 +58,13 @@ def run_episodes(engine, reward, rows: list[dict], prompt_ids: list[list[int]], 
 
     if isinstance(reward, EnvRole):  # turns of sampling and environment steps: one range in a trace
         with torch.profiler.record_function("rollout"), role("rollout"):
-            return run_env_episodes(engine, reward, rows, k, params, seed)
+            batch, metrics = run_env_episodes(engine, reward, rows, k, params, seed)
+        if reward.rescore is None:
+            return batch, metrics
+        t = time.perf_counter()  # a learned RL reward (a reward model, a teacher, a PRM) scores the episodes
+        with torch.profiler.record_function("reward"), role("reward"):
+            batch, scored = reward.rescore(batch)
+        return batch, {**metrics, **scored, "time/reward": metrics["time/reward"] + time.perf_counter() - t}
     t0 = time.perf_counter()
     with torch.profiler.record_function("rollout"), role("rollout"):  # named ranges in a torch.profiler trace
         batch = engine.generate(prompt_ids, k, params, seed=seed)

@@ -1,4 +1,4 @@
-"""distill.*: on-policy distillation from a teacher model, the RL reward (rlpost/distill.py)."""
+"""distill.*: on-policy distillation from a teacher model, the RL reward (rlpost/env/teacher.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""reward_model.*: the Bradley-Terry reward model, trained in a run or loaded (rlpost/reward_model.py)."""
+"""reward_model.*: the Bradley-Terry reward model, trained in a run or loaded (rlpost/env/reward_model.py)."""
 
 from __future__ import annotations
 

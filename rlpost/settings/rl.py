@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from rlpost.schema import Section, at_least, opt
 
@@ -31,3 +32,7 @@ class RLConfig(Section):
                              at_least(0, "0: synchronous"))
     max_worker_restarts: int = opt(3, "disaggregated/async: restarts of dead rollout workers before the run stops",
                                    at_least(0, "0: a dead worker stops the run"))
+    reward: dict[str, Any] = opt({"name": "verifier"}, "the RL reward's source and its options: verifier | "
+                                                       "reward_model | teacher | prm (e.g. {name: teacher, teacher: "
+                                                       "runs/x/checkpoints/final}; distill.teacher, prm.path and a "
+                                                       "reward_model stage are aliases)")

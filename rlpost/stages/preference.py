@@ -2,8 +2,9 @@
 
 Data: `preference.train_file` (JSONL or a `datasets` dataset), or pairs made from the policy's own
 samples of the task's training prompts scored by the verifier (through the episode function; saved to
-<run_dir>/preference_pairs.jsonl). Ends with checkpoints/preference/. A stop request ends it at the
-next step without a checkpoint: a resume runs the stage again from its start.
+<run_dir>/preference_pairs.jsonl), or with task.env its episodes ranked by the environment's reward. Ends
+with checkpoints/preference/. A stop request ends it at the next step without a checkpoint: a resume runs
+the stage again from its start.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 
 from tqdm import tqdm
 
+from rlpost.env.source import runs_episodes
 from rlpost.preference import get_preference_loss
 from rlpost.preference.data import (PreferenceDataError, load_preferences, model_context, pairs_from_samples,
                                     tokenize_preferences, write_preference_rows)
@@ -59,7 +61,8 @@ class PreferenceStage(Stage):
         ctx.weight_sync.push()
         pairs, stats = pairs_from_samples(ctx.engine, ctx.verifier, rows, ctx.prompt_ids(rows),
                                           k=pc.samples_per_prompt, params=params, seed=self.seed(ctx) + 7919,
-                                          batch_prompts=self.eval_cfg.batch_prompts)
+                                          batch_prompts=self.eval_cfg.batch_prompts,
+                                          episodes=runs_episodes(ctx.verifier))
         stats["time/pairs"] = time.perf_counter() - t0
         self.log(ctx, {"stage": "preference_data", "step": 0, **stats})
         tqdm.write(f"rlpost: {int(stats['pairs/made'])} preference pairs from {len(rows)} prompts x "

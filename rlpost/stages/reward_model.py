@@ -1,4 +1,5 @@
-"""Reward-model stage (RLHF): a Bradley-Terry reward model (rlpost/reward_model.py) becomes the RL reward.
+"""Reward-model stage (RLHF): a Bradley-Terry reward model (rlpost/env/reward_model.py) becomes the RL reward
+(`rl.reward: {name: reward_model}`, which this stage's presence in the run means).
 
 It is loaded from `reward_model.path`, or trained now with its trunk copied from the policy, on pairs
 from `preference.train_file` or, without one, from the arithmetic task (the right answer against a
@@ -13,7 +14,8 @@ import os
 import random
 
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
-from rlpost.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
+from rlpost.env.reward_model import RewardModel, fit_reward_model, task_pairs
+from rlpost.env.sources import SourceInputs, build_rl_reward
 from rlpost.run import RunContext, Stage
 
 
@@ -68,9 +70,10 @@ class RewardModelStage(Stage):
         self.cfg, self.preference_cfg = cfg, preference_cfg
 
     def use(self, ctx: RunContext, rm: RewardModel, rm_tokenizer) -> None:
-        reward = LearnedReward(rm, rm_tokenizer, gold=ctx.verifier.fn)
-        reward.check_tokenizer(ctx.tokenizer, [r["prompt"] for r in ctx.task.train_rows[:16]])
-        ctx.rl_reward = reward
+        """The RL reward from now on: the registry's reward_model source over this model (rl.reward)."""
+        inputs = SourceInputs(None, ctx.tokenizer, ctx.verifier, [r["prompt"] for r in ctx.task.train_rows[:16]],
+                              system=ctx.task.system_prompt, reward_model=(rm, rm_tokenizer))
+        ctx.rl_reward = build_rl_reward("reward_model", {}, inputs)
 
     def run(self, ctx: RunContext) -> None:
         if self.cfg.path:

@@ -39,10 +39,14 @@ from tqdm import tqdm
 from rlpost import distributed as dist
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
-from rlpost.models import ModelLoadError, load_model, model_device, position_ids_for, save_model, trunk_hidden_states
+from rlpost.config import ModelConfig
+from rlpost.env.source import RewardSource, SourceInputs, episode_reward, over_episodes, register
+from rlpost.models import (ModelLoadError, encode_prompt, load_model, model_device, position_ids_for, save_model,
+                           trunk_hidden_states)
 from rlpost.preference.data import PreferenceData
 from rlpost.progress import progress
 from rlpost.reward import decode_responses
+from rlpost.tasks.arithmetic import slip
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -96,8 +100,6 @@ class RewardModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str) -> tuple[RewardModel, object]:
-        from rlpost.config import ModelConfig
-
         if not os.path.isfile(os.path.join(folder, cls.head_file)):
             raise ModelLoadError(f"{folder!r} is not a {cls.kind}: it has no {cls.head_file} "
                                  f"(train one with `rlpost {cls.command}`)")
@@ -200,8 +202,6 @@ class LearnedReward:
     def check_tokenizer(self, policy_tokenizer, texts: list) -> None:
         """The reward model reads the policy's token ids directly, so both must tokenise alike (`texts`:
         prompts, strings or chat messages)."""
-        from rlpost.models import encode_prompt
-
         for t in texts:
             if encode_prompt(self.tokenizer, t) != encode_prompt(policy_tokenizer, t):
                 raise ValueError(f"the reward model's tokenizer encodes {t!r} differently from the policy's; "
@@ -217,14 +217,36 @@ class LearnedReward:
         return batch.replace(rewards=rewards, meta=meta), {"reward/errors": 0.0}
 
 
+@register("reward_model")
+class RewardModelSource(RewardSource):
+    """`rl.reward: {name: reward_model}`; alias: a reward_model stage in the run. The stage trains or loads the
+    model (`reward_model.*`) and builds the reward with it; RL stages before it are rewarded by the verifier.
+    With task.env the model scores each episode's whole text (the policy's turns and the observations)."""
+
+    description = "the Bradley-Terry reward model of the run's reward_model stage (the verifier logged as gold)"
+    alias_stage = "reward_model"
+
+    def check(self, cfg, stages: list[str]) -> None:
+        if "reward_model" not in stages:
+            raise ValueError("rl.reward.name=reward_model rewards RL with the model of the run's reward_model stage, "
+                             "which this run does not have: set reward_model.train=true or reward_model.path, or "
+                             "put reward_model in 'stages'")
+
+    def build(self, inputs: SourceInputs):
+        if inputs.reward_model is None:  # the stage has not run yet: the stages before it use the verifier
+            return inputs.verifier
+        rm, rm_tokenizer = inputs.reward_model
+        reward = LearnedReward(rm, rm_tokenizer, gold=episode_reward(inputs.verifier))
+        reward.check_tokenizer(inputs.tokenizer, inputs.prompts)
+        return over_episodes(inputs.verifier, reward)
+
+
 # ---------------------------------------------------------------------------- pairs for the embedded task
 
 def task_pairs(rows: list[dict], rng: random.Random, label_noise: float = 0.0) -> list[dict]:
     """Preference pairs from a verifiable task: chosen = the right answer, rejected = a one-digit slip
     (the demonstrator's kind of mistake). A fraction `label_noise` of pairs is swapped, as noisy human
     labels would be."""
-    from rlpost.tasks.arithmetic import slip
-
     pairs = []
     for i, r in enumerate(rows):
         good, bad = r["answer"], slip(r["answer"], rng)

@@ -1,6 +1,6 @@
 """A PROCESS reward model: a score for every reasoning step, learned from Monte-Carlo step labels.
 
-An outcome reward model (rlpost/reward_model.py) scores a whole solution. A process reward model
+An outcome reward model (rlpost/env/reward_model.py) scores a whole solution. A process reward model
 (PRM) scores each step: the probability that a solution which has reached the end of this step will
 end with a right answer. Nobody labels steps by hand here; the labels are made the way Math-Shepherd
 (Wang et al. 2024, arXiv:2312.08935) makes them:
@@ -41,8 +41,9 @@ import torch.nn.functional as F
 
 from rlpost.models import trunk_hidden_states
 from rlpost.progress import progress
-from rlpost.reward_model import RewardModel, fit_epochs
+from rlpost.env.reward_model import RewardModel, fit_epochs
 from rlpost.rollout import SamplingParams
+from rlpost.stages.sft import sft_batch
 
 PRM_HEAD_FILE = "prm_head.safetensors"
 
@@ -97,8 +98,6 @@ class ProcessRewardModel(RewardModel):
     def step_logits(self, prompts: list[list[int]], responses: list[list[int]], ends: list[list[int]],
                     pad_id: int) -> list[torch.Tensor]:
         """Per solution, the head's logit at each step end (a [n_steps] tensor, with grad)."""
-        from rlpost.stages.sft import sft_batch
-
         batch = sft_batch(prompts, responses, pad_id).to(self.head.weight.device)
         h = trunk_hidden_states(self.trunk, batch)
         P = batch.prompt_width
@@ -201,7 +200,7 @@ def fit_prm(prm: ProcessRewardModel, train: list[StepExample], held_out: list[St
             epochs: int, batch_size: int, lr: float, seed: int = 0,
             log: Callable[[dict], None] | None = None) -> dict[str, float]:
     """BCE training of the step head (and trunk) with AdamW (the reward model's loop,
-    `rlpost.reward_model.fit_epochs`); held-out metrics after every epoch. Returns the last epoch's."""
+    `rlpost.env.reward_model.fit_epochs`); held-out metrics after every epoch. Returns the last epoch's."""
     if not train:
         raise ValueError("the PRM has no labelled solutions to train on")
     return fit_epochs(prm, len(train), lambda idx: prm_loss(prm, [train[i] for i in idx], pad_id),

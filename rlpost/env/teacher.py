@@ -8,7 +8,7 @@ RL whose reward is, per response token y_t of the student's own sample,
 
 Its sum over a response is -coef times a one-sample estimate of KL(pi_student || pi_teacher) of that response:
 maximising it makes the student put its mass where the teacher does (mode-seeking), on the prefixes the student
-itself reaches. `TeacherReward` is a reward role (as rlpost/reward_model.py's `LearnedReward`): it scores a batch
+itself reaches. `TeacherReward` is a reward role (as rlpost/env/reward_model.py's `LearnedReward`): it scores a batch
 and returns it with token rewards [B, T], so the controller and the algorithms are unchanged (an algorithm reads
 them through `PolicyGradient.token_rewards`).
 
@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -40,8 +42,10 @@ from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
 from rlpost.models import check_packing, encode_prompt, load_model, model_device, token_logprobs
 from rlpost.packing import micro_batches, scatter_rows
+from rlpost.env.source import RewardSource, SourceInputs, over_episodes, register, runs_episodes
 from rlpost.reward import decode_responses
 from rlpost.rollout.engine import SamplingParams
+from rlpost.schema import Range, above
 
 
 def distill_token_rewards(student_logp: torch.Tensor, teacher_logp: torch.Tensor, response_mask: torch.Tensor,
@@ -117,19 +121,53 @@ def check_same_tokenizer(student_tok, teacher_tok, prompts: list, system: str | 
 
 
 def load_teacher_reward(cfg, model_cfg, tokenizer, temperature: float, verifier, prompts: list,
-                        system: str | None = None, trainer_cfg=None) -> TeacherReward:
-    """`distill.*`: the teacher folder loaded as the student's model config says (dtype, device; no LoRA),
-    checked against the student's tokenizer, as a reward role; the verifier's function is its gold. It scores
-    in the micro-batches `trainer_cfg` (the run's `trainer.*`) sets: micro_batch_size, micro_batch_tokens, packing."""
+                        system: str | None = None, trainer_cfg=None, key: str = "distill.teacher") -> TeacherReward:
+    """`cfg.teacher` (`key`: the config key it was given by), the teacher folder, loaded as the student's model
+    config says (dtype, device; no LoRA), checked against the student's tokenizer, as a reward role with
+    `cfg.coef`; the verifier's function (when `verifier` has one) is its gold. It scores in the micro-batches
+    `trainer_cfg` (the run's `trainer.*`) sets: micro_batch_size, micro_batch_tokens, packing."""
     if not os.path.isdir(cfg.teacher):
-        raise ValueError(f"distill.teacher: no model folder at {cfg.teacher!r} (a saved model, e.g. a run's "
+        raise ValueError(f"{key}: no model folder at {cfg.teacher!r} (a saved model, e.g. a run's "
                          "checkpoints/final)")
     teacher_cfg = dataclasses.replace(model_cfg, name=cfg.teacher, lora=dataclasses.replace(model_cfg.lora, r=0))
     teacher, teacher_tok = load_model(teacher_cfg)
-    check_same_tokenizer(tokenizer, teacher_tok, prompts, system, where=f"distill.teacher {cfg.teacher}")
+    check_same_tokenizer(tokenizer, teacher_tok, prompts, system, where=f"{key} {cfg.teacher}")
     # the teacher scores at the temperature the student's old_logp are reported at (1 for greedy rollouts)
     micro = {} if trainer_cfg is None else dict(micro_batch_size=trainer_cfg.micro_batch_size,
                                                 micro_batch_tokens=trainer_cfg.micro_batch_tokens,
                                                 packing=trainer_cfg.packing)
     return TeacherReward(teacher, tokenizer, coef=cfg.coef, params=SamplingParams(temperature=temperature),
                          gold=getattr(verifier, "fn", None), **micro)
+
+
+@register("teacher")
+class TeacherSource(RewardSource):
+    """`rl.reward: {name: teacher, teacher, coef}`; alias: `distill.teacher` (with distill.coef). With task.env
+    the teacher grades the policy's tokens of each episode; the environment's observations are masked."""
+
+    description = "on-policy distillation: per token, -coef * (log pi_student - log pi_teacher) of each sampled token"
+    alias_switch = "distill.teacher"
+    alias_keys = {"teacher": "distill.teacher", "coef": "distill.coef"}
+
+    @dataclass
+    class Config:
+        teacher: str | None = None
+        """a teacher model folder (e.g. a run's checkpoints/final) with the policy's tokenizer"""
+        coef: float = 1.0
+        """weight of the per-token reverse-KL reward"""
+
+        ranges: ClassVar[dict[str, Range]] = {"coef": above(0)}
+
+    def check(self, cfg, stages: list[str]) -> None:
+        if not self.options.teacher:
+            raise ValueError("rl.reward.name=teacher needs rl.reward.teacher: a teacher model folder (e.g. a run's "
+                             "checkpoints/final)")
+        if "rl" not in stages:
+            raise ValueError(f"{self.key('teacher')} is the RL stage's reward; it needs an RL stage (rl.steps >= 1)")
+
+    def build(self, inputs: SourceInputs):
+        cfg = inputs.cfg
+        reward = load_teacher_reward(self.options, cfg.model, inputs.tokenizer, cfg.rollout.temperature,
+                                     None if runs_episodes(inputs.verifier) else inputs.verifier, inputs.prompts,
+                                     system=inputs.system, trainer_cfg=cfg.trainer, key=self.key("teacher"))
+        return over_episodes(inputs.verifier, reward)
