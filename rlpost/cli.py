@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "rewards":
-        from rlpost.rewards import REWARDS
+        from rlpost.env.verifiers import REWARDS
 
         for name, target in REWARDS.items():
             print(f"  {name:<8} {target}")

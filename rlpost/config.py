@@ -667,8 +667,6 @@ def _validate_task(cfg: Config) -> None:
         raise ConfigError("task.reward_options are the options of task.reward, which is not set")
     if t.env_options and not t.env:
         raise ConfigError("task.env_options are the options of task.env, which is not set")
-    if cfg.eval.reward and t.env:
-        raise ConfigError("eval.reward scores single completions; with task.env the environment scores the episodes")
     if cfg.eval.reward_options and not cfg.eval.reward:
         raise ConfigError("eval.reward_options are the options of eval.reward, which is not set")
     _check_rewards(cfg)
@@ -685,13 +683,13 @@ def _check_rewards(cfg: Config) -> None:
     one, a weight that is not a finite number, an option the reward refuses (a code timeout_s of -5, a math
     extract method that does not exist) is a ConfigError naming the key, not a failure at the first reward
     call after the model has loaded (or, under reward_on_error=zero, every sample silently scoring 0)."""
-    from rlpost.rewards import check_reward, check_weighted
+    from rlpost.env.verifiers import check_eval_reward, check_reward, check_weighted
 
     t = cfg.task
     for key, check in (("task.rewards", lambda: t.rewards is not None and check_weighted(t.rewards)),
                        ("task.reward", lambda: t.reward and check_reward(t.reward, t.reward_options)),
-                       ("eval.reward", lambda: cfg.eval.reward and check_reward(cfg.eval.reward,
-                                                                                cfg.eval.reward_options))):
+                       ("eval.reward", lambda: cfg.eval.reward and check_eval_reward(cfg.eval.reward,
+                                                                                     cfg.eval.reward_options, t.env))):
         try:
             check()
         except ValueError as e:

@@ -50,7 +50,7 @@ from rlpost.algorithms.base import Algorithm
 from rlpost.batch import Batch
 from rlpost.devices import RoleProbe
 from rlpost.reference import Reference
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.rollout import Engine, SamplingParams
 from rlpost.rollout.episodes import run_episodes
 from rlpost.rollout.pipeline import RolloutPipeline

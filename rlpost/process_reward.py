@@ -34,6 +34,7 @@ import torch
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.config import PRM_REWARDS as MODES
+from rlpost.env.role import RewardRole
 from rlpost.prm import ProcessRewardModel, responses, step_ends
 
 
@@ -62,9 +63,9 @@ def prompt_ids(batch: Batch) -> list[list[int]]:
     return [[t for t, k in zip(row, m) if k] for row, m in zip(ids, keep)]
 
 
-class ProcessReward:
+class ProcessReward(RewardRole):
     """Reward role (see the module docstring): `reward(batch) -> (batch with token rewards [B, T], metrics)`.
-    `outcome` is the run's verifier role (`rlpost.reward.Reward`), whose [B] rewards are the outcome."""
+    `outcome` is the run's verifier role (`rlpost.env.reward.Reward`), whose [B] rewards are the outcome."""
 
     def __init__(self, prm: ProcessRewardModel, tokenizer, outcome, coef: float = 1.0, mode: str = "delta",
                  separator: str = ";"):

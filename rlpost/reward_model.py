@@ -42,7 +42,8 @@ from rlpost.batch import Batch
 from rlpost.models import ModelLoadError, load_model, model_device, position_ids_for, save_model, trunk_hidden_states
 from rlpost.preference.data import PreferenceData
 from rlpost.progress import progress
-from rlpost.reward import decode_responses
+from rlpost.env.reward import decode_responses
+from rlpost.env.role import RewardRole
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -186,7 +187,7 @@ def fit_reward_model(rm: RewardModel, train: PreferenceData, held_out: Preferenc
 
 # ---------------------------------------------------------------------------- the reward role
 
-class LearnedReward:
+class LearnedReward(RewardRole):
     """Reward role backed by a reward model: rewards[b] = r(prompt + response). Never touches the policy.
 
     With `gold` (a verifier `fn(completion, row) -> float`), it also scores every sample with it and

@@ -580,7 +580,7 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     from rlpost.limits import check_lengths
     from rlpost.models import load_model
     from rlpost.env import check_vocabulary, observation_alphabet, response_budget
-    from rlpost.rewards import reward_role
+    from rlpost.env.verifiers import reward_role
     from rlpost.rollout import build_engine
     from rlpost.tasks import load_task
     from rlpost.weight_sync import WeightSync
@@ -857,8 +857,8 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
         for stage in stages:
             stage.close()
         ctx.engine.close()
-        for role in {id(r): r for r in (ctx.verifier, ctx.rl_reward)}.values():  # process pools, a judge's engine
-            getattr(getattr(role, "fn", None), "close", lambda: None)()
+        for role in {id(r): r for r in (ctx.verifier, ctx.rl_reward) if r is not None}.values():
+            role.close()  # process pools, a judge's engine
     if main:
         print_table(ctx.summary)
     return ctx.summary

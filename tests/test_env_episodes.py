@@ -13,9 +13,10 @@ from rlpost.env.base import Env
 from rlpost.env.calls import call_all
 from rlpost.env.tools import CalculatorEnv, calculate, CalculatorError
 from rlpost.models import token_logprobs
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.rollout import SamplingParams, assemble, build_engine
-from rlpost.rollout.episodes import EnvError, encode_observation, run_episodes
+from rlpost.env.episodes import EnvError, encode_observation
+from rlpost.rollout.episodes import run_episodes
 from rlpost.stages.sft import sft_batch
 from rlpost.tasks import answer_match_reward, encode_demonstration
 

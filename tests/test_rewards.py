@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rlpost.config import ConfigError, load_config
-from rlpost.reward import Reward, RewardError
-from rlpost.rewards import REWARDS, WeightedRewards, get_reward, reward_from_config
+from rlpost.env.reward import Reward, RewardError
+from rlpost.env.verifiers import REWARDS, WeightedRewards, get_reward, reward_from_config
 
 
 @pytest.fixture
@@ -96,7 +96,8 @@ def test_config_picks_one_reward_or_a_weighted_sum(user_module):
     assert reward_from_config(cfg.task, None)("123456789", {}) == 1.0
     cfg = load_config(None, ["task.rewards=[{name: exact, weight: 1}, {name: my_rewards:brevity, weight: 0.1}]"])
     assert isinstance(reward_from_config(cfg.task, None), WeightedRewards)
-    assert reward_from_config(load_config(None, []).task, "default") == "default"
+    default = lambda completion, row: 0.5  # noqa: E731 - the task's own verifier, as a Verifier
+    assert reward_from_config(load_config(None, []).task, default).fn is default
     with pytest.raises(ConfigError, match="not both"):
         load_config(None, ["task.reward=exact", "task.rewards=[{name: exact}]"])
     with pytest.raises(ConfigError, match="reward_options"):

@@ -1,6 +1,6 @@
 """The `judge` reward: an LLM grades each completion against a rubric, and its score becomes the reward.
 
-    from rlpost.rewards import get_reward
+    from rlpost.env.verifiers import get_reward
     judge = get_reward("judge", url="http://127.0.0.1:8000/v1")       # any OpenAI-compatible server
     judge = get_reward("judge", model="/models/qwen2.5-1.5b-instruct")  # a local folder, rlpost's own engine
     judge("The capital of France is Paris.", {"prompt": "Capital of France?"})   # 0.9 for "Score: 9"
@@ -51,6 +51,9 @@ import urllib.parse
 import unicodedata
 import urllib.request
 import warnings
+
+from rlpost.env.base import Verifier
+from rlpost.env.reward import decode_responses
 
 DEFAULT_RUBRIC = """You are a strict grader. Read the task and the response, then judge how well the response \
 solves the task.
@@ -263,7 +266,7 @@ def render_rubric(rubric: str | None, completion: str, row: dict, score_min: flo
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)](), rubric)
 
 
-class JudgeReward:
+class JudgeReward(Verifier):
     """Reward `(completion, row) -> float` in [0, 1] (or `on_failure`) given by an LLM judge.
 
     Exactly one backend: `model`, a local Hugging Face (or gpt_mini) model folder answered through rlpost's
@@ -396,8 +399,6 @@ class JudgeReward:
 
     def _ask_local_many(self, texts: list[str]) -> list[str | _Failed]:
         """One engine call for many judge prompts: each answer, or a _Failed for a prompt too long to ask."""
-        from rlpost.reward import decode_responses
-
         out: list[str | _Failed] = []
         asked, ids = [], []
         for n, text in enumerate(texts):

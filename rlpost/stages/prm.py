@@ -74,7 +74,7 @@ def fit_orm(cfg, policy, tokenizer, train: list[StepExample], held_out: list[Ste
 
 def train_prm(cfg, recipe_name: str = "prm") -> dict:
     """Label, fit and save the PRM (and the ORM); returns the summary (held-out step accuracy and more)."""
-    from rlpost.rewards import reward_from_config
+    from rlpost.env.verifiers import reward_from_config
     from rlpost.rollout import build_engine
     from rlpost.stages.reward_model import start_model_run
     from rlpost.tasks.multistep import step_truth

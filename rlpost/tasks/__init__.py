@@ -129,7 +129,7 @@ def load_task(cfg) -> Task:
     own = uses_own_verifier(cfg)
     verify = None
     if not own and (cfg.reward or getattr(cfg, "rewards", None)):  # demonstrator accuracy under the run's reward
-        from rlpost.rewards import reward_from_config
+        from rlpost.env.verifiers import reward_from_config
 
         verify = _LazyReward(lambda: reward_from_config(cfg, answer_match_reward),
                              getattr(cfg, "reward_timeout_s", None))
