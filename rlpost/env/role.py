@@ -39,9 +39,6 @@ class Episodes:
     """k episodes of each row in progress. `turns` says what to sample, `sampled` takes the engine's batch,
     `step` lets the environment answer the turns sampled since, `result` gives the scored batch."""
 
-    env_seconds: float = 0.0
-    """seconds spent in the environment (resets and steps), reported as time/reward"""
-
     def turns(self, params, seed: int) -> list[Turn]:
         raise NotImplementedError
 

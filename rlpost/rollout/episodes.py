@@ -43,8 +43,7 @@ def run_episodes(engine, role: RewardRole, rows: list[dict], prompt_ids: list[li
     if len(rows) != len(prompt_ids):
         raise ValueError(f"run_episodes: {len(rows)} rows but {len(prompt_ids)} prompts")
 
-    t0 = time.perf_counter()
-    t = time.perf_counter()
+    t0 = t = time.perf_counter()
     with _measured("reward", probe):
         episodes = role.start(rows, prompt_ids, k)
     t_reward = time.perf_counter() - t
