@@ -102,7 +102,8 @@ def evaluate(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list
 
 
 def pass_at_1(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list[int]], *, samples: int,
-              temperature: float, max_new_tokens: int, batch_prompts: int = 256, seed: int = 0, success_threshold: float = 1.0) -> dict:
+              temperature: float, max_new_tokens: int, batch_prompts: int = 256, seed: int = 0,
+              success_threshold: float = 1.0) -> dict:
     """The pipeline's evaluation: {"pass@1", "mean_reward", ...} (see `evaluate`)."""
     return evaluate(engine, reward, rows, prompt_ids, samples=samples, temperature=temperature,
                     max_new_tokens=max_new_tokens, ks=(1,), success_threshold=success_threshold,
