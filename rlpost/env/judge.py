@@ -52,8 +52,12 @@ import unicodedata
 import urllib.request
 import warnings
 
+from rlpost.config import ModelConfig
 from rlpost.env.base import Verifier
 from rlpost.env.reward import decode_responses
+from rlpost.limits import model_context
+from rlpost.models import HFTokenizer, load_model
+from rlpost.rollout import SamplingParams, build_engine
 
 DEFAULT_RUBRIC = """You are a strict grader. Read the task and the response, then judge how well the response \
 solves the task.
@@ -333,11 +337,6 @@ class JudgeReward(Verifier):
         self._opener = urllib.request.build_opener(*handlers, _HTTPHandler(), _HTTPSHandler())
 
     def _init_local(self, model: str, device: str, dtype: str, chat_template: bool | None) -> None:
-        from rlpost.config import ModelConfig
-        from rlpost.limits import model_context
-        from rlpost.models import HFTokenizer, load_model
-        from rlpost.rollout import SamplingParams, build_engine
-
         if model == "gpt_mini":
             raise ValueError("judge: model must be a saved model folder (or a hub id), not a fresh 'gpt_mini'")
         self.url = None
