@@ -184,3 +184,67 @@ def test_format_reward_cannot_stall_the_process():
     assert nested("aaab", {}) == 1.0
     with pytest.raises(ValueError, match="timeout_s must be a number of seconds > 0"):
         get_reward("format", pattern="a", timeout_s=0)
+
+
+def test_a_users_verifier_object_keeps_its_hooks_and_the_role_calls_them(tiny_gpt):
+    """A user's class that does not subclass Verifier: its range, parts, counters, answer extraction and close
+    are read once when it is wrapped, and the role calls them (no attribute is probed at scoring time)."""
+    _, tok = tiny_gpt
+
+    class Mine:
+        reward_range = (-1.0, 1.0)
+
+        def __init__(self):
+            self.closed = False
+
+        def __call__(self, completion, row):
+            return 1.0
+
+        def components(self, completion, row):
+            return {"a": 1.0, "b": 0.25}
+
+        def combine(self, parts):
+            return parts["a"] - parts["b"]
+
+        def metrics(self):
+            return {"mine/calls": 3}
+
+        def final_answer(self, completion):
+            return completion[-1:]
+
+        def close(self):
+            self.closed = True
+
+    mine = Mine()
+    role = Reward(mine, tok)
+    batch, metrics = role(batch_of(tok, ["12", "3"]))
+    assert batch.rewards.tolist() == [0.75, 0.75]
+    assert (metrics["reward/a"], metrics["reward/b"], metrics["mine/calls"]) == (1.0, 0.25, 3.0)
+    assert role.fn.reward_range == (-1.0, 1.0) and role.final_answer("123") == "3"
+    role.close()
+    assert mine.closed
+
+
+def test_every_reward_role_runs_the_same_episode_loop(tiny_gpt):
+    """A role that only scores sampled batches (as the learned rewards do) gets the one-turn episodes by
+    default: the engine's batch, sampled with the same call as the verifier's, then its score."""
+    from rlpost.env import RewardRole
+    from rlpost.rollout import SamplingParams, build_engine
+    from rlpost.rollout.episodes import run_episodes
+    from rlpost.tasks import answer_match_reward
+
+    model, tok = tiny_gpt
+
+    class Lengths(RewardRole):
+        def __call__(self, batch):
+            return batch.replace(rewards=batch.response_mask.sum(1).float()), {"lengths/seen": float(len(batch))}
+
+    rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "4+4=", "answer": "8"}]
+    ids = [tok.encode_prompt(r["prompt"]) for r in rows]
+    params = SamplingParams(max_new_tokens=4)
+    a, ma = run_episodes(build_engine("native", model, tok), Lengths(), rows, ids, 3, params, 5)
+    b, mb = run_episodes(build_engine("native", model, tok), Reward(answer_match_reward, tok), rows, ids, 3, params, 5)
+    assert torch.equal(a.input_ids, b.input_ids) and a.meta["row"] == b.meta["row"]
+    assert a.rewards.tolist() == a.response_mask.sum(1).float().tolist() and ma["lengths/seen"] == 6.0
+    assert {"time/rollout", "time/reward"} <= set(ma) and {"time/rollout", "time/reward", "reward/errors"} <= set(mb)
+    Lengths().close()  # a role without a verifier has nothing to close
