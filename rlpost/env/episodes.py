@@ -213,10 +213,10 @@ class EnvEpisodes(Episodes):
 
     def result(self) -> tuple[Batch, dict[str, float]]:
         episodes = self.episodes
-        for ep in episodes:
-            ep.env.close()
+        for ep in episodes:  # an environment class need not subclass Env: what it lacks is Env's default
+            getattr(ep.env, "close", lambda: None)()
         batch = _assemble(episodes, self.role.tokenizer.pad_token_id,
-                          per_turn=any(ep.env.per_turn_rewards for ep in episodes))
+                          per_turn=any(getattr(ep.env, "per_turn_rewards", False) for ep in episodes))
         env_tokens = [len(ep.tokens) - sum(ep.policy) for ep in episodes]
         budget = [ep for ep in episodes if ep.finish == "budget"]
         _warn_budget(self.role, episodes, self.max_new_tokens)
