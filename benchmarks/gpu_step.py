@@ -124,7 +124,7 @@ def rlpost_side(folder: str, prompt_texts: list[str], args, engine_kind: str) ->
     from rlpost.controller import Controller, Roles
     from rlpost.models import load_model
     from rlpost.reference import Reference
-    from rlpost.reward import Reward
+    from rlpost.env.reward import Reward
     from rlpost.rollout import SamplingParams, build_engine
     from rlpost.rollout.vllm_engine import VLLMEngine
     from rlpost.trainer import Trainer

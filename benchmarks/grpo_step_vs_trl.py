@@ -61,7 +61,7 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     from rlpost.controller import Controller, Roles
     from rlpost.models import compile_model, load_model, shared_prompt
     from rlpost.reference import Reference
-    from rlpost.reward import Reward
+    from rlpost.env.reward import Reward
     from rlpost.rollout import SamplingParams, build_engine
     from rlpost.trainer import Trainer
     from rlpost.weight_sync import WeightSync

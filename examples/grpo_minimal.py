@@ -32,7 +32,7 @@ from rlpost.config import ModelConfig, TrainerConfig
 from rlpost.heldout import pass_at_1
 from rlpost.models import build_gpt_mini, encode_demonstration, encode_prompt
 from rlpost.reference import Reference
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.stages.sft import nll_loss, sft_batch
 from rlpost.tasks.arithmetic import arithmetic_task

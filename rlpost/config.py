@@ -238,7 +238,7 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
 def _validate(cfg: Config) -> None:
     cfg.validate()  # each section's own keys: ranges, valid names, plug-ins (algorithm, preference.loss), own rules
     _validate_lora(cfg)
-    _validate_task(cfg)
+    _check_rewards(cfg)
     _validate_rejection(cfg)
     _validate_stages(cfg)
     try:  # the topology's own settings (rl.topology, rl.weight_sync, ...): its loop checks them (stages known)
@@ -254,24 +254,19 @@ def _validate_lora(cfg: Config) -> None:
                           "at every sync; use rollout.engine=auto (native) or hf")
 
 
-def _validate_task(cfg: Config) -> None:
-    t = cfg.task
-    if cfg.eval.reward and t.env:
-        raise ConfigError("eval.reward scores single completions; with task.env the environment scores the episodes")
-    _check_rewards(cfg)
-
-
 def _check_rewards(cfg: Config) -> None:
     """The configured rewards checked now, as a section builds its plug-ins: an unknown name, an entry without
     one, a weight that is not a finite number, an option the reward refuses (a code timeout_s of -5, a math
     extract method that does not exist) is a ConfigError naming the key, not a failure at the first reward
     call after the model has loaded (or, under reward_on_error=zero, every sample silently scoring 0)."""
-    check_reward, check_weighted = lookup("rlpost.rewards:check_reward"), lookup("rlpost.rewards:check_weighted")
+    verifiers = "rlpost.env.verifiers"
+    check_reward, check_weighted = lookup(f"{verifiers}:check_reward"), lookup(f"{verifiers}:check_weighted")
+    check_eval_reward = lookup(f"{verifiers}:check_eval_reward")
     t = cfg.task
     for key, check in (("task.rewards", lambda: t.rewards is not None and check_weighted(t.rewards)),
                        ("task.reward", lambda: t.reward and check_reward(t.reward, t.reward_options)),
-                       ("eval.reward", lambda: cfg.eval.reward and check_reward(cfg.eval.reward,
-                                                                                cfg.eval.reward_options))):
+                       ("eval.reward", lambda: cfg.eval.reward and check_eval_reward(cfg.eval.reward,
+                                                                                     cfg.eval.reward_options, t.env))):
         try:
             check()
         except ValueError as e:

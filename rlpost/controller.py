@@ -48,7 +48,7 @@ from rlpost.critic import Critic
 from rlpost.devices import RoleProbe
 from rlpost.loops import Loop, loop_class
 from rlpost.reference import Reference
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.rollout import Engine, SamplingParams
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync

@@ -435,22 +435,24 @@ def _model_filters(cfg, args):
     """(pass_rates, too_long, close) for the model of --model, with the run's reward and sampling settings."""
     import torch
 
+    from rlpost.env import check_vocabulary, response_budget
+    from rlpost.env.verifiers import reward_role
     from rlpost.models import encode_prompt, load_model, model_context
-    from rlpost.rewards import reward_role
     from rlpost.rollout import SamplingParams, build_engine
     from rlpost.tasks import answer_match_reward
 
-    if getattr(cfg.task, "env", None):
-        raise ValueError("rlpost curate scores one turn with the reward; a task.env is not supported")
     cfg.model.name = resolve_model(args.model)
     if cfg.model.name == "gpt_mini":
         raise ValueError("--model gpt_mini is an untrained model; give a trained checkpoint or model folder")
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model)
     model.eval()
+    check_vocabulary(cfg.task, tokenizer)  # with task.env: the model must spell what the environment answers
     engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True)
     rc = cfg.rollout
+    # task.env's episodes (its reward on the final turn) or one turn scored by the reward, as training samples
     reward = reward_role(cfg.task, answer_match_reward, tokenizer, rc.max_new_tokens)
+    budget = response_budget(cfg.task, rc.max_new_tokens)  # tokens after the prompt: every turn of an episode
     params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                             top_p=rc.top_p, stop=list(rc.stop), max_num_seqs=rc.max_num_seqs)
     context = model_context(model)
@@ -465,7 +467,7 @@ def _model_filters(cfg, args):
         return encoded[id(row)]
 
     def too_long(rows: list[dict]) -> list[int | None]:
-        return [len(ids(r)) if context and len(ids(r)) + rc.max_new_tokens > context else None for r in rows]
+        return [len(ids(r)) if context and len(ids(r)) + budget > context else None for r in rows]
 
     def pass_rates(rows: list[dict]) -> list[float]:
         with torch.no_grad():
@@ -473,4 +475,8 @@ def _model_filters(cfg, args):
                                        threshold=args.pass_threshold, seed=cfg.seed,
                                        batch_prompts=args.batch_prompts or cfg.eval.batch_prompts)
 
-    return pass_rates, too_long, engine.close
+    def close() -> None:
+        engine.close()
+        reward.close()  # the reward's worker processes, a judge's engine
+
+    return pass_rates, too_long, close

@@ -7,8 +7,9 @@ The mean reward is reported beside it under its own name.
 
 - pass@k: the unbiased estimator of Chen et al. (2021), 1 - C(n - c, k) / C(n, k) for c successes
   among n samples of a prompt, averaged over prompts; pass@1 is the mean success rate.
-- maj@k: the answer most of a prompt's first k samples give (the reward's `final_answer(completion)`
-  when it has one, e.g. math's; else the completion's first line), right if its samples succeed.
+- maj@k: the answer most of a prompt's first k samples give (the role's `final_answer(completion)`: its
+  verifier's answer extraction, e.g. math's; by default the completion's first line), right if its samples
+  succeed.
 
 Samples are drawn at `temperature` (1.0 by default: the policy itself, not its mode), through the same
 episode function as training (rlpost/rollout/episodes.py), nothing else.
@@ -24,8 +25,9 @@ import torch
 
 from rlpost.config import load_config
 from rlpost.curate import resolve_model
+from rlpost.env.role import RewardRole
+from rlpost.env.verifiers import eval_reward_role, reward_role
 from rlpost.models import encode_prompt, load_model
-from rlpost.rewards import eval_reward_role, reward_role
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks
 from rlpost.tasks import load_task
@@ -59,17 +61,8 @@ def majority_success(keys: list, successes: list[bool]) -> bool:
     return winner is not None and any(s for k, s in zip(keys, successes) if k == winner)
 
 
-def vote_key(reward_fn, completion: str):
-    """What maj@k votes on: the reward's own answer extraction when it has one, else the first line."""
-    final_answer = getattr(reward_fn, "final_answer", None)
-    if callable(final_answer):
-        return final_answer(completion)
-    line = completion.strip().split("\n")[0].strip()
-    return line or None
-
-
-def evaluate(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, samples: int, temperature: float,
-             max_new_tokens: int, ks: tuple[int, ...] = (1,), success_threshold: float = 1.0,
+def evaluate(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list[int]], *, samples: int,
+             temperature: float, max_new_tokens: int, ks: tuple[int, ...] = (1,), success_threshold: float = 1.0,
              batch_prompts: int = 256, seed: int = 0) -> dict:
     """pass@k and maj@k for each k in `ks` (k <= samples), mean_reward, mean_length (response tokens),
     prompts, samples: over `rows`, `samples` completions each."""
@@ -79,7 +72,6 @@ def evaluate(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, s
     if bad:
         raise ValueError(f"k={bad} must be between 1 and the samples per prompt ({samples})")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-    fn = getattr(reward, "fn", None)
     passes = {k: 0.0 for k in ks}
     majority = {k: 0.0 for k in ks}
     reward_sum = length_sum = 0.0
@@ -94,7 +86,7 @@ def evaluate(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, s
             group = range(j * samples, (j + 1) * samples)
             ok = [bool(infos[i].get("success")) if "success" in (infos[i] or {}) else
                   float(rewards[i]) >= success_threshold for i in group]
-            keys = [vote_key(fn, completions[i]) for i in group]
+            keys = [reward.final_answer(completions[i]) for i in group]
             for k in ks:
                 passes[k] += pass_at_k(samples, sum(ok), k)
                 majority[k] += float(majority_success(keys[:k], ok[:k]))
@@ -108,8 +100,9 @@ def evaluate(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, s
     return out
 
 
-def pass_at_1(engine, reward, rows: list[dict], prompt_ids: list[list[int]], *, samples: int, temperature: float,
-              max_new_tokens: int, batch_prompts: int = 256, seed: int = 0, success_threshold: float = 1.0) -> dict:
+def pass_at_1(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list[int]], *, samples: int,
+              temperature: float, max_new_tokens: int, batch_prompts: int = 256, seed: int = 0,
+              success_threshold: float = 1.0) -> dict:
     """The pipeline's evaluation: {"pass@1", "mean_reward", ...} (see `evaluate`)."""
     return evaluate(engine, reward, rows, prompt_ids, samples=samples, temperature=temperature,
                     max_new_tokens=max_new_tokens, ks=(1,), success_threshold=success_threshold,
@@ -135,7 +128,8 @@ def checkpoint_config(checkpoint: str, recipe: str | None, overrides: list[str],
 def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: list[int], samples: int | None,
              out: str | None) -> dict:
     """`rlpost eval CHECKPOINT`: the task's held-out rows sampled from CHECKPOINT's weights and scored by the
-    run's reward (or eval.reward), as the pipeline's evaluation does; writes eval.json and returns it.
+    run's reward (or eval.reward: the run's role scored by it, with task.env too), as the pipeline's evaluation
+    does; writes eval.json and returns it.
 
     CHECKPOINT is a run directory (its newest checkpoint's weights, its config.yaml for the task unless a
     recipe is given) or a model folder. eval.json goes to `out`, else into the run directory, else the
@@ -146,8 +140,8 @@ def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: l
     model, tokenizer = load_model(cfg.model, task.alphabet)
     model.eval()
     engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True)
-    reward = (eval_reward_role(cfg.eval, tokenizer)
-              or reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens))
+    role = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
+    reward = eval_reward_role(cfg.eval, role) or role
     samples = samples or max(ks)
     rows = task.eval_rows
     try:
@@ -160,7 +154,8 @@ def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: l
                               seed=cfg.seed)
     finally:
         engine.close()
-        getattr(getattr(reward, "fn", None), "close", lambda: None)()
+        for r in {id(r): r for r in (reward, role)}.values():  # process pools, a judge's engine
+            r.close()
     result = {"checkpoint": cfg.model.name, "task": task.name, "temperature": cfg.eval.temperature, **result}
     path = out or os.path.join(run_dir or ".", "eval.json")
     with open(path, "w") as f:

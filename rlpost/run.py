@@ -582,7 +582,7 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     from rlpost.models import check_lengths, load_model
     from rlpost.env import check_vocabulary, observation_alphabet, response_budget
     from rlpost.env.sources import SourceInputs, build_rl_reward, rl_reward_spec
-    from rlpost.rewards import reward_role
+    from rlpost.env.verifiers import reward_role
     from rlpost.tasks import load_task
     from rlpost.weight_sync import WeightSync
 
@@ -840,8 +840,9 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
             stage.close()
         ctx.engine.close()
         # process pools, a judge's engine: once each (a learned reward over task.env's episodes shares the env's)
-        for fn in {id(f): f for f in (getattr(r, "fn", None) for r in (ctx.verifier, ctx.rl_reward))}.values():
-            getattr(fn, "close", lambda: None)()
+        roles = [r for r in (ctx.verifier, ctx.rl_reward) if r is not None]
+        for fn in {id(r.fn): r.fn for r in roles if r.fn is not None}.values():
+            fn.close()
     if main:
         print_table(ctx.summary)
     return ctx.summary

@@ -337,9 +337,9 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     import os
     import time
 
-    from rlpost.heldout import checkpoint_config, vote_key
+    from rlpost.heldout import checkpoint_config
     from rlpost.models import encode_prompt, load_model
-    from rlpost.rewards import reward_from_config
+    from rlpost.env.verifiers import reward_from_config
     from rlpost.rollout import build_engine
     from rlpost.tasks import load_task
 
@@ -375,7 +375,7 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True)
     searcher = Searcher(engine, tokenizer, max_new_tokens=cfg.rollout.max_new_tokens, prm=prm_model, orm=orm_model,
                         sep=cfg.prm.separator, temperature=cfg.rollout.temperature, width=width, seed=cfg.seed,
-                        answer_key=lambda text: vote_key(verify, text))
+                        answer_key=verify.final_answer)
     print(f"rlpost search: {len(rows)} held-out problems of {task.name!r}, N in {ns}, methods {', '.join(methods)}")
     try:
         with torch.no_grad():

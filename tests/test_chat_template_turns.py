@@ -14,7 +14,8 @@ from rlpost.env import EnvRole, Step
 from rlpost.env.base import Env
 from rlpost.models import HFTokenizer
 from rlpost.rollout import SamplingParams
-from rlpost.rollout.episodes import encode_observation, run_episodes
+from rlpost.env.episodes import encode_observation
+from rlpost.rollout.episodes import run_episodes
 
 QWEN25 = (
     "{%- if tools %}\n"

@@ -4,7 +4,7 @@ and assert-style tests; scores are hand-counted passed cases."""
 import pytest
 
 from rlpost.env.code import CodeReward, extract_program, normalize_output
-from rlpost.rewards import get_reward
+from rlpost.env.verifiers import get_reward
 
 DOUBLE_TESTS = [{"input": "3\n", "output": "6\n"}, {"input": "10", "output": "20"}, {"input": "-4\n", "output": "-8"}]
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"

@@ -11,7 +11,7 @@ from rlpost.controller import Controller, Roles
 from rlpost.critic import Critic
 from rlpost.run import train
 from rlpost.reference import Reference
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.native import NativeEngine
 from rlpost.stages.sft import nll_loss

@@ -232,3 +232,49 @@ def test_curate_writes_the_kept_rows_under_the_columns_they_came_from(tmp_path, 
     assert [r["prompt"] for r in rows] == ["Tom has 3 apples and buys 4 more. How many now?",
                                           "A box holds 6 eggs. How many eggs are in 5 boxes?"]
     assert rows[0]["answer"] == "3 + 4 = 7\n#### 7" and rows[0]["source"] == "hand"
+
+
+TWO_TURN_ENV = '''from rlpost.env import Env, Step
+
+resets, steps = {}, 0
+
+
+class Twice(Env):
+    """Two turns: the first is answered with a space, the second scored by the row's kind as mixed_reward does
+    (1 easy, 0 hard, every other episode of a mixed row), whatever the policy wrote."""
+
+    alphabet = " "
+    observation_tokens = 1
+
+    def reset(self, row):
+        resets[row["prompt"]] = n = resets.get(row["prompt"], 0) + 1
+        self.row, self.n, self.turns = row, n, 0
+        return row["prompt"]
+
+    def step(self, turn):
+        global steps
+        steps += 1
+        self.turns += 1
+        if self.turns == 1:
+            return Step(observation=" ")
+        kind = self.row["kind"]
+        return Step(reward=1.0 if kind == "easy" else 0.0 if kind == "hard" else float(self.n % 2), done=True)
+'''
+
+
+def test_rlpost_curate_runs_task_env_episodes_for_the_pass_rates(tmp_path, checkpoint, monkeypatch, capsys):
+    """With task.env, a prompt's pass rate is its episodes' (every turn of them), scored by the environment."""
+    write_data(tmp_path)
+    (tmp_path / "turns_env.py").write_text(TWO_TURN_ENV)
+    monkeypatch.chdir(tmp_path)
+    assert main(["curate", "--model", checkpoint, "--train", "train.jsonl", "--eval", "eval.jsonl",
+                 "--out", "curated.jsonl", "-k", "4", "--max-new-tokens", "3", "--device", "cpu",
+                 "--report", "report.json", "task.env=turns_env:Twice", "task.max_turns=2"]) == 0
+    import turns_env  # the module the run loaded (the working directory is on sys.path)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["counts"] == {"read": 9, "exact_duplicates": 1, "near_duplicates": 1, "contaminated": 1,
+                                "too_long": 1, "out_of_band": 2, "kept": 3}
+    assert sorted(report["pass_rates"]) == [0.0, 0.5, 0.5, 0.5, 1.0]
+    assert turns_env.steps == 5 * 4 * 2  # 5 prompts scored, 4 episodes each, 2 turns each
+    assert "kept 3" in " ".join(flat(capsys.readouterr().out))

@@ -18,7 +18,7 @@ from rlpost.config import ConfigError, ModelConfig, TrainerConfig, load_config
 from rlpost.critic import Critic
 from rlpost.models import load_model, model_device, resolve_device, token_logprobs
 from rlpost.reference import Reference
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.native import NativeEngine
 from rlpost.stages.sft import nll_loss, sft_batch

@@ -5,7 +5,7 @@ import pytest
 
 from rlpost.config import load_config
 from rlpost.env.tools import CalculatorEnv
-from rlpost.rewards import get_reward
+from rlpost.env.verifiers import get_reward
 from rlpost.tasks import answer_match_reward
 from rlpost.tasks.grading import RUBRIC, grading_task
 from rlpost.tasks.multiply import multiply_task

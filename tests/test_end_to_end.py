@@ -11,7 +11,7 @@ import torch
 from rlpost.cli import main
 from rlpost.config import load_config
 from rlpost.run import train
-from rlpost.reward import RewardError
+from rlpost.env.reward import RewardError
 
 TINY = ["sft.steps=30", "sft.batch_size=32", "rl.steps=3", "rl.eval_every=2", "task.num_eval=40",
         "rollout.prompts_per_step=4", "rollout.k=4", "eval.samples_per_prompt=2", "model.n_layer=2",

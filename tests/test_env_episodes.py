@@ -13,9 +13,10 @@ from rlpost.env.base import Env
 from rlpost.env.calls import call_all
 from rlpost.env.tools import CalculatorEnv, calculate, CalculatorError
 from rlpost.models import encode_demonstration, token_logprobs
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.rollout import SamplingParams, assemble, build_engine
-from rlpost.rollout.episodes import EnvError, encode_observation, run_episodes
+from rlpost.env.episodes import EnvError, encode_observation
+from rlpost.rollout.episodes import run_episodes
 from rlpost.stages.sft import sft_batch
 from rlpost.tasks import answer_match_reward
 
@@ -423,3 +424,38 @@ def test_a_saved_gpt_mini_that_cannot_spell_the_environments_answers_fails_befor
     ctx = build(tmp_path, ["task.env=calculator", f"model.name={tmp_path / 'saved'}", "stages=[rl]",
                            recipe[:-1] + ", alphabet: '0123456789=;'}"])
     assert ctx.tokenizer.chars == "0123456789*?=;"
+
+
+def test_eval_reward_scores_the_final_turn_of_task_env_episodes():
+    """eval.reward with task.env: the environment scores its final turn with the eval reward in place of the
+    run's. The policy calls the calculator, then answers 99999: wrong for the run's exact reward, right for an
+    eval reward that asks for nines."""
+    from rlpost.config import load_config
+    from rlpost.env.verifiers import eval_reward_role, reward_role
+    from rlpost.heldout import evaluate
+    from rlpost.models.gpt_mini import CharTokenizer
+
+    tok = CharTokenizer("0123456789*?=;")
+    options = "{call_open: '?', call_close: '', result_open: '=', result_close: ';', max_calls: 1}"
+    cfg = load_config(None, ["task.env=calculator", f"task.env_options={options}", "task.max_turns=2",
+                             "task.max_episode_tokens=30", "eval.reward=format",
+                             "eval.reward_options={pattern: '9+'}"])
+    rows = [{"prompt": "123*456=", "answer": "56088"}]
+    run_role = reward_role(cfg.task, answer_match_reward, tok, 10)
+    eval_role = eval_reward_role(cfg.eval, run_role)
+    assert isinstance(eval_role, EnvRole) and eval_role.max_turns == 2 and eval_role is not run_role
+    results = [evaluate(ScriptedEngine(tok, ["?123*456", "99999"]), role, rows, [tok.encode_prompt(rows[0]["prompt"])],
+                        samples=2, temperature=1.0, max_new_tokens=10) for role in (run_role, eval_role)]
+    assert [r["mean_reward"] for r in results] == [0.0, 1.0]
+    assert results[1]["pass@1"] == 1.0
+
+
+def test_eval_reward_is_refused_for_an_environment_that_scores_itself(tmp_path, monkeypatch):
+    from rlpost.config import ConfigError, load_config
+
+    (tmp_path / "own_envs.py").write_text("from rlpost.env import Env\n\nclass SelfScored(Env):\n"
+                                          "    def __init__(self, level=1):\n        self.level = level\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="eval.reward.*scores its episodes itself"):
+        load_config(None, ["task.env=own_envs:SelfScored", "eval.reward=exact"])
+    load_config(None, ["task.env=own_envs:SelfScored"])  # without eval.reward it is fine

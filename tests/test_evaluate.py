@@ -91,12 +91,13 @@ def test_rlpost_eval_on_a_run_directory_uses_its_config_and_newest_weights(tmp_p
 
 
 def test_maj_at_k_votes_on_the_rewards_final_answer_or_the_first_line():
-    from rlpost.heldout import vote_key
-    from rlpost.rewards import get_reward
+    from rlpost.env import RewardRole
+    from rlpost.env.reward import Reward
+    from rlpost.env.verifiers import get_reward
 
-    math = get_reward("math", extract="hash")
-    assert vote_key(math, "12+30=042;042+05=047;#### 047") == "047"
-    code = get_reward("code", extract="whole")  # its `extract` option is a string, not an answer extractor
-    assert vote_key(code, "def f(x):return x\nmore") == "def f(x):return x"
-    assert vote_key(None, "  \n") is None
+    math = Reward(get_reward("math", extract="hash"), None)  # maj@k asks the role, which asks its verifier
+    assert math.final_answer("12+30=042;042+05=047;#### 047") == "047"
+    code = Reward(get_reward("code", extract="whole"), None)  # its `extract` option is a string, not an extractor
+    assert code.final_answer("def f(x):return x\nmore") == "def f(x):return x"
+    assert RewardRole().final_answer("  \n") is None  # a role without a verifier (a learned reward)
     math.close()

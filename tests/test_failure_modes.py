@@ -3,7 +3,7 @@ import pytest
 
 from benchmarks import failure_modes as fm
 from rlpost.config import load_config
-from rlpost.rewards import reward_from_config
+from rlpost.env.verifiers import reward_from_config
 
 
 @pytest.mark.parametrize("name,recipe,overrides", [(r[0], r[1], r[2]) for r in fm.ROWS])

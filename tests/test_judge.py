@@ -23,7 +23,7 @@ from conftest import train_tiny_tokenizer
 
 from rlpost.env.judge import (DEFAULT_RUBRIC, DEFAULT_RUBRIC_WITH_REFERENCE, JudgeError, JudgeReward, parse_score,
                               quote_completion)
-from rlpost.rewards import get_reward
+from rlpost.env.verifiers import get_reward
 
 ROW = {"prompt": "What is 2+3?", "answer": "5"}
 
@@ -573,7 +573,7 @@ def test_untrained_local_judge_counts_add_up(judge_folders, temperature, retries
 
 
 def test_a_local_judge_scores_a_whole_batch_in_one_generation(judge_folders):
-    from rlpost.reward import Reward
+    from rlpost.env.reward import Reward
 
     judge = JudgeReward(model=judge_folders["seven"], device="cpu")
     assert judge.batched

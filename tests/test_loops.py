@@ -14,7 +14,7 @@ from rlpost.controller import Controller, Roles
 from rlpost.loops import LOOPS, TOPOLOGIES, WEIGHT_SYNCS, check_config, loop_class
 from rlpost.loops.async_ import AsyncLoop
 from rlpost.loops.colocated import ColocatedLoop
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.native import NativeEngine
 from rlpost.rollout.pipeline import RolloutPipeline

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlpost.env.math import MathReward, _verify, extract_answer, fast_equivalent, is_equivalent, resolve_methods
-from rlpost.rewards import get_reward
+from rlpost.env.verifiers import get_reward
 
 SLOW = r"9^{9^{9}}"  # sympy evaluates the 370-million-digit power: minutes, far past any timeout here
 

@@ -63,7 +63,7 @@ def test_cuda_peaks_per_role_gpu_util_and_a_controller_step(tiny_gpt):
     from rlpost.config import RLConfig, RolloutConfig, TrainerConfig
     from rlpost.controller import Controller, Roles
     from rlpost.reference import Reference
-    from rlpost.reward import Reward
+    from rlpost.env.reward import Reward
     from rlpost.rollout import SamplingParams
     from rlpost.rollout.native import NativeEngine
     from rlpost.trainer import Trainer

@@ -385,7 +385,7 @@ def test_paired_losses_refuse_unpaired_data(tiny_gpt):
 
 
 def test_pairs_from_samples_put_a_right_sample_over_a_wrong_one(tiny_gpt):
-    from rlpost.reward import Reward
+    from rlpost.env.reward import Reward
     from rlpost.rollout import SamplingParams, build_engine
 
     model, tok = tiny_gpt

@@ -14,7 +14,7 @@ from rlpost.models import encode_prompt
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
 from rlpost.env.process_reward_model import ProcessRewardModel
 from rlpost.env.process_reward import ProcessReward, process_token_rewards
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.stages.sft import sft_batch
 from rlpost.tasks.multistep import ALPHABET
 

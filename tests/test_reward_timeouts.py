@@ -18,8 +18,8 @@ import pytest
 
 from rlpost.config import ConfigError, load_config
 from rlpost.env.calls import call_all
-from rlpost.reward import Reward, RewardError
-from rlpost.rewards import reward_role
+from rlpost.env.reward import Reward, RewardError
+from rlpost.env.verifiers import reward_role
 from test_rewards import batch_of
 
 FOREVER = threading.Event()   # never set: waiting on it is sleeping forever
@@ -245,7 +245,7 @@ def test_scoring_the_demonstrator_at_load_time_is_bounded_too(tmp_path, monkeypa
 def test_a_reward_that_keeps_hanging_stops_the_run_before_threads_run_out(tiny_gpt, monkeypatch):
     """on_error=zero scores each hung call 0, but each keeps a thread for good: past a bound the run stops
     with an error saying so, instead of failing later to start a thread at all."""
-    import rlpost.reward
+    import rlpost.env.reward
     from rlpost.env.calls import hung_calls
 
     _, tok = tiny_gpt
@@ -256,7 +256,7 @@ def test_a_reward_that_keeps_hanging_stops_the_run_before_threads_run_out(tiny_g
         return 1.0
 
     before = hung_calls()
-    monkeypatch.setattr(rlpost.reward, "MAX_HUNG_CALLS", before + 3)
+    monkeypatch.setattr(rlpost.env.reward, "MAX_HUNG_CALLS", before + 3)
     reward = Reward(hangs_until_released, tok, on_error="zero", workers=4, timeout_s=0.2)
     try:
         _, metrics = reward(batch_of(tok, ["1", "1"]))  # 2 hung: under the bound
@@ -297,7 +297,7 @@ def test_a_failure_never_scores_above_an_honest_wrong_answer(tiny_gpt, fn):
 def test_a_failure_scores_the_lowest_the_reward_declares(tiny_gpt):
     """A weighted sum of declared ranges (here code in [0, 1] weighted 1, and a user term in [-1, 0] weighted
     0.5) can go down to -0.5: a failed sample scores that, even in a batch whose honest rewards are all higher."""
-    from rlpost.rewards import WeightedRewards
+    from rlpost.env.verifiers import WeightedRewards
 
     _, tok = tiny_gpt
 

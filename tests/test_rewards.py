@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rlpost.config import ConfigError, load_config
-from rlpost.reward import Reward, RewardError
-from rlpost.rewards import REWARDS, WeightedRewards, get_reward, reward_from_config
+from rlpost.env.reward import Reward, RewardError
+from rlpost.env.verifiers import REWARDS, WeightedRewards, get_reward, reward_from_config
 
 
 @pytest.fixture
@@ -96,15 +96,15 @@ def test_config_picks_one_reward_or_a_weighted_sum(user_module):
     assert reward_from_config(cfg.task, None)("123456789", {}) == 1.0
     cfg = load_config(None, ["task.rewards=[{name: exact, weight: 1}, {name: my_rewards:brevity, weight: 0.1}]"])
     assert isinstance(reward_from_config(cfg.task, None), WeightedRewards)
-    assert reward_from_config(load_config(None, []).task, "default") == "default"
+    default = lambda completion, row: 0.5  # noqa: E731 - the task's own verifier, as a Verifier
+    assert reward_from_config(load_config(None, []).task, default).fn is default
     with pytest.raises(ConfigError, match="not both"):
         load_config(None, ["task.reward=exact", "task.rewards=[{name: exact}]"])
     with pytest.raises(ConfigError, match="reward_options"):
         load_config(None, ["task.reward_options={a: 1}"])
     with pytest.raises(ConfigError, match="env_on_error"):
         load_config(None, ["task.env_on_error=skip"])
-    with pytest.raises(ConfigError, match="learned reward model"):
-        load_config(None, ["task.env=calculator", "reward_model.train=true"])
+    load_config(None, ["task.env=calculator", "reward_model.train=true"])  # a reward model scores episodes too
 
 
 def test_eval_reward_scores_pass_at_1_by_another_reward_than_the_runs(tiny_gpt, user_module):
@@ -183,3 +183,67 @@ def test_format_reward_cannot_stall_the_process():
     assert nested("aaab", {}) == 1.0
     with pytest.raises(ValueError, match="timeout_s must be a number of seconds > 0"):
         get_reward("format", pattern="a", timeout_s=0)
+
+
+def test_a_users_verifier_object_keeps_its_hooks_and_the_role_calls_them(tiny_gpt):
+    """A user's class that does not subclass Verifier: its range, parts, counters, answer extraction and close
+    are read once when it is wrapped, and the role calls them (no attribute is probed at scoring time)."""
+    _, tok = tiny_gpt
+
+    class Mine:
+        reward_range = (-1.0, 1.0)
+
+        def __init__(self):
+            self.closed = False
+
+        def __call__(self, completion, row):
+            return 1.0
+
+        def components(self, completion, row):
+            return {"a": 1.0, "b": 0.25}
+
+        def combine(self, parts):
+            return parts["a"] - parts["b"]
+
+        def metrics(self):
+            return {"mine/calls": 3}
+
+        def final_answer(self, completion):
+            return completion[-1:]
+
+        def close(self):
+            self.closed = True
+
+    mine = Mine()
+    role = Reward(mine, tok)
+    batch, metrics = role(batch_of(tok, ["12", "3"]))
+    assert batch.rewards.tolist() == [0.75, 0.75]
+    assert (metrics["reward/a"], metrics["reward/b"], metrics["mine/calls"]) == (1.0, 0.25, 3.0)
+    assert role.fn.reward_range == (-1.0, 1.0) and role.final_answer("123") == "3"
+    role.close()
+    assert mine.closed
+
+
+def test_every_reward_role_runs_the_same_episode_loop(tiny_gpt):
+    """A role that only scores sampled batches (as the learned rewards do) gets the one-turn episodes by
+    default: the engine's batch, sampled with the same call as the verifier's, then its score."""
+    from rlpost.env import RewardRole
+    from rlpost.rollout import SamplingParams, build_engine
+    from rlpost.rollout.episodes import run_episodes
+    from rlpost.tasks import answer_match_reward
+
+    model, tok = tiny_gpt
+
+    class Lengths(RewardRole):
+        def __call__(self, batch):
+            return batch.replace(rewards=batch.response_mask.sum(1).float()), {"lengths/seen": float(len(batch))}
+
+    rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "4+4=", "answer": "8"}]
+    ids = [tok.encode_prompt(r["prompt"]) for r in rows]
+    params = SamplingParams(max_new_tokens=4)
+    a, ma = run_episodes(build_engine("native", model, tok), Lengths(), rows, ids, 3, params, 5)
+    b, mb = run_episodes(build_engine("native", model, tok), Reward(answer_match_reward, tok), rows, ids, 3, params, 5)
+    assert torch.equal(a.input_ids, b.input_ids) and a.meta["row"] == b.meta["row"]
+    assert a.rewards.tolist() == a.response_mask.sum(1).float().tolist() and ma["lengths/seen"] == 6.0
+    assert {"time/rollout", "time/reward"} <= set(ma) and {"time/rollout", "time/reward", "reward/errors"} <= set(mb)
+    Lengths().close()  # a role without a verifier has nothing to close

@@ -9,7 +9,7 @@ import torch
 
 from rlpost.config import TrainerConfig
 from rlpost.reference import Reference
-from rlpost.reward import Reward, RewardError, load_reward_fn
+from rlpost.env.reward import Reward, RewardError, load_reward_fn
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.native import NativeEngine
 from rlpost.stages.sft import nll_loss

@@ -14,7 +14,7 @@ from rlpost.algorithms.correction import HIST_EDGES, correction_metrics, correct
 from rlpost.config import RLConfig, RolloutConfig, TrainerConfig, load_config
 from rlpost.controller import Controller, Roles
 from rlpost.models import token_logprobs
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.native import NativeEngine
 from rlpost.run import train

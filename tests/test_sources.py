@@ -21,7 +21,7 @@ from rlpost.env.teacher import TeacherReward
 from rlpost.models import save_model, token_logprobs
 from rlpost.models.gpt_mini import GPT, GPTConfig
 from rlpost.preference.data import pairs_from_samples, tokenize_preferences
-from rlpost.reward import Reward
+from rlpost.env.reward import Reward
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks, run_episodes
 from rlpost.run import RunLog, build_context, make_run_dir, train

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rlpost.algorithms import available as algorithms
 from rlpost.env import ENVS
-from rlpost.rewards import REWARDS
+from rlpost.env.verifiers import REWARDS
 
 
 def add_algorithms(sub) -> None:

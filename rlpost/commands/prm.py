@@ -26,7 +26,7 @@ from rlpost.models import encode_prompt
 from rlpost.preference.data import model_context, tokenize_preferences
 from rlpost.env.process_reward_model import ProcessRewardModel, StepExample, fit_prm, mc_step_labels
 from rlpost.env.reward_model import RewardModel, fit_reward_model
-from rlpost.rewards import reward_from_config
+from rlpost.env.verifiers import reward_from_config
 from rlpost.rollout import build_engine
 from rlpost.tasks.multistep import step_truth
 

@@ -20,13 +20,20 @@ A reward returned by a step is that turn's; the episode's reward is their sum. W
 for credit assignment across turns by the token-level estimators (PPO's GAE).
 
 The single-turn verifier is the one-turn case: `VerifierEnv(fn)` scores the turn with `fn(completion,
-row)` and ends the episode.
+row)` and ends the episode. At run time the verifier role (rlpost.env.reward.Reward) is that environment
+stepped for a whole batch at once, without an Env object per sample.
+
+`Verifier` is what a verifier `fn(completion, row) -> float` offers the reward role beyond the call (its
+range, a weighted sum's parts, batched scoring, counters, answer extraction, close), each with a default;
+the shipped verifiers subclass it and `as_verifier` wraps a user's function or object in one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+VerifierFn = Callable[[str, dict], float]
 
 
 @dataclass
@@ -79,3 +86,73 @@ class VerifierEnv(Env):
 
     def step(self, turn: str) -> Step:
         return Step(reward=float(self.fn(turn, self.row)), done=True)
+
+
+class Verifier:
+    """A verifier `(completion, row) -> float` and the hooks the reward role calls, with their defaults.
+    Subclasses implement `__call__` and override what they have."""
+
+    reward_range: tuple[float, float] | None = None
+    """(lowest, highest) the verifier returns; None: not declared (a failure then scores the batch's lowest)"""
+    call_limit_s: float | None = None
+    """the longest one call may legitimately take (an HTTP judge's retries); None: not declared"""
+    batched: bool = False
+    """True: the role scores the whole batch in one `score_batch` call (a local judge: one generation)"""
+
+    def __call__(self, completion: str, row: dict) -> float:
+        raise NotImplementedError
+
+    def scored(self, completion: str, row: dict) -> tuple[float, dict[str, float]]:
+        """The reward and its named parts, logged as reward/<name> (a weighted sum's terms, unweighted);
+        one verifier has none."""
+        return self(completion, row), {}
+
+    def score_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
+        """Every sample's reward in one call (used when `batched`)."""
+        return [self(c, r) for c, r in zip(completions, rows)]
+
+    def metrics(self) -> dict[str, float]:
+        """Counters to log (a judge's calls and failures); keys without a '/' are logged as reward/<key>."""
+        return {}
+
+    def final_answer(self, completion: str) -> Any:
+        """The answer maj@k votes on: by default the completion's first line (None when it is empty)."""
+        line = completion.strip().split("\n")[0].strip()
+        return line or None
+
+    def close(self) -> None:
+        """Free what the verifier holds (worker processes, a judge's engine); called once, at the end of a run."""
+
+
+class FunctionVerifier(Verifier):
+    """A user's verifier, a function or any callable object, as a `Verifier`. The hooks it declares under the
+    same names (`fn.reward_range = (-1, 0)`, a class with `metrics()` or `close()`) are read here, once."""
+
+    def __init__(self, fn: VerifierFn):
+        if not callable(fn):
+            raise ValueError(f"a reward must be callable (completion, row) -> float, got {fn!r}")
+        self.fn = fn
+        self.__qualname__ = getattr(fn, "__qualname__", repr(fn))
+        for hook in ("reward_range", "call_limit_s"):
+            if getattr(fn, hook, None) is not None:
+                setattr(self, hook, getattr(fn, hook))
+        self.batched = getattr(fn, "batched", False) is True and callable(getattr(fn, "score_batch", None))
+        own = {name: getattr(fn, name) for name in ("score_batch", "metrics", "final_answer", "close")
+               if callable(getattr(fn, name, None))}
+        self.__dict__.update(own)  # the instance's own methods shadow the defaults
+        components = getattr(fn, "components", None)
+        if callable(components) and callable(getattr(fn, "combine", None)):
+            self.scored = lambda completion, row: self._parts(components(completion, row))
+
+    def _parts(self, value: Any) -> tuple[float, dict[str, float]]:
+        if not isinstance(value, dict):  # what components returned is the reward itself
+            return value, {}
+        return self.fn.combine(value), value
+
+    def __call__(self, completion: str, row: dict) -> float:
+        return self.fn(completion, row)
+
+
+def as_verifier(fn: VerifierFn | Verifier) -> Verifier:
+    """`fn` as a `Verifier`: itself when it is one, else wrapped (`FunctionVerifier`)."""
+    return fn if isinstance(fn, Verifier) else FunctionVerifier(fn)

@@ -1,6 +1,6 @@
 """The `code` reward: run the completion's program against row["tests"] in the sandbox (rlpost.sandbox).
 
-    from rlpost.rewards import get_reward
+    from rlpost.env.verifiers import get_reward
     score = get_reward("code", timeout_s=2)
     score("```python\\nprint(int(input()) * 2)\\n```", {"tests": [{"input": "3", "output": "6"}]})   # 1.0
 
@@ -44,6 +44,7 @@ import select
 import time
 
 from rlpost import sandbox
+from rlpost.env.base import Verifier
 
 _FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3")
@@ -394,7 +395,7 @@ def normalize_output(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip().splitlines())
 
 
-class CodeReward:
+class CodeReward(Verifier):
     """`(completion, row) -> float`: the completion's program against row["tests"], in the sandbox."""
 
     def __init__(self, *, timeout_s: float = 5.0, memory_mb: int = 512, mode: str = "fraction",

@@ -1,7 +1,7 @@
 """The `format` reward: 1.0 when the whole completion has the shape a regular expression describes, else 0.0.
 It checks the form, never the answer: DeepSeek-R1-Zero's format reward, beside an accuracy reward.
 
-    from rlpost.rewards import get_reward
+    from rlpost.env.verifiers import get_reward
     fmt = get_reward("format")                          # reasoning, then "#### <number>" at the end
     fmt("57+32=089;089+18=107;#### 107", {})            # 1.0
     fmt("#### 107", {})                                 # 0.0: no reasoning before the answer
@@ -26,6 +26,8 @@ import threading
 
 import regex
 
+from rlpost.env.base import Verifier
+
 REASONING_THEN_ANSWER = r".*\S.*#### ?-?\d+(?:\.\d+)?"  # some reasoning, then "#### <number>" and nothing after
 _FINAL_ANSWER = re.compile(r"#### ?-?\d+(?:\.\d+)?\Z")   # linear: one "####" run can start a match
 
@@ -38,7 +40,7 @@ def reasoning_then_answer(completion: str) -> bool:
     return m is not None and bool(completion[:m.start()].strip())
 
 
-class FormatReward:
+class FormatReward(Verifier):
     reward_range = (0.0, 1.0)
 
     def __init__(self, pattern: str = REASONING_THEN_ANSWER, timeout_s: float = 1.0):

@@ -1,6 +1,6 @@
 """The `judge` reward: an LLM grades each completion against a rubric, and its score becomes the reward.
 
-    from rlpost.rewards import get_reward
+    from rlpost.env.verifiers import get_reward
     judge = get_reward("judge", url="http://127.0.0.1:8000/v1")       # any OpenAI-compatible server
     judge = get_reward("judge", model="/models/qwen2.5-1.5b-instruct")  # a local folder, rlpost's own engine
     judge("The capital of France is Paris.", {"prompt": "Capital of France?"})   # 0.9 for "Score: 9"
@@ -51,6 +51,12 @@ import urllib.parse
 import unicodedata
 import urllib.request
 import warnings
+
+from rlpost.config import ModelConfig
+from rlpost.env.base import Verifier
+from rlpost.env.reward import decode_responses
+from rlpost.models import HFTokenizer, load_model, model_context
+from rlpost.rollout import SamplingParams, build_engine
 
 DEFAULT_RUBRIC = """You are a strict grader. Read the task and the response, then judge how well the response \
 solves the task.
@@ -263,7 +269,7 @@ def render_rubric(rubric: str | None, completion: str, row: dict, score_min: flo
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)](), rubric)
 
 
-class JudgeReward:
+class JudgeReward(Verifier):
     """Reward `(completion, row) -> float` in [0, 1] (or `on_failure`) given by an LLM judge.
 
     Exactly one backend: `model`, a local Hugging Face (or gpt_mini) model folder answered through rlpost's
@@ -330,10 +336,6 @@ class JudgeReward:
         self._opener = urllib.request.build_opener(*handlers, _HTTPHandler(), _HTTPSHandler())
 
     def _init_local(self, model: str, device: str, dtype: str, chat_template: bool | None) -> None:
-        from rlpost.config import ModelConfig
-        from rlpost.models import HFTokenizer, load_model, model_context
-        from rlpost.rollout import SamplingParams, build_engine
-
         if model == "gpt_mini":
             raise ValueError("judge: model must be a saved model folder (or a hub id), not a fresh 'gpt_mini'")
         self.url = None
@@ -395,8 +397,6 @@ class JudgeReward:
 
     def _ask_local_many(self, texts: list[str]) -> list[str | _Failed]:
         """One engine call for many judge prompts: each answer, or a _Failed for a prompt too long to ask."""
-        from rlpost.reward import decode_responses
-
         out: list[str | _Failed] = []
         asked, ids = [], []
         for n, text in enumerate(texts):

@@ -67,6 +67,8 @@ import weakref
 from concurrent.futures import TimeoutError as FutureTimeout
 from fractions import Fraction
 
+from rlpost.env.base import Verifier
+
 METHODS = ("boxed", "hash", "answer_is", "last_line", "last_number")
 AUTO = ("boxed", "hash", "answer_is", "last_line")
 STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports sympy and math-verify; generous on a busy machine
@@ -617,7 +619,7 @@ def gold_answer(value) -> str:
     return s
 
 
-class MathReward:
+class MathReward(Verifier):
     """(completion, row) -> 1.0 when the completion's extracted answer is equivalent to row[answer_key], else 0.0.
 
     extract:  "auto" (boxed, hash, answer_is, last_line), one method, or a list tried in order

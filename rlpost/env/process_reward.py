@@ -37,6 +37,7 @@ import torch
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.env.process_reward_model import ProcessRewardModel, holds_separator, responses, step_ends
+from rlpost.env.role import RewardRole
 from rlpost.env.source import RewardSource, SourceInputs, over_episodes, register, runs_episodes
 from rlpost.env.teacher import check_same_tokenizer
 from rlpost.schema import Range, above
@@ -90,9 +91,9 @@ def episode_steps(batch: Batch, tokenizer, sep: str) -> tuple[list[list[int]], l
     return regions, ends
 
 
-class ProcessReward:
+class ProcessReward(RewardRole):
     """Reward role (see the module docstring): `reward(batch) -> (batch with token rewards [B, T], metrics)`.
-    `outcome` is the run's verifier role (`rlpost.reward.Reward`), whose [B] rewards are the outcome; None
+    `outcome` is the run's verifier role (`rlpost.env.reward.Reward`), whose [B] rewards are the outcome; None
     for an environment's episodes (`episodes=True`), whose own rewards (batch.rewards) are the outcome, and
     whose observations the PRM reads but never ends a step on."""
 

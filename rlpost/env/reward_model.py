@@ -45,7 +45,8 @@ from rlpost.models import (ModelLoadError, encode_prompt, load_model, model_devi
                            trunk_hidden_states)
 from rlpost.preference.data import PreferenceData
 from rlpost.progress import progress
-from rlpost.reward import decode_responses
+from rlpost.env.reward import decode_responses
+from rlpost.env.role import RewardRole
 from rlpost.tasks.arithmetic import slip
 
 HEAD_FILE = "reward_head.safetensors"
@@ -188,7 +189,7 @@ def fit_reward_model(rm: RewardModel, train: PreferenceData, held_out: Preferenc
 
 # ---------------------------------------------------------------------------- the reward role
 
-class LearnedReward:
+class LearnedReward(RewardRole):
     """Reward role backed by a reward model: rewards[b] = r(prompt + response). Never touches the policy.
 
     With `gold` (a verifier `fn(completion, row) -> float`), it also scores every sample with it and

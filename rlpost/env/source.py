@@ -34,7 +34,7 @@ register = SOURCES.register  # class decorator: @register("name")
 @dataclass
 class SourceInputs:
     """What a source is built from: the run's config (`Config`), the policy's tokenizer, the task's reward
-    role (`verifier`: an `rlpost.reward.Reward`, or the `EnvRole` that runs task.env's episodes), a few
+    role (`verifier`: an `rlpost.env.reward.Reward`, or the `EnvRole` that runs task.env's episodes), a few
     training prompts to compare tokenizers on, the task's system prompt, and, once the reward_model stage
     has run, its model (`reward_model`: (model, its tokenizer))."""
 

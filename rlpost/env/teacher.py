@@ -42,8 +42,9 @@ from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
 from rlpost.models import check_packing, encode_prompt, load_model, model_device, token_logprobs
 from rlpost.packing import micro_batches, scatter_rows
+from rlpost.env.reward import decode_responses
+from rlpost.env.role import RewardRole
 from rlpost.env.source import RewardSource, SourceInputs, over_episodes, register, runs_episodes
-from rlpost.reward import decode_responses
 from rlpost.rollout.engine import SamplingParams
 from rlpost.schema import Range, above
 
@@ -56,7 +57,7 @@ def distill_token_rewards(student_logp: torch.Tensor, teacher_logp: torch.Tensor
     return torch.where(mask, r, torch.zeros_like(r))
 
 
-class TeacherReward:
+class TeacherReward(RewardRole):
     """Reward role of on-policy distillation (see the module docstring): `reward(batch) -> (batch with token
     rewards [B, T], metrics)`. `gold`, a verifier `fn(completion, row) -> float`, is reported beside it."""
 

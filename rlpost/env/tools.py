@@ -23,7 +23,9 @@ import re
 from fractions import Fraction
 from typing import Callable
 
+from rlpost import sandbox
 from rlpost.env.base import Env, Step
+from rlpost.tasks import answer_match_reward
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -80,8 +82,6 @@ class ToolEnv(Env):
                  max_calls: int = 4, max_result_chars: int = 200, error_text: str = "error",
                  alphabet: str | None = None):
         if reward is None:
-            from rlpost.tasks import answer_match_reward
-
             reward = answer_match_reward
         if not call_open:
             raise ValueError("call_open must be a non-empty marker")
@@ -151,7 +151,5 @@ class PythonToolEnv(ToolEnv):
         self.timeout_s, self.memory_mb = timeout_s, memory_mb
 
     def run_tool(self, call: str) -> str:
-        from rlpost import sandbox
-
         result = sandbox.run(call, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
         return result.stdout.strip() if result.ok else f"error: {result.reason}"

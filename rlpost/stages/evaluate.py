@@ -8,6 +8,7 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from rlpost import distributed as dist
+from rlpost.env.verifiers import eval_reward_role
 from rlpost.heldout import pass_at_1
 from rlpost.run import RunContext, Stage
 
@@ -22,14 +23,17 @@ class EvalStage(Stage):
         self.reward = None
 
     def scorer(self, ctx: RunContext):
-        """eval.reward when set (built once), else the run's own reward."""
+        """The run's own reward role, or it scored by eval.reward when that is set (built once)."""
         if not self.cfg.reward:
             return ctx.verifier
         if self.reward is None:
-            from rlpost.rewards import eval_reward_role
-
-            self.reward = eval_reward_role(self.cfg, ctx.tokenizer)
+            self.reward = eval_reward_role(self.cfg, ctx.verifier)
         return self.reward
+
+    def close(self) -> None:
+        if self.reward is not None:  # eval.reward's own verifier (worker processes, a judge's engine)
+            self.reward, reward = None, self.reward
+            reward.close()
 
     def evaluate(self, ctx: RunContext) -> dict:
         """pass@1 (successes) and the mean reward on the task's held-out rows, sampled by the rollout engine

@@ -41,7 +41,7 @@ from rlpost.loops import LOOPS
 from rlpost.models import compile_model, load_weights, save_model
 from rlpost.progress import progress
 from rlpost.reference import Reference
-from rlpost.reward import decode_responses
+from rlpost.env.reward import decode_responses
 from rlpost.rollout import SamplingParams
 from rlpost.run import ROLLOUTS_FILE, RunContext, Stage, count_lines
 from rlpost.trainer import Trainer

@@ -20,7 +20,7 @@ older name). A task's own options (task.options) are its registered class's `Con
 from __future__ import annotations
 
 from rlpost.env.calls import call_all
-from rlpost.rewards import reward_from_config
+from rlpost.env.verifiers import reward_from_config
 from rlpost.settings.task import TaskConfig
 from rlpost.tasks.base import (TASKS, Task, TaskSource, answer_match,  # noqa: F401 - the task API
                                answer_match_reward)

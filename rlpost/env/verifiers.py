@@ -1,7 +1,7 @@
 """The verifiers shipped with rlpost, by name, and their weighted sums.
 
-    from rlpost.rewards import get_reward
-    score = get_reward("math", extract="boxed")       # a callable (completion, row) -> float
+    from rlpost.env.verifiers import get_reward
+    score = get_reward("math", extract="boxed")       # a Verifier: (completion, row) -> float
     score("... so the answer is \\boxed{1/2}", {"answer": "0.5"})   # 1.0
 
 Names (`rlpost rewards` lists them): `exact` (the first line equals row["answer"], numerically when both
@@ -10,6 +10,7 @@ are numbers: the embedded task's verifier), `math` (answer extraction + math-ver
 completion against a rubric), `format` (the whole completion matches a regular expression: the form, not
 the answer; by default reasoning, then "#### <number>"). Anything else of the form 'module:function' is the
 user's own: a function `(completion, row) -> float`, or a class whose instances are, built with the options.
+`get_reward` always returns a `rlpost.env.Verifier` (a user's function is wrapped in one).
 
 In a config, `task.reward: math` with `task.reward_options: {...}` picks one, and
 
@@ -18,7 +19,8 @@ In a config, `task.reward: math` with `task.reward_options: {...}` picks one, an
         - {name: math, weight: 1.0}
         - {name: my_rewards:brevity, weight: 0.1, max_chars: 200}
 
-sums several; each component's mean is logged as reward/<name>.
+sums several; each component's mean is logged as reward/<name>. `reward_role` builds the run's reward role
+from the config: the one-turn verifier role, or task.env's episodes scored with the configured reward.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ import math
 import warnings
 from typing import Any, Callable
 
-from rlpost.reward import RewardFn, load_reward_fn, reward_range
+from rlpost.env.base import Verifier, as_verifier
+from rlpost.env.episodes import EnvRole
+from rlpost.env.registry import env_takes_reward
+from rlpost.env.reward import Reward, load_reward_fn, reward_range
+from rlpost.env.role import RewardRole
 
 REWARDS = {  # name -> "module:object"; the modules are imported on first use
     "exact": "rlpost.tasks:answer_match_reward",
@@ -42,7 +48,8 @@ REWARDS = {  # name -> "module:object"; the modules are imported on first use
 RANGES = {"exact": (0.0, 1.0), "math": (0.0, 1.0), "code": (0.0, 1.0), "format": (0.0, 1.0)}
 
 
-def _build(obj: Any, name: str, options: dict) -> RewardFn:
+def _build(obj: Any, name: str, options: dict) -> Any:
+    """The callable `obj` makes with `options`: a class's instance, or a function with the options bound."""
     if inspect.isclass(obj):
         try:
             return obj(**options)
@@ -85,20 +92,28 @@ def check_reward(name: str, options: dict) -> None:
             raise ValueError(f"reward {name!r}: bad options {sorted(options)}: {e}") from None
     else:
         fn = _build(obj, name, options)
-        getattr(fn, "close", lambda: None)()
+        if callable(fn):
+            as_verifier(fn).close()
 
 
-def get_reward(name: str, **options: Any) -> RewardFn:
-    """A reward callable `(completion, row) -> float` by shipped name or 'module:function', built with `options`."""
-    obj = _resolve(name)
-    fn = _build(obj, name, options)
+def check_eval_reward(name: str, options: dict, env: str | None) -> None:
+    """`check_reward` for eval.reward, and with task.env `env`: the environment must take a `reward` (the eval
+    reward scores its final turn in place of the run's); one that scores its episodes itself cannot be."""
+    check_reward(name, options)
+    if env and not env_takes_reward(env):
+        raise ValueError(f"with task.env={env!r}, which scores its episodes itself (its constructor takes no "
+                         "`reward`), eval.reward cannot score them; leave eval.reward unset, or give the "
+                         "environment a `reward` parameter that scores its final turn")
+
+
+def get_reward(name: str, **options: Any) -> Verifier:
+    """A verifier `(completion, row) -> float` by shipped name or 'module:function', built with `options`."""
+    fn = _build(_resolve(name), name, options)
     if not callable(fn):
         raise ValueError(f"reward {name!r} is not callable")
-    if name in RANGES and getattr(fn, "reward_range", None) is None:
-        try:
-            fn.reward_range = RANGES[name]
-        except AttributeError:  # an object that takes no attributes: its failures score the batch's lowest
-            pass
+    fn = as_verifier(fn)
+    if name in RANGES and fn.reward_range is None:
+        fn.reward_range = RANGES[name]
     return fn
 
 
@@ -131,11 +146,11 @@ def check_weighted(specs: Any) -> None:
             raise ValueError(f"task.rewards[{i}] ({name}): {e}") from None
 
 
-class WeightedRewards:
-    """sum_i weight_i * reward_i(completion, row); `components` gives each term (unweighted) for logging."""
+class WeightedRewards(Verifier):
+    """sum_i weight_i * reward_i(completion, row); `scored` gives each term (unweighted) for logging."""
 
     def __init__(self, specs: list[dict]):
-        self.terms: list[tuple[str, float, RewardFn]] = [
+        self.terms: list[tuple[str, float, Verifier]] = [
             (label, weight, get_reward(name, **options)) for label, weight, name, options in parse_weighted(specs)]
         self.__qualname__ = "+".join(f"{w:g}*{label}" for label, w, _ in self.terms)
 
@@ -149,11 +164,20 @@ class WeightedRewards:
         highs = [max(w * lo, w * hi) for (_, w, _), (lo, hi) in zip(self.terms, ranges)]
         return sum(lows), sum(highs)
 
+    @property
+    def call_limit_s(self) -> float | None:
+        """What one call may take: its terms' limits, summed (a call runs them one after another)."""
+        return sum(fn.call_limit_s or 0.0 for _, _, fn in self.terms) or None
+
     def components(self, completion: str, row: dict) -> dict[str, float]:
         return {label: float(fn(completion, row)) for label, _, fn in self.terms}
 
     def combine(self, parts: dict[str, float]) -> float:
         return sum(w * parts[label] for label, w, _ in self.terms)
+
+    def scored(self, completion: str, row: dict) -> tuple[float, dict[str, float]]:
+        parts = self.components(completion, row)
+        return self.combine(parts), parts
 
     def __call__(self, completion: str, row: dict) -> float:
         return self.combine(self.components(completion, row))
@@ -162,20 +186,18 @@ class WeightedRewards:
         """The components' own counters (a judge's failures, math-verify timeouts), merged."""
         out: dict[str, float] = {}
         for _, _, fn in self.terms:
-            out.update(getattr(fn, "metrics", dict)())
+            out.update(fn.metrics())
         return out
 
     def close(self) -> None:
         for _, _, fn in self.terms:
-            getattr(fn, "close", lambda: None)()
+            fn.close()
 
 
-def reward_role(task_cfg, default: Callable[[str, dict], float], tokenizer, max_new_tokens: int):
-    """The run's reward role: an environment's (task.env, scoring with the configured reward) or the one-turn
-    `Reward` over `reward_from_config(task_cfg, default)`. What the pipeline and `rlpost eval` sample with."""
-    from rlpost.env import EnvRole
-    from rlpost.reward import Reward
-
+def reward_role(task_cfg, default: Callable[[str, dict], float], tokenizer, max_new_tokens: int) -> RewardRole:
+    """The run's reward role: task.env's episodes (the environment scoring with the configured reward), or the
+    one-turn verifier role `Reward` over `reward_from_config(task_cfg, default)`. What the pipeline, `rlpost
+    eval` and `rlpost curate` sample with."""
     fn = reward_from_config(task_cfg, default)
     if task_cfg.env:
         return EnvRole.from_config(task_cfg, tokenizer, fn, max_new_tokens)
@@ -184,12 +206,11 @@ def reward_role(task_cfg, default: Callable[[str, dict], float], tokenizer, max_
                   timeout_s=task_cfg.reward_timeout_s)
 
 
-def _warn_if_cut_short(fn: RewardFn, timeout_s: float | None) -> None:
+def _warn_if_cut_short(fn: Verifier, timeout_s: float | None) -> None:
     """Warn when task.reward_timeout_s is below what the reward may legitimately take per call: its
-    `call_limit_s` (an HTTP judge: every attempt timing out, plus the backoffs), summed over a weighted
-    sum's terms, which one call runs one after another."""
-    terms = [f for _, _, f in fn.terms] if isinstance(fn, WeightedRewards) else [fn]
-    need = sum(getattr(f, "call_limit_s", None) or 0.0 for f in terms)
+    `call_limit_s` (an HTTP judge: every attempt timing out, plus the backoffs; a weighted sum's terms
+    summed, as one call runs them one after another)."""
+    need = fn.call_limit_s or 0.0
     if timeout_s is not None and need > timeout_s:
         warnings.warn(f"task.reward_timeout_s={timeout_s:g} is below the {need:g} s a call of the reward may take "
                       f"(a judge's (retries + 1) * timeout_s plus its backoffs): a slow call would count as hung "
@@ -197,20 +218,20 @@ def _warn_if_cut_short(fn: RewardFn, timeout_s: float | None) -> None:
                       f"or lower the reward's retries / timeout_s", stacklevel=3)
 
 
-def eval_reward_role(eval_cfg, tokenizer):
-    """The `Reward` of eval.reward (with eval.reward_options), or None when evaluation uses the run's reward."""
-    from rlpost.reward import Reward
-
+def eval_reward_role(eval_cfg, role: RewardRole) -> RewardRole | None:
+    """The role evaluation scores with when eval.reward is set: the run's `role` with eval.reward (and
+    eval.reward_options) as its verifier (one turn: a `Reward`; with task.env: the environment scoring its final
+    turn with it); None when evaluation uses the run's reward."""
     if not eval_cfg.reward:
         return None
-    return Reward(get_reward(eval_cfg.reward, **eval_cfg.reward_options), tokenizer)
+    return role.scored_by(get_reward(eval_cfg.reward, **eval_cfg.reward_options))
 
 
-def reward_from_config(task_cfg, default: Callable[[str, dict], float]) -> RewardFn:
+def reward_from_config(task_cfg, default: Callable[[str, dict], float]) -> Verifier:
     """The reward a run's config asks for: task.rewards (a weighted sum), task.reward (one, by name or
     'module:function', with task.reward_options), else `default` (the task's own verifier)."""
     if task_cfg.rewards:
         return WeightedRewards(task_cfg.rewards)
     if task_cfg.reward:
         return get_reward(task_cfg.reward, **task_cfg.reward_options)
-    return default
+    return as_verifier(default)

@@ -1,6 +1,7 @@
-"""ENV / REWARD: score each trajectory. Never touches weights.
+"""ENV / REWARD: the one-turn verifier role, its errors and helpers. Never touches weights.
 
-`Reward(fn, tokenizer)` decodes every response and calls `fn(completion, row) -> float` on it, writing
+`Reward(fn, tokenizer)` is `VerifierEnv(fn)` (rlpost/env/base.py) stepped for a whole batch: one sampled turn
+per episode, then it decodes every response and calls `fn(completion, row) -> float` on it, writing
 batch.rewards [B] and batch.meta["completion"]. A function that raises, returns something that is not a
 finite number, or runs past `timeout_s`, is reported with the sample it failed on (index, row of its
 file, prompt, completion); with `on_error="zero"` that sample scores `failure_score` instead (0, or lower
@@ -24,6 +25,9 @@ from typing import Callable
 import torch
 
 from rlpost.batch import Batch
+from rlpost.env.base import Verifier, as_verifier
+from rlpost.env.calls import CallResult, call_all, hung_calls
+from rlpost.env.role import RewardRole
 
 RewardFn = Callable[[str, dict], float]
 MAX_HUNG_CALLS = 1000   # abandoned reward calls still running, past which a run stops rather than run out of threads
@@ -33,10 +37,10 @@ class RewardError(RuntimeError):
     """The reward function failed on a named sample."""
 
 
-def reward_range(fn) -> tuple[float, float] | None:
-    """The (lowest, highest) value `fn` can return, as it declares in a `reward_range` attribute (the shipped
-    verifiers and their weighted sums do), or None when it does not say."""
-    declared = getattr(fn, "reward_range", None)
+def reward_range(fn: Verifier) -> tuple[float, float] | None:
+    """The (lowest, highest) value `fn` can return, as it declares in its `reward_range` (the shipped
+    verifiers and their weighted sums do), checked; None when it does not say."""
+    declared = fn.reward_range
     if declared is None:
         return None
     lo, hi = (float(v) for v in declared)
@@ -46,7 +50,7 @@ def reward_range(fn) -> tuple[float, float] | None:
     return lo, hi
 
 
-def failure_score(fn, scored: list[float]) -> float:
+def failure_score(fn: Verifier, scored: list[float]) -> float:
     """What a failed sample scores under on_error=zero: 0, or lower when the reward can be negative: the lowest
     value it declares in `reward_range`, and never more than the lowest reward scored in the same batch (so an
     undeclared or wrongly declared range still cannot pay). A failure (a crash, a hang) must never pay more
@@ -98,13 +102,14 @@ def _sample(i: int, row: dict, completion: str, limit: int = 300) -> str:
     return f"sample {i} ({where}prompt {clip(row.get('prompt', row.get('messages')))}, completion {clip(completion)})"
 
 
-class Reward:
-    """The one-turn reward role: `fn(completion, row)` on every sample. `workers` > 1 scores that many
-    samples at once (threads: for rewards that wait on a sandbox, a process pool or an HTTP judge). A
-    weighted sum (`rlpost.rewards.WeightedRewards`) logs each component's mean as reward/<name>; a
-    reward with `metrics()` (the judge's call and failure counts) has them logged. A reward with
-    `batched = True` is given the whole batch at once (`score_batch(completions, rows)`): a local judge
-    answers every sample in one generation, and is not timed: its own engine bounds it.
+class Reward(RewardRole):
+    """The one-turn verifier role: `fn(completion, row)` on every sample (`fn` as a `Verifier`: a plain
+    function is wrapped). `workers` > 1 scores that many samples at once (threads: for rewards that wait on a
+    sandbox, a process pool or an HTTP judge). A weighted sum (`rlpost.env.verifiers.WeightedRewards`) logs
+    each part's mean as reward/<name> (`Verifier.scored`); the verifier's `metrics()` (the judge's call and
+    failure counts) are logged. A verifier with `batched = True` is given the whole batch at once
+    (`score_batch(completions, rows)`): a local judge answers every sample in one generation, and is not
+    timed: its own engine bounds it.
 
     `timeout_s` (task.reward_timeout_s) bounds each call. None: no limit, and with one worker the calls run
     in the calling thread (for a reward that needs the main thread, e.g. one that uses signal.alarm)."""
@@ -113,29 +118,30 @@ class Reward:
                  timeout_s: float | None = 60.0):
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"reward timeout_s must be > 0 seconds or None (no limit), got {timeout_s!r}")
-        self.fn, self.tokenizer, self.on_error, self.workers = fn, tokenizer, on_error, workers
+        self.fn: Verifier = as_verifier(fn)
+        self.tokenizer, self.on_error, self.workers = tokenizer, on_error, workers
         self.timeout_s = timeout_s
-        self.name = getattr(fn, "__qualname__", repr(fn))
+        self.name = getattr(self.fn, "__qualname__", repr(fn))  # a function's name, a weighted sum's terms
+
+    def scored_by(self, fn: RewardFn) -> Reward:
+        """The one-turn role of verifier `fn` (eval.reward), over the same tokenizer."""
+        return Reward(fn, self.tokenizer)
 
     def completions(self, batch: Batch) -> list[str]:
         return decode_responses(batch, self.tokenizer)
 
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
-        from rlpost.env.calls import CallResult, call_all, hung_calls
-
+        """Score every sample of `batch` (its responses decoded, its data rows in meta["row"])."""
         texts = self.completions(batch)
         rows = batch.meta["row"]
-        components = getattr(self.fn, "components", None)
-        score = components if callable(components) else self.fn
-        batched = getattr(self.fn, "batched", False) is True and callable(getattr(self.fn, "score_batch", None))
-        if batched:  # one call for the whole batch (a local judge: one generation)
+        if self.fn.batched:  # one call for the whole batch (a local judge: one generation)
             try:
-                results = [CallResult(value=v) for v in self.fn.score_batch(texts, rows)]
+                results = [CallResult(value=(v, {})) for v in self.fn.score_batch(texts, rows)]
             except Exception as e:  # noqa: BLE001 - reported below, on the first sample, as any reward failure
                 results = [CallResult(error=e)] * len(texts)
         else:
             # raise: the first failure ends the batch, so a hung reward stops the run one timeout after it
-            results = call_all([lambda t=t, r=r: score(t, r) for t, r in zip(texts, rows)], self.timeout_s,
+            results = call_all([lambda t=t, r=r: self.fn.scored(t, r) for t, r in zip(texts, rows)], self.timeout_s,
                                self.workers, stop_on_failure=self.on_error != "zero")
             if hung_calls() > MAX_HUNG_CALLS:  # on_error=zero and a reward that hangs, batch after batch
                 raise RewardError(f"{hung_calls()} calls of the reward ran past task.reward_timeout_s and are still "
@@ -160,11 +166,9 @@ class Reward:
             try:
                 if res.error is not None:
                     raise res.error
-                value = res.value
-                if score is components and isinstance(value, dict):  # components of a weighted sum
-                    for label, v in value.items():
-                        parts.setdefault(label, []).append(float(v))
-                    value = self.fn.combine(value)
+                value, named = res.value
+                for label, v in named.items():  # the parts of a weighted sum
+                    parts.setdefault(label, []).append(float(v))
                 r = float(value)
                 if not math.isfinite(r):
                     raise ValueError(f"returned a non-finite reward {r}")
@@ -184,6 +188,5 @@ class Reward:
         rewards = torch.tensor(rewards, device=batch.input_ids.device)
         metrics = {"reward/errors": float(failures), "reward/timeouts": float(timeouts)}
         metrics.update({f"reward/{label}": sum(v) / len(v) for label, v in parts.items()})
-        if callable(getattr(self.fn, "metrics", None)):
-            metrics.update({(k if "/" in k else f"reward/{k}"): float(v) for k, v in self.fn.metrics().items()})
+        metrics.update({(k if "/" in k else f"reward/{k}"): float(v) for k, v in self.fn.metrics().items()})
         return batch.replace(rewards=rewards, meta=meta), metrics
