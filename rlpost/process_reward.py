@@ -31,9 +31,9 @@ import os
 
 import torch
 
-from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.config import PRM_REWARDS as MODES
+from rlpost.ops import last_token_index
 from rlpost.prm import ProcessRewardModel, responses, step_ends
 
 

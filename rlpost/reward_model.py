@@ -37,9 +37,9 @@ from torch import nn
 from tqdm import tqdm
 
 from rlpost import distributed as dist
-from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.models import ModelLoadError, load_model, model_device, position_ids_for, save_model, trunk_hidden_states
+from rlpost.ops import last_token_index
 from rlpost.preference.data import PreferenceData
 from rlpost.progress import progress
 from rlpost.reward import decode_responses
