@@ -28,6 +28,7 @@ import time
 import torch
 
 from rlpost.algorithms import get_algorithm
+from rlpost.batch import Batch
 from rlpost.config import ModelConfig
 from rlpost.evaluate import pass_at_1
 from rlpost.models import build_gpt_mini, encode_prompt
@@ -35,7 +36,7 @@ from rlpost.reference import Reference
 from rlpost.reward import Reward
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.schedule import LRSchedule
-from rlpost.stages.sft import nll_loss, sft_batch
+from rlpost.stages.sft import nll_loss
 from rlpost.tasks import encode_demonstration
 from rlpost.tasks.arithmetic import arithmetic_task
 from rlpost.trainer import Trainer
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
                       schedule=LRSchedule("cosine", min(50, args.sft_steps // 5), args.sft_steps, min_lr_ratio=0.1))
         for step in range(args.sft_steps):
             idx = [rng.randrange(len(demo_ids)) for _ in range(args.sft_batch)]
-            m = sft.step(sft_batch([demo_prompts[i] for i in idx], [demo_ids[i] for i in idx], tok.pad_token_id),
-                         nll_loss)
+            demos = Batch.for_sft([demo_prompts[i] for i in idx], [demo_ids[i] for i in idx], tok.pad_token_id)
+            m = sft.step(demos, nll_loss)
             if step % 50 == 0 or step == args.sft_steps - 1:
                 print(f"sft  {step:4d} | nll {m['sft/nll']:.3f}")
     pass_at_1_sft = held_out()

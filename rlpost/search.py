@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlpost.batch import Batch
 from rlpost.evaluate import majority_answer
 from rlpost.prm import ProcessRewardModel, holds_separator, responses, step_ends
 from rlpost.progress import progress
@@ -112,13 +113,13 @@ class Searcher:
 
     @torch.no_grad()
     def orm_scores(self, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 256) -> list[float]:
-        from rlpost.stages.sft import sft_batch
 
         if self.orm is None:
             raise ValueError("bon_orm needs an outcome reward model (--orm)")
         out = []
         for i in range(0, len(prompts), batch_size):
-            out += self.orm.score(sft_batch(prompts[i:i + batch_size], responses[i:i + batch_size], self.pad)).tolist()
+            rows = Batch.for_sft(prompts[i:i + batch_size], responses[i:i + batch_size], self.pad)
+            out += self.orm.score(rows).tolist()
         return out
 
     # -- methods ------------------------------------------------------------------------------------------

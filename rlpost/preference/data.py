@@ -34,7 +34,6 @@ from rlpost.batch import Batch
 from rlpost.limits import model_context  # noqa: F401 - re-exported: the preference stage's default max_length
 from rlpost.models import encode_prompt  # noqa: F401 - the one prompt encoder; re-exported from here too
 from rlpost.rollout.episodes import episodes_in_chunks
-from rlpost.stages.sft import sft_batch
 
 
 class PreferenceDataError(ValueError):
@@ -212,7 +211,7 @@ class PreferenceData:
         """Rows `seqs` as a Batch: the rollout layout (prompt left-padded, completion right-padded),
         labels in `rewards`, example ids in `group_ids`, cached reference log-probs in `ref_logp`."""
         comps = self.kl_completions if kl else self.completions
-        b = sft_batch([self.prompts[s] for s in seqs], [comps[s] for s in seqs], pad_id)
+        b = Batch.for_sft([self.prompts[s] for s in seqs], [comps[s] for s in seqs], pad_id)
         ref = self.ref_kl if kl else self.ref
         ref_logp = None
         if ref is not None:

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from rlpost.batch import Batch
 from rlpost.rollout.engine import Engine, SamplingParams
 
-__all__ = ["Engine", "SamplingParams", "StopStrings", "assemble", "build_engine", "engine_choice", "sample_next"]
+__all__ = ["Engine", "SamplingParams", "StopStrings", "build_engine", "engine_choice", "sample_next"]
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
@@ -72,31 +71,6 @@ class StopStrings:
     def end(self, ids: list[int], min_len: int = 1) -> int | None:
         """Length (>= min_len) of the shortest prefix of a response that contains a stop string (None: none)."""
         return next((n for n in range(max(min_len, 1), len(ids) + 1) if self.hit(ids[:n])), None)
-
-
-def assemble(prompts: list[list[int]], k: int, tokens: torch.Tensor, logps: torch.Tensor, lengths: torch.Tensor,
-             stopped: torch.Tensor, pad_id: int, version: int) -> Batch:
-    """Left-padded prompts + right-padded responses -> Batch. tokens/logps: [N*k, R], lengths/stopped: [N*k]."""
-    N, P = len(prompts), max(len(p) for p in prompts)
-    prompt_ids = torch.full((N, P), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((N, P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[i, P - len(p):] = 1
-    rows = torch.arange(N).repeat_interleave(k)
-    R = max(int(lengths.max()), 1)
-    resp_mask = (torch.arange(R)[None, :] < lengths[:, None]).long()       # (B, R)
-    resp_ids = torch.where(resp_mask.bool(), tokens[:, :R], torch.full_like(tokens[:, :R], pad_id))
-    B = N * k
-    return Batch(
-        input_ids=torch.cat([prompt_ids[rows], resp_ids], 1),
-        attention_mask=torch.cat([prompt_mask[rows], resp_mask], 1),
-        response_mask=torch.cat([torch.zeros((B, P), dtype=torch.long), resp_mask], 1),
-        old_logp=torch.cat([torch.zeros((B, P)), logps[:, :R].float() * resp_mask], 1),
-        group_ids=rows.clone(),
-        policy_version=torch.full((B,), version, dtype=torch.long),
-        meta={"finish_reason": ["stop" if s else "length" for s in stopped.tolist()]},
-    )
 
 
 ENGINES = ("auto", "native", "hf", "vllm")  # the valid rollout.engine names (build_engine)
