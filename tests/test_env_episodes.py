@@ -380,7 +380,8 @@ def test_an_observation_that_leaves_no_room_stops_the_episode_by_budget(capsys):
 
 def build(tmp_path, overrides):
     from rlpost.config import load_config
-    from rlpost.run import RunLog, build_context, make_run_dir
+    from rlpost.run import build_context
+    from rlpost.runlog import RunLog, make_run_dir
 
     runs = tmp_path / "runs"  # a new run directory each time: a run never writes into another one's
     n = len(list(runs.iterdir())) if runs.is_dir() else 0

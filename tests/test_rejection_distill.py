@@ -23,7 +23,8 @@ from rlpost.models import save_model, token_logprobs
 from rlpost.models.gpt_mini import CharTokenizer
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.episodes import episodes_in_chunks
-from rlpost.run import RunLog, build_context, make_run_dir
+from rlpost.run import build_context
+from rlpost.runlog import RunLog, make_run_dir
 from rlpost.stages.rejection import SAMPLE_SEED, RejectionStage, response_region, select_verified
 
 SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "threads=1", "task.num_eval=30",

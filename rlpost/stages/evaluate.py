@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from rlpost import distributed as dist
 from rlpost.evaluate import pass_at_1
-from rlpost.run import RunContext, Stage
+from rlpost.stages.base import RunContext, Stage
 
 
 class EvalStage(Stage):

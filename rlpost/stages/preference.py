@@ -19,7 +19,7 @@ from rlpost.preference.data import (PreferenceDataError, load_preferences, model
                                     tokenize_preferences, write_preference_rows)
 from rlpost.preference.trainer import train_preference
 from rlpost.rollout import SamplingParams
-from rlpost.run import RunContext, Stage
+from rlpost.stages.base import RunContext, Stage
 
 
 def system_prompt(ctx: RunContext) -> str | None:

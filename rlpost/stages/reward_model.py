@@ -20,7 +20,8 @@ from rlpost.limits import check_lengths
 from rlpost.models import load_model
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
 from rlpost.reward_model import LearnedReward, RewardModel, fit_reward_model, task_pairs
-from rlpost.run import RunContext, Stage, make_run_dir, open_log
+from rlpost.runlog import make_run_dir, open_log
+from rlpost.stages.base import RunContext, Stage
 from rlpost.tasks import load_task
 
 

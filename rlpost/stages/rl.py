@@ -41,8 +41,9 @@ from rlpost.progress import progress
 from rlpost.reference import Reference
 from rlpost.reward import decode_responses
 from rlpost.rollout import SamplingParams
-from rlpost.run import ROLLOUTS_FILE, RunContext, Stage, count_lines
+from rlpost.runlog import ROLLOUTS_FILE, count_lines
 from rlpost.schedule import LRSchedule
+from rlpost.stages.base import RunContext, Stage
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
 

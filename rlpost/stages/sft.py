@@ -19,8 +19,8 @@ import torch
 from rlpost.algorithms.base import token_mean
 from rlpost.batch import Batch
 from rlpost.progress import progress
-from rlpost.run import RunContext, Stage
 from rlpost.schedule import LRSchedule
+from rlpost.stages.base import RunContext, Stage
 from rlpost.tasks import encode_demonstration
 from rlpost.trainer import Trainer
 
