@@ -116,7 +116,7 @@ def checkpoint_config(checkpoint: str, recipe: str | None, overrides: list[str],
     import os
 
     from rlpost.config import load_config
-    from rlpost.curate import resolve_model
+    from rlpost.checkpoint import resolve_model
 
     run_dir = checkpoint if os.path.isfile(os.path.join(checkpoint, "config.yaml")) else None
     if recipe is None and run_dir is not None:
