@@ -37,12 +37,17 @@ import torch
 from rlpost.algorithms.correction import LEVELS, MODES, correction_metrics, correction_weights
 from rlpost.batch import Batch
 from rlpost.ops import last_token_index, masked_mean, masked_mean_value, masked_sum
-from rlpost.registry import make_config
+from rlpost.registry import Registry, make_config
 from rlpost.schema import Range, above, at_least, between
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACEMENTS = ("loss", "reward")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# The registry lives here, below the plug-ins: an algorithm file imports this module, never the package's
+# __init__ (which imports every algorithm file).
+ALGORITHMS = Registry("algorithm", "algorithms")
+register = ALGORITHMS.register  # class decorator: @register("name")
 
 
 class Algorithm:

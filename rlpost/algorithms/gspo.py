@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlpost.algorithms import register
-from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise
+from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise, register
 from rlpost.batch import Batch
 from rlpost.ops import masked_mean
 

@@ -21,7 +21,12 @@ from typing import Any, ClassVar
 import torch
 
 from rlpost.ops import masked_sum
-from rlpost.registry import make_config
+from rlpost.registry import Registry, make_config
+
+# The registry lives here, below the plug-ins: a loss file imports this module, never the package's __init__
+# (which imports every loss file).
+LOSSES = Registry("preference loss", "preference losses")
+register = LOSSES.register  # class decorator: @register("name")
 
 
 @dataclass
