@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from rlpost.batch import Batch
-from rlpost.rollout import SamplingParams, StopStrings
-from rlpost.rollout.engine import ModuleEngine, weights_module
+from rlpost.rollout.engine import ModuleEngine, SamplingParams, weights_module
+from rlpost.rollout.sampling import StopStrings
 
 
 class HFGenerateEngine(ModuleEngine):

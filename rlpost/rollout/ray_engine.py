@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from rlpost.batch import Batch
+from rlpost.rollout import build_engine
 from rlpost.rollout.engine import SamplingParams
 
 SEED_STRIDE = 1_000_033
@@ -53,8 +54,6 @@ class RolloutWorker:
     """The body of one rollout actor: an engine over its own copy of the policy."""
 
     def __init__(self, model: nn.Module, tokenizer, kind: str, threads: int, device: str = "cpu", dtype: str = "fp32"):
-        from rlpost.rollout import build_engine
-
         torch.set_num_threads(max(threads, 1))
         self.engine = build_engine(kind, model.to(device), tokenizer, share_weights=True, dtype=dtype)
         self.device, self.group = device, None

