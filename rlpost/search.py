@@ -37,11 +37,15 @@ from dataclasses import dataclass, field
 import torch
 
 from rlpost.batch import Batch
-from rlpost.evaluate import majority_answer
+from rlpost.evaluate import checkpoint_config, majority_answer, vote_key
+from rlpost.models import encode_prompt, load_model
 from rlpost.prm import ProcessRewardModel, holds_separator, responses, step_ends
 from rlpost.progress import progress
 from rlpost.reward_model import RewardModel
-from rlpost.rollout import SamplingParams
+from rlpost.rewards import reward_from_config
+from rlpost.rollout import SamplingParams, build_engine
+from rlpost.tasks import load_task
+from rlpost.tasks.multistep import step_truth
 
 METHODS = ("greedy", "majority", "bon_orm", "bon_prm_min", "bon_prm_last", "bon_prm_product", "beam", "mcts")
 AGGREGATES = {"min": min, "last": lambda s: s[-1], "product": math.prod}
@@ -268,8 +272,6 @@ class StepCheckPRM:
 
     def step_scores(self, prompts: list[list[int]], responses: list[list[int]], ends: list[list[int]],
                     pad_id: int) -> list[list[float]]:
-        from rlpost.tasks.multistep import step_truth
-
         out = []
         for p, r, e in zip(prompts, responses, ends):
             truth = step_truth(self.tokenizer.decode(r), {"prompt": self.tokenizer.decode(p)}, self.sep)
@@ -337,12 +339,6 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     import json
     import os
     import time
-
-    from rlpost.evaluate import checkpoint_config, vote_key
-    from rlpost.models import encode_prompt, load_model
-    from rlpost.rewards import reward_from_config
-    from rlpost.rollout import build_engine
-    from rlpost.tasks import load_task
 
     t0 = time.perf_counter()
     cfg, run_dir = checkpoint_config(policy, recipe, overrides, "rlpost search")

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from rlpost import distributed as dist
 from rlpost.evaluate import pass_at_1
+from rlpost.rewards import eval_reward_role
 from rlpost.stages.base import RunContext, Stage
 
 
@@ -26,8 +27,6 @@ class EvalStage(Stage):
         if not self.cfg.reward:
             return ctx.verifier
         if self.reward is None:
-            from rlpost.rewards import eval_reward_role
-
             self.reward = eval_reward_role(self.cfg, ctx.tokenizer)
         return self.reward
 
