@@ -3,8 +3,14 @@ module imported inside a function. Built from the source with `ast` (nothing is 
 `from ... import` of an rlpost module, at the top of a module or inside a function, relative ones resolved."""
 
 import ast
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "rlpost"
 
@@ -210,3 +216,21 @@ def test_the_graph_builder_sees_local_relative_and_cyclic_imports(tmp_path):
     found = cycles(edges)
     assert found == [["rlpost.a", "rlpost.sub.b"]]
     assert "rlpost/sub/b.py:2 imports rlpost.a (inside a function)" in describe(found[0], edges)
+
+
+@pytest.mark.slow
+def test_every_module_imports_on_its_own():
+    """Each module imported first, in a fresh interpreter: an import that reaches back into a module still being
+    imported (its names not defined yet) fails here even when the graph above has no explicit cycle, e.g. through
+    the package __init__ that importing a submodule runs first. Two at a time: each process loads torch."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent), "OMP_NUM_THREADS": "1"}
+
+    def attempt(module: str) -> str | None:
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, env=env,
+                              timeout=300)
+        return None if done.returncode == 0 else f"{module}: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+
+    modules = [m for m in module_files() if m != "rlpost.__main__"]  # __main__ runs the command line
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failed = [f for f in pool.map(attempt, modules) if f]
+    assert not failed, "modules that do not import on their own:\n  " + "\n  ".join(failed)
