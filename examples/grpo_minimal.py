@@ -28,13 +28,14 @@ import time
 import torch
 
 from rlpost.algorithms import get_algorithm
+from rlpost.batch import Batch
 from rlpost.config import ModelConfig, TrainerConfig
 from rlpost.heldout import pass_at_1
 from rlpost.models import build_gpt_mini, encode_demonstration, encode_prompt
 from rlpost.reference import Reference
 from rlpost.env.reward import Reward
 from rlpost.rollout import SamplingParams, build_engine
-from rlpost.stages.sft import nll_loss, sft_batch
+from rlpost.stages.sft import nll_loss
 from rlpost.tasks.arithmetic import arithmetic_task
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            min_lr_ratio=0.1), total_steps=args.sft_steps)
         for step in range(args.sft_steps):
             idx = [rng.randrange(len(demo_ids)) for _ in range(args.sft_batch)]
-            m = sft.step(sft_batch([demo_prompts[i] for i in idx], [demo_ids[i] for i in idx], tok.pad_token_id),
-                         nll_loss)
+            demos = Batch.for_sft([demo_prompts[i] for i in idx], [demo_ids[i] for i in idx], tok.pad_token_id)
+            m = sft.step(demos, nll_loss)
             if step % 50 == 0 or step == args.sft_steps - 1:
                 print(f"sft  {step:4d} | nll {m['sft/nll']:.3f}")
     pass_at_1_sft = held_out()

@@ -156,3 +156,54 @@ class Batch:
                                 (n == "rewards" and t.dim() == 2) else t)
         meta = {k: [v for b in batches for v in b.meta[k]] for k in batches[0].meta}
         return Batch(**{n: torch.cat(ts) for n, ts in parts.items()}, meta=meta)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_sequences(cls, prompts: list[list[int]], k: int, tokens: Tensor, logps: Tensor, lengths: Tensor,
+                       stopped: Tensor, pad_id: int, version: int) -> "Batch":
+        """What an engine returns: `k` samples of each prompt as one batch, prompts left-padded and responses
+        right-padded. prompts: N token-id lists; tokens / logps: [N*k, R] (sample j of prompt i is row i*k + j);
+        lengths / stopped: [N*k] (tokens past a length are padding; stopped: ended on eos or a stop string,
+        else ran out of length, recorded in meta["finish_reason"]). `version` is the weights' policy_version."""
+        N, P = len(prompts), max(len(p) for p in prompts)
+        prompt_ids = torch.full((N, P), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((N, P), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            prompt_mask[i, P - len(p):] = 1
+        rows = torch.arange(N).repeat_interleave(k)
+        R = max(int(lengths.max()), 1)
+        resp_mask = (torch.arange(R)[None, :] < lengths[:, None]).long()       # (B, R)
+        resp_ids = torch.where(resp_mask.bool(), tokens[:, :R], torch.full_like(tokens[:, :R], pad_id))
+        B = N * k
+        return cls(
+            input_ids=torch.cat([prompt_ids[rows], resp_ids], 1),
+            attention_mask=torch.cat([prompt_mask[rows], resp_mask], 1),
+            response_mask=torch.cat([torch.zeros((B, P), dtype=torch.long), resp_mask], 1),
+            old_logp=torch.cat([torch.zeros((B, P)), logps[:, :R].float() * resp_mask], 1),
+            group_ids=rows.clone(),
+            policy_version=torch.full((B,), version, dtype=torch.long),
+            meta={"finish_reason": ["stop" if s else "length" for s in stopped.tolist()]},
+        )
+
+    @classmethod
+    def for_sft(cls, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                trained: list[list[int]] | None = None) -> "Batch":
+        """Prompt + completion rows for a supervised loss (SFT, a scorer's input); the loss reads response_mask,
+        which is `trained` where given (0/1 per completion token: a multi-turn demonstration's environment tokens
+        are in the sequence but not imitated), else every completion token. No log-probs, no policy version."""
+        R = max(len(c) for c in completions)
+        tokens = torch.full((len(prompts), R), pad_id, dtype=torch.long)
+        for i, c in enumerate(completions):
+            tokens[i, :len(c)] = torch.tensor(c)
+        lengths = torch.tensor([len(c) for c in completions])
+        batch = cls.from_sequences(prompts, 1, tokens, torch.zeros(tokens.shape), lengths,
+                                   torch.ones(len(prompts), dtype=torch.bool), pad_id, version=0)
+        batch = batch.replace(old_logp=None, policy_version=None, meta={})
+        if trained is not None:
+            mask = torch.zeros_like(batch.response_mask)
+            P = batch.prompt_width
+            for i, t in enumerate(trained):
+                mask[i, P:P + len(t)] = torch.tensor(t)
+            batch = batch.replace(response_mask=mask)
+        return batch

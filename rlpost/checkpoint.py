@@ -33,6 +33,9 @@ from typing import Any
 
 import torch
 
+from rlpost.config import ModelConfig
+from rlpost.models import load_model, save_model
+
 STATE_FILE = "rlpost_state.pt"
 META_FILE = "rlpost_checkpoint.json"
 
@@ -337,15 +340,24 @@ def write_model_folder(run_dir: str, name: str, save) -> str:
 
 # ---------------------------------------------------------------------------- export
 
+def resolve_model(path: str) -> str:
+    """A model folder as given, or, for a run directory, the weights of its newest checkpoint (what `--model`
+    and `rlpost export` accept: a checkpoint, a model folder, a run directory or a hub id)."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    for ckpt in reversed(list_checkpoints(path)):
+        folder = ckpt.weights_dir(path)
+        if folder is not None:
+            return folder
+    raise ValueError(f"--model {path}: a folder with neither a saved model (config.json) nor a run checkpoint "
+                     "holding weights")
+
+
 def export_model(source: str, out: str) -> str:
     """Write a plain model folder (weights, config, tokenizer) to `out` from `source`: a run directory (the
     weights of its newest checkpoint that holds the policy) or a checkpoint / model folder. A LoRA checkpoint's
     adapters are merged into its base, so `transformers.AutoModelForCausalLM.from_pretrained(out)` (an HF model)
     or rlpost's `load_model` (gpt_mini) loads it without peft. Returns the folder the weights came from."""
-    from rlpost.config import ModelConfig
-    from rlpost.curate import resolve_model
-    from rlpost.models import load_model, save_model
-
     if not os.path.isdir(source):
         raise ValueError(f"rlpost export: {source} is not a run directory or a checkpoint folder")
     folder = resolve_model(source)

@@ -42,7 +42,15 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable
 
-from rlpost.tasks.files import prompt_text
+from rlpost.checkpoint import resolve_model
+from rlpost.config import load_config
+from rlpost.env import check_vocabulary, response_budget
+from rlpost.env.verifiers import reward_role
+from rlpost.models import encode_prompt, load_model, model_context
+from rlpost.rollout import SamplingParams, build_engine
+from rlpost.rollout.episodes import episodes_in_chunks
+from rlpost.tasks import Columns, TaskDataError, answer_match_reward, read_rows, uses_own_verifier
+from rlpost.tasks.files import prompt_text, write_rows
 
 SHINGLE = 5          # characters per shingle of the near-duplicate filter
 EXAMPLES = 3         # examples shown per filter in the report
@@ -210,8 +218,6 @@ def estimate_pass_rates(engine, reward, rows: list[dict], prompt_ids: list[list[
     the same episode function as training) whose reward is >= `threshold`."""
     from tqdm import tqdm
 
-    from rlpost.rollout.episodes import episodes_in_chunks
-
     rates = [0.0] * len(rows)
     chunks = episodes_in_chunks(engine, reward, rows, prompt_ids, k, params, seed, batch_prompts)
     for idx, batch in tqdm(chunks, total=math.ceil(len(rows) / batch_prompts), desc="pass rates", unit="chunk",
@@ -372,28 +378,8 @@ def report(c: Curation, *, train: str, eval_file: str | None, out: str, near_dup
 
 # ---------------------------------------------------------------------------- the command
 
-def resolve_model(path: str) -> str:
-    """A model folder as given, or, for a run directory, the weights of its newest checkpoint."""
-    import os
-
-    from rlpost.checkpoint import list_checkpoints
-
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    for ckpt in reversed(list_checkpoints(path)):
-        folder = ckpt.weights_dir(path)
-        if folder is not None:
-            return folder
-    raise ValueError(f"--model {path}: a folder with neither a saved model (config.json) nor a run checkpoint "
-                     "holding weights")
-
-
 def run(args) -> int:
     """`rlpost curate` with parsed `args` (see rlpost/cli.py): read, filter, report, write."""
-    from rlpost.config import load_config
-    from rlpost.tasks import Columns, TaskDataError, read_rows, uses_own_verifier
-    from rlpost.tasks.files import write_rows
-
     if args.model is None and not args.no_model:
         raise ValueError("give --model (a checkpoint, model folder, run directory or hub id) to estimate pass "
                          "rates, or --no-model to only deduplicate and decontaminate")
@@ -434,12 +420,6 @@ def run(args) -> int:
 def _model_filters(cfg, args):
     """(pass_rates, too_long, close) for the model of --model, with the run's reward and sampling settings."""
     import torch
-
-    from rlpost.env import check_vocabulary, response_budget
-    from rlpost.env.verifiers import reward_role
-    from rlpost.models import encode_prompt, load_model, model_context
-    from rlpost.rollout import SamplingParams, build_engine
-    from rlpost.tasks import answer_match_reward
 
     cfg.model.name = resolve_model(args.model)
     if cfg.model.name == "gpt_mini":

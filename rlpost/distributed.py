@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from rlpost.models import rebuild, transformer_blocks
+
 
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -157,8 +159,6 @@ def shard_model(model: nn.Module) -> nn.Module:
     sequence counts (Batch.global_tokens / global_seqs), so each rank's loss is its share of the global one."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from rlpost.models import transformer_blocks
-
     init()
     with torch.no_grad():
         for t in model.state_dict().values():
@@ -191,7 +191,5 @@ def unsharded(model: nn.Module) -> nn.Module | None:
     collective when sharded: every rank must call it."""
     if not is_sharded(model):
         return model
-    from rlpost.models import rebuild
-
     state = full_state_dict(model, rank0_only=True)
     return rebuild(model, state) if is_main() else None

@@ -24,7 +24,7 @@ from collections import Counter
 import torch
 
 from rlpost.config import load_config
-from rlpost.curate import resolve_model
+from rlpost.checkpoint import resolve_model
 from rlpost.env.role import RewardRole
 from rlpost.env.verifiers import eval_reward_role, reward_role
 from rlpost.models import encode_prompt, load_model

@@ -34,6 +34,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from rlpost.config import Config, from_dict, stage_configs
+
 ROLES = ("rollout", "reward", "reference", "critic", "advantages", "train", "sync", "other")  # controller.TIMED
 HIST_PREFIX = "correction/weight_hist/"
 SAMPLES_PER_END = 3      # best and worst completions shown per kept step
@@ -153,8 +155,6 @@ class RunData:
     def planned_rl_steps(self):
         """The RL steps of the `stages` list's RL stages, each with its own settings (without a list: rl.steps);
         None when unknown."""
-        from rlpost.config import Config, from_dict, stage_configs
-
         steps, stages = self.setting("rl.steps"), self.setting("stages")
         if not isinstance(steps, int) or not isinstance(stages, list):
             return steps

@@ -36,11 +36,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlpost.heldout import majority_answer
+from rlpost.batch import Batch
 from rlpost.env.process_reward_model import ProcessRewardModel, holds_separator, responses, step_ends
-from rlpost.progress import progress
 from rlpost.env.reward_model import RewardModel
-from rlpost.rollout import SamplingParams
+from rlpost.env.verifiers import reward_from_config
+from rlpost.heldout import checkpoint_config, majority_answer
+from rlpost.models import encode_prompt, load_model
+from rlpost.progress import progress
+from rlpost.rollout import SamplingParams, build_engine
+from rlpost.tasks import load_task
+from rlpost.tasks.multistep import step_truth
 
 METHODS = ("greedy", "majority", "bon_orm", "bon_prm_min", "bon_prm_last", "bon_prm_product", "beam", "mcts")
 AGGREGATES = {"min": min, "last": lambda s: s[-1], "product": math.prod}
@@ -112,13 +117,13 @@ class Searcher:
 
     @torch.no_grad()
     def orm_scores(self, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 256) -> list[float]:
-        from rlpost.stages.sft import sft_batch
 
         if self.orm is None:
             raise ValueError("bon_orm needs an outcome reward model (--orm)")
         out = []
         for i in range(0, len(prompts), batch_size):
-            out += self.orm.score(sft_batch(prompts[i:i + batch_size], responses[i:i + batch_size], self.pad)).tolist()
+            rows = Batch.for_sft(prompts[i:i + batch_size], responses[i:i + batch_size], self.pad)
+            out += self.orm.score(rows).tolist()
         return out
 
     # -- methods ------------------------------------------------------------------------------------------
@@ -267,8 +272,6 @@ class StepCheckPRM:
 
     def step_scores(self, prompts: list[list[int]], responses: list[list[int]], ends: list[list[int]],
                     pad_id: int) -> list[list[float]]:
-        from rlpost.tasks.multistep import step_truth
-
         out = []
         for p, r, e in zip(prompts, responses, ends):
             truth = step_truth(self.tokenizer.decode(r), {"prompt": self.tokenizer.decode(p)}, self.sep)
@@ -336,12 +339,6 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     import json
     import os
     import time
-
-    from rlpost.heldout import checkpoint_config
-    from rlpost.models import encode_prompt, load_model
-    from rlpost.env.verifiers import reward_from_config
-    from rlpost.rollout import build_engine
-    from rlpost.tasks import load_task
 
     t0 = time.perf_counter()
     cfg, run_dir = checkpoint_config(policy, recipe, overrides, "rlpost search")

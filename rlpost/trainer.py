@@ -51,11 +51,11 @@ import torch
 import torch.nn as nn
 
 from rlpost import distributed as dist
-from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
 from rlpost.models import (autocast, check_packing, check_precision, model_device, set_gradient_checkpointing,
                            token_logprobs)
+from rlpost.ops import masked_mean_value
 from rlpost.packing import Packed, micro_batches, scatter_rows
 from rlpost.rollout.engine import SamplingParams
 from rlpost.schedule import LRSchedule

@@ -257,7 +257,7 @@ def test_a_run_refused_for_its_data_leaves_no_run_directory_and_runs_once_fixed(
 
 
 def test_discarding_a_run_directory_keeps_what_was_there_before(tmp_path):
-    from rlpost.run import discard_run_dir, make_run_dir, open_log
+    from rlpost.runlog import discard_run_dir, make_run_dir, open_log
 
     cfg = load_config(None, [f"out_dir={tmp_path}", "run_name=mine"])
     (tmp_path / "mine").mkdir()
@@ -307,7 +307,7 @@ def test_a_run_never_overwrites_nor_removes_files_it_did_not_write(tmp_path, cap
 
 
 def test_discarding_removes_a_link_as_a_link_and_only_the_runs_own_files(tmp_path):
-    from rlpost.run import discard_run_dir, make_run_dir, run_id_of
+    from rlpost.runlog import discard_run_dir, make_run_dir, run_id_of
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -11,7 +11,7 @@ from conftest import train_tiny_tokenizer
 
 from rlpost.config import ConfigError, ModelConfig, TaskConfig, load_config
 from rlpost.models import HFTokenizer, encode_prompt, load_model
-from rlpost.run import RunContext
+from rlpost.stages.base import RunContext
 from rlpost.tasks import Columns, TaskDataError, file_task, load_task, read_rows
 from rlpost.tasks.files import write_rows
 

@@ -14,6 +14,7 @@ import torch
 
 from rlpost import get_algorithm
 from rlpost.algorithms import available
+from rlpost.batch import Batch
 from rlpost.config import ConfigError, ModelConfig, TrainerConfig, load_config
 from rlpost.critic import Critic
 from rlpost.models import load_model, model_device, resolve_device, token_logprobs
@@ -21,7 +22,7 @@ from rlpost.reference import Reference
 from rlpost.env.reward import Reward
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.native import NativeEngine
-from rlpost.stages.sft import nll_loss, sft_batch
+from rlpost.stages.sft import nll_loss
 from rlpost.trainer import Trainer
 
 ALGORITHMS = sorted(available())
@@ -144,8 +145,8 @@ def test_sft_preference_and_reward_model_name_their_devices(tiny_gpt):
 
     model, tok = tiny_gpt
     eos = [tok.eos_token_id]
-    sft = sft_batch([tok.encode_prompt("1+2="), tok.encode_prompt("30+4=")],
-                    [tok.encode_completion("3") + eos, tok.encode_completion("34") + eos], tok.pad_token_id)
+    sft = Batch.for_sft([tok.encode_prompt("1+2="), tok.encode_prompt("30+4=")],
+                        [tok.encode_completion("3") + eos, tok.encode_completion("34") + eos], tok.pad_token_id)
     data = tokenize_preferences([{"prompt": "1+2=", "chosen": "3", "rejected": "4", "where": "pair 0"},
                                  {"prompt": "5+5=", "chosen": "10", "rejected": "11", "where": "pair 1"}], tok,
                                 max_length=24)
@@ -207,15 +208,13 @@ def test_cuda_every_role_and_algorithm(tiny_llama_dir, kind):
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["gpt_mini", "hf_llama"])
 def test_cuda_sft_checkpointing_and_resume(tiny_llama_dir, kind):
-    from rlpost.stages.sft import sft_batch
-
     model, tok = cuda_models(tiny_llama_dir)[kind]
     demos = [(tok.encode_prompt(f"{a}+{b}="), tok.encode_completion(str(a + b)) + [tok.eos_token_id])
              for a in range(3) for b in range(3)]
     for precision in ("fp32", "bf16"):  # SFT batches are built on the CPU; the trainer moves them
         sft = Trainer(model, TrainerConfig(lr=1e-3, precision=precision, gradient_checkpointing=True))
         for _ in range(3):
-            m = sft.step(sft_batch([p for p, _ in demos], [c for _, c in demos], tok.pad_token_id), nll_loss)
+            m = sft.step(Batch.for_sft([p for p, _ in demos], [c for _, c in demos], tok.pad_token_id), nll_loss)
         assert m["train/skipped_nonfinite"] == 0.0 and m["sft/nll"] > 0
     trainer = Trainer(model, TrainerConfig(lr=1e-3))
     batch = scored_batch(model, tok)

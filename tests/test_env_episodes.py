@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from rlpost.algorithms import available, get_algorithm
+from rlpost.batch import Batch
 from rlpost.env import EnvRole, Step, VerifierEnv
 from rlpost.env.base import Env
 from rlpost.env.calls import call_all
 from rlpost.env.tools import CalculatorEnv, calculate, CalculatorError
-from rlpost.models import encode_demonstration, token_logprobs
-from rlpost.env.reward import Reward
-from rlpost.rollout import SamplingParams, assemble, build_engine
 from rlpost.env.episodes import EnvError, encode_observation
+from rlpost.env.reward import Reward
+from rlpost.models import encode_demonstration, token_logprobs
+from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import run_episodes
-from rlpost.stages.sft import sft_batch
 from rlpost.tasks import answer_match_reward
 
 ROWS = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "7+8=", "answer": "15"}]
@@ -58,8 +58,9 @@ class ScriptedEngine:
         stopped = n not in self.cut and len(ids) <= params.max_new_tokens
         ids = ids[:params.max_new_tokens]
         tokens = torch.tensor([ids for _ in prompts for _ in range(k)])
-        return assemble(prompts, k, tokens, torch.zeros(tokens.shape), torch.tensor([len(ids)] * len(tokens)),
-                        torch.tensor([stopped] * len(tokens)), self.tok.pad_token_id, self.version)
+        return Batch.from_sequences(prompts, k, tokens, torch.zeros(tokens.shape),
+                                    torch.tensor([len(ids)] * len(tokens)), torch.tensor([stopped] * len(tokens)),
+                                    self.tok.pad_token_id, self.version)
 
 
 def role(tok, make, **kw):
@@ -282,7 +283,7 @@ def test_multi_turn_demonstrations_train_only_the_assistant_turns(tiny_gpt):
     assert ids == tok.encode("12") + [E] + tok.encode("=3") + tok.encode("3") + [E]
     assert trained == [1, 1, 1, 0, 0, 1, 1]
     assert encode_demonstration(tok, "46") == (tok.encode("46") + [E], [1, 1, 1])
-    batch = sft_batch([tok.encode_prompt("1+2=")], [ids], tok.pad_token_id, [trained])
+    batch = Batch.for_sft([tok.encode_prompt("1+2=")], [ids], tok.pad_token_id, [trained])
     P = batch.prompt_width
     assert batch.response_mask[0, P:].tolist() == trained and batch.attention_mask[0, P:].sum() == len(ids)
     with pytest.raises(ValueError, match="segment 0"):
@@ -380,7 +381,8 @@ def test_an_observation_that_leaves_no_room_stops_the_episode_by_budget(capsys):
 
 def build(tmp_path, overrides):
     from rlpost.config import load_config
-    from rlpost.run import RunLog, build_context, make_run_dir
+    from rlpost.run import build_context
+    from rlpost.runlog import RunLog, make_run_dir
 
     runs = tmp_path / "runs"  # a new run directory each time: a run never writes into another one's
     n = len(list(runs.iterdir())) if runs.is_dir() else 0

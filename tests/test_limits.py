@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
+from rlpost.batch import Batch
 from rlpost.config import ConfigError, ModelConfig, load_config
 from rlpost.models.limits import ContextLengthError, block_size_for, check_lengths
 from rlpost.models import load_model, token_logprobs
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.native import NativeEngine
-from rlpost.stages.sft import sft_batch
 from rlpost.tasks import jsonl_task
 from rlpost.tasks.arithmetic import ALPHABET, arithmetic_task
 
@@ -47,7 +47,7 @@ def test_default_block_size_is_sized_from_long_jsonl_rows(tmp_path):
     batch = NativeEngine(model, tok).generate([tok.encode_prompt(prompt)], 2, SamplingParams(max_new_tokens=8))
     assert batch.input_ids.shape[1] <= model.config.block_size
     demo = max(task.demonstrations, key=lambda r: len(r["prompt"]) + len(r["completion"]))
-    sft = sft_batch([tok.encode_prompt(demo["prompt"])], [tok.encode_completion(demo["completion"]) + [2]], 0)
+    sft = Batch.for_sft([tok.encode_prompt(demo["prompt"])], [tok.encode_completion(demo["completion"]) + [2]], 0)
     assert torch.isfinite(token_logprobs(model, sft)).all()
 
 

@@ -16,13 +16,13 @@ import random
 import pytest
 import torch
 
+from rlpost.batch import Batch
 from rlpost.cli import main
 from rlpost.models import encode_prompt
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
 from rlpost.env.process_reward_model import (ProcessRewardModel, StepExample, evaluate_prm, fit_prm, mc_step_labels,
                                              step_ends)
 from rlpost.env.reward_model import RewardModel
-from rlpost.rollout import assemble
 from rlpost.search import AGGREGATES, Searcher, StepCheckPRM, markdown_table, run_search
 from rlpost.commands.prm import outcome_pairs
 from rlpost.tasks.multistep import ALPHABET, multistep_task, step_truth
@@ -84,8 +84,9 @@ class StepSolver:
                 rows.append(toks[:params.max_new_tokens])
         R = max(len(r) for r in rows)
         tokens = torch.tensor([r + [self.tok.pad_token_id] * (R - len(r)) for r in rows])
-        return assemble(prompts, k, tokens, torch.zeros(tokens.shape), torch.tensor([len(r) for r in rows]),
-                        torch.tensor(stopped), self.tok.pad_token_id, self.version)
+        return Batch.from_sequences(prompts, k, tokens, torch.zeros(tokens.shape),
+                                    torch.tensor([len(r) for r in rows]), torch.tensor(stopped),
+                                    self.tok.pad_token_id, self.version)
 
     def update_weights(self, named_tensors, version):
         raise NotImplementedError("a scripted solver has no weights")

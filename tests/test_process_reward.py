@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from rlpost.batch import Batch
 from rlpost.cli import main
 from rlpost.config import ConfigError, load_config
 from rlpost.models import encode_prompt
@@ -15,7 +16,6 @@ from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
 from rlpost.env.process_reward_model import ProcessRewardModel
 from rlpost.env.process_reward import ProcessReward, process_token_rewards
 from rlpost.env.reward import Reward
-from rlpost.stages.sft import sft_batch
 from rlpost.tasks.multistep import ALPHABET
 
 TINY = ["task.name=multistep", "task.reward=math", "task.reward_options={extract: hash}", "task.num_eval=8",
@@ -46,7 +46,7 @@ def hand_batch(tok):
     texts = ["57+32=089;089+18=107;#### 107", "1+2=003;#### 7"]
     prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
     responses = [tok.encode(t) + [tok.eos_token_id] for t in texts]
-    batch = sft_batch(prompts, responses, tok.pad_token_id)
+    batch = Batch.for_sft(prompts, responses, tok.pad_token_id)
     return batch.replace(meta={"row": rows}), prompts, responses
 
 

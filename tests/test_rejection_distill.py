@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from test_resume import comparable, run_to_end, start, wait_for
 
+from rlpost.batch import Batch
 from rlpost.checkpoint import list_checkpoints
 from rlpost.config import load_config
 from rlpost.env.teacher import TeacherReward, check_same_tokenizer, distill_token_rewards
@@ -22,9 +23,9 @@ from rlpost.models import save_model, token_logprobs
 from rlpost.models.gpt_mini import CharTokenizer
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.episodes import episodes_in_chunks
-from rlpost.run import RunLog, build_context, make_run_dir
+from rlpost.run import build_context
+from rlpost.runlog import RunLog, make_run_dir
 from rlpost.stages.rejection import SAMPLE_SEED, RejectionStage, response_region, select_verified
-from rlpost.stages.sft import sft_batch
 
 SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "threads=1", "task.num_eval=30",
          "eval.samples_per_prompt=2"]
@@ -100,8 +101,8 @@ def test_rejection_keeps_exactly_the_verified_samples_and_fine_tuning_raises_the
             assert ctx.task.verify(k["completion"], row) >= 1.0 and k["reward"] >= 1.0
 
         def nll():
-            b = sft_batch([k["prompt_ids"] for k in kept], [k["completion_ids"] for k in kept],
-                          ctx.tokenizer.pad_token_id)
+            b = Batch.for_sft([k["prompt_ids"] for k in kept], [k["completion_ids"] for k in kept],
+                              ctx.tokenizer.pad_token_id)
             with torch.no_grad():
                 logp = token_logprobs(ctx.model, b)
             return float(-(logp * b.response_mask).sum() / b.response_mask.sum())

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from rlpost.checkpoint import CheckpointError, list_checkpoints
 from rlpost.cli import main
-from rlpost.run import ResumeError, saved_config
+from rlpost.run import saved_config
+from rlpost.runlog import ResumeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["sft.steps=24", "sft.batch_size=32", "sft.save_every=8", "rl.steps=8", "rl.eval_every=3",
@@ -488,7 +489,7 @@ class FullDisk:
 def test_a_full_disk_while_logging_names_the_file_and_keeps_the_lines_before(tmp_path):
     import errno
 
-    from rlpost.run import RunLog, cut_jsonl
+    from rlpost.runlog import RunLog, cut_jsonl
 
     log = RunLog(str(tmp_path))
     log({"step": 1})

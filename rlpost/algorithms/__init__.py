@@ -2,28 +2,26 @@
 
     from rlpost.algorithms import get_algorithm
     algo = get_algorithm("grpo", clip_low=0.2, clip_high=0.28, beta=0.04)
+
+The registry and the `register` decorator live in base.py, which every algorithm file imports; this package
+imports the algorithm files, and importing one registers its algorithm.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from rlpost.algorithms.base import Algorithm
-from rlpost.registry import Registry
+from rlpost.algorithms import cispo, dapo, dr_grpo, grpo, gspo, ppo, reinforce, reinforce_pp, rloo, sapo  # noqa: F401
+from rlpost.algorithms.base import ALGORITHMS, Algorithm, register
 
-_ALGORITHMS = Registry("algorithm", "algorithms")
-register = _ALGORITHMS.register  # class decorator: @register("name")
+__all__ = ["Algorithm", "available", "get_algorithm", "register"]
 
 
 def available() -> dict[str, str]:
     """Registered algorithm names -> one-line descriptions."""
-    return _ALGORITHMS.available()
+    return ALGORITHMS.available()
 
 
 def get_algorithm(name: str, **params: Any) -> Algorithm:
     """Build a registered algorithm; an unknown name or parameter fails with the valid choices."""
-    return _ALGORITHMS.build(name, **params)
-
-
-# Importing a module registers its algorithm.
-from rlpost.algorithms import cispo, dapo, dr_grpo, grpo, gspo, ppo, reinforce, reinforce_pp, rloo, sapo  # noqa: F401
+    return ALGORITHMS.build(name, **params)

@@ -40,12 +40,18 @@ import torch
 
 from rlpost.algorithms.correction import LEVELS, MODES, correction_metrics, correction_weights
 from rlpost.batch import Batch
-from rlpost.registry import make_config
+from rlpost.ops import last_token_index, masked_mean, masked_mean_value, masked_sum
+from rlpost.registry import Registry, make_config
 from rlpost.schema import Range, above, at_least, between
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACEMENTS = ("loss", "reward")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# The registry lives here, below the plug-ins: an algorithm file imports this module, never the package's
+# __init__ (which imports every algorithm file).
+ALGORITHMS = Registry("algorithm", "algorithms")
+register = ALGORITHMS.register  # class decorator: @register("name")
 
 
 class Algorithm:
@@ -110,11 +116,6 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
     raise ValueError(f"unknown KL estimator {kind!r}; valid: {', '.join(KL_ESTIMATORS)}")
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of x over mask, with masked entries replaced (not multiplied) so inf/NaN there cannot leak in."""
-    return torch.where(mask.bool(), x, torch.zeros_like(x)).sum()
-
-
 def token_mean(per_token: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Sum over response tokens / response tokens in the whole batch (micro-batches sum to the batch mean)."""
     denom = batch.global_tokens if batch.global_tokens is not None else batch.response_mask.sum().item()
@@ -131,33 +132,13 @@ def aggregate(per_token: torch.Tensor, batch: Batch, mode: str, norm_length: int
     if mode == "token-mean":
         return token_mean(per_token, batch)
     if mode == "seq-mean-token-mean":
-        lengths = mask.sum(1).clamp(min=1)
-        per_seq = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(1) / lengths
-        return per_seq.sum() / max(seqs, 1.0)
+        return masked_mean(per_token, mask, 1).sum() / max(seqs, 1.0)
     if mode == "seq-mean-token-sum-norm":
         # A (micro-)batch whose responses are all empty has width 0 but also a sum of 0: any positive
         # divisor gives its true contribution, 0, where 0 / 0 would make the whole step NaN.
         length = norm_length or max(batch.input_ids.shape[1] - batch.prompt_width, 1)
         return masked_sum(per_token, mask) / (max(seqs, 1.0) * length)
     raise ValueError(f"unknown loss aggregation {mode!r}; valid: {', '.join(LOSS_AGGS)}")
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / (std + eps) over the masked entries (population std); zero off the mask, and zero
-    everywhere when the masked entries are all equal (with eps = 0 that would be 0 / 0)."""
-    m = mask.bool()
-    n = m.sum().clamp(min=1)
-    mean = masked_sum(x, m) / n
-    var = masked_sum((x - mean) ** 2, m) / n
-    scale = var.sqrt() + eps
-    return torch.where(m & (scale > 0), (x - mean) / scale, torch.zeros_like(x))
-
-
-@torch.no_grad()
-def masked_mean_value(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of x over mask as a float (for metrics)."""
-    n = mask.sum().item()
-    return masked_sum(x.float(), mask).item() / n if n else 0.0
 
 
 def varied_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -185,12 +166,6 @@ def group_normalise(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float, 
         var = torch.zeros_like(n).index_add_(0, inverse, centred**2) / (n - 1).clamp(min=1)
         centred = centred / (var.sqrt()[inverse] + eps)
     return torch.where(varied_groups(r, group_ids), centred, torch.zeros_like(centred)).float()
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Column of each row's last response token. [B]"""
-    T = mask.shape[1]
-    return (T - 1) - mask.flip(1).float().argmax(1)
 
 
 # ---------------------------------------------------------------------------- the family's base

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlpost.algorithms import register
-from rlpost.algorithms.base import masked_mean_value
+from rlpost.algorithms.base import register
 from rlpost.algorithms.grpo import GRPO
 from rlpost.batch import Batch
+from rlpost.ops import masked_mean_value
 
 
 @register("cispo")

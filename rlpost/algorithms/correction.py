@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from rlpost.batch import Batch
+from rlpost.ops import masked_mean_value
 
 MODES = ("none", "tis", "mis")
 LEVELS = ("token", "sequence")
@@ -70,12 +71,6 @@ def apply_mode(w: torch.Tensor, mode: str, cap: float) -> torch.Tensor:
 def correction_weights(batch: Batch, mode: str, cap: float, level: str) -> torch.Tensor:
     """[B, T] detached importance weights that multiply the per-token policy loss (module docstring)."""
     return apply_mode(raw_weights(batch, level), mode, cap)
-
-
-def masked_mean_value(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of x over mask as a float (base.py's helper; this module is a leaf that base.py imports)."""
-    n = int(mask.sum())
-    return float(torch.where(mask, x, torch.zeros_like(x)).sum()) / n if n else 0.0
 
 
 def hist_label(lo: float, hi: float) -> str:

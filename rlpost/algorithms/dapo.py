@@ -18,8 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from rlpost.algorithms import register
-from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise, varied_groups
+from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise, register, varied_groups
 from rlpost.batch import Batch
 from rlpost.schema import Range, at_least
 

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlpost.algorithms import register
-from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise
+from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise, register
 
 
 @register("grpo")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rlpost.algorithms import register
-from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise
+from rlpost.algorithms.base import PGConfig, PolicyGradient, group_normalise, register
 from rlpost.batch import Batch
+from rlpost.ops import masked_mean
 
 
 @register("gspo")
@@ -39,7 +39,7 @@ class GSPO(PolicyGradient):
     def policy_loss(self, logp: torch.Tensor, batch: Batch):
         mask = batch.response_mask.bool()
         log_ratio = torch.where(mask, logp - batch.old_logp, torch.zeros_like(logp))
-        seq_log_ratio = log_ratio.sum(1) / mask.sum(1).clamp(min=1)          # [B]
+        seq_log_ratio = masked_mean(log_ratio, mask, 1)                      # [B]
         s = torch.exp(seq_log_ratio)
         first = mask.float().argmax(1)                                        # each row's first response token
         adv = batch.advantages[torch.arange(len(batch), device=mask.device), first]  # A_i (same on every token)

@@ -20,9 +20,9 @@ from typing import ClassVar
 
 import torch
 
-from rlpost.algorithms import register
-from rlpost.algorithms.base import PGConfig, PolicyGradient, aggregate, masked_mean_value, masked_whiten
+from rlpost.algorithms.base import PGConfig, PolicyGradient, aggregate, register
 from rlpost.batch import Batch
+from rlpost.ops import masked_mean_value, masked_whiten
 from rlpost.schema import Range, above, at_least, between
 
 

@@ -17,8 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from rlpost.algorithms import register
-from rlpost.algorithms.base import PGConfig, PolicyGradient
+from rlpost.algorithms.base import PGConfig, PolicyGradient, register
 from rlpost.batch import Batch
 from rlpost.schema import Range, between
 

@@ -19,9 +19,9 @@ from typing import ClassVar
 
 import torch
 
-from rlpost.algorithms import register
-from rlpost.algorithms.base import PGConfig, PolicyGradient, masked_whiten
+from rlpost.algorithms.base import PGConfig, PolicyGradient, register
 from rlpost.batch import Batch
+from rlpost.ops import masked_whiten
 from rlpost.schema import Range, between
 
 

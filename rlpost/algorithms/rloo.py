@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from rlpost.algorithms import register
-from rlpost.algorithms.base import PolicyGradient, group_normalise
+from rlpost.algorithms.base import PolicyGradient, group_normalise, register
 from rlpost.algorithms.reinforce import reinforce_loss
 
 

@@ -36,10 +36,10 @@ from typing import ClassVar
 
 import torch
 
-from rlpost.algorithms import register
-from rlpost.algorithms.base import masked_mean_value
+from rlpost.algorithms.base import register
 from rlpost.algorithms.grpo import GRPO
 from rlpost.batch import Batch
+from rlpost.ops import masked_mean_value
 from rlpost.schema import Range, above
 
 LOG_RATIO_LIMIT = 20.0

@@ -19,7 +19,7 @@ import torch
 from rlpost.commands.common import error, recipe_and_overrides, recipe_arguments, recipe_base, run_job
 from rlpost.config import ConfigError, load_config
 from rlpost.models import check_lengths, load_model
-from rlpost.run import make_run_dir, open_log
+from rlpost.runlog import make_run_dir, open_log
 from rlpost.sinks import check_available
 from rlpost.stages.reward_model import fit_reward_model_from_config
 from rlpost.tasks import load_task

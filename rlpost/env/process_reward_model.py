@@ -39,11 +39,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlpost.batch import Batch
 from rlpost.models import trunk_hidden_states
 from rlpost.progress import progress
 from rlpost.env.reward_model import RewardModel, fit_epochs
 from rlpost.rollout import SamplingParams
-from rlpost.stages.sft import sft_batch
 
 PRM_HEAD_FILE = "prm_head.safetensors"
 
@@ -98,7 +98,7 @@ class ProcessRewardModel(RewardModel):
     def step_logits(self, prompts: list[list[int]], responses: list[list[int]], ends: list[list[int]],
                     pad_id: int) -> list[torch.Tensor]:
         """Per solution, the head's logit at each step end (a [n_steps] tensor, with grad)."""
-        batch = sft_batch(prompts, responses, pad_id).to(self.head.weight.device)
+        batch = Batch.for_sft(prompts, responses, pad_id).to(self.head.weight.device)
         h = trunk_hidden_states(self.trunk, batch)
         P = batch.prompt_width
         rows = torch.cat([torch.full((len(e),), i) for i, e in enumerate(ends)]).to(h.device)

@@ -37,12 +37,12 @@ from torch import nn
 from tqdm import tqdm
 
 from rlpost import distributed as dist
-from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.config import ModelConfig
 from rlpost.env.source import RewardSource, SourceInputs, episode_reward, over_episodes, register
 from rlpost.models import (ModelLoadError, encode_prompt, load_model, model_device, position_ids_for, save_model,
                            trunk_hidden_states)
+from rlpost.ops import last_token_index
 from rlpost.preference.data import PreferenceData
 from rlpost.progress import progress
 from rlpost.env.reward import decode_responses

@@ -38,9 +38,9 @@ from typing import ClassVar
 
 import torch
 
-from rlpost.algorithms.base import masked_mean_value
 from rlpost.batch import Batch
 from rlpost.models import check_packing, encode_prompt, load_model, model_device, token_logprobs
+from rlpost.ops import masked_mean_value
 from rlpost.packing import micro_batches, scatter_rows
 from rlpost.env.reward import decode_responses
 from rlpost.env.role import RewardRole

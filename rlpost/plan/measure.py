@@ -28,6 +28,10 @@ import subprocess
 import sys
 import tempfile
 
+from rlpost import cli
+from rlpost.stages import rl  # noqa: F401  (the RL stage's modules are loaded before a measured job's baseline)
+from rlpost.tasks.arithmetic import arithmetic_task
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -50,8 +54,6 @@ def qwen_folder(folder: str, vocab: int = 151936, hidden: int = 256, layers: int
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    from rlpost.tasks.arithmetic import arithmetic_task
 
     task = arithmetic_task(num_eval=10)
     tok = Tokenizer(models.BPE())
@@ -112,9 +114,6 @@ def _main(argv: list[str]) -> int:
     out, args = argv[0], argv[1:]
     import torch  # noqa: F401  (the baseline holds the libraries every rank loads)
     import transformers  # noqa: F401
-
-    from rlpost import cli
-    from rlpost.stages import rl  # noqa: F401
 
     # the baseline is the RSS now, not the peak so far: a transient while importing is not held by the job
     baseline = rss_bytes()

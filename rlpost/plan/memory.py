@@ -78,7 +78,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import yaml
+
+from rlpost.algorithms import get_algorithm
+from rlpost.config import TrainerConfig, load_config
+from rlpost.models import CharTokenizer
+from rlpost.tasks import load_task
 
 GB = 1e9
 
@@ -558,9 +565,6 @@ def shape_for_config(cfg) -> ModelShape:
     is a named model (Qwen/Qwen2.5-7B), or gpt_mini (its character vocabulary from the task's alphabet)."""
     name = cfg.model.name
     if name == "gpt_mini":
-        from rlpost.models import CharTokenizer
-        from rlpost.tasks import load_task
-
         vocab = CharTokenizer(load_task(cfg.task).alphabet).vocab_size
         h = cfg.model.n_embd
         blocks = cfg.model.block_size or 2048
@@ -580,8 +584,6 @@ def shape_for_config(cfg) -> ModelShape:
 def job_from_config(cfg, ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb: float = 80.0,
                     headroom: float = 0.10) -> Job:
     """A Job from a loaded Config (`rlpost.config.load_config`): the same keys `rlpost train` reads."""
-    from rlpost.algorithms import get_algorithm
-
     tc, rc = cfg.trainer, cfg.rollout
     if ranks < 1:
         raise ValueError(f"--ranks must be >= 1, got {ranks}")
@@ -883,14 +885,8 @@ def plan_inputs(inputs: list[str], ranks: int = 1, prompt_tokens: int = 128, gpu
     `rlpost train` takes them (rlpost.config.load_config), and at most one MODEL (a size, a name or a folder; default:
     the config's model.name). Keys of PLAN_AHEAD_KEYS that this rlpost's config does not have yet are applied to the
     plan alone, with a note saying so."""
-    import dataclasses
-
-    import yaml
-
-    from rlpost.config import TrainerConfig, load_config
-
     recipe, overrides, models, ahead = None, [], [], {}
-    have = {f"trainer.{f.name}" for f in dataclasses.fields(TrainerConfig)}
+    have = {f"trainer.{f.name}" for f in fields(TrainerConfig)}
     for item in inputs:
         if "=" in item:
             key, raw = item.split("=", 1)

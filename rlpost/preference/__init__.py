@@ -6,8 +6,8 @@
     loss, metrics = loss_fn(policy_seq_logps, reference_seq_logps)
 
     data.py     loading (JSONL / Hugging Face datasets), validation, tokenisation, pairs from samples
-    base.py     SeqLogps, the PreferenceLoss base class, shared metrics
-    dpo.py ipo.py kto.py orpo.py simpo.py   one loss each, citing its paper
+    base.py     SeqLogps, the PreferenceLoss base class, shared metrics, the registry (`register`)
+    dpo.py ipo.py kto.py orpo.py simpo.py   one loss each, citing its paper (importing one registers it)
     trainer.py  the offline loop: reference log-probs cached once, then epochs over the pairs
 """
 
@@ -15,23 +15,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlpost.preference.base import PreferenceLoss, SeqLogps, sequence_logps
-from rlpost.registry import Registry
+from rlpost.preference import dpo, ipo, kto, orpo, simpo  # noqa: F401  (importing registers them)
+from rlpost.preference.base import LOSSES, PreferenceLoss, SeqLogps, register, sequence_logps
 
-_LOSSES = Registry("preference loss", "preference losses")
-register = _LOSSES.register  # class decorator: @register("name")
+__all__ = ["PreferenceLoss", "SeqLogps", "available", "get_preference_loss", "register", "sequence_logps"]
 
 
 def available() -> dict[str, str]:
     """Registered preference loss names -> one-line descriptions."""
-    return _LOSSES.available()
+    return LOSSES.available()
 
 
 def get_preference_loss(name: str, **params: Any) -> PreferenceLoss:
     """Build a registered preference loss; an unknown name or parameter fails with the valid choices."""
-    return _LOSSES.build(name, **params)
-
-
-__all__ = ["PreferenceLoss", "SeqLogps", "available", "get_preference_loss", "register", "sequence_logps"]
-
-from rlpost.preference import dpo, ipo, kto, orpo, simpo  # noqa: E402,F401  (importing registers them)
+    return LOSSES.build(name, **params)

@@ -20,7 +20,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from rlpost.registry import make_config
+from rlpost.ops import masked_sum
+from rlpost.registry import Registry, make_config
+
+# The registry lives here, below the plug-ins: a loss file imports this module, never the package's __init__
+# (which imports every loss file).
+LOSSES = Registry("preference loss", "preference losses")
+register = LOSSES.register  # class decorator: @register("name")
 
 
 @dataclass
@@ -55,7 +61,7 @@ class SeqLogps:
 def sequence_logps(token_logp: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs over response tokens [N], response tokens [N]) from [N, T] tensors."""
     mask = response_mask.bool()
-    total = torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(-1)
+    total = masked_sum(token_logp, mask, -1)
     return total, mask.sum(-1).clamp(min=1).to(total.dtype)
 
 

@@ -34,7 +34,6 @@ from rlpost.batch import Batch
 from rlpost.models import model_context  # noqa: F401 - re-exported: the preference stage's default max_length
 from rlpost.models import encode_prompt  # noqa: F401 - the one prompt encoder; re-exported from here too
 from rlpost.rollout.episodes import episodes_in_chunks
-from rlpost.stages.sft import sft_batch
 
 
 class PreferenceDataError(ValueError):
@@ -217,8 +216,8 @@ class PreferenceData:
         labels in `rewards`, example ids in `group_ids`, cached reference log-probs in `ref_logp`."""
         comps = self.kl_completions if kl else self.completions
         trained = self.kl_trained if kl else self.trained
-        b = sft_batch([self.prompts[s] for s in seqs], [comps[s] for s in seqs], pad_id,
-                      trained=[trained[s] for s in seqs] if trained is not None else None)
+        b = Batch.for_sft([self.prompts[s] for s in seqs], [comps[s] for s in seqs], pad_id,
+                           trained=[trained[s] for s in seqs] if trained is not None else None)
         ref = self.ref_kl if kl else self.ref
         ref_logp = None
         if ref is not None:

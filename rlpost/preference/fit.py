@@ -35,7 +35,7 @@ from rlpost import distributed as dist
 from rlpost.config import PreferenceConfig, TrainerConfig
 from rlpost.models import autocast, model_device, token_logprobs
 from rlpost.models.lora import adapters_disabled
-from rlpost.preference import PreferenceLoss, SeqLogps, sequence_logps
+from rlpost.preference.base import PreferenceLoss, SeqLogps, sequence_logps
 from rlpost.preference.data import PreferenceData, PreferenceDataError
 from rlpost.progress import progress
 from rlpost.trainer import Trainer

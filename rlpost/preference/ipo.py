@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from rlpost.preference import register
-from rlpost.preference.base import PreferenceLoss, SeqLogps, pair_metrics
+from rlpost.preference.base import PreferenceLoss, SeqLogps, pair_metrics, register
 from rlpost.schema import Range, above
 
 

@@ -21,8 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from rlpost.preference import register
-from rlpost.preference.base import PreferenceLoss, SeqLogps
+from rlpost.preference.base import PreferenceLoss, SeqLogps, register
 from rlpost.schema import Range, above
 
 

@@ -19,8 +19,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from rlpost.preference import register
-from rlpost.preference.base import PreferenceLoss, SeqLogps, pair_metrics
+from rlpost.preference.base import PreferenceLoss, SeqLogps, pair_metrics, register
 from rlpost.schema import Range, at_least
 
 

@@ -15,8 +15,7 @@ from typing import ClassVar
 
 import torch.nn.functional as F
 
-from rlpost.preference import register
-from rlpost.preference.base import PreferenceLoss, SeqLogps, pair_metrics
+from rlpost.preference.base import PreferenceLoss, SeqLogps, pair_metrics, register
 from rlpost.schema import Range, above, at_least
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from rlpost.batch import Batch
-from rlpost.rollout import SamplingParams, StopStrings, assemble
-from rlpost.rollout.engine import ModuleEngine, weights_module
+from rlpost.rollout.engine import ModuleEngine, SamplingParams, weights_module
+from rlpost.rollout.sampling import StopStrings
 
 
 class HFGenerateEngine(ModuleEngine):
@@ -57,4 +57,5 @@ class HFGenerateEngine(ModuleEngine):
                 end = stop_strings.end(tokens[i, :lengths[i]].tolist(), min_len=params.min_new_tokens + 1)
                 if end is not None:
                     lengths[i], stopped[i] = end, True
-        return assemble(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id, self._policy_version)
+        return Batch.from_sequences(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id,
+                                    self._policy_version)

@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.rollout import SamplingParams, scheduler
-from rlpost.rollout.engine import ModuleEngine
-from rlpost.rollout.families import Weights, cast_matmuls, family, supported_model_types
+from rlpost.rollout import scheduler
+from rlpost.rollout.engine import ModuleEngine, SamplingParams
+from rlpost.rollout.families import family, supported_model_types
+from rlpost.rollout.families.base import Weights, cast_matmuls
 from rlpost.rollout.scheduler import attend, write_kv
 
 

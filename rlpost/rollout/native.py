@@ -15,8 +15,8 @@ import torch
 
 from rlpost.batch import Batch
 from rlpost.models.gpt_mini import GPT
-from rlpost.rollout import SamplingParams, scheduler
-from rlpost.rollout.engine import ModuleEngine
+from rlpost.rollout import scheduler
+from rlpost.rollout.engine import ModuleEngine, SamplingParams
 from rlpost.rollout.scheduler import attend, write_kv
 
 

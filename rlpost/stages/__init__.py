@@ -1,5 +1,6 @@
-"""The stages a run is made of (rlpost/run.py composes them): one file each.
+"""The stages a run is made of (rlpost/run.py composes them): one file each, on one base.
 
+    base.py          Stage (what a stage implements) and RunContext (what the stages of a run share)
     sft.py           supervised fine-tuning on demonstrations
     evaluate.py      held-out pass@1
     preference.py    offline preference optimisation (the DPO family)
@@ -7,5 +8,6 @@
     rl.py            the RL loop (rlpost/controller.py) with checkpoints and periodic evaluation
     rejection.py     rejection-sampling SFT: fine-tuning on the policy's own verified samples (after RL)
 
-Each stage is built from its own config sections only, and implements `rlpost.run.Stage`.
+Each stage is built from its own config sections only, and implements `rlpost.stages.base.Stage`;
+a stage imports stages/base.py, never rlpost/run.py (which imports the stages).
 """

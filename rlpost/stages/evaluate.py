@@ -10,7 +10,7 @@ from tqdm import tqdm
 from rlpost import distributed as dist
 from rlpost.env.verifiers import eval_reward_role
 from rlpost.heldout import pass_at_1
-from rlpost.run import RunContext, Stage
+from rlpost.stages.base import RunContext, Stage
 
 
 class EvalStage(Stage):

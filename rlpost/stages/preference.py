@@ -21,7 +21,7 @@ from rlpost.preference.data import (PreferenceDataError, load_preferences, model
                                     tokenize_preferences, write_preference_rows)
 from rlpost.preference.fit import train_preference
 from rlpost.rollout import SamplingParams
-from rlpost.run import RunContext, Stage
+from rlpost.stages.base import RunContext, Stage
 
 
 def system_prompt(ctx: RunContext) -> str | None:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.episodes import episodes_in_chunks
-from rlpost.run import RunContext
+from rlpost.stages.base import RunContext
 from rlpost.stages.rl import prompt_text
 from rlpost.stages.sft import SupervisedStage
 

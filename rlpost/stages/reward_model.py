@@ -16,7 +16,7 @@ import random
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
 from rlpost.env.reward_model import RewardModel, fit_reward_model, task_pairs
 from rlpost.env.sources import SourceInputs, build_rl_reward
-from rlpost.run import RunContext, Stage
+from rlpost.stages.base import RunContext, Stage
 
 
 def fit_reward_model_from_config(rc, pc, seed: int, policy, tokenizer, task, run_dir: str, log):

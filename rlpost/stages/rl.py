@@ -43,7 +43,8 @@ from rlpost.progress import progress
 from rlpost.reference import Reference
 from rlpost.env.reward import decode_responses
 from rlpost.rollout import SamplingParams
-from rlpost.run import ROLLOUTS_FILE, RunContext, Stage, count_lines
+from rlpost.runlog import ROLLOUTS_FILE, count_lines
+from rlpost.stages.base import RunContext, Stage
 from rlpost.trainer import Trainer
 
 _SHORT = {"rollout": "roll", "reward": "rew", "reference": "ref", "critic": "critic", "advantages": "adv",

@@ -21,9 +21,8 @@ from rlpost.algorithms.base import token_mean
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
 from rlpost.progress import progress
-from rlpost.rollout import assemble
-from rlpost.run import RunContext, Stage
 from rlpost.models import encode_demonstration
+from rlpost.stages.base import RunContext, Stage
 from rlpost.trainer import Trainer
 
 
@@ -31,27 +30,6 @@ def nll_loss(logp: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, 
     """Mean negative log-likelihood of the response tokens."""
     loss = -token_mean(logp, batch)
     return loss, {"sft/nll": loss.item() * (batch.global_tokens or 1) / max(batch.num_response_tokens, 1)}
-
-
-def sft_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-              trained: list[list[int]] | None = None) -> Batch:
-    """Prompt + completion rows; the loss reads response_mask, which is `trained` where given (a multi-turn
-    demonstration's environment tokens are in the sequence but not imitated), else every completion token."""
-    R = max(len(c) for c in completions)
-    tokens = torch.full((len(prompts), R), pad_id, dtype=torch.long)
-    for i, c in enumerate(completions):
-        tokens[i, :len(c)] = torch.tensor(c)
-    lengths = torch.tensor([len(c) for c in completions])
-    batch = assemble(prompts, 1, tokens, torch.zeros(tokens.shape), lengths, torch.ones(len(prompts), dtype=torch.bool),
-                     pad_id, version=0)
-    batch = batch.replace(old_logp=None, policy_version=None, meta={})
-    if trained is not None:
-        mask = torch.zeros_like(batch.response_mask)
-        P = batch.prompt_width
-        for i, t in enumerate(trained):
-            mask[i, P:P + len(t)] = torch.tensor(t)
-        batch = batch.replace(response_mask=mask)
-    return batch
 
 
 class SupervisedStage(Stage):
@@ -114,8 +92,8 @@ class SupervisedStage(Stage):
         bar = progress(range(self.step, c.steps), initial=self.step, total=c.steps, desc=self.label)
         for step in bar:
             idx = [self.rng.randrange(len(self.prompts)) for _ in range(c.batch_size)]
-            batch = sft_batch([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad,
-                              None if self.trained is None else [self.trained[i] for i in idx])
+            batch = Batch.for_sft([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad,
+                                    None if self.trained is None else [self.trained[i] for i in idx])
             metrics = self.trainer.step(batch, nll_loss)
             bar.set_postfix(nll=f"{metrics['sft/nll']:.3f}")
             if step % 50 == 0 or step == c.steps - 1:

@@ -6,7 +6,8 @@ their own base frequency)."""
 
 from __future__ import annotations
 
-from rlpost.rollout.families import Layer, Weights, check_rope, gemma_rms_norm, head_dim, norm_of, split_projections
+from rlpost.rollout.families.base import (Layer, Weights, check_rope, gemma_rms_norm, head_dim, norm_of,
+                                          split_projections)
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
 

@@ -4,7 +4,7 @@ each head's query and key before RoPE). Separate q/k/v and gate/up projections, 
 
 from __future__ import annotations
 
-from rlpost.rollout.families import Layer, Weights, check_rope, head_dim, norm_of, split_projections
+from rlpost.rollout.families.base import Layer, Weights, check_rope, head_dim, norm_of, split_projections
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -5,8 +5,8 @@ length, which the engine's per-call table does not model: those stay on transfor
 
 from __future__ import annotations
 
-from rlpost.rollout.families import Layer, Weights, check_rope, head_dim, norm_of
 from rlpost.models.lora import effective_weight
+from rlpost.rollout.families.base import Layer, Weights, check_rope, head_dim, norm_of
 
 MODEL_TYPES = ("phi3",)
 
