@@ -193,6 +193,9 @@ class RolloutConfig(Section):
     stop: list[str] = opt([], "stop strings: a response ends with the token that completes one (native and hf engines)")
     dtype: str = opt("auto", "what the rollout engine samples in: auto (the trainer's precision) | fp32 | bf16 (bf16 "
                              "autocast over the fp32 weights, bf16 KV cache; not vllm, which uses model.dtype)")
+    vllm_sleep: bool = opt(False, "rollout.engine=vllm, rl.topology=colocated: vLLM sleeps (KV cache freed, weights "
+                                  "offloaded to CPU memory) whenever it is not sampling, so the trainer has the GPU; "
+                                  "needs vLLM's sleep mode (CUDA, ROCm, XPU; not CPU)")
 
     def check(self, prefix: str) -> None:
         if not all(isinstance(x, str) and x for x in self.stop):
@@ -619,7 +622,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' is {value!r}; valid values: {', '.join(valid)}")
     if cfg.reward_model.train and cfg.reward_model.path:
         raise ConfigError("set either reward_model.path (use a trained reward model) or reward_model.train, not both")
-    _validate_lora(cfg)
+    _validate_vllm(cfg)
     _validate_task(cfg)
     if cfg.task.name in ("file", "jsonl") and not cfg.task.train_file:
         raise ConfigError(f"task.name={cfg.task.name} needs task.train_file (and usually task.eval_file)")
@@ -637,10 +640,11 @@ def _validate(cfg: Config) -> None:
     _validate_process_reward(cfg)
 
 
-def _validate_lora(cfg: Config) -> None:
-    if cfg.model.lora.r > 0 and cfg.rollout.engine == "vllm":
-        raise ConfigError("model.lora with rollout.engine=vllm is not supported: vLLM would need the merged weights "
-                          "at every sync; use rollout.engine=auto (native) or hf")
+def _validate_vllm(cfg: Config) -> None:
+    if cfg.rollout.vllm_sleep and (cfg.rollout.engine != "vllm" or cfg.rl.topology != "colocated"):
+        raise ConfigError(f"rollout.vllm_sleep frees the GPU of a vLLM engine that shares it with the trainer: it "
+                          f"needs rollout.engine=vllm and rl.topology=colocated (got {cfg.rollout.engine}, "
+                          f"{cfg.rl.topology}); set rollout.vllm_sleep=false")
 
 
 def _validate_task(cfg: Config) -> None:

@@ -191,7 +191,7 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
     firsts = [episodes[g * k].prompt for g in range(len(rows))]
     grouped = all(episodes[g * k + j].prompt == firsts[g] for g in range(len(rows)) for j in range(k))
     active = [i for i, ep in enumerate(episodes) if ep.error is None]
-    turn = 0
+    turn, behaviour = 0, False  # behaviour: the engine's log-probs are a truncated distribution's (rollout_logp)
     while active:
         # each episode may sample up to its remaining budget: episodes with the same cap are sampled together
         cap = {i: min(params.max_new_tokens, role.max_tokens - len(episodes[i].tokens)) for i in active}
@@ -204,6 +204,7 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
                 batch = engine.generate([episodes[i].prompt + episodes[i].tokens for i in members], 1, turn_params,
                                         seed=seed + 7919 * turn + c)
             mask = batch.response_mask.bool()
+            behaviour = behaviour or batch.rollout_logp is not None
             for j, i in enumerate(members):
                 ep = episodes[i]
                 new = batch.input_ids[j][mask[j]].tolist()
@@ -262,6 +263,8 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
         getattr(ep.env, "close", lambda: None)()
     batch = _assemble(episodes, tok.pad_token_id, per_turn=any(getattr(ep.env, "per_turn_rewards", False)
                                                                for ep in episodes))
+    if behaviour:  # said on, as a single-turn batch says it: the controller then recomputes old_logp
+        batch = batch.replace(rollout_logp=batch.old_logp.clone())
     env_tokens = [len(ep.tokens) - sum(ep.policy) for ep in episodes]
     budget = [ep for ep in episodes if ep.finish == "budget"]
     _warn_budget(role, episodes, params.max_new_tokens)
