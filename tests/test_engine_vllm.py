@@ -329,7 +329,8 @@ def test_an_rl_step_with_top_p_takes_old_logp_from_the_trainer(tiny_llama_dir, t
 
     cfg = load_config(None, ["sft.steps=0", "rl.steps=1", "rl.eval_every=0", "task.num_eval=4",
                              "eval.samples_per_prompt=1", "rollout.prompts_per_step=4", "rollout.k=4",
-                             "rollout.max_new_tokens=6", "rollout.top_p=0.9", "trainer.micro_batch_size=8", f"model.name={tiny_llama_dir}", "rollout.engine=vllm",
+                             "rollout.max_new_tokens=6", "rollout.top_p=0.9", "trainer.micro_batch_size=8",
+                             f"model.name={tiny_llama_dir}", "rollout.engine=vllm",
                              f"out_dir={tmp_path}", "run_name=top_p"])
     assert train(cfg)["status"] == "ok"
     rl = [json.loads(line) for line in open(tmp_path / "top_p" / "metrics.jsonl")]
@@ -339,6 +340,83 @@ def test_an_rl_step_with_top_p_takes_old_logp_from_the_trainer(tiny_llama_dir, t
     assert abs(rl[0]["loss/ratio_mean"] - 1.0) <= 1e-6
     assert rl[0]["loss/clip_frac_low"] == rl[0]["loss/clip_frac_high"] == 0.0
     assert rl[0]["rollout/logp_mismatch_max"] > 1e-2  # the engine's log-probs were the truncated ones
+
+
+class BehaviourEngine:
+    """Stands in for vLLM with top-p: a native engine whose reported log-probs are another distribution's
+    (the sampled log-prob + 0.3, as a truncated, renormalised one raises it), set as rollout_logp."""
+
+    weight_sync_mode = "pointer"
+
+    def __init__(self, model, tok):
+        from rlpost.rollout.native import NativeEngine
+
+        self.inner = NativeEngine(model, tok)
+
+    @property
+    def version(self):
+        return self.inner.version
+
+    def update_weights(self, named_tensors, version):
+        self.inner.update_weights(named_tensors, version)
+
+    def generate(self, prompts, k, params, seed=0):
+        batch = self.inner.generate(prompts, k, params, seed=seed)
+        mu = (batch.old_logp + 0.3) * batch.response_mask
+        return batch.replace(old_logp=mu, rollout_logp=mu.clone())
+
+
+def test_the_controller_recomputes_old_logp_when_the_engine_reports_behaviour_logprobs(tiny_gpt):
+    """With rollout_logp from the engine (and no rollout correction) the loss gets the trainer's own old_logp:
+    PPO's ratio is 1 before the optimizer step, and the engine's log-probs stay in rollout_logp."""
+    from rlpost.algorithms import get_algorithm
+    from rlpost.config import RLConfig, RolloutConfig
+    from rlpost.controller import Controller, Roles
+    from rlpost.reward import Reward
+    from test_controller import SpyTrainer
+
+    model, tok = tiny_gpt
+    rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in range(10, 14) for b in range(2)]
+    engine = BehaviourEngine(model, tok)
+    trainer = SpyTrainer(model, lr=1e-3, micro_batch_size=5)
+    roles = Roles(engine=engine, reward=Reward(lambda completion, row: float(len(completion) % 2), tok),
+                  algorithm=get_algorithm("grpo", beta=0.0), trainer=trainer, weight_sync=WeightSync(model, engine))
+    ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=4, top_p=0.9),
+                     RolloutConfig(prompts_per_step=3, k=4), rows=rows,
+                     prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], seed=0)
+    for step in (1, 2):
+        metrics = ctl.step(step)
+        batch = trainer.seen[-1]
+        mask = batch.response_mask.bool()
+        assert metrics["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # old_logp is the trainer's forward
+        assert ((batch.rollout_logp - batch.old_logp)[mask] - 0.3).abs().max() <= 1e-4  # the engine's, kept
+        assert metrics["rollout/logp_mismatch_max"] == pytest.approx(0.3, abs=1e-4)  # measured against them
+
+
+def test_multi_turn_episodes_keep_the_engines_behaviour_logprobs(tiny_gpt):
+    from rlpost.env import EnvRole, Step
+    from rlpost.env.base import Env
+    from rlpost.rollout.episodes import run_episodes
+
+    class TwoTurns(Env):
+        def reset(self, row):
+            self.n = 0
+            return row["prompt"]
+
+        def step(self, turn):
+            self.n += 1
+            return Step(observation="+1=", reward=1.0, done=self.n >= 2)
+
+    model, tok = tiny_gpt
+    rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "7+8=", "answer": "15"}]
+    role = EnvRole(make=TwoTurns, tokenizer=tok, max_turns=2, max_tokens=15)
+    batch, _ = run_episodes(BehaviourEngine(model, tok), role, rows, [tok.encode_prompt(r["prompt"]) for r in rows],
+                            2, SamplingParams(max_new_tokens=4, top_p=0.9), 0)
+    assert batch.rollout_logp is not None and max(batch.meta["turns"]) == 2
+    assert torch.equal(batch.rollout_logp, batch.old_logp)
+    plain, _ = run_episodes(BehaviourEngine(model, tok).inner, role, rows,
+                            [tok.encode_prompt(r["prompt"]) for r in rows], 2, SamplingParams(max_new_tokens=4), 0)
+    assert plain.rollout_logp is None
 
 
 # ---------------------------------------------------------------------------- LoRA
