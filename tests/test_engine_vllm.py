@@ -500,6 +500,37 @@ def test_lora_sync_sends_the_adapters_and_switches_to_them(lora_engine, lora_lla
     assert not os.path.exists(request.lora_path)  # the previous adapter folder is gone
 
 
+@pytest.mark.slow
+@needs_vllm
+def test_ray_rollout_workers_take_adapter_only_updates(lora_llama, tiny_llama_dir):
+    """rl.topology=disaggregated with model.lora: the worker's vLLM gets the adapters alone through the object
+    store (`ray`) and through a broadcast (`collective`), and samples what the merged model does."""
+    pytest.importorskip("ray")
+    from rlpost.cluster import RayCluster
+    from rlpost.models.lora import adapter_state
+    from rlpost.rollout.engine import named_weights
+    from rlpost.rollout.ray_engine import RayEngine
+
+    model, tok = lora_llama
+    prompts = encode(tok, PROMPTS)
+    saved = {n: t.clone() for n, t in adapter_state(model).items()}
+    with RayCluster(num_cpus=2):
+        for mode in ("ray", "collective"):
+            engine = RayEngine(model, tok, kind="vllm", workers=1, mode=mode)
+            try:
+                engine.update_weights(named_weights(model), 0)
+                before = assert_greedy_equals_transformers(engine, merged(model, tiny_llama_dir), tok, prompts)
+                randomize_adapters(model, seed=3)
+                engine.update_weights(named_weights(model, adapters_only=True), 1)
+                after = assert_greedy_equals_transformers(engine, merged(model, tiny_llama_dir), tok, prompts)
+                assert not torch.equal(after.input_ids, before.input_ids) and (after.policy_version == 1).all()
+            finally:
+                engine.close()
+                with torch.no_grad():  # the module's other tests see the adapters as they were
+                    for n, t in adapter_state(model).items():
+                        t.copy_(saved[n])
+
+
 def test_config_takes_lora_with_vllm():
     from rlpost.config import load_config
 

@@ -33,7 +33,8 @@ Sleep (sleep=True, rollout.vllm_sleep): vLLM starts with `enable_sleep_mode=True
 generate. update_weights wakes the weights only (the KV cache stays freed), generate wakes the rest and puts
 the engine back to sleep when it returns, so the trainer has the GPU while it steps. Level 2 (weights
 discarded) is not offered: a step can sample more than once between two syncs (refill rounds, evaluation),
-and level 2 would wake those with empty weights. vLLM has sleep mode on CUDA, ROCm and XPU, not on CPU.
+and under LoRA a sync brings the adapters alone; level 2 would wake those with no base weights. vLLM has
+sleep mode on CUDA, ROCm and XPU, not on CPU.
 """
 
 from __future__ import annotations
