@@ -9,9 +9,10 @@
 #   3. packing on CUDA: a tiny `rlpost train` with trainer.packing=true (skipped, saying so, where this
 #      rlpost has no trainer.packing)
 #   4. fsdp2 on one GPU with NCCL: a tiny `rlpost train trainer.strategy=fsdp2` under torchrun
-#   5. the vLLM engine's options (gpu_step.py's vllm_features part): top-p (samples in the nucleus, the
-#      behaviour log-probs, RL steps at ratio 1), sleep mode (GPU memory in use awake / asleep, printed) and
-#      LoRA (greedy through the LoRARequest vs the merged model, an adapter-only sync); skipped without vLLM
+#   5. the vLLM engine's options (gpu_step.py's vllm_features part), one engine over a LoRA policy: sleep
+#      mode (GPU memory in use before the engine, awake, asleep, after each RL step: printed), top-p (samples
+#      in the nucleus, the behaviour log-probs, RL steps at ratio 1) and LoRA (greedy through the LoRARequest
+#      vs the policy's own forward, adapter-only syncs); skipped without vLLM
 #
 #   bash benchmarks/gpu_check.sh                  # PY=path/to/python to pick the interpreter (default .venv)
 #   GPU_CHECK_DIR=results bash benchmarks/gpu_check.sh   # where logs and gpu_step.json go (default $OUT or a temp dir)

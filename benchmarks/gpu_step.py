@@ -25,10 +25,10 @@ trainer), so it samples up to --new-tokens and the tokens it made are counted. A
 (vllm, trl) prints why and is skipped.
 
 The part `vllm_features` (gpu_check.sh runs it on its own: --skip native vllm trl) checks the vLLM engine's
-options on the GPU: top-p (the samples lie in the nucleus of a fresh forward of the trainer, rollout_logp is
-its renormalised log-prob, and RL steps recompute old_logp: ratio 1), sleep mode (GPU memory in use before
-and after sleep, awake and asleep around two RL steps) and LoRA (greedy through the LoRARequest against the
-merged model, and an adapter-only sync that changes the output).
+options on the GPU with one engine over a LoRA policy: sleep mode (GPU memory in use before the engine, awake
+and asleep, and after each RL step), top-p (the samples lie in the nucleus of a fresh forward of the trainer,
+rollout_logp is its renormalised log-prob, and RL steps recompute old_logp: ratio 1) and LoRA (greedy through
+the LoRARequest against the policy's own forward, adapter-only syncs, new adapters that change the output).
 """
 
 from __future__ import annotations
@@ -197,9 +197,10 @@ def nucleus_check(model, batch, top_p: float) -> tuple[float, float]:
     """(fraction of sampled tokens inside the top-p nucleus of a fresh forward at temperature 1, max |rollout_logp -
     that nucleus's renormalised log-prob| over the tokens inside it)."""
     P, inside, worst, n = batch.prompt_width, 0, 0.0, 0
+    device = next(model.parameters()).device
     for i in range(len(batch)):
         keep = batch.attention_mask[i].bool()
-        logits = model.hf(batch.input_ids[i][keep][None].to(model.hf.device)).logits[0].float().cpu()
+        logits = model.hf(batch.input_ids[i][keep][None].to(device)).logits[0].float()
         pos = keep.nonzero().squeeze(1)
         for j in range(int(batch.response_mask[i].sum())):
             z = logits[(pos == P + j).nonzero().item() - 1].clone()
@@ -207,112 +208,114 @@ def nucleus_check(model, batch, top_p: float) -> tuple[float, float]:
             drop = sz.softmax(-1).cumsum(-1) <= 1 - top_p
             drop[-1] = False
             z[order[drop]] = float("-inf")
-            lp = z.log_softmax(-1)[batch.input_ids[i, P + j]]
+            lp = float(z.log_softmax(-1)[batch.input_ids[i, P + j]])
             n += 1
-            if torch.isfinite(lp):
+            if lp != float("-inf"):
                 inside += 1
-                worst = max(worst, abs(float(lp) - float(batch.rollout_logp[i, P + j])))
+                worst = max(worst, abs(lp - float(batch.rollout_logp[i, P + j])))
     return inside / max(n, 1), worst
 
 
+@torch.no_grad()
+def greedy_agreement(engine, model, ids: list[list[int]]) -> tuple[float, list]:
+    """(fraction of the engine's greedy tokens that the LoRA model's own forward, base + adapters, also picks
+    after the same prefix, the engine's token ids): the engine samples through its LoRARequest."""
+    from rlpost.rollout import SamplingParams
+
+    got = engine.generate(ids, 1, SamplingParams(max_new_tokens=16, temperature=0.0))
+    device = next(model.parameters()).device
+    hits = total = 0
+    for i in range(len(got)):  # one unpadded row at a time
+        row = got.input_ids[i][got.attention_mask[i].bool()]
+        want = model.hf(row[None].to(device)).logits[0, :-1].argmax(-1).cpu()
+        n = int(got.response_mask[i].sum())
+        hits += int((want[-n:] == row[-n:]).sum()) if n else 0
+        total += n
+    return hits / max(total, 1), got.input_ids.tolist()
+
+
 def vllm_features(folder: str, prompt_texts: list[str], args) -> dict:
-    """top-p, sleep mode and LoRA on the vLLM engine (module docstring); returns what it measured."""
+    """One vLLM engine over a LoRA policy (rank 16), started with sleep mode where vLLM has it: GPU memory in
+    use before the engine, awake and asleep; top-p samples against a fresh forward's nucleus; greedy through the
+    LoRARequest against the policy's own forward; two RL steps with top-p (ratio, sleep state and memory after
+    each, the adapters synced alone); then an adapter change that must change the greedy output."""
     from rlpost.algorithms import get_algorithm
     from rlpost.config import ModelConfig, RLConfig, RolloutConfig
     from rlpost.controller import Controller, Roles
     from rlpost.models import load_model
-    from rlpost.models.lora import adapter_state, apply_lora, merged_state_dict
+    from rlpost.models.lora import adapter_state, apply_lora
     from rlpost.reward import Reward
     from rlpost.rollout import SamplingParams
-    from rlpost.rollout.vllm_engine import VLLMEngine
+    from rlpost.rollout.vllm_engine import VLLMEngine, sleep_unavailable_reason
     from rlpost.trainer import Trainer
     from rlpost.weight_sync import WeightSync
-
-    from rlpost.rollout.vllm_engine import sleep_unavailable_reason
 
     cuda = args.device.startswith("cuda")
     dtype = "bfloat16" if cuda else "float32"  # --device cpu: vLLM's CPU build, to check this code path
     out: dict = {"sleep_unavailable": sleep_unavailable_reason()}
     sleep = out["sleep_unavailable"] is None
     used = gpu_used_mib if cuda else (lambda: float("nan"))
-    prompts = [p for p in prompt_texts[:args.prompts]]
+    prompts, k = prompt_texts[:args.prompts], min(args.k, 4)
     model, tok = load_model(ModelConfig(name=folder, dtype=dtype, device=args.device))
+    apply_lora(model, r=16, alpha=32.0, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+
+    def randomize(seed: int, std: float) -> None:  # 0.05: a delta of about the weights' own scale (0.02)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for t in adapter_state(model).values():
+                t.copy_(torch.randn_like(t) * std)
+
+    randomize(0, 0.05)
     ids = [tok.encode_prompt(p) for p in prompts]
     before_engine = used()
+    t0 = time.perf_counter()
     engine = VLLMEngine(model, tok, sleep=sleep, gpu_memory_utilization=args.vllm_memory, max_model_len=args.max_len)
+    out["startup_s"] = time.perf_counter() - t0
     out["mib_used"] = {"before_engine": before_engine, "engine_after_start": used()}
     engine.wake()
     out["mib_used"]["engine_awake"] = used()
     engine.sleep()
     out["mib_used"]["engine_asleep"] = used()
-    print("vllm_features: GPU memory in use, MiB: " + ", ".join(f"{k} {v:,.0f}" for k, v in out["mib_used"].items())
+    print(f"vllm_features: engine start-up {out['startup_s']:.1f} s; GPU memory in use, MiB: "
+          + ", ".join(f"{k} {v:,.0f}" for k, v in out["mib_used"].items())
           + ("" if sleep else f" (no sleep mode here: {out['sleep_unavailable']})"), flush=True)
-    params = SamplingParams(max_new_tokens=min(args.new_tokens, 32), temperature=1.0, top_p=0.9)
-    batch = engine.generate(ids, args.k, params, seed=1)
+
+    params = SamplingParams(max_new_tokens=min(args.new_tokens, 16), temperature=1.0, top_p=0.9)
+    batch = engine.generate(ids, k, params, seed=1)
     if engine.asleep != sleep or batch.rollout_logp is None:
         raise RuntimeError(f"after generate: asleep {engine.asleep} (sleep mode {sleep}), rollout_logp "
                            f"{'set' if batch.rollout_logp is not None else 'missing'}")
     inside, worst = nucleus_check(model, batch, 0.9)
     out["top_p"] = {"inside_nucleus_frac": inside, "logp_max_abs_diff": worst}
     print(f"vllm_features: top_p=0.9: {100 * inside:.1f}% of the sampled tokens inside the fresh forward's nucleus "
-          f"(bf16: tokens at the nucleus' edge may fall either side), max |rollout_logp - truncated logp| {worst:.3f}",
-          flush=True)
+          f"(bf16: a token at the nucleus' edge may fall either side), max |rollout_logp - truncated logp| "
+          f"{worst:.2e}", flush=True)
+
     rows = [{"prompt": p, "answer": ""} for p in prompts]
+    sync = WeightSync(model, engine)  # a full push: base and adapters
     roles = Roles(engine=engine, reward=Reward(lambda completion, row: reward_text(completion), tok),
-                  algorithm=get_algorithm("grpo", beta=0.0), trainer=Trainer(model, lr=1e-6, grad_clip=1.0,
-                                                                            micro_batch_size=args.micro_batch),
-                  weight_sync=WeightSync(model, engine))
-    ctl = Controller(roles, RLConfig(), params, RolloutConfig(prompts_per_step=len(prompts), k=args.k), rows=rows,
+                  algorithm=get_algorithm("grpo", beta=0.0), weight_sync=sync,
+                  trainer=Trainer(model, lr=1e-6, grad_clip=1.0, micro_batch_size=args.micro_batch))
+    first, before = greedy_agreement(engine, model, ids)
+    ctl = Controller(roles, RLConfig(), params, RolloutConfig(prompts_per_step=len(prompts), k=k), rows=rows,
                      prompt_ids=ids, seed=0)
-    steps = []
+    out["rl_steps"] = []
     for i in range(2):
         m = ctl.step(i + 1)
-        steps.append({"ratio_mean": m["loss/ratio_mean"], "asleep_after": engine.asleep,
-                      "mib_used_after": used(), "step_s": m["time/step"]})
-    out["rl_steps"] = steps
-    print(f"vllm_features: RL steps with top_p and sleep: {steps}", flush=True)
-    engine.close()
-    del ctl, roles, engine
-    free(args.device)
-
-    apply_lora(model, r=16, alpha=32.0, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for t in adapter_state(model).values():
-            t.copy_(torch.randn_like(t) * 0.05)
-    engine = VLLMEngine(model, tok, gpu_memory_utilization=args.vllm_memory, max_model_len=args.max_len)
-    sync = WeightSync(model, engine)
-    greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
-
-    def agreement() -> tuple[float, list]:
-        plain, _ = load_model(ModelConfig(name=folder, dtype=dtype, device=args.device))
-        plain.hf.load_state_dict(merged_state_dict(model))
-        got = engine.generate(ids, 1, greedy)
-        hits = total = 0
-        with torch.no_grad():
-            for i in range(len(got)):  # one unpadded row at a time: the merged model's greedy choice per prefix
-                keep = got.attention_mask[i].bool()
-                row = got.input_ids[i][keep]
-                want = plain.hf(row[None].to(args.device)).logits[0, :-1].argmax(-1).cpu()
-                n = int(got.response_mask[i].sum())
-                hits += int((want[-n:] == row[-n:]).sum()) if n else 0
-                total += n
-        del plain
-        return hits / max(total, 1), got.input_ids.tolist()
-
-    first, before = agreement()
-    with torch.no_grad():
-        for t in adapter_state(model).values():
-            t.add_(torch.randn_like(t) * 0.05)
-    m = sync.sync()
-    second, after = agreement()
-    out["lora"] = {"greedy_agrees_with_merged": first, "after_sync_agrees": second, "sync_bytes": m["sync/bytes"],
+        out["rl_steps"].append({"ratio_mean": m["loss/ratio_mean"], "asleep_after": engine.asleep,
+                                "mib_used_after": used(), "sync_bytes": m["sync/bytes"], "step_s": m["time/step"]})
+    print(f"vllm_features: RL steps with top_p (adapters synced alone): {out['rl_steps']}", flush=True)
+    trained, _ = greedy_agreement(engine, model, ids)
+    randomize(1, 0.15)  # a delta about 9x the weights' scale: the greedy output must change
+    sync.sync()
+    changed, after = greedy_agreement(engine, model, ids)
+    out["lora"] = {"greedy_agrees": first, "after_rl_steps_agrees": trained, "after_new_adapters_agrees": changed,
                    "output_changed": before != after}
-    print(f"vllm_features: LoRA r=16: greedy tokens agreeing with the merged model's {100 * first:.1f}%, after an "
-          f"adapter sync ({m['sync/bytes'] / MiB:.1f} MiB) {100 * second:.1f}%, output changed: {before != after}",
-          flush=True)
+    print(f"vllm_features: LoRA r=16: greedy tokens that the policy's own forward also picks: {100 * first:.1f}% "
+          f"at first, {100 * trained:.1f}% after the RL steps, {100 * changed:.1f}% after new adapters; the new "
+          f"adapters changed the output: {before != after}", flush=True)
     engine.close()
-    engine = model = None  # noqa: F841 (frees the GPU for the next part)
+    engine = model = ctl = roles = sync = None  # noqa: F841 (frees the GPU for the next part)
     free(args.device)
     return out
 
