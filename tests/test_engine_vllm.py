@@ -531,6 +531,20 @@ def test_ray_rollout_workers_take_adapter_only_updates(lora_llama, tiny_llama_di
                         t.copy_(saved[n])
 
 
+def test_lora_rank_and_truncation_rules():
+    """max_lora_rank is the smallest rank vLLM accepts that holds model.lora.r; which options make vLLM's
+    log-probs a truncated distribution's (greedy ignores top-k / top-p; the min-tokens mask applies to both)."""
+    from rlpost.rollout.vllm_engine import lora_rank, truncates_logp
+
+    assert [lora_rank(r) for r in (1, 4, 8, 9, 64, 300)] == [1, 8, 8, 16, 64, 320]
+    with pytest.raises(ValueError, match=r"model.lora.r=600 is above vLLM's largest LoRA rank 512"):
+        lora_rank(600)
+    assert not truncates_logp(SamplingParams())
+    assert truncates_logp(SamplingParams(top_p=0.9)) and truncates_logp(SamplingParams(top_k=5))
+    assert not truncates_logp(SamplingParams(temperature=0.0, top_p=0.9, top_k=5))
+    assert truncates_logp(SamplingParams(temperature=0.0, min_new_tokens=2))
+
+
 def test_config_takes_lora_with_vllm():
     from rlpost.config import load_config
 
