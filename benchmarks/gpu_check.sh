@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, in one call on one GPU (sized for under 8 minutes on one H100, not yet timed on one; each part
-# has its own time limit):
+# The GPU check, in one call on one GPU (its parts' limits sum to 9.5 minutes; not yet timed on an H100; each
+# part has its own time limit):
 #
 #   1. every test marked `cuda` (what `make test-gpu` runs)
 #   2. one GRPO step of a Qwen2.5-0.5B-shaped random model in bf16: rlpost with its native engine, then
@@ -9,6 +9,10 @@
 #   3. packing on CUDA: a tiny `rlpost train` with trainer.packing=true (skipped, saying so, where this
 #      rlpost has no trainer.packing)
 #   4. fsdp2 on one GPU with NCCL: a tiny `rlpost train trainer.strategy=fsdp2` under torchrun
+#   5. the vLLM engine's options (gpu_step.py's vllm_features part), one engine over a LoRA policy: sleep
+#      mode (GPU memory in use before the engine, awake, asleep, after each RL step: printed), top-p (samples
+#      in the nucleus, the behaviour log-probs, RL steps at ratio 1) and LoRA (greedy through the LoRARequest
+#      vs the policy's own forward, adapter-only syncs); skipped without vLLM
 #
 #   bash benchmarks/gpu_check.sh                  # PY=path/to/python to pick the interpreter (default .venv)
 #   GPU_CHECK_DIR=results bash benchmarks/gpu_check.sh   # where logs and gpu_step.json go (default $OUT or a temp dir)
@@ -31,7 +35,7 @@ TINY_RUN=(sft.steps=20 sft.batch_size=16 rl.steps=3 rl.eval_every=0 rollout.prom
 START=$(date +%s)
 FAILED=()
 
-# the parts' limits sum to 8 minutes on a GPU; on the CPU (toy sizes, a loaded machine) they are 3x as long
+# the parts' limits sum to 9.5 minutes on a GPU; on the CPU (toy sizes, a loaded machine) they are 3x as long
 SCALE=1
 part() {  # part NAME SECONDS COMMAND...: run it with a time limit, its output to the console and DIR/NAME.log
     local name=$1 limit=$(( $2 * SCALE )) t0=$(date +%s) rc
@@ -64,7 +68,8 @@ fi
 
 part cuda_tests 105 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider
 
-part grpo_step 270 "$PY" benchmarks/gpu_step.py ${STEP_ARGS[@]+"${STEP_ARGS[@]}"} --json "$DIR/gpu_step.json"
+part grpo_step 270 "$PY" benchmarks/gpu_step.py ${STEP_ARGS[@]+"${STEP_ARGS[@]}"} --skip vllm_features \
+    --json "$DIR/gpu_step.json"
 
 if "$PY" -c "import dataclasses, sys; from rlpost.config import TrainerConfig
 sys.exit(0 if 'packing' in {f.name for f in dataclasses.fields(TrainerConfig)} else 1)" 2>/dev/null; then
@@ -83,6 +88,9 @@ if [ "$DEVICE" != cpu ] && [ -f "$DIR/fsdp2_nccl.log" ]; then
         echo "=== fsdp2_nccl: NCCL not confirmed: no 'NCCL INFO' line in the log (one rank created no communicator)"
     fi
 fi
+
+part vllm_features 90 "$PY" benchmarks/gpu_step.py ${STEP_ARGS[@]+"${STEP_ARGS[@]}"} --skip native vllm trl \
+    --json "$DIR/vllm_features.json"
 
 echo "=== gpu_check: $(( $(date +%s) - START )) s in all; logs and gpu_step.json in $DIR"
 if [ ${#FAILED[@]} -gt 0 ]; then

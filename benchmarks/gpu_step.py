@@ -19,9 +19,16 @@ the whole step); MFU = 6 * N * tokens / seconds / peak, with N the parameters an
 (every row's prompt + response), against --peak-tflops (H100 SXM bf16 dense: 989 TFLOP/s; the value used is
 printed); rlpost's memory peak per role (mem/peak_<role>, CUDA max_memory_allocated reset per role) next to
 `rlpost plan memory`'s per-GPU figure for the same model and batch (rlpost.plan.memory.estimate); and
-TRL GRPOTrainer's median step over rlpost's (same GPU, same work). vLLM needs min_new_tokens = 0 (rlpost's
-vLLM engine refuses the min-tokens mask), so its step samples up to --new-tokens and the tokens it made are
-counted. A part whose package is missing (vllm, trl) prints why and is skipped.
+TRL GRPOTrainer's median step over rlpost's (same GPU, same work). The vLLM step runs with min_new_tokens = 0
+(vLLM folds the min-tokens mask into its log-probs, and the step would then add a proximal forward of the
+trainer), so it samples up to --new-tokens and the tokens it made are counted. A part whose package is missing
+(vllm, trl) prints why and is skipped.
+
+The part `vllm_features` (gpu_check.sh runs it on its own: --skip native vllm trl) checks the vLLM engine's
+options on the GPU with one engine over a LoRA policy: sleep mode (GPU memory in use before the engine, awake
+and asleep, and after each RL step), top-p (the samples lie in the nucleus of a fresh forward of the trainer,
+rollout_logp is its renormalised log-prob, and RL steps recompute old_logp: ratio 1) and LoRA (greedy through
+the LoRARequest against the policy's own forward, adapter-only syncs, new adapters that change the output).
 """
 
 from __future__ import annotations
@@ -45,9 +52,10 @@ QWEN25_05B = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden
                   num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
                   tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
                   hidden_act="silu", use_sliding_window=False, attention_dropout=0.0)
-# the same architecture at toy size, for --tiny (the test runs it on the CPU)
-TINY = {**QWEN25_05B, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1024, "max_position_embeddings": 512}
+# the same architecture at toy size, for --tiny (the tests run it on the CPU; head_dim 32, as vLLM's CPU attention
+# needs at least that)
+TINY = {**QWEN25_05B, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "intermediate_size": 128, "vocab_size": 1024, "max_position_embeddings": 512}
 H100_BF16_DENSE_TFLOPS = 989.0
 ROLES = ("rollout", "reward", "reference", "advantages", "train", "sync")
 MiB = 2 ** 20
@@ -177,6 +185,141 @@ def rlpost_side(folder: str, prompt_texts: list[str], args, engine_kind: str) ->
     return out
 
 
+def gpu_used_mib() -> float:
+    """GPU memory in use on the device, by anyone (vLLM's sleep mode maps and unmaps its memory outside
+    torch's caching allocator, so torch.cuda.memory_allocated would not see it)."""
+    free_b, total_b = torch.cuda.mem_get_info()
+    return (total_b - free_b) / MiB
+
+
+@torch.no_grad()
+def nucleus_check(model, batch, top_p: float) -> tuple[float, float]:
+    """(fraction of sampled tokens inside the top-p nucleus of a fresh forward at temperature 1, max |rollout_logp -
+    that nucleus's renormalised log-prob| over the tokens inside it)."""
+    P, inside, worst, n = batch.prompt_width, 0, 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(len(batch)):
+        keep = batch.attention_mask[i].bool()
+        logits = model.hf(batch.input_ids[i][keep][None].to(device)).logits[0].float()
+        pos = keep.nonzero().squeeze(1)
+        for j in range(int(batch.response_mask[i].sum())):
+            z = logits[(pos == P + j).nonzero().item() - 1].clone()
+            sz, order = z.sort()
+            drop = sz.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[-1] = False
+            z[order[drop]] = float("-inf")
+            lp = float(z.log_softmax(-1)[batch.input_ids[i, P + j]])
+            n += 1
+            if lp != float("-inf"):
+                inside += 1
+                worst = max(worst, abs(lp - float(batch.rollout_logp[i, P + j])))
+    return inside / max(n, 1), worst
+
+
+@torch.no_grad()
+def greedy_agreement(engine, model, ids: list[list[int]]) -> tuple[float, list]:
+    """(fraction of the engine's greedy tokens that the LoRA model's own forward, base + adapters, also picks
+    after the same prefix, the engine's token ids): the engine samples through its LoRARequest."""
+    from rlpost.rollout import SamplingParams
+
+    got = engine.generate(ids, 1, SamplingParams(max_new_tokens=16, temperature=0.0))
+    device = next(model.parameters()).device
+    hits = total = 0
+    for i in range(len(got)):  # one unpadded row at a time
+        row = got.input_ids[i][got.attention_mask[i].bool()]
+        want = model.hf(row[None].to(device)).logits[0, :-1].argmax(-1).cpu()
+        n = int(got.response_mask[i].sum())
+        hits += int((want[-n:] == row[-n:]).sum()) if n else 0
+        total += n
+    return hits / max(total, 1), got.input_ids.tolist()
+
+
+def vllm_features(folder: str, prompt_texts: list[str], args) -> dict:
+    """One vLLM engine over a LoRA policy (rank 16), started with sleep mode where vLLM has it: GPU memory in
+    use before the engine, awake and asleep; top-p samples against a fresh forward's nucleus; greedy through the
+    LoRARequest against the policy's own forward; two RL steps with top-p (ratio, sleep state and memory after
+    each, the adapters synced alone); then an adapter change that must change the greedy output."""
+    from rlpost.algorithms import get_algorithm
+    from rlpost.config import ModelConfig, RLConfig, RolloutConfig, TrainerConfig
+    from rlpost.controller import Controller, Roles
+    from rlpost.models import load_model
+    from rlpost.models.lora import adapter_state, apply_lora
+    from rlpost.env.reward import Reward
+    from rlpost.rollout import SamplingParams
+    from rlpost.rollout.vllm_engine import VLLMEngine, sleep_unavailable_reason
+    from rlpost.trainer import Trainer
+    from rlpost.weight_sync import WeightSync
+
+    cuda = args.device.startswith("cuda")
+    dtype = "bfloat16" if cuda else "float32"  # --device cpu: vLLM's CPU build, to check this code path
+    out: dict = {"sleep_unavailable": sleep_unavailable_reason()}
+    sleep = out["sleep_unavailable"] is None
+    used = gpu_used_mib if cuda else (lambda: float("nan"))
+    prompts, k = prompt_texts[:args.prompts], min(args.k, 4)
+    model, tok = load_model(ModelConfig(name=folder, dtype=dtype, device=args.device))
+    apply_lora(model, r=16, alpha=32.0, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+
+    def randomize(seed: int, std: float) -> None:  # 0.05: a delta of about the weights' own scale (0.02)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for t in adapter_state(model).values():
+                t.copy_(torch.randn_like(t) * std)
+
+    randomize(0, 0.05)
+    ids = [tok.encode_prompt(p) for p in prompts]
+    before_engine = used()
+    t0 = time.perf_counter()
+    engine = VLLMEngine(model, tok, sleep=sleep, gpu_memory_utilization=args.vllm_memory, max_model_len=args.max_len)
+    out["startup_s"] = time.perf_counter() - t0
+    out["mib_used"] = {"before_engine": before_engine, "engine_after_start": used()}
+    engine.wake()
+    out["mib_used"]["engine_awake"] = used()
+    engine.sleep()
+    out["mib_used"]["engine_asleep"] = used()
+    print(f"vllm_features: engine start-up {out['startup_s']:.1f} s; GPU memory in use, MiB: "
+          + ", ".join(f"{k} {v:,.0f}" for k, v in out["mib_used"].items())
+          + ("" if sleep else f" (no sleep mode here: {out['sleep_unavailable']})"), flush=True)
+
+    params = SamplingParams(max_new_tokens=min(args.new_tokens, 16), temperature=1.0, top_p=0.9)
+    batch = engine.generate(ids, k, params, seed=1)
+    if engine.asleep != sleep or batch.rollout_logp is None:
+        raise RuntimeError(f"after generate: asleep {engine.asleep} (sleep mode {sleep}), rollout_logp "
+                           f"{'set' if batch.rollout_logp is not None else 'missing'}")
+    inside, worst = nucleus_check(model, batch, 0.9)
+    out["top_p"] = {"inside_nucleus_frac": inside, "logp_max_abs_diff": worst}
+    print(f"vllm_features: top_p=0.9: {100 * inside:.1f}% of the sampled tokens inside the fresh forward's nucleus "
+          f"(bf16: a token at the nucleus' edge may fall either side), max |rollout_logp - truncated logp| "
+          f"{worst:.2e}", flush=True)
+
+    rows = [{"prompt": p, "answer": ""} for p in prompts]
+    sync = WeightSync(model, engine)  # a full push: base and adapters
+    roles = Roles(engine=engine, reward=Reward(lambda completion, row: reward_text(completion), tok),
+                  algorithm=get_algorithm("grpo", beta=0.0), weight_sync=sync,
+                  trainer=Trainer(model, TrainerConfig(lr=1e-6, grad_clip=1.0, micro_batch_size=args.micro_batch)))
+    first, before = greedy_agreement(engine, model, ids)
+    ctl = Controller(roles, RLConfig(), params, RolloutConfig(prompts_per_step=len(prompts), k=k), rows=rows,
+                     prompt_ids=ids, seed=0)
+    out["rl_steps"] = []
+    for i in range(2):
+        m = ctl.step(i + 1)
+        out["rl_steps"].append({"ratio_mean": m["loss/ratio_mean"], "asleep_after": engine.asleep,
+                                "mib_used_after": used(), "sync_bytes": m["sync/bytes"], "step_s": m["time/step"]})
+    print(f"vllm_features: RL steps with top_p (adapters synced alone): {out['rl_steps']}", flush=True)
+    trained, _ = greedy_agreement(engine, model, ids)
+    randomize(1, 0.15)  # a delta about 9x the weights' scale: the greedy output must change
+    sync.sync()
+    changed, after = greedy_agreement(engine, model, ids)
+    out["lora"] = {"greedy_agrees": first, "after_rl_steps_agrees": trained, "after_new_adapters_agrees": changed,
+                   "output_changed": before != after}
+    print(f"vllm_features: LoRA r=16: greedy tokens that the policy's own forward also picks: {100 * first:.1f}% "
+          f"at first, {100 * trained:.1f}% after the RL steps, {100 * changed:.1f}% after new adapters; the new "
+          f"adapters changed the output: {before != after}", flush=True)
+    engine.close()
+    engine = model = ctl = roles = sync = None  # noqa: F841 (frees the GPU for the next part)
+    free(args.device)
+    return out
+
+
 def trl_side(folder: str, prompt_texts: list[str], args) -> dict:
     """TRL's GRPOTrainer at the same work, each step timed from on_step_begin to on_step_end."""
     import transformers
@@ -243,9 +386,11 @@ def mfu(n_params: int, tokens: float, seconds: float, peak_tflops: float) -> flo
 
 def skip_reason(part: str, args) -> str | None:
     """Why a part cannot run here (None: it can)."""
-    if part == "vllm":
+    if part in ("vllm", "vllm_features"):
         from rlpost.rollout.vllm_engine import vllm_unavailable_reason
 
+        if part == "vllm_features" and vllm_unavailable_reason() is None:
+            return None  # on the CPU too, with vLLM's CPU build (its code path, without sleep mode)
         if not args.device.startswith("cuda"):
             return "vLLM runs here on CUDA only (its CPU build has its own venv: make test-vllm)"
         return vllm_unavailable_reason()
@@ -271,7 +416,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                     help="the device's dense bf16 peak for MFU (default: H100 SXM, 989)")
     ap.add_argument("--vllm-memory", type=float, default=0.35, help="vLLM's gpu_memory_utilization beside the trainer")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["native", "vllm", "trl"], help="parts not to run")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["native", "vllm", "vllm_features", "trl"],
+                    help="parts not to run")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     small = {"prompts": 2, "k": 2, "new_tokens": 8, "micro_batch": 2} if args.tiny else \
@@ -298,7 +444,7 @@ def main(argv=None) -> dict:
         args.max_len = max(len(p) for p in prompt_texts) * 2 + args.new_tokens + 64  # a generous token bound
         print(f"# model built and saved in {time.perf_counter() - t0:.1f} s: {n / 1e6:.1f} M parameters; "
               f"MFU peak used: {args.peak_tflops:.0f} TFLOP/s (bf16 dense)", flush=True)
-        for part in ("native", "vllm", "trl"):
+        for part in ("native", "vllm", "vllm_features", "trl"):
             reason = "--skip" if part in args.skip else skip_reason(part, args)
             if reason:
                 res["skipped"][part] = reason
@@ -306,6 +452,10 @@ def main(argv=None) -> dict:
                 continue
             t0 = time.perf_counter()
             try:  # one part failing must not cost the others their numbers (a GPU run is one call)
+                if part == "vllm_features":
+                    res["vllm_features"] = vllm_features(folder, prompt_texts, args)
+                    print(f"vllm_features: ok in {time.perf_counter() - t0:.0f} s", flush=True)
+                    continue
                 side = trl_side(folder, prompt_texts, args) if part == "trl" else \
                     rlpost_side(folder, prompt_texts, args, part)
             except Exception as e:

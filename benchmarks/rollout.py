@@ -7,7 +7,7 @@
 Every engine samples at temperature 1 with old_logp captured (generate returns its logits for it,
 exactly as rlpost's `hf` engine does; vLLM returns its processed log-probs), and every sample is
 exactly --max-new-tokens tokens long (min_new_tokens on the native and generate engines; vLLM's
-ignore_eos, since rlpost's vLLM engine refuses min_new_tokens), so the work is equal; the token
+ignore_eos, since with min_new_tokens vLLM's log-probs are the masked distribution's), so the work is equal; the token
 counts are checked. Engine start-up (construction + the first call, which pays one-off costs) is
 reported apart from the steady state. Repetitions rotate the engines' order so that load from other
 processes on a shared machine hits all alike; the speed-ups are medians of per-repetition ratios

@@ -36,8 +36,9 @@ _FIELDS = {
     "policy_version": "B",
     # Beyond the data contract (docs/architecture.md): written by algorithms or the trainer, read by losses.
     "returns": "BT",      # value targets (PPO: GAE advantage + old value)
-    # the behaviour log-probs exactly as the engine sampled them; set only under an importance-sampling
-    # correction (algorithms/correction.py), which then makes old_logp the proximal policy's (the trainer's)
+    # the behaviour log-probs exactly as the engine sampled them; set under an importance-sampling correction
+    # (algorithms/correction.py) or by an engine whose log-probs are a truncated distribution's (vLLM with
+    # top-k / top-p); the controller then makes old_logp the proximal policy's (the trainer's)
     "rollout_logp": "BT",
     "entropy": "BT",      # set by the trainer on each micro-batch: policy entropy per token, with grad
     "new_values": "BT",   # set by the trainer on each micro-batch: current critic values, with grad

@@ -237,7 +237,7 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
 
 def _validate(cfg: Config) -> None:
     cfg.validate()  # each section's own keys: ranges, valid names, plug-ins (algorithm, preference.loss), own rules
-    _validate_lora(cfg)
+    _validate_vllm(cfg)
     _check_rewards(cfg)
     _validate_rejection(cfg)
     _validate_stages(cfg)
@@ -248,10 +248,11 @@ def _validate(cfg: Config) -> None:
     _validate_rl_reward(cfg)
 
 
-def _validate_lora(cfg: Config) -> None:
-    if cfg.model.lora.r > 0 and cfg.rollout.engine == "vllm":
-        raise ConfigError("model.lora with rollout.engine=vllm is not supported: vLLM would need the merged weights "
-                          "at every sync; use rollout.engine=auto (native) or hf")
+def _validate_vllm(cfg: Config) -> None:
+    if cfg.rollout.vllm_sleep and (cfg.rollout.engine != "vllm" or cfg.rl.topology != "colocated"):
+        raise ConfigError(f"rollout.vllm_sleep frees the GPU of a vLLM engine that shares it with the trainer: it "
+                          f"needs rollout.engine=vllm and rl.topology=colocated (got {cfg.rollout.engine}, "
+                          f"{cfg.rl.topology}); set rollout.vllm_sleep=false")
 
 
 def _check_rewards(cfg: Config) -> None:

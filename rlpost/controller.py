@@ -153,9 +153,12 @@ class Controller:
         if r.critic is not None:
             with self.timed("critic"), torch.no_grad():
                 batch = batch.replace(values=r.critic(batch))
-        if r.algorithm.needs_proximal_logp:  # importance-sampling correction: old_logp becomes the proximal's
+        # importance-sampling correction, or an engine whose log-probs are a truncated distribution's (it sets
+        # rollout_logp: vLLM with top-k / top-p): old_logp becomes the proximal's, the trainer's own
+        if r.algorithm.needs_proximal_logp or batch.rollout_logp is not None:
             with self.timed("reference"):
-                batch = batch.replace(rollout_logp=batch.old_logp, old_logp=r.trainer.logprobs(batch))
+                behaviour = batch.rollout_logp if batch.rollout_logp is not None else batch.old_logp
+                batch = batch.replace(rollout_logp=behaviour, old_logp=r.trainer.logprobs(batch))
         # 5. advantages
         with self.timed("advantages"):
             trained = r.algorithm.compute_advantages(batch)

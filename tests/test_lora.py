@@ -71,8 +71,8 @@ def test_lora_config_keys_are_checked_and_named():
         load_config(None, ["model.lora.r=4", "model.lora.dropout=1.5"])
     with pytest.raises(ConfigError, match=r"'model\.lora' expects a mapping|config key 'model\.lora': expected"):
         load_config(None, ["model.lora=8"])
-    with pytest.raises(ConfigError, match="rollout.engine=vllm"):
-        load_config(None, ["model.lora.r=4", "rollout.engine=vllm", "rl.weight_sync=vllm"])
+    # vLLM takes a LoRA model: it runs the base and the adapters through a LoRARequest (tests/test_engine_vllm.py)
+    assert load_config(None, ["model.lora.r=4", "rollout.engine=vllm", "rl.weight_sync=vllm"]).model.lora.r == 4
     with pytest.raises(ValueError, match="names none of this model's linear layers: .*c_attn"):
         load_model(load_config(None, SMALL + ["model.lora.r=4", "model.lora.target_modules=[q_proj]"]).model,
                    ALPHABET)

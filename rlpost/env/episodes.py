@@ -107,6 +107,7 @@ class EnvEpisodes(Episodes):
         self.episodes = [_Episode(env=role.make(), row=row, group=g) for g, row in enumerate(rows) for _ in range(k)]
         self.errors = self.timeouts = 0
         self.turn, self.max_new_tokens = 0, 0
+        self.behaviour = False  # the engine's log-probs are a truncated distribution's (batch.rollout_logp)
         t = time.perf_counter()
         results = call_all([lambda ep=ep: ep.env.reset(ep.row) for ep in self.episodes], role.timeout_s,
                            role.workers)
@@ -151,6 +152,7 @@ class EnvEpisodes(Episodes):
 
     def sampled(self, turn: Turn, batch: Batch) -> None:
         tok, c = self.role.tokenizer, turn.params.max_new_tokens
+        self.behaviour = self.behaviour or batch.rollout_logp is not None
         mask = batch.response_mask.bool()
         for j, i in enumerate(turn.members):
             ep = self.episodes[i]
@@ -217,6 +219,8 @@ class EnvEpisodes(Episodes):
             getattr(ep.env, "close", lambda: None)()
         batch = _assemble(episodes, self.role.tokenizer.pad_token_id,
                           per_turn=any(getattr(ep.env, "per_turn_rewards", False) for ep in episodes))
+        if self.behaviour:  # said on, as a one-turn batch says it: the controller then recomputes old_logp
+            batch = batch.replace(rollout_logp=batch.old_logp.clone())
         env_tokens = [len(ep.tokens) - sum(ep.policy) for ep in episodes]
         budget = [ep for ep in episodes if ep.finish == "budget"]
         _warn_budget(self.role, episodes, self.max_new_tokens)

@@ -42,7 +42,8 @@ class ColocatedLoop(Loop):
     def run_engine(cls, cfg, model, tokenizer):
         ws = cfg.rl.weight_sync
         share = ws == "pointer" or (ws == "auto" and cfg.trainer.strategy != "fsdp2")
-        return build_engine(cfg.rollout.engine, model, tokenizer, share_weights=share, dtype=cfg.rollout.dtype)
+        return build_engine(cfg.rollout.engine, model, tokenizer, share_weights=share, dtype=cfg.rollout.dtype,
+                            vllm_sleep=cfg.rollout.vllm_sleep)
 
     def place(self, ctx, params):
         """The run's own engine and weight sync."""

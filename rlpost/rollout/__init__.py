@@ -9,7 +9,9 @@ An engine turns prompt token lists into a `Batch` (see rlpost/batch.py for the r
     batch.meta["finish_reason"]  # per sample: "stop" (eos, a stop token or a stop string) or "length"
 
 `old_logp` is log softmax(logits / temperature) at the sampled token: the distribution the trainer
-recomputes. top-k / top-p truncation (off by default) is not folded into it, as in vLLM and TRL.
+recomputes. top-k / top-p truncation (off by default) is not folded into it, as in TRL. An engine that can
+only report the truncated distribution's log-probs (vLLM with top-k / top-p / min_new_tokens) returns them
+as `batch.rollout_logp` (the behaviour policy's), and the RL controller then recomputes old_logp itself.
 The engine knows nothing about losses.
 
 Every engine implements the `Engine` protocol (engine.py: generate, update_weights, close, version):
@@ -22,7 +24,6 @@ engine files import engine.py and sampling.py, never this package, which imports
 
 from __future__ import annotations
 
-from rlpost.models.lora import is_lora
 from rlpost.rollout.engine import Engine, SamplingParams
 from rlpost.settings.rollout import ENGINES  # the valid rollout.engine names (build_engine), declared with the key
 from rlpost.rollout.hf_generate import HFGenerateEngine
@@ -45,7 +46,8 @@ def engine_choice(model) -> tuple[str, str]:
     return "hf", f"hf: {reason}"
 
 
-def build_engine(kind: str, model, tokenizer, share_weights: bool = True, dtype: str = "fp32") -> Engine:
+def build_engine(kind: str, model, tokenizer, share_weights: bool = True, dtype: str = "fp32",
+                 vllm_sleep: bool = False) -> Engine:
     """'native' (KV cache, continuous batching: gpt_mini, and the HF families of rlpost/rollout/families/:
     Llama, Mistral, Qwen2, Qwen3, Gemma 2 / 3, Phi-3), 'hf' (transformers.generate, any HF causal LM), 'vllm'
     (vLLM, an optional extra: rlpost/rollout/vllm_engine.py), or 'auto' (native when the model is supported,
@@ -55,16 +57,14 @@ def build_engine(kind: str, model, tokenizer, share_weights: bool = True, dtype:
     a private copy refreshed by update_weights ("copy"). vLLM always holds its own weights ("vllm").
 
     dtype: 'fp32' or 'bf16', what an in-process engine samples in (rollout.dtype; engine.ModuleEngine says how).
-    vLLM samples in its own dtype, the model's (model.dtype)."""
+    vLLM samples in its own dtype, the model's (model.dtype). vllm_sleep: vLLM sleeps between rollouts
+    (rollout.vllm_sleep, vllm_engine.py)."""
     if kind == "vllm":
-        if is_lora(model):
-            raise ValueError("rollout.engine=vllm does not take a LoRA model (model.lora); use rollout.engine=auto "
-                             "or hf")
 
         reason = vllm_unavailable_reason()
         if reason:
             raise ValueError(f"rollout.engine=vllm: {reason}")
-        return VLLMEngine(model, tokenizer)
+        return VLLMEngine(model, tokenizer, sleep=vllm_sleep)
     if kind == "auto":
         kind, why = engine_choice(model)
         print(f"rlpost: rollout.engine=auto: {why}", flush=True)

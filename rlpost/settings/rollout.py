@@ -33,6 +33,9 @@ class RolloutConfig(Section):
     dtype: str = opt("auto", "what the rollout engine samples in: auto (the trainer's precision) | fp32 | bf16 (bf16 "
                              "autocast over the fp32 weights, bf16 KV cache; not vllm, which uses model.dtype)",
                   choices=ROLLOUT_DTYPES)
+    vllm_sleep: bool = opt(False, "rollout.engine=vllm, rl.topology=colocated: vLLM sleeps (KV cache freed, weights "
+                                  "offloaded to CPU memory) whenever it is not sampling, so the trainer has the GPU; "
+                                  "needs vLLM's sleep mode (CUDA, ROCm, XPU; not CPU)")
 
     def check(self, prefix: str) -> None:
         if not all(isinstance(x, str) and x for x in self.stop):
