@@ -164,7 +164,13 @@ def _failure(result) -> str:
 def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: SamplingParams,
                      seed: int) -> tuple[Batch, dict[str, float]]:
     """k episodes of each row against fresh environments (see the module docstring). Returns the scored
-    batch and metrics: env/turns, env/errors, env/timeouts, env/env_tokens (mean per episode), time/*."""
+    batch and metrics: env/turns, env/errors, env/timeouts, env/env_tokens (mean per episode), env/budget_frac,
+    env/tool_calls (mean, when the environments count calls in their info), time/*.
+
+    batch.meta["transcript"] holds each episode's turns in order: the prompt, then per policy turn
+    {"role": "assistant", "text", "tokens", "finish" (the engine's stop/length, or budget), "reward" (the env
+    step's), "env" (continue | done | max_turns | budget | error | timeout)}, and per observation {"role":
+    "env", "text", "tokens"}."""
     from rlpost.models import encode_prompt
 
     tok = role.tokenizer
@@ -181,6 +187,10 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
         errors += 1
         timeouts += int(result.timed_out)
         ep.error, ep.finish, ep.turn_rewards = message, "error", []
+        for said in ep.transcript[1:]:  # the turns' record (rollouts.jsonl): no reward counts; the failed step
+            said.pop("reward", None)
+            if said["role"] == "assistant":
+                said["env"] = said.get("env") or ("timeout" if result.timed_out else "error")
 
     # reset: every episode's first prompt
     t = time.perf_counter()
@@ -222,7 +232,8 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
                 ep.turns += 1
                 ep.version = int(batch.policy_version[j]) if turn == 0 else ep.version
                 ep.finish = "budget" if cut else batch.meta["finish_reason"][j]
-                ep.transcript.append({"role": "assistant", "text": tok.decode(new)})
+                ep.transcript.append({"role": "assistant", "text": tok.decode(new), "tokens": len(new),
+                                      "finish": ep.finish})
         t = time.perf_counter()
         results = call_all([lambda ep=episodes[i]: ep.env.step(ep.transcript[-1]["text"]) for i in active],
                            role.timeout_s, role.workers)
@@ -246,7 +257,10 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
                 continue
             ep.turn_rewards.append((len(ep.tokens) - 1, reward))
             ep.info = step.info
+            said = ep.transcript[-1]  # this turn's record: its reward and what the environment did next
+            said["reward"], said["env"] = reward, "continue"
             if step.done or ep.turns >= role.max_turns or ep.finish == "budget":
+                said["env"] = "done" if step.done else "budget" if ep.finish == "budget" else "max_turns"
                 ep.finish = "done" if step.done and ep.finish != "budget" else ep.finish
                 continue
             try:
@@ -256,12 +270,13 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
                 raise EnvError(_describe(ep, i, f"its observation {step.observation!r} cannot be encoded: {e}")) from e
             if len(ep.tokens) + len(obs) >= role.max_tokens:  # no room left for another policy token
                 ep.finish, ep.budget_start, ep.budget_done = "budget", len(ep.tokens) + len(obs), ep.turns
+                said["env"] = "budget"
                 continue
             ep.tokens += obs
             ep.policy += [0] * len(obs)
             ep.logp += [0.0] * len(obs)
             if obs:
-                ep.transcript.append({"role": "env", "text": tok.decode(obs)})
+                ep.transcript.append({"role": "env", "text": tok.decode(obs), "tokens": len(obs)})
             still.append(i)
         active, turn = still, turn + 1
     for ep in episodes:
@@ -275,6 +290,10 @@ def run_env_episodes(engine, role: EnvRole, rows: list[dict], k: int, params: Sa
                "env/timeouts": float(timeouts), "env/env_tokens": sum(env_tokens) / len(episodes),
                "env/budget_frac": len(budget) / len(episodes),
                "time/env": t_env, "time/rollout": time.perf_counter() - t0 - t_env, "time/reward": t_env}
+    calls = [ep.info["calls"] for ep in episodes
+             if isinstance(ep.info, dict) and isinstance(ep.info.get("calls"), int)]
+    if calls:  # a tool environment counts its calls in the last step's info (rlpost/env/tools.py)
+        metrics["env/tool_calls"] = sum(calls) / len(calls)
     return batch, metrics
 
 

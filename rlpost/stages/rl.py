@@ -14,8 +14,9 @@ rl_2_reference/, its own seed, and its steps logged after the first stage's (met
 Only the run's last RL stage ends with checkpoints/final/; one that another RL stage follows ends with
 checkpoints/<label>/ (rl/, rl_2/, ...), so that `final` is never a model the run trained on from.
 Every `log.rollouts_every` steps it appends the step's samples to rollouts.jsonl, one line each (prompt,
-completion, reward, finish reason, policy version, the sampling log-probs, length); a resume drops the
-lines of steps after its checkpoint, as run.py drops metrics.jsonl's.
+completion, reward, finish reason, policy version, the sampling log-probs, length; an environment's episode
+adds its turns: `episode_fields`); a resume drops the lines of steps after its checkpoint, as run.py drops
+metrics.jsonl's.
 
 With `trainer.strategy=fsdp2` the trainer shards the policy over the ranks (the reference is copied first,
 whole, on every rank) and each rank rolls out, scores and trains on its share of each step's prompts;
@@ -115,8 +116,36 @@ def sample_records(step: int, batch: Batch, tokenizer) -> list[dict]:
             record["answer"] = str(rows[i]["answer"])
         if "gold_reward" in batch.meta:  # a learned reward: the verifier's score of the same sample
             record["gold_reward"] = float(batch.meta["gold_reward"][i])
+        if "transcript" in batch.meta:  # an environment's episode: its turns
+            none = [None] * len(batch)
+            record.update(episode_fields(batch.meta["transcript"][i], batch.meta.get("env_error", none)[i],
+                                         batch.meta.get("env_info", none)[i]))
         records.append(record)
     return records
+
+
+def episode_fields(transcript: list[dict], error: str | None, info) -> dict:
+    """The rollouts.jsonl fields of one environment episode (rlpost/rollout/episodes.py's transcript): `turns`,
+    one per policy turn: {policy, policy_tokens, finish (stop | length | budget: how the sampling ended), reward
+    (the environment step's; null when the step failed), env (continue | done | max_turns | budget | error |
+    timeout: what came after the turn), observation (null when none followed), env_tokens}; the episode's
+    `policy_tokens` and `env_tokens`; `env_error` (the failure's message) when it failed; `env_info` (the last
+    step's info, as JSON) when there is one."""
+    turns = []
+    for said in transcript[1:]:  # [0] is the prompt
+        if said["role"] == "assistant":
+            turns.append({"policy": said["text"], "policy_tokens": said.get("tokens"), "finish": said.get("finish"),
+                          "reward": said.get("reward"), "env": said.get("env"), "observation": None,
+                          "env_tokens": 0})
+        elif turns:
+            turns[-1]["observation"], turns[-1]["env_tokens"] = said["text"], said.get("tokens", 0)
+    out = {"turns": turns, "policy_tokens": sum(t["policy_tokens"] or 0 for t in turns),
+           "env_tokens": sum(t["env_tokens"] for t in turns)}
+    if error:
+        out["env_error"] = error
+    if info:
+        out["env_info"] = json.loads(json.dumps(info, default=str))  # what JSON cannot hold, as its text
+    return out
 
 
 def trim_rollouts(run_dir: str, last_step: int) -> int:
