@@ -48,6 +48,7 @@ SAMPLES_PER_END = 3      # best and worst completions shown per kept step
 MAX_SAMPLE_STEPS = 12    # kept steps shown in the table (evenly spread, first and last included)
 MAX_TEXT = 2000          # characters of a prompt or completion shown in the table
 RECENT_S = 900           # a run that wrote this recently without a summary.json after it is taken as running
+COPY_SLACK_S = 2         # a copied run directory's files may land out of order: writes this close are not "after"
 
 
 def _pyplot():
@@ -231,7 +232,7 @@ def run_status(data: RunData, now: float | None = None) -> str:
                 if os.path.exists(p)), default=None)
     if status == "running":
         return "running"
-    if written is not None and (last is None or last <= written):
+    if written is not None and (last is None or last <= written + COPY_SLACK_S):
         return str(status) if status is not None else "summary.json without a status"
     before = f"; summary.json is from before it: {status}" if written is not None else "; no summary.json yet"
     pid = _live_resume(data.run_dir)
@@ -273,7 +274,7 @@ def _no_rl_reason(data: RunData) -> str:
     planned = data.planned_rl_steps()
     if planned == 0:
         return "the run had no RL stage" + ("" if data.setting("stages") else " (rl.steps=0)")
-    status = data.summary.get("status", "no summary.json")
+    status = run_status(data)  # (a resume in progress still holds the summary.json of the run it continues)
     return f"no RL step was logged (rl.steps={planned}; status: {status})"
 
 
@@ -499,9 +500,6 @@ def fig_gold(plt, data: RunData):
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
     return fig
-
-
-ENV_KEYS = ("env/turns", "env/env_tokens", "env/budget_frac", "env/errors", "env/timeouts", "env/tool_calls")
 
 
 def env_rollouts(data: RunData) -> list[dict]:
