@@ -680,6 +680,7 @@ def samples_table(data: RunData) -> tuple[str, str]:
     for r in data.rollouts:
         by_step.setdefault(r.get("step"), []).append(r)
     steps = sorted(s for s in by_step if isinstance(s, int))
+    turn_by_turn = bool(data.setting("task.env"))  # an environment's episodes; a one-turn sample is its completion
     shown = steps
     if len(steps) > MAX_SAMPLE_STEPS:
         picks = {round(i * (len(steps) - 1) / (MAX_SAMPLE_STEPS - 1)) for i in range(MAX_SAMPLE_STEPS)}
@@ -699,7 +700,7 @@ def samples_table(data: RunData) -> tuple[str, str]:
         for j, (rank, r) in enumerate(picked):
             cls = "best" if rank.startswith("best") else "worst" if rank.startswith("worst") else ""
             step_cell = f"<td rowspan='{len(picked)}' class='step'>{_esc(step)}<br><small>{n} samples</small></td>"
-            text = _turns_text(r) if isinstance(r.get("turns"), list) else r.get("completion", "")
+            text = _turns_text(r) if turn_by_turn and isinstance(r.get("turns"), list) else r.get("completion", "")
             rows.append(
                 f"<tr class='{cls}'>{step_cell if j == 0 else ''}<td>{_esc(rank)}</td>"
                 f"<td>{_esc(_fmt(_number(r.get('reward'))))}</td>"
