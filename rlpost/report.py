@@ -15,12 +15,19 @@ so it can be mailed, attached or opened offline. Sections:
     correction    the importance-weight histogram per step (algorithm.rollout_correction) and the engine vs
                   trainer log-prob mismatch
     gold          gold (verifier) vs proxy (reward model) reward, when a reward model was the RL reward
-    samples       best and worst sampled completions of each step kept in rollouts.jsonl (log.rollouts_every)
+    env           an environment's episodes (task.env): turns, environment tokens, budget stops, errors and
+                  timeouts, tool calls (env/* metrics), and each turn's reward (rollouts.jsonl's turns)
+    supervised    the SFT stages' loss (sft/nll) and the preference stages' (train/loss, pref/reward_margin,
+                  pref/accuracy) per step, so a run without RL, or still in SFT, is not an empty page
+    samples       best and worst sampled completions of each step kept in rollouts.jsonl (log.rollouts_every);
+                  an environment's episodes turn by turn
     config        config.yaml and summary.json
     profile       links to torch.profiler traces in profile/ (trainer.profile_steps)
 
 A partial run (killed mid-RL, no RL stage at all, metrics with nulls) still gets every section: one
-whose data is missing says what is missing and why, instead of a figure.
+whose data is missing says what is missing and why, instead of a figure. The status in the header is
+summary.json's, unless the run wrote after it (a resume that is running, or that was killed): see
+`run_status`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import io
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 from rlpost.config import Config, from_dict, stage_configs
@@ -41,6 +49,8 @@ HIST_PREFIX = "correction/weight_hist/"
 SAMPLES_PER_END = 3      # best and worst completions shown per kept step
 MAX_SAMPLE_STEPS = 12    # kept steps shown in the table (evenly spread, first and last included)
 MAX_TEXT = 2000          # characters of a prompt or completion shown in the table
+RECENT_S = 900           # a run that wrote this recently without a summary.json after it is taken as running
+COPY_SLACK_S = 2         # a copied run directory's files may land out of order: writes this close are not "after"
 
 
 def _pyplot():
@@ -94,6 +104,7 @@ class RunData:
     config_text: str = ""
     config: dict = field(default_factory=dict)
     rollouts: list[dict] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)  # every line of metrics.jsonl, in order
     traces: list[str] = field(default_factory=list)
     eval_x: dict = field(default_factory=dict)  # each evaluation between stages: the RL step it came after
 
@@ -113,7 +124,7 @@ class RunData:
         data = cls(run_dir=run_dir, rl=[by_step[s] for s in sorted(by_step)],
                    sft=[m for m in metrics if m.get("stage") == "sft"],
                    evals=[m for m in metrics if m.get("stage") == "eval"],
-                   rollouts=read_jsonl(os.path.join(run_dir, "rollouts.jsonl")),
+                   rollouts=read_jsonl(os.path.join(run_dir, "rollouts.jsonl")), metrics=metrics,
                    traces=sorted(glob.glob(os.path.join(run_dir, "profile", "*.json"))), eval_x=eval_x)
         path = os.path.join(run_dir, "summary.json")
         if os.path.exists(path):
@@ -133,6 +144,21 @@ class RunData:
             except yaml.YAMLError:
                 data.config = {}
         return data
+
+    def stage_lines(self, key: str, *, preference: bool = False) -> dict[str, list[dict]]:
+        """{stage label: its metrics lines that have `key`, by step} of the SFT stages (sft, rejection, sft_2,
+        ...: lines with sft/nll) or, `preference`, of the preference stages (preference, preference_2, ...)."""
+        out: dict[str, dict[int, dict]] = {}
+        for m in self.metrics:
+            stage = m.get("stage")
+            if not isinstance(stage, str) or not isinstance(m.get("step"), int) or key not in m:
+                continue
+            if preference and not (stage.startswith("preference") and not stage.endswith(("_data", "_eval"))):
+                continue
+            if not preference and "sft/nll" not in m:
+                continue
+            out.setdefault(stage, {})[m["step"]] = m  # the last line of a step wins
+        return {stage: [by_step[k] for k in sorted(by_step)] for stage, by_step in out.items()}
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(RL steps, values of `key`) over the RL lines that have the key; nulls are NaN."""
@@ -164,6 +190,63 @@ class RunData:
             return None
 
 
+def _live_resume(run_dir: str) -> int | None:
+    """The id of a live `rlpost train --resume RUN_DIR` process of this run (Linux /proc; None elsewhere, or when
+    there is none). Its argument is resolved against the process's own working directory."""
+    target = os.path.realpath(run_dir)
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+            if "--resume" not in args or not any("rlpost" in a for a in args):
+                continue
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        given = args[args.index("--resume") + 1] if args.index("--resume") + 1 < len(args) else ""
+        if given and os.path.realpath(os.path.join(cwd, given)) == target:
+            return pid
+    return None
+
+
+def _ago(seconds: float) -> str:
+    return (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200
+            else f"{seconds / 3600:.1f} h")
+
+
+def run_status(data: RunData, now: float | None = None) -> str:
+    """The run's status for the header. summary.json is written when a run ends (ok, interrupted, failed), so a
+    resumed run keeps its previous summary.json while it runs: when metrics.jsonl or rollouts.jsonl was written
+    after it, the status is "running" if a `rlpost train --resume` of this run is alive or the last write is
+    recent (RECENT_S), else "stopped without a summary" (killed: no handler ran). `now`: the time to compare with."""
+    now = time.time() if now is None else now
+    status = data.summary.get("status")
+    path = os.path.join(data.run_dir, "summary.json")
+    written = os.path.getmtime(path) if os.path.exists(path) else None
+    last = max((os.path.getmtime(p) for p in (os.path.join(data.run_dir, f) for f in ("metrics.jsonl",
+                                                                                       "rollouts.jsonl"))
+                if os.path.exists(p)), default=None)
+    if status == "running":
+        return "running"
+    if written is not None and (last is None or last <= written + COPY_SLACK_S):
+        return str(status) if status is not None else "summary.json without a status"
+    before = f"; summary.json is from before it: {status}" if written is not None else "; no summary.json yet"
+    pid = _live_resume(data.run_dir)
+    if pid is not None:
+        return f"running (process {pid}, resumed{before})"
+    if last is not None and now - last < RECENT_S:
+        return f"running (last write {_ago(now - last)} ago{before})"
+    if written is None:
+        return (f"no summary.json: the run stopped without one (killed?), last write {_ago(now - last)} ago"
+                if last is not None else "no summary.json (the run is running, or was killed)")
+    return (f"stopped without a summary (killed?): last write {_ago(now - last)} ago, after summary.json "
+            f"({status}); continue with `rlpost train --resume {data.run_dir}`")
+
+
 def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average over the finite values of the last `window` points (NaN when there are none)."""
     out = []
@@ -191,7 +274,7 @@ def _no_rl_reason(data: RunData) -> str:
     planned = data.planned_rl_steps()
     if planned == 0:
         return "the run had no RL stage" + ("" if data.setting("stages") else " (rl.steps=0)")
-    status = data.summary.get("status", "no summary.json")
+    status = run_status(data)  # (a resume in progress still holds the summary.json of the run it continues)
     return f"no RL step was logged (rl.steps={planned}; status: {status})"
 
 
@@ -419,6 +502,147 @@ def fig_gold(plt, data: RunData):
     return fig
 
 
+def env_rollouts(data: RunData) -> list[dict]:
+    """The rollouts.jsonl records of environment episodes (those with turns)."""
+    return [r for r in data.rollouts if isinstance(r.get("turns"), list)]
+
+
+def turn_rewards(data: RunData) -> dict[int, tuple[list[int], list[float]]]:
+    """{turn number (1, 2, ...): (kept steps, mean reward of that turn over the step's episodes that had it)} from
+    rollouts.jsonl; a turn whose step failed (reward null) is left out."""
+    sums: dict[int, dict[int, list[float]]] = {}
+    for r in env_rollouts(data):
+        for n, t in enumerate(r["turns"], 1):
+            v = _number(t.get("reward") if isinstance(t, dict) else None)
+            if isinstance(r.get("step"), int) and math.isfinite(v):
+                sums.setdefault(n, {}).setdefault(r["step"], []).append(v)
+    return {n: (sorted(by), [sum(by[s]) / len(by[s]) for s in sorted(by)]) for n, by in sorted(sums.items())}
+
+
+def episode_ends(data: RunData) -> dict[str, tuple[list[int], list[float]]]:
+    """{how episodes ended (finish_reason: done, budget, error, stop, length): (kept steps, share of the step's
+    episodes)} from rollouts.jsonl."""
+    by_step: dict[int, list[str]] = {}
+    for r in env_rollouts(data):
+        if isinstance(r.get("step"), int):
+            by_step.setdefault(r["step"], []).append(str(r.get("finish_reason")))
+    steps = sorted(by_step)
+    reasons = sorted({f for fs in by_step.values() for f in fs})
+    return {f: (steps, [by_step[s].count(f) / len(by_step[s]) for s in steps]) for f in reasons}
+
+
+def fig_env(plt, data: RunData):
+    fig, axes = plt.subplots(2, 3, figsize=(14, 6.2))
+    (a, b, c), (d, e, f) = axes
+    _lines(a, data, {"env/turns": "turns (env/turns)", "env/tool_calls": "tool calls (env/tool_calls)"})
+    a.set_title("per episode: turns and tool calls", fontsize=10)
+    _lines(b, data, {"env/env_tokens": "environment (env/env_tokens)",
+                     "rollout/response_len_mean": "policy (rollout/response_len_mean)"})
+    b.set_title("tokens per episode", fontsize=10)
+    _lines(c, data, {"env/budget_frac": "env/budget_frac"})
+    c.set_title("share of episodes stopped by the token budget", fontsize=10)
+    _lines(d, data, {"env/errors": "env/errors", "env/timeouts": "env/timeouts"})
+    d.set_title("failed episodes per step (errors, of which timeouts)", fontsize=10)
+    for ax, series, title, what in (
+            (e, {f"turn {n}": v for n, v in turn_rewards(data).items()}, "mean reward of each turn",
+             "no turns in rollouts.jsonl"),
+            (f, episode_ends(data), "how the episodes ended (share)", "no episodes in rollouts.jsonl")):
+        for label, (steps, values) in series.items():
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+        if series:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set(title=title, xlabel="RL step (kept in rollouts.jsonl)")
+        ax.title.set_fontsize(10)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _env_note(data: RunData) -> str:
+    env = data.setting("task.env")
+    note = (f"Episodes against the environment task.env={env} (at most task.max_turns="
+            f"{data.setting('task.max_turns', '?')} turns, task.max_episode_tokens="
+            f"{data.setting('task.max_episode_tokens', 'auto')}). Top: turns and tool calls per episode (mean), "
+            "environment vs policy tokens per episode, the share stopped by the token budget (a rising share: "
+            "raise task.max_episode_tokens, as the run's warning says), failed episodes (env/errors, of which "
+            "env/timeouts: task.env_on_error=zero counts them instead of stopping). Bottom, from rollouts.jsonl: "
+            "each turn's mean reward and how the episodes ended (done: the environment said so; budget; error; "
+            "stop / length: the last turn ended at max_turns).")
+    if not env_rollouts(data):
+        every = data.setting("log.rollouts_every", 0)
+        note += (" No turns in rollouts.jsonl: " + ("set log.rollouts_every=N to keep them." if not every else
+                                                   f"no RL step that is a multiple of log.rollouts_every={every} "
+                                                   "was kept yet."))
+    return note
+
+
+def fig_supervised(plt, data: RunData):
+    sft = data.stage_lines("sft/nll")
+    pref_loss = data.stage_lines("train/loss", preference=True)
+    pref_margin = data.stage_lines("pref/reward_margin", preference=True)
+    panels = ([("sft", sft)] if sft else []) + ([("loss", pref_loss), ("margin", pref_margin)] if pref_loss else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8.0, 4.7 * len(panels) + 1), 3.4), squeeze=False)
+    for ax, (kind, lines) in zip(axes[0], panels):
+        for stage, ms in lines.items():
+            key = {"sft": "sft/nll", "loss": "train/loss", "margin": "pref/reward_margin"}[kind]
+            steps = [m["step"] for m in ms]
+            ax.plot(steps, [_number(m[key]) for m in ms], marker="." if len(ms) < 30 else None,
+                    label=f"{stage}: {key}")
+            if kind == "margin":
+                acc = [(m["step"], _number(m.get("pref/accuracy"))) for m in ms if "pref/accuracy" in m]
+                if acc:
+                    ax.plot(*zip(*acc), ls="--", label=f"{stage}: pref/accuracy")
+        if kind == "loss":  # the held-out pairs' loss at the end of each preference stage
+            for m in data.metrics:
+                if str(m.get("stage", "")).endswith("_eval") and m.get("stage", "").startswith("preference") \
+                        and math.isfinite(_number(m.get("eval/loss"))):
+                    ax.plot([m["step"]], [_number(m["eval/loss"])], "*", ms=10, label=f"{m['stage']}: eval/loss")
+        ax.legend(fontsize=8)
+        ax.set(title={"sft": "SFT: negative log-likelihood per token", "loss": "preference loss",
+                      "margin": "preference: reward margin and accuracy"}[kind],
+               xlabel="optimizer step of the stage")
+        ax.title.set_fontsize(10)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _supervised_note(data: RunData) -> tuple[str, bool]:
+    """(the note, whether there is anything to draw)."""
+    sft, pref = data.stage_lines("sft/nll"), data.stage_lines("train/loss", preference=True)
+    if not sft and not pref:
+        stages = data.setting("stages") or "sft, eval, rl, eval (the default)"
+        return (f"Nothing to plot: no SFT or preference stage logged a step (stages: {stages}; sft.steps="
+                f"{data.setting('sft.steps', '?')}).", False)
+    parts = []
+    if sft:
+        parts.append(f"SFT ({', '.join(sft)}): the demonstrations' negative log-likelihood per token (sft/nll), "
+                     "logged every 50 steps and at the last; it should fall and flatten, and a rise is a learning "
+                     "rate too high (sft.lr)")
+    if pref:
+        parts.append(f"preference ({', '.join(pref)}): the loss (train/loss), the implicit reward margin between "
+                     "chosen and rejected (pref/reward_margin) and the share of pairs ranked right "
+                     "(pref/accuracy); the star is the held-out pairs' loss (preference.eval_file). A margin that "
+                     "keeps growing while both log-probs fall is the policy pushing the rejected answers down "
+                     "rather than the chosen ones up")
+    return "Per optimizer step of each stage: " + "; ".join(parts) + ".", True
+
+
+def _turns_text(r: dict) -> str:
+    """An environment episode's completion, turn by turn, with what rollouts.jsonl says about each turn."""
+    out = []
+    for n, t in enumerate(r["turns"], 1):
+        if not isinstance(t, dict):
+            continue
+        out.append(f"[turn {n}: {t.get('policy_tokens', '?')} tokens, {t.get('finish', '?')}, reward "
+                   f"{_fmt(_number(t.get('reward')), '.2f')}, env {t.get('env', '?')}]\n{t.get('policy', '')}")
+        if t.get("observation") is not None:
+            out.append(f"[environment: {t.get('env_tokens', '?')} tokens]\n{t['observation']}")
+    if r.get("env_error"):
+        out.append(f"[error] {r['env_error']}")
+    return "\n".join(out)
+
+
 def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
@@ -456,6 +680,7 @@ def samples_table(data: RunData) -> tuple[str, str]:
     for r in data.rollouts:
         by_step.setdefault(r.get("step"), []).append(r)
     steps = sorted(s for s in by_step if isinstance(s, int))
+    turn_by_turn = bool(data.setting("task.env"))  # an environment's episodes; a one-turn sample is its completion
     shown = steps
     if len(steps) > MAX_SAMPLE_STEPS:
         picks = {round(i * (len(steps) - 1) / (MAX_SAMPLE_STEPS - 1)) for i in range(MAX_SAMPLE_STEPS)}
@@ -475,11 +700,12 @@ def samples_table(data: RunData) -> tuple[str, str]:
         for j, (rank, r) in enumerate(picked):
             cls = "best" if rank.startswith("best") else "worst" if rank.startswith("worst") else ""
             step_cell = f"<td rowspan='{len(picked)}' class='step'>{_esc(step)}<br><small>{n} samples</small></td>"
+            text = _turns_text(r) if turn_by_turn and isinstance(r.get("turns"), list) else r.get("completion", "")
             rows.append(
                 f"<tr class='{cls}'>{step_cell if j == 0 else ''}<td>{_esc(rank)}</td>"
                 f"<td>{_esc(_fmt(_number(r.get('reward'))))}</td>"
                 f"<td class='text'>{_esc(_clip(r.get('prompt', '')))}</td>"
-                f"<td class='text'>{_esc(_clip(r.get('completion', '')))}</td>"
+                f"<td class='text'>{_esc(_clip(text))}</td>"
                 f"<td class='text'>{_esc(_clip(r.get('answer', '')))}</td>"
                 f"<td>{_esc(r.get('finish_reason', ''))}</td><td>{_esc(r.get('response_len', ''))}</td>"
                 f"<td>{_esc(_fmt(r.get('old_logp_mean'), '.2f'))} / {_esc(_fmt(r.get('old_logp_min'), '.2f'))}</td>"
@@ -530,6 +756,10 @@ def _sections(plt, data: RunData, folder: str) -> list[tuple[Section, object]]:
     if not out[-1][1]:
         s.note = f"Nothing to plot: {no_rl or 'no evaluation ran'}."
 
+    s = Section("supervised", "SFT and preference training")
+    s.note, drawn = _supervised_note(data)
+    out.append((s, fig_supervised(plt, data) if drawn else None))
+
     def rl_section(key: str, title: str, note, draw) -> None:
         """A section drawn from the RL steps: `note()` and `draw()`, or why there is nothing to plot."""
         s = Section(key, title)
@@ -567,6 +797,18 @@ def _sections(plt, data: RunData, folder: str) -> list[tuple[Section, object]]:
                   "No reward/gold_mean: the RL reward was the verifier itself, not a learned reward model, so "
                   "there is no proxy to over-optimise.")
         out.append((s, None))
+
+    s = Section("env", "Environment episodes")
+    if not data.setting("task.env"):
+        s.note = ("No environment: the task has no task.env, so every episode is one turn scored by the "
+                  "verifier (environments: docs/environments.md).")
+        out.append((s, None))
+    elif no_rl:
+        s.note = f"Nothing to plot: {no_rl}."
+        out.append((s, None))
+    else:
+        s.note = _env_note(data)
+        out.append((s, fig_env(plt, data)))
 
     s = Section("samples", "Sampled completions")
     s.note, s.body = samples_table(data)
@@ -614,7 +856,7 @@ def _header(data: RunData) -> str:
     done = data.rl[-1]["step"] if data.rl else 0
     wall = _number(s.get("wall_seconds"))
     facts = [("run directory", os.path.abspath(data.run_dir)),
-             ("status", s.get("status", "no summary.json (the run is running, or was killed)")),
+             ("status", run_status(data)),
              ("model / task", f"{data.setting('model.name', '?')} / {data.setting('task.name', '?')}"),
              ("algorithm", (data.setting("algorithm") or {}).get("name", "?") if isinstance(
                  data.setting("algorithm"), dict) else "?"),
@@ -622,6 +864,11 @@ def _header(data: RunData) -> str:
              ("wall-clock", f"{wall:.1f} s" if math.isfinite(wall) else "–")]
     rows = "".join(f"<tr><td>{_esc(k)}</td><td><b>{_esc(v)}</b></td></tr>" for k, v in facts)
     return f"<table class='meta'>{rows}</table>"
+
+
+NAV = [("reward", "reward"), ("supervised", "SFT / preference"), ("dynamics", "dynamics"), ("time", "time"),
+       ("memory", "memory"), ("correction", "correction"), ("gold", "gold vs proxy"), ("env", "environment"),
+       ("samples", "samples"), ("config", "config"), ("profile", "profile")]
 
 
 def build_report(run_dir: str, out: str | None = None) -> str:
@@ -646,10 +893,7 @@ def build_report(run_dir: str, out: str | None = None) -> str:
                    f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
         parts.append(f"<section id='{section.key}'><h2>{_esc(section.title)}</h2>"
                      f"<p class='note'>{_esc(section.note)}</p>{img}{section.body}</section>")
-    nav = " ".join(f"<a href='#{k}'>{_esc(t)}</a>" for k, t in
-                   [("reward", "reward"), ("dynamics", "dynamics"), ("time", "time"), ("memory", "memory"),
-                    ("correction", "correction"),
-                    ("gold", "gold vs proxy"), ("samples", "samples"), ("config", "config"), ("profile", "profile")])
+    nav = " ".join(f"<a href='#{k}'>{_esc(t)}</a>" for k, t in NAV)
     title = f"rlpost report: {os.path.basename(os.path.abspath(data.run_dir))}"
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>{_header(data)}<nav>{nav}</nav>"

@@ -2,6 +2,7 @@
 zero gradient on env tokens in every algorithm, env failures named or counted, the one-turn case
 equal to the verifier path, tool environments and multi-turn demonstrations."""
 
+import json
 import time
 
 import pytest
@@ -461,3 +462,67 @@ def test_eval_reward_is_refused_for_an_environment_that_scores_itself(tmp_path, 
     with pytest.raises(ConfigError, match="eval.reward.*scores its episodes itself"):
         load_config(None, ["task.env=own_envs:SelfScored", "eval.reward=exact"])
     load_config(None, ["task.env=own_envs:SelfScored"])  # without eval.reward it is fine
+
+
+# ---------------------------------------------------------------------------- the turns rollouts.jsonl keeps
+
+def test_rollout_records_keep_each_turn_with_its_reward_finish_and_tokens():
+    from rlpost.stages.rl import sample_records
+
+    [(batch, metrics)] = calculator_episodes(26, k=2)
+    records = sample_records(5, batch, None)
+    assert len(records) == 2 and metrics["env/tool_calls"] == 1.0
+    r = records[0]
+    assert r["turns"] == [
+        {"policy": "?123*456", "policy_tokens": 9, "finish": "stop", "reward": 0.0, "env": "continue",
+         "observation": "=56088;", "env_tokens": 7},
+        {"policy": "56088", "policy_tokens": 6, "finish": "stop", "reward": 1.0, "env": "done",
+         "observation": None, "env_tokens": 0}]
+    assert (r["policy_tokens"], r["env_tokens"], r["response_len"]) == (15, 7, 15)
+    assert r["env_info"] == {"calls": 1} and "env_error" not in r and r["reward"] == 1.0
+    json.dumps(records)  # one line each in rollouts.jsonl
+    # the old default budget cuts the answer turn; an observation that leaves no room ends the episode
+    [(batch, _)] = calculator_episodes(20, k=1)
+    turns = sample_records(1, batch, None)[0]["turns"]
+    assert [(t["finish"], t["env"]) for t in turns] == [("stop", "continue"), ("budget", "done")]
+    [(batch, _)] = calculator_episodes(16, k=1)
+    turns = sample_records(1, batch, None)[0]["turns"]
+    assert [(t["finish"], t["env"], t["observation"]) for t in turns] == [("stop", "budget", None)]
+
+
+class RaisesOnSecondStep(Scripted):
+    def step(self, turn):
+        if self.n == 1 and self.row["prompt"].startswith("7"):
+            raise RuntimeError("tool crashed late")
+        return super().step(turn)
+
+
+def test_rollout_records_of_a_failed_episode_name_the_failed_turn_and_count_no_reward(tiny_gpt):
+    from rlpost.stages.rl import sample_records
+
+    batch, metrics = episodes(tiny_gpt, make=RaisesOnSecondStep, on_error="zero", max_turns=2)
+    records = sample_records(1, batch, tiny_gpt[1])
+    for r in records[:2]:  # '12+34=': two turns (the env would take three), 0.25 each
+        assert [t["env"] for t in r["turns"]] == ["continue", "max_turns"]
+        assert [t["reward"] for t in r["turns"]] == [0.25] * 2 and r["reward"] == 0.5
+        assert [t["observation"] for t in r["turns"]] == ["+1=", None] and r["env_tokens"] == 3
+        assert r["policy_tokens"] == sum(t["policy_tokens"] for t in r["turns"]) == r["response_len"]
+    for r in records[2:]:  # '7+8=': the second step raised: the turns stay, the failed one says so
+        assert [t["env"] for t in r["turns"]] == ["continue", "error"]
+        assert [t["reward"] for t in r["turns"]] == [None, None] and r["reward"] == 0.0
+        assert "tool crashed late" in r["env_error"] and r["finish_reason"] == "error"
+    assert metrics["env/errors"] == 2 and "env/tool_calls" not in metrics
+
+
+def test_one_turn_records_stay_as_they_were(tiny_gpt):
+    """The verifier path (no environment) writes the fields it always wrote, and no turns."""
+    from rlpost.stages.rl import sample_records
+
+    model, tok = tiny_gpt
+    engine = build_engine("native", model, tok)
+    reward = Reward(answer_match_reward, tok)
+    batch, _ = run_episodes(engine, reward, ROWS, [tok.encode_prompt(r["prompt"]) for r in ROWS], 2,
+                            SamplingParams(max_new_tokens=4), 0)
+    for r in sample_records(1, batch, tok):
+        assert set(r) == {"step", "group", "prompt", "completion", "reward", "finish_reason", "policy_version",
+                          "old_logp_mean", "old_logp_min", "response_len", "answer"}

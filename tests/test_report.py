@@ -11,6 +11,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 import urllib.parse
 from html.parser import HTMLParser
@@ -26,8 +27,9 @@ TINY = ["sft.steps=24", "sft.batch_size=32", "sft.save_every=0", "rl.steps=8", "
         "rl.save_every=2", "rl.keep_checkpoints=0", "task.num_eval=30", "rollout.prompts_per_step=4",
         "rollout.k=4", "eval.samples_per_prompt=2", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
         "threads=1", "log.rollouts_every=2", "algorithm.rollout_correction=tis"]
-SECTIONS = ("reward", "dynamics", "time", "memory", "correction", "gold", "samples", "config", "profile")
-FIGURES = ("reward", "dynamics", "time", "memory", "correction")   # the gold figure needs a reward-model run
+SECTIONS = ("reward", "supervised", "dynamics", "time", "memory", "correction", "gold", "env", "samples", "config",
+            "profile")  # in the page's order
+FIGURES = ("reward", "supervised", "dynamics", "time", "memory", "correction")  # gold: a reward model; env: task.env
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -261,6 +263,8 @@ def test_a_run_without_rl_says_so_in_every_rl_section(tmp_path):
     assert set(page.sections) == set(SECTIONS)
     assert text.count("the run had no RL stage (rl.steps=0)") >= 5  # dynamics, time, correction, gold, samples
     assert page.sections["reward"]["imgs"] == 1  # pass@1 after SFT is still drawn
+    assert page.sections["supervised"]["imgs"] == 1 and "SFT (sft): the demonstrations" in text  # not empty
+    assert_png_has_content(open(os.path.join(run_dir, "report", "supervised.png"), "rb").read())
     assert not os.path.exists(os.path.join(run_dir, "rollouts.jsonl"))
     assert_self_contained(page)
 
@@ -466,3 +470,125 @@ def test_the_report_renders_in_a_real_browser(run, chromium, tmp_path):
     target = os.environ.get("RLPOST_REPORT_SCREENSHOT") or str(tmp_path / "report_screenshot.png")
     with open(os.path.join(ROOT, target) if not os.path.isabs(target) else target, "wb") as f:
         f.write(shot)
+
+
+# ---------------------------------------------------------------------------- environments, SFT / preference, status
+
+def test_a_multi_turn_run_reports_its_episodes_turn_by_turn(tmp_path):
+    """A tiny calculator run (recipes/tool_calculator.yaml): rollouts.jsonl keeps each episode's turns, consistent
+    with the step's env/* metrics, and the report draws the environment section and shows the turns."""
+    run_dir = str(tmp_path / "calc")
+    assert main(["train", os.path.join(ROOT, "recipes", "tool_calculator.yaml"), *TINY, "rl.steps=4",
+                 "rl.eval_every=0", "rl.save_every=0", "eval.samples_per_prompt=1", "task.num_eval=20",
+                 "algorithm.rollout_correction=none", f"out_dir={tmp_path}", "run_name=calc"]) == 0
+    metrics = rl_metrics(run_dir)
+    records = lines(os.path.join(run_dir, "rollouts.jsonl"))
+    assert {r["step"] for r in records} == {2, 4} and len(records) == 2 * 16
+    for step in (2, 4):
+        kept = [r for r in records if r["step"] == step]
+        assert all(1 <= len(r["turns"]) <= 2 for r in kept)
+        m = metrics[step]
+        assert sum(len(r["turns"]) for r in kept) / len(kept) == pytest.approx(m["env/turns"])
+        assert sum(r["env_tokens"] for r in kept) / len(kept) == pytest.approx(m["env/env_tokens"])
+        assert sum(r["env_info"]["calls"] for r in kept) / len(kept) == pytest.approx(m["env/tool_calls"])
+        for r in kept:  # the turns are the completion, and the policy's tokens the trained ones
+            assert "".join(t["policy"] + (t["observation"] or "") for t in r["turns"]) == r["completion"]
+            assert r["policy_tokens"] == r["response_len"]
+            assert sum(t["reward"] for t in r["turns"]) == pytest.approx(r["reward"])
+    text, page = read_page(build_report(run_dir))
+    assert set(page.sections) == set(SECTIONS) and page.sections["env"]["imgs"] == 1
+    assert "task.env=calculator" in text and "[turn 1: " in text
+    assert_png_has_content(open(os.path.join(run_dir, "report", "env.png"), "rb").read())
+    from rlpost.report import RunData, turn_rewards
+
+    first = turn_rewards(RunData.load(run_dir))[1]
+    assert first[0] == [2, 4] and first[1][0] == pytest.approx(
+        sum(r["turns"][0]["reward"] for r in records if r["step"] == 2) / 16)
+
+
+def test_the_environment_section_says_why_it_is_empty(run, tmp_path):
+    text, page = read_page(build_report(run))
+    assert page.sections["env"]["imgs"] == 0 and "No environment: the task has no task.env" in text
+
+
+def test_preference_and_sft_curves_are_drawn_from_their_metrics_lines(run, tmp_path):
+    """A run that is in (or only had) SFT and a preference stage is not an empty page: sft/nll per SFT stage,
+    the preference loss and its margin and accuracy per step, the held-out pairs' loss."""
+    copy = str(tmp_path / "pref")
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "report", "rollouts.jsonl"))
+    kept = [m for m in lines(os.path.join(copy, "metrics.jsonl")) if m["stage"] == "sft"]
+    for step in range(1, 21):
+        kept.append({"stage": "preference", "step": step, "train/loss": 0.7 - 0.01 * step,
+                     "pref/reward_margin": 0.02 * step, "pref/accuracy": 0.5 + 0.01 * step})
+    kept.append({"stage": "preference_eval", "step": 20, "eval/loss": 0.6})
+    with open(os.path.join(copy, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in kept)
+    os.remove(os.path.join(copy, "summary.json"))
+    from rlpost.report import RunData
+
+    data = RunData.load(copy)
+    assert list(data.stage_lines("sft/nll")) == ["sft"]
+    assert [m["step"] for m in data.stage_lines("train/loss", preference=True)["preference"]] == list(range(1, 21))
+    text, page = read_page(build_report(copy))
+    assert page.sections["supervised"]["imgs"] == 1
+    assert "SFT (sft)" in text and "preference (preference)" in text and "pref/reward_margin" in text
+    png = open(os.path.join(copy, "report", "supervised.png"), "rb").read()
+    assert_png_has_content(png)
+    from matplotlib.image import imread
+    import io
+
+    assert imread(io.BytesIO(png), format="png").shape[1] > 1100  # three panels: SFT, loss, margin
+
+
+def _resumed_copy(run, tmp_path):
+    """The finished run as a resume of an interrupted one leaves it while it runs: summary.json says
+    interrupted, and metrics.jsonl was written after it."""
+    copy = str(tmp_path / "resumed")
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "report"))
+    summary = json.load(open(os.path.join(copy, "summary.json")))
+    summary["status"] = f"interrupted (SIGTERM); continue with `rlpost train --resume {copy}`"
+    with open(os.path.join(copy, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    t = time.time()
+    os.utime(os.path.join(copy, "summary.json"), (t - 60, t - 60))
+    os.utime(os.path.join(copy, "metrics.jsonl"), (t - 5, t - 5))
+    return copy
+
+
+def test_a_resumed_run_in_progress_is_not_labelled_interrupted(run, tmp_path):
+    from rlpost.report import RECENT_S, RunData, run_status
+
+    copy = _resumed_copy(run, tmp_path)
+    data = RunData.load(copy)
+    status = run_status(data)
+    assert status.startswith("running (last write 5 s ago; summary.json is from before it: interrupted"), status
+    text, _ = read_page(build_report(copy))
+    assert "status</td><td><b>running (last write" in text
+    # no write for long, no process: it stopped without writing a summary (a kill), and says how to continue
+    stale = run_status(data, now=time.time() + 2 * RECENT_S)
+    assert stale.startswith("stopped without a summary (killed?)") and "--resume" in stale
+    # a summary written after the last line is the run's own word
+    os.utime(os.path.join(copy, "summary.json"))
+    assert run_status(data).startswith("interrupted (SIGTERM)")
+    summary_ok = json.load(open(os.path.join(run, "summary.json")))["status"]
+    assert run_status(RunData.load(run)) == summary_ok == "ok"
+
+
+def test_a_live_resume_process_of_the_run_is_running_however_old_its_last_write(run, tmp_path):
+    from rlpost.report import RECENT_S, RunData, run_status
+
+    copy = _resumed_copy(run, tmp_path)
+    # a process whose command line is `... rlpost train --resume <the run, relative to its cwd>`; it ends by itself
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "rlpost", "train", "--resume",
+                             os.path.basename(copy)], cwd=str(tmp_path))
+    try:
+        deadline = time.time() + 30
+        status = run_status(RunData.load(copy), now=time.time() + 2 * RECENT_S)
+        while not status.startswith("running (process") and time.time() < deadline:  # until its argv is there
+            time.sleep(0.1)
+            status = run_status(RunData.load(copy), now=time.time() + 2 * RECENT_S)
+        assert status.startswith(f"running (process {proc.pid}, resumed; summary.json is from before it"), status
+        assert run_status(RunData.load(run)) == "ok"  # another run's process is not this one's
+    finally:
+        proc.kill()
+        proc.wait()

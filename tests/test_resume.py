@@ -149,6 +149,12 @@ def reward_that_kills_its_run(completion: str, row: dict) -> float:
     return answer_match(completion, row["answer"])
 
 
+def odd_length(completion: str, row: dict) -> float:
+    """An eval reward whose pass@1 moves from step to step on a tiny model that answers nothing right (so
+    rl.keep_best has a best to find): 1 for a completion of odd length."""
+    return float(len(completion) % 2)
+
+
 def test_sigkill_mid_rl_then_resume_is_bit_identical(reference_run, tmp_path):
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
@@ -164,6 +170,58 @@ def test_sigkill_mid_rl_then_resume_is_bit_identical(reference_run, tmp_path):
     steps = sorted(c.name for c in list_checkpoints(run) if c.name.startswith("step_"))
     assert steps == ["step_4", "step_6"]  # rl.keep_checkpoints=2; final supersedes nothing else
     assert not any(c.name.startswith("sft_step_") for c in list_checkpoints(run))
+
+
+def odd_length_that_kills_its_run(completion: str, row: dict) -> float:
+    """`odd_length`, killing its run as `reward_that_kills_its_run` does."""
+    folder = os.environ.get("RLPOST_TEST_KILL_AFTER")
+    if folder and os.path.isdir(folder):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return odd_length(completion, row)
+
+
+def best_weights(run_dir):
+    return load_file(os.path.join(run_dir, "checkpoints", "best", "model.safetensors"))
+
+
+def test_keep_best_writes_the_best_evaluation_and_a_resume_compares_with_the_same_best(tmp_path):
+    """rl.keep_best: checkpoints/best is the policy of the step with the best held-out pass@1 (the first of
+    equals), and a run killed after that best, resumed, keeps it (the best so far is in the stage's state), where
+    a run that forgot it would take the next, lower, evaluation as the best."""
+    keep = TINY + ["rl.eval_every=2", "rl.keep_checkpoints=0", "rl.keep_best=true", "trainer.lr=0.01"]
+    run_to_end(keep + ["task.reward=test_resume:odd_length", f"out_dir={tmp_path}", "run_name=ref"], tmp_path)
+    ref = tmp_path / "ref"
+    evals = {m["step"]: m["eval/pass@1"] for m in comparable(ref) if m["stage"] == "rl" and "eval/pass@1" in m}
+    assert sorted(evals) == [2, 4, 6]  # (step 8 is the end-of-RL evaluation's)
+    best = max(evals, key=lambda s: (evals[s], -s))
+    summary = json.loads((ref / "summary.json").read_text())
+    assert (summary["best_step"], summary["best_pass@1"]) == (best, evals[best])
+    step_weights = load_file(os.path.join(ref, "checkpoints", f"step_{best}", "model.safetensors"))
+    assert same(best_weights(ref), step_weights)
+    # the kill comes after the best's checkpoint and before a lower evaluation: else this proves nothing
+    assert best <= 4 and evals[6] < evals[best], evals
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
+           "HF_HUB_OFFLINE": "1", "RLPOST_TEST_KILL_AFTER": str(run / "checkpoints" / "step_4")}
+    p = subprocess.run(command(*keep, f"out_dir={tmp_path}", "run_name=killed",
+                               "task.reward=test_resume:odd_length_that_kills_its_run"),
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert not (run / "checkpoints" / "step_6").exists()
+    run_to_end(["--resume", str(run)], tmp_path)
+    assert_same_run(ref, run)
+    assert same(best_weights(run), best_weights(ref))
+    resumed = json.loads((run / "summary.json").read_text())
+    assert (resumed["best_step"], resumed["best_pass@1"]) == (best, evals[best])
+
+
+def test_keep_best_without_evaluations_is_refused():
+    from rlpost.config import load_config
+    from rlpost.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="rl.keep_best .* rl.eval_every=0 runs none"):
+        load_config(None, ["rl.keep_best=true", "rl.eval_every=0"])
+    assert load_config(None, ["rl.keep_best=true", "rl.eval_every=0", "rl.steps=0"]).rl.keep_best
 
 
 def test_sigterm_writes_a_checkpoint_and_the_resume_finishes_the_same_run(reference_run, tmp_path):

@@ -99,7 +99,13 @@ def _failure(result) -> str:
 
 class EnvEpisodes(Episodes):
     """k episodes of each row against fresh environments (see the module docstring). Its metrics: env/turns,
-    env/errors, env/timeouts, env/env_tokens (mean per episode), env/budget_frac, time/env."""
+    env/errors, env/timeouts, env/env_tokens (mean per episode), env/budget_frac, env/tool_calls (mean, when
+    the environments count calls in their info), time/env.
+
+    batch.meta["transcript"] holds each episode's turns in order: the prompt, then per policy turn
+    {"role": "assistant", "text", "tokens", "finish" (the engine's stop/length, or budget), "reward" (the env
+    step's), "env" (continue | done | max_turns | budget | error | timeout)}, and per observation {"role":
+    "env", "text", "tokens"}."""
 
     def __init__(self, role: EnvRole, rows: list[dict], k: int):
         self.role, self.k, self.n_rows = role, k, len(rows)
@@ -133,6 +139,10 @@ class EnvEpisodes(Episodes):
         self.errors += 1
         self.timeouts += int(result.timed_out)
         ep.error, ep.finish, ep.turn_rewards = message, "error", []
+        for said in ep.transcript[1:]:  # the turns' record (rollouts.jsonl): no reward counts; the failed step
+            said.pop("reward", None)
+            if said["role"] == "assistant":
+                said["env"] = said.get("env") or ("timeout" if result.timed_out else "error")
 
     def turns(self, params, seed: int) -> list[Turn]:
         """The active episodes' next turn: those with the same token cap (max_new_tokens, or what the
@@ -166,7 +176,8 @@ class EnvEpisodes(Episodes):
             ep.turns += 1
             ep.version = int(batch.policy_version[j]) if self.turn == 0 else ep.version
             ep.finish = "budget" if cut else batch.meta["finish_reason"][j]
-            ep.transcript.append({"role": "assistant", "text": tok.decode(new)})
+            ep.transcript.append({"role": "assistant", "text": tok.decode(new), "tokens": len(new),
+                                  "finish": ep.finish})
 
     def step(self) -> None:
         """Every active episode's environment answers its last turn; those that go on get the observation."""
@@ -194,7 +205,10 @@ class EnvEpisodes(Episodes):
                 continue
             ep.turn_rewards.append((len(ep.tokens) - 1, reward))
             ep.info = step.info
+            said = ep.transcript[-1]  # this turn's record: its reward and what the environment did next
+            said["reward"], said["env"] = reward, "continue"
             if step.done or ep.turns >= role.max_turns or ep.finish == "budget":
+                said["env"] = "done" if step.done else "budget" if ep.finish == "budget" else "max_turns"
                 ep.finish = "done" if step.done and ep.finish != "budget" else ep.finish
                 continue
             try:
@@ -204,12 +218,13 @@ class EnvEpisodes(Episodes):
                 raise EnvError(_describe(ep, i, f"its observation {step.observation!r} cannot be encoded: {e}")) from e
             if len(ep.tokens) + len(obs) >= role.max_tokens:  # no room left for another policy token
                 ep.finish, ep.budget_start, ep.budget_done = "budget", len(ep.tokens) + len(obs), ep.turns
+                said["env"] = "budget"
                 continue
             ep.tokens += obs
             ep.policy += [0] * len(obs)
             ep.logp += [0.0] * len(obs)
             if obs:
-                ep.transcript.append({"role": "env", "text": tok.decode(obs)})
+                ep.transcript.append({"role": "env", "text": tok.decode(obs), "tokens": len(obs)})
             still.append(i)
         self.active, self.turn = still, self.turn + 1
 
@@ -227,6 +242,10 @@ class EnvEpisodes(Episodes):
         metrics = {"env/turns": sum(ep.turns for ep in episodes) / len(episodes), "env/errors": float(self.errors),
                    "env/timeouts": float(self.timeouts), "env/env_tokens": sum(env_tokens) / len(episodes),
                    "env/budget_frac": len(budget) / len(episodes), "time/env": self.env_seconds}
+        calls = [ep.info["calls"] for ep in episodes
+                 if isinstance(ep.info, dict) and isinstance(ep.info.get("calls"), int)]
+        if calls:  # a tool environment counts its calls in the last step's info (rlpost/env/tools.py)
+            metrics["env/tool_calls"] = sum(calls) / len(calls)
         if self.role.rescore is not None:  # a learned RL reward (a reward model, a teacher, a PRM) scores them
             batch, scored = self.role.rescore(batch)
             metrics.update(scored)

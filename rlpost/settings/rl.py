@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rlpost.schema import Section, at_least, opt
+from rlpost.schema import ConfigError, Section, at_least, opt
 
 
 @dataclass
@@ -16,6 +16,8 @@ class RLConfig(Section):
                           at_least(0, "0: only at the end"))
     save_every: int = opt(50, "write a resumable checkpoint checkpoints/step_<n> every this many steps (0: only "
                               "checkpoints/final at the end)", at_least(0, "0: only checkpoints/final"))
+    keep_best: bool = opt(False, "with rl.eval_every: keep the policy with the best held-out pass@1 measured during "
+                                 "RL as checkpoints/best (a model folder, rewritten when a new best appears)")
     keep_checkpoints: int = opt(2, "keep the newest this many step checkpoints (0: all)", at_least(0, "0: keep all"))
     weight_sync: str = opt("auto", "the transport of weights to Ray rollout workers (disaggregated/async): 'auto' "
                                    "(ray) | 'ray' (Ray object store) | 'collective' (torch.distributed broadcast); "
@@ -36,3 +38,8 @@ class RLConfig(Section):
                                                        "reward_model | teacher | prm (e.g. {name: teacher, teacher: "
                                                        "runs/x/checkpoints/final}; distill.teacher, prm.path and a "
                                                        "reward_model stage are aliases)")
+
+    def check(self, prefix: str) -> None:
+        if self.keep_best and self.eval_every == 0 and self.steps > 0:
+            raise ConfigError(f"{prefix}keep_best keeps the best of the held-out evaluations during RL, and "
+                              f"{prefix}eval_every=0 runs none: set {prefix}eval_every=N (N < {prefix}steps)")

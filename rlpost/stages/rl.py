@@ -7,15 +7,18 @@ the trainer (`trainer.*`), the sampling (`rollout.*`); the reward is the run's R
 or a learned reward model); the engine and weight sync are placed by the topology's loop (`rl.topology`,
 rlpost/loops/): the run's own, or Ray rollout workers, or those behind an async pipeline.
 
-Every `rl.eval_every` steps it measures held-out pass@1; every `rl.save_every` steps it writes
+Every `rl.eval_every` steps it measures held-out pass@1 (with `rl.keep_best`, a new best is written to
+checkpoints/best/, and its value and step are in the stage's state, so a resume compares with the same best
+as the run it continues); every `rl.save_every` steps it writes
 checkpoints/step_<n>/ (the newest `rl.keep_checkpoints` are kept); it ends with checkpoints/final/.
 A second RL stage of the run (`stages: [..., rl, ..., rl]`) is `rl_2`: checkpoints/rl_2_step_<n>/ and
 rl_2_reference/, its own seed, and its steps logged after the first stage's (metrics.jsonl, rollouts.jsonl).
 Only the run's last RL stage ends with checkpoints/final/; one that another RL stage follows ends with
 checkpoints/<label>/ (rl/, rl_2/, ...), so that `final` is never a model the run trained on from.
 Every `log.rollouts_every` steps it appends the step's samples to rollouts.jsonl, one line each (prompt,
-completion, reward, finish reason, policy version, the sampling log-probs, length); a resume drops the
-lines of steps after its checkpoint, as run.py drops metrics.jsonl's.
+completion, reward, finish reason, policy version, the sampling log-probs, length; an environment's episode
+adds its turns: `episode_fields`); a resume drops the lines of steps after its checkpoint, as run.py drops
+metrics.jsonl's.
 
 With `trainer.strategy=fsdp2` the trainer shards the policy over the ranks (the reference is copied first,
 whole, on every rank) and each rank rolls out, scores and trains on its share of each step's prompts;
@@ -25,6 +28,7 @@ rank 0 writes the console line and the checkpoints (rlpost/run.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 
@@ -116,8 +120,36 @@ def sample_records(step: int, batch: Batch, tokenizer) -> list[dict]:
             record["answer"] = str(rows[i]["answer"])
         if "gold_reward" in batch.meta:  # a learned reward: the verifier's score of the same sample
             record["gold_reward"] = float(batch.meta["gold_reward"][i])
+        if "transcript" in batch.meta:  # an environment's episode: its turns
+            none = [None] * len(batch)
+            record.update(episode_fields(batch.meta["transcript"][i], batch.meta.get("env_error", none)[i],
+                                         batch.meta.get("env_info", none)[i]))
         records.append(record)
     return records
+
+
+def episode_fields(transcript: list[dict], error: str | None, info) -> dict:
+    """The rollouts.jsonl fields of one environment episode (rlpost/rollout/episodes.py's transcript): `turns`,
+    one per policy turn: {policy, policy_tokens, finish (stop | length | budget: how the sampling ended), reward
+    (the environment step's; null when the step failed), env (continue | done | max_turns | budget | error |
+    timeout: what came after the turn), observation (null when none followed), env_tokens}; the episode's
+    `policy_tokens` and `env_tokens`; `env_error` (the failure's message) when it failed; `env_info` (the last
+    step's info, as JSON) when there is one."""
+    turns = []
+    for said in transcript[1:]:  # [0] is the prompt
+        if said["role"] == "assistant":
+            turns.append({"policy": said["text"], "policy_tokens": said.get("tokens"), "finish": said.get("finish"),
+                          "reward": said.get("reward"), "env": said.get("env"), "observation": None,
+                          "env_tokens": 0})
+        elif turns:
+            turns[-1]["observation"], turns[-1]["env_tokens"] = said["text"], said.get("tokens", 0)
+    out = {"turns": turns, "policy_tokens": sum(t["policy_tokens"] or 0 for t in turns),
+           "env_tokens": sum(t["env_tokens"] for t in turns)}
+    if error:
+        out["env_error"] = error
+    if info:
+        out["env_info"] = json.loads(json.dumps(info, default=str))  # what JSON cannot hold, as its text
+    return out
 
 
 def trim_rollouts(run_dir: str, last_step: int) -> int:
@@ -163,6 +195,7 @@ class RLStage(Stage):
         self.trainer_cfg, self.critic_cfg, self.evaluation = trainer_cfg, critic_cfg, evaluation
         self.rollouts_every = log_cfg.rollouts_every if log_cfg is not None else 0
         self.step = 0
+        self.best, self.best_step = -math.inf, None  # rl.keep_best: the best held-out pass@1 so far, its step
 
     def setup(self, ctx: RunContext) -> None:
         rc, tc, model = self.rollout_cfg, self.trainer_cfg, ctx.model
@@ -198,10 +231,12 @@ class RLStage(Stage):
 
     def state_dict(self) -> dict:
         return {"step": self.step, "controller": self.controller.state_dict(), "trainer": self.trainer.state_dict(),
-                "critic": self.critic.state_dict() if self.critic is not None else None}
+                "critic": self.critic.state_dict() if self.critic is not None else None,
+                "best": self.best, "best_step": self.best_step}
 
     def load_state_dict(self, ctx: RunContext, state: dict) -> None:
         self.step = state["step"]
+        self.best, self.best_step = state.get("best", -math.inf), state.get("best_step")  # (older: none kept)
         self.controller.load_state_dict(state["controller"])
         self.trainer.load_state_dict(state["trainer"])
         if self.critic is not None:
@@ -222,6 +257,24 @@ class RLStage(Stage):
     @property
     def reference_folder(self) -> str:
         return "reference" if self.repeat == 1 else f"{self.label}_reference"
+
+    @property
+    def best_folder(self) -> str:
+        return "best" if self.repeat == 1 else f"{self.label}_best"
+
+    def keep_if_best(self, ctx: RunContext, step: int, pass1: float) -> None:
+        """rl.keep_best: when `pass1` beats the best so far, write the policy to checkpoints/best/ (a plain model
+        folder, LoRA adapters merged; not a resume point) and record it in the summary (best_pass@1, best_step).
+        Ties keep the earlier step. Every rank calls it (a sharded policy is gathered); rank 0 writes."""
+        if not pass1 > self.best:
+            return
+        self.best, self.best_step = pass1, step
+        model = dist.unsharded(ctx.model)
+        if dist.is_main():
+            write_model_folder(ctx.run_dir, self.best_folder,
+                               lambda f: save_model(model, ctx.tokenizer, f, merged=True))
+        dist.barrier()
+        ctx.summary.update({f"{self.best_folder}_pass@1": pass1, f"{self.best_folder}_step": step})
 
     def profile_path(self, ctx: RunContext, step: int) -> str | None:
         """RUN_DIR/profile/rl_step_<step>.json when trainer.profile_steps asks for this step (rank 0 only)."""
@@ -247,6 +300,8 @@ class RLStage(Stage):
             if c.eval_every and step % c.eval_every == 0 and step != c.steps:
                 result = self.evaluation.evaluate(ctx)
                 metrics["eval/pass@1"], metrics["eval/mean_reward"] = result["pass@1"], result["mean_reward"]
+                if c.keep_best:
+                    self.keep_if_best(ctx, n, result["pass@1"])
             if self.rollouts_every and step % self.rollouts_every == 0 and dist.is_main():
                 # sharded: rank 0's share of the step's prompts
                 ctx.log.rollouts(sample_records(n, self.controller.sampled, ctx.tokenizer))
