@@ -89,15 +89,17 @@ class Config(Section):
 
 # ---------------------------------------------------------------------------- the stage list
 
-STAGES = ("sft", "preference", "reward_model", "rl", "rejection", "eval")
 STAGE_ALIASES = {"dpo": "preference"}
 
 
-# The sections a stage reads itself, which a stage-list entry may set for that stage alone. What the run builds
-# once before its first stage (model, task, rewards, rollout engine, weight sync, sharding) is the run's: RUN_KEYS.
-STAGE_SECTIONS = {"sft": ("sft", "trainer"), "preference": ("preference", "rollout", "trainer", "eval"),
-                  "reward_model": ("reward_model",), "rl": ("rl", "rollout", "algorithm", "trainer", "critic", "eval"),
-                  "rejection": ("rejection", "rollout", "trainer", "eval"), "eval": ("eval",)}
+def _stages() -> dict[str, type]:
+    """The registered stages (rlpost/stages/: name -> Stage class), read through the hook, not imported. A stage's
+    `sections` are the config sections it reads itself, which a stage-list entry may set for that stage alone."""
+    return lookup("rlpost.stages:STAGES").classes
+
+
+# What the run builds once before its first stage (model, task, rewards, rollout engine, weight sync, sharding)
+# is the run's, and no stage-list entry sets it.
 RUN_KEYS = ("rollout.engine", "rollout.max_new_tokens", "rollout.dtype", "rl.topology", "rl.weight_sync",
             "rl.reward", "trainer.strategy")
 
@@ -144,9 +146,10 @@ def _stage_config(cfg: Config, name: str, settings: dict[str, Any], where: str) 
     data["stages"] = stage_names(cfg)  # the copy validates as one run of the same stages, without recursing
     for key, value in settings.items():
         section = key.split(".")[0]
-        if section not in STAGE_SECTIONS[name]:
+        sections = _stages()[name].sections
+        if section not in sections:
             raise ConfigError(f"config key '{where}' sets {key!r}, which a {name} stage does not read; it may set "
-                              f"keys of {', '.join(STAGE_SECTIONS[name])}")
+                              f"keys of {', '.join(sections)}")
         if key in RUN_KEYS or (section == key and isinstance(value, dict)
                                and any(f"{key}.{k}" in RUN_KEYS for k in value)):
             raise ConfigError(f"config key '{where}' sets {key!r}: {', '.join(RUN_KEYS)} are built once for "
@@ -191,7 +194,7 @@ def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
 
 
 @functools.cache
-def _plugin_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
+def plugin_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
     """The dotted keys of the plug-in mappings (fields declaring a `plugin`): 'algorithm', 'preference.loss'."""
     cls = cls or Config
     keys = set()
@@ -199,7 +202,7 @@ def _plugin_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
         if "plugin" in f.metadata:
             keys.add(prefix + f.name)
         elif dataclasses.is_dataclass(hints(cls)[f.name]):
-            keys |= _plugin_keys(hints(cls)[f.name], f"{prefix}{f.name}.")
+            keys |= plugin_keys(hints(cls)[f.name], f"{prefix}{f.name}.")
     return frozenset(keys)
 
 
@@ -208,7 +211,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dic
     the plug-in it names starts from its own defaults, never from the parameters of the one it replaces."""
     out = dict(base)
     for k, v in extra.items():
-        replace = prefix + k in _plugin_keys() and isinstance(v, dict) and "name" in v
+        replace = prefix + k in plugin_keys() and isinstance(v, dict) and "name" in v
         deep = isinstance(v, dict) and isinstance(out.get(k), dict) and not replace
         out[k] = _merge(out[k], v, f"{prefix}{k}.") if deep else v
     return out
@@ -286,7 +289,8 @@ def _validate_stages(cfg: Config) -> None:
     so a switch that names a stage the list leaves out is a contradiction."""
     if cfg.stages is None:
         return
-    valid = ", ".join(STAGES + tuple(STAGE_ALIASES))
+    stages = _stages()
+    valid = ", ".join(tuple(stages) + tuple(STAGE_ALIASES))
     if not cfg.stages:
         raise ConfigError(f"config key 'stages' is an empty list; give the stages in order ({valid}), or null "
                           "for the default order")
@@ -295,7 +299,7 @@ def _validate_stages(cfg: Config) -> None:
             raise ConfigError(f"config key 'stages[{i}]' must be a stage name or {{name: {{key: value, ...}}}} "
                               f"(one stage and its own settings), got {s!r}")
         name = next(iter(s)) if isinstance(s, dict) else s
-        if not isinstance(name, str) or (name not in STAGES and name not in STAGE_ALIASES):
+        if not isinstance(name, str) or (name not in stages and name not in STAGE_ALIASES):
             raise ConfigError(f"config key 'stages' names an unknown stage {name!r}; valid stages: {valid}")
     names = stage_names(cfg)
     for name, sc in stage_configs(cfg):  # each stage checked with the settings it runs with

@@ -76,7 +76,7 @@ import yaml
 from rlpost import distributed as dist
 from rlpost.checkpoint import (Checkpoint, clean_partial, is_write_failure, list_checkpoints, load_rng_state,
                                remove_step_checkpoints, verify, write_error)
-from rlpost.config import Config, from_dict, stage_configs, stage_names, to_dict
+from rlpost.config import Config, from_dict, plugin_keys, stage_configs, stage_names, to_dict
 from rlpost.env import check_vocabulary, observation_alphabet, response_budget
 from rlpost.env.sources import SourceInputs, build_rl_reward, rl_reward_spec
 from rlpost.env.verifiers import reward_role
@@ -87,13 +87,8 @@ from rlpost.models.lora import fold_adapters, is_lora
 from rlpost.runlog import (RUN_FILE, ResumeError, RunLog, discard_run_dir, make_run_dir, open_log, replace_file,
                            run_id_of)
 from rlpost.sinks import check_available
+from rlpost.stages import STAGES
 from rlpost.stages.base import RunContext, RunInterrupted, Stage
-from rlpost.stages.evaluate import EvalStage
-from rlpost.stages.preference import PreferenceStage
-from rlpost.stages.rejection import RejectionStage
-from rlpost.stages.reward_model import RewardModelStage
-from rlpost.stages.rl import RLStage
-from rlpost.stages.sft import SFTStage
 from rlpost.tasks import load_task
 from rlpost.weight_sync import WeightSync
 
@@ -102,7 +97,7 @@ from rlpost.weight_sync import WeightSync
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k != "algorithm" and not k.endswith("loss"):
+        if isinstance(v, dict) and prefix + k not in plugin_keys():  # a plug-in's mapping is compared whole
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
@@ -157,24 +152,15 @@ def eval_labels(names: list[str]) -> list[str | None]:
 def build_stages(cfg: Config) -> list[Stage]:
     """The run's stages from the config (`stage_configs`), each given only its own sections, from the settings
     of its own entry in the stage list when it has them."""
-    def evaluation(c: Config, label: str) -> EvalStage:
-        return EvalStage(c.eval, c.rollout, label)
-
-    make = {"sft": lambda c: SFTStage(c.sft, c.trainer),
-            "preference": lambda c: PreferenceStage(c.preference, c.rollout, c.trainer, c.eval),
-            "reward_model": lambda c: RewardModelStage(c.reward_model, c.preference),
-            "rl": lambda c: RLStage(c.rl, c.rollout, c.algorithm, c.trainer, c.critic, evaluation(c, "rl"),
-                                    log_cfg=c.log),
-            "rejection": lambda c: RejectionStage(c.rejection, c.rollout, c.trainer, c.eval)}
     plan = stage_configs(cfg)
     stages: list[Stage] = []
     count: dict[str, int] = {}
     rl_steps = 0  # RL steps of the RL stages so far: a later RL stage logs its steps after them
     for (name, stage_cfg), label in zip(plan, eval_labels([name for name, _ in plan])):
+        stage = STAGES.classes[name].from_config(stage_cfg, label)
         if name == "eval":
-            stages.append(evaluation(stage_cfg, label))
+            stages.append(stage)
             continue
-        stage = make[name](stage_cfg)
         count[name] = stage.repeat = count.get(name, 0) + 1
         if name == "rl":
             stage.step_offset, rl_steps = rl_steps, rl_steps + stage_cfg.rl.steps

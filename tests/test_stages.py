@@ -180,3 +180,30 @@ def test_rlpost_dpo_refuses_a_stage_list(capsys):
 
     assert main(["dpo", "stages=[sft, dpo, eval]"]) == 2
     assert "runs with `rlpost train`" in capsys.readouterr().err
+
+
+def test_a_new_stage_is_one_class_and_its_registry_line():
+    """A stage registered by name is a valid `stages` entry, takes only its own sections from an entry's
+    settings, and is built by build_stages: nothing else changes (no table in config.py or run.py)."""
+    from rlpost.stages import STAGES, Stage, register
+
+    @register("probe")
+    class ProbeStage(Stage):
+        sections = ("eval",)
+
+        @classmethod
+        def from_config(cls, cfg, label=None):
+            stage = cls()
+            stage.samples = cfg.eval.samples_per_prompt
+            return stage
+
+    try:
+        cfg = load_config(None, ["stages=[sft, {probe: {eval.samples_per_prompt: 3}}, eval]"])
+        stages = build_stages(cfg)
+        assert [s.name for s in stages] == ["sft", "probe", "eval"] and stages[1].samples == 3
+        with pytest.raises(ConfigError, match="a probe stage does not read; it may set keys of eval"):
+            load_config(None, ["stages=[{probe: {trainer.lr: 0.1}}]"])
+    finally:
+        del STAGES.classes["probe"]
+    with pytest.raises(ConfigError, match="unknown stage 'probe'"):
+        load_config(None, ["stages=[probe]"])

@@ -8,6 +8,13 @@
     rl.py            the RL loop (rlpost/controller.py) with checkpoints and periodic evaluation
     rejection.py     rejection-sampling SFT: fine-tuning on the policy's own verified samples (after RL)
 
-Each stage is built from its own config sections only, and implements `rlpost.stages.base.Stage`;
-a stage imports stages/base.py, never rlpost/run.py (which imports the stages).
+Each stage is built from its own config sections only (`sections`, `from_config`), implements
+`rlpost.stages.base.Stage` and registers itself by name in `STAGES` (`@register("sft")`); a new stage is
+one file here and its import line below. A stage imports stages/base.py, never rlpost/run.py (which
+imports the stages).
 """
+
+from rlpost.stages.base import STAGES, RunContext, Stage, register
+from rlpost.stages import sft, preference, reward_model, rl, rejection, evaluate  # noqa: F401 - each registers itself
+
+__all__ = ["STAGES", "RunContext", "Stage", "register"]

@@ -11,7 +11,12 @@ from typing import Any
 from rlpost import distributed as dist
 from rlpost.checkpoint import rng_state, write_checkpoint
 from rlpost.models import encode_prompt, save_model
+from rlpost.registry import Registry
 from rlpost.runlog import RunLog
+
+# name -> Stage class: what a `stages` list entry (and build_stages) may name; each stage module registers itself
+STAGES = Registry("stage", "stages")
+register = STAGES.register
 
 
 class RunInterrupted(Exception):
@@ -91,10 +96,17 @@ class Stage:
     re-creates a finished stage's effect on the context (e.g. the RL reward) on resume."""
 
     name = "stage"
+    sections: tuple[str, ...] = ()  # the config sections it reads: what a `stages` entry may set for it alone
     changes_weights = False   # a finished stage that changed the policy saves it (checkpoints/<checkpoint>)
     checkpoint = ""           # the folder name of its end-of-stage checkpoint ("" : the stage's name)
     keep_step_checkpoints = False  # False: its mid-stage checkpoints go once the end-of-stage one is written
     repeat = 1                # the n-th stage of its name in the run (build_stages counts them)
+
+    @classmethod
+    def from_config(cls, cfg, label: str | None = None) -> "Stage":
+        """The stage built from the run's config (only its own `sections` of it); `label`: an evaluation's, the
+        stage it follows (build_stages gives it)."""
+        raise NotImplementedError
 
     @property
     def label(self) -> str:

@@ -10,13 +10,19 @@ from tqdm import tqdm
 from rlpost import distributed as dist
 from rlpost.env.verifiers import eval_reward_role
 from rlpost.heldout import pass_at_1
-from rlpost.stages.base import RunContext, Stage
+from rlpost.stages.base import RunContext, Stage, register
 
 
+@register("eval")
 class EvalStage(Stage):
     """`eval.*` (samples, temperature, batch size, the reward it scores by) and `rollout.max_new_tokens`."""
 
     name = "eval"
+    sections = ("eval",)
+
+    @classmethod
+    def from_config(cls, cfg, label: str | None = None) -> "EvalStage":
+        return cls(cfg.eval, cfg.rollout, label or "")
 
     def __init__(self, cfg, rollout_cfg, label: str):
         self.cfg, self.max_new_tokens, self.after = cfg, rollout_cfg.max_new_tokens, label

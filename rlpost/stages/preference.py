@@ -21,7 +21,7 @@ from rlpost.preference.data import (PreferenceDataError, load_preferences, model
                                     tokenize_preferences, write_preference_rows)
 from rlpost.preference.fit import train_preference
 from rlpost.rollout import SamplingParams
-from rlpost.stages.base import RunContext, Stage
+from rlpost.stages.base import RunContext, Stage, register
 
 
 def system_prompt(ctx: RunContext) -> str | None:
@@ -29,13 +29,19 @@ def system_prompt(ctx: RunContext) -> str | None:
     return getattr(ctx.task, "system_prompt", None)
 
 
+@register("preference")
 class PreferenceStage(Stage):
     """`preference.*`; sampling from `rollout.*` for self-made pairs; AdamW's weight decay and betas, clipping,
     the non-finite guard, precision and gradient checkpointing from `trainer.*` (rlpost.preference.fit.
     trainer_config); generation batch size from `eval.batch_prompts`."""
 
     name = "preference"
+    sections = ("preference", "rollout", "trainer", "eval")
     changes_weights = True
+
+    @classmethod
+    def from_config(cls, cfg, label: str | None = None) -> "PreferenceStage":
+        return cls(cfg.preference, cfg.rollout, cfg.trainer, cfg.eval)
 
     def __init__(self, cfg, rollout_cfg, trainer_cfg, eval_cfg):
         self.cfg, self.rollout_cfg, self.trainer_cfg, self.eval_cfg = cfg, rollout_cfg, trainer_cfg, eval_cfg

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.episodes import episodes_in_chunks
-from rlpost.stages.base import RunContext
+from rlpost.stages.base import RunContext, register
 from rlpost.stages.rl import prompt_text
 from rlpost.stages.sft import SupervisedStage
 
@@ -59,13 +59,19 @@ def response_region(batch, i: int) -> tuple[list[int], list[int]]:
     return batch.input_ids[i, P:][real].tolist(), batch.response_mask[i, P:][real].tolist()
 
 
+@register("rejection")
 class RejectionStage(SupervisedStage):
     """`rejection.*`; sampling from `rollout.*` (temperature, max_new_tokens); generation batch size from
     `eval.batch_prompts`; the fine-tuning's optimizer from `rejection.*` (lr, warmup_steps, min_lr_ratio,
     weight_decay, adam_beta1, adam_beta2, grad_clip); precision and gradient checkpointing from `trainer.*`."""
 
     name = "rejection"
+    sections = ("rejection", "rollout", "trainer", "eval")
     resumable = False  # no mid-stage checkpoints: a resume runs the stage again from its start
+
+    @classmethod
+    def from_config(cls, cfg, label: str | None = None) -> "RejectionStage":
+        return cls(cfg.rejection, cfg.rollout, cfg.trainer, cfg.eval)
 
     def __init__(self, cfg, rollout_cfg, trainer_cfg, eval_cfg):
         super().__init__(cfg, trainer_cfg)

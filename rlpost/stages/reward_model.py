@@ -16,7 +16,7 @@ import random
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
 from rlpost.env.reward_model import RewardModel, fit_reward_model, task_pairs
 from rlpost.env.sources import SourceInputs, build_rl_reward
-from rlpost.stages.base import RunContext, Stage
+from rlpost.stages.base import RunContext, Stage, register
 
 
 def fit_reward_model_from_config(rc, pc, seed: int, policy, tokenizer, task, run_dir: str, log):
@@ -60,11 +60,17 @@ def fit_reward_model_from_config(rc, pc, seed: int, policy, tokenizer, task, run
     return rm, result
 
 
+@register("reward_model")
 class RewardModelStage(Stage):
     """`reward_model.*` (and `preference.*` for the pair data)."""
 
     name = "reward_model"
+    sections = ("reward_model",)
     checkpoint = "after_reward_model"
+
+    @classmethod
+    def from_config(cls, cfg, label: str | None = None) -> "RewardModelStage":
+        return cls(cfg.reward_model, cfg.preference)
 
     def __init__(self, cfg, preference_cfg):
         self.cfg, self.preference_cfg = cfg, preference_cfg

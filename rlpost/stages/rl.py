@@ -48,7 +48,7 @@ from rlpost.reference import Reference
 from rlpost.env.reward import decode_responses
 from rlpost.rollout import SamplingParams
 from rlpost.runlog import ROLLOUTS_FILE, count_lines
-from rlpost.stages.base import RunContext, Stage
+from rlpost.stages.base import STAGES, RunContext, Stage, register
 from rlpost.trainer import Trainer
 
 _SHORT = {"rollout": "roll", "reward": "rew", "reference": "ref", "critic": "critic", "advantages": "adv",
@@ -174,16 +174,23 @@ def trim_rollouts(run_dir: str, last_step: int) -> int:
     return len(lines) - len(kept)
 
 
+@register("rl")
 class RLStage(Stage):
     """`rl.*`, `rollout.*`, `algorithm`, `trainer.*`, `critic.*`, `log.rollouts_every`; `evaluation` measures
     pass@1 mid-stage."""
 
     name = "rl"
+    sections = ("rl", "rollout", "algorithm", "trainer", "critic", "eval")
     changes_weights = True
     checkpoint = "final"
     keep_step_checkpoints = True
     step_offset = 0  # RL steps of the run's RL stages before this one: its step n is logged as step_offset + n
     last = True      # the run's last RL stage (build_stages says which): it alone ends in checkpoints/final/
+
+    @classmethod
+    def from_config(cls, cfg, label: str | None = None) -> "RLStage":
+        return cls(cfg.rl, cfg.rollout, cfg.algorithm, cfg.trainer, cfg.critic,
+                   STAGES.classes["eval"].from_config(cfg, "rl"), log_cfg=cfg.log)
 
     @property
     def end_checkpoint(self) -> str:

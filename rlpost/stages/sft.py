@@ -22,7 +22,7 @@ from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
 from rlpost.progress import progress
 from rlpost.models import encode_demonstration
-from rlpost.stages.base import RunContext, Stage
+from rlpost.stages.base import RunContext, Stage, register
 from rlpost.trainer import Trainer
 
 
@@ -105,11 +105,17 @@ class SupervisedStage(Stage):
         bar.close()
 
 
+@register("sft")
 class SFTStage(SupervisedStage):
     """`sft.*`: `steps` optimizer steps of `batch_size` demonstrations drawn with replacement, the optimizer's
     settings; precision, gradient checkpointing and the log-prob chunk from `trainer.*`."""
 
     name = "sft"
+    sections = ("sft", "trainer")
+
+    @classmethod
+    def from_config(cls, cfg, label: str | None = None) -> "SFTStage":
+        return cls(cfg.sft, cfg.trainer)
 
     def setup(self, ctx: RunContext) -> None:
         tok, demos = ctx.tokenizer, ctx.task.demonstrations
