@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)        ## the main job: SFT then GRPO on the embedded default
 	$(VENV)/bin/rlpost train
 
-test: $(STAMP)       ## the fast default suite (what CI runs)
+test: $(STAMP)       ## ruff, then the fast default suite (what CI runs)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)  ## opt-in end-to-end runs (minutes), the 20-kill resume test among them

@@ -36,11 +36,11 @@ def matmul_floor(cfg, prompt_lens: list[int], k: int, new_tokens: int, reps: int
     products, so generate's time over this floor bounds what such an engine written with torch's kernels can
     gain over it (shared-prompt attention reads a long prompt once per prompt, and can go below it). Best
     of `reps`."""
-    C, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    C, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size  # F: the MLP's inner width
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = C // H
     B, P = len(prompt_lens) * k, max(prompt_lens)
-    weights = [torch.randn(n_in, n_out) for n_in, n_out in ((C, (H + 2 * Hkv) * D), (H * D, C), (C, 2 * I), (I, C))]
+    weights = [torch.randn(n_in, n_out) for n_in, n_out in ((C, (H + 2 * Hkv) * D), (H * D, C), (C, 2 * F), (F, C))]
     head = torch.randn(C, V)
     cache = torch.randn(2, B, Hkv, P + new_tokens, D)
     rows_max = max(B, sum(prompt_lens))

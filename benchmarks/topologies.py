@@ -60,7 +60,8 @@ def main() -> int:
     print(load_line())
     runs = {}
     for name, extra in (("colocated", ["rl.topology=colocated"]),
-                        ("async", ["rl.topology=async", f"rl.max_staleness={args.staleness}", "rl.rollout_workers=1"])):
+                        ("async", ["rl.topology=async", f"rl.max_staleness={args.staleness}",
+                                   "rl.rollout_workers=1"])):
         cfg = load_config(None, [*common, *extra, f"run_name={name}"])
         train(cfg)
         runs[name] = fit(os.path.join(out, name), args.warmup)  # per-term medians after the warm-up

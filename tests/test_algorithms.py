@@ -217,7 +217,8 @@ def test_every_algorithm_has_the_one_signature(name):
     algo = get_algorithm(name)
     out = algo.compute_advantages(b)
     assert isinstance(out, Batch) and out.advantages.shape == out.input_ids.shape
-    loss, metrics = algo.compute_loss(logp[:len(out)].requires_grad_(True), with_trainer_fields(out))  # dapo drops rows
+    # dapo drops rows
+    loss, metrics = algo.compute_loss(logp[:len(out)].requires_grad_(True), with_trainer_fields(out))
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert all(isinstance(v, float) for v in metrics.values())
     loss.backward()
@@ -234,7 +235,8 @@ def test_masked_positions_never_change_advantages_or_loss(name):
 
     a1 = algo.compute_advantages(b)
     a2 = get_algorithm(name, beta=0.05).compute_advantages(
-        b.replace(old_logp=garbage(b.old_logp, -1e4), ref_logp=garbage(b.ref_logp, 30.0), values=garbage(b.values, 1e3)))
+        b.replace(old_logp=garbage(b.old_logp, -1e4), ref_logp=garbage(b.ref_logp, 30.0),
+                  values=garbage(b.values, 1e3)))
     assert torch.allclose(a1.advantages, a2.advantages, atol=1e-6)
     lp, m1 = logp[:len(a1)], ~a1.response_mask.bool()
     full = with_trainer_fields(a1)

@@ -161,7 +161,8 @@ def test_the_readme_keeps_the_two_quickstart_commands():
 
 @pytest.mark.parametrize("heading, slug", [
     # checked against the ids `mkdocs build` wrote for these headings
-    ("Correcting stale rollouts (`algorithm.rollout_correction`)", "correcting-stale-rollouts-algorithmrollout_correction"),
+    ("Correcting stale rollouts (`algorithm.rollout_correction`)",
+     "correcting-stale-rollouts-algorithmrollout_correction"),
     ("Preference optimisation: the DPO family", "preference-optimisation-the-dpo-family"),
     ("The math verifier (`task.reward: math`)", "the-math-verifier-taskreward-math"),
     ("Logging to TensorBoard and W&B", "logging-to-tensorboard-and-wb"),

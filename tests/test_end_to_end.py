@@ -77,7 +77,8 @@ def bad_reward(completion, row):
 
 
 def test_a_reward_that_raises_stops_the_run_and_keeps_everything(tmp_path):
-    cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "run_name=broken", "task.reward=test_end_to_end:bad_reward"])
+    cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "run_name=broken",
+                                    "task.reward=test_end_to_end:bad_reward"])
     with pytest.raises(RewardError, match="failed on sample 0 .*ZeroDivisionError: checker crashed"):
         train(cfg)
     run = tmp_path / "broken"

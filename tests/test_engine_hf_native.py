@@ -81,7 +81,8 @@ def test_cached_decode_logits_equal_a_full_forward(request, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7), dict(temperature=1.0, top_k=20, top_p=0.9)])
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7),
+                                dict(temperature=1.0, top_k=20, top_p=0.9)])
 def test_old_logp_equals_trainer_logprobs(request, name, kw):
     model, tok = get(request, name)
     batch = HFNativeEngine(model, tok).generate(encode(tok, PROMPTS), 4, SamplingParams(max_new_tokens=10, **kw), 0)

@@ -45,7 +45,8 @@ def engine(llama):
 
     model, tok = llama
     eng = VLLMEngine(model, tok)
-    print(f"\n[vllm] engine start-up {eng.startup_seconds:.1f} s; torch threads after start: {torch.get_num_threads()}")
+    print(f"\n[vllm] engine start-up {eng.startup_seconds:.1f} s; torch threads after start: "
+          f"{torch.get_num_threads()}")
     yield eng
     eng.close()
 

@@ -81,7 +81,8 @@ def test_bad_extract_option_is_named():
 
 EQUAL = [
     ("42 dollars", "42"), (r"5\text{ cm}", "5"),
-    ("0.5", "1/2"), ("1/2", r"\frac{1}{2}"), (r"\dfrac{1}{2}", "0.5"), (r"\frac12", "0.50"), ("-0.25", r"-\frac{1}{4}"),
+    ("0.5", "1/2"), ("1/2", r"\frac{1}{2}"), (r"\dfrac{1}{2}", "0.5"), (r"\frac12", "0.50"),
+    ("-0.25", r"-\frac{1}{4}"),
     ("0.333333", r"\frac{1}{3}"), ("0.003333", "1/300"), ("3.0000004", "3"),
     ("1,000", "1000"), ("$42$", "42"), (r"\$5", "5"), ("3", "3.0"),
     ("50%", "0.5"), (r"50\%", "50"), ("12.5%", "0.125"), ("12.5%", "12.5"),
@@ -127,7 +128,8 @@ def test_without_fast_path_math_verify_agrees_on_numbers(reward):
     r._pool = reward._pool                  # and the same (started) worker processes
     try:
         for pred, gold, want in [("0.5", "1/2", True), (r"\frac{1}{3}", "0.333333", True), ("1,000", "1000", True),
-                                 ("50%", "0.5", True), ("12.5%", "12.5", True), ("0.5", "1/3", False), ("7", "8", False),
+                                 ("50%", "0.5", True), ("12.5%", "12.5", True), ("0.5", "1/3", False),
+                                 ("7", "8", False),
                                  ("Paris", "paris", True)]:
             assert r.equivalent(pred, gold) is want, (pred, gold)
     finally:
@@ -262,7 +264,8 @@ def test_close_and_interpreter_exit(tmp_path):
     script.write_text(EXIT_SCRIPT % SLOW)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     started = time.monotonic()
-    done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True, timeout=100)
+    done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True,
+                          timeout=100)
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 60
     for pid in map(int, done.stdout.split()):

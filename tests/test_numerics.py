@@ -10,7 +10,8 @@ from rlpost import Batch, get_algorithm
 from rlpost.algorithms import available
 
 ALL = sorted(available())
-GROUP_NORMALISED = {"grpo": {}, "gspo": {}, "dapo": {"dynamic_sampling": False}, "dr_grpo": {}, "rloo": {}, "cispo": {},
+GROUP_NORMALISED = {"grpo": {}, "gspo": {}, "dapo": {"dynamic_sampling": False}, "dr_grpo": {}, "rloo": {},
+                    "cispo": {},
                     "sapo": {}}
 
 

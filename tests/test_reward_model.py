@@ -98,7 +98,8 @@ def test_learned_reward_scores_rollouts_and_keeps_the_gold_reward(tiny_gpt):
     torch.nn.init.normal_(rm.head.weight)
     engine = build_engine("native", model, tok)
     rows = [{"prompt": "12+30=", "answer": "42"}, {"prompt": "1+1=", "answer": "2"}]
-    batch = engine.generate([tok.encode_prompt(r["prompt"]) for r in rows], 3, SamplingParams(max_new_tokens=4), seed=0)
+    batch = engine.generate([tok.encode_prompt(r["prompt"]) for r in rows], 3, SamplingParams(max_new_tokens=4),
+                            seed=0)
     batch = batch.replace(meta={**batch.meta, "row": [r for r in rows for _ in range(3)]})
     always_one = lambda completion, row: 1.0  # noqa: E731
     scored, metrics = LearnedReward(rm, tok, gold=always_one)(batch)
@@ -127,7 +128,8 @@ def test_rm_command_reports_pair_accuracy(tiny_gpt, tmp_path):
     model, tok = tiny_gpt
     save_model(model, tok, str(tmp_path / "sft"))
     args = [f"out_dir={tmp_path}", "run_name=rm", f"model.name={tmp_path / 'sft'}", "task.num_eval=40",
-            "reward_model.pairs=64", "reward_model.eval_pairs=40", "reward_model.epochs=1", "reward_model.batch_size=32"]
+            "reward_model.pairs=64", "reward_model.eval_pairs=40", "reward_model.epochs=1",
+            "reward_model.batch_size=32"]
     assert main(["rm", *args]) == 0
     on_disk = json.loads((tmp_path / "rm" / "summary.json").read_text())
     assert 0.0 <= on_disk["rm_pair_accuracy"] <= 1.0 and os.path.isdir(on_disk["reward_model"])

@@ -74,7 +74,8 @@ def test_the_roles_read_their_valid_names_from_the_section_modules():
     assert rlpost.schedule.SCHEDULES is rlpost.settings.trainer.SCHEDULES
     assert rlpost.critic.CRITIC_TYPES is rlpost.settings.critic.CRITIC_TYPES
     # the topologies and their weight-sync names are a registry the rl section reads when a config is validated
-    assert rlpost.settings.rl.RLConfig.__dataclass_fields__["topology"].metadata["choices"] == "rlpost.loops:TOPOLOGIES"
+    topology = rlpost.settings.rl.RLConfig.__dataclass_fields__["topology"]
+    assert topology.metadata["choices"] == "rlpost.loops:TOPOLOGIES"
 
 
 # ---------------------------------------------------------------------------- each section checks itself

@@ -136,7 +136,8 @@ def test_ray_engine_splits_prompts_and_seeds_like_local_engines(ray_local):
             n = part.input_ids.shape[1] - part.prompt_width
             assert torch.equal(resp[rows, :n], part.input_ids[:, part.prompt_width:])
             # (log-probs to rounding: the worker runs 1 thread, this process 2)
-            assert torch.allclose(batch.old_logp[rows, batch.prompt_width:][:, :n], part.old_logp[:, part.prompt_width:],
+            assert torch.allclose(batch.old_logp[rows, batch.prompt_width:][:, :n],
+                                  part.old_logp[:, part.prompt_width:],
                                   atol=1e-6)
     finally:
         engine.close()
@@ -201,7 +202,8 @@ def reward_that_kills_the_worker(completion: str, row: dict) -> float:
         import psutil  # Ray's own dependency
 
         # this run's worker: a descendant of this process (its Ray was started here), not another run's
-        workers = [p for p in psutil.Process().children(recursive=True) if "ray::RolloutWorker" in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process().children(recursive=True)
+                   if "ray::RolloutWorker" in " ".join(p.cmdline())]
         assert len(workers) == 1, workers
         workers[0].kill()
     return answer_match(completion, row["answer"])
@@ -256,7 +258,8 @@ def test_a_run_joins_the_cluster_in_RAY_ADDRESS_and_leaves_it_running(tmp_path):
     address = f"127.0.0.1:{port}"
     try:
         for _ in range(120):  # the head is up once `ray status` answers
-            if subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True).returncode == 0:
+            status = subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True)
+            if status.returncode == 0:
                 break
             time.sleep(1)
         out = subprocess.run([sys.executable, "-m", "rlpost.cli", "train", *TINY, "rl.steps=2", "sft.steps=4",

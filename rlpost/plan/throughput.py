@@ -138,7 +138,8 @@ def diagnose(t: Terms) -> dict:
         if rollout_side > train_side:
             bottleneck = "rollout"
             advice.append(f"the trainer waits {t.rollout_wait:.3f} s/step for rollouts: add rollout workers "
-                          f"(rl.rollout_workers={t.workers + 1} predicts {predict(t, 'async', t.workers + 1)['step_s']:.3f} "
+                          f"(rl.rollout_workers={t.workers + 1} predicts "
+                          f"{predict(t, 'async', t.workers + 1)['step_s']:.3f} "
                           "s/step) or a faster engine (rollout.engine, rollout.max_num_seqs)")
         else:
             bottleneck = "train"

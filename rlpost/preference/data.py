@@ -276,7 +276,8 @@ def tokenize_preferences(rows: list[dict], tokenizer, *, max_length: int | None,
                 bad.append(f"{where}: the prompt is {len(p)} tokens, which leaves no room in the context of "
                            f"{max_length} tokens")
                 continue
-            long = [f"prompt + {k} is {len(p) + len(c)} tokens" for k, c in zip(keys, comps) if len(p) + len(c) > max_length]
+            long = [f"prompt + {k} is {len(p) + len(c)} tokens" for k, c in zip(keys, comps)
+                    if len(p) + len(c) > max_length]
             if long:
                 bad.append(f"{where}: {', '.join(long)}, longer than the context of {max_length} tokens")
                 continue

@@ -10,8 +10,8 @@ not overfit deterministic preferences as DPO can.
 Convention (stated, configurable): with `average_logprobs=True` (default) every log pi above is the
 *length-averaged* log-prob (sum / completion tokens), the convention of TRL's `loss_type="ipo"`
 (it divides the sequence log-prob by the completion length for IPO only); `average_logprobs=False`
-uses sums over tokens, the paper's sequence probabilities taken literally. The implicit reward reported is beta * (log pi -
-log pi_ref) under the same convention.
+uses sums over tokens, the paper's sequence probabilities taken literally. The implicit reward reported is
+beta * (log pi - log pi_ref) under the same convention.
 """
 
 from __future__ import annotations

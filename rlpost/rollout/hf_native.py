@@ -104,7 +104,8 @@ class HFNativeEngine(ModuleEngine):
 
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
         self._open()
-        with self._autocast(self.device):  # the matmul weights are pre-cast (cast_matmuls): autocast casts activations only
+        # the matmul weights are pre-cast (cast_matmuls): autocast casts activations only
+        with self._autocast(self.device):
             return scheduler.generate(self, self.tokenizer, prompts, k, params, seed, self._policy_version,
                                       self.prefix_block, self.shared_attention_min)
 

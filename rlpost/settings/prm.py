@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from rlpost.schema import LEARNING_RATE, ConfigError, Section, above, at_least, opt
 
-PRM_REWARDS = ("score", "delta")  # prm.reward: how a step's PRM score becomes its reward (rlpost/env/process_reward.py)
+# prm.reward: how a step's PRM score becomes its reward (rlpost/env/process_reward.py)
+PRM_REWARDS = ("score", "delta")
 
 
 @dataclass
