@@ -10,6 +10,10 @@ With LoRA (model.lora) there is no copy: the reference is the policy's own modul
 stage's end folds the adapters into, so it is the policy as the stage started. That saves one whole set of
 base weights (`shares_policy` says which).
 
+Under `precision="bf16"` the copy is stored in bf16 (half an fp32 copy's memory): it only ever runs under
+bf16 autocast, whose matmuls would cast fp32 weights to bf16 anyway (docs/models.md has the measured
+log-prob difference from an fp32 copy). An fp32 run's copy is the policy's own dtype.
+
 The copy lives on the policy's device; a batch from any device is scored there and its ref_logp comes
 back on the batch's device. It scores as the trainer does, from the same `trainer.*` section (`cfg`) and
 the same sampling parameters (`params`): with precision="bf16" under bf16 autocast, at the temperature the
@@ -54,6 +58,8 @@ class Reference:
             self.model = copy.deepcopy(policy).eval()
             self.model.requires_grad_(False)
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
+            if cfg.precision == "bf16":  # it only runs under bf16 autocast: fp32 weights would be cast there anyway
+                self.model.to(torch.bfloat16)
         self.temperature, self.precision, self.logprob_chunk = temperature, cfg.precision, cfg.logprob_chunk
         self.micro_batch_size, self.micro_batch_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
         self.packing = cfg.packing
