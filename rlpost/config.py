@@ -26,6 +26,7 @@ import yaml
 
 from rlpost.schema import ConfigError, RangeError, Section, at_least, from_dict, hints, lookup, opt
 from rlpost.settings.critic import CriticConfig
+from rlpost.settings.reference import ReferenceConfig
 from rlpost.settings.distill import DistillConfig
 from rlpost.settings.eval import EvalConfig
 from rlpost.settings.log import LogConfig
@@ -42,7 +43,8 @@ from rlpost.settings.trainer import TrainerConfig
 
 __all__ = [  # the sections, importable from here as they always were
     "Config", "ConfigError", "CriticConfig", "DistillConfig", "EvalConfig", "LogConfig", "LoRAConfig", "LORA_TARGETS",
-    "ModelConfig", "PreferenceConfig", "PRM_REWARDS", "PRMConfig", "RejectionConfig", "RewardModelConfig",
+    "ModelConfig", "PreferenceConfig", "PRM_REWARDS", "PRMConfig", "ReferenceConfig", "RejectionConfig",
+    "RewardModelConfig",
     "RLConfig", "RolloutConfig", "Section", "SFTConfig", "TaskConfig", "TrainerConfig", "describe", "from_dict",
     "load_config", "opt", "stage_configs", "stage_names", "to_dict"]
 
@@ -67,6 +69,7 @@ class Config(Section):
                                     plugin="rlpost.algorithms:get_algorithm")
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -96,7 +99,8 @@ STAGE_ALIASES = {"dpo": "preference"}
 # The sections a stage reads itself, which a stage-list entry may set for that stage alone. What the run builds
 # once before its first stage (model, task, rewards, rollout engine, weight sync, sharding) is the run's: RUN_KEYS.
 STAGE_SECTIONS = {"sft": ("sft", "trainer"), "preference": ("preference", "rollout", "trainer", "eval"),
-                  "reward_model": ("reward_model",), "rl": ("rl", "rollout", "algorithm", "trainer", "critic", "eval"),
+                  "reward_model": ("reward_model",),
+                  "rl": ("rl", "rollout", "algorithm", "trainer", "critic", "reference", "eval"),
                   "rejection": ("rejection", "rollout", "trainer", "eval"), "eval": ("eval",)}
 RUN_KEYS = ("rollout.engine", "rollout.max_new_tokens", "rollout.dtype", "rl.topology", "rl.weight_sync",
             "rl.reward", "trainer.strategy")
@@ -238,6 +242,7 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
 def _validate(cfg: Config) -> None:
     cfg.validate()  # each section's own keys: ranges, valid names, plug-ins (algorithm, preference.loss), own rules
     _validate_lora(cfg)
+    _validate_reference(cfg)
     _validate_task(cfg)
     _validate_rejection(cfg)
     _validate_stages(cfg)
@@ -252,6 +257,19 @@ def _validate_lora(cfg: Config) -> None:
     if cfg.model.lora.r > 0 and cfg.rollout.engine == "vllm":
         raise ConfigError("model.lora with rollout.engine=vllm is not supported: vLLM would need the merged weights "
                           "at every sync; use rollout.engine=auto (native) or hf")
+
+
+def _validate_reference(cfg: Config) -> None:
+    if not cfg.reference.offload:
+        return
+    if cfg.model.device == "cpu":
+        raise ConfigError("config key 'reference.offload' is true with model.device=cpu: nothing to offload to (the "
+                          "reference already lives in CPU memory, where the policy computes); set "
+                          "reference.offload=false, or run on a GPU")
+    if cfg.model.lora.r > 0:
+        raise ConfigError("config key 'reference.offload' is true with model.lora.r > 0: nothing to offload (the "
+                          "reference is the policy's own base with its adapters off, not a copy); set "
+                          "reference.offload=false")
 
 
 def _validate_task(cfg: Config) -> None:

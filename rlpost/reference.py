@@ -34,18 +34,20 @@ import torch.nn as nn
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
 from rlpost.models import (autocast, check_packing, check_precision, model_device, set_gradient_checkpointing,
-                           token_logprobs)
+                           token_logprobs, transformer_blocks)
 from rlpost.models.lora import adapters_disabled, is_lora
 from rlpost.packing import micro_batches, scatter_rows
 from rlpost.rollout.engine import SamplingParams
 
 
 class Reference:
-    def __init__(self, policy: nn.Module, cfg: TrainerConfig | None = None, params: SamplingParams | None = None):
+    def __init__(self, policy: nn.Module, cfg: TrainerConfig | None = None, params: SamplingParams | None = None,
+                 offload: bool = False):
         """`cfg`: the `trainer.*` section, whose precision, log-prob chunk and micro-batching (micro_batch_size,
         micro_batch_tokens, packing: rlpost.packing.micro_batches) the reference scores with (None: the
         defaults); `params`: the rollout's sampling parameters, scored at their log-prob temperature, the one
-        the engine reports old_logp at (None: temperature 1)."""
+        the engine reports old_logp at (None: temperature 1). `offload` (`reference.offload`): the copy lives
+        in CPU memory and is streamed to the policy's device block by block for each forward (`Offload`)."""
         cfg = cfg or TrainerConfig()
         temperature = (params or SamplingParams()).logp_temperature
         check_precision(cfg.precision, model_device(policy))
@@ -60,15 +62,21 @@ class Reference:
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
             if cfg.precision == "bf16":  # it only runs under bf16 autocast: fp32 weights would be cast there anyway
                 self.model.to(torch.bfloat16)
+        if offload and self.shares_policy:
+            raise ValueError("reference.offload: under model.lora the reference is the policy's own base (adapters "
+                             "off), not a copy: there is nothing to offload; set reference.offload=false")
+        self.device = model_device(policy)  # where it computes (an offloaded copy lives on the CPU)
+        self.offload = Offload(self.model, self.device) if offload else None
         self.temperature, self.precision, self.logprob_chunk = temperature, cfg.precision, cfg.logprob_chunk
         self.micro_batch_size, self.micro_batch_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
         self.packing = cfg.packing
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:
-        device = model_device(self.model)
+        device = self.device
         parts = []
-        with autocast(device, self.precision), base_model(self.model) if self.shares_policy else nullcontext():
+        with autocast(device, self.precision), base_model(self.model) if self.shares_policy else nullcontext(), \
+                self.offload.streaming() if self.offload is not None else nullcontext():
             for rows, mb, packed in micro_batches(batch.to(device), self.micro_batch_size, self.micro_batch_tokens,
                                                   self.packing):
                 logp = token_logprobs(self.model, mb, self.temperature, chunk=self.logprob_chunk, packed=packed)
@@ -87,3 +95,59 @@ def base_model(model: nn.Module):
             yield model
     finally:
         model.train(was_training)
+
+
+class Offload:
+    """A frozen model kept in CPU memory and streamed to `device` for its forwards (`reference.offload`).
+
+    Inside `streaming()` the root's weights (embeddings, final norm, head: whatever is outside the transformer
+    blocks) are on `device`; each block's weights are copied there just before the block runs (a forward
+    pre-hook) and dropped right after it (a forward hook), so the device holds the root and one block, never
+    the whole copy. The weights never change, so nothing is copied back: the CPU tensors are put back in place.
+    On a CUDA device the CPU copies are pinned, so each block's transfer is one DMA. Moves are generic
+    (`Tensor.to(device)`), so on a CPU-only machine the same path runs with both places on the CPU (how the
+    tests check it); a run refuses `reference.offload` there, where it would gain nothing."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.device = torch.device(device)
+        self.blocks = transformer_blocks(model)
+        in_blocks = {id(t) for b in self.blocks for t in (*b.parameters(), *b.buffers())}
+        model.to("cpu")
+        pin = self.device.type == "cuda"
+        for t in (*model.parameters(), *model.buffers()):
+            if pin:
+                t.data = t.data.pin_memory()
+        self.root = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks]
+        self.home: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its CPU data) while on device
+        for block in self.blocks:
+            block.register_forward_pre_hook(lambda m, args: self._load(self._tensors(m)))
+            block.register_forward_hook(lambda m, args, out: self._unload(self._tensors(m)))
+
+    @staticmethod
+    def _tensors(module: nn.Module) -> list[torch.Tensor]:
+        return [*module.parameters(), *module.buffers()]
+
+    def _load(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            if id(t) not in self.home:
+                self.home[id(t)] = (t, t.data)
+                t.data = t.data.to(self.device, non_blocking=True)
+
+    def _unload(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            kept = self.home.pop(id(t), None)
+            if kept is not None:
+                t.data = kept[1]
+
+    @contextmanager
+    def streaming(self):
+        """The model ready to run on `device`: the root there, each block brought in by its own forward."""
+        self._load(self.root)
+        try:
+            yield
+        finally:  # everything back on the CPU, also after a failed forward that left a block on the device
+            self._unload([t for t, _ in self.home.values()])
+
+    def device_bytes(self) -> int:
+        """Bytes of the copy's tensors on the device now (outside a forward: 0)."""
+        return sum(t.numel() * t.element_size() for t, _ in self.home.values())

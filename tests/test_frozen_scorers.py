@@ -117,3 +117,59 @@ def test_prm_step_scores_in_micro_batches_of_the_token_budget(kind, packing):
     flat, flat_whole = torch.tensor(sum(scores, [])), torch.tensor(sum(whole, []))
     assert torch.allclose(flat, flat_whole, atol=TOL, rtol=0), (flat - flat_whole).abs().max()
     assert len(count.calls) > 1 and max(count.calls) <= budget, count.calls
+
+
+# ---------------------------------------------------------------------------- the offloaded reference
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("kind", ["gpt_mini", "hf_qwen2"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_offloaded_reference_streams_one_block_at_a_time_and_scores_the_same(kind, packing):
+    from rlpost.config import TrainerConfig
+    from rlpost.reference import Reference
+
+    policy = trunk(kind)
+    batch = scorer_batch(vocab_of(kind))
+    cfg = TrainerConfig(micro_batch_tokens=3 * batch.input_ids.shape[1], packing=packing)
+    plain = Reference(policy, cfg)(batch).ref_logp
+    ref = Reference(policy, cfg, offload=True)
+    off = ref.offload
+    homes = {id(t): t.data_ptr() for t in (*ref.model.parameters(), *ref.model.buffers())}
+    blocks = transformer_blocks(ref.model)
+    root = tensor_bytes(off.root)
+    largest_block = max(tensor_bytes([*b.parameters(), *b.buffers()]) for b in blocks)
+    seen = []  # (block, bytes on the device) inside each block's forward
+
+    def inside(i):
+        return lambda m, args, *rest: seen.append((i, off.device_bytes())) and None
+
+    for i, b in enumerate(blocks):
+        b.register_forward_pre_hook(inside(i))
+    streamed = ref(batch).ref_logp
+    assert torch.equal(streamed, plain)  # the same weights, the same kernels: bit for bit
+    assert {i for i, _ in seen} == set(range(len(blocks)))
+    # while a block runs, the device holds the root (embeddings, norm, head) and that block alone
+    assert all(root < b <= root + largest_block for _, b in seen), (seen, root, largest_block)
+    assert off.device_bytes() == 0 and not off.home  # nothing left on the device between forwards
+    # the CPU copies are back in place (the same storage: nothing was copied back)
+    assert all(t.data_ptr() == homes[id(t)] for t in (*ref.model.parameters(), *ref.model.buffers()))
+
+
+def test_offload_is_refused_where_there_is_nothing_to_offload(tmp_path):
+    from rlpost.config import ConfigError, load_config
+    from rlpost.reference import Reference
+
+    with pytest.raises(ConfigError, match=r"reference.offload.*model.device=cpu: nothing to offload to"):
+        load_config(None, ["reference.offload=true", "model.device=cpu"])
+    with pytest.raises(ConfigError, match=r"reference.offload.*model.lora"):
+        load_config(None, ["reference.offload=true", "model.lora.r=4", "model.device=cuda"])
+    assert load_config(None, ["reference.offload=true", "model.device=cuda"]).reference.offload
+    assert not load_config(None, []).reference.offload
+    from rlpost.models.lora import apply_lora
+
+    lora = apply_lora(trunk("gpt_mini"), r=4, alpha=8.0, dropout=0.0, target_modules=["c_attn"])
+    with pytest.raises(ValueError, match="nothing to offload"):  # the LoRA policy is its own reference
+        Reference(lora, offload=True)

@@ -38,7 +38,7 @@ from rlpost.checkpoint import prune, write_model_folder
 from rlpost.controller import Controller, Roles
 from rlpost.critic import Critic
 from rlpost.loops import LOOPS
-from rlpost.models import compile_model, load_weights, save_model
+from rlpost.models import compile_model, load_weights, model_device, save_model
 from rlpost.progress import progress
 from rlpost.reference import Reference
 from rlpost.reward import decode_responses
@@ -142,8 +142,8 @@ def trim_rollouts(run_dir: str, last_step: int) -> int:
 
 
 class RLStage(Stage):
-    """`rl.*`, `rollout.*`, `algorithm`, `trainer.*`, `critic.*`, `log.rollouts_every`; `evaluation` measures
-    pass@1 mid-stage."""
+    """`rl.*`, `rollout.*`, `algorithm`, `trainer.*`, `critic.*`, `reference.*`, `log.rollouts_every`; `evaluation`
+    measures pass@1 mid-stage."""
 
     name = "rl"
     changes_weights = True
@@ -157,8 +157,10 @@ class RLStage(Stage):
         """`final` for the run's last RL stage, else the stage's label (rl, rl_2, ...)."""
         return self.checkpoint if self.last else self.label
 
-    def __init__(self, cfg, rollout_cfg, algorithm_cfg: dict, trainer_cfg, critic_cfg, evaluation, log_cfg=None):
+    def __init__(self, cfg, rollout_cfg, algorithm_cfg: dict, trainer_cfg, critic_cfg, evaluation, log_cfg=None,
+                 reference_cfg=None):
         self.cfg, self.rollout_cfg, self.algorithm_cfg = cfg, rollout_cfg, algorithm_cfg
+        self.offload_reference = reference_cfg is not None and reference_cfg.offload
         self.trainer_cfg, self.critic_cfg, self.evaluation = trainer_cfg, critic_cfg, evaluation
         self.rollouts_every = log_cfg.rollouts_every if log_cfg is not None else 0
         self.step = 0
@@ -172,7 +174,11 @@ class RLStage(Stage):
         # the reference and the trainer score at params.logp_temperature, the temperature the engine reports
         # old_logp at (1 for greedy rollouts); the reference first: a whole frozen copy of the policy, taken
         # before the trainer may shard it
-        self.reference = Reference(model, tc, params) if self.algorithm.uses_reference else None
+        if self.offload_reference and model_device(model).type == "cpu":
+            raise ValueError("reference.offload: the policy runs on the CPU (model.device=auto found no GPU), so "
+                             "there is nothing to offload to; set reference.offload=false or run on a GPU")
+        self.reference = Reference(model, tc, params, offload=self.offload_reference) \
+            if self.algorithm.uses_reference else None
         self.trainer = Trainer(model, tc, params, critic=self.critic, critic_lr=self.critic_cfg.lr,
                                seed=self.seed(ctx), total_steps=self.cfg.steps * tc.epochs * tc.minibatches)
         if tc.compile:  # after the reference (and a separate critic) copied the eager policy
