@@ -266,6 +266,9 @@ def _validate_reference(cfg: Config) -> None:
         raise ConfigError("config key 'reference.offload' is true with model.device=cpu: nothing to offload to (the "
                           "reference already lives in CPU memory, where the policy computes); set "
                           "reference.offload=false, or run on a GPU")
+    if cfg.trainer.strategy == "fsdp2":
+        raise ConfigError("config key 'reference.offload' is true with trainer.strategy=fsdp2: the sharded reference "
+                          "already holds 1/ranks of the copy on each rank; set reference.offload=false")
     if cfg.model.lora.r > 0:
         raise ConfigError("config key 'reference.offload' is true with model.lora.r > 0: nothing to offload (the "
                           "reference is the policy's own base with its adapters off, not a copy); set "

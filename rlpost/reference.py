@@ -14,6 +14,10 @@ Under `precision="bf16"` the copy is stored in bf16 (half an fp32 copy's memory)
 bf16 autocast, whose matmuls would cast fp32 weights to bf16 anyway (docs/models.md has the measured
 log-prob difference from an fp32 copy). An fp32 run's copy is the policy's own dtype.
 
+Under `trainer.strategy=fsdp2` the copy is sharded like the policy (forward-only FSDP2: `fully_shard` on each
+block and the root, rlpost.distributed.shard_model), so each rank holds 1/ranks of it instead of a whole copy;
+its forwards gather each block's weights in turn, so every rank runs as many forwards (see `__call__`).
+
 The copy lives on the policy's device; a batch from any device is scored there and its ref_logp comes
 back on the batch's device. It scores as the trainer does, from the same `trainer.*` section (`cfg`) and
 the same sampling parameters (`params`): with precision="bf16" under bf16 autocast, at the temperature the
@@ -31,10 +35,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
 
+from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
-from rlpost.models import (autocast, check_packing, check_precision, model_device, set_gradient_checkpointing,
-                           token_logprobs, transformer_blocks)
+from rlpost.models import (autocast, check_packing, check_precision, load_weights, model_device,
+                           set_gradient_checkpointing, token_logprobs, transformer_blocks)
 from rlpost.models.lora import adapters_disabled, is_lora
 from rlpost.packing import micro_batches, scatter_rows
 from rlpost.rollout.engine import SamplingParams
@@ -62,6 +67,11 @@ class Reference:
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
             if cfg.precision == "bf16":  # it only runs under bf16 autocast: fp32 weights would be cast there anyway
                 self.model.to(torch.bfloat16)
+        if cfg.strategy == "fsdp2" and not self.shares_policy:
+            if offload:
+                raise ValueError("reference.offload with trainer.strategy=fsdp2: the sharded reference already holds "
+                                 "1/ranks of the copy on each rank; set reference.offload=false")
+            dist.shard_model(self.model)  # forward-only FSDP2, as the policy's: each rank holds 1/ranks of the copy
         if offload and self.shares_policy:
             raise ValueError("reference.offload: under model.lora the reference is the policy's own base (adapters "
                              "off), not a copy: there is nothing to offload; set reference.offload=false")
@@ -74,15 +84,48 @@ class Reference:
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:
         device = self.device
+        # sharded (FSDP2: the copy under trainer.strategy=fsdp2, or a LoRA policy sharded by the trainer), every
+        # forward gathers weights from all ranks, so every rank must run as many: prompts are not shared (whether
+        # rows share one differs between ranks), and a rank with fewer forwards, counted before any runs, pads
+        # with throw-away ones
+        sharded = dist.is_sharded(self.model)
+        plan = micro_batches(batch.to(device), self.micro_batch_size, self.micro_batch_tokens, self.packing) \
+            if len(batch) else []
+        padding = 0
+        if sharded:  # a padded micro-batch is one forward, a packed one a forward per segment
+            forwards = sum(1 if packed is None else len(packed.segments) for _, _, packed in plan)
+            padding = int(dist.reduce_max(forwards)) - forwards
         parts = []
         with autocast(device, self.precision), base_model(self.model) if self.shares_policy else nullcontext(), \
                 self.offload.streaming() if self.offload is not None else nullcontext():
-            for rows, mb, packed in micro_batches(batch.to(device), self.micro_batch_size, self.micro_batch_tokens,
-                                                  self.packing):
-                logp = token_logprobs(self.model, mb, self.temperature, chunk=self.logprob_chunk, packed=packed)
+            for rows, mb, packed in plan:
+                logp = token_logprobs(self.model, mb, self.temperature, share_prompt=not sharded,
+                                      chunk=self.logprob_chunk, packed=packed)
                 parts.append((rows, logp))
+            for _ in range(padding):
+                token_logprobs(self.model, _padding_batch(device), self.temperature, share_prompt=False,
+                               chunk=self.logprob_chunk)
+        if sharded:  # FSDP2 keeps the root gathered after a forward, for a backward that never comes here
+            self.model.reshard()
+        if not parts:
+            return batch.replace(ref_logp=torch.zeros(batch.input_ids.shape, device=batch.input_ids.device))
         ref_logp = scatter_rows(parts, len(batch))
         return batch.replace(ref_logp=ref_logp.to(batch.input_ids.device) * batch.response_mask)
+
+    def load(self, folder: str) -> None:
+        """Put the weights saved in `folder` back into the copy (a resume; sharded: a collective)."""
+        load_weights(self.model, folder)
+
+    def unsharded(self) -> nn.Module | None:
+        """The copy as a plain module, to save: itself, or when sharded the gathered copy on rank 0 (None on the
+        others; a collective: every rank calls it)."""
+        return dist.unsharded(self.model)
+
+
+def _padding_batch(device) -> Batch:
+    """A 1-row, 2-token batch: what a sharded rank with fewer forwards runs so that the gathers pair up."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=torch.zeros_like(ids))
 
 
 @contextmanager

@@ -38,7 +38,7 @@ from rlpost.checkpoint import prune, write_model_folder
 from rlpost.controller import Controller, Roles
 from rlpost.critic import Critic
 from rlpost.loops import LOOPS
-from rlpost.models import compile_model, load_weights, model_device, save_model
+from rlpost.models import compile_model, model_device, save_model
 from rlpost.progress import progress
 from rlpost.reference import Reference
 from rlpost.reward import decode_responses
@@ -212,7 +212,7 @@ class RLStage(Stage):
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
         if self.reference is not None and not self.reference.shares_policy:  # the policy as the stage started
-            load_weights(self.reference.model, os.path.join(ctx.run_dir, "checkpoints", self.reference_folder))
+            self.reference.load(os.path.join(ctx.run_dir, "checkpoints", self.reference_folder))
         self.weight_sync.load_state_dict(state["weight_sync"])
 
     def save(self, ctx: RunContext) -> None:
@@ -236,9 +236,11 @@ class RLStage(Stage):
 
     def run(self, ctx: RunContext) -> None:
         c = self.cfg
-        if self.step == 0 and self.reference is not None and not self.reference.shares_policy and dist.is_main():
-            write_model_folder(ctx.run_dir, self.reference_folder,
-                               lambda f: save_model(self.reference.model, ctx.tokenizer, f))
+        if self.step == 0 and self.reference is not None and not self.reference.shares_policy:
+            reference = self.reference.unsharded()  # a collective when the reference is sharded (fsdp2)
+            if dist.is_main():
+                write_model_folder(ctx.run_dir, self.reference_folder,
+                                   lambda f: save_model(reference, ctx.tokenizer, f))
         if dist.is_main() and ctx.log.rollout_lines is None:  # a resume from a checkpoint without the count:
             trim_rollouts(ctx.run_dir, self.step_offset + self.step)  # the samples after it are sampled again
             ctx.log.rollout_lines = count_lines(os.path.join(ctx.run_dir, ROLLOUTS_FILE))
