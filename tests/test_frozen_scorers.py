@@ -173,3 +173,41 @@ def test_offload_is_refused_where_there_is_nothing_to_offload(tmp_path):
     lora = apply_lora(trunk("gpt_mini"), r=4, alpha=8.0, dropout=0.0, target_modules=["c_attn"])
     with pytest.raises(ValueError, match="nothing to offload"):  # the LoRA policy is its own reference
         Reference(lora, offload=True)
+
+
+def test_offload_on_a_machine_without_a_gpu_is_refused_when_the_rl_stage_starts(tmp_path):
+    """model.device=auto resolves to the CPU here: the RL stage refuses the offload before its first step."""
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    if torch.cuda.is_available():
+        pytest.skip("model.device=auto resolves to the GPU here")
+    cfg = load_config(None, [f"out_dir={tmp_path}", "reference.offload=true", "stages=[rl]", "rl.steps=1",
+                             "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "rollout.prompts_per_step=2",
+                             "rollout.k=2", "task.num_eval=4", "threads=1"])
+    with pytest.raises(ValueError, match=r"reference.offload: the policy runs on the CPU.*nothing to offload to"):
+        train(cfg)
+
+
+@pytest.mark.cuda
+def test_offloaded_reference_on_a_gpu_keeps_its_weights_pinned_on_the_cpu():
+    """The real streaming path: CPU-pinned weights, each block copied to the GPU for its forward and dropped after;
+    the same ref_logp as a copy that lives on the GPU, and no reference weight left on the GPU between calls."""
+    from rlpost.config import TrainerConfig
+    from rlpost.reference import Reference
+
+    policy = trunk("hf_qwen2").cuda()
+    batch = scorer_batch(vocab_of("hf_qwen2"))
+    cfg = TrainerConfig(micro_batch_size=4)
+    resident = Reference(policy, cfg)
+    expected = resident(batch).ref_logp
+    del resident
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    ref = Reference(policy, cfg, offload=True)
+    assert torch.cuda.memory_allocated() == before  # the copy went to the CPU
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in ref.model.parameters())
+    got = ref(batch).ref_logp
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert got.device == batch.input_ids.device
+    assert all(p.device.type == "cpu" for p in ref.model.parameters()) and ref.offload.device_bytes() == 0
