@@ -66,7 +66,8 @@ class Reference:
             self.model.requires_grad_(False)
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
             if cfg.precision == "bf16":  # it only runs under bf16 autocast: fp32 weights would be cast there anyway
-                self.model.to(torch.bfloat16)
+                for p in self.model.parameters():  # the parameters only: buffers such as the rotary embedding's
+                    p.data = p.data.to(torch.bfloat16)  # inverse frequencies keep their precision at long positions
         if cfg.strategy == "fsdp2" and not self.shares_policy:
             if offload:
                 raise ValueError("reference.offload with trainer.strategy=fsdp2: the sharded reference already holds "

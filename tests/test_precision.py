@@ -69,6 +69,8 @@ def test_the_bf16_reference_is_stored_in_bf16_and_the_fp32_one_is_unchanged(tiny
     assert 2 * parameter_bytes(bf16_ref.model) == parameter_bytes(model)  # half today's fp32 copy
     assert {p.dtype for p in bf16_ref.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # the policy keeps its fp32 master weights
+    # buffers keep their dtype: a rotary embedding's inverse frequencies in bf16 would shift long positions' angles
+    assert [b.dtype for b in bf16_ref.model.buffers()] == [b.dtype for b in model.buffers()]
     with torch.no_grad():
         fp32 = token_logprobs(model, batch) * batch.response_mask
     torch.testing.assert_close(fp32_ref(batch).ref_logp, fp32, rtol=0, atol=0)  # the default: bit for bit
