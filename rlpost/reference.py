@@ -10,21 +10,24 @@ With LoRA (model.lora) there is no copy: the reference is the policy's own modul
 stage's end folds the adapters into, so it is the policy as the stage started. That saves one whole set of
 base weights (`shares_policy` says which).
 
-Under `precision="bf16"` the copy is stored in bf16 (half an fp32 copy's memory): it only ever runs under
-bf16 autocast, whose matmuls would cast fp32 weights to bf16 anyway (docs/models.md has the measured
+Under `precision="bf16"` the copy's parameters are stored in bf16 (half an fp32 copy's memory): it only ever
+runs under bf16 autocast, whose matmuls would cast fp32 weights to bf16 anyway (docs/models.md has the measured
 log-prob difference from an fp32 copy). An fp32 run's copy is the policy's own dtype.
 
 Under `trainer.strategy=fsdp2` the copy is sharded like the policy (forward-only FSDP2: `fully_shard` on each
 block and the root, rlpost.distributed.shard_model), so each rank holds 1/ranks of it instead of a whole copy;
 its forwards gather each block's weights in turn, so every rank runs as many forwards (see `__call__`).
 
-The copy lives on the policy's device; a batch from any device is scored there and its ref_logp comes
-back on the batch's device. It scores as the trainer does, from the same `trainer.*` section (`cfg`) and
-the same sampling parameters (`params`): with precision="bf16" under bf16 autocast, at the temperature the
-engine reports old_logp at (`params.logp_temperature`), so that the KL term compares log-probs computed
-alike; and in the trainer's micro-batches (rows `micro_batch_size` at a time, at most `micro_batch_tokens`
-positions each, packed with `packing`: see rlpost.packing), so no forward holds more than one micro-batch's
-activations.
+With `offload=True` (`reference.offload`) the copy lives in CPU memory and is streamed to the policy's device
+one transformer block at a time for each forward (`Offload`): the device holds its root and one block.
+
+The copy lives on the policy's device (unless offloaded); a batch from any device is scored there and its
+ref_logp comes back on the batch's device. It scores as the trainer does, from the same `trainer.*` section
+(`cfg`) and the same sampling parameters (`params`): with precision="bf16" under bf16 autocast, at the
+temperature the engine reports old_logp at (`params.logp_temperature`), so that the KL term compares log-probs
+computed alike; and in the trainer's micro-batches (rows `micro_batch_size` at a time, at most
+`micro_batch_tokens` positions each, packed with `packing`: see rlpost.packing), so no forward holds more than
+one micro-batch's activations.
 """
 
 from __future__ import annotations

@@ -166,6 +166,9 @@ def test_offload_is_refused_where_there_is_nothing_to_offload(tmp_path):
         load_config(None, ["reference.offload=true", "model.device=cpu"])
     with pytest.raises(ConfigError, match=r"reference.offload.*model.lora"):
         load_config(None, ["reference.offload=true", "model.lora.r=4", "model.device=cuda"])
+    with pytest.raises(ConfigError, match=r"reference.offload.*trainer.strategy=fsdp2"):
+        load_config(None, ["reference.offload=true", "model.device=cuda", "trainer.strategy=fsdp2",
+                           "rl.weight_sync=copy"])
     assert load_config(None, ["reference.offload=true", "model.device=cuda"]).reference.offload
     assert not load_config(None, []).reference.offload
     from rlpost.models.lora import apply_lora

@@ -827,8 +827,8 @@ def _job_changes(shape: ModelShape, j: Job) -> list[tuple[str, Job]]:
 # How much a change alters the job, lowest first: scheduling only (the same training), numerics, hardware, then
 # what is trained (the algorithm, the adapters, the batch).
 CHANGE_COST = {"rollout.max_num_seqs": 0, "trainer.gradient_checkpointing": 0, "trainer.micro_batch_size": 0,
-               "trainer.micro_batch_tokens": 0, "reference.offload": 0, "model.dtype": 1, "--ranks": 2, "model.lora.r": 3,
-               "algorithm.beta": 3, "rollout.prompts_per_step": 3}
+               "trainer.micro_batch_tokens": 0, "reference.offload": 0, "model.dtype": 1, "--ranks": 2,
+               "model.lora.r": 3, "algorithm.beta": 3, "rollout.prompts_per_step": 3}
 
 
 def _setting(change: str) -> str:
