@@ -294,6 +294,12 @@ def test_rlpost_layout_phases_and_formulas():
     mb = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.micro_batch_size=2")
     whole = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2")
     assert term(whole, "activations") == 4 * term(mb, "activations")
+    # the reference scores in the same micro-batches: 2 of the 8 rows of 134 tokens (128 prompt + 6) per forward,
+    # and micro_batch_tokens caps a padded micro-batch's rows x S (300 // 134 = 2 rows)
+    per = 3 * 1536 + 1536 + 2 * 256 + 3 * 8960
+    assert term(mb, "reference forward") == 2 * 134 * per * 4 and term(whole, "reference forward") == 8 * 134 * per * 4
+    capped = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.micro_batch_tokens=300")
+    assert term(capped, "reference forward") == 2 * 134 * per * 4
     ckpt = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.gradient_checkpointing=true")
     assert term(ckpt, "activations") < term(whole, "activations") / 4
     for t in p.terms:

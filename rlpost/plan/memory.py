@@ -495,8 +495,9 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 #   rollout     KV cache 2*n*kv*d*S*rows*B (rows = the rank's prompts_per_step*k / R, capped by rollout.max_num_seqs)
 #               + one decode step's logits and sampling buffers rows*V*28 (fp32 logits, the sampler's scaled logits
 #               and probabilities, 4 B each; their fp64 copy and its cumulative sum, 8 B each)
-#   reference   one no-grad forward over the rank's WHOLE batch (trainer.micro_batch_tokens when the reference
-#               is micro-batched): a layer's buffers tokens*(3h + q + 2kv + 3I)*A + the head's chunk 3*c*V*4;
+#   reference   one no-grad forward over one of the trainer's micro-batches (trainer.micro_batch_size rows, at
+#               most trainer.micro_batch_tokens positions; the rank's whole batch when neither is set): a layer's
+#               buffers tokens*(3h + q + 2kv + 3I)*A + the head's chunk 3*c*V*4;
 #               fsdp2 or reference.offload: + the root and one block on the device, (root + block) * Br (gathered
 #               from the shards, or streamed from the CPU, one block at a time)
 #   train       one micro-batch's saved activations, per layer tokens*(4h + 3q + 3kv + 4I)*A (checkpointing:
@@ -711,10 +712,17 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
                                                  f"{shape.num_kv_heads} x {shape.dim} x {S} x {live} x {B}"),
             PlanTerm("decode logits + sampling", "rollout", live * V * 28, f"rows x V x 28 B = {live} x {V:,} x 28")]
     if j.reference:
-        ref_tokens = j.micro_batch_tokens if (j.packing and j.micro_batch_tokens) else rows * S
+        # the reference scores in the trainer's micro-batches (rlpost.packing.micro_batches): packed, at most
+        # micro_batch_tokens positions; padded, micro_batch_size rows, fewer when micro_batch_tokens caps rows x S
+        if j.packing and j.micro_batch_tokens:
+            ref_tokens, what = j.micro_batch_tokens, "trainer.micro_batch_tokens"
+        else:
+            ref_rows = min(j.micro_batch_size or rows, rows)
+            if j.micro_batch_tokens:
+                ref_rows = min(ref_rows, max(1, j.micro_batch_tokens // S))
+            ref_tokens = ref_rows * S
+            what = f"the rank's whole batch, {rows} x {S}" if ref_rows == rows else f"{ref_rows} rows x {S}"
         per = 3 * h + q + 2 * kv + 3 * inter
-        what = "trainer.micro_batch_tokens" if (j.packing and j.micro_batch_tokens) else \
-            f"the rank's whole batch, {rows} x {S}"
         phases["reference"] = [
             PlanTerm("reference forward (no grad)", "reference", ref_tokens * per * A,
                      f"tokens x (3h + q + 2kv + 3I) x {A} B = {ref_tokens:,} ({what}) x {per:,} x {A}"),
