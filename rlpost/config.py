@@ -26,6 +26,7 @@ import yaml
 
 from rlpost.schema import ConfigError, RangeError, Section, at_least, from_dict, hints, lookup, opt
 from rlpost.settings.critic import CriticConfig
+from rlpost.settings.reference import ReferenceConfig
 from rlpost.settings.distill import DistillConfig
 from rlpost.settings.eval import EvalConfig
 from rlpost.settings.log import LogConfig
@@ -42,7 +43,8 @@ from rlpost.settings.trainer import TrainerConfig
 
 __all__ = [  # the sections, importable from here as they always were
     "Config", "ConfigError", "CriticConfig", "DistillConfig", "EvalConfig", "LogConfig", "LoRAConfig", "LORA_TARGETS",
-    "ModelConfig", "PreferenceConfig", "PRM_REWARDS", "PRMConfig", "RejectionConfig", "RewardModelConfig",
+    "ModelConfig", "PreferenceConfig", "PRM_REWARDS", "PRMConfig", "ReferenceConfig", "RejectionConfig",
+    "RewardModelConfig",
     "RLConfig", "RolloutConfig", "Section", "SFTConfig", "TaskConfig", "TrainerConfig", "describe", "from_dict",
     "load_config", "opt", "stage_configs", "stage_names", "to_dict"]
 
@@ -67,6 +69,7 @@ class Config(Section):
                                     plugin="rlpost.algorithms:get_algorithm")
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -241,6 +244,7 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
 def _validate(cfg: Config) -> None:
     cfg.validate()  # each section's own keys: ranges, valid names, plug-ins (algorithm, preference.loss), own rules
     _validate_vllm(cfg)
+    _validate_reference(cfg)
     _check_rewards(cfg)
     _validate_rejection(cfg)
     _validate_stages(cfg)
@@ -256,6 +260,22 @@ def _validate_vllm(cfg: Config) -> None:
         raise ConfigError(f"rollout.vllm_sleep frees the GPU of a vLLM engine that shares it with the trainer: it "
                           f"needs rollout.engine=vllm and rl.topology=colocated (got {cfg.rollout.engine}, "
                           f"{cfg.rl.topology}); set rollout.vllm_sleep=false")
+
+
+def _validate_reference(cfg: Config) -> None:
+    if not cfg.reference.offload:
+        return
+    if cfg.model.device == "cpu":
+        raise ConfigError("config key 'reference.offload' is true with model.device=cpu: nothing to offload to (the "
+                          "reference already lives in CPU memory, where the policy computes); set "
+                          "reference.offload=false, or run on a GPU")
+    if cfg.trainer.strategy == "fsdp2":
+        raise ConfigError("config key 'reference.offload' is true with trainer.strategy=fsdp2: the sharded reference "
+                          "already holds 1/ranks of the copy on each rank; set reference.offload=false")
+    if cfg.model.lora.r > 0:
+        raise ConfigError("config key 'reference.offload' is true with model.lora.r > 0: nothing to offload (the "
+                          "reference is the policy's own base with its adapters off, not a copy); set "
+                          "reference.offload=false")
 
 
 def _check_rewards(cfg: Config) -> None:

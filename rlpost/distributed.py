@@ -17,7 +17,8 @@ so the roles call them unconditionally.
     reduce_dict(d, op)                           a dict of floats (same keys on every rank), one all-reduce
     reduce_metrics(d)                            a step's metrics dicts combined over ranks (keys may differ)
     broadcast_object(obj)                        rank 0's picklable object on every rank
-    shard_model(model)                           FSDP2 over each transformer block and the root
+    shard_model(model)                           FSDP2 over each transformer block and the root (the policy;
+                                                 the frozen reference too, forward-only)
     full_state_dict(model)                       the gathered, unsharded weights of a (sharded) model
     destroy()                                    leave the process group
 """

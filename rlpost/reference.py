@@ -10,13 +10,24 @@ With LoRA (model.lora) there is no copy: the reference is the policy's own modul
 stage's end folds the adapters into, so it is the policy as the stage started. That saves one whole set of
 base weights (`shares_policy` says which).
 
-The copy lives on the policy's device; a batch from any device is scored there and its ref_logp comes
-back on the batch's device. It scores as the trainer does, from the same `trainer.*` section (`cfg`) and
-the same sampling parameters (`params`): with precision="bf16" under bf16 autocast, at the temperature the
-engine reports old_logp at (`params.logp_temperature`), so that the KL term compares log-probs computed
-alike; and in the trainer's micro-batches (rows `micro_batch_size` at a time, at most `micro_batch_tokens`
-positions each, packed with `packing`: see rlpost.packing), so no forward holds more than one micro-batch's
-activations.
+Under `precision="bf16"` the copy's parameters are stored in bf16 (half an fp32 copy's memory): it only ever
+runs under bf16 autocast, whose matmuls would cast fp32 weights to bf16 anyway (docs/models.md has the measured
+log-prob difference from an fp32 copy). An fp32 run's copy is the policy's own dtype.
+
+Under `trainer.strategy=fsdp2` the copy is sharded like the policy (forward-only FSDP2: `fully_shard` on each
+block and the root, rlpost.distributed.shard_model), so each rank holds 1/ranks of it instead of a whole copy;
+its forwards gather each block's weights in turn, so every rank runs as many forwards (see `__call__`).
+
+With `offload=True` (`reference.offload`) the copy lives in CPU memory and is streamed to the policy's device
+one transformer block at a time for each forward (`Offload`): the device holds its root and one block.
+
+The copy lives on the policy's device (unless offloaded); a batch from any device is scored there and its
+ref_logp comes back on the batch's device. It scores as the trainer does, from the same `trainer.*` section
+(`cfg`) and the same sampling parameters (`params`): with precision="bf16" under bf16 autocast, at the
+temperature the engine reports old_logp at (`params.logp_temperature`), so that the KL term compares log-probs
+computed alike; and in the trainer's micro-batches (rows `micro_batch_size` at a time, at most
+`micro_batch_tokens` positions each, packed with `packing`: see rlpost.packing), so no forward holds more than
+one micro-batch's activations.
 """
 
 from __future__ import annotations
@@ -27,21 +38,24 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
 
+from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
-from rlpost.models import (autocast, check_packing, check_precision, model_device, set_gradient_checkpointing,
-                           token_logprobs)
+from rlpost.models import (autocast, check_packing, check_precision, load_weights, model_device,
+                           set_gradient_checkpointing, token_logprobs, transformer_blocks)
 from rlpost.models.lora import adapters_disabled, is_lora
 from rlpost.packing import micro_batches, scatter_rows
 from rlpost.rollout.engine import SamplingParams
 
 
 class Reference:
-    def __init__(self, policy: nn.Module, cfg: TrainerConfig | None = None, params: SamplingParams | None = None):
+    def __init__(self, policy: nn.Module, cfg: TrainerConfig | None = None, params: SamplingParams | None = None,
+                 offload: bool = False):
         """`cfg`: the `trainer.*` section, whose precision, log-prob chunk and micro-batching (micro_batch_size,
         micro_batch_tokens, packing: rlpost.packing.micro_batches) the reference scores with (None: the
         defaults); `params`: the rollout's sampling parameters, scored at their log-prob temperature, the one
-        the engine reports old_logp at (None: temperature 1)."""
+        the engine reports old_logp at (None: temperature 1). `offload` (`reference.offload`): the copy lives
+        in CPU memory and is streamed to the policy's device block by block for each forward (`Offload`)."""
         cfg = cfg or TrainerConfig()
         temperature = (params or SamplingParams()).logp_temperature
         check_precision(cfg.precision, model_device(policy))
@@ -54,21 +68,68 @@ class Reference:
             self.model = copy.deepcopy(policy).eval()
             self.model.requires_grad_(False)
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
+            if cfg.precision == "bf16":  # it only runs under bf16 autocast: fp32 weights would be cast there anyway
+                for p in self.model.parameters():  # the parameters only: buffers such as the rotary embedding's
+                    p.data = p.data.to(torch.bfloat16)  # inverse frequencies keep their precision at long positions
+        if cfg.strategy == "fsdp2" and not self.shares_policy:
+            if offload:
+                raise ValueError("reference.offload with trainer.strategy=fsdp2: the sharded reference already holds "
+                                 "1/ranks of the copy on each rank; set reference.offload=false")
+            dist.shard_model(self.model)  # forward-only FSDP2, as the policy's: each rank holds 1/ranks of the copy
+        if offload and self.shares_policy:
+            raise ValueError("reference.offload: under model.lora the reference is the policy's own base (adapters "
+                             "off), not a copy: there is nothing to offload; set reference.offload=false")
+        self.device = model_device(policy)  # where it computes (an offloaded copy lives on the CPU)
+        self.offload = Offload(self.model, self.device) if offload else None
         self.temperature, self.precision, self.logprob_chunk = temperature, cfg.precision, cfg.logprob_chunk
         self.micro_batch_size, self.micro_batch_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
         self.packing = cfg.packing
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:
-        device = model_device(self.model)
+        device = self.device
+        # sharded (FSDP2: the copy under trainer.strategy=fsdp2, or a LoRA policy sharded by the trainer), every
+        # forward gathers weights from all ranks, so every rank must run as many: prompts are not shared (whether
+        # rows share one differs between ranks), and a rank with fewer forwards, counted before any runs, pads
+        # with throw-away ones
+        sharded = dist.is_sharded(self.model)
+        plan = micro_batches(batch.to(device), self.micro_batch_size, self.micro_batch_tokens, self.packing) \
+            if len(batch) else []
+        padding = 0
+        if sharded:  # a padded micro-batch is one forward, a packed one a forward per segment
+            forwards = sum(1 if packed is None else len(packed.segments) for _, _, packed in plan)
+            padding = int(dist.reduce_max(forwards)) - forwards
         parts = []
-        with autocast(device, self.precision), base_model(self.model) if self.shares_policy else nullcontext():
-            for rows, mb, packed in micro_batches(batch.to(device), self.micro_batch_size, self.micro_batch_tokens,
-                                                  self.packing):
-                logp = token_logprobs(self.model, mb, self.temperature, chunk=self.logprob_chunk, packed=packed)
+        with autocast(device, self.precision), base_model(self.model) if self.shares_policy else nullcontext(), \
+                self.offload.streaming() if self.offload is not None else nullcontext():
+            for rows, mb, packed in plan:
+                logp = token_logprobs(self.model, mb, self.temperature, share_prompt=not sharded,
+                                      chunk=self.logprob_chunk, packed=packed)
                 parts.append((rows, logp))
+            for _ in range(padding):
+                token_logprobs(self.model, _padding_batch(device), self.temperature, share_prompt=False,
+                               chunk=self.logprob_chunk)
+        if sharded:  # FSDP2 keeps the root gathered after a forward, for a backward that never comes here
+            self.model.reshard()
+        if not parts:
+            return batch.replace(ref_logp=torch.zeros(batch.input_ids.shape, device=batch.input_ids.device))
         ref_logp = scatter_rows(parts, len(batch))
         return batch.replace(ref_logp=ref_logp.to(batch.input_ids.device) * batch.response_mask)
+
+    def load(self, folder: str) -> None:
+        """Put the weights saved in `folder` back into the copy (a resume; sharded: a collective)."""
+        load_weights(self.model, folder)
+
+    def unsharded(self) -> nn.Module | None:
+        """The copy as a plain module, to save: itself, or when sharded the gathered copy on rank 0 (None on the
+        others; a collective: every rank calls it)."""
+        return dist.unsharded(self.model)
+
+
+def _padding_batch(device) -> Batch:
+    """A 1-row, 2-token batch: what a sharded rank with fewer forwards runs so that the gathers pair up."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=torch.zeros_like(ids))
 
 
 @contextmanager
@@ -81,3 +142,59 @@ def base_model(model: nn.Module):
             yield model
     finally:
         model.train(was_training)
+
+
+class Offload:
+    """A frozen model kept in CPU memory and streamed to `device` for its forwards (`reference.offload`).
+
+    Inside `streaming()` the root's weights (embeddings, final norm, head: whatever is outside the transformer
+    blocks) are on `device`; each block's weights are copied there just before the block runs (a forward
+    pre-hook) and dropped right after it (a forward hook), so the device holds the root and one block, never
+    the whole copy. The weights never change, so nothing is copied back: the CPU tensors are put back in place.
+    On a CUDA device the CPU copies are pinned, so each block's transfer is one DMA. Moves are generic
+    (`Tensor.to(device)`), so on a CPU-only machine the same path runs with both places on the CPU (how the
+    tests check it); a run refuses `reference.offload` there, where it would gain nothing."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.device = torch.device(device)
+        self.blocks = transformer_blocks(model)
+        in_blocks = {id(t) for b in self.blocks for t in (*b.parameters(), *b.buffers())}
+        model.to("cpu")
+        pin = self.device.type == "cuda"
+        for t in (*model.parameters(), *model.buffers()):
+            if pin:
+                t.data = t.data.pin_memory()
+        self.root = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks]
+        self.home: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its CPU data) while on device
+        for block in self.blocks:
+            block.register_forward_pre_hook(lambda m, args: self._load(self._tensors(m)))
+            block.register_forward_hook(lambda m, args, out: self._unload(self._tensors(m)))
+
+    @staticmethod
+    def _tensors(module: nn.Module) -> list[torch.Tensor]:
+        return [*module.parameters(), *module.buffers()]
+
+    def _load(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            if id(t) not in self.home:
+                self.home[id(t)] = (t, t.data)
+                t.data = t.data.to(self.device, non_blocking=True)
+
+    def _unload(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            kept = self.home.pop(id(t), None)
+            if kept is not None:
+                t.data = kept[1]
+
+    @contextmanager
+    def streaming(self):
+        """The model ready to run on `device`: the root there, each block brought in by its own forward."""
+        self._load(self.root)
+        try:
+            yield
+        finally:  # everything back on the CPU, also after a failed forward that left a block on the device
+            self._unload([t for t, _ in self.home.values()])
+
+    def device_bytes(self) -> int:
+        """Bytes of the copy's tensors on the device now (outside a forward: 0)."""
+        return sum(t.numel() * t.element_size() for t, _ in self.home.values())

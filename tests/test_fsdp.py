@@ -221,6 +221,41 @@ def job_resume1(out: str, ckpt_dir: str) -> None:
     dist.destroy()
 
 
+def job_reference(out: str, llama_dir: str) -> None:
+    """The reference under fsdp2: each rank scores its own rows with a sharded copy (forward-only FSDP2), padded
+    and packed micro-batches, uneven shares and a rank with no rows; each holds its shard of the parameters."""
+    from torch.distributed.tensor import DTensor
+
+    from rlpost import distributed as dist
+    from rlpost.config import TrainerConfig
+    from rlpost.reference import Reference
+
+    dist.init()
+    rank = dist.rank()
+    result = {}
+    for kind in ("gpt_mini", "llama"):
+        policy = make_model(kind, llama_dir)
+        vocab = 16 if kind == "gpt_mini" else policy.hf.config.vocab_size
+        batch = global_batch(policy, vocab)
+        for name, cfg, rows in (("padded", dict(micro_batch_size=2), RANK_ROWS[rank]),
+                                ("packed", dict(packing=True, micro_batch_tokens=12), RANK_ROWS[rank]),
+                                ("one rank empty", dict(micro_batch_size=2), RANK_ROWS[0] if rank == 0 else [])):
+            one = Reference(policy, TrainerConfig(**cfg))(batch).ref_logp  # one process, the whole batch
+            ref = Reference(policy, TrainerConfig(strategy="fsdp2", **cfg))
+            mine = ref(batch.select(rows)).ref_logp
+            diff = float((mine - one[rows]).abs().max()) if rows else 0.0
+            held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in ref.model.parameters())
+            total = sum(p.numel() for p in policy.parameters())
+            shares = [None] * dist.world_size()
+            torch.distributed.all_gather_object(shares, held / total)
+            result[f"{kind}/{name}"] = {"diff": dist.reduce_max(diff), "shares": shares,
+                                        "sharded": all(isinstance(p, DTensor) for p in ref.model.parameters())}
+    if dist.is_main():
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy()
+
+
 # ---------------------------------------------------------------------------- the tests
 
 def test_a_sharded_run_is_refused_when_it_cannot_work(tmp_path, monkeypatch):
@@ -284,6 +319,17 @@ def test_two_rank_checkpoint_loads_in_transformers_and_resumes_on_one_rank(equiv
     assert one["vs_2ranks"] < TOL
 
 
+def test_two_ranks_hold_half_the_reference_each_and_score_like_one_process(tmp_path, tiny_llama_dir):
+    result = launch("reference", str(tmp_path / "reference.json"), tiny_llama_dir)
+    assert len(result) == 6
+    for case, r in result.items():
+        print(f"{case}: ref_logp max |diff| {r['diff']:.2e}, parameter shares {r['shares']}")
+        assert r["diff"] < TOL, case
+        assert r["sharded"], case
+        assert all(0.4 < s < 0.6 for s in r["shares"]), (case, r["shares"])  # about half each, not a whole copy
+        assert abs(sum(r["shares"]) - 1) < 1e-6, case
+
+
 def test_rlpost_train_under_torchrun(tmp_path):
     """`rlpost train` on 2 ranks: SFT, then 3 sharded RL steps; rank 0 alone writes metrics.jsonl and the
     checkpoints; `--resume` in one process continues from the 2-rank step checkpoint."""
@@ -321,5 +367,5 @@ def test_rlpost_train_under_torchrun(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    jobs = {"equivalence": job_equivalence, "resume1": job_resume1}
+    jobs = {"equivalence": job_equivalence, "resume1": job_resume1, "reference": job_reference}
     jobs[sys.argv[1]](*sys.argv[2:])

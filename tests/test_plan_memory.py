@@ -252,15 +252,20 @@ def term(p, name: str) -> float:
     return next(t.bytes for t in p.terms if t.name.startswith(name))
 
 
-def test_rlpost_layout_keeps_full_reference_and_engine_copies_on_every_fsdp2_rank():
-    """What rlpost does under fsdp2: the policy's state is sharded, the reference and the engine's copy are not."""
+def test_rlpost_layout_shards_the_reference_and_keeps_the_engine_copy_full_on_every_fsdp2_rank():
+    """What rlpost does under fsdp2: the policy's state and the reference are sharded, the engine's copy is not;
+    the reference's forward gathers the root (embedding + head) and one block at a time."""
     N = 7_615_616_512
     p = rlpost_plan("7b", "trainer.strategy=fsdp2", "rl.weight_sync=copy", ranks=8)
     assert term(p, "policy weights") == N * 4 / 8 and term(p, "policy AdamW") == 2 * N * 4 / 8
-    assert term(p, "reference (full, every rank)") == N * 4
+    assert term(p, "reference (sharded)") == N * 4 / 8
+    assert not any(t.name.startswith("reference (full") for t in p.terms)
     assert term(p, "engine copy (full, every rank)") == N * 4
+    # Qwen2.5-7B: untied embedding and head 2 x 152,064 x 3,584, the final RMSNorm 3,584; 28 blocks
+    root = 2 * 152_064 * 3_584 + 3_584
+    assert term(p, "reference root + one block") == (root + (N - root) // 28) * 4
     half = rlpost_plan("7b", "trainer.strategy=fsdp2", "rl.weight_sync=copy", "model.dtype=bfloat16", ranks=8)
-    assert term(half, "reference (full") == N * 2 and term(half, "policy grads") == N * 2 / 8
+    assert term(half, "reference (sharded)") == N * 2 / 8 and term(half, "policy grads") == N * 2 / 8
     # one process, the default pointer sync: the engine reads the trainer's module, no copy; beta=0: no reference
     one = rlpost_plan("1.5b", "algorithm.beta=0")
     assert not any(t.name.startswith(("engine copy", "reference")) for t in one.terms)
@@ -289,6 +294,12 @@ def test_rlpost_layout_phases_and_formulas():
     mb = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.micro_batch_size=2")
     whole = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2")
     assert term(whole, "activations") == 4 * term(mb, "activations")
+    # the reference scores in the same micro-batches: 2 of the 8 rows of 134 tokens (128 prompt + 6) per forward,
+    # and micro_batch_tokens caps a padded micro-batch's rows x S (300 // 134 = 2 rows)
+    per = 3 * 1536 + 1536 + 2 * 256 + 3 * 8960
+    assert term(mb, "reference forward") == 2 * 134 * per * 4 and term(whole, "reference forward") == 8 * 134 * per * 4
+    capped = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.micro_batch_tokens=300")
+    assert term(capped, "reference forward") == 2 * 134 * per * 4
     ckpt = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.gradient_checkpointing=true")
     assert term(ckpt, "activations") < term(whole, "activations") / 4
     for t in p.terms:
@@ -307,7 +318,46 @@ def test_rlpost_layout_suggests_only_settings_that_exist():
                 load_config(None, [change])  # raises ConfigError for a key rlpost does not have
             elif change.startswith("--"):
                 assert change == "--ranks", s
-    assert not any("offload" in s["change"] for s in p.suggestions)
+    assert not any("offload" in s["change"] for s in p.suggestions)  # refused with fsdp2 (the reference is sharded)
+
+
+# Qwen2.5-1.5B by hand: N = 1,543,714,304; the root (tied embedding and head 151,936 x 1,536, final RMSNorm 1,536)
+# 233,375,232; one block: q 1,536^2 + 1,536, k and v 1,536 x 256 + 256 each, o 1,536^2, MLP 3 x 1,536 x 8,960,
+# two RMSNorms 2 x 1,536 = 46,797,824 (and root + 28 blocks = N)
+N_15B, ROOT_15B, BLOCK_15B = 1_543_714_304, 233_375_232, 46_797_824
+
+
+def test_rlpost_layout_reference_in_bf16_offloaded_and_under_lora():
+    assert ROOT_15B + 28 * BLOCK_15B == N_15B
+    fp32 = rlpost_plan("1.5b")
+    assert term(fp32, "reference (full copy)") == N_15B * 4 and term(fp32, "policy weights") == N_15B * 4
+    # trainer.precision=bf16: the policy keeps fp32 master weights, the reference is stored in bf16
+    bf16 = rlpost_plan("1.5b", "trainer.precision=bf16")
+    assert term(bf16, "reference (full copy)") == N_15B * 2 and term(bf16, "policy weights") == N_15B * 4
+    assert "bf16 copy" in next(t.formula for t in bf16.terms if t.name.startswith("reference (full"))
+    # reference.offload: 0 bytes held on the GPU; its forward streams the root and one block at a time
+    off = rlpost_plan("1.5b", "trainer.precision=bf16", "reference.offload=true", "model.device=cuda")
+    assert term(off, "reference (offloaded)") == 0
+    assert term(off, "reference root + one block") == (ROOT_15B + BLOCK_15B) * 2
+    assert off.peak < bf16.peak
+    assert not any(t.name.startswith("reference root") for t in bf16.terms)  # a resident copy streams nothing
+    # LoRA: the base with the adapters off, nothing held and nothing streamed
+    lora = rlpost_plan("1.5b", "model.lora.r=8", "trainer.precision=bf16")
+    assert term(lora, "reference") == 0 and not any(t.name.startswith("reference root") for t in lora.terms)
+
+
+def test_rlpost_layout_suggests_the_offload_only_where_the_run_takes_it():
+    from rlpost.config import load_config
+
+    big = ["rollout.max_new_tokens=4096", "rollout.prompts_per_step=64"]
+    p = rlpost_plan("7b", *big, "model.device=cuda", gpu_gb=40.0)
+    offload = [s for s in p.suggestions if s["change"] == "reference.offload=true"]
+    assert not p.fits and len(offload) == 1
+    assert offload[0]["saves_gb"] > 0
+    load_config(None, ["reference.offload=true", "model.device=cuda"])  # a setting `rlpost train` accepts there
+    for refused in (["model.device=cpu"], ["model.lora.r=16", "model.device=cuda"], ["reference.offload=true"]):
+        q = rlpost_plan("7b", *big, *refused, gpu_gb=40.0)
+        assert not any("offload" in s["change"] for s in q.suggestions), refused
 
 
 def test_rlpost_layout_plans_packing_keys_ahead_and_refuses_bad_ranks(capsys):
@@ -326,7 +376,7 @@ def test_rlpost_layout_plans_packing_keys_ahead_and_refuses_bad_ranks(capsys):
 def test_rlpost_layout_is_the_default_and_reads_recipes(capsys):
     assert main(["plan", "memory", "7b", "trainer.strategy=fsdp2", "--ranks", "8", "rl.weight_sync=copy"]) == 0
     out = capsys.readouterr().out
-    assert "reference (full, every rank)" in out and "formula" in out and "DOES NOT FIT" in out
+    assert "reference (sharded)" in out and "formula" in out and "DOES NOT FIT" in out
     assert main(["plan", "memory", "recipes/default.yaml", "--json"]) == 0  # gpt_mini, its vocabulary from the task
     d = json.loads(capsys.readouterr().out)
     assert d["model"] == "gpt_mini" and d["fits"] is True

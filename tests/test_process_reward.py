@@ -77,6 +77,24 @@ def test_step_rewards_sit_at_the_step_ends_with_hand_computed_values():
         assert metrics["prm/process_reward_mean"] == pytest.approx(process, abs=1e-6)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_process_reward_role_scores_in_the_trainers_micro_batches(packing):
+    tok = CharTokenizer(ALPHABET)
+    batch, _, _ = hand_batch(tok)
+    torch.manual_seed(0)
+    prm = ProcessRewardModel.from_policy(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=1,
+                                                       n_embd=16)))
+    torch.nn.init.normal_(prm.head.weight)
+    whole, whole_metrics = ProcessReward(prm, tok, Reward(verify, tok))(batch)
+    calls = []
+    prm.trunk.transformer.h[0].register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0] * a[0].shape[1]))
+    T = batch.input_ids.shape[1]
+    micro, metrics = ProcessReward(prm, tok, Reward(verify, tok), micro_batch_tokens=T, packing=packing)(batch)
+    torch.testing.assert_close(micro.rewards, whole.rewards, atol=1e-5, rtol=0)
+    assert metrics["prm/step_score_mean"] == pytest.approx(whole_metrics["prm/step_score_mean"], abs=1e-6)
+    assert len(calls) == 2 and max(calls) <= T, calls  # one row per forward
+
+
 def test_score_and_delta_with_scores_that_differ_per_step():
     mask = torch.zeros(2, 8, dtype=torch.bool)
     mask[0, 2:8], mask[1, 2:5] = True, True  # prompt width 2; row 1's response is 3 tokens

@@ -108,6 +108,25 @@ def test_learned_reward_scores_rollouts_and_keeps_the_gold_reward(tiny_gpt):
     assert scored.meta["gold_reward"] == [1.0] * 6 and metrics["reward/errors"] == 0.0
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_learned_reward_role_scores_in_the_trainers_micro_batches(tiny_gpt, packing):
+    model, tok = tiny_gpt
+    rm = RewardModel.from_policy(model)
+    torch.nn.init.normal_(rm.head.weight)
+    engine = build_engine("native", model, tok)
+    rows = [{"prompt": "12+30=", "answer": "42"}, {"prompt": "1+1=", "answer": "2"}]
+    prompts = [tok.encode_prompt(r["prompt"]) for r in rows]
+    batch = engine.generate(prompts, 3, SamplingParams(max_new_tokens=4), seed=0)
+    batch = batch.replace(meta={**batch.meta, "row": [r for r in rows for _ in range(3)]})
+    whole, _ = LearnedReward(rm, tok)(batch)
+    calls = []
+    rm.trunk.transformer.h[0].register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0] * a[0].shape[1]))
+    T = batch.input_ids.shape[1]
+    micro, _ = LearnedReward(rm, tok, micro_batch_tokens=2 * T, packing=packing)(batch)
+    torch.testing.assert_close(micro.rewards, whole.rewards, atol=1e-5, rtol=0)
+    assert len(calls) > 1 and max(calls) <= 2 * T, calls
+
+
 def test_rlhf_pipeline_trains_a_reward_model_and_logs_gold_beside_proxy(tmp_path):
     cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "run_name=rlhf", "reward_model.train=true",
                                     "reward_model.pairs=128", "reward_model.eval_pairs=32", "reward_model.epochs=1",

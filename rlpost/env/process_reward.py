@@ -37,9 +37,11 @@ import torch
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.env.process_reward_model import ProcessRewardModel, holds_separator, responses, step_ends
+from rlpost.env.reward_model import micro_batching
 from rlpost.env.role import RewardRole
 from rlpost.env.source import RewardSource, SourceInputs, over_episodes, register, runs_episodes
 from rlpost.env.teacher import check_same_tokenizer
+from rlpost.models import check_packing
 from rlpost.schema import Range, above
 from rlpost.settings.prm import PRM_REWARDS as MODES  # prm.reward: how a step's PRM score becomes its reward
 
@@ -95,12 +97,18 @@ class ProcessReward(RewardRole):
     """Reward role (see the module docstring): `reward(batch) -> (batch with token rewards [B, T], metrics)`.
     `outcome` is the run's verifier role (`rlpost.env.reward.Reward`), whose [B] rewards are the outcome; None
     for an environment's episodes (`episodes=True`), whose own rewards (batch.rewards) are the outcome, and
-    whose observations the PRM reads but never ends a step on."""
+    whose observations the PRM reads but never ends a step on. `micro_batch_size`, `micro_batch_tokens`,
+    `packing` (the run's `trainer.*`): the PRM scores in the trainer's micro-batches, so no forward of a step
+    holds more than one micro-batch's activations."""
 
     def __init__(self, prm: ProcessRewardModel, tokenizer, outcome, coef: float = 1.0, mode: str = "delta",
-                 separator: str = ";", episodes: bool = False):
+                 separator: str = ";", episodes: bool = False, micro_batch_size: int | None = None,
+                 micro_batch_tokens: int | None = None, packing: bool = False):
         if mode not in MODES:
             raise ValueError(f"prm.reward is {mode!r}; valid: {', '.join(MODES)}")
+        if packing:  # fail now, naming trainer.packing, on a trunk that cannot keep packed sequences apart
+            check_packing(prm.trunk)
+        self.micro = dict(micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens, packing=packing)
         self.prm = prm.eval().requires_grad_(False)
         self.tokenizer, self.outcome, self.coef, self.mode, self.separator = tokenizer, outcome, coef, mode, separator
         self.episodes = episodes
@@ -114,7 +122,7 @@ class ProcessReward(RewardRole):
         else:
             response = responses(batch)
             ends = [step_ends(r, self.tokenizer, self.separator) for r in response]
-        scores = self.prm.step_scores(prompt_ids(batch), response, ends, self.tokenizer.pad_token_id)
+        scores = self.prm.step_scores(prompt_ids(batch), response, ends, self.tokenizer.pad_token_id, **self.micro)
         rewards = process_token_rewards(outcome, ends, scores, batch.response_mask, batch.prompt_width,
                                         self.coef, self.mode)
         flat = [s for ss in scores for s in ss]
@@ -130,10 +138,11 @@ class ProcessReward(RewardRole):
 
 
 def load_process_reward(cfg, tokenizer, outcome, prompts: list, system: str | None = None, key: str = "prm.path",
-                        episodes: bool = False) -> ProcessReward:
+                        episodes: bool = False, micro: dict | None = None) -> ProcessReward:
     """The PRM folder `cfg.path` loaded, its tokenizer checked against the policy's, as a reward role around
     the run's verifier `outcome` (None with `episodes`: an environment's rewards are the outcome). `key`:
-    the config key the folder was given by, for the errors."""
+    the config key the folder was given by, for the errors; `micro`: the trainer's micro-batching
+    (`rlpost.env.reward_model.micro_batching`)."""
     if not os.path.isdir(cfg.path):
         raise ValueError(f"{key}: no folder at {cfg.path!r} (a process reward model: a `rlpost prm` run's "
                          "checkpoints/prm)")
@@ -141,7 +150,7 @@ def load_process_reward(cfg, tokenizer, outcome, prompts: list, system: str | No
     check_same_tokenizer(tokenizer, prm_tokenizer, prompts, system, where=f"{key} {cfg.path}",
                          why="the PRM scores the policy's token ids as they are")
     return ProcessReward(prm, tokenizer, outcome, coef=cfg.coef, mode=cfg.reward, separator=cfg.separator,
-                         episodes=episodes)
+                         episodes=episodes, **(micro or {}))
 
 
 @register("prm")
@@ -183,5 +192,6 @@ class PRMSource(RewardSource):
     def build(self, inputs: SourceInputs):
         episodes = runs_episodes(inputs.verifier)
         reward = load_process_reward(self.options, inputs.tokenizer, None if episodes else inputs.verifier,
-                                     inputs.prompts, system=inputs.system, key=self.key("path"), episodes=episodes)
+                                     inputs.prompts, system=inputs.system, key=self.key("path"), episodes=episodes,
+                                     micro=micro_batching(inputs))
         return over_episodes(inputs.verifier, reward)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from rlpost.batch import Batch
 from rlpost.models import trunk_hidden_states
+from rlpost.packing import micro_batches
 from rlpost.progress import progress
 from rlpost.env.reward_model import RewardModel, fit_epochs
 from rlpost.rollout import SamplingParams
@@ -108,14 +109,32 @@ class ProcessRewardModel(RewardModel):
 
     @torch.no_grad()
     def step_scores(self, prompts: list[list[int]], responses: list[list[int]], ends: list[list[int]], pad_id: int,
-                    batch_size: int = 256) -> list[list[float]]:
-        """Per solution, sigmoid(logit) at each step end: the PRM's probability that the solution ends right."""
+                    batch_size: int = 256, micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
+                    packing: bool = False) -> list[list[float]]:
+        """Per solution, sigmoid(logit) at each step end: the PRM's probability that the solution ends right.
+        `batch_size` solutions are laid out at a time; with `micro_batch_size` / `micro_batch_tokens` /
+        `packing` (the trainer's: rlpost.packing.micro_batches) the trunk runs them one micro-batch at a time,
+        so no forward holds more than one micro-batch's activations; the scores are the same."""
         out: list[list[float]] = []
+        micro = micro_batch_size or micro_batch_tokens or packing
         for i in range(0, len(prompts), batch_size):
             s = slice(i, i + batch_size)
-            logits = self.step_logits(prompts[s], responses[s], ends[s], pad_id)
+            if micro:
+                logits = self._micro_batched_logits(prompts[s], responses[s], ends[s], pad_id, micro_batch_size,
+                                                    micro_batch_tokens, packing)
+            else:
+                logits = self.step_logits(prompts[s], responses[s], ends[s], pad_id)
             out += [torch.sigmoid(x).tolist() for x in logits]
         return out
+
+    def _micro_batched_logits(self, prompts, responses, ends, pad_id, size, max_tokens, packing) -> list[torch.Tensor]:
+        """`step_logits`, the trunk run one micro-batch at a time (the head read off each micro-batch's values)."""
+        batch = Batch.for_sft(prompts, responses, pad_id).to(self.head.weight.device)
+        P = batch.prompt_width
+        values = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+        for rows, mb, packed in micro_batches(batch, size, max_tokens, packing):
+            values[rows] = self.head_values(mb, packed)
+        return [values[b, [P + j for j in e]] for b, e in enumerate(ends)]
 
 
 # ---------------------------------------------------------------------------- Monte-Carlo labels

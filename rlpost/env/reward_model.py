@@ -40,8 +40,9 @@ from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import ModelConfig
 from rlpost.env.source import RewardSource, SourceInputs, episode_reward, over_episodes, register
-from rlpost.models import (ModelLoadError, encode_prompt, load_model, model_device, position_ids_for, save_model,
-                           trunk_hidden_states)
+from rlpost.models import (ModelLoadError, check_packing, encode_prompt, load_model, model_device, position_ids_for,
+                           save_model, trunk_hidden_states)
+from rlpost.packing import Packed, micro_batches, scatter_rows
 from rlpost.ops import last_token_index
 from rlpost.preference.data import PreferenceData
 from rlpost.progress import progress
@@ -83,15 +84,32 @@ class RewardModel(nn.Module):
         return self._read(self.trunk.hidden_states(input_ids, attention_mask, position_ids_for(attention_mask)),
                           attention_mask)
 
-    def score(self, batch: Batch) -> torch.Tensor:
+    def score(self, batch: Batch, micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
+              packing: bool = False) -> torch.Tensor:
         """[B] rewards of a batch, as `forward`, on the model's device (a batch from elsewhere is moved there);
-        rows that share a prompt (a pair, K samples) compute it once."""
+        rows that share a prompt (a pair, K samples) compute it once. With `micro_batch_size` /
+        `micro_batch_tokens` / `packing` (the trainer's: rlpost.packing.micro_batches) the trunk runs one
+        micro-batch at a time, so a forward holds one micro-batch's activations; the rewards are the same."""
         batch = batch.to(self.head.weight.device)
-        return self._read(trunk_hidden_states(self.trunk, batch), batch.attention_mask)
+        if not (micro_batch_size or micro_batch_tokens or packing):
+            return self._read(trunk_hidden_states(self.trunk, batch), batch.attention_mask)
+        parts = [(rows, self._read(self.head_values(mb, packed), mb.attention_mask, head=False))
+                 for rows, mb, packed in micro_batches(batch, micro_batch_size, micro_batch_tokens, packing)]
+        return scatter_rows(parts, len(batch))
 
-    def _read(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def head_values(self, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
+        """The head at every position of `batch` [B, T] (fp32); `packed`: the packing of its rows, whose packed
+        hidden states are read and put back in the padded layout (zero off the real tokens)."""
+        h = trunk_hidden_states(self.trunk, batch, packed=packed)
+        values = self.head(h.float()).squeeze(-1)
+        return values if packed is None else packed.unpack(values, shifted=False)
+
+    def _read(self, h: torch.Tensor, attention_mask: torch.Tensor, head: bool = True) -> torch.Tensor:
+        """Each row's value at its last real token: of the head on hidden states `h` [B, T, C], or, with
+        head=False, of head values [B, T] already computed."""
         last = last_token_index(attention_mask)
-        return self.head(h[torch.arange(len(h), device=h.device), last].float()).squeeze(-1)
+        at = h[torch.arange(len(h), device=h.device), last]
+        return self.head(at.float()).squeeze(-1) if head else at
 
     def save(self, folder: str, tokenizer) -> None:
         """The trunk as an ordinary checkpoint (loads in transformers) plus the head in reward_head.safetensors."""
@@ -195,10 +213,18 @@ class LearnedReward(RewardRole):
     With `gold` (a verifier `fn(completion, row) -> float`), it also scores every sample with it and
     reports `reward/gold_mean` next to `reward/mean` (the proxy): the proxy rising while the gold falls is
     reward-model over-optimisation.
+
+    `micro_batch_size`, `micro_batch_tokens`, `packing` (the run's `trainer.*`): the model scores a batch in
+    the trainer's micro-batches (`RewardModel.score`), so no forward of a step holds more than one
+    micro-batch's activations.
     """
 
-    def __init__(self, rm: RewardModel, tokenizer, gold: Callable[[str, dict], float] | None = None):
+    def __init__(self, rm: RewardModel, tokenizer, gold: Callable[[str, dict], float] | None = None,
+                 micro_batch_size: int | None = None, micro_batch_tokens: int | None = None, packing: bool = False):
         self.rm, self.tokenizer, self.gold = rm.eval().requires_grad_(False), tokenizer, gold
+        if packing:  # fail now, naming trainer.packing, on a trunk that cannot keep packed sequences apart
+            check_packing(rm.trunk)
+        self.micro_batch_size, self.micro_batch_tokens, self.packing = micro_batch_size, micro_batch_tokens, packing
 
     def check_tokenizer(self, policy_tokenizer, texts: list) -> None:
         """The reward model reads the policy's token ids directly, so both must tokenise alike (`texts`:
@@ -210,7 +236,8 @@ class LearnedReward(RewardRole):
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
-        rewards = self.rm.score(batch).float().to(batch.input_ids.device)
+        rewards = self.rm.score(batch, self.micro_batch_size, self.micro_batch_tokens,
+                                self.packing).float().to(batch.input_ids.device)
         texts = decode_responses(batch, self.tokenizer)
         meta = {**batch.meta, "completion": texts}
         if self.gold is not None:  # the controller reports it as reward/gold_mean beside reward/mean (the proxy)
@@ -237,9 +264,18 @@ class RewardModelSource(RewardSource):
         if inputs.reward_model is None:  # the stage has not run yet: the stages before it use the verifier
             return inputs.verifier
         rm, rm_tokenizer = inputs.reward_model
-        reward = LearnedReward(rm, rm_tokenizer, gold=episode_reward(inputs.verifier))
+        reward = LearnedReward(rm, rm_tokenizer, gold=episode_reward(inputs.verifier), **micro_batching(inputs))
         reward.check_tokenizer(inputs.tokenizer, inputs.prompts)
         return over_episodes(inputs.verifier, reward)
+
+
+def micro_batching(inputs: SourceInputs) -> dict:
+    """The run's micro-batching (`trainer.micro_batch_size`, `micro_batch_tokens`, `packing`) as keyword
+    arguments of a learned scorer, which scores in the trainer's micro-batches; none without a trainer section."""
+    t = inputs.trainer if inputs.trainer is not None else getattr(inputs.cfg, "trainer", None)
+    if t is None:
+        return {}
+    return dict(micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens, packing=t.packing)
 
 
 # ---------------------------------------------------------------------------- pairs for the embedded task

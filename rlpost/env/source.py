@@ -36,7 +36,8 @@ class SourceInputs:
     """What a source is built from: the run's config (`Config`), the policy's tokenizer, the task's reward
     role (`verifier`: an `rlpost.env.reward.Reward`, or the `EnvRole` that runs task.env's episodes), a few
     training prompts to compare tokenizers on, the task's system prompt, and, once the reward_model stage
-    has run, its model (`reward_model`: (model, its tokenizer))."""
+    has run, its model (`reward_model`: (model, its tokenizer)); `trainer`: the `trainer.*` section whose
+    micro-batching the learned scorers score in, where `cfg` is not given (None: cfg.trainer)."""
 
     cfg: Any
     tokenizer: Any
@@ -44,6 +45,7 @@ class SourceInputs:
     prompts: list
     system: str | None = None
     reward_model: tuple | None = None
+    trainer: Any = None
 
 
 class RewardSource:

@@ -114,7 +114,8 @@ def save_model(model: nn.Module, tokenizer, folder: str, merged: bool = False) -
 def load_weights(model: nn.Module, folder: str) -> None:
     """Load the weights saved in `folder` (by `save_model`) into `model` in place, exactly: the optimizer
     and every other holder of the model's parameters keep pointing at the same tensors. A LoRA model takes the
-    folder's weights as its base, and its adapters (reset to their initial values when the folder has none)."""
+    folder's weights as its base, and its adapters (reset to their initial values when the folder has none).
+    An FSDP2-sharded model keeps its shard of them on each rank (a collective: every rank calls it)."""
     if not os.path.isdir(folder):
         raise ModelLoadError(f"no saved model at {folder}")
     if saved_lora_config(folder) is not None and not is_lora(model):
@@ -134,10 +135,21 @@ def load_weights(model: nn.Module, folder: str) -> None:
         missing = [k for k in own if k not in state]
         if missing:
             raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model, e.g. {missing[:3]}")
-        for k, t in own.items():
-            t.copy_(state[k])
+        if _is_sharded(model):  # FSDP2 (a sharded reference): each rank keeps its shard of the full weights
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(model, {k: state[k] for k in own}, options=StateDictOptions(full_state_dict=True))
+        else:
+            for k, t in own.items():
+                t.copy_(state[k])
     if is_lora(model):
         load_adapters(model, folder)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def rebuild(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -489,9 +489,10 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 #
 # Held for the whole stage:
 #   policy weights, grads, AdamW m and v   N*B / R each (LoRA: the base N*B / R, and the adapters' A*B / R x 4)
-#   reference                              a FULL frozen copy of the policy on EVERY rank: N*B (taken before the
-#                                          trainer shards the policy; none under LoRA: the base with adapters off;
-#                                          none without a KL term, algorithm.beta=0)
+#   reference                              the frozen copy of the policy, N*Br: Br = 2 under trainer.precision=bf16
+#                                          (the copy is stored in bf16), else B; sharded like the policy under fsdp2,
+#                                          N*Br / R; 0 with reference.offload (it lives in CPU memory); none under
+#                                          LoRA (the base with adapters off) or without a KL term (algorithm.beta=0)
 #   engine copy                            a FULL copy on every rank under fsdp2 or rl.weight_sync=copy: N*B (the
 #                                          colocated single-process default, pointer, shares the trainer's module)
 #   native engine's fused matrices         Llama / Qwen2: q|k|v and gate|up concatenated per layer, cached:
@@ -501,8 +502,11 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 #   rollout     KV cache 2*n*kv*d*S*rows*B (rows = the rank's prompts_per_step*k / R, capped by rollout.max_num_seqs)
 #               + one decode step's logits and sampling buffers rows*V*28 (fp32 logits, the sampler's scaled logits
 #               and probabilities, 4 B each; their fp64 copy and its cumulative sum, 8 B each)
-#   reference   one no-grad forward over the rank's WHOLE batch (trainer.micro_batch_tokens when the reference
-#               is micro-batched): a layer's buffers tokens*(3h + q + 2kv + 3I)*A + the head's chunk 3*c*V*4
+#   reference   one no-grad forward over one of the trainer's micro-batches (trainer.micro_batch_size rows, at
+#               most trainer.micro_batch_tokens positions; the rank's whole batch when neither is set): a layer's
+#               buffers tokens*(3h + q + 2kv + 3I)*A + the head's chunk 3*c*V*4;
+#               fsdp2 or reference.offload: + the root and one block on the device, (root + block) * Br (gathered
+#               from the shards, or streamed from the CPU, one block at a time)
 #   train       one micro-batch's saved activations, per layer tokens*(4h + 3q + 3kv + 4I)*A (checkpointing:
 #               tokens*h*A per layer + one layer's), + the log-prob head's backward: 3*c*V*4 (chunk buffers)
 #               + V*h*4 (its fp32 weight gradient); fsdp2: the root module (embedding, final norm, head) and one
@@ -541,6 +545,7 @@ class Job:
     max_new_tokens: int = 6
     max_num_seqs: int = 0
     reference: bool = True             # the algorithm reads ref_logp (GRPO: beta > 0)
+    offload_reference: bool = False    # reference.offload: the copy in CPU memory, streamed block by block
     critic: str | None = None          # "separate" | "head" | None
     engine_copy: bool = False          # fsdp2, or rl.weight_sync=copy
     native_engine: bool = True         # rlpost's native engine (Llama / Qwen2 fuse q|k|v and gate|up)
@@ -598,6 +603,7 @@ def job_from_config(cfg, ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb
               logprob_chunk=tc.logprob_chunk,
               prompts_per_step=rc.prompts_per_step, k=rc.k, prompt_tokens=prompt_tokens,
               max_new_tokens=rc.max_new_tokens, max_num_seqs=rc.max_num_seqs, reference=algo.uses_reference,
+              offload_reference=cfg.reference.offload,
               critic=cfg.critic.type if algo.uses_critic else None,
               engine_copy=tc.strategy == "fsdp2" or cfg.rl.weight_sync == "copy",
               native_engine=rc.engine in ("auto", "native"), topology=cfg.rl.topology,
@@ -669,10 +675,21 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         held("policy weights", N * B / div, f"N x {B} B{shard} = {N:,} x {B}{shard}")
         held("policy grads", N * B / div, f"N x {B} B{shard}")
         held("policy AdamW m, v", 2 * N * B / div, f"2 x N x {B} B{shard}")
-    if j.reference and not j.lora_rank:
-        held("reference (full, every rank)", N * B, f"N x {B} B: a whole frozen copy of the policy")
-    elif j.reference:
+    # FSDP2's root module: the embedding, the final norm and the head; and one transformer block
+    root = V * h * (1 if shape.tie_word_embeddings else 2) + h * (2 if shape.norm == "layer" else 1) + (
+        shape.max_position_embeddings * h if shape.learned_positions else 0)
+    layer = (N - root) // n
+    Br = 2 if j.autocast else B  # the reference's bytes per parameter: stored in bf16 under bf16 autocast
+    kept = "bf16 copy (trainer.precision=bf16)" if j.autocast and B == 4 else "frozen copy of the policy"
+    if j.reference and j.lora_rank:
         held("reference", 0, "the LoRA base with adapters off: no copy")
+    elif j.reference and j.offload_reference:
+        held("reference (offloaded)", 0, f"0: the {kept}, N x {Br} B = {_gb(N * Br)}, lives in CPU memory "
+                                         "(reference.offload)")
+    elif j.reference and sharded:
+        held("reference (sharded)", N * Br / div, f"N x {Br} B{shard}: the {kept}, sharded like the policy")
+    elif j.reference:
+        held("reference (full copy)", N * Br, f"N x {Br} B: a whole {kept}")
     colocated = j.topology == "colocated"
     if colocated and j.engine_copy:
         held("engine copy (full, every rank)", N * B, f"N x {B} B (" + ("fsdp2: no engine samples from shards"
@@ -697,15 +714,27 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
                                                  f"{shape.num_kv_heads} x {shape.dim} x {S} x {live} x {B}"),
             PlanTerm("decode logits + sampling", "rollout", live * V * 28, f"rows x V x 28 B = {live} x {V:,} x 28")]
     if j.reference:
-        ref_tokens = j.micro_batch_tokens if (j.packing and j.micro_batch_tokens) else rows * S
+        # the reference scores in the trainer's micro-batches (rlpost.packing.micro_batches): packed, at most
+        # micro_batch_tokens positions; padded, micro_batch_size rows, fewer when micro_batch_tokens caps rows x S
+        if j.packing and j.micro_batch_tokens:
+            ref_tokens, what = j.micro_batch_tokens, "trainer.micro_batch_tokens"
+        else:
+            ref_rows = min(j.micro_batch_size or rows, rows)
+            if j.micro_batch_tokens:
+                ref_rows = min(ref_rows, max(1, j.micro_batch_tokens // S))
+            ref_tokens = ref_rows * S
+            what = f"the rank's whole batch, {rows} x {S}" if ref_rows == rows else f"{ref_rows} rows x {S}"
         per = 3 * h + q + 2 * kv + 3 * inter
-        what = "trainer.micro_batch_tokens" if (j.packing and j.micro_batch_tokens) else \
-            f"the rank's whole batch, {rows} x {S}"
         phases["reference"] = [
             PlanTerm("reference forward (no grad)", "reference", ref_tokens * per * A,
                      f"tokens x (3h + q + 2kv + 3I) x {A} B = {ref_tokens:,} ({what}) x {per:,} x {A}"),
             PlanTerm("log-prob head chunk", "reference", 3 * min(chunk, ref_tokens) * V * 4,
                      f"3 x chunk x V x 4 B = 3 x {min(chunk, ref_tokens)} x {V:,} x 4")]
+        if not j.lora_rank and (j.offload_reference or sharded):
+            how = "streamed from the CPU" if j.offload_reference else "gathered from the shards"
+            phases["reference"].append(PlanTerm(
+                "reference root + one block", "reference", (root + layer) * Br,
+                f"(root + block) x {Br} B = ({root:,} + {layer:,}) x {Br}, {how} one block at a time"))
     if j.packing and j.micro_batch_tokens:
         mb_tokens, mb_what = j.micro_batch_tokens, "trainer.micro_batch_tokens"
     else:
@@ -737,11 +766,7 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         phases["train"].append(PlanTerm("policy grads, freed until the backward", "train", -trained,
                                         "- the held policy grads: one micro-batch per optimizer step, and zero_grad "
                                         "sets them to None before it"))
-    # FSDP2's root module: the embedding, the final norm and the head
-    root = V * h * (1 if shape.tie_word_embeddings else 2) + h * (2 if shape.norm == "layer" else 1) + (
-        shape.max_position_embeddings * h if shape.learned_positions else 0)
     if sharded:  # FSDP2 keeps the root unsharded from its forward to the backward's end
-        layer = (N - root) // n
         phases["train"].append(PlanTerm("fsdp2 gathers", "train", 2 * (root + layer) * B,
                                         f"2 (weights, grads) x (root {root:,} + one block {layer:,}) x {B} B, "
                                         "unsharded"))
@@ -792,6 +817,9 @@ def _job_changes(shape: ModelShape, j: Job) -> list[tuple[str, Job]]:
                     replace(j, micro_batch_tokens=j.micro_batch_tokens // 2)))
     if j.reference:
         out.append(("algorithm.beta=0 (no KL term: no reference)", replace(j, reference=False)))
+    # the reference in CPU memory: only where the run accepts it (a GPU, a copy to offload, not sharded)
+    if j.reference and not (j.offload_reference or j.lora_rank or j.cpu or j.strategy == "fsdp2"):
+        out.append(("reference.offload=true", replace(j, offload_reference=True)))
     live = min(j.max_num_seqs or j.rank_rows, j.rank_rows)
     if live > 1:  # the largest cap that fits, halving from the rows (a quarter of them when none fits)
         caps = [c for c in (live >> i for i in range(1, live.bit_length())) if c >= 1]
@@ -809,8 +837,8 @@ def _job_changes(shape: ModelShape, j: Job) -> list[tuple[str, Job]]:
 # How much a change alters the job, lowest first: scheduling only (the same training), numerics, hardware, then
 # what is trained (the algorithm, the adapters, the batch).
 CHANGE_COST = {"rollout.max_num_seqs": 0, "trainer.gradient_checkpointing": 0, "trainer.micro_batch_size": 0,
-               "trainer.micro_batch_tokens": 0, "model.dtype": 1, "--ranks": 2, "model.lora.r": 3,
-               "algorithm.beta": 3, "rollout.prompts_per_step": 3}
+               "trainer.micro_batch_tokens": 0, "reference.offload": 0, "model.dtype": 1, "--ranks": 2,
+               "model.lora.r": 3, "algorithm.beta": 3, "rollout.prompts_per_step": 3}
 
 
 def _setting(change: str) -> str:

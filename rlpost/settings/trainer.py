@@ -47,7 +47,8 @@ class TrainerConfig(Section):
                                "end to end without padding (block-diagonal attention, position ids restarting per "
                                "sequence); same loss and gradients as padded rows, fewer positions computed")
     micro_batch_tokens: int | None = opt(None, "RL: at most this many token positions per micro-batch of the trainer, "
-                                               "the reference and the critic (packed: real tokens; padded: rows x "
-                                               "padded length); None: micro_batch_size alone decides", at_least(1))
+                                               "the reference, the critic and the learned rewards (packed: real "
+                                               "tokens; padded: rows x padded length); None: micro_batch_size alone "
+                                               "decides", at_least(1))
     profile_steps: list[int] = opt([], "RL steps to trace with torch.profiler (Chrome trace format, in the run "
                                        "directory's profile/ folder)")

@@ -62,23 +62,24 @@ def fit_reward_model_from_config(rc, pc, seed: int, policy, tokenizer, task, run
 
 @register("reward_model")
 class RewardModelStage(Stage):
-    """`reward_model.*` (and `preference.*` for the pair data)."""
+    """`reward_model.*` (and `preference.*` for the pair data); `trainer_cfg`: the run's `trainer.*`, whose
+    micro-batching the model scores the RL stage's rollouts in."""
 
     name = "reward_model"
-    sections = ("reward_model",)
+    sections = ("reward_model", "trainer")
     checkpoint = "after_reward_model"
 
     @classmethod
     def from_config(cls, cfg, label: str | None = None) -> "RewardModelStage":
-        return cls(cfg.reward_model, cfg.preference)
+        return cls(cfg.reward_model, cfg.preference, cfg.trainer)
 
-    def __init__(self, cfg, preference_cfg):
-        self.cfg, self.preference_cfg = cfg, preference_cfg
+    def __init__(self, cfg, preference_cfg, trainer_cfg=None):
+        self.cfg, self.preference_cfg, self.trainer_cfg = cfg, preference_cfg, trainer_cfg
 
     def use(self, ctx: RunContext, rm: RewardModel, rm_tokenizer) -> None:
         """The RL reward from now on: the registry's reward_model source over this model (rl.reward)."""
         inputs = SourceInputs(None, ctx.tokenizer, ctx.verifier, [r["prompt"] for r in ctx.task.train_rows[:16]],
-                              system=ctx.task.system_prompt, reward_model=(rm, rm_tokenizer))
+                              system=ctx.task.system_prompt, reward_model=(rm, rm_tokenizer), trainer=self.trainer_cfg)
         ctx.rl_reward = build_rl_reward("reward_model", {}, inputs)
 
     def run(self, ctx: RunContext) -> None:

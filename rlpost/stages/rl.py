@@ -42,7 +42,7 @@ from rlpost.checkpoint import prune, write_model_folder
 from rlpost.controller import Controller, Roles
 from rlpost.critic import Critic
 from rlpost.loops import LOOPS
-from rlpost.models import compile_model, load_weights, save_model
+from rlpost.models import compile_model, model_device, save_model
 from rlpost.progress import progress
 from rlpost.reference import Reference
 from rlpost.env.reward import decode_responses
@@ -176,11 +176,11 @@ def trim_rollouts(run_dir: str, last_step: int) -> int:
 
 @register("rl")
 class RLStage(Stage):
-    """`rl.*`, `rollout.*`, `algorithm`, `trainer.*`, `critic.*`, `log.rollouts_every`; `evaluation` measures
-    pass@1 mid-stage."""
+    """`rl.*`, `rollout.*`, `algorithm`, `trainer.*`, `critic.*`, `reference.*`, `log.rollouts_every`; `evaluation`
+    measures pass@1 mid-stage."""
 
     name = "rl"
-    sections = ("rl", "rollout", "algorithm", "trainer", "critic", "eval")
+    sections = ("rl", "rollout", "algorithm", "trainer", "critic", "reference", "eval")
     changes_weights = True
     checkpoint = "final"
     keep_step_checkpoints = True
@@ -190,15 +190,18 @@ class RLStage(Stage):
     @classmethod
     def from_config(cls, cfg, label: str | None = None) -> "RLStage":
         return cls(cfg.rl, cfg.rollout, cfg.algorithm, cfg.trainer, cfg.critic,
-                   STAGES.classes["eval"].from_config(cfg, "rl"), log_cfg=cfg.log)
+                   STAGES.classes["eval"].from_config(cfg, "rl"), log_cfg=cfg.log,
+                   reference_cfg=cfg.reference)
 
     @property
     def end_checkpoint(self) -> str:
         """`final` for the run's last RL stage, else the stage's label (rl, rl_2, ...)."""
         return self.checkpoint if self.last else self.label
 
-    def __init__(self, cfg, rollout_cfg, algorithm_cfg: dict, trainer_cfg, critic_cfg, evaluation, log_cfg=None):
+    def __init__(self, cfg, rollout_cfg, algorithm_cfg: dict, trainer_cfg, critic_cfg, evaluation, log_cfg=None,
+                 reference_cfg=None):
         self.cfg, self.rollout_cfg, self.algorithm_cfg = cfg, rollout_cfg, algorithm_cfg
+        self.offload_reference = reference_cfg is not None and reference_cfg.offload
         self.trainer_cfg, self.critic_cfg, self.evaluation = trainer_cfg, critic_cfg, evaluation
         self.rollouts_every = log_cfg.rollouts_every if log_cfg is not None else 0
         self.step = 0
@@ -213,7 +216,11 @@ class RLStage(Stage):
         # the reference and the trainer score at params.logp_temperature, the temperature the engine reports
         # old_logp at (1 for greedy rollouts); the reference first: a whole frozen copy of the policy, taken
         # before the trainer may shard it
-        self.reference = Reference(model, tc, params) if self.algorithm.uses_reference else None
+        if self.offload_reference and model_device(model).type == "cpu":
+            raise ValueError("reference.offload: the policy runs on the CPU (model.device=auto found no GPU), so "
+                             "there is nothing to offload to; set reference.offload=false or run on a GPU")
+        self.reference = Reference(model, tc, params, offload=self.offload_reference) \
+            if self.algorithm.uses_reference else None
         self.trainer = Trainer(model, tc, params, critic=self.critic, critic_lr=self.critic_cfg.lr,
                                seed=self.seed(ctx), total_steps=self.cfg.steps * tc.epochs * tc.minibatches)
         if tc.compile:  # after the reference (and a separate critic) copied the eager policy
@@ -249,7 +256,7 @@ class RLStage(Stage):
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
         if self.reference is not None and not self.reference.shares_policy:  # the policy as the stage started
-            load_weights(self.reference.model, os.path.join(ctx.run_dir, "checkpoints", self.reference_folder))
+            self.reference.load(os.path.join(ctx.run_dir, "checkpoints", self.reference_folder))
         self.weight_sync.load_state_dict(state["weight_sync"])
 
     def save(self, ctx: RunContext) -> None:
@@ -291,9 +298,11 @@ class RLStage(Stage):
 
     def run(self, ctx: RunContext) -> None:
         c = self.cfg
-        if self.step == 0 and self.reference is not None and not self.reference.shares_policy and dist.is_main():
-            write_model_folder(ctx.run_dir, self.reference_folder,
-                               lambda f: save_model(self.reference.model, ctx.tokenizer, f))
+        if self.step == 0 and self.reference is not None and not self.reference.shares_policy:
+            reference = self.reference.unsharded()  # a collective when the reference is sharded (fsdp2)
+            if dist.is_main():
+                write_model_folder(ctx.run_dir, self.reference_folder,
+                                   lambda f: save_model(reference, ctx.tokenizer, f))
         if dist.is_main() and ctx.log.rollout_lines is None:  # a resume from a checkpoint without the count:
             trim_rollouts(ctx.run_dir, self.step_offset + self.step)  # the samples after it are sampled again
             ctx.log.rollout_lines = count_lines(os.path.join(ctx.run_dir, ROLLOUTS_FILE))
