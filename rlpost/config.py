@@ -252,6 +252,11 @@ def _validate_lora(cfg: Config) -> None:
     if cfg.model.lora.r > 0 and cfg.rollout.engine == "vllm":
         raise ConfigError("model.lora with rollout.engine=vllm is not supported: vLLM would need the merged weights "
                           "at every sync; use rollout.engine=auto (native) or hf")
+    if cfg.model.lora.r > 0 and cfg.trainer.strategy == "fsdp2":
+        raise ConfigError("model.lora (model.lora.r > 0) with trainer.strategy=fsdp2 is not supported: the LoRA "
+                          "reference is the policy's own base with its adapters off, and the stages fold the "
+                          "adapters into the base, neither of which works on parameter shards; train LoRA with "
+                          "trainer.strategy=single, or full weights (model.lora.r=0) with fsdp2")
 
 
 def _validate_task(cfg: Config) -> None:

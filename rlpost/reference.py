@@ -27,6 +27,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
 
+from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
 from rlpost.models import (autocast, check_packing, check_precision, model_device, set_gradient_checkpointing,
@@ -51,7 +52,8 @@ class Reference:
         if self.shares_policy:
             self.model = policy
         else:
-            self.model = copy.deepcopy(policy).eval()
+            # a sharded policy (an earlier stage of a fsdp2 run sharded it): a plain copy of its full weights
+            self.model = (dist.plain_copy(policy) if dist.is_sharded(policy) else copy.deepcopy(policy)).eval()
             self.model.requires_grad_(False)
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
         self.temperature, self.precision, self.logprob_chunk = temperature, cfg.precision, cfg.logprob_chunk

@@ -547,7 +547,7 @@ def build_stages(cfg: Config) -> list[Stage]:
 
     make = {"sft": lambda c: SFTStage(c.sft, c.trainer),
             "preference": lambda c: PreferenceStage(c.preference, c.rollout, c.trainer, c.eval),
-            "reward_model": lambda c: RewardModelStage(c.reward_model, c.preference),
+            "reward_model": lambda c: RewardModelStage(c.reward_model, c.preference, c.trainer),
             "rl": lambda c: RLStage(c.rl, c.rollout, c.algorithm, c.trainer, c.critic, evaluation(c, "rl"),
                                     log_cfg=c.log),
             "rejection": lambda c: RejectionStage(c.rejection, c.rollout, c.trainer, c.eval)}
