@@ -91,6 +91,7 @@ def arithmetic_pairs(n: int, seed: int = 0) -> list[dict]:
 def case_sft(strategy: str) -> tuple[dict, dict]:
     from rlpost.config import Config
     from rlpost.critic import Critic
+    from rlpost.distributed import is_sharded
     from rlpost.reference import Reference
     from rlpost.stages.sft import SupervisedStage, sft_batch
 
@@ -115,13 +116,14 @@ def case_sft(strategy: str) -> tuple[dict, dict]:
     batch = sft_batch(prompts[:4], comps[:4], 0)
     ref = Reference(model, cfg.trainer)(batch).ref_logp
     critic = Critic.build(model, "separate", cfg.trainer)
-    return {"losses": losses, "ref_logp": ref.tolist()}, {**weights(model),
+    return {"losses": losses, "ref_logp": ref.tolist(), "sharded": is_sharded(model)}, {**weights(model),
                                                          **{f"critic_trunk.{k}": v
                                                             for k, v in critic.trunk.state_dict().items()}}
 
 
 def case_preference(strategy: str, loss_name: str) -> tuple[dict, dict]:
     from rlpost.config import Config
+    from rlpost.distributed import is_sharded
     from rlpost.models.gpt_mini import CharTokenizer
     from rlpost.preference import get_preference_loss
     from rlpost.preference.data import read_preference_rows, tokenize_preferences
@@ -139,7 +141,8 @@ def case_preference(strategy: str, loss_name: str) -> tuple[dict, dict]:
     records = []
     train_preference(model, tok, data, get_preference_loss(loss_name), pc, cfg.trainer, seed=0, log=records.append)
     losses = [r["train/loss"] for r in records if "train/loss" in r]
-    return {"losses": losses, "skipped": sum(r.get("train/skipped_empty", 0.0) for r in records)}, weights(model)
+    return {"losses": losses, "skipped": sum(r.get("train/skipped_empty", 0.0) for r in records),
+            "sharded": is_sharded(model)}, weights(model)
 
 
 def case_reward_model(strategy: str, llama_dir: str) -> tuple[dict, dict]:
@@ -164,7 +167,7 @@ def case_reward_model(strategy: str, llama_dir: str) -> tuple[dict, dict]:
     # the head's bias is not compared: the Bradley-Terry loss reads only differences of rewards, so its gradient is
     # float noise (1e-9), which AdamW scales up to ~lr per step, differently in each run; so are absolute scores
     state = {k: v for k, v in plain.state_dict().items() if k != "head.bias"}
-    return {"eval_loss": evals, "margins": (scores[0::2] - scores[1::2]).tolist(),
+    return {"eval_loss": evals, "margins": (scores[0::2] - scores[1::2]).tolist(), "sharded": is_sharded(rm),
             "plain": not any(is_sharded(m) for m in plain.modules())}, state
 
 
@@ -221,6 +224,7 @@ def case_ppo(strategy: str, kind: str, llama_dir: str) -> tuple[dict, dict]:
         out["losses"].append(m["train/loss"])
         out["value_loss"] = m.get("value/loss")
     out["values"] = dist.reduce_sum(out["values"][-1])  # the last value pass, summed over every rank's rows
+    out["sharded"] = dist.is_sharded(model) and dist.is_sharded(critic)
     state = weights(model)
     state.update({f"critic.{k}": v for k, v in critic.full_state_dict().items()})
     return out, state
@@ -275,6 +279,7 @@ def test_two_ranks_fit_like_one_process(runs, case):
     diff = max_diff(runs["fsdp2_weights"][case], runs["single_weights"][case])
     print(f"{case}: weights max |diff| {diff:.2e}; 1 process {one}; 2 ranks {two}")
     assert diff < TOL
+    assert two["sharded"] and not one["sharded"]  # the 2-rank run trained shards, the one process a whole model
     for key in ("losses", "eval_loss", "margins", "ref_logp"):
         if key in one:
             a, b = torch.tensor(one[key]).flatten().tolist(), torch.tensor(two[key]).flatten().tolist()
@@ -288,6 +293,43 @@ def test_two_ranks_fit_like_one_process(runs, case):
         assert one["skipped"] == two["skipped"] == 0  # the 1-pair batch trained on both, not skipped
     if case == "reward_model":
         assert two["plain"]  # gathered into a plain model that scores without the other rank
+
+
+@pytest.mark.slow
+def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path):
+    """`rlpost train` on 2 ranks: SFT, DPO on a pairs file, a reward model, then 2 PPO steps with a separate critic
+    on that reward; the stages' checkpoints (gathered by rank 0) equal one process's run of the same stages."""
+    from safetensors.torch import load_file
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in arithmetic_pairs(30)))
+    common = ["sft.steps=12", "sft.batch_size=8", f"preference.train_file={pairs}", "preference.epochs=1",
+              "preference.batch_size=5", "reward_model.epochs=1", "reward_model.batch_size=8", "task.num_eval=10",
+              "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "trainer.micro_batch_size=3", "threads=1",
+              f"out_dir={tmp_path / 'runs'}"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "rlpost.cli", "train", *common, "run_name=two", "trainer.strategy=fsdp2",
+           "rl.weight_sync=copy", "stages=[sft,preference,reward_model,rl]", "algorithm={name: ppo}", "rl.steps=2",
+           "rollout.prompts_per_step=4", "rollout.k=2"]
+    one = [sys.executable, "-m", "rlpost.cli", "train", *common, "run_name=one",
+           "stages=[sft,preference,reward_model]"]
+    for cmd in (two, one):
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    runs = tmp_path / "runs"
+    lines = [json.loads(x) for x in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["stage"] == "rl"] == [1, 2]  # PPO ran, logged once (rank 0)
+    assert (runs / "two" / "checkpoints" / "final" / "model.safetensors").exists()
+    for stage, file in (("sft", "model.safetensors"), ("preference", "model.safetensors"),
+                        ("reward_model", "model.safetensors"), ("reward_model", "reward_head.safetensors")):
+        a, b = (load_file(runs / run / "checkpoints" / stage / file) for run in ("two", "one"))
+        diff = max_diff(a, b)
+        print(f"{stage}/{file}: 2 ranks vs 1 process max |diff| {diff:.2e}")
+        assert diff < TOL
 
 
 def test_share_splits_rows_in_rank_order(monkeypatch):
