@@ -18,6 +18,7 @@ writes its per-step losses and its final (gathered) weights; the tests compare t
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -298,7 +299,8 @@ def test_two_ranks_fit_like_one_process(runs, case):
 @pytest.mark.slow
 def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path):
     """`rlpost train` on 2 ranks: SFT, DPO on a pairs file, a reward model, then 2 PPO steps with a separate critic
-    on that reward; the stages' checkpoints (gathered by rank 0) equal one process's run of the same stages."""
+    on that reward; the stages' checkpoints (gathered by rank 0) equal one process's run of the same stages, and
+    the 2-rank PPO checkpoint (sharded critic and its optimizer state gathered) resumes in one process."""
     from safetensors.torch import load_file
 
     pairs = tmp_path / "pairs.jsonl"
@@ -314,7 +316,7 @@ def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path):
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port), "-m", "rlpost.cli", "train", *common, "run_name=two", "trainer.strategy=fsdp2",
            "rl.weight_sync=copy", "stages=[sft,preference,reward_model,rl]", "algorithm={name: ppo}", "rl.steps=2",
-           "rollout.prompts_per_step=4", "rollout.k=2"]
+           "rl.save_every=1", "rollout.prompts_per_step=4", "rollout.k=2"]
     one = [sys.executable, "-m", "rlpost.cli", "train", *common, "run_name=one",
            "stages=[sft,preference,reward_model]"]
     for cmd in (two, one):
@@ -330,6 +332,14 @@ def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path):
         diff = max_diff(a, b)
         print(f"{stage}/{file}: 2 ranks vs 1 process max |diff| {diff:.2e}")
         assert diff < TOL
+    shutil.rmtree(runs / "two" / "checkpoints" / "final")
+    again = subprocess.run([sys.executable, "-m", "rlpost.cli", "train", "--resume", str(runs / "two")], env=env,
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-6000:]
+    assert "resuming from" in again.stdout and "step_1" in again.stdout
+    lines = [json.loads(x) for x in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["stage"] == "rl"] == [1, 2]
+    assert (runs / "two" / "checkpoints" / "final" / "model.safetensors").exists()
 
 
 def test_share_splits_rows_in_rank_order(monkeypatch):
