@@ -15,6 +15,12 @@ value pass before the advantages) it runs in the trainer's micro-batches, packed
 than one micro-batch's activations; the trainer passes each of its own micro-batches with their packing. With
 precision="bf16" the trunk runs under bf16 autocast and the head in fp32. Its weights are an nn.Module's
 state_dict: the head, plus the trunk for a separate critic (a shared trunk is the policy's, saved with the policy).
+
+Sharded (trainer.strategy=fsdp2, `shard()`, which the Trainer calls): a separate critic's trunk is sharded like
+the policy and the head is one more FSDP2 group; a shared-trunk critic shards its head (the trunk is the sharded
+policy). Every rank then runs the same number of forward passes in a whole-batch value pass (a rank with fewer
+micro-batches repeats its first and drops the result), and the trunk runs without shared-prompt scoring. Its
+`full_state_dict()` is the gathered one (rank 0), `load_full_state_dict` puts one back on every rank.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
 from rlpost.models import autocast, check_packing, check_precision, model_device, trunk_hidden_states
@@ -51,14 +58,34 @@ class Critic(nn.Module):
         self.head = nn.Linear(hidden_size, 1, device=model_device(trunk))
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.sharded = False
 
     @classmethod
     def build(cls, policy: nn.Module, kind: str = "separate", cfg: TrainerConfig | None = None) -> "Critic":
         """A critic of `kind` for `policy`, computing as `cfg` (the `trainer.*` section) says."""
         if kind not in CRITIC_TYPES:
             raise ValueError(f"critic.type must be one of {', '.join(CRITIC_TYPES)}, got {kind!r}")
-        trunk = policy if kind == "head" else copy.deepcopy(policy).requires_grad_(True)
+        if kind == "head":
+            trunk = policy
+        else:  # a sharded policy (an earlier stage of a fsdp2 run sharded it): a plain copy of its full weights
+            trunk = dist.plain_copy(policy) if dist.is_sharded(policy) else copy.deepcopy(policy)
+            trunk.requires_grad_(True)
         return cls(trunk, policy.hidden_size, shared=kind == "head", cfg=cfg)
+
+    def shard(self) -> None:
+        """FSDP2 over the critic (rlpost.distributed): a separate trunk like a policy, then the head. Idempotent."""
+        if self.trunk is not None:
+            dist.shard_model(self.trunk)
+        dist.shard_module(self)
+        self.sharded = True
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """state_dict(), gathered when sharded (a collective: every rank calls it; rank 0 gets it, the others {})."""
+        return dist.full_state_dict(self, rank0_only=True) if self.sharded else self.state_dict()
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back a `full_state_dict()` (sharded: every rank passes the same one and keeps its shard)."""
+        dist.load_full_state_dict(self, state)
 
     def forward(self, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
         """values [B, T] of `batch`; `packed`: the packing of its rows (the trainer's micro-batch), else the batch
@@ -66,15 +93,20 @@ class Critic(nn.Module):
         out = batch.input_ids.device
         batch = batch.to(self.head.weight.device)
         if packed is None and (self.packing or self.micro_batch_size or self.micro_batch_tokens):
-            parts = [(rows, self._values(mb, p)) for rows, mb, p in
-                     micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing)]
+            plan = micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing)
+            # sharded: as many passes as the rank with the most (the same collectives), the extra ones' results dropped
+            passes = int(dist.reduce_max(len(plan))) if self.sharded and plan else len(plan)
+            parts = [(rows, self._values(mb, p)) for rows, mb, p in plan]
+            for _ in range(passes - len(plan)):
+                self._values(*plan[0][1:])
             return scatter_rows(parts, len(batch)).to(out)
         return self._values(batch, packed).to(out)
 
     def _values(self, batch: Batch, packed: Packed | None) -> torch.Tensor:
         trunk = self._trunk[0] if self.shared else self.trunk
         with autocast(batch.input_ids.device, self.precision):
-            h = trunk_hidden_states(trunk, batch, packed=packed)    # each distinct prompt computed once (padded)
+            h = trunk_hidden_states(trunk, batch, share_prompt=not self.sharded,  # each distinct prompt once (padded)
+                                    packed=packed)
         v = self.head(h.float()).squeeze(-1)                         # value after reading token t, fp32
         v = F.pad(v[:, :-1], (1, 0))                                 # value before emitting token t
         return (packed.unpack(v) if packed is not None else v) * batch.response_mask

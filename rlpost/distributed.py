@@ -17,9 +17,14 @@ so the roles call them unconditionally.
     reduce_dict(d, op)                           a dict of floats (same keys on every rank), one all-reduce
     reduce_metrics(d)                            a step's metrics dicts combined over ranks (keys may differ)
     broadcast_object(obj)                        rank 0's picklable object on every rank
+    masked_whiten(x, mask, eps)                  whitening over every rank's masked entries
     shard_model(model)                           FSDP2 over each transformer block and the root (the policy;
                                                  the frozen reference too, forward-only)
+    shard_module(module)                         FSDP2 over what a module holds besides its sharded parts (a head)
+    share(n)                                     this rank's contiguous slice of n rows (or examples)
     full_state_dict(model)                       the gathered, unsharded weights of a (sharded) model
+    load_full_state_dict(model, state)           full weights into a (sharded) model, each rank its shard
+    plain_copy(model)                            a plain, unsharded copy of a (sharded) model on every rank
     destroy()                                    leave the process group
 """
 
@@ -30,8 +35,13 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
-from rlpost.models import rebuild, transformer_blocks
+from rlpost.models import model_device, rebuild, transformer_blocks
+
+# the model methods besides forward that run the trunk (value heads, reward models, shared-prompt scoring):
+# FSDP2 gathers a sharded root's parameters around them too
+FORWARD_METHODS = ("hidden_states", "forward_shared_prompt")
 
 
 def initialized() -> bool:
@@ -121,6 +131,28 @@ def broadcast_object(obj):
     return box[0]
 
 
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """rlpost.algorithms.base.masked_whiten with the mean and (population) std over the masked entries of every
+    rank's rows: a sharded run's advantages whitened as one process whitens the whole batch. Every rank calls it."""
+    m = mask.bool()
+    xd = x.detach().double()
+    sums = _sum_over_ranks(torch.stack([torch.where(m, xd, 0.0).sum(), m.sum().double()]))
+    n = sums[1].clamp(min=1)
+    mean = sums[0] / n
+    var = _sum_over_ranks(torch.where(m, (xd - mean) ** 2, 0.0).sum().reshape(1))[0] / n
+    scale = var.sqrt() + eps
+    return torch.where(m & (scale > 0), ((x - mean) / scale).to(x.dtype), torch.zeros_like(x))
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over ranks (all-reduce), on its own device."""
+    if world_size() == 1:
+        return t
+    out = t.to(_device())
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """One RL step's metrics combined over ranks, each key over the ranks that logged it: the maximum for
     `time/*` and keys with `max` in their name (the slowest rank sets the step's pace), and for the memory
@@ -157,22 +189,67 @@ def shard_model(model: nn.Module) -> nn.Module:
     """FSDP2 in place: `fully_shard` each transformer block, then the root (embeddings, final norm, head).
     Rank 0's weights are broadcast first, so every rank shards the same model. Gradients are SUMMED over
     ranks, not averaged (divide factor 1): rlpost's losses are already normalised by the global token and
-    sequence counts (Batch.global_tokens / global_seqs), so each rank's loss is its share of the global one."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    sequence counts (Batch.global_tokens / global_seqs), so each rank's loss is its share of the global one.
+    A model sharded already (by an earlier stage of the run) is returned as it is."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    if is_sharded(model):
+        return model
     init()
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if world_size() > 1:
-                dist.broadcast(t, src=0)
+    _broadcast_weights(model)
     for block in transformer_blocks(model):
         fully_shard(block)
     fully_shard(model)
+    for name in FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    _sum_gradients(model)
+    return model
+
+
+def shard_module(module: nn.Module, methods: tuple[str, ...] = ()) -> nn.Module:
+    """FSDP2 in place over the parameters of `module` that no FSDP2 module under it holds yet (a value head,
+    a reward model's head around its sharded trunk), as one group, gradients summed like shard_model's;
+    `methods`: those besides forward that gather them too. Rank 0's weights are broadcast first. Idempotent."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if is_sharded(module):
+        return module
+    init()
+    _broadcast_weights(module)
+    fully_shard(module)
+    for name in methods:
+        register_fsdp_forward_method(module, name)
+    _sum_gradients(module)
+    return module
+
+
+def _broadcast_weights(model: nn.Module) -> None:
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if not isinstance(t, DTensor):  # (a shard of a part sharded already)
+                dist.broadcast(t, src=0)
+
+
+def _sum_gradients(model: nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
-    return model
+
+
+def share(n: int) -> range:
+    """This rank's part of `n` rows (or examples): contiguous, in rank order, sizes differing by at most one
+    (the first n % world ranks take one more), so that the ranks' parts put together are 0..n-1 in order.
+    A rank gets none when n < world_size()."""
+    world, r = world_size(), rank()
+    size, extra = divmod(n, world)
+    start = r * size + min(r, extra)
+    return range(start, start + size + (r < extra))
 
 
 def full_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
@@ -194,3 +271,21 @@ def unsharded(model: nn.Module) -> nn.Module | None:
         return model
     state = full_state_dict(model, rank0_only=True)
     return rebuild(model, state) if is_main() else None
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put full (unsharded) weights `state` into `model`: each rank keeps its shard when the model is sharded
+    (every rank passes the same full state), a plain load_state_dict otherwise."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A plain (unsharded) module with a sharded model's full weights, on every rank and on the model's device:
+    what a frozen copy of a sharded policy is made from (the RL reference, a separate critic's trunk, a reward
+    model's trunk). A collective: every rank must call it. Only for a sharded model."""
+    return rebuild(model, full_state_dict(model)).to(model_device(model))

@@ -65,7 +65,8 @@ class Reference:
         if self.shares_policy:
             self.model = policy
         else:
-            self.model = copy.deepcopy(policy).eval()
+            # a sharded policy (an earlier stage of a fsdp2 run sharded it): a plain copy of its full weights
+            self.model = (dist.plain_copy(policy) if dist.is_sharded(policy) else copy.deepcopy(policy)).eval()
             self.model.requires_grad_(False)
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
             if cfg.precision == "bf16":  # it only runs under bf16 autocast: fp32 weights would be cast there anyway

@@ -53,10 +53,10 @@ signal stops at once.
 
 Under torchrun (`trainer.strategy=fsdp2`, rlpost/distributed.py) every rank runs the same stages; only rank 0
 writes the run directory, metrics.jsonl, summary.json, the console lines and the checkpoints (the sharded
-policy gathered into one full model folder), and every rank resumes from the same checkpoint. Stages
-before RL (SFT, preference, reward model) run whole on every rank, alike (same seed, same data); the RL
-stage shards the policy and splits each step's prompts between the ranks; held-out evaluation samples
-on rank 0 alone and hands its numbers to the others.
+policy gathered into one full model folder), and every rank resumes from the same checkpoint. The first
+stage that trains shards the policy (it stays sharded): SFT, preference and the reward model's fit split each
+batch between the ranks, the RL stage each step's prompts; held-out evaluation samples on rank 0 alone and
+hands its numbers to the others.
 """
 
 from __future__ import annotations

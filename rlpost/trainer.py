@@ -36,10 +36,15 @@ Each rank trains on ITS rows of the step, and the result equals one process trai
   rank's loss is its share of the global loss, and FSDP2 sums the gradients (divide factor 1);
 - the gradient norm (clipping), the non-finite check and the metrics are global (all-reduced);
 - every rank runs the same number of forward/backward passes (collectives must pair up): a rank with
-  fewer micro-batches runs extra ones with zero weight; when any rank has no rows, all skip the step;
+  fewer micro-batches runs extra ones with zero weight; when any rank has no rows, all skip the step,
+  unless the caller gives it a `filler` row to run at zero weight (a stage whose last batch has fewer
+  examples than there are ranks);
 - shared-prompt scoring is off (it calls the model outside its forward, where FSDP2 does not gather);
 - `state_dict()` holds the FULL optimizer state (gathered onto rank 0's CPU, keyed by parameter name),
-  so a checkpoint resumes under any number of ranks. A critic (PPO) is not supported under fsdp2.
+  so a checkpoint resumes under any number of ranks;
+- a critic (PPO) is sharded too: a separate one's trunk like the policy, its head (or a shared-trunk critic's
+  only parameters) as one more FSDP2 group (rlpost.distributed.shard_module); the optimizer state is then
+  keyed `policy.<name>` / `critic.<name>`.
 """
 
 from __future__ import annotations
@@ -87,10 +92,12 @@ class Trainer:
                 if m is not None:
                     check_packing(m)
         if self.sharded:
-            if critic is not None:
-                raise ValueError("trainer.strategy=fsdp2 does not support a critic (PPO) yet; use strategy=single")
             dist.shard_model(model)  # in place: the parameters become DTensor shards, before AdamW sees them
+            if critic is not None:
+                critic.shard()
         self.model, self.critic, self.precision = model, critic, cfg.precision
+        # what the sharded optimizer state is keyed by: the policy's names, or with a critic both modules'
+        self._state_module = model if critic is None else nn.ModuleDict({"policy": model, "critic": critic})
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
         if critic is not None:
             groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": critic_lr or cfg.lr})
@@ -111,6 +118,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU whatever the model's device
         self.nonfinite_in_a_row = 0
         self.steps = 0
+        self._filling = False
 
     @property
     def device(self) -> torch.device:
@@ -181,7 +189,7 @@ class Trainer:
             return self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, self.optimizer,
+        return get_optimizer_state_dict(self._state_module, self.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _load_optimizer_state(self, state: dict) -> None:
@@ -193,13 +201,20 @@ class Trainer:
         if not all(isinstance(k, str) for k in state["state"]):
             raise ValueError("this optimizer state was saved by trainer.strategy=single (keyed by parameter "
                              "number); a fsdp2 run resumes from fsdp2 checkpoints (keyed by parameter name)")
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(self._state_module, self.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
 
-    def step(self, batch: Batch, loss_fn: LossFn) -> dict[str, float]:
+    def step(self, batch: Batch, loss_fn: LossFn, filler: Batch | None = None) -> dict[str, float]:
         """Train on one batch (epochs x minibatches optimizer steps). Returns metrics averaged over the
         optimizer steps; the engine/trainer log-prob mismatch is measured before the first update.
-        Sharded: `batch` is this rank's rows; the metrics are global and the same on every rank."""
+        Sharded: `batch` is this rank's rows; the metrics are global and the same on every rank. A rank
+        without rows skips the step on every rank, unless it has a `filler` (any one row of the step, with
+        `minibatches=1`): it then runs that row's passes at zero weight, so that the others can train."""
         rows = len(batch) if batch is not None else 0
+        self._filling = False
+        if self.sharded and filler is not None and self.minibatches == 1 and dist.reduce_max(rows) > 0:
+            self._filling = rows == 0
+            batch, rows = (filler, len(filler)) if rows == 0 else (batch, rows)
         if (dist.reduce_min(rows) if self.sharded else rows) == 0:
             return {"train/skipped_empty": 1.0}
         batch = batch.to(self.device)
@@ -227,9 +242,11 @@ class Trainer:
         (zero weight), so that every rank runs the same forward/backward passes and FSDP2's collectives pair up."""
         if not self.sharded:
             return ((mb, p, True) for _, mb, p in self._plan(batch))
-        counts = dist.reduce_dict({"tokens": batch.num_response_tokens, "seqs": len(batch)})
+        filling = self._filling  # a filler row (see step): counted nowhere, every pass at zero weight
+        counts = dist.reduce_dict({"tokens": 0.0 if filling else batch.num_response_tokens,
+                                   "seqs": 0.0 if filling else len(batch)})
         batch = batch.replace(global_tokens=counts["tokens"], global_seqs=counts["seqs"])
-        mbs = [(mb, p, True) for _, mb, p in self._plan(batch)]
+        mbs = [(mb, p, not filling) for _, mb, p in self._plan(batch)]
         return mbs + [(*mbs[0][:2], False)] * (int(dist.reduce_max(len(mbs))) - len(mbs))
 
     def _optimizer_step(self, batch: Batch, loss_fn: LossFn, measure_mismatch: bool) -> dict[str, float]:
@@ -249,6 +266,8 @@ class Trainer:
             loss, metrics = loss_fn(logp, mb)
             if not counts:  # a sharded rank's padding pass: same collectives, no contribution
                 (loss * 0.0).backward()
+                for k in metrics:  # (the metrics' all-reduce needs the same keys on every rank)
+                    sums.setdefault(k, 0.0)
                 continue
             if not torch.isfinite(loss):
                 finite = False

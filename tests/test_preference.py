@@ -467,7 +467,8 @@ def test_default_sft_dpo_rl_recipe_dpo_beats_sft(tmp_path):
 def test_the_preference_loop_trains_with_its_section_and_the_trainer_sections_optimizer():
     """train_preference's Trainer: lr, constant schedule after warm-up and micro-batches (of examples: a pair is
     two rows) from `preference.*`; AdamW's other settings, the non-finite guard, precision and gradient
-    checkpointing from `trainer.*`; RL's epochs, minibatches, packing, log-prob chunk and strategy not at all."""
+    checkpointing and the strategy (fsdp2: sharded) from `trainer.*`; RL's epochs, minibatches, packing and log-prob
+    chunk not at all."""
     from rlpost.config import TrainerConfig
     from rlpost.preference.fit import trainer_config
 
@@ -479,7 +480,7 @@ def test_the_preference_loop_trains_with_its_section_and_the_trainer_sections_op
     assert (got.lr, got.warmup_steps, got.lr_schedule, got.micro_batch_size) == (1e-3, 5, "constant", 8)
     assert trainer_config(pc, tc, rows_per_example=1).micro_batch_size == 4  # unpaired rows (KTO)
     shared = ("weight_decay", "grad_clip", "adam_beta1", "adam_beta2", "max_nonfinite_steps", "precision",
-              "gradient_checkpointing")
+              "gradient_checkpointing", "strategy")
     assert all(getattr(got, k) == getattr(tc, k) for k in shared)
-    rl_only = ("epochs", "minibatches", "packing", "logprob_chunk", "strategy", "micro_batch_tokens")
+    rl_only = ("epochs", "minibatches", "packing", "logprob_chunk", "micro_batch_tokens")
     assert all(getattr(got, k) == getattr(TrainerConfig(), k) for k in rl_only)

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from rlpost import distributed as dist
 from rlpost.algorithms.base import PGConfig, PolicyGradient, aggregate, register
 from rlpost.batch import Batch
 from rlpost.ops import masked_mean_value, masked_whiten
@@ -85,7 +86,9 @@ class PPO(PolicyGradient):
         adv, returns = gae(self.token_rewards(batch), batch.values.float(), batch.response_mask, self.cfg.gamma,
                            self.cfg.lam)
         if self.cfg.whiten_advantages:
-            adv = masked_whiten(adv, batch.response_mask, self.cfg.eps)
+            # sharded (fsdp2, each rank its rows): over every rank's, as one process whitens the whole batch
+            adv = (dist.masked_whiten if dist.world_size() > 1 else masked_whiten)(adv, batch.response_mask,
+                                                                                   self.cfg.eps)
         return batch.replace(advantages=self.clip_advantages(adv), returns=returns)
 
     def compute_loss(self, logp: torch.Tensor, batch: Batch):

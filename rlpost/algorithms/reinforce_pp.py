@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from rlpost import distributed as dist
 from rlpost.algorithms.base import PGConfig, PolicyGradient, register
 from rlpost.batch import Batch
 from rlpost.ops import masked_whiten
@@ -58,5 +59,7 @@ class REINFORCEPlusPlus(PolicyGradient):
     def compute_advantages(self, batch: Batch) -> Batch:
         r = self.token_rewards(batch)                          # [B, T]
         returns = discounted_returns(r, self.cfg.gamma)        # G_t = sum_{t' >= t} gamma^(t' - t) r_t'
-        adv = masked_whiten(returns, batch.response_mask, self.cfg.eps)
+        # sharded (fsdp2, each rank its rows): over every rank's, as one process whitens the whole batch
+        adv = (dist.masked_whiten if dist.world_size() > 1 else masked_whiten)(returns, batch.response_mask,
+                                                                               self.cfg.eps)
         return batch.replace(advantages=self.clip_advantages(adv))

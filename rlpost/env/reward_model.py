@@ -41,9 +41,9 @@ from rlpost.batch import Batch
 from rlpost.config import ModelConfig
 from rlpost.env.source import RewardSource, SourceInputs, episode_reward, over_episodes, register
 from rlpost.models import (ModelLoadError, check_packing, encode_prompt, load_model, model_device, position_ids_for,
-                           save_model, trunk_hidden_states)
-from rlpost.packing import Packed, micro_batches, scatter_rows
+                           rebuild, save_model, trunk_hidden_states)
 from rlpost.ops import last_token_index
+from rlpost.packing import Packed, micro_batches, scatter_rows
 from rlpost.preference.data import PreferenceData
 from rlpost.progress import progress
 from rlpost.env.reward import decode_responses
@@ -76,8 +76,28 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy: nn.Module) -> RewardModel:
-        """A reward model whose trunk starts as a copy of `policy` (e.g. the SFT checkpoint)."""
-        return cls(copy.deepcopy(policy).requires_grad_(True))
+        """A reward model whose trunk starts as a copy of `policy` (e.g. the SFT checkpoint); of a sharded policy
+        (trainer.strategy=fsdp2), a plain copy of its full weights (a collective: every rank calls it)."""
+        trunk = dist.plain_copy(policy) if dist.is_sharded(policy) else copy.deepcopy(policy)
+        return cls(trunk.requires_grad_(True))
+
+    def shard(self) -> RewardModel:
+        """FSDP2 in place for fitting (trainer.strategy=fsdp2): the trunk like a policy, the head as one more group;
+        `score` gathers what it needs as `forward` does."""
+        dist.shard_model(self.trunk)
+        dist.shard_module(self, methods=("score",))
+        return self
+
+    def unsharded(self) -> RewardModel:
+        """A plain reward model with this one's full weights, on every rank and on its device (itself when it is
+        not sharded): what a fitted sharded model scores rollouts and is saved as. A collective when sharded."""
+        if not dist.is_sharded(self):
+            return self
+        full = dist.full_state_dict(self)
+        trunk = rebuild(self.trunk, {k.removeprefix("trunk."): v for k, v in full.items() if k.startswith("trunk.")})
+        plain = type(self)(trunk.to(model_device(self)))
+        plain.head.load_state_dict({k.removeprefix("head."): v for k, v in full.items() if k.startswith("head.")})
+        return plain.train(self.training)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B] rewards, read from the hidden state of each row's last real token."""
@@ -92,7 +112,9 @@ class RewardModel(nn.Module):
         micro-batch at a time, so a forward holds one micro-batch's activations; the rewards are the same."""
         batch = batch.to(self.head.weight.device)
         if not (micro_batch_size or micro_batch_tokens or packing):
-            return self._read(trunk_hidden_states(self.trunk, batch), batch.attention_mask)
+            # sharded: no shared-prompt scoring, the trunk runs its plain forward as the policy's trainer does
+            return self._read(trunk_hidden_states(self.trunk, batch, share_prompt=not dist.is_sharded(self)),
+                              batch.attention_mask)
         parts = [(rows, self._read(self.head_values(mb, packed), mb.attention_mask, head=False))
                  for rows, mb, packed in micro_batches(batch, micro_batch_size, micro_batch_tokens, packing)]
         return scatter_rows(parts, len(batch))
@@ -157,7 +179,16 @@ def fit_epochs(model: nn.Module, n: int, loss_of: Callable[[list[int]], tuple[to
     """The loop a reward model (outcome or process) is fitted by: AdamW, `epochs` passes over `n` examples in
     shuffled batches (`loss_of(indices) -> (loss, metrics)`, the metrics named `<name>/...`), gradients clipped
     to norm 1, a non-finite loss an error; `evaluate_fn()` after every epoch, logged as `<name>_eval`; the
-    progress bar says `desc` (default: name). Returns the last epoch's evaluation."""
+    progress bar says `desc` (default: name). Returns the last epoch's evaluation.
+
+    A sharded `model` (trainer.strategy=fsdp2: every rank walks the same order) takes its share of each batch
+    (`distributed.share`), its loss scaled by that share and the gradients summed, so that a step is one
+    process's on the whole batch; a non-finite loss on any rank stops every rank."""
+    sharded = dist.is_sharded(model)
+    if sharded and batch_size < dist.world_size():
+        raise ValueError(f"{name}: batch_size={batch_size} is smaller than the {dist.world_size()} ranks of "
+                         f"trainer.strategy=fsdp2, which each fit a share of every batch; set reward_model.batch_size "
+                         f"to at least {dist.world_size()}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     order = list(range(n))
@@ -169,8 +200,17 @@ def fit_epochs(model: nn.Module, n: int, loss_of: Callable[[list[int]], tuple[to
         model.train()
         rng.shuffle(order)
         for i in range(steps_per_epoch):
-            loss, metrics = loss_of(order[i * batch_size:(i + 1) * batch_size])
-            if not torch.isfinite(loss):
+            batch = order[i * batch_size:(i + 1) * batch_size]
+            if sharded:  # this rank's share: its mean loss weighted by its part of the batch
+                mine = [batch[j] for j in dist.share(len(batch))]
+                loss, metrics = loss_of(mine)
+                loss = loss * (len(mine) / len(batch))
+                metrics = dist.reduce_metrics(metrics)
+                finite = dist.reduce_min(float(torch.isfinite(loss))) > 0
+            else:
+                loss, metrics = loss_of(batch)
+                finite = bool(torch.isfinite(loss))
+            if not finite:
                 raise FloatingPointError(f"{name} loss is {loss.item()} at epoch {epoch}, step {i}")
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -609,8 +609,6 @@ def job_from_config(cfg, ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb
               native_engine=rc.engine in ("auto", "native"), topology=cfg.rl.topology,
               cpu=cfg.model.device == "cpu", gpu_memory_gb=gpu_memory_gb,
               headroom=headroom)
-    if job.critic and tc.strategy == "fsdp2":
-        job.notes.append("trainer.strategy=fsdp2 refuses a critic (PPO): rlpost train stops at the start")
     if rc.engine == "vllm":
         job.notes.append("rollout.engine=vllm: the engine's memory is vLLM's (gpu_memory_utilization), not counted")
     if cfg.rl.topology != "colocated":

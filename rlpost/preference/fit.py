@@ -18,6 +18,12 @@
    rejected log-probs themselves (with their change from the reference), so likelihood displacement
    shows: the margin grows while log pi(chosen) falls.
 
+Sharded (trainer.strategy=fsdp2): the Trainer shards the policy (if an earlier stage has not) and every rank
+walks the same order, training on its share of each step's examples (`distributed.share`; a pair's rows stay
+together) with the loss scaled by the global row count and the gradients summed, so a step is one process's.
+The reference log-probs, KTO's mismatched pairs and the held-out evaluation are computed whole on every rank
+(the same forwards on every rank, as a sharded model needs).
+
 rlpost/stages/preference.py wires it into a run: data from `preference.train_file`, or pairs built from
 the model's own samples scored by the task's verifier.
 """
@@ -42,10 +48,11 @@ from rlpost.trainer import Trainer
 
 
 def _logprobs(model, batch, precision: str) -> torch.Tensor:
-    """token_logprobs of a batch built on the CPU, on the model's device under the trainer's precision."""
+    """token_logprobs of a batch built on the CPU, on the model's device under the trainer's precision; a sharded
+    model without shared-prompt scoring (it reads the head outside the model's forward, where FSDP2 gathers it)."""
     device = model_device(model)
     with autocast(device, precision):
-        return token_logprobs(model, batch.to(device))
+        return token_logprobs(model, batch.to(device), share_prompt=not dist.is_sharded(model))
 
 
 @torch.no_grad()
@@ -144,14 +151,15 @@ def step_line(step: int, m: dict) -> str:
 def trainer_config(cfg: PreferenceConfig, trainer_cfg: TrainerConfig, rows_per_example: int) -> TrainerConfig:
     """The Trainer's settings for the preference loop: lr and linear warm-up then constant from `cfg`, micro-batches
     of `cfg.micro_batch_size` examples (`rows_per_example` rows each); AdamW's weight decay and betas, gradient
-    clip, the non-finite guard, precision and gradient checkpointing from `trainer_cfg`. The rest (RL's epochs,
-    minibatches, packing, log-prob chunk, strategy) stay at the Trainer's defaults."""
+    clip, the non-finite guard, precision, gradient checkpointing and strategy (fsdp2: sharded) from `trainer_cfg`.
+    The rest (RL's epochs, minibatches, packing, log-prob chunk) stay at the Trainer's defaults."""
     tc = trainer_cfg
     return TrainerConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                          micro_batch_size=cfg.micro_batch_size and cfg.micro_batch_size * rows_per_example,
                          weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, adam_beta1=tc.adam_beta1,
                          adam_beta2=tc.adam_beta2, max_nonfinite_steps=tc.max_nonfinite_steps,
-                         precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing)
+                         precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
+                         strategy=tc.strategy)
 
 
 def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLoss, cfg: PreferenceConfig,
@@ -195,7 +203,14 @@ def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLos
         seqs = data.sequences(examples)
         t0 = time.perf_counter()
         kl = _kl_pair_logps(model, data, seqs, pad, precision) if not loss.paired else None
-        metrics = trainer.step(data.batch(seqs, pad), make_loss_fn(loss, kl))
+        batch = data.batch(seqs, pad)
+        if trainer.sharded:  # this rank's examples' rows; a rank left without any runs a row at zero weight
+            mine = dist.share(len(examples))
+            rows = list(range(mine.start * rows_per_example, mine.stop * rows_per_example))
+            metrics = trainer.step(batch.select(rows), make_loss_fn(loss, kl),
+                                   filler=batch.select(range(rows_per_example)))
+        else:
+            metrics = trainer.step(batch, make_loss_fn(loss, kl))
         metrics["time/step"] = time.perf_counter() - t0
         metrics["epoch"] = (step - 1) // per_epoch + 1
         if log is not None:

@@ -37,8 +37,9 @@ class TrainerConfig(Section):
     warmup_steps: int = opt(0, "RL: linear warm-up over this many optimizer steps", at_least(0, "0: no warm-up"))
     min_lr_ratio: float = opt(0.0, "RL: linear / cosine decay ends at lr * min_lr_ratio",
                               between(0, 1, "0: decay to 0; 1: no decay"))
-    strategy: str = opt("single", "RL training: 'single' (one process) | 'fsdp2' (sharded over torchrun's ranks; "
-                                  "rl.weight_sync auto or copy)")
+    strategy: str = opt("single", "training: 'single' (one process) | 'fsdp2' (sharded over torchrun's ranks in "
+                                  "every stage that trains: SFT, preference, reward model, RL and PPO's critic; "
+                                  "rl.weight_sync auto or copy; not with model.lora)")
     logprob_chunk: int | None = opt(None, "tokens per chunk of the log-prob head (trainer, reference, SFT): log-probs "
                                           "and entropies come from the hidden states this many tokens at a time, "
                                           "forward and backward, never as a whole [tokens, vocabulary] tensor (None: "

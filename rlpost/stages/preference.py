@@ -3,8 +3,9 @@
 Data: `preference.train_file` (JSONL or a `datasets` dataset), or pairs made from the policy's own
 samples of the task's training prompts scored by the verifier (through the episode function; saved to
 <run_dir>/preference_pairs.jsonl), or with task.env its episodes ranked by the environment's reward. Ends
-with checkpoints/preference/. A stop request ends it at the next step without a checkpoint: a resume runs
-the stage again from its start.
+with checkpoints/preference/. Under trainer.strategy=fsdp2 the policy is sharded and each rank trains on its
+share of every batch (rlpost/preference/fit.py); self-made pairs are rank 0's, on every rank. A stop request
+ends it at the next step without a checkpoint: a resume runs the stage again from its start.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 from tqdm import tqdm
 
+from rlpost import distributed as dist
 from rlpost.env.source import runs_episodes
 from rlpost.preference import get_preference_loss
 from rlpost.preference.data import (PreferenceDataError, load_preferences, model_context, pairs_from_samples,
@@ -69,6 +71,8 @@ class PreferenceStage(Stage):
                                           k=pc.samples_per_prompt, params=params, seed=self.seed(ctx) + 7919,
                                           batch_prompts=self.eval_cfg.batch_prompts,
                                           episodes=runs_episodes(ctx.verifier))
+        # sharded (fsdp2): every rank trains on its share of the same pairs, rank 0's (a GPU's sampling may differ)
+        pairs, stats = dist.broadcast_object((pairs, stats))
         stats["time/pairs"] = time.perf_counter() - t0
         self.log(ctx, {"stage": "preference_data", "step": 0, **stats})
         tqdm.write(f"rlpost: {int(stats['pairs/made'])} preference pairs from {len(rows)} prompts x "
@@ -77,7 +81,8 @@ class PreferenceStage(Stage):
         if not pairs:
             raise PreferenceDataError("no preference pairs: no prompt had both a correct and a wrong sample")
         path = os.path.join(ctx.run_dir, f"{self.label}_pairs.jsonl")  # preference_pairs.jsonl, preference_2_...
-        write_preference_rows(pairs, path)
+        if dist.is_main():
+            write_preference_rows(pairs, path)
         return tokenize_preferences(pairs, ctx.tokenizer, max_length=max_length, on_bad_row=pc.on_bad_row,
                                     system_prompt=system_prompt(ctx)), path
 

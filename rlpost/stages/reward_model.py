@@ -6,6 +6,10 @@ from `preference.train_file` or, without one, from the arithmetic task (the righ
 one-digit slip). The task's verifier stays as the gold reward, logged beside the proxy. Its end-of-stage
 checkpoint records only that it ran: a resume loads the model from checkpoints/reward_model/.
 `rlpost rm` (rlpost/commands/rm.py) runs the training part alone.
+
+Under trainer.strategy=fsdp2 the reward model is sharded while it is fitted (its trunk like a policy, the head
+one more group) and each rank fits its share of each batch of pairs (rlpost.env.reward_model.fit_epochs); it is
+then gathered into a plain model on every rank, which scores the RL rollouts, and rank 0 saves it.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ from __future__ import annotations
 import os
 import random
 
+from rlpost import distributed as dist
 from rlpost.preference.data import load_preferences, model_context, read_preference_rows, tokenize_preferences
 from rlpost.env.reward_model import RewardModel, fit_reward_model, task_pairs
 from rlpost.env.sources import SourceInputs, build_rl_reward
 from rlpost.stages.base import RunContext, Stage, register
 
 
-def fit_reward_model_from_config(rc, pc, seed: int, policy, tokenizer, task, run_dir: str, log):
-    """A Bradley-Terry reward model, trunk copied from `policy`, saved to <run_dir>/checkpoints/reward_model.
+def fit_reward_model_from_config(rc, pc, seed: int, policy, tokenizer, task, run_dir: str, log, sharded: bool = False):
+    """A Bradley-Terry reward model, trunk copied from `policy`, saved to <run_dir>/checkpoints/reward_model;
+    `sharded` (trainer.strategy=fsdp2): fitted sharded over the ranks, returned whole on every rank.
 
     Pairs come from preference.train_file (JSONL or a `datasets` dataset; held out: preference.eval_file,
     else the last 10 %), or, without one, from the arithmetic task: the right answer against a one-digit
@@ -54,16 +60,21 @@ def fit_reward_model_from_config(rc, pc, seed: int, policy, tokenizer, task, run
     print(f"rlpost: reward model: {len(train)} training pairs from {source}, "
           f"{len(held_out) if held_out is not None else 0} held-out pairs")
     rm = RewardModel.from_policy(policy)
+    if sharded:
+        rm.shard()
     result = fit_reward_model(rm, train, held_out, pad_id=tokenizer.pad_token_id, epochs=rc.epochs,
                               batch_size=rc.batch_size, lr=rc.lr, seed=seed, log=log)
-    rm.save(os.path.join(run_dir, "checkpoints", "reward_model"), tokenizer)
+    rm = rm.unsharded()
+    if dist.is_main():
+        rm.save(os.path.join(run_dir, "checkpoints", "reward_model"), tokenizer)
+    dist.barrier()  # no rank reads it before it is written
     return rm, result
 
 
 @register("reward_model")
 class RewardModelStage(Stage):
     """`reward_model.*` (and `preference.*` for the pair data); `trainer_cfg`: the run's `trainer.*`, whose
-    micro-batching the model scores the RL stage's rollouts in."""
+    micro-batching the model scores the RL stage's rollouts in, and whose `strategy` shards the fit."""
 
     name = "reward_model"
     sections = ("reward_model", "trainer")
@@ -75,6 +86,7 @@ class RewardModelStage(Stage):
 
     def __init__(self, cfg, preference_cfg, trainer_cfg=None):
         self.cfg, self.preference_cfg, self.trainer_cfg = cfg, preference_cfg, trainer_cfg
+        self.sharded = trainer_cfg is not None and trainer_cfg.strategy == "fsdp2"
 
     def use(self, ctx: RunContext, rm: RewardModel, rm_tokenizer) -> None:
         """The RL reward from now on: the registry's reward_model source over this model (rl.reward)."""
@@ -87,7 +99,7 @@ class RewardModelStage(Stage):
             self.use(ctx, *RewardModel.load(self.cfg.path))
             return
         rm, result = fit_reward_model_from_config(self.cfg, self.preference_cfg, ctx.seed, ctx.model, ctx.tokenizer,
-                                                  ctx.task, ctx.run_dir, ctx.log)
+                                                  ctx.task, ctx.run_dir, ctx.log, sharded=self.sharded)
         ctx.summary["rm_pair_accuracy"] = result.get("rm/eval_accuracy")
         ctx.summary["rm_margin"] = result.get("rm/eval_margin")
         self.use(ctx, rm, ctx.tokenizer)

@@ -21,8 +21,8 @@ adds its turns: `episode_fields`); a resume drops the lines of steps after its c
 metrics.jsonl's.
 
 With `trainer.strategy=fsdp2` the trainer shards the policy over the ranks (the reference is copied first,
-whole, on every rank) and each rank rolls out, scores and trains on its share of each step's prompts;
-rank 0 writes the console line and the checkpoints (rlpost/run.py).
+whole, on every rank; PPO's critic is sharded with it) and each rank rolls out, scores and trains on its share
+of each step's prompts; rank 0 writes the console line and the checkpoints (rlpost/run.py).
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ class RLStage(Stage):
 
     def state_dict(self) -> dict:
         return {"step": self.step, "controller": self.controller.state_dict(), "trainer": self.trainer.state_dict(),
-                "critic": self.critic.state_dict() if self.critic is not None else None,
+                "critic": self.critic.full_state_dict() if self.critic is not None else None,
                 "best": self.best, "best_step": self.best_step}
 
     def load_state_dict(self, ctx: RunContext, state: dict) -> None:
@@ -254,7 +254,7 @@ class RLStage(Stage):
         self.controller.load_state_dict(state["controller"])
         self.trainer.load_state_dict(state["trainer"])
         if self.critic is not None:
-            self.critic.load_state_dict(state["critic"])
+            self.critic.load_full_state_dict(state["critic"])
         if self.reference is not None and not self.reference.shares_policy:  # the policy as the stage started
             self.reference.load(os.path.join(ctx.run_dir, "checkpoints", self.reference_folder))
         self.weight_sync.load_state_dict(state["weight_sync"])

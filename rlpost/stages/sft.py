@@ -7,8 +7,10 @@ AdamW's betas, weight decay and gradient clip are the section's too (`sft.*`, `r
 `save_every` writes a resumable checkpoint (checkpoints/sft_step_<n>/) every that many steps; they
 are removed once the stage's own checkpoints/sft/ is written, which supersedes them.
 
-Under torchrun (trainer.strategy=fsdp2) every rank runs the same SFT, unsharded (same seed, same data, so the
-same weights; the RL stage broadcasts rank 0's before it shards them).
+Under torchrun (trainer.strategy=fsdp2) the policy is sharded as the stage starts (rlpost.distributed.shard_model,
+if an earlier stage has not done it already) and every rank draws the same batch (same seed) and trains on its
+share of its rows (`distributed.share`): the loss is normalised by the global token count and the gradients are
+summed, so the step is the one process's on the whole batch. `batch_size` needs at least one row per rank.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import random
 
 import torch
 
+from rlpost import distributed as dist
 from rlpost.algorithms.base import token_mean
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
@@ -49,17 +52,23 @@ class SupervisedStage(Stage):
     def optimizer_config(self) -> TrainerConfig:
         """The trainer's settings: AdamW (lr, betas, weight decay, gradient clip) and the schedule, linear warm-up
         then cosine decay to lr * min_lr_ratio, from the stage's own section; precision, gradient checkpointing
-        and the log-prob head's chunk from `trainer.*`. The rest are the Trainer's plain defaults: whole-batch
-        steps, unpacked, unsharded (every rank runs the same SFT)."""
+        and the log-prob head's chunk from `trainer.*`, and `trainer.strategy` (fsdp2: the policy sharded, each
+        rank on its share of each batch). The rest are the Trainer's plain defaults: whole-batch steps, unpacked."""
         c, tc = self.cfg, self.trainer_cfg
         return TrainerConfig(lr=c.lr, weight_decay=c.weight_decay, grad_clip=c.grad_clip, adam_beta1=c.adam_beta1,
                              adam_beta2=c.adam_beta2, lr_schedule="cosine", warmup_steps=c.warmup_steps,
                              min_lr_ratio=c.min_lr_ratio, precision=tc.precision,
-                             gradient_checkpointing=tc.gradient_checkpointing, logprob_chunk=tc.logprob_chunk)
+                             gradient_checkpointing=tc.gradient_checkpointing, logprob_chunk=tc.logprob_chunk,
+                             strategy=tc.strategy)
 
     def build_trainer(self, ctx: RunContext, seed: int) -> None:
         """AdamW on the policy as `optimizer_config` says; `seed` draws the batches."""
-        self.trainer = Trainer(ctx.model, self.optimizer_config(), total_steps=max(self.cfg.steps, 1))
+        cfg = self.optimizer_config()
+        if cfg.strategy == "fsdp2" and self.cfg.batch_size < dist.world_size():
+            raise ValueError(f"{self.name}.batch_size={self.cfg.batch_size} is smaller than the {dist.world_size()} "
+                             f"ranks of trainer.strategy=fsdp2, which each train on a share of every batch; set "
+                             f"{self.name}.batch_size to at least {dist.world_size()}")
+        self.trainer = Trainer(ctx.model, cfg, total_steps=max(self.cfg.steps, 1))
         self.rng = random.Random(seed)
 
     def set_examples(self, prompts: list[list[int]], completions: list[list[int]],
@@ -93,7 +102,9 @@ class SupervisedStage(Stage):
         for step in bar:
             idx = [self.rng.randrange(len(self.prompts)) for _ in range(c.batch_size)]
             batch = Batch.for_sft([self.prompts[i] for i in idx], [self.completions[i] for i in idx], pad,
-                                    None if self.trained is None else [self.trained[i] for i in idx])
+                                  None if self.trained is None else [self.trained[i] for i in idx])
+            if self.trainer.sharded:  # every rank drew the same batch: each trains on its rows
+                batch = batch.select(list(dist.share(len(batch))))
             metrics = self.trainer.step(batch, nll_loss)
             bar.set_postfix(nll=f"{metrics['sft/nll']:.3f}")
             if step % 50 == 0 or step == c.steps - 1:
