@@ -94,7 +94,8 @@ def case_sft(strategy: str) -> tuple[dict, dict]:
     from rlpost.critic import Critic
     from rlpost.distributed import is_sharded
     from rlpost.reference import Reference
-    from rlpost.stages.sft import SupervisedStage, sft_batch
+    from rlpost.batch import Batch
+    from rlpost.stages.sft import SupervisedStage
 
     cfg = Config()
     cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps, cfg.sft.save_every = 4, 5, 1e-3, 1, 0
@@ -114,7 +115,7 @@ def case_sft(strategy: str) -> tuple[dict, dict]:
     stage.trainer.step = lambda batch, fn: (lambda m: losses.append(m["train/loss"]) or m)(step(batch, fn))
     stage.train(ctx)
     # what the RL stage copies from the policy SFT left (sharded under fsdp2): the reference, a separate critic
-    batch = sft_batch(prompts[:4], comps[:4], 0)
+    batch = Batch.for_sft(prompts[:4], comps[:4], 0)
     ref = Reference(model, cfg.trainer)(batch).ref_logp
     critic = Critic.build(model, "separate", cfg.trainer)
     return {"losses": losses, "ref_logp": ref.tolist(), "sharded": is_sharded(model)}, {**weights(model),
