@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from rlpost.models import HFCausalLM, HFTokenizer
-    from rlpost.rollout.families import rms_norm as _rms_norm
+    from rlpost.rollout.families.base import rms_norm as _rms_norm
     from rlpost.rollout.hf_native import HFNativeEngine, _rotate_half
     from rlpost.rollout.scheduler import write_kv
 
