@@ -279,6 +279,10 @@ def _check_rewards(cfg: Config) -> None:
 
 
 def _validate_rejection(cfg: Config) -> None:
+    if cfg.rl.recycle_every and cfg.trainer.strategy == "fsdp2":
+        raise ConfigError("rl.recycle_every with trainer.strategy=fsdp2 is not supported: each rank scores only its "
+                          "share of a step's prompts, so the ranks would set aside different prompts and draw "
+                          "different ones; set rl.recycle_every=0")
     if "rejection" in stage_names(cfg) and cfg.trainer.strategy == "fsdp2":
         raise ConfigError("the rejection stage with trainer.strategy=fsdp2 is not supported yet: the stage runs after "
                           "RL has sharded the policy; run it as a run of its own: model.name=<the RL checkpoint> "
