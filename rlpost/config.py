@@ -268,10 +268,12 @@ def _check_rewards(cfg: Config) -> None:
     call after the model has loaded (or, under reward_on_error=zero, every sample silently scoring 0)."""
     check_reward, check_weighted = lookup("rlpost.rewards:check_reward"), lookup("rlpost.rewards:check_weighted")
     t = cfg.task
-    for key, check in (("task.rewards", lambda: t.rewards is not None and check_weighted(t.rewards)),
-                       ("task.reward", lambda: t.reward and check_reward(t.reward, t.reward_options)),
-                       ("eval.reward", lambda: cfg.eval.reward and check_reward(cfg.eval.reward,
-                                                                                cfg.eval.reward_options))):
+    tasks = [("task.", t)] + [(f"task.sources[{i}].", s)
+                              for i, (_, _, s) in enumerate(t.source_configs() if t.sources else [])]
+    checks = [(f"{p}rewards", lambda s=s: s.rewards is not None and check_weighted(s.rewards)) for p, s in tasks]
+    checks += [(f"{p}reward", lambda s=s: s.reward and check_reward(s.reward, s.reward_options)) for p, s in tasks]
+    checks.append(("eval.reward", lambda: cfg.eval.reward and check_reward(cfg.eval.reward, cfg.eval.reward_options)))
+    for key, check in checks:
         try:
             check()
         except ValueError as e:

@@ -29,6 +29,7 @@ import math
 import warnings
 from typing import Any, Callable
 
+from rlpost.prompts import SOURCE_KEY
 from rlpost.reward import RewardFn, load_reward_fn, reward_range
 
 REWARDS = {  # name -> "module:object"; the modules are imported on first use
@@ -170,6 +171,40 @@ class WeightedRewards:
             getattr(fn, "close", lambda: None)()
 
 
+class SourceRewards:
+    """task.sources: each row scored by the reward of the source it came from (row["data_source"])."""
+
+    def __init__(self, rewards: dict[str, RewardFn]):
+        self.rewards = rewards
+        self.__qualname__ = "sources(" + ", ".join(f"{name}: {getattr(fn, '__qualname__', fn)}"
+                                                   for name, fn in rewards.items()) + ")"
+
+    def __call__(self, completion: str, row: dict) -> float:
+        source = row.get(SOURCE_KEY)
+        if source not in self.rewards:
+            raise ValueError(f"the row names no source of task.sources ({SOURCE_KEY}={source!r}; sources: "
+                             f"{', '.join(self.rewards)})")
+        return self.rewards[source](completion, row)
+
+    @property
+    def reward_range(self) -> tuple[float, float] | None:
+        """The lowest and highest any source's reward declares, when every one declares its range."""
+        ranges = [reward_range(fn) for fn in self.rewards.values()]
+        if any(r is None for r in ranges):
+            return None
+        return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for fn in self.rewards.values():
+            out.update(getattr(fn, "metrics", dict)())
+        return out
+
+    def close(self) -> None:
+        for fn in self.rewards.values():
+            getattr(fn, "close", lambda: None)()
+
+
 def reward_role(task_cfg, default: Callable[[str, dict], float], tokenizer, max_new_tokens: int):
     """The run's reward role: an environment's (task.env, scoring with the configured reward) or the one-turn
     `Reward` over `reward_from_config(task_cfg, default)`. What the pipeline and `rlpost eval` sample with."""
@@ -209,6 +244,9 @@ def eval_reward_role(eval_cfg, tokenizer):
 def reward_from_config(task_cfg, default: Callable[[str, dict], float]) -> RewardFn:
     """The reward a run's config asks for: task.rewards (a weighted sum), task.reward (one, by name or
     'module:function', with task.reward_options), else `default` (the task's own verifier)."""
+    if task_cfg.sources:  # the default (the mixed task's verify) picks the row's source's verifier itself
+        return SourceRewards({name: reward_from_config(source, default)
+                              for name, _, source in task_cfg.source_configs()})
     if task_cfg.rewards:
         return WeightedRewards(task_cfg.rewards)
     if task_cfg.reward:

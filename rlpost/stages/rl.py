@@ -187,7 +187,8 @@ class RLStage(Stage):
         rows = ctx.task.train_rows
         self.controller = Controller(roles, self.cfg, params, rc, rows=rows, prompt_ids=ctx.prompt_ids(rows),
                                      seed=self.seed(ctx), loop=self.loop,
-                                     shard=(dist.rank(), dist.world_size()) if tc.strategy == "fsdp2" else (0, 1))
+                                     shard=(dist.rank(), dist.world_size()) if tc.strategy == "fsdp2" else (0, 1),
+                                     mixture=getattr(ctx.task, "mixture", None))  # task.sources: drawn by weight
 
     def close(self) -> None:
         """Stop what the loop started (the rollout thread, the Ray workers, Ray itself); idempotent."""
@@ -246,6 +247,7 @@ class RLStage(Stage):
             if c.eval_every and step % c.eval_every == 0 and step != c.steps:
                 result = self.evaluation.evaluate(ctx)
                 metrics["eval/pass@1"], metrics["eval/mean_reward"] = result["pass@1"], result["mean_reward"]
+                metrics.update({f"eval/{k}": v for k, v in result.items() if k.startswith("pass@1_")})  # per source
             if self.rollouts_every and step % self.rollouts_every == 0 and dist.is_main():
                 # sharded: rank 0's share of the step's prompts
                 ctx.log.rollouts(sample_records(n, self.controller.sampled, ctx.tokenizer))
