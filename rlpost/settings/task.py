@@ -161,9 +161,7 @@ class TaskConfig(Section):
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
                 raise ConfigError(f"config key '{where}.weight' must be a positive finite number (its share of each "
                                   f"step's prompts, relative to the others), got {weight!r}")
-            name = entry.get("name")
-            if name is None:
-                name = _stem(cfg.train_file) if cfg.train_file else cfg.name
+            name = source_name(entry)
             if not isinstance(name, str) or not _SOURCE_NAME.fullmatch(name) or name in RESERVED_SOURCE_NAMES:
                 raise ConfigError(f"config key '{where}.name' must be letters, digits, '_', '.' or '-' (it names the "
                                   f"metric reward/<name>) and not one of {', '.join(RESERVED_SOURCE_NAMES)}; got "
@@ -188,6 +186,14 @@ class TaskConfig(Section):
                                   f"({options[key]!r}) are one option under two names: set one of them")
             options[key] = value
         return options
+
+
+def source_name(entry: dict) -> Any:
+    """The name of a task.sources entry: its `name`, else its file's name without extension, else its task's."""
+    if entry.get("name") is not None:
+        return entry["name"]
+    path = entry.get("file") or entry.get("train_file")
+    return _stem(path) if path else entry.get("task")
 
 
 def _stem(path: str) -> str:
