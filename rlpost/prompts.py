@@ -25,7 +25,7 @@ import random
 
 import torch
 
-SOURCE_KEY = "data_source"  # the task.sources entry a mixed row came from (its name), which its reward dispatches on
+SOURCE_KEY = "task_source"  # the task.sources entry a mixed row came from (its name), which its reward dispatches on
 RIGHT = 1.0        # a sample is right when its reward is >= this (the verifiers' 1.0; pass@1's default threshold)
 PQ_BINS = 5        # data/pq_hist_<i>: share of the step's prompts with p(1 - p) in [i, i + 1) * 0.05 (0.25: the last)
 

@@ -172,7 +172,7 @@ class WeightedRewards:
 
 
 class SourceRewards:
-    """task.sources: each row scored by the reward of the source it came from (row["data_source"])."""
+    """task.sources: each row scored by the reward of the source it came from (row["task_source"])."""
 
     def __init__(self, rewards: dict[str, RewardFn]):
         self.rewards = rewards

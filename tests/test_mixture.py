@@ -64,6 +64,10 @@ def test_each_row_keeps_its_source_its_columns_and_its_reward(files):
     assert fn("57", task.train_rows[-1]) == 1.0  # 19*3, by the exact reward of its source
     with pytest.raises(ValueError, match="names no source of task.sources"):
         fn("1", {"prompt": "1", "answer": "1"})
+    # a file's own column under the key a row's source is kept in is refused, not overwritten
+    write(files[0], [{"prompt": "1+1=", "answer": "2", SOURCE_KEY: "openai/gsm8k"}])
+    with pytest.raises(ValueError, match=f"task.sources 'add': line 1 has a column '{SOURCE_KEY}'"):
+        load_task(cfg.task)
 
 
 @pytest.mark.parametrize("entries, message", [

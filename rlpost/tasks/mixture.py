@@ -1,6 +1,6 @@
 """task.sources: several tasks (each its own file or embedded task, columns and reward) as one `MixedTask`.
 
-Each source's rows carry its name under row["data_source"] (SOURCE_KEY): the reward (rlpost/rewards.py's
+Each source's rows carry its name under row["task_source"] (SOURCE_KEY): the reward (rlpost/rewards.py's
 SourceRewards), the verifier (`MixedTask.verify`), the per-source metrics and the per-source pass@1 dispatch on
 it. The rows are the sources' in the order task.sources lists them; `mixture` says where each source's training
 rows lie, for the sampler that draws them by weight (rlpost/prompts.py).
