@@ -240,6 +240,7 @@ def _validate(cfg: Config) -> None:
     _validate_lora(cfg)
     _validate_task(cfg)
     _validate_rejection(cfg)
+    _validate_recycle(cfg)
     _validate_stages(cfg)
     try:  # the topology's own settings (rl.topology, rl.weight_sync, ...): its loop checks them (stages known)
         lookup("rlpost.loops:check_config")(cfg, "rl" in stage_names(cfg))
@@ -280,11 +281,14 @@ def _check_rewards(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': {e}") from None
 
 
-def _validate_rejection(cfg: Config) -> None:
+def _validate_recycle(cfg: Config) -> None:
     if cfg.rl.recycle_every and cfg.trainer.strategy == "fsdp2":
         raise ConfigError("rl.recycle_every with trainer.strategy=fsdp2 is not supported: each rank scores only its "
                           "share of a step's prompts, so the ranks would set aside different prompts and draw "
                           "different ones; set rl.recycle_every=0")
+
+
+def _validate_rejection(cfg: Config) -> None:
     if "rejection" in stage_names(cfg) and cfg.trainer.strategy == "fsdp2":
         raise ConfigError("the rejection stage with trainer.strategy=fsdp2 is not supported yet: the stage runs after "
                           "RL has sharded the policy; run it as a run of its own: model.name=<the RL checkpoint> "

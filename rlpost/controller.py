@@ -90,6 +90,10 @@ class Controller:
         self.loop = loop if loop is not None else loop_class(cfg.topology)(cfg, rollout)
         self.mixture = mixture
         if mixture:
+            held = sum(n for _, _, n in mixture)
+            if held != len(rows):
+                raise ValueError(f"the mixture's sources hold {held} rows, the controller was given {len(rows)}: "
+                                 "give it the mixed task's train_rows")
             starts = [sum(n for _, _, n in mixture[:i]) for i in range(len(mixture))]
             self.sampler = MixtureSampler([(s, n) for s, (_, _, n) in zip(starts, mixture)],
                                           [w for _, w, _ in mixture], seed)

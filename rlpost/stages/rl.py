@@ -188,7 +188,7 @@ class RLStage(Stage):
         self.controller = Controller(roles, self.cfg, params, rc, rows=rows, prompt_ids=ctx.prompt_ids(rows),
                                      seed=self.seed(ctx), loop=self.loop,
                                      shard=(dist.rank(), dist.world_size()) if tc.strategy == "fsdp2" else (0, 1),
-                                     mixture=getattr(ctx.task, "mixture", None))  # task.sources: drawn by weight
+                                     mixture=ctx.task.mixture)  # task.sources: drawn by weight
 
     def close(self) -> None:
         """Stop what the loop started (the rollout thread, the Ray workers, Ray itself); idempotent."""
