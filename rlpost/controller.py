@@ -34,6 +34,7 @@ ranks. The refill rule counts the groups of all ranks, and the step's metrics ar
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -102,6 +103,12 @@ class Controller:
         self.recycler = None
         if cfg.recycle_every:  # the draws skip the prompts set aside (rlpost/prompts.py)
             self.sampler = self.recycler = Recycler(self.sampler, rows, cfg.recycle_every)
+            epoch = len(rows) / max(rollout.prompts_per_step, 1)  # steps before a prompt comes round again
+            if cfg.recycle_every < epoch:
+                warnings.warn(f"rl.recycle_every={cfg.recycle_every} is shorter than an epoch ({len(rows)} prompts at "
+                              f"{rollout.prompts_per_step} a step: {epoch:.0f} steps): a prompt is drawn once an "
+                              "epoch, so most set-aside prompts return before they would be drawn again and little "
+                              "is skipped; raise it above an epoch", stacklevel=2)
         self.times: dict[str, float] = {}
         try:  # the trainer's device is where the roles' tensors live (a test's stand-in trainer may have none)
             device = roles.trainer.device

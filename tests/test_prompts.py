@@ -149,3 +149,10 @@ def test_the_controller_skips_set_aside_prompts_and_logs_the_pool(tiny_gpt):
 def test_recycling_is_refused_where_ranks_would_set_aside_different_prompts():
     with pytest.raises(ConfigError, match="rl.recycle_every with trainer.strategy=fsdp2"):
         load_config(None, ["rl.recycle_every=2", "trainer.strategy=fsdp2"])
+
+
+def test_a_recycle_period_shorter_than_an_epoch_is_warned_about(tiny_gpt):
+    """A prompt comes round once an epoch: recycled sooner, a set-aside prompt is back before its next draw."""
+    rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in (1, 2) for b in range(6)]  # 12 prompts, 4 a step: 3
+    with pytest.warns(UserWarning, match=r"rl.recycle_every=2 is shorter than an epoch \(12 prompts at 4 a step: 3"):
+        controller(tiny_gpt, RLConfig(recycle_every=2), rows)
