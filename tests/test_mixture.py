@@ -138,7 +138,10 @@ def test_every_step_mixes_by_weight_and_scores_each_prompt_by_its_source(files, 
 def test_a_mixture_with_recycling_resumes_exactly(files, tmp_path):
     """A run killed after step 2's checkpoint and resumed draws the same prompts (the mixture's position and
     the set-aside pool are in the checkpoint): metrics.jsonl, rollouts.jsonl and the checkpoints are the same.
-    Weights 2:1 and 4 prompts a step: a step ends mid-turn of the round robin, whose credit the checkpoint keeps."""
+    Weights 2:1 and 4 prompts a step: a step ends mid-turn of the round robin, whose credit the checkpoint keeps.
+    9 training prompts (an epoch of 2.25 steps) and 6 steps: set-aside prompts are skipped on the way round."""
+    write(files[0], [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(6)])
+    write(files[2], [{"q": f"{a}*3=", "answer": str(3 * a)} for a in range(3)])
     cfg = RUN + [sources(files, add=", reward: 'test_mixture:coin'", mul=", reward: 'test_mixture:one'", weight=2),
                  "rl.steps=6", "rl.save_every=2", "rl.recycle_every=3", "log.rollouts_every=1"]
     assert train(load_config(None, cfg + [f"out_dir={tmp_path}", "run_name=ref"]))["status"] == "ok"
