@@ -248,6 +248,7 @@ def _validate(cfg: Config) -> None:
     _validate_reference(cfg)
     _check_rewards(cfg)
     _validate_rejection(cfg)
+    _validate_recycle(cfg)
     _validate_stages(cfg)
     try:  # the topology's own settings (rl.topology, rl.weight_sync, ...): its loop checks them (stages known)
         lookup("rlpost.loops:check_config")(cfg, "rl" in stage_names(cfg))
@@ -296,14 +297,24 @@ def _check_rewards(cfg: Config) -> None:
     check_reward, check_weighted = lookup(f"{verifiers}:check_reward"), lookup(f"{verifiers}:check_weighted")
     check_eval_reward = lookup(f"{verifiers}:check_eval_reward")
     t = cfg.task
-    for key, check in (("task.rewards", lambda: t.rewards is not None and check_weighted(t.rewards)),
-                       ("task.reward", lambda: t.reward and check_reward(t.reward, t.reward_options)),
-                       ("eval.reward", lambda: cfg.eval.reward and check_eval_reward(cfg.eval.reward,
-                                                                                     cfg.eval.reward_options, t.env))):
+    tasks = [("task.", t)] + [(f"task.sources[{i}].", s)
+                              for i, (_, _, s) in enumerate(t.source_configs() if t.sources else [])]
+    checks = [(f"{p}rewards", lambda s=s: s.rewards is not None and check_weighted(s.rewards)) for p, s in tasks]
+    checks += [(f"{p}reward", lambda s=s: s.reward and check_reward(s.reward, s.reward_options)) for p, s in tasks]
+    checks.append(("eval.reward", lambda: cfg.eval.reward and check_eval_reward(cfg.eval.reward,
+                                                                                cfg.eval.reward_options, t.env)))
+    for key, check in checks:
         try:
             check()
         except ValueError as e:
             raise ConfigError(f"config key '{key}': {e}") from None
+
+
+def _validate_recycle(cfg: Config) -> None:
+    if cfg.rl.recycle_every and cfg.trainer.strategy == "fsdp2":
+        raise ConfigError("rl.recycle_every with trainer.strategy=fsdp2 is not supported: each rank scores only its "
+                          "share of a step's prompts, so the ranks would set aside different prompts and draw "
+                          "different ones; set rl.recycle_every=0")
 
 
 def _validate_rejection(cfg: Config) -> None:

@@ -33,8 +33,8 @@ ranks. The refill rule counts the groups of all ranks, and the step's metrics ar
 
 from __future__ import annotations
 
-import random
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -47,6 +47,7 @@ from rlpost.config import RLConfig, RolloutConfig
 from rlpost.critic import Critic
 from rlpost.devices import RoleProbe
 from rlpost.loops import Loop, loop_class
+from rlpost.prompts import SOURCE_KEY, MixtureSampler, PromptSampler, Recycler  # noqa: F401 - PromptSampler: its old home
 from rlpost.reference import Reference
 from rlpost.env.reward import Reward
 from rlpost.rollout import Engine, SamplingParams
@@ -57,29 +58,6 @@ ROLES = ("rollout", "reward", "reference", "critic", "advantages", "train", "syn
 # every role's seconds and share of the step; "other" is the step's wall-clock not inside any role
 # (prompt picking, concatenating refill rounds, gathering metrics), so the shares sum to 1
 TIMED = (*ROLES, "other")
-
-
-class PromptSampler:
-    """Walks the prompt set in seeded random order, reshuffling at each epoch."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.rng, self.order = n, random.Random(seed), []
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "order": list(self.order)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.setstate(state["rng"])
-        self.order = list(state["order"])
-
-    def next(self, count: int) -> list[int]:
-        out = []
-        while len(out) < count:
-            if not self.order:
-                self.order = list(range(self.n))
-                self.rng.shuffle(self.order)
-            out.append(self.order.pop())
-        return out
 
 
 @dataclass
@@ -99,9 +77,10 @@ class Roles:
 class Controller:
     def __init__(self, roles: Roles, cfg: RLConfig, params: SamplingParams, rollout: RolloutConfig, *,
                  rows: list[dict], prompt_ids: list[list[int]], seed: int = 0, loop: Loop | None = None,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), mixture: list[tuple[str, float, int]] | None = None):
         """`rollout`: prompts_per_step, k, max_refill_rounds; `loop`: the topology's loop, placed (None: the one
-        `cfg.topology` names, for a loop that needs no placement); `shard`: (rank, world) under fsdp2."""
+        `cfg.topology` names, for a loop that needs no placement); `shard`: (rank, world) under fsdp2;
+        `mixture`: task.sources as (name, weight, rows) in the order of `rows` (None: one prompt set)."""
         algorithm = roles.algorithm
         if algorithm.uses_reference and roles.reference is None:
             raise ValueError(f"algorithm '{algorithm.name}' reads ref_logp but no reference was given")
@@ -110,7 +89,26 @@ class Controller:
         self.roles, self.cfg, self.params, self.rollout = roles, cfg, params, rollout
         self.rows, self.prompt_ids, self.seed, self.shard = rows, prompt_ids, seed, shard
         self.loop = loop if loop is not None else loop_class(cfg.topology)(cfg, rollout)
-        self.sampler = PromptSampler(len(rows), seed)
+        self.mixture = mixture
+        if mixture:
+            held = sum(n for _, _, n in mixture)
+            if held != len(rows):
+                raise ValueError(f"the mixture's sources hold {held} rows, the controller was given {len(rows)}: "
+                                 "give it the mixed task's train_rows")
+            starts = [sum(n for _, _, n in mixture[:i]) for i in range(len(mixture))]
+            self.sampler = MixtureSampler([(s, n) for s, (_, _, n) in zip(starts, mixture)],
+                                          [w for _, w, _ in mixture], seed)
+        else:
+            self.sampler = PromptSampler(len(rows), seed)
+        self.recycler = None
+        if cfg.recycle_every:  # the draws skip the prompts set aside (rlpost/prompts.py)
+            self.sampler = self.recycler = Recycler(self.sampler, rows, cfg.recycle_every)
+            epoch = len(rows) / max(rollout.prompts_per_step, 1)  # steps before a prompt comes round again
+            if cfg.recycle_every < epoch:
+                warnings.warn(f"rl.recycle_every={cfg.recycle_every} is shorter than an epoch ({len(rows)} prompts at "
+                              f"{rollout.prompts_per_step} a step: {epoch:.0f} steps): a prompt is drawn once an "
+                              "epoch, so most set-aside prompts return before they would be drawn again and little "
+                              "is skipped; raise it above an epoch", stacklevel=2)
         self.times: dict[str, float] = {}
         try:  # the trainer's device is where the roles' tensors live (a test's stand-in trainer may have none)
             device = roles.trainer.device
@@ -174,10 +172,14 @@ class Controller:
         self.times, self.staleness = {}, []
         self.probe.clear()
         sampled, kept, reward_metrics = [], [], {}
-        groups, wanted = 0, self.rollout.prompts_per_step
+        groups, wanted, rates = 0, self.rollout.prompts_per_step, []
+        if self.recycler is not None:
+            self.recycler.start_step(step)
         for round_ in range(self.rollout.max_refill_rounds + 1):
             before = groups
             scored, trained, m = self.collect(step, wanted - groups, round_)
+            if self.recycler is not None:
+                rates += self.recycler.observe(scored)
             offset = round_ * wanted  # group ids stay unique across rounds
             sampled.append(scored.replace(group_ids=scored.group_ids + offset))
             if len(trained):
@@ -221,6 +223,10 @@ class Controller:
         metrics["time/rollout_wait"] = waited
         metrics["time/step"] = total
         metrics.update(self.probe.metrics())
+        if self.recycler is not None:
+            metrics.update(self.recycler.metrics(rates))
+        if self.mixture:
+            metrics.update(source_metrics(all_sampled, [name for name, _, _ in self.mixture]))
         for key in ("rollout/logp_mismatch_max", "rollout/logp_mismatch_mean"):  # every line has them:
             metrics.setdefault(key, float("nan"))  # NaN (null in metrics.jsonl) when no update measured it
         return dist.reduce_metrics(metrics) if self.shard[1] > 1 else metrics
@@ -248,6 +254,20 @@ def rollout_metrics(batch: Batch) -> dict[str, float]:
         # a learned reward (rlpost/env/reward_model.py) also scores each sample with the verifier, when there is one
         **({"reward/gold_mean": sum(batch.meta["gold_reward"]) / len(batch)} if "gold_reward" in batch.meta else {}),
     }
+
+
+@torch.no_grad()
+def source_metrics(batch: Batch, names: list[str]) -> dict[str, float]:
+    """reward/<source>: the mean reward of this step's samples of each task.sources entry (NaN, null in
+    metrics.jsonl, for a source with no sample this step)."""
+    r = batch.rewards.float()
+    r = r.sum(1) if r.dim() == 2 else r
+    of = [row.get(SOURCE_KEY) for row in batch.meta["row"]]
+    out = {}
+    for name in names:
+        mine = [float(r[i]) for i, s in enumerate(of) if s == name]
+        out[f"reward/{name}"] = sum(mine) / len(mine) if mine else float("nan")
+    return out
 
 
 @torch.no_grad()

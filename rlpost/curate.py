@@ -45,7 +45,7 @@ from typing import Callable
 from rlpost.checkpoint import resolve_model
 from rlpost.config import load_config
 from rlpost.env import check_vocabulary, response_budget
-from rlpost.env.verifiers import reward_role
+from rlpost.env.verifiers import reward_from_config, reward_role
 from rlpost.models import encode_prompt, load_model, model_context
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks
@@ -376,11 +376,89 @@ def report(c: Curation, *, train: str, eval_file: str | None, out: str, near_dup
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- gold answers
+
+@dataclass
+class GoldCheck:
+    """`check_gold`'s result: the rows whose own gold did not verify, each with why, out of `checked`."""
+    checked: int
+    failed: list[dict] = field(default_factory=list)
+    why: list[str] = field(default_factory=list)
+
+
+def gold_completion(row: dict) -> str:
+    """What a row itself says is right: its demonstration (`completion`; a multi-turn one's assistant turns),
+    else its gold `answer` as the whole completion."""
+    done = row.get("completion")
+    if isinstance(done, list):
+        return "".join(t.get("content", "") for t in done if t.get("role", "assistant") == "assistant")
+    return str(done if done is not None else row.get("answer", ""))
+
+
+def check_gold(rows: list[dict], verify: Callable[[str, dict], float], threshold: float) -> GoldCheck:
+    """Score each row's own gold (`gold_completion`) with `verify`; a row whose gold scores below `threshold`
+    (or on which the verifier raises) is a data bug: a wrong answer, an answer the verifier cannot read, a
+    demonstration that ends on something else."""
+    out = GoldCheck(checked=len(rows))
+    for row in rows:
+        try:
+            score = float(verify(gold_completion(row), row))
+        except Exception as e:  # noqa: BLE001 - the verifier's failure on this row is what the check reports
+            why = f"the verifier raised {type(e).__name__}: {e}"
+        else:
+            if score >= threshold:
+                continue
+            why = f"scored {score:g} < {threshold:g}"
+        out.failed.append(row)
+        out.why.append(why)
+    return out
+
+
+def gold_report(g: GoldCheck, *, train: str, reward: str, threshold: float, shown: int = 5) -> str:
+    """How many rows' gold did not verify, and the first `shown` of them, each by its place in the file."""
+    lines = [f"rlpost curate --check-gold: {train}: {g.checked - len(g.failed)} of {g.checked} rows' gold verifies "
+             f"under {reward} (a row passes when its gold scores >= {threshold:g})"]
+    if g.failed:
+        lines.append(f"  {len(g.failed)} row(s) whose own gold does not verify (a data bug: a wrong answer, or one "
+                     f"the reward cannot read):")
+        for row, why in list(zip(g.failed, g.why))[:shown]:
+            lines.append(f"    {where(row)}: {why}; gold {gold_completion(row)[:80]!r}")
+        if len(g.failed) > shown:
+            lines.append(f"    ... and {len(g.failed) - shown} more")
+    return "\n".join(lines)
+
+
+def run_check_gold(cfg, args, rows: list[dict], cols) -> int:
+    """`rlpost curate --check-gold`: every row's gold through the run's reward (task.reward / task.rewards, else
+    the exact first-line match); the failing rows are written to --out when given. Returns the exit code: 1
+    when some gold does not verify and --strict is set, else 0."""
+    if cfg.task.env:
+        raise ValueError("rlpost curate --check-gold scores one completion with the reward; a task.env scores "
+                         "episodes: unset task.env")
+    verify = reward_from_config(cfg.task, answer_match_reward)
+    try:
+        result = check_gold(rows, verify, args.pass_threshold)
+    finally:
+        getattr(verify, "close", lambda: None)()
+    name = cfg.task.reward or ("task.rewards" if cfg.task.rewards else "the exact first-line match")
+    print(gold_report(result, train=args.train, reward=name, threshold=args.pass_threshold))
+    if args.out:
+        write_rows(result.failed, args.out, cols)
+        print(f"rlpost curate: wrote the {len(result.failed)} row(s) whose gold does not verify to {args.out}")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump({"checked": result.checked, "failed": len(result.failed),
+                       "rows": [{"where": where(r), "why": w} for r, w in zip(result.failed, result.why)]}, f,
+                      indent=2)
+    return 1 if result.failed and args.strict else 0
+
+
 # ---------------------------------------------------------------------------- the command
 
 def run(args) -> int:
     """`rlpost curate` with parsed `args` (see rlpost/cli.py): read, filter, report, write."""
-    if args.model is None and not args.no_model:
+    check = getattr(args, "check_gold", False)
+    if args.model is None and not args.no_model and not check:
         raise ValueError("give --model (a checkpoint, model folder, run directory or hub id) to estimate pass "
                          "rates, or --no-model to only deduplicate and decontaminate")
     if args.k < 1:
@@ -389,6 +467,11 @@ def run(args) -> int:
                                     *args.overrides])
     task = cfg.task
     cols = Columns.from_config(task)
+    if check:  # the gold check only: the rows need their answers, whatever the reward
+        rows = read_rows(args.train, cols, split=task.train_split, require_answer=uses_own_verifier(task))
+        return run_check_gold(cfg, args, rows, cols)
+    if not args.out:
+        raise ValueError("give --out: where the kept rows go (.jsonl, .json or .parquet)")
     use_model = not args.no_model
     rows = read_rows(args.train, cols, split=task.train_split, require_answer=use_model and uses_own_verifier(task))
     eval_rows = (read_rows(args.eval, cols, split=task.eval_split, split_key="task.eval_split", require_answer=False,

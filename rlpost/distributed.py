@@ -17,7 +17,7 @@ so the roles call them unconditionally.
     reduce_dict(d, op)                           a dict of floats (same keys on every rank), one all-reduce
     reduce_metrics(d)                            a step's metrics dicts combined over ranks (keys may differ)
     broadcast_object(obj)                        rank 0's picklable object on every rank
-    masked_whiten(x, mask, eps)                  whitening over every rank's masked entries
+    whiten_over_ranks(x, mask, eps)              whitening over every rank's masked entries
     shard_model(model)                           FSDP2 over each transformer block and the root (the policy;
                                                  the frozen reference too, forward-only)
     shard_module(module)                         FSDP2 over what a module holds besides its sharded parts (a head)
@@ -131,8 +131,8 @@ def broadcast_object(obj):
     return box[0]
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """rlpost.algorithms.base.masked_whiten with the mean and (population) std over the masked entries of every
+def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """rlpost.ops.masked_whiten with the mean and (population) std over the masked entries of every
     rank's rows: a sharded run's advantages whitened as one process whitens the whole batch. Every rank calls it."""
     m = mask.bool()
     xd = x.detach().double()

@@ -28,6 +28,7 @@ from rlpost.checkpoint import resolve_model
 from rlpost.env.role import RewardRole
 from rlpost.env.verifiers import eval_reward_role, reward_role
 from rlpost.models import encode_prompt, load_model
+from rlpost.prompts import SOURCE_KEY
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks
 from rlpost.tasks import load_task
@@ -73,6 +74,7 @@ def evaluate(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list
         raise ValueError(f"k={bad} must be between 1 and the samples per prompt ({samples})")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     passes = {k: 0.0 for k in ks}
+    sources: dict[str, list[float]] = {}  # task.sources: each source's pass@k sums and prompts
     majority = {k: 0.0 for k in ks}
     reward_sum = length_sum = 0.0
     for idx, batch in episodes_in_chunks(engine, reward, rows, prompt_ids, samples, params, seed, batch_prompts,
@@ -87,14 +89,22 @@ def evaluate(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list
             ok = [bool(infos[i].get("success")) if "success" in (infos[i] or {}) else
                   float(rewards[i]) >= success_threshold for i in group]
             keys = [reward.final_answer(completions[i]) for i in group]
+            source = rows[idx[j]].get(SOURCE_KEY)
             for k in ks:
                 passes[k] += pass_at_k(samples, sum(ok), k)
                 majority[k] += float(majority_success(keys[:k], ok[:k]))
+            if source is not None:
+                tally = sources.setdefault(source, [0.0] * len(ks) + [0])
+                for n, k in enumerate(ks):
+                    tally[n] += pass_at_k(samples, sum(ok), k)
+                tally[-1] += 1
         reward_sum += float(rewards.sum())
         length_sum += float(lengths.sum())
     n = len(rows)
     out = {f"pass@{k}": passes[k] / n for k in ks}
     out.update({f"maj@{k}": majority[k] / n for k in ks})
+    for source, tally in sources.items():  # pass@k_<source>: over that source's held-out prompts
+        out.update({f"pass@{k}_{source}": tally[i] / tally[-1] for i, k in enumerate(ks)})
     out.update({"mean_reward": reward_sum / (n * samples), "mean_length": length_sum / (n * samples),
                 "prompts": n, "samples": samples, "success_threshold": success_threshold})
     return out

@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 from rlpost.config import Config, from_dict, stage_configs
+from rlpost.settings.task import source_name
 
 ROLES = ("rollout", "reward", "reference", "critic", "advantages", "train", "sync", "other")  # controller.TIMED
 HIST_PREFIX = "correction/weight_hist/"
@@ -486,6 +487,42 @@ def fig_correction(plt, data: RunData):
     return fig
 
 
+PQ_PREFIX = "data/pq_hist_"  # rl.recycle_every: the share of a step's prompts per p(1-p) bin (rlpost/prompts.py)
+
+
+def source_names(data: RunData) -> list[str]:
+    """The names of task.sources whose reward/<name> the run logged."""
+    return sorted({k[len("reward/"):] for m in data.rl for k in m if k.startswith("reward/")}
+                  & {str(source_name(e)) for e in data.setting("task.sources") or [] if isinstance(e, dict)})
+
+
+def fig_data(plt, data: RunData):
+    bins = sorted((int(k[len(PQ_PREFIX):]), k) for k in {k for m in data.rl for k in m if k.startswith(PQ_PREFIX)})
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 3.6))
+    if bins:
+        import numpy as np
+
+        steps = [m["step"] for m in data.rl]
+        grid = np.ma.masked_invalid(np.array([[_number(m.get(key)) for m in data.rl] for _, key in bins],
+                                             dtype=float))
+        edges = [s - 0.5 for s in steps] + [steps[-1] + 0.5] if steps else [0, 1]
+        mesh = left.pcolormesh(edges, np.arange(len(bins) + 1), grid, cmap="Greens", vmin=0, vmax=1, shading="flat")
+        width = 0.25 / len(bins)
+        left.set_yticks(np.arange(len(bins)) + 0.5)
+        left.set_yticklabels([f"{b * width:.2f}-{(b + 1) * width:.2f}" for b, _ in bins], fontsize=7)
+        fig.colorbar(mesh, ax=left, label="share of the step's prompts")
+        left.set(title="signal density p(1−p) per step", xlabel="RL step", ylabel="p(1−p) bin")
+    else:
+        left.text(0.5, 0.5, "no p(1−p) histogram\n(rl.recycle_every was 0)", ha="center", va="center",
+                  transform=left.transAxes, color="grey")
+        left.set_axis_off()
+    _lines(middle, data, {"data/set_aside": "set aside", "data/recycled": "recycled"})
+    middle.set_title("prompts set aside / recycled")
+    _lines(right, data, {f"reward/{n}": n for n in source_names(data)})
+    right.set_title("mean reward per source (task.sources)")
+    return fig
+
+
 def fig_gold(plt, data: RunData):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4))
     _lines(left, data, {"reward/mean": "proxy: reward model (reward/mean)", "reward/gold_mean": "gold: verifier "
@@ -785,6 +822,19 @@ def _sections(plt, data: RunData, folder: str) -> list[tuple[Section, object]]:
         out[-1][0].body = memory_table(data)
     rl_section("correction", "Importance weights and log-prob mismatch", lambda: _correction_note(data),
                lambda: fig_correction(plt, data))
+
+    s = Section("data", "Prompt data: signal density, recycling, sources")
+    if no_rl or not (data.has("data/set_aside") or source_names(data)):
+        s.note = (f"Nothing to plot: {no_rl}." if no_rl else
+                  "Nothing to plot: the run neither recycled prompts (rl.recycle_every was 0) nor mixed sources "
+                  "(task.sources was unset).")
+        out.append((s, None))
+    else:
+        s.note = ("Left: the share of each step's prompts by reward variance p(1−p) (p: the share of a prompt's K "
+                  "samples that were right); the lowest bin holds the prompts that teach GRPO nothing. Middle: "
+                  "the prompts set aside (all right or all wrong at their last visit) and those returned to the "
+                  "pool (rl.recycle_every). Right: each source's mean reward (task.sources).")
+        out.append((s, fig_data(plt, data)))
 
     s = Section("gold", "Gold vs proxy reward (over-optimisation)")
     if data.has("reward/gold_mean"):

@@ -451,6 +451,8 @@ def print_table(summary: dict) -> None:
             base, _, n = label.rpartition("_")
             name = f"{names[base]} ({n})" if n.isdigit() and base in names else names.get(label, f"after {label}")
             print(f"  {name:<20}{pct(value)}")
+            for source, v in summary.get(f"by_source_pass@1_{label}", {}).items():  # task.sources
+                print(f"    {source:<18}{pct(v)}")
     if summary.get("rm_pair_accuracy") is not None:
         print(f"  reward model pairs  {pct(summary['rm_pair_accuracy'])}  (held-out pair accuracy)")
     print(f"  wall-clock          {summary['wall_seconds']:6.1f}s")

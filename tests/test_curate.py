@@ -278,3 +278,44 @@ def test_rlpost_curate_runs_task_env_episodes_for_the_pass_rates(tmp_path, check
     assert sorted(report["pass_rates"]) == [0.0, 0.5, 0.5, 0.5, 1.0]
     assert turns_env.steps == 5 * 4 * 2  # 5 prompts scored, 4 episodes each, 2 turns each
     assert "kept 3" in " ".join(flat(capsys.readouterr().out))
+
+
+# ---------------------------------------------------------------------------- gold check
+
+def test_check_gold_names_the_rows_whose_own_gold_does_not_verify(tmp_path, capsys, monkeypatch):
+    """A demonstration that ends on another number than its answer, and a row the reward raises on, are data
+    bugs: counted, named by line, written to --out; the exit code says so only under --strict."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": "2+2=", "answer": "4", "completion": "4"},
+            {"prompt": "3+3=", "answer": "6", "completion": "7"},          # the demonstration is wrong
+            {"prompt": "5+5=", "answer": "10"},                            # no demonstration: the answer itself
+            {"prompt": "1+1=", "answer": "2", "completion": "2\nso 2"}]
+    with open("train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    assert main(["curate", "--check-gold", "--train", "train.jsonl", "--out", "bad.jsonl"]) == 0
+    out = flat(capsys.readouterr().out)
+    assert "rlpost curate --check-gold: train.jsonl: 3 of 4 rows' gold verifies under the exact first-line match " \
+           "(a row passes when its gold scores >= 0.5)" in out
+    assert "line 2: scored 0 < 0.5; gold '7'" in out
+    assert [json.loads(line)["prompt"] for line in open("bad.jsonl")] == ["3+3="]
+    assert main(["curate", "--check-gold", "--strict", "--train", "train.jsonl"]) == 1
+    capsys.readouterr()
+    # a reward that fails on a row: that row is named with the error; a clean file passes --strict
+    with open("gold_reward.py", "w") as f:
+        f.write("def score(completion, row):\n"
+                "    if row['answer'] == '10':\n        raise KeyError('units')\n"
+                "    return float(completion.strip().split()[0] == row['answer'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["curate", "--check-gold", "--strict", "--train", "train.jsonl", "--reward", "gold_reward:score",
+                 "--report", "gold.json"]) == 1
+    out = flat(capsys.readouterr().out)
+    assert "line 3: the verifier raised KeyError: 'units'; gold '10'" in out
+    assert json.load(open("gold.json"))["rows"] == [
+        {"where": "line 2", "why": "scored 0 < 0.5"},
+        {"where": "line 3", "why": "the verifier raised KeyError: 'units'"}]
+    with open("clean.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows if r["answer"] != "6")
+    assert main(["curate", "--check-gold", "--strict", "--train", "clean.jsonl"]) == 0
+    # without --check-gold, the filters still need --out
+    assert main(["curate", "--no-model", "--train", "train.jsonl"]) == 1
+    assert "give --out" in capsys.readouterr().err

@@ -27,8 +27,8 @@ TINY = ["sft.steps=24", "sft.batch_size=32", "sft.save_every=0", "rl.steps=8", "
         "rl.save_every=2", "rl.keep_checkpoints=0", "task.num_eval=30", "rollout.prompts_per_step=4",
         "rollout.k=4", "eval.samples_per_prompt=2", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
         "threads=1", "log.rollouts_every=2", "algorithm.rollout_correction=tis"]
-SECTIONS = ("reward", "supervised", "dynamics", "time", "memory", "correction", "gold", "env", "samples", "config",
-            "profile")  # in the page's order
+SECTIONS = ("reward", "supervised", "dynamics", "time", "memory", "correction", "data", "gold", "env", "samples",
+            "config", "profile")  # in the page's order
 FIGURES = ("reward", "supervised", "dynamics", "time", "memory", "correction")  # gold: a reward model; env: task.env
 CHROMIUM = "/usr/bin/chromium"
 
@@ -255,6 +255,33 @@ def test_a_killed_run_with_nulls_and_a_cut_line_still_reports(run, tmp_path):
     assert set(page.sections) == set(SECTIONS) and "5 of 8" in text and "no summary.json" in text
     for key in FIGURES:
         assert_png_has_content(open(os.path.join(copy, "report", f"{key}.png"), "rb").read())
+
+
+def test_the_data_section_draws_the_signal_density_the_pool_and_the_sources(run, tmp_path):
+    """A run that recycled prompts and mixed two sources (its lines and config as such a run writes them):
+    the histogram, the pool and each source's reward are drawn; the tiny run, which did neither, says so."""
+    import yaml
+
+    text, page = read_page(build_report(run))
+    assert page.sections["data"]["imgs"] == 0 and "rl.recycle_every was 0" in text
+    copy = str(tmp_path / "mixed")
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "report"))
+    out = []
+    for m in lines(os.path.join(copy, "metrics.jsonl")):
+        if m["stage"] == "rl":
+            m.update({"data/set_aside": m["step"] % 3, "data/recycled": float(m["step"] % 3 == 0),
+                      **{f"data/pq_hist_{b}": 0.2 for b in range(5)}, "reward/gsm": 0.5, "reward/arithmetic": 0.1})
+        out.append(json.dumps(m) + "\n")
+    with open(os.path.join(copy, "metrics.jsonl"), "w") as f:
+        f.writelines(out)
+    with open(os.path.join(copy, "config.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["task"]["sources"] = [{"file": "data/gsm.parquet", "weight": 2}, {"task": "arithmetic"}]
+    with open(os.path.join(copy, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    text, page = read_page(build_report(copy))
+    assert page.sections["data"]["imgs"] == 1 and "mean reward (task.sources)" in text
+    assert_png_has_content(open(os.path.join(copy, "report", "data.png"), "rb").read())
 
 
 def test_a_run_without_rl_says_so_in_every_rl_section(tmp_path):

@@ -87,7 +87,7 @@ class PPO(PolicyGradient):
                            self.cfg.lam)
         if self.cfg.whiten_advantages:
             # sharded (fsdp2, each rank its rows): over every rank's, as one process whitens the whole batch
-            adv = (dist.masked_whiten if dist.world_size() > 1 else masked_whiten)(adv, batch.response_mask,
+            adv = (dist.whiten_over_ranks if dist.world_size() > 1 else masked_whiten)(adv, batch.response_mask,
                                                                                    self.cfg.eps)
         return batch.replace(advantages=self.clip_advantages(adv), returns=returns)
 

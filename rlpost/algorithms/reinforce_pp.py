@@ -60,6 +60,6 @@ class REINFORCEPlusPlus(PolicyGradient):
         r = self.token_rewards(batch)                          # [B, T]
         returns = discounted_returns(r, self.cfg.gamma)        # G_t = sum_{t' >= t} gamma^(t' - t) r_t'
         # sharded (fsdp2, each rank its rows): over every rank's, as one process whitens the whole batch
-        adv = (dist.masked_whiten if dist.world_size() > 1 else masked_whiten)(returns, batch.response_mask,
+        adv = (dist.whiten_over_ranks if dist.world_size() > 1 else masked_whiten)(returns, batch.response_mask,
                                                                                self.cfg.eps)
         return batch.replace(advantages=self.clip_advantages(adv))

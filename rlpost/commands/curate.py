@@ -22,7 +22,8 @@ def add_curate(sub) -> None:
                     "`rlpost train --help`, as key=value overrides or the flags below.",
         epilog="e.g. rlpost curate --model runs/sft-X/checkpoints/sft --train train.jsonl --eval test.jsonl "
                "--out curated.jsonl -k 8 --reward math\n     rlpost curate --no-model --train train.parquet "
-               "--eval test.parquet --out curated.parquet",
+               "--eval test.parquet --out curated.parquet\n     rlpost curate --check-gold --train train.jsonl "
+               "--reward math --out bad_gold.jsonl --strict",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (task.*, rollout.*, "
                                                                      "model.*)")
@@ -31,7 +32,8 @@ def add_curate(sub) -> None:
     p.add_argument("--no-model", action="store_true", help="skip pass-rate estimation: dedup and decontaminate only")
     p.add_argument("--train", required=True, help="training prompts: .jsonl, .json, .parquet or a `datasets` folder")
     p.add_argument("--eval", help="held-out prompts to decontaminate against (same formats)")
-    p.add_argument("--out", required=True, help="where the kept rows go: .jsonl / .json (JSON Lines) or .parquet")
+    p.add_argument("--out", help="where the kept rows go: .jsonl / .json (JSON Lines) or .parquet (with "
+                                 "--check-gold: the rows whose gold does not verify, when given)")
     p.add_argument("--recipe", help="a recipe YAML whose task / rollout / model keys to use")
     p.add_argument("-k", type=int, default=8, help="samples per prompt for the pass rate (default 8)")
     p.add_argument("--band", type=float, nargs=2, default=[0.1, 0.9], metavar=("LO", "HI"),
@@ -45,6 +47,12 @@ def add_curate(sub) -> None:
     p.add_argument("--batch-prompts", type=int, default=None, help="prompts per generation call "
                                                                     "(default eval.batch_prompts)")
     p.add_argument("--report", help="also write the counts and pass rates as JSON here")
+    p.add_argument("--check-gold", action="store_true",
+                   help="only check the data: score every row's own gold (its completion, else its answer) with the "
+                        "reward (task.reward, else the exact match); count and name the rows whose gold scores below "
+                        "--pass-threshold: a data bug (no model needed; no other filter runs)")
+    p.add_argument("--strict", action="store_true", help="--check-gold: exit 1 when some row's gold does not verify "
+                                                         "(default: report them and exit 0)")
     flags = {"--reward": "task.reward", "--prompt-key": "task.prompt_key", "--answer-key": "task.answer_key",
              "--completion-key": "task.completion_key", "--messages-key": "task.messages_key",
              "--system-prompt": "task.system_prompt", "--train-split": "task.train_split",

@@ -36,6 +36,7 @@ from rlpost.env.episodes import EnvRole
 from rlpost.env.registry import env_takes_reward
 from rlpost.env.reward import Reward, load_reward_fn, reward_range
 from rlpost.env.role import RewardRole
+from rlpost.prompts import SOURCE_KEY
 
 REWARDS = {  # name -> "module:object"; the modules are imported on first use
     "exact": "rlpost.tasks:answer_match_reward",
@@ -194,6 +195,41 @@ class WeightedRewards(Verifier):
             fn.close()
 
 
+class SourceRewards(Verifier):
+    """task.sources: each row scored by the verifier of the source it came from (row["task_source"])."""
+
+    def __init__(self, rewards: dict[str, Verifier]):
+        self.rewards = {name: as_verifier(fn) for name, fn in rewards.items()}
+        self.__qualname__ = "sources(" + ", ".join(f"{name}: {getattr(fn, '__qualname__', fn)}"
+                                                   for name, fn in self.rewards.items()) + ")"
+        ranges = [fn.reward_range for fn in self.rewards.values()]
+        if all(r is not None for r in ranges):  # the lowest and highest any source declares
+            self.reward_range = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
+
+    def _of(self, row: dict) -> Verifier:
+        source = row.get(SOURCE_KEY)
+        if source not in self.rewards:
+            raise ValueError(f"the row names no source of task.sources ({SOURCE_KEY}={source!r}; sources: "
+                             f"{', '.join(self.rewards)})")
+        return self.rewards[source]
+
+    def __call__(self, completion: str, row: dict) -> float:
+        return self._of(row)(completion, row)
+
+    def scored(self, completion: str, row: dict) -> tuple[float, dict[str, float]]:
+        return self._of(row).scored(completion, row)
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for fn in self.rewards.values():
+            out.update(fn.metrics())
+        return out
+
+    def close(self) -> None:
+        for fn in self.rewards.values():
+            fn.close()
+
+
 def reward_role(task_cfg, default: Callable[[str, dict], float], tokenizer, max_new_tokens: int) -> RewardRole:
     """The run's reward role: task.env's episodes (the environment scoring with the configured reward), or the
     one-turn verifier role `Reward` over `reward_from_config(task_cfg, default)`. What the pipeline, `rlpost
@@ -230,6 +266,9 @@ def eval_reward_role(eval_cfg, role: RewardRole) -> RewardRole | None:
 def reward_from_config(task_cfg, default: Callable[[str, dict], float]) -> Verifier:
     """The reward a run's config asks for: task.rewards (a weighted sum), task.reward (one, by name or
     'module:function', with task.reward_options), else `default` (the task's own verifier)."""
+    if task_cfg.sources:  # the default (the mixed task's verify) picks the row's source's verifier itself
+        return SourceRewards({name: reward_from_config(source, default)
+                              for name, _, source in task_cfg.source_configs()})
     if task_cfg.rewards:
         return WeightedRewards(task_cfg.rewards)
     if task_cfg.reward:

@@ -34,6 +34,10 @@ class RLConfig(Section):
                              at_least(0, "0: synchronous"))
     max_worker_restarts: int = opt(3, "disaggregated/async: restarts of dead rollout workers before the run stops",
                                    at_least(0, "0: a dead worker stops the run"))
+    recycle_every: int = opt(0, "set aside the prompts whose K samples were all right or all wrong (no signal for "
+                                "GRPO) and return them to the pool every this many steps; logs data/set_aside, "
+                                "data/recycled and the p(1-p) histogram data/pq_hist_<i> (0: off, every prompt "
+                                "stays in the pool)", at_least(0, "0: off"))
     reward: dict[str, Any] = opt({"name": "verifier"}, "the RL reward's source and its options: verifier | "
                                                        "reward_model | teacher | prm (e.g. {name: teacher, teacher: "
                                                        "runs/x/checkpoints/final}; distill.teacher, prm.path and a "

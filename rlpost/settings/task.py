@@ -9,14 +9,23 @@ keep their flat names as aliases (OPTION_ALIASES). This module reads the registr
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from rlpost.schema import ConfigError, Section, above, at_least, between, build_plugin, lookup, opt
+from rlpost.schema import ConfigError, Section, above, at_least, between, build_plugin, from_dict, lookup, opt
 
 TASKS = "rlpost.tasks:TASKS"  # the task registry: its names are the valid task.name values
 ON_ERROR = ("raise", "zero")  # task.reward_on_error, task.env_on_error
 OPTION_ALIASES = ("answer_format_rate",)  # flat task.* keys that are a task's option (task.options.<key>)
+# task.sources: the keys of the whole run, which every source shares (set them as task.*, not in an entry)
+RUN_KEYS = ("reward_on_error", "reward_timeout_s", "reward_workers", "max_turns", "max_episode_tokens",
+            "env_timeout_s", "env_on_error", "system_prompt")
+# task.* keys that an entry of task.sources sets for itself: beside task.sources they would say nothing
+SOURCE_OWN = ("train_file", "eval_file", "reward", "reward_options", "rewards", "env", "env_options", "options")
+# names a source may not take: reward/<source> sits beside these metrics
+RESERVED_SOURCE_NAMES = ("mean", "std", "errors", "timeouts", "gold_mean")
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass
@@ -72,6 +81,10 @@ class TaskConfig(Section):
                                     between(0, 1, "0: every demonstration is right"))
     options: dict[str, Any] = opt({}, "the task's own options (e.g. multistep: {answer_format_rate: 0.2}); "
                                       "docs/cli.md lists each task's")
+    sources: list[dict] | None = opt(None, "several datasets mixed by weight in every RL step: [{file, weight, name, "
+                                           "...}], each entry its own task settings (file or task, columns, reward, "
+                                           "options; docs/data.md), each prompt scored by its source's reward; "
+                                           "logs reward/<name> and pass@1 per source (None: the one task above)")
     answer_format_rate: float = opt(1.0, "multistep: task.options.answer_format_rate under its flat name: fraction of "
                                          "the demonstrations that end with '#### <answer>' (the rest stop after the "
                                          "last sum: a base model that only sometimes writes the answer format)",
@@ -94,11 +107,71 @@ class TaskConfig(Section):
                 raise ConfigError(f"config key '{prefix}{key}' is an option of the {' / '.join(owners)} task, not of "
                                   f"{self.name!r} (got {options[key]!r}); leave it at {_default(key)!r} or set "
                                   f"{prefix}name={owners[0]}")
+        if self.sources is not None:
+            self.source_configs(prefix)  # each entry checked as a task of its own
+            return
         source = build_plugin(tasks.build, options, prefix + "options", name=self.name)
         try:
             source.check(self)  # the task's own rules about the shared keys (the file task needs a train_file)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def source_configs(self, prefix: str = "task.") -> list[tuple[str, float, "TaskConfig"]]:
+        """task.sources as (name, weight, the entry's own TaskConfig), each checked as a task would be (its keys,
+        their types and ranges, its task's rules); the run's keys (RUN_KEYS) come from this section. An entry's
+        `file` is its train_file, `task` its task name (default: file when it has a file), `name` defaults to
+        the file's name without extension (or the task's name), `weight` to 1."""
+        if not isinstance(self.sources, list) or not self.sources:
+            raise ConfigError(f"config key '{prefix}sources' must be a non-empty list of {{file, weight, ...}} "
+                              f"entries (or null: the one task of {prefix}name), got {self.sources!r}")
+        for key in SOURCE_OWN:
+            if getattr(self, key) != _default(key):
+                raise ConfigError(f"config key '{prefix}{key}' is set beside '{prefix}sources', whose entries each "
+                                  f"set their own: move it into the entries ({prefix}sources[i].{key}), or unset it")
+        out, names = [], {}
+        for i, entry in enumerate(self.sources):
+            where = f"{prefix}sources[{i}]"
+            if not isinstance(entry, dict):
+                raise ConfigError(f"config key '{where}' must be a mapping {{file, weight, name, ...}}, got {entry!r}")
+            data = {k: v for k, v in entry.items() if k not in ("weight", "name", "file", "task")}
+            for key in data:
+                if key in RUN_KEYS or key == "sources":
+                    raise ConfigError(f"config key '{where}.{key}' is a setting of the whole run, which every source "
+                                      f"shares: set {prefix}{key} instead")
+            if data.get("env"):  # an episode's environment is built before its row is known: one for the run
+                raise ConfigError(f"config key '{where}.env': an environment per source is not supported; every "
+                                  "source is scored one turn by its own reward (task.sources[i].reward)")
+            if "file" in entry and "train_file" in entry:
+                raise ConfigError(f"config key '{where}' sets both file and train_file (one key under two names): "
+                                  "set one of them")
+            if "file" in entry:
+                data["train_file"] = entry["file"]
+            task = entry.get("task", "file" if data.get("train_file") else None)
+            if task is None:
+                raise ConfigError(f"config key '{where}' needs a file (its training prompts) or a task (an embedded "
+                                  f"task's name), got {entry!r}")
+            data["name"] = task
+            data.update({k: getattr(self, k) for k in RUN_KEYS})
+            try:
+                cfg = from_dict(TaskConfig, data, where + ".")
+                cfg.validate(where + ".")
+            except ConfigError as e:  # an entry names its task by `task` (its `name` is the source's)
+                raise ConfigError(str(e).replace(f"'{where}.name'", f"'{where}.task'")) from None
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+                raise ConfigError(f"config key '{where}.weight' must be a positive finite number (its share of each "
+                                  f"step's prompts, relative to the others), got {weight!r}")
+            name = source_name(entry)
+            if not isinstance(name, str) or not _SOURCE_NAME.fullmatch(name) or name in RESERVED_SOURCE_NAMES:
+                raise ConfigError(f"config key '{where}.name' must be letters, digits, '_', '.' or '-' (it names the "
+                                  f"metric reward/<name>) and not one of {', '.join(RESERVED_SOURCE_NAMES)}; got "
+                                  f"{name!r}")
+            if name in names:
+                raise ConfigError(f"config keys '{prefix}sources[{names[name]}]' and '{where}' are both named "
+                                  f"{name!r}: give each source a name of its own ({where}.name)")
+            names[name] = i
+            out.append((name, float(weight), cfg))
+        return out
 
     def task_options(self, prefix: str = "task.") -> dict[str, Any]:
         """The task's own options: task.options, with each flat alias (task.answer_format_rate) that differs from
@@ -115,5 +188,20 @@ class TaskConfig(Section):
         return options
 
 
+def source_name(entry: dict) -> Any:
+    """The name of a task.sources entry: its `name`, else its file's name without extension, else its task's."""
+    if entry.get("name") is not None:
+        return entry["name"]
+    path = entry.get("file") or entry.get("train_file")
+    return _stem(path) if path else entry.get("task")
+
+
+def _stem(path: str) -> str:
+    """'data/gsm8k.parquet' -> 'gsm8k'; a folder 'data/gsm8k/' -> 'gsm8k'."""
+    base = str(path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
+
+
 def _default(key: str) -> Any:
-    return next(f.default for f in dataclasses.fields(TaskConfig) if f.name == key)
+    f = next(f for f in dataclasses.fields(TaskConfig) if f.name == key)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default

@@ -59,8 +59,11 @@ class EvalStage(Stage):
         value = result["pass@1"]
         ctx.summary[f"pass@1_{self.after}"] = value
         ctx.summary[f"mean_reward_{self.after}"] = result["mean_reward"]
+        by_source = {k: v for k, v in result.items() if k.startswith("pass@1_")}  # task.sources: pass@1_<source>
+        if by_source:
+            ctx.summary[f"by_source_pass@1_{self.after}"] = {k[len("pass@1_"):]: v for k, v in by_source.items()}
         ctx.log({"stage": "eval", "step": 0, "eval/pass@1": value, "eval/mean_reward": result["mean_reward"],
-                 "after": self.after})
+                 **{f"eval/{k}": v for k, v in by_source.items()}, "after": self.after})
         if dist.is_main():
             after = "before training" if self.after == "start" else "after " + self.after
             tqdm.write(f"rlpost: held-out pass@1 ({after}): {value:.3f}")

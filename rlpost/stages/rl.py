@@ -235,7 +235,8 @@ class RLStage(Stage):
         rows = ctx.task.train_rows
         self.controller = Controller(roles, self.cfg, params, rc, rows=rows, prompt_ids=ctx.prompt_ids(rows),
                                      seed=self.seed(ctx), loop=self.loop,
-                                     shard=(dist.rank(), dist.world_size()) if tc.strategy == "fsdp2" else (0, 1))
+                                     shard=(dist.rank(), dist.world_size()) if tc.strategy == "fsdp2" else (0, 1),
+                                     mixture=ctx.task.mixture)  # task.sources: drawn by weight
 
     def close(self) -> None:
         """Stop what the loop started (the rollout thread, the Ray workers, Ray itself); idempotent."""
@@ -318,6 +319,7 @@ class RLStage(Stage):
                 metrics["eval/pass@1"], metrics["eval/mean_reward"] = result["pass@1"], result["mean_reward"]
                 if c.keep_best:
                     self.keep_if_best(ctx, n, result["pass@1"])
+                metrics.update({f"eval/{k}": v for k, v in result.items() if k.startswith("pass@1_")})  # per source
             if self.rollouts_every and step % self.rollouts_every == 0 and dist.is_main():
                 # sharded: rank 0's share of the step's prompts
                 ctx.log.rollouts(sample_records(n, self.controller.sampled, ctx.tokenizer))

@@ -26,6 +26,7 @@ from rlpost.tasks.base import (TASKS, Task, TaskSource, answer_match,  # noqa: F
                                answer_match_reward)
 from rlpost.tasks.files import (Columns, TaskDataError, dataset_splits, prompt_text,  # noqa: F401 - the data API
                                 read_rows)
+from rlpost.tasks.mixture import MixedTask, mix  # noqa: F401 - task.sources' task
 
 # each embedded task registers itself as its module is imported, in the order task.name lists them
 from rlpost.tasks import arithmetic, multiply, multistep, programs, grading  # noqa: E402,F401
@@ -93,7 +94,12 @@ def uses_own_verifier(cfg: TaskConfig) -> bool:
 
 
 def load_task(cfg: TaskConfig) -> Task:
-    """The task that TaskConfig `cfg` names, with its own options (task.options and their flat aliases)."""
+    """The task that TaskConfig `cfg` names, with its own options (task.options and their flat aliases); with
+    task.sources, a MixedTask of each source's task."""
+    if cfg.sources:
+        task = mix([(name, weight, load_task(source)) for name, weight, source in cfg.source_configs()])
+        task.system_prompt = cfg.system_prompt
+        return task
     task = TASKS.build(cfg.name, **cfg.task_options()).load(cfg)
     task.system_prompt = cfg.system_prompt
     return task

@@ -44,6 +44,11 @@ class Task:
     def verify(self, completion: str, row: dict) -> float:
         return answer_match(completion, row["answer"])
 
+    @property
+    def mixture(self) -> list[tuple[str, float, int]] | None:
+        """task.sources' (name, weight, training rows) per source (rlpost/tasks/mixture.py); None: one task."""
+        return None
+
 
 class TaskSource:
     """A registered task: its own options (`Config`, filled from task.options) and `load`, which builds the
