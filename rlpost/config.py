@@ -44,9 +44,8 @@ from rlpost.settings.trainer import TrainerConfig
 __all__ = [  # the sections, importable from here as they always were
     "Config", "ConfigError", "CriticConfig", "DistillConfig", "EvalConfig", "LogConfig", "LoRAConfig", "LORA_TARGETS",
     "ModelConfig", "PreferenceConfig", "PRM_REWARDS", "PRMConfig", "ReferenceConfig", "RejectionConfig",
-    "RewardModelConfig",
-    "RLConfig", "RolloutConfig", "Section", "SFTConfig", "TaskConfig", "TrainerConfig", "describe", "from_dict",
-    "load_config", "opt", "stage_configs", "stage_names", "to_dict"]
+    "RewardModelConfig", "RLConfig", "RolloutConfig", "Section", "SFTConfig", "TaskConfig", "TrainerConfig",
+    "from_dict", "load_config", "opt", "stage_configs", "stage_names", "to_dict"]
 
 
 @dataclass
@@ -380,19 +379,3 @@ def _validate_rl_reward(cfg: Config) -> None:
                           f"{e.value!r}") from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def describe(cls: type = Config, prefix: str = "") -> list[str]:
-    """One line per config key: name, default, help, and a number's allowed range. Used by `rlpost train --help`."""
-    lines = []
-    types_of = hints(cls)
-    default = cls()
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(types_of[f.name]):
-            lines.extend(describe(types_of[f.name], f"{prefix}{f.name}."))
-        else:
-            rng = f.metadata.get("range")
-            allowed = f" [{rng.bounds()}]" if rng is not None else ""
-            lines.append(f"  {prefix + f.name:<28} {getattr(default, f.name)!s:<14} {f.metadata.get('help', '')}"
-                         f"{allowed}")
-    return lines

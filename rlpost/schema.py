@@ -311,3 +311,20 @@ class Section:
 
     def check(self, prefix: str) -> None:
         """The section's own rules beyond the declarations of its fields (none by default)."""
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per key of the config dataclass `cls` (nested sections too): name, default, help, and a number's
+    allowed range. `rlpost train --help` lists `describe(Config)`."""
+    lines = []
+    types_of = hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(types_of[f.name]):
+            lines.extend(describe(types_of[f.name], f"{prefix}{f.name}."))
+        else:
+            rng = f.metadata.get("range")
+            allowed = f" [{rng.bounds()}]" if rng is not None else ""
+            lines.append(f"  {prefix + f.name:<28} {getattr(default, f.name)!s:<14} {f.metadata.get('help', '')}"
+                         f"{allowed}")
+    return lines

@@ -9,11 +9,13 @@ import subprocess
 import sys
 
 from rlpost.commands.common import error, recipe_and_overrides, recipe_arguments, recipe_base, run_job
-from rlpost.config import ConfigError, describe, load_config
+from rlpost.config import Config, ConfigError, load_config
 from rlpost.reaper import Reaper
 from rlpost.run import config_differences, saved_config, train
+from rlpost.schema import describe
 
-TRAIN_EPILOG = "config keys (recipe YAML sections or key=value overrides), default, meaning:\n" + "\n".join(describe())
+TRAIN_EPILOG = ("config keys (recipe YAML sections or key=value overrides), default, meaning:\n"
+                + "\n".join(describe(Config)))
 
 
 def add_train(sub) -> None:
