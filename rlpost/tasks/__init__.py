@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from rlpost.tasks.files import Columns, TaskDataError, prompt_text, read_rows  # noqa: F401 - the task data API
 
-EMBEDDED = ("arithmetic", "multiply", "multistep", "functions", "grading")  # procedural tasks, one file each
+EMBEDDED = ("arithmetic", "multiply", "multistep", "functions", "grading", "web")  # procedural tasks, one file each
 FILE_TASKS = ("file", "jsonl")
 TASKS = EMBEDDED + FILE_TASKS  # the valid task.name values (load_task); jsonl: an alias of file
 
@@ -186,6 +186,10 @@ def _embedded_task(cfg) -> Task | None:
         from rlpost.tasks.grading import grading_task
 
         return grading_task(seed=cfg.seed, max_operand=cfg.max_operand, num_eval=cfg.num_eval)
+    if cfg.name == "web":
+        from rlpost.tasks.web import web_task
+
+        return web_task(seed=cfg.seed, num_eval=cfg.num_eval, error_rate=cfg.demonstrator_error)
     return None
 
 
