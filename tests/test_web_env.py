@@ -4,12 +4,12 @@ policy's calls (refused without any request off the machine), and the web task's
 against the env. The slow test at the end is recipes/web.yaml's measured gain."""
 
 import json
-import math
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -244,3 +244,12 @@ def test_web_task_demonstrations_replay_against_the_env_and_are_right_half_the_t
         assert s.reward == answer_match(turns[-1], demo["answer"])
     assert 0.4 < sum(rewards) / len(rewards) < 0.65 and 0.4 < task.demonstrator_accuracy < 0.65
     assert {d["hops"] for d in task.demonstrations} == {1, 2}
+
+
+@pytest.mark.slow
+def test_web_recipe_rl_gains_twenty_points_over_sft(tmp_path):
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    s = train(load_config("recipes/web.yaml", [f"out_dir={tmp_path}", "run_name=r"]))
+    assert s["pass@1_rl"] >= s["pass@1_sft"] + 0.20
