@@ -118,6 +118,21 @@ def test_server_stops_by_itself_when_idle_and_with_its_killed_process():
         child.wait()
 
 
+def test_an_env_without_server_url_uses_the_shared_server_and_restarts_it_after_it_stopped(corpus_file):
+    from rlpost.web import shared_server
+
+    e = WebEnv(corpus=corpus_file)
+    e.reset({"prompt": "Where was Fipuk born?", "answer": "Sipik"})
+    server = shared_server(corpus_file)
+    assert e.client.base_url == server.url and server.idle_s == 60.0
+    port = server._server.server_address[1]
+    server.stop()  # as after a minute without requests
+    assert refused(port)
+    s = e.step("<search>Fipuk born</search>")  # started again, on a new port
+    assert "Fipuk was born in Sipik" in s.observation and server.running
+    server.stop()
+
+
 def test_users_corpus_from_a_folder_or_jsonl_with_errors_naming_the_file_and_line(tmp_path):
     (tmp_path / "notes" / "sub").mkdir(parents=True)
     (tmp_path / "notes" / "a.md").write_text("# Rivers of Norway\n\nThe Glomma is the longest.")

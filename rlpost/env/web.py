@@ -138,6 +138,7 @@ class WebEnv(Env):
         return self._last(turn, self.answer_open, self.answer_close)[1]
 
     def search(self, query: str) -> str:
+        """The search tool: the top_k results, one a line (their `fields`, " | " between), or an error text."""
         query = query.strip()
         if not query:
             self.info["refused"] += 1
@@ -150,6 +151,7 @@ class WebEnv(Env):
         return "\n".join(lines) if lines else "no results"
 
     def open(self, url: str) -> str:
+        """The open tool: a corpus page's title, text and links, or an error text for a url outside the corpus."""
         url = url.strip()
         if url not in self.urls:  # outside the corpus (a web address, a path, ../): refused before any request
             self.info["refused"] += 1
