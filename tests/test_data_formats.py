@@ -202,7 +202,7 @@ def test_missing_files_folders_splits_and_formats_name_the_path(tmp_path):
 def test_task_names_and_their_config_keys():
     assert load_config(None, ["task.name=file", "task.train_file=x.jsonl"]).task.name == "file"
     assert load_config(None, ["task.name=jsonl", "task.train_file=x.jsonl"]).task.name == "jsonl"
-    valid = "valid values: arithmetic, multiply, multistep, functions, grading, file, jsonl"
+    valid = "valid values: arithmetic, multiply, multistep, functions, grading, web, file, jsonl"
     with pytest.raises(ConfigError, match=valid):
         load_config(None, ["task.name=csv"])
     with pytest.raises(ConfigError, match="task.name=file needs task.train_file"):

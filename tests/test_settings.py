@@ -148,7 +148,7 @@ def test_a_named_plug_in_mapping_replaces_the_one_before_and_an_unnamed_one_tune
 # ---------------------------------------------------------------------------- tasks: a registry, their own options
 
 def test_tasks_register_themselves_by_name():
-    assert list(TASKS) == ["arithmetic", "multiply", "multistep", "functions", "grading", "file", "jsonl"]
+    assert list(TASKS) == ["arithmetic", "multiply", "multistep", "functions", "grading", "web", "file", "jsonl"]
     assert all(issubclass(cls, TaskSource) for cls in TASKS.classes.values())
 
 

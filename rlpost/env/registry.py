@@ -24,6 +24,9 @@ ENVS = {  # name -> ("module:Class", one line for `rlpost envs`)
     "python": ("rlpost.env.tools:PythonToolEnv",
                "the model writes <python>code</python>, the sandbox runs it and returns its output; the final "
                "turn is scored by task.reward"),
+    "web": ("rlpost.env.web:WebEnv",
+            "the model writes <search>query</search> or <open>url</open> against a local corpus served on "
+            "127.0.0.1 (BM25), then <answer>...</answer>, scored by task.reward"),
 }
 
 

@@ -31,8 +31,8 @@ _SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 @dataclass
 class TaskConfig(Section):
     name: str = opt("arithmetic", "an embedded task: arithmetic (the default), multiply (tool), multistep (chain of "
-                                  "thought), functions (code), grading (a judge); or 'file' (train_file / eval_file; "
-                                  "'jsonl' is an alias)", choices=TASKS)
+                                  "thought), functions (code), grading (a judge), web (search and browse); or 'file' "
+                                  "(train_file / eval_file; 'jsonl' is an alias)", choices=TASKS)
     train_file: str | None = opt(None, "file task: training prompts {prompt, answer[, completion]}: a .jsonl, .json "
                                        "or .parquet file, or a folder saved by `datasets`")
     eval_file: str | None = opt(None, "file task: held-out prompts, same formats (None: train_file's eval_split when "

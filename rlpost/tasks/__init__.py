@@ -29,7 +29,7 @@ from rlpost.tasks.files import (Columns, TaskDataError, dataset_splits, prompt_t
 from rlpost.tasks.mixture import MixedTask, mix  # noqa: F401 - task.sources' task
 
 # each embedded task registers itself as its module is imported, in the order task.name lists them
-from rlpost.tasks import arithmetic, multiply, multistep, programs, grading  # noqa: E402,F401
+from rlpost.tasks import arithmetic, multiply, multistep, programs, grading, web  # noqa: E402,F401
 
 
 def read_jsonl(path: str) -> list[dict]:
