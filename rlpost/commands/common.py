@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from rlpost.config import ConfigError, load_config
 from rlpost.run import RunInterrupted
 
 
@@ -53,3 +54,14 @@ def run_job(job: Callable[[], object]) -> int:
         print(f"rlpost: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def fit_command(args, fit: Callable[[object, str], object], kind: str) -> int:
+    """`rlpost rm` / `rlpost prm`: load the recipe and overrides (exit 2 on a bad config), then fit in a run
+    directory named after the recipe and `kind` (`run_job`'s exit codes)."""
+    recipe, overrides = recipe_and_overrides(args)
+    try:
+        cfg = load_config(recipe, overrides)
+    except (ConfigError, ValueError) as e:
+        return error(e, 2)
+    return run_job(lambda: fit(cfg, f"{recipe_base(recipe)}-{kind}" if recipe else kind))

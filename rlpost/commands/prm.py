@@ -19,9 +19,8 @@ import os
 import random
 import time
 
-from rlpost.commands.common import error, recipe_and_overrides, recipe_arguments, recipe_base, run_job
+from rlpost.commands.common import fit_command, recipe_arguments
 from rlpost.commands.rm import start_model_run
-from rlpost.config import ConfigError, load_config
 from rlpost.models import encode_prompt
 from rlpost.preference.data import model_context, tokenize_preferences
 from rlpost.env.process_reward_model import ProcessRewardModel, StepExample, fit_prm, mc_step_labels
@@ -46,12 +45,7 @@ def add_prm(sub) -> None:
 
 
 def cmd_prm(args) -> int:
-    recipe, overrides = recipe_and_overrides(args)
-    try:
-        cfg = load_config(recipe, overrides)
-    except (ConfigError, ValueError) as e:
-        return error(e, 2)
-    return run_job(lambda: train_prm(cfg, f"{recipe_base(recipe)}-prm" if recipe else "prm"))
+    return fit_command(args, train_prm, "prm")
 
 
 def outcome_pairs(examples: list[StepExample], tokenizer, rng: random.Random) -> list[dict]:

@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from rlpost.commands.common import error, recipe_and_overrides, recipe_arguments, recipe_base, run_job
-from rlpost.config import ConfigError, load_config
+from rlpost.commands.common import fit_command, recipe_arguments
 from rlpost.models import check_lengths, load_model
 from rlpost.runlog import make_run_dir, open_log
 from rlpost.sinks import check_available
@@ -38,12 +37,7 @@ def add_rm(sub) -> None:
 
 
 def cmd_rm(args) -> int:
-    recipe, overrides = recipe_and_overrides(args)
-    try:
-        cfg = load_config(recipe, overrides)
-    except (ConfigError, ValueError) as e:
-        return error(e, 2)
-    return run_job(lambda: train_reward_model(cfg, f"{recipe_base(recipe)}-rm" if recipe else "rm"))
+    return fit_command(args, train_reward_model, "rm")
 
 
 def start_model_run(cfg, recipe_name: str, kind: str):
