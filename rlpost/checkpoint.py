@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from rlpost import distributed as dist
 from rlpost.config import ModelConfig
 from rlpost.models import load_model, save_model
 
@@ -396,9 +397,14 @@ def export_model(source: str, out: str) -> str:
     """Write a plain model folder (weights, config, tokenizer) to `out` from `source`: a run directory (the
     weights of its newest checkpoint that holds the policy) or a checkpoint / model folder. A LoRA checkpoint's
     adapters are merged into its base, so `transformers.AutoModelForCausalLM.from_pretrained(out)` (an HF model)
-    or rlpost's `load_model` (gpt_mini) loads it without peft. Returns the folder the weights came from."""
+    or rlpost's `load_model` (gpt_mini) loads it without peft. A sharded (fsdp2) mid-stage checkpoint's shards
+    are read whole into the model of a model folder of the same run (its architecture and tokenizer), in this
+    one process. Returns the folder the weights came from."""
     if not os.path.isdir(source):
         raise ValueError(f"rlpost export: {source} is not a run directory or a checkpoint folder")
+    shards = _newest_shards(source)
+    if shards is not None:
+        return _export_shards(shards, out)
     folder = resolve_model(source)
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
@@ -406,5 +412,45 @@ def export_model(source: str, out: str) -> str:
     model, tokenizer = load_model(ModelConfig(name=folder, device="cpu", dtype=dtype))
     if os.path.abspath(out) == os.path.abspath(folder):
         raise ValueError(f"rlpost export: --out {out} is the source folder itself")
+    save_model(model, tokenizer, out, merged=True)
+    return folder
+
+
+def _newest_shards(source: str) -> str | None:
+    """The checkpoint folder whose shards/ hold the weights `rlpost export source` means: `source` itself when
+    it is a sharded checkpoint, a run directory's newest checkpoint holding the policy when that one is
+    sharded; None otherwise (a model folder is exported as it is)."""
+    if os.path.isdir(os.path.join(source, SHARDS_DIR)):
+        return source
+    if os.path.isfile(os.path.join(source, "config.json")):
+        return None
+    for ckpt in reversed(list_checkpoints(source)):
+        folder = ckpt.weights_dir(source)
+        if folder is not None:
+            return folder if os.path.isdir(os.path.join(folder, SHARDS_DIR)) else None
+    return None
+
+
+def _export_shards(folder: str, out: str) -> str:
+    """`rlpost export` of sharded checkpoint `folder`: the architecture and tokenizer from a model folder beside
+    it in checkpoints/ (the run's reference, an earlier stage's end, best/: one policy, one architecture), the
+    weights from its shards."""
+    root = os.path.dirname(os.path.abspath(folder))
+    skeletons = sorted((e for e in os.listdir(root) if not e.startswith(".")
+                        and os.path.isfile(os.path.join(root, e, "config.json"))),
+                       key=lambda e: os.path.getmtime(os.path.join(root, e)), reverse=True)
+    if not skeletons:
+        raise ValueError(f"rlpost export: {folder} is a sharded checkpoint, and {root} holds no model folder to "
+                         "take the model's architecture and tokenizer from; resume the run to the end of its "
+                         "stage (`rlpost train --resume RUN_DIR`), which writes a model folder")
+    skeleton = os.path.join(root, skeletons[0])
+    model, tokenizer = load_model(ModelConfig(name=skeleton, device="cpu"))
+    if os.path.abspath(out) in (os.path.abspath(folder), os.path.abspath(skeleton)):
+        raise ValueError(f"rlpost export: --out {out} is a checkpoint folder of the run")
+    try:
+        dist.load_shards(os.path.join(folder, SHARDS_DIR), model)
+    except Exception as e:
+        raise ValueError(f"rlpost export: the shards in {folder} do not load into the model of {skeleton} "
+                         f"({type(e).__name__}: {e})") from e
     save_model(model, tokenizer, out, merged=True)
     return folder

@@ -190,8 +190,18 @@ def test_a_sharded_save_never_holds_the_full_state(tmp_path):
     assert m["sharded_growth"] < 0.1 * m["full_bytes"]
 
 
+def odd_length(completion: str, row: dict) -> float:
+    """A reward that a tiny model which answers nothing right still earns now and then (1 for a completion of
+    odd length), so that every RL step changes the weights."""
+    return float(len(completion) % 2)
+
+
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.dirname(os.path.abspath(__file__))}",
+       "OMP_NUM_THREADS": "1"}
+
+
 def _train(args: list[str], nproc: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = ENV
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), "-m", "rlpost.cli", *args]
@@ -222,14 +232,16 @@ def test_sharded_run_resumes_bit_identically(tmp_path):
     """`rlpost train` on 2 ranks writes its mid-RL checkpoint as shards (no model files, no optimizer in
     rlpost_state.pt), its final one as a model folder; resumed from the shards on 2 ranks it writes the same
     metrics and the same final weights, byte for byte, as the run never interrupted; on 1 rank it resumes and
-    finishes. A damaged shard is refused by --resume, naming it."""
+    finishes. `rlpost export` of the run stopped there writes step 2's weights as a model folder. A damaged
+    shard is refused by --resume, naming it."""
     from safetensors.torch import load_file
 
     from rlpost.checkpoint import SHARDS_DIR, Checkpoint, read_meta, verify, CheckpointError
 
     out = tmp_path / "runs"
     args = ["train", "trainer.strategy=fsdp2", "rl.weight_sync=copy", f"out_dir={out}", "run_name=dcp",
-            "sft.steps=10", "sft.batch_size=16", "rl.steps=4", "rl.eval_every=0", "rl.save_every=2",
+            "task.reward=test_dcp:odd_length", "sft.steps=10", "sft.batch_size=16", "rl.steps=4",
+            "rl.eval_every=0", "rl.save_every=2",
             "rollout.prompts_per_step=4", "rollout.k=4", "task.num_eval=8", "eval.samples_per_prompt=1",
             "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "trainer.micro_batch_size=6", "threads=1"]
     _train(args, nproc=2)
@@ -246,6 +258,9 @@ def test_sharded_run_resumes_bit_identically(tmp_path):
     assert (run / "checkpoints" / "final" / "model.safetensors").exists()  # the end of the stage: a model folder
     final = load_file(str(run / "checkpoints" / "final" / "model.safetensors"))
 
+    learned = _rl_lines(run)[2:]  # the steps after the checkpoint changed the weights: the comparison means something
+    assert all(x["train/grad_norm"] > 0 for x in learned), learned
+
     two = _resume_copy(run, "two", "step_2")
     done = _train(["train", "--resume", str(two)], nproc=2)
     assert "step_2" in done.stdout
@@ -258,6 +273,22 @@ def test_sharded_run_resumes_bit_identically(tmp_path):
     assert [x["step"] for x in _rl_lines(one)] == [1, 2, 3, 4]
     assert _rl_lines(one)[:2] == _rl_lines(run)[:2]
 
+    # `rlpost export` of a run stopped at the sharded step_2: the shards read whole into a model folder
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from rlpost.checkpoint import export_model
+    from rlpost.config import ModelConfig
+    from rlpost.models import load_model
+
+    stopped = _resume_copy(run, "stopped", "step_2")
+    assert export_model(str(stopped), str(tmp_path / "exported")) == str(stopped / "checkpoints" / "step_2")
+    exported = load_model(ModelConfig(name=str(tmp_path / "exported"), device="cpu"))[0].state_dict()
+    dcp_to_torch_save(str(step / SHARDS_DIR), str(tmp_path / "step_2.pt"))  # torch's own reading of the shards
+    shards = torch.load(tmp_path / "step_2.pt", weights_only=False)["model"]
+    assert exported.keys() == shards.keys() and all(torch.equal(exported[k], shards[k]) for k in exported)
+    last = load_model(ModelConfig(name=str(run / "checkpoints" / "final"), device="cpu"))[0].state_dict()
+    assert not all(torch.equal(exported[k], last[k]) for k in exported)  # step 2's, not the final weights
+
     bad = _resume_copy(run, "bad", "step_2")
     shard = bad / "checkpoints" / "step_2" / SHARDS_DIR / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
@@ -266,10 +297,24 @@ def test_sharded_run_resumes_bit_identically(tmp_path):
     with pytest.raises(CheckpointError, match="shards/__1_0.distcp does not match"):
         verify(Checkpoint(str(bad / "checkpoints" / "step_2"), read_meta(str(bad / "checkpoints" / "step_2"))),
                str(bad))
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    refused = subprocess.run([sys.executable, "-m", "rlpost.cli", "train", "--resume", str(bad)], env=env, cwd=ROOT,
+    refused = subprocess.run([sys.executable, "-m", "rlpost.cli", "train", "--resume", str(bad)], env=ENV, cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "__1_0.distcp" in refused.stdout + refused.stderr
+
+
+def test_each_rank_resumes_its_own_random_streams(monkeypatch):
+    """A checkpoint of N ranks gives each of N resuming ranks its own streams; another number of ranks (or a
+    checkpoint without them) takes rank 0's."""
+    from rlpost import distributed as dist
+    from rlpost.run import rank_rng
+
+    state = {"rng": "rank 0", "rng_ranks": ["rank 0", "rank 1"]}
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    assert rank_rng(state) == "rank 1"
+    assert rank_rng({"rng": "rank 0"}) == "rank 0"
+    monkeypatch.setattr(dist, "world_size", lambda: 3)
+    assert rank_rng(state) == "rank 0"
 
 
 def test_a_half_written_sharded_checkpoint_is_removed(tmp_path):
