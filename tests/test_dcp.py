@@ -3,7 +3,8 @@ shards of the policy and of AdamW's state, a load reshards them to any number of
 run never interrupted, and a save never gathers the full state onto one rank.
 
 Real torchrun processes on gloo/CPU, as tests/test_fsdp.py (whose model, batch and trainer helpers the
-jobs reuse). Every test here takes seconds: they are marked slow (`pytest -m slow tests/test_dcp.py`).
+jobs reuse). The tests that launch processes take seconds each: they are marked slow
+(`pytest -m slow tests/test_dcp.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_fsdp import (RANK_ROWS, ROOT, TOL, free_port, full_weights, global_batch, make_model,  # noqa: E402
                        max_diff, trainer_for)
 
-pytestmark = pytest.mark.slow
 STEPS = 2
 
 
@@ -160,6 +160,7 @@ def job_memory(out: str, folder: str) -> None:
 
 # ---------------------------------------------------------------------------- the tests
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save_ranks,load_ranks", [(2, 2), (2, 1), (1, 2)])
 def test_shards_load_exactly_under_any_number_of_ranks(tmp_path, save_ranks, load_ranks):
     """The loaded policy and AdamW state are bit for bit the saved ones, whatever the ranks on either side; the
@@ -178,6 +179,7 @@ def test_shards_load_exactly_under_any_number_of_ranks(tmp_path, save_ranks, loa
         assert loaded["next_step"] < TOL
 
 
+@pytest.mark.slow
 def test_a_sharded_save_never_holds_the_full_state(tmp_path):
     """Rank 0's peak RSS while it writes its shards grows by far less than the full state (weights + AdamW's
     two moments); gathering that state onto rank 0, as checkpoints did before, grows it by more than it."""
@@ -228,12 +230,14 @@ def _resume_copy(run, name: str, keep: str):
     return copy
 
 
+@pytest.mark.slow
 def test_sharded_run_resumes_bit_identically(tmp_path):
     """`rlpost train` on 2 ranks writes its mid-RL checkpoint as shards (no model files, no optimizer in
     rlpost_state.pt), its final one as a model folder; resumed from the shards on 2 ranks it writes the same
     metrics and the same final weights, byte for byte, as the run never interrupted; on 1 rank it resumes and
-    finishes. `rlpost export` of the run stopped there writes step 2's weights as a model folder. A damaged
-    shard is refused by --resume, naming it."""
+    finishes; the same run in one process resumes from its own shards on 2 ranks. `rlpost export` of the run
+    stopped there writes step 2's weights as a model folder. Another run's or a damaged shard is refused by
+    --resume, naming it."""
     from safetensors.torch import load_file
 
     from rlpost.checkpoint import SHARDS_DIR, Checkpoint, read_meta, verify, CheckpointError
@@ -289,11 +293,22 @@ def test_sharded_run_resumes_bit_identically(tmp_path):
     last = load_model(ModelConfig(name=str(run / "checkpoints" / "final"), device="cpu"))[0].state_dict()
     assert not all(torch.equal(exported[k], last[k]) for k in exported)  # step 2's, not the final weights
 
+    # 1 -> 2 ranks: the same run in one process (a 1-rank group), resumed from its step_2 on 2 ranks
+    _train([*args[:4], "run_name=solo", *args[5:]], nproc=1)
+    solo = out / "solo"
+    assert read_meta(str(solo / "checkpoints" / "step_2"))["sharded"]["world_size"] == 1
+    widened = _resume_copy(solo, "widened", "step_2")
+    _train(["train", "--resume", str(widened)], nproc=2)
+    assert [x["step"] for x in _rl_lines(widened)] == [1, 2, 3, 4]
+    assert _rl_lines(widened)[:2] == _rl_lines(solo)[:2]
+
     bad = _resume_copy(run, "bad", "step_2")
     shard = bad / "checkpoints" / "step_2" / SHARDS_DIR / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="belongs to another run"):  # copied in from elsewhere
+        verify(Checkpoint(str(step), meta), str(run), run_id="another run's id")
     with pytest.raises(CheckpointError, match="shards/__1_0.distcp does not match"):
         verify(Checkpoint(str(bad / "checkpoints" / "step_2"), read_meta(str(bad / "checkpoints" / "step_2"))),
                str(bad))
@@ -315,6 +330,18 @@ def test_each_rank_resumes_its_own_random_streams(monkeypatch):
     assert rank_rng({"rng": "rank 0"}) == "rank 0"
     monkeypatch.setattr(dist, "world_size", lambda: 3)
     assert rank_rng(state) == "rank 0"
+
+
+def test_a_trainer_state_without_the_optimizer_is_only_for_a_sharded_trainer():
+    """`state_dict(optimizer=False)` leaves AdamW's state out (the shards hold it); an unsharded trainer, whose
+    checkpoints keep it in rlpost_state.pt, refuses such a state, naming what is missing."""
+    from rlpost.models.gpt_mini import GPT, GPTConfig
+
+    trainer = trainer_for(GPT(GPTConfig(vocab_size=16, block_size=16, n_layer=1, n_head=2, n_embd=16)), "single", 2)
+    state = trainer.state_dict(optimizer=False)
+    assert "optimizer" not in state and "optimizer" in trainer.state_dict()
+    with pytest.raises(ValueError, match="trainer state lacks optimizer"):
+        trainer.load_state_dict(state)
 
 
 def test_a_half_written_sharded_checkpoint_is_removed(tmp_path):
