@@ -118,11 +118,6 @@ class Checkpoint:
     def order(self) -> tuple[int, int, int]:
         return self.meta["stage"], int(self.meta["finished"]), self.meta["step"]
 
-    @property
-    def sharded(self) -> bool:
-        """Whether its policy and optimizer state are DCP shards (shards/), not a model folder."""
-        return bool(self.meta.get("sharded"))
-
     def weights_dir(self, run_dir: str) -> str | None:
         """The folder holding the policy weights of this checkpoint (None: the run's initial model)."""
         w = self.meta.get("weights")
