@@ -7,11 +7,16 @@ A checkpoint is a folder under `<run_dir>/checkpoints/`:
     rlpost_state.pt     every other part's state_dict: optimizer and LR schedule, trainer counters,
                         critic, algorithm, prompt sampler (the stage's), and the run's: the weight-sync
                         version and the random streams (an end-of-stage checkpoint holds those alone)
+    shards/             under trainer.strategy=fsdp2, a mid-stage checkpoint's policy and optimizer state instead
+                        of the model files: a torch.distributed.checkpoint folder in which every rank wrote its
+                        own shards (`__<rank>_0.distcp`) and rank 0 the `.metadata`; it loads under any number
+                        of ranks (rlpost.distributed.load_shards). End-of-stage checkpoints stay model folders
     rlpost_checkpoint.json   where the run stood: stage index and name, step, whether the stage had
                         finished, metrics.jsonl and rollouts.jsonl lines written so far (and a sha256 of
                         them), the summary so far, the folder holding the policy weights and the sha256 of
                         each of its files, the run's id and config digest, the folder's own name, and a
-                        sha256 of every file above
+                        sha256 of every file above (those in shards/ included, as `shards/<file>`); a sharded
+                        one also `sharded`: {"folder": "shards", "world_size": the ranks that wrote it}
 
 It is written into `checkpoints/.tmp-<name>/` and renamed into place only when complete, so a kill
 in mid-write leaves a `.tmp-` folder that is never read (and is removed on resume). The newest
@@ -33,11 +38,13 @@ from typing import Any
 
 import torch
 
+from rlpost import distributed as dist
 from rlpost.config import ModelConfig
 from rlpost.models import load_model, save_model
 
 STATE_FILE = "rlpost_state.pt"
 META_FILE = "rlpost_checkpoint.json"
+SHARDS_DIR = "shards"  # a sharded checkpoint's torch.distributed.checkpoint folder
 
 
 class CheckpointError(RuntimeError):
@@ -138,42 +145,68 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _files(folder: str) -> list[str]:
+    """Every file in `folder`, and in its shards/ folder as `shards/<file>`, sorted."""
+    out = [f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
+    shards = os.path.join(folder, SHARDS_DIR)
+    if os.path.isdir(shards):
+        out += [f"{SHARDS_DIR}/{f}" for f in os.listdir(shards) if os.path.isfile(os.path.join(shards, f))]
+    return sorted(out)
+
+
 def _weights_digests(root: str, tmp: str, weights: str | None, name: str) -> dict[str, str] | None:
     """The sha256 of each policy file of the checkpoint named `weights` (None: the initial model): the ones
-    just written into `tmp` when it is this checkpoint `name`, else those the earlier checkpoint recorded."""
+    just written into `tmp` when it is this checkpoint `name` (a sharded one's shards), else those the earlier
+    checkpoint recorded."""
     if weights is None:
         return None
     if weights == name:
-        return {f: _sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))
-                if os.path.isfile(os.path.join(tmp, f)) and f not in (STATE_FILE, META_FILE)}
+        return {f: _sha256(os.path.join(tmp, f)) for f in _files(tmp) if f not in (STATE_FILE, META_FILE)}
     source = read_meta(os.path.join(root, weights))
     return {f: d for f, d in source["sha256"].items() if f != STATE_FILE}
 
 
+def temporary_folder(run_dir: str, name: str, fresh: bool = True) -> str:
+    """checkpoints/.tmp-<name>/, where checkpoint `name` is written before it is renamed into place; `fresh`:
+    emptied (what an earlier, interrupted write left goes)."""
+    tmp = os.path.join(run_dir, "checkpoints", f".tmp-{name}")
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    return tmp
+
+
 def write_checkpoint(run_dir: str, name: str, meta: dict[str, Any], state: dict[str, Any],
-                     save_weights=None) -> str:
+                     save_weights=None, shards_world: int | None = None) -> str:
     """Write checkpoint `name` atomically. `save_weights(folder)` writes the policy into the folder (None:
-    the weights are those of an earlier checkpoint, named by meta["weights"]). Returns its path."""
+    the weights are those of an earlier checkpoint, named by meta["weights"]). `shards_world`: the ranks
+    have already written the policy and optimizer shards into the temporary folder's shards/
+    (rlpost.distributed.save_shards), that many of them; they are this checkpoint's weights. Returns its path."""
     root = os.path.join(run_dir, "checkpoints")
     tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
     try:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        if save_weights is not None:
+        temporary_folder(run_dir, name, fresh=shards_world is None)
+        if shards_world is not None:
+            if not os.path.isfile(os.path.join(tmp, SHARDS_DIR, ".metadata")):
+                raise CheckpointError(f"{tmp}/{SHARDS_DIR} holds no complete sharded checkpoint (no .metadata)")
+            meta = {**meta, "weights": name, "sharded": {"folder": SHARDS_DIR, "world_size": shards_world}}
+        elif save_weights is not None:
             save_weights(tmp)
             meta = {**meta, "weights": name}
         weights = _weights_digests(root, tmp, meta.get("weights"), name)
         torch.save(state, os.path.join(tmp, STATE_FILE))
-        files = sorted(f for f in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, f)))
+        files = _files(tmp)
         meta = {**meta, "name": name, "sha256": {f: _sha256(os.path.join(tmp, f)) for f in files}}
         if weights is not None:  # the very weights this checkpoint goes with, checked on resume (`verify`)
             meta["weights_sha256"] = weights
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
-        for f in os.listdir(tmp):
+        for f in _files(tmp):
             with open(os.path.join(tmp, f), "rb") as fh:
                 os.fsync(fh.fileno())
+        if os.path.isdir(os.path.join(tmp, SHARDS_DIR)):
+            _fsync_dir(os.path.join(tmp, SHARDS_DIR))
         _fsync_dir(tmp)
     except Exception as e:  # disk full, read-only: the half-written folder goes (freeing its space); the
         shutil.rmtree(tmp, ignore_errors=True)  # checkpoints before it, one of this name included, stay whole
@@ -341,13 +374,15 @@ def write_model_folder(run_dir: str, name: str, save) -> str:
 # ---------------------------------------------------------------------------- export
 
 def resolve_model(path: str) -> str:
-    """A model folder as given, or, for a run directory, the weights of its newest checkpoint (what `--model`
-    and `rlpost export` accept: a checkpoint, a model folder, a run directory or a hub id)."""
+    """A model folder as given, or, for a run directory, the weights of its newest checkpoint that holds a model
+    folder (what `--model` and `rlpost export` accept: a checkpoint, a model folder, a run directory or a hub
+    id); a sharded (fsdp2) mid-stage checkpoint holds DCP shards, not a model folder, and is passed over."""
     if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
         return path
     for ckpt in reversed(list_checkpoints(path)):
         folder = ckpt.weights_dir(path)
-        if folder is not None:
+        # a sharded (fsdp2) mid-stage checkpoint's weights are DCP shards, not a model folder: an older one's are
+        if folder is not None and os.path.isfile(os.path.join(folder, "config.json")):
             return folder
     raise ValueError(f"--model {path}: a folder with neither a saved model (config.json) nor a run checkpoint "
                      "holding weights")
@@ -357,9 +392,14 @@ def export_model(source: str, out: str) -> str:
     """Write a plain model folder (weights, config, tokenizer) to `out` from `source`: a run directory (the
     weights of its newest checkpoint that holds the policy) or a checkpoint / model folder. A LoRA checkpoint's
     adapters are merged into its base, so `transformers.AutoModelForCausalLM.from_pretrained(out)` (an HF model)
-    or rlpost's `load_model` (gpt_mini) loads it without peft. Returns the folder the weights came from."""
+    or rlpost's `load_model` (gpt_mini) loads it without peft. A sharded (fsdp2) mid-stage checkpoint's shards
+    are read whole into the model of a model folder of the same run (its architecture and tokenizer), in this
+    one process. Returns the folder the weights came from."""
     if not os.path.isdir(source):
         raise ValueError(f"rlpost export: {source} is not a run directory or a checkpoint folder")
+    shards = _newest_shards(source)
+    if shards is not None:
+        return _export_shards(shards, out)
     folder = resolve_model(source)
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
@@ -367,5 +407,45 @@ def export_model(source: str, out: str) -> str:
     model, tokenizer = load_model(ModelConfig(name=folder, device="cpu", dtype=dtype))
     if os.path.abspath(out) == os.path.abspath(folder):
         raise ValueError(f"rlpost export: --out {out} is the source folder itself")
+    save_model(model, tokenizer, out, merged=True)
+    return folder
+
+
+def _newest_shards(source: str) -> str | None:
+    """The checkpoint folder whose shards/ hold the weights `rlpost export source` means: `source` itself when
+    it is a sharded checkpoint, a run directory's newest checkpoint holding the policy when that one is
+    sharded; None otherwise (a model folder is exported as it is)."""
+    if os.path.isdir(os.path.join(source, SHARDS_DIR)):
+        return source
+    if os.path.isfile(os.path.join(source, "config.json")):
+        return None
+    for ckpt in reversed(list_checkpoints(source)):
+        folder = ckpt.weights_dir(source)
+        if folder is not None:
+            return folder if os.path.isdir(os.path.join(folder, SHARDS_DIR)) else None
+    return None
+
+
+def _export_shards(folder: str, out: str) -> str:
+    """`rlpost export` of sharded checkpoint `folder`: the architecture and tokenizer from a model folder beside
+    it in checkpoints/ (the run's reference, an earlier stage's end, best/: one policy, one architecture), the
+    weights from its shards."""
+    root = os.path.dirname(os.path.abspath(folder))
+    skeletons = sorted((e for e in os.listdir(root) if not e.startswith(".")
+                        and os.path.isfile(os.path.join(root, e, "config.json"))),
+                       key=lambda e: os.path.getmtime(os.path.join(root, e)), reverse=True)
+    if not skeletons:
+        raise ValueError(f"rlpost export: {folder} is a sharded checkpoint, and {root} holds no model folder to "
+                         "take the model's architecture and tokenizer from; resume the run to the end of its "
+                         "stage (`rlpost train --resume RUN_DIR`), which writes a model folder")
+    skeleton = os.path.join(root, skeletons[0])
+    model, tokenizer = load_model(ModelConfig(name=skeleton, device="cpu"))
+    if os.path.abspath(out) in (os.path.abspath(folder), os.path.abspath(skeleton)):
+        raise ValueError(f"rlpost export: --out {out} is a checkpoint folder of the run")
+    try:
+        dist.load_shards(os.path.join(folder, SHARDS_DIR), model)
+    except Exception as e:
+        raise ValueError(f"rlpost export: the shards in {folder} do not load into the model of {skeleton} "
+                         f"({type(e).__name__}: {e})") from e
     save_model(model, tokenizer, out, merged=True)
     return folder

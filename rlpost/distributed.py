@@ -17,6 +17,7 @@ so the roles call them unconditionally.
     reduce_dict(d, op)                           a dict of floats (same keys on every rank), one all-reduce
     reduce_metrics(d)                            a step's metrics dicts combined over ranks (keys may differ)
     broadcast_object(obj)                        rank 0's picklable object on every rank
+    gather_objects(obj)                          every rank's picklable object, as a list, on every rank
     whiten_over_ranks(x, mask, eps)              whitening over every rank's masked entries
     shard_model(model)                           FSDP2 over each transformer block and the root (the policy;
                                                  the frozen reference too, forward-only)
@@ -25,6 +26,8 @@ so the roles call them unconditionally.
     full_state_dict(model)                       the gathered, unsharded weights of a (sharded) model
     load_full_state_dict(model, state)           full weights into a (sharded) model, each rank its shard
     plain_copy(model)                            a plain, unsharded copy of a (sharded) model on every rank
+    save_shards(folder, model, optimizer)        each rank writes its own shards (torch.distributed.checkpoint)
+    load_shards(folder, model, optimizer)        read them back, resharded to this run's ranks
     destroy()                                    leave the process group
 """
 
@@ -151,6 +154,15 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     out = t.to(_device())
     dist.all_reduce(out)
     return out.to(t.device)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank ([obj] without a process group)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -289,3 +301,48 @@ def plain_copy(model: nn.Module) -> nn.Module:
     what a frozen copy of a sharded policy is made from (the RL reference, a separate critic's trunk, a reward
     model's trunk). A collective: every rank must call it. Only for a sharded model."""
     return rebuild(model, full_state_dict(model)).to(model_device(model))
+
+
+# ---------------------------------------------------------------------------- sharded checkpoints (DCP)
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """{"model": ..., "optimizer": ...}: the state_dicts of a sharded model (and its optimizer) as DTensors,
+    keyed by parameter name, without gathering anything: what `save_shards` writes and `load_shards` fills.
+    A plain (unsharded) model gives its full tensors under the same names."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def save_shards(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Write the model's (and optimizer's) state into `folder` with torch.distributed.checkpoint: every rank
+    writes the shards it holds (`__<rank>_0.distcp`), rank 0 the `.metadata` that maps them, so no rank ever
+    holds more than its own shards plus the buffer of the tensor being written. A collective: every rank calls
+    it with the same folder (rank 0 makes it)."""
+    import torch.distributed.checkpoint as dcp
+
+    if is_main():
+        os.makedirs(folder, exist_ok=True)
+    barrier()
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
+
+
+def load_shards(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                weights: bool = True) -> None:
+    """Read `save_shards`' folder into the model (`weights`) and the optimizer (when given), in place, under
+    any number of ranks, sharded or not: each rank reads the parts of the saved shards that its own shards
+    (or, unsharded, its full tensors) cover. A collective when there is a process group: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = sharded_state(model, optimizer)
+    if not weights:
+        del state["model"]
+    dcp.load(state, checkpoint_id=folder)
+    if weights:
+        set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -36,7 +36,9 @@ The run directory:
     rollouts.jsonl     sampled completions every `log.rollouts_every` RL steps (likewise cut back on resume)
     checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one (with
                        LoRA, model.lora: its adapters are folded into the base first, and that checkpoint
-                       is the plain merged model; mid-stage ones hold the base and the adapters apart)
+                       is the plain merged model; mid-stage ones hold the base and the adapters apart);
+                       under trainer.strategy=fsdp2 a mid-stage one holds shards/ instead of model files:
+                       every rank's shards of the policy and AdamW's state (torch.distributed.checkpoint)
     summary.json       the held-out numbers, wall_seconds, status
     tensorboard/       log.tensorboard: the metrics as TensorBoard event files, one folder per stage (rlpost/sinks.py)
     wandb/             log.wandb: the W&B run (offline without an API key) and its id, which a resume continues
@@ -52,11 +54,13 @@ the current stage to stop at its next step boundary: SFT and RL write a checkpoi
 signal stops at once.
 
 Under torchrun (`trainer.strategy=fsdp2`, rlpost/distributed.py) every rank runs the same stages; only rank 0
-writes the run directory, metrics.jsonl, summary.json, the console lines and the checkpoints (the sharded
-policy gathered into one full model folder), and every rank resumes from the same checkpoint. The first
-stage that trains shards the policy (it stays sharded): SFT, preference and the reward model's fit split each
-batch between the ranks, the RL stage each step's prompts; held-out evaluation samples on rank 0 alone and
-hands its numbers to the others.
+writes the run directory, metrics.jsonl, summary.json, the console lines and the checkpoints' metadata and
+state; a mid-stage checkpoint's policy and optimizer state are written by every rank, each its own shards
+(checkpoints/<name>/shards/, nothing gathered), an end-of-stage one's policy is gathered into one full model
+folder. Every rank resumes from the same checkpoint, on any number of ranks (the shards are resharded). The
+first stage that trains shards the policy (it stays sharded): SFT, preference and the reward model's fit split
+each batch between the ranks, the RL stage each step's prompts; held-out evaluation samples on rank 0 alone
+and hands its numbers to the others.
 """
 
 from __future__ import annotations
@@ -74,8 +78,8 @@ import torch
 import yaml
 
 from rlpost import distributed as dist
-from rlpost.checkpoint import (Checkpoint, clean_partial, is_write_failure, list_checkpoints, load_rng_state,
-                               remove_step_checkpoints, verify, write_error)
+from rlpost.checkpoint import (SHARDS_DIR, Checkpoint, clean_partial, is_write_failure, list_checkpoints,
+                               load_rng_state, remove_step_checkpoints, verify, write_error)
 from rlpost.config import Config, from_dict, plugin_keys, stage_configs, stage_names, to_dict
 from rlpost.env import check_vocabulary, observation_alphabet, response_budget
 from rlpost.env.sources import SourceInputs, build_rl_reward, rl_reward_spec
@@ -217,14 +221,27 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
 
 
 def _load_policy(ctx: RunContext, folder: str) -> None:
-    """The policy's weights from checkpoint folder `folder`; ResumeError naming the folder when they do not fit
-    the model the run's config builds (another model's checkpoint)."""
+    """The policy's weights from checkpoint folder `folder` (a sharded one's shards/, read whole into the
+    not yet sharded policy on every rank); ResumeError naming the folder when they do not fit the model the
+    run's config builds (another model's checkpoint)."""
     try:
-        load_weights(ctx.model, folder)
+        if os.path.isdir(os.path.join(folder, SHARDS_DIR)):
+            dist.load_shards(os.path.join(folder, SHARDS_DIR), ctx.model)
+        else:
+            load_weights(ctx.model, folder)
     except Exception as e:
         raise ResumeError(f"--resume: the policy's weights in {folder} do not load into the model of this run's "
                           f"config.yaml ({type(e).__name__}: {e}); remove that checkpoint to resume from an older "
                           "one") from e
+
+
+def rank_rng(state: dict) -> dict:
+    """The random streams this rank resumes with: its own when the checkpoint was written by as many ranks
+    (`rng_ranks`), else rank 0's (a resume on another number of ranks, or a 1-process checkpoint)."""
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) == dist.world_size():
+        return ranks[dist.rank()]
+    return state["rng"]
 
 
 # ---------------------------------------------------------------------------- signals
@@ -383,7 +400,7 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
                 if ckpt is not None and i == ckpt.meta["stage"] and not ckpt.meta["finished"]:
                     stage.load_state_dict(ctx, ckpt.load_state()["stage"])
                 if ckpt is not None and i == first:  # the random streams exactly as they were at the checkpoint
-                    load_rng_state(ckpt.load_state()["rng"])
+                    load_rng_state(rank_rng(ckpt.load_state()))
                 stage.run(ctx)
                 if stage.changes_weights and is_lora(ctx.model):  # the next stage's reference: the policy now
                     fold_adapters(ctx.model)

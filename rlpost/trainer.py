@@ -41,7 +41,9 @@ Each rank trains on ITS rows of the step, and the result equals one process trai
   examples than there are ranks);
 - shared-prompt scoring is off (it calls the model outside its forward, where FSDP2 does not gather);
 - `state_dict()` holds the FULL optimizer state (gathered onto rank 0's CPU, keyed by parameter name),
-  so a checkpoint resumes under any number of ranks;
+  so a checkpoint resumes under any number of ranks; the run's mid-stage checkpoints instead write each
+  rank's shards of it (`state_dict(optimizer=False)` plus rlpost.distributed.save_shards / load_shards), so
+  that no rank ever holds the whole;
 - a critic (PPO) is sharded too: a separate one's trunk like the policy, its head (or a shared-trunk critic's
   only parameters) as one more FSDP2 group (rlpost.distributed.shard_module); the optimizer state is then
   keyed `policy.<name>` / `critic.<name>`.
@@ -135,23 +137,30 @@ class Trainer:
             group["lr"] = base * factor
 
     # ---------------------------------------------------------------- resuming
-    def state_dict(self) -> dict:
+    def state_dict(self, optimizer: bool = True) -> dict:
         """Everything a rebuilt Trainer on the same weights needs to continue bit-identically: AdamW's state,
         the base learning rates and the schedule, the step counters and the shuffling generator. Not the
         weights: the run saves the model (and a separate critic, an nn.Module) on its own. Tensors are
         shared with the optimizer, so save it (torch.save) before training on. Sharded: a collective (every
-        rank calls it); the full optimizer state is on rank 0 (the rank that saves), empty elsewhere."""
-        return {"optimizer": self._optimizer_state(), "base_lrs": list(self.base_lrs),
-                "schedule": self.schedule.state_dict(), "steps": self.steps,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "generator": self.generator.get_state()}
+        rank calls it); the full optimizer state is on rank 0 (the rank that saves), empty elsewhere.
+        `optimizer=False`: all but AdamW's state, for a sharded checkpoint that writes the optimizer's shards
+        itself (rlpost.distributed.save_shards); nothing is gathered then."""
+        state = {"base_lrs": list(self.base_lrs), "schedule": self.schedule.state_dict(), "steps": self.steps,
+                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "generator": self.generator.get_state()}
+        return {"optimizer": self._optimizer_state(), **state} if optimizer else state
 
     def load_state_dict(self, state: dict) -> None:
-        """Put back a `state_dict()`; sharded, every rank passes the same full state and keeps its shard."""
-        missing = {"optimizer", "base_lrs", "schedule", "steps", "nonfinite_in_a_row", "generator"} - set(state)
+        """Put back a `state_dict()`; sharded, every rank passes the same full state and keeps its shard. A
+        sharded trainer also takes a state without the optimizer's (`state_dict(optimizer=False)`), whose
+        shards are loaded on their own (rlpost.distributed.load_shards)."""
+        need = {"base_lrs", "schedule", "steps", "nonfinite_in_a_row", "generator"} | (set() if self.sharded
+                                                                                        else {"optimizer"})
+        missing = need - set(state)
         if missing:
             raise ValueError(f"trainer state lacks {', '.join(sorted(missing))}; was it saved by Trainer.state_dict?")
         try:
-            self._load_optimizer_state(state["optimizer"])  # moves AdamW's state to the parameters' device
+            if "optimizer" in state:  # moves AdamW's state to the parameters' device
+                self._load_optimizer_state(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise ValueError(f"the saved trainer state does not fit this model and critic: {e!r}") from None
         self.base_lrs = list(state["base_lrs"])

@@ -5,11 +5,12 @@ stages in order; each stage module imports this one, never the run.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from rlpost import distributed as dist
-from rlpost.checkpoint import rng_state, write_checkpoint
+from rlpost.checkpoint import SHARDS_DIR, rng_state, temporary_folder, write_checkpoint
 from rlpost.models import encode_prompt, save_model
 from rlpost.registry import Registry
 from rlpost.runlog import RunLog
@@ -52,12 +53,17 @@ class RunContext:
         system = getattr(self.task, "system_prompt", None)
         return [encode_prompt(self.tokenizer, r["prompt"], system) for r in rows]
 
-    def save(self, name: str, *, step: int, finished: bool, state: dict, weights: bool) -> str:
+    def save(self, name: str, *, step: int, finished: bool, state: dict, weights: bool, optimizer=None) -> str:
         """Write checkpoint `name` of the current stage: `state` is the stage's own state_dict; the random
         streams, metrics position and summary are added here. `weights`: the policy changed since the
         last checkpoint that holds it, so save it (else the new checkpoint points at that one).
-        Every rank calls it (a sharded policy is gathered); rank 0 writes."""
-        model = dist.unsharded(self.model) if weights else None  # a collective when the policy is sharded
+        Every rank calls it. A sharded policy's mid-stage checkpoint (not `finished`) is written by every rank:
+        its shards of the policy and of `optimizer` (the trainer's, whose state `state` then leaves out) go to
+        shards/ (rlpost.distributed.save_shards), nothing is gathered; an end-of-stage one gathers the policy
+        onto rank 0, which writes it as a model folder. Rank 0 writes the rest."""
+        sharded = weights and not finished and dist.is_sharded(self.model)
+        # a collective when the policy is sharded
+        model = dist.unsharded(self.model) if weights and not sharded else None
         meta = {"stage": self.stage_index, "stage_name": self.stage_name,
                 "step": step, "finished": finished, "metrics_lines": self.log.lines,
                 "rollouts_lines": self.log.rollout_lines,
@@ -69,10 +75,19 @@ class RunContext:
         # the run's own state too, so that an end-of-stage checkpoint (state={}) resumes the next stage exactly:
         # the weight-sync version the next RL stage counts on from
         full = {"stage": state, "rng": rng_state(), "run": {"weight_sync": self.weight_sync.state_dict()}}
+        if dist.world_size() > 1:  # each rank's own streams, which a resume on as many ranks puts back
+            full["rng_ranks"] = dist.gather_objects(full["rng"])
         # a finished stage's checkpoint is a plain model folder (a LoRA model's adapters merged in); a
         # mid-stage one keeps a LoRA model's base and adapters apart, so that a resume continues exactly
-        saver = (lambda folder: save_model(model, self.tokenizer, folder, merged=finished)) if weights else None
-        path = write_checkpoint(self.run_dir, name, meta, full, saver) if dist.is_main() else None
+        saver = None if model is None else (lambda folder: save_model(model, self.tokenizer, folder,
+                                                                      merged=finished))
+        if sharded:
+            tmp = os.path.join(self.run_dir, "checkpoints", f".tmp-{name}")
+            if dist.is_main():
+                temporary_folder(self.run_dir, name)
+            dist.save_shards(os.path.join(tmp, SHARDS_DIR), self.model, optimizer)
+        shards_world = dist.world_size() if sharded else None
+        path = write_checkpoint(self.run_dir, name, meta, full, saver, shards_world) if dist.is_main() else None
         dist.barrier()  # no rank reads or moves on before the checkpoint is complete
         if weights:
             self.weights_from = name

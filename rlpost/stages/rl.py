@@ -38,7 +38,7 @@ from tqdm import tqdm
 from rlpost import distributed as dist
 from rlpost.algorithms import get_algorithm
 from rlpost.batch import Batch
-from rlpost.checkpoint import prune, write_model_folder
+from rlpost.checkpoint import SHARDS_DIR, prune, write_model_folder
 from rlpost.controller import Controller, Roles
 from rlpost.critic import Critic
 from rlpost.loops import LOOPS
@@ -244,8 +244,11 @@ class RLStage(Stage):
         if loop is not None:
             loop.close()
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "controller": self.controller.state_dict(), "trainer": self.trainer.state_dict(),
+    def state_dict(self, optimizer: bool = True) -> dict:
+        """The stage's state; `optimizer=False`: the trainer's without AdamW's (a sharded checkpoint's shards
+        hold it)."""
+        return {"step": self.step, "controller": self.controller.state_dict(),
+                "trainer": self.trainer.state_dict(optimizer=optimizer),
                 "critic": self.critic.full_state_dict() if self.critic is not None else None,
                 "best": self.best, "best_step": self.best_step}
 
@@ -254,6 +257,9 @@ class RLStage(Stage):
         self.best, self.best_step = state.get("best", -math.inf), state.get("best_step")  # (older: none kept)
         self.controller.load_state_dict(state["controller"])
         self.trainer.load_state_dict(state["trainer"])
+        if "optimizer" not in state["trainer"]:  # a sharded checkpoint: AdamW's state is in its shards
+            folder = os.path.join(ctx.run_dir, "checkpoints", ctx.weights_from, SHARDS_DIR)
+            dist.load_shards(folder, self.trainer.model, self.trainer.optimizer, weights=False)
         if self.critic is not None:
             self.critic.load_full_state_dict(state["critic"])
         if self.reference is not None and not self.reference.shares_policy:  # the policy as the stage started
@@ -261,8 +267,13 @@ class RLStage(Stage):
         self.weight_sync.load_state_dict(state["weight_sync"])
 
     def save(self, ctx: RunContext) -> None:
-        state = {**self.state_dict(), "weight_sync": self.weight_sync.state_dict()}
-        ctx.save(f"{self.step_prefix}{self.step}", step=self.step, finished=False, state=state, weights=True)
+        # sharded (fsdp2): every rank writes its shards of the policy and of AdamW's state, nothing is gathered.
+        # With a critic AdamW also holds the critic's parameters, which the policy's shards do not cover: its
+        # state is then gathered into the stage's state, as the critic's weights are.
+        shards = dist.is_sharded(ctx.model) and self.critic is None
+        state = {**self.state_dict(optimizer=not shards), "weight_sync": self.weight_sync.state_dict()}
+        ctx.save(f"{self.step_prefix}{self.step}", step=self.step, finished=False, state=state, weights=True,
+                 optimizer=self.trainer.optimizer if shards else None)
         prune(ctx.run_dir, self.cfg.keep_checkpoints, self.step_prefix)
 
     @property
