@@ -21,6 +21,7 @@ reward variance p(1 - p) of this step's prompts (the signal density, at most 0.2
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import torch
@@ -62,6 +63,9 @@ class MixtureSampler:
             raise ValueError(f"a mixture needs one weight per source, got {len(spans)} source(s), "
                              f"{len(weights)} weight(s)")
         self.spans, self.weights = list(spans), [float(w) for w in weights]
+        if not math.isfinite(sum(self.weights)):  # weights near the float limit: their sum (paid back) overflows
+            top = max(self.weights)
+            self.weights = [w / top for w in self.weights]
         # each source its own stream, so one source's epochs never move another's order
         self.samplers = [PromptSampler(n, seed * 1_000_003 + i) for i, (_, n) in enumerate(spans)]
         self.credit = [0.0] * len(spans)
@@ -111,14 +115,20 @@ class Recycler:
         self.recycled = 0  # prompts returned to the pool at the start of this step
 
     def next(self, count: int) -> list[int]:
-        out = []
+        out, skipped = [], 0
         while len(out) < count:
-            if len(self.set_aside) >= self.n:  # every prompt set aside: all of them return now
+            # every prompt set aside, or 2n draws in a row set aside (a mixture whose other sources weigh next
+            # to nothing, whose rows the draws may never reach): all of them return now. A plain walk covers
+            # every row within 2n draws, so for it the second case is the first.
+            if len(self.set_aside) >= self.n or skipped >= 2 * self.n:
                 self.recycled += len(self.set_aside)
                 self.set_aside.clear()
             i = self.inner.next(1)[0]
             if i not in self.set_aside:
                 out.append(i)
+                skipped = 0
+            else:
+                skipped += 1
         return out
 
     def start_step(self, step: int) -> None:

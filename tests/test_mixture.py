@@ -157,3 +157,12 @@ def test_a_mixture_with_recycling_resumes_exactly(files, tmp_path):
     assert comparable(run) == comparable(ref)
     assert (run / "rollouts.jsonl").read_text() == (ref / "rollouts.jsonl").read_text()
     assert "step_4" in assert_same_checkpoints(ref, run)
+
+
+def test_a_source_without_training_rows_is_refused_by_name():
+    from rlpost.tasks.base import Task
+    from rlpost.tasks.mixture import mix
+    full = Task("a", [{"prompt": "1+1=", "answer": "2"}], [], [], "12+=", None)
+    empty = Task("b", [], [{"prompt": "2+2=", "answer": "4"}], [], "24+=", None)
+    with pytest.raises(ValueError, match="task.sources 'empty' has no training rows"):
+        mix([("full", 1.0, full), ("empty", 1.0, empty)])

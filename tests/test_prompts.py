@@ -61,6 +61,18 @@ def test_a_mixture_resumed_from_its_state_draws_the_same_prompts():
         MixtureSampler([(0, 1), (1, 1), (2, 1)], [1, 1, 1], seed=0).load_state_dict(state)
 
 
+def test_weights_at_the_float_limits_keep_their_shares():
+    # 1e308 twice: their sum, paid back each draw, overflowed to inf and the credits became nan
+    s = MixtureSampler([(0, 4), (4, 4)], [1e308, 1e308], seed=0)
+    draws = s.next(8)
+    assert sum(i < 4 for i in draws) == 4 and all(c == c for c in s.credit)
+    s = MixtureSampler([(0, 4), (4, 4)], [3e307, 1e308], seed=0)  # 3:10, as 3:10 in any units
+    t = MixtureSampler([(0, 4), (4, 4)], [3.0, 10.0], seed=0)
+    assert s.next(26) == t.next(26)
+    s = MixtureSampler([(0, 4), (4, 4)], [1.0, 1e-300], seed=0)  # next to nothing: the second never comes
+    assert all(i < 4 for i in s.next(50))
+
+
 def scored(rows, picked, rewards_per_group):
     """A scored batch as the recycler reads it: each picked row's group of samples, with the rewards given."""
     meta_rows, rewards, groups = [], [], []
@@ -109,6 +121,16 @@ def test_a_recycler_resumed_from_its_state_draws_the_same_prompts():
     t = Recycler(MixtureSampler([(0, 8), (8, 12)], [1.0, 1.0], seed=2), rows, every=4)
     t.load_state_dict(state)
     assert t.set_aside == set(picked[:3]) and t.next(30) == ahead
+
+
+def test_a_pool_the_weights_never_reach_returns_rather_than_the_draw_hanging():
+    # source 0's rows all set aside, source 1 weighs 1e-300: the draws only ever reach source 0's set-aside rows,
+    # but not every prompt is set aside, so the draw used to loop forever
+    rows = [{"prompt": f"q{i}"} for i in range(6)]
+    r = Recycler(MixtureSampler([(0, 2), (2, 4)], [1.0, 1e-300], seed=0), rows, every=100)
+    r.observe(scored(rows, [0, 1], [[1.0, 1.0], [0.0, 0.0]]))
+    assert r.set_aside == {0, 1}
+    assert sorted(r.next(4)) == [0, 0, 1, 1] and r.recycled == 2 and r.set_aside == set()
 
 
 def easy_or_coin(completion, row):

@@ -45,6 +45,9 @@ def mix(parts: list[tuple[str, float, Task]]) -> MixedTask:
     alphabets joined, the demonstrator accuracy the mean over every graded held-out row."""
     train, evals, demos, graded, acc_sum = [], [], [], 0, 0.0
     for name, _, task in parts:
+        if not task.train_rows:  # its sampler would have nothing to draw when its turn comes
+            raise ValueError(f"task.sources {name!r} has no training rows: give its file rows (or remove the "
+                             "source)")
         train += tagged(task.train_rows, name)
         evals += tagged(task.eval_rows, name)
         demos += tagged(task.demonstrations, name)
