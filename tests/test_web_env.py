@@ -268,3 +268,64 @@ def test_web_recipe_rl_gains_twenty_points_over_sft(tmp_path):
 
     s = train(load_config("recipes/web.yaml", [f"out_dir={tmp_path}", "run_name=r"]))
     assert s["pass@1_rl"] >= s["pass@1_sft"] + 0.20
+
+
+def test_a_redirect_is_refused_not_followed(corpus_file):
+    """A loopback server_url that is not a corpus server and redirects (here to another loopback server) gets
+    an error: the client follows no redirect, which could name any host."""
+    import http.server
+    import threading
+
+    hits = []
+
+    class Target(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"results": []}')
+
+        def log_message(self, *args):
+            pass
+
+    target = http.server.HTTPServer(("127.0.0.1", 0), Target)
+
+    class Redirect(Target):
+        def do_GET(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{target.server_address[1]}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    redirect = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    servers = [target, redirect]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{redirect.server_address[1]}"
+        with pytest.raises(urllib.error.URLError, match=r"redirect \(302\).*follows none"):
+            WebClient(url).search("Fipuk born")
+        e = WebEnv(corpus=corpus_file, server_url=url)
+        e.reset({"prompt": "Where was Fipuk born?", "answer": "Sipik"})
+        with pytest.raises(urllib.error.URLError, match="redirect"):
+            e.step("<open>wiki/Fipuk</open>")
+        assert hits == []
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+
+
+def test_a_connection_that_stalls_is_dropped_rather_than_holding_a_thread(monkeypatch):
+    from rlpost.web import server as web_server
+
+    assert web_server._Handler.timeout is not None and web_server._Handler.timeout <= 60
+    monkeypatch.setattr(web_server._Handler, "timeout", 0.3)
+    with CorpusServer(DOCS) as server:
+        stalled = socket.create_connection(("127.0.0.1", server._server.server_address[1]), timeout=20)
+        stalled.sendall(b"GET /search?q=cat HTTP/1.1\r\n")  # a request line, then nothing more
+        try:
+            assert stalled.recv(1024) == b""  # the server hung up on it
+        finally:
+            stalled.close()
+        assert [r["url"] for r in WebClient(server.url).search("cat", k=1)] == ["pets/cat"]

@@ -52,6 +52,8 @@ def corpus_index(source: str = "generated", seed: int = 0) -> BM25:
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
+    timeout = 30  # seconds a connection may sit without sending its request or reading the answer: then it is
+    # dropped, rather than holding its thread until the process ends
 
     def log_message(self, format, *args):  # noqa: A002 - http.server's name; requests are not logged
         pass
@@ -181,10 +183,19 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error, never followed: it could name any host (a loopback server_url that is not a corpus
+    server would otherwise send the policy's query off the machine)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.URLError(f"the web server at {req.full_url!r} answered a redirect ({code}) to {newurl!r}; "
+                                    "rlpost follows none: point env_options.server_url at a CorpusServer")
+
+
 class WebClient:
     """Talks to a CorpusServer, and only to one on this machine: `base_url` must be http on a loopback address
     (127.0.0.1, ::1, localhost); anything else is a ValueError before any connection. Proxies from the
-    environment (http_proxy) are ignored, so a request never leaves the machine."""
+    environment (http_proxy) are ignored and redirects refused, so a request never leaves the machine."""
 
     def __init__(self, base_url: str, timeout_s: float = 10.0):
         parts = urllib.parse.urlsplit(base_url)
@@ -192,7 +203,7 @@ class WebClient:
             raise ValueError(f"web server url {base_url!r}: the corpus server must be http on 127.0.0.1 (or another "
                              "loopback address); rlpost never sends a policy's requests off this machine")
         self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
     def _get(self, path: str, **args) -> tuple[int, dict]:
         url = f"{self.base_url}{path}?{urllib.parse.urlencode(args)}"
