@@ -166,3 +166,25 @@ def test_a_source_without_training_rows_is_refused_by_name():
     empty = Task("b", [], [{"prompt": "2+2=", "answer": "4"}], [], "24+=", None)
     with pytest.raises(ValueError, match="task.sources 'empty' has no training rows"):
         mix([("full", 1.0, full), ("empty", 1.0, empty)])
+
+
+def boom(completion, row):
+    raise RuntimeError("this source's reward is broken")
+
+
+def test_a_sources_reward_that_raises_stops_naming_the_source_and_its_line(tiny_gpt):
+    """Several files feed a mixed run: "line 3 of its file" alone would not say which."""
+    from rlpost.env.reward import Reward, RewardError
+    from rlpost.env.verifiers import SourceRewards
+    from test_rewards import batch_of
+
+    _, tok = tiny_gpt
+    batch = batch_of(tok, ["1", "2"])
+    rows = [{"prompt": "1+1=", "answer": "2", "line": 3, SOURCE_KEY: "add"},
+            {"prompt": "2*3=", "answer": "6", "line": 7, SOURCE_KEY: "times"}]
+    batch = batch.replace(meta={**batch.meta, "row": rows})
+    with pytest.raises(RewardError, match=r"sources\(add: one, times: boom\) failed on sample 1 \(line 7 of source "
+                                          r"'times''s file; prompt '2\*3='.*RuntimeError: this source's reward"):
+        Reward(SourceRewards({"add": one, "times": boom}), tok)(batch)
+    scored, metrics = Reward(SourceRewards({"add": one, "times": boom}), tok, on_error="zero")(batch)
+    assert scored.rewards.tolist() == [1.0, 0.0] and metrics["reward/errors"] == 1.0

@@ -98,7 +98,11 @@ def _sample(i: int, row: dict, completion: str, limit: int = 300) -> str:
 
     where = ""
     if "line" in row or "row" in row:  # added by the file readers: where the user can find the row
-        where = f"line {row['line']} of its file; " if "line" in row else f"row {row['row']} of its file; "
+        # task.sources: several files, so the row's source says which ("task_source", rlpost.prompts.SOURCE_KEY)
+        of = f"source {row['task_source']!r}'s file" if "task_source" in row else "its file"
+        where = f"line {row['line']} of {of}; " if "line" in row else f"row {row['row']} of {of}; "
+    elif "task_source" in row:
+        where = f"source {row['task_source']!r}; "
     return f"sample {i} ({where}prompt {clip(row.get('prompt', row.get('messages')))}, completion {clip(completion)})"
 
 
