@@ -178,3 +178,21 @@ def test_a_recycle_period_shorter_than_an_epoch_is_warned_about(tiny_gpt):
     rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in (1, 2) for b in range(6)]  # 12 prompts, 4 a step: 3
     with pytest.warns(UserWarning, match=r"rl.recycle_every=2 is shorter than an epoch \(12 prompts at 4 a step: 3"):
         controller(tiny_gpt, RLConfig(recycle_every=2), rows)
+
+
+def test_a_recycler_resumed_while_its_pool_is_out_of_reach_draws_the_same_prompts():
+    """Hostile weights (1 : 1e-300) and the reachable source wholly set aside: the original and a copy resumed
+    from its state return the pool at the same draw and draw the same prompts after it."""
+    rows = [{"prompt": f"q{i}"} for i in range(7)]
+
+    def make():
+        return Recycler(MixtureSampler([(0, 3), (3, 4)], [1.0, 1e-300], seed=4), rows, every=50)
+
+    r = make()
+    r.next(2)
+    r.observe(scored(rows, [0, 1, 2], [[1.0], [0.0], [1.0, 1.0]]))
+    state = copy.deepcopy(r.state_dict())
+    ahead = r.next(9)
+    t = make()
+    t.load_state_dict(state)
+    assert t.set_aside == {0, 1, 2} and t.next(9) == ahead and t.recycled == r.recycled > 0
