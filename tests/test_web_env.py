@@ -329,3 +329,19 @@ def test_a_connection_that_stalls_is_dropped_rather_than_holding_a_thread(monkey
         finally:
             stalled.close()
         assert [r["url"] for r in WebClient(server.url).search("cat", k=1)] == ["pets/cat"]
+
+
+def test_search_scores_do_not_depend_on_the_process_string_hashing():
+    """A set's order follows PYTHONHASHSEED and float sums their order: summed in set order, a many-term query's
+    scores differed in their last bits from one process to the next (and near-ties could swap)."""
+    code = textwrap.dedent("""
+        from rlpost.web.bm25 import BM25
+        from rlpost.web.corpus import generate_world
+        index = BM25(generate_world(0, n_people=50).docs)
+        q = "Zerak was born in Molvo river Tesh town people north 1843 worked a the is"
+        print([(i, s.hex()) for i, s in index.search(q, 50)], [index.snippet(i, q) for i in range(0, 170, 7)])
+    """)
+    import os
+    out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("0", "3")}
+    assert len(out) == 1

@@ -51,12 +51,14 @@ class BM25:
 
     def score(self, query: str, i: int) -> float:
         """BM25 of document i for `query`."""
-        return sum(self._term(t, i) for t in set(tokenize(query)) if t in self.tf[i])
+        return sum(self._term(t, i) for t in sorted(set(tokenize(query))) if t in self.tf[i])
 
     def search(self, query: str, k: int = 5) -> list[tuple[int, float]]:
         """The k best (document index, score) for `query`, best first; only documents that hold a query term."""
         totals, held = np.zeros(len(self.docs)), np.zeros(len(self.docs), dtype=bool)
-        for t in set(tokenize(query)):  # term by term over its postings: only documents that hold it
+        # term by term over its postings (only documents that hold it), in sorted order: float sums depend on
+        # their order, and a set's order on the process's string hashing (PYTHONHASHSEED), so runs would differ
+        for t in sorted(set(tokenize(query))):
             if t in self.postings:
                 ids, weights = self.postings[t]
                 totals[ids] += weights
@@ -71,7 +73,7 @@ class BM25:
         terms = set(tokenize(query))
         best, best_w = "", -1.0
         for s in sentences(self.docs[i].text) or [self.docs[i].text]:
-            w = sum(self.idf.get(t, 0.0) for t in terms & set(tokenize(s)))
+            w = sum(self.idf.get(t, 0.0) for t in sorted(terms & set(tokenize(s))))  # sorted: as in search
             if w > best_w:
                 best, best_w = s, w
         return best[:chars]
