@@ -63,7 +63,8 @@ class MixtureSampler:
             raise ValueError(f"a mixture needs one weight per source, got {len(spans)} source(s), "
                              f"{len(weights)} weight(s)")
         self.spans, self.weights = list(spans), [float(w) for w in weights]
-        if not math.isfinite(sum(self.weights)):  # weights near the float limit: their sum (paid back) overflows
+        # weights near the float limit: their sum (paid back) or a credit (within a few sums of 0) would overflow
+        if not math.isfinite(sum(self.weights) * 4 * len(self.weights)):
             top = max(self.weights)
             self.weights = [w / top for w in self.weights]
         # each source its own stream, so one source's epochs never move another's order

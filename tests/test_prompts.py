@@ -69,6 +69,9 @@ def test_weights_at_the_float_limits_keep_their_shares():
     s = MixtureSampler([(0, 4), (4, 4)], [3e307, 1e308], seed=0)  # 3:10, as 3:10 in any units
     t = MixtureSampler([(0, 4), (4, 4)], [3.0, 10.0], seed=0)
     assert s.next(26) == t.next(26)
+    # a finite sum, but a credit that builds up past the limit: the shares were 1995:5 of 2000, not 10:7
+    s = MixtureSampler([(0, 4), (4, 4)], [1e308, 7e307], seed=0)
+    assert s.next(1700) == MixtureSampler([(0, 4), (4, 4)], [10.0, 7.0], seed=0).next(1700)
     s = MixtureSampler([(0, 4), (4, 4)], [1.0, 1e-300], seed=0)  # next to nothing: the second never comes
     assert all(i < 4 for i in s.next(50))
 
