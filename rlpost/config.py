@@ -107,7 +107,7 @@ RUN_KEYS = ("rollout.engine", "rollout.max_new_tokens", "rollout.dtype", "rl.top
 
 
 def _entry_name(entry: str | dict[str, Any]) -> str:
-    name = next(iter(entry)) if isinstance(entry, dict) else entry
+    name = next(iter(entry), None) if isinstance(entry, dict) else entry  # {}: no name, refused below
     return STAGE_ALIASES.get(name, name) if isinstance(name, str) else name  # not a name: _validate_stages says so
 
 
@@ -300,6 +300,8 @@ def _check_rewards(cfg: Config) -> None:
                               for i, (_, _, s) in enumerate(t.source_configs() if t.sources else [])]
     checks = [(f"{p}rewards", lambda s=s: s.rewards is not None and check_weighted(s.rewards)) for p, s in tasks]
     checks += [(f"{p}reward", lambda s=s: s.reward and check_reward(s.reward, s.reward_options)) for p, s in tasks]
+    # an environment's name is checked now too, not when the first episode starts after the model has loaded
+    checks += [("task.env", lambda: t.env and lookup("rlpost.env.registry:load_env")(t.env))]
     checks.append(("eval.reward", lambda: cfg.eval.reward and check_eval_reward(cfg.eval.reward,
                                                                                 cfg.eval.reward_options, t.env)))
     for key, check in checks:

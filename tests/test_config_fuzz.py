@@ -204,6 +204,35 @@ def test_an_hf_model_is_not_refused_for_gpt_mini_sizes():
     load_config(None, ["model.name=some/checkpoint", "model.n_head=3", "model.n_embd=16"])
 
 
+
+# ---------------------------------------------------------------------------- the structured keys, misused
+
+@pytest.mark.parametrize("overrides, match", [
+    (['stages=["rl", {}]'], r"config key 'stages\[1\]' must be a stage name or \{name: "),  # was a StopIteration
+    (["task.env=nope"], r"config key 'task.env': unknown environment 'nope'; shipped: calculator"),
+    (["task.env=no_such_module_x:Env"], r"config key 'task.env': task.env 'no_such_module_x:Env'"),
+    (["rl.keep_best=true", "rl.eval_every=500"], r"rl.eval_every=500 runs none .* set rl.eval_every=N \(0 < N < "
+                                                 r"150\)"),
+    (["rl.keep_best=true", "rl.steps=10", "rl.eval_every=10"], r"rl.eval_every=10 runs none"),
+    ([f"task.train_file={ROOT / 'README.md'}"], r"task.name=arithmetic makes its own problems and reads no prompt "
+                                                r"file, but task.train_file is set"),
+    (["task.name=multistep", "task.eval_file=x.jsonl"], r"task.name=multistep .* task.eval_file is set"),
+    (["task.sources=[{task: arithmetic, file: x.jsonl}]"], r"task.name=arithmetic .* an entry's `file`"),
+])
+def test_a_structured_key_that_means_nothing_is_refused_naming_it(overrides, match):
+    """Each was accepted (and ignored: the embedded task trained on its own problems, keep_best kept nothing), or
+    ended in a traceback, or failed only after the model had loaded (an unknown environment)."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_the_structured_keys_still_accept_what_means_something():
+    assert load_config(None, ["rl.keep_best=true", "rl.steps=10", "rl.eval_every=9"]).rl.keep_best
+    assert load_config(None, ["task.env=web", "task.name=web"]).task.env == "web"
+    assert load_config(None, ["task.name=file", "task.train_file=x.jsonl", "task.eval_file=y.jsonl"]).task.eval_file
+    assert load_config(None, ["task.sources=[{file: x.jsonl}, {task: arithmetic}]"]).task.sources
+
+
 # ---------------------------------------------------------------------------- through the CLI
 
 def cli(args: list[str], tmp_path) -> subprocess.Popen:
