@@ -182,7 +182,14 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. rl.steps=20)")
     key, raw = override.split("=", 1)
-    _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "", f"override {override!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:  # often a shell that split `{a: 1}` at its space: name the key, not a parser trace
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config key '{key.strip()}': the value {raw!r} of override {override!r} is not valid "
+                          f"YAML ({problem}); a value with spaces must reach rlpost as one word: quote the whole "
+                          "override in the shell, as in 'rl.reward={name: teacher, teacher: t}'") from None
+    _set(data, key.strip(), value, f"override {override!r}")
 
 
 def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:

@@ -218,12 +218,28 @@ def test_an_hf_model_is_not_refused_for_gpt_mini_sizes():
                                                 r"file, but task.train_file is set"),
     (["task.name=multistep", "task.eval_file=x.jsonl"], r"task.name=multistep .* task.eval_file is set"),
     (["task.sources=[{task: arithmetic, file: x.jsonl}]"], r"task.name=arithmetic .* an entry's `file`"),
+    # beside task.sources every key but the run's is an entry's own, and was silently not read
+    (["task.sources=[{task: arithmetic}]", "task.name=multistep"], r"config key 'task.name' is set beside "
+                                                                   r"'task.sources'.*task.sources\[i\].task\)"),
+    (["task.sources=[{task: arithmetic}]", "task.seed=5"], r"'task.seed' is set beside 'task.sources'"),
+    (["task.sources=[{file: x.jsonl}]", "task.prompt_key=question"], r"'task.prompt_key' is set beside"),
 ])
 def test_a_structured_key_that_means_nothing_is_refused_naming_it(overrides, match):
     """Each was accepted (and ignored: the embedded task trained on its own problems, keep_best kept nothing), or
     ended in a traceback, or failed only after the model had loaded (an unknown environment)."""
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("override", ["task.env_options={nope:", "stages=[rl", "rl.reward={name: [", "rl.steps=@"])
+def test_an_override_that_is_not_yaml_names_its_key(override, tmp_path, capsys):
+    """A shell splits an unquoted `key={a: 1}` at its space: the YAML parser's exception came out as a traceback."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': the value .* is not valid YAML .* quote "
+                                          "the whole override"):
+        load_config(None, [override])
+    assert main(["train", override, "1}", f"out_dir={tmp_path / 'runs'}"]) == 2
+    assert f"config key '{key}'" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
 def test_the_structured_keys_still_accept_what_means_something():
