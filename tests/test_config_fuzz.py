@@ -242,6 +242,22 @@ def test_an_override_that_is_not_yaml_names_its_key(override, tmp_path, capsys):
     assert f"config key '{key}'" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("override, where", [("rl={1: 2}", "'rl'"), ("task.options={1: 2}", "'task.options'"),
+                                             ("rl.reward={name: prm, path: p, 1: 2}", "'rl.reward'"),
+                                             ("stages=[{rl: {1: 2}}]", "'stages[0].rl'"),
+                                             ("algorithm={name: grpo, null: 2}", "'algorithm'")])
+def test_a_key_that_is_not_a_name_is_refused_where_it_sits(override, where, tmp_path):
+    """YAML reads `1: 2` with an int key: the merge (str + int) or a plug-in's keyword arguments raised a
+    TypeError or an AttributeError; a recipe too."""
+    with pytest.raises(ConfigError, match=f"config key {re.escape(where)} has the key .*; keys are names"):
+        load_config(None, [override])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("1: 2\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: the top level has the key 1 \(int\); keys are names"):
+        load_config(str(recipe))
+    assert load_config(None, ["task.name=multistep", "task.options={'answer_format_rate': 0.5}"])
+
+
 def test_the_structured_keys_still_accept_what_means_something():
     assert load_config(None, ["rl.keep_best=true", "rl.steps=10", "rl.eval_every=9"]).rl.keep_best
     assert load_config(None, ["task.env=web", "task.name=web"]).task.env == "web"
