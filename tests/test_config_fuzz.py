@@ -211,6 +211,10 @@ def test_an_hf_model_is_not_refused_for_gpt_mini_sizes():
     (['stages=["rl", {}]'], r"config key 'stages\[1\]' must be a stage name or \{name: "),  # was a StopIteration
     (["task.env=nope"], r"config key 'task.env': unknown environment 'nope'; shipped: calculator"),
     (["task.env=no_such_module_x:Env"], r"config key 'task.env': task.env 'no_such_module_x:Env'"),
+    (["task.env=calculator", "task.env_options={nope: 1}"], r"config key 'task.env': task.env 'calculator': bad "
+                                                            r"task.env_options \['nope'\]"),
+    (["task.env=web", "task.env_options={top_k: 0}"], r"config key 'task.env': task.env 'web': task.env_options: web "
+                                                      r"env: top_k must be a whole number >= 1, got 0"),
     (["rl.keep_best=true", "rl.eval_every=500"], r"rl.eval_every=500 runs none .* set rl.eval_every=N \(0 < N < "
                                                  r"150\)"),
     (["rl.keep_best=true", "rl.steps=10", "rl.eval_every=10"], r"rl.eval_every=10 runs none"),
@@ -261,6 +265,7 @@ def test_a_key_that_is_not_a_name_is_refused_where_it_sits(override, where, tmp_
 def test_the_structured_keys_still_accept_what_means_something():
     assert load_config(None, ["rl.keep_best=true", "rl.steps=10", "rl.eval_every=9"]).rl.keep_best
     assert load_config(None, ["task.env=web", "task.name=web"]).task.env == "web"
+    assert load_config(None, ["task.env=calculator", "task.env_options={call_open: '<c>'}"]).task.env_options
     assert load_config(None, ["task.name=file", "task.train_file=x.jsonl", "task.eval_file=y.jsonl"]).task.eval_file
     assert load_config(None, ["task.sources=[{file: x.jsonl}, {task: arithmetic}]"]).task.sources
 
