@@ -107,7 +107,7 @@ RUN_KEYS = ("rollout.engine", "rollout.max_new_tokens", "rollout.dtype", "rl.top
 
 
 def _entry_name(entry: str | dict[str, Any]) -> str:
-    name = next(iter(entry)) if isinstance(entry, dict) else entry
+    name = next(iter(entry), None) if isinstance(entry, dict) else entry  # {}: no name, refused below
     return STAGE_ALIASES.get(name, name) if isinstance(name, str) else name  # not a name: _validate_stages says so
 
 
@@ -182,7 +182,31 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. rl.steps=20)")
     key, raw = override.split("=", 1)
-    _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "", f"override {override!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:  # often a shell that split `{a: 1}` at its space: name the key, not a parser trace
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config key '{key.strip()}': the value {raw!r} of override {override!r} is not valid "
+                          f"YAML ({problem}); a value with spaces must reach rlpost as one word: quote the whole "
+                          "override in the shell, as in 'rl.reward={name: teacher, teacher: t}'") from None
+    _check_names(value, f"override {override!r}", key.strip())
+    _set(data, key.strip(), value, f"override {override!r}")
+
+
+def _check_names(value: Any, where: str, key: str) -> None:
+    """Every mapping key in a recipe or an override value is a name (a config key, a plug-in's or a reward's
+    option): YAML reads `1: 2` or `null: x` as a number or None, which broke the merge and the plug-ins'
+    keyword arguments with a TypeError; refused here naming where it sits."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                inside = f"config key '{key}' has" if key else "the top level has"
+                raise ConfigError(f"{where}: {inside} the key {k!r} ({type(k).__name__}); keys are names: quote it "
+                                  f"('{k}': ...) if it is meant as text")
+            _check_names(v, where, f"{key}.{k}" if key else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_names(v, where, f"{key}[{i}]")
 
 
 def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
@@ -232,6 +256,7 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"recipe {recipe} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {recipe} must be a mapping of config keys, got {type(loaded).__name__}")
+        _check_names(loaded, f"recipe {recipe}", "")
         data = _merge(data, loaded)
     for o in overrides:
         apply_override(data, o)
@@ -300,6 +325,8 @@ def _check_rewards(cfg: Config) -> None:
                               for i, (_, _, s) in enumerate(t.source_configs() if t.sources else [])]
     checks = [(f"{p}rewards", lambda s=s: s.rewards is not None and check_weighted(s.rewards)) for p, s in tasks]
     checks += [(f"{p}reward", lambda s=s: s.reward and check_reward(s.reward, s.reward_options)) for p, s in tasks]
+    # an environment's name is checked now too, not when the first episode starts after the model has loaded
+    checks += [("task.env", lambda: t.env and lookup("rlpost.env.registry:check_env")(t.env, t.env_options))]
     checks.append(("eval.reward", lambda: cfg.eval.reward and check_eval_reward(cfg.eval.reward,
                                                                                 cfg.eval.reward_options, t.env)))
     for key, check in checks:

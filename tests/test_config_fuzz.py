@@ -204,6 +204,72 @@ def test_an_hf_model_is_not_refused_for_gpt_mini_sizes():
     load_config(None, ["model.name=some/checkpoint", "model.n_head=3", "model.n_embd=16"])
 
 
+
+# ---------------------------------------------------------------------------- the structured keys, misused
+
+@pytest.mark.parametrize("overrides, match", [
+    (['stages=["rl", {}]'], r"config key 'stages\[1\]' must be a stage name or \{name: "),  # was a StopIteration
+    (["task.env=nope"], r"config key 'task.env': unknown environment 'nope'; shipped: calculator"),
+    (["task.env=no_such_module_x:Env"], r"config key 'task.env': task.env 'no_such_module_x:Env'"),
+    (["task.env=calculator", "task.env_options={nope: 1}"], r"config key 'task.env': task.env 'calculator': bad "
+                                                            r"task.env_options \['nope'\]"),
+    (["task.env=web", "task.env_options={top_k: 0}"], r"config key 'task.env': task.env 'web': task.env_options: web "
+                                                      r"env: top_k must be a whole number >= 1, got 0"),
+    (["rl.keep_best=true", "rl.eval_every=500"], r"rl.eval_every=500 runs none .* set rl.eval_every=N \(0 < N < "
+                                                 r"150\)"),
+    (["rl.keep_best=true", "rl.steps=10", "rl.eval_every=10"], r"rl.eval_every=10 runs none"),
+    ([f"task.train_file={ROOT / 'README.md'}"], r"task.name=arithmetic makes its own problems and reads no prompt "
+                                                r"file, but task.train_file is set"),
+    (["task.name=multistep", "task.eval_file=x.jsonl"], r"task.name=multistep .* task.eval_file is set"),
+    (["task.sources=[{task: arithmetic, file: x.jsonl}]"], r"task.name=arithmetic .* an entry's `file`"),
+    # beside task.sources every key but the run's is an entry's own, and was silently not read
+    (["task.sources=[{task: arithmetic}]", "task.name=multistep"], r"config key 'task.name' is set beside "
+                                                                   r"'task.sources'.*task.sources\[i\].task\)"),
+    (["task.sources=[{task: arithmetic}]", "task.seed=5"], r"'task.seed' is set beside 'task.sources'"),
+    (["task.sources=[{file: x.jsonl}]", "task.prompt_key=question"], r"'task.prompt_key' is set beside"),
+])
+def test_a_structured_key_that_means_nothing_is_refused_naming_it(overrides, match):
+    """Each was accepted (and ignored: the embedded task trained on its own problems, keep_best kept nothing), or
+    ended in a traceback, or failed only after the model had loaded (an unknown environment)."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("override", ["task.env_options={nope:", "stages=[rl", "rl.reward={name: [", "rl.steps=@"])
+def test_an_override_that_is_not_yaml_names_its_key(override, tmp_path, capsys):
+    """A shell splits an unquoted `key={a: 1}` at its space: the YAML parser's exception came out as a traceback."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': the value .* is not valid YAML .* quote "
+                                          "the whole override"):
+        load_config(None, [override])
+    assert main(["train", override, "1}", f"out_dir={tmp_path / 'runs'}"]) == 2
+    assert f"config key '{key}'" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, where", [("rl={1: 2}", "'rl'"), ("task.options={1: 2}", "'task.options'"),
+                                             ("rl.reward={name: prm, path: p, 1: 2}", "'rl.reward'"),
+                                             ("stages=[{rl: {1: 2}}]", "'stages[0].rl'"),
+                                             ("algorithm={name: grpo, null: 2}", "'algorithm'")])
+def test_a_key_that_is_not_a_name_is_refused_where_it_sits(override, where, tmp_path):
+    """YAML reads `1: 2` with an int key: the merge (str + int) or a plug-in's keyword arguments raised a
+    TypeError or an AttributeError; a recipe too."""
+    with pytest.raises(ConfigError, match=f"config key {re.escape(where)} has the key .*; keys are names"):
+        load_config(None, [override])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("1: 2\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: the top level has the key 1 \(int\); keys are names"):
+        load_config(str(recipe))
+    assert load_config(None, ["task.name=multistep", "task.options={'answer_format_rate': 0.5}"])
+
+
+def test_the_structured_keys_still_accept_what_means_something():
+    assert load_config(None, ["rl.keep_best=true", "rl.steps=10", "rl.eval_every=9"]).rl.keep_best
+    assert load_config(None, ["task.env=web", "task.name=web"]).task.env == "web"
+    assert load_config(None, ["task.env=calculator", "task.env_options={call_open: '<c>'}"]).task.env_options
+    assert load_config(None, ["task.name=file", "task.train_file=x.jsonl", "task.eval_file=y.jsonl"]).task.eval_file
+    assert load_config(None, ["task.sources=[{file: x.jsonl}, {task: arithmetic}]"]).task.sources
+
+
 # ---------------------------------------------------------------------------- through the CLI
 
 def cli(args: list[str], tmp_path) -> subprocess.Popen:

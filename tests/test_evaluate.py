@@ -101,3 +101,16 @@ def test_maj_at_k_votes_on_the_rewards_final_answer_or_the_first_line():
     assert code.final_answer("def f(x):return x\nmore") == "def f(x):return x"
     assert RewardRole().final_answer("  \n") is None  # a role without a verifier (a learned reward)
     math.close()
+
+
+@pytest.mark.parametrize("flags", [["--samples", "0"], ["--samples", "-2"], ["--k", "0"], ["--k", "1", "-1"]])
+def test_rlpost_eval_refuses_a_count_below_one_before_loading_anything(flags, capsys):
+    """--samples 0 was read as unset (the largest k) and the run went on; a negative count failed only after the
+    checkpoint had loaded, with a message about k."""
+    from rlpost.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "no/such/run", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flags[0]}: must be a whole number >= 1" in err, err

@@ -480,3 +480,28 @@ def test_plan_matches_the_measured_peak_of_a_real_job(qwen_42m, tmp_path, ranks)
     print(f"\n{ranks} rank(s): plan {p.peak / 1e9:.3f} GB ({p.peak_phase}), measured {measured / 1e9:.3f} GB, "
           f"plan / measured {p.peak / measured:.3f}")
     assert abs(p.peak / measured - 1) <= 0.15, (p.peak, measured)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["memory", "0.5b", "--gpu-memory-gb", "nan"], "--gpu-memory-gb"),  # was a table of "nan GB", exit 0
+    (["memory", "0.5b", "--gpu-memory-gb", "-5"], "--gpu-memory-gb"),
+    (["memory", "0.5b", "--headroom", "2"], "--headroom"),
+    (["memory", "0.5b", "--prompt-tokens", "-1"], "--prompt-tokens"),
+    (["memory", "0.5b", "--layout", "zero3", "--batch", "-1"], "--batch"),
+    (["memory", "0.5b", "--layout", "zero3", "--seq-len", "0"], "--seq-len"),
+    (["throughput", "--model", "0.5b", "--gpus", "0"], "--gpus"),  # was a ZeroDivisionError
+    (["throughput", "--model", "0.5b", "--k", "-1"], "--k"),  # was an IndexError
+    (["throughput", "--model", "0.5b", "--mfu", "nan"], "--mfu"),
+    (["throughput", "--model", "0.5b", "--mfu", "1.5"], "--mfu"),
+])
+def test_plan_flags_refuse_numbers_that_mean_nothing(args, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "must be in" in err, err
+
+
+def test_plan_flags_accept_their_boundary_values(capsys):
+    assert main(["plan", "memory", "0.5b", "--headroom", "0", "--layout", "zero3", "--lora-rank", "0"]) == 0
+    assert main(["plan", "throughput", "--model", "0.5b", "--gpus", "1", "--mfu", "1", "--verifier-s", "0"]) == 0

@@ -3,9 +3,23 @@
 
 from __future__ import annotations
 
+import argparse
+
 from rlpost.commands.common import error, recipe_and_overrides
 from rlpost.config import ConfigError
 from rlpost.heldout import run_eval
+
+
+def _count(text: str) -> int:
+    """An argparse `type` for --k and --samples: a whole number >= 1 (--samples 0 read as "unset" and ran the
+    default; a negative one failed later with a message about k)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
 
 
 def add_eval(sub) -> None:
@@ -18,8 +32,8 @@ def add_eval(sub) -> None:
     p.add_argument("checkpoint", help="a run directory or a model folder")
     p.add_argument("recipe", nargs="?", help="recipe YAML for the task (default: the run's config.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (task.*, eval.*)")
-    p.add_argument("--k", type=int, nargs="+", default=[1], help="the k of pass@k and maj@k (default 1)")
-    p.add_argument("--samples", type=int, help="samples per prompt (default: the largest k)")
+    p.add_argument("--k", type=_count, nargs="+", default=[1], help="the k of pass@k and maj@k (default 1)")
+    p.add_argument("--samples", type=_count, help="samples per prompt (default: the largest k)")
     p.add_argument("--out", help="where eval.json goes (default: in the run directory, else here)")
 
 

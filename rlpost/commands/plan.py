@@ -5,10 +5,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from rlpost.commands.common import error
 from rlpost.plan import throughput
 from rlpost.plan.memory import LAYOUTS, Setup, estimate, format_plan, format_report, plan, plan_inputs, shape_for
+
+
+def _number(kind: type, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False):
+    """An argparse `type`: a finite `kind` in [low, high] (an end open when asked). A flag given NaN, inf, 0 or a
+    negative number where none means anything is refused by argparse (exit 2, naming the flag), not turned
+    into a table of nan or a ZeroDivisionError."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        below = value <= low if open_low else value < low
+        above = value >= high if open_high else value > high
+        if not math.isfinite(value) or below or above:
+            lo, hi = "(" if open_low else "[", ")" if open_high or high == math.inf else "]"
+            raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {high:g}{hi}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT, SIZE = _number(int, 1), _number(int, 0)  # at least one; zero allowed
+POSITIVE, NONNEG = _number(float, 0, open_low=True), _number(float, 0)
+FRACTION = _number(float, 0, 1, open_low=True)  # (0, 1]
+HEADROOM = _number(float, 0, 1, open_high=True)  # [0, 1)
 
 
 def add_plan(sub) -> None:
@@ -41,26 +68,27 @@ def add_plan_memory(plan_sub) -> None:
     m.add_argument("--layout", choices=list(LAYOUTS), default="rlpost",
                    help="rlpost: what rlpost's own roles hold (default); zero3: the generic ZeRO-3 estimate, "
                         "whose own settings are listed below")
-    m.add_argument("--ranks", type=int, default=1, help="rlpost: torchrun ranks of trainer.strategy=fsdp2 "
+    m.add_argument("--ranks", type=COUNT, default=1, help="rlpost: torchrun ranks of trainer.strategy=fsdp2 "
                                                         "(default 1)")
-    m.add_argument("--prompt-tokens", type=int, default=128,
+    m.add_argument("--prompt-tokens", type=COUNT, default=128,
                    help="rlpost: tokens of the longest prompt (default 128)")
     z = m.add_argument_group("--layout zero3: the generic estimate's settings")
-    z.add_argument("--seq-len", type=int, default=4096, help="prompt + response tokens per sequence (default 4096)")
-    z.add_argument("--batch", type=int, default=64, help="rollout sequences in flight over all engines (default 64)")
-    z.add_argument("--micro-batch", type=int, default=1, help="sequences per training forward/backward (default 1)")
-    z.add_argument("--gpus", type=int, default=1, help="GPUs of the job, trainer and rollout (default 1)")
-    m.add_argument("--gpu-memory-gb", "--gpu-gb", type=float, default=80.0,
+    z.add_argument("--seq-len", type=COUNT, default=4096, help="prompt + response tokens per sequence (default 4096)")
+    z.add_argument("--batch", type=COUNT, default=64, help="rollout sequences in flight over all engines (default 64)")
+    z.add_argument("--micro-batch", type=COUNT, default=1, help="sequences per training forward/backward (default 1)")
+    z.add_argument("--gpus", type=COUNT, default=1, help="GPUs of the job, trainer and rollout (default 1)")
+    m.add_argument("--gpu-memory-gb", "--gpu-gb", type=POSITIVE, default=80.0,
                    help="memory of one GPU in GB (default 80)")
     z.add_argument("--topology", choices=["colocated", "disaggregated", "async"], default="colocated",
                    help="colocated: every copy on every GPU; disaggregated / async: rollout engines on "
                         "--rollout-gpus of the GPUs, the rest train (default colocated)")
-    z.add_argument("--rollout-gpus", type=int, help="disaggregated / async: GPUs of the rollout engines "
+    z.add_argument("--rollout-gpus", type=COUNT, help="disaggregated / async: GPUs of the rollout engines "
                                                     "(default half of --gpus)")
-    z.add_argument("--rollout-tp", type=int, default=1, help="tensor-parallel size of one rollout engine (default 1)")
+    z.add_argument("--rollout-tp", type=COUNT, default=1,
+                   help="tensor-parallel size of one rollout engine (default 1)")
     z.add_argument("--critic", action="store_true", help="a critic (PPO-style algorithms): a second trained copy")
     z.add_argument("--reward-model", action="store_true", help="a learned reward model (a verifier needs none)")
-    z.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full; default 0)")
+    z.add_argument("--lora-rank", type=SIZE, default=0, help="train LoRA adapters of this rank (0: full; default 0)")
     z.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
     z.add_argument("--precision", choices=["mixed", "fp32", "bf16"], default="mixed",
                    help="mixed: bf16 compute with fp32 master weights and AdamW (18 B/param); fp32 (16); "
@@ -68,7 +96,7 @@ def add_plan_memory(plan_sub) -> None:
     z.add_argument("--no-shard", action="store_true", help="do not shard the training state (no ZeRO-3 / FSDP)")
     z.add_argument("--no-flash-attention", action="store_true",
                    help="activations of attention that stores its s x s scores")
-    m.add_argument("--headroom", type=float, default=0.10,
+    m.add_argument("--headroom", type=HEADROOM, default=0.10,
                    help="fraction of each GPU kept free for the CUDA context and fragmentation (default 0.10)")
     m.add_argument("--json", action="store_true", help="print a JSON dict instead of the table")
 
@@ -83,27 +111,28 @@ def add_plan_throughput(plan_sub) -> None:
     t.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="a run directory with RL steps in its metrics.jsonl")
     r = t.add_argument_group("before any run: a roofline of MODEL on GPUs (instead of RUN_DIR)")
     r.add_argument("--model", help="a size (7b), a named model or a model folder, as `plan memory` takes")
-    r.add_argument("--gpus", type=int, default=8, help="GPUs of the job (default 8)")
-    r.add_argument("--rollout-gpus", type=int, help="disaggregated / async: GPUs of the engines (default half)")
-    r.add_argument("--prompts", type=int, default=128, help="prompts per step (default 128)")
-    r.add_argument("--k", type=int, default=8, help="samples per prompt (default 8)")
-    r.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default 512)")
-    r.add_argument("--response-len", type=int, default=1024, help="mean response tokens (default 1024)")
-    r.add_argument("--length-sigma", type=float, default=0.0,
+    r.add_argument("--gpus", type=COUNT, default=8, help="GPUs of the job (default 8)")
+    r.add_argument("--rollout-gpus", type=COUNT, help="disaggregated / async: GPUs of the engines (default half)")
+    r.add_argument("--prompts", type=COUNT, default=128, help="prompts per step (default 128)")
+    r.add_argument("--k", type=COUNT, default=8, help="samples per prompt (default 8)")
+    r.add_argument("--prompt-len", type=COUNT, default=512, help="prompt tokens (default 512)")
+    r.add_argument("--response-len", type=COUNT, default=1024, help="mean response tokens (default 1024)")
+    r.add_argument("--length-sigma", type=NONNEG, default=0.0,
                    help="response lengths log-normal with this sigma: the long tail (default 0: all equal)")
-    r.add_argument("--max-response-len", type=int, help="the length cap (default 4 x the mean)")
-    r.add_argument("--verifier-s", type=float, default=0.0, help="seconds of scoring per step (default 0)")
+    r.add_argument("--max-response-len", type=COUNT, help="the length cap (default 4 x the mean)")
+    r.add_argument("--verifier-s", type=NONNEG, default=0.0, help="seconds of scoring per step (default 0)")
     r.add_argument("--no-reference", action="store_true", help="no KL term: no reference forward")
-    r.add_argument("--tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s of one GPU (default H100 989)")
-    r.add_argument("--hbm-tbs", type=float, default=3.35, help="HBM TB/s of one GPU (default H100 3.35)")
-    r.add_argument("--mfu", type=float, default=0.4, help="fraction of peak FLOP/s reached (default 0.4)")
-    r.add_argument("--decode-efficiency", type=float, default=0.6,
+    r.add_argument("--tflops", type=POSITIVE, default=989.0,
+                   help="peak dense bf16 TFLOP/s of one GPU (default H100 989)")
+    r.add_argument("--hbm-tbs", type=POSITIVE, default=3.35, help="HBM TB/s of one GPU (default H100 3.35)")
+    r.add_argument("--mfu", type=FRACTION, default=0.4, help="fraction of peak FLOP/s reached (default 0.4)")
+    r.add_argument("--decode-efficiency", type=FRACTION, default=0.6,
                    help="fraction of HBM bandwidth a decode step reaches (default 0.6)")
-    r.add_argument("--network-gbs", type=float, default=50.0,
+    r.add_argument("--network-gbs", type=POSITIVE, default=50.0,
                    help="GB/s of the weight broadcast to engines on other GPUs (default 50)")
-    t.add_argument("--warmup", type=int, default=3, help="first RL steps left out of the medians (default 3)")
-    t.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="rollout worker counts to predict")
-    t.add_argument("--sync-gbps", type=float, default=1.0,
+    t.add_argument("--warmup", type=SIZE, default=3, help="first RL steps left out of the medians (default 3)")
+    t.add_argument("--workers", type=COUNT, nargs="+", default=[1, 2, 4], help="rollout worker counts to predict")
+    t.add_argument("--sync-gbps", type=POSITIVE, default=1.0,
                    help="GB/s of a weight transfer to a worker's own copy, when the run itself moved nothing "
                         "(default 1.0)")
     t.add_argument("--json", action="store_true", help="print a JSON dict instead of the table")

@@ -96,6 +96,25 @@ def _unscored(completion: str, row: dict) -> float:
     return 0.0
 
 
+def check_env(spec: str, options: dict) -> None:
+    """Raise ValueError for a task.env that `env_class` would refuse, when the config loads: an unknown name, a
+    module:Class that does not load, options its constructor refuses. A shipped environment is built (cheap: the
+    web one serves its corpus only when an episode starts) and closed, so its own checks of the options' values
+    run; a user's class only has its options matched to its signature (building it may be costly)."""
+    cls = load_env(spec)
+    try:
+        if spec in ENVS:
+            reward = {"reward": _unscored} if "reward" in inspect.signature(cls).parameters else {}
+            env = cls(**reward, **options)
+            getattr(env, "close", lambda: None)()
+        else:
+            inspect.signature(cls).bind(**options)
+    except TypeError as e:
+        raise ValueError(f"task.env {spec!r}: bad task.env_options {sorted(options)}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"task.env {spec!r}: task.env_options: {e}") from None
+
+
 def env_takes_reward(spec: str) -> bool:
     """Does environment `spec` (a shipped name or 'module:Class') take a `reward` that scores its final turn?"""
     return "reward" in inspect.signature(load_env(spec)).parameters

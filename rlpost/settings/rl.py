@@ -44,6 +44,10 @@ class RLConfig(Section):
                                                        "reward_model stage are aliases)")
 
     def check(self, prefix: str) -> None:
-        if self.keep_best and self.eval_every == 0 and self.steps > 0:
+        # the evaluations during RL fall on the multiples of eval_every below steps (the last step's is the
+        # final evaluation, after RL): eval_every=0, or >= steps, runs none, and keep_best would keep nothing
+        if self.keep_best and self.steps > 0 and not 0 < self.eval_every < self.steps:
             raise ConfigError(f"{prefix}keep_best keeps the best of the held-out evaluations during RL, and "
-                              f"{prefix}eval_every=0 runs none: set {prefix}eval_every=N (N < {prefix}steps)")
+                              f"{prefix}eval_every={self.eval_every} runs none (they run at the multiples of "
+                              f"{prefix}eval_every below {prefix}steps={self.steps}): set {prefix}eval_every=N "
+                              f"(0 < N < {self.steps})")

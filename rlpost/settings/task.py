@@ -21,8 +21,6 @@ OPTION_ALIASES = ("answer_format_rate",)  # flat task.* keys that are a task's o
 # task.sources: the keys of the whole run, which every source shares (set them as task.*, not in an entry)
 RUN_KEYS = ("reward_on_error", "reward_timeout_s", "reward_workers", "max_turns", "max_episode_tokens",
             "env_timeout_s", "env_on_error", "system_prompt")
-# task.* keys that an entry of task.sources sets for itself: beside task.sources they would say nothing
-SOURCE_OWN = ("train_file", "eval_file", "reward", "reward_options", "rewards", "env", "env_options", "options")
 # names a source may not take: reward/<source> sits beside these metrics
 RESERVED_SOURCE_NAMES = ("mean", "std", "errors", "timeouts", "gold_mean")
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -124,10 +122,12 @@ class TaskConfig(Section):
         if not isinstance(self.sources, list) or not self.sources:
             raise ConfigError(f"config key '{prefix}sources' must be a non-empty list of {{file, weight, ...}} "
                               f"entries (or null: the one task of {prefix}name), got {self.sources!r}")
-        for key in SOURCE_OWN:
-            if getattr(self, key) != _default(key):
+        for f in dataclasses.fields(self):  # every other key is an entry's own: beside task.sources it says nothing
+            key = f.name
+            if key not in RUN_KEYS and key != "sources" and getattr(self, key) != _default(key):
+                own = {"name": "task", "train_file": "file"}.get(key, key)  # what an entry calls it
                 raise ConfigError(f"config key '{prefix}{key}' is set beside '{prefix}sources', whose entries each "
-                                  f"set their own: move it into the entries ({prefix}sources[i].{key}), or unset it")
+                                  f"set their own: move it into the entries ({prefix}sources[i].{own}), or unset it")
         out, names = [], {}
         for i, entry in enumerate(self.sources):
             where = f"{prefix}sources[{i}]"

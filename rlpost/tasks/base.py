@@ -66,7 +66,14 @@ class TaskSource:
 
     def check(self, cfg) -> None:
         """Refuse (ValueError naming the key) a TaskConfig this task cannot load; called when the config loads,
-        before any work. Nothing to refuse by default."""
+        before any work. By default: prompt files, which only the file task reads (a task that reads them
+        overrides this), since an embedded task would train on its own problems and ignore them."""
+        files = [key for key in ("train_file", "eval_file") if getattr(cfg, key, None)]
+        if files:
+            raise ValueError(f"task.name={self.name} makes its own problems and reads no prompt file, but "
+                             f"{' and '.join('task.' + k for k in files)} is set (in task.sources: an entry's "
+                             "`file`): set task.name=file to train on the file (in task.sources: leave out the "
+                             "entry's `task`), or unset it")
 
     def load(self, cfg) -> Task:
         """The Task of TaskConfig `cfg` (its shared keys: seed, files, columns...) and this task's options."""
