@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from rlpost.schema import ConfigError, RangeError, Section, at_least, from_dict, hints, lookup, opt
+from rlpost.schema import ConfigError, RangeError, Section, at_least, check_names, from_dict, hints, lookup, opt
 from rlpost.settings.critic import CriticConfig
 from rlpost.settings.reference import ReferenceConfig
 from rlpost.settings.distill import DistillConfig
@@ -189,24 +189,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"config key '{key.strip()}': the value {raw!r} of override {override!r} is not valid "
                           f"YAML ({problem}); a value with spaces must reach rlpost as one word: quote the whole "
                           "override in the shell, as in 'rl.reward={name: teacher, teacher: t}'") from None
-    _check_names(value, f"override {override!r}", key.strip())
+    check_names(value, f"override {override!r}", key.strip())
     _set(data, key.strip(), value, f"override {override!r}")
-
-
-def _check_names(value: Any, where: str, key: str) -> None:
-    """Every mapping key in a recipe or an override value is a name (a config key, a plug-in's or a reward's
-    option): YAML reads `1: 2` or `null: x` as a number or None, which broke the merge and the plug-ins'
-    keyword arguments with a TypeError; refused here naming where it sits."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                inside = f"config key '{key}' has" if key else "the top level has"
-                raise ConfigError(f"{where}: {inside} the key {k!r} ({type(k).__name__}); keys are names: quote it "
-                                  f"('{k}': ...) if it is meant as text")
-            _check_names(v, where, f"{key}.{k}" if key else k)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_names(v, where, f"{key}[{i}]")
 
 
 def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
@@ -256,7 +240,7 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"recipe {recipe} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {recipe} must be a mapping of config keys, got {type(loaded).__name__}")
-        _check_names(loaded, f"recipe {recipe}", "")
+        check_names(loaded, f"recipe {recipe}", "")
         data = _merge(data, loaded)
     for o in overrides:
         apply_override(data, o)

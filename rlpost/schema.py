@@ -328,3 +328,19 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             lines.append(f"  {prefix + f.name:<28} {getattr(default, f.name)!s:<14} {f.metadata.get('help', '')}"
                          f"{allowed}")
     return lines
+
+
+def check_names(value: Any, where: str, key: str) -> None:
+    """Every mapping key in a recipe or an override value is a name (a config key, a plug-in's or a reward's
+    option): YAML reads `1: 2` or `null: x` as a number or None, which broke the merge and the plug-ins'
+    keyword arguments with a TypeError; refused here naming where it sits."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                inside = f"config key '{key}' has" if key else "the top level has"
+                raise ConfigError(f"{where}: {inside} the key {k!r} ({type(k).__name__}); keys are names: quote it "
+                                  f"('{k}': ...) if it is meant as text")
+            check_names(v, where, f"{key}.{k}" if key else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_names(v, where, f"{key}[{i}]")
