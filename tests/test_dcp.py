@@ -19,24 +19,16 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_fsdp import (RANK_ROWS, ROOT, TOL, free_port, full_weights, global_batch, make_model,  # noqa: E402
-                       max_diff, trainer_for)
+from test_fsdp import (RANK_ROWS, ROOT, TOL, free_port, full_weights, global_batch, make_model, max_diff,  # noqa: E402
+                       trainer_for)
+from test_fsdp import launch as fsdp_launch  # noqa: E402
 
 STEPS = 2
 
 
 def launch(job: str, out: str, *args: str, nproc: int = 2, timeout: int = 300) -> dict:
-    """Run this file's `job` under torchrun with `nproc` ranks (nproc=0: a plain process) and read OUT."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), __file__, job, out, *args]
-    else:
-        cmd = [sys.executable, __file__, job, out, *args]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    with open(out) as f:
-        return json.load(f)
+    """test_fsdp's launcher, running this file's `job`."""
+    return fsdp_launch(job, out, *args, nproc=nproc, timeout=timeout, script=__file__)
 
 
 def _rows(world: int, rank: int) -> list[int]:

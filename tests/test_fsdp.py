@@ -29,14 +29,15 @@ TOL = 1e-5
 STEPS = 3
 
 
-def launch(job: str, out: str, *args: str, nproc: int = 2, timeout: int = 300) -> dict:
-    """Run this file's `job` under torchrun with `nproc` ranks (nproc=0: a plain process) and read OUT."""
+def launch(job: str, out: str, *args: str, nproc: int = 2, timeout: int = 300, script: str = __file__) -> dict:
+    """Run `script`'s (this file's) `job` under torchrun with `nproc` ranks (nproc=0: a plain process) and read
+    OUT."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), __file__, job, out, *args]
+               "127.0.0.1", "--master_port", str(free_port()), script, job, out, *args]
     else:
-        cmd = [sys.executable, __file__, job, out, *args]
+        cmd = [sys.executable, script, job, out, *args]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     with open(out) as f:
