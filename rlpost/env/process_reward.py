@@ -37,7 +37,6 @@ import torch
 from rlpost.algorithms.base import last_token_index
 from rlpost.batch import Batch
 from rlpost.env.process_reward_model import ProcessRewardModel, holds_separator, responses, step_ends
-from rlpost.env.reward_model import micro_batching
 from rlpost.env.role import RewardRole
 from rlpost.env.source import RewardSource, SourceInputs, over_episodes, register, runs_episodes
 from rlpost.env.teacher import check_same_tokenizer
@@ -142,7 +141,7 @@ def load_process_reward(cfg, tokenizer, outcome, prompts: list, system: str | No
     """The PRM folder `cfg.path` loaded, its tokenizer checked against the policy's, as a reward role around
     the run's verifier `outcome` (None with `episodes`: an environment's rewards are the outcome). `key`:
     the config key the folder was given by, for the errors; `micro`: the trainer's micro-batching
-    (`rlpost.env.reward_model.micro_batching`)."""
+    (`rlpost.env.source.micro_batching`)."""
     if not os.path.isdir(cfg.path):
         raise ValueError(f"{key}: no folder at {cfg.path!r} (a process reward model: a `rlpost prm` run's "
                          "checkpoints/prm)")
@@ -193,5 +192,5 @@ class PRMSource(RewardSource):
         episodes = runs_episodes(inputs.verifier)
         reward = load_process_reward(self.options, inputs.tokenizer, None if episodes else inputs.verifier,
                                      inputs.prompts, system=inputs.system, key=self.key("path"), episodes=episodes,
-                                     micro=micro_batching(inputs))
+                                     micro=inputs.micro_batching())
         return over_episodes(inputs.verifier, reward)

@@ -304,18 +304,9 @@ class RewardModelSource(RewardSource):
         if inputs.reward_model is None:  # the stage has not run yet: the stages before it use the verifier
             return inputs.verifier
         rm, rm_tokenizer = inputs.reward_model
-        reward = LearnedReward(rm, rm_tokenizer, gold=episode_reward(inputs.verifier), **micro_batching(inputs))
+        reward = LearnedReward(rm, rm_tokenizer, gold=episode_reward(inputs.verifier), **inputs.micro_batching())
         reward.check_tokenizer(inputs.tokenizer, inputs.prompts)
         return over_episodes(inputs.verifier, reward)
-
-
-def micro_batching(inputs: SourceInputs) -> dict:
-    """The run's micro-batching (`trainer.micro_batch_size`, `micro_batch_tokens`, `packing`) as keyword
-    arguments of a learned scorer, which scores in the trainer's micro-batches; none without a trainer section."""
-    t = inputs.trainer if inputs.trainer is not None else getattr(inputs.cfg, "trainer", None)
-    if t is None:
-        return {}
-    return dict(micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens, packing=t.packing)
 
 
 # ---------------------------------------------------------------------------- pairs for the embedded task

@@ -47,6 +47,20 @@ class SourceInputs:
     reward_model: tuple | None = None
     trainer: Any = None
 
+    def micro_batching(self) -> dict:
+        """The run's micro-batching as a learned scorer's keyword arguments (`micro_batching`)."""
+        return micro_batching(self.trainer if self.trainer is not None else getattr(self.cfg, "trainer", None))
+
+
+def micro_batching(trainer) -> dict:
+    """`trainer.*`'s micro-batching (`micro_batch_size`, `micro_batch_tokens`, `packing`) as keyword arguments of
+    a learned scorer (reward model, PRM, teacher), which scores in the trainer's micro-batches; none without a
+    trainer section."""
+    if trainer is None:
+        return {}
+    return dict(micro_batch_size=trainer.micro_batch_size, micro_batch_tokens=trainer.micro_batch_tokens,
+                packing=trainer.packing)
+
 
 class RewardSource:
     """Base class of the RL reward sources (see the module docstring). `options` is the filled `Config`;

@@ -44,7 +44,8 @@ from rlpost.ops import masked_mean_value
 from rlpost.packing import micro_batches, scatter_rows
 from rlpost.env.reward import decode_responses
 from rlpost.env.role import RewardRole
-from rlpost.env.source import RewardSource, SourceInputs, over_episodes, register, runs_episodes
+from rlpost.env.source import (RewardSource, SourceInputs, micro_batching, over_episodes, register,
+                               runs_episodes)
 from rlpost.rollout.engine import SamplingParams
 from rlpost.schema import Range, above
 
@@ -134,11 +135,8 @@ def load_teacher_reward(cfg, model_cfg, tokenizer, temperature: float, verifier,
     teacher, teacher_tok = load_model(teacher_cfg)
     check_same_tokenizer(tokenizer, teacher_tok, prompts, system, where=f"{key} {cfg.teacher}")
     # the teacher scores at the temperature the student's old_logp are reported at (1 for greedy rollouts)
-    micro = {} if trainer_cfg is None else dict(micro_batch_size=trainer_cfg.micro_batch_size,
-                                                micro_batch_tokens=trainer_cfg.micro_batch_tokens,
-                                                packing=trainer_cfg.packing)
     return TeacherReward(teacher, tokenizer, coef=cfg.coef, params=SamplingParams(temperature=temperature),
-                         gold=getattr(verifier, "fn", None), **micro)
+                         gold=getattr(verifier, "fn", None), **micro_batching(trainer_cfg))
 
 
 @register("teacher")
