@@ -108,7 +108,7 @@ class EnvEpisodes(Episodes):
     "env", "text", "tokens"}."""
 
     def __init__(self, role: EnvRole, rows: list[dict], k: int):
-        self.role, self.k, self.n_rows = role, k, len(rows)
+        self.role, self.k = role, k
         tok = role.tokenizer
         self.episodes = [_Episode(env=role.make(), row=row, group=g) for g, row in enumerate(rows) for _ in range(k)]
         self.errors = self.timeouts = 0

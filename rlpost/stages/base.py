@@ -6,7 +6,7 @@ stages in order; each stage module imports this one, never the run.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rlpost import distributed as dist
@@ -44,7 +44,6 @@ class RunContext:
     stage_name: str = ""
     weights_from: str | None = None   # the checkpoint folder holding the policy's current weights (None: initial)
     stop_requested: str | None = None
-    checkpoint_names: list[str] = field(default_factory=list)
     run_id: str | None = None         # run.json's id and the config's digest: a resume takes only checkpoints
     config_sha256: str | None = None  # written by this run under this config (checkpoint.verify)
 
