@@ -1,6 +1,7 @@
 """task.sources[i].env: each source's episodes run in its own environment (a one-turn source stays a verifier),
 side by side in one rollout; per-source metrics; the entries' env keys checked at config load."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -18,12 +19,14 @@ from rlpost.env.tools import CalculatorEnv
 from rlpost.env.verifiers import SourceRewards, reward_role
 from rlpost.models.gpt_mini import CharTokenizer
 from rlpost.prompts import SOURCE_KEY
+from rlpost.report import build_report
 from rlpost.rollout import SamplingParams
 from rlpost.rollout.episodes import run_episodes
 from rlpost.run import saved_config, train
 from rlpost.stages.rl import sample_records
 from rlpost.tasks import answer_match_reward, load_task
 
+from test_report import read_page
 from test_resume import assert_same_checkpoints, comparable
 
 CALCULATOR = {"call_open": "?", "call_close": "", "result_open": "=", "result_close": ";", "max_calls": 1,
@@ -140,18 +143,25 @@ def test_an_environment_that_fails_follows_its_sources_env_on_error():
     assert batch.response_mask[2:4].sum() == 0 and batch.response_mask[0].sum() > 0
 
 
-def test_the_run_builds_each_sources_role_from_its_entry(tmp_path):
+def test_the_run_builds_each_sources_role_from_its_entry(tmp_path, capsys):
     add = tmp_path / "add.jsonl"
     add.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(5)))
     cfg = load_config(None, [f"task.sources=[{{file: {add}, reward: exact}}, {{task: multiply, env: calculator, "
                              f"env_options: {json.dumps(CALCULATOR)}, max_turns: 2, env_on_error: zero}}]",
                              "task.env_timeout_s=5"])
     task = load_task(cfg.task)
-    role = reward_role(cfg.task, task.verify, CharTokenizer("0123456789*?=;+"), 10)
+    tok = CharTokenizer("0123456789*?=;+")
+    role = reward_role(cfg.task, task.verify, tok, 10)
     assert isinstance(role, SourceRoles) and isinstance(role.roles["add"], Reward)
     tools = role.roles["multiply"]
     assert (tools.max_turns, tools.on_error, tools.timeout_s) == (2, "zero", 5.0)
     assert "task.sources[1]" in tools.name
+    # a budget too small for the source's turns is reported under the source's own key
+    role.roles["multiply"] = dataclasses.replace(tools, max_tokens=16)  # the call (9) and its answer (7): no room
+    rows = [ROWS[0], {**ROWS[1], SOURCE_KEY: "multiply"}]
+    batch, metrics, _ = rollout(role, tok, rows)
+    assert batch.meta["finish_reason"][2:] == ["budget"] * 2 and metrics["env/budget_frac_multiply"] == 1.0
+    assert "Set task.sources[1].max_episode_tokens=26" in capsys.readouterr().err
     from rlpost.env import observation_alphabet, response_budget
     assert response_budget(cfg.task, 10) == 2 * 10 + 63  # the tool source's, the larger
     assert set("=;") <= set(observation_alphabet(cfg.task))
@@ -233,6 +243,11 @@ def test_a_run_mixing_a_verifier_source_and_a_tool_source_resumes_exactly(tmp_pa
     assert set(turns["+"]) == {1} and max(turns["*"]) == 2  # the untrained policy sometimes writes a call '?'
     called = [r for r in records if len(r["turns"]) == 2]
     assert all(r["turns"][0]["observation"].startswith("=") and r["env_tokens"] > 0 for r in called)
+    # rollouts.jsonl as an environment's episodes keep it: the turns are the completion
+    assert all("".join(t["policy"] + (t["observation"] or "") for t in r["turns"]) == r["completion"]
+               and r["policy_tokens"] == r["response_len"] for r in records)
+    text, page = read_page(build_report(str(ref)))  # the report's environment section plots the tool source
+    assert page.sections["env"]["imgs"] == 1 and "the environments of task.sources (multiply: calculator)" in text
     shutil.copytree(ref, run)
     for c in list_checkpoints(run):  # as a kill after step 2's checkpoint leaves it
         if c.name != "step_2":
@@ -241,3 +256,20 @@ def test_a_run_mixing_a_verifier_source_and_a_tool_source_resumes_exactly(tmp_pa
     assert comparable(run) == comparable(ref)
     assert (run / "rollouts.jsonl").read_text() == (ref / "rollouts.jsonl").read_text()
     assert assert_same_checkpoints(ref, run) == ["step_2", "final"]
+
+
+def test_a_learned_reward_rescores_the_mixed_episodes():
+    """rl.reward (a reward model, a teacher, a PRM) over a mix: the sources play their episodes, the learned
+    scorer rescores the laid-out batch, and the sources' own rewards become the gold."""
+    from rlpost.env.source import over_episodes, runs_episodes
+
+    def scorer(batch):
+        return batch.replace(rewards=torch.full((len(batch),), 0.25)), {"reward/learned": 0.25}
+
+    tok = CharTokenizer("0123456789*?=;+")
+    role = mixed(tok)
+    assert runs_episodes(role)
+    batch, metrics, _ = rollout(over_episodes(role, scorer), tok)
+    assert batch.rewards.tolist() == [0.25] * 6 and batch.meta["gold_reward"] == [1.0] * 6
+    assert metrics["reward/learned"] == 0.25 and metrics["env/turns_tools"] == 2.0
+    assert batch.meta["completion"][2] == "?123*456=56088;56088"

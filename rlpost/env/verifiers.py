@@ -256,7 +256,8 @@ def _source_roles(task_cfg, default, tokenizer, max_new_tokens: int) -> SourceRo
         envs[name] = bool(source.env)
         if source.env:  # its errors and warnings name the source
             role = EnvRole.from_config(source, tokenizer, fn, max_new_tokens)
-            roles[name] = dataclasses.replace(role, name=f"{source.env} (task.sources[{i}] {name!r})")
+            roles[name] = dataclasses.replace(role, name=f"{source.env} (task.sources[{i}] {name!r})",
+                                              key=f"task.sources[{i}]")
         else:
             _warn_if_cut_short(fn, source.reward_timeout_s)
             roles[name] = Reward(fn, tokenizer, on_error=source.reward_on_error, workers=source.reward_workers,
