@@ -273,3 +273,51 @@ def test_a_learned_reward_rescores_the_mixed_episodes():
     assert batch.rewards.tolist() == [0.25] * 6 and batch.meta["gold_reward"] == [1.0] * 6
     assert metrics["reward/learned"] == 0.25 and metrics["env/turns_tools"] == 2.0
     assert batch.meta["completion"][2] == "?123*456=56088;56088"
+
+
+class PerTurn(CalculatorEnv):
+    """The calculator keeping each turn's reward on that turn's last token."""
+
+    per_turn_rewards = True
+
+
+def test_one_turn_rewards_beside_per_turn_ones_sit_on_the_last_response_token():
+    tok = CharTokenizer("0123456789*?=;+")
+    batch, _, _ = rollout(mixed(tok, lambda: PerTurn(answer_match_reward, **CALCULATOR)), tok)
+    assert batch.rewards.dim() == 2 and batch.rewards.sum(1).tolist() == [1.0] * 6
+    last = [int(batch.response_mask[b].nonzero()[-1]) for b in range(6)]
+    assert [float(batch.rewards[b, last[b]]) for b in range(6)] == [1.0] * 6
+    assert int((batch.rewards != 0).sum()) == 6
+
+
+def test_eval_reward_scores_every_sources_samples():
+    tok = CharTokenizer("0123456789*?=;+")
+
+    def half(completion, row):
+        return 0.5
+
+    role = mixed(tok)
+    role.roles["tools"] = dataclasses.replace(role.roles["tools"], env_cls=CalculatorEnv,
+                                              options={"reward": answer_match_reward, **CALCULATOR})
+    batch, _, _ = rollout(role.scored_by(half), tok)
+    assert batch.rewards.tolist() == [0.5] * 6 and batch.meta["turns"] == [1, 1, 2, 2, 1, 1]
+
+    class SelfScored(Env):
+        def reset(self, row):
+            return row["prompt"]
+
+    role = mixed(tok)
+    role.roles["tools"] = EnvRole(make=SelfScored, tokenizer=tok, env_cls=SelfScored, name="own")
+    with pytest.raises(ValueError, match="task.sources 'tools': environment 'own' scores its episodes itself"):
+        role.scored_by(half)
+
+
+def test_the_sources_metrics_combine_means_by_samples_and_sum_counters():
+    from rlpost.env.per_source import _combine
+
+    out = _combine([("a", {"env/turns": 1.0, "env/errors": 1.0, "reward/errors": 2.0, "judge/calls": 8.0}),
+                    ("b", {"env/turns": 3.0, "env/errors": 2.0, "reward/errors": 1.0, "reward/math": 0.5})], [2, 6])
+    assert out["env/turns"] == (2 * 1.0 + 6 * 3.0) / 8 and out["env/errors"] == 3.0
+    assert out["reward/errors"] == 3.0 and out["judge/calls"] == 8.0 and out["reward/math"] == 0.5
+    assert (out["env/turns_a"], out["env/turns_b"], out["env/errors_b"]) == (1.0, 3.0, 2.0)
+    assert not any(k.startswith(("reward/", "judge/")) and k.endswith(("_a", "_b")) for k in out)

@@ -11,7 +11,7 @@ call, and each source gets its own samples back. `result` lays the sources' batc
 of the rows (k samples of each, group ids those of the rows), a one-turn sample written as a one-turn
 episode (its transcript, 1 turn), so the per-source metrics, rollouts.jsonl and the trainer see one batch.
 
-Metrics: the sources' own (reward/errors, env/turns, ...), counters summed and means weighted by samples;
+Metrics: the sources' own (reward/errors, env/turns, ...), means weighted by samples and counters summed;
 and each environment source's env/* metrics again as env/<metric>_<source> (env/turns_tools).
 """
 
@@ -28,7 +28,15 @@ from rlpost.env.role import Episodes, RewardRole, Turn
 from rlpost.ops import last_token_index
 from rlpost.prompts import SOURCE_KEY
 
-SUMMED = ("errors", "timeouts", "time/")  # metrics that count (summed over the sources); the rest are means
+# metrics that are means over a source's samples (weighted by them over the sources): an environment's per-episode
+# means and a weighted reward's parts (reward/<label>); the rest count (errors, timeouts, seconds, a verifier's
+# calls) and are summed
+MEANS = ("env/turns", "env/env_tokens", "env/budget_frac", "env/tool_calls")
+COUNTS = ("reward/errors", "reward/timeouts")
+
+
+def _is_mean(key: str) -> bool:
+    return key in MEANS or (key.startswith("reward/") and key not in COUNTS)
 
 
 @dataclass
@@ -194,19 +202,19 @@ def _concat(batches: list[Batch]) -> Batch:
 
 
 def _combine(metrics: list[tuple[str, dict[str, float]]], counts: list[int]) -> dict[str, float]:
-    """The sources' metrics as one run's: counters (errors, timeouts, seconds) summed, means weighted by each
-    source's samples, over the sources that report them; each source's env/* metrics also as
-    env/<metric>_<source>."""
+    """The sources' metrics as one run's: means (`_is_mean`) weighted by each source's samples, over the sources
+    that report them, counters (errors, timeouts, seconds, a verifier's call counts) summed; each source's env/*
+    metrics also as env/<metric>_<source>."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     out: dict[str, float] = {}
     for (name, own), n in zip(metrics, counts):
         for key, value in own.items():
-            if any(s in key for s in SUMMED):
-                sums[key] = sums.get(key, 0.0) + value
-            else:
+            if _is_mean(key):
                 sums[key] = sums.get(key, 0.0) + n * value
                 weights[key] = weights.get(key, 0.0) + n
+            else:
+                sums[key] = sums.get(key, 0.0) + value
             if key.startswith("env/"):
                 out[f"{key}_{name}"] = value
     out.update({key: value / weights[key] if key in weights else value for key, value in sums.items()})
