@@ -142,6 +142,17 @@ def test_an_environment_that_fails_follows_its_sources_env_on_error():
     assert metrics["env/errors"] == 2.0 and metrics["env/errors_tools"] == 2.0
     assert batch.response_mask[2:4].sum() == 0 and batch.response_mask[0].sum() > 0
 
+    class ResetFails(Env):
+        def reset(self, row):
+            raise RuntimeError("no prompt today")
+
+    # every episode of the source failed before its first turn: the other source's samples keep their layout
+    batch, metrics, engine = rollout(mixed(tok, ResetFails, on_error="zero"), tok)
+    assert engine.calls == [4] and batch.meta["turns"] == [1, 1, 0, 0, 1, 1] and metrics["env/errors"] == 2.0
+    P = batch.prompt_width
+    texts = [tok.decode(batch.input_ids[b, :P][batch.attention_mask[b, :P].bool()].tolist()) for b in range(6)]
+    assert texts == ["1+1=", "1+1=", "123*456=", "123*456=", "20+2=", "20+2="]
+
 
 def test_the_run_builds_each_sources_role_from_its_entry(tmp_path, capsys):
     add = tmp_path / "add.jsonl"
