@@ -17,7 +17,7 @@ and each environment source's env/* metrics again as env/<metric>_<source> (env/
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,7 +50,6 @@ class SourceRoles(RewardRole):
     fn: Verifier | None = None
     name: str = "sources"
     rescore: Callable[[Batch], tuple[Batch, dict]] | None = None
-    envs: dict[str, bool] = field(default_factory=dict)  # source -> whether it runs an environment
 
     def start(self, rows: list[dict], prompt_ids: list[list[int]], k: int) -> SourceEpisodes:
         return SourceEpisodes(self, rows, prompt_ids, k)
@@ -64,7 +63,7 @@ class SourceRoles(RewardRole):
                 roles[name] = role.scored_by(fn)
             except ValueError as e:
                 raise ValueError(f"task.sources {name!r}: {e}") from None
-        return SourceRoles(roles, fn, self.name, None, dict(self.envs))
+        return SourceRoles(roles, fn, self.name)
 
 
 class SourceEpisodes(Episodes):

@@ -250,10 +250,9 @@ def reward_role(task_cfg, default: Callable[[str, dict], float], tokenizer, max_
 def _source_roles(task_cfg, default, tokenizer, max_new_tokens: int) -> SourceRoles:
     """task.sources with an environment on some entry: each source's role built from its own entry (its env,
     max_turns, budget and env_on_error; the one-turn `Reward` for a source without an env)."""
-    roles, fns, envs = {}, {}, {}
+    roles, fns = {}, {}
     for i, (name, _, source) in enumerate(task_cfg.source_configs()):
         fns[name] = fn = reward_from_config(source, default)
-        envs[name] = bool(source.env)
         if source.env:  # its errors and warnings name the source
             role = EnvRole.from_config(source, tokenizer, fn, max_new_tokens)
             roles[name] = dataclasses.replace(role, name=f"{source.env} (task.sources[{i}] {name!r})",
@@ -262,7 +261,7 @@ def _source_roles(task_cfg, default, tokenizer, max_new_tokens: int) -> SourceRo
             _warn_if_cut_short(fn, source.reward_timeout_s)
             roles[name] = Reward(fn, tokenizer, on_error=source.reward_on_error, workers=source.reward_workers,
                                  timeout_s=source.reward_timeout_s)
-    return SourceRoles(roles, SourceRewards(fns), envs=envs)
+    return SourceRoles(roles, SourceRewards(fns))
 
 
 def _warn_if_cut_short(fn: Verifier, timeout_s: float | None) -> None:
