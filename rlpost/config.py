@@ -310,9 +310,12 @@ def _check_rewards(cfg: Config) -> None:
     checks = [(f"{p}rewards", lambda s=s: s.rewards is not None and check_weighted(s.rewards)) for p, s in tasks]
     checks += [(f"{p}reward", lambda s=s: s.reward and check_reward(s.reward, s.reward_options)) for p, s in tasks]
     # an environment's name is checked now too, not when the first episode starts after the model has loaded
-    checks += [("task.env", lambda: t.env and lookup("rlpost.env.registry:check_env")(t.env, t.env_options))]
-    checks.append(("eval.reward", lambda: cfg.eval.reward and check_eval_reward(cfg.eval.reward,
-                                                                                cfg.eval.reward_options, t.env)))
+    check_env = lookup("rlpost.env.registry:check_env")
+    checks += [(f"{p}env", lambda s=s, p=p: s.env and check_env(s.env, s.env_options, f"{p}env")) for p, s in tasks]
+    # eval.reward scores the final turn of every environment's episodes (task.env, or each source's)
+    checks += [("eval.reward", lambda s=s: cfg.eval.reward and check_eval_reward(cfg.eval.reward,
+                                                                                cfg.eval.reward_options, s.env))
+               for p, s in tasks if s.env or p == "task."]
     for key, check in checks:
         try:
             check()

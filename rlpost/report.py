@@ -596,11 +596,22 @@ def fig_env(plt, data: RunData):
     return fig
 
 
-def _env_note(data: RunData) -> str:
+def _envs(data: RunData) -> str:
+    """The run's environments as the report names them: task.env, or each task.sources entry's env ("" without)."""
     env = data.setting("task.env")
-    note = (f"Episodes against the environment task.env={env} (at most task.max_turns="
-            f"{data.setting('task.max_turns', '?')} turns, task.max_episode_tokens="
-            f"{data.setting('task.max_episode_tokens', 'auto')}). Top: turns and tool calls per episode (mean), "
+    if env:
+        return f"the environment task.env={env}"
+    named = [f"{source_name(e)}: {e['env']}" for e in data.setting("task.sources") or []
+             if isinstance(e, dict) and e.get("env")]
+    return f"the environments of task.sources ({', '.join(named)})" if named else ""
+
+
+def _env_note(data: RunData) -> str:
+    limits = (f"at most task.max_turns={data.setting('task.max_turns', '?')} turns, task.max_episode_tokens="
+              f"{data.setting('task.max_episode_tokens', 'auto')}" if data.setting("task.env") else
+              "each source's max_turns and max_episode_tokens; over the environment sources' episodes, and per "
+              "source as env/<metric>_<source> in metrics.jsonl")
+    note = (f"Episodes against {_envs(data)} ({limits}). Top: turns and tool calls per episode (mean), "
             "environment vs policy tokens per episode, the share stopped by the token budget (a rising share: "
             "raise task.max_episode_tokens, as the run's warning says), failed episodes (env/errors, of which "
             "env/timeouts: task.env_on_error=zero counts them instead of stopping). Bottom, from rollouts.jsonl: "
@@ -717,7 +728,7 @@ def samples_table(data: RunData) -> tuple[str, str]:
     for r in data.rollouts:
         by_step.setdefault(r.get("step"), []).append(r)
     steps = sorted(s for s in by_step if isinstance(s, int))
-    turn_by_turn = bool(data.setting("task.env"))  # an environment's episodes; a one-turn sample is its completion
+    turn_by_turn = bool(_envs(data))  # an environment's episodes; a one-turn sample is its completion
     shown = steps
     if len(steps) > MAX_SAMPLE_STEPS:
         picks = {round(i * (len(steps) - 1) / (MAX_SAMPLE_STEPS - 1)) for i in range(MAX_SAMPLE_STEPS)}
@@ -849,9 +860,9 @@ def _sections(plt, data: RunData, folder: str) -> list[tuple[Section, object]]:
         out.append((s, None))
 
     s = Section("env", "Environment episodes")
-    if not data.setting("task.env"):
-        s.note = ("No environment: the task has no task.env, so every episode is one turn scored by the "
-                  "verifier (environments: docs/environments.md).")
+    if not _envs(data):
+        s.note = ("No environment: the task has no task.env (nor a task.sources entry an env), so every episode is "
+                  "one turn scored by the verifier (environments: docs/environments.md).")
         out.append((s, None))
     elif no_rl:
         s.note = f"Nothing to plot: {no_rl}."

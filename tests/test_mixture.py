@@ -84,7 +84,7 @@ def test_each_row_keeps_its_source_its_columns_and_its_reward(files):
     ("[{file: a.jsonl, train_file: b.jsonl}]", "sets both file and train_file"),
     ("[{file: a.jsonl, colour: red}]", r"unknown config key 'task.sources\[0\].colour'"),
     ("[{file: a.jsonl, reward_workers: 4}]", r"task.sources\[0\].reward_workers' is a setting of the whole run"),
-    ("[{file: a.jsonl, env: calculator}]", "an environment per source is not supported"),
+    ("[{file: a.jsonl, env: nope}]", r"task.sources\[0\].env': unknown environment 'nope'"),
     ("[{file: a.jsonl, prompt_key: ''}]", r"task.sources\[0\].prompt_key' must be a non-empty string"),
     ("[{file: a.jsonl, reward: nosuch}]", r"task.sources\[0\].reward'"),
     ("[{task: nosuch}]", r"task.sources\[0\].task' is 'nosuch'"),

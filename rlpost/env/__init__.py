@@ -6,6 +6,7 @@
 - reward.py: `Reward`, the one-turn verifier role (`VerifierEnv` stepped for a whole batch), its errors;
 - verifiers.py: the shipped verifiers by name (`get_reward`), weighted sums, the run's role from the config;
 - episodes.py: `EnvRole`, episodes against an environment, one `Env` per episode;
+- per_source.py: `SourceRoles`, task.sources whose entries run in different roles (an env, a verifier);
 - registry.py: the shipped environments by name (task.env), their declared sizes;
 - math.py, code.py, judge.py, format.py: the shipped verifiers; tools.py: the shipped tool environments.
 

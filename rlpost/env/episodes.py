@@ -269,8 +269,9 @@ def _warn_budget(role: EnvRole, episodes: list[_Episode], max_new_tokens: int) -
     need = max(ep.budget_start + (role.max_turns - ep.budget_done) * max_new_tokens
                + (role.max_turns - ep.budget_done - 1) * longest for ep in late)
     print(f"rlpost: warning: {len(late)} of {len(episodes)} episodes of environment {role.name} stopped at the "
-          f"token budget after their first turn (task.max_episode_tokens={role.max_tokens}, policy and environment "
-          f"tokens after the prompt): their later turns were cut or never ran. Set task.max_episode_tokens={need} "
+          f"token budget after their first turn ({role.key}.max_episode_tokens={role.max_tokens}, policy and "
+          f"environment tokens after the prompt): their later turns were cut or never ran. Set "
+          f"{role.key}.max_episode_tokens={need} "
           f"(or more) to give every turn room.", file=sys.stderr, flush=True)
 
 
@@ -334,6 +335,7 @@ class EnvRole(RewardRole):
     env_cls: type | None = None  # task.env's class and options (from_config), to build it with another reward
     options: dict = field(default_factory=dict)
     rescore: Callable[[Batch], tuple[Batch, dict]] | None = None  # a learned RL reward over the episodes (source.py)
+    key: str = "task"  # the config section its keys are set in (task.sources[i] for a source's env), for messages
 
     @classmethod
     def from_config(cls, task_cfg, tokenizer, reward_fn: Verifier, max_new_tokens: int) -> "EnvRole":

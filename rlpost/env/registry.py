@@ -30,17 +30,17 @@ ENVS = {  # name -> ("module:Class", one line for `rlpost envs`)
 }
 
 
-def load_env(spec: str) -> type:
-    """A shipped environment's name or 'module:Class' -> the class."""
+def load_env(spec: str, key: str = "task.env") -> type:
+    """A shipped environment's name or 'module:Class' -> the class (`key`: the config key that names it)."""
     if spec in ENVS:
         module, attr = ENVS[spec][0].split(":")
     elif ":" in spec:
         try:  # the same lookup rules as a reward's: the working directory, then sys.path
             cls = load_reward_fn(spec)
         except ValueError as e:
-            raise ValueError(f"task.env {spec!r}: {e}") from None
+            raise ValueError(f"{key} {spec!r}: {e}") from None
         if not inspect.isclass(cls):
-            raise ValueError(f"task.env {spec!r} must name a class (an Env subclass), got {type(cls).__name__}")
+            raise ValueError(f"{key} {spec!r} must name a class (an Env subclass), got {type(cls).__name__}")
         return cls
     else:
         raise ValueError(f"unknown environment {spec!r}; shipped: {', '.join(ENVS)}, or a user's 'module:Class'")
@@ -51,7 +51,10 @@ def response_budget(task_cfg, max_new_tokens: int) -> int:
     """Tokens after the prompt that one sample may take: rollout.max_new_tokens for one turn; with an
     environment, task.max_episode_tokens, policy and env tokens together. Its default leaves room for every
     turn at full length and an observation between turns: max_turns * max_new_tokens + (max_turns - 1) *
-    the env's `observation_tokens` (max_new_tokens when it declares none)."""
+    the env's `observation_tokens` (max_new_tokens when it declares none). With task.sources: the largest of
+    the sources' budgets (each entry's env, max_turns and max_episode_tokens)."""
+    if getattr(task_cfg, "sources", None):
+        return max(response_budget(source, max_new_tokens) for _, _, source in task_cfg.source_configs())
     if not task_cfg.env:
         return max_new_tokens
     if task_cfg.max_episode_tokens:
@@ -64,7 +67,10 @@ def response_budget(task_cfg, max_new_tokens: int) -> int:
 
 def observation_alphabet(task_cfg) -> str:
     """The characters task.env's text observations may contain ("" without an environment): the env's
-    declared `alphabet`, or PRINTABLE when it declares none."""
+    declared `alphabet`, or PRINTABLE when it declares none. With task.sources: every entry's env's."""
+    if getattr(task_cfg, "sources", None):
+        chars = "".join(observation_alphabet(source) for _, _, source in task_cfg.source_configs())
+        return "".join(dict.fromkeys(chars))
     if not task_cfg.env:
         return ""
     _, _, env = env_class(task_cfg)
@@ -73,22 +79,27 @@ def observation_alphabet(task_cfg) -> str:
     return PRINTABLE if alphabet is None else "".join(dict.fromkeys(alphabet))
 
 
-def check_vocabulary(task_cfg, tokenizer) -> None:
+def check_vocabulary(task_cfg, tokenizer, key: str = "task.env") -> None:
     """Before any training: a character tokenizer (gpt_mini's) must spell every character task.env may
     answer with. A fresh gpt_mini gets them (`observation_alphabet`, added to the task's alphabet); a saved
     one's vocabulary is fixed, so a missing character is a ValueError naming the env and the character.
-    Other tokenizers pass (a byte-level BPE spells anything)."""
+    Other tokenizers pass (a byte-level BPE spells anything). With task.sources, each entry's env
+    (`key`: the config key that names it)."""
     chars = getattr(tokenizer, "chars", None)
+    if chars is not None and getattr(task_cfg, "sources", None):
+        for i, (_, _, source) in enumerate(task_cfg.source_configs()):
+            check_vocabulary(source, tokenizer, f"task.sources[{i}].env")
+        return
     if chars is None or not task_cfg.env:
         return
     missing = [c for c in observation_alphabet(task_cfg) if c not in chars]
     if missing:
         more = f" (and {len(missing) - 1} more: {''.join(missing[1:])!r})" if len(missing) > 1 else ""
-        raise ValueError(f"task.env {task_cfg.env!r} may answer with the character {missing[0]!r}{more}, which this "
+        raise ValueError(f"{key} {task_cfg.env!r} may answer with the character {missing[0]!r}{more}, which this "
                          f"gpt_mini's vocabulary {chars!r} lacks, so its observations could not be encoded: train "
                          "from a fresh gpt_mini (model.name: gpt_mini adds them), or, if the env writes fewer "
                          "characters, declare them as its `alphabet` (the shipped tool environments take "
-                         "task.env_options.alphabet)")
+                         f"{key}_options.alphabet)")
 
 
 def _unscored(completion: str, row: dict) -> float:
@@ -96,12 +107,13 @@ def _unscored(completion: str, row: dict) -> float:
     return 0.0
 
 
-def check_env(spec: str, options: dict) -> None:
+def check_env(spec: str, options: dict, key: str = "task.env") -> None:
     """Raise ValueError for a task.env that `env_class` would refuse, when the config loads: an unknown name, a
     module:Class that does not load, options its constructor refuses. A shipped environment is built (cheap: the
     web one serves its corpus only when an episode starts) and closed, so its own checks of the options' values
-    run; a user's class only has its options matched to its signature (building it may be costly)."""
-    cls = load_env(spec)
+    run; a user's class only has its options matched to its signature (building it may be costly). `key`: the
+    config key that names it (task.env, or task.sources[i].env)."""
+    cls = load_env(spec, key)
     try:
         if spec in ENVS:
             reward = {"reward": _unscored} if "reward" in inspect.signature(cls).parameters else {}
@@ -110,9 +122,9 @@ def check_env(spec: str, options: dict) -> None:
         else:
             inspect.signature(cls).bind(**options)
     except TypeError as e:
-        raise ValueError(f"task.env {spec!r}: bad task.env_options {sorted(options)}: {e}") from None
+        raise ValueError(f"{key} {spec!r}: bad {key}_options {sorted(options)}: {e}") from None
     except ValueError as e:
-        raise ValueError(f"task.env {spec!r}: task.env_options: {e}") from None
+        raise ValueError(f"{key} {spec!r}: {key}_options: {e}") from None
 
 
 def env_takes_reward(spec: str) -> bool:

@@ -25,6 +25,7 @@ from typing import Any
 
 from rlpost.batch import Batch
 from rlpost.env import EnvRole
+from rlpost.env.per_source import SourceRoles
 from rlpost.registry import Registry, make_config
 
 SOURCES = Registry("RL reward source", "RL reward sources")
@@ -112,8 +113,9 @@ class Rescored:
 
 
 def runs_episodes(verifier) -> bool:
-    """Does the task's reward role run task.env's episodes (an `EnvRole`), rather than score one turn?"""
-    return isinstance(verifier, EnvRole)
+    """Does the task's reward role run task.env's episodes (an `EnvRole`, or task.sources' roles where an entry
+    names an env), rather than score one turn?"""
+    return isinstance(verifier, (EnvRole, SourceRoles))
 
 
 def over_episodes(verifier, scorer):

@@ -25,6 +25,7 @@ from the config: the one-turn verifier role, or task.env's episodes scored with 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import math
@@ -33,6 +34,7 @@ from typing import Any, Callable
 
 from rlpost.env.base import Verifier, as_verifier
 from rlpost.env.episodes import EnvRole
+from rlpost.env.per_source import SourceRoles
 from rlpost.env.registry import env_takes_reward
 from rlpost.env.reward import Reward, load_reward_fn, reward_range
 from rlpost.env.role import RewardRole
@@ -232,14 +234,34 @@ class SourceRewards(Verifier):
 
 def reward_role(task_cfg, default: Callable[[str, dict], float], tokenizer, max_new_tokens: int) -> RewardRole:
     """The run's reward role: task.env's episodes (the environment scoring with the configured reward), or the
-    one-turn verifier role `Reward` over `reward_from_config(task_cfg, default)`. What the pipeline, `rlpost
-    eval` and `rlpost curate` sample with."""
+    one-turn verifier role `Reward` over `reward_from_config(task_cfg, default)`; with task.sources of which an
+    entry names an env, each source's own role (`SourceRoles`). What the pipeline, `rlpost eval` and `rlpost
+    curate` sample with."""
+    if task_cfg.sources and any(source.env for _, _, source in task_cfg.source_configs()):
+        return _source_roles(task_cfg, default, tokenizer, max_new_tokens)
     fn = reward_from_config(task_cfg, default)
     if task_cfg.env:
         return EnvRole.from_config(task_cfg, tokenizer, fn, max_new_tokens)
     _warn_if_cut_short(fn, task_cfg.reward_timeout_s)
     return Reward(fn, tokenizer, on_error=task_cfg.reward_on_error, workers=task_cfg.reward_workers,
                   timeout_s=task_cfg.reward_timeout_s)
+
+
+def _source_roles(task_cfg, default, tokenizer, max_new_tokens: int) -> SourceRoles:
+    """task.sources with an environment on some entry: each source's role built from its own entry (its env,
+    max_turns, budget and env_on_error; the one-turn `Reward` for a source without an env)."""
+    roles, fns = {}, {}
+    for i, (name, _, source) in enumerate(task_cfg.source_configs()):
+        fns[name] = fn = reward_from_config(source, default)
+        if source.env:  # its errors and warnings name the source
+            role = EnvRole.from_config(source, tokenizer, fn, max_new_tokens)
+            roles[name] = dataclasses.replace(role, name=f"{source.env} (task.sources[{i}] {name!r})",
+                                              key=f"task.sources[{i}]")
+        else:
+            _warn_if_cut_short(fn, source.reward_timeout_s)
+            roles[name] = Reward(fn, tokenizer, on_error=source.reward_on_error, workers=source.reward_workers,
+                                 timeout_s=source.reward_timeout_s)
+    return SourceRoles(roles, SourceRewards(fns))
 
 
 def _warn_if_cut_short(fn: Verifier, timeout_s: float | None) -> None:

@@ -19,8 +19,9 @@ TASKS = "rlpost.tasks:TASKS"  # the task registry: its names are the valid task.
 ON_ERROR = ("raise", "zero")  # task.reward_on_error, task.env_on_error
 OPTION_ALIASES = ("answer_format_rate",)  # flat task.* keys that are a task's option (task.options.<key>)
 # task.sources: the keys of the whole run, which every source shares (set them as task.*, not in an entry)
-RUN_KEYS = ("reward_on_error", "reward_timeout_s", "reward_workers", "max_turns", "max_episode_tokens",
-            "env_timeout_s", "env_on_error", "system_prompt")
+RUN_KEYS = ("reward_on_error", "reward_timeout_s", "reward_workers", "system_prompt")
+# task.sources: the episode keys an entry with an env may set for itself; task.<key> is every entry's default
+SOURCE_ENV_KEYS = ("max_turns", "max_episode_tokens", "env_timeout_s", "env_on_error")
 # names a source may not take: reward/<source> sits beside these metrics
 RESERVED_SOURCE_NAMES = ("mean", "std", "errors", "timeouts", "gold_mean")
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -81,8 +82,10 @@ class TaskConfig(Section):
                                       "docs/cli.md lists each task's")
     sources: list[dict] | None = opt(None, "several datasets mixed by weight in every RL step: [{file, weight, name, "
                                            "...}], each entry its own task settings (file or task, columns, reward, "
-                                           "options; docs/data.md), each prompt scored by its source's reward; "
-                                           "logs reward/<name> and pass@1 per source (None: the one task above)")
+                                           "options, env with its max_turns / max_episode_tokens / env_timeout_s / "
+                                           "env_on_error; docs/data.md), each prompt scored by its source's reward "
+                                           "or run in its source's env; logs reward/<name> and pass@1 per source "
+                                           "(None: the one task above)")
     answer_format_rate: float = opt(1.0, "multistep: task.options.answer_format_rate under its flat name: fraction of "
                                          "the demonstrations that end with '#### <answer>' (the rest stop after the "
                                          "last sum: a base model that only sometimes writes the answer format)",
@@ -124,7 +127,8 @@ class TaskConfig(Section):
                               f"entries (or null: the one task of {prefix}name), got {self.sources!r}")
         for f in dataclasses.fields(self):  # every other key is an entry's own: beside task.sources it says nothing
             key = f.name
-            if key not in RUN_KEYS and key != "sources" and getattr(self, key) != _default(key):
+            shared = key in RUN_KEYS or key in SOURCE_ENV_KEYS or key == "sources"
+            if not shared and getattr(self, key) != _default(key):
                 own = {"name": "task", "train_file": "file"}.get(key, key)  # what an entry calls it
                 raise ConfigError(f"config key '{prefix}{key}' is set beside '{prefix}sources', whose entries each "
                                   f"set their own: move it into the entries ({prefix}sources[i].{own}), or unset it")
@@ -138,9 +142,10 @@ class TaskConfig(Section):
                 if key in RUN_KEYS or key == "sources":
                     raise ConfigError(f"config key '{where}.{key}' is a setting of the whole run, which every source "
                                       f"shares: set {prefix}{key} instead")
-            if data.get("env"):  # an episode's environment is built before its row is known: one for the run
-                raise ConfigError(f"config key '{where}.env': an environment per source is not supported; every "
-                                  "source is scored one turn by its own reward (task.sources[i].reward)")
+            for key in SOURCE_ENV_KEYS:
+                if key in data and not data.get("env"):
+                    raise ConfigError(f"config key '{where}.{key}' is a setting of an environment's episodes, and "
+                                      f"this source has none ({where}.env): set {where}.env, or unset it")
             if "file" in entry and "train_file" in entry:
                 raise ConfigError(f"config key '{where}' sets both file and train_file (one key under two names): "
                                   "set one of them")
@@ -152,6 +157,7 @@ class TaskConfig(Section):
                                   f"task's name), got {entry!r}")
             data["name"] = task
             data.update({k: getattr(self, k) for k in RUN_KEYS})
+            data.update({k: getattr(self, k) for k in SOURCE_ENV_KEYS if k not in data})  # the entry's, else the run's
             try:
                 cfg = from_dict(TaskConfig, data, where + ".")
                 cfg.validate(where + ".")

@@ -2,7 +2,8 @@
 
 Each source's rows carry its name under row["task_source"] (SOURCE_KEY): the reward (rlpost/env/verifiers.py's
 SourceRewards), the verifier (`MixedTask.verify`), the per-source metrics and the per-source pass@1 dispatch on
-it. The rows are the sources' in the order task.sources lists them; `mixture` says where each source's training
+it; with an env on some entry each row's episodes run in its source's environment (rlpost/env/per_source.py).
+The rows are the sources' in the order task.sources lists them; `mixture` says where each source's training
 rows lie, for the sampler that draws them by weight (rlpost/prompts.py).
 """
 
