@@ -298,10 +298,12 @@ def test_two_ranks_fit_like_one_process(runs, case):
 
 
 @pytest.mark.slow
-def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path):
+@pytest.mark.parametrize("lora", [0, 4])
+def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path, lora):
     """`rlpost train` on 2 ranks: SFT, DPO on a pairs file, a reward model, then 2 PPO steps with a separate critic
     on that reward; the stages' checkpoints (gathered by rank 0) equal one process's run of the same stages, and
-    the 2-rank PPO checkpoint (sharded critic and its optimizer state gathered) resumes in one process."""
+    the 2-rank PPO checkpoint (sharded critic and its optimizer state gathered) resumes in one process. With
+    `lora` > 0 every stage trains rank-`lora` adapters over the sharded frozen base (model.lora)."""
     from safetensors.torch import load_file
 
     pairs = tmp_path / "pairs.jsonl"
@@ -309,7 +311,7 @@ def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path):
     common = ["sft.steps=12", "sft.batch_size=8", f"preference.train_file={pairs}", "preference.epochs=1",
               "preference.batch_size=5", "reward_model.epochs=1", "reward_model.batch_size=8", "task.num_eval=10",
               "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "trainer.micro_batch_size=3", "threads=1",
-              f"out_dir={tmp_path / 'runs'}"]
+              f"out_dir={tmp_path / 'runs'}", f"model.lora.r={lora}"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
