@@ -37,10 +37,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import yaml
 
 from rlpost import distributed as dist
 from rlpost.config import ModelConfig
 from rlpost.models import load_model, save_model
+from rlpost.models.lora import apply_lora, is_adapter_name, is_lora
 
 STATE_FILE = "rlpost_state.pt"
 META_FILE = "rlpost_checkpoint.json"
@@ -440,6 +442,9 @@ def _export_shards(folder: str, out: str) -> str:
                          "stage (`rlpost train --resume RUN_DIR`), which writes a model folder")
     skeleton = os.path.join(root, skeletons[0])
     model, tokenizer = load_model(ModelConfig(name=skeleton, device="cpu"))
+    lora = _shards_lora(folder)
+    if lora is not None and not is_lora(model):  # a LoRA run's shards: base_layer and adapter tensors
+        apply_lora(model, **lora)
     if os.path.abspath(out) in (os.path.abspath(folder), os.path.abspath(skeleton)):
         raise ValueError(f"rlpost export: --out {out} is a checkpoint folder of the run")
     try:
@@ -449,3 +454,21 @@ def _export_shards(folder: str, out: str) -> str:
                          f"({type(e).__name__}: {e})") from e
     save_model(model, tokenizer, out, merged=True)
     return folder
+
+
+def _shards_lora(folder: str) -> dict | None:
+    """The LoRA config (model.lora of the run's config.yaml) of a sharded checkpoint whose shards hold LoRA
+    adapters (a run with model.lora under fsdp2), None when they hold none."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(os.path.join(folder, SHARDS_DIR)).read_metadata().state_dict_metadata
+    if not any(is_adapter_name(k) for k in keys):
+        return None
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(folder))), "config.yaml")
+    try:
+        with open(path) as f:
+            lora = yaml.safe_load(f)["model"]["lora"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise ValueError(f"rlpost export: the shards in {folder} hold LoRA adapters, and the run's {path} does not "
+                         f"say their model.lora ({type(e).__name__}: {e})") from e
+    return {k: lora[k] for k in ("r", "alpha", "dropout", "target_modules")}

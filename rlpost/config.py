@@ -252,7 +252,6 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
 def _validate(cfg: Config) -> None:
     cfg.validate()  # each section's own keys: ranges, valid names, plug-ins (algorithm, preference.loss), own rules
     _validate_vllm(cfg)
-    _validate_lora(cfg)
     _validate_reference(cfg)
     _check_rewards(cfg)
     _validate_rejection(cfg)
@@ -270,14 +269,6 @@ def _validate_vllm(cfg: Config) -> None:
         raise ConfigError(f"rollout.vllm_sleep frees the GPU of a vLLM engine that shares it with the trainer: it "
                           f"needs rollout.engine=vllm and rl.topology=colocated (got {cfg.rollout.engine}, "
                           f"{cfg.rl.topology}); set rollout.vllm_sleep=false")
-
-
-def _validate_lora(cfg: Config) -> None:
-    if cfg.model.lora.r > 0 and cfg.trainer.strategy == "fsdp2":
-        raise ConfigError("model.lora (model.lora.r > 0) with trainer.strategy=fsdp2 is not supported: the LoRA "
-                          "reference is the policy's own base with its adapters off, and the stages fold the "
-                          "adapters into the base, neither of which works on parameter shards; train LoRA with "
-                          "trainer.strategy=single, or full weights (model.lora.r=0) with fsdp2")
 
 
 def _validate_reference(cfg: Config) -> None:

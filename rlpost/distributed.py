@@ -19,8 +19,8 @@ so the roles call them unconditionally.
     broadcast_object(obj)                        rank 0's picklable object on every rank
     gather_objects(obj)                          every rank's picklable object, as a list, on every rank
     whiten_over_ranks(x, mask, eps)              whitening over every rank's masked entries
-    shard_model(model)                           FSDP2 over each transformer block and the root (the policy;
-                                                 the frozen reference too, forward-only)
+    shard_model(model)                           FSDP2 over each transformer block and the root (the policy,
+                                                 a LoRA one too; the frozen reference, forward-only)
     shard_module(module)                         FSDP2 over what a module holds besides its sharded parts (a head)
     share(n)                                     this rank's contiguous slice of n rows (or examples)
     full_state_dict(model)                       the gathered, unsharded weights of a (sharded) model
@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from rlpost.models import model_device, rebuild, transformer_blocks
+from rlpost.models.lora import initial_adapters
 
 # the model methods besides forward that run the trunk (value heads, reward models, shared-prompt scoring):
 # FSDP2 gathers a sharded root's parameters around them too
@@ -199,7 +200,9 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard_model(model: nn.Module) -> nn.Module:
     """FSDP2 in place: `fully_shard` each transformer block, then the root (embeddings, final norm, head).
-    Rank 0's weights are broadcast first, so every rank shards the same model. Gradients are SUMMED over
+    Rank 0's weights are broadcast first, so every rank shards the same model (a LoRA model: its frozen base and
+    trainable adapters in the same groups, FSDP2 reduces the adapters' gradients alone; rank 0's initial
+    adapters too, which rlpost.models.lora.reset_adapters puts back). Gradients are SUMMED over
     ranks, not averaged (divide factor 1): rlpost's losses are already normalised by the global token and
     sequence counts (Batch.global_tokens / global_seqs), so each rank's loss is its share of the global one.
     A model sharded already (by an earlier stage of the run) is returned as it is."""
@@ -209,6 +212,7 @@ def shard_model(model: nn.Module) -> nn.Module:
         return model
     init()
     _broadcast_weights(model)
+    _broadcast_tensors(initial_adapters(model).values())  # LoRA: what a reset puts back, the same on every rank
     for block in transformer_blocks(model):
         fully_shard(block)
     fully_shard(model)
@@ -237,12 +241,17 @@ def shard_module(module: nn.Module, methods: tuple[str, ...] = ()) -> nn.Module:
 
 
 def _broadcast_weights(model: nn.Module) -> None:
+    _broadcast_tensors(t for t in model.state_dict().values()
+                       if not isinstance(t, DTensor))  # (a shard of a part sharded already)
+
+
+def _broadcast_tensors(tensors) -> None:
+    """Rank 0's values of `tensors` (plain, the same shapes on every rank) into every rank's, in place."""
     if world_size() == 1:
         return
     with torch.no_grad():
-        for t in model.state_dict().values():
-            if not isinstance(t, DTensor):  # (a shard of a part sharded already)
-                dist.broadcast(t, src=0)
+        for t in tensors:
+            dist.broadcast(t, src=0)
 
 
 def _sum_gradients(model: nn.Module) -> None:

@@ -8,7 +8,9 @@
 With LoRA (model.lora) there is no copy: the reference is the policy's own module with its adapters off
 (peft's enable_adapters(False), `rlpost.models.lora.adapters_disabled`), i.e. its frozen base, which every
 stage's end folds the adapters into, so it is the policy as the stage started. That saves one whole set of
-base weights (`shares_policy` says which).
+base weights (`shares_policy` says which). Under `trainer.strategy=fsdp2` that module is the policy the trainer
+sharded, base and adapters alike: scoring with it gathers its blocks as the trainer's forwards do, so every rank
+runs as many forwards (see `__call__`), and nothing is copied.
 
 Under `precision="bf16"` the copy's parameters are stored in bf16 (half an fp32 copy's memory): it only ever
 runs under bf16 autocast, whose matmuls would cast fp32 weights to bf16 anyway (docs/models.md has the measured

@@ -46,7 +46,9 @@ Each rank trains on ITS rows of the step, and the result equals one process trai
   that no rank ever holds the whole;
 - a critic (PPO) is sharded too: a separate one's trunk like the policy, its head (or a shared-trunk critic's
   only parameters) as one more FSDP2 group (rlpost.distributed.shard_module); the optimizer state is then
-  keyed `policy.<name>` / `critic.<name>`.
+  keyed `policy.<name>` / `critic.<name>`;
+- a LoRA policy (model.lora) is sharded whole, its frozen base with its adapters: AdamW holds only the
+  adapters' shards (the parameters that require grad), and FSDP2 reduces only their gradients.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ gathered over torch.distributed (all-gather to every rank, `rlpost.distributed.f
 rank calls sync/push at the same point; `time/sync_gather` is the gathering's share of the seconds.
 
 With LoRA (model.lora), `sync` sends the adapter tensors only (an optimizer step changes nothing else), so
-"sync/bytes" is the adapters' size; `push` always sends every weight (the base changes on a load or at a stage's
-end, when the adapters are folded into it).
+"sync/bytes" is the adapters' size (sharded: only the adapters are gathered); `push` always sends every weight
+(the base changes on a load or at a stage's end, when the adapters are folded into it).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from rlpost import distributed as dist
 from rlpost.models.lora import is_lora
@@ -62,7 +63,7 @@ class WeightSync:
     @torch.no_grad()
     def _push(self, version: int, adapters_only: bool = False) -> dict[str, float]:
         t0 = time.perf_counter()
-        weights = gathered_weights(self.trainer_model) if dist.is_sharded(self.trainer_model) else \
+        weights = gathered_weights(self.trainer_model, adapters_only) if dist.is_sharded(self.trainer_model) else \
             named_weights(self.trainer_model, adapters_only)
         t_gathered = time.perf_counter()
         self.engine.update_weights(weights, version)
@@ -87,9 +88,12 @@ def _unique(named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-def gathered_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def gathered_weights(model: nn.Module, adapters_only: bool = False) -> list[tuple[str, torch.Tensor]]:
     """A sharded model's full weights on every rank (a collective), under the protocol's names: as
-    `named_weights`, i.e. without the `hf.` prefix of a wrapped Hugging Face model."""
+    `named_weights`, i.e. without the `hf.` prefix of a wrapped Hugging Face model. `adapters_only`: a LoRA
+    model's adapter tensors alone, each gathered on its own (the frozen base is not moved)."""
+    if adapters_only:
+        return [(n, t.full_tensor() if isinstance(t, DTensor) else t) for n, t in named_weights(model, True)]
     state = dist.full_state_dict(model)
     prefix = "hf." if weights_module(model) is not model else ""
     first: dict[int, str] = {}  # a tied weight (gpt_mini's lm_head is its wte) goes under its first name only

@@ -298,10 +298,12 @@ def test_two_ranks_fit_like_one_process(runs, case):
 
 
 @pytest.mark.slow
-def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path):
+@pytest.mark.parametrize("lora", [0, 4])
+def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path, lora):
     """`rlpost train` on 2 ranks: SFT, DPO on a pairs file, a reward model, then 2 PPO steps with a separate critic
     on that reward; the stages' checkpoints (gathered by rank 0) equal one process's run of the same stages, and
-    the 2-rank PPO checkpoint (sharded critic and its optimizer state gathered) resumes in one process."""
+    the 2-rank PPO checkpoint (sharded critic and its optimizer state gathered) resumes in one process. With
+    `lora` > 0 every stage trains rank-`lora` adapters over the sharded frozen base (model.lora)."""
     from safetensors.torch import load_file
 
     pairs = tmp_path / "pairs.jsonl"
@@ -309,7 +311,7 @@ def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path):
     common = ["sft.steps=12", "sft.batch_size=8", f"preference.train_file={pairs}", "preference.epochs=1",
               "preference.batch_size=5", "reward_model.epochs=1", "reward_model.batch_size=8", "task.num_eval=10",
               "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "trainer.micro_batch_size=3", "threads=1",
-              f"out_dir={tmp_path / 'runs'}"]
+              f"out_dir={tmp_path / 'runs'}", f"model.lora.r={lora}"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -356,13 +358,13 @@ def test_share_splits_rows_in_rank_order(monkeypatch):
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def test_lora_with_fsdp2_is_refused_at_config_load(tmp_path):
-    from rlpost.config import ConfigError, load_config
+def test_lora_with_fsdp2_loads(tmp_path):
+    from rlpost.config import load_config
 
-    with pytest.raises(ConfigError, match=r"model\.lora .* trainer\.strategy=fsdp2 is not supported"):
-        load_config(None, [f"out_dir={tmp_path}", "trainer.strategy=fsdp2", "model.lora.r=4"])
-    load_config(None, [f"out_dir={tmp_path}", "trainer.strategy=single", "model.lora.r=4"])
-    load_config(None, [f"out_dir={tmp_path}", "trainer.strategy=fsdp2", "model.lora.r=0"])
+    # LoRA under fsdp2 trains sharded adapters over a sharded frozen base (tests/test_fsdp_lora.py)
+    for strategy in ("fsdp2", "single"):
+        cfg = load_config(None, [f"out_dir={tmp_path}", f"trainer.strategy={strategy}", "model.lora.r=4"])
+        assert cfg.trainer.strategy == strategy and cfg.model.lora.r == 4
 
 
 def test_a_batch_smaller_than_the_ranks_is_refused(monkeypatch):

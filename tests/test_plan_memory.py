@@ -276,6 +276,29 @@ def test_rlpost_layout_shards_the_reference_and_keeps_the_engine_copy_full_on_ev
     assert term(lora, "policy grads + AdamW") == 3 * a * 4
 
 
+def test_rlpost_layout_of_lora_under_fsdp2_is_what_a_rank_holds():
+    """LoRA under fsdp2 (once refused at config load): the frozen base and the adapters' state sharded, no reference
+    copy (the policy's own root and one block gathered to score it), a full engine copy of the base and adapters,
+    no gradient for the frozen root, the embedding or the head."""
+    N, R, B = 7_615_616_512, 8, 4
+    a = shape_for("7b").lora_params(16)
+    root = 2 * 152_064 * 3_584 + 3_584
+    block = (N - root) // 28
+    p = rlpost_plan("7b", "trainer.strategy=fsdp2", "rl.weight_sync=copy", "model.lora.r=16", ranks=R)
+    assert term(p, "policy weights") == (N + a) * B / R
+    assert term(p, "policy grads + AdamW") == 3 * a * B / R
+    assert term(p, "reference") == 0
+    assert term(p, "engine copy") == (N + a) * B
+    assert term(p, "policy root + one block (adapters off)") == (root + block) * B
+    assert term(p, "fsdp2 gathers") == (root + block + a // 28) * B
+    assert term(p, "fsdp2 root") == root * B
+    assert not any(t.name.startswith(("embedding gradient", "reference root")) for t in p.terms)
+    assert term(p, "log-prob head backward") == 3 * (p.job.logprob_chunk or max(16, (1 << 25) // 152_064)) \
+        * 152_064 * 4
+    full = rlpost_plan("7b", "trainer.strategy=fsdp2", "rl.weight_sync=copy", ranks=R)
+    assert p.peak < full.peak
+
+
 def test_rlpost_layout_phases_and_formulas():
     """The peak is what is held plus the largest phase; the KV cache and activations follow the config's keys."""
     s = shape_for("1.5b")

@@ -17,8 +17,8 @@ import torch.nn as nn
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
 from rlpost.models.hf import HFCausalLM, HFTokenizer, ModelLoadError
 from rlpost.models.limits import block_size_for
-from rlpost.models.lora import (apply_lora, base_state_dict, is_lora, load_adapters, merged_state_dict, save_adapters,
-                                saved_lora_config)
+from rlpost.models.lora import (apply_lora, base_state_dict, initial_adapters, is_adapter_name, is_lora, load_adapters,
+                                lora_config, merged_state_dict, plain_name, save_adapters, saved_lora_config)
 from rlpost.models.precision import TORCH_DTYPES, resolve_device
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -138,7 +138,11 @@ def load_weights(model: nn.Module, folder: str) -> None:
         if _is_sharded(model):  # FSDP2 (a sharded reference): each rank keeps its shard of the full weights
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(model, {k: state[k] for k in own}, options=StateDictOptions(full_state_dict=True))
+            # under the model's own names (a wrapped HF model's `hf.` prefix, a LoRA layer's `base_layer`)
+            prefix = "hf." if isinstance(model, HFCausalLM) else ""
+            names = [n for n in model.state_dict() if not is_adapter_name(n)]
+            set_model_state_dict(model, {n: state[plain_name(n.removeprefix(prefix))] for n in names},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             for k, t in own.items():
                 t.copy_(state[k])
@@ -154,14 +158,20 @@ def _is_sharded(model: nn.Module) -> bool:
 
 def rebuild(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A new, plain (unsharded) module of `model`'s architecture holding `state` (its state_dict names),
-    on the CPU: what a sharded policy saves its checkpoint folder from."""
-    if isinstance(model, GPT):
-        new = GPT(model.config)
-    elif isinstance(model, HFCausalLM):
-        from transformers import AutoModelForCausalLM
+    on the CPU: what a sharded policy saves its checkpoint folder from. A LoRA model's copy has its adapters
+    (the same config and initial values). The random streams are left as they were: building the copy draws
+    initial weights, which `state` then replaces."""
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(model, GPT):
+            new = GPT(model.config)
+        elif isinstance(model, HFCausalLM):
+            from transformers import AutoModelForCausalLM
 
-        new = HFCausalLM(AutoModelForCausalLM.from_config(model.hf.config))
-    else:
-        raise TypeError(f"rebuild supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+            new = HFCausalLM(AutoModelForCausalLM.from_config(model.hf.config))
+        else:
+            raise TypeError(f"rebuild supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+        if is_lora(model):
+            apply_lora(new, **lora_config(model))
+            initial_adapters(new).update(initial_adapters(model))
     new.load_state_dict(state)
     return new.to(next(iter(state.values())).dtype)

@@ -15,6 +15,13 @@ On disk, a LoRA checkpoint is a plain model folder of the *base* weights (under 
 `transformers` or as gpt_mini) plus ADAPTER_FILE and CONFIG_FILE; `load_model` finds them and re-applies the
 adapters. A merged folder (`save_model(..., merged=True)`, `rlpost export`) has no adapter files: it is the
 plain model whose weights are base + delta.
+
+Under trainer.strategy=fsdp2 the same model is sharded in place (rlpost.distributed.shard_model): every parameter,
+frozen base and trainable adapter alike, becomes a DTensor shard, and FSDP2 reduces only the adapters' gradients.
+The functions here that write parameters (`reset_adapters`, `fold_adapters`, `load_adapters`) then work on shards:
+each rank computes the full value (an adapter delta from the gathered A and B, a saved tensor) and keeps its own
+part, so they are collectives that every rank calls at the same point. Saving goes through the gathered plain
+copy (rlpost.distributed.unsharded), never through shards.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import os
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 ADAPTER_FILE = "lora_adapter.safetensors"   # not peft's adapter_model.safetensors: transformers would load that
 CONFIG_FILE = "lora_config.json"
@@ -100,11 +108,50 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _delta(layer: nn.Module) -> torch.Tensor | None:
-    """The weight change of a LoRA layer's active adapters (B @ A * alpha / r), or None when they are off."""
+    """The weight change of a LoRA layer's active adapters (B @ A * alpha / r), or None when they are off.
+    Full-sized also for a sharded layer (a collective then)."""
     if layer.disable_adapters or layer.merged:
         return None
-    deltas = [layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A]
+    deltas = [_adapter_delta(layer, a) for a in layer.active_adapters if a in layer.lora_A]
     return sum(deltas) if deltas else None
+
+
+def _adapter_delta(layer: nn.Module, name: str) -> torch.Tensor:
+    """One adapter's weight change: peft's own get_delta_weight, or for FSDP2 shards the same product of the
+    gathered A and B (so that a sharded fold adds exactly what one process adds)."""
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if not isinstance(a, DTensor):
+        return layer.get_delta_weight(name)
+    a, b = a.full_tensor(), b.full_tensor()
+    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):  # as peft: no half matmul on CPU
+        a, b = a.float(), b.float()
+    delta = b @ a
+    return (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[name]
+
+
+def _like(full: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """The full-sized `full` as `dst` holds it: its dtype and device, and for an FSDP2 shard (a DTensor) this
+    rank's part (every rank has `full`: each takes its own chunk, nothing is sent)."""
+    full = full.to(device=dst.device, dtype=dst.dtype)
+    if isinstance(dst, DTensor):
+        full = distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None)
+    return full
+
+
+@torch.no_grad()
+def _assign(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full-sized `full` into parameter `dst` in place: whole, or into a shard the part it holds."""
+    dst.copy_(_like(full, dst))
+
+
+def _reshard(model: nn.Module) -> None:
+    """Put a sharded model's parameters back to their shards: after a forward without backward FSDP2 may keep a
+    group gathered, and a write into the gathered copy would be lost when it is freed."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 @torch.no_grad()
@@ -131,40 +178,52 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def reset_adapters(model: nn.Module) -> None:
-    """Put every adapter back to its initial value (B = 0: the model is its base again), in place."""
+    """Put every adapter back to its initial value (B = 0: the model is its base again), in place (sharded: each
+    rank its part of the initial values, which rlpost.distributed.shard_model made rank 0's on every rank)."""
     init = _weights_module(model)._rlpost_lora["init"]
+    _reshard(model)
     for n, t in adapter_state(model).items():
-        t.copy_(init[n].to(t))
+        _assign(t, init[n])
 
 
 @torch.no_grad()
 def fold_adapters(model: nn.Module) -> None:
     """Merge the adapters into the base weights and reset them, in place: the model computes the same function
     (up to float rounding) and its adapter-disabled base is now the model itself. Done at the end of every stage
-    that trained the policy, so that the next stage's reference (the base) is the policy as that stage starts."""
+    that trained the policy, so that the next stage's reference (the base) is the policy as that stage starts.
+    Sharded (FSDP2): every rank calls it; each adds its part of the full delta to its shard of the base."""
+    _reshard(model)
     for layer in lora_layers(model):
         delta = _delta(layer)
         if delta is not None:
             base = layer.get_base_layer().weight
-            base.copy_(base + delta.to(base.dtype))
+            base.copy_(base + _like(delta, base))  # sharded: each rank adds its rows of the delta to its rows
     reset_adapters(model)
+
+
+def initial_adapters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' initial values that `reset_adapters` puts back, by state-dict name (empty without LoRA):
+    rlpost.distributed.shard_model broadcasts rank 0's, so that every rank resets to the same adapters."""
+    lora = getattr(_weights_module(model), "_rlpost_lora", None)
+    return lora["init"] if lora is not None else {}
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """Within the block, the model computes its base: every adapter is off (peft's enable_adapters(False)).
-    The adapters' requires_grad flags are put back on exit."""
+    The adapters' requires_grad flags are put back on exit (keyed by name: under FSDP2 a forward swaps the
+    parameter objects between their shards and the gathered copies)."""
     layers = lora_layers(model)
-    flags = {id(p): p.requires_grad for layer in layers for p in layer.parameters()}
+    flags = {(i, n): p.requires_grad for i, layer in enumerate(layers) for n, p in layer.named_parameters()}
     for layer in layers:
         layer.enable_adapters(False)
     try:
         yield model
     finally:
-        for layer in layers:
+        for i, layer in enumerate(layers):
             layer.enable_adapters(True)
-            for p in layer.parameters():
-                p.requires_grad_(flags[id(p)])
+            for n, p in layer.named_parameters():
+                p.requires_grad_(flags[(i, n)])
 
 
 def save_adapters(model: nn.Module, folder: str) -> None:
@@ -201,5 +260,6 @@ def load_adapters(model: nn.Module, folder: str) -> None:
         raise ValueError(f"the LoRA adapters in {folder} do not fit this model (model.lora differs from theirs?): "
                          + "; ".join(f"{what}: {', '.join(v[:4])}" for what, v in
                                      (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if v))
+    _reshard(model)
     for n, t in own.items():
-        t.copy_(state[n])
+        _assign(t, state[n])

@@ -488,13 +488,16 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 # these parameters, so it does not change B), R ranks (trainer.strategy=fsdp2 under torchrun; single: 1).
 #
 # Held for the whole stage:
-#   policy weights, grads, AdamW m and v   N*B / R each (LoRA: the base N*B / R, and the adapters' A*B / R x 4)
+#   policy weights, grads, AdamW m and v   N*B / R each (LoRA: the base N*B / R, and the adapters' A*B / R x 4;
+#                                          under fsdp2 the frozen base is sharded with the adapters)
 #   reference                              the frozen copy of the policy, N*Br: Br = 2 under trainer.precision=bf16
 #                                          (the copy is stored in bf16), else B; sharded like the policy under fsdp2,
 #                                          N*Br / R; 0 with reference.offload (it lives in CPU memory); none under
-#                                          LoRA (the base with adapters off) or without a KL term (algorithm.beta=0)
+#                                          LoRA (the base with adapters off, under fsdp2 the sharded policy itself) or
+#                                          without a KL term (algorithm.beta=0)
 #   engine copy                            a FULL copy on every rank under fsdp2 or rl.weight_sync=copy: N*B (the
-#                                          colocated single-process default, pointer, shares the trainer's module)
+#                                          colocated single-process default, pointer, shares the trainer's module);
+#                                          LoRA: (N + A) * B, the base and its adapters
 #   native engine's fused matrices         Llama / Qwen2: q|k|v and gate|up concatenated per layer, cached:
 #                                          n * h * (q + 2*kv + 2*I) * B
 #   critic (PPO)                           separate: weights, grads, m, v of a copy: 4*N*B; head: 4*h*B
@@ -506,15 +509,19 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 #               most trainer.micro_batch_tokens positions; the rank's whole batch when neither is set): a layer's
 #               buffers tokens*(3h + q + 2kv + 3I)*A + the head's chunk 3*c*V*4;
 #               fsdp2 or reference.offload: + the root and one block on the device, (root + block) * Br (gathered
-#               from the shards, or streamed from the CPU, one block at a time)
+#               from the shards, or streamed from the CPU, one block at a time); LoRA under fsdp2: the policy's own
+#               root and one block, (root + block) * B
 #   train       one micro-batch's saved activations, per layer tokens*(4h + 3q + 3kv + 4I)*A (checkpointing:
 #               tokens*h*A per layer + one layer's), + the log-prob head's backward: 3*c*V*4 (chunk buffers)
-#               + V*h*4 (its fp32 weight gradient); fsdp2: the root module (embedding, final norm, head) and one
-#               block gathered, weights and gradients, 2 * (root + block) * B
+#               + V*h*4 (its fp32 weight gradient; not under fsdp2 or LoRA); fsdp2: the root module (embedding,
+#               final norm, head) and one block gathered, weights and gradients, 2 * (root + block) * B (LoRA: the
+#               weights and the block's adapter gradients, (root + block + A / n) * B)
 #   train end   the embedding's dense gradient V*h*B (tied to the head: 3 of them, the head's gradient waiting in
 #               autograd's input buffer, the embedding's and their sum); fsdp2: + the gathered root and its
-#               gradient's copy for the reduce-scatter, 2 * root * B
-#   sync        fsdp2: the gathered full weights on every rank, N*B, while they are copied into the engine
+#               gradient's copy for the reduce-scatter, 2 * root * B. LoRA: no embedding gradient (frozen), and
+#               under fsdp2 the gathered root alone, root * B
+#   sync        fsdp2: the gathered full weights on every rank, N*B, while they are copied into the engine (LoRA: a
+#               step's sync gathers the adapters only; the full weights at a stage's end, after the fold)
 #   checkpoint  fsdp2: rank 0 gathers the full weights N*B and rebuilds a plain model N*B to save (in host
 #               memory on a GPU run, so counted only under model.device=cpu)
 # A = activation bytes (2 under bf16 autocast or bfloat16 parameters, else 4); c = trainer.logprob_chunk tokens
@@ -689,9 +696,13 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
     elif j.reference:
         held("reference (full copy)", N * Br, f"N x {Br} B: a whole {kept}")
     colocated = j.topology == "colocated"
+    lora = shape.lora_params(j.lora_rank) if j.lora_rank else 0  # the adapters' parameters
     if colocated and j.engine_copy:
-        held("engine copy (full, every rank)", N * B, f"N x {B} B (" + ("fsdp2: no engine samples from shards"
-                                                                      if sharded else "rl.weight_sync=copy") + ")")
+        why = "fsdp2: no engine samples from shards" if sharded else "rl.weight_sync=copy"
+        if lora:  # the engine's copy is the LoRA model: the base and its adapters
+            held("engine copy (full, every rank)", (N + lora) * B, f"(N + adapters) x {B} B ({why})")
+        else:
+            held("engine copy (full, every rank)", N * B, f"N x {B} B ({why})")
     if colocated and j.native_engine and shape.mlp == "swiglu":
         held("native engine fused q|k|v, gate|up", n * h * (q + 2 * kv + 2 * inter) * B,
              f"n x h x (q + 2 kv + 2 I) x {B} B = {n} x {h} x ({q} + {2 * kv} + {2 * inter}) x {B}")
@@ -733,6 +744,11 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
             phases["reference"].append(PlanTerm(
                 "reference root + one block", "reference", (root + layer) * Br,
                 f"(root + block) x {Br} B = ({root:,} + {layer:,}) x {Br}, {how} one block at a time"))
+        elif sharded:  # LoRA under fsdp2: the reference is the sharded policy itself, adapters off
+            phases["reference"].append(PlanTerm(
+                "policy root + one block (adapters off)", "reference", (root + layer) * B,
+                f"(root + block) x {B} B = ({root:,} + {layer:,}) x {B}, gathered from the policy's shards one "
+                "block at a time"))
     if j.packing and j.micro_batch_tokens:
         mb_tokens, mb_what = j.micro_batch_tokens, "trainer.micro_batch_tokens"
     else:
@@ -755,16 +771,21 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
     trained = shape.lora_params(j.lora_rank) * B / div if j.lora_rank else N * B / div
     mb_rows = j.micro_batch_size or rows
     one_micro_batch = not (j.packing and j.micro_batch_tokens) and mb_rows >= math.ceil(rows / j.minibatches)
-    head_w = 0 if sharded else V * h * 4
+    head_w = 0 if sharded or lora else V * h * 4  # (LoRA: the head is frozen, it gets no gradient)
     phases["train"] = [PlanTerm("activations (one micro-batch)", "train", act, act_f),
                        PlanTerm("log-prob head backward", "train", 3 * train_chunk * V * 4 + head_w,
-                                f"3 x chunk x V x 4 B{'' if sharded else ' + V x h x 4 B'} = 3 x {train_chunk} x "
-                                f"{V:,} x 4" + ("" if sharded else f" + {V:,} x {h} x 4"))]
+                                f"3 x chunk x V x 4 B{'' if head_w == 0 else ' + V x h x 4 B'} = 3 x {train_chunk} x "
+                                f"{V:,} x 4" + ("" if head_w == 0 else f" + {V:,} x {h} x 4"))]
     if one_micro_batch:
         phases["train"].append(PlanTerm("policy grads, freed until the backward", "train", -trained,
                                         "- the held policy grads: one micro-batch per optimizer step, and zero_grad "
                                         "sets them to None before it"))
-    if sharded:  # FSDP2 keeps the root unsharded from its forward to the backward's end
+    if sharded and lora:  # the frozen base has no gradient: only the block's adapters get one
+        block_adapters = lora // n
+        phases["train"].append(PlanTerm("fsdp2 gathers", "train", (root + layer + block_adapters) * B,
+                                        f"(root {root:,} + one block {layer:,}) x {B} B weights + the block's "
+                                        f"adapter grads {block_adapters:,} x {B} B, unsharded"))
+    elif sharded:  # FSDP2 keeps the root unsharded from its forward to the backward's end
         phases["train"].append(PlanTerm("fsdp2 gathers", "train", 2 * (root + layer) * B,
                                         f"2 (weights, grads) x (root {root:,} + one block {layer:,}) x {B} B, "
                                         "unsharded"))
@@ -772,9 +793,12 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
     # still holds the head's gradient and adds the two into a third tensor before accumulating them
     tied = shape.tie_word_embeddings
     emb_k = 3 if tied else 1
-    end = [PlanTerm("embedding gradient" + (" (tied: + head's + sum)" if tied else ""), "train end",
-                    emb_k * V * h * B, f"{emb_k} x V x h x {B} B = {emb_k} x {V:,} x {h} x {B}")]
-    if sharded:  # the root stays gathered, and its unsharded gradient is copied into the reduce-scatter's input
+    end = [] if lora else [  # (LoRA: the embedding is frozen, it gets no gradient)
+        PlanTerm("embedding gradient" + (" (tied: + head's + sum)" if tied else ""), "train end",
+                 emb_k * V * h * B, f"{emb_k} x V x h x {B} B = {emb_k} x {V:,} x {h} x {B}")]
+    if sharded and lora:  # the root stays gathered; frozen, it has no gradient to reduce
+        end += [PlanTerm("fsdp2 root", "train end", root * B, f"root x {B} B = {root:,} x {B} (frozen: no gradient)")]
+    elif sharded:  # the root stays gathered, and its unsharded gradient is copied into the reduce-scatter's input
         end += [PlanTerm("fsdp2 root + reduce-scatter copy", "train end", 2 * root * B,
                          f"2 x root x {B} B = 2 x {root:,} x {B}")]
     if one_micro_batch:
@@ -782,7 +806,8 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
                             "- the held policy grads (one micro-batch per optimizer step)"))
     phases["train end"] = end
     if sharded:
-        phases["sync"] = [PlanTerm("gathered weights", "sync", N * B, f"N x {B} B, all-gathered for the engine")]
+        phases["sync"] = [PlanTerm("gathered weights", "sync", N * B, f"N x {B} B, all-gathered for the engine" + (
+            " (at a stage's end, the folded base; a step's sync gathers only the adapters)" if lora else ""))]
         if j.cpu:  # on a GPU run rank 0 gathers and rebuilds in host memory (cpu_offload), not on its GPU
             phases["checkpoint"] = [PlanTerm("gathered + rebuilt model (rank 0)", "checkpoint", 2 * N * B,
                                              f"2 x N x {B} B, to save a checkpoint")]

@@ -39,7 +39,7 @@ class TrainerConfig(Section):
                               between(0, 1, "0: decay to 0; 1: no decay"))
     strategy: str = opt("single", "training: 'single' (one process) | 'fsdp2' (sharded over torchrun's ranks in "
                                   "every stage that trains: SFT, preference, reward model, RL and PPO's critic; "
-                                  "rl.weight_sync auto or copy; not with model.lora)")
+                                  "rl.weight_sync auto or copy; with model.lora the frozen base is sharded too)")
     logprob_chunk: int | None = opt(None, "tokens per chunk of the log-prob head (trainer, reference, SFT): log-probs "
                                           "and entropies come from the hidden states this many tokens at a time, "
                                           "forward and backward, never as a whole [tokens, vocabulary] tensor (None: "

@@ -21,8 +21,9 @@ adds its turns: `episode_fields`); a resume drops the lines of steps after its c
 metrics.jsonl's.
 
 With `trainer.strategy=fsdp2` the trainer shards the policy over the ranks (the reference is copied first,
-whole, on every rank; PPO's critic is sharded with it) and each rank rolls out, scores and trains on its share
-of each step's prompts; rank 0 writes the console line and the checkpoints (rlpost/run.py).
+whole, on every rank, then sharded; with LoRA it is the sharded policy itself, adapters off; PPO's critic is
+sharded with it) and each rank rolls out, scores and trains on its share of each step's prompts; rank 0 writes
+the console line and the checkpoints (rlpost/run.py).
 """
 
 from __future__ import annotations
