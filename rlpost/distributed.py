@@ -26,8 +26,8 @@ so the roles call them unconditionally.
     full_state_dict(model)                       the gathered, unsharded weights of a (sharded) model
     load_full_state_dict(model, state)           full weights into a (sharded) model, each rank its shard
     plain_copy(model)                            a plain, unsharded copy of a (sharded) model on every rank
-    save_shards(folder, model, optimizer)        each rank writes its own shards (torch.distributed.checkpoint)
-    load_shards(folder, model, optimizer)        read them back, resharded to this run's ranks
+    save_shards(folder, model, optimizer, critic)    each rank writes its own shards (torch.distributed.checkpoint)
+    load_shards(folder, model, optimizer, critic)    read them back, resharded to this run's ranks
     destroy()                                    leave the process group
 """
 
@@ -305,44 +305,60 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------------------- sharded checkpoints (DCP)
 
-def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                  critic: nn.Module | None = None) -> dict:
     """{"model": ..., "optimizer": ...}: the state_dicts of a sharded model (and its optimizer) as DTensors,
     keyed by parameter name, without gathering anything: what `save_shards` writes and `load_shards` fills.
+    `critic`: a second sharded module the same optimizer trains (PPO's critic): its weights come under
+    "critic", and the optimizer's state is keyed `policy.<name>` / `critic.<name>`, as the Trainer keys it.
     A plain (unsharded) model gives its full tensors under the same names."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state = {"model": get_model_state_dict(model)}
+    if critic is not None:
+        state["critic"] = get_model_state_dict(critic)
     if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        owner = model if critic is None else optimizer_owner(model, critic)
+        state["optimizer"] = get_optimizer_state_dict(owner, optimizer)
     return state
 
 
-def save_shards(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write the model's (and optimizer's) state into `folder` with torch.distributed.checkpoint: every rank
-    writes the shards it holds (`__<rank>_0.distcp`), rank 0 the `.metadata` that maps them, so no rank ever
-    holds more than its own shards plus the buffer of the tensor being written. A collective: every rank calls
-    it with the same folder (rank 0 makes it)."""
+def optimizer_owner(model: nn.Module, critic: nn.Module | None) -> nn.Module:
+    """The module whose parameter names key an optimizer over the policy and, when given, a critic: the policy
+    itself, or both under `policy.` and `critic.` (the same names in a full and in a sharded state)."""
+    return model if critic is None else nn.ModuleDict({"policy": model, "critic": critic})
+
+
+def save_shards(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                critic: nn.Module | None = None) -> None:
+    """Write the model's (and optimizer's, and a `critic`'s: see `sharded_state`) state into `folder` with
+    torch.distributed.checkpoint: every rank writes the shards it holds (`__<rank>_0.distcp`), rank 0 the
+    `.metadata` that maps them, so no rank ever holds more than its own shards plus the buffer of the tensor
+    being written. A collective: every rank calls it with the same folder (rank 0 makes it)."""
     import torch.distributed.checkpoint as dcp
 
     if is_main():
         os.makedirs(folder, exist_ok=True)
     barrier()
-    dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
+    dcp.save(sharded_state(model, optimizer, critic), checkpoint_id=folder)
 
 
 def load_shards(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                weights: bool = True) -> None:
-    """Read `save_shards`' folder into the model (`weights`) and the optimizer (when given), in place, under
-    any number of ranks, sharded or not: each rank reads the parts of the saved shards that its own shards
-    (or, unsharded, its full tensors) cover. A collective when there is a process group: every rank calls it."""
+                weights: bool = True, critic: nn.Module | None = None) -> None:
+    """Read `save_shards`' folder into the model (`weights`), the optimizer (when given) and the `critic` (when
+    given: its weights, and the optimizer's state of its parameters), in place, under any number of ranks,
+    sharded or not: each rank reads the parts of the saved shards that its own shards (or, unsharded, its full
+    tensors) cover. A collective when there is a process group: every rank calls it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    state = sharded_state(model, optimizer)
+    state = sharded_state(model, optimizer, critic)
     if not weights:
         del state["model"]
     dcp.load(state, checkpoint_id=folder)
     if weights:
         set_model_state_dict(model, state["model"])
+    if critic is not None:
+        set_model_state_dict(critic, state["critic"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        set_optimizer_state_dict(optimizer_owner(model, critic), optimizer, state["optimizer"])

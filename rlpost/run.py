@@ -38,7 +38,7 @@ The run directory:
                        LoRA, model.lora: its adapters are folded into the base first, and that checkpoint
                        is the plain merged model; mid-stage ones hold the base and the adapters apart);
                        under trainer.strategy=fsdp2 a mid-stage one holds shards/ instead of model files:
-                       every rank's shards of the policy and AdamW's state (torch.distributed.checkpoint)
+                       every rank's shards of the policy, a PPO critic and AdamW's state (DCP)
     summary.json       the held-out numbers, wall_seconds, status
     tensorboard/       log.tensorboard: the metrics as TensorBoard event files, one folder per stage (rlpost/sinks.py)
     wandb/             log.wandb: the W&B run (offline without an API key) and its id, which a resume continues
