@@ -171,7 +171,199 @@ def test_a_sharded_ppo_run_resumes_bit_identically_from_its_shards(tmp_path):
     assert _rl_lines(two) == _rl_lines(run)
 
 
+# ---------------------------------------------------------------------------- the rollout engine's copy
+
+ENGINE_KINDS = ["native-gpt", "native-llama", "hf-llama"]
+PROMPTS = ["1+2=", "47+85=", "9+99="]
+
+
+@pytest.fixture
+def engines(tiny_gpt, tiny_llama_dir):
+    """engines(kind, dtype) -> (pointer engine, copy engine, model, tokenizer) on one model."""
+    from rlpost.config import ModelConfig
+    from rlpost.models import load_model
+    from rlpost.rollout import build_engine
+
+    def build(kind, dtype):
+        model, tok = tiny_gpt if kind == "native-gpt" else load_model(ModelConfig(name=tiny_llama_dir))
+        kind = kind.split("-")[0]
+        return (build_engine(kind, model, tok, share_weights=True, dtype=dtype),
+                build_engine(kind, model, tok, share_weights=False, dtype=dtype), model, tok)
+    return build
+
+
+def _sample(engine, tok, seed=0):
+    from rlpost.rollout import SamplingParams
+
+    return engine.generate([tok.encode_prompt(p) for p in PROMPTS], 2, SamplingParams(max_new_tokens=6), seed=seed)
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@pytest.mark.parametrize("kind", ENGINE_KINDS)
+def test_a_bf16_copy_engine_holds_its_matmuls_in_bf16_and_samples_as_under_autocast(engines, kind):
+    """rollout.dtype=bf16: a copy engine keeps its nn.Linear weights (not tied to an embedding) in bf16, the
+    embeddings and norms in fp32, and samples exactly what the pointer engine (fp32 weights under bf16
+    autocast) samples, with the same log-probs; an fp32 copy stays fp32."""
+    import torch.nn as nn
+
+    from rlpost.rollout.engine import weights_module
+
+    pointer, copy, model, tok = engines(kind, "bf16")
+    held = weights_module(copy._model)
+    embedded = {id(p) for m in held.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    linear = {id(p) for m in held.modules() if isinstance(m, nn.Linear) for p in m.parameters()} - embedded
+    assert linear and all((p.dtype == torch.bfloat16) == (id(p) in linear) for p in held.parameters())
+    assert _param_bytes(copy._model) < 0.8 * _param_bytes(model)
+    for seed in (0, 1):
+        a, b = _sample(pointer, tok, seed), _sample(copy, tok, seed)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.old_logp, b.old_logp)
+    fp32 = engines(kind, "fp32")[1]
+    assert all(p.dtype == torch.float32 for p in fp32._model.parameters())
+
+
+@pytest.mark.parametrize("kind", ENGINE_KINDS)
+def test_a_released_copy_engine_holds_nothing_until_it_is_given_every_weight(engines, kind):
+    """release_weights frees a copy engine's parameters (a pointer engine keeps the trainer's); it refuses to
+    sample, and a partial update, until it is given every weight; given them to `take`, it keeps those very
+    tensors and samples as before."""
+    from rlpost.rollout.engine import named_weights
+
+    pointer, copy, model, tok = engines(kind, "fp32")
+    before = _sample(copy, tok)
+    assert not pointer.release_weights()
+    assert copy.release_weights() and copy.released
+    assert _param_bytes(copy._model) == 0
+    with pytest.raises(RuntimeError, match="released"):
+        _sample(copy, tok)
+    weights = [(n, t.detach().clone()) for n, t in named_weights(model)]
+    with pytest.raises(ValueError, match="missing"):
+        copy.update_weights([(n, t) for n, t in weights if not n.endswith(("ln_f.weight", "model.norm.weight"))],
+                            3, take=True)
+    copy.update_weights(weights, 3, take=True)
+    assert not copy.released
+    kept = {t.data_ptr() for _, t in weights}
+    assert all(p.data_ptr() in kept for p in copy._model.parameters())
+    after = _sample(copy, tok)
+    assert torch.equal(before.input_ids, after.input_ids) and torch.equal(before.old_logp, after.old_logp)
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak() -> None:
+    """Reset this process's peak RSS (VmHWM) to its current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def job_engine(out: str) -> None:
+    """A sharded policy's copy engines (fp32 and bf16), refreshed by WeightSync after a training step, against
+    one process's engines on the same weights; then the train phase's peak RSS and the sync's seconds with and
+    without the engine's copy released between the rollout and the sync."""
+    import copy
+    import gc
+    import statistics
+    import time
+
+    import torch.nn as nn
+
+    from rlpost import distributed as dist
+    from rlpost.algorithms import get_algorithm
+    from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
+    from rlpost.rollout import SamplingParams, build_engine
+    from rlpost.weight_sync import WeightSync, gathered_weights
+    from test_fsdp import RANK_ROWS, global_batch, trainer_for
+
+    dist.init()
+    rank = dist.rank()
+    tok = CharTokenizer("0123456789+=")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=24, n_layer=8, n_head=4, n_embd=512))
+    batch = global_batch(model, tok.vocab_size)
+    algo = get_algorithm("grpo", loss_agg="token-mean", beta=0.04)
+    mine = batch.select(RANK_ROWS[rank])
+    copies = {d: build_engine("native", model, tok, share_weights=False, dtype=d) for d in ("fp32", "bf16")}
+    trainer = trainer_for(model, "fsdp2", 2)
+    trainer.step(mine, algo.compute_loss)  # weights the engines were not built with
+    syncs = {d: WeightSync(model, e) for d, e in copies.items()}
+    one = copy.deepcopy(copies["fp32"]._model)  # one process: a plain model with the gathered weights
+    one.load_state_dict(dist.full_state_dict(model))
+    prompts = [tok.encode_prompt(p) for p in ("1+2=", "47+85=", "9+99=")]
+    params = SamplingParams(max_new_tokens=6)
+    result = {}
+    for d, engine in copies.items():
+        mine_, theirs = engine.generate(prompts, 2, params, seed=rank), \
+            build_engine("native", one, tok, share_weights=True, dtype=d).generate(prompts, 2, params, seed=rank)
+        held = {n: t for n, t in engine._model.state_dict().items()}
+        cast = {n: t.to(held[n].dtype) for n, t in one.state_dict().items()}
+        result[d] = {"tokens_equal": torch.equal(mine_.input_ids, theirs.input_ids),
+                     "logp": float((mine_.old_logp - theirs.old_logp).abs().max()),
+                     "weights": max(float((held[n].float() - cast[n].float()).abs().max()) for n in held),
+                     "bf16_bytes": sum(t.numel() * 2 for t in held.values() if t.dtype == torch.bfloat16),
+                     "bytes": sum(p.numel() * p.element_size() for p in engine._model.parameters())}
+    result["linear_bytes_fp32"] = sum(p.numel() * 4 for m in one.modules() if isinstance(m, nn.Linear)
+                                      for p in m.parameters(recurse=False) if p is not one.lm_head.weight)
+    del one, copies["bf16"], syncs["bf16"]
+    gc.collect()
+
+    engine, ws = copies["fp32"], syncs["fp32"]
+    peaks, seconds = {False: [], True: []}, {False: [], True: []}
+    for release in (False, True) * 2:
+        engine.generate(prompts, 2, params, seed=0)  # the rollout
+        if release:
+            ws.release()
+        _reset_peak()
+        trainer.step(mine, algo.compute_loss)  # the train phase
+        peaks[release].append(_rss_kb("VmHWM") * 1024)
+        t0 = time.perf_counter()
+        ws.sync()
+        seconds[release].append(time.perf_counter() - t0)
+    gather = {"full_state_dict": [], "per_parameter": []}  # the gather alone: torch's whole-state helper vs ours
+    for _ in range(2):
+        for how, fn in (("full_state_dict", dist.full_state_dict), ("per_parameter", gathered_weights)):
+            t0 = time.perf_counter()
+            fn(model)
+            gather[how].append(time.perf_counter() - t0)
+    result.update({"engine_bytes": result["fp32"]["bytes"],
+                   "gather_seconds": {k: statistics.median(v) for k, v in gather.items()},
+                   "train_peak": {str(k): min(v) for k, v in peaks.items()},
+                   "sync_seconds": {str(k): statistics.median(v) for k, v in seconds.items()}})
+    if dist.is_main():
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy()
+
+
+@pytest.mark.slow
+def test_a_sharded_runs_engine_copy_is_gathered_in_the_rollout_dtype_and_released_while_training(tmp_path,
+                                                                                                 monkeypatch):
+    """Two ranks' copy engines, refreshed from the sharded policy after a step, hold its gathered weights (bf16:
+    their bf16 casts, the matmuls held in half the bytes) and sample what one process's engine on those weights
+    samples, to 1e-5; releasing the copy between the rollout and the sync lowers the train phase's peak RSS by
+    about the copy's size, and the sync that refills it takes no longer."""
+    # glibc hands every tensor of 128 KiB or more back to the system when it is freed (no adaptive threshold
+    # keeping freed memory in the heap), so that the RSS follows the live tensors
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    m = launch("engine", str(tmp_path / "engine.json"), timeout=600)
+    mb = 2 ** 20
+    print(f"engine copy {m['engine_bytes'] / mb:.1f} MB (fp32), bf16 engine {m['bf16']['bytes'] / mb:.1f} MB; "
+          f"train-phase peak RSS {m['train_peak']['False'] / mb:.1f} MB kept vs {m['train_peak']['True'] / mb:.1f} "
+          f"MB released; sync {m['sync_seconds']['False'] * 1e3:.0f} ms (copy) vs "
+          f"{m['sync_seconds']['True'] * 1e3:.0f} ms (refill); {m}")
+    for d in ("fp32", "bf16"):
+        assert m[d]["tokens_equal"] and m[d]["logp"] < TOL and m[d]["weights"] == 0.0
+    assert m["bf16"]["bf16_bytes"] == m["linear_bytes_fp32"] // 2  # every untied matmul weight held in bf16
+    assert m["bf16"]["bytes"] < 0.65 * m["fp32"]["bytes"]
+    assert m["train_peak"]["True"] < m["train_peak"]["False"] - 0.6 * m["engine_bytes"]
+    assert m["sync_seconds"]["True"] < 2 * m["sync_seconds"]["False"] + 0.5  # generous: a loaded 2-core machine
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    jobs = {"critic_save": job_critic_save, "critic_load": job_critic_load}
+    jobs = {"critic_save": job_critic_save, "critic_load": job_critic_load, "engine": job_engine}
     jobs[sys.argv[1]](*sys.argv[2:])
