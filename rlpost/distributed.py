@@ -20,7 +20,7 @@ so the roles call them unconditionally.
     gather_objects(obj)                          every rank's picklable object, as a list, on every rank
     whiten_over_ranks(x, mask, eps)              whitening over every rank's masked entries
     shard_model(model)                           FSDP2 over each transformer block and the root (the policy;
-                                                 the frozen reference too, forward-only)
+                                                 the frozen reference too, forward-only; a meta skeleton too)
     shard_module(module)                         FSDP2 over what a module holds besides its sharded parts (a head)
     share(n)                                     this rank's contiguous slice of n rows (or examples)
     full_state_dict(model)                       the gathered, unsharded weights of a (sharded) model
@@ -197,21 +197,27 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_model(model: nn.Module) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """FSDP2 in place: `fully_shard` each transformer block, then the root (embeddings, final norm, head).
     Rank 0's weights are broadcast first, so every rank shards the same model. Gradients are SUMMED over
     ranks, not averaged (divide factor 1): rlpost's losses are already normalised by the global token and
     sequence counts (Batch.global_tokens / global_seqs), so each rank's loss is its share of the global one.
-    A model sharded already (by an earlier stage of the run) is returned as it is."""
+    A model sharded already (by an earlier stage of the run) is returned as it is.
+    A skeleton (parameters on the meta device: rlpost.models.load_model(skeleton=True)) is sharded as it is and
+    each rank then allocates only its shards, on `device`, uninitialised: the caller fills them (load_shards)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     if is_sharded(model):
         return model
     init()
-    _broadcast_weights(model)
+    skeleton = any(p.is_meta for p in model.parameters())
+    if not skeleton:
+        _broadcast_weights(model)
     for block in transformer_blocks(model):
         fully_shard(block)
     fully_shard(model)
+    if skeleton:  # this rank's shards only (to_empty's allocation, the real buffers left as they are)
+        model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
     for name in FORWARD_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)

@@ -23,7 +23,8 @@ engine holds it in, so the gathered set is the engine's size: half the bytes for
 under rollout.dtype=bf16). Every rank calls sync/push at the same point; `time/sync_gather` is the gathering's
 share of the seconds. Between a rollout and the next sync the trainer works and the engine is idle, so the
 controller calls `release()`: the engine frees its copy (ModuleEngine.release_weights), and the next sync's
-gathered tensors become its weights as they are (no copy). The train phase then holds no full copy at all.
+gathered tensors become its weights as they are (no copy). The train phase then holds no full copy at all,
+and a sync or push never holds two (every one frees the engine's copy before it gathers the next).
 
 With LoRA (model.lora), `sync` sends the adapter tensors only (an optimizer step changes nothing else), so
 "sync/bytes" is the adapters' size; `push` always sends every weight (the base changes on a load or at a stage's
@@ -77,8 +78,9 @@ class WeightSync:
     def _push(self, version: int, adapters_only: bool = False) -> dict[str, float]:
         t0 = time.perf_counter()
         sharded = dist.is_sharded(self.trainer_model)
-        if sharded:  # gathered in the dtypes the engine holds, for it to keep (`take`) or copy
+        if sharded:  # gathered in the dtypes the engine holds, for it to keep (`take`): its old copy goes first
             dtypes = self.engine.weight_dtypes() if isinstance(self.engine, ModuleEngine) else None
+            self.release()
             weights = gathered_weights(self.trainer_model, dtypes)
         else:
             weights = named_weights(self.trainer_model, adapters_only)

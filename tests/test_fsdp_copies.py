@@ -363,7 +363,124 @@ def test_a_sharded_runs_engine_copy_is_gathered_in_the_rollout_dtype_and_release
     assert m["sync_seconds"]["True"] < 2 * m["sync_seconds"]["False"] + 0.5  # generous: a loaded 2-core machine
 
 
+# ---------------------------------------------------------------------------- a resume from shards
+
+# many blocks of moderate tensors: a reader's buffer is one tensor (or one shard of one), so a model whose bytes
+# are one large embedding would hide the difference behind that buffer
+RESUME_LAYERS, RESUME_EMBD = 8, 512
+
+
+def _resume_config(model_dir: str, out_dir: str):
+    from rlpost.config import load_config
+
+    return load_config(None, [f"model.name={model_dir}", "model.device=cpu", "trainer.strategy=fsdp2",
+                              "rl.weight_sync=copy", "rollout.engine=native", f"out_dir={out_dir}", "threads=1",
+                              "task.num_eval=8"])
+
+
+def job_resume_save(out: str, folder: str) -> None:
+    """A gpt_mini model folder (25M parameters, for the arithmetic task's characters), and other weights' shards
+    written by this run's ranks, as a mid-stage fsdp2 checkpoint's shards/."""
+    from rlpost import distributed as dist
+    from rlpost.models import load_model
+    from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
+    from rlpost.tasks import load_task
+
+    dist.init()
+    model_dir = os.path.join(folder, "model")
+    cfg = _resume_config(model_dir, folder)
+    if dist.is_main():
+        torch.manual_seed(0)
+        tok = CharTokenizer(load_task(cfg.task).alphabet)
+        GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=RESUME_LAYERS, n_head=4,
+                      n_embd=RESUME_EMBD)).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    dist.barrier()
+    model, _ = load_model(cfg.model)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with torch.no_grad():  # other weights than the folder's: a resume must read these
+        for p in model.parameters():
+            p.mul_(-1.5)
+    dist.shard_model(model)
+    dist.save_shards(os.path.join(folder, "shards"), model)
+    state = dist.full_state_dict(model)
+    if dist.is_main():
+        torch.save(state, os.path.join(folder, "saved.pt"))
+        with open(out, "w") as f:
+            json.dump({"full_bytes": full_bytes}, f)
+    dist.destroy()
+
+
+def job_resume_load(out: str, folder: str, how: str) -> None:
+    """The run's own start of a resume (run.build_context) on this process's ranks, `how`: "shards" (a sharded
+    skeleton reads its shards) or "whole" (as a resume did before: the whole policy built, the shards read into
+    it, then sharded). Rank 0's peak RSS growth over it, and what the policy and the engine then hold."""
+    from rlpost import distributed as dist
+    from rlpost import run
+    from rlpost.models import load_model
+    from rlpost.run import _load_policy, build_context
+    from rlpost.runlog import RunLog
+    from rlpost.weight_sync import WeightSync, gathered_weights
+
+    dist.init()
+    cfg = _resume_config(os.path.join(folder, "model"), folder)
+    log = RunLog(os.path.join(folder, f"run-{how}"), write=False)
+    policy_peak = []
+
+    def weight_sync(model, engine):  # the policy built (and, from shards, read): the peak so far, before the
+        policy_peak.append(_rss_kb("VmHWM") * 1024)  # engine's copy is gathered
+        return WeightSync(model, engine)
+
+    run.WeightSync = weight_sync
+    load_model(cfg.model, skeleton=True)  # the first build's lazy imports and caches (~36 MB), out of the measure
+    _reset_peak()
+    before = _rss_kb("VmRSS") * 1024
+    if how == "shards":
+        ctx = build_context(cfg, folder, log, shards=os.path.join(folder, "shards"))
+    else:
+        ctx = build_context(cfg, folder, log)
+        _load_policy(ctx.model, folder)
+        dist.shard_model(ctx.model)
+        ctx.weight_sync.push()
+    growth = _rss_kb("VmHWM") * 1024 - before
+    saved = torch.load(os.path.join(folder, "saved.pt"), weights_only=False)
+    policy = dist.full_state_dict(ctx.model)
+    engine = dict(gathered_weights(ctx.model))  # (the protocol's names)
+    held = ctx.engine._model.state_dict()
+    if dist.is_main():
+        with open(out, "w") as f:
+            json.dump({"growth": growth, "policy_growth": policy_peak[0] - before,
+                       "sharded": dist.is_sharded(ctx.model),
+                       "policy": max(float((policy[k] - saved[k]).abs().max()) for k in saved),
+                       "engine": max(float((held[k] - engine[k]).abs().max()) for k in engine)}, f)
+    dist.destroy()
+
+
+@pytest.mark.slow
+def test_a_resume_from_shards_never_builds_the_whole_policy(tmp_path, monkeypatch):
+    """A fsdp2 resume from a sharded checkpoint (run.build_context with the shards) builds the policy as a
+    skeleton, shards it and reads each rank's shards: the policy holds the saved weights and the engine a copy
+    of them. Until the engine's copy is gathered, rank 0's peak RSS grows by about its half of the policy plus a
+    buffer (one parameter), where a resume that builds the whole policy (and the engine's copy of it) grew by
+    twice the policy; the whole resume's start, the engine's copy included, grows less too."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # (as above: the RSS follows the live tensors)
+    folder = str(tmp_path)
+    full = launch("resume_save", str(tmp_path / "save.json"), folder)["full_bytes"]
+    shards = launch("resume_load", str(tmp_path / "shards.json"), folder, "shards")
+    whole = launch("resume_load", str(tmp_path / "whole.json"), folder, "whole")
+    mb = 2 ** 20
+    print(f"full policy {full / mb:.1f} MB; rank 0's peak RSS growth until the engine's copy is gathered: from "
+          f"shards {shards['policy_growth'] / mb:.1f} MB, whole {whole['policy_growth'] / mb:.1f} MB; over the "
+          f"resume's whole start: from shards {shards['growth'] / mb:.1f} MB, whole {whole['growth'] / mb:.1f} MB")
+    for m in (shards, whole):
+        assert m["sharded"] and m["policy"] == 0.0 and m["engine"] == 0.0
+    assert shards["policy_growth"] < 0.75 * full  # its half, and a buffer
+    assert whole["policy_growth"] > 1.5 * full  # the whole policy and the engine's copy of it
+    assert shards["growth"] < whole["growth"]
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    jobs = {"critic_save": job_critic_save, "critic_load": job_critic_load, "engine": job_engine}
+    jobs = {"critic_save": job_critic_save, "critic_load": job_critic_load, "engine": job_engine,
+            "resume_save": job_resume_save, "resume_load": job_resume_load}
     jobs[sys.argv[1]](*sys.argv[2:])

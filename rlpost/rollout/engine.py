@@ -113,6 +113,22 @@ class Engine(Protocol):
         ...
 
 
+def _empty_parameters(model: nn.Module) -> dict[int, torch.Size]:
+    """A skeleton's meta parameters replaced, in place, by empty ones (no storage; a meta tensor cannot be
+    given storage later) on the device of its buffers, a tied one by one shared replacement: {id(new parameter):
+    the shape it stands for}, as a released engine records them."""
+    device = next((b.device for b in model.buffers() if not b.is_meta), torch.device("cpu"))
+    new: dict[int, tuple[nn.Parameter, torch.Size]] = {}
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in new:
+                    new[id(p)] = (nn.Parameter(torch.empty(0, dtype=p.dtype, device=device), requires_grad=False),
+                                  p.shape)
+                m._parameters[name] = new[id(p)][0]
+    return {id(q): shape for q, shape in new.values()}
+
+
 def hold_matmuls(model: nn.Module, dtype: torch.dtype) -> None:
     """Keep the weights and biases of `model`'s nn.Linear layers in `dtype`, in place (a copy engine sampling
     under `dtype` autocast: the values autocast would cast them to, held once). A layer's weight tied to an
@@ -169,7 +185,7 @@ class ModuleEngine:
         # released: {id(parameter): its shape} while the parameters are freed (or never filled: a meta skeleton)
         self._released: dict[int, torch.Size] | None = None
         if not share_weights and any(p.is_meta for p in self._model.parameters()):
-            self._released = {id(p): p.shape for p in self._model.parameters()}
+            self._released = _empty_parameters(self._model)
 
     def _autocast(self, device: torch.device):
         """The context the engine's forward runs in: bf16 autocast for dtype 'bf16', nothing for 'fp32'."""
