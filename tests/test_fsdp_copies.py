@@ -479,6 +479,32 @@ def test_a_resume_from_shards_never_builds_the_whole_policy(tmp_path, monkeypatc
     assert shards["growth"] < whole["growth"]
 
 
+# ---------------------------------------------------------------------------- the memory plan says so
+
+def test_the_plan_holds_a_sharded_runs_engine_copy_only_while_it_samples_and_in_the_rollout_dtype():
+    """rlpost plan memory under fsdp2: the engine's copy is in the rollout and reference phases (gathered at the
+    sync, freed before training), not held through the train phase; rollout.dtype=bf16 holds the blocks' matmul
+    weights in 2 bytes, and the sync gathers the engine's bytes. One process's rl.weight_sync=copy still holds it."""
+    from rlpost.plan.memory import plan, plan_inputs, shape_for
+
+    def rlpost_plan(*inputs, ranks=1):
+        return plan(*plan_inputs(list(inputs), ranks, 128, 80.0))
+
+    N, s = 7_615_616_512, shape_for("7b")
+    root = 2 * 152_064 * 3_584 + 3_584  # Qwen2.5-7B: untied embedding and head, the final RMSNorm
+    p = rlpost_plan("7b", "trainer.strategy=fsdp2", "rl.weight_sync=copy", "rollout.dtype=fp32", ranks=8)
+    copies = [t for t in p.terms if t.name.startswith("engine copy")]
+    assert sorted(t.phase for t in copies) == ["reference", "rollout"] and all(t.bytes == N * 4 for t in copies)
+    assert next(t.bytes for t in p.terms if t.phase == "sync") == N * 4
+    bf16 = rlpost_plan("7b", "trainer.strategy=fsdp2", "rl.weight_sync=copy", "rollout.dtype=bf16", ranks=8)
+    matmul = N - root + 152_064 * 3_584  # the blocks and the untied head
+    engine = matmul * 2 + (N - matmul) * 4
+    assert next(t.bytes for t in bf16.terms if t.name.startswith("engine copy")) == engine
+    assert next(t.bytes for t in bf16.terms if t.phase == "sync") == engine + s.vocab_size * s.hidden_size * 4
+    one = rlpost_plan("7b", "rl.weight_sync=copy", "rollout.dtype=fp32")
+    assert [t.phase for t in one.terms if t.name.startswith("engine copy")] == ["held"]
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     jobs = {"critic_save": job_critic_save, "critic_load": job_critic_load, "engine": job_engine,
