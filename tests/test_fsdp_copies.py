@@ -479,6 +479,36 @@ def test_a_resume_from_shards_never_builds_the_whole_policy(tmp_path, monkeypatc
     assert shards["growth"] < whole["growth"]
 
 
+@pytest.mark.parametrize("kind", ["gpt_mini", "llama"])
+def test_a_skeleton_has_the_architecture_and_buffers_but_no_weights(tiny_gpt, tiny_llama_dir, tmp_path, kind):
+    """load_model(skeleton=True): every parameter on the meta device with the loaded model's name, shape and
+    dtype (a tied weight still tied), the buffers (RoPE tables) real and equal to the loaded model's; refused
+    with LoRA."""
+    from rlpost.config import ModelConfig
+    from rlpost.models import load_model
+    from rlpost.models.hf import ModelLoadError
+    from rlpost.settings.model import LoRAConfig
+
+    if kind == "gpt_mini":
+        model, tok = tiny_gpt
+        model.save_pretrained(str(tmp_path))
+        tok.save_pretrained(str(tmp_path))
+        folder = str(tmp_path)
+    else:
+        folder = tiny_llama_dir
+    full = load_model(ModelConfig(name=folder, device="cpu"))[0]
+    skeleton = load_model(ModelConfig(name=folder, device="cpu"), skeleton=True)[0]
+    params = dict(skeleton.named_parameters())
+    assert params.keys() == dict(full.named_parameters()).keys() and all(p.is_meta for p in params.values())
+    assert all(params[n].shape == p.shape and params[n].dtype == p.dtype for n, p in full.named_parameters())
+    if kind == "gpt_mini":
+        assert skeleton.lm_head.weight is skeleton.transformer.wte.weight
+    buffers = dict(full.named_buffers())
+    assert all(not b.is_meta and torch.equal(b, buffers[n]) for n, b in skeleton.named_buffers())
+    with pytest.raises(ModelLoadError, match="LoRA"):
+        load_model(ModelConfig(name=folder, device="cpu", lora=LoRAConfig(r=4)), skeleton=True)
+
+
 # ---------------------------------------------------------------------------- the memory plan says so
 
 def test_the_plan_holds_a_sharded_runs_engine_copy_only_while_it_samples_and_in_the_rollout_dtype():
