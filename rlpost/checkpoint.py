@@ -7,8 +7,8 @@ A checkpoint is a folder under `<run_dir>/checkpoints/`:
     rlpost_state.pt     every other part's state_dict: optimizer and LR schedule, trainer counters,
                         critic, algorithm, prompt sampler (the stage's), and the run's: the weight-sync
                         version and the random streams (an end-of-stage checkpoint holds those alone)
-    shards/             under trainer.strategy=fsdp2, a mid-stage checkpoint's policy and optimizer state instead
-                        of the model files: a torch.distributed.checkpoint folder in which every rank wrote its
+    shards/             under trainer.strategy=fsdp2, a mid-stage checkpoint's policy, PPO critic and optimizer state
+                        instead of the model files: a torch.distributed.checkpoint folder in which every rank wrote its
                         own shards (`__<rank>_0.distcp`) and rank 0 the `.metadata`; it loads under any number
                         of ranks (rlpost.distributed.load_shards). End-of-stage checkpoints stay model folders
     rlpost_checkpoint.json   where the run stood: stage index and name, step, whether the stage had

@@ -29,6 +29,8 @@ Sharded (`shard=(rank, world)`, trainer.strategy=fsdp2): every rank's sampler wa
 rank r takes every world-th of the step's prompts from r (its own engine seed); its groups never straddle
 ranks. The refill rule counts the groups of all ranks, and the step's metrics are combined over ranks
 (rlpost.distributed.reduce_metrics), so every rank logs the same line. Both are no-ops in one process.
+Between the last round's rollout and the sync each rank's engine frees its copy of the weights
+(WeightSync.release: colocated, a sharded policy), so the training runs beside no full copy.
 """
 
 from __future__ import annotations
@@ -191,6 +193,8 @@ class Controller:
             if groups >= wanted:
                 break
         batch = Batch.concat(kept) if kept else None
+        if not self.loop.elsewhere:  # the engine idles until the sync: a sharded run's engine frees its copy
+            self.roles.weight_sync.release()
         # 6. train
         with self.timed("train"):
             train_metrics = self.roles.trainer.step(batch, self.roles.algorithm.compute_loss)  # None: skipped_empty

@@ -20,14 +20,15 @@ so the roles call them unconditionally.
     gather_objects(obj)                          every rank's picklable object, as a list, on every rank
     whiten_over_ranks(x, mask, eps)              whitening over every rank's masked entries
     shard_model(model)                           FSDP2 over each transformer block and the root (the policy,
-                                                 a LoRA one too; the frozen reference, forward-only)
+                                                 a LoRA one too; the frozen reference, forward-only; a meta
+                                                 skeleton too)
     shard_module(module)                         FSDP2 over what a module holds besides its sharded parts (a head)
     share(n)                                     this rank's contiguous slice of n rows (or examples)
     full_state_dict(model)                       the gathered, unsharded weights of a (sharded) model
     load_full_state_dict(model, state)           full weights into a (sharded) model, each rank its shard
     plain_copy(model)                            a plain, unsharded copy of a (sharded) model on every rank
-    save_shards(folder, model, optimizer)        each rank writes its own shards (torch.distributed.checkpoint)
-    load_shards(folder, model, optimizer)        read them back, resharded to this run's ranks
+    save_shards(folder, model, optimizer, critic)    each rank writes its own shards (torch.distributed.checkpoint)
+    load_shards(folder, model, optimizer, critic)    read them back, resharded to this run's ranks
     destroy()                                    leave the process group
 """
 
@@ -198,24 +199,30 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_model(model: nn.Module) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """FSDP2 in place: `fully_shard` each transformer block, then the root (embeddings, final norm, head).
     Rank 0's weights are broadcast first, so every rank shards the same model (a LoRA model: its frozen base and
     trainable adapters in the same groups, FSDP2 reduces the adapters' gradients alone; rank 0's initial
     adapters too, which rlpost.models.lora.reset_adapters puts back). Gradients are SUMMED over
     ranks, not averaged (divide factor 1): rlpost's losses are already normalised by the global token and
     sequence counts (Batch.global_tokens / global_seqs), so each rank's loss is its share of the global one.
-    A model sharded already (by an earlier stage of the run) is returned as it is."""
+    A model sharded already (by an earlier stage of the run) is returned as it is.
+    A skeleton (parameters on the meta device: rlpost.models.load_model(skeleton=True)) is sharded as it is and
+    each rank then allocates only its shards, on `device`, uninitialised: the caller fills them (load_shards)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     if is_sharded(model):
         return model
     init()
-    _broadcast_weights(model)
-    _broadcast_tensors(initial_adapters(model).values())  # LoRA: what a reset puts back, the same on every rank
+    skeleton = any(p.is_meta for p in model.parameters())
+    if not skeleton:
+        _broadcast_weights(model)
+        _broadcast_tensors(initial_adapters(model).values())  # LoRA: what a reset puts back, the same on every rank
     for block in transformer_blocks(model):
         fully_shard(block)
     fully_shard(model)
+    if skeleton:  # this rank's shards only (to_empty's allocation, the real buffers left as they are)
+        model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
     for name in FORWARD_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
@@ -314,44 +321,60 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------------------- sharded checkpoints (DCP)
 
-def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                  critic: nn.Module | None = None) -> dict:
     """{"model": ..., "optimizer": ...}: the state_dicts of a sharded model (and its optimizer) as DTensors,
     keyed by parameter name, without gathering anything: what `save_shards` writes and `load_shards` fills.
+    `critic`: a second sharded module the same optimizer trains (PPO's critic): its weights come under
+    "critic", and the optimizer's state is keyed `policy.<name>` / `critic.<name>`, as the Trainer keys it.
     A plain (unsharded) model gives its full tensors under the same names."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state = {"model": get_model_state_dict(model)}
+    if critic is not None:
+        state["critic"] = get_model_state_dict(critic)
     if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        owner = model if critic is None else optimizer_owner(model, critic)
+        state["optimizer"] = get_optimizer_state_dict(owner, optimizer)
     return state
 
 
-def save_shards(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write the model's (and optimizer's) state into `folder` with torch.distributed.checkpoint: every rank
-    writes the shards it holds (`__<rank>_0.distcp`), rank 0 the `.metadata` that maps them, so no rank ever
-    holds more than its own shards plus the buffer of the tensor being written. A collective: every rank calls
-    it with the same folder (rank 0 makes it)."""
+def optimizer_owner(model: nn.Module, critic: nn.Module | None) -> nn.Module:
+    """The module whose parameter names key an optimizer over the policy and, when given, a critic: the policy
+    itself, or both under `policy.` and `critic.` (the same names in a full and in a sharded state)."""
+    return model if critic is None else nn.ModuleDict({"policy": model, "critic": critic})
+
+
+def save_shards(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                critic: nn.Module | None = None) -> None:
+    """Write the model's (and optimizer's, and a `critic`'s: see `sharded_state`) state into `folder` with
+    torch.distributed.checkpoint: every rank writes the shards it holds (`__<rank>_0.distcp`), rank 0 the
+    `.metadata` that maps them, so no rank ever holds more than its own shards plus the buffer of the tensor
+    being written. A collective: every rank calls it with the same folder (rank 0 makes it)."""
     import torch.distributed.checkpoint as dcp
 
     if is_main():
         os.makedirs(folder, exist_ok=True)
     barrier()
-    dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
+    dcp.save(sharded_state(model, optimizer, critic), checkpoint_id=folder)
 
 
 def load_shards(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                weights: bool = True) -> None:
-    """Read `save_shards`' folder into the model (`weights`) and the optimizer (when given), in place, under
-    any number of ranks, sharded or not: each rank reads the parts of the saved shards that its own shards
-    (or, unsharded, its full tensors) cover. A collective when there is a process group: every rank calls it."""
+                weights: bool = True, critic: nn.Module | None = None) -> None:
+    """Read `save_shards`' folder into the model (`weights`), the optimizer (when given) and the `critic` (when
+    given: its weights, and the optimizer's state of its parameters), in place, under any number of ranks,
+    sharded or not: each rank reads the parts of the saved shards that its own shards (or, unsharded, its full
+    tensors) cover. A collective when there is a process group: every rank calls it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    state = sharded_state(model, optimizer)
+    state = sharded_state(model, optimizer, critic)
     if not weights:
         del state["model"]
     dcp.load(state, checkpoint_id=folder)
     if weights:
         set_model_state_dict(model, state["model"])
+    if critic is not None:
+        set_model_state_dict(critic, state["critic"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        set_optimizer_state_dict(optimizer_owner(model, critic), optimizer, state["optimizer"])

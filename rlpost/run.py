@@ -38,7 +38,7 @@ The run directory:
                        LoRA, model.lora: its adapters are folded into the base first, and that checkpoint
                        is the plain merged model; mid-stage ones hold the base and the adapters apart);
                        under trainer.strategy=fsdp2 a mid-stage one holds shards/ instead of model files:
-                       every rank's shards of the policy and AdamW's state (torch.distributed.checkpoint)
+                       every rank's shards of the policy, a PPO critic and AdamW's state (DCP)
     summary.json       the held-out numbers, wall_seconds, status
     tensorboard/       log.tensorboard: the metrics as TensorBoard event files, one folder per stage (rlpost/sinks.py)
     wandb/             log.wandb: the W&B run (offline without an API key) and its id, which a resume continues
@@ -182,8 +182,23 @@ def stage_line(cfg: Config, stages: list[Stage]) -> list[str]:
             for s, e in zip(stages, entries)]
 
 
-def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
-    """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0."""
+def skeleton_resume(cfg: Config, ckpt: Checkpoint | None, run_dir: str) -> str | None:
+    """The shards folder a fsdp2 `--resume` reads the policy from into a sharded skeleton (`build_context`): the
+    checkpoint's weights are DCP shards and the engine keeps its own copy (colocated, rl.weight_sync auto or
+    copy, not vLLM), without LoRA. None otherwise: the policy is built whole and the weights read into it."""
+    folder = ckpt.weights_dir(run_dir) if ckpt is not None else None
+    if folder is None or not os.path.isdir(os.path.join(folder, SHARDS_DIR)) or cfg.trainer.strategy != "fsdp2":
+        return None
+    if cfg.rl.topology != "colocated" or cfg.rl.weight_sync not in ("auto", "copy") or cfg.rollout.engine == "vllm":
+        return None
+    return None if cfg.model.lora.r > 0 else os.path.join(folder, SHARDS_DIR)
+
+
+def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = None) -> RunContext:
+    """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0.
+    `shards` (a fsdp2 resume, `skeleton_resume`): the policy is built as a skeleton, sharded, and each rank reads
+    its own shards from that folder, so no rank ever holds the whole policy; the engine's copy (built empty) is
+    gathered from them."""
     if "auto" in (cfg.trainer.precision, cfg.rollout.dtype):  # train() resolved them already; a caller may not have
         resolve_precisions(cfg)
     if cfg.threads:
@@ -203,11 +218,14 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
     # a fresh gpt_mini also spells what the environment may answer; a saved one is checked for it
     alphabet = task.alphabet + "".join(c for c in observation_alphabet(cfg.task) if c not in task.alphabet)
     model, tokenizer = load_model(cfg.model, alphabet, rows=rows, max_new_tokens=response_tokens,
-                                  demonstrations=demos)
+                                  demonstrations=demos, skeleton=shards is not None)
     check_vocabulary(cfg.task, tokenizer)
     check_lengths(model, tokenizer, rows, response_tokens, demos,  # before any stage, not after SFT
                   system_prompt=task.system_prompt)
     engine = loop_class(cfg.rl.topology).run_engine(cfg, model, tokenizer)  # the topology's (rlpost/loops/)
+    if shards is not None:  # (the engine was built from the skeleton: empty until the weight sync's first push)
+        dist.shard_model(model, resolve_device(cfg.model.device))
+        _load_policy(model, os.path.dirname(shards))
     weight_sync = WeightSync(model, engine)
     verifier = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
     # the RL reward: rl.reward's source (the verifier, a teacher, a PRM; a reward_model stage's model later)
@@ -220,15 +238,15 @@ def build_context(cfg: Config, run_dir: str, log: RunLog) -> RunContext:
                       weight_sync=weight_sync, verifier=verifier, log=log, summary=summary, rl_reward=rl_reward)
 
 
-def _load_policy(ctx: RunContext, folder: str) -> None:
-    """The policy's weights from checkpoint folder `folder` (a sharded one's shards/, read whole into the
-    not yet sharded policy on every rank); ResumeError naming the folder when they do not fit the model the
-    run's config builds (another model's checkpoint)."""
+def _load_policy(model, folder: str) -> None:
+    """The policy's weights from checkpoint folder `folder` (a sharded one's shards/: into each rank's shards of a
+    sharded policy, or read whole into a not yet sharded one on every rank); ResumeError naming the folder when
+    they do not fit the model the run's config builds (another model's checkpoint)."""
     try:
         if os.path.isdir(os.path.join(folder, SHARDS_DIR)):
-            dist.load_shards(os.path.join(folder, SHARDS_DIR), ctx.model)
+            dist.load_shards(os.path.join(folder, SHARDS_DIR), model)
         else:
-            load_weights(ctx.model, folder)
+            load_weights(model, folder)
     except Exception as e:
         raise ResumeError(f"--resume: the policy's weights in {folder} do not load into the model of this run's "
                           f"config.yaml ({type(e).__name__}: {e}); remove that checkpoint to resume from an older "
@@ -351,7 +369,8 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
     try:
         log = open_log(cfg, run_dir, keep_lines=keep, resume=bool(resume), keep_rollouts=keep_rollouts,
                        checkpoint=ckpt.path if ckpt else "the start", digests=ckpt.meta if ckpt else None)
-        ctx = build_context(cfg, run_dir, log)  # the data, model and rewards, checked before any stage starts
+        # the data, model and rewards, checked before any stage starts (a fsdp2 resume: the policy's shards read)
+        ctx = build_context(cfg, run_dir, log, shards=skeleton_resume(cfg, ckpt, run_dir))
     except BaseException:
         if log is not None:
             log.close(exit_code=1)
@@ -381,8 +400,8 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
     if ckpt is not None:
         ctx.summary.update({k: v for k, v in ckpt.meta["summary"].items() if k not in ("status", "wall_seconds")})
         ctx.weights_from = ckpt.meta["weights"]
-        if ctx.weights_from is not None:
-            _load_policy(ctx, ckpt.weights_dir(run_dir))
+        if ctx.weights_from is not None and not dist.is_sharded(ctx.model):  # (sharded: build_context read them)
+            _load_policy(ctx.model, ckpt.weights_dir(run_dir))
         run_state = ckpt.load_state().get("run")
         if run_state is not None:  # the version the run had reached, pushed with the restored weights
             ctx.weight_sync.load_state_dict(run_state["weight_sync"])

@@ -18,8 +18,13 @@ Every batch an engine samples carries `policy_version`, so stale samples are vis
 
 A sharded policy (trainer.strategy=fsdp2) holds only a shard of each parameter on each rank, which no
 generation engine can run: every rank's engine is then a "copy" engine, refreshed from the full weights
-gathered over torch.distributed (all-gather to every rank, `rlpost.distributed.full_state_dict`). Every
-rank calls sync/push at the same point; `time/sync_gather` is the gathering's share of the seconds.
+gathered over torch.distributed (`gathered_weights`: one parameter at a time, each cast to the dtype the
+engine holds it in, so the gathered set is the engine's size: half the bytes for its bf16 matmul weights
+under rollout.dtype=bf16). Every rank calls sync/push at the same point; `time/sync_gather` is the gathering's
+share of the seconds. Between a rollout and the next sync the trainer works and the engine is idle, so the
+controller calls `release()`: the engine frees its copy (ModuleEngine.release_weights), and the next sync's
+gathered tensors become its weights as they are (no copy). The train phase then holds no full copy at all,
+and a sync or push never holds two (every one frees the engine's copy before it gathers the next).
 
 With LoRA (model.lora), `sync` sends the adapter tensors only (an optimizer step changes nothing else), so
 "sync/bytes" is the adapters' size (sharded: only the adapters are gathered); `push` always sends every weight
@@ -36,7 +41,7 @@ from torch.distributed.tensor import DTensor
 
 from rlpost import distributed as dist
 from rlpost.models.lora import is_lora
-from rlpost.rollout.engine import Engine, named_weights, weights_module
+from rlpost.rollout.engine import Engine, ModuleEngine, named_weights, weights_module
 
 class WeightSync:
     def __init__(self, trainer_model: nn.Module, engine: Engine):
@@ -60,13 +65,35 @@ class WeightSync:
         sampling outside the RL loop, e.g. a held-out evaluation, and after a restore or a change of the base."""
         return self._push(self.version)
 
+    def release(self) -> bool:
+        """Between a rollout and the next sync (the engine idle while the trainer works): a sharded policy's
+        copy engine frees its copy, which the next sync or push gathers again. Returns whether it did; other
+        engines keep their weights (a pointer engine's are the trainer's; a one-process copy is refreshed in
+        place)."""
+        if dist.is_sharded(self.trainer_model) and isinstance(self.engine, ModuleEngine) \
+                and not is_lora(self.trainer_model):  # LoRA's sync sends adapters only: the engine keeps its base
+            return self.engine.release_weights()
+        return False
+
     @torch.no_grad()
     def _push(self, version: int, adapters_only: bool = False) -> dict[str, float]:
         t0 = time.perf_counter()
-        weights = gathered_weights(self.trainer_model, adapters_only) if dist.is_sharded(self.trainer_model) else \
-            named_weights(self.trainer_model, adapters_only)
+        sharded = dist.is_sharded(self.trainer_model)
+        full = sharded and not adapters_only
+        if full:  # gathered in the dtypes the engine holds, for it to keep (`take`): its old copy goes first
+            dtypes = self.engine.weight_dtypes() if isinstance(self.engine, ModuleEngine) else None
+            if isinstance(self.engine, ModuleEngine):
+                self.engine.release_weights()
+            weights = gathered_weights(self.trainer_model, dtypes)
+        elif sharded:  # LoRA: the engine keeps its base, only the adapters are gathered
+            weights = gathered_weights(self.trainer_model, adapters_only=True)
+        else:
+            weights = named_weights(self.trainer_model, adapters_only)
         t_gathered = time.perf_counter()
-        self.engine.update_weights(weights, version)
+        if full and isinstance(self.engine, ModuleEngine):
+            self.engine.update_weights(weights, version, take=True)
+        else:
+            self.engine.update_weights(weights, version)
         self.version = version  # only once the engine has it
         moved = 0 if self.mode == "pointer" else sum(t.numel() * t.element_size() for t in _unique(weights))
         return {"sync/version": float(version), "sync/bytes": float(moved), "time/sync_copy": time.perf_counter() - t0,
@@ -88,16 +115,24 @@ def _unique(named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-def gathered_weights(model: nn.Module, adapters_only: bool = False) -> list[tuple[str, torch.Tensor]]:
+def gathered_weights(model: nn.Module, dtypes: dict[str, torch.dtype] | None = None,
+                     adapters_only: bool = False) -> list[tuple[str, torch.Tensor]]:
     """A sharded model's full weights on every rank (a collective), under the protocol's names: as
-    `named_weights`, i.e. without the `hf.` prefix of a wrapped Hugging Face model. `adapters_only`: a LoRA
-    model's adapter tensors alone, each gathered on its own (the frozen base is not moved)."""
+    `named_weights`, i.e. without the `hf.` prefix of a wrapped Hugging Face model. Gathered one parameter at a
+    time, each cast to `dtypes[name]` (the engine's) before the next: the result, the only full set held, is
+    the engine's size, and the full-precision tensor of one parameter is the only extra. `adapters_only`: a LoRA
+    model's adapter tensors alone (the frozen base is not moved)."""
     if adapters_only:
-        return [(n, t.full_tensor() if isinstance(t, DTensor) else t) for n, t in named_weights(model, True)]
-    state = dist.full_state_dict(model)
+        return [(n, (t.full_tensor() if isinstance(t, DTensor) else t).to((dtypes or {}).get(n, t.dtype)))
+                for n, t in named_weights(model, True)]
     prefix = "hf." if weights_module(model) is not model else ""
-    first: dict[int, str] = {}  # a tied weight (gpt_mini's lm_head is its wte) goes under its first name only
-    for k, t in model.state_dict(keep_vars=True).items():
-        first.setdefault(id(t), k)
-    keep = set(first.values())
-    return [(k[len(prefix):], v) for k, v in state.items() if k in keep and k.startswith(prefix)]
+    seen: set[int] = set()  # a tied weight (gpt_mini's lm_head is its wte) goes under its first name only
+    out = []
+    for k, t in model.state_dict(keep_vars=True).items():  # DTensor shards, in the same order on every rank
+        if id(t) in seen or not k.startswith(prefix):
+            continue
+        seen.add(id(t))
+        name = k[len(prefix):]
+        full = t.detach().full_tensor() if isinstance(t, DTensor) else t.detach().clone()
+        out.append((name, full.to((dtypes or {}).get(name, full.dtype))))
+    return out

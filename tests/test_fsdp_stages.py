@@ -302,7 +302,7 @@ def test_two_ranks_fit_like_one_process(runs, case):
 def test_rlpost_train_shards_every_stage_under_torchrun(tmp_path, lora):
     """`rlpost train` on 2 ranks: SFT, DPO on a pairs file, a reward model, then 2 PPO steps with a separate critic
     on that reward; the stages' checkpoints (gathered by rank 0) equal one process's run of the same stages, and
-    the 2-rank PPO checkpoint (sharded critic and its optimizer state gathered) resumes in one process. With
+    the 2-rank PPO checkpoint (the critic and its optimizer state in its shards) resumes in one process. With
     `lora` > 0 every stage trains rank-`lora` adapters over the sharded frozen base (model.lora)."""
     from safetensors.torch import load_file
 

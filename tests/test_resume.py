@@ -628,13 +628,11 @@ def test_weights_replaced_by_another_whole_checkpoint_are_refused(tmp_path):
 
 
 def test_weights_that_do_not_fit_the_model_are_refused_naming_the_folder(finished_short_run):
-    from types import SimpleNamespace
-
     from rlpost.models.gpt_mini import GPT, GPTConfig
     from rlpost.run import _load_policy
 
     folder = str(finished_short_run[0] / "checkpoints" / "step_2")
-    other = SimpleNamespace(model=GPT(GPTConfig(vocab_size=15, block_size=14, n_layer=2, n_head=2, n_embd=16)))
+    other = GPT(GPTConfig(vocab_size=15, block_size=14, n_layer=2, n_head=2, n_embd=16))
     with pytest.raises(ResumeError, match=f"the policy's weights in {folder} do not load into the model"):
         _load_policy(other, folder)
 

@@ -256,19 +256,25 @@ class GPT(nn.Module):
     def from_pretrained(cls, folder: str) -> "GPT":
         """A checkpoint written by `save_pretrained` (GPT-2 layout), or by rlpost before it saved GPT-2's
         layout (config.json with model_type "gpt_mini" and the dataclass's fields)."""
-        with open(os.path.join(folder, "config.json")) as f:
-            raw = json.load(f)
+        config, older = cls.config_of(folder)
+        model = cls(config)
         state = load_file(os.path.join(folder, "model.safetensors"))
-        if raw.get("model_type") == "gpt_mini":   # the older format: GPTConfig's fields, nn.Linear layout
-            raw.pop("model_type")
-            model = cls(GPTConfig(**raw))
-        else:
-            model = cls(GPTConfig(vocab_size=raw["vocab_size"], block_size=raw["n_positions"], n_layer=raw["n_layer"],
-                                  n_head=raw["n_head"], n_embd=raw["n_embd"], dropout=raw.get("attn_pdrop", 0.0)))
+        if not older:
             state = from_hf_state_dict(state)
         state["lm_head.weight"] = state["transformer.wte.weight"]
         model.load_state_dict(state)
         return model
+
+    @staticmethod
+    def config_of(folder: str) -> tuple[GPTConfig, bool]:
+        """(the GPTConfig of a saved checkpoint, whether it is rlpost's older format), without reading weights."""
+        with open(os.path.join(folder, "config.json")) as f:
+            raw = json.load(f)
+        if raw.get("model_type") == "gpt_mini":   # the older format: GPTConfig's fields, nn.Linear layout
+            raw.pop("model_type")
+            return GPTConfig(**raw), True
+        return GPTConfig(vocab_size=raw["vocab_size"], block_size=raw["n_positions"], n_layer=raw["n_layer"],
+                         n_head=raw["n_head"], n_embd=raw["n_embd"], dropout=raw.get("attn_pdrop", 0.0)), False
 
     def to_hf_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The same weights (or `state_dict`) under transformers.GPT2LMHeadModel's names (its Conv1D stores W

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -45,38 +46,52 @@ def build_gpt_mini(cfg, alphabet: str, rows: list[dict] | None = None, max_new_t
     return model, tok
 
 
+@contextmanager
+def parameters_on_meta():
+    """Within it, each parameter a module registers goes to the meta device as it is registered (its shape and
+    dtype, no storage): a model is built without its weights, each allocated and dropped in turn, so never more
+    than one parameter at a time. Buffers stay real (RoPE tables, masks: what no checkpoint holds). A parameter
+    on the meta device already (a tied weight assigned to a second module) is kept as it is, so ties hold."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = None,
-               max_new_tokens: int | None = None, demonstrations: list[dict] = ()) -> tuple[nn.Module, object]:
+               max_new_tokens: int | None = None, demonstrations: list[dict] = (),
+               skeleton: bool = False) -> tuple[nn.Module, object]:
     """(model, tokenizer) for `cfg.name`: 'gpt_mini' (new), a checkpoint folder, or a hub id; its parameters
     in `cfg.dtype` on `cfg.device` (see resolve_device). Every role follows the model's device.
 
     `rows` (train + held-out), `max_new_tokens` and `demonstrations` size a fresh gpt_mini when
     `cfg.block_size` is None (see build_gpt_mini); they are not used otherwise. Check that the data fits
-    any model with `rlpost.models.limits.check_lengths` after loading it."""
+    any model with `rlpost.models.limits.check_lengths` after loading it.
+
+    `skeleton`: the architecture alone, its parameters on the meta device (`parameters_on_meta`: no weight is
+    read or held; buffers real, on `cfg.device`), for a caller that shards it and then reads its shards
+    (a fsdp2 resume: rlpost.distributed.shard_model, load_shards). Not with LoRA."""
     name = cfg.name
-    if name == "gpt_mini":
-        if alphabet is None:
-            raise ModelLoadError("a fresh gpt_mini needs the task's alphabet to build its vocabulary")
-        model, tok = build_gpt_mini(cfg, alphabet, rows, max_new_tokens, demonstrations)
-    elif os.path.isdir(name):
-        config_path = os.path.join(name, "config.json")
-        if not os.path.isfile(config_path):
-            raise ModelLoadError(f"model folder {name!r} has no config.json; is it a saved model?")
-        with open(config_path) as f:
-            config = json.load(f)
-        if is_gpt_mini_checkpoint(config):  # a GPT-2 checkpoint to transformers, gpt_mini to rlpost
-            model, tok = GPT.from_pretrained(name), CharTokenizer.from_pretrained(name)
-        else:
-            model, tok = _load_hf(name, cfg)
-    elif not _HUB_ID.match(name):  # "org/name" is a hub id; any other path must exist locally
-        raise ModelLoadError(f"model folder not found: {name!r} (model.name takes 'gpt_mini', a local folder, "
-                             f"or a hub id such as 'Qwen/Qwen2.5-0.5B')")
-    else:
-        model, tok = _load_hf(name, cfg)
-    model = model.to(device=resolve_device(getattr(cfg, "device", "auto")), dtype=TORCH_DTYPES[cfg.dtype])
     lora = getattr(cfg, "lora", None)
     lora = dataclasses.asdict(lora) if lora is not None and lora.r > 0 else None
     saved = saved_lora_config(name) if os.path.isdir(name) else None
+    if skeleton and (lora or saved):
+        raise ModelLoadError(f"model {name!r}: a skeleton (parameters on the meta device) is not built with LoRA")
+    with parameters_on_meta() if skeleton else nullcontext():
+        model, tok = _build(name, cfg, alphabet, rows, max_new_tokens, demonstrations, skeleton)
+    device, dtype = resolve_device(getattr(cfg, "device", "auto")), TORCH_DTYPES[cfg.dtype]
+    if skeleton:  # (a meta tensor cannot move: only the buffers go to the device)
+        model = model.to(dtype=dtype)._apply(lambda t: t if t.is_meta else t.to(device))
+    else:
+        model = model.to(device=device, dtype=dtype)
     if lora or saved:  # LoRA asked for, or a LoRA checkpoint (base + adapters): see rlpost/models/lora.py
         apply_lora(model, **(lora or saved))
         if saved:
@@ -84,12 +99,37 @@ def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = No
     return model, tok
 
 
-def _load_hf(name: str, cfg) -> tuple[HFCausalLM, HFTokenizer]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _build(name: str, cfg, alphabet, rows, max_new_tokens, demonstrations, skeleton: bool):
+    """load_model's (model, tokenizer) before its device, dtype and LoRA; `skeleton`: reads no weights."""
+    if name == "gpt_mini":
+        if alphabet is None:
+            raise ModelLoadError("a fresh gpt_mini needs the task's alphabet to build its vocabulary")
+        return build_gpt_mini(cfg, alphabet, rows, max_new_tokens, demonstrations)
+    if os.path.isdir(name):
+        config_path = os.path.join(name, "config.json")
+        if not os.path.isfile(config_path):
+            raise ModelLoadError(f"model folder {name!r} has no config.json; is it a saved model?")
+        with open(config_path) as f:
+            config = json.load(f)
+        if is_gpt_mini_checkpoint(config):  # a GPT-2 checkpoint to transformers, gpt_mini to rlpost
+            model = GPT(GPT.config_of(name)[0]) if skeleton else GPT.from_pretrained(name)
+            return model, CharTokenizer.from_pretrained(name)
+        return _load_hf(name, cfg, skeleton)
+    if not _HUB_ID.match(name):  # "org/name" is a hub id; any other path must exist locally
+        raise ModelLoadError(f"model folder not found: {name!r} (model.name takes 'gpt_mini', a local folder, "
+                             f"or a hub id such as 'Qwen/Qwen2.5-0.5B')")
+    return _load_hf(name, cfg, skeleton)
+
+
+def _load_hf(name: str, cfg, skeleton: bool = False) -> tuple[HFCausalLM, HFTokenizer]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[cfg.dtype])
+        if skeleton:
+            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=TORCH_DTYPES[cfg.dtype])
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[cfg.dtype])
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only local folders and the local cache are searched)" if offline else ""

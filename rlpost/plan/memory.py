@@ -495,14 +495,18 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 #                                          N*Br / R; 0 with reference.offload (it lives in CPU memory); none under
 #                                          LoRA (the base with adapters off, under fsdp2 the sharded policy itself) or
 #                                          without a KL term (algorithm.beta=0)
-#   engine copy                            a FULL copy on every rank under fsdp2 or rl.weight_sync=copy: N*B (the
-#                                          colocated single-process default, pointer, shares the trainer's module);
-#                                          LoRA: (N + A) * B, the base and its adapters
+#   engine copy                            a FULL copy on every rank under rl.weight_sync=copy: N*B, its matmul
+#                                          weights (the blocks', an untied head) in bf16 under rollout.dtype=bf16
+#                                          (the colocated single-process default, pointer, shares the trainer's
+#                                          module); LoRA: + A*B, its adapters; under fsdp2 not held: see the
+#                                          rollout phase (LoRA under fsdp2: held, a step's sync sends adapters only)
 #   native engine's fused matrices         Llama / Qwen2: q|k|v and gate|up concatenated per layer, cached:
-#                                          n * h * (q + 2*kv + 2*I) * B
+#                                          n * h * (q + 2*kv + 2*I) * B (under fsdp2: with the engine copy)
 #   critic (PPO)                           separate: weights, grads, m, v of a copy: 4*N*B; head: 4*h*B
 # One phase at a time on top (the roles take turns), the largest counts:
 #   rollout     KV cache 2*n*kv*d*S*rows*B (rows = the rank's prompts_per_step*k / R, capped by rollout.max_num_seqs)
+#               fsdp2: + the engine copy (and the fused matrices), gathered at the sync and freed after the rollout's
+#               scoring (reference, critic), so also in the reference phase, not in train
 #               + one decode step's logits and sampling buffers rows*V*28 (fp32 logits, the sampler's scaled logits
 #               and probabilities, 4 B each; their fp64 copy and its cumulative sum, 8 B each)
 #   reference   one no-grad forward over one of the trainer's micro-batches (trainer.micro_batch_size rows, at
@@ -520,7 +524,8 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 #               autograd's input buffer, the embedding's and their sum); fsdp2: + the gathered root and its
 #               gradient's copy for the reduce-scatter, 2 * root * B. LoRA: no embedding gradient (frozen), and
 #               under fsdp2 the gathered root alone, root * B
-#   sync        fsdp2: the gathered full weights on every rank, N*B, while they are copied into the engine (LoRA: a
+#   sync        fsdp2: the engine copy, gathered one parameter at a time (each cast to the engine's dtype: + the
+#               largest, V*h*B, before its cast) after the old copy was freed; the engine keeps these tensors (LoRA: a
 #               step's sync gathers the adapters only; the full weights at a stage's end, after the fold)
 #   checkpoint  fsdp2: rank 0 gathers the full weights N*B and rebuilds a plain model N*B to save (in host
 #               memory on a GPU run, so counted only under model.device=cpu)
@@ -555,6 +560,7 @@ class Job:
     offload_reference: bool = False    # reference.offload: the copy in CPU memory, streamed block by block
     critic: str | None = None          # "separate" | "head" | None
     engine_copy: bool = False          # fsdp2, or rl.weight_sync=copy
+    rollout_bf16: bool = False         # rollout.dtype=bf16: a copy engine holds its matmul weights in bf16
     native_engine: bool = True         # rlpost's native engine (Llama / Qwen2 fuse q|k|v and gate|up)
     topology: str = "colocated"
     cpu: bool = False                  # model.device=cpu: the run's memory is this process's RSS
@@ -613,6 +619,7 @@ def job_from_config(cfg, ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb
               offload_reference=cfg.reference.offload,
               critic=cfg.critic.type if algo.uses_critic else None,
               engine_copy=tc.strategy == "fsdp2" or cfg.rl.weight_sync == "copy",
+              rollout_bf16=rc.dtype == "bf16" or (rc.dtype == "auto" and tc.precision == "bf16"),
               native_engine=rc.engine in ("auto", "native"), topology=cfg.rl.topology,
               cpu=cfg.model.device == "cpu", gpu_memory_gb=gpu_memory_gb,
               headroom=headroom)
@@ -697,15 +704,26 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         held("reference (full copy)", N * Br, f"N x {Br} B: a whole {kept}")
     colocated = j.topology == "colocated"
     lora = shape.lora_params(j.lora_rank) if j.lora_rank else 0  # the adapters' parameters
+    # a copy engine's weights: under rollout.dtype=bf16 its matmul weights (the blocks', an untied head) in bf16,
+    # the embedding and norms in B (LoRA: and its adapters); under fsdp2 it holds them only from a sync to the end
+    # of the rollout's scoring, except under LoRA, whose engine keeps its base (a step's sync sends the adapters)
+    matmul = N - root + (0 if shape.tie_word_embeddings else V * h) if j.rollout_bf16 and B == 4 else 0
+    engine_bytes = matmul * 2 + (N - matmul) * B + lora * B
+    engine_f = (f"(N - root + untied head) x 2 B + the rest x {B} B = {matmul:,} x 2 + {N - matmul:,} x {B} "
+                "(rollout.dtype=bf16)" if matmul else f"N x {B} B") + (f" + adapters x {B} B" if lora else "")
+    released = sharded and not lora
+    engine_terms = []
     if colocated and j.engine_copy:
-        why = "fsdp2: no engine samples from shards" if sharded else "rl.weight_sync=copy"
-        if lora:  # the engine's copy is the LoRA model: the base and its adapters
-            held("engine copy (full, every rank)", (N + lora) * B, f"(N + adapters) x {B} B ({why})")
-        else:
-            held("engine copy (full, every rank)", N * B, f"N x {B} B ({why})")
+        engine_terms.append(("engine copy (full, every rank)", engine_bytes, engine_f + (
+            ": fsdp2, no engine samples from shards; freed from the rollout's end to the sync" if released
+            else " (fsdp2: no engine samples from shards; kept, a LoRA step's sync gathers the adapters only)"
+            if sharded else " (rl.weight_sync=copy)")))
     if colocated and j.native_engine and shape.mlp == "swiglu":
-        held("native engine fused q|k|v, gate|up", n * h * (q + 2 * kv + 2 * inter) * B,
-             f"n x h x (q + 2 kv + 2 I) x {B} B = {n} x {h} x ({q} + {2 * kv} + {2 * inter}) x {B}")
+        engine_terms.append(("native engine fused q|k|v, gate|up", n * h * (q + 2 * kv + 2 * inter) * B,
+                             f"n x h x (q + 2 kv + 2 I) x {B} B = {n} x {h} x ({q} + {2 * kv} + {2 * inter}) x {B}"))
+    for name, value, formula in engine_terms:
+        if not released or not j.engine_copy:
+            held(name, value, formula)
     if j.critic == "separate":
         held("critic (separate copy)", 4 * N * B / div, f"4 (weights, grads, m, v) x N x {B} B")
     elif j.critic == "head":
@@ -805,9 +823,17 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         end.append(PlanTerm("policy grads, freed until the backward", "train end", -trained,
                             "- the held policy grads (one micro-batch per optimizer step)"))
     phases["train end"] = end
-    if sharded:
-        phases["sync"] = [PlanTerm("gathered weights", "sync", N * B, f"N x {B} B, all-gathered for the engine" + (
-            " (at a stage's end, the folded base; a step's sync gathers only the adapters)" if lora else ""))]
+    if released and colocated and j.engine_copy:  # the engine's copy: there while it samples and its rows are scored
+        for phase in ("rollout", "reference"):
+            if phase in phases:
+                phases[phase] += [PlanTerm(name, phase, value, formula) for name, value, formula in engine_terms]
+    if sharded:  # one parameter at a time, cast to the engine's dtype: its old copy was freed before
+        cast = V * h * B if matmul else 0
+        phases["sync"] = [PlanTerm("gathered weights", "sync", engine_bytes + cast,
+                                   f"the engine's copy, {_gb(engine_bytes)}, all-gathered" +
+                                   (f" + one parameter in {B} B before its cast, the largest V x h" if cast else "") +
+                                   (" (at a stage's end, the folded base; a step's sync gathers only the adapters)"
+                                    if lora else ""))]
         if j.cpu:  # on a GPU run rank 0 gathers and rebuilds in host memory (cpu_offload), not on its GPU
             phases["checkpoint"] = [PlanTerm("gathered + rebuilt model (rank 0)", "checkpoint", 2 * N * B,
                                              f"2 x N x {B} B, to save a checkpoint")]

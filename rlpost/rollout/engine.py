@@ -113,6 +113,34 @@ class Engine(Protocol):
         ...
 
 
+def _empty_parameters(model: nn.Module) -> dict[int, torch.Size]:
+    """A skeleton's meta parameters replaced, in place, by empty ones (no storage; a meta tensor cannot be
+    given storage later) on the device of its buffers, a tied one by one shared replacement: {id(new parameter):
+    the shape it stands for}, as a released engine records them."""
+    device = next((b.device for b in model.buffers() if not b.is_meta), torch.device("cpu"))
+    new: dict[int, tuple[nn.Parameter, torch.Size]] = {}
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in new:
+                    new[id(p)] = (nn.Parameter(torch.empty(0, dtype=p.dtype, device=device), requires_grad=False),
+                                  p.shape)
+                m._parameters[name] = new[id(p)][0]
+    return {id(q): shape for q, shape in new.values()}
+
+
+def hold_matmuls(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the weights and biases of `model`'s nn.Linear layers in `dtype`, in place (a copy engine sampling
+    under `dtype` autocast: the values autocast would cast them to, held once). A layer's weight tied to an
+    nn.Embedding (gpt_mini's head, a tied LM head) stays as it is: the embedding lookup reads it uncast."""
+    embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            for p in m.parameters(recurse=False):
+                if id(p) not in embedded and p.is_floating_point():
+                    p.data = p.data.to(dtype)
+
+
 def weights_module(model: nn.Module) -> nn.Module:
     """The module whose state_dict names the weights: a wrapped Hugging Face model (`.hf`), else the model."""
     return getattr(model, "hf", model)
@@ -132,19 +160,32 @@ class ModuleEngine:
 
     dtype: what the engine samples in. 'fp32': the weights as they are. 'bf16': the forward runs under bf16
     autocast (`rlpost.models.autocast`, the trainer's trainer.precision=bf16 numerics: matmuls and attention
-    in bf16, norms, residual stream and sampling in fp32) and the KV cache is bf16. The weights themselves stay
-    the trainer's fp32 ones (pointer sync stays zero-copy); their bf16 casts are made once per generate call
-    (autocast's cache, for parameters that require grad, i.e. the trainer's own) or once per weight update
-    (the HF native engine's concatenated weights), never kept between syncs."""
+    in bf16, norms, residual stream and sampling in fp32) and the KV cache is bf16. A pointer engine's weights
+    stay the trainer's fp32 ones (zero-copy); their bf16 casts are made once per generate call (autocast's
+    cache, for parameters that require grad, i.e. the trainer's own) or once per weight update (the HF native
+    engine's concatenated weights), never kept between syncs. A copy engine holds its matmul weights (those of
+    its nn.Linear layers not tied to an embedding) in bf16 already: the very values autocast would cast them
+    to, in half the bytes; embeddings and norms stay fp32, as autocast reads them.
+
+    A copy engine may `release_weights()` between rollouts (a sharded run's engine, while the trainer works):
+    its parameters are freed until the next update_weights, which must then bring every weight; a copy built
+    from a model whose parameters are on the meta device (a skeleton, rlpost.models.parameters_on_meta) starts
+    released."""
 
     def __init__(self, model: nn.Module, tokenizer, share_weights: bool = True, dtype: str = "fp32"):
         if dtype not in PRECISIONS:
             raise ValueError(f"rollout.dtype is {dtype!r}; an engine samples in one of {', '.join(PRECISIONS)}")
         self._model = model if share_weights else copy.deepcopy(model).requires_grad_(False)
+        if not share_weights and dtype == "bf16":
+            hold_matmuls(self._model, torch.bfloat16)
         self.tokenizer = tokenizer
         self._shares = share_weights
         self._policy_version = 0
         self.dtype = dtype
+        # released: {id(parameter): its shape} while the parameters are freed (or never filled: a meta skeleton)
+        self._released: dict[int, torch.Size] | None = None
+        if not share_weights and any(p.is_meta for p in self._model.parameters()):
+            self._released = _empty_parameters(self._model)
 
     def _autocast(self, device: torch.device):
         """The context the engine's forward runs in: bf16 autocast for dtype 'bf16', nothing for 'fp32'."""
@@ -166,21 +207,57 @@ class ModuleEngine:
     def _open(self) -> nn.Module:
         if self._model is None:
             raise RuntimeError(f"this {type(self).__name__} is closed")
+        if self._released is not None:
+            raise RuntimeError(f"this {type(self).__name__}'s weights are released (between rollouts, or not "
+                               "loaded yet): update_weights with every weight (WeightSync.sync or push) first")
         return self._model
 
+    @property
+    def released(self) -> bool:
+        """Whether the copy's parameters are freed (`release_weights`) until the next full update_weights."""
+        return self._released is not None
+
+    def release_weights(self) -> bool:
+        """Free a copy engine's parameters (their storage; the module, its buffers and the parameters' shapes and
+        dtypes stay) until the next update_weights, which must bring every weight. Returns whether anything is
+        released: a pointer engine shares the trainer's module and keeps it."""
+        if self._shares or self._model is None:
+            return False
+        if self._released is None:
+            params = list(self._model.parameters())
+            self._released = {id(p): p.shape for p in params}
+            for p in params:
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        return True
+
+    def weight_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype the engine holds each weight in (the protocol's names): what a sender may cast to first."""
+        return {n: t.dtype for n, t in weights_module(self._model).state_dict(keep_vars=True).items()}
+
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
+                       take: bool = False) -> None:
         """Copy each tensor in place into the engine's tensor of that name, unless it already is that
         tensor's storage (a pointer engine given the trainer's own weights: nothing moves). In place, so
         the parameters keep their identity and any cache keyed on (id, _version) sees the change.
-        A LoRA model may be given its adapter tensors alone (all of them: only they train)."""
-        own = weights_module(self._open()).state_dict(keep_vars=True)
+        A LoRA model may be given its adapter tensors alone (all of them: only they train).
+        A released engine needs every weight; `take`: the tensors are the caller's to give away (gathered for
+        this call), so a released engine keeps them as its parameters (cast to its dtype) instead of copying."""
+        if self._model is None:
+            raise RuntimeError(f"this {type(self).__name__} is closed")
+        own = weights_module(self._model).state_dict(keep_vars=True)
+        released = self._released or {}
+
+        def shape(n):
+            return released.get(id(own[n]), own[n].shape)
+
         given = dict(named_tensors)
         adapters = {n for n in own if is_adapter_name(n)}
-        required = adapters if adapters and given.keys() <= adapters else own.keys()  # adapter-only, or everything
+        # adapter-only, or everything (a released engine: everything)
+        required = adapters if adapters and given.keys() <= adapters and not released else own.keys()
         unexpected = sorted(given.keys() - own.keys())
-        mismatched = [f"{n} {tuple(t.shape)} (engine: {tuple(own[n].shape)})" for n, t in given.items()
-                      if n in own and t.shape != own[n].shape]
+        mismatched = [f"{n} {tuple(t.shape)} (engine: {tuple(shape(n))})" for n, t in given.items()
+                      if n in own and t.shape != shape(n)]
         covered = {id(own[n]) for n in given if n in own}   # a tied weight is covered by either name
         missing = sorted(n for n in required if id(own[n]) not in covered)
         if unexpected or missing or mismatched:
@@ -193,9 +270,11 @@ class ModuleEngine:
             if id(dst) in done:
                 continue
             done.add(id(dst))
-            if src.device == dst.device and src.data_ptr() == dst.data_ptr():
-                continue  # already the engine's own storage
-            dst.copy_(src)
+            if id(dst) in released:  # freed: the given tensor (or a copy of it) becomes the parameter's storage
+                dst.data = src.detach().to(dst.dtype, copy=not take)
+            elif not (src.device == dst.device and src.data_ptr() == dst.data_ptr()):  # else: its own storage
+                dst.copy_(src)
+        self._released = None
         self._policy_version = version
 
     def close(self) -> None:

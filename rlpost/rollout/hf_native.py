@@ -118,6 +118,13 @@ class HFNativeEngine(ModuleEngine):
             self._weights_key = key
         return self._weights
 
+    def release_weights(self) -> bool:
+        """The module copy's parameters freed, and with them the fused (and cast) matrices read from them."""
+        released = super().release_weights()
+        if released:
+            self._weights = self._weights_key = None
+        return released
+
     def close(self) -> None:
         super().close()
         self._weights = self._weights_key = None

@@ -52,13 +52,15 @@ class RunContext:
         system = getattr(self.task, "system_prompt", None)
         return [encode_prompt(self.tokenizer, r["prompt"], system) for r in rows]
 
-    def save(self, name: str, *, step: int, finished: bool, state: dict, weights: bool, optimizer=None) -> str:
+    def save(self, name: str, *, step: int, finished: bool, state: dict, weights: bool, optimizer=None,
+             critic=None) -> str:
         """Write checkpoint `name` of the current stage: `state` is the stage's own state_dict; the random
         streams, metrics position and summary are added here. `weights`: the policy changed since the
         last checkpoint that holds it, so save it (else the new checkpoint points at that one).
         Every rank calls it. A sharded policy's mid-stage checkpoint (not `finished`) is written by every rank:
         its shards of the policy and of `optimizer` (the trainer's, whose state `state` then leaves out) go to
-        shards/ (rlpost.distributed.save_shards), nothing is gathered; an end-of-stage one gathers the policy
+        shards/ (rlpost.distributed.save_shards) with a PPO `critic`'s (which `state` leaves out too), nothing
+        is gathered; an end-of-stage one gathers the policy
         onto rank 0, which writes it as a model folder. Rank 0 writes the rest."""
         sharded = weights and not finished and dist.is_sharded(self.model)
         # a collective when the policy is sharded
@@ -84,7 +86,7 @@ class RunContext:
             tmp = os.path.join(self.run_dir, "checkpoints", f".tmp-{name}")
             if dist.is_main():
                 temporary_folder(self.run_dir, name)
-            dist.save_shards(os.path.join(tmp, SHARDS_DIR), self.model, optimizer)
+            dist.save_shards(os.path.join(tmp, SHARDS_DIR), self.model, optimizer, critic)
         shards_world = dist.world_size() if sharded else None
         path = write_checkpoint(self.run_dir, name, meta, full, saver, shards_world) if dist.is_main() else None
         dist.barrier()  # no rank reads or moves on before the checkpoint is complete

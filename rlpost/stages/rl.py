@@ -250,7 +250,7 @@ class RLStage(Stage):
         hold it)."""
         return {"step": self.step, "controller": self.controller.state_dict(),
                 "trainer": self.trainer.state_dict(optimizer=optimizer),
-                "critic": self.critic.full_state_dict() if self.critic is not None else None,
+                "critic": self.critic.full_state_dict() if self.critic is not None and optimizer else None,
                 "best": self.best, "best_step": self.best_step}
 
     def load_state_dict(self, ctx: RunContext, state: dict) -> None:
@@ -258,23 +258,24 @@ class RLStage(Stage):
         self.best, self.best_step = state.get("best", -math.inf), state.get("best_step")  # (older: none kept)
         self.controller.load_state_dict(state["controller"])
         self.trainer.load_state_dict(state["trainer"])
-        if "optimizer" not in state["trainer"]:  # a sharded checkpoint: AdamW's state is in its shards
+        # a sharded checkpoint: AdamW's state and a critic's weights (unless gathered, as before) in its shards
+        shards_critic = self.critic if self.critic is not None and state["critic"] is None else None
+        if "optimizer" not in state["trainer"]:
             folder = os.path.join(ctx.run_dir, "checkpoints", ctx.weights_from, SHARDS_DIR)
-            dist.load_shards(folder, self.trainer.model, self.trainer.optimizer, weights=False)
-        if self.critic is not None:
+            dist.load_shards(folder, self.trainer.model, self.trainer.optimizer, weights=False, critic=shards_critic)
+        if self.critic is not None and shards_critic is None:
             self.critic.load_full_state_dict(state["critic"])
         if self.reference is not None and not self.reference.shares_policy:  # the policy as the stage started
             self.reference.load(os.path.join(ctx.run_dir, "checkpoints", self.reference_folder))
         self.weight_sync.load_state_dict(state["weight_sync"])
 
     def save(self, ctx: RunContext) -> None:
-        # sharded (fsdp2): every rank writes its shards of the policy and of AdamW's state, nothing is gathered.
-        # With a critic AdamW also holds the critic's parameters, which the policy's shards do not cover: its
-        # state is then gathered into the stage's state, as the critic's weights are.
-        shards = dist.is_sharded(ctx.model) and self.critic is None
+        # sharded (fsdp2): every rank writes its shards of the policy, of a critic and of AdamW's state (both
+        # modules' parameters), nothing is gathered
+        shards = dist.is_sharded(ctx.model)
         state = {**self.state_dict(optimizer=not shards), "weight_sync": self.weight_sync.state_dict()}
         ctx.save(f"{self.step_prefix}{self.step}", step=self.step, finished=False, state=state, weights=True,
-                 optimizer=self.trainer.optimizer if shards else None)
+                 optimizer=self.trainer.optimizer if shards else None, critic=self.critic if shards else None)
         prune(ctx.run_dir, self.cfg.keep_checkpoints, self.step_prefix)
 
     @property
