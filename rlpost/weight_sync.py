@@ -27,8 +27,10 @@ gathered tensors become its weights as they are (no copy). The train phase then 
 and a sync or push never holds two (every one frees the engine's copy before it gathers the next).
 
 With LoRA (model.lora), `sync` sends the adapter tensors only (an optimizer step changes nothing else), so
-"sync/bytes" is the adapters' size (sharded: only the adapters are gathered); `push` always sends every weight
-(the base changes on a load or at a stage's end, when the adapters are folded into it).
+"sync/bytes" is the adapters' size; `push` always sends every weight (the base changes on a load or at a stage's
+end, when the adapters are folded into it). Under fsdp2 the engine's copy is freed while the trainer works
+(memory first: the train phase holds no full copy, LoRA or not), so the sync after a release gathers the base
+with its adapters again.
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ class WeightSync:
         self.push()
 
     def sync(self) -> dict[str, float]:
-        """After an optimizer step: the new weights (a LoRA model's adapters only) to the engine, version += 1."""
-        return self._push(self.version + 1, adapters_only=is_lora(self.trainer_model))
+        """After an optimizer step: the new weights (a LoRA model's adapters only, unless the engine released its
+        copy) to the engine, version += 1."""
+        kept = not (isinstance(self.engine, ModuleEngine) and self.engine.released)  # else it needs the base too
+        return self._push(self.version + 1, adapters_only=is_lora(self.trainer_model) and kept)
 
     def push(self) -> dict[str, float]:
         """All the trainer's current weights to the engine, stamped with the current version (no bump): for
@@ -70,8 +74,7 @@ class WeightSync:
         copy engine frees its copy, which the next sync or push gathers again. Returns whether it did; other
         engines keep their weights (a pointer engine's are the trainer's; a one-process copy is refreshed in
         place)."""
-        if dist.is_sharded(self.trainer_model) and isinstance(self.engine, ModuleEngine) \
-                and not is_lora(self.trainer_model):  # LoRA's sync sends adapters only: the engine keeps its base
+        if dist.is_sharded(self.trainer_model) and isinstance(self.engine, ModuleEngine):
             return self.engine.release_weights()
         return False
 

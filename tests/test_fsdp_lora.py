@@ -238,7 +238,8 @@ def test_rlpost_train_with_lora_under_torchrun_resumes_like_the_uninterrupted_ru
     assert [x["step"] for x in full] == [1, 2, 3, 4]
     assert all(x["train/grad_norm"] > 0 for x in full)  # the adapters trained (the entropy term at least)
     model_bytes = (run / "checkpoints" / "sft" / "model.safetensors").stat().st_size
-    assert all(0 < x["sync/bytes"] < model_bytes / 5 for x in full)  # a step's sync: the adapters alone
+    # the engine's copy is freed while the trainer works (fsdp2), so a step's sync gathers the base again
+    assert all(0.9 * model_bytes < x["sync/bytes"] < 1.5 * model_bytes for x in full)
     final = run / "checkpoints" / "final"
     assert (final / "model.safetensors").exists() and not (final / "lora_adapter.safetensors").exists()  # merged
     assert (run / "checkpoints" / "step_2" / "shards").is_dir()  # the mid-stage checkpoint: each rank's shards

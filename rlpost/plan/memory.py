@@ -499,7 +499,7 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 #                                          weights (the blocks', an untied head) in bf16 under rollout.dtype=bf16
 #                                          (the colocated single-process default, pointer, shares the trainer's
 #                                          module); LoRA: + A*B, its adapters; under fsdp2 not held: see the
-#                                          rollout phase (LoRA under fsdp2: held, a step's sync sends adapters only)
+#                                          rollout phase
 #   native engine's fused matrices         Llama / Qwen2: q|k|v and gate|up concatenated per layer, cached:
 #                                          n * h * (q + 2*kv + 2*I) * B (under fsdp2: with the engine copy)
 #   critic (PPO)                           separate: weights, grads, m, v of a copy: 4*N*B; head: 4*h*B
@@ -525,8 +525,8 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 #               gradient's copy for the reduce-scatter, 2 * root * B. LoRA: no embedding gradient (frozen), and
 #               under fsdp2 the gathered root alone, root * B
 #   sync        fsdp2: the engine copy, gathered one parameter at a time (each cast to the engine's dtype: + the
-#               largest, V*h*B, before its cast) after the old copy was freed; the engine keeps these tensors (LoRA: a
-#               step's sync gathers the adapters only; the full weights at a stage's end, after the fold)
+#               largest, V*h*B, before its cast) after the old copy was freed; the engine keeps these tensors (LoRA:
+#               the base and its adapters, the copy having been freed while the trainer worked)
 #   checkpoint  fsdp2: rank 0 gathers the full weights N*B and rebuilds a plain model N*B to save (in host
 #               memory on a GPU run, so counted only under model.device=cpu)
 # A = activation bytes (2 under bf16 autocast or bfloat16 parameters, else 4); c = trainer.logprob_chunk tokens
@@ -706,18 +706,17 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
     lora = shape.lora_params(j.lora_rank) if j.lora_rank else 0  # the adapters' parameters
     # a copy engine's weights: under rollout.dtype=bf16 its matmul weights (the blocks', an untied head) in bf16,
     # the embedding and norms in B (LoRA: and its adapters); under fsdp2 it holds them only from a sync to the end
-    # of the rollout's scoring, except under LoRA, whose engine keeps its base (a step's sync sends the adapters)
+    # of the rollout's scoring (LoRA too: the sync after the release gathers the base again)
     matmul = N - root + (0 if shape.tie_word_embeddings else V * h) if j.rollout_bf16 and B == 4 else 0
     engine_bytes = matmul * 2 + (N - matmul) * B + lora * B
     engine_f = (f"(N - root + untied head) x 2 B + the rest x {B} B = {matmul:,} x 2 + {N - matmul:,} x {B} "
                 "(rollout.dtype=bf16)" if matmul else f"N x {B} B") + (f" + adapters x {B} B" if lora else "")
-    released = sharded and not lora
+    released = sharded
     engine_terms = []
     if colocated and j.engine_copy:
         engine_terms.append(("engine copy (full, every rank)", engine_bytes, engine_f + (
             ": fsdp2, no engine samples from shards; freed from the rollout's end to the sync" if released
-            else " (fsdp2: no engine samples from shards; kept, a LoRA step's sync gathers the adapters only)"
-            if sharded else " (rl.weight_sync=copy)")))
+            else " (rl.weight_sync=copy)")))
     if colocated and j.native_engine and shape.mlp == "swiglu":
         engine_terms.append(("native engine fused q|k|v, gate|up", n * h * (q + 2 * kv + 2 * inter) * B,
                              f"n x h x (q + 2 kv + 2 I) x {B} B = {n} x {h} x ({q} + {2 * kv} + {2 * inter}) x {B}"))
@@ -832,8 +831,7 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         phases["sync"] = [PlanTerm("gathered weights", "sync", engine_bytes + cast,
                                    f"the engine's copy, {_gb(engine_bytes)}, all-gathered" +
                                    (f" + one parameter in {B} B before its cast, the largest V x h" if cast else "") +
-                                   (" (at a stage's end, the folded base; a step's sync gathers only the adapters)"
-                                    if lora else ""))]
+                                   (" (LoRA: the base and its adapters, the copy having been freed)" if lora else ""))]
         if j.cpu:  # on a GPU run rank 0 gathers and rebuilds in host memory (cpu_offload), not on its GPU
             phases["checkpoint"] = [PlanTerm("gathered + rebuilt model (rank 0)", "checkpoint", 2 * N * B,
                                              f"2 x N x {B} B, to save a checkpoint")]
