@@ -463,6 +463,29 @@ def qwen_42m(tmp_path_factory):
     return folder, prompt_tokens
 
 
+def test_the_measured_peak_survives_the_per_role_resets_of_the_peak():
+    """The run resets the kernel's peak RSS as each role starts (RoleProbe), which also lowers getrusage's peak; the
+    measurement must still see a peak from an earlier role, and say which role it was."""
+    from rlpost.devices import RoleProbe, reset_rss_peak
+    from rlpost.plan.measure import PeakTracker, peak_rss_bytes, rss_bytes
+
+    if not reset_rss_peak():
+        pytest.skip("no writable /proc/self/clear_refs: the peak is never reset here")
+    big = 300_000_000
+    with PeakTracker() as tracker:
+        base = rss_bytes()
+        probe = RoleProbe("cpu")
+        with probe.role("train"):
+            x = torch.ones(big // 4)  # written, so resident
+            del x
+        with probe.role("sync"):
+            pass
+        after_reset = peak_rss_bytes()
+    assert after_reset - base < big / 2  # what the kernel reports after the reset: the train role's peak is gone
+    assert tracker.peak() - base >= 0.9 * big
+    assert tracker.phases["train"] - base >= 0.9 * big and tracker.phases["sync"] - base < big / 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_plan_matches_the_measured_peak_of_a_real_job(qwen_42m, tmp_path, ranks):
