@@ -32,7 +32,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-
 from contextlib import contextmanager
 
 from rlpost import cli, devices
