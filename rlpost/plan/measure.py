@@ -11,6 +11,11 @@ reads its RSS there (the baseline: the interpreter and the libraries, no model),
 RSS at the end. The difference is what the job itself held at its fullest moment, which is what
 `rlpost plan memory` predicts per GPU. On the CPU an rlpost rank is one process, so RSS stands for GPU memory.
 
+The run resets the kernel's peak RSS as each role starts (rlpost.devices.RoleProbe logs each role's own peak),
+and that reset also lowers what getrusage reports, so the process's peak at the end would only be the peak since
+the last role began. `PeakTracker` reads the peak before every reset and as every role ends: the run's peak is the
+largest of those, and each role's peak comes with it (`phases`).
+
 `qwen_folder` writes a random Qwen2 of any size with a small byte-level BPE tokenizer (the model's vocabulary is
 larger than the tokenizer's: a random policy samples ids the tokenizer decodes to nothing, which is fine for
 measuring memory and keeps the responses at full length, since the eos is rarely drawn).
@@ -27,8 +32,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 
-from rlpost import cli
+from rlpost import cli, devices
 from rlpost.stages import rl  # noqa: F401  (the RL stage's modules are loaded before a measured job's baseline)
 from rlpost.tasks.arithmetic import arithmetic_task
 
@@ -44,6 +50,61 @@ def rss_bytes() -> int:
     """This process's resident set size now (/proc/self/statm: pages)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def hwm_bytes() -> int | None:
+    """The process's peak RSS since the last reset (VmHWM in /proc/self/status), or None without /proc."""
+    peak = devices.rss_peak_mib()
+    return None if peak is None else int(peak * devices.MiB)
+
+
+class PeakTracker:
+    """The process's true peak RSS across RoleProbe's per-role resets, and each role's peak.
+
+        with PeakTracker() as t:
+            cli.main([...])
+        t.peak(), t.phases          # bytes; {role: its largest peak}
+
+    While active it wraps rlpost.devices.reset_rss_peak (read the peak, then reset) and RoleProbe.role (read the
+    peak as the role ends, which covers exactly the role since its own reset)."""
+
+    def __init__(self):
+        self.top = 0
+        self.phases: dict[str, int] = {}
+
+    def _read(self, role: str | None = None) -> None:
+        peak = max(hwm_bytes() or 0, peak_rss_bytes())
+        self.top = max(self.top, peak)
+        if role is not None:
+            self.phases[role] = max(self.phases.get(role, 0), peak)
+
+    def peak(self) -> int:
+        """The largest peak RSS seen so far, the present one included (bytes)."""
+        self._read()
+        return self.top
+
+    def __enter__(self) -> "PeakTracker":
+        self._reset, self._role = devices.reset_rss_peak, devices.RoleProbe.role
+        tracker, reset, role = self, self._reset, self._role
+
+        def tracked_reset() -> bool:
+            tracker._read()
+            return reset()
+
+        @contextmanager
+        def tracked_role(probe, name: str):
+            try:
+                with role(probe, name):
+                    yield
+            finally:
+                tracker._read(name)
+
+        devices.reset_rss_peak, devices.RoleProbe.role = tracked_reset, tracked_role
+        return self
+
+    def __exit__(self, *exc) -> None:
+        devices.reset_rss_peak, devices.RoleProbe.role = self._reset, self._role
+        self._read()
 
 
 def qwen_folder(folder: str, vocab: int = 151936, hidden: int = 256, layers: int = 4, heads: int = 4,
@@ -82,7 +143,8 @@ def _free_port() -> int:
 
 def measure(train_args: list[str], ranks: int = 1, timeout: float = 1800) -> dict:
     """Run `rlpost train *train_args` (1 process, or `ranks` gloo ranks under torchrun) in a subprocess and return
-    {"ranks": [per rank: baseline, peak, peak_above_baseline], "peak_above_baseline": the largest, "seconds"}.
+    {"ranks": [per rank: baseline, peak, peak_above_baseline, phases: {role: its peak above the baseline}],
+    "peak_above_baseline": the largest, "seconds"}.
     Raises RuntimeError with the job's last output when it fails."""
     import time
 
@@ -117,11 +179,13 @@ def _main(argv: list[str]) -> int:
 
     # the baseline is the RSS now, not the peak so far: a transient while importing is not held by the job
     baseline = rss_bytes()
-    code = cli.main(args)
-    peak = peak_rss_bytes()
+    with PeakTracker() as tracker:
+        code = cli.main(args)
+    peak = tracker.peak()
     rank = int(os.environ.get("RANK", "0"))
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"rank": rank, "baseline": baseline, "peak": peak, "peak_above_baseline": peak - baseline}, f)
+        json.dump({"rank": rank, "baseline": baseline, "peak": peak, "peak_above_baseline": peak - baseline,
+                   "phases": {k: v - baseline for k, v in tracker.phases.items()}}, f)
     return code
 
 

@@ -511,12 +511,12 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 #               and probabilities, 4 B each; their fp64 copy and its cumulative sum, 8 B each)
 #   reference   one no-grad forward over one of the trainer's micro-batches (trainer.micro_batch_size rows, at
 #               most trainer.micro_batch_tokens positions; the rank's whole batch when neither is set): a layer's
-#               buffers tokens*(3h + q + 2kv + 3I)*A + the head's chunk 3*c*V*4;
+#               buffers tokens*(3h + q + 2kv + 3I)*A + the head's chunk 3*c*V*4 (HEAD_CHUNK_BUFFERS);
 #               fsdp2 or reference.offload: + the root and one block on the device, (root + block) * Br (gathered
 #               from the shards, or streamed from the CPU, one block at a time); LoRA under fsdp2: the policy's own
 #               root and one block, (root + block) * B
 #   train       one micro-batch's saved activations, per layer tokens*(4h + 3q + 3kv + 4I)*A (checkpointing:
-#               tokens*h*A per layer + one layer's), + the log-prob head's backward: 3*c*V*4 (chunk buffers)
+#               tokens*h*A per layer + one layer's), + the log-prob head's backward: 4*c*V*4 (chunk buffers)
 #               + V*h*4 (its fp32 weight gradient; not under fsdp2 or LoRA); fsdp2: the root module (embedding,
 #               final norm, head) and one block gathered, weights and gradients, 2 * (root + block) * B (LoRA: the
 #               weights and the block's adapter gradients, (root + block + A / n) * B)
@@ -534,6 +534,18 @@ def _verdict(plan, where: str, gpu_memory_gb: float, headroom: float) -> list[st
 # when None; trainer.micro_batch_tokens with trainer.packing).
 
 LAYOUTS = ("rlpost", "zero3")
+
+# fp32 [chunk, V] buffers the chunked log-prob head (rlpost.models.logprobs) holds at once, measured (tests/
+# test_plan_memory.py). Forward: the chunk's logits, log-sum-exp's temporary and the probabilities. Backward: this
+# chunk's logits and probabilities, and the previous chunk's two, which the loop's variables still reference while
+# this chunk's are computed.
+HEAD_CHUNK_BUFFERS = {"forward": 3, "backward": 4}
+
+
+def logprob_head_bytes(chunk: int, vocab: int, backward: bool) -> int:
+    """Bytes of the chunked log-prob head's [chunk, V] fp32 buffers at its fullest: HEAD_CHUNK_BUFFERS x chunk x V x 4
+    (the head weight's gradient, V x h, comes on top in the backward)."""
+    return HEAD_CHUNK_BUFFERS["backward" if backward else "forward"] * chunk * vocab * 4
 
 
 @dataclass
@@ -754,7 +766,7 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         phases["reference"] = [
             PlanTerm("reference forward (no grad)", "reference", ref_tokens * per * A,
                      f"tokens x (3h + q + 2kv + 3I) x {A} B = {ref_tokens:,} ({what}) x {per:,} x {A}"),
-            PlanTerm("log-prob head chunk", "reference", 3 * min(chunk, ref_tokens) * V * 4,
+            PlanTerm("log-prob head chunk", "reference", logprob_head_bytes(min(chunk, ref_tokens), V, False),
                      f"3 x chunk x V x 4 B = 3 x {min(chunk, ref_tokens)} x {V:,} x 4")]
         if not j.lora_rank and (j.offload_reference or sharded):
             how = "streamed from the CPU" if j.offload_reference else "gathered from the shards"
@@ -790,8 +802,8 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
     one_micro_batch = not (j.packing and j.micro_batch_tokens) and mb_rows >= math.ceil(rows / j.minibatches)
     head_w = 0 if sharded or lora else V * h * 4  # (LoRA: the head is frozen, it gets no gradient)
     phases["train"] = [PlanTerm("activations (one micro-batch)", "train", act, act_f),
-                       PlanTerm("log-prob head backward", "train", 3 * train_chunk * V * 4 + head_w,
-                                f"3 x chunk x V x 4 B{'' if head_w == 0 else ' + V x h x 4 B'} = 3 x {train_chunk} x "
+                       PlanTerm("log-prob head backward", "train", logprob_head_bytes(train_chunk, V, True) + head_w,
+                                f"4 x chunk x V x 4 B{'' if head_w == 0 else ' + V x h x 4 B'} = 4 x {train_chunk} x "
                                 f"{V:,} x 4" + ("" if head_w == 0 else f" + {V:,} x {h} x 4"))]
     if one_micro_batch:
         phases["train"].append(PlanTerm("policy grads, freed until the backward", "train", -trained,
