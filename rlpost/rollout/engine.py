@@ -42,6 +42,7 @@ full set or every adapter tensor.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterable
@@ -146,9 +147,13 @@ class ModuleEngine:
         self._policy_version = 0
         self.dtype = dtype
 
+    @contextlib.contextmanager
     def _autocast(self, device: torch.device):
-        """The context the engine's forward runs in: bf16 autocast for dtype 'bf16', nothing for 'fp32'."""
-        return autocast(device, self.dtype)
+        """The context the engine's forward runs in: bf16 autocast for dtype 'bf16', nothing for 'fp32'; always
+        without autograd (sampling is never differentiated, and rlpost.models.autocast then leaves out what only
+        a training forward needs)."""
+        with torch.no_grad(), autocast(device, self.dtype):
+            yield
 
     @property
     def cache_dtype(self) -> torch.dtype | None:
