@@ -266,3 +266,24 @@ def test_the_fp32_attention_backward_is_for_training_forwards_only(monkeypatch):
     with autocast("cpu", "bf16"):
         out = sdpa(q, k, v, attn_mask=mask)
     assert out.grad_fn.name() == "_AttentionFp32BackwardBackward"
+
+
+def test_the_bf16_trainer_takes_the_fp32_attention_backward_and_engines_sample_without_grad(
+        tiny_llama_dir, tiny_gpt, monkeypatch):
+    """Wired where it belongs: a bf16 Trainer step on an HF Llama (SDPA attention) runs its attention backward
+    in fp32; an engine's forward context has autograd off, so the mode is never entered while sampling."""
+    from rlpost.models import precision
+    from rlpost.rollout.engine import ModuleEngine
+
+    calls, backward = [], precision._AttentionFp32Backward.backward
+    monkeypatch.setattr(precision._AttentionFp32Backward, "backward",
+                        staticmethod(lambda ctx, grad: calls.append(1) or backward(ctx, grad)))
+    model, tok = load_model(ModelConfig(name=tiny_llama_dir))
+    algo = get_algorithm("grpo", beta=0.04)
+    batch = algo.compute_advantages(Reference(model)(scored_batch(model, tok)))
+    metrics = Trainer(model, TrainerConfig(lr=1e-3, precision="bf16")).step(batch, algo.compute_loss)
+    layers = model.hf.config.num_hidden_layers
+    assert metrics["train/skipped_nonfinite"] == 0.0 and len(calls) >= layers
+    engine = ModuleEngine(tiny_gpt[0], tiny_gpt[1], dtype="bf16")
+    with engine._autocast(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled()
