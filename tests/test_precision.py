@@ -264,8 +264,12 @@ def test_the_fp32_attention_backward_is_for_training_forwards_only(monkeypatch):
         out = sdpa(q, k, v, attn_mask=mask, dropout_p=0.5)
     assert taken == [1] and out.grad_fn.name() != "_AttentionFp32BackwardBackward"  # dropout: not taken over
     with autocast("cpu", "bf16"):
-        out = sdpa(q, k, v, attn_mask=mask)
-    assert out.grad_fn.name() == "_AttentionFp32BackwardBackward"
+        out = sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert out.grad_fn.name() != "_AttentionFp32BackwardBackward"  # grouped-query attention: not taken over
+    for kw in ({}, {"enable_gqa": False}):
+        with autocast("cpu", "bf16"):
+            out = sdpa(q, k, v, attn_mask=mask, **kw)
+        assert out.grad_fn.name() == "_AttentionFp32BackwardBackward"
 
 
 def test_the_bf16_trainer_takes_the_fp32_attention_backward_and_engines_sample_without_grad(

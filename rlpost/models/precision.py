@@ -163,6 +163,8 @@ class cpu_attention_fp32_backward(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             call = {**dict(zip(self.NAMES, args)), **kwargs}
+            if not call.get("enable_gqa", True):  # enable_gqa=False is the default, spelled out
+                del call["enable_gqa"]
             if self._takes_over(call):
                 return _AttentionFp32Backward.apply(call["query"], call["key"], call["value"], call.get("attn_mask"),
                                                     bool(call.get("is_causal")), call.get("scale"))
