@@ -204,3 +204,90 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_per_role(tiny_gpt, monkeyp
         warnings.simplefilter("error")
         Trainer(model, TrainerConfig(lr=1e-3, precision="bf16"))
         Trainer(model, TrainerConfig(lr=1e-3, precision="fp32"))
+
+
+def _attention_inputs(seed=0, rows=3, heads=2, t=9, d=16):
+    """q, k in fp32 and v in bf16, as a Llama layer hands them to SDPA under bf16 autocast (RoPE's fp32
+    tables promote q and k), leaves that need a gradient; a left-padded causal bool mask."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(rows, heads, t, d, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(rows, heads, t, d, generator=g).bfloat16().requires_grad_()
+    mask = torch.ones(rows, 1, t, t, dtype=torch.bool).tril()
+    mask[0, :, :, :2] = False  # row 0 left-padded by two columns
+    mask[0, :, :2, :2] = torch.eye(2, dtype=torch.bool)  # (padding attends to itself, as HF's masks do)
+    return q, k, v, mask
+
+
+def _sdpa_grads(q, k, v, mask, grad, **kw):
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+    return out, torch.autograd.grad(out, (q, k, v), grad)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_bf16_training_forward_keeps_attention_and_takes_its_backward_in_fp32(causal):
+    """Under the trainer's CPU bf16 autocast (grad on), SDPA's output is bit for bit autocast's bf16 one, and its
+    gradients are the fp32 gradients of attention at the bf16-rounded inputs (torch's bf16 CPU backward is
+    several times slower, and rounds inside): within fp32 rounding of them, where the bf16 backward is ~1e-2 off."""
+    q, k, v, mask = _attention_inputs()
+    mask, kw = (None, {"is_causal": True}) if causal else (mask, {})
+    grad = torch.randn(3, 2, 9, 16, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, plain_grads = _sdpa_grads(q, k, v, mask, grad, **kw)
+    with autocast("cpu", "bf16"):
+        out, grads = _sdpa_grads(q, k, v, mask, grad, **kw)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain)
+    rounded = [t.detach().bfloat16().float().requires_grad_() for t in (q, k, v)]
+    _, exact = _sdpa_grads(*rounded, mask, grad.float(), **kw)
+    for g, want, t, bf16_grad in zip(grads, exact, (q, k, v), plain_grads):
+        assert g.dtype == t.dtype
+        want = want.to(t.dtype).float()
+        assert torch.allclose(g.float(), want, rtol=1e-5, atol=1e-6), (g.float() - want).abs().max()
+        assert (bf16_grad.float() - want).abs().max() > 10 * (g.float() - want).abs().max()
+
+
+def test_the_fp32_attention_backward_is_for_training_forwards_only(monkeypatch):
+    """No gradient (the reference, the rollout engine, Trainer.logprobs), fp32, or another device type: SDPA
+    runs as torch dispatches it, with no per-op cost of the mode where nothing will be differentiated."""
+    from rlpost.models.precision import cpu_attention_fp32_backward
+
+    q, k, v, mask = _attention_inputs()
+    taken, original = [], cpu_attention_fp32_backward._takes_over
+    monkeypatch.setattr(cpu_attention_fp32_backward, "_takes_over",
+                        lambda self, call: taken.append(1) or original(self, call))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad(), autocast("cpu", "bf16"):
+        sdpa(q, k, v, attn_mask=mask)
+    with autocast("cpu", "fp32"):
+        sdpa(q, k, v.float(), attn_mask=mask)
+    assert taken == []  # the mode was not entered at all
+    with autocast("cpu", "bf16"):
+        out = sdpa(q, k, v, attn_mask=mask, dropout_p=0.5)
+    assert taken == [1] and out.grad_fn.name() != "_AttentionFp32BackwardBackward"  # dropout: not taken over
+    with autocast("cpu", "bf16"):
+        out = sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert out.grad_fn.name() != "_AttentionFp32BackwardBackward"  # grouped-query attention: not taken over
+    for kw in ({}, {"enable_gqa": False}):
+        with autocast("cpu", "bf16"):
+            out = sdpa(q, k, v, attn_mask=mask, **kw)
+        assert out.grad_fn.name() == "_AttentionFp32BackwardBackward"
+
+
+def test_the_bf16_trainer_takes_the_fp32_attention_backward_and_engines_sample_without_grad(
+        tiny_llama_dir, tiny_gpt, monkeypatch):
+    """Wired where it belongs: a bf16 Trainer step on an HF Llama (SDPA attention) runs its attention backward
+    in fp32; an engine's forward context has autograd off, so the mode is never entered while sampling."""
+    from rlpost.models import precision
+    from rlpost.rollout.engine import ModuleEngine
+
+    calls, backward = [], precision._AttentionFp32Backward.backward
+    monkeypatch.setattr(precision._AttentionFp32Backward, "backward",
+                        staticmethod(lambda ctx, grad: calls.append(1) or backward(ctx, grad)))
+    model, tok = load_model(ModelConfig(name=tiny_llama_dir))
+    algo = get_algorithm("grpo", beta=0.04)
+    batch = algo.compute_advantages(Reference(model)(scored_batch(model, tok)))
+    metrics = Trainer(model, TrainerConfig(lr=1e-3, precision="bf16")).step(batch, algo.compute_loss)
+    layers = model.hf.config.num_hidden_layers
+    assert metrics["train/skipped_nonfinite"] == 0.0 and len(calls) >= layers
+    engine = ModuleEngine(tiny_gpt[0], tiny_gpt[1], dtype="bf16")
+    with engine._autocast(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled()

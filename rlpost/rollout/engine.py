@@ -42,6 +42,7 @@ full set or every adapter tensor.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterable
@@ -187,9 +188,13 @@ class ModuleEngine:
         if not share_weights and any(p.is_meta for p in self._model.parameters()):
             self._released = _empty_parameters(self._model)
 
+    @contextlib.contextmanager
     def _autocast(self, device: torch.device):
-        """The context the engine's forward runs in: bf16 autocast for dtype 'bf16', nothing for 'fp32'."""
-        return autocast(device, self.dtype)
+        """The context the engine's forward runs in: bf16 autocast for dtype 'bf16', nothing for 'fp32'; always
+        without autograd (sampling is never differentiated, and rlpost.models.autocast then leaves out what only
+        a training forward needs)."""
+        with torch.no_grad(), autocast(device, self.dtype):
+            yield
 
     @property
     def cache_dtype(self) -> torch.dtype | None:
