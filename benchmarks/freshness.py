@@ -132,6 +132,16 @@ def overlap_step(t, staleness: int) -> tuple[float, float, float]:
     return roll, rest, (roll + rest if staleness == 0 else max(roll, rest))
 
 
+# why a stale run learns less: how far the trainer is from the sampler, and what the loss did about it
+DIAGNOSTICS = ("rollout/logp_mismatch_mean", "loss/clip_frac_low", "loss/clip_frac_high", "loss/approx_kl_old",
+               "correction/weight_mean", "correction/clipped_frac", "loss/kl_ref", "train/entropy")
+
+
+def diagnostics(rl: list[dict]) -> dict[str, float]:
+    """The mean over the run's RL steps of each DIAGNOSTICS metric it logged."""
+    return {k: statistics.mean(r[k] for r in rl if k in r) for k in DIAGNOSTICS if any(k in r for r in rl)}
+
+
 def summarise(run_dir: str, cell: dict, load_start: str, wall: float, warmup: int) -> dict:
     """The run's curve, timings and overlap-model step time, as stored in --results."""
     lines = read_metrics(run_dir)
@@ -157,8 +167,8 @@ def summarise(run_dir: str, cell: dict, load_start: str, wall: float, warmup: in
             "modelled_seconds": [s * step for s, _ in curve],
             "pass@1_start": start, "pass@1_final": final, "pass@1_peak": max(v for _, v in curve),
             "staleness_max": max(r.get("rollout/staleness_max", 0) for r in rl),
-            "time_medians": medians, "rl_seconds_measured": elapsed, "process_seconds": wall,
-            "load_start": load_start, "load_end": load_line()}
+            "time_medians": medians, "diagnostics": diagnostics(rl), "rl_seconds_measured": elapsed,
+            "process_seconds": wall, "load_start": load_start, "load_end": load_line()}
 
 
 def cells(args) -> list[dict]:
@@ -218,14 +228,23 @@ def run_cell(cell: dict, ckpt: str, args) -> dict | None:
 
 
 def load_results(results: str) -> list[dict]:
+    """Every run's summary under `results`; one written before summaries had diagnostics gets them from its
+    run directory, when that is still there."""
     out = []
     for task in sorted(os.listdir(results)) if os.path.isdir(results) else []:
         folder = os.path.join(results, task)
         if os.path.isdir(folder):
             for name in sorted(os.listdir(folder)):
                 if name.endswith(".json"):
-                    with open(os.path.join(folder, name)) as f:
-                        out.append(json.load(f))
+                    path = os.path.join(folder, name)
+                    with open(path) as f:
+                        r = json.load(f)
+                    run_dir = os.path.join(ROOT, r.get("run_dir", ""))
+                    if "diagnostics" not in r and os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+                        r["diagnostics"] = diagnostics([m for m in read_metrics(run_dir) if m.get("stage") == "rl"])
+                        with open(path, "w") as f:
+                            json.dump(r, f, indent=1)
+                    out.append(r)
     return out
 
 
@@ -261,6 +280,20 @@ def table(results: list[dict]) -> str:
                 f"| {statistics.mean(r['modelled_step_s'] for r in rs):.3f} | {measured:.3f} "
                 f"| {statistics.mean(r['rollout_side_s'] for r in rs):.3f} / "
                 f"{statistics.mean(r['train_side_s'] for r in rs):.3f} |")
+        lines += ["", "Mean over the RL steps (and seeds): how far the trainer's log-probs were from the sampler's, "
+                      "and what the loss did about it", "",
+                  "| correction | S | logp mismatch mean | clip frac (low + high) | IS weight mean | IS clipped frac "
+                  "| kl to ref | entropy |", "|---|---|---|---|---|---|---|---|"]
+        for (corr, s), rs in g.items():
+            def d(key, rs=rs):
+                vals = [r["diagnostics"][key] for r in rs if key in r.get("diagnostics", {})]
+                return f"{statistics.mean(vals):.3g}" if vals else "—"
+
+            clip = [r["diagnostics"].get("loss/clip_frac_low", 0) + r["diagnostics"].get("loss/clip_frac_high", 0)
+                    for r in rs if "diagnostics" in r]
+            lines.append(f"| {corr} | {s} | {d('rollout/logp_mismatch_mean')} "
+                         f"| {f'{statistics.mean(clip):.3g}' if clip else '—'} | {d('correction/weight_mean')} "
+                         f"| {d('correction/clipped_frac')} | {d('loss/kl_ref')} | {d('train/entropy')} |")
         loads = [float(r[k].split()[0]) for r in results if r["task"] == task for k in ("load_start", "load_end")
                  if r.get(k, "unknown") != "unknown"]
         if loads:
@@ -321,6 +354,39 @@ def plot(results: list[dict], plots: str) -> list[str]:
             fig.savefig(path, dpi=90 if ext == "png" else None)
             written.append(path)
         plt.close(fig)
+    written += plot_wall(results, plots, plt)
+    return written
+
+
+def plot_wall(results: list[dict], plots: str, plt) -> list[str]:
+    """freshness_wall.svg/png: final held-out pass@1 against S, one line per correction, one panel per task."""
+    tasks = sorted({r["task"] for r in results})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        g = groups(results, task)
+        for i, corr in enumerate(c for c in CORRECTIONS if any(k[0] == c for k in g)):
+            pts = sorted((s, [r["pass@1_final"] for r in rs]) for (c, s), rs in g.items() if c == corr)
+            xs = [p[0] + 0.08 * (i - 1) for p in pts]  # side by side, so the error bars do not hide each other
+            mean = [statistics.mean(v) for _, v in pts]
+            err = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in pts]
+            ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=corr)
+        start = next(iter(g.values()))[0]["pass@1_start"]
+        ax.axhline(start, color="grey", linestyle=":", label="SFT start")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(sorted({k[1] for k in g}))
+        ax.set_xticklabels([str(s) for s in sorted({k[1] for k in g})])
+        ax.set_xlabel("rl.max_staleness S")
+        ax.set_ylabel("final held-out pass@1 (mean ± sd)")
+        ax.set_title(f"{task}: {next(iter(g.values()))[0]['steps']} RL steps", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    written = []
+    for ext in ("svg", "png"):
+        path = os.path.join(plots, f"freshness_wall.{ext}")
+        fig.savefig(path, dpi=90 if ext == "png" else None)
+        written.append(path)
+    plt.close(fig)
     return written
 
 
@@ -333,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", default="0,1,2", help="arithmetic seeds for none and tis (default 0,1,2)")
     ap.add_argument("--seq-seeds", default="0", help="arithmetic seeds for tis-seq (default 0)")
     ap.add_argument("--multi-seeds", default="0", help="calculator seeds, every correction (default 0)")
-    ap.add_argument("--steps", type=int, default=100, help="arithmetic RL steps per run (default 100)")
+    ap.add_argument("--steps", type=int, default=80, help="arithmetic RL steps per run (default 80)")
     ap.add_argument("--multi-steps", type=int, default=60, help="calculator RL steps per run (default 60)")
     ap.add_argument("--eval-every", type=int, default=10, help="held-out pass@1 every this many steps (default 10)")
     ap.add_argument("--num-eval", type=int, default=200, help="held-out prompts (task.num_eval, default 200)")

@@ -45,7 +45,8 @@ def write_run(folder, staleness: int, rollout: float, train: float, evals: dict,
     for step in range(1, 11):
         line = {"stage": "rl", "step": step, "time/rollout": rollout, "time/reward": 0.1, "time/reference": 0.2,
                 "time/critic": 0.0, "time/advantages": 0.0, "time/train": train, "time/sync": 0.05,
-                "time/other": 0.05, "time/step": 2.0, "time/rollout_wait": 0.0, "rollout/staleness_max": staleness}
+                "time/other": 0.05, "time/step": 2.0, "time/rollout_wait": 0.0, "rollout/staleness_max": staleness,
+                "loss/clip_frac_low": 0.01 * step}
         if step in evals:
             line["eval/pass@1"] = evals[step]
         lines.append(line)
@@ -64,6 +65,7 @@ def test_summary_models_sync_as_the_sum_and_async_as_the_max(tmp_path):
     assert sync["pass@1"] == [[0, 0.5], [5, 0.6], [10, 0.7]]
     assert sync["modelled_seconds"] == pytest.approx([0.0, 10.0, 20.0])
     assert sync["measured_seconds"] == pytest.approx([0.0, 10.0, 20.0])  # the sum of time/step up to each eval
+    assert sync["diagnostics"] == {"loss/clip_frac_low": pytest.approx(0.055)}  # the mean over every RL step
     stale = fr.summarise(write_run(tmp_path, 4, 1.0, 0.6, {5: 0.8}, 0.65), {**cell, "staleness": 4},
                          "1.0", 30.0, warmup=3)
     assert stale["modelled_step_s"] == pytest.approx(1.1)  # the rollout side: training hides behind it
@@ -103,4 +105,5 @@ def test_report_tables_every_cell_with_mean_and_spread(tmp_path):
     assert "| none | 8 | 2 | 10 | 70.0 ± 14.1 | 70.0 ± 14.1 | 1.000 | 1.200 | 1.000 / 0.500 |" in text
     assert "3.0 to 5.0" in text
     written = fr.plot(rows, str(tmp_path))
-    assert sorted(os.path.basename(p) for p in written) == ["freshness_arithmetic.png", "freshness_arithmetic.svg"]
+    assert sorted(os.path.basename(p) for p in written) == ["freshness_arithmetic.png", "freshness_arithmetic.svg",
+                                                           "freshness_wall.png", "freshness_wall.svg"]
