@@ -27,8 +27,10 @@ medians (`time/*`), the load average at its start and end, and the overlap-model
     async (S > 0)        max(rollout + reward, reference + advantages + train + sync + other)  (the max)
 
 from that run's own medians (rlpost/plan/throughput.py's fit). Measured wall-clock depends on what else
-ran on the machine, so the wall-clock plot uses the overlap model (step x modelled step time); the measured
-seconds are in each JSON. --results also gets results.md (final and peak pass@1, mean +- sd over seeds)
+ran on the machine (and a run's own medians on the load while it ran), so the wall-clock plot uses one
+overlap model per task and correction: the rollout and train sides of its synchronous (S = 0) runs, where
+the two sides take turns and do not slow each other, averaged over seeds; then step x (sum or max). The
+measured seconds are in each JSON. --results also gets results.md (final and peak pass@1, mean +- sd over seeds)
 and --plots the figures (freshness_<task>.svg/png).
 """
 
@@ -263,20 +265,34 @@ def groups(results: list[dict], task: str) -> dict[tuple[str, int], list[dict]]:
     return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])))
 
 
+def pooled_step(g: dict, corr: str, staleness: int) -> tuple[float, float, float]:
+    """(rollout side, train side, step) of the task's overlap model for `corr` at S = `staleness`: the sides
+    measured in its synchronous runs (those of `tis` for `tis-seq` when it has none, else any correction's)."""
+    for key in [(corr, 0), *([("tis", 0)] if corr == "tis-seq" else []), *[k for k in g if k[1] == 0]]:
+        if key in g:
+            rs = g[key]
+            roll = statistics.mean(r["rollout_side_s"] for r in rs)
+            rest = statistics.mean(r["train_side_s"] for r in rs)
+            return roll, rest, (roll + rest if staleness == 0 else max(roll, rest))
+    rs = g[(corr, staleness)]  # no synchronous run yet: the cell's own
+    return (statistics.mean(r["rollout_side_s"] for r in rs), statistics.mean(r["train_side_s"] for r in rs),
+            statistics.mean(r["modelled_step_s"] for r in rs))
+
+
 def table(results: list[dict]) -> str:
     lines = []
     for task in sorted({r["task"] for r in results}):
         g = groups(results, task)
         start = next(iter(g.values()))[0]["pass@1_start"]
         lines += [f"### {task} (held-out pass@1 in %, SFT start {100 * start:.1f}; mean ± sd over seeds)", "",
-                  "| correction | S | seeds | steps | final | peak | modelled step (s) | measured step (s) "
-                  "| rollout side / train side (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| correction | S | seeds | steps | final | peak | overlap model step (s) | the runs' own model (s) "
+                  "| measured step (s) | the runs' rollout side / train side (s) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for (corr, s), rs in g.items():
             measured = statistics.mean(r["time_medians"]["time/step"] for r in rs)
             lines.append(
                 f"| {corr} | {s} | {len(rs)} | {rs[0]['steps']} | {mean_sd([r['pass@1_final'] for r in rs])} "
-                f"| {mean_sd([r['pass@1_peak'] for r in rs])} "
+                f"| {mean_sd([r['pass@1_peak'] for r in rs])} | {pooled_step(g, corr, s)[2]:.3f} "
                 f"| {statistics.mean(r['modelled_step_s'] for r in rs):.3f} | {measured:.3f} "
                 f"| {statistics.mean(r['rollout_side_s'] for r in rs):.3f} / "
                 f"{statistics.mean(r['train_side_s'] for r in rs):.3f} |")
@@ -303,13 +319,14 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def mean_curve(rs: list[dict], x_key: str) -> tuple[list[float], list[float], list[float], list[float]]:
-    """x (mean over seeds), and the mean, min and max of pass@1 at each evaluation point the runs share."""
+def mean_curve(rs: list[dict], seconds_per_step: float = 1.0) -> tuple[list[float], ...]:
+    """x (the step x seconds_per_step), and the mean, min and max over seeds of pass@1 at each evaluation point
+    the runs share."""
     n = min(len(r["pass@1"]) for r in rs)
     xs, mean, lo, hi = [], [], [], []
     for i in range(n):
         vals = [r["pass@1"][i][1] for r in rs]
-        xs.append(statistics.mean(r["pass@1"][i][0] if x_key == "step" else r[x_key][i] for r in rs))
+        xs.append(rs[0]["pass@1"][i][0] * seconds_per_step)
         mean.append(statistics.mean(vals))
         lo.append(min(vals))
         hi.append(max(vals))
@@ -330,14 +347,13 @@ def plot(results: list[dict], plots: str) -> list[str]:
         colours = {s: plt.cm.viridis(i / max(len(stale) - 1, 1)) for i, s in enumerate(stale)}
         fig, axes = plt.subplots(2, len(corrs), figsize=(4.6 * len(corrs), 7.2), squeeze=False, sharey=True)
         for col, corr in enumerate(corrs):
-            for row, (x_key, xlabel) in enumerate((("step", "RL step"),
-                                                   ("modelled_seconds", "overlap-model wall-clock (s)"))):
+            for row, xlabel in enumerate(("RL step", "overlap-model wall-clock (s): step x sum (S=0) or max (S>0)")):
                 ax = axes[row][col]
                 for s in stale:
                     rs = g.get((corr, s))
                     if not rs:
                         continue
-                    xs, mean, lo, hi = mean_curve(rs, x_key)
+                    xs, mean, lo, hi = mean_curve(rs, 1.0 if row == 0 else pooled_step(g, corr, s)[2])
                     ax.plot(xs, mean, color=colours[s], label=f"S={s} ({len(rs)} seed{'s' * (len(rs) > 1)})")
                     if len(rs) > 1:
                         ax.fill_between(xs, lo, hi, color=colours[s], alpha=0.12, linewidth=0)
