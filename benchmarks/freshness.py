@@ -283,8 +283,8 @@ def table(results: list[dict]) -> str:
     lines = []
     for task in sorted({r["task"] for r in results}):
         g = groups(results, task)
-        start = next(iter(g.values()))[0]["pass@1_start"]
-        lines += [f"### {task} (held-out pass@1 in %, SFT start {100 * start:.1f}; mean ± sd over seeds)", "",
+        starts = [r["pass@1_start"] for r in results if r["task"] == task]  # the seed's own sampling of it
+        lines += [f"### {task} (held-out pass@1 in %, SFT start {mean_sd(starts)}; mean ± sd over seeds)", "",
                   "| correction | S | seeds | steps | final | peak | overlap model step (s) | the runs' own model (s) "
                   "| measured step (s) | the runs' rollout side / train side (s) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -386,7 +386,7 @@ def plot_wall(results: list[dict], plots: str, plt) -> list[str]:
             mean = [statistics.mean(v) for _, v in pts]
             err = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in pts]
             ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=corr)
-        start = next(iter(g.values()))[0]["pass@1_start"]
+        start = statistics.mean(r["pass@1_start"] for r in results if r["task"] == task)
         ax.axhline(start, color="grey", linestyle=":", label="SFT start")
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(sorted({k[1] for k in g}))
