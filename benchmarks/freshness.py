@@ -219,7 +219,7 @@ def run_cell(cell: dict, ckpt: str, args) -> dict | None:
     except RuntimeError as e:  # one failed run must not stop the others: reported, and the sweep exits 1
         print(e, flush=True)
         return None
-    kept = [o.replace(ROOT + os.sep, "") for o in overrides]  # paths inside the repository, as a user's checkout has them
+    kept = [o.replace(ROOT + os.sep, "") for o in overrides]  # repository-relative, as any checkout has them
     result = summarise(run_dir, {**cell, "overrides": kept}, load_start, time.perf_counter() - t0, args.warmup)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
