@@ -606,6 +606,15 @@ def test_a_checkpoint_of_another_run_or_config_is_refused(finished_short_run, tm
     assert (run / "metrics.jsonl").read_text().count("\n") > newest.meta["metrics_lines"]  # nothing was cut
 
 
+def test_a_resume_given_the_command_line_that_started_the_run_is_no_change(finished_short_run, tmp_path, capsys):
+    """trainer.precision and rollout.dtype 'auto' are saved as what they resolved to; the same command line given
+    again with --resume resolves them alike, so it is not refused as a config change."""
+    run, _ = killed_after_step_2(finished_short_run, tmp_path)
+    assert "dtype: auto" not in (run / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run), *SHORT]) == 0, capsys.readouterr().err
+    assert comparable(run) == comparable(finished_short_run[0])
+
+
 def test_weights_replaced_by_another_whole_checkpoint_are_refused(tmp_path):
     """A checkpoint that takes its weights from an earlier one records the sha256 of those very files: the earlier
     folder replaced by another complete, self-consistent checkpoint of the same name is refused, not loaded."""
