@@ -80,7 +80,8 @@ import yaml
 from rlpost import distributed as dist
 from rlpost.checkpoint import (SHARDS_DIR, Checkpoint, clean_partial, is_write_failure, list_checkpoints,
                                load_rng_state, remove_step_checkpoints, verify, write_error)
-from rlpost.config import Config, from_dict, plugin_keys, stage_configs, stage_names, to_dict
+from rlpost.config import (CHANGED_DEFAULTS, Config, from_dict, plugin_keys, stage_configs, stage_names, to_dict,
+                           with_old_defaults)
 from rlpost.env import check_vocabulary, observation_alphabet, response_budget
 from rlpost.env.sources import SourceInputs, build_rl_reward, rl_reward_spec
 from rlpost.env.verifiers import reward_role
@@ -120,13 +121,17 @@ def saved_config(run_dir: str, kind: str = "train") -> Config:
     if info.get("kind") != kind:
         raise ResumeError(f"--resume: {run_dir} is a `rlpost {info.get('kind')}` run, not a `rlpost {kind}` run")
     with open(cfg_path) as f:
-        return from_dict(Config, yaml.safe_load(f))
+        return from_dict(Config, with_old_defaults(yaml.safe_load(f)))
 
 
 def config_differences(saved: Config, new: Config) -> list[str]:
-    """`key: saved -> new` for every config key that differs (out_dir/run_name/threads excepted)."""
+    """`key: saved -> new` for every config key that differs (out_dir/run_name/threads excepted). A key whose
+    default changed (CHANGED_DEFAULTS) at its old default in `saved` and its new one in `new` is no difference:
+    the run was started under the old default, and the command line did not set the key."""
     a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
     ignore = {"out_dir", "run_name", "threads"}
+    defaults = _flatten(to_dict(Config()))
+    ignore |= {k for k, old in CHANGED_DEFAULTS.items() if a.get(k) == old and b.get(k) == defaults.get(k)}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in ignore and a.get(k) != b.get(k)]
 
