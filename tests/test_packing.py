@@ -227,6 +227,22 @@ def test_auto_packs_a_batch_only_where_that_computes_fewer_positions():
     assert all(p is None for _, _, p in micro_batches(tailed, None, None, False, share_prompt=True))
 
 
+def test_a_sharded_reward_model_keeps_auto_padded(monkeypatch):
+    """Ranks could choose differently, and with it run different forwards: sharded, auto is the plain padded path."""
+    import rlpost.env.reward_model as reward_model
+
+    rm = reward_model.RewardModel(_gpt_mini())
+    batch = grouped_batch(16)
+    whole = rm.score(batch, packing=False)
+    plans = []
+    monkeypatch.setattr(reward_model, "micro_batches", lambda *a: plans.append(a[3]) or micro_batches(*a))
+    torch.testing.assert_close(rm.score(batch, packing="auto"), whole, rtol=0, atol=1e-5)
+    assert plans == ["auto"]  # unsharded: auto plans the batch (and packs it: long-tailed responses)
+    monkeypatch.setattr(reward_model.dist, "is_sharded", lambda m: True)
+    torch.testing.assert_close(rm.score(batch, packing="auto"), whole, rtol=0, atol=1e-5)
+    assert plans == ["auto"]  # sharded: the plain whole-batch forward, no plan
+
+
 def test_auto_scores_as_the_padded_path_either_way(model):
     """The reference under auto, on a batch it packs and one it keeps padded: the log-probs of padding."""
     for batch in (grouped_batch(_vocab(model)), long_prompt_batch(12, [1, 2, 2, 3, 3, 1, 2, 2])):

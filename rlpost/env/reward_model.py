@@ -111,6 +111,8 @@ class RewardModel(nn.Module):
         `micro_batch_tokens` / `packing` (the trainer's: rlpost.packing.micro_batches) the trunk runs one
         micro-batch at a time, so a forward holds one micro-batch's activations; the rewards are the same."""
         batch = batch.to(self.head.weight.device)
+        if packing == "auto" and dist.is_sharded(self):  # as the trainer's: ranks could choose differently
+            packing = False
         if not (micro_batch_size or micro_batch_tokens or packing):
             # sharded: no shared-prompt scoring, the trunk runs its plain forward as the policy's trainer does
             return self._read(trunk_hidden_states(self.trunk, batch, share_prompt=not dist.is_sharded(self)),
