@@ -1,7 +1,8 @@
-"""Sequence packing against padding: positions computed and the trainer-step time, side by side.
+"""Sequence packing against padding: positions computed and the trainer-step and reference times, side by side.
 
     .venv/bin/python benchmarks/packing.py                       # 4 prompts x K=8, 16 rows per micro-batch
     .venv/bin/python benchmarks/packing.py --rows-per-micro-batch 8 --repeats 5
+    .venv/bin/python benchmarks/packing.py --prompt-tokens 200 --mean 16 --sigma 0.5   # long prompts, short answers
 
 A tiny Llama (hidden 256, 4 layers, benchmarks/common.py) trains one GRPO step on a batch whose response
 lengths are log-normal (sigma 0.8, mean 256 tokens, capped at --max-len: the shape of chain-of-thought
@@ -9,11 +10,14 @@ lengths), K samples per prompt, two ways:
 - `padded`: the trainer as it was, micro-batches of --rows-per-micro-batch padded rows (each distinct prompt
   computed once: shared-prompt scoring, on by default);
 - `packed`: `trainer.packing=true` with the same memory bound: each micro-batch holds at most as many
-  positions as one padded micro-batch (trainer.micro_batch_tokens unset).
+  positions as one padded micro-batch (trainer.micro_batch_tokens unset);
+- `auto`: `trainer.packing=auto` (the default): each micro-batch plan packed or padded, whichever computes
+  fewer positions (rlpost.packing.micro_batches); the line says which it chose.
 Positions computed: what the trainer's forwards run over (padded: B x T, less the repeated prompts it shares;
 packed: the packed rows, tail included), against the real tokens. Time: the median of --repeats interleaved
-steps of each (the optimizer step skipped, so every step trains the same weights), wall-clock and CPU seconds,
-with the load average before and after (the machine is shared).
+steps of each (the optimizer step skipped, so every step trains the same weights), and of the reference's
+scoring of the batch (forward only, no grad), wall-clock and CPU seconds, with the load average before and after
+(the machine is shared).
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ def main() -> None:
     from rlpost.algorithms import get_algorithm
     from rlpost.config import TrainerConfig
     from rlpost.models import HFCausalLM
+    from rlpost.reference import Reference
     from rlpost.trainer import Trainer
 
     tok = train_tokenizer()
@@ -106,9 +111,12 @@ def main() -> None:
     algo = get_algorithm("grpo", beta=0.04)
     batch = algo.compute_advantages(batch)
     cfg = TrainerConfig(lr=1e-4, micro_batch_size=args.rows_per_micro_batch)
-    trainers = {"padded": Trainer(model, cfg), "packed": Trainer(model, dataclasses.replace(cfg, packing=True))}
+    configs = {name: dataclasses.replace(cfg, packing=value)
+               for name, value in (("padded", False), ("packed", True), ("auto", "auto"))}
+    trainers = {name: Trainer(model, c) for name, c in configs.items()}
+    references = {name: Reference(model, c) for name, c in configs.items()}
     for t in trainers.values():
-        t.optimizer.step = lambda: None  # every step trains the same weights: the two paths see equal work
+        t.optimizer.step = lambda: None  # every step trains the same weights: the paths see equal work
 
     real = int(batch.attention_mask.sum())
     B, T = batch.input_ids.shape
@@ -123,28 +131,34 @@ def main() -> None:
     print(f"  padded, every row's prompt  {B * T:>9,}  {B * T / real:5.2f}x real")
     for name, t in trainers.items():
         n = positions(t, batch)
-        label = "padded, prompts shared" if name == "padded" else "packed"
-        print(f"  {label:<26}  {n:>9,}  {n / real:5.2f}x real   ({len(t._plan(batch))} micro-batch(es))")
+        plan = t._plan(batch)
+        label = {"padded": "padded, prompts shared", "packed": "packed"}.get(name) or \
+            f"auto ({'packed' if plan[0][2] is not None else 'padded'})"
+        print(f"  {label:<26}  {n:>9,}  {n / real:5.2f}x real   ({len(plan)} micro-batch(es))")
 
-    wall: dict[str, list[float]] = {n: [] for n in trainers}
-    cpu: dict[str, list[float]] = {n: [] for n in trainers}
-    losses = {}
-    for _ in range(args.repeats):
-        for name, t in trainers.items():  # interleaved: load changes hit both alike
-            w, c = time.perf_counter(), time.process_time()
-            losses[name] = t.step(batch, algo.compute_loss)["train/loss"]
-            wall[name].append(time.perf_counter() - w)
-            cpu[name].append(time.process_time() - c)
-    print(f"\n  trainer step (forward + backward, {args.repeats} interleaved repeats)")
-    print(f"  {'':8} {'median s':>9} {'min s':>7} {'CPU s (median)':>15}")
-    for name in trainers:
-        print(f"  {name:<8} {statistics.median(wall[name]):9.2f} {min(wall[name]):7.2f} "
-              f"{statistics.median(cpu[name]):15.2f}")
-    ratio = statistics.median(wall["padded"]) / statistics.median(wall["packed"])
-    cpu_ratio = statistics.median(cpu["padded"]) / statistics.median(cpu["packed"])
-    print(f"  packed speed-up: {ratio:.2f}x wall-clock (median), {cpu_ratio:.2f}x CPU time")
-    print(f"  loss: padded {losses['padded']:.6f}, packed {losses['packed']:.6f} "
-          f"(difference {abs(losses['padded'] - losses['packed']):.1e})")
+    runs = {"trainer step (forward + backward)": {n: (lambda t=t: t.step(batch, algo.compute_loss)["train/loss"])
+                                                  for n, t in trainers.items()},
+            "reference scoring (forward, no grad)": {n: (lambda r=r: float(r(batch).ref_logp.sum()))
+                                                     for n, r in references.items()}}
+    for title, sides in runs.items():
+        wall: dict[str, list[float]] = {n: [] for n in sides}
+        cpu: dict[str, list[float]] = {n: [] for n in sides}
+        values = {}
+        for _ in range(args.repeats):
+            for name, fn in sides.items():  # interleaved: load changes hit all alike
+                w, c = time.perf_counter(), time.process_time()
+                values[name] = fn()
+                wall[name].append(time.perf_counter() - w)
+                cpu[name].append(time.process_time() - c)
+        print(f"\n  {title}, {args.repeats} interleaved repeats")
+        print(f"  {'':8} {'median s':>9} {'min s':>7} {'CPU s (median)':>15} {'speed-up (wall / CPU)':>22}")
+        for name in sides:
+            ratio = statistics.median(wall["padded"]) / statistics.median(wall[name])
+            cpu_ratio = statistics.median(cpu["padded"]) / statistics.median(cpu[name])
+            print(f"  {name:<8} {statistics.median(wall[name]):9.2f} {min(wall[name]):7.2f} "
+                  f"{statistics.median(cpu[name]):15.2f} {ratio:13.2f}x / {cpu_ratio:.2f}x")
+        print("  " + ", ".join(f"{n} {v:.6f}" for n, v in values.items())
+              + f" (loss / summed log-probs; largest difference {max(values.values()) - min(values.values()):.1e})")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"load average after: {os.getloadavg()}; peak RSS of this process: {peak:.0f} MB")
 

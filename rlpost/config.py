@@ -45,7 +45,8 @@ __all__ = [  # the sections, importable from here as they always were
     "Config", "ConfigError", "CriticConfig", "DistillConfig", "EvalConfig", "LogConfig", "LoRAConfig", "LORA_TARGETS",
     "ModelConfig", "PreferenceConfig", "PRM_REWARDS", "PRMConfig", "ReferenceConfig", "RejectionConfig",
     "RewardModelConfig", "RLConfig", "RolloutConfig", "Section", "SFTConfig", "TaskConfig", "TrainerConfig",
-    "from_dict", "load_config", "opt", "stage_configs", "stage_names", "to_dict"]
+    "from_dict", "load_config", "opt", "stage_configs", "stage_names", "to_dict", "with_old_defaults",
+    "CHANGED_DEFAULTS"]
 
 
 @dataclass
@@ -175,6 +176,27 @@ def _stage_config(cfg: Config, name: str, settings: dict[str, Any], where: str) 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# Keys whose default changed, with the default they had before. A run directory's config.yaml holds the old value
+# (or, written before the key existed, nothing); its resume keeps what the run started with (`with_old_defaults`),
+# and a command line that leaves the key at its new default does not change the run (rlpost.run.config_differences).
+CHANGED_DEFAULTS: dict[str, Any] = {
+    "trainer.packing": False,  # now 'auto': packed where the model can and that computes fewer positions
+}
+
+
+def with_old_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (nested dict) with each key of CHANGED_DEFAULTS that it lacks set to its old default: the
+    run was started when that key, absent, meant the old one."""
+    for key, old in CHANGED_DEFAULTS.items():
+        *sections, name = key.split(".")
+        node = data
+        for s in sections:
+            node = node.get(s) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name not in node:
+            node[name] = old
+    return data
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

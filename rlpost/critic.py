@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
-from rlpost.models import autocast, check_packing, check_precision, model_device, trunk_hidden_states
+from rlpost.models import autocast, check_precision, model_device, resolve_packing, trunk_hidden_states
 from rlpost.packing import Packed, micro_batches, scatter_rows
 from rlpost.settings.critic import CRITIC_TYPES  # the valid critic.type names, declared with the key
 
@@ -46,11 +46,10 @@ class Critic(nn.Module):
         super().__init__()
         cfg = cfg or TrainerConfig()
         check_precision(cfg.precision, model_device(trunk))
-        if cfg.packing:
-            check_packing(trunk)
+        packing = resolve_packing(cfg.packing, trunk)  # true fails now on a trunk that cannot pack; auto is off there
         self.shared, self.precision = shared, cfg.precision
         self.micro_batch_size, self.micro_batch_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
-        self.packing = cfg.packing
+        self.packing = packing
         # A shared trunk is the policy itself: keep it out of this module's parameters so the optimizer
         # and checkpoints see it once (through the policy).
         self._trunk = [trunk] if shared else None
@@ -92,8 +91,12 @@ class Critic(nn.Module):
         runs in this critic's micro-batches."""
         out = batch.input_ids.device
         batch = batch.to(self.head.weight.device)
-        if packed is None and (self.packing or self.micro_batch_size or self.micro_batch_tokens):
-            plan = micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing)
+        # sharded, auto stays padded: its choice may differ between ranks, and so their forward counts
+        packing = False if self.sharded and self.packing == "auto" else self.packing
+        if packed is None and (packing or self.micro_batch_size or self.micro_batch_tokens):
+            trunk = self._trunk[0] if self.shared else self.trunk
+            share = not self.sharded and getattr(trunk, "can_share_prompt", False)  # as trunk_hidden_states will
+            plan = micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, packing, share)
             # sharded: as many passes as the rank with the most (the same collectives), the extra ones' results dropped
             passes = int(dist.reduce_max(len(plan))) if self.sharded and plan else len(plan)
             parts = [(rows, self._values(mb, p)) for rows, mb, p in plan]

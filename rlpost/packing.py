@@ -170,6 +170,30 @@ def _build(batch: Batch, mask: torch.Tensor, lens: list[int], bins: list[list[in
                   seq_ids=seq, src=src.view(-1), first=first, width=T, segments=_segments(fills))
 
 
+def shared_prompt(batch: Batch) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """How the rows of `batch` share prompts: (P, first, owner), or None when no two rows do.
+
+    P is the first response column (the same for every row, by the Batch layout); rows whose columns :P
+    (ids and attention mask) are equal share one prompt. `first` [N] is the first row of each distinct
+    prompt, `owner` [B] the prompt of each row (an index into `first`). Found from the tokens
+    themselves, so it holds for any batch: K samples of a prompt, a preference pair, shuffled rows.
+    """
+    has_response = batch.response_mask.bool().any(0)
+    if not bool(has_response.any()):
+        return None
+    P = int(has_response.int().argmax())
+    if P == 0:
+        return None
+    B = batch.input_ids.shape[0]
+    prompts = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P].to(batch.input_ids.dtype)], 1)
+    unique, owner = torch.unique(prompts, dim=0, return_inverse=True)
+    if len(unique) == B:
+        return None
+    rows = torch.arange(B, device=owner.device)
+    first = torch.full((len(unique),), B, device=owner.device).scatter_reduce(0, owner, rows, "amin")
+    return P, first, owner
+
+
 def padded_micro_batches(batch: Batch, size: int | None, max_tokens: int | None) -> list[list[int]]:
     """Row indices of the padded micro-batches: `size` rows each, and at most `max_tokens` positions
     (rows x T) each when `max_tokens` is set (at least one row per micro-batch)."""
@@ -199,22 +223,39 @@ def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], B: int) -> torc
     return out.index_copy(0, rows.to(values.device), values)
 
 
+def padded_positions(batch: Batch, plan: list[list[int]], share_prompt: bool) -> int:
+    """Token positions the padded micro-batches `plan` (row indices) compute: rows x T each, with each distinct
+    prompt of a micro-batch computed once when `share_prompt` (rlpost.models.token_logprobs)."""
+    T, total = batch.input_ids.shape[1], 0
+    for rows in plan:
+        split = shared_prompt(batch.select(rows)) if share_prompt else None
+        total += len(rows) * T if split is None else len(split[1]) * split[0] + len(rows) * (T - split[0])
+    return total
+
+
 def micro_batches(batch: Batch, size: int | None = None, max_tokens: int | None = None,
-                  packing: bool = False) -> list[tuple[torch.Tensor, Batch, Packed | None]]:
+                  packing: bool | str = False,
+                  share_prompt: bool = False) -> list[tuple[torch.Tensor, Batch, Packed | None]]:
     """The micro-batches a role runs `batch` in: (their batch rows [n], those rows as a Batch, their
     packing or None).
 
     Each micro-batch remembers the whole batch's response-token and sequence counts (global_tokens /
     global_seqs), so losses normalised by them sum to the whole batch's loss (see Batch.micro_batches).
     Padded (`packing` False): consecutive rows, `size` at a time and at most `max_tokens` positions
-    (rows x T). Packed: `pack(batch, token_budget(...))`, rows in the order the packing put them."""
+    (rows x T). Packed (True): `pack(batch, token_budget(...))`, rows in the order the packing put them.
+    'auto': packed when that computes fewer positions than padded (`padded_positions`, each prompt once when
+    `share_prompt`: the role's model shares prompts), else padded. Long prompts with short responses are where
+    padding wins: the K samples of a group share one prompt there, while each packed sequence carries its own."""
     tokens = float(batch.global_tokens if batch.global_tokens is not None else batch.response_mask.sum().item())
     seqs = float(batch.global_seqs if batch.global_seqs is not None else len(batch))
-    if packing:
-        plans = [(p.rows, p) for p in pack(batch, token_budget(batch, size, max_tokens))]
+    packed = pack(batch, token_budget(batch, size, max_tokens)) if packing else None
+    padded = padded_micro_batches(batch, size, max_tokens)
+    if packing == "auto" and sum(p.positions for p in packed) >= padded_positions(batch, padded, share_prompt):
+        packed = None
+    if packed is not None:
+        plans = [(p.rows, p) for p in packed]
     else:
-        plans = [(torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device), None)
-                 for rows in padded_micro_batches(batch, size, max_tokens)]
+        plans = [(torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device), None) for rows in padded]
     out = []
     for rows, p in plans:
         mb = batch.select(rows)

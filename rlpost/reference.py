@@ -43,7 +43,7 @@ import torch.nn as nn
 from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
-from rlpost.models import (autocast, check_packing, check_precision, load_weights, model_device,
+from rlpost.models import (autocast, check_precision, load_weights, model_device, resolve_packing,
                            set_gradient_checkpointing, token_logprobs, transformer_blocks)
 from rlpost.models.lora import adapters_disabled, is_lora
 from rlpost.packing import micro_batches, scatter_rows
@@ -61,8 +61,7 @@ class Reference:
         cfg = cfg or TrainerConfig()
         temperature = (params or SamplingParams()).logp_temperature
         check_precision(cfg.precision, model_device(policy))
-        if cfg.packing:
-            check_packing(policy)
+        packing = resolve_packing(cfg.packing, policy)  # true fails now on a model that cannot pack; auto is off there
         self.shares_policy = is_lora(policy)
         if self.shares_policy:
             self.model = policy
@@ -86,7 +85,7 @@ class Reference:
         self.offload = Offload(self.model, self.device) if offload else None
         self.temperature, self.precision, self.logprob_chunk = temperature, cfg.precision, cfg.logprob_chunk
         self.micro_batch_size, self.micro_batch_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
-        self.packing = cfg.packing
+        self.packing = packing  # False, True or 'auto' (rlpost.packing.micro_batches: per batch)
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:
@@ -96,8 +95,9 @@ class Reference:
         # rows share one differs between ranks), and a rank with fewer forwards, counted before any runs, pads
         # with throw-away ones
         sharded = dist.is_sharded(self.model)
-        plan = micro_batches(batch.to(device), self.micro_batch_size, self.micro_batch_tokens, self.packing) \
-            if len(batch) else []
+        share = not sharded and getattr(self.model, "can_share_prompt", False)  # as token_logprobs will
+        plan = micro_batches(batch.to(device), self.micro_batch_size, self.micro_batch_tokens, self.packing,
+                             share) if len(batch) else []
         padding = 0
         if sharded:  # a padded micro-batch is one forward, a packed one a forward per segment
             forwards = sum(1 if packed is None else len(packed.segments) for _, _, packed in plan)

@@ -80,13 +80,14 @@ import yaml
 from rlpost import distributed as dist
 from rlpost.checkpoint import (SHARDS_DIR, Checkpoint, clean_partial, is_write_failure, list_checkpoints,
                                load_rng_state, remove_step_checkpoints, verify, write_error)
-from rlpost.config import Config, from_dict, plugin_keys, stage_configs, stage_names, to_dict
+from rlpost.config import (CHANGED_DEFAULTS, Config, from_dict, plugin_keys, stage_configs, stage_names, to_dict,
+                           with_old_defaults)
 from rlpost.env import check_vocabulary, observation_alphabet, response_budget
 from rlpost.env.sources import SourceInputs, build_rl_reward, rl_reward_spec
 from rlpost.env.verifiers import reward_role
 from rlpost.loops import loop_class
-from rlpost.models import (check_lengths, load_model, load_weights, resolve_device, resolve_precision,
-                           resolve_rollout_dtype, save_model)
+from rlpost.models import (check_lengths, load_model, load_weights, packing_refusal, resolve_device,
+                           resolve_precision, resolve_rollout_dtype, save_model)
 from rlpost.models.lora import fold_adapters, is_lora
 from rlpost.runlog import (RUN_FILE, ResumeError, RunLog, discard_run_dir, make_run_dir, open_log, replace_file,
                            run_id_of)
@@ -120,13 +121,17 @@ def saved_config(run_dir: str, kind: str = "train") -> Config:
     if info.get("kind") != kind:
         raise ResumeError(f"--resume: {run_dir} is a `rlpost {info.get('kind')}` run, not a `rlpost {kind}` run")
     with open(cfg_path) as f:
-        return from_dict(Config, yaml.safe_load(f))
+        return from_dict(Config, with_old_defaults(yaml.safe_load(f)))
 
 
 def config_differences(saved: Config, new: Config) -> list[str]:
-    """`key: saved -> new` for every config key that differs (out_dir/run_name/threads excepted)."""
+    """`key: saved -> new` for every config key that differs (out_dir/run_name/threads excepted). A key whose
+    default changed (CHANGED_DEFAULTS) at its old default in `saved` and its new one in `new` is no difference:
+    the run was started under the old default, and the command line did not set the key."""
     a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
     ignore = {"out_dir", "run_name", "threads"}
+    defaults = _flatten(to_dict(Config()))
+    ignore |= {k for k, old in CHANGED_DEFAULTS.items() if a.get(k) == old and b.get(k) == defaults.get(k)}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in ignore and a.get(k) != b.get(k)]
 
@@ -220,6 +225,9 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
     model, tokenizer = load_model(cfg.model, alphabet, rows=rows, max_new_tokens=response_tokens,
                                   demonstrations=demos, skeleton=shards is not None)
     check_vocabulary(cfg.task, tokenizer)
+    line = packing_line(cfg, model)
+    if line and dist.is_main():
+        print(line, flush=True)
     check_lengths(model, tokenizer, rows, response_tokens, demos,  # before any stage, not after SFT
                   system_prompt=task.system_prompt)
     engine = loop_class(cfg.rl.topology).run_engine(cfg, model, tokenizer)  # the topology's (rlpost/loops/)
@@ -236,6 +244,23 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
     summary = {"run_dir": run_dir, "demonstrator_accuracy": task.demonstrator_accuracy, "status": "running"}
     return RunContext(run_dir=run_dir, seed=cfg.seed, model=model, tokenizer=tokenizer, task=task, engine=engine,
                       weight_sync=weight_sync, verifier=verifier, log=log, summary=summary, rl_reward=rl_reward)
+
+
+def packing_line(cfg: Config, model) -> str | None:
+    """What trainer.packing=auto does in this run's RL stages, as the line the run prints at its start (None when
+    packing is set explicitly or no stage is RL): on, off because the policy cannot keep packed sequences apart
+    (rlpost.models.packing_refusal), or padded for the trainer and critic under fsdp2."""
+    if cfg.trainer.packing != "auto" or "rl" not in stage_names(cfg):
+        return None
+    why = packing_refusal(model)
+    if why is not None:
+        return f"rlpost: trainer.packing=auto -> off: {why}"
+    line = ("rlpost: trainer.packing=auto -> on: RL micro-batches run packed where that computes fewer token "
+            "positions than padded rows with each prompt once (trainer.packing=false: always padded)")
+    if cfg.trainer.strategy == "fsdp2":
+        line += ("; the trainer and the critic stay padded under trainer.strategy=fsdp2 (auto's choice may differ "
+                 "between ranks, and with it their number of forwards)")
+    return line
 
 
 def _load_policy(model, folder: str) -> None:

@@ -62,7 +62,7 @@ import torch.nn as nn
 from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
-from rlpost.models import (autocast, check_packing, check_precision, model_device, set_gradient_checkpointing,
+from rlpost.models import (autocast, check_precision, model_device, resolve_packing, set_gradient_checkpointing,
                            token_logprobs)
 from rlpost.ops import masked_mean_value
 from rlpost.packing import Packed, micro_batches, scatter_rows
@@ -91,10 +91,10 @@ class Trainer:
         if cfg.strategy not in STRATEGIES:
             raise ValueError(f"trainer.strategy is {cfg.strategy!r}; valid values: {', '.join(STRATEGIES)}")
         self.sharded = cfg.strategy == "fsdp2"
-        if cfg.packing:  # fail at load time on a model that cannot keep packed sequences apart (before sharding it)
-            for m in (model, getattr(critic, "trunk", None)):
-                if m is not None:
-                    check_packing(m)
+        # true fails now on a model that cannot keep packed sequences apart (before sharding it); auto is off there
+        packing = resolve_packing(cfg.packing, model, getattr(critic, "trunk", None))
+        if self.sharded and packing == "auto":  # auto's choice may differ between ranks, and so their forward counts
+            packing = False
         if self.sharded:
             dist.shard_model(model)  # in place: the parameters become DTensor shards, before AdamW sees them
             if critic is not None:
@@ -117,7 +117,7 @@ class Trainer:
         self.grad_clip, self.micro_batch_size = cfg.grad_clip, cfg.micro_batch_size
         self.max_nonfinite_steps, self.temperature = cfg.max_nonfinite_steps, temperature
         self.logprob_chunk = cfg.logprob_chunk  # tokens per chunk of the log-prob head (None: sized from vocabulary)
-        self.packing, self.micro_batch_tokens = cfg.packing, cfg.micro_batch_tokens
+        self.packing, self.micro_batch_tokens = packing, cfg.micro_batch_tokens  # False, True or 'auto'
         self.epochs, self.minibatches = cfg.epochs, cfg.minibatches
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU whatever the model's device
         self.nonfinite_in_a_row = 0
@@ -193,7 +193,8 @@ class Trainer:
 
     def _plan(self, batch: Batch):
         """(batch rows, micro-batch, its packing or None) of each of the trainer's micro-batches of `batch`."""
-        return micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing)
+        share = not self.sharded and getattr(self.model, "can_share_prompt", False)  # as token_logprobs will
+        return micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing, share)
 
     def _optimizer_state(self) -> dict:
         if not self.sharded:

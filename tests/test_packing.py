@@ -7,8 +7,10 @@ from rlpost import Batch, get_algorithm
 from rlpost.algorithms import available
 from rlpost.critic import Critic
 from rlpost.config import ModelConfig, TrainerConfig
-from rlpost.models import HFCausalLM, check_packing, load_model, token_logprobs, transformer_blocks
-from rlpost.packing import micro_batches, pack
+from rlpost.models import (HFCausalLM, check_packing, load_model, packing_refusal, resolve_packing, token_logprobs,
+                           transformer_blocks)
+from rlpost.packing import micro_batches, pack, padded_positions, padded_micro_batches
+from rlpost.schema import ConfigError
 from rlpost.reference import Reference
 from rlpost.rollout import SamplingParams
 from rlpost.trainer import Trainer
@@ -142,10 +144,32 @@ def test_a_model_that_mixes_packed_sequences_is_refused_naming_the_key(model, mo
         return
     plain = model.hidden_states  # an attention that ignores restarting position ids: one causal block
     monkeypatch.setattr(model, "hidden_states", lambda ids, mask=None, pos=None: plain(ids, torch.ones_like(ids)))
-    with pytest.raises(ValueError, match="trainer.packing"):
+    with pytest.raises(ConfigError, match="trainer.packing"):
         check_packing(model)
-    with pytest.raises(ValueError, match="trainer.packing"):
+    with pytest.raises(ConfigError, match="trainer.packing=true: .* does not keep packed sequences apart"):
         Trainer(model, TrainerConfig(lr=1e-3, packing=True))
+    # auto (the default) turns packing off for such a model, with its reason at the run's start
+    assert Trainer(model, TrainerConfig(lr=1e-3)).packing is False
+    assert Reference(model, TrainerConfig()).packing is False
+    assert Critic.build(model, "head", TrainerConfig()).packing is False
+    assert "does not keep packed sequences apart" in packing_refusal(model)
+
+
+def test_auto_packs_where_the_model_can_and_says_why_not_elsewhere(model, tmp_path):
+    from rlpost.config import load_config
+    from rlpost.run import packing_line
+
+    assert packing_refusal(model) is None and resolve_packing("auto", model) == "auto"
+    assert Trainer(model, TrainerConfig(lr=1e-3)).packing == "auto"
+    cfg = load_config(None, [f"out_dir={tmp_path}"])
+    assert packing_line(cfg, model).startswith("rlpost: trainer.packing=auto -> on")
+    assert packing_line(load_config(None, ["trainer.packing=false"]), model) is None
+    assert "stay padded under trainer.strategy=fsdp2" in packing_line(load_config(None, ["trainer.strategy=fsdp2"]),
+                                                                       model)
+    with pytest.raises(ConfigError, match="packing supports gpt_mini and Hugging Face causal LMs, not Linear"):
+        resolve_packing(True, torch.nn.Linear(2, 2))
+    assert resolve_packing("auto", torch.nn.Linear(2, 2)) is False
+    assert packing_line(cfg, torch.nn.Linear(2, 2)).startswith("rlpost: trainer.packing=auto -> off: packing supports")
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])  # flex_attention: no backward on CPU in torch 2.13
@@ -163,6 +187,67 @@ def test_hf_attention_implementations_read_packed_position_ids(impl):
     logp1 = torch.zeros_like(logp0)
     logp1[p.rows] = token_logprobs(model, batch.select(p.rows), packed=p)
     torch.testing.assert_close(logp1 * batch.response_mask, logp0 * batch.response_mask, rtol=0, atol=1e-5)
+
+
+def long_prompt_batch(prompt_len: int, response_lens: list[int], k: int = 4, seed: int = 0) -> Batch:
+    """Groups of k rows that share a `prompt_len`-token prompt, responses of `response_lens` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    n, R = len(response_lens) // k, max(response_lens)
+    ids = torch.zeros(n * k, prompt_len + R, dtype=torch.long)
+    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for p in range(n):
+        prompt = torch.randint(3, 16, (prompt_len,), generator=g)
+        for j in range(k):
+            b, length = p * k + j, response_lens[p * k + j]
+            ids[b, :prompt_len] = prompt
+            ids[b, prompt_len:prompt_len + length] = torch.randint(3, 16, (length,), generator=g)
+            attn[b, :prompt_len + length] = 1
+            resp[b, prompt_len:prompt_len + length] = 1
+    return Batch(input_ids=ids, attention_mask=attn, response_mask=resp,
+                 group_ids=torch.arange(n).repeat_interleave(k))
+
+
+def test_auto_packs_a_batch_only_where_that_computes_fewer_positions():
+    # long-tailed responses after short prompts: packing drops the padding (prompts shared or not)
+    tailed = grouped_batch(16)
+    packed = sum(p.positions for p in pack(tailed, None))
+    assert packed < padded_positions(tailed, padded_micro_batches(tailed, None, None), share_prompt=True)
+    assert all(p is not None for _, _, p in micro_batches(tailed, None, None, "auto", share_prompt=True))
+    # a 12-token prompt shared by 4 short responses: each prompt once (padded) beats a copy per packed row
+    shared = long_prompt_batch(12, [1, 2, 2, 3, 3, 1, 2, 2])
+    B, T = shared.input_ids.shape
+    assert padded_positions(shared, [list(range(B))], share_prompt=True) == 2 * 12 + B * 3 == 48
+    assert sum(p.positions for p in pack(shared, None)) > 48
+    assert all(p is None for _, _, p in micro_batches(shared, None, None, "auto", share_prompt=True))
+    # ... unless the model cannot share prompts (gradient checkpointing): then the packed rows are fewer
+    assert padded_positions(shared, [list(range(B))], share_prompt=False) == B * T
+    assert all(p is not None for _, _, p in micro_batches(shared, None, None, "auto", share_prompt=False))
+    # true and false are as given, whatever the positions
+    assert all(p is not None for _, _, p in micro_batches(shared, None, None, True, share_prompt=True))
+    assert all(p is None for _, _, p in micro_batches(tailed, None, None, False, share_prompt=True))
+
+
+def test_a_sharded_reward_model_keeps_auto_padded(monkeypatch):
+    """Ranks could choose differently, and with it run different forwards: sharded, auto is the plain padded path."""
+    import rlpost.env.reward_model as reward_model
+
+    rm = reward_model.RewardModel(_gpt_mini())
+    batch = grouped_batch(16)
+    whole = rm.score(batch, packing=False)
+    plans = []
+    monkeypatch.setattr(reward_model, "micro_batches", lambda *a: plans.append(a[3]) or micro_batches(*a))
+    torch.testing.assert_close(rm.score(batch, packing="auto"), whole, rtol=0, atol=1e-5)
+    assert plans == ["auto"]  # unsharded: auto plans the batch (and packs it: long-tailed responses)
+    monkeypatch.setattr(reward_model.dist, "is_sharded", lambda m: True)
+    torch.testing.assert_close(rm.score(batch, packing="auto"), whole, rtol=0, atol=1e-5)
+    assert plans == ["auto"]  # sharded: the plain whole-batch forward, no plan
+
+
+def test_auto_scores_as_the_padded_path_either_way(model):
+    """The reference under auto, on a batch it packs and one it keeps padded: the log-probs of padding."""
+    for batch in (grouped_batch(_vocab(model)), long_prompt_batch(12, [1, 2, 2, 3, 3, 1, 2, 2])):
+        padded = Reference(model, TrainerConfig(packing=False))(batch).ref_logp
+        torch.testing.assert_close(Reference(model, TrainerConfig())(batch).ref_logp, padded, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- roles
@@ -191,7 +276,7 @@ def _step(model, algo, batch, **trainer_kw):
 def test_every_algorithm_packed_loss_and_gradients_equal_the_padded_path(name, model):
     algo = get_algorithm(name, beta=0.05, entropy_coef=0.01)
     batch = grouped_batch(_vocab(model))
-    loss0, grads0, b0 = _step(model, algo, batch, micro_batch_size=5)
+    loss0, grads0, b0 = _step(model, algo, batch, micro_batch_size=5, packing=False)
     loss1, grads1, b1 = _step(model, algo, batch, micro_batch_size=5, packing=True, micro_batch_tokens=30)
     assert abs(loss1 - loss0) <= 1e-5 * max(1.0, abs(loss0)), (loss0, loss1)
     assert grads0.keys() == grads1.keys() and grads0
@@ -225,9 +310,10 @@ def test_packed_roles_name_the_device_of_what_they_create(name):
 def test_reference_scores_packed_micro_batches_as_the_whole_padded_batch(model):
     batch = grouped_batch(_vocab(model))
     B, T = batch.input_ids.shape
-    whole = Reference(model, None, SamplingParams(temperature=0.8))(batch).ref_logp
-    for kw, most in ((dict(micro_batch_size=5), 5 * T), (dict(micro_batch_tokens=40), 40),
-                     (dict(packing=True, micro_batch_tokens=30), 30), (dict(packing=True, micro_batch_size=4), 4 * T)):
+    whole = Reference(model, TrainerConfig(packing=False), SamplingParams(temperature=0.8))(batch).ref_logp
+    for kw, most in ((dict(micro_batch_size=5, packing=False), 5 * T),
+                     (dict(micro_batch_tokens=40, packing=False), 40), (dict(packing=True, micro_batch_tokens=30), 30),
+                     (dict(packing=True, micro_batch_size=4), 4 * T)):
         ref = Reference(model, TrainerConfig(**kw), SamplingParams(temperature=0.8))
         seen = []
         hook = transformer_blocks(ref.model)[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
@@ -264,8 +350,11 @@ def test_config_keys_and_their_range_check():
 
     cfg = load_config(None, ["trainer.packing=true", "trainer.micro_batch_tokens=512"])
     assert cfg.trainer.packing is True and cfg.trainer.micro_batch_tokens == 512
+    assert load_config(None, ["trainer.packing=false"]).trainer.packing is False
     defaults = load_config(None, [])
-    assert defaults.trainer.packing is False and defaults.trainer.micro_batch_tokens is None
+    assert defaults.trainer.packing == "auto" and defaults.trainer.micro_batch_tokens is None
+    with pytest.raises(ConfigError, match="'trainer.packing' is 'always'; valid values: auto, true, false"):
+        load_config(None, ["trainer.packing=always"])
     with pytest.raises(ConfigError, match="'trainer.micro_batch_tokens' must be >= 1 or null, got 0"):
         load_config(None, ["trainer.micro_batch_tokens=0"])
 

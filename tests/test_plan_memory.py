@@ -321,8 +321,12 @@ def test_rlpost_layout_phases_and_formulas():
     # and micro_batch_tokens caps a padded micro-batch's rows x S (300 // 134 = 2 rows)
     per = 3 * 1536 + 1536 + 2 * 256 + 3 * 8960
     assert term(mb, "reference forward") == 2 * 134 * per * 4 and term(whole, "reference forward") == 8 * 134 * per * 4
-    capped = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.micro_batch_tokens=300")
+    capped = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.micro_batch_tokens=300",
+                         "trainer.packing=false")
     assert term(capped, "reference forward") == 2 * 134 * per * 4
+    # packing=auto (the default) may pack any batch: planned at the packed budget, which bounds the padded rows'
+    auto = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.micro_batch_tokens=300")
+    assert term(auto, "reference forward") == 300 * per * 4
     ckpt = rlpost_plan("1.5b", "rollout.prompts_per_step=4", "rollout.k=2", "trainer.gradient_checkpointing=true")
     assert term(ckpt, "activations") < term(whole, "activations") / 4
     for t in p.terms:

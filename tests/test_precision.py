@@ -88,11 +88,11 @@ def test_bf16_trainer_step_keeps_fp32_weights_and_loss(tiny_llama_dir, kind):
         seen.update(logp=logp.dtype, loss=loss.dtype, entropy=mb.entropy.dtype)
         return loss, metrics
 
+    trainer = Trainer(model, TrainerConfig(lr=1e-3, precision="bf16"))  # (packing=auto checks the model in fp32)
     matmul = {}
     linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
     linear.register_forward_hook(lambda m, i, o: matmul.setdefault("dtype", o.dtype) and None)
     before = copy.deepcopy(model.state_dict())
-    trainer = Trainer(model, TrainerConfig(lr=1e-3, precision="bf16"))
     metrics = trainer.step(batch, loss_fn)
     assert matmul["dtype"] == torch.bfloat16                                  # the forward ran in bf16
     assert seen == {"logp": torch.float32, "loss": torch.float32, "entropy": torch.float32}

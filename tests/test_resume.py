@@ -606,6 +606,33 @@ def test_a_checkpoint_of_another_run_or_config_is_refused(finished_short_run, tm
     assert (run / "metrics.jsonl").read_text().count("\n") > newest.meta["metrics_lines"]  # nothing was cut
 
 
+def test_a_resume_given_the_command_line_that_started_the_run_is_no_change(finished_short_run, tmp_path, capsys):
+    """trainer.precision and rollout.dtype 'auto' are saved as what they resolved to; the same command line given
+    again with --resume resolves them alike, so it is not refused as a config change."""
+    run, _ = killed_after_step_2(finished_short_run, tmp_path)
+    assert "dtype: auto" not in (run / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run), *SHORT]) == 0, capsys.readouterr().err
+    assert comparable(run) == comparable(finished_short_run[0])
+
+
+def test_a_run_started_while_packing_defaulted_to_off_resumes_as_it_started(tmp_path, capsys):
+    """trainer.packing's default was false: a run directory from then (config.yaml says false, or predates the key
+    and lacks it) resumes with packing off, and the same command line, whose packing is now the new default
+    (auto), is no config change. Setting the key to another value still is one."""
+    args = TINY[:-1] + ["sft.steps=8", "rl.steps=4", "rl.eval_every=0", f"out_dir={tmp_path}", "run_name=old"]
+    assert main(["train", *args, "trainer.packing=false"]) == 0  # what the old default wrote
+    config = (tmp_path / "old" / "config.yaml").read_text()
+    assert "  packing: false\n" in config
+    for i, text in enumerate((config, config.replace("  packing: false\n", ""))):  # as written; from before the key
+        run, _ = killed_after_step_2((tmp_path / "old", None), tmp_path / str(i))
+        (run / "config.yaml").write_text(text)
+        assert saved_config(str(run)).trainer.packing is False
+        assert main(["train", "--resume", str(run), *args[:-2]]) == 0, capsys.readouterr().err
+        assert comparable(run) == comparable(tmp_path / "old")
+    assert main(["train", "--resume", str(run), *args[:-2], "trainer.packing=true"]) == 2
+    assert "trainer.packing: False -> True" in capsys.readouterr().err
+
+
 def test_weights_replaced_by_another_whole_checkpoint_are_refused(tmp_path):
     """A checkpoint that takes its weights from an earlier one records the sha256 of those very files: the earlier
     folder replaced by another complete, self-consistent checkpoint of the same name is refused, not loaded."""

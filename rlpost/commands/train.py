@@ -11,7 +11,7 @@ import sys
 from rlpost.commands.common import error, recipe_and_overrides, recipe_arguments, recipe_base, run_job
 from rlpost.config import Config, ConfigError, load_config
 from rlpost.reaper import Reaper
-from rlpost.run import config_differences, saved_config, train
+from rlpost.run import config_differences, resolve_precisions, saved_config, train
 from rlpost.schema import describe
 
 TRAIN_EPILOG = ("config keys (recipe YAML sections or key=value overrides), default, meaning:\n"
@@ -66,9 +66,11 @@ def launch_torchrun(nproc: int, recipe: str | None, overrides: list[str], resume
 
 
 def resumable_config(run_dir: str, given=None):
-    """The config saved in `run_dir`; a config `given` on the command line too must not differ from it."""
+    """The config saved in `run_dir`; a config `given` on the command line too must not differ from it (its
+    trainer.precision / rollout.dtype auto made concrete first, as the saved config's were when the run started)."""
     saved = saved_config(run_dir)
     if given is not None:
+        resolve_precisions(given)
         diff = config_differences(saved, given)
         if diff:
             raise ConfigError(f"--resume {run_dir}: the given config differs from the run's saved config.yaml; "

@@ -40,7 +40,7 @@ from rlpost.env.process_reward_model import ProcessRewardModel, holds_separator,
 from rlpost.env.role import RewardRole
 from rlpost.env.source import RewardSource, SourceInputs, over_episodes, register, runs_episodes
 from rlpost.env.teacher import check_same_tokenizer
-from rlpost.models import check_packing
+from rlpost.models import resolve_packing
 from rlpost.schema import Range, above
 from rlpost.settings.prm import PRM_REWARDS as MODES  # prm.reward: how a step's PRM score becomes its reward
 
@@ -102,11 +102,10 @@ class ProcessReward(RewardRole):
 
     def __init__(self, prm: ProcessRewardModel, tokenizer, outcome, coef: float = 1.0, mode: str = "delta",
                  separator: str = ";", episodes: bool = False, micro_batch_size: int | None = None,
-                 micro_batch_tokens: int | None = None, packing: bool = False):
+                 micro_batch_tokens: int | None = None, packing: bool | str = False):
         if mode not in MODES:
             raise ValueError(f"prm.reward is {mode!r}; valid: {', '.join(MODES)}")
-        if packing:  # fail now, naming trainer.packing, on a trunk that cannot keep packed sequences apart
-            check_packing(prm.trunk)
+        packing = resolve_packing(packing, prm.trunk)  # true fails now on a trunk that cannot pack; auto is off there
         self.micro = dict(micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens, packing=packing)
         self.prm = prm.eval().requires_grad_(False)
         self.tokenizer, self.outcome, self.coef, self.mode, self.separator = tokenizer, outcome, coef, mode, separator

@@ -110,7 +110,7 @@ class ProcessRewardModel(RewardModel):
     @torch.no_grad()
     def step_scores(self, prompts: list[list[int]], responses: list[list[int]], ends: list[list[int]], pad_id: int,
                     batch_size: int = 256, micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
-                    packing: bool = False) -> list[list[float]]:
+                    packing: bool | str = False) -> list[list[float]]:
         """Per solution, sigmoid(logit) at each step end: the PRM's probability that the solution ends right.
         `batch_size` solutions are laid out at a time; with `micro_batch_size` / `micro_batch_tokens` /
         `packing` (the trainer's: rlpost.packing.micro_batches) the trunk runs them one micro-batch at a time,
@@ -132,7 +132,8 @@ class ProcessRewardModel(RewardModel):
         batch = Batch.for_sft(prompts, responses, pad_id).to(self.head.weight.device)
         P = batch.prompt_width
         values = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
-        for rows, mb, packed in micro_batches(batch, size, max_tokens, packing):
+        share = getattr(self.trunk, "can_share_prompt", False)  # as head_values' trunk_hidden_states will
+        for rows, mb, packed in micro_batches(batch, size, max_tokens, packing, share):
             values[rows] = self.head_values(mb, packed)
         return [values[b, [P + j for j in e]] for b, e in enumerate(ends)]
 

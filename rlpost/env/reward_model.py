@@ -40,7 +40,7 @@ from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import ModelConfig
 from rlpost.env.source import RewardSource, SourceInputs, episode_reward, over_episodes, register
-from rlpost.models import (ModelLoadError, check_packing, encode_prompt, load_model, model_device, position_ids_for,
+from rlpost.models import (ModelLoadError, encode_prompt, load_model, model_device, position_ids_for, resolve_packing,
                            rebuild, save_model, trunk_hidden_states)
 from rlpost.ops import last_token_index
 from rlpost.packing import Packed, micro_batches, scatter_rows
@@ -105,18 +105,21 @@ class RewardModel(nn.Module):
                           attention_mask)
 
     def score(self, batch: Batch, micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
-              packing: bool = False) -> torch.Tensor:
+              packing: bool | str = False) -> torch.Tensor:
         """[B] rewards of a batch, as `forward`, on the model's device (a batch from elsewhere is moved there);
         rows that share a prompt (a pair, K samples) compute it once. With `micro_batch_size` /
         `micro_batch_tokens` / `packing` (the trainer's: rlpost.packing.micro_batches) the trunk runs one
         micro-batch at a time, so a forward holds one micro-batch's activations; the rewards are the same."""
         batch = batch.to(self.head.weight.device)
+        if packing == "auto" and dist.is_sharded(self):  # as the trainer's: ranks could choose differently
+            packing = False
         if not (micro_batch_size or micro_batch_tokens or packing):
             # sharded: no shared-prompt scoring, the trunk runs its plain forward as the policy's trainer does
             return self._read(trunk_hidden_states(self.trunk, batch, share_prompt=not dist.is_sharded(self)),
                               batch.attention_mask)
         parts = [(rows, self._read(self.head_values(mb, packed), mb.attention_mask, head=False))
-                 for rows, mb, packed in micro_batches(batch, micro_batch_size, micro_batch_tokens, packing)]
+                 for rows, mb, packed in micro_batches(batch, micro_batch_size, micro_batch_tokens, packing,
+                                                       getattr(self.trunk, "can_share_prompt", False))]
         return scatter_rows(parts, len(batch))
 
     def head_values(self, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
@@ -260,10 +263,10 @@ class LearnedReward(RewardRole):
     """
 
     def __init__(self, rm: RewardModel, tokenizer, gold: Callable[[str, dict], float] | None = None,
-                 micro_batch_size: int | None = None, micro_batch_tokens: int | None = None, packing: bool = False):
+                 micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
+                 packing: bool | str = False):
         self.rm, self.tokenizer, self.gold = rm.eval().requires_grad_(False), tokenizer, gold
-        if packing:  # fail now, naming trainer.packing, on a trunk that cannot keep packed sequences apart
-            check_packing(rm.trunk)
+        packing = resolve_packing(packing, rm.trunk)  # true fails now on a trunk that cannot pack; auto is off there
         self.micro_batch_size, self.micro_batch_tokens, self.packing = micro_batch_size, micro_batch_tokens, packing
 
     def check_tokenizer(self, policy_tokenizer, texts: list) -> None:

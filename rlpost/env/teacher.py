@@ -39,7 +39,7 @@ from typing import ClassVar
 import torch
 
 from rlpost.batch import Batch
-from rlpost.models import check_packing, encode_prompt, load_model, model_device, token_logprobs
+from rlpost.models import encode_prompt, load_model, model_device, resolve_packing, token_logprobs
 from rlpost.ops import masked_mean_value
 from rlpost.packing import micro_batches, scatter_rows
 from rlpost.env.reward import decode_responses
@@ -64,11 +64,10 @@ class TeacherReward(RewardRole):
 
     def __init__(self, teacher: torch.nn.Module, tokenizer, coef: float = 1.0, params: SamplingParams | None = None,
                  gold=None, micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
-                 packing: bool = False):
+                 packing: bool | str = False):
         temperature = (params or SamplingParams()).logp_temperature  # the student's old_logp's (1 when greedy)
         self.teacher = teacher.eval().requires_grad_(False)
-        if packing:
-            check_packing(self.teacher)
+        packing = resolve_packing(packing, self.teacher)  # true fails now on a model that cannot pack; auto: off there
         self.tokenizer, self.coef, self.temperature, self.gold = tokenizer, coef, temperature, gold
         # scored in micro-batches like the trainer's (rlpost.packing.micro_batches): one micro-batch's activations
         self.micro_batch_size, self.micro_batch_tokens, self.packing = micro_batch_size, micro_batch_tokens, packing
@@ -80,7 +79,8 @@ class TeacherReward(RewardRole):
         device = batch.input_ids.device
         parts = [(rows, token_logprobs(self.teacher, mb, self.temperature, packed=packed))
                  for rows, mb, packed in micro_batches(batch.to(model_device(self.teacher)), self.micro_batch_size,
-                                                       self.micro_batch_tokens, self.packing)]
+                                                       self.micro_batch_tokens, self.packing,
+                                                       getattr(self.teacher, "can_share_prompt", False))]
         teacher_logp = scatter_rows(parts, len(batch)).float().to(device)
         mask = batch.response_mask.bool()
         rewards = distill_token_rewards(batch.old_logp, teacher_logp, mask, self.coef)

@@ -38,7 +38,8 @@ from rlpost.batch import Batch
 from rlpost.models.gpt_mini import GPT
 from rlpost.models.hf import HFCausalLM
 from rlpost.models.precision import model_device
-from rlpost.packing import Packed
+from rlpost.packing import Packed, shared_prompt
+from rlpost.schema import ConfigError
 
 
 # fp32 elements of one chunk's [chunk, V] logits: 32 M (128 MB); the backward holds a few such buffers
@@ -181,30 +182,6 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def shared_prompt(batch: Batch) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-    """How the rows of `batch` share prompts: (P, first, owner), or None when no two rows do.
-
-    P is the first response column (the same for every row, by the Batch layout); rows whose columns :P
-    (ids and attention mask) are equal share one prompt. `first` [N] is the first row of each distinct
-    prompt, `owner` [B] the prompt of each row (an index into `first`). Found from the tokens
-    themselves, so it holds for any batch: K samples of a prompt, a preference pair, shuffled rows.
-    """
-    has_response = batch.response_mask.bool().any(0)
-    if not bool(has_response.any()):
-        return None
-    P = int(has_response.int().argmax())
-    if P == 0:
-        return None
-    B = batch.input_ids.shape[0]
-    prompts = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P].to(batch.input_ids.dtype)], 1)
-    unique, owner = torch.unique(prompts, dim=0, return_inverse=True)
-    if len(unique) == B:
-        return None
-    rows = torch.arange(B, device=owner.device)
-    first = torch.full((len(unique),), B, device=owner.device).scatter_reduce(0, owner, rows, "amin")
-    return P, first, owner
-
-
 def _prompt_split(model: nn.Module, batch: Batch, share_prompt: bool):
     """shared_prompt(batch) when `model` can use it (see token_logprobs), else None."""
     return shared_prompt(batch) if share_prompt and getattr(model, "can_share_prompt", False) else None
@@ -221,15 +198,14 @@ def _packed_inputs(model: nn.Module, batch: Batch, packed: Packed):
     return packed.input_ids, mask, packed.position_ids
 
 
-def check_packing(model: nn.Module) -> None:
-    """Fail now, naming `trainer.packing`, when `model` cannot run packed rows: two sequences packed in one row
-    must compute what each computes alone. gpt_mini can; an HF model can when its attention honours restarting
-    position ids without a mask (checked on two short sequences, once, in eval mode without grad)."""
+def packing_refusal(model: nn.Module) -> str | None:
+    """Why `model` cannot run packed rows (two sequences packed in one row must compute what each computes
+    alone), or None when it can. gpt_mini can; an HF model can when its attention honours restarting position
+    ids without a mask (checked on two short sequences, once per call, in eval mode without grad)."""
     if isinstance(model, GPT):
-        return
+        return None
     if not isinstance(model, HFCausalLM):
-        raise ValueError(f"trainer.packing supports gpt_mini and Hugging Face causal LMs, not {type(model).__name__}; "
-                         "set trainer.packing=false")
+        return f"packing supports gpt_mini and Hugging Face causal LMs, not {type(model).__name__}"
     device, vocab = model_device(model), model.hf.config.vocab_size
     ids = torch.randint(3, max(vocab, 4), (1, 7), generator=torch.Generator().manual_seed(0), device="cpu")
     ids = ids.to(device)
@@ -246,10 +222,34 @@ def check_packing(model: nn.Module) -> None:
     err = float((packed - alone).abs().max() / alone.abs().max().clamp(min=1e-6))
     if not err <= tol:
         impl = getattr(model.hf.config, "_attn_implementation", "?")
-        raise ValueError(f"trainer.packing: {type(model.hf).__name__} with attn_implementation={impl!r} does not keep "
-                         f"packed sequences apart (relative difference {err:.2g} from scoring them alone); "
-                         "set trainer.packing=false, or load it with an attention implementation that reads "
-                         "packed position ids (sdpa, eager, flex_attention, flash_attention_2)")
+        return (f"{type(model.hf).__name__} with attn_implementation={impl!r} does not keep packed sequences apart "
+                f"(relative difference {err:.2g} from scoring them alone); load it with an attention implementation "
+                "that reads packed position ids (sdpa, eager, flex_attention, flash_attention_2)")
+    return None
+
+
+def check_packing(model: nn.Module) -> None:
+    """Fail now, naming `trainer.packing`, when `model` cannot run packed rows (`packing_refusal`)."""
+    why = packing_refusal(model)
+    if why is not None:
+        raise ConfigError(f"trainer.packing=true: {why}; set trainer.packing=auto (packs where the model can) or "
+                          "false")
+
+
+def resolve_packing(setting: bool | str, *models: nn.Module | None) -> bool | str:
+    """What a role that runs `models` (None entries skipped) does with `trainer.packing`: False and True as
+    given (True fails now on a model that cannot pack: `check_packing`); 'auto' stays 'auto' when every model
+    can pack (rlpost.packing.micro_batches then packs the batches where that computes fewer positions), else
+    False."""
+    if setting not in (True, False, "auto"):
+        raise ConfigError(f"trainer.packing is {setting!r}; valid values: auto, true, false")
+    models = tuple(m for m in models if m is not None)
+    if setting is True:
+        for m in models:
+            check_packing(m)
+    if setting == "auto" and any(packing_refusal(m) is not None for m in models):
+        return False
+    return setting
 
 
 def trunk_hidden_states(model: nn.Module, batch: Batch, share_prompt: bool = True,

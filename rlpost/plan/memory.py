@@ -624,7 +624,9 @@ def job_from_config(cfg, ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb
     job = Job(ranks=ranks, strategy=tc.strategy, param_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
               autocast=tc.precision == "bf16", lora_rank=cfg.model.lora.r, checkpointing=tc.gradient_checkpointing,
               micro_batch_size=tc.micro_batch_size, minibatches=tc.minibatches,
-              packing=bool(getattr(tc, "packing", False)), micro_batch_tokens=getattr(tc, "micro_batch_tokens", None),
+              # auto may pack any batch: planned as packed, whose token budget bounds a padded micro-batch's too
+              packing=getattr(tc, "packing", False) is not False,
+              micro_batch_tokens=getattr(tc, "micro_batch_tokens", None),
               logprob_chunk=tc.logprob_chunk,
               prompts_per_step=rc.prompts_per_step, k=rc.k, prompt_tokens=prompt_tokens,
               max_new_tokens=rc.max_new_tokens, max_num_seqs=rc.max_num_seqs, reference=algo.uses_reference,

@@ -152,14 +152,15 @@ def trainer_config(cfg: PreferenceConfig, trainer_cfg: TrainerConfig, rows_per_e
     """The Trainer's settings for the preference loop: lr and linear warm-up then constant from `cfg`, micro-batches
     of `cfg.micro_batch_size` examples (`rows_per_example` rows each); AdamW's weight decay and betas, gradient
     clip, the non-finite guard, precision, gradient checkpointing and strategy (fsdp2: sharded) from `trainer_cfg`.
-    The rest (RL's epochs, minibatches, packing, log-prob chunk) stay at the Trainer's defaults."""
+    Padded rows (trainer.packing is RL's); the rest (RL's epochs, minibatches, log-prob chunk) stay at the
+    Trainer's defaults."""
     tc = trainer_cfg
     return TrainerConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                          micro_batch_size=cfg.micro_batch_size and cfg.micro_batch_size * rows_per_example,
                          weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, adam_beta1=tc.adam_beta1,
                          adam_beta2=tc.adam_beta2, max_nonfinite_steps=tc.max_nonfinite_steps,
                          precision=tc.precision, gradient_checkpointing=tc.gradient_checkpointing,
-                         strategy=tc.strategy)
+                         strategy=tc.strategy, packing=False)
 
 
 def train_preference(model, tokenizer, data: PreferenceData, loss: PreferenceLoss, cfg: PreferenceConfig,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlpost.schema import ADAM_BETA, LEARNING_RATE, Section, at_least, between, opt
+from rlpost.schema import ADAM_BETA, LEARNING_RATE, ConfigError, Section, at_least, between, opt
 
 PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = ("auto",) + PRECISIONS  # trainer.precision: 'auto' resolves to one of PRECISIONS at start
@@ -44,12 +44,20 @@ class TrainerConfig(Section):
                                           "and entropies come from the hidden states this many tokens at a time, "
                                           "forward and backward, never as a whole [tokens, vocabulary] tensor (None: "
                                           "sized from the vocabulary, 32 M logits per chunk)", at_least(1))
-    packing: bool = opt(False, "RL: the trainer, the reference and the critic run each micro-batch's sequences packed "
-                               "end to end without padding (block-diagonal attention, position ids restarting per "
-                               "sequence); same loss and gradients as padded rows, fewer positions computed")
+    packing: bool | str = opt("auto", "RL: the trainer, the reference, the critic and the learned rewards run each "
+                                      "micro-batch's sequences packed end to end without padding (block-diagonal "
+                                      "attention, position ids restarting per sequence; same loss and gradients as "
+                                      "padded rows). auto: each role packs a batch when its model can and packing "
+                                      "computes fewer positions than padded rows with each prompt once (the run "
+                                      "says which at start) | true: always (an error on a model that cannot) | "
+                                      "false: padded rows")
     micro_batch_tokens: int | None = opt(None, "RL: at most this many token positions per micro-batch of the trainer, "
                                                "the reference, the critic and the learned rewards (packed: real "
                                                "tokens; padded: rows x padded length); None: micro_batch_size alone "
                                                "decides", at_least(1))
     profile_steps: list[int] = opt([], "RL steps to trace with torch.profiler (Chrome trace format, in the run "
                                        "directory's profile/ folder)")
+
+    def check(self, prefix: str) -> None:
+        if self.packing not in (True, False, "auto"):
+            raise ConfigError(f"config key '{prefix}packing' is {self.packing!r}; valid values: auto, true, false")

@@ -53,13 +53,14 @@ class SupervisedStage(Stage):
         """The trainer's settings: AdamW (lr, betas, weight decay, gradient clip) and the schedule, linear warm-up
         then cosine decay to lr * min_lr_ratio, from the stage's own section; precision, gradient checkpointing
         and the log-prob head's chunk from `trainer.*`, and `trainer.strategy` (fsdp2: the policy sharded, each
-        rank on its share of each batch). The rest are the Trainer's plain defaults: whole-batch steps, unpacked."""
+        rank on its share of each batch). The rest are the Trainer's plain defaults: whole-batch steps; padded rows
+        (trainer.packing is RL's)."""
         c, tc = self.cfg, self.trainer_cfg
         return TrainerConfig(lr=c.lr, weight_decay=c.weight_decay, grad_clip=c.grad_clip, adam_beta1=c.adam_beta1,
                              adam_beta2=c.adam_beta2, lr_schedule="cosine", warmup_steps=c.warmup_steps,
                              min_lr_ratio=c.min_lr_ratio, precision=tc.precision,
                              gradient_checkpointing=tc.gradient_checkpointing, logprob_chunk=tc.logprob_chunk,
-                             strategy=tc.strategy)
+                             strategy=tc.strategy, packing=False)
 
     def build_trainer(self, ctx: RunContext, seed: int) -> None:
         """AdamW on the policy as `optimizer_config` says; `seed` draws the batches."""
