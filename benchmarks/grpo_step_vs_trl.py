@@ -59,7 +59,8 @@ def build_rlpost(folder: str, prompt_texts: list[str], lr: float, n_prompts: int
     from rlpost.algorithms import get_algorithm
     from rlpost.config import ModelConfig, RLConfig, RolloutConfig, TrainerConfig
     from rlpost.controller import Controller, Roles
-    from rlpost.models import compile_model, load_model, shared_prompt
+    from rlpost.models import compile_model, load_model
+    from rlpost.packing import shared_prompt
     from rlpost.reference import Reference
     from rlpost.env.reward import Reward
     from rlpost.rollout import SamplingParams, build_engine

@@ -69,7 +69,7 @@ def build_batch(tok, prompts: int, k: int, lengths: list[int], seed: int, prompt
 
 def positions(trainer, batch) -> int:
     """Token positions the trainer's forwards run over for `batch`."""
-    from rlpost.models import shared_prompt
+    from rlpost.packing import shared_prompt
 
     total = 0
     for _, mb, packed in trainer._plan(batch):

@@ -482,5 +482,6 @@ def test_the_preference_loop_trains_with_its_section_and_the_trainer_sections_op
     shared = ("weight_decay", "grad_clip", "adam_beta1", "adam_beta2", "max_nonfinite_steps", "precision",
               "gradient_checkpointing", "strategy")
     assert all(getattr(got, k) == getattr(tc, k) for k in shared)
-    rl_only = ("epochs", "minibatches", "packing", "logprob_chunk", "micro_batch_tokens")
+    rl_only = ("epochs", "minibatches", "logprob_chunk", "micro_batch_tokens")
     assert all(getattr(got, k) == getattr(TrainerConfig(), k) for k in rl_only)
+    assert got.packing is False  # padded pairs, whatever RL's trainer.packing says

@@ -6,7 +6,8 @@ import torch
 
 from rlpost import Batch
 from rlpost.config import ModelConfig
-from rlpost.models import load_model, shared_prompt, token_logprobs
+from rlpost.models import load_model, token_logprobs
+from rlpost.packing import shared_prompt
 
 
 def layout_batch(vocab: int, pad: int = 0) -> Batch:

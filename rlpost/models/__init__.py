@@ -26,7 +26,7 @@ from rlpost.models.hf import CHUNKED_HEADS, HFCausalLM, HFTokenizer, ModelLoadEr
 from rlpost.models.limits import ContextLengthError, block_size_for, check_lengths, model_context
 from rlpost.models.loading import UNSIZED_BLOCK_SIZE, build_gpt_mini, load_model, load_weights, rebuild, save_model
 from rlpost.models.logprobs import (LogprobHead, check_packing, chunked_head, chunked_logprobs, packing_refusal,
-                                    position_ids_for, resolve_packing, shared_prompt, token_logprobs,
+                                    position_ids_for, resolve_packing, token_logprobs,
                                     trunk_hidden_states)
 from rlpost.models.precision import (DEVICE_SPEC, DTYPES, PRECISION_CHOICES, PRECISIONS, ROLLOUT_DTYPES, TORCH_DTYPES,
                                      autocast, check_precision, cpu_has_fast_bf16, model_device, resolve_device,
@@ -39,6 +39,6 @@ __all__ = [
     "check_packing", "check_precision", "chunked_head", "chunked_logprobs", "compile_model", "cpu_has_fast_bf16",
     "encode_demonstration", "encode_prompt", "load_model", "load_weights", "model_context", "model_device",
     "packing_refusal", "position_ids_for", "rebuild", "resolve_device", "resolve_packing", "resolve_precision",
-    "resolve_rollout_dtype", "save_model", "set_gradient_checkpointing", "shared_prompt", "token_logprobs",
+    "resolve_rollout_dtype", "save_model", "set_gradient_checkpointing", "token_logprobs",
     "transformer_blocks", "trunk_hidden_states",
 ]
