@@ -291,3 +291,24 @@ def test_the_bf16_trainer_takes_the_fp32_attention_backward_and_engines_sample_w
     engine = ModuleEngine(tiny_gpt[0], tiny_gpt[1], dtype="bf16")
     with engine._autocast(torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("kind", ["gpt_mini", "hf_llama"])
+def test_bf16_gradient_checkpointing_recomputes_the_fp32_attention_backward(tiny_llama_dir, kind):
+    """trainer.gradient_checkpointing with bf16 on a CPU: the block recomputed in the backward runs outside the
+    trainer's autocast context, so it must take the same attention path as its forward did (torch's
+    non-reentrant checkpoint refuses a recompute that saves other tensors), and the gradients are the ones
+    without checkpointing."""
+    model, _ = models(tiny_llama_dir)[kind]
+    batch = layout_batch(16)
+    w = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for on in (False, True):
+        m = copy.deepcopy(model).train()
+        set_gradient_checkpointing(m, on)
+        with autocast("cpu", "bf16"):
+            logp = token_logprobs(m, batch, share_prompt=False)
+        (logp * w).sum().backward()
+        grads[on] = {n: p.grad for n, p in m.named_parameters()}
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=0, atol=1e-5, msg=name)

@@ -332,3 +332,44 @@ def test_the_sources_metrics_combine_means_by_samples_and_sum_counters():
     assert out["reward/errors"] == 3.0 and out["judge/calls"] == 8.0 and out["reward/math"] == 0.5
     assert (out["env/turns_a"], out["env/turns_b"], out["env/errors_b"]) == (1.0, 3.0, 2.0)
     assert not any(k.startswith(("reward/", "judge/")) and k.endswith(("_a", "_b")) for k in out)
+
+
+class HalfWrong(Solver):
+    """As Solver, but every second sample of a sum prompt (within its row's k) answers 9: rewards that vary
+    inside a one-turn source's groups, while the tool source's groups all succeed."""
+
+    def generate(self, prompts, k, params, seed=0):
+        batch = super().generate(prompts, k, params, seed)
+        wrong = self.tok.encode_completion("9") + [self.tok.eos_token_id]
+        ids = batch.input_ids.clone()
+        P = batch.prompt_width
+        for i, p in enumerate(prompts):
+            if "+" in self.tok.decode(p) and not self.tok.decode(p).endswith(";"):
+                row = i * k + 1
+                ids[row, P:] = self.tok.pad_token_id
+                ids[row, P:P + len(wrong)] = torch.tensor(wrong)
+        mask = torch.zeros_like(batch.response_mask)
+        mask[:, P:] = ids[:, P:] != self.tok.pad_token_id
+        texts = [self.tok.decode(ids[b, P:][mask[b, P:].bool()].tolist()[:-1]) for b in range(len(ids))]
+        return batch.replace(input_ids=ids, response_mask=mask, attention_mask=(ids != self.tok.pad_token_id).long(),
+                             meta={**batch.meta, "completion": texts})
+
+
+def test_interleaved_sources_group_each_rows_samples_for_the_advantages():
+    """Rows of two sources interleaved (tools, add, tools, add): each sample lands in its own row's group, so
+    GRPO's group-normalised advantages are those computed by hand per row, never a neighbour's."""
+    from rlpost import get_algorithm
+
+    tok = CharTokenizer("0123456789*?=;+")
+    rows = [ROWS[1], ROWS[0], ROWS[1], ROWS[2]]
+    batch, _, _ = rollout(mixed(tok), tok, rows, k=3, engine=HalfWrong(tok))
+    assert [r[SOURCE_KEY] for r in batch.meta["row"]] == ["tools"] * 3 + ["add"] * 3 + ["tools"] * 3 + ["add"] * 3
+    assert batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert batch.rewards.tolist() == [1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1]
+    trained = get_algorithm("grpo", beta=0.0).compute_advantages(batch)
+    mask = trained.response_mask.float()
+    adv = ((trained.advantages * mask).sum(1) / mask.sum(1)).tolist()
+    # a group [1, 0, 1]: mean 2/3, unbiased std sqrt(1/3); a group of equal rewards: 0
+    s = (1 / 3) ** 0.5
+    want = [0, 0, 0, (1 / 3) / s, (-2 / 3) / s, (1 / 3) / s] * 2
+    assert adv == pytest.approx(want, abs=1e-4)

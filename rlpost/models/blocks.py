@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from rlpost.models.gpt_mini import GPT
 from rlpost.models.hf import HFCausalLM
+from rlpost.models.precision import checkpoint_contexts
 
 
 def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
@@ -21,10 +22,11 @@ def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
         # transformers >= 5.20 names it activation checkpointing; older versions only have the old name
         if on:
             enable = getattr(hf, "activation_checkpointing_enable", None)
+            kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}  # see checkpoint_contexts
             if enable is not None:
-                enable({"use_reentrant": False})
+                enable(kwargs)
             else:
-                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             (getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable)()
     elif isinstance(model, GPT):

@@ -33,6 +33,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, p
 from tokenizers.models import WordLevel
 from torch.utils.checkpoint import checkpoint
 
+from rlpost.models.precision import checkpoint_contexts
+
 
 @dataclass
 class GPTConfig:
@@ -201,7 +203,7 @@ class GPT(nn.Module):
         recompute = self._checkpointing and cache is None
         for layer, block in enumerate(self.transformer.h):
             if recompute:  # gradient checkpointing: the block keeps only its input; the backward reruns it
-                x = checkpoint(block, x, mask, None, layer, use_reentrant=False)
+                x = checkpoint(block, x, mask, None, layer, use_reentrant=False, context_fn=checkpoint_contexts)
             else:
                 x = block(x, mask, cache, layer)
         return self.transformer.ln_f(x)

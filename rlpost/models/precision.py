@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import warnings
 
 import torch
@@ -158,6 +159,16 @@ class cpu_attention_fp32_backward(TorchFunctionMode):
     gradient itself, inputs other than fp32 / bf16, no gradient) run as they are."""
 
     NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    _active = threading.local()  # how many are entered on this thread (`checkpoint_contexts` asks)
+
+    def __enter__(self):
+        out = super().__enter__()
+        self._active.depth = getattr(self._active, "depth", 0) + 1
+        return out
+
+    def __exit__(self, *exc):
+        self._active.depth -= 1
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -179,3 +190,13 @@ class cpu_attention_fp32_backward(TorchFunctionMode):
                 and all(isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.bfloat16)
                         and t.device.type == "cpu" for t in qkv)
                 and any(t.requires_grad for t in qkv))
+
+
+def checkpoint_contexts():
+    """torch.utils.checkpoint's `context_fn` for a block recomputed in the backward: the recompute runs under
+    `cpu_attention_fp32_backward` when the forward did. The backward runs outside the trainer's forward context
+    (checkpoint restores autocast, not a TorchFunctionMode), and a recompute whose attention took the other path
+    saves other tensors, which the non-reentrant checkpoint refuses."""
+    if getattr(cpu_attention_fp32_backward._active, "depth", 0):
+        return contextlib.nullcontext(), cpu_attention_fp32_backward()
+    return contextlib.nullcontext(), contextlib.nullcontext()
