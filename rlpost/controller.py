@@ -62,6 +62,18 @@ ROLES = ("rollout", "reward", "reference", "critic", "advantages", "train", "syn
 TIMED = (*ROLES, "other")
 
 
+class RoleOutOfMemoryError(torch.OutOfMemoryError):
+    """Memory ran out inside one role of an RL step: the message names the role and the step and what to change.
+    A torch.OutOfMemoryError still (the run's own handler keeps the weights in checkpoints/last)."""
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is the allocator running out: CUDA's OutOfMemoryError, Python's MemoryError, or the CPU
+    allocator's RuntimeError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 @dataclass
 class Roles:
     """The roles one RL step calls. `reference` only when the algorithm reads ref_logp, `critic` only when it
@@ -117,6 +129,7 @@ class Controller:
         except AttributeError:
             device = torch.device("cpu")
         self.probe = RoleProbe(device)
+        self.current_step = 0
 
     def state_dict(self) -> dict:
         """The sampler, the algorithm, and what the loop keeps (async: the rollouts already made for coming
@@ -134,8 +147,19 @@ class Controller:
         """Add the block's seconds to `role`'s time; under torch.profiler the block is a range named `role`
         (record_function costs microseconds when no profiler runs)."""
         t0 = time.perf_counter()
-        with torch.profiler.record_function(role), self.probe.role(role):
-            yield
+        try:
+            with torch.profiler.record_function(role), self.probe.role(role):
+                yield
+        except Exception as e:
+            if out_of_memory(e) and not isinstance(e, RoleOutOfMemoryError):
+                raise RoleOutOfMemoryError(
+                    f"out of memory in role '{role}' at RL step {self.current_step}: {type(e).__name__}: {e}\n"
+                    f"The policy's weights are kept in checkpoints/last and the newest step checkpoint stays: "
+                    f"`rlpost train --resume RUN` continues from it with the same config once the memory is "
+                    f"there. `rlpost plan memory` with this config says what each role holds; in a new run, "
+                    f"trainer.micro_batch_size or trainer.micro_batch_tokens (reference, train, critic) and "
+                    f"rollout.max_num_seqs (rollout) lower it") from e
+            raise
         self.times[role] = self.times.get(role, 0.0) + time.perf_counter() - t0
 
     def collect(self, step: int, n_prompts: int, round_: int) -> tuple[Batch, Batch, dict[str, float]]:
@@ -171,6 +195,7 @@ class Controller:
 
     def step(self, step: int) -> dict[str, float]:
         t_step = time.perf_counter()
+        self.current_step = step  # named by an out-of-memory error in one of the step's roles
         self.times, self.staleness = {}, []
         self.probe.clear()
         sampled, kept, reward_metrics = [], [], {}

@@ -702,3 +702,33 @@ def test_a_value_that_cannot_be_serialised_is_reported_as_itself_not_as_the_disk
             write()
         assert not isinstance(e.value, OSError) and "free space" not in str(e.value)
         assert os.listdir(tmp_path / "checkpoints") == []  # the half-written folder went all the same
+
+
+def test_out_of_memory_names_the_role_and_the_step_and_the_resume_finishes_the_run(finished_short_run, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Memory running out in a role stops the run with an error naming the role and the RL step (still a
+    torch.OutOfMemoryError); checkpoints/last holds the weights, and `--resume` from step 2's checkpoint ends
+    with the uninterrupted run's metrics and rollouts."""
+    from rlpost.config import load_config
+    from rlpost.reference import Reference
+    from rlpost.run import train
+
+    real, calls = Reference.__call__, []
+
+    def out_of_memory_at_step_3(self, batch):
+        calls.append(1)
+        if len(calls) == 3:  # one reference pass per RL step here
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, batch)
+
+    monkeypatch.setattr(Reference, "__call__", out_of_memory_at_step_3)
+    with pytest.raises(torch.OutOfMemoryError, match=r"out of memory in role 'reference' at RL step 3: "
+                                                     r"OutOfMemoryError: CUDA out of memory"):
+        train(load_config(None, SHORT + [f"out_dir={tmp_path}", "run_name=oom"]))
+    run = tmp_path / "oom"
+    assert (run / "checkpoints" / "last" / "model.safetensors").exists()
+    assert json.loads((run / "summary.json").read_text())["status"].startswith("failed: RoleOutOfMemoryError")
+    assert list_checkpoints(run)[-1].name == "step_2"
+    monkeypatch.setattr(Reference, "__call__", real)
+    assert main(["train", "--resume", str(run), *SHORT]) == 0, capsys.readouterr().err
+    assert comparable(run) == comparable(finished_short_run[0])
