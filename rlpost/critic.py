@@ -35,7 +35,7 @@ from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
 from rlpost.models import autocast, check_precision, model_device, resolve_packing, trunk_hidden_states
-from rlpost.packing import Packed, micro_batches, scatter_rows
+from rlpost.packing import Packed, micro_batches, scatter_rows, single_forward
 from rlpost.settings.critic import CRITIC_TYPES  # the valid critic.type names, declared with the key
 
 
@@ -97,6 +97,7 @@ class Critic(nn.Module):
             trunk = self._trunk[0] if self.shared else self.trunk
             share = not self.sharded and getattr(trunk, "can_share_prompt", False)  # as trunk_hidden_states will
             plan = micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, packing, share)
+            plan = single_forward(plan) if self.sharded else plan  # one forward per pass on every rank
             # sharded: as many passes as the rank with the most (the same collectives), the extra ones' results dropped
             passes = int(dist.reduce_max(len(plan))) if self.sharded and plan else len(plan)
             parts = [(rows, self._values(mb, p)) for rows, mb, p in plan]

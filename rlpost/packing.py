@@ -22,6 +22,7 @@ zero off the real tokens), with gradients: algorithms and losses read [B, T] ten
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -231,6 +232,16 @@ def padded_positions(batch: Batch, plan: list[list[int]], share_prompt: bool) ->
         split = shared_prompt(batch.select(rows)) if share_prompt else None
         total += len(rows) * T if split is None else len(split[1]) * split[0] + len(rows) * (T - split[0])
     return total
+
+
+def single_forward(plan: list[tuple[torch.Tensor, Batch, Packed | None]]) -> list:
+    """`plan` (micro_batches' triples) with each packed micro-batch run as ONE forward of all its rows at its
+    fullest row's width (its segments joined). A sharded role needs it: under fsdp2 every forward all-gathers the
+    blocks' shards, so every rank must run the same number of forwards, while the number of segments of a packed
+    micro-batch depends on the rank's own rows. The extra positions are padding, which `unpack` drops."""
+    return [(rows, mb, p if p is None or len(p.segments) <= 1 else
+             dataclasses.replace(p, segments=[(0, p.input_ids.shape[0], p.input_ids.shape[1])]))
+            for rows, mb, p in plan]
 
 
 def micro_batches(batch: Batch, size: int | None = None, max_tokens: int | None = None,

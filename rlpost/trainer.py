@@ -65,7 +65,7 @@ from rlpost.config import TrainerConfig
 from rlpost.models import (autocast, check_precision, model_device, resolve_packing, set_gradient_checkpointing,
                            token_logprobs)
 from rlpost.ops import masked_mean_value
-from rlpost.packing import Packed, micro_batches, scatter_rows
+from rlpost.packing import Packed, micro_batches, scatter_rows, single_forward
 from rlpost.rollout.engine import SamplingParams
 from rlpost.schedule import LRSchedule
 
@@ -194,7 +194,8 @@ class Trainer:
     def _plan(self, batch: Batch):
         """(batch rows, micro-batch, its packing or None) of each of the trainer's micro-batches of `batch`."""
         share = not self.sharded and getattr(self.model, "can_share_prompt", False)  # as token_logprobs will
-        return micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing, share)
+        plan = micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing, share)
+        return single_forward(plan) if self.sharded else plan  # the same forwards on every rank
 
     def _optimizer_state(self) -> dict:
         if not self.sharded:

@@ -92,12 +92,12 @@ def global_batch(model, vocab: int):
                          advantages=adv.float(), group_ids=torch.arange(B) // 4)
 
 
-def trainer_for(model, strategy: str, micro: int):
+def trainer_for(model, strategy: str, micro: int, packing: bool = False):
     from rlpost.config import TrainerConfig
     from rlpost.trainer import Trainer
 
     return Trainer(model, TrainerConfig(lr=1e-3, weight_decay=0.01, grad_clip=0.5, micro_batch_size=micro,
-                                        strategy=strategy))
+                                        strategy=strategy, packing=packing))
 
 
 def full_weights(model) -> dict[str, torch.Tensor]:
@@ -125,13 +125,15 @@ def job_equivalence(out: str, llama_dir: str, ckpt_dir: str) -> None:
     rank = dist.rank()
     result = {"cases": {}}
     for kind in ("gpt_mini", "llama"):
-        for agg in ("token-mean", "seq-mean-token-mean"):
+        # packed: each rank's packed micro-batches run as one forward each (their segments would differ by rank)
+        for agg, packing in (("token-mean", False), ("seq-mean-token-mean", False), ("token-mean", True)):
             algo = get_algorithm("grpo", loss_agg=agg, beta=0.04)
             single_model = make_model(kind, llama_dir)
             vocab = 16 if kind == "gpt_mini" else single_model.hf.config.vocab_size
             batch = global_batch(single_model, vocab)
             sharded_model = copy.deepcopy(single_model)
-            single, sharded = trainer_for(single_model, "single", 3), trainer_for(sharded_model, "fsdp2", 2)
+            single = trainer_for(single_model, "single", 3, packing)
+            sharded = trainer_for(sharded_model, "fsdp2", 2, packing)
             mine = batch.select(RANK_ROWS[rank])
             case = {"single_loss": [], "sharded_loss": [], "single_grad": [], "sharded_grad": [], "metrics": []}
             for _ in range(STEPS):
@@ -146,9 +148,9 @@ def job_equivalence(out: str, llama_dir: str, ckpt_dir: str) -> None:
             # every rank must report the same (global) numbers
             last = case["sharded_loss"][-1]
             case["ranks_agree"] = dist.reduce_max(last) == dist.reduce_min(last)
-            result["cases"][f"{kind}/{agg}"] = case
+            result["cases"][f"{kind}/{agg}" + ("/packed" if packing else "")] = case
 
-            if kind == "llama" and agg == "token-mean":  # the checkpoint of a 2-rank run, and one more step
+            if kind == "llama" and agg == "token-mean" and not packing:  # a 2-rank run's checkpoint, one more step
                 model = dist.unsharded(sharded_model)
                 state = sharded.state_dict()
                 if dist.is_main():
@@ -293,7 +295,8 @@ def equivalence(tmp_path_factory, tiny_llama_dir):
 
 
 @pytest.mark.parametrize("case", ["gpt_mini/token-mean", "gpt_mini/seq-mean-token-mean", "llama/token-mean",
-                                  "llama/seq-mean-token-mean"])
+                                  "llama/seq-mean-token-mean", "gpt_mini/token-mean/packed",
+                                  "llama/token-mean/packed"])
 def test_two_ranks_train_like_one_process(equivalence, case):
     c = equivalence["cases"][case]
     print(f"{case}: weights max |diff| {c['weights']:.2e}, losses {c['single_loss']} vs {c['sharded_loss']}")

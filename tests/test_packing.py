@@ -9,7 +9,7 @@ from rlpost.critic import Critic
 from rlpost.config import ModelConfig, TrainerConfig
 from rlpost.models import (HFCausalLM, check_packing, load_model, packing_refusal, resolve_packing, token_logprobs,
                            transformer_blocks)
-from rlpost.packing import micro_batches, pack, padded_positions, padded_micro_batches
+from rlpost.packing import micro_batches, pack, padded_positions, padded_micro_batches, single_forward
 from rlpost.schema import ConfigError
 from rlpost.reference import Reference
 from rlpost.rollout import SamplingParams
@@ -100,6 +100,22 @@ def test_pack_keeps_every_real_token_once_with_restarting_positions_and_a_token_
     assert len(pack(batch, None)) == 1 and len(pack(batch, None)[0].segments) > 1  # part-filled rows run apart
     # sequences share rows: fewer positions than the padded [B, T]
     assert pack(batch, None)[0].positions <= 0.7 * batch.input_ids.numel()
+
+
+def test_a_sharded_roles_packed_micro_batch_runs_as_one_forward_with_the_same_scores(model):
+    """Under fsdp2 each forward all-gathers the shards, so every rank must run as many forwards as the others:
+    single_forward joins a packed micro-batch's segments into one forward, and the scores stay the segments'."""
+    batch = grouped_batch(_vocab(model))
+    plan = micro_batches(batch, None, None, True)
+    assert any(len(p.segments) > 1 for _, _, p in plan)  # part-filled rows run apart when not sharded
+    calls = []
+    for (rows, mb, p), (_, _, one) in zip(plan, single_forward(plan)):
+        assert one.segments == [(0, p.input_ids.shape[0], p.input_ids.shape[1])]
+        lp0 = token_logprobs(model, mb, temperature=0.7, packed=p).detach()
+        one.run(lambda *x: calls.append(1) or x[0].unsqueeze(-1).float(), one.input_ids)
+        lp1 = token_logprobs(model, mb, temperature=0.7, packed=one).detach()
+        torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-5)
+    assert len(calls) == len(plan)  # one forward per micro-batch
 
 
 def test_pack_rejects_an_empty_row_and_a_bad_budget():
