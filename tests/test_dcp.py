@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_fsdp import (RANK_ROWS, ROOT, TOL, free_port, full_weights, global_batch, make_model, max_diff,  # noqa: E402
@@ -212,6 +213,17 @@ def _rl_lines(run) -> list[dict]:
              and not k.endswith("tokens_per_s") and not k.startswith("mem/")} for x in lines if x["stage"] == "rl"]
 
 
+def _resumes_on_two_ranks_as_it_ran(run, final: dict) -> None:
+    """`run` killed right after step_2's checkpoint and resumed on 2 ranks: the same RL metrics and final weights
+    (`final`, the uninterrupted run's model.safetensors), bit for bit."""
+    two = _resume_copy(run, "two", "step_2")
+    done = _train(["train", "--resume", str(two)], nproc=2)
+    assert "step_2" in done.stdout
+    again = load_file(str(two / "checkpoints" / "final" / "model.safetensors"))
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    assert _rl_lines(two) == _rl_lines(run)
+
+
 def _resume_copy(run, name: str, keep: str):
     """A copy of run directory `run` as if killed right after checkpoint `keep`: the later checkpoints gone."""
     copy = run.parent / name
@@ -230,8 +242,6 @@ def test_sharded_run_resumes_bit_identically(tmp_path):
     finishes; the same run in one process resumes from its own shards on 2 ranks. `rlpost export` of the run
     stopped there writes step 2's weights as a model folder. Another run's or a damaged shard is refused by
     --resume, naming it."""
-    from safetensors.torch import load_file
-
     from rlpost.checkpoint import SHARDS_DIR, Checkpoint, read_meta, verify, CheckpointError
 
     out = tmp_path / "runs"
@@ -257,12 +267,7 @@ def test_sharded_run_resumes_bit_identically(tmp_path):
     learned = _rl_lines(run)[2:]  # the steps after the checkpoint changed the weights: the comparison means something
     assert all(x["train/grad_norm"] > 0 for x in learned), learned
 
-    two = _resume_copy(run, "two", "step_2")
-    done = _train(["train", "--resume", str(two)], nproc=2)
-    assert "step_2" in done.stdout
-    again = load_file(str(two / "checkpoints" / "final" / "model.safetensors"))
-    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
-    assert _rl_lines(two) == _rl_lines(run)
+    _resumes_on_two_ranks_as_it_ran(run, final)
 
     one = _resume_copy(run, "one", "step_2")
     _train(["train", "--resume", str(one)], nproc=1)  # 2 -> 1 rank: the shards resharded onto one process

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_fsdp import ROOT, TOL, full_weights, max_diff  # noqa: E402
 from test_fsdp import launch as fsdp_launch  # noqa: E402
 from test_fsdp_stages import PPO_ROWS, gpt_mini, ppo_batch  # noqa: E402
-from test_dcp import _resume_copy, _rl_lines, _train  # noqa: E402
+from test_dcp import _resumes_on_two_ranks_as_it_ran, _rl_lines, _train  # noqa: E402
 
 
 def launch(job: str, out: str, *args: str, nproc: int = 2, timeout: int = 300) -> dict:
@@ -163,12 +163,7 @@ def test_a_sharded_ppo_run_resumes_bit_identically_from_its_shards(tmp_path):
     final = load_file(str(run / "checkpoints" / "final" / "model.safetensors"))
     assert all(x["train/grad_norm"] > 0 for x in _rl_lines(run)[2:])  # the steps after the checkpoint trained
 
-    two = _resume_copy(run, "two", "step_2")
-    done = _train(["train", "--resume", str(two)], nproc=2)
-    assert "step_2" in done.stdout
-    again = load_file(str(two / "checkpoints" / "final" / "model.safetensors"))
-    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
-    assert _rl_lines(two) == _rl_lines(run)
+    _resumes_on_two_ranks_as_it_ran(run, final)
 
 
 # ---------------------------------------------------------------------------- the rollout engine's copy

@@ -6,6 +6,7 @@ Every run here is a real `rlpost train` process (`python -m rlpost.cli`), killed
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,6 +96,21 @@ def assert_same_checkpoints(a, b) -> list[str]:
             wa, wb = (load_file(os.path.join(c.path, "model.safetensors")) for c in (x, y))
             assert same(wa, wb), x.name
     return [x.name for x, _ in pairs]
+
+
+def resume_after_step_2(ref, run) -> list[str]:
+    """Copy finished run `ref` to `run` as a kill after step 2's checkpoint leaves it, resume it in this process
+    and check it ends as `ref` did (metrics, rollouts); returns the checkpoints both hold (assert_same_checkpoints)."""
+    from rlpost.run import train
+
+    shutil.copytree(ref, run)
+    for c in list_checkpoints(run):
+        if c.name != "step_2":
+            shutil.rmtree(c.path)
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    assert comparable(run) == comparable(ref)
+    assert (run / "rollouts.jsonl").read_text() == (ref / "rollouts.jsonl").read_text()
+    return assert_same_checkpoints(ref, run)
 
 
 def assert_same_run(a, b):
