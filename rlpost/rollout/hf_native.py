@@ -54,19 +54,22 @@ def _unsupported_reason(model) -> str | None:
     return None if reason is None else f"model_type {cfg.model_type!r}: {reason}"
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == x.roll(h, -1) * _signed_sin(sin), bit for bit
+    (rotate_half(x) is [-x2, x1], the roll is [x2, x1], and a sign moves exactly between the factors), in one op
+    where rotate_half takes four."""
+    h = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :h], sin[..., h:]], dim=-1)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the first cos.shape[-1] features of each head (all of them but for Phi-3's
-    partial rotary), the rest passed through."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF's x * cos + rotate_half(x) * sin, with ssin = _signed_sin(sin)) on the first
+    cos.shape[-1] features of each head (all of them but for Phi-3's partial rotary), the rest passed through."""
     rd = cos.shape[-1]
     if rd == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + x.roll(rd // 2, -1) * ssin
     rot, rest = x[..., :rd], x[..., rd:]
-    return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
+    return torch.cat([rot * cos + rot.roll(rd // 2, -1) * ssin, rest], dim=-1)
 
 
 def _window_masks(window: int, cols, t: int, end: int, mask, shared, device):
@@ -136,10 +139,11 @@ class HFNativeEngine(ModuleEngine):
         return self._model.hf.model.embed_tokens.weight.device
 
     def prepare(self, S: int):
-        """The weights and the RoPE tables of positions :S ({layer kind: (cos, sin) [S, rotary_dim]}),
+        """The weights and the RoPE tables of positions :S ({layer kind: (cos, signed sin) [S, rotary_dim]}),
         from the model's own rotary embedding."""
         w, hf = self._current_weights(), self._model.hf
-        return w, family(hf.config.model_type).rope(hf, w.embed[:1], torch.arange(S, device=w.embed.device))
+        tables = family(hf.config.model_type).rope(hf, w.embed[:1], torch.arange(S, device=w.embed.device))
+        return w, {kind: (cos, _signed_sin(sin)) for kind, (cos, sin) in tables.items()}
 
     def new_cache(self, rows: int, S: int) -> torch.Tensor:
         w = self._current_weights()
@@ -158,12 +162,15 @@ class HFNativeEngine(ModuleEngine):
             x = x * w.embed_scale
         for i, layer in enumerate(w.layers):
             h = rms(x, *layer.ln_attn)
-            q, k, v = F.linear(h, layer.wqkv, layer.bqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q, k = q.view(L, t, H, D), k.view(L, t, Hkv, D)
-            if layer.q_norm is not None:
-                q, k = rms(q, *layer.q_norm), rms(k, *layer.k_norm)
+            qk, v = F.linear(h, layer.wqkv, layer.bqkv).split([(H + Hkv) * D, Hkv * D], dim=-1)
             cos, sin = rot[layer.rope]
-            q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
+            if layer.q_norm is None:  # the queries' and keys' heads rotated together, in one pass
+                qk = _rope(qk.view(L, t, H + Hkv, D).transpose(1, 2), cos, sin)
+                q, k = qk[:, :H], qk[:, H:]
+            else:
+                q, k = qk.view(L, t, H + Hkv, D).split([H, Hkv], dim=2)
+                q, k = rms(q, *layer.q_norm), rms(k, *layer.k_norm)
+                q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
             keys, values = write_kv(kv[0, i], kv[1, i], k, v.view(L, t, Hkv, D).transpose(1, 2), cols, end)
             layer_mask, prompt_mask = mask, None
             if layer.window is not None:
