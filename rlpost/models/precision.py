@@ -126,10 +126,7 @@ class _AttentionFp32Backward(torch.autograd.Function):
     recomputes the attention from the same bf16-rounded inputs in fp32 and differentiates that. torch's CPU
     flash-attention backward in bf16 measured 3-5x slower than in fp32 on an AMX Xeon (47 ms against 12 ms at
     64 rows x 4 heads x 45 tokens x 64, one thread), so the fp32 recompute and backward together cost less than
-    the bf16 backward alone, and the gradients skip the bf16 rounding inside the backward. Where the score matrix
-    is small next to q, k and v (short sequences: `_math_backward_fits`), the fp32 gradients come from the textbook
-    formulas instead of a flash recompute and backward (`_math_attention_grads`: half the CPU time at the shape
-    above); long sequences keep the flash kernels, which never hold the [T, S] scores."""
+    the bf16 backward alone, and the gradients skip the bf16 rounding inside the backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, scale):
@@ -147,56 +144,12 @@ class _AttentionFp32Backward(torch.autograd.Function):
 
         if mask is not None and mask.is_floating_point():  # an additive mask: autocast cast it too
             mask = as_computed(mask)
-        if _math_backward_fits(q, k, v, mask, ctx.is_causal):
-            with torch.autocast("cpu", enabled=False):
-                grads = _math_attention_grads(*(as_computed(t) for t in (q, k, v)), mask, ctx.is_causal, ctx.scale,
-                                              grad.float())
-            return (*(g.to(t.dtype) if n else None for g, t, n in zip(grads, (q, k, v), needs)), None, None, None)
         with torch.enable_grad(), torch.autocast("cpu", enabled=False):
             q32, k32, v32 = (as_computed(t).requires_grad_(n) for t, n in zip((q, k, v), needs))
             out = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, is_causal=ctx.is_causal,
                                                  scale=ctx.scale)
             grads = iter(torch.autograd.grad(out, [t for t in (q32, k32, v32) if t.requires_grad], grad.float()))
         return (*(next(grads).to(t.dtype) if n else None for t, n in zip((q, k, v), needs)), None, None, None)
-
-
-def _causal(t: int, s: int, device) -> torch.Tensor:
-    """SDPA's is_causal mask, [t, s] bool: query i sees keys 0..i (aligned at the top left)."""
-    return torch.ones(t, s, dtype=torch.bool, device=device).tril()
-
-
-def _math_backward_fits(q, k, v, mask, is_causal: bool) -> bool:
-    """Whether `_math_attention_grads` serves this call: the same batch and head shape for q, k and v (no
-    broadcast, no grouped-query heads), every query row sees at least one key (a fully masked row has no
-    softmax; the flash path keeps torch's handling of it), and the [.., T, S] score matrix is no larger than
-    q, k and v together, so the math path never holds more than a few times the inputs (a long sequence's
-    scores would not fit: those keep the flash kernels)."""
-    T, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
-    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]) or T * S > (T + 2 * S) * D:
-        return False
-    if is_causal:
-        return mask is None
-    if mask is None:
-        return True
-    seen = mask if mask.dtype == torch.bool else mask > float("-inf")
-    return bool(seen.any(-1).all())
-
-
-def _math_attention_grads(q, k, v, mask, is_causal: bool, scale, grad):
-    """The gradients of softmax(q k^T * scale + mask) v with respect to q, k and v (fp32 in, fp32 out), by the
-    textbook formulas: P = softmax(S), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
-    dQ = dS K * scale, dK = dS^T Q * scale. A bool mask is True where a query attends; a float mask is added."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    if is_causal:
-        mask = _causal(q.shape[-2], k.shape[-2], q.device)
-    if mask is not None:
-        scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
-    p = scores.softmax(-1)
-    dv = torch.matmul(p.transpose(-1, -2), grad)
-    dp = torch.matmul(grad, v.transpose(-1, -2))
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    return torch.matmul(ds, k).mul_(scale), torch.matmul(ds.transpose(-1, -2), q).mul_(scale), dv
 
 
 class cpu_attention_fp32_backward(TorchFunctionMode):
