@@ -30,8 +30,11 @@ model's step rewards (`prm.path`).
 The run directory:
 
     run.json           what made it (`train`), so a resume cannot pick up another kind of run, and the
-                       run's id, which its checkpoints carry (a resume refuses another run's)
-    config.yaml        the resolved config; a resume with a different one is refused, naming the keys
+                       run's id, which its checkpoints carry (a resume refuses another run's); `layout_changes`:
+                       the resumes that changed layout keys (`resume_config`)
+    config.yaml        the resolved config; a resume with a different one is refused, naming the keys, unless
+                       it changes only layout keys (micro-batches, gradient checkpointing, ...: the same
+                       computation laid out otherwise in memory), which then makes it the run's config
     metrics.jsonl      one JSON line per logged step (a resume drops lines written after its checkpoint)
     rollouts.jsonl     sampled completions every `log.rollouts_every` RL steps (likewise cut back on resume)
     checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one (with
@@ -190,22 +193,26 @@ def layout_change_line(changes: dict[str, tuple[Any, Any]], checkpoint: str | No
               "bit-identical to an uninterrupted one (float summation order)")
 
 
-def earlier_config_digests(run_dir: str) -> set[str]:
+def earlier_config_digests(run_dir: str, current: str) -> set[str]:
     """The digests (`config_digest`) of the configs run `run_dir` had before resumes changed its layout keys
-    (run.json's LAYOUT_LOG): its checkpoints written under them resume under config.yaml as it is now."""
+    (run.json's LAYOUT_LOG): its checkpoints written under them resume under config.yaml as it is now, `current`,
+    when that is the config the last such resume wrote (an edit of config.yaml by hand since then: none do)."""
     try:
         with open(os.path.join(run_dir, RUN_FILE)) as f:
             info = json.load(f)
     except (OSError, ValueError):
         return set()
-    entries = info.get(LAYOUT_LOG, []) if isinstance(info, dict) else []
-    return {e["config_sha256"] for e in entries if isinstance(e, dict) and isinstance(e.get("config_sha256"), str)}
+    entries = [e for e in (info.get(LAYOUT_LOG, []) if isinstance(info, dict) else []) if isinstance(e, dict)]
+    if not entries or entries[-1].get("resumed_config_sha256") != current:
+        return set()
+    return {e.get("config_sha256") for e in entries} | {e.get("resumed_config_sha256") for e in entries}
 
 
 def record_layout_changes(run_dir: str, saved: Config, cfg: Config, changes: dict[str, tuple[Any, Any]],
                           ckpt: Checkpoint | None) -> None:
     """Keep a resume's layout changes in the run directory: an entry in run.json's LAYOUT_LOG (the checkpoint,
-    the keys with their old and new values, the digest of the config before, whose checkpoints stay resumable),
+    the keys with their old and new values, the digests of the config before, whose checkpoints stay resumable,
+    and after),
     and config.yaml rewritten as the resumed run's config, so that a later resume compares against it and keeps
     its layout, headed by one comment line per such resume (which `rlpost report` shows with the config)."""
     info_path = os.path.join(run_dir, RUN_FILE)
@@ -214,7 +221,7 @@ def record_layout_changes(run_dir: str, saved: Config, cfg: Config, changes: dic
     info.setdefault(LAYOUT_LOG, []).append({
         "checkpoint": ckpt.name if ckpt is not None else None,
         "changes": {k: [a, b] for k, (a, b) in changes.items()},
-        "config_sha256": config_digest(saved),
+        "config_sha256": config_digest(saved), "resumed_config_sha256": config_digest(cfg),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     notes = [f"# {e['time']}: {layout_change_line({k: tuple(v) for k, v in e['changes'].items()}, e['checkpoint'])}"
              for e in info[LAYOUT_LOG]]
@@ -425,8 +432,8 @@ def _resume_point(run_dir: str, stages: list[Stage], cfg: Config, saved: Config 
     if not ckpts:
         return None
     ckpt = ckpts[-1]
-    digest, recorded = config_digest(cfg), ckpt.meta.get("config_sha256")
-    if recorded in earlier_config_digests(run_dir) | {config_digest(saved or cfg)}:
+    digest, recorded, now = config_digest(cfg), ckpt.meta.get("config_sha256"), config_digest(saved or cfg)
+    if recorded in earlier_config_digests(run_dir, now) | {now}:
         digest = recorded
     verify(ckpt, run_dir, run_id=run_id_of(run_dir), config_digest=digest)
     i = ckpt.meta["stage"]
