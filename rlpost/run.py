@@ -162,17 +162,16 @@ def resume_changes(saved: Config, new: Config, run_dir: str) -> dict[str, tuple[
 def resume_config(run_dir: str, given: Config | None = None) -> tuple[Config, dict[str, tuple[Any, Any]]]:
     """The config run `run_dir` resumes with, and the layout keys it changes (`resume_changes`): its saved
     config.yaml, with the layout keys `given` (a config from the command line, its trainer.precision /
-    rollout.dtype auto made concrete first, as the saved config's were when the run started) sets otherwise.
-    Any other difference is refused (ConfigError): the saved config's value stays where `given` differs only
-    by a changed default (CHANGED_DEFAULTS)."""
+    rollout.dtype auto made concrete first, as the saved config's were when the run started) sets otherwise,
+    and its `threads`. Any other difference is refused (ConfigError): the saved config's value stays where
+    `given` differs only by a changed default (CHANGED_DEFAULTS), and out_dir/run_name are the run's."""
     saved = saved_config(run_dir)
     if given is None:
         return saved, {}
     resolve_precisions(given)
     changes = resume_changes(saved, given, run_dir)
-    if not changes:
-        return saved, {}
     data = to_dict(saved)
+    data["threads"] = given.threads
     for key, (_, value) in changes.items():
         *sections, name = key.split(".")
         node = data
@@ -212,9 +211,9 @@ def record_layout_changes(run_dir: str, saved: Config, cfg: Config, changes: dic
                           ckpt: Checkpoint | None) -> None:
     """Keep a resume's layout changes in the run directory: an entry in run.json's LAYOUT_LOG (the checkpoint,
     the keys with their old and new values, the digests of the config before, whose checkpoints stay resumable,
-    and after),
-    and config.yaml rewritten as the resumed run's config, so that a later resume compares against it and keeps
-    its layout, headed by one comment line per such resume (which `rlpost report` shows with the config)."""
+    and after), and config.yaml rewritten as the resumed run's config, so that a later resume compares against
+    it and keeps its layout, headed by one comment line per such resume (`rlpost report` shows the config).
+    run.json first: a kill between the two writes leaves the config before, under which the run resumes."""
     info_path = os.path.join(run_dir, RUN_FILE)
     with open(info_path) as f:
         info = json.load(f)
@@ -225,9 +224,9 @@ def record_layout_changes(run_dir: str, saved: Config, cfg: Config, changes: dic
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     notes = [f"# {e['time']}: {layout_change_line({k: tuple(v) for k, v in e['changes'].items()}, e['checkpoint'])}"
              for e in info[LAYOUT_LOG]]
+    replace_file(info_path, [json.dumps(info)])
     replace_file(os.path.join(run_dir, "config.yaml"),
                  [line + "\n" for line in notes] + [yaml.safe_dump(to_dict(cfg), sort_keys=False)])
-    replace_file(info_path, [json.dumps(info)])
 
 
 # ---------------------------------------------------------------------------- building the run

@@ -14,7 +14,7 @@ from rlpost.checkpoint import list_checkpoints
 from rlpost.cli import main
 from rlpost.config import Config, load_config
 from rlpost.reference import Reference
-from rlpost.run import LAYOUT_LOG, saved_config, train
+from rlpost.run import LAYOUT_LOG, resume_config, saved_config, train
 from rlpost.schema import layout_keys
 from test_resume import SHORT, comparable
 
@@ -148,6 +148,10 @@ def test_a_resume_that_changes_anything_else_is_refused_naming_the_key(finished,
     recipe.write_text("seed: 3\n")
     assert main(["train", "--resume", str(run), str(recipe), *SHORT]) == 2
     assert "seed: 0 -> 3" in capsys.readouterr().err
+    # threads: the resumed process's own (not part of what is computed, as out_dir/run_name); no layout change
+    assert saved_config(str(run)).threads is None
+    cfg, changes = resume_config(str(run), load_config(None, ["threads=1"], base=saved_config(str(run))))
+    assert (cfg.threads, changes) == (1, {})
     # through the library too
     cfg = saved_config(str(run))
     cfg.trainer.lr = 0.1
@@ -197,3 +201,27 @@ def test_a_layout_resume_keeps_the_metrics_and_the_next_resume_compares_with_it(
             shutil.move(c.path, tmp_path / c.name)
         for name in ("step_2", "final"):
             shutil.move(tmp_path / name, run / "checkpoints" / name)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_on_two_ranks_with_a_smaller_micro_batch(tmp_path):
+    """trainer.strategy=fsdp2 on 2 ranks, resumed from step 2's shards with trainer.micro_batch_size halved and
+    gradient checkpointing: every rank takes the new layout (rank 0 alone announces and records it, after every
+    rank read the saved config), and the run ends with the uninterrupted one's RL metrics within tolerance."""
+    from test_dcp import _resume_copy, _rl_lines, _train
+
+    out = tmp_path / "runs"
+    args = ["train", "trainer.strategy=fsdp2", "rl.weight_sync=copy", f"out_dir={out}", "run_name=dcp",
+            "sft.steps=10", "sft.batch_size=16", "rl.steps=4", "rl.eval_every=0", "rl.save_every=2",
+            "rollout.prompts_per_step=4", "rollout.k=4", "task.num_eval=8", "eval.samples_per_prompt=1",
+            "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "trainer.micro_batch_size=6", "threads=1"]
+    _train(args, nproc=2)
+    run = _resume_copy(out / "dcp", "smaller", "step_2")
+    done = _train(["train", "--resume", str(run), "trainer.micro_batch_size=3",
+                   "trainer.gradient_checkpointing=true"], nproc=2)
+    assert done.stdout.count("layout keys changed: trainer.gradient_checkpointing: False -> True, "
+                             "trainer.micro_batch_size: 6 -> 3;") == 1, done.stdout
+    assert len(json.loads((run / "run.json").read_text())[LAYOUT_LOG]) == 1
+    assert saved_config(str(run)).trainer.micro_batch_size == 3
+    assert [x["step"] for x in _rl_lines(run)] == [1, 2, 3, 4]
+    max_difference(_rl_lines(run), _rl_lines(out / "dcp"))
