@@ -90,8 +90,9 @@ def test_an_out_of_memory_run_resumed_with_a_smaller_layout_finishes_its_steps(f
         return real(self, batch)
 
     monkeypatch.setattr(Reference, "__call__", out_of_memory_on_a_whole_batch)
-    with pytest.raises(torch.OutOfMemoryError, match="out of memory in role 'reference' at RL step 3"):
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory in role 'reference' at RL step 3") as e:
         train(load_config(None, SHORT + [f"out_dir={tmp_path}", "run_name=oom"]))
+    assert "`rlpost train --resume RUN trainer.micro_batch_size=N`" in str(e.value)  # the way out, named
     run = tmp_path / "oom"
     assert list_checkpoints(run)[-1].name == "step_2"
     config_before, info_before = (run / "config.yaml").read_text(), (run / "run.json").read_text()
