@@ -45,7 +45,7 @@ __all__ = [  # the sections, importable from here as they always were
     "Config", "ConfigError", "CriticConfig", "DistillConfig", "EvalConfig", "LogConfig", "LoRAConfig", "LORA_TARGETS",
     "ModelConfig", "PreferenceConfig", "PRM_REWARDS", "PRMConfig", "ReferenceConfig", "RejectionConfig",
     "RewardModelConfig", "RLConfig", "RolloutConfig", "Section", "SFTConfig", "TaskConfig", "TrainerConfig",
-    "from_dict", "load_config", "opt", "stage_configs", "stage_names", "to_dict", "with_old_defaults",
+    "config_of", "from_dict", "load_config", "opt", "stage_configs", "stage_names", "to_dict", "with_old_defaults",
     "CHANGED_DEFAULTS"]
 
 
@@ -249,9 +249,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dic
     return out
 
 
-def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the recipe file, then the overrides; validated, algorithm parameters included."""
-    data: dict[str, Any] = to_dict(Config())
+def load_config(recipe: str | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
+    """Defaults (or the config `base`: a resumed run's saved one), then the recipe file, then the overrides;
+    validated, algorithm parameters included."""
+    data: dict[str, Any] = to_dict(base if base is not None else Config())
     if recipe is not None:
         try:
             with open(recipe) as f:
@@ -266,6 +267,11 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
         data = _merge(data, loaded)
     for o in overrides:
         apply_override(data, o)
+    return config_of(data)
+
+
+def config_of(data: dict[str, Any]) -> Config:
+    """The Config a whole nested dict (`to_dict`'s form) gives, validated as load_config validates."""
     cfg = from_dict(Config, data)
     _validate(cfg)
     return cfg

@@ -155,10 +155,11 @@ class Controller:
                 raise RoleOutOfMemoryError(
                     f"out of memory in role '{role}' at RL step {self.current_step}: {type(e).__name__}: {e}\n"
                     f"The policy's weights are kept in checkpoints/last and the newest step checkpoint stays: "
-                    f"`rlpost train --resume RUN` continues from it with the same config once the memory is "
-                    f"there. `rlpost plan memory` with this config says what each role holds; in a new run, "
-                    f"trainer.micro_batch_size or trainer.micro_batch_tokens (reference, train, critic) and "
-                    f"rollout.max_num_seqs (rollout) lower it") from e
+                    f"`rlpost train --resume RUN` continues from it once the memory is there, and with less "
+                    f"memory given layout keys, e.g. `rlpost train --resume RUN trainer.micro_batch_size=N`: "
+                    f"trainer.micro_batch_size, trainer.micro_batch_tokens or trainer.gradient_checkpointing=true "
+                    f"(reference, train, critic) and rollout.max_num_seqs (rollout) lower it. `rlpost plan "
+                    f"memory` with this config says what each role holds") from e
             raise
         self.times[role] = self.times.get(role, 0.0) + time.perf_counter() - t0
 

@@ -30,8 +30,11 @@ model's step rewards (`prm.path`).
 The run directory:
 
     run.json           what made it (`train`), so a resume cannot pick up another kind of run, and the
-                       run's id, which its checkpoints carry (a resume refuses another run's)
-    config.yaml        the resolved config; a resume with a different one is refused, naming the keys
+                       run's id, which its checkpoints carry (a resume refuses another run's); `layout_changes`:
+                       the resumes that changed layout keys (`resume_config`)
+    config.yaml        the resolved config; a resume with a different one is refused, naming the keys, unless
+                       it changes only layout keys (micro-batches, gradient checkpointing, ...: the same
+                       computation laid out otherwise in memory), which then makes it the run's config
     metrics.jsonl      one JSON line per logged step (a resume drops lines written after its checkpoint)
     rollouts.jsonl     sampled completions every `log.rollouts_every` RL steps (likewise cut back on resume)
     checkpoints/       see rlpost/checkpoint.py; every stage that changes the policy ends with one (with
@@ -80,8 +83,8 @@ import yaml
 from rlpost import distributed as dist
 from rlpost.checkpoint import (SHARDS_DIR, Checkpoint, clean_partial, is_write_failure, list_checkpoints,
                                load_rng_state, remove_step_checkpoints, verify, write_error)
-from rlpost.config import (CHANGED_DEFAULTS, Config, from_dict, plugin_keys, stage_configs, stage_names, to_dict,
-                           with_old_defaults)
+from rlpost.config import (CHANGED_DEFAULTS, Config, config_of, from_dict, plugin_keys, stage_configs, stage_names,
+                           to_dict, with_old_defaults)
 from rlpost.env import check_vocabulary, observation_alphabet, response_budget
 from rlpost.env.sources import SourceInputs, build_rl_reward, rl_reward_spec
 from rlpost.env.verifiers import reward_role
@@ -91,6 +94,7 @@ from rlpost.models import (check_lengths, load_model, load_weights, packing_refu
 from rlpost.models.lora import fold_adapters, is_lora
 from rlpost.runlog import (RUN_FILE, ResumeError, RunLog, discard_run_dir, make_run_dir, open_log, replace_file,
                            run_id_of)
+from rlpost.schema import ConfigError, layout_keys
 from rlpost.sinks import check_available
 from rlpost.stages import STAGES
 from rlpost.stages.base import RunContext, RunInterrupted, Stage
@@ -124,16 +128,105 @@ def saved_config(run_dir: str, kind: str = "train") -> Config:
         return from_dict(Config, with_old_defaults(yaml.safe_load(f)))
 
 
-def config_differences(saved: Config, new: Config) -> list[str]:
-    """`key: saved -> new` for every config key that differs (out_dir/run_name/threads excepted). A key whose
-    default changed (CHANGED_DEFAULTS) at its old default in `saved` and its new one in `new` is no difference:
-    the run was started under the old default, and the command line did not set the key."""
+def config_changes(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved value, new value)} for every config key that differs (out_dir/run_name/threads excepted),
+    in key order. A key whose default changed (CHANGED_DEFAULTS) at its old default in `saved` and its new one in
+    `new` is no difference: the run was started under the old default, and the command line did not set the key."""
     a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
     ignore = {"out_dir", "run_name", "threads"}
     defaults = _flatten(to_dict(Config()))
     ignore |= {k for k, old in CHANGED_DEFAULTS.items() if a.get(k) == old and b.get(k) == defaults.get(k)}
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in ignore and a.get(k) != b.get(k)]
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)}
+
+
+def config_differences(saved: Config, new: Config) -> list[str]:
+    """`key: saved -> new` for every config key that differs (`config_changes`)."""
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in config_changes(saved, new).items()]
+
+
+def resume_changes(saved: Config, new: Config, run_dir: str) -> dict[str, tuple[Any, Any]]:
+    """The layout keys (`opt(..., layout=True)`: micro-batches, chunks, recomputation, offload) that `new` changes
+    from run `run_dir`'s saved config, {key: (saved, new)}: a resume may change them (after an out-of-memory
+    error, a smaller micro-batch). ConfigError naming every other key that differs, and the keys that may."""
+    changes = config_changes(saved, new)
+    layout = layout_keys(Config)
+    refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items() if k not in layout]
+    if refused:
+        raise ConfigError(f"--resume {run_dir}: the given config differs from the run's saved config.yaml in keys "
+                          "that change what the run computes; nothing was changed:\n  " + "\n  ".join(refused)
+                          + "\na resume may change only the keys that lay the same computation out in memory: "
+                          + ", ".join(layout))
+    return changes
+
+
+def resume_config(run_dir: str, given: Config | None = None) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """The config run `run_dir` resumes with, and the layout keys it changes (`resume_changes`): its saved
+    config.yaml, with the layout keys `given` (a config from the command line, its trainer.precision /
+    rollout.dtype auto made concrete first, as the saved config's were when the run started) sets otherwise,
+    and its `threads`. Any other difference is refused (ConfigError): the saved config's value stays where
+    `given` differs only by a changed default (CHANGED_DEFAULTS), and out_dir/run_name are the run's."""
+    saved = saved_config(run_dir)
+    if given is None:
+        return saved, {}
+    resolve_precisions(given)
+    changes = resume_changes(saved, given, run_dir)
+    data = to_dict(saved)
+    data["threads"] = given.threads
+    for key, (_, value) in changes.items():
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    return config_of(data), changes
+
+
+LAYOUT_LOG = "layout_changes"  # run.json's record of the resumes that changed layout keys
+
+
+def layout_change_line(changes: dict[str, tuple[Any, Any]], checkpoint: str | None) -> str:
+    """The line a resume that changes layout keys prints (and config.yaml keeps as a comment)."""
+    return (f"resumed from {checkpoint or 'the start'} with layout keys changed: "
+            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            + "; the same computation laid out differently in memory, so the run is no longer guaranteed "
+              "bit-identical to an uninterrupted one (float summation order)")
+
+
+def earlier_config_digests(run_dir: str, current: str) -> set[str]:
+    """The digests (`config_digest`) of the configs run `run_dir` had before resumes changed its layout keys
+    (run.json's LAYOUT_LOG): its checkpoints written under them resume under config.yaml as it is now, `current`,
+    when that is the config the last such resume wrote (an edit of config.yaml by hand since then: none do)."""
+    try:
+        with open(os.path.join(run_dir, RUN_FILE)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    entries = [e for e in (info.get(LAYOUT_LOG, []) if isinstance(info, dict) else []) if isinstance(e, dict)]
+    if not entries or entries[-1].get("resumed_config_sha256") != current:
+        return set()
+    return {e.get("config_sha256") for e in entries} | {e.get("resumed_config_sha256") for e in entries}
+
+
+def record_layout_changes(run_dir: str, saved: Config, cfg: Config, changes: dict[str, tuple[Any, Any]],
+                          ckpt: Checkpoint | None) -> None:
+    """Keep a resume's layout changes in the run directory: an entry in run.json's LAYOUT_LOG (the checkpoint,
+    the keys with their old and new values, the digests of the config before, whose checkpoints stay resumable,
+    and after), and config.yaml rewritten as the resumed run's config, so that a later resume compares against
+    it and keeps its layout, headed by one comment line per such resume (`rlpost report` shows the config).
+    run.json first: a kill between the two writes leaves the config before, under which the run resumes."""
+    info_path = os.path.join(run_dir, RUN_FILE)
+    with open(info_path) as f:
+        info = json.load(f)
+    info.setdefault(LAYOUT_LOG, []).append({
+        "checkpoint": ckpt.name if ckpt is not None else None,
+        "changes": {k: [a, b] for k, (a, b) in changes.items()},
+        "config_sha256": config_digest(saved), "resumed_config_sha256": config_digest(cfg),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    notes = [f"# {e['time']}: {layout_change_line({k: tuple(v) for k, v in e['changes'].items()}, e['checkpoint'])}"
+             for e in info[LAYOUT_LOG]]
+    replace_file(info_path, [json.dumps(info)])
+    replace_file(os.path.join(run_dir, "config.yaml"),
+                 [line + "\n" for line in notes] + [yaml.safe_dump(to_dict(cfg), sort_keys=False)])
 
 
 # ---------------------------------------------------------------------------- building the run
@@ -326,9 +419,10 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _resume_point(run_dir: str, stages: list[Stage], cfg: Config) -> Checkpoint | None:
+def _resume_point(run_dir: str, stages: list[Stage], cfg: Config, saved: Config | None = None) -> Checkpoint | None:
     """The newest complete checkpoint of `run_dir`, verified (checkpoint.verify: its name, files, weights, and
-    that this run wrote it under `cfg`); None when there is none."""
+    that this run wrote it under `cfg`, or under the run's saved config `saved` or one it had before a resume
+    changed layout keys: `cfg` differs from them in layout keys at most); None when there is none."""
     removed = clean_partial(run_dir)
     if removed:
         print(f"rlpost: resume: removed incomplete checkpoint folder(s) {', '.join(removed)}")
@@ -337,7 +431,10 @@ def _resume_point(run_dir: str, stages: list[Stage], cfg: Config) -> Checkpoint 
     if not ckpts:
         return None
     ckpt = ckpts[-1]
-    verify(ckpt, run_dir, run_id=run_id_of(run_dir), config_digest=config_digest(cfg))
+    digest, recorded, now = config_digest(cfg), ckpt.meta.get("config_sha256"), config_digest(saved or cfg)
+    if recorded in earlier_config_digests(run_dir, now) | {now}:
+        digest = recorded
+    verify(ckpt, run_dir, run_id=run_id_of(run_dir), config_digest=digest)
     i = ckpt.meta["stage"]
     if i >= len(stages) or stages[i].label != ckpt.meta["stage_name"]:
         raise ResumeError(f"checkpoint {ckpt.path} belongs to stage {ckpt.meta['stage_name']!r}, which this config "
@@ -365,9 +462,13 @@ def resolve_precisions(cfg: Config) -> str:
 
 
 def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) -> dict:
-    """Run the stages, or continue the run in directory `resume` (whose saved config `cfg` must be: see
-    `saved_config`); returns the summary (also written to summary.json)."""
+    """Run the stages, or continue the run in directory `resume` (whose saved config `cfg` must be, up to layout
+    keys: see `resume_config`); returns the summary (also written to summary.json)."""
     t_start = time.perf_counter()
+    saved, layout_changes = None, {}
+    if resume:  # (every rank reads config.yaml here, before the first collective: rank 0 may rewrite it later)
+        saved = saved_config(resume)
+        cfg, layout_changes = resume_config(resume, cfg)
     print(resolve_precisions(cfg), flush=True)
     stages = build_stages(cfg)
     has_rl = any(s.name == "rl" for s in stages)
@@ -382,7 +483,7 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
     main = dist.is_main()
     if resume:  # rank 0 finds the checkpoint (and tidies half-written ones); every rank resumes from it
         run_dir = resume
-        ckpt = dist.broadcast_object(_resume_point(run_dir, stages, cfg) if main else None)
+        ckpt = dist.broadcast_object(_resume_point(run_dir, stages, cfg, saved) if main else None)
         keep = ckpt.meta["metrics_lines"] if ckpt else 0
         # a checkpoint written before rollouts.jsonl was counted has no count: the RL stage cuts by step
         keep_rollouts = ckpt.meta.get("rollouts_lines") if ckpt else 0
@@ -405,6 +506,9 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
         raise
     ctx.run_id, ctx.config_sha256 = run_id, config_digest(cfg)
     try:
+        if layout_changes and main:  # the run goes ahead under the changed layout: say so, keep it in the run dir
+            print(f"rlpost: {layout_change_line(layout_changes, ckpt.name if ckpt else None)}", flush=True)
+            record_layout_changes(run_dir, saved, cfg, layout_changes, ckpt)
         return _train(cfg, stages, ctx, ckpt, log, resume, t_start)
     finally:
         log.close(exit_code=1)  # closed already when _train got going (then with the run's own exit code)

@@ -230,21 +230,41 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
 
 
 def opt(default: Any, help: str, range: Range | None = None, *, choices: Iterable[str] | str | None = None,
-        plugin: str | None = None) -> Any:
+        plugin: str | None = None, layout: bool = False) -> Any:
     """A config field with its help line (shown by `rlpost train --help`) and, for a number, the range of
     values it means something for (checked at load time; every numeric key declares one).
 
     `choices`: the names a string field may take: a tuple (defined in a leaf module that the role reading the
     key imports too), or a 'module:attribute' reference to a collection filled by the role's package (a
     registry), looked up only when the config is validated (`lookup`). `plugin`: the field is a plug-in's
-    mapping {name, ...parameters}; 'module:function' builds it from that mapping (`build_plugin`)."""
+    mapping {name, ...parameters}; 'module:function' builds it from that mapping (`build_plugin`).
+    `layout`: the key changes only how the same computation is laid out in memory (micro-batches, chunks,
+    recomputation, offload), not what is computed up to float summation order: `--resume` may change it
+    (`layout_keys`). A key that changes the numerics beyond that, the data order, a random stream, the
+    algorithm, the model, the precision or the number of optimizer steps is not one."""
     metadata: dict[str, Any] = {"help": help}
     for key, value in (("range", range), ("choices", choices), ("plugin", plugin)):
         if value is not None:
             metadata[key] = value
+    if layout:
+        metadata["layout"] = True
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+@functools.cache
+def layout_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
+    """The dotted names of the fields of config dataclass `cls` (nested sections too) declared `opt(...,
+    layout=True)`, in declaration order: the keys a resumed run may change (rlpost.run.resume_changes)."""
+    keys: list[str] = []
+    types_of = hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(types_of[f.name]):
+            keys.extend(layout_keys(types_of[f.name], f"{prefix}{f.name}."))
+        elif f.metadata.get("layout"):
+            keys.append(prefix + f.name)
+    return tuple(keys)
 
 
 def lookup(ref: str) -> Any:

@@ -11,7 +11,7 @@ import sys
 from rlpost.commands.common import error, recipe_and_overrides, recipe_arguments, recipe_base, run_job
 from rlpost.config import Config, ConfigError, load_config
 from rlpost.reaper import Reaper
-from rlpost.run import config_differences, resolve_precisions, saved_config, train
+from rlpost.run import resume_config, saved_config, train
 from rlpost.schema import describe
 
 TRAIN_EPILOG = ("config keys (recipe YAML sections or key=value overrides), default, meaning:\n"
@@ -27,7 +27,8 @@ def add_train(sub) -> None:
     recipe_arguments(p)
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved "
-                        "config (a recipe or overrides given too must not change it)")
+                        "config; key=value overrides apply to it, and (as a recipe given too) may change only "
+                        "the layout keys (micro-batches, gradient checkpointing, ...: docs/cli.md)")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="launch N processes on this machine with torchrun (127.0.0.1) and train sharded: adds "
                         "trainer.strategy=fsdp2 (with --resume: the saved config's); "
@@ -39,9 +40,12 @@ def cmd_train(args) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(args.nproc, recipe, overrides, args.resume)
     try:
-        cfg = load_config(recipe, overrides)
+        if args.resume and not recipe:  # overrides alone change the run's saved config
+            cfg = load_config(None, overrides, base=saved_config(args.resume)) if overrides else None
+        else:
+            cfg = load_config(recipe, overrides)
         if args.resume:
-            cfg = resumable_config(args.resume, cfg if recipe or overrides else None)
+            cfg = resumable_config(args.resume, cfg)
     except (ConfigError, ValueError) as e:
         return error(e, 2)
     return run_job(lambda: train(cfg, recipe_base(recipe), resume=args.resume))
@@ -66,13 +70,7 @@ def launch_torchrun(nproc: int, recipe: str | None, overrides: list[str], resume
 
 
 def resumable_config(run_dir: str, given=None):
-    """The config saved in `run_dir`; a config `given` on the command line too must not differ from it (its
-    trainer.precision / rollout.dtype auto made concrete first, as the saved config's were when the run started)."""
-    saved = saved_config(run_dir)
-    if given is not None:
-        resolve_precisions(given)
-        diff = config_differences(saved, given)
-        if diff:
-            raise ConfigError(f"--resume {run_dir}: the given config differs from the run's saved config.yaml; "
-                              "nothing was changed:\n  " + "\n  ".join(diff))
-    return saved
+    """The config saved in `run_dir`, with the layout keys (micro-batches, gradient checkpointing, ...) that a
+    config `given` on the command line sets otherwise; any other difference is refused here, before any work
+    (ConfigError naming the keys: rlpost.run.resume_config)."""
+    return resume_config(run_dir, given)[0]

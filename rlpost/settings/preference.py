@@ -29,7 +29,7 @@ class PreferenceConfig(Section):
     epochs: int = opt(2, "passes over the preference data", at_least(1))
     batch_size: int = opt(64, "pairs (or unpaired rows) per optimizer step", at_least(1))
     micro_batch_size: int | None = opt(None, "pairs per forward/backward; gradients accumulate (None: whole batch)",
-                                       at_least(1))
+                                       at_least(1), layout=True)
     lr: float = opt(3e-4, "AdamW learning rate (linear warm-up, then constant; tuned for gpt_mini)", LEARNING_RATE)
     warmup_steps: int = opt(10, "warm-up steps", at_least(0, "0: no warm-up"))
     num_prompts: int = opt(2000, "self-generated pairs: training prompts sampled", at_least(1))

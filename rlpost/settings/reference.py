@@ -12,4 +12,5 @@ class ReferenceConfig(Section):
     offload: bool = opt(False, "keep the reference's frozen copy in CPU memory and stream it to the GPU one "
                                "transformer block at a time for its forward (the GPU holds its embeddings, head and "
                                "one block instead of the whole copy; one host-to-device copy of the weights per "
-                               "step). Needs a GPU: refused under model.device=cpu, nothing to offload to")
+                               "step). Needs a GPU: refused under model.device=cpu, nothing to offload to",
+                        layout=True)

@@ -27,7 +27,7 @@ class RolloutConfig(Section):
     max_refill_rounds: int = opt(4, "extra rollout rounds to refill groups an algorithm drops (DAPO)",
                                  at_least(0, "0: no refill"))
     max_num_seqs: int = opt(0, "native engines: at most this many sequences decode at once, the rest wait (0: all)",
-                            at_least(0, "0: no cap"))
+                            at_least(0, "0: no cap"), layout=True)
     stop: list[str] = opt([], "stop strings: a response ends with the token that completes one (native and hf "
                               "engines)")
     dtype: str = opt("auto", "what the rollout engine samples in: auto (the trainer's precision) | fp32 | bf16 (bf16 "
@@ -35,7 +35,7 @@ class RolloutConfig(Section):
                   choices=ROLLOUT_DTYPES)
     vllm_sleep: bool = opt(False, "rollout.engine=vllm, rl.topology=colocated: vLLM sleeps (KV cache freed, weights "
                                   "offloaded to CPU memory) whenever it is not sampling, so the trainer has the GPU; "
-                                  "needs vLLM's sleep mode (CUDA, ROCm, XPU; not CPU)")
+                                  "needs vLLM's sleep mode (CUDA, ROCm, XPU; not CPU)", layout=True)
 
     def check(self, prefix: str) -> None:
         if not all(isinstance(x, str) and x for x in self.stop):

@@ -19,7 +19,7 @@ class TrainerConfig(Section):
     adam_beta1: float = opt(0.9, "AdamW beta1 (decay of the gradient's running mean)", ADAM_BETA)
     adam_beta2: float = opt(0.999, "AdamW beta2 (decay of the squared gradient's running mean)", ADAM_BETA)
     micro_batch_size: int | None = opt(None, "rows per forward/backward; gradients accumulate (None: whole batch)",
-                                       at_least(1))
+                                       at_least(1), layout=True)
     epochs: int = opt(1, "passes over each rollout batch", at_least(1))
     minibatches: int = opt(1, "optimizer steps per pass (the batch is split into this many minibatches)", at_least(1))
     max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses or gradients in a row", at_least(1))
@@ -30,7 +30,8 @@ class TrainerConfig(Section):
                                  "log-softmax and loss. auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, "
                                  "else fp32 (the run prints which)", choices=PRECISION_CHOICES)
     gradient_checkpointing: bool = opt(False, "recompute each block's activations in the backward (less memory, "
-                                              "about one more forward; turns shared-prompt scoring off in training)")
+                                              "about one more forward; turns shared-prompt scoring off in training)",
+                                          layout=True)
     lr_schedule: str = opt("constant", "RL learning-rate schedule after warm-up: constant | linear | cosine (decay to "
                                        "lr * min_lr_ratio at the last optimizer step)",
                              choices=SCHEDULES)
@@ -43,18 +44,19 @@ class TrainerConfig(Section):
     logprob_chunk: int | None = opt(None, "tokens per chunk of the log-prob head (trainer, reference, SFT): log-probs "
                                           "and entropies come from the hidden states this many tokens at a time, "
                                           "forward and backward, never as a whole [tokens, vocabulary] tensor (None: "
-                                          "sized from the vocabulary, 32 M logits per chunk)", at_least(1))
+                                          "sized from the vocabulary, 32 M logits per chunk)", at_least(1),
+                                    layout=True)
     packing: bool | str = opt("auto", "RL: the trainer, the reference, the critic and the learned rewards run each "
                                       "micro-batch's sequences packed end to end without padding (block-diagonal "
                                       "attention, position ids restarting per sequence; same loss and gradients as "
                                       "padded rows). auto: each role packs a batch when its model can and packing "
                                       "computes fewer positions than padded rows with each prompt once (the run "
                                       "says which at start) | true: always (an error on a model that cannot) | "
-                                      "false: padded rows")
+                                      "false: padded rows", layout=True)
     micro_batch_tokens: int | None = opt(None, "RL: at most this many token positions per micro-batch of the trainer, "
                                                "the reference, the critic and the learned rewards (packed: real "
                                                "tokens; padded: rows x padded length); None: micro_batch_size alone "
-                                               "decides", at_least(1))
+                                               "decides", at_least(1), layout=True)
     profile_steps: list[int] = opt([], "RL steps to trace with torch.profiler (Chrome trace format, in the run "
                                        "directory's profile/ folder)")
 

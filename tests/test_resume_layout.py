@@ -1,0 +1,228 @@
+"""`--resume` may change the layout keys (micro-batches, gradient checkpointing, the log-prob chunk, packing,
+rollout.max_num_seqs, ...): after an out-of-memory error the run finishes with a smaller layout, the change is
+announced and kept in the run directory, and the metrics stay those of the uninterrupted run up to float
+summation order. Any other change is refused, naming the key and the keys that could change."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from rlpost.checkpoint import list_checkpoints
+from rlpost.cli import main
+from rlpost.config import Config, load_config
+from rlpost.reference import Reference
+from rlpost.run import LAYOUT_LOG, resume_config, saved_config, train
+from rlpost.schema import layout_keys
+from test_resume import SHORT, comparable
+
+LAYOUT = ["trainer.micro_batch_size=3", "trainer.gradient_checkpointing=true", "trainer.logprob_chunk=5",
+          "trainer.packing=true", "trainer.micro_batch_tokens=40", "rollout.max_num_seqs=5"]
+# measured on CPU: float metrics above 1e-4 agree within 8.5e-7 relative; the engine-vs-trainer log-prob mismatch
+# metrics, float noise themselves (~5e-7), within 2.4e-7 absolute. The bounds leave room for other BLAS builds.
+REL_TOL, ABS_TOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A short run to the end, never interrupted (checkpoints step_2 and final)."""
+    tmp = tmp_path_factory.mktemp("layout")
+    assert train(load_config(None, SHORT + [f"out_dir={tmp}", "run_name=done"]))["status"] == "ok"
+    return tmp / "done"
+
+
+def killed_after_step_2(finished, run):
+    """A copy of the finished run as a kill after step 2's checkpoint leaves it."""
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "checkpoints" / "final")
+    assert list_checkpoints(run)[-1].name == "step_2"
+    return run
+
+
+def rl_steps(run) -> list[int]:
+    return [m["step"] for m in comparable(run) if m["stage"] == "rl"]
+
+
+def max_difference(a: list[dict], b: list[dict]) -> tuple[float, float]:
+    """(largest relative difference of a float metric of magnitude above 1e-4, largest absolute difference) of
+    two metrics.jsonl; asserts that both have the same lines, keys and non-float values, and every float pair
+    within REL_TOL or ABS_TOL."""
+    assert len(a) == len(b), (len(a), len(b))
+    rel = absolute = 0.0
+    for n, (x, y) in enumerate(zip(a, b), 1):
+        assert x.keys() == y.keys(), f"metrics.jsonl line {n}"
+        for k in x:
+            if isinstance(x[k], float) or isinstance(y[k], float):
+                assert math.isclose(x[k], y[k], rel_tol=REL_TOL, abs_tol=ABS_TOL), (n, k, x[k], y[k])
+                absolute = max(absolute, abs(x[k] - y[k]))
+                if max(abs(x[k]), abs(y[k])) > 1e-4:
+                    rel = max(rel, abs(x[k] - y[k]) / max(abs(x[k]), abs(y[k])))
+            else:
+                assert x[k] == y[k], (n, k, x[k], y[k])
+    return rel, absolute
+
+
+def test_the_layout_keys_are_declared_where_they_live():
+    """The keys a resume may change: how the same computation is laid out, nothing that changes what it is."""
+    assert set(layout_keys(Config)) == {
+        "trainer.micro_batch_size", "trainer.micro_batch_tokens", "trainer.gradient_checkpointing",
+        "trainer.logprob_chunk", "trainer.packing", "reference.offload", "rollout.max_num_seqs",
+        "rollout.vllm_sleep", "preference.micro_batch_size"}
+    for numerics in ("trainer.lr", "trainer.precision", "trainer.compile", "trainer.strategy", "model.device",
+                     "model.dtype", "rollout.engine", "eval.batch_prompts", "rl.rollout_workers", "seed"):
+        assert numerics not in layout_keys(Config)
+
+
+def test_an_out_of_memory_run_resumed_with_a_smaller_layout_finishes_its_steps(finished, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The reference runs out of memory at RL step 3 when it scores the whole batch at once; a plain resume runs
+    out again, a resume with trainer.micro_batch_size and gradient checkpointing finishes the same RL steps as
+    the uninterrupted run, announces the change and keeps it in run.json and config.yaml."""
+    real = Reference.__call__
+    calls = []
+
+    def out_of_memory_on_a_whole_batch(self, batch):
+        calls.append(self.micro_batch_size)
+        if len(calls) >= 3 and self.micro_batch_size is None:  # one reference pass per RL step here
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, batch)
+
+    monkeypatch.setattr(Reference, "__call__", out_of_memory_on_a_whole_batch)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory in role 'reference' at RL step 3") as e:
+        train(load_config(None, SHORT + [f"out_dir={tmp_path}", "run_name=oom"]))
+    assert "`rlpost train --resume RUN trainer.micro_batch_size=N`" in str(e.value)  # the way out, named
+    run = tmp_path / "oom"
+    assert list_checkpoints(run)[-1].name == "step_2"
+    config_before, info_before = (run / "config.yaml").read_text(), (run / "run.json").read_text()
+    assert main(["train", "--resume", str(run)]) == 1  # the same layout: out of memory again
+    assert "out of memory in role 'reference' at RL step 3" in capsys.readouterr().err
+
+    # overrides alone: they apply to the run's saved config
+    assert main(["train", "--resume", str(run), "trainer.micro_batch_size=4",
+                 "trainer.gradient_checkpointing=true"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if "layout keys changed" in x]
+    assert line == ["rlpost: resumed from step_2 with layout keys changed: trainer.gradient_checkpointing: False -> "
+                    "True, trainer.micro_batch_size: None -> 4; the same computation laid out differently in "
+                    "memory, so the run is no longer guaranteed bit-identical to an uninterrupted one (float "
+                    "summation order)"], out
+    assert calls[-1] == 4
+    assert rl_steps(run) == rl_steps(finished) == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "final").is_dir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "ok"
+    max_difference(comparable(run), comparable(finished))
+
+    # recorded: run.json's entry, config.yaml as the resumed run's config (with a comment saying why)
+    info = json.loads((run / "run.json").read_text())
+    assert {k: v for k, v in info.items() if k != LAYOUT_LOG} == json.loads(info_before)
+    (entry,) = info[LAYOUT_LOG]
+    assert entry["checkpoint"] == "step_2"
+    assert entry["changes"] == {"trainer.gradient_checkpointing": [False, True], "trainer.micro_batch_size": [None, 4]}
+    saved = saved_config(str(run))
+    assert (saved.trainer.micro_batch_size, saved.trainer.gradient_checkpointing) == (4, True)
+    config = (run / "config.yaml").read_text()
+    assert config.startswith("# ") and "layout keys changed: trainer.gradient_checkpointing" in config.splitlines()[0]
+    assert config.replace("micro_batch_size: 4", "micro_batch_size: null").replace(
+        "gradient_checkpointing: true", "gradient_checkpointing: false").split("\n", 1)[1] == config_before
+
+
+def test_a_resume_that_changes_anything_else_is_refused_naming_the_key(finished, tmp_path, capsys):
+    """A non-layout key (the learning rate, the seed, the algorithm, the precision, the device), alone or beside
+    layout keys: refused before any work, naming it and listing the keys a resume may change; nothing written."""
+    run = killed_after_step_2(finished, tmp_path / "run")
+    files = {name: (run / name).read_text() for name in ("config.yaml", "run.json", "metrics.jsonl")}
+    for change, named in [("trainer.lr=0.1", "trainer.lr: 0.0002 -> 0.1"), ("seed=7", "seed: 0 -> 7"),
+                          ("algorithm={name: rloo}", "algorithm: {'name': 'grpo'"),
+                          ("trainer.precision=bf16", "trainer.precision: 'fp32' -> 'bf16'"),
+                          ("model.device=cpu", "model.device: 'auto' -> 'cpu'")]:
+        for extra in ([], ["trainer.micro_batch_size=2"]):
+            assert main(["train", "--resume", str(run), change, *extra]) == 2, change
+            err = capsys.readouterr().err
+            assert named in err and "in keys that change what the run computes" in err, err
+            assert "trainer.micro_batch_size: None" not in err  # only the refused keys are listed
+            assert "may change only the keys that lay the same computation out in memory: " in err
+            assert "trainer.micro_batch_size" in err.split("in memory: ")[1]
+    # a recipe with the run's settings and a changed seed: the same refusal (recipe + overrides are the config)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("seed: 3\n")
+    assert main(["train", "--resume", str(run), str(recipe), *SHORT]) == 2
+    assert "seed: 0 -> 3" in capsys.readouterr().err
+    # threads: the resumed process's own (not part of what is computed, as out_dir/run_name); no layout change
+    assert saved_config(str(run)).threads is None
+    cfg, changes = resume_config(str(run), load_config(None, ["threads=1"], base=saved_config(str(run))))
+    assert (cfg.threads, changes) == (1, {})
+    # through the library too
+    cfg = saved_config(str(run))
+    cfg.trainer.lr = 0.1
+    with pytest.raises(ValueError, match=r"trainer.lr: 0.0002 -> 0.1\na resume may change only"):
+        train(cfg, resume=str(run))
+    assert {name: (run / name).read_text() for name in files} == files
+
+
+def test_a_layout_resume_keeps_the_metrics_and_the_next_resume_compares_with_it(finished, tmp_path, capsys):
+    """Nothing runs out of memory: a resume after step 2 with every CPU layout key changed writes the
+    uninterrupted run's metrics within float tolerance (REL_TOL) and the same number of lines. config.yaml is
+    then the resumed run's: a plain resume keeps the new layout (no change announced), the checkpoint written
+    before the change stays resumable, and a layout key edited into config.yaml by hand is still refused."""
+    run = killed_after_step_2(finished, tmp_path / "run")
+    assert main(["train", "--resume", str(run), *LAYOUT]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "layout keys changed: rollout.max_num_seqs: 0 -> 5, trainer.gradient_checkpointing: False -> True, " \
+           "trainer.logprob_chunk: None -> 5, trainer.micro_batch_size: None -> 3, " \
+           "trainer.micro_batch_tokens: None -> 40, trainer.packing: 'auto' -> True;" in out, out
+    rel, absolute = max_difference(comparable(run), comparable(finished))
+    with capsys.disabled():  # the numbers the tolerance comment above states (pytest -s shows them)
+        print(f"\nlayout resume vs uninterrupted: float metrics within {rel:.1e} relative, {absolute:.1e} absolute")
+    assert [c.name for c in list_checkpoints(run)] == [c.name for c in list_checkpoints(finished)]
+
+    # the next resume, from the checkpoint written before the change, compares with the new config.yaml
+    shutil.rmtree(run / "checkpoints" / "final")
+    assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+    assert "layout keys changed" not in capsys.readouterr().out
+    assert saved_config(str(run)).trainer.micro_batch_size == 3
+    max_difference(comparable(run), comparable(finished))
+    assert len(json.loads((run / "run.json").read_text())[LAYOUT_LOG]) == 1
+
+    # giving a layout key back its first value is a change again, against the latest config
+    assert main(["train", "--resume", str(run), "trainer.micro_batch_size=null"]) == 0, capsys.readouterr().err
+    assert "layout keys changed: trainer.micro_batch_size: 3 -> None;" in capsys.readouterr().out
+    assert len(json.loads((run / "run.json").read_text())[LAYOUT_LOG]) == 2
+
+    # config.yaml edited by hand is not a resume's change: every checkpoint, those written under the configs
+    # before the layout changes too, was written under another config
+    text = (run / "config.yaml").read_text()
+    for edit in (("logprob_chunk: 5", "logprob_chunk: 7"), ("lr: 0.0002", "lr: 0.001")):
+        assert edit[0] in text
+        (run / "config.yaml").write_text(text.replace(*edit))
+        for c in reversed(list_checkpoints(run)[-2:]):  # final (written before the last change), then step_2
+            assert main(["train", "--resume", str(run)]) == 1
+            assert f"checkpoint {c.path} was written under another config" in capsys.readouterr().err
+            shutil.move(c.path, tmp_path / c.name)
+        for name in ("step_2", "final"):
+            shutil.move(tmp_path / name, run / "checkpoints" / name)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_on_two_ranks_with_a_smaller_micro_batch(tmp_path):
+    """trainer.strategy=fsdp2 on 2 ranks, resumed from step 2's shards with trainer.micro_batch_size halved and
+    gradient checkpointing: every rank takes the new layout (rank 0 alone announces and records it, after every
+    rank read the saved config), and the run ends with the uninterrupted one's RL metrics within tolerance."""
+    from test_dcp import _resume_copy, _rl_lines, _train
+
+    out = tmp_path / "runs"
+    args = ["train", "trainer.strategy=fsdp2", "rl.weight_sync=copy", f"out_dir={out}", "run_name=dcp",
+            "sft.steps=10", "sft.batch_size=16", "rl.steps=4", "rl.eval_every=0", "rl.save_every=2",
+            "rollout.prompts_per_step=4", "rollout.k=4", "task.num_eval=8", "eval.samples_per_prompt=1",
+            "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "trainer.micro_batch_size=6", "threads=1"]
+    _train(args, nproc=2)
+    run = _resume_copy(out / "dcp", "smaller", "step_2")
+    done = _train(["train", "--resume", str(run), "trainer.micro_batch_size=3",
+                   "trainer.gradient_checkpointing=true"], nproc=2)
+    assert done.stdout.count("layout keys changed: trainer.gradient_checkpointing: False -> True, "
+                             "trainer.micro_batch_size: 6 -> 3;") == 1, done.stdout
+    assert len(json.loads((run / "run.json").read_text())[LAYOUT_LOG]) == 1
+    assert saved_config(str(run)).trainer.micro_batch_size == 3
+    assert [x["step"] for x in _rl_lines(run)] == [1, 2, 3, 4]
+    max_difference(_rl_lines(run), _rl_lines(out / "dcp"))
