@@ -49,6 +49,29 @@ def test_every_engine_implements_the_protocol(make, kind, share_weights):
     assert engine.version == 0 and engine.weight_sync_mode == ("pointer" if share_weights else "copy")
 
 
+@pytest.mark.parametrize("share_weights", [True, False])
+@pytest.mark.parametrize("kind", ["native-gpt", "native-llama"])
+def test_native_sampling_runs_in_inference_mode_and_hands_out_ordinary_tensors(make, kind, share_weights):
+    """The native engines sample in torch.inference_mode (cheaper per op than no_grad), yet nothing that leaves
+    generate is an inference tensor: a loss that saves the rows' tensors for its backward trains on them, and
+    the trainer's parameters (which a pointer engine reads) stay ordinary, for a second rollout after the step."""
+    engine, model, tok = make(kind, share_weights)
+    modes, forward = [], engine.forward
+    engine.forward = lambda *a, **kw: modes.append(torch.is_inference_mode_enabled()) or forward(*a, **kw)
+    batch = sample(engine, tok, temperature=1.0)
+    assert modes and all(modes)
+    fields = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+    assert fields and not any(t.is_inference() for t in fields)
+    assert not any(p.is_inference() for p in model.parameters())
+
+    def loss_saving_old_logp(logp, b):  # old_logp * logp saves old_logp for the backward
+        return -(b.old_logp * logp * b.response_mask).sum() / b.response_mask.sum(), {}
+
+    Trainer(model, TrainerConfig(lr=1e-2)).step(batch, loss_saving_old_logp)
+    engine.update_weights(named_weights(model), 1)
+    assert sample(engine, tok, temperature=1.0).policy_version.tolist() == [1] * 6
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_pointer_update_moves_nothing_and_stamps_the_version(make, kind):
     engine, model, tok = make(kind, share_weights=True)
