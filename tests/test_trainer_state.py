@@ -151,6 +151,31 @@ def test_a_rebuilt_trainer_continues_bit_identically(tiny_gpt, name):
     assert resumed == straight
 
 
+def test_adamw_is_fused_and_a_state_saved_unfused_resumes_unfused(tiny_gpt):
+    """An unsharded trainer's AdamW is torch's fused kernel, and its update is AdamW's formula (hand-computed
+    first step: m = (1 - b1) g, v = (1 - b2) g^2, p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), where
+    m_hat = g, v_hat = g^2). A trainer state saved by the per-parameter loop (a run started before the optimizer
+    was fused) resumes on that loop: the flag travels with the state, so the resumed run stays bit-identical."""
+    model, _ = tiny_gpt
+    cfg = TrainerConfig(lr=1e-2, weight_decay=0.1)
+    trainer = Trainer(model, cfg)
+    assert all(g["fused"] for g in trainer.optimizer.param_groups)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    trainer.optimizer.step()
+    for p, p0, g in zip(params, before, grads):
+        want = p0 * (1 - 1e-2 * 0.1) - 1e-2 * g / (g.abs() + 1e-8)
+        assert torch.allclose(p, want, rtol=1e-5, atol=1e-7)
+    old = torch.optim.AdamW(params, lr=1e-2)  # what Trainer built before: foreach / fused unset
+    state = {**trainer.state_dict(), "optimizer": old.state_dict()}
+    resumed = Trainer(model, cfg)
+    resumed.load_state_dict(state)
+    assert all(not g["fused"] for g in resumed.optimizer.param_groups)
+
+
 def test_critic_state_dict_holds_its_own_weights_only(tiny_gpt):
     model, _ = tiny_gpt
     assert list(Critic.build(model, "head").state_dict()) == ["head.weight", "head.bias"]  # the trunk is the policy's
