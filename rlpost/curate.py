@@ -36,20 +36,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable
 
+import yaml
+
 from rlpost.checkpoint import resolve_model
-from rlpost.config import load_config
+from rlpost.config import ConfigError, apply_override, load_config
 from rlpost.env import check_vocabulary, response_budget
 from rlpost.env.verifiers import reward_from_config, reward_role
 from rlpost.models import encode_prompt, load_model, model_context
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks
-from rlpost.tasks import Columns, TaskDataError, answer_match_reward, read_rows, uses_own_verifier
+from rlpost.tasks import Columns, TaskDataError, answer_match_reward, load_task, read_rows, uses_own_verifier
 from rlpost.tasks.files import prompt_text, write_rows
 
 SHINGLE = 5          # characters per shingle of the near-duplicate filter
@@ -447,10 +450,101 @@ def run_check_gold(cfg, args, rows: list[dict], cols) -> int:
         print(f"rlpost curate: wrote the {len(result.failed)} row(s) whose gold does not verify to {args.out}")
     if args.report:
         with open(args.report, "w") as f:
-            json.dump({"checked": result.checked, "failed": len(result.failed),
-                       "rows": [{"where": where(r), "why": w} for r, w in zip(result.failed, result.why)]}, f,
+            json.dump({"checked": result.checked, "failed": len(result.failed), "rows": _gold_rows(result)}, f,
                       indent=2)
     return 1 if result.failed and args.strict else 0
+
+
+def _gold_rows(result: GoldCheck) -> list[dict]:
+    return [{"where": where(r), "why": w} for r, w in zip(result.failed, result.why)]
+
+
+def source_out(out: str, name: str) -> str:
+    """Where --out puts one source's failing rows under task.sources: 'bad.jsonl' -> 'bad.<name>.jsonl' (the
+    sources' columns differ, so each gets a file it reads back from with its own task.sources[i] keys)."""
+    stem, ext = os.path.splitext(out)
+    return f"{stem}.{name}{ext}"
+
+
+def source_gold_rows(source) -> tuple[list[dict], Columns, Callable[[str, dict], float]]:
+    """A task.sources entry's (TaskConfig) training rows, its columns, and the verifier that scores them when the
+    entry sets no reward: a file's rows read under the entry's own columns (exact first-line match), an
+    embedded task's generated rows (its own verifier), each named 'row i' in the order it makes them."""
+    cols = Columns.from_config(source)
+    if source.train_file:  # only the file task reads a file (every other task refuses one)
+        return (read_rows(source.train_file, cols, split=source.train_split, require_answer=uses_own_verifier(source)),
+                cols, answer_match_reward)
+    task = load_task(source)
+    rows = [r if "line" in r or "row" in r else {**r, "row": i + 1} for i, r in enumerate(task.train_rows)]
+    return rows, cols, task.verify
+
+
+def run_check_gold_sources(cfg, args) -> int:
+    """`rlpost curate --check-gold` under task.sources: each source's rows through that source's own reward
+    (its reward / rewards, else its task's verifier), reported per source; with --out, each source's failing
+    rows go to `source_out(--out, name)` under its own columns. A source with an env (episodes, not one
+    completion) is refused before anything is scored. Returns the exit code as `run_check_gold` does."""
+    sources = cfg.task.source_configs()
+    for i, (name, _, source) in enumerate(sources):
+        if source.env:
+            raise ValueError(f"rlpost curate --check-gold scores one completion with a source's reward; "
+                             f"task.sources[{i}] ({name!r}) names an env ({source.env}), which scores episodes: "
+                             f"leave that source out of task.sources to check the others")
+    if args.out and not args.out.endswith((".jsonl", ".json", ".parquet")):
+        raise ValueError(f"cannot write {args.out}: the extension must be .jsonl, .json or .parquet")
+    checked = failed = 0
+    per_source: dict[str, dict] = {}
+    for i, (name, _, source) in enumerate(sources):
+        key = f"task.sources[{i}]"
+        try:
+            rows, cols, default = source_gold_rows(source)
+        except ValueError as e:
+            raise ValueError(f"{key} ({name!r}): {e}") from None
+        verify = reward_from_config(source, default)
+        try:
+            result = check_gold(rows, verify, args.pass_threshold)
+        finally:
+            getattr(verify, "close", lambda: None)()
+        own = source.reward or (f"{key}.rewards" if source.rewards else None)
+        if own is None:
+            own = "the exact first-line match" if source.train_file else f"the {source.name} task's verifier"
+        print(gold_report(result, train=f"{key} {name!r} ({source.train_file or 'task ' + source.name})",
+                          reward=own, threshold=args.pass_threshold))
+        out = source_out(args.out, name) if args.out else None
+        if out:
+            write_rows(result.failed, out, cols)
+            print(f"rlpost curate: wrote the {len(result.failed)} row(s) of {name!r} whose gold does not verify "
+                  f"to {out}")
+        checked, failed = checked + result.checked, failed + len(result.failed)
+        per_source[name] = {"checked": result.checked, "failed": len(result.failed), "out": out,
+                            "rows": _gold_rows(result)}
+    print(f"rlpost curate --check-gold: {checked - failed} of {checked} rows' gold verifies over the "
+          f"{len(sources)} sources")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump({"checked": checked, "failed": failed, "sources": per_source}, f, indent=2)
+    return 1 if failed and args.strict else 0
+
+
+def sources_requested(recipe: str | None, overrides: list[str]) -> bool:
+    """Whether the recipe and overrides set task.sources, read as `load_config` reads them (a recipe or override
+    it cannot read answers False: loading the config then names what is wrong)."""
+    data: object = {}
+    if recipe:
+        try:
+            with open(recipe) as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            return False
+    if not isinstance(data, dict):
+        return False
+    for o in overrides:
+        try:
+            apply_override(data, o)
+        except ConfigError:
+            return False
+    task = data.get("task")
+    return isinstance(task, dict) and bool(task.get("sources"))
 
 
 # ---------------------------------------------------------------------------- the command
@@ -458,6 +552,17 @@ def run_check_gold(cfg, args, rows: list[dict], cols) -> int:
 def run(args) -> int:
     """`rlpost curate` with parsed `args` (see rlpost/cli.py): read, filter, report, write."""
     check = getattr(args, "check_gold", False)
+    if sources_requested(args.recipe, args.overrides):  # every source names its own file, columns and reward
+        if not check:
+            raise ValueError("rlpost curate filters one file (--train) under one task's columns and reward; with "
+                             "task.sources, curate each source's file on its own (--train FILE with that source's "
+                             "keys), or check every source's gold with --check-gold")
+        if args.train:
+            raise ValueError("--train names the one file to check; with task.sources each source names its own "
+                             "(task.sources[i].file): leave out --train")
+        return run_check_gold_sources(load_config(args.recipe, args.overrides), args)
+    if not args.train:
+        raise ValueError("give --train: the training prompts (.jsonl, .json, .parquet or a `datasets` folder)")
     if args.model is None and not args.no_model and not check:
         raise ValueError("give --model (a checkpoint, model folder, run directory or hub id) to estimate pass "
                          "rates, or --no-model to only deduplicate and decontaminate")

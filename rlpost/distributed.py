@@ -29,12 +29,17 @@ so the roles call them unconditionally.
     plain_copy(model)                            a plain, unsharded copy of a (sharded) model on every rank
     save_shards(folder, model, optimizer, critic)    each rank writes its own shards (torch.distributed.checkpoint)
     load_shards(folder, model, optimizer, critic)    read them back, resharded to this run's ranks
-    destroy()                                    leave the process group
+    destroy()                                    leave the process group: a barrier, then destroy it, then
+                                                 wait for gloo's worker threads to go idle (init() leaves
+                                                 it at exit too when a program never gets to destroy())
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -54,7 +59,8 @@ def initialized() -> bool:
 
 
 def init() -> None:
-    """Join torchrun's process group (or make a 1-rank one without torchrun). Idempotent."""
+    """Join torchrun's process group (or make a 1-rank one without torchrun). Idempotent. The group is left at
+    interpreter exit (`destroy` without the barrier) when the program did not get to `destroy` itself."""
     if initialized():
         return
     cuda = torch.cuda.is_available()
@@ -65,12 +71,83 @@ def init() -> None:
         dist.init_process_group(backend)  # env:// from RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    global _exit_hook
+    if not _exit_hook:  # atexit runs while the interpreter is whole: before finalization starts
+        atexit.register(_leave_at_exit)
+        _exit_hook = True
+
+
+_exit_hook = False
+GLOO_WORKER = "pt_gloo_runloop"  # the thread name of ProcessGroupGloo's workers (Linux: /proc/self/task/*/comm)
 
 
 def destroy() -> None:
-    """Leave the process group (at the end of a run), if there is one."""
+    """Leave the process group (at the end of a run), if there is one: a barrier, so that no rank tears its
+    group down while another still talks to it, then destroy_process_group, then wait until gloo's worker
+    threads are idle. While an exception propagates there is no barrier (the other ranks may be anywhere;
+    torchrun stops them when this one exits non-zero); the group is destroyed all the same.
+
+    Why the wait: destroying the group does not end gloo's threads while anything still holds the group (an
+    FSDP2 model's device mesh, torch's caches: they live until the interpreter exits), and a worker that
+    finishes a collective drops its tensors after the caller's wait() has returned. A tensor whose Python
+    object Python already let go needs the GIL to be freed; if that happens while the interpreter finalizes,
+    the thread is ended inside C++ and the process aborts ("terminate called without an active exception",
+    SIGABRT) after all its work is done."""
+    if not initialized():
+        return
+    try:
+        if sys.exc_info()[0] is None:
+            barrier()
+    finally:
+        _leave()
+
+
+def _leave() -> None:
+    dist.destroy_process_group()
+    wait_for_idle_gloo_workers()
+
+
+def _leave_at_exit() -> None:
+    """atexit: a group the program did not destroy (an exception ended it) is left, without a barrier."""
     if initialized():
-        dist.destroy_process_group()
+        _leave()
+
+
+def _busy_gloo_workers() -> int:
+    """How many of this process's gloo worker threads are runnable (state R: working, or about to);
+    0 where /proc/self/task cannot be read."""
+    busy = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() != GLOO_WORKER:
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]  # after "pid (comm)"
+        except (OSError, IndexError):
+            continue  # the thread ended
+        busy += state == "R"
+    return busy
+
+
+def wait_for_idle_gloo_workers(quiet_s: float = 0.02, limit_s: float = 10.0) -> bool:
+    """Sleep (the GIL released: a worker that needs it gets it) until no gloo worker thread has been runnable
+    for `quiet_s`: each has dropped its last collective's tensors and waits for work that will not come.
+    False when they were still busy after `limit_s` (then teardown goes on regardless)."""
+    start = quiet = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if _busy_gloo_workers():
+            quiet = now
+        elif now - quiet >= quiet_s:
+            return True
+        if now - start > limit_s:
+            return False
+        time.sleep(0.002)
 
 
 def launched_by_torchrun() -> int:

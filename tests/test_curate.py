@@ -319,3 +319,83 @@ def test_check_gold_names_the_rows_whose_own_gold_does_not_verify(tmp_path, caps
     # without --check-gold, the filters still need --out
     assert main(["curate", "--no-model", "--train", "train.jsonl"]) == 1
     assert "give --out" in capsys.readouterr().err
+
+
+def write_two_sources(tmp_path, env: str | None = None):
+    """Two files mixed by task.sources, each with its own columns and reward: `math` (prompt / answer, the exact
+    match) whose line 2's demonstration is wrong, and `qa` (q / a, a reward module that reads a lower-cased answer)."""
+    with open(tmp_path / "math.jsonl", "w") as f:
+        for prompt, answer, completion in [("2+2=", "4", "4"), ("3+3=", "6", "7"), ("5+5=", "10", "10")]:
+            f.write(json.dumps({"prompt": prompt, "answer": answer, "completion": completion}) + "\n")
+    with open(tmp_path / "qa.jsonl", "w") as f:
+        for q, a in [("capital of France?", "PARIS"), ("capital of Spain?", "Madrid")]:
+            f.write(json.dumps({"q": q, "a": a}) + "\n")
+    (tmp_path / "lower_reward.py").write_text(
+        "def score(completion, row):\n    return float(completion.strip().lower() == row['answer'].lower())\n")
+    qa = {"file": "qa.jsonl", "prompt_key": "q", "answer_key": "a", "reward": "lower_reward:score"}
+    if env:
+        qa["env"] = env
+    recipe = {"task": {"sources": [{"file": "math.jsonl", "weight": 2}, qa]}}
+    (tmp_path / "mix.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+
+
+def test_check_gold_checks_every_source_with_its_own_columns_and_reward(tmp_path, capsys, monkeypatch):
+    """Under task.sources each source's rows are read with its own columns and scored by its own reward: `qa`'s
+    'PARIS' passes its case-blind reward (the exact match would fail it), `math`'s line 2 fails and is reported,
+    written and counted under `math` alone."""
+    write_two_sources(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["curate", "--check-gold", "--recipe", "mix.yaml", "--out", "bad.jsonl", "--report", "gold.json"]) == 0
+    out = flat(capsys.readouterr().out)
+    assert "rlpost curate --check-gold: task.sources[0] 'math' (math.jsonl): 2 of 3 rows' gold verifies under the " \
+           "exact first-line match (a row passes when its gold scores >= 0.5)" in out
+    assert "line 2: scored 0 < 0.5; gold '7'" in out
+    assert "rlpost curate --check-gold: task.sources[1] 'qa' (qa.jsonl): 2 of 2 rows' gold verifies under " \
+           "lower_reward:score (a row passes when its gold scores >= 0.5)" in out
+    assert out.count("line 2: scored 0 < 0.5; gold '7'") == 1  # under math only
+    assert "rlpost curate --check-gold: 4 of 5 rows' gold verifies over the 2 sources" in out
+    # each source's failing rows under its own columns, in a file of its own
+    assert [json.loads(line) for line in open("bad.math.jsonl")] == [{"prompt": "3+3=", "answer": "6",
+                                                                      "completion": "7"}]
+    assert open("bad.qa.jsonl").read() == ""
+    report = json.load(open("gold.json"))
+    assert report["checked"] == 5 and report["failed"] == 1
+    assert report["sources"]["math"]["rows"] == [{"where": "line 2", "why": "scored 0 < 0.5"}]
+    assert report["sources"]["qa"] == {"checked": 2, "failed": 0, "out": "bad.qa.jsonl", "rows": []}
+    assert main(["curate", "--check-gold", "--strict", "--recipe", "mix.yaml"]) == 1
+    capsys.readouterr()
+    # the sources name their files: --train beside them, or the filters (one file, one task's columns), refused
+    assert main(["curate", "--check-gold", "--recipe", "mix.yaml", "--train", "math.jsonl"]) == 1
+    assert "with task.sources each source names its own (task.sources[i].file): leave out --train" in \
+        capsys.readouterr().err
+    assert main(["curate", "--no-model", "--recipe", "mix.yaml", "--out", "x.jsonl"]) == 1
+    assert "curate each source's file on its own" in capsys.readouterr().err
+    # without task.sources, --train is still needed
+    assert main(["curate", "--check-gold"]) == 1
+    assert "give --train" in capsys.readouterr().err
+
+
+def test_check_gold_checks_an_embedded_source_with_its_tasks_verifier(tmp_path, capsys, monkeypatch):
+    """A source that is an embedded task (no file): its generated rows, scored by the task's own verifier,
+    every one right."""
+    write_two_sources(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["curate", "--check-gold", "task.sources=[{file: math.jsonl}, {task: arithmetic}]"]) == 0
+    out = flat(capsys.readouterr().out)
+    head = next(line for line in out if "task.sources[1] 'arithmetic' (task arithmetic)" in line)
+    checked = int(head.split("): ")[1].split()[2])
+    assert checked > 0 and head.endswith(f"{checked} of {checked} rows' gold verifies under the arithmetic task's "
+                                         "verifier (a row passes when its gold scores >= 0.5)")
+    assert f"rlpost curate --check-gold: {checked + 2} of {checked + 3} rows' gold verifies over the 2 sources" in out
+
+
+def test_check_gold_refuses_a_source_with_an_env_naming_it(tmp_path, capsys, monkeypatch):
+    """An environment scores episodes, not one completion: the source is refused by its place in task.sources
+    before any source is scored, as task.env is without sources."""
+    write_two_sources(tmp_path, env="web")
+    monkeypatch.chdir(tmp_path)
+    assert main(["curate", "--check-gold", "--recipe", "mix.yaml", "--out", "bad.jsonl"]) == 1
+    captured = capsys.readouterr()
+    assert "task.sources[1] ('qa') names an env (web), which scores episodes" in captured.err
+    assert captured.out == "" and not os.path.exists("bad.math.jsonl")

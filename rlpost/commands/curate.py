@@ -30,7 +30,8 @@ def add_curate(sub) -> None:
     p.add_argument("--model", help="the model that estimates pass rates: a checkpoint or model folder, a run "
                                    "directory (its newest checkpoint's weights) or a hub id")
     p.add_argument("--no-model", action="store_true", help="skip pass-rate estimation: dedup and decontaminate only")
-    p.add_argument("--train", required=True, help="training prompts: .jsonl, .json, .parquet or a `datasets` folder")
+    p.add_argument("--train", help="training prompts: .jsonl, .json, .parquet or a `datasets` folder (required, but "
+                                   "with --check-gold under task.sources, whose entries name their own files)")
     p.add_argument("--eval", help="held-out prompts to decontaminate against (same formats)")
     p.add_argument("--out", help="where the kept rows go: .jsonl / .json (JSON Lines) or .parquet (with "
                                  "--check-gold: the rows whose gold does not verify, when given)")
@@ -50,7 +51,9 @@ def add_curate(sub) -> None:
     p.add_argument("--check-gold", action="store_true",
                    help="only check the data: score every row's own gold (its completion, else its answer) with the "
                         "reward (task.reward, else the exact match); count and name the rows whose gold scores below "
-                        "--pass-threshold: a data bug (no model needed; no other filter runs)")
+                        "--pass-threshold: a data bug (no model needed; no other filter runs). Under task.sources "
+                        "(--recipe): every source's rows with its own columns and reward, reported per source, "
+                        "--out OUT.jsonl writing OUT.<source>.jsonl per source")
     p.add_argument("--strict", action="store_true", help="--check-gold: exit 1 when some row's gold does not verify "
                                                          "(default: report them and exit 0)")
     flags = {"--reward": "task.reward", "--prompt-key": "task.prompt_key", "--answer-key": "task.answer_key",
