@@ -4,6 +4,10 @@ announced and kept in the run directory, and the metrics stay those of the unint
 summation order. Any other change is refused, naming the key and the keys that could change."""
 
 import json
+import random
+import signal
+import subprocess
+import time
 import math
 import shutil
 
@@ -340,3 +344,59 @@ def test_training_dropout_finds_every_kind_of_dropout():
     attention = torch.nn.Module()
     attention.attention_dropout = 0.25  # transformers' Llama-style attention: a probability, no module
     assert training_dropout(torch.nn.ModuleDict({"attn": attention})) == "attn.attention_dropout=0.25"
+
+
+@pytest.mark.slow
+def test_sigkills_while_resumes_change_the_layout_back_and_forth_leave_a_consistent_run(tmp_path):
+    """Runs killed at random moments, each resume changing trainer.micro_batch_size (3, then back to the
+    default, ...) and so rewriting run.json and config.yaml: kills land in the start-up, the record, RL steps and
+    checkpoint writes. Each run resumes to its end with the uninterrupted run's RL steps and metrics within
+    tolerance, config.yaml its last resume's layout, and run.json an entry per recorded change. A run that ends
+    before the 12th kill is checked, and the kills go on in a fresh one."""
+    from test_resume import run_to_end, start
+
+    args = SHORT[:-1] + ["rl.steps=10", "rl.save_every=1", "log.rollouts_every=1"]
+    t0 = time.time()
+    run_to_end(args + [f"out_dir={tmp_path}", "run_name=ref"], tmp_path)
+    duration = time.time() - t0
+    rng, kills, resumes, finished, size = random.Random(0), 0, 0, 0, {}
+
+    def launch(run):
+        nonlocal resumes
+        if not (run / "run.json").exists():
+            return start(args + [f"out_dir={tmp_path}", f"run_name={run.name}"], tmp_path)
+        resumes += 1
+        size[run] = "null" if size.get(run) == "3" else "3"
+        return start(["--resume", str(run), f"trainer.micro_batch_size={size[run]}"], tmp_path)
+
+    def check(run):
+        assert json.loads((run / "summary.json").read_text())["status"] == "ok"
+        assert rl_steps(run) == rl_steps(tmp_path / "ref") == list(range(1, 11))
+        max_difference(comparable(run), comparable(tmp_path / "ref"))
+        assert saved_config(str(run)).trainer.micro_batch_size == (3 if size.get(run) == "3" else None)
+        entries = json.loads((run / "run.json").read_text()).get(LAYOUT_LOG, [])
+        assert all(set(e["changes"]) == {"trainer.micro_batch_size"} for e in entries)
+        return len(entries)
+
+    changes = 0
+    while kills < 12:
+        run = tmp_path / f"run{finished}"
+        p = launch(run)
+        try:
+            p.wait(timeout=rng.uniform(0.3, 0.9) * duration)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            continue
+        assert p.returncode == 0, p.communicate()[0]
+        changes += check(run)
+        finished += 1
+    run = tmp_path / f"run{finished}"
+    if (run / "run.json").exists():  # the last one killed: resumed (with its layout change) to its end
+        p = launch(run)
+        assert p.wait(timeout=600) == 0, p.communicate()[0]
+        changes += check(run)
+        finished += 1
+    print(f"\n{kills} SIGKILLs, {resumes} resumes, {changes} layout changes recorded, {finished} finished run(s) "
+          "within tolerance of the uninterrupted one")
