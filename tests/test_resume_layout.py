@@ -283,6 +283,23 @@ def test_a_damaged_run_json_or_config_yaml_is_named(finished, tmp_path, capsys, 
         assert {p.name: p.read_text() for p in run.iterdir() if p.is_file()} == files
 
 
+@pytest.mark.parametrize("override, says", [
+    ("trainer.micro_batch_size=abc", "config key 'trainer.micro_batch_size' expects int | None, got str 'abc'"),
+    ("trainer.micro_batch_size=0", "config key 'trainer.micro_batch_size' must be >= 1 or null, got 0"),
+    ("trainer.micro_batch_tokens=2.5", "config key 'trainer.micro_batch_tokens' expects int | None, got float"),
+    ("trainer.packing=maybe", "config key 'trainer.packing' is 'maybe'; valid values: auto, true, false"),
+    ("trainer.gradient_checkpointing=3", "config key 'trainer.gradient_checkpointing' expects bool, got int 3"),
+    ("rollout.max_num_seqs=-2", "config key 'rollout.max_num_seqs' must be >= 0"),
+    ("trainer.micro_batchsize=3", "unknown config key 'trainer.micro_batchsize'")])
+def test_a_bad_layout_override_is_a_config_error_naming_the_key_with_nothing_written(finished, tmp_path, capsys,
+                                                                                     override, says):
+    run = killed_after_step_2(finished, tmp_path / "run")
+    files = {p.name: p.read_text() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(run), "trainer.logprob_chunk=4", override]) == 2
+    assert says in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in run.iterdir() if p.is_file()} == files
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the policy runs on the GPU: reference.offload is a layout key")
 def test_reference_offload_on_a_cpu_resume_is_refused_before_anything_is_written(finished, tmp_path, capsys):
     """reference.offload=true on a resume whose policy runs on the CPU: refused at once (exit 2, naming the key),
