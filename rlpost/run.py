@@ -130,6 +130,13 @@ def saved_config(run_dir: str, kind: str = "train") -> Config:
                           f"damaged {RUN_FILE}: restore it from a copy of the run directory")
     if info.get("kind") != kind:
         raise ResumeError(f"--resume: {run_dir} is a `rlpost {info.get('kind')}` run, not a `rlpost {kind}` run")
+    log = info.get(LAYOUT_LOG, [])
+    fields = {"checkpoint", "changes", "config_sha256", "resumed_config_sha256", "time"}
+    if not isinstance(log, list) or not all(isinstance(e, dict) and fields <= set(e) and isinstance(e["changes"], dict)
+                                            for e in log):
+        raise ResumeError(f"--resume: {info_path}: '{LAYOUT_LOG}' is not a list of the entries a resume that changed "
+                          f"layout keys writes (each with {', '.join(sorted(fields))}); restore it from a "
+                          "copy of the run directory")
     try:
         with open(cfg_path) as f:
             data = yaml.safe_load(f)

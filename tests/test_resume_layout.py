@@ -268,17 +268,23 @@ def test_a_kill_between_the_run_json_and_config_yaml_writes_of_a_second_layout_r
     ("config.yaml", "# 2026: resumed from step_2 with layout keys changed\n", "config.yaml is not the run's config "
                                                                               "(a YAML mapping of config keys; got "
                                                                               "NoneType)"),
-    ("config.yaml", "- seed\n", "got list")])
+    ("config.yaml", "- seed\n", "got list"),
+    ("run.json", {LAYOUT_LOG: {"a": 1}}, f"run.json: '{LAYOUT_LOG}' is not a list of the entries"),
+    ("run.json", {LAYOUT_LOG: [{"changes": 3}]}, f"run.json: '{LAYOUT_LOG}' is not a list of the entries"),
+    ("run.json", {LAYOUT_LOG: 5}, "(each with changes, checkpoint, config_sha256, resumed_config_sha256, time)")])
 def test_a_damaged_run_json_or_config_yaml_is_named(finished, tmp_path, capsys, name, text, says):
-    """A resume, with layout keys or without, of a run directory whose run.json or config.yaml is damaged: exit 2,
-    one line naming the file and what to do, nothing written (no traceback)."""
+    """A resume, with layout keys or without, of a run directory whose run.json or config.yaml is damaged (run.json's
+    record of layout changes too): exit 2, one line naming the file and what to do, nothing written (no
+    traceback)."""
     run = killed_after_step_2(finished, tmp_path / "run")
+    if isinstance(text, dict):
+        text = json.dumps({**json.loads((run / name).read_text()), **text})
     (run / name).write_text(text)
     files = {p.name: p.read_text() for p in run.iterdir() if p.is_file()}
     for extra in ([], ["trainer.micro_batch_size=2"]):
         assert main(["train", "--resume", str(run), *extra]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"rlpost: error: --resume: {run / name} ") and says in err, err
+        assert err.startswith(f"rlpost: error: --resume: {run / name}") and says in err, err
         assert "restore it from a copy of the run directory" in err
         assert {p.name: p.read_text() for p in run.iterdir() if p.is_file()} == files
 
