@@ -194,8 +194,8 @@ DROPOUT_FREE_LAYOUT = frozenset({"trainer.logprob_chunk", "reference.offload", "
 
 
 def training_dropout(model: torch.nn.Module) -> str | None:
-    """Where `model` drops out in training (`name: p`, the first such module: an nn.Dropout, LoRA's included,
-    or an attention's dropout probability), None when nowhere."""
+    """Where `model` drops out in training: the first module with a dropout probability above 0 (an nn.Dropout,
+    LoRA's included, or an attention's own probability) named with it; None when nowhere."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
             return f"{name}: p={module.p}"
@@ -253,11 +253,11 @@ def layout_change_line(changes: dict[str, tuple[Any, Any]], checkpoint: str | No
 
 def earlier_config_digests(run_dir: str, current: str) -> set[str]:
     """The digests (`config_digest`) of the configs run `run_dir` had before resumes changed its layout keys
-    (run.json's LAYOUT_LOG), whose checkpoints resume under config.yaml as it is now, `current`: followed back
-    from the entry that wrote `current`, each entry's config before the one the entry before it wrote, so that
-    every config reached differs from `current` in layout keys at most. An entry whose config.yaml write a kill
-    prevented (run.json is written first) links to nothing; an edit of config.yaml by hand leaves `current`
-    written by no entry: then none."""
+    (run.json's LAYOUT_LOG), whose checkpoints resume under config.yaml as it is now, `current`: the config before
+    the entry that wrote `current`, the config before the entry that wrote that one, and so on back, so that each
+    config reached differs from `current` in layout keys at most (every entry's change was checked). An entry whose
+    config.yaml write a kill prevented (run.json is written first) wrote no config in use and is passed over;
+    after an edit of config.yaml by hand no entry wrote `current`: none."""
     try:
         with open(os.path.join(run_dir, RUN_FILE)) as f:
             info = json.load(f)
