@@ -302,8 +302,18 @@ def source_metrics(batch: Batch, names: list[str]) -> dict[str, float]:
 
 @torch.no_grad()
 def advantage_metrics(batch: Batch | None) -> dict[str, float]:
+    """advantage/mean and /std over the step batch's response tokens; with a critic's rollout-time values and
+    returns, value/explained_variance, 1 - Var(R - V) / Var(R), over the whole batch (not per micro-batch, whose
+    average would change with the trainer's micro-batch layout)."""
     if batch is None or batch.advantages is None:
         return {}
-    adv = batch.advantages[batch.response_mask.bool()]
-    return {"advantage/mean": float(adv.mean()) if adv.numel() else 0.0,
-            "advantage/std": float(adv.std()) if adv.numel() > 1 else 0.0}
+    mask = batch.response_mask.bool()
+    adv = batch.advantages[mask]
+    out = {"advantage/mean": float(adv.mean()) if adv.numel() else 0.0,
+           "advantage/std": float(adv.std()) if adv.numel() > 1 else 0.0}
+    if batch.values is not None and batch.returns is not None:
+        ret = batch.returns.float()[mask]
+        var_ret = float(ret.var(unbiased=False)) if ret.numel() else 0.0
+        var_res = float((ret - batch.values.float()[mask]).var(unbiased=False)) if ret.numel() else 0.0
+        out["value/explained_variance"] = 1.0 - var_res / var_ret if var_ret > 0 else 0.0
+    return out

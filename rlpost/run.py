@@ -120,12 +120,33 @@ def saved_config(run_dir: str, kind: str = "train") -> Config:
     info_path, cfg_path = os.path.join(run_dir, RUN_FILE), os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(info_path) or not os.path.isfile(cfg_path):
         raise ResumeError(f"--resume: {run_dir} is not an rlpost run directory (no {RUN_FILE} / config.yaml)")
-    with open(info_path) as f:
-        info = json.load(f)
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+    except ValueError as e:
+        info = e
+    if not isinstance(info, dict):
+        raise ResumeError(f"--resume: {info_path} is not a JSON object ({info}); the run cannot be resumed from a "
+                          f"damaged {RUN_FILE}: restore it from a copy of the run directory")
     if info.get("kind") != kind:
         raise ResumeError(f"--resume: {run_dir} is a `rlpost {info.get('kind')}` run, not a `rlpost {kind}` run")
-    with open(cfg_path) as f:
-        return from_dict(Config, with_old_defaults(yaml.safe_load(f)))
+    log = info.get(LAYOUT_LOG, [])
+    fields = {"checkpoint", "changes", "config_sha256", "resumed_config_sha256", "time"}
+    if not isinstance(log, list) or not all(isinstance(e, dict) and fields <= set(e) and isinstance(e["changes"], dict)
+                                            for e in log):
+        raise ResumeError(f"--resume: {info_path}: '{LAYOUT_LOG}' is not a list of the entries a resume that changed "
+                          f"layout keys writes (each with {', '.join(sorted(fields))}); restore it from a "
+                          "copy of the run directory")
+    try:
+        with open(cfg_path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        data = f"not valid YAML: {e}"
+    if not isinstance(data, dict):
+        raise ResumeError(f"--resume: {cfg_path} is not the run's config (a YAML mapping of config keys; "
+                          f"{data if isinstance(data, str) else f'got {type(data).__name__}'}): restore it from a "
+                          "copy of the run directory")
+    return from_dict(Config, with_old_defaults(data))
 
 
 def config_changes(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
@@ -156,7 +177,45 @@ def resume_changes(saved: Config, new: Config, run_dir: str) -> dict[str, tuple[
                           "that change what the run computes; nothing was changed:\n  " + "\n  ".join(refused)
                           + "\na resume may change only the keys that lay the same computation out in memory: "
                           + ", ".join(layout))
+    if new.model.lora.r > 0 and new.model.lora.dropout > 0:
+        check_layout_dropout(changes, f"model.lora.dropout={new.model.lora.dropout}", run_dir)
+    if changes.get("reference.offload", (None, False))[1] and resolve_device(new.model.device).type == "cpu":
+        raise ConfigError(f"--resume {run_dir}: config key 'reference.offload' is true, but the policy runs on the "
+                          f"CPU (model.device={new.model.device}): nothing to offload to; nothing was changed. Set "
+                          "reference.offload=false, or resume on a GPU")
     return changes
+
+
+# The layout keys that leave the policy's training forward as it is (the log-prob head's chunk reads the hidden
+# states of one forward; the reference and the rollout run in eval mode). Every other one splits, packs or
+# re-runs that forward otherwise, and with it the dropout masks it draws: under dropout not a layout change.
+DROPOUT_FREE_LAYOUT = frozenset({"trainer.logprob_chunk", "reference.offload", "rollout.max_num_seqs",
+                                 "rollout.vllm_sleep"})
+
+
+def training_dropout(model: torch.nn.Module) -> str | None:
+    """Where `model` drops out in training: the first module with a dropout probability above 0 (an nn.Dropout,
+    LoRA's included, or an attention's own probability) named with it; None when nowhere."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"{name}: p={module.p}"
+        for attr in ("dropout", "attention_dropout", "attn_dropout"):
+            p = getattr(module, attr, None)
+            if isinstance(p, float) and p > 0:
+                return f"{name}.{attr}={p}"
+    return None
+
+
+def check_layout_dropout(changes: dict[str, tuple[Any, Any]], dropout: str | None, run_dir: str) -> None:
+    """ConfigError when the policy trains with dropout (`dropout`: where) and `changes` has a layout key outside
+    DROPOUT_FREE_LAYOUT: its micro-batches (packing, shared prompts) draw other dropout masks, so the run would
+    compute other gradients, not the same ones laid out otherwise."""
+    shaping = [k for k in changes if k not in DROPOUT_FREE_LAYOUT]
+    if dropout and shaping:
+        raise ConfigError(f"--resume {run_dir}: the policy trains with dropout ({dropout}), and each micro-batch "
+                          f"draws its own dropout masks: {', '.join(shaping)} would change the gradients, not only "
+                          "the memory layout; nothing was changed. Under dropout a resume may change only "
+                          + ", ".join(sorted(DROPOUT_FREE_LAYOUT)))
 
 
 def resume_config(run_dir: str, given: Config | None = None) -> tuple[Config, dict[str, tuple[Any, Any]]]:
@@ -194,17 +253,23 @@ def layout_change_line(changes: dict[str, tuple[Any, Any]], checkpoint: str | No
 
 def earlier_config_digests(run_dir: str, current: str) -> set[str]:
     """The digests (`config_digest`) of the configs run `run_dir` had before resumes changed its layout keys
-    (run.json's LAYOUT_LOG): its checkpoints written under them resume under config.yaml as it is now, `current`,
-    when that is the config the last such resume wrote (an edit of config.yaml by hand since then: none do)."""
+    (run.json's LAYOUT_LOG), whose checkpoints resume under config.yaml as it is now, `current`: the config before
+    the entry that wrote `current`, the config before the entry that wrote that one, and so on back, so that each
+    config reached differs from `current` in layout keys at most (every entry's change was checked). An entry whose
+    config.yaml write a kill prevented (run.json is written first) wrote no config in use and is passed over;
+    after an edit of config.yaml by hand no entry wrote `current`: none."""
     try:
         with open(os.path.join(run_dir, RUN_FILE)) as f:
             info = json.load(f)
     except (OSError, ValueError):
         return set()
     entries = [e for e in (info.get(LAYOUT_LOG, []) if isinstance(info, dict) else []) if isinstance(e, dict)]
-    if not entries or entries[-1].get("resumed_config_sha256") != current:
-        return set()
-    return {e.get("config_sha256") for e in entries} | {e.get("resumed_config_sha256") for e in entries}
+    found, wanted = set(), current
+    for entry in reversed(entries):
+        if entry.get("resumed_config_sha256") == wanted and entry.get("config_sha256"):
+            wanted = entry["config_sha256"]
+            found |= {current, wanted}
+    return found
 
 
 def record_layout_changes(run_dir: str, saved: Config, cfg: Config, changes: dict[str, tuple[Any, Any]],
@@ -497,6 +562,8 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
                        checkpoint=ckpt.path if ckpt else "the start", digests=ckpt.meta if ckpt else None)
         # the data, model and rewards, checked before any stage starts (a fsdp2 resume: the policy's shards read)
         ctx = build_context(cfg, run_dir, log, shards=skeleton_resume(cfg, ckpt, run_dir))
+        if layout_changes:  # before the change is recorded: refused, the run directory keeps its config
+            check_layout_dropout(layout_changes, training_dropout(ctx.model), run_dir)
     except BaseException:
         if log is not None:
             log.close(exit_code=1)

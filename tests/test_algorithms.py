@@ -10,6 +10,7 @@ from rlpost.algorithms import available
 from rlpost.algorithms.base import aggregate, kl_estimate
 from rlpost.algorithms.dapo import overlong_penalty
 from rlpost.algorithms.ppo import gae
+from rlpost.controller import advantage_metrics
 
 ALL = sorted(available())
 
@@ -177,8 +178,24 @@ def test_ppo_explained_variance_is_one_for_a_perfect_critic():
     b = b.replace(values=torch.zeros(b.input_ids.shape))
     b = algo.compute_advantages(b)
     b = b.replace(values=b.returns)  # a critic that predicted the returns exactly
-    _, m = algo.compute_loss(b.old_logp, b.replace(new_values=b.returns))
-    assert m["value/explained_variance"] == pytest.approx(1.0)
+    assert advantage_metrics(b)["value/explained_variance"] == pytest.approx(1.0)
+    assert advantage_metrics(b.replace(values=torch.zeros_like(b.returns)))["value/explained_variance"] == \
+        pytest.approx(0.0)
+
+
+def test_ppo_explained_variance_is_the_batch_s_whatever_the_micro_batches():
+    """A metric of the step's batch, not averaged over the trainer's micro-batches (a ratio of variances: its mean
+    over micro-batches changes with micro_batch_size, which a resume may change)."""
+    b, _ = random_batch()
+    algo = get_algorithm("ppo", beta=0.0, gamma=1.0, lam=1.0, whiten_advantages=False)
+    b = algo.compute_advantages(b.replace(values=torch.zeros(b.input_ids.shape)))
+    b = b.replace(values=b.returns + torch.randn(b.returns.shape))
+    _, m = algo.compute_loss(b.old_logp, b.replace(new_values=b.values))
+    assert "value/explained_variance" not in m  # the trainer averages compute_loss's metrics over micro-batches
+    mask = b.response_mask.bool()
+    ret, v = b.returns[mask].double(), b.values[mask].double()
+    assert advantage_metrics(b)["value/explained_variance"] == pytest.approx(
+        float(1 - (ret - v).var(unbiased=False) / ret.var(unbiased=False)), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- identities

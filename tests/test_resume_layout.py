@@ -4,17 +4,22 @@ announced and kept in the run directory, and the metrics stay those of the unint
 summation order. Any other change is refused, naming the key and the keys that could change."""
 
 import json
+import random
+import signal
+import subprocess
+import time
 import math
 import shutil
 
 import pytest
 import torch
 
+import rlpost.run as run_module
 from rlpost.checkpoint import list_checkpoints
 from rlpost.cli import main
 from rlpost.config import Config, load_config
 from rlpost.reference import Reference
-from rlpost.run import LAYOUT_LOG, resume_config, saved_config, train
+from rlpost.run import LAYOUT_LOG, resume_changes, resume_config, saved_config, train, training_dropout
 from rlpost.schema import layout_keys
 from test_resume import SHORT, comparable
 
@@ -226,3 +231,195 @@ def test_a_sharded_run_resumes_on_two_ranks_with_a_smaller_micro_batch(tmp_path)
     assert saved_config(str(run)).trainer.micro_batch_size == 3
     assert [x["step"] for x in _rl_lines(run)] == [1, 2, 3, 4]
     max_difference(_rl_lines(run), _rl_lines(out / "dcp"))
+
+
+def test_a_kill_between_the_run_json_and_config_yaml_writes_of_a_second_layout_resume_leaves_it_resumable(
+        finished, tmp_path, monkeypatch, capsys):
+    """Two layout resumes from step_2 in a row, the second killed after it wrote run.json and before config.yaml:
+    config.yaml is the first one's, and step_2 (written under the config before both) still resumes under it."""
+    run = killed_after_step_2(finished, tmp_path / "run")
+    assert main(["train", "--resume", str(run), "trainer.micro_batch_size=3"]) == 0, capsys.readouterr().err
+    shutil.rmtree(run / "checkpoints" / "final")  # killed again before its next checkpoint
+    config = (run / "config.yaml").read_text()
+
+    def killed_before_config_yaml(path, lines):
+        if path.endswith("config.yaml"):
+            raise KeyboardInterrupt
+        real(path, lines)
+
+    real = run_module.replace_file
+    monkeypatch.setattr(run_module, "replace_file", killed_before_config_yaml)
+    assert main(["train", "--resume", str(run), "trainer.micro_batch_size=2"]) == 130
+    monkeypatch.setattr(run_module, "replace_file", real)
+    assert len(json.loads((run / "run.json").read_text())[LAYOUT_LOG]) == 2 and (run / "config.yaml").read_text() \
+        == config
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+    assert "resuming from" in capsys.readouterr().out
+    assert saved_config(str(run)).trainer.micro_batch_size == 3
+    max_difference(comparable(run), comparable(finished))
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("run.json", "{bad", "run.json is not a JSON object (Expecting property name"),
+    ("run.json", "[1]", "run.json is not a JSON object ([1])"),
+    ("config.yaml", "seed: [unclosed\n", "config.yaml is not the run's config (a YAML mapping of config keys; not "
+                                         "valid YAML"),
+    ("config.yaml", "# 2026: resumed from step_2 with layout keys changed\n", "config.yaml is not the run's config "
+                                                                              "(a YAML mapping of config keys; got "
+                                                                              "NoneType)"),
+    ("config.yaml", "- seed\n", "got list"),
+    ("run.json", {LAYOUT_LOG: {"a": 1}}, f"run.json: '{LAYOUT_LOG}' is not a list of the entries"),
+    ("run.json", {LAYOUT_LOG: [{"changes": 3}]}, f"run.json: '{LAYOUT_LOG}' is not a list of the entries"),
+    ("run.json", {LAYOUT_LOG: 5}, "(each with changes, checkpoint, config_sha256, resumed_config_sha256, time)")])
+def test_a_damaged_run_json_or_config_yaml_is_named(finished, tmp_path, capsys, name, text, says):
+    """A resume, with layout keys or without, of a run directory whose run.json or config.yaml is damaged (run.json's
+    record of layout changes too): exit 2, one line naming the file and what to do, nothing written (no
+    traceback)."""
+    run = killed_after_step_2(finished, tmp_path / "run")
+    if isinstance(text, dict):
+        text = json.dumps({**json.loads((run / name).read_text()), **text})
+    (run / name).write_text(text)
+    files = {p.name: p.read_text() for p in run.iterdir() if p.is_file()}
+    for extra in ([], ["trainer.micro_batch_size=2"]):
+        assert main(["train", "--resume", str(run), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rlpost: error: --resume: {run / name}") and says in err, err
+        assert "restore it from a copy of the run directory" in err
+        assert {p.name: p.read_text() for p in run.iterdir() if p.is_file()} == files
+
+
+@pytest.mark.parametrize("override, says", [
+    ("trainer.micro_batch_size=abc", "config key 'trainer.micro_batch_size' expects int | None, got str 'abc'"),
+    ("trainer.micro_batch_size=0", "config key 'trainer.micro_batch_size' must be >= 1 or null, got 0"),
+    ("trainer.micro_batch_tokens=2.5", "config key 'trainer.micro_batch_tokens' expects int | None, got float"),
+    ("trainer.packing=maybe", "config key 'trainer.packing' is 'maybe'; valid values: auto, true, false"),
+    ("trainer.gradient_checkpointing=3", "config key 'trainer.gradient_checkpointing' expects bool, got int 3"),
+    ("rollout.max_num_seqs=-2", "config key 'rollout.max_num_seqs' must be >= 0"),
+    ("trainer.micro_batchsize=3", "unknown config key 'trainer.micro_batchsize'")])
+def test_a_bad_layout_override_is_a_config_error_naming_the_key_with_nothing_written(finished, tmp_path, capsys,
+                                                                                     override, says):
+    run = killed_after_step_2(finished, tmp_path / "run")
+    files = {p.name: p.read_text() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(run), "trainer.logprob_chunk=4", override]) == 2
+    assert says in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in run.iterdir() if p.is_file()} == files
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the policy runs on the GPU: reference.offload is a layout key")
+def test_reference_offload_on_a_cpu_resume_is_refused_before_anything_is_written(finished, tmp_path, capsys):
+    """reference.offload=true on a resume whose policy runs on the CPU: refused at once (exit 2, naming the key),
+    not recorded as the run's new config and then failing when the RL stage builds the reference."""
+    run = killed_after_step_2(finished, tmp_path / "run")
+    files = {p.name: p.read_text() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(run), "reference.offload=true"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'reference.offload' is true, but the policy runs on the CPU (model.device=auto)" in err, err
+    assert {p.name: p.read_text() for p in run.iterdir() if p.is_file()} == files
+
+
+def test_under_dropout_only_the_keys_that_leave_the_training_forward_may_change(finished, tmp_path, capsys):
+    """With dropout in training each micro-batch draws its own masks: micro-batches, packing and gradient
+    checkpointing (which turns shared-prompt scoring off) change the gradients, so a resume refuses them, whether
+    the dropout is in the config (LoRA's, before any work) or in the model (a checkpoint's attention dropout,
+    once the policy is built); the log-prob chunk and the rollout's keys still change."""
+    lora = load_config(None, SHORT + ["model.lora.r=4", "model.lora.dropout=0.3"])
+    BOOLEAN = ("trainer.packing", "trainer.gradient_checkpointing")
+    for key in ("trainer.micro_batch_size", "trainer.micro_batch_tokens", "trainer.packing",
+                "trainer.gradient_checkpointing", "preference.micro_batch_size"):
+        given = load_config(None, SHORT + ["model.lora.r=4", "model.lora.dropout=0.3",
+                                           f"{key}={'true' if key in BOOLEAN else 3}"])
+        with pytest.raises(ValueError, match=rf"trains with dropout \(model.lora.dropout=0.3\), .*: {key} would "
+                                             "change the gradients"):
+            resume_changes(lora, given, "RUN")
+    given = load_config(None, SHORT + ["model.lora.r=4", "model.lora.dropout=0.3", "trainer.logprob_chunk=3",
+                                       "rollout.max_num_seqs=2"])
+    assert set(resume_changes(lora, given, "RUN")) == {"trainer.logprob_chunk", "rollout.max_num_seqs"}
+    no_dropout = load_config(None, SHORT + ["model.lora.r=4", "trainer.micro_batch_size=3"])
+    assert set(resume_changes(load_config(None, SHORT + ["model.lora.r=4"]), no_dropout, "RUN")) == {
+        "trainer.micro_batch_size"}
+
+    # a gpt_mini checkpoint with attention dropout (GPT-2's attn_pdrop) as the policy
+    model = tmp_path / "model"
+    shutil.copytree(finished / "checkpoints" / "final", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.2}))
+    args = [a for a in SHORT if not a.startswith("model.")] + [f"model.name={model}", f"out_dir={tmp_path}",
+                                                                  "run_name=dropout"]
+    assert train(load_config(None, args))["status"] == "ok"
+    run = tmp_path / "dropout"
+    shutil.rmtree(run / "checkpoints" / "final")
+    # (metrics.jsonl and rollouts.jsonl are cut back to step_2's lines, as by any resume: the model is built then)
+    files = {p.name: p.read_text() for p in run.iterdir() if p.is_file() and p.suffix != ".jsonl"}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "trainer.micro_batch_size=3"]) == 1
+    err = capsys.readouterr().err
+    assert "the policy trains with dropout (transformer.h.0.attn.dropout=0.2)" in err, err
+    assert "trainer.micro_batch_size would change the gradients" in err
+    assert {p.name: p.read_text() for p in run.iterdir() if p.is_file() and p.suffix != ".jsonl"} == files
+    assert main(["train", "--resume", str(run), "trainer.logprob_chunk=3"]) == 0, capsys.readouterr().err
+    assert "layout keys changed: trainer.logprob_chunk: None -> 3;" in capsys.readouterr().out
+
+
+def test_training_dropout_finds_every_kind_of_dropout():
+    assert training_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0))) is None
+    assert training_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))) == "1: p=0.1"
+    attention = torch.nn.Module()
+    attention.attention_dropout = 0.25  # transformers' Llama-style attention: a probability, no module
+    assert training_dropout(torch.nn.ModuleDict({"attn": attention})) == "attn.attention_dropout=0.25"
+
+
+@pytest.mark.slow
+def test_sigkills_while_resumes_change_the_layout_back_and_forth_leave_a_consistent_run(tmp_path):
+    """Runs killed at random moments, each resume changing trainer.micro_batch_size (3, then back to the
+    default, ...) and so rewriting run.json and config.yaml: kills land in the start-up, the record, RL steps and
+    checkpoint writes. Each run resumes to its end with the uninterrupted run's RL steps and metrics within
+    tolerance, config.yaml its last resume's layout, and run.json an entry per recorded change. A run that ends
+    before the 12th kill is checked, and the kills go on in a fresh one."""
+    from test_resume import run_to_end, start
+
+    args = SHORT[:-1] + ["rl.steps=10", "rl.save_every=1", "log.rollouts_every=1"]
+    t0 = time.time()
+    run_to_end(args + [f"out_dir={tmp_path}", "run_name=ref"], tmp_path)
+    duration = time.time() - t0
+    rng, kills, resumes, finished, size = random.Random(0), 0, 0, 0, {}
+
+    def launch(run):
+        nonlocal resumes
+        if not (run / "run.json").exists():
+            return start(args + [f"out_dir={tmp_path}", f"run_name={run.name}"], tmp_path)
+        resumes += 1
+        size[run] = "null" if size.get(run) == "3" else "3"
+        return start(["--resume", str(run), f"trainer.micro_batch_size={size[run]}"], tmp_path)
+
+    def check(run):
+        assert json.loads((run / "summary.json").read_text())["status"] == "ok"
+        assert rl_steps(run) == rl_steps(tmp_path / "ref") == list(range(1, 11))
+        max_difference(comparable(run), comparable(tmp_path / "ref"))
+        assert saved_config(str(run)).trainer.micro_batch_size == (3 if size.get(run) == "3" else None)
+        entries = json.loads((run / "run.json").read_text()).get(LAYOUT_LOG, [])
+        assert all(set(e["changes"]) == {"trainer.micro_batch_size"} for e in entries)
+        return len(entries)
+
+    changes = 0
+    while kills < 12:
+        run = tmp_path / f"run{finished}"
+        p = launch(run)
+        try:
+            p.wait(timeout=rng.uniform(0.3, 0.9) * duration)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            continue
+        assert p.returncode == 0, p.communicate()[0]
+        changes += check(run)
+        finished += 1
+    run = tmp_path / f"run{finished}"
+    if (run / "run.json").exists():  # the last one killed: resumed (with its layout change) to its end
+        p = launch(run)
+        assert p.wait(timeout=600) == 0, p.communicate()[0]
+        changes += check(run)
+        finished += 1
+    print(f"\n{kills} SIGKILLs, {resumes} resumes, {changes} layout changes recorded, {finished} finished run(s) "
+          "within tolerance of the uninterrupted one")

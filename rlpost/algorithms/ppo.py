@@ -100,12 +100,8 @@ class PPO(PolicyGradient):
         v_clipped = v_old + torch.clamp(v - v_old, -self.cfg.vf_clip, self.cfg.vf_clip)
         vf_per_token = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)
         vf_loss = aggregate(vf_per_token, batch, self.cfg.loss_agg, self.cfg.norm_length)
-        with torch.no_grad():
-            resid = torch.where(mask, ret - v_old, torch.zeros_like(ret))
-            var_ret = masked_mean_value((ret - masked_mean_value(ret, mask)) ** 2, mask)
-            var_res = masked_mean_value((resid - masked_mean_value(resid, mask)) ** 2, mask)
+        with torch.no_grad():  # (value/explained_variance is the step batch's: rlpost.controller.advantage_metrics)
             metrics["value/loss"] = masked_mean_value(vf_per_token, mask)
-            metrics["value/explained_variance"] = 1.0 - var_res / var_ret if var_ret > 0 else 0.0
             metrics["value/clip_frac"] = masked_mean_value(((v - v_old).abs() > self.cfg.vf_clip).float(), mask)
             metrics["value/mean"] = masked_mean_value(v, mask)
         return loss + self.cfg.vf_coef * vf_loss, metrics
