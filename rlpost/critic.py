@@ -43,13 +43,17 @@ from rlpost.settings.critic import CRITIC_TYPES  # the valid critic.type names, 
 
 
 class Critic(nn.Module):
-    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, cfg: TrainerConfig | None = None):
+    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, cfg: TrainerConfig | None = None,
+                 probe: nn.Module | None = None):
         """`cfg`: the `trainer.*` section, whose precision and micro-batching (micro_batch_size,
-        micro_batch_tokens, packing) a whole-batch value pass runs with (None: the defaults)."""
+        micro_batch_tokens, packing) a whole-batch value pass runs with (None: the defaults). `probe`: the model
+        whose forward tells whether the trunk can pack rows (default: the trunk itself), the policy a sharded
+        trunk was copied from: running the trunk would make it an FSDP2 root before the critic shards over it."""
         super().__init__()
         cfg = cfg or TrainerConfig()
         check_precision(cfg.precision, model_device(trunk))
-        packing = resolve_packing(cfg.packing, trunk)  # true fails now on a trunk that cannot pack; auto is off there
+        # true fails now on a trunk that cannot pack; auto is off there
+        packing = resolve_packing(cfg.packing, trunk if probe is None else probe)
         self.shared, self.precision = shared, cfg.precision
         self.micro_batch_size, self.micro_batch_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
         self.packing = packing
@@ -67,16 +71,17 @@ class Critic(nn.Module):
         """A critic of `kind` for `policy`, computing as `cfg` (the `trainer.*` section) says."""
         if kind not in CRITIC_TYPES:
             raise ValueError(f"critic.type must be one of {', '.join(CRITIC_TYPES)}, got {kind!r}")
+        probe = None
         if kind == "head":
             trunk = policy
         elif dist.is_sharded(policy) and not is_lora(policy):
             # a sharded policy (a fsdp2 run): each rank copies its own shards into a trunk sharded alike, so
-            # nothing is gathered (rlpost.distributed.sharded_copy)
-            trunk = dist.sharded_copy(policy, requires_grad=True)
+            # nothing is gathered (rlpost.distributed.sharded_copy); the policy, the same model, is probed
+            trunk, probe = dist.sharded_copy(policy, requires_grad=True), policy
         else:  # a sharded LoRA policy: a plain copy of its full weights (its adapters are no skeleton's)
             trunk = dist.plain_copy(policy) if dist.is_sharded(policy) else copy.deepcopy(policy)
             trunk.requires_grad_(True)
-        return cls(trunk, policy.hidden_size, shared=kind == "head", cfg=cfg)
+        return cls(trunk, policy.hidden_size, shared=kind == "head", cfg=cfg, probe=probe)
 
     def shard(self) -> None:
         """FSDP2 over the critic (rlpost.distributed): a separate trunk like a policy, then the head. Idempotent."""

@@ -61,6 +61,7 @@ def job_fresh(out: str, folders: str) -> None:
     from rlpost.critic import Critic
     from rlpost.models import load_model, load_weights
     from rlpost.reference import Reference
+    from rlpost.trainer import Trainer
 
     dist.init()
     rank = dist.rank()
@@ -83,9 +84,14 @@ def job_fresh(out: str, folders: str) -> None:
             dist.full_state_dict = dist.plain_copy = _no_gather  # a copy that gathers fails here
             try:
                 ref = Reference(policy, TrainerConfig(strategy="fsdp2", micro_batch_size=2))
-                critic = Critic.build(policy, "separate", TrainerConfig(strategy="fsdp2"))
+                critic = Critic.build(policy, "separate", TrainerConfig(strategy="fsdp2", packing="auto"))
             finally:
                 dist.full_state_dict, dist.plain_copy = gather, plain
+            # as the RL stage: a Trainer with the critic (it probes packing, then shards the critic over its
+            # trunk), then a value pass through the critic as the FSDP2 root
+            Trainer(policy, TrainerConfig(strategy="fsdp2", packing="auto"), critic=critic)
+            with torch.no_grad():  # as the controller's value pass
+                case["critic_values"] = float(critic(mine).abs().max())  # (its head starts at zero)
             one = Reference(whole, TrainerConfig(micro_batch_size=2))(batch).ref_logp
             case["reference"] = dist.reduce_max(float((ref(mine).ref_logp - one[RANK_ROWS[rank]]).abs().max()))
             case["reference_weights"] = max_diff(full_weights(ref.model), whole.state_dict())
@@ -209,7 +215,7 @@ def test_a_sharded_skeleton_filled_from_a_folder_is_the_loaded_model(tmp_path, t
         assert case["reference_weights"] == 0.0 and case["reference_buffers"] == 0.0, label
         assert case["reference"] < TOL, label
         assert case["reference_frozen"] and case["critic_trains"], label
-        assert case["critic_trunk"] == 0.0, label
+        assert case["critic_trunk"] == 0.0 and case["critic_values"] == 0.0, label
         assert all(0.3 < s < 0.7 for s in case["reference_shares"] + case["critic_shares"]), label
         assert case["loss"] < TOL and case["step_weights"] < TOL, label
 
@@ -233,6 +239,49 @@ def test_a_fresh_sharded_run_never_builds_the_whole_policy_on_a_rank(tmp_path, t
     assert m["skeleton"]["policy"] == 0.0 and m["whole"]["policy"] == 0.0
     assert max(m["skeleton"]["growth"]) < 0.75 * full  # its half, and one tensor's rows at a time
     assert min(m["whole"]["growth"]) > 1.5 * full  # the whole policy, and the engine's copy of it
+
+
+@pytest.mark.slow
+def test_rlpost_train_of_a_model_folder_starts_sharded_under_torchrun(tmp_path, tiny_llama_dir):
+    """`rlpost train` on 2 ranks of a Llama folder, SFT then PPO with a separate critic and a reference: the policy
+    is built empty and sharded from the start (the line says so), the reference and the critic are sharded copies,
+    and the run finishes with the RL steps logged once and a final model folder."""
+    from test_dcp import _train
+
+    out = tmp_path / "runs"
+    done = _train(["train", "trainer.strategy=fsdp2", "rl.weight_sync=copy", f"model.name={tiny_llama_dir}",
+                   "algorithm={name: ppo}", "critic.type=separate", f"out_dir={out}", "run_name=meta",
+                   "sft.steps=3", "sft.batch_size=8", "rl.steps=2", "rl.eval_every=0", "rl.save_every=0",
+                   "rollout.prompts_per_step=4", "rollout.k=2", "rollout.max_new_tokens=8", "task.num_eval=4",
+                   "eval.samples_per_prompt=1", "trainer.micro_batch_size=4", "threads=1"], nproc=2)
+    assert done.stdout.count("the policy was built empty and sharded") == 1, done.stdout[-3000:]
+    run = out / "meta"
+    assert json.loads((run / "summary.json").read_text())["status"] == "ok"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["stage"] == "rl"] == [1, 2]
+    assert (run / "checkpoints" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_fresh_two_rank_run_of_a_model_folder_trains_like_one_process(tmp_path, tiny_llama_dir):
+    """`rlpost train` of a Llama folder, SFT steps on 2 ranks (the policy a sharded skeleton read from the folder,
+    probed for packing before its first step) and in one process: the same weights after SFT, to the fsdp
+    tests' tolerance (the optimizer holds the shards, not the gathered copies a forward leaves behind)."""
+    from safetensors.torch import load_file
+    from test_dcp import _train
+
+    # (one RL step: with an RL stage the run's start probes the policy for packing, a forward of the sharded one)
+    args = ["train", f"model.name={tiny_llama_dir}", "sft.steps=2", "sft.batch_size=8", "rl.steps=1",
+            "rl.eval_every=0", "rollout.prompts_per_step=2", "rollout.k=2", "rollout.max_new_tokens=4",
+            "task.num_eval=4", "eval.samples_per_prompt=1", "trainer.micro_batch_size=4", "threads=1"]
+    two = _train([*args, "trainer.strategy=fsdp2", "rl.weight_sync=copy", f"out_dir={tmp_path}", "run_name=two"],
+                 nproc=2)
+    assert "the policy was built empty and sharded" in two.stdout
+    _train([*args, f"out_dir={tmp_path}", "run_name=one"], nproc=1)
+    a, b = (load_file(str(tmp_path / run / "checkpoints" / "sft" / "model.safetensors")) for run in ("two", "one"))
+    start = load_file(os.path.join(tiny_llama_dir, "model.safetensors"))
+    assert max_diff(a, b) < TOL
+    assert max_diff(a, start) > 10 * TOL  # (the steps did change the weights)
 
 
 def test_a_folder_is_read_row_by_row_only_under_its_own_names(tmp_path, tiny_llama_dir, tiny_gpt):
