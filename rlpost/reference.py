@@ -73,7 +73,7 @@ class Reference:
             self.model = dist.sharded_copy(policy, torch.bfloat16 if cfg.precision == "bf16" else None).eval()
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
         else:
-            # a policy sharded without trainer.strategy=fsdp2 (a caller's own): a plain copy of its full weights
+            # a whole copy (of a policy sharded without trainer.strategy=fsdp2, a caller's own: its full weights)
             self.model = (dist.plain_copy(policy) if dist.is_sharded(policy) else copy.deepcopy(policy)).eval()
             self.model.requires_grad_(False)
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on

@@ -245,8 +245,9 @@ def test_a_fresh_sharded_run_never_builds_the_whole_policy_on_a_rank(tmp_path, t
 def test_rlpost_train_of_a_model_folder_starts_sharded_under_torchrun(tmp_path, tiny_llama_dir):
     """`rlpost train` on 2 ranks of a Llama folder, SFT then PPO with a separate critic and a reference: the policy
     is built empty and sharded from the start (the line says so), the reference and the critic are sharded copies,
-    and the run finishes with the RL steps logged once and a final model folder."""
-    from test_dcp import _train
+    and the run finishes with the RL steps logged once and a final model folder. Stopped after SFT, it resumes
+    on 2 ranks from the SFT checkpoint's folder, read the same way."""
+    from test_dcp import _resume_copy, _train
 
     out = tmp_path / "runs"
     done = _train(["train", "trainer.strategy=fsdp2", "rl.weight_sync=copy", f"model.name={tiny_llama_dir}",
@@ -260,6 +261,15 @@ def test_rlpost_train_of_a_model_folder_starts_sharded_under_torchrun(tmp_path, 
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["stage"] == "rl"] == [1, 2]
     assert (run / "checkpoints" / "final" / "model.safetensors").exists()
+
+    # stopped after SFT (its end-of-stage checkpoint a model folder): the resume reads that folder the same way
+    again = _resume_copy(run, "again", "sft")
+    done = _train(["train", "--resume", str(again)], nproc=2)
+    sft = again / "checkpoints" / "sft"
+    assert f"each rank read only its shards of the weights in {sft}" in done.stdout, done.stdout[-3000:]
+    assert json.loads((again / "summary.json").read_text())["status"] == "ok"
+    lines = [json.loads(x) for x in (again / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["stage"] == "rl"] == [1, 2]
 
 
 @pytest.mark.slow
