@@ -192,7 +192,8 @@ def _llama_folder(tokenizer_dir: str, folder: str, tied: bool, layers: int = 2, 
 @pytest.mark.slow
 def test_a_sharded_skeleton_filled_from_a_folder_is_the_loaded_model(tmp_path, tiny_llama_dir, tiny_gpt):
     """On 2 ranks, each policy built as a skeleton, sharded and filled from its folder (each rank reading its
-    own rows) equals the model from_pretrained loads, bit for bit: a Llama, a tied-embedding Llama, a gpt_mini
+    own rows) equals the model from_pretrained loads, bit for bit: a Llama (in one safetensors file, and split
+    over several by an index), a tied-embedding Llama, a gpt_mini
     (GPT-2 layout: transposed Conv1D weights, tied head), and a Llama loaded in bfloat16; its buffers (RoPE's
     non-persistent inv_freq) too, and each rank holds about half of it. The reference and a separate critic
     made from it without gathering hold the same weights, sharded; the reference scores each rank's rows as one
@@ -201,7 +202,13 @@ def test_a_sharded_skeleton_filled_from_a_folder_is_the_loaded_model(tmp_path, t
     gpt_dir = str(tmp_path / "gpt")
     model.save_pretrained(gpt_dir)
     tok.save_pretrained(gpt_dir)
-    folders = {"llama": [tiny_llama_dir, "float32"],
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    split = str(tmp_path / "split")  # saved in several safetensors files, named by model.safetensors.index.json
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(split, max_shard_size="40KB")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(split)
+    assert len([f for f in os.listdir(split) if f.endswith(".safetensors")]) > 2
+    folders = {"llama": [tiny_llama_dir, "float32"], "llama/split": [split, "float32"],
                "llama/tied": [_llama_folder(tiny_llama_dir, str(tmp_path / "tied"), tied=True), "float32"],
                "gpt_mini": [gpt_dir, "float32"], "llama/bf16": [tiny_llama_dir, "bfloat16"]}
     result = launch("fresh", str(tmp_path / "fresh.json"), json.dumps(folders))
