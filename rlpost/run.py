@@ -86,8 +86,9 @@ from rlpost.env import check_vocabulary, observation_alphabet, response_budget
 from rlpost.env.sources import SourceInputs, build_rl_reward, rl_reward_spec
 from rlpost.env.verifiers import reward_role
 from rlpost.loops import loop_class
-from rlpost.models import (check_lengths, load_model, load_weights, missing_weights, packing_refusal,
-                           resolve_device, resolve_precision, resolve_rollout_dtype, safetensors_files, save_model)
+from rlpost.models import (cached_hub_folder, check_lengths, load_model, load_weights, missing_weights,
+                           packing_refusal, resolve_device, resolve_precision, resolve_rollout_dtype,
+                           safetensors_files, save_model)
 from rlpost.models.lora import fold_adapters, is_lora, saved_lora_config
 from rlpost.runlog import (RUN_FILE, ResumeError, RunLog, discard_run_dir, make_run_dir, open_log, replace_file,
                            run_id_of)
@@ -202,17 +203,19 @@ def skeleton_resume(cfg: Config, ckpt: Checkpoint | None, run_dir: str) -> str |
 def skeleton_start(cfg: Config, ckpt: Checkpoint | None, run_dir: str) -> str | None:
     """The saved model folder a fsdp2 run reads its policy from into a sharded skeleton when it does not resume
     from shards (`build_context`): a fresh run's (or a resume's before any weights changed) `model.name`, a
-    local folder of safetensors weights (a Hugging Face model or a saved gpt_mini; not a hub id, not a .bin
-    checkpoint), or the model folder of the checkpoint it resumes from; under the same conditions as
-    `skeleton_resume` (colocated, rl.weight_sync auto or copy, not vLLM, no LoRA). None otherwise: the policy is
-    built whole on every rank and sharded by the first stage that trains (a fresh gpt_mini, whose weights are
-    drawn from the seed, too)."""
+    local folder of safetensors weights (a Hugging Face model or a saved gpt_mini; not a .bin checkpoint) or a
+    hub id whose safetensors are all in the local Hugging Face cache (its snapshot folder), or the model folder
+    of the checkpoint it resumes from; under the same conditions as `skeleton_resume` (colocated,
+    rl.weight_sync auto or copy, not vLLM, no LoRA). None otherwise: the policy is built whole on every rank and
+    sharded by the first stage that trains (a fresh gpt_mini, whose weights are drawn from the seed, too; a hub
+    id still to download)."""
     if cfg.trainer.strategy != "fsdp2" or cfg.model.lora.r > 0 or cfg.rl.topology != "colocated" \
             or cfg.rl.weight_sync not in ("auto", "copy") or cfg.rollout.engine == "vllm":
         return None
     folder = ckpt.weights_dir(run_dir) if ckpt is not None else None
     folder = folder or cfg.model.name
-    if not os.path.isdir(folder) or safetensors_files(folder) is None or saved_lora_config(folder) is not None:
+    folder = folder if os.path.isdir(folder) else cached_hub_folder(folder)
+    if folder is None or safetensors_files(folder) is None or saved_lora_config(folder) is not None:
         return None
     return folder
 
@@ -259,10 +262,11 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
         _load_policy(model, os.path.dirname(shards))
     elif folder is not None:  # each rank its rows of the folder's tensors (a checkpoint's: ResumeError if unfit)
         dist.shard_model(model, resolve_device(cfg.model.device))
-        if folder == cfg.model.name:
-            load_weights(model, folder)
-        else:
+        checkpoints = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+        if os.path.commonpath([checkpoints, os.path.abspath(folder)]) == checkpoints:
             _load_policy(model, folder)
+        else:
+            load_weights(model, folder)
         if dist.is_main():
             print(f"rlpost: trainer.strategy=fsdp2: the policy was built empty and sharded; each rank read only its "
                   f"shards of the weights in {folder}", flush=True)

@@ -348,6 +348,33 @@ def test_skeleton_start_reads_a_local_safetensors_folder_under_fsdp2_only(tmp_pa
     assert skeleton_start(cfg("trainer.strategy=fsdp2"), before, str(tmp_path)) == tiny_llama_dir
 
 
+def test_skeleton_start_reads_a_hub_id_from_the_local_cache_only(tmp_path, tiny_llama_dir, monkeypatch):
+    """A hub id whose safetensors are all in the Hugging Face cache: its snapshot folder (nothing downloaded); not
+    in the cache, or with a file of its index missing there: None (the whole model is loaded as before)."""
+    import shutil
+
+    import huggingface_hub.constants
+    from rlpost.config import load_config
+    from rlpost.run import skeleton_start
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(tiny_llama_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def start(name):
+        return skeleton_start(load_config(None, [f"model.name={name}", "trainer.strategy=fsdp2", "rl.weight_sync=copy",
+                                                 f"out_dir={tmp_path}"]), None, str(tmp_path))
+
+    assert start("org/tiny") == str(snapshot)
+    assert start("org/elsewhere") is None
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))  # a file not downloaded
+    assert start("org/tiny") is None
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     jobs = {"fresh": job_fresh, "memory": job_memory}

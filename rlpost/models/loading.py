@@ -211,6 +211,22 @@ def safetensors_files(folder: str) -> dict[str, str] | None:
         return dict.fromkeys(f.keys(), single)
 
 
+def cached_hub_folder(name: str) -> str | None:
+    """The local folder of hub id `name` in the Hugging Face cache (the snapshot its `main` ref names; nothing is
+    downloaded) when every safetensors file of it is there; None otherwise (not a hub id, not in the cache, or
+    only part of it)."""
+    if os.path.isdir(name) or not _HUB_ID.match(name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, local_files_only=True)
+    except (ImportError, OSError, ValueError):  # (not in the cache: LocalEntryNotFoundError, an OSError)
+        return None
+    files = safetensors_files(folder)
+    return folder if files and all(os.path.isfile(f) for f in set(files.values())) else None
+
+
 def _file_keys(model: nn.Module, folder: str) -> tuple[dict[str, str], set[str]]:
     """({the model's state_dict name: the folder's tensor name}, the names whose file tensor is stored
     transposed): a wrapped HF model's names without `hf.`; a gpt_mini's in GPT-2's layout (its Conv1D weights
