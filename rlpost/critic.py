@@ -17,10 +17,12 @@ precision="bf16" the trunk runs under bf16 autocast and the head in fp32. Its we
 state_dict: the head, plus the trunk for a separate critic (a shared trunk is the policy's, saved with the policy).
 
 Sharded (trainer.strategy=fsdp2, `shard()`, which the Trainer calls): a separate critic's trunk is sharded like
-the policy and the head is one more FSDP2 group; a shared-trunk critic shards its head (the trunk is the sharded
-policy). Every rank then runs the same number of forward passes in a whole-batch value pass (a rank with fewer
-micro-batches repeats its first and drops the result), and the trunk runs without shared-prompt scoring. Its
-`full_state_dict()` is the gathered one (rank 0), `load_full_state_dict` puts one back on every rank.
+the policy (made from a sharded policy shard by shard, rlpost.distributed.sharded_copy, so nothing is gathered;
+a LoRA policy's from its gathered weights) and the head is one more FSDP2 group; a shared-trunk critic shards
+its head (the trunk is the sharded policy). Every rank then runs the same number of forward passes in a
+whole-batch value pass (a rank with fewer micro-batches repeats its first and drops the result), and the trunk
+runs without shared-prompt scoring. Its `full_state_dict()` is the gathered one (rank 0), `load_full_state_dict`
+puts one back on every rank.
 """
 
 from __future__ import annotations
@@ -35,18 +37,23 @@ from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
 from rlpost.models import autocast, check_precision, model_device, resolve_packing, trunk_hidden_states
+from rlpost.models.lora import is_lora
 from rlpost.packing import Packed, micro_batches, scatter_rows, single_forward
 from rlpost.settings.critic import CRITIC_TYPES  # the valid critic.type names, declared with the key
 
 
 class Critic(nn.Module):
-    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, cfg: TrainerConfig | None = None):
+    def __init__(self, trunk: nn.Module, hidden_size: int, shared: bool, cfg: TrainerConfig | None = None,
+                 probe: nn.Module | None = None):
         """`cfg`: the `trainer.*` section, whose precision and micro-batching (micro_batch_size,
-        micro_batch_tokens, packing) a whole-batch value pass runs with (None: the defaults)."""
+        micro_batch_tokens, packing) a whole-batch value pass runs with (None: the defaults). `probe`: the model
+        whose forward tells whether the trunk can pack rows (default: the trunk itself), the policy a sharded
+        trunk was copied from: running the trunk would make it an FSDP2 root before the critic shards over it."""
         super().__init__()
         cfg = cfg or TrainerConfig()
         check_precision(cfg.precision, model_device(trunk))
-        packing = resolve_packing(cfg.packing, trunk)  # true fails now on a trunk that cannot pack; auto is off there
+        # true fails now on a trunk that cannot pack; auto is off there
+        packing = resolve_packing(cfg.packing, trunk if probe is None else probe)
         self.shared, self.precision = shared, cfg.precision
         self.micro_batch_size, self.micro_batch_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
         self.packing = packing
@@ -64,12 +71,17 @@ class Critic(nn.Module):
         """A critic of `kind` for `policy`, computing as `cfg` (the `trainer.*` section) says."""
         if kind not in CRITIC_TYPES:
             raise ValueError(f"critic.type must be one of {', '.join(CRITIC_TYPES)}, got {kind!r}")
+        probe = None
         if kind == "head":
             trunk = policy
-        else:  # a sharded policy (an earlier stage of a fsdp2 run sharded it): a plain copy of its full weights
+        elif dist.is_sharded(policy) and not is_lora(policy):
+            # a sharded policy (a fsdp2 run): each rank copies its own shards into a trunk sharded alike, so
+            # nothing is gathered (rlpost.distributed.sharded_copy); the policy, the same model, is probed
+            trunk, probe = dist.sharded_copy(policy, requires_grad=True), policy
+        else:  # a sharded LoRA policy: a plain copy of its full weights (its adapters are no skeleton's)
             trunk = dist.plain_copy(policy) if dist.is_sharded(policy) else copy.deepcopy(policy)
             trunk.requires_grad_(True)
-        return cls(trunk, policy.hidden_size, shared=kind == "head", cfg=cfg)
+        return cls(trunk, policy.hidden_size, shared=kind == "head", cfg=cfg, probe=probe)
 
     def shard(self) -> None:
         """FSDP2 over the critic (rlpost.distributed): a separate trunk like a policy, then the head. Idempotent."""

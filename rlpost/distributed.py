@@ -27,6 +27,8 @@ so the roles call them unconditionally.
     full_state_dict(model)                       the gathered, unsharded weights of a (sharded) model
     load_full_state_dict(model, state)           full weights into a (sharded) model, each rank its shard
     plain_copy(model)                            a plain, unsharded copy of a (sharded) model on every rank
+    sharded_copy(model)                          a second sharded module with a sharded model's weights, each
+                                                 rank copying its own shards (nothing gathered)
     save_shards(folder, model, optimizer, critic)    each rank writes its own shards (torch.distributed.checkpoint)
     load_shards(folder, model, optimizer, critic)    read them back, resharded to this run's ranks
     destroy()                                    leave the process group: a barrier, then destroy it, then
@@ -46,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from rlpost.models import model_device, rebuild, transformer_blocks
+from rlpost.models import model_device, rebuild, skeleton_of, transformer_blocks
 from rlpost.models.lora import initial_adapters
 
 # the model methods besides forward that run the trunk (value heads, reward models, shared-prompt scoring):
@@ -387,6 +389,37 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def sharded_copy(model: nn.Module, dtype: torch.dtype | None = None, requires_grad: bool = False) -> nn.Module:
+    """A second sharded module with a sharded model's weights, without gathering them: a skeleton of its
+    architecture (rlpost.models.skeleton_of: parameters on the meta device, the model's buffers) sharded as the
+    model is (shard_model: the same blocks on the same ranks, so the same rows on each rank), each rank then
+    copying its own shards into the copy's. No rank ever holds more than its shards of either. What a frozen
+    reference and a separate critic's trunk are made from under fsdp2. `dtype`: the copy's parameters'
+    (default: the model's; buffers keep the model's); `requires_grad`: whether they train. Every rank calls it
+    (the copy's FSDP2 groups pair up across ranks). Only for a sharded model without LoRA (plain_copy)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():  # a root keeps its parameters gathered after a forward (for a backward): shards again
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    copy = skeleton_of(model)
+    if dtype is not None:
+        for p in copy.parameters():
+            p.data = p.data.to(dtype)
+    copy.requires_grad_(requires_grad)
+    shard_model(copy, model_device(model))
+    theirs = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in copy.named_parameters():
+            mine, source = p.to_local(), theirs[name]
+            source = source.to_local() if isinstance(source, DTensor) else source
+            if mine.shape != source.shape:
+                raise RuntimeError(f"sharded_copy: {name} is sharded differently in the copy ({tuple(mine.shape)}) "
+                                   f"and the model ({tuple(source.shape)}) on rank {rank()}")
+            mine.copy_(source)
+    return copy
 
 
 def plain_copy(model: nn.Module) -> nn.Module:

@@ -18,7 +18,9 @@ log-prob difference from an fp32 copy). An fp32 run's copy is the policy's own d
 
 Under `trainer.strategy=fsdp2` the copy is sharded like the policy (forward-only FSDP2: `fully_shard` on each
 block and the root, rlpost.distributed.shard_model), so each rank holds 1/ranks of it instead of a whole copy;
-its forwards gather each block's weights in turn, so every rank runs as many forwards (see `__call__`).
+its forwards gather each block's weights in turn, so every rank runs as many forwards (see `__call__`). A
+sharded policy's copy is made shard by shard (rlpost.distributed.sharded_copy: each rank copies its own shards
+into a sharded skeleton), so no rank ever holds the whole policy to copy it.
 
 With `offload=True` (`reference.offload`) the copy lives in CPU memory and is streamed to the policy's device
 one transformer block at a time for each forward (`Offload`): the device holds its root and one block.
@@ -65,8 +67,13 @@ class Reference:
         self.shares_policy = is_lora(policy)
         if self.shares_policy:
             self.model = policy
+        elif cfg.strategy == "fsdp2" and dist.is_sharded(policy):
+            # each rank copies its own shards of the policy into a copy sharded alike: nothing is gathered
+            # (in bf16 under precision="bf16", as below; the buffers keep the policy's)
+            self.model = dist.sharded_copy(policy, torch.bfloat16 if cfg.precision == "bf16" else None).eval()
+            set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on
         else:
-            # a sharded policy (an earlier stage of a fsdp2 run sharded it): a plain copy of its full weights
+            # a whole copy (of a policy sharded without trainer.strategy=fsdp2, a caller's own: its full weights)
             self.model = (dist.plain_copy(policy) if dist.is_sharded(policy) else copy.deepcopy(policy)).eval()
             self.model.requires_grad_(False)
             set_gradient_checkpointing(self.model, False)  # never trains; keeps shared-prompt scoring on

@@ -89,9 +89,10 @@ from rlpost.env import check_vocabulary, observation_alphabet, response_budget
 from rlpost.env.sources import SourceInputs, build_rl_reward, rl_reward_spec
 from rlpost.env.verifiers import reward_role
 from rlpost.loops import loop_class
-from rlpost.models import (check_lengths, load_model, load_weights, packing_refusal, resolve_device,
-                           resolve_precision, resolve_rollout_dtype, save_model)
-from rlpost.models.lora import fold_adapters, is_lora
+from rlpost.models import (cached_hub_folder, check_lengths, load_model, load_weights, missing_weights,
+                           packing_refusal, resolve_device, resolve_precision, resolve_rollout_dtype,
+                           safetensors_files, save_model)
+from rlpost.models.lora import fold_adapters, is_lora, saved_lora_config
 from rlpost.runlog import (RUN_FILE, ResumeError, RunLog, discard_run_dir, make_run_dir, open_log, replace_file,
                            run_id_of)
 from rlpost.schema import ConfigError, layout_keys
@@ -357,11 +358,35 @@ def skeleton_resume(cfg: Config, ckpt: Checkpoint | None, run_dir: str) -> str |
     return None if cfg.model.lora.r > 0 else os.path.join(folder, SHARDS_DIR)
 
 
-def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = None) -> RunContext:
+def skeleton_start(cfg: Config, ckpt: Checkpoint | None, run_dir: str) -> str | None:
+    """The saved model folder a fsdp2 run reads its policy from into a sharded skeleton when it does not resume
+    from shards (`build_context`): a fresh run's (or a resume's before any weights changed) `model.name`, a
+    local folder of safetensors weights (a Hugging Face model or a saved gpt_mini; not a .bin checkpoint) or a
+    hub id whose safetensors are all in the local Hugging Face cache (its snapshot folder), or the model folder
+    of the checkpoint it resumes from; under the same conditions as `skeleton_resume` (colocated,
+    rl.weight_sync auto or copy, not vLLM, no LoRA). None otherwise: the policy is built whole on every rank and
+    sharded by the first stage that trains (a fresh gpt_mini, whose weights are drawn from the seed, too; a hub
+    id still to download)."""
+    if cfg.trainer.strategy != "fsdp2" or cfg.model.lora.r > 0 or cfg.rl.topology != "colocated" \
+            or cfg.rl.weight_sync not in ("auto", "copy") or cfg.rollout.engine == "vllm":
+        return None
+    folder = ckpt.weights_dir(run_dir) if ckpt is not None else None
+    folder = folder or cfg.model.name
+    folder = folder if os.path.isdir(folder) else cached_hub_folder(folder)
+    if folder is None or safetensors_files(folder) is None or saved_lora_config(folder) is not None:
+        return None
+    return folder
+
+
+def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = None,
+                  folder: str | None = None) -> RunContext:
     """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0.
     `shards` (a fsdp2 resume, `skeleton_resume`): the policy is built as a skeleton, sharded, and each rank reads
     its own shards from that folder, so no rank ever holds the whole policy; the engine's copy (built empty) is
-    gathered from them."""
+    gathered from them. `folder` (a fsdp2 run's model folder, `skeleton_start`): the same, each rank reading its
+    shards' rows of each tensor from the folder's safetensors (rlpost.models.read_own_rows); when the folder does
+    not hold the model's weights under its own names (a model whose names transformers converts), the policy is
+    built whole instead, as without `folder`."""
     if "auto" in (cfg.trainer.precision, cfg.rollout.dtype):  # train() resolved them already; a caller may not have
         resolve_precisions(cfg)
     if cfg.threads:
@@ -381,17 +406,31 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
     # a fresh gpt_mini also spells what the environment may answer; a saved one is checked for it
     alphabet = task.alphabet + "".join(c for c in observation_alphabet(cfg.task) if c not in task.alphabet)
     model, tokenizer = load_model(cfg.model, alphabet, rows=rows, max_new_tokens=response_tokens,
-                                  demonstrations=demos, skeleton=shards is not None)
+                                  demonstrations=demos, skeleton=shards is not None or folder is not None)
+    if shards is None and folder is not None and missing_weights(model, folder):  # read whole, as transformers does
+        folder = None
+        model, tokenizer = load_model(cfg.model, alphabet, rows=rows, max_new_tokens=response_tokens,
+                                      demonstrations=demos)
     check_vocabulary(cfg.task, tokenizer)
-    line = packing_line(cfg, model)
-    if line and dist.is_main():
-        print(line, flush=True)
     check_lengths(model, tokenizer, rows, response_tokens, demos,  # before any stage, not after SFT
                   system_prompt=task.system_prompt)
     engine = loop_class(cfg.rl.topology).run_engine(cfg, model, tokenizer)  # the topology's (rlpost/loops/)
     if shards is not None:  # (the engine was built from the skeleton: empty until the weight sync's first push)
         dist.shard_model(model, resolve_device(cfg.model.device))
         _load_policy(model, os.path.dirname(shards))
+    elif folder is not None:  # each rank its rows of the folder's tensors (a checkpoint's: ResumeError if unfit)
+        dist.shard_model(model, resolve_device(cfg.model.device))
+        checkpoints = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+        if os.path.commonpath([checkpoints, os.path.abspath(folder)]) == checkpoints:
+            _load_policy(model, folder)
+        else:
+            load_weights(model, folder)
+        if dist.is_main():
+            print(f"rlpost: trainer.strategy=fsdp2: the policy was built empty and sharded; each rank read only its "
+                  f"shards of the weights in {folder}", flush=True)
+    line = packing_line(cfg, model)  # (its probe runs the model: once the weights are there)
+    if line and dist.is_main():
+        print(line, flush=True)
     weight_sync = WeightSync(model, engine)
     verifier = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
     # the RL reward: rl.reward's source (the verifier, a teacher, a PRM; a reward_model stage's model later)
@@ -561,7 +600,9 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) 
         log = open_log(cfg, run_dir, keep_lines=keep, resume=bool(resume), keep_rollouts=keep_rollouts,
                        checkpoint=ckpt.path if ckpt else "the start", digests=ckpt.meta if ckpt else None)
         # the data, model and rewards, checked before any stage starts (a fsdp2 resume: the policy's shards read)
-        ctx = build_context(cfg, run_dir, log, shards=skeleton_resume(cfg, ckpt, run_dir))
+        shards = skeleton_resume(cfg, ckpt, run_dir)
+        ctx = build_context(cfg, run_dir, log, shards=shards,
+                            folder=None if shards else skeleton_start(cfg, ckpt, run_dir))
         if layout_changes:  # before the change is recorded: refused, the run directory keeps its config
             check_layout_dropout(layout_changes, training_dropout(ctx.model), run_dir)
     except BaseException:

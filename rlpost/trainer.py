@@ -92,7 +92,10 @@ class Trainer:
             raise ValueError(f"trainer.strategy is {cfg.strategy!r}; valid values: {', '.join(STRATEGIES)}")
         self.sharded = cfg.strategy == "fsdp2"
         # true fails now on a model that cannot keep packed sequences apart (before sharding it); auto is off there
-        packing = resolve_packing(cfg.packing, model, getattr(critic, "trunk", None))
+        # (a sharded critic trunk is a copy of the sharded policy, which answers for it: run alone, the trunk would
+        # become an FSDP2 root before the critic shards over it)
+        trunk = getattr(critic, "trunk", None)
+        packing = resolve_packing(cfg.packing, model, None if trunk is not None and dist.is_sharded(trunk) else trunk)
         if self.sharded and packing == "auto":  # auto's choice may differ between ranks, and so their forward counts
             packing = False
         if self.sharded:

@@ -118,9 +118,10 @@ def case_sft(strategy: str) -> tuple[dict, dict]:
     batch = Batch.for_sft(prompts[:4], comps[:4], 0)
     ref = Reference(model, cfg.trainer)(batch).ref_logp
     critic = Critic.build(model, "separate", cfg.trainer)
+    # (a sharded policy's critic trunk is sharded from the start: gathered here)
     return {"losses": losses, "ref_logp": ref.tolist(), "sharded": is_sharded(model)}, {**weights(model),
                                                          **{f"critic_trunk.{k}": v
-                                                            for k, v in critic.trunk.state_dict().items()}}
+                                                            for k, v in weights(critic.trunk).items()}}
 
 
 def case_preference(strategy: str, loss_name: str) -> tuple[dict, dict]:

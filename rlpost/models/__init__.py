@@ -12,7 +12,8 @@ This package's API, from its modules:
     hf.py         HFCausalLM and HFTokenizer, the adapters over `transformers`
     encoding.py   encode_prompt, encode_demonstration: a row's text as token ids
     limits.py     a model's context against the data: check_lengths, block_size_for, model_context
-    loading.py    load_model, build_gpt_mini, save_model, load_weights, rebuild
+    loading.py    load_model, build_gpt_mini, save_model, load_weights, rebuild, read_own_rows (a sharded
+                  model's rows from a folder), missing_weights, skeleton_of
     precision.py  model.device, model.dtype, trainer.precision, rollout.dtype, autocast
     blocks.py     gradient checkpointing, torch.compile and the sharding unit of a policy's blocks
     logprobs.py   token_logprobs, trunk_hidden_states, shared prompts, the chunked head
@@ -24,7 +25,9 @@ from rlpost.models.encoding import encode_demonstration, encode_prompt
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
 from rlpost.models.hf import CHUNKED_HEADS, HFCausalLM, HFTokenizer, ModelLoadError
 from rlpost.models.limits import ContextLengthError, block_size_for, check_lengths, model_context
-from rlpost.models.loading import UNSIZED_BLOCK_SIZE, build_gpt_mini, load_model, load_weights, rebuild, save_model
+from rlpost.models.loading import (UNSIZED_BLOCK_SIZE, build_gpt_mini, cached_hub_folder, load_model, load_weights,
+                                   missing_weights, read_own_rows, rebuild, safetensors_files, save_model,
+                                   skeleton_of)
 from rlpost.models.logprobs import (LogprobHead, check_packing, chunked_head, chunked_logprobs, packing_refusal,
                                     position_ids_for, resolve_packing, token_logprobs,
                                     trunk_hidden_states)
@@ -35,10 +38,12 @@ from rlpost.models.precision import (DEVICE_SPEC, DTYPES, PRECISION_CHOICES, PRE
 __all__ = [
     "CHUNKED_HEADS", "DEVICE_SPEC", "DTYPES", "GPT", "PRECISIONS", "PRECISION_CHOICES", "ROLLOUT_DTYPES",
     "TORCH_DTYPES", "UNSIZED_BLOCK_SIZE", "CharTokenizer", "ContextLengthError", "GPTConfig", "HFCausalLM",
-    "HFTokenizer", "LogprobHead", "ModelLoadError", "autocast", "block_size_for", "build_gpt_mini", "check_lengths",
+    "HFTokenizer", "LogprobHead", "ModelLoadError", "autocast", "block_size_for", "build_gpt_mini",
+    "cached_hub_folder", "check_lengths",
     "check_packing", "check_precision", "chunked_head", "chunked_logprobs", "compile_model", "cpu_has_fast_bf16",
-    "encode_demonstration", "encode_prompt", "load_model", "load_weights", "model_context", "model_device",
-    "packing_refusal", "position_ids_for", "rebuild", "resolve_device", "resolve_packing", "resolve_precision",
-    "resolve_rollout_dtype", "save_model", "set_gradient_checkpointing", "token_logprobs",
+    "encode_demonstration", "encode_prompt", "load_model", "load_weights", "missing_weights", "model_context",
+    "model_device", "packing_refusal", "position_ids_for", "read_own_rows", "rebuild", "resolve_device",
+    "resolve_packing", "resolve_precision", "resolve_rollout_dtype", "safetensors_files", "save_model",
+    "set_gradient_checkpointing", "skeleton_of", "token_logprobs",
     "transformer_blocks", "trunk_hidden_states",
 ]

@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
 
-from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
+from rlpost.models.gpt_mini import CONV1D, GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
 from rlpost.models.hf import HFCausalLM, HFTokenizer, ModelLoadError
 from rlpost.models.limits import block_size_for
 from rlpost.models.lora import (apply_lora, base_state_dict, initial_adapters, is_adapter_name, is_lora, load_adapters,
@@ -155,12 +155,17 @@ def load_weights(model: nn.Module, folder: str) -> None:
     """Load the weights saved in `folder` (by `save_model`) into `model` in place, exactly: the optimizer
     and every other holder of the model's parameters keep pointing at the same tensors. A LoRA model takes the
     folder's weights as its base, and its adapters (reset to their initial values when the folder has none).
-    An FSDP2-sharded model keeps its shard of them on each rank (a collective: every rank calls it)."""
+    An FSDP2-sharded model keeps its shard of them on each rank: without LoRA, from a safetensors folder, each
+    rank reads only its shards' rows (`read_own_rows`); otherwise every rank reads the full weights and keeps its
+    shard (a collective: every rank calls it)."""
     if not os.path.isdir(folder):
         raise ModelLoadError(f"no saved model at {folder}")
     if saved_lora_config(folder) is not None and not is_lora(model):
         raise ModelLoadError(f"{folder} holds LoRA adapters and this model has none: load it with load_model, or "
                              f"export a merged folder (rlpost export {folder} --out FOLDER)")
+    if _is_sharded(model) and not is_lora(model) and safetensors_files(folder) is not None:
+        read_own_rows(model, folder)  # each rank its shards' rows of each tensor, never the full weights
+        return
     if isinstance(model, GPT):
         state = GPT.from_pretrained(folder).state_dict()
     elif isinstance(model, HFCausalLM):
@@ -188,6 +193,145 @@ def load_weights(model: nn.Module, folder: str) -> None:
                 t.copy_(state[k])
     if is_lora(model):
         load_adapters(model, folder)
+
+
+def safetensors_files(folder: str) -> dict[str, str] | None:
+    """{tensor name: the safetensors file holding it} of a saved model folder (model.safetensors, or the files
+    of model.safetensors.index.json); None when the folder has no safetensors weights (a .bin checkpoint)."""
+    from safetensors import safe_open
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    with safe_open(single, "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def cached_hub_folder(name: str) -> str | None:
+    """The local folder of hub id `name` in the Hugging Face cache (the snapshot its `main` ref names; nothing is
+    downloaded) when every safetensors file of it is there; None otherwise (not a hub id, not in the cache, or
+    only part of it)."""
+    if os.path.isdir(name) or not _HUB_ID.match(name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, local_files_only=True)
+    except (ImportError, OSError, ValueError):  # (not in the cache: LocalEntryNotFoundError, an OSError)
+        return None
+    files = safetensors_files(folder)
+    return folder if files and all(os.path.isfile(f) for f in set(files.values())) else None
+
+
+def _file_keys(model: nn.Module, folder: str) -> tuple[dict[str, str], set[str]]:
+    """({the model's state_dict name: the folder's tensor name}, the names whose file tensor is stored
+    transposed): a wrapped HF model's names without `hf.`; a gpt_mini's in GPT-2's layout (its Conv1D weights
+    transposed) or, saved by an older rlpost, its own."""
+    names = list(model.state_dict())
+    if isinstance(model, HFCausalLM):
+        return {n: n.removeprefix("hf.") for n in names}, set()
+    if isinstance(model, GPT):
+        transposed = set() if GPT.config_of(folder)[1] else {n for n in names if n.endswith(CONV1D)}
+        return {n: n for n in names}, transposed
+    raise TypeError(f"load_weights supports gpt_mini and HFCausalLM, not {type(model).__name__}")
+
+
+def missing_weights(model: nn.Module, folder: str) -> list[str]:
+    """The names of `model`'s weights (a shared, tied tensor counted once, under any of its names) that the
+    safetensors files of `folder` do not hold under the names `read_own_rows` reads: empty when it can fill
+    the model (a folder whose names transformers converts on loading, an older format, cannot be read row by
+    row). Reads no tensor, only the files' headers."""
+    files = safetensors_files(folder)
+    if files is None:
+        return ["(no model.safetensors)"]
+    keys, _ = _file_keys(model, folder)
+    return [names[0] for names in _tied_groups(model).values() if not any(keys[n] in files for n in names)]
+
+
+def _tied_groups(model: nn.Module) -> dict[int, list[str]]:
+    """{id(tensor): its state_dict names}: a tied weight (an LM head sharing the embedding) is one entry."""
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    return groups
+
+
+def read_own_rows(model: nn.Module, folder: str) -> None:
+    """Fill an FSDP2-sharded model (a meta skeleton sharded by rlpost.distributed.shard_model, or a sharded
+    model's weights to replace) from the safetensors weights of a saved model folder, in place: each rank reads,
+    memory-mapped, only the part of each tensor its own shard covers (safetensors' get_slice), cast to the
+    model's dtype, so no rank ever holds a full tensor, let alone the full model. A weight that is not sharded
+    (a persistent buffer) is read whole. Tied weights are read once, under whichever name the file holds (a
+    tied LM head is saved as the embedding). Not a collective: each rank reads on its own. Not for LoRA
+    (load_weights reads a LoRA model's base and adapters whole)."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    files = safetensors_files(folder)
+    missing = missing_weights(model, folder)
+    if files is None or missing:
+        raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model under its own names, e.g. "
+                             f"{missing[:3]}; is it a model folder saved by rlpost or transformers for this model?")
+    keys, transposed = _file_keys(model, folder)
+    tensors = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for names in _tied_groups(model).values():
+            name = next(n for n in names if keys[n] in files)
+            # opened for this tensor alone: its mapped pages (counted in the process's RSS) go with it
+            with safe_open(files[keys[name]], "pt") as f:
+                target = tensors[name]
+                if not isinstance(target, DTensor):  # not sharded (a persistent buffer): read whole
+                    local, part = target, f.get_tensor(keys[name])
+                    part = part.t() if name in transposed else part
+                else:
+                    local = target.to_local()
+                    if local.numel() == 0:  # (more ranks than rows: this rank holds none of them)
+                        continue
+                    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
+                                                                          target.placements)
+                    index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+                    source = f.get_slice(keys[name])
+                    if name in transposed:  # stored [in, out]: this rank's rows are the file's columns
+                        part = source[index[1], index[0]].t()
+                    else:
+                        part = source[index]
+                if tuple(part.shape) != tuple(local.shape):
+                    raise ModelLoadError(f"{folder}: weight {keys[name]!r} does not fit this model's {name!r} "
+                                         f"(global shape {tuple(target.shape)}; this rank's part "
+                                         f"{tuple(part.shape)}, it holds {tuple(local.shape)})")
+                local.copy_(part.to(local.dtype))
+
+
+def skeleton_of(model: nn.Module) -> nn.Module:
+    """A new module of `model`'s architecture (gpt_mini or HFCausalLM, not LoRA) with its parameters on the meta
+    device in their dtypes and `model`'s own buffers (cloned, the non-persistent ones too): what a sharded copy is
+    sharded from and then filled, shard by shard (rlpost.distributed.sharded_copy)."""
+    if is_lora(model):
+        raise TypeError("skeleton_of: a LoRA model's skeleton is not built (its adapters are not meta tensors)")
+    with parameters_on_meta():
+        if isinstance(model, GPT):
+            new = GPT(model.config)
+        elif isinstance(model, HFCausalLM):
+            from transformers import AutoModelForCausalLM
+
+            new = HFCausalLM(AutoModelForCausalLM.from_config(model.hf.config))
+        else:
+            raise TypeError(f"skeleton_of supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+    dtypes = dict((n, p.dtype) for n, p in model.named_parameters())
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            p.data = p.data.to(dtypes[name])
+    buffers = dict(model.named_buffers())
+    for module_name, m in new.named_modules():
+        for name in list(m._buffers):
+            if m._buffers[name] is not None:
+                m._buffers[name] = buffers[f"{module_name}.{name}" if module_name else name].detach().clone()
+    return new
 
 
 def _is_sharded(model: nn.Module) -> bool:

@@ -218,6 +218,7 @@ def packing_refusal(model: nn.Module) -> str | None:
             alone = torch.cat([model.hidden_states(ids[:, :3]), model.hidden_states(ids[:, 3:])], 1).float()
     finally:
         model.train(was_training)
+        _reshard(model)
     tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
     err = float((packed - alone).abs().max() / alone.abs().max().clamp(min=1e-6))
     if not err <= tol:
@@ -226,6 +227,16 @@ def packing_refusal(model: nn.Module) -> str | None:
                 f"(relative difference {err:.2g} from scoring them alone); load it with an attention implementation "
                 "that reads packed position ids (sdpa, eager, flex_attention, flash_attention_2)")
     return None
+
+
+def _reshard(model: nn.Module) -> None:
+    """An FSDP2 root keeps its parameters gathered after a forward (for the backward that follows in training):
+    after a probe, shard them again, or the parameters the module lists are the gathered copies, not its shards
+    (an optimizer built from them would update copies that the next forward throws away)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def check_packing(model: nn.Module) -> None:
