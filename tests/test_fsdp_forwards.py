@@ -5,7 +5,8 @@ Real torchrun processes on gloo/CPU, as tests/test_fsdp.py. Rank 0's rows have l
 positions: auto packs them), rank 1's rows are all full length (nothing to save: auto pads them), and the two
 plan different numbers of micro-batches. For the reference, a GRPO trainer and a PPO critic, the job counts each
 rank's forwards (a pre-hook on the first transformer block) and its packed ones, and compares the results with one
-process running the whole batch. A hang is a failure: the launcher kills the processes after a timeout.
+process running the whole batch. A hang is a failure: each worker gives up after WATCHDOG seconds (printing where
+it waited), and the launcher kills torchrun if it is still there after that.
 The tests take seconds each: they are marked slow (`pytest -m slow tests/test_fsdp_forwards.py`).
 """
 
