@@ -12,17 +12,17 @@ the same alignment as token log-probs. The head starts at zero, so first values 
 It computes on its parameters' device and returns values on the batch's device. Called on a whole batch (the
 value pass before the advantages) it runs in the trainer's micro-batches, packed or not (`micro_batch_size`,
 `micro_batch_tokens`, `packing` of the `trainer.*` section it is built with), so that pass never holds more
-than one micro-batch's activations; the trainer passes each of its own micro-batches with their packing. With
-precision="bf16" the trunk runs under bf16 autocast and the head in fp32. Its weights are an nn.Module's
+than one micro-batch's activations; the trainer passes each of its own micro-batches (`split=False`) with their
+packing. With precision="bf16" the trunk runs under bf16 autocast and the head in fp32. Its weights are an nn.Module's
 state_dict: the head, plus the trunk for a separate critic (a shared trunk is the policy's, saved with the policy).
 
 Sharded (trainer.strategy=fsdp2, `shard()`, which the Trainer calls): a separate critic's trunk is sharded like
 the policy (made from a sharded policy shard by shard, rlpost.distributed.sharded_copy, so nothing is gathered;
 a LoRA policy's from its gathered weights) and the head is one more FSDP2 group; a shared-trunk critic shards
 its head (the trunk is the sharded policy). Every rank then runs the same number of forward passes in a
-whole-batch value pass (a rank with fewer micro-batches repeats its first and drops the result), and the trunk
-runs without shared-prompt scoring. Its `full_state_dict()` is the gathered one (rank 0), `load_full_state_dict`
-puts one back on every rank.
+whole-batch value pass (rlpost.packing.even_forwards: a packed micro-batch is one forward, and a rank with fewer
+micro-batches repeats its first and drops the result), and the trunk runs without shared-prompt scoring. Its
+`full_state_dict()` is the gathered one (rank 0), `load_full_state_dict` puts one back on every rank.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
 from rlpost.models import autocast, check_precision, model_device, resolve_packing, trunk_hidden_states
 from rlpost.models.lora import is_lora
-from rlpost.packing import Packed, micro_batches, scatter_rows, single_forward
+from rlpost.packing import Packed, even_forwards, micro_batches, scatter_rows
 from rlpost.settings.critic import CRITIC_TYPES  # the valid critic.type names, declared with the key
 
 
@@ -98,23 +98,24 @@ class Critic(nn.Module):
         """Put back a `full_state_dict()` (sharded: every rank passes the same one and keeps its shard)."""
         dist.load_full_state_dict(self, state)
 
-    def forward(self, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
-        """values [B, T] of `batch`; `packed`: the packing of its rows (the trainer's micro-batch), else the batch
-        runs in this critic's micro-batches."""
+    def forward(self, batch: Batch, packed: Packed | None = None, split: bool = True) -> torch.Tensor:
+        """values [B, T] of `batch`, run in this critic's micro-batches (a whole-batch value pass); `split=False`:
+        `batch` is one micro-batch (the trainer's), run as it is, packed with `packed` (its rows' packing) or
+        padded. Sharded, a micro-batch is one forward whichever it is, so the trainer's ranks may differ."""
         out = batch.input_ids.device
         batch = batch.to(self.head.weight.device)
-        # sharded, auto stays padded: its choice may differ between ranks, and so their forward counts
-        packing = False if self.sharded and self.packing == "auto" else self.packing
-        if packed is None and (packing or self.micro_batch_size or self.micro_batch_tokens):
+        if split and packed is None and (self.packing or self.micro_batch_size or self.micro_batch_tokens):
             trunk = self._trunk[0] if self.shared else self.trunk
             share = not self.sharded and getattr(trunk, "can_share_prompt", False)  # as trunk_hidden_states will
-            plan = micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, packing, share)
-            plan = single_forward(plan) if self.sharded else plan  # one forward per pass on every rank
-            # sharded: as many passes as the rank with the most (the same collectives), the extra ones' results dropped
-            passes = int(dist.reduce_max(len(plan))) if self.sharded and plan else len(plan)
-            parts = [(rows, self._values(mb, p)) for rows, mb, p in plan]
-            for _ in range(passes - len(plan)):
-                self._values(*plan[0][1:])
+            plan = micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing,
+                                 share) if len(batch) else []
+            parts = []  # sharded: as many forwards as the rank with the most (the same collectives), extras dropped
+            for rows, mb, p, real in even_forwards(batch, plan, dist.reduce_max if self.sharded else None):
+                values = self._values(mb, p)
+                if real:
+                    parts.append((rows, values))
+            if not parts:
+                return torch.zeros(batch.input_ids.shape, device=out)
             return scatter_rows(parts, len(batch)).to(out)
         return self._values(batch, packed).to(out)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -236,12 +237,37 @@ def padded_positions(batch: Batch, plan: list[list[int]], share_prompt: bool) ->
 
 def single_forward(plan: list[tuple[torch.Tensor, Batch, Packed | None]]) -> list:
     """`plan` (micro_batches' triples) with each packed micro-batch run as ONE forward of all its rows at its
-    fullest row's width (its segments joined). A sharded role needs it: under fsdp2 every forward all-gathers the
-    blocks' shards, so every rank must run the same number of forwards, while the number of segments of a packed
-    micro-batch depends on the rank's own rows. The extra positions are padding, which `unpack` drops."""
+    fullest row's width (its segments joined): a micro-batch is then one forward whether it is packed or padded
+    (see `even_forwards`). The extra positions are padding, which `unpack` drops."""
     return [(rows, mb, p if p is None or len(p.segments) <= 1 else
              dataclasses.replace(p, segments=[(0, p.input_ids.shape[0], p.input_ids.shape[1])]))
             for rows, mb, p in plan]
+
+
+def even_forwards(batch: Batch, plan: list[tuple[torch.Tensor, Batch, Packed | None]],
+                  agree: Callable[[float], float] | None = None) -> list[tuple[torch.Tensor, Batch, Packed | None,
+                                                                               bool]]:
+    """The forwards a role runs for `plan` (micro_batches' triples of `batch`): (rows, micro-batch, packing, real).
+
+    Sharded (`agree`: the maximum over ranks, rlpost.distributed.reduce_max): under fsdp2 every forward
+    all-gathers the blocks' shards, a collective, so every rank must run exactly as many forwards as the others or
+    the run hangs; yet each rank plans its own rows (how many micro-batches, and under packing=auto whether they
+    pack). So: each micro-batch is ONE forward (`single_forward`: a packed one's segment count depends on its
+    rows), and a rank with fewer micro-batches than the most adds padding forwards (real=False) whose results the
+    role drops: its first micro-batch again (all its fields, so a trainer can run its loss and backward at zero
+    weight), or a 1-row, 2-token batch when it has no rows. One agreement per call: every rank must call this
+    for the same pass. Unsharded (`agree` None): `plan` as it is, every forward real."""
+    if agree is None:
+        return [(rows, mb, p, True) for rows, mb, p in plan]
+    out = [(rows, mb, p, True) for rows, mb, p in single_forward(plan)]
+    most = int(agree(len(out)))
+    if out:
+        spare = out[0][:3]
+    else:
+        ids = torch.zeros(1, 2, dtype=torch.long, device=batch.input_ids.device)
+        spare = (ids.new_zeros(0), Batch(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                         response_mask=torch.zeros_like(ids)), None)
+    return out + [(*spare, False)] * (most - len(out))
 
 
 def micro_batches(batch: Batch, size: int | None = None, max_tokens: int | None = None,

@@ -48,7 +48,7 @@ from rlpost.config import TrainerConfig
 from rlpost.models import (autocast, check_precision, load_weights, model_device, resolve_packing,
                            set_gradient_checkpointing, token_logprobs, transformer_blocks)
 from rlpost.models.lora import adapters_disabled, is_lora
-from rlpost.packing import micro_batches, scatter_rows
+from rlpost.packing import even_forwards, micro_batches, scatter_rows
 from rlpost.rollout.engine import SamplingParams
 
 
@@ -98,27 +98,21 @@ class Reference:
     def __call__(self, batch: Batch) -> Batch:
         device = self.device
         # sharded (FSDP2: the copy under trainer.strategy=fsdp2, or a LoRA policy sharded by the trainer), every
-        # forward gathers weights from all ranks, so every rank must run as many: prompts are not shared (whether
-        # rows share one differs between ranks), and a rank with fewer forwards, counted before any runs, pads
-        # with throw-away ones
+        # forward gathers weights from all ranks, so every rank must run as many (rlpost.packing.even_forwards),
+        # and prompts are not shared (the shared-prompt path calls the model outside its forward)
         sharded = dist.is_sharded(self.model)
         share = not sharded and getattr(self.model, "can_share_prompt", False)  # as token_logprobs will
-        plan = micro_batches(batch.to(device), self.micro_batch_size, self.micro_batch_tokens, self.packing,
+        batch_here = batch.to(device)
+        plan = micro_batches(batch_here, self.micro_batch_size, self.micro_batch_tokens, self.packing,
                              share) if len(batch) else []
-        padding = 0
-        if sharded:  # a padded micro-batch is one forward, a packed one a forward per segment
-            forwards = sum(1 if packed is None else len(packed.segments) for _, _, packed in plan)
-            padding = int(dist.reduce_max(forwards)) - forwards
         parts = []
         with autocast(device, self.precision), base_model(self.model) if self.shares_policy else nullcontext(), \
                 self.offload.streaming() if self.offload is not None else nullcontext():
-            for rows, mb, packed in plan:
+            for rows, mb, packed, real in even_forwards(batch_here, plan, dist.reduce_max if sharded else None):
                 logp = token_logprobs(self.model, mb, self.temperature, share_prompt=not sharded,
                                       chunk=self.logprob_chunk, packed=packed)
-                parts.append((rows, logp))
-            for _ in range(padding):
-                token_logprobs(self.model, _padding_batch(device), self.temperature, share_prompt=False,
-                               chunk=self.logprob_chunk)
+                if real:
+                    parts.append((rows, logp))
         if sharded:  # FSDP2 keeps the root gathered after a forward, for a backward that never comes here
             self.model.reshard()
         if not parts:
@@ -134,12 +128,6 @@ class Reference:
         """The copy as a plain module, to save: itself, or when sharded the gathered copy on rank 0 (None on the
         others; a collective: every rank calls it)."""
         return dist.unsharded(self.model)
-
-
-def _padding_batch(device) -> Batch:
-    """A 1-row, 2-token batch: what a sharded rank with fewer forwards runs so that the gathers pair up."""
-    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-    return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=torch.zeros_like(ids))
 
 
 @contextmanager

@@ -446,18 +446,15 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
 def packing_line(cfg: Config, model) -> str | None:
     """What trainer.packing=auto does in this run's RL stages, as the line the run prints at its start (None when
     packing is set explicitly or no stage is RL): on, off because the policy cannot keep packed sequences apart
-    (rlpost.models.packing_refusal), or padded for the trainer and critic under fsdp2."""
+    (rlpost.models.packing_refusal). Under fsdp2 each rank chooses for its own rows (rlpost.packing.even_forwards
+    keeps the ranks' forward counts equal)."""
     if cfg.trainer.packing != "auto" or "rl" not in stage_names(cfg):
         return None
     why = packing_refusal(model)
     if why is not None:
         return f"rlpost: trainer.packing=auto -> off: {why}"
-    line = ("rlpost: trainer.packing=auto -> on: RL micro-batches run packed where that computes fewer token "
+    return ("rlpost: trainer.packing=auto -> on: RL micro-batches run packed where that computes fewer token "
             "positions than padded rows with each prompt once (trainer.packing=false: always padded)")
-    if cfg.trainer.strategy == "fsdp2":
-        line += ("; the trainer and the critic stay padded under trainer.strategy=fsdp2 (auto's choice may differ "
-                 "between ranks, and with it their number of forwards)")
-    return line
 
 
 def _load_policy(model, folder: str) -> None:

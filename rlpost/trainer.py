@@ -35,8 +35,10 @@ Each rank trains on ITS rows of the step, and the result equals one process trai
 - the loss denominators (Batch.global_tokens / global_seqs) are the counts summed over ranks, so each
   rank's loss is its share of the global loss, and FSDP2 sums the gradients (divide factor 1);
 - the gradient norm (clipping), the non-finite check and the metrics are global (all-reduced);
-- every rank runs the same number of forward/backward passes (collectives must pair up): a rank with
-  fewer micro-batches runs extra ones with zero weight; when any rank has no rows, all skip the step,
+- every rank runs the same number of forward/backward passes (collectives must pair up), as the reference
+  and the critic do (rlpost.packing.even_forwards): a packed micro-batch is one forward like a padded one, so
+  packing=auto may pack on one rank and pad on another, and a rank with fewer micro-batches runs extra ones
+  with zero weight; when any rank has no rows, all skip the step,
   unless the caller gives it a `filler` row to run at zero weight (a stage whose last batch has fewer
   examples than there are ranks);
 - shared-prompt scoring is off (it calls the model outside its forward, where FSDP2 does not gather);
@@ -65,7 +67,7 @@ from rlpost.config import TrainerConfig
 from rlpost.models import (autocast, check_precision, model_device, resolve_packing, set_gradient_checkpointing,
                            token_logprobs)
 from rlpost.ops import masked_mean_value
-from rlpost.packing import Packed, micro_batches, scatter_rows, single_forward
+from rlpost.packing import Packed, even_forwards, micro_batches, scatter_rows
 from rlpost.rollout.engine import SamplingParams
 from rlpost.schedule import LRSchedule
 
@@ -96,8 +98,6 @@ class Trainer:
         # become an FSDP2 root before the critic shards over it)
         trunk = getattr(critic, "trunk", None)
         packing = resolve_packing(cfg.packing, model, None if trunk is not None and dist.is_sharded(trunk) else trunk)
-        if self.sharded and packing == "auto":  # auto's choice may differ between ranks, and so their forward counts
-            packing = False
         if self.sharded:
             dist.shard_model(model)  # in place: the parameters become DTensor shards, before AdamW sees them
             if critic is not None:
@@ -187,11 +187,13 @@ class Trainer:
         self.model.eval()
         try:
             parts = []
-            for rows, mb, packed in self._plan(batch):
+            for rows, mb, packed, real in self._plan(batch):
                 mb = mb.to(self.device)
                 with autocast(self.device, self.precision):
-                    logp = token_logprobs(self.model, mb, self.temperature, chunk=self.logprob_chunk, packed=packed)
-                parts.append((rows, (logp * mb.response_mask).to(batch.input_ids.device)))
+                    logp = token_logprobs(self.model, mb, self.temperature, share_prompt=not self.sharded,
+                                          chunk=self.logprob_chunk, packed=packed)
+                if real:
+                    parts.append((rows, (logp * mb.response_mask).to(batch.input_ids.device)))
         finally:
             self.model.train(was_training)
         if not parts:
@@ -199,10 +201,12 @@ class Trainer:
         return scatter_rows(parts, len(batch))
 
     def _plan(self, batch: Batch):
-        """(batch rows, micro-batch, its packing or None) of each of the trainer's micro-batches of `batch`."""
+        """(batch rows, micro-batch, its packing or None, real) of each of the trainer's forwards of `batch`:
+        its micro-batches, and sharded as many as on the rank with the most (rlpost.packing.even_forwards; the
+        padding ones, real=False, run at zero weight). Sharded, every rank must call it for the same pass."""
         share = not self.sharded and getattr(self.model, "can_share_prompt", False)  # as token_logprobs will
         plan = micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing, share)
-        return single_forward(plan) if self.sharded else plan  # the same forwards on every rank
+        return even_forwards(batch, plan, dist.reduce_max if self.sharded else None)
 
     def _optimizer_state(self) -> dict:
         if not self.sharded:
@@ -261,13 +265,12 @@ class Trainer:
         over all ranks, and a rank with fewer micro-batches than another repeats its first with counts=False
         (zero weight), so that every rank runs the same forward/backward passes and FSDP2's collectives pair up."""
         if not self.sharded:
-            return ((mb, p, True) for _, mb, p in self._plan(batch))
+            return ((mb, p, True) for _, mb, p, _ in self._plan(batch))
         filling = self._filling  # a filler row (see step): counted nowhere, every pass at zero weight
         counts = dist.reduce_dict({"tokens": 0.0 if filling else batch.num_response_tokens,
                                    "seqs": 0.0 if filling else len(batch)})
         batch = batch.replace(global_tokens=counts["tokens"], global_seqs=counts["seqs"])
-        mbs = [(mb, p, not filling) for _, mb, p in self._plan(batch)]
-        return mbs + [(*mbs[0][:2], False)] * (int(dist.reduce_max(len(mbs))) - len(mbs))
+        return [(mb, p, real and not filling) for _, mb, p, real in self._plan(batch)]
 
     def _optimizer_step(self, batch: Batch, loss_fn: LossFn, measure_mismatch: bool) -> dict[str, float]:
         self.model.train()
@@ -281,7 +284,7 @@ class Trainer:
             with autocast(self.device, self.precision):  # the forward only: the loss below runs in fp32
                 logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True,
                                                share_prompt=not self.sharded, chunk=self.logprob_chunk, packed=packed)
-            values = self.critic(mb, packed=packed) if self.critic is not None else None
+            values = self.critic(mb, packed=packed, split=False) if self.critic is not None else None
             mb = mb.replace(entropy=entropy, new_values=values)
             loss, metrics = loss_fn(logp, mb)
             if not counts:  # a sharded rank's padding pass: same collectives, no contribution

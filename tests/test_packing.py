@@ -9,7 +9,8 @@ from rlpost.critic import Critic
 from rlpost.config import ModelConfig, TrainerConfig
 from rlpost.models import (HFCausalLM, check_packing, load_model, packing_refusal, resolve_packing, token_logprobs,
                            transformer_blocks)
-from rlpost.packing import micro_batches, pack, padded_positions, padded_micro_batches, single_forward
+from rlpost.packing import (even_forwards, micro_batches, pack, padded_positions, padded_micro_batches,
+                            single_forward)
 from rlpost.schema import ConfigError
 from rlpost.reference import Reference
 from rlpost.rollout import SamplingParams
@@ -118,6 +119,49 @@ def test_a_sharded_roles_packed_micro_batch_runs_as_one_forward_with_the_same_sc
     assert len(calls) == len(plan)  # one forward per micro-batch
 
 
+def _full_rows(vocab: int, B: int, T: int, seed: int = 0) -> Batch:
+    """B rows of T real tokens each (no padding: packing cannot save a position), responses after 4 prompt tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    resp = (torch.arange(T) >= 4).long().expand(B, T).clone()
+    return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=resp)
+
+
+def test_even_forwards_gives_ranks_that_pack_and_pad_the_same_number_of_forwards():
+    """Two ranks' batches for which packing=auto chooses differently (long-tailed rows pack, full rows pad) and a
+    rank without rows: with the maximum over the three as the agreement, each runs one forward per micro-batch,
+    as many forwards as the others, the padding ones marked not real; every real row is scored once."""
+    model = _gpt_mini()
+    tailed = grouped_batch(16)
+    ranks = [tailed, _full_rows(16, 5, tailed.input_ids.shape[1]), tailed.select([])]
+    plans = [micro_batches(b, 2, None, "auto") if len(b) else [] for b in ranks]
+    assert all(p is not None for _, _, p in plans[0]) and all(p is None for _, _, p in plans[1])
+    assert any(len(p.segments) > 1 for _, _, p in plans[0])  # unsharded, a packed micro-batch runs its segments
+    most = max(len(p) for p in plans)
+    assert len({len(p) for p in plans}) == 3  # three different counts to even out
+    block = transformer_blocks(model)[0]
+    for batch, plan in zip(ranks, plans):
+        agreed = []
+        runs = even_forwards(batch, plan, lambda n: agreed.append(n) or most)
+        assert agreed == [len(plan)] and len(runs) == most
+        calls = []
+        hook = block.register_forward_pre_hook(lambda m, a: calls.append(1))
+        try:
+            for rows, mb, packed, real in runs:
+                assert packed is None or len(packed.segments) == 1
+                token_logprobs(model, mb, share_prompt=False, packed=packed)
+        finally:
+            hook.remove()
+        assert len(calls) == most  # what FSDP2's all-gathers pair up on
+        real = [rows for rows, _, _, r in runs if r]
+        assert len(real) == len(plan) and sorted(torch.cat(real).tolist() if real else []) == list(range(len(batch)))
+        for rows, mb, packed, r in runs[len(plan):]:  # padding: the first micro-batch again, or a 2-token row
+            assert not r and (mb is runs[0][1] if plan else mb.input_ids.shape == (1, 2))
+    # unsharded: the plan itself, segments and all, without any agreement
+    assert [(rows, mb, p) for rows, mb, p, _ in even_forwards(tailed, plans[0])] == plans[0]
+    assert all(r for *_, r in even_forwards(tailed, plans[0]))
+
+
 def test_pack_rejects_an_empty_row_and_a_bad_budget():
     batch = grouped_batch(vocab=16)
     mask = batch.attention_mask.clone()
@@ -180,8 +224,8 @@ def test_auto_packs_where_the_model_can_and_says_why_not_elsewhere(model, tmp_pa
     cfg = load_config(None, [f"out_dir={tmp_path}"])
     assert packing_line(cfg, model).startswith("rlpost: trainer.packing=auto -> on")
     assert packing_line(load_config(None, ["trainer.packing=false"]), model) is None
-    assert "stay padded under trainer.strategy=fsdp2" in packing_line(load_config(None, ["trainer.strategy=fsdp2"]),
-                                                                       model)
+    # under fsdp2 too: each rank packs where auto chooses to (rlpost.packing.even_forwards keeps forwards equal)
+    assert packing_line(load_config(None, ["trainer.strategy=fsdp2"]), model) == packing_line(cfg, model)
     with pytest.raises(ConfigError, match="packing supports gpt_mini and Hugging Face causal LMs, not Linear"):
         resolve_packing(True, torch.nn.Linear(2, 2))
     assert resolve_packing("auto", torch.nn.Linear(2, 2)) is False
