@@ -150,14 +150,17 @@ def saved_config(run_dir: str, kind: str = "train") -> Config:
     return from_dict(Config, with_old_defaults(data))
 
 
-def config_changes(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+def config_changes(saved: Config, new: Config, on_saved: bool = False) -> dict[str, tuple[Any, Any]]:
     """{key: (saved value, new value)} for every config key that differs (out_dir/run_name/threads excepted),
     in key order. A key whose default changed (CHANGED_DEFAULTS) at its old default in `saved` and its new one in
-    `new` is no difference: the run was started under the old default, and the command line did not set the key."""
+    `new` is no difference: the run was started under the old default, and the command line did not set the key.
+    `on_saved`: `new` was made from `saved` itself (key=value overrides on the saved config), so every difference,
+    that one too, is one the command line asked for."""
     a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
     ignore = {"out_dir", "run_name", "threads"}
     defaults = _flatten(to_dict(Config()))
-    ignore |= {k for k, old in CHANGED_DEFAULTS.items() if a.get(k) == old and b.get(k) == defaults.get(k)}
+    if not on_saved:
+        ignore |= {k for k, old in CHANGED_DEFAULTS.items() if a.get(k) == old and b.get(k) == defaults.get(k)}
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)}
 
 
@@ -166,11 +169,11 @@ def config_differences(saved: Config, new: Config) -> list[str]:
     return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in config_changes(saved, new).items()]
 
 
-def resume_changes(saved: Config, new: Config, run_dir: str) -> dict[str, tuple[Any, Any]]:
+def resume_changes(saved: Config, new: Config, run_dir: str, on_saved: bool = False) -> dict[str, tuple[Any, Any]]:
     """The layout keys (`opt(..., layout=True)`: micro-batches, chunks, recomputation, offload) that `new` changes
     from run `run_dir`'s saved config, {key: (saved, new)}: a resume may change them (after an out-of-memory
     error, a smaller micro-batch). ConfigError naming every other key that differs, and the keys that may."""
-    changes = config_changes(saved, new)
+    changes = config_changes(saved, new, on_saved)
     layout = layout_keys(Config)
     refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items() if k not in layout]
     if refused:
@@ -219,17 +222,19 @@ def check_layout_dropout(changes: dict[str, tuple[Any, Any]], dropout: str | Non
                           + ", ".join(sorted(DROPOUT_FREE_LAYOUT)))
 
 
-def resume_config(run_dir: str, given: Config | None = None) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+def resume_config(run_dir: str, given: Config | None = None,
+                  on_saved: bool = False) -> tuple[Config, dict[str, tuple[Any, Any]]]:
     """The config run `run_dir` resumes with, and the layout keys it changes (`resume_changes`): its saved
     config.yaml, with the layout keys `given` (a config from the command line, its trainer.precision /
     rollout.dtype auto made concrete first, as the saved config's were when the run started) sets otherwise,
     and its `threads`. Any other difference is refused (ConfigError): the saved config's value stays where
-    `given` differs only by a changed default (CHANGED_DEFAULTS), and out_dir/run_name are the run's."""
+    `given` differs only by a changed default (CHANGED_DEFAULTS) unless `given` was made on the saved config
+    (`on_saved`: then the command line set it), and out_dir/run_name are the run's."""
     saved = saved_config(run_dir)
     if given is None:
         return saved, {}
     resolve_precisions(given)
-    changes = resume_changes(saved, given, run_dir)
+    changes = resume_changes(saved, given, run_dir, on_saved)
     data = to_dict(saved)
     data["threads"] = given.threads
     for key, (_, value) in changes.items():
@@ -562,14 +567,19 @@ def resolve_precisions(cfg: Config) -> str:
     return f"rlpost: {picked}; the rollout samples in {cfg.rollout.dtype} (rollout.dtype) on {device}"
 
 
-def train(cfg: Config, recipe_name: str = "default", resume: str | None = None) -> dict:
+def train(cfg: Config, recipe_name: str = "default", resume: str | None = None,
+          layout_changes: dict[str, tuple[Any, Any]] | None = None) -> dict:
     """Run the stages, or continue the run in directory `resume` (whose saved config `cfg` must be, up to layout
-    keys: see `resume_config`); returns the summary (also written to summary.json)."""
+    keys: see `resume_config`); returns the summary (also written to summary.json). `layout_changes`: what the
+    caller's own `resume_config` returned with `cfg` (the command line, which knows whether `cfg` was made on the
+    saved config); None: worked out here."""
     t_start = time.perf_counter()
-    saved, layout_changes = None, {}
+    saved = None
     if resume:  # (every rank reads config.yaml here, before the first collective: rank 0 may rewrite it later)
         saved = saved_config(resume)
-        cfg, layout_changes = resume_config(resume, cfg)
+        if layout_changes is None:
+            cfg, layout_changes = resume_config(resume, cfg)
+    layout_changes = layout_changes or {}
     print(resolve_precisions(cfg), flush=True)
     stages = build_stages(cfg)
     has_rl = any(s.name == "rl" for s in stages)

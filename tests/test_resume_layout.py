@@ -166,6 +166,24 @@ def test_a_resume_that_changes_anything_else_is_refused_naming_the_key(finished,
     assert {name: (run / name).read_text() for name in files} == files
 
 
+def test_an_override_to_a_changed_default_is_a_change_a_recipe_that_leaves_it_is_not(tmp_path, capsys):
+    """A run saved with a key at its old default (trainer.packing=false, as every run started before 'auto' was
+    the default): `--resume RUN trainer.packing=auto` asks for the new value and gets it, announced as a layout
+    change; a recipe that leaves the key out (its new default, from Config()) keeps the run's value."""
+    started = SHORT + [f"out_dir={tmp_path}", "run_name=old", "trainer.packing=false"]
+    assert train(load_config(None, started))["status"] == "ok"
+    run = killed_after_step_2(tmp_path / "old", tmp_path / "run")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    assert main(["train", "--resume", str(run), str(recipe), *SHORT]) == 0, capsys.readouterr().err
+    assert "layout keys changed" not in capsys.readouterr().out
+    assert saved_config(str(run)).trainer.packing is False
+    shutil.rmtree(run / "checkpoints" / "final")
+    assert main(["train", "--resume", str(run), "trainer.packing=auto"]) == 0, capsys.readouterr().err
+    assert "layout keys changed: trainer.packing: False -> 'auto';" in capsys.readouterr().out
+    assert saved_config(str(run)).trainer.packing == "auto"
+
+
 def test_a_layout_resume_keeps_the_metrics_and_the_next_resume_compares_with_it(finished, tmp_path, capsys):
     """Nothing runs out of memory: a resume after step 2 with every CPU layout key changed writes the
     uninterrupted run's metrics within float tolerance (REL_TOL) and the same number of lines. config.yaml is

@@ -39,16 +39,15 @@ def cmd_train(args) -> int:
     recipe, overrides = recipe_and_overrides(args)
     if args.nproc and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(args.nproc, recipe, overrides, args.resume)
+    changes = None
     try:
-        if args.resume and not recipe:  # overrides alone change the run's saved config
-            cfg = load_config(None, overrides, base=saved_config(args.resume)) if overrides else None
+        if args.resume:  # the saved config, with the layout keys the command line changes (others refused)
+            cfg, changes = resumable_config(args.resume, recipe, overrides)
         else:
             cfg = load_config(recipe, overrides)
-        if args.resume:
-            cfg = resumable_config(args.resume, cfg)
     except (ConfigError, ValueError) as e:
         return error(e, 2)
-    return run_job(lambda: train(cfg, recipe_base(recipe), resume=args.resume))
+    return run_job(lambda: train(cfg, recipe_base(recipe), resume=args.resume, layout_changes=changes))
 
 
 def launch_torchrun(nproc: int, recipe: str | None, overrides: list[str], resume: str | None) -> int:
@@ -69,8 +68,13 @@ def launch_torchrun(nproc: int, recipe: str | None, overrides: list[str], resume
             reaper.stop()
 
 
-def resumable_config(run_dir: str, given=None):
-    """The config saved in `run_dir`, with the layout keys (micro-batches, gradient checkpointing, ...) that a
-    config `given` on the command line sets otherwise; any other difference is refused here, before any work
-    (ConfigError naming the keys: rlpost.run.resume_config)."""
-    return resume_config(run_dir, given)[0]
+def resumable_config(run_dir: str, recipe: str | None, overrides: list[str]):
+    """(config, layout changes): the config saved in `run_dir`, with the layout keys (micro-batches, gradient
+    checkpointing, ...) that the command line sets otherwise; any other difference is refused here, before any
+    work (ConfigError naming the keys: rlpost.run.resume_config). Overrides alone apply on the saved config, so
+    each of them is a change asked for (a key whose default changed since the run started too); a recipe is a
+    whole config, compared with the saved one."""
+    if recipe:
+        return resume_config(run_dir, load_config(recipe, overrides))
+    given = load_config(None, overrides, base=saved_config(run_dir)) if overrides else None
+    return resume_config(run_dir, given, on_saved=True)
