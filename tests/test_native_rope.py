@@ -1,7 +1,7 @@
 """The HF native engine's RoPE (rlpost/rollout/hf_native.py `_rope`: a roll and a sign-folded sine table,
 queries and keys rotated together) against transformers' own `apply_rotary_pos_emb`, bit for bit: full rotary
-(Llama) and partial rotary (Phi-3: only the first rotary_dim features of a head turn), more query heads than
-key/value heads (GQA), fp32 and bf16."""
+(Llama) and partial rotary (Phi-3: only the first rotary_dim features of a head turn, rotary_dim / 2 odd too),
+more query heads than key/value heads (GQA), fp32 and bf16."""
 
 import pytest
 import torch
@@ -20,7 +20,7 @@ def tables(S, rotary_dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim, rotary_dim", [(16, 16), (24, 24), (16, 8), (32, 12), (64, 32)])
+@pytest.mark.parametrize("head_dim, rotary_dim", [(16, 16), (24, 24), (16, 8), (16, 6), (32, 12), (64, 32)])
 def test_rope_by_roll_is_bit_identical_to_transformers(head_dim, rotary_dim, dtype):
     torch.manual_seed(0)
     L, t, H, Hkv, S = 3, 5, 4, 2, 20
