@@ -176,6 +176,103 @@ def test_adamw_is_fused_and_a_state_saved_unfused_resumes_unfused(tiny_gpt):
     assert all(not g["fused"] for g in resumed.optimizer.param_groups)
 
 
+@pytest.mark.parametrize("case", ["lora", "critic", "bf16"])
+def test_fused_adamw_steps_as_the_loop_does(tiny_gpt, case):
+    """The fused kernel against torch's per-parameter loop, four steps with weight decay from the same gradients,
+    after a non-finite loss that Trainer.step skipped (nothing reaches the optimizer): LoRA adapters (the only
+    trainable parameters), a PPO critic as a second param group (its own lr), pure-bf16 parameters
+    (model.dtype=bfloat16: the kernel does its arithmetic in fp32 where the loop rounds each op to bf16, so they
+    agree to two bf16 roundings)."""
+    from rlpost.models.gpt_mini import GPT
+    from rlpost.models.lora import apply_lora
+
+    model0, tok = tiny_gpt
+    algo = get_algorithm("ppo" if case == "critic" else "grpo")
+    batch = batches(model0, tok, algo, n=1)[0]
+
+    def nan_loss(logp, b, *rest):
+        out, metrics = algo.compute_loss(logp, b, *rest)
+        return out * float("nan"), metrics
+
+    def run(fused: bool):
+        model = GPT(model0.config)
+        model.load_state_dict(model0.state_dict())
+        torch.manual_seed(0)  # the same adapters and critic head in both runs
+        if case == "lora":
+            apply_lora(model, 4, 8.0, 0.0, ["c_attn", "c_proj"])
+        if case == "bf16":
+            model = model.to(torch.bfloat16)
+        critic = Critic.build(model, "separate") if algo.uses_critic else None
+        trainer = Trainer(model, TrainerConfig(lr=1e-2, weight_decay=0.1), critic=critic, critic_lr=3e-3)
+        assert all(g["fused"] for g in trainer.optimizer.param_groups)
+        for g in trainer.optimizer.param_groups:
+            g["fused"] = True if fused else None
+        assert trainer.step(batch, nan_loss)["train/skipped_nonfinite"] == 1.0 and not trainer.optimizer.state
+        trained = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        start = [p.detach().clone() for p in trained]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in trained:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            trainer.optimizer.step()
+        assert not any(torch.equal(p, p0) for p, p0 in zip(trained, start))
+        return trainer, trained
+
+    fused, trained = run(True)
+    _, loop = run(False)
+    if case == "lora":  # only the adapters train: A [4, in] and B [out, 4] of 3 layers in each of 2 blocks
+        assert len(trained) == 12 and all(4 in p.shape for p in trained)
+    if case == "critic":
+        assert [g["lr"] for g in fused.optimizer.param_groups] == [1e-2, 3e-3]
+    bf16 = case == "bf16"
+    assert all(p.dtype == (torch.bfloat16 if bf16 else torch.float32) for p in trained)
+    for a, b in zip(trained, loop):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -6 if bf16 else 1e-5, atol=1e-3 if bf16 else 1e-7)
+
+
+def test_a_state_saved_by_the_per_parameter_loop_continues_bit_identically(tiny_gpt):
+    """A run started before AdamW was fused (its checkpoint's param groups say fused: None), resumed by a trainer
+    that builds a fused AdamW: the resumed steps are the loop's, bit for bit, the PPO critic's group too (the
+    fused kernel's rounding differs from the loop's in the last bits, so a resume that went fused would not be)."""
+    model, tok = tiny_gpt
+    algo = get_algorithm("ppo")
+    data = batches(model, tok, algo)
+    start = copy.deepcopy(model.state_dict())
+
+    def built_by_the_loop(m, critic_from=None):  # what Trainer built before the fused kernel
+        trainer, critic = build(m, algo, critic_from)
+        for g in trainer.optimizer.param_groups:
+            g["fused"] = None
+        return trainer, critic
+
+    trainer, critic = built_by_the_loop(model)
+    straight = [trainer.step(b, algo.compute_loss) for b in data]
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    final_critic = copy.deepcopy(critic.state_dict())
+
+    model.load_state_dict(start)
+    trainer, critic = built_by_the_loop(model)
+    resumed = [trainer.step(data[0], algo.compute_loss)]
+    state = copy.deepcopy(trainer.state_dict())
+    weights, critic_weights = copy.deepcopy(model.state_dict()), copy.deepcopy(critic.state_dict())
+
+    from rlpost.models.gpt_mini import GPT
+
+    new_model = GPT(model.config)
+    new_model.load_state_dict(weights)
+    new_trainer, _ = build(new_model, algo, critic_from=critic_weights)
+    assert all(g["fused"] for g in new_trainer.optimizer.param_groups)  # a fresh trainer is fused
+    new_trainer.load_state_dict(state)
+    assert len(new_trainer.optimizer.param_groups) == 2
+    assert all(not g["fused"] for g in new_trainer.optimizer.param_groups)
+    resumed += [new_trainer.step(b, algo.compute_loss) for b in data[1:]]
+    for n, p in new_model.named_parameters():
+        assert torch.equal(p, final[n]), n
+    for n, v in new_trainer.critic.state_dict().items():
+        assert torch.equal(v, final_critic[n]), n
+    assert resumed == straight
+
+
 def test_critic_state_dict_holds_its_own_weights_only(tiny_gpt):
     model, _ = tiny_gpt
     assert list(Critic.build(model, "head").state_dict()) == ["head.weight", "head.bias"]  # the trunk is the policy's
