@@ -379,3 +379,36 @@ if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     jobs = {"fresh": job_fresh, "memory": job_memory}
     jobs[sys.argv[1]](*sys.argv[2:])
+
+
+def test_a_tied_head_saved_apart_from_its_embedding_is_built_whole_as_transformers_loads_it(
+        tmp_path, tiny_llama_dir, capsys):
+    """A tied-embedding model's folder that holds its LM head apart from the embedding, with other values:
+    transformers unties the two, which rows read into a tied skeleton cannot, so missing_weights names the head
+    and build_context builds the policy whole (from_pretrained's weights, untied), saying why."""
+    from safetensors.torch import load_file, save_file
+
+    from rlpost.config import load_config
+    from rlpost.models import load_model, missing_weights
+    from rlpost.run import build_context
+    from rlpost.runlog import RunLog, make_run_dir
+    from rlpost.settings.model import ModelConfig
+    from transformers import AutoModelForCausalLM
+
+    folder = _llama_folder(tiny_llama_dir, str(tmp_path / "tied"), tied=True)
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    assert "lm_head.weight" not in state  # (transformers saves a tied head once)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] + 1.0
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    skeleton, _ = load_model(ModelConfig(name=folder, device="cpu"), skeleton=True)
+    head = "hf.lm_head.weight (tied to hf.model.embed_tokens.weight, both saved)"
+    assert missing_weights(skeleton, folder) == [head]
+
+    cfg = load_config(None, [f"model.name={folder}", "trainer.strategy=fsdp2", "rl.weight_sync=copy",
+                             f"out_dir={tmp_path}", "run_name=tied", "model.device=cpu"])
+    run_dir = make_run_dir(cfg, "test")
+    ctx = build_context(cfg, run_dir, RunLog(run_dir, write=False), folder=folder)
+    assert "the policy is built whole on each rank" in capsys.readouterr().out
+    whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert max_diff({f"hf.{k}": v for k, v in whole.state_dict().items()}, ctx.model.state_dict()) == 0.0
+    assert float((ctx.model.hf.lm_head.weight - ctx.model.hf.model.embed_tokens.weight).detach().abs().min()) > 0.5
