@@ -100,7 +100,8 @@ def job_fresh(out: str, folders: str) -> None:
             case["reference_frozen"] = not any(p.requires_grad for p in ref.model.parameters())
             case["critic_trunk"] = max_diff(full_weights(critic.trunk), whole.state_dict())
             case["critic_shares"] = dist.gather_objects(_held_share(critic.trunk))
-            case["critic_trains"] = all(p.requires_grad for p in critic.trunk.parameters())
+            # (all but an untied LM head, which the critic never reads)
+            case["critic_frozen"] = [n for n, p in critic.trunk.named_parameters() if not p.requires_grad]
             algo = get_algorithm("grpo", loss_agg="token-mean", beta=0.04)
             single, sharded = trainer_for(whole, "single", 3), trainer_for(policy, "fsdp2", 2)
             a, b = single.step(batch, algo.compute_loss), sharded.step(mine, algo.compute_loss)
@@ -221,7 +222,8 @@ def test_a_sharded_skeleton_filled_from_a_folder_is_the_loaded_model(tmp_path, t
             continue
         assert case["reference_weights"] == 0.0 and case["reference_buffers"] == 0.0, label
         assert case["reference"] < TOL, label
-        assert case["reference_frozen"] and case["critic_trains"], label
+        assert case["reference_frozen"], label
+        assert case["critic_frozen"] == ([] if label in ("llama/tied", "gpt_mini") else ["hf.lm_head.weight"]), label
         assert case["critic_trunk"] == 0.0 and case["critic_values"] == 0.0, label
         assert all(0.3 < s < 0.7 for s in case["reference_shares"] + case["critic_shares"]), label
         assert case["loss"] < TOL and case["step_weights"] < TOL, label
@@ -412,3 +414,40 @@ def test_a_tied_head_saved_apart_from_its_embedding_is_built_whole_as_transforme
     whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert max_diff({f"hf.{k}": v for k, v in whole.state_dict().items()}, ctx.model.state_dict()) == 0.0
     assert float((ctx.model.hf.lm_head.weight - ctx.model.hf.model.embed_tokens.weight).detach().abs().min()) > 0.5
+
+
+def test_a_separate_critic_freezes_an_untied_lm_head_it_never_reads(tiny_llama_dir, tiny_gpt):
+    """A separate critic reads its trunk's hidden states: an untied LM head gets no gradient, so it is frozen
+    (out of the optimizer, which under fsdp2 must find a state for every trainable parameter on resume); a tied
+    head is the embedding, which trains."""
+    from rlpost.config import ModelConfig
+    from rlpost.critic import Critic
+    from rlpost.models import load_model
+
+    policy, _ = load_model(ModelConfig(name=tiny_llama_dir, device="cpu"))
+    trunk = Critic.build(policy, "separate").trunk
+    frozen = [n for n, p in trunk.named_parameters() if not p.requires_grad]
+    assert frozen == ["hf.lm_head.weight"]
+    assert all(p.requires_grad for p in policy.parameters())  # (the policy's own head is its own)
+    model, _ = tiny_gpt
+    assert all(p.requires_grad for p in Critic.build(model, "separate").trunk.parameters())
+
+
+@pytest.mark.slow
+def test_a_ppo_run_with_a_separate_critic_resumes_from_its_mid_rl_shards(tmp_path, tiny_llama_dir):
+    """`rlpost train` on 2 ranks of a Llama folder (untied LM head), PPO with a separate critic, a sharded
+    checkpoint each RL step: resumed on 2 ranks from step 2's shards it writes the same RL metrics and the same
+    final weights, bit for bit, as the run never interrupted (the critic's optimizer state loads: its trunk's
+    unread LM head has none, and the resumed optimizer no longer expects one)."""
+    from safetensors.torch import load_file
+    from test_dcp import _resumes_on_two_ranks_as_it_ran, _train
+
+    out = tmp_path / "runs"
+    _train(["train", "trainer.strategy=fsdp2", "rl.weight_sync=copy", f"model.name={tiny_llama_dir}",
+            "algorithm.name=ppo", "critic.type=separate", f"out_dir={out}", "run_name=ppo", "sft.steps=2",
+            "sft.batch_size=8", "rl.steps=3", "rl.save_every=1", "rl.eval_every=0", "rollout.prompts_per_step=4",
+            "rollout.k=2", "rollout.max_new_tokens=6", "task.num_eval=4", "eval.samples_per_prompt=1",
+            "trainer.micro_batch_size=4", "threads=1"], nproc=2, timeout=300)
+    run = out / "ppo"
+    assert (run / "checkpoints" / "step_2" / "shards").is_dir()
+    _resumes_on_two_ranks_as_it_ran(run, load_file(str(run / "checkpoints" / "final" / "model.safetensors")))
