@@ -175,6 +175,38 @@ def job_memory(out: str, model_dir: str, work: str, how: str) -> None:
 
 # ---------------------------------------------------------------------------- the tests
 
+def job_equal(out: str, folders: str) -> None:
+    """For each model folder (`folders`: JSON {label: folder}) and each of fp32 and bf16: the policy built as a
+    sharded skeleton filled from the folder (rows read by each rank) against the whole model from_pretrained
+    loads: the largest weight, buffer and logit difference; "whole" when missing_weights sends it to the whole
+    build instead."""
+    from rlpost import distributed as dist
+    from rlpost.config import ModelConfig
+    from rlpost.models import load_model, load_weights, missing_weights
+
+    dist.init()
+    result = {}
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    for label, folder in json.loads(folders).items():
+        for dtype in ("float32", "bfloat16"):
+            cfg = ModelConfig(name=folder, device="cpu", dtype=dtype)
+            whole, _ = load_model(cfg)
+            policy, _ = load_model(cfg, skeleton=True)
+            if missing_weights(policy, folder):
+                result[f"{label}/{dtype}"] = "whole"
+                continue
+            dist.shard_model(policy)
+            load_weights(policy, folder)
+            with torch.no_grad():
+                logits = float((policy(ids).float() - whole(ids).float()).abs().max())
+            result[f"{label}/{dtype}"] = [max_diff(full_weights(policy), whole.state_dict()),
+                                          _buffer_diff(policy, whole), logits]
+    if dist.is_main():
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy()
+
+
 def _llama_folder(tokenizer_dir: str, folder: str, tied: bool, layers: int = 2, hidden: int = 64) -> str:
     """A saved Llama with tiny_llama_dir's tokenizer: `tied` (its LM head is the embedding, saved once)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -377,12 +409,6 @@ def test_skeleton_start_reads_a_hub_id_from_the_local_cache_only(tmp_path, tiny_
     assert start("org/tiny") is None
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
-    jobs = {"fresh": job_fresh, "memory": job_memory}
-    jobs[sys.argv[1]](*sys.argv[2:])
-
-
 def test_a_tied_head_saved_apart_from_its_embedding_is_built_whole_as_transformers_loads_it(
         tmp_path, tiny_llama_dir, capsys):
     """A tied-embedding model's folder that holds its LM head apart from the embedding, with other values:
@@ -451,3 +477,57 @@ def test_a_ppo_run_with_a_separate_critic_resumes_from_its_mid_rl_shards(tmp_pat
     run = out / "ppo"
     assert (run / "checkpoints" / "step_2" / "shards").is_dir()
     _resumes_on_two_ranks_as_it_ran(run, load_file(str(run / "checkpoints" / "final" / "model.safetensors")))
+
+
+def _hf_folder(tokenizer_dir: str, folder: str, model_type: str, **config) -> str:
+    """A saved 2-layer model of `model_type` (vocabulary 515, hidden 64 unless `config` says) with tiny_llama_dir's
+    tokenizer, every weight moved off its initial value (norms and biases included, so a weight left unread
+    shows)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = {"vocab_size": 515, "hidden_size": 64, "intermediate_size": 96, "head_dim": 32, **config}
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                               max_position_embeddings=64, **config)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_families_and_sizes_that_do_not_divide_are_read_on_three_ranks_as_from_pretrained(tmp_path, tiny_llama_dir):
+    """On 3 ranks (2 where a size would not matter), in fp32 and bf16, a sharded skeleton filled from each
+    folder equals from_pretrained bit for bit (weights, buffers, logits): Qwen2 (q/k/v biases; tied and untied),
+    Gemma, Gemma 2 and Gemma 3 (norms read as saved, embedding scale a buffer), a vocabulary of 515 and hidden
+    sizes 64 and 66 (not divisible by 3); a folder saved without the `model.` prefix, which transformers
+    renames, is built whole instead."""
+    from safetensors.torch import load_file, save_file
+
+    tok = tiny_llama_dir
+    folders = {"qwen2": _hf_folder(tok, str(tmp_path / "qwen2"), "qwen2", tie_word_embeddings=False),
+               "qwen2/tied": _hf_folder(tok, str(tmp_path / "qwen2t"), "qwen2", tie_word_embeddings=True),
+               "gemma": _hf_folder(tok, str(tmp_path / "gemma"), "gemma"),
+               "gemma2": _hf_folder(tok, str(tmp_path / "gemma2"), "gemma2"),
+               "gemma3": _hf_folder(tok, str(tmp_path / "gemma3"), "gemma3_text"),
+               "llama/66": _hf_folder(tok, str(tmp_path / "llama66"), "llama", hidden_size=66, intermediate_size=97,
+                                      tie_word_embeddings=False)}
+    bare = _hf_folder(tok, str(tmp_path / "bare"), "qwen2", tie_word_embeddings=False)
+    state = load_file(os.path.join(bare, "model.safetensors"))
+    save_file({k.removeprefix("model."): v for k, v in state.items()}, os.path.join(bare, "model.safetensors"),
+              metadata={"format": "pt"})
+    folders["no-prefix"] = bare
+    result = launch("equal", str(tmp_path / "equal.json"), json.dumps(folders), nproc=3, timeout=400)
+    print(json.dumps(result))
+    assert len(result) == 2 * len(folders)
+    for label, case in result.items():
+        assert case == ("whole" if label.startswith("no-prefix") else [0.0, 0.0, 0.0]), label
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    jobs = {"equal": job_equal, "fresh": job_fresh, "memory": job_memory}
+    jobs[sys.argv[1]](*sys.argv[2:])
