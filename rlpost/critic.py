@@ -82,8 +82,8 @@ class Critic(nn.Module):
         else:  # a sharded LoRA policy: a plain copy of its full weights (its adapters are no skeleton's)
             trunk = dist.plain_copy(policy) if dist.is_sharded(policy) else copy.deepcopy(policy)
             trunk.requires_grad_(True)
-        if kind != "head":
-            _freeze_unread_head(trunk)
+        if kind != "head" and cfg is not None and cfg.strategy == "fsdp2":
+            _freeze_unread_head(trunk)  # (one process keeps it in its optimizer, as its checkpoints have it)
         return cls(trunk, policy.hidden_size, shared=kind == "head", cfg=cfg, probe=probe)
 
     def shard(self) -> None:
@@ -133,11 +133,12 @@ class Critic(nn.Module):
 
 
 def _freeze_unread_head(trunk: nn.Module) -> None:
-    """Freeze a separate trunk's LM head when it is not the input embedding (untied): the critic reads the
-    trunk's final hidden states, never its logits, so that head gets no gradient and AdamW no state for it. As a
-    trainable parameter it broke a fsdp2 resume: DCP gives every trainable parameter of the new optimizer a
-    state before loading, and looked for one the checkpoint never had. Frozen, it is out of the optimizer from
-    the start (training is unchanged: AdamW skipped it). A tied head is the embedding, which the critic reads."""
+    """Freeze a separate trunk's LM head when it is not the input embedding (untied), under fsdp2: the critic
+    reads the trunk's final hidden states, never its logits, so that head gets no gradient and AdamW no state for
+    it. As a trainable parameter it broke a fsdp2 resume: DCP gives every trainable parameter of the new optimizer
+    a state before loading, and looked for one the checkpoint never had. Frozen, it is out of the optimizer from
+    the start (training is unchanged: AdamW skipped it). A tied head is the embedding, which the critic reads.
+    One process leaves it trainable: its optimizer state loads by position, and its checkpoints count it."""
     if isinstance(trunk, GPT):
         head, embedding = trunk.lm_head, trunk.transformer.wte
     elif isinstance(trunk, HFCausalLM):

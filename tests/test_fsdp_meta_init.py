@@ -443,20 +443,23 @@ def test_a_tied_head_saved_apart_from_its_embedding_is_built_whole_as_transforme
 
 
 def test_a_separate_critic_freezes_an_untied_lm_head_it_never_reads(tiny_llama_dir, tiny_gpt):
-    """A separate critic reads its trunk's hidden states: an untied LM head gets no gradient, so it is frozen
-    (out of the optimizer, which under fsdp2 must find a state for every trainable parameter on resume); a tied
+    """A separate critic reads its trunk's hidden states: under fsdp2 an untied LM head, which gets no gradient,
+    is frozen (out of the optimizer, which must find a state for every trainable parameter on resume); a tied
     head is the embedding, which trains."""
-    from rlpost.config import ModelConfig
+    from rlpost.config import ModelConfig, TrainerConfig
     from rlpost.critic import Critic
     from rlpost.models import load_model
 
+    fsdp2 = TrainerConfig(strategy="fsdp2")
     policy, _ = load_model(ModelConfig(name=tiny_llama_dir, device="cpu"))
-    trunk = Critic.build(policy, "separate").trunk
+    trunk = Critic.build(policy, "separate", fsdp2).trunk
     frozen = [n for n, p in trunk.named_parameters() if not p.requires_grad]
     assert frozen == ["hf.lm_head.weight"]
     assert all(p.requires_grad for p in policy.parameters())  # (the policy's own head is its own)
+    # one process keeps it trainable: its checkpoints' optimizer state (loaded by position) counts it
+    assert all(p.requires_grad for p in Critic.build(policy, "separate").trunk.parameters())
     model, _ = tiny_gpt
-    assert all(p.requires_grad for p in Critic.build(model, "separate").trunk.parameters())
+    assert all(p.requires_grad for p in Critic.build(model, "separate", fsdp2).trunk.parameters())
 
 
 @pytest.mark.slow
