@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from rlpost import distributed as dist
 from rlpost.batch import Batch
 from rlpost.config import TrainerConfig
-from rlpost.models import autocast, check_precision, model_device, resolve_packing, trunk_hidden_states
+from rlpost.models import HFCausalLM, autocast, check_precision, model_device, resolve_packing, trunk_hidden_states
+from rlpost.models.gpt_mini import GPT
 from rlpost.models.lora import is_lora
 from rlpost.packing import Packed, even_forwards, micro_batches, scatter_rows
 from rlpost.settings.critic import CRITIC_TYPES  # the valid critic.type names, declared with the key
@@ -81,6 +82,8 @@ class Critic(nn.Module):
         else:  # a sharded LoRA policy: a plain copy of its full weights (its adapters are no skeleton's)
             trunk = dist.plain_copy(policy) if dist.is_sharded(policy) else copy.deepcopy(policy)
             trunk.requires_grad_(True)
+        if kind != "head" and cfg is not None and cfg.strategy == "fsdp2":
+            _freeze_unread_head(trunk)  # (one process keeps it in its optimizer, as its checkpoints have it)
         return cls(trunk, policy.hidden_size, shared=kind == "head", cfg=cfg, probe=probe)
 
     def shard(self) -> None:
@@ -127,3 +130,20 @@ class Critic(nn.Module):
         v = self.head(h.float()).squeeze(-1)                         # value after reading token t, fp32
         v = F.pad(v[:, :-1], (1, 0))                                 # value before emitting token t
         return (packed.unpack(v) if packed is not None else v) * batch.response_mask
+
+
+def _freeze_unread_head(trunk: nn.Module) -> None:
+    """Freeze a separate trunk's LM head when it is not the input embedding (untied), under fsdp2: the critic
+    reads the trunk's final hidden states, never its logits, so that head gets no gradient and AdamW no state for
+    it. As a trainable parameter it broke a fsdp2 resume: DCP gives every trainable parameter of the new optimizer
+    a state before loading, and looked for one the checkpoint never had. Frozen, it is out of the optimizer from
+    the start (training is unchanged: AdamW skipped it). A tied head is the embedding, which the critic reads.
+    One process leaves it trainable: its optimizer state loads by position, and its checkpoints count it."""
+    if isinstance(trunk, GPT):
+        head, embedding = trunk.lm_head, trunk.transformer.wte
+    elif isinstance(trunk, HFCausalLM):
+        head, embedding = trunk.hf.get_output_embeddings(), trunk.hf.get_input_embeddings()
+    else:
+        return
+    if head is not None and head.weight is not embedding.weight:
+        head.requires_grad_(False)  # (a LoRA-wrapped head's adapters too)

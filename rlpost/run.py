@@ -412,7 +412,12 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
     alphabet = task.alphabet + "".join(c for c in observation_alphabet(cfg.task) if c not in task.alphabet)
     model, tokenizer = load_model(cfg.model, alphabet, rows=rows, max_new_tokens=response_tokens,
                                   demonstrations=demos, skeleton=shards is not None or folder is not None)
-    if shards is None and folder is not None and missing_weights(model, folder):  # read whole, as transformers does
+    unread = missing_weights(model, folder) if shards is None and folder is not None else []
+    if unread:  # read whole, as transformers does (it converts names, unties a head saved apart)
+        if dist.is_main():
+            print(f"rlpost: trainer.strategy=fsdp2: the policy is built whole on each rank, then sharded: {folder} "
+                  f"does not hold its weights once each under its own names (e.g. {', '.join(unread[:3])})",
+                  flush=True)
         folder = None
         model, tokenizer = load_model(cfg.model, alphabet, rows=rows, max_new_tokens=response_tokens,
                                       demonstrations=demos)

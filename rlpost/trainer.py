@@ -205,7 +205,9 @@ class Trainer:
         its micro-batches, and sharded as many as on the rank with the most (rlpost.packing.even_forwards; the
         padding ones, real=False, run at zero weight). Sharded, every rank must call it for the same pass."""
         share = not self.sharded and getattr(self.model, "can_share_prompt", False)  # as token_logprobs will
-        plan = micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing, share)
+        # (a rank without rows plans nothing, as the reference and the critic: even_forwards gives it padding)
+        plan = micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens, self.packing,
+                             share) if len(batch) else []
         return even_forwards(batch, plan, dist.reduce_max if self.sharded else None)
 
     def _optimizer_state(self) -> dict:

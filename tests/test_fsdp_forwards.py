@@ -206,6 +206,24 @@ def case_logprobs(rank: int) -> dict:
     return out
 
 
+def case_logprobs_no_rows(rank: int) -> dict:
+    """Trainer.logprobs on a rank without rows (rank 0) while rank 1 scores the whole batch."""
+    from rlpost import distributed as dist
+    from rlpost.trainer import Trainer
+
+    out = {}
+    for packing in (False, True, "auto"):
+        model = gpt_mini()
+        batch = global_batch(model)
+        one = Trainer(copy.deepcopy(model), trainer_cfg("single", packing)).logprobs(batch)
+        rows = [[], list(range(len(batch)))][rank]
+        with Forwards(model) as f:
+            mine = Trainer(model, trainer_cfg("fsdp2", packing)).logprobs(batch.select(rows))
+        diff = float((mine - one[rows]).abs().max()) if rows else 0.0
+        out[str(packing)] = {"forwards": f.counts(), "shape": list(mine.shape), "diff": dist.reduce_max(diff)}
+    return out
+
+
 def job(out: str, cases: str) -> None:
     from rlpost import distributed as dist
 
@@ -214,7 +232,8 @@ def job(out: str, cases: str) -> None:
     faulthandler.dump_traceback_later(WATCHDOG, exit=True)
     dist.init()
     rank = dist.rank()
-    run = {"reference": case_reference, "grpo": case_grpo, "ppo": case_ppo, "logprobs": case_logprobs}
+    run = {"reference": case_reference, "grpo": case_grpo, "ppo": case_ppo, "logprobs": case_logprobs,
+           "logprobs_no_rows": case_logprobs_no_rows}
     result = {name: run[name](rank) for name in cases.split(",")}
     for r in result.values():  # each rank's largest difference
         for k in ("diff", "values", "weights"):
@@ -265,7 +284,19 @@ def test_trainer_logprobs_pads_the_rank_with_fewer_micro_batches(tmp_path):
     assert r["auto"]["forwards"][0][1] > 0 and r["auto"]["forwards"][1][1] == 0  # packed on rank 0 only
 
 
+
+@pytest.mark.slow
+def test_trainer_logprobs_on_a_rank_without_rows_pads_instead_of_failing(tmp_path):
+    """A rank with no rows (a rollout correction's proximal log-probs) plans no micro-batch, whatever the packing,
+    and runs the other rank's count of padding forwards; the other rank's log-probs are one process's."""
+    r = launch("no_rows", str(tmp_path / "no_rows.json"))["logprobs_no_rows"]
+    print(json.dumps(r))
+    for packing, c in r.items():
+        assert c["forwards"][0][0] == c["forwards"][1][0] > 0, (packing, c["forwards"])
+        assert c["shape"] == [0, 9] and c["diff"] < TOL, (packing, c)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    jobs = {"auto": "reference,grpo,ppo", "logprobs": "logprobs"}
+    jobs = {"auto": "reference,grpo,ppo", "logprobs": "logprobs", "no_rows": "logprobs_no_rows"}
     job(sys.argv[2], jobs[sys.argv[1]])

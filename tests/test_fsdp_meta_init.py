@@ -100,7 +100,8 @@ def job_fresh(out: str, folders: str) -> None:
             case["reference_frozen"] = not any(p.requires_grad for p in ref.model.parameters())
             case["critic_trunk"] = max_diff(full_weights(critic.trunk), whole.state_dict())
             case["critic_shares"] = dist.gather_objects(_held_share(critic.trunk))
-            case["critic_trains"] = all(p.requires_grad for p in critic.trunk.parameters())
+            # (all but an untied LM head, which the critic never reads)
+            case["critic_frozen"] = [n for n, p in critic.trunk.named_parameters() if not p.requires_grad]
             algo = get_algorithm("grpo", loss_agg="token-mean", beta=0.04)
             single, sharded = trainer_for(whole, "single", 3), trainer_for(policy, "fsdp2", 2)
             a, b = single.step(batch, algo.compute_loss), sharded.step(mine, algo.compute_loss)
@@ -174,6 +175,38 @@ def job_memory(out: str, model_dir: str, work: str, how: str) -> None:
 
 # ---------------------------------------------------------------------------- the tests
 
+def job_equal(out: str, folders: str) -> None:
+    """For each model folder (`folders`: JSON {label: folder}) and each of fp32 and bf16: the policy built as a
+    sharded skeleton filled from the folder (rows read by each rank) against the whole model from_pretrained
+    loads: the largest weight, buffer and logit difference; "whole" when missing_weights sends it to the whole
+    build instead."""
+    from rlpost import distributed as dist
+    from rlpost.config import ModelConfig
+    from rlpost.models import load_model, load_weights, missing_weights
+
+    dist.init()
+    result = {}
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    for label, folder in json.loads(folders).items():
+        for dtype in ("float32", "bfloat16"):
+            cfg = ModelConfig(name=folder, device="cpu", dtype=dtype)
+            whole, _ = load_model(cfg)
+            policy, _ = load_model(cfg, skeleton=True)
+            if missing_weights(policy, folder):
+                result[f"{label}/{dtype}"] = "whole"
+                continue
+            dist.shard_model(policy)
+            load_weights(policy, folder)
+            with torch.no_grad():
+                logits = float((policy(ids).float() - whole(ids).float()).abs().max())
+            result[f"{label}/{dtype}"] = [max_diff(full_weights(policy), whole.state_dict()),
+                                          _buffer_diff(policy, whole), logits]
+    if dist.is_main():
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy()
+
+
 def _llama_folder(tokenizer_dir: str, folder: str, tied: bool, layers: int = 2, hidden: int = 64) -> str:
     """A saved Llama with tiny_llama_dir's tokenizer: `tied` (its LM head is the embedding, saved once)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -221,7 +254,8 @@ def test_a_sharded_skeleton_filled_from_a_folder_is_the_loaded_model(tmp_path, t
             continue
         assert case["reference_weights"] == 0.0 and case["reference_buffers"] == 0.0, label
         assert case["reference"] < TOL, label
-        assert case["reference_frozen"] and case["critic_trains"], label
+        assert case["reference_frozen"], label
+        assert case["critic_frozen"] == ([] if label in ("llama/tied", "gpt_mini") else ["hf.lm_head.weight"]), label
         assert case["critic_trunk"] == 0.0 and case["critic_values"] == 0.0, label
         assert all(0.3 < s < 0.7 for s in case["reference_shares"] + case["critic_shares"]), label
         assert case["loss"] < TOL and case["step_weights"] < TOL, label
@@ -375,7 +409,128 @@ def test_skeleton_start_reads_a_hub_id_from_the_local_cache_only(tmp_path, tiny_
     assert start("org/tiny") is None
 
 
+def test_a_tied_head_saved_apart_from_its_embedding_is_built_whole_as_transformers_loads_it(
+        tmp_path, tiny_llama_dir, capsys):
+    """A tied-embedding model's folder that holds its LM head apart from the embedding, with other values:
+    transformers unties the two, which rows read into a tied skeleton cannot, so missing_weights names the head
+    and build_context builds the policy whole (from_pretrained's weights, untied), saying why."""
+    from safetensors.torch import load_file, save_file
+
+    from rlpost.config import load_config
+    from rlpost.models import load_model, missing_weights
+    from rlpost.run import build_context
+    from rlpost.runlog import RunLog, make_run_dir
+    from rlpost.settings.model import ModelConfig
+    from transformers import AutoModelForCausalLM
+
+    folder = _llama_folder(tiny_llama_dir, str(tmp_path / "tied"), tied=True)
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    assert "lm_head.weight" not in state  # (transformers saves a tied head once)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] + 1.0
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    skeleton, _ = load_model(ModelConfig(name=folder, device="cpu"), skeleton=True)
+    head = "hf.lm_head.weight (tied to hf.model.embed_tokens.weight, both saved)"
+    assert missing_weights(skeleton, folder) == [head]
+
+    cfg = load_config(None, [f"model.name={folder}", "trainer.strategy=fsdp2", "rl.weight_sync=copy",
+                             f"out_dir={tmp_path}", "run_name=tied", "model.device=cpu"])
+    run_dir = make_run_dir(cfg, "test")
+    ctx = build_context(cfg, run_dir, RunLog(run_dir, write=False), folder=folder)
+    assert "the policy is built whole on each rank" in capsys.readouterr().out
+    whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert max_diff({f"hf.{k}": v for k, v in whole.state_dict().items()}, ctx.model.state_dict()) == 0.0
+    assert float((ctx.model.hf.lm_head.weight - ctx.model.hf.model.embed_tokens.weight).detach().abs().min()) > 0.5
+
+
+def test_a_separate_critic_freezes_an_untied_lm_head_it_never_reads(tiny_llama_dir, tiny_gpt):
+    """A separate critic reads its trunk's hidden states: under fsdp2 an untied LM head, which gets no gradient,
+    is frozen (out of the optimizer, which must find a state for every trainable parameter on resume); a tied
+    head is the embedding, which trains."""
+    from rlpost.config import ModelConfig, TrainerConfig
+    from rlpost.critic import Critic
+    from rlpost.models import load_model
+
+    fsdp2 = TrainerConfig(strategy="fsdp2")
+    policy, _ = load_model(ModelConfig(name=tiny_llama_dir, device="cpu"))
+    trunk = Critic.build(policy, "separate", fsdp2).trunk
+    frozen = [n for n, p in trunk.named_parameters() if not p.requires_grad]
+    assert frozen == ["hf.lm_head.weight"]
+    assert all(p.requires_grad for p in policy.parameters())  # (the policy's own head is its own)
+    # one process keeps it trainable: its checkpoints' optimizer state (loaded by position) counts it
+    assert all(p.requires_grad for p in Critic.build(policy, "separate").trunk.parameters())
+    model, _ = tiny_gpt
+    assert all(p.requires_grad for p in Critic.build(model, "separate", fsdp2).trunk.parameters())
+
+
+@pytest.mark.slow
+def test_a_ppo_run_with_a_separate_critic_resumes_from_its_mid_rl_shards(tmp_path, tiny_llama_dir):
+    """`rlpost train` on 2 ranks of a Llama folder (untied LM head), PPO with a separate critic, a sharded
+    checkpoint each RL step: resumed on 2 ranks from step 2's shards it writes the same RL metrics and the same
+    final weights, bit for bit, as the run never interrupted (the critic's optimizer state loads: its trunk's
+    unread LM head has none, and the resumed optimizer no longer expects one)."""
+    from safetensors.torch import load_file
+    from test_dcp import _resumes_on_two_ranks_as_it_ran, _train
+
+    out = tmp_path / "runs"
+    _train(["train", "trainer.strategy=fsdp2", "rl.weight_sync=copy", f"model.name={tiny_llama_dir}",
+            "algorithm.name=ppo", "critic.type=separate", f"out_dir={out}", "run_name=ppo", "sft.steps=2",
+            "sft.batch_size=8", "rl.steps=3", "rl.save_every=1", "rl.eval_every=0", "rollout.prompts_per_step=4",
+            "rollout.k=2", "rollout.max_new_tokens=6", "task.num_eval=4", "eval.samples_per_prompt=1",
+            "trainer.micro_batch_size=4", "threads=1"], nproc=2, timeout=300)
+    run = out / "ppo"
+    assert (run / "checkpoints" / "step_2" / "shards").is_dir()
+    _resumes_on_two_ranks_as_it_ran(run, load_file(str(run / "checkpoints" / "final" / "model.safetensors")))
+
+
+def _hf_folder(tokenizer_dir: str, folder: str, model_type: str, **config) -> str:
+    """A saved 2-layer model of `model_type` (vocabulary 515, hidden 64 unless `config` says) with tiny_llama_dir's
+    tokenizer, every weight moved off its initial value (norms and biases included, so a weight left unread
+    shows)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = {"vocab_size": 515, "hidden_size": 64, "intermediate_size": 96, "head_dim": 32, **config}
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                               max_position_embeddings=64, **config)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_families_and_sizes_that_do_not_divide_are_read_on_three_ranks_as_from_pretrained(tmp_path, tiny_llama_dir):
+    """On 3 ranks (2 where a size would not matter), in fp32 and bf16, a sharded skeleton filled from each
+    folder equals from_pretrained bit for bit (weights, buffers, logits): Qwen2 (q/k/v biases; tied and untied),
+    Gemma, Gemma 2 and Gemma 3 (norms read as saved, embedding scale a buffer), a vocabulary of 515 and hidden
+    sizes 64 and 66 (not divisible by 3); a folder saved without the `model.` prefix, which transformers
+    renames, is built whole instead."""
+    from safetensors.torch import load_file, save_file
+
+    tok = tiny_llama_dir
+    folders = {"qwen2": _hf_folder(tok, str(tmp_path / "qwen2"), "qwen2", tie_word_embeddings=False),
+               "qwen2/tied": _hf_folder(tok, str(tmp_path / "qwen2t"), "qwen2", tie_word_embeddings=True),
+               "gemma": _hf_folder(tok, str(tmp_path / "gemma"), "gemma"),
+               "gemma2": _hf_folder(tok, str(tmp_path / "gemma2"), "gemma2"),
+               "gemma3": _hf_folder(tok, str(tmp_path / "gemma3"), "gemma3_text"),
+               "llama/66": _hf_folder(tok, str(tmp_path / "llama66"), "llama", hidden_size=66, intermediate_size=97,
+                                      tie_word_embeddings=False)}
+    bare = _hf_folder(tok, str(tmp_path / "bare"), "qwen2", tie_word_embeddings=False)
+    state = load_file(os.path.join(bare, "model.safetensors"))
+    save_file({k.removeprefix("model."): v for k, v in state.items()}, os.path.join(bare, "model.safetensors"),
+              metadata={"format": "pt"})
+    folders["no-prefix"] = bare
+    result = launch("equal", str(tmp_path / "equal.json"), json.dumps(folders), nproc=3, timeout=400)
+    print(json.dumps(result))
+    assert len(result) == 2 * len(folders)
+    for label, case in result.items():
+        assert case == ("whole" if label.startswith("no-prefix") else [0.0, 0.0, 0.0]), label
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    jobs = {"fresh": job_fresh, "memory": job_memory}
+    jobs = {"equal": job_equal, "fresh": job_fresh, "memory": job_memory}
     jobs[sys.argv[1]](*sys.argv[2:])

@@ -156,14 +156,15 @@ def load_weights(model: nn.Module, folder: str) -> None:
     and every other holder of the model's parameters keep pointing at the same tensors. A LoRA model takes the
     folder's weights as its base, and its adapters (reset to their initial values when the folder has none).
     An FSDP2-sharded model keeps its shard of them on each rank: without LoRA, from a safetensors folder, each
-    rank reads only its shards' rows (`read_own_rows`); otherwise every rank reads the full weights and keeps its
+    rank reads only its shards' rows (`read_own_rows`) when the folder holds them under the model's own names
+    (`missing_weights`); otherwise every rank reads the full weights as transformers loads them and keeps its
     shard (a collective: every rank calls it)."""
     if not os.path.isdir(folder):
         raise ModelLoadError(f"no saved model at {folder}")
     if saved_lora_config(folder) is not None and not is_lora(model):
         raise ModelLoadError(f"{folder} holds LoRA adapters and this model has none: load it with load_model, or "
                              f"export a merged folder (rlpost export {folder} --out FOLDER)")
-    if _is_sharded(model) and not is_lora(model) and safetensors_files(folder) is not None:
+    if _is_sharded(model) and not is_lora(model) and not missing_weights(model, folder):
         read_own_rows(model, folder)  # each rank its shards' rows of each tensor, never the full weights
         return
     if isinstance(model, GPT):
@@ -242,14 +243,23 @@ def _file_keys(model: nn.Module, folder: str) -> tuple[dict[str, str], set[str]]
 
 def missing_weights(model: nn.Module, folder: str) -> list[str]:
     """The names of `model`'s weights (a shared, tied tensor counted once, under any of its names) that the
-    safetensors files of `folder` do not hold under the names `read_own_rows` reads: empty when it can fill
-    the model (a folder whose names transformers converts on loading, an older format, cannot be read row by
-    row). Reads no tensor, only the files' headers."""
+    safetensors files of `folder` do not hold under the names `read_own_rows` reads, or hold under several of a
+    tied weight's names (transformers unties a head saved apart from its embedding when the two differ, so
+    which one is meant is known only from their values): empty when it can fill the model (a folder whose names
+    transformers converts on loading, an older format, cannot be read row by row). Reads no tensor, only the
+    files' headers."""
     files = safetensors_files(folder)
     if files is None:
         return ["(no model.safetensors)"]
     keys, _ = _file_keys(model, folder)
-    return [names[0] for names in _tied_groups(model).values() if not any(keys[n] in files for n in names)]
+    missing = []
+    for names in _tied_groups(model).values():
+        held = [n for n in names if keys[n] in files]
+        if not held:
+            missing.append(names[0])
+        elif len(held) > 1:
+            missing.append(f"{held[1]} (tied to {held[0]}, both saved)")
+    return missing
 
 
 def _tied_groups(model: nn.Module) -> dict[int, list[str]]:
@@ -275,8 +285,9 @@ def read_own_rows(model: nn.Module, folder: str) -> None:
     files = safetensors_files(folder)
     missing = missing_weights(model, folder)
     if files is None or missing:
-        raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model under its own names, e.g. "
-                             f"{missing[:3]}; is it a model folder saved by rlpost or transformers for this model?")
+        raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model under its own names (or "
+                             f"saves a tied one twice), e.g. {missing[:3]}; is it a model folder saved by rlpost "
+                             f"or transformers for this model? (load_model reads it whole)")
     keys, transposed = _file_keys(model, folder)
     tensors = model.state_dict(keep_vars=True)
     with torch.no_grad():
