@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_fsdp import RANK_ROWS, ROOT, TOL, full_weights, global_batch, max_diff, trainer_for  # noqa: E402
 from test_fsdp import launch as fsdp_launch  # noqa: E402
+from test_fsdp_copies import _reset_peak, _rss_kb  # noqa: E402
 
 MEMORY_LAYERS, MEMORY_HIDDEN = 8, 512  # the memory test's Llama: ~27M parameters, ~105 MB in fp32
 
@@ -112,17 +113,6 @@ def job_fresh(out: str, folders: str) -> None:
         with open(out, "w") as f:
             json.dump(result, f)
     dist.destroy()
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak() -> None:
-    """Reset this process's peak RSS (VmHWM) to its current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _memory_config(model_dir: str, out_dir: str):
