@@ -231,7 +231,7 @@ def generate(runner, tok, prompts: list[list[int]], k: int, params: SamplingPara
     `shared_attention_min` columns (and k > 1) use shared-prompt attention (`attend`).
 
     Sampling runs in inference mode, not just without grad: no tensor of the loop gets a version counter or
-    autograd metadata, which is most of a small op's cost in a decode step (the rollout measured 12 % less CPU in
+    autograd metadata, part of every small op's cost in a decode step (the rollout measured 12 % less CPU in
     bf16 and 7 % in fp32, benchmarks/grpo_step_vs_trl.py's shape, one thread). The Batch it returns is made of
     ordinary tensors (training reads them); what a runner keeps between calls (its fused weights) is only ever
     read by later calls."""
