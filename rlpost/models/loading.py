@@ -318,6 +318,17 @@ def read_own_rows(model: nn.Module, folder: str) -> None:
                 local.copy_(part.to(local.dtype))
 
 
+def _same_architecture(model: nn.Module, caller: str) -> nn.Module:
+    """A new module of `model`'s architecture (gpt_mini or HFCausalLM, without LoRA), freshly initialised."""
+    if isinstance(model, GPT):
+        return GPT(model.config)
+    if isinstance(model, HFCausalLM):
+        from transformers import AutoModelForCausalLM
+
+        return HFCausalLM(AutoModelForCausalLM.from_config(model.hf.config))
+    raise TypeError(f"{caller} supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+
+
 def skeleton_of(model: nn.Module) -> nn.Module:
     """A new module of `model`'s architecture (gpt_mini or HFCausalLM, not LoRA) with its parameters on the meta
     device in their dtypes and `model`'s own buffers (cloned, the non-persistent ones too): what a sharded copy is
@@ -325,14 +336,7 @@ def skeleton_of(model: nn.Module) -> nn.Module:
     if is_lora(model):
         raise TypeError("skeleton_of: a LoRA model's skeleton is not built (its adapters are not meta tensors)")
     with parameters_on_meta():
-        if isinstance(model, GPT):
-            new = GPT(model.config)
-        elif isinstance(model, HFCausalLM):
-            from transformers import AutoModelForCausalLM
-
-            new = HFCausalLM(AutoModelForCausalLM.from_config(model.hf.config))
-        else:
-            raise TypeError(f"skeleton_of supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+        new = _same_architecture(model, "skeleton_of")
     dtypes = dict((n, p.dtype) for n, p in model.named_parameters())
     with torch.no_grad():
         for name, p in new.named_parameters():
@@ -357,14 +361,7 @@ def rebuild(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     (the same config and initial values). The random streams are left as they were: building the copy draws
     initial weights, which `state` then replaces."""
     with torch.random.fork_rng(devices=[]):
-        if isinstance(model, GPT):
-            new = GPT(model.config)
-        elif isinstance(model, HFCausalLM):
-            from transformers import AutoModelForCausalLM
-
-            new = HFCausalLM(AutoModelForCausalLM.from_config(model.hf.config))
-        else:
-            raise TypeError(f"rebuild supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+        new = _same_architecture(model, "rebuild")
         if is_lora(model):
             apply_lora(new, **lora_config(model))
             initial_adapters(new).update(initial_adapters(model))
