@@ -153,20 +153,27 @@ def block_calls(model) -> list:
     return calls
 
 
-@pytest.mark.parametrize("kind", ["gpt_mini", "hf_llama"])
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir, kind):
-    model, _ = models(tiny_llama_dir)[kind]
+def checkpointed_grads(model, precision: str = "fp32") -> tuple[dict, dict]:
+    """({checkpointing off/on: the parameters' gradients}, {off/on: calls of the first block}) of one weighted
+    log-prob sum over the same batch, the forward run in `precision`'s autocast context."""
     batch = layout_batch(16)
     w = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(1))
-    grads = {}
+    grads, calls = {}, {}
     for on in (False, True):
         m = copy.deepcopy(model).train()
         set_gradient_checkpointing(m, on)
-        calls = block_calls(m)
-        logp = token_logprobs(m, batch, share_prompt=False)     # one path for both: the same float rounding
+        calls[on] = block_calls(m)
+        with autocast("cpu", precision):
+            logp = token_logprobs(m, batch, share_prompt=False)  # one path for both: the same float rounding
         (logp * w).sum().backward()
-        assert len(calls) == (2 if on else 1)                  # recomputed in the backward
         grads[on] = {n: p.grad for n, p in m.named_parameters()}
+    return grads, calls
+
+
+@pytest.mark.parametrize("kind", ["gpt_mini", "hf_llama"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir, kind):
+    grads, calls = checkpointed_grads(models(tiny_llama_dir)[kind][0])
+    assert (len(calls[False]), len(calls[True])) == (1, 2)  # recomputed in the backward
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=0, atol=1e-5, msg=name)
 
@@ -299,16 +306,6 @@ def test_bf16_gradient_checkpointing_recomputes_the_fp32_attention_backward(tiny
     trainer's autocast context, so it must take the same attention path as its forward did (torch's
     non-reentrant checkpoint refuses a recompute that saves other tensors), and the gradients are the ones
     without checkpointing."""
-    model, _ = models(tiny_llama_dir)[kind]
-    batch = layout_batch(16)
-    w = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(1))
-    grads = {}
-    for on in (False, True):
-        m = copy.deepcopy(model).train()
-        set_gradient_checkpointing(m, on)
-        with autocast("cpu", "bf16"):
-            logp = token_logprobs(m, batch, share_prompt=False)
-        (logp * w).sum().backward()
-        grads[on] = {n: p.grad for n, p in m.named_parameters()}
+    grads, _ = checkpointed_grads(models(tiny_llama_dir)[kind][0], "bf16")
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=0, atol=1e-5, msg=name)
