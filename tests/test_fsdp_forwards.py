@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_fsdp import ROOT, TOL, free_port, full_weights, max_diff  # noqa: E402
+from test_fsdp_stages import scored_rows  # noqa: E402
 
 ROWS = [[0, 1, 2, 3], [4, 5, 6, 7, 8]]  # rank 0: packed in 2 micro-batches of 2 rows' positions; rank 1: 3 padded
 RESPONSES = [6, 1, 1, 1, 6, 6, 6, 6, 6]  # response lengths after 3 prompt tokens: T = 9
@@ -62,21 +63,12 @@ def gpt_mini():
 
 def global_batch(model):
     """9 rows of 3 prompt tokens and RESPONSES tokens; old/ref log-probs near the model's, advantages, rewards."""
-    from rlpost.batch import Batch
-    from rlpost.models import token_logprobs
-
     g = torch.Generator().manual_seed(1)
     B, P, R = len(RESPONSES), 3, max(RESPONSES)
     ids = torch.randint(3, 16, (B, P + R), generator=g)
     response = (torch.arange(R)[None] < torch.tensor(RESPONSES)[:, None]).long()
-    attention = torch.cat([torch.ones(B, P, dtype=torch.long), response], 1)
-    response_mask = torch.cat([torch.zeros(B, P, dtype=torch.long), response], 1)
-    batch = Batch(input_ids=ids * attention, attention_mask=attention, response_mask=response_mask)
-    with torch.no_grad():
-        logp = token_logprobs(model, batch)
-    noise = 0.3 * torch.randn(B, P + R, generator=g)
-    return batch.replace(old_logp=(logp + noise) * response_mask, ref_logp=(logp - noise.abs()) * response_mask,
-                         advantages=torch.randn(B, generator=g)[:, None] * response_mask,
+    batch = scored_rows(model, ids, torch.ones(B, P, dtype=torch.long), response, g)
+    return batch.replace(advantages=torch.randn(B, generator=g)[:, None] * batch.response_mask,
                          rewards=torch.randn(B, generator=g), group_ids=torch.arange(B) // 3)
 
 

@@ -176,9 +176,6 @@ def case_reward_model(strategy: str, llama_dir: str) -> tuple[dict, dict]:
 
 def ppo_batch(model, vocab: int):
     """8 rows: 2 prompts x 4 samples, left-padded prompts, responses of 1-5 tokens, outcome rewards."""
-    from rlpost.batch import Batch
-    from rlpost.models import token_logprobs
-
     g = torch.Generator().manual_seed(1)
     B, P, R = 8, 4, 5
     prompts = torch.randint(3, vocab, (2, P), generator=g).repeat_interleave(4, 0)
@@ -187,14 +184,23 @@ def ppo_batch(model, vocab: int):
     response = (torch.arange(R)[None] < lengths[:, None]).long()
     prompt_mask = torch.ones(B, P, dtype=torch.long)
     prompt_mask[4:, 0] = 0
+    batch = scored_rows(model, ids, prompt_mask, response, g)
+    return batch.replace(rewards=torch.randn(B, generator=g), group_ids=torch.arange(B) // 4)
+
+
+def scored_rows(model, ids, prompt_mask, response, g):
+    """The Batch of token ids [B, P + R] with prompt and response masks ([B, P], [B, R]; masked ids zeroed), and
+    old / reference log-probs near `model`'s own (its log-probs plus and minus noise drawn from `g`)."""
+    from rlpost.batch import Batch
+    from rlpost.models import token_logprobs
+
     attention = torch.cat([prompt_mask, response], 1)
-    response_mask = torch.cat([torch.zeros(B, P, dtype=torch.long), response], 1)
+    response_mask = torch.cat([torch.zeros_like(prompt_mask), response], 1)
     batch = Batch(input_ids=ids * attention, attention_mask=attention, response_mask=response_mask)
     with torch.no_grad():
         logp = token_logprobs(model, batch)
-    noise = 0.3 * torch.randn(B, P + R, generator=g)
-    return batch.replace(old_logp=(logp + noise) * response_mask, ref_logp=(logp - noise.abs()) * response_mask,
-                         rewards=torch.randn(B, generator=g), group_ids=torch.arange(B) // 4)
+    noise = 0.3 * torch.randn(ids.shape, generator=g)
+    return batch.replace(old_logp=(logp + noise) * response_mask, ref_logp=(logp - noise.abs()) * response_mask)
 
 
 PPO_ROWS = [list(range(0, 5)), list(range(5, 8))]  # uneven: rank 0 runs 3 micro-batches of 2, rank 1 two
