@@ -4,7 +4,9 @@ than the sequence (Mistral, Qwen3's upper layer, Gemma's local layers, Phi-3), s
 (Gemma 2 and 3), (1 + weight) norms and an embedding scale (Gemma), fused projections and partial rotary
 (Phi-3), rope_type llama3 (Llama 3). Per family: greedy output equals `transformers.generate`; sampled
 old_logp equals a fresh forward within 1e-5 in fp32 (per-row and shared-prompt attention, a shared prefix, capped and
-uncapped batches); rollout.engine=auto picks it and says so; a few GRPO steps raise a simple reward."""
+uncapped batches); rollout.engine=auto picks it and says so; a few GRPO steps raise a simple reward.
+And what a config may say that the model does not do (Gemma 3's attn_logit_softcapping) or the engine does
+not (bidirectional attention)."""
 
 import pytest
 import torch
@@ -155,3 +157,33 @@ def test_a_few_grpo_steps_learn(name, tok):
     after = reward(engine.generate(prompts, 16, params, seed=1000)).mean()
     print(f"{name}: share of even tokens {float(before):.3f} -> {float(after):.3f}")
     assert after > before + 0.1, (float(before), float(after))  # ~4 sigma of the 384 tokens scored
+
+
+def _old_logp_error(m, tok, seed=7):
+    """max |old_logp - the trainer's log-probs| of a sampled batch (k=2, 12 tokens, temperature 1)."""
+    batch = HFNativeEngine(m, tok).generate(encode(tok, PROMPTS), 2, SamplingParams(max_new_tokens=12), seed=seed)
+    with torch.no_grad():
+        return float(((token_logprobs(m, batch) - batch.old_logp) * batch.response_mask).abs().max())
+
+
+def test_gemma3_attention_is_not_soft_capped_whatever_the_config_says(tok):
+    """Gemma 3's attention never reads attn_logit_softcapping (transformers passes no softcap to its attention,
+    eager or sdpa); an engine that capped its scores anyway sampled from another model than the trainer scores."""
+    cls, cfg = _config("gemma3", tok)
+    cfg.attn_logit_softcapping = 1.0  # small enough that capping the scores would move every log-prob
+    torch.manual_seed(0)
+    m, htok = HFCausalLM(cls(cfg)).eval(), HFTokenizer(tok)
+    assert _old_logp_error(m, htok) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_bidirectional_gemma_stays_on_transformers_generate(name, tok):
+    """use_bidirectional_attention (an encoder's attention, e.g. EmbeddingGemma) is not what the native engine
+    computes: auto falls back to transformers.generate and says why; native refuses."""
+    cls, cfg = _config(name, tok)
+    cfg.use_bidirectional_attention = True
+    m, htok = HFCausalLM(cls(cfg)), HFTokenizer(tok)
+    assert engine_choice(m)[0] == "hf" and "use_bidirectional_attention" in engine_choice(m)[1]
+    with pytest.raises(ValueError, match="use_bidirectional_attention.*rollout.engine=hf"):
+        build_engine("native", m, htok)
+
