@@ -6,7 +6,7 @@ than the sequence (Mistral, Qwen3's upper layer, Gemma's local layers, Phi-3), s
 old_logp equals a fresh forward within 1e-5 in fp32 (per-row and shared-prompt attention, a shared prefix, capped and
 uncapped batches); rollout.engine=auto picks it and says so; a few GRPO steps raise a simple reward.
 And what a config may say that the model does not do (Gemma 3's attn_logit_softcapping) or the engine does
-not (bidirectional attention)."""
+not (bidirectional attention), and a LoRA adapter on the LM head."""
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ import torch
 from conftest import encode, hf_greedy, train_tiny_tokenizer
 from rlpost import get_algorithm
 from rlpost.models import HFCausalLM, HFTokenizer, token_logprobs
+from rlpost.models.lora import apply_lora
 from rlpost.rollout import SamplingParams, build_engine, engine_choice
 from rlpost.rollout.hf_native import HFNativeEngine
 from rlpost.rollout.scheduler import shared_prefix_lengths
@@ -187,3 +188,16 @@ def test_bidirectional_gemma_stays_on_transformers_generate(name, tok):
     with pytest.raises(ValueError, match="use_bidirectional_attention.*rollout.engine=hf"):
         build_engine("native", m, htok)
 
+
+@pytest.mark.parametrize("name", ["llama3", "gemma2", "phi3"])  # one per family file; Gemma 2's head is tied
+def test_a_lora_adapter_on_the_lm_head_is_sampled_with(name, tok):
+    """model.lora.target_modules may name lm_head (an nn.Linear): the engine reads the head as its merged
+    weight too, as every other projection, so old_logp is the adapted model's."""
+    pytest.importorskip("peft")
+    m, htok = build(name, tok)
+    apply_lora(m, r=4, alpha=8, dropout=0.0, target_modules=["lm_head", "o_proj"])
+    with torch.no_grad():  # peft starts B at 0 (no change): make the adapters count
+        for n, p in m.hf.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    assert _old_logp_error(m, htok) <= 1e-5

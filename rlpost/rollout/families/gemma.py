@@ -8,6 +8,7 @@ decodes causally."""
 
 from __future__ import annotations
 
+from rlpost.models.lora import effective_weight
 from rlpost.rollout.families.base import (Layer, Weights, check_rope, gemma_rms_norm, head_dim, norm_of,
                                           split_projections)
 
@@ -32,7 +33,7 @@ def read(hf) -> Weights:
             rope=kind if gemma3 else None, **split_projections(layer)))
     embed = m.embed_tokens
     return Weights(family=cfg.model_type, embed=embed.weight, embed_scale=embed.embed_scale.to(embed.weight.dtype),
-                   norm=norm_of(m.norm), lm_head=hf.lm_head.weight, layers=layers,
+                   norm=norm_of(m.norm), lm_head=effective_weight(hf.lm_head), layers=layers,
                    n_head=cfg.num_attention_heads, n_kv=cfg.num_key_value_heads, head_dim=head_dim(cfg),
                    scaling=cfg.query_pre_attn_scalar ** -0.5, rms=gemma_rms_norm,
                    attn_softcap=None if gemma3 else cfg.attn_logit_softcapping,

@@ -4,6 +4,7 @@ each head's query and key before RoPE). Separate q/k/v and gate/up projections, 
 
 from __future__ import annotations
 
+from rlpost.models.lora import effective_weight
 from rlpost.rollout.families.base import Layer, Weights, check_rope, head_dim, norm_of, split_projections
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -35,7 +36,7 @@ def read(hf) -> Weights:
                             **split_projections(layer)))
     D = head_dim(cfg)
     return Weights(family=cfg.model_type, embed=m.embed_tokens.weight, embed_scale=None, norm=norm_of(m.norm),
-                   lm_head=hf.lm_head.weight, layers=layers, n_head=cfg.num_attention_heads,
+                   lm_head=effective_weight(hf.lm_head), layers=layers, n_head=cfg.num_attention_heads,
                    n_kv=cfg.num_key_value_heads, head_dim=D, scaling=D ** -0.5)
 
 

@@ -29,7 +29,7 @@ def read(hf) -> Weights:
             act=mlp.activation_fn, post_mlp=None, window=window))
     D = head_dim(cfg)
     return Weights(family="phi3", embed=m.embed_tokens.weight, embed_scale=None, norm=norm_of(m.norm),
-                   lm_head=hf.lm_head.weight, layers=layers, n_head=cfg.num_attention_heads,
+                   lm_head=effective_weight(hf.lm_head), layers=layers, n_head=cfg.num_attention_heads,
                    n_kv=cfg.num_key_value_heads, head_dim=D, scaling=D ** -0.5)
 
 
