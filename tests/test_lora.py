@@ -185,6 +185,27 @@ def test_hf_native_engine_uses_merged_lora_weights(tiny_llama_dir):
     assert not torch.equal(base.old_logp, native.old_logp)
 
 
+
+def test_hf_native_engine_follows_adapters_switched_off_and_on(tiny_llama_dir):
+    """The engine caches the merged weights between calls; switching the adapters off (adapters_disabled) or on
+    again touches no parameter, and must still reach the next call: a stale cache sampled the adapted model
+    while asked for the base, or the reverse."""
+    model, tok = load_model(ModelConfig(name=tiny_llama_dir, lora=load_config(None, LORA).model.lora))
+    randomize_adapters(model)
+    model.eval()
+    ids = [tok.encode_prompt(p) for p in ("1+2=", "47+85=")]
+    params = SamplingParams(max_new_tokens=6)
+    engine = build_engine("native", model, tok)  # pointer: it samples with the module as it is now
+
+    def error(batch):
+        with torch.no_grad():
+            return float(((token_logprobs(model, batch) - batch.old_logp) * batch.response_mask).abs().max())
+
+    assert error(engine.generate(ids, 2, params, seed=3)) < 1e-4
+    with adapters_disabled(model):
+        assert error(engine.generate(ids, 2, params, seed=3)) < 1e-4
+    assert error(engine.generate(ids, 2, params, seed=3)) < 1e-4
+
 def test_sync_sends_only_the_adapters_and_a_copy_engine_takes_them():
     model, tok = gpt_mini()
     engine = build_engine("auto", model, tok, share_weights=False)

@@ -19,7 +19,7 @@ forward, and old_logp against the trainer's `token_logprobs`, per family. q/k/v 
 concatenated into one matmul each; the concatenation is cached and rebuilt only when a parameter changed
 (an optimizer step or update_weights' in-place copy_ bumps its version counter). A LoRA layer (peft,
 model.lora) is read as its merged weight, base + adapter delta (`rlpost.models.lora.effective_weight`),
-rebuilt when the adapters change.
+rebuilt when the adapters change or are switched off or on.
 
 Sliding windows: a layer with window W lets a query attend to the keys fewer than W positions back
 (HF's `kv_idx > q_idx - W`). In a row's cache a token's position is its column minus the row's left
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.batch import Batch
+from rlpost.models.lora import lora_layers
 from rlpost.rollout import scheduler
 from rlpost.rollout.engine import ModuleEngine, SamplingParams
 from rlpost.rollout.families import family, supported_model_types
@@ -114,7 +115,10 @@ class HFNativeEngine(ModuleEngine):
 
     def _current_weights(self) -> Weights:
         hf = self._model.hf
-        key = tuple((id(p), p._version) for p in hf.parameters())  # an in-place update bumps _version
+        key = (tuple((id(p), p._version) for p in hf.parameters()),  # an in-place update bumps _version
+               # LoRA adapters switched off or on (adapters_disabled, peft's set_adapter) change the merged
+               # weights without touching a parameter
+               tuple((m.disable_adapters, m.merged, tuple(m.active_adapters)) for m in lora_layers(hf)))
         if self._weights is None or key != self._weights_key:
             # the matmul weights cast once per update when sampling in bf16 (rollout.dtype)
             self._weights = cast_matmuls(family(hf.config.model_type).read(hf), self.cache_dtype)
