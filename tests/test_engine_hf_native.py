@@ -162,3 +162,15 @@ def test_min_new_tokens_in_the_hf_engine_too(llama):
     params = SamplingParams(max_new_tokens=5, min_new_tokens=5, stop_token_ids=list(range(0, len(tok.tok), 2)))
     batch = HFGenerateEngine(model, tok).generate(encode(tok, PROMPTS), 2, params)
     assert (batch.response_mask.sum(1) == 5).all()
+
+
+def test_greedy_k_samples_in_the_hf_engine_too(llama):
+    """temperature 0 with k > 1 (an eval or a GRPO config with greedy sampling): transformers.generate refuses
+    num_return_sequences > 1 without sampling, so the hf engine draws each prompt's answer once and repeats it,
+    as the native engine's k greedy rows are k copies."""
+    model, tok = llama
+    prompts, params = encode(tok, PROMPTS), SamplingParams(max_new_tokens=6, temperature=0.0)
+    hf = HFGenerateEngine(model, tok).generate(prompts, 3, params)
+    native = HFNativeEngine(model, tok).generate(prompts, 3, params)
+    assert torch.equal(hf.input_ids, native.input_ids) and hf.group_ids.tolist() == native.group_ids.tolist()
+    assert (hf.old_logp - native.old_logp).abs().max() <= 1e-4

@@ -1,7 +1,8 @@
 """The transformers.generate rollout backend: any Hugging Face causal LM.
 
-Samples with `model.generate(num_return_sequences=K)` on left-padded prompts, and takes old_logp
-from the per-step logits it returns, so no second forward pass is needed. Stop strings are applied to
+Samples with `model.generate(num_return_sequences=K)` on left-padded prompts (greedy: once per prompt, the
+answer repeated K times, as generate refuses K greedy copies), and takes old_logp from the per-step logits it
+returns, so no second forward pass is needed. Stop strings are applied to
 the finished samples with the native engines' rule (`StopStrings`: the response ends with the token
 that completes the first stop string), so both backends truncate alike; `max_num_seqs` is ignored.
 """
@@ -31,19 +32,22 @@ class HFGenerateEngine(ModuleEngine):
             mask[i, P - len(p):] = 1
         torch.manual_seed(seed)  # generate() draws from the global generator
         greedy = params.temperature <= 0
+        copies = 1 if greedy else k  # greedy: one answer per prompt (generate refuses k copies), repeated k times
         with self._autocast(device):
             out = hf.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
                 do_sample=not greedy, temperature=None if greedy else params.temperature,
                 top_k=params.top_k, top_p=params.top_p,  # 0 / 1.0 switch them off (generate's own default is top_k=50)
                 max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-                num_return_sequences=k,
+                num_return_sequences=copies,
                 eos_token_id=[tok.eos_token_id, *params.stop_token_ids], pad_token_id=tok.pad_token_id,
                 output_logits=True, return_dict_in_generate=True,
             )
         hf.train(was_training)
         tokens = out.sequences[:, P:].cpu()                                      # (B, R)
         logits = torch.stack(out.logits, 1).float().cpu() / params.logp_temperature  # (B, R, V) raw logits
+        if copies < k:
+            tokens, logits = tokens.repeat_interleave(k // copies, 0), logits.repeat_interleave(k // copies, 0)
         logps = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
         stop_ids = torch.tensor([tok.eos_token_id, *params.stop_token_ids])
         is_stop = torch.isin(tokens, stop_ids)
