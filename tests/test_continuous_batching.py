@@ -215,6 +215,20 @@ def test_stop_string_window_sees_an_occurrence_split_across_tokens():
     assert s.end([2, 0, 1], min_len=4) is None
 
 
+def test_a_stop_string_completed_within_min_new_tokens_never_ends_the_response():
+    """min_new_tokens=3: "ab" completed at token 2 is ignored, wherever the check window ends; only an occurrence
+    completed after the first 3 tokens counts (both engines take this rule)."""
+    chars = "abc"
+    decode = lambda ids: "".join(chars[i] for i in ids)  # noqa: E731
+    s = StopStrings(["ab"], decode)
+    assert s.end([0, 1, 2, 2, 2, 2], min_len=4) is None  # the early "ab" sat in the window at token 4 too
+    assert s.end([0, 1, 2, 2, 2, 2, 2, 2, 2, 2], min_len=4) is None
+    assert s.end([0, 1, 2, 2, 0, 1, 2], min_len=4) == 6
+    assert not s.hit([0, 1, 2]) and s.hit([0, 1]) and s.hit([2, 2, 0, 1])
+    multi = StopStrings(["é"], lambda ids: bytes(ids).decode("utf-8", errors="replace"))  # é split across 2 tokens
+    assert multi.end(list("xé".encode())) == 3 and multi.end(list("éx".encode()), min_len=3) is None
+
+
 def test_inverse_cdf_sampling_never_draws_a_zero_probability_token():
     logits = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0, float("-inf")]]).repeat(5, 1)
     u = torch.tensor([1e-12, 0.2, 0.5, 0.999999, 1.0], dtype=torch.float64)

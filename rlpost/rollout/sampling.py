@@ -39,9 +39,12 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
 
 
 class StopStrings:
-    """Stop strings over a growing response. `hit(ids)` is True when the decoded text of the response's last
-    tokens contains a stop string; checked after every token, it fires on the token that completes the first
-    occurrence, and the response ends with that token (the string is kept, as the policy generated it)."""
+    """Stop strings over a growing response. `hit(ids)` is True when the response's last token completes an
+    occurrence of a stop string (the decoded text of the last tokens has one that ends in that token's text);
+    checked after every token, it fires on the token that completes the first occurrence, and the response ends
+    with that token (the string is kept, as the policy generated it). An occurrence completed earlier never fires
+    later: under min_new_tokens, one completed within the first min_new_tokens tokens is ignored (as vLLM does),
+    however far back it lies."""
 
     def __init__(self, stops: list[str], decode):
         self.stops, self.decode = [s for s in stops if s], decode
@@ -49,8 +52,15 @@ class StopStrings:
 
     def hit(self, ids: list[int]) -> bool:
         text = self.decode(ids[-self.window:])
-        return any(s in text for s in self.stops)
+        if not any(s in text for s in self.stops):
+            return False
+        # the text before the last token; where a multi-byte character is split across tokens the two decodings
+        # differ in their last characters, so "new" is whatever follows their common prefix
+        before = self.decode(ids[-self.window:-1])
+        common = next((i for i, (a, b) in enumerate(zip(before, text)) if a != b), min(len(before), len(text)))
+        return any(s in text[max(common - len(s) + 1, 0):] for s in self.stops)
 
     def end(self, ids: list[int], min_len: int = 1) -> int | None:
-        """Length (>= min_len) of the shortest prefix of a response that contains a stop string (None: none)."""
+        """Length (>= min_len) of the shortest prefix of a response whose last token completes a stop string
+        (None: none)."""
         return next((n for n in range(max(min_len, 1), len(ids) + 1) if self.hit(ids[:n])), None)
