@@ -174,3 +174,21 @@ def test_greedy_k_samples_in_the_hf_engine_too(llama):
     native = HFNativeEngine(model, tok).generate(prompts, 3, params)
     assert torch.equal(hf.input_ids, native.input_ids) and hf.group_ids.tolist() == native.group_ids.tolist()
     assert (hf.old_logp - native.old_logp).abs().max() <= 1e-4
+
+
+def test_the_hf_engine_ignores_the_checkpoints_generation_config(llama):
+    """A checkpoint's generation_config may set a repetition penalty, an n-gram ban or beams; transformers.generate
+    would apply them to every setting the engine leaves unset, sampling another distribution than old_logp (raw
+    logits) records and the native engine draws from. The hf engine samples by SamplingParams alone."""
+    model, tok = llama
+    prompts, params = encode(tok, PROMPTS), SamplingParams(max_new_tokens=8, temperature=0.0)
+    native = HFNativeEngine(model, tok).generate(prompts, 1, params)
+    own = model.hf.generation_config
+    before = own.repetition_penalty, own.no_repeat_ngram_size
+    own.repetition_penalty, own.no_repeat_ngram_size = 5.0, 1
+    try:
+        hf = HFGenerateEngine(model, tok).generate(prompts, 1, params)
+        assert model.hf.generation_config is own  # left as it was
+    finally:
+        own.repetition_penalty, own.no_repeat_ngram_size = before
+    assert torch.equal(hf.input_ids, native.input_ids)

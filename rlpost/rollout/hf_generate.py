@@ -4,7 +4,8 @@ Samples with `model.generate(num_return_sequences=K)` on left-padded prompts (gr
 answer repeated K times, as generate refuses K greedy copies), and takes old_logp from the per-step logits it
 returns, so no second forward pass is needed. Stop strings are applied to
 the finished samples with the native engines' rule (`StopStrings`: the response ends with the token
-that completes the first stop string), so both backends truncate alike; `max_num_seqs` is ignored.
+that completes the first stop string), so both backends truncate alike; `max_num_seqs` is ignored. The
+model's own generation_config is not applied: what is sampled follows SamplingParams alone, as in the native engines.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from rlpost.rollout.sampling import StopStrings
 class HFGenerateEngine(ModuleEngine):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], k: int, params: SamplingParams, seed: int = 0) -> Batch:
+        from transformers import GenerationConfig
+
         hf = weights_module(self._open())
         tok = self.tokenizer
         was_training = hf.training
@@ -33,17 +36,24 @@ class HFGenerateEngine(ModuleEngine):
         torch.manual_seed(seed)  # generate() draws from the global generator
         greedy = params.temperature <= 0
         copies = 1 if greedy else k  # greedy: one answer per prompt (generate refuses k copies), repeated k times
-        with self._autocast(device):
-            out = hf.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device),
-                do_sample=not greedy, temperature=None if greedy else params.temperature,
-                top_k=params.top_k, top_p=params.top_p,  # 0 / 1.0 switch them off (generate's own default is top_k=50)
-                max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-                num_return_sequences=copies,
-                eos_token_id=[tok.eos_token_id, *params.stop_token_ids], pad_token_id=tok.pad_token_id,
-                output_logits=True, return_dict_in_generate=True,
-            )
-        hf.train(was_training)
+        # generate fills every setting not passed here from the model's generation_config, and a checkpoint's may
+        # set a repetition penalty, an n-gram ban, beams, suppressed tokens...: tokens drawn from another
+        # distribution than old_logp records and the native engine samples. Sampling follows `params` alone.
+        own, hf.generation_config = hf.generation_config, GenerationConfig()
+        try:
+            with self._autocast(device):
+                out = hf.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device),
+                    do_sample=not greedy, temperature=None if greedy else params.temperature,
+                    top_k=params.top_k, top_p=params.top_p,  # 0 / 1.0: off (generate's own default top_k is 50)
+                    max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
+                    num_return_sequences=copies,
+                    eos_token_id=[tok.eos_token_id, *params.stop_token_ids], pad_token_id=tok.pad_token_id,
+                    output_logits=True, return_dict_in_generate=True,
+                )
+        finally:
+            hf.generation_config = own
+            hf.train(was_training)
         tokens = out.sequences[:, P:].cpu()                                      # (B, R)
         logits = torch.stack(out.logits, 1).float().cpu() / params.logp_temperature  # (B, R, V) raw logits
         if copies < k:
