@@ -178,13 +178,19 @@ def rlpost_side(folder: str, prompt_texts: list[str], args, engine_kind: str) ->
                                 for m in measured) for r in ROLES},
         "gpu_util": statistics.mean(m["gpu/util"] for m in measured) if "gpu/util" in measured[0] else None,
     }
-    if args.device.startswith("cuda"):
-        out["max_allocated_mib"] = torch.cuda.max_memory_allocated() / MiB
+    out["run_peak_mib"] = run_peak_mib(steps)
     if hasattr(engine, "close"):
         engine.close()
     del ctl, engine, model
     free(args.device)
     return out
+
+
+def run_peak_mib(steps: list[dict]) -> float:
+    """The largest memory peak of any role in any of `steps` (each an RL step's metrics), in MiB. CUDA's own
+    max_memory_allocated cannot say it at the end: the controller resets that peak as each role starts, so it holds
+    only the last role's (sync)."""
+    return max((v for m in steps for k, v in m.items() if k.startswith("mem/peak_")), default=math.nan)
 
 
 def gpu_used_mib() -> float:
@@ -508,8 +514,7 @@ def print_side(part: str, side: dict) -> None:
           f"{plan['per_gpu_mib'] / measured:.2f}" + "".join(f"\n    note: {n}" for n in plan["notes"]))
     for role, peak in side["mem_peak_mib"].items():
         print(f"    {role:<11}{peak:>10,.0f}")
-    if "max_allocated_mib" in side:
-        print(f"    {'whole run':<11}{side['max_allocated_mib']:>10,.0f}  (max_memory_allocated since loading)")
+    print(f"    {'any step':<11}{side['run_peak_mib']:>10,.0f}  (the largest role peak of any step, warm-up too)")
     print("  plan terms (phase), MiB per GPU: " + ", ".join(f"{k} {v:,.0f}" for k, v in plan["terms_mib"].items()))
 
 

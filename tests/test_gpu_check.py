@@ -79,6 +79,7 @@ def test_the_step_runs_on_the_cpu_at_toy_size(tmp_path):
     assert native["engine"] == "HFNativeEngine" and native["response_len_mean"] == 8.0
     assert native["rollout_tokens_per_s"] > 0 and 0 < native["mfu_step"] < native["mfu_train"]
     assert all(v > 0 for v in native["mem_peak_mib"].values()) and native["plan"]["per_gpu_mib"] > 0
+    assert native["run_peak_mib"] >= max(native["mem_peak_mib"].values())
     assert native["plan"]["params"] == res["params"]
     assert "CUDA only" in res["skipped"]["vllm"]
     assert "trl" in res["sides"] or "TRL is not installed" in res["skipped"]["trl"]
@@ -140,3 +141,13 @@ def test_the_steps_plan_figure_is_rlpost_plan_memorys_own_layout(tmp_path, capsy
     assert "reference (full copy) (held)" in fig["terms_mib"] and "KV cache (rollout)" in fig["terms_mib"]
     assert not any(k.startswith("rollout: weights") for k in fig["terms_mib"])
     assert "KV cache (rollout)" not in plan_figure(str(tmp_path), args, 40, "vllm")["terms_mib"]
+
+
+def test_the_runs_peak_is_the_largest_role_peak_of_any_step():
+    """gpu_step.py's whole-run figure: CUDA's max_memory_allocated read at the end was only the last role's (sync)
+    peak, the controller having reset it as each role started; it is now the largest mem/peak_* of every step."""
+    from benchmarks.gpu_step import run_peak_mib
+
+    steps = [{"mem/peak_train": 5.0, "time/step": 99.0}, {"mem/peak_rollout": 7.0, "mem/peak_sync": 3.0}]
+    assert run_peak_mib(steps) == 7.0
+    assert run_peak_mib([{"time/step": 1.0}]) != run_peak_mib([{"time/step": 1.0}])  # NaN: no peak was logged
