@@ -102,12 +102,13 @@ def test_every_command_of_the_check_runs_on_the_cpu(tmp_path):
 
 def test_the_checks_time_limits_and_budget_end_it_within_eight_minutes():
     """Every part's limit (the numbers after `part NAME`) sums to at most the default budget, and the budget plus
-    the 10 s a part may take to die after its TERM is under 8 minutes (the limits once summed to 9.5)."""
+    the 10 s a part may take to die after its TERM and 10 s of bookkeeping is at most 8 minutes (the limits once
+    summed to 9.5)."""
     text = open(SCRIPT).read()
     limits = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\s*(?:\w+=\w+ )?part (\w+) (\d+) ", text, re.M)}
     assert set(limits) == {"cuda_tests", "grpo_step", "packing", "fsdp2_nccl", "vllm_features"}
     budget = int(re.search(r"^BUDGET=\$\{GPU_CHECK_BUDGET_S:-(\d+)\}$", text, re.M).group(1))
-    assert sum(limits.values()) <= budget and budget + 10 <= 8 * 60
+    assert sum(limits.values()) <= budget and budget + 10 + 10 <= 8 * 60
     assert "timeout -k 10 " in text
 
 
