@@ -539,6 +539,14 @@ def test_the_plan_counts_the_adapters_of_model_lora_target_modules_only(tmp_path
     assert terms["policy weights"] == real_count(model) * 4  # the base and its adapters
 
 
+
+def test_lora_target_modules_that_name_no_matrix_are_refused(capsys):
+    """`rlpost train` refuses target_modules that match none of the model's linear layers; the plan planned them
+    as zero adapters."""
+    assert main(["plan", "memory", "7b", "model.lora.r=8", "model.lora.target_modules=[qproj]"]) == 2
+    assert "names none of Qwen2.5-7B's weight matrices" in capsys.readouterr().err
+
+
 def test_a_subtracted_term_prints_in_gb_and_a_sequence_past_the_context_is_noted(capsys):
     """Qwen2.5-7B, fp32, one process: the held gradients, 30.5 GB, are subtracted in the train phase (printed as
     -3.05e+04 MB before). 32,768 + 32,768 tokens is past its context of 32,768, which `rlpost train` refuses: the

@@ -1089,6 +1089,10 @@ def plan_inputs(inputs: list[str], ranks: int = 1, prompt_tokens: int = 128, gpu
     if ahead:
         job.notes.append(f"{', '.join(ahead)}: not config keys of this rlpost yet; planned as given, "
                          "`rlpost train` refuses them")
+    names = {name for name, _, _ in shape.named_linears()}
+    if job.lora_rank and not names & set(job.lora_targets or names):  # as rlpost.models.lora.apply_lora refuses it
+        raise ValueError(f"model.lora.target_modules {list(job.lora_targets)} names none of {shape.name}'s weight "
+                         f"matrices ({', '.join(sorted(names))}): `rlpost train` refuses it; name some of them")
     # a fresh gpt_mini's context is sized from the task's rows (model.block_size null): nothing to compare with
     sized_later = shape.name == "gpt_mini" and not models and not cfg.model.block_size
     if job.seq_tokens > shape.max_position_embeddings and not sized_later:
