@@ -18,7 +18,7 @@ TRL bf16=True). Printed per side: the step's median seconds; generated tokens pe
 the whole step); MFU = 6 * N * tokens / seconds / peak, with N the parameters and tokens the trained positions
 (every row's prompt + response), against --peak-tflops (H100 SXM bf16 dense: 989 TFLOP/s; the value used is
 printed); rlpost's memory peak per role (mem/peak_<role>, CUDA max_memory_allocated reset per role) next to
-`rlpost plan memory`'s per-GPU figure for the same model and batch (rlpost.plan.memory.estimate); and
+`rlpost plan memory`'s per-GPU figure for the same job (rlpost.plan.memory.plan, rlpost's own layout); and
 TRL GRPOTrainer's median step over rlpost's (same GPU, same work). The vLLM step runs with min_new_tokens = 0
 (vLLM folds the min-tokens mask into its log-probs, and the step would then add a proximal forward of the
 trainer), so it samples up to --new-tokens and the tokens it made are counted. A part whose package is missing
@@ -36,12 +36,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -176,13 +178,19 @@ def rlpost_side(folder: str, prompt_texts: list[str], args, engine_kind: str) ->
                                 for m in measured) for r in ROLES},
         "gpu_util": statistics.mean(m["gpu/util"] for m in measured) if "gpu/util" in measured[0] else None,
     }
-    if args.device.startswith("cuda"):
-        out["max_allocated_mib"] = torch.cuda.max_memory_allocated() / MiB
+    out["run_peak_mib"] = run_peak_mib(steps)
     if hasattr(engine, "close"):
         engine.close()
     del ctl, engine, model
     free(args.device)
     return out
+
+
+def run_peak_mib(steps: list[dict]) -> float:
+    """The largest memory peak of any role in any of `steps` (each an RL step's metrics), in MiB. CUDA's own
+    max_memory_allocated cannot say it at the end: the controller resets that peak as each role starts, so it holds
+    only the last role's (sync)."""
+    return max((v for m in steps for k, v in m.items() if k.startswith("mem/peak_")), default=math.nan)
 
 
 def gpu_used_mib() -> float:
@@ -340,7 +348,10 @@ def trl_side(folder: str, prompt_texts: list[str], args) -> dict:
             sync_device(args.device)
             times.append(time.perf_counter() - self.t0)
 
-    with tempfile.TemporaryDirectory() as out:
+    # TRL's own calls of names transformers has deprecated (gradient_checkpointing, is_gradient_checkpointing) warn:
+    # shown, not raised where warnings are errors (pytest's filterwarnings), so that the baseline still runs
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("default", FutureWarning)
         cfg = GRPOConfig(
             output_dir=out, max_steps=total, per_device_train_batch_size=args.prompts * args.k,
             gradient_accumulation_steps=1, num_generations=args.k, max_completion_length=args.new_tokens,
@@ -367,16 +378,22 @@ def trl_side(folder: str, prompt_texts: list[str], args) -> dict:
     return {"step_s": statistics.median(times[args.warmup:]), "version": __import__("trl").__version__}
 
 
-def plan_figure(folder: str, args, row_len: int) -> dict:
-    """`rlpost plan memory`'s estimate for this model and batch (pure bf16, one GPU, colocated), in MiB."""
-    from rlpost.plan.memory import Setup, estimate, shape_for
+def plan_figure(folder: str, args, row_len: int, engine_kind: str) -> dict:
+    """`rlpost plan memory`'s figure for this step, in MiB: rlpost's own layout (rlpost.plan.memory.plan, what the
+    command prints by default) of the same job as a config: bf16 parameters, one process, the same prompts,
+    samples, response tokens, micro-batch and engine, prompts of the step's longest prompt. Its peak is what the
+    largest measured mem/peak_<role> is checked against (the generic ZeRO-3 layout, which rlpost does not
+    implement, counted a second copy of the weights for the engine and 8 B/param of state)."""
+    from rlpost.plan.memory import plan, plan_inputs
 
     total = torch.cuda.get_device_properties(0).total_memory if args.device.startswith("cuda") else 80e9
-    est = estimate(shape_for(folder), Setup(seq_len=row_len, batch=args.prompts * args.k,
-                                            micro_batch=args.micro_batch or args.prompts * args.k, gpus=1,
-                                            gpu_memory_gb=total / 1e9, precision="bf16"), suggest=False)
-    return {"per_gpu_mib": est.peak / MiB, "terms_mib": {t.name: t.per_gpu / MiB for t in est.terms},
-            "params": est.params}
+    inputs = [f"model.name={folder}", "model.dtype=bfloat16", f"rollout.prompts_per_step={args.prompts}",
+              f"rollout.k={args.k}", f"rollout.max_new_tokens={args.new_tokens}",
+              f"trainer.micro_batch_size={args.micro_batch}", f"rollout.engine={engine_kind}"]
+    p = plan(*plan_inputs(inputs, prompt_tokens=max(row_len - args.new_tokens, 1), gpu_memory_gb=total / 1e9),
+             suggest=False)
+    return {"per_gpu_mib": p.peak / MiB, "peak_phase": p.peak_phase, "params": p.params, "notes": p.job.notes,
+            "terms_mib": {f"{t.name} ({t.phase})": t.bytes / MiB for t in p.terms}}
 
 
 def mfu(n_params: int, tokens: float, seconds: float, peak_tflops: float) -> float:
@@ -469,7 +486,7 @@ def main(argv=None) -> dict:
             if part != "trl":
                 side["mfu_step"] = mfu(n, side["trained_tokens"], side["step_s"], args.peak_tflops)
                 side["mfu_train"] = mfu(n, side["trained_tokens"], side["train_s"], args.peak_tflops)
-                side["plan"] = plan_figure(folder, args, side["row_len"])
+                side["plan"] = plan_figure(folder, args, side["row_len"], part)
                 print_side(part, side)
             else:
                 print(f"TRL {side['version']} GRPOTrainer: median step {side['step_s']:.3f} s "
@@ -491,13 +508,14 @@ def print_side(part: str, side: dict) -> None:
           f"{100 * side['mfu_train']:.2f}% in train ({side['trained_tokens']:.0f} trained positions)"
           + (f"; gpu/util {side['gpu_util']:.0f}%" if side["gpu_util"] is not None else ""), flush=True)
     plan = side["plan"]
-    print(f"  memory, MiB: measured peak per role (mem/peak_<role>) vs `rlpost plan memory` per GPU "
-          f"{plan['per_gpu_mib']:,.0f}")
+    measured = max((v for v in side["mem_peak_mib"].values() if math.isfinite(v)), default=math.nan)
+    print(f"  memory, MiB: measured peak per role (mem/peak_<role>, largest {measured:,.0f}) vs `rlpost plan "
+          f"memory` per GPU {plan['per_gpu_mib']:,.0f} (its {plan['peak_phase']} phase): plan / measured "
+          f"{plan['per_gpu_mib'] / measured:.2f}" + "".join(f"\n    note: {n}" for n in plan["notes"]))
     for role, peak in side["mem_peak_mib"].items():
         print(f"    {role:<11}{peak:>10,.0f}")
-    if "max_allocated_mib" in side:
-        print(f"    {'whole run':<11}{side['max_allocated_mib']:>10,.0f}  (max_memory_allocated since loading)")
-    print("  plan terms, MiB per GPU: " + ", ".join(f"{k} {v:,.0f}" for k, v in plan["terms_mib"].items()))
+    print(f"    {'any step':<11}{side['run_peak_mib']:>10,.0f}  (the largest role peak of any step, warm-up too)")
+    print("  plan terms (phase), MiB per GPU: " + ", ".join(f"{k} {v:,.0f}" for k, v in plan["terms_mib"].items()))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import torch
 
 from rlpost.cli import main
 from rlpost.models.gpt_mini import GPT, GPTConfig
-from rlpost.plan.memory import (ModelShape, Setup, activation_bytes, estimate, kv_cache_bytes, shape_for,
-                                shape_from_config, training_state_bytes)
+from rlpost.plan.memory import (DENSE_MODEL_TYPES, ModelShape, Setup, activation_bytes, estimate, kv_cache_bytes,
+                                plan, plan_inputs, shape_for, shape_from_config, training_state_bytes)
 
 GiB = 2 ** 30
 
@@ -116,6 +116,18 @@ def test_disaggregated_places_rollout_on_its_own_gpus():
     assert est.per_gpu["trainer"] == pytest.approx(N * 18 / 6 + N * 2 / 6
                                                    + activation_bytes(shape_for("7b"), 4096, 1)["total"])
 
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--gpus", "2", "--rollout-tp", "4"], "--rollout-tp 4: one engine spans 4 GPUs, more than the 2 rollout"),
+    (["--gpus", "4", "--topology", "disaggregated", "--rollout-gpus", "1", "--rollout-tp", "2"], "more than the 1 "),
+    (["--gpus", "2", "--rollout-gpus", "1"], "needs --topology disaggregated or async"),
+])
+def test_zero3_refuses_a_placement_that_cannot_exist(capsys, flags, says):
+    """An engine wider than the rollout GPUs (its weights were divided by a TP size no engine had), or rollout GPUs
+    under colocated (silently ignored): exit 2 naming the flag."""
+    assert main(["plan", "memory", "7b", "--layout", "zero3", *flags]) == 2
+    assert says in capsys.readouterr().err
 
 def test_suggestions_when_it_does_not_fit():
     est = estimate(shape_for("70b"), Setup(gpus=8, critic=True))
@@ -416,6 +428,50 @@ def test_shape_from_config_dict_keys():
     assert shape.num_kv_heads == 4 and not shape.tie_word_embeddings
 
 
+DENSE = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=512, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+
+
+@pytest.mark.parametrize("model_type", DENSE_MODEL_TYPES)
+def test_every_planned_model_type_counts_within_a_tenth_of_a_percent(model_type):
+    """Each model_type the plan accepts, built by transformers from the same sizes on the meta device: the
+    formula's count is exact, or short by the small per-layer norms it leaves out (qwen3's q/k norms)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **DENSE)
+    with torch.device("meta"):
+        real = real_count(AutoModelForCausalLM.from_config(cfg))
+    assert shape_from_config(cfg.to_dict()).num_params() == pytest.approx(real, rel=1e-3)
+
+
+@pytest.mark.parametrize("config,says", [
+    ({**DENSE, "model_type": "qwen2_moe", "num_experts": 60, "moe_intermediate_size": 1408}, "mixture of experts"),
+    ({**DENSE, "model_type": "mixtral", "num_local_experts": 8}, "num_local_experts=8"),
+    ({**DENSE, "model_type": "deepseek_v3", "n_routed_experts": 64}, "mixture of experts"),
+    ({**DENSE, "model_type": "phi"}, "model_type 'phi' is not one"),       # counted as Llama: +20 %
+    ({"model_type": "llava", "text_config": {**DENSE, "model_type": "llama"}}, "multimodal"),
+    ({k: v for k, v in DENSE.items() if k != "hidden_size"} | {"model_type": "llama"}, "no 'hidden_size'"),
+    ({**DENSE, "model_type": "llama", "num_hidden_layers": 0}, "'num_hidden_layers' must be a whole number >= 1"),
+    ({**DENSE, "model_type": "llama", "hidden_size": -5}, "'hidden_size' must be a whole number >= 1, got -5"),
+    ({**DENSE, "model_type": "llama", "vocab_size": "150000"}, "'vocab_size' must be a whole number"),
+    ({**DENSE, "model_type": "llama", "num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+    ({**DENSE, "model_type": "llama", "hidden_size": 250}, "not a multiple of num_attention_heads 4"),
+    ({"n_embd": 64, "n_layer": 0, "n_head": 4, "vocab_size": 50, "n_positions": 32}, "'n_layer' must be"),
+    ("{not json", "not valid JSON"),
+])
+def test_a_config_the_plan_cannot_count_is_refused_naming_the_file_and_the_key(tmp_path, capsys, config, says):
+    """A mixture of experts (planned as dense it lost 78-99 % of its parameters), a layout the formulas do not
+    count, a multimodal config, a missing key, a size that is not a whole number >= 1 (0 layers was a
+    ZeroDivisionError), heads that do not divide: exit 2 with the file and the key, never a table or a traceback."""
+    path = tmp_path / "config.json"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    assert main(["plan", "memory", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and says in err, err
+    assert main(["plan", "memory", f"model.name={tmp_path}"]) == 2  # as the config's model, the same answer
+    assert says in capsys.readouterr().err
+
+
 def saved_bytes_of_one_block(model: GPT, s: int, b: int) -> int:
     """Bytes autograd saves for the backward during one transformer block's forward (distinct storages)."""
     seen = {}
@@ -465,6 +521,52 @@ def test_lora_params_equal_peft_adapters(which):
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert shape.lora_params(8) == adapters
 
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["o_proj", "down_proj", "gate_proj"]])
+def test_the_plan_counts_the_adapters_of_model_lora_target_modules_only(tmp_path, targets):
+    """model.lora.target_modules picks the adapted matrices: the plan counted adapters on all seven whatever it
+    said (8x the adapters of q_proj and v_proj on Qwen2.5-7B)."""
+    peft = pytest.importorskip("peft")
+    model = hf_model("llama", False)
+    model.config.save_pretrained(tmp_path)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=8, target_modules=targets), model)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    shape, job = plan_inputs([str(tmp_path), "model.lora.r=8", f"model.lora.target_modules=[{','.join(targets)}]"])
+    assert shape.lora_params(8, targets) == adapters
+    terms = {t.name: t.bytes for t in plan(shape, job, suggest=False).terms}
+    assert terms["policy grads + AdamW m, v"] == 3 * adapters * 4
+    assert terms["policy weights"] == real_count(model) * 4  # the base and its adapters
+
+
+
+def test_lora_target_modules_that_name_no_matrix_are_refused(capsys):
+    """`rlpost train` refuses target_modules that match none of the model's linear layers; the plan planned them
+    as zero adapters."""
+    assert main(["plan", "memory", "7b", "model.lora.r=8", "model.lora.target_modules=[qproj]"]) == 2
+    assert "names none of Qwen2.5-7B's weight matrices" in capsys.readouterr().err
+
+
+def test_a_subtracted_term_prints_in_gb_and_a_sequence_past_the_context_is_noted(capsys):
+    """Qwen2.5-7B, fp32, one process: the held gradients, 30.5 GB, are subtracted in the train phase (printed as
+    -3.05e+04 MB before). 32,768 + 32,768 tokens is past its context of 32,768, which `rlpost train` refuses: the
+    plan says so; 1,024 + 31,744 fits the context and gets no note."""
+    assert main(["plan", "memory", "7b", "--prompt-tokens", "32768", "rollout.max_new_tokens=32768"]) == 0
+    out = capsys.readouterr().out
+    assert "-30.5 GB" in out and "e+04 MB" not in out
+    assert "65536 tokens, longer than Qwen2.5-7B's context of 32768" in out
+    assert main(["plan", "memory", "7b", "--prompt-tokens", "1024", "rollout.max_new_tokens=31744"]) == 0
+    assert "context" not in capsys.readouterr().out
+
+
+def test_a_vllm_engine_has_no_native_kv_cache_in_the_plan_and_a_note_says_what_is_left_out():
+    """rollout.engine=vllm: vLLM's weights and KV cache live in its own reservation (gpu_memory_utilization); the
+    plan used to add the native engine's KV cache and decode buffers, which that run never allocates."""
+    native = plan(*plan_inputs(["0.5b", "rollout.engine=native"]), suggest=False)
+    vllm = plan(*plan_inputs(["0.5b", "rollout.engine=vllm"]), suggest=False)
+    assert "KV cache" in {t.name for t in native.terms}
+    assert not [t for t in vllm.terms if t.phase == "rollout" or t.name.startswith("native engine")]
+    assert any("vLLM reserves gpu_memory_utilization" in n for n in vllm.job.notes)
 
 # ---------------------------------------------------------------------------------------------- against a real job
 

@@ -78,6 +78,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import yaml
@@ -115,12 +116,18 @@ class ModelShape:
     def dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of every weight matrix of one layer: what LoRA adapts."""
+    def named_linears(self) -> list[tuple[str, int, int]]:
+        """(module name, in, out) of every weight matrix of one layer, named as Llama / Qwen2 or GPT-2 (gpt_mini) name
+        them: what LoRA adapts, and what model.lora.target_modules names."""
         h, q, kv, i = self.hidden_size, self.num_heads * self.dim, self.num_kv_heads * self.dim, self.intermediate_size
-        attn = [(h, q + 2 * kv), (q, h)] if self.mlp == "gelu" else [(h, q), (h, kv), (h, kv), (q, h)]
-        mlp = [(h, i), (i, h)] if self.mlp == "gelu" else [(h, i), (h, i), (i, h)]
-        return attn + mlp
+        if self.mlp == "gelu":  # GPT-2's attention and MLP output projections are both c_proj
+            return [("c_attn", h, q + 2 * kv), ("c_proj", q, h), ("c_fc", h, i), ("c_proj", i, h)]
+        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h), ("gate_proj", h, i),
+                ("up_proj", h, i), ("down_proj", i, h)]
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of every weight matrix of one layer."""
+        return [(a, b) for _, a, b in self.named_linears()]
 
     def num_params(self) -> int:
         """Every parameter, a tied embedding / lm head counted once."""
@@ -142,9 +149,12 @@ class ModelShape:
             total += V * h
         return total
 
-    def lora_params(self, rank: int) -> int:
-        """Adapter parameters of rank `rank` on every weight matrix of every layer: r*(in+out) each."""
-        return self.num_layers * sum(rank * (a + b) for a, b in self.linear_shapes())
+    def lora_params(self, rank: int, targets: Iterable[str] | None = None) -> int:
+        """Adapter parameters of rank `rank`, r*(in+out) each, on every layer's weight matrices named in `targets`
+        (model.lora.target_modules; None: all of them)."""
+        chosen = None if targets is None else set(targets)
+        return self.num_layers * sum(rank * (a + b) for name, a, b in self.named_linears()
+                                     if chosen is None or name in chosen)
 
 
 def _qwen(name, h, n, a, k, i, v, tied):
@@ -174,33 +184,94 @@ SIZES = {"0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b", "3b": "qwen2.5-3b", "7b
          "72b": "qwen2.5-72b"}
 
 
+# model_types whose config.json the formulas count exactly or within 0.1 % (tests/test_plan_memory.py builds each on
+# the meta device): Llama-style attention and a SwiGLU / GeGLU MLP of three matrices; qwen2 adds q/k/v biases, and
+# the small per-layer norms some add (qwen3's q/k norms, gemma2's extra ones) are not counted. GPT-2's keys (n_embd,
+# what gpt_mini saves) are read on their own. Another model_type may lay its weights out otherwise (phi: +20 %,
+# gpt_neox: +9 %, starcoder2: +24 % when counted this way): it is refused rather than planned wrong.
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+                     "granite")
+# keys that make a config a mixture of experts: its experts' weights are not in these formulas (qwen2_moe counted
+# as dense: -99 %, mixtral: -78 %)
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def _positive_int(config: dict, key: str, required: bool = True) -> int | None:
+    """config[key] as a whole number >= 1 (None when absent and not required), or a ValueError naming the key."""
+    value = config.get(key)
+    if value is None and not required:
+        return None
+    if value is None:
+        raise ValueError(f"config.json has no {key!r}, which the plan needs (a Hugging Face causal LM's config.json "
+                         f"has it; model_type {config.get('model_type', '(none)')!r})")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.json's {key!r} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def shape_from_config(config: dict, name: str = "model") -> ModelShape:
-    """A ModelShape from a config.json dict: Hugging Face Llama / Qwen2-style keys, or GPT-2's (which is
-    what a gpt_mini checkpoint saves)."""
+    """A ModelShape from a config.json dict: Hugging Face Llama / Qwen2-style keys (the model_types of
+    DENSE_MODEL_TYPES, or none given), or GPT-2's (which is what a gpt_mini checkpoint saves). A mixture of
+    experts, another model_type, a multimodal config, a missing key or a size that is not a whole number >= 1
+    (or heads that do not divide) is a ValueError that says which."""
     if "n_embd" in config:  # GPT-2 / gpt_mini
-        h = config["n_embd"]
-        return ModelShape(name, h, config["n_layer"], config["n_head"], config["n_head"],
-                          config.get("n_inner") or 4 * h, config["vocab_size"],
-                          config.get("tie_word_embeddings", True), config["n_positions"], mlp="gelu", norm="layer",
+        h, heads = _positive_int(config, "n_embd"), _positive_int(config, "n_head")
+        layers, vocab = _positive_int(config, "n_layer"), _positive_int(config, "vocab_size")
+        positions, inner = _positive_int(config, "n_positions"), _positive_int(config, "n_inner", required=False)
+        if h % heads:
+            raise ValueError(f"config.json's n_embd {h} is not a multiple of n_head {heads}")
+        return ModelShape(name, h, layers, heads, heads, inner or 4 * h, vocab,
+                          config.get("tie_word_embeddings", True), positions, mlp="gelu", norm="layer",
                           attention_bias=True, mlp_bias=True, learned_positions=True)
     kind = config.get("model_type", "")
-    return ModelShape(name, config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-                      config.get("num_key_value_heads") or config["num_attention_heads"], config["intermediate_size"],
-                      config["vocab_size"], bool(config.get("tie_word_embeddings", False)),
-                      config.get("max_position_embeddings", 4096), config.get("head_dim"),
-                      qkv_bias=kind == "qwen2", attention_bias=bool(config.get("attention_bias", False)),
+    moe = [k for k in MOE_KEYS if config.get(k)]
+    if moe:
+        raise ValueError(f"config.json describes a mixture of experts (model_type {kind!r}, {moe[0]}="
+                         f"{config[moe[0]]!r}): `plan memory` counts dense transformers only, its experts' weights "
+                         f"would be left out")
+    if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
+        raise ValueError(f"config.json is a multimodal model's (model_type {kind!r}: its language model under "
+                         "text_config): `plan memory` counts a causal LM alone; give a folder whose config.json is "
+                         "the text_config, knowing that the other towers are left out")
+    if kind and kind not in DENSE_MODEL_TYPES:
+        raise ValueError(f"config.json's model_type {kind!r} is not one whose layout `plan memory` counts "
+                         f"({', '.join(DENSE_MODEL_TYPES)}, or GPT-2's n_embd keys): its parameter count would be "
+                         "wrong; plan a model of those families with the same sizes")
+    h, layers = _positive_int(config, "hidden_size"), _positive_int(config, "num_hidden_layers")
+    heads, inter = _positive_int(config, "num_attention_heads"), _positive_int(config, "intermediate_size")
+    kv = _positive_int(config, "num_key_value_heads", required=False) or heads
+    vocab, head_dim = _positive_int(config, "vocab_size"), _positive_int(config, "head_dim", required=False)
+    positions = _positive_int(config, "max_position_embeddings", required=False) or 4096
+    if heads % kv:
+        raise ValueError(f"config.json's num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}: "
+                         "grouped-query attention shares each KV head among a whole number of query heads")
+    if head_dim is None and h % heads:
+        raise ValueError(f"config.json's hidden_size {h} is not a multiple of num_attention_heads {heads}, and no "
+                         "head_dim is given")
+    return ModelShape(name, h, layers, heads, kv, inter, vocab, bool(config.get("tie_word_embeddings", False)),
+                      positions, head_dim, qkv_bias=kind == "qwen2",
+                      attention_bias=bool(config.get("attention_bias", False)),
                       mlp_bias=bool(config.get("mlp_bias", False)))
 
 
 def shape_for(model: str) -> ModelShape:
-    """A named size ('7b'), a named model ('llama3.1-8b'), or a local folder with a config.json."""
+    """A named size ('7b'), a named model ('llama3.1-8b'), or a local folder with a config.json (a config that
+    cannot be planned is a ValueError naming the file)."""
     key = model.lower()
     if key in SIZES or key in NAMED:
         return NAMED[SIZES.get(key, key)]
     path = os.path.join(model, "config.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            return shape_from_config(json.load(f), os.path.basename(os.path.normpath(model)))
+        try:
+            with open(path) as f:
+                config = json.load(f)
+            if not isinstance(config, dict):
+                raise ValueError(f"config.json holds a {type(config).__name__}, not an object of keys")
+            return shape_from_config(config, os.path.basename(os.path.normpath(model)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     raise ValueError(f"unknown model {model!r}: a size ({', '.join(SIZES)}), a name ({', '.join(NAMED)}), "
                      f"or a folder with a config.json")
 
@@ -265,15 +336,24 @@ class Setup:
     headroom: float = 0.10
 
     def placement(self) -> tuple[int, int]:
-        """(trainer GPUs, rollout GPUs); colocated: the same G GPUs for both."""
+        """(trainer GPUs, rollout GPUs); colocated: the same G GPUs for both. A ValueError for a placement that
+        cannot exist: rollout GPUs under colocated, or an engine wider (rollout_tp) than the rollout GPUs."""
         if self.topology == "colocated":
-            return self.gpus, self.gpus
-        if self.topology not in ("disaggregated", "async"):
+            if self.rollout_gpus is not None:
+                raise ValueError(f"--rollout-gpus {self.rollout_gpus} puts the engines on GPUs of their own: it needs "
+                                 "--topology disaggregated or async (colocated, every GPU holds both)")
+            out = self.gpus, self.gpus
+        elif self.topology not in ("disaggregated", "async"):
             raise ValueError(f"topology must be colocated, disaggregated or async, not {self.topology!r}")
-        rollout = self.rollout_gpus if self.rollout_gpus is not None else self.gpus // 2
-        if not 1 <= rollout < self.gpus:
-            raise ValueError(f"{self.topology} needs 1 <= rollout GPUs < GPUs (got {rollout} of {self.gpus})")
-        return self.gpus - rollout, rollout
+        else:
+            rollout = self.rollout_gpus if self.rollout_gpus is not None else self.gpus // 2
+            if not 1 <= rollout < self.gpus:
+                raise ValueError(f"{self.topology} needs 1 <= rollout GPUs < GPUs (got {rollout} of {self.gpus})")
+            out = self.gpus - rollout, rollout
+        if self.rollout_tp > out[1]:
+            raise ValueError(f"--rollout-tp {self.rollout_tp}: one engine spans {self.rollout_tp} GPUs, more than the "
+                             f"{out[1]} rollout GPU(s); lower --rollout-tp or give more GPUs")
+        return out
 
 
 @dataclass
@@ -413,7 +493,7 @@ def _changes(shape: ModelShape, s: Setup) -> list[tuple[str, Setup]]:
     if 2 * s.rollout_tp <= n_roll:
         changes.append((f"rollout engines of tensor-parallel size {2 * s.rollout_tp}",
                         replace(s, rollout_tp=2 * s.rollout_tp)))
-    if s.topology == "colocated" and s.gpus >= 2:
+    if s.topology == "colocated" and s.gpus >= 2 and s.rollout_tp <= s.gpus // 2:
         changes.append((f"disaggregate: rollout on {s.gpus // 2} of the {s.gpus} GPUs",
                         replace(s, topology="disaggregated", rollout_gpus=s.gpus // 2)))
     return changes
@@ -557,6 +637,7 @@ class Job:
     param_bytes: int = 4               # model.dtype: float32 4, bfloat16 2
     autocast: bool = False             # trainer.precision=bf16
     lora_rank: int = 0
+    lora_targets: tuple[str, ...] | None = None  # model.lora.target_modules (None: every matrix)
     checkpointing: bool = False
     micro_batch_size: int | None = None
     minibatches: int = 1               # trainer.minibatches: optimizer steps per pass over the batch
@@ -574,6 +655,7 @@ class Job:
     engine_copy: bool = False          # fsdp2, or rl.weight_sync=copy
     rollout_bf16: bool = False         # rollout.dtype=bf16: a copy engine holds its matmul weights in bf16
     native_engine: bool = True         # rlpost's native engine (Llama / Qwen2 fuse q|k|v and gate|up)
+    vllm_engine: bool = False          # rollout.engine=vllm: its weights and KV cache are vLLM's, not counted
     topology: str = "colocated"
     cpu: bool = False                  # model.device=cpu: the run's memory is this process's RSS
     gpu_memory_gb: float = 80.0
@@ -601,6 +683,8 @@ def shape_for_config(cfg) -> ModelShape:
         return ModelShape("gpt_mini", h, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_head, 4 * h, vocab, True,
                           blocks, mlp="gelu", norm="layer", attention_bias=True, mlp_bias=True,
                           learned_positions=True)
+    if os.path.isfile(os.path.join(name, "config.json")):  # its own errors (a mixture of experts, ...) are the answer
+        return shape_for(name)
     try:
         return shape_for(name)
     except ValueError:
@@ -622,7 +706,8 @@ def job_from_config(cfg, ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb
                          "process); add trainer.strategy=fsdp2 rl.weight_sync=copy")
     algo = get_algorithm(**cfg.algorithm)
     job = Job(ranks=ranks, strategy=tc.strategy, param_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
-              autocast=tc.precision == "bf16", lora_rank=cfg.model.lora.r, checkpointing=tc.gradient_checkpointing,
+              autocast=tc.precision == "bf16", lora_rank=cfg.model.lora.r,
+              lora_targets=tuple(cfg.model.lora.target_modules), checkpointing=tc.gradient_checkpointing,
               micro_batch_size=tc.micro_batch_size, minibatches=tc.minibatches,
               # auto may pack any batch: planned as packed, whose token budget bounds a padded micro-batch's too
               packing=getattr(tc, "packing", False) is not False,
@@ -634,11 +719,13 @@ def job_from_config(cfg, ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb
               critic=cfg.critic.type if algo.uses_critic else None,
               engine_copy=tc.strategy == "fsdp2" or cfg.rl.weight_sync == "copy",
               rollout_bf16=rc.dtype == "bf16" or (rc.dtype == "auto" and tc.precision == "bf16"),
-              native_engine=rc.engine in ("auto", "native"), topology=cfg.rl.topology,
+              native_engine=rc.engine in ("auto", "native"), vllm_engine=rc.engine == "vllm", topology=cfg.rl.topology,
               cpu=cfg.model.device == "cpu", gpu_memory_gb=gpu_memory_gb,
               headroom=headroom)
     if rc.engine == "vllm":
-        job.notes.append("rollout.engine=vllm: the engine's memory is vLLM's (gpu_memory_utilization), not counted")
+        job.notes.append("rollout.engine=vllm: vLLM's weights and KV cache are not counted (no rollout phase below): "
+                         "vLLM reserves gpu_memory_utilization of the GPU for them, beside these terms "
+                         "(rlpost passes none: vLLM's default), and frees it while it sleeps (rollout.vllm_sleep)")
     if cfg.rl.topology != "colocated":
         job.notes.append(f"rl.topology={cfg.rl.topology}: the engines run in Ray workers, each with its own "
                          "weights and KV cache (the rollout rows below)")
@@ -674,7 +761,8 @@ class Plan:
 
 
 def _gb(x: float) -> str:
-    return f"{x / GB:.3g} GB" if x >= 1e8 else f"{x / 1e6:.3g} MB"
+    """Bytes as GB from 0.1 GB up (a subtracted term too: -30.5 GB, not -3.05e+04 MB), else MB."""
+    return f"{x / GB:.3g} GB" if abs(x) >= 1e8 else f"{x / 1e6:.3g} MB"
 
 
 def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
@@ -694,7 +782,7 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
         terms.append(PlanTerm(name, "held", value, formula))
 
     if j.lora_rank:
-        a = shape.lora_params(j.lora_rank)
+        a = shape.lora_params(j.lora_rank, j.lora_targets)
         held("policy weights", (N + a) * B / div, f"(N + adapters) x {B} B{shard} = ({N:,} + {a:,}) x {B}{shard}")
         held("policy grads + AdamW m, v", 3 * a * B / div, f"3 x adapters x {B} B{shard} = 3 x {a:,} x {B}{shard}")
     else:
@@ -717,7 +805,7 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
     elif j.reference:
         held("reference (full copy)", N * Br, f"N x {Br} B: a whole {kept}")
     colocated = j.topology == "colocated"
-    lora = shape.lora_params(j.lora_rank) if j.lora_rank else 0  # the adapters' parameters
+    lora = shape.lora_params(j.lora_rank, j.lora_targets) if j.lora_rank else 0  # the adapters' parameters
     # a copy engine's weights: under rollout.dtype=bf16 its matmul weights (the blocks', an untied head) in bf16,
     # the embedding and norms in B (LoRA: and its adapters); under fsdp2 it holds them only from a sync to the end
     # of the rollout's scoring (LoRA too: the sync after the release gathers the base again)
@@ -746,7 +834,7 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
     chunk = max(16, chunk) if not j.logprob_chunk else chunk
     S, rows = j.seq_tokens, j.rank_rows
     phases: dict[str, list[PlanTerm]] = {}
-    if colocated:
+    if colocated and not j.vllm_engine:  # (vLLM's cache is its own reservation: a note says so)
         live = min(j.max_num_seqs or rows, rows)
         kvb = 2 * n * shape.num_kv_heads * shape.dim * S * live * B
         phases["rollout"] = [
@@ -799,7 +887,7 @@ def plan(shape: ModelShape, job: Job, suggest: bool = True) -> Plan:
     # the backward starts at the head. With one micro-batch per optimizer step zero_grad(set_to_none) has freed the
     # held gradients by then; with more, the later micro-batches accumulate into them. The head's fp32 weight
     # gradient (under fsdp2: the unsharded root's, counted in its gathers below) and chunk buffers come on top.
-    trained = shape.lora_params(j.lora_rank) * B / div if j.lora_rank else N * B / div
+    trained = shape.lora_params(j.lora_rank, j.lora_targets) * B / div if j.lora_rank else N * B / div
     mb_rows = j.micro_batch_size or rows
     one_micro_batch = not (j.packing and j.micro_batch_tokens) and mb_rows >= math.ceil(rows / j.minibatches)
     head_w = 0 if sharded or lora else V * h * 4  # (LoRA: the head is frozen, it gets no gradient)
@@ -1001,4 +1089,15 @@ def plan_inputs(inputs: list[str], ranks: int = 1, prompt_tokens: int = 128, gpu
     if ahead:
         job.notes.append(f"{', '.join(ahead)}: not config keys of this rlpost yet; planned as given, "
                          "`rlpost train` refuses them")
+    names = {name for name, _, _ in shape.named_linears()}
+    if job.lora_rank and not names & set(job.lora_targets or names):  # as rlpost.models.lora.apply_lora refuses it
+        raise ValueError(f"model.lora.target_modules {list(job.lora_targets)} names none of {shape.name}'s weight "
+                         f"matrices ({', '.join(sorted(names))}): `rlpost train` refuses it; name some of them")
+    # a fresh gpt_mini's context is sized from the task's rows (model.block_size null): nothing to compare with
+    sized_later = shape.name == "gpt_mini" and not models and not cfg.model.block_size
+    if job.seq_tokens > shape.max_position_embeddings and not sized_later:
+        job.notes.append(f"prompt + response = {job.prompt_tokens} + {job.max_new_tokens} = {job.seq_tokens} tokens, "
+                         f"longer than {shape.name}'s context of {shape.max_position_embeddings} "
+                         "(max_position_embeddings): `rlpost train` refuses such rows before any work "
+                         "(rlpost/models/limits.py); lower rollout.max_new_tokens or --prompt-tokens")
     return shape, job
