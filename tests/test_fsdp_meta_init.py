@@ -346,6 +346,15 @@ def test_a_folder_is_read_row_by_row_only_under_its_own_names(tmp_path, tiny_lla
     assert safetensors_files(str(tmp_path)) is None and missing_weights(skeleton, str(tmp_path))
 
 
+def test_load_weights_asks_whether_a_model_is_sharded_as_every_role_does():
+    """One test of FSDP2 sharding: the loading code's is rlpost.distributed's (defined below it, in models)."""
+    from rlpost import distributed
+    from rlpost.models import loading
+
+    assert loading.is_sharded is distributed.is_sharded
+    assert not hasattr(loading, "_is_sharded")
+
+
 def test_skeleton_start_reads_a_local_safetensors_folder_under_fsdp2_only(tmp_path, tiny_llama_dir):
     """run.skeleton_start: a fresh fsdp2 run of a local model folder builds its policy as a skeleton; a single
     process, LoRA, a fresh gpt_mini, or a checkpoint's folder to resume from (then that folder) decide otherwise."""

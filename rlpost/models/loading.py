@@ -15,6 +15,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
 
+from rlpost.models.blocks import is_sharded
 from rlpost.models.gpt_mini import CONV1D, GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
 from rlpost.models.hf import HFCausalLM, HFTokenizer, ModelLoadError
 from rlpost.models.limits import block_size_for
@@ -164,7 +165,7 @@ def load_weights(model: nn.Module, folder: str) -> None:
     if saved_lora_config(folder) is not None and not is_lora(model):
         raise ModelLoadError(f"{folder} holds LoRA adapters and this model has none: load it with load_model, or "
                              f"export a merged folder (rlpost export {folder} --out FOLDER)")
-    if _is_sharded(model) and not is_lora(model) and not missing_weights(model, folder):
+    if is_sharded(model) and not is_lora(model) and not missing_weights(model, folder):
         read_own_rows(model, folder)  # each rank its shards' rows of each tensor, never the full weights
         return
     if isinstance(model, GPT):
@@ -181,7 +182,7 @@ def load_weights(model: nn.Module, folder: str) -> None:
         missing = [k for k in own if k not in state]
         if missing:
             raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model, e.g. {missing[:3]}")
-        if _is_sharded(model):  # FSDP2 (a sharded reference): each rank keeps its shard of the full weights
+        if is_sharded(model):  # FSDP2 (a sharded reference): each rank keeps its shard of the full weights
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             # under the model's own names (a wrapped HF model's `hf.` prefix, a LoRA layer's `base_layer`)
@@ -347,12 +348,6 @@ def skeleton_of(model: nn.Module) -> nn.Module:
             if m._buffers[name] is not None:
                 m._buffers[name] = buffers[f"{module_name}.{name}" if module_name else name].detach().clone()
     return new
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def rebuild(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
