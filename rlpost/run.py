@@ -412,7 +412,9 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
     alphabet = task.alphabet + "".join(c for c in observation_alphabet(cfg.task) if c not in task.alphabet)
     model, tokenizer = load_model(cfg.model, alphabet, rows=rows, max_new_tokens=response_tokens,
                                   demonstrations=demos, skeleton=shards is not None or folder is not None)
-    unread = missing_weights(model, folder) if shards is None and folder is not None else []
+    # the folder's tensors listed once (each safetensors header read once): what is missing, then each rank's rows
+    files = safetensors_files(folder) if shards is None and folder is not None else None
+    unread = missing_weights(model, folder, files) if shards is None and folder is not None else []
     if unread:  # read whole, as transformers does (it converts names, unties a head saved apart)
         if dist.is_main():
             print(f"rlpost: trainer.strategy=fsdp2: the policy is built whole on each rank, then sharded: {folder} "
@@ -432,9 +434,9 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
         dist.shard_model(model, resolve_device(cfg.model.device))
         checkpoints = os.path.abspath(os.path.join(run_dir, "checkpoints"))
         if os.path.commonpath([checkpoints, os.path.abspath(folder)]) == checkpoints:
-            _load_policy(model, folder)
+            _load_policy(model, folder, files)
         else:
-            load_weights(model, folder)
+            load_weights(model, folder, files)
         if dist.is_main():
             print(f"rlpost: trainer.strategy=fsdp2: the policy was built empty and sharded; each rank read only its "
                   f"shards of the weights in {folder}", flush=True)
@@ -467,15 +469,16 @@ def packing_line(cfg: Config, model) -> str | None:
             "positions than padded rows with each prompt once (trainer.packing=false: always padded)")
 
 
-def _load_policy(model, folder: str) -> None:
+def _load_policy(model, folder: str, files: dict[str, str] | None = None) -> None:
     """The policy's weights from checkpoint folder `folder` (a sharded one's shards/: into each rank's shards of a
     sharded policy, or read whole into a not yet sharded one on every rank); ResumeError naming the folder when
-    they do not fit the model the run's config builds (another model's checkpoint)."""
+    they do not fit the model the run's config builds (another model's checkpoint). `files`: the folder's
+    safetensors listing when the caller has it (rlpost.models.load_weights)."""
     try:
         if os.path.isdir(os.path.join(folder, SHARDS_DIR)):
             dist.load_shards(os.path.join(folder, SHARDS_DIR), model)
         else:
-            load_weights(model, folder)
+            load_weights(model, folder, files)
     except Exception as e:
         raise ResumeError(f"--resume: the policy's weights in {folder} do not load into the model of this run's "
                           f"config.yaml ({type(e).__name__}: {e}); remove that checkpoint to resume from an older "
