@@ -31,7 +31,8 @@ The run directory:
 
     run.json           what made it (`train`), so a resume cannot pick up another kind of run, and the
                        run's id, which its checkpoints carry (a resume refuses another run's); `layout_changes`:
-                       the resumes that changed layout keys (`resume_config`)
+                       an entry per resume that changed layout keys, written once its start passed every check
+                       (`record_layout_changes`)
     config.yaml        the resolved config; a resume with a different one is refused, naming the keys, unless
                        it changes only layout keys (micro-batches, gradient checkpointing, ...: the same
                        computation laid out otherwise in memory), which then makes it the run's config
@@ -170,9 +171,10 @@ def config_differences(saved: Config, new: Config) -> list[str]:
 
 
 def resume_changes(saved: Config, new: Config, run_dir: str, on_saved: bool = False) -> dict[str, tuple[Any, Any]]:
-    """The layout keys (`opt(..., layout=True)`: micro-batches, chunks, recomputation, offload) that `new` changes
-    from run `run_dir`'s saved config, {key: (saved, new)}: a resume may change them (after an out-of-memory
-    error, a smaller micro-batch). ConfigError naming every other key that differs, and the keys that may."""
+    """The layout keys (`opt(..., layout=True)`: micro-batches, packing, chunks, recomputation, offload, the rollout's
+    batch and vLLM's sleep; rlpost.schema.layout_keys) that `new` changes from run `run_dir`'s saved config,
+    {key: (saved, new)}: a resume may change them (after an out-of-memory error, a smaller micro-batch).
+    ConfigError naming every other key that differs, and the keys that may."""
     changes = config_changes(saved, new, on_saved)
     layout = layout_keys(Config)
     refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items() if k not in layout]
@@ -280,11 +282,13 @@ def earlier_config_digests(run_dir: str, current: str) -> set[str]:
 
 def record_layout_changes(run_dir: str, saved: Config, cfg: Config, changes: dict[str, tuple[Any, Any]],
                           ckpt: Checkpoint | None) -> None:
-    """Keep a resume's layout changes in the run directory: an entry in run.json's LAYOUT_LOG (the checkpoint,
+    """Keep a resume's layout changes in the run directory (`train`, on rank 0, once the resumed run's start has
+    passed its checks: the policy built, its dropout checked): an entry in run.json's LAYOUT_LOG (the checkpoint,
     the keys with their old and new values, the digests of the config before, whose checkpoints stay resumable,
-    and after), and config.yaml rewritten as the resumed run's config, so that a later resume compares against
-    it and keeps its layout, headed by one comment line per such resume (`rlpost report` shows the config).
-    run.json first: a kill between the two writes leaves the config before, under which the run resumes."""
+    and after, the time), and config.yaml rewritten as the resumed run's config, so that a later resume compares
+    against it and keeps its layout, headed by one comment line per such resume (`rlpost report` shows the
+    config). run.json first: a kill between the two writes leaves the config before, under which the run
+    resumes."""
     info_path = os.path.join(run_dir, RUN_FILE)
     with open(info_path) as f:
         info = json.load(f)

@@ -183,10 +183,11 @@ def test_an_override_to_a_changed_default_is_a_change_a_recipe_that_leaves_it_is
 
 
 def test_a_layout_resume_keeps_the_metrics_and_the_next_resume_compares_with_it(finished, tmp_path, capsys):
-    """Nothing runs out of memory: a resume after step 2 with every CPU layout key changed writes the
-    uninterrupted run's metrics within float tolerance (REL_TOL) and the same number of lines. config.yaml is
-    then the resumed run's: a plain resume keeps the new layout (no change announced), the checkpoint written
-    before the change stays resumable, and a layout key edited into config.yaml by hand is still refused."""
+    """Nothing runs out of memory: a resume after step 2 with every layout key its stages read on the CPU changed
+    (reference.offload is refused there, vLLM's sleep is vLLM's) writes the uninterrupted run's metrics within
+    float tolerance (REL_TOL) and the same number of lines. config.yaml is then the resumed run's: a plain resume
+    keeps the new layout (no change announced), the checkpoint written before the change stays resumable, and a
+    layout key edited into config.yaml by hand is still refused."""
     run = killed_after_step_2(finished, tmp_path / "run")
     assert main(["train", "--resume", str(run), *LAYOUT]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
