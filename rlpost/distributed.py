@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from rlpost.models import model_device, rebuild, skeleton_of, transformer_blocks
+from rlpost.models import is_sharded, model_device, rebuild, skeleton_of, transformer_blocks
 from rlpost.models.lora import initial_adapters
 
 # the model methods besides forward that run the trunk (value heads, reward models, shared-prompt scoring):
@@ -271,12 +271,6 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- FSDP2
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
 
 def shard_model(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """FSDP2 in place: `fully_shard` each transformer block, then the root (embeddings, final norm, head).

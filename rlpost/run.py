@@ -31,7 +31,8 @@ The run directory:
 
     run.json           what made it (`train`), so a resume cannot pick up another kind of run, and the
                        run's id, which its checkpoints carry (a resume refuses another run's); `layout_changes`:
-                       the resumes that changed layout keys (`resume_config`)
+                       an entry per resume that changed layout keys, written once its start passed every check
+                       (`record_layout_changes`)
     config.yaml        the resolved config; a resume with a different one is refused, naming the keys, unless
                        it changes only layout keys (micro-batches, gradient checkpointing, ...: the same
                        computation laid out otherwise in memory), which then makes it the run's config
@@ -170,9 +171,10 @@ def config_differences(saved: Config, new: Config) -> list[str]:
 
 
 def resume_changes(saved: Config, new: Config, run_dir: str, on_saved: bool = False) -> dict[str, tuple[Any, Any]]:
-    """The layout keys (`opt(..., layout=True)`: micro-batches, chunks, recomputation, offload) that `new` changes
-    from run `run_dir`'s saved config, {key: (saved, new)}: a resume may change them (after an out-of-memory
-    error, a smaller micro-batch). ConfigError naming every other key that differs, and the keys that may."""
+    """The layout keys (`opt(..., layout=True)`: micro-batches, packing, chunks, recomputation, offload, the rollout's
+    batch and vLLM's sleep; rlpost.schema.layout_keys) that `new` changes from run `run_dir`'s saved config,
+    {key: (saved, new)}: a resume may change them (after an out-of-memory error, a smaller micro-batch).
+    ConfigError naming every other key that differs, and the keys that may."""
     changes = config_changes(saved, new, on_saved)
     layout = layout_keys(Config)
     refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items() if k not in layout]
@@ -280,11 +282,13 @@ def earlier_config_digests(run_dir: str, current: str) -> set[str]:
 
 def record_layout_changes(run_dir: str, saved: Config, cfg: Config, changes: dict[str, tuple[Any, Any]],
                           ckpt: Checkpoint | None) -> None:
-    """Keep a resume's layout changes in the run directory: an entry in run.json's LAYOUT_LOG (the checkpoint,
+    """Keep a resume's layout changes in the run directory (`train`, on rank 0, once the resumed run's start has
+    passed its checks: the policy built, its dropout checked): an entry in run.json's LAYOUT_LOG (the checkpoint,
     the keys with their old and new values, the digests of the config before, whose checkpoints stay resumable,
-    and after), and config.yaml rewritten as the resumed run's config, so that a later resume compares against
-    it and keeps its layout, headed by one comment line per such resume (`rlpost report` shows the config).
-    run.json first: a kill between the two writes leaves the config before, under which the run resumes."""
+    and after, the time), and config.yaml rewritten as the resumed run's config, so that a later resume compares
+    against it and keeps its layout, headed by one comment line per such resume (`rlpost report` shows the
+    config). run.json first: a kill between the two writes leaves the config before, under which the run
+    resumes."""
     info_path = os.path.join(run_dir, RUN_FILE)
     with open(info_path) as f:
         info = json.load(f)
@@ -412,7 +416,9 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
     alphabet = task.alphabet + "".join(c for c in observation_alphabet(cfg.task) if c not in task.alphabet)
     model, tokenizer = load_model(cfg.model, alphabet, rows=rows, max_new_tokens=response_tokens,
                                   demonstrations=demos, skeleton=shards is not None or folder is not None)
-    unread = missing_weights(model, folder) if shards is None and folder is not None else []
+    # the folder's tensors listed once (each safetensors header read once): what is missing, then each rank's rows
+    files = safetensors_files(folder) if shards is None and folder is not None else None
+    unread = missing_weights(model, folder, files) if shards is None and folder is not None else []
     if unread:  # read whole, as transformers does (it converts names, unties a head saved apart)
         if dist.is_main():
             print(f"rlpost: trainer.strategy=fsdp2: the policy is built whole on each rank, then sharded: {folder} "
@@ -432,9 +438,9 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
         dist.shard_model(model, resolve_device(cfg.model.device))
         checkpoints = os.path.abspath(os.path.join(run_dir, "checkpoints"))
         if os.path.commonpath([checkpoints, os.path.abspath(folder)]) == checkpoints:
-            _load_policy(model, folder)
+            _load_policy(model, folder, files)
         else:
-            load_weights(model, folder)
+            load_weights(model, folder, files)
         if dist.is_main():
             print(f"rlpost: trainer.strategy=fsdp2: the policy was built empty and sharded; each rank read only its "
                   f"shards of the weights in {folder}", flush=True)
@@ -467,15 +473,16 @@ def packing_line(cfg: Config, model) -> str | None:
             "positions than padded rows with each prompt once (trainer.packing=false: always padded)")
 
 
-def _load_policy(model, folder: str) -> None:
+def _load_policy(model, folder: str, files: dict[str, str] | None = None) -> None:
     """The policy's weights from checkpoint folder `folder` (a sharded one's shards/: into each rank's shards of a
     sharded policy, or read whole into a not yet sharded one on every rank); ResumeError naming the folder when
-    they do not fit the model the run's config builds (another model's checkpoint)."""
+    they do not fit the model the run's config builds (another model's checkpoint). `files`: the folder's
+    safetensors listing when the caller has it (rlpost.models.load_weights)."""
     try:
         if os.path.isdir(os.path.join(folder, SHARDS_DIR)):
             dist.load_shards(os.path.join(folder, SHARDS_DIR), model)
         else:
-            load_weights(model, folder)
+            load_weights(model, folder, files)
     except Exception as e:
         raise ResumeError(f"--resume: the policy's weights in {folder} do not load into the model of this run's "
                           f"config.yaml ({type(e).__name__}: {e}); remove that checkpoint to resume from an older "

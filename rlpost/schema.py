@@ -238,10 +238,11 @@ def opt(default: Any, help: str, range: Range | None = None, *, choices: Iterabl
     key imports too), or a 'module:attribute' reference to a collection filled by the role's package (a
     registry), looked up only when the config is validated (`lookup`). `plugin`: the field is a plug-in's
     mapping {name, ...parameters}; 'module:function' builds it from that mapping (`build_plugin`).
-    `layout`: the key changes only how the same computation is laid out in memory (micro-batches, chunks,
-    recomputation, offload), not what is computed up to float summation order: `--resume` may change it
-    (`layout_keys`). A key that changes the numerics beyond that, the data order, a random stream, the
-    algorithm, the model, the precision or the number of optimizer steps is not one."""
+    `layout`: the key changes only how the same computation is laid out in memory (micro-batches, packing,
+    chunks, recomputation, offload, the rollout's batch, vLLM's sleep), not what is computed up to float
+    summation order: `--resume` may change it (`layout_keys`). A key that changes the numerics beyond that, the
+    data order, a random stream, the algorithm, the model, the precision or the number of optimizer steps is
+    not one."""
     metadata: dict[str, Any] = {"help": help}
     for key, value in (("range", range), ("choices", choices), ("plugin", plugin)):
         if value is not None:

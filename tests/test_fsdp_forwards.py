@@ -3,10 +3,10 @@ others (rlpost.packing.even_forwards), even when packing=auto packs one rank's r
 
 Real torchrun processes on gloo/CPU, as tests/test_fsdp.py. Rank 0's rows have long-tailed lengths (packing saves
 positions: auto packs them), rank 1's rows are all full length (nothing to save: auto pads them), and the two
-plan different numbers of micro-batches. For the reference, a GRPO trainer and a PPO critic, the job counts each
-rank's forwards (a pre-hook on the first transformer block) and its packed ones, and compares the results with one
-process running the whole batch. A hang is a failure: each worker gives up after WATCHDOG seconds (printing where
-it waited), and the launcher kills torchrun if it is still there after that.
+plan different numbers of micro-batches. For the reference, a GRPO trainer, a PPO critic and a reward model's
+scoring, the job counts each rank's forwards (a pre-hook on the first transformer block) and its packed ones, and
+compares the results with one process running the whole batch. A hang is a failure: each worker gives up after
+WATCHDOG seconds (printing where it waited), and the launcher kills torchrun if it is still there after that.
 The tests take seconds each: they are marked slow (`pytest -m slow tests/test_fsdp_forwards.py`).
 """
 
@@ -216,6 +216,30 @@ def case_logprobs_no_rows(rank: int) -> dict:
     return out
 
 
+def case_reward_model(rank: int) -> dict:
+    """RewardModel.score of a sharded reward model (as fitted under fsdp2) in micro-batches: on ranks with 2 and 3
+    micro-batches, then on a rank without rows (rank 0) beside one with the whole batch; against one process's
+    plain whole-batch score."""
+    from rlpost import distributed as dist
+    from rlpost.env.reward_model import RewardModel
+
+    out = {}
+    for label, packing, rows in [(str(p), p, ROWS[rank]) for p in (False, True, "auto")] + \
+            [("no_rows", "auto", [[], list(range(len(RESPONSES)))][rank])]:
+        rm = RewardModel(gpt_mini())
+        with torch.no_grad():  # a head that starts at zero scores nothing yet: give it weights
+            rm.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+            rm.head.bias.fill_(0.3)
+            batch = global_batch(rm.trunk)
+            one = rm.score(batch)
+            rm.shard()
+            with Forwards(rm.trunk) as f:
+                mine = rm.score(batch.select(rows), MICRO, None, packing)
+        diff = float((mine - one[rows]).abs().max()) if rows else 0.0
+        out[label] = {"forwards": f.counts(), "shape": list(mine.shape), "diff": dist.reduce_max(diff)}
+    return out
+
+
 def job(out: str, cases: str) -> None:
     from rlpost import distributed as dist
 
@@ -225,7 +249,7 @@ def job(out: str, cases: str) -> None:
     dist.init()
     rank = dist.rank()
     run = {"reference": case_reference, "grpo": case_grpo, "ppo": case_ppo, "logprobs": case_logprobs,
-           "logprobs_no_rows": case_logprobs_no_rows}
+           "logprobs_no_rows": case_logprobs_no_rows, "reward_model": case_reward_model}
     result = {name: run[name](rank) for name in cases.split(",")}
     for r in result.values():  # each rank's largest difference
         for k in ("diff", "values", "weights"):
@@ -288,7 +312,22 @@ def test_trainer_logprobs_on_a_rank_without_rows_pads_instead_of_failing(tmp_pat
         assert c["shape"] == [0, 9] and c["diff"] < TOL, (packing, c)
 
 
+@pytest.mark.slow
+def test_a_sharded_reward_model_scores_uneven_ranks_in_as_many_forwards_as_one_process(tmp_path):
+    """RewardModel.score in micro-batches, sharded: ranks with 2 and 3 micro-batches (and a rank without rows) run
+    as many forwards each, whatever the packing; the rewards are one process's plain whole-batch ones."""
+    r = launch("reward_model", str(tmp_path / "reward_model.json"))["reward_model"]
+    print(json.dumps(r))
+    for label, c in r.items():
+        assert c["forwards"][0][0] == c["forwards"][1][0] > 0, (label, c["forwards"])
+        assert c["diff"] < TOL, (label, c)
+    assert r["False"]["forwards"][0][0] == 3  # rank 0's 2 micro-batches and a padding one
+    _packs_on_rank_0_only_with_equal_forwards(r["auto"]["forwards"])
+    assert r["no_rows"]["shape"] == [0]
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    jobs = {"auto": "reference,grpo,ppo", "logprobs": "logprobs", "no_rows": "logprobs_no_rows"}
+    jobs = {"auto": "reference,grpo,ppo", "logprobs": "logprobs", "no_rows": "logprobs_no_rows",
+            "reward_model": "reward_model"}
     job(sys.argv[2], jobs[sys.argv[1]])

@@ -163,6 +163,42 @@ def job_memory(out: str, model_dir: str, work: str, how: str) -> None:
     dist.destroy()
 
 
+def job_listing(out: str, folders: str, work: str) -> None:
+    """A fresh run's start (run.build_context with run.skeleton_start's folder) of each model folder (`folders`:
+    JSON {label: folder}) in this process: how many times build_context listed the folder's tensors
+    (safetensors_files: each safetensors file's header read for its names), and its policy against the whole
+    model one process loads."""
+    from rlpost import distributed as dist
+    from rlpost import run
+    from rlpost.models import load_model, loading
+    from rlpost.runlog import RunLog
+
+    dist.init()
+    listed, real = [], loading.safetensors_files
+
+    def counted(folder):
+        listed.append(folder)
+        return real(folder)
+
+    result = {}
+    for label, folder in json.loads(folders).items():
+        cfg = _memory_config(folder, work)
+        start = run.skeleton_start(cfg, None, work)  # (the decision to start from the folder: not the load)
+        log = RunLog(os.path.join(work, f"run-{label.replace('/', '-')}"), write=False)
+        listed.clear()
+        run.safetensors_files = loading.safetensors_files = counted
+        try:
+            ctx = run.build_context(cfg, work, log, folder=start)
+        finally:
+            run.safetensors_files = loading.safetensors_files = real
+        whole, _ = load_model(cfg.model)
+        result[label] = {"folder": start, "listed": len(listed),
+                         "policy": max_diff(full_weights(ctx.model), whole.state_dict())}
+    with open(out, "w") as f:
+        json.dump(result, f)
+    dist.destroy()
+
+
 # ---------------------------------------------------------------------------- the tests
 
 def job_equal(out: str, folders: str) -> None:
@@ -273,6 +309,24 @@ def test_a_fresh_sharded_run_never_builds_the_whole_policy_on_a_rank(tmp_path, t
 
 
 @pytest.mark.slow
+def test_a_fresh_sharded_start_lists_the_folder_once(tmp_path, tiny_llama_dir):
+    """run.build_context of a fresh fsdp2 start lists the folder's safetensors once (what is missing, then each
+    rank's rows, from that one listing), whether one file or several named by an index; the policy is the
+    folder's model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    split = str(tmp_path / "split")
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(split, max_shard_size="40KB")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(split)
+    folders = {"llama": tiny_llama_dir, "llama/split": split}
+    result = launch("listing", str(tmp_path / "listing.json"), json.dumps(folders), str(tmp_path), nproc=0)
+    print(json.dumps(result))
+    for label, case in result.items():
+        assert case["folder"] == folders[label] and case["policy"] == 0.0, label
+        assert case["listed"] == 1, (label, case)
+
+
+@pytest.mark.slow
 def test_rlpost_train_of_a_model_folder_starts_sharded_under_torchrun(tmp_path, tiny_llama_dir):
     """`rlpost train` on 2 ranks of a Llama folder, SFT then PPO with a separate critic and a reference: the policy
     is built empty and sharded from the start (the line says so), the reference and the critic are sharded copies,
@@ -344,6 +398,15 @@ def test_a_folder_is_read_row_by_row_only_under_its_own_names(tmp_path, tiny_lla
     save_file(state, str(renamed / "model.safetensors"))
     assert missing_weights(skeleton, str(renamed)) == ["hf.model.norm.weight"]
     assert safetensors_files(str(tmp_path)) is None and missing_weights(skeleton, str(tmp_path))
+
+
+def test_load_weights_asks_whether_a_model_is_sharded_as_every_role_does():
+    """One test of FSDP2 sharding: the loading code's is rlpost.distributed's (defined below it, in models)."""
+    from rlpost import distributed
+    from rlpost.models import loading
+
+    assert loading.is_sharded is distributed.is_sharded
+    assert not hasattr(loading, "_is_sharded")
 
 
 def test_skeleton_start_reads_a_local_safetensors_folder_under_fsdp2_only(tmp_path, tiny_llama_dir):
@@ -522,5 +585,5 @@ def test_families_and_sizes_that_do_not_divide_are_read_on_three_ranks_as_from_p
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    jobs = {"equal": job_equal, "fresh": job_fresh, "memory": job_memory}
+    jobs = {"equal": job_equal, "fresh": job_fresh, "memory": job_memory, "listing": job_listing}
     jobs[sys.argv[1]](*sys.argv[2:])

@@ -67,6 +67,23 @@ def alive(pid: int, start: int) -> bool:
     return st is not None and st[3] == start and st[0] not in ("Z", "X")
 
 
+def still_alive(keys, grace: float = GRACE_S) -> list[tuple[int, int]]:
+    """Those of processes `keys` ((pid, start time) pairs) still alive after up to `grace` seconds' wait for them
+    all to end."""
+    deadline = time.monotonic() + grace
+    while any(alive(*key) for key in keys) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [key for key in keys if alive(*key)]
+
+
+def kill_left(keys) -> None:
+    """SIGKILL those of processes `keys` ((pid, start time) pairs) still alive: a failed test leaves nothing
+    running either."""
+    for pid, start in keys:
+        if alive(pid, start):
+            os.kill(pid, signal.SIGKILL)
+
+
 def rl_steps(run_dir: Path) -> int:
     try:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -102,21 +119,11 @@ def kill_mid_rl(tmp_path: Path, overrides: list[str], expect: tuple[str, ...] = 
             time.sleep(0.2)
         driver.kill()
         driver.wait()
-        killed_at = time.monotonic()
-        left = before
-        while time.monotonic() < killed_at + GRACE_S:
-            left = {key: cmd for key, cmd in before.items() if alive(*key)}
-            if not left:
-                break
-            time.sleep(0.2)
-        left = {key: cmd for key, cmd in before.items() if alive(*key)}
-        return left, before
+        return {key: before[key] for key in still_alive(list(before))}, before
     finally:
         if driver.poll() is None:
             driver.kill()
-        for pid, start in list(before):  # a failed test leaves nothing behind either
-            if alive(pid, start):
-                os.kill(pid, signal.SIGKILL)
+        kill_left(list(before))
         log.close()
 
 
@@ -158,16 +165,12 @@ def test_an_async_run_that_ends_leaves_nothing_running(tmp_path):
             time.sleep(0.2)
         assert driver.returncode == 0
         assert any("reaper" in cmd for cmd in seen.values()) and any("raylet" in cmd for cmd in seen.values())
-        deadline = time.monotonic() + GRACE_S
-        while any(alive(*key) for key in seen) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(alive(*key) for key in seen), sorted(cmd for key, cmd in seen.items() if alive(*key))
+        left = still_alive(list(seen))
+        assert not left, sorted(seen[key] for key in left)
     finally:
         driver.kill()
         driver.wait()
-        for pid, start in seen:
-            if alive(pid, start):
-                os.kill(pid, signal.SIGKILL)
+        kill_left(list(seen))
 
 
 @pytest.mark.slow
@@ -272,16 +275,11 @@ def test_a_worker_outlives_the_thread_that_started_it_and_dies_with_its_process(
         assert all(alive(*w) for w in workers)
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + GRACE_S
-        while any(alive(*w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(alive(*w) for w in workers), f"worker(s) {workers} alive {GRACE_S:.0f} s after the kill"
+        assert not still_alive(workers), f"worker(s) {workers} alive {GRACE_S:.0f} s after the kill"
     finally:
         proc.kill()
         proc.wait()
-        for w in workers:
-            if alive(*w):
-                os.kill(w[0], signal.SIGKILL)
+        kill_left(workers)
 
 
 # the reaper on its own: a caller that starts a process in a session of its own, which starts another
@@ -313,16 +311,12 @@ def test_the_reaper_kills_what_a_killed_caller_started(tmp_path):
         assert sum("sleep 300" in cmd for cmd in below.values()) >= 2 and any("reaper" in c for c in below.values())
         caller.kill()
         caller.wait()
-        deadline = time.monotonic() + GRACE_S
-        while any(alive(*key) for key in below) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(*key) for key in below), {k: c for k, c in below.items() if alive(*k)}
+        left = still_alive(list(below))
+        assert not left, {key: below[key] for key in left}
     finally:
         caller.kill()
         caller.wait()
-        for pid, start in below:
-            if alive(pid, start):
-                os.kill(pid, signal.SIGKILL)
+        kill_left(list(below))
 
 
 def test_a_stopped_reaper_kills_nothing(tmp_path):

@@ -287,20 +287,27 @@ def test_auto_packs_a_batch_only_where_that_computes_fewer_positions():
     assert all(p is None for _, _, p in micro_batches(tailed, None, None, False, share_prompt=True))
 
 
-def test_a_sharded_reward_model_keeps_auto_padded(monkeypatch):
-    """Ranks could choose differently, and with it run different forwards: sharded, auto is the plain padded path."""
+def test_a_sharded_reward_model_plans_auto_and_runs_even_forwards(monkeypatch):
+    """Sharded, the reward model plans its rows as the trainer and the critic do, auto included, without shared
+    prompts, and runs them through even_forwards (every rank as many forwards: tests/test_fsdp_forwards.py); the
+    rewards are the plain whole-batch path's."""
     import rlpost.env.reward_model as reward_model
 
     rm = reward_model.RewardModel(_gpt_mini())
+    with torch.no_grad():  # a head at zero scores every row 0
+        rm.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     batch = grouped_batch(16)
-    whole = rm.score(batch, packing=False)
-    plans = []
-    monkeypatch.setattr(reward_model, "micro_batches", lambda *a: plans.append(a[3]) or micro_batches(*a))
+    whole = rm.score(batch)
+    assert whole.abs().min() > 0
+    plans, agreed = [], []
+    monkeypatch.setattr(reward_model, "micro_batches", lambda *a: plans.append(a[3:]) or micro_batches(*a))
+    monkeypatch.setattr(reward_model, "even_forwards",
+                        lambda b, plan, agree: agreed.append(agree) or even_forwards(b, plan, agree))
     torch.testing.assert_close(rm.score(batch, packing="auto"), whole, rtol=0, atol=1e-5)
-    assert plans == ["auto"]  # unsharded: auto plans the batch (and packs it: long-tailed responses)
+    assert plans == [("auto", True)] and agreed == [None]  # unsharded: prompts shared, the plan as it is
     monkeypatch.setattr(reward_model.dist, "is_sharded", lambda m: True)
     torch.testing.assert_close(rm.score(batch, packing="auto"), whole, rtol=0, atol=1e-5)
-    assert plans == ["auto"]  # sharded: the plain whole-batch forward, no plan
+    assert plans[1] == ("auto", False) and agreed[1] is reward_model.dist.reduce_max
 
 
 def test_auto_scores_as_the_padded_path_either_way(model):

@@ -32,12 +32,29 @@ def command(*args):
     return [sys.executable, "-m", "rlpost.cli", "train", *args]
 
 
-def start(args, tmp_path):
+def run_env(**extra: str) -> dict:
+    """The environment a test's run starts in, with `extra` variables."""
     # tests/ too: a resumed run imports the reward function its saved config names (test_resume:...)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
-           "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(command(*args), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
+            "HF_HUB_OFFLINE": "1", **extra}
+
+
+def start(args, tmp_path):
+    return subprocess.Popen(command(*args), cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for `proc` to end; if it has not, SIGKILL it and reap it (none of its pipes is
+    read). True when it had to be killed. (Here, not in conftest: runs import this module for their rewards, and
+    conftest would set their torch thread count.)"""
+    try:
+        proc.wait(timeout=timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True
 
 
 def run_to_end(args, tmp_path) -> subprocess.CompletedProcess:
@@ -153,15 +170,30 @@ def reference_run(tmp_path_factory):
     return tmp / "ref"
 
 
-def reward_that_kills_its_run(completion: str, row: dict) -> float:
-    """The task's own reward, which SIGKILLs its own process at the first sample it scores once the folder
-    in RLPOST_TEST_KILL_AFTER exists: a kill at a fixed point of the run (step 5's rollout, right after
-    step 4's checkpoint), whatever the speed of the machine. Without the variable it only scores."""
-    from rlpost.tasks import answer_match
-
+def kill_if_asked() -> None:
+    """SIGKILL this process (a run, from inside its reward) once the folder in RLPOST_TEST_KILL_AFTER exists."""
     folder = os.environ.get("RLPOST_TEST_KILL_AFTER")
     if folder and os.path.isdir(folder):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killed_run(args, tmp_path, after) -> subprocess.CompletedProcess:
+    """Run `rlpost train args` (task.reward one of this file's ..._that_kills_its_run) in `tmp_path` until its
+    reward SIGKILLs it, at the first sample it scores once checkpoint folder `after` exists; the test fails
+    unless it ended so."""
+    p = subprocess.run(command(*args), cwd=tmp_path, env=run_env(RLPOST_TEST_KILL_AFTER=str(after)),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    return p
+
+
+def reward_that_kills_its_run(completion: str, row: dict) -> float:
+    """The task's own reward, which SIGKILLs its own process at the first sample it scores once the folder
+    in RLPOST_TEST_KILL_AFTER exists (`killed_run`): a kill at a fixed point of the run (step 5's rollout, right
+    after step 4's checkpoint), whatever the speed of the machine. Without the variable it only scores."""
+    from rlpost.tasks import answer_match
+
+    kill_if_asked()
     return answer_match(completion, row["answer"])
 
 
@@ -173,12 +205,8 @@ def odd_length(completion: str, row: dict) -> float:
 
 def test_sigkill_mid_rl_then_resume_is_bit_identical(reference_run, tmp_path):
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
-           "HF_HUB_OFFLINE": "1", "RLPOST_TEST_KILL_AFTER": str(run / "checkpoints" / "step_4")}
-    p = subprocess.run(command(*TINY, f"out_dir={tmp_path}", "run_name=killed",
-                               "task.reward=test_resume:reward_that_kills_its_run"),
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    killed_run([*TINY, f"out_dir={tmp_path}", "run_name=killed", "task.reward=test_resume:reward_that_kills_its_run"],
+               tmp_path, run / "checkpoints" / "step_4")
     assert not (run / "checkpoints" / "final").exists() and not (run / "checkpoints" / "step_6").exists()
     out = run_to_end(["--resume", str(run)], tmp_path)
     assert "resuming from" in out and "step_4" in out, out
@@ -190,9 +218,7 @@ def test_sigkill_mid_rl_then_resume_is_bit_identical(reference_run, tmp_path):
 
 def odd_length_that_kills_its_run(completion: str, row: dict) -> float:
     """`odd_length`, killing its run as `reward_that_kills_its_run` does."""
-    folder = os.environ.get("RLPOST_TEST_KILL_AFTER")
-    if folder and os.path.isdir(folder):
-        os.kill(os.getpid(), signal.SIGKILL)
+    kill_if_asked()
     return odd_length(completion, row)
 
 
@@ -217,12 +243,8 @@ def test_keep_best_writes_the_best_evaluation_and_a_resume_compares_with_the_sam
     # the kill comes after the best's checkpoint and before a lower evaluation: else this proves nothing
     assert best <= 4 and evals[6] < evals[best], evals
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
-           "HF_HUB_OFFLINE": "1", "RLPOST_TEST_KILL_AFTER": str(run / "checkpoints" / "step_4")}
-    p = subprocess.run(command(*keep, f"out_dir={tmp_path}", "run_name=killed",
-                               "task.reward=test_resume:odd_length_that_kills_its_run"),
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    killed_run([*keep, f"out_dir={tmp_path}", "run_name=killed",
+                "task.reward=test_resume:odd_length_that_kills_its_run"], tmp_path, run / "checkpoints" / "step_4")
     assert not (run / "checkpoints" / "step_6").exists()
     run_to_end(["--resume", str(run)], tmp_path)
     assert_same_run(ref, run)
@@ -290,6 +312,15 @@ def test_bad_resumes_are_refused_and_change_nothing(tmp_path, capsys):
     assert (run / "metrics.jsonl").read_text() == before
 
 
+def test_wait_or_kill_kills_only_a_process_still_running():
+    """The chaos tests' kill (wait_or_kill): a process that ends in time is left to end, one still
+    running at the timeout is SIGKILLed and reaped."""
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert not wait_or_kill(quick, 120) and quick.returncode == 0
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    assert wait_or_kill(stuck, 0.5) and stuck.returncode == -signal.SIGKILL
+
+
 @pytest.mark.slow
 def test_twenty_sigkills_at_random_points_resume_bit_identical(tmp_path):
     """Kill runs at 20+ random moments (start-up, SFT, evaluation, RL steps, checkpoint writes), resuming
@@ -307,11 +338,7 @@ def test_twenty_sigkills_at_random_points_resume_bit_identical(tmp_path):
         p = start(["--resume", str(run)] if started else longer + [f"out_dir={tmp_path}", f"run_name={run.name}"],
                   tmp_path)
         resumes += started
-        try:
-            p.wait(timeout=rng.uniform(0.5, 0.3 * duration))
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
+        if wait_or_kill(p, rng.uniform(0.5, 0.3 * duration)):
             kills += 1
             continue
         assert p.returncode == 0, p.communicate()[0]
@@ -432,11 +459,7 @@ def test_a_stage_list_recipe_killed_between_stages_resumes_bit_identical(tmp_pat
           "rl.steps=4", "task.rewards=null", "task.reward=test_resume:reward_that_kills_its_run"]
     run_to_end([*r1, f"out_dir={tmp_path}", "run_name=ref"], tmp_path)
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
-           "HF_HUB_OFFLINE": "1", "RLPOST_TEST_KILL_AFTER": str(run / "checkpoints" / "rl")}
-    p = subprocess.run(command(*r1, f"out_dir={tmp_path}", "run_name=killed"), cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    killed_run([*r1, f"out_dir={tmp_path}", "run_name=killed"], tmp_path, run / "checkpoints" / "rl")
     assert list_checkpoints(run)[-1].name == "rl"
     out = run_to_end(["--resume", str(run)], tmp_path)
     assert f"resuming from {run / 'checkpoints' / 'rl'}" in out, out

@@ -5,8 +5,6 @@ summation order. Any other change is refused, naming the key and the keys that c
 
 import json
 import random
-import signal
-import subprocess
 import time
 import math
 import shutil
@@ -21,7 +19,7 @@ from rlpost.config import Config, load_config
 from rlpost.reference import Reference
 from rlpost.run import LAYOUT_LOG, resume_changes, resume_config, saved_config, train, training_dropout
 from rlpost.schema import layout_keys
-from test_resume import SHORT, comparable
+from test_resume import SHORT, comparable, wait_or_kill
 
 LAYOUT = ["trainer.micro_batch_size=3", "trainer.gradient_checkpointing=true", "trainer.logprob_chunk=5",
           "trainer.packing=true", "trainer.micro_batch_tokens=40", "rollout.max_num_seqs=5"]
@@ -185,10 +183,11 @@ def test_an_override_to_a_changed_default_is_a_change_a_recipe_that_leaves_it_is
 
 
 def test_a_layout_resume_keeps_the_metrics_and_the_next_resume_compares_with_it(finished, tmp_path, capsys):
-    """Nothing runs out of memory: a resume after step 2 with every CPU layout key changed writes the
-    uninterrupted run's metrics within float tolerance (REL_TOL) and the same number of lines. config.yaml is
-    then the resumed run's: a plain resume keeps the new layout (no change announced), the checkpoint written
-    before the change stays resumable, and a layout key edited into config.yaml by hand is still refused."""
+    """Nothing runs out of memory: a resume after step 2 with every layout key its stages read on the CPU changed
+    (reference.offload is refused there, vLLM's sleep is vLLM's) writes the uninterrupted run's metrics within
+    float tolerance (REL_TOL) and the same number of lines. config.yaml is then the resumed run's: a plain resume
+    keeps the new layout (no change announced), the checkpoint written before the change stays resumable, and a
+    layout key edited into config.yaml by hand is still refused."""
     run = killed_after_step_2(finished, tmp_path / "run")
     assert main(["train", "--resume", str(run), *LAYOUT]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
@@ -423,11 +422,7 @@ def test_sigkills_while_resumes_change_the_layout_back_and_forth_leave_a_consist
     while kills < 12:
         run = tmp_path / f"run{finished}"
         p = launch(run)
-        try:
-            p.wait(timeout=rng.uniform(0.3, 0.9) * duration)
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
+        if wait_or_kill(p, rng.uniform(0.3, 0.9) * duration):
             kills += 1
             continue
         assert p.returncode == 0, p.communicate()[0]

@@ -3,14 +3,11 @@ stage (R1's second RL) with its own checkpoints, eval label, RL step numbers and
 the middle of the repeat; names and unconfigured sections fail at load time."""
 
 import json
-import os
-import signal
-import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_resume import ROOT, TINY, command, comparable, run_to_end
+from test_resume import TINY, comparable, killed_run, run_to_end
 
 from rlpost.checkpoint import list_checkpoints
 from rlpost.config import ConfigError, load_config, stage_configs, stage_names
@@ -154,12 +151,8 @@ def test_a_run_killed_inside_the_repeated_rl_stage_resumes_to_the_same_run(tmp_p
     args = [*TINY, "stages=[sft, eval, rl, eval, {rl: {rl.steps: 6, trainer.lr: 1.0e-3}}, eval]"]
     run_to_end([*args, f"out_dir={tmp_path}", "run_name=ref"], tmp_path)
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "TQDM_DISABLE": "1",
-           "HF_HUB_OFFLINE": "1", "RLPOST_TEST_KILL_AFTER": str(run / "checkpoints" / "rl_2_step_4")}
-    p = subprocess.run(command(*args, f"out_dir={tmp_path}", "run_name=killed",
-                               "task.reward=test_resume:reward_that_kills_its_run"),
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    killed_run([*args, f"out_dir={tmp_path}", "run_name=killed", "task.reward=test_resume:reward_that_kills_its_run"],
+               tmp_path, run / "checkpoints" / "rl_2_step_4")
     assert (run / "checkpoints" / "rl").is_dir() and not (run / "checkpoints" / "final").exists()
     out = run_to_end(["--resume", str(run)], tmp_path)
     assert "resuming from" in out and "rl_2_step_4" in out, out

@@ -43,7 +43,7 @@ from rlpost.env.source import RewardSource, SourceInputs, episode_reward, over_e
 from rlpost.models import (ModelLoadError, encode_prompt, load_model, model_device, position_ids_for, resolve_packing,
                            rebuild, save_model, trunk_hidden_states)
 from rlpost.ops import last_token_index
-from rlpost.packing import Packed, micro_batches, scatter_rows
+from rlpost.packing import Packed, even_forwards, micro_batches, scatter_rows
 from rlpost.preference.data import PreferenceData
 from rlpost.progress import progress
 from rlpost.env.reward import decode_responses
@@ -109,23 +109,33 @@ class RewardModel(nn.Module):
         """[B] rewards of a batch, as `forward`, on the model's device (a batch from elsewhere is moved there);
         rows that share a prompt (a pair, K samples) compute it once. With `micro_batch_size` /
         `micro_batch_tokens` / `packing` (the trainer's: rlpost.packing.micro_batches) the trunk runs one
-        micro-batch at a time, so a forward holds one micro-batch's activations; the rewards are the same."""
+        micro-batch at a time, so a forward holds one micro-batch's activations; the rewards are the same.
+
+        Sharded (trainer.strategy=fsdp2), prompts are not shared (the shared-prompt path calls the trunk outside
+        its forward) and, micro-batched, every rank runs as many forwards as the rank with the most
+        (rlpost.packing.even_forwards, as the reference and the critic): each forward all-gathers the shards, so
+        ranks with different rows, or packing=auto choosing differently, would otherwise hang. A collective then:
+        every rank calls it."""
         batch = batch.to(self.head.weight.device)
-        if packing == "auto" and dist.is_sharded(self):  # as the trainer's: ranks could choose differently
-            packing = False
-        if not (micro_batch_size or micro_batch_tokens or packing):
-            # sharded: no shared-prompt scoring, the trunk runs its plain forward as the policy's trainer does
-            return self._read(trunk_hidden_states(self.trunk, batch, share_prompt=not dist.is_sharded(self)),
-                              batch.attention_mask)
-        parts = [(rows, self._read(self.head_values(mb, packed), mb.attention_mask, head=False))
-                 for rows, mb, packed in micro_batches(batch, micro_batch_size, micro_batch_tokens, packing,
-                                                       getattr(self.trunk, "can_share_prompt", False))]
+        sharded = dist.is_sharded(self)
+        if not (micro_batch_size or micro_batch_tokens or packing):  # one forward, on every rank alike
+            return self._read(trunk_hidden_states(self.trunk, batch, share_prompt=not sharded), batch.attention_mask)
+        share = not sharded and getattr(self.trunk, "can_share_prompt", False)  # as head_values' trunk pass will
+        plan = micro_batches(batch, micro_batch_size, micro_batch_tokens, packing, share) if len(batch) else []
+        parts = []  # sharded: the padding forwards' rewards (real False) are dropped
+        for rows, mb, packed, real in even_forwards(batch, plan, dist.reduce_max if sharded else None):
+            rewards = self._read(self.head_values(mb, packed), mb.attention_mask, head=False)
+            if real:
+                parts.append((rows, rewards))
+        if not parts:  # (a rank without rows)
+            return torch.zeros(0, device=batch.input_ids.device)
         return scatter_rows(parts, len(batch))
 
     def head_values(self, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
         """The head at every position of `batch` [B, T] (fp32); `packed`: the packing of its rows, whose packed
-        hidden states are read and put back in the padded layout (zero off the real tokens)."""
-        h = trunk_hidden_states(self.trunk, batch, packed=packed)
+        hidden states are read and put back in the padded layout (zero off the real tokens). Sharded, prompts
+        are not shared, as in `score`."""
+        h = trunk_hidden_states(self.trunk, batch, share_prompt=not dist.is_sharded(self), packed=packed)
         values = self.head(h.float()).squeeze(-1)
         return values if packed is None else packed.unpack(values, shifted=False)
 

@@ -15,12 +15,13 @@ This package's API, from its modules:
     loading.py    load_model, build_gpt_mini, save_model, load_weights, rebuild, read_own_rows (a sharded
                   model's rows from a folder), missing_weights, skeleton_of
     precision.py  model.device, model.dtype, trainer.precision, rollout.dtype, autocast
-    blocks.py     gradient checkpointing, torch.compile and the sharding unit of a policy's blocks
+    blocks.py     gradient checkpointing, torch.compile and the sharding unit of a policy's blocks;
+                  is_sharded (rlpost.distributed offers it too)
     logprobs.py   token_logprobs, trunk_hidden_states, shared prompts, the chunked head
     lora.py       LoRA adapters through peft
 """
 
-from rlpost.models.blocks import compile_model, set_gradient_checkpointing, transformer_blocks
+from rlpost.models.blocks import compile_model, is_sharded, set_gradient_checkpointing, transformer_blocks
 from rlpost.models.encoding import encode_demonstration, encode_prompt
 from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
 from rlpost.models.hf import CHUNKED_HEADS, HFCausalLM, HFTokenizer, ModelLoadError
@@ -41,7 +42,8 @@ __all__ = [
     "HFTokenizer", "LogprobHead", "ModelLoadError", "autocast", "block_size_for", "build_gpt_mini",
     "cached_hub_folder", "check_lengths",
     "check_packing", "check_precision", "chunked_head", "chunked_logprobs", "compile_model", "cpu_has_fast_bf16",
-    "encode_demonstration", "encode_prompt", "load_model", "load_weights", "missing_weights", "model_context",
+    "encode_demonstration", "encode_prompt", "is_sharded", "load_model", "load_weights", "missing_weights",
+    "model_context",
     "model_device", "packing_refusal", "position_ids_for", "read_own_rows", "rebuild", "resolve_device",
     "resolve_packing", "resolve_precision", "resolve_rollout_dtype", "safetensors_files", "save_model",
     "set_gradient_checkpointing", "skeleton_of", "token_logprobs",

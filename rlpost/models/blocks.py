@@ -1,5 +1,6 @@
 """What a role does to a policy's transformer blocks, for gpt_mini and `HFCausalLM` alike: recompute their
-activations in the backward (gradient checkpointing), compile them, list them for sharding."""
+activations in the backward (gradient checkpointing), compile them, list them for sharding; and whether a module
+is sharded."""
 
 from __future__ import annotations
 
@@ -62,3 +63,12 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
             raise TypeError(f"{type(model.hf).__name__} has no `.layers` on its base model to shard")
         return list(layers)
     raise TypeError(f"transformer_blocks supports HFCausalLM and gpt_mini, not {type(model).__name__}")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is an FSDP2 module (sharded by rlpost.distributed.shard_model / shard_module). Defined here,
+    below rlpost.distributed (which imports this package and offers it as `distributed.is_sharded`), so that the
+    loading code can ask too."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)

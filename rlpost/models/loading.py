@@ -15,6 +15,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
 
+from rlpost.models.blocks import is_sharded
 from rlpost.models.gpt_mini import CONV1D, GPT, CharTokenizer, GPTConfig, is_gpt_mini_checkpoint
 from rlpost.models.hf import HFCausalLM, HFTokenizer, ModelLoadError
 from rlpost.models.limits import block_size_for
@@ -151,22 +152,25 @@ def save_model(model: nn.Module, tokenizer, folder: str, merged: bool = False) -
     tokenizer.save_pretrained(folder)
 
 
-def load_weights(model: nn.Module, folder: str) -> None:
+def load_weights(model: nn.Module, folder: str, files: dict[str, str] | None = None) -> None:
     """Load the weights saved in `folder` (by `save_model`) into `model` in place, exactly: the optimizer
     and every other holder of the model's parameters keep pointing at the same tensors. A LoRA model takes the
     folder's weights as its base, and its adapters (reset to their initial values when the folder has none).
     An FSDP2-sharded model keeps its shard of them on each rank: without LoRA, from a safetensors folder, each
     rank reads only its shards' rows (`read_own_rows`) when the folder holds them under the model's own names
     (`missing_weights`); otherwise every rank reads the full weights as transformers loads them and keeps its
-    shard (a collective: every rank calls it)."""
+    shard (a collective: every rank calls it). `files`: the folder's `safetensors_files`, when the caller has
+    listed them already (the folder's headers are then not read again to list them)."""
     if not os.path.isdir(folder):
         raise ModelLoadError(f"no saved model at {folder}")
     if saved_lora_config(folder) is not None and not is_lora(model):
         raise ModelLoadError(f"{folder} holds LoRA adapters and this model has none: load it with load_model, or "
                              f"export a merged folder (rlpost export {folder} --out FOLDER)")
-    if _is_sharded(model) and not is_lora(model) and not missing_weights(model, folder):
-        read_own_rows(model, folder)  # each rank its shards' rows of each tensor, never the full weights
-        return
+    if is_sharded(model) and not is_lora(model):
+        files = safetensors_files(folder) if files is None else files  # listed once for both uses below
+        if not missing_weights(model, folder, files):
+            read_own_rows(model, folder, files)  # each rank its shards' rows of each tensor, never the full weights
+            return
     if isinstance(model, GPT):
         state = GPT.from_pretrained(folder).state_dict()
     elif isinstance(model, HFCausalLM):
@@ -181,7 +185,7 @@ def load_weights(model: nn.Module, folder: str) -> None:
         missing = [k for k in own if k not in state]
         if missing:
             raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model, e.g. {missing[:3]}")
-        if _is_sharded(model):  # FSDP2 (a sharded reference): each rank keeps its shard of the full weights
+        if is_sharded(model):  # FSDP2 (a sharded reference): each rank keeps its shard of the full weights
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             # under the model's own names (a wrapped HF model's `hf.` prefix, a LoRA layer's `base_layer`)
@@ -241,14 +245,14 @@ def _file_keys(model: nn.Module, folder: str) -> tuple[dict[str, str], set[str]]
     raise TypeError(f"load_weights supports gpt_mini and HFCausalLM, not {type(model).__name__}")
 
 
-def missing_weights(model: nn.Module, folder: str) -> list[str]:
+def missing_weights(model: nn.Module, folder: str, files: dict[str, str] | None = None) -> list[str]:
     """The names of `model`'s weights (a shared, tied tensor counted once, under any of its names) that the
     safetensors files of `folder` do not hold under the names `read_own_rows` reads, or hold under several of a
     tied weight's names (transformers unties a head saved apart from its embedding when the two differ, so
     which one is meant is known only from their values): empty when it can fill the model (a folder whose names
     transformers converts on loading, an older format, cannot be read row by row). Reads no tensor, only the
-    files' headers."""
-    files = safetensors_files(folder)
+    files' headers, or none when the caller passes their listing (`files`: the folder's `safetensors_files`)."""
+    files = safetensors_files(folder) if files is None else files
     if files is None:
         return ["(no model.safetensors)"]
     keys, _ = _file_keys(model, folder)
@@ -270,20 +274,21 @@ def _tied_groups(model: nn.Module) -> dict[int, list[str]]:
     return groups
 
 
-def read_own_rows(model: nn.Module, folder: str) -> None:
+def read_own_rows(model: nn.Module, folder: str, files: dict[str, str] | None = None) -> None:
     """Fill an FSDP2-sharded model (a meta skeleton sharded by rlpost.distributed.shard_model, or a sharded
     model's weights to replace) from the safetensors weights of a saved model folder, in place: each rank reads,
     memory-mapped, only the part of each tensor its own shard covers (safetensors' get_slice), cast to the
     model's dtype, so no rank ever holds a full tensor, let alone the full model. A weight that is not sharded
     (a persistent buffer) is read whole. Tied weights are read once, under whichever name the file holds (a
     tied LM head is saved as the embedding). Not a collective: each rank reads on its own. Not for LoRA
-    (load_weights reads a LoRA model's base and adapters whole)."""
+    (load_weights reads a LoRA model's base and adapters whole). `files`: the folder's `safetensors_files`, when
+    the caller has listed them already."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    files = safetensors_files(folder)
-    missing = missing_weights(model, folder)
+    files = safetensors_files(folder) if files is None else files
+    missing = missing_weights(model, folder, files)
     if files is None or missing:
         raise ModelLoadError(f"{folder} lacks {len(missing)} weight(s) of this model under its own names (or "
                              f"saves a tied one twice), e.g. {missing[:3]}; is it a model folder saved by rlpost "
@@ -347,12 +352,6 @@ def skeleton_of(model: nn.Module) -> nn.Module:
             if m._buffers[name] is not None:
                 m._buffers[name] = buffers[f"{module_name}.{name}" if module_name else name].detach().clone()
     return new
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def rebuild(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
