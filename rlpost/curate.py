@@ -616,7 +616,8 @@ def _model_filters(cfg, args):
     model, tokenizer = load_model(cfg.model)
     model.eval()
     check_vocabulary(cfg.task, tokenizer)  # with task.env: the model must spell what the environment answers
-    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True)
+    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True,
+                          vllm_gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
     rc = cfg.rollout
     # task.env's episodes (its reward on the final turn) or one turn scored by the reward, as training samples
     reward = reward_role(cfg.task, answer_match_reward, tokenizer, rc.max_new_tokens)

@@ -149,7 +149,8 @@ def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: l
     task = load_task(cfg.task)
     model, tokenizer = load_model(cfg.model, task.alphabet)
     model.eval()
-    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True)
+    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True,
+                          vllm_gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
     role = reward_role(cfg.task, task.verify, tokenizer, cfg.rollout.max_new_tokens)
     reward = eval_reward_role(cfg.eval, role) or role
     samples = samples or max(ks)

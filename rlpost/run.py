@@ -196,7 +196,7 @@ def resume_changes(saved: Config, new: Config, run_dir: str, on_saved: bool = Fa
 # states of one forward; the reference and the rollout run in eval mode). Every other one splits, packs or
 # re-runs that forward otherwise, and with it the dropout masks it draws: under dropout not a layout change.
 DROPOUT_FREE_LAYOUT = frozenset({"trainer.logprob_chunk", "reference.offload", "rollout.max_num_seqs",
-                                 "rollout.vllm_sleep"})
+                                 "rollout.vllm_sleep", "rollout.vllm_gpu_memory_utilization"})
 
 
 def training_dropout(model: torch.nn.Module) -> str | None:

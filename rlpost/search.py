@@ -369,7 +369,8 @@ def search_command(policy: str, recipe: str | None, overrides: list[str], *, prm
     verify = reward_from_config(cfg.task, task.verify)
     rows = task.eval_rows[:problems] if problems is not None else task.eval_rows
     prompts = [encode_prompt(tokenizer, r["prompt"], task.system_prompt) for r in rows]
-    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True)
+    engine = build_engine(cfg.rollout.engine, model, tokenizer, share_weights=True,
+                          vllm_gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
     searcher = Searcher(engine, tokenizer, max_new_tokens=cfg.rollout.max_new_tokens, prm=prm_model, orm=orm_model,
                         sep=cfg.prm.separator, temperature=cfg.rollout.temperature, width=width, seed=cfg.seed,
                         answer_key=verify.final_answer)

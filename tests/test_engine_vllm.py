@@ -41,10 +41,8 @@ def llama(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def engine(llama):
-    from rlpost.rollout.vllm_engine import VLLMEngine
-
     model, tok = llama
-    eng = VLLMEngine(model, tok)
+    eng = build_engine("vllm", model, tok, vllm_gpu_memory_utilization=0.25)  # as rollout.vllm_gpu_memory_utilization
     print(f"\n[vllm] engine start-up {eng.startup_seconds:.1f} s; torch threads after start: "
           f"{torch.get_num_threads()}")
     yield eng
@@ -84,6 +82,14 @@ def test_old_logp_equals_trainer_logprobs(engine, llama, temperature):
     assert batch.group_ids.tolist() == [g for g in range(4) for _ in range(4)]
     assert (batch.policy_version == engine.version).all()
     assert mismatch <= 1e-4
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_the_engine_reserves_the_configured_share_of_the_gpu(engine):
+    """rollout.vllm_gpu_memory_utilization reaches vLLM (its own default, 0.92, would crowd out a colocated
+    trainer)."""
+    assert engine.llm.llm_engine.vllm_config.cache_config.gpu_memory_utilization == 0.25
 
 
 @pytest.mark.slow

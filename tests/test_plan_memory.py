@@ -566,7 +566,10 @@ def test_a_vllm_engine_has_no_native_kv_cache_in_the_plan_and_a_note_says_what_i
     vllm = plan(*plan_inputs(["0.5b", "rollout.engine=vllm"]), suggest=False)
     assert "KV cache" in {t.name for t in native.terms}
     assert not [t for t in vllm.terms if t.phase == "rollout" or t.name.startswith("native engine")]
-    assert any("vLLM reserves gpu_memory_utilization" in n for n in vllm.job.notes)
+    assert any("vLLM reserves rollout.vllm_gpu_memory_utilization=0.3 of the GPU" in n for n in vllm.job.notes)
+    half = plan(*plan_inputs(["0.5b", "rollout.engine=vllm", "rollout.vllm_gpu_memory_utilization=0.5"]),
+                suggest=False)
+    assert any("=0.5 of the GPU for them (40.0 GB of 80 GB)" in n for n in half.job.notes), half.job.notes
 
 # ---------------------------------------------------------------------------------------------- against a real job
 

@@ -72,7 +72,7 @@ def test_the_layout_keys_are_declared_where_they_live():
     assert set(layout_keys(Config)) == {
         "trainer.micro_batch_size", "trainer.micro_batch_tokens", "trainer.gradient_checkpointing",
         "trainer.logprob_chunk", "trainer.packing", "reference.offload", "rollout.max_num_seqs",
-        "rollout.vllm_sleep", "preference.micro_batch_size"}
+        "rollout.vllm_sleep", "rollout.vllm_gpu_memory_utilization", "preference.micro_batch_size"}
     for numerics in ("trainer.lr", "trainer.precision", "trainer.compile", "trainer.strategy", "model.device",
                      "model.dtype", "rollout.engine", "eval.batch_prompts", "rl.rollout_workers", "seed"):
         assert numerics not in layout_keys(Config)

@@ -43,7 +43,8 @@ class ColocatedLoop(Loop):
         ws = cfg.rl.weight_sync
         share = ws == "pointer" or (ws == "auto" and cfg.trainer.strategy != "fsdp2")
         return build_engine(cfg.rollout.engine, model, tokenizer, share_weights=share, dtype=cfg.rollout.dtype,
-                            vllm_sleep=cfg.rollout.vllm_sleep)
+                            vllm_sleep=cfg.rollout.vllm_sleep,
+                            vllm_gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
 
     def place(self, ctx, params):
         """The run's own engine and weight sync."""

@@ -723,9 +723,11 @@ def job_from_config(cfg, ranks: int = 1, prompt_tokens: int = 128, gpu_memory_gb
               cpu=cfg.model.device == "cpu", gpu_memory_gb=gpu_memory_gb,
               headroom=headroom)
     if rc.engine == "vllm":
-        job.notes.append("rollout.engine=vllm: vLLM's weights and KV cache are not counted (no rollout phase below): "
-                         "vLLM reserves gpu_memory_utilization of the GPU for them, beside these terms "
-                         "(rlpost passes none: vLLM's default), and frees it while it sleeps (rollout.vllm_sleep)")
+        share = rc.vllm_gpu_memory_utilization
+        job.notes.append(f"rollout.engine=vllm: vLLM's weights and KV cache are not counted (no rollout phase below): "
+                         f"vLLM reserves rollout.vllm_gpu_memory_utilization={share} of the GPU for them "
+                         f"({share * gpu_memory_gb:.1f} GB of {gpu_memory_gb:g} GB) beside these terms, and frees it "
+                         f"while it sleeps (rollout.vllm_sleep)")
     if cfg.rl.topology != "colocated":
         job.notes.append(f"rl.topology={cfg.rl.topology}: the engines run in Ray workers, each with its own "
                          "weights and KV cache (the rollout rows below)")

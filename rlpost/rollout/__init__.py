@@ -47,7 +47,7 @@ def engine_choice(model) -> tuple[str, str]:
 
 
 def build_engine(kind: str, model, tokenizer, share_weights: bool = True, dtype: str = "fp32",
-                 vllm_sleep: bool = False) -> Engine:
+                 vllm_sleep: bool = False, vllm_gpu_memory_utilization: float = 0.3) -> Engine:
     """'native' (KV cache, continuous batching: gpt_mini, and the HF families of rlpost/rollout/families/:
     Llama, Mistral, Qwen2, Qwen3, Gemma 2 / 3, Phi-3), 'hf' (transformers.generate, any HF causal LM), 'vllm'
     (vLLM, an optional extra: rlpost/rollout/vllm_engine.py), or 'auto' (native when the model is supported,
@@ -58,13 +58,14 @@ def build_engine(kind: str, model, tokenizer, share_weights: bool = True, dtype:
 
     dtype: 'fp32' or 'bf16', what an in-process engine samples in (rollout.dtype; engine.ModuleEngine says how).
     vLLM samples in its own dtype, the model's (model.dtype). vllm_sleep: vLLM sleeps between rollouts
-    (rollout.vllm_sleep, vllm_engine.py)."""
+    (rollout.vllm_sleep, vllm_engine.py); vllm_gpu_memory_utilization: the fraction of the GPU it reserves
+    (rollout.vllm_gpu_memory_utilization)."""
     if kind == "vllm":
 
         reason = vllm_unavailable_reason()
         if reason:
             raise ValueError(f"rollout.engine=vllm: {reason}")
-        return VLLMEngine(model, tokenizer, sleep=vllm_sleep)
+        return VLLMEngine(model, tokenizer, sleep=vllm_sleep, gpu_memory_utilization=vllm_gpu_memory_utilization)
     if kind == "auto":
         kind, why = engine_choice(model)
         print(f"rlpost: rollout.engine=auto: {why}", flush=True)

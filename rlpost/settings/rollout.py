@@ -33,6 +33,10 @@ class RolloutConfig(Section):
     dtype: str = opt("auto", "what the rollout engine samples in: auto (the trainer's precision) | fp32 | bf16 (bf16 "
                              "autocast over the fp32 weights, bf16 KV cache; not vllm, which uses model.dtype)",
                   choices=ROLLOUT_DTYPES)
+    vllm_gpu_memory_utilization: float = opt(
+        0.3, "rollout.engine=vllm: the fraction of the GPU's memory vLLM reserves for its weights and KV cache when "
+             "it starts (vLLM's gpu_memory_utilization; its own default, 0.92, leaves a trainer beside it no room)",
+        between(0, 1, low_open=True), layout=True)
     vllm_sleep: bool = opt(False, "rollout.engine=vllm, rl.topology=colocated: vLLM sleeps (KV cache freed, weights "
                                   "offloaded to CPU memory) whenever it is not sampling, so the trainer has the GPU; "
                                   "needs vLLM's sleep mode (CUDA, ROCm, XPU; not CPU)", layout=True)
