@@ -48,7 +48,7 @@ import yaml
 from rlpost.checkpoint import resolve_model
 from rlpost.config import ConfigError, apply_override, load_config
 from rlpost.env import check_vocabulary, response_budget
-from rlpost.env.verifiers import reward_from_config, reward_role
+from rlpost.env.verifiers import gold_check, reward_from_config, reward_role
 from rlpost.models import encode_prompt, load_model, model_context
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks
@@ -578,7 +578,10 @@ def run(args) -> int:
     if not args.out:
         raise ValueError("give --out: where the kept rows go (.jsonl, .json or .parquet)")
     use_model = not args.no_model
-    rows = read_rows(args.train, cols, split=task.train_split, require_answer=use_model and uses_own_verifier(task))
+    # with a model the reward scores every row: one it cannot score (no gold) fails here, before any sampling
+    needs_answer, check = gold_check(task, task.answer_key) if use_model else (False, None)
+    rows = read_rows(args.train, cols, split=task.train_split,
+                     require_answer=use_model and (uses_own_verifier(task) or needs_answer), check=check)
     eval_rows = (read_rows(args.eval, cols, split=task.eval_split, split_key="task.eval_split", require_answer=False,
                            held_out=True) if args.eval else [])
     band = (args.band[0], args.band[1])

@@ -18,7 +18,7 @@ import torch
 from rlpost.config import ModelConfig, load_config
 from rlpost.env.math import MathReward, gold_answer
 from rlpost.models import encode_prompt, load_model
-from rlpost.tasks import load_task
+from rlpost.tasks import TaskDataError, load_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "gsm8k.yaml")
@@ -187,3 +187,28 @@ def test_a_datasets_folder_gives_the_train_and_test_splits(gsm8k, tmp_path):
     task = load_task(cfg.task)
     assert len(task.train_rows) == 304 and len(task.eval_rows) == 30
     assert task.eval_rows[0]["prompt"].startswith("Each week") and "#### " in task.eval_rows[0]["answer"]
+
+
+def test_rows_the_math_reward_cannot_score_are_refused_as_the_task_loads(gsm8k, tmp_path):
+    """Through the recipe (task.reward: math) every row needs a gold the reward can read: a file without the
+    answer column, a null answer, or a '####' with nothing after it used to load and then fail (or silently
+    score 0) at the RL step that drew the row, after the first evaluation had run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(gsm8k / "train.parquet").to_pylist()[:6]
+    rows[1]["answer"] = None
+    rows[3]["answer"] = "She sold 72.\n#### "
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"question": [r["question"] for r in rows]}), tmp_path / "no_answer.parquet")
+    for name, want in (("bad.parquet", r"2 malformed row\(s\):\n  row 2: missing required key 'answer'\n  row 4: "
+                                       r"'answer' \(the gold answer of the math reward\) has nothing after its last "
+                                       "'####'"),
+                       ("no_answer.parquet", r"no column 'answer' \(task.answer_key\); its columns: question")):
+        cfg = load_config(RECIPE, [f"task.train_file={tmp_path / name}", "task.eval_file=null"])
+        with pytest.raises(TaskDataError, match=want):
+            load_task(cfg.task)
+    cfg = load_config(RECIPE, [f"task.train_file={gsm8k / 'train.parquet'}",
+                               f"task.eval_file={tmp_path / 'bad.parquet'}"])
+    with pytest.raises(TaskDataError, match="bad.parquet: 2 malformed"):  # the held-out rows too
+        load_task(cfg.task)

@@ -20,7 +20,7 @@ older name). A task's own options (task.options) are its registered class's `Con
 from __future__ import annotations
 
 from rlpost.env.calls import call_all
-from rlpost.env.verifiers import reward_from_config
+from rlpost.env.verifiers import gold_check, reward_from_config
 from rlpost.settings.task import TaskConfig
 from rlpost.tasks.base import (TASKS, Task, TaskSource, answer_match,  # noqa: F401 - the task API
                                answer_match_reward)
@@ -50,20 +50,21 @@ def _alphabet(rows: list[dict]) -> str:
 
 def file_task(train_file: str, eval_file: str | None, cols: Columns = Columns(), *, train_split: str = "train",
               eval_split: str = "test", require_answer: bool = True, verify=None,
-              system_prompt: str | None = None, name: str = "file") -> Task:
+              system_prompt: str | None = None, name: str = "file", check=None) -> Task:
     """The task of a training file and an optional held-out file (see rlpost/tasks/files.py for formats).
 
     A DatasetDict folder as `train_file` gives `train_split`; without `eval_file`, its `eval_split` (when it
     has one) is the held-out set. Demonstrations are the training rows with a completion, or else a string
     answer to imitate. `demonstrator_accuracy` is the mean score, under `verify` (the run's reward; default:
-    the exact first-line match), of the held-out rows that carry a completion."""
-    train = read_rows(train_file, cols, split=train_split, require_answer=require_answer)
+    the exact first-line match), of the held-out rows that carry a completion. `check(row)`: what else makes a
+    row (training or held-out) malformed, see `read_rows`."""
+    train = read_rows(train_file, cols, split=train_split, require_answer=require_answer, check=check)
     if eval_file:
         evals = read_rows(eval_file, cols, split=eval_split, split_key="task.eval_split",
-                          require_answer=require_answer, held_out=True)
+                          require_answer=require_answer, held_out=True, check=check)
     elif eval_split in (dataset_splits(train_file) or []) and eval_split != train_split:
         evals = read_rows(train_file, cols, split=eval_split, split_key="task.eval_split",
-                          require_answer=require_answer, held_out=True)
+                          require_answer=require_answer, held_out=True, check=check)
     else:
         evals = []
     demos = [r if "completion" in r else {**r, "completion": r["answer"]} for r in train
@@ -136,8 +137,11 @@ class FileTask(TaskSource):
         verify = None
         if not own and (cfg.reward or cfg.rewards):  # demonstrator accuracy under the run's reward
             verify = _LazyReward(lambda: reward_from_config(cfg, answer_match_reward), cfg.reward_timeout_s)
+        # the rows the run's reward cannot score (a math gold with nothing after its '####') fail here, by row
+        needs_answer, check = gold_check(cfg, cfg.answer_key)
         task = file_task(cfg.train_file, cfg.eval_file, Columns.from_config(cfg), train_split=cfg.train_split,
-                         eval_split=cfg.eval_split, require_answer=own, verify=verify, name=self.name)
+                         eval_split=cfg.eval_split, require_answer=own or needs_answer, verify=verify,
+                         name=self.name, check=check)
         if not own and verify is None:  # an environment scores episodes, not completions: no accuracy to report
             task.demonstrator_accuracy = None
         return task

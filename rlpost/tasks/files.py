@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rlpost.settings.task import TaskConfig
 
@@ -398,13 +398,15 @@ def _check_columns(name: str, columns: list[str], cols: Columns, require_answer:
 
 
 def read_rows(path: str, cols: Columns = Columns(), *, split: str = "train", split_key: str = "task.train_split",
-              require_answer: bool = True, fmt: str | None = None, held_out: bool = False) -> list[dict]:
+              require_answer: bool = True, fmt: str | None = None, held_out: bool = False,
+              check: Callable[[dict], str | None] | None = None) -> list[dict]:
     """The normalised rows of a prompt file or `datasets` folder (for a DatasetDict folder, `split`).
 
     `require_answer`: every row needs an answer (the built-in verifier compares against it); a custom
     reward may do without one. `fmt="json"` reads any file name as JSON Lines (else: from the path).
     `held_out`: a held-out file, whose rows need no demonstration column (task.completion_key).
-    Raises TaskDataError naming every malformed row."""
+    `check(row)`: what else is wrong with a normalised row (None: nothing), e.g. the run's reward's
+    `rlpost.env.verifiers.gold_check`. Raises TaskDataError naming every malformed row."""
     name, records, columns = _records(path, split, split_key, fmt)
     if not records:
         raise TaskDataError(f"{name}: the file has no rows")
@@ -415,6 +417,8 @@ def read_rows(path: str, cols: Columns = Columns(), *, split: str = "train", spl
     rows, problems = [], []
     for where, position, record in records:
         row, bad = normalise_row(record, where, cols, require_answer)
+        if not bad and check is not None:
+            bad = [f"{where}: {why}" for why in [check(row)] if why]
         if bad:
             problems.extend(bad)
         else:
