@@ -102,7 +102,9 @@ class HFTokenizer:
     def __init__(self, tok, chat_template: bool = False):
         self.tok = tok
         if chat_template and not getattr(tok, "chat_template", None):
-            raise ModelLoadError("model.chat_template=true but this tokenizer has no chat template")
+            raise ModelLoadError("model.chat_template=true but this tokenizer has no chat template: set "
+                                 "model.chat_template=false to encode string prompts as plain text, or give the model "
+                                 "folder one (chat_template.jinja, or 'chat_template' in tokenizer_config.json)")
         self.chat_template = chat_template
         if tok.eos_token_id is None:
             raise ModelLoadError("the tokenizer defines no eos_token; rollout cannot tell where a response ends")
