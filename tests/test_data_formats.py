@@ -137,6 +137,19 @@ def test_a_column_no_row_has_names_the_columns_there_are(tmp_path):
             {"prompt": "1+1=", "final": "2"}]
 
 
+def test_a_column_named_like_a_rows_place_is_refused_not_lost(tmp_path):
+    """`line` / `row` hold each row's place in its file: a data column of that name used to be kept beside the
+    place (errors then named 'line 99') and dropped from every file rlpost writes (curate's output)."""
+    rows = [{"prompt": "1+1=", "answer": "2", "line": 99}, {"prompt": "2+2=", "answer": "4", "line": 98}]
+    for path in (write_jsonl(tmp_path / "q.jsonl", rows), write_parquet(tmp_path / "q.parquet", rows)):
+        with pytest.raises(TaskDataError, match=r"q\.(jsonl|parquet): has a column 'line', .*rename the column"):
+            read_rows(path)
+    with open(tmp_path / "r.jsonl", "w") as f:  # a line that is no JSON: the columns are unknown, each row named
+        f.write('{"prompt": "1+1=", "answer": "2", "row": 3}\nnot json\n')
+    with pytest.raises(TaskDataError, match=r"2 malformed row\(s\):\n  line 1: has a column 'row'"):
+        read_rows(str(tmp_path / "r.jsonl"))
+
+
 # ---------------------------------------------------------------------------- malformed rows
 
 BAD = [

@@ -22,7 +22,8 @@ Every other column is kept as it is (`tests` for code, `reference` for a judge, 
 an absent one (a table fills the keys a row lacks with nulls). A messages list
 whose last message is the assistant's, in a row without a completion, splits into the prompt (the
 messages before it) and the completion (its content): the usual chat SFT format. Each row also gets
-its position, `line` (JSON Lines) or `row` (1-based, other formats), for error messages.
+its position, `line` (JSON Lines) or `row` (1-based, other formats), for error messages; a file with a
+column of either name is refused (the column would be taken for the position, and left out of written files).
 
 Every malformed row is reported at once, by file, line or row number and what is wrong (text that is not
 valid UTF-8 included); a missing file names the path; a column that no row has names the columns there are.
@@ -303,6 +304,11 @@ def _check_messages(value: Any, key: str) -> str | None:
     return None
 
 
+def _position_key(key: str) -> str:
+    return (f"has a column {key!r}, the key that holds each row's place in its file (for messages; a file rlpost "
+            "writes leaves it out, so the column would be lost): rename the column")
+
+
 def _text_value(value: Any) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
@@ -314,7 +320,7 @@ def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_an
         return None, [f"{where}: {record.msg}"]
     if not isinstance(record, dict):
         return None, [f"{where}: expected a JSON object, got {type(record).__name__}"]
-    problems = _value_problems(record, where)
+    problems = _value_problems(record, where) + [f"{where}: {_position_key(k)}" for k in POSITION_KEYS if k in record]
     if problems:
         return None, problems
     mapped = {cols.prompt, cols.answer, cols.completion}
@@ -414,6 +420,9 @@ def read_rows(path: str, cols: Columns = Columns(), *, split: str = "train", spl
         columns = list({k: None for _, _, r in records for k in r})
     if columns is not None:  # (JSON with unreadable lines: those lines are reported one by one instead)
         _check_columns(name, columns, cols, require_answer, held_out)
+        for key in POSITION_KEYS:  # one error for the file, not one a row (normalise_row names the rows otherwise)
+            if key in columns:
+                raise TaskDataError(f"{name}: {_position_key(key)}")
     rows, problems = [], []
     for where, position, record in records:
         row, bad = normalise_row(record, where, cols, require_answer)
