@@ -207,6 +207,12 @@ def test_missing_files_folders_splits_and_formats_name_the_path(tmp_path):
     folder = write_dataset_dict(tmp_path / "ds", {"train": TEST, "test": TEST})
     with pytest.raises(TaskDataError, match=r"no split 'validation' \(task.eval_split\); its splits: train, test"):
         file_task(folder, folder, eval_split="validation")
+    # without eval_file the folder's eval_split is held out: one named and missing (a typo) used to mean none
+    with pytest.raises(TaskDataError, match=r"ds: no split 'tst' \(task.eval_split\) to hold out; its splits: "
+                                            "train, test"):
+        load_task(TaskConfig(name="file", train_file=folder, eval_split="tst"))
+    no_test = write_dataset_dict(tmp_path / "no_test", {"train": TEST})
+    assert file_task(no_test, None).eval_rows == []  # the default split, absent: no held-out set, as before
     (tmp_path / "broken.parquet").write_text("not parquet")
     with pytest.raises(TaskDataError, match="broken.parquet: not a readable parquet file"):
         read_rows(str(tmp_path / "broken.parquet"))

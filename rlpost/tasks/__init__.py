@@ -19,6 +19,8 @@ older name). A task's own options (task.options) are its registered class's `Con
 
 from __future__ import annotations
 
+import dataclasses
+
 from rlpost.env.calls import call_all
 from rlpost.env.verifiers import gold_check, reward_from_config
 from rlpost.settings.task import TaskConfig
@@ -48,16 +50,20 @@ def _alphabet(rows: list[dict]) -> str:
     return "".join(sorted(chars))
 
 
+DEFAULT_EVAL_SPLIT = next(f.default for f in dataclasses.fields(TaskConfig) if f.name == "eval_split")
+
+
 def file_task(train_file: str, eval_file: str | None, cols: Columns = Columns(), *, train_split: str = "train",
               eval_split: str = "test", require_answer: bool = True, verify=None,
               system_prompt: str | None = None, name: str = "file", check=None) -> Task:
     """The task of a training file and an optional held-out file (see rlpost/tasks/files.py for formats).
 
     A DatasetDict folder as `train_file` gives `train_split`; without `eval_file`, its `eval_split` (when it
-    has one) is the held-out set. Demonstrations are the training rows with a completion, or else a string
-    answer to imitate. `demonstrator_accuracy` is the mean score, under `verify` (the run's reward; default:
-    the exact first-line match), of the held-out rows that carry a completion. `check(row)`: what else makes a
-    row (training or held-out) malformed, see `read_rows`."""
+    has one; an `eval_split` other than the default that it lacks is an error) is the held-out set.
+    Demonstrations are the training rows with a completion, or else a string answer to imitate.
+    `demonstrator_accuracy` is the mean score, under `verify` (the run's reward; default: the exact first-line
+    match), of the held-out rows that carry a completion. `check(row)`: what else makes a row (training or
+    held-out) malformed, see `read_rows`."""
     train = read_rows(train_file, cols, split=train_split, require_answer=require_answer, check=check)
     if eval_file:
         evals = read_rows(eval_file, cols, split=eval_split, split_key="task.eval_split",
@@ -65,6 +71,9 @@ def file_task(train_file: str, eval_file: str | None, cols: Columns = Columns(),
     elif eval_split in (dataset_splits(train_file) or []) and eval_split != train_split:
         evals = read_rows(train_file, cols, split=eval_split, split_key="task.eval_split",
                           require_answer=require_answer, held_out=True, check=check)
+    elif dataset_splits(train_file) and eval_split != DEFAULT_EVAL_SPLIT:  # asked for by name: a typo, not "none"
+        raise TaskDataError(f"{train_file}: no split {eval_split!r} (task.eval_split) to hold out; its splits: "
+                            f"{', '.join(dataset_splits(train_file))}")
     else:
         evals = []
     demos = [r if "completion" in r else {**r, "completion": r["answer"]} for r in train
