@@ -181,6 +181,20 @@ def test_every_malformed_row_is_named_in_every_format(tmp_path):
             assert problem.format(w=word) in msg, (problem, msg)
 
 
+def test_a_nan_or_infinite_number_in_a_table_is_refused_as_in_json(tmp_path):
+    """pandas writes a float column's missing value as NaN: it used to become the answer "nan" (or a prompt),
+    while the JSON reader refuses NaN and Infinity."""
+    path = str(tmp_path / "nan.parquet")
+    pq.write_table(pa.table({"prompt": ["1+1=", "2+2=", "3+3=", "nan"], "answer": [2.0, float("nan"), float("inf"),
+                                                                                  6.0]}), path)
+    with pytest.raises(TaskDataError, match=r"2 malformed row\(s\):\n  row 2: 'answer' is nan, not a finite number "
+                                            r".*\n  row 3: 'answer' is inf, not a finite number"):
+        read_rows(path)
+    pq.write_table(pa.table({"prompt": [1.5, float("-inf")], "answer": ["1", "2"]}), path)
+    with pytest.raises(TaskDataError, match=r"row 2: 'prompt' is -inf"):
+        read_rows(path, require_answer=False)
+
+
 def test_bad_json_lines_and_wrong_types_are_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "1+1=", "answer": "2"}\n{oops\n["a list"]\n{"prompt": {"x": 1}, "answer": "1"}\n'

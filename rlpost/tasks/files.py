@@ -28,7 +28,7 @@ column of either name is refused (the column would be taken for the position, an
 Every malformed row is reported at once, by file, line or row number and what is wrong (text that is not
 valid UTF-8 included); a missing file names the path; a column that no row has names the columns there are.
 JSON is read strictly, naming the row and the key: NaN, Infinity and numbers too large for a float (1e400,
-which would read as inf) are refused, as is an object that repeats a key (which value was meant?) and a
+which would read as inf) are refused (in any format, a prompt or answer that is a NaN or infinite float), as is an object that repeats a key (which value was meant?) and a
 string holding an escaped lone surrogate ("\ud800" without its pair), which no UTF-8 file can hold: the
 run would fail writing its first checkpoint.
 """
@@ -36,6 +36,7 @@ run would fail writing its first checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -313,6 +314,15 @@ def _text_value(value: Any) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
+def _not_finite(value: Any, key: str) -> str | None:
+    """What is wrong with a float NaN or infinity in a text key: a table's float column (pandas' missing value
+    is NaN) would give the answer "nan", which JSON's strict reader refuses."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return (f"'{key}' is {value}, not a finite number (pandas writes a float column's missing value as nan); "
+                "leave the cell null, or write the value")
+    return None
+
+
 def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_answer: bool = True
                   ) -> tuple[dict | None, list[str]]:
     """(the row with internal keys, []) or (None, [problems, each starting with `where`])."""
@@ -349,6 +359,8 @@ def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_an
             problems.append(f"{where}: {bad}")
         else:
             row["prompt"] = _clean_messages(prompt)
+    elif _not_finite(prompt, cols.prompt):
+        problems.append(f"{where}: {_not_finite(prompt, cols.prompt)}")
     elif not _text_value(prompt):
         problems.append(f"{where}: '{cols.prompt}' must be a string or a list of {{role, content}} messages, got "
                         f"{type(prompt).__name__}")
@@ -360,6 +372,8 @@ def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_an
     if answer is None:
         if require_answer:
             problems.append(f"{where}: missing required key '{cols.answer}'")
+    elif _not_finite(answer, cols.answer):
+        problems.append(f"{where}: {_not_finite(answer, cols.answer)}")
     elif _text_value(answer):
         if not str(answer).strip():
             problems.append(f"{where}: '{cols.answer}' is empty")
