@@ -577,11 +577,16 @@ def run(args) -> int:
         return run_check_gold(cfg, args, rows, cols)
     if not args.out:
         raise ValueError("give --out: where the kept rows go (.jsonl, .json or .parquet)")
+    for flag, path in (("--train", args.train), ("--eval", args.eval)):
+        if path and os.path.realpath(path) == os.path.realpath(args.out):
+            raise ValueError(f"--out {args.out} is the {flag} file: writing the kept rows there would lose the rows "
+                             "the filters drop, and the input itself; write to another file")
     use_model = not args.no_model
-    # with a model the reward scores every row: one it cannot score (no gold) fails here, before any sampling
-    needs_answer, check = gold_check(task, task.answer_key) if use_model else (False, None)
+    # a row the run's reward cannot score (no gold) fails here, before any sampling: the kept rows are for that
+    # reward, and training would refuse the row anyway
+    needs_answer, row_check = gold_check(task, task.answer_key)
     rows = read_rows(args.train, cols, split=task.train_split,
-                     require_answer=use_model and (uses_own_verifier(task) or needs_answer), check=check)
+                     require_answer=(use_model and uses_own_verifier(task)) or needs_answer, check=row_check)
     eval_rows = (read_rows(args.eval, cols, split=task.eval_split, split_key="task.eval_split", require_answer=False,
                            held_out=True) if args.eval else [])
     band = (args.band[0], args.band[1])

@@ -234,6 +234,28 @@ def test_curate_writes_the_kept_rows_under_the_columns_they_came_from(tmp_path, 
     assert rows[0]["answer"] == "3 + 4 = 7\n#### 7" and rows[0]["source"] == "hand"
 
 
+def test_curate_refuses_rows_its_reward_cannot_score_and_an_out_file_that_is_its_input(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """Under the math reward a '####' with nothing after it is no gold: curate used to keep (or, with a model,
+    sample and then crash on) such rows, and `--out` naming the input overwrote it with the kept rows alone."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"question": "Tom has 3 apples and buys 4 more. How many now?", "answer": "3 + 4 = 7\n#### 7"},
+            {"question": "A box holds 6 eggs. How many eggs are in 5 boxes?", "answer": "6 * 5 = 30\n#### "}]
+    with open("train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    keys = ["--prompt-key", "question", "--reward", "math"]
+    assert main(["curate", "--no-model", "--train", "train.jsonl", "--out", "out.jsonl", *keys]) == 1
+    assert "line 2: 'answer' (the gold answer of the math reward) has nothing after its last '####'" in \
+        capsys.readouterr().err
+    assert not os.path.exists("out.jsonl")
+    with open("train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:1] + rows[:1])
+    before = open("train.jsonl").read()
+    assert main(["curate", "--no-model", "--train", "train.jsonl", "--out", "./train.jsonl", *keys]) == 1
+    assert "--out ./train.jsonl is the --train file" in capsys.readouterr().err
+    assert open("train.jsonl").read() == before
+
+
 TWO_TURN_ENV = '''from rlpost.env import Env, Step
 
 resets, steps = {}, 0
