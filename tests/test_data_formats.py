@@ -195,6 +195,23 @@ def test_a_nan_or_infinite_number_in_a_table_is_refused_as_in_json(tmp_path):
         read_rows(path, require_answer=False)
 
 
+def test_a_pretty_printed_json_document_is_one_error_that_says_so(tmp_path):
+    """A .jsonl file that is one indented array, or a .json file that is an object holding the rows, used to be
+    one 'not valid JSON' error a line, none saying what the file is."""
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    (tmp_path / "a.jsonl").write_text(json.dumps(rows, indent=2))
+    with pytest.raises(TaskDataError, match=r"a.jsonl: one JSON array over several lines, not JSON Lines .*\.json"):
+        read_rows(str(tmp_path / "a.jsonl"))
+    (tmp_path / "o.json").write_text(json.dumps({"version": 1, "data": rows}, indent=2))
+    with pytest.raises(TaskDataError, match=r"o.json: one JSON object over several lines \(keys: version, data\), "
+                                            r"not rows: write the rows \(its list 'data', say\)"):
+        read_rows(str(tmp_path / "o.json"))
+    assert len(read_rows(write_jsonl(tmp_path / "ok.jsonl", rows))) == 2
+    (tmp_path / "b.jsonl").write_text("{bad\n{worse\n")  # not one document either: each line named
+    with pytest.raises(TaskDataError, match=r"2 malformed row\(s\):\n  line 1: not valid JSON"):
+        read_rows(str(tmp_path / "b.jsonl"))
+
+
 def test_bad_json_lines_and_wrong_types_are_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "1+1=", "answer": "2"}\n{oops\n["a list"]\n{"prompt": {"x": 1}, "answer": "1"}\n'

@@ -28,9 +28,10 @@ column of either name is refused (the column would be taken for the position, an
 Every malformed row is reported at once, by file, line or row number and what is wrong (text that is not
 valid UTF-8 included); a missing file names the path; a column that no row has names the columns there are.
 JSON is read strictly, naming the row and the key: NaN, Infinity and numbers too large for a float (1e400,
-which would read as inf) are refused (in any format, a prompt or answer that is a NaN or infinite float), as is an object that repeats a key (which value was meant?) and a
-string holding an escaped lone surrogate ("\ud800" without its pair), which no UTF-8 file can hold: the
-run would fail writing its first checkpoint.
+which would read as inf) are refused (in any format, a prompt or answer that is a NaN or infinite float), as
+is an object that repeats a key (which value was meant?) and a string holding an escaped lone surrogate
+("\ud800" without its pair), which no UTF-8 file can hold: the run would fail writing its first checkpoint.
+A file that is one pretty-printed JSON array or object (no line of it JSON) is one error saying so.
 """
 
 from __future__ import annotations
@@ -188,7 +189,26 @@ def _json_records(path: str) -> tuple[list[tuple[str, dict, Any]], list[str] | N
             out.append((f"line {n}", {"line": n}, _BadJSON(e.msg)))
         except RecursionError:
             out.append((f"line {n}", {"line": n}, _BadJSON("nested too deep to read")))
+    if len(out) > 1 and all(isinstance(r, _BadJSON) for _, _, r in out):
+        _whole_document(path, data)
     return out, None
+
+
+def _whole_document(path: str, data: bytes) -> None:
+    """Raise the one error that says what is wrong when no line of a file is JSON but the whole file is: a
+    pretty-printed array in a .jsonl file, or an object that holds the rows (as some datasets ship)."""
+    try:
+        whole = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return  # not one document either: each line's error stands
+    if isinstance(whole, list):
+        raise TaskDataError(f"{path}: one JSON array over several lines, not JSON Lines (one object a line): "
+                            "name the file .json, or write one row a line")
+    if isinstance(whole, dict):
+        lists = [k for k, v in whole.items() if isinstance(v, list)]
+        hint = f" (its list {lists[0]!r}, say)" if lists else ""
+        raise TaskDataError(f"{path}: one JSON object over several lines (keys: {', '.join(map(str, whole))}), not "
+                            f"rows: write the rows{hint} as JSON Lines (one object a line) or as a JSON array")
 
 
 def _table_records(table, name: str) -> tuple[list[tuple[str, dict, Any]], list[str]]:
