@@ -212,3 +212,21 @@ def test_rows_the_math_reward_cannot_score_are_refused_as_the_task_loads(gsm8k, 
                                f"task.eval_file={tmp_path / 'bad.parquet'}"])
     with pytest.raises(TaskDataError, match="bad.parquet: 2 malformed"):  # the held-out rows too
         load_task(cfg.task)
+
+
+def test_a_chat_template_that_refuses_the_system_prompt_says_what_to_do(qwen2_dir, tmp_path):
+    """Some templates raise on a system message (jinja's raise_exception): that was a bare TemplateError, not the
+    ValueError the callers name the row with, and it did not say that task.system_prompt made the message."""
+    import shutil
+
+    folder = tmp_path / "no_system"
+    shutil.copytree(qwen2_dir, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{%- for m in messages %}{%- if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{%- endif %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+        "{{- '<|im_start|>assistant\\n' }}")
+    _, tok = load_model(ModelConfig(name=str(folder), chat_template=True, device="cpu"))
+    assert encode_prompt(tok, "How many?") == encode_prompt(tok, [{"role": "user", "content": "How many?"}])
+    with pytest.raises(ValueError, match=r"chat template refused the messages \(roles \['system', 'user'\]\): "
+                                         r"TemplateError: System role not supported: .*task.system_prompt unset"):
+        encode_prompt(tok, "How many?", "Please reason step by step.")
