@@ -52,7 +52,8 @@ from rlpost.env.verifiers import gold_check, reward_from_config, reward_role
 from rlpost.models import encode_prompt, load_model, model_context
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks
-from rlpost.tasks import Columns, TaskDataError, answer_match_reward, load_task, read_rows, uses_own_verifier
+from rlpost.tasks import (Columns, TaskDataError, answer_match_reward, dataset_splits, load_task, read_rows,
+                          uses_own_verifier)
 from rlpost.tasks.files import prompt_text, write_rows
 
 SHINGLE = 5          # characters per shingle of the near-duplicate filter
@@ -587,8 +588,11 @@ def run(args) -> int:
     needs_answer, row_check = gold_check(task, task.answer_key)
     rows = read_rows(args.train, cols, split=task.train_split,
                      require_answer=(use_model and uses_own_verifier(task)) or needs_answer, check=row_check)
-    eval_rows = (read_rows(args.eval, cols, split=task.eval_split, split_key="task.eval_split", require_answer=False,
-                           held_out=True) if args.eval else [])
+    eval_file = args.eval
+    if not eval_file and task.eval_split != task.train_split and task.eval_split in (dataset_splits(args.train) or []):
+        eval_file = args.train  # a DatasetDict's held-out split, as training holds it out: decontaminate against it
+    eval_rows = (read_rows(eval_file, cols, split=task.eval_split, split_key="task.eval_split", require_answer=False,
+                           held_out=True) if eval_file else [])
     band = (args.band[0], args.band[1])
     pass_rates = too_long = None
     close = lambda: None  # noqa: E731
@@ -599,7 +603,9 @@ def run(args) -> int:
                         too_long=too_long)
     finally:
         close()
-    print(report(result, train=args.train, eval_file=args.eval, out=args.out, near_dup=args.near_dup,
+    if eval_file and dataset_splits(eval_file):
+        eval_file = f"{eval_file} [split {task.eval_split}]"
+    print(report(result, train=args.train, eval_file=eval_file, out=args.out, near_dup=args.near_dup,
                  ngram=args.ngram, band=band, k=args.k if use_model else None, threshold=args.pass_threshold))
     if not result.kept:
         raise TaskDataError("no rows were kept; nothing written")
@@ -608,8 +614,10 @@ def run(args) -> int:
         with open(args.report, "w") as f:
             json.dump({"counts": result.counts(), "pass_rates": result.rates, "band": list(band)}, f, indent=2)
     how = f"{args.recipe} " if args.recipe else "task.name=file "
+    # the output is one file: the folder's held-out split must now be named as the eval file
+    held_out = f" task.eval_file={args.train}" if eval_rows and not args.eval else ""
     print(f"rlpost curate: wrote {len(result.kept)} rows to {args.out}; train on them with `rlpost train "
-          f"{how}task.train_file={args.out}`")
+          f"{how}task.train_file={args.out}{held_out}`")
     return 0
 
 

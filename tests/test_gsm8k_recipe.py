@@ -230,3 +230,22 @@ def test_a_chat_template_that_refuses_the_system_prompt_says_what_to_do(qwen2_di
     with pytest.raises(ValueError, match=r"chat template refused the messages \(roles \['system', 'user'\]\): "
                                          r"TemplateError: System role not supported: .*task.system_prompt unset"):
         encode_prompt(tok, "How many?", "Please reason step by step.")
+
+
+def test_curate_decontaminates_a_datasets_folder_against_its_own_test_split(gsm8k, tmp_path, capsys):
+    """Training holds out a DatasetDict train folder's test split (task.eval_file=null); curate, given the same
+    folder as --train and no --eval, used to skip decontamination, keeping the 2 copies of test questions."""
+    datasets = pytest.importorskip("datasets")
+    from rlpost.cli import main
+
+    splits = {name: datasets.Dataset.from_parquet(str(gsm8k / f"{name}.parquet")) for name in ("train", "test")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "gsm8k_ds"))
+    out = tmp_path / "curated.parquet"
+    assert main(["curate", "--recipe", RECIPE, "--no-model", "--train", str(tmp_path / "gsm8k_ds"),
+                 "--out", str(out), "--report", str(tmp_path / "report.json")]) == 0
+    printed = capsys.readouterr().out
+    assert f"overlap with {tmp_path / 'gsm8k_ds'} [split test]" in printed
+    # the output is one file: training names the folder as its held-out set
+    assert f"task.train_file={out} task.eval_file={tmp_path / 'gsm8k_ds'}`" in printed
+    counts = json.loads((tmp_path / "report.json").read_text())["counts"]
+    assert counts["contaminated"] == 2 and counts["kept"] == 300
