@@ -54,7 +54,7 @@ from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks
 from rlpost.tasks import (Columns, TaskDataError, answer_match_reward, dataset_splits, load_task, read_rows,
                           uses_own_verifier)
-from rlpost.tasks.files import prompt_text, write_rows
+from rlpost.tasks.files import check_writable, prompt_text, write_rows
 
 SHINGLE = 5          # characters per shingle of the near-duplicate filter
 EXAMPLES = 3         # examples shown per filter in the report
@@ -553,6 +553,8 @@ def sources_requested(recipe: str | None, overrides: list[str]) -> bool:
 def run(args) -> int:
     """`rlpost curate` with parsed `args` (see rlpost/cli.py): read, filter, report, write."""
     check = getattr(args, "check_gold", False)
+    if args.out:  # before any work: a bad extension used to fail only when the rows were written
+        check_writable(args.out)
     if sources_requested(args.recipe, args.overrides):  # every source names its own file, columns and reward
         if not check:
             raise ValueError("rlpost curate filters one file (--train) under one task's columns and reward; with "
@@ -611,6 +613,7 @@ def run(args) -> int:
         raise TaskDataError("no rows were kept; nothing written")
     write_rows(result.kept, args.out, cols)  # the input's column names: the same recipe reads the output
     if args.report:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)  # as write_rows does for --out
         with open(args.report, "w") as f:
             json.dump({"counts": result.counts(), "pass_rates": result.rates, "band": list(band)}, f, indent=2)
     how = f"{args.recipe} " if args.recipe else "task.name=file "

@@ -254,6 +254,9 @@ def test_curate_refuses_rows_its_reward_cannot_score_and_an_out_file_that_is_its
     assert main(["curate", "--no-model", "--train", "train.jsonl", "--out", "./train.jsonl", *keys]) == 1
     assert "--out ./train.jsonl is the --train file" in capsys.readouterr().err
     assert open("train.jsonl").read() == before
+    # an --out that cannot be written is refused before the model loads and samples, not after
+    assert main(["curate", "--model", "./no_such_model", "--train", "train.jsonl", "--out", "kept.csv", *keys]) == 1
+    assert "cannot write kept.csv: the extension must be .jsonl, .json or .parquet" in capsys.readouterr().err
 
 
 TWO_TURN_ENV = '''from rlpost.env import Env, Step

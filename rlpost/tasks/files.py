@@ -502,4 +502,11 @@ def write_rows(rows: list[dict], path: str, cols: Columns = Columns()) -> None:
             for r in out:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     else:
+        check_writable(path)
+
+
+def check_writable(path: str) -> None:
+    """Raise ValueError when `write_rows` could not write `path` (its extension): a caller checks this before
+    the work whose rows it will write, not after."""
+    if not path.endswith((".jsonl", ".json", ".parquet")):
         raise ValueError(f"cannot write {path}: the extension must be .jsonl, .json or .parquet")
