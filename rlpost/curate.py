@@ -285,6 +285,7 @@ class Curation:
     too_long: list[tuple[dict, int]] = field(default_factory=list)           # (row, prompt tokens)
     out_of_band: list[tuple[dict, float]] = field(default_factory=list)      # (row, pass rate)
     rates: list[float] | None = None                                         # of every row estimated
+    rated: list[dict] = field(default_factory=list)                          # those rows, in the same order
 
     def counts(self) -> dict[str, int]:
         return {"read": self.read, "exact_duplicates": len(self.exact), "near_duplicates": len(self.near),
@@ -323,7 +324,8 @@ def curate(rows: list[dict], eval_rows: list[dict] = (), *, near_dup: float | No
     if pass_rates is None:
         result.kept = [rows[i] for i in keep]
         return result
-    rates = pass_rates([rows[i] for i in keep]) if keep else []
+    result.rated = [rows[i] for i in keep]
+    rates = pass_rates(result.rated) if keep else []
     result.rates = rates
     for i, p in zip(keep, rates):
         if in_band(p, band):
@@ -615,7 +617,9 @@ def run(args) -> int:
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)  # as write_rows does for --out
         with open(args.report, "w") as f:
-            json.dump({"counts": result.counts(), "pass_rates": result.rates, "band": list(band)}, f, indent=2)
+            json.dump({"counts": result.counts(), "pass_rates": result.rates, "band": list(band),
+                       "pass_rate_rows": [where(r) for r in result.rated] if result.rates is not None else None},
+                      f, indent=2)
     how = f"{args.recipe} " if args.recipe else "task.name=file "
     # the output is one file: the folder's held-out split must now be named as the eval file
     held_out = f" task.eval_file={args.train}" if eval_rows and not args.eval else ""

@@ -187,6 +187,9 @@ def test_rlpost_curate_end_to_end_on_a_gpt_mini_checkpoint(tmp_path, checkpoint)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["counts"] == {"read": 9, "exact_duplicates": 1, "near_duplicates": 1, "contaminated": 1,
                                 "too_long": 1, "out_of_band": 2, "kept": 3}
+    # each pass rate with the row it belongs to (the rows the first four filters kept)
+    assert dict(zip(report["pass_rate_rows"], report["pass_rates"])) == {
+        "line 1": 0.5, "line 3": 1.0, "line 4": 0.0, "line 5": 0.5, "line 8": 0.5}
     # the train loader reads the output back
     task = load_task(TaskConfig(name="file", train_file=str(tmp_path / "out" / "curated.jsonl")))
     assert [r["prompt"] for r in task.train_rows] == ["add 3 and 4",
@@ -300,6 +303,9 @@ def test_rlpost_curate_runs_task_env_episodes_for_the_pass_rates(tmp_path, check
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["counts"] == {"read": 9, "exact_duplicates": 1, "near_duplicates": 1, "contaminated": 1,
                                 "too_long": 1, "out_of_band": 2, "kept": 3}
+    # each pass rate with the row it belongs to (the rows the first four filters kept)
+    assert dict(zip(report["pass_rate_rows"], report["pass_rates"])) == {
+        "line 1": 0.5, "line 3": 1.0, "line 4": 0.0, "line 5": 0.5, "line 8": 0.5}
     assert sorted(report["pass_rates"]) == [0.0, 0.5, 0.5, 0.5, 1.0]
     assert turns_env.steps == 5 * 4 * 2  # 5 prompts scored, 4 episodes each, 2 turns each
     assert "kept 3" in " ".join(flat(capsys.readouterr().out))
