@@ -249,3 +249,15 @@ def test_curate_decontaminates_a_datasets_folder_against_its_own_test_split(gsm8
     assert f"task.train_file={out} task.eval_file={tmp_path / 'gsm8k_ds'}`" in printed
     counts = json.loads((tmp_path / "report.json").read_text())["counts"]
     assert counts["contaminated"] == 2 and counts["kept"] == 300
+
+
+def test_gsm8k_answers_under_the_exact_verifier_warn_that_nothing_can_match(gsm8k, recwarn):
+    """Without task.reward a GSM8K file is scored by the exact first-line match against the whole worked
+    solution: every reward 0, silently. The recipe (task.reward: math) does not warn."""
+    keys = ["task.name=file", f"task.train_file={gsm8k / 'train.parquet'}", "task.prompt_key=question"]
+    with pytest.warns(UserWarning, match=r"304 of 304 training answers \('answer'\) are worked solutions ending "
+                                         r"in '#### N'.*set task.reward=math"):
+        load_task(load_config(None, keys).task)
+    recwarn.clear()
+    recipe_task(gsm8k)
+    assert not [w for w in recwarn if "worked solutions" in str(w.message)]

@@ -20,6 +20,7 @@ older name). A task's own options (task.options) are its registered class's `Con
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from rlpost.env.calls import call_all
 from rlpost.env.verifiers import gold_check, reward_from_config
@@ -153,7 +154,21 @@ class FileTask(TaskSource):
                          name=self.name, check=check)
         if not own and verify is None:  # an environment scores episodes, not completions: no accuracy to report
             task.demonstrator_accuracy = None
+        if own:
+            _warn_if_worked_solutions(task.train_rows, cfg.answer_key)
         return task
+
+
+def _warn_if_worked_solutions(rows: list[dict], column: str) -> None:
+    """Warn when most answers are worked solutions ending in '#### N' (GSM8K as published) while the run scores
+    with the task's own exact first-line match: no completion's first line can equal a whole solution, so every
+    reward and pass@1 would be 0 with nothing else saying why."""
+    worked = sum(isinstance(r.get("answer"), str) and "\n####" in r["answer"] for r in rows)
+    if rows and worked * 2 > len(rows):
+        warnings.warn(f"{worked} of {len(rows)} training answers ('{column}') are worked solutions ending in "
+                      "'#### N' (GSM8K's form), and with no task.reward the run scores with the exact first-line "
+                      "match against the whole answer, which no completion can equal: set task.reward=math (it "
+                      "reads the answer after the last '####'), as recipes/gsm8k.yaml does", stacklevel=3)
 
 
 @TASKS.register("jsonl")
