@@ -431,6 +431,12 @@ def gold_report(g: GoldCheck, *, train: str, reward: str, threshold: float, show
             lines.append(f"    {where(row)}: {why}; gold {gold_completion(row)[:80]!r}")
         if len(g.failed) > shown:
             lines.append(f"    ... and {len(g.failed) - shown} more")
+        if len(g.failed) == g.checked > 1 and not any(why.startswith("the verifier raised") for why in g.why):
+            # no row at all: more likely the reward cannot read this form of gold than every row being wrong
+            lines.append("  every row fails: does the reward read the gold in this form? A reward that looks for "
+                         "a format (math with extract: boxed) finds none in a bare answer or a worked solution: "
+                         "check with one that reads it (task.reward_options={extract: auto}), or on "
+                         "demonstrations (task.completion_key)")
     return "\n".join(lines)
 
 

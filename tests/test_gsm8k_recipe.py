@@ -261,3 +261,18 @@ def test_gsm8k_answers_under_the_exact_verifier_warn_that_nothing_can_match(gsm8
     recwarn.clear()
     recipe_task(gsm8k)
     assert not [w for w in recwarn if "worked solutions" in str(w.message)]
+
+
+def test_check_gold_through_the_recipe_says_when_no_row_can_pass(gsm8k, capsys):
+    """The recipe's reward reads only a \\boxed{} answer, so --check-gold through it failed all 304 rows as 'data
+    bugs' with no word on why; the reading that takes GSM8K's '#### N' verifies every one."""
+    from rlpost.cli import main
+
+    check = ["curate", "--recipe", RECIPE, "--check-gold", "--train", str(gsm8k / "train.parquet")]
+    assert main(check) == 0
+    out = capsys.readouterr().out
+    assert "0 of 304 rows' gold verifies under math" in out
+    assert "every row fails: does the reward read the gold in this form?" in out and "extract: auto" in out
+    assert main([*check, "--strict", "task.reward_options={extract: auto}"]) == 0
+    out = capsys.readouterr().out
+    assert "304 of 304 rows' gold verifies under math" in out and "every row fails" not in out
