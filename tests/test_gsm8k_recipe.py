@@ -212,6 +212,14 @@ def test_rows_the_math_reward_cannot_score_are_refused_as_the_task_loads(gsm8k, 
                                f"task.eval_file={tmp_path / 'bad.parquet'}"])
     with pytest.raises(TaskDataError, match="bad.parquet: 2 malformed"):  # the held-out rows too
         load_task(cfg.task)
+    # the column named twice: task.answer_key maps 'final' to the row's answer, the reward's option reads 'final'
+    pq.write_table(pa.table({"question": [r["question"] for r in rows[:1]], "final": ["#### 3"]}),
+                   tmp_path / "final.parquet")
+    keys = [f"task.train_file={tmp_path / 'final.parquet'}", "task.eval_file=null", "task.answer_key=final"]
+    assert len(load_task(load_config(RECIPE, keys).task).train_rows) == 1
+    with pytest.raises(TaskDataError, match=r"row 1: missing the key 'final', where the math reward reads the gold "
+                                            r"answer \(task.answer_key maps .*leave that option unset\)"):
+        load_task(load_config(RECIPE, [*keys, "task.reward_options={extract: boxed, answer_key: final}"]).task)
 
 
 def test_a_chat_template_that_refuses_the_system_prompt_says_what_to_do(qwen2_dir, tmp_path):

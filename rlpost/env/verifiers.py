@@ -147,7 +147,10 @@ def gold_check(task_cfg, answer_column: str = "answer") -> tuple[bool, Callable[
     def check(row: dict) -> str | None:
         for name, key, column, problem in checks:
             if key not in row:
-                return f"missing the key {column!r}, where the {name} reward reads the gold answer"
+                mapped = (f" (task.answer_key maps the column {column!r} to the row's 'answer', which the reward "
+                          "reads unless its answer_key option is set: leave that option unset)"
+                          if key != "answer" and key == answer_column else "")
+                return f"missing the key {column!r}, where the {name} reward reads the gold answer{mapped}"
             bad = problem(row[key]) if callable(problem) else None
             if bad:
                 return f"{column!r} (the gold answer of the {name} reward) {bad}"
