@@ -100,6 +100,7 @@ def exact_duplicates(texts: list[str]) -> list[int | None]:
 
 
 NUM_PERM = 128       # MinHash permutations of the near-duplicate filter
+MINHASH_CHUNK = 4096  # shingles hashed at once: a [chunk, NUM_PERM] uint64 temporary of 4 MB
 
 
 def lsh_bands(threshold: float, num_perm: int = NUM_PERM, recall: float = 0.99) -> tuple[int, int]:
@@ -128,7 +129,9 @@ def minhash_signatures(sets: list[set[str]], num_perm: int = NUM_PERM, seed: int
     sigs = np.empty((len(sets), num_perm), dtype=np.uint64)
     for i, x in enumerate(sets):  # uint64 arithmetic wraps: the mod 2^64 of multiply-shift
         h = np.fromiter((zlib.crc32(s.encode()) for s in x), dtype=np.uint64, count=len(x))
-        sigs[i] = ((h[:, None] * a + b) >> np.uint64(32)).min(0)
+        # a chunk of shingles at a time: all at once is len(x) * num_perm * 8 bytes, 1 GB for a 1 MB prompt
+        sigs[i] = np.minimum.reduce([((h[j:j + MINHASH_CHUNK, None] * a + b) >> np.uint64(32)).min(0)
+                                     for j in range(0, max(len(h), 1), MINHASH_CHUNK)])
     return sigs
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from rlpost.cli import main
 from rlpost.config import ModelConfig, TaskConfig
-from rlpost.curate import (contamination, curate, exact_duplicates, histogram, jaccard, near_duplicates, normalise,
-                           shingles)
+from rlpost.curate import (contamination, curate, exact_duplicates, histogram, jaccard, minhash_signatures,
+                           near_duplicates, normalise, shingles)
 from rlpost.tasks import load_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +67,27 @@ def test_near_duplicates_agree_with_the_quadratic_scan():
 
 
 # ---------------------------------------------------------------------------- contamination
+
+def test_minhash_of_a_long_prompt_holds_a_chunk_of_hashes_not_all_of_them():
+    """One signature used to build a [shingles, 128] uint64 matrix at once: 1 GB of temporaries for a 1 MB
+    prompt (a 10 MB one ran out of memory). It is computed a chunk at a time, to the same values: the
+    signature of a union is the elementwise minimum of its parts' signatures."""
+    import tracemalloc
+
+    import numpy as np
+
+    big = [f"{i:07d}" for i in range(100_000)]  # 100k shingles: 100 MB at once, 4 MB a chunk
+    tracemalloc.start()
+    try:
+        sig = minhash_signatures([set(big)])[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40e6, peak
+    parts = minhash_signatures([set(big[:7]), set(big[7:50_000]), set(big[50_000:])])
+    assert (np.minimum.reduce(parts) == sig).all()
+    assert (minhash_signatures([{"abcde", "bcdef"}, {"x"}])[1] == minhash_signatures([{"x"}])[0]).all()
+
 
 def test_a_shared_13_gram_contaminates_and_12_shared_words_do_not():
     letters = "a b c d e f g h i j k l m n o"  # 15 words
