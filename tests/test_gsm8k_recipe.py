@@ -284,3 +284,18 @@ def test_check_gold_through_the_recipe_says_when_no_row_can_pass(gsm8k, capsys):
     assert main([*check, "--strict", "task.reward_options={extract: auto}"]) == 0
     out = capsys.readouterr().out
     assert "304 of 304 rows' gold verifies under math" in out and "every row fails" not in out
+
+
+def test_a_qwen2_folder_that_lost_its_vocabulary_is_refused(qwen2_dir, tmp_path):
+    """Without tokenizer.json (tokenizer_config.json still there) transformers builds a Qwen2 tokenizer of its 2
+    special tokens: every prompt encoded to no tokens, and the run died in the first forward."""
+    import shutil
+
+    from rlpost.models import ModelLoadError
+
+    folder = tmp_path / "no_vocabulary"
+    shutil.copytree(qwen2_dir, folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"its tokenizer \(Qwen2Tokenizer, 2 tokens\) encodes text to no "
+                                             r"tokens: its vocabulary file .* is missing or empty"):
+        load_model(ModelConfig(name=str(folder), device="cpu"))

@@ -153,6 +153,10 @@ def _load_hf(name: str, cfg, skeleton: bool = False) -> tuple[HFCausalLM, HFToke
         hint = " (HF_HUB_OFFLINE=1: only local folders and the local cache are searched)" if offline else ""
         raise ModelLoadError(f"could not load model {name!r}: no such local folder, and loading it as a hub id "
                              f"failed{hint}: {e}") from e
+    if not tok("0 a", add_special_tokens=False)["input_ids"]:  # files there, vocabulary not (tokenizer.json lost)
+        raise ModelLoadError(f"model {name!r}: its tokenizer ({type(tok).__name__}, {len(tok)} tokens) encodes text "
+                             "to no tokens: its vocabulary file (tokenizer.json, or vocab.json + merges.txt, ...) is "
+                             "missing or empty; copy the tokenizer of the model it was saved from into the folder")
     try:
         return HFCausalLM(hf), HFTokenizer(tok, chat_template=cfg.chat_template)
     except ModelLoadError as e:
