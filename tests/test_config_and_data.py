@@ -226,6 +226,9 @@ def test_a_broken_model_folder_is_named_with_what_to_do(tiny_llama_dir, tmp_path
         f.truncate(os.path.getsize(weights) // 2)
     with pytest.raises(ModelLoadError, match=f"{re.escape(weights)} cannot be read .*download or save it again"):
         load_model(ModelConfig(name=folder))
+    # the tokenizer is checked before the weights are read (seconds, not the minutes a large model's take)
+    with pytest.raises(ModelLoadError, match="has no chat template"):
+        load_model(ModelConfig(name=folder, chat_template=True))
     with pytest.raises(ModelLoadError, match=f"model '{re.escape(tiny_llama_dir)}': model.chat_template=true but this "
                                              "tokenizer has no chat template: set model.chat_template=false"):
         load_model(ModelConfig(name=tiny_llama_dir, chat_template=True))

@@ -137,7 +137,7 @@ def _load_hf(name: str, cfg, skeleton: bool = False) -> tuple[HFCausalLM, HFToke
         raise ModelLoadError(f"model folder {name!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): "
                              "copy the tokenizer of the model it was saved from into it (tokenizer.save_pretrained)")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = _tokenizer(name, AutoTokenizer.from_pretrained(name), cfg)  # before the weights: seconds, not minutes
         if skeleton:
             hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=TORCH_DTYPES[cfg.dtype])
         else:
@@ -153,12 +153,19 @@ def _load_hf(name: str, cfg, skeleton: bool = False) -> tuple[HFCausalLM, HFToke
         hint = " (HF_HUB_OFFLINE=1: only local folders and the local cache are searched)" if offline else ""
         raise ModelLoadError(f"could not load model {name!r}: no such local folder, and loading it as a hub id "
                              f"failed{hint}: {e}") from e
-    if not tok("0 a", add_special_tokens=False)["input_ids"]:  # files there, vocabulary not (tokenizer.json lost)
+    return HFCausalLM(hf), tok
+
+
+def _tokenizer(name: str, tok, cfg) -> HFTokenizer:
+    """`tok` as rlpost's HFTokenizer, or a ModelLoadError naming model `name`: a tokenizer that encodes text to
+    no tokens (a folder that kept tokenizer_config.json but lost its vocabulary), no chat template while
+    model.chat_template asks for one, no eos token."""
+    if not tok("0 a", add_special_tokens=False)["input_ids"]:
         raise ModelLoadError(f"model {name!r}: its tokenizer ({type(tok).__name__}, {len(tok)} tokens) encodes text "
                              "to no tokens: its vocabulary file (tokenizer.json, or vocab.json + merges.txt, ...) is "
                              "missing or empty; copy the tokenizer of the model it was saved from into the folder")
     try:
-        return HFCausalLM(hf), HFTokenizer(tok, chat_template=cfg.chat_template)
+        return HFTokenizer(tok, chat_template=cfg.chat_template)
     except ModelLoadError as e:
         raise ModelLoadError(f"model {name!r}: {e}") from None
 
