@@ -48,12 +48,13 @@ import yaml
 from rlpost.checkpoint import resolve_model
 from rlpost.config import ConfigError, apply_override, load_config
 from rlpost.env import check_vocabulary, response_budget
-from rlpost.env.verifiers import reward_from_config, reward_role
+from rlpost.env.verifiers import gold_check, reward_from_config, reward_role
 from rlpost.models import encode_prompt, load_model, model_context
 from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks
-from rlpost.tasks import Columns, TaskDataError, answer_match_reward, load_task, read_rows, uses_own_verifier
-from rlpost.tasks.files import prompt_text, write_rows
+from rlpost.tasks import (Columns, TaskDataError, answer_match_reward, dataset_splits, load_task, read_rows,
+                          uses_own_verifier)
+from rlpost.tasks.files import check_writable, prompt_text, write_rows
 
 SHINGLE = 5          # characters per shingle of the near-duplicate filter
 EXAMPLES = 3         # examples shown per filter in the report
@@ -99,6 +100,7 @@ def exact_duplicates(texts: list[str]) -> list[int | None]:
 
 
 NUM_PERM = 128       # MinHash permutations of the near-duplicate filter
+MINHASH_CHUNK = 4096  # shingles hashed at once: a [chunk, NUM_PERM] uint64 temporary of 4 MB
 
 
 def lsh_bands(threshold: float, num_perm: int = NUM_PERM, recall: float = 0.99) -> tuple[int, int]:
@@ -127,7 +129,9 @@ def minhash_signatures(sets: list[set[str]], num_perm: int = NUM_PERM, seed: int
     sigs = np.empty((len(sets), num_perm), dtype=np.uint64)
     for i, x in enumerate(sets):  # uint64 arithmetic wraps: the mod 2^64 of multiply-shift
         h = np.fromiter((zlib.crc32(s.encode()) for s in x), dtype=np.uint64, count=len(x))
-        sigs[i] = ((h[:, None] * a + b) >> np.uint64(32)).min(0)
+        # a chunk of shingles at a time: all at once is len(x) * num_perm * 8 bytes, 1 GB for a 1 MB prompt
+        sigs[i] = np.minimum.reduce([((h[j:j + MINHASH_CHUNK, None] * a + b) >> np.uint64(32)).min(0)
+                                     for j in range(0, max(len(h), 1), MINHASH_CHUNK)])
     return sigs
 
 
@@ -284,6 +288,7 @@ class Curation:
     too_long: list[tuple[dict, int]] = field(default_factory=list)           # (row, prompt tokens)
     out_of_band: list[tuple[dict, float]] = field(default_factory=list)      # (row, pass rate)
     rates: list[float] | None = None                                         # of every row estimated
+    rated: list[dict] = field(default_factory=list)                          # those rows, in the same order
 
     def counts(self) -> dict[str, int]:
         return {"read": self.read, "exact_duplicates": len(self.exact), "near_duplicates": len(self.near),
@@ -322,7 +327,8 @@ def curate(rows: list[dict], eval_rows: list[dict] = (), *, near_dup: float | No
     if pass_rates is None:
         result.kept = [rows[i] for i in keep]
         return result
-    rates = pass_rates([rows[i] for i in keep]) if keep else []
+    result.rated = [rows[i] for i in keep]
+    rates = pass_rates(result.rated) if keep else []
     result.rates = rates
     for i, p in zip(keep, rates):
         if in_band(p, band):
@@ -428,6 +434,12 @@ def gold_report(g: GoldCheck, *, train: str, reward: str, threshold: float, show
             lines.append(f"    {where(row)}: {why}; gold {gold_completion(row)[:80]!r}")
         if len(g.failed) > shown:
             lines.append(f"    ... and {len(g.failed) - shown} more")
+        if len(g.failed) == g.checked > 1 and not any(why.startswith("the verifier raised") for why in g.why):
+            # no row at all: more likely the reward cannot read this form of gold than every row being wrong
+            lines.append("  every row fails: does the reward read the gold in this form? A reward that looks for "
+                         "a format (math with extract: boxed) finds none in a bare answer or a worked solution: "
+                         "check with one that reads it (task.reward_options={extract: auto}), or on "
+                         "demonstrations (task.completion_key)")
     return "\n".join(lines)
 
 
@@ -552,6 +564,8 @@ def sources_requested(recipe: str | None, overrides: list[str]) -> bool:
 def run(args) -> int:
     """`rlpost curate` with parsed `args` (see rlpost/cli.py): read, filter, report, write."""
     check = getattr(args, "check_gold", False)
+    if args.out:  # before any work: a bad extension used to fail only when the rows were written
+        check_writable(args.out)
     if sources_requested(args.recipe, args.overrides):  # every source names its own file, columns and reward
         if not check:
             raise ValueError("rlpost curate filters one file (--train) under one task's columns and reward; with "
@@ -577,10 +591,21 @@ def run(args) -> int:
         return run_check_gold(cfg, args, rows, cols)
     if not args.out:
         raise ValueError("give --out: where the kept rows go (.jsonl, .json or .parquet)")
+    for flag, path in (("--train", args.train), ("--eval", args.eval)):
+        if path and os.path.realpath(path) == os.path.realpath(args.out):
+            raise ValueError(f"--out {args.out} is the {flag} file: writing the kept rows there would lose the rows "
+                             "the filters drop, and the input itself; write to another file")
     use_model = not args.no_model
-    rows = read_rows(args.train, cols, split=task.train_split, require_answer=use_model and uses_own_verifier(task))
-    eval_rows = (read_rows(args.eval, cols, split=task.eval_split, split_key="task.eval_split", require_answer=False,
-                           held_out=True) if args.eval else [])
+    # a row the run's reward cannot score (no gold) fails here, before any sampling: the kept rows are for that
+    # reward, and training would refuse the row anyway
+    needs_answer, row_check = gold_check(task, task.answer_key)
+    rows = read_rows(args.train, cols, split=task.train_split,
+                     require_answer=(use_model and uses_own_verifier(task)) or needs_answer, check=row_check)
+    eval_file = args.eval
+    if not eval_file and task.eval_split != task.train_split and task.eval_split in (dataset_splits(args.train) or []):
+        eval_file = args.train  # a DatasetDict's held-out split, as training holds it out: decontaminate against it
+    eval_rows = (read_rows(eval_file, cols, split=task.eval_split, split_key="task.eval_split", require_answer=False,
+                           held_out=True) if eval_file else [])
     band = (args.band[0], args.band[1])
     pass_rates = too_long = None
     close = lambda: None  # noqa: E731
@@ -591,17 +616,24 @@ def run(args) -> int:
                         too_long=too_long)
     finally:
         close()
-    print(report(result, train=args.train, eval_file=args.eval, out=args.out, near_dup=args.near_dup,
+    if eval_file and dataset_splits(eval_file):
+        eval_file = f"{eval_file} [split {task.eval_split}]"
+    print(report(result, train=args.train, eval_file=eval_file, out=args.out, near_dup=args.near_dup,
                  ngram=args.ngram, band=band, k=args.k if use_model else None, threshold=args.pass_threshold))
     if not result.kept:
         raise TaskDataError("no rows were kept; nothing written")
     write_rows(result.kept, args.out, cols)  # the input's column names: the same recipe reads the output
     if args.report:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)  # as write_rows does for --out
         with open(args.report, "w") as f:
-            json.dump({"counts": result.counts(), "pass_rates": result.rates, "band": list(band)}, f, indent=2)
+            json.dump({"counts": result.counts(), "pass_rates": result.rates, "band": list(band),
+                       "pass_rate_rows": [where(r) for r in result.rated] if result.rates is not None else None},
+                      f, indent=2)
     how = f"{args.recipe} " if args.recipe else "task.name=file "
+    # the output is one file: the folder's held-out split must now be named as the eval file
+    held_out = f" task.eval_file={args.train}" if eval_rows and not args.eval else ""
     print(f"rlpost curate: wrote {len(result.kept)} rows to {args.out}; train on them with `rlpost train "
-          f"{how}task.train_file={args.out}`")
+          f"{how}task.train_file={args.out}{held_out}`")
     return 0
 
 

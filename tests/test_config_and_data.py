@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -192,6 +193,45 @@ def test_missing_model_folder_is_named(tmp_path):
 def test_unreachable_hub_id_says_so_offline():
     with pytest.raises(ModelLoadError, match="no such local folder.*HF_HUB_OFFLINE"):
         load_model(ModelConfig(name="nobody-here/no-such-model"))
+
+
+def test_a_broken_model_folder_is_named_with_what_to_do(tiny_llama_dir, tmp_path):
+    """Each used to fail elsewhere or say the wrong thing: a folder without tokenizer files loaded as an empty
+    tokenizer (every prompt no tokens, a torch error in the first evaluation), a truncated safetensors file
+    raised a bare SafetensorError, and an unknown model_type said 'no such local folder'."""
+    import shutil
+
+    def broken(name: str) -> str:
+        folder = tmp_path / name
+        shutil.copytree(tiny_llama_dir, folder)
+        return str(folder)
+
+    folder = broken("no_tokenizer")
+    for f in os.listdir(folder):
+        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
+            os.remove(os.path.join(folder, f))
+    with pytest.raises(ModelLoadError, match=f"model folder '{re.escape(folder)}' has no tokenizer files .*copy"):
+        load_model(ModelConfig(name=folder))
+    folder = broken("unknown_type")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**config, "model_type": "llama99"}, f)
+    with pytest.raises(ModelLoadError, match=f"the model in folder '{re.escape(folder)}': .*llama99") as e:
+        load_model(ModelConfig(name=folder))
+    assert "no such local folder" not in str(e.value)
+    folder = broken("truncated")
+    weights = os.path.join(folder, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(ModelLoadError, match=f"{re.escape(weights)} cannot be read .*download or save it again"):
+        load_model(ModelConfig(name=folder))
+    # the tokenizer is checked before the weights are read (seconds, not the minutes a large model's take)
+    with pytest.raises(ModelLoadError, match="has no chat template"):
+        load_model(ModelConfig(name=folder, chat_template=True))
+    with pytest.raises(ModelLoadError, match=f"model '{re.escape(tiny_llama_dir)}': model.chat_template=true but this "
+                                             "tokenizer has no chat template: set model.chat_template=false"):
+        load_model(ModelConfig(name=tiny_llama_dir, chat_template=True))
 
 
 def test_hf_model_loads_from_a_local_folder(tiny_llama_dir):

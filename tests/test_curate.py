@@ -10,8 +10,8 @@ import pytest
 
 from rlpost.cli import main
 from rlpost.config import ModelConfig, TaskConfig
-from rlpost.curate import (contamination, curate, exact_duplicates, histogram, jaccard, near_duplicates, normalise,
-                           shingles)
+from rlpost.curate import (contamination, curate, exact_duplicates, histogram, jaccard, minhash_signatures,
+                           near_duplicates, normalise, shingles)
 from rlpost.tasks import load_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +67,27 @@ def test_near_duplicates_agree_with_the_quadratic_scan():
 
 
 # ---------------------------------------------------------------------------- contamination
+
+def test_minhash_of_a_long_prompt_holds_a_chunk_of_hashes_not_all_of_them():
+    """One signature used to build a [shingles, 128] uint64 matrix at once: 1 GB of temporaries for a 1 MB
+    prompt (a 10 MB one ran out of memory). It is computed a chunk at a time, to the same values: the
+    signature of a union is the elementwise minimum of its parts' signatures."""
+    import tracemalloc
+
+    import numpy as np
+
+    big = [f"{i:07d}" for i in range(100_000)]  # 100k shingles: 100 MB at once, 4 MB a chunk
+    tracemalloc.start()
+    try:
+        sig = minhash_signatures([set(big)])[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40e6, peak
+    parts = minhash_signatures([set(big[:7]), set(big[7:50_000]), set(big[50_000:])])
+    assert (np.minimum.reduce(parts) == sig).all()
+    assert (minhash_signatures([{"abcde", "bcdef"}, {"x"}])[1] == minhash_signatures([{"x"}])[0]).all()
+
 
 def test_a_shared_13_gram_contaminates_and_12_shared_words_do_not():
     letters = "a b c d e f g h i j k l m n o"  # 15 words
@@ -187,6 +208,9 @@ def test_rlpost_curate_end_to_end_on_a_gpt_mini_checkpoint(tmp_path, checkpoint)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["counts"] == {"read": 9, "exact_duplicates": 1, "near_duplicates": 1, "contaminated": 1,
                                 "too_long": 1, "out_of_band": 2, "kept": 3}
+    # each pass rate with the row it belongs to (the rows the first four filters kept)
+    assert dict(zip(report["pass_rate_rows"], report["pass_rates"])) == {
+        "line 1": 0.5, "line 3": 1.0, "line 4": 0.0, "line 5": 0.5, "line 8": 0.5}
     # the train loader reads the output back
     task = load_task(TaskConfig(name="file", train_file=str(tmp_path / "out" / "curated.jsonl")))
     assert [r["prompt"] for r in task.train_rows] == ["add 3 and 4",
@@ -234,6 +258,31 @@ def test_curate_writes_the_kept_rows_under_the_columns_they_came_from(tmp_path, 
     assert rows[0]["answer"] == "3 + 4 = 7\n#### 7" and rows[0]["source"] == "hand"
 
 
+def test_curate_refuses_rows_its_reward_cannot_score_and_an_out_file_that_is_its_input(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """Under the math reward a '####' with nothing after it is no gold: curate used to keep (or, with a model,
+    sample and then crash on) such rows, and `--out` naming the input overwrote it with the kept rows alone."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"question": "Tom has 3 apples and buys 4 more. How many now?", "answer": "3 + 4 = 7\n#### 7"},
+            {"question": "A box holds 6 eggs. How many eggs are in 5 boxes?", "answer": "6 * 5 = 30\n#### "}]
+    with open("train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    keys = ["--prompt-key", "question", "--reward", "math"]
+    assert main(["curate", "--no-model", "--train", "train.jsonl", "--out", "out.jsonl", *keys]) == 1
+    assert "line 2: 'answer' (the gold answer of the math reward) has nothing after its last '####'" in \
+        capsys.readouterr().err
+    assert not os.path.exists("out.jsonl")
+    with open("train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:1] + rows[:1])
+    before = open("train.jsonl").read()
+    assert main(["curate", "--no-model", "--train", "train.jsonl", "--out", "./train.jsonl", *keys]) == 1
+    assert "--out ./train.jsonl is the --train file" in capsys.readouterr().err
+    assert open("train.jsonl").read() == before
+    # an --out that cannot be written is refused before the model loads and samples, not after
+    assert main(["curate", "--model", "./no_such_model", "--train", "train.jsonl", "--out", "kept.csv", *keys]) == 1
+    assert "cannot write kept.csv: the extension must be .jsonl, .json or .parquet" in capsys.readouterr().err
+
+
 TWO_TURN_ENV = '''from rlpost.env import Env, Step
 
 resets, steps = {}, 0
@@ -275,6 +324,9 @@ def test_rlpost_curate_runs_task_env_episodes_for_the_pass_rates(tmp_path, check
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["counts"] == {"read": 9, "exact_duplicates": 1, "near_duplicates": 1, "contaminated": 1,
                                 "too_long": 1, "out_of_band": 2, "kept": 3}
+    # each pass rate with the row it belongs to (the rows the first four filters kept)
+    assert dict(zip(report["pass_rate_rows"], report["pass_rates"])) == {
+        "line 1": 0.5, "line 3": 1.0, "line 4": 0.0, "line 5": 0.5, "line 8": 0.5}
     assert sorted(report["pass_rates"]) == [0.0, 0.5, 0.5, 0.5, 1.0]
     assert turns_env.steps == 5 * 4 * 2  # 5 prompts scored, 4 episodes each, 2 turns each
     assert "kept 3" in " ".join(flat(capsys.readouterr().out))

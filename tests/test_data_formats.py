@@ -137,6 +137,19 @@ def test_a_column_no_row_has_names_the_columns_there_are(tmp_path):
             {"prompt": "1+1=", "final": "2"}]
 
 
+def test_a_column_named_like_a_rows_place_is_refused_not_lost(tmp_path):
+    """`line` / `row` hold each row's place in its file: a data column of that name used to be kept beside the
+    place (errors then named 'line 99') and dropped from every file rlpost writes (curate's output)."""
+    rows = [{"prompt": "1+1=", "answer": "2", "line": 99}, {"prompt": "2+2=", "answer": "4", "line": 98}]
+    for path in (write_jsonl(tmp_path / "q.jsonl", rows), write_parquet(tmp_path / "q.parquet", rows)):
+        with pytest.raises(TaskDataError, match=r"q\.(jsonl|parquet): has a column 'line', .*rename the column"):
+            read_rows(path)
+    with open(tmp_path / "r.jsonl", "w") as f:  # a line that is no JSON: the columns are unknown, each row named
+        f.write('{"prompt": "1+1=", "answer": "2", "row": 3}\nnot json\n')
+    with pytest.raises(TaskDataError, match=r"2 malformed row\(s\):\n  line 1: has a column 'row'"):
+        read_rows(str(tmp_path / "r.jsonl"))
+
+
 # ---------------------------------------------------------------------------- malformed rows
 
 BAD = [
@@ -168,6 +181,37 @@ def test_every_malformed_row_is_named_in_every_format(tmp_path):
             assert problem.format(w=word) in msg, (problem, msg)
 
 
+def test_a_nan_or_infinite_number_in_a_table_is_refused_as_in_json(tmp_path):
+    """pandas writes a float column's missing value as NaN: it used to become the answer "nan" (or a prompt),
+    while the JSON reader refuses NaN and Infinity."""
+    path = str(tmp_path / "nan.parquet")
+    pq.write_table(pa.table({"prompt": ["1+1=", "2+2=", "3+3=", "nan"], "answer": [2.0, float("nan"), float("inf"),
+                                                                                  6.0]}), path)
+    with pytest.raises(TaskDataError, match=r"2 malformed row\(s\):\n  row 2: 'answer' is nan, not a finite number "
+                                            r".*\n  row 3: 'answer' is inf, not a finite number"):
+        read_rows(path)
+    pq.write_table(pa.table({"prompt": [1.5, float("-inf")], "answer": ["1", "2"]}), path)
+    with pytest.raises(TaskDataError, match=r"row 2: 'prompt' is -inf"):
+        read_rows(path, require_answer=False)
+
+
+def test_a_pretty_printed_json_document_is_one_error_that_says_so(tmp_path):
+    """A .jsonl file that is one indented array, or a .json file that is an object holding the rows, used to be
+    one 'not valid JSON' error a line, none saying what the file is."""
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    (tmp_path / "a.jsonl").write_text(json.dumps(rows, indent=2))
+    with pytest.raises(TaskDataError, match=r"a.jsonl: one JSON array over several lines, not JSON Lines .*\.json"):
+        read_rows(str(tmp_path / "a.jsonl"))
+    (tmp_path / "o.json").write_text(json.dumps({"version": 1, "data": rows}, indent=2))
+    with pytest.raises(TaskDataError, match=r"o.json: one JSON object over several lines \(keys: version, data\), "
+                                            r"not rows: write the rows \(its list 'data', say\)"):
+        read_rows(str(tmp_path / "o.json"))
+    assert len(read_rows(write_jsonl(tmp_path / "ok.jsonl", rows))) == 2
+    (tmp_path / "b.jsonl").write_text("{bad\n{worse\n")  # not one document either: each line named
+    with pytest.raises(TaskDataError, match=r"2 malformed row\(s\):\n  line 1: not valid JSON"):
+        read_rows(str(tmp_path / "b.jsonl"))
+
+
 def test_bad_json_lines_and_wrong_types_are_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "1+1=", "answer": "2"}\n{oops\n["a list"]\n{"prompt": {"x": 1}, "answer": "1"}\n'
@@ -194,6 +238,12 @@ def test_missing_files_folders_splits_and_formats_name_the_path(tmp_path):
     folder = write_dataset_dict(tmp_path / "ds", {"train": TEST, "test": TEST})
     with pytest.raises(TaskDataError, match=r"no split 'validation' \(task.eval_split\); its splits: train, test"):
         file_task(folder, folder, eval_split="validation")
+    # without eval_file the folder's eval_split is held out: one named and missing (a typo) used to mean none
+    with pytest.raises(TaskDataError, match=r"ds: no split 'tst' \(task.eval_split\) to hold out; its splits: "
+                                            "train, test"):
+        load_task(TaskConfig(name="file", train_file=folder, eval_split="tst"))
+    no_test = write_dataset_dict(tmp_path / "no_test", {"train": TEST})
+    assert file_task(no_test, None).eval_rows == []  # the default split, absent: no held-out set, as before
     (tmp_path / "broken.parquet").write_text("not parquet")
     with pytest.raises(TaskDataError, match="broken.parquet: not a readable parquet file"):
         read_rows(str(tmp_path / "broken.parquet"))

@@ -18,7 +18,7 @@ import torch
 from rlpost.config import ModelConfig, load_config
 from rlpost.env.math import MathReward, gold_answer
 from rlpost.models import encode_prompt, load_model
-from rlpost.tasks import load_task
+from rlpost.tasks import TaskDataError, load_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "gsm8k.yaml")
@@ -187,3 +187,115 @@ def test_a_datasets_folder_gives_the_train_and_test_splits(gsm8k, tmp_path):
     task = load_task(cfg.task)
     assert len(task.train_rows) == 304 and len(task.eval_rows) == 30
     assert task.eval_rows[0]["prompt"].startswith("Each week") and "#### " in task.eval_rows[0]["answer"]
+
+
+def test_rows_the_math_reward_cannot_score_are_refused_as_the_task_loads(gsm8k, tmp_path):
+    """Through the recipe (task.reward: math) every row needs a gold the reward can read: a file without the
+    answer column, a null answer, or a '####' with nothing after it used to load and then fail (or silently
+    score 0) at the RL step that drew the row, after the first evaluation had run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(gsm8k / "train.parquet").to_pylist()[:6]
+    rows[1]["answer"] = None
+    rows[3]["answer"] = "She sold 72.\n#### "
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"question": [r["question"] for r in rows]}), tmp_path / "no_answer.parquet")
+    for name, want in (("bad.parquet", r"2 malformed row\(s\):\n  row 2: missing required key 'answer'\n  row 4: "
+                                       r"'answer' \(the gold answer of the math reward\) has nothing after its last "
+                                       "'####'"),
+                       ("no_answer.parquet", r"no column 'answer' \(task.answer_key\); its columns: question")):
+        cfg = load_config(RECIPE, [f"task.train_file={tmp_path / name}", "task.eval_file=null"])
+        with pytest.raises(TaskDataError, match=want):
+            load_task(cfg.task)
+    cfg = load_config(RECIPE, [f"task.train_file={gsm8k / 'train.parquet'}",
+                               f"task.eval_file={tmp_path / 'bad.parquet'}"])
+    with pytest.raises(TaskDataError, match="bad.parquet: 2 malformed"):  # the held-out rows too
+        load_task(cfg.task)
+    # the column named twice: task.answer_key maps 'final' to the row's answer, the reward's option reads 'final'
+    pq.write_table(pa.table({"question": [r["question"] for r in rows[:1]], "final": ["#### 3"]}),
+                   tmp_path / "final.parquet")
+    keys = [f"task.train_file={tmp_path / 'final.parquet'}", "task.eval_file=null", "task.answer_key=final"]
+    assert len(load_task(load_config(RECIPE, keys).task).train_rows) == 1
+    with pytest.raises(TaskDataError, match=r"row 1: missing the key 'final', where the math reward reads the gold "
+                                            r"answer \(task.answer_key maps .*leave that option unset\)"):
+        load_task(load_config(RECIPE, [*keys, "task.reward_options={extract: boxed, answer_key: final}"]).task)
+
+
+def test_a_chat_template_that_refuses_the_system_prompt_says_what_to_do(qwen2_dir, tmp_path):
+    """Some templates raise on a system message (jinja's raise_exception): that was a bare TemplateError, not the
+    ValueError the callers name the row with, and it did not say that task.system_prompt made the message."""
+    import shutil
+
+    folder = tmp_path / "no_system"
+    shutil.copytree(qwen2_dir, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{%- for m in messages %}{%- if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{%- endif %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+        "{{- '<|im_start|>assistant\\n' }}")
+    _, tok = load_model(ModelConfig(name=str(folder), chat_template=True, device="cpu"))
+    assert encode_prompt(tok, "How many?") == encode_prompt(tok, [{"role": "user", "content": "How many?"}])
+    with pytest.raises(ValueError, match=r"chat template refused the messages \(roles \['system', 'user'\]\): "
+                                         r"TemplateError: System role not supported: .*task.system_prompt unset"):
+        encode_prompt(tok, "How many?", "Please reason step by step.")
+
+
+def test_curate_decontaminates_a_datasets_folder_against_its_own_test_split(gsm8k, tmp_path, capsys):
+    """Training holds out a DatasetDict train folder's test split (task.eval_file=null); curate, given the same
+    folder as --train and no --eval, used to skip decontamination, keeping the 2 copies of test questions."""
+    datasets = pytest.importorskip("datasets")
+    from rlpost.cli import main
+
+    splits = {name: datasets.Dataset.from_parquet(str(gsm8k / f"{name}.parquet")) for name in ("train", "test")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "gsm8k_ds"))
+    out = tmp_path / "curated.parquet"
+    assert main(["curate", "--recipe", RECIPE, "--no-model", "--train", str(tmp_path / "gsm8k_ds"),
+                 "--out", str(out), "--report", str(tmp_path / "report.json")]) == 0
+    printed = capsys.readouterr().out
+    assert f"overlap with {tmp_path / 'gsm8k_ds'} [split test]" in printed
+    # the output is one file: training names the folder as its held-out set
+    assert f"task.train_file={out} task.eval_file={tmp_path / 'gsm8k_ds'}`" in printed
+    counts = json.loads((tmp_path / "report.json").read_text())["counts"]
+    assert counts["contaminated"] == 2 and counts["kept"] == 300
+
+
+def test_gsm8k_answers_under_the_exact_verifier_warn_that_nothing_can_match(gsm8k, recwarn):
+    """Without task.reward a GSM8K file is scored by the exact first-line match against the whole worked
+    solution: every reward 0, silently. The recipe (task.reward: math) does not warn."""
+    keys = ["task.name=file", f"task.train_file={gsm8k / 'train.parquet'}", "task.prompt_key=question"]
+    with pytest.warns(UserWarning, match=r"304 of 304 training answers \('answer'\) are worked solutions ending "
+                                         r"in '#### N'.*set task.reward=math"):
+        load_task(load_config(None, keys).task)
+    recwarn.clear()
+    recipe_task(gsm8k)
+    assert not [w for w in recwarn if "worked solutions" in str(w.message)]
+
+
+def test_check_gold_through_the_recipe_says_when_no_row_can_pass(gsm8k, capsys):
+    """The recipe's reward reads only a \\boxed{} answer, so --check-gold through it failed all 304 rows as 'data
+    bugs' with no word on why; the reading that takes GSM8K's '#### N' verifies every one."""
+    from rlpost.cli import main
+
+    check = ["curate", "--recipe", RECIPE, "--check-gold", "--train", str(gsm8k / "train.parquet")]
+    assert main(check) == 0
+    out = capsys.readouterr().out
+    assert "0 of 304 rows' gold verifies under math" in out
+    assert "every row fails: does the reward read the gold in this form?" in out and "extract: auto" in out
+    assert main([*check, "--strict", "task.reward_options={extract: auto}"]) == 0
+    out = capsys.readouterr().out
+    assert "304 of 304 rows' gold verifies under math" in out and "every row fails" not in out
+
+
+def test_a_qwen2_folder_that_lost_its_vocabulary_is_refused(qwen2_dir, tmp_path):
+    """Without tokenizer.json (tokenizer_config.json still there) transformers builds a Qwen2 tokenizer of its 2
+    special tokens: every prompt encoded to no tokens, and the run died in the first forward."""
+    import shutil
+
+    from rlpost.models import ModelLoadError
+
+    folder = tmp_path / "no_vocabulary"
+    shutil.copytree(qwen2_dir, folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"its tokenizer \(Qwen2Tokenizer, 2 tokens\) encodes text to no "
+                                             r"tokens: its vocabulary file .* is missing or empty"):
+        load_model(ModelConfig(name=str(folder), device="cpu"))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rlpost.env.math import MathReward, _verify, extract_answer, fast_equivalent, is_equivalent, resolve_methods
+from rlpost.env.math import (MathReward, _verify, extract_answer, fast_equivalent, gold_answer, gold_problem,
+                             is_equivalent, resolve_methods)
 from rlpost.env.verifiers import get_reward
 
 SLOW = r"9^{9^{9}}"  # sympy evaluates the 370-million-digit power: minutes, far past any timeout here
@@ -154,6 +155,19 @@ def test_scores_and_gold_forms(reward):
     assert MathReward(answer_key="target")(r"\boxed{3}", {"target": "3"}) == 1.0
     with pytest.raises(KeyError, match="no 'answer'"):
         reward(r"\boxed{3}", {"target": "3"})
+
+
+def test_a_gold_marker_with_no_answer_is_no_gold(reward):
+    """A '####' (or \\boxed{}) with nothing in or after it is a data bug, not a gold: the whole solution used to
+    become the gold, which no honest answer matches (and echoing the text back did)."""
+    for bad in ("She has 5.\n#### ", "x\n#### 3\n####", r"so \boxed{}", r"so \boxed{4"):
+        assert gold_answer(bad) == "" and gold_problem(bad), bad
+        with pytest.raises(ValueError, match="math reward: row\\['answer'\\] has (nothing after|an empty)"):
+            reward("She has 5.\n####", {"answer": bad})
+    assert "'#### <answer>'" in gold_problem("x\n#### ")
+    assert gold_problem("  ") == "is empty" and gold_problem(0) is None
+    assert gold_answer(r"\boxed{} so #### 5") == "5" and gold_problem(r"\boxed{} so #### 5") is None
+    assert gold_answer("x\n#### 1,234") == "1,234" and gold_answer("#### $5") == "5"
 
 
 def test_hedging_does_not_pay(reward):

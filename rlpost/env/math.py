@@ -610,13 +610,35 @@ def is_equivalent(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
 # ------------------------------------------------------------------------------------------------- reward
 
 def gold_answer(value) -> str:
-    """row["answer"] as an answer string: a number as written, or the boxed / #### part of a full solution."""
+    """row["answer"] as an answer string: a number as written, or the boxed / #### part of a full solution.
+    "" when there is no answer: an empty value, or a \\boxed{} / "####" marker with nothing in or after it
+    (the whole worked solution is no gold a policy could match; `gold_problem` says what is wrong)."""
     s = str(value).strip()
-    if _BOXED.search(s):
-        s = _boxed(s) or s
-    elif "####" in s:
-        s = _hash(s) or s
-    return s
+    boxed = _boxed(s) if _BOXED.search(s) else None
+    if boxed:
+        return boxed
+    if "####" in s:
+        return _hash(s) or ""
+    return "" if _BOXED.search(s) else s
+
+
+def gold_problem(value) -> str | None:
+    """What makes `value` unusable as a gold answer (None: nothing): it is empty, or its last "####" has nothing
+    after it on its line, or its \\boxed{} is empty or never closed (and no "####" gives the answer instead)."""
+    s = str(value).strip()
+    if gold_answer(s):
+        return None
+    if not s:
+        return "is empty"
+    if "####" in s:
+        return (f"has nothing after its last '####' ({_tail(s)}); GSM8K's form is a worked solution ending in "
+                "'#### <answer>': write the answer after it, or drop the row")
+    return f"has an empty or unclosed \\boxed{{}} ({_tail(s)}); put the answer in it, or drop the row"
+
+
+def _tail(s: str, n: int = 40) -> str:
+    """The end of a long value, for an error message."""
+    return repr(s if len(s) <= n else "..." + s[-n:])
 
 
 class MathReward(Verifier):
@@ -642,6 +664,13 @@ class MathReward(Verifier):
         self._pool = VerifierPool(workers)
         self.__qualname__ = "math"  # the name the Reward role reports failures under
 
+    @staticmethod
+    def gold_key(answer_key: str = "answer", **_options) -> str:
+        """The row's key that holds the gold answer this reward reads (`answer_key`): see verifiers.gold_check."""
+        return answer_key
+
+    gold_problem = staticmethod(gold_problem)
+
     @property
     def timeouts(self) -> int:
         """math-verify calls that ran out of time (each scored 0.0)."""
@@ -660,7 +689,7 @@ class MathReward(Verifier):
             raise KeyError(f"math reward: the row has no {self.answer_key!r} (answer_key); its keys: {sorted(row)}")
         gold = gold_answer(row[self.answer_key])
         if not gold:
-            raise ValueError(f"math reward: row[{self.answer_key!r}] is empty")
+            raise ValueError(f"math reward: row[{self.answer_key!r}] {gold_problem(row[self.answer_key])}")
         pred = extract_answer(completion, self.methods)
         if pred is None or len(pred) > self.max_answer_chars:
             return 0.0

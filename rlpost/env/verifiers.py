@@ -120,6 +120,45 @@ def get_reward(name: str, **options: Any) -> Verifier:
     return fn
 
 
+def gold_check(task_cfg, answer_column: str = "answer") -> tuple[bool, Callable[[dict], str | None] | None]:
+    """(whether every row needs its `answer`, a check of one row or None) for the run's reward (task.reward or
+    each term of task.rewards, with task.env too: it scores the final turn): what the rows must hold for it,
+    checked as the task loads, so that a row the reward cannot score is named before the run starts instead of
+    failing the RL step that draws it. A shipped reward says which key holds its gold (`gold_key(**options)`:
+    math's `answer_key`; `exact` reads `answer`) and what makes a gold unusable (`gold_problem(value)`: math's
+    '####' with nothing after it). `answer_column` is the file's column of the `answer` key (task.answer_key),
+    for the messages. Not for task.sources (each source's task checks its own rows)."""
+    if task_cfg.rewards:
+        terms = [(name, options) for _, _, name, options in parse_weighted(task_cfg.rewards)]
+    else:
+        terms = [(task_cfg.reward, task_cfg.reward_options)] if task_cfg.reward else []
+    needs_answer, checks = False, []
+    for name, options in terms:
+        obj = _resolve(name)
+        key = "answer" if name == "exact" else getattr(obj, "gold_key", None)
+        if callable(key):
+            key = key(**options)
+        if not isinstance(key, str):
+            continue
+        needs_answer = needs_answer or key == "answer"
+        problem = getattr(obj, "gold_problem", None)
+        checks.append((name, key, answer_column if key == "answer" else key, problem))
+
+    def check(row: dict) -> str | None:
+        for name, key, column, problem in checks:
+            if key not in row:
+                mapped = (f" (task.answer_key maps the column {column!r} to the row's 'answer', which the reward "
+                          "reads unless its answer_key option is set: leave that option unset)"
+                          if key != "answer" and key == answer_column else "")
+                return f"missing the key {column!r}, where the {name} reward reads the gold answer{mapped}"
+            bad = problem(row[key]) if callable(problem) else None
+            if bad:
+                return f"{column!r} (the gold answer of the {name} reward) {bad}"
+        return None
+
+    return needs_answer, check if checks else None
+
+
 def parse_weighted(specs: Any) -> list[tuple[str, float, str, dict]]:
     """task.rewards -> (label, weight, name, options) per term; ValueError naming the entry that is wrong."""
     if not isinstance(specs, list) or not specs:

@@ -102,7 +102,9 @@ class HFTokenizer:
     def __init__(self, tok, chat_template: bool = False):
         self.tok = tok
         if chat_template and not getattr(tok, "chat_template", None):
-            raise ModelLoadError("model.chat_template=true but this tokenizer has no chat template")
+            raise ModelLoadError("model.chat_template=true but this tokenizer has no chat template: set "
+                                 "model.chat_template=false to encode string prompts as plain text, or give the model "
+                                 "folder one (chat_template.jinja, or 'chat_template' in tokenizer_config.json)")
         self.chat_template = chat_template
         if tok.eos_token_id is None:
             raise ModelLoadError("the tokenizer defines no eos_token; rollout cannot tell where a response ends")
@@ -119,8 +121,17 @@ class HFTokenizer:
         if not getattr(self.tok, "chat_template", None):
             raise ValueError("a prompt given as chat messages (or with task.system_prompt) needs a tokenizer with "
                              "a chat template, and this one has none")
-        return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False))
+        try:
+            return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False))
+        except Exception as e:  # noqa: BLE001 - jinja's TemplateError (raise_exception) is no ValueError
+            if isinstance(e, ValueError) or type(e).__module__.split(".")[0] != "jinja2":
+                raise
+            roles = [m.get("role") for m in messages]
+            hint = (": this template takes no system message, so leave task.system_prompt unset (put the "
+                    "instruction in the prompt) or use a model whose template has one") if "system" in roles else ""
+            raise ValueError(f"the tokenizer's chat template refused the messages (roles {roles}): "
+                             f"{type(e).__name__}: {e}{hint}") from None
 
     def encode_completion(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]

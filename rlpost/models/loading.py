@@ -122,21 +122,68 @@ def _build(name: str, cfg, alphabet, rows, max_new_tokens, demonstrations, skele
     return _load_hf(name, cfg, skeleton)
 
 
+# what a saved tokenizer is made of; a folder with none of them would load as an empty tokenizer (see _load_hf)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def _load_hf(name: str, cfg, skeleton: bool = False) -> tuple[HFCausalLM, HFTokenizer]:
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    local = os.path.isdir(name)
+    if local and not any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES):
+        # transformers builds a tokenizer of one special token from config.json alone: every prompt would encode
+        # to no tokens, and the run would fail far from here
+        raise ModelLoadError(f"model folder {name!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): "
+                             "copy the tokenizer of the model it was saved from into it (tokenizer.save_pretrained)")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = _tokenizer(name, AutoTokenizer.from_pretrained(name), cfg)  # before the weights: seconds, not minutes
         if skeleton:
             hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=TORCH_DTYPES[cfg.dtype])
         else:
             hf = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[cfg.dtype])
+    except SafetensorError as e:  # a weights file cut short (an interrupted download or copy) or damaged
+        raise ModelLoadError(f"model {name!r}: {_unreadable_weights(name) or 'a weights file'} cannot be read "
+                             f"({e}): it is damaged or incomplete (an interrupted download or copy?); download or "
+                             "save it again") from e
     except (OSError, ValueError) as e:
+        if local:  # the folder is there: what failed is in it (an unknown model_type, a missing weights file)
+            raise ModelLoadError(f"could not load the model in folder {name!r}: {e}") from e
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only local folders and the local cache are searched)" if offline else ""
         raise ModelLoadError(f"could not load model {name!r}: no such local folder, and loading it as a hub id "
                              f"failed{hint}: {e}") from e
-    return HFCausalLM(hf), HFTokenizer(tok, chat_template=cfg.chat_template)
+    return HFCausalLM(hf), tok
+
+
+def _tokenizer(name: str, tok, cfg) -> HFTokenizer:
+    """`tok` as rlpost's HFTokenizer, or a ModelLoadError naming model `name`: a tokenizer that encodes text to
+    no tokens (a folder that kept tokenizer_config.json but lost its vocabulary), no chat template while
+    model.chat_template asks for one, no eos token."""
+    if not tok("0 a", add_special_tokens=False)["input_ids"]:
+        raise ModelLoadError(f"model {name!r}: its tokenizer ({type(tok).__name__}, {len(tok)} tokens) encodes text "
+                             "to no tokens: its vocabulary file (tokenizer.json, or vocab.json + merges.txt, ...) is "
+                             "missing or empty; copy the tokenizer of the model it was saved from into the folder")
+    try:
+        return HFTokenizer(tok, chat_template=cfg.chat_template)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"model {name!r}: {e}") from None
+
+
+def _unreadable_weights(folder: str) -> str | None:
+    """The first .safetensors file of a local `folder` whose header cannot be read, or None."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isdir(folder):
+        return None
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(folder, file), "pt"):
+                pass
+        except (SafetensorError, OSError):
+            return os.path.join(folder, file)
+    return None
 
 
 def save_model(model: nn.Module, tokenizer, folder: str, merged: bool = False) -> None:

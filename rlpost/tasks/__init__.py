@@ -19,8 +19,11 @@ older name). A task's own options (task.options) are its registered class's `Con
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 from rlpost.env.calls import call_all
-from rlpost.env.verifiers import reward_from_config
+from rlpost.env.verifiers import gold_check, reward_from_config
 from rlpost.settings.task import TaskConfig
 from rlpost.tasks.base import (TASKS, Task, TaskSource, answer_match,  # noqa: F401 - the task API
                                answer_match_reward)
@@ -48,22 +51,30 @@ def _alphabet(rows: list[dict]) -> str:
     return "".join(sorted(chars))
 
 
+DEFAULT_EVAL_SPLIT = next(f.default for f in dataclasses.fields(TaskConfig) if f.name == "eval_split")
+
+
 def file_task(train_file: str, eval_file: str | None, cols: Columns = Columns(), *, train_split: str = "train",
               eval_split: str = "test", require_answer: bool = True, verify=None,
-              system_prompt: str | None = None, name: str = "file") -> Task:
+              system_prompt: str | None = None, name: str = "file", check=None) -> Task:
     """The task of a training file and an optional held-out file (see rlpost/tasks/files.py for formats).
 
     A DatasetDict folder as `train_file` gives `train_split`; without `eval_file`, its `eval_split` (when it
-    has one) is the held-out set. Demonstrations are the training rows with a completion, or else a string
-    answer to imitate. `demonstrator_accuracy` is the mean score, under `verify` (the run's reward; default:
-    the exact first-line match), of the held-out rows that carry a completion."""
-    train = read_rows(train_file, cols, split=train_split, require_answer=require_answer)
+    has one; an `eval_split` other than the default that it lacks is an error) is the held-out set.
+    Demonstrations are the training rows with a completion, or else a string answer to imitate.
+    `demonstrator_accuracy` is the mean score, under `verify` (the run's reward; default: the exact first-line
+    match), of the held-out rows that carry a completion. `check(row)`: what else makes a row (training or
+    held-out) malformed, see `read_rows`."""
+    train = read_rows(train_file, cols, split=train_split, require_answer=require_answer, check=check)
     if eval_file:
         evals = read_rows(eval_file, cols, split=eval_split, split_key="task.eval_split",
-                          require_answer=require_answer, held_out=True)
+                          require_answer=require_answer, held_out=True, check=check)
     elif eval_split in (dataset_splits(train_file) or []) and eval_split != train_split:
         evals = read_rows(train_file, cols, split=eval_split, split_key="task.eval_split",
-                          require_answer=require_answer, held_out=True)
+                          require_answer=require_answer, held_out=True, check=check)
+    elif dataset_splits(train_file) and eval_split != DEFAULT_EVAL_SPLIT:  # asked for by name: a typo, not "none"
+        raise TaskDataError(f"{train_file}: no split {eval_split!r} (task.eval_split) to hold out; its splits: "
+                            f"{', '.join(dataset_splits(train_file))}")
     else:
         evals = []
     demos = [r if "completion" in r else {**r, "completion": r["answer"]} for r in train
@@ -136,11 +147,28 @@ class FileTask(TaskSource):
         verify = None
         if not own and (cfg.reward or cfg.rewards):  # demonstrator accuracy under the run's reward
             verify = _LazyReward(lambda: reward_from_config(cfg, answer_match_reward), cfg.reward_timeout_s)
+        # the rows the run's reward cannot score (a math gold with nothing after its '####') fail here, by row
+        needs_answer, check = gold_check(cfg, cfg.answer_key)
         task = file_task(cfg.train_file, cfg.eval_file, Columns.from_config(cfg), train_split=cfg.train_split,
-                         eval_split=cfg.eval_split, require_answer=own, verify=verify, name=self.name)
+                         eval_split=cfg.eval_split, require_answer=own or needs_answer, verify=verify,
+                         name=self.name, check=check)
         if not own and verify is None:  # an environment scores episodes, not completions: no accuracy to report
             task.demonstrator_accuracy = None
+        if own:
+            _warn_if_worked_solutions(task.train_rows, cfg.answer_key)
         return task
+
+
+def _warn_if_worked_solutions(rows: list[dict], column: str) -> None:
+    """Warn when most answers are worked solutions ending in '#### N' (GSM8K as published) while the run scores
+    with the task's own exact first-line match: no completion's first line can equal a whole solution, so every
+    reward and pass@1 would be 0 with nothing else saying why."""
+    worked = sum(isinstance(r.get("answer"), str) and "\n####" in r["answer"] for r in rows)
+    if rows and worked * 2 > len(rows):
+        warnings.warn(f"{worked} of {len(rows)} training answers ('{column}') are worked solutions ending in "
+                      "'#### N' (GSM8K's form), and with no task.reward the run scores with the exact first-line "
+                      "match against the whole answer, which no completion can equal: set task.reward=math (it "
+                      "reads the answer after the last '####'), as recipes/gsm8k.yaml does", stacklevel=3)
 
 
 @TASKS.register("jsonl")

@@ -22,22 +22,25 @@ Every other column is kept as it is (`tests` for code, `reference` for a judge, 
 an absent one (a table fills the keys a row lacks with nulls). A messages list
 whose last message is the assistant's, in a row without a completion, splits into the prompt (the
 messages before it) and the completion (its content): the usual chat SFT format. Each row also gets
-its position, `line` (JSON Lines) or `row` (1-based, other formats), for error messages.
+its position, `line` (JSON Lines) or `row` (1-based, other formats), for error messages; a file with a
+column of either name is refused (the column would be taken for the position, and left out of written files).
 
 Every malformed row is reported at once, by file, line or row number and what is wrong (text that is not
 valid UTF-8 included); a missing file names the path; a column that no row has names the columns there are.
 JSON is read strictly, naming the row and the key: NaN, Infinity and numbers too large for a float (1e400,
-which would read as inf) are refused, as is an object that repeats a key (which value was meant?) and a
-string holding an escaped lone surrogate ("\ud800" without its pair), which no UTF-8 file can hold: the
-run would fail writing its first checkpoint.
+which would read as inf) are refused (in any format, a prompt or answer that is a NaN or infinite float), as
+is an object that repeats a key (which value was meant?) and a string holding an escaped lone surrogate
+("\ud800" without its pair), which no UTF-8 file can hold: the run would fail writing its first checkpoint.
+A file that is one pretty-printed JSON array or object (no line of it JSON) is one error saying so.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rlpost.settings.task import TaskConfig
 
@@ -186,7 +189,26 @@ def _json_records(path: str) -> tuple[list[tuple[str, dict, Any]], list[str] | N
             out.append((f"line {n}", {"line": n}, _BadJSON(e.msg)))
         except RecursionError:
             out.append((f"line {n}", {"line": n}, _BadJSON("nested too deep to read")))
+    if len(out) > 1 and all(isinstance(r, _BadJSON) for _, _, r in out):
+        _whole_document(path, data)
     return out, None
+
+
+def _whole_document(path: str, data: bytes) -> None:
+    """Raise the one error that says what is wrong when no line of a file is JSON but the whole file is: a
+    pretty-printed array in a .jsonl file, or an object that holds the rows (as some datasets ship)."""
+    try:
+        whole = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return  # not one document either: each line's error stands
+    if isinstance(whole, list):
+        raise TaskDataError(f"{path}: one JSON array over several lines, not JSON Lines (one object a line): "
+                            "name the file .json, or write one row a line")
+    if isinstance(whole, dict):
+        lists = [k for k, v in whole.items() if isinstance(v, list)]
+        hint = f" (its list {lists[0]!r}, say)" if lists else ""
+        raise TaskDataError(f"{path}: one JSON object over several lines (keys: {', '.join(map(str, whole))}), not "
+                            f"rows: write the rows{hint} as JSON Lines (one object a line) or as a JSON array")
 
 
 def _table_records(table, name: str) -> tuple[list[tuple[str, dict, Any]], list[str]]:
@@ -303,8 +325,22 @@ def _check_messages(value: Any, key: str) -> str | None:
     return None
 
 
+def _position_key(key: str) -> str:
+    return (f"has a column {key!r}, the key that holds each row's place in its file (for messages; a file rlpost "
+            "writes leaves it out, so the column would be lost): rename the column")
+
+
 def _text_value(value: Any) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _not_finite(value: Any, key: str) -> str | None:
+    """What is wrong with a float NaN or infinity in a text key: a table's float column (pandas' missing value
+    is NaN) would give the answer "nan", which JSON's strict reader refuses."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return (f"'{key}' is {value}, not a finite number (pandas writes a float column's missing value as nan); "
+                "leave the cell null, or write the value")
+    return None
 
 
 def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_answer: bool = True
@@ -314,7 +350,7 @@ def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_an
         return None, [f"{where}: {record.msg}"]
     if not isinstance(record, dict):
         return None, [f"{where}: expected a JSON object, got {type(record).__name__}"]
-    problems = _value_problems(record, where)
+    problems = _value_problems(record, where) + [f"{where}: {_position_key(k)}" for k in POSITION_KEYS if k in record]
     if problems:
         return None, problems
     mapped = {cols.prompt, cols.answer, cols.completion}
@@ -343,6 +379,8 @@ def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_an
             problems.append(f"{where}: {bad}")
         else:
             row["prompt"] = _clean_messages(prompt)
+    elif _not_finite(prompt, cols.prompt):
+        problems.append(f"{where}: {_not_finite(prompt, cols.prompt)}")
     elif not _text_value(prompt):
         problems.append(f"{where}: '{cols.prompt}' must be a string or a list of {{role, content}} messages, got "
                         f"{type(prompt).__name__}")
@@ -354,6 +392,8 @@ def normalise_row(record: Any, where: str, cols: Columns = Columns(), require_an
     if answer is None:
         if require_answer:
             problems.append(f"{where}: missing required key '{cols.answer}'")
+    elif _not_finite(answer, cols.answer):
+        problems.append(f"{where}: {_not_finite(answer, cols.answer)}")
     elif _text_value(answer):
         if not str(answer).strip():
             problems.append(f"{where}: '{cols.answer}' is empty")
@@ -398,13 +438,15 @@ def _check_columns(name: str, columns: list[str], cols: Columns, require_answer:
 
 
 def read_rows(path: str, cols: Columns = Columns(), *, split: str = "train", split_key: str = "task.train_split",
-              require_answer: bool = True, fmt: str | None = None, held_out: bool = False) -> list[dict]:
+              require_answer: bool = True, fmt: str | None = None, held_out: bool = False,
+              check: Callable[[dict], str | None] | None = None) -> list[dict]:
     """The normalised rows of a prompt file or `datasets` folder (for a DatasetDict folder, `split`).
 
     `require_answer`: every row needs an answer (the built-in verifier compares against it); a custom
     reward may do without one. `fmt="json"` reads any file name as JSON Lines (else: from the path).
     `held_out`: a held-out file, whose rows need no demonstration column (task.completion_key).
-    Raises TaskDataError naming every malformed row."""
+    `check(row)`: what else is wrong with a normalised row (None: nothing), e.g. the run's reward's
+    `rlpost.env.verifiers.gold_check`. Raises TaskDataError naming every malformed row."""
     name, records, columns = _records(path, split, split_key, fmt)
     if not records:
         raise TaskDataError(f"{name}: the file has no rows")
@@ -412,9 +454,14 @@ def read_rows(path: str, cols: Columns = Columns(), *, split: str = "train", spl
         columns = list({k: None for _, _, r in records for k in r})
     if columns is not None:  # (JSON with unreadable lines: those lines are reported one by one instead)
         _check_columns(name, columns, cols, require_answer, held_out)
+        for key in POSITION_KEYS:  # one error for the file, not one a row (normalise_row names the rows otherwise)
+            if key in columns:
+                raise TaskDataError(f"{name}: {_position_key(key)}")
     rows, problems = [], []
     for where, position, record in records:
         row, bad = normalise_row(record, where, cols, require_answer)
+        if not bad and check is not None:
+            bad = [f"{where}: {why}" for why in [check(row)] if why]
         if bad:
             problems.extend(bad)
         else:
@@ -455,4 +502,11 @@ def write_rows(rows: list[dict], path: str, cols: Columns = Columns()) -> None:
             for r in out:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     else:
+        check_writable(path)
+
+
+def check_writable(path: str) -> None:
+    """Raise ValueError when `write_rows` could not write `path` (its extension): a caller checks this before
+    the work whose rows it will write, not after."""
+    if not path.endswith((".jsonl", ".json", ".parquet")):
         raise ValueError(f"cannot write {path}: the extension must be .jsonl, .json or .parquet")
