@@ -243,6 +243,32 @@ def test_weight_sync_pushes_new_weights_into_the_running_engine(engine, llama):
         sync.sync()
 
 
+@pytest.mark.slow
+@needs_vllm
+def test_an_engine_core_in_its_own_process_reloads_weights_from_its_folder(llama, monkeypatch):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=1 (the engine core in a process of its own): tensors cannot travel through
+    collective_rpc, so a sync saves them into the engine's model folder and vLLM reloads them from that path."""
+    model, tok = llama
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    prompts = encode(tok, PROMPTS)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = build_engine("vllm", model, tok)
+    try:
+        before = assert_greedy_equals_transformers(engine, model, tok, prompts)
+        with torch.no_grad():
+            torch.manual_seed(11)
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        WeightSync(model, engine).sync()
+        after = assert_greedy_equals_transformers(engine, model, tok, prompts)  # the new weights' greedy output
+        assert not torch.equal(after.input_ids, before.input_ids)
+    finally:
+        engine.close()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+
+
 @pytest.mark.skipif(NO_VLLM is None, reason="vLLM is installed here: the error path cannot be reached")
 def test_build_engine_vllm_without_vllm_says_how_to_install(llama):
     model, tok = llama
