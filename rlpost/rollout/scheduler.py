@@ -58,10 +58,10 @@ def write_kv(kc, vc, k, v, cols, end: int):
     if isinstance(cols, int):                      # every row at the same columns
         kc[:, :, cols:cols + k.shape[2]] = k
         vc[:, :, cols:cols + v.shape[2]] = v
-    else:                                          # one token per row, each at its own column
-        rows = torch.arange(len(cols), device=cols.device)
-        kc[rows, :, cols] = k[:, :, 0]
-        vc[rows, :, cols] = v[:, :, 0]
+    else:                                          # one token per row, each at its own column; unlike the
+        rows = torch.arange(len(cols), device=cols.device)  # slice copy above, an index put does not cast
+        kc[rows, :, cols] = k[:, :, 0].to(kc.dtype)         # (fp32 keys after RoPE, a bf16 cache)
+        vc[rows, :, cols] = v[:, :, 0].to(vc.dtype)
     return kc[:, :, :end], vc[:, :, :end]
 
 
