@@ -146,3 +146,19 @@ def test_config_names_a_bad_choice(key, value, valid):
 def test_rollout_dtype_is_the_runs_not_a_stages():
     with pytest.raises(ConfigError, match="rollout.dtype"):
         load_config(None, ["stages=[{rl: {rollout.dtype: bf16}}]", "rl.steps=1"])
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_bf16_native_engine_admits_late_sequences(request, name):
+    # under max_num_seqs, a sequence admitted after a row finished decodes at its own cache column while the
+    # others are further on: that one-column-per-row cache write stores the fp32 keys into the bf16 cache too
+    model, tok = request.getfixturevalue(name)
+    prompts = [tok.encode_prompt(p) for p in PROMPTS]
+    vocab = tok.vocab_size if name == "gpt" else len(tok.tok)
+    stops = list(range(0, vocab, 2))  # rows end at varied lengths
+    params = SamplingParams(max_new_tokens=8, max_num_seqs=3, stop_token_ids=stops)
+    batch = build_engine("native", model, tok, dtype="bf16").generate(prompts, 4, params, seed=2)
+    lengths = batch.response_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 1  # the batch went ragged: rows left early and others joined late
+    mask = batch.response_mask.bool()
+    assert (scores(model, batch, "bf16") - batch.old_logp)[mask].abs().max() < 2e-3

@@ -20,7 +20,9 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
     """
     if p.temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / p.temperature
+    logits = logits.float()
+    if p.temperature != 1:  # x / 1 is x, bit for bit: at temperature 1 the division is skipped
+        logits = logits / p.temperature
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

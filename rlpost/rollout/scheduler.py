@@ -58,10 +58,10 @@ def write_kv(kc, vc, k, v, cols, end: int):
     if isinstance(cols, int):                      # every row at the same columns
         kc[:, :, cols:cols + k.shape[2]] = k
         vc[:, :, cols:cols + v.shape[2]] = v
-    else:                                          # one token per row, each at its own column
-        rows = torch.arange(len(cols), device=cols.device)
-        kc[rows, :, cols] = k[:, :, 0]
-        vc[rows, :, cols] = v[:, :, 0]
+    else:                                          # one token per row, each at its own column; unlike the
+        rows = torch.arange(len(cols), device=cols.device)  # slice copy above, an index put does not cast
+        kc[rows, :, cols] = k[:, :, 0].to(kc.dtype)         # (fp32 keys after RoPE, a bf16 cache)
+        vc[rows, :, cols] = v[:, :, 0].to(vc.dtype)
     return kc[:, :, :end], vc[:, :, :end]
 
 
@@ -265,8 +265,9 @@ def generate(runner, tok, prompts: list[list[int]], k: int, params: SamplingPara
     lengths = torch.zeros(B, dtype=torch.long)                              # tokens drawn by each sequence
     stopped = torch.zeros(B, dtype=torch.bool)
     live = torch.zeros(0, dtype=torch.long)                                 # the sequence in each cache row
-    logits = None                                                           # next-token logits of rows first:
+    logits = is_stop = None                                                 # next-token logits of rows first:
     first = admitted = 0                                                    # sequences :admitted left WAITING
+    rows_changed = True                                                     # live changed since the last decode
     while admitted < B or len(live):
         # 1. waiting sequences take the free rows at the end of the batch, with their prompt's last logits
         n = min(cap - len(live), B - admitted)
@@ -277,61 +278,75 @@ def generate(runner, tok, prompts: list[list[int]], k: int, params: SamplingPara
                 kv[:, :, len(live):len(live) + n, :, :P] = pkv
             live = torch.cat([live, torch.tensor(seqs)])
             logits = plogits if logits is None else torch.cat([logits, plogits])
-            admitted += n
+            admitted, rows_changed = admitted + n, True
 
         # 2. rows first: draw their next token; old_logp is recorded as it is drawn
         drawn = live[first:]
-        step = lengths[drawn]
+        step = lengths[drawn]                                               # the index of the token drawn now
         flogits, logits = logits.float(), None
         draw_from = flogits
         if params.min_new_tokens:                                           # no stop before min_new_tokens
+            if is_stop is None:                                             # the stop tokens of the vocabulary
+                is_stop = torch.zeros(flogits.shape[-1], dtype=torch.bool, device=dev).index_fill(0, stop_ids, True)
             early = (step < params.min_new_tokens).to(dev)[:, None]
-            is_stop = torch.zeros(flogits.shape[-1], dtype=torch.bool, device=dev).index_fill(0, stop_ids, True)
             draw_from = flogits.masked_fill(early & is_stop, float("-inf"))
         tok_next = sample_next(draw_from, params, uniform=U[drawn, step].to(dev))
-        scaled = flogits / params.logp_temperature
+        # at temperature 1 the scaled logits are the logits (x / 1 is x, bit for bit): no division
+        scaled = flogits if params.logp_temperature == 1 else flogits / params.logp_temperature
         lp = scaled.gather(-1, tok_next[:, None]).squeeze(-1) - torch.logsumexp(scaled, -1)
         tokens[drawn, step] = tok_next.cpu()
         logps[drawn, step] = lp.cpu()
-        lengths[drawn] += 1
+        lengths[drawn] = step + 1
 
         # 3. finished rows leave the batch: the last rows move into their places
-        done = torch.isin(tok_next, stop_ids).cpu()
-        if stop_strings is not None:
-            for r, s in enumerate(drawn.tolist()):
-                n_s = int(lengths[s])
-                if not done[r] and n_s > params.min_new_tokens and stop_strings.hit(tokens[s, :n_s].tolist()):
-                    done[r] = True
-        stopped[drawn[done]] = True
-        done = torch.cat([torch.zeros(first, dtype=torch.bool), done | (lengths[drawn] == R)])
+        hit = torch.isin(tok_next, stop_ids).cpu()                          # drew a stop token or string
+        if stop_strings is not None:                                        # the drawn rows copied out once
+            rows = zip(tokens[drawn].tolist(), (step + 1).tolist(), hit.tolist())
+            for r, (ids, n_s, stop) in enumerate(rows):
+                if not stop and n_s > params.min_new_tokens and stop_strings.hit(ids[:n_s]):
+                    hit[r] = True
+        done = hit | (step == R - 1)
+        if first:                                                           # rows :first drew nothing this time
+            done = torch.cat([torch.zeros(first, dtype=torch.bool), done])
         if bool(done.any()):
+            stopped[drawn[hit]] = True
             keep = len(live) - int(done.sum())
             holes = done[:keep].nonzero().squeeze(-1)                       # finished rows inside the new batch
             movers = (~done[keep:]).nonzero().squeeze(-1) + keep            # running rows beyond it
             if len(holes):
                 kv[:, :, holes.to(dev)] = kv[:, :, movers.to(dev)]
                 live[holes] = live[movers]
-            live = live[:keep]
+            live, rows_changed = live[:keep], True
             if admitted < B:                                                # waiting sequences take the freed
                 first = keep                                                # rows before the next decode step
                 continue
         if not len(live):
             continue
 
-        # 4. decode: feed each running row its last token
-        L, step = len(live), lengths[live] - 1                              # token `step` sits at column base + step
-        feed = tokens[live, step].to(dev)
-        cols, pos = (base + step).to(dev), (plen[live] + step).to(dev)
-        lockstep = bool((step == step[0]).all())                            # no sequence joined late
-        at, end = (base + int(step[0]), base + int(step[0]) + 1) if lockstep else (cols, int(cols.max()) + 1)
-        mask = prompts_of_rows = None
-        if shared:
-            if not lockstep:                                                # ragged rows: each sees its own tokens
-                mask = (col[:end] <= cols[:, None])[:, None, None]
-            prompts_of_rows = shared_prompts(table, prompt_mask, live.to(dev), k)
-        elif not (lockstep and bool((plen[live] == P).all())):              # left padding, or ragged rows
-            mask = ((col[:end] >= (P - plen[live]).to(dev)[:, None]) & (col[:end] <= cols[:, None]))[:, None, None]
-        x = runner.forward(ctx, feed[:, None], pos[:, None], kv[:, :, :L], at, end, mask, prompts_of_rows)
+        # 4. decode: feed each running row its last token, token `step` at column base + step. What depends only
+        # on which sequences run is worked out when one joined or left; between such changes every row draws
+        # one token per step, so the rows stay in lockstep or not, and each row's step is the one it just drew.
+        if rows_changed:
+            L, step = len(live), lengths[live] - 1
+            feed, rows_plen, rows_kv = tokens[live, step].to(dev), plen[live].to(dev), kv[:, :, :L]
+            lockstep, s0 = bool((step == step[0]).all()), int(step[0])     # lockstep: no sequence joined late
+            pad = None                                                      # [L, 1, 1, S]: True from each row's
+            if not shared and not bool((rows_plen == P).all()):             # first real prompt column
+                pad = (col >= (P - rows_plen)[:, None])[:, None, None]
+            prompts_of_rows = shared_prompts(table, prompt_mask, live.to(dev), k) if shared else None
+            rows_changed = False
+        else:
+            feed, s0 = tok_next, s0 + 1
+        if lockstep:
+            at, end = base + s0, base + s0 + 1
+            mask = None if pad is None else pad[..., :end]
+        else:                                                               # ragged rows: each sees its own tokens
+            cols = (base + step).to(dev)
+            at, end = cols, int(cols.max()) + 1
+            mask = (col[:end] <= cols[:, None])[:, None, None]
+            mask = mask if pad is None else pad[..., :end] & mask
+        x = runner.forward(ctx, feed[:, None], (rows_plen + step.to(dev))[:, None], rows_kv, at, end, mask,
+                           prompts_of_rows)
         logits, first = runner.logits(ctx, x[:, -1]), 0
     with torch.inference_mode(False):  # ordinary tensors out: an inference tensor cannot be saved for a backward
         return Batch.from_sequences(prompts, k, tokens.clone(), logps.clone(), lengths.clone(), stopped.clone(),
