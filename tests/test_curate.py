@@ -251,8 +251,9 @@ def test_curate_writes_the_kept_rows_under_the_columns_they_came_from(tmp_path, 
     import pyarrow.parquet as pq
 
     assert pq.read_table("out.parquet").column_names == ["question", "solution", "source"]
-    rows = load_task(TaskConfig(name="file", train_file="out.parquet", prompt_key="question",
-                                answer_key="solution")).train_rows
+    with pytest.warns(UserWarning, match="GSM8K's form"):  # no task.reward: the exact match cannot score these
+        rows = load_task(TaskConfig(name="file", train_file="out.parquet", prompt_key="question",
+                                    answer_key="solution")).train_rows
     assert [r["prompt"] for r in rows] == ["Tom has 3 apples and buys 4 more. How many now?",
                                           "A box holds 6 eggs. How many eggs are in 5 boxes?"]
     assert rows[0]["answer"] == "3 + 4 = 7\n#### 7" and rows[0]["source"] == "hand"

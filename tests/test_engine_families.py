@@ -190,6 +190,7 @@ def test_bidirectional_gemma_stays_on_transformers_generate(name, tok):
 
 
 @pytest.mark.parametrize("name", ["llama3", "gemma2", "phi3"])  # one per family file; Gemma 2's head is tied
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # peft's, on Gemma 2
 def test_a_lora_adapter_on_the_lm_head_is_sampled_with(name, tok):
     """model.lora.target_modules may name lm_head (an nn.Linear): the engine reads the head as its merged
     weight too, as every other projection, so old_logp is the adapted model's."""
