@@ -316,6 +316,61 @@ def test_a_redirect_is_refused_not_followed(corpus_file):
             s.server_close()
 
 
+def test_a_loopback_server_that_is_not_a_corpus_server_is_named_and_never_read_past_the_limit(corpus_file):
+    """Binary bytes, HTML, JSON of another shape and an answer that never ends: each a ValueError naming the
+    server, the endpoint and what came back (not a bare JSONDecodeError or KeyError), the endless one read no
+    further than the client's max_bytes."""
+    import http.server
+    import threading
+
+    answers = {"/binary": (200, b"\xff\xfe\x00\x01binary"), "/html": (404, b"<html>not found</html>"),
+               "/shape": (200, b'{"hits": [1, 2]}'), "/links": (200, b'{"title": "t", "text": "x", "links": 3}')}
+    sent = []
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            kind = self.path.split("/")[1]
+            if kind == "endless":  # no Content-Length: the body ends when the connection does, here never
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    while True:
+                        self.wfile.write(b"x" * 65536)
+                        sent.append(65536)
+                except OSError:
+                    return
+            code, body = answers["/" + kind]
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for kind, call, what in [("binary", "search", r"\(HTTP 200\) with b'\\xff\\xfe"),
+                                 ("html", "page", r"\(HTTP 404\) with b'<html>not found</html>' \(not a JSON object"),
+                                 ("shape", "search", r"\(HTTP 200\) with \{'hits': \[1, 2\]\}"),
+                                 ("links", "page", r"\(HTTP 200\) with \{.*'links': 3\}")]:
+            client = WebClient(f"{base}/{kind}")
+            with pytest.raises(ValueError, match=f"web server at {base}/{kind} answered /{call} {what}"):
+                client.search("Fipuk born") if call == "search" else client.page("wiki/Fipuk")
+        with pytest.raises(ValueError, match="answered /search \\(HTTP 200\\) with more than 1000000 bytes"):
+            WebClient(f"{base}/endless", max_bytes=1_000_000).search("Fipuk born")
+        e = WebEnv(corpus=corpus_file, server_url=f"{base}/binary")
+        e.reset({"prompt": "Where was Fipuk born?", "answer": "Sipik"})
+        with pytest.raises(ValueError, match="not what a corpus server answers"):
+            e.step("<open>wiki/Fipuk</open>")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_connection_that_stalls_is_dropped_rather_than_holding_a_thread(monkeypatch):
     from rlpost.web import server as web_server
 
