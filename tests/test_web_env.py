@@ -152,6 +152,20 @@ def test_users_corpus_from_a_folder_or_jsonl_with_errors_naming_the_file_and_lin
         load_corpus(str(tmp_path / "missing"))
 
 
+def test_a_jsonl_corpus_row_that_is_not_utf8_or_has_a_title_of_no_text_is_named_by_its_line(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"url": "x", "text": "fine"}\n{"url": "y", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl line 2: not UTF-8 text"):
+        load_corpus(str(bad))
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text('{"url": "x", "text": "a"}\n{"url": "y", "title": ["a", "b"], "text": "b"}\n')
+    with pytest.raises(ValueError, match=r"listed.jsonl line 2: 'title' must be a string, got \['a', 'b'\]"):
+        load_corpus(str(listed))
+    numbered = tmp_path / "numbered.jsonl"
+    numbered.write_text('{"url": 7, "title": "Seven", "text": "a"}\n')
+    assert load_corpus(str(numbered)) == (Doc("7", "Seven", "a"),)
+
+
 def test_episode_on_scripted_policy_text_searches_opens_and_scores_the_answer(served):
     assert load_env("web") is WebEnv
     e = env(served)
