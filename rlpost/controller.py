@@ -51,6 +51,7 @@ from rlpost.devices import RoleProbe
 from rlpost.loops import Loop, loop_class
 from rlpost.prompts import SOURCE_KEY, MixtureSampler, PromptSampler, Recycler  # noqa: F401 - PromptSampler: its old home
 from rlpost.reference import Reference
+from rlpost.env.per_source import combine_metrics
 from rlpost.env.reward import Reward
 from rlpost.rollout import Engine, SamplingParams
 from rlpost.trainer import Trainer
@@ -199,7 +200,7 @@ class Controller:
         self.current_step = step  # named by an out-of-memory error in one of the step's roles
         self.times, self.staleness = {}, []
         self.probe.clear()
-        sampled, kept, reward_metrics = [], [], {}
+        sampled, kept, rounds = [], [], []  # rounds: each round's reward metrics and its samples
         groups, wanted, rates = 0, self.rollout.prompts_per_step, []
         if self.recycler is not None:
             self.recycler.start_step(step)
@@ -215,10 +216,11 @@ class Controller:
                 groups += int(torch.unique(trained.group_ids).numel())
             if self.shard[1] > 1:  # every rank's groups: all ranks agree on the refill, samplers stay in step
                 groups = int(dist.reduce_sum(groups - before)) + before
-            reward_metrics = {k: reward_metrics.get(k, 0.0) + v for k, v in m.items()}
+            rounds.append((m, len(scored)))
             if groups >= wanted:
                 break
         batch = Batch.concat(kept) if kept else None
+        reward_metrics = combine_metrics(rounds)  # means over all the rounds' samples, counters summed
         if not self.loop.elsewhere:  # the engine idles until the sync: a sharded run's engine frees its copy
             self.roles.weight_sync.release()
         # 6. train
