@@ -291,15 +291,18 @@ def rollout_metrics(batch: Batch) -> dict[str, float]:
 @torch.no_grad()
 def source_metrics(batch: Batch, names: list[str]) -> dict[str, float]:
     """reward/<source>: the mean reward of this step's samples of each task.sources entry (NaN, null in
-    metrics.jsonl, for a source with no sample this step)."""
+    metrics.jsonl, for a source with no sample this step). Sharded, over every rank's samples: a rank's share of
+    the step's prompts need not hold each source, nor in the same proportion as another rank's."""
     r = batch.rewards.float()
     r = r.sum(1) if r.dim() == 2 else r
     of = [row.get(SOURCE_KEY) for row in batch.meta["row"]]
-    out = {}
+    totals = {}
     for name in names:
         mine = [float(r[i]) for i, s in enumerate(of) if s == name]
-        out[f"reward/{name}"] = sum(mine) / len(mine) if mine else float("nan")
-    return out
+        totals[f"sum/{name}"], totals[f"n/{name}"] = sum(mine), float(len(mine))
+    totals = dist.reduce_dict(totals, "sum")  # every rank passes the same keys; one rank: as it is
+    return {f"reward/{name}": totals[f"sum/{name}"] / totals[f"n/{name}"] if totals[f"n/{name}"] else float("nan")
+            for name in names}
 
 
 @torch.no_grad()
