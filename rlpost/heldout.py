@@ -62,6 +62,21 @@ def majority_success(keys: list, successes: list[bool]) -> bool:
     return winner is not None and any(s for k, s in zip(keys, successes) if k == winner)
 
 
+def voted_texts(batch) -> list[str]:
+    """The text of each sample that maj@k extracts its answer from: the completion, or for an environment's
+    episode its final turn (the answer; the completion holds every turn and observation before it, so two
+    episodes that reach one answer by different look-ups would never agree)."""
+    completions = batch.meta.get("completion", [""] * len(batch))
+    transcripts = batch.meta.get("transcript")
+    if transcripts is None:
+        return completions
+    out = []
+    for completion, said in zip(completions, transcripts):
+        turns = [t["text"] for t in (said or []) if t.get("role") == "assistant"]
+        out.append(turns[-1] if turns else "" if said else completion)
+    return out
+
+
 def evaluate(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list[int]], *, samples: int,
              temperature: float, max_new_tokens: int, ks: tuple[int, ...] = (1,), success_threshold: float = 1.0,
              batch_prompts: int = 256, seed: int = 0) -> dict:
@@ -83,7 +98,7 @@ def evaluate(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list
         rewards = rewards.sum(1) if rewards.dim() == 2 else rewards
         lengths = batch.response_mask.sum(1)
         infos = batch.meta.get("env_info", [{}] * len(batch))
-        completions = batch.meta.get("completion", [""] * len(batch))
+        completions = voted_texts(batch)
         for j in range(len(idx)):
             group = range(j * samples, (j + 1) * samples)
             ok = [bool(infos[i].get("success")) if "success" in (infos[i] or {}) else
