@@ -7,9 +7,9 @@ The mean reward is reported beside it under its own name.
 
 - pass@k: the unbiased estimator of Chen et al. (2021), 1 - C(n - c, k) / C(n, k) for c successes
   among n samples of a prompt, averaged over prompts; pass@1 is the mean success rate.
-- maj@k: the answer most of a prompt's first k samples give (the role's `final_answer(completion)`: its
-  verifier's answer extraction, e.g. math's; by default the completion's first line), right if its samples
-  succeed.
+- maj@k: the answer most of a prompt's first k samples give (the role's `final_answer(completion, row)`: its
+  verifier's answer extraction, e.g. math's, with task.sources the row's source's; by default the completion's
+  first line), right if its samples succeed.
 
 Samples are drawn at `temperature` (1.0 by default: the policy itself, not its mode), through the same
 episode function as training (rlpost/rollout/episodes.py), nothing else.
@@ -103,7 +103,7 @@ def evaluate(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list
             group = range(j * samples, (j + 1) * samples)
             ok = [bool(infos[i].get("success")) if "success" in (infos[i] or {}) else
                   float(rewards[i]) >= success_threshold for i in group]
-            keys = [reward.final_answer(completions[i]) for i in group]
+            keys = [reward.final_answer(completions[i], rows[idx[j]]) for i in group]
             source = rows[idx[j]].get(SOURCE_KEY)
             for k in ks:
                 passes[k] += pass_at_k(samples, sum(ok), k)

@@ -156,3 +156,26 @@ def test_maj_at_k_of_environment_episodes_votes_on_their_final_turn():
     result = evaluate(engine, role, rows, [tok.encode_prompt("2*3=")], samples=3, temperature=1.0,
                       max_new_tokens=10, ks=(1, 3))
     assert result["pass@1"] == pytest.approx(2 / 3) and result["maj@3"] == 1.0 and result["maj@1"] == 0.0
+
+
+def test_maj_at_k_of_a_mixed_task_votes_with_each_rows_own_sources_extraction():
+    """task.sources: a math source's samples vote on math's final answer, as they would alone. SourceRewards had no
+    extraction of its own, so the vote was on first lines: three different ones, the tie to the first (wrong)."""
+    from rlpost.env.reward import Reward
+    from rlpost.env.verifiers import SourceRewards, get_reward
+    from rlpost.heldout import evaluate
+    from rlpost.models.gpt_mini import CharTokenizer
+    from rlpost.prompts import SOURCE_KEY
+    from rlpost.tasks import answer_match_reward
+
+    tok = CharTokenizer("0123456789#xyz \n")
+    math = get_reward("math", extract="hash")
+    role = Reward(SourceRewards({"sums": math, "plain": answer_match_reward}), tok)
+    engine = ThreeSamples(tok, [["z\n#### 5", "x\n#### 47", "y\n#### 47"]])
+    rows = [{"prompt": "47", "answer": "#### 47", SOURCE_KEY: "sums"}]
+    try:
+        result = evaluate(engine, role, rows, [tok.encode_prompt("47")], samples=3, temperature=1.0,
+                          max_new_tokens=10, ks=(3,))
+    finally:
+        math.close()
+    assert result["pass@3"] == 1.0 and result["maj@3"] == 1.0 and result["pass@3_sums"] == 1.0
