@@ -32,11 +32,12 @@ from rlpost.prompts import SOURCE_KEY
 # means and a weighted reward's parts (reward/<label>); the rest count (errors, timeouts, seconds, a verifier's
 # calls) and are summed
 MEANS = ("env/turns", "env/env_tokens", "env/budget_frac", "env/tool_calls")
+MEAN_PREFIXES = ("prm/", "distill/")  # a learned RL reward's means over the batch it rescored
 COUNTS = ("reward/errors", "reward/timeouts")
 
 
 def _is_mean(key: str) -> bool:
-    return key in MEANS or (key.startswith("reward/") and key not in COUNTS)
+    return key in MEANS or key.startswith(MEAN_PREFIXES) or (key.startswith("reward/") and key not in COUNTS)
 
 
 @dataclass
@@ -202,7 +203,8 @@ def _concat(batches: list[Batch]) -> Batch:
 
 def combine_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
     """Reward-role metrics of several batches (each (its metrics, its samples)) as those of their union: means
-    (`_is_mean`: an environment's per-episode means, a weighted reward's parts) weighted by each batch's samples,
+    (`_is_mean`: an environment's per-episode means, a weighted reward's parts, a learned reward's prm/* and
+    distill/*) weighted by each batch's samples,
     over the batches that report them; counters (errors, timeouts, seconds, a verifier's call counts) summed. The
     sources of one step, and the controller's refill rounds."""
     sums: dict[str, float] = {}
