@@ -385,6 +385,51 @@ def test_a_loopback_server_that_is_not_a_corpus_server_is_named_and_never_read_p
         server.server_close()
 
 
+def test_an_answer_that_trickles_in_ends_at_the_clients_timeout():
+    """A server that sends its answer a byte at a time never makes one read wait timeout_s, so the socket's timeout
+    never fired and the request (an abandoned step's thread with it) went on for as long as the server did: the
+    whole answer now has timeout_s. The outcome does not depend on the machine's speed: the server never ends."""
+    import http.server
+    import threading
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.01)
+            except OSError:
+                return
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    raised = []
+
+    def call():
+        try:
+            WebClient(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=0.5).search("Fipuk born")
+        except Exception as e:  # noqa: BLE001 - what it raised is the test
+            raised.append(e)
+
+    try:
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(60)  # without the deadline it never returns
+        assert not caller.is_alive(), "the client was still reading a minute later"
+        assert isinstance(raised[0], TimeoutError), raised
+        assert "still sending its answer to /search 0.5 s after the request" in str(raised[0])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_connection_that_stalls_is_dropped_rather_than_holding_a_thread(monkeypatch):
     from rlpost.web import server as web_server
 

@@ -198,7 +198,8 @@ class WebClient:
     (127.0.0.1, ::1, localhost); anything else is a ValueError before any connection. Proxies from the
     environment (http_proxy) are ignored and redirects refused, so a request never leaves the machine. An
     answer is read up to `max_bytes`; one that is longer, not JSON, or not the shape a CorpusServer answers is
-    a ValueError naming the server, the endpoint and what came back."""
+    a ValueError naming the server, the endpoint and what came back; one still coming `timeout_s` after the
+    request, a TimeoutError."""
 
     def __init__(self, base_url: str, timeout_s: float = 10.0, max_bytes: int = MAX_ANSWER_BYTES):
         parts = urllib.parse.urlsplit(base_url)
@@ -212,13 +213,30 @@ class WebClient:
         return ValueError(f"the web server at {self.base_url} answered {path} (HTTP {code}) with {what}, not what a "
                           "corpus server answers: point env_options.server_url at a CorpusServer")
 
+    def _read(self, answer, path: str, deadline: float) -> bytes:
+        """The answer's body, up to max_bytes + 1 bytes, read by the chunk as it comes: one that still comes
+        `timeout_s` after the request was sent is a TimeoutError (each wait is bounded by `timeout_s` already, but a
+        server that sends a byte at a time never makes one wait that long)."""
+        read = getattr(answer, "read1", answer.read)
+        data = bytearray()
+        while len(data) <= self.max_bytes:
+            chunk = read(min(65536, self.max_bytes + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
+            if time.monotonic() > deadline and len(data) <= self.max_bytes:
+                raise TimeoutError(f"the web server at {self.base_url} was still sending its answer to {path} "
+                                   f"{self.timeout_s:g} s after the request (timeout_s), {len(data)} bytes so far")
+        return bytes(data)
+
     def _get(self, path: str, **args) -> tuple[int, dict]:
         url = f"{self.base_url}{path}?{urllib.parse.urlencode(args)}"
+        deadline = time.monotonic() + self.timeout_s
         try:
             with self._opener.open(url, timeout=self.timeout_s) as r:
-                code, data = r.status, r.read(self.max_bytes + 1)
+                code, data = r.status, self._read(r, path, deadline)
         except urllib.error.HTTPError as e:
-            code, data = e.code, e.read(self.max_bytes + 1) or b"{}"
+            code, data = e.code, self._read(e, path, deadline) or b"{}"
         if len(data) > self.max_bytes:
             raise self._bad(path, code, f"more than {self.max_bytes} bytes")
         try:
