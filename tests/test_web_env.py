@@ -231,6 +231,20 @@ def test_a_hostile_policys_calls_are_refused_without_a_request(served, monkeypat
     assert search_results(BM25(DOCS), "fish " * MAX_QUERY_CHARS)[0]["url"] == "pets/fish"
 
 
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True])
+def test_a_timeout_that_is_not_a_positive_number_is_refused_when_the_run_is_configured(value):
+    """It was taken as given, and failed every episode's first request (a socket refuses a negative timeout, and 0
+    makes it non-blocking), or never timed out (inf)."""
+    from rlpost.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="web env: timeout_s must be a positive number of seconds"):
+        load_config("recipes/web.yaml", [f"task.env_options.timeout_s={value}"])
+    with pytest.raises(ValueError, match=f"timeout_s must be a positive number of seconds, got {value!r}"):
+        WebEnv(timeout_s=value)
+    with pytest.raises(ValueError, match="timeout_s must be a positive number of seconds, got '10'"):
+        WebEnv(timeout_s="10")  # from a Python caller: not parsed for it
+
+
 def test_only_a_loopback_server_is_ever_talked_to(corpus_file):
     for url in ["http://example.com:8000", "http://10.0.0.1:80", "https://127.0.0.1:443", "http://0.0.0.0:80"]:
         with pytest.raises(ValueError, match="must be http on 127.0.0.1"):

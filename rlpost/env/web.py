@@ -66,6 +66,8 @@ class WebEnv(Env):
                             ("max_query_chars", max_query_chars), ("snippet_chars", snippet_chars)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"web env: {name} must be a whole number >= 1, got {value!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+            raise ValueError(f"web env: timeout_s must be a positive number of seconds, got {timeout_s!r}")
         if server_url is not None:
             WebClient(server_url)  # a non-loopback url is refused here, when the run is configured
         self.reward, self.corpus, self.corpus_seed, self.server_url = reward, corpus, corpus_seed, server_url
