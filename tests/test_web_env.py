@@ -245,6 +245,16 @@ def test_a_timeout_that_is_not_a_positive_number_is_refused_when_the_run_is_conf
         WebEnv(timeout_s="10")  # from a Python caller: not parsed for it
 
 
+def test_two_tools_or_a_tool_and_the_answer_on_one_marker_are_refused(corpus_file):
+    """With answer_open the search marker every answer was read as a search (the episode could never be scored);
+    with one marker for both tools every search was read as an open."""
+    with pytest.raises(ValueError, match="search_open and answer_open are both '<q>'"):
+        WebEnv(corpus=corpus_file, search_open="<q>", search_close="</q>", answer_open="<q>", answer_close="</q>")
+    with pytest.raises(ValueError, match="search_open and open_open are both '@'"):
+        WebEnv(corpus=corpus_file, search_open="@", open_open="@")
+    WebEnv(corpus=corpus_file, search_open="?", search_close="", open_open="@", open_close="", answer_open="")
+
+
 def test_only_a_loopback_server_is_ever_talked_to(corpus_file):
     for url in ["http://example.com:8000", "http://10.0.0.1:80", "https://127.0.0.1:443", "http://0.0.0.0:80"]:
         with pytest.raises(ValueError, match="must be http on 127.0.0.1"):

@@ -59,6 +59,11 @@ class WebEnv(Env):
             reward = answer_match_reward
         if not search_open or not open_open:
             raise ValueError("web env: search_open and open_open must be non-empty markers")
+        markers = {"search_open": search_open, "open_open": open_open, "answer_open": answer_open}
+        same = [(a, b) for i, a in enumerate(markers) for b in list(markers)[i + 1:] if markers[a] == markers[b]]
+        if same:  # the turn's call would be read as either; an answer behind a call's marker, as a call
+            (a, b), = same[:1]
+            raise ValueError(f"web env: {a} and {b} are both {markers[a]!r}: each must be a marker of its own")
         bad = [f for f in fields if f not in FIELDS]
         if bad or not fields:
             raise ValueError(f"web env: fields must be some of {FIELDS}, got {list(fields)}")
