@@ -52,7 +52,7 @@ from rlpost.loops import Loop, loop_class
 from rlpost.prompts import SOURCE_KEY, MixtureSampler, PromptSampler, Recycler  # noqa: F401 - PromptSampler: its old home
 from rlpost.reference import Reference
 from rlpost.env.per_source import combine_metrics
-from rlpost.env.reward import Reward
+from rlpost.env.reward import Reward, verifier_metrics
 from rlpost.rollout import Engine, SamplingParams
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
@@ -220,7 +220,9 @@ class Controller:
             if groups >= wanted:
                 break
         batch = Batch.concat(kept) if kept else None
-        reward_metrics = combine_metrics(rounds)  # means over all the rounds' samples, counters summed
+        # means over all the rounds' samples, counters summed, the verifier's running totals as they are now
+        fn = getattr(self.roles.reward, "fn", None) if len(rounds) > 1 else None
+        reward_metrics = combine_metrics(rounds, latest=set(verifier_metrics(fn)) if fn is not None else set())
         if not self.loop.elsewhere:  # the engine idles until the sync: a sharded run's engine frees its copy
             self.roles.weight_sync.release()
         # 6. train

@@ -201,17 +201,21 @@ def _concat(batches: list[Batch]) -> Batch:
     return Batch(**{n: torch.cat(ts) for n, ts in parts.items()}, meta=meta)
 
 
-def combine_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+def combine_metrics(parts: list[tuple[dict[str, float], int]], latest: set[str] | frozenset = frozenset()
+                    ) -> dict[str, float]:
     """Reward-role metrics of several batches (each (its metrics, its samples)) as those of their union: means
     (`_is_mean`: an environment's per-episode means, a weighted reward's parts, a learned reward's prm/* and
     distill/*) weighted by each batch's samples,
-    over the batches that report them; counters (errors, timeouts, seconds, a verifier's call counts) summed. The
+    over the batches that report them; counters (errors, timeouts, seconds, a verifier's call counts) summed;
+    the keys in `latest` (one verifier's running totals, reported by each batch it scored) the last batch's. The
     sources of one step, and the controller's refill rounds."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for own, n in parts:
         for key, value in own.items():
-            if _is_mean(key):
+            if key in latest:
+                sums[key] = value
+            elif _is_mean(key):
                 sums[key] = sums.get(key, 0.0) + n * value
                 weights[key] = weights.get(key, 0.0) + n
             else:
