@@ -51,7 +51,8 @@ from rlpost.devices import RoleProbe
 from rlpost.loops import Loop, loop_class
 from rlpost.prompts import SOURCE_KEY, MixtureSampler, PromptSampler, Recycler  # noqa: F401 - PromptSampler: its old home
 from rlpost.reference import Reference
-from rlpost.env.reward import Reward
+from rlpost.env.per_source import combine_metrics
+from rlpost.env.reward import Reward, verifier_metrics
 from rlpost.rollout import Engine, SamplingParams
 from rlpost.trainer import Trainer
 from rlpost.weight_sync import WeightSync
@@ -199,7 +200,7 @@ class Controller:
         self.current_step = step  # named by an out-of-memory error in one of the step's roles
         self.times, self.staleness = {}, []
         self.probe.clear()
-        sampled, kept, reward_metrics = [], [], {}
+        sampled, kept, rounds = [], [], []  # rounds: each round's reward metrics and its samples
         groups, wanted, rates = 0, self.rollout.prompts_per_step, []
         if self.recycler is not None:
             self.recycler.start_step(step)
@@ -215,10 +216,13 @@ class Controller:
                 groups += int(torch.unique(trained.group_ids).numel())
             if self.shard[1] > 1:  # every rank's groups: all ranks agree on the refill, samplers stay in step
                 groups = int(dist.reduce_sum(groups - before)) + before
-            reward_metrics = {k: reward_metrics.get(k, 0.0) + v for k, v in m.items()}
+            rounds.append((m, len(scored)))
             if groups >= wanted:
                 break
         batch = Batch.concat(kept) if kept else None
+        # means over all the rounds' samples, counters summed, the verifier's running totals as they are now
+        fn = getattr(self.roles.reward, "fn", None) if len(rounds) > 1 else None
+        reward_metrics = combine_metrics(rounds, latest=set(verifier_metrics(fn)) if fn is not None else set())
         if not self.loop.elsewhere:  # the engine idles until the sync: a sharded run's engine frees its copy
             self.roles.weight_sync.release()
         # 6. train
@@ -289,15 +293,18 @@ def rollout_metrics(batch: Batch) -> dict[str, float]:
 @torch.no_grad()
 def source_metrics(batch: Batch, names: list[str]) -> dict[str, float]:
     """reward/<source>: the mean reward of this step's samples of each task.sources entry (NaN, null in
-    metrics.jsonl, for a source with no sample this step)."""
+    metrics.jsonl, for a source with no sample this step). Sharded, over every rank's samples: a rank's share of
+    the step's prompts need not hold each source, nor in the same proportion as another rank's."""
     r = batch.rewards.float()
     r = r.sum(1) if r.dim() == 2 else r
     of = [row.get(SOURCE_KEY) for row in batch.meta["row"]]
-    out = {}
+    totals = {}
     for name in names:
         mine = [float(r[i]) for i, s in enumerate(of) if s == name]
-        out[f"reward/{name}"] = sum(mine) / len(mine) if mine else float("nan")
-    return out
+        totals[f"sum/{name}"], totals[f"n/{name}"] = sum(mine), float(len(mine))
+    totals = dist.reduce_dict(totals, "sum")  # every rank passes the same keys; one rank: as it is
+    return {f"reward/{name}": totals[f"sum/{name}"] / totals[f"n/{name}"] if totals[f"n/{name}"] else float("nan")
+            for name in names}
 
 
 @torch.no_grad()

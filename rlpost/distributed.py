@@ -246,12 +246,17 @@ def gather_objects(obj) -> list:
     return out
 
 
+COUNTED = ("reward/errors", "reward/timeouts", "env/errors", "env/timeouts")
+"""metrics that count a rank's samples (failed rewards and episodes; env/errors_<source> too): summed over ranks"""
+
+
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """One RL step's metrics combined over ranks, each key over the ranks that logged it: the maximum for
     `time/*` and keys with `max` in their name (the slowest rank sets the step's pace), and for the memory
     peaks `mem/*` (the fullest rank is the one that runs out of memory first), the sum for
-    throughputs (`*tokens_per_s`), the mean for everything else (each rank holds an equal share of the
-    prompts, so the mean of the ranks' means is the step's mean). Keys may differ between ranks."""
+    throughputs (`*tokens_per_s`) and for the counts of failed samples (COUNTED), the mean for everything else
+    (each rank holds an equal share of the prompts, so the mean of the ranks' means is the step's mean). Keys
+    may differ between ranks."""
     if world_size() == 1:
         return metrics
     gathered: list[dict] = [None] * world_size()
@@ -263,7 +268,7 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
             continue
         if key.startswith(("time/", "mem/")) or "max" in key:
             out[key] = max(values)
-        elif key.endswith("tokens_per_s"):
+        elif key.endswith("tokens_per_s") or key in COUNTED or key.startswith(("env/errors_", "env/timeouts_")):
             out[key] = sum(values)
         else:
             out[key] = sum(values) / len(values)

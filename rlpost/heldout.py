@@ -7,9 +7,9 @@ The mean reward is reported beside it under its own name.
 
 - pass@k: the unbiased estimator of Chen et al. (2021), 1 - C(n - c, k) / C(n, k) for c successes
   among n samples of a prompt, averaged over prompts; pass@1 is the mean success rate.
-- maj@k: the answer most of a prompt's first k samples give (the role's `final_answer(completion)`: its
-  verifier's answer extraction, e.g. math's; by default the completion's first line), right if its samples
-  succeed.
+- maj@k: the answer most of a prompt's first k samples give (the role's `final_answer(completion, row)`: its
+  verifier's answer extraction, e.g. math's, with task.sources the row's source's; by default the completion's
+  first line), right if its samples succeed.
 
 Samples are drawn at `temperature` (1.0 by default: the policy itself, not its mode), through the same
 episode function as training (rlpost/rollout/episodes.py), nothing else.
@@ -62,6 +62,21 @@ def majority_success(keys: list, successes: list[bool]) -> bool:
     return winner is not None and any(s for k, s in zip(keys, successes) if k == winner)
 
 
+def voted_texts(batch) -> list[str]:
+    """The text of each sample that maj@k extracts its answer from: the completion, or for an environment's
+    episode its final turn (the answer; the completion holds every turn and observation before it, so two
+    episodes that reach one answer by different look-ups would never agree)."""
+    completions = batch.meta.get("completion", [""] * len(batch))
+    transcripts = batch.meta.get("transcript")
+    if transcripts is None:
+        return completions
+    out = []
+    for completion, said in zip(completions, transcripts):
+        turns = [t["text"] for t in (said or []) if t.get("role") == "assistant"]
+        out.append(turns[-1] if turns else "" if said else completion)
+    return out
+
+
 def evaluate(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list[int]], *, samples: int,
              temperature: float, max_new_tokens: int, ks: tuple[int, ...] = (1,), success_threshold: float = 1.0,
              batch_prompts: int = 256, seed: int = 0) -> dict:
@@ -83,12 +98,12 @@ def evaluate(engine, reward: RewardRole, rows: list[dict], prompt_ids: list[list
         rewards = rewards.sum(1) if rewards.dim() == 2 else rewards
         lengths = batch.response_mask.sum(1)
         infos = batch.meta.get("env_info", [{}] * len(batch))
-        completions = batch.meta.get("completion", [""] * len(batch))
+        completions = voted_texts(batch)
         for j in range(len(idx)):
             group = range(j * samples, (j + 1) * samples)
             ok = [bool(infos[i].get("success")) if "success" in (infos[i] or {}) else
                   float(rewards[i]) >= success_threshold for i in group]
-            keys = [reward.final_answer(completions[i]) for i in group]
+            keys = [reward.final_answer(completions[i], rows[idx[j]]) for i in group]
             source = rows[idx[j]].get(SOURCE_KEY)
             for k in ks:
                 passes[k] += pass_at_k(samples, sum(ok), k)

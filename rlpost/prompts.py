@@ -62,6 +62,10 @@ class MixtureSampler:
         if len(spans) != len(weights) or not spans:
             raise ValueError(f"a mixture needs one weight per source, got {len(spans)} source(s), "
                              f"{len(weights)} weight(s)")
+        for i, w in enumerate(weights):  # a weight of 0 (or NaN, or negative) would never be drawn, without a word
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
+                raise ValueError(f"a mixture's weights must be positive finite numbers: source {i} (rows "
+                                 f"{spans[i][0]}..{spans[i][0] + spans[i][1] - 1}) has weight {w!r}")
         self.spans, self.weights = list(spans), [float(w) for w in weights]
         # weights near the float limit: their sum (paid back) or a credit (within a few sums of 0) would overflow
         if not math.isfinite(sum(self.weights) * 4 * len(self.weights)):

@@ -142,3 +142,81 @@ def test_every_step_attributes_its_wall_clock_to_the_roles(tiny_gpt):
     for part in ("roll ", "rew ", "ref ", "adv ", "train ", "sync ", "tok/s gen", "tok/s step", "dlogp max"):
         assert part in line, line
     assert json.loads(json.dumps(m)) == m  # one JSON line in metrics.jsonl
+
+
+class TwoTurns:
+    """Two turns per episode, the observation '=' between them; the episode's reward is the half_easy_reward of its
+    last turn (easy prompts: every sample right, a group DAPO drops and refills)."""
+
+    def reset(self, row):
+        self.row, self.turns = row, 0
+        return row["prompt"]
+
+    def step(self, turn):
+        from rlpost.env import Step
+
+        self.turns += 1
+        if self.turns < 2:
+            return Step(observation="=", info={"calls": 1})
+        return Step(reward=half_easy_reward(turn, self.row), done=True, info={"calls": 1})
+
+
+def test_the_metrics_of_refill_rounds_are_means_over_their_samples_not_sums(tiny_gpt):
+    """Every episode takes 2 turns, 1 tool call and 1 environment token, and none hits the budget: env/turns is
+    2.0, env/tool_calls 1.0, env/env_tokens 1.0 however many rounds the step took (summed over the rounds, a step
+    with one refill logged 4.0, 2.0 and 2.0)."""
+    from rlpost.env import EnvRole
+
+    model, tok = tiny_gpt
+    rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in range(10, 30) for b in range(3)]
+    engine = NativeEngine(model, tok)
+    role = EnvRole(make=TwoTurns, tokenizer=tok, max_turns=2, max_tokens=64, name="two_turns")
+    roles = Roles(engine=engine, reward=role, algorithm=get_algorithm("dapo"),
+                  trainer=Trainer(model, TrainerConfig(lr=1e-3)), weight_sync=WeightSync(model, engine))
+    ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=5),
+                     RolloutConfig(prompts_per_step=6, k=4, max_refill_rounds=6),
+                     rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], seed=0)
+    refilled = 0
+    for step in range(1, 4):
+        metrics = ctl.step(step)
+        refilled += metrics["rollout/refill_rounds"] > 0
+        assert metrics["env/turns"] == 2.0 and metrics["env/tool_calls"] == 1.0 and metrics["env/env_tokens"] == 1.0
+        assert metrics["env/budget_frac"] == 0.0 and metrics["env/errors"] == 0.0
+    assert refilled  # the rule was exercised
+
+
+class Counting:
+    """half_easy_reward with a running count of its calls, as a judge counts since it was built."""
+
+    def __init__(self):
+        import threading
+
+        self.calls, self.lock = 0, threading.Lock()
+
+    def __call__(self, completion, row):
+        with self.lock:
+            self.calls += 1
+        return half_easy_reward(completion, row)
+
+    def metrics(self):
+        return {"counting/calls": float(self.calls), "calls": float(self.calls)}
+
+
+def test_a_verifiers_running_totals_are_logged_as_they_stand_after_the_last_round(tiny_gpt):
+    """A verifier's counters are totals since it was built: each refill round reports the total so far, so summing
+    the rounds counted the earlier rounds' calls again for every later one."""
+    model, tok = tiny_gpt
+    rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in range(10, 30) for b in range(3)]
+    engine = NativeEngine(model, tok)
+    counting = Counting()
+    roles = Roles(engine=engine, reward=Reward(counting, tok), algorithm=get_algorithm("dapo"),
+                  trainer=Trainer(model, TrainerConfig(lr=1e-3)), weight_sync=WeightSync(model, engine))
+    ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=5),
+                     RolloutConfig(prompts_per_step=6, k=4, max_refill_rounds=6),
+                     rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], seed=0)
+    refilled = 0
+    for step in range(1, 4):
+        metrics = ctl.step(step)
+        refilled += metrics["rollout/refill_rounds"] > 0
+        assert metrics["counting/calls"] == metrics["reward/calls"] == counting.calls
+    assert refilled and counting.calls > 3 * 6 * 4  # the rule was exercised

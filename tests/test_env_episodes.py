@@ -275,6 +275,18 @@ def test_calculator_env_answers_calls_and_scores_the_final_turn():
     assert xml.step("<calc>oops</calc>").observation == "<result>error</result>"
 
 
+@pytest.mark.parametrize("option, value", [("max_result_chars", -1), ("max_result_chars", 0), ("max_calls", -1),
+                                           ("max_calls", 1.5), ("max_calls", True)])
+def test_a_tool_envs_limits_are_checked_when_the_run_is_configured(option, value):
+    """max_result_chars=-1 was taken as given and cut the last character off every answer ('=5608;' for 56088)."""
+    from rlpost.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"{option} must be a whole number >= "):
+        load_config("recipes/tool_calculator.yaml", [f"task.env_options.{option}={value}"])
+    no_calls = load_config("recipes/tool_calculator.yaml", ["task.env_options.max_calls=0"])  # a tool never called
+    assert no_calls.task.env_options["max_calls"] == 0
+
+
 def test_multi_turn_demonstrations_train_only_the_assistant_turns(tiny_gpt):
     _, tok = tiny_gpt
     turns = [{"role": "assistant", "content": "12"}, {"role": "tool", "content": "=3"},

@@ -114,3 +114,68 @@ def test_rlpost_eval_refuses_a_count_below_one_before_loading_anything(flags, ca
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flags[0]}: must be a whole number >= 1" in err, err
+
+
+class ThreeSamples:
+    """Turn n of sample j is turns[n][j] (and eos): three episodes of one prompt, their texts told apart."""
+
+    version = 0
+
+    def __init__(self, tok, turns: list[list[str]]):
+        self.tok, self.turns, self.calls = tok, turns, 0
+
+    def generate(self, prompts, k, params, seed=0):
+        import torch
+
+        from rlpost.batch import Batch
+
+        texts, self.calls = self.turns[self.calls], self.calls + 1
+        ids = [self.tok.encode_completion(t) + [self.tok.eos_token_id] for t in texts]
+        width = max(map(len, ids))
+        tokens = torch.tensor([i + [self.tok.pad_token_id] * (width - len(i)) for i in ids])
+        return Batch.from_sequences(prompts, k, tokens, torch.zeros(tokens.shape), torch.tensor(list(map(len, ids))),
+                                    torch.ones(len(ids), dtype=torch.bool), self.tok.pad_token_id, self.version)
+
+
+def test_maj_at_k_of_environment_episodes_votes_on_their_final_turn():
+    """Three calculator episodes of 2*3: the first looks up 1+1 and answers 7, the others 2*3 and 3*2 and answer 6.
+    Voting on the final turns, 6 wins two to one; on the whole completions (each holds its own look-up) the three
+    were all different, and the tie went to the first, wrong one: maj@3 was 0."""
+    from rlpost.env import EnvRole
+    from rlpost.env.tools import CalculatorEnv
+    from rlpost.heldout import evaluate
+    from rlpost.models.gpt_mini import CharTokenizer
+    from rlpost.tasks import answer_match_reward
+
+    tok = CharTokenizer("0123456789+*?=;")
+    options = {"call_open": "?", "call_close": "", "result_open": "=", "result_close": ";", "max_calls": 1}
+    role = EnvRole(make=lambda: CalculatorEnv(answer_match_reward, **options), tokenizer=tok, max_turns=2,
+                   max_tokens=40, name="calculator")
+    engine = ThreeSamples(tok, [["?1+1", "?2*3", "?3*2"], ["7", "6", "6"]])
+    rows = [{"prompt": "2*3=", "answer": "6"}]
+    result = evaluate(engine, role, rows, [tok.encode_prompt("2*3=")], samples=3, temperature=1.0,
+                      max_new_tokens=10, ks=(1, 3))
+    assert result["pass@1"] == pytest.approx(2 / 3) and result["maj@3"] == 1.0 and result["maj@1"] == 0.0
+
+
+def test_maj_at_k_of_a_mixed_task_votes_with_each_rows_own_sources_extraction():
+    """task.sources: a math source's samples vote on math's final answer, as they would alone. SourceRewards had no
+    extraction of its own, so the vote was on first lines: three different ones, the tie to the first (wrong)."""
+    from rlpost.env.reward import Reward
+    from rlpost.env.verifiers import SourceRewards, get_reward
+    from rlpost.heldout import evaluate
+    from rlpost.models.gpt_mini import CharTokenizer
+    from rlpost.prompts import SOURCE_KEY
+    from rlpost.tasks import answer_match_reward
+
+    tok = CharTokenizer("0123456789#xyz \n")
+    math = get_reward("math", extract="hash")
+    role = Reward(SourceRewards({"sums": math, "plain": answer_match_reward}), tok)
+    engine = ThreeSamples(tok, [["z\n#### 5", "x\n#### 47", "y\n#### 47"]])
+    rows = [{"prompt": "47", "answer": "#### 47", SOURCE_KEY: "sums"}]
+    try:
+        result = evaluate(engine, role, rows, [tok.encode_prompt("47")], samples=3, temperature=1.0,
+                          max_new_tokens=10, ks=(3,))
+    finally:
+        math.close()
+    assert result["pass@3"] == 1.0 and result["maj@3"] == 1.0 and result["pass@3_sums"] == 1.0

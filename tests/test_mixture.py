@@ -179,3 +179,56 @@ def test_a_sources_reward_that_raises_stops_naming_the_source_and_its_line(tiny_
         Reward(SourceRewards({"add": one, "times": boom}), tok)(batch)
     scored, metrics = Reward(SourceRewards({"add": one, "times": boom}), tok, on_error="zero")(batch)
     assert scored.rewards.tolist() == [1.0, 0.0] and metrics["reward/errors"] == 1.0
+
+
+def job_source_metrics(out: str) -> None:
+    """A rank of two: rank 0 sampled source a twice (rewards 1, 0) and b twice (1, 1), rank 1 a four times (1, 1,
+    1, 1) and no b; rank 0 counted 1 failed reward and 2 failed episodes (of its source b), rank 1 none. The step's
+    line, as every rank logs it after reduce_metrics, goes to OUT.<rank>."""
+    import torch
+
+    from rlpost import distributed
+    from rlpost.batch import Batch
+    from rlpost.controller import source_metrics
+
+    distributed.init()
+    rank = distributed.rank()
+    sources, rewards = (["a", "a", "b", "b"], [1.0, 0.0, 1.0, 1.0]) if rank == 0 else (["a"] * 4, [1.0] * 4)
+    ids = torch.ones((4, 3), dtype=torch.long)
+    batch = Batch(input_ids=ids, attention_mask=ids, response_mask=ids, rewards=torch.tensor(rewards),
+                  meta={"row": [{"prompt": "p", SOURCE_KEY: s} for s in sources]})
+    counted = ({"reward/errors": 1.0, "env/errors": 2.0, "env/errors_b": 2.0, "env/turns": 2.0} if rank == 0 else
+               {"reward/errors": 0.0, "env/errors": 0.0, "env/turns": 1.0})
+    line = distributed.reduce_metrics({**source_metrics(batch, ["a", "b"]), **counted})
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(line, f)
+    distributed.destroy()
+
+
+def test_a_sharded_steps_line_holds_each_sources_mean_and_the_failures_of_every_rank(tmp_path):
+    """Sharded (fsdp2), each rank takes every other prompt of the step, so a rank may hold none of a source, or
+    another share of it than the other rank: reward/<source> is over all ranks' samples, a 5/6 and b 1.0 (the
+    mean of the ranks' means was 0.75 for a, and NaN for b, which rank 1 never sampled). Failed samples are
+    counted over the ranks (the mean of the ranks' counts halved them); a per-episode mean stays the mean."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_fsdp import ROOT, free_port
+
+    out = str(tmp_path / "line")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), __file__, "source_metrics", out],
+                          env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.load(open(f"{out}.{rank}")) for rank in (0, 1)]
+    assert lines[0] == lines[1] and lines[0]["reward/a"] == pytest.approx(5 / 6) and lines[0]["reward/b"] == 1.0
+    assert {k: lines[0][k] for k in ("reward/errors", "env/errors", "env/errors_b", "env/turns")} == {
+        "reward/errors": 1.0, "env/errors": 2.0, "env/errors_b": 2.0, "env/turns": 1.5}
+
+
+if __name__ == "__main__":
+    import sys
+
+    {"source_metrics": job_source_metrics}[sys.argv[1]](*sys.argv[2:])

@@ -199,3 +199,13 @@ def test_a_recycler_resumed_while_its_pool_is_out_of_reach_draws_the_same_prompt
     t = make()
     t.load_state_dict(state)
     assert t.set_aside == {0, 1, 2} and t.next(9) == ahead and t.recycled == r.recycled > 0
+
+
+@pytest.mark.parametrize("weight", [0, -1, float("nan"), float("inf"), True, "2"])
+def test_the_mixture_sampler_refuses_a_weight_that_is_not_positive_and_finite(weight):
+    """Config load refuses these; the sampler (what a Controller given `mixture=` builds) did not, and a source of
+    weight 0, -1 or NaN was silently never drawn."""
+    with pytest.raises(ValueError, match=r"positive finite numbers: source 1 \(rows 5\.\.7\) has weight"):
+        MixtureSampler([(0, 5), (5, 3)], [1.0, weight], seed=0)
+    drawn = MixtureSampler([(0, 5), (5, 3)], [3, 1], seed=0).next(8)  # 3:1 of 8: six of the first, two of the second
+    assert sum(i < 5 for i in drawn) == 6 and all(0 <= i < 8 for i in drawn)

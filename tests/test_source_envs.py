@@ -325,6 +325,17 @@ def test_the_sources_metrics_combine_means_by_samples_and_sum_counters():
     assert not any(k.startswith(("reward/", "judge/")) and k.endswith(("_a", "_b")) for k in out)
 
 
+def test_a_learned_rewards_means_over_two_rounds_are_weighted_by_their_samples():
+    """A PRM's or a teacher's metrics are means over the batch it rescored: over a step's refill rounds they were
+    added up (0.5 and 1.0 logged as 1.5)."""
+    from rlpost.env.per_source import combine_metrics
+
+    out = combine_metrics([({"prm/step_score_mean": 0.5, "distill/reverse_kl": 0.2, "reward/errors": 1.0}, 4),
+                           ({"prm/step_score_mean": 1.0, "distill/reverse_kl": 0.4, "reward/errors": 2.0}, 12)])
+    assert out["prm/step_score_mean"] == pytest.approx((4 * 0.5 + 12 * 1.0) / 16)  # 0.875
+    assert out["distill/reverse_kl"] == pytest.approx((4 * 0.2 + 12 * 0.4) / 16) and out["reward/errors"] == 3.0
+
+
 class HalfWrong(Solver):
     """As Solver, but every second sample of a sum prompt (within its row's k) answers 9: rewards that vary
     inside a one-turn source's groups, while the tool source's groups all succeed."""

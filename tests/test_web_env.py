@@ -152,6 +152,20 @@ def test_users_corpus_from_a_folder_or_jsonl_with_errors_naming_the_file_and_lin
         load_corpus(str(tmp_path / "missing"))
 
 
+def test_a_jsonl_corpus_row_that_is_not_utf8_or_has_a_title_of_no_text_is_named_by_its_line(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"url": "x", "text": "fine"}\n{"url": "y", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl line 2: not UTF-8 text"):
+        load_corpus(str(bad))
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text('{"url": "x", "text": "a"}\n{"url": "y", "title": ["a", "b"], "text": "b"}\n')
+    with pytest.raises(ValueError, match=r"listed.jsonl line 2: 'title' must be a string, got \['a', 'b'\]"):
+        load_corpus(str(listed))
+    numbered = tmp_path / "numbered.jsonl"
+    numbered.write_text('{"url": 7, "title": "Seven", "text": "a"}\n')
+    assert load_corpus(str(numbered)) == (Doc("7", "Seven", "a"),)
+
+
 def test_episode_on_scripted_policy_text_searches_opens_and_scores_the_answer(served):
     assert load_env("web") is WebEnv
     e = env(served)
@@ -215,6 +229,30 @@ def test_a_hostile_policys_calls_are_refused_without_a_request(served, monkeypat
             urllib.request.urlopen(base + path, timeout=10)
         assert err.value.code == 404
     assert search_results(BM25(DOCS), "fish " * MAX_QUERY_CHARS)[0]["url"] == "pets/fish"
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True])
+def test_a_timeout_that_is_not_a_positive_number_is_refused_when_the_run_is_configured(value):
+    """It was taken as given, and failed every episode's first request (a socket refuses a negative timeout, and 0
+    makes it non-blocking), or never timed out (inf)."""
+    from rlpost.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="web env: timeout_s must be a positive number of seconds"):
+        load_config("recipes/web.yaml", [f"task.env_options.timeout_s={value}"])
+    with pytest.raises(ValueError, match=f"timeout_s must be a positive number of seconds, got {value!r}"):
+        WebEnv(timeout_s=value)
+    with pytest.raises(ValueError, match="timeout_s must be a positive number of seconds, got '10'"):
+        WebEnv(timeout_s="10")  # from a Python caller: not parsed for it
+
+
+def test_two_tools_or_a_tool_and_the_answer_on_one_marker_are_refused(corpus_file):
+    """With answer_open the search marker every answer was read as a search (the episode could never be scored);
+    with one marker for both tools every search was read as an open."""
+    with pytest.raises(ValueError, match="search_open and answer_open are both '<q>'"):
+        WebEnv(corpus=corpus_file, search_open="<q>", search_close="</q>", answer_open="<q>", answer_close="</q>")
+    with pytest.raises(ValueError, match="search_open and open_open are both '@'"):
+        WebEnv(corpus=corpus_file, search_open="@", open_open="@")
+    WebEnv(corpus=corpus_file, search_open="?", search_close="", open_open="@", open_close="", answer_open="")
 
 
 def test_only_a_loopback_server_is_ever_talked_to(corpus_file):
@@ -314,6 +352,106 @@ def test_a_redirect_is_refused_not_followed(corpus_file):
         for s in servers:
             s.shutdown()
             s.server_close()
+
+
+def test_a_loopback_server_that_is_not_a_corpus_server_is_named_and_never_read_past_the_limit(corpus_file):
+    """Binary bytes, HTML, JSON of another shape and an answer that never ends: each a ValueError naming the
+    server, the endpoint and what came back (not a bare JSONDecodeError or KeyError), the endless one read no
+    further than the client's max_bytes."""
+    import http.server
+    import threading
+
+    answers = {"/binary": (200, b"\xff\xfe\x00\x01binary"), "/html": (404, b"<html>not found</html>"),
+               "/shape": (200, b'{"hits": [1, 2]}'), "/links": (200, b'{"title": "t", "text": "x", "links": 3}')}
+    sent = []
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            kind = self.path.split("/")[1]
+            if kind == "endless":  # no Content-Length: the body ends when the connection does, here never
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    while True:
+                        self.wfile.write(b"x" * 65536)
+                        sent.append(65536)
+                except OSError:
+                    return
+            code, body = answers["/" + kind]
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for kind, call, what in [("binary", "search", r"\(HTTP 200\) with b'\\xff\\xfe"),
+                                 ("html", "page", r"\(HTTP 404\) with b'<html>not found</html>' \(not a JSON object"),
+                                 ("shape", "search", r"\(HTTP 200\) with \{'hits': \[1, 2\]\}"),
+                                 ("links", "page", r"\(HTTP 200\) with \{.*'links': 3\}")]:
+            client = WebClient(f"{base}/{kind}")
+            with pytest.raises(ValueError, match=f"web server at {base}/{kind} answered /{call} {what}"):
+                client.search("Fipuk born") if call == "search" else client.page("wiki/Fipuk")
+        with pytest.raises(ValueError, match="answered /search \\(HTTP 200\\) with more than 1000000 bytes"):
+            WebClient(f"{base}/endless", max_bytes=1_000_000).search("Fipuk born")
+        e = WebEnv(corpus=corpus_file, server_url=f"{base}/binary")
+        e.reset({"prompt": "Where was Fipuk born?", "answer": "Sipik"})
+        with pytest.raises(ValueError, match="not what a corpus server answers"):
+            e.step("<open>wiki/Fipuk</open>")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_answer_that_trickles_in_ends_at_the_clients_timeout():
+    """A server that sends its answer a byte at a time never makes one read wait timeout_s, so the socket's timeout
+    never fired and the request (an abandoned step's thread with it) went on for as long as the server did: the
+    whole answer now has timeout_s. The outcome does not depend on the machine's speed: the server never ends."""
+    import http.server
+    import threading
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.01)
+            except OSError:
+                return
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    raised = []
+
+    def call():
+        try:
+            WebClient(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=0.5).search("Fipuk born")
+        except Exception as e:  # noqa: BLE001 - what it raised is the test
+            raised.append(e)
+
+    try:
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(60)  # without the deadline it never returns
+        assert not caller.is_alive(), "the client was still reading a minute later"
+        assert isinstance(raised[0], TimeoutError), raised
+        assert "still sending its answer to /search 0.5 s after the request" in str(raised[0])
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_connection_that_stalls_is_dropped_rather_than_holding_a_thread(monkeypatch):

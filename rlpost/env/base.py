@@ -120,6 +120,11 @@ class Verifier:
         line = completion.strip().split("\n")[0].strip()
         return line or None
 
+    def final_answer_of(self, completion: str, row: dict) -> Any:
+        """The answer maj@k votes on for a sample of `row`: `final_answer`, unless the row picks the verifier
+        (task.sources: its source's)."""
+        return self.final_answer(completion)
+
     def close(self) -> None:
         """Free what the verifier holds (worker processes, a judge's engine); called once, at the end of a run."""
 

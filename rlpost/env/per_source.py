@@ -32,11 +32,12 @@ from rlpost.prompts import SOURCE_KEY
 # means and a weighted reward's parts (reward/<label>); the rest count (errors, timeouts, seconds, a verifier's
 # calls) and are summed
 MEANS = ("env/turns", "env/env_tokens", "env/budget_frac", "env/tool_calls")
+MEAN_PREFIXES = ("prm/", "distill/")  # a learned RL reward's means over the batch it rescored
 COUNTS = ("reward/errors", "reward/timeouts")
 
 
 def _is_mean(key: str) -> bool:
-    return key in MEANS or (key.startswith("reward/") and key not in COUNTS)
+    return key in MEANS or key.startswith(MEAN_PREFIXES) or (key.startswith("reward/") and key not in COUNTS)
 
 
 @dataclass
@@ -200,21 +201,31 @@ def _concat(batches: list[Batch]) -> Batch:
     return Batch(**{n: torch.cat(ts) for n, ts in parts.items()}, meta=meta)
 
 
-def _combine(metrics: list[tuple[str, dict[str, float]]], counts: list[int]) -> dict[str, float]:
-    """The sources' metrics as one run's: means (`_is_mean`) weighted by each source's samples, over the sources
-    that report them, counters (errors, timeouts, seconds, a verifier's call counts) summed; each source's env/*
-    metrics also as env/<metric>_<source>."""
+def combine_metrics(parts: list[tuple[dict[str, float], int]], latest: set[str] | frozenset = frozenset()
+                    ) -> dict[str, float]:
+    """Reward-role metrics of several batches (each (its metrics, its samples)) as those of their union: means
+    (`_is_mean`: an environment's per-episode means, a weighted reward's parts, a learned reward's prm/* and
+    distill/*) weighted by each batch's samples,
+    over the batches that report them; counters (errors, timeouts, seconds, a verifier's call counts) summed;
+    the keys in `latest` (one verifier's running totals, reported by each batch it scored) the last batch's. The
+    sources of one step, and the controller's refill rounds."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
-    out: dict[str, float] = {}
-    for (name, own), n in zip(metrics, counts):
+    for own, n in parts:
         for key, value in own.items():
-            if _is_mean(key):
+            if key in latest:
+                sums[key] = value
+            elif _is_mean(key):
                 sums[key] = sums.get(key, 0.0) + n * value
                 weights[key] = weights.get(key, 0.0) + n
             else:
                 sums[key] = sums.get(key, 0.0) + value
-            if key.startswith("env/"):
-                out[f"{key}_{name}"] = value
-    out.update({key: value / weights[key] if key in weights else value for key, value in sums.items()})
+    return {key: value / weights[key] if key in weights else value for key, value in sums.items()}
+
+
+def _combine(metrics: list[tuple[str, dict[str, float]]], counts: list[int]) -> dict[str, float]:
+    """The sources' metrics as one run's (`combine_metrics`); each source's env/* metrics also as
+    env/<metric>_<source>."""
+    out = {f"{key}_{name}": value for name, own in metrics for key, value in own.items() if key.startswith("env/")}
+    out.update(combine_metrics([(own, n) for (_, own), n in zip(metrics, counts)]))
     return out

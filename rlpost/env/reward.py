@@ -59,6 +59,12 @@ def failure_score(fn: Verifier, scored: list[float]) -> float:
     return min([0.0, *scored, *(declared[:1] if declared else ())])
 
 
+def verifier_metrics(fn: Verifier) -> dict[str, float]:
+    """The verifier's own counters as the reward role logs them (a key without a '/' as reward/<key>): running
+    totals since it was built (a judge's calls, math's timeouts), not counts of one batch."""
+    return {(k if "/" in k else f"reward/{k}"): float(v) for k, v in fn.metrics().items()}
+
+
 def load_reward_fn(spec: str) -> RewardFn:
     """'package.module:function' -> the function.
 
@@ -192,5 +198,5 @@ class Reward(RewardRole):
         rewards = torch.tensor(rewards, device=batch.input_ids.device)
         metrics = {"reward/errors": float(failures), "reward/timeouts": float(timeouts)}
         metrics.update({f"reward/{label}": sum(v) / len(v) for label, v in parts.items()})
-        metrics.update({(k if "/" in k else f"reward/{k}"): float(v) for k, v in self.fn.metrics().items()})
+        metrics.update(verifier_metrics(self.fn))
         return batch.replace(rewards=rewards, meta=meta), metrics

@@ -99,10 +99,11 @@ class RewardRole:
         """The same episodes scored by verifier `fn` instead (eval.reward); ValueError where that cannot be."""
         raise ValueError(f"the reward role {self.name!r} ({type(self).__name__}) cannot be scored by another verifier")
 
-    def final_answer(self, completion: str) -> Any:
-        """What maj@k votes on for a sample whose text is `completion`: the verifier's answer extraction,
-        else the first line."""
-        return (self.fn or Verifier()).final_answer(completion)
+    def final_answer(self, completion: str, row: dict | None = None) -> Any:
+        """What maj@k votes on for a sample whose text is `completion` (of `row`, when given: with task.sources
+        the row's source's verifier extracts it): the verifier's answer extraction, else the first line."""
+        fn = self.fn or Verifier()
+        return fn.final_answer(completion) if row is None else fn.final_answer_of(completion, row)
 
     def close(self) -> None:
         """Free what the role holds (its verifier's worker processes, a judge's engine)."""

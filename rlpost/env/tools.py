@@ -85,6 +85,9 @@ class ToolEnv(Env):
             reward = answer_match_reward
         if not call_open:
             raise ValueError("call_open must be a non-empty marker")
+        for name, value, least in (("max_calls", max_calls, 0), ("max_result_chars", max_result_chars, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:  # -1 would cut a character
+                raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
         self.reward, self.max_calls, self.max_result_chars = reward, max_calls, max_result_chars
         self.call_open, self.call_close = call_open, call_close
         self.result_open, self.result_close = result_open, result_close

@@ -260,6 +260,9 @@ class SourceRewards(Verifier):
     def scored(self, completion: str, row: dict) -> tuple[float, dict[str, float]]:
         return self._of(row).scored(completion, row)
 
+    def final_answer_of(self, completion: str, row: dict) -> Any:
+        return self._of(row).final_answer_of(completion, row)  # the source's extraction (math: the final answer)
+
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for fn in self.rewards.values():

@@ -59,6 +59,11 @@ class WebEnv(Env):
             reward = answer_match_reward
         if not search_open or not open_open:
             raise ValueError("web env: search_open and open_open must be non-empty markers")
+        markers = {"search_open": search_open, "open_open": open_open, "answer_open": answer_open}
+        same = [(a, b) for i, a in enumerate(markers) for b in list(markers)[i + 1:] if markers[a] == markers[b]]
+        if same:  # the turn's call would be read as either; an answer behind a call's marker, as a call
+            (a, b), = same[:1]
+            raise ValueError(f"web env: {a} and {b} are both {markers[a]!r}: each must be a marker of its own")
         bad = [f for f in fields if f not in FIELDS]
         if bad or not fields:
             raise ValueError(f"web env: fields must be some of {FIELDS}, got {list(fields)}")
@@ -66,6 +71,8 @@ class WebEnv(Env):
                             ("max_query_chars", max_query_chars), ("snippet_chars", snippet_chars)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"web env: {name} must be a whole number >= 1, got {value!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+            raise ValueError(f"web env: timeout_s must be a positive number of seconds, got {timeout_s!r}")
         if server_url is not None:
             WebClient(server_url)  # a non-loopback url is refused here, when the run is configured
         self.reward, self.corpus, self.corpus_seed, self.server_url = reward, corpus, corpus_seed, server_url

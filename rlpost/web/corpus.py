@@ -126,8 +126,12 @@ def _folder(path: str) -> list[Doc]:
 
 def _jsonl(path: str) -> list[Doc]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"web corpus {path} line {n}: not UTF-8 text ({e})") from None
             if not line.strip():
                 continue
             try:
@@ -137,6 +141,10 @@ def _jsonl(path: str) -> list[Doc]:
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise ValueError(f"web corpus {path} line {n}: each row must be an object with a string 'text' "
                                  f"(and optional 'url', 'title'), got {line.strip()[:80]!r}")
+            for key in ("url", "title"):  # a number is its digits; a list or an object has no one text to be
+                value = row.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+                    raise ValueError(f"web corpus {path} line {n}: '{key}' must be a string, got {value!r}")
             url = str(row.get("url") or f"doc/{len(docs)}")
             docs.append(Doc(url, str(row.get("title") or _title_of(row["text"], url)), row["text"]))
     if not docs:

@@ -35,6 +35,7 @@ from rlpost.web.corpus import Doc, load_corpus
 MAX_QUERY_CHARS = 1000
 MAX_RESULTS = 20
 MAX_SNIPPET_CHARS = 1000
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # the most a client reads of one answer (a corpus server's longest page and more)
 
 
 def search_results(index: BM25, query: str, k: int = 5, chars: int = 160) -> list[dict]:
@@ -195,29 +196,74 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 class WebClient:
     """Talks to a CorpusServer, and only to one on this machine: `base_url` must be http on a loopback address
     (127.0.0.1, ::1, localhost); anything else is a ValueError before any connection. Proxies from the
-    environment (http_proxy) are ignored and redirects refused, so a request never leaves the machine."""
+    environment (http_proxy) are ignored and redirects refused, so a request never leaves the machine. An
+    answer is read up to `max_bytes`; one that is longer, not JSON, or not the shape a CorpusServer answers is
+    a ValueError naming the server, the endpoint and what came back; one still coming `timeout_s` after the
+    request, a TimeoutError."""
 
-    def __init__(self, base_url: str, timeout_s: float = 10.0):
+    def __init__(self, base_url: str, timeout_s: float = 10.0, max_bytes: int = MAX_ANSWER_BYTES):
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme != "http" or not _is_loopback(parts.hostname):
             raise ValueError(f"web server url {base_url!r}: the corpus server must be http on 127.0.0.1 (or another "
                              "loopback address); rlpost never sends a policy's requests off this machine")
-        self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
+        self.base_url, self.timeout_s, self.max_bytes = base_url.rstrip("/"), timeout_s, max_bytes
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+
+    def _bad(self, path: str, code: int, what: str) -> ValueError:
+        return ValueError(f"the web server at {self.base_url} answered {path} (HTTP {code}) with {what}, not what a "
+                          "corpus server answers: point env_options.server_url at a CorpusServer")
+
+    def _read(self, answer, path: str, deadline: float) -> bytes:
+        """The answer's body, up to max_bytes + 1 bytes, read by the chunk as it comes: one that still comes
+        `timeout_s` after the request was sent is a TimeoutError (each wait is bounded by `timeout_s` already, but a
+        server that sends a byte at a time never makes one wait that long)."""
+        read = getattr(answer, "read1", answer.read)
+        data = bytearray()
+        while len(data) <= self.max_bytes:
+            chunk = read(min(65536, self.max_bytes + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
+            if time.monotonic() > deadline and len(data) <= self.max_bytes:
+                raise TimeoutError(f"the web server at {self.base_url} was still sending its answer to {path} "
+                                   f"{self.timeout_s:g} s after the request (timeout_s), {len(data)} bytes so far")
+        return bytes(data)
 
     def _get(self, path: str, **args) -> tuple[int, dict]:
         url = f"{self.base_url}{path}?{urllib.parse.urlencode(args)}"
+        deadline = time.monotonic() + self.timeout_s
         try:
             with self._opener.open(url, timeout=self.timeout_s) as r:
-                return r.status, json.loads(r.read())
+                code, data = r.status, self._read(r, path, deadline)
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            code, data = e.code, self._read(e, path, deadline) or b"{}"
+        if len(data) > self.max_bytes:
+            raise self._bad(path, code, f"more than {self.max_bytes} bytes")
+        try:
+            body = json.loads(data)
+        except ValueError:  # not JSON, or not UTF-8
+            body = None
+        if not isinstance(body, dict):
+            raise self._bad(path, code, f"{data[:80]!r}{' ...' if len(data) > 80 else ''} (not a JSON object)")
+        return code, body
 
     def search(self, query: str, k: int = 5, chars: int = 160) -> list[dict]:
         """/search: the top k results [{url, title, snippet, score}]."""
-        return self._get("/search", q=query[:MAX_QUERY_CHARS], k=k, chars=chars)[1]["results"]
+        code, body = self._get("/search", q=query[:MAX_QUERY_CHARS], k=k, chars=chars)
+        results = body.get("results")
+        if code != 200 or not isinstance(results, list) or not all(
+                isinstance(h, dict) and all(isinstance(h.get(f), str) for f in ("url", "title", "snippet"))
+                for h in results):
+            raise self._bad("/search", code, repr(body)[:200])
+        return results
 
     def page(self, url: str) -> dict | None:
         """/page: {url, title, text, links}, or None when the corpus has no such page."""
         code, body = self._get("/page", url=url)
-        return body if code == 200 else None
+        if code == 404:
+            return None
+        links = body.get("links")
+        if code != 200 or not all(isinstance(body.get(f), str) for f in ("title", "text")) or \
+                not isinstance(links, list) or not all(isinstance(link, str) for link in links):
+            raise self._bad("/page", code, repr(body)[:200])
+        return body
