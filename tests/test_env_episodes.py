@@ -258,6 +258,19 @@ def test_calculator_is_exact_and_refuses_anything_but_arithmetic():
     for bad in ("__import__('os')", "x + 1", "9**9**9", "1/0", "10**61", "[1]", "open('f')"):
         with pytest.raises(CalculatorError):
             calculate(bad)
+    assert calculate("1_000") == "1000" and calculate("2**-2") == "0.25"  # "1_000" used to read as 10
+
+
+@pytest.mark.parametrize("call", ["0**-1", "0.0**-2", "1e999", "1e999-1e999", "1" + "+1" * 100_000,
+                                  "-" * 100_000 + "1", "1" + "*1" * 5_000, "1\x00"])
+def test_calculator_refuses_hostile_calls_instead_of_crashing_the_episode(call):
+    # each used to raise ZeroDivisionError, OverflowError, RecursionError, MemoryError or ValueError out of
+    # step(), which ends the run under env_on_error=raise: a call the policy writes is never the run's error
+    with pytest.raises(CalculatorError):
+        calculate(call)
+    env = CalculatorEnv()
+    env.reset({"prompt": "p", "answer": "6"})
+    assert env.step(f"<calc>{call}</calc>").observation == "<result>error</result>"
 
 
 def test_calculator_env_answers_calls_and_scores_the_final_turn():

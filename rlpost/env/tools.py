@@ -39,17 +39,21 @@ class CalculatorError(ValueError):
 def calculate(expression: str) -> str:
     """Evaluate an arithmetic expression exactly (fractions) and format the result: an integer when whole,
     else a decimal with up to 10 digits. Raises CalculatorError on anything that is not plain arithmetic."""
-    expression = re.sub(r"(?<![\d.])0+(?=\d)", "", expression.strip())  # "045" is 45 (Python rejects it)
+    expression = re.sub(r"(?<![\d._])0+(?=\d)", "", expression.strip())  # "045" is 45 (Python rejects it)
     try:
         tree = ast.parse(expression, mode="eval")
-    except SyntaxError:
-        raise CalculatorError(f"not an expression: {expression!r}") from None
+    except (SyntaxError, ValueError):  # ValueError: a null character
+        raise CalculatorError(f"not an expression: {expression[:80]!r}") from None
+    except (RecursionError, MemoryError):  # "1+1+...+1" or "---...-1", nested past the parser's depth
+        raise CalculatorError("expression nested too deep") from None
 
     def ev(node) -> Fraction:
         if isinstance(node, ast.Expression):
             return ev(node.body)
         number = isinstance(node, ast.Constant) and type(node.value) in (int, float)  # bool is not a number here
         if number:
+            if node.value != node.value or node.value in (float("inf"), float("-inf")):  # "1e999"
+                raise CalculatorError(f"not a finite number: {node.value}")
             return Fraction(node.value)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = ev(node.operand)
@@ -59,7 +63,8 @@ def calculate(expression: str) -> str:
             if isinstance(node.op, ast.Pow):
                 if b.denominator != 1 or abs(b) > 64:
                     raise CalculatorError("exponents must be whole numbers of at most 64")
-            if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0:
+            if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0 or isinstance(node.op, ast.Pow) \
+                    and a == 0 and b < 0:  # 0 ** -1 is a division by zero too
                 raise CalculatorError("division by zero")
             out = _BINARY[type(node.op)](a, b)
             out = Fraction(out)
@@ -68,7 +73,10 @@ def calculate(expression: str) -> str:
             return out
         raise CalculatorError(f"only numbers and + - * / // % ** are allowed, got {type(node).__name__}")
 
-    value = ev(tree)
+    try:
+        value = ev(tree)
+    except RecursionError:  # deeper than this interpreter's stack, though the parser took it
+        raise CalculatorError("expression nested too deep") from None
     if value.denominator == 1:
         return str(value.numerator)
     return f"{float(value):.10g}"
