@@ -331,6 +331,28 @@ def test_python_tool_env_runs_calls_in_the_sandbox():
     assert s.done and s.reward == 1.0
 
 
+def test_a_tool_that_prints_what_gpt_mini_cannot_spell_answers_in_escapes_instead_of_stopping_the_run():
+    """The policy's program decides what the python tool prints: a tab or an 'é' (outside PRINTABLE, the
+    alphabet a fresh gpt_mini gets for this env) used to make an observation the tokenizer could not encode,
+    an EnvError that stops the run whatever task.env_on_error says."""
+    from rlpost.env import PRINTABLE
+    from rlpost.env.tools import PythonToolEnv
+    from rlpost.models.gpt_mini import CharTokenizer
+    from rlpost.stages.rl import sample_records
+
+    tok = CharTokenizer(PRINTABLE)
+    env = EnvRole(make=lambda: PythonToolEnv(answer_match_reward, timeout_s=5), tokenizer=tok, max_turns=2,
+                  max_tokens=200, name="python")
+    rows = [{"prompt": "p", "answer": "7"}]
+    engine = ScriptedEngine(tok, ["<python>print(chr(120) + chr(9) + chr(233) + chr(20013))</python>", "7"])
+    batch, _ = run_episodes(engine, env, rows, [tok.encode_prompt("p")], 1, SamplingParams(max_new_tokens=80), 0)
+    assert batch.rewards.tolist() == [1.0]
+    assert sample_records(1, batch, None)[0]["turns"][0]["observation"] == "<output>x\\t\\xe9\\u4e2d</output>"
+    calc = CalculatorEnv(alphabet="0123456789=;", **{**CALCULATOR, "error_text": "?", "max_calls": 2})  # no "."
+    calc.reset(rows[0])
+    assert calc.step("?2*3").observation == "=6;" and calc.step("?1/4").observation == "=?;"
+
+
 # ---------------------------------------------------------------------------- the episode token budget
 
 CALCULATOR = {"call_open": "?", "call_close": "", "result_open": "=", "result_close": ";", "max_calls": 1,

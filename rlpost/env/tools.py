@@ -13,6 +13,10 @@ reads a whole turn "?123*456" as a call and answers "=56088;".
   **, parentheses; no names, no calls), with bounds on exponents and result size: nothing runs.
 - PythonToolEnv runs the call's code in the sandbox (rlpost.sandbox.run) and answers its stdout (or
   the reason it failed), cut to `max_result_chars`.
+
+A tool's answer keeps to the env's `alphabet` (PRINTABLE when it declares none), whatever the call makes it
+print: another character is written as its Python escape ("\\t", "\\xe9"), or, where the alphabet cannot
+spell that either, the answer is `error_text`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from fractions import Fraction
 from typing import Callable
 
 from rlpost import sandbox
-from rlpost.env.base import Env, Step
+from rlpost.env.base import PRINTABLE, Env, Step
 from rlpost.tasks import answer_match_reward
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -125,8 +129,25 @@ class ToolEnv(Env):
         if call is None or self.calls >= self.max_calls:
             return Step(reward=float(self.reward(turn, self.row)), done=True, info={"calls": self.calls})
         self.calls += 1
-        result = self.run_tool(call)[: self.max_result_chars]
+        result = self.spelled(self.run_tool(call))[: self.max_result_chars]
         return Step(observation=f"{self.result_open}{result}{self.result_close}", info={"calls": self.calls})
+
+    def spelled(self, result: str) -> str:
+        """`result` in the characters this env may answer with (`alphabet`, else PRINTABLE): any other one written
+        as its Python escape ("\\t", "\\xe9", "\\u4e2d") where the alphabet spells that, else the whole result
+        is `error_text`. The policy's call decides what a tool prints, and an observation the tokenizer cannot
+        encode (gpt_mini's characters) would stop the run."""
+        allowed = set(PRINTABLE if self.alphabet is None else self.alphabet)
+        if allowed.issuperset(result):
+            return result
+        out = []
+        for char in result:
+            if char not in allowed:
+                char = char.encode("unicode_escape").decode("ascii")
+                if not allowed.issuperset(char):
+                    return self.error_text
+            out.append(char)
+        return "".join(out)
 
 
 class CalculatorEnv(ToolEnv):
