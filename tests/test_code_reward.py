@@ -69,6 +69,25 @@ def test_extraction():
         CodeReward(mode="mean")
 
 
+def test_extraction_is_linear_in_the_completion():
+    """Many "```" with no newline after them made the fence expression scan to the end from each one: 7 s
+    for 120,000 characters, holding the GIL (task.reward_timeout_s could not cut it short). The blocks found
+    are the expression's, in one pass."""
+    import random
+    import re
+
+    fence = re.compile(r"```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)  # what extraction finds
+    rng = random.Random(0)
+    pieces = ["`", "```", "\n", "py", "python", " x", "```python\n", "```\n"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))
+        bodies = fence.findall(text)
+        python = [b for tag, b in bodies if tag.lower() in ("python", "py", "python3")]
+        assert extract_program(text, "fenced") == ((python or [b for _, b in bodies])[-1] if bodies else None), text
+    assert extract_program("```x" * 250_000, "fenced") is None   # the expression: minutes
+    assert extract_program("```python\nprint(1)\n```" + "```x" * 250_000) == "print(1)\n"
+
+
 def test_extract_modes_score(score):
     row = {"tests": [{"input": "5", "output": "10"}]}
     assert score("print(2 * int(input()))", row) == 1.0  # auto: unfenced text is the program

@@ -46,7 +46,8 @@ import time
 from rlpost import sandbox
 from rlpost.env.base import Verifier
 
-_FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)  # what _fences finds, in linear time
+_TAG = re.compile(r"[A-Za-z0-9_+-]*")
 _PYTHON_TAGS = ("python", "py", "python3")
 MAX_ANSWER_BYTES = 1 << 20  # one answer of the program, as JSON; a bigger one fails that call
 MAX_FRAME_BYTES = 64 << 20  # anything else on the wire: the tests, the checker's requests
@@ -383,11 +384,29 @@ def extract_program(completion: str, extract: str = "auto") -> str | None:
     """The program in `completion` (see the module docstring for `extract`); None if there is none."""
     if extract == "whole":
         return completion
-    blocks = _FENCE.findall(completion)
+    blocks = _fences(completion)
     python = [body for tag, body in blocks if tag.lower() in _PYTHON_TAGS]
     if python or blocks:
         return (python or [body for _, body in blocks])[-1]
     return completion if extract == "auto" else None
+
+
+def _fences(text: str) -> list[tuple[str, str]]:
+    """_FENCE.findall(text): the (tag, body) of each fenced block. The regular expression takes time quadratic in
+    the text where many "```" have no newline after them (each start scans to the end: 7 s for 120,000
+    characters, holding the GIL, which task.reward_timeout_s cannot cut short); this finds the same blocks in
+    one pass. A start whose line never ends, or that no later "```" closes, means no later start can match."""
+    blocks, pos = [], 0
+    while (start := text.find("```", pos)) >= 0:
+        line_end = text.find("\n", start + 3)
+        if line_end < 0:
+            break
+        close = text.find("```", line_end + 1)
+        if close < 0:
+            break
+        blocks.append((_TAG.match(text, start + 3).group(), text[line_end + 1:close]))
+        pos = close + 3
+    return blocks
 
 
 def normalize_output(text: str) -> str:
