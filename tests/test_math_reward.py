@@ -58,6 +58,17 @@ def test_each_extraction_method(method, text, expected):
     assert extract_answer(text, method) == expected
 
 
+def test_extraction_takes_linear_time_on_a_line_of_spaces():
+    """A line of spaces after "answer is" made the sign-off expression (a leading \\s*) backtrack from every
+    space: 16 s for 40,000 of them, inside re with the GIL held (a policy writes that in a few hundred BPE
+    tokens, and task.reward_timeout_s cannot abandon such a call). Still dropped: Minerva's sign-off."""
+    text = "The answer is 5" + " " * 200_000 + "x"
+    assert extract_answer(text, "answer_is") == "5" + " " * 200_000 + "x"
+    assert MathReward(workers=1)(text, {"answer": "5"}) == 0.0   # longer than max_answer_chars
+    assert extract_answer("The answer is $5$. i HOPE it is correct  ", "answer_is") == "5"
+    assert extract_answer("The answer is 5 I hope it is correct", "answer_is") == "5"
+
+
 def test_auto_tries_boxed_hash_answer_is_last_line_in_order():
     assert extract_answer("#### 5\nthe answer is 6\n\\boxed{7}") == "7"
     assert extract_answer("the answer is 6\n#### 5") == "5"
