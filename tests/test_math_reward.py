@@ -142,6 +142,11 @@ def test_copying_the_problems_arithmetic_after_the_marker_scores_zero():
             assert r("57+32+18=;#### 57+32+18", {"answer": "107"}) == 0.0
             assert r("57+32=089;089+18=107;#### 107", {"answer": "107"}) == 1.0
             assert r("#### 84/12", {"answer": "7"}) == 0.0 and r("#### 7", {"answer": "7"}) == 1.0
+            # prose: math-verify reads its last expression, which must be a number too
+            assert r("#### so the total is 57+32+18", {"answer": "107"}) == 0.0
+            assert r("#### so it is $\\sqrt{49}$ in all", {"answer": "7"}) == 0.0
+            assert r("#### Janet makes $18 every day.", {"answer": "18"}) == 1.0
+            assert r("#### so she gets $\\frac{1}{2}$ of it", {"answer": "0.5"}) == 1.0
         finally:
             r.close()
     assert fast_equivalent("57+32+18", "107") is False and fast_equivalent(r"\sqrt{49}", "7") is False

@@ -32,8 +32,9 @@ Equivalence (`is_equivalent(pred, gold)`), in order:
      "30^\\circ"), dressed as "x = 5", "\\approx 5", "\\text{5}", "1{,}000" or "1.2 \\times 10^{5}".
      A gold that is a plain number is answered only by a plain number: arithmetic that evaluates to it is no
      answer ("57+32+18", "17 \\cdot 23", "\\sqrt{49}", "5!", a fraction not in lowest terms such as "84/12"),
-     with fast_path off too. Else a policy copies the problem's own expression after "####" and sympy does the
-     work it is rewarded for. Steps 1-3 run in this process, in microseconds.
+     with fast_path off too, and in prose the expression math-verify reads as its answer must be a plain number.
+     Else a policy copies the problem's own expression after "####" and sympy does the work it is rewarded for.
+     Steps 1-3 run in this process, in microseconds.
   4. anything else goes to math-verify (parse + verify, gold first) in a worker process: LaTeX
      (\\frac{1}{2}, 2\\sqrt{2} == \\sqrt{8}), sets ({1,2} == {2,1}), intervals ([0,1) != [0,1]), equations
      (x=3 == 3), expressions ((x+1)^2 == x^2+2x+1). An answer without $-signs is wrapped in $...$ so that it is
@@ -320,22 +321,20 @@ def fast_equivalent(pred: str, gold: str) -> bool | None:
     g = _as_number(gold)
     if g is not None:  # a number is answered by a number, never by arithmetic that evaluates to it
         p = _as_value(pred)
-        return p is not None and _numbers_equal(p, g)
+        if p is not None:
+            return _numbers_equal(p, g)
+        return None if _looks_like_prose(pred) else False  # prose: math-verify finds its value (_verify)
     return None
 
 
-def arithmetic_for_a_number(pred: str, gold: str) -> bool:
-    """Whether `pred` answers the plain number `gold` with arithmetic ("2+3", "84/12", "\\sqrt{49}") rather than
-    a value: never equivalent, whoever decides (with fast_path off, math-verify would evaluate it)."""
-    return _as_number(gold) is not None and _as_value(pred) is None and _norm(pred) != _norm(gold)
-
-
-def verify_pairs(pred: str, gold: str) -> list[tuple[str, str]]:
-    """The (pred, gold) inputs for math-verify: as written, and without the % signs when either has one."""
-    pairs = [(_mv_input(pred), _mv_input(gold))]
+def verify_pairs(pred: str, gold: str) -> list[tuple[str, str, bool]]:
+    """The (pred, gold, value_only) inputs for math-verify: as written, and without the % signs when either has
+    one. value_only: the gold is a plain number, so what math-verify reads as the answer must be one too."""
+    value_only = _as_number(gold) is not None
+    pairs = [(_mv_input(pred), _mv_input(gold), value_only)]
     p, g = _unwrap(pred), _unwrap(gold)
     if _PERCENT.search(p) or _PERCENT.search(g):
-        pairs.append((_mv_input(_PERCENT.sub("", p)), _mv_input(_PERCENT.sub("", g))))
+        pairs.append((_mv_input(_PERCENT.sub("", p)), _mv_input(_PERCENT.sub("", g)), value_only))
     return pairs
 
 
@@ -347,13 +346,19 @@ def _init_worker() -> None:
     _verify([("$\\frac{1}{2}$", "$0.5$")])  # import sympy and load the LaTeX grammar now, not in a call's timeout
 
 
-def _verify(pairs: list[tuple[str, str]]) -> bool:
-    """In a worker: does any (pred, gold) pair verify? math-verify's signal timeouts are off (see module doc)."""
+def _verify(pairs: list[tuple]) -> bool:
+    """In a worker: does any (pred, gold[, value_only]) pair verify? math-verify's signal timeouts are off (see
+    module doc). value_only: the text math-verify extracts as the answer must be a plain number (_as_value),
+    not arithmetic it would evaluate ("so the total is 57+32+18")."""
     from math_verify import parse, verify
 
-    for pred, gold in pairs:
+    for pred, gold, *value_only in pairs:
         g = parse(gold, parsing_timeout=None)
         p = parse(pred, parsing_timeout=None)
+        if value_only and value_only[0] and _norm(pred) != _norm(gold):
+            read = [x for x in p if isinstance(x, str)]
+            if not read or any(_as_value(x) is None for x in read):
+                continue
         if g and p and verify(g, p, timeout_seconds=None):
             return True
     return False
@@ -758,8 +763,6 @@ class MathReward(Verifier):
             fast = fast_equivalent(pred, gold)
             if fast is not None:
                 return fast
-        elif arithmetic_for_a_number(pred, gold):
-            return False
         return self._pool.run(verify_pairs(pred, gold), self.timeout_s)
 
     def close(self) -> None:
