@@ -147,9 +147,10 @@ def test_copying_the_problems_arithmetic_after_the_marker_scores_zero():
             assert r("#### so it is $\\sqrt{49}$ in all", {"answer": "7"}) == 0.0
             assert r("#### Janet makes $18 every day.", {"answer": "18"}) == 1.0
             assert r("#### so she gets $\\frac{1}{2}$ of it", {"answer": "0.5"}) == 1.0
+            assert r("#### \\boxed{107}", {"answer": "107"}) == 1.0   # math-verify reads "107" there
         finally:
             r.close()
-    assert fast_equivalent("57+32+18", "107") is False and fast_equivalent(r"\sqrt{49}", "7") is False
+    assert fast_equivalent("105+2", "107") is None   # math-verify reads "105+2", which is not a number: 0
 
 
 def test_fast_path_decides_numbers_words_and_exact_strings_only():

@@ -32,7 +32,7 @@ Equivalence (`is_equivalent(pred, gold)`), in order:
      "30^\\circ"), dressed as "x = 5", "\\approx 5", "\\text{5}", "1{,}000" or "1.2 \\times 10^{5}".
      A gold that is a plain number is answered only by a plain number: arithmetic that evaluates to it is no
      answer ("57+32+18", "17 \\cdot 23", "\\sqrt{49}", "5!", a fraction not in lowest terms such as "84/12"),
-     with fast_path off too, and in prose the expression math-verify reads as its answer must be a plain number.
+     with fast_path off too: where math-verify reads the answer (prose, "\\boxed{18}"), what it reads must be one.
      Else a policy copies the problem's own expression after "####" and sympy does the work it is rewarded for.
      Steps 1-3 run in this process, in microseconds.
   4. anything else goes to math-verify (parse + verify, gold first) in a worker process: LaTeX
@@ -239,6 +239,8 @@ def _as_number(s: str) -> tuple[list[Fraction], bool] | None:
     s = _ASSIGNED.sub("", s)
     if m := _WRAPPED.match(s):
         s = m.group(1).strip()
+    if s.startswith("(") and s.endswith(")") and "," not in s:  # "(18)", not the point "(1,234)"
+        s = s[1:-1].strip()
     exponent = 0
     if (m := _SCIENTIFIC.match(s)) and "/" not in m.group("m") and "frac" not in m.group("m"):
         exponent = int(m.group("e") or m.group("e2"))
@@ -323,7 +325,7 @@ def fast_equivalent(pred: str, gold: str) -> bool | None:
         p = _as_value(pred)
         if p is not None:
             return _numbers_equal(p, g)
-        return None if _looks_like_prose(pred) else False  # prose: math-verify finds its value (_verify)
+        return None  # math-verify reads it ("\\boxed{18}", prose): what it reads must be a number (_verify)
     return None
 
 
