@@ -262,10 +262,12 @@ def test_calculator_is_exact_and_refuses_anything_but_arithmetic():
 
 
 @pytest.mark.parametrize("call", ["0**-1", "0.0**-2", "1e999", "1e999-1e999", "1" + "+1" * 100_000,
-                                  "-" * 100_000 + "1", "1" + "*1" * 5_000, "1\x00"])
+                                  "-" * 100_000 + "1", "1" + "*1" * 5_000, "1\x00", "9" * 4000 + "**64",
+                                  "9" * 4000, "9" * 61])
 def test_calculator_refuses_hostile_calls_instead_of_crashing_the_episode(call):
-    # each used to raise ZeroDivisionError, OverflowError, RecursionError, MemoryError or ValueError out of
-    # step(), which ends the run under env_on_error=raise: a call the policy writes is never the run's error
+    # each used to raise ZeroDivisionError, OverflowError, RecursionError, MemoryError or ValueError (a result
+    # past 4300 digits written out to count them) out of step(), which ends the run under env_on_error=raise:
+    # a call the policy writes is never the run's error; and a number is refused past MAX_DIGITS, written or not
     with pytest.raises(CalculatorError):
         calculate(call)
     env = CalculatorEnv()

@@ -51,6 +51,12 @@ def calculate(expression: str) -> str:
     except (RecursionError, MemoryError):  # "1+1+...+1" or "---...-1", nested past the parser's depth
         raise CalculatorError("expression nested too deep") from None
 
+    def bounded(value: Fraction) -> Fraction:
+        # compared, not written out: str() of an int past 4300 digits raises ValueError ("9"*4000 + "**64")
+        if abs(value.numerator) >= 10 ** MAX_DIGITS or value.denominator >= 10 ** MAX_DIGITS:
+            raise CalculatorError("result too large")
+        return value
+
     def ev(node) -> Fraction:
         if isinstance(node, ast.Expression):
             return ev(node.body)
@@ -58,7 +64,7 @@ def calculate(expression: str) -> str:
         if number:
             if node.value != node.value or node.value in (float("inf"), float("-inf")):  # "1e999"
                 raise CalculatorError(f"not a finite number: {node.value}")
-            return Fraction(node.value)
+            return bounded(Fraction(node.value))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = ev(node.operand)
             return -v if isinstance(node.op, ast.USub) else v
@@ -70,11 +76,7 @@ def calculate(expression: str) -> str:
             if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0 or isinstance(node.op, ast.Pow) \
                     and a == 0 and b < 0:  # 0 ** -1 is a division by zero too
                 raise CalculatorError("division by zero")
-            out = _BINARY[type(node.op)](a, b)
-            out = Fraction(out)
-            if len(str(abs(out.numerator))) > MAX_DIGITS or len(str(out.denominator)) > MAX_DIGITS:
-                raise CalculatorError("result too large")
-            return out
+            return bounded(Fraction(_BINARY[type(node.op)](a, b)))
         raise CalculatorError(f"only numbers and + - * / // % ** are allowed, got {type(node).__name__}")
 
     try:
