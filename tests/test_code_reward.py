@@ -416,6 +416,25 @@ def test_an_answer_the_checker_cannot_decode_is_no_exception_of_the_tests():
         assert CodeReward(timeout_s=3)(forge % (value,), {"tests": tests}) == 0.0
 
 
+def test_a_call_that_gives_no_answer_is_never_the_exception_the_tests_expect():
+    """A call that returned junk (not plain data) raised an Exception in the tests, so `except Exception` and
+    assertRaises(Exception) took it for the error they expected: returning object() for bad input passed, where
+    Python would have returned it. A program's own exception class reaches the tests as its built-in base."""
+    caught = ("try:\n    root(-1)\n    raised = False\nexcept Exception:\n    raised = True\nassert raised\n"
+              "assert root(4) == 2\n")
+    unit = ("import unittest\nclass T(unittest.TestCase):\n    def test_neg(self):\n"
+            "        self.assertRaises(%s, root, -1)\n")
+    ok = "def root(x):\n    return 0 if x < 0 else int(x ** 0.5)\n"
+    junk = "def root(x):\n    if x < 0:\n        return object()\n    return int(x ** 0.5)\n"
+    own = "class NegError(ValueError):\n    pass\ndef root(x):\n    if x < 0:\n        raise NegError(x)\n" \
+          "    return int(x ** 0.5)\n"
+    score = CodeReward(timeout_s=3)
+    # the set-up statement holding the try fails, and with it every assert after it (as a crash would)
+    assert score(junk, {"tests": caught}) == 0.0 and score(junk, {"tests": unit % "Exception"}) == 0.0
+    assert score(own, {"tests": caught}) == 1.0 and score(own, {"tests": unit % "ValueError"}) == 1.0
+    assert score(ok, {"tests": unit % "Exception"}) == 0.0   # no exception at all
+
+
 def test_entry_point_must_be_a_name(score):
     with pytest.raises(ValueError, match=r"row\['entry_point'\] must be the name"):
         score(fenced(ADD), {"tests": "def check(c):\n    assert c(1, 2) == 3\n", "entry_point": "add(1)"})
