@@ -69,6 +69,25 @@ def test_extraction():
         CodeReward(mode="mean")
 
 
+def test_extraction_is_linear_in_the_completion():
+    """Many "```" with no newline after them made the fence expression scan to the end from each one: 7 s
+    for 120,000 characters, holding the GIL (task.reward_timeout_s could not cut it short). The blocks found
+    are the expression's, in one pass."""
+    import random
+    import re
+
+    fence = re.compile(r"```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)  # what extraction finds
+    rng = random.Random(0)
+    pieces = ["`", "```", "\n", "py", "python", " x", "```python\n", "```\n"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))
+        bodies = fence.findall(text)
+        python = [b for tag, b in bodies if tag.lower() in ("python", "py", "python3")]
+        assert extract_program(text, "fenced") == ((python or [b for _, b in bodies])[-1] if bodies else None), text
+    assert extract_program("```x" * 250_000, "fenced") is None   # the expression: minutes
+    assert extract_program("```python\nprint(1)\n```" + "```x" * 250_000) == "print(1)\n"
+
+
 def test_extract_modes_score(score):
     row = {"tests": [{"input": "5", "output": "10"}]}
     assert score("print(2 * int(input()))", row) == 1.0  # auto: unfenced text is the program
@@ -395,6 +414,25 @@ def test_an_answer_the_checker_cannot_decode_is_no_exception_of_the_tests():
     for value, error in (({"nonsense": 1}, "ValueError"), ({"fraction": [1, 0]}, "ZeroDivisionError")):
         tests = f"try:\n    f()\n    raised = False\nexcept {error}:\n    raised = True\nassert raised\n"
         assert CodeReward(timeout_s=3)(forge % (value,), {"tests": tests}) == 0.0
+
+
+def test_a_call_that_gives_no_answer_is_never_the_exception_the_tests_expect():
+    """A call that returned junk (not plain data) raised an Exception in the tests, so `except Exception` and
+    assertRaises(Exception) took it for the error they expected: returning object() for bad input passed, where
+    Python would have returned it. A program's own exception class reaches the tests as its built-in base."""
+    caught = ("try:\n    root(-1)\n    raised = False\nexcept Exception:\n    raised = True\nassert raised\n"
+              "assert root(4) == 2\n")
+    unit = ("import unittest\nclass T(unittest.TestCase):\n    def test_neg(self):\n"
+            "        self.assertRaises(%s, root, -1)\n")
+    ok = "def root(x):\n    return 0 if x < 0 else int(x ** 0.5)\n"
+    junk = "def root(x):\n    if x < 0:\n        return object()\n    return int(x ** 0.5)\n"
+    own = "class NegError(ValueError):\n    pass\ndef root(x):\n    if x < 0:\n        raise NegError(x)\n" \
+          "    return int(x ** 0.5)\n"
+    score = CodeReward(timeout_s=3)
+    # the set-up statement holding the try fails, and with it every assert after it (as a crash would)
+    assert score(junk, {"tests": caught}) == 0.0 and score(junk, {"tests": unit % "Exception"}) == 0.0
+    assert score(own, {"tests": caught}) == 1.0 and score(own, {"tests": unit % "ValueError"}) == 1.0
+    assert score(ok, {"tests": unit % "Exception"}) == 0.0   # no exception at all
 
 
 def test_entry_point_must_be_a_name(score):

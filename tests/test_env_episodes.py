@@ -258,6 +258,21 @@ def test_calculator_is_exact_and_refuses_anything_but_arithmetic():
     for bad in ("__import__('os')", "x + 1", "9**9**9", "1/0", "10**61", "[1]", "open('f')"):
         with pytest.raises(CalculatorError):
             calculate(bad)
+    assert calculate("1_000") == "1000" and calculate("2**-2") == "0.25"  # "1_000" used to read as 10
+
+
+@pytest.mark.parametrize("call", ["0**-1", "0.0**-2", "1e999", "1e999-1e999", "1" + "+1" * 100_000,
+                                  "-" * 100_000 + "1", "1" + "*1" * 5_000, "1\x00", "9" * 4000 + "**64",
+                                  "9" * 4000, "9" * 61])
+def test_calculator_refuses_hostile_calls_instead_of_crashing_the_episode(call):
+    # each used to raise ZeroDivisionError, OverflowError, RecursionError, MemoryError or ValueError (a result
+    # past 4300 digits written out to count them) out of step(), which ends the run under env_on_error=raise:
+    # a call the policy writes is never the run's error; and a number is refused past MAX_DIGITS, written or not
+    with pytest.raises(CalculatorError):
+        calculate(call)
+    env = CalculatorEnv()
+    env.reset({"prompt": "p", "answer": "6"})
+    assert env.step(f"<calc>{call}</calc>").observation == "<result>error</result>"
 
 
 def test_calculator_env_answers_calls_and_scores_the_final_turn():
@@ -328,6 +343,28 @@ def test_python_tool_env_runs_calls_in_the_sandbox():
         "exit_nonzero</output>"
     s = env.step("42")
     assert s.done and s.reward == 1.0
+
+
+def test_a_tool_that_prints_what_gpt_mini_cannot_spell_answers_in_escapes_instead_of_stopping_the_run():
+    """The policy's program decides what the python tool prints: a tab or an 'é' (outside PRINTABLE, the
+    alphabet a fresh gpt_mini gets for this env) used to make an observation the tokenizer could not encode,
+    an EnvError that stops the run whatever task.env_on_error says."""
+    from rlpost.env import PRINTABLE
+    from rlpost.env.tools import PythonToolEnv
+    from rlpost.models.gpt_mini import CharTokenizer
+    from rlpost.stages.rl import sample_records
+
+    tok = CharTokenizer(PRINTABLE)
+    env = EnvRole(make=lambda: PythonToolEnv(answer_match_reward, timeout_s=5), tokenizer=tok, max_turns=2,
+                  max_tokens=200, name="python")
+    rows = [{"prompt": "p", "answer": "7"}]
+    engine = ScriptedEngine(tok, ["<python>print(chr(120) + chr(9) + chr(233) + chr(20013))</python>", "7"])
+    batch, _ = run_episodes(engine, env, rows, [tok.encode_prompt("p")], 1, SamplingParams(max_new_tokens=80), 0)
+    assert batch.rewards.tolist() == [1.0]
+    assert sample_records(1, batch, None)[0]["turns"][0]["observation"] == "<output>x\\t\\xe9\\u4e2d</output>"
+    calc = CalculatorEnv(alphabet="0123456789=;", **{**CALCULATOR, "error_text": "?", "max_calls": 2})  # no "."
+    calc.reset(rows[0])
+    assert calc.step("?2*3").observation == "=6;" and calc.step("?1/4").observation == "=?;"
 
 
 # ---------------------------------------------------------------------------- the episode token budget

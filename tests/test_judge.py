@@ -601,3 +601,26 @@ def test_a_local_judge_scores_a_whole_batch_in_one_generation(judge_folders):
     assert out.rewards.tolist() == pytest.approx([0.7, 0.7]) and len(seen) == 2
     assert metrics["judge/calls"] == 6.0
     judge.close()
+
+
+def test_a_completion_a_gpt_mini_judge_cannot_spell_scores_on_failure_instead_of_stopping_the_run(tmp_path):
+    """A gpt_mini judge reads characters: a completion holding one its vocabulary lacks (the policy writes what
+    it likes) used to raise out of the reward and stop the run. It is a failure now, scored on_failure without
+    a call; a rubric the judge cannot spell still raises, naming the character (a setup error)."""
+    from rlpost.config import ModelConfig
+    from rlpost.models import build_gpt_mini, save_model
+
+    rubric = "{prompt}|{completion}"
+    chars = "".join(sorted(set("0123456789+=|\n<>/&;" + "completion" + "ltgamp")))
+    model, tok = build_gpt_mini(ModelConfig(n_layer=1, n_embd=32, n_head=1, block_size=128), chars)
+    save_model(model, tok, str(tmp_path / "judge"))
+    judge = JudgeReward(model=str(tmp_path / "judge"), rubric=rubric, score_min=0, score_max=1, max_new_tokens=2,
+                        on_failure=-1, device="cpu")
+    seen = _spy(judge)
+    row = {"prompt": "2+3="}
+    with pytest.warns(UserWarning, match="'é'.*vocabulary lacks"):
+        scores = judge.score_batch(["5é", "5<"], [row, row])   # "<" is quoted as "&lt;", which it spells
+    assert scores[0] == -1 and len(seen) == 1 and len(seen[0][0]) == 1   # only the second was asked
+    with pytest.raises(ValueError, match="not in gpt_mini's vocabulary"):
+        judge.score_batch(["5"], [{"prompt": "2?3="}])   # the row's prompt: the judge was set up wrong
+    judge.close()

@@ -58,6 +58,17 @@ def test_each_extraction_method(method, text, expected):
     assert extract_answer(text, method) == expected
 
 
+def test_extraction_takes_linear_time_on_a_line_of_spaces():
+    """A line of spaces after "answer is" made the sign-off expression (a leading \\s*) backtrack from every
+    space: 16 s for 40,000 of them, inside re with the GIL held (a policy writes that in a few hundred BPE
+    tokens, and task.reward_timeout_s cannot abandon such a call). Still dropped: Minerva's sign-off."""
+    text = "The answer is 5" + " " * 200_000 + "x"
+    assert extract_answer(text, "answer_is") == "5" + " " * 200_000 + "x"
+    assert MathReward(workers=1)(text, {"answer": "5"}) == 0.0   # longer than max_answer_chars
+    assert extract_answer("The answer is $5$. i HOPE it is correct  ", "answer_is") == "5"
+    assert extract_answer("The answer is 5 I hope it is correct", "answer_is") == "5"
+
+
 def test_auto_tries_boxed_hash_answer_is_last_line_in_order():
     assert extract_answer("#### 5\nthe answer is 6\n\\boxed{7}") == "7"
     assert extract_answer("the answer is 6\n#### 5") == "5"
@@ -90,6 +101,10 @@ EQUAL = [
     (r"2\sqrt{2}", r"\sqrt{8}"), (r"\frac{\pi}{2}", r"\pi/2"), ("(x+1)^2", "x^2+2x+1"), (r"\tfrac{1}{2}x", "x/2"),
     (r"\{2, 1\}", r"\{1,2\}"), ("1,2", r"\{1,2\}"), ("[0, 1)", "[0,1)"), (r"(-\infty, 0]", r"(-\infty,0]"),
     ("x=3", "3"), ("3", "x=3"),
+    # a number written as a value, however it is dressed
+    (r"1{,}000", "1000"), (r"1\,000", "1000"), (r"30^\circ", "30"), (r"18\,\text{cm}", "18"), (r"\textbf{18}", "18"),
+    (r"1.2 \times 10^{5}", "120000"), ("1.2e5", "120000"), ("\u22125", "-5"), (r"\frac{-1}{4}", "-0.25"),
+    (r"\frac{10}{2}", r"\frac{10}{2}"),  # written as the gold is
     ("Paris", "paris"), (r"\text{New York}", "new  york"), ("even.", "Even"),
 ]
 NOT_EQUAL = [
@@ -101,6 +116,10 @@ NOT_EQUAL = [
     (r"\{1,2\}", r"\{1,2,3\}"), ("[0,1]", "[0,1)"), ("(0,1)", "[0,1)"),
     ("Pairs", "Paris"),  # math-verify alone reads both as the product p*a*i*r*s
     ("Paris or London", "Paris"), ("odd", "even"),
+    # arithmetic is no answer to a number: the policy would copy the problem's expression and let sympy add
+    ("57+32+18", "107"), (r"17 \cdot 23", "391"), ("84/12", "7"), (r"\frac{14}{2}", "7"), ("7/1", "7"),
+    (r"\frac{2}{4}", "0.5"), (r"\sqrt{49}", "7"), ("5!", "120"), (r"\binom{5}{2}", "10"), ("2^{10}", "1024"),
+    ("10^3", "1000"), (r"\{3\}", "3"), ("3 + 0x", "3"), (r"1 \times 10^{999}", "1"),
 ]
 
 
@@ -112,6 +131,26 @@ def test_equal_answers(reward, pred, gold):
 @pytest.mark.parametrize("pred,gold", NOT_EQUAL)
 def test_unequal_answers(reward, pred, gold):
     assert not reward.equivalent(pred, gold)
+
+
+def test_copying_the_problems_arithmetic_after_the_marker_scores_zero():
+    """The chain-of-thought recipes (r1_zero, cot_math) score "#### <answer>" with math: an answer that is the
+    prompt's own sum, unevaluated, used to pay 1.0 (sympy did the addition), with fast_path off as well."""
+    for fast_path in (True, False):
+        r = MathReward(extract="hash", workers=1, fast_path=fast_path)
+        try:
+            assert r("57+32+18=;#### 57+32+18", {"answer": "107"}) == 0.0
+            assert r("57+32=089;089+18=107;#### 107", {"answer": "107"}) == 1.0
+            assert r("#### 84/12", {"answer": "7"}) == 0.0 and r("#### 7", {"answer": "7"}) == 1.0
+            # prose: math-verify reads its last expression, which must be a number too
+            assert r("#### so the total is 57+32+18", {"answer": "107"}) == 0.0
+            assert r("#### so it is $\\sqrt{49}$ in all", {"answer": "7"}) == 0.0
+            assert r("#### Janet makes $18 every day.", {"answer": "18"}) == 1.0
+            assert r("#### so she gets $\\frac{1}{2}$ of it", {"answer": "0.5"}) == 1.0
+            assert r("#### \\boxed{107}", {"answer": "107"}) == 1.0   # math-verify reads "107" there
+        finally:
+            r.close()
+    assert fast_equivalent("105+2", "107") is None   # math-verify reads "105+2", which is not a number: 0
 
 
 def test_fast_path_decides_numbers_words_and_exact_strings_only():
@@ -221,27 +260,27 @@ def test_timeout_scores_zero_counts_and_the_pool_recovers():
 
     def score(case):
         started = time.monotonic()
-        got = r(case[0], {"answer": "4"})
+        got = r(case[0], {"answer": r"4\sqrt{2}"})
         timed.append((case[0], time.monotonic() - started))
         return got
 
     try:
-        assert r(r"\boxed{\sqrt{16}}", {"answer": "4"}) == 1.0          # starts the pool
+        assert r(r"\boxed{\sqrt{32}}", {"answer": r"4\sqrt{2}"}) == 1.0  # starts the pool
         # one worker stuck on SLOW, the other busy with 0.3 s calls when the timeout kills the first: those
         # calls go on undisturbed, not scored 0
-        cases = [(rf"\boxed{{{SLOW}}}", 0.0)] + [(r"\boxed{\sqrt{16}}", 1.0), (r"\boxed{\sqrt{15}}", 0.0)] * 5
+        cases = [(rf"\boxed{{{SLOW}}}", 0.0)] + [(r"\boxed{\sqrt{32}}", 1.0), (r"\boxed{\sqrt{30}}", 0.0)] * 5
         with ThreadPoolExecutor(4) as ex:
             got = list(ex.map(score, cases))
         assert got == [want for _, want in cases]
         assert r.timeouts == 1 and r._pool.crashes == 0
         assert dict(timed)[cases[0][0]] < 60                              # not the minutes SLOW takes to finish
-        assert r(r"\boxed{\sqrt{9}}", {"answer": "3"}) == 1.0           # and the pool carries on
+        assert r(r"\boxed{\sqrt{18}}", {"answer": "3\\sqrt{2}"}) == 1.0           # and the pool carries on
     finally:
         r.close()
 
 
 def test_pickle(reward):
-    assert reward(r"\boxed{\sqrt{4}}", {"answer": "2"}) == 1.0              # its pool is running
+    assert reward(r"\boxed{\sqrt{8}}", {"answer": "2\\sqrt{2}"}) == 1.0              # its pool is running
     copy = pickle.loads(pickle.dumps(reward))
     assert copy._pool.pids() == [] and repr(copy) == repr(reward)       # options travel, processes do not
     assert copy(r"\boxed{0.5}", {"answer": "1/2"}) == 1.0
@@ -258,17 +297,17 @@ from rlpost.env.math import MathReward
 
 if __name__ == "__main__":
     r = MathReward(workers=1, timeout_s=120)
-    assert r(r"\\boxed{\\sqrt{4}}", {"answer": "2"}) == 1.0
+    assert r(r"\\boxed{\\sqrt{8}}", {"answer": r"2\\sqrt{2}"}) == 1.0
     first = r._pool.pids()
     r.close()
     # dead by pid, not by Process.is_alive(): the executor's own thread reaps the killed workers too, and the
     # thread whose waitpid loses that race reads a dead process as alive until the other records its exit code
     dead = lambda pid: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
     assert first and r._pool.pids() == [] and all(map(dead, first)), "close() left workers running"
-    assert r(r"\\boxed{\\sqrt{4}}", {"answer": "3"}) == 0.0            # a call after close starts a new pool
+    assert r(r"\\boxed{\\sqrt{8}}", {"answer": r"3\\sqrt{2}"}) == 0.0            # a call after close starts a new pool
     print(" ".join(map(str, r._pool.pids())), flush=True)
     # exit while a call that would take minutes runs: the exit hook kills the workers, no 120 s wait
-    threading.Thread(target=r, args=(r"\\boxed{%s}", {"answer": "3"}), daemon=True).start()
+    threading.Thread(target=r, args=(r"\\boxed{%s}", {"answer": r"3\\sqrt{2}"}), daemon=True).start()
     time.sleep(0.5)
 """
 
@@ -297,10 +336,10 @@ def test_start_and_a_verify_error_reach_the_caller_and_keep_the_worker():
         first = r._pool.pids()
         assert len(first) == 2
         r._pool.verify_fn = raising_verify
-        with pytest.raises(ValueError, match=r"no verdict on \$\\sqrt\{4\}\$"):
-            r(r"\boxed{\sqrt{4}}", {"answer": "2"})
+        with pytest.raises(ValueError, match=r"no verdict on \$\\sqrt\{8\}\$"):
+            r(r"\boxed{\sqrt{8}}", {"answer": "2\\sqrt{2}"})
         r._pool.verify_fn = _verify
-        assert r(r"\boxed{\sqrt{4}}", {"answer": "2"}) == 1.0
+        assert r(r"\boxed{\sqrt{8}}", {"answer": "2\\sqrt{2}"}) == 1.0
         assert r._pool.pids() == first and r.timeouts == 0 and r._pool.crashes == 0  # the same two workers
     finally:
         r.close()
@@ -321,12 +360,12 @@ def test_a_call_interrupted_in_the_caller_does_not_leave_its_reply_for_the_next_
 
     before = signal.signal(signal.SIGALRM, interrupt)
     try:
-        assert r(r"\boxed{\sqrt{16}}", {"answer": "4"}) == 1.0
+        assert r(r"\boxed{\sqrt{32}}", {"answer": "4\\sqrt{2}"}) == 1.0
         first = r._pool.pids()
         signal.setitimer(signal.ITIMER_REAL, 0.1)  # as Ctrl-C would, while the worker still works on the call
         with pytest.raises(Interrupted):
-            r(r"\boxed{\sqrt{16}}", {"answer": "4"})
-        assert r(r"\boxed{\sqrt{16}}", {"answer": "5"}) == 0.0  # not the interrupted call's True
+            r(r"\boxed{\sqrt{32}}", {"answer": "4\\sqrt{2}"})
+        assert r(r"\boxed{\sqrt{32}}", {"answer": "5\\sqrt{2}"}) == 0.0  # not the interrupted call's True
         assert r._pool.pids() != first
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -349,7 +388,7 @@ def test_close_from_another_thread_under_a_call_retries_it_on_a_fresh_worker(mon
 
     monkeypatch.setattr(m._Worker, "_send", send_then_close)
     try:
-        assert r(r"\boxed{\sqrt{16}}", {"answer": "4"}) == 1.0
+        assert r(r"\boxed{\sqrt{32}}", {"answer": "4\\sqrt{2}"}) == 1.0
         assert closed and r._pool.pids() != closed and r._pool.crashes == 0
     finally:
         r.close()

@@ -226,7 +226,8 @@ def _env() -> dict:
 UNGUARDED = """
 from rlpost.env.math import MathReward
 r = MathReward(workers=1, fast_path=False)
-print("scored", r(r"\\boxed{\\sqrt{4}}", {"answer": "2"}), r(r"\\boxed{\\sqrt{4}}", {"answer": "3"}), flush=True)
+print("scored", r(r"\\boxed{\\sqrt{8}}", {"answer": r"2\\sqrt{2}"}),
+      r(r"\\boxed{\\sqrt{8}}", {"answer": r"3\\sqrt{2}"}), flush=True)
 """
 
 
@@ -248,14 +249,14 @@ from rlpost.env.math import MathReward
 
 if __name__ == "__main__":
     r = MathReward(workers=1, fast_path=False, timeout_s=600)
-    t = threading.Thread(target=r, args=(r"\\boxed{\\sqrt{4}}", {"answer": "2"}))
+    t = threading.Thread(target=r, args=(r"\\boxed{\\sqrt{8}}", {"answer": r"2\\sqrt{2}"}))
     t.start()
     t.join()
     first = r._pool.pids()
     time.sleep(1.0)
-    assert r(r"\\boxed{\\sqrt{9}}", {"answer": "3"}) == 1.0
+    assert r(r"\\boxed{\\sqrt{18}}", {"answer": r"3\\sqrt{2}"}) == 1.0
     assert r._pool.pids() == first, (first, r._pool.pids())
-    threading.Thread(target=r, args=(r"\\boxed{9^{9^{9}}}", {"answer": "3"}), daemon=True).start()
+    threading.Thread(target=r, args=(r"\\boxed{9^{9^{9}}}", {"answer": r"3\\sqrt{2}"}), daemon=True).start()
     time.sleep(2.0)  # the worker is inside sympy's power now
     print(*first, flush=True)
     time.sleep(600)

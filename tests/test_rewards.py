@@ -32,6 +32,9 @@ def test_shipped_names_resolve_and_unknown_names_list_them():
     assert set(REWARDS) == {"exact", "math", "code", "judge", "format"}
     assert get_reward("exact")("46\nmore", {"answer": "46"}) == 1.0
     assert get_reward("exact")("046", {"answer": "46"}) == 1.0  # by value
+    # exactly: as floats these two integers are one number, so a last digit guessed wrong used to score 1.0
+    assert get_reward("exact")("12345678901234567891", {"answer": "12345678901234567890"}) == 0.0
+    assert get_reward("exact")("46.0", {"answer": "46"}) == 1.0 and get_reward("exact")("sNaN", {"answer": "4"}) == 0.0
     with pytest.raises(ValueError, match="shipped: exact, math, code, judge, format"):
         get_reward("nope")
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 VerifierFn = Callable[[str, dict], float]
+PRINTABLE = "".join(map(chr, range(32, 127))) + "\n"  # an env's alphabet when it declares none
 
 
 @dataclass

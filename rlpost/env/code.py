@@ -26,8 +26,9 @@ row["tests"] is either
   harnesses' stdin and stdout (pipes from this process, which relays and size-caps the frames; no socket,
   so the sandbox's seccomp filter, which refuses AF_UNIX sockets, is no obstacle). A result that is not
   plain data, a request the program does not answer (it exited, crashed, hung past the row's timeout_s,
-  sent junk) fails that call. So the program decides only its own answers, never a verdict, and it never
-  sees an expected value.
+  sent junk) fails that call, with a RemoteError that is no Exception (a test's `except Exception` never
+  takes it for the error it expects); the program's own exception class arrives as its built-in base. So
+  the program decides only its own answers, never a verdict, and it never sees an expected value.
 
 The reward is the fraction of cases passed (mode="fraction") or 1.0 only if all pass (mode="all").
 extract: "auto" (the last ```python block, else the last ``` block, else the whole text), "fenced" (the
@@ -46,7 +47,8 @@ import time
 from rlpost import sandbox
 from rlpost.env.base import Verifier
 
-_FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)  # what _fences finds, in linear time
+_TAG = re.compile(r"[A-Za-z0-9_+-]*")
 _PYTHON_TAGS = ("python", "py", "python3")
 MAX_ANSWER_BYTES = 1 << 20  # one answer of the program, as JSON; a bigger one fails that call
 MAX_FRAME_BYTES = 64 << 20  # anything else on the wire: the tests, the checker's requests
@@ -82,10 +84,13 @@ def _exactly(fd, n):
         buf += chunk
     return buf
 
+class NotPlain(Exception):  # what encode refuses: the sender's answer is not plain data
+    pass
+
 def encode(v, depth=0):
     t = type(v)
     if depth > 200:
-        raise ValueError("nested too deep")
+        raise NotPlain("nested too deep")
     if t is not bool and t not in _EXACT:
         v = plain(v)
         t = type(v)
@@ -111,7 +116,7 @@ def encode(v, depth=0):
         return {"fraction": [encode(int.__int__(v.numerator)), encode(int.__int__(v.denominator))]}
     if t.__module__ == "decimal" and t.__name__ == "Decimal":
         return {"decimal": str(v)}
-    raise TypeError("not plain data: " + t.__name__)
+    raise NotPlain("not plain data: " + t.__name__)
 
 _EXACT = (type(None), int, float, str, list, tuple, set, frozenset, dict, bytes, complex, range)
 # A subclass of a built-in type (Counter, defaultdict, OrderedDict, namedtuple, IntEnum, a str Enum, numpy's
@@ -139,7 +144,7 @@ def plain(v):
         items = []
         for x in v:
             if len(items) >= ITER_MAX:
-                raise ValueError("an iterator of over %%d items" %% ITER_MAX)
+                raise NotPlain("an iterator of over %%d items" %% ITER_MAX)
             items.append(x)
         return _Iterated(items)
     return v
@@ -194,7 +199,13 @@ def private_channel():
 # The program sandbox: run the program once, then answer {"get": name} and {"call": name, "args", "kwargs"}
 # until the host closes the pipe. A program that raises at its top level (sys.exit included) ends the run.
 _PROGRAM_SERVER = _WIRE + """
-import types
+import builtins, types
+
+def kind(e):  # the exception's nearest built-in class: NegError(ValueError) is sent as a ValueError
+    for c in type(e).__mro__:
+        if getattr(builtins, c.__name__, None) is c:
+            return c.__name__
+    return "RemoteError"
 
 def answer(ns, req):
     try:
@@ -208,9 +219,11 @@ def answer(ns, req):
         args = [decode(a) for a in req["args"]]
         kwargs = {k: decode(v) for k, v in req["kwargs"].items()}
         return {"value": encode(ns[req["call"]](*args, **kwargs))}
+    except NotPlain as e:  # no answer: in Python the call would have returned, not raised
+        return {"raised": "RemoteError", "message": str(e)[:1000]}
     except BaseException as e:
         try:
-            return {"raised": type(e).__name__, "message": str(e)[:1000]}
+            return {"raised": kind(e), "message": str(e)[:1000]}
         except BaseException:
             return {"raised": "RemoteError", "message": "an exception that cannot be shown"}
 
@@ -239,8 +252,10 @@ main()
 _CHECKER = _WIRE + """
 import ast, builtins, importlib, types
 
-class RemoteError(Exception):
-    \"\"\"The program's function raised an exception that is not a built-in one, or gave no answer.\"\"\"
+class RemoteError(BaseException):
+    \"\"\"A call of the program's that gave no answer: none in time, not plain data, StopIteration, SystemExit.
+    Not an Exception, so that `except Exception`, assertRaises(Exception) or pytest.raises(Exception) in the
+    tests never take it for the exception they expect (returning junk would pass them).\"\"\"
 
 COUNT = {"asserts": 0, "asked": 0}
 
@@ -383,11 +398,29 @@ def extract_program(completion: str, extract: str = "auto") -> str | None:
     """The program in `completion` (see the module docstring for `extract`); None if there is none."""
     if extract == "whole":
         return completion
-    blocks = _FENCE.findall(completion)
+    blocks = _fences(completion)
     python = [body for tag, body in blocks if tag.lower() in _PYTHON_TAGS]
     if python or blocks:
         return (python or [body for _, body in blocks])[-1]
     return completion if extract == "auto" else None
+
+
+def _fences(text: str) -> list[tuple[str, str]]:
+    """_FENCE.findall(text): the (tag, body) of each fenced block. The regular expression takes time quadratic in
+    the text where many "```" have no newline after them (each start scans to the end: 7 s for 120,000
+    characters, holding the GIL, which task.reward_timeout_s cannot cut short); this finds the same blocks in
+    one pass. A start whose line never ends, or that no later "```" closes, means no later start can match."""
+    blocks, pos = [], 0
+    while (start := text.find("```", pos)) >= 0:
+        line_end = text.find("\n", start + 3)
+        if line_end < 0:
+            break
+        close = text.find("```", line_end + 1)
+        if close < 0:
+            break
+        blocks.append((_TAG.match(text, start + 3).group(), text[line_end + 1:close]))
+        pos = close + 3
+    return blocks
 
 
 def normalize_output(text: str) -> str:

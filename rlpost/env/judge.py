@@ -443,8 +443,8 @@ class JudgeReward(Verifier):
         with self._counts:
             self.calls += len(texts)
         scores: list[float | None] = [None] * len(texts)
-        errors: list[_Failed | None] = [None] * len(texts)
-        pending = list(range(len(texts)))
+        errors: list[_Failed | None] = [self._unreadable(c) for c in completions]
+        pending = [n for n in range(len(texts)) if errors[n] is None]
         for attempt in range(self.retries + 1):
             if attempt:
                 with self._counts:
@@ -475,6 +475,19 @@ class JudgeReward(Verifier):
                 warnings.warn(f"judge: {len(failed)} sample(s) scored on_failure={self.on_failure:g}, e.g.: "
                               f"{errors[failed[0]]} (further failures are only counted: metrics())", stacklevel=2)
         return [self.on_failure if s is None else s for s in scores]
+
+    def _unreadable(self, completion: str) -> _Failed | None:
+        """A failure (without a call) when the completion, as quoted, holds a character the local judge cannot
+        encode: a gpt_mini judge reads characters, and the policy writes what it likes, so such a sample scores
+        on_failure instead of stopping the run. The rubric's own characters still raise (a setup error)."""
+        known = getattr(self.tokenizer, "chars", None)
+        if known is None:  # a subword tokenizer encodes any text
+            return None
+        missing = sorted(set("".join(map(_escape, completion))) - set(known))
+        if not missing:
+            return None
+        return _Failed(f"the completion holds {''.join(missing[:10])!r}, which the judge's vocabulary lacks",
+                       retry=False)
 
     @classmethod
     def check_options(cls, **options) -> None:

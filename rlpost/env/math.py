@@ -28,7 +28,12 @@ Equivalence (`is_equivalent(pred, gold)`), in order:
      it may be a rounded value: agreeing to 6 decimal places and to 4 significant digits (a relative difference
      of at most 1e-4) is enough (0.333333 == 1/3, 0.003333 == 1/300), but a tiny number is not rounded to
      another, nor to 0 (0 != 0.0000001, 0.000001 != 0.0000014). Plain means: an integer, a decimal, 1,000-style
-     commas, a/b, \\frac{a}{b}, a leading \\$, a trailing %, trailing unit words ("42 dollars", "5 \\text{cm}").
+     commas, a/b, \\frac{a}{b}, a leading \\$, a trailing %, trailing unit words ("42 dollars", "5 \\text{cm}",
+     "30^\\circ"), dressed as "x = 5", "\\approx 5", "\\text{5}", "1{,}000" or "1.2 \\times 10^{5}".
+     A gold that is a plain number is answered only by a plain number: arithmetic that evaluates to it is no
+     answer ("57+32+18", "17 \\cdot 23", "\\sqrt{49}", "5!", a fraction not in lowest terms such as "84/12"),
+     with fast_path off too: where math-verify reads the answer (prose, "\\boxed{18}"), what it reads must be one.
+     Else a policy copies the problem's own expression after "####" and sympy does the work it is rewarded for.
      Steps 1-3 run in this process, in microseconds.
   4. anything else goes to math-verify (parse + verify, gold first) in a worker process: LaTeX
      (\\frac{1}{2}, 2\\sqrt{2} == \\sqrt{8}), sets ({1,2} == {2,1}), intervals ([0,1) != [0,1]), equations
@@ -53,6 +58,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import logging
+import math
 import os
 import pickle
 import queue
@@ -78,7 +84,7 @@ STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports sympy and math-verify; gener
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASH = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS = re.compile(r"\banswer(?:\s+is\b\s*:?|\s*:)(?:\s|\*)*", re.IGNORECASE)
-_HOPE = re.compile(r"\s*I hope it is correct\.?\s*$", re.IGNORECASE)
+_HOPE = ("i hope it is correct.", "i hope it is correct")  # Minerva's sign-off, dropped from the end of a line
 # a sign only where it cannot be a minus between two terms ("x-3" -> "3"); 1,000-style commas, decimals, a/b, %
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?|(?<![\w.])-?\.\d+")
 
@@ -130,8 +136,12 @@ def _answer_is(text: str) -> str | None:
         pass
     if last is None:
         return None
-    line = text[last.end():].split("\n", 1)[0]
-    return _clean(_HOPE.sub("", line))  # Minerva's "The final answer is $5$. I hope it is correct."
+    line = text[last.end():].split("\n", 1)[0].rstrip()
+    for hope in _HOPE:  # Minerva's "The final answer is $5$. I hope it is correct." (no regular expression: a
+        if line[-len(hope):].lower() == hope:  # leading \s* took time quadratic in a line of spaces, GIL held)
+            line = line[:-len(hope)]
+            break
+    return _clean(line)
 
 
 def _last_line(text: str) -> str | None:
@@ -178,9 +188,19 @@ _NOT_TEXT = {"pi", "oo", "inf", "infty", "infinity", "nan"}  # letters, but math
 _SPACING = re.compile(r"\\[,;:! ]|\\left|\\right|\s+")
 _PERCENT = re.compile(r"\\?%$")
 # words after a number are its unit: "42 dollars", "5 \text{cm}" (not "3 or 4": the words must end the answer)
-_UNIT = re.compile(r"(?<=\d)(?:\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z ]*\}|\s+[A-Za-z]{2,}(?:\s+[A-Za-z]+)*)$")
+_UNIT = re.compile(r"(?<=\d)(?:\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z /]*\}(?:\^\{?\d\}?)?"
+                   r"|\s+[A-Za-z]{2,}(?:\s+[A-Za-z]+)*|\s*(?:\^\{?\\circ\}?|°))$")
 _NUM = re.compile(r"(?P<sign>[-+]?)(?:(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?:\.(?P<dec>\d+))?|\.(?P<dec2>\d+)"
-                  r"|(?P<num>\d+)/(?P<den>\d+)|\\frac\{(?P<fnum>\d+)\}\{(?P<fden>\d+)\}|\\frac(?P<n1>\d)(?P<d1>\d))")
+                  r"|(?P<num>\d+)/(?P<den>\d+)|\\frac\{(?P<fsign>-?)(?P<fnum>\d+)\}\{(?P<fden>\d+)\}"
+                  r"|\\frac(?P<n1>\d)(?P<d1>\d))")
+# how a number may be written around its digits: "x = 5", "\approx 5", "\textbf{5}", "1{,}000", a Unicode minus,
+# "1.2 \times 10^{5}" / "1.2e5" (an exponent of at most MAX_EXPONENT)
+_ASSIGNED = re.compile(r"^(?:[A-Za-z](?:_\{?\w+\}?)?\s*=|\\approx)\s*")
+_WRAPPED = re.compile(r"^\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\{([^{}]*)\}$")
+_LATEX_SPACE = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
+_SCIENTIFIC = re.compile(r"^(?P<m>.+?)(?:\s*(?:\\times|\\cdot)\s*10\s*\^\s*\{?\s*(?P<e>[-+]?\d+)\s*\}?"
+                         r"|[eE](?P<e2>[-+]?\d+))$")
+MAX_EXPONENT = 300
 
 
 def _unwrap(s: str) -> str:
@@ -213,12 +233,26 @@ def _as_text(s: str) -> str | None:
 
 def _as_number(s: str) -> tuple[list[Fraction], bool] | None:
     """The values a plain number may mean (two for a percentage: x/100 and x) and whether it is a decimal."""
-    s = _norm(_UNIT.sub("", _unwrap(s).rstrip(".").rstrip()))
+    if len(s) >= 4000:  # Python refuses int("...") past 4300 digits
+        return None
+    s = _LATEX_SPACE.sub(" ", _unwrap(s).rstrip(".").strip()).replace("{,}", ",").replace("\u2212", "-")
+    s = _ASSIGNED.sub("", s)
+    if m := _WRAPPED.match(s):
+        s = m.group(1).strip()
+    if s.startswith("(") and s.endswith(")") and "," not in s:  # "(18)", not the point "(1,234)"
+        s = s[1:-1].strip()
+    exponent = 0
+    if (m := _SCIENTIFIC.match(s)) and "/" not in m.group("m") and "frac" not in m.group("m"):
+        exponent = int(m.group("e") or m.group("e2"))
+        if abs(exponent) > MAX_EXPONENT:
+            return None
+        s = m.group("m")
+    s = _norm(_UNIT.sub("", s.rstrip()))
     s = s.removeprefix("\\$")  # a currency sign
     pct = bool(_PERCENT.search(s))
     if pct:
         s = _PERCENT.sub("", s)
-    m = _NUM.fullmatch(s) if len(s) < 4000 else None  # Python refuses int("...") past 4300 digits
+    m = _NUM.fullmatch(s)
     if not m:
         return None
     g = m.groupdict()
@@ -232,9 +266,27 @@ def _as_number(s: str) -> tuple[list[Fraction], bool] | None:
         if int(den) == 0:
             return None
         value = Fraction(int(num), int(den))
+        if g["fsign"] == "-":
+            value = -value
     if g["sign"] == "-":
         value = -value
-    return ([value / 100, value] if pct else [value]), decimal
+    value *= Fraction(10) ** exponent
+    return ([value / 100, value] if pct else [value]), decimal or exponent != 0
+
+
+def _as_value(s: str) -> tuple[list[Fraction], bool] | None:
+    """`_as_number(s)` when `s` is a number written as a value, None when it is arithmetic that a solver would
+    have finished: a fraction that is not in lowest terms ("84/12", "\\frac{10}{2}", "7/1"), or anything that is
+    not a plain number ("2+3", "17 \\cdot 23", "\\sqrt{49}", "5!")."""
+    number = _as_number(s)
+    if number is None:
+        return None
+    fraction = re.search(r"(\d+)/(\d+)|\\frac\{-?(\d+)\}\{(\d+)\}|\\frac(\d)(\d)", _norm(s))
+    if fraction:
+        num, den = (int(x) for x in fraction.groups() if x is not None)
+        if den == 1 or math.gcd(num, den) != 1:
+            return None
+    return number
 
 
 REL_TOL = Fraction(1, 10_000)   # a rounded decimal keeps 4 significant digits at least
@@ -268,18 +320,23 @@ def fast_equivalent(pred: str, gold: str) -> bool | None:
     gold_text = _as_text(gold)
     if gold_text is not None:
         return _as_text(pred) == gold_text
-    p, g = _as_number(pred), _as_number(gold)
-    if p is not None and g is not None:
-        return _numbers_equal(p, g)
+    g = _as_number(gold)
+    if g is not None:  # a number is answered by a number, never by arithmetic that evaluates to it
+        p = _as_value(pred)
+        if p is not None:
+            return _numbers_equal(p, g)
+        return None  # math-verify reads it ("\\boxed{18}", prose): what it reads must be a number (_verify)
     return None
 
 
-def verify_pairs(pred: str, gold: str) -> list[tuple[str, str]]:
-    """The (pred, gold) inputs for math-verify: as written, and without the % signs when either has one."""
-    pairs = [(_mv_input(pred), _mv_input(gold))]
+def verify_pairs(pred: str, gold: str) -> list[tuple[str, str, bool]]:
+    """The (pred, gold, value_only) inputs for math-verify: as written, and without the % signs when either has
+    one. value_only: the gold is a plain number, so what math-verify reads as the answer must be one too."""
+    value_only = _as_number(gold) is not None
+    pairs = [(_mv_input(pred), _mv_input(gold), value_only)]
     p, g = _unwrap(pred), _unwrap(gold)
     if _PERCENT.search(p) or _PERCENT.search(g):
-        pairs.append((_mv_input(_PERCENT.sub("", p)), _mv_input(_PERCENT.sub("", g))))
+        pairs.append((_mv_input(_PERCENT.sub("", p)), _mv_input(_PERCENT.sub("", g)), value_only))
     return pairs
 
 
@@ -291,13 +348,19 @@ def _init_worker() -> None:
     _verify([("$\\frac{1}{2}$", "$0.5$")])  # import sympy and load the LaTeX grammar now, not in a call's timeout
 
 
-def _verify(pairs: list[tuple[str, str]]) -> bool:
-    """In a worker: does any (pred, gold) pair verify? math-verify's signal timeouts are off (see module doc)."""
+def _verify(pairs: list[tuple]) -> bool:
+    """In a worker: does any (pred, gold[, value_only]) pair verify? math-verify's signal timeouts are off (see
+    module doc). value_only: the text math-verify extracts as the answer must be a plain number (_as_value),
+    not arithmetic it would evaluate ("so the total is 57+32+18")."""
     from math_verify import parse, verify
 
-    for pred, gold in pairs:
+    for pred, gold, *value_only in pairs:
         g = parse(gold, parsing_timeout=None)
         p = parse(pred, parsing_timeout=None)
+        if value_only and value_only[0] and _norm(pred) != _norm(gold):
+            read = [x for x in p if isinstance(x, str)]
+            if not read or any(_as_value(x) is None for x in read):
+                continue
         if g and p and verify(g, p, timeout_seconds=None):
             return True
     return False
@@ -649,7 +712,8 @@ class MathReward(Verifier):
     workers:  processes for math-verify (started on first use)
     answer_key:  the row's field with the gold answer
     max_answer_chars:  a longer extracted answer scores 0.0 (and never reaches sympy)
-    fast_path:  decide exact matches, words and plain numbers without math-verify (False: always math-verify)
+    fast_path:  decide exact matches, words and plain numbers without math-verify (False: math-verify, except
+                that arithmetic answering a plain number is still no answer)
     """
 
     def __init__(self, *, extract: str | list[str] = "auto", timeout_s: float = 5.0, workers: int = 2,

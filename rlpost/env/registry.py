@@ -12,10 +12,8 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from rlpost.env.base import Env
+from rlpost.env.base import PRINTABLE, Env
 from rlpost.env.reward import load_reward_fn
-
-PRINTABLE = "".join(map(chr, range(32, 127))) + "\n"  # an env's alphabet when it declares none
 
 ENVS = {  # name -> ("module:Class", one line for `rlpost envs`)
     "calculator": ("rlpost.env.tools:CalculatorEnv",

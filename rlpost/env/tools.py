@@ -13,6 +13,10 @@ reads a whole turn "?123*456" as a call and answers "=56088;".
   **, parentheses; no names, no calls), with bounds on exponents and result size: nothing runs.
 - PythonToolEnv runs the call's code in the sandbox (rlpost.sandbox.run) and answers its stdout (or
   the reason it failed), cut to `max_result_chars`.
+
+A tool's answer keeps to the env's `alphabet` (PRINTABLE when it declares none), whatever the call makes it
+print: another character is written as its Python escape ("\\t", "\\xe9"), or, where the alphabet cannot
+spell that either, the answer is `error_text`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from fractions import Fraction
 from typing import Callable
 
 from rlpost import sandbox
-from rlpost.env.base import Env, Step
+from rlpost.env.base import PRINTABLE, Env, Step
 from rlpost.tasks import answer_match_reward
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -39,18 +43,28 @@ class CalculatorError(ValueError):
 def calculate(expression: str) -> str:
     """Evaluate an arithmetic expression exactly (fractions) and format the result: an integer when whole,
     else a decimal with up to 10 digits. Raises CalculatorError on anything that is not plain arithmetic."""
-    expression = re.sub(r"(?<![\d.])0+(?=\d)", "", expression.strip())  # "045" is 45 (Python rejects it)
+    expression = re.sub(r"(?<![\d._])0+(?=\d)", "", expression.strip())  # "045" is 45 (Python rejects it)
     try:
         tree = ast.parse(expression, mode="eval")
-    except SyntaxError:
-        raise CalculatorError(f"not an expression: {expression!r}") from None
+    except (SyntaxError, ValueError):  # ValueError: a null character
+        raise CalculatorError(f"not an expression: {expression[:80]!r}") from None
+    except (RecursionError, MemoryError):  # "1+1+...+1" or "---...-1", nested past the parser's depth
+        raise CalculatorError("expression nested too deep") from None
+
+    def bounded(value: Fraction) -> Fraction:
+        # compared, not written out: str() of an int past 4300 digits raises ValueError ("9"*4000 + "**64")
+        if abs(value.numerator) >= 10 ** MAX_DIGITS or value.denominator >= 10 ** MAX_DIGITS:
+            raise CalculatorError("result too large")
+        return value
 
     def ev(node) -> Fraction:
         if isinstance(node, ast.Expression):
             return ev(node.body)
         number = isinstance(node, ast.Constant) and type(node.value) in (int, float)  # bool is not a number here
         if number:
-            return Fraction(node.value)
+            if node.value != node.value or node.value in (float("inf"), float("-inf")):  # "1e999"
+                raise CalculatorError(f"not a finite number: {node.value}")
+            return bounded(Fraction(node.value))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = ev(node.operand)
             return -v if isinstance(node.op, ast.USub) else v
@@ -59,16 +73,16 @@ def calculate(expression: str) -> str:
             if isinstance(node.op, ast.Pow):
                 if b.denominator != 1 or abs(b) > 64:
                     raise CalculatorError("exponents must be whole numbers of at most 64")
-            if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0:
+            if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0 or isinstance(node.op, ast.Pow) \
+                    and a == 0 and b < 0:  # 0 ** -1 is a division by zero too
                 raise CalculatorError("division by zero")
-            out = _BINARY[type(node.op)](a, b)
-            out = Fraction(out)
-            if len(str(abs(out.numerator))) > MAX_DIGITS or len(str(out.denominator)) > MAX_DIGITS:
-                raise CalculatorError("result too large")
-            return out
+            return bounded(Fraction(_BINARY[type(node.op)](a, b)))
         raise CalculatorError(f"only numbers and + - * / // % ** are allowed, got {type(node).__name__}")
 
-    value = ev(tree)
+    try:
+        value = ev(tree)
+    except RecursionError:  # deeper than this interpreter's stack, though the parser took it
+        raise CalculatorError("expression nested too deep") from None
     if value.denominator == 1:
         return str(value.numerator)
     return f"{float(value):.10g}"
@@ -120,8 +134,25 @@ class ToolEnv(Env):
         if call is None or self.calls >= self.max_calls:
             return Step(reward=float(self.reward(turn, self.row)), done=True, info={"calls": self.calls})
         self.calls += 1
-        result = self.run_tool(call)[: self.max_result_chars]
+        result = self.spelled(self.run_tool(call))[: self.max_result_chars]
         return Step(observation=f"{self.result_open}{result}{self.result_close}", info={"calls": self.calls})
+
+    def spelled(self, result: str) -> str:
+        """`result` in the characters this env may answer with (`alphabet`, else PRINTABLE): any other one written
+        as its Python escape ("\\t", "\\xe9", "\\u4e2d") where the alphabet spells that, else the whole result
+        is `error_text`. The policy's call decides what a tool prints, and an observation the tokenizer cannot
+        encode (gpt_mini's characters) would stop the run."""
+        allowed = set(PRINTABLE if self.alphabet is None else self.alphabet)
+        if allowed.issuperset(result):
+            return result
+        out = []
+        for char in result:
+            if char not in allowed:
+                char = char.encode("unicode_escape").decode("ascii")
+                if not allowed.issuperset(char):
+                    return self.error_text
+            out.append(char)
+        return "".join(out)
 
 
 class CalculatorEnv(ToolEnv):

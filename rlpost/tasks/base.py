@@ -22,8 +22,8 @@ it by name (rlpost/settings/task.py), without importing a task itself.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from rlpost.registry import Registry, make_config
@@ -81,16 +81,17 @@ class TaskSource:
 
 
 def answer_match(completion: str, answer: str) -> float:
-    """1.0 when the completion's first line equals the answer (numerically when both are numbers)."""
+    """1.0 when the completion's first line equals the answer (numerically when both are numbers: exactly, as
+    decimals, so "046" = "46" = "46.0", but two integers past float's 16 digits are never taken for each other)."""
     got = completion.strip().split("\n")[0].strip()
     want = str(answer).strip()
     if got == want:
         return 1.0
     try:
-        a, b = float(got), float(want)
-    except ValueError:
+        a, b = Decimal(got), Decimal(want)
+    except (InvalidOperation, ValueError):
         return 0.0
-    return 1.0 if math.isfinite(a) and a == b else 0.0
+    return 1.0 if a.is_finite() and b.is_finite() and a == b else 0.0
 
 
 def answer_match_reward(completion: str, row: dict) -> float:
