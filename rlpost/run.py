@@ -94,8 +94,8 @@ from rlpost.models import (cached_hub_folder, check_lengths, load_model, load_we
                            packing_refusal, resolve_device, resolve_precision, resolve_rollout_dtype,
                            safetensors_files, save_model)
 from rlpost.models.lora import fold_adapters, is_lora, saved_lora_config
-from rlpost.runlog import (RUN_FILE, ResumeError, RunLog, discard_run_dir, make_run_dir, open_log, replace_file,
-                           run_id_of)
+from rlpost.runlog import (RUN_FILE, ResumeError, RunLog, discard_run_dir, hold_run_dir, make_run_dir, open_log,
+                           release_run_dir, replace_file, run_id_of)
 from rlpost.schema import ConfigError, layout_keys
 from rlpost.sinks import check_available
 from rlpost.stages import STAGES
@@ -606,12 +606,19 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None,
     main = dist.is_main()
     if resume:  # rank 0 finds the checkpoint (and tidies half-written ones); every rank resumes from it
         run_dir = resume
-        ckpt = dist.broadcast_object(_resume_point(run_dir, stages, cfg, saved) if main else None)
+        if main:  # refused while another process writes the run directory (the run itself, still going)
+            hold_run_dir(run_dir)
+        try:
+            ckpt = dist.broadcast_object(_resume_point(run_dir, stages, cfg, saved) if main else None)
+        except BaseException:
+            release_run_dir(run_dir)
+            raise
         keep = ckpt.meta["metrics_lines"] if ckpt else 0
         # a checkpoint written before rollouts.jsonl was counted has no count: the RL stage cuts by step
         keep_rollouts = ckpt.meta.get("rollouts_lines") if ckpt else 0
     else:
-        run_dir, ckpt, keep = dist.broadcast_object(make_run_dir(cfg, recipe_name) if main else None), None, None
+        run_dir = dist.broadcast_object(make_run_dir(cfg, recipe_name, hold=True) if main else None)
+        ckpt, keep = None, None
         keep_rollouts = None
     run_id = dist.broadcast_object(run_id_of(run_dir) if main else None)  # what its checkpoints carry
     log = None
@@ -629,6 +636,7 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None,
             log.close(exit_code=1)
         if main and not resume:  # refused before any work: leave nothing that blocks the same command again
             discard_run_dir(run_dir, run_id)
+        release_run_dir(run_dir)
         dist.destroy()
         raise
     ctx.run_id, ctx.config_sha256 = run_id, config_digest(cfg)
@@ -639,6 +647,7 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None,
         return _train(cfg, stages, ctx, ckpt, log, resume, t_start)
     finally:
         log.close(exit_code=1)  # closed already when _train got going (then with the run's own exit code)
+        release_run_dir(run_dir)
         dist.destroy()
 
 

@@ -774,3 +774,53 @@ def test_out_of_memory_names_the_role_and_the_step_and_the_resume_finishes_the_r
     monkeypatch.setattr(Reference, "__call__", real)
     assert main(["train", "--resume", str(run), *SHORT]) == 0, capsys.readouterr().err
     assert comparable(run) == comparable(finished_short_run[0])
+
+
+# ---------------------------------------------------------------------------- two processes on one run directory
+
+def test_a_resume_while_another_process_holds_the_run_is_refused_and_changes_nothing(finished_short_run, tmp_path):
+    """A resume while another process writes the run (held here, as a running run holds it) would cut
+    metrics.jsonl by replacing the file under the run still appending to the old one, and tidy away its
+    half-written checkpoint: refused, naming the folder, with nothing touched; once released it resumes."""
+    from rlpost.run import train
+    from rlpost.runlog import RunDirBusy, hold_run_dir, release_run_dir
+
+    run, _ = killed_after_step_2(finished_short_run, tmp_path)
+    (run / "checkpoints" / ".tmp-step_4").mkdir()  # the other process's checkpoint, being written
+    before = {name: (run / name).read_text() for name in ("metrics.jsonl", "rollouts.jsonl")}
+    hold_run_dir(str(run))
+    try:
+        with pytest.raises(RunDirBusy, match=f"run directory {run} is in use: another rlpost process"):
+            train(saved_config(str(run)), resume=str(run))
+    finally:
+        release_run_dir(str(run))
+    assert (run / "checkpoints" / ".tmp-step_4").is_dir()
+    assert {name: (run / name).read_text() for name in before} == before
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    assert comparable(run) == comparable(finished_short_run[0])
+    hold_run_dir(str(run))  # the resume let go of it when it ended
+    release_run_dir(str(run))
+
+
+@pytest.mark.slow
+def test_a_resume_of_a_run_still_going_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    """Two real processes: `rlpost train --resume` of a run that is still training exits 1 naming the folder
+    (it used to replace metrics.jsonl under the running run, which then lost every later line, and pruned
+    checkpoints out from under each other); SIGKILL of the run lets go of the folder with the process."""
+    from rlpost.runlog import hold_run_dir, release_run_dir
+
+    run = tmp_path / "going"
+    p = subprocess.Popen(command(*TINY[:-1], "rl.steps=100000", "rl.keep_checkpoints=0", f"out_dir={tmp_path}",
+                                 "run_name=going"), cwd=tmp_path, env=run_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (run / "checkpoints" / "step_2").is_dir(), p)
+        second = subprocess.run(command("--resume", str(run)), cwd=tmp_path, env=run_env(), capture_output=True,
+                                text=True, timeout=300)
+        assert p.poll() is None  # the run went on training throughout
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"run directory {run} is in use" in second.stderr
+    finally:
+        wait_or_kill(p, 0)
+    hold_run_dir(str(run))
+    release_run_dir(str(run))
