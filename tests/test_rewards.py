@@ -247,3 +247,24 @@ def test_every_reward_role_runs_the_same_episode_loop(tiny_gpt):
     assert a.rewards.tolist() == a.response_mask.sum(1).float().tolist() and ma["lengths/seen"] == 6.0
     assert {"time/rollout", "time/reward"} <= set(ma) and {"time/rollout", "time/reward", "reward/errors"} <= set(mb)
     Lengths().close()  # a role without a verifier has nothing to close
+
+
+def test_a_reward_that_returns_a_string_or_none_is_named_not_parsed(tiny_gpt):
+    """float() would take "1" (and "nan", " inf ") from a reward function as a score: a string or None is no
+    reward, named with its sample (raise), or scored as a failure and counted (zero); a weighted sum names the
+    term. A number of any type (bool, int, a NumPy or torch scalar) is one."""
+    import numpy as np
+
+    _, tok = tiny_gpt
+    batch = batch_of(tok, ["46", "47"])
+    for value, shown in (("1", "str '1'"), (None, "NoneType None"), (b"1", "bytes b'1'"), ("nan", "str 'nan'")):
+        with pytest.raises(RewardError, match=f"failed on sample 0 .*TypeError: returned {shown}, not a number"):
+            Reward(lambda c, r, v=value: v, tok)(batch)
+        out, metrics = Reward(lambda c, r, v=value: v if c == "47" else 1.0, tok, on_error="zero")(batch)
+        assert out.rewards.tolist() == [1.0, 0.0] and metrics["reward/errors"] == 1.0
+    w = WeightedRewards([{"name": "exact", "weight": 1.0}])
+    w.terms = [("exact", 1.0, lambda c, r: "1")]
+    with pytest.raises(RewardError, match="TypeError: term 'exact' returned str '1', not a number"):
+        Reward(w, tok)(batch)
+    for value in (True, 1, np.float32(1.0), torch.tensor(1.0)):
+        assert Reward(lambda c, r, v=value: v, tok)(batch)[0].rewards.tolist() == [1.0, 1.0]

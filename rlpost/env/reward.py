@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from rlpost.batch import Batch
-from rlpost.env.base import Verifier, as_verifier
+from rlpost.env.base import Verifier, as_verifier, reward_value
 from rlpost.env.calls import CallResult, call_all, hung_calls
 from rlpost.env.role import RewardRole
 
@@ -173,9 +173,7 @@ class Reward(RewardRole):
                 value, named = res.value
                 for label, v in named.items():  # the parts of a weighted sum
                     parts.setdefault(label, []).append(float(v))
-                r = float(value)
-                if not math.isfinite(r):
-                    raise ValueError(f"returned a non-finite reward {r}")
+                r = reward_value(value)
             except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
                 if self.on_error != "zero":
                     raise RewardError(f"reward function {self.name} failed on {_sample(i, row, text)}: "
