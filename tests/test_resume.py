@@ -562,6 +562,36 @@ def test_a_failed_rewrite_of_a_checkpoint_keeps_the_one_of_that_name(tmp_path, m
     assert os.listdir(tmp_path / "checkpoints") == ["step_1"]
 
 
+def test_a_model_folder_rewritten_when_the_run_is_stopped_keeps_the_one_before(tmp_path, monkeypatch):
+    """rl.keep_best's best/ (and a redone stage's reference/) is rewritten in place: a second Ctrl-C (or a kill)
+    between removing the old folder and renaming the new one into place used to leave neither, and a resume
+    then removed the complete .tmp- folder too. The old folder is kept aside until the new one is in place,
+    and a resume puts it back, matching the checkpoint's own record of the best."""
+    from rlpost.checkpoint import clean_partial, write_model_folder
+
+    def model(text):
+        return lambda folder: (os.makedirs(folder), open(os.path.join(folder, "model.safetensors"), "w").write(text))
+
+    write_model_folder(str(tmp_path), "best", model("step 3"))
+    rename = os.rename
+
+    def stopped_at_the_rename_into_place(src, dst):
+        if os.path.basename(src) == ".tmp-best":
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", stopped_at_the_rename_into_place)
+    with pytest.raises(KeyboardInterrupt):
+        write_model_folder(str(tmp_path), "best", model("step 6"))
+    monkeypatch.undo()
+    assert clean_partial(str(tmp_path)) == [".old-best", ".tmp-best"]
+    assert os.listdir(tmp_path / "checkpoints") == ["best"]
+    assert (tmp_path / "checkpoints" / "best" / "model.safetensors").read_text() == "step 3"
+    write_model_folder(str(tmp_path), "best", model("step 6"))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best"]
+    assert (tmp_path / "checkpoints" / "best" / "model.safetensors").read_text() == "step 6"
+
+
 class FullDisk:
     """A file whose disk fills up: each write puts half its text in, then fails as a full disk does."""
 
