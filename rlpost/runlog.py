@@ -282,6 +282,8 @@ def make_run_dir(cfg: Config, recipe_name: str, kind: str = "train", hold: bool 
     `hold`: the folder is held (`hold_run_dir`) before anything is written into it, so that a resume of the run
     started at once is refused while it runs; the caller releases it (`release_run_dir`)."""
     run_dir = run_dir_of(cfg, recipe_name)
+    if not cfg.run_name:  # runs started in the same second (a sweep launched at once) get -2, -3, ...
+        run_dir = _unused_folder(run_dir)
     if os.path.lexists(os.path.join(run_dir, "metrics.jsonl")):
         raise FileExistsError(f"run directory {run_dir} already holds a run; choose another run_name, or continue "
                               f"it with `rlpost train --resume {run_dir}`")
@@ -302,6 +304,20 @@ def make_run_dir(cfg: Config, recipe_name: str, kind: str = "train", hold: bool 
         release_run_dir(run_dir)
         raise
     return run_dir
+
+
+def _unused_folder(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ... : the first that did not exist, created here (os.mkdir either creates
+    it or fails, so two processes never both get the same one)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    candidate, n = path, 1
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{path}-{n}"
 
 
 RUN_START_FILES = ("config.yaml", RUN_FILE, "metrics.jsonl", "tensorboard", "wandb")  # make_run_dir, open_log
