@@ -126,6 +126,27 @@ def test_eval_reward_scores_pass_at_1_by_another_reward_than_the_runs(tiny_gpt, 
         load_config(None, ["eval.reward_options={a: 1}"])
 
 
+def test_eval_reward_calls_are_handled_as_the_runs_reward_calls_are(tiny_gpt):
+    """eval.reward's role used to drop task.reward_on_error, task.reward_workers and task.reward_timeout_s: a sample
+    the run scores as a failure (zero) stopped the run at its first evaluation, and a reward that needs the main
+    thread (task.reward_timeout_s=null, for signal.alarm) ran in a worker thread under a 60 s limit."""
+    from rlpost.env.verifiers import eval_reward_role
+
+    _, tok = tiny_gpt
+    cfg = load_config(None, ["eval.reward=exact"])
+    role = eval_reward_role(cfg.eval, Reward(lambda c, r: 0.0, tok, on_error="zero", workers=3, timeout_s=7.0))
+    assert (role.on_error, role.workers, role.timeout_s) == ("zero", 3, 7.0)
+    out, metrics = role.scored_by(lambda c, r: 1.0 if c == "46" else 1 / 0)(batch_of(tok, ["46", "4"]))
+    assert out.rewards.tolist() == [1.0, 0.0] and metrics["reward/errors"] == 1.0
+
+    def main_thread_only(completion, row):
+        assert threading.current_thread() is threading.main_thread(), "not called in the main thread"
+        return 1.0
+
+    alarm_role = Reward(lambda c, r: 0.0, tok, timeout_s=None).scored_by(main_thread_only)
+    assert alarm_role(batch_of(tok, ["46"]))[0].rewards.tolist() == [1.0]
+
+
 def test_format_reward_checks_the_shape_of_the_whole_completion_not_the_answer():
     fmt = get_reward("format")  # reasoning, then "#### <number>" and nothing after
     for right in ("57+32=089;089+18=107;#### 107", "57+32=089;089+18=107;#### 999", "so it is\n#### -3.5",

@@ -128,8 +128,9 @@ class Reward(RewardRole):
         self.name = getattr(self.fn, "__qualname__", repr(fn))  # a function's name, a weighted sum's terms
 
     def scored_by(self, fn: RewardFn) -> Reward:
-        """The one-turn role of verifier `fn` (eval.reward), over the same tokenizer."""
-        return Reward(fn, self.tokenizer)
+        """The one-turn role of verifier `fn` (eval.reward), over the same tokenizer, with the same handling of
+        its calls: task.reward_on_error, task.reward_workers and task.reward_timeout_s."""
+        return Reward(fn, self.tokenizer, on_error=self.on_error, workers=self.workers, timeout_s=self.timeout_s)
 
     def completions(self, batch: Batch) -> list[str]:
         return decode_responses(batch, self.tokenizer)
