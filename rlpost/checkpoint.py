@@ -14,9 +14,10 @@ A checkpoint is a folder under `<run_dir>/checkpoints/`:
     rlpost_checkpoint.json   where the run stood: stage index and name, step, whether the stage had
                         finished, metrics.jsonl and rollouts.jsonl lines written so far (and a sha256 of
                         them), the summary so far, the folder holding the policy weights and the sha256 of
-                        each of its files, the run's id and config digest, the folder's own name, and a
-                        sha256 of every file above (those in shards/ included, as `shards/<file>`); a sharded
-                        one also `sharded`: {"folder": "shards", "world_size": the ranks that wrote it}
+                        each of its files, the run's id and config digest, the sha256 of the task's rows, the
+                        folder's own name, and a sha256 of every file above (those in shards/ included, as
+                        `shards/<file>`); a sharded one also `sharded`: {"folder": "shards", "world_size": the
+                        ranks that wrote it}
 
 It is written into `checkpoints/.tmp-<name>/` and renamed into place only when complete, so a kill
 in mid-write leaves a `.tmp-` folder that is never read (and is removed on resume). The newest

@@ -99,7 +99,7 @@ from rlpost.runlog import (RUN_FILE, ResumeError, RunLog, discard_run_dir, hold_
 from rlpost.schema import ConfigError, layout_keys
 from rlpost.sinks import check_available
 from rlpost.stages import STAGES
-from rlpost.stages.base import RunContext, RunInterrupted, Stage
+from rlpost.stages.base import RunContext, RunInterrupted, Stage, data_digests
 from rlpost.tasks import load_task
 from rlpost.weight_sync import WeightSync
 
@@ -560,6 +560,26 @@ def _resume_point(run_dir: str, stages: list[Stage], cfg: Config, saved: Config 
     return ckpt
 
 
+def check_data(ckpt: Checkpoint, digests: dict[str, str], cfg: Config) -> None:
+    """ResumeError naming what changed when the task's rows (`data_digests`) are not the ones checkpoint `ckpt` was
+    written with: the prompt sampler's position and the SFT draws it holds are indices into those rows, so other
+    rows would be a different run (or an IndexError, a file cut short). A checkpoint of an older rlpost, which
+    recorded none, is taken as it is."""
+    recorded = ckpt.meta.get("data_sha256")
+    if not isinstance(recorded, dict):
+        return
+    changed = [k for k, d in digests.items() if k in recorded and recorded[k] != d]
+    if changed:
+        files = {k: v for k, v in (("task.train_file", cfg.task.train_file), ("task.eval_file", cfg.task.eval_file))
+                 if v}
+        where = ", ".join(f"{k}={v}" for k, v in files.items()) or f"task.name={cfg.task.name}"
+        names = {"train_rows": "training rows", "eval_rows": "held-out rows", "demonstrations": "demonstrations"}
+        raise ResumeError(f"--resume: the task's {', '.join(names.get(k, k) for k in changed)} are not the ones "
+                          f"checkpoint {ckpt.path} was written with ({where}; edited, regenerated or replaced since "
+                          "the run started?); resuming on other data would not continue the same run. Put the data "
+                          "back as they were, or start a new run")
+
+
 def resolve_precisions(cfg: Config) -> str:
     """trainer.precision=auto and rollout.dtype=auto made concrete, in `cfg` itself (so the run directory's
     saved config, and a resume from it, keep what this machine picked), for the run and for each stage-list
@@ -629,6 +649,9 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None,
         shards = skeleton_resume(cfg, ckpt, run_dir)
         ctx = build_context(cfg, run_dir, log, shards=shards,
                             folder=None if shards else skeleton_start(cfg, ckpt, run_dir))
+        ctx.data_sha256 = data_digests(ctx.task)
+        if ckpt is not None:
+            check_data(ckpt, ctx.data_sha256, cfg)
         if layout_changes:  # before the change is recorded: refused, the run directory keeps its config
             check_layout_dropout(layout_changes, training_dropout(ctx.model), run_dir)
     except BaseException:

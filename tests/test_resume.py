@@ -854,3 +854,35 @@ def test_a_resume_of_a_run_still_going_is_refused_and_a_killed_run_leaves_no_loc
         wait_or_kill(p, 0)
     hold_run_dir(str(run))
     release_run_dir(str(run))
+
+
+# ---------------------------------------------------------------------------- the data changed under a run
+
+def test_a_resume_on_changed_data_is_refused_naming_what_changed(tmp_path):
+    """The prompt sampler's position in a checkpoint indexes the task's rows: a prompt file edited since the run
+    started used to resume silently on other prompts (an answer fixed) or fail with a bare IndexError (rows
+    removed). Both are refused naming the rows and the file; put back, the resume is exact."""
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    rows = [{"prompt": f"{a:02d}+{b:02d}=", "answer": f"{a + b:03d}"} for a, b in zip(range(10, 50), range(60, 100))]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    args = SHORT + ["sft.steps=0", "task.name=file", f"task.train_file={data}",
+                    f"task.eval_file={tmp_path / 'eval.jsonl'}", f"out_dir={tmp_path}", "run_name=ref"]
+    assert train(load_config(None, args))["status"] == "ok"
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "checkpoints" / "final")
+    original = data.read_text()
+    edited = original.replace('"answer": "072"', '"answer": "073"', 1)
+    assert edited != original
+    for changed in (edited, "".join(original.splitlines(keepends=True)[:5])):
+        data.write_text(changed)
+        with pytest.raises(ResumeError, match=f"the task's training rows, demonstrations are not the ones checkpoint "
+                                              f".*step_2 was written with \\(task.train_file={data}, "):
+            train(saved_config(str(run)), resume=str(run))
+    data.write_text(original)
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    assert comparable(run) == comparable(ref)
