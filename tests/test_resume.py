@@ -886,3 +886,46 @@ def test_a_resume_on_changed_data_is_refused_naming_what_changed(tmp_path):
     data.write_text(original)
     assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
     assert comparable(run) == comparable(ref)
+
+
+# ---------------------------------------------------------------------------- a stop at a step that saves anyway
+
+_TERM_SENT = []
+
+
+def reward_that_sigterms_its_run_in_rl(completion: str, row: dict) -> float:
+    """The task's reward, which sends SIGTERM to its own process once, at the first sample it scores after the RL
+    stage wrote checkpoints/reference (its folder in RLPOST_TEST_TERM_AFTER): in step 1's reward."""
+    from rlpost.tasks import answer_match
+
+    folder = os.environ.get("RLPOST_TEST_TERM_AFTER")
+    if folder and os.path.isdir(folder) and not _TERM_SENT:
+        _TERM_SENT.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return answer_match(completion, row["answer"])
+
+
+def test_a_stop_at_a_step_that_saves_writes_its_checkpoint_once(tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's, with a SIGKILL to follow after a grace period) during a step that writes a
+    checkpoint anyway (rl.save_every) used to write that checkpoint twice, the second time at the stop; once is
+    enough, and the run stops right after it."""
+    import rlpost.stages.base
+    from rlpost.config import load_config
+    from rlpost.run import train
+    from rlpost.stages.base import RunInterrupted
+
+    written, write = [], rlpost.stages.base.write_checkpoint
+
+    def counted(run_dir, name, *args, **kwargs):
+        written.append(name)
+        return write(run_dir, name, *args, **kwargs)
+
+    monkeypatch.setattr(rlpost.stages.base, "write_checkpoint", counted)
+    monkeypatch.setenv("RLPOST_TEST_TERM_AFTER", str(tmp_path / "run" / "checkpoints" / "reference"))
+    _TERM_SENT.clear()
+    cfg = load_config(None, SHORT + ["rl.save_every=1", "task.reward=test_resume:reward_that_sigterms_its_run_in_rl",
+                                     f"out_dir={tmp_path}", "run_name=run"])
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        train(cfg)
+    assert _TERM_SENT and written == ["sft", "step_1"]
+    assert list_checkpoints(tmp_path / "run")[-1].name == "step_1"
