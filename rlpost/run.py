@@ -717,7 +717,8 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
                              weights=stage.changes_weights)
                     if not stage.keep_step_checkpoints:
                         remove_step_checkpoints(run_dir, i)
-                ctx.check_stop()
+                if i < len(stages) - 1:  # a stop asked during the last stage: nothing is left to stop
+                    ctx.check_stop()
         ctx.summary["status"] = "ok"
     except RunInterrupted as e:
         ctx.summary["status"] = f"interrupted ({e}); continue with `rlpost train --resume {run_dir}`"

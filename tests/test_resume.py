@@ -929,3 +929,17 @@ def test_a_stop_at_a_step_that_saves_writes_its_checkpoint_once(tmp_path, monkey
         train(cfg)
     assert _TERM_SENT and written == ["sft", "step_1"]
     assert list_checkpoints(tmp_path / "run")[-1].name == "step_1"
+
+
+def test_a_stop_asked_during_the_last_stage_ends_the_run_as_finished(tmp_path, monkeypatch):
+    """SIGTERM while the last stage (the evaluation after RL) runs: it runs to its end, and there is nothing left
+    to stop. The run used to end `interrupted` (exit 143) all the same, its work done, telling the user to resume."""
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    monkeypatch.setenv("RLPOST_TEST_TERM_AFTER", str(tmp_path / "run" / "checkpoints" / "final"))
+    _TERM_SENT.clear()
+    cfg = load_config(None, SHORT + ["task.reward=test_resume:reward_that_sigterms_its_run_in_rl",
+                                     f"out_dir={tmp_path}", "run_name=run"])
+    summary = train(cfg)
+    assert _TERM_SENT and summary["status"] == "ok" and "pass@1_rl" in summary
