@@ -943,3 +943,28 @@ def test_a_stop_asked_during_the_last_stage_ends_the_run_as_finished(tmp_path, m
                                      f"out_dir={tmp_path}", "run_name=run"])
     summary = train(cfg)
     assert _TERM_SENT and summary["status"] == "ok" and "pass@1_rl" in summary
+
+
+
+def test_the_data_digest_is_the_same_in_every_process():
+    """A resume runs in another process: rows holding what JSON has no type for digest by content, never by
+    what changes from process to process (an object's address in its repr, a set's order, which follows the hash
+    seed), or every resume of such a run would be refused; a change of content still shows."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from rlpost.stages.base import data_digests
+
+    class Blob:
+        pass
+
+    def digest(tags, **extra):
+        rows = [{"prompt": "p", "tags": tags, "blob": Blob(), "raw": b"\x00a", "x": np.arange(3), **extra}]
+        return data_digests(SimpleNamespace(train_rows=rows, eval_rows=[], demonstrations=rows))
+
+    first = digest({"alpha", "beta"})
+    assert digest({"beta", "alpha"}) == first  # another Blob at another address, the set built the other way
+    assert digest(frozenset({"alpha", "beta"}))["train_rows"] == first["train_rows"]
+    assert digest({"alpha", "gamma"})["train_rows"] != first["train_rows"]
+    assert digest({"alpha", "beta"}, x=np.arange(4))["train_rows"] != first["train_rows"]

@@ -114,10 +114,20 @@ def data_digests(task) -> dict[str, str]:
     """sha256 of the task's training rows, held-out rows and demonstrations, each as a whole (their order too): a
     checkpoint records them, and a resume refuses data that changed since (the prompt sampler's position and the
     SFT draws are indices into these very rows)."""
+    def plain(value: Any) -> Any:  # what JSON has no type for, the same in every process (no address, no set order)
+        if hasattr(value, "tolist"):  # NumPy arrays and scalars, tensors
+            return value.tolist()
+        if isinstance(value, (bytes, bytearray)):
+            return value.hex()
+        if isinstance(value, (set, frozenset)):
+            return sorted(map(repr, value))
+        text = repr(value)
+        return type(value).__qualname__ if " at 0x" in text else text
+
     def digest(rows: list[dict]) -> str:
         h = hashlib.sha256()
         for row in rows:
-            h.update(json.dumps(row, sort_keys=True, default=repr).encode("utf-8", "surrogateescape") + b"\n")
+            h.update(json.dumps(row, sort_keys=True, default=plain).encode("utf-8", "surrogateescape") + b"\n")
         return h.hexdigest()
 
     return {"train_rows": digest(task.train_rows), "eval_rows": digest(task.eval_rows),
