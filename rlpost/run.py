@@ -82,8 +82,8 @@ import torch
 import yaml
 
 from rlpost import distributed as dist
-from rlpost.checkpoint import (SHARDS_DIR, Checkpoint, clean_partial, is_write_failure, list_checkpoints,
-                               load_rng_state, remove_step_checkpoints, verify, write_error)
+from rlpost.checkpoint import (SHARDS_DIR, Checkpoint, clean_partial, list_checkpoints, load_rng_state,
+                               remove_step_checkpoints, verify, write_model_folder)
 from rlpost.config import (CHANGED_DEFAULTS, Config, config_of, from_dict, plugin_keys, stage_configs, stage_names,
                            to_dict, with_old_defaults)
 from rlpost.env import check_vocabulary, observation_alphabet, response_budget
@@ -728,10 +728,12 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
         # a sharded policy is gathered only in one process: with other ranks, they may not be there to join
         if main and (not dist.is_sharded(ctx.model) or dist.world_size() == 1):
             last = os.path.join(run_dir, "checkpoints", "last")
-            try:
-                save_model(dist.unsharded(ctx.model), ctx.tokenizer, last, merged=True)
+            try:  # through checkpoints/.tmp-last: a failed or killed write leaves the last/ before it whole
+                write_model_folder(run_dir, "last", lambda folder: save_model(dist.unsharded(ctx.model), ctx.tokenizer,
+                                                                              folder, merged=True))
             except Exception as save_error:  # (disk full) the run's own error is the one to report
-                warning = (write_error(save_error, last, "the policy's weights to") if is_write_failure(save_error)
+                named = isinstance(save_error, OSError) and last in (save_error.strerror or "")
+                warning = (save_error.strerror if named else str(save_error) if isinstance(save_error, OSError)
                            else f"cannot save the policy's weights to {last}: {type(save_error).__name__}: "
                                 f"{save_error}")
                 print(f"rlpost: warning: {warning}", file=sys.stderr, flush=True)

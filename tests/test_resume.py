@@ -806,6 +806,38 @@ def test_out_of_memory_names_the_role_and_the_step_and_the_resume_finishes_the_r
     assert comparable(run) == comparable(finished_short_run[0])
 
 
+def test_a_failed_write_of_the_last_weights_keeps_the_ones_before(finished_short_run, tmp_path, monkeypatch,
+                                                                   capsys):
+    """checkpoints/last (the weights when a run stops on an error) used to be written in place: a second failure
+    whose write of it failed (disk full) or was killed left new weights beside the earlier tokenizer and config.
+    It goes through .tmp-last now: the earlier folder stays whole, and the warning names the folder."""
+    import errno
+
+    from rlpost.checkpoint import write_model_folder
+    from rlpost.models.gpt_mini import CharTokenizer
+    from rlpost.reference import Reference
+    from rlpost.run import train
+
+    run, _ = killed_after_step_2(finished_short_run, tmp_path)
+    write_model_folder(str(run), "last", lambda f: (os.makedirs(f), open(os.path.join(f, "model.safetensors"), "w")
+                                                    .write("an earlier failure's")))
+
+    def boom(self, batch):
+        raise RuntimeError("boom")
+
+    def full_disk(self, folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Reference, "__call__", boom)
+    monkeypatch.setattr(CharTokenizer, "save_pretrained", full_disk)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(saved_config(str(run)), resume=str(run))
+    assert (run / "checkpoints" / "last" / "model.safetensors").read_text() == "an earlier failure's"
+    assert not any(e.startswith(".") for e in os.listdir(run / "checkpoints"))
+    last = run / "checkpoints" / "last"
+    assert f"warning: cannot write model folder {last}: No space left" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- two processes on one run directory
 
 def test_a_resume_while_another_process_holds_the_run_is_refused_and_changes_nothing(finished_short_run, tmp_path):
