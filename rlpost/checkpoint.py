@@ -14,9 +14,10 @@ A checkpoint is a folder under `<run_dir>/checkpoints/`:
     rlpost_checkpoint.json   where the run stood: stage index and name, step, whether the stage had
                         finished, metrics.jsonl and rollouts.jsonl lines written so far (and a sha256 of
                         them), the summary so far, the folder holding the policy weights and the sha256 of
-                        each of its files, the run's id and config digest, the folder's own name, and a
-                        sha256 of every file above (those in shards/ included, as `shards/<file>`); a sharded
-                        one also `sharded`: {"folder": "shards", "world_size": the ranks that wrote it}
+                        each of its files, the run's id and config digest, the sha256 of the task's rows, the
+                        folder's own name, and a sha256 of every file above (those in shards/ included, as
+                        `shards/<file>`); a sharded one also `sharded`: {"folder": "shards", "world_size": the
+                        ranks that wrote it}
 
 It is written into `checkpoints/.tmp-<name>/` and renamed into place only when complete, so a kill
 in mid-write leaves a `.tmp-` folder that is never read (and is removed on resume). The newest
@@ -216,18 +217,26 @@ def write_checkpoint(run_dir: str, name: str, meta: dict[str, Any], state: dict[
             raise
         raise write_error(e, final, "checkpoint") from e
     try:
-        if os.path.exists(final):  # an older checkpoint of the same name (a stage redone after resume)
-            old = os.path.join(root, f".old-{name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)  # a failure from here on: a resume puts .old- back (clean_partial)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        _move_into_place(root, name)
         _fsync_dir(root)
     except OSError as e:
         raise write_error(e, final, "checkpoint") from e
     return final
+
+
+def _move_into_place(root: str, name: str) -> None:
+    """Rename the complete `root/.tmp-<name>` to `root/<name>`. An older folder of that name (a stage redone after
+    a resume, a new best) is first renamed to `.old-<name>` and removed only once the new one is in place, so a
+    kill at any moment leaves one of them whole: clean_partial puts `.old-` back when `<name>` is missing."""
+    tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
+    if os.path.exists(final):
+        old = os.path.join(root, f".old-{name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)  # a failure from here on: a resume puts .old- back (clean_partial)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -357,7 +366,8 @@ def remove_step_checkpoints(run_dir: str, stage: int) -> None:
 
 
 def write_model_folder(run_dir: str, name: str, save) -> str:
-    """`save(folder)` into checkpoints/<name>/ atomically (a plain model folder, not a resumable checkpoint)."""
+    """`save(folder)` into checkpoints/<name>/ atomically (a plain model folder, not a resumable checkpoint): a
+    kill while it is written leaves the folder of that name as it was before (`_move_into_place`)."""
     root = os.path.join(run_dir, "checkpoints")
     tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -368,8 +378,7 @@ def write_model_folder(run_dir: str, name: str, save) -> str:
         if not is_write_failure(e):
             raise
         raise write_error(e, final, "model folder") from e
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
+    _move_into_place(root, name)
     return final
 
 

@@ -82,8 +82,8 @@ import torch
 import yaml
 
 from rlpost import distributed as dist
-from rlpost.checkpoint import (SHARDS_DIR, Checkpoint, clean_partial, is_write_failure, list_checkpoints,
-                               load_rng_state, remove_step_checkpoints, verify, write_error)
+from rlpost.checkpoint import (SHARDS_DIR, Checkpoint, clean_partial, list_checkpoints, load_rng_state,
+                               remove_step_checkpoints, verify, write_model_folder)
 from rlpost.config import (CHANGED_DEFAULTS, Config, config_of, from_dict, plugin_keys, stage_configs, stage_names,
                            to_dict, with_old_defaults)
 from rlpost.env import check_vocabulary, observation_alphabet, response_budget
@@ -94,12 +94,12 @@ from rlpost.models import (cached_hub_folder, check_lengths, load_model, load_we
                            packing_refusal, resolve_device, resolve_precision, resolve_rollout_dtype,
                            safetensors_files, save_model)
 from rlpost.models.lora import fold_adapters, is_lora, saved_lora_config
-from rlpost.runlog import (RUN_FILE, ResumeError, RunLog, discard_run_dir, make_run_dir, open_log, replace_file,
-                           run_id_of)
+from rlpost.runlog import (RUN_FILE, ResumeError, RunLog, discard_run_dir, hold_run_dir, make_run_dir, open_log,
+                           release_run_dir, replace_file, run_id_of)
 from rlpost.schema import ConfigError, layout_keys
 from rlpost.sinks import check_available
 from rlpost.stages import STAGES
-from rlpost.stages.base import RunContext, RunInterrupted, Stage
+from rlpost.stages.base import RunContext, RunInterrupted, Stage, data_digests
 from rlpost.tasks import load_task
 from rlpost.weight_sync import WeightSync
 
@@ -560,6 +560,26 @@ def _resume_point(run_dir: str, stages: list[Stage], cfg: Config, saved: Config 
     return ckpt
 
 
+def check_data(ckpt: Checkpoint, digests: dict[str, str], cfg: Config) -> None:
+    """ResumeError naming what changed when the task's rows (`data_digests`) are not the ones checkpoint `ckpt` was
+    written with: the prompt sampler's position and the SFT draws it holds are indices into those rows, so other
+    rows would be a different run (or an IndexError, a file cut short). A checkpoint of an older rlpost, which
+    recorded none, is taken as it is."""
+    recorded = ckpt.meta.get("data_sha256")
+    if not isinstance(recorded, dict):
+        return
+    changed = [k for k, d in digests.items() if k in recorded and recorded[k] != d]
+    if changed:
+        files = {k: v for k, v in (("task.train_file", cfg.task.train_file), ("task.eval_file", cfg.task.eval_file))
+                 if v}
+        where = ", ".join(f"{k}={v}" for k, v in files.items()) or f"task.name={cfg.task.name}"
+        names = {"train_rows": "training rows", "eval_rows": "held-out rows", "demonstrations": "demonstrations"}
+        raise ResumeError(f"--resume: the task's {', '.join(names.get(k, k) for k in changed)} are not the ones "
+                          f"checkpoint {ckpt.path} was written with ({where}; edited, regenerated or replaced since "
+                          "the run started?); resuming on other data would not continue the same run. Put the data "
+                          "back as they were, or start a new run")
+
+
 def resolve_precisions(cfg: Config) -> str:
     """trainer.precision=auto and rollout.dtype=auto made concrete, in `cfg` itself (so the run directory's
     saved config, and a resume from it, keep what this machine picked), for the run and for each stage-list
@@ -606,12 +626,19 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None,
     main = dist.is_main()
     if resume:  # rank 0 finds the checkpoint (and tidies half-written ones); every rank resumes from it
         run_dir = resume
-        ckpt = dist.broadcast_object(_resume_point(run_dir, stages, cfg, saved) if main else None)
+        if main:  # refused while another process writes the run directory (the run itself, still going)
+            hold_run_dir(run_dir)
+        try:
+            ckpt = dist.broadcast_object(_resume_point(run_dir, stages, cfg, saved) if main else None)
+        except BaseException:
+            release_run_dir(run_dir)
+            raise
         keep = ckpt.meta["metrics_lines"] if ckpt else 0
         # a checkpoint written before rollouts.jsonl was counted has no count: the RL stage cuts by step
         keep_rollouts = ckpt.meta.get("rollouts_lines") if ckpt else 0
     else:
-        run_dir, ckpt, keep = dist.broadcast_object(make_run_dir(cfg, recipe_name) if main else None), None, None
+        run_dir = dist.broadcast_object(make_run_dir(cfg, recipe_name, hold=True) if main else None)
+        ckpt, keep = None, None
         keep_rollouts = None
     run_id = dist.broadcast_object(run_id_of(run_dir) if main else None)  # what its checkpoints carry
     log = None
@@ -622,6 +649,9 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None,
         shards = skeleton_resume(cfg, ckpt, run_dir)
         ctx = build_context(cfg, run_dir, log, shards=shards,
                             folder=None if shards else skeleton_start(cfg, ckpt, run_dir))
+        ctx.data_sha256 = data_digests(ctx.task)
+        if ckpt is not None:
+            check_data(ckpt, ctx.data_sha256, cfg)
         if layout_changes:  # before the change is recorded: refused, the run directory keeps its config
             check_layout_dropout(layout_changes, training_dropout(ctx.model), run_dir)
     except BaseException:
@@ -629,6 +659,7 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None,
             log.close(exit_code=1)
         if main and not resume:  # refused before any work: leave nothing that blocks the same command again
             discard_run_dir(run_dir, run_id)
+        release_run_dir(run_dir)
         dist.destroy()
         raise
     ctx.run_id, ctx.config_sha256 = run_id, config_digest(cfg)
@@ -639,6 +670,7 @@ def train(cfg: Config, recipe_name: str = "default", resume: str | None = None,
         return _train(cfg, stages, ctx, ckpt, log, resume, t_start)
     finally:
         log.close(exit_code=1)  # closed already when _train got going (then with the run's own exit code)
+        release_run_dir(run_dir)
         dist.destroy()
 
 
@@ -685,7 +717,8 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
                              weights=stage.changes_weights)
                     if not stage.keep_step_checkpoints:
                         remove_step_checkpoints(run_dir, i)
-                ctx.check_stop()
+                if i < len(stages) - 1:  # a stop asked during the last stage: nothing is left to stop
+                    ctx.check_stop()
         ctx.summary["status"] = "ok"
     except RunInterrupted as e:
         ctx.summary["status"] = f"interrupted ({e}); continue with `rlpost train --resume {run_dir}`"
@@ -695,10 +728,12 @@ def _train(cfg: Config, stages: list[Stage], ctx: RunContext, ckpt: Checkpoint |
         # a sharded policy is gathered only in one process: with other ranks, they may not be there to join
         if main and (not dist.is_sharded(ctx.model) or dist.world_size() == 1):
             last = os.path.join(run_dir, "checkpoints", "last")
-            try:
-                save_model(dist.unsharded(ctx.model), ctx.tokenizer, last, merged=True)
+            try:  # through checkpoints/.tmp-last: a failed or killed write leaves the last/ before it whole
+                write_model_folder(run_dir, "last", lambda folder: save_model(dist.unsharded(ctx.model), ctx.tokenizer,
+                                                                              folder, merged=True))
             except Exception as save_error:  # (disk full) the run's own error is the one to report
-                warning = (write_error(save_error, last, "the policy's weights to") if is_write_failure(save_error)
+                named = isinstance(save_error, OSError) and last in (save_error.strerror or "")
+                warning = (save_error.strerror if named else str(save_error) if isinstance(save_error, OSError)
                            else f"cannot save the policy's weights to {last}: {type(save_error).__name__}: "
                                 f"{save_error}")
                 print(f"rlpost: warning: {warning}", file=sys.stderr, flush=True)

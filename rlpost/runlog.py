@@ -6,6 +6,8 @@ through it.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -28,6 +30,10 @@ RUN_FILE = "run.json"
 
 class ResumeError(ValueError):
     """A run directory that cannot be resumed: missing, of another kind, with another config, no checkpoint."""
+
+
+class RunDirBusy(ResumeError):
+    """Another process holds the run directory (`hold_run_dir`): a run, or a resume of it, still going."""
 
 
 # ---------------------------------------------------------------------------- metrics.jsonl, rollouts.jsonl
@@ -236,11 +242,48 @@ def run_dir_of(cfg: Config, recipe_name: str) -> str:
     return os.path.join(cfg.out_dir, name)
 
 
-def make_run_dir(cfg: Config, recipe_name: str, kind: str = "train") -> str:
+_HELD: dict[str, int] = {}  # run directory (absolute) -> the descriptor whose lock holds it (`hold_run_dir`)
+
+
+def hold_run_dir(run_dir: str) -> None:
+    """Hold `run_dir` for this process until `release_run_dir`: an exclusive lock (flock) on the folder itself,
+    which the system lets go when the process ends, however it ends (SIGKILL included), so a killed run never
+    leaves a stale lock. RunDirBusy when another process (or another run in this one) holds it: two runs
+    writing one directory would interleave their metrics lines, prune each other's checkpoints, and a resume
+    cutting metrics.jsonl back would replace the file under the run still appending to it. Where the file
+    system has no locks, it warns and goes on unheld."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            print(f"rlpost: warning: cannot lock run directory {run_dir} ({e.strerror}): nothing stops a second "
+                  "run from writing into it at the same time", file=sys.stderr, flush=True)
+            return
+        raise RunDirBusy(f"run directory {run_dir} is in use: another rlpost process (the run itself, or a resume "
+                         "of it) is writing into it, and two at once would damage its files; nothing was changed. "
+                         f"Wait for it to end, or stop it (SIGTERM writes a checkpoint), then `rlpost train "
+                         f"--resume {run_dir}`") from None
+    _HELD[os.path.abspath(run_dir)] = fd
+
+
+def release_run_dir(run_dir: str) -> None:
+    """Let go of `run_dir` (`hold_run_dir`); nothing when this process does not hold it."""
+    fd = _HELD.pop(os.path.abspath(run_dir), None)
+    if fd is not None:
+        os.close(fd)  # (the lock goes with the last descriptor of its open file)
+
+
+def make_run_dir(cfg: Config, recipe_name: str, kind: str = "train", hold: bool = False) -> str:
     """out_dir/run_name (or a timestamped name) with config.yaml and RUN_FILE (what made it, and a fresh run id
     its checkpoints carry). Refuses a folder that already holds any of RUN_START_FILES, whoever wrote them (a
-    run, or a user's own config.yaml): a run never overwrites, nor on refusal removes, a file it did not write."""
+    run, or a user's own config.yaml): a run never overwrites, nor on refusal removes, a file it did not write.
+    `hold`: the folder is held (`hold_run_dir`) before anything is written into it, so that a resume of the run
+    started at once is refused while it runs; the caller releases it (`release_run_dir`)."""
     run_dir = run_dir_of(cfg, recipe_name)
+    if not cfg.run_name:  # runs started in the same second (a sweep launched at once) get -2, -3, ...
+        run_dir = _unused_folder(run_dir)
     if os.path.lexists(os.path.join(run_dir, "metrics.jsonl")):
         raise FileExistsError(f"run directory {run_dir} already holds a run; choose another run_name, or continue "
                               f"it with `rlpost train --resume {run_dir}`")
@@ -249,12 +292,32 @@ def make_run_dir(cfg: Config, recipe_name: str, kind: str = "train") -> str:
         raise FileExistsError(f"run directory {run_dir} already holds {', '.join(there)}, which a run writes; "
                               "choose another run_name, or move them out of the folder")
     os.makedirs(run_dir, exist_ok=True)
-    # "x": created here or not at all, so that a run started at the same moment in the same folder fails here
-    with open(os.path.join(run_dir, "config.yaml"), "x") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    with open(os.path.join(run_dir, RUN_FILE), "x") as f:
-        json.dump({"kind": kind, "recipe": recipe_name, "run_id": uuid.uuid4().hex}, f)
+    if hold:
+        hold_run_dir(run_dir)
+    try:
+        # "x": created here or not at all, so that a run started at the same moment in the same folder fails here
+        with open(os.path.join(run_dir, "config.yaml"), "x") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        with open(os.path.join(run_dir, RUN_FILE), "x") as f:
+            json.dump({"kind": kind, "recipe": recipe_name, "run_id": uuid.uuid4().hex}, f)
+    except BaseException:
+        release_run_dir(run_dir)
+        raise
     return run_dir
+
+
+def _unused_folder(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ... : the first that did not exist, created here (os.mkdir either creates
+    it or fails, so two processes never both get the same one)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    candidate, n = path, 1
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{path}-{n}"
 
 
 RUN_START_FILES = ("config.yaml", RUN_FILE, "metrics.jsonl", "tensorboard", "wandb")  # make_run_dir, open_log

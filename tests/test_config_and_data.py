@@ -311,6 +311,26 @@ def test_discarding_a_run_directory_keeps_what_was_there_before(tmp_path):
     assert not os.path.exists(fresh)
 
 
+def test_unnamed_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    """Without run_name the folder is the recipe and the time to the second: a sweep launched at once used to
+    fail every run but the first (`already holds a run ... --resume` it, someone else's run). Each gets its own
+    folder (-2, -3, ...); a named run keeps refusing a folder that holds one."""
+    import rlpost.runlog
+    from rlpost.runlog import discard_run_dir, make_run_dir
+
+    monkeypatch.setattr(rlpost.runlog.time, "strftime", lambda fmt, *a: "20260102-030405")
+    cfg = load_config(None, [f"out_dir={tmp_path}"])
+    dirs = [make_run_dir(cfg, "sweep") for _ in range(3)]
+    assert dirs == [str(tmp_path / "sweep-20260102-030405"), str(tmp_path / "sweep-20260102-030405-2"),
+                    str(tmp_path / "sweep-20260102-030405-3")]
+    assert all(os.path.isfile(os.path.join(d, "run.json")) for d in dirs)
+    discard_run_dir(dirs[1])
+    assert make_run_dir(cfg, "sweep") == dirs[1]  # a refused run's folder is free again
+    named = load_config(None, [f"out_dir={tmp_path}", "run_name=sweep-20260102-030405"])
+    with pytest.raises(FileExistsError, match="already holds config.yaml, run.json"):
+        make_run_dir(named, "sweep")
+
+
 def test_a_run_never_overwrites_nor_removes_files_it_did_not_write(tmp_path, capsys):
     """A user's recipe kept in the folder the run is named after, and a run_name that is a link to a user's
     folder holding a config.yaml and TensorBoard logs: the run is refused before it writes anything, and a run

@@ -218,6 +218,39 @@ def test_a_killed_torchrun_launch_leaves_no_rank_running(tmp_path):
     assert not left, f"alive {GRACE_S:.0f} s after the run was killed: {sorted(left.values())}"
 
 
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_launch_stops_every_rank_after_a_checkpoint(tmp_path):
+    """SIGTERM to `rlpost train --nproc 2` (what a scheduler sends the process it started) stops the ranks at the
+    next step boundary after a checkpoint, as it stops one process: exit 143, summary.json `interrupted
+    (SIGTERM)`, nothing left running. The launcher used to die of it at once, and its reaper then SIGKILLed
+    torchrun and the ranks: no checkpoint since the last rl.save_every, no summary.json."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path / "driver.log", "w")
+    launcher = subprocess.Popen([sys.executable, "-m", "rlpost.cli", "train", "--nproc", "2", *ASYNC_RUN[1:],
+                                 f"out_dir={tmp_path}", "run_name=run"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    before: dict = {}
+    try:
+        deadline = time.monotonic() + 240
+        while rl_steps(run_dir) < 1:
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()
+            time.sleep(0.2)
+        before = run_processes(launcher.pid)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 143, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        kill_left(list(before))
+        log.close()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"].startswith("interrupted (SIGTERM)")
+    assert any(c.startswith("step_") for c in os.listdir(run_dir / "checkpoints"))
+    left = {key: before[key] for key in still_alive(list(before))}
+    assert not left, f"alive {GRACE_S:.0f} s after the run stopped: {sorted(left.values())}"
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
 

@@ -562,6 +562,36 @@ def test_a_failed_rewrite_of_a_checkpoint_keeps_the_one_of_that_name(tmp_path, m
     assert os.listdir(tmp_path / "checkpoints") == ["step_1"]
 
 
+def test_a_model_folder_rewritten_when_the_run_is_stopped_keeps_the_one_before(tmp_path, monkeypatch):
+    """rl.keep_best's best/ (and a redone stage's reference/) is rewritten in place: a second Ctrl-C (or a kill)
+    between removing the old folder and renaming the new one into place used to leave neither, and a resume
+    then removed the complete .tmp- folder too. The old folder is kept aside until the new one is in place,
+    and a resume puts it back, matching the checkpoint's own record of the best."""
+    from rlpost.checkpoint import clean_partial, write_model_folder
+
+    def model(text):
+        return lambda folder: (os.makedirs(folder), open(os.path.join(folder, "model.safetensors"), "w").write(text))
+
+    write_model_folder(str(tmp_path), "best", model("step 3"))
+    rename = os.rename
+
+    def stopped_at_the_rename_into_place(src, dst):
+        if os.path.basename(src) == ".tmp-best":
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", stopped_at_the_rename_into_place)
+    with pytest.raises(KeyboardInterrupt):
+        write_model_folder(str(tmp_path), "best", model("step 6"))
+    monkeypatch.undo()
+    assert clean_partial(str(tmp_path)) == [".old-best", ".tmp-best"]
+    assert os.listdir(tmp_path / "checkpoints") == ["best"]
+    assert (tmp_path / "checkpoints" / "best" / "model.safetensors").read_text() == "step 3"
+    write_model_folder(str(tmp_path), "best", model("step 6"))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best"]
+    assert (tmp_path / "checkpoints" / "best" / "model.safetensors").read_text() == "step 6"
+
+
 class FullDisk:
     """A file whose disk fills up: each write puts half its text in, then fails as a full disk does."""
 
@@ -774,3 +804,199 @@ def test_out_of_memory_names_the_role_and_the_step_and_the_resume_finishes_the_r
     monkeypatch.setattr(Reference, "__call__", real)
     assert main(["train", "--resume", str(run), *SHORT]) == 0, capsys.readouterr().err
     assert comparable(run) == comparable(finished_short_run[0])
+
+
+def test_a_failed_write_of_the_last_weights_keeps_the_ones_before(finished_short_run, tmp_path, monkeypatch,
+                                                                   capsys):
+    """checkpoints/last (the weights when a run stops on an error) used to be written in place: a second failure
+    whose write of it failed (disk full) or was killed left new weights beside the earlier tokenizer and config.
+    It goes through .tmp-last now: the earlier folder stays whole, and the warning names the folder."""
+    import errno
+
+    from rlpost.checkpoint import write_model_folder
+    from rlpost.models.gpt_mini import CharTokenizer
+    from rlpost.reference import Reference
+    from rlpost.run import train
+
+    run, _ = killed_after_step_2(finished_short_run, tmp_path)
+    write_model_folder(str(run), "last", lambda f: (os.makedirs(f), open(os.path.join(f, "model.safetensors"), "w")
+                                                    .write("an earlier failure's")))
+
+    def boom(self, batch):
+        raise RuntimeError("boom")
+
+    def full_disk(self, folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Reference, "__call__", boom)
+    monkeypatch.setattr(CharTokenizer, "save_pretrained", full_disk)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(saved_config(str(run)), resume=str(run))
+    assert (run / "checkpoints" / "last" / "model.safetensors").read_text() == "an earlier failure's"
+    assert not any(e.startswith(".") for e in os.listdir(run / "checkpoints"))
+    last = run / "checkpoints" / "last"
+    assert f"warning: cannot write model folder {last}: No space left" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- two processes on one run directory
+
+def test_a_resume_while_another_process_holds_the_run_is_refused_and_changes_nothing(finished_short_run, tmp_path):
+    """A resume while another process writes the run (held here, as a running run holds it) would cut
+    metrics.jsonl by replacing the file under the run still appending to the old one, and tidy away its
+    half-written checkpoint: refused, naming the folder, with nothing touched; once released it resumes."""
+    from rlpost.run import train
+    from rlpost.runlog import RunDirBusy, hold_run_dir, release_run_dir
+
+    run, _ = killed_after_step_2(finished_short_run, tmp_path)
+    (run / "checkpoints" / ".tmp-step_4").mkdir()  # the other process's checkpoint, being written
+    before = {name: (run / name).read_text() for name in ("metrics.jsonl", "rollouts.jsonl")}
+    hold_run_dir(str(run))
+    try:
+        with pytest.raises(RunDirBusy, match=f"run directory {run} is in use: another rlpost process"):
+            train(saved_config(str(run)), resume=str(run))
+    finally:
+        release_run_dir(str(run))
+    assert (run / "checkpoints" / ".tmp-step_4").is_dir()
+    assert {name: (run / name).read_text() for name in before} == before
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    assert comparable(run) == comparable(finished_short_run[0])
+    hold_run_dir(str(run))  # the resume let go of it when it ended
+    release_run_dir(str(run))
+
+
+@pytest.mark.slow
+def test_a_resume_of_a_run_still_going_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    """Two real processes: `rlpost train --resume` of a run that is still training exits 1 naming the folder
+    (it used to replace metrics.jsonl under the running run, which then lost every later line, and pruned
+    checkpoints out from under each other); SIGKILL of the run lets go of the folder with the process."""
+    from rlpost.runlog import hold_run_dir, release_run_dir
+
+    run = tmp_path / "going"
+    p = subprocess.Popen(command(*TINY[:-1], "rl.steps=100000", "rl.keep_checkpoints=0", f"out_dir={tmp_path}",
+                                 "run_name=going"), cwd=tmp_path, env=run_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (run / "checkpoints" / "step_2").is_dir(), p)
+        second = subprocess.run(command("--resume", str(run)), cwd=tmp_path, env=run_env(), capture_output=True,
+                                text=True, timeout=300)
+        assert p.poll() is None  # the run went on training throughout
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"run directory {run} is in use" in second.stderr
+    finally:
+        wait_or_kill(p, 0)
+    hold_run_dir(str(run))
+    release_run_dir(str(run))
+
+
+# ---------------------------------------------------------------------------- the data changed under a run
+
+def test_a_resume_on_changed_data_is_refused_naming_what_changed(tmp_path):
+    """The prompt sampler's position in a checkpoint indexes the task's rows: a prompt file edited since the run
+    started used to resume silently on other prompts (an answer fixed) or fail with a bare IndexError (rows
+    removed). Both are refused naming the rows and the file; put back, the resume is exact."""
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    rows = [{"prompt": f"{a:02d}+{b:02d}=", "answer": f"{a + b:03d}"} for a, b in zip(range(10, 50), range(60, 100))]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    args = SHORT + ["sft.steps=0", "task.name=file", f"task.train_file={data}",
+                    f"task.eval_file={tmp_path / 'eval.jsonl'}", f"out_dir={tmp_path}", "run_name=ref"]
+    assert train(load_config(None, args))["status"] == "ok"
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "checkpoints" / "final")
+    original = data.read_text()
+    edited = original.replace('"answer": "072"', '"answer": "073"', 1)
+    assert edited != original
+    for changed in (edited, "".join(original.splitlines(keepends=True)[:5])):
+        data.write_text(changed)
+        with pytest.raises(ResumeError, match=f"the task's training rows, demonstrations are not the ones checkpoint "
+                                              f".*step_2 was written with \\(task.train_file={data}, "):
+            train(saved_config(str(run)), resume=str(run))
+    data.write_text(original)
+    assert train(saved_config(str(run)), resume=str(run))["status"] == "ok"
+    assert comparable(run) == comparable(ref)
+
+
+# ---------------------------------------------------------------------------- a stop at a step that saves anyway
+
+_TERM_SENT = []
+
+
+def reward_that_sigterms_its_run_in_rl(completion: str, row: dict) -> float:
+    """The task's reward, which sends SIGTERM to its own process once, at the first sample it scores after the RL
+    stage wrote checkpoints/reference (its folder in RLPOST_TEST_TERM_AFTER): in step 1's reward."""
+    from rlpost.tasks import answer_match
+
+    folder = os.environ.get("RLPOST_TEST_TERM_AFTER")
+    if folder and os.path.isdir(folder) and not _TERM_SENT:
+        _TERM_SENT.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return answer_match(completion, row["answer"])
+
+
+def test_a_stop_at_a_step_that_saves_writes_its_checkpoint_once(tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's, with a SIGKILL to follow after a grace period) during a step that writes a
+    checkpoint anyway (rl.save_every) used to write that checkpoint twice, the second time at the stop; once is
+    enough, and the run stops right after it."""
+    import rlpost.stages.base
+    from rlpost.config import load_config
+    from rlpost.run import train
+    from rlpost.stages.base import RunInterrupted
+
+    written, write = [], rlpost.stages.base.write_checkpoint
+
+    def counted(run_dir, name, *args, **kwargs):
+        written.append(name)
+        return write(run_dir, name, *args, **kwargs)
+
+    monkeypatch.setattr(rlpost.stages.base, "write_checkpoint", counted)
+    monkeypatch.setenv("RLPOST_TEST_TERM_AFTER", str(tmp_path / "run" / "checkpoints" / "reference"))
+    _TERM_SENT.clear()
+    cfg = load_config(None, SHORT + ["rl.save_every=1", "task.reward=test_resume:reward_that_sigterms_its_run_in_rl",
+                                     f"out_dir={tmp_path}", "run_name=run"])
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        train(cfg)
+    assert _TERM_SENT and written == ["sft", "step_1"]
+    assert list_checkpoints(tmp_path / "run")[-1].name == "step_1"
+
+
+def test_a_stop_asked_during_the_last_stage_ends_the_run_as_finished(tmp_path, monkeypatch):
+    """SIGTERM while the last stage (the evaluation after RL) runs: it runs to its end, and there is nothing left
+    to stop. The run used to end `interrupted` (exit 143) all the same, its work done, telling the user to resume."""
+    from rlpost.config import load_config
+    from rlpost.run import train
+
+    monkeypatch.setenv("RLPOST_TEST_TERM_AFTER", str(tmp_path / "run" / "checkpoints" / "final"))
+    _TERM_SENT.clear()
+    cfg = load_config(None, SHORT + ["task.reward=test_resume:reward_that_sigterms_its_run_in_rl",
+                                     f"out_dir={tmp_path}", "run_name=run"])
+    summary = train(cfg)
+    assert _TERM_SENT and summary["status"] == "ok" and "pass@1_rl" in summary
+
+
+
+def test_the_data_digest_is_the_same_in_every_process():
+    """A resume runs in another process: rows holding what JSON has no type for digest by content, never by
+    what changes from process to process (an object's address in its repr, a set's order, which follows the hash
+    seed), or every resume of such a run would be refused; a change of content still shows."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from rlpost.stages.base import data_digests
+
+    class Blob:
+        pass
+
+    def digest(tags, **extra):
+        rows = [{"prompt": "p", "tags": tags, "blob": Blob(), "raw": b"\x00a", "x": np.arange(3), **extra}]
+        return data_digests(SimpleNamespace(train_rows=rows, eval_rows=[], demonstrations=rows))
+
+    first = digest({"alpha", "beta"})
+    assert digest({"beta", "alpha"}) == first  # another Blob at another address, the set built the other way
+    assert digest(frozenset({"alpha", "beta"}))["train_rows"] == first["train_rows"]
+    assert digest({"alpha", "gamma"})["train_rows"] != first["train_rows"]
+    assert digest({"alpha", "beta"}, x=np.arange(4))["train_rows"] != first["train_rows"]

@@ -129,6 +129,27 @@ def test_eval_reward_scores_pass_at_1_by_another_reward_than_the_runs(tiny_gpt, 
         load_config(None, ["eval.reward_options={a: 1}"])
 
 
+def test_eval_reward_calls_are_handled_as_the_runs_reward_calls_are(tiny_gpt):
+    """eval.reward's role used to drop task.reward_on_error, task.reward_workers and task.reward_timeout_s: a sample
+    the run scores as a failure (zero) stopped the run at its first evaluation, and a reward that needs the main
+    thread (task.reward_timeout_s=null, for signal.alarm) ran in a worker thread under a 60 s limit."""
+    from rlpost.env.verifiers import eval_reward_role
+
+    _, tok = tiny_gpt
+    cfg = load_config(None, ["eval.reward=exact"])
+    role = eval_reward_role(cfg.eval, Reward(lambda c, r: 0.0, tok, on_error="zero", workers=3, timeout_s=7.0))
+    assert (role.on_error, role.workers, role.timeout_s) == ("zero", 3, 7.0)
+    out, metrics = role.scored_by(lambda c, r: 1.0 if c == "46" else 1 / 0)(batch_of(tok, ["46", "4"]))
+    assert out.rewards.tolist() == [1.0, 0.0] and metrics["reward/errors"] == 1.0
+
+    def main_thread_only(completion, row):
+        assert threading.current_thread() is threading.main_thread(), "not called in the main thread"
+        return 1.0
+
+    alarm_role = Reward(lambda c, r: 0.0, tok, timeout_s=None).scored_by(main_thread_only)
+    assert alarm_role(batch_of(tok, ["46"]))[0].rewards.tolist() == [1.0]
+
+
 def test_format_reward_checks_the_shape_of_the_whole_completion_not_the_answer():
     fmt = get_reward("format")  # reasoning, then "#### <number>" and nothing after
     for right in ("57+32=089;089+18=107;#### 107", "57+32=089;089+18=107;#### 999", "so it is\n#### -3.5",
@@ -250,3 +271,24 @@ def test_every_reward_role_runs_the_same_episode_loop(tiny_gpt):
     assert a.rewards.tolist() == a.response_mask.sum(1).float().tolist() and ma["lengths/seen"] == 6.0
     assert {"time/rollout", "time/reward"} <= set(ma) and {"time/rollout", "time/reward", "reward/errors"} <= set(mb)
     Lengths().close()  # a role without a verifier has nothing to close
+
+
+def test_a_reward_that_returns_a_string_or_none_is_named_not_parsed(tiny_gpt):
+    """float() would take "1" (and "nan", " inf ") from a reward function as a score: a string or None is no
+    reward, named with its sample (raise), or scored as a failure and counted (zero); a weighted sum names the
+    term. A number of any type (bool, int, a NumPy or torch scalar) is one."""
+    import numpy as np
+
+    _, tok = tiny_gpt
+    batch = batch_of(tok, ["46", "47"])
+    for value, shown in (("1", "str '1'"), (None, "NoneType None"), (b"1", "bytes b'1'"), ("nan", "str 'nan'")):
+        with pytest.raises(RewardError, match=f"failed on sample 0 .*TypeError: returned {shown}, not a number"):
+            Reward(lambda c, r, v=value: v, tok)(batch)
+        out, metrics = Reward(lambda c, r, v=value: v if c == "47" else 1.0, tok, on_error="zero")(batch)
+        assert out.rewards.tolist() == [1.0, 0.0] and metrics["reward/errors"] == 1.0
+    w = WeightedRewards([{"name": "exact", "weight": 1.0}])
+    w.terms = [("exact", 1.0, lambda c, r: "1")]
+    with pytest.raises(RewardError, match="TypeError: term 'exact' returned str '1', not a number"):
+        Reward(w, tok)(batch)
+    for value in (True, 1, np.float32(1.0), torch.tensor(1.0)):
+        assert Reward(lambda c, r, v=value: v, tok)(batch)[0].rewards.tolist() == [1.0, 1.0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,11 +62,37 @@ def launch_torchrun(nproc: int, recipe: str | None, overrides: list[str], resume
            *overrides, *(["--resume", resume] if resume else ["trainer.strategy=fsdp2"])]
     print("rlpost: " + " ".join(cmd[1:]), flush=True)
     reaper = Reaper.start()  # torchrun and its ranks would train on for good after a SIGKILL of this process
+    # SIGTERM or Ctrl-C here is passed on to torchrun once, which passes it to every rank: they stop at the next step
+    # boundary after a checkpoint, as one process does. Its own session: a terminal's Ctrl-C reaches this process
+    # alone, so torchrun gets one signal, not two (a second stops at once).
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    signals: list[int] = []
+
+    def forward(signum, frame):
+        if signals:  # a second signal: stop at once (the reaper kills what is left)
+            raise KeyboardInterrupt
+        signals.append(signum)
+        print(f"rlpost: {signal.Signals(signum).name}: passed on to torchrun's ranks, which stop at the next step "
+              "boundary (again to stop now)", file=sys.stderr, flush=True)
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    ended = False
     try:
-        return subprocess.call(cmd)
+        code = proc.wait()
+        ended = True
+    except KeyboardInterrupt:  # the second signal (or Ctrl-C before the handlers were in place)
+        print("rlpost: stopped at once", file=sys.stderr, flush=True)
+        code = 128 + (signals[0] if signals else signal.SIGINT)
     finally:
-        if reaper is not None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if not ended:
+            proc.kill()
+            proc.wait()
+        if reaper is not None and ended:  # else this process ends with the exception, and the reaper kills the ranks
             reaper.stop()
+    return 128 + signals[0] if signals and code != 0 else code  # 143 / 130, as one process stopped by it
 
 
 def resumable_config(run_dir: str, recipe: str | None, overrides: list[str]):

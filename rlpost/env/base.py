@@ -30,6 +30,7 @@ the shipped verifiers subclass it and `as_verifier` wraps a user's function or o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -162,3 +163,16 @@ class FunctionVerifier(Verifier):
 def as_verifier(fn: VerifierFn | Verifier) -> Verifier:
     """`fn` as a `Verifier`: itself when it is one, else wrapped (`FunctionVerifier`)."""
     return fn if isinstance(fn, Verifier) else FunctionVerifier(fn)
+
+
+def reward_value(value: Any) -> float:
+    """A reward a user's function or environment returned, as a float: a number (an int, a bool, a NumPy or
+    one-element torch scalar); TypeError for anything else, a string included ("1" is a label the function
+    meant to compute, not a score to take on trust: float() would parse it and "nan", "inf" alike), ValueError
+    for NaN or ±inf."""
+    if value is None or isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"returned {type(value).__name__} {value!r}, not a number")
+    r = float(value)
+    if not math.isfinite(r):
+        raise ValueError(f"returned a non-finite reward {r}")
+    return r

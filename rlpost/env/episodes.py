@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from rlpost.batch import Batch
-from rlpost.env.base import Env, Step, Verifier
+from rlpost.env.base import Env, Step, Verifier, reward_value
 from rlpost.env.calls import call_all
 from rlpost.env.registry import env_class, response_budget
 from rlpost.env.role import Episodes, RewardRole, Turn
@@ -196,9 +196,7 @@ class EnvEpisodes(Episodes):
                 continue
             step: Step = r.value
             try:
-                reward = float(step.reward)
-                if reward != reward or reward in (float("inf"), float("-inf")):
-                    raise ValueError(f"non-finite reward {reward}")
+                reward = reward_value(step.reward)
             except (TypeError, ValueError) as e:
                 r.error = e
                 self.fail(i, ep, r)

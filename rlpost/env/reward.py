@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from rlpost.batch import Batch
-from rlpost.env.base import Verifier, as_verifier
+from rlpost.env.base import Verifier, as_verifier, reward_value
 from rlpost.env.calls import CallResult, call_all, hung_calls
 from rlpost.env.role import RewardRole
 
@@ -134,8 +134,9 @@ class Reward(RewardRole):
         self.name = getattr(self.fn, "__qualname__", repr(fn))  # a function's name, a weighted sum's terms
 
     def scored_by(self, fn: RewardFn) -> Reward:
-        """The one-turn role of verifier `fn` (eval.reward), over the same tokenizer."""
-        return Reward(fn, self.tokenizer)
+        """The one-turn role of verifier `fn` (eval.reward), over the same tokenizer, with the same handling of
+        its calls: task.reward_on_error, task.reward_workers and task.reward_timeout_s."""
+        return Reward(fn, self.tokenizer, on_error=self.on_error, workers=self.workers, timeout_s=self.timeout_s)
 
     def completions(self, batch: Batch) -> list[str]:
         return decode_responses(batch, self.tokenizer)
@@ -179,9 +180,7 @@ class Reward(RewardRole):
                 value, named = res.value
                 for label, v in named.items():  # the parts of a weighted sum
                     parts.setdefault(label, []).append(float(v))
-                r = float(value)
-                if not math.isfinite(r):
-                    raise ValueError(f"returned a non-finite reward {r}")
+                r = reward_value(value)
             except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
                 if self.on_error != "zero":
                     raise RewardError(f"reward function {self.name} failed on {_sample(i, row, text)}: "

@@ -32,7 +32,7 @@ import math
 import warnings
 from typing import Any, Callable
 
-from rlpost.env.base import Verifier, as_verifier
+from rlpost.env.base import Verifier, as_verifier, reward_value
 from rlpost.env.episodes import EnvRole
 from rlpost.env.per_source import SourceRoles
 from rlpost.env.registry import env_takes_reward
@@ -212,7 +212,13 @@ class WeightedRewards(Verifier):
         return sum(fn.call_limit_s or 0.0 for _, _, fn in self.terms) or None
 
     def components(self, completion: str, row: dict) -> dict[str, float]:
-        return {label: float(fn(completion, row)) for label, _, fn in self.terms}
+        parts = {}
+        for label, _, fn in self.terms:
+            try:
+                parts[label] = reward_value(fn(completion, row))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"term {label!r} {e}") from e
+        return parts
 
     def combine(self, parts: dict[str, float]) -> float:
         return sum(w * parts[label] for label, w, _ in self.terms)

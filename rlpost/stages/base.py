@@ -5,6 +5,8 @@ stages in order; each stage module imports this one, never the run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +48,7 @@ class RunContext:
     stop_requested: str | None = None
     run_id: str | None = None         # run.json's id and the config's digest: a resume takes only checkpoints
     config_sha256: str | None = None  # written by this run under this config (checkpoint.verify)
+    data_sha256: dict | None = None   # the task's rows (`data_digests`): a resume refuses other data
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         """Each row's prompt as token ids: a string or chat messages, with the task's system prompt."""
@@ -73,6 +76,8 @@ class RunContext:
             meta["run_id"] = self.run_id
         if self.config_sha256 is not None:
             meta["config_sha256"] = self.config_sha256
+        if self.data_sha256 is not None:
+            meta["data_sha256"] = self.data_sha256
         # the run's own state too, so that an end-of-stage checkpoint (state={}) resumes the next stage exactly:
         # the weight-sync version the next RL stage counts on from
         full = {"stage": state, "rng": rng_state(), "run": {"weight_sync": self.weight_sync.state_dict()}}
@@ -103,6 +108,30 @@ class RunContext:
             if save is not None:
                 save()
             raise RunInterrupted(self.stop_requested)
+
+
+def data_digests(task) -> dict[str, str]:
+    """sha256 of the task's training rows, held-out rows and demonstrations, each as a whole (their order too): a
+    checkpoint records them, and a resume refuses data that changed since (the prompt sampler's position and the
+    SFT draws are indices into these very rows)."""
+    def plain(value: Any) -> Any:  # what JSON has no type for, the same in every process (no address, no set order)
+        if hasattr(value, "tolist"):  # NumPy arrays and scalars, tensors
+            return value.tolist()
+        if isinstance(value, (bytes, bytearray)):
+            return value.hex()
+        if isinstance(value, (set, frozenset)):
+            return sorted(map(repr, value))
+        text = repr(value)
+        return type(value).__qualname__ if " at 0x" in text else text
+
+    def digest(rows: list[dict]) -> str:
+        h = hashlib.sha256()
+        for row in rows:
+            h.update(json.dumps(row, sort_keys=True, default=plain).encode("utf-8", "surrogateescape") + b"\n")
+        return h.hexdigest()
+
+    return {"train_rows": digest(task.train_rows), "eval_rows": digest(task.eval_rows),
+            "demonstrations": digest(task.demonstrations)}
 
 
 class Stage:

@@ -343,7 +343,8 @@ class RLStage(Stage):
                                                        if "eval/pass@1" in metrics else "")
                            + (f" | profile: {trace}" if trace else ""))
             self.step = step
-            if c.save_every and step % c.save_every == 0 and step < c.steps:
+            saved = bool(c.save_every and step % c.save_every == 0 and step < c.steps)
+            if saved:
                 self.save(ctx)
-            ctx.check_stop(save=lambda: self.save(ctx))
+            ctx.check_stop(save=None if saved else lambda: self.save(ctx))  # (a stop: one checkpoint, not two)
         bar.close()

@@ -111,9 +111,10 @@ class SupervisedStage(Stage):
             if step % 50 == 0 or step == c.steps - 1:
                 ctx.log({"stage": self.label, "step": step, **metrics})
             self.step = step + 1
-            if resumable and self.save_every and self.step % self.save_every == 0 and self.step < c.steps:
+            saved = bool(resumable and self.save_every and self.step % self.save_every == 0 and self.step < c.steps)
+            if saved:
                 self.save(ctx)
-            ctx.check_stop(save=(lambda: self.save(ctx)) if resumable else None)
+            ctx.check_stop(save=(lambda: self.save(ctx)) if resumable and not saved else None)
         bar.close()
 
 
