@@ -205,7 +205,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. rl.steps=20)")
     key, raw = override.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except RepeatedKeyError as e:
+        raise ConfigError(f"config key '{key.strip()}': the value {raw!r} of override {override!r} repeats a key: "
+                          f"{e.problem}") from None
     except yaml.YAMLError as e:  # often a shell that split `{a: 1}` at its space: name the key, not a parser trace
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"config key '{key.strip()}': the value {raw!r} of override {override!r} is not valid "
@@ -249,22 +252,74 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dic
     return out
 
 
+class RepeatedKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping that gives one key twice."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a mapping that repeats a key is an error: PyYAML keeps the last value
+    silently, so a recipe with two `rl:` sections lost the first one's keys whole."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # a `<<` merge's keys may be overridden: that is what it is for
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise RepeatedKeyError(
+                        None, None, f"the key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                                    "keep one", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, name: str | None = None) -> Any:
+    """`text` read as YAML, as yaml.safe_load reads it, but a key repeated in a mapping is a RepeatedKeyError;
+    `name`: the file it came from, for the error's position."""
+    loader = _RecipeLoader(text)
+    if name is not None:
+        loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_recipe(recipe: str) -> dict[str, Any]:
+    """The mapping of config keys in recipe file `recipe`; ConfigError naming the file when it is missing, not a
+    readable UTF-8 text file, not valid YAML (a key given twice included) or not a mapping of names."""
+    try:
+        with open(recipe, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file not found: {recipe}") from None
+    except OSError as e:  # a folder, a file it may not read
+        raise ConfigError(f"recipe {recipe} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"recipe {recipe}: line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}: {e.reason}); "
+                          "save the file as UTF-8") from None
+    try:
+        loaded = load_yaml(text, recipe) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {recipe} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"recipe {recipe} must be a mapping of config keys, got {type(loaded).__name__}")
+    check_names(loaded, f"recipe {recipe}", "")
+    return loaded
+
+
 def load_config(recipe: str | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
     """Defaults (or the config `base`: a resumed run's saved one), then the recipe file, then the overrides;
     validated, algorithm parameters included."""
     data: dict[str, Any] = to_dict(base if base is not None else Config())
     if recipe is not None:
-        try:
-            with open(recipe) as f:
-                loaded = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"recipe file not found: {recipe}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {recipe} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"recipe {recipe} must be a mapping of config keys, got {type(loaded).__name__}")
-        check_names(loaded, f"recipe {recipe}", "")
-        data = _merge(data, loaded)
+        data = _merge(data, read_recipe(recipe))
     for o in overrides:
         apply_override(data, o)
     return config_of(data)

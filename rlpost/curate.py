@@ -43,10 +43,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable
 
-import yaml
-
 from rlpost.checkpoint import resolve_model
-from rlpost.config import ConfigError, apply_override, load_config
+from rlpost.config import ConfigError, apply_override, load_config, read_recipe
 from rlpost.env import check_vocabulary, response_budget
 from rlpost.env.verifiers import gold_check, reward_from_config, reward_role
 from rlpost.models import encode_prompt, load_model, model_context
@@ -544,9 +542,8 @@ def sources_requested(recipe: str | None, overrides: list[str]) -> bool:
     data: object = {}
     if recipe:
         try:
-            with open(recipe) as f:
-                data = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError):
+            data = read_recipe(recipe)
+        except ConfigError:
             return False
     if not isinstance(data, dict):
         return False

@@ -351,17 +351,23 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def check_names(value: Any, where: str, key: str) -> None:
+def check_names(value: Any, where: str, key: str, _inside: tuple[int, ...] = ()) -> None:
     """Every mapping key in a recipe or an override value is a name (a config key, a plug-in's or a reward's
     option): YAML reads `1: 2` or `null: x` as a number or None, which broke the merge and the plug-ins'
-    keyword arguments with a TypeError; refused here naming where it sits."""
+    keyword arguments with a TypeError; refused here naming where it sits. So is a value that holds itself (a
+    YAML alias inside its own anchor, `a: &x [*x]`), which no config key can mean and which recursed without end."""
+    if isinstance(value, (dict, list)):
+        if id(value) in _inside:
+            raise ConfigError(f"{where}: config key '{key}' holds itself (a YAML alias *name used inside its own "
+                              "&name anchor); write the value out")
+        _inside += (id(value),)
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 inside = f"config key '{key}' has" if key else "the top level has"
                 raise ConfigError(f"{where}: {inside} the key {k!r} ({type(k).__name__}); keys are names: quote it "
                                   f"('{k}': ...) if it is meant as text")
-            check_names(v, where, f"{key}.{k}" if key else k)
+            check_names(v, where, f"{key}.{k}" if key else k, _inside)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            check_names(v, where, f"{key}[{i}]")
+            check_names(v, where, f"{key}[{i}]", _inside)

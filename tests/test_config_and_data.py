@@ -76,6 +76,52 @@ def test_bad_choice_and_missing_file_and_bad_yaml(tmp_path):
         load_config(None, ["rl.steps"])
 
 
+def test_a_key_given_twice_in_a_recipe_or_an_override_is_refused_naming_its_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word: a recipe with two `rl:` sections ran with the
+    default rl.steps=150, the first section's steps: 3 gone."""
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("rl:\n  steps: 3\nsft:\n  steps: 5\nrl:\n  eval_every: 1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML: the key 'rl' appears twice in one mapping "
+                                          r"\(lines 1 and 5\); keep one\n  in \".*twice.yaml\", line 5"):
+        load_config(str(recipe))
+    recipe.write_text("trainer: {lr: 1.0e-4, lr: 1.0e-3}\n")
+    with pytest.raises(ConfigError, match=r"the key 'lr' appears twice in one mapping \(lines 1 and 1\)"):
+        load_config(str(recipe))
+    with pytest.raises(ConfigError, match=r"config key 'algorithm': .* repeats a key: the key 'beta' appears twice"):
+        load_config(None, ["algorithm={name: grpo, beta: 0.1, beta: 0.2}"])
+    # a `<<` merge's keys are there to be overridden
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("rl:\n  <<: {steps: 3, eval_every: 1}\n  steps: 4\n")
+    cfg = load_config(str(merged))
+    assert (cfg.rl.steps, cfg.rl.eval_every) == (4, 1)
+
+
+def test_a_recipe_that_cannot_be_read_is_named_not_a_traceback(tmp_path, capsys):
+    """A recipe in Latin-1 raised a bare UnicodeDecodeError (no file named), a folder an IsADirectoryError, and a
+    value holding itself (`a: &x [*x]`) a RecursionError."""
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"rl:\n  steps: 3\nrun_name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"recipe .*latin.yaml: line 3: not valid UTF-8 \(byte 0xe9: .*save the file "
+                                          "as UTF-8"):
+        load_config(str(latin))
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"recipe .*folder.yaml cannot be read: Is a directory"):
+        load_config(str(tmp_path / "folder.yaml"))
+    itself = tmp_path / "itself.yaml"
+    itself.write_text("task:\n  options: &x {a: *x}\n")
+    with pytest.raises(ConfigError, match=r"itself.yaml: config key 'task.options.a' holds itself"):
+        load_config(str(itself))
+    with pytest.raises(ConfigError, match=r"config key 'stages\[0\]' holds itself"):
+        load_config(None, ["stages=&s [*s]"])
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfrl:\r\n  steps: 3\r\n")  # a byte-order mark and CRLF line ends are fine
+    assert load_config(str(bom)).rl.steps == 3
+    from rlpost.cli import main
+
+    assert main(["train", str(tmp_path / "folder.yaml"), f"out_dir={tmp_path / 'runs'}"]) == 2
+    assert "folder.yaml cannot be read" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
 # ---------------------------------------------------------------------------- tasks
 
 def test_arithmetic_task_is_seeded_and_held_out_is_disjoint():
