@@ -120,10 +120,15 @@ def type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
         return isinstance(value, (int, float)) and not isinstance(value, bool), value
     if tp is str:
         return isinstance(value, str), value
-    if origin is dict:
+    if origin is dict or tp is dict:
         return isinstance(value, dict), dict(value) if isinstance(value, dict) else value
-    if origin is list:
-        return isinstance(value, list), value
+    if origin is list:  # a list of plain values holds values of its type (a list of steps holds whole numbers);
+        # a list of mappings is checked item by item by its section, which names the item
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list) or item not in (str, int, float, bool):
+            return isinstance(value, list), value
+        items = [type_ok(v, item) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
     raise TypeError(f"unsupported config annotation {tp}")
 
 

@@ -227,6 +227,13 @@ def test_an_hf_model_is_not_refused_for_gpt_mini_sizes():
                                                                    r"'task.sources'.*task.sources\[i\].task\)"),
     (["task.sources=[{task: arithmetic}]", "task.seed=5"], r"'task.seed' is set beside 'task.sources'"),
     (["task.sources=[{file: x.jsonl}]", "task.prompt_key=question"], r"'task.prompt_key' is set beside"),
+    # a plug-in name that is a list or a mapping was looked up in the registry: TypeError, unhashable
+    (["algorithm.name=[grpo]"], r"config key 'algorithm': unknown algorithm \['grpo'\]; valid algorithms: cispo"),
+    (["preference.loss.name={dpo: 1}"], r"config key 'preference.loss': unknown preference loss \{'dpo': 1\}"),
+    # a list's items were not checked: steps 'a', 1.5 or 0 were accepted and never traced
+    (["trainer.profile_steps=[3, a]"], r"config key 'trainer.profile_steps' expects list\[int\], got list \[3, 'a'\]"),
+    (["trainer.profile_steps=[1.5]"], r"config key 'trainer.profile_steps' expects list\[int\], got list \[1.5\]"),
+    (["trainer.profile_steps=[0, 2]"], r"config key 'trainer.profile_steps' lists RL steps, which count from 1"),
 ])
 def test_a_structured_key_that_means_nothing_is_refused_naming_it(overrides, match):
     """Each was accepted (and ignored: the embedded task trained on its own problems, keep_best kept nothing), or
@@ -268,6 +275,7 @@ def test_the_structured_keys_still_accept_what_means_something():
     assert load_config(None, ["task.env=calculator", "task.env_options={call_open: '<c>'}"]).task.env_options
     assert load_config(None, ["task.name=file", "task.train_file=x.jsonl", "task.eval_file=y.jsonl"]).task.eval_file
     assert load_config(None, ["task.sources=[{file: x.jsonl}, {task: arithmetic}]"]).task.sources
+    assert load_config(None, ["trainer.profile_steps=[1, 3]"]).trainer.profile_steps == [1, 3]
 
 
 # ---------------------------------------------------------------------------- through the CLI
