@@ -280,6 +280,68 @@ def test_a_broken_model_folder_is_named_with_what_to_do(tiny_llama_dir, tmp_path
         load_model(ModelConfig(name=tiny_llama_dir, chat_template=True))
 
 
+def test_a_model_folder_whose_config_json_is_not_a_json_object_is_named(tmp_path):
+    """A config.json cut short, empty, not UTF-8 or a list raised a bare JSONDecodeError, UnicodeDecodeError or
+    AttributeError, naming no file."""
+    for name, content, match in [("cut", b'{"model_type": "ll', r"not valid JSON \(line 1: Unterminated string"),
+                                 ("empty", b"", r"not valid JSON \(line 1: Expecting value\)"),
+                                 ("latin", b'{"a": "\xe9"}', r"not valid UTF-8 \(byte 0xe9 at offset 7\)"),
+                                 ("list", b"[1]", r"holds a JSON list, not the object of keys")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_bytes(content)
+        with pytest.raises(ModelLoadError, match=re.escape(str(folder / "config.json")) + ": " + match):
+            load_model(ModelConfig(name=str(folder)))
+
+
+def test_a_broken_gpt_mini_folder_is_named_with_the_file(tmp_path):
+    """A saved gpt_mini (what model.name=runs/X/checkpoints/sft loads) had none of an HF folder's checks: a truncated
+    model.safetensors raised a bare SafetensorError, a missing one FileNotFoundError, a config.json without n_embd
+    KeyError, weights that do not fit the config a RuntimeError, a damaged tokenizer.json a JSONDecodeError."""
+    import shutil
+
+    from rlpost.models import save_model
+    from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
+
+    tok = CharTokenizer("0123456789+=")
+    saved = tmp_path / "saved"
+    save_model(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=24, n_layer=2, n_head=2, n_embd=32)), tok, saved)
+
+    def broken(name: str, edit) -> str:
+        folder = tmp_path / name
+        shutil.copytree(saved, folder)
+        edit(folder)
+        return str(folder)
+
+    def config(**changes):
+        def edit(folder):
+            data = json.loads((folder / "config.json").read_text())
+            data.update(changes)
+            (folder / "config.json").write_text(json.dumps({k: v for k, v in data.items() if v is not None}))
+        return edit
+
+    def truncate(folder):
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+
+    cases = [("truncated", truncate, r"model.safetensors cannot be read \(.*\): it is damaged or incomplete"),
+             ("no_weights", lambda f: (f / "model.safetensors").unlink(), r"has no model.safetensors"),
+             ("no_tokenizer", lambda f: (f / "tokenizer.json").unlink(), r"has no tokenizer.json"),
+             ("bad_tokenizer", lambda f: (f / "tokenizer.json").write_text("{"),
+              r"its tokenizer.json cannot be read as gpt_mini's \(JSONDecodeError"),
+             ("no_n_embd", config(n_embd=None), r"config.json: a gpt_mini config.json needs 'n_embd', which it lacks"),
+             ("zero_layers", config(n_layer=0), r"gpt_mini's n_layer must be a whole number >= 1, got 0"),
+             ("text_size", config(n_positions="24"), r"gpt_mini's block_size must be a whole number >= 1, got '24'"),
+             ("more_layers", config(n_layer=3), r"its weights do not fit its config.json \(Missing key\(s\)"),
+             ("other_vocab", config(vocab_size=99), r"its weights do not fit its config.json \(size mismatch")]
+    for name, edit, match in cases:
+        folder = broken(name, edit)
+        with pytest.raises(ModelLoadError, match=f"gpt_mini model folder '{re.escape(folder)}'.*{match}"):
+            load_model(ModelConfig(name=folder))
+    model, loaded = load_model(ModelConfig(name=str(saved)))
+    assert loaded.vocab_size == tok.vocab_size and model.config.n_layer == 2
+
+
 def test_hf_model_loads_from_a_local_folder(tiny_llama_dir):
     model, tok = load_model(ModelConfig(name=tiny_llama_dir))
     ids = tok.encode_prompt("12+34=")

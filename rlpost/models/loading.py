@@ -110,16 +110,64 @@ def _build(name: str, cfg, alphabet, rows, max_new_tokens, demonstrations, skele
         config_path = os.path.join(name, "config.json")
         if not os.path.isfile(config_path):
             raise ModelLoadError(f"model folder {name!r} has no config.json; is it a saved model?")
-        with open(config_path) as f:
-            config = json.load(f)
+        config = _config_json(config_path)
         if is_gpt_mini_checkpoint(config):  # a GPT-2 checkpoint to transformers, gpt_mini to rlpost
-            model = GPT(GPT.config_of(name)[0]) if skeleton else GPT.from_pretrained(name)
-            return model, CharTokenizer.from_pretrained(name)
+            return _load_gpt_mini(name, skeleton)
         return _load_hf(name, cfg, skeleton)
     if not _HUB_ID.match(name):  # "org/name" is a hub id; any other path must exist locally
         raise ModelLoadError(f"model folder not found: {name!r} (model.name takes 'gpt_mini', a local folder, "
                              f"or a hub id such as 'Qwen/Qwen2.5-0.5B')")
     return _load_hf(name, cfg, skeleton)
+
+
+def _config_json(path: str) -> dict:
+    """A model folder's config.json as a dict; ModelLoadError naming the file when it is not one JSON object."""
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); is it "
+                             "a model's config.json?") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); is the file complete? save or "
+                             "download the model again") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: holds a JSON {type(config).__name__}, not the object of keys a model's "
+                             "config.json is")
+    return config
+
+
+def _load_gpt_mini(name: str, skeleton: bool) -> tuple[GPT, CharTokenizer]:
+    """A saved gpt_mini (config.json, model.safetensors, tokenizer.json) and its tokenizer; ModelLoadError naming
+    the folder and the file when one is missing, damaged, or does not fit the others."""
+    from safetensors import SafetensorError
+
+    for file in ("tokenizer.json",) + (() if skeleton else ("model.safetensors",)):
+        if not os.path.isfile(os.path.join(name, file)):
+            raise ModelLoadError(f"gpt_mini model folder {name!r} has no {file}: copy it from the folder the model "
+                                 "was saved to, or save the model again")
+    try:
+        tok = CharTokenizer.from_pretrained(name)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a vocabulary of characters
+        raise ModelLoadError(f"gpt_mini model folder {name!r}: its tokenizer.json cannot be read as gpt_mini's "
+                             f"({type(e).__name__}: {e})") from None
+    try:
+        model = GPT(GPT.config_of(name)[0]) if skeleton else GPT.from_pretrained(name)
+    except SafetensorError as e:
+        raise ModelLoadError(f"gpt_mini model folder {name!r}: {os.path.join(name, 'model.safetensors')} cannot be "
+                             f"read ({e}): it is damaged or incomplete (an interrupted copy?); save it again"
+                             ) from None
+    except RuntimeError as e:  # load_state_dict: weights of another shape or other layers than config.json says
+        lines = str(e).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip() if lines else type(e).__name__
+        raise ModelLoadError(f"gpt_mini model folder {name!r}: its weights do not fit its config.json "
+                             f"({first[:300]}{' ...' if len(first) > 300 else ''})") from None
+    except ValueError as e:
+        raise ModelLoadError(f"gpt_mini model folder {name!r}: {e}") from None
+    if tok.vocab_size != model.config.vocab_size:
+        raise ModelLoadError(f"gpt_mini model folder {name!r}: its tokenizer.json has {tok.vocab_size} tokens and "
+                             f"its config.json vocab_size={model.config.vocab_size}: they were not saved together")
+    return model, tok
 
 
 # what a saved tokenizer is made of; a folder with none of them would load as an empty tokenizer (see _load_hf)
