@@ -241,13 +241,27 @@ def _parquet_records(path: str):
     return _table_records(table, path)
 
 
+def _folder_json(path: str, key: str) -> list:
+    """The list under `key` in a `datasets` folder's JSON file `path` (dataset_dict.json's splits, state.json's
+    data files); TaskDataError naming the file when it is not such a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TaskDataError(f"{path}: not valid JSON ({e}); the folder was not saved whole by `datasets` "
+                            "(save_to_disk): save it again") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise TaskDataError(f"{path}: expected a JSON object with a list {key!r}, as `datasets` (save_to_disk) writes "
+                            "it; save the folder again")
+    return data[key]
+
+
 def dataset_splits(folder: str) -> list[str] | None:
     """The splits of a DatasetDict folder, or None for a single-Dataset folder."""
     path = os.path.join(folder, "dataset_dict.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return list(json.load(f).get("splits", []))
+    return [str(s) for s in _folder_json(path, "splits")]
 
 
 def _dataset_folder(path: str, split: str, split_key: str) -> tuple[str, str]:
@@ -257,10 +271,25 @@ def _dataset_folder(path: str, split: str, split_key: str) -> tuple[str, str]:
         if not os.path.isfile(os.path.join(path, "state.json")):
             raise TaskDataError(f"{path}: a folder, but not one saved by `datasets` (no state.json or "
                                 "dataset_dict.json); prompt data is a .jsonl, .json or .parquet file or such a folder")
-        return path, path
+        return _checked_dataset(path), path
     if split not in splits:
         raise TaskDataError(f"{path}: no split {split!r} ({split_key}); its splits: {', '.join(splits)}")
-    return os.path.join(path, split), f"{path} [split {split}]"
+    folder = os.path.join(path, split)
+    if not os.path.isfile(os.path.join(folder, "state.json")):
+        raise TaskDataError(f"{path}: its dataset_dict.json lists the split {split!r}, but {folder} holds no "
+                            "state.json: the folder was not saved whole by `datasets`; save it again")
+    return _checked_dataset(folder), f"{path} [split {split}]"
+
+
+def _checked_dataset(folder: str) -> str:
+    """`folder`, a single-Dataset folder whose state.json lists Arrow files that are there."""
+    files = _folder_json(os.path.join(folder, "state.json"), "_data_files")
+    for entry in files:
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not os.path.isfile(os.path.join(folder, name)):
+            raise TaskDataError(f"{os.path.join(folder, 'state.json')}: lists the data file {name or entry!r}, which "
+                                f"{folder} does not hold; save the folder again")
+    return folder
 
 
 def _arrow_records(folder: str, name: str):
@@ -271,9 +300,18 @@ def _arrow_records(folder: str, name: str):
         files = [d["filename"] for d in json.load(f)["_data_files"]]
     tables = []
     for file in files:
-        with pa.memory_map(os.path.join(folder, file)) as source:
-            tables.append(pa.ipc.open_stream(source).read_all())
+        try:
+            with pa.memory_map(os.path.join(folder, file)) as source:
+                tables.append(pa.ipc.open_stream(source).read_all())
+        except (pa.ArrowException, OSError) as e:
+            raise TaskDataError(_unreadable_arrow(os.path.join(folder, file), e)) from None
     return _table_records(pa.concat_tables(tables) if len(tables) > 1 else tables[0], name)
+
+
+def _unreadable_arrow(path: str, e: Exception) -> str:
+    what = "its Arrow files cannot be read" if os.path.isdir(path) else "not a readable Arrow file"
+    return (f"{path}: {what} ({type(e).__name__}: {e}); damaged or incomplete (an interrupted copy?): save the "
+            "folder again")
 
 
 def _datasets_records(folder: str, name: str):
@@ -281,7 +319,10 @@ def _datasets_records(folder: str, name: str):
         import datasets
     except ImportError:
         return _arrow_records(folder, name)
-    ds = datasets.load_from_disk(folder)
+    try:
+        ds = datasets.load_from_disk(folder)
+    except Exception as e:  # noqa: BLE001 - ArrowInvalid and friends from a damaged file: say which folder
+        raise TaskDataError(_unreadable_arrow(folder, e)) from None
     try:
         rows = ds.to_list()
     except UnicodeDecodeError:  # the same Arrow files read with pyarrow, which names the rows
