@@ -27,6 +27,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 UNSIZED_BLOCK_SIZE = 24  # a fresh gpt_mini's block_size when model.block_size is None and no data is passed
+# the largest block_size a fresh gpt_mini sizes itself to from the data: one stray long row (a 100,000-character
+# prompt) sized it to match, and its first forward took all of the machine's memory
+MAX_SIZED_BLOCK_SIZE = 8192
 
 
 def build_gpt_mini(cfg, alphabet: str, rows: list[dict] | None = None, max_new_tokens: int | None = None,
@@ -35,13 +38,14 @@ def build_gpt_mini(cfg, alphabet: str, rows: list[dict] | None = None, max_new_t
 
     Its block_size is `cfg.block_size`; when that is None, the smallest that holds the data
     (`rlpost.models.limits.block_size_for`: every prompt of `rows` + `max_new_tokens`, every demonstration +
-    eos). A caller that passes no data gets UNSIZED_BLOCK_SIZE, the fixed default before sizing."""
+    eos), at most MAX_SIZED_BLOCK_SIZE (ContextLengthError naming the longest row beyond it). A caller that passes
+    no data gets UNSIZED_BLOCK_SIZE, the fixed default before sizing."""
     tok = CharTokenizer(alphabet)
     block_size = cfg.block_size
     if block_size is None and (rows or demonstrations):
         if max_new_tokens is None:
             raise TypeError("sizing gpt_mini from the data needs max_new_tokens (rollout.max_new_tokens)")
-        block_size = block_size_for(tok, rows or [], max_new_tokens, demonstrations)
+        block_size = block_size_for(tok, rows or [], max_new_tokens, demonstrations, limit=MAX_SIZED_BLOCK_SIZE)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or UNSIZED_BLOCK_SIZE,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
     return model, tok
