@@ -294,6 +294,21 @@ def test_a_model_folder_whose_config_json_is_not_a_json_object_is_named(tmp_path
             load_model(ModelConfig(name=str(folder)))
 
 
+def test_an_hf_folder_whose_weights_lack_what_its_config_has_is_refused_not_half_random(tiny_llama_dir, tmp_path):
+    """A config.json with one layer more than its weights loaded: transformers initialised the missing layer at
+    random, printed a table and went on, and the run trained a model that was partly noise."""
+    import shutil
+
+    folder = tmp_path / "three_layers"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ModelLoadError, match=rf"model '{re.escape(str(folder))}': its weights lack 9 tensor\(s\) that "
+                                             r"its config.json's architecture has \(model.layers.2.input_layernorm"
+                                             r".*would start random"):
+        load_model(ModelConfig(name=str(folder)))
+
+
 def test_a_broken_gpt_mini_folder_is_named_with_the_file(tmp_path):
     """A saved gpt_mini (what model.name=runs/X/checkpoints/sft loads) had none of an HF folder's checks: a truncated
     model.safetensors raised a bare SafetensorError, a missing one FileNotFoundError, a config.json without n_embd

@@ -194,7 +194,9 @@ def _load_hf(name: str, cfg, skeleton: bool = False) -> tuple[HFCausalLM, HFToke
         if skeleton:
             hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=TORCH_DTYPES[cfg.dtype])
         else:
-            hf = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[cfg.dtype])
+            hf, info = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[cfg.dtype],
+                                                            output_loading_info=True)
+            _check_all_weights_loaded(name, info.get("missing_keys") or ())
     except SafetensorError as e:  # a weights file cut short (an interrupted download or copy) or damaged
         raise ModelLoadError(f"model {name!r}: {_unreadable_weights(name) or 'a weights file'} cannot be read "
                              f"({e}): it is damaged or incomplete (an interrupted download or copy?); download or "
@@ -207,6 +209,18 @@ def _load_hf(name: str, cfg, skeleton: bool = False) -> tuple[HFCausalLM, HFToke
         raise ModelLoadError(f"could not load model {name!r}: no such local folder, and loading it as a hub id "
                              f"failed{hint}: {e}") from e
     return HFCausalLM(hf), tok
+
+
+def _check_all_weights_loaded(name: str, missing) -> None:
+    """ModelLoadError when the checkpoint lacks weights its config.json's architecture has: transformers starts
+    them random and goes on (a config.json with more layers than the weights, a base model saved without its LM
+    head), and the run would train a model that is partly noise."""
+    if missing:
+        shown = sorted(missing)
+        raise ModelLoadError(f"model {name!r}: its weights lack {len(shown)} tensor(s) that its config.json's "
+                             f"architecture has ({', '.join(shown[:4])}{', ...' if len(shown) > 4 else ''}), which "
+                             "would start random: is the config.json the one saved with these weights (its number of "
+                             "layers, its model_type)?")
 
 
 def _tokenizer(name: str, tok, cfg) -> HFTokenizer:
