@@ -419,6 +419,26 @@ def test_a_run_refused_for_its_data_leaves_no_run_directory_and_runs_once_fixed(
     assert (tmp_path / "runs" / "r" / "summary.json").exists()
 
 
+def test_a_file_task_without_held_out_rows_is_refused_before_sft_when_the_run_evaluates(tmp_path, capsys):
+    """task.eval_file is optional, but the default stages evaluate: the run trained SFT, then stopped at its first
+    evaluation ('evaluation needs held-out rows'); so did RL at its first rl.eval_every step."""
+    from rlpost.cli import main
+
+    train = write(tmp_path / "train.jsonl", [json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)})
+                                             for a in range(6)])
+    args = ["train", "task.name=file", f"task.train_file={train}", "sft.steps=1", "rl.steps=0",
+            "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "threads=1", f"out_dir={tmp_path / 'runs'}",
+            "run_name=r"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert ("task file has no held-out rows (task.eval_file is not set), and the run evaluates on them (an eval "
+            "stage): set task.eval_file" in err) and not (tmp_path / "runs" / "r").exists()
+    rl = ["rl.steps=2", "rl.eval_every=1", "rollout.prompts_per_step=2", "rollout.k=2", "stages=[sft, rl]"]
+    assert main([*args, *rl]) == 1
+    assert "evaluates on them (rl.eval_every=1)" in capsys.readouterr().err
+    assert main([*args, "stages=[sft]"]) == 0  # a run that never evaluates needs no held-out rows
+
+
 def test_discarding_a_run_directory_keeps_what_was_there_before(tmp_path):
     from rlpost.runlog import discard_run_dir, make_run_dir, open_log
 
