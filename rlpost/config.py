@@ -199,11 +199,29 @@ def with_old_defaults(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _text_key(key: str) -> bool:
+    """Whether dotted config key `key` holds text (`str` or `str | None`): a system prompt, a path, a name."""
+    cls: Any = Config
+    *sections, name = key.split(".")
+    for s in sections:
+        cls = hints(cls).get(s) if dataclasses.is_dataclass(cls) else None
+    tp = hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+    return tp is str or tp == (str | None)
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (1e-4, true, [1, 2])."""
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (1e-4, true, [1, 2]), except for a
+    key that holds text (a prompt, a path, a name), which takes the text as written unless it is quoted (YAML's
+    quoting and escapes) or null / ~ (no value): YAML read `task.system_prompt=#1 rule` as a comment, so as null,
+    cut `Be brief #2` to 'Be brief', and refused `run_name=2024`, `Answer: ` and `yes` as a number, a mapping and
+    a bool."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. rl.steps=20)")
     key, raw = override.split("=", 1)
+    text = raw.strip()
+    if _text_key(key.strip()) and text and text[0] not in "'\"" and text not in ("null", "Null", "NULL", "~"):
+        _set(data, key.strip(), text, f"override {override!r}")
+        return
     try:
         value = load_yaml(raw) if raw.strip() else ""
     except RepeatedKeyError as e:

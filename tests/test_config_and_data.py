@@ -96,6 +96,24 @@ def test_a_key_given_twice_in_a_recipe_or_an_override_is_refused_naming_its_line
     assert (cfg.rl.steps, cfg.rl.eval_every) == (4, 1)
 
 
+def test_a_text_key_takes_its_override_as_written():
+    """YAML read `task.system_prompt=#1 rule` as a comment, so the run went without a system prompt, cut
+    `Be brief #2` to 'Be brief', and refused `run_name=2024`, `Answer: x` and `yes` as an int, a mapping, a bool."""
+    def prompt(value: str):
+        return load_config(None, [f"task.system_prompt={value}"]).task.system_prompt
+
+    for value in ("#1 rule", "Be brief #2", "You are: helpful", "yes", "- a list?", "@home", "[x] first", "3.5"):
+        assert prompt(value) == value
+    assert prompt("null") is None and prompt("'#1: quoted'") == "#1: quoted" and prompt('"tab\\there"') == "tab\there"
+    assert load_config(None, ["run_name=2024"]).run_name == "2024"
+    assert load_config(None, ["model.name= /models/a b "]).model.name == "/models/a b"
+    # keys that are not text still read YAML: numbers, booleans, lists, mappings
+    cfg = load_config(None, ["rl.steps=7", "trainer.packing=false", "trainer.profile_steps=[1, 2]",
+                             "task.reward=math", "task.reward_options={extract: boxed}"])
+    assert (cfg.rl.steps, cfg.trainer.packing, cfg.trainer.profile_steps) == (7, False, [1, 2])
+    assert cfg.task.reward_options == {"extract": "boxed"}
+
+
 def test_a_recipe_that_cannot_be_read_is_named_not_a_traceback(tmp_path, capsys):
     """A recipe in Latin-1 raised a bare UnicodeDecodeError (no file named), a folder an IsADirectoryError, and a
     value holding itself (`a: &x [*x]`) a RecursionError."""
