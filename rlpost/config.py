@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,6 +293,15 @@ class _RecipeLoader(yaml.SafeLoader):
                                     "keep one", key_node.start_mark)
                 seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 (PyYAML) reads a number in exponent notation without a dot (1e-5, 2E3) as a string; YAML 1.2 and every
+# reader of a recipe read it as the number it is. A section's float key converted the string, but a weight in
+# task.rewards or task.sources, or a reward's or an environment's option, was refused ("must be a finite number,
+# got '1e-2'"). The recipe loader reads it as a float.
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
 
 
 def load_yaml(text: str, name: str | None = None) -> Any:

@@ -114,6 +114,20 @@ def test_a_text_key_takes_its_override_as_written():
     assert cfg.task.reward_options == {"extract": "boxed"}
 
 
+def test_a_number_in_exponent_notation_is_a_number_wherever_it_sits(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-2 without a dot as the string '1e-2': a float key converted it, but a weight in
+    task.rewards or task.sources was refused as 'must be a finite number, got '1e-2''."""
+    cfg = load_config(None, ["task.rewards=[{name: exact, weight: 1e-2}, {name: format, weight: 2E0}]"])
+    assert [r["weight"] for r in cfg.task.rewards] == [0.01, 2.0]
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text("task:\n  sources:\n    - {file: a.jsonl, weight: 5e-1}\n    - {file: b.jsonl, weight: 1.5e0}\n"
+                      "trainer:\n  lr: 3e-5\n")
+    cfg = load_config(str(recipe))
+    assert [s["weight"] for s in cfg.task.sources] == [0.5, 1.5] and cfg.trainer.lr == 3e-5
+    with pytest.raises(ConfigError, match=r"config key 'rl.steps' expects int, got float 1000.0"):
+        load_config(None, ["rl.steps=1e3"])
+
+
 def test_a_recipe_that_cannot_be_read_is_named_not_a_traceback(tmp_path, capsys):
     """A recipe in Latin-1 raised a bare UnicodeDecodeError (no file named), a folder an IsADirectoryError, and a
     value holding itself (`a: &x [*x]`) a RecursionError."""
