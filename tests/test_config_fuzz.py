@@ -227,6 +227,13 @@ def test_an_hf_model_is_not_refused_for_gpt_mini_sizes():
                                                                    r"'task.sources'.*task.sources\[i\].task\)"),
     (["task.sources=[{task: arithmetic}]", "task.seed=5"], r"'task.seed' is set beside 'task.sources'"),
     (["task.sources=[{file: x.jsonl}]", "task.prompt_key=question"], r"'task.prompt_key' is set beside"),
+    # one column read as two keys: every row's answer (or demonstration) was its own prompt
+    (["task.name=file", "task.train_file=x.jsonl", "task.prompt_key=q", "task.answer_key=q"],
+     r"config keys 'task.prompt_key' and 'task.answer_key' both name the column 'q'"),
+    (["task.name=file", "task.train_file=x.jsonl", "task.completion_key=prompt"],
+     r"config keys 'task.prompt_key' and 'task.completion_key' both name the column 'prompt'"),
+    (["task.sources=[{file: x.jsonl, messages_key: answer}]"],
+     r"config keys 'task.sources\[0\].messages_key' and 'task.sources\[0\].answer_key' both name the column"),
     # a plug-in name that is a list or a mapping was looked up in the registry: TypeError, unhashable
     (["algorithm.name=[grpo]"], r"config key 'algorithm': unknown algorithm \['grpo'\]; valid algorithms: cispo"),
     (["preference.loss.name={dpo: 1}"], r"config key 'preference.loss': unknown preference loss \{'dpo': 1\}"),
@@ -276,6 +283,9 @@ def test_the_structured_keys_still_accept_what_means_something():
     assert load_config(None, ["task.name=file", "task.train_file=x.jsonl", "task.eval_file=y.jsonl"]).task.eval_file
     assert load_config(None, ["task.sources=[{file: x.jsonl}, {task: arithmetic}]"]).task.sources
     assert load_config(None, ["trainer.profile_steps=[1, 3]"]).trainer.profile_steps == [1, 3]
+    # the answer as the demonstration is what a row without a completion gets anyway; messages in the prompt column
+    assert load_config(None, ["task.name=file", "task.train_file=x.jsonl", "task.completion_key=answer",
+                              "task.messages_key=prompt"]).task.completion_key == "answer"
 
 
 # ---------------------------------------------------------------------------- through the CLI
