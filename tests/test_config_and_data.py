@@ -389,6 +389,22 @@ def test_a_broken_gpt_mini_folder_is_named_with_the_file(tmp_path):
     assert loaded.vocab_size == tok.vocab_size and model.config.n_layer == 2
 
 
+def test_a_chat_template_asked_of_gpt_mini_is_refused_not_ignored(tmp_path):
+    """An HF tokenizer without a chat template is refused under model.chat_template=true; gpt_mini (fresh or
+    saved), which has none, went on without one and without a word."""
+    from rlpost.models import save_model
+    from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
+
+    tok = CharTokenizer("0123456789+=")
+    save_model(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=24, n_layer=1, n_head=1, n_embd=8)), tok,
+               tmp_path / "saved")
+    for name in ("gpt_mini", str(tmp_path / "saved")):
+        with pytest.raises(ModelLoadError, match=rf"model '{re.escape(name)}' is a gpt_mini, whose character "
+                                                 r"tokenizer has no chat template, but model.chat_template=true"):
+            load_model(ModelConfig(name=name, chat_template=True), "0123456789+=")
+        assert load_model(ModelConfig(name=name), "0123456789+=")[1].vocab_size == tok.vocab_size
+
+
 def test_hf_model_loads_from_a_local_folder(tiny_llama_dir):
     model, tok = load_model(ModelConfig(name=tiny_llama_dir))
     ids = tok.encode_prompt("12+34=")

@@ -106,6 +106,10 @@ def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = No
 
 def _build(name: str, cfg, alphabet, rows, max_new_tokens, demonstrations, skeleton: bool):
     """load_model's (model, tokenizer) before its device, dtype and LoRA; `skeleton`: reads no weights."""
+    if getattr(cfg, "chat_template", False) and (name == "gpt_mini" or _is_gpt_mini_folder(name)):
+        # (an HF tokenizer without a template is refused as it loads: HFTokenizer; gpt_mini's went on without one)
+        raise ModelLoadError(f"model {name!r} is a gpt_mini, whose character tokenizer has no chat template, but "
+                             "model.chat_template=true: set model.chat_template=false (its prompts are plain text)")
     if name == "gpt_mini":
         if alphabet is None:
             raise ModelLoadError("a fresh gpt_mini needs the task's alphabet to build its vocabulary")
@@ -122,6 +126,12 @@ def _build(name: str, cfg, alphabet, rows, max_new_tokens, demonstrations, skele
         raise ModelLoadError(f"model folder not found: {name!r} (model.name takes 'gpt_mini', a local folder, "
                              f"or a hub id such as 'Qwen/Qwen2.5-0.5B')")
     return _load_hf(name, cfg, skeleton)
+
+
+def _is_gpt_mini_folder(name: str) -> bool:
+    """Whether `name` is a folder holding a saved gpt_mini (a config.json that says so)."""
+    path = os.path.join(name, "config.json")
+    return os.path.isfile(path) and is_gpt_mini_checkpoint(_config_json(path))
 
 
 def _config_json(path: str) -> dict:
