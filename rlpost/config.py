@@ -81,6 +81,9 @@ class Config(Section):
     log: LogConfig = field(default_factory=LogConfig)
 
     def check(self, prefix: str) -> None:
+        if self.seed >= 2**63:  # torch.manual_seed takes a 64-bit seed: 2**64 failed at start-up, 10**12 after SFT
+            raise ConfigError(f"config key 'seed' must be >= 0 (0: a seed like any other) and below 2**63 (torch's "
+                              f"random generators take 64-bit seeds), got {self.seed}")
         # the run directory is out_dir/run_name: a name that leaves out_dir (or is out_dir itself) would write,
         # and on a failed start remove, files outside the folder the user gave for runs
         name = self.run_name

@@ -391,3 +391,17 @@ def test_train_help_shows_each_numeric_keys_range(capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
     assert lines["rollout.temperature"].endswith("[>= 0]") and lines["trainer.min_lr_ratio"].endswith("[in [0, 1]]")
     assert "[" not in lines["model.name"].split("'")[-1]  # a string key has no range
+
+
+def test_a_large_seed_runs_rl_or_is_refused_when_it_loads(tmp_path):
+    """seed=1733580000000 (a timestamp in ms) passed the config, ran SFT and evaluation, then stopped at the first RL
+    step: the engine's seed, derived by multiplying it, overflowed torch's 64-bit generator ('Overflow when
+    unpacking long long'); seed=2**64 failed the same way at start-up."""
+    with pytest.raises(ConfigError, match=r"config key 'seed' must be >= 0 \(0: a seed like any other\) and below "
+                                          r"2\*\*63 .*got 9223372036854775808"):
+        load_config(None, [f"seed={2**63}"])
+    args = ["train", "seed=1733580000000", "rl.steps=1", "rollout.prompts_per_step=2", "rollout.k=2",
+            "model.n_layer=1", "model.n_embd=16", "model.n_head=1", "task.num_eval=2", "eval.samples_per_prompt=1",
+            "stages=[rl]", "threads=1", f"out_dir={tmp_path / 'runs'}", "run_name=r"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())["status"] == "ok"
