@@ -87,7 +87,10 @@ def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = No
     name = cfg.name
     lora = getattr(cfg, "lora", None)
     lora = dataclasses.asdict(lora) if lora is not None and lora.r > 0 else None
-    saved = saved_lora_config(name) if os.path.isdir(name) else None
+    try:
+        saved = saved_lora_config(name) if os.path.isdir(name) else None
+    except ValueError as e:  # a damaged lora_config.json
+        raise ModelLoadError(f"model folder {name!r}: {e}") from None
     if skeleton and (lora or saved):
         raise ModelLoadError(f"model {name!r}: a skeleton (parameters on the meta device) is not built with LoRA")
     with parameters_on_meta() if skeleton else nullcontext():
