@@ -281,6 +281,12 @@ def test_curate_refuses_rows_its_reward_cannot_score_and_an_out_file_that_is_its
     # an --out that cannot be written is refused before the model loads and samples, not after
     assert main(["curate", "--model", "./no_such_model", "--train", "train.jsonl", "--out", "kept.csv", *keys]) == 1
     assert "cannot write kept.csv: the extension must be .jsonl, .json or .parquet" in capsys.readouterr().err
+    # so is one whose folder is a file, or that is a folder: both failed after the sampling ('File exists', ...)
+    os.makedirs("a_folder.jsonl")
+    for out, why in (("train.jsonl/kept.jsonl", "train.jsonl is a file, not a folder"),
+                     ("a_folder.jsonl", "it is a folder")):
+        assert main(["curate", "--model", "./no_such_model", "--train", "train.jsonl", "--out", out, *keys]) == 1
+        assert f"cannot write {out}: " in (err := capsys.readouterr().err) and why in err, err
 
 
 TWO_TURN_ENV = '''from rlpost.env import Env, Step

@@ -547,7 +547,17 @@ def write_rows(rows: list[dict], path: str, cols: Columns = Columns()) -> None:
 
 
 def check_writable(path: str) -> None:
-    """Raise ValueError when `write_rows` could not write `path` (its extension): a caller checks this before
-    the work whose rows it will write, not after."""
+    """Raise ValueError when `write_rows` could not write `path` (its extension, a folder in its place, a file where
+    its folder would be, a folder it may not write in): a caller checks this before the work whose rows it will
+    write, not after."""
     if not path.endswith((".jsonl", ".json", ".parquet")):
         raise ValueError(f"cannot write {path}: the extension must be .jsonl, .json or .parquet")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {path}: it is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # write_rows makes the missing folders: the first one that exists decides
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: the folder {folder} is not writable")
