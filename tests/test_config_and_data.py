@@ -266,6 +266,11 @@ def test_missing_model_folder_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="has no config.json"):
         load_model(ModelConfig(name=str(tmp_path / "empty")))
+    # a file of the folder (hub ids look like paths: 'org/model.safetensors' was tried as one, offline or not)
+    (tmp_path / "empty" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"model '.*empty/model.safetensors' is a file: model.name takes the "
+                                             r"folder that holds the model .*, e.g. '.*empty'"):
+        load_model(ModelConfig(name=str(tmp_path / "empty" / "model.safetensors")))
 
 
 def test_unreachable_hub_id_says_so_offline():

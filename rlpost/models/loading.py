@@ -125,6 +125,9 @@ def _build(name: str, cfg, alphabet, rows, max_new_tokens, demonstrations, skele
         if is_gpt_mini_checkpoint(config):  # a GPT-2 checkpoint to transformers, gpt_mini to rlpost
             return _load_gpt_mini(name, skeleton)
         return _load_hf(name, cfg, skeleton)
+    if os.path.isfile(name):  # a file of a model folder (its weights, its config.json), not the folder
+        raise ModelLoadError(f"model {name!r} is a file: model.name takes the folder that holds the model "
+                             f"(config.json, its weights, its tokenizer), e.g. {os.path.dirname(name) or '.'!r}")
     if not _HUB_ID.match(name):  # "org/name" is a hub id; any other path must exist locally
         raise ModelLoadError(f"model folder not found: {name!r} (model.name takes 'gpt_mini', a local folder, "
                              f"or a hub id such as 'Qwen/Qwen2.5-0.5B')")
