@@ -220,6 +220,13 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         where = f"{path}{key}"
+        if (key not in fields and isinstance(key, str) and "." in key and key.split(".")[0] in fields
+                and dataclasses.is_dataclass(types_of[key.split(".")[0]])):
+            # `trainer.lr: 1e-4` in a recipe: a key rlpost knows, in the spelling of an override, not of a mapping
+            first, rest = key.split(".", 1)
+            raise ConfigError(f"config key '{where}' is written dotted inside a mapping: a recipe nests its sections "
+                              f"({first}: {{{rest}: ...}}, or '{first}:' with '  {rest}: ...' on the next line); the "
+                              "dotted form is for key=value overrides and a stage-list entry's settings")
         if key not in fields:
             raise ConfigError(f"unknown config key '{where}'; valid keys{' under ' + path[:-1] if path else ''}: "
                               f"{', '.join(fields)}")

@@ -128,6 +128,22 @@ def test_a_number_in_exponent_notation_is_a_number_wherever_it_sits(tmp_path):
         load_config(None, ["rl.steps=1e3"])
 
 
+def test_a_dotted_key_in_a_recipe_is_named_as_a_spelling_not_as_unknown(tmp_path):
+    """`trainer.lr: 1.0e-4` in a recipe was 'unknown config key 'trainer.lr'', listing the top-level keys: the key
+    exists, in the spelling of an override."""
+    recipe = tmp_path / "dotted.yaml"
+    recipe.write_text("trainer.lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"config key 'trainer.lr' is written dotted inside a mapping: a recipe "
+                                          r"nests its sections \(trainer: \{lr: ...\}"):
+        load_config(str(recipe))
+    recipe.write_text("model:\n  lora.r: 8\n")
+    with pytest.raises(ConfigError, match=r"config key 'model.lora.r' is written dotted .*\(lora: \{r: ...\}"):
+        load_config(str(recipe))
+    recipe.write_text("trainer:\n  lr.x: 1\n")  # lr is no section: an unknown key, as before
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.lr.x'; valid keys under trainer: lr"):
+        load_config(str(recipe))
+
+
 def test_a_recipe_that_cannot_be_read_is_named_not_a_traceback(tmp_path, capsys):
     """A recipe in Latin-1 raised a bare UnicodeDecodeError (no file named), a folder an IsADirectoryError, and a
     value holding itself (`a: &x [*x]`) a RecursionError."""
