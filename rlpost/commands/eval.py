@@ -21,7 +21,8 @@ def add_eval(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (task.*, eval.*)")
     p.add_argument("--k", type=count, nargs="+", default=[1], help="the k of pass@k and maj@k (default 1)")
     p.add_argument("--samples", type=count, help="samples per prompt (default: the largest k)")
-    p.add_argument("--out", help="where eval.json goes (default: in the run directory, else here)")
+    p.add_argument("--out", help="where eval.json goes: a file, or a folder that exists (default: in the run "
+                                 "directory, else here)")
 
 
 def cmd_eval(args) -> int:
