@@ -130,6 +130,9 @@ def saved_config(run_dir: str, kind: str = "train") -> Config:
     if not isinstance(info, dict):
         raise ResumeError(f"--resume: {info_path} is not a JSON object ({info}); the run cannot be resumed from a "
                           f"damaged {RUN_FILE}: restore it from a copy of the run directory")
+    if "kind" not in info:  # (said "a `rlpost None` run")
+        raise ResumeError(f"--resume: {info_path} names no 'kind' (the command that made the run): not a run.json "
+                          f"rlpost wrote, or a damaged one; restore it from a copy of the run directory")
     if info.get("kind") != kind:
         raise ResumeError(f"--resume: {run_dir} is a `rlpost {info.get('kind')}` run, not a `rlpost {kind}` run")
     log = info.get(LAYOUT_LOG, [])
