@@ -103,6 +103,15 @@ def test_written_rows_read_back_equal_in_both_formats(tmp_path):
     for name in ("out.jsonl", "out.parquet"):
         write_rows(rows, str(tmp_path / name))
         assert data(read_rows(str(tmp_path / name))) == EXPECTED
+    # a value JSON cannot hold (a parquet timestamp) failed in json.dumps with a half-written file behind
+    import datetime
+
+    dated = [{**rows[0], "when": datetime.date(2024, 1, 1)}]
+    with pytest.raises(ValueError, match=r"cannot write .*dated.jsonl: column 'when' holds date values, which JSON"):
+        write_rows(dated, str(tmp_path / "dated.jsonl"))
+    assert not (tmp_path / "dated.jsonl").exists()
+    write_rows(dated, str(tmp_path / "dated.parquet"))  # a parquet column holds it
+    assert read_rows(str(tmp_path / "dated.parquet"))[0]["when"] == datetime.date(2024, 1, 1)
 
 
 # ---------------------------------------------------------------------------- columns

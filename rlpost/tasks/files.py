@@ -523,27 +523,77 @@ def write_rows(rows: list[dict], path: str, cols: Columns = Columns()) -> None:
     (.parquet). Each internal key goes back to its column of `cols` (GSM8K's `question` stays `question`),
     so the file reads with the same task.*_key settings as the file it came from. A chat-messages prompt
     goes to the messages column, so that every prompt is a string (a parquet column holds one type);
-    reading puts it back as the prompt."""
+    reading puts it back as the prompt. Rows it cannot write are a ValueError (`check_rows_writable`), before
+    anything is written."""
+    check_writable(path)
+    out = _written(rows, cols)
+    table = _table(out, path) if path.endswith(".parquet") else _check_json(out, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            for r in out:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _written(rows: list[dict], cols: Columns) -> list[dict]:
+    """`rows` as write_rows writes them: without their positions, under their columns' names, a messages prompt
+    in the messages column."""
     out = []
     for r in iter_rows_without_position(rows):
         if isinstance(r.get("prompt"), list) and cols.messages not in r:
             r[cols.messages] = r.pop("prompt")
         names = {"prompt": cols.prompt, "answer": cols.answer, "completion": cols.completion}
         out.append({names.get(k, k): v for k, v in r.items()})
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    if path.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    return out
 
-        keys = list({k: None for r in out for k in r})  # from_pylist takes the columns of the first row alone
-        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in out]), path)
-    elif path.endswith((".jsonl", ".json")):
-        with open(path, "w", encoding="utf-8") as f:
-            for r in out:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    else:
-        check_writable(path)
+
+def _table(rows: list[dict], path: str):
+    """The pyarrow table of `rows` (written rows, under their columns' names); ValueError naming the column when a
+    column's values have no one Arrow type (an id that is 1 in one row and "a" in another)."""
+    import pyarrow as pa
+
+    keys = list({k: None for r in rows for k in r})  # from_pylist takes the columns of the first row alone
+    try:
+        return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        column = next((k for k in keys if _column_fails(rows, k)), None)
+        which = f"column {column!r}" if column else "a column"
+        raise ValueError(f"cannot write {path}: {which} holds values of more than one type, which a parquet column "
+                         f"cannot ({e}); write a .jsonl file instead") from None
+
+
+def _column_fails(rows: list[dict], key: str) -> bool:
+    import pyarrow as pa
+
+    try:
+        pa.array([r.get(key) for r in rows])
+        return False
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return True
+
+
+def _check_json(rows: list[dict], path: str) -> None:
+    """ValueError naming the column when a value of `rows` is none JSON holds (a parquet file's timestamp or binary
+    column): json.dumps failed with a bare TypeError after the work whose rows these are."""
+    for r in rows:
+        for k, v in r.items():
+            try:
+                json.dumps(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"cannot write {path}: column {k!r} holds {type(v).__name__} values, which JSON "
+                                 "cannot hold; write a .parquet file instead") from None
+
+
+def check_rows_writable(rows: list[dict], path: str, cols: Columns = Columns()) -> None:
+    """Raise ValueError when `write_rows(rows, path, cols)` could not write these rows (or any of them): a value
+    JSON cannot hold, a parquet column of mixed types. For a caller that writes some of `rows` after long work."""
+    check_writable(path)
+    out = _written(rows, cols)
+    _table(out, path) if path.endswith(".parquet") else _check_json(out, path)
 
 
 def check_writable(path: str) -> None:
