@@ -286,6 +286,21 @@ def test_a_damaged_lora_config_is_named_with_its_file(tmp_path):
             load_model(ModelConfig(name=str(folder)))
 
 
+def test_export_refuses_a_folder_holding_another_models_adapters(tmp_path, capsys):
+    """Exported into a folder that held a LoRA checkpoint, the merged weights were written beside its stale
+    adapters, and the folder loaded back as a LoRA model: those adapters applied over the exported weights."""
+    model, tok = gpt_mini()
+    save_model(model, tok, str(tmp_path / "lora_ckpt"))
+    plain, _ = gpt_mini(lora=False)
+    save_model(plain, tok, str(tmp_path / "plain"))
+    shutil.copytree(tmp_path / "lora_ckpt", tmp_path / "out")
+    assert main(["export", str(tmp_path / "plain"), "--out", str(tmp_path / "out")]) == 1
+    assert (f"--out {tmp_path / 'out'} holds {ADAPTER_FILE}, lora_config.json of another model, which would load "
+            "over the exported weights") in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "plain"), "--out", str(tmp_path / "new")]) == 0
+    assert not is_lora(load_model(ModelConfig(name=str(tmp_path / "new")))[0])
+
+
 # ---------------------------------------------------------------------------- runs
 
 TINY = ["sft.steps=6", "sft.batch_size=16", "sft.save_every=0", "rl.steps=6", "rl.eval_every=0", "rl.save_every=2",
