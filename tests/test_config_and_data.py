@@ -612,6 +612,27 @@ def test_good_reward_settings_load_without_starting_anything(tmp_path, monkeypat
         load_config(None, ["task.rewards=[{name: 'my_terms:Big', colour: red}]"])
 
 
+def test_a_number_of_thousands_of_digits_is_named_by_row_not_a_bare_value_error(tmp_path):
+    """Python reads at most 4300 digits as an int: a row holding a longer number failed the whole file (prompts,
+    and preference pairs) with a bare 'Exceeds the limit (4300 digits)' ValueError naming no file or line."""
+    from rlpost.preference.data import PreferenceDataError, read_preference_rows
+
+    huge = "9" * 5000
+    path = write(tmp_path / "huge.jsonl", [json.dumps({"prompt": "1+1=", "answer": "2"}),
+                                           f'{{"prompt": "x", "answer": {huge}}}'])
+    with pytest.raises(TaskDataError, match=r"huge.jsonl: 1 malformed row\(s\):\n  line 2: 'answer' is a whole number "
+                                            r"of 5000 digits \(more than Python reads as a number\)"):
+        read_jsonl(path)
+    (tmp_path / "huge.json").write_text(f'[{{"prompt": "x", "answer": {huge}}}]')
+    with pytest.raises(TaskDataError, match=r"row 1: 'answer' is a whole number of 5000 digits"):
+        read_jsonl(str(tmp_path / "huge.json"))
+    pairs = write(tmp_path / "pairs.jsonl", [f'{{"prompt": "x", "chosen": "a", "rejected": "b", "n": {huge}}}'])
+    with pytest.raises(PreferenceDataError, match=r"pairs.jsonl: 1 malformed row\(s\):\n  line 1: cannot be read"):
+        read_preference_rows(pairs)
+    assert read_jsonl(write(tmp_path / "long.jsonl", ['{"prompt": "x", "answer": ' + "9" * 40 + "}"]))[0]["answer"] \
+        == "9" * 40
+
+
 def test_json_values_no_utf8_file_or_number_can_hold_are_named_by_line_and_key(tmp_path):
     """NaN / Infinity / 1e400 used to become the answers "nan" / "inf"; a repeated key kept its last value
     silently; an escaped lone surrogate passed and failed the run at its first checkpoint. Every one is named."""

@@ -72,6 +72,8 @@ def _records(source: Any, split: str) -> tuple[str, list[tuple[str, Any]]]:
                 out.append((f"line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 out.append((f"line {n}", _BadJSON(f"not valid JSON ({e.msg})")))
+            except (ValueError, RecursionError) as e:  # a number of thousands of digits, nesting past the stack
+                out.append((f"line {n}", _BadJSON(f"cannot be read ({type(e).__name__}: {str(e)[:120]})")))
         return source, out
     if source.endswith((".jsonl", ".json")) or (os.sep in source and not os.path.isdir(source)
                                                  and source.count("/") != 1):

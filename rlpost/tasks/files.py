@@ -120,10 +120,18 @@ def _float(text: str) -> float | _Invalid:
                                                                               f"as {value})")
 
 
+def _int(text: str) -> int | _Invalid:
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits, 4300): a bare ValueError
+        return _Invalid(f"a whole number of {len(text.lstrip('-'))} digits (more than Python reads as a number)")
+
+
 def _loads(text: str) -> Any:
-    """json.loads, strict: what it would read as nan / inf or a repeated key is marked, for normalise_row."""
+    """json.loads, strict: what it would read as nan / inf, a number of thousands of digits or a repeated key is
+    marked, for normalise_row."""
     return json.loads(text, parse_constant=lambda c: _Invalid(f"{c} (not a number JSON allows)"),
-                      parse_float=_float, object_pairs_hook=_pairs)
+                      parse_float=_float, parse_int=_int, object_pairs_hook=_pairs)
 
 
 def _value_problems(record: Any, where: str) -> list[str]:
@@ -199,7 +207,7 @@ def _whole_document(path: str, data: bytes) -> None:
     pretty-printed array in a .jsonl file, or an object that holds the rows (as some datasets ship)."""
     try:
         whole = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # (bad UTF-8 or JSON, a number of thousands of digits)
         return  # not one document either: each line's error stands
     if isinstance(whole, list):
         raise TaskDataError(f"{path}: one JSON array over several lines, not JSON Lines (one object a line): "
