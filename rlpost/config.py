@@ -233,9 +233,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
                           f"{e.problem}") from None
     except yaml.YAMLError as e:  # often a shell that split `{a: 1}` at its space: name the key, not a parser trace
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config key '{key.strip()}': the value {raw!r} of override {override!r} is not valid "
-                          f"YAML ({problem}); a value with spaces must reach rlpost as one word: quote the whole "
-                          "override in the shell, as in 'rl.reward={name: teacher, teacher: t}'") from None
+        hint = ("" if isinstance(e, yaml.constructor.ConstructorError) else  # (a parse error, not a value's own)
+                "; a value with spaces must reach rlpost as one word: quote the whole override in the shell, as in "
+                "'rl.reward={name: teacher, teacher: t}'")
+        shown, whole = (raw, repr(override)) if len(raw) <= 200 else (raw[:200] + "...", f"{key.strip()}=...")
+        raise ConfigError(f"config key '{key.strip()}': the value {shown!r} of override {whole} is not valid YAML "
+                          f"({problem}){hint}") from None
     check_names(value, f"override {override!r}", key.strip())
     _set(data, key.strip(), value, f"override {override!r}")
 
@@ -296,6 +299,17 @@ class _RecipeLoader(yaml.SafeLoader):
                                     "keep one", key_node.start_mark)
                 seen[key] = line
         return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than Python converts (4300): a bare ValueError, no line, no file
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a whole number of {len(str(node.value))} characters, more digits than Python reads as a "
+                            "number", node.start_mark) from None
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
 
 
 # YAML 1.1 (PyYAML) reads a number in exponent notation without a dot (1e-5, 2E3) as a string; YAML 1.2 and every

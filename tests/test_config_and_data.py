@@ -631,6 +631,14 @@ def test_a_number_of_thousands_of_digits_is_named_by_row_not_a_bare_value_error(
         read_preference_rows(pairs)
     assert read_jsonl(write(tmp_path / "long.jsonl", ['{"prompt": "x", "answer": ' + "9" * 40 + "}"]))[0]["answer"] \
         == "9" * 40
+    # in a recipe or an override: a YAML error at its line, not the bare ValueError
+    (tmp_path / "seed.yaml").write_text(f"rl:\n  steps: 3\nseed: {huge}\n")
+    with pytest.raises(ConfigError, match=r"seed.yaml is not valid YAML: a whole number of 5000 characters, more "
+                                          r"digits than Python reads as a number\n  in .*seed.yaml\", line 3"):
+        load_config(str(tmp_path / "seed.yaml"))
+    with pytest.raises(ConfigError, match=r"config key 'seed': the value '9{200}...' of override seed=... is not "
+                                          r"valid YAML \(a whole number of 5000 characters.*number\)$"):
+        load_config(None, [f"seed={huge}"])
 
 
 def test_json_values_no_utf8_file_or_number_can_hold_are_named_by_line_and_key(tmp_path):
