@@ -339,7 +339,8 @@ def test_a_model_folder_whose_config_json_is_not_a_json_object_is_named(tmp_path
     for name, content, match in [("cut", b'{"model_type": "ll', r"not valid JSON \(line 1: Unterminated string"),
                                  ("empty", b"", r"not valid JSON \(line 1: Expecting value\)"),
                                  ("latin", b'{"a": "\xe9"}', r"not valid UTF-8 \(byte 0xe9 at offset 7\)"),
-                                 ("list", b"[1]", r"holds a JSON list, not the object of keys")]:
+                                 ("list", b"[1]", r"holds a JSON list, not the object of keys"),
+                                 ("digits", b'{"vocab_size": ' + b"9" * 5000 + b"}", r"cannot be read \(ValueError")]:
         folder = tmp_path / name
         folder.mkdir()
         (folder / "config.json").write_bytes(content)

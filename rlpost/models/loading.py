@@ -151,6 +151,8 @@ def _config_json(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); is the file complete? save or "
                              "download the model again") from None
+    except (ValueError, RecursionError) as e:  # a number of thousands of digits, nesting past the stack
+        raise ModelLoadError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path}: holds a JSON {type(config).__name__}, not the object of keys a model's "
                              "config.json is")
