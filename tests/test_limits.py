@@ -76,12 +76,18 @@ def test_one_stray_long_row_does_not_size_a_fresh_gpt_mini_to_match(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = jsonl_task(str(tmp_path / "train.jsonl"), None)
     cfg = ModelConfig(n_layer=1, n_embd=16, n_head=2)
-    with pytest.raises(ContextLengthError, match=r"would give it a context of 100013 tokens, for row 3 \(line 4\): "
-                                                 rf"'1111111111.*it sizes itself to at most {MAX_SIZED_BLOCK_SIZE} "
-                                                 r".*or set model.block_size yourself"):
+    match = (r"would give it a context of 100013 tokens, for row 3 \(line 4\): prompt '1111111111.*' \(100004 "
+             rf"tokens\) \+ rollout.max_new_tokens=8 \+ 1; it sizes itself to at most {MAX_SIZED_BLOCK_SIZE} .*: drop "
+             r"or shorten such rows, or set model.block_size yourself")
+    with pytest.raises(ContextLengthError, match=match):
         load_model(cfg, task.alphabet, rows=task.train_rows, max_new_tokens=8, demonstrations=task.demonstrations)
     # 100,003 characters + <bos> + 8 new tokens + eos
     assert block_size_for(task.alphabet, task.train_rows, 8, task.demonstrations) == 100_013
+    # a rollout budget past the limit is named as such, with the key to lower
+    match = (r"for row 0 \(line 1\): prompt '1\+2=' \(5 tokens\) \+ rollout.max_new_tokens=9000 \+ 1 \(and 2 more "
+             r"prompt row\(s\) above 8192\); .*: lower rollout.max_new_tokens, drop or shorten")
+    with pytest.raises(ContextLengthError, match=match):
+        load_model(cfg, task.alphabet, rows=task.train_rows[:3], max_new_tokens=9000)
     # a context asked for is built as asked, and the rows that do not fit it are named by check_lengths
     model, _ = load_model(ModelConfig(n_layer=1, n_embd=16, n_head=2, block_size=64), task.alphabet,
                           rows=task.train_rows, max_new_tokens=8)

@@ -60,13 +60,19 @@ def block_size_for(tokenizer_or_alphabet, rows: list[dict], max_new_tokens: int,
              for i, r in enumerate(demonstrations)]
     size, kind, i, row = max(need, key=lambda n: n[0])
     if limit is not None and size > limit:
-        text = row["prompt"] if kind == "row" else row["completion"]
+        prompt = lengths(row, "")
+        if kind == "row":
+            parts = f"prompt {_quote(row['prompt'])} ({prompt} tokens) + rollout.max_new_tokens={max_new_tokens} + 1"
+        else:
+            parts = (f"prompt {_quote(row['prompt'])} ({prompt} tokens) + completion {_quote(row['completion'])} "
+                     f"({size - prompt - 1} tokens) + eos")
         over = sum(n > limit for n, k, *_ in need if k == "row")  # (a row's demonstration is the same row)
         more = f" (and {over - 1} more prompt row(s) above {limit})" if over > 1 else ""
+        fix = "lower rollout.max_new_tokens, " if kind == "row" and max_new_tokens >= prompt else ""
         raise ContextLengthError(
             f"sizing a fresh gpt_mini from the data (model.block_size: null) would give it a context of {size} "
-            f"tokens, for {_where(kind, i, row)}: {_quote(text)}{more}; it sizes itself to at most {limit} (its "
-            "attention's memory grows with the square of the context): drop or shorten such rows, or set "
+            f"tokens, for {_where(kind, i, row)}: {parts}{more}; it sizes itself to at most {limit} (its "
+            f"attention's memory grows with the square of the context): {fix}drop or shorten such rows, or set "
             "model.block_size yourself (rows longer than it are then named)")
     return size
 
