@@ -43,7 +43,7 @@ import yaml
 from rlpost import distributed as dist
 from rlpost.config import ModelConfig
 from rlpost.models import load_model, save_model
-from rlpost.models.lora import apply_lora, is_adapter_name, is_lora
+from rlpost.models.lora import ADAPTER_FILE, CONFIG_FILE as LORA_CONFIG_FILE, apply_lora, is_adapter_name, is_lora
 
 STATE_FILE = "rlpost_state.pt"
 META_FILE = "rlpost_checkpoint.json"
@@ -408,6 +408,13 @@ def export_model(source: str, out: str) -> str:
     one process. Returns the folder the weights came from."""
     if not os.path.isdir(source):
         raise ValueError(f"rlpost export: {source} is not a run directory or a checkpoint folder")
+    # files of another model that the export does not overwrite and that decide how the folder loads: a LoRA
+    # checkpoint's adapters (loaded over the exported weights: the folder came back a LoRA model) or a sharded index
+    stale = [f for f in (ADAPTER_FILE, LORA_CONFIG_FILE, "model.safetensors.index.json")
+             if os.path.isfile(os.path.join(out, f))]
+    if stale:
+        raise ValueError(f"rlpost export: --out {out} holds {', '.join(stale)} of another model, which would load "
+                         "over the exported weights: export into a new or empty folder")
     shards = _newest_shards(source)
     if shards is not None:
         return _export_shards(shards, out)

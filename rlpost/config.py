@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,9 @@ class Config(Section):
     log: LogConfig = field(default_factory=LogConfig)
 
     def check(self, prefix: str) -> None:
+        if self.seed >= 2**63:  # torch.manual_seed takes a 64-bit seed: 2**64 failed at start-up, 10**12 after SFT
+            raise ConfigError(f"config key 'seed' must be >= 0 (0: a seed like any other) and below 2**63 (torch's "
+                              f"random generators take 64-bit seeds), got {self.seed}")
         # the run directory is out_dir/run_name: a name that leaves out_dir (or is out_dir itself) would write,
         # and on a failed start remove, files outside the folder the user gave for runs
         name = self.run_name
@@ -199,18 +203,42 @@ def with_old_defaults(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _text_key(key: str) -> bool:
+    """Whether dotted config key `key` holds text (`str` or `str | None`): a system prompt, a path, a name."""
+    cls: Any = Config
+    *sections, name = key.split(".")
+    for s in sections:
+        cls = hints(cls).get(s) if dataclasses.is_dataclass(cls) else None
+    tp = hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+    return tp is str or tp == (str | None)
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (1e-4, true, [1, 2])."""
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (1e-4, true, [1, 2]), except for a
+    key that holds text (a prompt, a path, a name), which takes the text as written unless it is quoted (YAML's
+    quoting and escapes) or null / ~ (no value): YAML read `task.system_prompt=#1 rule` as a comment, so as null,
+    cut `Be brief #2` to 'Be brief', and refused `run_name=2024`, `Answer: ` and `yes` as a number, a mapping and
+    a bool."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. rl.steps=20)")
     key, raw = override.split("=", 1)
+    text = raw.strip()
+    if _text_key(key.strip()) and text and text[0] not in "'\"" and text not in ("null", "Null", "NULL", "~"):
+        _set(data, key.strip(), text, f"override {override!r}")
+        return
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except RepeatedKeyError as e:
+        raise ConfigError(f"config key '{key.strip()}': the value {raw!r} of override {override!r} repeats a key: "
+                          f"{e.problem}") from None
     except yaml.YAMLError as e:  # often a shell that split `{a: 1}` at its space: name the key, not a parser trace
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config key '{key.strip()}': the value {raw!r} of override {override!r} is not valid "
-                          f"YAML ({problem}); a value with spaces must reach rlpost as one word: quote the whole "
-                          "override in the shell, as in 'rl.reward={name: teacher, teacher: t}'") from None
+        hint = ("" if isinstance(e, yaml.constructor.ConstructorError) else  # (a parse error, not a value's own)
+                "; a value with spaces must reach rlpost as one word: quote the whole override in the shell, as in "
+                "'rl.reward={name: teacher, teacher: t}'")
+        shown, whole = (raw, repr(override)) if len(raw) <= 200 else (raw[:200] + "...", f"{key.strip()}=...")
+        raise ConfigError(f"config key '{key.strip()}': the value {shown!r} of override {whole} is not valid YAML "
+                          f"({problem}){hint}") from None
     check_names(value, f"override {override!r}", key.strip())
     _set(data, key.strip(), value, f"override {override!r}")
 
@@ -249,22 +277,94 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dic
     return out
 
 
+class RepeatedKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping that gives one key twice."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a mapping that repeats a key is an error: PyYAML keeps the last value
+    silently, so a recipe with two `rl:` sections lost the first one's keys whole."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # a `<<` merge's keys may be overridden: that is what it is for
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise RepeatedKeyError(
+                        None, None, f"the key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                                    "keep one", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than Python converts (4300): a bare ValueError, no line, no file
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a whole number of {len(str(node.value))} characters, more digits than Python reads as a "
+                            "number", node.start_mark) from None
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
+
+
+# YAML 1.1 (PyYAML) reads a number in exponent notation without a dot (1e-5, 2E3) as a string; YAML 1.2 and every
+# reader of a recipe read it as the number it is. A section's float key converted the string, but a weight in
+# task.rewards or task.sources, or a reward's or an environment's option, was refused ("must be a finite number,
+# got '1e-2'"). The recipe loader reads it as a float.
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def load_yaml(text: str, name: str | None = None) -> Any:
+    """`text` read as YAML, as yaml.safe_load reads it, but a key repeated in a mapping is a RepeatedKeyError;
+    `name`: the file it came from, for the error's position."""
+    loader = _RecipeLoader(text)
+    if name is not None:
+        loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_recipe(recipe: str) -> dict[str, Any]:
+    """The mapping of config keys in recipe file `recipe`; ConfigError naming the file when it is missing, not a
+    readable UTF-8 text file, not valid YAML (a key given twice included) or not a mapping of names."""
+    try:
+        with open(recipe, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file not found: {recipe}") from None
+    except OSError as e:  # a folder, a file it may not read
+        raise ConfigError(f"recipe {recipe} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"recipe {recipe}: line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}: {e.reason}); "
+                          "save the file as UTF-8") from None
+    try:
+        loaded = load_yaml(text, recipe) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {recipe} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"recipe {recipe} must be a mapping of config keys, got {type(loaded).__name__}")
+    check_names(loaded, f"recipe {recipe}", "")
+    return loaded
+
+
 def load_config(recipe: str | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
     """Defaults (or the config `base`: a resumed run's saved one), then the recipe file, then the overrides;
     validated, algorithm parameters included."""
     data: dict[str, Any] = to_dict(base if base is not None else Config())
     if recipe is not None:
-        try:
-            with open(recipe) as f:
-                loaded = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"recipe file not found: {recipe}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {recipe} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"recipe {recipe} must be a mapping of config keys, got {type(loaded).__name__}")
-        check_names(loaded, f"recipe {recipe}", "")
-        data = _merge(data, loaded)
+        data = _merge(data, read_recipe(recipe))
     for o in overrides:
         apply_override(data, o)
     return config_of(data)

@@ -191,9 +191,10 @@ class Controller:
         return batch, trained, reward_metrics
 
     def episode_seed(self, step: int, round_: int) -> int:
-        """The engine seed of a step's round (a sharded rank's own: each rank samples other tokens)."""
+        """The engine seed of a step's round (a sharded rank's own: each rank samples other tokens), below 2**63: a
+        torch generator takes 64-bit seeds, and the engine may add small offsets (an episode's turn) to it."""
         rank, world = self.shard
-        return ((self.seed * 1_000_003 + step) * 101 + round_) * world + rank
+        return (((self.seed * 1_000_003 + step) * 101 + round_) * world + rank) % 2**63
 
     def step(self, step: int) -> dict[str, float]:
         t_step = time.perf_counter()

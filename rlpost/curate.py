@@ -43,10 +43,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable
 
-import yaml
-
 from rlpost.checkpoint import resolve_model
-from rlpost.config import ConfigError, apply_override, load_config
+from rlpost.config import ConfigError, apply_override, load_config, read_recipe
 from rlpost.env import check_vocabulary, response_budget
 from rlpost.env.verifiers import gold_check, reward_from_config, reward_role
 from rlpost.models import encode_prompt, load_model, model_context
@@ -54,7 +52,7 @@ from rlpost.rollout import SamplingParams, build_engine
 from rlpost.rollout.episodes import episodes_in_chunks
 from rlpost.tasks import (Columns, TaskDataError, answer_match_reward, dataset_splits, load_task, read_rows,
                           uses_own_verifier)
-from rlpost.tasks.files import check_writable, prompt_text, write_rows
+from rlpost.tasks.files import check_rows_writable, check_writable, prompt_text, write_rows
 
 SHINGLE = 5          # characters per shingle of the near-duplicate filter
 EXAMPLES = 3         # examples shown per filter in the report
@@ -544,9 +542,8 @@ def sources_requested(recipe: str | None, overrides: list[str]) -> bool:
     data: object = {}
     if recipe:
         try:
-            with open(recipe) as f:
-                data = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError):
+            data = read_recipe(recipe)
+        except ConfigError:
             return False
     if not isinstance(data, dict):
         return False
@@ -606,6 +603,7 @@ def run(args) -> int:
         eval_file = args.train  # a DatasetDict's held-out split, as training holds it out: decontaminate against it
     eval_rows = (read_rows(eval_file, cols, split=task.eval_split, split_key="task.eval_split", require_answer=False,
                            held_out=True) if eval_file else [])
+    check_rows_writable(rows, args.out, cols)  # a column --out cannot hold fails now, not after the sampling
     band = (args.band[0], args.band[1])
     pass_rates = too_long = None
     close = lambda: None  # noqa: E731

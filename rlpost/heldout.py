@@ -150,6 +150,21 @@ def checkpoint_config(checkpoint: str, recipe: str | None, overrides: list[str],
     return cfg, run_dir
 
 
+def _eval_path(out: str | None, run_dir: str | None) -> str:
+    """Where eval.json goes: `out` (a file, or a folder that exists: eval.json in it), else the run directory, else
+    here. ValueError when it cannot be written there (its folder missing, a file, or not writable)."""
+    if out is None:
+        return os.path.join(run_dir or ".", "eval.json")
+    path = os.path.join(out, "eval.json") if os.path.isdir(out) else out
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out}: {folder} is {'a file' if os.path.exists(folder) else 'not there'}; give a "
+                         "file in a folder that exists (or such a folder)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder {folder} is not writable")
+    return path
+
+
 def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: list[int], samples: int | None,
              out: str | None) -> dict:
     """`rlpost eval CHECKPOINT`: the task's held-out rows sampled from CHECKPOINT's weights and scored by the
@@ -157,9 +172,10 @@ def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: l
     does; writes eval.json and returns it.
 
     CHECKPOINT is a run directory (its newest checkpoint's weights, its config.yaml for the task unless a
-    recipe is given) or a model folder. eval.json goes to `out`, else into the run directory, else the
-    working directory."""
+    recipe is given) or a model folder. eval.json goes to `out` (a file, or a folder that exists), else into the
+    run directory, else the working directory."""
     cfg, run_dir = checkpoint_config(checkpoint, recipe, overrides, "rlpost eval")
+    path = _eval_path(out, run_dir)  # checked before the sampling, which may take hours, not after it
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)
     model, tokenizer = load_model(cfg.model, task.alphabet)
@@ -183,7 +199,6 @@ def run_eval(checkpoint: str, recipe: str | None, overrides: list[str], *, ks: l
         for r in {id(r): r for r in (reward, role)}.values():  # process pools, a judge's engine
             r.close()
     result = {"checkpoint": cfg.model.name, "task": task.name, "temperature": cfg.eval.temperature, **result}
-    path = out or os.path.join(run_dir or ".", "eval.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     result["written_to"] = path

@@ -78,6 +78,6 @@ class Registry:
 
     def build(self, name: str, **params: Any):
         """An instance of the class registered as `name`; an unknown name fails with the valid ones."""
-        if name not in self.classes:
+        if not isinstance(name, str) or name not in self.classes:  # (a YAML list or mapping is no name: unhashable)
             raise ValueError(f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(sorted(self.classes))}")
         return self.classes[name](**params)

@@ -70,11 +70,12 @@ def _pyplot():
 # ---------------------------------------------------------------------------- reading the run directory
 
 def read_jsonl(path: str) -> list[dict]:
-    """Every JSON object line of a file; a line cut short by a kill (or otherwise unreadable) is skipped."""
+    """Every JSON object line of a file; a line cut short by a kill (or otherwise unreadable, bytes that are not
+    UTF-8 included) is skipped."""
     if not os.path.exists(path):
         return []
     out = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # (a bad byte spoils its line, not the whole page)
         for line in f:
             try:
                 record = json.loads(line)
@@ -138,11 +139,13 @@ class RunData:
         if os.path.exists(path):
             import yaml
 
-            with open(path) as f:
+            with open(path, encoding="utf-8", errors="replace") as f:
                 data.config_text = f.read()
             try:
                 data.config = yaml.safe_load(data.config_text) or {}
             except yaml.YAMLError:
+                data.config = {}
+            if not isinstance(data.config, dict):  # (shown as its text; no section of it is read)
                 data.config = {}
         return data
 

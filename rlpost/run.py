@@ -100,7 +100,7 @@ from rlpost.schema import ConfigError, layout_keys
 from rlpost.sinks import check_available
 from rlpost.stages import STAGES
 from rlpost.stages.base import RunContext, RunInterrupted, Stage, data_digests
-from rlpost.tasks import load_task
+from rlpost.tasks import dataset_splits, load_task
 from rlpost.weight_sync import WeightSync
 
 # ---------------------------------------------------------------------------- run directory
@@ -130,6 +130,9 @@ def saved_config(run_dir: str, kind: str = "train") -> Config:
     if not isinstance(info, dict):
         raise ResumeError(f"--resume: {info_path} is not a JSON object ({info}); the run cannot be resumed from a "
                           f"damaged {RUN_FILE}: restore it from a copy of the run directory")
+    if "kind" not in info:  # (said "a `rlpost None` run")
+        raise ResumeError(f"--resume: {info_path} names no 'kind' (the command that made the run): not a run.json "
+                          f"rlpost wrote, or a damaged one; restore it from a copy of the run directory")
     if info.get("kind") != kind:
         raise ResumeError(f"--resume: {run_dir} is a `rlpost {info.get('kind')}` run, not a `rlpost {kind}` run")
     log = info.get(LAYOUT_LOG, [])
@@ -387,6 +390,26 @@ def skeleton_start(cfg: Config, ckpt: Checkpoint | None, run_dir: str) -> str | 
     return folder
 
 
+def check_held_out(cfg: Config, task) -> None:
+    """ValueError, before any stage, when the run evaluates (an eval stage, rl.eval_every) and the task has no
+    held-out rows (a file task without task.eval_file): the first evaluation failed after SFT had run."""
+    stages = stage_configs(cfg)  # (an rl entry of the stage list may set its own rl.eval_every)
+    uses = (["an eval stage"] if any(name == "eval" for name, _ in stages) else []) + sorted({
+        f"rl.eval_every={sc.rl.eval_every}" for name, sc in stages
+        if name == "rl" and 0 < sc.rl.eval_every < sc.rl.steps})
+    if uses and not task.eval_rows:
+        t = cfg.task
+        if t.name not in ("file", "jsonl") or t.eval_file:
+            source = "its held-out rows are empty"
+        elif dataset_splits(t.train_file) is None:
+            source = "task.eval_file is not set"
+        else:
+            source = f"task.eval_file is not set and task.train_file has no split {t.eval_split!r} (task.eval_split)"
+        raise ValueError(f"task {task.name} has no held-out rows ({source}), and the run evaluates on them "
+                         f"({' and '.join(uses)}): set task.eval_file to held-out prompts, or give `stages` without "
+                         "eval (and rl.eval_every=0)")
+
+
 def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = None,
                   folder: str | None = None) -> RunContext:
     """Seeds, task, policy, engine and weight sync, the verifier: everything that exists before stage 0.
@@ -409,6 +432,7 @@ def build_context(cfg: Config, run_dir: str, log: RunLog, shards: str | None = N
     except ImportError:
         pass
     task = load_task(cfg.task)
+    check_held_out(cfg, task)
     rows, demos = task.train_rows + task.eval_rows, task.demonstrations if "sft" in stage_names(cfg) else []
     # with an environment, an episode's tokens after the prompt (policy + environment) are its budget
     response_tokens = response_budget(cfg.task, cfg.rollout.max_new_tokens)

@@ -120,10 +120,15 @@ def type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
         return isinstance(value, (int, float)) and not isinstance(value, bool), value
     if tp is str:
         return isinstance(value, str), value
-    if origin is dict:
+    if origin is dict or tp is dict:
         return isinstance(value, dict), dict(value) if isinstance(value, dict) else value
-    if origin is list:
-        return isinstance(value, list), value
+    if origin is list:  # a list of plain values holds values of its type (a list of steps holds whole numbers);
+        # a list of mappings is checked item by item by its section, which names the item
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list) or item not in (str, int, float, bool):
+            return isinstance(value, list), value
+        items = [type_ok(v, item) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
     raise TypeError(f"unsupported config annotation {tp}")
 
 
@@ -215,6 +220,13 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         where = f"{path}{key}"
+        if (key not in fields and isinstance(key, str) and "." in key and key.split(".")[0] in fields
+                and dataclasses.is_dataclass(types_of[key.split(".")[0]])):
+            # `trainer.lr: 1e-4` in a recipe: a key rlpost knows, in the spelling of an override, not of a mapping
+            first, rest = key.split(".", 1)
+            raise ConfigError(f"config key '{where}' is written dotted inside a mapping: a recipe nests its sections "
+                              f"({first}: {{{rest}: ...}}, or '{first}:' with '  {rest}: ...' on the next line); the "
+                              "dotted form is for key=value overrides and a stage-list entry's settings")
         if key not in fields:
             raise ConfigError(f"unknown config key '{where}'; valid keys{' under ' + path[:-1] if path else ''}: "
                               f"{', '.join(fields)}")
@@ -351,17 +363,23 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def check_names(value: Any, where: str, key: str) -> None:
+def check_names(value: Any, where: str, key: str, _inside: tuple[int, ...] = ()) -> None:
     """Every mapping key in a recipe or an override value is a name (a config key, a plug-in's or a reward's
     option): YAML reads `1: 2` or `null: x` as a number or None, which broke the merge and the plug-ins'
-    keyword arguments with a TypeError; refused here naming where it sits."""
+    keyword arguments with a TypeError; refused here naming where it sits. So is a value that holds itself (a
+    YAML alias inside its own anchor, `a: &x [*x]`), which no config key can mean and which recursed without end."""
+    if isinstance(value, (dict, list)):
+        if id(value) in _inside:
+            raise ConfigError(f"{where}: config key '{key}' holds itself (a YAML alias *name used inside its own "
+                              "&name anchor); write the value out")
+        _inside += (id(value),)
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 inside = f"config key '{key}' has" if key else "the top level has"
                 raise ConfigError(f"{where}: {inside} the key {k!r} ({type(k).__name__}); keys are names: quote it "
                                   f"('{k}': ...) if it is meant as text")
-            check_names(v, where, f"{key}.{k}" if key else k)
+            check_names(v, where, f"{key}.{k}" if key else k, _inside)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            check_names(v, where, f"{key}[{i}]")
+            check_names(v, where, f"{key}[{i}]", _inside)

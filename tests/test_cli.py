@@ -6,6 +6,7 @@ import json
 import pathlib
 import random
 
+import pytest
 import yaml
 
 from rlpost.cli import COMMANDS, build_parser, main
@@ -85,3 +86,34 @@ def test_rlpost_dpo_gives_the_run_a_stage_list_and_runs_what_a_preference_only_c
     numbers = [k for k, v in b.items() if isinstance(v, (int, float)) and "seconds" not in k and "time" not in k]
     assert set(a) == set(b) and {"pass@1_start", "pass@1_dpo", "preference_examples"} <= set(numbers)
     assert {k: a[k] for k in numbers} == {k: b[k] for k in numbers}
+
+
+def test_a_model_that_cannot_load_is_one_error_line_in_every_command_that_loads_one(tmp_path, capsys):
+    """rlpost eval, export, search and curate caught ValueError and OSError, and a ModelLoadError (a RuntimeError:
+    a weights file cut short, a folder without its tokenizer) came out as a traceback."""
+    from rlpost.models import save_model
+    from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
+
+    tok = CharTokenizer("0123456789+=")
+    folder = tmp_path / "cut"
+    save_model(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=24, n_layer=1, n_head=1, n_embd=8)), tok, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "1+2=", "answer": "3"}\n')
+    for argv in (["eval", str(folder)], ["export", str(folder), "--out", str(tmp_path / "out")],
+                 ["search", str(folder)], ["curate", "--model", str(folder), "--train", str(train),
+                                           "--out", str(tmp_path / "kept.jsonl")]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"rlpost: error: gpt_mini model folder '{folder}': ") and "Traceback" not in err, argv
+        assert "model.safetensors cannot be read" in err
+
+
+def test_nproc_takes_a_count_of_processes(capsys):
+    """--nproc 0 read as "unset": the run trained in one process, unsharded; --nproc -1 reached torchrun, which
+    failed with a bare AssertionError."""
+    for value in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--nproc", value])
+        assert e.value.code == 2 and "argument --nproc: " in capsys.readouterr().err

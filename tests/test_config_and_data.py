@@ -76,6 +76,100 @@ def test_bad_choice_and_missing_file_and_bad_yaml(tmp_path):
         load_config(None, ["rl.steps"])
 
 
+def test_a_key_given_twice_in_a_recipe_or_an_override_is_refused_naming_its_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word: a recipe with two `rl:` sections ran with the
+    default rl.steps=150, the first section's steps: 3 gone."""
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("rl:\n  steps: 3\nsft:\n  steps: 5\nrl:\n  eval_every: 1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML: the key 'rl' appears twice in one mapping "
+                                          r"\(lines 1 and 5\); keep one\n  in \".*twice.yaml\", line 5"):
+        load_config(str(recipe))
+    recipe.write_text("trainer: {lr: 1.0e-4, lr: 1.0e-3}\n")
+    with pytest.raises(ConfigError, match=r"the key 'lr' appears twice in one mapping \(lines 1 and 1\)"):
+        load_config(str(recipe))
+    with pytest.raises(ConfigError, match=r"config key 'algorithm': .* repeats a key: the key 'beta' appears twice"):
+        load_config(None, ["algorithm={name: grpo, beta: 0.1, beta: 0.2}"])
+    # a `<<` merge's keys are there to be overridden
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("rl:\n  <<: {steps: 3, eval_every: 1}\n  steps: 4\n")
+    cfg = load_config(str(merged))
+    assert (cfg.rl.steps, cfg.rl.eval_every) == (4, 1)
+
+
+def test_a_text_key_takes_its_override_as_written():
+    """YAML read `task.system_prompt=#1 rule` as a comment, so the run went without a system prompt, cut
+    `Be brief #2` to 'Be brief', and refused `run_name=2024`, `Answer: x` and `yes` as an int, a mapping, a bool."""
+    def prompt(value: str):
+        return load_config(None, [f"task.system_prompt={value}"]).task.system_prompt
+
+    for value in ("#1 rule", "Be brief #2", "You are: helpful", "yes", "- a list?", "@home", "[x] first", "3.5"):
+        assert prompt(value) == value
+    assert prompt("null") is None and prompt("'#1: quoted'") == "#1: quoted" and prompt('"tab\\there"') == "tab\there"
+    assert load_config(None, ["run_name=2024"]).run_name == "2024"
+    assert load_config(None, ["model.name= /models/a b "]).model.name == "/models/a b"
+    # keys that are not text still read YAML: numbers, booleans, lists, mappings
+    cfg = load_config(None, ["rl.steps=7", "trainer.packing=false", "trainer.profile_steps=[1, 2]",
+                             "task.reward=math", "task.reward_options={extract: boxed}"])
+    assert (cfg.rl.steps, cfg.trainer.packing, cfg.trainer.profile_steps) == (7, False, [1, 2])
+    assert cfg.task.reward_options == {"extract": "boxed"}
+
+
+def test_a_number_in_exponent_notation_is_a_number_wherever_it_sits(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-2 without a dot as the string '1e-2': a float key converted it, but a weight in
+    task.rewards or task.sources was refused as 'must be a finite number, got '1e-2''."""
+    cfg = load_config(None, ["task.rewards=[{name: exact, weight: 1e-2}, {name: format, weight: 2E0}]"])
+    assert [r["weight"] for r in cfg.task.rewards] == [0.01, 2.0]
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text("task:\n  sources:\n    - {file: a.jsonl, weight: 5e-1}\n    - {file: b.jsonl, weight: 1.5e0}\n"
+                      "trainer:\n  lr: 3e-5\n")
+    cfg = load_config(str(recipe))
+    assert [s["weight"] for s in cfg.task.sources] == [0.5, 1.5] and cfg.trainer.lr == 3e-5
+    with pytest.raises(ConfigError, match=r"config key 'rl.steps' expects int, got float 1000.0"):
+        load_config(None, ["rl.steps=1e3"])
+
+
+def test_a_dotted_key_in_a_recipe_is_named_as_a_spelling_not_as_unknown(tmp_path):
+    """`trainer.lr: 1.0e-4` in a recipe was 'unknown config key 'trainer.lr'', listing the top-level keys: the key
+    exists, in the spelling of an override."""
+    recipe = tmp_path / "dotted.yaml"
+    recipe.write_text("trainer.lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"config key 'trainer.lr' is written dotted inside a mapping: a recipe "
+                                          r"nests its sections \(trainer: \{lr: ...\}"):
+        load_config(str(recipe))
+    recipe.write_text("model:\n  lora.r: 8\n")
+    with pytest.raises(ConfigError, match=r"config key 'model.lora.r' is written dotted .*\(lora: \{r: ...\}"):
+        load_config(str(recipe))
+    recipe.write_text("trainer:\n  lr.x: 1\n")  # lr is no section: an unknown key, as before
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.lr.x'; valid keys under trainer: lr"):
+        load_config(str(recipe))
+
+
+def test_a_recipe_that_cannot_be_read_is_named_not_a_traceback(tmp_path, capsys):
+    """A recipe in Latin-1 raised a bare UnicodeDecodeError (no file named), a folder an IsADirectoryError, and a
+    value holding itself (`a: &x [*x]`) a RecursionError."""
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"rl:\n  steps: 3\nrun_name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"recipe .*latin.yaml: line 3: not valid UTF-8 \(byte 0xe9: .*save the file "
+                                          "as UTF-8"):
+        load_config(str(latin))
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"recipe .*folder.yaml cannot be read: Is a directory"):
+        load_config(str(tmp_path / "folder.yaml"))
+    itself = tmp_path / "itself.yaml"
+    itself.write_text("task:\n  options: &x {a: *x}\n")
+    with pytest.raises(ConfigError, match=r"itself.yaml: config key 'task.options.a' holds itself"):
+        load_config(str(itself))
+    with pytest.raises(ConfigError, match=r"config key 'stages\[0\]' holds itself"):
+        load_config(None, ["stages=&s [*s]"])
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfrl:\r\n  steps: 3\r\n")  # a byte-order mark and CRLF line ends are fine
+    assert load_config(str(bom)).rl.steps == 3
+    from rlpost.cli import main
+
+    assert main(["train", str(tmp_path / "folder.yaml"), f"out_dir={tmp_path / 'runs'}"]) == 2
+    assert "folder.yaml cannot be read" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
 # ---------------------------------------------------------------------------- tasks
 
 def test_arithmetic_task_is_seeded_and_held_out_is_disjoint():
@@ -188,6 +282,11 @@ def test_missing_model_folder_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="has no config.json"):
         load_model(ModelConfig(name=str(tmp_path / "empty")))
+    # a file of the folder (hub ids look like paths: 'org/model.safetensors' was tried as one, offline or not)
+    (tmp_path / "empty" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"model '.*empty/model.safetensors' is a file: model.name takes the "
+                                             r"folder that holds the model .*, e.g. '.*empty'"):
+        load_model(ModelConfig(name=str(tmp_path / "empty" / "model.safetensors")))
 
 
 def test_unreachable_hub_id_says_so_offline():
@@ -232,6 +331,100 @@ def test_a_broken_model_folder_is_named_with_what_to_do(tiny_llama_dir, tmp_path
     with pytest.raises(ModelLoadError, match=f"model '{re.escape(tiny_llama_dir)}': model.chat_template=true but this "
                                              "tokenizer has no chat template: set model.chat_template=false"):
         load_model(ModelConfig(name=tiny_llama_dir, chat_template=True))
+
+
+def test_a_model_folder_whose_config_json_is_not_a_json_object_is_named(tmp_path):
+    """A config.json cut short, empty, not UTF-8 or a list raised a bare JSONDecodeError, UnicodeDecodeError or
+    AttributeError, naming no file."""
+    for name, content, match in [("cut", b'{"model_type": "ll', r"not valid JSON \(line 1: Unterminated string"),
+                                 ("empty", b"", r"not valid JSON \(line 1: Expecting value\)"),
+                                 ("latin", b'{"a": "\xe9"}', r"not valid UTF-8 \(byte 0xe9 at offset 7\)"),
+                                 ("list", b"[1]", r"holds a JSON list, not the object of keys"),
+                                 ("digits", b'{"vocab_size": ' + b"9" * 5000 + b"}", r"cannot be read \(ValueError")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_bytes(content)
+        with pytest.raises(ModelLoadError, match=re.escape(str(folder / "config.json")) + ": " + match):
+            load_model(ModelConfig(name=str(folder)))
+
+
+def test_an_hf_folder_whose_weights_lack_what_its_config_has_is_refused_not_half_random(tiny_llama_dir, tmp_path):
+    """A config.json with one layer more than its weights loaded: transformers initialised the missing layer at
+    random, printed a table and went on, and the run trained a model that was partly noise."""
+    import shutil
+
+    folder = tmp_path / "three_layers"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ModelLoadError, match=rf"model '{re.escape(str(folder))}': its weights lack 9 tensor\(s\) that "
+                                             r"its config.json's architecture has \(model.layers.2.input_layernorm"
+                                             r".*would start random"):
+        load_model(ModelConfig(name=str(folder)))
+
+
+def test_a_broken_gpt_mini_folder_is_named_with_the_file(tmp_path):
+    """A saved gpt_mini (what model.name=runs/X/checkpoints/sft loads) had none of an HF folder's checks: a truncated
+    model.safetensors raised a bare SafetensorError, a missing one FileNotFoundError, a config.json without n_embd
+    KeyError, weights that do not fit the config a RuntimeError, a damaged tokenizer.json a JSONDecodeError."""
+    import shutil
+
+    from rlpost.models import save_model
+    from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
+
+    tok = CharTokenizer("0123456789+=")
+    saved = tmp_path / "saved"
+    save_model(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=24, n_layer=2, n_head=2, n_embd=32)), tok, saved)
+
+    def broken(name: str, edit) -> str:
+        folder = tmp_path / name
+        shutil.copytree(saved, folder)
+        edit(folder)
+        return str(folder)
+
+    def config(**changes):
+        def edit(folder):
+            data = json.loads((folder / "config.json").read_text())
+            data.update(changes)
+            (folder / "config.json").write_text(json.dumps({k: v for k, v in data.items() if v is not None}))
+        return edit
+
+    def truncate(folder):
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+
+    cases = [("truncated", truncate, r"model.safetensors cannot be read \(.*\): it is damaged or incomplete"),
+             ("no_weights", lambda f: (f / "model.safetensors").unlink(), r"has no model.safetensors"),
+             ("no_tokenizer", lambda f: (f / "tokenizer.json").unlink(), r"has no tokenizer.json"),
+             ("bad_tokenizer", lambda f: (f / "tokenizer.json").write_text("{"),
+              r"its tokenizer.json cannot be read as gpt_mini's \(JSONDecodeError"),
+             ("no_n_embd", config(n_embd=None), r"config.json: a gpt_mini config.json needs 'n_embd', which it lacks"),
+             ("zero_layers", config(n_layer=0), r"gpt_mini's n_layer must be a whole number >= 1, got 0"),
+             ("text_size", config(n_positions="24"), r"gpt_mini's block_size must be a whole number >= 1, got '24'"),
+             ("more_layers", config(n_layer=3), r"its weights do not fit its config.json \(Missing key\(s\)"),
+             ("other_vocab", config(vocab_size=99), r"its weights do not fit its config.json \(size mismatch")]
+    for name, edit, match in cases:
+        folder = broken(name, edit)
+        with pytest.raises(ModelLoadError, match=f"gpt_mini model folder '{re.escape(folder)}'.*{match}"):
+            load_model(ModelConfig(name=folder))
+    model, loaded = load_model(ModelConfig(name=str(saved)))
+    assert loaded.vocab_size == tok.vocab_size and model.config.n_layer == 2
+
+
+def test_a_chat_template_asked_of_gpt_mini_is_refused_not_ignored(tmp_path):
+    """An HF tokenizer without a chat template is refused under model.chat_template=true; gpt_mini (fresh or
+    saved), which has none, went on without one and without a word."""
+    from rlpost.models import save_model
+    from rlpost.models.gpt_mini import GPT, CharTokenizer, GPTConfig
+
+    tok = CharTokenizer("0123456789+=")
+    save_model(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=24, n_layer=1, n_head=1, n_embd=8)), tok,
+               tmp_path / "saved")
+    for name in ("gpt_mini", str(tmp_path / "saved")):
+        with pytest.raises(ModelLoadError, match=rf"model '{re.escape(name)}' is a gpt_mini, whose character "
+                                                 r"tokenizer has no chat template, but model.chat_template=true"):
+            load_model(ModelConfig(name=name, chat_template=True), "0123456789+=")
+        assert load_model(ModelConfig(name=name), "0123456789+=")[1].vocab_size == tok.vocab_size
 
 
 def test_hf_model_loads_from_a_local_folder(tiny_llama_dir):
@@ -294,6 +487,26 @@ def test_a_run_refused_for_its_data_leaves_no_run_directory_and_runs_once_fixed(
     assert "model.block_size" in capsys.readouterr().err and not (tmp_path / "runs" / "r").exists()
     assert main(args) == 0  # the data fixed, the same command runs
     assert (tmp_path / "runs" / "r" / "summary.json").exists()
+
+
+def test_a_file_task_without_held_out_rows_is_refused_before_sft_when_the_run_evaluates(tmp_path, capsys):
+    """task.eval_file is optional, but the default stages evaluate: the run trained SFT, then stopped at its first
+    evaluation ('evaluation needs held-out rows'); so did RL at its first rl.eval_every step."""
+    from rlpost.cli import main
+
+    train = write(tmp_path / "train.jsonl", [json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)})
+                                             for a in range(6)])
+    args = ["train", "task.name=file", f"task.train_file={train}", "sft.steps=1", "rl.steps=0",
+            "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "threads=1", f"out_dir={tmp_path / 'runs'}",
+            "run_name=r"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert ("task file has no held-out rows (task.eval_file is not set), and the run evaluates on them (an eval "
+            "stage): set task.eval_file" in err) and not (tmp_path / "runs" / "r").exists()
+    rl = ["rl.steps=2", "rl.eval_every=1", "rollout.prompts_per_step=2", "rollout.k=2", "stages=[sft, rl]"]
+    assert main([*args, *rl]) == 1
+    assert "evaluates on them (rl.eval_every=1)" in capsys.readouterr().err
+    assert main([*args, "stages=[sft]"]) == 0  # a run that never evaluates needs no held-out rows
 
 
 def test_discarding_a_run_directory_keeps_what_was_there_before(tmp_path):
@@ -418,6 +631,35 @@ def test_good_reward_settings_load_without_starting_anything(tmp_path, monkeypat
     load_config(None, ["task.reward=judge", "task.reward_options={model: /nonexistent/judge, device: cpu}"])
     with pytest.raises(ConfigError, match=r"task.rewards\[0\] \(my_terms:Big\): reward 'my_terms:Big': bad options"):
         load_config(None, ["task.rewards=[{name: 'my_terms:Big', colour: red}]"])
+
+
+def test_a_number_of_thousands_of_digits_is_named_by_row_not_a_bare_value_error(tmp_path):
+    """Python reads at most 4300 digits as an int: a row holding a longer number failed the whole file (prompts,
+    and preference pairs) with a bare 'Exceeds the limit (4300 digits)' ValueError naming no file or line."""
+    from rlpost.preference.data import PreferenceDataError, read_preference_rows
+
+    huge = "9" * 5000
+    path = write(tmp_path / "huge.jsonl", [json.dumps({"prompt": "1+1=", "answer": "2"}),
+                                           f'{{"prompt": "x", "answer": {huge}}}'])
+    with pytest.raises(TaskDataError, match=r"huge.jsonl: 1 malformed row\(s\):\n  line 2: 'answer' is a whole number "
+                                            r"of 5000 digits \(more than Python reads as a number\)"):
+        read_jsonl(path)
+    (tmp_path / "huge.json").write_text(f'[{{"prompt": "x", "answer": {huge}}}]')
+    with pytest.raises(TaskDataError, match=r"row 1: 'answer' is a whole number of 5000 digits"):
+        read_jsonl(str(tmp_path / "huge.json"))
+    pairs = write(tmp_path / "pairs.jsonl", [f'{{"prompt": "x", "chosen": "a", "rejected": "b", "n": {huge}}}'])
+    with pytest.raises(PreferenceDataError, match=r"pairs.jsonl: 1 malformed row\(s\):\n  line 1: cannot be read"):
+        read_preference_rows(pairs)
+    assert read_jsonl(write(tmp_path / "long.jsonl", ['{"prompt": "x", "answer": ' + "9" * 40 + "}"]))[0]["answer"] \
+        == "9" * 40
+    # in a recipe or an override: a YAML error at its line, not the bare ValueError
+    (tmp_path / "seed.yaml").write_text(f"rl:\n  steps: 3\nseed: {huge}\n")
+    with pytest.raises(ConfigError, match=r"seed.yaml is not valid YAML: a whole number of 5000 characters, more "
+                                          r"digits than Python reads as a number\n  in .*seed.yaml\", line 3"):
+        load_config(str(tmp_path / "seed.yaml"))
+    with pytest.raises(ConfigError, match=r"config key 'seed': the value '9{200}...' of override seed=... is not "
+                                          r"valid YAML \(a whole number of 5000 characters.*number\)$"):
+        load_config(None, [f"seed={huge}"])
 
 
 def test_json_values_no_utf8_file_or_number_can_hold_are_named_by_line_and_key(tmp_path):

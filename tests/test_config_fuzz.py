@@ -227,6 +227,20 @@ def test_an_hf_model_is_not_refused_for_gpt_mini_sizes():
                                                                    r"'task.sources'.*task.sources\[i\].task\)"),
     (["task.sources=[{task: arithmetic}]", "task.seed=5"], r"'task.seed' is set beside 'task.sources'"),
     (["task.sources=[{file: x.jsonl}]", "task.prompt_key=question"], r"'task.prompt_key' is set beside"),
+    # one column read as two keys: every row's answer (or demonstration) was its own prompt
+    (["task.name=file", "task.train_file=x.jsonl", "task.prompt_key=q", "task.answer_key=q"],
+     r"config keys 'task.prompt_key' and 'task.answer_key' both name the column 'q'"),
+    (["task.name=file", "task.train_file=x.jsonl", "task.completion_key=prompt"],
+     r"config keys 'task.prompt_key' and 'task.completion_key' both name the column 'prompt'"),
+    (["task.sources=[{file: x.jsonl, messages_key: answer}]"],
+     r"config keys 'task.sources\[0\].messages_key' and 'task.sources\[0\].answer_key' both name the column"),
+    # a plug-in name that is a list or a mapping was looked up in the registry: TypeError, unhashable
+    (["algorithm.name=[grpo]"], r"config key 'algorithm': unknown algorithm \['grpo'\]; valid algorithms: cispo"),
+    (["preference.loss.name={dpo: 1}"], r"config key 'preference.loss': unknown preference loss \{'dpo': 1\}"),
+    # a list's items were not checked: steps 'a', 1.5 or 0 were accepted and never traced
+    (["trainer.profile_steps=[3, a]"], r"config key 'trainer.profile_steps' expects list\[int\], got list \[3, 'a'\]"),
+    (["trainer.profile_steps=[1.5]"], r"config key 'trainer.profile_steps' expects list\[int\], got list \[1.5\]"),
+    (["trainer.profile_steps=[0, 2]"], r"config key 'trainer.profile_steps' lists RL steps, which count from 1"),
 ])
 def test_a_structured_key_that_means_nothing_is_refused_naming_it(overrides, match):
     """Each was accepted (and ignored: the embedded task trained on its own problems, keep_best kept nothing), or
@@ -268,6 +282,10 @@ def test_the_structured_keys_still_accept_what_means_something():
     assert load_config(None, ["task.env=calculator", "task.env_options={call_open: '<c>'}"]).task.env_options
     assert load_config(None, ["task.name=file", "task.train_file=x.jsonl", "task.eval_file=y.jsonl"]).task.eval_file
     assert load_config(None, ["task.sources=[{file: x.jsonl}, {task: arithmetic}]"]).task.sources
+    assert load_config(None, ["trainer.profile_steps=[1, 3]"]).trainer.profile_steps == [1, 3]
+    # the answer as the demonstration is what a row without a completion gets anyway; messages in the prompt column
+    assert load_config(None, ["task.name=file", "task.train_file=x.jsonl", "task.completion_key=answer",
+                              "task.messages_key=prompt"]).task.completion_key == "answer"
 
 
 # ---------------------------------------------------------------------------- through the CLI
@@ -373,3 +391,17 @@ def test_train_help_shows_each_numeric_keys_range(capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
     assert lines["rollout.temperature"].endswith("[>= 0]") and lines["trainer.min_lr_ratio"].endswith("[in [0, 1]]")
     assert "[" not in lines["model.name"].split("'")[-1]  # a string key has no range
+
+
+def test_a_large_seed_runs_rl_or_is_refused_when_it_loads(tmp_path):
+    """seed=1733580000000 (a timestamp in ms) passed the config, ran SFT and evaluation, then stopped at the first RL
+    step: the engine's seed, derived by multiplying it, overflowed torch's 64-bit generator ('Overflow when
+    unpacking long long'); seed=2**64 failed the same way at start-up."""
+    with pytest.raises(ConfigError, match=r"config key 'seed' must be >= 0 \(0: a seed like any other\) and below "
+                                          r"2\*\*63 .*got 9223372036854775808"):
+        load_config(None, [f"seed={2**63}"])
+    args = ["train", "seed=1733580000000", "rl.steps=1", "rollout.prompts_per_step=2", "rollout.k=2",
+            "model.n_layer=1", "model.n_embd=16", "model.n_head=1", "task.num_eval=2", "eval.samples_per_prompt=1",
+            "stages=[rl]", "threads=1", f"out_dir={tmp_path / 'runs'}", "run_name=r"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())["status"] == "ok"

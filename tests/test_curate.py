@@ -282,6 +282,31 @@ def test_curate_refuses_rows_its_reward_cannot_score_and_an_out_file_that_is_its
     # an --out that cannot be written is refused before the model loads and samples, not after
     assert main(["curate", "--model", "./no_such_model", "--train", "train.jsonl", "--out", "kept.csv", *keys]) == 1
     assert "cannot write kept.csv: the extension must be .jsonl, .json or .parquet" in capsys.readouterr().err
+    # so is one whose folder is a file, or that is a folder: both failed after the sampling ('File exists', ...)
+    # rows whose columns --out cannot hold (a parquet timestamp in JSON, mixed types in a parquet column): the
+    # same, where json.dumps / pyarrow failed with a bare TypeError after the sampling
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": [rows[0]["question"]], "answer": [rows[0]["answer"]],
+                             "when": [datetime.datetime(2024, 1, 1)]}), "dated.parquet")
+    assert main(["curate", "--model", "./no_such_model", "--train", "dated.parquet", "--out", "kept.jsonl",
+                 *keys]) == 1
+    assert "cannot write kept.jsonl: column 'when' holds datetime values, which JSON cannot hold; write a .parquet " \
+        "file instead" in capsys.readouterr().err
+    with open("mixed.jsonl", "w") as f:
+        f.writelines(json.dumps({**rows[0], "id": i}) + "\n" for i in (1, "a"))
+    assert main(["curate", "--model", "./no_such_model", "--train", "mixed.jsonl", "--out", "kept.parquet",
+                 *keys]) == 1
+    assert "cannot write kept.parquet: column 'id' holds values of more than one type" in capsys.readouterr().err
+    assert not os.path.exists("kept.jsonl") and not os.path.exists("kept.parquet")
+    os.makedirs("a_folder.jsonl")
+    for out, why in (("train.jsonl/kept.jsonl", "train.jsonl is a file, not a folder"),
+                     ("a_folder.jsonl", "it is a folder")):
+        assert main(["curate", "--model", "./no_such_model", "--train", "train.jsonl", "--out", out, *keys]) == 1
+        assert f"cannot write {out}: " in (err := capsys.readouterr().err) and why in err, err
 
 
 TWO_TURN_ENV = '''from rlpost.env import Env, Step

@@ -103,6 +103,15 @@ def test_written_rows_read_back_equal_in_both_formats(tmp_path):
     for name in ("out.jsonl", "out.parquet"):
         write_rows(rows, str(tmp_path / name))
         assert data(read_rows(str(tmp_path / name))) == EXPECTED
+    # a value JSON cannot hold (a parquet timestamp) failed in json.dumps with a half-written file behind
+    import datetime
+
+    dated = [{**rows[0], "when": datetime.date(2024, 1, 1)}]
+    with pytest.raises(ValueError, match=r"cannot write .*dated.jsonl: column 'when' holds date values, which JSON"):
+        write_rows(dated, str(tmp_path / "dated.jsonl"))
+    assert not (tmp_path / "dated.jsonl").exists()
+    write_rows(dated, str(tmp_path / "dated.parquet"))  # a parquet column holds it
+    assert read_rows(str(tmp_path / "dated.parquet"))[0]["when"] == datetime.date(2024, 1, 1)
 
 
 # ---------------------------------------------------------------------------- columns
@@ -247,6 +256,42 @@ def test_missing_files_folders_splits_and_formats_name_the_path(tmp_path):
     (tmp_path / "broken.parquet").write_text("not parquet")
     with pytest.raises(TaskDataError, match="broken.parquet: not a readable parquet file"):
         read_rows(str(tmp_path / "broken.parquet"))
+
+
+@pytest.mark.parametrize("with_datasets", [True, False])
+def test_a_damaged_datasets_folder_is_named_with_its_file(tmp_path, monkeypatch, with_datasets):
+    """A `datasets` folder copied in part or damaged failed with a bare JSONDecodeError (dataset_dict.json, and
+    state.json without the `datasets` package), KeyError, FileNotFoundError or ArrowInvalid, naming no file."""
+    import shutil
+
+    saved = write_dataset_dict(tmp_path / "saved", {"train": TEST, "test": TEST})
+    if not with_datasets:  # the Arrow files read with pyarrow alone
+        monkeypatch.setitem(sys.modules, "datasets", None)
+
+    def damaged(name, edit):
+        folder = tmp_path / name
+        shutil.copytree(saved, folder)
+        edit(folder)
+        return str(folder)
+
+    arrow = next(f.name for f in (tmp_path / "saved" / "train").iterdir() if f.suffix == ".arrow")
+    cases = [("cut_dict", lambda f: (f / "dataset_dict.json").write_text('{"splits": ["tra'),
+              r"cut_dict/dataset_dict.json: not valid JSON \(.*\); the folder was not saved whole"),
+             ("list_dict", lambda f: (f / "dataset_dict.json").write_text("[1]"),
+              r"list_dict/dataset_dict.json: expected a JSON object with a list 'splits'"),
+             ("cut_state", lambda f: (f / "train" / "state.json").write_text("{"),
+              r"cut_state/train/state.json: not valid JSON"),
+             ("no_state", lambda f: (f / "train" / "state.json").unlink(),
+              r"no_state: its dataset_dict.json lists the split 'train', but .*train holds no state.json"),
+             ("no_arrow", lambda f: (f / "train" / arrow).unlink(),
+              rf"no_arrow/train/state.json: lists the data file '{arrow}', which .*train does not hold"),
+             ("bad_arrow", lambda f: (f / "train" / arrow).write_bytes(b"not arrow"),
+              r"bad_arrow/train.*(cannot be read|not a readable Arrow file) \(ArrowInvalid: .*\); damaged or "
+              "incomplete")]
+    for name, edit, match in cases:
+        with pytest.raises(TaskDataError, match=match):
+            read_rows(damaged(name, edit))
+    assert data(read_rows(saved)) == data(TEST)
 
 
 def test_task_names_and_their_config_keys():

@@ -75,6 +75,27 @@ def test_rlpost_eval_counts_successes_and_writes_eval_json(checkpoint, tmp_path,
     assert "between 1 and the samples" in capsys.readouterr().err
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_sampling_and_a_folder_gets_eval_json(checkpoint, tmp_path,
+                                                                                             capsys, monkeypatch):
+    """--out in a folder that is a file or not there failed with a bare OSError once every prompt had been sampled
+    (hours on a real model), and an --out that is a folder with IsADirectoryError."""
+    import rlpost.heldout as heldout
+    from rlpost.cli import main
+
+    keys = ["task.num_eval=4", "rollout.max_new_tokens=4", "--samples", "1"]
+    (tmp_path / "a_file").write_text("")
+    sampled = []
+    with monkeypatch.context() as m:
+        m.setattr(heldout, "load_task", lambda *a: sampled.append(a) or None)  # no work may start
+        for out, why in (("a_file/eval.json", "a_file is a file"), ("no_folder/eval.json", "no_folder is not there")):
+            assert main(["eval", checkpoint, *keys, "--out", out]) == 1
+            assert f"--out {out}: " in (err := capsys.readouterr().err) and why in err, err
+    assert sampled == []
+    (tmp_path / "results").mkdir()
+    assert main(["eval", checkpoint, *keys, "--out", "results"]) == 0
+    assert json.loads((tmp_path / "results" / "eval.json").read_text())["prompts"] == 4
+
+
 def test_rlpost_eval_on_a_run_directory_uses_its_config_and_newest_weights(tmp_path, monkeypatch):
     from rlpost.cli import main
     from rlpost.config import load_config

@@ -67,6 +67,33 @@ def test_the_default_data_gives_block_size_14():
     assert size == 14
 
 
+def test_one_stray_long_row_does_not_size_a_fresh_gpt_mini_to_match(tmp_path):
+    """A 100,000-character prompt among short ones sized gpt_mini's context to 100,011 positions, and its first SFT
+    forward took the machine's 23 GB and more; the sizing stops at MAX_SIZED_BLOCK_SIZE, naming the row."""
+    from rlpost.models.loading import MAX_SIZED_BLOCK_SIZE
+
+    rows = [{"prompt": "1+2=", "answer": "3"}] * 3 + [{"prompt": "1" * 100_000 + "+2=", "answer": "3"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = jsonl_task(str(tmp_path / "train.jsonl"), None)
+    cfg = ModelConfig(n_layer=1, n_embd=16, n_head=2)
+    match = (r"would give it a context of 100013 tokens, for row 3 \(line 4\): prompt '1111111111.*' \(100004 "
+             rf"tokens\) \+ rollout.max_new_tokens=8 \+ 1; it sizes itself to at most {MAX_SIZED_BLOCK_SIZE} .*: drop "
+             r"or shorten such rows, or set model.block_size yourself")
+    with pytest.raises(ContextLengthError, match=match):
+        load_model(cfg, task.alphabet, rows=task.train_rows, max_new_tokens=8, demonstrations=task.demonstrations)
+    # 100,003 characters + <bos> + 8 new tokens + eos
+    assert block_size_for(task.alphabet, task.train_rows, 8, task.demonstrations) == 100_013
+    # a rollout budget past the limit is named as such, with the key to lower
+    match = (r"for row 0 \(line 1\): prompt '1\+2=' \(5 tokens\) \+ rollout.max_new_tokens=9000 \+ 1 \(and 2 more "
+             r"prompt row\(s\) above 8192\); .*: lower rollout.max_new_tokens, drop or shorten")
+    with pytest.raises(ContextLengthError, match=match):
+        load_model(cfg, task.alphabet, rows=task.train_rows[:3], max_new_tokens=9000)
+    # a context asked for is built as asked, and the rows that do not fit it are named by check_lengths
+    model, _ = load_model(ModelConfig(n_layer=1, n_embd=16, n_head=2, block_size=64), task.alphabet,
+                          rows=task.train_rows, max_new_tokens=8)
+    assert model.config.block_size == 64
+
+
 def test_a_prompt_too_long_for_an_hf_model_is_refused_naming_the_row_and_the_key(tiny_llama_dir):
     model, tok = load_model(ModelConfig(name=tiny_llama_dir))  # max_position_embeddings=64
     long_prompt = "The answer is 42. " * 8 + "12+34="

@@ -268,6 +268,39 @@ def test_gpt_mini_merged_save_loads_without_peft(tmp_path):
         assert all(".base_layer." not in k and ".lora_" not in k for k in merged)
 
 
+def test_a_damaged_lora_config_is_named_with_its_file(tmp_path):
+    """A LoRA checkpoint's lora_config.json cut short raised a bare JSONDecodeError, and one with a key apply_lora
+    does not take a TypeError, naming no file."""
+    model, tok = gpt_mini()
+    saved = tmp_path / "saved"
+    save_model(model, tok, str(saved))
+    assert is_lora(load_model(ModelConfig(name=str(saved)))[0])
+    cases = [("cut", '{"r": 4, "alp', r"lora_config.json: not valid JSON \(.*\): the LoRA checkpoint is damaged"),
+             ("extra", '{"r": 4, "alpha": 8, "dropout": 0, "target_modules": ["c_attn"], "rank": 4}',
+              r"lora_config.json: expected an object with the keys alpha, dropout, r, target_modules")]
+    for name, text, match in cases:
+        folder = tmp_path / name
+        shutil.copytree(saved, folder)
+        (folder / "lora_config.json").write_text(text)
+        with pytest.raises(ModelLoadError, match=f"model folder '{folder}': .*{match}"):
+            load_model(ModelConfig(name=str(folder)))
+
+
+def test_export_refuses_a_folder_holding_another_models_adapters(tmp_path, capsys):
+    """Exported into a folder that held a LoRA checkpoint, the merged weights were written beside its stale
+    adapters, and the folder loaded back as a LoRA model: those adapters applied over the exported weights."""
+    model, tok = gpt_mini()
+    save_model(model, tok, str(tmp_path / "lora_ckpt"))
+    plain, _ = gpt_mini(lora=False)
+    save_model(plain, tok, str(tmp_path / "plain"))
+    shutil.copytree(tmp_path / "lora_ckpt", tmp_path / "out")
+    assert main(["export", str(tmp_path / "plain"), "--out", str(tmp_path / "out")]) == 1
+    assert (f"--out {tmp_path / 'out'} holds {ADAPTER_FILE}, lora_config.json of another model, which would load "
+            "over the exported weights") in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "plain"), "--out", str(tmp_path / "new")]) == 0
+    assert not is_lora(load_model(ModelConfig(name=str(tmp_path / "new")))[0])
+
+
 # ---------------------------------------------------------------------------- runs
 
 TINY = ["sft.steps=6", "sft.batch_size=16", "sft.save_every=0", "rl.steps=6", "rl.eval_every=0", "rl.save_every=2",

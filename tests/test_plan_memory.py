@@ -685,6 +685,7 @@ def test_plan_matches_the_measured_peak_of_a_real_job(qwen_42m, tmp_path, ranks,
 @pytest.mark.parametrize("args, flag", [
     (["memory", "0.5b", "--gpu-memory-gb", "nan"], "--gpu-memory-gb"),  # was a table of "nan GB", exit 0
     (["memory", "0.5b", "--gpu-memory-gb", "-5"], "--gpu-memory-gb"),
+    (["memory", "0.5b", "--gpu-memory-gb", "1e300", "--json"], "--gpu-memory-gb"),  # printed "usable": Infinity
     (["memory", "0.5b", "--headroom", "2"], "--headroom"),
     (["memory", "0.5b", "--prompt-tokens", "-1"], "--prompt-tokens"),
     (["memory", "0.5b", "--layout", "zero3", "--batch", "-1"], "--batch"),

@@ -68,6 +68,26 @@ def test_bad_inputs_are_named(tmp_path):
         predict(t, "ray")
 
 
+def test_a_killed_runs_half_line_is_left_out_and_a_damaged_line_is_named(tmp_path):
+    """A run killed while writing metrics.jsonl ends in a half line (which --resume drops): plan throughput failed
+    on it with a bare JSONDecodeError, naming neither the file nor the line."""
+    run = fake_run(tmp_path / "killed", [STEP] * 3)
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"stage": "rl", "step": 4, "time/rollout": 0.')
+    t = fit(run, warmup=0)
+    assert t.steps == 3 and t.rollout == pytest.approx(0.6)
+    damaged = fake_run(tmp_path / "damaged", [STEP] * 3)
+    path = os.path.join(damaged, "metrics.jsonl")
+    lines = open(path).read().splitlines()
+    lines[1] = lines[1][:20]
+    open(path, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"damaged/metrics.jsonl: line 2 is not a JSON line"):
+        fit(damaged)
+    open(path, "w").write("\n".join(lines[:1] + ["[1, 2]"] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is a JSON list, not the object of metrics"):
+        fit(damaged)
+
+
 def test_a_real_run_is_fitted_and_reported(tmp_path):
     from rlpost.config import load_config
     from rlpost.run import train

@@ -193,6 +193,22 @@ def test_malformed_rows_are_all_reported_with_line_numbers(tmp_path):
         read_preference_rows(write_jsonl(tmp_path / "empty.jsonl", []))
 
 
+def test_a_byte_order_mark_is_read_and_bytes_that_are_not_utf8_are_named_by_line(tmp_path):
+    """The prompt files' reader takes a UTF-8 byte-order mark and names a line that is not UTF-8; the preference
+    reader refused the first line of a file with a BOM as 'not valid JSON (Unexpected UTF-8 BOM)', and a Latin-1
+    byte failed the whole file with a bare UnicodeDecodeError naming no file or line."""
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\r\n'
+                    b'{"prompt": "1+2=", "chosen": "3", "rejected": "4"}\r\n')
+    assert [r["chosen"] for r in read_preference_rows(str(bom))] == ["2", "3"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
+                      b'{"prompt": "caf\xe9=", "chosen": "3", "rejected": "4"}\n')
+    with pytest.raises(PreferenceDataError, match=r"latin.jsonl: 1 malformed row\(s\):\n  line 2: not valid UTF-8 "
+                                                  r"\(byte 0xe9 at column 16: .*save the file as UTF-8"):
+        read_preference_rows(str(latin))
+
+
 BAD = [
     {"prompt": "11+22=", "chosen": "033", "rejected": "034"},
     {"prompt": "11+23=", "chosen": "034", "rejected": "034"},

@@ -619,3 +619,18 @@ def test_a_live_resume_process_of_the_run_is_running_however_old_its_last_write(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_line_that_is_not_utf8_is_skipped_like_a_cut_one_and_the_page_is_written(tmp_path):
+    """A metrics.jsonl or config.yaml with a byte that is not UTF-8 failed the whole report with a bare
+    UnicodeDecodeError, where a line cut short by a kill is skipped."""
+    from rlpost.report import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"stage": "rl", "step": 1}\n{"stage": "rl", "step": 2, "x": "\xff"}\n[1]\n{bad\n'
+                     b'{"stage": "rl", "step": 3}\n{"stage": "rl", "st')
+    assert [r["step"] for r in read_jsonl(str(path))] == [1, 2, 3]
+    (tmp_path / "config.yaml").write_bytes(b"- a list\n- caf\xe9\n")  # not UTF-8, and not a mapping either
+    path.write_bytes(b'{"stage": "rl", "step": 1, "reward/mean": 0.5}\n')
+    pytest.importorskip("matplotlib")
+    assert os.path.isfile(build_report(str(tmp_path)))

@@ -301,6 +301,9 @@ def test_bad_resumes_are_refused_and_change_nothing(tmp_path, capsys):
     (run / "run.json").write_text(json.dumps({"kind": "rm"}))
     assert main(["train", "--resume", str(run)]) == 2
     assert "is a `rlpost rm` run" in capsys.readouterr().err
+    (run / "run.json").write_text(json.dumps({"id": "x"}))  # said "is a `rlpost None` run"
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "run.json names no 'kind' (the command that made the run)" in capsys.readouterr().err
     (run / "run.json").write_text(json.dumps({"kind": "train"}))
     # a corrupt checkpoint: refused, naming the file
     ckpt = list_checkpoints(run)[-1]

@@ -3,12 +3,26 @@ and one-line messages of a run that stops."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
 
 from rlpost.config import ConfigError, load_config
 from rlpost.run import RunInterrupted
+
+
+def count(text: str) -> int:
+    """An argparse `type` for a count flag (eval's --k and --samples, train's --nproc): a whole number >= 1 (a 0
+    read as "unset" and ran the default: --samples 0 sampled the largest k, --nproc 0 trained in one process
+    unsharded; a negative one failed later, deep in its consumer)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
 
 
 def recipe_arguments(parser) -> None:

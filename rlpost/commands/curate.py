@@ -8,6 +8,7 @@ import json
 from rlpost.commands.common import error
 from rlpost.config import ConfigError
 from rlpost.curate import run as run_curate
+from rlpost.models import ModelLoadError
 
 
 def add_curate(sub) -> None:
@@ -74,5 +75,5 @@ def cmd_curate(args) -> int:
     args.overrides = keyed + list(args.overrides)
     try:
         return run_curate(args)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, ModelLoadError, ValueError, OSError) as e:
         return error(e, 2 if isinstance(e, ConfigError) else 1)

@@ -3,23 +3,10 @@
 
 from __future__ import annotations
 
-import argparse
-
-from rlpost.commands.common import error, recipe_and_overrides
+from rlpost.commands.common import count, error, recipe_and_overrides
 from rlpost.config import ConfigError
 from rlpost.heldout import run_eval
-
-
-def _count(text: str) -> int:
-    """An argparse `type` for --k and --samples: a whole number >= 1 (--samples 0 read as "unset" and ran the
-    default; a negative one failed later with a message about k)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+from rlpost.models import ModelLoadError
 
 
 def add_eval(sub) -> None:
@@ -32,9 +19,10 @@ def add_eval(sub) -> None:
     p.add_argument("checkpoint", help="a run directory or a model folder")
     p.add_argument("recipe", nargs="?", help="recipe YAML for the task (default: the run's config.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (task.*, eval.*)")
-    p.add_argument("--k", type=_count, nargs="+", default=[1], help="the k of pass@k and maj@k (default 1)")
-    p.add_argument("--samples", type=_count, help="samples per prompt (default: the largest k)")
-    p.add_argument("--out", help="where eval.json goes (default: in the run directory, else here)")
+    p.add_argument("--k", type=count, nargs="+", default=[1], help="the k of pass@k and maj@k (default 1)")
+    p.add_argument("--samples", type=count, help="samples per prompt (default: the largest k)")
+    p.add_argument("--out", help="where eval.json goes: a file, or a folder that exists (default: in the run "
+                                 "directory, else here)")
 
 
 def cmd_eval(args) -> int:
@@ -42,7 +30,7 @@ def cmd_eval(args) -> int:
     recipe, overrides = recipe_and_overrides(args)
     try:
         result = run_eval(args.checkpoint, recipe, overrides, ks=args.k, samples=args.samples, out=args.out)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, ModelLoadError, ValueError, OSError) as e:
         return error(e, 2 if isinstance(e, ConfigError) else 1)
     print(f"rlpost eval: {result['checkpoint']} on {result['prompts']} held-out prompts of task {result['task']}, "
           f"{result['samples']} samples each at temperature {result['temperature']:g}")

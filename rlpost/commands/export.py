@@ -7,6 +7,7 @@ import argparse
 
 from rlpost.checkpoint import export_model
 from rlpost.commands.common import error
+from rlpost.models import ModelLoadError
 
 
 def add_export(sub) -> None:
@@ -27,7 +28,7 @@ def add_export(sub) -> None:
 def cmd_export(args) -> int:
     try:
         folder = export_model(args.source, args.out)
-    except (ValueError, OSError) as e:
+    except (ModelLoadError, ValueError, OSError) as e:
         return error(e, 1)
     print(f"rlpost export: {folder} -> {args.out}")
     return 0

@@ -35,6 +35,7 @@ def _number(kind: type, low: float, high: float = math.inf, *, open_low: bool = 
 COUNT, SIZE = _number(int, 1), _number(int, 0)  # at least one; zero allowed
 POSITIVE, NONNEG = _number(float, 0, open_low=True), _number(float, 0)
 FRACTION = _number(float, 0, 1, open_low=True)  # (0, 1]
+GPU_GB = _number(float, 0, 1e6, open_low=True)  # up to a petabyte: 1e300 GB overflowed to an 'inf GB usable' plan
 HEADROOM = _number(float, 0, 1, open_high=True)  # [0, 1)
 
 
@@ -77,7 +78,7 @@ def add_plan_memory(plan_sub) -> None:
     z.add_argument("--batch", type=COUNT, default=64, help="rollout sequences in flight over all engines (default 64)")
     z.add_argument("--micro-batch", type=COUNT, default=1, help="sequences per training forward/backward (default 1)")
     z.add_argument("--gpus", type=COUNT, default=1, help="GPUs of the job, trainer and rollout (default 1)")
-    m.add_argument("--gpu-memory-gb", "--gpu-gb", type=POSITIVE, default=80.0,
+    m.add_argument("--gpu-memory-gb", "--gpu-gb", type=GPU_GB, default=80.0,
                    help="memory of one GPU in GB (default 80)")
     z.add_argument("--topology", choices=["colocated", "disaggregated", "async"], default="colocated",
                    help="colocated: every copy on every GPU; disaggregated / async: rollout engines on "

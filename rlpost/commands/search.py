@@ -6,6 +6,7 @@ import argparse
 
 from rlpost.commands.common import error, recipe_and_overrides
 from rlpost.config import ConfigError
+from rlpost.models import ModelLoadError
 from rlpost.search import METHODS, search_command
 
 
@@ -39,7 +40,7 @@ def cmd_search(args) -> int:
     try:
         result = search_command(args.policy, recipe, overrides, prm=args.prm, orm=args.orm, ns=args.n,
                                 methods=args.methods, problems=args.problems, width=args.width, out=args.out)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, ModelLoadError, ValueError, OSError) as e:
         return error(e, 1)
     print(result["table"])
     print(f"rlpost search: {result['wall_seconds']:.0f} s; written to {result['written_to']}")

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 
-from rlpost.commands.common import error, recipe_and_overrides, recipe_arguments, recipe_base, run_job
+from rlpost.commands.common import count, error, recipe_and_overrides, recipe_arguments, recipe_base, run_job
 from rlpost.config import Config, ConfigError, load_config
 from rlpost.reaper import Reaper
 from rlpost.run import resume_config, saved_config, train
@@ -30,7 +30,7 @@ def add_train(sub) -> None:
                    help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved "
                         "config; key=value overrides apply to it, and (as a recipe given too) may change only "
                         "the layout keys (micro-batches, gradient checkpointing, ...: docs/cli.md)")
-    p.add_argument("--nproc", type=int, metavar="N",
+    p.add_argument("--nproc", type=count, metavar="N",
                    help="launch N processes on this machine with torchrun (127.0.0.1) and train sharded: adds "
                         "trainer.strategy=fsdp2 (with --resume: the saved config's); "
                         "several machines: run torchrun yourself")

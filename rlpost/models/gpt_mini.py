@@ -20,6 +20,7 @@ Its tokenizer (`CharTokenizer`) is a character vocabulary plus <pad>, <bos> and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -270,13 +271,33 @@ class GPT(nn.Module):
     @staticmethod
     def config_of(folder: str) -> tuple[GPTConfig, bool]:
         """(the GPTConfig of a saved checkpoint, whether it is rlpost's older format), without reading weights."""
-        with open(os.path.join(folder, "config.json")) as f:
+        path = os.path.join(folder, "config.json")
+        with open(path) as f:
             raw = json.load(f)
         if raw.get("model_type") == "gpt_mini":   # the older format: GPTConfig's fields, nn.Linear layout
-            raw.pop("model_type")
-            return GPTConfig(**raw), True
-        return GPTConfig(vocab_size=raw["vocab_size"], block_size=raw["n_positions"], n_layer=raw["n_layer"],
-                         n_head=raw["n_head"], n_embd=raw["n_embd"], dropout=raw.get("attn_pdrop", 0.0)), False
+            fields = {k: v for k, v in raw.items() if k != "model_type"}
+            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(GPTConfig)})
+            if unknown:
+                raise ValueError(f"{path}: unknown gpt_mini config key(s) {', '.join(map(repr, unknown))}")
+            config, older = GPTConfig(**fields), True
+        else:
+            names = {"vocab_size": "vocab_size", "block_size": "n_positions", "n_layer": "n_layer",
+                     "n_head": "n_head", "n_embd": "n_embd"}
+            lacking = [key for key in names.values() if key not in raw]
+            if lacking:
+                raise ValueError(f"{path}: a gpt_mini config.json needs {', '.join(map(repr, lacking))}, which it "
+                                 "lacks")
+            config = GPTConfig(**{field: raw[key] for field, key in names.items()},
+                               dropout=raw.get("attn_pdrop", 0.0))
+            older = False
+        for f in dataclasses.fields(GPTConfig):  # each size a whole number >= 1, the dropout a probability
+            value = getattr(config, f.name)
+            good = (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+                    if f.name == "dropout" else isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+            if not good:
+                raise ValueError(f"{path}: gpt_mini's {f.name} must be "
+                                 f"{'in [0, 1)' if f.name == 'dropout' else 'a whole number >= 1'}, got {value!r}")
+        return config, older
 
     def to_hf_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The same weights (or `state_dict`) under transformers.GPT2LMHeadModel's names (its Conv1D stores W

@@ -44,19 +44,37 @@ def _context(model) -> tuple[str, int] | None:
 
 
 def block_size_for(tokenizer_or_alphabet, rows: list[dict], max_new_tokens: int,
-                   demonstrations: list[dict] = ()) -> int:
+                   demonstrations: list[dict] = (), limit: int | None = None) -> int:
     """The smallest block_size that holds every prompt of `rows` plus `max_new_tokens` + 1 (rollout and
     evaluation, and self-made preference pairs, whose completions end with an eos) and every demonstration's
     prompt + completion + eos (SFT). Pass the task's train and held-out rows and its demonstrations.
-    `tokenizer_or_alphabet` is gpt_mini's tokenizer or the alphabet it will be built from."""
+    `tokenizer_or_alphabet` is gpt_mini's tokenizer or the alphabet it will be built from. `limit`: the largest
+    size to give; a ContextLengthError names the longest row when the data needs more."""
     tok = CharTokenizer(tokenizer_or_alphabet) if isinstance(tokenizer_or_alphabet, str) else tokenizer_or_alphabet
     if not rows and not demonstrations:
         raise ValueError("block_size_for needs prompt rows or demonstrations to size the model from")
     lengths = _PromptLengths(tok)
     # + 1: a response cut at max_new_tokens becomes a preference completion with an eos appended
-    need = [lengths(r, f"row {i}") + max_new_tokens + 1 for i, r in enumerate(rows)]
-    need += [lengths(r, f"demonstration {i}") + _completion_length(tok, r, i) for i, r in enumerate(demonstrations)]
-    return max(need)
+    need = [(lengths(r, f"row {i}") + max_new_tokens + 1, "row", i, r) for i, r in enumerate(rows)]
+    need += [(lengths(r, f"demonstration {i}") + _completion_length(tok, r, i), "demonstration", i, r)
+             for i, r in enumerate(demonstrations)]
+    size, kind, i, row = max(need, key=lambda n: n[0])
+    if limit is not None and size > limit:
+        prompt = lengths(row, "")
+        if kind == "row":
+            parts = f"prompt {_quote(row['prompt'])} ({prompt} tokens) + rollout.max_new_tokens={max_new_tokens} + 1"
+        else:
+            parts = (f"prompt {_quote(row['prompt'])} ({prompt} tokens) + completion {_quote(row['completion'])} "
+                     f"({size - prompt - 1} tokens) + eos")
+        over = sum(n > limit for n, k, *_ in need if k == "row")  # (a row's demonstration is the same row)
+        more = f" (and {over - 1} more prompt row(s) above {limit})" if over > 1 else ""
+        fix = "lower rollout.max_new_tokens, " if kind == "row" and max_new_tokens >= prompt else ""
+        raise ContextLengthError(
+            f"sizing a fresh gpt_mini from the data (model.block_size: null) would give it a context of {size} "
+            f"tokens, for {_where(kind, i, row)}: {parts}{more}; it sizes itself to at most {limit} (its "
+            f"attention's memory grows with the square of the context): {fix}drop or shorten such rows, or set "
+            "model.block_size yourself (rows longer than it are then named)")
+    return size
 
 
 def check_lengths(model, tokenizer, rows: list[dict], max_new_tokens: int, demonstrations: list[dict] = (),

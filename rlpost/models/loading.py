@@ -27,6 +27,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 UNSIZED_BLOCK_SIZE = 24  # a fresh gpt_mini's block_size when model.block_size is None and no data is passed
+# the largest block_size a fresh gpt_mini sizes itself to from the data: one stray long row (a 100,000-character
+# prompt) sized it to match, and its first forward took all of the machine's memory
+MAX_SIZED_BLOCK_SIZE = 8192
 
 
 def build_gpt_mini(cfg, alphabet: str, rows: list[dict] | None = None, max_new_tokens: int | None = None,
@@ -35,13 +38,14 @@ def build_gpt_mini(cfg, alphabet: str, rows: list[dict] | None = None, max_new_t
 
     Its block_size is `cfg.block_size`; when that is None, the smallest that holds the data
     (`rlpost.models.limits.block_size_for`: every prompt of `rows` + `max_new_tokens`, every demonstration +
-    eos). A caller that passes no data gets UNSIZED_BLOCK_SIZE, the fixed default before sizing."""
+    eos), at most MAX_SIZED_BLOCK_SIZE (ContextLengthError naming the longest row beyond it). A caller that passes
+    no data gets UNSIZED_BLOCK_SIZE, the fixed default before sizing."""
     tok = CharTokenizer(alphabet)
     block_size = cfg.block_size
     if block_size is None and (rows or demonstrations):
         if max_new_tokens is None:
             raise TypeError("sizing gpt_mini from the data needs max_new_tokens (rollout.max_new_tokens)")
-        block_size = block_size_for(tok, rows or [], max_new_tokens, demonstrations)
+        block_size = block_size_for(tok, rows or [], max_new_tokens, demonstrations, limit=MAX_SIZED_BLOCK_SIZE)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or UNSIZED_BLOCK_SIZE,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
     return model, tok
@@ -83,7 +87,10 @@ def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = No
     name = cfg.name
     lora = getattr(cfg, "lora", None)
     lora = dataclasses.asdict(lora) if lora is not None and lora.r > 0 else None
-    saved = saved_lora_config(name) if os.path.isdir(name) else None
+    try:
+        saved = saved_lora_config(name) if os.path.isdir(name) else None
+    except ValueError as e:  # a damaged lora_config.json
+        raise ModelLoadError(f"model folder {name!r}: {e}") from None
     if skeleton and (lora or saved):
         raise ModelLoadError(f"model {name!r}: a skeleton (parameters on the meta device) is not built with LoRA")
     with parameters_on_meta() if skeleton else nullcontext():
@@ -102,6 +109,10 @@ def load_model(cfg, alphabet: str | None = None, *, rows: list[dict] | None = No
 
 def _build(name: str, cfg, alphabet, rows, max_new_tokens, demonstrations, skeleton: bool):
     """load_model's (model, tokenizer) before its device, dtype and LoRA; `skeleton`: reads no weights."""
+    if getattr(cfg, "chat_template", False) and (name == "gpt_mini" or _is_gpt_mini_folder(name)):
+        # (an HF tokenizer without a template is refused as it loads: HFTokenizer; gpt_mini's went on without one)
+        raise ModelLoadError(f"model {name!r} is a gpt_mini, whose character tokenizer has no chat template, but "
+                             "model.chat_template=true: set model.chat_template=false (its prompts are plain text)")
     if name == "gpt_mini":
         if alphabet is None:
             raise ModelLoadError("a fresh gpt_mini needs the task's alphabet to build its vocabulary")
@@ -110,16 +121,75 @@ def _build(name: str, cfg, alphabet, rows, max_new_tokens, demonstrations, skele
         config_path = os.path.join(name, "config.json")
         if not os.path.isfile(config_path):
             raise ModelLoadError(f"model folder {name!r} has no config.json; is it a saved model?")
-        with open(config_path) as f:
-            config = json.load(f)
+        config = _config_json(config_path)
         if is_gpt_mini_checkpoint(config):  # a GPT-2 checkpoint to transformers, gpt_mini to rlpost
-            model = GPT(GPT.config_of(name)[0]) if skeleton else GPT.from_pretrained(name)
-            return model, CharTokenizer.from_pretrained(name)
+            return _load_gpt_mini(name, skeleton)
         return _load_hf(name, cfg, skeleton)
+    if os.path.isfile(name):  # a file of a model folder (its weights, its config.json), not the folder
+        raise ModelLoadError(f"model {name!r} is a file: model.name takes the folder that holds the model "
+                             f"(config.json, its weights, its tokenizer), e.g. {os.path.dirname(name) or '.'!r}")
     if not _HUB_ID.match(name):  # "org/name" is a hub id; any other path must exist locally
         raise ModelLoadError(f"model folder not found: {name!r} (model.name takes 'gpt_mini', a local folder, "
                              f"or a hub id such as 'Qwen/Qwen2.5-0.5B')")
     return _load_hf(name, cfg, skeleton)
+
+
+def _is_gpt_mini_folder(name: str) -> bool:
+    """Whether `name` is a folder holding a saved gpt_mini (a config.json that says so)."""
+    path = os.path.join(name, "config.json")
+    return os.path.isfile(path) and is_gpt_mini_checkpoint(_config_json(path))
+
+
+def _config_json(path: str) -> dict:
+    """A model folder's config.json as a dict; ModelLoadError naming the file when it is not one JSON object."""
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); is it "
+                             "a model's config.json?") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); is the file complete? save or "
+                             "download the model again") from None
+    except (ValueError, RecursionError) as e:  # a number of thousands of digits, nesting past the stack
+        raise ModelLoadError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: holds a JSON {type(config).__name__}, not the object of keys a model's "
+                             "config.json is")
+    return config
+
+
+def _load_gpt_mini(name: str, skeleton: bool) -> tuple[GPT, CharTokenizer]:
+    """A saved gpt_mini (config.json, model.safetensors, tokenizer.json) and its tokenizer; ModelLoadError naming
+    the folder and the file when one is missing, damaged, or does not fit the others."""
+    from safetensors import SafetensorError
+
+    for file in ("tokenizer.json",) + (() if skeleton else ("model.safetensors",)):
+        if not os.path.isfile(os.path.join(name, file)):
+            raise ModelLoadError(f"gpt_mini model folder {name!r} has no {file}: copy it from the folder the model "
+                                 "was saved to, or save the model again")
+    try:
+        tok = CharTokenizer.from_pretrained(name)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a vocabulary of characters
+        raise ModelLoadError(f"gpt_mini model folder {name!r}: its tokenizer.json cannot be read as gpt_mini's "
+                             f"({type(e).__name__}: {e})") from None
+    try:
+        model = GPT(GPT.config_of(name)[0]) if skeleton else GPT.from_pretrained(name)
+    except SafetensorError as e:
+        raise ModelLoadError(f"gpt_mini model folder {name!r}: {os.path.join(name, 'model.safetensors')} cannot be "
+                             f"read ({e}): it is damaged or incomplete (an interrupted copy?); save it again"
+                             ) from None
+    except RuntimeError as e:  # load_state_dict: weights of another shape or other layers than config.json says
+        lines = str(e).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip() if lines else type(e).__name__
+        raise ModelLoadError(f"gpt_mini model folder {name!r}: its weights do not fit its config.json "
+                             f"({first[:300]}{' ...' if len(first) > 300 else ''})") from None
+    except ValueError as e:
+        raise ModelLoadError(f"gpt_mini model folder {name!r}: {e}") from None
+    if tok.vocab_size != model.config.vocab_size:
+        raise ModelLoadError(f"gpt_mini model folder {name!r}: its tokenizer.json has {tok.vocab_size} tokens and "
+                             f"its config.json vocab_size={model.config.vocab_size}: they were not saved together")
+    return model, tok
 
 
 # what a saved tokenizer is made of; a folder with none of them would load as an empty tokenizer (see _load_hf)
@@ -142,7 +212,9 @@ def _load_hf(name: str, cfg, skeleton: bool = False) -> tuple[HFCausalLM, HFToke
         if skeleton:
             hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=TORCH_DTYPES[cfg.dtype])
         else:
-            hf = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[cfg.dtype])
+            hf, info = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[cfg.dtype],
+                                                            output_loading_info=True)
+            _check_all_weights_loaded(name, info.get("missing_keys") or ())
     except SafetensorError as e:  # a weights file cut short (an interrupted download or copy) or damaged
         raise ModelLoadError(f"model {name!r}: {_unreadable_weights(name) or 'a weights file'} cannot be read "
                              f"({e}): it is damaged or incomplete (an interrupted download or copy?); download or "
@@ -155,6 +227,18 @@ def _load_hf(name: str, cfg, skeleton: bool = False) -> tuple[HFCausalLM, HFToke
         raise ModelLoadError(f"could not load model {name!r}: no such local folder, and loading it as a hub id "
                              f"failed{hint}: {e}") from e
     return HFCausalLM(hf), tok
+
+
+def _check_all_weights_loaded(name: str, missing) -> None:
+    """ModelLoadError when the checkpoint lacks weights its config.json's architecture has: transformers starts
+    them random and goes on (a config.json with more layers than the weights, a base model saved without its LM
+    head), and the run would train a model that is partly noise."""
+    if missing:
+        shown = sorted(missing)
+        raise ModelLoadError(f"model {name!r}: its weights lack {len(shown)} tensor(s) that its config.json's "
+                             f"architecture has ({', '.join(shown[:4])}{', ...' if len(shown) > 4 else ''}), which "
+                             "would start random: is the config.json the one saved with these weights (its number of "
+                             "layers, its model_type)?")
 
 
 def _tokenizer(name: str, tok, cfg) -> HFTokenizer:

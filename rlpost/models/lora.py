@@ -240,8 +240,17 @@ def saved_lora_config(folder: str) -> dict | None:
     path = os.path.join(folder, CONFIG_FILE)
     if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, ADAPTER_FILE))):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}): the LoRA checkpoint is damaged or incomplete (an interrupted "
+                         "copy?); copy or save it again") from None
+    keys = {"r", "alpha", "dropout", "target_modules"}  # apply_lora's arguments, as save_adapters writes them
+    if not isinstance(config, dict) or set(config) != keys:
+        raise ValueError(f"{path}: expected an object with the keys {', '.join(sorted(keys))} (as rlpost writes it), "
+                         f"got {config!r:.200}")
+    return config
 
 
 @torch.no_grad()

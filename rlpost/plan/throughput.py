@@ -74,6 +74,28 @@ def _model_bytes(run_dir: str) -> float:
     return 0.0
 
 
+def _metric_lines(path: str) -> list[dict]:
+    """The JSON objects of a metrics.jsonl, one a line. The last line may be cut short (a run killed while
+    writing it, as --resume drops): it is left out. Any other line that is not a JSON object is a ValueError
+    naming the file and the line."""
+    with open(path, "rb") as f:
+        raw = f.read().splitlines()
+    out = []
+    for n, line in enumerate(raw, 1):
+        if not line.strip():
+            continue
+        try:
+            m = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if n == len(raw) and not raw[-1].endswith(b"}"):  # the half line a kill leaves
+                break
+            raise ValueError(f"{path}: line {n} is not a JSON line ({e}): was the file edited?") from None
+        if not isinstance(m, dict):
+            raise ValueError(f"{path}: line {n} is a JSON {type(m).__name__}, not the object of metrics rlpost writes")
+        out.append(m)
+    return out
+
+
 def fit(run_dir: str, warmup: int = 3) -> Terms:
     """The five terms from RUN_DIR's metrics.jsonl (RL steps after the first `warmup`)."""
     import yaml
@@ -81,8 +103,7 @@ def fit(run_dir: str, warmup: int = 3) -> Terms:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not an rlpost run directory")
-    with open(path) as f:
-        lines = [m for m in map(json.loads, f) if m.get("stage") == "rl"]
+    lines = [m for m in _metric_lines(path) if m.get("stage") == "rl"]
     if not lines:
         raise ValueError(f"{run_dir} has no RL steps in metrics.jsonl: nothing to fit")
     fitted = lines[warmup:] if len(lines) > warmup else lines

@@ -54,16 +54,26 @@ def _records(source: Any, split: str) -> tuple[str, list[tuple[str, Any]]]:
     if not isinstance(source, str):  # a datasets.Dataset (or anything iterable of dicts)
         return "dataset", [(f"row {i}", r) for i, r in enumerate(source, 1)]
     if os.path.isfile(source):
-        with open(source) as f:
-            lines = f.readlines()
+        with open(source, "rb") as f:
+            data = f.read()
+        if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write: refused as line 1
+            data = data[3:]
         out = []
-        for n, line in enumerate(lines, 1):
+        for n, raw in enumerate(data.splitlines(), 1):  # at \n, \r\n and \r only, not inside a JSON string
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # one row named, not the whole file failing without a name
+                out.append((f"line {n}", _BadJSON(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                                  f"{e.start + 1}: {e.reason}); save the file as UTF-8")))
+                continue
             if not line.strip():
                 continue
             try:
                 out.append((f"line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
-                out.append((f"line {n}", _BadJSON(e.msg)))
+                out.append((f"line {n}", _BadJSON(f"not valid JSON ({e.msg})")))
+            except (ValueError, RecursionError) as e:  # a number of thousands of digits, nesting past the stack
+                out.append((f"line {n}", _BadJSON(f"cannot be read ({type(e).__name__}: {str(e)[:120]})")))
         return source, out
     if source.endswith((".jsonl", ".json")) or (os.sep in source and not os.path.isdir(source)
                                                  and source.count("/") != 1):
@@ -114,7 +124,7 @@ def read_preference_rows(source: Any, split: str = "train") -> list[dict]:
     rows, problems, fmt = [], [], None
     for where, r in records:
         if isinstance(r, _BadJSON):
-            problems.append(f"{where}: not valid JSON ({r.msg})")
+            problems.append(f"{where}: {r.msg}")
             continue
         if not isinstance(r, dict):
             problems.append(f"{where}: expected an object, got {type(r).__name__}")

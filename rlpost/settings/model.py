@@ -36,7 +36,8 @@ class ModelConfig(Section):
     n_head: int = opt(4, "gpt_mini: attention heads", at_least(1))
     n_embd: int = opt(128, "gpt_mini: embedding width", at_least(1))
     block_size: int | None = opt(None, "gpt_mini: longest sequence (prompt + response) in tokens (None: the longest "
-                                       "prompt + rollout.max_new_tokens, or SFT demonstration + eos, of the data)",
+                                       "prompt + rollout.max_new_tokens, or SFT demonstration + eos, of the data, "
+                                       "up to 8192)",
                                  at_least(1))
     dtype: str = opt("float32", "parameter dtype: float32 | bfloat16 (every parameter, gradient and AdamW state in "
                                 "bf16: pure bf16, unlike trainer.precision=bf16)", choices=DTYPES)

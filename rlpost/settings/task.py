@@ -100,6 +100,14 @@ class TaskConfig(Section):
         for key in ("prompt_key", "answer_key", "completion_key", "messages_key", "train_split", "eval_split"):
             if not getattr(self, key):
                 raise ConfigError(f"config key '{prefix}{key}' must be a non-empty string")
+        # one column read as two keys: every row's answer (or demonstration) would be its own prompt, without a word
+        # (the answer as the demonstration is fine: SFT imitates the answer when a row has no completion)
+        for a, b in (("prompt_key", "answer_key"), ("prompt_key", "completion_key"), ("messages_key", "answer_key"),
+                     ("messages_key", "completion_key")):
+            if getattr(self, a) == getattr(self, b):
+                raise ConfigError(f"config keys '{prefix}{a}' and '{prefix}{b}' both name the column "
+                                  f"{getattr(self, a)!r}: each names a column of its own (a row's prompt is not its "
+                                  f"{b.removesuffix('_key')})")
         tasks = lookup(TASKS)
         options = self.task_options(prefix)
         for key in OPTION_ALIASES:  # a flat alias set for a task without that option: name the flat key

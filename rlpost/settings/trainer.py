@@ -58,8 +58,11 @@ class TrainerConfig(Section):
                                                "tokens; padded: rows x padded length); None: micro_batch_size alone "
                                                "decides", at_least(1), layout=True)
     profile_steps: list[int] = opt([], "RL steps to trace with torch.profiler (Chrome trace format, in the run "
-                                       "directory's profile/ folder)")
+                                       "directory's profile/ folder; the first step is 1)")
 
     def check(self, prefix: str) -> None:
+        if any(step < 1 for step in self.profile_steps):  # RL steps count from 1: a step 0 would never be traced
+            raise ConfigError(f"config key '{prefix}profile_steps' lists RL steps, which count from 1, got "
+                              f"{self.profile_steps!r}")
         if self.packing not in (True, False, "auto"):
             raise ConfigError(f"config key '{prefix}packing' is {self.packing!r}; valid values: auto, true, false")

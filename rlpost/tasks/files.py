@@ -120,10 +120,18 @@ def _float(text: str) -> float | _Invalid:
                                                                               f"as {value})")
 
 
+def _int(text: str) -> int | _Invalid:
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits, 4300): a bare ValueError
+        return _Invalid(f"a whole number of {len(text.lstrip('-'))} digits (more than Python reads as a number)")
+
+
 def _loads(text: str) -> Any:
-    """json.loads, strict: what it would read as nan / inf or a repeated key is marked, for normalise_row."""
+    """json.loads, strict: what it would read as nan / inf, a number of thousands of digits or a repeated key is
+    marked, for normalise_row."""
     return json.loads(text, parse_constant=lambda c: _Invalid(f"{c} (not a number JSON allows)"),
-                      parse_float=_float, object_pairs_hook=_pairs)
+                      parse_float=_float, parse_int=_int, object_pairs_hook=_pairs)
 
 
 def _value_problems(record: Any, where: str) -> list[str]:
@@ -199,7 +207,7 @@ def _whole_document(path: str, data: bytes) -> None:
     pretty-printed array in a .jsonl file, or an object that holds the rows (as some datasets ship)."""
     try:
         whole = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # (bad UTF-8 or JSON, a number of thousands of digits)
         return  # not one document either: each line's error stands
     if isinstance(whole, list):
         raise TaskDataError(f"{path}: one JSON array over several lines, not JSON Lines (one object a line): "
@@ -241,13 +249,27 @@ def _parquet_records(path: str):
     return _table_records(table, path)
 
 
+def _folder_json(path: str, key: str) -> list:
+    """The list under `key` in a `datasets` folder's JSON file `path` (dataset_dict.json's splits, state.json's
+    data files); TaskDataError naming the file when it is not such a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TaskDataError(f"{path}: not valid JSON ({e}); the folder was not saved whole by `datasets` "
+                            "(save_to_disk): save it again") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise TaskDataError(f"{path}: expected a JSON object with a list {key!r}, as `datasets` (save_to_disk) writes "
+                            "it; save the folder again")
+    return data[key]
+
+
 def dataset_splits(folder: str) -> list[str] | None:
     """The splits of a DatasetDict folder, or None for a single-Dataset folder."""
     path = os.path.join(folder, "dataset_dict.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return list(json.load(f).get("splits", []))
+    return [str(s) for s in _folder_json(path, "splits")]
 
 
 def _dataset_folder(path: str, split: str, split_key: str) -> tuple[str, str]:
@@ -257,10 +279,25 @@ def _dataset_folder(path: str, split: str, split_key: str) -> tuple[str, str]:
         if not os.path.isfile(os.path.join(path, "state.json")):
             raise TaskDataError(f"{path}: a folder, but not one saved by `datasets` (no state.json or "
                                 "dataset_dict.json); prompt data is a .jsonl, .json or .parquet file or such a folder")
-        return path, path
+        return _checked_dataset(path), path
     if split not in splits:
         raise TaskDataError(f"{path}: no split {split!r} ({split_key}); its splits: {', '.join(splits)}")
-    return os.path.join(path, split), f"{path} [split {split}]"
+    folder = os.path.join(path, split)
+    if not os.path.isfile(os.path.join(folder, "state.json")):
+        raise TaskDataError(f"{path}: its dataset_dict.json lists the split {split!r}, but {folder} holds no "
+                            "state.json: the folder was not saved whole by `datasets`; save it again")
+    return _checked_dataset(folder), f"{path} [split {split}]"
+
+
+def _checked_dataset(folder: str) -> str:
+    """`folder`, a single-Dataset folder whose state.json lists Arrow files that are there."""
+    files = _folder_json(os.path.join(folder, "state.json"), "_data_files")
+    for entry in files:
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not os.path.isfile(os.path.join(folder, name)):
+            raise TaskDataError(f"{os.path.join(folder, 'state.json')}: lists the data file {name or entry!r}, which "
+                                f"{folder} does not hold; save the folder again")
+    return folder
 
 
 def _arrow_records(folder: str, name: str):
@@ -271,9 +308,18 @@ def _arrow_records(folder: str, name: str):
         files = [d["filename"] for d in json.load(f)["_data_files"]]
     tables = []
     for file in files:
-        with pa.memory_map(os.path.join(folder, file)) as source:
-            tables.append(pa.ipc.open_stream(source).read_all())
+        try:
+            with pa.memory_map(os.path.join(folder, file)) as source:
+                tables.append(pa.ipc.open_stream(source).read_all())
+        except (pa.ArrowException, OSError) as e:
+            raise TaskDataError(_unreadable_arrow(os.path.join(folder, file), e)) from None
     return _table_records(pa.concat_tables(tables) if len(tables) > 1 else tables[0], name)
+
+
+def _unreadable_arrow(path: str, e: Exception) -> str:
+    what = "its Arrow files cannot be read" if os.path.isdir(path) else "not a readable Arrow file"
+    return (f"{path}: {what} ({type(e).__name__}: {e}); damaged or incomplete (an interrupted copy?): save the "
+            "folder again")
 
 
 def _datasets_records(folder: str, name: str):
@@ -281,7 +327,10 @@ def _datasets_records(folder: str, name: str):
         import datasets
     except ImportError:
         return _arrow_records(folder, name)
-    ds = datasets.load_from_disk(folder)
+    try:
+        ds = datasets.load_from_disk(folder)
+    except Exception as e:  # noqa: BLE001 - ArrowInvalid and friends from a damaged file: say which folder
+        raise TaskDataError(_unreadable_arrow(folder, e)) from None
     try:
         rows = ds.to_list()
     except UnicodeDecodeError:  # the same Arrow files read with pyarrow, which names the rows
@@ -482,31 +531,91 @@ def write_rows(rows: list[dict], path: str, cols: Columns = Columns()) -> None:
     (.parquet). Each internal key goes back to its column of `cols` (GSM8K's `question` stays `question`),
     so the file reads with the same task.*_key settings as the file it came from. A chat-messages prompt
     goes to the messages column, so that every prompt is a string (a parquet column holds one type);
-    reading puts it back as the prompt."""
+    reading puts it back as the prompt. Rows it cannot write are a ValueError (`check_rows_writable`), before
+    anything is written."""
+    check_writable(path)
+    out = _written(rows, cols)
+    table = _table(out, path) if path.endswith(".parquet") else _check_json(out, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            for r in out:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _written(rows: list[dict], cols: Columns) -> list[dict]:
+    """`rows` as write_rows writes them: without their positions, under their columns' names, a messages prompt
+    in the messages column."""
     out = []
     for r in iter_rows_without_position(rows):
         if isinstance(r.get("prompt"), list) and cols.messages not in r:
             r[cols.messages] = r.pop("prompt")
         names = {"prompt": cols.prompt, "answer": cols.answer, "completion": cols.completion}
         out.append({names.get(k, k): v for k, v in r.items()})
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    if path.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    return out
 
-        keys = list({k: None for r in out for k in r})  # from_pylist takes the columns of the first row alone
-        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in out]), path)
-    elif path.endswith((".jsonl", ".json")):
-        with open(path, "w", encoding="utf-8") as f:
-            for r in out:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    else:
-        check_writable(path)
+
+def _table(rows: list[dict], path: str):
+    """The pyarrow table of `rows` (written rows, under their columns' names); ValueError naming the column when a
+    column's values have no one Arrow type (an id that is 1 in one row and "a" in another)."""
+    import pyarrow as pa
+
+    keys = list({k: None for r in rows for k in r})  # from_pylist takes the columns of the first row alone
+    try:
+        return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        column = next((k for k in keys if _column_fails(rows, k)), None)
+        which = f"column {column!r}" if column else "a column"
+        raise ValueError(f"cannot write {path}: {which} holds values of more than one type, which a parquet column "
+                         f"cannot ({e}); write a .jsonl file instead") from None
+
+
+def _column_fails(rows: list[dict], key: str) -> bool:
+    import pyarrow as pa
+
+    try:
+        pa.array([r.get(key) for r in rows])
+        return False
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return True
+
+
+def _check_json(rows: list[dict], path: str) -> None:
+    """ValueError naming the column when a value of `rows` is none JSON holds (a parquet file's timestamp or binary
+    column): json.dumps failed with a bare TypeError after the work whose rows these are."""
+    for r in rows:
+        for k, v in r.items():
+            try:
+                json.dumps(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"cannot write {path}: column {k!r} holds {type(v).__name__} values, which JSON "
+                                 "cannot hold; write a .parquet file instead") from None
+
+
+def check_rows_writable(rows: list[dict], path: str, cols: Columns = Columns()) -> None:
+    """Raise ValueError when `write_rows(rows, path, cols)` could not write these rows (or any of them): a value
+    JSON cannot hold, a parquet column of mixed types. For a caller that writes some of `rows` after long work."""
+    check_writable(path)
+    out = _written(rows, cols)
+    _table(out, path) if path.endswith(".parquet") else _check_json(out, path)
 
 
 def check_writable(path: str) -> None:
-    """Raise ValueError when `write_rows` could not write `path` (its extension): a caller checks this before
-    the work whose rows it will write, not after."""
+    """Raise ValueError when `write_rows` could not write `path` (its extension, a folder in its place, a file where
+    its folder would be, a folder it may not write in): a caller checks this before the work whose rows it will
+    write, not after."""
     if not path.endswith((".jsonl", ".json", ".parquet")):
         raise ValueError(f"cannot write {path}: the extension must be .jsonl, .json or .parquet")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {path}: it is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # write_rows makes the missing folders: the first one that exists decides
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: the folder {folder} is not writable")
