@@ -199,9 +199,10 @@ class VLLMEngine:
         """Load new weights (Hugging Face names, e.g. `named_weights(model)`) into the running engine, drop
         the prefix cache, whose KV was computed with the old weights, and stamp `version` from now on.
 
-        In process (the default) vLLM's reload_weights takes the tensors themselves. With the engine core in its
-        own process (VLLM_ENABLE_V1_MULTIPROCESSING=1) tensors cannot travel through collective_rpc, so the
-        weights go through the engine's model folder: saved as safetensors, then reloaded from that path.
+        In process (the default) vLLM's reload_weights takes the tensors themselves. With the engine core or its
+        worker in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1, a multiprocessing executor) tensors
+        cannot travel through collective_rpc, so the weights go through the engine's model folder: saved as
+        safetensors, then reloaded from that path.
 
         LoRA: adapter tensors (peft's `lora_A` / `lora_B` names) go to a new adapter folder and LoRARequest; base
         weights, if any came (a full push), are reloaded under their plain names."""
@@ -219,9 +220,13 @@ class VLLMEngine:
         self._policy_version = version
 
     def _reload(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        from vllm import envs
+        # asked of the engine that runs, not of VLLM_ENABLE_V1_MULTIPROCESSING: vLLM caches its env reads once a
+        # first engine has started, so the variable may no longer say where this engine's worker lives
+        from vllm.v1.engine.core_client import InprocClient
+        from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
-        if envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+        core = self.llm.llm_engine.engine_core
+        if not (isinstance(core, InprocClient) and isinstance(core.engine_core.model_executor, UniProcExecutor)):
             from safetensors.torch import save_file
 
             tensors = {n: t.detach().cpu().contiguous() for n, t in named}
