@@ -86,7 +86,7 @@ def test_r1_zero_recipe_learns_the_format_and_the_answers_from_its_base(tmp_path
 
 
 def test_r1_recipe_runs_its_four_stages_and_ends_well_above_its_cold_start(tmp_path):
-    s = run(tmp_path, "recipes/r1.yaml")  # measured: 28.7 % -> 44.9 % -> 58.1 % -> 59.5 %
+    s = run(tmp_path, "recipes/r1.yaml")  # measured: 28.7 % -> 49.0 % -> 60.9 % -> 62.9 %
     assert [k for k in s if k.startswith("pass@1_")] == ["pass@1_sft", "pass@1_rl", "pass@1_rejection",
                                                          "pass@1_rl_2"]
     assert s["pass@1_rl"] >= s["pass@1_sft"] + 0.05 and s["pass@1_rejection"] >= s["pass@1_rl"]
