@@ -69,14 +69,16 @@ def test_function_demonstrations_pass_the_sandboxed_tests_exactly_when_they_are_
 
 
 def test_grading_rows_are_what_the_judge_recipe_asks_its_judge():
-    from rlpost.env.judge import render_rubric
+    from rlpost.env.judge import parse_score, render_rubric
 
     opts = load_config("recipes/judge_arithmetic.yaml").task.reward_options
     assert opts["rubric"] == RUBRIC and (opts["score_min"], opts["score_max"]) == (0, 1)
     task = grading_task(num_eval=50)
     row = task.train_rows[0]
     arithmetic = {"prompt": row["prompt"].split("=")[0] + "=", "answer": None}
-    assert row["completion"][-2:] in (" 1", " 0") and len(row["completion"]) == 10  # "11 93 55 0"
+    assert row["completion"][-2:] in ("\n1", "\n0") and len(row["completion"]) == 10  # "11 93 55\n0"
+    for r in task.train_rows[:50]:  # what the trained judge answers is what the judge reward reads
+        assert parse_score(r["completion"], 0, 1) == float(r["completion"][-1])
     candidate = row["prompt"].split("<completion>\n")[1].split("\n")[0]
     arithmetic["answer"] = row["prompt"].split("=")[1].split("|")[0]
     assert render_rubric(RUBRIC, candidate, arithmetic, 0, 1) == row["prompt"]

@@ -7,7 +7,8 @@ A grading row shows the judge an addition, its reference answer and a candidate 
 judge's rubric (`RUBRIC`, the same text as `task.reward_options.rubric` in
 recipes/judge_arithmetic.yaml). The judge reasons before it scores, as judges are asked to: it pairs
 each digit of the candidate with the reference's ("19" "33" "55" for 135 against 195), then gives the
-score, 1 (right) or 0 (wrong), as its last number, which is what the judge parser reads. Candidates
+score, 1 (right) or 0 (wrong), on a last line of its own, which is what the judge parser reads
+(`rlpost.env.judge.parse_score`: the last line's one number). Candidates
 are right half of the time and otherwise one digit off, as the policy's own mistakes are. The judge's
 held-out grading accuracy (its last number against the label) is the grader run's pass@1.
 
@@ -30,7 +31,8 @@ def grade_row(row: dict, rng: random.Random) -> dict:
     right = rng.random() < 0.5
     candidate = row["answer"] if right else slip(row["answer"], rng)
     prompt = render_rubric(RUBRIC, candidate, row, 0, 1)
-    answer = " ".join(c + r for c, r in zip(candidate, row["answer"])) + f" {int(right)}"
+    # the score on a line of its own: the judge parser reads the last line, and refuses one with several numbers
+    answer = " ".join(c + r for c, r in zip(candidate, row["answer"])) + f"\n{int(right)}"
     return {"prompt": prompt, "answer": answer, "completion": answer}
 
 
