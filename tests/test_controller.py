@@ -161,6 +161,17 @@ class TwoTurns:
         return Step(reward=half_easy_reward(turn, self.row), done=True, info={"calls": 1})
 
 
+def _refilling_controller(model, tok, reward) -> Controller:
+    """DAPO over 60 addition prompts whose groups are often degenerate, so that steps take refill rounds."""
+    rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in range(10, 30) for b in range(3)]
+    engine = NativeEngine(model, tok)
+    roles = Roles(engine=engine, reward=reward, algorithm=get_algorithm("dapo"),
+                  trainer=Trainer(model, TrainerConfig(lr=1e-3)), weight_sync=WeightSync(model, engine))
+    return Controller(roles, RLConfig(), SamplingParams(max_new_tokens=5),
+                      RolloutConfig(prompts_per_step=6, k=4, max_refill_rounds=6),
+                      rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], seed=0)
+
+
 def test_the_metrics_of_refill_rounds_are_means_over_their_samples_not_sums(tiny_gpt):
     """Every episode takes 2 turns, 1 tool call and 1 environment token, and none hits the budget: env/turns is
     2.0, env/tool_calls 1.0, env/env_tokens 1.0 however many rounds the step took (summed over the rounds, a step
@@ -168,14 +179,8 @@ def test_the_metrics_of_refill_rounds_are_means_over_their_samples_not_sums(tiny
     from rlpost.env import EnvRole
 
     model, tok = tiny_gpt
-    rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in range(10, 30) for b in range(3)]
-    engine = NativeEngine(model, tok)
-    role = EnvRole(make=TwoTurns, tokenizer=tok, max_turns=2, max_tokens=64, name="two_turns")
-    roles = Roles(engine=engine, reward=role, algorithm=get_algorithm("dapo"),
-                  trainer=Trainer(model, TrainerConfig(lr=1e-3)), weight_sync=WeightSync(model, engine))
-    ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=5),
-                     RolloutConfig(prompts_per_step=6, k=4, max_refill_rounds=6),
-                     rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], seed=0)
+    ctl = _refilling_controller(model, tok, EnvRole(make=TwoTurns, tokenizer=tok, max_turns=2, max_tokens=64,
+                                                    name="two_turns"))
     refilled = 0
     for step in range(1, 4):
         metrics = ctl.step(step)
@@ -206,14 +211,8 @@ def test_a_verifiers_running_totals_are_logged_as_they_stand_after_the_last_roun
     """A verifier's counters are totals since it was built: each refill round reports the total so far, so summing
     the rounds counted the earlier rounds' calls again for every later one."""
     model, tok = tiny_gpt
-    rows = [{"prompt": f"{a}+{b}=", "answer": "0"} for a in range(10, 30) for b in range(3)]
-    engine = NativeEngine(model, tok)
     counting = Counting()
-    roles = Roles(engine=engine, reward=Reward(counting, tok), algorithm=get_algorithm("dapo"),
-                  trainer=Trainer(model, TrainerConfig(lr=1e-3)), weight_sync=WeightSync(model, engine))
-    ctl = Controller(roles, RLConfig(), SamplingParams(max_new_tokens=5),
-                     RolloutConfig(prompts_per_step=6, k=4, max_refill_rounds=6),
-                     rows=rows, prompt_ids=[tok.encode_prompt(r["prompt"]) for r in rows], seed=0)
+    ctl = _refilling_controller(model, tok, Reward(counting, tok))
     refilled = 0
     for step in range(1, 4):
         metrics = ctl.step(step)
